@@ -1,0 +1,250 @@
+//! The gRPC surface on `api.listen`: `nodekeeper.v1.NodeAgent`, `grpc.health.v1.Health` (one
+//! service name per capability, plus "" for the whole agent) and server reflection.
+//!
+//! Owns request validation and stream lifecycles. Streams end with status OK when the agent
+//! shuts down. Never reaches into a capability's internals: it reads the shared `Health` and the
+//! metrics `SnapshotCache`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::Semaphore;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use tonic_health::ServingStatus;
+
+use crate::config::{ApiConfig, DEFAULT_WATCH_INTERVAL};
+use crate::metrics::SnapshotCache;
+use crate::pb::{self, HealthState, node_agent_server};
+use crate::runtime::Health;
+
+/// The descriptor set that reflection publishes, written by build.rs.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("nodekeeper_descriptor");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    /// Reflection could not load a descriptor set (a build defect).
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// What the API reports about the agent itself.
+#[derive(Debug, Clone)]
+pub struct AgentIdentity {
+    pub node_name: String,
+    pub version: String,
+    pub revision: String,
+    pub kubernetes_connected: bool,
+    pub started_at: SystemTime,
+}
+
+#[derive(Clone)]
+pub struct NodeAgentService {
+    identity: Arc<AgentIdentity>,
+    health: Health,
+    snapshots: Option<Arc<SnapshotCache>>,
+    min_watch_interval: Duration,
+    watch_slots: Arc<Semaphore>,
+    shutdown: CancellationToken,
+}
+
+impl NodeAgentService {
+    pub fn new(
+        identity: AgentIdentity,
+        health: Health,
+        snapshots: Option<Arc<SnapshotCache>>,
+        config: &ApiConfig,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            identity: Arc::new(identity),
+            health,
+            snapshots,
+            min_watch_interval: config.min_watch_interval.get(),
+            watch_slots: Arc::new(Semaphore::new(config.max_watch_streams)),
+            shutdown,
+        }
+    }
+
+    fn snapshots(&self) -> Result<&Arc<SnapshotCache>, Status> {
+        self.snapshots.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "resource metrics are disabled on this node (metrics.enabled: false)",
+            )
+        })
+    }
+
+    /// The effective interval for a WatchMetrics request.
+    pub fn watch_interval(
+        &self,
+        requested: Option<prost_types::Duration>,
+    ) -> Result<Duration, Status> {
+        let Some(d) = requested else {
+            return Ok(DEFAULT_WATCH_INTERVAL.max(self.min_watch_interval));
+        };
+        let d = Duration::try_from(d)
+            .map_err(|_| Status::invalid_argument("interval: must not be negative"))?;
+        Ok(d.max(self.min_watch_interval))
+    }
+}
+
+fn strip_pods(snap: &pb::MetricsSnapshot, exclude_pods: bool) -> pb::MetricsSnapshot {
+    if exclude_pods {
+        pb::MetricsSnapshot {
+            pods: Vec::new(),
+            ..snap.clone()
+        }
+    } else {
+        snap.clone()
+    }
+}
+
+#[tonic::async_trait]
+impl node_agent_server::NodeAgent for NodeAgentService {
+    async fn get_node(
+        &self,
+        _req: Request<pb::GetNodeRequest>,
+    ) -> Result<Response<pb::NodeStatus>, Status> {
+        let id = &self.identity;
+        let capabilities = self
+            .health
+            .snapshot()
+            .into_iter()
+            .map(|(name, h)| pb::CapabilityStatus {
+                name: name.to_string(),
+                state: h.state as i32,
+                detail: h.detail,
+            })
+            .collect();
+        Ok(Response::new(pb::NodeStatus {
+            node_name: id.node_name.clone(),
+            version: id.version.clone(),
+            revision: id.revision.clone(),
+            kubernetes_connected: id.kubernetes_connected,
+            capabilities,
+            started_at: Some(id.started_at.into()),
+        }))
+    }
+
+    async fn get_metrics(
+        &self,
+        req: Request<pb::GetMetricsRequest>,
+    ) -> Result<Response<pb::MetricsSnapshot>, Status> {
+        let snap = self.snapshots()?.get().await;
+        Ok(Response::new(strip_pods(&snap, req.get_ref().exclude_pods)))
+    }
+
+    type WatchMetricsStream = ReceiverStream<Result<pb::MetricsSnapshot, Status>>;
+
+    async fn watch_metrics(
+        &self,
+        req: Request<pb::WatchMetricsRequest>,
+    ) -> Result<Response<Self::WatchMetricsStream>, Status> {
+        let cache = self.snapshots()?.clone();
+        let req = req.into_inner();
+        let interval = self.watch_interval(req.interval)?;
+        let permit = self.watch_slots.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(
+                "too many WatchMetrics streams on this agent (api.maxWatchStreams)",
+            )
+        })?;
+        // One slot: a slow reader delays its own next snapshot instead of queueing many.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut ticks = tokio::time::interval(interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tx.closed() => break,
+                    _ = ticks.tick() => {
+                        let snap = cache.fresh().await;
+                        if tx.send(Ok(strip_pods(&snap, req.exclude_pods))).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+fn serving_status(state: HealthState) -> ServingStatus {
+    match state {
+        HealthState::Serving => ServingStatus::Serving,
+        HealthState::Unspecified => ServingStatus::Unknown,
+        _ => ServingStatus::NotServing,
+    }
+}
+
+/// Keeps grpc.health.v1 in step with `Health` until shutdown, then reports NOT_SERVING.
+async fn mirror_health(
+    health: Health,
+    reporter: tonic_health::server::HealthReporter,
+    token: CancellationToken,
+) {
+    let mut rx = health.subscribe();
+    loop {
+        let current = rx.borrow_and_update().clone();
+        for (name, h) in &current {
+            reporter
+                .set_service_status(*name, serving_status(h.state))
+                .await;
+        }
+        let overall = if health.ready().is_ok() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        reporter.set_service_status("", overall).await;
+        tokio::select! {
+            _ = token.cancelled() => break,
+            changed = rx.changed() => if changed.is_err() { break },
+        }
+    }
+    reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+}
+
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ApiError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ApiError::Bind { addr, source })
+}
+
+/// Serves until `token` is cancelled; open streams are ended by the same token.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    service: NodeAgentService,
+    health: Health,
+    token: CancellationToken,
+) -> Result<(), ApiError> {
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let mirror = tokio::spawn(mirror_health(health, reporter, token.clone()));
+    let result = tonic::transport::Server::builder()
+        .add_service(node_agent_server::NodeAgentServer::new(service))
+        .add_service(health_service)
+        .add_service(reflection)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), token.cancelled_owned())
+        .await;
+    mirror.abort();
+    Ok(result?)
+}

@@ -1,0 +1,168 @@
+//! Builds the agent from a validated `Config` and runs it until SIGTERM/SIGINT.
+//!
+//! The one place where capabilities are wired together: it creates the health registry, the
+//! Prometheus registry, the shared snapshot cache, binds the listeners (so a port in use fails
+//! the start instead of a background task), and hands each capability to the supervisor.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+use crate::api::{self, AgentIdentity, NodeAgentService};
+use crate::config::Config;
+use crate::http::{self, AdminState};
+use crate::metrics::exposition::SnapshotCollector;
+use crate::metrics::{CollectMetrics, ResourceCollector, SnapshotCache};
+use crate::pb::HealthState;
+use crate::runtime::{Health, Supervisor};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const REVISION: &str = env!("NODEKEEPER_REVISION");
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Kube(#[from] crate::kube::KubeError),
+    #[error(transparent)]
+    Http(#[from] http::HttpError),
+    #[error(transparent)]
+    Api(#[from] api::ApiError),
+}
+
+/// Exports each capability's health as `nodekeeper_capability_state{capability,state} 1`.
+#[derive(Debug)]
+struct HealthCollector(Health);
+
+impl Collector for HealthCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut metric = encoder.encode_descriptor(
+            "capability_state",
+            "1 for each capability's current state (SERVING, STARTING, FAILED...)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (name, h) in self.0.snapshot() {
+            let state = h
+                .state
+                .as_str_name()
+                .trim_start_matches("HEALTH_STATE_")
+                .to_lowercase();
+            let labels = [("capability", name.to_string()), ("state", state)];
+            metric.encode_family(&labels)?.encode_gauge(&1i64)?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs the agent; returns when it has shut down.
+pub async fn run(config: Config) -> Result<(), AppError> {
+    let started_at = SystemTime::now();
+    let health = Health::default();
+    let mut supervisor = Supervisor::new(health.clone());
+    let node_name = crate::kube::node_name(&config)?;
+    let kube = crate::kube::connect(config.kubernetes.mode).await?;
+
+    let mut registry = Registry::with_prefix("nodekeeper");
+    registry.register(
+        "build",
+        "Agent version and revision",
+        Info::new(vec![
+            ("version", VERSION.to_string()),
+            ("revision", REVISION.to_string()),
+        ]),
+    );
+    registry.register_collector(Box::new(HealthCollector(health.clone())));
+
+    let snapshots = if config.metrics.enabled {
+        let collect_metrics = CollectMetrics::register(&mut registry);
+        let collector = ResourceCollector::new(
+            config.host_paths.clone(),
+            node_name.clone(),
+            &config.metrics,
+        );
+        let cache = Arc::new(SnapshotCache::new(
+            collector,
+            config.metrics.max_snapshot_age.get(),
+            collect_metrics,
+        ));
+        registry.register_collector(Box::new(SnapshotCollector(cache.clone())));
+        Some(cache)
+    } else {
+        health.set("metrics", HealthState::Disabled, "metrics.enabled: false");
+        None
+    };
+
+    // Bind before spawning: a port in use is a start failure, not a background one.
+    let http_listener = http::bind(config.metrics.listen.0).await?;
+    let api_listener = if config.api.enabled {
+        Some(api::bind(config.api.listen.0).await?)
+    } else {
+        None
+    };
+    tracing::info!(
+        node = %node_name,
+        metrics = %http_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        api = %api_listener.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+        kubernetes = kube.is_some(),
+        "nodekeeper starting"
+    );
+
+    if let Some(cache) = snapshots.clone() {
+        let h = health.clone();
+        supervisor.spawn("metrics", move |token| async move {
+            // One collection up front proves the host paths are readable before reporting ready.
+            let snap = cache.get().await;
+            let detail = if snap.unavailable.is_empty() {
+                String::new()
+            } else {
+                format!("unavailable sources: {}", snap.unavailable.join(", "))
+            };
+            h.set("metrics", HealthState::Serving, detail);
+            token.cancelled().await;
+            Ok(())
+        });
+    }
+
+    let admin = AdminState {
+        registry: Arc::new(registry),
+        snapshots: snapshots.clone(),
+        health: health.clone(),
+    };
+    let h = health.clone();
+    supervisor.spawn("http", move |token| async move {
+        h.set("http", HealthState::Serving, "");
+        http::serve(http_listener, admin, token).await?;
+        Ok(())
+    });
+
+    if let Some(listener) = api_listener {
+        let identity = AgentIdentity {
+            node_name: node_name.clone(),
+            version: VERSION.to_string(),
+            revision: REVISION.to_string(),
+            kubernetes_connected: kube.is_some(),
+            started_at,
+        };
+        let h = health.clone();
+        let api_config = config.api.clone();
+        supervisor.spawn("api", move |token| async move {
+            let service =
+                NodeAgentService::new(identity, h.clone(), snapshots, &api_config, token.clone());
+            h.set("api", HealthState::Serving, "");
+            api::serve(listener, service, h, token).await?;
+            Ok(())
+        });
+    }
+
+    let stuck = supervisor
+        .run_until_signal(config.shutdown_timeout.get())
+        .await;
+    if stuck.is_empty() {
+        tracing::info!("nodekeeper stopped");
+    }
+    Ok(())
+}

@@ -1,0 +1,17 @@
+//! nodekeeper: a per-node Kubernetes agent. See `docs/architecture.md` for the module map.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod host;
+pub mod http;
+pub mod kube;
+pub mod metrics;
+pub mod runtime;
+
+/// Types generated from `proto/nodekeeper/v1/agent.proto`.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("nodekeeper.v1");
+}

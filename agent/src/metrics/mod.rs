@@ -1,0 +1,242 @@
+//! Node resource metrics: one snapshot type (`pb::MetricsSnapshot`) collected from the host's
+//! procfs, filesystems and cgroup tree, shared by /metrics and the gRPC API.
+//!
+//! Collection happens on demand and is coalesced: readers within `maxSnapshotAge` of the last
+//! collection share it, and concurrent readers wait for one collection instead of each doing
+//! their own. An idle agent therefore reads nothing. This module never writes to the host.
+
+pub mod exposition;
+pub mod node;
+pub mod pods;
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::config::MetricsConfig;
+use crate::host::HostPaths;
+use crate::pb;
+
+/// Why one source of the snapshot could not be read. The rest of the snapshot is still served.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CollectError {
+    /// The file or directory could not be opened or read.
+    #[error("{part}: cannot read {}: {error}", path.display())]
+    Read {
+        part: &'static str,
+        path: PathBuf,
+        error: String,
+    },
+    /// It was read but is not in the format the kernel documents.
+    #[error("{part}: {} is malformed: {error}", path.display())]
+    Malformed {
+        part: &'static str,
+        path: PathBuf,
+        error: String,
+    },
+    /// The node does not have this source at all (no PSI, no kubepods cgroup).
+    #[error("{part}: {why}")]
+    Unavailable { part: &'static str, why: String },
+}
+
+impl CollectError {
+    /// The snapshot part that failed; low cardinality, used as a metric label.
+    pub fn source_name(&self) -> &'static str {
+        match self {
+            Self::Read { part, .. }
+            | Self::Malformed { part, .. }
+            | Self::Unavailable { part, .. } => part,
+        }
+    }
+}
+
+// === impl ResourceCollector ===
+
+/// Reads one snapshot from the host. Blocking file I/O: call from `spawn_blocking`.
+#[derive(Debug)]
+pub struct ResourceCollector {
+    host: HostPaths,
+    node_name: String,
+    filesystems: Vec<PathBuf>,
+    pods: bool,
+    clock_ticks: f64,
+    page_size: u64,
+}
+
+impl ResourceCollector {
+    pub fn new(host: HostPaths, node_name: String, config: &MetricsConfig) -> Self {
+        let page_size = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .map_or(4096, |p| p as u64);
+        Self {
+            host,
+            node_name,
+            filesystems: config.filesystems.clone(),
+            pods: config.pods,
+            clock_ticks: node::clock_ticks(),
+            page_size,
+        }
+    }
+
+    pub fn collect(&self) -> (pb::MetricsSnapshot, Vec<CollectError>) {
+        let mut errors = Vec::new();
+        fn ok<T>(errors: &mut Vec<CollectError>, r: Result<T, CollectError>) -> Option<T> {
+            r.map_err(|e| errors.push(e)).ok()
+        }
+        let e = &mut errors;
+        let h = &self.host;
+        let node = pb::NodeResources {
+            cpus: ok(e, node::cpu_times(h, self.clock_ticks)).unwrap_or_default(),
+            load: ok(e, node::load_average(h)),
+            memory: ok(e, node::memory(h)),
+            pressure: ok(e, node::pressure(h)).unwrap_or_default(),
+            interfaces: ok(e, node::interfaces(h)).unwrap_or_default(),
+            filesystems: ok(e, node::filesystems(h, &self.filesystems)).unwrap_or_default(),
+            file_descriptors: ok(e, node::file_descriptors(h)),
+            sockets: ok(e, node::sockets(h, self.page_size)),
+            conntrack: ok(e, node::conntrack(h)).flatten(),
+        };
+        let pods = if self.pods {
+            ok(e, pods::pods(h)).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let mut unavailable: Vec<String> =
+            errors.iter().map(|e| e.source_name().to_string()).collect();
+        unavailable.dedup();
+        let snapshot = pb::MetricsSnapshot {
+            collected_at: Some(SystemTime::now().into()),
+            node_name: self.node_name.clone(),
+            node: Some(node),
+            pods,
+            unavailable,
+        };
+        (snapshot, errors)
+    }
+}
+
+// === impl SnapshotCache ===
+
+/// Metrics about collection itself.
+#[derive(Debug, Clone)]
+pub struct CollectMetrics {
+    duration: Histogram,
+    errors: Family<Vec<(&'static str, &'static str)>, Counter>,
+}
+
+impl CollectMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            duration: Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25]),
+            errors: Family::default(),
+        };
+        registry.register_with_unit(
+            "collect_duration",
+            "Time to collect one node resource snapshot",
+            Unit::Seconds,
+            m.duration.clone(),
+        );
+        registry.register(
+            "collect_errors",
+            "Snapshot sources that could not be read, by source",
+            m.errors.clone(),
+        );
+        m
+    }
+}
+
+/// The latest snapshot, refreshed on demand when older than `max_age`.
+#[derive(Debug)]
+pub struct SnapshotCache {
+    collector: Arc<ResourceCollector>,
+    max_age: Duration,
+    /// Held across a refresh so concurrent readers wait for one collection.
+    refresh: tokio::sync::Mutex<Option<(Instant, Arc<pb::MetricsSnapshot>)>>,
+    /// Read synchronously by the Prometheus encoder.
+    latest: RwLock<Option<Arc<pb::MetricsSnapshot>>>,
+    metrics: CollectMetrics,
+    logged_sources: std::sync::Mutex<std::collections::HashSet<&'static str>>,
+}
+
+impl SnapshotCache {
+    pub fn new(collector: ResourceCollector, max_age: Duration, metrics: CollectMetrics) -> Self {
+        Self {
+            collector: Arc::new(collector),
+            max_age,
+            refresh: tokio::sync::Mutex::new(None),
+            latest: RwLock::new(None),
+            metrics,
+            logged_sources: Default::default(),
+        }
+    }
+
+    /// A snapshot at most `max_age` old.
+    pub async fn get(&self) -> Arc<pb::MetricsSnapshot> {
+        let mut slot = self.refresh.lock().await;
+        if let Some((at, snap)) = slot.as_ref() {
+            if at.elapsed() <= self.max_age {
+                return snap.clone();
+            }
+        }
+        self.collect_into(&mut slot).await
+    }
+
+    /// A snapshot collected now, whatever the age of the cached one (WatchMetrics ticks).
+    pub async fn fresh(&self) -> Arc<pb::MetricsSnapshot> {
+        let mut slot = self.refresh.lock().await;
+        // A collection that finished while we queued for the lock is fresh enough.
+        if let Some((at, snap)) = slot.as_ref() {
+            if at.elapsed() < Duration::from_millis(50) {
+                return snap.clone();
+            }
+        }
+        self.collect_into(&mut slot).await
+    }
+
+    async fn collect_into(
+        &self,
+        slot: &mut Option<(Instant, Arc<pb::MetricsSnapshot>)>,
+    ) -> Arc<pb::MetricsSnapshot> {
+        let collector = self.collector.clone();
+        let started = Instant::now();
+        let (snap, errors) = match tokio::task::spawn_blocking(move || collector.collect()).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "resource collection panicked");
+                return slot.as_ref().map(|(_, s)| s.clone()).unwrap_or_default();
+            }
+        };
+        self.metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
+        for e in &errors {
+            self.metrics
+                .errors
+                .get_or_create(&vec![("source", e.source_name())])
+                .inc();
+            // Log each failing source once: a kernel without PSI would otherwise log every scrape.
+            if self
+                .logged_sources
+                .lock()
+                .expect("not poisoned")
+                .insert(e.source_name())
+            {
+                tracing::warn!(error = %e, "resource source unavailable; reported in snapshot.unavailable");
+            }
+        }
+        let snap = Arc::new(snap);
+        *slot = Some((Instant::now(), snap.clone()));
+        *self.latest.write().expect("not poisoned") = Some(snap.clone());
+        snap
+    }
+
+    pub fn latest(&self) -> Option<Arc<pb::MetricsSnapshot>> {
+        self.latest.read().expect("not poisoned").clone()
+    }
+}

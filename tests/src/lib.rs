@@ -1,1 +1,356 @@
-//! placeholder until harness lands
+//! Test harness for nodekeeper: starts the real agent binary, real peers (node_exporter,
+//! Prometheus, Python gRPC clients) and cleans every one of them up on drop, even on failure.
+//!
+//! Tests that need a system tool call `require_tool`: without it they skip with a message, but
+//! under `NODEKEEPER_REQUIRE_TOOLS=1` (set by `.ci/run`) a missing tool fails the test, so CI can
+//! never pass by skipping.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Root of the workspace (the parent of this crate).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The agent binary: `NODEKEEPER_BIN`, else the workspace's debug build.
+pub fn agent_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("NODEKEEPER_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace_root().join("target"));
+    let bin = target.join("debug/nodekeeper");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p nodekeeper` first (or set NODEKEEPER_BIN)",
+        bin.display()
+    );
+    bin
+}
+
+/// True when `tool` is on PATH. Missing: skip (false) locally, panic in CI.
+pub fn require_tool(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !found {
+        if std::env::var("NODEKEEPER_REQUIRE_TOOLS").as_deref() == Ok("1") {
+            panic!(
+                "required tool {tool:?} is not installed (NODEKEEPER_REQUIRE_TOOLS=1): .ci/run installs it"
+            );
+        }
+        eprintln!("SKIP: {tool} is not installed; install it (see .ci/run) to run this test");
+    }
+    found
+}
+
+/// True when running as root (namespaces, loop devices, mounts). Same skip/fail rule as tools.
+pub fn require_root() -> bool {
+    let root = nix_is_root();
+    if !root {
+        if std::env::var("NODEKEEPER_REQUIRE_TOOLS").as_deref() == Ok("1") {
+            panic!("this test needs root (NODEKEEPER_REQUIRE_TOOLS=1)");
+        }
+        eprintln!("SKIP: this test needs root");
+    }
+    root
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind loopback")
+        .local_addr()
+        .expect("local addr")
+        .port()
+}
+
+pub fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A plain HTTP/1.0 GET: (status code, body). Enough for /metrics and health endpoints.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http_get_with(addr, path, &[])
+}
+
+pub fn http_get_with(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_string()))
+}
+
+/// Polls `f` every 50 ms until it returns Some or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped on drop.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stdout+stderr to a log file in `dir`.
+    pub fn spawn(name: &str, mut cmd: Command, dir: &Path) -> Proc {
+        let log = dir.join(format!("{name}.log"));
+        let f = std::fs::File::create(&log).expect("create log");
+        cmd.stdout(f.try_clone().expect("clone log"))
+            .stderr(f)
+            .stdin(Stdio::null());
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Proc {
+            child,
+            name: name.to_string(),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .map(|s| s.success());
+        assert!(matches!(ok, Ok(true)), "kill -{sig} {} failed", self.name);
+    }
+
+    /// Waits for exit; panics (after killing) when it does not exit in time.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "{} did not exit within {timeout:?}; log:\n{}",
+                    self.name,
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The agent under test, on free loopback ports, standalone unless the test says otherwise.
+pub struct Agent {
+    pub proc: Proc,
+    pub metrics: SocketAddr,
+    pub api: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+pub struct AgentBuilder {
+    config_yaml: String,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+}
+
+impl Agent {
+    pub fn builder() -> AgentBuilder {
+        AgentBuilder {
+            config_yaml: String::new(),
+            args: Vec::new(),
+            envs: Vec::new(),
+        }
+    }
+
+    pub fn metrics_text(&self) -> String {
+        let (status, body) = http_get(self.metrics, "/metrics").expect("GET /metrics");
+        assert_eq!(status, 200, "/metrics status; body:\n{body}");
+        body
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.api)
+    }
+}
+
+impl AgentBuilder {
+    /// YAML config file contents (defaults when never called).
+    pub fn config(mut self, yaml: &str) -> Self {
+        self.config_yaml = yaml.to_string();
+        self
+    }
+
+    pub fn arg(mut self, a: impl Into<String>) -> Self {
+        self.args.push(a.into());
+        self
+    }
+
+    pub fn env(mut self, k: &str, v: impl Into<String>) -> Self {
+        self.envs.push((k.to_string(), v.into()));
+        self
+    }
+
+    /// Starts the agent and waits until /readyz answers 200.
+    pub fn start(self) -> Agent {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("config.yaml");
+        std::fs::write(&config, &self.config_yaml).expect("write config");
+        let metrics = loopback(free_port());
+        let api = loopback(free_port());
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config)
+            .arg("--standalone")
+            .arg("--metrics-listen")
+            .arg(metrics.to_string())
+            .arg("--api-listen")
+            .arg(api.to_string())
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .args(&self.args)
+            .env_remove("KUBECONFIG")
+            .env("NODEKEEPER_LOG", "info,nodekeeper=debug");
+        for (k, v) in &self.envs {
+            cmd.env(k, v);
+        }
+        let mut proc = Proc::spawn("nodekeeper", cmd, dir.path());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok((200, _)) = http_get(metrics, "/readyz") {
+                break;
+            }
+            if !proc.alive() || Instant::now() > deadline {
+                panic!("agent did not become ready; log:\n{}", proc.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Agent {
+            proc,
+            metrics,
+            api,
+            dir,
+        }
+    }
+}
+
+/// Parses Prometheus text into (metric name with labels as written, value) samples.
+pub fn parse_samples(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The value of the first sample whose series starts with `name` and contains every `label="value"`.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    parse_samples(text).into_iter().find_map(|(series, v)| {
+        let (n, rest) = series.split_once('{').unwrap_or((&series, ""));
+        (n == name
+            && labels
+                .iter()
+                .all(|(k, val)| rest.contains(&format!("{k}=\"{val}\""))))
+        .then_some(v)
+    })
+}
+
+/// Python interpreter for the grpcio checks: `NODEKEEPER_PYTHON` or `python3`.
+pub fn python() -> String {
+    std::env::var("NODEKEEPER_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// True when the Python modules are importable (same skip/fail rule as tools).
+pub fn require_python_modules(modules: &[&str]) -> bool {
+    if !require_tool(&python()) {
+        return false;
+    }
+    let code = modules
+        .iter()
+        .map(|m| format!("import {m}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let ok = Command::new(python())
+        .args(["-c", &code])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        if std::env::var("NODEKEEPER_REQUIRE_TOOLS").as_deref() == Ok("1") {
+            panic!(
+                "Python modules {modules:?} missing (NODEKEEPER_REQUIRE_TOOLS=1): .ci/run installs them"
+            );
+        }
+        eprintln!("SKIP: Python modules {modules:?} are not installed");
+    }
+    ok
+}

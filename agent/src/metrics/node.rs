@@ -107,20 +107,40 @@ pub fn load_average(host: &HostPaths) -> Result<pb::LoadAverage, CollectError> {
     })
 }
 
+/// `/proc/meminfo`. Parsed here rather than with procfs-core's `Meminfo`, which insists on ~20
+/// fields we do not use and so fails on kernels (or test trees) that lack one of them.
 pub fn memory(host: &HostPaths) -> Result<pb::Memory, CollectError> {
     const SRC: &str = "memory";
     let path = host.proc("meminfo");
-    let m = procfs_core::Meminfo::from_buf_read(open(path.clone(), SRC)?)
-        .map_err(|e| malformed(SRC, path, e))?;
+    let text = read_string(path.clone(), SRC)?;
+    let mut kib = std::collections::HashMap::new();
+    for line in text.lines() {
+        let Some((key, rest)) = line.split_once(':') else {
+            continue;
+        };
+        let mut words = rest.split_whitespace();
+        let value: u64 = match words.next().map(str::parse) {
+            Some(Ok(v)) => v,
+            _ => return Err(malformed(SRC, path, format!("line {line:?} has no number"))),
+        };
+        // Every size line is in kB; counts (HugePages_Total) have no unit and are not used here.
+        if words.next() == Some("kB") {
+            kib.insert(key, value * 1024);
+        }
+    }
+    let field = |k: &str| kib.get(k).copied();
+    let required =
+        |k: &str| field(k).ok_or_else(|| malformed(SRC, path.clone(), format!("no {k} line")));
+    let free = required("MemFree")?;
     Ok(pb::Memory {
-        total_bytes: m.mem_total,
+        total_bytes: required("MemTotal")?,
         // Kernels before 3.14 lack MemAvailable; free is the honest lower bound then.
-        available_bytes: m.mem_available.unwrap_or(m.mem_free),
-        free_bytes: m.mem_free,
-        cached_bytes: m.cached,
-        buffers_bytes: m.buffers,
-        swap_total_bytes: m.swap_total,
-        swap_free_bytes: m.swap_free,
+        available_bytes: field("MemAvailable").unwrap_or(free),
+        free_bytes: free,
+        cached_bytes: field("Cached").unwrap_or(0),
+        buffers_bytes: field("Buffers").unwrap_or(0),
+        swap_total_bytes: field("SwapTotal").unwrap_or(0),
+        swap_free_bytes: field("SwapFree").unwrap_or(0),
     })
 }
 

@@ -208,11 +208,11 @@ impl std::str::FromStr for ConfigDuration {
 impl fmt::Display for ConfigDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0.as_millis();
-        if ms % 1000 != 0 {
+        if !ms.is_multiple_of(1000) {
             write!(f, "{ms}ms")
-        } else if ms % 3_600_000 == 0 && ms > 0 {
+        } else if ms.is_multiple_of(3_600_000) && ms > 0 {
             write!(f, "{}h", ms / 3_600_000)
-        } else if ms % 60_000 == 0 && ms > 0 {
+        } else if ms.is_multiple_of(60_000) && ms > 0 {
             write!(f, "{}m", ms / 60_000)
         } else {
             write!(f, "{}s", ms / 1000)
@@ -360,10 +360,10 @@ impl Config {
     /// Every semantic problem, each naming its field; empty when the config is usable.
     pub fn problems(&self) -> Vec<FieldError> {
         let mut errs = Problems::default();
-        if let Some(name) = &self.node_name {
-            if !is_dns_subdomain(name) {
-                errs.add("nodeName", format!("{name:?} is not a valid node name (lowercase DNS subdomain, at most 253 characters)"));
-            }
+        if let Some(name) = &self.node_name
+            && !is_dns_subdomain(name)
+        {
+            errs.add("nodeName", format!("{name:?} is not a valid node name (lowercase DNS subdomain, at most 253 characters)"));
         }
         errs.absolute("stateDir", &self.state_dir);
         errs.range(

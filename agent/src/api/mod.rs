@@ -6,6 +6,7 @@
 //! metrics `SnapshotCache`.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -14,6 +15,9 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::{Health as HealthApi, HealthServer};
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+use tonic_health::server::{HealthReporter, HealthService};
 
 use crate::config::{ApiConfig, DEFAULT_WATCH_INTERVAL};
 use crate::metrics::SnapshotCache;
@@ -190,6 +194,39 @@ fn serving_status(state: HealthState) -> ServingStatus {
     }
 }
 
+/// grpc.health.v1 whose Watch streams end with status OK at shutdown, like WatchMetrics.
+/// tonic-health's never end on their own, so one open Watch held the graceful shutdown until the
+/// runtime's deadline, and its client saw UNAVAILABLE instead of a clean end.
+struct ShutdownAwareHealth {
+    inner: HealthService,
+    shutdown: CancellationToken,
+}
+
+type HealthWatchStream =
+    Pin<Box<dyn futures::Stream<Item = Result<HealthCheckResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl HealthApi for ShutdownAwareHealth {
+    async fn check(
+        &self,
+        req: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        self.inner.check(req).await
+    }
+
+    type WatchStream = HealthWatchStream;
+
+    async fn watch(
+        &self,
+        req: Request<HealthCheckRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        use futures::StreamExt as _;
+        let stream = self.inner.watch(req).await?.into_inner();
+        let until = self.shutdown.clone().cancelled_owned();
+        Ok(Response::new(Box::pin(stream.take_until(until))))
+    }
+}
+
 /// Keeps grpc.health.v1 in step with `Health` until shutdown, then reports NOT_SERVING.
 async fn mirror_health(
     health: Health,
@@ -233,7 +270,11 @@ pub async fn serve(
     health: Health,
     token: CancellationToken,
 ) -> Result<(), ApiError> {
-    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let reporter = HealthReporter::new();
+    let health_service = HealthServer::new(ShutdownAwareHealth {
+        inner: HealthService::from_health_reporter(reporter.clone()),
+        shutdown: token.clone(),
+    });
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

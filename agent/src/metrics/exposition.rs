@@ -414,10 +414,10 @@ pub fn openmetrics_to_prometheus(text: &str) -> String {
                 "unknown" => (name.to_string(), "untyped"),
                 other => (name.to_string(), other),
             };
-            if let Some((help_name, help)) = pending_help.take() {
-                if help_name == name {
-                    out.push_str(&format!("# HELP {sample_name} {help}\n"));
-                }
+            if let Some((help_name, help)) = pending_help.take()
+                && help_name == name
+            {
+                out.push_str(&format!("# HELP {sample_name} {help}\n"));
             }
             out.push_str(&format!("# TYPE {sample_name} {kind}\n"));
             continue;

@@ -179,10 +179,10 @@ impl SnapshotCache {
     /// A snapshot at most `max_age` old.
     pub async fn get(&self) -> Arc<pb::MetricsSnapshot> {
         let mut slot = self.refresh.lock().await;
-        if let Some((at, snap)) = slot.as_ref() {
-            if at.elapsed() <= self.max_age {
-                return snap.clone();
-            }
+        if let Some((at, snap)) = slot.as_ref()
+            && at.elapsed() <= self.max_age
+        {
+            return snap.clone();
         }
         self.collect_into(&mut slot).await
     }
@@ -191,10 +191,10 @@ impl SnapshotCache {
     pub async fn fresh(&self) -> Arc<pb::MetricsSnapshot> {
         let mut slot = self.refresh.lock().await;
         // A collection that finished while we queued for the lock is fresh enough.
-        if let Some((at, snap)) = slot.as_ref() {
-            if at.elapsed() < Duration::from_millis(50) {
-                return snap.clone();
-            }
+        if let Some((at, snap)) = slot.as_ref()
+            && at.elapsed() < Duration::from_millis(50)
+        {
+            return snap.clone();
         }
         self.collect_into(&mut slot).await
     }

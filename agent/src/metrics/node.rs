@@ -347,10 +347,10 @@ fn parse_sockstat(text: &str) -> std::collections::HashMap<(String, String), u64
         };
         let words: Vec<&str> = rest.split_whitespace().collect();
         for pair in words.chunks(2) {
-            if let [k, v] = pair {
-                if let Ok(v) = v.parse() {
-                    out.insert((proto.to_string(), k.to_string()), v);
-                }
+            if let [k, v] = pair
+                && let Ok(v) = v.parse()
+            {
+                out.insert((proto.to_string(), k.to_string()), v);
             }
         }
     }

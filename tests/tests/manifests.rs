@@ -1,0 +1,620 @@
+//! The kustomize base in `manifests/base`: rendered with `kubectl kustomize`, validated against
+//! the Kubernetes API schemas, its ConfigMap checked by the real agent binary, and the
+//! DaemonSet, Service and RBAC invariants the agent depends on asserted on the rendered objects.
+//!
+//! Needs kubectl (with its built-in kustomize), Python with PyYAML (the rendered stream is turned
+//! into JSON for the assertions; kubernetes-validate depends on PyYAML, so it is there wherever
+//! that is) and, for the schema test, kubernetes-validate. Without them the tests skip, under
+//! `NODEKEEPER_REQUIRE_TOOLS=1` they fail.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+use nodekeeper_tests::{agent_bin, python, require_python_modules, require_tool, workspace_root};
+use serde_json::{Value, json};
+
+/// Kubernetes version the schemas are checked against: a supported release (kubernetes-validate
+/// ships schemas for 1.25..=1.37) old enough that clusters still on it can install the base.
+const KUBERNETES_VERSION: &str = "1.33.0";
+const NAMESPACE: &str = "nodekeeper-system";
+const COMMON_LABELS: [(&str, &str); 2] = [
+    ("app.kubernetes.io/name", "nodekeeper"),
+    ("app.kubernetes.io/part-of", "nodekeeper"),
+];
+/// What the downward API would put in NODE_NAME, for running check-config as the pod would.
+const SAMPLE_NODE_NAME: &str = "ip-10-0-0-1.ec2.internal";
+
+// === rendering ===
+
+/// The tools every test here needs, plus `extra`; false (skip) when one is missing.
+fn have_tools(extra: &[&str]) -> bool {
+    require_tool("kubectl")
+        && extra.iter().all(|t| require_tool(t))
+        && require_python_modules(&["yaml"])
+}
+
+/// `kubectl kustomize manifests/base`, run once per test binary.
+fn rendered_text() -> &'static str {
+    static TEXT: OnceLock<String> = OnceLock::new();
+    TEXT.get_or_init(|| {
+        let o = Command::new("kubectl")
+            .args(["kustomize", "manifests/base"])
+            .current_dir(workspace_root())
+            .output()
+            .expect("run kubectl kustomize");
+        assert!(
+            o.status.success(),
+            "kubectl kustomize manifests/base failed:\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).expect("kustomize output is UTF-8")
+    })
+}
+
+/// Every document of a YAML stream, as JSON values (PyYAML's safe loader does the parsing).
+fn yaml_documents(text: &str) -> Vec<Value> {
+    let mut child = Command::new(python())
+        .args([
+            "-c",
+            "import json, sys, yaml; json.dump([d for d in yaml.safe_load_all(sys.stdin) if d is not None], sys.stdout)",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn python");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write YAML to python");
+    let o = child.wait_with_output().expect("python output");
+    assert!(
+        o.status.success(),
+        "YAML did not parse:\n{}\n---\n{text}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    match serde_json::from_slice(&o.stdout).expect("python printed JSON") {
+        Value::Array(docs) => docs,
+        other => panic!("expected a list of documents, got {other}"),
+    }
+}
+
+fn yaml_document(text: &str) -> Value {
+    let mut docs = yaml_documents(text);
+    assert_eq!(docs.len(), 1, "expected one YAML document:\n{text}");
+    docs.remove(0)
+}
+
+/// The rendered base, with lookups that name what is missing.
+struct Base {
+    objects: Vec<Value>,
+}
+
+fn base() -> Base {
+    Base {
+        objects: yaml_documents(rendered_text()),
+    }
+}
+
+impl Base {
+    fn find(&self, kind: &str, name: &str) -> Option<&Value> {
+        self.objects
+            .iter()
+            .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+    }
+
+    fn object(&self, kind: &str, name: &str) -> &Value {
+        self.find(kind, name)
+            .unwrap_or_else(|| panic!("rendered base has no {kind} {name}"))
+    }
+
+    fn daemonset(&self) -> &Value {
+        self.object("DaemonSet", "nodekeeper")
+    }
+
+    fn pod_spec(&self) -> &Value {
+        get(self.daemonset(), "/spec/template/spec")
+    }
+
+    fn container(&self) -> &Value {
+        let containers = array(self.pod_spec(), "/containers");
+        containers
+            .iter()
+            .find(|c| c["name"] == "nodekeeper")
+            .unwrap_or_else(|| panic!("no container named nodekeeper in {containers:?}"))
+    }
+
+    /// The generated ConfigMap (its name carries kustomize's content hash).
+    fn config_map(&self) -> &Value {
+        let maps: Vec<&Value> = self
+            .objects
+            .iter()
+            .filter(|o| o["kind"] == "ConfigMap")
+            .collect();
+        assert_eq!(maps.len(), 1, "expected one ConfigMap: {maps:?}");
+        maps[0]
+    }
+
+    fn config_yaml(&self) -> &str {
+        str_at(self.config_map(), "/data/config.yaml")
+    }
+
+    /// The container's env as name -> plain value; fieldRef entries are left out.
+    fn plain_env(&self) -> BTreeMap<String, String> {
+        array(self.container(), "/env")
+            .iter()
+            .filter_map(|e| {
+                Some((
+                    e["name"].as_str()?.to_string(),
+                    e["value"].as_str()?.to_string(),
+                ))
+            })
+            .collect()
+    }
+
+    /// The container's volumeMount at `mount_path` and the pod volume it mounts.
+    fn mount(&self, mount_path: &str) -> (&Value, &Value) {
+        let mount = array(self.container(), "/volumeMounts")
+            .iter()
+            .find(|m| m["mountPath"] == mount_path)
+            .unwrap_or_else(|| panic!("no volumeMount at {mount_path}"));
+        let volume = array(self.pod_spec(), "/volumes")
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .unwrap_or_else(|| panic!("no volume named {}", mount["name"]));
+        (mount, volume)
+    }
+}
+
+fn get<'a>(v: &'a Value, pointer: &str) -> &'a Value {
+    v.pointer(pointer).unwrap_or_else(|| {
+        panic!(
+            "{pointer} is missing in {} {}",
+            v["kind"].as_str().unwrap_or("object"),
+            v["metadata"]["name"].as_str().unwrap_or("")
+        )
+    })
+}
+
+fn array<'a>(v: &'a Value, pointer: &str) -> &'a Vec<Value> {
+    get(v, pointer)
+        .as_array()
+        .unwrap_or_else(|| panic!("{pointer} is not a list"))
+}
+
+fn str_at<'a>(v: &'a Value, pointer: &str) -> &'a str {
+    get(v, pointer)
+        .as_str()
+        .unwrap_or_else(|| panic!("{pointer} is not a string"))
+}
+
+// === the agent's view of the config ===
+
+/// `nodekeeper check-config` on the ConfigMap's config.yaml, with `env` and nothing inherited
+/// from the test's own environment that the agent reads.
+fn check_config(config_yaml: &str, env: &BTreeMap<String, String>) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.yaml");
+    std::fs::write(&file, config_yaml).unwrap();
+    let mut cmd = Command::new(agent_bin());
+    cmd.arg("check-config").arg(&file);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("NODEKEEPER_") || k == "NODE_NAME" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.envs(env).output().expect("run nodekeeper check-config")
+}
+
+/// The effective config the pod runs with: the ConfigMap file plus the DaemonSet's env.
+fn effective_config(base: &Base) -> Value {
+    let mut env = base.plain_env();
+    env.insert("NODE_NAME".into(), SAMPLE_NODE_NAME.into());
+    let o = check_config(base.config_yaml(), &env);
+    assert!(
+        o.status.success(),
+        "check-config with the pod's env failed ({}):\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    yaml_document(&String::from_utf8_lossy(&o.stdout))
+}
+
+fn listen_port(config: &Value, pointer: &str) -> u16 {
+    let addr: SocketAddr = str_at(config, pointer)
+        .parse()
+        .unwrap_or_else(|e| panic!("{pointer}: {e}"));
+    addr.port()
+}
+
+// === tests ===
+
+#[test]
+fn rendered_base_passes_strict_schema_validation() {
+    if !have_tools(&["kubernetes-validate"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("base.yaml");
+    std::fs::write(&file, rendered_text()).unwrap();
+    let o = Command::new("kubernetes-validate")
+        .args(["--strict", "-k", KUBERNETES_VERSION, "--quiet"])
+        .arg(&file)
+        .output()
+        .expect("run kubernetes-validate");
+    assert!(
+        o.status.success(),
+        "kubernetes-validate --strict -k {KUBERNETES_VERSION} rejected the base:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn rendered_base_has_each_object_labelled_in_the_namespace() {
+    if !have_tools(&[]) {
+        return;
+    }
+    let base = base();
+    let mut kinds: Vec<(&str, &str)> = base
+        .objects
+        .iter()
+        .map(|o| (str_at(o, "/kind"), str_at(o, "/metadata/name")))
+        .collect();
+    kinds.sort();
+    let config_map = str_at(base.config_map(), "/metadata/name");
+    assert!(
+        config_map.starts_with("nodekeeper-config-"),
+        "the generated ConfigMap carries a content hash: {config_map}"
+    );
+    let mut want = vec![
+        ("ClusterRole", "nodekeeper"),
+        ("ClusterRoleBinding", "nodekeeper"),
+        ("ConfigMap", config_map),
+        ("DaemonSet", "nodekeeper"),
+        ("Namespace", NAMESPACE),
+        ("Service", "nodekeeper"),
+        ("ServiceAccount", "nodekeeper"),
+    ];
+    want.sort();
+    assert_eq!(kinds, want);
+    for o in &base.objects {
+        let kind = str_at(o, "/kind");
+        let namespaced = !matches!(kind, "Namespace" | "ClusterRole" | "ClusterRoleBinding");
+        if namespaced {
+            assert_eq!(o["metadata"]["namespace"], NAMESPACE, "{kind} namespace");
+        }
+        for (k, v) in COMMON_LABELS {
+            assert_eq!(o["metadata"]["labels"][k], v, "{kind} label {k}");
+        }
+    }
+    let template_labels = get(base.daemonset(), "/spec/template/metadata/labels");
+    for (k, v) in COMMON_LABELS {
+        assert_eq!(template_labels[k], v, "pod template label {k}");
+    }
+}
+
+#[test]
+fn configmap_config_passes_check_config() {
+    if !have_tools(&[]) {
+        return;
+    }
+    let base = base();
+    let yaml = base.config_yaml();
+    // The file alone, as an operator would check it.
+    let o = check_config(yaml, &BTreeMap::new());
+    assert!(
+        o.status.success(),
+        "check-config rejected the ConfigMap's config.yaml ({}):\n{}\n---\n{yaml}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let file = yaml_document(yaml);
+    assert!(
+        file.get("hostPaths").is_none(),
+        "host paths come from the DaemonSet's env, not config.yaml"
+    );
+    assert_eq!(file["kubernetes"]["mode"], "auto");
+    assert_eq!(file["metrics"]["filesystems"], json!(["/"]));
+
+    // And as the pod runs it: file + the DaemonSet's env.
+    let effective = effective_config(&base);
+    assert_eq!(effective["nodeName"], SAMPLE_NODE_NAME);
+    assert_eq!(
+        effective["hostPaths"],
+        json!({
+            "proc": "/host/proc",
+            "sys": "/host/sys",
+            "dev": "/host/dev",
+            "rootfs": "/host/root",
+            "cgroup": "/host/sys/fs/cgroup",
+        })
+    );
+    assert_eq!(effective["stateDir"], "/var/lib/nodekeeper");
+    assert_eq!(effective["kubernetes"]["mode"], "auto");
+}
+
+#[test]
+fn container_runs_the_agent_on_the_mounted_config() {
+    if !have_tools(&[]) {
+        return;
+    }
+    let base = base();
+    let c = base.container();
+    assert_eq!(
+        c["image"], "ghcr.io/nodekeeper/nodekeeper:0.1.0",
+        "kustomization images: rewrites the placeholder"
+    );
+    assert_eq!(
+        c["args"],
+        json!([
+            "run",
+            "--config",
+            "/etc/nodekeeper/config.yaml",
+            "--log-format",
+            "json"
+        ])
+    );
+    let (mount, volume) = base.mount("/etc/nodekeeper");
+    assert_eq!(mount["readOnly"], true);
+    assert_eq!(
+        volume["configMap"]["name"],
+        base.config_map()["metadata"]["name"],
+        "the config volume uses the generated (hashed) ConfigMap"
+    );
+    assert!(
+        base.config_map()["data"]["config.yaml"].is_string(),
+        "--config names the ConfigMap key config.yaml"
+    );
+}
+
+#[test]
+fn daemonset_runs_privileged_in_the_host_namespaces_on_every_node() {
+    if !have_tools(&[]) {
+        return;
+    }
+    let base = base();
+    let spec = base.pod_spec();
+    assert_eq!(spec["hostNetwork"], true, "hostNetwork");
+    assert_eq!(spec["hostPID"], true, "hostPID");
+    assert_eq!(spec["dnsPolicy"], "ClusterFirstWithHostNet");
+    assert_eq!(spec["priorityClassName"], "system-node-critical");
+    assert_eq!(
+        spec["tolerations"],
+        json!([{ "operator": "Exists" }]),
+        "tolerates every taint"
+    );
+    assert_eq!(spec["terminationGracePeriodSeconds"], 30);
+    assert_eq!(spec["serviceAccountName"], "nodekeeper");
+    base.object("ServiceAccount", "nodekeeper");
+    assert_eq!(
+        base.container()["securityContext"]["privileged"],
+        true,
+        "privileged"
+    );
+    assert_eq!(
+        get(base.daemonset(), "/spec/updateStrategy"),
+        &json!({
+            "type": "RollingUpdate",
+            "rollingUpdate": { "maxUnavailable": "10%", "maxSurge": 0 },
+        })
+    );
+}
+
+#[test]
+fn daemonset_probes_hit_health_endpoints_on_the_metrics_port() {
+    if !have_tools(&[]) {
+        return;
+    }
+    let base = base();
+    let c = base.container();
+    let probe = |name: &str| {
+        let p = get(c, &format!("/{name}/httpGet"));
+        (p["path"].as_str(), p["port"].as_str())
+    };
+    assert_eq!(probe("livenessProbe"), (Some("/healthz"), Some("metrics")));
+    assert_eq!(probe("readinessProbe"), (Some("/readyz"), Some("metrics")));
+    if c.get("startupProbe").is_some() {
+        assert_eq!(probe("startupProbe"), (Some("/healthz"), Some("metrics")));
+    }
+    for name in ["livenessProbe", "readinessProbe"] {
+        let p = &c[name];
+        let failure = p["failureThreshold"].as_u64().unwrap_or(3);
+        let period = p["periodSeconds"].as_u64().unwrap_or(10);
+        assert!(
+            failure >= 2 && period >= 5,
+            "{name}: one slow answer must not restart or unready the agent: {p}"
+        );
+    }
+}
+
+#[test]
+fn container_ports_match_the_config_and_the_service() {
+    if !have_tools(&[]) {
+        return;
+    }
+    let base = base();
+    let ports: BTreeMap<&str, u64> = array(base.container(), "/ports")
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().expect("port name"),
+                p["containerPort"].as_u64().expect("containerPort"),
+            )
+        })
+        .collect();
+    assert_eq!(ports, BTreeMap::from([("grpc", 9741), ("metrics", 9740)]));
+
+    let effective = effective_config(&base);
+    assert_eq!(
+        u64::from(listen_port(&effective, "/metrics/listen")),
+        ports["metrics"],
+        "metrics.listen vs the metrics containerPort"
+    );
+    assert_eq!(
+        u64::from(listen_port(&effective, "/api/listen")),
+        ports["grpc"],
+        "api.listen vs the grpc containerPort"
+    );
+
+    let svc = base.object("Service", "nodekeeper");
+    assert_eq!(svc["spec"]["clusterIP"], "None", "headless");
+    let template_labels = get(base.daemonset(), "/spec/template/metadata/labels");
+    let selector = get(svc, "/spec/selector").as_object().expect("selector");
+    assert!(!selector.is_empty());
+    for (k, v) in selector {
+        assert_eq!(
+            &template_labels[k], v,
+            "Service selector {k} selects the pods"
+        );
+    }
+    for (k, v) in get(base.daemonset(), "/spec/selector/matchLabels")
+        .as_object()
+        .expect("matchLabels")
+    {
+        assert_eq!(&template_labels[k], v, "DaemonSet selector {k}");
+    }
+    let svc_ports: BTreeMap<&str, (&Value, &Value, &Value)> = array(svc, "/spec/ports")
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().expect("service port name"),
+                (&p["port"], &p["targetPort"], &p["appProtocol"]),
+            )
+        })
+        .collect();
+    assert_eq!(
+        svc_ports["metrics"],
+        (&json!(9740), &json!("metrics"), &json!("http"))
+    );
+    assert_eq!(
+        svc_ports["grpc"],
+        (&json!(9741), &json!("grpc"), &json!("grpc"))
+    );
+}
+
+#[test]
+fn daemonset_env_and_mounts_give_the_agent_the_host() {
+    if !have_tools(&[]) {
+        return;
+    }
+    let base = base();
+    let node_name = array(base.container(), "/env")
+        .iter()
+        .find(|e| e["name"] == "NODE_NAME")
+        .expect("NODE_NAME env");
+    assert_eq!(
+        node_name["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName",
+        "NODE_NAME from the downward API"
+    );
+    let env = base.plain_env();
+    // (env var, where the agent looks, host path mounted there, read-only)
+    let host = [
+        ("NODEKEEPER_HOST_PROC", "/host/proc", "/proc"),
+        ("NODEKEEPER_HOST_SYS", "/host/sys", "/sys"),
+        ("NODEKEEPER_HOST_DEV", "/host/dev", "/dev"),
+        ("NODEKEEPER_HOST_ROOTFS", "/host/root", "/"),
+    ];
+    for (var, mount_path, host_path) in host {
+        assert_eq!(env.get(var).map(String::as_str), Some(mount_path), "{var}");
+        let (mount, volume) = base.mount(mount_path);
+        assert_eq!(volume["hostPath"]["path"], host_path, "{mount_path}");
+        assert_eq!(mount["readOnly"], true, "{mount_path} is read-only");
+    }
+    // cgroup v2 lives inside the /sys mount.
+    assert_eq!(
+        env.get("NODEKEEPER_HOST_CGROUP").map(String::as_str),
+        Some("/host/sys/fs/cgroup")
+    );
+    let (root, _) = base.mount("/host/root");
+    assert_eq!(
+        root["mountPropagation"], "HostToContainer",
+        "later host mounts show up under /host/root"
+    );
+
+    let (state, volume) = base.mount("/var/lib/nodekeeper");
+    assert_eq!(
+        volume["hostPath"],
+        json!({ "path": "/var/lib/nodekeeper", "type": "DirectoryOrCreate" })
+    );
+    assert_ne!(state["readOnly"], true, "the state dir is written");
+    let effective = effective_config(&base);
+    assert_eq!(
+        effective["stateDir"], state["mountPath"],
+        "config stateDir is the state mount"
+    );
+}
+
+#[test]
+fn resources_request_cpu_and_memory_but_limit_only_memory() {
+    if !have_tools(&[]) {
+        return;
+    }
+    let base = base();
+    let r = get(base.container(), "/resources");
+    assert_eq!(r["requests"], json!({ "cpu": "50m", "memory": "64Mi" }));
+    assert_eq!(
+        r["limits"],
+        json!({ "memory": "256Mi" }),
+        "no CPU limit: throttling would stall the DNS path"
+    );
+}
+
+#[test]
+fn cluster_role_grants_exactly_the_listed_verbs() {
+    if !have_tools(&[]) {
+        return;
+    }
+    let base = base();
+    let role = base.object("ClusterRole", "nodekeeper");
+    let mut granted: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+    for rule in array(role, "/rules") {
+        for key in ["resourceNames", "nonResourceURLs"] {
+            assert!(rule.get(key).is_none(), "unexpected {key} in {rule}");
+        }
+        let strings = |field: &str| -> Vec<String> {
+            array(rule, &format!("/{field}"))
+                .iter()
+                .map(|s| s.as_str().expect("string").to_string())
+                .collect()
+        };
+        for group in strings("apiGroups") {
+            for resource in strings("resources") {
+                granted
+                    .entry((group.clone(), resource))
+                    .or_default()
+                    .extend(strings("verbs"));
+            }
+        }
+    }
+    let want: BTreeMap<(String, String), BTreeSet<String>> = [
+        ("", "nodes", &["get", "list", "watch"][..]),
+        ("", "pods", &["get", "list", "watch"]),
+        ("", "events", &["create", "patch"]),
+        ("events.k8s.io", "events", &["create", "patch"]),
+    ]
+    .into_iter()
+    .map(|(g, r, verbs)| {
+        (
+            (g.to_string(), r.to_string()),
+            verbs.iter().map(|v| v.to_string()).collect(),
+        )
+    })
+    .collect();
+    assert_eq!(granted, want);
+
+    let binding = base.object("ClusterRoleBinding", "nodekeeper");
+    assert_eq!(
+        binding["roleRef"],
+        json!({ "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "nodekeeper" })
+    );
+    assert_eq!(
+        binding["subjects"],
+        json!([{ "kind": "ServiceAccount", "name": "nodekeeper", "namespace": NAMESPACE }])
+    );
+}

@@ -19,6 +19,8 @@ use crate::metrics::exposition::SnapshotCollector;
 use crate::metrics::{CollectMetrics, ResourceCollector, SnapshotCache};
 use crate::pb::HealthState;
 use crate::runtime::{Health, Supervisor};
+use crate::sysctl::apply::{OriginalsStore, SysctlFs};
+use crate::sysctl::{ConfigSource, Reconciler, SysctlMetrics};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub const REVISION: &str = env!("NODEKEEPER_REVISION");
@@ -31,6 +33,8 @@ pub enum AppError {
     Http(#[from] http::HttpError),
     #[error(transparent)]
     Api(#[from] api::ApiError),
+    #[error(transparent)]
+    Sysctl(#[from] crate::sysctl::apply::ApplyError),
 }
 
 /// Exports each capability's health as `nodekeeper_capability_state{capability,state} 1`.
@@ -58,8 +62,9 @@ impl Collector for HealthCollector {
     }
 }
 
-/// Runs the agent; returns when it has shut down.
-pub async fn run(config: Config) -> Result<(), AppError> {
+/// Runs the agent; returns when it has shut down. `config_file` is re-read by capabilities that
+/// follow ConfigMap updates (sysctl).
+pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Result<(), AppError> {
     let started_at = SystemTime::now();
     let health = Health::default();
     let mut supervisor = Supervisor::new(health.clone());
@@ -93,6 +98,33 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         Some(cache)
     } else {
         health.set("metrics", HealthState::Disabled, "metrics.enabled: false");
+        None
+    };
+
+    let sysctl_status = if config.sysctl.enabled {
+        let status = crate::sysctl::SharedStatus::default();
+        let store = OriginalsStore::load(Some(config.state_dir.join("sysctl/originals.json")))?;
+        let reconciler = Reconciler::new(
+            SysctlFs::new(&config.host_paths.proc),
+            store,
+            SysctlMetrics::register(&mut registry),
+            status.clone(),
+        );
+        let source = match &config_file {
+            Some(path) => ConfigSource::File(path.clone()),
+            None => ConfigSource::Fixed(Box::new(config.sysctl.clone())),
+        };
+        let h = health.clone();
+        supervisor.spawn(crate::sysctl::CAPABILITY, move |token| {
+            crate::sysctl::run(source, reconciler, h, token)
+        });
+        Some(status)
+    } else {
+        health.set(
+            crate::sysctl::CAPABILITY,
+            HealthState::Disabled,
+            "sysctl.enabled: false",
+        );
         None
     };
 
@@ -150,8 +182,14 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         let h = health.clone();
         let api_config = config.api.clone();
         supervisor.spawn("api", move |token| async move {
-            let service =
-                NodeAgentService::new(identity, h.clone(), snapshots, &api_config, token.clone());
+            let service = NodeAgentService::new(
+                identity,
+                h.clone(),
+                snapshots,
+                sysctl_status,
+                &api_config,
+                token.clone(),
+            );
             h.set("api", HealthState::Serving, "");
             api::serve(listener, service, h, token).await?;
             Ok(())

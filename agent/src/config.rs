@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::host::HostPaths;
+use crate::sysctl::SysctlConfig;
 
 // === defaults ===
 
@@ -55,6 +56,7 @@ pub struct Config {
     pub kubernetes: KubernetesConfig,
     pub metrics: MetricsConfig,
     pub api: ApiConfig,
+    pub sysctl: SysctlConfig,
 }
 
 impl Default for Config {
@@ -67,6 +69,7 @@ impl Default for Config {
             kubernetes: KubernetesConfig::default(),
             metrics: MetricsConfig::default(),
             api: ApiConfig::default(),
+            sysctl: SysctlConfig::default(),
         }
     }
 }
@@ -410,6 +413,9 @@ impl Config {
                     self.api.listen
                 ),
             );
+        }
+        for (field, problem) in self.sysctl.problems() {
+            errs.add(&field, problem);
         }
         errs.0
     }

@@ -9,6 +9,7 @@ pub mod http;
 pub mod kube;
 pub mod metrics;
 pub mod runtime;
+pub mod sysctl;
 
 /// Types generated from `proto/nodekeeper/v1/agent.proto`.
 #[allow(clippy::all, missing_docs)]

@@ -42,8 +42,33 @@ enum Command {
         #[command(flatten)]
         overrides: OverrideArgs,
     },
+    /// Plan, apply or revert sysctl profiles once, outside the daemon.
+    Sysctl {
+        #[command(subcommand)]
+        action: SysctlAction,
+    },
     /// Print the version and the git revision it was built from.
     Version,
+}
+
+#[derive(Subcommand)]
+enum SysctlAction {
+    /// Print, per key, current -> desired and the winning profile. Writes nothing.
+    Plan(SysctlArgs),
+    /// Validate and apply the profiles once, all-or-nothing.
+    Apply(SysctlArgs),
+    /// Restore every key the agent changed to its recorded original value.
+    Revert(SysctlArgs),
+}
+
+#[derive(Args)]
+struct SysctlArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Work inside this network namespace (`/run/netns/NAME`, `/proc/PID/ns/net`); only
+    /// per-namespace `net.*` keys are allowed and no originals are recorded.
+    #[arg(long)]
+    netns: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -153,6 +178,38 @@ fn main() -> ExitCode {
             }
             Err(e) => config_exit(&e),
         },
+        Command::Sysctl { action } => {
+            let (args, run): (SysctlArgs, SysctlCommand) = match action {
+                SysctlAction::Plan(a) => (a, |c, t| nodekeeper::sysctl::plan_report(&c.sysctl, t)),
+                SysctlAction::Apply(a) => (a, |c, t| nodekeeper::sysctl::apply_once(&c.sysctl, t)),
+                SysctlAction::Revert(a) => (a, |_, t| nodekeeper::sysctl::revert_all(t)),
+            };
+            let config = match load(args.config.config.as_deref(), args.config.overrides) {
+                Ok(c) => c,
+                Err(e) => return config_exit(&e),
+            };
+            let target = nodekeeper::sysctl::Target {
+                proc_root: config.host_paths.proc.clone(),
+                state_file: config.state_dir.join("sysctl/originals.json"),
+                netns: args.netns,
+            };
+            match run(&config, &target) {
+                Ok(out) => {
+                    print!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("nodekeeper: {e}");
+                    ExitCode::from(
+                        if matches!(e, nodekeeper::sysctl::SysctlError::Rejected(_)) {
+                            EX_USAGE
+                        } else {
+                            1
+                        },
+                    )
+                }
+            }
+        }
         Command::Run(args) => {
             let config = match load(args.config.as_deref(), args.overrides) {
                 Ok(c) => c,
@@ -162,7 +219,7 @@ fn main() -> ExitCode {
                 eprintln!("nodekeeper: {e:#}");
                 return ExitCode::from(EX_USAGE);
             }
-            match run(config) {
+            match run(config, args.config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = format!("{e:#}"), "nodekeeper failed");
@@ -173,7 +230,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+type SysctlCommand =
+    fn(&Config, &nodekeeper::sysctl::Target) -> Result<String, nodekeeper::sysctl::SysctlError>;
+
+fn run(config: Config, config_file: Option<PathBuf>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         // A node agent shares the node with its workloads: two workers are plenty for its I/O.
         .worker_threads(2)
@@ -181,6 +241,6 @@ fn run(config: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("building the tokio runtime")?;
-    runtime.block_on(nodekeeper::app::run(config))?;
+    runtime.block_on(nodekeeper::app::run(config, config_file))?;
     Ok(())
 }

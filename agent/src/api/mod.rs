@@ -57,6 +57,7 @@ pub struct NodeAgentService {
     identity: Arc<AgentIdentity>,
     health: Health,
     snapshots: Option<Arc<SnapshotCache>>,
+    sysctl: Option<crate::sysctl::SharedStatus>,
     min_watch_interval: Duration,
     watch_slots: Arc<Semaphore>,
     shutdown: CancellationToken,
@@ -67,6 +68,7 @@ impl NodeAgentService {
         identity: AgentIdentity,
         health: Health,
         snapshots: Option<Arc<SnapshotCache>>,
+        sysctl: Option<crate::sysctl::SharedStatus>,
         config: &ApiConfig,
         shutdown: CancellationToken,
     ) -> Self {
@@ -74,6 +76,7 @@ impl NodeAgentService {
             identity: Arc::new(identity),
             health,
             snapshots,
+            sysctl,
             min_watch_interval: config.min_watch_interval.get(),
             watch_slots: Arc::new(Semaphore::new(config.max_watch_streams)),
             shutdown,
@@ -137,6 +140,10 @@ impl node_agent_server::NodeAgent for NodeAgentService {
             kubernetes_connected: id.kubernetes_connected,
             capabilities,
             started_at: Some(id.started_at.into()),
+            sysctl: self
+                .sysctl
+                .as_ref()
+                .map(|s| s.read().expect("not poisoned").clone()),
         }))
     }
 

@@ -1,0 +1,285 @@
+//! Validation of resolved sysctls before any write: the key exists, policy allows it, and the
+//! value has the key's shape (and range, for keys whose limits we know).
+//!
+//! Reads `/proc/sys` (to learn each key's shape from its current value); never writes.
+
+use super::profile::Desired;
+
+/// Keys refused unless named in `sysctl.allowDangerous`: they crash or reboot the node on an
+/// event (panic*), open a root shell path (core_pattern, modprobe), pin memory (hugepages) or
+/// are one-shot actions rather than settings (drop_caches).
+pub const DEFAULT_DENYLIST: &[&str] = &[
+    "kernel.panic*",
+    "kernel.*_panic",
+    "kernel.sysrq",
+    "kernel.core_pattern",
+    "kernel.modprobe",
+    "kernel.modules_disabled",
+    "kernel.kexec_load_disabled",
+    "kernel.poweroff_cmd",
+    "kernel.hotplug",
+    "vm.nr_hugepages*",
+    "vm.nr_overcommit_hugepages",
+    "vm.panic_on_oom",
+    "vm.drop_caches",
+    "vm.compact_memory",
+    "fs.binfmt_misc.*",
+];
+
+/// Ranges for keys whose limits are known; others are checked for shape only. Vector keys check
+/// every element against the range.
+const KNOWN_RANGES: &[(&str, i64, i64)] = &[
+    ("net.core.somaxconn", 1, i32::MAX as i64),
+    ("net.core.netdev_max_backlog", 1, i32::MAX as i64),
+    ("net.ipv4.tcp_max_syn_backlog", 1, i32::MAX as i64),
+    ("net.ipv4.tcp_tw_reuse", 0, 2),
+    ("net.ipv4.tcp_fin_timeout", 1, 3600),
+    ("net.ipv4.ip_forward", 0, 1),
+    ("net.ipv4.ip_local_port_range", 1, 65535),
+    ("net.ipv4.tcp_keepalive_time", 1, 32767),
+    ("net.ipv4.tcp_keepalive_intvl", 1, 32767),
+    ("net.ipv4.tcp_keepalive_probes", 1, 127),
+    ("net.netfilter.nf_conntrack_max", 1, i32::MAX as i64),
+    ("fs.file-max", 1, i64::MAX),
+    ("fs.nr_open", 1, i32::MAX as i64),
+    ("fs.inotify.max_user_watches", 1, i32::MAX as i64),
+    ("fs.inotify.max_user_instances", 1, i32::MAX as i64),
+    ("vm.swappiness", 0, 200),
+    ("vm.max_map_count", 1, i32::MAX as i64),
+    ("vm.overcommit_memory", 0, 2),
+];
+
+/// Matches `pattern` with `*` wildcards (any run of characters) against a dotted key.
+pub fn glob_match(pattern: &str, key: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == key;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !key.starts_with(first) || key.len() < first.len() + last.len() || !key.ends_with(last) {
+        return false;
+    }
+    let mut rest = &key[first.len()..key.len() - last.len()];
+    for mid in &parts[1..parts.len() - 1] {
+        match rest.find(mid) {
+            Some(i) => rest = &rest[i + mid.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// Policy: denylist (built-in plus configured, minus allowDangerous) and optional allowlist.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    pub deny: Vec<String>,
+    pub allow_dangerous: Vec<String>,
+    /// Empty: every key not denied is allowed.
+    pub allow: Vec<String>,
+}
+
+impl Policy {
+    /// Why `key` is refused, or None.
+    pub fn refusal(&self, key: &str) -> Option<String> {
+        let lifted = |k: &str| self.allow_dangerous.iter().any(|p| glob_match(p, k));
+        if let Some(p) = DEFAULT_DENYLIST.iter().find(|p| glob_match(p, key)) {
+            if !lifted(key) {
+                return Some(format!(
+                    "is denied by the built-in denylist ({p}); list it in sysctl.allowDangerous to permit it"
+                ));
+            }
+        }
+        if let Some(p) = self.deny.iter().find(|p| glob_match(p, key)) {
+            return Some(format!("is denied by sysctl.deny ({p})"));
+        }
+        if !self.allow.is_empty() && !self.allow.iter().any(|p| glob_match(p, key)) {
+            return Some("is not in sysctl.allow".to_string());
+        }
+        None
+    }
+}
+
+/// The value's problem given the key's current value (which tells its shape), or None.
+pub fn value_problem(key: &str, current: &str, desired: &str) -> Option<String> {
+    let cur: Vec<&str> = current.split_whitespace().collect();
+    let want: Vec<&str> = desired.split_whitespace().collect();
+    let numeric = !cur.is_empty() && cur.iter().all(|t| t.parse::<i64>().is_ok());
+    if numeric {
+        if want.len() != cur.len() {
+            return Some(format!(
+                "needs {} integer{} (like the current {current:?}), got {} value{}",
+                cur.len(),
+                if cur.len() == 1 { "" } else { "s" },
+                want.len(),
+                if want.len() == 1 { "" } else { "s" }
+            ));
+        }
+        let mut ints = Vec::with_capacity(want.len());
+        for t in &want {
+            match t.parse::<i64>() {
+                Ok(i) => ints.push(i),
+                Err(_) => return Some(format!("{t:?} is not an integer")),
+            }
+        }
+        if let Some((_, lo, hi)) = KNOWN_RANGES.iter().find(|(k, _, _)| *k == key) {
+            if let Some(bad) = ints.iter().find(|i| **i < *lo || **i > *hi) {
+                return Some(format!("{bad} is out of range ({lo}..={hi})"));
+            }
+        }
+        if key == "net.ipv4.ip_local_port_range" && ints[0] >= ints[1] {
+            return Some(format!(
+                "low port {} must be below high port {}",
+                ints[0], ints[1]
+            ));
+        }
+    } else if want.is_empty() && !cur.is_empty() {
+        return Some("is empty".to_string());
+    }
+    None
+}
+
+/// One reason a profile set cannot be applied, naming profile, key and value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub profile: String,
+    pub key: String,
+    pub value: String,
+    pub problem: String,
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "profile {:?}: {} = {:?}: {}",
+            self.profile, self.key, self.value, self.problem
+        )
+    }
+}
+
+/// Checks every desired key; `read` returns the key's current value (None: no such key).
+pub fn check(
+    desired: &[Desired],
+    policy: &Policy,
+    read: impl Fn(&Desired) -> Option<String>,
+) -> Vec<Rejection> {
+    let mut out = Vec::new();
+    for d in desired {
+        let reject = |problem: String| Rejection {
+            profile: d.profile.clone(),
+            key: d.key.clone(),
+            value: d.value.clone(),
+            problem,
+        };
+        if d.path.split('/').any(|c| c == ".." || c.is_empty()) {
+            out.push(reject("is not a valid key".into()));
+            continue;
+        }
+        if let Some(why) = policy.refusal(&d.key) {
+            out.push(reject(why));
+            continue;
+        }
+        let Some(current) = read(d) else {
+            out.push(reject("no such key on this kernel".into()));
+            continue;
+        };
+        if let Some(problem) = value_problem(&d.key, &current, &d.value) {
+            out.push(reject(problem));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("kernel.panic*", "kernel.panic_on_oops"));
+        assert!(glob_match("kernel.*_panic", "kernel.softlockup_panic"));
+        assert!(glob_match("net.*", "net.core.somaxconn"));
+        assert!(!glob_match("kernel.panic*", "kernel.pid_max"));
+        assert!(glob_match("vm.swappiness", "vm.swappiness"));
+        assert!(!glob_match("a*b*c", "acb"));
+    }
+
+    #[test]
+    fn policy_denies_dangerous_unless_lifted_and_honours_allowlist() {
+        let p = Policy::default();
+        assert!(
+            p.refusal("kernel.panic")
+                .unwrap()
+                .contains("built-in denylist")
+        );
+        assert!(p.refusal("kernel.sysrq").is_some());
+        assert!(p.refusal("net.core.somaxconn").is_none());
+        let lifted = Policy {
+            allow_dangerous: vec!["vm.nr_hugepages".into()],
+            ..Default::default()
+        };
+        assert!(lifted.refusal("vm.nr_hugepages").is_none());
+        let allow = Policy {
+            allow: vec!["net.*".into()],
+            ..Default::default()
+        };
+        assert!(
+            allow
+                .refusal("vm.swappiness")
+                .unwrap()
+                .contains("sysctl.allow")
+        );
+        assert!(allow.refusal("net.core.somaxconn").is_none());
+        let deny = Policy {
+            deny: vec!["net.ipv4.ip_forward".into()],
+            ..Default::default()
+        };
+        assert!(
+            deny.refusal("net.ipv4.ip_forward")
+                .unwrap()
+                .contains("sysctl.deny")
+        );
+    }
+
+    #[test]
+    fn value_shapes_and_ranges() {
+        assert_eq!(
+            value_problem("net.core.somaxconn", "4096", "abc").unwrap(),
+            "\"abc\" is not an integer"
+        );
+        assert!(value_problem("net.core.somaxconn", "4096", "8192").is_none());
+        assert!(
+            value_problem("net.core.somaxconn", "4096", "0")
+                .unwrap()
+                .contains("out of range")
+        );
+        assert!(
+            value_problem("net.ipv4.ip_local_port_range", "32768\t60999", "1024 65535").is_none()
+        );
+        assert!(
+            value_problem("net.ipv4.ip_local_port_range", "32768\t60999", "60000 1024")
+                .unwrap()
+                .contains("below")
+        );
+        assert!(
+            value_problem("net.ipv4.ip_local_port_range", "32768\t60999", "1024")
+                .unwrap()
+                .contains("needs 2 integers")
+        );
+        assert!(
+            value_problem("net.ipv4.ip_local_port_range", "32768\t60999", "0 100")
+                .unwrap()
+                .contains("out of range")
+        );
+        assert!(
+            value_problem(
+                "net.ipv4.tcp_rmem",
+                "4096 131072 6291456",
+                "4096 262144 16777216"
+            )
+            .is_none()
+        );
+        assert!(value_problem("net.ipv4.tcp_congestion_control", "cubic", "bbr").is_none());
+        assert!(value_problem("net.ipv4.tcp_congestion_control", "cubic", "").is_some());
+    }
+}

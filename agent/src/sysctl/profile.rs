@@ -107,14 +107,28 @@ impl<'de> Deserialize<'de> for SysctlValue {
         #[derive(Deserialize)]
         #[serde(untagged)]
         enum Raw {
+            Bool(bool),
             Int(i64),
             Str(String),
             List(Vec<i64>),
+            Other(serde::de::IgnoredAny),
         }
+        use serde::de::Error;
         let s = match Raw::deserialize(d)? {
             Raw::Int(i) => i.to_string(),
             Raw::Str(s) => s,
             Raw::List(l) => l.iter().map(i64::to_string).collect::<Vec<_>>().join(" "),
+            Raw::Bool(b) => {
+                return Err(D::Error::custom(format!(
+                    "{b} is a YAML boolean; sysctls take numbers: write {} (or quote a string)",
+                    u8::from(b)
+                )));
+            }
+            Raw::Other(_) => {
+                return Err(D::Error::custom(
+                    "want a string, an integer or a list of integers",
+                ));
+            }
         };
         Ok(SysctlValue(SysctlValue::normalise(&s)))
     }

@@ -1,0 +1,523 @@
+//! sysctl tuning: against a temp /proc/sys tree (non-namespaced keys, rollback, drift, revert,
+//! bad input) and, for namespaced keys, for real inside network namespaces created here. The
+//! host's own values are read before and after and must not change.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use nodekeeper_tests::{Agent, agent_bin, require_root, require_tool, sample, wait_for};
+
+/// A fake procfs with a few sysctls, rooted at `dir/proc`.
+struct FakeProc {
+    dir: tempfile::TempDir,
+}
+
+impl FakeProc {
+    fn new(files: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Self { dir };
+        for (key, value) in files {
+            p.set(key, value);
+        }
+        p
+    }
+    fn proc(&self) -> PathBuf {
+        self.dir.path().join("proc")
+    }
+    fn file(&self, key: &str) -> PathBuf {
+        self.proc().join("sys").join(key.replace('.', "/"))
+    }
+    fn set(&self, key: &str, value: &str) {
+        let f = self.file(key);
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(f, format!("{value}\n")).unwrap();
+    }
+    fn get(&self, key: &str) -> String {
+        std::fs::read_to_string(self.file(key))
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+    /// A key whose writes fail like a read-only kernel knob (ENOSPC from /dev/full).
+    fn rejecting(&self, key: &str) {
+        let f = self.file(key);
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink("/dev/full", f).unwrap();
+    }
+    /// A key that accepts writes but keeps another value, like a clamping kernel (/dev/null
+    /// reads back empty).
+    fn clamping(&self, key: &str) {
+        let f = self.file(key);
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink("/dev/null", f).unwrap();
+    }
+    /// Every regular file's contents, to prove nothing was written.
+    fn snapshot(&self) -> Vec<(PathBuf, String)> {
+        let mut out = Vec::new();
+        walk(&self.proc(), &mut out);
+        out.sort();
+        out
+    }
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+}
+
+fn walk(dir: &Path, out: &mut Vec<(PathBuf, String)>) {
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_symlink() {
+            continue;
+        }
+        if p.is_dir() {
+            walk(&p, out);
+        } else {
+            out.push((p.clone(), std::fs::read_to_string(&p).unwrap()));
+        }
+    }
+}
+
+fn run_cli(action: &str, config: &str, fake: &FakeProc, extra: &[&str]) -> Output {
+    let file = fake.dir.path().join("config.yaml");
+    std::fs::write(&file, config).unwrap();
+    Command::new(agent_bin())
+        .args(["sysctl", action, "--config"])
+        .arg(&file)
+        .arg("--host-proc")
+        .arg(fake.proc())
+        .arg("--state-dir")
+        .arg(fake.state())
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn out(o: &Output) -> String {
+    format!(
+        "stdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+const BASE_KEYS: &[(&str, &str)] = &[
+    ("net.core.somaxconn", "4096"),
+    ("net.ipv4.ip_local_port_range", "32768\t60999"),
+    ("net.ipv4.tcp_tw_reuse", "2"),
+    ("vm.swappiness", "60"),
+    ("fs.file-max", "1000000"),
+];
+
+const HIGH_CONN: &str = "sysctl:\n  nodeLabels: {pool: trino}\n  profiles:\n    - name: base\n      sysctls:\n        vm.swappiness: 10\n        net.core.somaxconn: 1024\n    - name: trino\n      priority: 10\n      nodeSelector:\n        matchLabels: {pool: trino}\n      sysctls:\n        net.core.somaxconn: 8192\n        net/ipv4/ip_local_port_range: [1024, 65000]\n        fs.file-max: 2000000\n";
+
+#[test]
+fn plan_shows_current_desired_and_winning_profile_and_writes_nothing() {
+    let fake = FakeProc::new(BASE_KEYS);
+    let before = fake.snapshot();
+    let o = run_cli("plan", HIGH_CONN, &fake, &[]);
+    assert!(o.status.success(), "{}", out(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let line = |key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("{key} in {text}"))
+            .to_string()
+    };
+    assert!(
+        line("net.core.somaxconn").contains("4096") && line("net.core.somaxconn").contains("8192")
+    );
+    assert!(line("net.core.somaxconn").ends_with("trino "), "{text}");
+    assert!(line("vm.swappiness").contains("base"), "{text}");
+    assert!(
+        line("net.ipv4.ip_local_port_range").contains("1024 65000"),
+        "{text}"
+    );
+    assert_eq!(fake.snapshot(), before, "plan wrote something");
+}
+
+#[test]
+fn apply_then_revert_restores_originals() {
+    let fake = FakeProc::new(BASE_KEYS);
+    let o = run_cli("apply", HIGH_CONN, &fake, &[]);
+    assert!(o.status.success(), "{}", out(&o));
+    assert_eq!(fake.get("net.core.somaxconn"), "8192");
+    assert_eq!(fake.get("net.ipv4.ip_local_port_range"), "1024 65000");
+    assert_eq!(fake.get("vm.swappiness"), "10");
+    assert_eq!(fake.get("fs.file-max"), "2000000");
+    assert_eq!(
+        fake.get("net.ipv4.tcp_tw_reuse"),
+        "2",
+        "keys in no profile are untouched"
+    );
+    let originals = std::fs::read_to_string(fake.state().join("sysctl/originals.json")).unwrap();
+    assert!(
+        originals.contains("\"4096\"") && originals.contains("32768 60999"),
+        "{originals}"
+    );
+
+    // A second apply changes nothing and keeps the first originals.
+    let o = run_cli("apply", HIGH_CONN, &fake, &[]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("0 changed, 4 already set"),
+        "{}",
+        out(&o)
+    );
+
+    let o = run_cli("revert", HIGH_CONN, &fake, &[]);
+    assert!(o.status.success(), "{}", out(&o));
+    for (k, v) in BASE_KEYS {
+        assert_eq!(fake.get(k), v.replace('\t', " "), "{k} restored");
+    }
+}
+
+#[test]
+fn a_refused_write_rolls_back_every_earlier_change() {
+    let fake = FakeProc::new(BASE_KEYS);
+    fake.rejecting("vm.zz_readonly");
+    let config = "sysctl:\n  profiles:\n    - name: p\n      sysctls:\n        net.core.somaxconn: 8192\n        fs.file-max: 5\n        vm.zz_readonly: \"off\"\n";
+    let o = run_cli("apply", config, &fake, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("vm.zz_readonly") && e.contains("2 earlier change(s) rolled back"),
+        "{e}"
+    );
+    assert_eq!(fake.get("net.core.somaxconn"), "4096");
+    assert_eq!(fake.get("fs.file-max"), "1000000");
+    let originals = std::fs::read_to_string(fake.state().join("sysctl/originals.json")).unwrap();
+    assert!(
+        !originals.contains("somaxconn"),
+        "rolled-back keys are not left recorded: {originals}"
+    );
+}
+
+#[test]
+fn a_value_the_kernel_does_not_keep_is_rolled_back() {
+    let fake = FakeProc::new(BASE_KEYS);
+    fake.clamping("vm.zz_clamped");
+    let config = "sysctl:\n  profiles:\n    - name: p\n      sysctls:\n        net.core.somaxconn: 8192\n        vm.zz_clamped: x\n";
+    let o = run_cli("apply", config, &fake, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("the kernel kept"),
+        "{}",
+        out(&o)
+    );
+    assert_eq!(fake.get("net.core.somaxconn"), "4096");
+}
+
+#[test]
+fn bad_input_is_rejected_with_profile_key_and_value_and_nothing_is_written() {
+    let fake = FakeProc::new(BASE_KEYS);
+    let before = fake.snapshot();
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "net.core.no_such_key: 1",
+            &["profile \"p\"", "net.core.no_such_key", "no such key"],
+        ),
+        ("kernel.panic: 1", &["kernel.panic", "denylist"]),
+        (
+            "net.core.somaxconn: abc",
+            &["net.core.somaxconn", "\"abc\" is not an integer"],
+        ),
+        (
+            "net.ipv4.ip_local_port_range: \"60000 1024\"",
+            &["ip_local_port_range", "below high port"],
+        ),
+        (
+            "net.ipv4.tcp_tw_reuse: 7",
+            &["tcp_tw_reuse", "out of range (0..=2)"],
+        ),
+    ];
+    for (line, expect) in cases {
+        // A good key beside the bad one: it must not be written either.
+        let config = format!(
+            "sysctl:\n  profiles:\n    - name: p\n      sysctls:\n        vm.swappiness: 1\n        {line}\n"
+        );
+        let o = run_cli("apply", &config, &fake, &[]);
+        assert_eq!(o.status.code(), Some(64), "{line}: {}", out(&o));
+        let e = String::from_utf8_lossy(&o.stderr);
+        for x in *expect {
+            assert!(e.contains(x), "{line}: {x:?} missing from {e}");
+        }
+        assert_eq!(fake.snapshot(), before, "{line}: something was written");
+    }
+    // A YAML boolean is not guessed at.
+    let o = run_cli(
+        "apply",
+        "sysctl:\n  profiles:\n    - name: p\n      sysctls:\n        net.ipv4.ip_forward: true\n",
+        &fake,
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("sysctl.profiles[0].sysctls.net.ipv4.ip_forward: true is a YAML boolean"),
+        "{}",
+        out(&o)
+    );
+    // Two profiles with one name: a config error, exit 64 before anything is read.
+    let dup = "sysctl:\n  profiles:\n    - name: same\n      sysctls: {vm.swappiness: 1}\n    - name: same\n      sysctls: {fs.file-max: 2}\n";
+    let o = run_cli("apply", dup, &fake, &[]);
+    assert_eq!(o.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("sysctl.profiles[1].name: \"same\" is used by more than one profile"),
+        "{}",
+        out(&o)
+    );
+    assert_eq!(fake.snapshot(), before);
+}
+
+fn daemon(fake: &FakeProc, sysctl_yaml: &str) -> Agent {
+    Agent::builder()
+        .config(&format!("metrics:\n  enabled: false\n{sysctl_yaml}"))
+        .arg("--host-proc")
+        .arg(fake.proc().display().to_string())
+        .start()
+}
+
+const DAEMON: &str = "sysctl:\n  enabled: true\n  interval: 1s\n  nodeLabels: {pool: trino}\n  profiles:\n    - name: trino\n      nodeSelector:\n        matchLabels: {pool: trino}\n      sysctls:\n        net.core.somaxconn: 8192\n";
+
+#[test]
+fn the_daemon_applies_then_corrects_drift_within_an_interval() {
+    let fake = FakeProc::new(BASE_KEYS);
+    let agent = daemon(&fake, DAEMON);
+    wait_for(Duration::from_secs(5), "somaxconn applied", || {
+        (fake.get("net.core.somaxconn") == "8192").then_some(())
+    });
+    fake.set("net.core.somaxconn", "128");
+    wait_for(Duration::from_secs(5), "drift corrected", || {
+        (fake.get("net.core.somaxconn") == "8192").then_some(())
+    });
+    let m = agent.metrics_text();
+    assert_eq!(
+        sample(
+            &m,
+            "nodekeeper_sysctl_drift_total",
+            &[("key", "net.core.somaxconn")]
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "nodekeeper_sysctl_managed_keys", &[]),
+        Some(1.0),
+        "{m}"
+    );
+}
+
+#[test]
+fn the_daemon_reverts_keys_that_leave_every_profile_on_config_change_and_relabel() {
+    let fake = FakeProc::new(BASE_KEYS);
+    let agent = daemon(&fake, DAEMON);
+    wait_for(Duration::from_secs(5), "somaxconn applied", || {
+        (fake.get("net.core.somaxconn") == "8192").then_some(())
+    });
+
+    // Relabel (standalone: labels come from config): the profile no longer matches.
+    let config = agent.dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "metrics:\n  enabled: false\n{}",
+            DAEMON.replace("{pool: trino}\n  profiles", "{pool: web}\n  profiles")
+        ),
+    )
+    .unwrap();
+    wait_for(Duration::from_secs(5), "somaxconn reverted", || {
+        (fake.get("net.core.somaxconn") == "4096").then_some(())
+    });
+
+    // A new profile in the file takes effect the same way, and its removal reverts it.
+    std::fs::write(&config, format!("metrics:\n  enabled: false\n{DAEMON}    - name: mem\n      sysctls:\n        vm.swappiness: 5\n")).unwrap();
+    wait_for(Duration::from_secs(5), "swappiness applied", || {
+        (fake.get("vm.swappiness") == "5").then_some(())
+    });
+    std::fs::write(&config, format!("metrics:\n  enabled: false\n{DAEMON}")).unwrap();
+    wait_for(Duration::from_secs(5), "swappiness reverted", || {
+        (fake.get("vm.swappiness") == "60").then_some(())
+    });
+    let m = agent.metrics_text();
+    assert_eq!(
+        sample(&m, "nodekeeper_sysctl_reverts_total", &[]),
+        Some(2.0),
+        "{m}"
+    );
+}
+
+#[test]
+fn the_daemon_keeps_the_last_good_values_when_the_new_config_is_invalid() {
+    let fake = FakeProc::new(BASE_KEYS);
+    let agent = daemon(&fake, DAEMON);
+    wait_for(Duration::from_secs(5), "somaxconn applied", || {
+        (fake.get("net.core.somaxconn") == "8192").then_some(())
+    });
+    let config = agent.dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "metrics:\n  enabled: false\n{}",
+            DAEMON.replace("8192", "lots")
+        ),
+    )
+    .unwrap();
+    wait_for(Duration::from_secs(5), "rejection counted", || {
+        let m = agent.metrics_text();
+        sample(
+            &m,
+            "nodekeeper_sysctl_errors_total",
+            &[("reason", "rejected")],
+        )
+        .filter(|v| *v >= 1.0)
+    });
+    assert_eq!(
+        fake.get("net.core.somaxconn"),
+        "8192",
+        "last good value kept"
+    );
+    let (status, body) = nodekeeper_tests::http_get(agent.metrics, "/readyz").unwrap();
+    assert_eq!(
+        status, 503,
+        "a rejected profile set makes the agent not ready: {body}"
+    );
+}
+
+// === real network namespaces ===
+
+/// A network namespace that is deleted on drop, even when the test fails.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Self {
+        let name = format!("nk-{tag}-{}", std::process::id());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ip netns add {name}");
+        Netns(name)
+    }
+    fn path(&self) -> String {
+        format!("/run/netns/{}", self.0)
+    }
+    fn read(&self, key: &str) -> String {
+        let o = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.0,
+                "cat",
+                &format!("/proc/sys/{}", key.replace('.', "/")),
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn host(key: &str) -> String {
+    std::fs::read_to_string(format!("/proc/sys/{}", key.replace('.', "/")))
+        .unwrap()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn apply_in(ns: &Netns, config: &str) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.yaml");
+    std::fs::write(&file, config).unwrap();
+    Command::new(agent_bin())
+        .args(["sysctl", "apply", "--config"])
+        .arg(&file)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(["--netns", &ns.path()])
+        .output()
+        .unwrap()
+}
+
+const NS_KEYS: [&str; 4] = [
+    "net.core.somaxconn",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.tcp_syn_retries",
+    "vm.swappiness",
+];
+
+#[test]
+fn namespaced_keys_are_applied_inside_a_real_netns_and_the_host_is_untouched() {
+    if !require_root() || !require_tool("ip") {
+        return;
+    }
+    let host_before: Vec<String> = NS_KEYS.iter().map(|k| host(k)).collect();
+    let pod_a = Netns::new("sysctl-a");
+    let pod_b = Netns::new("sysctl-b");
+    let b_before = pod_b.read("net.core.somaxconn");
+    let o = apply_in(
+        &pod_a,
+        "sysctl:\n  profiles:\n    - name: pod\n      sysctls:\n        net.core.somaxconn: 12345\n        net.ipv4.ip_local_port_range: [20000, 30000]\n",
+    );
+    assert!(o.status.success(), "{}", out(&o));
+    assert_eq!(pod_a.read("net.core.somaxconn"), "12345");
+    assert_eq!(pod_a.read("net.ipv4.ip_local_port_range"), "20000 30000");
+    assert_eq!(
+        pod_b.read("net.core.somaxconn"),
+        b_before,
+        "only the selected netns changed"
+    );
+    let host_after: Vec<String> = NS_KEYS.iter().map(|k| host(k)).collect();
+    assert_eq!(host_before, host_after, "host values unchanged");
+}
+
+#[test]
+fn a_real_kernel_rejection_inside_a_netns_rolls_back_and_global_keys_are_refused() {
+    if !require_root() || !require_tool("ip") {
+        return;
+    }
+    let host_before: Vec<String> = NS_KEYS.iter().map(|k| host(k)).collect();
+    let ns = Netns::new("sysctl-rb");
+    let before = ns.read("net.core.somaxconn");
+    // tcp_syn_retries is capped at 127 by the kernel (EINVAL); somaxconn sorts first and is written first.
+    let o = apply_in(
+        &ns,
+        "sysctl:\n  profiles:\n    - name: pod\n      sysctls:\n        net.core.somaxconn: 23456\n        net.ipv4.tcp_syn_retries: 200\n",
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("tcp_syn_retries"),
+        "{}",
+        out(&o)
+    );
+    assert_eq!(
+        ns.read("net.core.somaxconn"),
+        before,
+        "rolled back inside the netns"
+    );
+
+    // vm.* is global: setting it "inside" a netns would change the host, so it is refused.
+    let o = apply_in(
+        &ns,
+        "sysctl:\n  profiles:\n    - name: pod\n      sysctls:\n        vm.swappiness: 1\n",
+    );
+    assert_eq!(o.status.code(), Some(64), "{}", out(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not per network namespace"),
+        "{}",
+        out(&o)
+    );
+    let host_after: Vec<String> = NS_KEYS.iter().map(|k| host(k)).collect();
+    assert_eq!(host_before, host_after, "host values unchanged");
+}

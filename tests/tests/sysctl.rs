@@ -521,3 +521,46 @@ fn a_real_kernel_rejection_inside_a_netns_rolls_back_and_global_keys_are_refused
     let host_after: Vec<String> = NS_KEYS.iter().map(|k| host(k)).collect();
     assert_eq!(host_before, host_after, "host values unchanged");
 }
+
+#[test]
+fn the_documented_example_validates_against_this_kernel() {
+    // The worked example in docs/configuration.md must stay valid: plan it (read-only) on the real /proc.
+    let doc =
+        std::fs::read_to_string(nodekeeper_tests::workspace_root().join("docs/configuration.md"))
+            .unwrap();
+    let section = doc
+        .split("### Worked example")
+        .nth(1)
+        .expect("worked example section");
+    let yaml = section
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|s| s.split("```").next())
+        .expect("yaml block");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("example.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let o = Command::new(agent_bin())
+        .args(["sysctl", "plan", "--config"])
+        .arg(&file)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .output()
+        .unwrap();
+    if !Path::new("/proc/sys/net/netfilter/nf_conntrack_max").exists() {
+        // Without the conntrack module the one conntrack key is unknown; that is the only allowed failure.
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            e.contains("nf_conntrack_max") && e.lines().count() == 2,
+            "{}",
+            out(&o)
+        );
+        return;
+    }
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("high-connections"),
+        "{}",
+        out(&o)
+    );
+}

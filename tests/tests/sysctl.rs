@@ -564,3 +564,46 @@ fn the_documented_example_validates_against_this_kernel() {
         out(&o)
     );
 }
+
+#[tokio::test]
+async fn get_node_reports_the_sysctl_state() {
+    let fake = FakeProc::new(BASE_KEYS);
+    let agent = daemon(&fake, DAEMON);
+    wait_for(Duration::from_secs(5), "somaxconn applied", || {
+        (fake.get("net.core.somaxconn") == "8192").then_some(())
+    });
+    fake.set("net.core.somaxconn", "1");
+    wait_for(Duration::from_secs(5), "drift corrected", || {
+        (fake.get("net.core.somaxconn") == "8192").then_some(())
+    });
+    let status = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut client =
+            nodekeeper::pb::node_agent_client::NodeAgentClient::connect(agent.grpc_url())
+                .await
+                .unwrap();
+        client
+            .get_node(nodekeeper::pb::GetNodeRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    })
+    .await
+    .expect("GetNode within 10 s");
+    let sysctl = status.sysctl.expect("sysctl status present when enabled");
+    assert_eq!(sysctl.profiles, ["trino"]);
+    assert_eq!(sysctl.hash.len(), 16);
+    assert_eq!(sysctl.error, "");
+    assert_eq!(sysctl.keys.len(), 1);
+    let key = &sysctl.keys[0];
+    assert_eq!(
+        (key.key.as_str(), key.value.as_str(), key.profile.as_str()),
+        ("net.core.somaxconn", "8192", "trino")
+    );
+    assert_eq!(key.drift_corrections, 1);
+    let cap = status
+        .capabilities
+        .iter()
+        .find(|c| c.name == "sysctl")
+        .expect("sysctl capability listed");
+    assert_eq!(cap.state, nodekeeper::pb::HealthState::Serving as i32);
+}

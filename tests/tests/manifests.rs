@@ -515,16 +515,17 @@ fn daemonset_env_and_mounts_give_the_agent_the_host() {
     let env = base.plain_env();
     // (env var, where the agent looks, host path mounted there, read-only)
     let host = [
-        ("NODEKEEPER_HOST_PROC", "/host/proc", "/proc"),
-        ("NODEKEEPER_HOST_SYS", "/host/sys", "/sys"),
-        ("NODEKEEPER_HOST_DEV", "/host/dev", "/dev"),
-        ("NODEKEEPER_HOST_ROOTFS", "/host/root", "/"),
+        // The sysctl capability writes /proc/sys.
+        ("NODEKEEPER_HOST_PROC", "/host/proc", "/proc", false),
+        ("NODEKEEPER_HOST_SYS", "/host/sys", "/sys", true),
+        ("NODEKEEPER_HOST_DEV", "/host/dev", "/dev", true),
+        ("NODEKEEPER_HOST_ROOTFS", "/host/root", "/", true),
     ];
-    for (var, mount_path, host_path) in host {
+    for (var, mount_path, host_path, read_only) in host {
         assert_eq!(env.get(var).map(String::as_str), Some(mount_path), "{var}");
         let (mount, volume) = base.mount(mount_path);
         assert_eq!(volume["hostPath"]["path"], host_path, "{mount_path}");
-        assert_eq!(mount["readOnly"], true, "{mount_path} is read-only");
+        assert_eq!(mount["readOnly"] == true, read_only, "{mount_path} read-only: {read_only}");
     }
     // cgroup v2 lives inside the /sys mount.
     assert_eq!(

@@ -82,12 +82,12 @@ impl Policy {
     /// Why `key` is refused, or None.
     pub fn refusal(&self, key: &str) -> Option<String> {
         let lifted = |k: &str| self.allow_dangerous.iter().any(|p| glob_match(p, k));
-        if let Some(p) = DEFAULT_DENYLIST.iter().find(|p| glob_match(p, key)) {
-            if !lifted(key) {
-                return Some(format!(
-                    "is denied by the built-in denylist ({p}); list it in sysctl.allowDangerous to permit it"
-                ));
-            }
+        if let Some(p) = DEFAULT_DENYLIST.iter().find(|p| glob_match(p, key))
+            && !lifted(key)
+        {
+            return Some(format!(
+                "is denied by the built-in denylist ({p}); list it in sysctl.allowDangerous to permit it"
+            ));
         }
         if let Some(p) = self.deny.iter().find(|p| glob_match(p, key)) {
             return Some(format!("is denied by sysctl.deny ({p})"));
@@ -121,10 +121,10 @@ pub fn value_problem(key: &str, current: &str, desired: &str) -> Option<String> 
                 Err(_) => return Some(format!("{t:?} is not an integer")),
             }
         }
-        if let Some((_, lo, hi)) = KNOWN_RANGES.iter().find(|(k, _, _)| *k == key) {
-            if let Some(bad) = ints.iter().find(|i| **i < *lo || **i > *hi) {
-                return Some(format!("{bad} is out of range ({lo}..={hi})"));
-            }
+        if let Some((_, lo, hi)) = KNOWN_RANGES.iter().find(|(k, _, _)| *k == key)
+            && let Some(bad) = ints.iter().find(|i| **i < *lo || **i > *hi)
+        {
+            return Some(format!("{bad} is out of range ({lo}..={hi})"));
         }
         if key == "net.ipv4.ip_local_port_range" && ints[0] >= ints[1] {
             return Some(format!(

@@ -525,7 +525,11 @@ fn daemonset_env_and_mounts_give_the_agent_the_host() {
         assert_eq!(env.get(var).map(String::as_str), Some(mount_path), "{var}");
         let (mount, volume) = base.mount(mount_path);
         assert_eq!(volume["hostPath"]["path"], host_path, "{mount_path}");
-        assert_eq!(mount["readOnly"] == true, read_only, "{mount_path} read-only: {read_only}");
+        assert_eq!(
+            mount["readOnly"] == true,
+            read_only,
+            "{mount_path} read-only: {read_only}"
+        );
     }
     // cgroup v2 lives inside the /sys mount.
     assert_eq!(

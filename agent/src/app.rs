@@ -114,9 +114,14 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
             Some(path) => ConfigSource::File(path.clone()),
             None => ConfigSource::Fixed(Box::new(config.sysctl.clone())),
         };
+        let node = kube.clone().map(|client| crate::sysctl::NodeBinding {
+            info: crate::kube::watch_node(client.clone(), node_name.clone(), supervisor.token()),
+            client,
+            name: node_name.clone(),
+        });
         let h = health.clone();
         supervisor.spawn(crate::sysctl::CAPABILITY, move |token| {
-            crate::sysctl::run(source, reconciler, h, token)
+            crate::sysctl::run(source, reconciler, node, h, token)
         });
         Some(status)
     } else {

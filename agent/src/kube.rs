@@ -51,3 +51,95 @@ pub fn node_name(config: &Config) -> Result<String, KubeError> {
     }
     Ok(host)
 }
+
+// === this node, watched ===
+
+/// What capabilities need to know about this Node object.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub annotations: std::collections::BTreeMap<String, String>,
+    pub uid: String,
+}
+
+/// Watches only this node (field selector `metadata.name=`), never the whole node list, and
+/// publishes its labels on every change. Backs off with jitter on errors (kube-runtime's
+/// default backoff) so thousands of agents do not hammer a recovering API server.
+pub fn watch_node(
+    client: kube::Client,
+    node_name: String,
+    token: tokio_util::sync::CancellationToken,
+) -> tokio::sync::watch::Receiver<Option<NodeInfo>> {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    let api: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
+    let config = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+    tokio::spawn(async move {
+        let stream = watcher(api, config).default_backoff().applied_objects();
+        let mut stream = std::pin::pin!(stream);
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => break,
+                next = stream.next() => match next {
+                    Some(Ok(node)) => {
+                        let info = NodeInfo {
+                            labels: node.metadata.labels.unwrap_or_default(),
+                            annotations: node.metadata.annotations.unwrap_or_default(),
+                            uid: node.metadata.uid.unwrap_or_default(),
+                        };
+                        tx.send_if_modified(|cur| {
+                            let changed = cur.as_ref() != Some(&info);
+                            *cur = Some(info);
+                            changed
+                        });
+                    }
+                    Some(Err(e)) => tracing::warn!(error = %e, node = %node_name, "node watch error; retrying with backoff"),
+                    None => break,
+                },
+            }
+        }
+    });
+    rx
+}
+
+/// Sets (or with `None`, removes) annotations on this node with one JSON merge patch.
+pub async fn annotate_node(
+    client: &kube::Client,
+    node_name: &str,
+    annotations: &[(&str, Option<String>)],
+) -> Result<(), kube::Error> {
+    let api: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
+    let map: serde_json::Map<String, serde_json::Value> = annotations
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                v.clone()
+                    .map_or(serde_json::Value::Null, serde_json::Value::String),
+            )
+        })
+        .collect();
+    let patch = serde_json::json!({ "metadata": { "annotations": map } });
+    // A named timeout: a hung API server must not stall the capability's loop.
+    tokio::time::timeout(
+        API_CALL_TIMEOUT,
+        api.patch(
+            node_name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        ),
+    )
+    .await
+    .map_err(|_| {
+        kube::Error::Service(
+            format!("PATCH node {node_name} timed out after {API_CALL_TIMEOUT:?}").into(),
+        )
+    })??;
+    Ok(())
+}
+
+/// One API call: long enough for a loaded API server (p99 of a node PATCH is well under a
+/// second), short enough that a capability loop notices a dead one within its interval.
+pub const API_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

@@ -270,8 +270,12 @@ impl Reconciler {
     }
 
     /// One round: resolve, validate, revert what left, apply what changed, correct drift.
-    pub fn reconcile(&mut self, config: &SysctlConfig) -> Result<(), SysctlError> {
-        let result = self.reconcile_inner(config);
+    pub fn reconcile(
+        &mut self,
+        config: &SysctlConfig,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), SysctlError> {
+        let result = self.reconcile_inner(config, labels);
         let mut status = self.status.write().expect("not poisoned");
         status.error = result
             .as_ref()
@@ -287,8 +291,12 @@ impl Reconciler {
         result
     }
 
-    fn reconcile_inner(&mut self, config: &SysctlConfig) -> Result<(), SysctlError> {
-        let desired = plan(config, &config.node_labels, &self.fs)?;
+    fn reconcile_inner(
+        &mut self,
+        config: &SysctlConfig,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), SysctlError> {
+        let desired = plan(config, labels, &self.fs)?;
         let keep: BTreeSet<String> = desired.iter().map(|d| d.key.clone()).collect();
         for key in apply::revert(&self.fs, &mut self.store, &keep)? {
             tracing::info!(
@@ -334,14 +342,35 @@ impl Reconciler {
     }
 }
 
-/// The capability task: reconcile now and every interval until cancelled.
+/// Annotations on the Node that tell operators (and `kubectl get node -o yaml`) what is applied.
+pub const ANNOTATION_PROFILES: &str = "nodekeeper.io/sysctl-profiles";
+pub const ANNOTATION_HASH: &str = "nodekeeper.io/sysctl-hash";
+
+/// This node in the API: its watched labels select profiles, its annotations carry the status.
+pub struct NodeBinding {
+    pub client: kube::Client,
+    pub name: String,
+    pub info: tokio::sync::watch::Receiver<Option<crate::kube::NodeInfo>>,
+}
+
+/// The capability task: reconcile now, every interval, and whenever the Node's labels change,
+/// until cancelled.
 pub async fn run(
     source: ConfigSource,
     mut reconciler: Reconciler,
+    mut node: Option<NodeBinding>,
     health: Health,
     token: CancellationToken,
 ) -> Result<(), crate::runtime::TaskError> {
     let mut last_config: Option<SysctlConfig> = None;
+    let mut annotated: Option<(String, String)> = None;
+    if let Some(n) = node.as_mut() {
+        // Profiles select on the Node's labels: wait for the first sync before touching anything.
+        tokio::select! {
+            _ = token.cancelled() => return Ok(()),
+            r = n.info.wait_for(Option::is_some) => { r?; }
+        }
+    }
     loop {
         let config = match source.load() {
             Ok(c) => c,
@@ -350,8 +379,35 @@ pub async fn run(
                 last_config.clone().ok_or(e)?
             }
         };
-        match reconciler.reconcile(&config) {
-            Ok(()) => health.set(CAPABILITY, HealthState::Serving, ""),
+        let labels = match &node {
+            Some(n) => n
+                .info
+                .borrow()
+                .as_ref()
+                .map(|i| i.labels.clone())
+                .unwrap_or_default(),
+            None => config.node_labels.clone(),
+        };
+        match reconciler.reconcile(&config, &labels) {
+            Ok(()) => {
+                health.set(CAPABILITY, HealthState::Serving, "");
+                if let Some(n) = &node {
+                    let status = reconciler.status.read().expect("not poisoned").clone();
+                    let want = (status.profiles.join(","), status.hash);
+                    if annotated.as_ref() != Some(&want) {
+                        let patch = [
+                            (ANNOTATION_PROFILES, Some(want.0.clone())),
+                            (ANNOTATION_HASH, Some(want.1.clone())),
+                        ];
+                        match crate::kube::annotate_node(&n.client, &n.name, &patch).await {
+                            Ok(()) => annotated = Some(want),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "annotating the node with the sysctl status failed; retrying next round")
+                            }
+                        }
+                    }
+                }
+            }
             Err(e) => {
                 tracing::error!(error = %e, "sysctl reconcile failed");
                 health.set(CAPABILITY, HealthState::Degraded, e.to_string());
@@ -359,9 +415,20 @@ pub async fn run(
         }
         let interval = config.interval.get();
         last_config = Some(config);
+        let relabelled = async {
+            match node.as_mut() {
+                Some(n) => {
+                    if n.info.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = token.cancelled() => return Ok(()),
             _ = tokio::time::sleep(interval) => {}
+            _ = relabelled => tracing::info!("node labels changed: re-selecting sysctl profiles"),
         }
     }
 }

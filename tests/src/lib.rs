@@ -5,6 +5,8 @@
 //! under `NODEKEEPER_REQUIRE_TOOLS=1` (set by `.ci/run`) a missing tool fails the test, so CI can
 //! never pass by skipping.
 
+pub mod cgroup;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

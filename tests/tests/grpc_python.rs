@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use nodekeeper_tests::{Agent, Proc, python, require_python_modules, workspace_root};
 
 const MODULES: &[&str] = &["grpc", "grpc_tools", "grpc_health", "grpc_reflection"];
-const POD_UID: &str = "6b8f0f6c-1f2e-4a5b-9c8d-0e1f2a3b4c5d";
+const POD_UID: &str = nodekeeper_tests::cgroup::SAMPLE_POD_UID;
 
 fn script() -> PathBuf {
     workspace_root().join("tests/py/grpc_check.py")
@@ -47,26 +47,6 @@ fn assert_scenario_passes(agent: &mut Agent, scenario: &str, extra: &[&str]) {
     );
     assert!(out.contains("\"ok\": true"), "no success result:\n{out}");
     assert!(agent.proc.alive(), "agent died:\n{}", agent.proc.log_text());
-}
-
-/// A cgroup v2 tree (systemd driver) with one burstable pod, for `--host-cgroup`.
-fn fake_cgroup_tree(root: &Path) {
-    let pod = root.join(format!(
-        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
-        POD_UID.replace('-', "_")
-    ));
-    std::fs::create_dir_all(&pod).unwrap();
-    std::fs::write(
-        pod.join("cpu.stat"),
-        "usage_usec 1500000\nuser_usec 1000000\nsystem_usec 500000\nnr_periods 10\nnr_throttled 2\nthrottled_usec 300000\n",
-    )
-    .unwrap();
-    std::fs::write(pod.join("memory.current"), "104857600\n").unwrap();
-    std::fs::write(
-        pod.join("memory.stat"),
-        "anon 90000000\nfile 14857600\nactive_file 10000000\ninactive_file 4857600\nshmem 0\n",
-    )
-    .unwrap();
 }
 
 #[test]
@@ -180,7 +160,7 @@ fn exclude_pods_drops_the_pods_that_are_otherwise_listed() {
         return;
     }
     let cgroup = tempfile::tempdir().unwrap();
-    fake_cgroup_tree(cgroup.path());
+    nodekeeper_tests::cgroup::sample_tree(cgroup.path());
     let mut agent = Agent::builder()
         .arg("--host-cgroup")
         .arg(cgroup.path().to_str().unwrap())

@@ -9,28 +9,8 @@ use nodekeeper_tests::Agent;
 use tonic::Code;
 use tonic::transport::Channel;
 
-const POD_UID: &str = "6b8f0f6c-1f2e-4a5b-9c8d-0e1f2a3b4c5d";
+const POD_UID: &str = nodekeeper_tests::cgroup::SAMPLE_POD_UID;
 const TEST_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A cgroup v2 tree (systemd driver) with one burstable pod, for `--host-cgroup`.
-fn fake_cgroup_tree(root: &Path) {
-    let pod = root.join(format!(
-        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
-        POD_UID.replace('-', "_")
-    ));
-    std::fs::create_dir_all(&pod).unwrap();
-    std::fs::write(
-        pod.join("cpu.stat"),
-        "usage_usec 1500000\nuser_usec 1000000\nsystem_usec 500000\nnr_periods 10\nnr_throttled 2\nthrottled_usec 300000\n",
-    )
-    .unwrap();
-    std::fs::write(pod.join("memory.current"), "104857600\n").unwrap();
-    std::fs::write(
-        pod.join("memory.stat"),
-        "anon 90000000\nfile 14857600\nactive_file 10000000\ninactive_file 4857600\nshmem 0\n",
-    )
-    .unwrap();
-}
 
 async fn client(agent: &Agent) -> NodeAgentClient<Channel> {
     NodeAgentClient::connect(agent.grpc_url())
@@ -53,7 +33,7 @@ fn watch_request(seconds: i64, nanos: i32) -> pb::WatchMetricsRequest {
 #[tokio::test]
 async fn get_metrics_reports_pod_values_from_the_cgroup_tree_exactly() {
     let cgroup = tempfile::tempdir().unwrap();
-    fake_cgroup_tree(cgroup.path());
+    nodekeeper_tests::cgroup::sample_tree(cgroup.path());
     let agent = Agent::builder()
         .arg("--host-cgroup")
         .arg(cgroup.path().to_str().unwrap())

@@ -189,18 +189,14 @@ fn pressure_is_reported_when_the_kernel_has_it() {
 
 /// A pod cgroup directory with the files the kubelet's cgroup v2 layout has.
 fn fake_pod(dir: &Path, usage_usec: u64, current: u64, inactive_file: u64) {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(
-        dir.join("cpu.stat"),
-        format!("usage_usec {usage_usec}\nuser_usec 1000\nsystem_usec 500\nnr_periods 40\nnr_throttled 4\nthrottled_usec 250000\n"),
-    )
-    .unwrap();
-    std::fs::write(dir.join("memory.current"), format!("{current}\n")).unwrap();
-    std::fs::write(
-        dir.join("memory.stat"),
-        format!("anon 100\nfile 200\ninactive_file {inactive_file}\nactive_file 5\n"),
-    )
-    .unwrap();
+    nodekeeper_tests::cgroup::pod_dir(
+        dir,
+        &format!(
+            "usage_usec {usage_usec}\nuser_usec 1000\nsystem_usec 500\nnr_periods 40\nnr_throttled 4\nthrottled_usec 250000\n"
+        ),
+        current,
+        &format!("anon 100\nfile 200\ninactive_file {inactive_file}\nactive_file 5\n"),
+    );
 }
 
 #[test]

@@ -1,7 +1,6 @@
 //! The gRPC API through the generated tonic client: exact per-pod values from a fake cgroup v2
 //! tree, and WatchMetrics request validation.
 
-use std::path::Path;
 use std::time::Duration;
 
 use nodekeeper::pb::{self, node_agent_client::NodeAgentClient};

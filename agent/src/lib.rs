@@ -8,6 +8,7 @@ pub mod host;
 pub mod http;
 pub mod kube;
 pub mod metrics;
+pub mod pod_cgroups;
 pub mod runtime;
 pub mod sysctl;
 

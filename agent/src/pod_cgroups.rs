@@ -1,0 +1,147 @@
+//! Finds pods on the host through the kubelet's cgroup v2 hierarchy, and each pod's network
+//! namespace through the processes in its cgroup.
+//!
+//! Handles both kubelet cgroup drivers:
+//! - systemd: `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_with_underscores>.slice`
+//! - cgroupfs: `kubepods/burstable/pod<uid>`
+//!
+//! Guaranteed pods sit directly under the root. Reads only.
+
+use std::path::{Path, PathBuf};
+
+use crate::host::HostPaths;
+
+const QOS_CLASSES: [&str; 2] = ["burstable", "besteffort"];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodCgroup {
+    pub uid: String,
+    /// "guaranteed", "burstable" or "besteffort".
+    pub qos: &'static str,
+    pub dir: PathBuf,
+}
+
+/// Every pod cgroup, sorted by UID; `None` when there is no kubepods hierarchy at all (not a
+/// Kubernetes node, or cgroup v1 only).
+pub fn list(host: &HostPaths) -> Option<Vec<PodCgroup>> {
+    let mut out = Vec::new();
+    let mut saw_root = false;
+    for root in ["kubepods.slice", "kubepods"] {
+        let Ok(entries) = std::fs::read_dir(host.cgroup(root)) else {
+            continue;
+        };
+        saw_root = true;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(uid) = pod_uid(&name) {
+                out.push(PodCgroup {
+                    uid,
+                    qos: "guaranteed",
+                    dir: entry.path(),
+                });
+            } else if let Some(qos) = qos_of(&name) {
+                let Ok(children) = std::fs::read_dir(entry.path()) else {
+                    continue;
+                };
+                for child in children.flatten() {
+                    if let Some(uid) = pod_uid(&child.file_name().to_string_lossy()) {
+                        out.push(PodCgroup {
+                            uid,
+                            qos,
+                            dir: child.path(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| a.uid.cmp(&b.uid));
+    saw_root.then_some(out)
+}
+
+/// `kubepods-burstable.slice` or `burstable` -> "burstable".
+fn qos_of(dir: &str) -> Option<&'static str> {
+    let base = dir.strip_suffix(".slice").unwrap_or(dir);
+    let base = base.strip_prefix("kubepods-").unwrap_or(base);
+    QOS_CLASSES.into_iter().find(|q| *q == base)
+}
+
+/// `kubepods-burstable-pod1234_abcd.slice` or `pod1234-abcd` -> the pod UID with dashes.
+pub fn pod_uid(dir: &str) -> Option<String> {
+    let base = dir.strip_suffix(".slice").unwrap_or(dir);
+    let idx = base.rfind("pod")?;
+    // "pod" must start the name or follow a dash (systemd naming), so "mypodcast" is not a pod.
+    if idx != 0 && !base[..idx].ends_with('-') {
+        return None;
+    }
+    let uid = base[idx + 3..].replace('_', "-");
+    let looks_like_uid = uid.len() >= 8 && uid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+    looks_like_uid.then_some(uid)
+}
+
+/// PIDs in the pod's cgroup and its container sub-cgroups (the sandbox's pause process first
+/// in kubelet layouts, but any member shares the pod's network namespace).
+pub fn pids(dir: &Path) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        if let Ok(text) = std::fs::read_to_string(d.join("cgroup.procs")) {
+            out.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+        }
+        if let Ok(entries) = std::fs::read_dir(&d) {
+            stack.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+        }
+    }
+    out
+}
+
+/// The pod's network namespace as `<proc>/<pid>/ns/net`, with its identity (the link target,
+/// `net:[inode]`). `None` when no live process is found, or when the namespace is the host's
+/// (hostNetwork pods): callers must never treat the host namespace as a pod's.
+pub fn netns(host: &HostPaths, cg: &PodCgroup) -> Option<(PathBuf, String)> {
+    let host_ns = std::fs::read_link(host.proc("1/ns/net")).ok();
+    pids(&cg.dir).into_iter().find_map(|pid| {
+        let path = host.proc(&format!("{pid}/ns/net"));
+        let id = std::fs::read_link(&path).ok()?;
+        if Some(&id) == host_ns.as_ref() {
+            return None;
+        }
+        Some((path, id.to_string_lossy().into_owned()))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uids_from_both_drivers() {
+        assert_eq!(
+            pod_uid("kubepods-burstable-pod6b8f0f6c_1f2e_4a5b_9c8d_0e1f2a3b4c5d.slice").as_deref(),
+            Some("6b8f0f6c-1f2e-4a5b-9c8d-0e1f2a3b4c5d")
+        );
+        assert_eq!(
+            pod_uid("pod6b8f0f6c-1f2e-4a5b-9c8d-0e1f2a3b4c5d").as_deref(),
+            Some("6b8f0f6c-1f2e-4a5b-9c8d-0e1f2a3b4c5d")
+        );
+        assert_eq!(pod_uid("kubepods-burstable.slice"), None);
+        assert_eq!(pod_uid("mypodcast"), None);
+        assert_eq!(pod_uid("pod"), None);
+        assert_eq!(qos_of("kubepods-besteffort.slice"), Some("besteffort"));
+        assert_eq!(qos_of("burstable"), Some("burstable"));
+        assert_eq!(qos_of("system.slice"), None);
+    }
+
+    #[test]
+    fn pids_are_gathered_from_container_subcgroups() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("cri-containerd-abc.scope")).unwrap();
+        std::fs::write(dir.path().join("cgroup.procs"), "").unwrap();
+        std::fs::write(
+            dir.path().join("cri-containerd-abc.scope/cgroup.procs"),
+            "42\n43\n",
+        )
+        .unwrap();
+        assert_eq!(pids(dir.path()), vec![42, 43]);
+    }
+}

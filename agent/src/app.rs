@@ -82,13 +82,21 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
     );
     registry.register_collector(Box::new(HealthCollector(health.clone())));
 
+    // One watch of this node's pods, shared by every capability that needs pod identities.
+    let pod_watch = kube
+        .clone()
+        .map(|client| crate::kube::watch_pods(client, node_name.clone(), supervisor.token()));
+
     let snapshots = if config.metrics.enabled {
         let collect_metrics = CollectMetrics::register(&mut registry);
-        let collector = ResourceCollector::new(
+        let mut collector = ResourceCollector::new(
             config.host_paths.clone(),
             node_name.clone(),
             &config.metrics,
         );
+        if let Some((store, _)) = &pod_watch {
+            collector = collector.with_pod_store(store.clone());
+        }
         let cache = Arc::new(SnapshotCache::new(
             collector,
             config.metrics.max_snapshot_age.get(),
@@ -120,8 +128,15 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
             name: node_name.clone(),
         });
         let h = health.clone();
+        let pods = pod_watch
+            .as_ref()
+            .map(|(store, changed)| crate::sysctl::PodBinding {
+                store: store.clone(),
+                changed: changed.clone(),
+                host: config.host_paths.clone(),
+            });
         supervisor.spawn(crate::sysctl::CAPABILITY, move |token| {
-            crate::sysctl::run(source, reconciler, node, h, token)
+            crate::sysctl::run(source, reconciler, node, pods, h, token)
         });
         Some(status)
     } else {

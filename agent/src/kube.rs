@@ -143,3 +143,62 @@ pub async fn annotate_node(
 /// One API call: long enough for a loaded API server (p99 of a node PATCH is well under a
 /// second), short enough that a capability loop notices a dead one within its interval.
 pub const API_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+// === this node's pods, watched ===
+
+/// This node's pods as last seen by the watch: a kube-runtime reflector store.
+pub type PodStore = kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Pod>;
+
+/// Watches only the pods scheduled to this node (`spec.nodeName=` field selector) into a store,
+/// with managedFields and status stripped (they are most of a pod's size and unused here).
+/// The returned counter increases on every change, so consumers can wait for one.
+pub fn watch_pods(
+    client: kube::Client,
+    node_name: String,
+    token: tokio_util::sync::CancellationToken,
+) -> (PodStore, tokio::sync::watch::Receiver<u64>) {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, reflector, watcher};
+
+    let (reader, writer) = reflector::store();
+    let (tx, rx) = tokio::sync::watch::channel(0u64);
+    let api: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::all(client);
+    let config = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
+    tokio::spawn(async move {
+        let stream = watcher(api, config)
+            .default_backoff()
+            .modify(|pod| {
+                pod.metadata.managed_fields = None;
+                pod.status = None;
+            })
+            .reflect(writer)
+            .touched_objects();
+        let mut stream = std::pin::pin!(stream);
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => break,
+                next = stream.next() => match next {
+                    Some(Ok(_)) => { tx.send_modify(|v| *v += 1); }
+                    Some(Err(e)) => tracing::warn!(error = %e, "pod watch error; retrying with backoff"),
+                    None => break,
+                },
+            }
+        }
+    });
+    (reader, rx)
+}
+
+/// UID -> (namespace, name) for every pod in the store.
+pub fn pod_names(store: &PodStore) -> std::collections::HashMap<String, (String, String)> {
+    store
+        .state()
+        .iter()
+        .filter_map(|p| {
+            let m = &p.metadata;
+            Some((
+                m.uid.clone()?,
+                (m.namespace.clone().unwrap_or_default(), m.name.clone()?),
+            ))
+        })
+        .collect()
+}

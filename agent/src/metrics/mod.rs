@@ -66,6 +66,8 @@ pub struct ResourceCollector {
     pods: bool,
     clock_ticks: f64,
     page_size: u64,
+    /// This node's pods from the API, to name pod UIDs; `None` in standalone mode.
+    pod_store: Option<crate::kube::PodStore>,
 }
 
 impl ResourceCollector {
@@ -81,7 +83,14 @@ impl ResourceCollector {
             pods: config.pods,
             clock_ticks: node::clock_ticks(),
             page_size,
+            pod_store: None,
         }
+    }
+
+    /// Names pods (namespace, name) from this node's pod watch.
+    pub fn with_pod_store(mut self, store: crate::kube::PodStore) -> Self {
+        self.pod_store = Some(store);
+        self
     }
 
     pub fn collect(&self) -> (pb::MetricsSnapshot, Vec<CollectError>) {
@@ -102,11 +111,20 @@ impl ResourceCollector {
             sockets: ok(e, node::sockets(h, self.page_size)),
             conntrack: ok(e, node::conntrack(h)).flatten(),
         };
-        let pods = if self.pods {
+        let mut pods = if self.pods {
             ok(e, pods::pods(h)).unwrap_or_default()
         } else {
             Vec::new()
         };
+        if let Some(store) = &self.pod_store {
+            let names = crate::kube::pod_names(store);
+            for p in &mut pods {
+                if let Some((namespace, name)) = names.get(&p.uid) {
+                    p.namespace.clone_from(namespace);
+                    p.name.clone_from(name);
+                }
+            }
+        }
         let mut unavailable: Vec<String> =
             errors.iter().map(|e| e.source_name().to_string()).collect();
         unavailable.dedup();

@@ -11,6 +11,7 @@
 
 pub mod apply;
 pub mod netns;
+pub mod pods;
 pub mod profile;
 pub mod validate;
 
@@ -52,6 +53,8 @@ pub struct SysctlConfig {
     pub deny: Vec<String>,
     /// Built-in denylist entries to lift (e.g. `vm.nr_hugepages`).
     pub allow_dangerous: Vec<String>,
+    /// Pods may ask for namespaced sysctls with the `nodekeeper.io/sysctls` annotation.
+    pub pod_annotation: pods::PodAnnotationConfig,
     pub profiles: Vec<Profile>,
 }
 
@@ -64,6 +67,7 @@ impl Default for SysctlConfig {
             allow: Vec::new(),
             deny: Vec::new(),
             allow_dangerous: Vec::new(),
+            pod_annotation: pods::PodAnnotationConfig::default(),
             profiles: Vec::new(),
         }
     }
@@ -103,6 +107,20 @@ impl SysctlConfig {
             if let Some(sel) = &p.node_selector {
                 for problem in sel.problems() {
                     out.push((format!("{field}.nodeSelector"), problem));
+                }
+            }
+            if let Some(sel) = &p.pod_selector {
+                for problem in sel.problems() {
+                    out.push((format!("{field}.podSelector"), problem));
+                }
+                for key in p.sysctls.keys() {
+                    let (dotted, _) = profile::key_path(key);
+                    if !netns::is_namespaced(&dotted) {
+                        out.push((
+                            format!("{field}.sysctls"),
+                            format!("{key:?} is not per network namespace; a podSelector profile can only set net.* keys"),
+                        ));
+                    }
                 }
             }
             for key in p.sysctls.keys() {
@@ -187,6 +205,7 @@ pub struct SysctlMetrics {
     errors: Family<Vec<(&'static str, &'static str)>, Counter>,
     reverts: Counter,
     managed: Gauge,
+    pod_applies: pods::PodMetrics,
 }
 
 impl SysctlMetrics {
@@ -206,6 +225,11 @@ impl SysctlMetrics {
             "sysctl_reverts",
             "Keys restored to their original value",
             m.reverts.clone(),
+        );
+        registry.register(
+            "sysctl_pod_applies",
+            "Pod network namespaces tuned, by result (applied, rejected, write_failed, netns...)",
+            m.pod_applies.applies.clone(),
         );
         registry.register(
             "sysctl_managed_keys",
@@ -250,6 +274,7 @@ pub struct Reconciler {
     /// The last desired set that was applied, re-checked for drift.
     applied: Vec<Desired>,
     drift_counts: BTreeMap<String, u64>,
+    pods: pods::PodTuner,
 }
 
 impl Reconciler {
@@ -259,6 +284,7 @@ impl Reconciler {
         metrics: SysctlMetrics,
         status: SharedStatus,
     ) -> Self {
+        let pods = pods::PodTuner::new(metrics.pod_applies.clone());
         Self {
             fs,
             store,
@@ -266,7 +292,19 @@ impl Reconciler {
             status,
             applied: Vec::new(),
             drift_counts: BTreeMap::new(),
+            pods,
         }
+    }
+
+    /// Pod-level profiles and annotations for this node's pods (connected mode only).
+    pub fn reconcile_pods(
+        &mut self,
+        config: &SysctlConfig,
+        node_labels: &BTreeMap<String, String>,
+        pods: &[Arc<k8s_openapi::api::core::v1::Pod>],
+        host: &crate::host::HostPaths,
+    ) {
+        self.pods.reconcile(config, node_labels, pods, host);
     }
 
     /// One round: resolve, validate, revert what left, apply what changed, correct drift.
@@ -353,12 +391,21 @@ pub struct NodeBinding {
     pub info: tokio::sync::watch::Receiver<Option<crate::kube::NodeInfo>>,
 }
 
+/// This node's pods (from the shared pod watch) and where the host's files are, for pod-level
+/// profiles.
+pub struct PodBinding {
+    pub store: crate::kube::PodStore,
+    pub changed: tokio::sync::watch::Receiver<u64>,
+    pub host: crate::host::HostPaths,
+}
+
 /// The capability task: reconcile now, every interval, and whenever the Node's labels change,
 /// until cancelled.
 pub async fn run(
     source: ConfigSource,
     mut reconciler: Reconciler,
     mut node: Option<NodeBinding>,
+    mut pods: Option<PodBinding>,
     health: Health,
     token: CancellationToken,
 ) -> Result<(), crate::runtime::TaskError> {
@@ -413,8 +460,21 @@ pub async fn run(
                 health.set(CAPABILITY, HealthState::Degraded, e.to_string());
             }
         }
+        if let Some(p) = &pods {
+            reconciler.reconcile_pods(&config, &labels, &p.store.state(), &p.host);
+        }
         let interval = config.interval.get();
         last_config = Some(config);
+        let pods_changed = async {
+            match pods.as_mut() {
+                Some(p) => {
+                    if p.changed.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
         let relabelled = async {
             match node.as_mut() {
                 Some(n) => {
@@ -429,6 +489,7 @@ pub async fn run(
             _ = token.cancelled() => return Ok(()),
             _ = tokio::time::sleep(interval) => {}
             _ = relabelled => tracing::info!("node labels changed: re-selecting sysctl profiles"),
+            _ = pods_changed => {}
         }
     }
 }

@@ -18,6 +18,10 @@ pub struct Profile {
     /// Nodes this profile applies to; every node when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<LabelSelector>,
+    /// When set, the profile is applied inside the network namespace of every pod on a selected
+    /// node whose labels match, instead of on the node; only per-namespace `net.*` keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<LabelSelector>,
     /// Key (`net.core.somaxconn` or `net/core/somaxconn`) -> value.
     pub sysctls: BTreeMap<String, SysctlValue>,
 }
@@ -162,18 +166,48 @@ pub struct Desired {
     pub priority: i32,
 }
 
-/// The winning value per key among the profiles that match `labels`; ties at equal priority
-/// with different values are an error naming both profiles. Keys sorted by name.
+impl Profile {
+    fn selects_node(&self, node_labels: &BTreeMap<String, String>) -> bool {
+        self.node_selector
+            .as_ref()
+            .is_none_or(|s| s.matches(node_labels))
+    }
+}
+
+/// The node-level desired set: profiles without a podSelector that select this node.
 pub fn resolve(
     profiles: &[Profile],
     labels: &BTreeMap<String, String>,
 ) -> Result<Vec<Desired>, Vec<String>> {
+    resolve_among(
+        profiles
+            .iter()
+            .filter(|p| p.pod_selector.is_none() && p.selects_node(labels)),
+    )
+}
+
+/// One pod's desired set: podSelector profiles selecting this node and this pod.
+pub fn resolve_for_pod<'a>(
+    profiles: impl IntoIterator<Item = &'a Profile>,
+    node_labels: &BTreeMap<String, String>,
+    pod_labels: &BTreeMap<String, String>,
+) -> Result<Vec<Desired>, Vec<String>> {
+    resolve_among(profiles.into_iter().filter(|p| {
+        p.pod_selector
+            .as_ref()
+            .is_some_and(|s| s.matches(pod_labels))
+            && p.selects_node(node_labels)
+    }))
+}
+
+/// The winning value per key among `profiles`; ties at equal priority with different values
+/// are an error naming both profiles. Keys sorted by name.
+fn resolve_among<'a>(
+    profiles: impl IntoIterator<Item = &'a Profile>,
+) -> Result<Vec<Desired>, Vec<String>> {
     let mut winners: BTreeMap<String, Desired> = BTreeMap::new();
     let mut conflicts = Vec::new();
-    for p in profiles
-        .iter()
-        .filter(|p| p.node_selector.as_ref().is_none_or(|s| s.matches(labels)))
-    {
+    for p in profiles {
         for (raw_key, value) in &p.sysctls {
             let (key, path) = key_path(raw_key);
             let candidate = Desired {
@@ -226,6 +260,7 @@ mod tests {
             name: name.into(),
             priority,
             node_selector: selector,
+            pod_selector: None,
             sysctls: kv
                 .iter()
                 .map(|(k, v)| (k.to_string(), SysctlValue(v.to_string())))

@@ -186,3 +186,32 @@ fn standalone_agent_serves_health_and_stops_on_sigterm() {
         "listener closed after exit"
     );
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let mut agent = Agent::builder().arg("--log-format").arg("json").start();
+    agent.proc.signal("TERM");
+    assert!(
+        agent
+            .proc
+            .wait_exit(std::time::Duration::from_secs(2))
+            .success()
+    );
+    let log = agent.proc.log_text();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 3, "start, ready and stop are logged:\n{log}");
+    for line in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v["level"].is_string() && v["timestamp"].is_string(),
+            "{line}"
+        );
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("\"message\":\"nodekeeper starting\"")),
+        "{log}"
+    );
+}

@@ -97,13 +97,22 @@ pub fn pids(dir: &Path) -> Vec<u32> {
 
 /// The pod's network namespace as `<proc>/<pid>/ns/net`, with its identity (the link target,
 /// `net:[inode]`). `None` when no live process is found, or when the namespace is the host's
-/// (hostNetwork pods): callers must never treat the host namespace as a pod's.
+/// (hostNetwork pods): callers must never treat the host namespace as a pod's. "The host's" is
+/// PID 1's namespace and also our own (the agent runs with hostNetwork), so an unreadable PID 1
+/// cannot make the host's namespace look like a pod's.
 pub fn netns(host: &HostPaths, cg: &PodCgroup) -> Option<(PathBuf, String)> {
-    let host_ns = std::fs::read_link(host.proc("1/ns/net")).ok();
+    let host_ns: Vec<PathBuf> = [host.proc("1/ns/net"), PathBuf::from("/proc/self/ns/net")]
+        .iter()
+        .filter_map(|p| std::fs::read_link(p).ok())
+        .collect();
+    if host_ns.is_empty() {
+        // Without knowing the host's namespace no pod namespace can be told apart from it.
+        return None;
+    }
     pids(&cg.dir).into_iter().find_map(|pid| {
         let path = host.proc(&format!("{pid}/ns/net"));
         let id = std::fs::read_link(&path).ok()?;
-        if Some(&id) == host_ns.as_ref() {
+        if host_ns.contains(&id) {
             return None;
         }
         Some((path, id.to_string_lossy().into_owned()))

@@ -7,6 +7,8 @@
 
 pub mod cgroup;
 
+pub mod fake_api;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

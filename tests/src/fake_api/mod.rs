@@ -1,0 +1,490 @@
+//! An in-memory fake Kubernetes API server for tests: plain HTTP on a loopback port, served by
+//! its own thread and tokio runtime (so sync tests can use it), good enough for kube-rs clients
+//! and real `kubectl` (`get`, `cordon`, `drain`). It models discovery, CRUD with
+//! resourceVersions, selectors, watches, the patch flavours, the Eviction subresource with
+//! PodDisruptionBudgets, graceful pod deletion and ReplicaSet replacement. See
+//! `docs/fake-api-server.md` for the semantics and their Kubernetes references.
+//!
+//! ```no_run
+//! use nodekeeper_tests::fake_api::{FakeApi, PodSeed};
+//! let api = FakeApi::start();
+//! api.add_node("node-a", &[("zone", "a")]);
+//! api.add_pod(PodSeed::new("web-1").node("node-a").label("app", "web"));
+//! api.write_kubeconfig(std::path::Path::new("/tmp/kubeconfig"));
+//! ```
+
+mod controllers;
+mod http;
+mod patch;
+mod pdb;
+mod resources;
+mod selectors;
+mod store;
+mod table;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value, json};
+
+pub use controllers::ControllerConfig;
+pub use patch::{json_patch, merge_patch};
+pub use pdb::{Budget, scaled};
+pub use resources::Res;
+pub use selectors::{FieldSelector, LabelSelector};
+pub use store::{PdbSample, RecordedRequest};
+
+use store::Store;
+
+/// Who controls a seeded pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    None,
+    ReplicaSet(String),
+    DaemonSet(String),
+}
+
+/// A pod to seed, built fluently: `PodSeed::new("web-1").node("node-a").label("app", "web")`.
+#[derive(Debug, Clone)]
+pub struct PodSeed {
+    pub name: String,
+    pub namespace: String,
+    pub node: Option<String>,
+    pub labels: Vec<(String, String)>,
+    pub owner: Owner,
+    pub ready: bool,
+    pub mirror: bool,
+    pub empty_dir: bool,
+    pub priority: Option<i32>,
+    pub grace_period: Option<i64>,
+}
+
+impl PodSeed {
+    /// A Ready pod in `default`, unscheduled, unowned, with one container.
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            namespace: "default".into(),
+            node: None,
+            labels: Vec::new(),
+            owner: Owner::None,
+            ready: true,
+            mirror: false,
+            empty_dir: false,
+            priority: None,
+            grace_period: None,
+        }
+    }
+    pub fn namespace(mut self, ns: &str) -> Self {
+        self.namespace = ns.into();
+        self
+    }
+    pub fn node(mut self, node: &str) -> Self {
+        self.node = Some(node.into());
+        self
+    }
+    pub fn label(mut self, k: &str, v: &str) -> Self {
+        self.labels.push((k.into(), v.into()));
+        self
+    }
+    pub fn replicaset(mut self, rs: &str) -> Self {
+        self.owner = Owner::ReplicaSet(rs.into());
+        self
+    }
+    pub fn daemonset(mut self, ds: &str) -> Self {
+        self.owner = Owner::DaemonSet(ds.into());
+        self
+    }
+    pub fn ready(mut self, ready: bool) -> Self {
+        self.ready = ready;
+        self
+    }
+    /// A static pod's mirror (`kubernetes.io/config.mirror` annotation).
+    pub fn mirror(mut self) -> Self {
+        self.mirror = true;
+        self
+    }
+    /// Adds an `emptyDir` volume.
+    pub fn empty_dir(mut self) -> Self {
+        self.empty_dir = true;
+        self
+    }
+    pub fn priority(mut self, p: i32) -> Self {
+        self.priority = Some(p);
+        self
+    }
+    /// `spec.terminationGracePeriodSeconds`: a DELETE without a grace period keeps the pod
+    /// Terminating this long.
+    pub fn grace_period(mut self, seconds: i64) -> Self {
+        self.grace_period = Some(seconds);
+        self
+    }
+}
+
+/// A PodDisruptionBudget's limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PdbLimit {
+    MinAvailable(i64),
+    MinAvailablePercent(u32),
+    MaxUnavailable(i64),
+    MaxUnavailablePercent(u32),
+}
+
+/// `spec.unhealthyPodEvictionPolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnhealthyPolicy {
+    IfHealthyBudget,
+    AlwaysAllow,
+}
+
+fn labels_json(labels: &[(&str, &str)]) -> Value {
+    Value::Object(
+        labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect::<Map<_, _>>(),
+    )
+}
+
+/// Configures a fake before starting it.
+#[derive(Debug, Clone, Default)]
+pub struct FakeApiBuilder {
+    config: ControllerConfig,
+}
+
+impl FakeApiBuilder {
+    /// Delay before a deleted ReplicaSet pod is replaced (default 200 ms).
+    pub fn replace_delay(mut self, d: Duration) -> Self {
+        self.config.replace_delay = d;
+        self
+    }
+    /// Delay before a replacement pod becomes Ready (default 500 ms).
+    pub fn ready_delay(mut self, d: Duration) -> Self {
+        self.config.ready_delay = d;
+        self
+    }
+    /// Node replacement pods land on (default `node-other`).
+    pub fn other_node(mut self, node: &str) -> Self {
+        self.config.other_node = node.into();
+        self
+    }
+
+    pub fn start(self) -> FakeApi {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("fake-api")
+            .enable_all()
+            .build()
+            .expect("fake API runtime");
+        let store = Store::new(rt.handle().clone(), self.config);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("local addr");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let app = http::router(Arc::clone(&store));
+        let thread = std::thread::Builder::new()
+            .name("fake-api".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let l = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+                    tokio::select! {
+                        r = axum::serve(l, app) => { if let Err(e) = r { eprintln!("fake API: {e}"); } }
+                        _ = rx => {}
+                    }
+                });
+                rt.shutdown_timeout(Duration::from_millis(200));
+            })
+            .expect("spawn fake API thread");
+        FakeApi {
+            store,
+            addr,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        }
+    }
+}
+
+/// A running fake API server; stops (and drops every open watch) on drop.
+pub struct FakeApi {
+    store: Arc<Store>,
+    addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeApi {
+    /// Starts with the default controller timings.
+    pub fn start() -> Self {
+        Self::builder().start()
+    }
+
+    pub fn builder() -> FakeApiBuilder {
+        FakeApiBuilder::default()
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A kubeconfig (cluster `fake`, dummy bearer token, namespace `default`) for kubectl and
+    /// kube-rs.
+    pub fn write_kubeconfig(&self, path: &Path) {
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n\
+             users:\n- name: fake\n  user:\n    token: fake-token\n\
+             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\n\
+             current-context: fake\n",
+            self.url()
+        );
+        std::fs::write(path, text).expect("write kubeconfig");
+    }
+
+    fn create(&self, res: Res, obj: Value) -> Value {
+        self.store
+            .mutate(|st| st.create(res, obj))
+            .unwrap_or_else(|e| panic!("seeding {res:?}: {}", e.message))
+    }
+
+    /// A Ready node with an InternalIP and kubelet version.
+    pub fn add_node(&self, name: &str, labels: &[(&str, &str)]) -> Value {
+        let mut all = vec![("kubernetes.io/hostname", name)];
+        all.extend_from_slice(labels);
+        self.create(
+            Res::Nodes,
+            json!({
+                "metadata": {"name": name, "labels": labels_json(&all)},
+                "spec": {},
+                "status": {
+                    "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
+                    "addresses": [{"type": "InternalIP", "address": "10.0.0.10"},
+                                  {"type": "Hostname", "address": name}],
+                    "nodeInfo": {"kubeletVersion": "v1.33.0"},
+                },
+            }),
+        )
+    }
+
+    /// A pod; a DaemonSet owner is created when missing (kubectl drain looks it up).
+    pub fn add_pod(&self, seed: PodSeed) -> Value {
+        let ns = seed.namespace.clone();
+        let owner = match &seed.owner {
+            Owner::None => None,
+            Owner::ReplicaSet(rs) => Some(("ReplicaSet", rs.clone(), Res::ReplicaSets)),
+            Owner::DaemonSet(ds) => {
+                if self.get(Res::DaemonSets, &ns, ds).is_none() {
+                    self.add_daemonset(&ns, ds);
+                }
+                Some(("DaemonSet", ds.clone(), Res::DaemonSets))
+            }
+        };
+        let labels: Vec<(&str, &str)> = seed
+            .labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let mut meta = json!({"name": seed.name, "namespace": ns, "labels": labels_json(&labels)});
+        if let Some((kind, name, res)) = owner {
+            let uid = self
+                .get(res, &ns, &name)
+                .map(|o| o["metadata"]["uid"].clone())
+                .unwrap_or(json!(format!("missing-{name}")));
+            meta["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": kind, "name": name,
+                "uid": uid, "controller": true, "blockOwnerDeletion": true}]);
+        }
+        if seed.mirror {
+            meta["annotations"] = json!({"kubernetes.io/config.mirror": "fake-mirror-hash",
+                                         "kubernetes.io/config.source": "file"});
+        }
+        let mut spec =
+            json!({"containers": [{"name": "main", "image": "registry.k8s.io/pause:3.10"}]});
+        if let Some(node) = &seed.node {
+            spec["nodeName"] = json!(node);
+        }
+        if seed.empty_dir {
+            spec["volumes"] = json!([{"name": "scratch", "emptyDir": {}}]);
+            spec["containers"][0]["volumeMounts"] =
+                json!([{"name": "scratch", "mountPath": "/scratch"}]);
+        }
+        if let Some(p) = seed.priority {
+            spec["priority"] = json!(p);
+        }
+        if let Some(g) = seed.grace_period {
+            spec["terminationGracePeriodSeconds"] = json!(g);
+        }
+        let ip = format!("10.244.0.{}", self.store.lock().seq % 250 + 2);
+        let pod = json!({"metadata": meta, "spec": spec, "status": {"podIP": ip}});
+        self.create(Res::Pods, controllers::with_readiness(pod, seed.ready))
+    }
+
+    /// A ReplicaSet selecting `selector` (matchLabels) with a template carrying `template_labels`.
+    pub fn add_replicaset(
+        &self,
+        ns: &str,
+        name: &str,
+        selector: &[(&str, &str)],
+        replicas: i64,
+        template_labels: &[(&str, &str)],
+    ) -> Value {
+        self.create(
+            Res::ReplicaSets,
+            json!({
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {
+                    "replicas": replicas,
+                    "selector": {"matchLabels": labels_json(selector)},
+                    "template": {
+                        "metadata": {"labels": labels_json(template_labels)},
+                        "spec": {"containers": [{"name": "main", "image": "registry.k8s.io/pause:3.10"}]},
+                    },
+                },
+                "status": {"replicas": replicas, "readyReplicas": replicas},
+            }),
+        )
+    }
+
+    pub fn add_daemonset(&self, ns: &str, name: &str) -> Value {
+        self.create(
+            Res::DaemonSets,
+            json!({
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {"selector": {"matchLabels": {"ds": name}},
+                         "template": {"metadata": {"labels": {"ds": name}},
+                                      "spec": {"containers": [{"name": "main", "image": "registry.k8s.io/pause:3.10"}]}}},
+            }),
+        )
+    }
+
+    /// A policy/v1 PodDisruptionBudget; seed the pods first, so the audit's first sample is the
+    /// real starting point.
+    pub fn add_pdb(
+        &self,
+        ns: &str,
+        name: &str,
+        selector: &[(&str, &str)],
+        limit: PdbLimit,
+        policy: Option<UnhealthyPolicy>,
+    ) -> Value {
+        let mut spec = json!({"selector": {"matchLabels": labels_json(selector)}});
+        match limit {
+            PdbLimit::MinAvailable(n) => spec["minAvailable"] = json!(n),
+            PdbLimit::MinAvailablePercent(p) => spec["minAvailable"] = json!(format!("{p}%")),
+            PdbLimit::MaxUnavailable(n) => spec["maxUnavailable"] = json!(n),
+            PdbLimit::MaxUnavailablePercent(p) => spec["maxUnavailable"] = json!(format!("{p}%")),
+        }
+        if let Some(p) = policy {
+            spec["unhealthyPodEvictionPolicy"] = json!(match p {
+                UnhealthyPolicy::IfHealthyBudget => "IfHealthyBudget",
+                UnhealthyPolicy::AlwaysAllow => "AlwaysAllow",
+            });
+        }
+        self.create(
+            Res::PodDisruptionBudgets,
+            json!({"metadata": {"name": name, "namespace": ns}, "spec": spec}),
+        );
+        self.get(Res::PodDisruptionBudgets, ns, name)
+            .expect("just created")
+    }
+
+    /// Flips a pod's Ready condition (as the kubelet would).
+    pub fn set_pod_ready(&self, ns: &str, name: &str, ready: bool) {
+        self.store.mutate(|st| {
+            let pod = st.get(Res::Pods, ns, name).cloned().expect("pod exists");
+            st.replace(Res::Pods, controllers::with_readiness(pod, ready));
+        });
+    }
+
+    /// Sets (or, with `None`, removes) a node label, as an external actor would.
+    pub fn label_node(&self, name: &str, key: &str, value: Option<&str>) {
+        self.store.mutate(|st| {
+            let mut node = st.get(Res::Nodes, "", name).cloned().expect("node exists");
+            match value {
+                Some(v) => node["metadata"]["labels"][key] = json!(v),
+                None => {
+                    if let Some(m) = node["metadata"]["labels"].as_object_mut() {
+                        m.remove(key);
+                    }
+                }
+            }
+            st.replace(Res::Nodes, node);
+        });
+    }
+
+    /// Any object by resource, namespace (`""` for cluster-scoped) and name.
+    pub fn get(&self, res: Res, ns: &str, name: &str) -> Option<Value> {
+        self.store.lock().get(res, ns, name).cloned()
+    }
+
+    /// All objects of a resource.
+    pub fn list(&self, res: Res) -> Vec<Value> {
+        self.store.lock().list(res, None)
+    }
+
+    pub fn node(&self, name: &str) -> Option<Value> {
+        self.get(Res::Nodes, "", name)
+    }
+
+    pub fn pod(&self, ns: &str, name: &str) -> Option<Value> {
+        self.get(Res::Pods, ns, name)
+    }
+
+    pub fn pods(&self) -> Vec<Value> {
+        self.list(Res::Pods)
+    }
+
+    /// Names of the pods whose `spec.nodeName` is `node`.
+    pub fn pods_on(&self, node: &str) -> Vec<String> {
+        self.pods()
+            .into_iter()
+            .filter(|p| p["spec"]["nodeName"] == node)
+            .map(|p| {
+                p["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .collect()
+    }
+
+    /// core/v1 and events.k8s.io/v1 Events, in that order.
+    pub fn events(&self) -> Vec<Value> {
+        let mut out = self.list(Res::Events);
+        out.extend(self.list(Res::EventsV1));
+        out
+    }
+
+    /// Every request so far, in order.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.store.lock().requests.clone()
+    }
+
+    /// Every PDB health sample (one per change of a PDB's healthy or desired count).
+    pub fn pdb_audit(&self) -> Vec<PdbSample> {
+        self.store.lock().audit.clone()
+    }
+
+    /// Samples where a PDB had fewer healthy pods than it requires.
+    pub fn pdb_violations(&self) -> Vec<PdbSample> {
+        self.pdb_audit()
+            .into_iter()
+            .filter(|s| s.healthy < s.desired_healthy)
+            .collect()
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

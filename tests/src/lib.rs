@@ -222,6 +222,8 @@ pub struct AgentBuilder {
     config_yaml: String,
     args: Vec<String>,
     envs: Vec<(String, String)>,
+    /// Connected mode: this kubeconfig and node name instead of `--standalone`.
+    kubeconfig: Option<(PathBuf, String)>,
 }
 
 impl Agent {
@@ -230,6 +232,7 @@ impl Agent {
             config_yaml: String::new(),
             args: Vec::new(),
             envs: Vec::new(),
+            kubeconfig: None,
         }
     }
 
@@ -261,6 +264,12 @@ impl AgentBuilder {
         self
     }
 
+    /// Runs connected to the API server in `kubeconfig` (e.g. the fake API), as node `node`.
+    pub fn connected(mut self, kubeconfig: &Path, node: &str) -> Self {
+        self.kubeconfig = Some((kubeconfig.to_path_buf(), node.to_string()));
+        self
+    }
+
     /// Starts the agent and waits until /readyz answers 200.
     pub fn start(self) -> Agent {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -269,18 +278,24 @@ impl AgentBuilder {
         let metrics = loopback(free_port());
         let api = loopback(free_port());
         let mut cmd = Command::new(agent_bin());
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&config)
-            .arg("--standalone")
-            .arg("--metrics-listen")
+        cmd.arg("run").arg("--config").arg(&config);
+        match &self.kubeconfig {
+            None => {
+                cmd.arg("--standalone").env_remove("KUBECONFIG");
+            }
+            Some((kubeconfig, node)) => {
+                cmd.env("KUBECONFIG", kubeconfig)
+                    .arg("--node-name")
+                    .arg(node);
+            }
+        }
+        cmd.arg("--metrics-listen")
             .arg(metrics.to_string())
             .arg("--api-listen")
             .arg(api.to_string())
             .arg("--state-dir")
             .arg(dir.path().join("state"))
             .args(&self.args)
-            .env_remove("KUBECONFIG")
             .env("NODEKEEPER_LOG", "info,nodekeeper=debug");
         for (k, v) in &self.envs {
             cmd.env(k, v);

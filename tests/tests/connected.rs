@@ -188,33 +188,81 @@ fn host_somaxconn() -> String {
         .to_string()
 }
 
+/// Seeds a pod in the fake API and its cgroup directory, whose sandbox sub-cgroup holds `pid`.
+fn seed_pod(api: &FakeApi, cgroup: &Path, seed: PodSeed, pid: u32) {
+    let uid = api.add_pod(seed)["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pod_dir = cgroup.join(format!("kubepods/besteffort/pod{uid}"));
+    nodekeeper_tests::cgroup::pod_dir(&pod_dir, "usage_usec 1\n", 1, "inactive_file 0\n");
+    // The sandbox process sits in a container sub-cgroup, as with containerd.
+    std::fs::create_dir_all(pod_dir.join("sandbox")).unwrap();
+    std::fs::write(pod_dir.join("sandbox/cgroup.procs"), format!("{pid}\n")).unwrap();
+}
+
 #[test]
-fn pod_profiles_tune_only_the_selected_pods_network_namespace_as_root() {
-    if !require_root() || !require_tool("ip") {
+fn pod_profiles_and_annotations_tune_only_the_selected_pods_network_namespaces_as_root() {
+    if !require_root() || !require_tool("ip") || !require_tool("nsenter") {
         return;
     }
-    let host_before = host_somaxconn();
+    let host_before = (host_somaxconn(), host_key("net/ipv4/tcp_keepalive_time"));
     let (api, dir, kubeconfig) = fake_with_node(&[]);
     let db = FakePodNetns::new("pod-db", dir.path());
     let web = FakePodNetns::new("pod-web", dir.path());
+    let asks = FakePodNetns::new("pod-asks", dir.path());
+    let greedy = FakePodNetns::new("pod-greedy", dir.path());
     let web_before = web.read("net.core.somaxconn");
+    let greedy_before = greedy.read("net.ipv4.tcp_keepalive_time");
     let cgroup = dir.path().join("cgroup");
-    for (pod, netns, app) in [("db-0", &db, "db"), ("web-0", &web, "web")] {
-        let uid = api.add_pod(PodSeed::new(pod).node(NODE).label("app", app))["metadata"]["uid"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let pod_dir = cgroup.join(format!("kubepods/besteffort/pod{uid}"));
-        nodekeeper_tests::cgroup::pod_dir(&pod_dir, "usage_usec 1\n", 1, "inactive_file 0\n");
-        // The sandbox process sits in a container sub-cgroup, as with containerd.
-        std::fs::create_dir_all(pod_dir.join("sandbox")).unwrap();
-        std::fs::write(
-            pod_dir.join("sandbox/cgroup.procs"),
-            format!("{}\n", netns.pid()),
-        )
-        .unwrap();
-    }
-    let config = "sysctl:\n  enabled: true\n  profiles:\n    - name: db-pods\n      podSelector:\n        matchLabels: {app: db}\n      sysctls:\n        net.core.somaxconn: 23456\n        net.ipv4.tcp_keepalive_time: 120\n";
+    seed_pod(
+        &api,
+        &cgroup,
+        PodSeed::new("db-0").node(NODE).label("app", "db"),
+        db.pid(),
+    );
+    seed_pod(
+        &api,
+        &cgroup,
+        PodSeed::new("web-0").node(NODE).label("app", "web"),
+        web.pid(),
+    );
+    seed_pod(
+        &api,
+        &cgroup,
+        PodSeed::new("asks-0")
+            .node(NODE)
+            .annotation("nodekeeper.io/sysctls", "net.core.somaxconn=777"),
+        asks.pid(),
+    );
+    // Asks for a key outside podAnnotation.allow: refused, nothing written.
+    seed_pod(
+        &api,
+        &cgroup,
+        PodSeed::new("greedy-0")
+            .node(NODE)
+            .annotation("nodekeeper.io/sysctls", "net.ipv4.tcp_keepalive_time=5"),
+        greedy.pid(),
+    );
+    // A db-labelled hostNetwork pod whose process is in the host's namespace (this test's own):
+    // it must never be tuned, or the host would be.
+    seed_pod(
+        &api,
+        &cgroup,
+        PodSeed::new("db-host")
+            .node(NODE)
+            .label("app", "db")
+            .host_network(),
+        std::process::id(),
+    );
+    // And a db pod that claims not to be hostNetwork but whose process is in the host namespace.
+    seed_pod(
+        &api,
+        &cgroup,
+        PodSeed::new("db-liar").node(NODE).label("app", "db"),
+        std::process::id(),
+    );
+    let config = "sysctl:\n  enabled: true\n  podAnnotation:\n    enabled: true\n    allow: [\"net.core.*\"]\n  profiles:\n    - name: db-pods\n      podSelector:\n        matchLabels: {app: db}\n      sysctls:\n        net.core.somaxconn: 23456\n        net.ipv4.tcp_keepalive_time: 120\n";
     let agent = Agent::builder()
         .config(config)
         .connected(&kubeconfig, NODE)
@@ -225,22 +273,49 @@ fn pod_profiles_tune_only_the_selected_pods_network_namespace_as_root() {
         (db.read("net.core.somaxconn") == "23456").then_some(())
     });
     assert_eq!(db.read("net.ipv4.tcp_keepalive_time"), "120");
+    wait_for(Duration::from_secs(10), "annotated pod tuned", || {
+        (asks.read("net.core.somaxconn") == "777").then_some(())
+    });
+    let m = wait_for(Duration::from_secs(10), "greedy pod refused", || {
+        let m = agent.metrics_text();
+        sample(
+            &m,
+            "nodekeeper_sysctl_pod_applies_total",
+            &[("result", "rejected")],
+        )
+        .map(|_| m)
+    });
+    assert_eq!(
+        greedy.read("net.ipv4.tcp_keepalive_time"),
+        greedy_before,
+        "refused pod untouched"
+    );
     assert_eq!(
         web.read("net.core.somaxconn"),
         web_before,
         "unselected pod untouched"
     );
-    assert_eq!(host_somaxconn(), host_before, "host untouched");
-    let m = agent.metrics_text();
+    assert_eq!(
+        (host_somaxconn(), host_key("net/ipv4/tcp_keepalive_time")),
+        host_before,
+        "host untouched"
+    );
     assert_eq!(
         sample(
             &m,
             "nodekeeper_sysctl_pod_applies_total",
             &[("result", "applied")]
         ),
-        Some(1.0),
+        Some(2.0),
         "{m}"
     );
+}
+
+fn host_key(path: &str) -> String {
+    std::fs::read_to_string(format!("/proc/sys/{path}"))
+        .unwrap()
+        .trim()
+        .to_string()
 }
 
 #[test]

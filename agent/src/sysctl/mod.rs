@@ -205,6 +205,7 @@ pub struct SysctlMetrics {
     errors: Family<Vec<(&'static str, &'static str)>, Counter>,
     reverts: Counter,
     managed: Gauge,
+    applied: Family<Vec<(&'static str, String)>, Gauge>,
     pod_applies: pods::PodMetrics,
 }
 
@@ -230,6 +231,11 @@ impl SysctlMetrics {
             "sysctl_pod_applies",
             "Pod network namespaces tuned, by result (applied, rejected, write_failed, netns...)",
             m.pod_applies.applies.clone(),
+        );
+        registry.register(
+            "sysctl_applied",
+            "1 for each key the agent holds at a profile's value, with the winning profile",
+            m.applied.clone(),
         );
         registry.register(
             "sysctl_managed_keys",
@@ -358,6 +364,16 @@ impl Reconciler {
             tracing::info!(key, old, new, "sysctl applied");
         }
         self.metrics.managed.set(desired.len() as i64);
+        self.metrics.applied.clear();
+        for d in &desired {
+            self.metrics
+                .applied
+                .get_or_create(&vec![
+                    ("key", d.key.clone()),
+                    ("profile", d.profile.clone()),
+                ])
+                .set(1);
+        }
         let mut profiles: Vec<String> = desired.iter().map(|d| d.profile.clone()).collect();
         profiles.sort();
         profiles.dedup();

@@ -59,6 +59,8 @@ pub struct PodSeed {
     pub empty_dir: bool,
     pub priority: Option<i32>,
     pub grace_period: Option<i64>,
+    pub annotations: Vec<(String, String)>,
+    pub host_network: bool,
 }
 
 impl PodSeed {
@@ -75,6 +77,8 @@ impl PodSeed {
             empty_dir: false,
             priority: None,
             grace_period: None,
+            annotations: Vec::new(),
+            host_network: false,
         }
     }
     pub fn namespace(mut self, ns: &str) -> Self {
@@ -119,6 +123,15 @@ impl PodSeed {
     /// Terminating this long.
     pub fn grace_period(mut self, seconds: i64) -> Self {
         self.grace_period = Some(seconds);
+        self
+    }
+    pub fn annotation(mut self, k: &str, v: &str) -> Self {
+        self.annotations.push((k.into(), v.into()));
+        self
+    }
+    /// `spec.hostNetwork: true`: the pod shares the node's network namespace.
+    pub fn host_network(mut self) -> Self {
+        self.host_network = true;
         self
     }
 }
@@ -302,6 +315,12 @@ impl FakeApi {
             meta["annotations"] = json!({"kubernetes.io/config.mirror": "fake-mirror-hash",
                                          "kubernetes.io/config.source": "file"});
         }
+        for (k, v) in &seed.annotations {
+            if !meta["annotations"].is_object() {
+                meta["annotations"] = json!({});
+            }
+            meta["annotations"][k] = json!(v);
+        }
         let mut spec =
             json!({"containers": [{"name": "main", "image": "registry.k8s.io/pause:3.10"}]});
         if let Some(node) = &seed.node {
@@ -317,6 +336,9 @@ impl FakeApi {
         }
         if let Some(g) = seed.grace_period {
             spec["terminationGracePeriodSeconds"] = json!(g);
+        }
+        if seed.host_network {
+            spec["hostNetwork"] = json!(true);
         }
         let ip = format!("10.244.0.{}", self.store.lock().seq % 250 + 2);
         let pod = json!({"metadata": meta, "spec": spec, "status": {"podIP": ip}});

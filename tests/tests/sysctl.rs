@@ -307,6 +307,15 @@ fn the_daemon_applies_then_corrects_drift_within_an_interval() {
         Some(1.0),
         "{m}"
     );
+    assert_eq!(
+        sample(
+            &m,
+            "nodekeeper_sysctl_applied",
+            &[("key", "net.core.somaxconn"), ("profile", "trino")]
+        ),
+        Some(1.0),
+        "{m}"
+    );
 }
 
 #[test]

@@ -148,6 +148,46 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
         None
     };
 
+    let drain = match (&kube, config.drain.enabled) {
+        (Some(client), true) => {
+            let controller = crate::drain::engine::DrainController::new(
+                client.clone(),
+                node_name.clone(),
+                config.drain.clone(),
+                crate::drain::DrainMetrics::register(&mut registry),
+                pod_watch.clone(),
+                supervisor.token(),
+            );
+            let (c, h) = (controller.clone(), health.clone());
+            supervisor.spawn(crate::drain::CAPABILITY, move |token| async move {
+                // A drain persisted by an earlier incarnation of this agent continues now.
+                if let Err(e) = c.resume().await {
+                    tracing::error!(error = %e, "could not read the node's drain state; not resuming");
+                }
+                h.set(crate::drain::CAPABILITY, HealthState::Serving, "");
+                token.cancelled().await;
+                Ok(())
+            });
+            Some(controller)
+        }
+        (None, _) => {
+            health.set(
+                crate::drain::CAPABILITY,
+                HealthState::Disabled,
+                "standalone: no Kubernetes API",
+            );
+            None
+        }
+        (_, false) => {
+            health.set(
+                crate::drain::CAPABILITY,
+                HealthState::Disabled,
+                "drain.enabled: false",
+            );
+            None
+        }
+    };
+
     // Bind before spawning: a port in use is a start failure, not a background one.
     let http_listener = http::bind(config.metrics.listen.0).await?;
     let api_listener = if config.api.enabled {
@@ -207,6 +247,7 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
                 h.clone(),
                 snapshots,
                 sysctl_status,
+                drain,
                 &api_config,
                 token.clone(),
             );

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::drain::DrainConfig;
 use crate::host::HostPaths;
 use crate::sysctl::SysctlConfig;
 
@@ -57,6 +58,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub api: ApiConfig,
     pub sysctl: SysctlConfig,
+    pub drain: DrainConfig,
 }
 
 impl Default for Config {
@@ -70,6 +72,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             api: ApiConfig::default(),
             sysctl: SysctlConfig::default(),
+            drain: DrainConfig::default(),
         }
     }
 }
@@ -414,7 +417,12 @@ impl Config {
                 ),
             );
         }
-        for (field, problem) in self.sysctl.problems() {
+        for (field, problem) in self
+            .sysctl
+            .problems()
+            .into_iter()
+            .chain(self.drain.problems())
+        {
             errs.add(&field, problem);
         }
         errs.0

@@ -25,7 +25,11 @@ pub async fn connect(mode: KubernetesMode) -> Result<Option<kube::Client>, KubeE
         return Ok(None);
     }
     let attempt = async {
-        let config = kube::Config::infer().await.map_err(|e| e.to_string())?;
+        let mut config = kube::Config::infer().await.map_err(|e| e.to_string())?;
+        // kube's built-in retry re-sends 429s for minutes without Retry-After; the drain must see
+        // an eviction's 429 (a PodDisruptionBudget) at once to report it and back off itself, and
+        // watchers have their own backoff.
+        config.default_retry = false;
         kube::Client::try_from(config).map_err(|e| e.to_string())
     };
     match (attempt.await, mode) {

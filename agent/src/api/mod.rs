@@ -58,6 +58,7 @@ pub struct NodeAgentService {
     health: Health,
     snapshots: Option<Arc<SnapshotCache>>,
     sysctl: Option<crate::sysctl::SharedStatus>,
+    drain: Option<Arc<crate::drain::engine::DrainController>>,
     min_watch_interval: Duration,
     watch_slots: Arc<Semaphore>,
     shutdown: CancellationToken,
@@ -69,6 +70,7 @@ impl NodeAgentService {
         health: Health,
         snapshots: Option<Arc<SnapshotCache>>,
         sysctl: Option<crate::sysctl::SharedStatus>,
+        drain: Option<Arc<crate::drain::engine::DrainController>>,
         config: &ApiConfig,
         shutdown: CancellationToken,
     ) -> Self {
@@ -77,6 +79,7 @@ impl NodeAgentService {
             health,
             snapshots,
             sysctl,
+            drain,
             min_watch_interval: config.min_watch_interval.get(),
             watch_slots: Arc::new(Semaphore::new(config.max_watch_streams)),
             shutdown,
@@ -88,6 +91,12 @@ impl NodeAgentService {
             Status::failed_precondition(
                 "resource metrics are disabled on this node (metrics.enabled: false)",
             )
+        })
+    }
+
+    fn drain(&self) -> Result<&Arc<crate::drain::engine::DrainController>, Status> {
+        self.drain.as_ref().ok_or_else(|| {
+            Status::failed_precondition("cordon and drain need the Kubernetes API: the agent runs standalone or drain.enabled is false")
         })
     }
 
@@ -144,6 +153,15 @@ impl node_agent_server::NodeAgent for NodeAgentService {
                 .sysctl
                 .as_ref()
                 .map(|s| s.read().expect("not poisoned").clone()),
+            unschedulable: match &self.drain {
+                Some(d) => d.unschedulable().await.map_err(Status::from)?,
+                None => false,
+            },
+            drain: self
+                .drain
+                .as_ref()
+                .and_then(|d| d.current())
+                .map(|r| r.status()),
         }))
     }
 
@@ -153,6 +171,104 @@ impl node_agent_server::NodeAgent for NodeAgentService {
     ) -> Result<Response<pb::MetricsSnapshot>, Status> {
         let snap = self.snapshots()?.get().await;
         Ok(Response::new(strip_pods(&snap, req.get_ref().exclude_pods)))
+    }
+
+    async fn cordon(
+        &self,
+        req: Request<pb::CordonRequest>,
+    ) -> Result<Response<pb::NodeStatus>, Status> {
+        self.drain()?.cordon(&req.get_ref().reason).await?;
+        self.get_node(Request::new(pb::GetNodeRequest {})).await
+    }
+
+    async fn uncordon(
+        &self,
+        _req: Request<pb::UncordonRequest>,
+    ) -> Result<Response<pb::NodeStatus>, Status> {
+        self.drain()?.uncordon().await?;
+        self.get_node(Request::new(pb::GetNodeRequest {})).await
+    }
+
+    type DrainStream = ReceiverStream<Result<pb::DrainEvent, Status>>;
+
+    async fn drain(
+        &self,
+        req: Request<pb::DrainRequest>,
+    ) -> Result<Response<Self::DrainStream>, Status> {
+        let controller = self.drain()?.clone();
+        let req = req.into_inner();
+        let params = controller.params(&req)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        if req.dry_run {
+            let planned = controller.dry_run(&params).await?;
+            let event = pb::DrainEvent {
+                at: Some(SystemTime::now().into()),
+                drain_id: params.id.clone(),
+                event: Some(pb::drain_event::Event::Planned(planned)),
+            };
+            tx.send(Ok(event)).await.ok();
+            return Ok(Response::new(ReceiverStream::new(rx)));
+        }
+        let run = controller.start(params, Default::default())?;
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let (history, mut live) = run.attach();
+            let mut ended = false;
+            for e in history {
+                ended |= crate::drain::is_final_event(&e);
+                if tx.send(Ok(e)).await.is_err() {
+                    return;
+                }
+            }
+            if ended || run.finished() && run.attach().0.iter().any(crate::drain::is_final_event) {
+                return;
+            }
+            if run.finished() {
+                // A drain resumed only as a record (it ended before this agent started).
+                let status = run.status();
+                let event = pb::DrainEvent {
+                    at: Some(SystemTime::now().into()),
+                    drain_id: run.id.clone(),
+                    event: Some(final_event(status)),
+                };
+                let _ = tx.send(Ok(event)).await;
+                return;
+            }
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                    e = live.recv() => match e {
+                        Ok(e) => {
+                            let last = crate::drain::is_final_event(&e);
+                            if tx.send(Ok(e)).await.is_err() || last {
+                                return;
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    },
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn get_drain(
+        &self,
+        _req: Request<pb::GetDrainRequest>,
+    ) -> Result<Response<pb::DrainStatus>, Status> {
+        match self.drain()?.current() {
+            Some(run) => Ok(Response::new(run.status())),
+            None => Err(Status::not_found("no drain has run on this node")),
+        }
+    }
+
+    async fn cancel_drain(
+        &self,
+        req: Request<pb::CancelDrainRequest>,
+    ) -> Result<Response<pb::DrainStatus>, Status> {
+        Ok(Response::new(self.drain()?.cancel(&req.get_ref().id)?))
     }
 
     type WatchMetricsStream = ReceiverStream<Result<pb::MetricsSnapshot, Status>>;
@@ -190,6 +306,17 @@ impl node_agent_server::NodeAgent for NodeAgentService {
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// The stream-ending event for a drain that already ended.
+fn final_event(status: pb::DrainStatus) -> pb::drain_event::Event {
+    use pb::drain_event::Event;
+    match status.phase() {
+        pb::DrainPhase::Completed => Event::Completed(status),
+        pb::DrainPhase::TimedOut => Event::TimedOut(status),
+        pb::DrainPhase::Cancelled => Event::Cancelled(status),
+        _ => Event::Failed(status),
     }
 }
 

@@ -1,0 +1,750 @@
+//! The drain controller: cordon/uncordon, starting (or re-attaching to) a drain, the eviction
+//! loop, persistence on the Node, resume after a restart, Kubernetes Events.
+//!
+//! Every API call has a named timeout. Evictions go through `pods/eviction` only. A pod counts
+//! as gone when the API returns 404 for it or a pod of that name with another UID (a
+//! replacement with the same name does not count as the old one still running).
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Event, Node, ObjectReference, Pod};
+use kube::api::{EvictParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use tokio_util::sync::CancellationToken;
+
+use super::plan::{self, Class, PlanOptions, PlannedPod};
+use super::state::{self, Persisted};
+use super::{DrainConfig, DrainError, DrainMetrics, DrainRun, STATE_ANNOTATION, is_terminal};
+use crate::kube::API_CALL_TIMEOUT;
+use crate::pb::{self, DrainPhase, drain_event::Event as Ev};
+
+async fn call<T>(
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, DrainError> {
+    match tokio::time::timeout(API_CALL_TIMEOUT, f).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(DrainError::Timeout(format!(
+            "{what} took longer than {API_CALL_TIMEOUT:?}"
+        ))),
+    }
+}
+
+/// The validated parameters of a drain, as requested or resumed.
+#[derive(Debug, Clone)]
+pub struct DrainParams {
+    pub id: String,
+    pub reason: String,
+    pub requester: String,
+    pub started: SystemTime,
+    pub deadline: SystemTime,
+    pub grace_period_seconds: Option<i64>,
+    pub concurrency: u32,
+    pub delete_emptydir_data: bool,
+    pub evict_unreplicated: bool,
+    pub leader_selector: String,
+}
+
+impl DrainParams {
+    fn persisted(&self, phase: DrainPhase, done: Vec<String>, error: String) -> Persisted {
+        Persisted {
+            id: self.id.clone(),
+            reason: self.reason.clone(),
+            requester: self.requester.clone(),
+            started: state::unix(self.started),
+            deadline: state::unix(self.deadline),
+            phase: state::phase_name(phase),
+            done,
+            grace_period_seconds: self.grace_period_seconds,
+            concurrency: self.concurrency,
+            delete_emptydir_data: self.delete_emptydir_data,
+            evict_unreplicated: self.evict_unreplicated,
+            leader_selector: self.leader_selector.clone(),
+            error,
+        }
+    }
+
+    fn from_persisted(p: &Persisted) -> Self {
+        Self {
+            id: p.id.clone(),
+            reason: p.reason.clone(),
+            requester: p.requester.clone(),
+            started: state::from_unix(p.started),
+            deadline: state::from_unix(p.deadline),
+            grace_period_seconds: p.grace_period_seconds,
+            concurrency: p.concurrency,
+            delete_emptydir_data: p.delete_emptydir_data,
+            evict_unreplicated: p.evict_unreplicated,
+            leader_selector: p.leader_selector.clone(),
+        }
+    }
+
+    fn plan_options(&self) -> Result<PlanOptions, DrainError> {
+        Ok(PlanOptions {
+            delete_emptydir_data: self.delete_emptydir_data,
+            evict_unreplicated: self.evict_unreplicated,
+            leader_selector: plan::parse_equality_selector(&self.leader_selector)
+                .map_err(DrainError::Invalid)?,
+        })
+    }
+}
+
+/// Where the drain learns that pods are gone without polling: this node's pod watch.
+pub type PodWatch = Option<(crate::kube::PodStore, tokio::sync::watch::Receiver<u64>)>;
+
+pub struct DrainController {
+    client: Client,
+    node: String,
+    config: DrainConfig,
+    metrics: DrainMetrics,
+    pods: PodWatch,
+    current: Mutex<Option<Arc<DrainRun>>>,
+    /// Serialises writes of the state annotation.
+    persist: tokio::sync::Mutex<()>,
+    shutdown: CancellationToken,
+}
+
+impl DrainController {
+    pub fn new(
+        client: Client,
+        node: String,
+        config: DrainConfig,
+        metrics: DrainMetrics,
+        pods: PodWatch,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            client,
+            node,
+            config,
+            metrics,
+            pods,
+            current: Mutex::new(None),
+            persist: tokio::sync::Mutex::new(()),
+            shutdown,
+        })
+    }
+
+    fn nodes(&self) -> Api<Node> {
+        Api::all(self.client.clone())
+    }
+
+    pub fn current(&self) -> Option<Arc<DrainRun>> {
+        self.current.lock().expect("not poisoned").clone()
+    }
+
+    pub async fn unschedulable(&self) -> Result<bool, DrainError> {
+        let node = call("GET node", self.nodes().get(&self.node)).await?;
+        Ok(node.spec.and_then(|s| s.unschedulable).unwrap_or(false))
+    }
+
+    pub async fn cordon(&self, reason: &str) -> Result<(), DrainError> {
+        self.set_unschedulable(true).await?;
+        self.event(
+            "Cordoned",
+            "Normal",
+            &format!("cordoned by nodekeeper: {reason}"),
+        )
+        .await;
+        Ok(())
+    }
+
+    pub async fn uncordon(&self) -> Result<(), DrainError> {
+        if let Some(run) = self.current().filter(|r| !r.finished()) {
+            return Err(DrainError::Conflict(format!(
+                "drain {:?} is running; cancel it before uncordoning",
+                run.id
+            )));
+        }
+        self.set_unschedulable(false).await?;
+        self.event("Uncordoned", "Normal", "uncordoned by nodekeeper")
+            .await;
+        Ok(())
+    }
+
+    async fn set_unschedulable(&self, on: bool) -> Result<(), DrainError> {
+        let patch = serde_json::json!({ "spec": { "unschedulable": if on { serde_json::json!(true) } else { serde_json::Value::Null } } });
+        call(
+            "PATCH node",
+            self.nodes()
+                .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch)),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// A Kubernetes Event on this Node; failures are logged, never fatal.
+    async fn event(&self, reason: &str, kind: &str, message: &str) {
+        let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now(),
+        );
+        let ev = Event {
+            metadata: kube::api::ObjectMeta {
+                generate_name: Some(format!("{}.", self.node)),
+                namespace: Some("default".into()),
+                ..Default::default()
+            },
+            involved_object: ObjectReference {
+                kind: Some("Node".into()),
+                name: Some(self.node.clone()),
+                api_version: Some("v1".into()),
+                ..Default::default()
+            },
+            reason: Some(reason.into()),
+            message: Some(message.into()),
+            type_: Some(kind.into()),
+            first_timestamp: Some(now.clone()),
+            last_timestamp: Some(now),
+            count: Some(1),
+            source: Some(k8s_openapi::api::core::v1::EventSource {
+                component: Some("nodekeeper".into()),
+                host: Some(self.node.clone()),
+            }),
+            ..Default::default()
+        };
+        let api: Api<Event> = Api::namespaced(self.client.clone(), "default");
+        if let Err(e) = call("POST event", api.create(&PostParams::default(), &ev)).await {
+            tracing::warn!(error = %e, reason, "could not record a Kubernetes Event");
+        }
+    }
+
+    async fn save(
+        &self,
+        params: &DrainParams,
+        phase: DrainPhase,
+        done: &[String],
+        error: &str,
+    ) -> Result<(), DrainError> {
+        let _guard = self.persist.lock().await;
+        let value = params
+            .persisted(phase, done.to_vec(), error.to_string())
+            .to_json();
+        let patch =
+            serde_json::json!({ "metadata": { "annotations": { STATE_ANNOTATION: value } } });
+        call(
+            "PATCH node annotation",
+            self.nodes()
+                .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch)),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn list_pods(&self) -> Result<Vec<Pod>, DrainError> {
+        let api: Api<Pod> = Api::all(self.client.clone());
+        let lp = ListParams::default().fields(&format!("spec.nodeName={}", self.node));
+        Ok(call("LIST pods", api.list(&lp)).await?.items)
+    }
+
+    /// Validates a request into parameters.
+    pub fn params(&self, req: &pb::DrainRequest) -> Result<DrainParams, DrainError> {
+        if req.id.trim().is_empty() {
+            return Err(DrainError::Invalid("id: must not be empty".into()));
+        }
+        let timeout = match &req.timeout {
+            None => self.config.default_timeout.get(),
+            Some(d) => Duration::try_from(*d)
+                .map_err(|_| DrainError::Invalid("timeout: must not be negative".into()))?,
+        };
+        if timeout.is_zero() || timeout > Duration::from_secs(24 * 3600) {
+            return Err(DrainError::Invalid(format!(
+                "timeout: {timeout:?} is out of range (0s, 24h]"
+            )));
+        }
+        if req.grace_period_seconds.is_some_and(|g| g < 0) {
+            return Err(DrainError::Invalid(
+                "grace_period_seconds: must not be negative".into(),
+            ));
+        }
+        if req.concurrency > 256 {
+            return Err(DrainError::Invalid(format!(
+                "concurrency: {} is above 256",
+                req.concurrency
+            )));
+        }
+        let leader_selector = if req.leader_selector.is_empty() {
+            self.config.leader_selector.clone()
+        } else {
+            req.leader_selector.clone()
+        };
+        plan::parse_equality_selector(&leader_selector).map_err(DrainError::Invalid)?;
+        let started = SystemTime::now();
+        Ok(DrainParams {
+            id: req.id.clone(),
+            reason: req.reason.clone(),
+            requester: req.requester.clone(),
+            started,
+            deadline: started + timeout,
+            grace_period_seconds: req.grace_period_seconds,
+            concurrency: if req.concurrency == 0 {
+                self.config.concurrency
+            } else {
+                req.concurrency
+            },
+            delete_emptydir_data: req.delete_emptydir_data,
+            evict_unreplicated: req.evict_unreplicated,
+            leader_selector,
+        })
+    }
+
+    /// The plan for a request, without touching anything.
+    pub async fn dry_run(&self, params: &DrainParams) -> Result<pb::DrainStatus, DrainError> {
+        let plan = plan::plan(&self.list_pods().await?, &params.plan_options()?);
+        Ok(plan_status(params, DrainPhase::Unspecified, &plan))
+    }
+
+    /// Starts a drain, or returns the running (or last) one with the same id.
+    pub fn start(
+        self: &Arc<Self>,
+        params: DrainParams,
+        done: HashSet<String>,
+    ) -> Result<Arc<DrainRun>, DrainError> {
+        let mut current = self.current.lock().expect("not poisoned");
+        if let Some(run) = current.as_ref() {
+            if run.id == params.id {
+                return Ok(run.clone());
+            }
+            if !run.finished() {
+                return Err(DrainError::Conflict(format!(
+                    "drain {:?} is running; a second drain ({:?}) is refused",
+                    run.id, params.id
+                )));
+            }
+        }
+        let run = DrainRun::new(pb::DrainStatus {
+            id: params.id.clone(),
+            phase: DrainPhase::Pending as i32,
+            reason: params.reason.clone(),
+            requester: params.requester.clone(),
+            started_at: Some(params.started.into()),
+            deadline: Some(params.deadline.into()),
+            ..Default::default()
+        });
+        *current = Some(run.clone());
+        let (me, r) = (self.clone(), run.clone());
+        tokio::spawn(async move { me.run(r, params, done).await });
+        Ok(run)
+    }
+
+    pub fn cancel(&self, id: &str) -> Result<pb::DrainStatus, DrainError> {
+        match self.current() {
+            Some(run) if run.id == id || id.is_empty() => {
+                run.cancel.cancel();
+                Ok(run.status())
+            }
+            _ => Err(DrainError::NotFound(format!("no drain with id {id:?}"))),
+        }
+    }
+
+    /// At start: resumes a drain persisted on the Node by an earlier incarnation of the agent.
+    pub async fn resume(self: &Arc<Self>) -> Result<Option<Arc<DrainRun>>, DrainError> {
+        let node = call("GET node", self.nodes().get(&self.node)).await?;
+        let Some(text) = node
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(STATE_ANNOTATION))
+            .cloned()
+        else {
+            return Ok(None);
+        };
+        let persisted = match Persisted::from_json(&text) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring an unreadable drain state annotation");
+                return Ok(None);
+            }
+        };
+        if is_terminal(persisted.phase()) {
+            // Remember the last drain so GetDrain and re-attaching orchestrators see its end.
+            let run = DrainRun::new(persisted.status_header());
+            *self.current.lock().expect("not poisoned") = Some(run.clone());
+            return Ok(Some(run));
+        }
+        tracing::info!(id = %persisted.id, done = persisted.done.len(), "resuming a drain persisted on the node");
+        let params = DrainParams::from_persisted(&persisted);
+        let done: HashSet<String> = persisted.done.iter().cloned().collect();
+        self.start(params, done).map(Some)
+    }
+
+    async fn run(self: Arc<Self>, run: Arc<DrainRun>, params: DrainParams, done: HashSet<String>) {
+        let started = Instant::now();
+        let done = Arc::new(Mutex::new(done));
+        let remaining = params
+            .deadline
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        let outcome = tokio::select! {
+            r = self.drive(&run, &params, done.clone()) => r,
+            _ = tokio::time::sleep(remaining) => Err(Outcome::TimedOut),
+            _ = run.cancel.cancelled() => Err(Outcome::Cancelled),
+            // Agent shutdown: stop without recording an end, so the next agent resumes.
+            _ = self.shutdown.cancelled() => return,
+        };
+        let done_list: Vec<String> = done.lock().expect("not poisoned").iter().cloned().collect();
+        let (phase, error, result) = match outcome {
+            Ok(()) => (DrainPhase::Completed, String::new(), "completed"),
+            Err(Outcome::TimedOut) => {
+                let blocker = run.status().error;
+                let why = if blocker.is_empty() {
+                    "deadline exceeded".to_string()
+                } else {
+                    format!("deadline exceeded; {blocker}")
+                };
+                (DrainPhase::TimedOut, why, "timed_out")
+            }
+            Err(Outcome::Cancelled) => {
+                (DrainPhase::Cancelled, "cancelled".to_string(), "cancelled")
+            }
+            Err(Outcome::Failed(e)) => (DrainPhase::Failed, e, "failed"),
+        };
+        let status = run.update(|s| {
+            s.phase = phase as i32;
+            s.error = error.clone();
+            s.done = done_list.clone();
+        });
+        if let Err(e) = self.save(&params, phase, &done_list, &error).await {
+            tracing::error!(error = %e, "could not persist the drain's end on the node");
+        }
+        let (reason, kind) = match phase {
+            DrainPhase::Completed => ("DrainCompleted", "Normal"),
+            _ => ("DrainFailed", "Warning"),
+        };
+        self.event(
+            reason,
+            kind,
+            &format!(
+                "drain {} {result}{}",
+                params.id,
+                if error.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {error}")
+                }
+            ),
+        )
+        .await;
+        self.metrics
+            .drains
+            .get_or_create(&vec![("result", result)])
+            .inc();
+        self.metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.remaining.set(0);
+        tracing::info!(id = %params.id, result, error, "drain ended");
+        run.emit(match phase {
+            DrainPhase::Completed => Ev::Completed(status),
+            DrainPhase::TimedOut => Ev::TimedOut(status),
+            DrainPhase::Cancelled => Ev::Cancelled(status),
+            _ => Ev::Failed(status),
+        });
+    }
+
+    async fn drive(
+        &self,
+        run: &Arc<DrainRun>,
+        params: &DrainParams,
+        done: Arc<Mutex<HashSet<String>>>,
+    ) -> Result<(), Outcome> {
+        let fail = |e: DrainError| Outcome::Failed(e.to_string());
+        run.update(|s| s.phase = DrainPhase::Cordoning as i32);
+        let done_now = || {
+            done.lock()
+                .expect("not poisoned")
+                .iter()
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        self.save(params, DrainPhase::Cordoning, &done_now(), "")
+            .await
+            .map_err(fail)?;
+        self.set_unschedulable(true).await.map_err(fail)?;
+        self.event(
+            "DrainStarted",
+            "Normal",
+            &format!(
+                "drain {} started by {:?}: {}",
+                params.id, params.requester, params.reason
+            ),
+        )
+        .await;
+
+        let plan = plan::plan(
+            &self.list_pods().await.map_err(fail)?,
+            &params.plan_options().map_err(fail)?,
+        );
+        let status = run.update(|s| {
+            let planned = plan_status(params, DrainPhase::Evicting, &plan);
+            s.phase = DrainPhase::Evicting as i32;
+            s.plan = planned.plan;
+            s.skipped = planned.skipped;
+            s.done = done_now();
+        });
+        run.emit(Ev::Planned(status));
+        if !plan.refused.is_empty() {
+            let list: Vec<String> = plan
+                .refused
+                .iter()
+                .map(|(p, why)| format!("{p} {why}"))
+                .collect();
+            return Err(Outcome::Failed(format!(
+                "cannot drain: {}",
+                list.join("; ")
+            )));
+        }
+        self.save(params, DrainPhase::Evicting, &done_now(), "")
+            .await
+            .map_err(fail)?;
+
+        let todo: Vec<PlannedPod> = {
+            let d = done.lock().expect("not poisoned");
+            plan.evict
+                .iter()
+                .filter(|p| !d.contains(&p.uid))
+                .cloned()
+                .collect()
+        };
+        self.metrics.remaining.set(todo.len() as i64);
+        // Classes strictly in order: leaders only once every other pod is gone.
+        for class in [Class::NotReady, Class::Regular, Class::Leader] {
+            let batch: Vec<PlannedPod> =
+                todo.iter().filter(|p| p.class == class).cloned().collect();
+            let results: Vec<Result<(), DrainError>> = futures::stream::iter(batch)
+                .map(|pod| {
+                    let done = done.clone();
+                    async move {
+                        self.evict_and_wait(run, params, &pod).await?;
+                        let list = {
+                            let mut d = done.lock().expect("not poisoned");
+                            d.insert(pod.uid.clone());
+                            d.iter().cloned().collect::<Vec<_>>()
+                        };
+                        run.update(|s| s.done.push(pod.key()));
+                        self.metrics.remaining.dec();
+                        self.save(params, DrainPhase::Evicting, &list, "").await
+                    }
+                })
+                .buffer_unordered(params.concurrency.max(1) as usize)
+                .collect()
+                .await;
+            if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+                return Err(fail(e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Evicts one pod, retrying budget refusals with backoff, then waits until it is gone.
+    async fn evict_and_wait(
+        &self,
+        run: &DrainRun,
+        params: &DrainParams,
+        pod: &PlannedPod,
+    ) -> Result<(), DrainError> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
+        let mut ep = EvictParams::default();
+        if let Some(g) = params.grace_period_seconds {
+            ep.delete_options = Some(kube::api::DeleteParams {
+                grace_period_seconds: Some(g as u32),
+                ..Default::default()
+            });
+        }
+        ep.delete_options
+            .get_or_insert_with(Default::default)
+            .preconditions = Some(kube::api::Preconditions {
+            uid: Some(pod.uid.clone()),
+            resource_version: None,
+        });
+        let mut backoff = self.config.retry_initial.get();
+        let mut attempt = 0u32;
+        run.emit(Ev::Evicting(pod.pod_ref()));
+        loop {
+            attempt += 1;
+            match tokio::time::timeout(API_CALL_TIMEOUT, api.evict(&pod.name, &ep)).await {
+                Ok(Ok(_)) => {
+                    self.metrics
+                        .evictions
+                        .get_or_create(&vec![("result", "evicted")])
+                        .inc();
+                    break;
+                }
+                Ok(Err(kube::Error::Api(s))) if s.code == 404 || s.code == 409 => {
+                    // Gone already (404), or the name now belongs to another UID (409 precondition).
+                    self.metrics
+                        .evictions
+                        .get_or_create(&vec![("result", "already_gone")])
+                        .inc();
+                    run.emit(Ev::Deleted(pod.pod_ref()));
+                    return Ok(());
+                }
+                Ok(Err(kube::Error::Api(s))) if s.code == 429 || s.code == 500 => {
+                    let reason = if s.code == 429 {
+                        "pdb"
+                    } else {
+                        "multiple_pdbs"
+                    };
+                    let budget = budget_name(&s);
+                    self.metrics
+                        .retries
+                        .get_or_create(&vec![("reason", reason)])
+                        .inc();
+                    let wait = jitter(backoff);
+                    run.update(|st| {
+                        st.error = format!("{} blocked by {budget}: {}", pod.key(), s.message)
+                    });
+                    if attempt == 1 {
+                        self.event(
+                            "DrainBlocked",
+                            "Warning",
+                            &format!("evicting {} blocked by {budget}: {}", pod.key(), s.message),
+                        )
+                        .await;
+                    }
+                    run.emit(Ev::Blocked(pb::Blocked {
+                        pod: Some(pod.pod_ref()),
+                        budget,
+                        message: s.message.clone(),
+                        attempt,
+                        retry_in: prost_types::Duration::try_from(wait).ok(),
+                    }));
+                    tokio::time::sleep(wait).await;
+                    backoff = (backoff * 2).min(self.config.retry_max.get());
+                }
+                Ok(Err(e)) => {
+                    self.metrics
+                        .retries
+                        .get_or_create(&vec![("reason", "error")])
+                        .inc();
+                    tracing::warn!(pod = %pod.key(), error = %e, "eviction failed; retrying");
+                    tokio::time::sleep(jitter(backoff)).await;
+                    backoff = (backoff * 2).min(self.config.retry_max.get());
+                }
+                Err(_) => {
+                    self.metrics
+                        .retries
+                        .get_or_create(&vec![("reason", "error")])
+                        .inc();
+                    tracing::warn!(pod = %pod.key(), "eviction call timed out; retrying");
+                }
+            }
+        }
+        self.wait_gone(&api, pod).await?;
+        run.emit(Ev::Deleted(pod.pod_ref()));
+        Ok(())
+    }
+
+    /// Waits until no pod with this UID exists: on the pod watch when there is one, with a GET
+    /// every `deletionPoll` as the fallback (and the only way without a watch).
+    async fn wait_gone(&self, api: &Api<Pod>, pod: &PlannedPod) -> Result<(), DrainError> {
+        let mut changes = self.pods.as_ref().map(|(_, rx)| rx.clone());
+        loop {
+            let present = match &self.pods {
+                Some((store, _)) => store
+                    .state()
+                    .iter()
+                    .any(|p| p.metadata.uid.as_deref() == Some(pod.uid.as_str())),
+                None => true,
+            };
+            if !present || self.pods.is_none() {
+                // Confirm with the API: the watch may lag; a GET is the truth.
+                match call("GET pod", api.get_opt(&pod.name)).await? {
+                    None => return Ok(()),
+                    Some(p) if p.metadata.uid.as_deref() != Some(pod.uid.as_str()) => return Ok(()),
+                    Some(_) => {}
+                }
+            }
+            let poll = tokio::time::sleep(self.config.deletion_poll.get());
+            match changes.as_mut() {
+                Some(rx) => {
+                    tokio::select! {
+                        _ = rx.changed() => {}
+                        _ = poll => {}
+                    }
+                }
+                None => poll.await,
+            }
+        }
+    }
+}
+
+enum Outcome {
+    TimedOut,
+    Cancelled,
+    Failed(String),
+}
+
+fn plan_status(params: &DrainParams, phase: DrainPhase, plan: &plan::Plan) -> pb::DrainStatus {
+    pb::DrainStatus {
+        id: params.id.clone(),
+        phase: phase as i32,
+        reason: params.reason.clone(),
+        requester: params.requester.clone(),
+        started_at: Some(params.started.into()),
+        deadline: Some(params.deadline.into()),
+        plan: plan.evict.iter().map(PlannedPod::to_pb).collect(),
+        skipped: plan
+            .skipped
+            .iter()
+            .map(|(ns, name, reason)| pb::SkippedPod {
+                namespace: ns.clone(),
+                name: name.clone(),
+                reason: reason.clone(),
+            })
+            .collect(),
+        done: Vec::new(),
+        error: plan
+            .refused
+            .iter()
+            .map(|(p, why)| format!("{p} {why}"))
+            .collect::<Vec<_>>()
+            .join("; "),
+    }
+}
+
+/// The budget named in a 429's causes (reason DisruptionBudget), else the message.
+fn budget_name(s: &kube::core::Status) -> String {
+    let json = serde_json::to_value(s).unwrap_or_default();
+    let causes = json
+        .pointer("/details/causes")
+        .and_then(|c| c.as_array())
+        .cloned()
+        .unwrap_or_default();
+    // The API server's message reads "The disruption budget <name> needs N healthy pods...".
+    let names: Vec<String> = causes
+        .iter()
+        .filter(|c| c["reason"] == "DisruptionBudget")
+        .filter_map(|c| {
+            let m = c["message"].as_str()?;
+            let mut words = m.split_whitespace();
+            words.by_ref().find(|w| *w == "budget");
+            Some(words.next().unwrap_or(m).to_string())
+        })
+        .collect();
+    if names.is_empty() {
+        format!("PodDisruptionBudget ({})", s.message)
+    } else {
+        names.join(", ")
+    }
+}
+
+/// Full jitter in [d/2, d): thousands of agents retrying the same budget do not line up.
+fn jitter(d: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0);
+    let frac = 0.5 + (nanos % 1000) as f64 / 2000.0;
+    d.mul_f64(frac)
+}
+
+/// Labels of a planned pod, for tests and status (namespace/name -> class).
+pub fn classes(plan: &pb::DrainStatus) -> BTreeMap<String, String> {
+    plan.plan
+        .iter()
+        .map(|p| (format!("{}/{}", p.namespace, p.name), p.class.clone()))
+        .collect()
+}

@@ -1,0 +1,263 @@
+//! Graceful drain for the OS-patching rotation, on command over gRPC: cordon, then evict the
+//! node's pods through the Eviction API in order (not-Ready first, leaders last), retrying
+//! PodDisruptionBudget refusals with backoff until the deadline, waiting for each pod's deletion
+//! by UID, streaming progress, and persisting its state on the Node so a restarted agent resumes.
+//!
+//! Never deletes a pod directly (evictions only, so budgets are always honoured), never evicts
+//! DaemonSet or mirror pods, never uncordons on its own.
+
+pub mod engine;
+pub mod plan;
+pub mod state;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ConfigDuration;
+use crate::pb::{self, DrainPhase};
+
+/// A rotation waits for the node anyway; an hour covers slow-terminating stateful pods.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
+/// kubectl drain evicts everything at once; a few at a time keeps API and scheduler load even.
+pub const DEFAULT_CONCURRENCY: u32 = 8;
+/// First retry after a budget refusal; doubles up to the max, with jitter.
+pub const DEFAULT_RETRY_INITIAL: Duration = Duration::from_secs(1);
+/// kubectl retries every 5 s; capping at 10 s keeps the drain responsive once a replacement is Ready.
+pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(10);
+/// How often a pod whose deletion was not seen on the watch is checked with a GET.
+pub const DEFAULT_DELETION_POLL: Duration = Duration::from_secs(5);
+/// The Node annotation holding the drain's state (JSON).
+pub const STATE_ANNOTATION: &str = "nodekeeper.io/drain";
+pub const CAPABILITY: &str = "drain";
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct DrainConfig {
+    /// Serve Cordon/Uncordon/Drain (connected mode only).
+    pub enabled: bool,
+    pub default_timeout: ConfigDuration,
+    pub concurrency: u32,
+    pub retry_initial: ConfigDuration,
+    pub retry_max: ConfigDuration,
+    pub deletion_poll: ConfigDuration,
+    /// Equality selector of leader pods, evicted last, when a request gives none.
+    pub leader_selector: String,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            default_timeout: ConfigDuration(DEFAULT_TIMEOUT),
+            concurrency: DEFAULT_CONCURRENCY,
+            retry_initial: ConfigDuration(DEFAULT_RETRY_INITIAL),
+            retry_max: ConfigDuration(DEFAULT_RETRY_MAX),
+            deletion_poll: ConfigDuration(DEFAULT_DELETION_POLL),
+            leader_selector: plan::DEFAULT_LEADER_SELECTOR.to_string(),
+        }
+    }
+}
+
+impl DrainConfig {
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if self.concurrency == 0 || self.concurrency > 256 {
+            out.push((
+                "drain.concurrency".into(),
+                format!("{} is out of range (1..=256)", self.concurrency),
+            ));
+        }
+        if self.retry_initial.get() < Duration::from_millis(10)
+            || self.retry_initial > self.retry_max
+        {
+            out.push((
+                "drain.retryInitial".into(),
+                format!(
+                    "{} must be >= 10ms and <= drain.retryMax",
+                    self.retry_initial
+                ),
+            ));
+        }
+        if self.default_timeout.get() < Duration::from_secs(1)
+            || self.default_timeout.get() > Duration::from_secs(24 * 3600)
+        {
+            out.push((
+                "drain.defaultTimeout".into(),
+                format!("{} is out of range (1s..=24h)", self.default_timeout),
+            ));
+        }
+        if self.deletion_poll.get() < Duration::from_millis(100) {
+            out.push((
+                "drain.deletionPoll".into(),
+                format!("{} is below 100ms", self.deletion_poll),
+            ));
+        }
+        if let Err(e) = plan::parse_equality_selector(&self.leader_selector) {
+            out.push(("drain.leaderSelector".into(), e));
+        }
+        out
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DrainError {
+    /// The request is malformed (empty id, bad selector, bad timeout).
+    #[error("{0}")]
+    Invalid(String),
+    /// Another drain is running, or the node is draining and cannot be uncordoned.
+    #[error("{0}")]
+    Conflict(String),
+    /// No drain with that id.
+    #[error("{0}")]
+    NotFound(String),
+    /// The Kubernetes API refused or failed a call.
+    #[error("kubernetes API: {0}")]
+    Api(#[from] kube::Error),
+    #[error("kubernetes API call timed out: {0}")]
+    Timeout(String),
+}
+
+impl From<DrainError> for tonic::Status {
+    fn from(e: DrainError) -> Self {
+        match e {
+            DrainError::Invalid(m) => tonic::Status::invalid_argument(m),
+            DrainError::Conflict(m) => tonic::Status::failed_precondition(m),
+            DrainError::NotFound(m) => tonic::Status::not_found(m),
+            DrainError::Api(e) => tonic::Status::unavailable(e.to_string()),
+            DrainError::Timeout(m) => tonic::Status::deadline_exceeded(m),
+        }
+    }
+}
+
+// === metrics ===
+
+#[derive(Debug, Clone)]
+pub struct DrainMetrics {
+    pub drains: Family<Vec<(&'static str, &'static str)>, Counter>,
+    pub duration: Histogram,
+    pub evictions: Family<Vec<(&'static str, &'static str)>, Counter>,
+    pub retries: Family<Vec<(&'static str, &'static str)>, Counter>,
+    pub remaining: Gauge,
+}
+
+impl DrainMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            drains: Family::default(),
+            duration: Histogram::new([
+                10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0,
+            ]),
+            evictions: Family::default(),
+            retries: Family::default(),
+            remaining: Gauge::default(),
+        };
+        registry.register(
+            "drains",
+            "Drains ended, by result (completed, failed, timed_out, cancelled)",
+            m.drains.clone(),
+        );
+        registry.register_with_unit(
+            "drain_duration",
+            "Time from drain start to its end",
+            Unit::Seconds,
+            m.duration.clone(),
+        );
+        registry.register(
+            "drain_evictions",
+            "Evictions by result (evicted, already_gone)",
+            m.evictions.clone(),
+        );
+        registry.register(
+            "drain_eviction_retries",
+            "Eviction retries by reason (pdb, multiple_pdbs, error)",
+            m.retries.clone(),
+        );
+        registry.register(
+            "drain_pods_remaining",
+            "Pods the running drain still has to evict",
+            m.remaining.clone(),
+        );
+        m
+    }
+}
+
+// === the running drain ===
+
+/// One drain: its status, every event so far (replayed to re-attaching clients), and a live feed.
+#[derive(Debug)]
+pub struct DrainRun {
+    pub id: String,
+    status: Mutex<pb::DrainStatus>,
+    history: Mutex<Vec<pb::DrainEvent>>,
+    tx: broadcast::Sender<pb::DrainEvent>,
+    pub cancel: CancellationToken,
+}
+
+impl DrainRun {
+    pub fn new(status: pb::DrainStatus) -> Arc<Self> {
+        let (tx, _) = broadcast::channel(1024);
+        Arc::new(Self {
+            id: status.id.clone(),
+            status: Mutex::new(status),
+            history: Mutex::new(Vec::new()),
+            tx,
+            cancel: CancellationToken::new(),
+        })
+    }
+
+    pub fn status(&self) -> pb::DrainStatus {
+        self.status.lock().expect("not poisoned").clone()
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut pb::DrainStatus)) -> pb::DrainStatus {
+        let mut s = self.status.lock().expect("not poisoned");
+        f(&mut s);
+        s.clone()
+    }
+
+    pub fn finished(&self) -> bool {
+        is_terminal(self.status().phase())
+    }
+
+    pub fn emit(&self, event: pb::drain_event::Event) {
+        let e = pb::DrainEvent {
+            at: Some(SystemTime::now().into()),
+            drain_id: self.id.clone(),
+            event: Some(event),
+        };
+        let mut h = self.history.lock().expect("not poisoned");
+        h.push(e.clone());
+        let _ = self.tx.send(e);
+    }
+
+    /// Events so far and a receiver for the rest, taken atomically so none is lost or doubled.
+    pub fn attach(&self) -> (Vec<pb::DrainEvent>, broadcast::Receiver<pb::DrainEvent>) {
+        let h = self.history.lock().expect("not poisoned");
+        (h.clone(), self.tx.subscribe())
+    }
+}
+
+pub fn is_terminal(phase: DrainPhase) -> bool {
+    matches!(
+        phase,
+        DrainPhase::Completed | DrainPhase::Failed | DrainPhase::TimedOut | DrainPhase::Cancelled
+    )
+}
+
+/// True for the events that end a drain's stream.
+pub fn is_final_event(e: &pb::DrainEvent) -> bool {
+    use pb::drain_event::Event;
+    matches!(
+        e.event,
+        Some(Event::Completed(_) | Event::Failed(_) | Event::TimedOut(_) | Event::Cancelled(_))
+    )
+}

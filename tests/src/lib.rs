@@ -6,6 +6,7 @@
 //! never pass by skipping.
 
 pub mod cgroup;
+pub mod drain_scenario;
 
 pub mod fake_api;
 

@@ -598,8 +598,9 @@ fn cluster_role_grants_exactly_the_listed_verbs() {
         }
     }
     let want: BTreeMap<(String, String), BTreeSet<String>> = [
-        ("", "nodes", &["get", "list", "watch"][..]),
+        ("", "nodes", &["get", "list", "watch", "patch"][..]),
         ("", "pods", &["get", "list", "watch"]),
+        ("", "pods/eviction", &["create"]),
         ("", "events", &["create", "patch"]),
         ("events.k8s.io", "events", &["create", "patch"]),
     ]

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::disks::DisksConfig;
 use crate::drain::DrainConfig;
 use crate::host::HostPaths;
 use crate::sysctl::SysctlConfig;
@@ -59,6 +60,7 @@ pub struct Config {
     pub api: ApiConfig,
     pub sysctl: SysctlConfig,
     pub drain: DrainConfig,
+    pub disks: DisksConfig,
 }
 
 impl Default for Config {
@@ -73,6 +75,7 @@ impl Default for Config {
             api: ApiConfig::default(),
             sysctl: SysctlConfig::default(),
             drain: DrainConfig::default(),
+            disks: DisksConfig::default(),
         }
     }
 }

@@ -1,0 +1,1 @@
+//! Discovery of block devices through HostPaths (sysfs, /dev/disk/by-id, host mountinfo).

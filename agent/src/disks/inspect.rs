@@ -1,0 +1,1 @@
+//! Inspection of a device for signatures (partition tables, filesystems, RAID, LVM, LUKS, ZFS).

@@ -15,6 +15,7 @@
 
 pub mod discover;
 pub mod inspect;
+pub mod publish;
 
 use std::path::PathBuf;
 

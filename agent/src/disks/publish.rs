@@ -1,0 +1,321 @@
+//! Publishing prepared disks as local PersistentVolumes, and the pure rules of reclaim.
+//!
+//! One PV per prepared disk: a stable DNS-safe name from node + disk, the real capacity,
+//! `local.path`, node affinity on `kubernetes.io/hostname`, reclaim policy Delete, and labels and
+//! annotations that tie it to this node's incarnation (node UID) and the disk (by-id, serial).
+//! Never edits or deletes a Bound PV.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    LocalVolumeSource, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PersistentVolume,
+    PersistentVolumeSpec, VolumeNodeAffinity,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+use super::PrepareMode;
+
+pub const LABEL_NODE: &str = "nodekeeper.io/node";
+pub const LABEL_MODEL: &str = "nodekeeper.io/disk-model";
+pub const LABEL_SERIAL: &str = "nodekeeper.io/disk-serial";
+pub const ANNOTATION_NODE_UID: &str = "nodekeeper.io/node-uid";
+pub const ANNOTATION_DISK: &str = "nodekeeper.io/disk";
+
+/// What the publisher needs to know about a prepared disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedDisk {
+    /// Stable identity: the by-id name, else the kernel name.
+    pub id: String,
+    pub model: String,
+    pub serial: String,
+    pub size_bytes: u64,
+    pub mode: PrepareMode,
+    /// Mount point (filesystem, raid0) or device path (block), as the host sees it.
+    pub path: String,
+}
+
+/// `[a-z0-9-]` only, dashes collapsed, trimmed.
+fn dns_safe(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars().flat_map(char::to_lowercase) {
+        let c = if c.is_ascii_alphanumeric() { c } else { '-' };
+        if !(c == '-' && out.ends_with('-')) {
+            out.push(c);
+        }
+    }
+    out.trim_matches('-').to_string()
+}
+
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// A stable, DNS-safe PV name of at most 63 characters: `nk-<node>-<disk>`, shortened with a
+/// hash of the full pair when too long, so two disks never collide after truncation.
+pub fn pv_name(node: &str, disk_id: &str) -> String {
+    let full = format!("nk-{}-{}", dns_safe(node), dns_safe(disk_id));
+    if full.len() <= 63 {
+        return full;
+    }
+    let hash = format!(
+        "{:012x}",
+        fnv(&format!("{node}\0{disk_id}")) & 0xffff_ffff_ffff
+    );
+    let keep = 63 - hash.len() - 1;
+    format!("{}-{hash}", full[..keep].trim_end_matches('-'))
+}
+
+/// A label value: at most 63 characters of `[A-Za-z0-9._-]`, starting and ending alphanumeric.
+fn label_value(s: &str) -> String {
+    let v: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(63)
+        .collect();
+    v.trim_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_string()
+}
+
+pub fn build_pv(
+    node: &str,
+    node_uid: &str,
+    storage_class: &str,
+    disk: &PublishedDisk,
+) -> PersistentVolume {
+    let mut pv = PersistentVolume::default();
+    pv.metadata.name = Some(pv_name(node, &disk.id));
+    pv.metadata.labels = Some(BTreeMap::from([
+        (LABEL_NODE.to_string(), label_value(node)),
+        (LABEL_MODEL.to_string(), label_value(&disk.model)),
+        (LABEL_SERIAL.to_string(), label_value(&disk.serial)),
+    ]));
+    pv.metadata.annotations = Some(BTreeMap::from([
+        (ANNOTATION_NODE_UID.to_string(), node_uid.to_string()),
+        (ANNOTATION_DISK.to_string(), disk.id.clone()),
+    ]));
+    pv.spec = Some(PersistentVolumeSpec {
+        capacity: Some(BTreeMap::from([(
+            "storage".to_string(),
+            Quantity(disk.size_bytes.to_string()),
+        )])),
+        access_modes: Some(vec!["ReadWriteOnce".into()]),
+        persistent_volume_reclaim_policy: Some("Delete".into()),
+        storage_class_name: Some(storage_class.to_string()),
+        volume_mode: Some(
+            if disk.mode == PrepareMode::Block {
+                "Block"
+            } else {
+                "Filesystem"
+            }
+            .into(),
+        ),
+        local: Some(LocalVolumeSource {
+            path: disk.path.clone(),
+            fs_type: None,
+        }),
+        node_affinity: Some(VolumeNodeAffinity {
+            required: Some(NodeSelector {
+                node_selector_terms: vec![NodeSelectorTerm {
+                    match_expressions: Some(vec![NodeSelectorRequirement {
+                        key: "kubernetes.io/hostname".into(),
+                        operator: "In".into(),
+                        values: Some(vec![node.to_string()]),
+                    }]),
+                    match_fields: None,
+                }],
+            }),
+        }),
+        ..Default::default()
+    });
+    pv
+}
+
+/// What to do with an existing PV of this node, by the rules of issue 5.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PvAction {
+    /// Matches a prepared disk and this node incarnation: nothing to do.
+    Keep,
+    /// Released by its claim: wipe the disk, then delete and recreate the PV Available.
+    Reclaim { disk: String },
+    /// Available but its disk is gone, or it belongs to an earlier incarnation of the node.
+    Delete { why: String },
+    /// Bound, but its disk is gone or it is from an earlier incarnation: a Warning Event, never a delete.
+    Warn { why: String },
+}
+
+/// Decides about one of this node's PVs given the disks prepared now and the node's UID.
+pub fn classify(pv: &PersistentVolume, node_uid: &str, prepared: &[PublishedDisk]) -> PvAction {
+    let annotations = pv.metadata.annotations.clone().unwrap_or_default();
+    let phase = pv
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.clone())
+        .unwrap_or_default();
+    let bound = phase == "Bound"
+        || pv
+            .spec
+            .as_ref()
+            .and_then(|s| s.claim_ref.as_ref())
+            .is_some()
+            && phase != "Released";
+    let disk = annotations
+        .get(ANNOTATION_DISK)
+        .cloned()
+        .unwrap_or_default();
+    if annotations
+        .get(ANNOTATION_NODE_UID)
+        .is_some_and(|u| u != node_uid)
+    {
+        let why = format!(
+            "PV from an earlier incarnation of this node (node UID {})",
+            annotations[ANNOTATION_NODE_UID]
+        );
+        return if bound {
+            PvAction::Warn { why }
+        } else {
+            PvAction::Delete { why }
+        };
+    }
+    if !prepared.iter().any(|d| d.id == disk) {
+        let why = format!("disk {disk} is gone");
+        return if bound {
+            PvAction::Warn { why }
+        } else {
+            PvAction::Delete { why }
+        };
+    }
+    if phase == "Released" {
+        return PvAction::Reclaim { disk };
+    }
+    PvAction::Keep
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(id: &str) -> PublishedDisk {
+        PublishedDisk {
+            id: id.into(),
+            model: "Amazon EC2 NVMe Instance Storage".into(),
+            serial: "AWS1A2B3C4D5E6F7".into(),
+            size_bytes: 474_999_996_416,
+            mode: PrepareMode::Filesystem,
+            path: format!("/mnt/nodekeeper/disks/{id}"),
+        }
+    }
+
+    #[test]
+    fn names_are_stable_dns_safe_and_short() {
+        assert_eq!(
+            pv_name("ip-10-0-0-1.ec2.internal", "nvme-disk1"),
+            "nk-ip-10-0-0-1-ec2-internal-nvme-disk1"
+        );
+        let long = pv_name(
+            "ip-10-0-0-1.ec2.internal",
+            "nvme-Amazon_EC2_NVMe_Instance_Storage_AWS1A2B3C4D5E6F7",
+        );
+        assert!(long.len() <= 63, "{long}");
+        assert!(
+            long.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'),
+            "{long}"
+        );
+        assert!(!long.ends_with('-') && long.starts_with("nk-"));
+        let other = pv_name(
+            "ip-10-0-0-1.ec2.internal",
+            "nvme-Amazon_EC2_NVMe_Instance_Storage_AWS1A2B3C4D5E6F8",
+        );
+        assert_ne!(long, other, "truncation keeps names distinct");
+        assert_eq!(
+            long,
+            pv_name(
+                "ip-10-0-0-1.ec2.internal",
+                "nvme-Amazon_EC2_NVMe_Instance_Storage_AWS1A2B3C4D5E6F7"
+            )
+        );
+        assert_eq!(pv_name("node-a", "loop7"), "nk-node-a-loop7");
+    }
+
+    #[test]
+    fn pv_has_capacity_affinity_class_and_identity() {
+        let pv = build_pv("node-a", "uid-1", "nodekeeper-local", &disk("nvme-x"));
+        let spec = pv.spec.unwrap();
+        assert_eq!(spec.capacity.unwrap()["storage"].0, "474999996416");
+        assert_eq!(spec.volume_mode.as_deref(), Some("Filesystem"));
+        assert_eq!(
+            spec.persistent_volume_reclaim_policy.as_deref(),
+            Some("Delete")
+        );
+        assert_eq!(spec.local.unwrap().path, "/mnt/nodekeeper/disks/nvme-x");
+        let term = &spec
+            .node_affinity
+            .unwrap()
+            .required
+            .unwrap()
+            .node_selector_terms[0];
+        assert_eq!(
+            term.match_expressions.as_ref().unwrap()[0]
+                .values
+                .as_ref()
+                .unwrap(),
+            &["node-a"]
+        );
+        assert_eq!(
+            pv.metadata.annotations.unwrap()[ANNOTATION_NODE_UID],
+            "uid-1"
+        );
+        assert_eq!(
+            pv.metadata.labels.unwrap()[LABEL_MODEL],
+            "Amazon_EC2_NVMe_Instance_Storage"
+        );
+    }
+
+    fn with_phase(mut pv: PersistentVolume, phase: &str) -> PersistentVolume {
+        pv.status = Some(k8s_openapi::api::core::v1::PersistentVolumeStatus {
+            phase: Some(phase.into()),
+            ..Default::default()
+        });
+        pv
+    }
+
+    #[test]
+    fn reclaim_rules() {
+        let d = disk("nvme-x");
+        let pv = build_pv("node-a", "uid-1", "c", &d);
+        assert_eq!(
+            classify(&with_phase(pv.clone(), "Available"), "uid-1", &[d.clone()]),
+            PvAction::Keep
+        );
+        assert_eq!(
+            classify(&with_phase(pv.clone(), "Released"), "uid-1", &[d.clone()]),
+            PvAction::Reclaim {
+                disk: "nvme-x".into()
+            }
+        );
+        assert!(matches!(
+            classify(&with_phase(pv.clone(), "Available"), "uid-1", &[]),
+            PvAction::Delete { .. }
+        ));
+        assert!(matches!(
+            classify(&with_phase(pv.clone(), "Bound"), "uid-1", &[]),
+            PvAction::Warn { .. }
+        ));
+        assert!(matches!(
+            classify(&with_phase(pv.clone(), "Available"), "uid-2", &[d.clone()]),
+            PvAction::Delete { .. }
+        ));
+        assert!(matches!(
+            classify(&with_phase(pv, "Bound"), "uid-2", &[d]),
+            PvAction::Warn { .. }
+        ));
+    }
+}

@@ -15,6 +15,7 @@
 
 pub mod discover;
 pub mod inspect;
+pub mod report;
 pub mod publish;
 
 use std::path::PathBuf;
@@ -32,6 +33,9 @@ pub const DEFAULT_MODEL_PATTERNS: &[&str] = &[
     "EphemeralDisk*",
 ];
 pub const CAPABILITY: &str = "disks";
+/// Two independent probes (ours and util-linux's) must both call a disk blank: a bug in either
+/// cannot alone get a disk with data formatted.
+pub const DEFAULT_CROSS_CHECK: bool = true;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -95,6 +99,9 @@ pub struct DisksConfig {
     pub zero_mib: u64,
     /// Rescan interval (new disks, vanished disks, released PVs).
     pub interval: ConfigDuration,
+    /// Cross-check our own signature probes with util-linux `blkid -p` and `wipefs -n` when
+    /// they are installed (their findings are added, never subtracted).
+    pub cross_check: bool,
 }
 
 impl Default for DisksConfig {
@@ -120,12 +127,14 @@ impl Default for DisksConfig {
             wipe_mode: WipeMode::Quick,
             zero_mib: 16,
             interval: ConfigDuration(std::time::Duration::from_secs(30)),
+            cross_check: DEFAULT_CROSS_CHECK,
         }
     }
 }
 
 /// A block device as discovered, before inspection.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Disk {
     /// Kernel name: `nvme1n1`, `loop7`.
     pub name: String,
@@ -133,6 +142,9 @@ pub struct Disk {
     pub dev_path: PathBuf,
     /// The most specific stable `/dev/disk/by-id/*` link, when there is one.
     pub by_id: Option<String>,
+    /// Every whole-device `/dev/disk/by-id/*` link, most preferred first (selection and
+    /// exclusion match any of them).
+    pub by_id_links: Vec<String>,
     pub model: String,
     pub serial: String,
     pub size_bytes: u64,

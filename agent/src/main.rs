@@ -47,8 +47,26 @@ enum Command {
         #[command(subcommand)]
         action: SysctlAction,
     },
+    /// Local disks: what the agent finds and decides about each block device.
+    Disks {
+        #[command(subcommand)]
+        action: DisksAction,
+    },
     /// Print the version and the git revision it was built from.
     Version,
+}
+
+#[derive(Subcommand)]
+enum DisksAction {
+    /// Print every block device with the agent's decision and its reason. Reads only: sysfs,
+    /// mountinfo, and the first and last MiB of selected, unused disks.
+    List {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Print `{"disks": [...]}` as JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -209,6 +227,27 @@ fn main() -> ExitCode {
                     )
                 }
             }
+        }
+        Command::Disks {
+            action: DisksAction::List { config, json },
+        } => {
+            let config = match load(config.config.as_deref(), config.overrides) {
+                Ok(c) => c,
+                Err(e) => return config_exit(&e),
+            };
+            use nodekeeper::disks::report;
+            use std::io::Write;
+            // A closed pipe (`| head`) is not an error worth a panic.
+            let mut out = std::io::stdout().lock();
+            match report::list(&config.disks, &config.host_paths) {
+                Ok(r) if json => drop(writeln!(out, "{}", report::json(&r))),
+                Ok(r) => drop(write!(out, "{}", report::table(&r))),
+                Err(e) => {
+                    eprintln!("nodekeeper: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+            ExitCode::SUCCESS
         }
         Command::Run(args) => {
             let config = match load(args.config.as_deref(), args.overrides) {

@@ -1,16 +1,22 @@
 //! The `nodekeeper` binary: parses the CLI and config, sets up logging, runs the library's app.
 //! Exit codes: 0 ok, 1 runtime failure, 64 bad config or usage (EX_USAGE), 66 config file
-//! unreadable (EX_NOINPUT).
+//! unreadable (EX_NOINPUT). The operator commands (`drain`, `cordon`, `uncordon`, `get-drain`)
+//! use 0 completed, 1 failed / timed out / cancelled / refused, 2 usage (as clap), 69 agent
+//! unreachable (EX_UNAVAILABLE).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use nodekeeper::config::{Config, ConfigError, ListenAddr, Overrides};
+use nodekeeper::api::client::{self, ClientError};
+use nodekeeper::config::{Config, ConfigDuration, ConfigError, ListenAddr, Overrides};
 
 const EX_USAGE: u8 = 64;
 const EX_NOINPUT: u8 = 66;
+/// Operator commands: a usage error, as clap exits on bad flags.
+const EX_CLI_USAGE: u8 = 2;
+const EX_UNAVAILABLE: u8 = 69;
 
 #[derive(Parser)]
 #[command(name = "nodekeeper", version = nodekeeper::app::VERSION, about = "Per-node Kubernetes agent: resource metrics, sysctl tuning, local disks, NodeLocal DNS, graceful drain")]
@@ -47,6 +53,29 @@ enum Command {
         #[command(subcommand)]
         action: SysctlAction,
     },
+    /// Drain a node through its agent: cordon, evict in order, stream progress until done.
+    Drain(DrainArgs),
+    /// Mark a node unschedulable through its agent.
+    Cordon {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// Recorded in the node's Event.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Mark a node schedulable again (refused while a drain runs).
+    Uncordon {
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// Print the current or last drain of a node.
+    GetDrain {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// Print the status as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Local disks: what the agent finds and decides about each block device.
     Disks {
         #[command(subcommand)]
@@ -54,6 +83,56 @@ enum Command {
     },
     /// Print the version and the git revision it was built from.
     Version,
+}
+
+/// Which agent to talk to, and how to authenticate.
+#[derive(Args)]
+struct AgentArgs {
+    /// The agent's gRPC address: host:port (plain HTTP/2) or an http(s):// URL.
+    #[arg(value_name = "ADDR")]
+    addr: String,
+    /// File holding a bearer token, sent as `authorization: Bearer <token>`.
+    #[arg(long, env = "NODEKEEPER_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct DrainArgs {
+    #[command(flatten)]
+    agent: AgentArgs,
+    /// Unique per drain; re-running with the same id re-attaches to it.
+    #[arg(long)]
+    id: String,
+    /// Why, recorded on the drain and in the node's Events.
+    #[arg(long, default_value = "")]
+    reason: String,
+    /// Who asked (default: $USER@hostname).
+    #[arg(long)]
+    requester: Option<String>,
+    /// The whole drain's deadline (250ms, 90s, 30m, 2h); the agent's default when absent.
+    #[arg(long)]
+    timeout: Option<ConfigDuration>,
+    /// Overrides each pod's terminationGracePeriodSeconds.
+    #[arg(long, value_name = "SECONDS")]
+    grace_period: Option<i64>,
+    /// Evictions in flight at once; the agent's default when absent.
+    #[arg(long, value_name = "N")]
+    concurrency: Option<u32>,
+    /// Evict pods with emptyDir volumes (their data is lost).
+    #[arg(long)]
+    delete_emptydir_data: bool,
+    /// Evict pods without a controller (they are not recreated).
+    #[arg(long)]
+    evict_unreplicated: bool,
+    /// Equality selector of leader pods, evicted last (default: the agent's).
+    #[arg(long, value_name = "SEL")]
+    leader_selector: Option<String>,
+    /// Print the plan without cordoning or evicting.
+    #[arg(long)]
+    dry_run: bool,
+    /// One JSON object per DrainEvent on stdout (proto3 JSON mapping), no progress bar.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -66,6 +145,26 @@ enum DisksAction {
         /// Print `{"disks": [...]}` as JSON instead of the table.
         #[arg(long)]
         json: bool,
+    },
+    /// Discover, inspect and prepare once (mkfs + mount / raw / raid0), as the daemon does
+    /// every interval. Exit 1 when any disk failed.
+    Prepare {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Erase every signature on a disk listed in disks.allowWipe (its data is gone). Exit 64
+    /// when refused.
+    Wipe {
+        /// The disk's /dev/disk/by-id/ path, exactly as listed in disks.allowWipe.
+        by_id: String,
+        /// Must repeat BY_ID.
+        #[arg(long, value_name = "BY_ID")]
+        confirm: String,
+        #[command(flatten)]
+        config: ConfigArgs,
     },
 }
 
@@ -229,6 +328,32 @@ fn main() -> ExitCode {
             }
         }
         Command::Disks {
+            action: action @ (DisksAction::Prepare { .. } | DisksAction::Wipe { .. }),
+        } => disks(action, cli.log_format, &cli.log_level),
+        Command::Drain(args) => operator(drain(args)),
+        Command::Cordon { agent, reason } => operator(async move {
+            let mut c = client::Client::connect(&agent.addr, agent.token_file.as_deref()).await?;
+            let node = c.cordon(&reason).await?;
+            println!("node {} cordoned", node.node_name);
+            Ok(())
+        }),
+        Command::Uncordon { agent } => operator(async move {
+            let mut c = client::Client::connect(&agent.addr, agent.token_file.as_deref()).await?;
+            let node = c.uncordon().await?;
+            println!("node {} uncordoned", node.node_name);
+            Ok(())
+        }),
+        Command::GetDrain { agent, json } => operator(async move {
+            let mut c = client::Client::connect(&agent.addr, agent.token_file.as_deref()).await?;
+            let status = c.get_drain().await?;
+            if json {
+                println!("{}", client::status_json(&status));
+            } else {
+                println!("{}", client::status_text(&status));
+            }
+            Ok(())
+        }),
+        Command::Disks {
             action: DisksAction::List { config, json },
         } => {
             let config = match load(config.config.as_deref(), config.overrides) {
@@ -265,6 +390,136 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// Runs an operator command on a small runtime and maps its error to the exit code.
+fn operator(f: impl std::future::Future<Output = Result<(), ClientError>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("nodekeeper: building the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(f) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nodekeeper: {e}");
+            ExitCode::from(match e {
+                ClientError::BadAddress { .. }
+                | ClientError::Token { .. }
+                | ClientError::Invalid(_) => EX_CLI_USAGE,
+                ClientError::Unreachable { .. } => EX_UNAVAILABLE,
+                ClientError::Refused { .. }
+                | ClientError::DrainEnded(_)
+                | ClientError::WouldFail(_)
+                | ClientError::Incomplete(_) => 1,
+            })
+        }
+    }
+}
+
+async fn drain(a: DrainArgs) -> Result<(), ClientError> {
+    let mut c = client::Client::connect(&a.agent.addr, a.agent.token_file.as_deref()).await?;
+    let req = nodekeeper::pb::DrainRequest {
+        id: a.id,
+        reason: a.reason,
+        requester: a.requester.unwrap_or_else(client::default_requester),
+        timeout: a
+            .timeout
+            .and_then(|t| prost_types::Duration::try_from(t.get()).ok()),
+        grace_period_seconds: a.grace_period,
+        concurrency: a.concurrency.unwrap_or(0),
+        delete_emptydir_data: a.delete_emptydir_data,
+        evict_unreplicated: a.evict_unreplicated,
+        leader_selector: a.leader_selector.unwrap_or_default(),
+        dry_run: a.dry_run,
+    };
+    if a.json {
+        let status = c
+            .drain(req, |e| println!("{}", client::event_json(e)))
+            .await?;
+        if a.dry_run {
+            return Ok(());
+        }
+        eprintln!("{}", client::status_text(&status));
+        return Ok(());
+    }
+    if a.dry_run {
+        let mut plan = None;
+        let result = c
+            .drain(req, |e| {
+                if let Some(nodekeeper::pb::drain_event::Event::Planned(s)) = &e.event {
+                    plan = Some(s.clone());
+                }
+            })
+            .await;
+        if let Some(p) = &plan {
+            print!("{}", client::plan_table(p));
+        }
+        return result.map(|_| ());
+    }
+    let mut progress = client::Progress::new();
+    let result = c.drain(req, |e| progress.event(e)).await;
+    progress.finish();
+    let status = result?;
+    println!("{}", client::status_text(&status));
+    Ok(())
+}
+
+fn disks(action: DisksAction, format: LogFormat, filter: &str) -> ExitCode {
+    use nodekeeper::disks::prepare;
+    let (args, wipe, json) = match action {
+        DisksAction::List { .. } => unreachable!("`disks list` is handled in main"),
+        DisksAction::Prepare { config, json } => (config, None, json),
+        DisksAction::Wipe {
+            by_id,
+            confirm,
+            config,
+        } => (config, Some((by_id, confirm)), false),
+    };
+    let config = match load(args.config.as_deref(), args.overrides) {
+        Ok(c) => c,
+        Err(e) => return config_exit(&e),
+    };
+    if let Err(e) = init_logging(format, filter) {
+        eprintln!("nodekeeper: {e:#}");
+        return ExitCode::from(EX_USAGE);
+    }
+    let (cfg, paths, state) = (&config.disks, &config.host_paths, &config.state_dir);
+    if let Some((by_id, confirm)) = wipe {
+        return match prepare::wipe(cfg, paths, state, &by_id, &confirm) {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("nodekeeper: {e}");
+                ExitCode::from(if e.reason() == "refused" { EX_USAGE } else { 1 })
+            }
+        };
+    }
+    match prepare::prepare_once(cfg, paths, state) {
+        Ok(report) => {
+            if json {
+                println!("{}", serde_json::to_string(&report).expect("serializes"));
+            } else {
+                print!("{}", report.text());
+            }
+            if report.errors.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("nodekeeper: {e}");
+            ExitCode::FAILURE
         }
     }
 }

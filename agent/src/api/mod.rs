@@ -5,6 +5,8 @@
 //! shuts down. Never reaches into a capability's internals: it reads the shared `Health` and the
 //! metrics `SnapshotCache`.
 
+pub mod client;
+
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;

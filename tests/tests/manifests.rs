@@ -278,6 +278,8 @@ fn rendered_base_has_each_object_labelled_in_the_namespace() {
         ("ConfigMap", config_map),
         ("DaemonSet", "nodekeeper"),
         ("Namespace", NAMESPACE),
+        ("Role", "nodekeeper-drain-lock"),
+        ("RoleBinding", "nodekeeper-drain-lock"),
         ("Service", "nodekeeper"),
         ("ServiceAccount", "nodekeeper"),
     ];
@@ -618,6 +620,34 @@ fn cluster_role_grants_exactly_the_listed_verbs() {
     assert_eq!(
         binding["roleRef"],
         json!({ "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "nodekeeper" })
+    );
+    assert_eq!(
+        binding["subjects"],
+        json!([{ "kind": "ServiceAccount", "name": "nodekeeper", "namespace": NAMESPACE }])
+    );
+}
+
+#[test]
+fn drain_lock_role_grants_only_leases_in_the_agent_namespace() {
+    if !have_tools(&[]) {
+        return;
+    }
+    let base = base();
+    let role = base.object("Role", "nodekeeper-drain-lock");
+    assert_eq!(role["metadata"]["namespace"], NAMESPACE);
+    assert_eq!(
+        role["rules"],
+        json!([{
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "verbs": ["get", "create", "update"],
+        }])
+    );
+    let binding = base.object("RoleBinding", "nodekeeper-drain-lock");
+    assert_eq!(binding["metadata"]["namespace"], NAMESPACE);
+    assert_eq!(
+        binding["roleRef"],
+        json!({ "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "nodekeeper-drain-lock" })
     );
     assert_eq!(
         binding["subjects"],

@@ -15,6 +15,7 @@ use kube::api::{EvictParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
 
+use super::lock;
 use super::plan::{self, Class, PlanOptions, PlannedPod};
 use super::state::{self, Persisted};
 use super::{DrainConfig, DrainError, DrainMetrics, DrainRun, STATE_ANNOTATION, is_terminal};
@@ -377,12 +378,21 @@ impl DrainController {
             .deadline
             .duration_since(SystemTime::now())
             .unwrap_or_default();
+        // The fleet-lock slot, once `drive` holds one; released below whatever the outcome.
+        let slot: SlotCell = Arc::new(Mutex::new(None));
         let outcome = tokio::select! {
-            r = self.drive(&run, &params, done.clone()) => r,
+            r = self.drive(&run, &params, done.clone(), slot.clone()) => r,
             _ = tokio::time::sleep(remaining) => Err(Outcome::TimedOut),
             _ = run.cancel.cancelled() => Err(Outcome::Cancelled),
-            // Agent shutdown: stop without recording an end, so the next agent resumes.
-            _ = self.shutdown.cancelled() => return,
+            // Agent shutdown: stop without recording an end, so the next agent resumes (and
+            // takes its own slot back: the Lease keeps this node as holder until it expires).
+            _ = self.shutdown.cancelled() => {
+                let held = slot.lock().expect("not poisoned").take();
+                if let Some(guard) = held {
+                    guard.abandon().await;
+                }
+                return;
+            }
         };
         let done_list: Vec<String> = done.lock().expect("not poisoned").iter().cloned().collect();
         let (phase, error, result) = match outcome {
@@ -442,6 +452,11 @@ impl DrainController {
             DrainPhase::Cancelled => Ev::Cancelled(status),
             _ => Ev::Failed(status),
         });
+        // After the end is persisted and streamed: the next node starts only once this one is done.
+        let held = slot.lock().expect("not poisoned").take();
+        if let Some(guard) = held {
+            guard.release().await;
+        }
     }
 
     async fn drive(
@@ -449,8 +464,22 @@ impl DrainController {
         run: &Arc<DrainRun>,
         params: &DrainParams,
         done: Arc<Mutex<HashSet<String>>>,
+        slot: SlotCell,
     ) -> Result<(), Outcome> {
         let fail = |e: DrainError| Outcome::Failed(e.to_string());
+        if self.config.fleet_lock.enabled {
+            let cfg = &self.config.fleet_lock;
+            let lock_name = format!("{}/{}*", cfg.namespace, cfg.name_prefix);
+            let guard = lock::acquire(&self.client, cfg, &self.node, &self.shutdown, |held| {
+                run.emit(Ev::Waiting(pb::Waiting {
+                    lock: lock_name.clone(),
+                    holders: lock::describe(held),
+                }))
+            })
+            .await
+            .map_err(|e| Outcome::Failed(e.to_string()))?;
+            *slot.lock().expect("not poisoned") = Some(guard);
+        }
         run.update(|s| s.phase = DrainPhase::Cordoning as i32);
         let done_now = || {
             done.lock()
@@ -670,6 +699,9 @@ impl DrainController {
         }
     }
 }
+
+/// Where `drive` leaves the fleet-lock slot it took, for `run` to release.
+type SlotCell = Arc<Mutex<Option<lock::SlotGuard>>>;
 
 enum Outcome {
     TimedOut,

@@ -7,6 +7,7 @@
 //! DaemonSet or mirror pods, never uncordons on its own.
 
 pub mod engine;
+pub mod lock;
 pub mod plan;
 pub mod state;
 
@@ -51,6 +52,8 @@ pub struct DrainConfig {
     pub deletion_poll: ConfigDuration,
     /// Equality selector of leader pods, evicted last, when a request gives none.
     pub leader_selector: String,
+    /// At most N nodes draining at once across the cluster (Leases); off by default.
+    pub fleet_lock: lock::FleetLockConfig,
 }
 
 impl Default for DrainConfig {
@@ -63,6 +66,7 @@ impl Default for DrainConfig {
             retry_max: ConfigDuration(DEFAULT_RETRY_MAX),
             deletion_poll: ConfigDuration(DEFAULT_DELETION_POLL),
             leader_selector: plan::DEFAULT_LEADER_SELECTOR.to_string(),
+            fleet_lock: lock::FleetLockConfig::default(),
         }
     }
 }
@@ -104,6 +108,7 @@ impl DrainConfig {
         if let Err(e) = plan::parse_equality_selector(&self.leader_selector) {
             out.push(("drain.leaderSelector".into(), e));
         }
+        out.extend(self.fleet_lock.problems());
         out
     }
 }

@@ -1,0 +1,557 @@
+//! The fleet lock: at most `slots` nodes drain at once across the cluster, enforced with
+//! `coordination.k8s.io/v1` Leases, one per slot (`{namePrefix}{i}` in `namespace`).
+//!
+//! A slot is taken when its Lease is absent (create), has no holder, is held by this node
+//! already (a restarted agent takes its own slot back), or has expired (`renewTime +
+//! leaseDurationSeconds` is in the past: its holder crashed). Every take is a
+//! resourceVersion-guarded PUT, so of two agents racing for the same slot exactly one wins (the
+//! other gets a 409 and tries the next slot). The holder renews every `leaseDuration / 3` and
+//! clears `holderIdentity` when its drain ends.
+//!
+//! Never takes a slot whose holder renewed within its lease duration, never deletes a Lease, and
+//! never touches Leases outside its own names. Expiry compares the holder's `renewTime` with this
+//! node's clock, so clocks must agree to well within the lease duration (NTP does that).
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::PostParams;
+use kube::{Api, Client};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ConfigDuration;
+use crate::kube::API_CALL_TIMEOUT;
+
+/// One node at a time is the safe default for a rotation: capacity drops by one node only.
+pub const DEFAULT_SLOTS: u32 = 1;
+/// The agent's own namespace (the base manifests install there and grant Leases only there).
+pub const DEFAULT_NAMESPACE: &str = "nodekeeper-system";
+/// Kubernetes' own leader-election default is 15 s; 30 s tolerates a slow API server for two
+/// renewals in a row, and a crashed holder's slot is free again half a minute later.
+pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(30);
+/// Slot Leases are `nodekeeper-drain-slot-0`, `-1`, ...
+pub const DEFAULT_NAME_PREFIX: &str = "nodekeeper-drain-slot-";
+/// First wait when every slot is held; doubles (with jitter) up to a third of the lease duration.
+const WAIT_INITIAL: Duration = Duration::from_millis(500);
+/// A 409 on release/renew means our read was stale: re-read and retry this many times.
+const CONFLICT_RETRIES: u32 = 3;
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct FleetLockConfig {
+    /// Take a slot before cordoning; off by default (a single orchestrator may pace drains itself).
+    pub enabled: bool,
+    /// How many nodes may drain at once.
+    pub slots: u32,
+    /// Namespace of the slot Leases.
+    pub namespace: String,
+    /// How long a slot stays held without renewal (a crashed holder's slot frees after this).
+    pub lease_duration: ConfigDuration,
+    /// Slot `i` is the Lease `{namePrefix}{i}`.
+    pub name_prefix: String,
+}
+
+impl Default for FleetLockConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            slots: DEFAULT_SLOTS,
+            namespace: DEFAULT_NAMESPACE.to_string(),
+            lease_duration: ConfigDuration(DEFAULT_LEASE_DURATION),
+            name_prefix: DEFAULT_NAME_PREFIX.to_string(),
+        }
+    }
+}
+
+impl FleetLockConfig {
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if self.slots == 0 || self.slots > 1000 {
+            out.push((
+                "drain.fleetLock.slots".into(),
+                format!("{} is out of range (1..=1000)", self.slots),
+            ));
+        }
+        if !is_dns_label(&self.namespace) {
+            out.push((
+                "drain.fleetLock.namespace".into(),
+                format!("{:?} is not a namespace name (DNS label)", self.namespace),
+            ));
+        }
+        let d = self.lease_duration.get();
+        if d < Duration::from_secs(1) || d > Duration::from_secs(3600) || d.subsec_nanos() != 0 {
+            out.push((
+                "drain.fleetLock.leaseDuration".into(),
+                format!(
+                    "{} is out of range (whole seconds, 1s..=1h)",
+                    self.lease_duration
+                ),
+            ));
+        }
+        // The longest name is the prefix plus the last slot's number; Lease names are DNS subdomains.
+        let longest = format!("{}{}", self.name_prefix, self.slots.saturating_sub(1));
+        if self.name_prefix.is_empty() || !is_dns_subdomain(&longest) {
+            out.push((
+                "drain.fleetLock.namePrefix".into(),
+                format!(
+                    "{:?} does not make valid Lease names (lowercase DNS subdomain: {longest:?})",
+                    self.name_prefix
+                ),
+            ));
+        }
+        out
+    }
+
+    pub fn slot_name(&self, i: u32) -> String {
+        format!("{}{i}", self.name_prefix)
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// The Kubernetes API refused or failed a call (RBAC, a missing namespace, ...).
+    #[error("fleet lock: kubernetes API: {0}")]
+    Api(#[from] kube::Error),
+    #[error("fleet lock: {0} took longer than {API_CALL_TIMEOUT:?}")]
+    Timeout(String),
+    /// The token was cancelled while waiting for a slot.
+    #[error("fleet lock: cancelled while waiting for a slot")]
+    Cancelled,
+}
+
+impl LockError {
+    /// Low-cardinality label for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            LockError::Api(_) => "api",
+            LockError::Timeout(_) => "timeout",
+            LockError::Cancelled => "cancelled",
+        }
+    }
+}
+
+async fn call<T>(
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, LockError> {
+    match tokio::time::timeout(API_CALL_TIMEOUT, f).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(LockError::Timeout(what.to_string())),
+    }
+}
+
+fn is_conflict(e: &LockError) -> bool {
+    matches!(e, LockError::Api(kube::Error::Api(s)) if s.code == 409)
+}
+
+fn now() -> MicroTime {
+    MicroTime(k8s_openapi::jiff::Timestamp::now())
+}
+
+/// Who holds a slot, for the `Waiting` event: `nodekeeper-drain-slot-0=node-a`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub slot: String,
+    pub holder: String,
+}
+
+/// The holder of a Lease, when it is held by someone and has not expired.
+fn live_holder(lease: &Lease) -> Option<String> {
+    let spec = lease.spec.as_ref()?;
+    let holder = spec.holder_identity.clone().filter(|h| !h.is_empty())?;
+    let last = spec.renew_time.as_ref().or(spec.acquire_time.as_ref())?;
+    let duration = i64::from(spec.lease_duration_seconds.unwrap_or(0).max(0));
+    let expires = last.0.as_second().saturating_add(duration);
+    (expires >= k8s_openapi::jiff::Timestamp::now().as_second()).then_some(holder)
+}
+
+/// A lease spec held by `identity` from now, counting a transition when the holder changes.
+fn held_by(previous: Option<&LeaseSpec>, identity: &str, duration: Duration) -> LeaseSpec {
+    let same = previous.and_then(|s| s.holder_identity.as_deref()) == Some(identity);
+    let transitions = previous.and_then(|s| s.lease_transitions).unwrap_or(0);
+    LeaseSpec {
+        holder_identity: Some(identity.to_string()),
+        lease_duration_seconds: Some(duration.as_secs().min(i32::MAX as u64) as i32),
+        acquire_time: if same {
+            previous
+                .and_then(|s| s.acquire_time.clone())
+                .or(Some(now()))
+        } else {
+            Some(now())
+        },
+        renew_time: Some(now()),
+        lease_transitions: Some(if same || previous.is_none() {
+            transitions
+        } else {
+            transitions + 1
+        }),
+        ..previous.cloned().unwrap_or_default()
+    }
+}
+
+/// Tries slot `name` once: `Ok(Ok(lease))` when taken, `Ok(Err(holder))` when someone else holds
+/// it (or won a race for it just now).
+async fn try_slot(
+    api: &Api<Lease>,
+    cfg: &FleetLockConfig,
+    name: &str,
+    identity: &str,
+) -> Result<Result<Lease, String>, LockError> {
+    // Two rounds: a 409 on create means another agent created it between our GET and POST.
+    for _ in 0..2 {
+        match call("GET lease", api.get_opt(name)).await? {
+            None => {
+                let lease = Lease {
+                    metadata: kube::api::ObjectMeta {
+                        name: Some(name.to_string()),
+                        namespace: Some(cfg.namespace.clone()),
+                        ..Default::default()
+                    },
+                    spec: Some(held_by(None, identity, cfg.lease_duration.get())),
+                };
+                match call("POST lease", api.create(&PostParams::default(), &lease)).await {
+                    Ok(l) => return Ok(Ok(l)),
+                    Err(e) if is_conflict(&e) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            Some(lease) => {
+                match live_holder(&lease) {
+                    Some(h) if h != identity => return Ok(Err(h)),
+                    _ => {}
+                }
+                let mut next = lease.clone();
+                next.spec = Some(held_by(
+                    lease.spec.as_ref(),
+                    identity,
+                    cfg.lease_duration.get(),
+                ));
+                // `replace` sends metadata.resourceVersion: a stale read is a 409, not a steal.
+                return match call(
+                    "PUT lease",
+                    api.replace(name, &PostParams::default(), &next),
+                )
+                .await
+                {
+                    Ok(l) => Ok(Ok(l)),
+                    Err(e) if is_conflict(&e) => Ok(Err("(a racing agent)".to_string())),
+                    Err(e) => Err(e),
+                };
+            }
+        }
+    }
+    Ok(Err("(a racing agent)".to_string()))
+}
+
+/// Takes a free slot, waiting (with jittered backoff) while all are held. `on_wait` is called
+/// with the current holders whenever they differ from the last report (first wait included).
+pub async fn acquire(
+    client: &Client,
+    cfg: &FleetLockConfig,
+    identity: &str,
+    token: &CancellationToken,
+    mut on_wait: impl FnMut(&[Held]),
+) -> Result<SlotGuard, LockError> {
+    let api: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
+    let cap = (cfg.lease_duration.get() / 3).max(WAIT_INITIAL);
+    let mut wait = WAIT_INITIAL;
+    let mut reported: Option<Vec<Held>> = None;
+    loop {
+        let mut holders = Vec::new();
+        for i in 0..cfg.slots {
+            let name = cfg.slot_name(i);
+            match try_slot(&api, cfg, &name, identity).await? {
+                Ok(lease) => {
+                    tracing::info!(slot = %name, transitions = ?lease.spec.as_ref().and_then(|s| s.lease_transitions), "fleet lock: slot taken");
+                    return Ok(SlotGuard::start(
+                        api,
+                        name,
+                        identity.to_string(),
+                        cfg.lease_duration.get(),
+                    ));
+                }
+                Err(holder) => holders.push(Held { slot: name, holder }),
+            }
+        }
+        if reported.as_ref() != Some(&holders) {
+            tracing::info!(holders = %describe(&holders), "fleet lock: every slot is held; waiting");
+            on_wait(&holders);
+            reported = Some(holders);
+        }
+        tokio::select! {
+            _ = token.cancelled() => return Err(LockError::Cancelled),
+            _ = tokio::time::sleep(jitter(wait)) => {}
+        }
+        wait = (wait * 2).min(cap);
+    }
+}
+
+/// `slot=holder, slot=holder`
+pub fn describe(holders: &[Held]) -> String {
+    holders
+        .iter()
+        .map(|h| format!("{}={}", h.slot, h.holder))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Full jitter in [d/2, d): agents waiting for the same slots do not poll in step.
+fn jitter(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0);
+    d.mul_f64(0.5 + f64::from(nanos % 1000) / 2000.0)
+}
+
+// === impl SlotGuard ===
+
+/// A held slot, renewed in the background every `leaseDuration / 3` until released.
+#[derive(Debug)]
+pub struct SlotGuard {
+    api: Api<Lease>,
+    name: String,
+    identity: String,
+    stop: CancellationToken,
+    renewer: Option<tokio::task::JoinHandle<()>>,
+    done: bool,
+}
+
+impl SlotGuard {
+    fn start(api: Api<Lease>, name: String, identity: String, duration: Duration) -> Self {
+        let stop = CancellationToken::new();
+        let renewer = tokio::spawn(renew_loop(
+            api.clone(),
+            name.clone(),
+            identity.clone(),
+            duration,
+            stop.clone(),
+        ));
+        Self {
+            api,
+            name,
+            identity,
+            stop,
+            renewer: Some(renewer),
+            done: false,
+        }
+    }
+
+    /// The slot's Lease name.
+    pub fn slot(&self) -> &str {
+        &self.name
+    }
+
+    /// Stops renewing and clears `holderIdentity`, so a waiting node takes the slot at once.
+    pub async fn release(mut self) {
+        self.done = true;
+        self.stop_renewing().await;
+        if let Err(e) = clear(&self.api, &self.name, &self.identity).await {
+            tracing::warn!(slot = %self.name, error = %e, "fleet lock: could not release the slot; it frees when the lease expires");
+        } else {
+            tracing::info!(slot = %self.name, "fleet lock: slot released");
+        }
+    }
+
+    /// Stops renewing but keeps the holder (agent shutdown mid-drain): the restarted agent takes
+    /// its own slot back, and if it never comes back the slot frees when the lease expires.
+    pub async fn abandon(mut self) {
+        self.done = true;
+        self.stop_renewing().await;
+    }
+
+    async fn stop_renewing(&mut self) {
+        self.stop.cancel();
+        if let Some(h) = self.renewer.take() {
+            let _ = h.await;
+        }
+    }
+}
+
+impl Drop for SlotGuard {
+    /// Best effort: a guard dropped without `release` stops renewing and clears its holder from
+    /// a background task, when a runtime is still there to run it.
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        self.stop.cancel();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (api, name, identity) =
+                (self.api.clone(), self.name.clone(), self.identity.clone());
+            rt.spawn(async move {
+                if let Err(e) = clear(&api, &name, &identity).await {
+                    tracing::warn!(slot = %name, error = %e, "fleet lock: could not release a dropped slot");
+                }
+            });
+        }
+    }
+}
+
+async fn renew_loop(
+    api: Api<Lease>,
+    name: String,
+    identity: String,
+    duration: Duration,
+    stop: CancellationToken,
+) {
+    let every = duration / 3;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match renew(&api, &name, &identity, duration).await {
+            Ok(true) => tracing::debug!(slot = %name, "fleet lock: renewed"),
+            Ok(false) => {
+                tracing::error!(slot = %name, "fleet lock: the slot was taken over (renewals failed for longer than the lease duration); another node may drain concurrently")
+            }
+            Err(e) => {
+                tracing::warn!(slot = %name, error = %e, "fleet lock: renewal failed; retrying")
+            }
+        }
+    }
+}
+
+/// One renewal: `Ok(false)` when another node holds the slot now.
+async fn renew(
+    api: &Api<Lease>,
+    name: &str,
+    identity: &str,
+    duration: Duration,
+) -> Result<bool, LockError> {
+    for _ in 0..CONFLICT_RETRIES {
+        let Some(lease) = call("GET lease", api.get_opt(name)).await? else {
+            return Ok(false);
+        };
+        let holder = lease
+            .spec
+            .as_ref()
+            .and_then(|s| s.holder_identity.as_deref());
+        if holder != Some(identity) {
+            return Ok(false);
+        }
+        let mut next = lease.clone();
+        next.spec = Some(held_by(lease.spec.as_ref(), identity, duration));
+        match call(
+            "PUT lease",
+            api.replace(name, &PostParams::default(), &next),
+        )
+        .await
+        {
+            Ok(_) => return Ok(true),
+            Err(e) if is_conflict(&e) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(LockError::Timeout(format!(
+        "renewal of {name}: {CONFLICT_RETRIES} conflicts in a row"
+    )))
+}
+
+/// Clears `holderIdentity` if it is still ours.
+async fn clear(api: &Api<Lease>, name: &str, identity: &str) -> Result<(), LockError> {
+    for _ in 0..CONFLICT_RETRIES {
+        let Some(lease) = call("GET lease", api.get_opt(name)).await? else {
+            return Ok(());
+        };
+        let spec = lease.spec.clone().unwrap_or_default();
+        if spec.holder_identity.as_deref() != Some(identity) {
+            return Ok(());
+        }
+        let mut next = lease.clone();
+        next.spec = Some(LeaseSpec {
+            holder_identity: None,
+            renew_time: Some(now()),
+            ..spec
+        });
+        match call(
+            "PUT lease",
+            api.replace(name, &PostParams::default(), &next),
+        )
+        .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) if is_conflict(&e) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(LockError::Timeout(format!(
+        "release of {name}: {CONFLICT_RETRIES} conflicts in a row"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(holder: Option<&str>, renewed_secs_ago: i64, duration: i32) -> Lease {
+        let t = k8s_openapi::jiff::Timestamp::now()
+            - k8s_openapi::jiff::SignedDuration::from_secs(renewed_secs_ago);
+        Lease {
+            metadata: Default::default(),
+            spec: Some(LeaseSpec {
+                holder_identity: holder.map(str::to_string),
+                renew_time: Some(MicroTime(t)),
+                lease_duration_seconds: Some(duration),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn a_lease_is_live_until_renew_time_plus_duration() {
+        assert_eq!(live_holder(&lease(Some("a"), 5, 30)), Some("a".into()));
+        assert_eq!(live_holder(&lease(Some("a"), 31, 30)), None);
+        assert_eq!(live_holder(&lease(None, 0, 30)), None);
+        assert_eq!(live_holder(&lease(Some(""), 0, 30)), None);
+    }
+
+    #[test]
+    fn taking_over_counts_a_transition_and_keeping_does_not() {
+        let old = lease(Some("dead"), 100, 30).spec.unwrap();
+        let taken = held_by(Some(&old), "me", Duration::from_secs(15));
+        assert_eq!(taken.holder_identity.as_deref(), Some("me"));
+        assert_eq!(taken.lease_transitions, Some(1));
+        assert_eq!(taken.lease_duration_seconds, Some(15));
+        let kept = held_by(Some(&taken), "me", Duration::from_secs(15));
+        assert_eq!(kept.lease_transitions, Some(1));
+    }
+
+    #[test]
+    fn config_problems_name_their_fields() {
+        let bad = FleetLockConfig {
+            enabled: true,
+            slots: 0,
+            namespace: "Bad_NS".into(),
+            lease_duration: ConfigDuration(Duration::from_millis(1500)),
+            name_prefix: "UPPER-".into(),
+        };
+        let fields: Vec<String> = bad.problems().into_iter().map(|(f, _)| f).collect();
+        assert_eq!(
+            fields,
+            [
+                "drain.fleetLock.slots",
+                "drain.fleetLock.namespace",
+                "drain.fleetLock.leaseDuration",
+                "drain.fleetLock.namePrefix"
+            ]
+        );
+        assert!(FleetLockConfig::default().problems().is_empty());
+    }
+}

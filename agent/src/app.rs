@@ -148,6 +148,30 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
         None
     };
 
+    // Read by the PV publisher (connected mode) and the API: what is prepared, what was lost.
+    let _disks_status = if config.disks.enabled {
+        let status = crate::disks::prepare::SharedDisksStatus::default();
+        let metrics = crate::disks::prepare::DisksMetrics::register(&mut registry);
+        let (cfg, paths, state_dir, h, st) = (
+            config.disks.clone(),
+            config.host_paths.clone(),
+            config.state_dir.clone(),
+            health.clone(),
+            status.clone(),
+        );
+        supervisor.spawn(crate::disks::CAPABILITY, move |token| {
+            crate::disks::prepare::run(cfg, paths, state_dir, metrics, st, h, token)
+        });
+        Some(status)
+    } else {
+        health.set(
+            crate::disks::CAPABILITY,
+            HealthState::Disabled,
+            "disks.enabled: false",
+        );
+        None
+    };
+
     let drain = match (&kube, config.drain.enabled) {
         (Some(client), true) => {
             let controller = crate::drain::engine::DrainController::new(

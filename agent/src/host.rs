@@ -2,7 +2,8 @@
 //!
 //! Every read of host state goes through `HostPaths`, so tests (and a DaemonSet that mounts the
 //! host under `/host`) point the agent at other roots, as node_exporter's `--path.*` flags do.
-//! This module never writes anything.
+//! This module never writes anything; `in_namespace` runs a closure inside one of the host's
+//! namespaces (network for sysctl in pods, mount for disk preparation) on a dedicated thread.
 
 use std::path::{Path, PathBuf};
 
@@ -77,6 +78,92 @@ impl HostPaths {
             Err(_) => self.rootfs.join(host_path),
         }
     }
+}
+
+// === namespaces ===
+
+/// A Linux namespace kind that `in_namespace` can enter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Namespace {
+    /// `/proc/PID/ns/net`, `/run/netns/NAME`.
+    Net,
+    /// `/proc/PID/ns/mnt`: mounts made inside are the host's (visible to the kubelet).
+    Mount,
+}
+
+impl Namespace {
+    fn flags(self) -> nix::sched::CloneFlags {
+        match self {
+            Self::Net => nix::sched::CloneFlags::CLONE_NEWNET,
+            Self::Mount => nix::sched::CloneFlags::CLONE_NEWNS,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Net => "network",
+            Self::Mount => "mount",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NamespaceError {
+    /// The namespace file could not be opened.
+    #[error("cannot open {} namespace {}: {error}", kind.name(), path.display())]
+    Open {
+        kind: Namespace,
+        path: PathBuf,
+        error: String,
+    },
+    /// setns(2) (or the unshare(CLONE_FS) a mount namespace needs first) failed: needs
+    /// CAP_SYS_ADMIN.
+    #[error("cannot enter {} namespace {}: {error}", kind.name(), path.display())]
+    Enter {
+        kind: Namespace,
+        path: PathBuf,
+        error: String,
+    },
+    #[error("the thread working in {} namespace {} panicked", kind.name(), path.display())]
+    Panicked { kind: Namespace, path: PathBuf },
+}
+
+/// Runs `f` inside the namespace at `path`, on a fresh OS thread that exits afterwards.
+///
+/// setns(2) changes only the calling thread, so the tokio workers never change namespace. A
+/// mount namespace can only be entered by a thread that does not share its filesystem attributes
+/// (root, cwd) with the rest of the process, so that thread first unshares CLONE_FS. Child
+/// processes spawned by `f` (mkfs, mount) inherit the thread's namespaces.
+pub fn in_namespace<T, F>(kind: Namespace, path: &Path, f: F) -> Result<T, NamespaceError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let ns = std::fs::File::open(path).map_err(|e| NamespaceError::Open {
+        kind,
+        path: path.to_path_buf(),
+        error: e.to_string(),
+    })?;
+    let owned = path.to_path_buf();
+    let handle = std::thread::Builder::new()
+        .name(format!("nodekeeper-ns-{}", kind.name()))
+        .spawn(move || {
+            let enter = |e: nix::Error| NamespaceError::Enter {
+                kind,
+                path: owned.clone(),
+                error: e.to_string(),
+            };
+            if kind == Namespace::Mount {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS).map_err(enter)?;
+            }
+            nix::sched::setns(&ns, kind.flags()).map_err(enter)?;
+            Ok(f())
+        })
+        .expect("spawning a thread");
+    handle.join().map_err(|_| NamespaceError::Panicked {
+        kind,
+        path: path.to_path_buf(),
+    })?
 }
 
 #[cfg(test)]

@@ -15,8 +15,10 @@
 
 pub mod discover;
 pub mod inspect;
-pub mod report;
+pub mod marker;
+pub mod prepare;
 pub mod publish;
+pub mod report;
 
 use std::path::PathBuf;
 

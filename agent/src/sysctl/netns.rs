@@ -1,4 +1,5 @@
-//! Runs a closure inside another network namespace, on a dedicated thread.
+//! Runs a closure inside another network namespace, on a dedicated thread (through
+//! `crate::host::in_namespace`, shared with the disks capability's mount namespace).
 //!
 //! `setns(CLONE_NEWNET)` changes only the calling thread, and `/proc/sys/net` shows the namespace
 //! of the thread that opens it; so the work runs on a fresh OS thread that enters the namespace
@@ -23,26 +24,12 @@ where
     T: Send + 'static,
     F: FnOnce() -> T + Send + 'static,
 {
-    let ns = std::fs::File::open(path).map_err(|e| NetnsError::Open {
-        path: path.to_path_buf(),
-        error: e.to_string(),
-    })?;
-    let owned = path.to_path_buf();
-    let handle = std::thread::Builder::new()
-        .name("nodekeeper-netns".into())
-        .spawn(move || {
-            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
-                NetnsError::Enter {
-                    path: owned,
-                    error: e.to_string(),
-                }
-            })?;
-            Ok(f())
-        })
-        .expect("spawning a thread");
-    handle.join().map_err(|_| NetnsError::Panicked {
-        path: path.to_path_buf(),
-    })?
+    use crate::host::{Namespace, NamespaceError, in_namespace};
+    in_namespace(Namespace::Net, path, f).map_err(|e| match e {
+        NamespaceError::Open { path, error, .. } => NetnsError::Open { path, error },
+        NamespaceError::Enter { path, error, .. } => NetnsError::Enter { path, error },
+        NamespaceError::Panicked { path, .. } => NetnsError::Panicked { path },
+    })
 }
 
 /// Keys that `/proc/sys` scopes per network namespace: everything under `net.` except the few

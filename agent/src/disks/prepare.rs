@@ -1,0 +1,1305 @@
+//! Preparation: makes `Candidate` disks usable (mkfs + mount, raw block, or md RAID0 + mkfs +
+//! mount), re-mounts disks that carry our marker, re-prepares and reports disks the state dir
+//! calls ours that came back blank (EC2 stop/start), and wipes a disk on explicit request.
+//!
+//! Owns: the exec of mkfs/mdadm/mount/wipefs (each under a named timeout, in the host's mount
+//! namespace when `disks.hostMountNamespace`), `<stateDir>/disks/owned.json` (through
+//! `marker`), the disks capability loop, its metrics and the shared status a PV publisher reads.
+//! Must never: write a disk that inspection did not call blank (`Candidate`) unless its on-disk
+//! marker proves it ours; re-create a filesystem or array that carries our marker; wipe without
+//! the operator's `--confirm` of a by-id path listed in `disks.allowWipe`.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use super::marker::{self, OnDisk, OwnedDisk, OwnedStore};
+use super::publish::PublishedDisk;
+use super::{Decision, Disk, DisksConfig, FsType, PrepareMode};
+use crate::host::{HostPaths, Namespace, NamespaceError, in_namespace};
+use crate::pb::HealthState;
+use crate::runtime::Health;
+
+/// mkfs of a multi-TB NVMe: xfs and lazily-initialised ext4 take seconds, but a slow or
+/// throttled device (or ext4 options without lazy init) takes minutes. Discard is always off
+/// (`-K`, `-E nodiscard`): discarding a whole instance-store disk is what takes tens of minutes.
+pub const MKFS_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// mount replays a journal at most; a minute covers a large ext4 after an unclean stop.
+pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(60);
+/// mdadm --create/--assemble writes or reads a 4 KiB superblock per member: seconds.
+pub const MDADM_TIMEOUT: Duration = Duration::from_secs(120);
+/// wipefs erases a few signature bytes; zeroing 2 MiB per MiB-setting is fast even on HDDs.
+pub const WIPE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Lost-disk reports kept for the publisher's Events; older ones are dropped (bounded).
+const MAX_LOST_REPORTS: usize = 64;
+/// The RAID0 array's state key and mount directory name.
+pub const RAID_KEY: &str = "md-nodekeeper";
+/// Bytes zeroed at each end of a device by `disks wipe`.
+const WIPE_EDGE_BYTES: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    /// owned.json could not be read or written; nothing was formatted.
+    #[error(transparent)]
+    State(#[from] marker::MarkerError),
+    /// Entering the host mount namespace failed (needs CAP_SYS_ADMIN and hostPID).
+    #[error(transparent)]
+    Namespace(#[from] NamespaceError),
+    /// A host tool failed or could not be started.
+    #[error("{tool} {target}: {error}")]
+    Tool {
+        tool: String,
+        target: String,
+        error: String,
+    },
+    /// A host tool did not finish within its named timeout (it was killed).
+    #[error("{tool} {target}: no result after {after:?} (killed)")]
+    Timeout {
+        tool: String,
+        target: String,
+        after: Duration,
+    },
+    /// Reading or writing a host path failed.
+    #[error("{}: {error}", path.display())]
+    Io { path: PathBuf, error: String },
+    /// Discovery failed: nothing was prepared.
+    #[error("discovery: {0}")]
+    Discover(String),
+    /// `disks wipe` refused: the message says which rule.
+    #[error("{0}")]
+    Refused(String),
+    /// RAID0 members disagree (some ours, some blank or foreign): nothing was touched.
+    #[error("raid0: {0}")]
+    Raid(String),
+}
+
+impl PrepareError {
+    /// Low-cardinality label for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::State(_) => "state",
+            Self::Namespace(_) => "namespace",
+            Self::Tool { .. } => "tool_failed",
+            Self::Timeout { .. } => "timeout",
+            Self::Io { .. } => "io",
+            Self::Discover(_) => "discover",
+            Self::Refused(_) => "refused",
+            Self::Raid(_) => "raid",
+        }
+    }
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> PrepareError + '_ {
+    move |e| PrepareError::Io {
+        path: path.to_path_buf(),
+        error: e.to_string(),
+    }
+}
+
+// === report ===
+
+/// A disk (or the RAID0 array) that is ours and usable now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PreparedDisk {
+    /// State key: by-id name, else kernel name; `md-nodekeeper` for the array.
+    pub key: String,
+    /// Kernel name (`nvme1n1`, `md127`).
+    pub name: String,
+    pub by_id: Option<String>,
+    pub model: String,
+    pub serial: String,
+    pub size_bytes: u64,
+    pub mode: PrepareMode,
+    /// Host path: the mount point (filesystem, raid0) or the device (block: by-id when known).
+    pub path: PathBuf,
+    pub fs_type: Option<FsType>,
+    pub label: Option<String>,
+    pub uuid: Option<String>,
+    /// raid0: the members' kernel names.
+    pub members: Vec<String>,
+    /// Formatted (or created) by this pass, as opposed to found ours and re-mounted.
+    pub new: bool,
+}
+
+impl PreparedDisk {
+    /// What the PV publisher needs.
+    pub fn published(&self) -> PublishedDisk {
+        PublishedDisk {
+            id: self.key.clone(),
+            model: self.model.clone(),
+            serial: self.serial.clone(),
+            size_bytes: self.size_bytes,
+            mode: self.mode,
+            path: self.path.display().to_string(),
+        }
+    }
+}
+
+/// A disk the state dir called ours that came back blank (instance store after stop/start):
+/// re-prepared, and reported so the publisher can raise a Warning Event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LostDisk {
+    pub key: String,
+    pub name: String,
+    pub by_id: Option<String>,
+    /// Event-ready text.
+    pub message: String,
+}
+
+/// One disk's outcome, for `disks prepare` output and logs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskOutcome {
+    pub name: String,
+    pub key: String,
+    #[serde(flatten)]
+    pub decision: Decision,
+    /// What this pass did: `formatted`, `mounted`, `already-mounted`, `published-raw`,
+    /// `untouched`, `failed: ...`.
+    pub action: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PrepareReport {
+    pub disks: Vec<DiskOutcome>,
+    pub prepared: Vec<PreparedDisk>,
+    pub lost: Vec<LostDisk>,
+    /// (disk key, error) for disks that could not be prepared this pass.
+    pub errors: Vec<(String, String)>,
+}
+
+impl PrepareReport {
+    /// A table for the one-shot command.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        for d in &self.disks {
+            let (decision, reason) = match &d.decision {
+                Decision::Candidate => ("candidate", String::new()),
+                Decision::Ours => ("ours", String::new()),
+                Decision::NotSelected(r) => ("not-selected", r.clone()),
+                Decision::InUse(r) => ("in-use", r.clone()),
+                Decision::HasData(r) => ("has-data", r.clone()),
+            };
+            out.push_str(&format!(
+                "{:<12} {:<13} {:<18} {}\n",
+                d.name, decision, d.action, reason
+            ));
+        }
+        for p in &self.prepared {
+            out.push_str(&format!(
+                "prepared {} ({:?}) -> {}\n",
+                p.key,
+                p.mode,
+                p.path.display()
+            ));
+        }
+        for l in &self.lost {
+            out.push_str(&format!("LOST {}: {}\n", l.key, l.message));
+        }
+        for (k, e) in &self.errors {
+            out.push_str(&format!("error {k}: {e}\n"));
+        }
+        out
+    }
+}
+
+// === host access: namespace, paths, tools ===
+
+/// How tools reach the host: in PID 1's mount namespace (a pod) or in our own (tests, or an
+/// agent running directly on the host).
+#[derive(Debug, Clone)]
+pub struct HostAccess {
+    pub paths: HostPaths,
+    /// `<proc>/1/ns/mnt` when `disks.hostMountNamespace`.
+    pub mount_ns: Option<PathBuf>,
+    /// Host path of the discovery dir (as written in config).
+    pub discovery_dir: PathBuf,
+}
+
+impl HostAccess {
+    pub fn new(paths: &HostPaths, cfg: &DisksConfig) -> Self {
+        Self {
+            paths: paths.clone(),
+            mount_ns: cfg.host_mount_namespace.then(|| paths.proc("1/ns/mnt")),
+            discovery_dir: cfg.discovery_dir.clone(),
+        }
+    }
+
+    /// The device node as the tools see it: the host's `/dev` inside its namespace, else
+    /// HostPaths.dev.
+    pub fn tool_dev(&self, name: &str) -> PathBuf {
+        match self.mount_ns {
+            Some(_) => Path::new("/dev").join(name),
+            None => self.paths.dev.join(name),
+        }
+    }
+
+    /// The mount point as the host sees it (what a PV's `local.path` names).
+    pub fn host_mount_path(&self, key: &str) -> PathBuf {
+        self.discovery_dir.join(key)
+    }
+
+    /// The mount point as the tools see it.
+    pub fn tool_mount_path(&self, key: &str) -> PathBuf {
+        match self.mount_ns {
+            Some(_) => self.host_mount_path(key),
+            None => self.paths.on_rootfs(&self.host_mount_path(key)),
+        }
+    }
+
+    /// The mount point as this process sees it (statvfs).
+    pub fn local_mount_path(&self, key: &str) -> PathBuf {
+        self.paths.on_rootfs(&self.host_mount_path(key))
+    }
+
+    /// Runs `f` where the tools must run.
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T, PrepareError> + Send + 'static,
+    ) -> Result<T, PrepareError> {
+        match &self.mount_ns {
+            Some(ns) => in_namespace(Namespace::Mount, ns, f)?,
+            None => f(),
+        }
+    }
+
+    /// The mountinfo of the namespace the tools mount in.
+    fn mountinfo(&self) -> String {
+        let path = match self.mount_ns {
+            Some(_) => self.paths.proc("1/mountinfo"),
+            None => PathBuf::from("/proc/self/mountinfo"),
+        };
+        std::fs::read_to_string(path).unwrap_or_default()
+    }
+
+    /// `major:minor` of a block device, from sysfs.
+    fn dev_number(&self, name: &str) -> Option<String> {
+        std::fs::read_to_string(self.paths.sys(&format!("class/block/{name}/dev")))
+            .ok()
+            .map(|s| s.trim().to_string())
+    }
+
+    /// Where the device is mounted (mount points in the tools' namespace), from mountinfo.
+    pub fn mounts_of(&self, name: &str) -> Vec<PathBuf> {
+        let Some(dev) = self.dev_number(name) else {
+            return Vec::new();
+        };
+        self.mountinfo()
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split(' ');
+                let d = f.nth(2)?;
+                let point = f.nth(1)?;
+                (d == dev).then(|| PathBuf::from(unescape(point)))
+            })
+            .collect()
+    }
+
+    /// Devices stacked on `name` (`md127`), read fresh from sysfs.
+    fn holders(&self, name: &str) -> Vec<String> {
+        let mut v: Vec<String> =
+            std::fs::read_dir(self.paths.sys(&format!("block/{name}/holders")))
+                .map(|d| {
+                    d.filter_map(|e| e.ok())
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    fn size_of(&self, name: &str) -> u64 {
+        std::fs::read_to_string(self.paths.sys(&format!("class/block/{name}/size")))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map(|sectors| sectors * 512)
+            .unwrap_or(0)
+    }
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo` octal.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b[i] == b'\\'
+            && i + 4 <= b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c));
+        match octal
+            .then(|| u8::from_str_radix(&s[i + 1..i + 4], 8).ok())
+            .flatten()
+        {
+            Some(v) => {
+                out.push(v);
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(unescape("/mnt/a\\040b"), "/mnt/a b");
+        assert_eq!(unescape("/mnt/plain"), "/mnt/plain");
+        assert_eq!(unescape("/mnt/x\\"), "/mnt/x\\");
+    }
+
+    #[test]
+    fn mkfs_never_discards_and_never_forces() {
+        let (tool, args) = mkfs_args(FsType::Xfs, "nk-1", "u", &[], Path::new("/dev/x"));
+        assert_eq!(tool, "mkfs.xfs");
+        assert!(args.contains(&"-K".to_string()));
+        assert!(!args.iter().any(|a| a == "-f"));
+        let (_, args) = mkfs_args(
+            FsType::Ext4,
+            "nk-1",
+            "u",
+            &["-m0".into()],
+            Path::new("/dev/x"),
+        );
+        assert!(args.windows(2).any(|w| w == ["-E", "nodiscard"]));
+        assert!(!args.iter().any(|a| a == "-F"));
+        assert_eq!(args.last().unwrap(), "/dev/x");
+    }
+}
+
+/// Runs a host tool with no stdin (so it can never wait on a prompt) under `timeout`;
+/// returns its stdout.
+pub fn run_tool(
+    program: &str,
+    args: &[String],
+    target: &Path,
+    timeout: Duration,
+) -> Result<String, PrepareError> {
+    let fail = |error: String| PrepareError::Tool {
+        tool: program.to_string(),
+        target: target.display().to_string(),
+        error,
+    };
+    tracing::debug!(tool = program, ?args, "running");
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(format!("cannot start: {e}")))?;
+    let drain = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_string(&mut s);
+            }
+            s
+        })
+    };
+    let out = drain(
+        child
+            .stdout
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
+    let err = drain(
+        child
+            .stderr
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(PrepareError::Timeout {
+                    tool: program.to_string(),
+                    target: target.display().to_string(),
+                    after: timeout,
+                });
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(fail(e.to_string())),
+        }
+    };
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    if status.success() {
+        Ok(stdout)
+    } else {
+        Err(fail(format!("{status}: {}", stderr.trim())))
+    }
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn mkfs_args(
+    fs: FsType,
+    label: &str,
+    uuid: &str,
+    extra: &[String],
+    dev: &Path,
+) -> (String, Vec<String>) {
+    // No force flag: mkfs.xfs refuses a device with any signature, a last safety net.
+    let (tool, mut args) = match fs {
+        FsType::Ext4 => (
+            "mkfs.ext4",
+            strings(&["-q", "-E", "nodiscard", "-L", label, "-U", uuid]),
+        ),
+        FsType::Xfs => (
+            "mkfs.xfs",
+            strings(&["-q", "-K", "-L", label, "-m", &format!("uuid={uuid}")]),
+        ),
+    };
+    args.extend(extra.iter().cloned());
+    args.push(dev.display().to_string());
+    (tool.to_string(), args)
+}
+
+fn fs_name(fs: FsType) -> &'static str {
+    match fs {
+        FsType::Ext4 => "ext4",
+        FsType::Xfs => "xfs",
+    }
+}
+
+/// mkdir + mount, in the tools' namespace.
+fn mount(dev: &Path, dir: &Path, fs: FsType, options: &[String]) -> Result<(), PrepareError> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let mut args = strings(&["-t", fs_name(fs)]);
+    if !options.is_empty() {
+        args.push("-o".into());
+        args.push(options.join(","));
+    }
+    args.push(dev.display().to_string());
+    args.push(dir.display().to_string());
+    run_tool("mount", &args, dev, MOUNT_TIMEOUT).map(|_| ())
+}
+
+// === classification: the marker on the disk decides ===
+
+/// A disk after ownership was checked against owned.json and the device itself.
+#[derive(Debug, Clone)]
+pub struct Classified {
+    pub disk: Disk,
+    pub key: String,
+    pub decision: Decision,
+    /// The state dir called it ours (prepared) and it now reads blank.
+    pub lost: bool,
+}
+
+/// Upgrades a disk to `Ours` only when its on-disk marker equals the recorded one; marks a
+/// recorded disk that reads blank (`Candidate`) as lost; leaves everything else as inspection
+/// decided (a foreign signature is never ours, whatever the state says).
+pub fn classify(decided: Vec<(Disk, Decision)>, store: &OwnedStore) -> Vec<Classified> {
+    let raid = store.owned.disks.get(RAID_KEY);
+    decided
+        .into_iter()
+        .map(|(disk, decision)| {
+            let key = marker::disk_key(&disk);
+            let mut c = Classified {
+                key: key.clone(),
+                disk,
+                decision,
+                lost: false,
+            };
+            if matches!(c.decision, Decision::NotSelected(_)) {
+                return c;
+            }
+            let on_disk = marker::read_marker(&c.disk.dev_path).unwrap_or(OnDisk::Other);
+            let recorded = store.owned.disks.get(&key);
+            let member_of = raid.filter(|r| r.members.contains(&key));
+            let ours = match (recorded, member_of, &on_disk) {
+                (Some(r), _, OnDisk::Filesystem { label, uuid, .. }) => {
+                    r.label.as_deref() == Some(label.as_str())
+                        && r.uuid.as_deref() == Some(uuid.as_str())
+                }
+                // Block mode carries no marker (the consumer owns every byte): the state file
+                // plus the same serial and size identify it. See docs/disks.md.
+                (Some(r), _, _) if r.mode == PrepareMode::Block => {
+                    r.serial == c.disk.serial && r.size_bytes == c.disk.size_bytes
+                }
+                (_, Some(r), OnDisk::MdMember { array_uuid, name }) => {
+                    r.md_uuid.as_deref() == Some(array_uuid.as_str())
+                        && marker::is_our_md_name(name)
+                }
+                _ => false,
+            };
+            let was_prepared = recorded.is_some_and(|r| r.prepared) || member_of.is_some_and(|r| r.prepared);
+            if ours {
+                c.decision = Decision::Ours;
+            } else if c.decision == Decision::Candidate && was_prepared {
+                c.lost = true;
+            } else if was_prepared {
+                tracing::warn!(disk = %c.disk.name, key = %c.key, decision = ?c.decision,
+                    "the state dir calls this disk ours but its marker does not match: left untouched");
+            }
+            c
+        })
+        .collect()
+}
+
+// === the pass ===
+
+/// One pass over decided disks: prepare candidates, re-mount ours, re-prepare lost ones.
+pub fn prepare(
+    cfg: &DisksConfig,
+    host: &HostAccess,
+    store: &mut OwnedStore,
+    decided: Vec<(Disk, Decision)>,
+) -> PrepareReport {
+    let classified = classify(decided, store);
+    let mut report = PrepareReport::default();
+    if cfg.mode == PrepareMode::Raid0 {
+        prepare_raid0(cfg, host, store, &classified, &mut report);
+    } else {
+        for c in &classified {
+            let action = match prepare_one(cfg, host, store, c, &mut report) {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::error!(disk = %c.disk.name, error = %e, "preparing the disk failed");
+                    report.errors.push((c.key.clone(), e.to_string()));
+                    format!("failed: {}", e.reason())
+                }
+            };
+            report.disks.push(outcome(c, action));
+        }
+    }
+    report
+}
+
+fn outcome(c: &Classified, action: impl Into<String>) -> DiskOutcome {
+    DiskOutcome {
+        name: c.disk.name.clone(),
+        key: c.key.clone(),
+        decision: c.decision.clone(),
+        action: action.into(),
+    }
+}
+
+fn lost_report(report: &mut PrepareReport, key: &str, name: &str, by_id: Option<String>) {
+    let message = format!(
+        "disk {key} ({name}) was prepared by this agent but is now blank: its data is lost \
+         (instance store is wiped on stop/start); re-preparing it"
+    );
+    tracing::warn!(disk = name, key, "{message}");
+    report.lost.push(LostDisk {
+        key: key.to_string(),
+        name: name.to_string(),
+        by_id,
+        message,
+    });
+}
+
+fn prepare_one(
+    cfg: &DisksConfig,
+    host: &HostAccess,
+    store: &mut OwnedStore,
+    c: &Classified,
+    report: &mut PrepareReport,
+) -> Result<String, PrepareError> {
+    let disk = &c.disk;
+    match &c.decision {
+        Decision::Ours => {
+            let rec = store
+                .owned
+                .disks
+                .get(&c.key)
+                .cloned()
+                .expect("ours is recorded");
+            let mut entry = prepared_entry(host, disk, &c.key, &rec, false);
+            if rec.mode == PrepareMode::Block {
+                report.prepared.push(entry);
+                return Ok("published-raw".into());
+            }
+            let fs = rec.fs_type.unwrap_or(cfg.fs_type);
+            let want = host.tool_mount_path(&c.key);
+            let mounts = host.mounts_of(&disk.name);
+            let action = if mounts.contains(&want) {
+                "already-mounted"
+            } else if let Some(elsewhere) = mounts.first() {
+                tracing::warn!(disk = %disk.name, at = %elsewhere.display(), "our disk is mounted elsewhere; not mounting it again");
+                entry.path = elsewhere.clone();
+                "mounted-elsewhere"
+            } else {
+                let (dev, dir, opts) = (host.tool_dev(&disk.name), want, cfg.mount_options.clone());
+                host.run(move || mount(&dev, &dir, fs, &opts))?;
+                tracing::info!(disk = %disk.name, path = %entry.path.display(), "our disk re-mounted (not re-formatted)");
+                "mounted"
+            };
+            report.prepared.push(entry);
+            Ok(action.into())
+        }
+        Decision::Candidate => {
+            if c.lost {
+                lost_report(report, &c.key, &disk.name, disk.by_id.clone());
+            }
+            let mut rec = OwnedDisk {
+                name: disk.name.clone(),
+                by_id: disk.by_id.clone(),
+                serial: disk.serial.clone(),
+                size_bytes: disk.size_bytes,
+                mode: cfg.mode,
+                fs_type: None,
+                label: None,
+                uuid: None,
+                mount_path: None,
+                md_uuid: None,
+                members: Vec::new(),
+                prepared: false,
+            };
+            if cfg.mode == PrepareMode::Block {
+                rec.prepared = true;
+                store.owned.disks.insert(c.key.clone(), rec.clone());
+                store.persist()?;
+                report
+                    .prepared
+                    .push(prepared_entry(host, disk, &c.key, &rec, true));
+                tracing::info!(disk = %disk.name, "disk published raw (block mode)");
+                return Ok("published-raw".into());
+            }
+            let label = marker::label_for(&c.key);
+            let uuid = marker::new_uuid().map_err(io_err(Path::new("/dev/urandom")))?;
+            rec.fs_type = Some(cfg.fs_type);
+            rec.label = Some(label.clone());
+            rec.uuid = Some(uuid.clone());
+            rec.mount_path = Some(host.host_mount_path(&c.key));
+            // Recorded before mkfs: a crash mid-mkfs leaves a record whose marker decides.
+            store.owned.disks.insert(c.key.clone(), rec.clone());
+            store.persist()?;
+            format_and_mount(cfg, host, &disk.name, &c.key, &label, &uuid)?;
+            rec.prepared = true;
+            store.owned.disks.insert(c.key.clone(), rec.clone());
+            store.persist()?;
+            tracing::info!(disk = %disk.name, label, uuid, "disk formatted and mounted");
+            report
+                .prepared
+                .push(prepared_entry(host, disk, &c.key, &rec, true));
+            Ok("formatted".into())
+        }
+        _ => Ok("untouched".into()),
+    }
+}
+
+fn format_and_mount(
+    cfg: &DisksConfig,
+    host: &HostAccess,
+    name: &str,
+    key: &str,
+    label: &str,
+    uuid: &str,
+) -> Result<(), PrepareError> {
+    let dev = host.tool_dev(name);
+    let dir = host.tool_mount_path(key);
+    let (tool, args) = mkfs_args(cfg.fs_type, label, uuid, &cfg.mkfs_options, &dev);
+    let (fs, opts) = (cfg.fs_type, cfg.mount_options.clone());
+    host.run(move || {
+        run_tool(&tool, &args, &dev, MKFS_TIMEOUT)?;
+        mount(&dev, &dir, fs, &opts)
+    })
+}
+
+fn prepared_entry(
+    host: &HostAccess,
+    disk: &Disk,
+    key: &str,
+    rec: &OwnedDisk,
+    new: bool,
+) -> PreparedDisk {
+    let path = match rec.mode {
+        PrepareMode::Block => disk
+            .by_id
+            .as_ref()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new("/dev").join(&disk.name)),
+        _ => host.host_mount_path(key),
+    };
+    PreparedDisk {
+        key: key.to_string(),
+        name: disk.name.clone(),
+        by_id: disk.by_id.clone(),
+        model: disk.model.clone(),
+        serial: disk.serial.clone(),
+        size_bytes: disk.size_bytes,
+        mode: rec.mode,
+        path,
+        fs_type: rec.fs_type,
+        label: rec.label.clone(),
+        uuid: rec.uuid.clone(),
+        members: Vec::new(),
+        new,
+    }
+}
+
+// === raid0 ===
+
+fn prepare_raid0(
+    cfg: &DisksConfig,
+    host: &HostAccess,
+    store: &mut OwnedStore,
+    classified: &[Classified],
+    report: &mut PrepareReport,
+) {
+    let result = raid0_inner(cfg, host, store, classified, report);
+    let action = match &result {
+        Ok(a) => a.clone(),
+        Err(e) => {
+            tracing::error!(error = %e, "raid0 preparation failed");
+            report.errors.push((RAID_KEY.into(), e.to_string()));
+            format!("failed: {}", e.reason())
+        }
+    };
+    let members: Vec<String> = store
+        .owned
+        .disks
+        .get(RAID_KEY)
+        .map(|r| r.members.clone())
+        .unwrap_or_default();
+    for c in classified {
+        let a = if members.contains(&c.key)
+            && matches!(c.decision, Decision::Ours | Decision::Candidate)
+        {
+            format!("raid0 {action}")
+        } else if c.decision == Decision::Candidate {
+            "not-added".into()
+        } else {
+            "untouched".into()
+        };
+        report.disks.push(outcome(c, a));
+    }
+}
+
+fn raid0_inner(
+    cfg: &DisksConfig,
+    host: &HostAccess,
+    store: &mut OwnedStore,
+    classified: &[Classified],
+    report: &mut PrepareReport,
+) -> Result<String, PrepareError> {
+    if let Some(rec) = store.owned.disks.get(RAID_KEY).cloned() {
+        let members: Vec<&Classified> = classified
+            .iter()
+            .filter(|c| rec.members.contains(&c.key))
+            .collect();
+        let ours = members
+            .iter()
+            .filter(|c| c.decision == Decision::Ours)
+            .count();
+        let blank = members
+            .iter()
+            .filter(|c| c.decision == Decision::Candidate)
+            .count();
+        if ours == rec.members.len() {
+            return raid0_reuse(cfg, host, &rec, &members, report);
+        }
+        if rec.prepared && blank == rec.members.len() {
+            for c in &members {
+                lost_report(report, &c.key, &c.disk.name, c.disk.by_id.clone());
+            }
+            store.owned.disks.remove(RAID_KEY);
+            store.persist()?;
+        } else if !rec.prepared && ours == 0 && blank == rec.members.len() {
+            // A create that never completed: start over with the same blank disks.
+            store.owned.disks.remove(RAID_KEY);
+            store.persist()?;
+        } else {
+            return Err(PrepareError::Raid(format!(
+                "{} of {} recorded members carry our array's superblock, {} are blank; \
+                 not assembling or re-creating (needs an operator: see docs/disks.md)",
+                ours,
+                rec.members.len(),
+                blank
+            )));
+        }
+    }
+    let candidates: Vec<&Classified> = classified
+        .iter()
+        .filter(|c| c.decision == Decision::Candidate)
+        .collect();
+    if candidates.is_empty() {
+        return Ok("nothing-to-do".into());
+    }
+    let label = marker::label_for(RAID_KEY);
+    let uuid = marker::new_uuid().map_err(io_err(Path::new("/dev/urandom")))?;
+    let mut rec = OwnedDisk {
+        name: String::new(),
+        by_id: None,
+        serial: String::new(),
+        size_bytes: 0,
+        mode: PrepareMode::Raid0,
+        fs_type: Some(cfg.fs_type),
+        label: Some(label.clone()),
+        uuid: Some(uuid.clone()),
+        mount_path: Some(host.host_mount_path(RAID_KEY)),
+        md_uuid: None,
+        members: candidates.iter().map(|c| c.key.clone()).collect(),
+        prepared: false,
+    };
+    store.owned.disks.insert(RAID_KEY.into(), rec.clone());
+    store.persist()?;
+    let devs: Vec<PathBuf> = candidates
+        .iter()
+        .map(|c| host.tool_dev(&c.disk.name))
+        .collect();
+    let mut args = vec![
+        "--create".to_string(),
+        format!("/dev/md/{}", marker::MD_NAME),
+        "--level=0".into(),
+        format!("--raid-devices={}", devs.len()),
+        "--metadata=1.2".into(),
+        format!("--name={}", marker::MD_NAME),
+    ];
+    if devs.len() == 1 {
+        args.push("--force".into()); // mdadm wants it for a one-disk array
+    }
+    args.extend(devs.iter().map(|d| d.display().to_string()));
+    host.run(move || {
+        run_tool(
+            "mdadm",
+            &args,
+            Path::new("/dev/md/nodekeeper"),
+            MDADM_TIMEOUT,
+        )
+    })?;
+    let first = &candidates[0].disk;
+    let md_uuid = match marker::read_marker(&first.dev_path) {
+        Ok(OnDisk::MdMember { array_uuid, .. }) => array_uuid,
+        other => {
+            return Err(PrepareError::Raid(format!(
+                "after mdadm --create, {} shows no md superblock ({other:?})",
+                first.name
+            )));
+        }
+    };
+    rec.md_uuid = Some(md_uuid.clone());
+    store.owned.disks.insert(RAID_KEY.into(), rec.clone());
+    store.persist()?;
+    let md = md_device(host, &first.name)?;
+    format_and_mount(cfg, host, &md, RAID_KEY, &label, &uuid)?;
+    rec.name = md.clone();
+    rec.size_bytes = host.size_of(&md);
+    rec.prepared = true;
+    store.owned.disks.insert(RAID_KEY.into(), rec.clone());
+    store.persist()?;
+    tracing::info!(md = %md, md_uuid, members = ?rec.members, "raid0 created, formatted and mounted");
+    report
+        .prepared
+        .push(raid_entry(host, &rec, &md, &candidates, true));
+    Ok("created".into())
+}
+
+/// The md device stacked on a member (`md127`).
+fn md_device(host: &HostAccess, member: &str) -> Result<String, PrepareError> {
+    host.holders(member)
+        .into_iter()
+        .find(|h| h.starts_with("md"))
+        .ok_or_else(|| PrepareError::Raid(format!("no md device holds {member}")))
+}
+
+fn raid0_reuse(
+    cfg: &DisksConfig,
+    host: &HostAccess,
+    rec: &OwnedDisk,
+    members: &[&Classified],
+    report: &mut PrepareReport,
+) -> Result<String, PrepareError> {
+    let mut action = Vec::new();
+    let md = match md_device(host, &members[0].disk.name) {
+        Ok(md) => md,
+        Err(_) => {
+            let mut args = vec![
+                "--assemble".to_string(),
+                format!("/dev/md/{}", marker::MD_NAME),
+            ];
+            if let Some(u) = &rec.md_uuid {
+                // mdadm prints array UUIDs as four colon-separated groups of 8 hex digits.
+                let groups: Vec<&str> = (0..4).map(|i| &u[i * 8..i * 8 + 8]).collect();
+                args.push(format!("--uuid={}", groups.join(":")));
+            }
+            args.extend(
+                members
+                    .iter()
+                    .map(|c| host.tool_dev(&c.disk.name).display().to_string()),
+            );
+            host.run(move || {
+                run_tool(
+                    "mdadm",
+                    &args,
+                    Path::new("/dev/md/nodekeeper"),
+                    MDADM_TIMEOUT,
+                )
+            })?;
+            action.push("assembled");
+            md_device(host, &members[0].disk.name)?
+        }
+    };
+    let md_dev_local = host.paths.dev.join(&md);
+    match marker::read_marker(&md_dev_local) {
+        Ok(OnDisk::Filesystem { label, uuid, .. })
+            if Some(&label) == rec.label.as_ref() && Some(&uuid) == rec.uuid.as_ref() => {}
+        other => {
+            return Err(PrepareError::Raid(format!(
+                "array {md} is ours but its filesystem marker does not match ({other:?}); not formatting it"
+            )));
+        }
+    }
+    let want = host.tool_mount_path(RAID_KEY);
+    let mounts = host.mounts_of(&md);
+    if mounts.contains(&want) {
+        action.push("already-mounted");
+    } else if mounts.is_empty() {
+        let (dev, fs, opts) = (
+            host.tool_dev(&md),
+            rec.fs_type.unwrap_or(cfg.fs_type),
+            cfg.mount_options.clone(),
+        );
+        host.run(move || mount(&dev, &want, fs, &opts))?;
+        action.push("mounted");
+    } else {
+        action.push("mounted-elsewhere");
+    }
+    report
+        .prepared
+        .push(raid_entry(host, rec, &md, members, false));
+    Ok(action.join("+"))
+}
+
+fn raid_entry(
+    host: &HostAccess,
+    rec: &OwnedDisk,
+    md: &str,
+    members: &[&Classified],
+    new: bool,
+) -> PreparedDisk {
+    PreparedDisk {
+        key: RAID_KEY.into(),
+        name: md.to_string(),
+        by_id: None,
+        model: "md raid0".into(),
+        serial: rec.md_uuid.clone().unwrap_or_default(),
+        size_bytes: host.size_of(md),
+        mode: PrepareMode::Raid0,
+        path: host.host_mount_path(RAID_KEY),
+        fs_type: rec.fs_type,
+        label: rec.label.clone(),
+        uuid: rec.uuid.clone(),
+        members: members.iter().map(|c| c.disk.name.clone()).collect(),
+        new,
+    }
+}
+
+// === wipe ===
+
+/// `nodekeeper disks wipe BY_ID --confirm BY_ID`: refuses unless BY_ID is listed in
+/// `disks.allowWipe` and `confirm` repeats it exactly, and unless the device is unmounted and
+/// unheld; then `wipefs -a` and zeroes the first and last MiB. The by-id link is resolved under
+/// HostPaths.dev (so tests point it at a temp `/dev` with a by-id link to a loop device).
+/// Removes the disk from owned.json: a wiped disk is blank, not lost.
+pub fn wipe(
+    cfg: &DisksConfig,
+    paths: &HostPaths,
+    state_dir: &Path,
+    by_id: &str,
+    confirm: &str,
+) -> Result<String, PrepareError> {
+    if !cfg.allow_wipe.iter().any(|a| a == by_id) {
+        return Err(PrepareError::Refused(format!(
+            "refusing to wipe {by_id}: it is not listed in disks.allowWipe (exact /dev/disk/by-id/ paths only)"
+        )));
+    }
+    if confirm != by_id {
+        return Err(PrepareError::Refused(format!(
+            "refusing to wipe {by_id}: --confirm must repeat the by-id path exactly (got {confirm:?})"
+        )));
+    }
+    let rel = by_id.strip_prefix("/dev/").unwrap_or(by_id);
+    let link = paths.dev.join(rel);
+    let target = std::fs::read_link(&link).map_err(|e| {
+        PrepareError::Refused(format!(
+            "refusing to wipe {by_id}: {} is not a by-id link ({e})",
+            link.display()
+        ))
+    })?;
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if name.is_empty() || !paths.sys(&format!("block/{name}")).exists() {
+        return Err(PrepareError::Refused(format!(
+            "refusing to wipe {by_id}: it points at {:?}, which is not a whole disk in {}",
+            target.display().to_string(),
+            paths.sys("block").display()
+        )));
+    }
+    let host = HostAccess::new(paths, cfg);
+    let mounts = host.mounts_of(&name);
+    if !mounts.is_empty() {
+        return Err(PrepareError::Refused(format!(
+            "refusing to wipe {by_id} ({name}): mounted at {}; unmount it first",
+            mounts[0].display()
+        )));
+    }
+    let holders = host.holders(&name);
+    if !holders.is_empty() {
+        return Err(PrepareError::Refused(format!(
+            "refusing to wipe {by_id} ({name}): held by {} (stop the array / volume first)",
+            holders.join(", ")
+        )));
+    }
+    let size = host.size_of(&name);
+    let dev = host.tool_dev(&name);
+    host.run(move || {
+        run_tool(
+            "wipefs",
+            &["-a".into(), dev.display().to_string()],
+            &dev,
+            WIPE_TIMEOUT,
+        )?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&dev)
+            .map_err(io_err(&dev))?;
+        let zeros = vec![0u8; WIPE_EDGE_BYTES as usize];
+        let edge = WIPE_EDGE_BYTES.min(size);
+        f.write_all(&zeros[..edge as usize]).map_err(io_err(&dev))?;
+        if size > edge {
+            f.seek(SeekFrom::Start(size - edge)).map_err(io_err(&dev))?;
+            f.write_all(&zeros[..edge as usize]).map_err(io_err(&dev))?;
+        }
+        f.sync_all().map_err(io_err(&dev))
+    })?;
+    let mut store = OwnedStore::load(state_dir)?;
+    let key = by_id.rsplit('/').next().unwrap_or(by_id).to_string();
+    if store.owned.disks.remove(&key).is_some() || store.owned.disks.remove(&name).is_some() {
+        store.persist()?;
+    }
+    tracing::warn!(by_id, disk = %name, "disk wiped on operator request");
+    Ok(format!(
+        "wiped {by_id} ({name}): signatures erased, first and last MiB zeroed\n"
+    ))
+}
+
+// === survey: discovery + inspection ===
+
+/// Discovers and decides every disk (`report::list`: selection, in-use rules, inspection).
+pub fn survey(cfg: &DisksConfig, paths: &HostPaths) -> Result<Vec<(Disk, Decision)>, PrepareError> {
+    let reports =
+        super::report::list(cfg, paths).map_err(|e| PrepareError::Discover(e.to_string()))?;
+    Ok(reports.into_iter().map(|r| (r.disk, r.decision)).collect())
+}
+
+/// One-shot `nodekeeper disks prepare`.
+pub fn prepare_once(
+    cfg: &DisksConfig,
+    paths: &HostPaths,
+    state_dir: &Path,
+) -> Result<PrepareReport, PrepareError> {
+    let mut store = OwnedStore::load(state_dir)?;
+    let decided = survey(cfg, paths)?;
+    let host = HostAccess::new(paths, cfg);
+    Ok(prepare(cfg, &host, &mut store, decided))
+}
+
+// === metrics ===
+
+#[derive(Debug, Clone, Default)]
+pub struct DisksMetrics {
+    decisions: Family<Vec<(&'static str, &'static str)>, Gauge>,
+    capacity: Family<Vec<(&'static str, String)>, Gauge>,
+    used: Family<Vec<(&'static str, String)>, Gauge>,
+    prepared: Counter,
+    lost: Counter,
+    errors: Family<Vec<(&'static str, &'static str)>, Counter>,
+}
+
+impl DisksMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "disks",
+            "Disks by the last pass's decision (candidate, ours, not-selected, in-use, has-data)",
+            m.decisions.clone(),
+        );
+        registry.register(
+            "disk_capacity_bytes",
+            "Size of each prepared disk (or the raid0 array), by state key",
+            m.capacity.clone(),
+        );
+        registry.register(
+            "disk_used_bytes",
+            "Bytes used on each mounted prepared disk (statvfs), by state key",
+            m.used.clone(),
+        );
+        registry.register(
+            "disks_prepared",
+            "Disks formatted, created or published raw by this agent",
+            m.prepared.clone(),
+        );
+        registry.register(
+            "disks_lost",
+            "Disks the state dir called ours that came back blank (stop/start), re-prepared",
+            m.lost.clone(),
+        );
+        registry.register(
+            "disks_errors",
+            "Failed preparation passes or disks, by reason",
+            m.errors.clone(),
+        );
+        m
+    }
+
+    fn observe(&self, host: &HostAccess, report: &PrepareReport) {
+        self.decisions.clear();
+        for d in &report.disks {
+            let label = match d.decision {
+                Decision::Candidate => "candidate",
+                Decision::Ours => "ours",
+                Decision::NotSelected(_) => "not-selected",
+                Decision::InUse(_) => "in-use",
+                Decision::HasData(_) => "has-data",
+            };
+            self.decisions
+                .get_or_create(&vec![("decision", label)])
+                .inc();
+        }
+        self.capacity.clear();
+        self.used.clear();
+        for p in &report.prepared {
+            if p.new {
+                self.prepared.inc();
+            }
+            self.capacity
+                .get_or_create(&vec![("disk", p.key.clone())])
+                .set(p.size_bytes as i64);
+            if p.mode != PrepareMode::Block {
+                let local = host.local_mount_path(&p.key);
+                if let Ok(s) = nix::sys::statvfs::statvfs(&local) {
+                    let used = (s.blocks() - s.blocks_free()) * s.fragment_size();
+                    self.used
+                        .get_or_create(&vec![("disk", p.key.clone())])
+                        .set(used as i64);
+                }
+            }
+        }
+        self.lost.inc_by(report.lost.len() as u64);
+        for _ in &report.errors {
+            self.errors.get_or_create(&vec![("reason", "disk")]).inc();
+        }
+    }
+}
+
+// === status and the capability loop ===
+
+/// What the disks capability knows now; the PV publisher and the API read it.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DisksStatus {
+    /// Passes completed.
+    pub passes: u64,
+    pub disks: Vec<DiskOutcome>,
+    pub prepared: Vec<PreparedDisk>,
+    /// Recent lost-disk reports (bounded), oldest first, for Events.
+    pub lost: Vec<LostDisk>,
+    /// Lost reports ever made: the publisher emits Events for entries past the count it saw.
+    pub lost_total: u64,
+    pub error: String,
+}
+
+pub type SharedDisksStatus = Arc<RwLock<DisksStatus>>;
+
+/// The disks capability: every `disks.interval`, discover -> inspect -> prepare.
+pub async fn run(
+    cfg: DisksConfig,
+    paths: HostPaths,
+    state_dir: PathBuf,
+    metrics: DisksMetrics,
+    status: SharedDisksStatus,
+    health: Health,
+    token: CancellationToken,
+) -> Result<(), crate::runtime::TaskError> {
+    let host = HostAccess::new(&paths, &cfg);
+    let mut store = OwnedStore::load(&state_dir)?;
+    let mut interval = tokio::time::interval(cfg.interval.get());
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return Ok(()),
+            _ = interval.tick() => {}
+        }
+        let (c, p, h) = (cfg.clone(), paths.clone(), host.clone());
+        let pass = tokio::task::spawn_blocking(move || {
+            let result = survey(&c, &p).map(|decided| prepare(&c, &h, &mut store, decided));
+            (store, result)
+        })
+        .await;
+        let result = match pass {
+            Ok((s, r)) => {
+                store = s;
+                r
+            }
+            Err(e) => return Err(format!("disks pass panicked: {e}").into()),
+        };
+        let mut st = status.write().expect("not poisoned");
+        st.passes += 1;
+        match result {
+            Ok(report) => {
+                metrics.observe(&host, &report);
+                st.lost_total += report.lost.len() as u64;
+                st.lost.extend(report.lost.iter().cloned());
+                let excess = st.lost.len().saturating_sub(MAX_LOST_REPORTS);
+                st.lost.drain(..excess);
+                st.error = report
+                    .errors
+                    .iter()
+                    .map(|(k, e)| format!("{k}: {e}"))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                if st.error.is_empty() {
+                    health.set(
+                        super::CAPABILITY,
+                        HealthState::Serving,
+                        format!("{} prepared", report.prepared.len()),
+                    );
+                } else {
+                    health.set(super::CAPABILITY, HealthState::Degraded, st.error.clone());
+                }
+                st.disks = report.disks;
+                st.prepared = report.prepared;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "disks pass failed");
+                metrics
+                    .errors
+                    .get_or_create(&vec![("reason", e.reason())])
+                    .inc();
+                st.error = e.to_string();
+                health.set(super::CAPABILITY, HealthState::Degraded, e.to_string());
+            }
+        }
+    }
+}

@@ -152,6 +152,11 @@ impl Inspection {
         }
         let mut out = match kinds.len() {
             0 => "blank".to_string(),
+            // The last resort has no name: say what was seen instead.
+            1 if kinds[0] == "data" => format!(
+                "has data without a known signature ({})",
+                self.signatures[0].detail
+            ),
             1 => format!("has {} signature", kinds[0]),
             _ => format!("has {} signatures", kinds.join(", ")),
         };
@@ -271,14 +276,14 @@ fn probe(e: &Ends) -> Inspection {
         if let Some(i) = e.head.iter().position(|b| *b != 0) {
             ins.add(
                 "data",
-                format!("non-zero data in the first MiB (offset {i})"),
+                format!("non-zero data in the first MiB, from offset {i}"),
                 NATIVE,
             );
         } else if let Some(i) = e.tail.iter().position(|b| *b != 0) {
             ins.add(
                 "data",
                 format!(
-                    "non-zero data in the last MiB (offset {})",
+                    "non-zero data in the last MiB, from offset {}",
                     e.tail_off + i as u64
                 ),
                 NATIVE,
@@ -807,7 +812,16 @@ mod tests {
         for (want, f) in cases {
             let i = image(f);
             assert_eq!(kinds(&i), vec![want], "{i:?}");
-            assert_eq!(i.reason(), format!("has {want} signature"));
+            if want == "data" {
+                assert!(
+                    i.reason()
+                        .starts_with("has data without a known signature (non-zero"),
+                    "{}",
+                    i.reason()
+                );
+            } else {
+                assert_eq!(i.reason(), format!("has {want} signature"));
+            }
         }
     }
 

@@ -84,7 +84,7 @@ pub fn list(cfg: &DisksConfig, host: &HostPaths) -> Result<Vec<DiskReport>, Disc
         selected_by: None,
         inspection: None,
     }));
-    out.sort_by(|a, b| a.disk.name.cmp(&b.disk.name));
+    out.sort_by_key(|a| natural_key(&a.disk.name));
     Ok(out)
 }
 
@@ -136,6 +136,20 @@ pub fn decide(
         selected_by: Some(selected_by),
         inspection,
     }
+}
+
+/// `loop2` before `loop10`: the name split into its text and its number.
+fn natural_key(name: &str) -> (String, u64, String) {
+    let split = name
+        .find(|c: char| c.is_ascii_digit())
+        .unwrap_or(name.len());
+    let (text, rest) = name.split_at(split);
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    (
+        text.to_string(),
+        digits.parse().unwrap_or(0),
+        rest[digits.len()..].to_string(),
+    )
 }
 
 fn kind_of_virtual(name: &str) -> &'static str {

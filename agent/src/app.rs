@@ -256,6 +256,8 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
     });
 
     if let Some(listener) = api_listener {
+        // Read before spawning: a wrong certificate or token path is a start failure.
+        let auth = api::auth::ServerAuth::load(&config.api.auth).map_err(api::ApiError::from)?;
         let identity = AgentIdentity {
             node_name: node_name.clone(),
             version: VERSION.to_string(),
@@ -276,7 +278,7 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
                 token.clone(),
             );
             h.set("api", HealthState::Serving, "");
-            api::serve(listener, service, h, token).await?;
+            api::serve(listener, service, h, auth, token).await?;
             Ok(())
         });
     }

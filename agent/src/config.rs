@@ -132,6 +132,8 @@ pub struct ApiConfig {
     pub listen: ListenAddr,
     pub min_watch_interval: ConfigDuration,
     pub max_watch_streams: usize,
+    /// Who may call what: TLS, client certificates, bearer token (see `api::auth`).
+    pub auth: crate::api::auth::AuthConfig,
 }
 
 impl Default for ApiConfig {
@@ -141,6 +143,7 @@ impl Default for ApiConfig {
             listen: ListenAddr::parse_default(DEFAULT_API_LISTEN),
             min_watch_interval: ConfigDuration(DEFAULT_MIN_WATCH_INTERVAL),
             max_watch_streams: DEFAULT_MAX_WATCH_STREAMS,
+            auth: Default::default(),
         }
     }
 }
@@ -425,6 +428,7 @@ impl Config {
             .problems()
             .into_iter()
             .chain(self.drain.problems())
+            .chain(self.api.auth.problems())
         {
             errs.add(&field, problem);
         }

@@ -14,6 +14,11 @@ Scenarios:
                    and the slot is free again once the first is cancelled
   health-watch-until-end
                    grpc.health.v1 Watch("") until the server ends it; OK only for a clean end
+  cordon-uncordon  Cordon then Uncordon (needs a connected agent and credentials): the returned
+                   and the re-read NodeStatus.unschedulable flip true, then false
+
+Credentials: --tls-ca (server CA; switches to TLS), --tls-cert/--tls-key (client certificate for
+mTLS), --token (sent as `authorization: Bearer <token>` on control calls).
 
 Needs grpcio, grpcio-tools, grpcio-health-checking, grpcio-reflection.
 """
@@ -97,12 +102,28 @@ def duration(pb_duration_cls, seconds):
     return d
 
 
+def read_file(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
 class Client:
-    def __init__(self, addr, timeout):
+    def __init__(self, addr, timeout, tls_ca=None, tls_cert=None, tls_key=None, token=None):
         self.addr = addr
         self.timeout = timeout
+        # Call metadata for control RPCs; never printed.
+        self.metadata = [("authorization", f"Bearer {token}")] if token else []
         # Never route loopback test traffic through a proxy from the environment.
-        self.channel = grpc.insecure_channel(addr, options=[("grpc.enable_http_proxy", 0)])
+        options = [("grpc.enable_http_proxy", 0)]
+        if tls_ca:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=read_file(tls_ca),
+                private_key=read_file(tls_key) if tls_key else None,
+                certificate_chain=read_file(tls_cert) if tls_cert else None,
+            )
+            self.channel = grpc.secure_channel(addr, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(addr, options=options)
         try:
             grpc.channel_ready_future(self.channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
@@ -359,6 +380,26 @@ def scenario_max_streams(args, pb2, pb2_grpc, client):
     return {"rejected": rejected, "slot_released": True}
 
 
+def scenario_cordon_uncordon(args, pb2, pb2_grpc, client):
+    """Cordon, then Uncordon; NodeStatus.unschedulable must follow, in replies and in GetNode."""
+    stub = pb2_grpc.NodeAgentStub(client.channel)
+    md = client.metadata
+    before = stub.GetNode(pb2.GetNodeRequest(), timeout=args.timeout, metadata=md)
+    check(not before.unschedulable, "GetNode: the node is already unschedulable")
+    check(before.kubernetes_connected, "GetNode: the agent is not connected to Kubernetes")
+    cordoned = stub.Cordon(
+        pb2.CordonRequest(reason="grpc_check cordon-uncordon"), timeout=args.timeout, metadata=md
+    )
+    check(cordoned.unschedulable, "Cordon: NodeStatus.unschedulable is false")
+    seen = stub.GetNode(pb2.GetNodeRequest(), timeout=args.timeout, metadata=md)
+    check(seen.unschedulable, "GetNode after Cordon: unschedulable is false")
+    uncordoned = stub.Uncordon(pb2.UncordonRequest(), timeout=args.timeout, metadata=md)
+    check(not uncordoned.unschedulable, "Uncordon: NodeStatus.unschedulable is still true")
+    seen = stub.GetNode(pb2.GetNodeRequest(), timeout=args.timeout, metadata=md)
+    check(not seen.unschedulable, "GetNode after Uncordon: unschedulable is still true")
+    return {"node_name": seen.node_name, "cordoned": True, "uncordoned": True}
+
+
 SCENARIOS = {
     "basic": scenario_basic,
     "watch-until-end": scenario_watch_until_end,
@@ -366,6 +407,7 @@ SCENARIOS = {
     "exclude-pods": scenario_exclude_pods,
     "max-streams": scenario_max_streams,
     "health-watch-until-end": scenario_health_watch_until_end,
+    "cordon-uncordon": scenario_cordon_uncordon,
 }
 
 
@@ -377,12 +419,20 @@ def main():
     p.add_argument("--expect-version", help="basic: the version GetNode must report")
     p.add_argument("--expect-pod-uid", help="exclude-pods: a pod UID GetMetrics must list")
     p.add_argument("--timeout", type=float, default=30.0, help="per-call deadline, seconds")
+    p.add_argument("--tls-ca", help="PEM CA of the agent's server certificate; enables TLS")
+    p.add_argument("--tls-cert", help="PEM client certificate (mTLS); needs --tls-ca, --tls-key")
+    p.add_argument("--tls-key", help="PEM key of --tls-cert")
+    p.add_argument("--token", help="bearer token sent on the calls of cordon-uncordon")
     args = p.parse_args()
+    if (args.tls_cert or args.tls_key) and not (args.tls_cert and args.tls_key and args.tls_ca):
+        p.error("--tls-cert and --tls-key go together, and need --tls-ca")
 
     try:
         with tempfile.TemporaryDirectory(prefix="nodekeeper-pb-") as out_dir:
             pb2, pb2_grpc = generate_stubs(args.proto_dir, out_dir)
-            client = Client(args.addr, args.timeout)
+            client = Client(
+                args.addr, args.timeout, args.tls_ca, args.tls_cert, args.tls_key, args.token
+            )
             try:
                 result = SCENARIOS[args.scenario](args, pb2, pb2_grpc, client)
             finally:

@@ -1,6 +1,8 @@
 //! The gRPC surface on `api.listen`: `nodekeeper.v1.NodeAgent`, `grpc.health.v1.Health` (one
 //! service name per capability, plus "" for the whole agent) and server reflection.
 //!
+//! Every call passes `auth` first (TLS, client certificates, bearer token).
+//!
 //! Owns request validation and stream lifecycles. Streams end with status OK when the agent
 //! shuts down. Never reaches into a capability's internals: it reads the shared `Health` and the
 //! metrics `SnapshotCache`.
@@ -20,6 +22,8 @@ use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::{Health as HealthApi, HealthServer};
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use tonic_health::server::{HealthReporter, HealthService};
+
+pub mod auth;
 
 use crate::config::{ApiConfig, DEFAULT_WATCH_INTERVAL};
 use crate::metrics::SnapshotCache;
@@ -42,6 +46,9 @@ pub enum ApiError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    /// A TLS or token file in `api.auth` is missing or unusable.
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
 }
 
 /// What the API reports about the agent itself.
@@ -404,6 +411,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     service: NodeAgentService,
     health: Health,
+    auth: auth::ServerAuth,
     token: CancellationToken,
 ) -> Result<(), ApiError> {
     let reporter = HealthReporter::new();
@@ -416,7 +424,12 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let mirror = tokio::spawn(mirror_health(health, reporter, token.clone()));
-    let result = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = auth.tls {
+        server = server.tls_config(tls)?;
+    }
+    let result = server
+        .layer(auth.layer)
         .add_service(node_agent_server::NodeAgentServer::new(service))
         .add_service(health_service)
         .add_service(reflection)

@@ -1,0 +1,568 @@
+//! Authentication of the gRPC API, end to end against the real agent: bearer tokens (missing,
+//! wrong, right, rotated), read-only calls open or closed by config, control calls refused when
+//! no credential is configured, and mTLS with certificates made by `openssl` (no client
+//! certificate, one from another CA, one whose name is not allowed, the right one), from the
+//! tonic client and from Python grpcio. Cordon runs against the fake Kubernetes API, so an
+//! accepted call is seen on the Node. The token never reaches the agent's log.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use nodekeeper::pb::{self, node_agent_client::NodeAgentClient};
+use nodekeeper_tests::fake_api::FakeApi;
+use nodekeeper_tests::{Agent, Proc, python, require_python_modules, require_tool, workspace_root};
+use tonic::Code;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+const NODE: &str = "node-a";
+const TOKEN: &str = "nk-test-token-5f1d2c9e8a";
+/// The client name the mTLS agents allow (the good client certificate's CN).
+const CLIENT_NAME: &str = "orchestrator";
+
+async fn within<T>(f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(30), f)
+        .await
+        .expect("test step timed out")
+}
+
+/// The fake API with node-a, and a kubeconfig for it.
+struct Cluster {
+    api: FakeApi,
+    kubeconfig: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn cluster() -> Cluster {
+    let api = FakeApi::start();
+    api.add_node(NODE, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    Cluster {
+        api,
+        kubeconfig,
+        _dir: dir,
+    }
+}
+
+impl Cluster {
+    fn unschedulable(&self) -> bool {
+        self.api.node(NODE).expect("node-a exists")["spec"]["unschedulable"]
+            .as_bool()
+            .unwrap_or(false)
+    }
+}
+
+fn write_token(dir: &Path, token: &str) -> PathBuf {
+    let path = dir.join("token");
+    std::fs::write(&path, format!("{token}\n")).unwrap();
+    path
+}
+
+fn cordon_request() -> tonic::Request<pb::CordonRequest> {
+    tonic::Request::new(pb::CordonRequest {
+        reason: "auth test".into(),
+    })
+}
+
+fn with_bearer<T>(mut req: tonic::Request<T>, token: &str) -> tonic::Request<T> {
+    let value: MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+    req.metadata_mut().insert("authorization", value);
+    req
+}
+
+async fn plain_client(agent: &Agent) -> NodeAgentClient<Channel> {
+    NodeAgentClient::connect(agent.grpc_url())
+        .await
+        .expect("connect")
+}
+
+fn assert_token_not_logged(agent: &Agent) {
+    let log = agent.proc.log_text();
+    assert!(
+        !log.contains(TOKEN) && !log.contains("rotated-token"),
+        "the token appears in the agent's log:\n{log}"
+    );
+}
+
+// === bearer token, no TLS ===
+
+#[tokio::test]
+async fn bearer_token_guards_cordon_and_rotation_needs_no_restart() {
+    let cluster = cluster();
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = write_token(secrets.path(), TOKEN);
+    let agent = Agent::builder()
+        .config(&format!(
+            "metrics:\n  enabled: false\napi:\n  auth:\n    tokenFile: {}\n",
+            token_file.display()
+        ))
+        .connected(&cluster.kubeconfig, NODE)
+        .start();
+    let mut c = plain_client(&agent).await;
+
+    let none = within(c.cordon(cordon_request())).await.unwrap_err();
+    assert_eq!(none.code(), Code::Unauthenticated, "{none:?}");
+    let wrong = within(c.cordon(with_bearer(cordon_request(), "nk-test-token-wrong")))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Code::Unauthenticated, "{wrong:?}");
+    assert!(!wrong.message().contains("nk-test-token"), "{wrong:?}");
+    assert!(
+        !cluster.unschedulable(),
+        "a refused Cordon cordoned the node"
+    );
+
+    // Read-only calls are open by default.
+    let node = within(c.get_node(pb::GetNodeRequest {}))
+        .await
+        .expect("GetNode without credentials")
+        .into_inner();
+    assert!(!node.unschedulable);
+
+    let node = within(c.cordon(with_bearer(cordon_request(), TOKEN)))
+        .await
+        .expect("Cordon with the token")
+        .into_inner();
+    assert!(node.unschedulable);
+    assert!(cluster.unschedulable(), "the Node is not unschedulable");
+
+    // The Secret is rotated (kubelet swaps in a new file): the old token stops working, the new
+    // one works, without a restart.
+    let new = secrets.path().join("token.new");
+    std::fs::write(&new, "rotated-token\n").unwrap();
+    std::fs::rename(&new, &token_file).unwrap();
+    let old = within(c.uncordon(with_bearer(
+        tonic::Request::new(pb::UncordonRequest {}),
+        TOKEN,
+    )))
+    .await
+    .unwrap_err();
+    assert_eq!(old.code(), Code::Unauthenticated, "{old:?}");
+    within(c.uncordon(with_bearer(
+        tonic::Request::new(pb::UncordonRequest {}),
+        "rotated-token",
+    )))
+    .await
+    .expect("Uncordon with the rotated token");
+    assert!(!cluster.unschedulable());
+
+    assert!(
+        agent.proc.log_text().contains("gRPC call refused"),
+        "refusals are logged"
+    );
+    assert_token_not_logged(&agent);
+}
+
+#[tokio::test]
+async fn read_only_calls_need_the_token_when_open_read_only_is_false() {
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = write_token(secrets.path(), TOKEN);
+    let agent = Agent::builder()
+        .config(&format!(
+            "api:\n  auth:\n    tokenFile: {}\n    openReadOnly: false\n",
+            token_file.display()
+        ))
+        .start();
+    let mut c = plain_client(&agent).await;
+    let refused = within(c.get_node(pb::GetNodeRequest {})).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    let refused = within(c.get_metrics(pb::GetMetricsRequest { exclude_pods: true }))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    within(c.get_node(with_bearer(
+        tonic::Request::new(pb::GetNodeRequest {}),
+        TOKEN,
+    )))
+    .await
+    .expect("GetNode with the token");
+    assert_token_not_logged(&agent);
+}
+
+#[tokio::test]
+async fn without_configured_credentials_control_calls_are_refused() {
+    let cluster = cluster();
+    let agent = Agent::builder()
+        .config("metrics:\n  enabled: false\n")
+        .connected(&cluster.kubeconfig, NODE)
+        .start();
+    let mut c = plain_client(&agent).await;
+    let refused = within(c.cordon(with_bearer(cordon_request(), TOKEN)))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert!(refused.message().contains("not configured"), "{refused:?}");
+    let refused = within(c.drain(pb::DrainRequest {
+        id: "d1".into(),
+        ..Default::default()
+    }))
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert!(!cluster.unschedulable());
+    within(c.get_node(pb::GetNodeRequest {}))
+        .await
+        .expect("GetNode stays open");
+}
+
+// === mTLS ===
+
+/// A CA, a server certificate for localhost/127.0.0.1, and client certificates made by openssl.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn pem(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.path(name)).unwrap()
+    }
+
+    fn identity(&self, name: &str) -> Identity {
+        Identity::from_pem(
+            self.pem(&format!("{name}.crt")),
+            self.pem(&format!("{name}.key")),
+        )
+    }
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `ca` and `other-ca`; `server` (SAN localhost, 127.0.0.1); `client` (CN orchestrator),
+/// `intruder` (CN intruder, same CA) and `stranger` (CN orchestrator, other CA).
+fn make_pki() -> Pki {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for ca in ["ca", "other-ca"] {
+        openssl(
+            d,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN=nodekeeper test {ca}"),
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.crt"),
+            ],
+        );
+    }
+    let leaves = [
+        (
+            "server",
+            "ca",
+            "localhost",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        ),
+        (
+            "client",
+            "ca",
+            CLIENT_NAME,
+            "subjectAltName=DNS:orchestrator.example\nextendedKeyUsage=clientAuth\n",
+        ),
+        (
+            "intruder",
+            "ca",
+            "intruder",
+            "extendedKeyUsage=clientAuth\n",
+        ),
+        (
+            "stranger",
+            "other-ca",
+            CLIENT_NAME,
+            "extendedKeyUsage=clientAuth\n",
+        ),
+    ];
+    for (name, ca, cn, ext) in leaves {
+        let ext_file = format!("{name}.ext");
+        std::fs::write(
+            d.join(&ext_file),
+            format!("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n{ext}"),
+        )
+        .unwrap();
+        openssl(
+            d,
+            &[
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-subj",
+                &format!("/CN={cn}"),
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+            ],
+        );
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                &format!("{ca}.crt"),
+                "-CAkey",
+                &format!("{ca}.key"),
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &ext_file,
+                "-out",
+                &format!("{name}.crt"),
+            ],
+        );
+    }
+    Pki { dir }
+}
+
+/// An agent connected to the fake API with server TLS, client CA, token and allowed names.
+fn mtls_agent(cluster: &Cluster, pki: &Pki, token_file: &Path) -> Agent {
+    Agent::builder()
+        .config(&format!(
+            "metrics:\n  enabled: false\napi:\n  auth:\n    tokenFile: {}\n    tls:\n      certFile: {}\n      keyFile: {}\n      clientCaFile: {}\n    allowedClientNames: [{CLIENT_NAME}]\n",
+            token_file.display(),
+            pki.path("server.crt").display(),
+            pki.path("server.key").display(),
+            pki.path("ca.crt").display(),
+        ))
+        .connected(&cluster.kubeconfig, NODE)
+        .start()
+}
+
+/// A TLS channel that trusts `ca.crt`, with the client certificate `identity` when given.
+async fn tls_client(
+    agent: &Agent,
+    pki: &Pki,
+    identity: Option<&str>,
+) -> Result<NodeAgentClient<Channel>, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(pki.pem("ca.crt")))
+        .domain_name("localhost");
+    if let Some(name) = identity {
+        tls = tls.identity(pki.identity(name));
+    }
+    let channel = Endpoint::from_shared(format!("https://{}", agent.api))
+        .unwrap()
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await?;
+    Ok(NodeAgentClient::new(channel))
+}
+
+#[tokio::test]
+async fn mtls_client_certificates_are_checked_for_ca_and_name() {
+    if !require_tool("openssl") {
+        return;
+    }
+    let pki = make_pki();
+    let cluster = cluster();
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = write_token(secrets.path(), TOKEN);
+    let agent = mtls_agent(&cluster, &pki, &token_file);
+
+    // No client certificate, no token: TLS works, reads are open, Cordon is refused.
+    let mut anonymous = within(tls_client(&agent, &pki, None))
+        .await
+        .expect("TLS without a client certificate connects");
+    within(anonymous.get_node(pb::GetNodeRequest {}))
+        .await
+        .expect("GetNode over TLS without credentials");
+    let refused = within(anonymous.cordon(cordon_request()))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert!(!cluster.unschedulable());
+
+    // A certificate from the right CA whose CN is not allowed.
+    let mut intruder = within(tls_client(&agent, &pki, Some("intruder")))
+        .await
+        .expect("connect with the intruder certificate");
+    let denied = within(intruder.cordon(cordon_request())).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert!(denied.message().contains("intruder"), "{denied:?}");
+    assert!(!cluster.unschedulable());
+
+    // The right certificate.
+    let mut orchestrator = within(tls_client(&agent, &pki, Some("client")))
+        .await
+        .expect("connect with the client certificate");
+    let node = within(orchestrator.cordon(cordon_request()))
+        .await
+        .expect("Cordon with the allowed client certificate")
+        .into_inner();
+    assert!(node.unschedulable);
+    assert!(cluster.unschedulable());
+    within(orchestrator.uncordon(pb::UncordonRequest {}))
+        .await
+        .expect("Uncordon with the allowed client certificate");
+    assert!(!cluster.unschedulable());
+
+    // Token-only clients still connect to an mTLS agent (client certificates are optional).
+    within(anonymous.cordon(with_bearer(cordon_request(), TOKEN)))
+        .await
+        .expect("Cordon with the token over TLS, no client certificate");
+    assert!(cluster.unschedulable());
+    assert_token_not_logged(&agent);
+}
+
+#[tokio::test]
+async fn mtls_handshake_refuses_a_certificate_from_another_ca_and_plaintext() {
+    if !require_tool("openssl") {
+        return;
+    }
+    let pki = make_pki();
+    let cluster = cluster();
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = write_token(secrets.path(), TOKEN);
+    let agent = mtls_agent(&cluster, &pki, &token_file);
+
+    // Even with the right token, a connection presenting a certificate the client CA did not
+    // sign is refused in the handshake: no call ever reaches the auth layer.
+    let refused = match within(tls_client(&agent, &pki, Some("stranger"))).await {
+        Err(e) => format!("connect: {e:?}"),
+        Ok(mut c) => {
+            let e = within(c.cordon(with_bearer(cordon_request(), TOKEN)))
+                .await
+                .expect_err("a certificate from another CA was accepted");
+            // A transport failure (the server's `unknown_ca` alert, or the connection closed
+            // by it, depending on which side reads first), never a status from the auth layer.
+            assert!(
+                !matches!(e.code(), Code::Unauthenticated | Code::PermissionDenied),
+                "not a handshake refusal: {e:?}"
+            );
+            assert!(
+                std::error::Error::source(&e).is_some(),
+                "no transport error: {e:?}"
+            );
+            format!("{e:?}")
+        }
+    };
+    assert!(!cluster.unschedulable(), "refused: {refused}");
+
+    // Plaintext to the TLS port gets nowhere either.
+    if let Ok(mut c) = NodeAgentClient::connect(agent.grpc_url()).await {
+        let e = within(c.get_node(pb::GetNodeRequest {}))
+            .await
+            .expect_err("plaintext accepted by a TLS agent");
+        assert_ne!(e.code(), Code::Ok);
+    }
+
+    // The agent is still serving the right client.
+    let mut orchestrator = within(tls_client(&agent, &pki, Some("client")))
+        .await
+        .expect("connect with the client certificate");
+    within(orchestrator.cordon(cordon_request()))
+        .await
+        .expect("Cordon with the allowed client certificate");
+    assert!(cluster.unschedulable());
+}
+
+#[test]
+fn a_missing_certificate_file_fails_the_start_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        "api:\n  auth:\n    tls:\n      certFile: /nonexistent/tls.crt\n      keyFile: /nonexistent/tls.key\n",
+    )
+    .unwrap();
+    let out = Command::new(nodekeeper_tests::agent_bin())
+        .args(["run", "--standalone", "--config"])
+        .arg(&config)
+        .args([
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--api-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env_remove("KUBECONFIG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started without its certificate");
+    assert!(
+        stderr.contains("api.auth.tls.certFile") && stderr.contains("/nonexistent/tls.crt"),
+        "{stderr}"
+    );
+}
+
+// === Python grpcio over mTLS ===
+
+#[test]
+fn python_grpcio_cordons_and_uncordons_over_mtls() {
+    if !require_tool("openssl") || !require_python_modules(&["grpc", "grpc_tools"]) {
+        return;
+    }
+    let pki = make_pki();
+    let cluster = cluster();
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = write_token(secrets.path(), TOKEN);
+    let agent = mtls_agent(&cluster, &pki, &token_file);
+    let mut cmd = Command::new(python());
+    cmd.arg(workspace_root().join("tests/py/grpc_check.py"))
+        .arg("cordon-uncordon")
+        .arg("--addr")
+        .arg(agent.api.to_string())
+        .arg("--tls-ca")
+        .arg(pki.path("ca.crt"))
+        .arg("--tls-cert")
+        .arg(pki.path("client.crt"))
+        .arg("--tls-key")
+        .arg(pki.path("client.key"))
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("PYTHONUNBUFFERED", "1");
+    let mut proc = Proc::spawn("grpc_check-cordon-uncordon", cmd, agent.dir.path());
+    let status = proc.wait_exit(Duration::from_secs(90));
+    let out = proc.log_text();
+    assert!(
+        status.success() && out.contains("\"ok\": true"),
+        "grpc_check.py cordon-uncordon failed ({status}):\n{out}\nagent log:\n{}",
+        agent.proc.log_text()
+    );
+    assert!(!cluster.unschedulable(), "left cordoned");
+    // The script really went through both states on the Node: a cordon and an uncordon patch.
+    let node_path = format!("/api/v1/nodes/{NODE}");
+    let patches = cluster
+        .api
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PATCH" && r.path == node_path && r.status == 200)
+        .count();
+    assert!(patches >= 2, "{patches} Node patches");
+}

@@ -183,13 +183,21 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
                 supervisor.token(),
             );
             let (c, h) = (controller.clone(), health.clone());
+            let drain_config = config.drain.clone();
             supervisor.spawn(crate::drain::CAPABILITY, move |token| async move {
                 // A drain persisted by an earlier incarnation of this agent continues now.
                 if let Err(e) = c.resume().await {
                     tracing::error!(error = %e, "could not read the node's drain state; not resuming");
                 }
                 h.set(crate::drain::CAPABILITY, HealthState::Serving, "");
-                token.cancelled().await;
+                if drain_config.imds.enabled {
+                    // EC2 spot and maintenance notices start drains (after resume, so a notice's
+                    // drain persisted before a restart is re-attached, not started again).
+                    let timeout = drain_config.default_timeout.get();
+                    crate::drain::imds::run(c, drain_config.imds, timeout, token).await;
+                } else {
+                    token.cancelled().await;
+                }
                 Ok(())
             });
             Some(controller)

@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod drain_scenario;
 
 pub mod fake_api;
+pub mod fake_imds;
 pub mod loopdev;
 
 use std::io::{Read, Write};

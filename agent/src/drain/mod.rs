@@ -7,6 +7,7 @@
 //! DaemonSet or mirror pods, never uncordons on its own.
 
 pub mod engine;
+pub mod imds;
 pub mod lock;
 pub mod plan;
 pub mod state;
@@ -54,6 +55,8 @@ pub struct DrainConfig {
     pub leader_selector: String,
     /// At most N nodes draining at once across the cluster (Leases); off by default.
     pub fleet_lock: lock::FleetLockConfig,
+    /// Drain on EC2 spot interruption and scheduled-maintenance notices (IMDSv2); off by default.
+    pub imds: imds::ImdsConfig,
 }
 
 impl Default for DrainConfig {
@@ -67,6 +70,7 @@ impl Default for DrainConfig {
             deletion_poll: ConfigDuration(DEFAULT_DELETION_POLL),
             leader_selector: plan::DEFAULT_LEADER_SELECTOR.to_string(),
             fleet_lock: lock::FleetLockConfig::default(),
+            imds: imds::ImdsConfig::default(),
         }
     }
 }
@@ -109,6 +113,7 @@ impl DrainConfig {
             out.push(("drain.leaderSelector".into(), e));
         }
         out.extend(self.fleet_lock.problems());
+        out.extend(self.imds.problems());
         out
     }
 }

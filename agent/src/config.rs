@@ -429,6 +429,7 @@ impl Config {
             .into_iter()
             .chain(self.drain.problems())
             .chain(self.api.auth.problems())
+            .chain(self.disks.problems())
         {
             errs.add(&field, problem);
         }

@@ -482,3 +482,29 @@ fn root_a_mounted_loop_is_in_use_and_never_opened() {
         "an in-use disk is not opened: {d:#}"
     );
 }
+
+#[test]
+fn disks_list_refuses_bad_selection_config_naming_every_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.yaml");
+    std::fs::write(
+        &config,
+        "disks:\n  devices: [loop3, /dev/loop4]\n  exclude: [loop3]\n  allowWipe: [\"/dev/disk/by-id/nvme-*\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(agent_bin())
+        .args(["disks", "list", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(out.stdout.is_empty(), "nothing listed on bad config");
+    for field in [
+        "disks.devices[0]: \"loop3\" is also in disks.exclude",
+        "disks.devices[1]: \"/dev/loop4\" must be a kernel device name",
+        "disks.allowWipe[0]",
+    ] {
+        assert!(stderr.contains(field), "{field:?} in {stderr}");
+    }
+}

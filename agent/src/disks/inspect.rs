@@ -549,8 +549,9 @@ fn uuid(b: Option<&[u8]>) -> String {
 /// report that our probes did not. A tool that hangs or fails unexpectedly is an error: the
 /// disk must not be called blank on a probe that did not finish.
 fn cross_check(path: &Path, ins: &mut Inspection) -> Result<(), InspectError> {
-    if let Some(version) = tool_version("blkid") {
-        let out = run_tool("blkid", path, &["-p", "-o", "export"])?;
+    if let Some(blkid) = tool("blkid") {
+        let version = &blkid.version;
+        let out = run_tool(blkid, path, &["-p", "-o", "export"])?;
         // blkid: 0 found, 2 nothing found, 8 ambivalent (several signatures).
         match out.status {
             0 => {
@@ -559,12 +560,12 @@ fn cross_check(path: &Path, ins: &mut Inspection) -> Result<(), InspectError> {
                         .strip_prefix("TYPE=")
                         .or_else(|| line.strip_prefix("PTTYPE="))
                     {
-                        add_tool_finding(ins, t, "blkid -p", &version);
+                        add_tool_finding(ins, t, "blkid -p", version);
                     }
                 }
             }
             2 => {}
-            8 => add_tool_finding(ins, "ambivalent", "blkid -p (several signatures)", &version),
+            8 => add_tool_finding(ins, "ambivalent", "blkid -p (several signatures)", version),
             s => {
                 return Err(InspectError::Tool {
                     tool: "blkid",
@@ -573,10 +574,11 @@ fn cross_check(path: &Path, ins: &mut Inspection) -> Result<(), InspectError> {
                 });
             }
         }
-        ins.cross_checked_with.push(version);
+        ins.cross_checked_with.push(version.clone());
     }
-    if let Some(version) = tool_version("wipefs") {
-        let out = run_tool("wipefs", path, &["-n", "-J"])?;
+    if let Some(wipefs) = tool("wipefs") {
+        let version = &wipefs.version;
+        let out = run_tool(wipefs, path, &["-n", "-J"])?;
         if out.status != 0 {
             return Err(InspectError::Tool {
                 tool: "wipefs",
@@ -593,11 +595,11 @@ fn cross_check(path: &Path, ins: &mut Inspection) -> Result<(), InspectError> {
                 })?;
             for sig in v["signatures"].as_array().into_iter().flatten() {
                 if let Some(t) = sig["type"].as_str() {
-                    add_tool_finding(ins, t, "wipefs -n", &version);
+                    add_tool_finding(ins, t, "wipefs -n", version);
                 }
             }
         }
-        ins.cross_checked_with.push(version);
+        ins.cross_checked_with.push(version.clone());
     }
     Ok(())
 }
@@ -631,14 +633,31 @@ struct ToolOutput {
     stderr: String,
 }
 
-/// `blkid 2.38.1` from `blkid --version` ("blkid from util-linux 2.38.1  (libblkid ...)");
-/// None when the tool is not installed. Asked once per process.
-fn tool_version(tool: &'static str) -> Option<String> {
-    static BLKID: OnceLock<Option<String>> = OnceLock::new();
-    static WIPEFS: OnceLock<Option<String>> = OnceLock::new();
-    let cell = if tool == "blkid" { &BLKID } else { &WIPEFS };
+/// A cross-check tool found on this host: where it is and its version.
+struct Tool {
+    path: PathBuf,
+    /// `blkid 2.38.1`, as reasons name it.
+    version: String,
+}
+
+/// Directories searched after `$PATH`: util-linux lives in sbin, which a container's PATH may
+/// lack.
+const SBIN_DIRS: &[&str] = &["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
+
+/// The tool, located once per process (absolute path, so each run is one execve rather than a
+/// PATH walk) with its version from `--version` ("blkid from util-linux 2.38.1 (libblkid
+/// ...)"); None when it is not installed.
+fn tool(name: &'static str) -> Option<&'static Tool> {
+    static BLKID: OnceLock<Option<Tool>> = OnceLock::new();
+    static WIPEFS: OnceLock<Option<Tool>> = OnceLock::new();
+    let cell = if name == "blkid" { &BLKID } else { &WIPEFS };
     cell.get_or_init(|| {
-        let mut cmd = Command::new(tool);
+        let path_var = std::env::var_os("PATH").unwrap_or_default();
+        let path = std::env::split_paths(&path_var)
+            .chain(SBIN_DIRS.iter().map(PathBuf::from))
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())?;
+        let mut cmd = Command::new(&path);
         cmd.arg("--version");
         let out = run_with_timeout(cmd, VERSION_TIMEOUT).ok()?;
         if out.status != 0 {
@@ -650,16 +669,24 @@ fn tool_version(tool: &'static str) -> Option<String> {
             .nth(1)
             .and_then(|r| r.split_whitespace().next())
             .unwrap_or("unknown");
-        Some(format!("{tool} {v}"))
+        Some(Tool {
+            path,
+            version: format!("{name} {v}"),
+        })
     })
-    .clone()
+    .as_ref()
 }
 
-fn run_tool(tool: &'static str, path: &Path, args: &[&str]) -> Result<ToolOutput, InspectError> {
-    let mut cmd = Command::new(tool);
+fn run_tool(tool: &Tool, path: &Path, args: &[&str]) -> Result<ToolOutput, InspectError> {
+    let mut cmd = Command::new(&tool.path);
     cmd.args(args).arg(path);
+    let name = if tool.version.starts_with("blkid") {
+        "blkid"
+    } else {
+        "wipefs"
+    };
     run_with_timeout(cmd, CROSS_CHECK_TIMEOUT).map_err(|problem| InspectError::Tool {
-        tool,
+        tool: name,
         path: path.to_path_buf(),
         problem,
     })

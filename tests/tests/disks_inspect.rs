@@ -12,6 +12,7 @@
 //! - ZFS: no ZFS tools in Debian main, so uberblocks with the magic 0x00bab10c are written in
 //!   the uberblock rings of the four vdev labels;
 //! - random data: 1 MiB of pseudo-random bytes at the start, no known signature.
+//!
 //! No tool ever runs on a device the test did not attach.
 
 use std::path::Path;

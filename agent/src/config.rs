@@ -296,6 +296,7 @@ pub struct Overrides {
     pub state_dir: Option<PathBuf>,
     pub metrics_listen: Option<ListenAddr>,
     pub api_listen: Option<ListenAddr>,
+    pub api_token_file: Option<PathBuf>,
     pub standalone: bool,
     pub host_proc: Option<PathBuf>,
     pub host_sys: Option<PathBuf>,
@@ -348,6 +349,7 @@ impl Config {
             state_dir,
             metrics_listen,
             api_listen,
+            api_token_file,
             standalone,
             host_proc,
             host_sys,
@@ -359,6 +361,7 @@ impl Config {
         set(&mut self.state_dir, state_dir);
         set(&mut self.metrics.listen, metrics_listen);
         set(&mut self.api.listen, api_listen);
+        set(&mut self.api.auth.token_file, api_token_file.map(Some));
         if standalone {
             self.kubernetes.mode = KubernetesMode::Standalone;
         }

@@ -206,3 +206,52 @@ pub fn pod_names(store: &PodStore) -> std::collections::HashMap<String, (String,
         })
         .collect()
 }
+
+/// Records a Kubernetes Event about this Node (core/v1, namespace `default`, as the kubelet's
+/// node Events are); failures are logged, never fatal: an Event is a courtesy to humans.
+pub async fn node_event(
+    client: &kube::Client,
+    node: &str,
+    reason: &str,
+    kind: &str,
+    message: &str,
+) {
+    use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
+    let now =
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+    let ev = Event {
+        metadata: kube::api::ObjectMeta {
+            generate_name: Some(format!("{node}.")),
+            namespace: Some("default".into()),
+            ..Default::default()
+        },
+        involved_object: ObjectReference {
+            kind: Some("Node".into()),
+            name: Some(node.to_string()),
+            api_version: Some("v1".into()),
+            ..Default::default()
+        },
+        reason: Some(reason.into()),
+        message: Some(message.into()),
+        type_: Some(kind.into()),
+        first_timestamp: Some(now.clone()),
+        last_timestamp: Some(now),
+        count: Some(1),
+        source: Some(EventSource {
+            component: Some("nodekeeper".into()),
+            host: Some(node.to_string()),
+        }),
+        ..Default::default()
+    };
+    let api: kube::Api<Event> = kube::Api::namespaced(client.clone(), "default");
+    match tokio::time::timeout(
+        API_CALL_TIMEOUT,
+        api.create(&kube::api::PostParams::default(), &ev),
+    )
+    .await
+    {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, reason, "could not record a Kubernetes Event"),
+        Err(_) => tracing::warn!(reason, "recording a Kubernetes Event timed out"),
+    }
+}

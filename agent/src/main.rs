@@ -212,6 +212,9 @@ struct OverrideArgs {
     /// gRPC address.
     #[arg(long, env = "NODEKEEPER_API_LISTEN")]
     api_listen: Option<ListenAddr>,
+    /// File holding the bearer token that mutating gRPC calls must present (api.auth.tokenFile).
+    #[arg(long, env = "NODEKEEPER_API_TOKEN_FILE")]
+    api_token_file: Option<PathBuf>,
     /// Never use the Kubernetes API, even when a kubeconfig is present.
     #[arg(long, env = "NODEKEEPER_STANDALONE")]
     standalone: bool,
@@ -239,6 +242,7 @@ impl From<OverrideArgs> for Overrides {
             state_dir: a.state_dir,
             metrics_listen: a.metrics_listen,
             api_listen: a.api_listen,
+            api_token_file: a.api_token_file,
             standalone: a.standalone,
             host_proc: a.host_proc,
             host_sys: a.host_sys,

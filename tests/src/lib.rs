@@ -227,6 +227,21 @@ pub struct AgentBuilder {
     envs: Vec<(String, String)>,
     /// Connected mode: this kubeconfig and node name instead of `--standalone`.
     kubeconfig: Option<(PathBuf, String)>,
+    /// Require `TEST_TOKEN` on mutating gRPC calls (`--api-token-file`).
+    token: bool,
+}
+
+/// The bearer token of agents started `.with_token()`.
+pub const TEST_TOKEN: &str = "nodekeeper-test-token-7f3a9c";
+
+/// Wraps a gRPC request with `authorization: Bearer TEST_TOKEN`.
+pub fn bearer<T>(message: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {TEST_TOKEN}").parse().expect("ascii"),
+    );
+    req
 }
 
 impl Agent {
@@ -236,6 +251,7 @@ impl Agent {
             args: Vec::new(),
             envs: Vec::new(),
             kubeconfig: None,
+            token: false,
         }
     }
 
@@ -267,6 +283,12 @@ impl AgentBuilder {
         self
     }
 
+    /// Mutating gRPC calls need `TEST_TOKEN` (send it with `bearer(...)`).
+    pub fn with_token(mut self) -> Self {
+        self.token = true;
+        self
+    }
+
     /// Runs connected to the API server in `kubeconfig` (e.g. the fake API), as node `node`.
     pub fn connected(mut self, kubeconfig: &Path, node: &str) -> Self {
         self.kubeconfig = Some((kubeconfig.to_path_buf(), node.to_string()));
@@ -291,6 +313,11 @@ impl AgentBuilder {
                     .arg("--node-name")
                     .arg(node);
             }
+        }
+        if self.token {
+            let token_file = dir.path().join("api-token");
+            std::fs::write(&token_file, TEST_TOKEN).expect("write token");
+            cmd.arg("--api-token-file").arg(token_file);
         }
         cmd.arg("--metrics-listen")
             .arg(metrics.to_string())

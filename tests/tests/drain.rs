@@ -9,7 +9,7 @@ use std::time::Duration;
 use nodekeeper::pb::{self, DrainPhase, drain_event::Event, node_agent_client::NodeAgentClient};
 use nodekeeper_tests::drain_scenario::{self, NODE, Scenario};
 use nodekeeper_tests::fake_api::{FakeApi, PdbLimit, PodSeed};
-use nodekeeper_tests::{Agent, wait_for};
+use nodekeeper_tests::{Agent, bearer, wait_for};
 use tonic::transport::Channel;
 
 /// Fast retries so scenarios take seconds, not minutes.
@@ -24,6 +24,7 @@ async fn within<T>(secs: u64, f: impl Future<Output = T>) -> T {
 fn agent(s: &Scenario) -> Agent {
     Agent::builder()
         .config(FAST)
+        .with_token()
         .connected(&s.kubeconfig, NODE)
         .start()
 }
@@ -54,7 +55,7 @@ async fn drain_all(
     req: pb::DrainRequest,
 ) -> Vec<pb::DrainEvent> {
     let mut stream = client
-        .drain(req)
+        .drain(bearer(req))
         .await
         .expect("Drain accepted")
         .into_inner();
@@ -218,6 +219,7 @@ async fn an_unsatisfiable_budget_times_out_naming_it_and_the_node_stays_cordoned
     api.write_kubeconfig(&kubeconfig);
     let agent = Agent::builder()
         .config(FAST)
+        .with_token()
         .connected(&kubeconfig, NODE)
         .start();
     let mut c = client(&agent).await;
@@ -241,7 +243,7 @@ async fn a_drain_killed_midway_resumes_from_the_node_and_evicts_no_pod_twice() {
     let s = drain_scenario::rotation(Duration::from_millis(300), Duration::from_millis(1500));
     let mut first = agent(&s);
     let mut c = client(&first).await;
-    let mut stream = within(10, c.drain(request("rot-resume")))
+    let mut stream = within(10, c.drain(bearer(request("rot-resume"))))
         .await
         .unwrap()
         .into_inner();
@@ -258,6 +260,7 @@ async fn a_drain_killed_midway_resumes_from_the_node_and_evicts_no_pod_twice() {
 
     let second = Agent::builder()
         .config(FAST)
+        .with_token()
         .connected(&s.kubeconfig, NODE)
         .start();
     let mut c = client(&second).await;
@@ -287,15 +290,17 @@ async fn a_second_id_is_refused_the_same_id_reattaches_and_uncordon_waits() {
     let s = drain_scenario::rotation(Duration::from_millis(300), Duration::from_millis(1000));
     let agent = agent(&s);
     let mut c = client(&agent).await;
-    let mut first = within(10, c.drain(request("one")))
+    let mut first = within(10, c.drain(bearer(request("one"))))
         .await
         .unwrap()
         .into_inner();
     within(10, first.message()).await.unwrap();
 
-    let refused = within(10, c.drain(request("two"))).await.unwrap_err();
+    let refused = within(10, c.drain(bearer(request("two"))))
+        .await
+        .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
-    let refused = within(10, c.uncordon(pb::UncordonRequest {}))
+    let refused = within(10, c.uncordon(bearer(pb::UncordonRequest {})))
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
@@ -319,7 +324,7 @@ async fn a_second_id_is_refused_the_same_id_reattaches_and_uncordon_waits() {
         (status.id.as_str(), status.phase()),
         ("one", DrainPhase::Completed)
     );
-    let node = within(10, c.uncordon(pb::UncordonRequest {}))
+    let node = within(10, c.uncordon(bearer(pb::UncordonRequest {})))
         .await
         .unwrap()
         .into_inner();
@@ -379,10 +384,10 @@ async fn dry_run_plans_without_touching_and_refusals_fail_before_any_eviction() 
     // Bad requests name the field.
     let bad = within(
         10,
-        c.drain(pb::DrainRequest {
+        c.drain(bearer(pb::DrainRequest {
             id: String::new(),
             ..Default::default()
-        }),
+        })),
     )
     .await
     .unwrap_err();
@@ -390,7 +395,7 @@ async fn dry_run_plans_without_touching_and_refusals_fail_before_any_eviction() 
     assert!(bad.message().starts_with("id:"), "{bad}");
     let mut bad_selector = request("sel");
     bad_selector.leader_selector = "nonsense".into();
-    let bad = within(10, c.drain(bad_selector)).await.unwrap_err();
+    let bad = within(10, c.drain(bearer(bad_selector))).await.unwrap_err();
     assert!(bad.message().starts_with("leader_selector:"), "{bad}");
 }
 
@@ -401,24 +406,24 @@ async fn cordon_and_cancel() {
     let mut c = client(&agent).await;
     let node = within(
         10,
-        c.cordon(pb::CordonRequest {
+        c.cordon(bearer(pb::CordonRequest {
             reason: "kernel CVE".into(),
-        }),
+        })),
     )
     .await
     .unwrap()
     .into_inner();
     assert!(node.unschedulable);
-    let mut stream = within(10, c.drain(request("to-cancel")))
+    let mut stream = within(10, c.drain(bearer(request("to-cancel"))))
         .await
         .unwrap()
         .into_inner();
     within(10, stream.message()).await.unwrap();
     let status = within(
         10,
-        c.cancel_drain(pb::CancelDrainRequest {
+        c.cancel_drain(bearer(pb::CancelDrainRequest {
             id: "to-cancel".into(),
-        }),
+        })),
     )
     .await
     .unwrap()
@@ -438,7 +443,7 @@ async fn cordon_and_cancel() {
     });
     let unknown = within(
         10,
-        c.cancel_drain(pb::CancelDrainRequest { id: "nope".into() }),
+        c.cancel_drain(bearer(pb::CancelDrainRequest { id: "nope".into() })),
     )
     .await
     .unwrap_err();

@@ -88,6 +88,7 @@ fn cluster() -> Cluster {
 fn agent(kubeconfig: &Path, node: &str) -> Agent {
     Agent::builder()
         .config(CONFIG)
+        .with_token()
         .connected(kubeconfig, node)
         .start()
 }
@@ -114,7 +115,7 @@ fn request(id: &str) -> pb::DrainRequest {
 /// Every event of a drain until its stream ends.
 async fn drain_all(mut client: NodeAgentClient<Channel>, id: &str) -> Vec<pb::DrainEvent> {
     let mut stream = client
-        .drain(request(id))
+        .drain(nodekeeper_tests::bearer(request(id)))
         .await
         .expect("Drain accepted")
         .into_inner();

@@ -292,11 +292,19 @@ mod tests {
         let d = disk("nvme-x");
         let pv = build_pv("node-a", "uid-1", "c", &d);
         assert_eq!(
-            classify(&with_phase(pv.clone(), "Available"), "uid-1", &[d.clone()]),
+            classify(
+                &with_phase(pv.clone(), "Available"),
+                "uid-1",
+                std::slice::from_ref(&d)
+            ),
             PvAction::Keep
         );
         assert_eq!(
-            classify(&with_phase(pv.clone(), "Released"), "uid-1", &[d.clone()]),
+            classify(
+                &with_phase(pv.clone(), "Released"),
+                "uid-1",
+                std::slice::from_ref(&d)
+            ),
             PvAction::Reclaim {
                 disk: "nvme-x".into()
             }
@@ -310,7 +318,11 @@ mod tests {
             PvAction::Warn { .. }
         ));
         assert!(matches!(
-            classify(&with_phase(pv.clone(), "Available"), "uid-2", &[d.clone()]),
+            classify(
+                &with_phase(pv.clone(), "Available"),
+                "uid-2",
+                std::slice::from_ref(&d)
+            ),
             PvAction::Delete { .. }
         ));
         assert!(matches!(

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Event, Node, ObjectReference, Pod};
-use kube::api::{EvictParams, ListParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{EvictParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
 
@@ -21,6 +21,9 @@ use super::state::{self, Persisted};
 use super::{DrainConfig, DrainError, DrainMetrics, DrainRun, STATE_ANNOTATION, is_terminal};
 use crate::kube::API_CALL_TIMEOUT;
 use crate::pb::{self, DrainPhase, drain_event::Event as Ev};
+
+/// How often the done list is persisted while evicting (always at phase changes and the end).
+const PROGRESS_PERSIST_INTERVAL: Duration = Duration::from_secs(5);
 
 async fn call<T>(
     what: &str,
@@ -105,6 +108,9 @@ pub struct DrainController {
     current: Mutex<Option<Arc<DrainRun>>>,
     /// Serialises writes of the state annotation.
     persist: tokio::sync::Mutex<()>,
+    last_progress_save: Mutex<Option<Instant>>,
+    /// Budgets a DrainBlocked Event was recorded for in the running drain: one Event per budget.
+    blocked_events: Mutex<HashSet<String>>,
     shutdown: CancellationToken,
 }
 
@@ -125,6 +131,8 @@ impl DrainController {
             pods,
             current: Mutex::new(None),
             persist: tokio::sync::Mutex::new(()),
+            last_progress_save: Mutex::new(None),
+            blocked_events: Mutex::new(HashSet::new()),
             shutdown,
         })
     }
@@ -179,37 +187,7 @@ impl DrainController {
 
     /// A Kubernetes Event on this Node; failures are logged, never fatal.
     async fn event(&self, reason: &str, kind: &str, message: &str) {
-        let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-            k8s_openapi::jiff::Timestamp::now(),
-        );
-        let ev = Event {
-            metadata: kube::api::ObjectMeta {
-                generate_name: Some(format!("{}.", self.node)),
-                namespace: Some("default".into()),
-                ..Default::default()
-            },
-            involved_object: ObjectReference {
-                kind: Some("Node".into()),
-                name: Some(self.node.clone()),
-                api_version: Some("v1".into()),
-                ..Default::default()
-            },
-            reason: Some(reason.into()),
-            message: Some(message.into()),
-            type_: Some(kind.into()),
-            first_timestamp: Some(now.clone()),
-            last_timestamp: Some(now),
-            count: Some(1),
-            source: Some(k8s_openapi::api::core::v1::EventSource {
-                component: Some("nodekeeper".into()),
-                host: Some(self.node.clone()),
-            }),
-            ..Default::default()
-        };
-        let api: Api<Event> = Api::namespaced(self.client.clone(), "default");
-        if let Err(e) = call("POST event", api.create(&PostParams::default(), &ev)).await {
-            tracing::warn!(error = %e, reason, "could not record a Kubernetes Event");
-        }
+        crate::kube::node_event(&self.client, &self.node, reason, kind, message).await;
     }
 
     async fn save(
@@ -232,6 +210,20 @@ impl DrainController {
         )
         .await?;
         Ok(())
+    }
+
+    /// Persists the done list at most every `PROGRESS_PERSIST_INTERVAL` while evicting: the
+    /// list only saves a resumed drain some eviction calls (a pod already gone answers 404 and a
+    /// same-name replacement fails the UID precondition), so it need not cost a PATCH per pod.
+    async fn save_progress(&self, params: &DrainParams, done: &[String]) -> Result<(), DrainError> {
+        {
+            let mut last = self.last_progress_save.lock().expect("not poisoned");
+            if last.is_some_and(|t| t.elapsed() < PROGRESS_PERSIST_INTERVAL) {
+                return Ok(());
+            }
+            *last = Some(Instant::now());
+        }
+        self.save(params, DrainPhase::Evicting, done, "").await
     }
 
     async fn list_pods(&self) -> Result<Vec<Pod>, DrainError> {
@@ -325,6 +317,8 @@ impl DrainController {
             ..Default::default()
         });
         *current = Some(run.clone());
+        self.blocked_events.lock().expect("not poisoned").clear();
+        *self.last_progress_save.lock().expect("not poisoned") = None;
         let (me, r) = (self.clone(), run.clone());
         tokio::spawn(async move { me.run(r, params, done).await });
         Ok(run)
@@ -554,7 +548,7 @@ impl DrainController {
                         };
                         run.update(|s| s.done.push(pod.key()));
                         self.metrics.remaining.dec();
-                        self.save(params, DrainPhase::Evicting, &list, "").await
+                        self.save_progress(params, &list).await
                     }
                 })
                 .buffer_unordered(params.concurrency.max(1) as usize)
@@ -625,7 +619,12 @@ impl DrainController {
                     run.update(|st| {
                         st.error = format!("{} blocked by {budget}: {}", pod.key(), s.message)
                     });
-                    if attempt == 1 {
+                    let first_for_budget = self
+                        .blocked_events
+                        .lock()
+                        .expect("not poisoned")
+                        .insert(budget.clone());
+                    if first_for_budget {
                         self.event(
                             "DrainBlocked",
                             "Warning",
@@ -669,34 +668,46 @@ impl DrainController {
     /// Waits until no pod with this UID exists: on the pod watch when there is one, with a GET
     /// every `deletionPoll` as the fallback (and the only way without a watch).
     async fn wait_gone(&self, api: &Api<Pod>, pod: &PlannedPod) -> Result<(), DrainError> {
-        let mut changes = self.pods.as_ref().map(|(_, rx)| rx.clone());
-        loop {
-            let present = match &self.pods {
-                Some((store, _)) => store
-                    .state()
-                    .iter()
-                    .any(|p| p.metadata.uid.as_deref() == Some(pod.uid.as_str())),
-                None => true,
-            };
-            if !present || self.pods.is_none() {
-                // Confirm with the API: the watch may lag; a GET is the truth.
-                match call("GET pod", api.get_opt(&pod.name)).await? {
-                    None => return Ok(()),
-                    Some(p) if p.metadata.uid.as_deref() != Some(pod.uid.as_str()) => return Ok(()),
-                    Some(_) => {}
+        let Some((store, changes)) = &self.pods else {
+            // No watch: poll with GET.
+            loop {
+                if self.gone_per_api(api, pod).await? {
+                    return Ok(());
                 }
+                tokio::time::sleep(self.config.deletion_poll.get()).await;
             }
-            let poll = tokio::time::sleep(self.config.deletion_poll.get());
-            match changes.as_mut() {
-                Some(rx) => {
-                    tokio::select! {
-                        _ = rx.changed() => {}
-                        _ = poll => {}
+        };
+        // A synced watch saw the pod when the drain listed it, so its absence now is a DELETED
+        // event: no GET needed. The GET every `deletionPoll` covers a watch that stalls.
+        let _ = tokio::time::timeout(API_CALL_TIMEOUT, store.wait_until_ready()).await;
+        let mut changes = changes.clone();
+        let mut poll = tokio::time::interval(self.config.deletion_poll.get());
+        poll.tick().await;
+        loop {
+            let present = store
+                .state()
+                .iter()
+                .any(|p| p.metadata.uid.as_deref() == Some(pod.uid.as_str()));
+            if !present {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = poll.tick() => {
+                    if self.gone_per_api(api, pod).await? {
+                        return Ok(());
                     }
                 }
-                None => poll.await,
             }
         }
+    }
+
+    /// True when the API has no pod of that name with that UID.
+    async fn gone_per_api(&self, api: &Api<Pod>, pod: &PlannedPod) -> Result<bool, DrainError> {
+        Ok(match call("GET pod", api.get_opt(&pod.name)).await? {
+            None => true,
+            Some(p) => p.metadata.uid.as_deref() != Some(pod.uid.as_str()),
+        })
     }
 }
 

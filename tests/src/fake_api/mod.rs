@@ -422,6 +422,42 @@ impl FakeApi {
         });
     }
 
+    /// A PersistentVolume as given (cluster-scoped).
+    pub fn add_pv(&self, pv: Value) -> Value {
+        self.create(Res::PersistentVolumes, pv)
+    }
+
+    pub fn pv(&self, name: &str) -> Option<Value> {
+        self.get(Res::PersistentVolumes, "", name)
+    }
+
+    pub fn pvs(&self) -> Vec<Value> {
+        self.list(Res::PersistentVolumes)
+    }
+
+    /// Sets a PV's `status.phase`, and its `spec.claimRef` when bound to `claim` (namespace,
+    /// name), as the PV controller does when a claim binds or is deleted (Released keeps the ref).
+    pub fn set_pv_phase(&self, name: &str, phase: &str, claim: Option<(&str, &str)>) {
+        self.store.mutate(|st| {
+            let mut pv = st
+                .get(Res::PersistentVolumes, "", name)
+                .cloned()
+                .expect("pv exists");
+            pv["status"]["phase"] = json!(phase);
+            if let Some((ns, claim)) = claim {
+                pv["spec"]["claimRef"] =
+                    json!({"kind": "PersistentVolumeClaim", "namespace": ns, "name": claim});
+            }
+            st.replace(Res::PersistentVolumes, pv);
+        });
+    }
+
+    /// Deletes a PV outright, as `kubectl delete pv` by an operator would.
+    pub fn delete_pv(&self, name: &str) {
+        self.store
+            .mutate(|st| st.remove(Res::PersistentVolumes, "", name));
+    }
+
     /// Sets (or, with `None`, removes) a node label, as an external actor would.
     pub fn label_node(&self, name: &str, key: &str, value: Option<&str>) {
         self.store.mutate(|st| {

@@ -509,12 +509,11 @@ fn daemon_prepares_remounts_and_reports_lost_disks_with_metrics_root() {
         std::fs::read(path.join("precious")).unwrap().len(),
         4 * MIB as usize
     );
-    let m = agent.metrics_text();
-    assert_eq!(
-        sample(&m, "nodekeeper_disks", &[("decision", "ours")]),
-        Some(1.0),
-        "{m}"
-    );
+    // The mount is visible before the pass that made it publishes its metrics.
+    let m = wait_for(Duration::from_secs(20), "decision=\"ours\" 1", || {
+        let m = agent.metrics_text();
+        (sample(&m, "nodekeeper_disks", &[("decision", "ours")]) == Some(1.0)).then_some(m)
+    });
     assert_eq!(
         sample(&m, "nodekeeper_disks_prepared_total", &[]),
         Some(1.0),

@@ -82,6 +82,10 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
     );
     registry.register_collector(Box::new(HealthCollector(health.clone())));
 
+    // One watch of this Node, shared by the capabilities that need its labels or UID.
+    let node_watch = kube
+        .clone()
+        .map(|client| crate::kube::watch_node(client, node_name.clone(), supervisor.token()));
     // One watch of this node's pods, shared by every capability that needs pod identities.
     let pod_watch = kube
         .clone()
@@ -123,7 +127,9 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
             None => ConfigSource::Fixed(Box::new(config.sysctl.clone())),
         };
         let node = kube.clone().map(|client| crate::sysctl::NodeBinding {
-            info: crate::kube::watch_node(client.clone(), node_name.clone(), supervisor.token()),
+            info: node_watch
+                .clone()
+                .expect("a node watch exists when connected"),
             client,
             name: node_name.clone(),
         });
@@ -152,16 +158,38 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
     let _disks_status = if config.disks.enabled {
         let status = crate::disks::prepare::SharedDisksStatus::default();
         let metrics = crate::disks::prepare::DisksMetrics::register(&mut registry);
-        let (cfg, paths, state_dir, h, st) = (
-            config.disks.clone(),
-            config.host_paths.clone(),
-            config.state_dir.clone(),
-            health.clone(),
-            status.clone(),
-        );
+        let disk_ops = Arc::new(tokio::sync::Mutex::new(()));
+        let task = crate::disks::prepare::DisksTask {
+            cfg: config.disks.clone(),
+            paths: config.host_paths.clone(),
+            state_dir: config.state_dir.clone(),
+            metrics,
+            status: status.clone(),
+            disk_ops: disk_ops.clone(),
+        };
+        let h = health.clone();
         supervisor.spawn(crate::disks::CAPABILITY, move |token| {
-            crate::disks::prepare::run(cfg, paths, state_dir, metrics, st, h, token)
+            crate::disks::prepare::run(task, h, token)
         });
+        if let Some(client) = &kube {
+            let publisher = crate::disks::publish::Publisher {
+                client: client.clone(),
+                node: node_name.clone(),
+                node_info: node_watch
+                    .clone()
+                    .expect("a node watch exists when connected"),
+                cfg: config.disks.clone(),
+                paths: config.host_paths.clone(),
+                state_dir: config.state_dir.clone(),
+                status: status.clone(),
+                disk_ops,
+            };
+            let h = health.clone();
+            supervisor.spawn("disks-publisher", move |token| async move {
+                h.set("disks-publisher", HealthState::Serving, "");
+                publisher.run(token).await
+            });
+        }
         Some(status)
     } else {
         health.set(

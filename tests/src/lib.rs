@@ -229,6 +229,8 @@ pub struct AgentBuilder {
     kubeconfig: Option<(PathBuf, String)>,
     /// Require `TEST_TOKEN` on mutating gRPC calls (`--api-token-file`).
     token: bool,
+    /// A state dir that outlives one agent (restart tests); a fresh one per agent otherwise.
+    state_dir: Option<PathBuf>,
 }
 
 /// The bearer token of agents started `.with_token()`.
@@ -252,6 +254,7 @@ impl Agent {
             envs: Vec::new(),
             kubeconfig: None,
             token: false,
+            state_dir: None,
         }
     }
 
@@ -280,6 +283,12 @@ impl AgentBuilder {
 
     pub fn env(mut self, k: &str, v: impl Into<String>) -> Self {
         self.envs.push((k.to_string(), v.into()));
+        self
+    }
+
+    /// Keeps state in `dir` (so a second agent finds the first one's state).
+    pub fn state_dir(mut self, dir: &Path) -> Self {
+        self.state_dir = Some(dir.to_path_buf());
         self
     }
 
@@ -324,7 +333,11 @@ impl AgentBuilder {
             .arg("--api-listen")
             .arg(api.to_string())
             .arg("--state-dir")
-            .arg(dir.path().join("state"))
+            .arg(
+                self.state_dir
+                    .clone()
+                    .unwrap_or_else(|| dir.path().join("state")),
+            )
             .args(&self.args)
             .env("NODEKEEPER_LOG", "info,nodekeeper=debug");
         for (k, v) in &self.envs {

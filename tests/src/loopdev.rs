@@ -83,6 +83,16 @@ impl LoopDevice {
 
 impl Drop for LoopDevice {
     fn drop(&mut self) {
+        // Anything the test (or the agent under test) mounted from it goes first.
+        if let Ok(out) = Command::new("findmnt")
+            .args(["-rn", "-o", "TARGET", "-S"])
+            .arg(&self.path)
+            .output()
+        {
+            for target in String::from_utf8_lossy(&out.stdout).lines() {
+                let _ = Command::new("umount").arg("-l").arg(target).status();
+            }
+        }
         let ok = Command::new("losetup")
             .arg("--detach")
             .arg(&self.path)

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::marker::{self, OnDisk, OwnedDisk, OwnedStore};
 use super::publish::PublishedDisk;
-use super::{Decision, Disk, DisksConfig, FsType, PrepareMode};
+use super::{Decision, Disk, DisksConfig, FsType, PrepareMode, WipeMode};
 use crate::host::{HostPaths, Namespace, NamespaceError, in_namespace};
 use crate::pb::HealthState;
 use crate::runtime::Health;
@@ -1232,16 +1232,31 @@ pub struct DisksStatus {
 
 pub type SharedDisksStatus = Arc<RwLock<DisksStatus>>;
 
+/// What the disks capability runs with.
+pub struct DisksTask {
+    pub cfg: DisksConfig,
+    pub paths: HostPaths,
+    pub state_dir: PathBuf,
+    pub metrics: DisksMetrics,
+    pub status: SharedDisksStatus,
+    /// Held during a pass; the PV publisher holds it while wiping.
+    pub disk_ops: Arc<tokio::sync::Mutex<()>>,
+}
+
 /// The disks capability: every `disks.interval`, discover -> inspect -> prepare.
 pub async fn run(
-    cfg: DisksConfig,
-    paths: HostPaths,
-    state_dir: PathBuf,
-    metrics: DisksMetrics,
-    status: SharedDisksStatus,
+    task: DisksTask,
     health: Health,
     token: CancellationToken,
 ) -> Result<(), crate::runtime::TaskError> {
+    let DisksTask {
+        cfg,
+        paths,
+        state_dir,
+        metrics,
+        status,
+        disk_ops,
+    } = task;
     let host = HostAccess::new(&paths, &cfg);
     let mut store = OwnedStore::load(&state_dir)?;
     let mut interval = tokio::time::interval(cfg.interval.get());
@@ -1252,6 +1267,8 @@ pub async fn run(
             _ = interval.tick() => {}
         }
         let (c, p, h) = (cfg.clone(), paths.clone(), host.clone());
+        // The PV publisher wipes disks under the same lock: a pass never sees a half-wiped disk.
+        let _ops = disk_ops.lock().await;
         let pass = tokio::task::spawn_blocking(move || {
             let result = survey(&c, &p).map(|decided| prepare(&c, &h, &mut store, decided));
             (store, result)
@@ -1302,4 +1319,128 @@ pub async fn run(
             }
         }
     }
+}
+
+// === reclaim ===
+
+/// Zeroes `bytes` at the start and the end of `dev`: signatures, superblocks, GPT backup.
+fn zero_edges(dev: &Path, size: u64, bytes: u64) -> Result<(), PrepareError> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dev)
+        .map_err(io_err(dev))?;
+    let edge = bytes.min(size);
+    let zeros = vec![0u8; 1 << 20];
+    let write_zeros = |f: &mut std::fs::File, mut left: u64| -> Result<(), PrepareError> {
+        while left > 0 {
+            let n = left.min(zeros.len() as u64) as usize;
+            f.write_all(&zeros[..n]).map_err(io_err(dev))?;
+            left -= n as u64;
+        }
+        Ok(())
+    };
+    write_zeros(&mut f, edge)?;
+    if size > edge {
+        f.seek(SeekFrom::Start(size - edge)).map_err(io_err(dev))?;
+        write_zeros(&mut f, edge)?;
+    }
+    f.sync_all().map_err(io_err(dev))
+}
+
+/// Wipes a disk we own so the next tenant of its PV sees nothing of the last one, and keeps it
+/// ours: filesystem and raid0 modes are unmounted, wiped per `disks.wipeMode` (`quick`: a new
+/// filesystem; `discard`: blkdiscard, else zeroes, then a new filesystem; `zero`: the first and
+/// last `zeroMib` MiB zeroed, then a new filesystem), given our label and a new UUID, and mounted
+/// again; block mode is discarded or zeroed. The new UUID is recorded, so the disk stays `Ours`.
+pub fn reclaim(
+    cfg: &DisksConfig,
+    host: &HostAccess,
+    state_dir: &Path,
+    key: &str,
+) -> Result<(), PrepareError> {
+    let mut store = OwnedStore::load(state_dir)?;
+    let mut rec = store.owned.disks.get(key).cloned().ok_or_else(|| {
+        PrepareError::Refused(format!(
+            "refusing to wipe {key}: it is not recorded as ours"
+        ))
+    })?;
+    let name = if key == RAID_KEY {
+        let member = rec.members.first().cloned().unwrap_or_default();
+        let member_name = store
+            .owned
+            .disks
+            .get(&member)
+            .map(|m| m.name.clone())
+            .unwrap_or(member);
+        md_device(host, &member_name)?
+    } else {
+        // Kernel names move across reboots; the by-id link says where the disk is now.
+        rec.by_id
+            .as_ref()
+            .and_then(|b| {
+                std::fs::read_link(host.paths.dev.join(b.trim_start_matches("/dev/"))).ok()
+            })
+            .and_then(|t| t.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| rec.name.clone())
+    };
+    let dev = host.tool_dev(&name);
+    let size = host.size_of(&name);
+    let zero_bytes = if cfg.wipe_mode == WipeMode::Zero {
+        cfg.zero_mib << 20
+    } else {
+        WIPE_EDGE_BYTES
+    };
+    let discard = cfg.wipe_mode == WipeMode::Discard;
+    let erase = move |dev: &Path| -> Result<(), PrepareError> {
+        let discarded = discard
+            && run_tool(
+                "blkdiscard",
+                &[dev.display().to_string()],
+                dev,
+                WIPE_TIMEOUT,
+            )
+            .is_ok();
+        if !discarded {
+            zero_edges(dev, size, zero_bytes)?;
+        }
+        Ok(())
+    };
+    match rec.mode {
+        PrepareMode::Block => {
+            host.run(move || erase(&dev))?;
+        }
+        PrepareMode::Filesystem | PrepareMode::Raid0 => {
+            let fs = rec.fs_type.unwrap_or(cfg.fs_type);
+            let label = rec.label.clone().unwrap_or_else(|| marker::label_for(key));
+            let uuid = marker::new_uuid().map_err(io_err(Path::new("/dev/urandom")))?;
+            let dir = host.tool_mount_path(key);
+            let mounted = !host.mounts_of(&name).is_empty();
+            let (tool, args) = mkfs_args(fs, &label, &uuid, &cfg.mkfs_options, &dev);
+            let opts = cfg.mount_options.clone();
+            let quick = cfg.wipe_mode == WipeMode::Quick;
+            host.run(move || {
+                if mounted {
+                    run_tool("umount", &[dir.display().to_string()], &dev, MOUNT_TIMEOUT)?;
+                }
+                // mkfs refuses a device with a signature unless forced: clear ours first.
+                run_tool(
+                    "wipefs",
+                    &["-a".into(), dev.display().to_string()],
+                    &dev,
+                    WIPE_TIMEOUT,
+                )?;
+                if !quick {
+                    erase(&dev)?;
+                }
+                run_tool(&tool, &args, &dev, MKFS_TIMEOUT)?;
+                mount(&dev, &dir, fs, &opts)
+            })?;
+            rec.uuid = Some(uuid);
+            rec.label = Some(label);
+            store.owned.disks.insert(key.to_string(), rec);
+            store.persist()?;
+        }
+    }
+    tracing::info!(disk = key, device = %name, mode = ?cfg.wipe_mode, "disk wiped for its next tenant");
+    Ok(())
 }

@@ -331,3 +331,273 @@ mod tests {
         ));
     }
 }
+
+// === the publisher loop (connected mode) ===
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kube::api::{DeleteParams, PostParams};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::DisksConfig;
+use super::prepare::{HostAccess, SharedDisksStatus};
+use crate::host::HostPaths;
+use crate::kube::API_CALL_TIMEOUT;
+
+/// What the publisher has done, kept in `<stateDir>/disks/published.json` (atomic replace):
+/// which disks had a PV, and which disks must be wiped before they are published again.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Published {
+    /// Disk key -> PV name.
+    pub pvs: BTreeMap<String, String>,
+    /// Disks whose wipe is owed (recorded before wiping, cleared after): a wipe that fails or is
+    /// interrupted is retried, never recorded as done.
+    pub wipe_pending: BTreeSet<String>,
+}
+
+impl Published {
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("disks/published.json")
+    }
+
+    pub fn load(state_dir: &Path) -> std::io::Result<Self> {
+        match std::fs::read_to_string(Self::path(state_dir)) {
+            Ok(text) => serde_json::from_str(&text).map_err(std::io::Error::other),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn persist(&self, state_dir: &Path) -> std::io::Result<()> {
+        use std::io::Write;
+        let path = Self::path(state_dir);
+        std::fs::create_dir_all(path.parent().expect("has a parent"))?;
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(
+            serde_json::to_string_pretty(self)
+                .expect("serializes")
+                .as_bytes(),
+        )?;
+        f.sync_all()?;
+        std::fs::rename(tmp, path)
+    }
+}
+
+/// Everything the publisher needs, built by the app in connected mode.
+pub struct Publisher {
+    pub client: kube::Client,
+    pub node: String,
+    pub node_info: tokio::sync::watch::Receiver<Option<crate::kube::NodeInfo>>,
+    pub cfg: DisksConfig,
+    pub paths: HostPaths,
+    pub state_dir: PathBuf,
+    pub status: SharedDisksStatus,
+    /// Held while a disk is formatted or wiped, so the prepare pass and a reclaim never race.
+    pub disk_ops: Arc<tokio::sync::Mutex<()>>,
+}
+
+async fn call<T>(
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(API_CALL_TIMEOUT, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Err(_) => Err(format!("{what}: timed out after {API_CALL_TIMEOUT:?}")),
+    }
+}
+
+impl Publisher {
+    fn api(&self) -> kube::Api<PersistentVolume> {
+        kube::Api::all(self.client.clone())
+    }
+
+    /// Publishes and reclaims until cancelled, every `disks.interval`.
+    pub async fn run(mut self, token: CancellationToken) -> Result<(), crate::runtime::TaskError> {
+        let mut published = Published::load(&self.state_dir)?;
+        let mut warned: HashSet<String> = HashSet::new();
+        let mut lost_seen = 0u64;
+        tokio::select! {
+            _ = token.cancelled() => return Ok(()),
+            r = self.node_info.wait_for(Option::is_some) => { r?; }
+        }
+        let mut tick = tokio::time::interval(self.cfg.interval.get());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => return Ok(()),
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.pass(&mut published, &mut warned, &mut lost_seen).await {
+                tracing::warn!(error = %e, "publishing local PVs failed; retrying next pass");
+            }
+        }
+    }
+
+    async fn pass(
+        &self,
+        published: &mut Published,
+        warned: &mut HashSet<String>,
+        lost_seen: &mut u64,
+    ) -> Result<(), String> {
+        let node_uid = self
+            .node_info
+            .borrow()
+            .as_ref()
+            .map(|i| i.uid.clone())
+            .unwrap_or_default();
+        let (prepared, lost, lost_total, passes) = {
+            let st = self.status.read().expect("not poisoned");
+            (
+                st.prepared
+                    .iter()
+                    .map(|p| p.published())
+                    .collect::<Vec<_>>(),
+                st.lost.clone(),
+                st.lost_total,
+                st.passes,
+            )
+        };
+        if passes == 0 {
+            return Ok(()); // Nothing surveyed yet: deleting PVs of "gone" disks now would be wrong.
+        }
+        // A lost disk (blank after EC2 stop/start) is reported, not hidden.
+        if lost_total > *lost_seen {
+            let new = (lost_total - *lost_seen) as usize;
+            for l in lost.iter().rev().take(new) {
+                crate::kube::node_event(
+                    &self.client,
+                    &self.node,
+                    "LocalDiskLost",
+                    "Warning",
+                    &l.message,
+                )
+                .await;
+            }
+            *lost_seen = lost_total;
+        }
+        // Owed wipes first: nothing is published over old data.
+        for key in published.wipe_pending.clone() {
+            self.wipe(&key).await?;
+            published.wipe_pending.remove(&key);
+            published
+                .persist(&self.state_dir)
+                .map_err(|e| e.to_string())?;
+        }
+        let lp = kube::api::ListParams::default()
+            .labels(&format!("{LABEL_NODE}={}", label_value(&self.node)));
+        let pvs = call("LIST persistentvolumes", self.api().list(&lp))
+            .await?
+            .items;
+        let mut have: HashSet<String> = HashSet::new();
+        for pv in &pvs {
+            let name = pv.metadata.name.clone().unwrap_or_default();
+            match classify(pv, &node_uid, &prepared) {
+                PvAction::Keep => {
+                    have.insert(
+                        pv.metadata
+                            .annotations
+                            .as_ref()
+                            .and_then(|a| a.get(ANNOTATION_DISK).cloned())
+                            .unwrap_or_default(),
+                    );
+                }
+                PvAction::Reclaim { disk } => {
+                    published.wipe_pending.insert(disk.clone());
+                    published
+                        .persist(&self.state_dir)
+                        .map_err(|e| e.to_string())?;
+                    self.wipe(&disk).await?;
+                    call(
+                        "DELETE persistentvolume",
+                        self.api().delete(&name, &DeleteParams::default()),
+                    )
+                    .await?;
+                    published.wipe_pending.remove(&disk);
+                    published.pvs.remove(&disk);
+                    published
+                        .persist(&self.state_dir)
+                        .map_err(|e| e.to_string())?;
+                    tracing::info!(pv = %name, disk, "released PV reclaimed: disk wiped, PV to be recreated");
+                }
+                PvAction::Delete { why } => {
+                    call(
+                        "DELETE persistentvolume",
+                        self.api().delete(&name, &DeleteParams::default()),
+                    )
+                    .await?;
+                    tracing::info!(pv = %name, why, "deleted an available PV");
+                }
+                PvAction::Warn { why } => {
+                    if warned.insert(name.clone()) {
+                        crate::kube::node_event(
+                            &self.client,
+                            &self.node,
+                            "LocalPVOrphaned",
+                            "Warning",
+                            &format!("PV {name} is bound but {why}; left alone"),
+                        )
+                        .await;
+                        tracing::warn!(pv = %name, why, "bound PV left alone");
+                    }
+                }
+            }
+        }
+        for disk in &prepared {
+            if have.contains(&disk.id) {
+                continue;
+            }
+            if published.pvs.contains_key(&disk.id) {
+                // It had a PV that is gone without being Released (deleted by hand): whatever a
+                // pod wrote is still there, so wipe before publishing again.
+                published.wipe_pending.insert(disk.id.clone());
+                published
+                    .persist(&self.state_dir)
+                    .map_err(|e| e.to_string())?;
+                self.wipe(&disk.id).await?;
+                published.wipe_pending.remove(&disk.id);
+                tracing::warn!(disk = %disk.id, "its PV vanished without being released: wiped before republishing");
+            }
+            let pv = build_pv(&self.node, &node_uid, &self.cfg.storage_class_name, disk);
+            let name = pv.metadata.name.clone().unwrap_or_default();
+            match tokio::time::timeout(
+                API_CALL_TIMEOUT,
+                self.api().create(&PostParams::default(), &pv),
+            )
+            .await
+            {
+                Ok(Ok(_)) => tracing::info!(pv = %name, disk = %disk.id, "local PV published"),
+                Ok(Err(kube::Error::Api(s))) if s.code == 409 => {}
+                Ok(Err(e)) => return Err(format!("POST persistentvolume {name}: {e}")),
+                Err(_) => return Err(format!("POST persistentvolume {name}: timed out")),
+            }
+            published.pvs.insert(disk.id.clone(), name);
+            published
+                .persist(&self.state_dir)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Wipes a disk per `disks.wipeMode`, holding the disk lock.
+    async fn wipe(&self, key: &str) -> Result<(), String> {
+        let _guard = self.disk_ops.lock().await;
+        let (cfg, paths, state_dir, key) = (
+            self.cfg.clone(),
+            self.paths.clone(),
+            self.state_dir.clone(),
+            key.to_string(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let host = HostAccess::new(&paths, &cfg);
+            super::prepare::reclaim(&cfg, &host, &state_dir, &key).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| format!("wipe task failed: {e}"))?
+    }
+}

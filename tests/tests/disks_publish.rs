@@ -1,0 +1,252 @@
+//! Local PVs against the fake Kubernetes API, with real loop devices prepared by the agent:
+//! the PV field by field, idempotent across restarts, Released -> wiped -> Available again, a PV
+//! deleted by hand -> the disk wiped before it is published again, PVs of an earlier node
+//! incarnation and of vanished disks. Root only; loops are the test's own and detached on drop.
+
+use std::path::Path;
+use std::time::Duration;
+
+use nodekeeper_tests::fake_api::FakeApi;
+use nodekeeper_tests::loopdev::LoopDevice;
+use nodekeeper_tests::{Agent, require_root, require_tool, wait_for};
+use serde_json::{Value, json};
+
+const NODE: &str = "node-a";
+const LOOP_BYTES: u64 = 64 << 20;
+
+fn can_run() -> bool {
+    require_root()
+        && require_tool("losetup")
+        && require_tool("mkfs.ext4")
+        && require_tool("wipefs")
+        && require_tool("findmnt")
+}
+
+struct Scene {
+    api: FakeApi,
+    dir: tempfile::TempDir,
+    kubeconfig: std::path::PathBuf,
+    disk: LoopDevice,
+}
+
+impl Scene {
+    fn new() -> Scene {
+        let api = FakeApi::start();
+        api.add_node(NODE, &[]);
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig);
+        let disk = LoopDevice::attach(&dir.path().join("disk.img"), LOOP_BYTES);
+        Scene {
+            api,
+            dir,
+            kubeconfig,
+            disk,
+        }
+    }
+
+    fn config(&self) -> String {
+        format!(
+            "metrics:\n  enabled: false\ndisks:\n  enabled: true\n  interval: 1s\n  devices: [{}]\n  minSizeBytes: 1048576\n  discoveryDir: {}\n  hostMountNamespace: false\n  storageClassName: fast-local\n",
+            self.disk.name,
+            self.mnt().display()
+        )
+    }
+
+    fn mnt(&self) -> std::path::PathBuf {
+        self.dir.path().join("mnt")
+    }
+
+    fn mount(&self) -> std::path::PathBuf {
+        self.mnt().join(&self.disk.name)
+    }
+
+    fn agent(&self) -> Agent {
+        Agent::builder()
+            .config(&self.config())
+            .connected(&self.kubeconfig, NODE)
+            .state_dir(&self.dir.path().join("state"))
+            .start()
+    }
+
+    fn pv_name(&self) -> String {
+        format!("nk-{NODE}-{}", self.disk.name)
+    }
+
+    fn wait_pv(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        wait_for(Duration::from_secs(20), what, || {
+            self.api.pv(&self.pv_name()).filter(|pv| pred(pv))
+        })
+    }
+}
+
+fn write_file(dir: &Path) {
+    std::fs::write(dir.join("tenant-data"), b"secret of the last tenant").unwrap();
+}
+
+#[test]
+fn a_prepared_disk_is_published_once_with_every_field_as_root() {
+    if !can_run() {
+        return;
+    }
+    let s = Scene::new();
+    let agent = s.agent();
+    let pv = s.wait_pv("PV published", |_| true);
+    let spec = &pv["spec"];
+    assert_eq!(spec["capacity"]["storage"], LOOP_BYTES.to_string());
+    assert_eq!(spec["volumeMode"], "Filesystem");
+    assert_eq!(spec["persistentVolumeReclaimPolicy"], "Delete");
+    assert_eq!(spec["storageClassName"], "fast-local");
+    assert_eq!(spec["accessModes"], json!(["ReadWriteOnce"]));
+    assert_eq!(spec["local"]["path"], s.mount().display().to_string());
+    let term = &spec["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0];
+    assert_eq!(
+        (term["key"].as_str(), term["operator"].as_str()),
+        (Some("kubernetes.io/hostname"), Some("In"))
+    );
+    assert_eq!(term["values"], json!([NODE]));
+    assert_eq!(pv["metadata"]["labels"]["nodekeeper.io/node"], NODE);
+    let node_uid = s.api.node(NODE).unwrap()["metadata"]["uid"].clone();
+    assert_eq!(
+        pv["metadata"]["annotations"]["nodekeeper.io/node-uid"],
+        node_uid
+    );
+    assert_eq!(
+        pv["metadata"]["annotations"]["nodekeeper.io/disk"],
+        s.disk.name
+    );
+
+    // Idempotent: passes and a restart change nothing.
+    let rv = pv["metadata"]["resourceVersion"].clone();
+    std::thread::sleep(Duration::from_secs(2));
+    drop(agent);
+    let _again = s.agent();
+    std::thread::sleep(Duration::from_secs(3));
+    let pv = s.api.pv(&s.pv_name()).unwrap();
+    assert_eq!(
+        pv["metadata"]["resourceVersion"], rv,
+        "the PV was rewritten"
+    );
+    assert_eq!(s.api.pvs().len(), 1);
+}
+
+#[test]
+fn a_released_pv_is_wiped_then_published_again_as_root() {
+    if !can_run() {
+        return;
+    }
+    let s = Scene::new();
+    let _agent = s.agent();
+    let first = s.wait_pv("PV published", |_| true);
+    write_file(&s.mount());
+    s.api
+        .set_pv_phase(&s.pv_name(), "Bound", Some(("shop", "data-0")));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        s.mount().join("tenant-data").exists(),
+        "a bound disk is never wiped"
+    );
+    s.api
+        .set_pv_phase(&s.pv_name(), "Released", Some(("shop", "data-0")));
+    let uid = first["metadata"]["uid"].clone();
+    let second = s.wait_pv("PV recreated", |pv| pv["metadata"]["uid"] != uid);
+    assert!(
+        !s.mount().join("tenant-data").exists(),
+        "the last tenant's data survived the reclaim"
+    );
+    assert!(
+        second["spec"]["claimRef"].is_null(),
+        "the new PV is Available: {second}"
+    );
+}
+
+#[test]
+fn a_pv_deleted_by_hand_is_not_republished_over_old_data_as_root() {
+    if !can_run() {
+        return;
+    }
+    let s = Scene::new();
+    let _agent = s.agent();
+    let first = s.wait_pv("PV published", |_| true);
+    write_file(&s.mount());
+    s.api.delete_pv(&s.pv_name());
+    let uid = first["metadata"]["uid"].clone();
+    s.wait_pv("PV recreated", |pv| pv["metadata"]["uid"] != uid);
+    assert!(
+        !s.mount().join("tenant-data").exists(),
+        "republished over the old tenant's data"
+    );
+}
+
+fn foreign_pv(name: &str, node_uid: &str, disk: &str, bound: bool) -> Value {
+    let mut pv = json!({
+        "metadata": {"name": name, "labels": {"nodekeeper.io/node": NODE},
+                     "annotations": {"nodekeeper.io/node-uid": node_uid, "nodekeeper.io/disk": disk}},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "local": {"path": "/mnt/x"},
+                 "persistentVolumeReclaimPolicy": "Delete", "storageClassName": "fast-local"},
+        "status": {"phase": if bound { "Bound" } else { "Available" }},
+    });
+    if bound {
+        pv["spec"]["claimRef"] = json!({"namespace": "db", "name": "data-db-0"});
+    }
+    pv
+}
+
+#[test]
+fn pvs_of_an_earlier_incarnation_or_a_vanished_disk_are_deleted_if_free_and_flagged_if_bound_as_root()
+ {
+    if !can_run() {
+        return;
+    }
+    let s = Scene::new();
+    s.api.add_pv(foreign_pv(
+        "nk-old-free",
+        "uid-of-the-old-node",
+        "nvme-old-1",
+        false,
+    ));
+    s.api.add_pv(foreign_pv(
+        "nk-old-bound",
+        "uid-of-the-old-node",
+        "nvme-old-2",
+        true,
+    ));
+    let node_uid = s.api.node(NODE).unwrap()["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    s.api
+        .add_pv(foreign_pv("nk-gone-bound", &node_uid, "nvme-gone", true));
+    let _agent = s.agent();
+    s.wait_pv("own PV published", |_| true);
+    wait_for(Duration::from_secs(20), "free old PV deleted", || {
+        s.api.pv("nk-old-free").is_none().then_some(())
+    });
+    assert!(s.api.pv("nk-old-bound").is_some(), "a bound PV was deleted");
+    assert!(
+        s.api.pv("nk-gone-bound").is_some(),
+        "a bound PV was deleted"
+    );
+    let warnings = wait_for(Duration::from_secs(20), "two orphan warnings", || {
+        let w: Vec<String> = s
+            .api
+            .events()
+            .iter()
+            .filter(|e| e["reason"] == "LocalPVOrphaned")
+            .filter_map(|e| e["message"].as_str().map(String::from))
+            .collect();
+        (w.len() == 2).then_some(w)
+    });
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("nk-old-bound") && w.contains("earlier incarnation")),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("nk-gone-bound") && w.contains("is gone")),
+        "{warnings:?}"
+    );
+}

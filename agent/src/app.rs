@@ -155,7 +155,7 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
     };
 
     // Read by the PV publisher (connected mode) and the API: what is prepared, what was lost.
-    let _disks_status = if config.disks.enabled {
+    let disks_status = if config.disks.enabled {
         let status = crate::disks::prepare::SharedDisksStatus::default();
         let metrics = crate::disks::prepare::DisksMetrics::register(&mut registry);
         let disk_ops = Arc::new(tokio::sync::Mutex::new(()));
@@ -304,12 +304,16 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
         let h = health.clone();
         let api_config = config.api.clone();
         supervisor.spawn("api", move |token| async move {
+            let capabilities = api::Capabilities {
+                snapshots,
+                sysctl: sysctl_status,
+                drain,
+                disks: disks_status,
+            };
             let service = NodeAgentService::new(
                 identity,
                 h.clone(),
-                snapshots,
-                sysctl_status,
-                drain,
+                capabilities,
                 &api_config,
                 token.clone(),
             );

@@ -116,6 +116,32 @@ fn a_prepared_disk_is_published_once_with_every_field_as_root() {
         s.disk.name
     );
 
+    // GetNode shows the disk, its decision and where it is mounted.
+    let node = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut c = nodekeeper::pb::node_agent_client::NodeAgentClient::connect(agent.grpc_url())
+            .await
+            .unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            c.get_node(nodekeeper::pb::GetNodeRequest {}),
+        )
+        .await
+        .unwrap()
+        .unwrap()
+        .into_inner()
+    });
+    let disk = node
+        .disks
+        .iter()
+        .find(|d| d.name == s.disk.name)
+        .expect("the loop is listed in GetNode");
+    assert!(
+        disk.decision == "ours" || disk.decision == "candidate",
+        "{disk:?}"
+    );
+    assert_eq!(disk.path, s.mount().display().to_string());
+    assert_eq!(disk.size_bytes, LOOP_BYTES);
+
     // Idempotent: passes and a restart change nothing.
     let rv = pv["metadata"]["resourceVersion"].clone();
     std::thread::sleep(Duration::from_secs(2));

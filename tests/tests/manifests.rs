@@ -282,12 +282,16 @@ fn rendered_base_has_each_object_labelled_in_the_namespace() {
         ("RoleBinding", "nodekeeper-drain-lock"),
         ("Service", "nodekeeper"),
         ("ServiceAccount", "nodekeeper"),
+        ("StorageClass", "nodekeeper-local"),
     ];
     want.sort();
     assert_eq!(kinds, want);
     for o in &base.objects {
         let kind = str_at(o, "/kind");
-        let namespaced = !matches!(kind, "Namespace" | "ClusterRole" | "ClusterRoleBinding");
+        let namespaced = !matches!(
+            kind,
+            "Namespace" | "ClusterRole" | "ClusterRoleBinding" | "StorageClass"
+        );
         if namespaced {
             assert_eq!(o["metadata"]["namespace"], NAMESPACE, "{kind} namespace");
         }
@@ -603,6 +607,11 @@ fn cluster_role_grants_exactly_the_listed_verbs() {
         ("", "nodes", &["get", "list", "watch", "patch"][..]),
         ("", "pods", &["get", "list", "watch"]),
         ("", "pods/eviction", &["create"]),
+        (
+            "",
+            "persistentvolumes",
+            &["get", "list", "watch", "create", "delete"],
+        ),
         ("", "events", &["create", "patch"]),
         ("events.k8s.io", "events", &["create", "patch"]),
     ]

@@ -61,6 +61,15 @@ pub struct AgentIdentity {
     pub started_at: SystemTime,
 }
 
+/// What the API reads from each capability; `None` when it is disabled (or needs the API).
+#[derive(Default)]
+pub struct Capabilities {
+    pub snapshots: Option<Arc<SnapshotCache>>,
+    pub sysctl: Option<crate::sysctl::SharedStatus>,
+    pub drain: Option<Arc<crate::drain::engine::DrainController>>,
+    pub disks: Option<crate::disks::prepare::SharedDisksStatus>,
+}
+
 #[derive(Clone)]
 pub struct NodeAgentService {
     identity: Arc<AgentIdentity>,
@@ -68,6 +77,7 @@ pub struct NodeAgentService {
     snapshots: Option<Arc<SnapshotCache>>,
     sysctl: Option<crate::sysctl::SharedStatus>,
     drain: Option<Arc<crate::drain::engine::DrainController>>,
+    disks: Option<crate::disks::prepare::SharedDisksStatus>,
     min_watch_interval: Duration,
     watch_slots: Arc<Semaphore>,
     shutdown: CancellationToken,
@@ -77,18 +87,23 @@ impl NodeAgentService {
     pub fn new(
         identity: AgentIdentity,
         health: Health,
-        snapshots: Option<Arc<SnapshotCache>>,
-        sysctl: Option<crate::sysctl::SharedStatus>,
-        drain: Option<Arc<crate::drain::engine::DrainController>>,
+        capabilities: Capabilities,
         config: &ApiConfig,
         shutdown: CancellationToken,
     ) -> Self {
+        let Capabilities {
+            snapshots,
+            sysctl,
+            drain,
+            disks,
+        } = capabilities;
         Self {
             identity: Arc::new(identity),
             health,
             snapshots,
             sysctl,
             drain,
+            disks,
             min_watch_interval: config.min_watch_interval.get(),
             watch_slots: Arc::new(Semaphore::new(config.max_watch_streams)),
             shutdown,
@@ -166,6 +181,11 @@ impl node_agent_server::NodeAgent for NodeAgentService {
                 Some(d) => d.unschedulable().await.map_err(Status::from)?,
                 None => false,
             },
+            disks: self
+                .disks
+                .as_ref()
+                .map(|d| d.read().expect("not poisoned").to_pb())
+                .unwrap_or_default(),
             drain: self
                 .drain
                 .as_ref()

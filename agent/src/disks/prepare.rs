@@ -1444,3 +1444,33 @@ pub fn reclaim(
     tracing::info!(disk = key, device = %name, mode = ?cfg.wipe_mode, "disk wiped for its next tenant");
     Ok(())
 }
+
+impl DisksStatus {
+    /// The status as the gRPC API reports it.
+    pub fn to_pb(&self) -> Vec<crate::pb::DiskStatus> {
+        self.disks
+            .iter()
+            .map(|d| {
+                let (decision, reason) = match &d.decision {
+                    Decision::Candidate => ("candidate", String::new()),
+                    Decision::Ours => ("ours", String::new()),
+                    Decision::NotSelected(r) => ("not-selected", r.clone()),
+                    Decision::InUse(r) => ("in-use", r.clone()),
+                    Decision::HasData(r) => ("has-data", r.clone()),
+                };
+                let prepared = self.prepared.iter().find(|p| p.key == d.key);
+                crate::pb::DiskStatus {
+                    name: d.name.clone(),
+                    key: d.key.clone(),
+                    decision: decision.into(),
+                    reason,
+                    action: d.action.clone(),
+                    path: prepared
+                        .map(|p| p.path.display().to_string())
+                        .unwrap_or_default(),
+                    size_bytes: prepared.map(|p| p.size_bytes).unwrap_or_default(),
+                }
+            })
+            .collect()
+    }
+}

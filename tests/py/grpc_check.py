@@ -14,6 +14,7 @@ Scenarios:
                    and the slot is free again once the first is cancelled
   health-watch-until-end
                    grpc.health.v1 Watch("") until the server ends it; OK only for a clean end
+  drain            a full Drain (needs a connected agent and credentials), streamed to `completed`
   cordon-uncordon  Cordon then Uncordon (needs a connected agent and credentials): the returned
                    and the re-read NodeStatus.unschedulable flip true, then false
 
@@ -400,6 +401,30 @@ def scenario_cordon_uncordon(args, pb2, pb2_grpc, client):
     return {"node_name": seen.node_name, "cordoned": True, "uncordoned": True}
 
 
+def scenario_drain(args, pb2, pb2_grpc, client):
+    """A full Drain streamed to its end; the last event must be `completed`."""
+    stub = pb2_grpc.NodeAgentStub(client.channel)
+    req = pb2.DrainRequest(
+        id="grpc-check-drain",
+        reason="grpc_check drain",
+        requester="python-grpcio",
+        evict_unreplicated=True,
+        delete_emptydir_data=True,
+    )
+    req.timeout.seconds = 300
+    kinds = {}
+    last = None
+    for event in stub.Drain(req, timeout=330, metadata=client.metadata):
+        kind = event.WhichOneof("event")
+        kinds[kind] = kinds.get(kind, 0) + 1
+        last = event
+    check(last is not None, "Drain: the stream ended without an event")
+    check(last.WhichOneof("event") == "completed", "Drain: ended with %r, not completed" % last.WhichOneof("event"))
+    check(kinds.get("planned") == 1, "Drain: expected exactly one planned event, got %r" % kinds)
+    check(kinds.get("deleted", 0) == len(last.completed.done), "Drain: deleted events %r vs done %d" % (kinds, len(last.completed.done)))
+    return {"events": kinds, "done": len(last.completed.done)}
+
+
 SCENARIOS = {
     "basic": scenario_basic,
     "watch-until-end": scenario_watch_until_end,
@@ -408,6 +433,7 @@ SCENARIOS = {
     "max-streams": scenario_max_streams,
     "health-watch-until-end": scenario_health_watch_until_end,
     "cordon-uncordon": scenario_cordon_uncordon,
+    "drain": scenario_drain,
 }
 
 

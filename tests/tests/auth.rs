@@ -566,3 +566,50 @@ fn python_grpcio_cordons_and_uncordons_over_mtls() {
         .count();
     assert!(patches >= 2, "{patches} Node patches");
 }
+
+#[test]
+fn python_grpcio_drives_a_full_drain_over_mtls() {
+    if !require_tool("openssl") || !require_python_modules(&["grpc", "grpc_tools"]) {
+        return;
+    }
+    let pki = make_pki();
+    let s = nodekeeper_tests::drain_scenario::rotation(
+        Duration::from_millis(200),
+        Duration::from_millis(500),
+    );
+    let cluster = Cluster {
+        api: s.api,
+        kubeconfig: s.kubeconfig.clone(),
+        _dir: s.dir,
+    };
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = write_token(secrets.path(), TOKEN);
+    let agent = mtls_agent(&cluster, &pki, &token_file);
+    let mut cmd = Command::new(python());
+    cmd.arg(workspace_root().join("tests/py/grpc_check.py"))
+        .arg("drain")
+        .arg("--addr")
+        .arg(agent.api.to_string())
+        .arg("--tls-ca")
+        .arg(pki.path("ca.crt"))
+        .arg("--tls-cert")
+        .arg(pki.path("client.crt"))
+        .arg("--tls-key")
+        .arg(pki.path("client.key"))
+        .arg("--timeout")
+        .arg("30")
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("PYTHONUNBUFFERED", "1");
+    let mut proc = Proc::spawn("grpc_check-drain", cmd, agent.dir.path());
+    let status = proc.wait_exit(Duration::from_secs(240));
+    let out = proc.log_text();
+    assert!(
+        status.success() && out.contains("\"ok\": true"),
+        "grpc_check.py drain failed ({status}):\n{out}\nagent log:\n{}",
+        agent.proc.log_text()
+    );
+    let mut left = cluster.api.pods_on(NODE);
+    left.sort();
+    assert_eq!(left, nodekeeper_tests::drain_scenario::expected_remaining());
+    assert!(cluster.api.pdb_violations().is_empty());
+}

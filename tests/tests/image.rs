@@ -4,12 +4,12 @@
 //! buildah, exported and checked under chroot.
 //!
 //! Needs root, podman, buildah and apt-get; skips without them, fails under
-//! `NODEKEEPER_REQUIRE_TOOLS=1`. Builds from the debug binary (the one the test suite already
-//! built) unless `NODEKEEPER_IMAGE_PROFILE=release` is set.
+//! `NODEKEEPER_REQUIRE_TOOLS=1`. Uses the agent binary the suite runs (`agent_bin()`, the debug
+//! build) unless `NODEKEEPER_IMAGE_PROFILE=release` is set, which makes the script build it.
 
 use std::process::Command;
 
-use nodekeeper_tests::{require_root, require_tool, workspace_root};
+use nodekeeper_tests::{agent_bin, require_root, require_tool, workspace_root};
 
 #[test]
 fn image_builds_offline_and_carries_every_program_the_agent_runs() {
@@ -22,14 +22,22 @@ fn image_builds_offline_and_carries_every_program_the_agent_runs() {
         return;
     }
     let root = workspace_root();
-    let profile = std::env::var("NODEKEEPER_IMAGE_PROFILE").unwrap_or_else(|_| "debug".into());
     let cache = root.join("target/image-cache");
-    let o = Command::new(root.join("tests/scripts/build-image"))
-        .current_dir(&root)
-        .env("NODEKEEPER_IMAGE_PROFILE", &profile)
-        .env("NODEKEEPER_IMAGE_CACHE", &cache)
-        .output()
-        .expect("run tests/scripts/build-image");
+    let mut cmd = Command::new(root.join("tests/scripts/build-image"));
+    cmd.current_dir(&root).env("NODEKEEPER_IMAGE_CACHE", &cache);
+    // The suite's own build, unless a profile is asked for (the script then builds it).
+    let profile = match std::env::var("NODEKEEPER_IMAGE_PROFILE") {
+        Ok(p) => {
+            cmd.env("NODEKEEPER_IMAGE_PROFILE", &p)
+                .env_remove("NODEKEEPER_BIN");
+            p
+        }
+        Err(_) => {
+            cmd.env("NODEKEEPER_BIN", agent_bin());
+            "debug".into()
+        }
+    };
+    let o = cmd.output().expect("run tests/scripts/build-image");
     let stdout = String::from_utf8_lossy(&o.stdout);
     let stderr = String::from_utf8_lossy(&o.stderr);
     // Shown with --nocapture: the size and timings.

@@ -10,6 +10,7 @@ pub mod drain_scenario;
 
 pub mod fake_api;
 pub mod fake_imds;
+pub mod kustomize;
 pub mod loopdev;
 
 use std::io::{Read, Write};

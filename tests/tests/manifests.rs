@@ -8,12 +8,12 @@
 //! `NODEKEEPER_REQUIRE_TOOLS=1` they fail.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::net::SocketAddr;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use nodekeeper_tests::{agent_bin, python, require_python_modules, require_tool, workspace_root};
+use nodekeeper_tests::agent_bin;
+use nodekeeper_tests::kustomize::{have_tools, render, yaml_documents};
 use serde_json::{Value, json};
 
 /// Kubernetes version the schemas are checked against: a supported release (kubernetes-validate
@@ -29,59 +29,10 @@ const SAMPLE_NODE_NAME: &str = "ip-10-0-0-1.ec2.internal";
 
 // === rendering ===
 
-/// The tools every test here needs, plus `extra`; false (skip) when one is missing.
-fn have_tools(extra: &[&str]) -> bool {
-    require_tool("kubectl")
-        && extra.iter().all(|t| require_tool(t))
-        && require_python_modules(&["yaml"])
-}
-
 /// `kubectl kustomize manifests/base`, run once per test binary.
 fn rendered_text() -> &'static str {
     static TEXT: OnceLock<String> = OnceLock::new();
-    TEXT.get_or_init(|| {
-        let o = Command::new("kubectl")
-            .args(["kustomize", "manifests/base"])
-            .current_dir(workspace_root())
-            .output()
-            .expect("run kubectl kustomize");
-        assert!(
-            o.status.success(),
-            "kubectl kustomize manifests/base failed:\n{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8(o.stdout).expect("kustomize output is UTF-8")
-    })
-}
-
-/// Every document of a YAML stream, as JSON values (PyYAML's safe loader does the parsing).
-fn yaml_documents(text: &str) -> Vec<Value> {
-    let mut child = Command::new(python())
-        .args([
-            "-c",
-            "import json, sys, yaml; json.dump([d for d in yaml.safe_load_all(sys.stdin) if d is not None], sys.stdout)",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn python");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("write YAML to python");
-    let o = child.wait_with_output().expect("python output");
-    assert!(
-        o.status.success(),
-        "YAML did not parse:\n{}\n---\n{text}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    match serde_json::from_slice(&o.stdout).expect("python printed JSON") {
-        Value::Array(docs) => docs,
-        other => panic!("expected a list of documents, got {other}"),
-    }
+    TEXT.get_or_init(|| render("manifests/base"))
 }
 
 fn yaml_document(text: &str) -> Value {

@@ -6,12 +6,12 @@
 //! Same tools and skip rules as `manifests.rs` (kubectl, Python with PyYAML, kubernetes-validate).
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use nodekeeper::disks::discover::select;
 use nodekeeper::disks::{Disk, DisksConfig};
-use nodekeeper_tests::{agent_bin, python, require_python_modules, require_tool, workspace_root};
+use nodekeeper_tests::agent_bin;
+use nodekeeper_tests::kustomize::{have_tools, render, yaml_documents};
 use serde_json::{Value, json};
 
 /// As in manifests.rs: the oldest Kubernetes release the manifests are checked against.
@@ -19,57 +19,6 @@ const KUBERNETES_VERSION: &str = "1.33.0";
 const NAMESPACE: &str = "nodekeeper-system";
 const OVERLAYS: [&str; 2] = ["eks", "gke"];
 const SAMPLE_NODE_NAME: &str = "ip-10-0-0-1.ec2.internal";
-
-fn have_tools(extra: &[&str]) -> bool {
-    require_tool("kubectl")
-        && extra.iter().all(|t| require_tool(t))
-        && require_python_modules(&["yaml"])
-}
-
-/// `kubectl kustomize <dir>` (relative to the workspace root).
-fn render(dir: &str) -> String {
-    let o = Command::new("kubectl")
-        .args(["kustomize", dir])
-        .current_dir(workspace_root())
-        .output()
-        .expect("run kubectl kustomize");
-    assert!(
-        o.status.success(),
-        "kubectl kustomize {dir} failed:\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).expect("kustomize output is UTF-8")
-}
-
-/// Every document of a YAML stream as JSON (PyYAML's safe loader parses).
-fn yaml_documents(text: &str) -> Vec<Value> {
-    let mut child = Command::new(python())
-        .args([
-            "-c",
-            "import json, sys, yaml; json.dump([d for d in yaml.safe_load_all(sys.stdin) if d is not None], sys.stdout)",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn python");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("write YAML to python");
-    let o = child.wait_with_output().expect("python output");
-    assert!(
-        o.status.success(),
-        "YAML did not parse:\n{}\n---\n{text}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    match serde_json::from_slice(&o.stdout).expect("python printed JSON") {
-        Value::Array(docs) => docs,
-        other => panic!("expected a list of documents, got {other}"),
-    }
-}
 
 struct Rendered {
     name: String,

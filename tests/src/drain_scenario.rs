@@ -104,3 +104,54 @@ pub fn expected_remaining() -> Vec<String> {
         "logs-node-a".into(),
     ]
 }
+
+/// One pod behind a budget that can never allow its eviction (minAvailable 1 of 1): a drain of
+/// node-a can only time out, naming `primary-pdb`.
+pub fn unsatisfiable() -> Scenario {
+    let api = FakeApi::start();
+    api.add_node(NODE, &[]);
+    api.add_replicaset(
+        "db",
+        "primary-rs",
+        &[("app", "primary")],
+        1,
+        &[("app", "primary")],
+    );
+    api.add_pod(
+        PodSeed::new("primary-0")
+            .namespace("db")
+            .node(NODE)
+            .label("app", "primary")
+            .replicaset("primary-rs"),
+    );
+    api.add_pdb(
+        "db",
+        "primary-pdb",
+        &[("app", "primary")],
+        PdbLimit::MinAvailable(1),
+        None,
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    Scenario {
+        api,
+        dir,
+        kubeconfig,
+    }
+}
+
+/// A rotation drain request: 120 s, unreplicated pods allowed (the scenario has one).
+pub fn request(id: &str) -> nodekeeper::pb::DrainRequest {
+    nodekeeper::pb::DrainRequest {
+        id: id.into(),
+        reason: "ami rotation".into(),
+        requester: "orchestrator".into(),
+        timeout: Some(prost_types::Duration {
+            seconds: 120,
+            nanos: 0,
+        }),
+        evict_unreplicated: true,
+        ..Default::default()
+    }
+}

@@ -7,8 +7,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use nodekeeper::pb::{self, DrainPhase, drain_event::Event, node_agent_client::NodeAgentClient};
-use nodekeeper_tests::drain_scenario::{self, NODE, Scenario};
-use nodekeeper_tests::fake_api::{FakeApi, PdbLimit, PodSeed};
+use nodekeeper_tests::drain_scenario::{self, NODE, Scenario, request};
+use nodekeeper_tests::fake_api::{FakeApi, PodSeed};
 use nodekeeper_tests::{Agent, bearer, wait_for};
 use tonic::transport::Channel;
 
@@ -33,20 +33,6 @@ async fn client(agent: &Agent) -> NodeAgentClient<Channel> {
     NodeAgentClient::connect(agent.grpc_url())
         .await
         .expect("connect")
-}
-
-fn request(id: &str) -> pb::DrainRequest {
-    pb::DrainRequest {
-        id: id.into(),
-        reason: "ami rotation".into(),
-        requester: "orchestrator".into(),
-        timeout: Some(prost_types::Duration {
-            seconds: 120,
-            nanos: 0,
-        }),
-        evict_unreplicated: true,
-        ..Default::default()
-    }
 }
 
 /// Every event until the stream ends.
@@ -191,32 +177,8 @@ async fn the_rotation_scenario_drains_in_order_without_ever_breaking_a_budget() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unsatisfiable_budget_times_out_naming_it_and_the_node_stays_cordoned() {
-    let api = FakeApi::start();
-    api.add_node(NODE, &[]);
-    api.add_replicaset(
-        "db",
-        "primary-rs",
-        &[("app", "primary")],
-        1,
-        &[("app", "primary")],
-    );
-    api.add_pod(
-        PodSeed::new("primary-0")
-            .namespace("db")
-            .node(NODE)
-            .label("app", "primary")
-            .replicaset("primary-rs"),
-    );
-    api.add_pdb(
-        "db",
-        "primary-pdb",
-        &[("app", "primary")],
-        PdbLimit::MinAvailable(1),
-        None,
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
+    let stuck = drain_scenario::unsatisfiable();
+    let (api, kubeconfig) = (&stuck.api, stuck.kubeconfig.clone());
     let agent = Agent::builder()
         .config(FAST)
         .with_token()

@@ -6,7 +6,6 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use nodekeeper_tests::drain_scenario::{self, NODE};
-use nodekeeper_tests::fake_api::{FakeApi, PdbLimit, PodSeed};
 use nodekeeper_tests::{Agent, agent_bin, free_port};
 
 /// Fast retries so scenarios take seconds, not minutes (as in tests/drain.rs).
@@ -181,32 +180,8 @@ fn dry_run_prints_the_plan_and_leaves_the_node_schedulable() {
 
 #[test]
 fn a_drain_that_times_out_exits_1_naming_the_budget() {
-    let api = FakeApi::start();
-    api.add_node(NODE, &[]);
-    api.add_replicaset(
-        "db",
-        "primary-rs",
-        &[("app", "primary")],
-        1,
-        &[("app", "primary")],
-    );
-    api.add_pod(
-        PodSeed::new("primary-0")
-            .namespace("db")
-            .node(NODE)
-            .label("app", "primary")
-            .replicaset("primary-rs"),
-    );
-    api.add_pdb(
-        "db",
-        "primary-pdb",
-        &[("app", "primary")],
-        PdbLimit::MinAvailable(1),
-        None,
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
+    let stuck = drain_scenario::unsatisfiable();
+    let (api, kubeconfig) = (&stuck.api, stuck.kubeconfig.clone());
     let (agent, token) = agent(&kubeconfig);
     let out = cli(
         &[

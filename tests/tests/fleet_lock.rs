@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use nodekeeper::pb::{self, DrainPhase, drain_event::Event, node_agent_client::NodeAgentClient};
+use nodekeeper_tests::drain_scenario::request;
 use nodekeeper_tests::fake_api::{FakeApi, PdbLimit, PodSeed, Res};
 use nodekeeper_tests::{Agent, wait_for};
 use serde_json::Value;
@@ -97,19 +98,6 @@ async fn client(agent: &Agent) -> NodeAgentClient<Channel> {
     NodeAgentClient::connect(agent.grpc_url())
         .await
         .expect("connect")
-}
-
-fn request(id: &str) -> pb::DrainRequest {
-    pb::DrainRequest {
-        id: id.into(),
-        reason: "ami rotation".into(),
-        requester: "orchestrator".into(),
-        timeout: Some(prost_types::Duration {
-            seconds: 120,
-            nanos: 0,
-        }),
-        ..Default::default()
-    }
 }
 
 /// Every event of a drain until its stream ends.

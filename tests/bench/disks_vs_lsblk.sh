@@ -56,16 +56,9 @@ if [[ $WRITE_DOCS == 1 ]]; then
         die "docs/benchmarks.md has no <!-- disks-bench:start --> marker"
 fi
 
-if [[ "${BENCH_NO_BUILD:-0}" == 1 ]]; then
-    AGENT_BIN=${NODEKEEPER_BIN:?BENCH_NO_BUILD=1 needs NODEKEEPER_BIN}
-    AGENT_BUILD="NODEKEEPER_BIN"
-else
-    log "building the release agent"
-    (cd "$ROOT" && cargo build --release -p nodekeeper >&2)
-    AGENT_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/nodekeeper
-    AGENT_BUILD="release build"
-fi
-[[ -x "$AGENT_BIN" ]] || die "agent binary $AGENT_BIN is missing"
+# shellcheck source=tests/bench/lib.sh
+source "$ROOT/tests/bench/lib.sh"
+resolve_agent_bin
 
 # --- loop devices: every one we attach is detached on any exit ------------------------------------
 

@@ -319,6 +319,37 @@ async fn a_slot_held_by_a_live_node_makes_the_drain_wait_untouched_until_release
     assert!(!cordoned, "node-a was cordoned without the slot");
     assert!(evicted(&c.api).is_empty());
     assert_eq!(holder(&c.api).as_deref(), Some("node-live"));
+    let state = c.api.node("node-a").unwrap()["metadata"]["annotations"]["nodekeeper.io/drain"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        state.contains("\"phase\":\"pending\""),
+        "the waiting drain is on the node: {state}"
+    );
+
+    // The agent dies while waiting: the next one resumes the same drain, still waiting.
+    drain.abort();
+    let mut a = a;
+    a.proc.signal("KILL");
+    a.proc.wait_exit(Duration::from_secs(5));
+    let a2 = agent(&c.kubeconfig, "node-a");
+    let mut ca = client(&a2).await;
+    let status = within(20, async {
+        loop {
+            if let Ok(s) = ca.get_drain(pb::GetDrainRequest {}).await {
+                break s.into_inner();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        (status.id.as_str(), status.phase()),
+        ("rot-a", DrainPhase::Pending),
+        "{status:?}"
+    );
+    let drain = tokio::spawn(drain_all(ca.clone(), "rot-a"));
 
     // The live holder releases: the drain takes the slot and completes.
     let mut lease = c.api.get(Res::Leases, LOCK_NS, SLOT).unwrap();

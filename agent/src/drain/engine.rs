@@ -462,6 +462,13 @@ impl DrainController {
     ) -> Result<(), Outcome> {
         let fail = |e: DrainError| Outcome::Failed(e.to_string());
         if self.config.fleet_lock.enabled {
+            // Recorded before waiting, so an agent restarted while waiting for a slot resumes
+            // the same drain instead of forgetting it.
+            let done_before: Vec<String> =
+                done.lock().expect("not poisoned").iter().cloned().collect();
+            self.save(params, DrainPhase::Pending, &done_before, "")
+                .await
+                .map_err(fail)?;
             let cfg = &self.config.fleet_lock;
             let lock_name = format!("{}/{}*", cfg.namespace, cfg.name_prefix);
             let guard = lock::acquire(&self.client, cfg, &self.node, &self.shutdown, |held| {

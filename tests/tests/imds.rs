@@ -55,6 +55,7 @@ fn setup(default_timeout: &str) -> Setup {
     );
     let agent = Agent::builder()
         .config(&config)
+        .with_token()
         .connected(&kubeconfig, NODE)
         .start();
     Setup {
@@ -220,4 +221,70 @@ async fn scheduled_maintenance_drains_within_the_default_timeout_and_canceled_ev
     assert_eq!(deadline - started, 600, "deadline = start + defaultTimeout");
     assert!((started - requested).abs() <= 2);
     assert_token_on_every_get(&s.imds);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_notice_during_another_drain_starts_its_own_once_that_one_ends() {
+    let s = setup("1h");
+    // A pod no budget will ever let go: the orchestrator's drain keeps running.
+    s.api.add_pod(
+        PodSeed::new("pinned")
+            .namespace("db")
+            .node(NODE)
+            .label("app", "pinned"),
+    );
+    s.api.add_pdb(
+        "db",
+        "pinned-pdb",
+        &[("app", "pinned")],
+        nodekeeper_tests::fake_api::PdbLimit::MinAvailable(1),
+        None,
+    );
+    let mut c = client(&s.agent).await;
+    let mut manual = nodekeeper_tests::drain_scenario::request("manual");
+    manual.timeout = Some(prost_types::Duration {
+        seconds: 600,
+        nanos: 0,
+    });
+    let _stream = within(10, c.drain(nodekeeper_tests::bearer(manual)))
+        .await
+        .unwrap();
+    within(20, wait_phase(&mut c, DrainPhase::Evicting)).await;
+
+    let at = unix(SystemTime::now()) + 120;
+    let time = jiff::Timestamp::from_second(at).unwrap().to_string();
+    s.imds.post_spot("terminate", &time);
+    let polls = s.imds.requests().len();
+    wait_for(
+        Duration::from_secs(10),
+        "several polls with the notice posted",
+        || (s.imds.requests().len() >= polls + 10).then_some(()),
+    );
+    assert_eq!(
+        get_drain(&mut c).await.unwrap().id,
+        "manual",
+        "a second drain started"
+    );
+
+    within(
+        10,
+        c.cancel_drain(nodekeeper_tests::bearer(pb::CancelDrainRequest {
+            id: "manual".into(),
+        })),
+    )
+    .await
+    .unwrap();
+    let id = format!("imds-spot-{time}");
+    let status = within(20, async {
+        loop {
+            if let Some(st) = get_drain(&mut c).await
+                && st.id == id
+            {
+                break st;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(status.requester, "imds");
 }

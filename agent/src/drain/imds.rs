@@ -340,6 +340,7 @@ pub async fn run(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Ids this poller already acted on (started, re-attached or refused): never twice.
     let mut handled: HashSet<String> = HashSet::new();
+    let mut deferred: HashSet<String> = HashSet::new();
     let mut failing = false;
     tracing::info!(endpoint = %config.endpoint, interval = %config.interval, "polling IMDS for spot and maintenance notices");
     loop {
@@ -368,13 +369,25 @@ pub async fn run(
             if handled.contains(&notice.id) {
                 continue;
             }
-            handled.insert(notice.id.clone());
-            start(&controller, &notice, default_timeout);
+            // A notice that arrives while another drain runs is retried every poll until that
+            // drain ends (then its own drain starts), rather than dropped.
+            let first_try = !deferred.contains(&notice.id);
+            if start(&controller, &notice, default_timeout, first_try) {
+                handled.insert(notice.id.clone());
+            } else {
+                deferred.insert(notice.id.clone());
+            }
         }
     }
 }
 
-fn start(controller: &Arc<DrainController>, notice: &Notice, default_timeout: Duration) {
+/// Starts the notice's drain; false when another drain runs (try again next poll).
+fn start(
+    controller: &Arc<DrainController>,
+    notice: &Notice,
+    default_timeout: Duration,
+    log_conflict: bool,
+) -> bool {
     let now = SystemTime::now();
     let until = deadline(notice, now, default_timeout);
     let timeout = until.duration_since(now).unwrap_or(MIN_WINDOW);
@@ -395,15 +408,21 @@ fn start(controller: &Arc<DrainController>, notice: &Notice, default_timeout: Du
     match result {
         Ok(run) if run.id == notice.id && !is_terminal(run.status().phase()) => {
             tracing::warn!(id = %notice.id, reason = %notice.reason, deadline = ?until, "EC2 notice: draining");
+            true
         }
         Ok(run) => {
             tracing::info!(id = %run.id, "EC2 notice: its drain already ran");
+            true
         }
         Err(DrainError::Conflict(m)) => {
-            tracing::warn!(id = %notice.id, "EC2 notice while another drain runs; not starting a second: {m}");
+            if log_conflict {
+                tracing::warn!(id = %notice.id, "EC2 notice while another drain runs; starting it when that one ends: {m}");
+            }
+            false
         }
         Err(e) => {
-            tracing::error!(id = %notice.id, error = %e, "EC2 notice: could not start a drain")
+            tracing::error!(id = %notice.id, error = %e, "EC2 notice: could not start a drain");
+            true
         }
     }
 }

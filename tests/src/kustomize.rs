@@ -59,3 +59,43 @@ pub fn yaml_documents(text: &str) -> Vec<Value> {
         other => panic!("expected a list of documents, got {other}"),
     }
 }
+
+/// The Kubernetes version whose API schemas the rendered manifests must pass.
+pub const KUBERNETES_VERSION: &str = "1.33.0";
+
+/// Asserts that `kubernetes-validate --strict` accepts the rendered `yaml` (`what` names it).
+pub fn assert_strictly_valid(what: &str, yaml: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rendered.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let o = Command::new("kubernetes-validate")
+        .args(["--strict", "-k", KUBERNETES_VERSION, "--quiet"])
+        .arg(&file)
+        .output()
+        .expect("run kubernetes-validate");
+    assert!(
+        o.status.success(),
+        "kubernetes-validate --strict -k {KUBERNETES_VERSION} rejected {what}:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// `nodekeeper check-config` on `config_yaml`, with exactly `env` among the variables the agent
+/// reads (nothing inherited from the test's own environment).
+pub fn check_config(
+    config_yaml: &str,
+    env: &std::collections::BTreeMap<String, String>,
+) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.yaml");
+    std::fs::write(&file, config_yaml).unwrap();
+    let mut cmd = Command::new(crate::agent_bin());
+    cmd.arg("check-config").arg(&file);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("NODEKEEPER_") || k == "NODE_NAME" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.envs(env).output().expect("run nodekeeper check-config")
+}

@@ -9,16 +9,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use nodekeeper_tests::agent_bin;
-use nodekeeper_tests::kustomize::{have_tools, render, yaml_documents};
+use nodekeeper_tests::kustomize::{
+    assert_strictly_valid, check_config, have_tools, render, yaml_documents,
+};
 use serde_json::{Value, json};
 
 /// Kubernetes version the schemas are checked against: a supported release (kubernetes-validate
 /// ships schemas for 1.25..=1.37) old enough that clusters still on it can install the base.
-const KUBERNETES_VERSION: &str = "1.33.0";
 const NAMESPACE: &str = "nodekeeper-system";
 const COMMON_LABELS: [(&str, &str); 2] = [
     ("app.kubernetes.io/name", "nodekeeper"),
@@ -146,22 +145,6 @@ fn str_at<'a>(v: &'a Value, pointer: &str) -> &'a str {
 
 // === the agent's view of the config ===
 
-/// `nodekeeper check-config` on the ConfigMap's config.yaml, with `env` and nothing inherited
-/// from the test's own environment that the agent reads.
-fn check_config(config_yaml: &str, env: &BTreeMap<String, String>) -> Output {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("config.yaml");
-    std::fs::write(&file, config_yaml).unwrap();
-    let mut cmd = Command::new(agent_bin());
-    cmd.arg("check-config").arg(&file);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("NODEKEEPER_") || k == "NODE_NAME" {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.envs(env).output().expect("run nodekeeper check-config")
-}
-
 /// The effective config the pod runs with: the ConfigMap file plus the DaemonSet's env.
 fn effective_config(base: &Base) -> Value {
     let mut env = base.plain_env();
@@ -190,20 +173,7 @@ fn rendered_base_passes_strict_schema_validation() {
     if !have_tools(&["kubernetes-validate"]) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("base.yaml");
-    std::fs::write(&file, rendered_text()).unwrap();
-    let o = Command::new("kubernetes-validate")
-        .args(["--strict", "-k", KUBERNETES_VERSION, "--quiet"])
-        .arg(&file)
-        .output()
-        .expect("run kubernetes-validate");
-    assert!(
-        o.status.success(),
-        "kubernetes-validate --strict -k {KUBERNETES_VERSION} rejected the base:\n{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert_strictly_valid("the base", rendered_text());
 }
 
 #[test]

@@ -6,16 +6,15 @@
 //! Same tools and skip rules as `manifests.rs` (kubectl, Python with PyYAML, kubernetes-validate).
 
 use std::collections::BTreeMap;
-use std::process::{Command, Output};
 
 use nodekeeper::disks::discover::select;
 use nodekeeper::disks::{Disk, DisksConfig};
-use nodekeeper_tests::agent_bin;
-use nodekeeper_tests::kustomize::{have_tools, render, yaml_documents};
+use nodekeeper_tests::kustomize::{
+    assert_strictly_valid, check_config, have_tools, render, yaml_documents,
+};
 use serde_json::{Value, json};
 
 /// As in manifests.rs: the oldest Kubernetes release the manifests are checked against.
-const KUBERNETES_VERSION: &str = "1.33.0";
 const NAMESPACE: &str = "nodekeeper-system";
 const OVERLAYS: [&str; 2] = ["eks", "gke"];
 const SAMPLE_NODE_NAME: &str = "ip-10-0-0-1.ec2.internal";
@@ -97,21 +96,6 @@ impl Rendered {
     }
 }
 
-/// `nodekeeper check-config` on `config_yaml` with exactly `env` from the agent's variables.
-fn check_config(config_yaml: &str, env: &BTreeMap<String, String>) -> Output {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("config.yaml");
-    std::fs::write(&file, config_yaml).unwrap();
-    let mut cmd = Command::new(agent_bin());
-    cmd.arg("check-config").arg(&file);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("NODEKEEPER_") || k == "NODE_NAME" {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.envs(env).output().expect("run nodekeeper check-config")
-}
-
 /// The config the overlay's pod runs with (file + the DaemonSet's env), as check-config prints
 /// it; fails the test when the agent rejects it.
 fn effective_config(r: &Rendered) -> Value {
@@ -168,19 +152,9 @@ fn overlays_pass_strict_schema_validation() {
         return;
     }
     for overlay in OVERLAYS {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join(format!("{overlay}.yaml"));
-        std::fs::write(&file, render(&format!("manifests/overlays/{overlay}"))).unwrap();
-        let o = Command::new("kubernetes-validate")
-            .args(["--strict", "-k", KUBERNETES_VERSION, "--quiet"])
-            .arg(&file)
-            .output()
-            .expect("run kubernetes-validate");
-        assert!(
-            o.status.success(),
-            "kubernetes-validate --strict -k {KUBERNETES_VERSION} rejected overlay {overlay}:\n{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
+        assert_strictly_valid(
+            &format!("overlay {overlay}"),
+            &render(&format!("manifests/overlays/{overlay}")),
         );
     }
 }

@@ -524,19 +524,12 @@ fn a_missing_certificate_file_fails_the_start_naming_the_field() {
 
 // === Python grpcio over mTLS ===
 
-#[test]
-fn python_grpcio_cordons_and_uncordons_over_mtls() {
-    if !require_tool("openssl") || !require_python_modules(&["grpc", "grpc_tools"]) {
-        return;
-    }
-    let pki = make_pki();
-    let cluster = cluster();
-    let secrets = tempfile::tempdir().unwrap();
-    let token_file = write_token(secrets.path(), TOKEN);
-    let agent = mtls_agent(&cluster, &pki, &token_file);
+/// Runs `grpc_check.py SCENARIO` over mTLS with the allowed client certificate and asserts it
+/// reported success within `limit`.
+fn grpc_check_over_mtls(scenario: &str, agent: &Agent, pki: &Pki, limit: Duration) {
     let mut cmd = Command::new(python());
     cmd.arg(workspace_root().join("tests/py/grpc_check.py"))
-        .arg("cordon-uncordon")
+        .arg(scenario)
         .arg("--addr")
         .arg(agent.api.to_string())
         .arg("--tls-ca")
@@ -547,14 +540,27 @@ fn python_grpcio_cordons_and_uncordons_over_mtls() {
         .arg(pki.path("client.key"))
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .env("PYTHONUNBUFFERED", "1");
-    let mut proc = Proc::spawn("grpc_check-cordon-uncordon", cmd, agent.dir.path());
-    let status = proc.wait_exit(Duration::from_secs(90));
+    let mut proc = Proc::spawn(&format!("grpc_check-{scenario}"), cmd, agent.dir.path());
+    let status = proc.wait_exit(limit);
     let out = proc.log_text();
     assert!(
         status.success() && out.contains("\"ok\": true"),
-        "grpc_check.py cordon-uncordon failed ({status}):\n{out}\nagent log:\n{}",
+        "grpc_check.py {scenario} failed ({status}):\n{out}\nagent log:\n{}",
         agent.proc.log_text()
     );
+}
+
+#[test]
+fn python_grpcio_cordons_and_uncordons_over_mtls() {
+    if !require_tool("openssl") || !require_python_modules(&["grpc", "grpc_tools"]) {
+        return;
+    }
+    let pki = make_pki();
+    let cluster = cluster();
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = write_token(secrets.path(), TOKEN);
+    let agent = mtls_agent(&cluster, &pki, &token_file);
+    grpc_check_over_mtls("cordon-uncordon", &agent, &pki, Duration::from_secs(90));
     assert!(!cluster.unschedulable(), "left cordoned");
     // The script really went through both states on the Node: a cordon and an uncordon patch.
     let node_path = format!("/api/v1/nodes/{NODE}");
@@ -585,29 +591,7 @@ fn python_grpcio_drives_a_full_drain_over_mtls() {
     let secrets = tempfile::tempdir().unwrap();
     let token_file = write_token(secrets.path(), TOKEN);
     let agent = mtls_agent(&cluster, &pki, &token_file);
-    let mut cmd = Command::new(python());
-    cmd.arg(workspace_root().join("tests/py/grpc_check.py"))
-        .arg("drain")
-        .arg("--addr")
-        .arg(agent.api.to_string())
-        .arg("--tls-ca")
-        .arg(pki.path("ca.crt"))
-        .arg("--tls-cert")
-        .arg(pki.path("client.crt"))
-        .arg("--tls-key")
-        .arg(pki.path("client.key"))
-        .arg("--timeout")
-        .arg("30")
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .env("PYTHONUNBUFFERED", "1");
-    let mut proc = Proc::spawn("grpc_check-drain", cmd, agent.dir.path());
-    let status = proc.wait_exit(Duration::from_secs(240));
-    let out = proc.log_text();
-    assert!(
-        status.success() && out.contains("\"ok\": true"),
-        "grpc_check.py drain failed ({status}):\n{out}\nagent log:\n{}",
-        agent.proc.log_text()
-    );
+    grpc_check_over_mtls("drain", &agent, &pki, Duration::from_secs(240));
     let mut left = cluster.api.pods_on(NODE);
     left.sort();
     assert_eq!(left, nodekeeper_tests::drain_scenario::expected_remaining());

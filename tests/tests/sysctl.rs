@@ -33,6 +33,13 @@ impl FakeProc {
         std::fs::create_dir_all(f.parent().unwrap()).unwrap();
         std::fs::write(f, format!("{value}\n")).unwrap();
     }
+    /// Waits (5 s at most) until `key` reads `value`: the daemon acts within its 1 s interval.
+    fn wait_value(&self, key: &str, value: &str) {
+        wait_for(Duration::from_secs(5), &format!("{key} = {value}"), || {
+            (self.get(key) == value).then_some(())
+        });
+    }
+
     fn get(&self, key: &str) -> String {
         std::fs::read_to_string(self.file(key))
             .unwrap()
@@ -285,13 +292,9 @@ const DAEMON: &str = "sysctl:\n  enabled: true\n  interval: 1s\n  nodeLabels: {p
 fn the_daemon_applies_then_corrects_drift_within_an_interval() {
     let fake = FakeProc::new(BASE_KEYS);
     let agent = daemon(&fake, DAEMON);
-    wait_for(Duration::from_secs(5), "somaxconn applied", || {
-        (fake.get("net.core.somaxconn") == "8192").then_some(())
-    });
+    fake.wait_value("net.core.somaxconn", "8192");
     fake.set("net.core.somaxconn", "128");
-    wait_for(Duration::from_secs(5), "drift corrected", || {
-        (fake.get("net.core.somaxconn") == "8192").then_some(())
-    });
+    fake.wait_value("net.core.somaxconn", "8192");
     let m = agent.metrics_text();
     assert_eq!(
         sample(
@@ -322,9 +325,7 @@ fn the_daemon_applies_then_corrects_drift_within_an_interval() {
 fn the_daemon_reverts_keys_that_leave_every_profile_on_config_change_and_relabel() {
     let fake = FakeProc::new(BASE_KEYS);
     let agent = daemon(&fake, DAEMON);
-    wait_for(Duration::from_secs(5), "somaxconn applied", || {
-        (fake.get("net.core.somaxconn") == "8192").then_some(())
-    });
+    fake.wait_value("net.core.somaxconn", "8192");
 
     // Relabel (standalone: labels come from config): the profile no longer matches.
     let config = agent.dir.path().join("config.yaml");
@@ -336,19 +337,13 @@ fn the_daemon_reverts_keys_that_leave_every_profile_on_config_change_and_relabel
         ),
     )
     .unwrap();
-    wait_for(Duration::from_secs(5), "somaxconn reverted", || {
-        (fake.get("net.core.somaxconn") == "4096").then_some(())
-    });
+    fake.wait_value("net.core.somaxconn", "4096");
 
     // A new profile in the file takes effect the same way, and its removal reverts it.
     std::fs::write(&config, format!("metrics:\n  enabled: false\n{DAEMON}    - name: mem\n      sysctls:\n        vm.swappiness: 5\n")).unwrap();
-    wait_for(Duration::from_secs(5), "swappiness applied", || {
-        (fake.get("vm.swappiness") == "5").then_some(())
-    });
+    fake.wait_value("vm.swappiness", "5");
     std::fs::write(&config, format!("metrics:\n  enabled: false\n{DAEMON}")).unwrap();
-    wait_for(Duration::from_secs(5), "swappiness reverted", || {
-        (fake.get("vm.swappiness") == "60").then_some(())
-    });
+    fake.wait_value("vm.swappiness", "60");
     let m = agent.metrics_text();
     assert_eq!(
         sample(&m, "nodekeeper_sysctl_reverts_total", &[]),
@@ -361,9 +356,7 @@ fn the_daemon_reverts_keys_that_leave_every_profile_on_config_change_and_relabel
 fn the_daemon_keeps_the_last_good_values_when_the_new_config_is_invalid() {
     let fake = FakeProc::new(BASE_KEYS);
     let agent = daemon(&fake, DAEMON);
-    wait_for(Duration::from_secs(5), "somaxconn applied", || {
-        (fake.get("net.core.somaxconn") == "8192").then_some(())
-    });
+    fake.wait_value("net.core.somaxconn", "8192");
     let config = agent.dir.path().join("config.yaml");
     std::fs::write(
         &config,
@@ -578,13 +571,9 @@ fn the_documented_example_validates_against_this_kernel() {
 async fn get_node_reports_the_sysctl_state() {
     let fake = FakeProc::new(BASE_KEYS);
     let agent = daemon(&fake, DAEMON);
-    wait_for(Duration::from_secs(5), "somaxconn applied", || {
-        (fake.get("net.core.somaxconn") == "8192").then_some(())
-    });
+    fake.wait_value("net.core.somaxconn", "8192");
     fake.set("net.core.somaxconn", "1");
-    wait_for(Duration::from_secs(5), "drift corrected", || {
-        (fake.get("net.core.somaxconn") == "8192").then_some(())
-    });
+    fake.wait_value("net.core.somaxconn", "8192");
     let status = tokio::time::timeout(Duration::from_secs(10), async {
         let mut client =
             nodekeeper::pb::node_agent_client::NodeAgentClient::connect(agent.grpc_url())

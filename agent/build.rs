@@ -7,7 +7,10 @@ use std::process::Command;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto");
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
-    let protos = [proto_root.join("nodekeeper/v1/agent.proto")];
+    let protos = [
+        proto_root.join("nodekeeper/v1/agent.proto"),
+        proto_root.join("keda/externalscaler.proto"),
+    ];
     for proto in &protos {
         println!("cargo:rerun-if-changed={}", proto.display());
     }

@@ -19,3 +19,9 @@ pub mod sysctl;
 pub mod pb {
     tonic::include_proto!("nodekeeper.v1");
 }
+
+/// Types generated from `proto/keda/externalscaler.proto` (KEDA's external scaler protocol).
+#[allow(clippy::all, missing_docs)]
+pub mod keda_pb {
+    tonic::include_proto!("externalscaler");
+}

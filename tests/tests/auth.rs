@@ -170,7 +170,10 @@ async fn read_only_calls_need_the_token_when_open_read_only_is_false() {
     let mut c = plain_client(&agent).await;
     let refused = within(c.get_node(pb::GetNodeRequest {})).await.unwrap_err();
     assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
-    let refused = within(c.get_metrics(pb::GetMetricsRequest { exclude_pods: true }))
+    let refused = within(c.get_metrics(pb::GetMetricsRequest {
+                exclude_pods: true,
+                ..Default::default()
+            }))
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");

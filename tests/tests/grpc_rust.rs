@@ -42,6 +42,7 @@ async fn get_metrics_reports_pod_values_from_the_cgroup_tree_exactly() {
         let snap = c
             .get_metrics(pb::GetMetricsRequest {
                 exclude_pods: false,
+                ..Default::default()
             })
             .await
             .expect("GetMetrics")
@@ -67,7 +68,10 @@ async fn get_metrics_reports_pod_values_from_the_cgroup_tree_exactly() {
         assert_eq!(pod.memory_working_set_bytes, 100_000_000);
 
         let without = c
-            .get_metrics(pb::GetMetricsRequest { exclude_pods: true })
+            .get_metrics(pb::GetMetricsRequest {
+                exclude_pods: true,
+                ..Default::default()
+            })
             .await
             .expect("GetMetrics(exclude_pods)")
             .into_inner();

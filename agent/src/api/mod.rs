@@ -138,15 +138,20 @@ impl NodeAgentService {
     }
 }
 
-fn strip_pods(snap: &pb::MetricsSnapshot, exclude_pods: bool) -> pb::MetricsSnapshot {
+/// The snapshot without the parts a request excluded.
+fn strip(
+    snap: &pb::MetricsSnapshot,
+    exclude_pods: bool,
+    exclude_connections: bool,
+) -> pb::MetricsSnapshot {
+    let mut out = snap.clone();
     if exclude_pods {
-        pb::MetricsSnapshot {
-            pods: Vec::new(),
-            ..snap.clone()
-        }
-    } else {
-        snap.clone()
+        out.pods.clear();
     }
+    if exclude_connections {
+        out.connections.clear();
+    }
+    out
 }
 
 #[tonic::async_trait]
@@ -199,7 +204,11 @@ impl node_agent_server::NodeAgent for NodeAgentService {
         req: Request<pb::GetMetricsRequest>,
     ) -> Result<Response<pb::MetricsSnapshot>, Status> {
         let snap = self.snapshots()?.get().await;
-        Ok(Response::new(strip_pods(&snap, req.get_ref().exclude_pods)))
+        Ok(Response::new(strip(
+            &snap,
+            req.get_ref().exclude_pods,
+            req.get_ref().exclude_connections,
+        )))
     }
 
     async fn cordon(
@@ -327,7 +336,7 @@ impl node_agent_server::NodeAgent for NodeAgentService {
                     _ = tx.closed() => break,
                     _ = ticks.tick() => {
                         let snap = cache.fresh().await;
-                        if tx.send(Ok(strip_pods(&snap, req.exclude_pods))).await.is_err() {
+                        if tx.send(Ok(strip(&snap, req.exclude_pods, req.exclude_connections))).await.is_err() {
                             break;
                         }
                     }

@@ -134,6 +134,7 @@ impl ResourceCollector {
             node: Some(node),
             pods,
             unavailable,
+            connections: Vec::new(),
         };
         (snapshot, errors)
     }

@@ -12,6 +12,7 @@ pub mod fake_api;
 pub mod fake_imds;
 pub mod kustomize;
 pub mod loopdev;
+pub mod netns_pods;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -349,6 +349,44 @@ fn read_procfs_tcp(out: &mut Vec<Socket>) -> Result<(), CensusError> {
     Ok(())
 }
 
+/// One namespace's census as the `nodekeeper connections` CLI prints it.
+pub fn report_json(
+    path: &Path,
+    reading: &Result<NetnsReading, CensusError>,
+    config: &ConnectionsConfig,
+) -> serde_json::Value {
+    use serde_json::json;
+    let r = match reading {
+        Ok(r) => r,
+        Err(e) => return json!({"netns": path, "error": e.to_string()}),
+    };
+    let p = summarize(r, None, config);
+    json!({
+        "netns": path,
+        "source": p.source,
+        "fallback_reason": r.fallback_reason,
+        "established": p.established,
+        "tcp_states": p.tcp_states,
+        "pools": p.pools.iter().map(|x| json!({
+            "remote": x.remote, "established": x.established, "active": x.active,
+            "idle": x.idle, "retransmits": x.retransmits, "remotes": x.remotes,
+            "rtt_mean_seconds": x.rtt_mean_seconds,
+        })).collect::<Vec<_>>(),
+        "listeners": p.listeners.iter().map(|l| json!({
+            "address": l.address, "port": l.port, "accept_queue": l.accept_queue, "backlog": l.backlog,
+        })).collect::<Vec<_>>(),
+        "udp_sockets": p.udp_sockets,
+        "ephemeral_ports_in_use": p.ephemeral_ports_in_use,
+        "ephemeral_port_range": [p.ephemeral_port_low, p.ephemeral_port_high],
+        "listen_overflows": p.listen_overflows,
+        "listen_drops": p.listen_drops,
+        "retransmits": p.retransmits,
+        "rtt_mean_seconds": p.rtt_mean_seconds,
+        "rtt_max_seconds": p.rtt_max_seconds,
+        "error": null,
+    })
+}
+
 /// Socket inodes held open by `pids` (`<proc>/PID/fd/* -> socket:[N]`): attributes sockets of
 /// the host namespace to a hostNetwork pod.
 pub fn socket_inodes(proc_root: &Path, pids: &[u32]) -> HashSet<u64> {

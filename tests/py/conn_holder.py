@@ -9,8 +9,8 @@ socket open (echoing on the served ones, ticking on the active ones) and exits w
 closes. Any failure prints "error: ..." and exits 1 before "ready".
 
 SPEC keys (all optional):
-  rlimit      int: raise RLIMIT_NOFILE (soft and hard) to this many descriptors (needs root above
-              the hard limit).
+  rlimit      int: raise RLIMIT_NOFILE to this many descriptors (beyond the hard limit only with
+              CAP_SYS_RESOURCE; otherwise up to the hard limit).
   serve       [{addr, port, backlog}]: listeners that accept everything, hold the connections,
               echo what they receive and close a connection when its peer closes.
   listen      [{addr, port, backlog}]: listeners that never accept: their accept queue fills up.
@@ -54,7 +54,12 @@ def main():
     spec = json.loads(sys.argv[1])
     if "rlimit" in spec:
         n = int(spec["rlimit"])
-        resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (n, max(n, hard)))
+        except (ValueError, OSError):
+            # No CAP_SYS_RESOURCE (a container): the hard limit is as far as we can go.
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(n, hard), hard))
 
     keep = []  # every socket we must hold open
     sel = selectors.DefaultSelector()

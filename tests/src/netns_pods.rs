@@ -287,7 +287,14 @@ impl Holder {
                 let _ = holder.child.wait();
                 panic!("holder {what}: {line}\n{}", holder.log_text())
             }
-            Err(_) => panic!(
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = holder.child.wait();
+                panic!(
+                    "holder {what}: exited ({status:?}) before ready\n{}",
+                    holder.log_text()
+                )
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!(
                 "holder {what}: not ready within {HOLDER_READY_TIMEOUT:?}\n{}",
                 holder.log_text()
             ),

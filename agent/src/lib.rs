@@ -8,6 +8,7 @@ pub mod disks;
 pub mod drain;
 pub mod host;
 pub mod http;
+pub mod keda;
 pub mod kube;
 pub mod metrics;
 pub mod pod_cgroups;

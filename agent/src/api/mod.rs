@@ -1,5 +1,6 @@
 //! The gRPC surface on `api.listen`: `nodekeeper.v1.NodeAgent`, `grpc.health.v1.Health` (one
-//! service name per capability, plus "" for the whole agent) and server reflection.
+//! service name per capability, plus "" for the whole agent), server reflection, and KEDA's
+//! `externalscaler.ExternalScaler` over this node's pods (when metrics are enabled).
 //!
 //! Every call passes `auth` first (TLS, client certificates, bearer token).
 //!
@@ -26,6 +27,8 @@ use tonic_health::server::{HealthReporter, HealthService};
 pub mod auth;
 
 use crate::config::{ApiConfig, DEFAULT_WATCH_INTERVAL};
+use crate::keda::service::{AGENT_STREAM_POLL, ScalerService, SnapshotSource};
+use crate::keda_pb::external_scaler_server::ExternalScalerServer;
 use crate::metrics::SnapshotCache;
 use crate::pb::{self, HealthState, node_agent_server};
 use crate::runtime::Health;
@@ -452,6 +455,15 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    // KEDA's scaler reads the same snapshot cache as GetMetrics; without metrics it is absent
+    // (UNIMPLEMENTED), as there is nothing to scale on.
+    let scaler = service.snapshots.clone().map(|cache| {
+        ExternalScalerServer::new(ScalerService::new(
+            Arc::new(SnapshotSource(cache)),
+            AGENT_STREAM_POLL.max(service.min_watch_interval),
+            token.clone(),
+        ))
+    });
     let mirror = tokio::spawn(mirror_health(health, reporter, token.clone()));
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = auth.tls {
@@ -460,6 +472,7 @@ pub async fn serve(
     let result = server
         .layer(auth.layer)
         .add_service(node_agent_server::NodeAgentServer::new(service))
+        .add_optional_service(scaler)
         .add_service(health_service)
         .add_service(reflection)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), token.cancelled_owned())

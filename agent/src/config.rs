@@ -110,6 +110,8 @@ pub struct MetricsConfig {
     pub filesystems: Vec<PathBuf>,
     /// Per-pod CPU and memory from the kubepods cgroup hierarchy.
     pub pods: bool,
+    /// Per-pod socket census (connection pools, accept queues, ephemeral ports).
+    pub connections: crate::metrics::connections::ConnectionsConfig,
 }
 
 impl Default for MetricsConfig {
@@ -120,6 +122,7 @@ impl Default for MetricsConfig {
             max_snapshot_age: ConfigDuration(DEFAULT_MAX_SNAPSHOT_AGE),
             filesystems: vec![PathBuf::from("/")],
             pods: true,
+            connections: Default::default(),
         }
     }
 }
@@ -433,6 +436,7 @@ impl Config {
             .chain(self.drain.problems())
             .chain(self.api.auth.problems())
             .chain(self.disks.problems())
+            .chain(self.metrics.connections.problems())
         {
             errs.add(&field, problem);
         }

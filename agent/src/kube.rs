@@ -192,17 +192,40 @@ pub fn watch_pods(
     (reader, rx)
 }
 
-/// UID -> (namespace, name) for every pod in the store.
-pub fn pod_names(store: &PodStore) -> std::collections::HashMap<String, (String, String)> {
+/// What the metrics need to know about a pod besides its cgroup.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PodMeta {
+    pub namespace: String,
+    pub name: String,
+    pub labels: std::collections::HashMap<String, String>,
+    /// Set once the pod is being deleted (terminating).
+    pub deletion_timestamp: Option<prost_types::Timestamp>,
+}
+
+/// UID -> metadata for every pod in the store.
+pub fn pod_meta(store: &PodStore) -> std::collections::HashMap<String, PodMeta> {
     store
         .state()
         .iter()
         .filter_map(|p| {
             let m = &p.metadata;
-            Some((
-                m.uid.clone()?,
-                (m.namespace.clone().unwrap_or_default(), m.name.clone()?),
-            ))
+            let meta = PodMeta {
+                namespace: m.namespace.clone().unwrap_or_default(),
+                name: m.name.clone()?,
+                labels: m
+                    .labels
+                    .as_ref()
+                    .map(|l| l.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                    .unwrap_or_default(),
+                deletion_timestamp: m
+                    .deletion_timestamp
+                    .as_ref()
+                    .map(|t| prost_types::Timestamp {
+                        seconds: t.0.as_second(),
+                        nanos: t.0.subsec_nanosecond(),
+                    }),
+            };
+            Some((m.uid.clone()?, meta))
         })
         .collect()
 }

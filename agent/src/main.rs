@@ -81,8 +81,31 @@ enum Command {
         #[command(subcommand)]
         action: DisksAction,
     },
+    /// Count the TCP/UDP sockets of network namespaces once, as the agent does per pod, and
+    /// print one JSON object per namespace. Reads only; needs CAP_SYS_ADMIN (setns).
+    Connections {
+        /// A network namespace file: /run/netns/NAME, /proc/PID/ns/net.
+        #[arg(long = "netns", value_name = "PATH", required = true)]
+        netns: Vec<PathBuf>,
+        /// How to read sockets: auto (sock_diag, else /proc/net/tcp), sock-diag or procfs.
+        #[arg(long, value_enum, default_value = "auto")]
+        source: CensusSource,
+        /// Connections without data for this long count as idle.
+        #[arg(long, default_value = "30s")]
+        idle_after: ConfigDuration,
+        /// Pools reported per namespace; the rest are summed as "other".
+        #[arg(long, default_value_t = 10)]
+        top_remotes: usize,
+    },
     /// Print the version and the git revision it was built from.
     Version,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CensusSource {
+    Auto,
+    SockDiag,
+    Procfs,
 }
 
 /// Which agent to talk to, and how to authenticate.
@@ -335,6 +358,40 @@ fn main() -> ExitCode {
             action: action @ (DisksAction::Prepare { .. } | DisksAction::Wipe { .. }),
         } => disks(action, cli.log_format, &cli.log_level),
         Command::Drain(args) => operator(drain(args)),
+        Command::Connections {
+            netns,
+            source,
+            idle_after,
+            top_remotes,
+        } => {
+            use nodekeeper::metrics::connections::{self, SourcePreference};
+            let config = connections::ConnectionsConfig {
+                source: match source {
+                    CensusSource::Auto => SourcePreference::Auto,
+                    CensusSource::SockDiag => SourcePreference::SockDiag,
+                    CensusSource::Procfs => SourcePreference::Procfs,
+                },
+                idle_after,
+                top_remotes,
+                ..Default::default()
+            };
+            if let Some((field, problem)) = config.problems().into_iter().next() {
+                eprintln!("error: {field}: {problem}");
+                return ExitCode::from(2);
+            }
+            let readings = connections::read_namespaces(&netns, config.source);
+            let report: Vec<_> = netns
+                .iter()
+                .zip(&readings)
+                .map(|(path, r)| connections::report_json(path, r, &config))
+                .collect();
+            println!("{}", serde_json::Value::Array(report));
+            if readings.iter().all(Result::is_ok) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
         Command::Cordon { agent, reason } => operator(async move {
             let mut c = client::Client::connect(&agent.addr, agent.token_file.as_deref()).await?;
             let node = c.cordon(&reason).await?;

@@ -1,11 +1,13 @@
-//! Finds pods on the host through the kubelet's cgroup v2 hierarchy, and each pod's network
+//! Finds pods on the host through the kubelet's cgroup hierarchy, and each pod's network
 //! namespace through the processes in its cgroup.
 //!
 //! Handles both kubelet cgroup drivers:
 //! - systemd: `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_with_underscores>.slice`
 //! - cgroupfs: `kubepods/burstable/pod<uid>`
 //!
-//! Guaranteed pods sit directly under the root. Reads only.
+//! on cgroup v2 (the hierarchy at the root) and on cgroup v1, where the same tree is repeated
+//! under each controller (`pids/`, `memory/`, `cpu,cpuacct/`, `systemd/`): the first controller
+//! that has it is used. Guaranteed pods sit directly under the root. Reads only.
 
 use std::path::{Path, PathBuf};
 
@@ -21,13 +23,26 @@ pub struct PodCgroup {
     pub dir: PathBuf,
 }
 
+/// Where a kubepods tree can start: v2 at the root, then v1 controllers. Controllers that
+/// every kubelet enables (pids, memory, cpu) come before the named systemd hierarchy.
+const HIERARCHIES: [&str; 5] = ["", "pids", "memory", "cpu,cpuacct", "systemd"];
+
 /// Every pod cgroup, sorted by UID; `None` when there is no kubepods hierarchy at all (not a
-/// Kubernetes node, or cgroup v1 only).
+/// Kubernetes node).
 pub fn list(host: &HostPaths) -> Option<Vec<PodCgroup>> {
+    HIERARCHIES.iter().find_map(|h| list_in(host, h))
+}
+
+fn list_in(host: &HostPaths, hierarchy: &str) -> Option<Vec<PodCgroup>> {
     let mut out = Vec::new();
     let mut saw_root = false;
     for root in ["kubepods.slice", "kubepods"] {
-        let Ok(entries) = std::fs::read_dir(host.cgroup(root)) else {
+        let dir = if hierarchy.is_empty() {
+            root.to_string()
+        } else {
+            format!("{hierarchy}/{root}")
+        };
+        let Ok(entries) = std::fs::read_dir(host.cgroup(&dir)) else {
             continue;
         };
         saw_root = true;
@@ -101,22 +116,46 @@ pub fn pids(dir: &Path) -> Vec<u32> {
 /// PID 1's namespace and also our own (the agent runs with hostNetwork), so an unreadable PID 1
 /// cannot make the host's namespace look like a pod's.
 pub fn netns(host: &HostPaths, cg: &PodCgroup) -> Option<(PathBuf, String)> {
+    match classify_netns(host, &pids(&cg.dir)) {
+        PodNetns::Own { path, id } => Some((path, id)),
+        PodNetns::Host { .. } | PodNetns::NoProcess => None,
+    }
+}
+
+/// Where a pod's processes live, network-wise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodNetns {
+    /// A namespace of its own: `<proc>/PID/ns/net` and its identity `net:[inode]`.
+    Own { path: PathBuf, id: String },
+    /// The host's namespace (hostNetwork).
+    Host { id: String },
+    /// No live process whose namespace could be read, or the host's namespace is unknown.
+    NoProcess,
+}
+
+/// Classifies the namespace of the first of `pids` that can be read. Only the pause process's
+/// or any container's: they all share the pod's namespace.
+pub fn classify_netns(host: &HostPaths, pids: &[u32]) -> PodNetns {
     let host_ns: Vec<PathBuf> = [host.proc("1/ns/net"), PathBuf::from("/proc/self/ns/net")]
         .iter()
         .filter_map(|p| std::fs::read_link(p).ok())
         .collect();
     if host_ns.is_empty() {
         // Without knowing the host's namespace no pod namespace can be told apart from it.
-        return None;
+        return PodNetns::NoProcess;
     }
-    pids(&cg.dir).into_iter().find_map(|pid| {
-        let path = host.proc(&format!("{pid}/ns/net"));
-        let id = std::fs::read_link(&path).ok()?;
-        if host_ns.contains(&id) {
-            return None;
-        }
-        Some((path, id.to_string_lossy().into_owned()))
-    })
+    pids.iter()
+        .find_map(|pid| {
+            let path = host.proc(&format!("{pid}/ns/net"));
+            let id = std::fs::read_link(&path).ok()?;
+            let name = id.to_string_lossy().into_owned();
+            Some(if host_ns.contains(&id) {
+                PodNetns::Host { id: name }
+            } else {
+                PodNetns::Own { path, id: name }
+            })
+        })
+        .unwrap_or(PodNetns::NoProcess)
 }
 
 #[cfg(test)]
@@ -139,6 +178,45 @@ mod tests {
         assert_eq!(qos_of("kubepods-besteffort.slice"), Some("besteffort"));
         assert_eq!(qos_of("burstable"), Some("burstable"));
         assert_eq!(qos_of("system.slice"), None);
+    }
+
+    #[test]
+    fn cgroup_v1_trees_are_found_under_a_controller() {
+        let root = tempfile::tempdir().unwrap();
+        let host = HostPaths {
+            cgroup: root.path().to_path_buf(),
+            ..HostPaths::default()
+        };
+        assert_eq!(list(&host), None);
+        let uid = "6b8f0f6c-1f2e-4a5b-9c8d-0e1f2a3b4c5d";
+        for ctrl in ["pids", "memory"] {
+            std::fs::create_dir_all(
+                root.path()
+                    .join(format!("{ctrl}/kubepods/burstable/pod{uid}")),
+            )
+            .unwrap();
+        }
+        let pods = list(&host).unwrap();
+        assert_eq!(
+            pods.len(),
+            1,
+            "one controller's tree, not one per controller"
+        );
+        assert_eq!(pods[0].uid, uid);
+        assert_eq!(pods[0].qos, "burstable");
+        assert!(pods[0].dir.starts_with(root.path().join("pids")));
+    }
+
+    #[test]
+    fn host_namespace_processes_are_classified_as_host() {
+        let me = std::process::id();
+        let host = HostPaths::default();
+        assert!(matches!(
+            classify_netns(&host, &[me]),
+            PodNetns::Host { .. }
+        ));
+        assert_eq!(classify_netns(&host, &[]), PodNetns::NoProcess);
+        assert_eq!(classify_netns(&host, &[u32::MAX]), PodNetns::NoProcess);
     }
 
     #[test]

@@ -22,6 +22,7 @@ fn watch_request(seconds: i64, nanos: i32) -> pb::WatchMetricsRequest {
     let mut req = pb::WatchMetricsRequest {
         interval: Some(Default::default()),
         exclude_pods: true,
+        ..Default::default()
     };
     let interval = req.interval.as_mut().unwrap();
     interval.seconds = seconds;

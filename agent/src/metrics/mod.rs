@@ -5,6 +5,7 @@
 //! collection share it, and concurrent readers wait for one collection instead of each doing
 //! their own. An idle agent therefore reads nothing. This module never writes to the host.
 
+pub mod connections;
 pub mod exposition;
 pub mod node;
 pub mod pods;
@@ -68,6 +69,8 @@ pub struct ResourceCollector {
     page_size: u64,
     /// This node's pods from the API, to name pod UIDs; `None` in standalone mode.
     pod_store: Option<crate::kube::PodStore>,
+    /// The per-pod socket census; `None` when metrics.connections is disabled.
+    connections: Option<connections::ConnectionCollector>,
 }
 
 impl ResourceCollector {
@@ -76,6 +79,9 @@ impl ResourceCollector {
             .ok()
             .flatten()
             .map_or(4096, |p| p as u64);
+        let connections = config.connections.enabled.then(|| {
+            connections::ConnectionCollector::new(host.clone(), config.connections.clone())
+        });
         Self {
             host,
             node_name,
@@ -84,6 +90,7 @@ impl ResourceCollector {
             clock_ticks: node::clock_ticks(),
             page_size,
             pod_store: None,
+            connections,
         }
     }
 
@@ -116,15 +123,22 @@ impl ResourceCollector {
         } else {
             Vec::new()
         };
-        if let Some(store) = &self.pod_store {
-            let names = crate::kube::pod_names(store);
-            for p in &mut pods {
-                if let Some((namespace, name)) = names.get(&p.uid) {
-                    p.namespace.clone_from(namespace);
-                    p.name.clone_from(name);
-                }
+        let meta = self
+            .pod_store
+            .as_ref()
+            .map(crate::kube::pod_meta)
+            .unwrap_or_default();
+        for p in &mut pods {
+            if let Some(m) = meta.get(&p.uid) {
+                p.namespace.clone_from(&m.namespace);
+                p.name.clone_from(&m.name);
             }
         }
+        let connections = self
+            .connections
+            .as_ref()
+            .and_then(|c| ok(e, c.collect(&meta)))
+            .unwrap_or_default();
         let mut unavailable: Vec<String> =
             errors.iter().map(|e| e.source_name().to_string()).collect();
         unavailable.dedup();
@@ -134,7 +148,7 @@ impl ResourceCollector {
             node: Some(node),
             pods,
             unavailable,
-            connections: Vec::new(),
+            connections,
         };
         (snapshot, errors)
     }

@@ -1,0 +1,147 @@
+//! Which namespace belongs to which pod: pod cgroups -> PIDs -> `/proc/PID/ns/net`, each
+//! namespace read once even when pods share it, hostNetwork pods narrowed to the sockets their
+//! processes hold. Names, labels and deletion timestamps come from the pod watch when connected.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::{ConnectionsConfig, read_namespaces, socket_inodes, summarize};
+use crate::host::HostPaths;
+use crate::kube::PodMeta;
+use crate::metrics::CollectError;
+use crate::pb;
+use crate::pod_cgroups::{self, PodNetns};
+
+#[derive(Debug)]
+pub struct ConnectionCollector {
+    host: HostPaths,
+    config: ConnectionsConfig,
+    /// The fallback to procfs is logged once, not every collection.
+    logged_fallback: AtomicBool,
+}
+
+impl ConnectionCollector {
+    pub fn new(host: HostPaths, config: ConnectionsConfig) -> Self {
+        Self {
+            host,
+            config,
+            logged_fallback: AtomicBool::new(false),
+        }
+    }
+
+    /// One `PodConnections` per pod cgroup, sorted by UID. Blocking: spawns the census thread.
+    pub fn collect(
+        &self,
+        meta: &HashMap<String, PodMeta>,
+    ) -> Result<Vec<pb::PodConnections>, CollectError> {
+        let Some(cgroups) = pod_cgroups::list(&self.host) else {
+            return Err(CollectError::Unavailable {
+                part: "connections",
+                why: format!("no kubepods cgroup under {}", self.host.cgroup.display()),
+            });
+        };
+        // Namespaces to read, deduplicated by identity; index 0 is the host's when needed.
+        let mut paths: Vec<PathBuf> = Vec::new();
+        let mut by_id: HashMap<String, usize> = HashMap::new();
+        let mut host_index = None;
+        let mut plan = Vec::with_capacity(cgroups.len());
+        for cg in &cgroups {
+            let pids = pod_cgroups::pids(&cg.dir);
+            let target = match pod_cgroups::classify_netns(&self.host, &pids) {
+                PodNetns::Own { path, id } => {
+                    let i = *by_id.entry(id.clone()).or_insert_with(|| {
+                        paths.push(path);
+                        paths.len() - 1
+                    });
+                    Target::Pod { index: i, id }
+                }
+                PodNetns::Host { id } => {
+                    let i = *host_index.get_or_insert_with(|| {
+                        // Our own namespace is the host's (the agent runs with hostNetwork).
+                        paths.push(PathBuf::from("/proc/self/ns/net"));
+                        paths.len() - 1
+                    });
+                    Target::Host { index: i, id, pids }
+                }
+                PodNetns::NoProcess => Target::Missing,
+            };
+            plan.push((cg, target));
+        }
+        let readings = read_namespaces(&paths, self.config.source);
+        let mut out = Vec::with_capacity(plan.len());
+        for (cg, target) in plan {
+            let mut pod = match target {
+                Target::Pod { index, id } => match &readings[index] {
+                    Ok(r) => {
+                        self.log_fallback(r);
+                        pb::PodConnections {
+                            netns: id,
+                            ..summarize(r, None, &self.config)
+                        }
+                    }
+                    Err(e) => error_entry(id, e.to_string()),
+                },
+                Target::Host { index, id, pids } => match &readings[index] {
+                    Ok(r) => {
+                        let owned = socket_inodes(&self.host.proc, &pids);
+                        pb::PodConnections {
+                            netns: id,
+                            host_network: true,
+                            ..summarize(r, Some(&owned), &self.config)
+                        }
+                    }
+                    Err(e) => pb::PodConnections {
+                        host_network: true,
+                        ..error_entry(id, e.to_string())
+                    },
+                },
+                Target::Missing => error_entry(
+                    String::new(),
+                    "no live process in the pod's cgroup (starting or stopping)".into(),
+                ),
+            };
+            pod.uid.clone_from(&cg.uid);
+            if let Some(m) = meta.get(&cg.uid) {
+                pod.namespace.clone_from(&m.namespace);
+                pod.name.clone_from(&m.name);
+                pod.labels = m.labels.clone();
+                if let Some(ts) = &m.deletion_timestamp {
+                    pod.deletion_timestamp = Some(*ts);
+                    pod.open_after_deletion = pod.established;
+                }
+            }
+            out.push(pod);
+        }
+        Ok(out)
+    }
+
+    fn log_fallback(&self, r: &super::NetnsReading) {
+        if let Some(why) = &r.fallback_reason
+            && !self.logged_fallback.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(reason = %why, "sock_diag unavailable; counting sockets from /proc/net/tcp (no idle/backlog/RTT)");
+        }
+    }
+}
+
+enum Target {
+    Pod {
+        index: usize,
+        id: String,
+    },
+    Host {
+        index: usize,
+        id: String,
+        pids: Vec<u32>,
+    },
+    Missing,
+}
+
+fn error_entry(netns: String, error: String) -> pb::PodConnections {
+    pb::PodConnections {
+        netns,
+        error,
+        ..Default::default()
+    }
+}

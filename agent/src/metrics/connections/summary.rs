@@ -1,0 +1,348 @@
+//! Turns one namespace's sockets into a pod's `pb::PodConnections`: counts by state, pools by
+//! remote (top N + "other"), listeners, ephemeral ports, retransmits, RTT. Pure: no I/O.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+
+use super::{ConnectionsConfig, NetnsReading, TcpState};
+use crate::pb;
+
+#[derive(Default)]
+struct Pool {
+    established: u64,
+    active: u64,
+    idle: u64,
+    retransmits: u64,
+    rtt_sum_us: u64,
+    rtt_count: u64,
+}
+
+impl Pool {
+    fn absorb(&mut self, other: &Pool) {
+        self.established += other.established;
+        self.active += other.active;
+        self.idle += other.idle;
+        self.retransmits += other.retransmits;
+        self.rtt_sum_us += other.rtt_sum_us;
+        self.rtt_count += other.rtt_count;
+    }
+
+    fn into_pb(self, remote: String, remotes: u64) -> pb::ConnectionPool {
+        pb::ConnectionPool {
+            remote,
+            established: self.established,
+            active: self.active,
+            idle: self.idle,
+            retransmits: self.retransmits,
+            rtt_mean_seconds: mean_seconds(self.rtt_sum_us, self.rtt_count),
+            remotes,
+        }
+    }
+}
+
+/// Pools are keyed by the remote for outbound connections and by the local listening port for
+/// inbound ones (clients of a server are many ephemeral remotes; the pool is the port).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum PoolKey {
+    Inbound(u16),
+    Outbound(SocketAddr),
+}
+
+impl PoolKey {
+    fn label(self) -> String {
+        match self {
+            Self::Inbound(port) => format!("*:{port}"),
+            Self::Outbound(addr) => addr.to_string(),
+        }
+    }
+}
+
+/// Summarises `reading`; with `owned`, only sockets whose inode is in it (hostNetwork pods).
+pub fn summarize(
+    reading: &NetnsReading,
+    owned: Option<&HashSet<u64>>,
+    config: &ConnectionsConfig,
+) -> pb::PodConnections {
+    let idle_ms = u32::try_from(config.idle_after.get().as_millis()).unwrap_or(u32::MAX);
+    let sockets: Vec<_> = reading
+        .sockets
+        .iter()
+        .filter(|s| owned.is_none_or(|o| s.inode != 0 && o.contains(&s.inode)))
+        .collect();
+
+    let mut states: BTreeMap<TcpState, u64> = BTreeMap::new();
+    let mut listening_ports = HashSet::new();
+    let mut listeners = Vec::new();
+    for s in &sockets {
+        *states.entry(s.state).or_default() += 1;
+        if s.state == TcpState::Listen {
+            listening_ports.insert(s.local.port());
+            listeners.push(pb::Listener {
+                address: s.local.to_string(),
+                port: u32::from(s.local.port()),
+                accept_queue: u64::from(s.rqueue),
+                backlog: if reading.source == super::Source::SockDiag {
+                    u64::from(s.wqueue)
+                } else {
+                    0
+                },
+            });
+        }
+    }
+    listeners.sort_by(|a, b| {
+        b.accept_queue
+            .cmp(&a.accept_queue)
+            .then(a.port.cmp(&b.port))
+            .then(a.address.cmp(&b.address))
+    });
+    listeners.truncate(config.top_listeners);
+
+    let (low, high) = reading.port_range.unwrap_or((0, 0));
+    let mut ephemeral = HashSet::new();
+    let mut pools: HashMap<PoolKey, Pool> = HashMap::new();
+    let (mut retransmits, mut rtt_sum, mut rtt_count, mut rtt_max) = (0u64, 0u64, 0u64, 0u32);
+    for s in &sockets {
+        retransmits += u64::from(s.retransmits);
+        if s.state != TcpState::Listen
+            && (low..=high).contains(&s.local.port())
+            && reading.port_range.is_some()
+        {
+            ephemeral.insert(s.local.port());
+        }
+        if s.state != TcpState::Established {
+            continue;
+        }
+        let key = if listening_ports.contains(&s.local.port()) {
+            PoolKey::Inbound(s.local.port())
+        } else {
+            PoolKey::Outbound(s.remote)
+        };
+        let pool = pools.entry(key).or_default();
+        pool.established += 1;
+        pool.retransmits += u64::from(s.retransmits);
+        match s.last_data_ms {
+            Some(ms) if ms >= idle_ms => pool.idle += 1,
+            // procfs cannot tell: counted as active.
+            _ => pool.active += 1,
+        }
+        if let Some(rtt) = s.rtt_us {
+            pool.rtt_sum_us += u64::from(rtt);
+            pool.rtt_count += 1;
+            rtt_sum += u64::from(rtt);
+            rtt_count += 1;
+            rtt_max = rtt_max.max(rtt);
+        }
+    }
+
+    let mut ranked: Vec<(PoolKey, Pool)> = pools.into_iter().collect();
+    ranked.sort_by(|(ka, a), (kb, b)| b.established.cmp(&a.established).then(ka.cmp(kb)));
+    let mut out_pools = Vec::with_capacity(config.top_remotes + 1);
+    let mut other = Pool::default();
+    let mut other_remotes = 0;
+    for (i, (key, pool)) in ranked.into_iter().enumerate() {
+        if i < config.top_remotes {
+            out_pools.push(pool.into_pb(key.label(), 1));
+        } else {
+            other.absorb(&pool);
+            other_remotes += 1;
+        }
+    }
+    if other_remotes > 0 {
+        out_pools.push(other.into_pb("other".into(), other_remotes));
+    }
+
+    let (listen_overflows, listen_drops) = reading.listen_counters.unwrap_or_default();
+    pb::PodConnections {
+        source: reading.source.name().into(),
+        established: states.get(&TcpState::Established).copied().unwrap_or(0),
+        tcp_states: states
+            .into_iter()
+            .map(|(s, n)| (s.name().to_string(), n))
+            .collect(),
+        pools: out_pools,
+        listeners,
+        // The namespace's counters: a hostNetwork pod shares them with the node.
+        listen_overflows,
+        listen_drops,
+        ephemeral_ports_in_use: ephemeral.len() as u64,
+        ephemeral_port_low: u32::from(low),
+        ephemeral_port_high: u32::from(high),
+        retransmits,
+        rtt_mean_seconds: mean_seconds(rtt_sum, rtt_count),
+        rtt_max_seconds: f64::from(rtt_max) / 1e6,
+        udp_sockets: if owned.is_some() {
+            0
+        } else {
+            reading.udp_sockets
+        },
+        ..Default::default()
+    }
+}
+
+fn mean_seconds(sum_us: u64, count: u64) -> f64 {
+    if count == 0 {
+        0.0
+    } else {
+        sum_us as f64 / count as f64 / 1e6
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Socket, Source};
+    use super::*;
+    use crate::config::ConfigDuration;
+
+    fn sock(state: TcpState, local: &str, remote: &str) -> Socket {
+        Socket {
+            state,
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            rqueue: 0,
+            wqueue: 0,
+            inode: 1,
+            retransmits: 0,
+            rtt_us: Some(1000),
+            last_data_ms: Some(0),
+        }
+    }
+
+    fn reading(sockets: Vec<Socket>) -> NetnsReading {
+        NetnsReading {
+            source: Source::SockDiag,
+            sockets,
+            udp_sockets: 2,
+            listen_counters: Some((3, 4)),
+            port_range: Some((32768, 60999)),
+            fallback_reason: None,
+        }
+    }
+
+    #[test]
+    fn pools_listeners_states_and_ports() {
+        let mut s = Vec::new();
+        for i in 0..37 {
+            s.push(sock(
+                TcpState::Established,
+                &format!("10.0.0.2:{}", 40000 + i),
+                "10.0.0.1:5432",
+            ));
+        }
+        for i in 0..5 {
+            let mut x = sock(
+                TcpState::Established,
+                &format!("10.0.0.2:{}", 41000 + i),
+                "10.0.0.1:6379",
+            );
+            x.last_data_ms = Some(60_000);
+            x.retransmits = 2;
+            s.push(x);
+        }
+        let mut l = sock(TcpState::Listen, "0.0.0.0:8080", "0.0.0.0:0");
+        l.rqueue = 4;
+        l.wqueue = 3;
+        s.push(l);
+        s.push(sock(
+            TcpState::Established,
+            "10.0.0.2:8080",
+            "10.9.9.9:50000",
+        ));
+        s.push(sock(
+            TcpState::Established,
+            "10.0.0.2:8080",
+            "10.9.9.8:50001",
+        ));
+        s.push(sock(TcpState::TimeWait, "10.0.0.2:42000", "10.0.0.1:5432"));
+        let p = summarize(&reading(s), None, &ConnectionsConfig::default());
+        assert_eq!(p.established, 44);
+        assert_eq!(p.tcp_states["established"], 44);
+        assert_eq!(p.tcp_states["time_wait"], 1);
+        assert_eq!(p.tcp_states["listen"], 1);
+        let pools: Vec<_> = p
+            .pools
+            .iter()
+            .map(|x| (x.remote.as_str(), x.established, x.active, x.idle))
+            .collect();
+        assert_eq!(
+            pools,
+            vec![
+                ("10.0.0.1:5432", 37, 37, 0),
+                ("10.0.0.1:6379", 5, 0, 5),
+                ("*:8080", 2, 2, 0),
+            ]
+        );
+        assert_eq!(p.pools[1].retransmits, 10);
+        assert_eq!(p.listeners.len(), 1);
+        assert_eq!(
+            (p.listeners[0].accept_queue, p.listeners[0].backlog),
+            (4, 3)
+        );
+        // 37 + 5 outbound + 1 TIME_WAIT in the range; 8080 is not.
+        assert_eq!(p.ephemeral_ports_in_use, 43);
+        assert_eq!(
+            (p.listen_overflows, p.listen_drops, p.udp_sockets),
+            (3, 4, 2)
+        );
+        assert!((p.rtt_mean_seconds - 0.001).abs() < 1e-9);
+    }
+
+    #[test]
+    fn remotes_beyond_top_n_are_summed_as_other() {
+        let s: Vec<_> = (0..10_000u32)
+            .map(|i| {
+                sock(
+                    TcpState::Established,
+                    &format!("10.0.0.2:{}", 30000 + (i % 30000)),
+                    &format!("10.{}.{}.{}:443", i >> 16, (i >> 8) & 255, i & 255),
+                )
+            })
+            .collect();
+        let config = ConnectionsConfig {
+            top_remotes: 10,
+            ..Default::default()
+        };
+        let p = summarize(&reading(s), None, &config);
+        assert_eq!(p.pools.len(), 11);
+        let other = p.pools.last().unwrap();
+        assert_eq!(other.remote, "other");
+        assert_eq!((other.remotes, other.established), (9_990, 9_990));
+    }
+
+    #[test]
+    fn owned_filter_keeps_only_the_pods_sockets_and_no_time_wait() {
+        let mut mine = sock(TcpState::Established, "10.0.0.2:40000", "10.0.0.1:80");
+        mine.inode = 7;
+        let mut tw = sock(TcpState::TimeWait, "10.0.0.2:40001", "10.0.0.1:80");
+        tw.inode = 0;
+        let theirs = sock(TcpState::Established, "10.0.0.2:40002", "10.0.0.1:80");
+        let owned = HashSet::from([7]);
+        let p = summarize(
+            &reading(vec![mine, tw, theirs]),
+            Some(&owned),
+            &ConnectionsConfig::default(),
+        );
+        assert_eq!(p.established, 1);
+        assert_eq!(p.tcp_states.len(), 1);
+        assert_eq!(p.udp_sockets, 0, "host UDP sockets are not the pod's");
+    }
+
+    #[test]
+    fn procfs_readings_report_unknown_backlog_and_idleness_as_active() {
+        let mut l = sock(TcpState::Listen, "0.0.0.0:80", "0.0.0.0:0");
+        l.wqueue = 0;
+        let mut e = sock(TcpState::Established, "10.0.0.2:40000", "10.0.0.1:80");
+        e.last_data_ms = None;
+        e.rtt_us = None;
+        let mut r = reading(vec![l, e]);
+        r.source = Source::Procfs;
+        let config = ConnectionsConfig {
+            idle_after: ConfigDuration(std::time::Duration::from_secs(1)),
+            ..Default::default()
+        };
+        let p = summarize(&r, None, &config);
+        assert_eq!(p.source, "procfs");
+        assert_eq!(p.listeners[0].backlog, 0);
+        assert_eq!((p.pools[0].active, p.pools[0].idle), (1, 0));
+        assert_eq!(p.rtt_mean_seconds, 0.0);
+    }
+}

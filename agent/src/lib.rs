@@ -1,6 +1,7 @@
 //! nodekeeper: a per-node Kubernetes agent. See `docs/architecture.md` for the module map.
 #![forbid(unsafe_code)]
 
+pub mod aggregate;
 pub mod api;
 pub mod app;
 pub mod config;

@@ -171,11 +171,11 @@ async fn read_only_calls_need_the_token_when_open_read_only_is_false() {
     let refused = within(c.get_node(pb::GetNodeRequest {})).await.unwrap_err();
     assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
     let refused = within(c.get_metrics(pb::GetMetricsRequest {
-        exclude_pods: true,
-        ..Default::default()
-    }))
-    .await
-    .unwrap_err();
+                exclude_pods: true,
+                ..Default::default()
+            }))
+        .await
+        .unwrap_err();
     assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
     within(c.get_node(with_bearer(
         tonic::Request::new(pb::GetNodeRequest {}),

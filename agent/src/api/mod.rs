@@ -372,7 +372,7 @@ fn serving_status(state: HealthState) -> ServingStatus {
 /// grpc.health.v1 whose Watch streams end with status OK at shutdown, like WatchMetrics.
 /// tonic-health's never end on their own, so one open Watch held the graceful shutdown until the
 /// runtime's deadline, and its client saw UNAVAILABLE instead of a clean end.
-struct ShutdownAwareHealth {
+pub(crate) struct ShutdownAwareHealth {
     inner: HealthService,
     shutdown: CancellationToken,
 }
@@ -438,6 +438,25 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ApiError>
         .map_err(|source| ApiError::Bind { addr, source })
 }
 
+/// grpc.health.v1 mirroring `health` until `token` is cancelled (then "" is NOT_SERVING and
+/// open Watch streams end with OK). Shared by the agent and the aggregator; abort the returned
+/// task once the server stopped.
+pub(crate) fn health_service(
+    health: Health,
+    token: &CancellationToken,
+) -> (
+    HealthServer<ShutdownAwareHealth>,
+    tokio::task::JoinHandle<()>,
+) {
+    let reporter = HealthReporter::new();
+    let service = HealthServer::new(ShutdownAwareHealth {
+        inner: HealthService::from_health_reporter(reporter.clone()),
+        shutdown: token.clone(),
+    });
+    let mirror = tokio::spawn(mirror_health(health, reporter, token.clone()));
+    (service, mirror)
+}
+
 /// Serves until `token` is cancelled; open streams are ended by the same token.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -446,11 +465,6 @@ pub async fn serve(
     auth: auth::ServerAuth,
     token: CancellationToken,
 ) -> Result<(), ApiError> {
-    let reporter = HealthReporter::new();
-    let health_service = HealthServer::new(ShutdownAwareHealth {
-        inner: HealthService::from_health_reporter(reporter.clone()),
-        shutdown: token.clone(),
-    });
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -464,7 +478,7 @@ pub async fn serve(
             token.clone(),
         ))
     });
-    let mirror = tokio::spawn(mirror_health(health, reporter, token.clone()));
+    let (health_service, mirror) = health_service(health, &token);
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = auth.tls {
         server = server.tls_config(tls)?;

@@ -257,6 +257,8 @@ struct Reader {
     buf: Vec<u8>,
     /// Auto mode: sock_diag failed once with a reason that will not change (no kernel support).
     sock_diag_unavailable: Option<String>,
+    /// Opens the netlink socket; a test swaps in a kernel that refuses it.
+    open_diag: fn() -> Result<sock_diag::DiagSocket, sock_diag::SockDiagError>,
 }
 
 impl Reader {
@@ -265,6 +267,7 @@ impl Reader {
             pref,
             buf: Vec::new(),
             sock_diag_unavailable: None,
+            open_diag: sock_diag::DiagSocket::open,
         }
     }
 
@@ -277,13 +280,13 @@ impl Reader {
                 Source::Procfs
             }
             SourcePreference::SockDiag => {
-                sock_diag::DiagSocket::open()?.dump_tcp(&mut self.buf, &mut sockets)?;
+                (self.open_diag)()?.dump_tcp(&mut self.buf, &mut sockets)?;
                 Source::SockDiag
             }
             SourcePreference::Auto => {
                 let tried = match &self.sock_diag_unavailable {
                     Some(why) => Err(why.clone()),
-                    None => sock_diag::DiagSocket::open()
+                    None => (self.open_diag)()
                         .and_then(|s| s.dump_tcp(&mut self.buf, &mut sockets))
                         .map_err(|e| {
                             let why = e.to_string();
@@ -425,6 +428,39 @@ mod tests {
         assert!(p.iter().any(|(f, _)| f == "metrics.connections.topRemotes"));
         assert!(p.iter().any(|(f, _)| f == "metrics.connections.idleAfter"));
         assert!(ConnectionsConfig::default().problems().is_empty());
+    }
+
+    #[test]
+    fn auto_falls_back_to_procfs_when_the_kernel_refuses_sock_diag_and_says_why() {
+        fn refused() -> Result<sock_diag::DiagSocket, sock_diag::SockDiagError> {
+            Err(sock_diag::SockDiagError::Open(nix::Error::EPROTONOSUPPORT))
+        }
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut auto = Reader::new(SourcePreference::Auto);
+        auto.open_diag = refused;
+        let r = auto.read_current().unwrap();
+        assert_eq!(r.source, Source::Procfs);
+        assert!(
+            r.fallback_reason
+                .as_deref()
+                .unwrap()
+                .contains("NETLINK_SOCK_DIAG"),
+            "{:?}",
+            r.fallback_reason
+        );
+        assert!(r.sockets.iter().any(|s| s.local.port() == port));
+        assert!(
+            auto.sock_diag_unavailable.is_some(),
+            "not retried per namespace"
+        );
+        // Asked for sock_diag explicitly: an error, not a silent fallback.
+        let mut strict = Reader::new(SourcePreference::SockDiag);
+        strict.open_diag = refused;
+        assert!(matches!(
+            strict.read_current(),
+            Err(CensusError::SockDiag(_))
+        ));
     }
 
     #[test]

@@ -272,6 +272,15 @@ impl Reader {
     }
 
     fn read_current(&mut self) -> Result<NetnsReading, CensusError> {
+        let read = |name: &str| std::fs::read_to_string(format!("{}/{name}", procfs::NET_DIR));
+        // sockstat is a few counters; /proc/net/udp would walk the node-wide UDP hash.
+        let sockstat = match (read("sockstat"), read("sockstat6")) {
+            (Ok(v4), Ok(v6)) => sock_diag::parse_sockstat(&v4, &v6),
+            // No IPv6 in this kernel: no IPv6 sockets.
+            (Ok(v4), Err(_)) => sock_diag::parse_sockstat(&v4, "TCP6: inuse 0\nUDP6: inuse 0\n"),
+            _ => None,
+        };
+        let in_use = sockstat.map(|(tcp, _)| tcp);
         let mut sockets = Vec::new();
         let mut fallback_reason = None;
         let source = match self.pref {
@@ -280,14 +289,14 @@ impl Reader {
                 Source::Procfs
             }
             SourcePreference::SockDiag => {
-                (self.open_diag)()?.dump_tcp(&mut self.buf, &mut sockets)?;
+                (self.open_diag)()?.dump_tcp(&mut self.buf, &mut sockets, in_use)?;
                 Source::SockDiag
             }
             SourcePreference::Auto => {
                 let tried = match &self.sock_diag_unavailable {
                     Some(why) => Err(why.clone()),
                     None => (self.open_diag)()
-                        .and_then(|s| s.dump_tcp(&mut self.buf, &mut sockets))
+                        .and_then(|s| s.dump_tcp(&mut self.buf, &mut sockets, in_use))
                         .map_err(|e| {
                             let why = e.to_string();
                             if matches!(
@@ -311,12 +320,14 @@ impl Reader {
                 }
             }
         };
-        let read = |name: &str| std::fs::read_to_string(format!("{}/{name}", procfs::NET_DIR));
-        let udp_sockets = ["udp", "udp6"]
-            .iter()
-            .filter_map(|f| read(f).ok())
-            .map(|t| procfs::count_lines(&t))
-            .sum();
+        let udp_sockets = match sockstat {
+            Some((_, udp)) => udp,
+            None => ["udp", "udp6"]
+                .iter()
+                .filter_map(|f| read(f).ok())
+                .map(|t| procfs::count_lines(&t))
+                .sum(),
+        };
         Ok(NetnsReading {
             source,
             sockets,

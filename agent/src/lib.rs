@@ -1,6 +1,7 @@
 //! nodekeeper: a per-node Kubernetes agent. See `docs/architecture.md` for the module map.
 #![forbid(unsafe_code)]
 
+pub mod aggregate;
 pub mod api;
 pub mod app;
 pub mod config;
@@ -8,6 +9,7 @@ pub mod disks;
 pub mod drain;
 pub mod host;
 pub mod http;
+pub mod keda;
 pub mod kube;
 pub mod metrics;
 pub mod pod_cgroups;

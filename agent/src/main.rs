@@ -97,6 +97,8 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         top_remotes: usize,
     },
+    /// Run the cluster-wide aggregator: KEDA's external scaler with fleet-wide sums.
+    Aggregate(nodekeeper::aggregate::AggregateArgs),
     /// Print the version and the git revision it was built from.
     Version,
 }
@@ -434,6 +436,23 @@ fn main() -> ExitCode {
                 }
             }
             ExitCode::SUCCESS
+        }
+        Command::Aggregate(args) => {
+            if let Err(e) = init_logging(cli.log_format, &cli.log_level) {
+                eprintln!("nodekeeper: {e:#}");
+                return ExitCode::from(EX_USAGE);
+            }
+            match nodekeeper::aggregate::main(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e @ nodekeeper::aggregate::AggregateError::Usage(_)) => {
+                    eprintln!("nodekeeper: {e}");
+                    ExitCode::from(EX_USAGE)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, kind = e.kind(), "nodekeeper aggregate failed");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Run(args) => {
             let config = match load(args.config.as_deref(), args.overrides) {

@@ -198,11 +198,16 @@ fn rendered_base_has_each_object_labelled_in_the_namespace() {
         ("ClusterRoleBinding", "nodekeeper"),
         ("ConfigMap", config_map),
         ("DaemonSet", "nodekeeper"),
+        ("Deployment", "nodekeeper-aggregator"),
         ("Namespace", NAMESPACE),
+        ("Role", "nodekeeper-aggregator"),
         ("Role", "nodekeeper-drain-lock"),
+        ("RoleBinding", "nodekeeper-aggregator"),
         ("RoleBinding", "nodekeeper-drain-lock"),
         ("Service", "nodekeeper"),
+        ("Service", "nodekeeper-aggregator"),
         ("ServiceAccount", "nodekeeper"),
+        ("ServiceAccount", "nodekeeper-aggregator"),
         ("StorageClass", "nodekeeper-local"),
     ];
     want.sort();
@@ -582,5 +587,164 @@ fn drain_lock_role_grants_only_leases_in_the_agent_namespace() {
     assert_eq!(
         binding["subjects"],
         json!([{ "kind": "ServiceAccount", "name": "nodekeeper", "namespace": NAMESPACE }])
+    );
+}
+
+// === the aggregator ===
+
+/// True when a Service or matchLabels `selector` selects pods labelled `labels`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    selector
+        .as_object()
+        .expect("selector map")
+        .iter()
+        .all(|(k, v)| &labels[k] == v)
+}
+
+/// A flag's default as `nodekeeper aggregate --help` prints it.
+fn aggregate_default(flag: &str) -> String {
+    let out = std::process::Command::new(nodekeeper_tests::agent_bin())
+        .args(["aggregate", "--help"])
+        .output()
+        .expect("run nodekeeper aggregate --help");
+    let help = String::from_utf8_lossy(&out.stdout).to_string();
+    let at = help
+        .find(&format!("--{flag} "))
+        .unwrap_or_else(|| panic!("no --{flag} in:\n{help}"));
+    let rest = &help[at..];
+    let start = rest.find("[default: ").expect("a default") + "[default: ".len();
+    rest[start..start + rest[start..].find(']').unwrap()].to_string()
+}
+
+#[test]
+fn aggregator_discovers_the_agents_through_their_headless_service_only() {
+    if !have_tools(&[]) {
+        return;
+    }
+    let base = base();
+    let deploy = base.object("Deployment", "nodekeeper-aggregator");
+    let pod_labels = get(deploy, "/spec/template/metadata/labels");
+    assert!(selects(
+        get(deploy, "/spec/selector/matchLabels"),
+        pod_labels
+    ));
+    let container = &array(deploy, "/spec/template/spec/containers")[0];
+    let args: Vec<&str> = array(container, "/args")
+        .iter()
+        .map(|a| a.as_str().expect("string arg"))
+        .collect();
+    assert_eq!(args[0], "aggregate");
+    let after = |flag: &str| {
+        let i = args
+            .iter()
+            .position(|a| *a == flag)
+            .unwrap_or_else(|| panic!("no {flag} in {args:?}"));
+        args[i + 1]
+    };
+    assert_eq!(after("--service"), "$(POD_NAMESPACE)/nodekeeper");
+    let env = array(container, "/env");
+    assert!(
+        env.iter().any(|e| e["name"] == "POD_NAMESPACE"
+            && e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"),
+        "POD_NAMESPACE from the downward API: {env:?}"
+    );
+
+    // The Service it lists is the agents' headless one, with the port it asks for by name.
+    let agents = base.object("Service", "nodekeeper");
+    assert_eq!(agents["spec"]["clusterIP"], "None");
+    let agent_pods = get(base.daemonset(), "/spec/template/metadata/labels");
+    assert!(selects(get(agents, "/spec/selector"), agent_pods));
+    let port = array(agents, "/spec/ports")
+        .iter()
+        .find(|p| p["name"] == after("--port-name"))
+        .expect("the agents' Service has the port --port-name names");
+    assert_eq!(port["port"], 9741);
+    // Neither the agents' Service nor the DaemonSet selects an aggregator pod.
+    assert!(!selects(get(agents, "/spec/selector"), pod_labels));
+    assert!(!selects(
+        get(base.daemonset(), "/spec/selector/matchLabels"),
+        pod_labels
+    ));
+
+    // KEDA's address: the ClusterIP Service on the aggregator's --listen port.
+    let svc = base.object("Service", "nodekeeper-aggregator");
+    assert_eq!(svc["spec"]["type"], "ClusterIP");
+    assert!(selects(get(svc, "/spec/selector"), pod_labels));
+    assert!(!selects(get(svc, "/spec/selector"), agent_pods));
+    let ports: BTreeMap<&str, u64> = array(container, "/ports")
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap(),
+                p["containerPort"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(ports, BTreeMap::from([("grpc", 9743), ("metrics", 9744)]));
+    assert_eq!(aggregate_default("listen"), "0.0.0.0:9743");
+    assert_eq!(aggregate_default("metrics-listen"), "0.0.0.0:9744");
+    let grpc = array(svc, "/spec/ports")
+        .iter()
+        .find(|p| p["name"] == "grpc")
+        .expect("grpc port");
+    assert_eq!(
+        (&grpc["port"], &grpc["targetPort"], &grpc["appProtocol"]),
+        (&json!(9743), &json!("grpc"), &json!("grpc"))
+    );
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        assert_eq!(container[probe]["httpGet"]["path"], path, "{probe}");
+        assert_eq!(container[probe]["httpGet"]["port"], "metrics", "{probe}");
+    }
+    // An ordinary, unprivileged workload.
+    let pod_spec = get(deploy, "/spec/template/spec");
+    assert_eq!(pod_spec["securityContext"]["runAsNonRoot"], true);
+    for host in ["hostNetwork", "hostPID"] {
+        assert!(pod_spec.get(host).is_none(), "{host}");
+    }
+    assert_eq!(
+        container["securityContext"]["allowPrivilegeEscalation"],
+        false
+    );
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+}
+
+#[test]
+fn aggregator_role_lists_only_endpointslices_in_its_namespace() {
+    if !have_tools(&[]) {
+        return;
+    }
+    let base = base();
+    let deploy = base.object("Deployment", "nodekeeper-aggregator");
+    assert_eq!(
+        deploy["spec"]["template"]["spec"]["serviceAccountName"],
+        "nodekeeper-aggregator"
+    );
+    let role = base.object("Role", "nodekeeper-aggregator");
+    assert_eq!(role["metadata"]["namespace"], NAMESPACE);
+    assert_eq!(
+        role["rules"],
+        json!([{
+            "apiGroups": ["discovery.k8s.io"],
+            "resources": ["endpointslices"],
+            "verbs": ["list", "watch"],
+        }])
+    );
+    let binding = base.object("RoleBinding", "nodekeeper-aggregator");
+    assert_eq!(
+        binding["roleRef"],
+        json!({ "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "nodekeeper-aggregator" })
+    );
+    assert_eq!(
+        binding["subjects"],
+        json!([{ "kind": "ServiceAccount", "name": "nodekeeper-aggregator", "namespace": NAMESPACE }])
+    );
+    // The agents' ClusterRole does not grant the aggregator anything.
+    let agent_binding = base.object("ClusterRoleBinding", "nodekeeper");
+    assert!(
+        !agent_binding["subjects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == "nodekeeper-aggregator")
     );
 }

@@ -42,7 +42,8 @@ pub struct AuthConfig {
     pub tls: Option<TlsConfig>,
     /// When non-empty, a client certificate's subject CN or one of its DNS SANs must be listed.
     pub allowed_client_names: Vec<String>,
-    /// GetNode, GetMetrics, WatchMetrics, GetDrain, health and reflection need no credentials.
+    /// GetNode, GetMetrics, WatchMetrics, GetDrain, KEDA's ExternalScaler, health and reflection
+    /// need no credentials.
     pub open_read_only: bool,
 }
 
@@ -292,7 +293,11 @@ const READ_ONLY_METHODS: &[&str] = &[
     "/nodekeeper.v1.NodeAgent/WatchMetrics",
     "/nodekeeper.v1.NodeAgent/GetDrain",
 ];
+/// Whole services that change nothing. Matched as `/package.Service/` prefixes (the trailing
+/// slash keeps `/externalscaler.ExternalScalerAdmin/...` from matching).
 const READ_ONLY_SERVICES: &[&str] = &[
+    // KEDA's scaler only reads the connection census; KEDA calls it without credentials.
+    "/externalscaler.ExternalScaler/",
     "/grpc.health.v1.Health/",
     "/grpc.reflection.v1.ServerReflection/",
     "/grpc.reflection.v1alpha.ServerReflection/",
@@ -550,7 +555,28 @@ mod tests {
                 "{m}"
             );
         }
-        assert!(!is_read_only("/externalscaler.ExternalScaler/GetMetrics"));
+        // Prefix guards: a GetMetrics elsewhere, or a service whose name merely starts like a
+        // read-only one, is not read-only.
+        for path in [
+            "/other.v1.Scaler/GetMetrics",
+            "/externalscaler.ExternalScalerAdmin/GetMetrics",
+            "/nodekeeper.v1.NodeAgentAdmin/GetMetrics",
+            "/nodekeeper.v1.NodeAgent/GetMetricsAndReboot",
+        ] {
+            assert!(!is_read_only(path), "{path}");
+        }
+        for m in [
+            "IsActive",
+            "StreamIsActive",
+            "GetMetricSpec",
+            "GetMetrics",
+            "StreamMetricSpec",
+        ] {
+            assert!(
+                is_read_only(&format!("/externalscaler.ExternalScaler/{m}")),
+                "{m}"
+            );
+        }
         for m in ["GetNode", "GetMetrics", "WatchMetrics", "GetDrain"] {
             assert!(
                 is_read_only(&format!("/nodekeeper.v1.NodeAgent/{m}")),

@@ -1,5 +1,6 @@
 //! The gRPC surface on `api.listen`: `nodekeeper.v1.NodeAgent`, `grpc.health.v1.Health` (one
-//! service name per capability, plus "" for the whole agent) and server reflection.
+//! service name per capability, plus "" for the whole agent), server reflection, and KEDA's
+//! `externalscaler.ExternalScaler` over this node's pods (when metrics are enabled).
 //!
 //! Every call passes `auth` first (TLS, client certificates, bearer token).
 //!
@@ -26,6 +27,8 @@ use tonic_health::server::{HealthReporter, HealthService};
 pub mod auth;
 
 use crate::config::{ApiConfig, DEFAULT_WATCH_INTERVAL};
+use crate::keda::service::{AGENT_STREAM_POLL, ScalerService, SnapshotSource};
+use crate::keda_pb::external_scaler_server::ExternalScalerServer;
 use crate::metrics::SnapshotCache;
 use crate::pb::{self, HealthState, node_agent_server};
 use crate::runtime::Health;
@@ -369,7 +372,7 @@ fn serving_status(state: HealthState) -> ServingStatus {
 /// grpc.health.v1 whose Watch streams end with status OK at shutdown, like WatchMetrics.
 /// tonic-health's never end on their own, so one open Watch held the graceful shutdown until the
 /// runtime's deadline, and its client saw UNAVAILABLE instead of a clean end.
-struct ShutdownAwareHealth {
+pub(crate) struct ShutdownAwareHealth {
     inner: HealthService,
     shutdown: CancellationToken,
 }
@@ -435,6 +438,25 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ApiError>
         .map_err(|source| ApiError::Bind { addr, source })
 }
 
+/// grpc.health.v1 mirroring `health` until `token` is cancelled (then "" is NOT_SERVING and
+/// open Watch streams end with OK). Shared by the agent and the aggregator; abort the returned
+/// task once the server stopped.
+pub(crate) fn health_service(
+    health: Health,
+    token: &CancellationToken,
+) -> (
+    HealthServer<ShutdownAwareHealth>,
+    tokio::task::JoinHandle<()>,
+) {
+    let reporter = HealthReporter::new();
+    let service = HealthServer::new(ShutdownAwareHealth {
+        inner: HealthService::from_health_reporter(reporter.clone()),
+        shutdown: token.clone(),
+    });
+    let mirror = tokio::spawn(mirror_health(health, reporter, token.clone()));
+    (service, mirror)
+}
+
 /// Serves until `token` is cancelled; open streams are ended by the same token.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -443,16 +465,20 @@ pub async fn serve(
     auth: auth::ServerAuth,
     token: CancellationToken,
 ) -> Result<(), ApiError> {
-    let reporter = HealthReporter::new();
-    let health_service = HealthServer::new(ShutdownAwareHealth {
-        inner: HealthService::from_health_reporter(reporter.clone()),
-        shutdown: token.clone(),
-    });
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let mirror = tokio::spawn(mirror_health(health, reporter, token.clone()));
+    // KEDA's scaler reads the same snapshot cache as GetMetrics; without metrics it is absent
+    // (UNIMPLEMENTED), as there is nothing to scale on.
+    let scaler = service.snapshots.clone().map(|cache| {
+        ExternalScalerServer::new(ScalerService::new(
+            Arc::new(SnapshotSource(cache)),
+            AGENT_STREAM_POLL.max(service.min_watch_interval),
+            token.clone(),
+        ))
+    });
+    let (health_service, mirror) = health_service(health, &token);
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = auth.tls {
         server = server.tls_config(tls)?;
@@ -460,6 +486,7 @@ pub async fn serve(
     let result = server
         .layer(auth.layer)
         .add_service(node_agent_server::NodeAgentServer::new(service))
+        .add_optional_service(scaler)
         .add_service(health_service)
         .add_service(reflection)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), token.cancelled_owned())

@@ -98,6 +98,7 @@ pub fn encode_snapshot(
         node_families(node, &mut families);
     }
     pod_families(&snap.pods, &mut families);
+    connection_families(&snap.connections, &mut families);
     let mut unavailable = Family::gauge(
         "snapshot_source_unavailable",
         "1 for each snapshot source that could not be read in the last collection",
@@ -392,6 +393,153 @@ fn pod_families(pods: &[pb::PodResources], out: &mut Vec<Family<'static>>) {
     out.extend([cpu, periods, throttled, throttled_s, ws, usage]);
 }
 
+/// Per-pod socket census. Series per pod are bounded by configuration, not by traffic: states
+/// (11), pools (topRemotes + "other", x2 for active/idle), listeners (topListeners).
+fn connection_families(pods: &[pb::PodConnections], out: &mut Vec<Family<'static>>) {
+    if pods.is_empty() {
+        return;
+    }
+    let pod = |p: &pb::PodConnections| -> Labels {
+        vec![
+            ("uid", p.uid.clone()),
+            ("namespace", p.namespace.clone()),
+            ("pod", p.name.clone()),
+        ]
+    };
+    let with = |p: &pb::PodConnections, extra: &[(&'static str, String)]| -> Labels {
+        let mut l = pod(p);
+        l.extend(extra.iter().cloned());
+        l
+    };
+    let mut states = Family::gauge(
+        "pod_tcp_sockets",
+        "TCP sockets in the pod's network namespace by state",
+        None,
+    );
+    let mut pools = Family::gauge(
+        "pod_tcp_pool_connections",
+        "Established connections by remote (top N per pod, the rest as remote=\"other\"; inbound as *:PORT) and activity",
+        None,
+    );
+    let mut pool_remotes = Family::gauge(
+        "pod_tcp_pool_remotes",
+        "Distinct remotes summed into a pool (more than 1 only for \"other\")",
+        None,
+    );
+    let mut queue = Family::gauge(
+        "pod_tcp_listen_queue",
+        "Connections waiting in a listening socket's accept queue",
+        None,
+    );
+    let mut backlog = Family::gauge(
+        "pod_tcp_listen_backlog",
+        "The accept queue's limit (listen backlog capped by somaxconn; 0 when unknown)",
+        None,
+    );
+    let mut overflows = Family::counter(
+        "pod_tcp_listen_overflows",
+        "Times an accept queue was full (TcpExt ListenOverflows of the pod's namespace)",
+        None,
+    );
+    let mut drops = Family::counter(
+        "pod_tcp_listen_drops",
+        "SYNs dropped by listeners (TcpExt ListenDrops of the pod's namespace)",
+        None,
+    );
+    let mut ephemeral = Family::gauge(
+        "pod_ephemeral_ports_in_use",
+        "Local ports of the namespace's ip_local_port_range used by TCP sockets",
+        None,
+    );
+    let mut range = Family::gauge(
+        "pod_ephemeral_ports",
+        "Size of the namespace's ip_local_port_range",
+        None,
+    );
+    let mut retrans = Family::gauge(
+        "pod_tcp_retransmitted_segments",
+        "Segments retransmitted by the pod's current TCP sockets (falls as sockets close)",
+        None,
+    );
+    let mut rtt = Family::gauge(
+        "pod_tcp_rtt",
+        "Smoothed RTT over established connections",
+        Some(Unit::Seconds),
+    );
+    let mut udp = Family::gauge("pod_udp_sockets", "UDP sockets", None);
+    let mut after_deletion = Family::gauge(
+        "pod_tcp_open_after_deletion",
+        "Established connections still open while the pod is terminating",
+        None,
+    );
+    let mut failed = Family::gauge(
+        "pod_connections_census_failed",
+        "1 when the pod's sockets could not be counted (see the agent's log or GetMetrics)",
+        None,
+    );
+    for p in pods {
+        if !p.error.is_empty() {
+            failed.add(pod(p), 1.0);
+            continue;
+        }
+        for (state, n) in &p.tcp_states {
+            states.add(with(p, &[("state", state.clone())]), *n as f64);
+        }
+        for x in &p.pools {
+            for (activity, n) in [("active", x.active), ("idle", x.idle)] {
+                pools.add(
+                    with(
+                        p,
+                        &[("remote", x.remote.clone()), ("activity", activity.into())],
+                    ),
+                    n as f64,
+                );
+            }
+            pool_remotes.add(with(p, &[("remote", x.remote.clone())]), x.remotes as f64);
+        }
+        for l in &p.listeners {
+            let labels = with(
+                p,
+                &[("address", l.address.clone()), ("port", l.port.to_string())],
+            );
+            queue.add(labels.clone(), l.accept_queue as f64);
+            backlog.add(labels, l.backlog as f64);
+        }
+        overflows.add(pod(p), p.listen_overflows as f64);
+        drops.add(pod(p), p.listen_drops as f64);
+        ephemeral.add(pod(p), p.ephemeral_ports_in_use as f64);
+        if p.ephemeral_port_high >= p.ephemeral_port_low && p.ephemeral_port_high > 0 {
+            range.add(
+                pod(p),
+                f64::from(p.ephemeral_port_high - p.ephemeral_port_low + 1),
+            );
+        }
+        retrans.add(pod(p), p.retransmits as f64);
+        rtt.add(with(p, &[("stat", "mean".into())]), p.rtt_mean_seconds);
+        rtt.add(with(p, &[("stat", "max".into())]), p.rtt_max_seconds);
+        udp.add(pod(p), p.udp_sockets as f64);
+        if p.deletion_timestamp.is_some() {
+            after_deletion.add(pod(p), p.open_after_deletion as f64);
+        }
+    }
+    out.extend([
+        states,
+        pools,
+        pool_remotes,
+        queue,
+        backlog,
+        overflows,
+        drops,
+        ephemeral,
+        range,
+        retrans,
+        rtt,
+        udp,
+        after_deletion,
+        failed,
+    ]);
+}
+
 /// Rewrites prometheus-client's OpenMetrics text into the Prometheus text format 0.0.4 that
 /// older scrapers, `promtool check metrics` and humans with curl expect: counter and info
 /// families take their sample names (`_total`, `_info`), info becomes gauge, `# UNIT` and
@@ -476,6 +624,73 @@ mod tests {
         );
         assert!(
             text.contains("nodekeeper_snapshot_source_unavailable{source=\"pressure\"} 1.0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn connection_families_are_bounded_per_pod() {
+        let pools = (0..10)
+            .map(|i| pb::ConnectionPool {
+                remote: format!("10.0.0.{i}:5432"),
+                established: 3,
+                active: 2,
+                idle: 1,
+                remotes: 1,
+                ..Default::default()
+            })
+            .chain(std::iter::once(pb::ConnectionPool {
+                remote: "other".into(),
+                established: 9_990,
+                active: 9_990,
+                remotes: 9_990,
+                ..Default::default()
+            }))
+            .collect();
+        let snap = pb::MetricsSnapshot {
+            connections: vec![
+                pb::PodConnections {
+                    uid: "u1".into(),
+                    namespace: "shop".into(),
+                    name: "api-0".into(),
+                    tcp_states: [("established".to_string(), 10_020u64)].into(),
+                    pools,
+                    listeners: vec![pb::Listener {
+                        address: "0.0.0.0:8080".into(),
+                        port: 8080,
+                        accept_queue: 4,
+                        backlog: 3,
+                    }],
+                    listen_overflows: 2,
+                    ..Default::default()
+                },
+                pb::PodConnections {
+                    uid: "u2".into(),
+                    error: "gone".into(),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let mut registry = prometheus_client::registry::Registry::with_prefix("nodekeeper");
+        registry.register_collector(Box::new(StaticSnapshot(snap)));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let pool_series = text
+            .lines()
+            .filter(|l| l.starts_with("nodekeeper_pod_tcp_pool_connections{"))
+            .count();
+        assert_eq!(pool_series, 22, "11 pools x active/idle\n{text}");
+        assert!(
+            text.contains("remote=\"other\",activity=\"active\"} 9990"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nodekeeper_pod_tcp_listen_overflows_total{uid=\"u1\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("nodekeeper_pod_connections_census_failed{uid=\"u2\""),
             "{text}"
         );
     }

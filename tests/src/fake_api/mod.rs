@@ -219,6 +219,43 @@ impl FakeApiBuilder {
     }
 }
 
+/// One endpoint of a seeded EndpointSlice: `EndpointSeed::new("10.0.0.1").node("node-a")`.
+#[derive(Debug, Clone)]
+pub struct EndpointSeed {
+    pub ip: String,
+    pub node: Option<String>,
+    /// The pod behind it (`targetRef`), if any.
+    pub pod: Option<String>,
+    /// `conditions.ready`; `None` leaves the condition out (clients read nil as ready).
+    pub ready: Option<bool>,
+}
+
+impl EndpointSeed {
+    pub fn new(ip: &str) -> Self {
+        Self {
+            ip: ip.to_string(),
+            node: None,
+            pod: None,
+            ready: Some(true),
+        }
+    }
+
+    pub fn node(mut self, node: &str) -> Self {
+        self.node = Some(node.to_string());
+        self
+    }
+
+    pub fn pod(mut self, pod: &str) -> Self {
+        self.pod = Some(pod.to_string());
+        self
+    }
+
+    pub fn ready(mut self, ready: Option<bool>) -> Self {
+        self.ready = ready;
+        self
+    }
+}
+
 /// A running fake API server; stops (and drops every open watch) on drop.
 pub struct FakeApi {
     store: Arc<Store>,
@@ -412,6 +449,58 @@ impl FakeApi {
         );
         self.get(Res::PodDisruptionBudgets, ns, name)
             .expect("just created")
+    }
+
+    /// A `discovery.k8s.io/v1` EndpointSlice of Service `service`, as the EndpointSlice
+    /// controller writes it: name `{service}-<random>`, label `kubernetes.io/service-name`,
+    /// `addressType` IPv4 (IPv6 when the first endpoint's IP has a ':'), named TCP ports.
+    pub fn add_endpoint_slice(
+        &self,
+        ns: &str,
+        service: &str,
+        ports: &[(&str, u16)],
+        endpoints: &[EndpointSeed],
+    ) -> Value {
+        let v6 = endpoints.first().is_some_and(|e| e.ip.contains(':'));
+        let endpoints: Vec<Value> = endpoints
+            .iter()
+            .map(|e| {
+                let mut ep = json!({"addresses": [e.ip]});
+                if let Some(r) = e.ready {
+                    ep["conditions"] = json!({"ready": r, "serving": r, "terminating": false});
+                }
+                if let Some(n) = &e.node {
+                    ep["nodeName"] = json!(n);
+                }
+                if let Some(p) = &e.pod {
+                    let uid = self
+                        .get(Res::Pods, ns, p)
+                        .map(|o| o["metadata"]["uid"].clone())
+                        .unwrap_or(json!(format!("uid-{p}")));
+                    ep["targetRef"] =
+                        json!({"kind": "Pod", "namespace": ns, "name": p, "uid": uid});
+                }
+                ep
+            })
+            .collect();
+        let ports: Vec<Value> = ports
+            .iter()
+            .map(|(name, port)| json!({"name": name, "port": port, "protocol": "TCP"}))
+            .collect();
+        self.create(
+            Res::EndpointSlices,
+            json!({
+                "metadata": {
+                    "generateName": format!("{service}-"),
+                    "namespace": ns,
+                    "labels": {"kubernetes.io/service-name": service,
+                               "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"},
+                },
+                "addressType": if v6 { "IPv6" } else { "IPv4" },
+                "endpoints": endpoints,
+                "ports": ports,
+            }),
+        )
     }
 
     /// Flips a pod's Ready condition (as the kubelet would).

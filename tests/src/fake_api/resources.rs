@@ -17,6 +17,7 @@ pub enum Res {
     PodDisruptionBudgets,
     Leases,
     EventsV1,
+    EndpointSlices,
 }
 
 /// Static facts about a resource type.
@@ -45,7 +46,7 @@ const VERBS: [&str; 8] = [
 ];
 
 impl Res {
-    pub const ALL: [Res; 9] = [
+    pub const ALL: [Res; 10] = [
         Res::Pods,
         Res::Nodes,
         Res::PersistentVolumes,
@@ -55,6 +56,7 @@ impl Res {
         Res::PodDisruptionBudgets,
         Res::Leases,
         Res::EventsV1,
+        Res::EndpointSlices,
     ];
 
     pub fn info(self) -> &'static ResInfo {
@@ -131,6 +133,15 @@ impl Res {
                 &["ev"],
                 false
             ),
+            Res::EndpointSlices => info!(
+                "discovery.k8s.io",
+                "endpointslices",
+                "endpointslice",
+                "EndpointSlice",
+                true,
+                &[],
+                false
+            ),
         }
     }
 
@@ -164,7 +175,13 @@ impl Res {
 }
 
 /// The API groups besides the legacy core group, in discovery order.
-const GROUPS: [&str; 4] = ["apps", "policy", "coordination.k8s.io", "events.k8s.io"];
+const GROUPS: [&str; 5] = [
+    "apps",
+    "policy",
+    "coordination.k8s.io",
+    "events.k8s.io",
+    "discovery.k8s.io",
+];
 
 pub fn version() -> Value {
     json!({

@@ -257,6 +257,8 @@ struct Reader {
     buf: Vec<u8>,
     /// Auto mode: sock_diag failed once with a reason that will not change (no kernel support).
     sock_diag_unavailable: Option<String>,
+    /// Opens the netlink socket; a test swaps in a kernel that refuses it.
+    open_diag: fn() -> Result<sock_diag::DiagSocket, sock_diag::SockDiagError>,
 }
 
 impl Reader {
@@ -265,10 +267,20 @@ impl Reader {
             pref,
             buf: Vec::new(),
             sock_diag_unavailable: None,
+            open_diag: sock_diag::DiagSocket::open,
         }
     }
 
     fn read_current(&mut self) -> Result<NetnsReading, CensusError> {
+        let read = |name: &str| std::fs::read_to_string(format!("{}/{name}", procfs::NET_DIR));
+        // sockstat is a few counters; /proc/net/udp would walk the node-wide UDP hash.
+        let sockstat = match (read("sockstat"), read("sockstat6")) {
+            (Ok(v4), Ok(v6)) => sock_diag::parse_sockstat(&v4, &v6),
+            // No IPv6 in this kernel: no IPv6 sockets.
+            (Ok(v4), Err(_)) => sock_diag::parse_sockstat(&v4, "TCP6: inuse 0\nUDP6: inuse 0\n"),
+            _ => None,
+        };
+        let in_use = sockstat.map(|(tcp, _)| tcp);
         let mut sockets = Vec::new();
         let mut fallback_reason = None;
         let source = match self.pref {
@@ -277,14 +289,14 @@ impl Reader {
                 Source::Procfs
             }
             SourcePreference::SockDiag => {
-                sock_diag::DiagSocket::open()?.dump_tcp(&mut self.buf, &mut sockets)?;
+                (self.open_diag)()?.dump_tcp(&mut self.buf, &mut sockets, in_use)?;
                 Source::SockDiag
             }
             SourcePreference::Auto => {
                 let tried = match &self.sock_diag_unavailable {
                     Some(why) => Err(why.clone()),
-                    None => sock_diag::DiagSocket::open()
-                        .and_then(|s| s.dump_tcp(&mut self.buf, &mut sockets))
+                    None => (self.open_diag)()
+                        .and_then(|s| s.dump_tcp(&mut self.buf, &mut sockets, in_use))
                         .map_err(|e| {
                             let why = e.to_string();
                             if matches!(
@@ -308,12 +320,14 @@ impl Reader {
                 }
             }
         };
-        let read = |name: &str| std::fs::read_to_string(format!("{}/{name}", procfs::NET_DIR));
-        let udp_sockets = ["udp", "udp6"]
-            .iter()
-            .filter_map(|f| read(f).ok())
-            .map(|t| procfs::count_lines(&t))
-            .sum();
+        let udp_sockets = match sockstat {
+            Some((_, udp)) => udp,
+            None => ["udp", "udp6"]
+                .iter()
+                .filter_map(|f| read(f).ok())
+                .map(|t| procfs::count_lines(&t))
+                .sum(),
+        };
         Ok(NetnsReading {
             source,
             sockets,
@@ -425,6 +439,39 @@ mod tests {
         assert!(p.iter().any(|(f, _)| f == "metrics.connections.topRemotes"));
         assert!(p.iter().any(|(f, _)| f == "metrics.connections.idleAfter"));
         assert!(ConnectionsConfig::default().problems().is_empty());
+    }
+
+    #[test]
+    fn auto_falls_back_to_procfs_when_the_kernel_refuses_sock_diag_and_says_why() {
+        fn refused() -> Result<sock_diag::DiagSocket, sock_diag::SockDiagError> {
+            Err(sock_diag::SockDiagError::Open(nix::Error::EPROTONOSUPPORT))
+        }
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut auto = Reader::new(SourcePreference::Auto);
+        auto.open_diag = refused;
+        let r = auto.read_current().unwrap();
+        assert_eq!(r.source, Source::Procfs);
+        assert!(
+            r.fallback_reason
+                .as_deref()
+                .unwrap()
+                .contains("NETLINK_SOCK_DIAG"),
+            "{:?}",
+            r.fallback_reason
+        );
+        assert!(r.sockets.iter().any(|s| s.local.port() == port));
+        assert!(
+            auto.sock_diag_unavailable.is_some(),
+            "not retried per namespace"
+        );
+        // Asked for sock_diag explicitly: an error, not a silent fallback.
+        let mut strict = Reader::new(SourcePreference::SockDiag);
+        strict.open_diag = refused;
+        assert!(matches!(
+            strict.read_current(),
+            Err(CensusError::SockDiag(_))
+        ));
     }
 
     #[test]

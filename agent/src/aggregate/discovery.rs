@@ -1,0 +1,248 @@
+//! Which node agents the aggregator calls: a static list (`--agents`), or the ready endpoints of
+//! the agents' headless Service, read from its `discovery.k8s.io/v1` EndpointSlices
+//! (`--service NAMESPACE/NAME`, port `--port-name`).
+//!
+//! Owns the EndpointSlice LIST (label `kubernetes.io/service-name=NAME`, one namespace, under a
+//! named timeout) and turning slices into targets: ready endpoints only, one target per pod even
+//! when a dual-stack Service lists it in an IPv4 and an IPv6 slice. Never watches or lists
+//! anything else.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::kube::API_CALL_TIMEOUT;
+
+/// One agent to call.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Target {
+    /// `host:port` (`[v6]:port` for IPv6).
+    pub address: String,
+    /// The EndpointSlice's `nodeName`; empty for static targets.
+    pub node_name: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    /// The EndpointSlice LIST failed.
+    #[error("listing EndpointSlices of service {namespace}/{name}: {source}")]
+    List {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
+    /// The LIST did not answer within `API_CALL_TIMEOUT`.
+    #[error(
+        "listing EndpointSlices of service {namespace}/{name} timed out after {API_CALL_TIMEOUT:?}"
+    )]
+    Timeout { namespace: String, name: String },
+}
+
+impl DiscoveryError {
+    /// Low-cardinality label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::List { .. } => "list",
+            Self::Timeout { .. } => "timeout",
+        }
+    }
+}
+
+/// Where targets come from.
+pub enum Discovery {
+    Static(Vec<Target>),
+    Service {
+        client: kube::Client,
+        namespace: String,
+        name: String,
+        port_name: String,
+    },
+}
+
+impl Discovery {
+    /// Static targets from `host:port` strings, deduplicated and sorted.
+    pub fn fixed(addresses: &[String]) -> Self {
+        let mut targets: Vec<Target> = addresses
+            .iter()
+            .map(|a| Target {
+                address: a.trim().to_string(),
+                node_name: String::new(),
+            })
+            .filter(|t| !t.address.is_empty())
+            .collect();
+        targets.sort();
+        targets.dedup();
+        Self::Static(targets)
+    }
+
+    /// The current targets, sorted by address.
+    pub async fn targets(&self) -> Result<Vec<Target>, DiscoveryError> {
+        match self {
+            Self::Static(t) => Ok(t.clone()),
+            Self::Service {
+                client,
+                namespace,
+                name,
+                port_name,
+            } => {
+                let api: kube::Api<EndpointSlice> =
+                    kube::Api::namespaced(client.clone(), namespace);
+                let params = kube::api::ListParams::default()
+                    .labels(&format!("kubernetes.io/service-name={name}"));
+                let list = tokio::time::timeout(API_CALL_TIMEOUT, api.list(&params))
+                    .await
+                    .map_err(|_| DiscoveryError::Timeout {
+                        namespace: namespace.clone(),
+                        name: name.clone(),
+                    })?
+                    .map_err(|source| DiscoveryError::List {
+                        namespace: namespace.clone(),
+                        name: name.clone(),
+                        source,
+                    })?;
+                Ok(targets_from_slices(&list.items, port_name))
+            }
+        }
+    }
+}
+
+/// Ready endpoints of `slices` on the port named `port_name`, one per pod (or per address when
+/// an endpoint names no pod). IPv4 slices win over IPv6 ones for a dual-stack pod; FQDN slices
+/// are skipped (the agents are pods, always addressed by IP).
+pub fn targets_from_slices(slices: &[EndpointSlice], port_name: &str) -> Vec<Target> {
+    let mut slices: Vec<&EndpointSlice> = slices
+        .iter()
+        .filter(|s| matches!(s.address_type.as_str(), "IPv4" | "IPv6"))
+        .collect();
+    // "IPv4" < "IPv6": the IPv4 slice claims each pod first.
+    slices.sort_by(|a, b| a.address_type.cmp(&b.address_type));
+    let mut by_pod: BTreeMap<String, Target> = BTreeMap::new();
+    for slice in slices {
+        let Some(port) = slice
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(port_name))
+            .and_then(|p| p.port)
+        else {
+            continue;
+        };
+        let v6 = slice.address_type == "IPv6";
+        for ep in &slice.endpoints {
+            // The API: "nil should be interpreted as true" for ready.
+            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            let Some(ip) = ep.addresses.first() else {
+                continue;
+            };
+            if !ready {
+                continue;
+            }
+            let address = if v6 {
+                format!("[{ip}]:{port}")
+            } else {
+                format!("{ip}:{port}")
+            };
+            let key = ep
+                .target_ref
+                .as_ref()
+                .and_then(|r| r.uid.clone().or_else(|| r.name.clone()))
+                .unwrap_or_else(|| address.clone());
+            by_pod.entry(key).or_insert(Target {
+                address,
+                node_name: ep.node_name.clone().unwrap_or_default(),
+            });
+        }
+    }
+    let mut out: Vec<Target> = by_pod.into_values().collect();
+    out.sort();
+    out.dedup_by(|a, b| a.address == b.address);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn slice(v: serde_json::Value) -> EndpointSlice {
+        serde_json::from_value(v).expect("an EndpointSlice")
+    }
+
+    fn ep(ip: &str, node: &str, pod: &str, ready: Option<bool>) -> serde_json::Value {
+        let mut e = json!({
+            "addresses": [ip],
+            "nodeName": node,
+            "targetRef": {"kind": "Pod", "namespace": "nodekeeper-system", "name": pod, "uid": format!("uid-{pod}")},
+        });
+        if let Some(r) = ready {
+            e["conditions"] = json!({"ready": r});
+        }
+        e
+    }
+
+    fn slices() -> Vec<EndpointSlice> {
+        vec![
+            slice(json!({
+                "metadata": {"name": "nodekeeper-v6"},
+                "addressType": "IPv6",
+                "ports": [{"name": "grpc", "port": 9741}],
+                "endpoints": [ep("fd00::1", "node-a", "agent-a", Some(true)),
+                              ep("fd00::4", "node-d", "agent-d", None)],
+            })),
+            slice(json!({
+                "metadata": {"name": "nodekeeper-abcde"},
+                "addressType": "IPv4",
+                "ports": [{"name": "metrics", "port": 9740}, {"name": "grpc", "port": 9741}],
+                "endpoints": [ep("10.0.0.1", "node-a", "agent-a", Some(true)),
+                              ep("10.0.0.2", "node-b", "agent-b", Some(false)),
+                              ep("10.0.0.3", "node-c", "agent-c", None)],
+            })),
+            slice(json!({
+                "metadata": {"name": "nodekeeper-fqdn"},
+                "addressType": "FQDN",
+                "ports": [{"name": "grpc", "port": 9741}],
+                "endpoints": [{"addresses": ["agent.example.com"]}],
+            })),
+        ]
+    }
+
+    #[test]
+    fn ready_endpoints_on_the_named_port_one_per_pod() {
+        let t = targets_from_slices(&slices(), "grpc");
+        let got: Vec<(&str, &str)> = t
+            .iter()
+            .map(|t| (t.address.as_str(), t.node_name.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                // node-a is in both slices: its IPv4 address wins; node-b is not ready; node-c
+                // and node-d have no ready condition (nil means ready).
+                ("10.0.0.1:9741", "node-a"),
+                ("10.0.0.3:9741", "node-c"),
+                ("[fd00::4]:9741", "node-d"),
+            ]
+        );
+    }
+
+    #[test]
+    fn slices_without_the_port_give_nothing() {
+        assert!(targets_from_slices(&slices(), "dns").is_empty());
+        let m = targets_from_slices(&slices(), "metrics");
+        assert_eq!(m.len(), 2, "{m:?}");
+    }
+
+    #[test]
+    fn static_targets_are_trimmed_deduplicated_and_sorted() {
+        let Discovery::Static(t) = Discovery::fixed(&[
+            "127.0.0.1:2".into(),
+            " 127.0.0.1:1".into(),
+            "127.0.0.1:2".into(),
+            "".into(),
+        ]) else {
+            unreachable!()
+        };
+        let a: Vec<&str> = t.iter().map(|t| t.address.as_str()).collect();
+        assert_eq!(a, vec!["127.0.0.1:1", "127.0.0.1:2"]);
+    }
+}

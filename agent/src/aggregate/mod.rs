@@ -1,0 +1,367 @@
+//! `nodekeeper aggregate`: the cluster-wide aggregator, run as a Deployment. It finds every node
+//! agent (the agents' headless Service's EndpointSlices, or a static list), fans out
+//! `NodeAgent/GetMetrics` with deadlines, and serves KEDA's `externalscaler.ExternalScaler`
+//! with fleet-wide sums (the same `keda::evaluate` as the agents), `nodekeeper.v1.Aggregator`
+//! (every agent and whether it answered), grpc.health.v1 and reflection on `--listen`, and
+//! `/metrics`, `/healthz`, `/readyz` on `--metrics-listen`.
+//!
+//! Owns its CLI flags, the wiring and the shutdown (SIGTERM: servers stop accepting, streams end
+//! with OK, exit 0). `discovery` decides whom to call, `fanout` calls them. Never reads the host
+//! and never writes to the Kubernetes API.
+
+pub mod discovery;
+pub mod fanout;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+
+use crate::config::{ConfigDuration, KubernetesMode};
+use crate::keda::service::{Census, PodSource, ScalerService};
+use crate::keda_pb::external_scaler_server::ExternalScalerServer;
+use crate::pb::{self, HealthState, aggregator_server};
+use crate::runtime::{Health, Supervisor};
+use discovery::Discovery;
+use fanout::{AggregateMetrics, FanoutConfig, Fleet};
+
+/// KEDA's default pollingInterval is 30 s; a deadline far below it keeps one slow node from
+/// delaying every ScaledObject, and a healthy agent answers from its cache in milliseconds.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(2);
+/// Many ScaledObjects polled by KEDA at nearly the same time share one fan-out; 5 s is well
+/// under KEDA's polling interval, so values are never staler than one poll.
+pub const DEFAULT_REFRESH: Duration = Duration::from_secs(5);
+/// Connections opened at once: enough for a thousand nodes within a couple of deadlines, few
+/// enough not to exhaust the aggregator's file descriptors or burst the node network.
+pub const DEFAULT_MAX_CONCURRENCY: usize = 256;
+/// Within the Deployment's terminationGracePeriodSeconds (30 s) with room to spare; servers stop
+/// accepting at once, so this only bounds in-flight fan-outs.
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The gRPC capability's health name (also the grpc.health.v1 service name).
+const CAPABILITY: &str = "aggregate";
+
+/// `nodekeeper aggregate` flags; each also reads an env var.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AggregateArgs {
+    /// gRPC address: externalscaler.ExternalScaler, nodekeeper.v1.Aggregator, health, reflection.
+    #[arg(
+        long,
+        env = "NODEKEEPER_AGGREGATE_LISTEN",
+        default_value = "0.0.0.0:9743"
+    )]
+    pub listen: SocketAddr,
+    /// HTTP address for /metrics, /healthz, /readyz.
+    #[arg(
+        long,
+        env = "NODEKEEPER_AGGREGATE_METRICS_LISTEN",
+        default_value = "0.0.0.0:9744"
+    )]
+    pub metrics_listen: SocketAddr,
+    /// Static agent list (host:port,...), instead of discovery through a Service.
+    #[arg(
+        long,
+        env = "NODEKEEPER_AGGREGATE_AGENTS",
+        value_delimiter = ',',
+        conflicts_with = "service",
+        required_unless_present = "service"
+    )]
+    pub agents: Vec<String>,
+    /// The agents' headless Service as NAMESPACE/NAME: its EndpointSlices' ready endpoints are
+    /// the agents (listed again at every fan-out).
+    #[arg(long, env = "NODEKEEPER_AGGREGATE_SERVICE", value_parser = parse_service)]
+    pub service: Option<ServiceRef>,
+    /// The Service port (by name) the agents serve gRPC on.
+    #[arg(long, env = "NODEKEEPER_AGGREGATE_PORT_NAME", default_value = "grpc")]
+    pub port_name: String,
+    /// Each agent's GetMetrics deadline (e.g. 500ms, 2s).
+    #[arg(long, env = "NODEKEEPER_AGGREGATE_DEADLINE", default_value = "2s")]
+    pub deadline: ConfigDuration,
+    /// How long one fan-out's result is reused by every caller.
+    #[arg(long, env = "NODEKEEPER_AGGREGATE_REFRESH", default_value = "5s")]
+    pub refresh: ConfigDuration,
+    /// File holding a bearer token sent to the agents (needed when their openReadOnly is false).
+    #[arg(long, env = "NODEKEEPER_AGGREGATE_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Agents called at once.
+    #[arg(long, env = "NODEKEEPER_AGGREGATE_MAX_CONCURRENCY", default_value_t = DEFAULT_MAX_CONCURRENCY)]
+    pub max_concurrency: usize,
+}
+
+/// `--service NAMESPACE/NAME`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+fn parse_service(s: &str) -> Result<ServiceRef, String> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok(ServiceRef {
+                namespace: ns.to_string(),
+                name: name.to_string(),
+            })
+        }
+        _ => Err(format!("{s:?} is not NAMESPACE/NAME")),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AggregateError {
+    /// A flag value is unusable (exit 64).
+    #[error("{0}")]
+    Usage(String),
+    /// `--service` needs the Kubernetes API and none could be configured.
+    #[error(transparent)]
+    Kube(#[from] crate::kube::KubeError),
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
+    #[error(transparent)]
+    Http(#[from] crate::http::HttpError),
+    #[error("building the tokio runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+impl AggregateError {
+    /// Low-cardinality label for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Usage(_) => "usage",
+            Self::Kube(_) => "kube",
+            Self::Api(_) => "api",
+            Self::Http(_) => "http",
+            Self::Runtime(_) => "runtime",
+        }
+    }
+}
+
+// === the census source and the Aggregator service ===
+
+/// KEDA's source on the aggregator: every answering agent's pods.
+pub struct FleetSource(pub Arc<Fleet>);
+
+impl PodSource for FleetSource {
+    fn census(&self) -> BoxFuture<'_, Result<Census, Status>> {
+        Box::pin(async move {
+            let r = self.0.get().await;
+            if r.answered == 0 {
+                let why = r
+                    .status
+                    .agents
+                    .iter()
+                    .map(|a| format!("{}: {}", a.address, a.error))
+                    .collect::<Vec<_>>();
+                return Err(Status::unavailable(if why.is_empty() {
+                    "no node agent found to ask (empty --agents or no ready endpoints)".to_string()
+                } else {
+                    format!("no node agent answered: {}", why.join("; "))
+                }));
+            }
+            Ok(Census::from_pods(r.pods.clone()))
+        })
+    }
+}
+
+/// `nodekeeper.v1.Aggregator`.
+pub struct AggregatorService(pub Arc<Fleet>);
+
+#[tonic::async_trait]
+impl aggregator_server::Aggregator for AggregatorService {
+    async fn get_fleet(
+        &self,
+        _req: Request<pb::GetFleetRequest>,
+    ) -> Result<Response<pb::FleetStatus>, Status> {
+        Ok(Response::new(self.0.get().await.status.clone()))
+    }
+}
+
+// === run ===
+
+/// Builds the runtime and runs until SIGTERM/SIGINT.
+pub fn main(args: AggregateArgs) -> Result<(), AggregateError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        // The work is waiting on the network: two workers serve a large fleet.
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(AggregateError::Runtime)?;
+    runtime.block_on(run(args))
+}
+
+pub async fn run(args: AggregateArgs) -> Result<(), AggregateError> {
+    let (deadline, refresh) = (args.deadline.get(), args.refresh.get());
+    if deadline.is_zero() {
+        return Err(AggregateError::Usage("--deadline: must be > 0".into()));
+    }
+    if args.max_concurrency == 0 {
+        return Err(AggregateError::Usage(
+            "--max-concurrency: must be > 0".into(),
+        ));
+    }
+    if let Some(path) = &args.token_file {
+        crate::api::client::read_token(path)
+            .map_err(|e| AggregateError::Usage(format!("--token-file: {e}")))?;
+    }
+    let discovery = match &args.service {
+        Some(svc) => {
+            let client = crate::kube::connect(KubernetesMode::Required)
+                .await?
+                .expect("Required mode returns a client or an error");
+            Discovery::Service {
+                client,
+                namespace: svc.namespace.clone(),
+                name: svc.name.clone(),
+                port_name: args.port_name.clone(),
+            }
+        }
+        None => {
+            let d = Discovery::fixed(&args.agents);
+            if let Discovery::Static(t) = &d {
+                for t in t {
+                    crate::api::client::endpoint(&t.address)
+                        .map_err(|e| AggregateError::Usage(format!("--agents: {e}")))?;
+                }
+            }
+            d
+        }
+    };
+
+    let health = Health::default();
+    let mut supervisor = Supervisor::new(health.clone());
+    let mut registry = prometheus_client::registry::Registry::with_prefix("nodekeeper");
+    let metrics = AggregateMetrics::register(&mut registry);
+    let fleet = Arc::new(Fleet::new(
+        discovery,
+        FanoutConfig {
+            deadline,
+            refresh,
+            token_file: args.token_file.clone(),
+            max_concurrency: args.max_concurrency,
+        },
+        metrics,
+    ));
+
+    // Bind before spawning: a port in use is a start failure.
+    let grpc_listener = crate::api::bind(args.listen).await?;
+    let http_listener = crate::http::bind(args.metrics_listen).await?;
+    tracing::info!(
+        grpc = %grpc_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        metrics = %http_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        agents = ?args.agents,
+        service = ?args.service.as_ref().map(|s| format!("{}/{}", s.namespace, s.name)),
+        ?deadline,
+        ?refresh,
+        "nodekeeper aggregator starting"
+    );
+
+    let admin = crate::http::AdminState {
+        registry: Arc::new(registry),
+        snapshots: None,
+        health: health.clone(),
+    };
+    let h = health.clone();
+    supervisor.spawn("http", move |token| async move {
+        h.set("http", HealthState::Serving, "");
+        crate::http::serve(http_listener, admin, token).await?;
+        Ok(())
+    });
+
+    let h = health.clone();
+    supervisor.spawn(CAPABILITY, move |token| async move {
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::api::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(crate::api::ApiError::from)?;
+        let scaler =
+            ScalerService::new(Arc::new(FleetSource(fleet.clone())), refresh, token.clone());
+        let (health_service, mirror) = crate::api::health_service(h.clone(), &token);
+        h.set(CAPABILITY, HealthState::Serving, "");
+        let result = tonic::transport::Server::builder()
+            .add_service(ExternalScalerServer::new(scaler))
+            .add_service(aggregator_server::AggregatorServer::new(AggregatorService(
+                fleet,
+            )))
+            .add_service(health_service)
+            .add_service(reflection)
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(grpc_listener),
+                token.cancelled_owned(),
+            )
+            .await;
+        mirror.abort();
+        result.map_err(crate::api::ApiError::from)?;
+        Ok(())
+    });
+
+    let stuck = supervisor.run_until_signal(SHUTDOWN_TIMEOUT).await;
+    if stuck.is_empty() {
+        tracing::info!("nodekeeper aggregator stopped");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: AggregateArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<AggregateArgs, String> {
+        Cli::try_parse_from(std::iter::once("aggregate").chain(args.iter().copied()))
+            .map(|c| c.args)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults() {
+        let a = parse(&["--agents", "10.0.0.1:9741,10.0.0.2:9741"]).unwrap();
+        assert_eq!(a.listen, "0.0.0.0:9743".parse().unwrap());
+        assert_eq!(a.metrics_listen, "0.0.0.0:9744".parse().unwrap());
+        assert_eq!(a.agents, vec!["10.0.0.1:9741", "10.0.0.2:9741"]);
+        assert_eq!(a.deadline.get(), DEFAULT_DEADLINE);
+        assert_eq!(a.refresh.get(), DEFAULT_REFRESH);
+        assert_eq!(a.port_name, "grpc");
+        assert_eq!(a.max_concurrency, DEFAULT_MAX_CONCURRENCY);
+    }
+
+    #[test]
+    fn service_is_namespace_slash_name() {
+        let a = parse(&[
+            "--service",
+            "nodekeeper-system/nodekeeper",
+            "--deadline",
+            "500ms",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.service,
+            Some(ServiceRef {
+                namespace: "nodekeeper-system".into(),
+                name: "nodekeeper".into()
+            })
+        );
+        assert_eq!(a.deadline.get(), Duration::from_millis(500));
+        for bad in ["nodekeeper", "/x", "ns/", "a/b/c"] {
+            let e = parse(&["--service", bad]).unwrap_err();
+            assert!(e.contains("is not NAMESPACE/NAME"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn agents_or_service_exactly_one() {
+        assert!(parse(&[]).unwrap_err().contains("--agents"));
+        let both = parse(&["--agents", "a:1", "--service", "ns/n"]).unwrap_err();
+        assert!(both.contains("cannot be used with"), "{both}");
+    }
+}

@@ -15,7 +15,7 @@ use nodekeeper::pb::{self, node_agent_client::NodeAgentClient};
 use nodekeeper_tests::cgroup::{KubeletTree, Layout};
 use nodekeeper_tests::fake_api::{FakeApi, PodSeed};
 use nodekeeper_tests::netns_pods::{Holder, Netns, SsTable, link, port_range, route_any_ip};
-use nodekeeper_tests::{Agent, agent_bin, free_port, require_root, require_tool, wait_for};
+use nodekeeper_tests::{Agent, agent_bin, free_port, require_root, require_tool, sample, wait_for};
 use serde_json::{Value, json};
 
 const UID_A: &str = "0a0a0a0a-1111-4222-8333-444455556666";
@@ -740,6 +740,27 @@ fn ten_thousand_remotes_stay_within_top_remotes_plus_other_as_root() {
         TOP + 1
     );
     assert!(labels.contains("other"), "{labels:?}");
+    let pool_series = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("nodekeeper_pod_tcp_pool_connections{")
+                && l.contains(&format!("uid=\"{UID_E}\""))
+        })
+        .count();
+    assert!(
+        pool_series > 0 && pool_series <= 2 * (TOP + 1),
+        "{pool_series} pool series (active and idle per pool, at most {})",
+        2 * (TOP + 1)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "nodekeeper_pod_tcp_pool_remotes",
+            &[("uid", UID_E), ("remote", "other")]
+        ),
+        Some((REMOTES - TOP as u64) as f64),
+        "the other pool sums the remaining remotes on /metrics too"
+    );
 }
 
 #[test]

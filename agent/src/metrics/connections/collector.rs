@@ -88,6 +88,7 @@ impl ConnectionCollector {
                         pb::PodConnections {
                             netns: id,
                             host_network: true,
+                            udp_sockets: host_udp_sockets(&owned),
                             ..summarize(r, Some(&owned), &self.config)
                         }
                     }
@@ -136,6 +137,20 @@ enum Target {
         pids: Vec<u32>,
     },
     Missing,
+}
+
+/// UDP sockets of the host namespace whose inode the pod holds. `/proc/self/net` is the main
+/// thread's namespace, the host's (the agent runs with hostNetwork).
+fn host_udp_sockets(owned: &std::collections::HashSet<u64>) -> u64 {
+    ["udp", "udp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(format!("/proc/self/net/{f}")).ok())
+        .map(|t| {
+            super::procfs::socket_inodes(&t)
+                .filter(|i| owned.contains(i))
+                .count() as u64
+        })
+        .sum()
 }
 
 fn error_entry(netns: String, error: String) -> pb::PodConnections {

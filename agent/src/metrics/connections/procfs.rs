@@ -87,6 +87,13 @@ fn parse_addr(s: &str) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
+/// Inodes of the sockets listed in a `/proc/net/udp` or `udp6` text (10th column).
+pub fn socket_inodes(text: &str) -> impl Iterator<Item = u64> + '_ {
+    text.lines()
+        .skip(1)
+        .filter_map(|l| l.split_ascii_whitespace().nth(9)?.parse().ok())
+}
+
 /// Sockets listed in a `/proc/net/udp` or `udp6` text (every line but the header).
 pub fn count_lines(text: &str) -> u64 {
     text.lines()
@@ -188,5 +195,9 @@ mod tests {
         assert_eq!(port_range("32768\t60999\n"), Some((32768, 60999)));
         assert_eq!(port_range("9 1"), None);
         assert_eq!(count_lines("header\n  0: a\n  1: b\n"), 2);
+        let udp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+  123: 00000000:0044 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 17205 2 0000000000000000 0
+";
+        assert_eq!(socket_inodes(udp).collect::<Vec<_>>(), vec![17205]);
     }
 }

@@ -140,11 +140,16 @@ pub fn summarize(
     let mut other = Pool::default();
     let mut other_remotes = 0;
     for (i, (key, pool)) in ranked.into_iter().enumerate() {
+        // Every inbound connection has its own client address:port.
+        let remotes = match key {
+            PoolKey::Inbound(_) => pool.established,
+            PoolKey::Outbound(_) => 1,
+        };
         if i < config.top_remotes {
-            out_pools.push(pool.into_pb(key.label(), 1));
+            out_pools.push(pool.into_pb(key.label(), remotes));
         } else {
             other.absorb(&pool);
-            other_remotes += 1;
+            other_remotes += remotes;
         }
     }
     if other_remotes > 0 {
@@ -272,6 +277,8 @@ mod tests {
             ]
         );
         assert_eq!(p.pools[1].retransmits, 10);
+        let remotes: Vec<_> = p.pools.iter().map(|x| x.remotes).collect();
+        assert_eq!(remotes, vec![1, 1, 2], "an inbound pool counts its clients");
         assert_eq!(p.listeners.len(), 1);
         assert_eq!(
             (p.listeners[0].accept_queue, p.listeners[0].backlog),

@@ -25,8 +25,9 @@
 //! Every namespace shares the kernel's one TCP established hash table by default, and a
 //! sock_diag dump or a /proc/net/tcp read walks all of it, sockets of every other namespace
 //! included: each reader's cost per namespace grows with the sockets of the whole node.
-//! `--child-ehash N` sets `net.ipv4.tcp_child_ehash_entries` to N while the namespaces are
-//! created (restored right after, and on exit), which gives each namespace a table of its own.
+//! `--child-ehash N` creates the namespaces from a parent namespace whose
+//! `net.ipv4.tcp_child_ehash_entries` is N (the host's setting is never changed), so they are
+//! created with a TCP established hash table of their own.
 //!
 //! Usage: bench_connections [--namespaces N] [--pairs P] [--runs R] [--child-ehash N] [--write-docs]
 //!   --namespaces N  network namespaces (default 100)
@@ -62,9 +63,6 @@ const NS_PREFIX: &str = "nkbench-";
 
 /// Namespaces created so far, deleted by `cleanup` (Drop, panic or a signal).
 static NAMESPACES: Mutex<Vec<String>> = Mutex::new(Vec::new());
-/// The host's `net.ipv4.tcp_child_ehash_entries` while `--child-ehash` has changed it.
-static CHILD_EHASH_ORIGINAL: Mutex<Option<String>> = Mutex::new(None);
-const CHILD_EHASH: &str = "/proc/sys/net/ipv4/tcp_child_ehash_entries";
 
 // === holder (child) mode ===
 
@@ -119,19 +117,7 @@ impl Drop for World {
     }
 }
 
-/// Puts the host's tcp_child_ehash_entries back if `--child-ehash` changed it.
-fn restore_child_ehash() {
-    if let Some(v) = CHILD_EHASH_ORIGINAL
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take()
-    {
-        let _ = std::fs::write(CHILD_EHASH, v);
-    }
-}
-
 fn cleanup() {
-    restore_child_ehash();
     let names: Vec<String> =
         std::mem::take(&mut *NAMESPACES.lock().unwrap_or_else(|e| e.into_inner()));
     for n in names {
@@ -184,16 +170,43 @@ fn setup(namespaces: usize, pairs: usize, child_ehash: Option<usize>) -> Result<
     let mut world = World {
         holders: Vec::new(),
     };
-    if let Some(n) = child_ehash {
-        let original = std::fs::read_to_string(CHILD_EHASH)
-            .map_err(|e| format!("{CHILD_EHASH}: {e} (kernel older than 6.1?)"))?;
-        *CHILD_EHASH_ORIGINAL.lock().unwrap() = Some(original.trim().to_string());
-        std::fs::write(CHILD_EHASH, n.to_string()).map_err(|e| format!("{CHILD_EHASH}: {e}"))?;
-    }
+    // --child-ehash: the setting is per namespace and applies to namespaces created from it, so
+    // the pod namespaces are created from inside a parent namespace of our own that carries it;
+    // the host's own setting is never touched.
+    let parent = match child_ehash {
+        Some(n) => {
+            let parent = format!("{NS_PREFIX}{}-parent", std::process::id());
+            ip(&["netns", "add", &parent])?;
+            NAMESPACES.lock().unwrap().push(parent.clone());
+            ip(&[
+                "netns",
+                "exec",
+                &parent,
+                "sysctl",
+                "-qw",
+                &format!("net.ipv4.tcp_child_ehash_entries={n}"),
+            ])
+            .map_err(|e| format!("tcp_child_ehash_entries (kernel older than 6.1?): {e}"))?;
+            Some(parent)
+        }
+        None => None,
+    };
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     for i in 0..namespaces {
         let name = format!("{NS_PREFIX}{}-{i}", std::process::id());
-        ip(&["netns", "add", &name])?;
+        match &parent {
+            None => ip(&["netns", "add", &name])?,
+            Some(parent) => {
+                let status = Command::new("nsenter")
+                    .arg(format!("--net=/run/netns/{parent}"))
+                    .args(["ip", "netns", "add", &name])
+                    .status()
+                    .map_err(|e| format!("nsenter: {e}"))?;
+                if !status.success() {
+                    return Err(format!("nsenter ... ip netns add {name}: {status}"));
+                }
+            }
+        }
         NAMESPACES.lock().unwrap().push(name.clone());
         ip(&["-n", &name, "link", "set", "lo", "up"])?;
         let child = Command::new(&exe)
@@ -205,8 +218,6 @@ fn setup(namespaces: usize, pairs: usize, child_ehash: Option<usize>) -> Result<
             .map_err(|e| format!("spawn holder: {e}"))?;
         world.holders.push(Holder { child, ns: name });
     }
-    // Only namespaces created meanwhile get their own table: the host's setting goes back now.
-    restore_child_ehash();
     // Wait for every holder's "ready" (they build their sockets in parallel).
     let deadline = Instant::now() + HOLDER_READY_TIMEOUT;
     for h in &mut world.holders {

@@ -61,6 +61,7 @@ pub struct Config {
     pub sysctl: SysctlConfig,
     pub drain: DrainConfig,
     pub disks: DisksConfig,
+    pub dns: crate::dns::DnsConfig,
 }
 
 impl Default for Config {
@@ -76,6 +77,7 @@ impl Default for Config {
             sysctl: SysctlConfig::default(),
             drain: DrainConfig::default(),
             disks: DisksConfig::default(),
+            dns: Default::default(),
         }
     }
 }
@@ -437,6 +439,7 @@ impl Config {
             .chain(self.api.auth.problems())
             .chain(self.disks.problems())
             .chain(self.metrics.connections.problems())
+            .chain(self.dns.problems())
         {
             errs.add(&field, problem);
         }

@@ -6,6 +6,7 @@ pub mod api;
 pub mod app;
 pub mod config;
 pub mod disks;
+pub mod dns;
 pub mod drain;
 pub mod host;
 pub mod http;

@@ -2,7 +2,9 @@
 //! kube-dns ClusterIP), with the node wiring (dummy interface, NOTRACK/ACCEPT rules) that makes
 //! pods reach it, and fail-open behaviour when it stops. See docs/dns.md.
 
+pub mod cache;
 pub mod config;
+pub mod wire;
 
 pub use config::DnsConfig;
 

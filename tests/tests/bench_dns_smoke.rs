@@ -12,9 +12,11 @@ const CACHES: [&str; 5] = ["nodekeeper", "unbound", "dnsmasq", "dnsdist", "kresd
 
 #[test]
 fn dns_benchmark_script_runs_and_reports_every_cache() {
-    if !["dnsperf", "unbound", "dnsmasq", "dnsdist", "kresd", "dig", "taskset", "python3"]
-        .iter()
-        .all(|t| require_tool(t))
+    if ![
+        "dnsperf", "unbound", "dnsmasq", "dnsdist", "kresd", "dig", "taskset", "python3",
+    ]
+    .iter()
+    .all(|t| require_tool(t))
     {
         return;
     }
@@ -48,7 +50,11 @@ fn dns_benchmark_script_runs_and_reports_every_cache() {
         3,
         "one table per phase (hits, mixed, misses):\n{stdout}"
     );
-    for title in ["**All cache hits", "**Mixed: 90% hits, 10% misses", "**All misses"] {
+    for title in [
+        "**All cache hits",
+        "**Mixed: 90% hits, 10% misses",
+        "**All misses",
+    ] {
         assert!(stdout.contains(title), "{title}:\n{stdout}");
     }
     for cache in CACHES {
@@ -62,7 +68,11 @@ fn dns_benchmark_script_runs_and_reports_every_cache() {
             assert_eq!(cells.len(), 8, "{row}");
             // QPS, CPU, lost and RSS are always numbers; q/CPU-s may be n/a below one tick.
             for i in [1, 2, 6, 7] {
-                assert!(cells[i].parse::<f64>().is_ok(), "cell {i} {:?} in {row}", cells[i]);
+                assert!(
+                    cells[i].parse::<f64>().is_ok(),
+                    "cell {i} {:?} in {row}",
+                    cells[i]
+                );
             }
             assert!(
                 cells[3].parse::<f64>().is_ok() || cells[3] == "n/a",

@@ -181,7 +181,7 @@ impl Cache {
 
     /// Stores `entry` under `key`, replacing an older one, evicting until within bounds.
     /// An entry larger than a shard's byte budget is not stored.
-    pub fn insert(&self, key: &[u8], entry: Entry) {
+    pub fn insert(&self, key: &[u8], entry: Arc<Entry>) {
         let cost = entry.cost(key.len());
         if cost > self.max_bytes_per_shard {
             return;
@@ -202,7 +202,7 @@ impl Cache {
         }
         let slot = Slot {
             key: key.into(),
-            entry: Arc::new(entry),
+            entry,
             // New entries start unreferenced: a name asked once is the first to go.
             referenced: AtomicBool::new(false),
         };
@@ -273,7 +273,7 @@ mod tests {
     fn fresh_then_stale_then_gone() {
         let cache = Cache::new(100, 1 << 20);
         let t0 = Instant::now();
-        cache.insert(b"k", entry(10, t0));
+        cache.insert(b"k", Arc::new(entry(10, t0)));
         assert!(matches!(cache.lookup(b"k", t0), Lookup::Fresh(_)));
         assert!(matches!(
             cache.lookup(b"k", t0 + Duration::from_secs(11)),
@@ -326,14 +326,14 @@ mod tests {
             .map(|i| format!("hot{i}").into_bytes())
             .collect();
         for k in &hot {
-            cache.insert(k, entry(300, t0));
+            cache.insert(k, Arc::new(entry(300, t0)));
         }
         for i in 0..10_000 {
             for k in &hot {
                 assert!(matches!(cache.lookup(k, t0), Lookup::Fresh(_)) || i > 0);
                 let _ = cache.lookup(k, t0);
             }
-            cache.insert(format!("cold{i}").as_bytes(), entry(300, t0));
+            cache.insert(format!("cold{i}").as_bytes(), Arc::new(entry(300, t0)));
             assert!(cache.len() <= (SHARDS * 4) as u64);
         }
         let kept = hot
@@ -348,7 +348,7 @@ mod tests {
 
         let small = Cache::new(1_000_000, 64 * 1024);
         for i in 0..10_000 {
-            small.insert(format!("n{i}").as_bytes(), entry(300, t0));
+            small.insert(format!("n{i}").as_bytes(), Arc::new(entry(300, t0)));
         }
         assert!(small.bytes() <= 64 * 1024, "{} bytes", small.bytes());
         assert!(small.len() < 10_000);
@@ -358,8 +358,8 @@ mod tests {
     fn replacing_an_entry_keeps_counts_right() {
         let cache = Cache::new(100, 1 << 20);
         let t0 = Instant::now();
-        cache.insert(b"k", entry(10, t0));
-        cache.insert(b"k", entry(20, t0));
+        cache.insert(b"k", Arc::new(entry(10, t0)));
+        cache.insert(b"k", Arc::new(entry(20, t0)));
         assert_eq!(cache.len(), 1);
         match cache.lookup(b"k", t0) {
             Lookup::Fresh(e) => assert_eq!(e.ttl, 20),

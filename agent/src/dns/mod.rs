@@ -4,6 +4,8 @@
 
 pub mod cache;
 pub mod config;
+pub mod metrics;
+pub mod server;
 pub mod wire;
 
 pub use config::DnsConfig;

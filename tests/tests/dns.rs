@@ -21,9 +21,10 @@ use nodekeeper_tests::{Agent, agent_bin, parse_samples, require_tool, wait_for};
 const HITS: &str = "nodekeeper_dns_cache_hits_total";
 const MISSES: &str = "nodekeeper_dns_cache_misses_total";
 const ENTRIES: &str = "nodekeeper_dns_cache_entries";
-const CACHE_BYTES: &str = "nodekeeper_dns_cache_bytes";
+const CACHE_BYTES: &str = "nodekeeper_dns_cache_size_bytes";
 const STALE: &str = "nodekeeper_dns_cache_stale_served_total";
-const MALFORMED: &str = "nodekeeper_dns_dropped_malformed_total";
+/// By `reason` and `action` (`dropped` or `answered`).
+const MALFORMED: &str = "nodekeeper_dns_malformed_requests_total";
 
 fn tools() -> bool {
     require_tool("dig") && require_tool("unbound") && require_tool("dnsmasq")
@@ -79,6 +80,18 @@ impl Rig {
     /// Sum over every series of `family` on /metrics.
     fn metric(&self, family: &str) -> f64 {
         metric_sum(&self.agent.metrics_text(), family)
+    }
+
+    /// Malformed requests counted with `action` ("dropped" or "answered").
+    fn malformed(&self, action: &str) -> f64 {
+        parse_samples(&self.agent.metrics_text())
+            .into_iter()
+            .filter(|(series, _)| {
+                series.starts_with(&format!("{MALFORMED}{{"))
+                    && series.contains(&format!("action=\"{action}\""))
+            })
+            .map(|(_, v)| v)
+            .sum()
     }
 
     fn log(&self) -> String {
@@ -475,7 +488,7 @@ fn malformed_queries_get_formerr_or_notimp_or_are_dropped_and_counted() {
     }
     let rig = Rig::start("", "");
     let l = rig.listen;
-    let dropped_before = rig.metric(MALFORMED);
+    let dropped_before = rig.malformed("dropped");
     let mut dropped = 0;
     let mut drop_or = |outcome: Option<u8>, allowed: &[u8], what: &str| match outcome {
         None => dropped += 1,
@@ -608,7 +621,7 @@ fn malformed_queries_get_formerr_or_notimp_or_are_dropped_and_counted() {
     }
 
     assert!(rig.agent.proc.log_text().len() < 50 << 20);
-    let counted = rig.metric(MALFORMED) - dropped_before;
+    let counted = rig.malformed("dropped") - dropped_before;
     assert!(
         counted >= f64::from(dropped),
         "{dropped} datagrams got no reply, {counted} counted as dropped malformed"

@@ -141,7 +141,15 @@ pub struct UpstreamsConfig {
     pub kube_dns_config_map: String,
     /// A server that failed this many queries in a row is skipped until a probe succeeds.
     pub unhealthy_after: u32,
+    /// How often unhealthy servers are probed (a `. NS` or zone SOA query) to bring them back.
+    pub probe_interval: ConfigDuration,
 }
+
+/// Three timeouts in a row (6 s at the default timeout) is an outage, not a lost packet.
+pub const DEFAULT_UNHEALTHY_AFTER: u32 = 3;
+/// Short enough that a restarted kube-dns is used again within seconds, long enough that
+/// probing a dead server costs nothing measurable.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
 impl Default for UpstreamsConfig {
     fn default() -> Self {
@@ -158,7 +166,8 @@ impl Default for UpstreamsConfig {
             default: UpstreamGroup::default(),
             stub_domains: BTreeMap::new(),
             kube_dns_config_map: "kube-system/kube-dns".into(),
-            unhealthy_after: 3,
+            unhealthy_after: DEFAULT_UNHEALTHY_AFTER,
+            probe_interval: ConfigDuration(DEFAULT_PROBE_INTERVAL),
         }
     }
 }
@@ -267,6 +276,30 @@ impl DnsConfig {
                 }
             }
         }
+        let u = &self.upstreams;
+        if u.unhealthy_after == 0 || u.unhealthy_after > 1000 {
+            bad(
+                "upstreams.unhealthyAfter",
+                format!("{} is out of range (1..=1000)", u.unhealthy_after),
+            );
+        }
+        let p = u.probe_interval.get();
+        if p < Duration::from_millis(100) || p > Duration::from_secs(300) {
+            bad(
+                "upstreams.probeInterval",
+                format!("{p:?} is out of range (100ms..=5m)"),
+            );
+        }
+        for (i, zone) in u.cluster_zones.iter().enumerate() {
+            if let Err(e) = check_zone(zone) {
+                bad(&format!("upstreams.clusterZones[{i}]"), e);
+            }
+        }
+        for zone in u.stub_domains.keys() {
+            if let Err(e) = check_zone(zone) {
+                bad(&format!("upstreams.stubDomains.{zone}"), e);
+            }
+        }
         for (zone, servers) in &self.upstreams.stub_domains {
             if servers.is_empty() {
                 bad(
@@ -282,6 +315,23 @@ impl DnsConfig {
         }
         out
     }
+}
+
+/// A zone name: dotted labels of 1..=63 characters, at most 253 in all, a trailing dot allowed,
+/// not the root (that is what `upstreams.default` is for).
+pub fn check_zone(zone: &str) -> Result<(), String> {
+    let z = zone.strip_suffix('.').unwrap_or(zone);
+    if z.is_empty() {
+        return Err("the root zone is `upstreams.default`, not a zone here".into());
+    }
+    if z.len() > 253
+        || z.split('.').any(|l| {
+            l.is_empty() || l.len() > 63 || l.bytes().any(|b| b.is_ascii_whitespace() || b == b'\\')
+        })
+    {
+        return Err(format!("{zone:?} is not a domain name"));
+    }
+    Ok(())
 }
 
 /// `10.0.0.10`, `10.0.0.10:5353`, `fd00::10`, `[fd00::10]:5353` -> a socket address.
@@ -331,5 +381,27 @@ mod tests {
             "[fd00::1]:53".parse().unwrap()
         );
         assert!(parse_server("dns.example").is_err());
+    }
+
+    #[test]
+    fn upstream_health_and_zones_are_validated() {
+        let mut c = DnsConfig::default();
+        c.upstreams.unhealthy_after = 0;
+        c.upstreams.probe_interval = ConfigDuration(Duration::from_millis(10));
+        c.upstreams.cluster_zones.push("bad..zone".into());
+        c.upstreams
+            .stub_domains
+            .insert(".".into(), vec!["10.0.0.1".into()]);
+        let fields: Vec<String> = c.problems().into_iter().map(|(f, _)| f).collect();
+        assert_eq!(
+            fields,
+            vec![
+                "dns.upstreams.unhealthyAfter",
+                "dns.upstreams.probeInterval",
+                "dns.upstreams.clusterZones[3]",
+                "dns.upstreams.stubDomains..",
+            ]
+        );
+        assert!(check_zone("corp.example.").is_ok());
     }
 }

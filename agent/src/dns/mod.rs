@@ -3,6 +3,9 @@
 //! pods reach it, and fail-open behaviour when it stops. See docs/dns.md.
 
 pub mod config;
+pub mod kube_dns;
+pub mod resolv_conf;
+pub mod upstream;
 
 pub use config::DnsConfig;
 

@@ -9,8 +9,11 @@
 
 pub mod cache;
 pub mod config;
+pub mod kube_dns;
 pub mod metrics;
+pub mod resolv_conf;
 pub mod server;
+pub mod upstream;
 pub mod wire;
 
 use std::net::SocketAddr;
@@ -232,4 +235,45 @@ pub async fn answers(addr: SocketAddr) -> bool {
         }
     }
     false
+}
+
+// === the forwarder behind the server's and the API's traits ===
+
+impl server::Upstream for upstream::Forwarder {
+    fn forward<'a>(
+        &'a self,
+        query: &'a [u8],
+        qname: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, String>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            upstream::Forwarder::forward(self, query, qname)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn any_healthy(&self) -> bool {
+        upstream::Forwarder::any_healthy(self)
+    }
+}
+
+impl UpstreamStatus for upstream::Forwarder {
+    fn upstreams(&self) -> Vec<pb::DnsUpstream> {
+        self.status()
+            .into_iter()
+            .map(|u| pb::DnsUpstream {
+                group: u.group,
+                address: u.address.to_string(),
+                protocol: match u.protocol {
+                    config::UpstreamProtocol::Udp => "udp".into(),
+                    config::UpstreamProtocol::Tcp => "tcp".into(),
+                },
+                healthy: u.healthy,
+                queries: u.queries,
+                failures: u.failures,
+                last_error: u.last_error.unwrap_or_default(),
+            })
+            .collect()
+    }
 }

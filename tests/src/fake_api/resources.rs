@@ -138,7 +138,15 @@ impl Res {
                 false
             ),
             Res::Services => info!("", "services", "service", "Service", true, &["svc"], true),
-            Res::ConfigMaps => info!("", "configmaps", "configmap", "ConfigMap", true, &["cm"], false),
+            Res::ConfigMaps => info!(
+                "",
+                "configmaps",
+                "configmap",
+                "ConfigMap",
+                true,
+                &["cm"],
+                false
+            ),
             Res::EndpointSlices => info!(
                 "discovery.k8s.io",
                 "endpointslices",

@@ -497,7 +497,7 @@ impl Forwarder {
             .any(|s| s.is_healthy())
     }
 
-    /// The name of the group that owns `qname` (`cluster`, `default`, `stub:<zone>`).
+    /// The name of the group that owns `qname` (`cluster`, `default`, or the stub domain).
     pub fn group_of(&self, qname: &str) -> String {
         self.routes().group_for(qname).name.clone()
     }
@@ -629,7 +629,7 @@ impl Forwarder {
         stubs.extend(kube.stub_domains.clone());
         for (zone, addrs) in stubs {
             groups.push(Arc::new(Group {
-                name: format!("stub:{zone}"),
+                name: zone.clone(),
                 // Stub domains are usually corporate resolvers: UDP, TC -> TCP, as resolv.conf.
                 protocol: UpstreamProtocol::Udp,
                 servers: addrs.into_iter().map(&mut server).collect(),
@@ -799,6 +799,47 @@ impl Forwarder {
     }
 }
 
+// === the DNS server's view ===
+
+impl super::server::Upstream for Forwarder {
+    fn forward<'a>(
+        &'a self,
+        query: &'a [u8],
+        qname: &'a str,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send + 'a>> {
+        Box::pin(async move {
+            Forwarder::forward(self, query, qname)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn any_healthy(&self) -> bool {
+        Forwarder::any_healthy(self)
+    }
+}
+
+impl super::UpstreamStatus for Forwarder {
+    fn upstreams(&self) -> Vec<crate::pb::DnsUpstream> {
+        self.status()
+            .into_iter()
+            .map(|s| crate::pb::DnsUpstream {
+                group: s.group,
+                address: s.address.to_string(),
+                protocol: match s.protocol {
+                    UpstreamProtocol::Udp => "udp",
+                    UpstreamProtocol::Tcp => "tcp",
+                }
+                .into(),
+                healthy: s.healthy,
+                queries: s.queries,
+                failures: s.failures,
+                last_error: s.last_error.unwrap_or_default(),
+            })
+            .collect()
+    }
+}
+
 /// The host's resolv.conf nameservers, without loopback ones (a systemd-resolved stub or a
 /// local dnsmasq would send our queries back to us, or to a resolver pods must not use).
 fn host_nameservers(host: &HostPaths) -> Result<Vec<SocketAddr>, UpstreamError> {
@@ -888,10 +929,10 @@ mod tests {
         assert_eq!(f.group_of("local"), "default");
         assert_eq!(f.group_of("example.com"), "default");
         assert_eq!(f.group_of(""), "default");
-        assert_eq!(f.group_of("host.corp.example"), "stub:corp.example");
-        assert_eq!(f.group_of("a.b.dev.corp.example"), "stub:dev.corp.example");
-        assert_eq!(f.group_of("A.B.DEV.Corp.Example"), "stub:dev.corp.example");
-        assert_eq!(f.group_of("notdev.corp.example"), "stub:corp.example");
+        assert_eq!(f.group_of("host.corp.example"), "corp.example");
+        assert_eq!(f.group_of("a.b.dev.corp.example"), "dev.corp.example");
+        assert_eq!(f.group_of("A.B.DEV.Corp.Example"), "dev.corp.example");
+        assert_eq!(f.group_of("notdev.corp.example"), "corp.example");
     }
 
     #[test]
@@ -916,12 +957,12 @@ mod tests {
                     UpstreamProtocol::Tcp
                 ),
                 (
-                    "stub:corp.example".into(),
+                    "corp.example".into(),
                     "10.1.0.1:53".into(),
                     UpstreamProtocol::Udp
                 ),
                 (
-                    "stub:dev.corp.example".into(),
+                    "dev.corp.example".into(),
                     "10.2.0.1:5353".into(),
                     UpstreamProtocol::Udp
                 ),
@@ -986,10 +1027,10 @@ mod tests {
                 m
             });
         assert_eq!(by_group["default"], vec!["8.8.8.8:53"]);
-        assert_eq!(by_group["stub:acme.local"], vec!["1.2.3.4:53"]);
-        assert_eq!(by_group["stub:corp.example"], vec!["10.1.0.9:53"]);
-        assert_eq!(by_group["stub:dev.corp.example"], vec!["10.2.0.1:5353"]);
-        assert_eq!(f.group_of("x.acme.local"), "stub:acme.local");
+        assert_eq!(by_group["acme.local"], vec!["1.2.3.4:53"]);
+        assert_eq!(by_group["corp.example"], vec!["10.1.0.9:53"]);
+        assert_eq!(by_group["dev.corp.example"], vec!["10.2.0.1:5353"]);
+        assert_eq!(f.group_of("x.acme.local"), "acme.local");
 
         // A bad ConfigMap changes nothing and names the key.
         let bad: BTreeMap<String, String> = [(
@@ -1002,7 +1043,7 @@ mod tests {
             matches!(&e, UpstreamError::KubeDns { field, .. } if field == "upstreamNameservers[1]"),
             "{e}"
         );
-        assert_eq!(f.group_of("x.acme.local"), "stub:acme.local");
+        assert_eq!(f.group_of("x.acme.local"), "acme.local");
 
         // An emptied ConfigMap reverts to the config.
         f.apply_kube_dns(&BTreeMap::new()).unwrap();

@@ -35,6 +35,8 @@ pub enum AppError {
     Api(#[from] api::ApiError),
     #[error(transparent)]
     Sysctl(#[from] crate::sysctl::apply::ApplyError),
+    #[error(transparent)]
+    DnsUpstream(#[from] crate::dns::upstream::UpstreamError),
 }
 
 /// Exports each capability's health as `nodekeeper_capability_state{capability,state} 1`.
@@ -200,6 +202,63 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
         None
     };
 
+    let dns_handle = if config.dns.enabled {
+        let mut dns_config = config.dns.clone();
+        let mut kube_dns_data = None;
+        if let Some(client) = &kube {
+            if dns_config.upstreams.cluster.servers.is_empty() {
+                let svc = dns_config.upstreams.cluster_service.clone();
+                match crate::kube::service_cluster_ip(client, &svc).await {
+                    Ok(Some(ip)) => {
+                        tracing::info!(service = %svc, %ip, "dns cluster upstream from its Service");
+                        dns_config.upstreams.cluster.servers = vec![ip.to_string()];
+                    }
+                    Ok(None) => {
+                        tracing::warn!(service = %svc, "dns cluster upstream Service not found (or headless); cluster zones will fail")
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "dns cluster upstream Service unreadable; cluster zones will fail")
+                    }
+                }
+            }
+            if !dns_config.upstreams.kube_dns_config_map.is_empty() {
+                kube_dns_data =
+                    crate::kube::config_map_data(client, &dns_config.upstreams.kube_dns_config_map)
+                        .await
+                        .unwrap_or_else(|e| {
+                            tracing::warn!(error = %e, "kube-dns ConfigMap unreadable; its stub domains are not applied");
+                            None
+                        });
+            }
+        }
+        let forwarder =
+            crate::dns::upstream::Forwarder::new(&dns_config, &config.host_paths, &mut registry)?;
+        if let Some(data) = kube_dns_data {
+            forwarder.apply_kube_dns(&data)?;
+        }
+        let metrics = crate::dns::metrics::DnsMetrics::register(&mut registry);
+        let server =
+            crate::dns::server::DnsServer::new(dns_config.clone(), forwarder.clone(), metrics);
+        let wiring: Option<Arc<dyn crate::dns::Wiring>> = None;
+        let capability =
+            crate::dns::DnsCapability::new(dns_config, server, Some(forwarder.clone()), wiring);
+        let handle = capability.handle.clone();
+        tokio::spawn(forwarder.run_probes(supervisor.token().child_token()));
+        let h = health.clone();
+        supervisor.spawn(crate::dns::CAPABILITY, move |token| async move {
+            capability.run(h, token).await?;
+            Ok(())
+        });
+        Some(handle)
+    } else {
+        health.set(
+            crate::dns::CAPABILITY,
+            HealthState::Disabled,
+            "dns.enabled: false",
+        );
+        None
+    };
+
     let drain = match (&kube, config.drain.enabled) {
         (Some(client), true) => {
             let controller = crate::drain::engine::DrainController::new(
@@ -309,6 +368,7 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
                 sysctl: sysctl_status,
                 drain,
                 disks: disks_status,
+                dns: dns_handle,
             };
             let service = NodeAgentService::new(
                 identity,

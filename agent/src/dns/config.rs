@@ -117,12 +117,21 @@ pub enum UpstreamProtocol {
     Tcp,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct UpstreamGroup {
     /// `ip:port` or `ip` (port 53). Empty in `default`: the host's resolv.conf.
     pub servers: Vec<String>,
-    pub protocol: UpstreamProtocol,
+    /// Absent: TCP for the cluster group (node-local-dns `force_tcp`), UDP otherwise, so
+    /// naming servers never silently changes the transport.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<UpstreamProtocol>,
+}
+
+impl UpstreamGroup {
+    pub fn protocol_or(&self, default: UpstreamProtocol) -> UpstreamProtocol {
+        self.protocol.unwrap_or(default)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -139,9 +148,23 @@ pub struct UpstreamsConfig {
     /// `namespace/name` of the kube-dns ConfigMap whose `stubDomains` and
     /// `upstreamNameservers` are honoured (connected mode); empty to ignore it.
     pub kube_dns_config_map: String,
+    /// Connected mode, when `cluster.servers` is empty: `namespace/name` of the Service whose
+    /// ClusterIP is the cluster upstream. Not kube-dns itself: in transparent mode its ClusterIP
+    /// is held by the cache on this node, so a second Service selecting the same pods is used
+    /// (manifests ship `kube-system/nodekeeper-dns-upstream`, like node-local-dns's
+    /// kube-dns-upstream).
+    pub cluster_service: String,
     /// A server that failed this many queries in a row is skipped until a probe succeeds.
     pub unhealthy_after: u32,
+    /// How often unhealthy servers are probed (a `. NS` or zone SOA query) to bring them back.
+    pub probe_interval: ConfigDuration,
 }
+
+/// Three timeouts in a row (6 s at the default timeout) is an outage, not a lost packet.
+pub const DEFAULT_UNHEALTHY_AFTER: u32 = 3;
+/// Short enough that a restarted kube-dns is used again within seconds, long enough that
+/// probing a dead server costs nothing measurable.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
 impl Default for UpstreamsConfig {
     fn default() -> Self {
@@ -153,21 +176,14 @@ impl Default for UpstreamsConfig {
             ],
             cluster: UpstreamGroup {
                 servers: Vec::new(),
-                protocol: UpstreamProtocol::Tcp,
+                protocol: None,
             },
             default: UpstreamGroup::default(),
             stub_domains: BTreeMap::new(),
             kube_dns_config_map: "kube-system/kube-dns".into(),
-            unhealthy_after: 3,
-        }
-    }
-}
-
-impl Default for UpstreamGroup {
-    fn default() -> Self {
-        Self {
-            servers: Vec::new(),
-            protocol: UpstreamProtocol::Udp,
+            cluster_service: "kube-system/nodekeeper-dns-upstream".into(),
+            unhealthy_after: DEFAULT_UNHEALTHY_AFTER,
+            probe_interval: ConfigDuration(DEFAULT_PROBE_INTERVAL),
         }
     }
 }
@@ -267,6 +283,30 @@ impl DnsConfig {
                 }
             }
         }
+        let u = &self.upstreams;
+        if u.unhealthy_after == 0 || u.unhealthy_after > 1000 {
+            bad(
+                "upstreams.unhealthyAfter",
+                format!("{} is out of range (1..=1000)", u.unhealthy_after),
+            );
+        }
+        let p = u.probe_interval.get();
+        if p < Duration::from_millis(100) || p > Duration::from_secs(300) {
+            bad(
+                "upstreams.probeInterval",
+                format!("{p:?} is out of range (100ms..=5m)"),
+            );
+        }
+        for (i, zone) in u.cluster_zones.iter().enumerate() {
+            if let Err(e) = check_zone(zone) {
+                bad(&format!("upstreams.clusterZones[{i}]"), e);
+            }
+        }
+        for zone in u.stub_domains.keys() {
+            if let Err(e) = check_zone(zone) {
+                bad(&format!("upstreams.stubDomains.{zone}"), e);
+            }
+        }
         for (zone, servers) in &self.upstreams.stub_domains {
             if servers.is_empty() {
                 bad(
@@ -282,6 +322,23 @@ impl DnsConfig {
         }
         out
     }
+}
+
+/// A zone name: dotted labels of 1..=63 characters, at most 253 in all, a trailing dot allowed,
+/// not the root (that is what `upstreams.default` is for).
+pub fn check_zone(zone: &str) -> Result<(), String> {
+    let z = zone.strip_suffix('.').unwrap_or(zone);
+    if z.is_empty() {
+        return Err("the root zone is `upstreams.default`, not a zone here".into());
+    }
+    if z.len() > 253
+        || z.split('.').any(|l| {
+            l.is_empty() || l.len() > 63 || l.bytes().any(|b| b.is_ascii_whitespace() || b == b'\\')
+        })
+    {
+        return Err(format!("{zone:?} is not a domain name"));
+    }
+    Ok(())
 }
 
 /// `10.0.0.10`, `10.0.0.10:5353`, `fd00::10`, `[fd00::10]:5353` -> a socket address.
@@ -317,6 +374,28 @@ mod tests {
     }
 
     #[test]
+    fn naming_cluster_servers_keeps_tcp_unless_a_protocol_is_given() {
+        let c: DnsConfig =
+            serde_saphyr::from_str("upstreams:\n  cluster:\n    servers: [10.0.0.10]\n").unwrap();
+        assert_eq!(
+            c.upstreams.cluster.protocol_or(UpstreamProtocol::Tcp),
+            UpstreamProtocol::Tcp
+        );
+        assert_eq!(
+            c.upstreams.default.protocol_or(UpstreamProtocol::Udp),
+            UpstreamProtocol::Udp
+        );
+        let c: DnsConfig = serde_saphyr::from_str(
+            "upstreams:\n  cluster:\n    servers: [10.0.0.10]\n    protocol: udp\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.upstreams.cluster.protocol_or(UpstreamProtocol::Tcp),
+            UpstreamProtocol::Udp
+        );
+    }
+
+    #[test]
     fn servers_parse_with_and_without_port() {
         assert_eq!(
             parse_server("10.0.0.10").unwrap(),
@@ -331,5 +410,27 @@ mod tests {
             "[fd00::1]:53".parse().unwrap()
         );
         assert!(parse_server("dns.example").is_err());
+    }
+
+    #[test]
+    fn upstream_health_and_zones_are_validated() {
+        let mut c = DnsConfig::default();
+        c.upstreams.unhealthy_after = 0;
+        c.upstreams.probe_interval = ConfigDuration(Duration::from_millis(10));
+        c.upstreams.cluster_zones.push("bad..zone".into());
+        c.upstreams
+            .stub_domains
+            .insert(".".into(), vec!["10.0.0.1".into()]);
+        let fields: Vec<String> = c.problems().into_iter().map(|(f, _)| f).collect();
+        assert_eq!(
+            fields,
+            vec![
+                "dns.upstreams.unhealthyAfter",
+                "dns.upstreams.probeInterval",
+                "dns.upstreams.clusterZones[3]",
+                "dns.upstreams.stubDomains..",
+            ]
+        );
+        assert!(check_zone("corp.example.").is_ok());
     }
 }

@@ -279,7 +279,7 @@ async fn tcp_only_group_pipelines_many_queries_over_one_connection() {
     let ub = unbound(server, dir.path(), QUERIES);
     let mut c = config(&[addr("192.0.2.1", 53)], 2000);
     c.upstreams.cluster.servers = vec![server.to_string()];
-    c.upstreams.cluster.protocol = UpstreamProtocol::Tcp;
+    c.upstreams.cluster.protocol = Some(UpstreamProtocol::Tcp);
     let f = Fwd::new(&c);
 
     let answers = bounded(futures::future::join_all((1..=QUERIES).map(|i| {

@@ -213,8 +213,10 @@ start_cache() {
     case "$c" in
         nodekeeper)
             cat >"$d/config.yaml" <<EOF
+shutdownTimeout: 5s
 dns:
   enabled: true
+  lameDuck: 0s
   listenIps: [$ip]
   port: $port
   node: {manageInterface: false, rules: none}

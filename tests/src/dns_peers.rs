@@ -312,6 +312,8 @@ impl Dnsmasq {
             "--log-facility={}",
             dir.path().join("queries.log").display()
         ))
+        // dnsmasq answers its own records with TTL 0 unless told otherwise: nothing to cache.
+        .arg("--local-ttl=60")
         .arg(format!("--host-record=db.corp.test,{CORP_DB_IP}"))
         .arg("--local=/corp.test/");
         let mut proc = Proc::spawn("dnsmasq", cmd, dir.path());
@@ -347,8 +349,8 @@ pub struct Upstreams {
 
 /// The agent config (`dns:` only) for a cache on `listen`, no node wiring (the address is
 /// already local: it is loopback), forwarding to `up`, with `cache_yaml` as extra lines under
-/// `cache:` (indented by the caller's text being one `key: value` per line) and `extra_yaml`
-/// as extra lines under `dns:`.
+/// `cache:` (one `key: value` per line) and `extra_yaml` as extra lines under `dns:`. No lame
+/// duck period: these tests never hand over, and stopping should be quick.
 pub fn agent_dns_config(
     listen: SocketAddr,
     up: &Upstreams,
@@ -360,7 +362,7 @@ pub fn agent_dns_config(
         None => "[]".into(),
     };
     let mut y = format!(
-        "dns:\n  enabled: true\n  listenIps: [{ip}]\n  port: {port}\n  \
+        "shutdownTimeout: 5s\ndns:\n  enabled: true\n  lameDuck: 0s\n  listenIps: [{ip}]\n  port: {port}\n  \
          node: {{manageInterface: false, rules: none}}\n  upstreams:\n    \
          default: {{servers: {default}, protocol: udp}}\n    \
          clusterZones: [cluster.local, 10.in-addr.arpa]\n    \

@@ -4,6 +4,7 @@
 //! and the served bytes must scan again with the same record layout.
 #![no_main]
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
@@ -32,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
     q.key_into(&query, &mut key);
     cache.insert(
         &key,
-        Entry {
+        Arc::new(Entry {
             bytes: data.into(),
             ttl_offsets: info.ttl_offsets.clone().into(),
             rcode: info.rcode,
@@ -41,7 +42,7 @@ fuzz_target!(|data: &[u8]| {
             stale_until: now + Duration::from_secs(3600),
             hits: Default::default(),
             prefetching: Default::default(),
-        },
+        }),
     );
     let later = now + Duration::from_secs(7);
     let entry = match cache.lookup(&key, later) {

@@ -3,6 +3,7 @@
 //! pods reach it, and fail-open behaviour when it stops. See docs/dns.md.
 
 pub mod config;
+pub mod node;
 
 pub use config::DnsConfig;
 

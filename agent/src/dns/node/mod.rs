@@ -164,6 +164,11 @@ impl NodeWiring {
         };
         match backend {
             Backend::Iptables(v) => iptables::reconcile_all(v, desired).await.map_err(err),
+            // Nothing desired: the table goes (one transaction), not just its rules.
+            Backend::Nftables if desired.is_empty() => nftables::remove()
+                .await
+                .map(|removed| RuleChanges { added: 0, removed })
+                .map_err(err),
             Backend::Nftables => nftables::reconcile(desired).await.map_err(err),
             Backend::None => Ok(RuleChanges::default()),
         }

@@ -309,6 +309,7 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
                 sysctl: sysctl_status,
                 drain,
                 disks: disks_status,
+                dns: None,
             };
             let service = NodeAgentService::new(
                 identity,

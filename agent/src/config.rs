@@ -431,6 +431,20 @@ impl Config {
                 ),
             );
         }
+        // The cache answers through its lame-duck period, then tears the node wiring down:
+        // both must fit in the time the agent gives its capabilities to stop.
+        if self.dns.enabled
+            && self.dns.lame_duck.get() + Duration::from_secs(2) > self.shutdown_timeout.get()
+        {
+            errs.add(
+                "dns.lameDuck",
+                format!(
+                    "{:?} plus 2s for teardown exceeds shutdownTimeout {:?}; raise shutdownTimeout",
+                    self.dns.lame_duck.get(),
+                    self.shutdown_timeout.get()
+                ),
+            );
+        }
         for (field, problem) in self
             .sysctl
             .problems()

@@ -230,6 +230,26 @@ pub fn pod_meta(store: &PodStore) -> std::collections::HashMap<String, PodMeta> 
         .collect()
 }
 
+/// A Service's ClusterIP (`namespace/name`); `None` when the Service does not exist or is
+/// headless.
+pub async fn service_cluster_ip(
+    client: &kube::Client,
+    namespaced_name: &str,
+) -> Result<Option<std::net::IpAddr>, String> {
+    let (ns, name) = namespaced_name
+        .split_once('/')
+        .ok_or_else(|| format!("{namespaced_name:?} is not namespace/name"))?;
+    let api: kube::Api<k8s_openapi::api::core::v1::Service> =
+        kube::Api::namespaced(client.clone(), ns);
+    let svc = tokio::time::timeout(API_CALL_TIMEOUT, api.get_opt(name))
+        .await
+        .map_err(|_| format!("getting Service {namespaced_name} timed out"))?
+        .map_err(|e| format!("getting Service {namespaced_name}: {e}"))?;
+    Ok(svc
+        .and_then(|s| s.spec?.cluster_ip)
+        .and_then(|ip| ip.parse().ok()))
+}
+
 /// Records a Kubernetes Event about this Node (core/v1, namespace `default`, as the kubelet's
 /// node Events are); failures are logged, never fatal: an Event is a courtesy to humans.
 pub async fn node_event(

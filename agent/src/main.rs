@@ -113,6 +113,11 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// The NodeLocal DNS cache of a node, through its agent.
+    Dns {
+        #[command(subcommand)]
+        action: DnsAction,
+    },
     /// Print the version and the git revision it was built from.
     Version,
 }
@@ -127,6 +132,15 @@ enum DnsWiringAction {
     Teardown(ConfigArgs),
     /// Setup, check every dns.node.checkInterval, teardown on SIGTERM.
     Hold(ConfigArgs),
+}
+
+#[derive(Subcommand)]
+enum DnsAction {
+    /// Cache size, hit ratio and upstream health.
+    Status {
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -431,6 +445,22 @@ fn main() -> ExitCode {
             let node = c.uncordon().await?;
             println!("node {} uncordoned", node.node_name);
             Ok(())
+        }),
+        Command::Dns {
+            action: DnsAction::Status { agent },
+        } => operator(async move {
+            let mut c = client::Client::connect(&agent.addr, agent.token_file.as_deref()).await?;
+            let node = c.get_node().await?;
+            match &node.dns {
+                Some(s) => {
+                    print!("{}", client::dns_status_text(&node.node_name, s));
+                    Ok(())
+                }
+                None => Err(ClientError::Refused {
+                    code: tonic::Code::FailedPrecondition,
+                    message: format!("the dns capability is disabled on node {}", node.node_name),
+                }),
+            }
         }),
         Command::GetDrain { agent, json } => operator(async move {
             let mut c = client::Client::connect(&agent.addr, agent.token_file.as_deref()).await?;

@@ -305,8 +305,20 @@ fn pods_switch_off() {
         1,
         0,
     );
+    // Resource metrics and the connection census have a switch each.
     let agent = Agent::builder()
         .config("metrics:\n  pods: false\n")
+        .arg("--host-cgroup")
+        .arg(cg.path().display().to_string())
+        .start();
+    let m = agent.metrics_text();
+    assert!(!m.contains("nodekeeper_pod_cpu"), "{m}");
+    assert!(
+        m.contains("nodekeeper_pod_connections_census_failed{"),
+        "{m}"
+    );
+    let agent = Agent::builder()
+        .config("metrics:\n  pods: false\n  connections:\n    enabled: false\n")
         .arg("--host-cgroup")
         .arg(cg.path().display().to_string())
         .start();

@@ -224,6 +224,11 @@ impl Client {
         self.unary(c.uncordon(pb::UncordonRequest {})).await
     }
 
+    pub async fn get_node(&mut self) -> Result<pb::NodeStatus, ClientError> {
+        let mut c = self.inner.clone();
+        self.unary(c.get_node(pb::GetNodeRequest {})).await
+    }
+
     pub async fn get_drain(&mut self) -> Result<pb::DrainStatus, ClientError> {
         let mut c = self.inner.clone();
         self.unary(c.get_drain(pb::GetDrainRequest {})).await
@@ -533,6 +538,44 @@ pub fn event_json(e: &pb::DrainEvent) -> Value {
     };
     v[key] = body;
     v
+}
+
+/// `nodekeeper dns status`: the cache and its upstreams, one line each.
+pub fn dns_status_text(node: &str, s: &pb::DnsStatus) -> String {
+    let mut out = format!(
+        "node {node}: dns cache on {}{}\ncache: {} entries, {} bytes, hit ratio {:.1}% ({} hits, {} misses), {} stale answers, {} prefetches, {} evictions\n",
+        s.listen.join(", "),
+        if s.lame_duck {
+            " (lame duck: shutting down)"
+        } else {
+            ""
+        },
+        s.cache_entries,
+        s.cache_bytes,
+        s.hit_ratio * 100.0,
+        s.hits,
+        s.misses,
+        s.stale_served,
+        s.prefetches,
+        s.evictions,
+    );
+    for u in &s.upstreams {
+        out.push_str(&format!(
+            "upstream {} {} ({}): {}, {} queries, {} failures{}\n",
+            u.group,
+            u.address,
+            u.protocol,
+            if u.healthy { "healthy" } else { "UNHEALTHY" },
+            u.queries,
+            u.failures,
+            if u.last_error.is_empty() {
+                String::new()
+            } else {
+                format!(", last error: {}", u.last_error)
+            },
+        ));
+    }
+    out
 }
 
 #[cfg(test)]

@@ -71,6 +71,7 @@ pub struct Capabilities {
     pub sysctl: Option<crate::sysctl::SharedStatus>,
     pub drain: Option<Arc<crate::drain::engine::DrainController>>,
     pub disks: Option<crate::disks::prepare::SharedDisksStatus>,
+    pub dns: Option<Arc<crate::dns::DnsHandle>>,
 }
 
 #[derive(Clone)]
@@ -81,6 +82,7 @@ pub struct NodeAgentService {
     sysctl: Option<crate::sysctl::SharedStatus>,
     drain: Option<Arc<crate::drain::engine::DrainController>>,
     disks: Option<crate::disks::prepare::SharedDisksStatus>,
+    dns: Option<Arc<crate::dns::DnsHandle>>,
     min_watch_interval: Duration,
     watch_slots: Arc<Semaphore>,
     shutdown: CancellationToken,
@@ -99,6 +101,7 @@ impl NodeAgentService {
             sysctl,
             drain,
             disks,
+            dns,
         } = capabilities;
         Self {
             identity: Arc::new(identity),
@@ -107,6 +110,7 @@ impl NodeAgentService {
             sysctl,
             drain,
             disks,
+            dns,
             min_watch_interval: config.min_watch_interval.get(),
             watch_slots: Arc::new(Semaphore::new(config.max_watch_streams)),
             shutdown,
@@ -194,6 +198,7 @@ impl node_agent_server::NodeAgent for NodeAgentService {
                 .as_ref()
                 .map(|d| d.read().expect("not poisoned").to_pb())
                 .unwrap_or_default(),
+            dns: self.dns.as_ref().map(|d| d.status()),
             drain: self
                 .drain
                 .as_ref()

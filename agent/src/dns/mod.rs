@@ -1,10 +1,236 @@
 //! NodeLocal DNS cache: a caching forwarder on a link-local address (and optionally the
 //! kube-dns ClusterIP), with the node wiring (dummy interface, NOTRACK/ACCEPT rules) that makes
 //! pods reach it, and fail-open behaviour when it stops. See docs/dns.md.
+//!
+//! Lifecycle: wire the node -> bind every listener (SO_REUSEPORT) -> serve, re-checking the
+//! wiring and upstream health every `node.checkInterval` -> on shutdown keep answering for
+//! `lameDuck` while reporting not ready, close the listeners, and tear the wiring down unless
+//! a successor already answers on the same addresses (rolling update with maxSurge).
 
+pub mod cache;
 pub mod config;
+pub mod metrics;
 pub mod node;
+pub mod server;
+pub mod wire;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
 
 pub use config::DnsConfig;
 
+use crate::pb::{self, HealthState};
+use crate::runtime::Health;
+use server::DnsServer;
+
 pub const CAPABILITY: &str = "dns";
+
+/// Brings the node's traffic to the cache and takes it away (`node::NodeWiring`).
+pub trait Wiring: Send + Sync + 'static {
+    /// Idempotent; removes stale rules of earlier runs first.
+    fn setup(&self) -> BoxFuture<'_, Result<(), String>>;
+    /// Repairs what went missing; returns how many things it restored.
+    fn check(&self) -> BoxFuture<'_, Result<u32, String>>;
+    fn teardown(&self) -> BoxFuture<'_, Result<(), String>>;
+}
+
+/// Upstream servers as the status API shows them.
+pub trait UpstreamStatus: Send + Sync + 'static {
+    fn upstreams(&self) -> Vec<pb::DnsUpstream>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error(transparent)]
+    Server(#[from] server::ServerError),
+    #[error("node wiring: {0}")]
+    Wiring(String),
+}
+
+/// The running cache as the API sees it.
+pub struct DnsHandle {
+    pub server: Arc<DnsServer>,
+    pub listen: Vec<SocketAddr>,
+    pub upstreams: Option<Arc<dyn UpstreamStatus>>,
+    lame_duck: AtomicBool,
+}
+
+impl DnsHandle {
+    pub fn status(&self) -> pb::DnsStatus {
+        let m = &self.server.metrics;
+        let (hits, misses) = (m.cache_hits.get(), m.cache_misses.get());
+        let cache = self.server.cache();
+        pb::DnsStatus {
+            listen: self.listen.iter().map(ToString::to_string).collect(),
+            cache_entries: cache.len(),
+            cache_bytes: cache.bytes(),
+            hits,
+            misses,
+            hit_ratio: if hits + misses == 0 {
+                0.0
+            } else {
+                hits as f64 / (hits + misses) as f64
+            },
+            stale_served: m.stale_served.get(),
+            prefetches: m.prefetches.get(),
+            evictions: cache.counters.evictions.load(Ordering::Relaxed),
+            upstreams: self
+                .upstreams
+                .as_ref()
+                .map(|u| u.upstreams())
+                .unwrap_or_default(),
+            lame_duck: self.lame_duck.load(Ordering::Relaxed),
+        }
+    }
+}
+
+pub struct DnsCapability {
+    pub config: DnsConfig,
+    pub handle: Arc<DnsHandle>,
+    pub wiring: Option<Arc<dyn Wiring>>,
+}
+
+impl DnsCapability {
+    pub fn new(
+        config: DnsConfig,
+        server: Arc<DnsServer>,
+        upstreams: Option<Arc<dyn UpstreamStatus>>,
+        wiring: Option<Arc<dyn Wiring>>,
+    ) -> Self {
+        let handle = Arc::new(DnsHandle {
+            server,
+            listen: config.listen_addrs(),
+            upstreams,
+            lame_duck: AtomicBool::new(false),
+        });
+        Self {
+            config,
+            handle,
+            wiring,
+        }
+    }
+
+    pub async fn run(self, health: Health, token: CancellationToken) -> Result<(), DnsError> {
+        if let Some(w) = &self.wiring {
+            w.setup().await.map_err(DnsError::Wiring)?;
+        }
+        let serving = CancellationToken::new();
+        let mut loops = tokio::task::JoinSet::new();
+        for addr in &self.handle.listen {
+            for _ in 0..self.config.udp_sockets {
+                let socket = server::bind_udp(*addr)?;
+                loops.spawn(server::serve_udp(
+                    self.handle.server.clone(),
+                    socket,
+                    serving.clone(),
+                ));
+            }
+            let listener = server::bind_tcp(*addr)?;
+            loops.spawn(server::serve_tcp(
+                self.handle.server.clone(),
+                listener,
+                serving.clone(),
+            ));
+        }
+        tracing::info!(listen = ?self.handle.listen, "dns cache serving");
+        let mut tick = tokio::time::interval(self.config.node.check_interval.get());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => break,
+                _ = tick.tick() => self.check(&health).await,
+            }
+        }
+        self.shut_down(&health, serving, loops).await;
+        Ok(())
+    }
+
+    async fn check(&self, health: &Health) {
+        let mut problems = Vec::new();
+        if let Some(w) = &self.wiring {
+            match w.check().await {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(
+                    restored = n,
+                    "dns node wiring was changed behind our back; restored"
+                ),
+                Err(e) => problems.push(format!("node wiring: {e}")),
+            }
+        }
+        if !self.handle.server.upstream_healthy() {
+            problems.push("no upstream answers".into());
+        }
+        if problems.is_empty() {
+            health.set(CAPABILITY, HealthState::Serving, "");
+        } else {
+            health.set(CAPABILITY, HealthState::Degraded, problems.join("; "));
+        }
+    }
+
+    async fn shut_down(
+        &self,
+        health: &Health,
+        serving: CancellationToken,
+        mut loops: tokio::task::JoinSet<()>,
+    ) {
+        self.handle.lame_duck.store(true, Ordering::Relaxed);
+        health.set(
+            CAPABILITY,
+            HealthState::Degraded,
+            "lame duck: shutting down",
+        );
+        tracing::info!(lame_duck = ?self.config.lame_duck.get(), "dns cache: lame duck");
+        tokio::time::sleep(self.config.lame_duck.get()).await;
+        serving.cancel();
+        while loops.join_next().await.is_some() {}
+        let Some(w) = &self.wiring else {
+            return;
+        };
+        // A successor bound with SO_REUSEPORT answers on our addresses: its traffic must stay.
+        if let Some(addr) = self.handle.listen.first()
+            && answers(*addr).await
+        {
+            tracing::info!(%addr, "a successor answers on the cache addresses; leaving the node wiring in place");
+            return;
+        }
+        match w.teardown().await {
+            Ok(()) => tracing::info!("dns node wiring removed"),
+            Err(e) => tracing::error!(error = %e, "dns node wiring teardown failed"),
+        }
+    }
+}
+
+/// Whether anything answers a DNS query on `addr` within half a second.
+pub async fn answers(addr: SocketAddr) -> bool {
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().expect("valid")
+    } else {
+        "[::]:0".parse().expect("valid")
+    };
+    let Ok(socket) = tokio::net::UdpSocket::bind(bind).await else {
+        return false;
+    };
+    let id = (std::process::id() as u16) ^ 0x5a5a;
+    let mut q = Vec::with_capacity(32);
+    q.extend_from_slice(&id.to_be_bytes());
+    // RD, one question: ". IN NS".
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 1]);
+    if socket.send_to(&q, addr).await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 1500];
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+    while let Ok(Ok((n, from))) =
+        tokio::time::timeout_at(deadline, socket.recv_from(&mut buf)).await
+    {
+        if from == addr && n >= 2 && buf[0..2] == id.to_be_bytes() {
+            return true;
+        }
+    }
+    false
+}

@@ -512,6 +512,31 @@ impl FakeApi {
     }
 
     /// A PersistentVolume as given (cluster-scoped).
+    /// A ClusterIP Service (`clusterIP` as given, `None` for a headless one).
+    pub fn add_service(&self, ns: &str, name: &str, cluster_ip: Option<&str>) -> Value {
+        self.create(
+            Res::Services,
+            json!({
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {
+                    "clusterIP": cluster_ip.unwrap_or("None"),
+                    "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}],
+                },
+            }),
+        )
+    }
+
+    pub fn add_config_map(&self, ns: &str, name: &str, data: &[(&str, &str)]) -> Value {
+        let data: serde_json::Map<String, Value> = data
+            .iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect();
+        self.create(
+            Res::ConfigMaps,
+            json!({"metadata": {"name": name, "namespace": ns}, "data": data}),
+        )
+    }
+
     pub fn add_pv(&self, pv: Value) -> Value {
         self.create(Res::PersistentVolumes, pv)
     }

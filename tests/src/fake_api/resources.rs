@@ -18,6 +18,8 @@ pub enum Res {
     Leases,
     EventsV1,
     EndpointSlices,
+    Services,
+    ConfigMaps,
 }
 
 /// Static facts about a resource type.
@@ -46,7 +48,7 @@ const VERBS: [&str; 8] = [
 ];
 
 impl Res {
-    pub const ALL: [Res; 10] = [
+    pub const ALL: [Res; 12] = [
         Res::Pods,
         Res::Nodes,
         Res::PersistentVolumes,
@@ -57,6 +59,8 @@ impl Res {
         Res::Leases,
         Res::EventsV1,
         Res::EndpointSlices,
+        Res::Services,
+        Res::ConfigMaps,
     ];
 
     pub fn info(self) -> &'static ResInfo {
@@ -131,6 +135,16 @@ impl Res {
                 "Event",
                 true,
                 &["ev"],
+                false
+            ),
+            Res::Services => info!("", "services", "service", "Service", true, &["svc"], true),
+            Res::ConfigMaps => info!(
+                "",
+                "configmaps",
+                "configmap",
+                "ConfigMap",
+                true,
+                &["cm"],
                 false
             ),
             Res::EndpointSlices => info!(

@@ -317,3 +317,20 @@ impl NodeWiring {
         &self.ips
     }
 }
+
+// === impl Wiring for NodeWiring ===
+
+/// The DNS capability drives the wiring through this trait (errors as text, as it logs them).
+impl crate::dns::Wiring for NodeWiring {
+    fn setup(&self) -> futures::future::BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move { NodeWiring::setup(self).await.map_err(|e| e.to_string()) })
+    }
+
+    fn check(&self) -> futures::future::BoxFuture<'_, Result<u32, String>> {
+        Box::pin(async move { NodeWiring::check(self).await.map_err(|e| e.to_string()) })
+    }
+
+    fn teardown(&self) -> futures::future::BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move { NodeWiring::teardown(self).await.map_err(|e| e.to_string()) })
+    }
+}

@@ -1,0 +1,369 @@
+//! The answer cache: encoded responses keyed by (name case-folded, type, class, EDNS, DO),
+//! bounded by entries and bytes, evicted by CLOCK (an entry hit since the hand last passed
+//! survives a sweep, so hot names stay while one-off names go first), sharded so readers on
+//! different names never contend.
+//!
+//! A hit copies the stored bytes and patches them (wire::adopt, TTLs decremented by the time
+//! since insertion): no message is decoded or re-encoded.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use super::wire;
+
+const SHARDS: usize = 32;
+
+/// One cached response.
+#[derive(Debug)]
+pub struct Entry {
+    /// The response as stored: TTLs already capped; ID and question case are the first asker's.
+    pub bytes: Box<[u8]>,
+    pub ttl_offsets: Box<[u16]>,
+    pub rcode: u16,
+    pub inserted: Instant,
+    /// The TTL it was stored with (seconds): the entry is fresh until `inserted + ttl`.
+    pub ttl: u32,
+    /// Served stale (RFC 8767) until then.
+    pub stale_until: Instant,
+    pub hits: AtomicU32,
+    /// A prefetch of this entry is in flight.
+    pub prefetching: AtomicBool,
+}
+
+impl Entry {
+    pub fn expires(&self) -> Instant {
+        self.inserted + Duration::from_secs(u64::from(self.ttl))
+    }
+
+    /// Writes the answer for `query` into `out`: stored bytes, the client's ID/RD/question case,
+    /// TTLs decremented by the whole seconds elapsed, or all set to `stale_ttl` when serving stale.
+    pub fn answer(
+        &self,
+        query: &[u8],
+        q: &wire::Query,
+        now: Instant,
+        stale_ttl: Option<u32>,
+        out: &mut Vec<u8>,
+    ) {
+        out.clear();
+        out.extend_from_slice(&self.bytes);
+        wire::adopt(out, query, q);
+        let elapsed = u32::try_from(now.saturating_duration_since(self.inserted).as_secs())
+            .unwrap_or(u32::MAX);
+        match stale_ttl {
+            Some(stale) => wire::rewrite_ttls(out, &self.ttl_offsets, |_| stale),
+            None if elapsed > 0 => {
+                wire::rewrite_ttls(out, &self.ttl_offsets, |t| t.saturating_sub(elapsed))
+            }
+            None => {}
+        }
+    }
+
+    fn cost(&self, key_len: usize) -> u64 {
+        // Bytes, key, offsets and the bookkeeping around them.
+        (self.bytes.len() + key_len + self.ttl_offsets.len() * 2 + 96) as u64
+    }
+}
+
+/// What a lookup found.
+#[derive(Debug)]
+pub enum Lookup {
+    Fresh(Arc<Entry>),
+    /// Expired but within `stale_until`: usable only when upstreams fail.
+    Stale(Arc<Entry>),
+    Miss,
+}
+
+struct Slot {
+    key: Box<[u8]>,
+    entry: Arc<Entry>,
+    referenced: AtomicBool,
+}
+
+#[derive(Default)]
+struct Shard {
+    index: HashMap<Box<[u8]>, usize, foldhash::fast::RandomState>,
+    slots: Vec<Option<Slot>>,
+    free: Vec<usize>,
+    hand: usize,
+    bytes: u64,
+}
+
+impl Shard {
+    fn remove_slot(&mut self, i: usize) -> Option<Slot> {
+        let slot = self.slots[i].take()?;
+        self.index.remove(&slot.key);
+        self.bytes -= slot.entry.cost(slot.key.len());
+        self.free.push(i);
+        Some(slot)
+    }
+
+    /// CLOCK: clears reference bits until it finds an unreferenced entry, evicts it.
+    fn evict_one(&mut self) -> bool {
+        let n = self.slots.len();
+        for _ in 0..2 * n {
+            let i = self.hand;
+            self.hand = (self.hand + 1) % n.max(1);
+            if let Some(slot) = &self.slots[i] {
+                if slot.referenced.swap(false, Ordering::Relaxed) {
+                    continue;
+                }
+                self.remove_slot(i);
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// Cache-wide counters, read by the metrics.
+#[derive(Debug, Default)]
+pub struct CacheCounters {
+    pub evictions: AtomicU64,
+    pub entries: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+pub struct Cache {
+    shards: Box<[RwLock<Shard>]>,
+    hasher: foldhash::fast::RandomState,
+    max_entries_per_shard: usize,
+    max_bytes_per_shard: u64,
+    pub counters: Arc<CacheCounters>,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("entries", &self.counters.entries.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl Cache {
+    pub fn new(max_entries: usize, max_bytes: u64) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect(),
+            hasher: foldhash::fast::RandomState::default(),
+            max_entries_per_shard: max_entries.div_ceil(SHARDS).max(1),
+            max_bytes_per_shard: (max_bytes / SHARDS as u64).max(1024),
+            counters: Arc::default(),
+        }
+    }
+
+    fn shard(&self, key: &[u8]) -> &RwLock<Shard> {
+        &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
+    }
+
+    pub fn lookup(&self, key: &[u8], now: Instant) -> Lookup {
+        let shard = self.shard(key).read().expect("not poisoned");
+        let Some(&i) = shard.index.get(key) else {
+            return Lookup::Miss;
+        };
+        let Some(slot) = &shard.slots[i] else {
+            return Lookup::Miss;
+        };
+        slot.referenced.store(true, Ordering::Relaxed);
+        let entry = slot.entry.clone();
+        drop(shard);
+        if now < entry.expires() {
+            entry.hits.fetch_add(1, Ordering::Relaxed);
+            Lookup::Fresh(entry)
+        } else if now < entry.stale_until {
+            Lookup::Stale(entry)
+        } else {
+            Lookup::Miss
+        }
+    }
+
+    /// Stores `entry` under `key`, replacing an older one, evicting until within bounds.
+    /// An entry larger than a shard's byte budget is not stored.
+    pub fn insert(&self, key: &[u8], entry: Arc<Entry>) {
+        let cost = entry.cost(key.len());
+        if cost > self.max_bytes_per_shard {
+            return;
+        }
+        let mut shard = self.shard(key).write().expect("not poisoned");
+        let (entries_before, bytes_before) = (shard.index.len(), shard.bytes);
+        let mut evicted = 0u64;
+        if let Some(&i) = shard.index.get(key) {
+            shard.remove_slot(i);
+        }
+        while shard.index.len() >= self.max_entries_per_shard
+            || shard.bytes + cost > self.max_bytes_per_shard
+        {
+            if !shard.evict_one() {
+                break;
+            }
+            evicted += 1;
+        }
+        let slot = Slot {
+            key: key.into(),
+            entry,
+            // New entries start unreferenced: a name asked once is the first to go.
+            referenced: AtomicBool::new(false),
+        };
+        let i = match shard.free.pop() {
+            Some(i) => {
+                shard.slots[i] = Some(slot);
+                i
+            }
+            None => {
+                shard.slots.push(Some(slot));
+                shard.slots.len() - 1
+            }
+        };
+        shard.index.insert(key.into(), i);
+        shard.bytes += cost;
+        let (entries_after, bytes_after) = (shard.index.len(), shard.bytes);
+        drop(shard);
+        let c = &self.counters;
+        c.evictions.fetch_add(evicted, Ordering::Relaxed);
+        adjust(&c.entries, entries_before as u64, entries_after as u64);
+        adjust(&c.bytes, bytes_before, bytes_after);
+    }
+
+    pub fn len(&self) -> u64 {
+        self.counters.entries.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.counters.bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// Moves a counter by `after - before`, which may be negative.
+fn adjust(counter: &AtomicU64, before: u64, after: u64) {
+    if after >= before {
+        counter.fetch_add(after - before, Ordering::Relaxed);
+    } else {
+        counter.fetch_sub(before - after, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dns::wire::tests::{query, response};
+
+    fn entry(ttl: u32, now: Instant) -> Entry {
+        let q = query(1, "a.test", 1, None);
+        let r = response(&q, 0, &[ttl], None);
+        let info = wire::scan_response(&r).unwrap();
+        Entry {
+            bytes: r.into(),
+            ttl_offsets: info.ttl_offsets.into(),
+            rcode: 0,
+            inserted: now,
+            ttl,
+            stale_until: now + Duration::from_secs(u64::from(ttl) + 60),
+            hits: AtomicU32::new(0),
+            prefetching: AtomicBool::new(false),
+        }
+    }
+
+    #[test]
+    fn fresh_then_stale_then_gone() {
+        let cache = Cache::new(100, 1 << 20);
+        let t0 = Instant::now();
+        cache.insert(b"k", Arc::new(entry(10, t0)));
+        assert!(matches!(cache.lookup(b"k", t0), Lookup::Fresh(_)));
+        assert!(matches!(
+            cache.lookup(b"k", t0 + Duration::from_secs(11)),
+            Lookup::Stale(_)
+        ));
+        assert!(matches!(
+            cache.lookup(b"k", t0 + Duration::from_secs(100)),
+            Lookup::Miss
+        ));
+        assert!(matches!(cache.lookup(b"other", t0), Lookup::Miss));
+    }
+
+    #[test]
+    fn answers_decrement_ttls_and_serve_stale_with_the_stale_ttl() {
+        let t0 = Instant::now();
+        let e = entry(30, t0);
+        let client = query(0x7777, "A.test", 1, None);
+        let q = wire::parse_query(&client).unwrap();
+        let mut out = Vec::new();
+        let ttl = |out: &[u8]| {
+            let off = usize::from(e.ttl_offsets[0]);
+            u32::from_be_bytes(out[off..off + 4].try_into().unwrap())
+        };
+        e.answer(
+            &client,
+            &q,
+            t0 + Duration::from_millis(2500),
+            None,
+            &mut out,
+        );
+        assert_eq!(ttl(&out), 28);
+        assert_eq!(&out[0..2], &[0x77, 0x77]);
+        e.answer(
+            &client,
+            &q,
+            t0 + Duration::from_secs(500),
+            Some(30),
+            &mut out,
+        );
+        assert_eq!(ttl(&out), 30);
+        e.answer(&client, &q, t0 + Duration::from_secs(500), None, &mut out);
+        assert_eq!(ttl(&out), 0, "never negative");
+    }
+
+    #[test]
+    fn bounded_by_entries_and_bytes_and_hot_names_survive() {
+        let cache = Cache::new(SHARDS * 4, 1 << 30);
+        let t0 = Instant::now();
+        let hot: Vec<Vec<u8>> = (0..SHARDS)
+            .map(|i| format!("hot{i}").into_bytes())
+            .collect();
+        for k in &hot {
+            cache.insert(k, Arc::new(entry(300, t0)));
+        }
+        for i in 0..10_000 {
+            for k in &hot {
+                assert!(matches!(cache.lookup(k, t0), Lookup::Fresh(_)) || i > 0);
+                let _ = cache.lookup(k, t0);
+            }
+            cache.insert(format!("cold{i}").as_bytes(), Arc::new(entry(300, t0)));
+            assert!(cache.len() <= (SHARDS * 4) as u64);
+        }
+        let kept = hot
+            .iter()
+            .filter(|k| matches!(cache.lookup(k, t0), Lookup::Fresh(_)))
+            .count();
+        assert!(
+            kept >= SHARDS * 9 / 10,
+            "hot names kept: {kept} of {SHARDS}"
+        );
+        assert!(cache.counters.evictions.load(Ordering::Relaxed) > 9_000);
+
+        let small = Cache::new(1_000_000, 64 * 1024);
+        for i in 0..10_000 {
+            small.insert(format!("n{i}").as_bytes(), Arc::new(entry(300, t0)));
+        }
+        assert!(small.bytes() <= 64 * 1024, "{} bytes", small.bytes());
+        assert!(small.len() < 10_000);
+    }
+
+    #[test]
+    fn replacing_an_entry_keeps_counts_right() {
+        let cache = Cache::new(100, 1 << 20);
+        let t0 = Instant::now();
+        cache.insert(b"k", Arc::new(entry(10, t0)));
+        cache.insert(b"k", Arc::new(entry(20, t0)));
+        assert_eq!(cache.len(), 1);
+        match cache.lookup(b"k", t0) {
+            Lookup::Fresh(e) => assert_eq!(e.ttl, 20),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,646 @@
+//! The query path: UDP and TCP listeners (SO_REUSEPORT, so a successor can bind the same
+//! addresses before this process leaves), the cache fast path, coalesced upstream fetches,
+//! prefetch, serve-stale and the answers for bad input.
+//!
+//! A UDP cache hit is answered on the socket's own task without spawning; everything that has
+//! to wait for an upstream runs in its own task, so one slow upstream never stalls a socket.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::cache::{Cache, Entry, Lookup};
+use super::config::DnsConfig;
+use super::metrics::DnsMetrics;
+use super::wire::{self, Query, Reject, rcode};
+
+/// Where answers that are not cached come from (the `upstream::Forwarder`; a fake in tests).
+pub trait Upstream: Send + Sync + 'static {
+    /// Forwards one client query; the response's ID and question case are the upstream's.
+    fn forward<'a>(
+        &'a self,
+        query: &'a [u8],
+        qname: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send + 'a>>;
+    /// False when no upstream server is usable.
+    fn any_healthy(&self) -> bool;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Udp,
+    Tcp,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Udp => "udp",
+            Self::Tcp => "tcp",
+        }
+    }
+}
+
+/// What one upstream fetch produced, shared by every query that waited for it.
+#[derive(Clone)]
+enum Outcome {
+    Cached(Arc<Entry>),
+    /// A valid answer we do not cache (REFUSED, negative without SOA).
+    Uncached(Arc<[u8]>),
+    Failed,
+}
+
+/// An upstream fetch other queries for the same key can wait on.
+type PendingFetch = Shared<BoxFuture<'static, Outcome>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {proto} {addr}: {source}")]
+    Bind {
+        proto: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+pub struct DnsServer {
+    config: DnsConfig,
+    cache: Cache,
+    upstream: Arc<dyn Upstream>,
+    in_flight: Mutex<HashMap<Box<[u8]>, PendingFetch>>,
+    fetch_slots: Semaphore,
+    pub metrics: DnsMetrics,
+}
+
+impl DnsServer {
+    pub fn new(config: DnsConfig, upstream: Arc<dyn Upstream>, metrics: DnsMetrics) -> Arc<Self> {
+        let cache = Cache::new(config.cache.max_entries, config.cache.max_bytes);
+        metrics.watch_cache(cache.counters.clone());
+        Arc::new(Self {
+            fetch_slots: Semaphore::new(config.max_in_flight),
+            cache,
+            upstream,
+            in_flight: Mutex::new(HashMap::new()),
+            metrics,
+            config,
+        })
+    }
+
+    pub fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
+    pub fn upstream_healthy(&self) -> bool {
+        self.upstream.any_healthy()
+    }
+
+    /// Answers from the cache alone when it can: `Some(true)` when `out` holds the answer,
+    /// `Some(false)` when the query must be dropped, `None` when it needs an upstream.
+    fn answer_fast(
+        self: &Arc<Self>,
+        query: &[u8],
+        proto: Protocol,
+        key: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> Option<bool> {
+        let q = match wire::parse_query(query) {
+            Ok(q) => q,
+            Err(Reject::Drop(why)) => {
+                self.metrics.dropped(why);
+                return Some(false);
+            }
+            Err(Reject::Respond { rcode, why }) => {
+                self.metrics.malformed(why);
+                wire::empty_response(query, None, rcode, false, out);
+                self.metrics.request(proto, 0, rcode);
+                return Some(true);
+            }
+        };
+        q.key_into(query, key);
+        let now = Instant::now();
+        match self.cache.lookup(key, now) {
+            Lookup::Fresh(entry) => {
+                self.metrics.cache_hits.inc();
+                entry.answer(query, &q, now, None, out);
+                self.maybe_prefetch(&entry, key, query, &q, now);
+                self.finish(query, &q, proto, entry.rcode, out);
+                Some(true)
+            }
+            Lookup::Stale(_) | Lookup::Miss => None,
+        }
+    }
+
+    /// The full path: cache, then a coalesced upstream fetch, then stale, then SERVFAIL.
+    async fn answer(self: &Arc<Self>, query: &[u8], proto: Protocol, out: &mut Vec<u8>) -> bool {
+        let mut key = Vec::with_capacity(64);
+        if let Some(done) = self.answer_fast(query, proto, &mut key, out) {
+            return done;
+        }
+        let q = wire::parse_query(query).expect("parsed by answer_fast");
+        self.metrics.cache_misses.inc();
+        let stale = match self.cache.lookup(&key, Instant::now()) {
+            Lookup::Stale(e) if self.config.cache.serve_stale => Some(e),
+            _ => None,
+        };
+        let outcome = self.fetch(&key, query, &q).await;
+        let now = Instant::now();
+        let rc = match outcome {
+            Outcome::Cached(entry) => {
+                entry.answer(query, &q, now, None, out);
+                entry.rcode
+            }
+            Outcome::Uncached(bytes) => {
+                out.clear();
+                out.extend_from_slice(&bytes);
+                wire::adopt(out, query, &q);
+                wire::scan_response(out).map_or(rcode::SERVFAIL, |i| i.rcode)
+            }
+            Outcome::Failed => match stale {
+                Some(entry) => {
+                    self.metrics.stale_served.inc();
+                    let stale_ttl = self.config.cache.stale_ttl.get().as_secs() as u32;
+                    entry.answer(query, &q, now, Some(stale_ttl), out);
+                    entry.rcode
+                }
+                None => {
+                    wire::empty_response(query, Some(&q), rcode::SERVFAIL, false, out);
+                    rcode::SERVFAIL
+                }
+            },
+        };
+        self.finish(query, &q, proto, rc, out);
+        true
+    }
+
+    /// Truncates a UDP answer the client cannot take, and counts the request.
+    fn finish(&self, query: &[u8], q: &Query, proto: Protocol, rc: u16, out: &mut Vec<u8>) {
+        if proto == Protocol::Udp && out.len() > q.udp_limit() {
+            wire::empty_response(query, Some(q), rc, true, out);
+            self.metrics.truncated.inc();
+        }
+        self.metrics.request(proto, q.qtype, rc);
+    }
+
+    fn maybe_prefetch(
+        self: &Arc<Self>,
+        entry: &Arc<Entry>,
+        key: &[u8],
+        query: &[u8],
+        q: &Query,
+        now: Instant,
+    ) {
+        let c = &self.config.cache;
+        if !c.prefetch || entry.ttl < 10 {
+            return;
+        }
+        let left = entry.expires().saturating_duration_since(now);
+        if entry.hits.load(Ordering::Relaxed) < c.prefetch_hits
+            || left * 10 > Duration::from_secs(u64::from(entry.ttl))
+            || entry.prefetching.swap(true, Ordering::Relaxed)
+        {
+            return;
+        }
+        self.metrics.prefetches.inc();
+        let this = self.clone();
+        let (key, query, q) = (key.to_vec(), query.to_vec(), q.clone());
+        tokio::spawn(async move {
+            this.fetch(&key, &query, &q).await;
+        });
+    }
+
+    /// One upstream query per key at a time: later askers wait for the first one's result.
+    async fn fetch(self: &Arc<Self>, key: &[u8], query: &[u8], q: &Query) -> Outcome {
+        let shared = {
+            let mut map = self.in_flight.lock().expect("not poisoned");
+            if let Some(f) = map.get(key) {
+                self.metrics.coalesced.inc();
+                f.clone()
+            } else {
+                let this = self.clone();
+                let (owned_key, query, q) = (key.to_vec(), query.to_vec(), q.clone());
+                // A task of its own: a client that goes away does not cancel what others wait for.
+                let task = tokio::spawn(async move {
+                    let outcome = this.fetch_upstream(&owned_key, &query, &q).await;
+                    this.in_flight
+                        .lock()
+                        .expect("not poisoned")
+                        .remove(owned_key.as_slice());
+                    outcome
+                });
+                let f = task.map(|r| r.unwrap_or(Outcome::Failed)).boxed().shared();
+                map.insert(key.into(), f.clone());
+                f
+            }
+        };
+        shared.await
+    }
+
+    async fn fetch_upstream(&self, key: &[u8], query: &[u8], q: &Query) -> Outcome {
+        let Ok(_slot) = self.fetch_slots.try_acquire() else {
+            self.metrics.overloaded.inc();
+            return Outcome::Failed;
+        };
+        self.metrics.in_flight.inc();
+        let qname = q.qname(query);
+        let result = self.upstream.forward(query, &qname).await;
+        self.metrics.in_flight.dec();
+        let mut bytes = match result {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::debug!(name = %qname, error = %e, "upstream failed");
+                return Outcome::Failed;
+            }
+        };
+        let Ok(info) = wire::scan_response(&bytes) else {
+            self.metrics.malformed("upstream response");
+            return Outcome::Failed;
+        };
+        let c = &self.config.cache;
+        let secs = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+        let (min_ttl, max_ttl) = (secs(c.min_ttl.get()), secs(c.max_ttl.get()));
+        let ttl = match info.rcode {
+            rcode::NOERROR if info.answers > 0 => {
+                let cap = |t: u32| t.clamp(min_ttl, max_ttl);
+                wire::rewrite_ttls(&mut bytes, &info.ttl_offsets, cap);
+                cap(info.min_answer_ttl.unwrap_or(0))
+            }
+            rcode::NOERROR | rcode::NXDOMAIN => match info.negative_ttl {
+                Some(neg) => {
+                    let ttl = neg.min(secs(c.negative_max_ttl.get()));
+                    wire::rewrite_ttls(&mut bytes, &info.ttl_offsets, |t| t.min(ttl));
+                    ttl
+                }
+                // RFC 2308: without an SOA a negative answer is not cached.
+                None => return Outcome::Uncached(bytes.into()),
+            },
+            rcode::SERVFAIL => secs(c.servfail_ttl.get()).min(5),
+            _ => return Outcome::Uncached(bytes.into()),
+        };
+        let now = Instant::now();
+        let stale_window = if c.serve_stale && info.rcode != rcode::SERVFAIL {
+            c.max_stale.get()
+        } else {
+            Duration::ZERO
+        };
+        let entry = Arc::new(Entry {
+            bytes: bytes.into(),
+            ttl_offsets: info.ttl_offsets.into(),
+            rcode: info.rcode,
+            inserted: now,
+            ttl,
+            stale_until: now + Duration::from_secs(u64::from(ttl)) + stale_window,
+            hits: Default::default(),
+            prefetching: Default::default(),
+        });
+        // Stored unless too large for the cache; the answer to this query either way.
+        self.cache.insert(key, entry.clone());
+        Outcome::Cached(entry)
+    }
+}
+
+// === listeners ===
+
+/// A UDP socket bound with SO_REUSEPORT (and SO_REUSEADDR), non-blocking, for tokio.
+pub fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, ServerError> {
+    let err = |source| ServerError::Bind {
+        proto: "udp",
+        addr,
+        source,
+    };
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )
+    .map_err(err)?;
+    s.set_reuse_port(true).map_err(err)?;
+    s.set_reuse_address(true).map_err(err)?;
+    // Bursts of queries arrive faster than one task drains them: a larger buffer drops fewer.
+    let _ = s.set_recv_buffer_size(4 << 20);
+    s.set_nonblocking(true).map_err(err)?;
+    s.bind(&addr.into()).map_err(err)?;
+    UdpSocket::from_std(s.into()).map_err(err)
+}
+
+pub fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    let err = |source| ServerError::Bind {
+        proto: "tcp",
+        addr,
+        source,
+    };
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(err)?;
+    s.set_reuse_port(true).map_err(err)?;
+    s.set_reuse_address(true).map_err(err)?;
+    s.set_nonblocking(true).map_err(err)?;
+    s.bind(&addr.into()).map_err(err)?;
+    s.listen(1024).map_err(err)?;
+    TcpListener::from_std(s.into()).map_err(err)
+}
+
+/// Serves one UDP socket until `token` is cancelled.
+pub async fn serve_udp(server: Arc<DnsServer>, socket: UdpSocket, token: CancellationToken) {
+    let socket = Arc::new(socket);
+    let mut buf = vec![0u8; 65_535];
+    let mut key = Vec::with_capacity(64);
+    let mut out = Vec::with_capacity(1232);
+    loop {
+        let (n, peer) = tokio::select! {
+            _ = token.cancelled() => return,
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(error = %e, "udp recv");
+                    continue;
+                }
+            },
+        };
+        let query = &buf[..n];
+        match server.answer_fast(query, Protocol::Udp, &mut key, &mut out) {
+            Some(true) => {
+                let _ = socket.send_to(&out, peer).await;
+            }
+            Some(false) => {}
+            None => {
+                let (server, socket, query) = (server.clone(), socket.clone(), query.to_vec());
+                tokio::spawn(async move {
+                    let mut out = Vec::with_capacity(1232);
+                    if server.answer(&query, Protocol::Udp, &mut out).await {
+                        let _ = socket.send_to(&out, peer).await;
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Idle TCP connections are closed after this (RFC 7766 suggests seconds, not minutes).
+const TCP_IDLE: Duration = Duration::from_secs(10);
+/// Connections served at once; more wait in the listen backlog.
+const TCP_CONNECTIONS: usize = 1024;
+
+/// Accepts TCP connections until `token` is cancelled; each is served until idle or closed.
+pub async fn serve_tcp(server: Arc<DnsServer>, listener: TcpListener, token: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(TCP_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            _ = token.cancelled() => return,
+            p = slots.clone().acquire_owned() => p.expect("never closed"),
+        };
+        let (stream, _) = tokio::select! {
+            _ = token.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(error = %e, "tcp accept");
+                    continue;
+                }
+            },
+        };
+        let (server, token) = (server.clone(), token.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            serve_tcp_connection(server, stream, token).await;
+        });
+    }
+}
+
+async fn serve_tcp_connection(
+    server: Arc<DnsServer>,
+    mut stream: tokio::net::TcpStream,
+    token: CancellationToken,
+) {
+    let mut buf = Vec::new();
+    let mut out = Vec::with_capacity(4096);
+    loop {
+        let mut len = [0u8; 2];
+        let read = tokio::select! {
+            _ = token.cancelled() => return,
+            r = tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)) => r,
+        };
+        if !matches!(read, Ok(Ok(_))) {
+            return;
+        }
+        let n = usize::from(u16::from_be_bytes(len));
+        buf.resize(n, 0);
+        if !matches!(
+            tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut buf)).await,
+            Ok(Ok(_))
+        ) {
+            server.metrics.dropped("tcp message cut short");
+            return;
+        }
+        if !server.answer(&buf, Protocol::Tcp, &mut out).await {
+            // Nothing sensible to say to a peer sending non-queries: hang up.
+            return;
+        }
+        let Ok(len) = u16::try_from(out.len()) else {
+            return;
+        };
+        let mut framed = Vec::with_capacity(out.len() + 2);
+        framed.extend_from_slice(&len.to_be_bytes());
+        framed.extend_from_slice(&out);
+        if stream.write_all(&framed).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ConfigDuration;
+    use crate::dns::wire::tests::{query, response};
+    use std::sync::atomic::AtomicU32;
+
+    /// Answers A queries with one record (TTL from the name's first label when numeric), NXDOMAIN
+    /// with an SOA for names starting with "nx", fails for "down", and counts calls.
+    struct FakeUpstream {
+        calls: AtomicU32,
+        delay: Duration,
+        up: std::sync::atomic::AtomicBool,
+    }
+
+    impl Upstream for FakeUpstream {
+        fn forward<'a>(
+            &'a self,
+            q: &'a [u8],
+            qname: &'a str,
+        ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send + 'a>> {
+            Box::pin(async move {
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(self.delay).await;
+                if !self.up.load(Ordering::SeqCst) || qname.starts_with("down") {
+                    return Err("upstream down".into());
+                }
+                if qname.starts_with("nx") {
+                    return Ok(response(q, rcode::NXDOMAIN, &[], Some((900, 7))));
+                }
+                let ttl = qname
+                    .split('.')
+                    .next()
+                    .and_then(|l| l.parse().ok())
+                    .unwrap_or(300);
+                Ok(response(q, 0, &[ttl], None))
+            })
+        }
+        fn any_healthy(&self) -> bool {
+            self.up.load(Ordering::SeqCst)
+        }
+    }
+
+    fn server(delay: Duration) -> (Arc<DnsServer>, Arc<FakeUpstream>) {
+        let up = Arc::new(FakeUpstream {
+            calls: AtomicU32::new(0),
+            delay,
+            up: true.into(),
+        });
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = DnsMetrics::register(&mut registry);
+        let mut config = DnsConfig::default();
+        config.cache.max_ttl = ConfigDuration(Duration::from_secs(30));
+        (DnsServer::new(config, up.clone(), metrics), up)
+    }
+
+    fn ttl_of(answer: &[u8]) -> u32 {
+        let info = wire::scan_response(answer).unwrap();
+        let off = usize::from(info.ttl_offsets[0]);
+        u32::from_be_bytes(answer[off..off + 4].try_into().unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_miss_is_fetched_capped_cached_and_then_answered_for_the_client() {
+        let (s, up) = server(Duration::ZERO);
+        let mut out = Vec::new();
+        let q1 = query(0x1111, "300.Example.Test", 1, None);
+        assert!(s.answer(&q1, Protocol::Udp, &mut out).await);
+        assert_eq!(&out[0..2], &[0x11, 0x11]);
+        assert_eq!(ttl_of(&out), 30, "300 capped to maxTtl");
+        let q2 = query(0x2222, "300.example.test", 1, None);
+        assert!(s.answer(&q2, Protocol::Udp, &mut out).await);
+        assert_eq!(&out[0..2], &[0x22, 0x22]);
+        assert_eq!(&out[12..30], &q2[12..30], "the second client's own case");
+        assert_eq!(
+            up.calls.load(Ordering::SeqCst),
+            1,
+            "second answer from the cache"
+        );
+        assert_eq!(s.metrics.cache_hits.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn identical_concurrent_misses_make_one_upstream_query() {
+        let (s, up) = server(Duration::from_millis(100));
+        let mut tasks = Vec::new();
+        for id in 0..50u16 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut out = Vec::new();
+                s.answer(&query(id, "same.test", 1, None), Protocol::Udp, &mut out)
+                    .await;
+                u16::from_be_bytes([out[0], out[1]])
+            }));
+        }
+        for (id, t) in tasks.into_iter().enumerate() {
+            assert_eq!(t.await.unwrap(), id as u16);
+        }
+        assert_eq!(up.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn negative_answers_use_the_soa_ttl_and_failures_serve_stale_or_servfail() {
+        let (s, up) = server(Duration::ZERO);
+        let mut out = Vec::new();
+        s.answer(&query(1, "nx.test", 1, None), Protocol::Udp, &mut out)
+            .await;
+        assert_eq!(wire::scan_response(&out).unwrap().rcode, rcode::NXDOMAIN);
+        s.answer(&query(2, "nx.test", 1, None), Protocol::Udp, &mut out)
+            .await;
+        assert_eq!(up.calls.load(Ordering::SeqCst), 1, "NXDOMAIN cached");
+        assert_eq!(ttl_of(&out), 7, "min(SOA TTL, MINIMUM)");
+
+        // Warm a 1 s name, let it expire, take the upstream down: served stale with staleTtl.
+        s.answer(&query(3, "1.warm.test", 1, None), Protocol::Udp, &mut out)
+            .await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        up.up.store(false, Ordering::SeqCst);
+        s.answer(&query(4, "1.warm.test", 1, None), Protocol::Udp, &mut out)
+            .await;
+        assert_eq!(wire::scan_response(&out).unwrap().rcode, rcode::NOERROR);
+        assert_eq!(ttl_of(&out), 30);
+        assert_eq!(s.metrics.stale_served.get(), 1);
+        s.answer(&query(5, "never.test", 1, None), Protocol::Udp, &mut out)
+            .await;
+        assert_eq!(wire::scan_response(&out).unwrap().rcode, rcode::SERVFAIL);
+    }
+
+    #[tokio::test]
+    async fn bad_input_is_answered_or_dropped_and_counted() {
+        let (s, _) = server(Duration::ZERO);
+        let mut out = Vec::new();
+        assert!(!s.answer(&[1, 2, 3], Protocol::Udp, &mut out).await);
+        let mut two = query(1, "a.test", 1, None);
+        two[5] = 2;
+        assert!(s.answer(&two, Protocol::Udp, &mut out).await);
+        assert_eq!(wire::scan_response(&out).unwrap().rcode, rcode::FORMERR);
+        assert_eq!(s.metrics.dropped_total(), 2);
+    }
+
+    #[tokio::test]
+    async fn large_answers_are_truncated_for_udp_clients_only() {
+        let (s, _) = server(Duration::ZERO);
+        let mut out = Vec::new();
+        // 40 A records: 12 + 15 + 40 * 16 > 512.
+        struct Big;
+        impl Upstream for Big {
+            fn forward<'a>(
+                &'a self,
+                q: &'a [u8],
+                _: &'a str,
+            ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send + 'a>> {
+                Box::pin(async move { Ok(response(q, 0, &[60; 40], None)) })
+            }
+            fn any_healthy(&self) -> bool {
+                true
+            }
+        }
+        let mut registry = prometheus_client::registry::Registry::default();
+        let big = DnsServer::new(
+            DnsConfig::default(),
+            Arc::new(Big),
+            DnsMetrics::register(&mut registry),
+        );
+        big.answer(&query(1, "big.test", 1, None), Protocol::Udp, &mut out)
+            .await;
+        assert!(wire::scan_response(&out).unwrap().truncated);
+        big.answer(
+            &query(2, "big.test", 1, Some((4096, false))),
+            Protocol::Udp,
+            &mut out,
+        )
+        .await;
+        assert!(
+            !wire::scan_response(&out).unwrap().truncated,
+            "EDNS 4096 takes it"
+        );
+        big.answer(&query(3, "big.test", 1, None), Protocol::Tcp, &mut out)
+            .await;
+        assert_eq!(wire::scan_response(&out).unwrap().answers, 40);
+        drop(s);
+    }
+}

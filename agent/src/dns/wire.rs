@@ -1,0 +1,623 @@
+//! The DNS wire format, as much as a caching forwarder needs and no more: parse a client query
+//! (header, one question, EDNS OPT), scan an upstream response (record TTL offsets, minimum
+//! TTL, SOA negative TTL), patch a cached response for a client (ID, RD, question case, TTLs
+//! decremented in place) and build error/truncated responses. No allocation on the hit path.
+//!
+//! Every read is bounds-checked; names are never *followed* through compression pointers (a
+//! query's question may not contain one, and skipping a name stops at the first pointer), so
+//! pointer loops cannot occur. Anything malformed is an error value, never a panic.
+
+pub const HEADER_LEN: usize = 12;
+/// Longest name on the wire (RFC 1035 2.3.4).
+pub const MAX_NAME: usize = 255;
+/// What a client without EDNS can receive over UDP.
+pub const MIN_UDP_PAYLOAD: usize = 512;
+/// The payload size we advertise in our own OPT records (DNS flag day 2020).
+pub const OUR_UDP_PAYLOAD: u16 = 1232;
+
+pub const TYPE_SOA: u16 = 6;
+pub const TYPE_OPT: u16 = 41;
+pub const TYPE_IXFR: u16 = 251;
+pub const TYPE_AXFR: u16 = 252;
+
+pub mod rcode {
+    pub const NOERROR: u16 = 0;
+    pub const FORMERR: u16 = 1;
+    pub const SERVFAIL: u16 = 2;
+    pub const NXDOMAIN: u16 = 3;
+    pub const NOTIMP: u16 = 4;
+    pub const REFUSED: u16 = 5;
+    /// Extended (needs OPT): unsupported EDNS version.
+    pub const BADVERS: u16 = 16;
+
+    pub fn name(rcode: u16) -> &'static str {
+        match rcode {
+            NOERROR => "NOERROR",
+            FORMERR => "FORMERR",
+            SERVFAIL => "SERVFAIL",
+            NXDOMAIN => "NXDOMAIN",
+            NOTIMP => "NOTIMP",
+            REFUSED => "REFUSED",
+            BADVERS => "BADVERS",
+            _ => "OTHER",
+        }
+    }
+}
+
+/// EDNS(0) as the client sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Edns {
+    pub udp_payload: u16,
+    pub dnssec_ok: bool,
+    pub version: u8,
+}
+
+/// A parsed client query. Offsets index the buffer it was parsed from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Query {
+    pub id: u16,
+    pub recursion_desired: bool,
+    /// End of the question name (exclusive); the name starts at `HEADER_LEN`.
+    pub qname_end: usize,
+    /// End of the question (name + type + class).
+    pub question_end: usize,
+    pub qtype: u16,
+    pub qclass: u16,
+    pub edns: Option<Edns>,
+}
+
+impl Query {
+    /// The largest response this client takes over UDP.
+    pub fn udp_limit(&self) -> usize {
+        self.edns.map_or(MIN_UDP_PAYLOAD, |e| {
+            usize::from(e.udp_payload).max(MIN_UDP_PAYLOAD)
+        })
+    }
+
+    /// The cache key: EDNS presence and DO bit (answers differ with them), type, class, then
+    /// the question name lower-cased (wire format). Written into `out`.
+    pub fn key_into(&self, buf: &[u8], out: &mut Vec<u8>) {
+        out.clear();
+        let flags =
+            u8::from(self.edns.is_some()) | (u8::from(self.edns.is_some_and(|e| e.dnssec_ok)) << 1);
+        out.push(flags);
+        out.extend_from_slice(&self.qtype.to_be_bytes());
+        out.extend_from_slice(&self.qclass.to_be_bytes());
+        out.extend(
+            buf[HEADER_LEN..self.qname_end]
+                .iter()
+                .map(u8::to_ascii_lowercase),
+        );
+    }
+
+    /// The question name in presentation form, lower case, no trailing dot ("" for the root).
+    pub fn qname(&self, buf: &[u8]) -> String {
+        let mut out = String::with_capacity(self.qname_end - HEADER_LEN);
+        let mut i = HEADER_LEN;
+        while i < self.qname_end {
+            let len = usize::from(buf[i]);
+            if len == 0 {
+                break;
+            }
+            if !out.is_empty() {
+                out.push('.');
+            }
+            for &b in &buf[i + 1..i + 1 + len] {
+                let b = b.to_ascii_lowercase();
+                if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+                    out.push(char::from(b));
+                } else {
+                    out.push_str(&format!("\\{b:03}"));
+                }
+            }
+            i += 1 + len;
+        }
+        out
+    }
+}
+
+/// Why a query is not served normally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    /// Not even a header, or a response: nothing sensible to answer.
+    Drop(&'static str),
+    /// Answer with this rcode (FORMERR, NOTIMP, BADVERS); `question` when it was parsed.
+    Respond { rcode: u16, why: &'static str },
+}
+
+fn u16_at(b: &[u8], i: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*b.get(i)?, *b.get(i + 1)?]))
+}
+
+fn u32_at(b: &[u8], i: usize) -> Option<u32> {
+    Some(u32::from_be_bytes([
+        *b.get(i)?,
+        *b.get(i + 1)?,
+        *b.get(i + 2)?,
+        *b.get(i + 3)?,
+    ]))
+}
+
+/// Reads an uncompressed name starting at `i`; returns the offset after it.
+fn uncompressed_name_end(b: &[u8], mut i: usize) -> Result<usize, &'static str> {
+    let start = i;
+    loop {
+        let len = *b.get(i).ok_or("name runs past the end")?;
+        if len & 0xC0 != 0 {
+            return Err("compressed or extended label in the question");
+        }
+        i += 1 + usize::from(len);
+        if i - start > MAX_NAME {
+            return Err("name longer than 255 bytes");
+        }
+        if len == 0 {
+            return Ok(i);
+        }
+    }
+}
+
+/// Skips a possibly compressed name at `i` without following pointers.
+fn skip_name(b: &[u8], mut i: usize) -> Result<usize, &'static str> {
+    let start = i;
+    loop {
+        let len = *b.get(i).ok_or("name runs past the end")?;
+        match len & 0xC0 {
+            0x00 => {
+                i += 1 + usize::from(len);
+                if i - start > MAX_NAME {
+                    return Err("name longer than 255 bytes");
+                }
+                if len == 0 {
+                    return Ok(i);
+                }
+            }
+            0xC0 => {
+                b.get(i + 1).ok_or("pointer runs past the end")?;
+                return Ok(i + 2);
+            }
+            _ => return Err("extended label type"),
+        }
+    }
+}
+
+/// A resource record's fixed part.
+struct RecordHeader {
+    rtype: u16,
+    class: u16,
+    ttl_offset: usize,
+    ttl: u32,
+    rdata: usize,
+    end: usize,
+}
+
+fn record(b: &[u8], i: usize) -> Result<RecordHeader, &'static str> {
+    let name_end = skip_name(b, i)?;
+    let rtype = u16_at(b, name_end).ok_or("record header runs past the end")?;
+    let class = u16_at(b, name_end + 2).ok_or("record header runs past the end")?;
+    let ttl = u32_at(b, name_end + 4).ok_or("record header runs past the end")?;
+    let rdlen = usize::from(u16_at(b, name_end + 8).ok_or("record header runs past the end")?);
+    let rdata = name_end + 10;
+    let end = rdata + rdlen;
+    if end > b.len() {
+        return Err("record data runs past the end");
+    }
+    Ok(RecordHeader {
+        rtype,
+        class,
+        ttl_offset: name_end + 4,
+        ttl,
+        rdata,
+        end,
+    })
+}
+
+/// Parses a client query. Only standard queries with exactly one question are served.
+pub fn parse_query(b: &[u8]) -> Result<Query, Reject> {
+    if b.len() < HEADER_LEN {
+        return Err(Reject::Drop("shorter than a DNS header"));
+    }
+    let flags = u16_at(b, 2).unwrap_or_default();
+    if flags & 0x8000 != 0 {
+        return Err(Reject::Drop("a response, not a query"));
+    }
+    let formerr = |why| Reject::Respond {
+        rcode: rcode::FORMERR,
+        why,
+    };
+    let opcode = (flags >> 11) & 0xF;
+    if opcode != 0 {
+        return Err(Reject::Respond {
+            rcode: rcode::NOTIMP,
+            why: "opcode other than QUERY",
+        });
+    }
+    let count = |i| u16_at(b, i).unwrap_or_default();
+    if count(4) != 1 {
+        return Err(formerr("QDCOUNT is not 1"));
+    }
+    if count(6) != 0 || count(8) != 0 {
+        return Err(formerr("a query with answer or authority records"));
+    }
+    let qname_end = uncompressed_name_end(b, HEADER_LEN).map_err(formerr)?;
+    let qtype = u16_at(b, qname_end).ok_or(formerr("question runs past the end"))?;
+    let qclass = u16_at(b, qname_end + 2).ok_or(formerr("question runs past the end"))?;
+    let question_end = qname_end + 4;
+    let mut edns = None;
+    let mut i = question_end;
+    for _ in 0..count(10) {
+        let rr = record(b, i).map_err(formerr)?;
+        if rr.rtype == TYPE_OPT {
+            if edns.is_some() {
+                return Err(formerr("more than one OPT record"));
+            }
+            if rr.ttl_offset != i + 1 + 4 {
+                return Err(formerr("OPT record with a non-root name"));
+            }
+            edns = Some(Edns {
+                udp_payload: rr.class,
+                dnssec_ok: rr.ttl & 0x8000 != 0,
+                version: (rr.ttl >> 16) as u8,
+            });
+        }
+        i = rr.end;
+    }
+    let query = Query {
+        id: u16_at(b, 0).unwrap_or_default(),
+        recursion_desired: flags & 0x0100 != 0,
+        qname_end,
+        question_end,
+        qtype,
+        qclass,
+        edns,
+    };
+    if edns.is_some_and(|e| e.version != 0) {
+        return Err(Reject::Respond {
+            rcode: rcode::BADVERS,
+            why: "EDNS version other than 0",
+        });
+    }
+    if qtype == TYPE_AXFR || qtype == TYPE_IXFR {
+        return Err(Reject::Respond {
+            rcode: rcode::NOTIMP,
+            why: "zone transfers are not forwarded",
+        });
+    }
+    Ok(query)
+}
+
+/// What a cache needs to know about an upstream response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseInfo {
+    /// Including the extended bits from OPT.
+    pub rcode: u16,
+    pub truncated: bool,
+    pub answers: u16,
+    /// Offsets of the TTL field of every record but OPT, to decrement in place.
+    pub ttl_offsets: Vec<u16>,
+    /// Smallest TTL among the answer records.
+    pub min_answer_ttl: Option<u32>,
+    /// RFC 2308: min(SOA record TTL, SOA MINIMUM) of an SOA in the authority section.
+    pub negative_ttl: Option<u32>,
+}
+
+/// Scans a response: validates its structure and finds what the cache needs.
+pub fn scan_response(b: &[u8]) -> Result<ResponseInfo, &'static str> {
+    if b.len() < HEADER_LEN {
+        return Err("shorter than a DNS header");
+    }
+    let flags = u16_at(b, 2).unwrap_or_default();
+    if flags & 0x8000 == 0 {
+        return Err("not a response (QR unset)");
+    }
+    let count = |i| u16_at(b, i).unwrap_or_default();
+    let (qd, an, ns, ar) = (count(4), count(6), count(8), count(10));
+    let mut i = HEADER_LEN;
+    for _ in 0..qd {
+        i = skip_name(b, i)? + 4;
+        if i > b.len() {
+            return Err("question runs past the end");
+        }
+    }
+    let mut info = ResponseInfo {
+        rcode: flags & 0xF,
+        truncated: flags & 0x0200 != 0,
+        answers: an,
+        ttl_offsets: Vec::with_capacity(usize::from(an) + usize::from(ns) + usize::from(ar)),
+        min_answer_ttl: None,
+        negative_ttl: None,
+    };
+    let sections = [(an, 0u8), (ns, 1), (ar, 2)];
+    for (n, section) in sections {
+        for _ in 0..n {
+            let rr = record(b, i)?;
+            if rr.rtype == TYPE_OPT {
+                info.rcode |= u16::from(b[rr.ttl_offset]) << 4;
+            } else {
+                let off = u16::try_from(rr.ttl_offset).map_err(|_| "response beyond 64 KiB")?;
+                info.ttl_offsets.push(off);
+                if section == 0 {
+                    info.min_answer_ttl =
+                        Some(info.min_answer_ttl.map_or(rr.ttl, |m: u32| m.min(rr.ttl)));
+                } else if section == 1 && rr.rtype == TYPE_SOA {
+                    // SOA RDATA ends with five 32-bit fields; MINIMUM is the last.
+                    let minimum = rr
+                        .end
+                        .checked_sub(4)
+                        .filter(|m| *m >= rr.rdata + 20)
+                        .and_then(|m| u32_at(b, m))
+                        .ok_or("SOA record too short")?;
+                    info.negative_ttl = Some(rr.ttl.min(minimum));
+                }
+            }
+            i = rr.end;
+        }
+    }
+    Ok(info)
+}
+
+/// Sets every TTL at `offsets` to `f(old)`.
+pub fn rewrite_ttls(b: &mut [u8], offsets: &[u16], f: impl Fn(u32) -> u32) {
+    for &off in offsets {
+        let i = usize::from(off);
+        if let Some(field) = b.get_mut(i..i + 4) {
+            let old = u32::from_be_bytes([field[0], field[1], field[2], field[3]]);
+            field.copy_from_slice(&f(old).to_be_bytes());
+        }
+    }
+}
+
+/// Makes a stored response the answer to `query`: its ID, its RD bit, its question's case.
+/// The stored response's question has the same name (case-folded), so the same length.
+pub fn adopt(response: &mut [u8], query: &[u8], q: &Query) {
+    response[0..2].copy_from_slice(&q.id.to_be_bytes());
+    response[2] = (response[2] & !0x01) | u8::from(q.recursion_desired);
+    if response.len() >= q.qname_end {
+        response[HEADER_LEN..q.qname_end].copy_from_slice(&query[HEADER_LEN..q.qname_end]);
+    }
+}
+
+/// A response with no records and `rcode` (and TC when `truncated`), echoing the question when
+/// the query had a parseable one, with an OPT record when the client sent one.
+pub fn empty_response(
+    query: &[u8],
+    q: Option<&Query>,
+    rcode: u16,
+    truncated: bool,
+    out: &mut Vec<u8>,
+) {
+    out.clear();
+    let id = u16_at(query, 0).unwrap_or_default();
+    let rd = query.get(2).map_or(0, |f| f & 0x01);
+    out.extend_from_slice(&id.to_be_bytes());
+    let opcode_bits = query.get(2).map_or(0, |f| f & 0x78);
+    out.push(0x80 | opcode_bits | (u8::from(truncated) << 1) | rd);
+    out.push(0x80 | (rcode & 0xF) as u8); // RA, rcode
+    let qd = u16::from(q.is_some());
+    let ar = u16::from(q.is_some_and(|q| q.edns.is_some()) || rcode > 0xF);
+    for c in [qd, 0, 0, ar] {
+        out.extend_from_slice(&c.to_be_bytes());
+    }
+    if let Some(q) = q {
+        out.extend_from_slice(&query[HEADER_LEN..q.question_end]);
+    }
+    if ar == 1 {
+        // OPT: root name, type, our payload size, extended rcode + version 0 + DO echoed.
+        let do_bit = q.and_then(|q| q.edns).is_some_and(|e| e.dnssec_ok);
+        out.push(0);
+        out.extend_from_slice(&TYPE_OPT.to_be_bytes());
+        out.extend_from_slice(&OUR_UDP_PAYLOAD.to_be_bytes());
+        out.push((rcode >> 4) as u8);
+        out.push(0);
+        out.extend_from_slice(&(if do_bit { 0x8000u16 } else { 0 }).to_be_bytes());
+        out.extend_from_slice(&0u16.to_be_bytes());
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A query for `name` (dotted) of `qtype`, optionally with an OPT record.
+    pub fn query(id: u16, name: &str, qtype: u16, edns: Option<(u16, bool)>) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&id.to_be_bytes());
+        b.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, u8::from(edns.is_some())]);
+        for label in name.split('.').filter(|l| !l.is_empty()) {
+            b.push(label.len() as u8);
+            b.extend_from_slice(label.as_bytes());
+        }
+        b.push(0);
+        b.extend_from_slice(&qtype.to_be_bytes());
+        b.extend_from_slice(&1u16.to_be_bytes());
+        if let Some((payload, do_bit)) = edns {
+            b.push(0);
+            b.extend_from_slice(&TYPE_OPT.to_be_bytes());
+            b.extend_from_slice(&payload.to_be_bytes());
+            b.extend_from_slice(&[0, 0, if do_bit { 0x80 } else { 0 }, 0, 0, 0]);
+        }
+        b
+    }
+
+    /// A response to `q`: `answers` A records with the given TTLs (compressed owner), then an
+    /// SOA in authority when `soa` = (ttl, minimum).
+    pub fn response(q: &[u8], rcode: u16, answer_ttls: &[u32], soa: Option<(u32, u32)>) -> Vec<u8> {
+        let parsed = parse_query(q).unwrap();
+        let mut b = q[..parsed.question_end].to_vec();
+        b[2] |= 0x80;
+        b[3] = 0x80 | rcode as u8;
+        b[6..8].copy_from_slice(&(answer_ttls.len() as u16).to_be_bytes());
+        b[8..10].copy_from_slice(&u16::from(soa.is_some()).to_be_bytes());
+        b[10..12].copy_from_slice(&0u16.to_be_bytes());
+        for (i, ttl) in answer_ttls.iter().enumerate() {
+            b.extend_from_slice(&[0xC0, 12, 0, 1, 0, 1]);
+            b.extend_from_slice(&ttl.to_be_bytes());
+            b.extend_from_slice(&[0, 4, 10, 0, 0, i as u8]);
+        }
+        if let Some((ttl, minimum)) = soa {
+            b.extend_from_slice(&[0xC0, 12, 0, 6, 0, 1]);
+            b.extend_from_slice(&ttl.to_be_bytes());
+            b.extend_from_slice(&(2u16 + 2 + 20).to_be_bytes());
+            b.extend_from_slice(&[0xC0, 12, 0xC0, 12]); // MNAME, RNAME
+            for v in [1u32, 7200, 3600, 86400, minimum] {
+                b.extend_from_slice(&v.to_be_bytes());
+            }
+        }
+        b
+    }
+
+    #[test]
+    fn queries_parse_with_and_without_edns() {
+        let q = query(0xBEEF, "WwW.Example.COM", 1, None);
+        let p = parse_query(&q).unwrap();
+        assert_eq!((p.id, p.qtype, p.qclass, p.edns), (0xBEEF, 1, 1, None));
+        assert!(p.recursion_desired);
+        assert_eq!(p.qname(&q), "www.example.com");
+        assert_eq!(p.udp_limit(), 512);
+        let q = query(1, "a.b", 28, Some((4096, true)));
+        let p = parse_query(&q).unwrap();
+        assert_eq!(
+            p.edns,
+            Some(Edns {
+                udp_payload: 4096,
+                dnssec_ok: true,
+                version: 0
+            })
+        );
+        assert_eq!(p.udp_limit(), 4096);
+    }
+
+    #[test]
+    fn cache_keys_fold_case_and_separate_edns_and_do() {
+        let mut k1 = Vec::new();
+        let mut k2 = Vec::new();
+        let a = query(1, "Example.COM", 1, None);
+        let b = query(2, "example.com", 1, None);
+        parse_query(&a).unwrap().key_into(&a, &mut k1);
+        parse_query(&b).unwrap().key_into(&b, &mut k2);
+        assert_eq!(k1, k2);
+        let c = query(3, "example.com", 1, Some((1232, true)));
+        parse_query(&c).unwrap().key_into(&c, &mut k2);
+        assert_ne!(k1, k2);
+        let d = query(3, "example.com", 28, None);
+        parse_query(&d).unwrap().key_into(&d, &mut k2);
+        assert_ne!(k1, k2);
+    }
+
+    #[test]
+    fn bad_queries_are_rejected_with_the_right_answer() {
+        assert!(matches!(parse_query(&[0; 5]), Err(Reject::Drop(_))));
+        let mut resp = query(1, "a", 1, None);
+        resp[2] |= 0x80;
+        assert!(matches!(parse_query(&resp), Err(Reject::Drop(_))));
+        let mut notify = query(1, "a", 1, None);
+        notify[2] |= 4 << 3;
+        assert_eq!(rcode_of(parse_query(&notify)), Some(rcode::NOTIMP));
+        let mut two = query(1, "a", 1, None);
+        two[5] = 2;
+        assert_eq!(rcode_of(parse_query(&two)), Some(rcode::FORMERR));
+        let mut zero = query(1, "a", 1, None);
+        zero[5] = 0;
+        assert_eq!(rcode_of(parse_query(&zero)), Some(rcode::FORMERR));
+        // A compression pointer (a loop onto itself) in the question.
+        let mut looped = query(1, "a", 1, None)[..12].to_vec();
+        looped.extend_from_slice(&[0xC0, 12, 0, 1, 0, 1]);
+        assert_eq!(rcode_of(parse_query(&looped)), Some(rcode::FORMERR));
+        // Truncated inside the question.
+        let q = query(1, "example.com", 1, None);
+        for cut in 12..q.len() {
+            assert_eq!(
+                rcode_of(parse_query(&q[..cut])),
+                Some(rcode::FORMERR),
+                "cut {cut}"
+            );
+        }
+        // A 64-byte label and a name over 255 bytes.
+        let long = query(1, &"x".repeat(64), 1, None);
+        assert_eq!(rcode_of(parse_query(&long)), Some(rcode::FORMERR));
+        let name = vec!["y".repeat(63); 5].join(".");
+        assert_eq!(
+            rcode_of(parse_query(&query(1, &name, 1, None))),
+            Some(rcode::FORMERR)
+        );
+        // EDNS version 1 and two OPT records.
+        let mut v1 = query(1, "a", 1, Some((1232, false)));
+        let opt_ttl = v1.len() - 6;
+        v1[opt_ttl + 1] = 1;
+        assert_eq!(rcode_of(parse_query(&v1)), Some(rcode::BADVERS));
+        let mut two_opt = query(1, "a", 1, Some((1232, false)));
+        let opt = two_opt[two_opt.len() - 11..].to_vec();
+        two_opt.extend_from_slice(&opt);
+        two_opt[11] = 2;
+        assert_eq!(rcode_of(parse_query(&two_opt)), Some(rcode::FORMERR));
+        assert_eq!(
+            rcode_of(parse_query(&query(1, "a", TYPE_AXFR, None))),
+            Some(rcode::NOTIMP)
+        );
+    }
+
+    fn rcode_of(r: Result<Query, Reject>) -> Option<u16> {
+        match r {
+            Err(Reject::Respond { rcode, .. }) => Some(rcode),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn responses_scan_ttls_and_soa_negative_ttl() {
+        let q = query(7, "example.com", 1, None);
+        let r = response(&q, 0, &[300, 60], None);
+        let info = scan_response(&r).unwrap();
+        assert_eq!(info.rcode, 0);
+        assert_eq!(info.min_answer_ttl, Some(60));
+        assert_eq!(info.ttl_offsets.len(), 2);
+        let nx = response(&q, 3, &[], Some((900, 7)));
+        let info = scan_response(&nx).unwrap();
+        assert_eq!(
+            (info.rcode, info.negative_ttl, info.min_answer_ttl),
+            (3, Some(7), None)
+        );
+        for cut in 0..r.len() {
+            assert!(scan_response(&r[..cut]).is_err(), "cut {cut}");
+        }
+        assert!(scan_response(&q).is_err(), "a query is not a response");
+    }
+
+    #[test]
+    fn adopt_and_ttl_rewrite_make_a_cached_answer_the_clients() {
+        let q = query(7, "example.com", 1, None);
+        let mut r = response(&q, 0, &[300], None);
+        let info = scan_response(&r).unwrap();
+        rewrite_ttls(&mut r, &info.ttl_offsets, |t| t.min(30));
+        let client = query(0x4242, "ExAmPlE.com", 1, None);
+        let cq = parse_query(&client).unwrap();
+        adopt(&mut r, &client, &cq);
+        assert_eq!(&r[0..2], &[0x42, 0x42]);
+        assert_eq!(&r[12..cq.qname_end], &client[12..cq.qname_end]);
+        let off = usize::from(info.ttl_offsets[0]);
+        assert_eq!(u32::from_be_bytes(r[off..off + 4].try_into().unwrap()), 30);
+    }
+
+    #[test]
+    fn error_responses_echo_the_question_and_opt() {
+        let q = query(9, "a.test", 1, Some((1232, true)));
+        let p = parse_query(&q).unwrap();
+        let mut out = Vec::new();
+        empty_response(&q, Some(&p), rcode::SERVFAIL, false, &mut out);
+        let info = scan_response(&out).unwrap();
+        assert_eq!(info.rcode, rcode::SERVFAIL);
+        assert_eq!(&out[12..p.question_end], &q[12..p.question_end]);
+        assert_eq!(out.len(), p.question_end + 11);
+        empty_response(&q, Some(&p), rcode::BADVERS, false, &mut out);
+        assert_eq!(scan_response(&out).unwrap().rcode, rcode::BADVERS);
+        empty_response(
+            &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
+            None,
+            rcode::FORMERR,
+            true,
+            &mut out,
+        );
+        let info = scan_response(&out).unwrap();
+        assert!(info.truncated);
+        assert_eq!(info.rcode, rcode::FORMERR);
+    }
+}

@@ -239,7 +239,9 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
         let metrics = crate::dns::metrics::DnsMetrics::register(&mut registry);
         let server =
             crate::dns::server::DnsServer::new(dns_config.clone(), forwarder.clone(), metrics);
-        let wiring: Option<Arc<dyn crate::dns::Wiring>> = None;
+        let wiring: Option<Arc<dyn crate::dns::Wiring>> = Some(Arc::new(
+            crate::dns::node::NodeWiring::new(&dns_config, &mut registry),
+        ));
         let capability =
             crate::dns::DnsCapability::new(dns_config, server, Some(forwarder.clone()), wiring);
         let handle = capability.handle.clone();

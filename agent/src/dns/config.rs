@@ -73,8 +73,9 @@ impl DnsConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum RulesBackend {
-    /// nftables when the node's rules live there (an `nft` ruleset with tables, or iptables
-    /// in its nf_tables variant), else iptables.
+    /// nftables when kube-proxy runs in nftables mode (an nft table named `kube-proxy`), else
+    /// iptables when any iptables works (legacy or nf_tables variant, picked like Kubernetes'
+    /// iptables-wrapper), else nftables when `nft` works. See docs/dns.md.
     #[default]
     Auto,
     Iptables,

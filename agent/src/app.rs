@@ -209,6 +209,10 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
             if dns_config.upstreams.cluster.servers.is_empty() {
                 let svc = dns_config.upstreams.cluster_service.clone();
                 match crate::kube::service_cluster_ip(client, &svc).await {
+                    Ok(Some(ip)) if dns_config.cluster_ips.contains(&ip) => tracing::error!(
+                        service = %svc, %ip,
+                        "the cluster upstream Service's ClusterIP is one the cache holds itself (transparent mode): it would query itself; cluster zones will fail until dns.upstreams.clusterService names a second Service"
+                    ),
                     Ok(Some(ip)) => {
                         tracing::info!(service = %svc, %ip, "dns cluster upstream from its Service");
                         dns_config.upstreams.cluster.servers = vec![ip.to_string()];

@@ -322,46 +322,21 @@ impl DnsServer {
 
 // === listeners ===
 
-/// A UDP socket bound with SO_REUSEPORT (and SO_REUSEADDR), non-blocking, for tokio.
+/// A UDP socket sharing its port with a successor (SO_REUSEPORT).
 pub fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, ServerError> {
-    let err = |source| ServerError::Bind {
+    crate::listen::udp(addr).map_err(|source| ServerError::Bind {
         proto: "udp",
         addr,
         source,
-    };
-    let s = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::DGRAM,
-        Some(socket2::Protocol::UDP),
-    )
-    .map_err(err)?;
-    s.set_reuse_port(true).map_err(err)?;
-    s.set_reuse_address(true).map_err(err)?;
-    // Bursts of queries arrive faster than one task drains them: a larger buffer drops fewer.
-    let _ = s.set_recv_buffer_size(4 << 20);
-    s.set_nonblocking(true).map_err(err)?;
-    s.bind(&addr.into()).map_err(err)?;
-    UdpSocket::from_std(s.into()).map_err(err)
+    })
 }
 
 pub fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, ServerError> {
-    let err = |source| ServerError::Bind {
+    crate::listen::tcp(addr).map_err(|source| ServerError::Bind {
         proto: "tcp",
         addr,
         source,
-    };
-    let s = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )
-    .map_err(err)?;
-    s.set_reuse_port(true).map_err(err)?;
-    s.set_reuse_address(true).map_err(err)?;
-    s.set_nonblocking(true).map_err(err)?;
-    s.bind(&addr.into()).map_err(err)?;
-    s.listen(1024).map_err(err)?;
-    TcpListener::from_std(s.into()).map_err(err)
+    })
 }
 
 /// Serves one UDP socket until `token` is cancelled.

@@ -39,7 +39,7 @@ fn steady_client(
                 .set_read_timeout(Some(Duration::from_secs(1)))
                 .unwrap();
             // Every tenth name repeats (cache hits); the rest are misses sent upstream.
-            let name = if i % 10 == 0 {
+            let name = if i.is_multiple_of(10) {
                 "hot.handover.test".to_string()
             } else {
                 format!("n{i}.handover.test")

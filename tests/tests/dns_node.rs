@@ -628,3 +628,139 @@ fn dummy_interface_and_guard_in_a_kernel_vm() {
     );
     assert!(text.contains("DNS NODE OK"), "{text}");
 }
+
+/// The real agent in transparent mode instead of a stand-in cache: it wires the namespace
+/// itself, answers through its own upstream (10.0.0.54, which says 10.0.0.2) while kube-dns
+/// behind the ClusterIP's DNAT says 10.0.0.1. SIGKILL the agent: the guard fails open and the
+/// ClusterIP reaches kube-dns again within interval x failures + 1 s.
+#[test]
+fn sigkilled_agent_in_transparent_mode_fails_open_to_kube_dns_as_root() {
+    if !can_run(&["ip", "iptables-save", "dnsmasq", "dig"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new("dns-agent");
+    for a in [
+        "10.0.0.53/32",
+        "10.0.0.54/32",
+        "10.96.0.10/32",
+        "169.254.20.10/32",
+    ] {
+        ok(ns.command("ip").args(["addr", "add", a, "dev", "lo"]));
+    }
+    for p in ["udp", "tcp"] {
+        ok(ns.command("iptables").args([
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-d",
+            "10.96.0.10/32",
+            "-p",
+            p,
+            "--dport",
+            "53",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            "10.0.0.53:53",
+        ]));
+    }
+    let _kube_dns = dnsmasq(&ns, dir.path(), "kube-dns", "10.0.0.53", "10.0.0.1");
+    let _upstream = dnsmasq(&ns, dir.path(), "upstream", "10.0.0.54", "10.0.0.2");
+    wait_for(Duration::from_secs(10), "kube-dns through the DNAT", || {
+        (ask(&ns).as_deref() == Some("10.0.0.1")).then_some(())
+    });
+    let cfg = write_config(
+        dir.path(),
+        "agent.yaml",
+        "shutdownTimeout: 10s
+dns:
+  enabled: true
+  listenIps: [\"169.254.20.10\"]
+  clusterIps: [\"10.96.0.10\"]
+  lameDuck: 0s
+  node: {manageInterface: false, rules: iptables, checkInterval: 1s}
+  upstreams:
+    clusterZones: []
+    default: {servers: [\"10.0.0.54\"]}
+",
+    );
+    let mut cmd = ns.command(agent_bin().to_str().unwrap());
+    cmd.args(["run", "--standalone", "--config"])
+        .arg(&cfg)
+        .args([
+            "--metrics-listen",
+            "127.0.0.1:19740",
+            "--api-listen",
+            "127.0.0.1:19741",
+            "--state-dir",
+        ])
+        .arg(dir.path().join("state"))
+        .env("NODEKEEPER_LOG", "info,nodekeeper=debug");
+    let mut agent = Proc::spawn("agent", cmd, dir.path());
+    wait_for(
+        Duration::from_secs(20),
+        "the agent answering on the ClusterIP",
+        || (ask(&ns).as_deref() == Some("10.0.0.2")).then_some(()),
+    );
+    assert_eq!(ours(&ns, "iptables").len(), 28, "{}", agent.log_text());
+
+    let mut cmd = ns.command(agent_bin().to_str().unwrap());
+    cmd.args(["dns-guard", "--config"])
+        .arg(&cfg)
+        .args([
+            "--interval",
+            "1s",
+            "--failures",
+            &GUARD_FAILURES.to_string(),
+        ])
+        .env("NODEKEEPER_LOG", "info,nodekeeper=debug");
+    let guard = Proc::spawn("guard", cmd, dir.path());
+    std::thread::sleep(GUARD_INTERVAL * (GUARD_FAILURES + 1));
+    assert_eq!(
+        ask(&ns).as_deref(),
+        Some("10.0.0.2"),
+        "the guard leaves a live agent alone: {}",
+        guard.log_text()
+    );
+
+    agent.signal("KILL");
+    agent.wait_exit(Duration::from_secs(5));
+    let killed = Instant::now();
+    let window = GUARD_INTERVAL * GUARD_FAILURES + Duration::from_secs(1);
+    wait_for(window + Duration::from_secs(10), "kube-dns again", || {
+        (ask(&ns).as_deref() == Some("10.0.0.1")).then_some(())
+    });
+    let took = killed.elapsed();
+    eprintln!(
+        "fail-open after a SIGKILLed agent: kube-dns answers {took:?} later (window {window:?})"
+    );
+    assert!(
+        took <= window,
+        "kube-dns answered only after {took:?}, beyond {window:?}\n{}",
+        guard.log_text()
+    );
+    assert!(
+        ours(&ns, "iptables").is_empty(),
+        "rules left after failing open"
+    );
+
+    // A restarted agent removes nothing twice and leaves exactly one set of rules.
+    let mut cmd = ns.command(agent_bin().to_str().unwrap());
+    cmd.args(["run", "--standalone", "--config"])
+        .arg(&cfg)
+        .args([
+            "--metrics-listen",
+            "127.0.0.1:19742",
+            "--api-listen",
+            "127.0.0.1:19743",
+            "--state-dir",
+        ])
+        .arg(dir.path().join("state"));
+    let _agent = Proc::spawn("agent2", cmd, dir.path());
+    wait_for(Duration::from_secs(20), "the restarted agent", || {
+        (ask(&ns).as_deref() == Some("10.0.0.2")).then_some(())
+    });
+    assert_eq!(ours(&ns, "iptables").len(), 28);
+}

@@ -8,6 +8,7 @@
 pub mod cgroup;
 pub mod drain_scenario;
 
+pub mod dns_peers;
 pub mod fake_api;
 pub mod fake_imds;
 pub mod kustomize;

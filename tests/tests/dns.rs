@@ -836,7 +836,7 @@ fn dns_status_prints_cache_size_hit_ratio_and_upstream_health() {
         Duration::from_secs(30),
         "/readyz to report dns unhealthy",
         || {
-            let (code, body) = nodekeeper_tests::http_get(rig.agent.metrics, "/readyz").ok()?;
+            let (code, _) = nodekeeper_tests::http_get(rig.agent.metrics, "/readyz").ok()?;
             (code != 200).then_some(())
         },
     );

@@ -209,6 +209,10 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
             if dns_config.upstreams.cluster.servers.is_empty() {
                 let svc = dns_config.upstreams.cluster_service.clone();
                 match crate::kube::service_cluster_ip(client, &svc).await {
+                    Ok(Some(ip)) if dns_config.cluster_ips.contains(&ip) => tracing::error!(
+                        service = %svc, %ip,
+                        "the cluster upstream Service's ClusterIP is one the cache holds itself (transparent mode): it would query itself; cluster zones will fail until dns.upstreams.clusterService names a second Service"
+                    ),
                     Ok(Some(ip)) => {
                         tracing::info!(service = %svc, %ip, "dns cluster upstream from its Service");
                         dns_config.upstreams.cluster.servers = vec![ip.to_string()];
@@ -239,7 +243,9 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
         let metrics = crate::dns::metrics::DnsMetrics::register(&mut registry);
         let server =
             crate::dns::server::DnsServer::new(dns_config.clone(), forwarder.clone(), metrics);
-        let wiring: Option<Arc<dyn crate::dns::Wiring>> = None;
+        let wiring: Option<Arc<dyn crate::dns::Wiring>> = Some(Arc::new(
+            crate::dns::node::NodeWiring::new(&dns_config, &mut registry),
+        ));
         let capability =
             crate::dns::DnsCapability::new(dns_config, server, Some(forwarder.clone()), wiring);
         let handle = capability.handle.clone();

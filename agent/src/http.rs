@@ -50,9 +50,7 @@ pub fn router(state: AdminState) -> Router {
 }
 
 pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, HttpError> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| HttpError::Bind { addr, source })
+    crate::listen::tcp(addr).map_err(|source| HttpError::Bind { addr, source })
 }
 
 pub async fn serve(

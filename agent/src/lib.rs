@@ -12,6 +12,7 @@ pub mod host;
 pub mod http;
 pub mod keda;
 pub mod kube;
+pub mod listen;
 pub mod metrics;
 pub mod pod_cgroups;
 pub mod runtime;

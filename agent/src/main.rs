@@ -99,6 +99,20 @@ enum Command {
     },
     /// Run the cluster-wide aggregator: KEDA's external scaler with fleet-wide sums.
     Aggregate(nodekeeper::aggregate::AggregateArgs),
+    /// NodeLocal DNS node wiring once (interface, addresses, NOTRACK/ACCEPT rules), as the
+    /// agent does around the cache; `teardown` un-wires a node by hand. Prints one JSON line.
+    DnsWiring {
+        #[command(subcommand)]
+        action: DnsWiringAction,
+    },
+    /// The DNS fail-open guard, a sidecar in the agent's pod: probes the cache every interval
+    /// and removes the transparent wiring when it stops answering (docs/dns.md).
+    DnsGuard {
+        #[command(flatten)]
+        guard: nodekeeper::dns::node::cli::GuardArgs,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
     /// The NodeLocal DNS cache of a node, through its agent.
     Dns {
         #[command(subcommand)]
@@ -106,6 +120,18 @@ enum Command {
     },
     /// Print the version and the git revision it was built from.
     Version,
+}
+
+#[derive(Subcommand)]
+enum DnsWiringAction {
+    /// Remove stale rules of ours, create the interface and addresses, install the rules.
+    Setup(ConfigArgs),
+    /// Restore anything missing; prints how many things were repaired.
+    Check(ConfigArgs),
+    /// Remove our rules and the interface.
+    Teardown(ConfigArgs),
+    /// Setup, check every dns.node.checkInterval, teardown on SIGTERM.
+    Hold(ConfigArgs),
 }
 
 #[derive(Subcommand)]
@@ -480,6 +506,50 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, kind = e.kind(), "nodekeeper aggregate failed");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::DnsWiring { action } => {
+            use nodekeeper::dns::node::cli::{self as dns_cli, WiringOp};
+            let (op, args) = match action {
+                DnsWiringAction::Setup(a) => (WiringOp::Setup, a),
+                DnsWiringAction::Check(a) => (WiringOp::Check, a),
+                DnsWiringAction::Teardown(a) => (WiringOp::Teardown, a),
+                DnsWiringAction::Hold(a) => (WiringOp::Hold, a),
+            };
+            let config = match load(args.config.as_deref(), args.overrides) {
+                Ok(c) => c,
+                Err(e) => return config_exit(&e),
+            };
+            if let Err(e) = init_logging(cli.log_format, &cli.log_level) {
+                eprintln!("nodekeeper: {e:#}");
+                return ExitCode::from(EX_USAGE);
+            }
+            match dns_cli::wiring(op, &config.dns) {
+                Ok(line) => {
+                    println!("{line}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("nodekeeper: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::DnsGuard { guard, config } => {
+            let config = match load(config.config.as_deref(), config.overrides) {
+                Ok(c) => c,
+                Err(e) => return config_exit(&e),
+            };
+            if let Err(e) = init_logging(cli.log_format, &cli.log_level) {
+                eprintln!("nodekeeper: {e:#}");
+                return ExitCode::from(EX_USAGE);
+            }
+            match nodekeeper::dns::node::cli::guard(&config.dns, &guard) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, kind = e.kind(), "dns guard failed");
                     ExitCode::FAILURE
                 }
             }

@@ -438,9 +438,7 @@ async fn mirror_health(
 }
 
 pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ApiError> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| ApiError::Bind { addr, source })
+    crate::listen::tcp(addr).map_err(|source| ApiError::Bind { addr, source })
 }
 
 /// grpc.health.v1 mirroring `health` until `token` is cancelled (then "" is NOT_SERVING and

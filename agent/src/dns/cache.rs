@@ -130,8 +130,9 @@ pub struct CacheCounters {
 pub struct Cache {
     shards: Box<[RwLock<Shard>]>,
     hasher: foldhash::fast::RandomState,
-    max_entries_per_shard: usize,
-    max_bytes_per_shard: u64,
+    /// Per shard; they sum to at most the configured bounds.
+    max_entries: Box<[usize]>,
+    max_bytes: Box<[u64]>,
     pub counters: Arc<CacheCounters>,
 }
 
@@ -145,17 +146,29 @@ impl std::fmt::Debug for Cache {
 
 impl Cache {
     pub fn new(max_entries: usize, max_bytes: u64) -> Self {
+        // Fewer shards for tiny caches, so every shard can hold something and the sum of the
+        // shards' bounds never exceeds the configured one.
+        let shards = SHARDS.min(max_entries.max(1));
+        let split = |total: u64, i: usize| {
+            total / shards as u64 + u64::from((i as u64) < total % shards as u64)
+        };
         Self {
-            shards: (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect(),
+            shards: (0..shards).map(|_| RwLock::new(Shard::default())).collect(),
             hasher: foldhash::fast::RandomState::default(),
-            max_entries_per_shard: max_entries.div_ceil(SHARDS).max(1),
-            max_bytes_per_shard: (max_bytes / SHARDS as u64).max(1024),
+            max_entries: (0..shards)
+                .map(|i| split(max_entries as u64, i) as usize)
+                .collect(),
+            max_bytes: (0..shards).map(|i| split(max_bytes, i)).collect(),
             counters: Arc::default(),
         }
     }
 
+    fn shard_index(&self, key: &[u8]) -> usize {
+        (self.hasher.hash_one(key) as usize) % self.shards.len()
+    }
+
     fn shard(&self, key: &[u8]) -> &RwLock<Shard> {
-        &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
+        &self.shards[self.shard_index(key)]
     }
 
     pub fn lookup(&self, key: &[u8], now: Instant) -> Lookup {
@@ -183,18 +196,18 @@ impl Cache {
     /// An entry larger than a shard's byte budget is not stored.
     pub fn insert(&self, key: &[u8], entry: Arc<Entry>) {
         let cost = entry.cost(key.len());
-        if cost > self.max_bytes_per_shard {
+        let i = self.shard_index(key);
+        let (max_entries, max_bytes) = (self.max_entries[i], self.max_bytes[i]);
+        if cost > max_bytes {
             return;
         }
-        let mut shard = self.shard(key).write().expect("not poisoned");
+        let mut shard = self.shards[i].write().expect("not poisoned");
         let (entries_before, bytes_before) = (shard.index.len(), shard.bytes);
         let mut evicted = 0u64;
         if let Some(&i) = shard.index.get(key) {
             shard.remove_slot(i);
         }
-        while shard.index.len() >= self.max_entries_per_shard
-            || shard.bytes + cost > self.max_bytes_per_shard
-        {
+        while shard.index.len() >= max_entries || shard.bytes + cost > max_bytes {
             if !shard.evict_one() {
                 break;
             }
@@ -206,17 +219,17 @@ impl Cache {
             // New entries start unreferenced: a name asked once is the first to go.
             referenced: AtomicBool::new(false),
         };
-        let i = match shard.free.pop() {
-            Some(i) => {
-                shard.slots[i] = Some(slot);
-                i
+        let slot_index = match shard.free.pop() {
+            Some(free) => {
+                shard.slots[free] = Some(slot);
+                free
             }
             None => {
                 shard.slots.push(Some(slot));
                 shard.slots.len() - 1
             }
         };
-        shard.index.insert(key.into(), i);
+        shard.index.insert(key.into(), slot_index);
         shard.bytes += cost;
         let (entries_after, bytes_after) = (shard.index.len(), shard.bytes);
         drop(shard);
@@ -352,6 +365,23 @@ mod tests {
         }
         assert!(small.bytes() <= 64 * 1024, "{} bytes", small.bytes());
         assert!(small.len() < 10_000);
+    }
+
+    #[test]
+    fn the_bounds_are_exact_whatever_the_shard_count() {
+        let t0 = Instant::now();
+        for max in [1usize, 5, 31, 33, 1000] {
+            let cache = Cache::new(max, 1 << 30);
+            for i in 0..5 * max + 50 {
+                cache.insert(format!("n{i}").as_bytes(), Arc::new(entry(300, t0)));
+                assert!(cache.len() <= max as u64, "{} > {max}", cache.len());
+            }
+            assert!(
+                cache.len() >= (max as u64) * 3 / 4,
+                "{} of {max} used",
+                cache.len()
+            );
+        }
     }
 
     #[test]

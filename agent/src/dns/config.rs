@@ -73,8 +73,9 @@ impl DnsConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum RulesBackend {
-    /// nftables when the node's rules live there (an `nft` ruleset with tables, or iptables
-    /// in its nf_tables variant), else iptables.
+    /// nftables when kube-proxy runs in nftables mode (an nft table named `kube-proxy`), else
+    /// iptables when any iptables works (legacy or nf_tables variant, picked like Kubernetes'
+    /// iptables-wrapper), else nftables when `nft` works. See docs/dns.md.
     #[default]
     Auto,
     Iptables,
@@ -151,8 +152,8 @@ pub struct UpstreamsConfig {
     /// Connected mode, when `cluster.servers` is empty: `namespace/name` of the Service whose
     /// ClusterIP is the cluster upstream. Not kube-dns itself: in transparent mode its ClusterIP
     /// is held by the cache on this node, so a second Service selecting the same pods is used
-    /// (manifests ship `kube-system/nodekeeper-dns-upstream`, like node-local-dns's
-    /// kube-dns-upstream).
+    /// (like node-local-dns's kube-dns-upstream); the agent refuses a Service whose ClusterIP is
+    /// one of `clusterIps`.
     pub cluster_service: String,
     /// A server that failed this many queries in a row is skipped until a probe succeeds.
     pub unhealthy_after: u32,
@@ -181,7 +182,7 @@ impl Default for UpstreamsConfig {
             default: UpstreamGroup::default(),
             stub_domains: BTreeMap::new(),
             kube_dns_config_map: "kube-system/kube-dns".into(),
-            cluster_service: "kube-system/nodekeeper-dns-upstream".into(),
+            cluster_service: "kube-system/kube-dns".into(),
             unhealthy_after: DEFAULT_UNHEALTHY_AFTER,
             probe_interval: ConfigDuration(DEFAULT_PROBE_INTERVAL),
         }

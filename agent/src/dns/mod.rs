@@ -11,6 +11,7 @@ pub mod cache;
 pub mod config;
 pub mod kube_dns;
 pub mod metrics;
+pub mod node;
 pub mod resolv_conf;
 pub mod server;
 pub mod upstream;
@@ -236,4 +237,3 @@ pub async fn answers(addr: SocketAddr) -> bool {
     }
     false
 }
-

@@ -37,6 +37,9 @@ pub trait Upstream: Send + Sync + 'static {
     fn any_healthy(&self) -> bool;
 }
 
+/// The Internet class; everything else is refused locally.
+const CLASS_IN: u16 = 1;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     Udp,
@@ -127,6 +130,14 @@ impl DnsServer {
                 return Some(true);
             }
         };
+        if q.qclass != CLASS_IN {
+            // CHAOS (id.server, the fail-open guard's probe) and other classes are answered
+            // here and at once: pods have no use for them upstream, and a liveness probe must
+            // never wait on an upstream.
+            wire::empty_response(query, Some(&q), rcode::REFUSED, false, out);
+            self.metrics.request(proto, q.qtype, rcode::REFUSED);
+            return Some(true);
+        }
         q.key_into(query, key);
         let now = Instant::now();
         match self.cache.lookup(key, now) {
@@ -311,46 +322,21 @@ impl DnsServer {
 
 // === listeners ===
 
-/// A UDP socket bound with SO_REUSEPORT (and SO_REUSEADDR), non-blocking, for tokio.
+/// A UDP socket sharing its port with a successor (SO_REUSEPORT).
 pub fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, ServerError> {
-    let err = |source| ServerError::Bind {
+    crate::listen::udp(addr).map_err(|source| ServerError::Bind {
         proto: "udp",
         addr,
         source,
-    };
-    let s = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::DGRAM,
-        Some(socket2::Protocol::UDP),
-    )
-    .map_err(err)?;
-    s.set_reuse_port(true).map_err(err)?;
-    s.set_reuse_address(true).map_err(err)?;
-    // Bursts of queries arrive faster than one task drains them: a larger buffer drops fewer.
-    let _ = s.set_recv_buffer_size(4 << 20);
-    s.set_nonblocking(true).map_err(err)?;
-    s.bind(&addr.into()).map_err(err)?;
-    UdpSocket::from_std(s.into()).map_err(err)
+    })
 }
 
 pub fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, ServerError> {
-    let err = |source| ServerError::Bind {
+    crate::listen::tcp(addr).map_err(|source| ServerError::Bind {
         proto: "tcp",
         addr,
         source,
-    };
-    let s = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )
-    .map_err(err)?;
-    s.set_reuse_port(true).map_err(err)?;
-    s.set_reuse_address(true).map_err(err)?;
-    s.set_nonblocking(true).map_err(err)?;
-    s.bind(&addr.into()).map_err(err)?;
-    s.listen(1024).map_err(err)?;
-    TcpListener::from_std(s.into()).map_err(err)
+    })
 }
 
 /// Serves one UDP socket until `token` is cancelled.
@@ -587,6 +573,24 @@ mod tests {
         s.answer(&query(5, "never.test", 1, None), Protocol::Udp, &mut out)
             .await;
         assert_eq!(wire::scan_response(&out).unwrap().rcode, rcode::SERVFAIL);
+    }
+
+    #[tokio::test]
+    async fn chaos_class_is_refused_locally_without_an_upstream() {
+        let (s, up) = server(Duration::from_secs(10));
+        let mut q = query(5, "id.server", 16, None);
+        let class = q.len() - 2;
+        q[class + 1] = 3; // CH
+        let mut out = Vec::new();
+        let answered = tokio::time::timeout(
+            Duration::from_millis(100),
+            s.answer(&q, Protocol::Udp, &mut out),
+        )
+        .await
+        .expect("answered at once, not after the slow upstream");
+        assert!(answered);
+        assert_eq!(wire::scan_response(&out).unwrap().rcode, rcode::REFUSED);
+        assert_eq!(up.calls.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test]

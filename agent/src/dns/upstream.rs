@@ -542,7 +542,9 @@ impl Forwarder {
                 .groups
                 .iter()
                 .flat_map(|g| g.servers.iter().map(move |s| (g, s)))
-                .filter(|(_, s)| !s.is_healthy() && seen.insert(s.addr))
+                // Every server, healthy or not: an idle node must notice dead upstreams
+                // (readiness) without waiting for client queries to fail.
+                .filter(|(_, s)| seen.insert(s.addr))
                 .map(|(g, s)| self.probe(g, s))
                 .collect();
             if probes.is_empty() {
@@ -562,7 +564,13 @@ impl Forwarder {
             Ok(_) => server.reachable(),
             Err(e) => {
                 tracing::debug!(upstream = %server.addr, error = %e, "upstream probe failed");
-                *server.last_error.lock().expect("last_error lock") = Some(e.to_string());
+                server.failed(
+                    &self.metrics,
+                    "probe",
+                    e.to_string(),
+                    true,
+                    self.unhealthy_after,
+                );
             }
         }
     }

@@ -1,0 +1,124 @@
+//! The one-shot wiring commands (`nodekeeper dns-wiring setup|check|teardown|hold`) and the
+//! guard sidecar's entry point (`nodekeeper dns-guard`). They build a small runtime, a
+//! [`NodeWiring`] from the config's `dns:` section, and run; main only parses and maps errors.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::guard::{self, GuardSettings};
+use super::{NodeWiring, WiringError};
+use crate::config::ConfigDuration;
+use crate::dns::DnsConfig;
+
+/// What `dns-wiring` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WiringOp {
+    Setup,
+    Check,
+    Teardown,
+    /// Setup, check every `dns.node.checkInterval`, teardown on SIGTERM/SIGINT (what the agent
+    /// does around the cache; lets tests SIGKILL a wiring owner).
+    Hold,
+}
+
+/// `dns-guard` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GuardArgs {
+    /// How often the cache is probed.
+    #[arg(long, default_value = "1s")]
+    pub interval: ConfigDuration,
+    /// Consecutive unanswered probes before failing open.
+    #[arg(long, default_value_t = guard::DEFAULT_FAILURES)]
+    pub failures: u32,
+    /// How long one probe waits for the answer.
+    #[arg(long, default_value = "500ms")]
+    pub probe_timeout: ConfigDuration,
+    /// After SIGTERM, keep guarding this long before the last decision (default: the config's
+    /// dns.lameDuck + 1s).
+    #[arg(long)]
+    pub grace: Option<ConfigDuration>,
+    /// The name probed (class CH, type TXT).
+    #[arg(long, default_value = guard::DEFAULT_PROBE_NAME)]
+    pub probe_name: String,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, WiringError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(WiringError::Runtime)
+}
+
+/// A token cancelled on SIGTERM or SIGINT.
+fn on_signal() -> Result<CancellationToken, WiringError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let token = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate()).map_err(WiringError::Runtime)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(WiringError::Runtime)?;
+    let t = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        t.cancel();
+    });
+    Ok(token)
+}
+
+/// Runs one wiring operation; returns the JSON line to print.
+pub fn wiring(op: WiringOp, dns: &DnsConfig) -> Result<String, WiringError> {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let w = NodeWiring::new(dns, &mut registry);
+    runtime()?.block_on(async {
+        let backend = w.backend().await.map(|b| b.name()).unwrap_or("none");
+        let (action, repairs) = match op {
+            WiringOp::Setup => ("setup", w.setup().await.map(|()| 0)?),
+            WiringOp::Check => ("check", w.check().await?),
+            WiringOp::Teardown => ("teardown", w.teardown().await.map(|()| 0)?),
+            WiringOp::Hold => {
+                let cancel = on_signal()?;
+                w.setup().await?;
+                println!(
+                    "{}",
+                    serde_json::json!({"action": "hold", "ready": true, "pid": std::process::id()})
+                );
+                w.maintain(dns.node.check_interval.get(), cancel).await;
+                w.teardown().await?;
+                ("hold", 0)
+            }
+        };
+        Ok(serde_json::json!({
+            "action": action,
+            "repairs": repairs,
+            "backend": backend,
+            "interface": w.interface(),
+            "addresses": w.addresses(),
+        })
+        .to_string())
+    })
+}
+
+/// The guard sidecar: runs until SIGTERM/SIGINT plus its grace period.
+pub fn guard(dns: &DnsConfig, args: &GuardArgs) -> Result<(), WiringError> {
+    let target = *dns.listen_addrs().first().ok_or(WiringError::NoAddress)?;
+    let settings = GuardSettings {
+        target,
+        interval: args.interval.get(),
+        failures: args.failures.max(1),
+        probe_timeout: args.probe_timeout.get(),
+        grace: args
+            .grace
+            .map(ConfigDuration::get)
+            .unwrap_or_else(|| dns.lame_duck.get() + Duration::from_secs(1)),
+        probe_name: args.probe_name.clone(),
+    };
+    let mut registry = prometheus_client::registry::Registry::default();
+    let w = NodeWiring::new(dns, &mut registry);
+    runtime()?.block_on(async {
+        let cancel = on_signal()?;
+        guard::run(&w, &settings, cancel).await;
+        Ok(())
+    })
+}

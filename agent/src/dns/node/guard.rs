@@ -1,0 +1,205 @@
+//! The fail-open guard (`nodekeeper dns-guard`, a sidecar container in the agent's pod): every
+//! `interval` it sends one DNS query to the cache's first listen address; after `failures`
+//! consecutive probes without an answer (each waits `probe_timeout`) it takes the transparent
+//! wiring away ([`NodeWiring::fail_open`]: our rules, the ClusterIPs on the interface), so pods'
+//! queries to the kube-dns ClusterIP reach kube-dns through kube-proxy again. It keeps probing
+//! and keeps the rules off while the cache stays silent (a crash-looping agent re-installs
+//! them); once the cache answers again it does nothing: the restarted agent's `setup` rewires.
+//!
+//! Any answer counts as alive (REFUSED, NOTIMP, SERVFAIL too): the guard judges the cache's
+//! process, not its upstreams. It never installs anything.
+
+use std::hash::{BuildHasher, RandomState};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+
+use super::NodeWiring;
+
+/// Defaults of the `dns-guard` flags: together the fail-open window is
+/// `interval x failures` (+ one probe timeout) = about 3.5 s.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
+/// Three in a row: one lost UDP packet or a GC pause must not fail the node open.
+pub const DEFAULT_FAILURES: u32 = 3;
+/// A cache answers a local query in well under a millisecond; 500 ms is a process that is gone
+/// or wedged, and leaves room for the probe inside a 1 s interval.
+pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// The probe asks `id.server. CH TXT`: a name the cache answers itself without an upstream (any
+/// rcode counts), so a dead upstream never looks like a dead cache.
+pub const DEFAULT_PROBE_NAME: &str = "id.server";
+
+#[derive(Debug, Clone)]
+pub struct GuardSettings {
+    pub target: SocketAddr,
+    pub interval: Duration,
+    pub failures: u32,
+    pub probe_timeout: Duration,
+    /// After SIGTERM: keep guarding this long (the agent's lame duck plus a margin), then probe
+    /// once more and fail open only if nothing answers (no successor took over).
+    pub grace: Duration,
+    pub probe_name: String,
+}
+
+/// Why one probe failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// ICMP port unreachable (nothing bound) and other socket errors.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A query for `name` class CH type TXT with id `id`, no recursion desired.
+pub fn query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = Vec::with_capacity(32 + name.len());
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x00, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0]);
+    for label in name
+        .trim_end_matches('.')
+        .split('.')
+        .filter(|l| !l.is_empty())
+    {
+        let l = &label.as_bytes()[..label.len().min(63)];
+        q.push(l.len() as u8);
+        q.extend_from_slice(l);
+    }
+    q.push(0);
+    q.extend_from_slice(&16u16.to_be_bytes()); // TXT
+    q.extend_from_slice(&3u16.to_be_bytes()); // CH
+    q
+}
+
+/// True when `msg` is a response (QR set) to query `id`.
+pub fn is_answer(msg: &[u8], id: u16) -> bool {
+    msg.len() >= 12 && msg[..2] == id.to_be_bytes() && msg[2] & 0x80 != 0
+}
+
+/// Sends one query to `target` and waits up to `timeout` for the matching response.
+pub async fn probe(target: SocketAddr, timeout: Duration, name: &str) -> Result<(), ProbeError> {
+    let bind: SocketAddr = if target.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let id = RandomState::new().hash_one(std::time::Instant::now()) as u16;
+    let work = async {
+        let sock = UdpSocket::bind(bind).await?;
+        sock.connect(target).await?;
+        sock.send(&query(id, name)).await?;
+        let mut buf = [0u8; 512];
+        loop {
+            let n = sock.recv(&mut buf).await?;
+            if is_answer(&buf[..n], id) {
+                return Ok(());
+            }
+        }
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| ProbeError::Timeout(timeout))?
+}
+
+/// Guards until `shutdown`, then for `grace`, then decides once more (see [`GuardSettings`]).
+pub async fn run(wiring: &NodeWiring, s: &GuardSettings, shutdown: CancellationToken) {
+    tracing::info!(target = %s.target, interval = ?s.interval, failures = s.failures, probe_timeout = ?s.probe_timeout, "dns guard: watching the cache");
+    let mut tick = tokio::time::interval(s.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut silent = 0u32;
+    let mut open = false;
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled(), if deadline.is_none() => {
+                tracing::info!(grace = ?s.grace, "dns guard: terminating; guarding through the agent's lame duck");
+                deadline = Some(tokio::time::Instant::now() + s.grace);
+                continue;
+            }
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => break,
+            _ = tick.tick() => {}
+        }
+        match probe(s.target, s.probe_timeout, &s.probe_name).await {
+            Ok(()) => {
+                if silent >= s.failures {
+                    tracing::info!(
+                        after = silent,
+                        "dns guard: the cache answers again; its setup re-installs the wiring"
+                    );
+                }
+                silent = 0;
+                open = false;
+            }
+            Err(e) => {
+                silent = silent.saturating_add(1);
+                tracing::debug!(error = %e, silent, "dns guard: probe failed");
+                if silent >= s.failures {
+                    open_up(wiring, silent, &mut open).await;
+                }
+            }
+        }
+    }
+    // Terminating: a successor (or the lame-ducking agent) that still answers keeps the wiring.
+    for _ in 0..s.failures.max(1) {
+        if probe(s.target, s.probe_timeout, &s.probe_name)
+            .await
+            .is_ok()
+        {
+            tracing::info!(
+                "dns guard: the cache still answers (a successor serves); leaving the wiring"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    open_up(wiring, s.failures, &mut open).await;
+}
+
+async fn open_up(wiring: &NodeWiring, silent: u32, open: &mut bool) {
+    match wiring.fail_open().await {
+        Ok(0) if *open => {}
+        Ok(removed) => {
+            *open = true;
+            tracing::warn!(
+                silent_probes = silent,
+                removed,
+                "dns guard: the cache does not answer; failed open (rules and ClusterIPs removed, queries go to kube-dns)"
+            );
+        }
+        Err(e) => {
+            tracing::error!(error = %e, kind = e.kind(), "dns guard: failing open failed; retrying at the next probe")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_is_well_formed() {
+        let q = query(0xabcd, "id.server.");
+        assert_eq!(&q[..4], &[0xab, 0xcd, 0, 0]);
+        assert_eq!(&q[12..], b"\x02id\x06server\x00\x00\x10\x00\x03");
+        assert!(!is_answer(&q, 0xabcd));
+        let mut a = q.clone();
+        a[2] |= 0x80;
+        assert!(is_answer(&a, 0xabcd));
+        assert!(!is_answer(&a, 0xabce));
+    }
+
+    #[tokio::test]
+    async fn probe_of_a_closed_port_fails_fast() {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = sock.local_addr().unwrap();
+        drop(sock);
+        let t = std::time::Instant::now();
+        assert!(
+            probe(addr, Duration::from_secs(2), "id.server")
+                .await
+                .is_err()
+        );
+        assert!(t.elapsed() < Duration::from_secs(1));
+    }
+}

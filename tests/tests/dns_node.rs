@@ -1,0 +1,766 @@
+//! The DNS cache's node wiring and fail-open guard against the real firewall tools, inside
+//! network namespaces the tests create (never the host's interfaces, rules or resolver).
+//!
+//! Rules tests drive `nodekeeper dns-wiring setup|check|teardown|hold` with
+//! `manageInterface: false` (this machine's kernel has no `dummy` link type) and read the
+//! result back with `iptables-save`/`ip6tables-save`/`nft list table`. The guard test wires a
+//! namespace like a node: a stand-in kube-dns (dnsmasq on 10.0.0.53), kube-proxy's DNAT for the
+//! ClusterIP 10.96.0.10, and a stand-in cache (dnsmasq) holding 10.96.0.10 and 169.254.20.10
+//! on `lo` behind our NOTRACK rules. The dummy interface itself (create, addresses, nodad,
+//! repair, teardown) and the guard with a managed interface run in one boot of the kernel VM
+//! (tests/scripts/kernel-vm + tests/scripts/dns-node-check.sh). Every test needs root and says
+//! so in its name.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use nodekeeper_tests::netns_pods::Netns;
+use nodekeeper_tests::{Proc, agent_bin, require_root, require_tool, wait_for, workspace_root};
+use serde_json::Value;
+
+/// The guard flags the guard test runs with, and the window they promise.
+const GUARD_INTERVAL: Duration = Duration::from_secs(1);
+const GUARD_FAILURES: u32 = 3;
+
+fn can_run(tools: &[&str]) -> bool {
+    require_root() && tools.iter().all(|t| require_tool(t))
+}
+
+fn output(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"))
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let out = output(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn write_config(dir: &Path, name: &str, yaml: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, yaml).expect("write config");
+    p
+}
+
+fn config(listen: &[&str], cluster: &[&str], rules: &str) -> String {
+    let list = |v: &[&str]| {
+        v.iter()
+            .map(|s| format!("{s:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "dns:\n  listenIps: [{}]\n  clusterIps: [{}]\n  node:\n    manageInterface: false\n    rules: {rules}\n    checkInterval: 1s\n",
+        list(listen),
+        list(cluster)
+    )
+}
+
+/// `nodekeeper dns-wiring ACTION --config F` inside `ns`: its JSON line.
+fn wiring(ns: &Netns, action: &str, config: &Path) -> Value {
+    let out = ok(ns
+        .command(agent_bin().to_str().expect("utf-8 path"))
+        .args(["dns-wiring", action, "--config"])
+        .arg(config));
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{out:?}: {e}"))
+}
+
+/// Our rules as `PROG-save` prints them (`-A CHAIN ...`, by table), sorted.
+fn ours(ns: &Netns, prog: &str) -> Vec<String> {
+    let text = ok(&mut ns.command(&format!("{prog}-save")));
+    let mut table = String::new();
+    let mut out: Vec<String> = text
+        .lines()
+        .filter_map(|l| {
+            if let Some(t) = l.strip_prefix('*') {
+                table = t.to_string();
+            }
+            l.contains("--comment nodekeeper-dns")
+                .then(|| format!("{table} {l}"))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The rules node-local-dns installs, per IP and protocol, as iptables-save prints them.
+fn expected_iptables(ips: &[&str], port: u16) -> (Vec<String>, Vec<String>) {
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for ip in ips {
+        let (len, out) = if ip.contains(':') {
+            (128, &mut v6)
+        } else {
+            (32, &mut v4)
+        };
+        for p in ["udp", "tcp"] {
+            for (table, chain, dir, target) in [
+                ("raw", "PREROUTING", "d", "NOTRACK"),
+                ("raw", "OUTPUT", "d", "NOTRACK"),
+                ("raw", "OUTPUT", "s", "NOTRACK"),
+                ("filter", "INPUT", "d", "ACCEPT"),
+                ("filter", "INPUT", "s", "ACCEPT"),
+                ("filter", "OUTPUT", "d", "ACCEPT"),
+                ("filter", "OUTPUT", "s", "ACCEPT"),
+            ] {
+                out.push(format!(
+                    "{table} -A {chain} -{dir} {ip}/{len} -p {p} -m {p} --{dir}port {port} -m comment --comment nodekeeper-dns -j {target}"
+                ));
+            }
+        }
+    }
+    v4.sort();
+    v6.sort();
+    (v4, v6)
+}
+
+/// Chain -> sorted rule lines of `inet nodekeeper_dns`; None when the table does not exist.
+fn nft_table(ns: &Netns) -> Option<BTreeMap<String, Vec<String>>> {
+    let out = output(
+        ns.command("nft")
+            .args(["list", "table", "inet", "nodekeeper_dns"]),
+    );
+    if !out.status.success() {
+        return None;
+    }
+    let mut chains: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut chain = String::new();
+    for l in String::from_utf8_lossy(&out.stdout).lines().map(str::trim) {
+        if let Some(c) = l.strip_prefix("chain ") {
+            chain = c.trim_end_matches(" {").to_string();
+            chains.entry(chain.clone()).or_default();
+        } else if !l.is_empty() && l != "}" && !l.starts_with("table ") {
+            chains.entry(chain.clone()).or_default().push(l.to_string());
+        }
+    }
+    chains.values_mut().for_each(|v| v.sort());
+    Some(chains)
+}
+
+fn expected_nft(ips: &[&str], port: u16) -> BTreeMap<String, Vec<String>> {
+    let mut chains: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let headers = [
+        ("raw_prerouting", "prerouting", "raw"),
+        ("raw_output", "output", "raw"),
+        ("filter_input", "input", "filter"),
+        ("filter_output", "output", "filter"),
+    ];
+    for (name, hook, prio) in headers {
+        chains.entry(name.into()).or_default().push(format!(
+            "type filter hook {hook} priority {prio}; policy accept;"
+        ));
+    }
+    for ip in ips {
+        let fam = if ip.contains(':') { "ip6" } else { "ip" };
+        for p in ["udp", "tcp"] {
+            for (chain, dir, verdict) in [
+                ("raw_prerouting", "d", "notrack"),
+                ("raw_output", "d", "notrack"),
+                ("raw_output", "s", "notrack"),
+                ("filter_input", "d", "accept"),
+                ("filter_input", "s", "accept"),
+                ("filter_output", "d", "accept"),
+                ("filter_output", "s", "accept"),
+            ] {
+                chains.entry(chain.into()).or_default().push(format!(
+                    "{fam} {dir}addr {ip} {p} {dir}port {port} {verdict}"
+                ));
+            }
+        }
+    }
+    chains.values_mut().for_each(|v| v.sort());
+    chains
+}
+
+fn repairs(v: &Value) -> u64 {
+    v["repairs"].as_u64().expect("repairs")
+}
+
+#[test]
+fn iptables_rules_setup_check_teardown_in_a_netns_as_root() {
+    if !can_run(&["ip", "iptables-save", "ip6tables-save"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new("dns-ipt");
+    let ips = ["169.254.20.10", "10.96.0.10", "fd00:10:96::a"];
+    let cfg = write_config(
+        dir.path(),
+        "c.yaml",
+        &config(&ips[..1], &ips[1..], "iptables"),
+    );
+    // A rule of the node's own, which nothing of ours may touch.
+    ok(ns.command("iptables").args([
+        "-t",
+        "raw",
+        "-A",
+        "PREROUTING",
+        "-d",
+        "10.96.0.10/32",
+        "-p",
+        "udp",
+        "-j",
+        "NOTRACK",
+    ]));
+    let foreign = ok(ns.command("iptables").args(["-t", "raw", "-S"]));
+    assert!(foreign.contains("-A PREROUTING -d 10.96.0.10/32 -p udp -j NOTRACK"));
+    let (v4, v6) = expected_iptables(&ips, 53);
+    assert_eq!(v4.len(), 28);
+
+    let out = wiring(&ns, "setup", &cfg);
+    assert_eq!(out["backend"], "iptables", "{out}");
+    assert_eq!(ours(&ns, "iptables"), v4);
+    assert_eq!(ours(&ns, "ip6tables"), v6);
+    let raw = ok(ns.command("iptables").args(["-t", "raw", "-S"]));
+    assert_eq!(raw.matches("nodekeeper-dns").count(), 12, "{raw}");
+
+    // Idempotent.
+    wiring(&ns, "setup", &cfg);
+    assert_eq!(ours(&ns, "iptables"), v4);
+    assert_eq!(ours(&ns, "ip6tables"), v6);
+    assert_eq!(repairs(&wiring(&ns, "check", &cfg)), 0);
+
+    // A deleted rule (and one per family) is restored by check; a duplicate is removed.
+    ok(ns.command("iptables").args([
+        "-t",
+        "raw",
+        "-D",
+        "PREROUTING",
+        "-d",
+        "10.96.0.10/32",
+        "-p",
+        "udp",
+        "-m",
+        "udp",
+        "--dport",
+        "53",
+        "-m",
+        "comment",
+        "--comment",
+        "nodekeeper-dns",
+        "-j",
+        "NOTRACK",
+    ]));
+    ok(ns.command("ip6tables").args([
+        "-D",
+        "INPUT",
+        "-d",
+        "fd00:10:96::a/128",
+        "-p",
+        "tcp",
+        "-m",
+        "tcp",
+        "--dport",
+        "53",
+        "-m",
+        "comment",
+        "--comment",
+        "nodekeeper-dns",
+        "-j",
+        "ACCEPT",
+    ]));
+    ok(ns.command("iptables").args([
+        "-A",
+        "OUTPUT",
+        "-s",
+        "169.254.20.10/32",
+        "-p",
+        "tcp",
+        "-m",
+        "tcp",
+        "--sport",
+        "53",
+        "-m",
+        "comment",
+        "--comment",
+        "nodekeeper-dns",
+        "-j",
+        "ACCEPT",
+    ]));
+    assert_eq!(ours(&ns, "iptables").len(), 28);
+    assert_eq!(repairs(&wiring(&ns, "check", &cfg)), 3);
+    assert_eq!(ours(&ns, "iptables"), v4);
+    assert_eq!(ours(&ns, "ip6tables"), v6);
+    assert_eq!(repairs(&wiring(&ns, "check", &cfg)), 0);
+
+    // Teardown removes every rule of ours, twice in a row, and nothing else.
+    wiring(&ns, "teardown", &cfg);
+    wiring(&ns, "teardown", &cfg);
+    assert!(ours(&ns, "iptables").is_empty());
+    assert!(ours(&ns, "ip6tables").is_empty());
+    assert_eq!(
+        ok(ns.command("iptables").args(["-t", "raw", "-S"])),
+        foreign
+    );
+}
+
+#[test]
+fn nftables_table_setup_check_teardown_in_a_netns_as_root() {
+    if !can_run(&["ip", "nft", "iptables-save"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new("dns-nft");
+    let ips = ["169.254.20.10", "10.96.0.10", "fd00:10:96::a"];
+    let cfg = write_config(
+        dir.path(),
+        "c.yaml",
+        &config(&ips[..1], &ips[1..], "nftables"),
+    );
+    // Stale iptables rules of ours from a run under the iptables backend go away.
+    let old = write_config(dir.path(), "old.yaml", &config(&ips[..1], &[], "iptables"));
+    wiring(&ns, "setup", &old);
+    assert_eq!(ours(&ns, "iptables").len(), 14);
+
+    let out = wiring(&ns, "setup", &cfg);
+    assert_eq!(out["backend"], "nftables", "{out}");
+    let want = expected_nft(&ips, 53);
+    assert_eq!(nft_table(&ns), Some(want.clone()));
+    assert!(
+        ours(&ns, "iptables").is_empty(),
+        "stale iptables rules survived"
+    );
+    wiring(&ns, "setup", &cfg);
+    assert_eq!(nft_table(&ns), Some(want.clone()));
+    assert_eq!(repairs(&wiring(&ns, "check", &cfg)), 0);
+
+    // Delete one rule by its handle: check restores it (and only reports that one).
+    let listing = ok(ns.command("nft").args([
+        "-a",
+        "list",
+        "chain",
+        "inet",
+        "nodekeeper_dns",
+        "raw_prerouting",
+    ]));
+    let handle = listing
+        .lines()
+        .find(|l| l.contains("ip daddr 10.96.0.10 udp dport 53 notrack"))
+        .and_then(|l| l.rsplit("handle ").next())
+        .expect("the rule's handle")
+        .trim()
+        .to_string();
+    ok(ns.command("nft").args([
+        "delete",
+        "rule",
+        "inet",
+        "nodekeeper_dns",
+        "raw_prerouting",
+        "handle",
+        &handle,
+    ]));
+    assert_ne!(nft_table(&ns), Some(want.clone()));
+    assert_eq!(repairs(&wiring(&ns, "check", &cfg)), 1);
+    assert_eq!(nft_table(&ns), Some(want.clone()));
+
+    // The whole table deleted behind our back: every rule is restored.
+    ok(ns
+        .command("nft")
+        .args(["delete", "table", "inet", "nodekeeper_dns"]));
+    assert_eq!(repairs(&wiring(&ns, "check", &cfg)), 42);
+    assert_eq!(nft_table(&ns), Some(want));
+
+    wiring(&ns, "teardown", &cfg);
+    wiring(&ns, "teardown", &cfg);
+    assert_eq!(nft_table(&ns), None);
+}
+
+#[test]
+fn sigkilled_wiring_owner_then_setup_leaves_exactly_one_set_as_root() {
+    if !can_run(&["ip", "iptables-save", "ip6tables-save"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new("dns-kill");
+    // The crashed run held another ClusterIP; the new one must not keep its rules.
+    let first = write_config(
+        dir.path(),
+        "first.yaml",
+        &config(&["169.254.20.10"], &["10.96.0.11"], "iptables"),
+    );
+    let second = write_config(
+        dir.path(),
+        "second.yaml",
+        &config(&["169.254.20.10"], &["10.96.0.10"], "iptables"),
+    );
+    let mut cmd = ns.command(agent_bin().to_str().unwrap());
+    cmd.args(["dns-wiring", "hold", "--config"]).arg(&first);
+    let mut holder = Proc::spawn("hold", cmd, dir.path());
+    wait_for(Duration::from_secs(20), "hold ready", || {
+        holder.log_text().contains("\"ready\":true").then_some(())
+    });
+    assert_eq!(
+        ours(&ns, "iptables"),
+        expected_iptables(&["169.254.20.10", "10.96.0.11"], 53).0
+    );
+    holder.signal("KILL");
+    holder.wait_exit(Duration::from_secs(5));
+    assert_eq!(ours(&ns, "iptables").len(), 28, "SIGKILL left the rules");
+
+    wiring(&ns, "setup", &second);
+    assert_eq!(
+        ours(&ns, "iptables"),
+        expected_iptables(&["169.254.20.10", "10.96.0.10"], 53).0
+    );
+    // A second crash and restart under the same config: still exactly one set.
+    let mut cmd = ns.command(agent_bin().to_str().unwrap());
+    cmd.args(["dns-wiring", "hold", "--config"]).arg(&second);
+    let mut holder = Proc::spawn("hold2", cmd, dir.path());
+    wait_for(Duration::from_secs(20), "hold ready", || {
+        holder.log_text().contains("\"ready\":true").then_some(())
+    });
+    holder.signal("KILL");
+    holder.wait_exit(Duration::from_secs(5));
+    wiring(&ns, "setup", &second);
+    assert_eq!(
+        ours(&ns, "iptables"),
+        expected_iptables(&["169.254.20.10", "10.96.0.10"], 53).0
+    );
+
+    // SIGTERM, unlike SIGKILL, tears down.
+    let mut cmd = ns.command(agent_bin().to_str().unwrap());
+    cmd.args(["dns-wiring", "hold", "--config"]).arg(&second);
+    let mut holder = Proc::spawn("hold3", cmd, dir.path());
+    wait_for(Duration::from_secs(20), "hold ready", || {
+        holder.log_text().contains("\"ready\":true").then_some(())
+    });
+    holder.signal("TERM");
+    assert!(holder.wait_exit(Duration::from_secs(10)).success());
+    assert!(ours(&ns, "iptables").is_empty());
+}
+
+/// dnsmasq answering `probe.test` with `answer` on `addrs` (comma-separated), in `ns`.
+fn dnsmasq(ns: &Netns, dir: &Path, name: &str, addrs: &str, answer: &str) -> Proc {
+    let mut cmd = ns.command("dnsmasq");
+    cmd.args([
+        "--keep-in-foreground",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        "--user=root",
+        &format!("--listen-address={addrs}"),
+        &format!("--address=/probe.test/{answer}"),
+        &format!("--pid-file={}", dir.join(format!("{name}.pid")).display()),
+        "--log-facility=-",
+    ]);
+    Proc::spawn(name, cmd, dir)
+}
+
+/// `dig @10.96.0.10 probe.test` from inside `ns`: the first A record, if any.
+fn ask(ns: &Netns) -> Option<String> {
+    let out = output(ns.command("dig").args([
+        "+short",
+        "+time=1",
+        "+tries=1",
+        "@10.96.0.10",
+        "probe.test",
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .next()
+        .filter(|l| l.parse::<std::net::Ipv4Addr>().is_ok())
+        .map(str::to_string)
+}
+
+#[test]
+fn guard_fails_open_when_the_cache_is_sigkilled_in_a_netns_as_root() {
+    if !can_run(&["ip", "iptables-save", "dnsmasq", "dig"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new("dns-guard");
+    // A node: kube-dns at 10.0.0.53 behind kube-proxy's DNAT for the ClusterIP 10.96.0.10;
+    // the cache's addresses are local (on lo: no dummy link type on this kernel).
+    for a in ["10.0.0.53/32", "10.96.0.10/32", "169.254.20.10/32"] {
+        ok(ns.command("ip").args(["addr", "add", a, "dev", "lo"]));
+    }
+    for p in ["udp", "tcp"] {
+        ok(ns.command("iptables").args([
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-d",
+            "10.96.0.10/32",
+            "-p",
+            p,
+            "--dport",
+            "53",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            "10.0.0.53:53",
+        ]));
+    }
+    let _kube_dns = dnsmasq(&ns, dir.path(), "kube-dns", "10.0.0.53", "10.0.0.1");
+    // Without the cache's wiring, the ClusterIP reaches kube-dns through the DNAT.
+    wait_for(Duration::from_secs(10), "kube-dns through the DNAT", || {
+        (ask(&ns).as_deref() == Some("10.0.0.1")).then_some(())
+    });
+    let cfg = write_config(
+        dir.path(),
+        "c.yaml",
+        &config(&["169.254.20.10"], &["10.96.0.10"], "iptables"),
+    );
+    let mut cache = dnsmasq(
+        &ns,
+        dir.path(),
+        "cache",
+        "169.254.20.10,10.96.0.10",
+        "10.0.0.2",
+    );
+    wiring(&ns, "setup", &cfg);
+    wait_for(Duration::from_secs(10), "the cache through NOTRACK", || {
+        (ask(&ns).as_deref() == Some("10.0.0.2")).then_some(())
+    });
+
+    let mut cmd = ns.command(agent_bin().to_str().unwrap());
+    cmd.args(["dns-guard", "--config"])
+        .arg(&cfg)
+        .args([
+            "--interval",
+            "1s",
+            "--failures",
+            &GUARD_FAILURES.to_string(),
+        ])
+        .env("NODEKEEPER_LOG", "info,nodekeeper=debug");
+    let mut guard = Proc::spawn("guard", cmd, dir.path());
+    // While the cache answers, the guard leaves everything alone.
+    std::thread::sleep(GUARD_INTERVAL * (GUARD_FAILURES + 1));
+    assert_eq!(ours(&ns, "iptables").len(), 28, "{}", guard.log_text());
+    assert_eq!(ask(&ns).as_deref(), Some("10.0.0.2"));
+
+    cache.signal("KILL");
+    cache.wait_exit(Duration::from_secs(5));
+    let killed = Instant::now();
+    let window = GUARD_INTERVAL * GUARD_FAILURES + Duration::from_secs(1);
+    wait_for(window + Duration::from_secs(10), "kube-dns again", || {
+        (ask(&ns).as_deref() == Some("10.0.0.1")).then_some(())
+    });
+    let took = killed.elapsed();
+    eprintln!("fail-open: kube-dns answers {took:?} after the SIGKILL (window {window:?})");
+    assert!(
+        took <= window,
+        "kube-dns answered only after {took:?}, beyond interval x failures + 1 s = {window:?}\n{}",
+        guard.log_text()
+    );
+    assert!(
+        ours(&ns, "iptables").is_empty(),
+        "rules left after failing open"
+    );
+    assert!(
+        guard.log_text().contains("failed open"),
+        "{}",
+        guard.log_text()
+    );
+
+    // The cache restarts: the guard does nothing; the agent's setup rewires.
+    let _cache = dnsmasq(
+        &ns,
+        dir.path(),
+        "cache2",
+        "169.254.20.10,10.96.0.10",
+        "10.0.0.2",
+    );
+    wiring(&ns, "setup", &cfg);
+    wait_for(Duration::from_secs(10), "the restarted cache", || {
+        (ask(&ns).as_deref() == Some("10.0.0.2")).then_some(())
+    });
+    std::thread::sleep(GUARD_INTERVAL * (GUARD_FAILURES + 1));
+    assert_eq!(ours(&ns, "iptables").len(), 28, "{}", guard.log_text());
+    assert!(
+        guard.log_text().contains("answers again"),
+        "{}",
+        guard.log_text()
+    );
+
+    // SIGTERM while the cache (a successor, here) answers: the guard exits and keeps the wiring.
+    guard.signal("TERM");
+    assert!(guard.wait_exit(Duration::from_secs(15)).success());
+    assert_eq!(ours(&ns, "iptables").len(), 28);
+    assert!(
+        guard.log_text().contains("leaving the wiring"),
+        "{}",
+        guard.log_text()
+    );
+}
+
+/// The dummy interface needs a kernel with the `dummy` link type, which this machine's lacks:
+/// tests/scripts/dns-node-check.sh runs in one boot of tests/scripts/kernel-vm and checks the
+/// interface (create, NOARP/up, /32 /128 nodad addresses, repair, stale address, SIGKILL then
+/// setup, teardown) and the guard with a managed interface (the ClusterIP taken off it).
+#[test]
+fn dummy_interface_and_guard_in_a_kernel_vm() {
+    if !can_run(&[
+        "qemu-system-x86_64",
+        "busybox",
+        "iptables-save",
+        "dnsmasq",
+        "dig",
+    ]) {
+        return;
+    }
+    let root = workspace_root();
+    let out = output(
+        Command::new(root.join("tests/scripts/kernel-vm"))
+            .arg(format!(
+                "NODEKEEPER_BIN={} bash tests/scripts/dns-node-check.sh",
+                agent_bin().display()
+            ))
+            .current_dir(&root),
+    );
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "dns node check failed in the VM:\n{text}"
+    );
+    assert!(text.contains("DNS NODE OK"), "{text}");
+}
+
+/// The real agent in transparent mode instead of a stand-in cache: it wires the namespace
+/// itself, answers through its own upstream (10.0.0.54, which says 10.0.0.2) while kube-dns
+/// behind the ClusterIP's DNAT says 10.0.0.1. SIGKILL the agent: the guard fails open and the
+/// ClusterIP reaches kube-dns again within interval x failures + 1 s.
+#[test]
+fn sigkilled_agent_in_transparent_mode_fails_open_to_kube_dns_as_root() {
+    if !can_run(&["ip", "iptables-save", "dnsmasq", "dig"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new("dns-agent");
+    for a in [
+        "10.0.0.53/32",
+        "10.0.0.54/32",
+        "10.96.0.10/32",
+        "169.254.20.10/32",
+    ] {
+        ok(ns.command("ip").args(["addr", "add", a, "dev", "lo"]));
+    }
+    for p in ["udp", "tcp"] {
+        ok(ns.command("iptables").args([
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-d",
+            "10.96.0.10/32",
+            "-p",
+            p,
+            "--dport",
+            "53",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            "10.0.0.53:53",
+        ]));
+    }
+    let _kube_dns = dnsmasq(&ns, dir.path(), "kube-dns", "10.0.0.53", "10.0.0.1");
+    let _upstream = dnsmasq(&ns, dir.path(), "upstream", "10.0.0.54", "10.0.0.2");
+    wait_for(Duration::from_secs(10), "kube-dns through the DNAT", || {
+        (ask(&ns).as_deref() == Some("10.0.0.1")).then_some(())
+    });
+    let cfg = write_config(
+        dir.path(),
+        "agent.yaml",
+        "shutdownTimeout: 10s
+dns:
+  enabled: true
+  listenIps: [\"169.254.20.10\"]
+  clusterIps: [\"10.96.0.10\"]
+  lameDuck: 0s
+  node: {manageInterface: false, rules: iptables, checkInterval: 1s}
+  upstreams:
+    clusterZones: []
+    default: {servers: [\"10.0.0.54\"]}
+",
+    );
+    let mut cmd = ns.command(agent_bin().to_str().unwrap());
+    cmd.args(["run", "--standalone", "--config"])
+        .arg(&cfg)
+        .args([
+            "--metrics-listen",
+            "127.0.0.1:19740",
+            "--api-listen",
+            "127.0.0.1:19741",
+            "--state-dir",
+        ])
+        .arg(dir.path().join("state"))
+        .env("NODEKEEPER_LOG", "info,nodekeeper=debug");
+    let mut agent = Proc::spawn("agent", cmd, dir.path());
+    wait_for(
+        Duration::from_secs(20),
+        "the agent answering on the ClusterIP",
+        || (ask(&ns).as_deref() == Some("10.0.0.2")).then_some(()),
+    );
+    assert_eq!(ours(&ns, "iptables").len(), 28, "{}", agent.log_text());
+
+    let mut cmd = ns.command(agent_bin().to_str().unwrap());
+    cmd.args(["dns-guard", "--config"])
+        .arg(&cfg)
+        .args([
+            "--interval",
+            "1s",
+            "--failures",
+            &GUARD_FAILURES.to_string(),
+        ])
+        .env("NODEKEEPER_LOG", "info,nodekeeper=debug");
+    let guard = Proc::spawn("guard", cmd, dir.path());
+    std::thread::sleep(GUARD_INTERVAL * (GUARD_FAILURES + 1));
+    assert_eq!(
+        ask(&ns).as_deref(),
+        Some("10.0.0.2"),
+        "the guard leaves a live agent alone: {}",
+        guard.log_text()
+    );
+
+    agent.signal("KILL");
+    agent.wait_exit(Duration::from_secs(5));
+    let killed = Instant::now();
+    let window = GUARD_INTERVAL * GUARD_FAILURES + Duration::from_secs(1);
+    wait_for(window + Duration::from_secs(10), "kube-dns again", || {
+        (ask(&ns).as_deref() == Some("10.0.0.1")).then_some(())
+    });
+    let took = killed.elapsed();
+    eprintln!(
+        "fail-open after a SIGKILLed agent: kube-dns answers {took:?} later (window {window:?})"
+    );
+    assert!(
+        took <= window,
+        "kube-dns answered only after {took:?}, beyond {window:?}\n{}",
+        guard.log_text()
+    );
+    assert!(
+        ours(&ns, "iptables").is_empty(),
+        "rules left after failing open"
+    );
+
+    // A restarted agent removes nothing twice and leaves exactly one set of rules.
+    let mut cmd = ns.command(agent_bin().to_str().unwrap());
+    cmd.args(["run", "--standalone", "--config"])
+        .arg(&cfg)
+        .args([
+            "--metrics-listen",
+            "127.0.0.1:19742",
+            "--api-listen",
+            "127.0.0.1:19743",
+            "--state-dir",
+        ])
+        .arg(dir.path().join("state"));
+    let _agent = Proc::spawn("agent2", cmd, dir.path());
+    wait_for(Duration::from_secs(20), "the restarted agent", || {
+        (ask(&ns).as_deref() == Some("10.0.0.2")).then_some(())
+    });
+    assert_eq!(ours(&ns, "iptables").len(), 28);
+}

@@ -454,6 +454,36 @@ fn dnsmasq(ns: &Netns, dir: &Path, name: &str, addrs: &str, answer: &str) -> Pro
     Proc::spawn(name, cmd, dir)
 }
 
+/// Wires `ns` like a node: kube-dns at 10.0.0.53 behind kube-proxy's DNAT for the ClusterIP
+/// 10.96.0.10; the cache's addresses (and `extra` ones) local on lo (no dummy link type on this
+/// kernel).
+fn like_a_node(ns: &Netns, extra: &[&str]) {
+    for a in ["10.0.0.53/32", "10.96.0.10/32", "169.254.20.10/32"]
+        .iter()
+        .chain(extra)
+    {
+        ok(ns.command("ip").args(["addr", "add", a, "dev", "lo"]));
+    }
+    for p in ["udp", "tcp"] {
+        ok(ns.command("iptables").args([
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-d",
+            "10.96.0.10/32",
+            "-p",
+            p,
+            "--dport",
+            "53",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            "10.0.0.53:53",
+        ]));
+    }
+}
+
 /// `dig @10.96.0.10 probe.test` from inside `ns`: the first A record, if any.
 fn ask(ns: &Netns) -> Option<String> {
     let out = output(ns.command("dig").args([
@@ -477,29 +507,7 @@ fn guard_fails_open_when_the_cache_is_sigkilled_in_a_netns_as_root() {
     }
     let dir = tempfile::tempdir().unwrap();
     let ns = Netns::new("dns-guard");
-    // A node: kube-dns at 10.0.0.53 behind kube-proxy's DNAT for the ClusterIP 10.96.0.10;
-    // the cache's addresses are local (on lo: no dummy link type on this kernel).
-    for a in ["10.0.0.53/32", "10.96.0.10/32", "169.254.20.10/32"] {
-        ok(ns.command("ip").args(["addr", "add", a, "dev", "lo"]));
-    }
-    for p in ["udp", "tcp"] {
-        ok(ns.command("iptables").args([
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-d",
-            "10.96.0.10/32",
-            "-p",
-            p,
-            "--dport",
-            "53",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            "10.0.0.53:53",
-        ]));
-    }
+    like_a_node(&ns, &[]);
     let _kube_dns = dnsmasq(&ns, dir.path(), "kube-dns", "10.0.0.53", "10.0.0.1");
     // Without the cache's wiring, the ClusterIP reaches kube-dns through the DNAT.
     wait_for(Duration::from_secs(10), "kube-dns through the DNAT", || {
@@ -640,32 +648,7 @@ fn sigkilled_agent_in_transparent_mode_fails_open_to_kube_dns_as_root() {
     }
     let dir = tempfile::tempdir().unwrap();
     let ns = Netns::new("dns-agent");
-    for a in [
-        "10.0.0.53/32",
-        "10.0.0.54/32",
-        "10.96.0.10/32",
-        "169.254.20.10/32",
-    ] {
-        ok(ns.command("ip").args(["addr", "add", a, "dev", "lo"]));
-    }
-    for p in ["udp", "tcp"] {
-        ok(ns.command("iptables").args([
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-d",
-            "10.96.0.10/32",
-            "-p",
-            p,
-            "--dport",
-            "53",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            "10.0.0.53:53",
-        ]));
-    }
+    like_a_node(&ns, &["10.0.0.54/32"]);
     let _kube_dns = dnsmasq(&ns, dir.path(), "kube-dns", "10.0.0.53", "10.0.0.1");
     let _upstream = dnsmasq(&ns, dir.path(), "upstream", "10.0.0.54", "10.0.0.2");
     wait_for(Duration::from_secs(10), "kube-dns through the DNAT", || {

@@ -366,6 +366,32 @@ impl AgentBuilder {
     }
 }
 
+/// `promtool check metrics` accepts `text` with no error and no warning.
+pub fn assert_promtool_clean(text: &str) {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn promtool");
+    child
+        .stdin
+        .take()
+        .expect("promtool stdin")
+        .write_all(text.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool output");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "promtool failed: {report}");
+    assert!(report.trim().is_empty(), "promtool warnings: {report}");
+}
+
 /// Parses Prometheus text into (metric name with labels as written, value) samples.
 pub fn parse_samples(text: &str) -> Vec<(String, f64)> {
     text.lines()

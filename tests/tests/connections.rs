@@ -782,26 +782,5 @@ fn connection_metrics_pass_promtool_as_root() {
             "connection pool series for {uid} on /metrics:\n{text}"
         );
     }
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "promtool failed: {report}");
-    assert!(report.trim().is_empty(), "promtool warnings: {report}");
+    nodekeeper_tests::assert_promtool_clean(&text);
 }

@@ -391,12 +391,7 @@ fn sigkilled_wiring_owner_then_setup_leaves_exactly_one_set_as_root() {
         "second.yaml",
         &config(&["169.254.20.10"], &["10.96.0.10"], "iptables"),
     );
-    let mut cmd = ns.command(agent_bin().to_str().unwrap());
-    cmd.args(["dns-wiring", "hold", "--config"]).arg(&first);
-    let mut holder = Proc::spawn("hold", cmd, dir.path());
-    wait_for(Duration::from_secs(20), "hold ready", || {
-        holder.log_text().contains("\"ready\":true").then_some(())
-    });
+    let mut holder = hold(&ns, dir.path(), "hold", &first);
     assert_eq!(
         ours(&ns, "iptables"),
         expected_iptables(&["169.254.20.10", "10.96.0.11"], 53).0
@@ -411,12 +406,7 @@ fn sigkilled_wiring_owner_then_setup_leaves_exactly_one_set_as_root() {
         expected_iptables(&["169.254.20.10", "10.96.0.10"], 53).0
     );
     // A second crash and restart under the same config: still exactly one set.
-    let mut cmd = ns.command(agent_bin().to_str().unwrap());
-    cmd.args(["dns-wiring", "hold", "--config"]).arg(&second);
-    let mut holder = Proc::spawn("hold2", cmd, dir.path());
-    wait_for(Duration::from_secs(20), "hold ready", || {
-        holder.log_text().contains("\"ready\":true").then_some(())
-    });
+    let mut holder = hold(&ns, dir.path(), "hold2", &second);
     holder.signal("KILL");
     holder.wait_exit(Duration::from_secs(5));
     wiring(&ns, "setup", &second);
@@ -426,15 +416,22 @@ fn sigkilled_wiring_owner_then_setup_leaves_exactly_one_set_as_root() {
     );
 
     // SIGTERM, unlike SIGKILL, tears down.
-    let mut cmd = ns.command(agent_bin().to_str().unwrap());
-    cmd.args(["dns-wiring", "hold", "--config"]).arg(&second);
-    let mut holder = Proc::spawn("hold3", cmd, dir.path());
-    wait_for(Duration::from_secs(20), "hold ready", || {
-        holder.log_text().contains("\"ready\":true").then_some(())
-    });
+    let mut holder = hold(&ns, dir.path(), "hold3", &second);
     holder.signal("TERM");
     assert!(holder.wait_exit(Duration::from_secs(10)).success());
     assert!(ours(&ns, "iptables").is_empty());
+}
+
+/// `nodekeeper dns-wiring hold` in `ns` (setup, then a check every interval; teardown on
+/// SIGTERM), once it reports ready.
+fn hold(ns: &Netns, dir: &Path, name: &str, config: &Path) -> Proc {
+    let mut cmd = ns.command(agent_bin().to_str().unwrap());
+    cmd.args(["dns-wiring", "hold", "--config"]).arg(config);
+    let holder = Proc::spawn(name, cmd, dir);
+    wait_for(Duration::from_secs(20), "hold ready", || {
+        holder.log_text().contains("\"ready\":true").then_some(())
+    });
+    holder
 }
 
 /// dnsmasq answering `probe.test` with `answer` on `addrs` (comma-separated), in `ns`.

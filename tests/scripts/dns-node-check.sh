@@ -115,6 +115,10 @@ until [ "$(ask)" = 10.0.0.1 ]; do
 done
 ms=$(( ($(date +%s%N) - t0) / 1000000 ))
 echo "fail-open after ${ms} ms (VM under software emulation)"
+# The guard removes the rules before it takes the ClusterIP off the interface and logs after both:
+# under load the answers come back before it is done, so wait for its line.
+for _ in $(seq 100); do grep -q 'failed open' "$w/guard.log" && break; sleep 0.1; done
+grep -q 'failed open' "$w/guard.log" || { cat "$w/guard.log" >&2; fail "the guard did not log failing open"; }
 expect_rules 0 0
 [ "$(addrs)" = "169.254.20.10/32 fd00:20::10/128 " ] || fail "after failing open: $(addrs)"
 kill -TERM $guard; wait $guard 2>/dev/null || true

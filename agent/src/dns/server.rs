@@ -8,21 +8,23 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
-use futures::future::{BoxFuture, Shared};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use futures::future::Shared;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::cache::{Cache, Entry, Lookup};
 use super::config::DnsConfig;
 use super::metrics::DnsMetrics;
+use super::udp_batch::{BATCH, Batch};
 use super::wire::{self, Query, Reject, rcode};
 
 /// Where answers that are not cached come from (the `upstream::Forwarder`; a fake in tests).
@@ -64,8 +66,9 @@ enum Outcome {
     Failed,
 }
 
-/// An upstream fetch other queries for the same key can wait on.
-type PendingFetch = Shared<BoxFuture<'static, Outcome>>;
+/// An upstream fetch other queries for the same key can wait on: the leader's answer, or an
+/// error when the leader went away without one.
+type PendingFetch = Shared<oneshot::Receiver<Outcome>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -230,31 +233,37 @@ impl DnsServer {
         });
     }
 
-    /// One upstream query per key at a time: later askers wait for the first one's result.
+    /// One upstream query per key at a time: the first asker fetches in its own task, later
+    /// askers wait for its result. Every caller already runs in a task that nothing cancels
+    /// (a UDP miss's, a prefetch's, a TCP connection's), so no task of its own is spawned for
+    /// the fetch; if the leader is dropped anyway (runtime shutdown), waiters see the channel
+    /// closed and fail (stale or SERVFAIL), and the next query starts a new fetch.
     async fn fetch(self: &Arc<Self>, key: &[u8], query: &[u8], q: &Query) -> Outcome {
-        let shared = {
+        let leader = {
             let mut map = self.in_flight.lock().expect("not poisoned");
             if let Some(f) = map.get(key) {
                 self.metrics.coalesced.inc();
-                f.clone()
+                Err(f.clone())
             } else {
-                let this = self.clone();
-                let (owned_key, query, q) = (key.to_vec(), query.to_vec(), q.clone());
-                // A task of its own: a client that goes away does not cancel what others wait for.
-                let task = tokio::spawn(async move {
-                    let outcome = this.fetch_upstream(&owned_key, &query, &q).await;
-                    this.in_flight
-                        .lock()
-                        .expect("not poisoned")
-                        .remove(owned_key.as_slice());
-                    outcome
-                });
-                let f = task.map(|r| r.unwrap_or(Outcome::Failed)).boxed().shared();
-                map.insert(key.into(), f.clone());
-                f
+                let (tx, rx) = oneshot::channel();
+                map.insert(key.into(), rx.shared());
+                Ok(tx)
             }
         };
-        shared.await
+        let tx = match leader {
+            Ok(tx) => tx,
+            Err(waiting) => return waiting.await.unwrap_or(Outcome::Failed),
+        };
+        let mut entry = InFlight {
+            server: self,
+            key: Some(key),
+        };
+        let outcome = self.fetch_upstream(key, query, q).await;
+        // Cached (when cacheable) before the key leaves the map: a query arriving in between
+        // finds one or the other.
+        entry.remove();
+        let _ = tx.send(outcome.clone());
+        outcome
     }
 
     async fn fetch_upstream(&self, key: &[u8], query: &[u8], q: &Query) -> Outcome {
@@ -320,6 +329,30 @@ impl DnsServer {
     }
 }
 
+/// A leader's key in `in_flight`, removed when it is done or dropped.
+struct InFlight<'a> {
+    server: &'a DnsServer,
+    key: Option<&'a [u8]>,
+}
+
+impl InFlight<'_> {
+    fn remove(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.server
+                .in_flight
+                .lock()
+                .expect("not poisoned")
+                .remove(key);
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
 // === listeners ===
 
 /// A UDP socket sharing its port with a successor (SO_REUSEPORT).
@@ -339,37 +372,80 @@ pub fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, ServerError> {
     })
 }
 
-/// Serves one UDP socket until `token` is cancelled.
+/// Batches drained before the socket task yields to the others on its worker.
+const BATCHES_PER_TURN: usize = 8;
+
+/// Serves one UDP socket until `token` is cancelled: a batch of queries per system call, hits
+/// answered in place and sent back as a batch, misses handed to a task each.
 pub async fn serve_udp(server: Arc<DnsServer>, socket: UdpSocket, token: CancellationToken) {
     let socket = Arc::new(socket);
-    let mut buf = vec![0u8; 65_535];
+    let fd = socket.as_raw_fd();
+    let mut batch = Batch::new();
     let mut key = Vec::with_capacity(64);
-    let mut out = Vec::with_capacity(1232);
     loop {
-        let (n, peer) = tokio::select! {
+        tokio::select! {
             _ = token.cancelled() => return,
-            r = socket.recv_from(&mut buf) => match r {
-                Ok(r) => r,
+            r = socket.readable() => if let Err(e) = r {
+                tracing::debug!(error = %e, "udp readable");
+                continue;
+            },
+        }
+        for _ in 0..BATCHES_PER_TURN {
+            let n = match socket.try_io(Interest::READABLE, || batch.recv(fd)) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     tracing::debug!(error = %e, "udp recv");
-                    continue;
+                    break;
                 }
-            },
-        };
-        let query = &buf[..n];
-        match server.answer_fast(query, Protocol::Udp, &mut key, &mut out) {
-            Some(true) => {
-                let _ = socket.send_to(&out, peer).await;
-            }
-            Some(false) => {}
-            None => {
-                let (server, socket, query) = (server.clone(), socket.clone(), query.to_vec());
-                tokio::spawn(async move {
-                    let mut out = Vec::with_capacity(1232);
-                    if server.answer(&query, Protocol::Udp, &mut out).await {
-                        let _ = socket.send_to(&out, peer).await;
+            };
+            for i in 0..n {
+                let peer = batch.peer(i);
+                let Some((query, out)) = batch.slot(i) else {
+                    server.metrics.dropped("longer than 4096 bytes");
+                    continue;
+                };
+                match server.answer_fast(query, Protocol::Udp, &mut key, out) {
+                    Some(true) => batch.reply(i),
+                    Some(false) => {}
+                    None => {
+                        let Some(peer) = peer else { continue };
+                        let (server, socket, query) =
+                            (server.clone(), socket.clone(), query.to_vec());
+                        tokio::spawn(async move {
+                            let mut out = Vec::with_capacity(512);
+                            if server.answer(&query, Protocol::Udp, &mut out).await {
+                                let _ = socket.send_to(&out, peer).await;
+                            }
+                        });
                     }
-                });
+                }
+            }
+            send_answers(&socket, &mut batch).await;
+            if n < BATCH {
+                break;
+            }
+        }
+        // A socket that never runs dry must not starve the miss tasks sharing its worker.
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Sends a batch's answers, waiting while the socket buffer is full; an answer the kernel
+/// refuses (an unreachable client) is skipped.
+async fn send_answers(socket: &UdpSocket, batch: &mut Batch) {
+    let fd = socket.as_raw_fd();
+    while batch.pending() {
+        match socket.try_io(Interest::WRITABLE, || batch.send(fd)) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if socket.writable().await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "udp send");
+                batch.skip_one();
             }
         }
     }
@@ -546,6 +622,42 @@ mod tests {
             assert_eq!(t.await.unwrap(), id as u16);
         }
         assert_eq!(up.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_leader_fails_its_waiters_and_the_next_query_fetches_again() {
+        let (s, up) = server(Duration::from_millis(500));
+        let leader = {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                s.answer(&query(1, "gone.test", 1, None), Protocol::Udp, &mut out)
+                    .await;
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let waiter = {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                s.answer(&query(2, "gone.test", 1, None), Protocol::Udp, &mut out)
+                    .await;
+                out
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        leader.abort();
+        let out = tokio::time::timeout(Duration::from_millis(200), waiter)
+            .await
+            .expect("the waiter is not left hanging")
+            .unwrap();
+        assert_eq!(wire::scan_response(&out).unwrap().rcode, rcode::SERVFAIL);
+        assert!(s.in_flight.lock().unwrap().is_empty(), "the key is gone");
+        let mut out = Vec::new();
+        s.answer(&query(3, "gone.test", 1, None), Protocol::Udp, &mut out)
+            .await;
+        assert_eq!(wire::scan_response(&out).unwrap().rcode, rcode::NOERROR);
+        assert_eq!(up.calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@
 
 mod msg;
 mod tcp;
+mod udp;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
@@ -26,7 +27,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use serde::Serialize;
-use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
 use super::config::{DnsConfig, UpstreamProtocol, UpstreamsConfig, parse_server};
@@ -34,8 +34,6 @@ use super::kube_dns::{KubeDnsConfig, normalize_zone};
 use super::resolv_conf::{self, ResolvConf};
 use crate::host::HostPaths;
 
-/// Largest UDP answer accepted: what EDNS(0) lets a client ask for.
-const MAX_UDP_ANSWER: usize = 65_535;
 /// Latency buckets: a node-local kube-dns answers in well under a millisecond, a remote
 /// resolver in tens; the top buckets are the per-attempt timeout's range.
 const LATENCY_BUCKETS: [f64; 13] = [
@@ -193,6 +191,7 @@ struct Server {
     addr: SocketAddr,
     label: String,
     tcp: tcp::TcpClient,
+    udp: udp::UdpClient,
     healthy: AtomicBool,
     consecutive: AtomicU32,
     last_error: Mutex<Option<String>>,
@@ -220,9 +219,19 @@ impl Server {
         };
         let healthy_gauge = m.healthy.get_or_create(&server).clone();
         healthy_gauge.set(1);
+        let (rejected, upstream) = (m.rejected.clone(), label.clone());
+        let on_rejected: udp::OnRejected = Arc::new(move |why: msg::Rejected| {
+            rejected
+                .get_or_create(&ReasonLabels {
+                    upstream: upstream.clone(),
+                    reason: why.as_str(),
+                })
+                .inc();
+        });
         Self {
             addr,
             tcp: tcp::TcpClient::new(addr),
+            udp: udp::UdpClient::new(addr, on_rejected),
             healthy: AtomicBool::new(true),
             consecutive: AtomicU32::new(0),
             last_error: Mutex::new(None),
@@ -408,8 +417,10 @@ impl Forwarder {
                 group: group.name.clone(),
             });
         }
-        let prepared = msg::Prepared::new(query, self.randomize_case)
-            .map_err(|why| UpstreamError::BadQuery { why })?;
+        let prepared = Arc::new(
+            msg::Prepared::new(query, self.randomize_case)
+                .map_err(|why| UpstreamError::BadQuery { why })?,
+        );
         let any_healthy = group.servers.iter().any(|s| s.is_healthy());
         let mut last: Option<String> = None;
         let mut error_answer: Option<Vec<u8>> = None;
@@ -559,7 +570,8 @@ impl Forwarder {
 
     async fn probe(&self, group: &Group, server: &Arc<Server>) {
         let query = msg::probe_query(&group.probe.0, group.probe.1);
-        let prepared = msg::Prepared::new(&query, false).expect("probe queries are well-formed");
+        let prepared =
+            Arc::new(msg::Prepared::new(&query, false).expect("probe queries are well-formed"));
         match self.attempt(server, group.protocol, &prepared).await {
             Ok(_) => server.reachable(),
             Err(e) => {
@@ -669,84 +681,39 @@ impl Forwarder {
         &self,
         server: &Server,
         protocol: UpstreamProtocol,
-        p: &msg::Prepared,
+        p: &Arc<msg::Prepared>,
     ) -> Result<Vec<u8>, UpstreamError> {
         if protocol == UpstreamProtocol::Tcp {
             return self.tcp_attempt(server, p).await;
         }
         let started = Instant::now();
-        let mut rejected = None;
-        let answer =
-            match tokio::time::timeout(self.timeout, self.udp_exchange(server, p, &mut rejected))
-                .await
-            {
-                Ok(r) => r?,
-                Err(_) => {
-                    return Err(match rejected {
-                        Some(why) => UpstreamError::Malformed {
-                            server: server.addr,
-                            why: format!(
-                                "{} (and no valid answer in time)",
-                                msg::Rejected::describe(why)
-                            ),
-                        },
-                        None => UpstreamError::Timeout {
-                            server: server.addr,
-                        },
-                    });
-                }
-            };
+        let answer = match server.udp.exchange(p, self.timeout).await {
+            Ok(answer) => answer,
+            Err(udp::UdpError::Io(source)) => {
+                return Err(UpstreamError::Io {
+                    server: server.addr,
+                    source,
+                });
+            }
+            Err(udp::UdpError::Timeout { rejected: None }) => {
+                return Err(UpstreamError::Timeout {
+                    server: server.addr,
+                });
+            }
+            Err(udp::UdpError::Timeout {
+                rejected: Some(why),
+            }) => {
+                return Err(UpstreamError::Malformed {
+                    server: server.addr,
+                    why: format!("{} (and no valid answer in time)", why.describe()),
+                });
+            }
+        };
         server.latency_udp.observe(started.elapsed().as_secs_f64());
         if msg::truncated(&answer) {
             return self.tcp_attempt(server, p).await;
         }
         Ok(answer)
-    }
-
-    /// Sends over a fresh socket on a random ephemeral port (connected, so the kernel drops
-    /// datagrams from other addresses) with a fresh random ID, and waits for the answer,
-    /// dropping (and counting) datagrams that are not it.
-    async fn udp_exchange(
-        &self,
-        server: &Server,
-        p: &msg::Prepared,
-        rejected: &mut Option<msg::Rejected>,
-    ) -> Result<Vec<u8>, UpstreamError> {
-        let io_err = |source| UpstreamError::Io {
-            server: server.addr,
-            source,
-        };
-        let bind: SocketAddr = if server.addr.is_ipv4() {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-        } else {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        };
-        let sock = UdpSocket::bind(bind).await.map_err(io_err)?;
-        sock.connect(server.addr).await.map_err(io_err)?;
-        let mut query = p.bytes.clone();
-        let id: u16 = rand::random();
-        msg::set_id(&mut query, id);
-        sock.send(&query).await.map_err(io_err)?;
-        let mut buf = vec![0u8; MAX_UDP_ANSWER];
-        loop {
-            let n = sock.recv(&mut buf).await.map_err(io_err)?;
-            match p.validate(&buf[..n], id) {
-                // An exact-size copy: the answer may live long in the cache, and a 64 KiB buffer
-                // shrunk in place leaves a hole per answer the allocator cannot reuse (measured:
-                // ~10 KiB of RSS per cached miss before this).
-                Ok(()) => return Ok(buf[..n].to_vec()),
-                Err(why) => {
-                    self.metrics
-                        .rejected
-                        .get_or_create(&ReasonLabels {
-                            upstream: server.label.clone(),
-                            reason: why.as_str(),
-                        })
-                        .inc();
-                    *rejected = Some(why);
-                }
-            }
-        }
     }
 
     async fn tcp_attempt(

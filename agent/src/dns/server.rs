@@ -380,6 +380,7 @@ const BATCHES_PER_TURN: usize = 8;
 pub async fn serve_udp(server: Arc<DnsServer>, socket: UdpSocket, token: CancellationToken) {
     let socket = Arc::new(socket);
     let fd = socket.as_raw_fd();
+    let ipv6 = socket.local_addr().is_ok_and(|a| a.is_ipv6());
     let mut batch = Batch::new();
     let mut key = Vec::with_capacity(64);
     loop {
@@ -390,12 +391,17 @@ pub async fn serve_udp(server: Arc<DnsServer>, socket: UdpSocket, token: Cancell
                 continue;
             },
         }
+        let mut busy = true;
         for _ in 0..BATCHES_PER_TURN {
-            let n = match socket.try_io(Interest::READABLE, || batch.recv(fd)) {
+            let n = match socket.try_io(Interest::READABLE, || batch.recv(fd, ipv6)) {
                 Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    busy = false;
+                    break;
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "udp recv");
+                    busy = false;
                     break;
                 }
             };
@@ -423,11 +429,14 @@ pub async fn serve_udp(server: Arc<DnsServer>, socket: UdpSocket, token: Cancell
             }
             send_answers(&socket, &mut batch).await;
             if n < BATCH {
+                busy = false;
                 break;
             }
         }
-        // A socket that never runs dry must not starve the miss tasks sharing its worker.
-        tokio::task::yield_now().await;
+        if busy {
+            // A socket that never runs dry must not starve the miss tasks sharing its worker.
+            tokio::task::yield_now().await;
+        }
     }
 }
 

@@ -4,9 +4,13 @@
 //! load a batch is one datagram and this costs what `recvfrom`/`sendto` did.
 //!
 //! Uses nix's safe wrappers (the crate forbids `unsafe`). Their header arrays hold raw pointers
-//! and so cannot live across an `.await` in a task: they are built per system call, a small
-//! allocation amortised over the batch.
+//! and so cannot live in a task across an `.await`; allocating them per call cost more than the
+//! rest of a cache miss (6 KiB per call: glibc consolidates its free lists on every such
+//! request), so each worker thread keeps its own, used only inside one synchronous call. The
+//! receive headers are kept per address family: the kernel leaves the last sender's address
+//! length in them, which is the right buffer size only for the same family.
 
+use std::cell::RefCell;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
@@ -20,6 +24,12 @@ pub const BATCH: usize = 32;
 /// Longest query accepted over UDP. Real queries are a few hundred bytes (EDNS padding goes
 /// to 468); longer datagrams arrive cut short (MSG_TRUNC) and are dropped.
 pub const MAX_QUERY: usize = 4096;
+
+thread_local! {
+    static RECV_V4: RefCell<MultiHeaders<SockaddrStorage>> = RefCell::new(MultiHeaders::preallocate(BATCH, None));
+    static RECV_V6: RefCell<MultiHeaders<SockaddrStorage>> = RefCell::new(MultiHeaders::preallocate(BATCH, None));
+    static SEND: RefCell<MultiHeaders<SockaddrStorage>> = RefCell::new(MultiHeaders::preallocate(BATCH, None));
+}
 
 /// Receive buffers, the senders' addresses, and the answers to send back to them.
 pub struct Batch {
@@ -55,25 +65,35 @@ impl Batch {
     }
 
     /// Receives up to `BATCH` datagrams without blocking; `WouldBlock` when none is queued.
-    /// Answers still queued from the previous batch are given up.
-    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+    /// Answers still queued from the previous batch are given up. `ipv6`: the socket's family.
+    pub fn recv(&mut self, fd: RawFd, ipv6: bool) -> io::Result<usize> {
         self.replies.clear();
         self.sent = 0;
         self.received = 0;
-        let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
-        let mut iovs: Vec<[IoSliceMut; 1]> = self
-            .bufs
-            .chunks_mut(MAX_QUERY)
-            .map(|c| [IoSliceMut::new(c)])
-            .collect();
-        let got = recvmmsg(fd, &mut headers, &mut iovs, MsgFlags::MSG_DONTWAIT, None)?;
-        let mut n = 0;
-        for (i, m) in got.enumerate() {
-            self.lens[i] = m.bytes;
-            self.cut[i] = m.flags.contains(MsgFlags::MSG_TRUNC);
-            self.peers[i] = m.address;
-            n = i + 1;
-        }
+        let (bufs, lens, cut, peers) = (
+            &mut self.bufs,
+            &mut self.lens,
+            &mut self.cut,
+            &mut self.peers,
+        );
+        let headers = if ipv6 { &RECV_V6 } else { &RECV_V4 };
+        let n = headers.with_borrow_mut(|headers| -> io::Result<usize> {
+            let mut chunks = bufs.chunks_mut(MAX_QUERY);
+            let mut iovs: [[IoSliceMut; 1]; BATCH] = std::array::from_fn(|_| {
+                [IoSliceMut::new(
+                    chunks.next().expect("BATCH chunks of MAX_QUERY"),
+                )]
+            });
+            let got = recvmmsg(fd, headers, &mut iovs, MsgFlags::MSG_DONTWAIT, None)?;
+            let mut n = 0;
+            for (i, m) in got.enumerate() {
+                lens[i] = m.bytes;
+                cut[i] = m.flags.contains(MsgFlags::MSG_TRUNC);
+                peers[i] = m.address;
+                n = i + 1;
+            }
+            Ok(n)
+        })?;
         self.received = n;
         Ok(n)
     }
@@ -120,22 +140,28 @@ impl Batch {
     /// skips with `skip_one`.
     pub fn send(&mut self, fd: RawFd) -> io::Result<usize> {
         let todo = &self.replies[self.sent..];
-        let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(todo.len(), None);
-        let iovs: Vec<[IoSlice; 1]> = todo
-            .iter()
-            .map(|&i| [IoSlice::new(&self.outs[i])])
-            .collect();
-        let addrs: Vec<Option<SockaddrStorage>> = todo.iter().map(|&i| self.peers[i]).collect();
+        let iovs: [[IoSlice; 1]; BATCH] = std::array::from_fn(|k| {
+            [IoSlice::new(
+                todo.get(k).map_or(&[][..], |&i| &self.outs[i]),
+            )]
+        });
+        let mut addrs = [None; BATCH];
+        for (a, &i) in addrs.iter_mut().zip(todo) {
+            *a = self.peers[i];
+        }
         let no_control: [ControlMessage; 0] = [];
-        let n = sendmmsg(
-            fd,
-            &mut headers,
-            &iovs,
-            &addrs,
-            no_control,
-            MsgFlags::MSG_DONTWAIT,
-        )?
-        .count();
+        // sendmmsg takes as many messages as there are addresses: the first todo.len().
+        let n = SEND.with_borrow_mut(|headers| -> io::Result<usize> {
+            Ok(sendmmsg(
+                fd,
+                headers,
+                &iovs,
+                &addrs[..todo.len()],
+                no_control,
+                MsgFlags::MSG_DONTWAIT,
+            )?
+            .count())
+        })?;
         self.sent += n;
         Ok(n)
     }
@@ -164,7 +190,7 @@ mod tests {
             }
             clients[0].send_to(&vec![7u8; MAX_QUERY + 1], at).unwrap();
             let mut b = Batch::new();
-            let n = b.recv(server.as_raw_fd()).unwrap();
+            let n = b.recv(server.as_raw_fd(), ip == "::1").unwrap();
             assert_eq!(n, 6);
             for (k, c) in clients.iter().enumerate() {
                 assert_eq!(b.peer(k), Some(c.local_addr().unwrap()));
@@ -181,7 +207,7 @@ mod tests {
                 let (m, from) = c.recv_from(&mut buf).unwrap();
                 assert_eq!((&buf[..m], from), (&[k as u8 + 100; 3][..], at));
             }
-            let e = b.recv(server.as_raw_fd()).unwrap_err();
+            let e = b.recv(server.as_raw_fd(), ip == "::1").unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
         }
     }

@@ -237,8 +237,29 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
         }
         let forwarder =
             crate::dns::upstream::Forwarder::new(&dns_config, &config.host_paths, &mut registry)?;
-        if let Some(data) = kube_dns_data {
-            forwarder.apply_kube_dns(&data)?;
+        if let Some(data) = &kube_dns_data
+            && let Err(e) = forwarder.apply_kube_dns(data)
+        {
+            // Someone else's object in kube-system must not stop the agent: forward by our own
+            // config until it is fixed (the watch applies the fix).
+            tracing::warn!(error = %e, "kube-dns ConfigMap refused; forwarding by dns.upstreams alone");
+        }
+        if let Some(client) = &kube
+            && !dns_config.upstreams.kube_dns_config_map.is_empty()
+        {
+            // Read once above so the first answers already follow it; watched from here on.
+            let fwd = forwarder.clone();
+            tokio::spawn(crate::dns::kube_dns::watch(
+                client.clone(),
+                dns_config.upstreams.kube_dns_config_map.clone(),
+                Some(kube_dns_data.unwrap_or_default()),
+                move |data| {
+                    if let Err(e) = fwd.apply_kube_dns(data) {
+                        tracing::warn!(error = %e, "kube-dns ConfigMap change refused; the previous forwarding stays");
+                    }
+                },
+                supervisor.token().child_token(),
+            ));
         }
         let metrics = crate::dns::metrics::DnsMetrics::register(&mut registry);
         let server =

@@ -511,6 +511,7 @@ fn cluster_role_grants_exactly_the_listed_verbs() {
     let base = base();
     let role = base.object("ClusterRole", "nodekeeper");
     let mut granted: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+    let mut by_name = 0;
     for rule in array(role, "/rules") {
         assert!(
             rule.get("nonResourceURLs").is_none(),
@@ -519,7 +520,14 @@ fn cluster_role_grants_exactly_the_listed_verbs() {
         // Only the DNS cache's reads are narrowed by name, and only to kube-dns's objects.
         if let Some(names) = rule.get("resourceNames") {
             assert_eq!(names, &json!(["kube-dns"]), "{rule}");
-            assert_eq!(rule["verbs"], json!(["get"]), "{rule}");
+            let expected = match rule["resources"].as_array().map(Vec::as_slice) {
+                Some([r]) if r == "services" => json!(["get"]),
+                // Watched by name: list/watch with a metadata.name field selector.
+                Some([r]) if r == "configmaps" => json!(["get", "list", "watch"]),
+                _ => panic!("unexpected resources in a by-name rule: {rule}"),
+            };
+            assert_eq!(rule["verbs"], expected, "{rule}");
+            by_name += 1;
             continue;
         }
         let strings = |field: &str| -> Vec<String> {
@@ -558,6 +566,7 @@ fn cluster_role_grants_exactly_the_listed_verbs() {
     })
     .collect();
     assert_eq!(granted, want);
+    assert_eq!(by_name, 2, "the kube-dns Service and ConfigMap rules");
 
     let binding = base.object("ClusterRoleBinding", "nodekeeper");
     assert_eq!(

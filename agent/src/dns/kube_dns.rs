@@ -2,8 +2,11 @@
 //! `stubDomains` (a JSON object, zone -> [server]) and `upstreamNameservers` (a JSON array), so
 //! a cluster moving from node-local-dns keeps its forwarding without new config.
 //!
-//! Parses only; `upstream::Forwarder::apply_kube_dns` applies. Every error names the key (and
-//! the zone or index) it is about. Other keys (`federations`) are ignored.
+//! Parses, and watches the ConfigMap (`watch`): every change is applied by
+//! `upstream::Forwarder::apply_kube_dns` within a watch event, a deleted ConfigMap reverts to
+//! the agent's own config, and a change with a bad key is refused whole (the previous forwarding
+//! stays). Every error names the key (and the zone or index) it is about. Other keys
+//! (`federations`) are ignored.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -102,6 +105,64 @@ impl KubeDnsConfig {
 /// Lower-case, without the trailing dot: how zones are compared.
 pub fn normalize_zone(zone: &str) -> String {
     zone.strip_suffix('.').unwrap_or(zone).to_ascii_lowercase()
+}
+
+/// Watches the ConfigMap `namespace/name` (one object: a `metadata.name` field selector, which
+/// RBAC's `resourceNames` can authorize) and hands its `data` to `apply` on every change, an
+/// empty map when it does not exist or is deleted. The same data is never applied twice in a
+/// row (watch restarts relist it); `applied` is what the caller already applied. Backs off with
+/// kube-runtime's default on errors; ends when `token` is cancelled.
+pub async fn watch(
+    client: kube::Client,
+    namespaced_name: String,
+    applied: Option<BTreeMap<String, String>>,
+    apply: impl Fn(&BTreeMap<String, String>) + Send + 'static,
+    token: tokio_util::sync::CancellationToken,
+) {
+    use futures::StreamExt;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::runtime::{WatchStreamExt, watcher};
+
+    let Some((ns, name)) = namespaced_name.split_once('/') else {
+        tracing::error!(config_map = %namespaced_name, "dns.upstreams.kubeDnsConfigMap is not namespace/name; not watched");
+        return;
+    };
+    let api: kube::Api<ConfigMap> = kube::Api::namespaced(client, ns);
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let stream = watcher(api, config).default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    let mut last = applied;
+    // During a (re)list: whether the object was in it.
+    let mut listed = false;
+    let mut apply_if_changed = |data: BTreeMap<String, String>| {
+        if last.as_ref() != Some(&data) {
+            apply(&data);
+            last = Some(data);
+        }
+    };
+    loop {
+        let event = tokio::select! {
+            _ = token.cancelled() => return,
+            next = stream.next() => match next {
+                Some(Ok(event)) => event,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, config_map = %namespaced_name, "kube-dns ConfigMap watch error; retrying with backoff");
+                    continue;
+                }
+                None => return,
+            },
+        };
+        match event {
+            watcher::Event::Init => listed = false,
+            watcher::Event::InitApply(cm) | watcher::Event::Apply(cm) => {
+                listed = true;
+                apply_if_changed(cm.data.unwrap_or_default());
+            }
+            watcher::Event::InitDone if !listed => apply_if_changed(BTreeMap::new()),
+            watcher::Event::InitDone => {}
+            watcher::Event::Delete(_) => apply_if_changed(BTreeMap::new()),
+        }
+    }
 }
 
 #[cfg(test)]

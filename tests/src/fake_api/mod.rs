@@ -537,6 +537,27 @@ impl FakeApi {
         )
     }
 
+    /// Replaces a ConfigMap's `data`, as `kubectl apply` would (a MODIFIED watch event).
+    pub fn set_config_map_data(&self, ns: &str, name: &str, data: &[(&str, &str)]) {
+        self.store.mutate(|st| {
+            let mut cm = st
+                .get(Res::ConfigMaps, ns, name)
+                .cloned()
+                .expect("config map exists");
+            cm["data"] = data
+                .iter()
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect::<serde_json::Map<String, Value>>()
+                .into();
+            st.replace(Res::ConfigMaps, cm);
+        });
+    }
+
+    /// Deletes a ConfigMap (a DELETED watch event).
+    pub fn delete_config_map(&self, ns: &str, name: &str) {
+        self.store.mutate(|st| st.remove(Res::ConfigMaps, ns, name));
+    }
+
     pub fn add_pv(&self, pv: Value) -> Value {
         self.create(Res::PersistentVolumes, pv)
     }

@@ -6,7 +6,10 @@
 //! on drop. Also: a `dig` wrapper that parses the answer, a raw DNS message builder for the
 //! bad-input tests, and `/proc` readers for memory bounds.
 //!
-//! This module never touches the host's resolver, interfaces or rules: only 127.0.0.0/8.
+//! Servers, `dig` and sockets open in the calling thread's network namespace. The DNS tests call
+//! everything here from inside a namespace of their own (`netns_pods::Netns::enter_fresh`), so
+//! their 127.0.0.0/8 is that namespace's loopback, never the host's: this module never touches
+//! the host's resolver, interfaces or rules.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -19,7 +22,9 @@ use crate::Proc;
 // === loopback addresses and ports ===
 
 /// A loopback address of its own for each call in this process (127.53.x.y, y never 0 or 255),
-/// so servers of concurrent tests never share an address even when the port allocator races.
+/// so servers never share an address even when the port allocator races (tests in namespaces of
+/// their own cannot collide anyway; this keeps a test's own servers apart, and any caller
+/// outside a namespace).
 pub fn loopback_ip() -> Ipv4Addr {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);

@@ -3,6 +3,8 @@
 //! pod namespace and a "server" namespace on private 10.77.x.y/24 subnets, and holder processes
 //! (`tests/py/conn_holder.py`) that open and keep a known set of sockets inside them. `ss` reads
 //! a namespace back so a test can first prove the harness made exactly what it asked for.
+//! `Netns::enter_fresh` moves the calling test thread into a namespace of its own for a whole
+//! test (the DNS tests: servers, agent and clients all on 127.0.0.0/8 inside it).
 //!
 //! Never touches the host's interfaces, routes or firewall: links are created directly inside
 //! the namespaces (`ip link add ... netns A ... peer ... netns B`). The only thing that ever runs
@@ -21,6 +23,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -124,6 +127,47 @@ impl Netns {
         tcp_ext(&String::from_utf8_lossy(&out.stdout), name)
             .unwrap_or_else(|| panic!("TcpExt {name} not in /proc/net/netstat"))
     }
+
+    /// Moves the calling thread into the namespace (`setns(CLONE_NEWNET)`) until the guard
+    /// drops, which moves it back to where it was. Only this thread moves: sockets it opens,
+    /// threads it starts and processes it spawns from now on live in the namespace (they
+    /// inherit the namespace of the thread that creates them); other threads, and threads or
+    /// pools created before, stay where they are. Drop the guard before the namespace (see
+    /// [`Netns::enter_fresh`], which gets that order right).
+    pub fn enter(&self) -> EnteredNetns {
+        let home = std::fs::File::open(THREAD_NETNS)
+            .unwrap_or_else(|e| panic!("open {THREAD_NETNS}: {e}"));
+        let target = std::fs::File::open(self.path())
+            .unwrap_or_else(|e| panic!("open {}: {e}", self.path().display()));
+        nix::sched::setns(&target, nix::sched::CloneFlags::CLONE_NEWNET)
+            .unwrap_or_else(|e| panic!("setns into {}: {e}", self.name));
+        let entered = EnteredNetns {
+            home,
+            name: self.name.clone(),
+            _this_thread: PhantomData,
+        };
+        assert_eq!(
+            current_netns(),
+            self.id(),
+            "this thread is in {} after setns",
+            self.name
+        );
+        entered
+    }
+
+    /// A fresh namespace (`nk-TAG-PID-N`, loopback up) with the calling thread inside it, for
+    /// a test that runs entirely in a network namespace of its own: everything it starts on
+    /// 127.0.0.0/8 (servers, the agent, clients) is invisible to the host and to other tests.
+    /// Make it the test's first local, so it drops last: the test's processes are killed while
+    /// the namespace still exists, then the thread goes home, then the namespace is deleted.
+    pub fn enter_fresh(tag: &str) -> InNetns {
+        let ns = Netns::new(tag);
+        let entered = ns.enter();
+        InNetns {
+            _entered: entered,
+            ns,
+        }
+    }
 }
 
 impl Drop for Netns {
@@ -132,6 +176,58 @@ impl Drop for Netns {
             .args(["netns", "del", &self.name])
             .stderr(Stdio::null())
             .status();
+    }
+}
+
+/// The calling thread's own network namespace link (`/proc/thread-self/ns/net`): which
+/// namespace this thread is in (the process's, `/proc/self`, is the main thread's).
+const THREAD_NETNS: &str = "/proc/thread-self/ns/net";
+
+/// The calling thread's network namespace as the kernel names it, `net:[INODE]` (comparable
+/// with [`Netns::id`]).
+pub fn current_netns() -> String {
+    std::fs::read_link(THREAD_NETNS)
+        .unwrap_or_else(|e| panic!("readlink {THREAD_NETNS}: {e}"))
+        .to_string_lossy()
+        .into_owned()
+}
+
+// === impl EnteredNetns ===
+
+/// The calling thread inside a [`Netns`] (from [`Netns::enter`]); dropping it moves the thread
+/// back to the namespace it came from. Not `Send`: it must drop on the thread that entered.
+#[derive(Debug)]
+pub struct EnteredNetns {
+    /// The namespace the thread was in before (an open `/proc/thread-self/ns/net`).
+    home: std::fs::File,
+    name: String,
+    _this_thread: PhantomData<*const ()>,
+}
+
+impl Drop for EnteredNetns {
+    fn drop(&mut self) {
+        if let Err(e) = nix::sched::setns(&self.home, nix::sched::CloneFlags::CLONE_NEWNET) {
+            let msg = format!("setns back out of {}: {e}", self.name);
+            if std::thread::panicking() {
+                eprintln!("{msg}");
+            } else {
+                panic!("{msg}");
+            }
+        }
+    }
+}
+
+/// A fresh namespace with the calling thread inside it ([`Netns::enter_fresh`]). On drop the
+/// thread leaves first, then the namespace is deleted (fields drop in declaration order).
+#[derive(Debug)]
+pub struct InNetns {
+    _entered: EnteredNetns,
+    ns: Netns,
+}
+
+impl InNetns {
+    pub fn netns(&self) -> &Netns {
+        &self.ns
     }
 }
 

@@ -2,24 +2,30 @@
 //! mixed and missed queries, a 1 s latency run) of every cache (the debug agent, unbound,
 //! dnsmasq, dnsdist, kresd) must exit 0, print the three phase tables with a number in every
 //! throughput cell and the ratio row, and not touch docs/benchmarks.md. The figures themselves
-//! are never asserted.
+//! are never asserted. The script runs inside a network namespace of the test's own
+//! (`Netns::enter_fresh`, so the test needs root): every cache, the upstream and dnsperf use that
+//! namespace's loopback.
 
 use std::process::Command;
 
-use nodekeeper_tests::{agent_bin, require_tool, workspace_root};
+use nodekeeper_tests::netns_pods::Netns;
+use nodekeeper_tests::{agent_bin, require_root, require_tool, workspace_root};
 
 const CACHES: [&str; 5] = ["nodekeeper", "unbound", "dnsmasq", "dnsdist", "kresd"];
 
 #[test]
-fn dns_benchmark_script_runs_and_reports_every_cache() {
-    if ![
-        "dnsperf", "unbound", "dnsmasq", "dnsdist", "kresd", "dig", "taskset", "python3",
-    ]
-    .iter()
-    .all(|t| require_tool(t))
+fn dns_benchmark_script_runs_and_reports_every_cache_as_root() {
+    if !require_root()
+        || ![
+            "ip", "dnsperf", "unbound", "dnsmasq", "dnsdist", "kresd", "dig", "taskset", "python3",
+        ]
+        .iter()
+        .all(|t| require_tool(t))
     {
         return;
     }
+    // The script, every cache, the upstream and dnsperf run in a namespace of their own.
+    let _netns = Netns::enter_fresh("dns-bench");
     let root = workspace_root();
     let docs = root.join("docs/benchmarks.md");
     let docs_before = std::fs::read(&docs).ok();

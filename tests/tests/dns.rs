@@ -1,9 +1,14 @@
 //! The NodeLocal DNS cache end to end, against real upstreams from Debian: `unbound` serving
 //! test zones authoritatively (one over UDP+TCP for the default group, one TCP-only for the
 //! cluster zones) and `dnsmasq` for a stub domain, all on loopback addresses and ports the tests
-//! pick (never the host's resolver). Clients are `dig`, `dnsperf` and raw sockets. Whether an
-//! answer came from the cache is read from the upstream's own query log and from the agent's
-//! `/metrics`.
+//! pick. Clients are `dig`, `dnsperf` and raw sockets. Whether an answer came from the cache is
+//! read from the upstream's own query log and from the agent's `/metrics`.
+//!
+//! Each test runs inside a network namespace of its own (`Netns::enter_fresh`: `ip netns add`,
+//! then the test thread `setns`es into it): the upstreams, the agent, `dig`, `dnsperf`, the
+//! `nodekeeper dns status` call and every in-process socket live there, on its loopback, never
+//! on the host's interfaces, rules or resolver. So every test needs root and says so in its
+//! name; `each_test_runs_in_a_namespace_of_its_own_as_root` checks the harness itself.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -15,7 +20,8 @@ use nodekeeper_tests::dns_peers::{
     TYPE_A, Unbound, Upstreams, agent_dns_config, dig, free_dns_addr, msg_id, proc_status_kib,
     query_bytes, rcode, udp_exchange,
 };
-use nodekeeper_tests::{Agent, agent_bin, parse_samples, require_tool, wait_for};
+use nodekeeper_tests::netns_pods::{Netns, current_netns};
+use nodekeeper_tests::{Agent, agent_bin, parse_samples, require_root, require_tool, wait_for};
 
 // Metric families the tests read (docs/metrics.md).
 const HITS: &str = "nodekeeper_dns_cache_hits_total";
@@ -27,7 +33,11 @@ const STALE: &str = "nodekeeper_dns_cache_stale_served_total";
 const MALFORMED: &str = "nodekeeper_dns_malformed_requests_total";
 
 fn tools() -> bool {
-    require_tool("dig") && require_tool("unbound") && require_tool("dnsmasq")
+    require_root()
+        && require_tool("ip")
+        && require_tool("dig")
+        && require_tool("unbound")
+        && require_tool("dnsmasq")
 }
 
 /// The agent's DNS cache in front of the three fixture upstreams.
@@ -115,15 +125,118 @@ fn ttl_of(o: &DigOutput, rtype: &str) -> u32 {
         .ttl
 }
 
+// === the namespace harness ===
+
+/// `Netns::enter_fresh` isolates a test: a UDP socket bound inside is reachable from a thread
+/// started inside but not from a thread left in the host namespace, a process spawned inside
+/// sees only `lo`, and once the guard drops the thread is back in the host namespace and the
+/// namespace is gone.
+#[test]
+fn each_test_runs_in_a_namespace_of_its_own_as_root() {
+    if !require_root() || !require_tool("ip") {
+        return;
+    }
+    let host = current_netns();
+    let links = |what: &str| -> Vec<String> {
+        let out = Command::new("ip")
+            .args(["-o", "link"])
+            .output()
+            .expect("ip -o link");
+        assert!(out.status.success(), "ip -o link ({what}) failed");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split(':').nth(1).map(|n| n.trim().to_string()))
+            .collect()
+    };
+    let host_links = links("host");
+    // A thread of the host namespace (started before entering: threads inherit the namespace
+    // of the thread that starts them), sending to whatever port it is given.
+    let (to_host, port_rx) = std::sync::mpsc::channel::<u16>();
+    let host_sender = std::thread::spawn(move || {
+        let port = port_rx.recv().expect("a port");
+        let s = UdpSocket::bind("127.0.0.1:0").expect("bind in the host namespace");
+        s.connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        // A connected UDP socket reports the port unreachable as ECONNREFUSED on recv.
+        let _ = s.send(b"from the host");
+        let reply = s.recv(&mut [0u8; 64]).map_err(|e| e.kind());
+        (current_netns(), reply)
+    });
+
+    let name;
+    {
+        let inside = Netns::enter_fresh("dns-harness");
+        name = inside.netns().name().to_string();
+        let here = current_netns();
+        assert_eq!(here, inside.netns().id(), "the thread is in the namespace");
+        assert_ne!(here, host);
+        let server = UdpSocket::bind("127.0.0.1:0").expect("bind inside");
+        server
+            .set_read_timeout(Some(Duration::from_millis(800)))
+            .unwrap();
+        let port = server.local_addr().unwrap().port();
+        let mut buf = [0u8; 64];
+
+        // The positive control: a thread started inside reaches the socket.
+        std::thread::spawn(move || {
+            let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+            c.send_to(b"from inside", ("127.0.0.1", port)).unwrap();
+            current_netns()
+        })
+        .join()
+        .map(|ns| assert_eq!(ns, here, "a thread started inside is inside"))
+        .unwrap();
+        let (n, _) = server
+            .recv_from(&mut buf)
+            .expect("the inside datagram arrives");
+        assert_eq!(&buf[..n], b"from inside");
+
+        // The host thread sends to the same port on its own loopback: nothing arrives here.
+        to_host.send(port).unwrap();
+        let (host_thread_ns, reply) = host_sender.join().unwrap();
+        assert_eq!(
+            host_thread_ns, host,
+            "the host thread stayed in the host namespace"
+        );
+        let got = server.recv_from(&mut buf);
+        assert!(
+            got.is_err(),
+            "a datagram from the host namespace reached the namespace: {:?}",
+            got.map(|(n, from)| (String::from_utf8_lossy(&buf[..n]).into_owned(), from))
+        );
+        assert!(reply.is_err(), "the host thread got a reply: {reply:?}");
+        eprintln!("host thread to 127.0.0.1:{port}: {reply:?}");
+
+        // A child process spawned inside is inside: only `lo`, and the namespace's identity.
+        assert_eq!(links("inside"), vec!["lo"], "host links: {host_links:?}");
+        let child_ns = Command::new("readlink")
+            .arg("/proc/self/ns/net")
+            .output()
+            .expect("readlink");
+        assert_eq!(String::from_utf8_lossy(&child_ns.stdout).trim(), here);
+    }
+    assert_eq!(
+        current_netns(),
+        host,
+        "the thread is back in the host namespace"
+    );
+    assert!(
+        !std::path::Path::new("/run/netns").join(&name).exists(),
+        "{name} was deleted"
+    );
+}
+
 // === the fixtures themselves ===
 
 /// The upstream fixtures answer as the other tests assume (checked without the agent): AA
 /// answers, the SOA negative TTL, TC without EDNS, TCP only where it must be.
 #[test]
-fn upstream_fixtures_answer_as_the_tests_expect() {
+fn upstream_fixtures_answer_as_the_tests_expect_as_root() {
     if !tools() {
         return;
     }
+    let _netns = Netns::enter_fresh("dns");
     let up = Unbound::serving(&[dns_peers::example_zone()]);
     let a = dig(up.addr, &["a.example.test", "A"]);
     assert_eq!(a.data("A"), vec!["192.0.2.1"], "{}", a.raw);
@@ -157,10 +270,11 @@ fn upstream_fixtures_answer_as_the_tests_expect() {
 // === answers ===
 
 #[test]
-fn a_aaaa_srv_ptr_and_cname_chains_resolve_through_the_cache() {
+fn a_aaaa_srv_ptr_and_cname_chains_resolve_through_the_cache_as_root() {
     if !tools() {
         return;
     }
+    let _netns = Netns::enter_fresh("dns");
     let rig = Rig::start("", "");
     let a = rig.dig(&["a.example.test", "A"]);
     assert_eq!(a.data("A"), vec!["192.0.2.1"], "{}", a.raw);
@@ -214,10 +328,11 @@ fn a_aaaa_srv_ptr_and_cname_chains_resolve_through_the_cache() {
 }
 
 #[test]
-fn nxdomain_and_nodata_are_cached_for_the_soa_negative_ttl() {
+fn nxdomain_and_nodata_are_cached_for_the_soa_negative_ttl_as_root() {
     if !tools() {
         return;
     }
+    let _netns = Netns::enter_fresh("dns");
     let rig = Rig::start("", "");
     for (name, status) in [
         ("nope.example.test", "NXDOMAIN"),
@@ -265,10 +380,11 @@ fn nxdomain_and_nodata_are_cached_for_the_soa_negative_ttl() {
 }
 
 #[test]
-fn ttls_are_capped_at_max_ttl_and_decrement_between_queries() {
+fn ttls_are_capped_at_max_ttl_and_decrement_between_queries_as_root() {
     if !tools() {
         return;
     }
+    let _netns = Netns::enter_fresh("dns");
     let rig = Rig::start("maxTtl: 30s\nprefetch: false", "");
     // 300 s upstream -> at most 30 s; 5 s upstream stays 5 s.
     let capped = rig.dig(&["a.example.test", "AAAA"]);
@@ -305,10 +421,11 @@ fn ttls_are_capped_at_max_ttl_and_decrement_between_queries() {
 }
 
 #[test]
-fn large_answers_are_truncated_over_udp_and_complete_over_tcp() {
+fn large_answers_are_truncated_over_udp_and_complete_over_tcp_as_root() {
     if !tools() {
         return;
     }
+    let _netns = Netns::enter_fresh("dns");
     let rig = Rig::start("", "");
     // A client without EDNS (512 bytes) and one advertising 512: TC, and no partial RRset.
     for args in [
@@ -363,10 +480,11 @@ fn large_answers_are_truncated_over_udp_and_complete_over_tcp() {
 }
 
 #[test]
-fn stub_domains_go_to_their_own_server() {
+fn stub_domains_go_to_their_own_server_as_root() {
     if !tools() {
         return;
     }
+    let _netns = Netns::enter_fresh("dns");
     let rig = Rig::start("", "");
     let db = rig.dig(&["db.corp.test", "A"]);
     assert_eq!(db.data("A"), vec![CORP_DB_IP], "{}", db.raw);
@@ -385,10 +503,11 @@ fn stub_domains_go_to_their_own_server() {
 }
 
 #[test]
-fn cluster_zones_go_to_a_tcp_only_upstream() {
+fn cluster_zones_go_to_a_tcp_only_upstream_as_root() {
     if !tools() {
         return;
     }
+    let _netns = Netns::enter_fresh("dns");
     let rig = Rig::start("", "");
     assert!(rig.cluster.is_tcp_only());
     // UDP clients of the cache, TCP between the cache and the cluster upstream (its UDP is closed).
@@ -414,10 +533,11 @@ fn cluster_zones_go_to_a_tcp_only_upstream() {
 // === upstream failure ===
 
 #[test]
-fn serve_stale_answers_expired_names_and_servfails_uncached_names_quickly() {
+fn serve_stale_answers_expired_names_and_servfails_uncached_names_quickly_as_root() {
     if !tools() {
         return;
     }
+    let _netns = Netns::enter_fresh("dns");
     // Entries expire after 1 s; each upstream attempt times out after 500 ms.
     let mut rig = Rig::start(
         "maxTtl: 1s\nserveStale: true\nstaleTtl: 30s\nmaxStale: 1h\nprefetch: false",
@@ -497,10 +617,11 @@ fn udp_outcome(listen: SocketAddr, msg: &[u8]) -> Option<u8> {
 }
 
 #[test]
-fn malformed_queries_get_formerr_or_notimp_or_are_dropped_and_counted() {
+fn malformed_queries_get_formerr_or_notimp_or_are_dropped_and_counted_as_root() {
     if !tools() {
         return;
     }
+    let _netns = Netns::enter_fresh("dns");
     let rig = Rig::start("", "");
     let l = rig.listen;
     let dropped_before = rig.malformed("dropped");
@@ -651,10 +772,11 @@ fn malformed_queries_get_formerr_or_notimp_or_are_dropped_and_counted() {
 }
 
 #[test]
-fn a_flood_of_garbage_is_counted_and_the_cache_keeps_answering() {
+fn a_flood_of_garbage_is_counted_and_the_cache_keeps_answering_as_root() {
     if !tools() {
         return;
     }
+    let _netns = Netns::enter_fresh("dns");
     let mut rig = Rig::start("", "");
     let pid = rig.agent.proc.pid();
     let rss_before = proc_status_kib(pid, "VmRSS").expect("VmRSS");
@@ -709,10 +831,11 @@ fn a_flood_of_garbage_is_counted_and_the_cache_keeps_answering() {
 // === load ===
 
 #[test]
-fn ten_thousand_distinct_names_keep_the_cache_and_memory_bounded() {
+fn ten_thousand_distinct_names_keep_the_cache_and_memory_bounded_as_root() {
     if !tools() || !require_tool("dnsperf") {
         return;
     }
+    let _netns = Netns::enter_fresh("dns");
     const MAX_ENTRIES: f64 = 1000.0;
     const MAX_BYTES: f64 = 256.0 * 1024.0;
     let rig = Rig::start("maxEntries: 1000\nmaxBytes: 262144", "");
@@ -789,10 +912,11 @@ fn ten_thousand_distinct_names_keep_the_cache_and_memory_bounded() {
 // === CLI and health ===
 
 #[test]
-fn dns_status_prints_cache_size_hit_ratio_and_upstream_health() {
+fn dns_status_prints_cache_size_hit_ratio_and_upstream_health_as_root() {
     if !tools() {
         return;
     }
+    let _netns = Netns::enter_fresh("dns");
     let mut rig = Rig::start("", "");
     for _ in 0..3 {
         rig.dig(&["a.example.test", "A"]);

@@ -1,7 +1,8 @@
 //! Rolling hand-over of the DNS cache, as a DaemonSet update with `maxSurge: 1` does it: a
 //! second agent binds the same addresses (SO_REUSEPORT) while the first still serves, the first
 //! gets SIGTERM (lame duck, then it closes its sockets), and a client querying steadily through
-//! all of it loses no query. Real agents, a real dnsmasq upstream, loopback only.
+//! all of it loses no query. Real agents, a real dnsmasq upstream, all inside a network
+//! namespace of the test's own (`Netns::enter_fresh`, so the test needs root), on its loopback.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::process::Command;
@@ -9,7 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use nodekeeper_tests::{Agent, Proc, free_port, require_tool, sample};
+use nodekeeper_tests::netns_pods::Netns;
+use nodekeeper_tests::{Agent, Proc, free_port, require_root, require_tool, sample};
 
 fn query(id: u16, name: &str) -> Vec<u8> {
     let mut q = id.to_be_bytes().to_vec();
@@ -63,10 +65,11 @@ fn steady_client(
 }
 
 #[test]
-fn a_rolling_handover_loses_no_query() {
-    if !require_tool("dnsmasq") {
+fn a_rolling_handover_loses_no_query_as_root() {
+    if !require_root() || !require_tool("ip") || !require_tool("dnsmasq") {
         return;
     }
+    let _netns = Netns::enter_fresh("dns-ho");
     let dir = tempfile::tempdir().unwrap();
     let upstream = SocketAddr::from(([127, 0, 0, 62], free_port()));
     let mut cmd = Command::new("dnsmasq");

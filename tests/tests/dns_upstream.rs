@@ -4,7 +4,10 @@
 //! (a TCP-only group, pipelined out of order over one connection), plus tiny in-test UDP
 //! responders that answer with the wrong ID or question, as a spoofer would.
 //!
-//! No root needed; `dnsmasq`, `unbound` and `ss` come from tests/scripts/install-deps.
+//! Each test runs inside a network namespace of its own (`Netns::enter_fresh` moves the test
+//! thread in; `#[tokio::test]`'s runtime runs on that thread, so the forwarder's sockets, the
+//! servers and `ss` are all in the namespace, on its loopback). So every test needs root and
+//! says so in its name; `dnsmasq`, `unbound` and `ss` come from tests/scripts/install-deps.
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
@@ -20,7 +23,8 @@ use nodekeeper::dns::DnsConfig;
 use nodekeeper::dns::config::UpstreamProtocol;
 use nodekeeper::dns::upstream::{Forwarder, UpstreamError, UpstreamStatus};
 use nodekeeper::host::HostPaths;
-use nodekeeper_tests::{Proc, require_tool, sample};
+use nodekeeper_tests::netns_pods::Netns;
+use nodekeeper_tests::{Proc, require_root, require_tool, sample};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
@@ -30,6 +34,11 @@ const TEST_TIMEOUT: Duration = Duration::from_secs(10);
 const SERVER_START: Duration = Duration::from_secs(5);
 
 // === fixtures ===
+
+/// Root (each test runs in a network namespace of its own), `ip` and `tools`.
+fn can_run(tools: &[&str]) -> bool {
+    require_root() && require_tool("ip") && tools.iter().all(|t| require_tool(t))
+}
 
 /// A port free for both UDP and TCP on `ip`.
 fn free_port_on(ip: &str) -> u16 {
@@ -200,10 +209,11 @@ async fn bounded<F: std::future::Future>(f: F) -> F::Output {
 // === tests ===
 
 #[tokio::test]
-async fn udp_answers_with_randomized_case_and_stub_domains() {
-    if !require_tool("dnsmasq") {
+async fn udp_answers_with_randomized_case_and_stub_domains_as_root() {
+    if !can_run(&["dnsmasq"]) {
         return;
     }
+    let _netns = Netns::enter_fresh("dns-up");
     let dir = tempfile::tempdir().unwrap();
     let main = addr("127.0.0.101", free_port_on("127.0.0.101"));
     let stub = addr("127.0.0.102", free_port_on("127.0.0.102"));
@@ -269,10 +279,11 @@ async fn udp_answers_with_randomized_case_and_stub_domains() {
 }
 
 #[tokio::test]
-async fn tcp_only_group_pipelines_many_queries_over_one_connection() {
-    if !require_tool("unbound") || !require_tool("ss") {
+async fn tcp_only_group_pipelines_many_queries_over_one_connection_as_root() {
+    if !can_run(&["unbound", "ss"]) {
         return;
     }
+    let _netns = Netns::enter_fresh("dns-up");
     const QUERIES: usize = 200;
     let dir = tempfile::tempdir().unwrap();
     let server = addr("127.0.0.103", free_port_on("127.0.0.103"));
@@ -334,10 +345,11 @@ async fn tcp_only_group_pipelines_many_queries_over_one_connection() {
 }
 
 #[tokio::test]
-async fn truncated_udp_answer_is_retried_over_tcp() {
-    if !require_tool("dnsmasq") {
+async fn truncated_udp_answer_is_retried_over_tcp_as_root() {
+    if !can_run(&["dnsmasq"]) {
         return;
     }
+    let _netns = Netns::enter_fresh("dns-up");
     let dir = tempfile::tempdir().unwrap();
     let server = addr("127.0.0.104", free_port_on("127.0.0.104"));
     // 60 A records: 986 bytes, over the 512 a query without EDNS may get over UDP.
@@ -372,10 +384,11 @@ async fn truncated_udp_answer_is_retried_over_tcp() {
 }
 
 #[tokio::test]
-async fn dead_and_silent_servers_fail_over_to_a_live_one_within_the_timeout() {
-    if !require_tool("dnsmasq") {
+async fn dead_and_silent_servers_fail_over_to_a_live_one_within_the_timeout_as_root() {
+    if !can_run(&["dnsmasq"]) {
         return;
     }
+    let _netns = Netns::enter_fresh("dns-up");
     let dir = tempfile::tempdir().unwrap();
     // A closed port (ICMP port unreachable: refused at once) and a socket that never answers.
     let dead = addr("127.0.0.105", free_port_on("127.0.0.105"));
@@ -425,10 +438,11 @@ async fn dead_and_silent_servers_fail_over_to_a_live_one_within_the_timeout() {
 }
 
 #[tokio::test]
-async fn unhealthy_server_is_skipped_then_probed_back() {
-    if !require_tool("dnsmasq") {
+async fn unhealthy_server_is_skipped_then_probed_back_as_root() {
+    if !can_run(&["dnsmasq"]) {
         return;
     }
+    let _netns = Netns::enter_fresh("dns-up");
     let dir = tempfile::tempdir().unwrap();
     let first = addr("127.0.0.108", free_port_on("127.0.0.108"));
     let second = addr("127.0.0.109", free_port_on("127.0.0.109"));
@@ -544,7 +558,11 @@ async fn fake_upstream(ip: &str, spoof: Spoof) -> SocketAddr {
 }
 
 #[tokio::test]
-async fn answers_with_wrong_id_question_or_qr_are_rejected() {
+async fn answers_with_wrong_id_question_or_qr_are_rejected_as_root() {
+    if !can_run(&[]) {
+        return;
+    }
+    let _netns = Netns::enter_fresh("dns-up");
     let cases = [
         (Spoof::WrongId, "127.0.0.110", "another query's ID", "id"),
         (
@@ -599,10 +617,11 @@ async fn answers_with_wrong_id_question_or_qr_are_rejected() {
 }
 
 #[tokio::test]
-async fn kube_dns_config_map_redirects_the_default_group() {
-    if !require_tool("dnsmasq") {
+async fn kube_dns_config_map_redirects_the_default_group_as_root() {
+    if !can_run(&["dnsmasq"]) {
         return;
     }
+    let _netns = Netns::enter_fresh("dns-up");
     let dir = tempfile::tempdir().unwrap();
     let configured = addr("127.0.0.114", free_port_on("127.0.0.114"));
     let from_map = addr("127.0.0.115", free_port_on("127.0.0.115"));

@@ -3,7 +3,7 @@
 //! watch event, refuses a change with a bad key whole (naming the key, keeping the previous
 //! forwarding), and reverts to its own config when the ConfigMap is deleted. Which server a
 //! query reached is read from the servers' own query logs (dnsmasq as the stub/upstream server,
-//! unbound as the configured default).
+//! unbound as the configured default). Everything runs in a network namespace of its own.
 
 use std::time::Duration;
 
@@ -11,7 +11,8 @@ use nodekeeper_tests::dns_peers::{
     self, CORP_DB_IP, Dnsmasq, Unbound, Upstreams, agent_dns_config, dig, free_dns_addr,
 };
 use nodekeeper_tests::fake_api::FakeApi;
-use nodekeeper_tests::{Agent, require_tool, wait_for};
+use nodekeeper_tests::netns_pods::Netns;
+use nodekeeper_tests::{Agent, require_root, require_tool, wait_for};
 
 const NODE: &str = "node-dns-1";
 
@@ -26,10 +27,15 @@ fn until(what: &str, mut try_name: impl FnMut(&str) -> bool) {
 }
 
 #[test]
-fn the_kube_dns_config_map_is_followed_refused_when_bad_and_reverted_when_deleted() {
-    if !require_tool("dig") || !require_tool("unbound") || !require_tool("dnsmasq") {
+fn the_kube_dns_config_map_is_followed_refused_when_bad_and_reverted_when_deleted_as_root() {
+    if !require_root()
+        || !["ip", "dig", "unbound", "dnsmasq"]
+            .into_iter()
+            .all(require_tool)
+    {
         return;
     }
+    let _netns = Netns::enter_fresh("dns-kube");
     let dir = tempfile::tempdir().unwrap();
     let api = FakeApi::start();
     api.add_node(NODE, &[]);

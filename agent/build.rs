@@ -18,8 +18,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out_dir.join("nodekeeper_descriptor.bin"))
         .compile_protos(&protos, &[proto_root])?;
 
-    // An image build passes NODEKEEPER_REVISION (no .git in its context); a checkout asks git.
+    // An image build passes NODEKEEPER_REVISION (no .git in its context); a checkout asks git,
+    // again whenever HEAD moves (a commit, a checkout): otherwise `version` names a stale
+    // revision until something else rebuilds this script.
     println!("cargo:rerun-if-env-changed=NODEKEEPER_REVISION");
+    for path in git_files_naming_head() {
+        println!("cargo:rerun-if-changed={}", path.display());
+    }
     let revision = std::env::var("NODEKEEPER_REVISION")
         .ok()
         .filter(|r| !r.is_empty())
@@ -37,4 +42,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         revision.unwrap_or_else(|| "unknown".into())
     );
     Ok(())
+}
+
+/// HEAD, the branch ref it points to and packed-refs, as paths in this checkout's git directory
+/// (worktrees have their own HEAD); the ones that exist.
+fn git_files_naming_head() -> Vec<PathBuf> {
+    let git_path = |name: &str| -> Option<PathBuf> {
+        let out = Command::new("git")
+            .args(["rev-parse", "--path-format=absolute", "--git-path", name])
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+    };
+    let branch = Command::new("git")
+        .args(["symbolic-ref", "-q", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    ["HEAD", "packed-refs"]
+        .into_iter()
+        .map(str::to_string)
+        .chain(branch)
+        .filter_map(|name| git_path(&name))
+        .filter(|p| p.exists())
+        .collect()
 }

@@ -708,9 +708,12 @@ type SysctlCommand =
     fn(&Config, &nodekeeper::sysctl::Target) -> Result<String, nodekeeper::sysctl::SysctlError>;
 
 fn run(config: Config, config_file: Option<PathBuf>) -> anyhow::Result<()> {
+    // A node agent shares the node with its workloads: two workers are plenty for its I/O, and
+    // never more than the CPUs it may run on (affinity, cgroup quota): an extra worker on the
+    // same CPU only adds context switches to every DNS answer.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        // A node agent shares the node with its workloads: two workers are plenty for its I/O.
-        .worker_threads(2)
+        .worker_threads(workers)
         .max_blocking_threads(8)
         .enable_all()
         .build()

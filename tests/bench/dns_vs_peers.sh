@@ -320,11 +320,18 @@ perf() {
 field() { # FILE LABEL: the first number after "LABEL:" in a dnsperf report
     awk -v k="$2:" 'index($0, k) { sub(".*" k "[[:space:]]*", ""); print $1 + 0; exit }' "$1"
 }
-# latency FILE: "mean p99" in ms from dnsperf -v lines "> RCODE NAME TYPE SECONDS".
+# latency FILE: "mean p99" in ms from dnsperf -v lines "> RCODE NAME TYPE SECONDS" (timed-out
+# queries, which have no SECONDS, are left out: the lost column counts them).
 latency() {
     python3 - "$1" <<'EOF'
 import math, sys
-t = sorted(float(l.split()[-1]) * 1000 for l in open(sys.argv[1]) if l.startswith("> "))
+def ms(line):
+    # "> RCODE NAME TYPE SECONDS"; a query that timed out has no SECONDS (it counts as lost).
+    try:
+        return float(line.split()[-1]) * 1000
+    except ValueError:
+        return None
+t = sorted(v for v in (ms(l) for l in open(sys.argv[1]) if l.startswith("> ")) if v is not None)
 if not t:
     print("n/a n/a")
 else:

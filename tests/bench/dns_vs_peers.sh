@@ -24,6 +24,7 @@
 #   BENCH_MIXED_QUERIES queries in the mixed pass (default 1000000)
 #   BENCH_MISS_QUERIES  queries in the misses pass (default 100000)
 #   BENCH_LATENCY_QPS   offered load of the latency runs (default 20000), BENCH_LATENCY_SECONDS (5)
+#   BENCH_LATENCY_RUNS  latency runs per cache and phase, the median reported (default 3)
 #   BENCH_PEERS         caches to run (default "nodekeeper unbound dnsmasq dnsdist kresd")
 #   BENCH_NO_BUILD=1    skip `cargo build --release` and use $NODEKEEPER_BIN
 #   NODEKEEPER_BIN      agent binary (required with BENCH_NO_BUILD=1)
@@ -47,6 +48,7 @@ MIXED_QUERIES=${BENCH_MIXED_QUERIES:-1000000}
 MISS_QUERIES=${BENCH_MISS_QUERIES:-100000}
 LAT_QPS=${BENCH_LATENCY_QPS:-20000}
 LAT_SECONDS=${BENCH_LATENCY_SECONDS:-5}
+LAT_RUNS=${BENCH_LATENCY_RUNS:-3}
 read -r -a CACHES <<<"${BENCH_PEERS:-nodekeeper unbound dnsmasq dnsdist kresd}"
 ZONE=bench.example.com
 # dnsperf: 10 client sockets, 200 queries outstanding, 2 s timeout (a query later is lost).
@@ -56,7 +58,7 @@ CMD="bash tests/bench/dns_vs_peers.sh --write-docs"
 log() { echo "bench: $*" >&2; }
 die() { echo "bench: error: $*" >&2; exit 1; }
 
-for v in SECONDS_HITS NAMES MIXED_QUERIES MISS_QUERIES LAT_QPS LAT_SECONDS; do
+for v in SECONDS_HITS NAMES MIXED_QUERIES MISS_QUERIES LAT_QPS LAT_SECONDS LAT_RUNS; do
     [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer"
 done
 ((SECONDS_HITS <= 25)) || die "BENCH_SECONDS must be at most 25 (warmed names expire after 30 s)"
@@ -340,6 +342,18 @@ else:
 EOF
 }
 
+# median_pair: lines "mean p99" on stdin -> the median of each column ("n/a" if any is n/a).
+median_pair() {
+    python3 -c '
+import statistics, sys
+rows = [l.split() for l in sys.stdin if l.strip()]
+if not rows or any("n/a" in r for r in rows):
+    print("n/a n/a")
+else:
+    print(" ".join(f"{statistics.median(float(r[i]) for r in rows):.3f}" for i in (0, 1)))
+'
+}
+
 declare -A R=() VERSION=() # R[cache,phase,metric]
 read -r MACHINE_BUSY0 MACHINE_IDLE0 < <(machine_jiffies)
 i=0
@@ -375,10 +389,15 @@ for c in "${CACHES[@]}"; do
         if [[ $phase != misses ]]; then
             lat_file="$WORK/hits.txt"
             [[ $phase == mixed ]] && lat_file="$WORK/$c.latmixed.txt"
-            perf "$c" "$ip" "$port" "$WORK/hits.txt" "$WORK/$c.warm" -n 1 "${PERF_ARGS[@]}"
-            perf "$c" "$ip" "$port" "$lat_file" "$WORK/$c.$phase.lat" -l "$LAT_SECONDS" \
-                -Q "$LAT_QPS" -v "${PERF_ARGS[@]}"
-            read -r R[$c,$phase,mean] R[$c,$phase,p99] < <(latency "$WORK/$c.$phase.lat")
+            # A 5 s tail moves between runs by more than caches differ: the median of LAT_RUNS.
+            lat_results=()
+            for run in $(seq "$LAT_RUNS"); do
+                perf "$c" "$ip" "$port" "$WORK/hits.txt" "$WORK/$c.warm" -n 1 "${PERF_ARGS[@]}"
+                perf "$c" "$ip" "$port" "$lat_file" "$WORK/$c.$phase.lat.$run" -l "$LAT_SECONDS" \
+                    -Q "$LAT_QPS" -v "${PERF_ARGS[@]}"
+                lat_results+=("$(latency "$WORK/$c.$phase.lat.$run")")
+            done
+            read -r R[$c,$phase,mean] R[$c,$phase,p99] < <(printf '%s\n' "${lat_results[@]}" | median_pair)
         fi
         log "$c $phase: ${R[$c,$phase,qps]} QPS, ${R[$c,$phase,cpu]} CPU s, ${R[$c,$phase,qpcpu]} q/CPU-s, lost ${R[$c,$phase,lost]}, mean ${R[$c,$phase,mean]} ms, p99 ${R[$c,$phase,p99]} ms"
     done
@@ -440,7 +459,7 @@ REPORT=$WORK/report.md
     table mixed "Mixed: 90% hits, 10% misses ($MIXED_QUERIES queries, one pass)"
     table misses "All misses ($MISS_QUERIES never-seen names, one pass; latency not measured)"
     echo "Throughput: closed loop, dnsperf \`${PERF_ARGS[*]}\`; queries per CPU-second = completed queries / the cache's utime+stime (/proc/PID/stat) over the run."
-    echo "Latency: a separate run at a fixed ${LAT_QPS} QPS for ${LAT_SECONDS} s (the same offered load for every cache), from dnsperf -v's per-query latencies (nearest-rank p99); peak RSS is VmHWM at the end."
+    echo "Latency: ${LAT_RUNS} separate runs at a fixed ${LAT_QPS} QPS for ${LAT_SECONDS} s each (the same offered load for every cache), from dnsperf -v's per-query latencies: the median over the runs of each run's mean and nearest-rank p99; peak RSS is VmHWM at the end."
     echo "Machine: $CPUS CPUs ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), kernel $(uname -r); $PINNING."
     echo "Whole-machine CPU busy during the run (caches, dnsperf, upstream, anything else): $MACHINE_BUSY."
     echo "Peers: $(for c in "${CACHES[@]}"; do printf '%s; ' "${VERSION[$c]:-$c}"; done)upstream: $(version_of unbound), authoritative, on CPU 1; $(dnsperf -h 2>&1 | awk '/^Version/ { print "dnsperf " $2 }')."

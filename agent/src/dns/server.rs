@@ -18,7 +18,7 @@ use futures::FutureExt;
 use futures::future::Shared;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::cache::{Cache, Entry, Lookup};
@@ -491,45 +491,100 @@ pub async fn serve_tcp(server: Arc<DnsServer>, listener: TcpListener, token: Can
     }
 }
 
+/// Queries of one TCP connection answered at once; a client pipelining more waits for a slot
+/// (the kernel's socket buffer then holds its further queries).
+const TCP_PIPELINE: usize = 64;
+
+/// Serves one connection (RFC 7766 6.2.1.1): pipelined queries are answered concurrently and
+/// each answer is written when ready, so a miss does not hold up the hits queued behind it
+/// (answers carry the client's ID; clients match them, not their order). Ends after
+/// `TCP_IDLE` without a query, on EOF, on a message that is not a query, or on `token`; answers
+/// already being worked on are still written.
 async fn serve_tcp_connection(
     server: Arc<DnsServer>,
-    mut stream: tokio::net::TcpStream,
+    stream: tokio::net::TcpStream,
     token: CancellationToken,
 ) {
+    let (mut reader, writer) = stream.into_split();
+    let (answers, pending) = mpsc::channel::<Vec<u8>>(TCP_PIPELINE);
+    let writing = tokio::spawn(write_answers(writer, pending));
+    let slots = Arc::new(Semaphore::new(TCP_PIPELINE));
     let mut buf = Vec::new();
+    let mut key = Vec::with_capacity(64);
     let mut out = Vec::with_capacity(4096);
     loop {
         let mut len = [0u8; 2];
         let read = tokio::select! {
-            _ = token.cancelled() => return,
-            r = tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)) => r,
+            _ = token.cancelled() => break,
+            r = tokio::time::timeout(TCP_IDLE, reader.read_exact(&mut len)) => r,
         };
         if !matches!(read, Ok(Ok(_))) {
-            return;
+            break;
         }
         let n = usize::from(u16::from_be_bytes(len));
         buf.resize(n, 0);
         if !matches!(
-            tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut buf)).await,
+            tokio::time::timeout(TCP_IDLE, reader.read_exact(&mut buf)).await,
             Ok(Ok(_))
         ) {
             server.metrics.dropped("tcp message cut short");
-            return;
+            break;
         }
-        if !server.answer(&buf, Protocol::Tcp, &mut out).await {
+        match server.answer_fast(&buf, Protocol::Tcp, &mut key, &mut out) {
+            Some(true) => {
+                if answers.send(frame(&out)).await.is_err() {
+                    break;
+                }
+            }
             // Nothing sensible to say to a peer sending non-queries: hang up.
+            Some(false) => break,
+            None => {
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    break;
+                };
+                let (server, answers, query) = (server.clone(), answers.clone(), buf.clone());
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    let mut out = Vec::with_capacity(512);
+                    if server.answer(&query, Protocol::Tcp, &mut out).await {
+                        let _ = answers.send(frame(&out)).await;
+                    }
+                });
+            }
+        }
+    }
+    // The writer ends once every answer in the works is written (their senders dropped).
+    drop(answers);
+    let _ = writing.await;
+}
+
+/// A DNS message with its 2-byte TCP length prefix (empty when too long to frame: never for
+/// our answers, which come from 64 KiB messages).
+fn frame(msg: &[u8]) -> Vec<u8> {
+    let Ok(len) = u16::try_from(msg.len()) else {
+        return Vec::new();
+    };
+    let mut framed = Vec::with_capacity(msg.len() + 2);
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(msg);
+    framed
+}
+
+/// Writes answers as they come, flushing when none is queued (a burst goes out in few segments).
+async fn write_answers(
+    writer: tokio::net::tcp::OwnedWriteHalf,
+    mut pending: mpsc::Receiver<Vec<u8>>,
+) {
+    let mut writer = tokio::io::BufWriter::new(writer);
+    while let Some(answer) = pending.recv().await {
+        if writer.write_all(&answer).await.is_err() {
             return;
         }
-        let Ok(len) = u16::try_from(out.len()) else {
-            return;
-        };
-        let mut framed = Vec::with_capacity(out.len() + 2);
-        framed.extend_from_slice(&len.to_be_bytes());
-        framed.extend_from_slice(&out);
-        if stream.write_all(&framed).await.is_err() {
+        if pending.is_empty() && writer.flush().await.is_err() {
             return;
         }
     }
+    let _ = writer.shutdown().await;
 }
 
 #[cfg(test)]
@@ -667,6 +722,45 @@ mod tests {
             .await;
         assert_eq!(wire::scan_response(&out).unwrap().rcode, rcode::NOERROR);
         assert_eq!(up.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn pipelined_tcp_queries_are_answered_as_they_are_ready() {
+        let (s, up) = server(Duration::from_millis(300));
+        let mut out = Vec::new();
+        s.answer(&query(1, "hit.test", 1, None), Protocol::Udp, &mut out)
+            .await;
+        let listener = bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let token = CancellationToken::new();
+        tokio::spawn(serve_tcp(s.clone(), listener, token.clone()));
+
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // A miss (300 ms upstream), then a hit, back to back on one connection.
+        let mut both = frame(&query(0x0101, "slow.test", 1, None));
+        both.extend(frame(&query(0x0202, "hit.test", 1, None)));
+        client.write_all(&both).await.unwrap();
+        let started = Instant::now();
+        let mut ids = Vec::new();
+        for _ in 0..2 {
+            let mut len = [0u8; 2];
+            client.read_exact(&mut len).await.unwrap();
+            let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            client.read_exact(&mut msg).await.unwrap();
+            ids.push((u16::from_be_bytes([msg[0], msg[1]]), started.elapsed()));
+        }
+        assert_eq!(
+            ids[0].0, 0x0202,
+            "the hit is not held up by the miss before it"
+        );
+        assert!(ids[0].1 < Duration::from_millis(200), "{ids:?}");
+        assert_eq!(ids[1].0, 0x0101);
+        assert_eq!(
+            up.calls.load(Ordering::SeqCst),
+            2,
+            "hit.test warm-up and slow.test"
+        );
+        token.cancel();
     }
 
     #[tokio::test]

@@ -532,7 +532,10 @@ async fn serve_tcp_connection(
         }
         match server.answer_fast(&buf, Protocol::Tcp, &mut key, &mut out) {
             Some(true) => {
-                if answers.send(frame(&out)).await.is_err() {
+                // Our answers come from messages that were framed: they always fit.
+                if let Some(framed) = wire::tcp_frame(&out)
+                    && answers.send(framed).await.is_err()
+                {
                     break;
                 }
             }
@@ -546,8 +549,10 @@ async fn serve_tcp_connection(
                 tokio::spawn(async move {
                     let _slot = slot;
                     let mut out = Vec::with_capacity(512);
-                    if server.answer(&query, Protocol::Tcp, &mut out).await {
-                        let _ = answers.send(frame(&out)).await;
+                    if server.answer(&query, Protocol::Tcp, &mut out).await
+                        && let Some(framed) = wire::tcp_frame(&out)
+                    {
+                        let _ = answers.send(framed).await;
                     }
                 });
             }
@@ -556,18 +561,6 @@ async fn serve_tcp_connection(
     // The writer ends once every answer in the works is written (their senders dropped).
     drop(answers);
     let _ = writing.await;
-}
-
-/// A DNS message with its 2-byte TCP length prefix (empty when too long to frame: never for
-/// our answers, which come from 64 KiB messages).
-fn frame(msg: &[u8]) -> Vec<u8> {
-    let Ok(len) = u16::try_from(msg.len()) else {
-        return Vec::new();
-    };
-    let mut framed = Vec::with_capacity(msg.len() + 2);
-    framed.extend_from_slice(&len.to_be_bytes());
-    framed.extend_from_slice(msg);
-    framed
 }
 
 /// Writes answers as they come, flushing when none is queued (a burst goes out in few segments).
@@ -737,8 +730,8 @@ mod tests {
 
         let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
         // A miss (300 ms upstream), then a hit, back to back on one connection.
-        let mut both = frame(&query(0x0101, "slow.test", 1, None));
-        both.extend(frame(&query(0x0202, "hit.test", 1, None)));
+        let mut both = wire::tcp_frame(&query(0x0101, "slow.test", 1, None)).unwrap();
+        both.extend(wire::tcp_frame(&query(0x0202, "hit.test", 1, None)).unwrap());
         client.write_all(&both).await.unwrap();
         let started = Instant::now();
         let mut ids = Vec::new();

@@ -376,6 +376,16 @@ pub fn adopt(response: &mut [u8], query: &[u8], q: &Query) {
     }
 }
 
+/// `msg` with its 2-byte length prefix for DNS over TCP (RFC 1035 4.2.2); `None` when it is
+/// longer than 65,535 bytes and cannot be framed.
+pub fn tcp_frame(msg: &[u8]) -> Option<Vec<u8>> {
+    let len = u16::try_from(msg.len()).ok()?;
+    let mut framed = Vec::with_capacity(msg.len() + 2);
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(msg);
+    Some(framed)
+}
+
 /// A response with no records and `rcode` (and TC when `truncated`), echoing the question when
 /// the query had a parseable one, with an OPT record when the client sent one.
 pub fn empty_response(
@@ -463,6 +473,16 @@ pub(crate) mod tests {
             }
         }
         b
+    }
+
+    #[test]
+    fn tcp_frames_carry_the_length_and_oversized_messages_are_refused() {
+        assert_eq!(tcp_frame(&[7, 8, 9]), Some(vec![0, 3, 7, 8, 9]));
+        assert_eq!(
+            tcp_frame(&vec![0; 65_535]).map(|f| f[..2].to_vec()),
+            Some(vec![0xff, 0xff])
+        );
+        assert_eq!(tcp_frame(&vec![0; 65_536]), None);
     }
 
     #[test]

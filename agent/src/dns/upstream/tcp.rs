@@ -152,15 +152,12 @@ impl Conn {
         // Forget the ID however this ends (answer, timeout dropping this future, close).
         let _guard = PendingGuard { conn: self, id };
         msg::set_id(query, id);
-        let len = u16::try_from(query.len()).map_err(|_| {
+        let frame = crate::dns::wire::tcp_frame(query).ok_or_else(|| {
             TcpError::Io(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "query longer than 65535",
             ))
         })?;
-        let mut frame = Vec::with_capacity(query.len() + 2);
-        frame.extend_from_slice(&len.to_be_bytes());
-        frame.extend_from_slice(query);
         // A slot was free, so there is room in the channel: this never waits.
         self.frames
             .try_send(frame)

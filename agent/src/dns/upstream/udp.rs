@@ -223,28 +223,28 @@ struct Registered<'a> {
 impl Registered<'_> {
     /// Removes the entry now and returns why datagrams for it were turned away.
     fn forget(self) -> Option<Rejected> {
+        self.take().and_then(|w| w.rejected)
+    }
+
+    /// Removes the entry; the reader of a retired socket is woken to see whether that was the
+    /// last one (however the query ended: answer, timeout, or the caller going away).
+    fn take(&self) -> Option<Waiter> {
         let w = self
             .sock
             .pending
             .lock()
             .expect("pending lock")
             .remove(&self.id);
-        w.and_then(|w| w.rejected)
+        if w.is_some() && self.sock.retired.load(Ordering::Relaxed) {
+            self.sock.wake.notify_one();
+        }
+        w
     }
 }
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        let removed = self
-            .sock
-            .pending
-            .lock()
-            .expect("pending lock")
-            .remove(&self.id)
-            .is_some();
-        if removed && self.sock.retired.load(Ordering::Relaxed) {
-            self.sock.wake.notify_one();
-        }
+        self.take();
     }
 }
 
@@ -396,6 +396,45 @@ mod tests {
         drop(client);
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(weak.iter().filter(|w| w.strong_count() > 0).count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_retired_socket_whose_last_query_timed_out_closes() {
+        // Never answers: every query times out.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (on_rejected, _) = counting();
+        let client = UdpClient::new(silent.local_addr().unwrap(), on_rejected);
+        let first: Vec<_> = {
+            client
+                .exchange(&prepared("first.test"), Duration::from_millis(1))
+                .await
+                .unwrap_err();
+            let slots = client.slots.lock().unwrap();
+            slots.iter().flatten().map(Arc::downgrade).collect()
+        };
+        // All at once: the first socket is retired while its queries still wait, and the last
+        // of them ends by timing out.
+        let queries: Vec<_> = (0..SOCKETS * ROTATE_AFTER as usize)
+            .map(|i| prepared(&format!("t{i}.test")))
+            .collect();
+        let results = futures::future::join_all(
+            queries
+                .iter()
+                .map(|p| client.exchange(p, Duration::from_millis(200))),
+        )
+        .await;
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, Err(UdpError::Timeout { .. })))
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(first.len(), 1);
+        assert_eq!(
+            first[0].strong_count(),
+            0,
+            "the first socket was retired and its reader ended"
+        );
     }
 
     #[tokio::test]

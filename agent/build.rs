@@ -1,5 +1,8 @@
 //! Compiles every .proto the agent serves (from the workspace's `proto/`), writes the descriptor
 //! set that server reflection publishes, and records the git revision for `version`.
+//!
+//! The .proto files are parsed by protox (pure Rust, the well-known types built in), so a machine
+//! with only the Rust toolchain builds the agent: no system protobuf compiler is ever run.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -14,9 +17,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in &protos {
         println!("cargo:rerun-if-changed={}", proto.display());
     }
-    tonic_prost_build::configure()
-        .file_descriptor_set_path(out_dir.join("nodekeeper_descriptor.bin"))
-        .compile_protos(&protos, &[proto_root])?;
+    // Imports (the well-known types) included: reflection clients resolve every type from it.
+    let mut compiler = protox::Compiler::new([&proto_root])?;
+    compiler
+        .include_imports(true)
+        .include_source_info(true)
+        .open_files(&protos)?;
+    std::fs::write(
+        out_dir.join("nodekeeper_descriptor.bin"),
+        compiler.encode_file_descriptor_set(),
+    )?;
+    tonic_prost_build::configure().compile_fds(compiler.file_descriptor_set())?;
 
     // An image build passes NODEKEEPER_REVISION (no .git in its context); a checkout asks git,
     // again whenever HEAD moves (a commit, a checkout): otherwise `version` names a stale

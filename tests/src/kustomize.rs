@@ -8,11 +8,35 @@ use serde_json::Value;
 
 use crate::{python, require_python_modules, require_tool, workspace_root};
 
-/// kubectl and PyYAML, plus `extra`; false (skip) when one is missing.
+/// kubectl and PyYAML, plus `extra`; false (skip) when one is missing. Prints which kubectl
+/// renders (Debian's, a vendor's, or the PyPI wheel install-deps puts in the venv): kustomize
+/// output differs between versions.
 pub fn have_tools(extra: &[&str]) -> bool {
-    require_tool("kubectl")
+    let found = require_tool("kubectl")
         && extra.iter().all(|t| require_tool(t))
-        && require_python_modules(&["yaml"])
+        && require_python_modules(&["yaml"]);
+    if found {
+        println!("kubectl: {}", kubectl_version());
+    }
+    found
+}
+
+/// `kubectl version --client` on one line, with the path it ran from; read once per process.
+pub fn kubectl_version() -> &'static str {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION.get_or_init(|| {
+        let path = Command::new("sh")
+            .args(["-c", "command -v kubectl"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        let version = Command::new("kubectl")
+            .args(["version", "--client"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).replace('\n', " "))
+            .unwrap_or_else(|e| format!("unknown ({e})"));
+        format!("{} ({path})", version.trim())
+    })
 }
 
 /// `kubectl kustomize <dir>` (relative to the workspace root).
@@ -24,7 +48,8 @@ pub fn render(dir: &str) -> String {
         .expect("run kubectl kustomize");
     assert!(
         o.status.success(),
-        "kubectl kustomize {dir} failed:\n{}",
+        "kubectl kustomize {dir} failed ({}):\n{}",
+        kubectl_version(),
         String::from_utf8_lossy(&o.stderr)
     );
     String::from_utf8(o.stdout).expect("kustomize output is UTF-8")

@@ -44,8 +44,8 @@ MIN_GAP_SECONDS = 0.9
 # above what an unfloored 10 ms interval would give.
 MIN_WALL_GAP_SECONDS = 0.5
 
-# The agent serves reflection v1 only. grpcio-reflection ships the v1alpha messages, which are
-# identical on the wire to v1's, so they are used with the v1 method path.
+# grpcio-reflection ships the v1alpha messages, which are identical on the wire to v1's: used
+# here with the v1 method path to check v1 (tests/py/reflection_client.py covers v1alpha).
 REFLECTION_V1_METHOD = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
 
 

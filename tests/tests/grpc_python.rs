@@ -178,3 +178,37 @@ fn watch_streams_beyond_the_limit_are_resource_exhausted() {
         .start();
     assert_scenario_passes(&mut agent, "max-streams", &[]);
 }
+
+/// Python's own reflection client (grpcio-reflection speaks v1alpha only), with no .proto and no
+/// generated stub: resolves NodeAgent, calls GetNode and decodes a WatchMetrics message from the
+/// reflected descriptors alone (`tests/py/reflection_client.py`).
+#[test]
+fn python_reflection_v1alpha_client_calls_get_node_and_decodes_watch_metrics() {
+    if !require_python_modules(&["grpc", "grpc_reflection"]) {
+        return;
+    }
+    let mut agent = Agent::builder().start();
+    let mut cmd = Command::new(python());
+    cmd.arg(workspace_root().join("tests/py/reflection_client.py"))
+        .arg("--addr")
+        .arg(agent.api.to_string())
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    let mut proc = Proc::spawn("reflection_client", cmd, agent.dir.path());
+    let status = proc.wait_exit(Duration::from_secs(90));
+    let out = proc.log_text();
+    assert!(
+        status.success(),
+        "reflection_client.py failed ({status}):\n{out}\nagent log:\n{}",
+        agent.proc.log_text()
+    );
+    assert!(out.contains("\"ok\": true"), "no success result:\n{out}");
+    assert!(
+        out.contains("\"metrics\": \"HEALTH_STATE_SERVING\""),
+        "GetNode decoded without capabilities:\n{out}"
+    );
+    assert!(
+        out.contains("\"collectedAt\""),
+        "WatchMetrics decoded without collected_at:\n{out}"
+    );
+    assert!(agent.proc.alive(), "agent died:\n{}", agent.proc.log_text());
+}

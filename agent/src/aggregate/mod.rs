@@ -273,11 +273,10 @@ pub async fn run(args: AggregateArgs) -> Result<(), AggregateError> {
 
     let h = health.clone();
     supervisor.spawn(CAPABILITY, move |token| async move {
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::api::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(crate::api::ApiError::from)?;
+        let (reflection_v1, reflection_v1alpha) = (
+            crate::api::reflection_v1()?,
+            crate::api::reflection_v1alpha()?,
+        );
         let scaler =
             ScalerService::new(Arc::new(FleetSource(fleet.clone())), refresh, token.clone());
         let (health_service, mirror) = crate::api::health_service(h.clone(), &token);
@@ -288,7 +287,8 @@ pub async fn run(args: AggregateArgs) -> Result<(), AggregateError> {
                 fleet,
             )))
             .add_service(health_service)
-            .add_service(reflection)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(grpc_listener),
                 token.cancelled_owned(),

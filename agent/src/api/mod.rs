@@ -460,6 +460,29 @@ pub(crate) fn health_service(
     (service, mirror)
 }
 
+use tonic_reflection::server::{v1 as reflection_v1, v1alpha as reflection_v1alpha};
+
+/// Server reflection over this crate's services and health, protocol v1 (current grpcurl).
+pub fn reflection_v1()
+-> Result<reflection_v1::ServerReflectionServer<impl reflection_v1::ServerReflection>, ApiError> {
+    Ok(reflection_builder().build_v1()?)
+}
+
+/// The same in protocol v1alpha, for the clients that speak only it: Python's grpcio-reflection,
+/// grpcui, Postman, older grpcurl.
+pub fn reflection_v1alpha() -> Result<
+    reflection_v1alpha::ServerReflectionServer<impl reflection_v1alpha::ServerReflection>,
+    ApiError,
+> {
+    Ok(reflection_builder().build_v1alpha()?)
+}
+
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
 /// Serves until `token` is cancelled; open streams are ended by the same token.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -468,10 +491,7 @@ pub async fn serve(
     auth: auth::ServerAuth,
     token: CancellationToken,
 ) -> Result<(), ApiError> {
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let (reflection_v1, reflection_v1alpha) = (reflection_v1()?, reflection_v1alpha()?);
     // KEDA's scaler reads the same snapshot cache as GetMetrics; without metrics it is absent
     // (UNIMPLEMENTED), as there is nothing to scale on.
     let scaler = service.snapshots.clone().map(|cache| {
@@ -491,7 +511,8 @@ pub async fn serve(
         .add_service(node_agent_server::NodeAgentServer::new(service))
         .add_optional_service(scaler)
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), token.cancelled_owned())
         .await;
     mirror.abort();

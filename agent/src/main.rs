@@ -248,7 +248,8 @@ struct SysctlArgs {
     #[command(flatten)]
     config: ConfigArgs,
     /// Work inside this network namespace (`/run/netns/NAME`, `/proc/PID/ns/net`); only
-    /// per-namespace `net.*` keys are allowed and no originals are recorded.
+    /// per-namespace `net.*` keys are allowed; originals are recorded per namespace and
+    /// `revert --netns` restores them.
     #[arg(long)]
     netns: Option<PathBuf>,
 }
@@ -374,9 +375,14 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return config_exit(&e),
             };
+            // Rollback and revert failures are logged by key as they happen.
+            if let Err(e) = init_logging(cli.log_format, &cli.log_level) {
+                eprintln!("nodekeeper: {e:#}");
+                return ExitCode::from(EX_USAGE);
+            }
             let target = nodekeeper::sysctl::Target {
                 proc_root: config.host_paths.proc.clone(),
-                state_file: config.state_dir.join("sysctl/originals.json"),
+                state_dir: config.state_dir.join("sysctl"),
                 netns: args.netns,
             };
             match run(&config, &target) {

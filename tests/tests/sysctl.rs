@@ -183,7 +183,7 @@ fn apply_then_revert_restores_originals() {
 fn a_refused_write_rolls_back_every_earlier_change() {
     let fake = FakeProc::new(BASE_KEYS);
     fake.rejecting("vm.zz_readonly");
-    let config = "sysctl:\n  profiles:\n    - name: p\n      sysctls:\n        net.core.somaxconn: 8192\n        fs.file-max: 5\n        vm.zz_readonly: \"off\"\n";
+    let config = "sysctl:\n  profiles:\n    - name: p\n      sysctls:\n        net.core.somaxconn: 8192\n        fs.file-max: 5000000\n        vm.zz_readonly: \"off\"\n";
     let o = run_cli("apply", config, &fake, &[]);
     assert_eq!(o.status.code(), Some(1), "{}", out(&o));
     let e = String::from_utf8_lossy(&o.stderr);
@@ -213,6 +213,40 @@ fn a_value_the_kernel_does_not_keep_is_rolled_back() {
         out(&o)
     );
     assert_eq!(fake.get("net.core.somaxconn"), "4096");
+}
+
+#[test]
+fn a_restore_that_fails_keeps_the_original_is_logged_by_key_and_exits_non_zero() {
+    let fake = FakeProc::new(BASE_KEYS);
+    fake.set("vm.zz_oneway", "0");
+    let config = "sysctl:\n  profiles:\n    - name: p\n      sysctls:\n        net.core.somaxconn: 8192\n        vm.zz_oneway: 1\n";
+    let o = run_cli("apply", config, &fake, &[]);
+    assert!(o.status.success(), "{}", out(&o));
+    // The key can no longer be written (a one-way knob, a module unloaded).
+    std::fs::remove_file(fake.file("vm.zz_oneway")).unwrap();
+    fake.rejecting("vm.zz_oneway");
+    let o = run_cli("revert", config, &fake, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("restoring the original failed") && e.contains("vm.zz_oneway"),
+        "the CLI logs the failure by key: {e}"
+    );
+    assert!(
+        e.contains("originals kept in the journal for: vm.zz_oneway")
+            && e.contains("(restored: net.core.somaxconn)"),
+        "the error names what failed and what was restored: {e}"
+    );
+    assert_eq!(
+        fake.get("net.core.somaxconn"),
+        "4096",
+        "every other key is restored"
+    );
+    let journal = std::fs::read_to_string(fake.state().join("sysctl/originals.json")).unwrap();
+    assert!(
+        journal.contains("vm.zz_oneway") && !journal.contains("somaxconn"),
+        "only the unrestored key stays recorded: {journal}"
+    );
 }
 
 #[test]
@@ -350,6 +384,51 @@ fn the_daemon_reverts_keys_that_leave_every_profile_on_config_change_and_relabel
         Some(2.0),
         "{m}"
     );
+}
+
+#[test]
+fn the_daemon_quarantines_a_key_it_cannot_revert_and_still_corrects_drift_on_the_rest() {
+    let fake = FakeProc::new(BASE_KEYS);
+    fake.set("vm.zz_oneway", "0");
+    let with_oneway = format!("{DAEMON}        vm.zz_oneway: 1\n");
+    let agent = daemon(&fake, &with_oneway);
+    fake.wait_value("vm.zz_oneway", "1");
+    fake.wait_value("net.core.somaxconn", "8192");
+    // The key becomes impossible to write (like a one-way knob), then leaves the profile.
+    std::fs::remove_file(fake.file("vm.zz_oneway")).unwrap();
+    fake.rejecting("vm.zz_oneway");
+    let config = agent.dir.path().join("config.yaml");
+    std::fs::write(&config, format!("metrics:\n  enabled: false\n{DAEMON}")).unwrap();
+    wait_for(Duration::from_secs(10), "vm.zz_oneway quarantined", || {
+        let m = agent.metrics_text();
+        sample(
+            &m,
+            "nodekeeper_sysctl_quarantined",
+            &[("key", "vm.zz_oneway"), ("action", "restore")],
+        )
+        .filter(|v| *v == 1.0)
+    });
+    // Drift on another key is still corrected.
+    fake.set("net.core.somaxconn", "128");
+    fake.wait_value("net.core.somaxconn", "8192");
+    let m = agent.metrics_text();
+    assert!(
+        sample(
+            &m,
+            "nodekeeper_sysctl_restore_failures_total",
+            &[("key", "vm.zz_oneway")]
+        )
+        .is_some_and(|v| v >= 1.0),
+        "{m}"
+    );
+    let journal =
+        std::fs::read_to_string(agent.dir.path().join("state/sysctl/originals.json")).unwrap();
+    assert!(
+        journal.contains("vm.zz_oneway"),
+        "its original stays recorded: {journal}"
+    );
+    let (status, body) = nodekeeper_tests::http_get(agent.metrics, "/readyz").unwrap();
+    assert_eq!(status, 503, "a quarantined key is reported: {body}");
 }
 
 #[test]
@@ -604,4 +683,249 @@ async fn get_node_reports_the_sysctl_state() {
         .find(|c| c.name == "sysctl")
         .expect("sysctl capability listed");
     assert_eq!(cap.state, nodekeeper::pb::HealthState::Serving as i32);
+}
+
+// === issue #17: side effects, per-namespace journal, denylist and use checks ===
+
+/// Runs `nodekeeper sysctl ACTION --netns NS` with a state dir the caller keeps.
+fn cli_in(ns: &str, action: &str, config: &str, state: &Path) -> Output {
+    let file = state.with_extension("yaml");
+    std::fs::write(&file, config).unwrap();
+    Command::new(agent_bin())
+        .args(["sysctl", action, "--config"])
+        .arg(&file)
+        .arg("--state-dir")
+        .arg(state)
+        .args(["--netns", ns])
+        .output()
+        .unwrap()
+}
+
+/// Every forwarding-related value of a namespace, by key.
+fn forwarding(ns: &Netns) -> Vec<(String, String)> {
+    let o = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "sh", "-c"])
+        .arg("cd /proc/sys/net && grep -H . ipv4/ip_forward ipv4/conf/*/forwarding ipv4/conf/all/accept_redirects ipv6/conf/*/forwarding")
+        .output()
+        .unwrap();
+    let mut v: Vec<(String, String)> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    v.sort();
+    assert!(v.len() >= 6, "{v:?}");
+    v
+}
+
+fn ns_write(ns: &Netns, key: &str, value: &str) {
+    let ok = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "sh", "-c"])
+        .arg(format!(
+            "echo {value} > /proc/sys/{}",
+            key.replace('.', "/")
+        ))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "{key}={value}");
+}
+
+const HOST_KEYS: [&str; 5] = [
+    "net.ipv4.ip_forward",
+    "net.ipv4.conf.lo.forwarding",
+    "net.ipv4.conf.all.accept_redirects",
+    "net.core.somaxconn",
+    "net.core.optmem_max",
+];
+
+#[test]
+fn netns_a_failed_apply_of_ip_forward_puts_every_forwarding_key_back() {
+    if !require_root() || !require_tool("ip") {
+        return;
+    }
+    let host_before: Vec<String> = HOST_KEYS.iter().map(|k| host(k)).collect();
+    let ns = Netns::new("sysctl-fwd");
+    // An interface forwarding while the namespace does not: ip_forward=1 then 0 would clear it.
+    ns_write(&ns, "net.ipv4.conf.lo.forwarding", "1");
+    let before = forwarding(&ns);
+    let dir = tempfile::tempdir().unwrap();
+    // tcp_syn_retries is capped at 127 (EINVAL) and is written after ip_forward.
+    let o = cli_in(
+        &ns.path(),
+        "apply",
+        "sysctl:\n  profiles:\n    - name: pod\n      sysctls:\n        net.ipv4.ip_forward: 1\n        net.ipv4.tcp_syn_retries: 200\n",
+        &dir.path().join("state"),
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("1 earlier change(s) rolled back"),
+        "{}",
+        out(&o)
+    );
+    assert_eq!(forwarding(&ns), before, "every conf.*.forwarding is back");
+    let host_after: Vec<String> = HOST_KEYS.iter().map(|k| host(k)).collect();
+    assert_eq!(host_before, host_after, "host values unchanged");
+}
+
+#[test]
+fn netns_revert_restores_that_namespace_from_its_own_journal_and_never_the_host() {
+    if !require_root() || !require_tool("ip") {
+        return;
+    }
+    let host_before: Vec<String> = HOST_KEYS.iter().map(|k| host(k)).collect();
+    let ns = Netns::new("sysctl-rv");
+    let other = Netns::new("sysctl-rv-other");
+    ns_write(&ns, "net.ipv4.conf.lo.forwarding", "1");
+    let (fwd_before, somaxconn_before) = (forwarding(&ns), ns.read("net.core.somaxconn"));
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let config = "sysctl:\n  profiles:\n    - name: pod\n      sysctls:\n        net.ipv4.ip_forward: 1\n        net.core.somaxconn: 12345\n";
+    let o = cli_in(&ns.path(), "apply", config, &state);
+    assert!(o.status.success(), "{}", out(&o));
+    assert_eq!(ns.read("net.ipv4.ip_forward"), "1");
+    assert_eq!(ns.read("net.core.somaxconn"), "12345");
+    let journals: Vec<_> = std::fs::read_dir(state.join("sysctl/netns"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(journals.len(), 1, "one journal for the namespace");
+    assert!(
+        !state.join("sysctl/originals.json").exists(),
+        "nothing recorded for the host"
+    );
+
+    // A namespace nodekeeper never touched has no record: a clear error, non-zero, no change.
+    let other_before = forwarding(&other);
+    let o = cli_in(&other.path(), "revert", config, &state);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no sysctl record for network namespace"),
+        "{}",
+        out(&o)
+    );
+    assert_eq!(forwarding(&other), other_before);
+
+    let o = cli_in(&ns.path(), "revert", config, &state);
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("2 key(s) restored"),
+        "{}",
+        out(&o)
+    );
+    assert_eq!(forwarding(&ns), fwd_before, "forwarding keys as they were");
+    assert_eq!(ns.read("net.core.somaxconn"), somaxconn_before);
+    // Its record is spent: a second revert says so instead of claiming success.
+    let o = cli_in(&ns.path(), "revert", config, &state);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    let host_after: Vec<String> = HOST_KEYS.iter().map(|k| host(k)).collect();
+    assert_eq!(host_before, host_after, "host values unchanged");
+}
+
+#[test]
+fn netns_the_hosts_own_namespace_is_refused_and_optmem_max_is_per_namespace() {
+    if !require_root() || !require_tool("ip") {
+        return;
+    }
+    let host_before: Vec<String> = HOST_KEYS.iter().map(|k| host(k)).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let config = "sysctl:\n  profiles:\n    - name: pod\n      sysctls:\n        net.core.somaxconn: 777\n        net.core.optmem_max: 65536\n";
+    for action in ["apply", "revert"] {
+        let o = cli_in("/proc/self/ns/net", action, config, &state);
+        assert_eq!(o.status.code(), Some(1), "{action}: {}", out(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("host's own network namespace"),
+            "{action}: {}",
+            out(&o)
+        );
+    }
+    let ns = Netns::new("sysctl-optmem");
+    let o = cli_in(&ns.path(), "apply", config, &state);
+    let release = host("kernel.osrelease");
+    let (major, minor) = {
+        let mut it = release
+            .split(|c: char| !c.is_ascii_digit())
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        (it.next().unwrap_or(0), it.next().unwrap_or(0))
+    };
+    if (major, minor) >= (6, 9) {
+        assert!(o.status.success(), "{}", out(&o));
+        assert_eq!(ns.read("net.core.optmem_max"), "65536");
+    } else {
+        assert_eq!(o.status.code(), Some(64), "global before 6.9: {}", out(&o));
+    }
+    let host_after: Vec<String> = HOST_KEYS.iter().map(|k| host(k)).collect();
+    assert_eq!(host_before, host_after, "host values unchanged");
+}
+
+#[test]
+fn plan_refuses_node_killing_weakening_and_one_way_settings_against_this_kernel() {
+    // Read-only: `plan` against the real /proc, so the use checks see this machine's use.
+    let cases = [
+        "kernel.warn_limit: 1",
+        "kernel.oops_limit: 1",
+        "kernel.unprivileged_bpf_disabled: 0",
+        "kernel.randomize_va_space: 0",
+        "fs.suid_dumpable: 2",
+        "kernel.perf_event_paranoid: -1",
+        "kernel.usermodehelper.bset: \"0 0\"",
+        "kernel.pid_max: 301",
+        "kernel.threads-max: 20",
+        "fs.file-max: 10",
+        "vm.max_map_count: 1",
+        "vm.min_free_kbytes: 1000000000",
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for line in cases {
+        let file = dir.path().join("c.yaml");
+        std::fs::write(
+            &file,
+            format!("sysctl:\n  profiles:\n    - name: p\n      sysctls:\n        {line}\n"),
+        )
+        .unwrap();
+        let o = Command::new(agent_bin())
+            .args(["sysctl", "plan", "--config"])
+            .arg(&file)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .output()
+            .unwrap();
+        let key = line.split(':').next().unwrap();
+        assert_eq!(o.status.code(), Some(64), "{line}: {}", out(&o));
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains(key), "{line}: {e}");
+        assert!(
+            e.contains("denylist") || e.contains("in use now") || e.contains("of RAM"),
+            "{line}: the reason is given: {e}"
+        );
+    }
+    // Strict overcommit with a commit limit of 1% of RAM: below what any running node commits.
+    let file = dir.path().join("c.yaml");
+    std::fs::write(
+        &file,
+        "sysctl:\n  profiles:\n    - name: p\n      sysctls:\n        vm.overcommit_memory: 2\n        vm.overcommit_ratio: 1\n",
+    )
+    .unwrap();
+    let o = Command::new(agent_bin())
+        .args(["sysctl", "plan", "--config"])
+        .arg(&file)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .output()
+        .unwrap();
+    let swap_kb: i64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("SwapTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    if swap_kb == 0 {
+        assert_eq!(o.status.code(), Some(64), "{}", out(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("strict overcommit"),
+            "{}",
+            out(&o)
+        );
+    }
 }

@@ -1,8 +1,11 @@
-//! Writing sysctls all-or-nothing, recording originals, detecting drift, reverting.
+//! Writing sysctls all-or-nothing, recording originals (the journal), detecting drift,
+//! reverting.
 //!
 //! Every write is read back (the kernel may clamp or refuse); the first failure restores every
-//! key this apply already changed. Originals are persisted to the state dir *before* the first
-//! write, so a crash mid-apply still knows what to restore.
+//! key this apply already changed. Originals, and the values of the keys the kernel changes along
+//! with a key (`dependants`), are persisted to the state dir *before* the first write, so a crash
+//! mid-apply still knows what to restore; an original leaves the journal only after its restore
+//! was read back. A restore that fails keeps it and is reported by key.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -10,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::dependants;
 use super::profile::{Desired, SysctlValue};
 
 /// Larger than any sysctl value; bounds a read of a misconfigured path (e.g. a device node).
@@ -17,25 +21,29 @@ const MAX_VALUE_BYTES: u64 = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
-    /// A write was refused; every key changed before it was restored.
+    /// A write was refused; every key changed before it was restored (but `unrestored`).
     #[error(
-        "writing {key} = {value:?} failed: {error}; {rolled_back} earlier change(s) rolled back"
+        "writing {key} = {value:?} failed: {error}; {rolled_back} earlier change(s) rolled back{}",
+        not_restored(.unrestored)
     )]
     WriteFailed {
         key: String,
         value: String,
         error: String,
         rolled_back: usize,
+        unrestored: Vec<String>,
     },
     /// The kernel accepted the write but kept another value (clamped); rolled back likewise.
     #[error(
-        "{key}: wrote {wanted:?} but the kernel kept {got:?}; {rolled_back} change(s) rolled back"
+        "{key}: wrote {wanted:?} but the kernel kept {got:?}; {rolled_back} change(s) rolled back{}",
+        not_restored(.unrestored)
     )]
     NotAccepted {
         key: String,
         wanted: String,
         got: String,
         rolled_back: usize,
+        unrestored: Vec<String>,
     },
     /// Reading a key failed.
     #[error("reading {key}: {error}")]
@@ -44,8 +52,20 @@ pub enum ApplyError {
     #[error("sysctl state {}: {error}", path.display())]
     State { path: PathBuf, error: String },
     /// Restoring some originals failed; they stay recorded and are retried.
-    #[error("reverting failed for: {}", .0.join("; "))]
+    #[error("reverting failed, originals kept in the journal for: {}", .0.join("; "))]
     Revert(Vec<String>),
+}
+
+/// The tail of a rollback message: which keys are still changed (their originals stay recorded).
+fn not_restored(unrestored: &[String]) -> String {
+    if unrestored.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; NOT restored (originals kept in the journal for `nodekeeper sysctl revert`): {}",
+            unrestored.join("; ")
+        )
+    }
 }
 
 impl ApplyError {
@@ -59,19 +79,54 @@ impl ApplyError {
             Self::Revert(_) => "revert_failed",
         }
     }
+
+    /// The one key this failure is about, when it is about one key (to quarantine it).
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Self::WriteFailed { key, .. }
+            | Self::NotAccepted { key, .. }
+            | Self::Read { key, .. } => Some(key),
+            Self::State { .. } | Self::Revert(_) => None,
+        }
+    }
+
+    /// Keys a rollback could not restore (`key: why`).
+    pub fn unrestored(&self) -> &[String] {
+        match self {
+            Self::WriteFailed { unrestored, .. } | Self::NotAccepted { unrestored, .. } => {
+                unrestored
+            }
+            _ => &[],
+        }
+    }
 }
 
 /// `/proc/sys` (or a test tree standing in for it).
 #[derive(Debug, Clone)]
 pub struct SysctlFs {
     root: PathBuf,
+    /// Unit tests: path -> how many more writes succeed before each write fails with EIO.
+    #[cfg(test)]
+    pub faults: std::sync::Arc<std::sync::Mutex<BTreeMap<String, usize>>>,
 }
 
 impl SysctlFs {
     pub fn new(proc_root: &Path) -> Self {
         Self {
             root: proc_root.join("sys"),
+            #[cfg(test)]
+            faults: Default::default(),
         }
+    }
+
+    /// The file of a key path (`net/core/somaxconn`).
+    pub fn path(&self, path: &str) -> PathBuf {
+        self.root.join(path)
+    }
+
+    /// A file of the procfs this tree belongs to (`meminfo`, `loadavg`).
+    pub fn proc_file(&self, name: &str) -> PathBuf {
+        self.root.parent().unwrap_or(&self.root).join(name)
     }
 
     /// The key's current value, whitespace-normalised; None when the key does not exist.
@@ -88,12 +143,67 @@ impl SysctlFs {
     }
 
     pub fn write(&self, path: &str, value: &str) -> std::io::Result<()> {
+        #[cfg(test)]
+        if let Some(left) = self.faults.lock().unwrap().get_mut(path) {
+            if *left == 0 {
+                return Err(std::io::Error::other("injected write failure"));
+            }
+            *left -= 1;
+        }
         // One write(2) of the whole value: the kernel parses a sysctl per write call.
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .truncate(true)
             .open(self.root.join(path))?;
         f.write_all(format!("{value}\n").as_bytes())
+    }
+
+    /// Writes `value` and reads it back; Err says what went wrong.
+    fn write_checked(&self, path: &str, value: &str) -> Result<(), String> {
+        self.write(path, value).map_err(|e| e.to_string())?;
+        match self.read(path) {
+            Ok(got) if got == value => Ok(()),
+            Ok(got) => Err(format!("wrote {value:?} but the kernel kept {got:?}")),
+            Err(e) => Err(format!("reading back: {e}")),
+        }
+    }
+
+    /// Current values of `paths` that exist.
+    fn snapshot(&self, paths: &[String]) -> BTreeMap<String, String> {
+        paths
+            .iter()
+            .filter_map(|p| self.read(p).ok().map(|v| (p.clone(), v)))
+            .collect()
+    }
+
+    /// Writes `value` to `path`, then each dependant that no longer holds its value, reading
+    /// every write back. A dependant that is gone (its interface was removed) needs nothing.
+    /// `skip`: paths not to touch (keys a profile still sets).
+    pub fn restore(
+        &self,
+        path: &str,
+        value: &str,
+        dependants: &BTreeMap<String, String>,
+        skip: &BTreeSet<String>,
+    ) -> Result<(), String> {
+        self.write_checked(path, value)?;
+        let mut failed = Vec::new();
+        for (dep, old) in dependants {
+            if skip.contains(dep) || !self.root.join(dep).exists() {
+                continue;
+            }
+            if self.read(dep).ok().as_deref() == Some(old.as_str()) {
+                continue;
+            }
+            if let Err(e) = self.write_checked(dep, old) {
+                failed.push(format!("dependant {dep}: {e}"));
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failed.join(", "))
+        }
     }
 }
 
@@ -102,6 +212,16 @@ impl SysctlFs {
 pub struct Originals {
     /// Dotted key -> (path under /proc/sys, original value).
     pub keys: BTreeMap<String, (String, String)>,
+    /// Dotted key -> the original values of the paths the kernel changes along with it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub dependants: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+impl Originals {
+    fn forget(&mut self, key: &str) {
+        self.keys.remove(key);
+        self.dependants.remove(key);
+    }
 }
 
 /// The originals file in the state dir; `None` path = keep in memory only (pod netns, tests).
@@ -162,6 +282,15 @@ pub struct ApplyReport {
     pub unchanged: usize,
 }
 
+/// One key this apply is about to change: its value before, and its dependants' values before.
+struct Change<'a> {
+    desired: &'a Desired,
+    old: String,
+    dependants_before: BTreeMap<String, String>,
+    /// Its original was first recorded by this apply (so a good rollback forgets it again).
+    newly_recorded: bool,
+}
+
 /// Applies every desired key or none. Keys already at their value are not written.
 pub fn apply(
     fs: &SysctlFs,
@@ -178,71 +307,92 @@ pub fn apply(
         if current == d.value {
             report.unchanged += 1;
         } else {
-            changes.push((d, current));
+            changes.push(Change {
+                desired: d,
+                dependants_before: fs.snapshot(&dependants::dependants(fs, &d.key)),
+                newly_recorded: !store.originals.keys.contains_key(&d.key),
+                old: current,
+            });
         }
     }
     if changes.is_empty() {
         return Ok(report);
     }
-    let newly_recorded: Vec<String> = changes
-        .iter()
-        .filter(|(d, _)| !store.originals.keys.contains_key(&d.key))
-        .map(|(d, _)| d.key.clone())
-        .collect();
-    for (d, current) in &changes {
+    // Propagating keys first, so a key the set names itself is written after the propagation.
+    changes.sort_by_key(|c| !dependants::propagates(&c.desired.key));
+    for c in &changes {
+        let d = c.desired;
         store
             .originals
             .keys
             .entry(d.key.clone())
-            .or_insert_with(|| (d.path.clone(), current.clone()));
+            .or_insert_with(|| (d.path.clone(), c.old.clone()));
+        if !c.dependants_before.is_empty() {
+            store
+                .originals
+                .dependants
+                .entry(d.key.clone())
+                .or_insert_with(|| c.dependants_before.clone());
+        }
     }
     store.persist()?;
 
-    let mut written: Vec<(&Desired, &String)> = Vec::new();
-    for (d, old) in &changes {
-        let outcome = match fs.write(&d.path, &d.value) {
-            Err(e) => Err(Failure::Refused(e.to_string())),
+    for (i, c) in changes.iter().enumerate() {
+        let d = c.desired;
+        let failure = match fs.write(&d.path, &d.value) {
+            Err(e) => Failure::Refused(e.to_string()),
             Ok(()) => match fs.read(&d.path) {
-                Ok(got) if got == d.value => Ok(()),
-                Ok(got) => Err(Failure::Kept(got)),
-                Err(e) => Err(Failure::Kept(format!("<unreadable: {e}>"))),
+                Ok(got) if got == d.value => continue,
+                Ok(got) => Failure::Kept(got),
+                Err(e) => Failure::Kept(format!("<unreadable: {e}>")),
             },
         };
-        let failure = match outcome {
-            Ok(()) => {
-                written.push((d, old));
-                continue;
-            }
-            Err(f) => f,
-        };
         // A kept (clamped) value means the write landed: restore this key too.
-        let mut to_restore = written.clone();
-        if matches!(failure, Failure::Kept(_)) {
-            to_restore.push((d, old));
+        let landed = if matches!(failure, Failure::Kept(_)) {
+            i + 1
+        } else {
+            i
+        };
+        let (rolled_back, unrestored) = rollback(fs, &changes[..landed]);
+        // Keys never written, or restored and read back, lose the original this apply recorded;
+        // a key whose restore failed keeps it, so `revert` can still put it back.
+        for c in changes.iter().filter(|c| c.newly_recorded) {
+            if !unrestored.iter().any(|(k, _)| *k == c.desired.key) {
+                store.originals.forget(&c.desired.key);
+            }
         }
-        let rolled_back = rollback(fs, &to_restore);
-        for k in &newly_recorded {
-            store.originals.keys.remove(k);
-        }
-        store.persist()?;
+        let persisted = store.persist();
+        let unrestored: Vec<String> = unrestored
+            .into_iter()
+            .map(|(k, e)| format!("{k}: {e}"))
+            .collect();
+        persisted?;
         return Err(match failure {
             Failure::Kept(got) => ApplyError::NotAccepted {
                 key: d.key.clone(),
                 wanted: d.value.clone(),
                 got,
                 rolled_back,
+                unrestored,
             },
             Failure::Refused(error) => ApplyError::WriteFailed {
                 key: d.key.clone(),
                 value: d.value.clone(),
                 error,
                 rolled_back,
+                unrestored,
             },
         });
     }
-    report.changed = written
+    report.changed = changes
         .iter()
-        .map(|(d, old)| (d.key.clone(), (*old).clone(), d.value.clone()))
+        .map(|c| {
+            (
+                c.desired.key.clone(),
+                c.old.clone(),
+                c.desired.value.clone(),
+            )
+        })
         .collect();
     Ok(report)
 }
@@ -254,18 +404,22 @@ enum Failure {
     Kept(String),
 }
 
-/// Restores `written` keys to their old values, newest first; returns how many succeeded.
-fn rollback(fs: &SysctlFs, written: &[(&Desired, &String)]) -> usize {
+/// Restores `written` keys (and their dependants) to their values before this apply, newest
+/// first, reading each back. Returns how many were restored and (key, why) for the rest.
+fn rollback(fs: &SysctlFs, written: &[Change]) -> (usize, Vec<(String, String)>) {
     let mut ok = 0;
-    for (d, old) in written.iter().rev() {
-        match fs.write(&d.path, old) {
+    let mut failed = Vec::new();
+    for c in written.iter().rev() {
+        let d = c.desired;
+        match fs.restore(&d.path, &c.old, &c.dependants_before, &BTreeSet::new()) {
             Ok(()) => ok += 1,
-            Err(e) => {
-                tracing::error!(key = %d.key, value = %old, error = %e, "rollback write failed")
+            Err(error) => {
+                tracing::error!(key = %d.key, value = %c.old, %error, "rollback write failed: the key stays changed and its original stays in the journal");
+                failed.push((d.key.clone(), error));
             }
         }
     }
-    ok
+    (ok, failed)
 }
 
 /// Keys whose current value differs from the desired one: (desired, actual).
@@ -280,39 +434,61 @@ pub fn drifted<'a>(fs: &SysctlFs, desired: &'a [Desired]) -> Vec<(&'a Desired, S
         .collect()
 }
 
-/// Restores the original of every recorded key not in `keep`, forgetting each one restored.
-/// Returns the keys restored.
+/// What a revert did, key by key.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct RevertReport {
+    pub restored: Vec<String>,
+    /// (key, why): still changed, original still recorded.
+    pub failed: Vec<(String, String)>,
+}
+
+/// Restores the original (and dependants) of every recorded key not in `keep` and not in `hold`,
+/// forgetting each one only once it reads back. Never stops at a failure: every key is tried.
+/// Dependants that are themselves kept keys are left alone.
 pub fn revert(
     fs: &SysctlFs,
     store: &mut OriginalsStore,
     keep: &BTreeSet<String>,
-) -> Result<Vec<String>, ApplyError> {
-    let mut restored = Vec::new();
-    let mut failed = Vec::new();
+    hold: &BTreeSet<String>,
+) -> Result<RevertReport, ApplyError> {
+    let mut report = RevertReport::default();
+    let kept_paths: BTreeSet<String> = store
+        .originals
+        .keys
+        .iter()
+        .filter(|(k, _)| keep.contains(*k))
+        .map(|(_, (p, _))| p.clone())
+        .chain(keep.iter().map(|k| super::profile::key_path(k).1))
+        .collect();
     let targets: Vec<_> = store
         .originals
         .keys
         .iter()
-        .filter(|(k, _)| !keep.contains(*k))
+        .filter(|(k, _)| !keep.contains(*k) && !hold.contains(*k))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     for (key, (path, original)) in targets {
-        match fs.write(&path, &original) {
+        let deps = store
+            .originals
+            .dependants
+            .get(&key)
+            .cloned()
+            .unwrap_or_default();
+        match fs.restore(&path, &original, &deps, &kept_paths) {
             Ok(()) => {
-                store.originals.keys.remove(&key);
-                restored.push(key);
+                store.originals.forget(&key);
+                report.restored.push(key);
             }
-            Err(e) => failed.push(format!("{key} = {original:?}: {e}")),
+            Err(error) => {
+                tracing::error!(key, original, %error, "restoring the original failed: it stays recorded");
+                report.failed.push((key, error));
+            }
         }
     }
-    if !restored.is_empty() {
+    if !report.restored.is_empty() {
         store.persist()?;
     }
-    if failed.is_empty() {
-        Ok(restored)
-    } else {
-        Err(ApplyError::Revert(failed))
-    }
+    Ok(report)
 }
 
 #[cfg(test)]
@@ -365,7 +541,9 @@ mod tests {
         let mut store = OriginalsStore::load(Some(state.clone())).unwrap();
         apply(&fs, &[want("net.core.somaxconn", "16384")], &mut store).unwrap();
         assert_eq!(store.originals.keys["net.core.somaxconn"].1, "4096");
-        let restored = revert(&fs, &mut store, &BTreeSet::new()).unwrap();
+        let restored = revert(&fs, &mut store, &BTreeSet::new(), &BTreeSet::new())
+            .unwrap()
+            .restored;
         assert_eq!(restored, vec!["net.core.somaxconn".to_string()]);
         assert_eq!(fs.read("net/core/somaxconn").unwrap(), "4096");
         assert!(
@@ -384,5 +562,126 @@ mod tests {
         assert!(drifted(&fs, &d).is_empty());
         fs.write("net/core/somaxconn", "128").unwrap();
         assert_eq!(drifted(&fs, &d)[0].1, "128");
+    }
+
+    fn fail_after(fs: &SysctlFs, path: &str, writes: usize) {
+        fs.faults.lock().unwrap().insert(path.into(), writes);
+    }
+
+    #[test]
+    fn a_rollback_that_fails_keeps_the_original_recorded_and_names_the_key() {
+        let (dir, fs) = tree(&[("net/core/somaxconn", "4096\n"), ("vm/zz", "0\n")]);
+        let state = dir.path().join("state/originals.json");
+        let mut store = OriginalsStore::load(Some(state.clone())).unwrap();
+        // somaxconn takes the apply's write but refuses the rollback's; vm.zz refuses at once.
+        fail_after(&fs, "net/core/somaxconn", 1);
+        fail_after(&fs, "vm/zz", 0);
+        let e = apply(
+            &fs,
+            &[want("net.core.somaxconn", "8192"), want("vm.zz", "1")],
+            &mut store,
+        )
+        .unwrap_err();
+        assert_eq!(e.key(), Some("vm.zz"));
+        assert_eq!(e.unrestored().len(), 1, "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("0 earlier change(s) rolled back")
+                && text.contains("NOT restored")
+                && text.contains("net.core.somaxconn: injected write failure"),
+            "{text}"
+        );
+        assert_eq!(fs.read("net/core/somaxconn").unwrap(), "8192");
+        let on_disk = OriginalsStore::load(Some(state.clone())).unwrap();
+        assert_eq!(
+            on_disk.originals.keys["net.core.somaxconn"].1, "4096",
+            "the original of a key still changed stays in the journal"
+        );
+        assert!(
+            !on_disk.originals.keys.contains_key("vm.zz"),
+            "a key never written is not recorded"
+        );
+        // Once the key can be written again, revert puts it back and only then forgets it.
+        fs.faults.lock().unwrap().clear();
+        let mut store = on_disk;
+        let r = revert(&fs, &mut store, &BTreeSet::new(), &BTreeSet::new()).unwrap();
+        assert_eq!(r.restored, ["net.core.somaxconn"]);
+        assert_eq!(fs.read("net/core/somaxconn").unwrap(), "4096");
+        assert!(
+            OriginalsStore::load(Some(state))
+                .unwrap()
+                .originals
+                .keys
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_restore_the_kernel_does_not_keep_is_a_failure_not_a_forgotten_original() {
+        let (dir, fs) = tree(&[("net/core/somaxconn", "4096\n"), ("vm/swappiness", "60\n")]);
+        let state = dir.path().join("state/originals.json");
+        let mut store = OriginalsStore::load(Some(state.clone())).unwrap();
+        apply(
+            &fs,
+            &[
+                want("net.core.somaxconn", "8192"),
+                want("vm.swappiness", "1"),
+            ],
+            &mut store,
+        )
+        .unwrap();
+        // somaxconn now reads back empty whatever is written (a /dev/null stands in for it).
+        let file = dir.path().join("sys/net/core/somaxconn");
+        std::fs::remove_file(&file).unwrap();
+        std::os::unix::fs::symlink("/dev/null", &file).unwrap();
+        let r = revert(&fs, &mut store, &BTreeSet::new(), &BTreeSet::new()).unwrap();
+        assert_eq!(
+            r.restored,
+            ["vm.swappiness"],
+            "every other key is still restored"
+        );
+        assert_eq!(r.failed.len(), 1);
+        assert_eq!(r.failed[0].0, "net.core.somaxconn");
+        assert!(r.failed[0].1.contains("kernel kept"), "{:?}", r.failed);
+        let on_disk = OriginalsStore::load(Some(state)).unwrap();
+        assert_eq!(
+            on_disk.originals.keys.keys().collect::<Vec<_>>(),
+            ["net.core.somaxconn"]
+        );
+    }
+
+    #[test]
+    fn dependants_are_recorded_before_the_write_and_restored_after_the_key() {
+        let (dir, fs) = tree(&[
+            ("net/ipv4/ip_forward", "0\n"),
+            ("net/ipv4/conf/all/forwarding", "0\n"),
+            ("net/ipv4/conf/all/accept_redirects", "1\n"),
+            ("net/ipv4/conf/lo/forwarding", "1\n"),
+            ("vm/zz", "0\n"),
+        ]);
+        let state = dir.path().join("state/originals.json");
+        let mut store = OriginalsStore::load(Some(state.clone())).unwrap();
+        apply(&fs, &[want("net.ipv4.ip_forward", "1")], &mut store).unwrap();
+        let recorded = &store.originals.dependants["net.ipv4.ip_forward"];
+        assert_eq!(recorded["net/ipv4/conf/lo/forwarding"], "1");
+        assert_eq!(recorded["net/ipv4/conf/all/accept_redirects"], "1");
+        // What the kernel does on the way back: ip_forward=0 sets every interface to 0.
+        for p in [
+            "net/ipv4/conf/lo/forwarding",
+            "net/ipv4/conf/all/accept_redirects",
+        ] {
+            fs.write(p, "0").unwrap();
+        }
+        let r = revert(&fs, &mut store, &BTreeSet::new(), &BTreeSet::new()).unwrap();
+        assert_eq!(r.restored, ["net.ipv4.ip_forward"]);
+        assert_eq!(fs.read("net/ipv4/conf/lo/forwarding").unwrap(), "1");
+        assert_eq!(fs.read("net/ipv4/conf/all/accept_redirects").unwrap(), "1");
+        assert!(
+            OriginalsStore::load(Some(state))
+                .unwrap()
+                .originals
+                .dependants
+                .is_empty()
+        );
     }
 }

@@ -10,15 +10,18 @@
 //! `nodekeeper sysctl revert`.
 
 pub mod apply;
+pub mod dependants;
+pub mod limits;
 pub mod netns;
 pub mod pods;
 pub mod profile;
+pub mod quarantine;
 pub mod validate;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -150,6 +153,13 @@ pub enum SysctlError {
     Apply(#[from] ApplyError),
     #[error(transparent)]
     Netns(#[from] netns::NetnsError),
+    /// `revert --netns` for a namespace nodekeeper holds no record of.
+    #[error("no sysctl record for network namespace {netns} ({id}) in {}: nodekeeper applied nothing there, or its record is gone; nothing was changed", journal.display())]
+    NoRecord {
+        netns: String,
+        id: String,
+        journal: PathBuf,
+    },
 }
 
 impl SysctlError {
@@ -158,6 +168,7 @@ impl SysctlError {
             Self::Rejected(_) => "rejected",
             Self::Apply(e) => e.reason(),
             Self::Netns(_) => "netns",
+            Self::NoRecord { .. } => "no_record",
         }
     }
 }
@@ -169,8 +180,10 @@ pub fn plan(
     fs: &SysctlFs,
 ) -> Result<Vec<Desired>, SysctlError> {
     let desired = profile::resolve(&config.profiles, labels).map_err(SysctlError::Rejected)?;
-    let rejections: Vec<Rejection> =
-        validate::check(&desired, &config.policy(), |d| fs.read(&d.path).ok());
+    let policy = config.policy();
+    let mut rejections: Vec<Rejection> =
+        validate::check(&desired, &policy, |d| fs.read(&d.path).ok());
+    rejections.extend(limits::check(&desired, &policy, fs));
     if rejections.is_empty() {
         Ok(desired)
     } else {
@@ -206,6 +219,8 @@ pub struct SysctlMetrics {
     reverts: Counter,
     managed: Gauge,
     applied: Family<Vec<(&'static str, String)>, Gauge>,
+    quarantined: Family<Vec<(&'static str, String)>, Gauge>,
+    restore_failures: Family<Vec<(&'static str, String)>, Counter>,
     pod_applies: pods::PodMetrics,
 }
 
@@ -236,6 +251,16 @@ impl SysctlMetrics {
             "sysctl_applied",
             "1 for each key the agent holds at a profile's value, with the winning profile",
             m.applied.clone(),
+        );
+        registry.register(
+            "sysctl_quarantined",
+            "1 for each key held out of reconciling after it could not be applied or restored, by key and action",
+            m.quarantined.clone(),
+        );
+        registry.register(
+            "sysctl_restore_failures",
+            "Restores of an original (revert or rollback) that failed, by key; the original stays recorded",
+            m.restore_failures.clone(),
         );
         registry.register(
             "sysctl_managed_keys",
@@ -281,6 +306,9 @@ pub struct Reconciler {
     applied: Vec<Desired>,
     drift_counts: BTreeMap<String, u64>,
     pods: pods::PodTuner,
+    quarantine: quarantine::Quarantine,
+    /// Messages for Node Events (a key newly quarantined, or released), drained by `run`.
+    events: Vec<(&'static str, &'static str, String)>,
 }
 
 impl Reconciler {
@@ -299,6 +327,8 @@ impl Reconciler {
             applied: Vec::new(),
             drift_counts: BTreeMap::new(),
             pods,
+            quarantine: quarantine::Quarantine::default(),
+            events: Vec::new(),
         }
     }
 
@@ -319,14 +349,19 @@ impl Reconciler {
         config: &SysctlConfig,
         labels: &BTreeMap<String, String>,
     ) -> Result<(), SysctlError> {
-        let result = self.reconcile_inner(config, labels);
-        let mut status = self.status.write().expect("not poisoned");
-        status.error = result
-            .as_ref()
-            .err()
-            .map(ToString::to_string)
-            .unwrap_or_default();
+        self.reconcile_at(config, labels, Instant::now())
+    }
+
+    /// [`Self::reconcile`] at a given time (quarantine backoff is measured against it).
+    pub fn reconcile_at(
+        &mut self,
+        config: &SysctlConfig,
+        labels: &BTreeMap<String, String>,
+        now: Instant,
+    ) -> Result<(), SysctlError> {
+        let result = self.reconcile_inner(config, labels, now);
         if let Err(e) = &result {
+            self.status.write().expect("not poisoned").error = e.to_string();
             self.metrics
                 .errors
                 .get_or_create(&vec![("reason", e.reason())])
@@ -335,22 +370,82 @@ impl Reconciler {
         result
     }
 
+    /// Keys held out of reconciling, one line each (empty when all is well).
+    pub fn quarantined(&self) -> Vec<String> {
+        self.quarantine.describe(Instant::now())
+    }
+
+    /// Node Events to record: (reason, type, message).
+    pub fn take_events(&mut self) -> Vec<(&'static str, &'static str, String)> {
+        std::mem::take(&mut self.events)
+    }
+
+    fn quarantine_key(
+        &mut self,
+        key: &str,
+        action: quarantine::Action,
+        error: String,
+        now: Instant,
+        interval: Duration,
+    ) {
+        tracing::error!(key, action = action.label(), %error, "sysctl key quarantined: every other key is still reconciled; retrying with backoff");
+        if self
+            .quarantine
+            .fail(key, action, error.clone(), now, interval)
+        {
+            self.events.push((
+                "SysctlQuarantined",
+                "Warning",
+                format!(
+                    "sysctl {key}: {} failed ({error}); held out with backoff, every other key is still reconciled",
+                    action.label()
+                ),
+            ));
+        }
+    }
+
     fn reconcile_inner(
         &mut self,
         config: &SysctlConfig,
         labels: &BTreeMap<String, String>,
+        now: Instant,
     ) -> Result<(), SysctlError> {
+        let interval = config.interval.get();
         let desired = plan(config, labels, &self.fs)?;
         let keep: BTreeSet<String> = desired.iter().map(|d| d.key.clone()).collect();
-        for key in apply::revert(&self.fs, &mut self.store, &keep)? {
+        let hold: BTreeSet<String> = self
+            .quarantine
+            .entries()
+            .keys()
+            .filter(|k| self.quarantine.holds(k, now))
+            .cloned()
+            .collect();
+        // Keys that left: restore each one on its own; a key that fails is quarantined, and
+        // nothing stops the apply below.
+        let reverted = apply::revert(&self.fs, &mut self.store, &keep, &hold)?;
+        for key in &reverted.restored {
             tracing::info!(
                 key,
                 "sysctl left every matching profile: original value restored"
             );
             self.metrics.reverts.inc();
+            self.release(key);
         }
-        if desired == self.applied {
-            for (d, actual) in apply::drifted(&self.fs, &desired) {
+        for (key, error) in reverted.failed {
+            self.metrics
+                .restore_failures
+                .get_or_create(&vec![("key", key.clone())])
+                .inc();
+            self.quarantine_key(&key, quarantine::Action::Restore, error, now, interval);
+        }
+
+        let mut active: Vec<Desired> = desired
+            .iter()
+            .filter(|d| !self.quarantine.holds(&d.key, now))
+            .cloned()
+            .collect();
+        if active == self.applied {
+            for (d, actual) in apply::drifted(&self.fs, &active) {
                 tracing::warn!(key = %d.key, found = %actual, restoring = %d.value, "sysctl drift: re-applying");
                 self.metrics
                     .drift
@@ -359,13 +454,58 @@ impl Reconciler {
                 *self.drift_counts.entry(d.key.clone()).or_default() += 1;
             }
         }
-        let report = apply::apply(&self.fs, &desired, &mut self.store)?;
+        // All-or-nothing per attempt; the key the kernel refuses is quarantined and the rest
+        // is applied without it (each pass drops one key, so this ends).
+        let report = loop {
+            match apply::apply(&self.fs, &active, &mut self.store) {
+                Ok(report) => break report,
+                Err(e) => {
+                    for line in e.unrestored() {
+                        let key = line.split_once(": ").map_or(line.as_str(), |(k, _)| k);
+                        self.metrics
+                            .restore_failures
+                            .get_or_create(&vec![("key", key.to_string())])
+                            .inc();
+                    }
+                    let Some(key) = e.key().map(str::to_string) else {
+                        return Err(e.into());
+                    };
+                    self.metrics
+                        .errors
+                        .get_or_create(&vec![("reason", e.reason())])
+                        .inc();
+                    self.quarantine_key(
+                        &key,
+                        quarantine::Action::Apply,
+                        e.to_string(),
+                        now,
+                        interval,
+                    );
+                    active.retain(|d| d.key != key);
+                }
+            }
+        };
         for (key, old, new) in &report.changed {
             tracing::info!(key, old, new, "sysctl applied");
         }
-        self.metrics.managed.set(desired.len() as i64);
+        for d in &active {
+            self.release(&d.key);
+        }
+        // A quarantined key no profile wants and no journal holds has nothing left to retry.
+        let stale: Vec<String> = self
+            .quarantine
+            .entries()
+            .keys()
+            .filter(|k| !keep.contains(*k) && !self.store.originals.keys.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in stale {
+            self.release(&key);
+        }
+
+        self.metrics.managed.set(active.len() as i64);
         self.metrics.applied.clear();
-        for d in &desired {
+        for d in &active {
             self.metrics
                 .applied
                 .get_or_create(&vec![
@@ -374,13 +514,24 @@ impl Reconciler {
                 ])
                 .set(1);
         }
-        let mut profiles: Vec<String> = desired.iter().map(|d| d.profile.clone()).collect();
+        self.metrics.quarantined.clear();
+        for (key, entry) in self.quarantine.entries() {
+            self.metrics
+                .quarantined
+                .get_or_create(&vec![
+                    ("key", key.clone()),
+                    ("action", entry.action.label().to_string()),
+                ])
+                .set(1);
+        }
+        let mut profiles: Vec<String> = active.iter().map(|d| d.profile.clone()).collect();
         profiles.sort();
         profiles.dedup();
+        let quarantined = self.quarantine.describe(now);
         *self.status.write().expect("not poisoned") = pb::SysctlStatus {
             profiles,
-            hash: desired_hash(&desired),
-            keys: desired
+            hash: desired_hash(&active),
+            keys: active
                 .iter()
                 .map(|d| pb::SysctlKey {
                     key: d.key.clone(),
@@ -389,10 +540,26 @@ impl Reconciler {
                     drift_corrections: self.drift_counts.get(&d.key).copied().unwrap_or(0),
                 })
                 .collect(),
-            error: String::new(),
+            error: if quarantined.is_empty() {
+                String::new()
+            } else {
+                format!("quarantined: {}", quarantined.join("; "))
+            },
         };
-        self.applied = desired;
+        self.applied = active;
         Ok(())
+    }
+
+    /// The key works again (or is gone): out of quarantine, with an Event when it was in.
+    fn release(&mut self, key: &str) {
+        if self.quarantine.clear(key) {
+            tracing::info!(key, "sysctl key out of quarantine");
+            self.events.push((
+                "SysctlReleased",
+                "Normal",
+                format!("sysctl {key}: applied or restored again, out of quarantine"),
+            ));
+        }
     }
 }
 
@@ -451,9 +618,25 @@ pub async fn run(
                 .unwrap_or_default(),
             None => config.node_labels.clone(),
         };
-        match reconciler.reconcile(&config, &labels) {
+        let outcome = reconciler.reconcile(&config, &labels);
+        let events = reconciler.take_events();
+        if let Some(n) = &node {
+            for (reason, kind, message) in &events {
+                crate::kube::node_event(&n.client, &n.name, reason, kind, message).await;
+            }
+        }
+        match outcome {
             Ok(()) => {
-                health.set(CAPABILITY, HealthState::Serving, "");
+                let quarantined = reconciler.quarantined();
+                if quarantined.is_empty() {
+                    health.set(CAPABILITY, HealthState::Serving, "");
+                } else {
+                    health.set(
+                        CAPABILITY,
+                        HealthState::Degraded,
+                        format!("quarantined: {}", quarantined.join("; ")),
+                    );
+                }
                 if let Some(n) = &node {
                     let status = reconciler.status.read().expect("not poisoned").clone();
                     let want = (status.profiles.join(","), status.hash);
@@ -544,6 +727,120 @@ mod tests {
         assert_eq!(s["net.ipv4.tcp_rmem"].0, "4096 87380 16777216");
     }
 
+    /// A reconciler over a temp /proc/sys tree, journal in the temp dir.
+    fn reconciler(files: &[(&str, &str)]) -> (tempfile::TempDir, Reconciler) {
+        let dir = tempfile::tempdir().unwrap();
+        for (path, v) in files {
+            let p = dir.path().join("sys").join(path);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, v).unwrap();
+        }
+        let store = OriginalsStore::load(Some(dir.path().join("state/originals.json"))).unwrap();
+        let r = Reconciler::new(
+            SysctlFs::new(dir.path()),
+            store,
+            SysctlMetrics::default(),
+            SharedStatus::default(),
+        );
+        (dir, r)
+    }
+
+    fn profile_config(sysctls: &str) -> SysctlConfig {
+        serde_saphyr::from_str(&format!(
+            "interval: 10s\nprofiles:\n  - name: p\n    sysctls: {{{sysctls}}}\n"
+        ))
+        .unwrap()
+    }
+
+    const TEN: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_refused_key_is_quarantined_with_backoff_while_the_rest_is_applied_and_kept() {
+        let (_d, mut r) = reconciler(&[("net/core/somaxconn", "4096\n"), ("vm/zz", "0\n")]);
+        r.fs.faults.lock().unwrap().insert("vm/zz".into(), 0);
+        let config = profile_config("net.core.somaxconn: 8192, vm.zz: 1");
+        let labels = BTreeMap::new();
+        let t0 = Instant::now();
+        r.reconcile_at(&config, &labels, t0).unwrap();
+        assert_eq!(r.fs.read("net/core/somaxconn").unwrap(), "8192");
+        let failures = |r: &Reconciler| r.quarantine.entries()["vm.zz"].failures;
+        assert_eq!(failures(&r), 1);
+        let events = r.take_events();
+        assert_eq!(events.len(), 1);
+        assert!(
+            events[0].2.contains("vm.zz") && events[0].2.contains("injected"),
+            "{events:?}"
+        );
+        assert!(
+            r.status
+                .read()
+                .unwrap()
+                .error
+                .contains("quarantined: vm.zz")
+        );
+
+        // One interval later the refused key is not tried again, the rest stays applied and
+        // drift on it is still corrected.
+        r.fs.write("net/core/somaxconn", "128").unwrap();
+        r.reconcile_at(&config, &labels, t0 + TEN).unwrap();
+        assert_eq!(failures(&r), 1, "not retried before its backoff");
+        assert_eq!(r.fs.read("net/core/somaxconn").unwrap(), "8192");
+        // Due after 2 intervals: tried, fails, next wait 4 intervals; no second Event.
+        r.reconcile_at(&config, &labels, t0 + 2 * TEN).unwrap();
+        assert_eq!(failures(&r), 2);
+        assert_eq!(
+            r.fs.read("net/core/somaxconn").unwrap(),
+            "8192",
+            "no flapping"
+        );
+        r.reconcile_at(&config, &labels, t0 + 5 * TEN).unwrap();
+        assert_eq!(failures(&r), 2);
+        assert!(r.take_events().is_empty());
+        // The kernel takes it again: applied at the next due round, released, Event.
+        r.fs.faults.lock().unwrap().clear();
+        r.reconcile_at(&config, &labels, t0 + 6 * TEN).unwrap();
+        assert_eq!(r.fs.read("vm/zz").unwrap(), "1");
+        assert!(r.quarantine.entries().is_empty());
+        assert_eq!(r.take_events()[0].0, "SysctlReleased");
+        assert_eq!(r.status.read().unwrap().error, "");
+    }
+
+    #[test]
+    fn a_key_that_cannot_be_restored_does_not_stop_drift_correction_and_stays_recorded() {
+        let (d, mut r) = reconciler(&[("net/core/somaxconn", "4096\n"), ("vm/zz", "0\n")]);
+        let labels = BTreeMap::new();
+        let t0 = Instant::now();
+        r.reconcile_at(
+            &profile_config("net.core.somaxconn: 8192, vm.zz: 1"),
+            &labels,
+            t0,
+        )
+        .unwrap();
+        assert_eq!(r.fs.read("vm/zz").unwrap(), "1");
+        // vm.zz leaves the profile but cannot be written back (a one-way knob).
+        r.fs.faults.lock().unwrap().insert("vm/zz".into(), 0);
+        let config = profile_config("net.core.somaxconn: 8192");
+        r.fs.write("net/core/somaxconn", "128").unwrap();
+        r.reconcile_at(&config, &labels, t0 + TEN).unwrap();
+        assert_eq!(
+            r.fs.read("net/core/somaxconn").unwrap(),
+            "8192",
+            "drift corrected"
+        );
+        assert_eq!(
+            r.quarantine.entries()["vm.zz"].action,
+            quarantine::Action::Restore
+        );
+        let journal = OriginalsStore::load(Some(d.path().join("state/originals.json"))).unwrap();
+        assert_eq!(journal.originals.keys["vm.zz"].1, "0", "original kept");
+        // Once writable, restored at the next due round and forgotten.
+        r.fs.faults.lock().unwrap().clear();
+        r.reconcile_at(&config, &labels, t0 + 3 * TEN).unwrap();
+        assert_eq!(r.fs.read("vm/zz").unwrap(), "0");
+        assert!(r.quarantine.entries().is_empty());
+        assert!(!r.store.originals.keys.contains_key("vm.zz"));
+    }
+
     #[test]
     fn hash_is_stable_and_order_sensitive_to_content_only() {
         let d = |k: &str, v: &str| Desired {
@@ -562,36 +859,66 @@ mod tests {
 
 // === one-shot commands (`nodekeeper sysctl plan|apply|revert`) ===
 
-/// Where a one-shot command works: the host (originals recorded in the state dir) or another
-/// network namespace (only namespaced `net.*` keys; nothing recorded: it dies with its pod).
+/// Where a one-shot command works: the host or another network namespace (only per-namespace
+/// `net.*` keys). Originals are journalled either way: the host's in
+/// `<stateDir>/sysctl/originals.json`, a namespace's in `<stateDir>/sysctl/netns/<dev>-<inode>.json`
+/// (its identity while it lives), so `revert --netns` restores exactly that namespace.
 #[derive(Debug, Clone)]
 pub struct Target {
     pub proc_root: PathBuf,
-    pub state_file: PathBuf,
+    /// `<stateDir>/sysctl`.
+    pub state_dir: PathBuf,
     pub netns: Option<PathBuf>,
 }
 
-fn in_target<T: Send + 'static>(
-    target: &Target,
-    f: impl FnOnce(SysctlFs, Option<PathBuf>) -> Result<T, SysctlError> + Send + 'static,
-) -> Result<T, SysctlError> {
-    let fs = SysctlFs::new(&target.proc_root);
-    match &target.netns {
-        None => f(fs, Some(target.state_file.clone())),
-        Some(ns) => netns::in_netns(ns, move || f(fs, None))?,
+impl Target {
+    pub fn host_journal(&self) -> PathBuf {
+        self.state_dir.join("originals.json")
+    }
+
+    /// The journal of the namespace `ns` (see [`netns::NetnsHandle::key`]).
+    pub fn netns_journal(&self, ns: &netns::NetnsHandle) -> PathBuf {
+        self.state_dir
+            .join("netns")
+            .join(format!("{}.json", ns.key()))
     }
 }
 
-fn refuse_global_keys_in_netns(target: &Target, desired: &[Desired]) -> Result<(), SysctlError> {
-    if target.netns.is_none() {
+/// Runs `f` with the target's sysctl tree and journal path, inside the target namespace (opened
+/// once, entered through that fd, identity checked) when there is one.
+fn in_target<T: Send + 'static>(
+    target: &Target,
+    f: impl FnOnce(SysctlFs, PathBuf, Option<(PathBuf, String)>) -> Result<T, SysctlError>
+    + Send
+    + 'static,
+) -> Result<T, SysctlError> {
+    let fs = SysctlFs::new(&target.proc_root);
+    match &target.netns {
+        None => f(fs, target.host_journal(), None),
+        Some(path) => {
+            let ns = netns::NetnsHandle::open(path)?;
+            let journal = target.netns_journal(&ns);
+            let named = (path.clone(), ns.id());
+            ns.run(move || f(fs, journal, Some(named)))?
+        }
+    }
+}
+
+fn refuse_global_keys_in_netns(
+    fs: &SysctlFs,
+    in_netns: bool,
+    desired: &[Desired],
+) -> Result<(), SysctlError> {
+    if !in_netns {
         return Ok(());
     }
+    let release = fs.read("kernel/osrelease").unwrap_or_default();
     let global: Vec<String> = desired
         .iter()
-        .filter(|d| !netns::is_namespaced(&d.key))
+        .filter(|d| !netns::is_namespaced_on(&d.key, &release))
         .map(|d| {
             format!(
-                "profile {:?}: {} is not per network namespace; refusing to set it from inside one",
+                "profile {:?}: {} is not per network namespace on kernel {release:?}; refusing to set it from inside one",
                 d.profile, d.key
             )
         })
@@ -605,10 +932,10 @@ fn refuse_global_keys_in_netns(target: &Target, desired: &[Desired]) -> Result<(
 
 /// Per key: current -> desired and the winning profile. Writes nothing.
 pub fn plan_report(config: &SysctlConfig, target: &Target) -> Result<String, SysctlError> {
-    let (config, t) = (config.clone(), target.clone());
-    in_target(target, move |fs, _| {
+    let config = config.clone();
+    in_target(target, move |fs, _, ns| {
         let desired = plan(&config, &config.node_labels, &fs)?;
-        refuse_global_keys_in_netns(&t, &desired)?;
+        refuse_global_keys_in_netns(&fs, ns.is_some(), &desired)?;
         let mut out = format!(
             "{:<40} {:<24} {:<24} {}\n",
             "KEY", "CURRENT", "DESIRED", "PROFILE"
@@ -631,11 +958,11 @@ pub fn plan_report(config: &SysctlConfig, target: &Target) -> Result<String, Sys
 
 /// Validates and applies once, all-or-nothing; returns a line per change.
 pub fn apply_once(config: &SysctlConfig, target: &Target) -> Result<String, SysctlError> {
-    let (config, t) = (config.clone(), target.clone());
-    in_target(target, move |fs, state| {
+    let config = config.clone();
+    in_target(target, move |fs, journal, ns| {
         let desired = plan(&config, &config.node_labels, &fs)?;
-        refuse_global_keys_in_netns(&t, &desired)?;
-        let mut store = OriginalsStore::load(state)?;
+        refuse_global_keys_in_netns(&fs, ns.is_some(), &desired)?;
+        let mut store = OriginalsStore::load(Some(journal))?;
         let report = apply::apply(&fs, &desired, &mut store)?;
         let mut out = String::new();
         for (key, old, new) in &report.changed {
@@ -650,14 +977,41 @@ pub fn apply_once(config: &SysctlConfig, target: &Target) -> Result<String, Sysc
     })
 }
 
-/// Restores every original recorded in the state dir.
+/// Restores every original recorded for the target (the host, or the `--netns` namespace from
+/// its own journal). A namespace without a record is an error; a key that cannot be restored
+/// is named in the error and stays recorded.
 pub fn revert_all(target: &Target) -> Result<String, SysctlError> {
-    let fs = SysctlFs::new(&target.proc_root);
-    let mut store = OriginalsStore::load(Some(target.state_file.clone()))?;
-    let restored = apply::revert(&fs, &mut store, &BTreeSet::new())?;
-    Ok(format!(
-        "{} key(s) restored: {}\n",
-        restored.len(),
-        restored.join(", ")
-    ))
+    in_target(target, move |fs, journal, ns| {
+        if let Some((path, id)) = &ns
+            && !journal.exists()
+        {
+            return Err(SysctlError::NoRecord {
+                netns: path.display().to_string(),
+                id: id.clone(),
+                journal,
+            });
+        }
+        let mut store = OriginalsStore::load(Some(journal.clone()))?;
+        let report = apply::revert(&fs, &mut store, &BTreeSet::new(), &BTreeSet::new())?;
+        if ns.is_some() && store.originals.keys.is_empty() {
+            // Nothing left to restore in a namespace that dies with its pod: drop the record.
+            let _ = std::fs::remove_file(&journal);
+        }
+        if !report.failed.is_empty() {
+            let mut lines: Vec<String> = report
+                .failed
+                .iter()
+                .map(|(k, e)| format!("{k}: {e}"))
+                .collect();
+            if !report.restored.is_empty() {
+                lines.push(format!("(restored: {})", report.restored.join(", ")));
+            }
+            return Err(ApplyError::Revert(lines).into());
+        }
+        Ok(format!(
+            "{} key(s) restored: {}\n",
+            report.restored.len(),
+            report.restored.join(", ")
+        ))
+    })
 }

@@ -1,10 +1,16 @@
-//! Runs a closure inside another network namespace, on a dedicated thread (through
-//! `crate::host::in_namespace`, shared with the disks capability's mount namespace).
+//! Runs a closure inside another network namespace, on a dedicated thread.
 //!
 //! `setns(CLONE_NEWNET)` changes only the calling thread, and `/proc/sys/net` shows the namespace
 //! of the thread that opens it; so the work runs on a fresh OS thread that enters the namespace
 //! and exits afterwards. The tokio workers never change namespace.
+//!
+//! Identity: the namespace file is opened once ([`NetnsHandle::open`]); its device and inode are
+//! the namespace's identity (what `/proc/PID/ns/net` reads as `net:[inode]`). Entering goes
+//! through that open fd, never the path again (a PID reused meanwhile could name another
+//! namespace, even the host's), and the thread checks after setns that it is in the namespace
+//! it opened before running anything. The host's own namespace is refused.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -17,23 +23,142 @@ pub enum NetnsError {
     Enter { path: PathBuf, error: String },
     #[error("the thread working in network namespace {} panicked", path.display())]
     Panicked { path: PathBuf },
+    /// The file names the namespace this process runs in: the host's, not a pod's.
+    #[error("{} is the host's own network namespace ({id}); refusing to treat it as another one (omit --netns to work on the host)", path.display())]
+    IsHost { path: PathBuf, id: String },
+    /// The namespace is not the one expected (a PID reused), or changed under the thread.
+    #[error("network namespace {} is {found}, expected {expected}; refusing to touch it", path.display())]
+    Changed {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
 }
 
+/// A network namespace opened once: the fd that is entered and the identity it had when opened.
+#[derive(Debug)]
+pub struct NetnsHandle {
+    path: PathBuf,
+    file: std::fs::File,
+    dev: u64,
+    ino: u64,
+}
+
+/// (device, inode) of a namespace file.
+fn identity(path: &Path) -> std::io::Result<(u64, u64)> {
+    let m = std::fs::metadata(path)?;
+    Ok((m.dev(), m.ino()))
+}
+
+impl NetnsHandle {
+    /// Opens the namespace at `path` and refuses the namespace this process itself runs in.
+    pub fn open(path: &Path) -> Result<Self, NetnsError> {
+        let open_err = |e: std::io::Error| NetnsError::Open {
+            path: path.to_path_buf(),
+            error: e.to_string(),
+        };
+        let file = std::fs::File::open(path).map_err(open_err)?;
+        let m = file.metadata().map_err(open_err)?;
+        let handle = Self {
+            path: path.to_path_buf(),
+            file,
+            dev: m.dev(),
+            ino: m.ino(),
+        };
+        if identity(Path::new("/proc/self/ns/net")).ok() == Some((handle.dev, handle.ino)) {
+            return Err(NetnsError::IsHost {
+                path: path.to_path_buf(),
+                id: handle.id(),
+            });
+        }
+        Ok(handle)
+    }
+
+    /// `net:[inode]`, as `readlink /proc/PID/ns/net` shows it.
+    pub fn id(&self) -> String {
+        format!("net:[{}]", self.ino)
+    }
+
+    /// A file name unique to this namespace while it lives: `<dev>-<inode>`.
+    pub fn key(&self) -> String {
+        format!("{}-{}", self.dev, self.ino)
+    }
+
+    /// Fails unless this is the namespace `expected` (`net:[inode]`) named when it was found.
+    pub fn expect_id(&self, expected: &str) -> Result<(), NetnsError> {
+        if self.id() == expected {
+            Ok(())
+        } else {
+            Err(NetnsError::Changed {
+                path: self.path.clone(),
+                expected: expected.to_string(),
+                found: self.id(),
+            })
+        }
+    }
+
+    /// Runs `f` on a fresh thread inside this namespace, entered through the fd opened earlier
+    /// and checked (device + inode of the thread's own namespace) before `f` runs.
+    pub fn run<T, F>(&self, f: F) -> Result<T, NetnsError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let file = self.file.try_clone().map_err(|e| NetnsError::Open {
+            path: self.path.clone(),
+            error: e.to_string(),
+        })?;
+        let (path, want) = (self.path.clone(), (self.dev, self.ino));
+        let id = self.id();
+        let handle = std::thread::Builder::new()
+            .name("nodekeeper-ns-network".into())
+            .spawn(move || {
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                    NetnsError::Enter {
+                        path: path.clone(),
+                        error: e.to_string(),
+                    }
+                })?;
+                match identity(Path::new("/proc/thread-self/ns/net")) {
+                    Ok(found) if found == want => Ok(f()),
+                    found => Err(NetnsError::Changed {
+                        path,
+                        expected: id,
+                        found: match found {
+                            Ok((_, ino)) => format!("net:[{ino}]"),
+                            Err(e) => format!("unreadable ({e})"),
+                        },
+                    }),
+                }
+            })
+            .expect("spawning a thread");
+        handle.join().map_err(|_| NetnsError::Panicked {
+            path: self.path.clone(),
+        })?
+    }
+}
+
+/// Opens `path` and runs `f` inside it (see [`NetnsHandle`]).
 pub fn in_netns<T, F>(path: &Path, f: F) -> Result<T, NetnsError>
 where
     T: Send + 'static,
     F: FnOnce() -> T + Send + 'static,
 {
-    use crate::host::{Namespace, NamespaceError, in_namespace};
-    in_namespace(Namespace::Net, path, f).map_err(|e| match e {
-        NamespaceError::Open { path, error, .. } => NetnsError::Open { path, error },
-        NamespaceError::Enter { path, error, .. } => NetnsError::Enter { path, error },
-        NamespaceError::Panicked { path, .. } => NetnsError::Panicked { path },
-    })
+    NetnsHandle::open(path)?.run(f)
 }
 
-/// Keys that `/proc/sys` scopes per network namespace: everything under `net.` except the few
-/// global ones (the unix socket limits are per-netns too, core rmem/wmem defaults are not).
+/// Keys that `/proc/sys` scopes per network namespace on this kernel: everything under `net.`
+/// except the few global ones (the unix socket limits are per-netns too, core rmem/wmem
+/// defaults are not). `net.core.optmem_max` became per-namespace in Linux 6.9.
+pub fn is_namespaced_on(key: &str, kernel_release: &str) -> bool {
+    if key == "net.core.optmem_max" {
+        return kernel_at_least(kernel_release, (6, 9));
+    }
+    is_namespaced(key)
+}
+
+/// As [`is_namespaced_on`] for a current kernel (config checks, before a kernel is known);
+/// writes check [`is_namespaced_on`] with the running kernel.
 pub fn is_namespaced(key: &str) -> bool {
     const GLOBAL_NET: &[&str] = &[
         "net.core.rmem_default",
@@ -41,9 +166,69 @@ pub fn is_namespaced(key: &str) -> bool {
         "net.core.wmem_default",
         "net.core.wmem_max",
         "net.core.netdev_max_backlog",
-        "net.core.optmem_max",
         "net.ipv4.tcp_mem",
         "net.ipv4.udp_mem",
     ];
     key.starts_with("net.") && !GLOBAL_NET.contains(&key)
+}
+
+/// `6.18.44-fc` >= (6, 9); an unparsable release counts as old (the safe answer).
+fn kernel_at_least(release: &str, want: (u32, u32)) -> bool {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= want,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn optmem_max_is_per_namespace_from_linux_6_9() {
+        assert!(is_namespaced_on("net.core.optmem_max", "6.18.44-fc-v1272"));
+        assert!(is_namespaced_on("net.core.optmem_max", "6.9.0"));
+        assert!(!is_namespaced_on("net.core.optmem_max", "6.8.12-generic"));
+        assert!(!is_namespaced_on("net.core.optmem_max", "5.15.0"));
+        assert!(!is_namespaced_on("net.core.optmem_max", "garbage"));
+        assert!(!is_namespaced_on("net.core.rmem_max", "6.18.0"));
+        assert!(is_namespaced_on("net.core.somaxconn", "4.19.0"));
+    }
+
+    #[test]
+    fn the_hosts_own_namespace_is_refused() {
+        let e = NetnsHandle::open(Path::new("/proc/self/ns/net")).unwrap_err();
+        assert!(matches!(e, NetnsError::IsHost { .. }), "{e}");
+        assert!(
+            e.to_string().contains("host's own network namespace"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_namespace_that_is_not_the_expected_one_is_refused() {
+        // A handle whose recorded identity is not the namespace its fd holds (as when a PID
+        // was reused between finding and opening): refused by id, and refused after setns.
+        let handle = NetnsHandle {
+            path: "/proc/self/ns/net".into(),
+            file: std::fs::File::open("/proc/self/ns/net").unwrap(),
+            dev: 0,
+            ino: 1,
+        };
+        let e = handle.expect_id("net:[2]").unwrap_err();
+        assert!(e.to_string().contains("expected net:[2]"), "{e}");
+        // Entering through the fd lands in a namespace whose identity differs from the one
+        // recorded at open: refused before the closure runs.
+        let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = ran.clone();
+        let r = handle.run(move || flag.store(true, std::sync::atomic::Ordering::SeqCst));
+        if let Err(NetnsError::Enter { .. }) = r {
+            return; // not allowed to setns here (no CAP_SYS_ADMIN)
+        }
+        assert!(matches!(r, Err(NetnsError::Changed { .. })), "{r:?}");
+        assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
+    }
 }

@@ -137,7 +137,7 @@ impl PodTuner {
             let Some(cg) = cgroups.get(&uid) else {
                 continue;
             };
-            let Some((ns_path, _)) = pod_cgroups::netns(host, cg) else {
+            let Some((ns_path, ns_id)) = pod_cgroups::netns(host, cg) else {
                 continue;
             };
             let (fs, policy, allowed) = (
@@ -145,19 +145,29 @@ impl PodTuner {
                 config.policy(),
                 config.pod_annotation.allow.clone(),
             );
-            let outcome = netns::in_netns(&ns_path, move || -> Result<usize, SysctlError> {
+            // Opened once and checked against the identity found through the cgroup: a PID
+            // reused since then must not lead into another namespace.
+            let entered = netns::NetnsHandle::open(&ns_path).and_then(|ns| {
+                ns.expect_id(&ns_id)?;
+                Ok(ns)
+            });
+            let outcome = entered.and_then(|ns| ns.run(move || -> Result<usize, SysctlError> {
+                let release = fs.read("kernel/osrelease").unwrap_or_default();
                 let rejections: Vec<String> =
                     validate::check(&desired, &policy, |d| fs.read(&d.path).ok())
                         .into_iter()
                         .map(|r| r.to_string())
                         .chain(annotation_refusals(&desired, &allowed))
+                        .chain(desired.iter().filter(|d| !netns::is_namespaced_on(&d.key, &release)).map(|d| {
+                            format!("profile {:?}: {} is not per network namespace on kernel {release}", d.profile, d.key)
+                        }))
                         .collect();
                 if !rejections.is_empty() {
                     return Err(SysctlError::Rejected(rejections));
                 }
                 let mut store = OriginalsStore::load(None)?;
                 Ok(apply::apply(&fs, &desired, &mut store)?.changed.len())
-            })
+            }))
             .map_err(SysctlError::from)
             .and_then(|r| r);
             match outcome {

@@ -6,11 +6,17 @@
 use super::profile::Desired;
 
 /// Keys refused unless named in `sysctl.allowDangerous`: they crash or reboot the node on an
-/// event (panic*), open a root shell path (core_pattern, modprobe), pin memory (hugepages) or
-/// are one-shot actions rather than settings (drop_caches).
+/// event (panic*, warn_limit, oops_limit), open a root shell path (core_pattern, modprobe,
+/// usermodehelper), pin memory (hugepages), cannot be undone until reboot
+/// (unprivileged_bpf_disabled = 1, modules_disabled) or are one-shot actions rather than
+/// settings (drop_caches). docs/sysctl.md gives the reason for each.
 pub const DEFAULT_DENYLIST: &[&str] = &[
     "kernel.panic*",
     "kernel.*_panic",
+    "kernel.warn_limit",
+    "kernel.oops_limit",
+    "kernel.usermodehelper.*",
+    "kernel.unprivileged_bpf_disabled",
     "kernel.sysrq",
     "kernel.core_pattern",
     "kernel.modprobe",
@@ -24,6 +30,34 @@ pub const DEFAULT_DENYLIST: &[&str] = &[
     "vm.drop_caches",
     "vm.compact_memory",
     "fs.binfmt_misc.*",
+];
+
+/// (key, refused when the value satisfies this, why).
+pub type DeniedValue = (&'static str, fn(i64) -> bool, &'static str);
+
+/// Values refused unless the key is named in `sysctl.allowDangerous`: (key, refused when, why).
+/// The key itself stays settable to its safe values.
+pub const DENIED_VALUES: &[DeniedValue] = &[
+    (
+        "kernel.randomize_va_space",
+        |v| v < 2,
+        "below 2 turns address-space randomisation down for every process",
+    ),
+    (
+        "fs.suid_dumpable",
+        |v| v != 0,
+        "lets setuid programs dump core, leaking their secrets to a file",
+    ),
+    (
+        "kernel.perf_event_paranoid",
+        |v| v < 2,
+        "below 2 lets every user profile the kernel (1), CPU-wide events (0) or everything (-1)",
+    ),
+    (
+        "kernel.yama.ptrace_scope",
+        |v| v == 3,
+        "3 cannot be undone until reboot",
+    ),
 ];
 
 /// Ranges for keys whose limits are known; others are checked for shape only. Vector keys check
@@ -79,6 +113,20 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// The key is named in `allowDangerous`: built-in denials and use checks do not apply.
+    pub fn lifted(&self, key: &str) -> bool {
+        self.allow_dangerous.iter().any(|p| glob_match(p, key))
+    }
+
+    /// Why `value` is refused for `key` (a weakening or one-way value), or None.
+    pub fn value_refusal(&self, key: &str, value: &str) -> Option<String> {
+        let (_, refused, why) = DENIED_VALUES.iter().find(|(k, _, _)| *k == key)?;
+        let v = value.trim().parse::<i64>().ok()?;
+        (refused(v) && !self.lifted(key)).then(|| {
+            format!("{v} is refused by the built-in denylist: {why}; list the key in sysctl.allowDangerous to permit it")
+        })
+    }
+
     /// Why `key` is refused, or None.
     pub fn refusal(&self, key: &str) -> Option<String> {
         let lifted = |k: &str| self.allow_dangerous.iter().any(|p| glob_match(p, k));
@@ -175,7 +223,10 @@ pub fn check(
             out.push(reject("is not a valid key".into()));
             continue;
         }
-        if let Some(why) = policy.refusal(&d.key) {
+        if let Some(why) = policy
+            .refusal(&d.key)
+            .or_else(|| policy.value_refusal(&d.key, &d.value))
+        {
             out.push(reject(why));
             continue;
         }
@@ -238,6 +289,42 @@ mod tests {
             deny.refusal("net.ipv4.ip_forward")
                 .unwrap()
                 .contains("sysctl.deny")
+        );
+    }
+
+    #[test]
+    fn node_killing_weakening_and_one_way_settings_are_denied_unless_lifted() {
+        let p = Policy::default();
+        for key in [
+            "kernel.warn_limit",
+            "kernel.oops_limit",
+            "kernel.usermodehelper.bset",
+            "kernel.unprivileged_bpf_disabled",
+        ] {
+            assert!(p.refusal(key).is_some(), "{key}");
+        }
+        for (key, bad, good) in [
+            ("kernel.randomize_va_space", "0", "2"),
+            ("fs.suid_dumpable", "2", "0"),
+            ("kernel.perf_event_paranoid", "-1", "2"),
+            ("kernel.yama.ptrace_scope", "3", "1"),
+        ] {
+            assert!(
+                p.value_refusal(key, bad)
+                    .unwrap()
+                    .contains("built-in denylist"),
+                "{key}"
+            );
+            assert!(p.value_refusal(key, good).is_none(), "{key}={good}");
+        }
+        let lifted = Policy {
+            allow_dangerous: vec!["kernel.randomize_va_space".into()],
+            ..Default::default()
+        };
+        assert!(
+            lifted
+                .value_refusal("kernel.randomize_va_space", "0")
+                .is_none()
         );
     }
 

@@ -64,6 +64,25 @@ pub async fn serve(
         .map_err(HttpError::Serve)
 }
 
+/// Serves only `/metrics` for `registry` (the dns-guard sidecar's endpoint) until `token`.
+pub async fn serve_registry(
+    listener: tokio::net::TcpListener,
+    registry: Arc<Registry>,
+    token: CancellationToken,
+) -> Result<(), HttpError> {
+    let app = Router::new().route(
+        "/metrics",
+        get(move |headers: HeaderMap| {
+            let registry = registry.clone();
+            async move { encode(&registry, &headers) }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(token.cancelled_owned())
+        .await
+        .map_err(HttpError::Serve)
+}
+
 /// OpenMetrics when the scraper asks for it (Prometheus does), the classic text format otherwise.
 fn wants_openmetrics(headers: &HeaderMap) -> bool {
     headers
@@ -77,9 +96,13 @@ async fn metrics(State(s): State<AdminState>, headers: HeaderMap) -> Response {
     if let Some(cache) = &s.snapshots {
         cache.get().await;
     }
+    encode(&s.registry, &headers)
+}
+
+fn encode(registry: &Registry, headers: &HeaderMap) -> Response {
     let mut body = String::with_capacity(16 * 1024);
-    match prometheus_client::encoding::text::encode(&mut body, &s.registry) {
-        Ok(()) if wants_openmetrics(&headers) => {
+    match prometheus_client::encoding::text::encode(&mut body, registry) {
+        Ok(()) if wants_openmetrics(headers) => {
             ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], body).into_response()
         }
         Ok(()) => {

@@ -745,3 +745,224 @@ dns:
     });
     assert_eq!(ours(&ns, "iptables").len(), 28);
 }
+
+// === the guard with a read-only root filesystem (issue #15) ===
+
+/// Which rules backend a fault test wires with.
+#[derive(Clone, Copy, Debug)]
+enum Fw {
+    /// `rules: iptables` on a node whose rules live in legacy iptables (kube-proxy's DNAT is
+    /// installed with `iptables-legacy`, so the variant detection picks legacy).
+    Legacy,
+    Nftables,
+}
+
+/// Wires `ns` like a node whose kube-proxy uses `iptables_prog` for the ClusterIP's DNAT.
+fn like_a_node_with(ns: &Netns, iptables_prog: &str) {
+    for a in ["10.0.0.53/32", "10.96.0.10/32", "169.254.20.10/32"] {
+        ok(ns.command("ip").args(["addr", "add", a, "dev", "lo"]));
+    }
+    for p in ["udp", "tcp"] {
+        ok(ns.command(iptables_prog).args([
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-d",
+            "10.96.0.10/32",
+            "-p",
+            p,
+            "--dport",
+            "53",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            "10.0.0.53:53",
+        ]));
+    }
+}
+
+/// How many rules of ours `fw` holds in `ns`.
+fn rules_of_ours(ns: &Netns, fw: Fw) -> usize {
+    match fw {
+        Fw::Legacy => ours(ns, "iptables-legacy").len(),
+        Fw::Nftables => nft_table(ns)
+            .map(|t| {
+                t.values()
+                    .flatten()
+                    .filter(|l| !l.starts_with("type "))
+                    .count()
+            })
+            .unwrap_or(0),
+    }
+}
+
+/// The guard as the DaemonSet runs it: its root filesystem read-only, modelled by a read-only
+/// tmpfs over /run in a private mount namespace (where iptables-legacy creates its lock). The
+/// agent binary is exec'd, so the Proc's pid is the guard's (for `nsenter -m`).
+fn guard_with_read_only_run(ns: &Netns, dir: &Path, cfg: &Path, metrics: &str) -> Proc {
+    let mut cmd = ns.command("unshare");
+    cmd.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        "mount -t tmpfs -o ro,size=64k tmpfs /run && exec \"$0\" \"$@\"",
+    ])
+    .arg(agent_bin())
+    .args(["dns-guard", "--config"])
+    .arg(cfg)
+    .args([
+        "--interval",
+        "1s",
+        "--failures",
+        &GUARD_FAILURES.to_string(),
+        "--guard-metrics-listen",
+        metrics,
+    ])
+    .env("NODEKEEPER_LOG", "info,nodekeeper=debug");
+    Proc::spawn("guard", cmd, dir)
+}
+
+/// One sample of the guard's /metrics, scraped from inside `ns`.
+fn guard_metric(ns: &Netns, addr: &str, name: &str) -> Option<f64> {
+    let out = output(ns.command("curl").args([
+        "-s",
+        "--max-time",
+        "2",
+        &format!("http://{addr}/metrics"),
+    ]));
+    nodekeeper_tests::sample(&String::from_utf8_lossy(&out.stdout), name, &[])
+}
+
+/// SIGKILL of the cache with the guard's /run read-only. Legacy iptables cannot create its
+/// lock there: the removal fails, and the guard must report it (log, pending metric) and
+/// retry, never claim it failed open; once /run is writable a retry removes every rule and
+/// kube-dns answers. nftables needs no lock: it fails open within the window.
+fn guard_fails_open_with_a_read_only_root(fw: Fw) {
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new("dns-guard-ro");
+    let (prog, rules) = match fw {
+        Fw::Legacy => ("iptables-legacy", "iptables"),
+        Fw::Nftables => ("iptables", "nftables"),
+    };
+    like_a_node_with(&ns, prog);
+    let _kube_dns = dnsmasq(&ns, dir.path(), "kube-dns", "10.0.0.53", "10.0.0.1");
+    wait_for(Duration::from_secs(10), "kube-dns through the DNAT", || {
+        (ask(&ns).as_deref() == Some("10.0.0.1")).then_some(())
+    });
+    let cfg = write_config(
+        dir.path(),
+        "c.yaml",
+        &config(&["169.254.20.10"], &["10.96.0.10"], rules),
+    );
+    let mut cache = dnsmasq(
+        &ns,
+        dir.path(),
+        "cache",
+        "169.254.20.10,10.96.0.10",
+        "10.0.0.2",
+    );
+    let w = wiring(&ns, "setup", &cfg);
+    assert_eq!(rules_of_ours(&ns, fw), 28, "{w} ({fw:?})");
+    wait_for(Duration::from_secs(10), "the cache through NOTRACK", || {
+        (ask(&ns).as_deref() == Some("10.0.0.2")).then_some(())
+    });
+    let metrics = "127.0.0.1:19749";
+    let guard = guard_with_read_only_run(&ns, dir.path(), &cfg, metrics);
+    wait_for(Duration::from_secs(10), "the guard's metrics", || {
+        guard_metric(&ns, metrics, "nodekeeper_dns_guard_failopen_pending")
+    });
+    std::thread::sleep(GUARD_INTERVAL * (GUARD_FAILURES + 1));
+    assert_eq!(rules_of_ours(&ns, fw), 28, "{}", guard.log_text());
+
+    cache.signal("KILL");
+    cache.wait_exit(Duration::from_secs(5));
+    let killed = Instant::now();
+    let window = GUARD_INTERVAL * GUARD_FAILURES + Duration::from_secs(1);
+    if let Fw::Legacy = fw {
+        // The removal fails (no lock file on a read-only /run): retried and reported.
+        wait_for(
+            window + Duration::from_secs(15),
+            "two failed fail-open attempts",
+            || {
+                let n = guard_metric(&ns, metrics, "nodekeeper_dns_guard_failopen_failures_total")?;
+                (n >= 2.0).then_some(())
+            },
+        );
+        let log = guard.log_text();
+        assert!(log.contains("failing open failed"), "{log}");
+        assert!(
+            !log.contains("failed open, verified"),
+            "claimed success:\n{log}"
+        );
+        assert_eq!(
+            guard_metric(&ns, metrics, "nodekeeper_dns_guard_failopen_pending"),
+            Some(1.0),
+            "{log}"
+        );
+        assert_eq!(
+            rules_of_ours(&ns, fw),
+            28,
+            "the rules really are still there"
+        );
+        assert_eq!(
+            ask(&ns),
+            None,
+            "the node is black-holed while the rules stay"
+        );
+        // The fault goes away (an operator fixes the mount): the next retry removes them.
+        ok(Command::new("nsenter")
+            .args(["-t", &guard.pid().to_string(), "-m"])
+            .args(["mount", "-o", "remount,rw", "/run"]));
+        wait_for(Duration::from_secs(20), "kube-dns after the fault", || {
+            (ask(&ns).as_deref() == Some("10.0.0.1")).then_some(())
+        });
+    } else {
+        wait_for(window + Duration::from_secs(10), "kube-dns again", || {
+            (ask(&ns).as_deref() == Some("10.0.0.1")).then_some(())
+        });
+        let took = killed.elapsed();
+        assert!(
+            took <= window,
+            "kube-dns after {took:?} > {window:?}\n{}",
+            guard.log_text()
+        );
+    }
+    assert_eq!(rules_of_ours(&ns, fw), 0, "{}", guard.log_text());
+    wait_for(Duration::from_secs(5), "the verified fail-open log", || {
+        guard
+            .log_text()
+            .contains("failed open, verified")
+            .then_some(())
+    });
+    assert_eq!(
+        guard_metric(&ns, metrics, "nodekeeper_dns_guard_failopen_pending"),
+        Some(0.0)
+    );
+}
+
+#[test]
+fn guard_on_legacy_iptables_with_a_read_only_root_retries_and_reports_until_open_as_root() {
+    if !can_run(&[
+        "ip",
+        "iptables-legacy-save",
+        "dnsmasq",
+        "dig",
+        "unshare",
+        "nsenter",
+        "curl",
+    ]) {
+        return;
+    }
+    guard_fails_open_with_a_read_only_root(Fw::Legacy);
+}
+
+#[test]
+fn guard_on_nftables_with_a_read_only_root_fails_open_as_root() {
+    if !can_run(&["ip", "nft", "dnsmasq", "dig", "unshare", "curl"]) {
+        return;
+    }
+    guard_fails_open_with_a_read_only_root(Fw::Nftables);
+}

@@ -765,3 +765,52 @@ fn aggregator_role_lists_only_endpointslices_in_its_namespace() {
             .any(|s| s["name"] == "nodekeeper-aggregator")
     );
 }
+
+/// Both containers run iptables: legacy iptables must take the host's xtables lock (the one
+/// kube-proxy takes, hostPath FileOrCreate as kube-proxy mounts it), and the guard's
+/// read-only root filesystem gets a writable tmpfs at /run for whatever else the tools write
+/// there (issue #15: without the lock mount `iptables-legacy-restore` exits 4 and the guard
+/// cannot fail open).
+#[test]
+fn both_containers_share_the_hosts_xtables_lock() {
+    if !have_tools(&[]) {
+        return;
+    }
+    let base = base();
+    let volumes = array(base.pod_spec(), "/volumes");
+    let containers = array(base.pod_spec(), "/containers");
+    for name in ["nodekeeper", "dns-guard"] {
+        let c = containers
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no container {name}"));
+        let mount = array(c, "/volumeMounts")
+            .iter()
+            .find(|m| m["mountPath"] == "/run/xtables.lock")
+            .unwrap_or_else(|| panic!("{name} does not mount /run/xtables.lock"));
+        assert_ne!(
+            mount["readOnly"], true,
+            "{name}: the lock is taken read-write"
+        );
+        let volume = volumes
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .expect("the lock's volume");
+        assert_eq!(
+            volume["hostPath"],
+            json!({"path": "/run/xtables.lock", "type": "FileOrCreate"}),
+            "{name}"
+        );
+    }
+    let guard = containers
+        .iter()
+        .find(|c| c["name"] == "dns-guard")
+        .unwrap();
+    assert_eq!(guard["securityContext"]["readOnlyRootFilesystem"], true);
+    let run = array(guard, "/volumeMounts")
+        .iter()
+        .find(|m| m["mountPath"] == "/run")
+        .expect("dns-guard: a writable /run");
+    let volume = volumes.iter().find(|v| v["name"] == run["name"]).unwrap();
+    assert_eq!(volume["emptyDir"]["medium"], "Memory", "a tmpfs");
+}

@@ -41,6 +41,10 @@ pub struct GuardArgs {
     /// The name probed (class CH, type TXT).
     #[arg(long, default_value = guard::DEFAULT_PROBE_NAME)]
     pub probe_name: String,
+    /// Serve the guard's own metrics (`/metrics`: fail-open pending, failures) here (not
+    /// `--metrics-listen`: that is the agent's port, in the same config).
+    #[arg(long)]
+    pub guard_metrics_listen: Option<std::net::SocketAddr>,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, WiringError> {
@@ -114,11 +118,23 @@ pub fn guard(dns: &DnsConfig, args: &GuardArgs) -> Result<(), WiringError> {
             .unwrap_or_else(|| dns.lame_duck.get() + Duration::from_secs(1)),
         probe_name: args.probe_name.clone(),
     };
-    let mut registry = prometheus_client::registry::Registry::default();
+    let mut registry = prometheus_client::registry::Registry::with_prefix("nodekeeper");
     let w = NodeWiring::new(dns, &mut registry);
+    let metrics = guard::GuardMetrics::register(&mut registry);
+    let registry = std::sync::Arc::new(registry);
     runtime()?.block_on(async {
         let cancel = on_signal()?;
-        guard::run(&w, &settings, cancel).await;
+        if let Some(addr) = args.guard_metrics_listen {
+            let listener =
+                crate::listen::tcp(addr).map_err(|source| WiringError::Listen { addr, source })?;
+            let (registry, token) = (registry.clone(), cancel.clone());
+            tokio::spawn(async move {
+                if let Err(e) = crate::http::serve_registry(listener, registry, token).await {
+                    tracing::error!(error = %e, "dns guard: metrics server stopped");
+                }
+            });
+        }
+        guard::run(&w, &settings, &metrics, cancel).await;
         Ok(())
     })
 }

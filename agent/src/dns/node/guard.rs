@@ -8,12 +8,21 @@
 //!
 //! Any answer counts as alive (REFUSED, NOTIMP, SERVFAIL too): the guard judges the cache's
 //! process, not its upstreams. It never installs anything.
+//!
+//! It never claims an open node it has not seen: "failed open" is logged only after
+//! [`NodeWiring::fail_open`] read the rules and addresses back and found nothing of ours. A
+//! failed attempt is logged as an error, counted, raises `dns_guard_failopen_pending` and is
+//! retried with backoff ([`RETRY_BACKOFF_MAX`]) until it succeeds or the cache answers again.
 
 use std::hash::{BuildHasher, RandomState};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use tokio::net::UdpSocket;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::NodeWiring;
@@ -29,6 +38,45 @@ pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 /// The probe asks `id.server. CH TXT`: a name the cache answers itself without an upstream (any
 /// rcode counts), so a dead upstream never looks like a dead cache.
 pub const DEFAULT_PROBE_NAME: &str = "id.server";
+
+/// A failed fail-open is retried after the probe interval, doubling up to this: soon enough
+/// that a black-holed node recovers within seconds of the fault clearing, slow enough that a
+/// persistent fault (a read-only lock path) does not run the firewall tools in a tight loop.
+pub const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(8);
+/// After SIGTERM, a failing fail-open is retried this long before the guard gives up and exits
+/// (inside the pod's 30 s termination grace, after the agent's lame duck).
+pub const TERMINATING_RETRY_FOR: Duration = Duration::from_secs(15);
+
+/// The guard's own metrics (served on `dns-guard --metrics-listen`).
+#[derive(Debug, Clone, Default)]
+pub struct GuardMetrics {
+    /// 1 while the guard has decided to fail open but read-back still finds wiring of ours.
+    pending: Gauge,
+    failures: Counter,
+    opened: Counter,
+}
+
+impl GuardMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "dns_guard_failopen_pending",
+            "1 while the cache is silent and failing open has not been verified (the node's DNS may be black-holed)",
+            m.pending.clone(),
+        );
+        registry.register(
+            "dns_guard_failopen_failures",
+            "Fail-open attempts that failed or whose read-back still found rules or ClusterIPs of ours",
+            m.failures.clone(),
+        );
+        registry.register(
+            "dns_guard_failopen",
+            "Times the guard failed open and verified it (nothing of ours left)",
+            m.opened.clone(),
+        );
+        m
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct GuardSettings {
@@ -103,21 +151,26 @@ pub async fn probe(target: SocketAddr, timeout: Duration, name: &str) -> Result<
 }
 
 /// Guards until `shutdown`, then for `grace`, then decides once more (see [`GuardSettings`]).
-pub async fn run(wiring: &NodeWiring, s: &GuardSettings, shutdown: CancellationToken) {
+pub async fn run(
+    wiring: &NodeWiring,
+    s: &GuardSettings,
+    metrics: &GuardMetrics,
+    shutdown: CancellationToken,
+) {
     tracing::info!(target = %s.target, interval = ?s.interval, failures = s.failures, probe_timeout = ?s.probe_timeout, "dns guard: watching the cache");
     let mut tick = tokio::time::interval(s.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut silent = 0u32;
-    let mut open = false;
-    let mut deadline: Option<tokio::time::Instant> = None;
+    let mut opener = FailOpen::new(wiring, metrics, s.interval);
+    let mut deadline: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled(), if deadline.is_none() => {
                 tracing::info!(grace = ?s.grace, "dns guard: terminating; guarding through the agent's lame duck");
-                deadline = Some(tokio::time::Instant::now() + s.grace);
+                deadline = Some(Instant::now() + s.grace);
                 continue;
             }
-            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => break,
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => break,
             _ = tick.tick() => {}
         }
         match probe(s.target, s.probe_timeout, &s.probe_name).await {
@@ -129,13 +182,13 @@ pub async fn run(wiring: &NodeWiring, s: &GuardSettings, shutdown: CancellationT
                     );
                 }
                 silent = 0;
-                open = false;
+                opener.cache_answers();
             }
             Err(e) => {
                 silent = silent.saturating_add(1);
                 tracing::debug!(error = %e, silent, "dns guard: probe failed");
-                if silent >= s.failures {
-                    open_up(wiring, silent, &mut open).await;
+                if silent >= s.failures && opener.due() {
+                    opener.attempt(silent).await;
                 }
             }
         }
@@ -149,26 +202,113 @@ pub async fn run(wiring: &NodeWiring, s: &GuardSettings, shutdown: CancellationT
             tracing::info!(
                 "dns guard: the cache still answers (a successor serves); leaving the wiring"
             );
+            opener.cache_answers();
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    open_up(wiring, s.failures, &mut open).await;
+    let give_up = Instant::now() + TERMINATING_RETRY_FOR;
+    opener.retry_now();
+    while !opener.attempt(s.failures).await {
+        if Instant::now() >= give_up {
+            tracing::error!(
+                tried_for = ?TERMINATING_RETRY_FOR,
+                "dns guard: exiting without having failed open; the node's DNS stays black-holed until the agent runs again"
+            );
+            return;
+        }
+        opener.wait_until_due().await;
+        if probe(s.target, s.probe_timeout, &s.probe_name)
+            .await
+            .is_ok()
+        {
+            opener.cache_answers();
+            return;
+        }
+    }
 }
 
-async fn open_up(wiring: &NodeWiring, silent: u32, open: &mut bool) {
-    match wiring.fail_open().await {
-        Ok(0) if *open => {}
-        Ok(removed) => {
-            *open = true;
-            tracing::warn!(
-                silent_probes = silent,
-                removed,
-                "dns guard: the cache does not answer; failed open (rules and ClusterIPs removed, queries go to kube-dns)"
-            );
+// === impl FailOpen ===
+
+/// The guard's fail-open attempts: verified success, or an error logged, counted, reported as
+/// pending and retried after a doubling backoff.
+struct FailOpen<'a> {
+    wiring: &'a NodeWiring,
+    metrics: &'a GuardMetrics,
+    /// Verified open (nothing of ours left at the last attempt).
+    open: bool,
+    base: Duration,
+    backoff: Duration,
+    next_try: Option<Instant>,
+}
+
+impl<'a> FailOpen<'a> {
+    fn new(wiring: &'a NodeWiring, metrics: &'a GuardMetrics, base: Duration) -> Self {
+        Self {
+            wiring,
+            metrics,
+            open: false,
+            base,
+            backoff: base,
+            next_try: None,
         }
-        Err(e) => {
-            tracing::error!(error = %e, kind = e.kind(), "dns guard: failing open failed; retrying at the next probe")
+    }
+
+    /// The cache answers: nothing is black-holed; forget the failed attempts.
+    fn cache_answers(&mut self) {
+        self.open = false;
+        self.retry_now();
+        self.metrics.pending.set(0);
+    }
+
+    fn retry_now(&mut self) {
+        self.backoff = self.base;
+        self.next_try = None;
+    }
+
+    fn due(&self) -> bool {
+        self.next_try.is_none_or(|t| Instant::now() >= t)
+    }
+
+    async fn wait_until_due(&self) {
+        if let Some(t) = self.next_try {
+            tokio::time::sleep_until(t).await;
+        }
+    }
+
+    /// One attempt; true when read-back verified that nothing of ours is left. While verified
+    /// open, each call re-checks (a crash-looping agent re-installs the rules).
+    async fn attempt(&mut self, silent: u32) -> bool {
+        match self.wiring.fail_open().await {
+            Ok(removed) => {
+                if !self.open || removed > 0 {
+                    self.metrics.opened.inc();
+                    tracing::warn!(
+                        silent_probes = silent,
+                        removed,
+                        "dns guard: the cache does not answer; failed open, verified (read back: no rule or ClusterIP of ours left; queries go to kube-dns)"
+                    );
+                }
+                self.open = true;
+                self.metrics.pending.set(0);
+                self.retry_now();
+                true
+            }
+            Err(e) => {
+                self.open = false;
+                self.metrics.pending.set(1);
+                self.metrics.failures.inc();
+                tracing::error!(
+                    error = %e,
+                    kind = e.kind(),
+                    silent_probes = silent,
+                    retry_in = ?self.backoff,
+                    "dns guard: failing open failed; the node's DNS stays black-holed until a retry succeeds"
+                );
+                self.next_try = Some(Instant::now() + self.backoff);
+                self.backoff = (self.backoff * 2).min(RETRY_BACKOFF_MAX);
+                false
+            }
         }
     }
 }

@@ -216,6 +216,21 @@ impl Netlink {
         Ok(removed)
     }
 
+    /// Which of `ips` the interface holds now (none when it does not exist): the read-back of
+    /// [`Netlink::remove_addresses`].
+    pub async fn holding(&self, ips: &[IpAddr]) -> Result<Vec<IpAddr>, WiringError> {
+        let Some(link) = self.link().await? else {
+            return Ok(Vec::new());
+        };
+        Ok(self
+            .addresses(link.header.index)
+            .await?
+            .iter()
+            .filter_map(address_of)
+            .filter(|ip| ips.contains(ip))
+            .collect())
+    }
+
     /// Deletes the interface (and so its addresses); false when it was not there.
     pub async fn delete(&self) -> Result<bool, WiringError> {
         let Some(link) = self.link().await? else {

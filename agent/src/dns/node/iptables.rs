@@ -199,11 +199,16 @@ pub fn batch(present: &[Present], delete: &[usize], add: &[Rule]) -> Option<Stri
     Some(text)
 }
 
-/// Brings one family's rules of ours to exactly `desired` (all of one IP family), in one batch.
-pub async fn reconcile(program: &str, desired: &[Rule]) -> Result<RuleChanges, ExecError> {
-    let present = list(program).await?;
+/// Brings one family's rules of ours (`present`, just listed) to exactly `desired` (all of one
+/// IP family), in one batch. A failed batch is an error whatever `desired` is: removing our
+/// rules is what un-black-holes the node, so its failure must never read as success.
+async fn apply(
+    program: &str,
+    present: &[Present],
+    desired: &[Rule],
+) -> Result<RuleChanges, ExecError> {
     let (add, delete) = diff(desired, present.iter().map(|p| p.rule.as_ref()));
-    if let Some(text) = batch(&present, &delete, &add) {
+    if let Some(text) = batch(present, &delete, &add) {
         let restore = format!("{program}-restore");
         exec::run(&restore, &["-w", "5", "--noflush"], Some(&text)).await?;
     }
@@ -213,8 +218,36 @@ pub async fn reconcile(program: &str, desired: &[Rule]) -> Result<RuleChanges, E
     })
 }
 
+/// True when a failed listing means this family cannot hold rules here at all: the tool is not
+/// installed, or the kernel lacks the family (IPv6 disabled). Anything else (a timeout, a
+/// permission error) could hide rules of ours, so it is an error.
+fn family_absent(e: &ExecError) -> bool {
+    match e {
+        ExecError::NotFound { .. } => true,
+        ExecError::Failed { stderr, .. } => {
+            stderr.contains("Address family not supported")
+                || stderr.contains("Protocol not supported")
+        }
+        _ => false,
+    }
+}
+
+/// Lists one family's rules of ours; None when the family cannot hold rules (see
+/// [`family_absent`]) and none are wanted in it.
+async fn list_family(program: &str, wanted: bool) -> Result<Option<Vec<Present>>, ExecError> {
+    match list(program).await {
+        Ok(p) => Ok(Some(p)),
+        Err(e) if !wanted && family_absent(&e) => {
+            tracing::debug!(error = %e, "{program}: skipped (no address of this family)");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Both families: IPv4 rules through `variant.v4`, IPv6 through `variant.v6`. A family with no
-/// address to serve whose tool is missing or unusable (IPv6 off) is skipped, not an error.
+/// address to serve whose tool is missing or whose kernel family is off is skipped; every other
+/// failure (listing or applying) is returned, also when nothing is desired (teardown, fail-open).
 pub async fn reconcile_all(
     variant: &IptablesVariant,
     desired: &[Rule],
@@ -226,18 +259,25 @@ pub async fn reconcile_all(
             .filter(|r| r.ip.is_ipv4() == v4)
             .copied()
             .collect();
-        match reconcile(program, &want).await {
-            Ok(c) => {
-                total.added += c.added;
-                total.removed += c.removed;
-            }
-            Err(e) if want.is_empty() => {
-                tracing::debug!(error = %e, "{program}: skipped (no address of this family)");
-            }
-            Err(e) => return Err(e),
-        }
+        let Some(present) = list_family(program, !want.is_empty()).await? else {
+            continue;
+        };
+        let c = apply(program, &present, &want).await?;
+        total.added += c.added;
+        total.removed += c.removed;
     }
     Ok(total)
+}
+
+/// How many rules of ours both families hold, read back with `*-save` (the fail-open proof).
+pub async fn count_ours(variant: &IptablesVariant) -> Result<u32, ExecError> {
+    let mut n = 0;
+    for program in [&variant.v4, &variant.v6] {
+        n += list_family(program, false)
+            .await?
+            .map_or(0, |p| p.len() as u32);
+    }
+    Ok(n)
 }
 
 #[cfg(test)]

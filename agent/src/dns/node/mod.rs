@@ -58,6 +58,18 @@ pub enum WiringError {
     /// The one-shot commands could not build their runtime.
     #[error("tokio runtime: {0}")]
     Runtime(std::io::Error),
+    /// Removal reported no error, but reading back (`*-save`, `nft list`, netlink) still finds
+    /// wiring of ours: the node is not failed open.
+    #[error(
+        "read-back after removal still finds {rules} rule(s) of ours and ClusterIP(s) {addresses:?} on the interface"
+    )]
+    StillWired { rules: u32, addresses: Vec<IpAddr> },
+    /// The guard's metrics listener could not be bound.
+    #[error("dns-guard --metrics-listen {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 impl WiringError {
@@ -70,6 +82,8 @@ impl WiringError {
             WiringError::NoBackend => "no_backend",
             WiringError::NoAddress => "no_address",
             WiringError::Runtime(_) => "runtime",
+            WiringError::StillWired { .. } => "still_wired",
+            WiringError::Listen { .. } => "listen",
         }
     }
 }
@@ -257,7 +271,8 @@ impl NodeWiring {
     }
 
     /// Removes our rules (from every backend present) and the interface with its addresses
-    /// (when managed). Idempotent.
+    /// (when managed), then reads back that they are gone ([`WiringError::StillWired`] when
+    /// not). Idempotent.
     pub async fn teardown(&self) -> Result<(), WiringError> {
         let rules = self.remove_rules().await?;
         let deleted = if self.manage_interface {
@@ -265,14 +280,17 @@ impl NodeWiring {
         } else {
             false
         };
-        tracing::info!(rules_removed = rules, interface_deleted = deleted, interface = %self.interface, "dns wiring: torn down");
+        self.verify_gone().await?;
+        tracing::info!(rules_removed = rules, interface_deleted = deleted, interface = %self.interface, "dns wiring: torn down (read back: nothing of ours left)");
         Ok(())
     }
 
     /// The guard's action when the cache is silent: removes our rules and takes the
     /// ClusterIPs off the interface, so queries to a ClusterIP are DNATed by kube-proxy to
     /// kube-dns again. The link-local address stays (a client of it gets a fast ICMP error,
-    /// not a route out of the node). Returns how many things it removed (0: already open).
+    /// not a route out of the node). Succeeds only when reading back the rules (every backend)
+    /// and the interface finds nothing of ours left; returns how many things it removed (0:
+    /// already open).
     pub async fn fail_open(&self) -> Result<u32, WiringError> {
         let mut removed = self.remove_rules().await?;
         if self.manage_interface && !self.cluster_ips.is_empty() {
@@ -280,7 +298,54 @@ impl NodeWiring {
                 .remove_addresses(&self.cluster_ips)
                 .await?;
         }
+        self.verify_gone().await?;
         Ok(removed)
+    }
+
+    /// Reads back every backend present and the interface: Ok only when no rule of ours and
+    /// no ClusterIP (managed interface) is left.
+    async fn verify_gone(&self) -> Result<(), WiringError> {
+        let rules = self.rules_left().await?;
+        let addresses = if self.manage_interface && !self.cluster_ips.is_empty() {
+            iface::Netlink::connect(&self.interface)?
+                .holding(&self.cluster_ips)
+                .await?
+        } else {
+            Vec::new()
+        };
+        if rules > 0 || !addresses.is_empty() {
+            return Err(WiringError::StillWired { rules, addresses });
+        }
+        Ok(())
+    }
+
+    /// Rules of ours in the backend in use and in every other backend installed.
+    async fn rules_left(&self) -> Result<u32, WiringError> {
+        let err = |backend: &'static str| move |source| WiringError::Rules { backend, source };
+        let mut variants: Vec<rules::IptablesVariant> = Vec::new();
+        if let Ok(Backend::Iptables(v)) = self.backend().await {
+            variants.push(v.clone());
+        }
+        if let Some(v) = rules::iptables_variant().await
+            && !variants.contains(&v)
+        {
+            variants.push(v);
+        }
+        let mut n = 0;
+        for v in &variants {
+            n += iptables::count_ours(v).await.map_err(err("iptables"))?;
+        }
+        let nft_in_use = matches!(self.backend().await, Ok(Backend::Nftables));
+        if nft_in_use || rules::nft_tables().await.is_some() {
+            // A table of ours, even empty, still holds base chains: count it as one thing left.
+            n += match nftables::count_ours().await {
+                Ok(None) => 0,
+                Ok(Some(k)) => k.max(1),
+                Err(exec::ExecError::NotFound { .. }) if !nft_in_use => 0,
+                Err(e) => return Err(err("nftables")(e)),
+            };
+        }
+        Ok(n)
     }
 
     async fn remove_rules(&self) -> Result<u32, WiringError> {

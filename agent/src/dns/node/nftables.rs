@@ -176,18 +176,28 @@ pub async fn reconcile(rules: &[Rule]) -> Result<RuleChanges, ExecError> {
     })
 }
 
+/// The number of rules a listing of our table holds.
+fn rules_in(text: &str) -> u32 {
+    parse_table(text)
+        .iter()
+        .filter(|(k, _)| !k.contains('#'))
+        .map(|(_, v)| v.len() as u32)
+        .sum()
+}
+
 /// Deletes our table; the number of rules it held.
 pub async fn remove() -> Result<u32, ExecError> {
     let Some(text) = list().await? else {
         return Ok(0);
     };
-    let held = parse_table(&text)
-        .iter()
-        .filter(|(k, _)| !k.contains('#'))
-        .map(|(_, v)| v.len() as u32)
-        .sum();
     exec::run("nft", &["-f", "-"], Some(&delete_script())).await?;
-    Ok(held)
+    Ok(rules_in(&text))
+}
+
+/// Whether our table exists, and how many rules it holds, read back with `nft list` (the
+/// fail-open proof): None when it is gone.
+pub async fn count_ours() -> Result<Option<u32>, ExecError> {
+    Ok(list().await?.as_deref().map(rules_in))
 }
 
 #[cfg(test)]

@@ -8,11 +8,13 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Api, EvictParams, ListParams, Patch, PatchParams};
+use k8s_openapi::api::policy::v1::Eviction;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, EvictParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use nodekeeper_tests::fake_api::{
-    Budget, FakeApi, FieldSelector, LabelSelector, PdbLimit, PodSeed, Res, UnhealthyPolicy,
-    json_patch, merge_patch, scaled,
+    Budget, FakeApi, FieldSelector, FieldValidation, LabelSelector, PdbLimit, PodSeed, Res,
+    UnhealthyPolicy, json_patch, merge_patch, scaled,
 };
 use nodekeeper_tests::{http_get, require_tool, wait_for};
 use serde_json::{Value, json};
@@ -561,11 +563,7 @@ async fn kube_eviction_blocked_by_a_budget_is_429() {
     // kube's default retry layer would keep re-sending the 429ed eviction (the API server sends
     // no Retry-After): see it happen, then ask without it.
     let retrying: Api<Pod> = Api::namespaced(e.client().await, "default");
-    let r = tokio::time::timeout(
-        Duration::from_secs(1),
-        retrying.evict("web-1", &EvictParams::default()),
-    )
-    .await;
+    let r = tokio::time::timeout(Duration::from_secs(1), evict(&retrying, "web-1")).await;
     assert!(r.is_err(), "still retrying after 1s: {r:?}");
     let posts = |e: &Env| {
         e.api
@@ -580,9 +578,7 @@ async fn kube_eviction_blocked_by_a_budget_is_429() {
     );
     let pods: Api<Pod> = Api::namespaced(e.client_with_retry(false).await, "default");
     let before = posts(&e);
-    let err = within("evict", pods.evict("web-1", &EvictParams::default()))
-        .await
-        .unwrap_err();
+    let err = within("evict", evict(&pods, "web-1")).await.unwrap_err();
     let kube::Error::Api(status) = err else {
         panic!("expected an API error, got {err:?}");
     };
@@ -600,14 +596,107 @@ async fn kube_eviction_blocked_by_a_budget_is_429() {
     assert_eq!(posts(&e), before + 1, "answered once, not retried");
     assert!(e.api.pod("default", "web-1").is_some());
     // Not covered by a budget: evicted.
-    within("evict free", pods.evict("free", &EvictParams::default()))
+    within("evict free", evict(&pods, "free"))
         .await
         .expect("evict free");
     assert!(e.api.pod("default", "free").is_none());
-    let missing = within("evict missing", pods.evict("nope", &EvictParams::default()))
+    let missing = within("evict missing", evict(&pods, "nope"))
         .await
         .unwrap_err();
     assert!(matches!(missing, kube::Error::Api(s) if s.code == 404));
+}
+
+/// A typed `policy/v1` Eviction, posted as the agent does.
+async fn evict(pods: &Api<Pod>, name: &str) -> Result<Value, kube::Error> {
+    let body = Eviction {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        delete_options: None,
+    };
+    pods.create_subresource("eviction", name, &PostParams::default(), &body)
+        .await
+}
+
+/// The upstream bug the agent works around: kube-core 5.0.0's `Request::evict` keys the
+/// options `delete_options`. A strict server refuses it naming the field; a real server's
+/// default (Warn) accepts it with a Warning header and ignores the options.
+#[tokio::test(flavor = "multi_thread")]
+async fn kube_evict_misspells_delete_options_strict_refuses_warn_warns() {
+    for mode in [FieldValidation::Strict, FieldValidation::Warn] {
+        let api = FakeApi::builder().field_validation(mode).start();
+        api.add_node("node-a", &[]);
+        api.add_pod(PodSeed::new("p").node("node-a").grace_period(30));
+        let e = env(api);
+        let pods: Api<Pod> = Api::namespaced(e.client_with_retry(false).await, "default");
+        let ep = EvictParams {
+            delete_options: Some(kube::api::DeleteParams {
+                grace_period_seconds: Some(0),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let r = within("kube evict", pods.evict("p", &ep)).await;
+        let req = e.api.requests().pop().unwrap();
+        assert!(req.body.contains("\"delete_options\""), "{}", req.body);
+        match mode {
+            FieldValidation::Strict => {
+                let Err(kube::Error::Api(s)) = r else {
+                    panic!("strict mode accepted {r:?}")
+                };
+                assert_eq!(s.code, 400);
+                assert!(
+                    s.message
+                        .contains("strict decoding error: unknown field \"delete_options\""),
+                    "{}",
+                    s.message
+                );
+                assert!(e.api.pod("default", "p").is_some(), "nothing applied");
+            }
+            _ => {
+                r.expect("warn mode accepts");
+                // The grace period 0 was dropped with the unknown key: the pod's own 30 s apply.
+                let pod = e.api.pod("default", "p").expect("still terminating");
+                assert_eq!(pod["metadata"]["deletionGracePeriodSeconds"], 30);
+            }
+        }
+    }
+    // The Warning header itself, on the raw wire.
+    let api = FakeApi::builder()
+        .field_validation(FieldValidation::Warn)
+        .start();
+    api.add_node("node-a", &[]);
+    api.add_pod(PodSeed::new("q").node("node-a"));
+    let (code, headers, _) = raw_with_headers(
+        &api,
+        "POST",
+        "/api/v1/namespaces/default/pods/q/eviction",
+        "application/json",
+        &json!({"metadata": {"name": "q"}, "delete_options": {}}),
+    );
+    assert_eq!(code, 201);
+    assert!(
+        headers.contains("warning: 299 - \"unknown field \\\"delete_options\\\"\""),
+        "{headers}"
+    );
+    // The request's own fieldValidation=Strict wins over the server default.
+    api.add_pod(PodSeed::new("r").node("node-a"));
+    let (code, _, body) = raw_with_headers(
+        &api,
+        "POST",
+        "/api/v1/namespaces/default/pods/r/eviction?fieldValidation=Strict",
+        "application/json",
+        &json!({"metadata": {"name": "r"}, "deleteOptions": {"preconditions": {"uuid": "x"}}}),
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field \"deleteOptions.preconditions.uuid\""),
+        "{body}"
+    );
 }
 
 // ---------------------------------------------------------------- semantics
@@ -806,6 +895,18 @@ fn unhealthy_pod_eviction_policies_and_overlapping_budgets() {
 
 /// A minimal HTTP/1.1 client: (status, JSON body).
 fn raw(api: &FakeApi, method: &str, path: &str, content_type: &str, body: &Value) -> (u16, Value) {
+    let (code, _, body) = raw_with_headers(api, method, path, content_type, body);
+    (code, body)
+}
+
+/// One HTTP/1.1 request: status, response head (lowercased) and JSON body.
+fn raw_with_headers(
+    api: &FakeApi,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &Value,
+) -> (u16, String, Value) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&api.addr(), Duration::from_secs(5)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -820,7 +921,11 @@ fn raw(api: &FakeApi, method: &str, path: &str, content_type: &str, body: &Value
     s.read_to_string(&mut out).unwrap();
     let (head, body) = out.split_once("\r\n\r\n").unwrap();
     let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (code, serde_json::from_str(body).unwrap_or(Value::Null))
+    (
+        code,
+        head.to_lowercase(),
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    )
 }
 
 #[test]

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{EvictParams, ListParams, Patch, PatchParams};
+use k8s_openapi::api::policy::v1::Eviction;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{DeleteOptions, ObjectMeta, Preconditions};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
 
@@ -576,25 +578,20 @@ impl DrainController {
         pod: &PlannedPod,
     ) -> Result<(), DrainError> {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
-        let mut ep = EvictParams::default();
-        if let Some(g) = params.grace_period_seconds {
-            ep.delete_options = Some(kube::api::DeleteParams {
-                grace_period_seconds: Some(g as u32),
-                ..Default::default()
-            });
-        }
-        ep.delete_options
-            .get_or_insert_with(Default::default)
-            .preconditions = Some(kube::api::Preconditions {
-            uid: Some(pod.uid.clone()),
-            resource_version: None,
-        });
+        let body = eviction(pod, params.grace_period_seconds);
+        let post_params = PostParams::default();
         let mut backoff = self.config.retry_initial.get();
         let mut attempt = 0u32;
         run.emit(Ev::Evicting(pod.pod_ref()));
         loop {
             attempt += 1;
-            match tokio::time::timeout(API_CALL_TIMEOUT, api.evict(&pod.name, &ep)).await {
+            let post = api.create_subresource::<_, serde_json::Value>(
+                "eviction",
+                &pod.name,
+                &post_params,
+                &body,
+            );
+            match tokio::time::timeout(API_CALL_TIMEOUT, post).await {
                 Ok(Ok(_)) => {
                     self.metrics
                         .evictions
@@ -602,8 +599,22 @@ impl DrainController {
                         .inc();
                     break;
                 }
+                Ok(Err(kube::Error::Api(s)))
+                    if s.code == 409 && !self.gone_per_api(&api, pod).await.unwrap_or(false) =>
+                {
+                    // A 409 proves nothing by itself (the server may have lost a race updating
+                    // the budget): the pod with this UID still exists, so evict it again.
+                    self.metrics
+                        .retries
+                        .get_or_create(&vec![("reason", "conflict")])
+                        .inc();
+                    tracing::info!(pod = %pod.key(), message = %s.message, "eviction conflicted and the pod still exists; retrying");
+                    tokio::time::sleep(jitter(backoff)).await;
+                    backoff = (backoff * 2).min(self.config.retry_max.get());
+                }
                 Ok(Err(kube::Error::Api(s))) if s.code == 404 || s.code == 409 => {
-                    // Gone already (404), or the name now belongs to another UID (409 precondition).
+                    // Gone already (404), or the name now belongs to another UID (a 409 from the
+                    // UID precondition, confirmed by the GET above).
                     self.metrics
                         .evictions
                         .get_or_create(&vec![("result", "already_gone")])
@@ -672,40 +683,48 @@ impl DrainController {
         Ok(())
     }
 
-    /// Waits until no pod with this UID exists: on the pod watch when there is one, with a GET
-    /// every `deletionPoll` as the fallback (and the only way without a watch).
+    /// Waits until no pod with this UID exists. Only a GET proves it (404, or the name now
+    /// belongs to another UID): the pod watch is a wake-up hint, never the proof, because after
+    /// a restart its store may not have synced yet and every pod is absent from an empty store.
+    /// A GET that fails is retried at the next poll: waiting tolerates API errors.
     async fn wait_gone(&self, api: &Api<Pod>, pod: &PlannedPod) -> Result<(), DrainError> {
-        let Some((store, changes)) = &self.pods else {
-            // No watch: poll with GET.
-            loop {
-                if self.gone_per_api(api, pod).await? {
-                    return Ok(());
-                }
-                tokio::time::sleep(self.config.deletion_poll.get()).await;
-            }
+        let mut changes = self.pods.as_ref().map(|(_, rx)| rx.clone());
+        let absent_from_watch = || {
+            self.pods.as_ref().is_some_and(|(store, _)| {
+                !store
+                    .state()
+                    .iter()
+                    .any(|p| p.metadata.uid.as_deref() == Some(pod.uid.as_str()))
+            })
         };
-        // A synced watch saw the pod when the drain listed it, so its absence now is a DELETED
-        // event: no GET needed. The GET every `deletionPoll` covers a watch that stalls.
-        let _ = tokio::time::timeout(API_CALL_TIMEOUT, store.wait_until_ready()).await;
-        let mut changes = changes.clone();
         let mut poll = tokio::time::interval(self.config.deletion_poll.get());
         poll.tick().await;
+        let mut check = true;
         loop {
-            let present = store
-                .state()
-                .iter()
-                .any(|p| p.metadata.uid.as_deref() == Some(pod.uid.as_str()));
-            if !present {
-                return Ok(());
-            }
-            tokio::select! {
-                _ = changes.changed() => {}
-                _ = poll.tick() => {
-                    if self.gone_per_api(api, pod).await? {
-                        return Ok(());
+            if check {
+                match self.gone_per_api(api, pod).await {
+                    Ok(true) => return Ok(()),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(pod = %pod.key(), error = %e, "could not check whether the pod is gone; checking again")
                     }
                 }
             }
+            check = match changes.as_mut() {
+                Some(rx) => tokio::select! {
+                    r = rx.changed() => {
+                        if r.is_err() {
+                            changes = None;
+                        }
+                        absent_from_watch()
+                    }
+                    _ = poll.tick() => true,
+                },
+                None => {
+                    poll.tick().await;
+                    true
+                }
+            };
         }
     }
 
@@ -715,6 +734,30 @@ impl DrainController {
             None => true,
             Some(p) => p.metadata.uid.as_deref() != Some(pod.uid.as_str()),
         })
+    }
+}
+
+/// The `policy/v1` Eviction of one pod: its grace period (when the request gave one) and a UID
+/// precondition, so a same-name replacement is never evicted in its place.
+///
+/// Posted with `create_subresource`, not kube's `Api::evict`: kube-core 5.0.0 (`Request::evict`)
+/// serialises the options under the key `delete_options` and sends no apiVersion/kind, so a real
+/// API server drops them as an unknown field (docs/operations.md, "Eviction on the wire").
+pub fn eviction(pod: &PlannedPod, grace_period_seconds: Option<i64>) -> Eviction {
+    Eviction {
+        metadata: ObjectMeta {
+            name: Some(pod.name.clone()),
+            namespace: Some(pod.namespace.clone()),
+            ..Default::default()
+        },
+        delete_options: Some(DeleteOptions {
+            grace_period_seconds,
+            preconditions: Some(Preconditions {
+                uid: Some(pod.uid.clone()),
+                resource_version: None,
+            }),
+            ..Default::default()
+        }),
     }
 }
 

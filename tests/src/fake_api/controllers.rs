@@ -20,6 +20,8 @@ pub struct ControllerConfig {
     pub ready_delay: Duration,
     /// `spec.nodeName` of replacement pods.
     pub other_node: String,
+    /// The length of one second of a pod's grace period (tests scale it down).
+    pub grace_second: Duration,
 }
 
 impl Default for ControllerConfig {
@@ -28,6 +30,7 @@ impl Default for ControllerConfig {
             replace_delay: Duration::from_millis(200),
             ready_delay: Duration::from_millis(500),
             other_node: "node-other".into(),
+            grace_second: Duration::from_secs(1),
         }
     }
 }
@@ -51,7 +54,7 @@ pub enum Followup {
 impl Followup {
     pub fn delay(&self, cfg: &ControllerConfig) -> Duration {
         match self {
-            Followup::FinalizePod { after, .. } => *after,
+            Followup::FinalizePod { after, .. } => cfg.grace_second.mul_f64(after.as_secs_f64()),
             Followup::Replace { .. } => cfg.replace_delay,
             Followup::MarkReady { .. } => cfg.ready_delay,
         }

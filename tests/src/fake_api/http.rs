@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use super::controllers::{self, check_preconditions};
+use super::faults::{self, FaultKind, FieldValidation};
 use super::patch::{PatchType, json_patch, merge_patch};
 use super::pdb;
 use super::resources::{self, Res};
@@ -83,14 +84,89 @@ async fn handle(AxState(store): AxState<Arc<Store>>, req: Request) -> Response {
     let body = axum::body::to_bytes(req.into_body(), 64 << 20)
         .await
         .unwrap_or_default();
-    let resp = route(&store, &method, &path, &query, &headers, &body);
+    let is_watch = matches!(
+        parse_query(&query).get("watch").map(String::as_str),
+        Some("true" | "1")
+    );
+    let fault = {
+        let mut f = store.faults.lock().unwrap_or_else(|e| e.into_inner());
+        faults::take(&mut f, method.as_str(), &path, &query, is_watch)
+    };
+    let mut drop_watch_after = None;
+    let resp = match &fault {
+        Some(FaultKind::Delay(d)) => {
+            tokio::time::sleep(*d).await;
+            None
+        }
+        Some(FaultKind::DropWatchAfter(d)) => {
+            drop_watch_after = Some(*d);
+            None
+        }
+        Some(kind) => faults::error_of(kind).map(|(e, retry_after)| {
+            let mut r = error_response(&e);
+            if let Some(s) = retry_after
+                && let Ok(v) = header::HeaderValue::from_str(&s.to_string())
+            {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            r
+        }),
+        None => None,
+    };
+    let resp = resp.unwrap_or_else(|| {
+        route(
+            &store,
+            &Call {
+                method: &method,
+                path: &path,
+                query: &query,
+                headers: &headers,
+                body: &body,
+                drop_watch_after,
+            },
+        )
+    });
     store.lock().requests.push(RecordedRequest {
         method: method.to_string(),
         path,
         query,
         status: resp.status().as_u16(),
+        body: String::from_utf8_lossy(&body).into_owned(),
     });
     resp
+}
+
+/// One request as routed.
+struct Call<'a> {
+    method: &'a Method,
+    path: &'a str,
+    query: &'a str,
+    headers: &'a HeaderMap,
+    body: &'a Bytes,
+    /// An injected fault: a watch started by this request ends after this long.
+    drop_watch_after: Option<Duration>,
+}
+
+/// Checks a body's fields under the request's validation mode: an error in Strict mode, the
+/// `Warning` header values in Warn mode.
+fn validate_fields(
+    store: &Store,
+    q: &HashMap<String, String>,
+    kind: &str,
+    unknown: Vec<String>,
+) -> Result<Vec<String>, ApiError> {
+    if unknown.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mode = FieldValidation::for_request(
+        store.validation,
+        q.get("fieldValidation").map(String::as_str),
+    );
+    match mode {
+        FieldValidation::Strict => Err(faults::strict_error(kind, &unknown)),
+        FieldValidation::Warn => Ok(faults::warnings(&unknown)),
+        FieldValidation::Ignore => Ok(Vec::new()),
+    }
 }
 
 /// A parsed resource path.
@@ -127,14 +203,9 @@ fn parse_target<'a>(group: &str, version: &str, segs: &[&'a str]) -> Option<Targ
     (ok_scope && ok_sub).then_some(Target { res, ns, name, sub })
 }
 
-fn route(
-    store: &Arc<Store>,
-    method: &Method,
-    path: &str,
-    query: &str,
-    headers: &HeaderMap,
-    body: &Bytes,
-) -> Response {
+fn route(store: &Arc<Store>, call: &Call) -> Response {
+    let (method, path, query, headers, body) =
+        (call.method, call.path, call.query, call.headers, call.body);
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let discovery = match segs.as_slice() {
         ["version"] => Some(resources::version()),
@@ -169,9 +240,10 @@ fn route(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
+    let mut warnings: Vec<String> = Vec::new();
     let result = match (method.as_str(), t.name, t.sub) {
         ("GET", None, None) if matches!(q.get("watch").map(String::as_str), Some("true" | "1")) => {
-            return watch(store, &t, &q);
+            return watch(store, &t, &q, call.drop_watch_after);
         }
         ("GET", None, None) => list(&store.lock(), &t, &q).map(|(items, rv)| {
             if table::wants_table(accept) {
@@ -205,6 +277,7 @@ fn route(
             parse_body(body).and_then(|b| store.mutate(|st| create(st, &t, b)).map(|o| (201, o)))
         }
         ("POST", Some(name), Some("eviction")) => parse_body(body).and_then(|b| {
+            warnings = validate_fields(store, &q, "Eviction", faults::unknown_eviction_fields(&b))?;
             let ns = t.ns.unwrap_or_default();
             store
                 .mutate(|st| pdb::evict(st, ns, name, &b))
@@ -222,6 +295,12 @@ fn route(
                 parse_body(body)
             };
             opts.and_then(|opts| {
+                warnings = validate_fields(
+                    store,
+                    &q,
+                    "DeleteOptions",
+                    faults::unknown_delete_options_fields(&opts),
+                )?;
                 let grace = q
                     .get("gracePeriodSeconds")
                     .and_then(|g| g.parse().ok())
@@ -237,10 +316,16 @@ fn route(
             "the server does not allow this method on the requested resource",
         )),
     };
-    match result {
+    let mut resp = match result {
         Ok((code, v)) => json_response(code, &v),
         Err(e) => error_response(&e),
+    };
+    for w in warnings {
+        if let Ok(v) = header::HeaderValue::from_str(&w) {
+            resp.headers_mut().append(header::WARNING, v);
+        }
     }
+    resp
 }
 
 fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
@@ -523,7 +608,12 @@ impl Cursor {
     }
 }
 
-fn watch(store: &Arc<Store>, t: &Target, q: &HashMap<String, String>) -> Response {
+fn watch(
+    store: &Arc<Store>,
+    t: &Target,
+    q: &HashMap<String, String>,
+    drop_after: Option<Duration>,
+) -> Response {
     let (labels, fields) = match selectors(t.res, q) {
         Ok(s) => s,
         Err(e) => return error_response(&e),
@@ -543,7 +633,10 @@ fn watch(store: &Arc<Store>, t: &Target, q: &HashMap<String, String>) -> Respons
         next: 0,
         last_rv: 0,
         queue: VecDeque::new(),
-        deadline: Instant::now() + Duration::from_secs(timeout),
+        deadline: Instant::now()
+            + drop_after
+                .unwrap_or(Duration::from_secs(timeout))
+                .min(Duration::from_secs(timeout)),
         bookmarks: q.get("allowWatchBookmarks").is_some_and(|v| v == "true"),
         rx: store.subscribe(),
     };

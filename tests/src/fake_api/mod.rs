@@ -14,6 +14,7 @@
 //! ```
 
 mod controllers;
+mod faults;
 mod http;
 mod patch;
 mod pdb;
@@ -30,6 +31,7 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 
 pub use controllers::ControllerConfig;
+pub use faults::{Fault, FaultKind, FieldValidation};
 pub use patch::{json_patch, merge_patch};
 pub use pdb::{Budget, scaled};
 pub use resources::Res;
@@ -165,6 +167,7 @@ fn labels_json(labels: &[(&str, &str)]) -> Value {
 #[derive(Debug, Clone, Default)]
 pub struct FakeApiBuilder {
     config: ControllerConfig,
+    validation: FieldValidation,
 }
 
 impl FakeApiBuilder {
@@ -184,6 +187,18 @@ impl FakeApiBuilder {
         self
     }
 
+    /// How unknown body fields are answered when a request does not say (default Strict;
+    /// a real server defaults to Warn).
+    pub fn field_validation(mut self, mode: FieldValidation) -> Self {
+        self.validation = mode;
+        self
+    }
+    /// How long one second of a pod's grace period lasts (default 1 s): tests scale it down.
+    pub fn grace_second(mut self, d: Duration) -> Self {
+        self.config.grace_second = d;
+        self
+    }
+
     pub fn start(self) -> FakeApi {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -191,7 +206,7 @@ impl FakeApiBuilder {
             .enable_all()
             .build()
             .expect("fake API runtime");
-        let store = Store::new(rt.handle().clone(), self.config);
+        let store = Store::new(rt.handle().clone(), self.config, self.validation);
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("local addr");
@@ -650,6 +665,24 @@ impl FakeApi {
         let mut out = self.list(Res::Events);
         out.extend(self.list(Res::EventsV1));
         out
+    }
+
+    /// Injects a fault: the next matching request(s) fail, slow down or lose their watch.
+    pub fn inject(&self, fault: Fault) {
+        self.store
+            .faults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(fault);
+    }
+
+    /// Removes every injected fault not yet used up.
+    pub fn clear_faults(&self) {
+        self.store
+            .faults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// Every request so far, in order.

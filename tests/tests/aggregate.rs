@@ -1,9 +1,11 @@
 //! `nodekeeper aggregate` over real agents: three connected agents on different loopback ports,
 //! each counting its own pods in real network namespaces (tests/support/census_pods.rs), one of
-//! them stopped. The aggregator's KEDA answers are the sums of the two that answer (checked by
-//! the Python grpcio client of tests/py/keda_check.py), GetFleet and /metrics report the third
-//! as missing, discovery through the fake API's EndpointSlices finds the same agents, and
-//! SIGTERM ends an open stream with OK. Without agents, KEDA gets UNAVAILABLE, not zero.
+//! them NotReady in its EndpointSlice and still counted. The aggregator's KEDA answers are the
+//! sums of all three (checked by the Python grpcio client of tests/py/keda_check.py); with one
+//! stopped, KEDA gets UNAVAILABLE instead of a smaller sum unless the ScaledObject opts into
+//! `minCoverage` or `lastKnownFor`, and GetFleet and /metrics count it. An agent slower than the
+//! deadline is an error once, then its late census answers the next calls. SIGTERM ends an open
+//! stream with OK. Without agents, KEDA gets UNAVAILABLE, not zero.
 
 #[path = "support/census_pods.rs"]
 mod census_pods;
@@ -98,8 +100,26 @@ fn by_address<'a>(fleet: &'a pb::FleetStatus, address: &str) -> &'a pb::FleetAge
         .unwrap_or_else(|| panic!("{address} not in {fleet:?}"))
 }
 
+/// A GetMetrics of the web pool to the database (4 + 6 per node).
+fn pool_query(extra: &[(&str, &str)]) -> nodekeeper::keda_pb::ScaledObjectRef {
+    let mut pairs = vec![
+        ("metric", "established"),
+        ("target", "5"),
+        ("podSelector", "app=web"),
+        ("remote", census_pods::POOL_REMOTE),
+    ];
+    pairs.extend_from_slice(extra);
+    scaled_object("shop", &pairs)
+}
+
+fn pool_value(addr: SocketAddr, extra: &[(&str, &str)]) -> Result<f64, tonic::Status> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(get_metrics(&addr.to_string(), pool_query(extra)))
+        .map(|m| m.metric_values[0].metric_value_float)
+}
+
 #[test]
-fn aggregator_sums_the_answering_agents_and_reports_the_stopped_one_as_root() {
+fn aggregator_counts_not_ready_agents_and_errors_instead_of_a_partial_sum_as_root() {
     if !require_root() || !require_python_modules(&["grpc", "grpc_tools"]) {
         return;
     }
@@ -122,11 +142,8 @@ fn aggregator_sums_the_answering_agents_and_reports_the_stopped_one_as_root() {
         agents.push(agent);
     }
     let addresses: Vec<String> = agents.iter().map(|a| a.api.to_string()).collect();
-
-    // node-c's agent goes away; its slice stays until Kubernetes notices, as in a real outage.
-    let mut stopped = agents.pop().unwrap();
-    stopped.proc.signal("TERM");
-    assert!(stopped.proc.wait_exit(Duration::from_secs(5)).success());
+    // node-c's agent is NotReady (say its DNS upstreams are down) but its census answers: the
+    // Service publishes not-ready addresses and the aggregator calls it like any other.
     for (i, node) in NODES.iter().enumerate() {
         let port = addresses[i].rsplit_once(':').unwrap().1.parse().unwrap();
         api.add_endpoint_slice(
@@ -135,20 +152,11 @@ fn aggregator_sums_the_answering_agents_and_reports_the_stopped_one_as_root() {
             &[("metrics", 9740), ("grpc", port)],
             &[EndpointSeed::new("127.0.0.1")
                 .node(node)
-                .pod(&format!("nodekeeper-{node}"))],
+                .pod(&format!("nodekeeper-{node}"))
+                .ready(Some(i != 2))],
         );
     }
-    // Neither a not-ready agent nor another Service's endpoints are called.
-    let dead = free_port();
-    api.add_endpoint_slice(
-        AGENTS_NS,
-        "nodekeeper",
-        &[("grpc", dead)],
-        &[EndpointSeed::new("127.0.0.1")
-            .node("node-d")
-            .pod("nodekeeper-node-d")
-            .ready(Some(false))],
-    );
+    // Another Service's endpoints are not called.
     let node_a_port: u16 = addresses[0].rsplit_once(':').unwrap().1.parse().unwrap();
     api.add_endpoint_slice(
         AGENTS_NS,
@@ -172,65 +180,84 @@ fn aggregator_sums_the_answering_agents_and_reports_the_stopped_one_as_root() {
         &[("KUBECONFIG", &kubeconfig_env)],
     );
 
+    // Every node answers: the sums of all three, the NotReady one included.
     for (name, agg) in [("static", &fixed), ("discovery", &discovered)] {
-        // Two nodes' pods, each web pool 4 + 6: the stopped node's pods are not counted.
-        wait_for_pool(&agg.grpc.to_string(), 20.0);
-        run_keda_check(&agg.grpc.to_string(), &cases(2.0), dir.path());
+        wait_for_pool(&agg.grpc.to_string(), 30.0);
+        run_keda_check(&agg.grpc.to_string(), &cases(3.0), dir.path());
+        let fleet = agg.fleet();
+        assert_eq!(
+            (fleet.expected, fleet.answered, fleet.stale, fleet.missing),
+            (3, 3, 0, 0),
+            "{name}: {fleet:?}"
+        );
+        let c = by_address(&fleet, &addresses[2]);
+        assert!(c.answered, "{name}: {c:?}");
+        assert_eq!(c.ready, name == "static", "{name}: {c:?}");
+    }
+
+    // node-b's agent goes away; its slice stays until Kubernetes notices, as in a real outage.
+    let mut stopped = agents.remove(1);
+    stopped.proc.signal("TERM");
+    assert!(stopped.proc.wait_exit(Duration::from_secs(5)).success());
+    std::thread::sleep(Duration::from_millis(300)); // past --refresh
+
+    for (name, agg) in [("static", &fixed), ("discovery", &discovered)] {
+        // Never the two-node sum (20): an error KEDA answers with the ScaledObject's fallback.
+        let e = pool_value(agg.grpc, &[]).unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{name}: {e:?}");
+        assert!(
+            e.message()
+                .contains("only 2 of 3 expected node agents counted")
+                && e.message().contains(&addresses[1]),
+            "{name}: {e:?}"
+        );
+        // Opting into a partial sum: at least 66% of the agents, or node-b's last census.
+        assert_eq!(
+            pool_value(agg.grpc, &[("minCoverage", "66")]).map_err(|e| format!("{e:?}")),
+            Ok(20.0),
+            "{name}"
+        );
+        assert!(
+            pool_value(agg.grpc, &[("minCoverage", "67")]).is_err(),
+            "{name}"
+        );
+        assert_eq!(
+            pool_value(agg.grpc, &[("lastKnownFor", "600")]).map_err(|e| format!("{e:?}")),
+            Ok(30.0),
+            "{name}"
+        );
 
         let fleet = agg.fleet();
-        assert_eq!(fleet.agents.len(), 3, "{name}: {fleet:?}");
-        for (i, node) in NODES.iter().enumerate() {
-            let a = by_address(&fleet, &addresses[i]);
-            // A silent agent's node is known only from its EndpointSlice.
-            let want_node = if i == 2 && name == "static" { "" } else { node };
-            assert_eq!(a.node_name, want_node, "{name}: {a:?}");
-            if i < 2 {
-                assert!(a.answered && a.error.is_empty(), "{name}: {a:?}");
-                assert_eq!(a.pods, 3, "{name}: {a:?}");
-                assert!(a.latency.is_some(), "{name}: {a:?}");
-            } else {
-                assert!(!a.answered, "{name}: the stopped agent answered? {a:?}");
-                assert!(!a.error.is_empty(), "{name}: no reason given: {a:?}");
-                assert_eq!(a.pods, 0);
-            }
+        assert_eq!(
+            (fleet.expected, fleet.answered, fleet.stale, fleet.missing),
+            (3, 2, 1, 0),
+            "{name}: {fleet:?}"
+        );
+        let b = by_address(&fleet, &addresses[1]);
+        assert!(!b.answered && !b.error.is_empty(), "{name}: {b:?}");
+        assert!(
+            b.census_age.is_some(),
+            "{name}: last census age missing: {b:?}"
+        );
+        if name == "discovery" {
+            assert_eq!(b.node_name, "node-b", "{name}: {b:?}");
         }
         let text = agg.metrics_text();
-        assert_eq!(
-            sample(
-                &text,
-                "nodekeeper_aggregate_agents",
-                &[("state", "answered")]
-            ),
-            Some(2.0),
-            "{name}:\n{text}"
-        );
-        assert_eq!(
-            sample(
-                &text,
-                "nodekeeper_aggregate_agents",
-                &[("state", "missing")]
-            ),
-            Some(1.0),
-            "{name}:\n{text}"
-        );
+        for (state, want) in [("answered", 2.0), ("stale", 1.0), ("missing", 0.0)] {
+            assert_eq!(
+                sample(&text, "nodekeeper_aggregate_agents", &[("state", state)]),
+                Some(want),
+                "{name} {state}:\n{text}"
+            );
+        }
         assert!(
             sample(&text, "nodekeeper_aggregate_agent_failures_total", &[]).unwrap_or(0.0) >= 1.0,
-            "{name}:\n{text}"
-        );
-        assert!(
-            sample(
-                &text,
-                "nodekeeper_aggregate_fanout_duration_seconds_count",
-                &[]
-            )
-            .unwrap_or(0.0)
-                >= 1.0,
             "{name}:\n{text}"
         );
         let log = agg.proc.log_text();
         assert!(
             log.lines()
-                .any(|l| l.contains("WARN") && l.contains(&addresses[2])),
+                .any(|l| l.contains("WARN") && l.contains(&addresses[1])),
             "{name}: no warning naming the missing agent:\n{log}"
         );
     }
@@ -254,14 +281,7 @@ fn aggregator_sums_the_answering_agents_and_reports_the_stopped_one_as_root() {
         .await
         .unwrap();
         let mut stream = c
-            .stream_is_active(scaled_object(
-                "shop",
-                &[
-                    ("metric", "established"),
-                    ("target", "5"),
-                    ("podSelector", "app=web"),
-                ],
-            ))
+            .stream_is_active(pool_query(&[("minCoverage", "50")]))
             .await
             .unwrap()
             .into_inner();
@@ -282,6 +302,120 @@ fn aggregator_sums_the_answering_agents_and_reports_the_stopped_one_as_root() {
         status.success(),
         "exit {status}; log:\n{}",
         fixed.proc.log_text()
+    );
+    drop(pods);
+}
+
+/// Forwards TCP connections to `upstream`, holding every byte coming back for `delay`: an agent
+/// whose census takes `delay` longer, as the aggregator sees it.
+fn slow_proxy(upstream: SocketAddr, delay: Duration) -> SocketAddr {
+    use std::io::{Read as _, Write as _};
+    use std::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { return };
+            let Ok(mut server) = TcpStream::connect(upstream) else {
+                continue;
+            };
+            let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || std::io::copy(&mut c2, &mut s2));
+            let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 16384];
+                while let Ok(n) = server.read(&mut buf) {
+                    if n == 0 || tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
+                        break;
+                    }
+                }
+            });
+            std::thread::spawn(move || {
+                for (at, bytes) in rx {
+                    std::thread::sleep((at + delay).saturating_duration_since(Instant::now()));
+                    if client.write_all(&bytes).is_err() {
+                        break;
+                    }
+                }
+                let _ = client.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_census_slower_than_the_deadline_is_an_error_then_answers_the_next_call_as_root() {
+    if !require_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let api = FakeApi::start();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let mut pods = Vec::new();
+    let mut agents = Vec::new();
+    for node in &NODES[..2] {
+        api.add_node(node, &[]);
+        let cgroup = dir.path().join(format!("cgroup-{node}"));
+        pods.extend(start_pods(&api, &cgroup, dir.path(), node));
+        let agent = Agent::builder()
+            .connected(&kubeconfig, node)
+            .arg("--host-cgroup")
+            .arg(cgroup.display().to_string())
+            .start();
+        wait_for_pool(&agent.api.to_string(), 10.0);
+        agents.push(agent);
+    }
+    // node-b answers 1.5 s late against a 500 ms deadline.
+    let slow = slow_proxy(agents[1].api, Duration::from_millis(1500));
+    let agg = Aggregator::start(
+        dir.path(),
+        "aggregate",
+        &[
+            "--agents",
+            &format!("{},{slow}", agents[0].api),
+            "--deadline",
+            "500ms",
+            "--refresh",
+            "100ms",
+        ],
+        &[],
+    );
+    // The first call cannot have node-b's census: an error, never node-a's 10 alone.
+    let e = pool_value(agg.grpc, &[]).unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        e.message().contains(&slow.to_string()) && e.message().contains("deadline"),
+        "{e:?}"
+    );
+    // The call went on without its caller; its census answers the next call, which starts the
+    // following census at once, so every call spaced by more than the census time answers.
+    for round in 0..3 {
+        std::thread::sleep(Duration::from_millis(2000));
+        assert_eq!(
+            pool_value(agg.grpc, &[]).map_err(|e| format!("{e:?}")),
+            Ok(20.0),
+            "round {round}"
+        );
+    }
+    let fleet = agg.fleet();
+    let b = by_address(&fleet, &slow.to_string());
+    let age = b.census_age.expect("a late answer has an age");
+    assert!(age.seconds > 0 || age.nanos > 0, "{b:?}");
+    let text = agg.metrics_text();
+    assert_eq!(
+        sample(
+            &text,
+            "nodekeeper_aggregate_agent_failures_total",
+            &[("reason", "timeout")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "nodekeeper_aggregate_late_answers_total", &[]).unwrap_or(0.0) >= 3.0,
+        "{text}"
     );
     drop(pods);
 }

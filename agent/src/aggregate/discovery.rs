@@ -1,10 +1,13 @@
-//! Which node agents the aggregator calls: a static list (`--agents`), or the ready endpoints of
-//! the agents' headless Service, read from its `discovery.k8s.io/v1` EndpointSlices
+//! Which node agents the aggregator calls: a static list (`--agents`), or every endpoint of the
+//! agents' headless Service, read from its `discovery.k8s.io/v1` EndpointSlices
 //! (`--service NAMESPACE/NAME`, port `--port-name`).
 //!
 //! Owns the EndpointSlice LIST (label `kubernetes.io/service-name=NAME`, one namespace, under a
-//! named timeout) and turning slices into targets: ready endpoints only, one target per pod even
-//! when a dual-stack Service lists it in an IPv4 and an IPv6 slice. Never watches or lists
+//! named timeout) and turning slices into targets: every endpoint, ready or not (an agent is
+//! NotReady when any capability is degraded, e.g. its DNS upstreams, yet its census still
+//! answers; the aggregator judges an agent by its answer), one target per pod even when a
+//! dual-stack Service lists it in an IPv4 and an IPv6 slice. The targets are the *expected*
+//! agents: one that does not answer lowers the fleet's coverage. Never watches or lists
 //! anything else.
 
 use std::collections::BTreeMap;
@@ -20,6 +23,8 @@ pub struct Target {
     pub address: String,
     /// The EndpointSlice's `nodeName`; empty for static targets.
     pub node_name: String,
+    /// The endpoint's `ready` condition (true for static targets). Reported, never a filter.
+    pub ready: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +72,7 @@ impl Discovery {
             .map(|a| Target {
                 address: a.trim().to_string(),
                 node_name: String::new(),
+                ready: true,
             })
             .filter(|t| !t.address.is_empty())
             .collect();
@@ -106,8 +112,8 @@ impl Discovery {
     }
 }
 
-/// Ready endpoints of `slices` on the port named `port_name`, one per pod (or per address when
-/// an endpoint names no pod). IPv4 slices win over IPv6 ones for a dual-stack pod; FQDN slices
+/// Every endpoint of `slices` (ready or not: the Service sets `publishNotReadyAddresses`) on the
+/// port named `port_name`, one per pod (or per address when an endpoint names no pod). IPv4 slices win over IPv6 ones for a dual-stack pod; FQDN slices
 /// are skipped (the agents are pods, always addressed by IP).
 pub fn targets_from_slices(slices: &[EndpointSlice], port_name: &str) -> Vec<Target> {
     let mut slices: Vec<&EndpointSlice> = slices
@@ -134,9 +140,6 @@ pub fn targets_from_slices(slices: &[EndpointSlice], port_name: &str) -> Vec<Tar
             let Some(ip) = ep.addresses.first() else {
                 continue;
             };
-            if !ready {
-                continue;
-            }
             let address = if v6 {
                 format!("[{ip}]:{port}")
             } else {
@@ -150,6 +153,7 @@ pub fn targets_from_slices(slices: &[EndpointSlice], port_name: &str) -> Vec<Tar
             by_pod.entry(key).or_insert(Target {
                 address,
                 node_name: ep.node_name.clone().unwrap_or_default(),
+                ready,
             });
         }
     }
@@ -207,20 +211,21 @@ mod tests {
     }
 
     #[test]
-    fn ready_endpoints_on_the_named_port_one_per_pod() {
+    fn every_endpoint_on_the_named_port_one_per_pod_not_ready_included() {
         let t = targets_from_slices(&slices(), "grpc");
-        let got: Vec<(&str, &str)> = t
+        let got: Vec<(&str, &str, bool)> = t
             .iter()
-            .map(|t| (t.address.as_str(), t.node_name.as_str()))
+            .map(|t| (t.address.as_str(), t.node_name.as_str(), t.ready))
             .collect();
         assert_eq!(
             got,
             vec![
-                // node-a is in both slices: its IPv4 address wins; node-b is not ready; node-c
-                // and node-d have no ready condition (nil means ready).
-                ("10.0.0.1:9741", "node-a"),
-                ("10.0.0.3:9741", "node-c"),
-                ("[fd00::4]:9741", "node-d"),
+                // node-a is in both slices: its IPv4 address wins; node-b is not ready but still
+                // an expected agent; node-c and node-d have no ready condition (nil means ready).
+                ("10.0.0.1:9741", "node-a", true),
+                ("10.0.0.2:9741", "node-b", false),
+                ("10.0.0.3:9741", "node-c", true),
+                ("[fd00::4]:9741", "node-d", true),
             ]
         );
     }
@@ -229,7 +234,7 @@ mod tests {
     fn slices_without_the_port_give_nothing() {
         assert!(targets_from_slices(&slices(), "dns").is_empty());
         let m = targets_from_slices(&slices(), "metrics");
-        assert_eq!(m.len(), 2, "{m:?}");
+        assert_eq!(m.len(), 3, "{m:?}");
     }
 
     #[test]

@@ -1,18 +1,26 @@
-//! The fan-out: `NodeAgent/GetMetrics` (without per-pod resources) to every target at once,
-//! each under its own deadline, at most `max_concurrency` in flight, the result cached for
-//! `refresh` so every KEDA call within that window shares one fan-out.
+//! The fan-out: `NodeAgent/GetMetrics` (without per-pod resources) to every expected agent at
+//! once, each waited for up to the deadline, at most `max_concurrency` waited for at a time, the
+//! result cached for `refresh` so every KEDA call within that window shares one fan-out.
 //!
-//! Owns the per-agent gRPC channels (created lazily, reused, dropped when a target leaves), the
-//! cached `FleetStatus` with every agent's outcome, and the aggregator's metrics. An agent that
-//! does not answer in time is in the status as not answered, in the metrics and in the log; it
-//! is never silently left out. Never retries within a fan-out: the next one is `refresh` away.
+//! Each agent's call is single-flight and detached from the fan-out that started it: a census
+//! slower than the deadline keeps running (up to `CALL_LIMIT`), is stored when it arrives and
+//! answers the next fan-out (a "late" answer, reported with its age), instead of being dropped
+//! and started over by every caller. An agent never has two calls in flight.
+//!
+//! Owns the per-agent gRPC channels (created lazily, reused, dropped when a target leaves), each
+//! agent's call in flight and last census, the cached `FleetStatus` with every agent's outcome,
+//! and the aggregator's metrics. An agent that does not answer in time is in the status as not
+//! answered, in the metrics and in the log, and lowers the coverage every KEDA answer is checked
+//! against (keda::coverage); it is never silently left out.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
-use futures::StreamExt as _;
+use futures::future::{BoxFuture, Shared};
+use futures::{FutureExt as _, StreamExt as _};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -24,6 +32,7 @@ use tonic::transport::Channel;
 
 use crate::aggregate::discovery::{Discovery, Target};
 use crate::api::client::{endpoint, read_token};
+use crate::keda::coverage::{AgentCensus, AgentState, FleetCensus};
 use crate::keda::service::CENSUS_SOURCE;
 use crate::pb::{self, node_agent_client::NodeAgentClient};
 
@@ -50,16 +59,26 @@ impl tonic::service::Interceptor for BearerToken {
     }
 }
 
+/// A detached call gives up after this: KEDA's default pollingInterval, so a census still
+/// running after a whole poll is reported as too slow (reason `timeout`) instead of piling up.
+pub const CALL_LIMIT: Duration = Duration::from_secs(30);
+
+/// A late answer (a census that arrived after its fan-out's deadline) serves the next fan-out
+/// only if at most this old: one KEDA polling interval, so it is never older than the poll
+/// before.
+pub const LATE_ANSWER_MAX_AGE: Duration = Duration::from_secs(30);
+
 /// How the fan-out runs.
 #[derive(Debug, Clone)]
 pub struct FanoutConfig {
-    /// Each agent's GetMetrics (connect included) must answer within this.
+    /// How long a fan-out waits for each agent's GetMetrics (connect included); a call still
+    /// running then goes on in the background and answers the next fan-out.
     pub deadline: Duration,
     /// A fan-out result is reused this long.
     pub refresh: Duration,
     /// Bearer token file sent to the agents (re-read each fan-out, so rotation needs no restart).
     pub token_file: Option<PathBuf>,
-    /// Agents called at once.
+    /// Agents waited for at once.
     pub max_concurrency: usize,
 }
 
@@ -81,6 +100,7 @@ pub struct AggregateMetrics {
     agents: Family<StateLabel, Gauge>,
     duration: Histogram,
     failures: Family<ReasonLabel, Counter>,
+    late_answers: Counter,
     discovery_errors: Counter,
 }
 
@@ -88,14 +108,18 @@ impl AggregateMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self {
             agents: Family::default(),
-            // Loopback answers in a millisecond; the default 2 s deadline caps the top.
-            duration: Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0]),
+            // Loopback answers in a millisecond; a fan-out lasts at most a few deadlines.
+            duration: Histogram::new([
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
+            ]),
             failures: Family::default(),
+            late_answers: Counter::default(),
             discovery_errors: Counter::default(),
         };
         registry.register(
             "aggregate_agents",
-            "Node agents in the last fan-out, by whether they answered (answered, missing)",
+            "Expected node agents in the last fan-out: answered, stale (no answer, a last census \
+             held) or missing (nothing known)",
             m.agents.clone(),
         );
         registry.register_with_unit(
@@ -106,8 +130,14 @@ impl AggregateMetrics {
         );
         registry.register(
             "aggregate_agent_failures",
-            "Node agent calls that failed in a fan-out, by reason (deadline, unavailable, census, error)",
+            "Node agents without an answer in a fan-out, by reason (timeout, unavailable, census, error)",
             m.failures.clone(),
+        );
+        registry.register(
+            "aggregate_late_answers",
+            "Agent censuses that arrived after the fan-out's deadline (kept for the next fan-out; \
+             a steady rate means --deadline is below the census time)",
+            m.late_answers.clone(),
         );
         registry.register(
             "aggregate_discovery_errors",
@@ -124,9 +154,8 @@ impl AggregateMetrics {
 #[derive(Debug, Clone)]
 pub struct FanoutResult {
     pub status: pb::FleetStatus,
-    /// The connection census of every agent that answered.
-    pub pods: Arc<Vec<pb::PodConnections>>,
-    pub answered: usize,
+    /// Every expected agent's census (or why it has none), for coverage-checked KEDA answers.
+    pub census: Arc<FleetCensus>,
 }
 
 struct Cached {
@@ -139,8 +168,45 @@ struct State {
     clients: HashMap<String, AgentClient>,
     /// The last discovered targets, used when a discovery call fails.
     targets: Option<Vec<Target>>,
-    /// Addresses missing in the last fan-out, so the warning is logged when the set changes.
+    /// Addresses not answered in the last fan-out, so the warning is logged when the set changes.
     missing: BTreeSet<String>,
+}
+
+/// A call's result: the snapshot, or (reason label, message).
+type CallResult = Result<Arc<pb::MetricsSnapshot>, (&'static str, String)>;
+
+/// A detached call, awaited by every fan-out that needs it while it runs.
+type InFlight = Shared<BoxFuture<'static, Arc<CallResult>>>;
+
+/// The newest census an agent sent.
+#[derive(Clone)]
+struct LastCensus {
+    at: Instant,
+    snapshot: Arc<pb::MetricsSnapshot>,
+    /// The call's duration.
+    latency: Duration,
+    /// Some fan-out has answered with it; an unserved one is a late answer for the next.
+    served: bool,
+}
+
+/// Per agent: its call in flight and its last census. Survives fan-outs, dropped when the
+/// agent leaves the targets.
+#[derive(Default)]
+struct AgentSlot {
+    in_flight: Option<InFlight>,
+    last: Option<LastCensus>,
+}
+
+type Slots = Arc<Mutex<HashMap<String, AgentSlot>>>;
+
+/// What one fan-out learnt of one agent.
+struct AgentOutcome {
+    target: Target,
+    /// The call's duration (for a late answer: the call that produced it).
+    latency: Duration,
+    result: Result<LastCensus, (&'static str, String)>,
+    /// Set when not answered: the last census held, if any.
+    last: Option<LastCensus>,
 }
 
 /// The cached fleet view; `get` fans out when the cache is older than `refresh`.
@@ -149,6 +215,7 @@ pub struct Fleet {
     config: FanoutConfig,
     metrics: AggregateMetrics,
     token: BearerToken,
+    slots: Slots,
     /// Held across a fan-out so concurrent callers wait for one instead of starting their own.
     state: tokio::sync::Mutex<State>,
 }
@@ -160,6 +227,7 @@ impl Fleet {
             config,
             metrics,
             token: BearerToken::default(),
+            slots: Arc::default(),
             state: tokio::sync::Mutex::new(State {
                 cached: None,
                 clients: HashMap::new(),
@@ -206,9 +274,14 @@ impl Fleet {
                 }
             }
         }
-        // Channels of agents that left are dropped; new ones connect lazily on first use.
+        // Channels, calls and last censuses of agents that left are dropped; new channels
+        // connect lazily on first use.
         state
             .clients
+            .retain(|addr, _| targets.iter().any(|t| &t.address == addr));
+        self.slots
+            .lock()
+            .expect("not poisoned")
             .retain(|addr, _| targets.iter().any(|t| &t.address == addr));
         let mut calls = Vec::with_capacity(targets.len());
         for t in &targets {
@@ -220,15 +293,8 @@ impl Fleet {
             };
             calls.push((t.clone(), client));
         }
-        let deadline = self.config.deadline;
-        let outcomes: Vec<(Target, Outcome)> = futures::stream::iter(calls)
-            .map(|(t, client)| async move {
-                let outcome = match client {
-                    Ok(c) => call(c, deadline).await,
-                    Err(e) => Outcome::failed("error", e, Duration::ZERO),
-                };
-                (t, outcome)
-            })
+        let outcomes: Vec<AgentOutcome> = futures::stream::iter(calls)
+            .map(|(t, client)| self.agent_census(t, client))
             .buffer_unordered(self.config.max_concurrency.max(1))
             .collect()
             .await;
@@ -249,23 +315,175 @@ impl Fleet {
         ))
     }
 
-    fn summarize(&self, state: &mut State, mut outcomes: Vec<(Target, Outcome)>) -> FanoutResult {
-        outcomes.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut pods = Vec::new();
+    /// One agent's census for this fan-out: a late answer no fan-out has used yet, or the call
+    /// in flight (started now if none), waited for up to the deadline.
+    async fn agent_census(
+        &self,
+        target: Target,
+        client: Result<AgentClient, String>,
+    ) -> AgentOutcome {
+        let client = match client {
+            Ok(c) => c,
+            Err(e) => {
+                let last = self.last_census(&target.address);
+                return AgentOutcome {
+                    target,
+                    latency: Duration::ZERO,
+                    result: Err(("error", e)),
+                    last,
+                };
+            }
+        };
+        let waiting = {
+            let mut slots = self.slots.lock().expect("not poisoned");
+            let slot = slots.entry(target.address.clone()).or_default();
+            if let Some(last) = slot.last.as_mut()
+                && !last.served
+                && last.at.elapsed() <= LATE_ANSWER_MAX_AGE
+            {
+                last.served = true;
+                let late = last.clone();
+                // Start the next census now, so the fan-out after this one finds it done.
+                if slot.in_flight.is_none() {
+                    slot.in_flight = Some(self.spawn_call(&target, client));
+                }
+                return AgentOutcome {
+                    target,
+                    latency: late.latency,
+                    result: Ok(late),
+                    last: None,
+                };
+            }
+            slot.in_flight
+                .get_or_insert_with(|| self.spawn_call(&target, client))
+                .clone()
+        };
+        let started = Instant::now();
+        let deadline = self.config.deadline;
+        match tokio::time::timeout(deadline, waiting).await {
+            Ok(result) => match result.as_ref() {
+                Ok(snapshot) => {
+                    let mut slots = self.slots.lock().expect("not poisoned");
+                    let served = slots.get_mut(&target.address).and_then(|s| {
+                        let last = s.last.as_mut()?;
+                        Arc::ptr_eq(&last.snapshot, snapshot).then(|| {
+                            last.served = true;
+                            last.clone()
+                        })
+                    });
+                    let census = served.unwrap_or_else(|| LastCensus {
+                        at: Instant::now(),
+                        snapshot: snapshot.clone(),
+                        latency: started.elapsed(),
+                        served: true,
+                    });
+                    AgentOutcome {
+                        target,
+                        latency: census.latency,
+                        result: Ok(census),
+                        last: None,
+                    }
+                }
+                Err(e) => {
+                    let last = self.last_census(&target.address);
+                    AgentOutcome {
+                        target,
+                        latency: started.elapsed(),
+                        result: Err(e.clone()),
+                        last,
+                    }
+                }
+            },
+            Err(_) => {
+                let last = self.last_census(&target.address);
+                AgentOutcome {
+                    target,
+                    latency: started.elapsed(),
+                    result: Err((
+                        "timeout",
+                        format!(
+                            "no census within the {deadline:?} deadline (still collecting: a late \
+                             census answers the next fan-out)"
+                        ),
+                    )),
+                    last,
+                }
+            }
+        }
+    }
+
+    fn last_census(&self, address: &str) -> Option<LastCensus> {
+        self.slots
+            .lock()
+            .expect("not poisoned")
+            .get(address)
+            .and_then(|s| s.last.clone())
+    }
+
+    /// Starts the agent's call on its own task: it runs to the end (or `CALL_LIMIT`) whoever
+    /// still waits, and stores a census in the agent's slot.
+    fn spawn_call(&self, target: &Target, client: AgentClient) -> InFlight {
+        let slots = self.slots.clone();
+        let address = target.address.clone();
+        let deadline = self.config.deadline;
+        let late_answers = self.metrics.late_answers.clone();
+        let task = tokio::spawn(async move {
+            let started = Instant::now();
+            let result = call(client).await;
+            let latency = started.elapsed();
+            let mut slots = slots.lock().expect("not poisoned");
+            // Gone from the targets meanwhile: nobody will ask again.
+            if let Some(slot) = slots.get_mut(&address) {
+                slot.in_flight = None;
+                if let Ok(snapshot) = &result {
+                    if latency > deadline {
+                        late_answers.inc();
+                        tracing::warn!(
+                            agent = %address,
+                            ?latency,
+                            ?deadline,
+                            "a node agent's census arrived after the deadline; it answers the \
+                             next fan-out (raise --deadline above the census time)"
+                        );
+                    }
+                    slot.last = Some(LastCensus {
+                        at: Instant::now(),
+                        snapshot: snapshot.clone(),
+                        latency,
+                        served: false,
+                    });
+                }
+            }
+            Arc::new(result)
+        });
+        async move {
+            task.await
+                .unwrap_or_else(|e| Arc::new(Err(("error", format!("the call task failed: {e}")))))
+        }
+        .boxed()
+        .shared()
+    }
+
+    fn summarize(&self, state: &mut State, mut outcomes: Vec<AgentOutcome>) -> FanoutResult {
+        outcomes.sort_by(|a, b| a.target.cmp(&b.target));
+        let now = Instant::now();
+        let age =
+            |at: Instant| prost_types::Duration::try_from(now.saturating_duration_since(at)).ok();
         let mut agents = Vec::with_capacity(outcomes.len());
+        let mut census = Vec::with_capacity(outcomes.len());
         let mut missing = BTreeSet::new();
-        for (t, o) in outcomes {
+        let (mut stale, mut unknown) = (0usize, 0usize);
+        for o in outcomes {
+            let t = o.target;
             let latency = prost_types::Duration::try_from(o.latency).ok();
-            // A node whose census failed sent no pods: as unknown as one that did not answer.
-            let result = match o.result {
-                Ok(snap) if snap.unavailable.iter().any(|s| s == CENSUS_SOURCE) => Err((
-                    "census",
-                    format!("the connection census failed on node {}", snap.node_name),
-                )),
-                r => r,
+            let name = if t.node_name.is_empty() {
+                t.address.clone()
+            } else {
+                format!("{} ({})", t.address, t.node_name)
             };
-            match result {
-                Ok(snap) => {
+            match o.result {
+                Ok(c) => {
+                    let snap = &c.snapshot;
                     agents.push(pb::FleetAgent {
                         address: t.address,
                         node_name: if snap.node_name.is_empty() {
@@ -277,39 +495,61 @@ impl Fleet {
                         error: String::new(),
                         latency,
                         pods: snap.connections.len() as u32,
+                        ready: t.ready,
+                        census_age: age(c.at),
                     });
-                    pods.extend(snap.connections);
+                    census.push(AgentCensus {
+                        name,
+                        state: AgentState::Answered {
+                            pods: Arc::new(snap.connections.clone()),
+                            at: c.at,
+                        },
+                    });
                 }
                 Err((reason, error)) => {
                     self.metrics
                         .failures
                         .get_or_create(&ReasonLabel { reason })
                         .inc();
-                    missing.insert(if t.node_name.is_empty() {
-                        t.address.clone()
+                    if o.last.is_some() {
+                        stale += 1;
                     } else {
-                        format!("{} ({})", t.address, t.node_name)
-                    });
+                        unknown += 1;
+                    }
+                    missing.insert(name.clone());
                     agents.push(pb::FleetAgent {
                         address: t.address,
                         node_name: t.node_name,
                         answered: false,
-                        error,
+                        error: error.clone(),
                         latency,
                         pods: 0,
+                        ready: t.ready,
+                        census_age: o.last.as_ref().and_then(|l| age(l.at)),
+                    });
+                    census.push(AgentCensus {
+                        name,
+                        state: AgentState::Missing {
+                            error,
+                            last_known: o
+                                .last
+                                .map(|l| (l.at, Arc::new(l.snapshot.connections.clone()))),
+                        },
                     });
                 }
             }
         }
         let answered = agents.iter().filter(|a| a.answered).count();
-        self.metrics
-            .agents
-            .get_or_create(&StateLabel { state: "answered" })
-            .set(answered as i64);
-        self.metrics
-            .agents
-            .get_or_create(&StateLabel { state: "missing" })
-            .set(missing.len() as i64);
+        for (label, n) in [
+            ("answered", answered),
+            ("stale", stale),
+            ("missing", unknown),
+        ] {
+            self.metrics
+                .agents
+                .get_or_create(&StateLabel { state: label })
+                .set(n as i64);
+        }
         if missing != state.missing {
             if missing.is_empty() {
                 tracing::info!(agents = answered, "every node agent answered again");
@@ -317,7 +557,9 @@ impl Fleet {
                 tracing::warn!(
                     missing = ?missing,
                     answered,
-                    "node agents did not answer the fan-out; their pods are left out of the sums"
+                    expected = agents.len(),
+                    "node agents did not answer the fan-out; KEDA gets an error instead of a \
+                     partial sum unless a ScaledObject sets minCoverage or lastKnownFor"
                 );
             }
             state.missing = missing;
@@ -325,61 +567,54 @@ impl Fleet {
         FanoutResult {
             status: pb::FleetStatus {
                 collected_at: Some(SystemTime::now().into()),
+                expected: agents.len() as u32,
+                answered: answered as u32,
+                stale: stale as u32,
+                missing: unknown as u32,
                 agents,
             },
-            pods: Arc::new(pods),
-            answered,
+            census: Arc::new(FleetCensus { agents: census }),
         }
     }
 }
 
-struct Outcome {
-    latency: Duration,
-    /// The snapshot, or (reason label, message).
-    result: Result<pb::MetricsSnapshot, (&'static str, String)>,
-}
-
-impl Outcome {
-    fn failed(reason: &'static str, error: String, latency: Duration) -> Self {
-        Self {
-            latency,
-            result: Err((reason, error)),
-        }
-    }
-}
-
-async fn call(mut client: AgentClient, deadline: Duration) -> Outcome {
-    let started = Instant::now();
+/// One GetMetrics call, bounded by `CALL_LIMIT`; a census the agent reports as failed is an
+/// error (as unknown as no answer).
+async fn call(mut client: AgentClient) -> CallResult {
     let req = pb::GetMetricsRequest {
         exclude_pods: true,
         exclude_connections: false,
     };
     let mut request = tonic::Request::new(req);
-    // The agent sees the deadline too (grpc-timeout) and can stop early.
-    request.set_timeout(deadline);
-    match tokio::time::timeout(deadline, client.get_metrics(request)).await {
-        Ok(Ok(r)) => Outcome {
-            latency: started.elapsed(),
-            result: Ok(r.into_inner()),
-        },
-        Ok(Err(s)) if s.code() == tonic::Code::DeadlineExceeded => Outcome::failed(
-            "deadline",
-            format!("no answer within {deadline:?}"),
-            started.elapsed(),
-        ),
+    // The agent sees the limit too (grpc-timeout) and can stop early.
+    request.set_timeout(CALL_LIMIT);
+    let too_slow = || {
+        (
+            "timeout",
+            format!("no census within {CALL_LIMIT:?}: too slow"),
+        )
+    };
+    match tokio::time::timeout(CALL_LIMIT, client.get_metrics(request)).await {
+        Ok(Ok(r)) => {
+            let snap = r.into_inner();
+            if snap.unavailable.iter().any(|s| s == CENSUS_SOURCE) {
+                return Err((
+                    "census",
+                    format!("the connection census failed on node {}", snap.node_name),
+                ));
+            }
+            Ok(Arc::new(snap))
+        }
+        Ok(Err(s)) if s.code() == tonic::Code::DeadlineExceeded => Err(too_slow()),
         Ok(Err(s)) => {
             let reason = if s.code() == tonic::Code::Unavailable {
                 "unavailable"
             } else {
                 "error"
             };
-            Outcome::failed(reason, status_text(&s), started.elapsed())
+            Err((reason, status_text(&s)))
         }
-        Err(_) => Outcome::failed(
-            "deadline",
-            format!("no answer within {deadline:?}"),
-            started.elapsed(),
-        ),
+        Err(_) => Err(too_slow()),
     }
 }
 

@@ -71,14 +71,15 @@ pub struct AggregateArgs {
         required_unless_present = "service"
     )]
     pub agents: Vec<String>,
-    /// The agents' headless Service as NAMESPACE/NAME: its EndpointSlices' ready endpoints are
-    /// the agents (listed again at every fan-out).
+    /// The agents' headless Service as NAMESPACE/NAME: its EndpointSlices' endpoints, ready or
+    /// not, are the expected agents (listed again at every fan-out).
     #[arg(long, env = "NODEKEEPER_AGGREGATE_SERVICE", value_parser = parse_service)]
     pub service: Option<ServiceRef>,
     /// The Service port (by name) the agents serve gRPC on.
     #[arg(long, env = "NODEKEEPER_AGGREGATE_PORT_NAME", default_value = "grpc")]
     pub port_name: String,
-    /// Each agent's GetMetrics deadline (e.g. 500ms, 2s).
+    /// How long a fan-out waits for each agent's GetMetrics (e.g. 500ms, 2s); a slower census
+    /// is kept and answers the next fan-out.
     #[arg(long, env = "NODEKEEPER_AGGREGATE_DEADLINE", default_value = "2s")]
     pub deadline: ConfigDuration,
     /// How long one fan-out's result is reused by every caller.
@@ -87,7 +88,7 @@ pub struct AggregateArgs {
     /// File holding a bearer token sent to the agents (needed when their openReadOnly is false).
     #[arg(long, env = "NODEKEEPER_AGGREGATE_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
-    /// Agents called at once.
+    /// Agents waited for at once.
     #[arg(long, env = "NODEKEEPER_AGGREGATE_MAX_CONCURRENCY", default_value_t = DEFAULT_MAX_CONCURRENCY)]
     pub max_concurrency: usize,
 }
@@ -142,28 +143,13 @@ impl AggregateError {
 
 // === the census source and the Aggregator service ===
 
-/// KEDA's source on the aggregator: every answering agent's pods.
+/// KEDA's source on the aggregator: every expected agent's census; each query's coverage
+/// policy decides whether the agents that answered are enough (keda::coverage).
 pub struct FleetSource(pub Arc<Fleet>);
 
 impl PodSource for FleetSource {
     fn census(&self) -> BoxFuture<'_, Result<Census, Status>> {
-        Box::pin(async move {
-            let r = self.0.get().await;
-            if r.answered == 0 {
-                let why = r
-                    .status
-                    .agents
-                    .iter()
-                    .map(|a| format!("{}: {}", a.address, a.error))
-                    .collect::<Vec<_>>();
-                return Err(Status::unavailable(if why.is_empty() {
-                    "no node agent found to ask (empty --agents or no ready endpoints)".to_string()
-                } else {
-                    format!("no node agent answered: {}", why.join("; "))
-                }));
-            }
-            Ok(Census::from_pods(r.pods.clone()))
-        })
+        Box::pin(async move { Ok(Census::from_fleet(self.0.get().await.census.clone())) })
     }
 }
 

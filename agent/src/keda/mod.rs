@@ -3,9 +3,11 @@
 //! target; the answer is the metric summed over those pods.
 //!
 //! `query` parses and evaluates (pure, shared by the node agent and the aggregator), `selector`
-//! is the Kubernetes label selector syntax, `service` is the gRPC service over a `PodSource`.
+//! is the Kubernetes label selector syntax, `service` is the gRPC service over a `PodSource`, `coverage` decides which
+//! part of the aggregator's fleet a value may stand on.
 //! Never reads the host itself: the census comes from the metrics snapshot or the aggregator.
 
+pub mod coverage;
 pub mod query;
 pub mod selector;
 pub mod service;

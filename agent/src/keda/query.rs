@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use crate::keda::selector::Selector;
 use crate::keda_pb::ScaledObjectRef;
@@ -37,7 +38,12 @@ const KEYS: &[&str] = &[
     "port",
     "poolSize",
     "metricName",
+    "minCoverage",
+    "lastKnownFor",
 ];
+
+/// Longest `lastKnownFor`: an hour-old census is no longer a signal to scale on.
+const MAX_LAST_KNOWN_FOR: Duration = Duration::from_secs(3600);
 
 /// Longest `metricName` accepted: KEDA prefixes it (`s0-`) and the HPA stores it in a label-sized
 /// field of its status.
@@ -123,6 +129,30 @@ pub struct Query {
     pub pool_size: Option<u64>,
     /// Stable and unique per (metric, namespace, selector, filters), or the user's override.
     pub metric_name: String,
+    /// Which partial fleet answers this trigger accepts (the aggregator; an agent is always
+    /// complete).
+    pub coverage: CoveragePolicy,
+}
+
+/// How much of the fleet must be behind a value. The default, every expected agent answered
+/// now, is the only one that never hands the HPA a smaller number than the truth; the two keys
+/// trade that for availability, per ScaledObject.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CoveragePolicy {
+    /// `minCoverage`: percent of the expected agents that must be counted (default 100).
+    pub min_percent: f64,
+    /// `lastKnownFor`: an agent that does not answer is counted with its last census if that is
+    /// at most this old (default: never).
+    pub last_known_for: Option<Duration>,
+}
+
+impl Default for CoveragePolicy {
+    fn default() -> Self {
+        Self {
+            min_percent: 100.0,
+            last_known_for: None,
+        }
+    }
 }
 
 /// Bad `scalerMetadata`: every problem, each as (field, problem).
@@ -304,6 +334,39 @@ impl Query {
                 ),
             }
         }
+        let min_percent = match get("minCoverage") {
+            None | Some("") => 100.0,
+            Some(c) => match parse_number(c) {
+                Ok(v) if v > 0.0 && v <= 100.0 => v,
+                Ok(_) => {
+                    bad(
+                        "minCoverage",
+                        format!("{c:?} must be a percent of the expected agents, > 0 and <= 100"),
+                    );
+                    100.0
+                }
+                Err(e) => {
+                    bad("minCoverage", e);
+                    100.0
+                }
+            },
+        };
+        let last_known_for = match get("lastKnownFor") {
+            None | Some("") => None,
+            Some(t) => match t.parse::<u64>() {
+                Ok(n) if n > 0 && n <= MAX_LAST_KNOWN_FOR.as_secs() => Some(Duration::from_secs(n)),
+                _ => {
+                    bad(
+                        "lastKnownFor",
+                        format!(
+                            "{t:?} is not a whole number of seconds from 1 to {}",
+                            MAX_LAST_KNOWN_FOR.as_secs()
+                        ),
+                    );
+                    None
+                }
+            },
+        };
         let metric_name = match get("metricName") {
             Some(n) if !n.is_empty() => {
                 if !is_metric_name(n) {
@@ -332,6 +395,10 @@ impl Query {
                     port,
                     pool_size,
                     metric_name: String::new(),
+                    coverage: CoveragePolicy {
+                        min_percent,
+                        last_known_for,
+                    },
                 };
                 q.metric_name = metric_name.unwrap_or_else(|| q.default_metric_name());
                 Ok(q)
@@ -421,6 +488,17 @@ pub struct Evaluation {
     pub matched: usize,
     /// Matching pods whose census failed (`error` set): skipped, their value unknown.
     pub failed: usize,
+}
+
+impl Evaluation {
+    /// Two disjoint sets of pods together (the aggregator sums agent by agent).
+    pub fn add(self, other: Evaluation) -> Evaluation {
+        Evaluation {
+            value: self.value + other.value,
+            matched: self.matched + other.matched,
+            failed: self.failed + other.failed,
+        }
+    }
 }
 
 /// The query's value: the metric summed over the pods it selects. Pods whose census failed are
@@ -762,6 +840,31 @@ mod tests {
             ("metricName", "db-connections"),
         ]);
         assert_eq!(named.metric_name, "db-connections");
+        assert_eq!(q.coverage, CoveragePolicy::default());
+        let partial = query(&[
+            ("metric", "established"),
+            ("target", "1"),
+            ("podSelector", "app=web"),
+            ("minCoverage", "90"),
+            ("lastKnownFor", "120"),
+        ]);
+        assert_eq!(
+            partial.coverage,
+            CoveragePolicy {
+                min_percent: 90.0,
+                last_known_for: Some(Duration::from_secs(120)),
+            }
+        );
+        // The policy decides which answers are accepted, not the value: the name stays.
+        assert_eq!(
+            partial.metric_name,
+            query(&[
+                ("metric", "established"),
+                ("target", "1"),
+                ("podSelector", "app=web")
+            ])
+            .metric_name
+        );
     }
 
     #[test]
@@ -845,6 +948,51 @@ mod tests {
     fn bad_metadata_names_the_field() {
         let sel = ("podSelector", "app=web");
         for (pairs, want) in [
+            (
+                vec![
+                    ("metric", "established"),
+                    ("target", "1"),
+                    ("minCoverage", "0"),
+                    sel,
+                ],
+                r#"scalerMetadata.minCoverage: "0" must be a percent of the expected agents, > 0 and <= 100"#,
+            ),
+            (
+                vec![
+                    ("metric", "established"),
+                    ("target", "1"),
+                    ("minCoverage", "0.9x"),
+                    sel,
+                ],
+                r#"scalerMetadata.minCoverage: "0.9x" is not a number"#,
+            ),
+            (
+                vec![
+                    ("metric", "established"),
+                    ("target", "1"),
+                    ("minCoverage", "101"),
+                    sel,
+                ],
+                r#"scalerMetadata.minCoverage: "101" must be a percent"#,
+            ),
+            (
+                vec![
+                    ("metric", "established"),
+                    ("target", "1"),
+                    ("lastKnownFor", "30s"),
+                    sel,
+                ],
+                r#"scalerMetadata.lastKnownFor: "30s" is not a whole number of seconds from 1 to 3600"#,
+            ),
+            (
+                vec![
+                    ("metric", "established"),
+                    ("target", "1"),
+                    ("lastKnownFor", "3601"),
+                    sel,
+                ],
+                r#"scalerMetadata.lastKnownFor: "3601" is not a whole number of seconds"#,
+            ),
             (
                 vec![("metric", "established"), ("target", "abc"), sel],
                 r#"scalerMetadata.target: "abc" is not a number"#,

@@ -15,7 +15,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::keda::query::{Evaluation, Query, evaluate};
+use crate::keda::coverage::FleetCensus;
+use crate::keda::query::{CoveragePolicy, Evaluation, Query, evaluate};
 use crate::keda_pb::{self as kpb, external_scaler_server::ExternalScaler};
 use crate::metrics::SnapshotCache;
 use crate::pb;
@@ -38,6 +39,7 @@ pub struct Census(CensusInner);
 enum CensusInner {
     Snapshot(Arc<pb::MetricsSnapshot>),
     Pods(Arc<Vec<pb::PodConnections>>),
+    Fleet(Arc<FleetCensus>),
 }
 
 impl Census {
@@ -51,10 +53,19 @@ impl Census {
         Self(CensusInner::Pods(pods))
     }
 
-    pub fn pods(&self) -> &[pb::PodConnections] {
+    /// Every expected agent of the aggregator's fan-out: which of them count depends on each
+    /// query's coverage policy.
+    pub fn from_fleet(fleet: Arc<FleetCensus>) -> Self {
+        Self(CensusInner::Fleet(fleet))
+    }
+
+    /// The pods a query with `policy` sums, or UNAVAILABLE when too little of the fleet is
+    /// behind them. A single node's census is always complete.
+    pub fn select(&self, policy: &CoveragePolicy) -> Result<Vec<&[pb::PodConnections]>, Status> {
         match &self.0 {
-            CensusInner::Snapshot(s) => &s.connections,
-            CensusInner::Pods(p) => p,
+            CensusInner::Snapshot(s) => Ok(vec![&s.connections]),
+            CensusInner::Pods(p) => Ok(vec![p]),
+            CensusInner::Fleet(f) => f.select(policy),
         }
     }
 }
@@ -109,7 +120,11 @@ impl ScalerService {
 
     async fn evaluate(&self, q: &Query) -> Result<Evaluation, Status> {
         let census = self.source.census().await?;
-        let e = evaluate(q, census.pods());
+        let e = census
+            .select(&q.coverage)?
+            .into_iter()
+            .map(|pods| evaluate(q, pods))
+            .fold(Evaluation::default(), Evaluation::add);
         tracing::debug!(
             metric = %q.metric_name,
             value = e.value,
@@ -495,6 +510,13 @@ mod tests {
             connections: vec![web_pod(1)],
             ..Default::default()
         });
-        assert_eq!(census_of(ok).unwrap().pods().len(), 1);
+        assert_eq!(
+            census_of(ok)
+                .unwrap()
+                .select(&CoveragePolicy::default())
+                .unwrap()[0]
+                .len(),
+            1
+        );
     }
 }

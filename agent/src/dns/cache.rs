@@ -31,6 +31,9 @@ pub struct Entry {
     pub hits: AtomicU32,
     /// A prefetch of this entry is in flight.
     pub prefetching: AtomicBool,
+    /// Milliseconds after `inserted` until which the upstream is known to fail for this entry
+    /// (0: not failed): RFC 8767's failure recheck, so askers get it stale at once meanwhile.
+    pub failed_until_ms: AtomicU64,
 }
 
 impl Entry {
@@ -38,8 +41,23 @@ impl Entry {
         self.inserted + Duration::from_secs(u64::from(self.ttl))
     }
 
-    /// Writes the answer for `query` into `out`: stored bytes, the client's ID/RD/question case,
-    /// TTLs decremented by the whole seconds elapsed, or all set to `stale_ttl` when serving stale.
+    /// Records that refreshing this entry failed at `now`: until `now + recheck` it is served
+    /// stale without asking the upstream again.
+    pub fn mark_failed(&self, now: Instant, recheck: Duration) {
+        let until = now.saturating_duration_since(self.inserted) + recheck;
+        let ms = u64::try_from(until.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.failed_until_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Whether a refresh failed less than the recheck interval ago.
+    pub fn recently_failed(&self, now: Instant) -> bool {
+        let until = self.failed_until_ms.load(Ordering::Relaxed);
+        until != 0 && now.saturating_duration_since(self.inserted).as_millis() < u128::from(until)
+    }
+
+    /// Writes the answer for `query` into `out`: stored bytes made the client's (`wire::adopt`:
+    /// ID, RD, CD, AD, question case), TTLs decremented by the whole seconds elapsed or all set
+    /// to `stale_ttl` when serving stale, and an OPT built for this client when it sent one.
     pub fn answer(
         &self,
         query: &[u8],
@@ -60,6 +78,7 @@ impl Entry {
             }
             None => {}
         }
+        wire::add_client_opt(out, q, self.rcode);
     }
 
     fn cost(&self, key_len: usize) -> u64 {
@@ -279,6 +298,7 @@ mod tests {
             stale_until: now + Duration::from_secs(u64::from(ttl) + 60),
             hits: AtomicU32::new(0),
             prefetching: AtomicBool::new(false),
+            failed_until_ms: AtomicU64::new(0),
         }
     }
 

@@ -60,11 +60,19 @@ impl Protocol {
 /// What one upstream fetch produced, shared by every query that waited for it.
 #[derive(Clone)]
 enum Outcome {
-    Cached(Arc<Entry>),
-    /// A valid answer we do not cache (REFUSED, negative without SOA).
-    Uncached(Arc<[u8]>),
+    /// The upstream's answer: cached, or (REFUSED without a stale entry, negative without SOA,
+    /// other rcodes) made for this fetch only.
+    Answer(Arc<Entry>),
+    /// The upstream failed (timeout, network error, SERVFAIL, REFUSED, garbage, overload) and
+    /// this entry, still fresh (a failed prefetch) or stale (RFC 8767), answers instead.
+    Kept(Arc<Entry>),
     Failed,
 }
+
+/// RFC 8767 5 "failure recheck": after a failed refresh, a stale entry is served at once for
+/// this long before the upstream is asked again (the RFC suggests 30 s), so an outage costs each
+/// name one timeout per interval, not one per query.
+const FAILURE_RECHECK: Duration = Duration::from_secs(30);
 
 /// An upstream fetch other queries for the same key can wait on: the leader's answer, or an
 /// error when the leader went away without one.
@@ -126,9 +134,13 @@ impl DnsServer {
                 self.metrics.dropped(why);
                 return Some(false);
             }
-            Err(Reject::Respond { rcode, why }) => {
+            Err(Reject::Respond {
+                rcode,
+                why,
+                question,
+            }) => {
                 self.metrics.malformed(why);
-                wire::empty_response(query, None, rcode, false, out);
+                wire::reject_response(query, question, rcode, out);
                 self.metrics.request(proto, 0, rcode);
                 return Some(true);
             }
@@ -163,35 +175,33 @@ impl DnsServer {
         }
         let q = wire::parse_query(query).expect("parsed by answer_fast");
         self.metrics.cache_misses.inc();
-        let stale = match self.cache.lookup(&key, Instant::now()) {
-            Lookup::Stale(e) if self.config.cache.serve_stale => Some(e),
-            _ => None,
+        let now = Instant::now();
+        let outcome = match self.cache.lookup(&key, now) {
+            // The upstream failed for this name moments ago: stale at once (failure recheck).
+            Lookup::Stale(e) if self.config.cache.serve_stale && e.recently_failed(now) => {
+                Outcome::Kept(e)
+            }
+            _ => self.fetch(&key, query, &q).await,
         };
-        let outcome = self.fetch(&key, query, &q).await;
         let now = Instant::now();
         let rc = match outcome {
-            Outcome::Cached(entry) => {
+            Outcome::Answer(entry) => {
                 entry.answer(query, &q, now, None, out);
                 entry.rcode
             }
-            Outcome::Uncached(bytes) => {
-                out.clear();
-                out.extend_from_slice(&bytes);
-                wire::adopt(out, query, &q);
-                wire::scan_response(out).map_or(rcode::SERVFAIL, |i| i.rcode)
-            }
-            Outcome::Failed => match stale {
-                Some(entry) => {
+            Outcome::Kept(entry) => {
+                let stale = now >= entry.expires();
+                if stale {
                     self.metrics.stale_served.inc();
-                    let stale_ttl = self.config.cache.stale_ttl.get().as_secs() as u32;
-                    entry.answer(query, &q, now, Some(stale_ttl), out);
-                    entry.rcode
                 }
-                None => {
-                    wire::empty_response(query, Some(&q), rcode::SERVFAIL, false, out);
-                    rcode::SERVFAIL
-                }
-            },
+                let stale_ttl = self.config.cache.stale_ttl.get().as_secs() as u32;
+                entry.answer(query, &q, now, stale.then_some(stale_ttl), out);
+                entry.rcode
+            }
+            Outcome::Failed => {
+                wire::empty_response(query, Some(&q), rcode::SERVFAIL, false, out);
+                rcode::SERVFAIL
+            }
         };
         self.finish(query, &q, proto, rc, out);
         true
@@ -269,46 +279,71 @@ impl DnsServer {
     async fn fetch_upstream(&self, key: &[u8], query: &[u8], q: &Query) -> Outcome {
         let Ok(_slot) = self.fetch_slots.try_acquire() else {
             self.metrics.overloaded.inc();
-            return Outcome::Failed;
+            // Our own overload says nothing about the upstream: no failure mark.
+            return self.keep(key, false).map_or(Outcome::Failed, Outcome::Kept);
         };
         self.metrics.in_flight.inc();
         let qname = q.qname(query);
-        let result = self.upstream.forward(query, &qname).await;
+        let mut ours = Vec::with_capacity(q.question_end + 11);
+        wire::upstream_query(query, q, &mut ours);
+        let result = self.upstream.forward(&ours, &qname).await;
         self.metrics.in_flight.dec();
-        let mut bytes = match result {
+        let failed = || self.keep(key, true).map_or(Outcome::Failed, Outcome::Kept);
+        let raw = match result {
             Ok(b) => b,
             Err(e) => {
                 tracing::debug!(name = %qname, error = %e, "upstream failed");
-                return Outcome::Failed;
+                return failed();
             }
         };
-        let Ok(info) = wire::scan_response(&bytes) else {
+        // Scanned twice: once as received (for the OPT and the extended rcode), once as stored.
+        let Some((rcode, mut bytes, info)) = wire::scan_response(&raw).ok().and_then(|info| {
+            let bytes = wire::for_cache(&raw, &info);
+            let stored = wire::scan_response(&bytes).ok()?;
+            Some((info.rcode, bytes, stored))
+        }) else {
             self.metrics.malformed("upstream response");
-            return Outcome::Failed;
+            return failed();
         };
+        // RFC 8767: SERVFAIL and REFUSED are failures too; a servable entry wins over them
+        // and is never replaced by them.
+        if matches!(rcode, rcode::SERVFAIL | rcode::REFUSED)
+            && let Some(kept) = self.keep(key, true)
+        {
+            return Outcome::Kept(kept);
+        }
         let c = &self.config.cache;
         let secs = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
         let (min_ttl, max_ttl) = (secs(c.min_ttl.get()), secs(c.max_ttl.get()));
-        let ttl = match info.rcode {
+        let negative_cap = |neg: u32| neg.min(secs(c.negative_max_ttl.get()));
+        // None: a valid answer that is not cached.
+        let ttl = match rcode {
             rcode::NOERROR if info.answers > 0 => {
-                let cap = |t: u32| t.clamp(min_ttl, max_ttl);
+                let cap = |t: u32| wire::effective_ttl(t).clamp(min_ttl, max_ttl);
                 wire::rewrite_ttls(&mut bytes, &info.ttl_offsets, cap);
-                cap(info.min_answer_ttl.unwrap_or(0))
+                let ttl = cap(info.min_answer_ttl.unwrap_or(0));
+                // A CNAME chain ending in NODATA: the negative TTL (RFC 2308 5).
+                Some(
+                    info.negative_ttl
+                        .map_or(ttl, |neg| ttl.min(negative_cap(neg))),
+                )
             }
-            rcode::NOERROR | rcode::NXDOMAIN => match info.negative_ttl {
-                Some(neg) => {
-                    let ttl = neg.min(secs(c.negative_max_ttl.get()));
-                    wire::rewrite_ttls(&mut bytes, &info.ttl_offsets, |t| t.min(ttl));
-                    ttl
-                }
-                // RFC 2308: without an SOA a negative answer is not cached.
-                None => return Outcome::Uncached(bytes.into()),
-            },
-            rcode::SERVFAIL => secs(c.servfail_ttl.get()).min(5),
-            _ => return Outcome::Uncached(bytes.into()),
+            // RFC 2308: without an SOA a negative answer is not cached.
+            rcode::NOERROR | rcode::NXDOMAIN => info.negative_ttl.map(negative_cap),
+            rcode::SERVFAIL => Some(secs(c.servfail_ttl.get()).min(5)),
+            _ => None,
         };
+        if let Some(ttl) = ttl
+            && info.negative_ttl.is_some()
+            && rcode != rcode::SERVFAIL
+        {
+            wire::rewrite_ttls(&mut bytes, &info.ttl_offsets, |t| {
+                wire::effective_ttl(t).min(ttl)
+            });
+        }
+        let (cacheable, ttl) = (ttl.is_some(), ttl.unwrap_or(0));
         let now = Instant::now();
-        let stale_window = if c.serve_stale && info.rcode != rcode::SERVFAIL {
+        let stale_window = if c.serve_stale && rcode != rcode::SERVFAIL {
             c.max_stale.get()
         } else {
             Duration::ZERO
@@ -316,16 +351,36 @@ impl DnsServer {
         let entry = Arc::new(Entry {
             bytes: bytes.into(),
             ttl_offsets: info.ttl_offsets.into(),
-            rcode: info.rcode,
+            rcode,
             inserted: now,
             ttl,
             stale_until: now + Duration::from_secs(u64::from(ttl)) + stale_window,
             hits: Default::default(),
             prefetching: Default::default(),
+            failed_until_ms: Default::default(),
         });
-        // Stored unless too large for the cache; the answer to this query either way.
-        self.cache.insert(key, entry.clone());
-        Outcome::Cached(entry)
+        if cacheable {
+            // Stored unless too large for the cache; the answer to this query either way.
+            self.cache.insert(key, entry.clone());
+        }
+        Outcome::Answer(entry)
+    }
+
+    /// The entry that answers instead when a fetch failed: a fresh one (a failed prefetch
+    /// keeps it) or, with serve-stale, a stale one, then marked as failed (`mark`) so the next
+    /// askers get it at once.
+    fn keep(&self, key: &[u8], mark: bool) -> Option<Arc<Entry>> {
+        let now = Instant::now();
+        match self.cache.lookup(key, now) {
+            Lookup::Fresh(e) => Some(e),
+            Lookup::Stale(e) if self.config.cache.serve_stale => {
+                if mark {
+                    e.mark_failed(now, FAILURE_RECHECK);
+                }
+                Some(e)
+            }
+            _ => None,
+        }
     }
 }
 
@@ -588,11 +643,18 @@ mod tests {
     use std::sync::atomic::AtomicU32;
 
     /// Answers A queries with one record (TTL from the name's first label when numeric), NXDOMAIN
-    /// with an SOA for names starting with "nx", fails for "down", and counts calls.
+    /// with an SOA for names starting with "nx", fails for "down", and counts calls. Like a
+    /// validating upstream, "bogus" names are SERVFAIL unless the query has CD, and "signed"
+    /// answers carry AD when the query asked with AD; "aa" answers are authoritative, "cookie"
+    /// answers carry an OPT with a server cookie, "junk" answers trailing bytes, "cnamenodata"
+    /// an answer plus an SOA (a CNAME chain to NODATA). While `fail_with` is set (an rcode), every
+    /// query gets that rcode. The last query it received is kept.
     struct FakeUpstream {
         calls: AtomicU32,
         delay: Duration,
         up: std::sync::atomic::AtomicBool,
+        fail_with: std::sync::atomic::AtomicU16,
+        last_query: Mutex<Vec<u8>>,
     }
 
     impl Upstream for FakeUpstream {
@@ -603,19 +665,48 @@ mod tests {
         ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send + 'a>> {
             Box::pin(async move {
                 self.calls.fetch_add(1, Ordering::SeqCst);
+                *self.last_query.lock().unwrap() = q.to_vec();
                 tokio::time::sleep(self.delay).await;
                 if !self.up.load(Ordering::SeqCst) || qname.starts_with("down") {
                     return Err("upstream down".into());
                 }
+                let (cd, ad) = (q[3] & 0x10 != 0, q[3] & 0x20 != 0);
+                let fail = self.fail_with.load(Ordering::SeqCst);
+                if fail != 0 {
+                    return Ok(response(q, fail, &[], None));
+                }
                 if qname.starts_with("nx") {
                     return Ok(response(q, rcode::NXDOMAIN, &[], Some((900, 7))));
+                }
+                if qname.starts_with("bogus") && !cd {
+                    return Ok(response(q, rcode::SERVFAIL, &[], None));
+                }
+                if qname.starts_with("cnamenodata") {
+                    return Ok(response(q, 0, &[300], Some((900, 7))));
                 }
                 let ttl = qname
                     .split('.')
                     .next()
                     .and_then(|l| l.parse().ok())
                     .unwrap_or(300);
-                Ok(response(q, 0, &[ttl], None))
+                let mut r = response(q, 0, &[ttl], None);
+                if qname.starts_with("signed") && ad {
+                    r[3] |= 0x20;
+                }
+                if qname.starts_with("aa") {
+                    r[2] |= 0x04;
+                }
+                if qname.starts_with("cookie") {
+                    // OPT with a COOKIE option: 8 client bytes + 8 server bytes.
+                    r[11] = 1;
+                    r.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 20, 0, 10, 0, 16]);
+                    r.extend_from_slice(&[0xcc; 8]);
+                    r.extend_from_slice(&[0x5e; 8]);
+                }
+                if qname.starts_with("junk") {
+                    r.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
+                }
+                Ok(r)
             })
         }
         fn any_healthy(&self) -> bool {
@@ -628,6 +719,8 @@ mod tests {
             calls: AtomicU32::new(0),
             delay,
             up: true.into(),
+            fail_with: Default::default(),
+            last_query: Default::default(),
         });
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = DnsMetrics::register(&mut registry);
@@ -818,14 +911,14 @@ mod tests {
         let (s, _) = server(Duration::ZERO);
         let mut out = Vec::new();
         // 40 A records: 12 + 15 + 40 * 16 > 512.
-        struct Big;
+        struct Big(usize);
         impl Upstream for Big {
             fn forward<'a>(
                 &'a self,
                 q: &'a [u8],
                 _: &'a str,
             ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send + 'a>> {
-                Box::pin(async move { Ok(response(q, 0, &[60; 40], None)) })
+                Box::pin(async move { Ok(response(q, 0, &vec![60; self.0], None)) })
             }
             fn any_healthy(&self) -> bool {
                 true
@@ -834,7 +927,7 @@ mod tests {
         let mut registry = prometheus_client::registry::Registry::default();
         let big = DnsServer::new(
             DnsConfig::default(),
-            Arc::new(Big),
+            Arc::new(Big(40)),
             DnsMetrics::register(&mut registry),
         );
         big.answer(&query(1, "big.test", 1, None), Protocol::Udp, &mut out)
@@ -854,5 +947,284 @@ mod tests {
             .await;
         assert_eq!(wire::scan_response(&out).unwrap().answers, 40);
         drop(s);
+        // 300 records (about 4.8 KB): over UDP never more than 4,096 bytes, whatever the client
+        // advertises (65,535 here); TC, and the whole answer over TCP.
+        let mut registry = prometheus_client::registry::Registry::default();
+        let huge = DnsServer::new(
+            DnsConfig::default(),
+            Arc::new(Big(300)),
+            DnsMetrics::register(&mut registry),
+        );
+        let q = query(4, "huge.test", 1, Some((65_535, false)));
+        huge.answer(&q, Protocol::Udp, &mut out).await;
+        assert!(
+            wire::scan_response(&out).unwrap().truncated,
+            "{} bytes",
+            out.len()
+        );
+        assert!(out.len() <= wire::MAX_UDP_ANSWER);
+        huge.answer(&q, Protocol::Tcp, &mut out).await;
+        assert_eq!(wire::scan_response(&out).unwrap().answers, 300);
+    }
+    /// Header bits of an answer: (AA, AD, CD).
+    fn aa_ad_cd(answer: &[u8]) -> (bool, bool, bool) {
+        (
+            answer[2] & 0x04 != 0,
+            answer[3] & 0x20 != 0,
+            answer[3] & 0x10 != 0,
+        )
+    }
+
+    fn with_cd(mut q: Vec<u8>) -> Vec<u8> {
+        q[3] |= 0x10;
+        q
+    }
+
+    fn rcode_of(answer: &[u8]) -> u16 {
+        wire::scan_response(answer).unwrap().rcode
+    }
+
+    #[tokio::test]
+    async fn cd_is_part_of_the_key_and_copied_to_every_answer() {
+        // CD=1 first: the unvalidated answer must not reach a CD=0 client.
+        let (s, up) = server(Duration::ZERO);
+        let mut out = Vec::new();
+        s.answer(
+            &with_cd(query(1, "bogus.test", 1, None)),
+            Protocol::Udp,
+            &mut out,
+        )
+        .await;
+        assert_eq!(rcode_of(&out), rcode::NOERROR);
+        assert!(aa_ad_cd(&out).2, "CD copied from the query");
+        s.answer(&query(2, "bogus.test", 1, None), Protocol::Udp, &mut out)
+            .await;
+        assert_eq!(
+            rcode_of(&out),
+            rcode::SERVFAIL,
+            "CD=0 gets the validator's SERVFAIL"
+        );
+        assert!(!aa_ad_cd(&out).2, "CD clear for a CD=0 query");
+        assert_eq!(
+            up.calls.load(Ordering::SeqCst),
+            2,
+            "one upstream query per CD value"
+        );
+        // And in the other order: a cached SERVFAIL does not reach the CD=1 client.
+        let (s, _) = server(Duration::ZERO);
+        s.answer(&query(3, "bogus.test", 1, None), Protocol::Udp, &mut out)
+            .await;
+        assert_eq!(rcode_of(&out), rcode::SERVFAIL);
+        s.answer(
+            &with_cd(query(4, "bogus.test", 1, None)),
+            Protocol::Udp,
+            &mut out,
+        )
+        .await;
+        assert_eq!(rcode_of(&out), rcode::NOERROR);
+        assert!(aa_ad_cd(&out).2);
+        // The SERVFAIL answer to a CD query copies CD too.
+        let (s, up) = server(Duration::ZERO);
+        up.fail_with.store(rcode::SERVFAIL, Ordering::SeqCst);
+        s.answer(
+            &with_cd(query(5, "x.test", 1, None)),
+            Protocol::Udp,
+            &mut out,
+        )
+        .await;
+        assert_eq!((rcode_of(&out), aa_ad_cd(&out).2), (rcode::SERVFAIL, true));
+    }
+
+    #[tokio::test]
+    async fn ad_is_set_only_for_clients_that_ask_with_ad_or_do_and_aa_is_cleared() {
+        let (s, up) = server(Duration::ZERO);
+        let mut out = Vec::new();
+        // First asker without AD or DO: the upstream is still asked with AD, so the cache
+        // learns that the answer validated...
+        s.answer(&query(1, "signed.test", 1, None), Protocol::Udp, &mut out)
+            .await;
+        assert_eq!(
+            aa_ad_cd(&out),
+            (false, false, false),
+            "no AD for this client"
+        );
+        assert_ne!(up.last_query.lock().unwrap()[3] & 0x20, 0, "asked with AD");
+        // ...and a later client asking with AD gets it from the cache.
+        let mut with_ad = query(2, "signed.test", 1, None);
+        with_ad[3] |= 0x20;
+        s.answer(&with_ad, Protocol::Udp, &mut out).await;
+        assert_eq!(aa_ad_cd(&out), (false, true, false));
+        assert_eq!(up.calls.load(Ordering::SeqCst), 1, "from the cache");
+        // DO counts as asking (RFC 6840 5.8); an unvalidated answer never gets AD.
+        s.answer(
+            &query(3, "signed.test", 1, Some((1232, true))),
+            Protocol::Udp,
+            &mut out,
+        )
+        .await;
+        assert!(aa_ad_cd(&out).1, "DO client gets AD");
+        s.answer(&with_ad.clone(), Protocol::Udp, &mut out).await;
+        let mut unsigned = query(4, "plain.test", 1, None);
+        unsigned[3] |= 0x20;
+        s.answer(&unsigned, Protocol::Udp, &mut out).await;
+        assert!(!aa_ad_cd(&out).1, "not validated upstream: no AD");
+        // AA from the upstream is cleared on the miss and on hits.
+        for id in [5, 6] {
+            s.answer(&query(id, "aa.test", 1, None), Protocol::Udp, &mut out)
+                .await;
+            assert!(!aa_ad_cd(&out).0, "AA cleared (query {id})");
+        }
+    }
+
+    /// A query with EDNS carrying a COOKIE option with `client` as the client cookie.
+    fn cookie_query(id: u16, name: &str, client: u8) -> Vec<u8> {
+        let mut q = query(id, name, 1, Some((1232, false)));
+        let len = q.len();
+        q[len - 2..].copy_from_slice(&12u16.to_be_bytes());
+        q.extend_from_slice(&[0, 10, 0, 8]);
+        q.extend_from_slice(&[client; 8]);
+        q
+    }
+
+    /// The OPT record's RDATA in an answer (its options).
+    fn opt_rdata(answer: &[u8]) -> Vec<u8> {
+        let info = wire::scan_response(answer).unwrap();
+        let start = answer.len() - 11;
+        assert_eq!(answer[start..start + 3], [0, 0, 41], "OPT last: {answer:?}");
+        assert_eq!(info.opt.map(|o| o.start), Some(start), "exactly one OPT");
+        answer[start + 11..].to_vec()
+    }
+
+    #[tokio::test]
+    async fn client_edns_options_never_reach_the_upstream_and_cookies_never_reach_other_clients() {
+        let (s, up) = server(Duration::ZERO);
+        let mut out = Vec::new();
+        s.answer(
+            &cookie_query(1, "cookie.test", 0xAA),
+            Protocol::Udp,
+            &mut out,
+        )
+        .await;
+        let sent = up.last_query.lock().unwrap().clone();
+        let p = wire::parse_query(&sent).expect("our upstream query parses");
+        assert_eq!(p.edns.map(|e| e.udp_payload), Some(wire::OUR_UDP_PAYLOAD));
+        assert_eq!(sent.len(), p.question_end + 11, "our own OPT, no options");
+        assert!(
+            !sent.windows(8).any(|w| w == [0xAA; 8]),
+            "client cookie not forwarded"
+        );
+        // The upstream's OPT (its server cookie) is not served: each client gets its own OPT.
+        assert_eq!(opt_rdata(&out), Vec::<u8>::new());
+        s.answer(
+            &cookie_query(2, "cookie.test", 0xBB),
+            Protocol::Udp,
+            &mut out,
+        )
+        .await;
+        assert_eq!(up.calls.load(Ordering::SeqCst), 1, "a hit");
+        assert_eq!(opt_rdata(&out), Vec::<u8>::new());
+        assert!(!out.windows(8).any(|w| w == [0x5e; 8] || w == [0xAA; 8]));
+        // A client without EDNS gets no OPT from an entry fetched for one with EDNS.
+        s.answer(&query(3, "cookie.test", 1, None), Protocol::Udp, &mut out)
+            .await;
+        assert_eq!(wire::scan_response(&out).unwrap().opt, None);
+    }
+
+    #[tokio::test]
+    async fn servfail_refused_and_timeouts_serve_stale_and_never_evict_it() {
+        for (failure, name) in [
+            (rcode::SERVFAIL, "1.sf.test"),
+            (rcode::REFUSED, "1.rf.test"),
+            (0, "1.to.test"),
+        ] {
+            let (s, up) = server(Duration::ZERO);
+            let mut out = Vec::new();
+            s.answer(&query(1, name, 1, None), Protocol::Udp, &mut out)
+                .await;
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+            match failure {
+                0 => up.up.store(false, Ordering::SeqCst),
+                rc => up.fail_with.store(rc, Ordering::SeqCst),
+            }
+            s.answer(&query(2, name, 1, None), Protocol::Udp, &mut out)
+                .await;
+            assert_eq!(rcode_of(&out), rcode::NOERROR, "stale after {failure}");
+            assert_eq!(ttl_of(&out), 30, "staleTtl");
+            assert_eq!(up.calls.load(Ordering::SeqCst), 2);
+            // Failure recheck: the next asker gets stale at once, the upstream is not asked,
+            // and the failure did not replace the entry.
+            s.answer(&query(3, name, 1, None), Protocol::Udp, &mut out)
+                .await;
+            assert_eq!(
+                rcode_of(&out),
+                rcode::NOERROR,
+                "still stale after {failure}"
+            );
+            assert_eq!(up.calls.load(Ordering::SeqCst), 2, "not asked again");
+            assert_eq!(s.metrics.stale_served.get(), 2);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_prefetch_keeps_the_fresh_entry() {
+        let (s, up) = server(Duration::ZERO);
+        let mut out = Vec::new();
+        s.answer(&query(1, "20.pf.test", 1, None), Protocol::Udp, &mut out)
+            .await;
+        up.fail_with.store(rcode::SERVFAIL, Ordering::SeqCst);
+        let mut key = Vec::new();
+        let q = query(2, "20.pf.test", 1, None);
+        wire::parse_query(&q).unwrap().key_into(&q, &mut key);
+        let p = wire::parse_query(&q).unwrap();
+        s.fetch(&key, &q, &p).await;
+        s.answer(&q, Protocol::Udp, &mut out).await;
+        assert_eq!(
+            rcode_of(&out),
+            rcode::NOERROR,
+            "not replaced by the SERVFAIL"
+        );
+    }
+
+    #[tokio::test]
+    async fn top_bit_ttls_are_zero_and_cname_to_nodata_takes_the_negative_ttl() {
+        let (s, _) = server(Duration::ZERO);
+        let mut out = Vec::new();
+        // 2^31 + 16: RFC 2181 8 says 0, so minTtl (0), not maxTtl (30).
+        s.answer(
+            &query(1, "2147483664.tb.test", 1, None),
+            Protocol::Udp,
+            &mut out,
+        )
+        .await;
+        assert_eq!(ttl_of(&out), 0);
+        s.answer(
+            &query(2, "cnamenodata.test", 1, None),
+            Protocol::Udp,
+            &mut out,
+        )
+        .await;
+        assert_eq!(
+            ttl_of(&out),
+            7,
+            "min(SOA TTL, MINIMUM), not the CNAME's 300 capped"
+        );
+        let mut key = Vec::new();
+        let q = query(3, "cnamenodata.test", 1, None);
+        wire::parse_query(&q).unwrap().key_into(&q, &mut key);
+        match s.cache.lookup(&key, Instant::now()) {
+            Lookup::Fresh(e) => assert_eq!(e.ttl, 7),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn trailing_junk_from_the_upstream_is_dropped() {
+        let (s, _) = server(Duration::ZERO);
+        let mut out = Vec::new();
+        s.answer(&query(1, "junk.test", 1, None), Protocol::Udp, &mut out)
+            .await;
+        let info = wire::scan_response(&out).unwrap();
+        assert_eq!(info.end, out.len(), "nothing after the last record");
+        assert!(!out.ends_with(&[0xde, 0xad, 0xbe, 0xef]));
     }
 }

@@ -14,6 +14,15 @@ pub const MAX_NAME: usize = 255;
 pub const MIN_UDP_PAYLOAD: usize = 512;
 /// The payload size we advertise in our own OPT records (DNS flag day 2020).
 pub const OUR_UDP_PAYLOAD: u16 = 1232;
+/// The largest UDP answer we send, whatever the client advertises: beyond it, TC and the
+/// client retries over TCP (a 64 KiB datagram is fragmented, and fragments get lost/spoofed).
+pub const MAX_UDP_ANSWER: usize = 4096;
+
+// Header flag bits (RFC 1035 4.1.1, RFC 4035 3.2): byte 2 and byte 3 of the message.
+const FLAG2_AA: u8 = 0x04;
+const FLAG2_RD: u8 = 0x01;
+const FLAG3_AD: u8 = 0x20;
+const FLAG3_CD: u8 = 0x10;
 
 pub const TYPE_SOA: u16 = 6;
 pub const TYPE_OPT: u16 = 41;
@@ -64,22 +73,29 @@ pub struct Query {
     pub qtype: u16,
     pub qclass: u16,
     pub edns: Option<Edns>,
+    /// CD: the client validates itself and wants answers even when upstream validation fails.
+    pub checking_disabled: bool,
+    /// AD in the query: the client understands the AD bit (RFC 6840 5.7).
+    pub authentic_data: bool,
 }
 
 impl Query {
-    /// The largest response this client takes over UDP.
+    /// The largest response this client takes over UDP: its advertised size (512 without
+    /// EDNS), never more than `MAX_UDP_ANSWER`.
     pub fn udp_limit(&self) -> usize {
         self.edns.map_or(MIN_UDP_PAYLOAD, |e| {
-            usize::from(e.udp_payload).max(MIN_UDP_PAYLOAD)
+            usize::from(e.udp_payload).clamp(MIN_UDP_PAYLOAD, MAX_UDP_ANSWER)
         })
     }
 
-    /// The cache key: EDNS presence and DO bit (answers differ with them), type, class, then
-    /// the question name lower-cased (wire format). Written into `out`.
+    /// The cache key: EDNS presence, DO and CD bits (the upstream's answer differs with each:
+    /// with CD a validating upstream answers what fails validation instead of SERVFAIL), type,
+    /// class, then the question name lower-cased (wire format). Written into `out`.
     pub fn key_into(&self, buf: &[u8], out: &mut Vec<u8>) {
         out.clear();
-        let flags =
-            u8::from(self.edns.is_some()) | (u8::from(self.edns.is_some_and(|e| e.dnssec_ok)) << 1);
+        let flags = u8::from(self.edns.is_some())
+            | (u8::from(self.edns.is_some_and(|e| e.dnssec_ok)) << 1)
+            | (u8::from(self.checking_disabled) << 2);
         out.push(flags);
         out.extend_from_slice(&self.qtype.to_be_bytes());
         out.extend_from_slice(&self.qclass.to_be_bytes());
@@ -121,8 +137,13 @@ impl Query {
 pub enum Reject {
     /// Not even a header, or a response: nothing sensible to answer.
     Drop(&'static str),
-    /// Answer with this rcode (FORMERR, NOTIMP, BADVERS); `question` when it was parsed.
-    Respond { rcode: u16, why: &'static str },
+    /// Answer with this rcode (FORMERR, NOTIMP, BADVERS); `question` (its end) when the
+    /// question was well formed, so the answer can echo it.
+    Respond {
+        rcode: u16,
+        why: &'static str,
+        question: Option<usize>,
+    },
 }
 
 fn u16_at(b: &[u8], i: usize) -> Option<u16> {
@@ -220,18 +241,23 @@ pub fn parse_query(b: &[u8]) -> Result<Query, Reject> {
     if flags & 0x8000 != 0 {
         return Err(Reject::Drop("a response, not a query"));
     }
-    let formerr = |why| Reject::Respond {
-        rcode: rcode::FORMERR,
+    let count = |i| u16_at(b, i).unwrap_or_default();
+    // The question, when there is exactly one and it is well formed: error answers echo it.
+    let question = (count(4) == 1)
+        .then(|| uncompressed_name_end(b, HEADER_LEN).ok())
+        .flatten()
+        .filter(|end| end + 4 <= b.len())
+        .map(|end| end + 4);
+    let respond = |rcode: u16, why: &'static str| Reject::Respond {
+        rcode,
         why,
+        question,
     };
+    let formerr = |why: &'static str| respond(rcode::FORMERR, why);
     let opcode = (flags >> 11) & 0xF;
     if opcode != 0 {
-        return Err(Reject::Respond {
-            rcode: rcode::NOTIMP,
-            why: "opcode other than QUERY",
-        });
+        return Err(respond(rcode::NOTIMP, "opcode other than QUERY"));
     }
-    let count = |i| u16_at(b, i).unwrap_or_default();
     if count(4) != 1 {
         return Err(formerr("QDCOUNT is not 1"));
     }
@@ -269,20 +295,29 @@ pub fn parse_query(b: &[u8]) -> Result<Query, Reject> {
         qtype,
         qclass,
         edns,
+        checking_disabled: b[3] & FLAG3_CD != 0,
+        authentic_data: b[3] & FLAG3_AD != 0,
     };
     if edns.is_some_and(|e| e.version != 0) {
-        return Err(Reject::Respond {
-            rcode: rcode::BADVERS,
-            why: "EDNS version other than 0",
-        });
+        return Err(respond(rcode::BADVERS, "EDNS version other than 0"));
     }
     if qtype == TYPE_AXFR || qtype == TYPE_IXFR {
-        return Err(Reject::Respond {
-            rcode: rcode::NOTIMP,
-            why: "zone transfers are not forwarded",
-        });
+        return Err(respond(rcode::NOTIMP, "zone transfers are not forwarded"));
     }
     Ok(query)
+}
+
+/// The answer to a rejected query: `rcode`, the question echoed when it was well formed
+/// (`question` = its end), an OPT when the rcode needs one (BADVERS).
+pub fn reject_response(query: &[u8], question: Option<usize>, rcode: u16, out: &mut Vec<u8>) {
+    empty_response(query, None, rcode, false, out);
+    if let Some(end) = question.filter(|&e| e <= query.len() && out.len() >= HEADER_LEN) {
+        out[4..6].copy_from_slice(&1u16.to_be_bytes());
+        out.splice(
+            HEADER_LEN..HEADER_LEN,
+            query[HEADER_LEN..end].iter().copied(),
+        );
+    }
 }
 
 /// What a cache needs to know about an upstream response.
@@ -294,10 +329,19 @@ pub struct ResponseInfo {
     pub answers: u16,
     /// Offsets of the TTL field of every record but OPT, to decrement in place.
     pub ttl_offsets: Vec<u16>,
-    /// Smallest TTL among the answer records.
+    /// Smallest TTL among the answer records (a TTL with the top bit set counts as 0).
     pub min_answer_ttl: Option<u32>,
     /// RFC 2308: min(SOA record TTL, SOA MINIMUM) of an SOA in the authority section.
     pub negative_ttl: Option<u32>,
+    /// Where the OPT record is, if any: it belongs to the hop, not to the answer.
+    pub opt: Option<std::ops::Range<usize>>,
+    /// End of the last record: anything after it is trailing junk.
+    pub end: usize,
+}
+
+/// RFC 2181 8: a TTL with the most significant bit set is treated as zero.
+pub fn effective_ttl(ttl: u32) -> u32 {
+    if ttl & 0x8000_0000 != 0 { 0 } else { ttl }
 }
 
 /// Scans a response: validates its structure and finds what the cache needs.
@@ -325,19 +369,26 @@ pub fn scan_response(b: &[u8]) -> Result<ResponseInfo, &'static str> {
         ttl_offsets: Vec::with_capacity(usize::from(an) + usize::from(ns) + usize::from(ar)),
         min_answer_ttl: None,
         negative_ttl: None,
+        opt: None,
+        end: i,
     };
     let sections = [(an, 0u8), (ns, 1), (ar, 2)];
     for (n, section) in sections {
         for _ in 0..n {
             let rr = record(b, i)?;
             if rr.rtype == TYPE_OPT {
+                if section != 2 || info.opt.is_some() {
+                    return Err("OPT outside the additional section or twice");
+                }
                 info.rcode |= u16::from(b[rr.ttl_offset]) << 4;
+                info.opt = Some(i..rr.end);
             } else {
                 let off = u16::try_from(rr.ttl_offset).map_err(|_| "response beyond 64 KiB")?;
                 info.ttl_offsets.push(off);
+                let ttl = effective_ttl(rr.ttl);
                 if section == 0 {
                     info.min_answer_ttl =
-                        Some(info.min_answer_ttl.map_or(rr.ttl, |m: u32| m.min(rr.ttl)));
+                        Some(info.min_answer_ttl.map_or(ttl, |m: u32| m.min(ttl)));
                 } else if section == 1 && rr.rtype == TYPE_SOA {
                     // SOA RDATA ends with five 32-bit fields; MINIMUM is the last.
                     let minimum = rr
@@ -346,13 +397,70 @@ pub fn scan_response(b: &[u8]) -> Result<ResponseInfo, &'static str> {
                         .filter(|m| *m >= rr.rdata + 20)
                         .and_then(|m| u32_at(b, m))
                         .ok_or("SOA record too short")?;
-                    info.negative_ttl = Some(rr.ttl.min(minimum));
+                    info.negative_ttl = Some(ttl.min(effective_ttl(minimum)));
                 }
             }
             i = rr.end;
         }
     }
+    info.end = i;
     Ok(info)
+}
+
+/// The response as a cache stores it: without the upstream's OPT record (EDNS is per hop: its
+/// options, cookies included, are the upstream's conversation with us, and each client gets an
+/// OPT built for it), without trailing bytes, and with AA cleared (an answer from a cache is
+/// never authoritative). The result must be scanned again for its offsets.
+pub fn for_cache(b: &[u8], info: &ResponseInfo) -> Vec<u8> {
+    let mut out = Vec::with_capacity(info.end);
+    match &info.opt {
+        Some(opt) => {
+            out.extend_from_slice(&b[..opt.start]);
+            out.extend_from_slice(&b[opt.end..info.end]);
+            let ar = u16_at(&out, 10).unwrap_or(1).saturating_sub(1);
+            out[10..12].copy_from_slice(&ar.to_be_bytes());
+        }
+        None => out.extend_from_slice(&b[..info.end]),
+    }
+    out[2] &= !FLAG2_AA;
+    out
+}
+
+/// Our query to an upstream for a client's `q`: its own header (RD, AD to learn whether the
+/// upstream validated, the client's CD, which is in the cache key), the client's question, and
+/// our own OPT when the client used EDNS (our payload size, the client's DO, no options): a
+/// client's EDNS options are never forwarded. The ID is set by the forwarder.
+pub fn upstream_query(query: &[u8], q: &Query, out: &mut Vec<u8>) {
+    out.clear();
+    let cd = if q.checking_disabled { FLAG3_CD } else { 0 };
+    out.extend_from_slice(&[0, 0, FLAG2_RD, FLAG3_AD | cd, 0, 1, 0, 0, 0, 0, 0]);
+    out.push(u8::from(q.edns.is_some()));
+    out.extend_from_slice(&query[HEADER_LEN..q.question_end]);
+    if let Some(e) = q.edns {
+        push_opt(out, e.dnssec_ok, 0);
+    }
+}
+
+/// Appends an OPT record of ours: our payload size, extended rcode bits, version 0, DO as given.
+fn push_opt(out: &mut Vec<u8>, dnssec_ok: bool, rcode: u16) {
+    out.push(0);
+    out.extend_from_slice(&TYPE_OPT.to_be_bytes());
+    out.extend_from_slice(&OUR_UDP_PAYLOAD.to_be_bytes());
+    out.push((rcode >> 4) as u8);
+    out.push(0);
+    out.extend_from_slice(&(if dnssec_ok { 0x8000u16 } else { 0 }).to_be_bytes());
+    out.extend_from_slice(&0u16.to_be_bytes());
+}
+
+/// Gives a response made by `for_cache` the OPT record this client gets (when it sent one).
+pub fn add_client_opt(out: &mut Vec<u8>, q: &Query, rcode: u16) {
+    let Some(e) = q.edns else { return };
+    if out.len() < HEADER_LEN {
+        return;
+    }
+    push_opt(out, e.dnssec_ok, rcode);
+    let ar = u16_at(out, 10).unwrap_or_default().saturating_add(1);
+    out[10..12].copy_from_slice(&ar.to_be_bytes());
 }
 
 /// Sets every TTL at `offsets` to `f(old)`.
@@ -366,11 +474,18 @@ pub fn rewrite_ttls(b: &mut [u8], offsets: &[u16], f: impl Fn(u32) -> u32) {
     }
 }
 
-/// Makes a stored response the answer to `query`: its ID, its RD bit, its question's case.
-/// The stored response's question has the same name (case-folded), so the same length.
+/// Makes a stored response the answer to `query`: its ID, its RD and CD bits (RFC 4035
+/// 3.2.2), its question's case, AA cleared, and AD kept only when this client asked with AD or
+/// DO (RFC 6840 5.8) and the upstream had set it. The stored response's question has the same
+/// name (case-folded), so the same length.
 pub fn adopt(response: &mut [u8], query: &[u8], q: &Query) {
     response[0..2].copy_from_slice(&q.id.to_be_bytes());
-    response[2] = (response[2] & !0x01) | u8::from(q.recursion_desired);
+    response[2] =
+        (response[2] & !(FLAG2_RD | FLAG2_AA)) | if q.recursion_desired { FLAG2_RD } else { 0 };
+    let wants_ad = q.authentic_data || q.edns.is_some_and(|e| e.dnssec_ok);
+    let ad = if wants_ad { response[3] & FLAG3_AD } else { 0 };
+    let cd = if q.checking_disabled { FLAG3_CD } else { 0 };
+    response[3] = (response[3] & !(FLAG3_AD | FLAG3_CD)) | ad | cd;
     if response.len() >= q.qname_end {
         response[HEADER_LEN..q.qname_end].copy_from_slice(&query[HEADER_LEN..q.qname_end]);
     }
@@ -401,7 +516,9 @@ pub fn empty_response(
     out.extend_from_slice(&id.to_be_bytes());
     let opcode_bits = query.get(2).map_or(0, |f| f & 0x78);
     out.push(0x80 | opcode_bits | (u8::from(truncated) << 1) | rd);
-    out.push(0x80 | (rcode & 0xF) as u8); // RA, rcode
+    // RA, CD copied from the query (RFC 4035 3.2.2), rcode.
+    let cd = query.get(3).map_or(0, |f| f & FLAG3_CD);
+    out.push(0x80 | cd | (rcode & 0xF) as u8);
     let qd = u16::from(q.is_some());
     let ar = u16::from(q.is_some_and(|q| q.edns.is_some()) || rcode > 0xF);
     for c in [qd, 0, 0, ar] {
@@ -413,13 +530,7 @@ pub fn empty_response(
     if ar == 1 {
         // OPT: root name, type, our payload size, extended rcode + version 0 + DO echoed.
         let do_bit = q.and_then(|q| q.edns).is_some_and(|e| e.dnssec_ok);
-        out.push(0);
-        out.extend_from_slice(&TYPE_OPT.to_be_bytes());
-        out.extend_from_slice(&OUR_UDP_PAYLOAD.to_be_bytes());
-        out.push((rcode >> 4) as u8);
-        out.push(0);
-        out.extend_from_slice(&(if do_bit { 0x8000u16 } else { 0 }).to_be_bytes());
-        out.extend_from_slice(&0u16.to_be_bytes());
+        push_opt(out, do_bit, rcode);
     }
 }
 
@@ -639,5 +750,115 @@ pub(crate) mod tests {
         let info = scan_response(&out).unwrap();
         assert!(info.truncated);
         assert_eq!(info.rcode, rcode::FORMERR);
+    }
+    #[test]
+    fn error_answers_to_rejected_queries_echo_a_well_formed_question() {
+        let mut v1 = query(0x5151, "a.test", 1, Some((1232, false)));
+        let opt_ttl = v1.len() - 6;
+        v1[opt_ttl + 1] = 1;
+        let mut notify = query(2, "b.test", 1, None);
+        notify[2] |= 4 << 3;
+        let axfr = query(3, "c.test", TYPE_AXFR, None);
+        for (q, rc) in [
+            (v1, rcode::BADVERS),
+            (notify, rcode::NOTIMP),
+            (axfr, rcode::NOTIMP),
+        ] {
+            let Err(Reject::Respond {
+                rcode, question, ..
+            }) = parse_query(&q)
+            else {
+                panic!("rejected")
+            };
+            assert_eq!(rcode, rc);
+            let mut out = Vec::new();
+            reject_response(&q, question, rcode, &mut out);
+            let info = scan_response(&out).unwrap();
+            assert_eq!(info.rcode, rc);
+            assert_eq!(&out[4..6], &[0, 1], "QDCOUNT 1");
+            let end = question.unwrap();
+            assert_eq!(
+                &out[HEADER_LEN..end],
+                &q[HEADER_LEN..end],
+                "question echoed"
+            );
+            assert_eq!(&out[0..2], &q[0..2]);
+        }
+        // Two questions: nothing to echo.
+        let mut two = query(1, "a", 1, None);
+        two[5] = 2;
+        let Err(Reject::Respond { question, .. }) = parse_query(&two) else {
+            panic!("rejected")
+        };
+        assert_eq!(question, None);
+    }
+
+    #[test]
+    fn udp_limit_is_the_clients_size_capped_at_4096() {
+        let big = query(1, "a", 1, Some((65_535, false)));
+        assert_eq!(parse_query(&big).unwrap().udp_limit(), MAX_UDP_ANSWER);
+        let small = query(1, "a", 1, Some((100, false)));
+        assert_eq!(parse_query(&small).unwrap().udp_limit(), MIN_UDP_PAYLOAD);
+    }
+
+    #[test]
+    fn upstream_queries_are_ours_with_the_clients_question_do_and_cd() {
+        let mut client = query(0x4444, "ExAmple.test", 1, Some((4096, true)));
+        client[2] &= !0x01; // RD clear: we still ask for recursion
+        client[3] |= 0x10; // CD
+        let len = client.len();
+        client[len - 2..].copy_from_slice(&6u16.to_be_bytes());
+        client.extend_from_slice(&[0, 99, 0, 2, 7, 7]); // an option of the client's
+        let q = parse_query(&client).unwrap();
+        let mut ours = Vec::new();
+        upstream_query(&client, &q, &mut ours);
+        let p = parse_query(&ours).unwrap();
+        assert!(p.recursion_desired && p.checking_disabled && p.authentic_data);
+        assert_eq!(
+            p.edns,
+            Some(Edns {
+                udp_payload: OUR_UDP_PAYLOAD,
+                dnssec_ok: true,
+                version: 0
+            })
+        );
+        assert_eq!(ours.len(), q.question_end + 11, "no options");
+        assert_eq!(
+            &ours[HEADER_LEN..p.question_end],
+            &client[HEADER_LEN..q.question_end]
+        );
+        let mut k1 = Vec::new();
+        let mut k2 = Vec::new();
+        q.key_into(&client, &mut k1);
+        let plain = query(1, "example.test", 1, Some((4096, true)));
+        parse_query(&plain).unwrap().key_into(&plain, &mut k2);
+        assert_ne!(k1, k2, "CD is in the key");
+    }
+
+    #[test]
+    fn stored_responses_lose_their_opt_aa_and_trailing_bytes() {
+        let q = query(7, "example.com", 1, Some((1232, false)));
+        let mut r = response(&q, 0, &[300], None);
+        r[2] |= 0x04;
+        r[11] = 1;
+        r.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 1, 0, 0, 0, 0, 4, 0, 10, 0, 0]);
+        r.extend_from_slice(&[1, 2, 3]);
+        let info = scan_response(&r).unwrap();
+        assert_eq!(info.rcode, 16, "extended rcode from OPT");
+        let stored = for_cache(&r, &info);
+        let again = scan_response(&stored).unwrap();
+        assert_eq!((again.opt, again.end), (None, stored.len()));
+        assert_eq!(&stored[10..12], &[0, 0]);
+        assert_eq!(stored[2] & 0x04, 0, "AA cleared");
+        assert_eq!(again.ttl_offsets.len(), 1);
+    }
+
+    #[test]
+    fn top_bit_ttls_count_as_zero() {
+        let q = query(7, "example.com", 1, None);
+        let r = response(&q, 0, &[0x8000_0010, 60], None);
+        assert_eq!(scan_response(&r).unwrap().min_answer_ttl, Some(0));
+        assert_eq!(effective_ttl(0x8000_0010), 0);
+        assert_eq!(effective_ttl(0x7fff_ffff), 0x7fff_ffff);
     }
 }

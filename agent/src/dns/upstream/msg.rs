@@ -2,8 +2,8 @@
 //! messages: read the header and the question, give an outgoing query a fresh ID and (DNS 0x20)
 //! a random name case, and check that a datagram is the answer to what was sent.
 //!
-//! Never rewrites anything but the ID and the question name's letter case; the OPT record and
-//! every other byte of a client's query reach the upstream unchanged.
+//! Never rewrites anything but the ID and the question name's letter case of the query the
+//! cache built (`wire::upstream_query`: its own header and OPT, never a client's options).
 
 /// Header length (RFC 1035 4.1.1).
 pub const HEADER_LEN: usize = 12;

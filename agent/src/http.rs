@@ -3,9 +3,18 @@
 //!
 //! Always runs, even with resource collection switched off, because kubelet probes need it.
 //! Stops accepting when its token is cancelled; in-flight scrapes finish.
+//!
+//! Bounded against anonymous clients (it needs no credentials): at most [`MAX_CONNECTIONS`]
+//! connections, [`MAX_CONNECTIONS_PER_PEER`] per source address (one flooding host cannot take
+//! the slots of kubelet and Prometheus); a connection over either cap is closed at once, so it
+//! never waits in the backlog ahead of a legitimate one. Request headers must arrive within
+//! [`HEADER_READ_TIMEOUT`] (half-open requests cost a slot for at most that), and a kept-alive
+//! connection is closed after [`MAX_CONNECTION_AGE`].
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -49,8 +58,27 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
+/// Connections served at once. Each costs about 18 KiB while open (hyper's buffers, the task),
+/// so the cap is ~9 MiB: far inside the agent's 256 MiB limit (docs/configuration.md,
+/// "Listener bounds"), and far above what kubelet's probes and a few scrapers use.
+pub const MAX_CONNECTIONS: usize = 512;
+/// Connections from one source address: kubelet probes one at a time, a Prometheus replica
+/// keeps one or two; 16 leaves room for several on one host (a node IP) and no more.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 16;
+/// The whole request head must arrive within this: a scraper sends it in one packet; a client
+/// that trickles it is holding a slot.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// A kept-alive connection is closed (gracefully, between requests) after this: Prometheus
+/// reconnects every minute at worst; an idle hoarder cannot keep a slot forever.
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
+/// On shutdown, in-flight requests get this long to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Binds the metrics port without SO_REUSEPORT, waiting for a predecessor to release it.
 pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, HttpError> {
-    crate::listen::tcp(addr).map_err(|source| HttpError::Bind { addr, source })
+    crate::listen::tcp_exclusive_when_free(addr, crate::listen::PREDECESSOR_WAIT)
+        .await
+        .map_err(|source| HttpError::Bind { addr, source })
 }
 
 pub async fn serve(
@@ -58,10 +86,99 @@ pub async fn serve(
     state: AdminState,
     token: CancellationToken,
 ) -> Result<(), HttpError> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(token.cancelled_owned())
-        .await
-        .map_err(HttpError::Serve)
+    serve_bounded(listener, router(state), token).await
+}
+
+/// Open connections per source address; a [`PeerSlot`] gives its place back on drop.
+#[derive(Default)]
+struct Peers(Mutex<HashMap<IpAddr, usize>>);
+
+struct PeerSlot {
+    peers: Arc<Peers>,
+    ip: IpAddr,
+}
+
+impl Peers {
+    /// A slot for `ip`, or None when it already holds `per_peer` or all peers hold `total`.
+    fn take(self: &Arc<Self>, ip: IpAddr, per_peer: usize, total: usize) -> Option<PeerSlot> {
+        let mut m = self.0.lock().expect("peer map lock");
+        let open: usize = m.values().sum();
+        let mine = m.entry(ip).or_default();
+        if *mine >= per_peer || open >= total {
+            return None;
+        }
+        *mine += 1;
+        Some(PeerSlot {
+            peers: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut m = self.peers.0.lock().expect("peer map lock");
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Serves `app` over HTTP/1 with the module's bounds until `token`; then in-flight requests
+/// get [`DRAIN_TIMEOUT`].
+pub async fn serve_bounded(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    token: CancellationToken,
+) -> Result<(), HttpError> {
+    let peers = Arc::new(Peers::default());
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = token.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning; the listener stays.
+                    tracing::warn!(error = %e, "http: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        while conns.try_join_next().is_some() {}
+        let Some(slot) = peers.take(peer.ip(), MAX_CONNECTIONS_PER_PEER, MAX_CONNECTIONS) else {
+            tracing::debug!(%peer, "http: connection cap reached; closed");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let token = token.clone();
+        conns.spawn(async move {
+            let _slot = slot;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .keep_alive(true)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = token.cancelled() => {}
+                _ = tokio::time::sleep(MAX_CONNECTION_AGE) => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT, conn).await;
+        });
+    }
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT + Duration::from_millis(500), async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    Ok(())
 }
 
 /// Serves only `/metrics` for `registry` (the dns-guard sidecar's endpoint) until `token`.
@@ -77,10 +194,7 @@ pub async fn serve_registry(
             async move { encode(&registry, &headers) }
         }),
     );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(token.cancelled_owned())
-        .await
-        .map_err(HttpError::Serve)
+    serve_bounded(listener, app, token).await
 }
 
 /// OpenMetrics when the scraper asks for it (Prometheus does), the classic text format otherwise.

@@ -333,7 +333,8 @@ fn daemonset_runs_privileged_in_the_host_namespaces_on_every_node() {
         get(base.daemonset(), "/spec/updateStrategy"),
         &json!({
             "type": "RollingUpdate",
-            // The successor binds the same ports before the old pod leaves (SO_REUSEPORT).
+            // The successor binds the DNS addresses before the old pod leaves (SO_REUSEPORT) and
+            // waits for the metrics and gRPC ports (exclusive).
             "rollingUpdate": { "maxUnavailable": 0, "maxSurge": 1 },
         })
     );

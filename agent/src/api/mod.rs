@@ -437,8 +437,11 @@ async fn mirror_health(
         .await;
 }
 
+/// Binds the gRPC port without SO_REUSEPORT, waiting for a predecessor to release it.
 pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ApiError> {
-    crate::listen::tcp(addr).map_err(|source| ApiError::Bind { addr, source })
+    crate::listen::tcp_exclusive_when_free(addr, crate::listen::PREDECESSOR_WAIT)
+        .await
+        .map_err(|source| ApiError::Bind { addr, source })
 }
 
 /// grpc.health.v1 mirroring `health` until `token` is cancelled (then "" is NOT_SERVING and

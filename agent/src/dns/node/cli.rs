@@ -125,11 +125,21 @@ pub fn guard(dns: &DnsConfig, args: &GuardArgs) -> Result<(), WiringError> {
     runtime()?.block_on(async {
         let cancel = on_signal()?;
         if let Some(addr) = args.guard_metrics_listen {
-            let listener =
-                crate::listen::tcp(addr).map_err(|source| WiringError::Listen { addr, source })?;
+            // Bound in its own task: waiting for a predecessor's port must not delay guarding.
             let (registry, token) = (registry.clone(), cancel.clone());
             tokio::spawn(async move {
-                if let Err(e) = crate::http::serve_registry(listener, registry, token).await {
+                let served = match crate::listen::tcp_exclusive_when_free(
+                    addr,
+                    crate::listen::PREDECESSOR_WAIT,
+                )
+                .await
+                {
+                    Ok(listener) => crate::http::serve_registry(listener, registry, token)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(format!("cannot listen on {addr}: {e}")),
+                };
+                if let Err(e) = served {
                     tracing::error!(error = %e, "dns guard: metrics server stopped");
                 }
             });

@@ -64,12 +64,6 @@ pub enum WiringError {
         "read-back after removal still finds {rules} rule(s) of ours and ClusterIP(s) {addresses:?} on the interface"
     )]
     StillWired { rules: u32, addresses: Vec<IpAddr> },
-    /// The guard's metrics listener could not be bound.
-    #[error("dns-guard --metrics-listen {addr}: {source}")]
-    Listen {
-        addr: std::net::SocketAddr,
-        source: std::io::Error,
-    },
 }
 
 impl WiringError {
@@ -83,7 +77,6 @@ impl WiringError {
             WiringError::NoAddress => "no_address",
             WiringError::Runtime(_) => "runtime",
             WiringError::StillWired { .. } => "still_wired",
-            WiringError::Listen { .. } => "listen",
         }
     }
 }

@@ -1,0 +1,179 @@
+//! Hostile traffic against the agent's listeners (issue #15): floods that need no credentials
+//! must leave the agent alive, its memory bounded, and a legitimate client answered during the
+//! flood. The agent runs standalone on loopback ports the test picks; flood sources are
+//! loopback addresses (127.0.0.x) so per-peer caps can be told apart from the global one. The
+//! RSS figures printed here are the ones in docs/configuration.md, "Listener bounds".
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use nodekeeper_tests::{Agent, wait_for};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// The agent's caps (agent/src/http.rs), restated: the test must fail if they are lifted.
+const HTTP_MAX_CONNECTIONS: usize = 512;
+const HTTP_MAX_PER_PEER: usize = 16;
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("agent status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS")
+}
+
+async fn connect_from(source: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = TcpSocket::new_v4()?;
+    s.bind(format!("{source}:0").parse().unwrap())?;
+    s.connect(to).await
+}
+
+/// One GET from `source`; the status code.
+async fn get_from(source: &str, to: SocketAddr, path: &str) -> std::io::Result<u16> {
+    let mut s = connect_from(source, to).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status line: {text:?}")))
+}
+
+/// True when the server closed `s` (EOF or reset) within `wait`.
+async fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
+    let mut b = [0u8; 64];
+    matches!(
+        tokio::time::timeout(wait, s.read(&mut b)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn half_open_http_requests_neither_kill_the_agent_nor_lock_out_a_scraper() {
+    let mut agent = Agent::builder().start();
+    let pid = agent.proc.pid();
+    let to = agent.metrics;
+    let before = rss_kib(pid);
+    runtime().block_on(async {
+        // 1. One host opens 2,000 half-open requests: it gets its per-peer share, the rest are
+        //    closed at once.
+        let mut flood = Vec::new();
+        for _ in 0..2000 {
+            if let Ok(mut s) = connect_from("127.0.0.1", to).await {
+                let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").await;
+                flood.push(s);
+            }
+        }
+        let mut refused = 0;
+        for s in flood.iter_mut() {
+            if closed_within(s, Duration::from_millis(20)).await {
+                refused += 1;
+            }
+        }
+        assert!(
+            refused >= 2000 - HTTP_MAX_PER_PEER,
+            "only {refused} of 2000 connections from one host were turned away"
+        );
+        // 2. Many hosts fill the global cap with half-open requests.
+        let mut held = Vec::new();
+        for i in 0..(HTTP_MAX_CONNECTIONS * 2) {
+            let source = format!("127.0.{}.{}", 1 + i / HTTP_MAX_PER_PEER / 200, 10 + (i / HTTP_MAX_PER_PEER) % 200);
+            if let Ok(mut s) = connect_from(&source, to).await {
+                let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").await;
+                held.push(s);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let at_cap = rss_kib(pid);
+        eprintln!(
+            "http flood: RSS {before} KiB before, {at_cap} KiB with every connection slot held half-open ({HTTP_MAX_CONNECTIONS} + {} turned away)",
+            held.len().saturating_sub(HTTP_MAX_CONNECTIONS)
+        );
+        // 3. A scraper is answered during the flood: at once if its slot is free, else once
+        //    the header-read timeout (5 s) frees the half-open slots.
+        let status = tokio::time::timeout(Duration::from_secs(15), async {
+            loop {
+                if let Ok(code) = get_from("127.0.255.1", to, "/healthz").await {
+                    return code;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .expect("a legitimate client answered during the flood");
+        assert_eq!(status, 200);
+        // 4. The half-open requests that got a slot are closed by the header-read timeout.
+        let mut still_open = 0;
+        for s in held.iter_mut() {
+            if !closed_within(s, Duration::from_secs(10)).await {
+                still_open += 1;
+            }
+        }
+        assert_eq!(still_open, 0, "half-open requests kept past the header-read timeout");
+        assert!(
+            at_cap < before + 64 * 1024,
+            "RSS grew from {before} to {at_cap} KiB at the connection cap"
+        );
+    });
+    assert!(agent.proc.alive(), "{}", agent.proc.log_text());
+    wait_for(
+        Duration::from_secs(5),
+        "the agent answering after the flood",
+        || matches!(nodekeeper_tests::http_get(to, "/healthz"), Ok((200, _))).then_some(()),
+    );
+    let after = rss_kib(pid);
+    eprintln!("http flood: RSS {after} KiB after the flood closed");
+}
+
+// === listeners: SO_REUSEPORT only on DNS (issue #15 item 4) ===
+
+#[tokio::test]
+async fn metrics_and_grpc_listeners_refuse_a_second_bind_reuseport_or_not() {
+    let a = nodekeeper::listen::tcp_exclusive("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = a.local_addr().unwrap();
+    let in_use = |r: std::io::Result<tokio::net::TcpListener>| {
+        r.err().map(|e| e.kind()) == Some(std::io::ErrorKind::AddrInUse)
+    };
+    assert!(
+        in_use(nodekeeper::listen::tcp(addr)),
+        "a SO_REUSEPORT stranger joined"
+    );
+    assert!(in_use(nodekeeper::listen::tcp_exclusive(addr)));
+    assert!(std::net::TcpListener::bind(addr).is_err());
+    // The agent's own ports, as it binds them.
+    let agent = Agent::builder().start();
+    for port in [agent.metrics, agent.api] {
+        assert!(in_use(nodekeeper::listen::tcp(port)), "{port} joined");
+    }
+}
+
+#[tokio::test]
+async fn a_starting_agent_binds_once_its_predecessor_lets_go() {
+    let old = nodekeeper::listen::tcp_exclusive("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = old.local_addr().unwrap();
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(old);
+    });
+    let new = nodekeeper::listen::tcp_exclusive_when_free(addr, Duration::from_secs(20))
+        .await
+        .expect("bound after the predecessor closed");
+    assert_eq!(new.local_addr().unwrap(), addr);
+    release.await.unwrap();
+    let e = nodekeeper::listen::tcp_exclusive_when_free(addr, Duration::from_millis(300))
+        .await
+        .expect_err("still held: gives up after the wait");
+    assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
+}

@@ -2,7 +2,8 @@
 //! Exit codes: 0 ok, 1 runtime failure, 64 bad config or usage (EX_USAGE), 66 config file
 //! unreadable (EX_NOINPUT). The operator commands (`drain`, `cordon`, `uncordon`, `get-drain`)
 //! use 0 completed, 1 failed / timed out / cancelled / refused, 2 usage (as clap), 69 agent
-//! unreachable (EX_UNAVAILABLE).
+//! unreachable (EX_UNAVAILABLE), 75 the stream ended without a result, e.g. the agent restarted:
+//! re-run the same command to re-attach (EX_TEMPFAIL).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,6 +18,8 @@ const EX_NOINPUT: u8 = 66;
 /// Operator commands: a usage error, as clap exits on bad flags.
 const EX_CLI_USAGE: u8 = 2;
 const EX_UNAVAILABLE: u8 = 69;
+/// Operator commands: the drain goes on but this stream ended without a result; re-attach.
+const EX_TEMPFAIL: u8 = 75;
 
 #[derive(Parser)]
 #[command(name = "nodekeeper", version = nodekeeper::app::VERSION, about = "Per-node Kubernetes agent: resource metrics, sysctl tuning, local disks, NodeLocal DNS, graceful drain")]
@@ -603,8 +606,8 @@ fn operator(f: impl std::future::Future<Output = Result<(), ClientError>>) -> Ex
                 ClientError::Unreachable { .. } => EX_UNAVAILABLE,
                 ClientError::Refused { .. }
                 | ClientError::DrainEnded(_)
-                | ClientError::WouldFail(_)
-                | ClientError::Incomplete(_) => 1,
+                | ClientError::WouldFail(_) => 1,
+                ClientError::Incomplete(_) => EX_TEMPFAIL,
             })
         }
     }

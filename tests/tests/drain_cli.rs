@@ -286,3 +286,39 @@ fn cordon_and_uncordon_flip_unschedulable_and_send_the_token() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("/nonexistent/token"));
 }
+
+#[test]
+fn a_stream_broken_by_an_agent_restart_exits_75_asking_to_reattach() {
+    let stuck = drain_scenario::unsatisfiable();
+    let (api, kubeconfig) = (&stuck.api, stuck.kubeconfig.clone());
+    let (agent, token) = agent(&kubeconfig);
+    let addr = agent.api.to_string();
+    let out = std::thread::scope(|scope| {
+        let follower = scope.spawn(|| {
+            cli(
+                &[
+                    "drain",
+                    &addr,
+                    "--id",
+                    "restarted",
+                    "--timeout",
+                    "120s",
+                    "--token-file",
+                    &token,
+                ],
+                60,
+            )
+        });
+        nodekeeper_tests::wait_for(Duration::from_secs(30), "the drain evicting", || {
+            api.node(NODE)?["metadata"]["annotations"]["nodekeeper.io/drain"]
+                .as_str()?
+                .contains("\"evicting\"")
+                .then_some(())
+        });
+        agent.proc.signal("KILL");
+        follower.join().expect("cli thread")
+    });
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{stderr}");
+    assert!(stderr.contains("re-attach"), "{stderr}");
+}

@@ -241,3 +241,217 @@ async fn a_409_on_eviction_for_a_pod_that_still_exists_is_retried_not_taken_as_g
         .collect();
     assert_eq!(statuses, [409, 201], "evicted again after the 409");
 }
+
+/// Injects a 429 (with Retry-After), a 503 and a 504 for the next calls matching `method path`.
+fn three_faults(api: &FakeApi, method: &str, path: &str) {
+    for kind in [
+        FaultKind::TooManyRequests {
+            retry_after_seconds: 1,
+        },
+        FaultKind::Unavailable,
+        FaultKind::GatewayTimeout,
+    ] {
+        api.inject(Fault::on(method, path, kind).watch(false));
+    }
+}
+
+/// Statuses the fake answered for requests matching `method` and `path`.
+fn statuses(api: &FakeApi, method: &str, path: &str) -> Vec<u16> {
+    api.requests()
+        .iter()
+        .filter(|r| r.method == method && r.path.contains(path) && !r.query.contains("watch=true"))
+        .map(|r| r.status)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_completes_through_a_429_a_503_and_a_504_on_every_kind_of_call() {
+    let api = FakeApi::start();
+    web_pods(&api, 2, 0);
+    let s = scenario(api);
+    let agent = agent(&s);
+    let mut c = client(&agent).await;
+    // After start-up, so the pod watch's own LIST does not take the LIST faults.
+    three_faults(&s.api, "PATCH", "/api/v1/nodes/node-a");
+    three_faults(&s.api, "GET", "/api/v1/pods");
+    three_faults(&s.api, "GET", "/api/v1/namespaces/default/pods/web-");
+    three_faults(&s.api, "POST", "/eviction");
+    let events = within(90, drain_all(&mut c, request("faults"))).await;
+    assert!(
+        matches!(events.last().unwrap().event, Some(Event::Completed(_))),
+        "{:?}",
+        events.last()
+    );
+    assert!(web_left(&s.api).is_empty());
+    for (method, path) in [
+        ("PATCH", "/api/v1/nodes/node-a"),
+        ("GET", "/api/v1/pods"),
+        ("GET", "/api/v1/namespaces/default/pods/web-"),
+        ("POST", "/eviction"),
+    ] {
+        let seen = statuses(&s.api, method, path);
+        for code in [429, 503, 504] {
+            assert!(
+                seen.contains(&code),
+                "{method} {path}: no {code} in {seen:?}"
+            );
+        }
+    }
+    // The eviction's 429 was API throttling, not a budget, and is reported as such.
+    let throttled: Vec<&pb::Blocked> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(Event::Blocked(b)) => Some(b),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        throttled
+            .iter()
+            .any(|b| b.budget.is_empty() && b.message.contains("throttled by the API server")),
+        "{throttled:?}"
+    );
+    let reasons: Vec<String> = s
+        .api
+        .events()
+        .iter()
+        .filter_map(|e| e["reason"].as_str().map(String::from))
+        .collect();
+    assert!(reasons.iter().any(|r| r == "DrainThrottled"), "{reasons:?}");
+    assert!(!reasons.iter().any(|r| r == "DrainBlocked"), "{reasons:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_403_eviction_fails_the_drain_at_once_naming_the_cause() {
+    let api = FakeApi::start();
+    web_pods(&api, 1, 0);
+    api.inject(
+        Fault::on(
+            "POST",
+            "/eviction",
+            FaultKind::Status {
+                code: 403,
+                reason: "Forbidden",
+                message: "pods \"web-0\" is forbidden: User \"system:serviceaccount:nodekeeper-system:nodekeeper\" cannot create resource \"pods/eviction\"".into(),
+            },
+        )
+        .always(),
+    );
+    let s = scenario(api);
+    let agent = agent(&s);
+    let mut c = client(&agent).await;
+    // The deadline is 120 s; the answer must come long before it.
+    let events = within(60, drain_all(&mut c, request("forbidden"))).await;
+    let Some(Event::Failed(status)) = &events.last().unwrap().event else {
+        panic!("{:?}", events.last())
+    };
+    assert!(
+        status.error.contains("default/web-0") && status.error.contains("403 Forbidden"),
+        "{}",
+        status.error
+    );
+    assert_eq!(statuses(&s.api, "POST", "/eviction"), [403], "not retried");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_under_two_budgets_fails_the_drain_at_once() {
+    let api = FakeApi::start();
+    web_pods(&api, 2, 0);
+    for name in ["web-pdb", "web-pdb-2"] {
+        api.add_pdb(
+            "default",
+            name,
+            &[("app", "web")],
+            nodekeeper_tests::fake_api::PdbLimit::MinAvailable(1),
+            None,
+        );
+    }
+    let s = scenario(api);
+    let agent = agent(&s);
+    let mut c = client(&agent).await;
+    let events = within(60, drain_all(&mut c, request("two-pdbs"))).await;
+    let Some(Event::Failed(status)) = &events.last().unwrap().event else {
+        panic!("{:?}", events.last())
+    };
+    assert!(
+        status.error.contains("more than one PodDisruptionBudget"),
+        "{}",
+        status.error
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_timed_out_drain_names_no_budget_that_stopped_blocking_and_replays_one_blocked_per_pod() {
+    // `a-0` is blocked by a-pdb until a second `a` pod turns up elsewhere; `slow-0` then takes
+    // longer than the deadline to terminate. The end must not blame a-pdb.
+    let api = FakeApi::start();
+    api.add_node(NODE, &[]);
+    api.add_node("node-other", &[]);
+    api.add_replicaset("default", "a", &[("app", "a")], 1, &[("app", "a")]);
+    api.add_pod(
+        PodSeed::new("a-0")
+            .node(NODE)
+            .label("app", "a")
+            .replicaset("a"),
+    );
+    api.add_replicaset("default", "slow", &[("app", "slow")], 1, &[("app", "slow")]);
+    api.add_pod(
+        PodSeed::new("slow-0")
+            .node(NODE)
+            .label("app", "slow")
+            .replicaset("slow")
+            .grace_period(600),
+    );
+    api.add_pdb(
+        "default",
+        "a-pdb",
+        &[("app", "a")],
+        nodekeeper_tests::fake_api::PdbLimit::MinAvailable(1),
+        None,
+    );
+    let s = scenario(api);
+    let agent = agent(&s);
+    let mut c = client(&agent).await;
+    let mut req = request("stale-error");
+    req.timeout = Some(prost_types::Duration {
+        seconds: 6,
+        nanos: 0,
+    });
+    let mut stream = within(10, c.drain(bearer(req.clone())))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut blocked = 0;
+    while blocked < 3 {
+        if let Some(Event::Blocked(_)) = within(30, stream.message()).await.unwrap().unwrap().event
+        {
+            blocked += 1;
+        }
+    }
+    s.api.add_pod(
+        PodSeed::new("a-elsewhere")
+            .node("node-other")
+            .label("app", "a"),
+    );
+    let mut last = None;
+    while let Some(e) = within(30, stream.message()).await.unwrap() {
+        last = Some(e);
+    }
+    let Some(Event::TimedOut(status)) = last.and_then(|e| e.event) else {
+        panic!("not timed out")
+    };
+    assert!(s.api.pod("default", "a-0").is_none(), "a-0 was evicted");
+    assert!(!status.error.contains("a-pdb"), "{}", status.error);
+    assert!(
+        status.done.iter().all(|d| d.contains('/')),
+        "{:?}",
+        status.done
+    );
+    // Re-attaching replays one `blocked` for a-0, not one per retry.
+    let replay = within(30, drain_all(&mut c, req)).await;
+    let replayed_blocked = replay
+        .iter()
+        .filter(|e| matches!(e.event, Some(Event::Blocked(_))))
+        .count();
+    assert_eq!(replayed_blocked, 1, "{replay:?}");
+}

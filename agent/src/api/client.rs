@@ -251,11 +251,15 @@ impl Client {
         let mut c = self.inner.clone();
         let mut stream = self.unary(c.drain(req)).await?;
         let follow = async {
-            while let Some(e) = stream
-                .message()
-                .await
-                .map_err(|s| ClientError::from_status(&self.addr, s))?
-            {
+            // The stream broke after the drain started (agent restart, rollout, network): the
+            // drain goes on without us, so this is "re-attach", not "failed".
+            while let Some(e) = stream.message().await.map_err(|s| {
+                ClientError::Incomplete(format!(
+                    "the stream broke ({:?}: {}); re-run the same command to re-attach",
+                    s.code(),
+                    s.message()
+                ))
+            })? {
                 on_event(&e);
                 match e.event {
                     Some(Event::Planned(plan)) if dry_run => {

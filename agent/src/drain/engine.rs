@@ -27,15 +27,69 @@ use crate::pb::{self, DrainPhase, drain_event::Event as Ev};
 /// How often the done list is persisted while evicting (always at phase changes and the end).
 const PROGRESS_PERSIST_INTERVAL: Duration = Duration::from_secs(5);
 
-async fn call<T>(
-    what: &str,
-    f: impl std::future::Future<Output = Result<T, kube::Error>>,
-) -> Result<T, DrainError> {
-    match tokio::time::timeout(API_CALL_TIMEOUT, f).await {
-        Ok(r) => Ok(r?),
-        Err(_) => Err(DrainError::Timeout(format!(
-            "{what} took longer than {API_CALL_TIMEOUT:?}"
-        ))),
+/// How many times a non-eviction call is tried before its error ends the drain.
+const CALL_ATTEMPTS: u32 = 8;
+/// First wait after a transient failure; doubles up to `CALL_BACKOFF_MAX`.
+const CALL_BACKOFF_INITIAL: Duration = Duration::from_millis(200);
+const CALL_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A `Retry-After` longer than this is cut short: the drain's deadline matters more.
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(30);
+
+/// True for answers a busy or restarting API server gives that are worth asking again:
+/// 429 (API Priority and Fairness), 500 without a known permanent cause, 503, 504, and
+/// transport failures.
+fn transient(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(s) => matches!(s.code, 429 | 500 | 502 | 503 | 504),
+        kube::Error::HyperError(_) | kube::Error::Service(_) => true,
+        _ => false,
+    }
+}
+
+/// The server's `Retry-After` (carried as `details.retryAfterSeconds` in the Status).
+fn retry_after(e: &kube::Error) -> Option<Duration> {
+    match e {
+        kube::Error::Api(s) => s
+            .details
+            .as_ref()
+            .map(|d| d.retry_after_seconds)
+            .filter(|s| *s > 0)
+            .map(|s| Duration::from_secs(u64::from(s)).min(RETRY_AFTER_MAX)),
+        _ => None,
+    }
+}
+
+/// One non-eviction API call with a timeout, retried on transient failures with bounded
+/// exponential backoff (honouring `Retry-After`): one 429, 503 or 504 must not fail a drain.
+async fn call<T, F, Fut>(what: &str, mut f: F) -> Result<T, DrainError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, kube::Error>>,
+{
+    let mut backoff = CALL_BACKOFF_INITIAL;
+    let mut attempt = 1;
+    loop {
+        let err = match tokio::time::timeout(API_CALL_TIMEOUT, f()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) if transient(&e) && attempt < CALL_ATTEMPTS => {
+                let wait = retry_after(&e).unwrap_or_else(|| jitter(backoff));
+                tracing::info!(call = what, attempt, error = %e, ?wait, "transient API error; retrying");
+                wait
+            }
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) if attempt < CALL_ATTEMPTS => {
+                tracing::info!(call = what, attempt, "API call timed out; retrying");
+                jitter(backoff)
+            }
+            Err(_) => {
+                return Err(DrainError::Timeout(format!(
+                    "{what} took longer than {API_CALL_TIMEOUT:?} {CALL_ATTEMPTS} times"
+                )));
+            }
+        };
+        tokio::time::sleep(err).await;
+        backoff = (backoff * 2).min(CALL_BACKOFF_MAX);
+        attempt += 1;
     }
 }
 
@@ -113,6 +167,9 @@ pub struct DrainController {
     last_progress_save: Mutex<Option<Instant>>,
     /// Budgets a DrainBlocked Event was recorded for in the running drain: one Event per budget.
     blocked_events: Mutex<HashSet<String>>,
+    /// Why each waiting pod waits (pod key -> reason): `status.error` is these, so it never
+    /// names a budget that stopped blocking.
+    blockers: Mutex<BTreeMap<String, String>>,
     shutdown: CancellationToken,
 }
 
@@ -135,6 +192,7 @@ impl DrainController {
             persist: tokio::sync::Mutex::new(()),
             last_progress_save: Mutex::new(None),
             blocked_events: Mutex::new(HashSet::new()),
+            blockers: Mutex::new(BTreeMap::new()),
             shutdown,
         })
     }
@@ -148,7 +206,7 @@ impl DrainController {
     }
 
     pub async fn unschedulable(&self) -> Result<bool, DrainError> {
-        let node = call("GET node", self.nodes().get(&self.node)).await?;
+        let node = call("GET node", || async { self.nodes().get(&self.node).await }).await?;
         Ok(node.spec.and_then(|s| s.unschedulable).unwrap_or(false))
     }
 
@@ -178,11 +236,11 @@ impl DrainController {
 
     async fn set_unschedulable(&self, on: bool) -> Result<(), DrainError> {
         let patch = serde_json::json!({ "spec": { "unschedulable": if on { serde_json::json!(true) } else { serde_json::Value::Null } } });
-        call(
-            "PATCH node",
+        call("PATCH node", || async {
             self.nodes()
-                .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch)),
-        )
+                .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+        })
         .await?;
         Ok(())
     }
@@ -205,11 +263,11 @@ impl DrainController {
             .to_json();
         let patch =
             serde_json::json!({ "metadata": { "annotations": { STATE_ANNOTATION: value } } });
-        call(
-            "PATCH node annotation",
+        call("PATCH node annotation", || async {
             self.nodes()
-                .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch)),
-        )
+                .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+        })
         .await?;
         Ok(())
     }
@@ -231,7 +289,7 @@ impl DrainController {
     async fn list_pods(&self) -> Result<Vec<Pod>, DrainError> {
         let api: Api<Pod> = Api::all(self.client.clone());
         let lp = ListParams::default().fields(&format!("spec.nodeName={}", self.node));
-        Ok(call("LIST pods", api.list(&lp)).await?.items)
+        Ok(call("LIST pods", || api.list(&lp)).await?.items)
     }
 
     /// Validates a request into parameters.
@@ -320,6 +378,7 @@ impl DrainController {
         });
         *current = Some(run.clone());
         self.blocked_events.lock().expect("not poisoned").clear();
+        self.blockers.lock().expect("not poisoned").clear();
         *self.last_progress_save.lock().expect("not poisoned") = None;
         let (me, r) = (self.clone(), run.clone());
         tokio::spawn(async move { me.run(r, params, done).await });
@@ -338,7 +397,7 @@ impl DrainController {
 
     /// At start: resumes a drain persisted on the Node by an earlier incarnation of the agent.
     pub async fn resume(self: &Arc<Self>) -> Result<Option<Arc<DrainRun>>, DrainError> {
-        let node = call("GET node", self.nodes().get(&self.node)).await?;
+        let node = call("GET node", || async { self.nodes().get(&self.node).await }).await?;
         let Some(text) = node
             .metadata
             .annotations
@@ -407,10 +466,11 @@ impl DrainController {
             }
             Err(Outcome::Failed(e)) => (DrainPhase::Failed, e, "failed"),
         };
+        // `done` stays the namespace/name list built while evicting (the UIDs are for the
+        // annotation only).
         let status = run.update(|s| {
             s.phase = phase as i32;
             s.error = error.clone();
-            s.done = done_list.clone();
         });
         if let Err(e) = self.save(&params, phase, &done_list, &error).await {
             tracing::error!(error = %e, "could not persist the drain's end on the node");
@@ -514,7 +574,6 @@ impl DrainController {
             s.phase = DrainPhase::Evicting as i32;
             s.plan = planned.plan;
             s.skipped = planned.skipped;
-            s.done = done_now();
         });
         run.emit(Ev::Planned(status));
         if !plan.refused.is_empty() {
@@ -591,7 +650,8 @@ impl DrainController {
                 &post_params,
                 &body,
             );
-            match tokio::time::timeout(API_CALL_TIMEOUT, post).await {
+            let outcome = tokio::time::timeout(API_CALL_TIMEOUT, post).await;
+            let wait = match outcome {
                 Ok(Ok(_)) => {
                     self.metrics
                         .evictions
@@ -604,13 +664,9 @@ impl DrainController {
                 {
                     // A 409 proves nothing by itself (the server may have lost a race updating
                     // the budget): the pod with this UID still exists, so evict it again.
-                    self.metrics
-                        .retries
-                        .get_or_create(&vec![("reason", "conflict")])
-                        .inc();
+                    self.count_retry("conflict");
                     tracing::info!(pod = %pod.key(), message = %s.message, "eviction conflicted and the pod still exists; retrying");
-                    tokio::time::sleep(jitter(backoff)).await;
-                    backoff = (backoff * 2).min(self.config.retry_max.get());
+                    jitter(backoff)
                 }
                 Ok(Err(kube::Error::Api(s))) if s.code == 404 || s.code == 409 => {
                     // Gone already (404), or the name now belongs to another UID (a 409 from the
@@ -619,68 +675,150 @@ impl DrainController {
                         .evictions
                         .get_or_create(&vec![("result", "already_gone")])
                         .inc();
+                    self.unblock(run, pod);
                     run.emit(Ev::Deleted(pod.pod_ref()));
                     return Ok(());
                 }
-                Ok(Err(kube::Error::Api(s))) if s.code == 429 || s.code == 500 => {
-                    let reason = if s.code == 429 {
-                        "pdb"
-                    } else {
-                        "multiple_pdbs"
-                    };
+                Ok(Err(kube::Error::Api(s))) if s.code == 429 && is_budget_refusal(&s) => {
                     let budget = budget_name(&s);
-                    self.metrics
-                        .retries
-                        .get_or_create(&vec![("reason", reason)])
-                        .inc();
+                    self.count_retry("pdb");
                     let wait = jitter(backoff);
-                    run.update(|st| {
-                        st.error = format!("{} blocked by {budget}: {}", pod.key(), s.message)
-                    });
-                    let first_for_budget = self
-                        .blocked_events
-                        .lock()
-                        .expect("not poisoned")
-                        .insert(budget.clone());
-                    if first_for_budget {
-                        self.event(
-                            "DrainBlocked",
-                            "Warning",
-                            &format!("evicting {} blocked by {budget}: {}", pod.key(), s.message),
-                        )
+                    self.blocked(run, pod, &budget, &s.message, attempt, wait, "DrainBlocked")
                         .await;
-                    }
-                    run.emit(Ev::Blocked(pb::Blocked {
-                        pod: Some(pod.pod_ref()),
-                        budget,
-                        message: s.message.clone(),
+                    wait
+                }
+                Ok(Err(kube::Error::Api(s))) if s.code == 429 => {
+                    // API Priority and Fairness: the server is busy, no budget is involved.
+                    self.count_retry("throttled");
+                    let wait = retry_after(&kube::Error::Api(s.clone()))
+                        .unwrap_or_else(|| jitter(backoff));
+                    self.blocked(
+                        run,
+                        pod,
+                        "",
+                        &format!(
+                            "throttled by the API server (429, retry after {wait:?}): {}",
+                            s.message
+                        ),
                         attempt,
-                        retry_in: prost_types::Duration::try_from(wait).ok(),
-                    }));
-                    tokio::time::sleep(wait).await;
-                    backoff = (backoff * 2).min(self.config.retry_max.get());
+                        wait,
+                        "DrainThrottled",
+                    )
+                    .await;
+                    wait
+                }
+                Ok(Err(kube::Error::Api(s))) if is_permanent(&s) => {
+                    // Retrying cannot help (RBAC, a malformed or invalid request, a pod under
+                    // two budgets, a namespace being deleted): fail now, naming the cause.
+                    if s.code == 403
+                        && has_cause(&s, "NamespaceTerminating")
+                        && self.terminating(&api, pod).await
+                    {
+                        // As kubectl: a pod already being deleted in a terminating namespace
+                        // cannot be evicted, but it will go; wait for it.
+                        break;
+                    }
+                    return Err(DrainError::Evict(format!(
+                        "evicting {}: {} {}: {}",
+                        pod.key(),
+                        s.code,
+                        s.reason,
+                        s.message
+                    )));
                 }
                 Ok(Err(e)) => {
-                    self.metrics
-                        .retries
-                        .get_or_create(&vec![("reason", "error")])
-                        .inc();
+                    self.count_retry("error");
                     tracing::warn!(pod = %pod.key(), error = %e, "eviction failed; retrying");
-                    tokio::time::sleep(jitter(backoff)).await;
-                    backoff = (backoff * 2).min(self.config.retry_max.get());
+                    retry_after(&e).unwrap_or_else(|| jitter(backoff))
                 }
                 Err(_) => {
-                    self.metrics
-                        .retries
-                        .get_or_create(&vec![("reason", "error")])
-                        .inc();
+                    self.count_retry("error");
                     tracing::warn!(pod = %pod.key(), "eviction call timed out; retrying");
+                    jitter(backoff)
                 }
-            }
+            };
+            tokio::time::sleep(wait).await;
+            backoff = (backoff * 2).min(self.config.retry_max.get());
         }
+        self.unblock(run, pod);
         self.wait_gone(&api, pod).await?;
         run.emit(Ev::Deleted(pod.pod_ref()));
         Ok(())
+    }
+
+    fn count_retry(&self, reason: &'static str) {
+        self.metrics
+            .retries
+            .get_or_create(&vec![("reason", reason)])
+            .inc();
+    }
+
+    /// Records why `pod` waits: in `status.error` (only while it is true), on the stream, and as
+    /// one Kubernetes Event per budget (or one for API throttling) per drain.
+    #[allow(clippy::too_many_arguments)]
+    async fn blocked(
+        &self,
+        run: &DrainRun,
+        pod: &PlannedPod,
+        budget: &str,
+        message: &str,
+        attempt: u32,
+        wait: Duration,
+        event_reason: &str,
+    ) {
+        let why = if budget.is_empty() {
+            format!("{} {message}", pod.key())
+        } else {
+            format!("{} blocked by {budget}: {message}", pod.key())
+        };
+        let error = {
+            let mut b = self.blockers.lock().expect("not poisoned");
+            b.insert(pod.key(), why.clone());
+            b.values().cloned().collect::<Vec<_>>().join("; ")
+        };
+        run.update(|st| st.error = error);
+        let event_key = if budget.is_empty() {
+            event_reason
+        } else {
+            budget
+        };
+        let first = self
+            .blocked_events
+            .lock()
+            .expect("not poisoned")
+            .insert(event_key.to_string());
+        if first {
+            self.event(event_reason, "Warning", &format!("evicting {why}"))
+                .await;
+        }
+        run.emit(Ev::Blocked(pb::Blocked {
+            pod: Some(pod.pod_ref()),
+            budget: budget.to_string(),
+            message: message.to_string(),
+            attempt,
+            retry_in: prost_types::Duration::try_from(wait).ok(),
+        }));
+    }
+
+    /// `pod` no longer waits: its reason leaves `status.error`.
+    fn unblock(&self, run: &DrainRun, pod: &PlannedPod) {
+        let error = {
+            let mut b = self.blockers.lock().expect("not poisoned");
+            if b.remove(&pod.key()).is_none() {
+                return;
+            }
+            b.values().cloned().collect::<Vec<_>>().join("; ")
+        };
+        run.update(|st| st.error = error);
+    }
+
+    /// True when the pod (this UID) exists and is already being deleted.
+    async fn terminating(&self, api: &Api<Pod>, pod: &PlannedPod) -> bool {
+        matches!(
+            call("GET pod", || api.get_opt(&pod.name)).await,
+            Ok(Some(p)) if p.metadata.uid.as_deref() == Some(pod.uid.as_str())
+                && p.metadata.deletion_timestamp.is_some()
+        )
     }
 
     /// Waits until no pod with this UID exists. Only a GET proves it (404, or the name now
@@ -730,7 +868,7 @@ impl DrainController {
 
     /// True when the API has no pod of that name with that UID.
     async fn gone_per_api(&self, api: &Api<Pod>, pod: &PlannedPod) -> Result<bool, DrainError> {
-        Ok(match call("GET pod", api.get_opt(&pod.name)).await? {
+        Ok(match call("GET pod", || api.get_opt(&pod.name)).await? {
             None => true,
             Some(p) => p.metadata.uid.as_deref() != Some(pod.uid.as_str()),
         })
@@ -796,6 +934,25 @@ fn plan_status(params: &DrainParams, phase: DrainPhase, plan: &plan::Plan) -> pb
             .collect::<Vec<_>>()
             .join("; "),
     }
+}
+
+/// A 429 from a PodDisruptionBudget (a `DisruptionBudget` cause, or the eviction handler's
+/// message), as opposed to API Priority and Fairness throttling.
+fn is_budget_refusal(s: &kube::core::Status) -> bool {
+    has_cause(s, "DisruptionBudget") || s.message.contains("disruption budget")
+}
+
+fn has_cause(s: &kube::core::Status, reason: &str) -> bool {
+    s.details
+        .as_ref()
+        .is_some_and(|d| d.causes.iter().any(|c| c.reason == reason))
+}
+
+/// Eviction answers that no retry can change: 400, 401, 403, 405, 415, 422, and the eviction
+/// handler's "more than one PodDisruptionBudget" 500.
+fn is_permanent(s: &kube::core::Status) -> bool {
+    matches!(s.code, 400 | 401 | 403 | 405 | 415 | 422)
+        || (s.code == 500 && s.message.contains("more than one PodDisruptionBudget"))
 }
 
 /// The budget named in a 429's causes (reason DisruptionBudget), else the message.

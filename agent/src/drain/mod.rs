@@ -134,6 +134,9 @@ pub enum DrainError {
     Api(#[from] kube::Error),
     #[error("kubernetes API call timed out: {0}")]
     Timeout(String),
+    /// An eviction the API server refused for good (RBAC, invalid, several budgets).
+    #[error("{0}")]
+    Evict(String),
 }
 
 impl From<DrainError> for tonic::Status {
@@ -144,6 +147,7 @@ impl From<DrainError> for tonic::Status {
             DrainError::NotFound(m) => tonic::Status::not_found(m),
             DrainError::Api(e) => tonic::Status::unavailable(e.to_string()),
             DrainError::Timeout(m) => tonic::Status::deadline_exceeded(m),
+            DrainError::Evict(m) => tonic::Status::failed_precondition(m),
         }
     }
 }
@@ -188,7 +192,7 @@ impl DrainMetrics {
         );
         registry.register(
             "drain_eviction_retries",
-            "Eviction retries by reason (pdb, multiple_pdbs, error)",
+            "Eviction retries by reason (pdb, throttled, conflict, error)",
             m.retries.clone(),
         );
         registry.register(
@@ -245,6 +249,13 @@ impl DrainRun {
             event: Some(event),
         };
         let mut h = self.history.lock().expect("not poisoned");
+        // A pod blocked for an hour is retried hundreds of times: the replay keeps only its
+        // latest `blocked`, so history stays bounded by the number of pods.
+        if let Some(pb::drain_event::Event::Blocked(b)) = &e.event {
+            h.retain(|old| {
+                !matches!(&old.event, Some(pb::drain_event::Event::Blocked(o)) if o.pod == b.pod)
+            });
+        }
         h.push(e.clone());
         let _ = self.tx.send(e);
     }

@@ -830,7 +830,8 @@ mod tests {
             r.quarantine.entries()["vm.zz"].action,
             quarantine::Action::Restore
         );
-        let journal = OriginalsStore::load(Some(d.path().join("state/originals.json"))).unwrap();
+        let journal =
+            OriginalsStore::load_unlocked(Some(d.path().join("state/originals.json"))).unwrap();
         assert_eq!(journal.originals.keys["vm.zz"].1, "0", "original kept");
         // Once writable, restored at the next due round and forgotten.
         r.fs.faults.lock().unwrap().clear();

@@ -339,3 +339,35 @@ fn a_pod_profile_with_a_global_key_is_a_config_error() {
         "{e}"
     );
 }
+
+#[test]
+fn a_quarantined_sysctl_key_is_reported_as_a_node_event_and_the_rest_is_applied() {
+    let (api, dir, kubeconfig) = fake_with_node(&[("pool", "trino")]);
+    let proc = fake_sysctl(dir.path());
+    // A key the kernel refuses (writes fail like /dev/full).
+    let refused = proc.join("sys/vm/zz_refused");
+    std::os::unix::fs::symlink("/dev/full", &refused).unwrap();
+    let _agent = Agent::builder()
+        .config(&POOL_PROFILES.replace(
+            "net.core.somaxconn: 8192\n",
+            "net.core.somaxconn: 8192\n        vm.zz_refused: \"on\"\n",
+        ))
+        .connected(&kubeconfig, NODE)
+        .arg("--host-proc")
+        .arg(proc.display().to_string())
+        .start();
+    let event = wait_for(Duration::from_secs(10), "SysctlQuarantined event", || {
+        api.events()
+            .into_iter()
+            .find(|e| e["reason"] == "SysctlQuarantined")
+    });
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["involvedObject"]["name"], NODE);
+    let message = event["message"].as_str().unwrap();
+    assert!(message.contains("vm.zz_refused"), "{message}");
+    assert_eq!(
+        read(&proc, "net/core/somaxconn"),
+        "8192",
+        "the other key of the set is applied"
+    );
+}

@@ -428,7 +428,25 @@ fn the_daemon_quarantines_a_key_it_cannot_revert_and_still_corrects_drift_on_the
         "its original stays recorded: {journal}"
     );
     let (status, body) = nodekeeper_tests::http_get(agent.metrics, "/readyz").unwrap();
-    assert_eq!(status, 503, "a quarantined key is reported: {body}");
+    assert_eq!(
+        status, 200,
+        "one quarantined key does not take the agent (DNS, census) out of service: {body}"
+    );
+    // A CLI revert on the journal the daemon holds is refused, not interleaved with it.
+    let o = Command::new(agent_bin())
+        .args(["sysctl", "revert", "--host-proc"])
+        .arg(fake.proc())
+        .arg("--state-dir")
+        .arg(agent.dir.path().join("state"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("held by another nodekeeper"),
+        "{}",
+        out(&o)
+    );
+    assert_eq!(fake.get("net.core.somaxconn"), "8192", "nothing reverted");
 }
 
 #[test]
@@ -788,6 +806,7 @@ fn netns_revert_restores_that_namespace_from_its_own_journal_and_never_the_host(
     let journals: Vec<_> = std::fs::read_dir(state.join("sysctl/netns"))
         .unwrap()
         .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
         .collect();
     assert_eq!(journals.len(), 1, "one journal for the namespace");
     assert!(

@@ -225,14 +225,60 @@ impl Originals {
 }
 
 /// The originals file in the state dir; `None` path = keep in memory only (pod netns, tests).
+///
+/// Holds an exclusive lock (`<journal>.lock`, flock) for its lifetime: the daemon keeps the
+/// journal in memory and rewrites it whole, so a CLI `apply`/`revert` on the same journal at the
+/// same time would lose originals. The second one is refused with a message, never blocked.
 #[derive(Debug)]
 pub struct OriginalsStore {
     path: Option<PathBuf>,
     pub originals: Originals,
+    _lock: Option<nix::fcntl::Flock<std::fs::File>>,
+}
+
+/// Takes the journal's lock without waiting.
+fn lock(journal: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, ApplyError> {
+    let lock_path = journal.with_extension("lock");
+    let err = |error: String| ApplyError::State {
+        path: lock_path.clone(),
+        error,
+    };
+    if let Some(dir) = lock_path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| err(e.to_string()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| {
+            err(if errno == nix::errno::Errno::EWOULDBLOCK {
+                "held by another nodekeeper (the daemon, or another sysctl command): its journal would be overwritten; stop it or wait".into()
+            } else {
+                errno.to_string()
+            })
+        },
+    )
 }
 
 impl OriginalsStore {
     pub fn load(path: Option<PathBuf>) -> Result<Self, ApplyError> {
+        Self::load_with(path, true)
+    }
+
+    /// Unit tests: a second view of a journal another store holds.
+    #[cfg(test)]
+    pub fn load_unlocked(path: Option<PathBuf>) -> Result<Self, ApplyError> {
+        Self::load_with(path, false)
+    }
+
+    fn load_with(path: Option<PathBuf>, take_lock: bool) -> Result<Self, ApplyError> {
+        let lock = match &path {
+            Some(p) if take_lock => Some(lock(p)?),
+            _ => None,
+        };
         let originals = match &path {
             Some(p) if p.exists() => {
                 let text = std::fs::read_to_string(p).map_err(|e| ApplyError::State {
@@ -246,7 +292,11 @@ impl OriginalsStore {
             }
             _ => Originals::default(),
         };
-        Ok(Self { path, originals })
+        Ok(Self {
+            path,
+            originals,
+            _lock: lock,
+        })
     }
 
     /// Atomic replace (write a temp file, fsync, rename) so a crash never leaves half a file.
@@ -521,7 +571,7 @@ mod tests {
     fn applies_records_originals_and_reverts() {
         let (dir, fs) = tree(&[("net/core/somaxconn", "4096\n"), ("vm/swappiness", "60\n")]);
         let state = dir.path().join("state/originals.json");
-        let mut store = OriginalsStore::load(Some(state.clone())).unwrap();
+        let mut store = OriginalsStore::load_unlocked(Some(state.clone())).unwrap();
         let r = apply(
             &fs,
             &[
@@ -538,7 +588,7 @@ mod tests {
         assert_eq!(r.unchanged, 1);
         assert_eq!(fs.read("net/core/somaxconn").unwrap(), "8192");
         // Originals survive a restart (reload from disk), and a second change keeps the first original.
-        let mut store = OriginalsStore::load(Some(state.clone())).unwrap();
+        let mut store = OriginalsStore::load_unlocked(Some(state.clone())).unwrap();
         apply(&fs, &[want("net.core.somaxconn", "16384")], &mut store).unwrap();
         assert_eq!(store.originals.keys["net.core.somaxconn"].1, "4096");
         let restored = revert(&fs, &mut store, &BTreeSet::new(), &BTreeSet::new())
@@ -547,7 +597,7 @@ mod tests {
         assert_eq!(restored, vec!["net.core.somaxconn".to_string()]);
         assert_eq!(fs.read("net/core/somaxconn").unwrap(), "4096");
         assert!(
-            OriginalsStore::load(Some(state))
+            OriginalsStore::load_unlocked(Some(state))
                 .unwrap()
                 .originals
                 .keys
@@ -572,7 +622,7 @@ mod tests {
     fn a_rollback_that_fails_keeps_the_original_recorded_and_names_the_key() {
         let (dir, fs) = tree(&[("net/core/somaxconn", "4096\n"), ("vm/zz", "0\n")]);
         let state = dir.path().join("state/originals.json");
-        let mut store = OriginalsStore::load(Some(state.clone())).unwrap();
+        let mut store = OriginalsStore::load_unlocked(Some(state.clone())).unwrap();
         // somaxconn takes the apply's write but refuses the rollback's; vm.zz refuses at once.
         fail_after(&fs, "net/core/somaxconn", 1);
         fail_after(&fs, "vm/zz", 0);
@@ -592,7 +642,7 @@ mod tests {
             "{text}"
         );
         assert_eq!(fs.read("net/core/somaxconn").unwrap(), "8192");
-        let on_disk = OriginalsStore::load(Some(state.clone())).unwrap();
+        let on_disk = OriginalsStore::load_unlocked(Some(state.clone())).unwrap();
         assert_eq!(
             on_disk.originals.keys["net.core.somaxconn"].1, "4096",
             "the original of a key still changed stays in the journal"
@@ -608,7 +658,7 @@ mod tests {
         assert_eq!(r.restored, ["net.core.somaxconn"]);
         assert_eq!(fs.read("net/core/somaxconn").unwrap(), "4096");
         assert!(
-            OriginalsStore::load(Some(state))
+            OriginalsStore::load_unlocked(Some(state))
                 .unwrap()
                 .originals
                 .keys
@@ -620,7 +670,7 @@ mod tests {
     fn a_restore_the_kernel_does_not_keep_is_a_failure_not_a_forgotten_original() {
         let (dir, fs) = tree(&[("net/core/somaxconn", "4096\n"), ("vm/swappiness", "60\n")]);
         let state = dir.path().join("state/originals.json");
-        let mut store = OriginalsStore::load(Some(state.clone())).unwrap();
+        let mut store = OriginalsStore::load_unlocked(Some(state.clone())).unwrap();
         apply(
             &fs,
             &[
@@ -643,7 +693,7 @@ mod tests {
         assert_eq!(r.failed.len(), 1);
         assert_eq!(r.failed[0].0, "net.core.somaxconn");
         assert!(r.failed[0].1.contains("kernel kept"), "{:?}", r.failed);
-        let on_disk = OriginalsStore::load(Some(state)).unwrap();
+        let on_disk = OriginalsStore::load_unlocked(Some(state)).unwrap();
         assert_eq!(
             on_disk.originals.keys.keys().collect::<Vec<_>>(),
             ["net.core.somaxconn"]
@@ -660,7 +710,7 @@ mod tests {
             ("vm/zz", "0\n"),
         ]);
         let state = dir.path().join("state/originals.json");
-        let mut store = OriginalsStore::load(Some(state.clone())).unwrap();
+        let mut store = OriginalsStore::load_unlocked(Some(state.clone())).unwrap();
         apply(&fs, &[want("net.ipv4.ip_forward", "1")], &mut store).unwrap();
         let recorded = &store.originals.dependants["net.ipv4.ip_forward"];
         assert_eq!(recorded["net/ipv4/conf/lo/forwarding"], "1");
@@ -677,11 +727,22 @@ mod tests {
         assert_eq!(fs.read("net/ipv4/conf/lo/forwarding").unwrap(), "1");
         assert_eq!(fs.read("net/ipv4/conf/all/accept_redirects").unwrap(), "1");
         assert!(
-            OriginalsStore::load(Some(state))
+            OriginalsStore::load_unlocked(Some(state))
                 .unwrap()
                 .originals
                 .dependants
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn a_second_holder_of_the_journal_is_refused_until_the_first_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state/originals.json");
+        let first = OriginalsStore::load(Some(state.clone())).unwrap();
+        let e = OriginalsStore::load(Some(state.clone())).unwrap_err();
+        assert!(e.to_string().contains("held by another nodekeeper"), "{e}");
+        drop(first);
+        OriginalsStore::load(Some(state)).unwrap();
     }
 }

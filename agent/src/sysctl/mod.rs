@@ -627,16 +627,15 @@ pub async fn run(
         }
         match outcome {
             Ok(()) => {
+                // A quarantined key is reported (message, metric, Event) but keeps the agent
+                // ready: readiness gates DNS and the census Service, which one sysctl must not.
                 let quarantined = reconciler.quarantined();
-                if quarantined.is_empty() {
-                    health.set(CAPABILITY, HealthState::Serving, "");
+                let message = if quarantined.is_empty() {
+                    String::new()
                 } else {
-                    health.set(
-                        CAPABILITY,
-                        HealthState::Degraded,
-                        format!("quarantined: {}", quarantined.join("; ")),
-                    );
-                }
+                    format!("quarantined: {}", quarantined.join("; "))
+                };
+                health.set(CAPABILITY, HealthState::Serving, message);
                 if let Some(n) = &node {
                     let status = reconciler.status.read().expect("not poisoned").clone();
                     let want = (status.profiles.join(","), status.hash);
@@ -831,7 +830,8 @@ mod tests {
             r.quarantine.entries()["vm.zz"].action,
             quarantine::Action::Restore
         );
-        let journal = OriginalsStore::load(Some(d.path().join("state/originals.json"))).unwrap();
+        let journal =
+            OriginalsStore::load_unlocked(Some(d.path().join("state/originals.json"))).unwrap();
         assert_eq!(journal.originals.keys["vm.zz"].1, "0", "original kept");
         // Once writable, restored at the next due round and forgotten.
         r.fs.faults.lock().unwrap().clear();

@@ -200,6 +200,7 @@ fn rendered_base_has_each_object_labelled_in_the_namespace() {
         ("DaemonSet", "nodekeeper"),
         ("Deployment", "nodekeeper-aggregator"),
         ("Namespace", NAMESPACE),
+        ("PodDisruptionBudget", "nodekeeper-aggregator"),
         ("Role", "nodekeeper-aggregator"),
         ("Role", "nodekeeper-drain-lock"),
         ("RoleBinding", "nodekeeper-aggregator"),
@@ -670,6 +671,8 @@ fn aggregator_discovers_the_agents_through_their_headless_service_only() {
     // The Service it lists is the agents' headless one, with the port it asks for by name.
     let agents = base.object("Service", "nodekeeper");
     assert_eq!(agents["spec"]["clusterIP"], "None");
+    // NotReady agents (a degraded capability) are still listed: expected, and called.
+    assert_eq!(agents["spec"]["publishNotReadyAddresses"], true);
     let agent_pods = get(base.daemonset(), "/spec/template/metadata/labels");
     assert!(selects(get(agents, "/spec/selector"), agent_pods));
     let port = array(agents, "/spec/ports")
@@ -724,6 +727,43 @@ fn aggregator_discovers_the_agents_through_their_headless_service_only() {
         false
     );
     assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+}
+
+#[test]
+fn aggregator_replicas_survive_one_disruption_on_different_nodes() {
+    if !have_tools(&[]) {
+        return;
+    }
+    let base = base();
+    let deploy = base.object("Deployment", "nodekeeper-aggregator");
+    assert_eq!(deploy["spec"]["replicas"], 2);
+    let pod_labels = get(deploy, "/spec/template/metadata/labels");
+    let pdb = base.object("PodDisruptionBudget", "nodekeeper-aggregator");
+    assert_eq!(pdb["apiVersion"], "policy/v1");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    assert!(selects(get(pdb, "/spec/selector/matchLabels"), pod_labels));
+    assert!(!selects(
+        get(pdb, "/spec/selector/matchLabels"),
+        get(base.daemonset(), "/spec/template/metadata/labels")
+    ));
+    let terms = array(
+        deploy,
+        "/spec/template/spec/affinity/podAntiAffinity/preferredDuringSchedulingIgnoredDuringExecution",
+    );
+    let keys: Vec<&str> = terms
+        .iter()
+        .map(|t| {
+            assert!(selects(
+                get(t, "/podAffinityTerm/labelSelector/matchLabels"),
+                pod_labels
+            ));
+            str_at(t, "/podAffinityTerm/topologyKey")
+        })
+        .collect();
+    assert_eq!(
+        keys,
+        vec!["kubernetes.io/hostname", "topology.kubernetes.io/zone"]
+    );
 }
 
 #[test]

@@ -16,7 +16,7 @@ use crate::keda_pb::ScaledObjectRef;
 use crate::pb;
 
 /// Keys KEDA itself puts in `scalerMetadata` (the trigger's connection settings; KEDA passes the
-/// whole trigger metadata through). Accepted and ignored.
+/// whole trigger metadata through). Accepted and ignored, as are their `*FromEnv` forms.
 const KEDA_KEYS: &[&str] = &[
     "scalerAddress",
     "enableTLS",
@@ -189,10 +189,40 @@ impl Query {
         let mut problems: Vec<(String, String)> = Vec::new();
         let mut bad = |field: &str, problem: String| problems.push((field.to_string(), problem));
         // Sorted, so the message lists problems in a stable order.
-        let meta: BTreeMap<&str, &str> =
+        let mut meta: BTreeMap<&str, &str> =
             meta.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        // KEDA resolves `<key>FromEnv: ENV_NAME` from the scale target's container env and sends
+        // `<key>FromEnv: <value>` (and drops the key when the variable is unset): the value
+        // stands for `<key>`, as for KEDA's own scalers.
+        let from_env: Vec<(&str, &str, &str)> = meta
+            .iter()
+            .filter_map(|(k, v)| Some((*k, k.strip_suffix("FromEnv")?, *v)))
+            .collect();
+        for (key, base, value) in from_env {
+            meta.remove(key);
+            if KEDA_KEYS.contains(&base) {
+                continue;
+            }
+            if !KEYS.contains(&base) {
+                bad(
+                    key,
+                    format!(
+                        "unknown key: {base:?} is not a key to resolve from the environment \
+                         (known: {})",
+                        KEYS.join(", ")
+                    ),
+                );
+            } else if meta.contains_key(base) {
+                bad(
+                    key,
+                    format!("{base} is set too: use {base} or {key}, not both"),
+                );
+            } else {
+                meta.insert(base, value);
+            }
+        }
         for key in meta.keys() {
-            if !KEYS.contains(key) && !KEDA_KEYS.contains(key) && !key.ends_with("FromEnv") {
+            if !KEYS.contains(key) && !KEDA_KEYS.contains(key) {
                 bad(key, format!("unknown key (known: {})", KEYS.join(", ")));
             }
         }
@@ -490,9 +520,11 @@ pub struct Evaluation {
     pub failed: usize,
 }
 
-impl Evaluation {
-    /// Two disjoint sets of pods together (the aggregator sums agent by agent).
-    pub fn add(self, other: Evaluation) -> Evaluation {
+/// Two disjoint sets of pods together (the aggregator sums agent by agent).
+impl std::ops::Add for Evaluation {
+    type Output = Evaluation;
+
+    fn add(self, other: Evaluation) -> Evaluation {
         Evaluation {
             value: self.value + other.value,
             matched: self.matched + other.matched,
@@ -530,7 +562,8 @@ fn pod_value(q: &Query, pod: &pb::PodConnections) -> f64 {
         Metric::PoolUtilization => {
             let established = match &remote {
                 Some(r) => to_remote(r),
-                // Every outbound pool: inbound ones ("*:PORT") are not the pod's pool.
+                // Every outbound pool: inbound ones ("*:PORT", and "*:other" beyond topRemotes)
+                // are not the pod's pool.
                 None => pool_established(pod, |p| !p.starts_with("*:")),
             };
             let size = q.pool_size.unwrap_or(1).max(1) as f64;
@@ -733,6 +766,19 @@ mod tests {
         ]);
         // Outbound pools only: web-1 30+4, web-2 10; inbound *:8080 is not a pool.
         assert_eq!(outbound.value, 440.0);
+        // Beyond topRemotes: outbound `other` counts, inbound `*:other` (clients) does not.
+        let folded = pod("shop", "web-1", WEB)
+            .pool("10.0.0.5:5432", 6)
+            .pool("other", 3)
+            .pool("*:other", 9)
+            .done();
+        let q = query(&[
+            ("metric", "pool_utilization"),
+            ("target", "80"),
+            ("podSelector", "app=web"),
+            ("poolSize", "10"),
+        ]);
+        assert_eq!(evaluate(&q, &[folded]).value, 90.0);
     }
 
     #[test]
@@ -822,7 +868,7 @@ mod tests {
                 "nodekeeper-aggregator.nodekeeper-system.svc:9743",
             ),
             ("unsafeSsl", "false"),
-            ("passwordFromEnv", "resolved"),
+            ("caCertFromEnv", "resolved"),
         ]);
         assert_eq!(q.target, 12.5);
         assert_eq!(q.activation_target, 0.0);
@@ -864,6 +910,55 @@ mod tests {
                 ("podSelector", "app=web")
             ])
             .metric_name
+        );
+    }
+
+    #[test]
+    fn from_env_keys_are_resolved_as_keda_sends_them() {
+        // KEDA sends `targetFromEnv: <the env var's value>`: it stands for `target`.
+        let q = query(&[
+            ("metric", "established"),
+            ("targetFromEnv", "40"),
+            ("podSelectorFromEnv", "app=web"),
+        ]);
+        assert_eq!(
+            (q.target, q.selector.to_string()),
+            (40.0, "app=web".to_string())
+        );
+        assert_eq!(
+            q,
+            query(&[
+                ("metric", "established"),
+                ("target", "40"),
+                ("podSelector", "app=web")
+            ])
+        );
+        let e = error(&[
+            ("metric", "established"),
+            ("target", "5"),
+            ("targetFromEnv", "40"),
+            ("podSelector", "app=web"),
+            ("passwordFromEnv", "x"),
+        ]);
+        assert!(
+            e.contains("scalerMetadata.targetFromEnv: target is set too: use target or targetFromEnv, not both"),
+            "{e}"
+        );
+        assert!(
+            e.contains(
+                "scalerMetadata.passwordFromEnv: unknown key: \"password\" is not a key to resolve"
+            ),
+            "{e}"
+        );
+        // A resolved value is checked like any other.
+        let e = error(&[
+            ("metric", "established"),
+            ("targetFromEnv", "abc"),
+            ("podSelector", "a=b"),
+        ]);
+        assert!(
+            e.contains("scalerMetadata.target: \"abc\" is not a number"),
+            "{e}"
         );
     }
 

@@ -124,7 +124,24 @@ impl ScalerService {
             .select(&q.coverage)?
             .into_iter()
             .map(|pods| evaluate(q, pods))
-            .fold(Evaluation::default(), Evaluation::add);
+            .fold(Evaluation::default(), |sum, e| sum + e);
+        // No selected pod is no value, not a zero: a typo in the selector or namespace would
+        // otherwise scale the workload to its minimum.
+        if e.matched == 0 {
+            return Err(if e.failed == 0 {
+                Status::not_found(format!(
+                    "no pod in namespace {} matches podSelector {:?} (a pod is known once the \
+                     agent's pod watch has it; a standalone agent knows none)",
+                    q.namespace,
+                    q.selector.to_string()
+                ))
+            } else {
+                Status::unavailable(format!(
+                    "all {} pods selected in namespace {} had a failed connection census",
+                    e.failed, q.namespace
+                ))
+            });
+        }
         tracing::debug!(
             metric = %q.metric_name,
             value = e.value,

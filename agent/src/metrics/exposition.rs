@@ -394,7 +394,7 @@ fn pod_families(pods: &[pb::PodResources], out: &mut Vec<Family<'static>>) {
 }
 
 /// Per-pod socket census. Series per pod are bounded by configuration, not by traffic: states
-/// (11), pools (topRemotes + "other", x2 for active/idle), listeners (topListeners).
+/// (11), pools (topRemotes + "other" + "*:other", x2 for active/idle), listeners (topListeners).
 fn connection_families(pods: &[pb::PodConnections], out: &mut Vec<Family<'static>>) {
     if pods.is_empty() {
         return;

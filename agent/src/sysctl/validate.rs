@@ -74,6 +74,8 @@ const KNOWN_RANGES: &[(&str, i64, i64)] = &[
     ("net.ipv4.tcp_keepalive_intvl", 1, 32767),
     ("net.ipv4.tcp_keepalive_probes", 1, 127),
     ("net.netfilter.nf_conntrack_max", 1, i32::MAX as i64),
+    // Linux >= 6.1: 0 (share the node's hash) or a per-namespace hash size, at most 16M.
+    ("net.ipv4.tcp_child_ehash_entries", 0, 16_777_216),
     ("fs.file-max", 1, i64::MAX),
     ("fs.nr_open", 1, i32::MAX as i64),
     ("fs.inotify.max_user_watches", 1, i32::MAX as i64),
@@ -365,6 +367,12 @@ mod tests {
                 "4096 262144 16777216"
             )
             .is_none()
+        );
+        assert!(value_problem("net.ipv4.tcp_child_ehash_entries", "0", "4096").is_none());
+        assert!(
+            value_problem("net.ipv4.tcp_child_ehash_entries", "0", "16777217")
+                .unwrap()
+                .contains("out of range")
         );
         assert!(value_problem("net.ipv4.tcp_congestion_control", "cubic", "bbr").is_none());
         assert!(value_problem("net.ipv4.tcp_congestion_control", "cubic", "").is_some());

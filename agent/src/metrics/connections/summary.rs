@@ -58,6 +58,11 @@ impl PoolKey {
 }
 
 /// Summarises `reading`; with `owned`, only sockets whose inode is in it (hostNetwork pods).
+/// The pool of outbound remotes beyond `topRemotes`.
+pub const OTHER_OUTBOUND: &str = "other";
+/// The pool of inbound ports beyond `topRemotes` (an inbound pool's name starts with `*:`).
+pub const OTHER_INBOUND: &str = "*:other";
+
 pub fn summarize(
     reading: &NetnsReading,
     owned: Option<&HashSet<u64>>,
@@ -136,24 +141,32 @@ pub fn summarize(
 
     let mut ranked: Vec<(PoolKey, Pool)> = pools.into_iter().collect();
     ranked.sort_by(|(ka, a), (kb, b)| b.established.cmp(&a.established).then(ka.cmp(kb)));
-    let mut out_pools = Vec::with_capacity(config.top_remotes + 1);
-    let mut other = Pool::default();
-    let mut other_remotes = 0;
+    let mut out_pools = Vec::with_capacity(config.top_remotes + 2);
+    // Beyond topRemotes, outbound pools fold into `other` and inbound ones into `*:other`, kept
+    // apart so "every outbound pool" (pool_utilization without remote) never counts clients.
+    let (mut other_out, mut other_in) = (Pool::default(), Pool::default());
+    let (mut other_out_remotes, mut other_in_remotes) = (0, 0);
     for (i, (key, pool)) in ranked.into_iter().enumerate() {
         // Every inbound connection has its own client address:port.
-        let remotes = match key {
-            PoolKey::Inbound(_) => pool.established,
-            PoolKey::Outbound(_) => 1,
+        let (remotes, inbound) = match key {
+            PoolKey::Inbound(_) => (pool.established, true),
+            PoolKey::Outbound(_) => (1, false),
         };
         if i < config.top_remotes {
             out_pools.push(pool.into_pb(key.label(), remotes));
+        } else if inbound {
+            other_in.absorb(&pool);
+            other_in_remotes += remotes;
         } else {
-            other.absorb(&pool);
-            other_remotes += remotes;
+            other_out.absorb(&pool);
+            other_out_remotes += remotes;
         }
     }
-    if other_remotes > 0 {
-        out_pools.push(other.into_pb("other".into(), other_remotes));
+    if other_out_remotes > 0 {
+        out_pools.push(other_out.into_pb(OTHER_OUTBOUND.into(), other_out_remotes));
+    }
+    if other_in_remotes > 0 {
+        out_pools.push(other_in.into_pb(OTHER_INBOUND.into(), other_in_remotes));
     }
 
     let (listen_overflows, listen_drops) = reading.listen_counters.unwrap_or_default();
@@ -313,6 +326,56 @@ mod tests {
         let other = p.pools.last().unwrap();
         assert_eq!(other.remote, "other");
         assert_eq!((other.remotes, other.established), (9_990, 9_990));
+    }
+
+    #[test]
+    fn inbound_and_outbound_beyond_top_n_fold_into_separate_pools() {
+        // One listener on 5432 with 3 clients, one on 6432 with 2; outbound: 4 to one remote,
+        // 1 to another. Top 1: the 4 outbound; the rest fold by direction.
+        let mut s = vec![
+            sock(TcpState::Listen, "10.0.0.2:5432", "0.0.0.0:0"),
+            sock(TcpState::Listen, "10.0.0.2:6432", "0.0.0.0:0"),
+        ];
+        for i in 0..3 {
+            s.push(sock(
+                TcpState::Established,
+                "10.0.0.2:5432",
+                &format!("10.0.1.{i}:4000"),
+            ));
+        }
+        for i in 0..2 {
+            s.push(sock(
+                TcpState::Established,
+                "10.0.0.2:6432",
+                &format!("10.0.2.{i}:4000"),
+            ));
+        }
+        for i in 0..4 {
+            s.push(sock(
+                TcpState::Established,
+                &format!("10.0.0.2:{}", 40000 + i),
+                "10.9.9.9:443",
+            ));
+        }
+        s.push(sock(
+            TcpState::Established,
+            "10.0.0.2:41000",
+            "10.9.9.8:443",
+        ));
+        let config = ConnectionsConfig {
+            top_remotes: 1,
+            ..Default::default()
+        };
+        let p = summarize(&reading(s), None, &config);
+        let pools: Vec<(&str, u64, u64)> = p
+            .pools
+            .iter()
+            .map(|p| (p.remote.as_str(), p.established, p.remotes))
+            .collect();
+        assert_eq!(
+            pools,
+            vec![("10.9.9.9:443", 4, 1), ("other", 1, 1), ("*:other", 5, 5)]
+        );
     }
 
     #[test]

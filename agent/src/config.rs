@@ -36,8 +36,11 @@ pub const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(15);
 pub const DEFAULT_MAX_WATCH_STREAMS: usize = 64;
 /// Where the agent keeps state that must survive restarts (sysctl originals, disk markers).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/nodekeeper";
-/// Time given to capabilities to stop after SIGTERM before the process exits anyway.
-pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Time given to capabilities to stop after SIGTERM before the process exits anyway: the DNS
+/// cache's default lame duck (5 s) plus its teardown (2 s) must fit, with room to spare, and
+/// stay well below the DaemonSet's terminationGracePeriodSeconds (30). Capabilities that stop
+/// sooner are not held up by it.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Upper bounds that catch unit mistakes ("3600" meant as ms) rather than encode policy.
 const MAX_SNAPSHOT_AGE_LIMIT: Duration = Duration::from_secs(60);

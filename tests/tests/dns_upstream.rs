@@ -405,8 +405,11 @@ async fn dead_and_silent_servers_fail_over_to_a_live_one_within_the_timeout_as_r
         .unwrap();
     let took = started.elapsed();
     assert_eq!(a_records(&answer), vec!["10.0.0.1"]);
+    // The silent server waits its share of the budget (half: the live one is still to be
+    // asked), and the whole query stays within dns.timeout.
     assert!(
-        took >= Duration::from_millis(TIMEOUT_MS) && took < Duration::from_millis(TIMEOUT_MS + 700),
+        took >= Duration::from_millis(TIMEOUT_MS / 2)
+            && took < Duration::from_millis(TIMEOUT_MS + 200),
         "one timeout (the silent server) and one refusal: {took:?}"
     );
     let (d, s, l) = (f.status(dead), f.status(silent), f.status(live));
@@ -614,6 +617,63 @@ async fn answers_with_wrong_id_question_or_qr_are_rejected_as_root() {
     let m = Message::from_vec(&a).unwrap();
     assert_eq!(m.metadata.response_code, ResponseCode::NoError);
     assert_eq!(f.status(server).failures, 0);
+}
+
+/// A lost datagram is sent again after the server's retransmission timeout (300 ms before any
+/// RTT sample) and answered within `dns.timeout`; a silent server is asked again and again but
+/// never past `dns.timeout`.
+#[tokio::test]
+async fn a_lost_datagram_is_retransmitted_within_the_timeout_as_root() {
+    if !can_run(&[]) {
+        return;
+    }
+    let _netns = Netns::enter_fresh("dns-up");
+    let sock = tokio::net::UdpSocket::bind(("127.0.0.114", 0))
+        .await
+        .unwrap();
+    let server = sock.local_addr().unwrap();
+    let received = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let seen = received.clone();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+            if seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                continue; // the first datagram is lost
+            }
+            let mut answer = buf[..n].to_vec();
+            answer[2] |= 0x80;
+            let _ = sock.send_to(&answer, from).await;
+        }
+    });
+    let f = Fwd::new(&config(&[server], 1500));
+    let a = bounded(f.fwd.forward(&query("a.test.", RecordType::A), "a.test"))
+        .await
+        .expect("answered after a retransmission");
+    let m = Message::from_vec(&a).unwrap();
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(
+        received.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "sent twice"
+    );
+    assert_eq!(f.status(server).queries, 2);
+
+    let silent_sock = UdpSocket::bind("127.0.0.115:0").unwrap();
+    let silent = silent_sock.local_addr().unwrap();
+    const TIMEOUT_MS: u64 = 1000;
+    let f = Fwd::new(&config(&[silent], TIMEOUT_MS));
+    let started = Instant::now();
+    let e = bounded(f.fwd.forward(&query("a.test.", RecordType::A), "a.test"))
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    assert!(matches!(e, UpstreamError::AllFailed { .. }), "{e}");
+    assert!(
+        took < Duration::from_millis(TIMEOUT_MS + 200),
+        "never past dns.timeout: {took:?}"
+    );
+    // 300 ms, then 600 ms (doubled), then what is left.
+    assert_eq!(f.status(silent).queries, 3, "retransmitted");
 }
 
 #[tokio::test]

@@ -357,6 +357,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn dns_enabled_with_every_other_field_at_its_default_is_a_valid_config() {
+        let config = crate::config::Config::from_yaml("dns: {enabled: true}").unwrap();
+        assert_eq!(config.problems(), Vec::new());
+    }
+
+    #[test]
     fn defaults_are_valid_and_problems_name_the_field() {
         assert!(DnsConfig::default().problems().is_empty());
         let mut c = DnsConfig::default();

@@ -40,6 +40,15 @@ const LATENCY_BUCKETS: [f64; 13] = [
     0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
+/// Retransmission timeout of a server we have no RTT sample for yet (unbound starts unknown
+/// servers at 376 ms): a lost datagram costs this much, not the whole `dns.timeout`.
+const INITIAL_RTO: Duration = Duration::from_millis(300);
+/// Never retransmit sooner: a loaded upstream's answers vary by tens of milliseconds, and a
+/// too-eager retransmission doubles its load (unbound's infra-cache-min-rtt is 50 ms).
+const MIN_RTO: Duration = Duration::from_millis(100);
+/// Doublings of the RTO after consecutive timeouts (a server that stopped answering).
+const MAX_BACKOFF: u32 = 4;
+
 /// Group names as status and logs show them.
 pub const CLUSTER_GROUP: &str = "cluster";
 pub const DEFAULT_GROUP: &str = "default";
@@ -52,7 +61,7 @@ pub enum UpstreamError {
     /// The group that owns the name has no servers (e.g. `upstreams.cluster.servers` unset).
     #[error("upstream group {group} has no servers")]
     NoServers { group: String },
-    /// No valid answer within `dns.timeout`.
+    /// No valid answer within the attempt's timeout.
     #[error("upstream {server} did not answer in time")]
     Timeout { server: SocketAddr },
     /// Socket error: connection refused (ICMP port unreachable), reset, unreachable network.
@@ -201,6 +210,45 @@ struct Server {
     latency_tcp: Histogram,
     reconnects: Counter,
     healthy_gauge: Gauge,
+    rtt: Mutex<RttEstimate>,
+}
+
+/// Smoothed round-trip time of one server (RFC 6298, as unbound's infra cache keeps per
+/// server), from which each UDP attempt's retransmission timeout comes.
+#[derive(Debug, Clone, Copy, Default)]
+struct RttEstimate {
+    srtt: Option<Duration>,
+    rttvar: Duration,
+    /// Timeouts since the last answer: each doubles the RTO.
+    backoff: u32,
+}
+
+impl RttEstimate {
+    fn rto(&self) -> Duration {
+        let base = self
+            .srtt
+            .map_or(INITIAL_RTO, |s| (s + 4 * self.rttvar).max(MIN_RTO));
+        base * 2u32.pow(self.backoff.min(MAX_BACKOFF))
+    }
+
+    fn sample(&mut self, rtt: Duration) {
+        match self.srtt {
+            None => {
+                self.srtt = Some(rtt);
+                self.rttvar = rtt / 2;
+            }
+            Some(s) => {
+                let diff = s.abs_diff(rtt);
+                self.rttvar = self.rttvar * 3 / 4 + diff / 4;
+                self.srtt = Some(s * 7 / 8 + rtt / 8);
+            }
+        }
+        self.backoff = 0;
+    }
+
+    fn timed_out(&mut self) {
+        self.backoff = (self.backoff + 1).min(MAX_BACKOFF);
+    }
 }
 
 impl Server {
@@ -242,7 +290,12 @@ impl Server {
             reconnects: m.reconnects.get_or_create(&server).clone(),
             healthy_gauge,
             label,
+            rtt: Mutex::default(),
         }
+    }
+
+    fn rto(&self) -> Duration {
+        self.rtt.lock().expect("rtt lock").rto()
     }
 
     fn is_healthy(&self) -> bool {
@@ -405,11 +458,17 @@ impl Forwarder {
 
     /// Forwards one client query (wire bytes, any ID) to the group owning `qname` and returns
     /// the upstream's answer bytes unchanged (its ID and question case are upstream's; the
-    /// caller restores its client's). Servers are tried in order, healthy ones only while any
-    /// is healthy; a timeout, socket error, rejected answer, SERVFAIL or REFUSED moves on to
-    /// the next. When every server failed but one answered SERVFAIL/REFUSED, that answer is
-    /// returned (Ok): the caller decides between it and a stale entry by its RCODE.
+    /// caller restores its client's). The whole exchange stays within `dns.timeout`: servers
+    /// are tried in order, healthy ones only while any is healthy, each UDP attempt waiting its
+    /// server's retransmission timeout (smoothed RTT, 300 ms before the first sample, doubled
+    /// per timeout) but never more than its share of the time left, so the servers not yet
+    /// tried still get a turn; after a timeout the query is sent again to the next server (or
+    /// the same one, when it is alone) with a new ID. A socket error, rejected answer, SERVFAIL
+    /// or REFUSED rules a server out for this query. When every server failed but one answered
+    /// SERVFAIL/REFUSED, that answer is returned (Ok): the caller decides between it and a
+    /// stale entry by its RCODE.
     pub async fn forward(&self, query: &[u8], qname: &str) -> Result<Vec<u8>, UpstreamError> {
+        let deadline = Instant::now() + self.timeout;
         let routes = self.routes();
         let group = routes.group_for(qname);
         if group.servers.is_empty() {
@@ -422,15 +481,41 @@ impl Forwarder {
                 .map_err(|why| UpstreamError::BadQuery { why })?,
         );
         let any_healthy = group.servers.iter().any(|s| s.is_healthy());
-        let mut last: Option<String> = None;
-        let mut error_answer: Option<Vec<u8>> = None;
-        for server in group
+        let servers: Vec<&Arc<Server>> = group
             .servers
             .iter()
             .filter(|s| !any_healthy || s.is_healthy())
-        {
+            .collect();
+        // Ruled out for this query (answered with an error, or unreachable), and asked at all.
+        let mut out = vec![false; servers.len()];
+        let mut asked = vec![false; servers.len()];
+        let mut next = 0;
+        let mut last: Option<String> = None;
+        let mut error_answer: Option<Vec<u8>> = None;
+        loop {
+            let now = Instant::now();
+            let Some(left) = deadline
+                .checked_duration_since(now)
+                .filter(|d| !d.is_zero())
+            else {
+                break;
+            };
+            let Some(k) = (0..servers.len())
+                .map(|j| (next + j) % servers.len())
+                .find(|&k| !out[k])
+            else {
+                break;
+            };
+            next = k + 1;
+            let server = servers[k];
+            let not_yet_asked = asked.iter().filter(|a| !**a).count().max(1) as u32;
+            asked[k] = true;
+            let wait = server.rto().min(left / not_yet_asked);
             server.queries.fetch_add(1, Ordering::Relaxed);
-            match self.attempt(server, group.protocol, &prepared).await {
+            match self
+                .attempt(server, group.protocol, &prepared, wait, deadline)
+                .await
+            {
                 Ok(answer) => {
                     let reason = match msg::rcode(&answer) {
                         msg::RCODE_SERVFAIL => "servfail",
@@ -454,6 +539,7 @@ impl Forwarder {
                     );
                     last = Some(e);
                     error_answer.get_or_insert(answer);
+                    out[k] = true;
                 }
                 Err(e) => {
                     let text = e.to_string();
@@ -466,6 +552,10 @@ impl Forwarder {
                     );
                     tracing::debug!(group = %group.name, error = %text, "upstream attempt failed");
                     last = Some(text);
+                    // A timeout over UDP is retransmitted; anything else rules the server out.
+                    let retransmit = matches!(e, UpstreamError::Timeout { .. })
+                        && group.protocol == UpstreamProtocol::Udp;
+                    out[k] |= !retransmit;
                 }
             }
         }
@@ -572,7 +662,11 @@ impl Forwarder {
         let query = msg::probe_query(&group.probe.0, group.probe.1);
         let prepared =
             Arc::new(msg::Prepared::new(&query, false).expect("probe queries are well-formed"));
-        match self.attempt(server, group.protocol, &prepared).await {
+        let deadline = Instant::now() + self.timeout;
+        match self
+            .attempt(server, group.protocol, &prepared, self.timeout, deadline)
+            .await
+        {
             Ok(_) => server.reachable(),
             Err(e) => {
                 tracing::debug!(upstream = %server.addr, error = %e, "upstream probe failed");
@@ -675,19 +769,21 @@ impl Forwarder {
 
     // --- one attempt at one server ---
 
-    /// One attempt: UDP (and TCP when the answer is truncated) or TCP, each exchange under
-    /// `dns.timeout`. Returns a validated answer, whatever its RCODE.
+    /// One attempt: UDP waiting `wait` (and TCP when the answer is truncated) or TCP, either
+    /// until `deadline`. Returns a validated answer, whatever its RCODE.
     async fn attempt(
         &self,
         server: &Server,
         protocol: UpstreamProtocol,
         p: &Arc<msg::Prepared>,
+        wait: Duration,
+        deadline: Instant,
     ) -> Result<Vec<u8>, UpstreamError> {
         if protocol == UpstreamProtocol::Tcp {
-            return self.tcp_attempt(server, p).await;
+            return self.tcp_attempt(server, p, deadline).await;
         }
         let started = Instant::now();
-        let answer = match server.udp.exchange(p, self.timeout).await {
+        let answer = match server.udp.exchange(p, wait).await {
             Ok(answer) => answer,
             Err(udp::UdpError::Io(source)) => {
                 return Err(UpstreamError::Io {
@@ -696,6 +792,7 @@ impl Forwarder {
                 });
             }
             Err(udp::UdpError::Timeout { rejected: None }) => {
+                server.rtt.lock().expect("rtt lock").timed_out();
                 return Err(UpstreamError::Timeout {
                     server: server.addr,
                 });
@@ -709,9 +806,11 @@ impl Forwarder {
                 });
             }
         };
-        server.latency_udp.observe(started.elapsed().as_secs_f64());
+        let rtt = started.elapsed();
+        server.latency_udp.observe(rtt.as_secs_f64());
+        server.rtt.lock().expect("rtt lock").sample(rtt);
         if msg::truncated(&answer) {
-            return self.tcp_attempt(server, p).await;
+            return self.tcp_attempt(server, p, deadline).await;
         }
         Ok(answer)
     }
@@ -720,7 +819,9 @@ impl Forwarder {
         &self,
         server: &Server,
         p: &msg::Prepared,
+        deadline: Instant,
     ) -> Result<Vec<u8>, UpstreamError> {
+        let timeout = deadline.saturating_duration_since(Instant::now());
         let started = Instant::now();
         let mut query = p.bytes.clone();
         let on_connect = |reconnect: bool| {
@@ -728,34 +829,36 @@ impl Forwarder {
                 server.reconnects.inc();
             }
         };
-        let (answer, id) =
-            match tokio::time::timeout(self.timeout, server.tcp.exchange(&mut query, on_connect))
-                .await
-            {
-                Err(_) => {
-                    return Err(UpstreamError::Timeout {
-                        server: server.addr,
-                    });
-                }
-                Ok(Err(e)) => {
-                    let source = match e {
-                        tcp::TcpError::Io(e) => e,
-                        tcp::TcpError::Closed => io::Error::new(
-                            io::ErrorKind::ConnectionReset,
-                            "TCP connection closed before the answer",
-                        ),
-                        tcp::TcpError::QueueFull => io::Error::new(
-                            io::ErrorKind::WouldBlock,
-                            "too many queries pipelined on the TCP connection",
-                        ),
-                    };
-                    return Err(UpstreamError::Io {
-                        server: server.addr,
-                        source,
-                    });
-                }
-                Ok(Ok(r)) => r,
-            };
+        let (answer, id) = match tokio::time::timeout(
+            timeout,
+            server.tcp.exchange(&mut query, on_connect),
+        )
+        .await
+        {
+            Err(_) => {
+                return Err(UpstreamError::Timeout {
+                    server: server.addr,
+                });
+            }
+            Ok(Err(e)) => {
+                let source = match e {
+                    tcp::TcpError::Io(e) => e,
+                    tcp::TcpError::Closed => io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        "TCP connection closed before the answer",
+                    ),
+                    tcp::TcpError::QueueFull => io::Error::new(
+                        io::ErrorKind::WouldBlock,
+                        "too many queries pipelined on the TCP connection",
+                    ),
+                };
+                return Err(UpstreamError::Io {
+                    server: server.addr,
+                    source,
+                });
+            }
+            Ok(Ok(r)) => r,
+        };
         if let Err(why) = p.validate(&answer, id) {
             self.metrics
                 .rejected
@@ -1028,6 +1131,32 @@ mod tests {
                 .iter()
                 .any(|s| s.group == "default" && s.address.to_string() == "10.9.9.9:53")
         );
+    }
+
+    #[test]
+    fn retransmission_timeout_follows_the_smoothed_rtt_and_backs_off() {
+        let mut rtt = RttEstimate::default();
+        assert_eq!(rtt.rto(), INITIAL_RTO, "no sample yet");
+        rtt.timed_out();
+        assert_eq!(rtt.rto(), INITIAL_RTO * 2);
+        rtt.sample(Duration::from_millis(1));
+        assert_eq!(
+            rtt.rto(),
+            MIN_RTO,
+            "a fast server: the floor, backoff reset"
+        );
+        for _ in 0..50 {
+            rtt.sample(Duration::from_millis(200));
+        }
+        let rto = rtt.rto();
+        assert!(
+            rto >= Duration::from_millis(200) && rto < Duration::from_millis(300),
+            "{rto:?}"
+        );
+        for _ in 0..10 {
+            rtt.timed_out();
+        }
+        assert_eq!(rtt.rto(), rto * 16, "backoff is capped");
     }
 
     #[tokio::test]

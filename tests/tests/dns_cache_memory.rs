@@ -1,0 +1,147 @@
+//! `dns.cache.maxBytes` is a bound on memory, not on the response bytes alone: a counting global
+//! allocator measures the heap a cache really holds (each allocation counted as the glibc chunk
+//! it takes: 8-byte header, 16-byte aligned, 32 bytes at least) and the cache's own count must
+//! be at least that, and not wildly more. No root, no namespace: nothing leaves this process.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use nodekeeper::dns::cache::{Cache, Entry};
+use nodekeeper::dns::wire;
+
+/// Live heap bytes, as chunks.
+static LIVE: AtomicI64 = AtomicI64::new(0);
+
+fn chunk(size: usize) -> i64 {
+    ((size + 8).div_ceil(16) * 16).max(32) as i64
+}
+
+struct Counting;
+
+// SAFETY: every call is passed unchanged to the system allocator; the wrapper only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(chunk(layout.size()), Ordering::Relaxed);
+        // SAFETY: same layout contract as our caller's.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(chunk(layout.size()), Ordering::Relaxed);
+        // SAFETY: `ptr` came from `alloc`/`realloc` above with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(chunk(new_size) - chunk(layout.size()), Ordering::Relaxed);
+        // SAFETY: as for `dealloc`, and `new_size` is our caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// A typical cluster answer: `svc-<i>.ns-<i % 50>.svc.cluster.local. A`, one A record.
+fn answer(i: usize) -> (Vec<u8>, Vec<u8>) {
+    let name = format!("svc-{i}.ns-{}.svc.cluster.local", i % 50);
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let parsed = wire::parse_query(&q).expect("query parses");
+    let mut key = Vec::new();
+    parsed.key_into(&q, &mut key);
+    let mut r = q.clone();
+    r[2] |= 0x80;
+    r[3] = 0x80;
+    r[7] = 1;
+    r.extend_from_slice(&[0xC0, 12, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4, 10, 96, 0, 1]);
+    (key, r)
+}
+
+fn entry(r: Vec<u8>, now: Instant) -> Arc<Entry> {
+    let info = wire::scan_response(&r).expect("response scans");
+    Arc::new(Entry {
+        bytes: r.into(),
+        ttl_offsets: info.ttl_offsets.into(),
+        rcode: 0,
+        inserted: now,
+        ttl: 30,
+        stale_until: now + Duration::from_secs(3600),
+        hits: Default::default(),
+        prefetching: Default::default(),
+        failed_until_ms: Default::default(),
+    })
+}
+
+#[test]
+fn the_byte_count_covers_every_allocation_an_entry_takes() {
+    const N: usize = 50_000;
+    let now = Instant::now();
+    // Everything but the cache's own work is made before the measurement.
+    let made: Vec<(Vec<u8>, Arc<Entry>)> = (0..N)
+        .map(|i| {
+            let (key, r) = answer(i);
+            (key, entry(r, now))
+        })
+        .collect();
+    let entries_heap: i64 = made
+        .iter()
+        .map(|(_, e)| {
+            chunk(e.bytes.len())
+                + chunk(e.ttl_offsets.len() * 2)
+                + chunk(2 * size_of::<usize>() + size_of::<Entry>())
+        })
+        .sum();
+    let before = LIVE.load(Ordering::Relaxed);
+    let cache = Cache::new(1_000_000, 1 << 40);
+    for (key, e) in &made {
+        cache.insert(key, e.clone());
+    }
+    // The entries' own allocations were made above; the cache now owns them as well.
+    let real = LIVE.load(Ordering::Relaxed) - before + entries_heap;
+    let charged = cache.bytes() as i64;
+    eprintln!(
+        "{N} entries: really {} bytes each, charged {} ({:.2}x)",
+        real / N as i64,
+        charged / N as i64,
+        charged as f64 / real as f64
+    );
+    assert!(
+        charged >= real,
+        "charged {charged} < real {real}: maxBytes would understate memory"
+    );
+    assert!(
+        charged <= real * 3 / 2,
+        "charged {charged} is more than 1.5x the real {real}"
+    );
+    drop(made);
+}
+
+#[test]
+fn a_full_cache_holds_no_more_heap_than_max_bytes() {
+    const MAX_BYTES: u64 = 4 << 20;
+    let now = Instant::now();
+    let before = LIVE.load(Ordering::Relaxed);
+    let cache = Cache::new(1_000_000, MAX_BYTES);
+    for i in 0..100_000 {
+        let (key, r) = answer(i);
+        cache.insert(&key, entry(r, now));
+    }
+    let real = LIVE.load(Ordering::Relaxed) - before;
+    eprintln!(
+        "maxBytes {MAX_BYTES}: {} entries, counted {} bytes, heap {real} bytes",
+        cache.len(),
+        cache.bytes()
+    );
+    assert!(cache.len() < 100_000, "evicted to stay within maxBytes");
+    assert!(
+        real <= MAX_BYTES as i64,
+        "heap {real} bytes over maxBytes {MAX_BYTES}"
+    );
+}

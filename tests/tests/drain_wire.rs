@@ -455,3 +455,38 @@ async fn a_timed_out_drain_names_no_budget_that_stopped_blocking_and_replays_one
         .count();
     assert_eq!(replayed_blocked, 1, "{replay:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_held_by_a_finalizer_is_never_counted_as_gone() {
+    let api = FakeApi::start();
+    api.add_node(NODE, &[]);
+    api.add_replicaset("default", "web", &[("app", "web")], 1, &[("app", "web")]);
+    api.add_pod(
+        PodSeed::new("web-0")
+            .node(NODE)
+            .label("app", "web")
+            .replicaset("web")
+            .finalizer("example.com/keep"),
+    );
+    let s = scenario(api);
+    let agent = agent(&s);
+    let mut c = client(&agent).await;
+    let mut req = request("finalizer");
+    req.timeout = Some(prost_types::Duration {
+        seconds: 3,
+        nanos: 0,
+    });
+    let events = within(30, drain_all(&mut c, req)).await;
+    assert!(
+        matches!(events.last().unwrap().event, Some(Event::TimedOut(_))),
+        "{:?}",
+        events.last()
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e.event, Some(Event::Deleted(_)))),
+        "a Terminating pod was reported deleted"
+    );
+    assert_eq!(web_left(&s.api), ["web-0"]);
+}

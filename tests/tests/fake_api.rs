@@ -1039,3 +1039,52 @@ fn patches_json_merge_and_watch_stream() {
         (api.requests().len() == 1).then_some(())
     });
 }
+
+#[test]
+fn finalizers_hold_a_deleted_pod_until_the_last_is_removed() {
+    let api = FakeApi::builder()
+        .grace_second(Duration::from_millis(20))
+        .start();
+    api.add_node("node-a", &[]);
+    api.add_pod(
+        PodSeed::new("held")
+            .node("node-a")
+            .finalizer("example.com/keep"),
+    );
+    api.add_pod(
+        PodSeed::new("graceful")
+            .node("node-a")
+            .grace_period(2)
+            .finalizer("example.com/keep"),
+    );
+    for p in ["held", "graceful"] {
+        let (code, _) = raw(
+            &api,
+            "DELETE",
+            &format!("/api/v1/namespaces/default/pods/{p}"),
+            "application/json",
+            &json!({}),
+        );
+        assert_eq!(code, 200);
+    }
+    // Past both grace periods (0 and 2 x 20 ms), both are still there, Terminating.
+    std::thread::sleep(Duration::from_millis(300));
+    for p in ["held", "graceful"] {
+        let pod = api.pod("default", p).expect("held by its finalizer");
+        assert!(!pod["metadata"]["deletionTimestamp"].is_null(), "{p}");
+    }
+    for p in ["held", "graceful"] {
+        let (code, _) = raw(
+            &api,
+            "PATCH",
+            &format!("/api/v1/namespaces/default/pods/{p}"),
+            "application/merge-patch+json",
+            &json!({"metadata": {"finalizers": null}}),
+        );
+        assert_eq!(code, 200);
+        assert!(
+            api.pod("default", p).is_none(),
+            "{p} gone with its last finalizer"
+        );
+    }
+}

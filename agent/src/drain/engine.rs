@@ -146,7 +146,7 @@ impl DrainParams {
         Ok(PlanOptions {
             delete_emptydir_data: self.delete_emptydir_data,
             evict_unreplicated: self.evict_unreplicated,
-            leader_selector: plan::parse_equality_selector(&self.leader_selector)
+            leader_selector: plan::parse_leader_selector(&self.leader_selector)
                 .map_err(DrainError::Invalid)?,
         })
     }
@@ -323,7 +323,7 @@ impl DrainController {
         } else {
             req.leader_selector.clone()
         };
-        plan::parse_equality_selector(&leader_selector).map_err(DrainError::Invalid)?;
+        plan::parse_leader_selector(&leader_selector).map_err(DrainError::Invalid)?;
         let started = SystemTime::now();
         Ok(DrainParams {
             id: req.id.clone(),

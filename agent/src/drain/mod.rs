@@ -109,7 +109,7 @@ impl DrainConfig {
                 format!("{} is below 100ms", self.deletion_poll),
             ));
         }
-        if let Err(e) = plan::parse_equality_selector(&self.leader_selector) {
+        if let Err(e) = plan::parse_leader_selector(&self.leader_selector) {
             out.push(("drain.leaderSelector".into(), e));
         }
         out.extend(self.fleet_lock.problems());

@@ -6,12 +6,12 @@
 //! budget's healthy count and it unblocks budgets), leader pods go last, and within a class lower
 //! priority goes before higher.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 use k8s_openapi::api::core::v1::Pod;
 
+use crate::keda::selector::Selector;
 use crate::pb;
-use crate::sysctl::profile::LabelSelector;
 
 pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 pub const DEFAULT_LEADER_SELECTOR: &str = "nodekeeper.io/role=leader";
@@ -80,29 +80,13 @@ pub struct Plan {
 pub struct PlanOptions {
     pub delete_emptydir_data: bool,
     pub evict_unreplicated: bool,
-    pub leader_selector: LabelSelector,
+    pub leader_selector: Selector,
 }
 
-/// Parses `a=b,c=d` (equality-based, as the request's leader selector) into a selector.
-pub fn parse_equality_selector(s: &str) -> Result<LabelSelector, String> {
-    let mut match_labels = BTreeMap::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (k, v) = part
-            .split_once("==")
-            .or_else(|| part.split_once('='))
-            .ok_or_else(|| format!("leader_selector: {part:?} is not key=value"))?;
-        if k.trim().is_empty() {
-            return Err(format!("leader_selector: {part:?} has an empty key"));
-        }
-        match_labels.insert(k.trim().to_string(), v.trim().to_string());
-    }
-    if match_labels.is_empty() {
-        return Err("leader_selector: empty".into());
-    }
-    Ok(LabelSelector {
-        match_labels,
-        match_expressions: Vec::new(),
-    })
+/// Parses the leader selector in Kubernetes' string syntax (`a=b`, `a!=b`, `a in (x,y)`,
+/// `a notin (x)`, `a`, `!a`, ANDed by commas), or refuses it naming the field.
+pub fn parse_leader_selector(s: &str) -> Result<Selector, String> {
+    Selector::parse(s).map_err(|e| format!("leader_selector: {e}"))
 }
 
 fn is_ready(pod: &Pod) -> bool {
@@ -139,13 +123,16 @@ pub fn plan(pods: &[Pod], opts: &PlanOptions) -> Plan {
             .owner_references
             .as_ref()
             .and_then(|o| o.iter().find(|r| r.controller == Some(true)));
-        if controller.is_some_and(|c| c.kind == "DaemonSet") {
+        // As kubectl: only an apps/v1 DaemonSet's pods stay (a custom resource that happens to
+        // be called DaemonSet does not make its pods node-bound).
+        if controller.is_some_and(|c| c.kind == "DaemonSet" && c.api_version == "apps/v1") {
             out.skipped.push((ns, name, "daemonset".into()));
             continue;
         }
-        // A pod already being deleted is still waited for, but never blocks on the rules below.
-        let terminating = m.deletion_timestamp.is_some() || is_finished(pod);
-        if !terminating {
+        // As kubectl: only a finished pod escapes the rules below. A Terminating one still runs
+        // and may never finish (finalizers), so its emptyDir data and lack of a controller
+        // still count.
+        if !is_finished(pod) {
             if controller.is_none() && !opts.evict_unreplicated {
                 out.refused.push((key.clone(), "has no controller (set evict_unreplicated to evict it; it will not be recreated)".into()));
             }
@@ -161,7 +148,8 @@ pub fn plan(pods: &[Pod], opts: &PlanOptions) -> Plan {
                 ));
             }
         }
-        let labels = m.labels.clone().unwrap_or_default();
+        let labels: HashMap<String, String> =
+            m.labels.clone().unwrap_or_default().into_iter().collect();
         let class = if opts.leader_selector.matches(&labels) {
             Class::Leader
         } else if !is_ready(pod) {
@@ -207,8 +195,12 @@ mod tests {
             p.spec = Some(PodSpec::default());
             P(p).owner("ReplicaSet").ready(true)
         }
-        fn owner(mut self, kind: &str) -> Self {
+        fn owner(self, kind: &str) -> Self {
+            self.owner_in("apps/v1", kind)
+        }
+        fn owner_in(mut self, api_version: &str, kind: &str) -> Self {
             self.0.metadata.owner_references = Some(vec![OwnerReference {
+                api_version: api_version.into(),
                 kind: kind.into(),
                 name: "o".into(),
                 controller: Some(true),
@@ -259,7 +251,7 @@ mod tests {
         PlanOptions {
             delete_emptydir_data: false,
             evict_unreplicated: false,
-            leader_selector: parse_equality_selector(DEFAULT_LEADER_SELECTOR).unwrap(),
+            leader_selector: parse_leader_selector(DEFAULT_LEADER_SELECTOR).unwrap(),
         }
     }
 
@@ -302,10 +294,74 @@ mod tests {
     }
 
     #[test]
-    fn leader_selector_parses() {
-        let s = parse_equality_selector("app=db, role==primary").unwrap();
-        assert_eq!(s.match_labels.len(), 2);
-        assert!(parse_equality_selector("nonsense").is_err());
-        assert!(parse_equality_selector("").is_err());
+    fn leader_selector_takes_the_full_selector_syntax_or_is_refused() {
+        let s = parse_leader_selector("app=db, role==primary").unwrap();
+        assert_eq!(s.requirements().len(), 2);
+        let labels = |kv: &[(&str, &str)]| -> HashMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let s = parse_leader_selector("role in (leader,primary),tier!=cache,!canary,zone").unwrap();
+        assert!(s.matches(&labels(&[("role", "primary"), ("zone", "a")])));
+        assert!(!s.matches(&labels(&[
+            ("role", "primary"),
+            ("zone", "a"),
+            ("canary", "")
+        ])));
+        assert!(!s.matches(&labels(&[
+            ("role", "primary"),
+            ("zone", "a"),
+            ("tier", "cache")
+        ])));
+        assert!(!s.matches(&labels(&[("role", "replica"), ("zone", "a")])));
+        let s = parse_leader_selector("role notin (replica)").unwrap();
+        assert!(
+            s.matches(&labels(&[])),
+            "notin matches a pod without the key"
+        );
+        for bad in ["nonsense in", "a in (", "", "a=b,,=c", "a ~ b"] {
+            let e = parse_leader_selector(bad).unwrap_err();
+            assert!(e.starts_with("leader_selector:"), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn only_an_apps_v1_daemonset_keeps_its_pod() {
+        let pods = vec![
+            P::new("real").owner("DaemonSet").0,
+            P::new("custom")
+                .owner_in("apps.kruise.io/v1alpha1", "DaemonSet")
+                .0,
+        ];
+        let p = plan(&pods, &opts());
+        let evicted: Vec<_> = p.evict.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(evicted, ["custom"]);
+        assert_eq!(p.skipped.len(), 1);
+    }
+
+    #[test]
+    fn terminating_pods_still_count_for_emptydir_and_unreplicated_but_finished_ones_do_not() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let terminating = |p: P| {
+            let mut pod = p.0;
+            pod.metadata.deletion_timestamp = Some(Time(Default::default()));
+            pod
+        };
+        let finished = |p: P| {
+            let mut pod = p.0;
+            pod.status.get_or_insert_with(Default::default).phase = Some("Succeeded".into());
+            pod
+        };
+        let pods = vec![
+            terminating(P::new("scratch").empty_dir()),
+            terminating(P::new("lonely").unowned()),
+            finished(P::new("done-scratch").empty_dir()),
+            finished(P::new("done-lonely").unowned()),
+        ];
+        let p = plan(&pods, &opts());
+        let mut refused: Vec<_> = p.refused.iter().map(|(k, _)| k.as_str()).collect();
+        refused.sort();
+        assert_eq!(refused, ["ns/lonely", "ns/scratch"]);
     }
 }

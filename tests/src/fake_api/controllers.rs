@@ -113,11 +113,23 @@ pub fn delete_pod(
         .or_else(|| pod["spec"]["terminationGracePeriodSeconds"].as_i64())
         .unwrap_or(0)
         .max(0);
-    if grace == 0 {
+    let uid = pod["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    if grace == 0 && !has_finalizers(&pod) {
         return Ok(remove_pod(state, ns, name).unwrap_or(pod));
     }
     if !pod["metadata"]["deletionTimestamp"].is_null() {
         return Ok(pod);
+    }
+    if grace == 0 {
+        // Finalizers hold it: Terminating until the last one is removed.
+        state.grace_over.insert(uid);
+        let mut updated = pod.clone();
+        updated["metadata"]["deletionTimestamp"] = json!(now_rfc3339());
+        updated["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+        return Ok(state.replace(Res::Pods, updated));
     }
     let mut updated = pod.clone();
     updated["metadata"]["deletionTimestamp"] = json!(now_rfc3339());
@@ -130,6 +142,51 @@ pub fn delete_pod(
         after: Duration::from_secs(grace as u64),
     });
     Ok(updated)
+}
+
+fn has_finalizers(pod: &Value) -> bool {
+    pod["metadata"]["finalizers"]
+        .as_array()
+        .is_some_and(|f| !f.is_empty())
+}
+
+/// Removes the Terminating pods whose grace period is over once their last finalizer is gone
+/// (run after every write, as the API server deletes such an object on the update that empties
+/// `metadata.finalizers`).
+pub fn release_finalized(state: &mut State) {
+    if state.grace_over.is_empty() {
+        return;
+    }
+    let ready: Vec<(String, String, String)> = state
+        .list(Res::Pods, None)
+        .iter()
+        .filter(|p| {
+            p["metadata"]["uid"]
+                .as_str()
+                .is_some_and(|u| state.grace_over.contains(u))
+                && !has_finalizers(p)
+        })
+        .map(|p| {
+            (
+                p["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                p["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                p["metadata"]["uid"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .collect();
+    for (ns, name, uid) in ready {
+        state.grace_over.remove(&uid);
+        remove_pod(state, &ns, &name);
+    }
 }
 
 /// Removes a pod for good and, when a ReplicaSet that still exists owns it, schedules a
@@ -153,11 +210,19 @@ fn remove_pod(state: &mut State, ns: &str, name: &str) -> Option<Value> {
 pub fn run(state: &mut State, cfg: &ControllerConfig, fu: Followup) {
     match fu {
         Followup::FinalizePod { ns, name, uid, .. } => {
-            if state
+            let held = state
                 .get(Res::Pods, &ns, &name)
-                .is_some_and(|p| p["metadata"]["uid"] == uid.as_str())
-            {
-                remove_pod(state, &ns, &name);
+                .filter(|p| p["metadata"]["uid"] == uid.as_str())
+                .map(has_finalizers);
+            match held {
+                // The grace period is over, but finalizers hold the pod.
+                Some(true) => {
+                    state.grace_over.insert(uid);
+                }
+                Some(false) => {
+                    remove_pod(state, &ns, &name);
+                }
+                None => {}
             }
         }
         Followup::Replace { ns, rs } => {

@@ -63,6 +63,7 @@ pub struct PodSeed {
     pub grace_period: Option<i64>,
     pub annotations: Vec<(String, String)>,
     pub host_network: bool,
+    pub finalizers: Vec<String>,
 }
 
 impl PodSeed {
@@ -81,6 +82,7 @@ impl PodSeed {
             grace_period: None,
             annotations: Vec::new(),
             host_network: false,
+            finalizers: Vec::new(),
         }
     }
     pub fn namespace(mut self, ns: &str) -> Self {
@@ -129,6 +131,11 @@ impl PodSeed {
     }
     pub fn annotation(mut self, k: &str, v: &str) -> Self {
         self.annotations.push((k.into(), v.into()));
+        self
+    }
+    /// A `metadata.finalizers` entry: a deleted pod stays Terminating until it is removed.
+    pub fn finalizer(mut self, f: &str) -> Self {
+        self.finalizers.push(f.into());
         self
     }
     /// `spec.hostNetwork: true`: the pod shares the node's network namespace.
@@ -372,6 +379,9 @@ impl FakeApi {
                 meta["annotations"] = json!({});
             }
             meta["annotations"][k] = json!(v);
+        }
+        if !seed.finalizers.is_empty() {
+            meta["finalizers"] = json!(seed.finalizers);
         }
         let mut spec =
             json!({"containers": [{"name": "main", "image": "registry.k8s.io/pause:3.10"}]});

@@ -141,6 +141,8 @@ pub struct State {
     pub audit: Vec<PdbSample>,
     /// Last (healthy, desired) per PDB, to record audit samples only on change.
     pub pdb_last: BTreeMap<String, (i64, i64)>,
+    /// UIDs of Terminating pods whose grace period is over but whose finalizers hold them.
+    pub grace_over: std::collections::BTreeSet<String>,
     /// Delayed work produced by the last operation (run by `Store::mutate`).
     pub followups: Vec<Followup>,
     pub seq: u64,
@@ -371,6 +373,7 @@ impl Store {
         let (followups, rv) = {
             let mut st = self.lock();
             f(&mut st);
+            controllers::release_finalized(&mut st);
             pdb::reconcile(&mut st);
             (std::mem::take(&mut st.followups), st.rv)
         };

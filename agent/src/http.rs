@@ -11,9 +11,8 @@
 //! [`HEADER_READ_TIMEOUT`] (half-open requests cost a slot for at most that), and a kept-alive
 //! connection is closed after [`MAX_CONNECTION_AGE`].
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -89,44 +88,6 @@ pub async fn serve(
     serve_bounded(listener, router(state), token).await
 }
 
-/// Open connections per source address; a [`PeerSlot`] gives its place back on drop.
-#[derive(Default)]
-struct Peers(Mutex<HashMap<IpAddr, usize>>);
-
-struct PeerSlot {
-    peers: Arc<Peers>,
-    ip: IpAddr,
-}
-
-impl Peers {
-    /// A slot for `ip`, or None when it already holds `per_peer` or all peers hold `total`.
-    fn take(self: &Arc<Self>, ip: IpAddr, per_peer: usize, total: usize) -> Option<PeerSlot> {
-        let mut m = self.0.lock().expect("peer map lock");
-        let open: usize = m.values().sum();
-        let mine = m.entry(ip).or_default();
-        if *mine >= per_peer || open >= total {
-            return None;
-        }
-        *mine += 1;
-        Some(PeerSlot {
-            peers: self.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for PeerSlot {
-    fn drop(&mut self) {
-        let mut m = self.peers.0.lock().expect("peer map lock");
-        if let Some(n) = m.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.ip);
-            }
-        }
-    }
-}
-
 /// Serves `app` over HTTP/1 with the module's bounds until `token`; then in-flight requests
 /// get [`DRAIN_TIMEOUT`].
 pub async fn serve_bounded(
@@ -134,7 +95,7 @@ pub async fn serve_bounded(
     app: Router,
     token: CancellationToken,
 ) -> Result<(), HttpError> {
-    let peers = Arc::new(Peers::default());
+    let peers = crate::bounds::PeerCaps::new(MAX_CONNECTIONS_PER_PEER, MAX_CONNECTIONS);
     let mut conns = tokio::task::JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -150,7 +111,7 @@ pub async fn serve_bounded(
             },
         };
         while conns.try_join_next().is_some() {}
-        let Some(slot) = peers.take(peer.ip(), MAX_CONNECTIONS_PER_PEER, MAX_CONNECTIONS) else {
+        let Some(slot) = peers.take(peer.ip()) else {
             tracing::debug!(%peer, "http: connection cap reached; closed");
             continue;
         };

@@ -177,3 +177,174 @@ async fn a_starting_agent_binds_once_its_predecessor_lets_go() {
         .expect_err("still held: gives up after the wait");
     assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
 }
+
+// === gRPC: idle connections and long-lived streams ===
+
+/// The gRPC listener's caps (agent/src/api/mod.rs) and the default stream budget, restated.
+const GRPC_MAX_CONNECTIONS: usize = 256;
+const GRPC_MAX_PER_PEER: usize = 16;
+const STREAM_BUDGET: usize = 64;
+
+/// grpc.health.v1 Check over HTTP/2 from `source` (curl binds it): the HTTP status and the
+/// response body (one gRPC frame: SERVING is `08 01`).
+fn health_check_from(source: &str, to: SocketAddr) -> (String, Vec<u8>) {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "--http2-prior-knowledge",
+            "--max-time",
+            "5",
+            "--interface",
+            source,
+        ])
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .args(["--data-binary", "@-", "-o", "-", "-w", "\n%{http_code}"])
+        .arg(format!("http://{to}/grpc.health.v1.Health/Check"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("curl");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&[0, 0, 0, 0, 0])
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = out.stdout;
+    let split = text.iter().rposition(|&b| b == b'\n').unwrap_or(0);
+    (
+        String::from_utf8_lossy(&text[split..]).trim().to_string(),
+        text[..split].to_vec(),
+    )
+}
+
+#[test]
+fn idle_grpc_connections_neither_kill_the_agent_nor_lock_out_a_client() {
+    if !nodekeeper_tests::require_tool("curl") {
+        return;
+    }
+    let mut agent = Agent::builder().start();
+    let pid = agent.proc.pid();
+    let to = agent.api;
+    let before = rss_kib(pid);
+    runtime().block_on(async {
+        let mut one_host = Vec::new();
+        for _ in 0..2000 {
+            if let Ok(s) = connect_from("127.0.0.1", to).await {
+                one_host.push(s);
+            }
+        }
+        let mut refused = 0;
+        for s in one_host.iter_mut() {
+            if closed_within(s, Duration::from_millis(20)).await {
+                refused += 1;
+            }
+        }
+        assert!(
+            refused >= 2000 - GRPC_MAX_PER_PEER,
+            "only {refused} of 2000 idle connections from one host were turned away"
+        );
+        let mut many = Vec::new();
+        for i in 0..(GRPC_MAX_CONNECTIONS * 2) {
+            let source = format!("127.0.1.{}", 10 + i / GRPC_MAX_PER_PEER);
+            if let Ok(s) = connect_from(&source, to).await {
+                many.push(s);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let at_cap = rss_kib(pid);
+        eprintln!(
+            "grpc idle flood: RSS {before} KiB before, {at_cap} KiB with every connection slot held idle"
+        );
+        // A client is answered during the flood (once the idle ones are closed at the latest).
+        let answered = tokio::task::spawn_blocking(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let (code, body) = health_check_from("127.0.255.1", to);
+                if code == "200" && body.ends_with(&[0x08, 0x01]) {
+                    return true;
+                }
+                if std::time::Instant::now() > deadline {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+        .await
+        .unwrap();
+        assert!(answered, "no health answer during the idle flood");
+        let mut still_open = 0;
+        for s in many.iter_mut().chain(one_host.iter_mut()) {
+            if !closed_within(s, Duration::from_secs(15)).await {
+                still_open += 1;
+            }
+        }
+        assert_eq!(still_open, 0, "idle connections kept past the first-bytes timeout");
+        assert!(at_cap < before + 64 * 1024, "RSS {before} -> {at_cap} KiB");
+    });
+    assert!(agent.proc.alive(), "{}", agent.proc.log_text());
+}
+
+#[test]
+fn one_client_cannot_hold_every_stream_slot() {
+    use nodekeeper::keda_pb::{self, external_scaler_client::ExternalScalerClient};
+    let mut agent = Agent::builder().start();
+    let pid = agent.proc.pid();
+    let before = rss_kib(pid);
+    runtime().block_on(async {
+        let mut c = ExternalScalerClient::connect(format!("http://{}", agent.api))
+            .await
+            .expect("connect");
+        let spec = keda_pb::ScaledObjectRef {
+            name: "web".into(),
+            namespace: "shop".into(),
+            scaler_metadata: [("metric", "established"), ("target", "5"), ("podSelector", "app=web")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        let mut held = Vec::new();
+        let mut exhausted = 0;
+        for _ in 0..(STREAM_BUDGET * 4) {
+            match c.stream_metric_spec(spec.clone()).await {
+                Ok(s) => held.push(s),
+                Err(e) => {
+                    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+                    assert!(e.message().contains("per client address"), "{e:?}");
+                    exhausted += 1;
+                }
+            }
+        }
+        eprintln!(
+            "keda stream flood: {} streams held by one client, {exhausted} refused; RSS {before} -> {} KiB",
+            held.len(),
+            rss_kib(pid)
+        );
+        assert_eq!(held.len(), STREAM_BUDGET / 2, "one client holds at most half the budget");
+        // The budget is shared: WatchMetrics from the same client is refused too...
+        let mut agent_client =
+            nodekeeper::pb::node_agent_client::NodeAgentClient::connect(format!("http://{}", agent.api))
+                .await
+                .unwrap();
+        let e = agent_client
+            .watch_metrics(nodekeeper::pb::WatchMetricsRequest::default())
+            .await
+            .expect_err("the hog's WatchMetrics");
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        // ...while unary calls still answer, and a closed stream frees its slot.
+        c.get_metric_spec(spec.clone()).await.expect("unary during the flood");
+        drop(held.pop());
+        let mut ok = false;
+        for _ in 0..50 {
+            if c.stream_metric_spec(spec.clone()).await.is_ok() {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(ok, "a closed stream's slot never came back");
+    });
+    assert!(agent.proc.alive(), "{}", agent.proc.log_text());
+}

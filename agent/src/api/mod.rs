@@ -15,8 +15,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::Semaphore;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
@@ -84,7 +83,7 @@ pub struct NodeAgentService {
     disks: Option<crate::disks::prepare::SharedDisksStatus>,
     dns: Option<Arc<crate::dns::DnsHandle>>,
     min_watch_interval: Duration,
-    watch_slots: Arc<Semaphore>,
+    streams: crate::bounds::StreamBudget,
     shutdown: CancellationToken,
 }
 
@@ -112,7 +111,7 @@ impl NodeAgentService {
             disks,
             dns,
             min_watch_interval: config.min_watch_interval.get(),
-            watch_slots: Arc::new(Semaphore::new(config.max_watch_streams)),
+            streams: crate::bounds::StreamBudget::new(config.max_watch_streams),
             shutdown,
         }
     }
@@ -324,13 +323,11 @@ impl node_agent_server::NodeAgent for NodeAgentService {
         req: Request<pb::WatchMetricsRequest>,
     ) -> Result<Response<Self::WatchMetricsStream>, Status> {
         let cache = self.snapshots()?.clone();
+        let peer = req.remote_addr().map(|a| a.ip());
         let req = req.into_inner();
         let interval = self.watch_interval(req.interval)?;
-        let permit = self.watch_slots.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(
-                "too many WatchMetrics streams on this agent (api.maxWatchStreams)",
-            )
-        })?;
+        // One budget with the KEDA streams, at most half of it per client address.
+        let permit = self.streams.take(peer)?;
         // One slot: a slow reader delays its own next snapshot instead of queueing many.
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let shutdown = self.shutdown.clone();
@@ -437,6 +434,132 @@ async fn mirror_health(
         .await;
 }
 
+// === connection bounds ===
+
+/// Connections at once: each idle one costs ~15 KiB (issue #15), so ~4 MiB at the cap; an
+/// orchestrator, KEDA (or the aggregator) and a few operators need a handful.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Connections from one source address (over either cap: closed at once).
+pub const MAX_CONNECTIONS_PER_PEER: usize = 16;
+/// A new connection must send its first bytes (the HTTP/2 preface or a TLS hello) within this,
+/// or it is closed: a client connects to talk.
+pub const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 streams in flight per connection (unset, hyper allows ~unbounded: issue #15 saw
+/// 28,000 KEDA streams over 8 connections).
+pub const MAX_CONCURRENT_STREAMS: u32 = 64;
+/// Pings on a quiet connection, and how long the answer may take before it is closed: a peer
+/// that vanished stops holding its slot and streams within 40 s.
+pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An accepted connection holding its place in the connection caps until it closes.
+struct CappedConn {
+    inner: tokio::net::TcpStream,
+    _slot: crate::bounds::PeerSlot,
+}
+
+impl tonic::transport::server::Connected for CappedConn {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        tonic::transport::server::Connected::connect_info(&self.inner)
+    }
+}
+
+impl tokio::io::AsyncRead for CappedConn {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for CappedConn {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Accepts on `listener` until `token`. A connection over a cap is closed at once (never
+/// queued ahead of a legitimate one); one that sends nothing within [`FIRST_BYTES_TIMEOUT`] is
+/// closed; the rest go to tonic, each holding its slot until it closes.
+fn capped_incoming(
+    listener: tokio::net::TcpListener,
+    token: CancellationToken,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<CappedConn>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let caps = crate::bounds::PeerCaps::new(MAX_CONNECTIONS_PER_PEER, MAX_CONNECTIONS);
+    tokio::spawn(async move {
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = token.cancelled() => return,
+                _ = tx.closed() => return,
+                r = listener.accept() => match r {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "grpc: accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let Some(slot) = caps.take(peer.ip()) else {
+                tracing::debug!(%peer, "grpc: connection cap reached; closed");
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut first = [0u8; 1];
+                if let Ok(Ok(n)) =
+                    tokio::time::timeout(FIRST_BYTES_TIMEOUT, stream.peek(&mut first)).await
+                    && n > 0
+                {
+                    let _ = tx
+                        .send(Ok(CappedConn {
+                            inner: stream,
+                            _slot: slot,
+                        }))
+                        .await;
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
 /// Binds the gRPC port without SO_REUSEPORT, waiting for a predecessor to release it.
 pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ApiError> {
     crate::listen::tcp_exclusive_when_free(addr, crate::listen::PREDECESSOR_WAIT)
@@ -498,11 +621,14 @@ pub async fn serve(
     // KEDA's scaler reads the same snapshot cache as GetMetrics; without metrics it is absent
     // (UNIMPLEMENTED), as there is nothing to scale on.
     let scaler = service.snapshots.clone().map(|cache| {
-        ExternalScalerServer::new(ScalerService::new(
-            Arc::new(SnapshotSource(cache)),
-            AGENT_STREAM_POLL.max(service.min_watch_interval),
-            token.clone(),
-        ))
+        ExternalScalerServer::new(
+            ScalerService::new(
+                Arc::new(SnapshotSource(cache)),
+                AGENT_STREAM_POLL.max(service.min_watch_interval),
+                token.clone(),
+            )
+            .with_stream_budget(service.streams.clone()),
+        )
     });
     let (health_service, mirror) = health_service(health, &token);
     let mut server = tonic::transport::Server::builder();
@@ -510,13 +636,19 @@ pub async fn serve(
         server = server.tls_config(tls)?;
     }
     let result = server
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .layer(auth.layer)
         .add_service(node_agent_server::NodeAgentServer::new(service))
         .add_optional_service(scaler)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), token.cancelled_owned())
+        .serve_with_incoming_shutdown(
+            capped_incoming(listener, token.clone()),
+            token.cancelled_owned(),
+        )
         .await;
     mirror.abort();
     Ok(result?)

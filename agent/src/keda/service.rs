@@ -106,6 +106,9 @@ pub struct ScalerService {
     source: Arc<dyn PodSource>,
     poll: Duration,
     shutdown: CancellationToken,
+    /// The agent's one budget for long-lived streams (shared with WatchMetrics); None: unbounded
+    /// (the aggregator, which KEDA alone calls).
+    streams: Option<crate::bounds::StreamBudget>,
 }
 
 impl ScalerService {
@@ -115,7 +118,21 @@ impl ScalerService {
             source,
             poll,
             shutdown,
+            streams: None,
         }
+    }
+
+    /// Every StreamIsActive and StreamMetricSpec holds a slot of `budget` while open.
+    pub fn with_stream_budget(mut self, budget: crate::bounds::StreamBudget) -> Self {
+        self.streams = Some(budget);
+        self
+    }
+
+    fn stream_slot<T>(&self, req: &Request<T>) -> Result<Option<crate::bounds::PeerSlot>, Status> {
+        self.streams
+            .as_ref()
+            .map(|b| b.take(req.remote_addr().map(|a| a.ip())))
+            .transpose()
     }
 
     async fn evaluate(&self, q: &Query) -> Result<Evaluation, Status> {
@@ -198,10 +215,12 @@ impl ExternalScaler for ScalerService {
         req: Request<kpb::ScaledObjectRef>,
     ) -> Result<Response<Self::StreamIsActiveStream>, Status> {
         let q = parse(Some(req.get_ref()))?;
+        let slot = self.stream_slot(&req)?;
         // One slot: an answer waits for a slow reader instead of piling up.
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let this = self.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let mut last = None;
             loop {
                 let next = tokio::select! {
@@ -276,9 +295,11 @@ impl ExternalScaler for ScalerService {
         // The spec depends on the metadata alone, which cannot change within one stream: it is
         // sent once, and the stream stays open (as KEDA expects) until either side ends it.
         let spec = Self::metric_spec(&parse(Some(req.get_ref()))?);
+        let slot = self.stream_slot(&req)?;
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             if tx.send(Ok(spec)).await.is_err() {
                 return;
             }

@@ -255,3 +255,97 @@ fn root_vmfs_at_1mib_is_never_formatted_with_the_cross_check_off() {
     let dev = a.attach();
     a.assert_untouched(&dev, "  crossCheck: false\n", "has vmfs signature");
 }
+
+// === 4. time of check, time of use: the claim ===
+
+/// A `mkfs.ext4` first on PATH that plays the adversary once, then runs the real one: on its
+/// first call it formats the OTHER loop (someone else's mkfs, mid-pass, after the agent's
+/// survey called both blank) with a fixed UUID and records that loop's sha256.
+fn adversary_mkfs(dir: &Path, a: &LoopDevice, b: &LoopDevice) -> PathBuf {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let real = sh("command -v mkfs.ext4").trim().to_string();
+    let script = format!(
+        r#"#!/bin/sh
+# The device mkfs was handed (the last argument), resolved: /proc/self/fd/N or /dev/loopN.
+for last; do :; done
+me=$(readlink -f "$last")
+if [ ! -e {done} ]; then
+  touch {done}
+  if [ "$me" = "{a}" ]; then victim={b}; else victim={a}; fi
+  {real} -q -F -U 0badc0de-0000-4000-8000-000000000001 "$victim" >/dev/null 2>&1
+  blockdev --flushbufs "$victim"
+  echo "$victim" > {victim_file}
+  sha256sum "$victim" | cut -d' ' -f1 > {hash_file}
+fi
+exec {real} "$@"
+"#,
+        done = dir.join("adversary-done").display(),
+        a = a.path.display(),
+        b = b.path.display(),
+        victim_file = dir.join("victim").display(),
+        hash_file = dir.join("victim.sha256").display(),
+    );
+    let p = bin.join("mkfs.ext4");
+    std::fs::write(&p, script).unwrap();
+    sh(&format!("chmod +x {}", p.display()));
+    bin
+}
+
+#[test]
+fn root_a_second_disk_formatted_by_someone_else_mid_pass_is_never_overwritten() {
+    if !can_run() {
+        return;
+    }
+    let a = Attack::new();
+    let other = a.dir.path().join("other.img");
+    std::fs::File::create(&other)
+        .unwrap()
+        .set_len(LOOP_BYTES)
+        .unwrap();
+    let (da, db) = (a.attach(), LoopDevice::attach(&other, 0));
+    let bin = adversary_mkfs(a.dir.path(), &da, &db);
+    let yaml = format!(
+        "disks:\n  devices: [{}, {}]\n  modelPatterns: []\n  minSizeBytes: 1048576\n  discoveryDir: {}\n  hostMountNamespace: false\n",
+        da.name,
+        db.name,
+        a.dir.path().join("mnt").display()
+    );
+    std::fs::write(a.dir.path().join("config.yaml"), yaml).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new(agent_bin())
+        .args(["disks", "prepare", "--json", "--config"])
+        .arg(a.dir.path().join("config.yaml"))
+        .arg("--state-dir")
+        .arg(a.dir.path().join("state"))
+        .env("PATH", path)
+        .output()
+        .expect("run nodekeeper");
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    let victim = std::fs::read_to_string(a.dir.path().join("victim"))
+        .unwrap_or_else(|_| panic!("the adversary never ran: {report}"));
+    let victim = victim.trim();
+    let dev = if victim == da.path.display().to_string() {
+        &da
+    } else {
+        &db
+    };
+    let theirs = std::fs::read_to_string(a.dir.path().join("victim.sha256")).unwrap();
+    assert_eq!(
+        sha256(dev),
+        theirs.trim(),
+        "their filesystem was overwritten: {report}"
+    );
+    assert_eq!(
+        sh(&format!("blkid -p -s UUID -o value {victim}")).trim(),
+        "0badc0de-0000-4000-8000-000000000001"
+    );
+    assert!(
+        report.contains("no longer blank when claimed for writing"),
+        "the refusal is reported: {report}"
+    );
+}

@@ -13,6 +13,7 @@
 //! disk itself (our filesystem label / UUID recorded in the state dir), never by the state dir
 //! alone.
 
+pub mod claim;
 pub mod discover;
 pub mod inspect;
 pub mod marker;

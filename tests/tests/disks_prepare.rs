@@ -7,7 +7,7 @@
 //! selected by exact kernel name (`disks.devices`), unmounted and detached by `Loop`'s Drop even
 //! when the test fails; mounts live under a temp discovery dir.
 
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -67,18 +67,14 @@ impl Loop {
         (head, tail)
     }
 
-    /// What EC2 stop/start does to instance store: every byte gone (here the first 16 MiB
-    /// and the last MiB, which hold every signature).
+    /// What EC2 stop/start does to instance store: every byte gone. `blkdiscard -z` zeroes
+    /// the whole loop (fallocate on its backing file): inspection scans the whole device, so
+    /// zeroing only the ends would leave the old filesystem's metadata mid-disk, as data.
     fn zero(&self) {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&self.dev)
-            .expect("open");
-        f.write_all(&vec![0u8; 16 * MIB as usize])
-            .expect("zero head");
-        f.seek(SeekFrom::Start(LOOP_BYTES - MIB)).expect("seek");
-        f.write_all(&vec![0u8; MIB as usize]).expect("zero tail");
-        f.sync_all().expect("sync");
+        sh(&format!(
+            "blkdiscard -z {0} && blockdev --flushbufs {0}",
+            self.dev
+        ));
     }
 
     fn blkid(&self, tag: &str) -> String {

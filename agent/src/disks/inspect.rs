@@ -1,10 +1,10 @@
 //! Inspection of a device for signatures: partition tables, filesystems, RAID, LVM, LUKS, ZFS.
 //!
-//! Owns: reading the first and last MiB of a device (opened read-only, never written) and
-//! naming every on-disk signature found there, cross-checked with util-linux `blkid -p` and
-//! `wipefs -n` when they are installed. The tools can only add findings, never remove one of
-//! ours: a disk is blank only when neither our probes nor the tools find anything and the first
-//! and last MiB are all zeros.
+//! Owns: reading the first and last MiB of a device (opened read-only, never written) plus a
+//! sparse scan of the whole device (`scan_windows`), and naming every on-disk signature found
+//! there, cross-checked with util-linux `blkid -p` (at 0 and at 1 MiB) and `wipefs -n` when
+//! they are installed. The tools can only add findings, never remove one of ours: a disk is
+//! blank only when neither our probes nor the tools find anything and every byte read is zero.
 //!
 //! Never opens a device for writing, never runs a tool that writes (`blkid -p` probes
 //! read-only, `wipefs -n` is `--no-act`).
@@ -32,6 +32,10 @@ pub const PROBE_BYTES: u64 = 1 << 20;
 /// device; past that the tool is killed and the disk is reported as not inspectable rather than
 /// blank.
 pub const CROSS_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The second offset `blkid -p --offset` probes: 1 MiB, the start of a partition created by
+/// any current partitioning tool (2048 512-byte sectors).
+const BLKID_PARTITION_OFFSET: u64 = 1 << 20;
 
 /// Timeout for `blkid --version` / `wipefs --version`: no I/O, so one second is generous.
 const VERSION_TIMEOUT: Duration = Duration::from_secs(1);
@@ -180,20 +184,31 @@ impl Inspection {
 
 const NATIVE: &str = "nodekeeper";
 
-/// Inspects the device (or regular file) at `path`: opened read-only, the first and last
-/// `PROBE_BYTES` read, every probe run over them, then the cross-check tools.
+/// Inspects the device (or regular file) at `path`: opened read-only, then `inspect_file`.
 pub fn inspect(path: &Path, opts: Options) -> Result<Inspection, InspectError> {
+    // O_RDONLY: std's File::open. Nothing in this module opens for writing.
+    let file = File::open(path).map_err(|source| InspectError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    inspect_file(&file, path, opts)
+}
+
+/// Inspects an open device: the first and last `PROBE_BYTES` read and every probe run over
+/// them; when they show nothing, the sparse scan over the whole device (`scan_windows`), each
+/// non-zero window probed as the start of a lost partition; then, on a disk still blank, the
+/// cross-check tools on `path`. `prepare` calls this through the fd it holds exclusively, so
+/// the bytes judged are the bytes of the device it is about to write.
+pub fn inspect_file(file: &File, path: &Path, opts: Options) -> Result<Inspection, InspectError> {
     let read_err = |source| InspectError::Read {
         path: path.to_path_buf(),
         source,
     };
-    // O_RDONLY: std's File::open. Nothing in this module opens for writing.
-    let file = File::open(path).map_err(read_err)?;
-    let size = device_size(&file).map_err(read_err)?;
+    let size = device_size(file).map_err(read_err)?;
     let head_len = size.min(PROBE_BYTES);
     let tail_off = size.saturating_sub(PROBE_BYTES);
-    let head = read_at(&file, 0, head_len).map_err(read_err)?;
-    let tail = read_at(&file, tail_off, size - tail_off).map_err(read_err)?;
+    let head = read_at(file, 0, head_len).map_err(read_err)?;
+    let tail = read_at(file, tail_off, size - tail_off).map_err(read_err)?;
     let ends = Ends {
         head,
         tail,
@@ -201,12 +216,194 @@ pub fn inspect(path: &Path, opts: Options) -> Result<Inspection, InspectError> {
         size,
     };
     let mut ins = probe(&ends);
+    if ins.is_blank() {
+        scan(file, path, size, &mut ins).map_err(read_err)?;
+    }
     // The tools can only add findings, and one finding already makes a disk untouchable: ask
     // them only about disks our own probes call blank, which is where a second opinion matters.
     if opts.cross_check && ins.is_blank() {
         cross_check(path, &mut ins)?;
     }
     Ok(ins)
+}
+
+// === the sparse scan: evidence over the whole device ===
+
+/// Dense part of the scan: every MiB boundary in the first GiB is a possible start of a lost
+/// partition (partitioning tools align to 1 MiB; old DOS tables start at 63 sectors, inside
+/// the first MiB, which is read whole).
+pub const SCAN_DENSE_END: u64 = 1 << 30;
+pub const SCAN_DENSE_STRIDE: u64 = 1 << 20;
+/// At each dense boundary: the first 8 KiB (MBR/GPT, ext superblock at +1 KiB, xfs at 0, md
+/// 1.2 at +4 KiB, LUKS, LVM, swap's 4 KiB page, the VMFS volume header) ...
+pub const SCAN_DENSE_HEAD: u64 = 8 << 10;
+/// ... and 4 KiB at +64 KiB (btrfs superblock, md 0.90/1.0 of a preceding 64 KiB-aligned
+/// volume's end is in the previous boundary's window anyway).
+pub const SCAN_DENSE_BTRFS: u64 = 64 << 10;
+/// Sparse part, over the whole device: 64 KiB at every 64 MiB. Any run of non-zero bytes
+/// longer than stride + window anywhere on the disk is seen. Reads of never-written (NVMe
+/// deallocated, sparse loop) blocks return zeros fast: see docs/disks.md for the cost per TB.
+pub const SCAN_STRIDE: u64 = 64 << 20;
+pub const SCAN_WINDOW: u64 = 64 << 10;
+/// Scan reads in flight (one thread each, for the scan's duration only).
+pub const SCAN_READERS: usize = 16;
+/// The VMFS volume header magic, at the start of the volume header (1 MiB into a VMFS volume).
+const VMFS_VOLUME_MAGIC: u32 = 0xc001_d00d;
+
+/// The windows the scan reads, by ascending offset, skipping what the head and tail reads
+/// already covered. Public so tests and docs can state the rule exactly.
+pub fn scan_windows(size: u64) -> Vec<(u64, u64)> {
+    let mut w = Vec::new();
+    let covered =
+        |off: u64, len: u64| off + len <= PROBE_BYTES || off >= size.saturating_sub(PROBE_BYTES);
+    let mut push = |off: u64, len: u64| {
+        let len = len.min(size.saturating_sub(off));
+        if len > 0 && !covered(off, len) {
+            w.push((off, len));
+        }
+    };
+    let mut off = SCAN_DENSE_STRIDE;
+    while off < SCAN_DENSE_END.min(size) {
+        push(off, SCAN_DENSE_HEAD);
+        push(off + SCAN_DENSE_BTRFS, 4 << 10);
+        if off.is_multiple_of(SCAN_STRIDE) {
+            push(off, SCAN_WINDOW);
+        }
+        off += SCAN_DENSE_STRIDE;
+    }
+    let mut off = SCAN_DENSE_END.div_ceil(SCAN_STRIDE) * SCAN_STRIDE;
+    while off < size {
+        push(off, SCAN_WINDOW);
+        off += SCAN_STRIDE;
+    }
+    w.sort();
+    w
+}
+
+/// Reads every scan window (through an `O_DIRECT` fd when the device allows it, so a scan of a
+/// multi-TB disk neither fills the page cache nor triggers readahead), `SCAN_READERS` reads in
+/// flight: one read of zeros costs a device round trip (tens of microseconds on NVMe, a
+/// scheduling delay on a loaded loop device), so the scan is latency-bound, not bandwidth-bound.
+/// The lowest window with a non-zero byte is probed as the start of a volume and named
+/// (`ext4 ... of a volume at offset 104857600`), or reported as `data`. One finding is enough.
+fn scan(file: &File, path: &Path, size: u64, ins: &mut Inspection) -> std::io::Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let direct = open_direct(path);
+    let windows = scan_windows(size);
+    // The lowest offset of a non-zero window found so far (u64::MAX: none); a reader skips
+    // windows past it, so the scan ends soon after a finding.
+    let lowest = AtomicU64::new(u64::MAX);
+    let results: Vec<std::io::Result<Option<Finding>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..SCAN_READERS)
+            .map(|reader| {
+                let (windows, lowest, direct) = (&windows, &lowest, &direct);
+                scope.spawn(move || -> std::io::Result<Option<Finding>> {
+                    let mut buf = AlignedBuf::new(SCAN_WINDOW as usize);
+                    for &(off, len) in windows.iter().skip(reader).step_by(SCAN_READERS) {
+                        if off > lowest.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let data = buf.slice(len as usize);
+                        match direct {
+                            Some(d) => d
+                                .read_exact_at(data, off)
+                                .or_else(|_| file.read_exact_at(data, off))?,
+                            None => file.read_exact_at(data, off)?,
+                        }
+                        if data.iter().any(|b| *b != 0) {
+                            lowest.fetch_min(off, Ordering::Relaxed);
+                            return Ok(Some((off, data.to_vec())));
+                        }
+                    }
+                    Ok(None)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("scan reader panicked")))
+            })
+            .collect()
+    });
+    let mut first: Option<(u64, Vec<u8>)> = None;
+    for r in results {
+        if let Some((off, data)) = r?
+            && first.as_ref().is_none_or(|(o, _)| off < *o)
+        {
+            first = Some((off, data));
+        }
+    }
+    let Some((off, data)) = first else {
+        return Ok(());
+    };
+    let window = Ends {
+        head: data,
+        tail: Vec::new(),
+        tail_off: size - off,
+        size: size - off,
+    };
+    let mut found = probe(&window);
+    found.signatures.retain(|s| s.kind != "data");
+    if window.le32(0) == Some(VMFS_VOLUME_MAGIC) {
+        found.add("vmfs", "VMFS volume header magic 0xc001d00d", NATIVE);
+    }
+    if found.signatures.is_empty() {
+        let i = window.head.iter().position(|b| *b != 0).unwrap_or(0) as u64;
+        ins.add(
+            "data",
+            format!("non-zero data at offset {} (sparse scan)", off + i),
+            NATIVE,
+        );
+    } else {
+        for s in found.signatures {
+            ins.add(
+                &s.kind,
+                format!("{} of a volume at offset {off}", s.detail),
+                NATIVE,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A scan window with a non-zero byte: its offset and bytes.
+type Finding = (u64, Vec<u8>);
+
+/// A second, `O_DIRECT` read-only fd on a block device; None for regular files and devices
+/// that refuse it (the buffered fd is used then).
+fn open_direct(path: &Path) -> Option<File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.file_type().is_block_device() {
+        return None;
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
+        .open(path)
+        .ok()
+}
+
+/// A buffer aligned to 4 KiB, as `O_DIRECT` wants (any logical block size up to 4 KiB).
+struct AlignedBuf {
+    raw: Vec<u8>,
+    start: usize,
+}
+
+impl AlignedBuf {
+    const ALIGN: usize = 4096;
+
+    fn new(len: usize) -> Self {
+        let raw = vec![0u8; len + Self::ALIGN];
+        let start = raw.as_ptr().align_offset(Self::ALIGN);
+        Self { raw, start }
+    }
+
+    fn slice(&mut self, len: usize) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + len]
+    }
 }
 
 /// The size through the fd: seeking to the end works for block devices and regular files alike.
@@ -553,27 +750,45 @@ fn uuid(b: Option<&[u8]>) -> String {
 fn cross_check(path: &Path, ins: &mut Inspection) -> Result<(), InspectError> {
     if let Some(blkid) = tool("blkid") {
         let version = &blkid.version;
-        let out = run_tool(blkid, path, &["-p", "-o", "export"])?;
-        // blkid: 0 found, 2 nothing found, 8 ambivalent (several signatures).
-        match out.status {
-            0 => {
-                for line in out.stdout.lines() {
-                    if let Some(t) = line
-                        .strip_prefix("TYPE=")
-                        .or_else(|| line.strip_prefix("PTTYPE="))
-                    {
-                        add_tool_finding(ins, t, "blkid -p", version);
+        // At 0, and at 1 MiB (2048 sectors: where a partition whose table was lost starts);
+        // blkid probes only the offset it is given.
+        for offset in [None, Some(BLKID_PARTITION_OFFSET)] {
+            let offset_arg = offset.map(|o| o.to_string());
+            let mut args = vec!["-p", "-o", "export"];
+            if let Some(o) = &offset_arg {
+                args.extend(["--offset", o.as_str()]);
+            }
+            let how = match offset {
+                None => "blkid -p".to_string(),
+                Some(o) => format!("blkid -p --offset {o}"),
+            };
+            let out = run_tool(blkid, path, &args)?;
+            // blkid: 0 found, 2 nothing found, 8 ambivalent (several signatures).
+            match out.status {
+                0 => {
+                    for line in out.stdout.lines() {
+                        if let Some(t) = line
+                            .strip_prefix("TYPE=")
+                            .or_else(|| line.strip_prefix("PTTYPE="))
+                        {
+                            add_tool_finding(ins, t, &how, version);
+                        }
                     }
                 }
-            }
-            2 => {}
-            8 => add_tool_finding(ins, "ambivalent", "blkid -p (several signatures)", version),
-            s => {
-                return Err(InspectError::Tool {
-                    tool: "blkid",
-                    path: path.to_path_buf(),
-                    problem: format!("exit status {s}: {}", out.stderr.trim()),
-                });
+                2 => {}
+                8 => add_tool_finding(
+                    ins,
+                    "ambivalent",
+                    &format!("{how} (several signatures)"),
+                    version,
+                ),
+                s => {
+                    return Err(InspectError::Tool {
+                        tool: "blkid",
+                        path: path.to_path_buf(),
+                        problem: format!("exit status {s}: {}", out.stderr.trim()),
+                    });
+                }
             }
         }
         ins.cross_checked_with.push(version.clone());
@@ -852,6 +1067,67 @@ mod tests {
                 assert_eq!(i.reason(), format!("has {want} signature"));
             }
         }
+    }
+
+    #[test]
+    fn a_filesystem_whose_partition_table_was_lost_is_found_at_1_mib() {
+        let i = image(|b| {
+            b[MIB + 1080] = 0x53;
+            b[MIB + 1081] = 0xEF;
+        });
+        assert_eq!(kinds(&i), vec!["ext2"], "{i:?}");
+        assert!(
+            i.signatures[0]
+                .detail
+                .ends_with("of a volume at offset 1048576"),
+            "{i:?}"
+        );
+    }
+
+    #[test]
+    fn data_in_a_scan_window_past_the_first_mib_is_data() {
+        let i = image(|b| b[2 * MIB + (64 << 10) + 100] = 7);
+        assert_eq!(kinds(&i), vec!["data"], "{i:?}");
+        assert_eq!(
+            i.signatures[0].detail,
+            format!(
+                "non-zero data at offset {} (sparse scan)",
+                2 * MIB + (64 << 10) + 100
+            )
+        );
+    }
+
+    #[test]
+    fn a_vmfs_volume_header_at_1_mib_is_named() {
+        let i = image(|b| b[MIB..MIB + 4].copy_from_slice(&VMFS_VOLUME_MAGIC.to_le_bytes()));
+        assert_eq!(kinds(&i), vec!["vmfs"], "{i:?}");
+    }
+
+    /// The scan's promise: a run of non-zero bytes of stride + window anywhere on the disk
+    /// overlaps a window; every window is 4 KiB aligned (O_DIRECT) and inside the device.
+    #[test]
+    fn the_scan_sees_every_long_run_and_reads_aligned_windows_only() {
+        let size: u64 = 3_840_000_000_000 / 4096 * 4096; // a 3.84 TB instance-store disk
+        let w = scan_windows(size);
+        assert!(
+            w.iter()
+                .all(|(o, l)| o % 4096 == 0 && l % 512 == 0 && o + l <= size)
+        );
+        let run = SCAN_STRIDE + SCAN_WINDOW;
+        let mut start = PROBE_BYTES;
+        while start + run < size - PROBE_BYTES {
+            assert!(
+                w.iter().any(|(o, l)| *o < start + run && o + l > start),
+                "a run at {start} is missed"
+            );
+            start += 7_777_777_777;
+        }
+        // Every MiB boundary of the first GiB is looked at.
+        for m in 1..1024u64 {
+            assert!(w.iter().any(|(o, _)| *o == m * MIB as u64), "{m} MiB");
+        }
+        // Bounded: about 16 k windows per TiB past the first GiB.
+        assert!(w.len() < 2 * 1024 + 16 * 1024 * 4, "{}", w.len());
     }
 
     #[test]

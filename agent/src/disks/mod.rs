@@ -13,6 +13,7 @@
 //! disk itself (our filesystem label / UUID recorded in the state dir), never by the state dir
 //! alone.
 
+pub mod claim;
 pub mod discover;
 pub mod inspect;
 pub mod marker;
@@ -197,6 +198,22 @@ impl DisksConfig {
                 out.push((format!("disks.allowWipe[{i}]"), format!("{p:?} must be an exact /dev/disk/by-id/ path (no globs: wiping is explicit)")));
             }
         }
+        // The force flags would remove mkfs.xfs's refusal of a device with a signature, the
+        // label and UUID flags our ownership marker (#14).
+        for (i, o) in self.mkfs_options.iter().enumerate() {
+            let flag = o.split('=').next().unwrap_or_default();
+            let uuid_opt = o.contains("uuid=");
+            if ["-f", "-F", "-L", "-U", "--force"].contains(&flag)
+                || o.starts_with("-L")
+                || o.starts_with("-U")
+                || uuid_opt
+            {
+                out.push((
+                    format!("disks.mkfsOptions[{i}]"),
+                    format!("{o:?} is refused: force, label and UUID flags are the agent's (its safety net and ownership marker)"),
+                ));
+            }
+        }
         for (i, d) in self.devices.iter().enumerate() {
             if d.contains('/') || d.is_empty() {
                 out.push((
@@ -230,5 +247,42 @@ impl DisksConfig {
             out.push(("disks.storageClassName".into(), "must not be empty".into()));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod mkfs_options_tests {
+    use super::*;
+
+    #[test]
+    fn mkfs_force_label_and_uuid_flags_are_refused_naming_the_field() {
+        let cfg = DisksConfig {
+            mkfs_options: [
+                "-m0",
+                "-F",
+                "-f",
+                "-Lmine",
+                "-U",
+                "-m",
+                "uuid=1234",
+                "-E",
+                "lazy_itable_init=1",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            ..DisksConfig::default()
+        };
+        let fields: Vec<String> = cfg.problems().into_iter().map(|(f, _)| f).collect();
+        assert_eq!(
+            fields,
+            [
+                "disks.mkfsOptions[1]",
+                "disks.mkfsOptions[2]",
+                "disks.mkfsOptions[3]",
+                "disks.mkfsOptions[4]",
+                "disks.mkfsOptions[6]",
+            ]
+        );
     }
 }

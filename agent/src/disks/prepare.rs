@@ -22,6 +22,8 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use super::claim::Claim;
+use super::inspect;
 use super::marker::{self, OnDisk, OwnedDisk, OwnedStore};
 use super::publish::PublishedDisk;
 use super::{Decision, Disk, DisksConfig, FsType, PrepareMode, WipeMode};
@@ -80,6 +82,10 @@ pub enum PrepareError {
     /// RAID0 members disagree (some ours, some blank or foreign): nothing was touched.
     #[error("raid0: {0}")]
     Raid(String),
+    /// The exclusive claim before a write was refused (busy, re-bound, no longer blank):
+    /// nothing was written.
+    #[error(transparent)]
+    Claim(#[from] super::claim::ClaimError),
 }
 
 impl PrepareError {
@@ -94,6 +100,7 @@ impl PrepareError {
             Self::Discover(_) => "discover",
             Self::Refused(_) => "refused",
             Self::Raid(_) => "raid",
+            Self::Claim(_) => "claim",
         }
     }
 }
@@ -683,6 +690,15 @@ fn prepare_one(
                 tracing::info!(disk = %disk.name, "disk published raw (block mode)");
                 return Ok("published-raw".into());
             }
+            // Held exclusively, checked to be the disk discovery saw and inspected again
+            // through the fd, before anything is recorded or written (#14).
+            let mut claim = Claim::take(
+                &host.paths,
+                disk,
+                inspect::Options {
+                    cross_check: cfg.cross_check,
+                },
+            )?;
             let label = marker::label_for(&c.key);
             let uuid = marker::new_uuid().map_err(io_err(Path::new("/dev/urandom")))?;
             rec.fs_type = Some(cfg.fs_type);
@@ -692,7 +708,8 @@ fn prepare_one(
             // Recorded before mkfs: a crash mid-mkfs leaves a record whose marker decides.
             store.owned.disks.insert(c.key.clone(), rec.clone());
             store.persist()?;
-            format_and_mount(cfg, host, &disk.name, &c.key, &label, &uuid)?;
+            format_claimed_and_mount(cfg, host, &mut claim, &disk.name, &c.key, &label, &uuid)?;
+            drop(claim);
             rec.prepared = true;
             store.owned.disks.insert(c.key.clone(), rec.clone());
             store.persist()?;
@@ -721,6 +738,29 @@ fn format_and_mount(
     host.run(move || {
         run_tool(&tool, &args, &dev, MKFS_TIMEOUT)?;
         mount(&dev, &dir, fs, &opts)
+    })
+}
+
+/// mkfs through the claim's `/proc/self/fd/N` (never a name that could be re-bound), then
+/// mount. The exclusive open is released right before mkfs, which claims the device itself.
+fn format_claimed_and_mount(
+    cfg: &DisksConfig,
+    host: &HostAccess,
+    claim: &mut Claim,
+    name: &str,
+    key: &str,
+    label: &str,
+    uuid: &str,
+) -> Result<(), PrepareError> {
+    let dev = claim.tool_path();
+    let mount_dev = host.tool_dev(name);
+    let dir = host.tool_mount_path(key);
+    let (tool, args) = mkfs_args(cfg.fs_type, label, uuid, &cfg.mkfs_options, &dev);
+    let (fs, opts) = (cfg.fs_type, cfg.mount_options.clone());
+    claim.release_exclusive();
+    host.run(move || {
+        run_tool(&tool, &args, &dev, MKFS_TIMEOUT)?;
+        mount(&mount_dev, &dir, fs, &opts)
     })
 }
 

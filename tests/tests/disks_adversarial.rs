@@ -1,0 +1,351 @@
+//! The disks capability attacked (root): every case builds a loop device that holds somebody's
+//! data in a place the first and last MiB do not show, runs `nodekeeper disks prepare`, and
+//! checks the sha256 of the WHOLE device before and after. The promise under attack: the agent
+//! never writes a disk that holds data.
+//!
+//! Fixtures are written into the sparse backing file before it is attached (mkfs on a separate
+//! image copied in with `dd conv=notrunc,sparse`, or bytes written at an offset), so no tool
+//! ever runs on a device the test did not attach. Loops are detached by `LoopDevice`'s Drop,
+//! mounts under the temp discovery dir removed with them, even when a test fails.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use nodekeeper_tests::loopdev::LoopDevice;
+use nodekeeper_tests::{agent_bin, require_root, require_tool};
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+/// mkfs.xfs wants at least 300 MiB; sparse, so the size costs nothing.
+const LOOP_BYTES: u64 = 512 * MIB;
+
+fn can_run() -> bool {
+    require_root()
+        && [
+            "losetup",
+            "blockdev",
+            "sha256sum",
+            "dd",
+            "mkfs.ext4",
+            "mkfs.xfs",
+            "blkid",
+            "wipefs",
+            "findmnt",
+        ]
+        .iter()
+        .all(|t| require_tool(t))
+}
+
+fn sh(cmd: &str) -> String {
+    let out = Command::new("sh")
+        .args(["-c", cmd])
+        .stdin(Stdio::null())
+        .output()
+        .expect("sh");
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// sha256 of every byte of the device, as it reads now (the device's page cache dropped first,
+/// so a write through any path is seen).
+fn sha256(dev: &LoopDevice) -> String {
+    sh(&format!(
+        "blockdev --flushbufs {0} && sha256sum {0}",
+        dev.path.display()
+    ))
+    .split_whitespace()
+    .next()
+    .unwrap_or_default()
+    .to_string()
+}
+
+fn write_at(file: &Path, off: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
+    f.write_all_at(bytes, off).unwrap();
+}
+
+/// A filesystem made by the real mkfs in its own image, copied into `disk` at `offset`: what a
+/// partition at that offset looks like once its partition table is gone (`wipefs -a` on the
+/// disk, `dd count=1`).
+fn filesystem_at(dir: &Path, disk: &Path, offset: u64, mkfs: &str, fs_bytes: u64) {
+    let part = dir.join("part.img");
+    std::fs::File::create(&part)
+        .unwrap()
+        .set_len(fs_bytes)
+        .unwrap();
+    sh(&format!("{mkfs} {}", part.display()));
+    sh(&format!(
+        "dd if={} of={} bs=1M seek={} conv=notrunc,sparse status=none",
+        part.display(),
+        disk.display(),
+        offset / MIB
+    ));
+    std::fs::remove_file(&part).unwrap();
+}
+
+/// A state dir, a discovery dir, a config selecting exactly one loop, and the backing file.
+struct Attack {
+    dir: tempfile::TempDir,
+    disk: PathBuf,
+}
+
+impl Attack {
+    fn new() -> Attack {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = dir.path().join("disk.img");
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(LOOP_BYTES)
+            .unwrap();
+        Attack { dir, disk }
+    }
+
+    fn sized(bytes: u64) -> Attack {
+        let a = Attack::new();
+        std::fs::File::create(&a.disk)
+            .unwrap()
+            .set_len(bytes)
+            .unwrap();
+        a
+    }
+
+    fn attach(&self) -> LoopDevice {
+        LoopDevice::attach(&self.disk, 0)
+    }
+
+    fn config(&self, dev: &LoopDevice, extra: &str) -> PathBuf {
+        let yaml = format!(
+            "disks:\n  devices: [{}]\n  modelPatterns: []\n  minSizeBytes: 1048576\n  discoveryDir: {}\n  hostMountNamespace: false\n{extra}",
+            dev.name,
+            self.dir.path().join("mnt").display()
+        );
+        let p = self.dir.path().join("config.yaml");
+        std::fs::write(&p, yaml).unwrap();
+        p
+    }
+
+    /// `disks prepare --json` on exactly this loop; the report.
+    fn prepare(&self, dev: &LoopDevice, extra: &str) -> Value {
+        let out = Command::new(agent_bin())
+            .args(["disks", "prepare", "--json", "--config"])
+            .arg(self.config(dev, extra))
+            .arg("--state-dir")
+            .arg(self.dir.path().join("state"))
+            .output()
+            .expect("run nodekeeper");
+        assert!(
+            out.status.success(),
+            "disks prepare: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("report is JSON")
+    }
+
+    /// The attack: prepare must call the disk `has-data` (reason starting with `reason`), leave
+    /// it untouched, mount nothing, and every byte of the device must be the same afterwards.
+    fn assert_untouched(&self, dev: &LoopDevice, extra: &str, reason: &str) {
+        let before = sha256(dev);
+        let report = self.prepare(dev, extra);
+        let d = report["disks"]
+            .as_array()
+            .expect("disks")
+            .iter()
+            .find(|d| d["name"] == dev.name.as_str())
+            .unwrap_or_else(|| panic!("{} not in {report:#}", dev.name))
+            .clone();
+        assert_eq!(d["decision"], "has-data", "{report:#}");
+        assert_eq!(d["action"], "untouched", "{report:#}");
+        let why = d["reason"].as_str().unwrap_or_default();
+        assert!(why.starts_with(reason), "reason {why:?}, wanted {reason:?}");
+        assert!(
+            report["prepared"].as_array().is_none_or(|p| p.is_empty()),
+            "{report:#}"
+        );
+        assert!(
+            sh(&format!("findmnt -rn -S {} || true", dev.path.display()))
+                .trim()
+                .is_empty(),
+            "the device was mounted"
+        );
+        assert_eq!(sha256(dev), before, "the device's bytes changed");
+    }
+}
+
+// === 1. blank means blank over the whole device ===
+
+#[test]
+fn root_ext4_at_1mib_with_its_partition_table_lost_is_never_formatted() {
+    if !can_run() {
+        return;
+    }
+    let a = Attack::new();
+    filesystem_at(a.dir.path(), &a.disk, MIB, "mkfs.ext4 -q -F", 64 * MIB);
+    let dev = a.attach();
+    a.assert_untouched(&dev, "", "has ext4 signature");
+}
+
+#[test]
+fn root_ext4_at_100mib_with_its_partition_table_lost_is_never_formatted() {
+    if !can_run() {
+        return;
+    }
+    let a = Attack::new();
+    filesystem_at(
+        a.dir.path(),
+        &a.disk,
+        100 * MIB,
+        "mkfs.ext4 -q -F",
+        64 * MIB,
+    );
+    let dev = a.attach();
+    a.assert_untouched(&dev, "", "has ext4 signature");
+}
+
+#[test]
+fn root_xfs_at_1mib_is_never_formatted_even_without_the_cross_check() {
+    if !can_run() {
+        return;
+    }
+    let a = Attack::new();
+    filesystem_at(a.dir.path(), &a.disk, MIB, "mkfs.xfs -q -f", 300 * MIB);
+    let dev = a.attach();
+    a.assert_untouched(&dev, "  crossCheck: false\n", "has xfs signature");
+}
+
+/// 66 MiB of data (no signature) starting at an unaligned offset past the first GiB: the
+/// sparse scan's guarantee is that any run of non-zero bytes longer than its stride plus its
+/// window (64 MiB + 64 KiB) is seen wherever it lies.
+#[test]
+fn root_raw_data_in_the_middle_of_the_disk_is_never_formatted() {
+    if !can_run() {
+        return;
+    }
+    let a = Attack::sized(1280 * MIB);
+    let pattern: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8 | 1).collect();
+    for m in 0..66 {
+        write_at(&a.disk, 1100 * MIB + 12345 + m * MIB, &pattern);
+    }
+    let dev = a.attach();
+    a.assert_untouched(
+        &dev,
+        "  crossCheck: false\n",
+        "has data without a known signature",
+    );
+}
+
+/// VMFS volume header (magic 0xc001d00d, little-endian) at 1 MiB, where VMware writes it; with
+/// `crossCheck: false` blkid cannot save it: our own evidence must.
+#[test]
+fn root_vmfs_at_1mib_is_never_formatted_with_the_cross_check_off() {
+    if !can_run() {
+        return;
+    }
+    let a = Attack::new();
+    let mut header = vec![0u8; 512];
+    header[0..4].copy_from_slice(&0xc001_d00du32.to_le_bytes());
+    header[4..8].copy_from_slice(&14u32.to_le_bytes()); // volume version
+    header[8..20].copy_from_slice(b"vmfs-volume!");
+    write_at(&a.disk, MIB, &header);
+    let dev = a.attach();
+    a.assert_untouched(&dev, "  crossCheck: false\n", "has vmfs signature");
+}
+
+// === 4. time of check, time of use: the claim ===
+
+/// A `mkfs.ext4` first on PATH that plays the adversary once, then runs the real one: on its
+/// first call it formats the OTHER loop (someone else's mkfs, mid-pass, after the agent's
+/// survey called both blank) with a fixed UUID and records that loop's sha256.
+fn adversary_mkfs(dir: &Path, a: &LoopDevice, b: &LoopDevice) -> PathBuf {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let real = sh("command -v mkfs.ext4").trim().to_string();
+    let script = format!(
+        r#"#!/bin/sh
+# The device mkfs was handed (the last argument), resolved: /proc/self/fd/N or /dev/loopN.
+for last; do :; done
+me=$(readlink -f "$last")
+if [ ! -e {done} ]; then
+  touch {done}
+  if [ "$me" = "{a}" ]; then victim={b}; else victim={a}; fi
+  {real} -q -F -U 0badc0de-0000-4000-8000-000000000001 "$victim" >/dev/null 2>&1
+  blockdev --flushbufs "$victim"
+  echo "$victim" > {victim_file}
+  sha256sum "$victim" | cut -d' ' -f1 > {hash_file}
+fi
+exec {real} "$@"
+"#,
+        done = dir.join("adversary-done").display(),
+        a = a.path.display(),
+        b = b.path.display(),
+        victim_file = dir.join("victim").display(),
+        hash_file = dir.join("victim.sha256").display(),
+    );
+    let p = bin.join("mkfs.ext4");
+    std::fs::write(&p, script).unwrap();
+    sh(&format!("chmod +x {}", p.display()));
+    bin
+}
+
+#[test]
+fn root_a_second_disk_formatted_by_someone_else_mid_pass_is_never_overwritten() {
+    if !can_run() {
+        return;
+    }
+    let a = Attack::new();
+    let other = a.dir.path().join("other.img");
+    std::fs::File::create(&other)
+        .unwrap()
+        .set_len(LOOP_BYTES)
+        .unwrap();
+    let (da, db) = (a.attach(), LoopDevice::attach(&other, 0));
+    let bin = adversary_mkfs(a.dir.path(), &da, &db);
+    let yaml = format!(
+        "disks:\n  devices: [{}, {}]\n  modelPatterns: []\n  minSizeBytes: 1048576\n  discoveryDir: {}\n  hostMountNamespace: false\n",
+        da.name,
+        db.name,
+        a.dir.path().join("mnt").display()
+    );
+    std::fs::write(a.dir.path().join("config.yaml"), yaml).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new(agent_bin())
+        .args(["disks", "prepare", "--json", "--config"])
+        .arg(a.dir.path().join("config.yaml"))
+        .arg("--state-dir")
+        .arg(a.dir.path().join("state"))
+        .env("PATH", path)
+        .output()
+        .expect("run nodekeeper");
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    let victim = std::fs::read_to_string(a.dir.path().join("victim"))
+        .unwrap_or_else(|_| panic!("the adversary never ran: {report}"));
+    let victim = victim.trim();
+    let dev = if victim == da.path.display().to_string() {
+        &da
+    } else {
+        &db
+    };
+    let theirs = std::fs::read_to_string(a.dir.path().join("victim.sha256")).unwrap();
+    assert_eq!(
+        sha256(dev),
+        theirs.trim(),
+        "their filesystem was overwritten: {report}"
+    );
+    assert_eq!(
+        sh(&format!("blkid -p -s UUID -o value {victim}")).trim(),
+        "0badc0de-0000-4000-8000-000000000001"
+    );
+    assert!(
+        report.contains("no longer blank when claimed for writing"),
+        "the refusal is reported: {report}"
+    );
+}

@@ -349,3 +349,122 @@ fn root_a_second_disk_formatted_by_someone_else_mid_pass_is_never_overwritten() 
         "the refusal is reported: {report}"
     );
 }
+
+// === 3. one rule for "ours": discovery unused but for us, exactly one signature, ours ===
+
+impl Attack {
+    /// The agent prepares the disk (formatted, mounted, recorded), then "goes down": the disk
+    /// is unmounted so the adversary can write to it, as happens across a node reboot.
+    fn owned_then_down(&self, dev: &LoopDevice) {
+        let report = self.prepare(dev, "");
+        assert_eq!(
+            report["prepared"].as_array().map(|p| p.len()),
+            Some(1),
+            "{report:#}"
+        );
+        sh(&format!(
+            "for m in $(findmnt -rn -o TARGET -S {}); do umount \"$m\"; done",
+            dev.path.display()
+        ));
+    }
+
+    /// The second pass must not call the disk ours: not published, not mounted, not one byte
+    /// written; and the report says why (has-data or in-use, with the reason).
+    fn assert_not_ours(&self, dev: &LoopDevice, reason_contains: &str) {
+        let before = sha256(dev);
+        let report = self.prepare(dev, "");
+        let d = report["disks"]
+            .as_array()
+            .expect("disks")
+            .iter()
+            .find(|d| d["name"] == dev.name.as_str())
+            .unwrap_or_else(|| panic!("{} not in {report:#}", dev.name))
+            .clone();
+        assert_ne!(d["decision"], "ours", "{report:#}");
+        assert_eq!(d["action"], "untouched", "{report:#}");
+        let why = d["reason"].as_str().unwrap_or_default();
+        assert!(
+            why.contains(reason_contains),
+            "reason {why:?}, wanted it to name {reason_contains:?}"
+        );
+        assert!(
+            report["prepared"].as_array().is_none_or(|p| p.is_empty()),
+            "published: {report:#}"
+        );
+        assert!(
+            sh(&format!("findmnt -rn -S {} || true", dev.path.display()))
+                .trim()
+                .is_empty(),
+            "the device was mounted"
+        );
+        assert_eq!(sha256(dev), before, "the device's bytes changed");
+    }
+}
+
+/// Someone's mkfs.xfs (its first KiB: the xfs superblock) over the start of an agent disk
+/// while the agent was down; our ext4 superblock at 1 KiB is still there, marker and all.
+#[test]
+fn root_a_foreign_filesystem_written_onto_an_owned_disk_is_never_ours() {
+    if !can_run() {
+        return;
+    }
+    let a = Attack::new();
+    let dev = a.attach();
+    a.owned_then_down(&dev);
+    let xfs = a.dir.path().join("xfs.img");
+    std::fs::File::create(&xfs)
+        .unwrap()
+        .set_len(300 * MIB)
+        .unwrap();
+    sh(&format!("mkfs.xfs -q -f {}", xfs.display()));
+    sh(&format!(
+        "dd if={} of={} bs=1024 count=1 conv=notrunc oflag=direct status=none",
+        xfs.display(),
+        dev.path.display()
+    ));
+    a.assert_not_ours(&dev, "xfs");
+}
+
+/// An operator partitioned an agent disk while the agent was down; sfdisk in script mode
+/// (`--wipe never`) leaves our superblock at 1 KiB behind the new MBR.
+#[test]
+fn root_an_owned_disk_partitioned_while_the_agent_was_down_is_never_ours() {
+    if !can_run() || !require_tool("sfdisk") {
+        return;
+    }
+    let a = Attack::new();
+    let dev = a.attach();
+    a.owned_then_down(&dev);
+    sh(&format!(
+        "echo 'start=2048, type=83' | sfdisk -q --wipe never --no-reread --no-tell-kernel {}",
+        dev.path.display()
+    ));
+    a.assert_not_ours(&dev, "mbr");
+}
+
+/// A foreign md superblock 1.0 (8 KiB before the end, 4 KiB aligned) on an agent disk: the
+/// disk is somebody's RAID member now, whatever its start says.
+#[test]
+fn root_a_foreign_md_superblock_at_the_end_of_an_owned_disk_is_never_ours() {
+    if !can_run() {
+        return;
+    }
+    let a = Attack::new();
+    let dev = a.attach();
+    a.owned_then_down(&dev);
+    let off = ((LOOP_BYTES / 512 - 16) & !7) * 512;
+    let mut sb = vec![0u8; 4096];
+    sb[0..4].copy_from_slice(&0xa92b_4efcu32.to_le_bytes());
+    sb[4..8].copy_from_slice(&1u32.to_le_bytes()); // major version
+    sb[16..32].copy_from_slice(&[0x5a; 16]); // set_uuid: not ours
+    sb[32..38].copy_from_slice(b"theirs");
+    let img = a.dir.path().join("md-sb.bin");
+    std::fs::write(&img, &sb).unwrap();
+    sh(&format!(
+        "dd if={} of={} bs=4096 seek={} conv=notrunc oflag=direct status=none",
+        img.display(),
+        dev.path.display(),
+        off / 4096
+    ));
+    a.assert_not_ours(&dev, "md");
+}

@@ -557,6 +557,24 @@ pub fn classify(decided: Vec<(Disk, Decision)>, store: &OwnedStore) -> Vec<Class
                 }
                 _ => false,
             };
+            // The marker alone is not proof (#14): the rest of the disk must agree.
+            let refused = match (ours, recorded, member_of) {
+                (true, Some(r), _) if r.mode != PrepareMode::Block => {
+                    ownership_refused(&c.disk, fs_name(r.fs_type.unwrap_or_default()), false)
+                }
+                (true, None, Some(_)) => ownership_refused(&c.disk, "md", true),
+                _ => None,
+            };
+            let ours = ours && refused.is_none();
+            if let Some(why) = refused {
+                tracing::warn!(disk = %c.disk.name, key = %c.key, reason = %why,
+                    "the state dir calls this disk ours and its marker matches, but the disk holds more: never written, not published");
+                if !matches!(c.decision, Decision::InUse(_)) {
+                    c.decision = Decision::HasData(format!(
+                        "{why} (carries our marker, but a marker alone is not ownership)"
+                    ));
+                }
+            }
             let was_prepared = recorded.is_some_and(|r| r.prepared) || member_of.is_some_and(|r| r.prepared);
             if ours {
                 c.decision = Decision::Ours;
@@ -569,6 +587,27 @@ pub fn classify(decided: Vec<(Disk, Decision)>, store: &OwnedStore) -> Vec<Class
             c
         })
         .collect()
+}
+
+/// Why a disk whose marker matches the record is still not ours, or None. The one rule for
+/// "ours": discovery finds it unused except for our own mount (no partitions; no holders but
+/// our array for a RAID member) and inspection finds exactly one signature, the recorded one
+/// (`kind`). A partition table written over an agent disk, a foreign superblock at the end, a
+/// second filesystem's header: each adds a signature, so the disk is left alone.
+fn ownership_refused(disk: &Disk, kind: &str, raid_member: bool) -> Option<String> {
+    if !disk.partitions.is_empty() {
+        return Some(format!("has partitions {}", disk.partitions.join(", ")));
+    }
+    if !raid_member && !disk.holders.is_empty() {
+        return Some(format!("held by {}", disk.holders.join(", ")));
+    }
+    // Read-only, our probes only: the tools add findings only on disks our probes call blank.
+    let opts = inspect::Options { cross_check: false };
+    match inspect::inspect(&disk.dev_path, opts) {
+        Err(e) => Some(format!("not inspectable: {e}")),
+        Ok(ins) if ins.signatures.len() == 1 && ins.signatures[0].kind == kind => None,
+        Ok(ins) => Some(ins.reason()),
+    }
 }
 
 // === the pass ===

@@ -468,3 +468,53 @@ fn root_a_foreign_md_superblock_at_the_end_of_an_owned_disk_is_never_ours() {
     ));
     a.assert_not_ours(&dev, "md");
 }
+
+// === 4. small guards ===
+
+/// A symlink planted at `<discoveryDir>/<key>` before the agent prepares the disk: the agent
+/// must neither mount over the symlink's target nor format the disk it cannot mount safely.
+#[test]
+fn root_a_symlinked_mount_point_is_refused_and_the_disk_is_not_formatted() {
+    if !can_run() {
+        return;
+    }
+    let a = Attack::new();
+    let dev = a.attach();
+    let target = a.dir.path().join("someone-elses-dir");
+    std::fs::create_dir_all(&target).unwrap();
+    std::fs::write(target.join("precious"), b"theirs").unwrap();
+    let mnt = a.dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    std::os::unix::fs::symlink(&target, mnt.join(&dev.name)).unwrap();
+    let before = sha256(&dev);
+    let out = Command::new(agent_bin())
+        .args(["disks", "prepare", "--json", "--config"])
+        .arg(a.config(&dev, ""))
+        .arg("--state-dir")
+        .arg(a.dir.path().join("state"))
+        .output()
+        .expect("run nodekeeper");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        sh(&format!("findmnt -rn {} || true", target.display()))
+            .trim()
+            .is_empty(),
+        "mounted over the symlink's target: {said}"
+    );
+    assert!(
+        sh(&format!("findmnt -rn -S {} || true", dev.path.display()))
+            .trim()
+            .is_empty(),
+        "the device was mounted: {said}"
+    );
+    assert_eq!(sha256(&dev), before, "the disk was formatted: {said}");
+    assert!(said.contains("symlink"), "the refusal is reported: {said}");
+    assert_eq!(
+        std::fs::read(target.join("precious")).unwrap(),
+        b"theirs".to_vec()
+    );
+}

@@ -495,8 +495,29 @@ fn fs_name(fs: FsType) -> &'static str {
     }
 }
 
+/// A symlink at `<discoveryDir>/<key>` (or the discovery dir itself) would make mount(8)
+/// mount over the link's target and the agent publish that path (#14): refused, before mkfs.
+/// Residual risk: a symlink planted between this check and mount(8) (a root-only race on a
+/// directory only root writes).
+fn refuse_symlinked_mount_point(dir: &Path) -> Result<(), PrepareError> {
+    for p in [Some(dir), dir.parent()].into_iter().flatten() {
+        if let Ok(m) = std::fs::symlink_metadata(p)
+            && m.file_type().is_symlink()
+        {
+            let to = std::fs::read_link(p).unwrap_or_default();
+            return Err(PrepareError::Refused(format!(
+                "refusing to mount at {}: it is a symlink (to {}); the agent never mounts over a symlink's target",
+                p.display(),
+                to.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// mkdir + mount, in the tools' namespace.
 fn mount(dev: &Path, dir: &Path, fs: FsType, options: &[String]) -> Result<(), PrepareError> {
+    refuse_symlinked_mount_point(dir)?;
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let mut args = strings(&["-t", fs_name(fs)]);
     if !options.is_empty() {
@@ -798,6 +819,9 @@ fn format_claimed_and_mount(
     let (fs, opts) = (cfg.fs_type, cfg.mount_options.clone());
     claim.release_exclusive();
     host.run(move || {
+        // Checked before mkfs too: a disk formatted but never mounted is a disk we wrote
+        // for nothing.
+        refuse_symlinked_mount_point(&dir)?;
         run_tool(&tool, &args, &dev, MKFS_TIMEOUT)?;
         mount(&mount_dev, &dir, fs, &opts)
     })

@@ -115,9 +115,31 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
         None
     };
 
-    let sysctl_status = if config.sysctl.enabled {
+    // A state file we cannot read degrades its own capability, never the agent (issue #15):
+    // DNS and metrics keep serving, health and the log say why, nothing is applied without it.
+    let sysctl_store = if config.sysctl.enabled {
+        match OriginalsStore::load(Some(config.state_dir.join("sysctl/originals.json"))) {
+            Ok(store) => Some(store),
+            Err(e) => {
+                tracing::error!(error = %e, "sysctl off until its state file is repaired or removed; the rest of the agent serves");
+                health.set(
+                    crate::sysctl::CAPABILITY,
+                    HealthState::Degraded,
+                    e.to_string(),
+                );
+                None
+            }
+        }
+    } else {
+        health.set(
+            crate::sysctl::CAPABILITY,
+            HealthState::Disabled,
+            "sysctl.enabled: false",
+        );
+        None
+    };
+    let sysctl_status = if let Some(store) = sysctl_store {
         let status = crate::sysctl::SharedStatus::default();
-        let store = OriginalsStore::load(Some(config.state_dir.join("sysctl/originals.json")))?;
         let reconciler = Reconciler::new(
             SysctlFs::new(&config.host_paths.proc),
             store,
@@ -148,11 +170,6 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
         });
         Some(status)
     } else {
-        health.set(
-            crate::sysctl::CAPABILITY,
-            HealthState::Disabled,
-            "sysctl.enabled: false",
-        );
         None
     };
 

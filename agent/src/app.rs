@@ -316,9 +316,17 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
             let (c, h) = (controller.clone(), health.clone());
             let drain_config = config.drain.clone();
             supervisor.spawn(crate::drain::CAPABILITY, move |token| async move {
-                // A drain persisted by an earlier incarnation of this agent continues now.
-                if let Err(e) = c.resume().await {
-                    tracing::error!(error = %e, "could not read the node's drain state; not resuming");
+                // A drain persisted by an earlier incarnation of this agent continues now. The
+                // API server may be down as we start: retry with backoff until it answers, so
+                // the drain is not abandoned (issue #15).
+                let mut wait = drain_config.retry_initial.get();
+                while let Err(e) = c.resume().await {
+                    tracing::warn!(error = %e, ?wait, "could not read the node's drain state; retrying");
+                    tokio::select! {
+                        _ = token.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    wait = (wait * 2).min(drain_config.retry_max.get());
                 }
                 h.set(crate::drain::CAPABILITY, HealthState::Serving, "");
                 if drain_config.imds.enabled {

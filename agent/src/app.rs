@@ -115,9 +115,31 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
         None
     };
 
-    let sysctl_status = if config.sysctl.enabled {
+    // A state file we cannot read degrades its own capability, never the agent (issue #15):
+    // DNS and metrics keep serving, health and the log say why, nothing is applied without it.
+    let sysctl_store = if config.sysctl.enabled {
+        match OriginalsStore::load(Some(config.state_dir.join("sysctl/originals.json"))) {
+            Ok(store) => Some(store),
+            Err(e) => {
+                tracing::error!(error = %e, "sysctl off until its state file is repaired or removed; the rest of the agent serves");
+                health.set(
+                    crate::sysctl::CAPABILITY,
+                    HealthState::Degraded,
+                    e.to_string(),
+                );
+                None
+            }
+        }
+    } else {
+        health.set(
+            crate::sysctl::CAPABILITY,
+            HealthState::Disabled,
+            "sysctl.enabled: false",
+        );
+        None
+    };
+    let sysctl_status = if let Some(store) = sysctl_store {
         let status = crate::sysctl::SharedStatus::default();
-        let store = OriginalsStore::load(Some(config.state_dir.join("sysctl/originals.json")))?;
         let reconciler = Reconciler::new(
             SysctlFs::new(&config.host_paths.proc),
             store,
@@ -148,11 +170,6 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
         });
         Some(status)
     } else {
-        health.set(
-            crate::sysctl::CAPABILITY,
-            HealthState::Disabled,
-            "sysctl.enabled: false",
-        );
         None
     };
 
@@ -299,9 +316,17 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
             let (c, h) = (controller.clone(), health.clone());
             let drain_config = config.drain.clone();
             supervisor.spawn(crate::drain::CAPABILITY, move |token| async move {
-                // A drain persisted by an earlier incarnation of this agent continues now.
-                if let Err(e) = c.resume().await {
-                    tracing::error!(error = %e, "could not read the node's drain state; not resuming");
+                // A drain persisted by an earlier incarnation of this agent continues now. The
+                // API server may be down as we start: retry with backoff until it answers, so
+                // the drain is not abandoned (issue #15).
+                let mut wait = drain_config.retry_initial.get();
+                while let Err(e) = c.resume().await {
+                    tracing::warn!(error = %e, ?wait, "could not read the node's drain state; retrying");
+                    tokio::select! {
+                        _ = token.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    wait = (wait * 2).min(drain_config.retry_max.get());
                 }
                 h.set(crate::drain::CAPABILITY, HealthState::Serving, "");
                 if drain_config.imds.enabled {

@@ -234,6 +234,8 @@ pub struct AgentBuilder {
     token: bool,
     /// A state dir that outlives one agent (restart tests); a fresh one per agent otherwise.
     state_dir: Option<PathBuf>,
+    /// Wait for `/healthz` rather than `/readyz` (an agent expected to start degraded).
+    live_only: bool,
 }
 
 /// The bearer token of agents started `.with_token()`.
@@ -258,6 +260,7 @@ impl Agent {
             kubeconfig: None,
             token: false,
             state_dir: None,
+            live_only: false,
         }
     }
 
@@ -296,6 +299,13 @@ impl AgentBuilder {
     }
 
     /// Mutating gRPC calls need `TEST_TOKEN` (send it with `bearer(...)`).
+    /// `start` returns once `/healthz` answers 200, ready or not (a capability degraded on
+    /// purpose keeps `/readyz` at 503).
+    pub fn live_only(mut self) -> Self {
+        self.live_only = true;
+        self
+    }
+
     pub fn with_token(mut self) -> Self {
         self.token = true;
         self
@@ -349,7 +359,12 @@ impl AgentBuilder {
         let mut proc = Proc::spawn("nodekeeper", cmd, dir.path());
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok((200, _)) = http_get(metrics, "/readyz") {
+            let probe = if self.live_only {
+                "/healthz"
+            } else {
+                "/readyz"
+            };
+            if let Ok((200, _)) = http_get(metrics, probe) {
                 break;
             }
             if !proc.alive() || Instant::now() > deadline {

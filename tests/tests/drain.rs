@@ -411,3 +411,68 @@ async fn cordon_and_cancel() {
     .unwrap_err();
     assert_eq!(unknown.code(), tonic::Code::NotFound);
 }
+
+/// Issue #15, finding 5: a drain persisted before a restart used to be abandoned when the API
+/// server did not answer at start (one read, then "not resuming"). Now the resume is retried
+/// with backoff until the API answers, and the drain finishes with nobody re-attaching.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_persisted_drain_resumes_once_the_api_answers_again_without_anyone_reattaching() {
+    use nodekeeper_tests::fake_api::{Fault, FaultKind};
+    let s = drain_scenario::rotation(Duration::from_millis(300), Duration::from_millis(1500));
+    let mut first = agent(&s);
+    let mut c = client(&first).await;
+    let mut stream = within(10, c.drain(bearer(request("rot-api-down"))))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut deleted = 0;
+    while deleted < 3 {
+        if let Some(Event::Deleted(_)) = within(60, stream.message()).await.unwrap().unwrap().event
+        {
+            deleted += 1;
+        }
+    }
+    first.proc.signal("KILL");
+    first.proc.wait_exit(Duration::from_secs(5));
+    drop(stream);
+    // The node cannot be read for a while: more failures than one resume's own retries.
+    s.api.inject(
+        Fault::on(
+            "GET",
+            &format!("/api/v1/nodes/{NODE}"),
+            FaultKind::Unavailable,
+        )
+        .watch(false)
+        .times(30),
+    );
+    let second = Agent::builder()
+        .config(FAST)
+        .with_token()
+        .connected(&s.kubeconfig, NODE)
+        .live_only()
+        .start();
+    let finished = within(120, async {
+        loop {
+            let mut left = s.api.pods_on(NODE);
+            left.sort();
+            if left == drain_scenario::expected_remaining() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    finished.await;
+    assert!(
+        second
+            .proc
+            .log_text()
+            .contains("resuming a drain persisted on the node"),
+        "{}",
+        second.proc.log_text()
+    );
+    let counts = evictions(&s.api);
+    assert!(
+        counts.values().all(|n| *n == 1),
+        "a pod was evicted twice: {counts:?}"
+    );
+}

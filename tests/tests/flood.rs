@@ -348,3 +348,160 @@ fn one_client_cannot_hold_every_stream_slot() {
     });
     assert!(agent.proc.alive(), "{}", agent.proc.log_text());
 }
+
+// === DNS over TCP ===
+
+/// The DNS TCP caps (agent/src/dns/server.rs), restated: the test must fail if they are lifted.
+const DNS_TCP_MAX_CONNECTIONS: usize = 1024;
+const DNS_TCP_MAX_PER_CLIENT: usize = 64;
+/// The agent's 256 MiB limit (deploy/daemonset.yaml) with room to spare.
+const DNS_FLOOD_RSS_LIMIT_KIB: u64 = 192 * 1024;
+
+/// A connection from `source` that sends `burst` (pipelined queries) as far as the socket takes
+/// it and then never reads. Its receive buffer is tiny, so the agent's answers back up at once.
+async fn never_reading_dns_client(
+    source: &str,
+    to: SocketAddr,
+    burst: &[u8],
+) -> std::io::Result<TcpStream> {
+    let s = TcpSocket::new_v4()?;
+    s.set_recv_buffer_size(4096)?;
+    s.bind(format!("{source}:0").parse().unwrap())?;
+    let s = s.connect(to).await?;
+    let _ = s.try_write(burst);
+    Ok(s)
+}
+
+/// Issue #15, finding 3: clients that send queries over TCP and never read their answers used
+/// to hold every TCP slot for ever (writes had no timeout), so TCP-only and TC-retrying clients
+/// on the node failed. Now one address gets at most its share, and answers that cannot be
+/// written within the write timeout close the connection and free its slot.
+#[test]
+fn dns_tcp_clients_that_never_read_neither_pin_every_slot_nor_lock_out_a_client_as_root() {
+    use nodekeeper_tests::dns_peers::{
+        TYPE_A, Unbound, Upstreams, agent_dns_config, dig, example_zone, free_dns_addr,
+        proc_status_kib, query_bytes,
+    };
+    use nodekeeper_tests::netns_pods::Netns;
+    use nodekeeper_tests::{require_root, require_tool};
+    if !(require_root() && require_tool("ip") && require_tool("dig") && require_tool("unbound")) {
+        return;
+    }
+    let _netns = Netns::enter_fresh("flood-dns");
+    // Small socket send buffers in this namespace (tcp_wmem is per namespace; the host's is
+    // untouched), so a client that never reads blocks the agent's writes after a few answers
+    // rather than after megabytes of kernel memory.
+    let set = std::process::Command::new("sysctl")
+        .args(["-w", "net.ipv4.tcp_wmem=4096 8192 16384"])
+        .output()
+        .expect("run sysctl");
+    assert!(
+        set.status.success(),
+        "sysctl tcp_wmem in the test namespace: {set:?}"
+    );
+    let zone = Unbound::serving(&[example_zone()]);
+    let listen = free_dns_addr();
+    let up = Upstreams {
+        default: Some(zone.addr),
+        ..Default::default()
+    };
+    let mut agent = Agent::builder()
+        .config(&agent_dns_config(listen, &up, "", ""))
+        .start();
+    // A legitimate TCP client on an address of its own; big.example.test is ~700 bytes.
+    let legit = move || {
+        dig(
+            listen,
+            &["-b", "127.0.0.1", "+tcp", "big.example.test", "A"],
+        )
+    };
+    wait_for(
+        Duration::from_secs(10),
+        "the cache answers over TCP",
+        || (legit().status() == "NOERROR").then_some(()),
+    );
+    let pid = agent.proc.pid();
+    let before = proc_status_kib(pid, "VmRSS").expect("agent RSS");
+    let burst: Vec<u8> = (0..400u16)
+        .flat_map(|id| {
+            let q = query_bytes(id, "big.example.test", TYPE_A);
+            let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+            framed.extend(q);
+            framed
+        })
+        .collect();
+    runtime().block_on(async {
+        // 1. One host opens 1,100 connections that never read: it gets its share, the rest are
+        //    closed at once, and a client from another address is answered during the flood.
+        let mut one_host = Vec::new();
+        for _ in 0..1100 {
+            if let Ok(s) = never_reading_dns_client("127.0.0.2", listen, &burst).await {
+                one_host.push(s);
+            }
+        }
+        let mut closed = 0;
+        for s in one_host.iter_mut() {
+            if closed_within(s, Duration::from_secs(2)).await {
+                closed += 1;
+            }
+        }
+        let served = one_host.len() - closed;
+        assert!(
+            served <= DNS_TCP_MAX_PER_CLIENT,
+            "one address holds {served} of {} connections (cap {DNS_TCP_MAX_PER_CLIENT})",
+            one_host.len()
+        );
+        let answer = tokio::task::spawn_blocking(legit).await.unwrap();
+        assert_eq!(
+            answer.status(),
+            "NOERROR",
+            "a TCP client from another address during a one-host flood:\n{}\nagent log:\n{}",
+            answer.raw,
+            agent.proc.log_text()
+        );
+        drop(one_host);
+
+        // 2. Twenty hosts fill every slot with clients that never read: the write timeout
+        //    frees the slots and the legitimate client is answered again.
+        let mut many = Vec::new();
+        for host in 1..=20 {
+            for _ in 0..DNS_TCP_MAX_PER_CLIENT {
+                if let Ok(s) = never_reading_dns_client(&format!("127.0.1.{host}"), listen, &burst).await {
+                    many.push(s);
+                }
+            }
+        }
+        assert!(many.len() > DNS_TCP_MAX_CONNECTIONS, "{} connected", many.len());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let peak = proc_status_kib(pid, "VmRSS").expect("agent RSS");
+        println!(
+            "dns tcp flood: {} never-reading connections from 20 hosts, RSS {before} KiB -> {peak} KiB",
+            many.len()
+        );
+        assert!(
+            peak < DNS_FLOOD_RSS_LIMIT_KIB,
+            "RSS {peak} KiB at the DNS TCP cap"
+        );
+        let answered = tokio::task::spawn_blocking(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let o = legit();
+                if o.status() == "NOERROR" || std::time::Instant::now() > deadline {
+                    return o;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            answered.status(),
+            "NOERROR",
+            "slots pinned by clients that never read are freed:\n{}\nagent log:\n{}",
+            answered.raw,
+            agent.proc.log_text()
+        );
+        drop(many);
+    });
+    assert!(agent.proc.alive(), "the agent survived the DNS TCP flood");
+}

@@ -1307,3 +1307,72 @@ fn adversary_netns_exec_journal_is_replayed_into_another_namespace() {
     let host_after: Vec<String> = HOST_KEYS.iter().map(|k| host(k)).collect();
     assert_eq!(host_before, host_after, "host values unchanged");
 }
+
+/// Issue #15, finding 5: a corrupt `sysctl/originals.json` used to stop the whole agent, DNS
+/// included. Now only the sysctl capability is degraded (health names the file and the error);
+/// DNS answers, /metrics serves, /healthz stays 200 (kubelet must not restart the agent in a
+/// loop over it), and nothing is written to the fake /proc.
+#[test]
+fn a_corrupt_originals_journal_degrades_only_sysctl_and_dns_keeps_serving_as_root() {
+    use nodekeeper_tests::dns_peers::{
+        Unbound, Upstreams, agent_dns_config, dig, example_zone, free_dns_addr,
+    };
+    use nodekeeper_tests::netns_pods::Netns;
+    use nodekeeper_tests::{require_root, require_tool};
+    if !(require_root() && require_tool("ip") && require_tool("dig") && require_tool("unbound")) {
+        return;
+    }
+    let _netns = Netns::enter_fresh("sysctl-corrupt");
+    let zone = Unbound::serving(&[example_zone()]);
+    let listen = free_dns_addr();
+    let up = Upstreams {
+        default: Some(zone.addr),
+        ..Default::default()
+    };
+    let fake = FakeProc::new(BASE_KEYS);
+    std::fs::create_dir_all(fake.state().join("sysctl")).unwrap();
+    std::fs::write(
+        fake.state().join("sysctl/originals.json"),
+        "{\"net.core.somax",
+    )
+    .unwrap();
+    let config = format!("{}{DAEMON}", agent_dns_config(listen, &up, "", ""));
+    let mut agent = Agent::builder()
+        .config(&config)
+        .state_dir(&fake.state())
+        .arg("--host-proc")
+        .arg(fake.proc().display().to_string())
+        .live_only()
+        .start();
+    let answer = wait_for(Duration::from_secs(10), "DNS answers", || {
+        let o = dig(listen, &["a.example.test", "A"]);
+        (o.status() == "NOERROR").then_some(o)
+    });
+    assert_eq!(answer.data("A"), vec!["192.0.2.1"], "{}", answer.raw);
+    let (live, _) = nodekeeper_tests::http_get(agent.metrics, "/healthz").unwrap();
+    assert_eq!(live, 200, "the agent stays live");
+    let (ready, why) = nodekeeper_tests::http_get(agent.metrics, "/readyz").unwrap();
+    assert_eq!(ready, 503, "{why}");
+    assert!(why.contains("sysctl"), "readyz names the capability: {why}");
+    assert!(!why.contains("dns"), "dns is ready: {why}");
+    let m = agent.metrics_text();
+    assert_eq!(
+        sample(
+            &m,
+            "nodekeeper_capability_state",
+            &[("capability", "sysctl"), ("state", "degraded")]
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert!(
+        agent.proc.log_text().contains("originals.json"),
+        "the log names the file"
+    );
+    assert_eq!(
+        fake.get("net.core.somaxconn"),
+        "4096",
+        "the profile (8192) is not applied without its journal"
+    );
+    assert!(agent.proc.alive());
+}

@@ -517,18 +517,20 @@ async fn send_answers(socket: &UdpSocket, batch: &mut Batch) {
 
 /// Idle TCP connections are closed after this (RFC 7766 suggests seconds, not minutes).
 const TCP_IDLE: Duration = Duration::from_secs(10);
-/// Connections served at once; more wait in the listen backlog.
+/// A connection whose answers cannot be written for this long is closed: a client that sends
+/// queries and never reads would otherwise hold its slot for ever (issue #15).
+const TCP_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once; more are closed at once (the client retries or uses UDP).
 const TCP_CONNECTIONS: usize = 1024;
+/// Connections served at once per client address, so one host cannot take every slot.
+const TCP_CONNECTIONS_PER_CLIENT: usize = 64;
 
 /// Accepts TCP connections until `token` is cancelled; each is served until idle or closed.
+/// A connection over its client's share or over the total is closed as soon as it is accepted.
 pub async fn serve_tcp(server: Arc<DnsServer>, listener: TcpListener, token: CancellationToken) {
-    let slots = Arc::new(Semaphore::new(TCP_CONNECTIONS));
+    let caps = crate::bounds::PeerCaps::new(TCP_CONNECTIONS_PER_CLIENT, TCP_CONNECTIONS);
     loop {
-        let permit = tokio::select! {
-            _ = token.cancelled() => return,
-            p = slots.clone().acquire_owned() => p.expect("never closed"),
-        };
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = token.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(s) => s,
@@ -538,9 +540,13 @@ pub async fn serve_tcp(server: Arc<DnsServer>, listener: TcpListener, token: Can
                 }
             },
         };
+        let Some(slot) = caps.take(peer.ip()) else {
+            tracing::debug!(%peer, "dns tcp connection over its cap: closed");
+            continue;
+        };
         let (server, token) = (server.clone(), token.clone());
         tokio::spawn(async move {
-            let _permit = permit;
+            let _slot = slot;
             serve_tcp_connection(server, stream, token).await;
         });
     }
@@ -571,6 +577,8 @@ async fn serve_tcp_connection(
         let mut len = [0u8; 2];
         let read = tokio::select! {
             _ = token.cancelled() => break,
+            // The writer gave up (the client does not read): hang up now, not when idle.
+            _ = answers.closed() => break,
             r = tokio::time::timeout(TCP_IDLE, reader.read_exact(&mut len)) => r,
         };
         if !matches!(read, Ok(Ok(_))) {
@@ -624,15 +632,18 @@ async fn write_answers(
     mut pending: mpsc::Receiver<Vec<u8>>,
 ) {
     let mut writer = tokio::io::BufWriter::new(writer);
+    let written = |r: Result<std::io::Result<()>, _>| matches!(r, Ok(Ok(())));
     while let Some(answer) = pending.recv().await {
-        if writer.write_all(&answer).await.is_err() {
+        if !written(tokio::time::timeout(TCP_WRITE_TIMEOUT, writer.write_all(&answer)).await) {
             return;
         }
-        if pending.is_empty() && writer.flush().await.is_err() {
+        if pending.is_empty()
+            && !written(tokio::time::timeout(TCP_WRITE_TIMEOUT, writer.flush()).await)
+        {
             return;
         }
     }
-    let _ = writer.shutdown().await;
+    let _ = tokio::time::timeout(TCP_WRITE_TIMEOUT, writer.shutdown()).await;
 }
 
 #[cfg(test)]

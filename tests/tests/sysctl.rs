@@ -989,7 +989,6 @@ fn adversary_denylist_bypassed_by_a_leading_or_trailing_slash() {
 }
 
 #[test]
-#[ignore = "adversary finding: two concurrent `sysctl apply` runs on one state dir overwrite each other's journal: an original is lost"]
 fn adversary_concurrent_cli_applies_lose_an_original() {
     let fake = FakeProc::new(&[("vm.zz_a", "0"), ("vm.zz_b", "0")]);
     let write = |name: &str, key: &str| {

@@ -952,7 +952,6 @@ fn plan_refuses_node_killing_weakening_and_one_way_settings_against_this_kernel(
 // === adversary (#17): attacks that break the promise; ignored so the suite stays green ===
 
 #[test]
-#[ignore = "adversary finding: a leading or trailing '/' in a slash-form key bypasses the denylist, the value refusals and the use checks"]
 fn adversary_denylist_bypassed_by_a_leading_or_trailing_slash() {
     let fake = FakeProc::new(&[
         ("kernel.sysrq", "0"),
@@ -1092,7 +1091,6 @@ fn agent_stop(agent: nodekeeper_tests::Agent) -> tempfile::TempDir {
 }
 
 #[test]
-#[ignore = "adversary finding: a second apply journals dependants already changed by the first, so revert puts conf.all.accept_redirects back to the changed value"]
 fn adversary_netns_revert_after_two_applies_leaves_a_dependant_changed() {
     if !require_root() || !require_tool("ip") {
         return;
@@ -1228,7 +1226,6 @@ fn adversary_a_limit_below_current_inotify_use_is_not_refused() {
 }
 
 #[test]
-#[ignore = "adversary finding: a vector write the kernel refuses at its last element keeps the first ones; apply forgets the original and revert restores nothing"]
 fn adversary_netns_a_refused_vector_write_leaves_the_key_half_changed() {
     if !require_root() || !require_tool("ip") {
         return;

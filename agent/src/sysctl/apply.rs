@@ -218,6 +218,19 @@ pub struct Originals {
 }
 
 impl Originals {
+    /// The original already recorded for `path`, as a key's or as a dependant's.
+    fn recorded(&self, path: &str) -> Option<String> {
+        self.keys
+            .values()
+            .find(|(p, _)| p == path)
+            .map(|(_, v)| v.clone())
+            .or_else(|| {
+                self.dependants
+                    .values()
+                    .find_map(|deps| deps.get(path).cloned())
+            })
+    }
+
     fn forget(&mut self, key: &str) {
         self.keys.remove(key);
         self.dependants.remove(key);
@@ -372,17 +385,31 @@ pub fn apply(
     changes.sort_by_key(|c| !dependants::propagates(&c.desired.key));
     for c in &changes {
         let d = c.desired;
+        // First original wins: a path an earlier apply already changed (as a key or as a
+        // dependant) is journalled with the value recorded then, not the changed value now.
+        let old = store
+            .originals
+            .recorded(&d.path)
+            .unwrap_or_else(|| c.old.clone());
+        let deps: BTreeMap<String, String> = c
+            .dependants_before
+            .iter()
+            .map(|(p, v)| {
+                let v = store.originals.recorded(p).unwrap_or_else(|| v.clone());
+                (p.clone(), v)
+            })
+            .collect();
         store
             .originals
             .keys
             .entry(d.key.clone())
-            .or_insert_with(|| (d.path.clone(), c.old.clone()));
-        if !c.dependants_before.is_empty() {
+            .or_insert_with(|| (d.path.clone(), old));
+        if !deps.is_empty() {
             store
                 .originals
                 .dependants
                 .entry(d.key.clone())
-                .or_insert_with(|| c.dependants_before.clone());
+                .or_insert(deps);
         }
     }
     store.persist()?;
@@ -398,7 +425,11 @@ pub fn apply(
             },
         };
         // A kept (clamped) value means the write landed: restore this key too.
-        let landed = if matches!(failure, Failure::Kept(_)) {
+        // A vector key may be refused at a later element after the first ones were stored: a
+        // refused write that changed the value at all landed, and is rolled back too.
+        let partly_written = matches!(failure, Failure::Refused(_))
+            && fs.read(&d.path).ok().as_deref() != Some(c.old.as_str());
+        let landed = if matches!(failure, Failure::Kept(_)) || partly_written {
             i + 1
         } else {
             i

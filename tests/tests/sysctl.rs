@@ -1183,7 +1183,6 @@ fn adversary_netns_a_new_namespace_inherits_a_dead_ones_journal() {
 }
 
 #[test]
-#[ignore = "adversary finding: fs.inotify.max_user_instances below the instances in use now is not refused (kubelet, containerd and systemd need new watches)"]
 fn adversary_a_limit_below_current_inotify_use_is_not_refused() {
     // Read-only: `plan` against the real /proc while this user holds 4 inotify instances.
     let mut holder = Command::new(nodekeeper_tests::python())

@@ -1032,7 +1032,6 @@ fn adversary_concurrent_cli_applies_lose_an_original() {
 }
 
 #[test]
-#[ignore = "adversary finding: a key that vanishes (interface gone) rejects the whole set in the daemon: drift on every other key is no longer corrected"]
 fn adversary_a_vanished_key_stops_drift_correction_of_the_rest() {
     let fake = FakeProc::new(BASE_KEYS);
     fake.set("net.ipv4.conf.eth9.rp_filter", "0");

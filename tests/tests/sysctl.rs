@@ -1254,7 +1254,6 @@ fn adversary_netns_a_refused_vector_write_leaves_the_key_half_changed() {
 }
 
 #[test]
-#[ignore = "adversary finding: the host journal is not bound to a namespace: apply under `ip netns exec A` is 'reverted' into B (or the host), A stays changed"]
 fn adversary_netns_exec_journal_is_replayed_into_another_namespace() {
     if !require_root() || !require_tool("ip") {
         return;

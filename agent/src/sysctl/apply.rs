@@ -215,6 +215,10 @@ pub struct Originals {
     /// Dotted key -> the original values of the paths the kernel changes along with it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub dependants: BTreeMap<String, BTreeMap<String, String>>,
+    /// The network namespace (`net:[inode]`) the CLI recorded these originals in: replaying
+    /// them from another namespace would write that one and leave this one changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
 }
 
 impl Originals {
@@ -277,6 +281,25 @@ fn lock(journal: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, ApplyError> 
 }
 
 impl OriginalsStore {
+    /// Binds a journal with originals to the namespace `current` it was written in; refuses
+    /// (nothing written) when this command runs in another one.
+    pub fn bind_to_netns(&mut self, current: &str) -> Result<(), ApplyError> {
+        match &self.originals.netns {
+            Some(owner) if owner != current && !self.originals.keys.is_empty() => {
+                Err(ApplyError::State {
+                    path: self.path.clone().unwrap_or_default(),
+                    error: format!(
+                        "its originals were recorded in network namespace {owner}, this command runs in {current}: run it there (or from the host with --netns)"
+                    ),
+                })
+            }
+            _ => {
+                self.originals.netns = Some(current.to_string());
+                Ok(())
+            }
+        }
+    }
+
     pub fn load(path: Option<PathBuf>) -> Result<Self, ApplyError> {
         Self::load_with(path, true)
     }

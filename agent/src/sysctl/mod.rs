@@ -965,6 +965,19 @@ fn refuse_global_keys_in_netns(
     }
 }
 
+/// The host journal belongs to the namespace the CLI runs in (`ip netns exec A nodekeeper ...`
+/// records A's): a later command from another namespace is refused instead of replaying A's
+/// originals there.
+fn bind_host_journal(store: &mut OriginalsStore, host: bool) -> Result<(), SysctlError> {
+    if !host {
+        return Ok(());
+    }
+    match std::fs::read_link("/proc/thread-self/ns/net") {
+        Ok(id) => Ok(store.bind_to_netns(&id.to_string_lossy())?),
+        Err(_) => Ok(()),
+    }
+}
+
 /// Per key: current -> desired and the winning profile. Writes nothing.
 pub fn plan_report(config: &SysctlConfig, target: &Target) -> Result<String, SysctlError> {
     let config = config.clone();
@@ -998,6 +1011,7 @@ pub fn apply_once(config: &SysctlConfig, target: &Target) -> Result<String, Sysc
         let desired = plan(&config, &config.node_labels, &fs)?;
         refuse_global_keys_in_netns(&fs, ns.is_some(), &desired)?;
         let mut store = OriginalsStore::load(Some(journal))?;
+        bind_host_journal(&mut store, ns.is_none())?;
         let report = apply::apply(&fs, &desired, &mut store)?;
         let mut out = String::new();
         for (key, old, new) in &report.changed {
@@ -1027,6 +1041,7 @@ pub fn revert_all(target: &Target) -> Result<String, SysctlError> {
             });
         }
         let mut store = OriginalsStore::load(Some(journal.clone()))?;
+        bind_host_journal(&mut store, ns.is_none())?;
         let report = apply::revert(&fs, &mut store, &BTreeSet::new(), &BTreeSet::new())?;
         if ns.is_some() && store.originals.keys.is_empty() {
             // Nothing left to restore in a namespace that dies with its pod: drop the record.

@@ -952,7 +952,6 @@ fn plan_refuses_node_killing_weakening_and_one_way_settings_against_this_kernel(
 // === adversary (#17): attacks that break the promise; ignored so the suite stays green ===
 
 #[test]
-#[ignore = "adversary finding: a leading or trailing '/' in a slash-form key bypasses the denylist, the value refusals and the use checks"]
 fn adversary_denylist_bypassed_by_a_leading_or_trailing_slash() {
     let fake = FakeProc::new(&[
         ("kernel.sysrq", "0"),
@@ -989,7 +988,6 @@ fn adversary_denylist_bypassed_by_a_leading_or_trailing_slash() {
 }
 
 #[test]
-#[ignore = "adversary finding: two concurrent `sysctl apply` runs on one state dir overwrite each other's journal: an original is lost"]
 fn adversary_concurrent_cli_applies_lose_an_original() {
     let fake = FakeProc::new(&[("vm.zz_a", "0"), ("vm.zz_b", "0")]);
     let write = |name: &str, key: &str| {
@@ -1034,7 +1032,6 @@ fn adversary_concurrent_cli_applies_lose_an_original() {
 }
 
 #[test]
-#[ignore = "adversary finding: a key that vanishes (interface gone) rejects the whole set in the daemon: drift on every other key is no longer corrected"]
 fn adversary_a_vanished_key_stops_drift_correction_of_the_rest() {
     let fake = FakeProc::new(BASE_KEYS);
     fake.set("net.ipv4.conf.eth9.rp_filter", "0");
@@ -1093,7 +1090,6 @@ fn agent_stop(agent: nodekeeper_tests::Agent) -> tempfile::TempDir {
 }
 
 #[test]
-#[ignore = "adversary finding: a second apply journals dependants already changed by the first, so revert puts conf.all.accept_redirects back to the changed value"]
 fn adversary_netns_revert_after_two_applies_leaves_a_dependant_changed() {
     if !require_root() || !require_tool("ip") {
         return;
@@ -1186,7 +1182,6 @@ fn adversary_netns_a_new_namespace_inherits_a_dead_ones_journal() {
 }
 
 #[test]
-#[ignore = "adversary finding: fs.inotify.max_user_instances below the instances in use now is not refused (kubelet, containerd and systemd need new watches)"]
 fn adversary_a_limit_below_current_inotify_use_is_not_refused() {
     // Read-only: `plan` against the real /proc while this user holds 4 inotify instances.
     let mut holder = Command::new(nodekeeper_tests::python())
@@ -1229,7 +1224,6 @@ fn adversary_a_limit_below_current_inotify_use_is_not_refused() {
 }
 
 #[test]
-#[ignore = "adversary finding: a vector write the kernel refuses at its last element keeps the first ones; apply forgets the original and revert restores nothing"]
 fn adversary_netns_a_refused_vector_write_leaves_the_key_half_changed() {
     if !require_root() || !require_tool("ip") {
         return;
@@ -1260,7 +1254,6 @@ fn adversary_netns_a_refused_vector_write_leaves_the_key_half_changed() {
 }
 
 #[test]
-#[ignore = "adversary finding: the host journal is not bound to a namespace: apply under `ip netns exec A` is 'reverted' into B (or the host), A stays changed"]
 fn adversary_netns_exec_journal_is_replayed_into_another_namespace() {
     if !require_root() || !require_tool("ip") {
         return;

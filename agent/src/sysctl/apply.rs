@@ -215,9 +215,26 @@ pub struct Originals {
     /// Dotted key -> the original values of the paths the kernel changes along with it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub dependants: BTreeMap<String, BTreeMap<String, String>>,
+    /// The network namespace (`net:[inode]`) the CLI recorded these originals in: replaying
+    /// them from another namespace would write that one and leave this one changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
 }
 
 impl Originals {
+    /// The original already recorded for `path`, as a key's or as a dependant's.
+    fn recorded(&self, path: &str) -> Option<String> {
+        self.keys
+            .values()
+            .find(|(p, _)| p == path)
+            .map(|(_, v)| v.clone())
+            .or_else(|| {
+                self.dependants
+                    .values()
+                    .find_map(|deps| deps.get(path).cloned())
+            })
+    }
+
     fn forget(&mut self, key: &str) {
         self.keys.remove(key);
         self.dependants.remove(key);
@@ -264,6 +281,25 @@ fn lock(journal: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, ApplyError> 
 }
 
 impl OriginalsStore {
+    /// Binds a journal with originals to the namespace `current` it was written in; refuses
+    /// (nothing written) when this command runs in another one.
+    pub fn bind_to_netns(&mut self, current: &str) -> Result<(), ApplyError> {
+        match &self.originals.netns {
+            Some(owner) if owner != current && !self.originals.keys.is_empty() => {
+                Err(ApplyError::State {
+                    path: self.path.clone().unwrap_or_default(),
+                    error: format!(
+                        "its originals were recorded in network namespace {owner}, this command runs in {current}: run it there (or from the host with --netns)"
+                    ),
+                })
+            }
+            _ => {
+                self.originals.netns = Some(current.to_string());
+                Ok(())
+            }
+        }
+    }
+
     pub fn load(path: Option<PathBuf>) -> Result<Self, ApplyError> {
         Self::load_with(path, true)
     }
@@ -372,17 +408,31 @@ pub fn apply(
     changes.sort_by_key(|c| !dependants::propagates(&c.desired.key));
     for c in &changes {
         let d = c.desired;
+        // First original wins: a path an earlier apply already changed (as a key or as a
+        // dependant) is journalled with the value recorded then, not the changed value now.
+        let old = store
+            .originals
+            .recorded(&d.path)
+            .unwrap_or_else(|| c.old.clone());
+        let deps: BTreeMap<String, String> = c
+            .dependants_before
+            .iter()
+            .map(|(p, v)| {
+                let v = store.originals.recorded(p).unwrap_or_else(|| v.clone());
+                (p.clone(), v)
+            })
+            .collect();
         store
             .originals
             .keys
             .entry(d.key.clone())
-            .or_insert_with(|| (d.path.clone(), c.old.clone()));
-        if !c.dependants_before.is_empty() {
+            .or_insert_with(|| (d.path.clone(), old));
+        if !deps.is_empty() {
             store
                 .originals
                 .dependants
                 .entry(d.key.clone())
-                .or_insert_with(|| c.dependants_before.clone());
+                .or_insert(deps);
         }
     }
     store.persist()?;
@@ -398,7 +448,11 @@ pub fn apply(
             },
         };
         // A kept (clamped) value means the write landed: restore this key too.
-        let landed = if matches!(failure, Failure::Kept(_)) {
+        // A vector key may be refused at a later element after the first ones were stored: a
+        // refused write that changed the value at all landed, and is rolled back too.
+        let partly_written = matches!(failure, Failure::Refused(_))
+            && fs.read(&d.path).ok().as_deref() != Some(c.old.as_str());
+        let landed = if matches!(failure, Failure::Kept(_)) || partly_written {
             i + 1
         } else {
             i

@@ -83,6 +83,73 @@ impl Use<'_> {
     }
 }
 
+/// inotify use of the user with the most: (instances, watches). Counted per open fd, so an
+/// instance shared by several fds counts more than once (the safe side for a floor).
+#[derive(Default)]
+struct InotifyUse {
+    instances: i64,
+    watches: i64,
+}
+
+impl Use<'_> {
+    /// Scans `PID/fd` for `anon_inode:inotify` and `PID/fdinfo/FD` for its `inotify wd:` lines;
+    /// the kernel's limits are per user (real uid, which owns `/proc/PID`).
+    fn inotify(&self) -> Result<InotifyUse, String> {
+        use std::os::unix::fs::MetadataExt;
+        let dir = self.fs.proc_file("");
+        let entries =
+            std::fs::read_dir(&dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+        let mut per_user: std::collections::BTreeMap<u32, InotifyUse> = Default::default();
+        for e in entries.flatten() {
+            if !e
+                .file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+            {
+                continue;
+            }
+            // Processes exit while we scan: a vanished one simply does not count.
+            let (Ok(meta), Ok(fds)) = (e.metadata(), std::fs::read_dir(e.path().join("fd"))) else {
+                continue;
+            };
+            for fd in fds.flatten() {
+                let is_inotify = std::fs::read_link(fd.path())
+                    .is_ok_and(|t| t.as_os_str() == "anon_inode:inotify");
+                if !is_inotify {
+                    continue;
+                }
+                let info = std::fs::read_to_string(e.path().join("fdinfo").join(fd.file_name()))
+                    .unwrap_or_default();
+                let user = per_user.entry(meta.uid()).or_default();
+                user.instances += 1;
+                user.watches += info
+                    .lines()
+                    .filter(|l| l.starts_with("inotify wd:"))
+                    .count() as i64;
+            }
+        }
+        Ok(per_user
+            .into_values()
+            .fold(InotifyUse::default(), |a, u| InotifyUse {
+                instances: a.instances.max(u.instances),
+                watches: a.watches.max(u.watches),
+            }))
+    }
+
+    /// Connections tracked now (`net/netfilter/nf_conntrack_count`).
+    fn conntrack(&self) -> Result<i64, String> {
+        let path = "net/netfilter/nf_conntrack_count";
+        let text = self
+            .fs
+            .read(path)
+            .map_err(|e| format!("cannot read current use from {path}: {e}"))?;
+        text.trim()
+            .parse()
+            .map_err(|_| format!("unexpected {path} {text:?}"))
+    }
+}
+
 /// Problems with limits in `desired` relative to the node's current use.
 pub fn check(desired: &[Desired], policy: &Policy, fs: &SysctlFs) -> Vec<Rejection> {
     let node = Use { fs };
@@ -126,6 +193,17 @@ pub fn check(desired: &[Desired], policy: &Policy, fs: &SysctlFs) -> Vec<Rejecti
                 "memory maps of the largest process",
                 node.largest_map_count(),
             ),
+            "fs.inotify.max_user_instances" if lowered(d, want) => floor(
+                "inotify instances of the busiest user",
+                node.inotify().map(|u| u.instances),
+            ),
+            "fs.inotify.max_user_watches" if lowered(d, want) => floor(
+                "inotify watches of the busiest user",
+                node.inotify().map(|u| u.watches),
+            ),
+            "net.netfilter.nf_conntrack_max" | "net.nf_conntrack_max" if lowered(d, want) => {
+                floor("tracked connections", node.conntrack())
+            }
             "vm.min_free_kbytes" => match node.meminfo("MemTotal") {
                 Err(e) => Some(e),
                 Ok(total) if want > total * MIN_FREE_MAX_PERCENT / 100 => Some(format!(
@@ -306,5 +384,46 @@ mod tests {
             problems(&fs, &[want("vm.max_map_count", "599")])[0].contains("the 300 memory maps")
         );
         assert!(problems(&fs, &[want("vm.max_map_count", "600")]).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod use_checks {
+    use super::*;
+
+    fn want(key: &str, value: &str) -> Desired {
+        Desired {
+            key: key.into(),
+            path: key.replace('.', "/"),
+            value: value.into(),
+            profile: "p".into(),
+            priority: 0,
+        }
+    }
+
+    #[test]
+    fn conntrack_max_below_the_tracked_connections_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let netfilter = dir.path().join("sys/net/netfilter");
+        std::fs::create_dir_all(&netfilter).unwrap();
+        std::fs::write(netfilter.join("nf_conntrack_max"), "262144\n").unwrap();
+        std::fs::write(netfilter.join("nf_conntrack_count"), "50000\n").unwrap();
+        let fs = SysctlFs::new(dir.path());
+        let low = check(
+            &[want("net.netfilter.nf_conntrack_max", "60000")],
+            &Policy::default(),
+            &fs,
+        );
+        assert_eq!(low.len(), 1, "{low:?}");
+        assert!(
+            low[0].problem.contains("2x the 50000 tracked connections"),
+            "{low:?}"
+        );
+        let enough = check(
+            &[want("net.netfilter.nf_conntrack_max", "100000")],
+            &Policy::default(),
+            &fs,
+        );
+        assert!(enough.is_empty(), "{enough:?}");
     }
 }

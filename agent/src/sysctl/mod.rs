@@ -179,11 +179,7 @@ pub fn plan(
     labels: &BTreeMap<String, String>,
     fs: &SysctlFs,
 ) -> Result<Vec<Desired>, SysctlError> {
-    let desired = profile::resolve(&config.profiles, labels).map_err(SysctlError::Rejected)?;
-    let policy = config.policy();
-    let mut rejections: Vec<Rejection> =
-        validate::check(&desired, &policy, |d| fs.read(&d.path).ok());
-    rejections.extend(limits::check(&desired, &policy, fs));
+    let (desired, rejections) = plan_with_rejections(config, labels, fs)?;
     if rejections.is_empty() {
         Ok(desired)
     } else {
@@ -191,6 +187,20 @@ pub fn plan(
             rejections.iter().map(ToString::to_string).collect(),
         ))
     }
+}
+
+/// The desired keys and every problem found with them (for callers that can act per key).
+fn plan_with_rejections(
+    config: &SysctlConfig,
+    labels: &BTreeMap<String, String>,
+    fs: &SysctlFs,
+) -> Result<(Vec<Desired>, Vec<Rejection>), SysctlError> {
+    let desired = profile::resolve(&config.profiles, labels).map_err(SysctlError::Rejected)?;
+    let policy = config.policy();
+    let mut rejections: Vec<Rejection> =
+        validate::check(&desired, &policy, |d| fs.read(&d.path).ok());
+    rejections.extend(limits::check(&desired, &policy, fs));
+    Ok((desired, rejections))
 }
 
 /// FNV-1a over the sorted desired set: stable across builds, for the status hash.
@@ -411,7 +421,32 @@ impl Reconciler {
         now: Instant,
     ) -> Result<(), SysctlError> {
         let interval = config.interval.get();
-        let desired = plan(config, labels, &self.fs)?;
+        let (desired, rejections) = plan_with_rejections(config, labels, &self.fs)?;
+        // A key this daemon applied (or holds in quarantine) whose file vanished since (its
+        // interface was removed) is quarantined like a refused write, not a reason to stop
+        // reconciling the rest of a set that was valid; anything else rejects the set.
+        let (vanished, rejected): (Vec<Rejection>, Vec<Rejection>) =
+            rejections.into_iter().partition(|r| {
+                r.problem == validate::NO_SUCH_KEY
+                    && (self.applied.iter().any(|d| d.key == r.key)
+                        || self.quarantine.entries().contains_key(&r.key))
+            });
+        if !rejected.is_empty() {
+            return Err(SysctlError::Rejected(
+                rejected.iter().map(ToString::to_string).collect(),
+            ));
+        }
+        for r in vanished {
+            if !self.quarantine.holds(&r.key, now) {
+                self.quarantine_key(
+                    &r.key,
+                    quarantine::Action::Apply,
+                    format!("{}: {}", r.key, r.problem),
+                    now,
+                    interval,
+                );
+            }
+        }
         let keep: BTreeSet<String> = desired.iter().map(|d| d.key.clone()).collect();
         let hold: BTreeSet<String> = self
             .quarantine
@@ -930,6 +965,19 @@ fn refuse_global_keys_in_netns(
     }
 }
 
+/// The host journal belongs to the namespace the CLI runs in (`ip netns exec A nodekeeper ...`
+/// records A's): a later command from another namespace is refused instead of replaying A's
+/// originals there.
+fn bind_host_journal(store: &mut OriginalsStore, host: bool) -> Result<(), SysctlError> {
+    if !host {
+        return Ok(());
+    }
+    match std::fs::read_link("/proc/thread-self/ns/net") {
+        Ok(id) => Ok(store.bind_to_netns(&id.to_string_lossy())?),
+        Err(_) => Ok(()),
+    }
+}
+
 /// Per key: current -> desired and the winning profile. Writes nothing.
 pub fn plan_report(config: &SysctlConfig, target: &Target) -> Result<String, SysctlError> {
     let config = config.clone();
@@ -963,6 +1011,7 @@ pub fn apply_once(config: &SysctlConfig, target: &Target) -> Result<String, Sysc
         let desired = plan(&config, &config.node_labels, &fs)?;
         refuse_global_keys_in_netns(&fs, ns.is_some(), &desired)?;
         let mut store = OriginalsStore::load(Some(journal))?;
+        bind_host_journal(&mut store, ns.is_none())?;
         let report = apply::apply(&fs, &desired, &mut store)?;
         let mut out = String::new();
         for (key, old, new) in &report.changed {
@@ -992,6 +1041,7 @@ pub fn revert_all(target: &Target) -> Result<String, SysctlError> {
             });
         }
         let mut store = OriginalsStore::load(Some(journal.clone()))?;
+        bind_host_journal(&mut store, ns.is_none())?;
         let report = apply::revert(&fs, &mut store, &BTreeSet::new(), &BTreeSet::new())?;
         if ns.is_some() && store.originals.keys.is_empty() {
             // Nothing left to restore in a namespace that dies with its pod: drop the record.

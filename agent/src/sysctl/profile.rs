@@ -146,9 +146,12 @@ impl Serialize for SysctlValue {
 
 /// `net/core/somaxconn` or `net.core.somaxconn` -> (dotted name, path relative to /proc/sys).
 /// The slash form exists for keys whose components contain dots (VLAN interfaces: `eth0.100`).
+/// Leading and trailing slashes are trimmed once, here, so every check (denylist, value
+/// refusals, use checks) sees the same dotted name as for the dotted spelling of the key.
 pub fn key_path(key: &str) -> (String, String) {
     if key.contains('/') {
-        (key.replace('/', "."), key.trim_matches('/').to_string())
+        let path = key.trim_matches('/');
+        (path.replace('/', "."), path.to_string())
     } else {
         (key.to_string(), key.replace('.', "/"))
     }
@@ -364,6 +367,13 @@ mod tests {
                 "net/ipv4/conf/eth0.100/rp_filter".into()
             )
         );
+        for odd in ["/kernel/sysrq", "kernel/sysrq/", "/kernel/sysrq/"] {
+            assert_eq!(
+                key_path(odd),
+                ("kernel.sysrq".into(), "kernel/sysrq".into()),
+                "{odd}"
+            );
+        }
         assert_eq!(SysctlValue::normalise("1024\t 65535\n"), "1024 65535");
     }
 }

@@ -207,6 +207,9 @@ impl std::fmt::Display for Rejection {
     }
 }
 
+/// The problem of a key whose file does not exist.
+pub const NO_SUCH_KEY: &str = "no such key on this kernel";
+
 /// Checks every desired key; `read` returns the key's current value (None: no such key).
 pub fn check(
     desired: &[Desired],
@@ -233,7 +236,7 @@ pub fn check(
             continue;
         }
         let Some(current) = read(d) else {
-            out.push(reject("no such key on this kernel".into()));
+            out.push(reject(NO_SUCH_KEY.into()));
             continue;
         };
         if let Some(problem) = value_problem(&d.key, &current, &d.value) {

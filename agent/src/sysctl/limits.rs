@@ -280,7 +280,7 @@ mod tests {
         (dir, fs)
     }
 
-    fn want(key: &str, value: &str) -> Desired {
+    pub(super) fn want(key: &str, value: &str) -> Desired {
         Desired {
             key: key.into(),
             path: key.replace('.', "/"),
@@ -389,17 +389,8 @@ mod tests {
 
 #[cfg(test)]
 mod use_checks {
+    use super::tests::want;
     use super::*;
-
-    fn want(key: &str, value: &str) -> Desired {
-        Desired {
-            key: key.into(),
-            path: key.replace('.', "/"),
-            value: value.into(),
-            profile: "p".into(),
-            priority: 0,
-        }
-    }
 
     #[test]
     fn conntrack_max_below_the_tracked_connections_is_refused() {

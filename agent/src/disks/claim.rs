@@ -34,6 +34,9 @@ pub enum ClaimError {
     /// Inspected again through the claimed fd, the device is no longer blank.
     #[error("{disk}: no longer blank when claimed for writing: {reason}")]
     NotBlank { disk: String, reason: String },
+    /// Read again through the claimed fd, the device no longer proves to be ours (reclaim).
+    #[error("{disk}: no longer provably ours when claimed for wiping: {reason}")]
+    NotOurs { disk: String, reason: String },
     /// The device could not be read again.
     #[error(transparent)]
     Inspect(#[from] InspectError),
@@ -56,9 +59,38 @@ impl Claim {
         disk: &Disk,
         opts: inspect::Options,
     ) -> Result<Claim, ClaimError> {
+        Self::take_checked(paths, disk, false, |f| {
+            let ins = inspect::inspect_file(f, &disk.dev_path, opts)?;
+            if !ins.is_blank() {
+                return Err(ClaimError::NotBlank {
+                    disk: disk.name.clone(),
+                    reason: ins.reason(),
+                });
+            }
+            Ok(())
+        })
+    }
+
+    /// The reclaim claim: `O_RDWR|O_EXCL` (the wipe writes through `exclusive_file`), the
+    /// same identity check, then `prove_ours` reads the device again through the fd.
+    pub fn take_owned(
+        paths: &HostPaths,
+        disk: &Disk,
+        prove_ours: impl FnOnce(&File) -> Result<(), ClaimError>,
+    ) -> Result<Claim, ClaimError> {
+        Self::take_checked(paths, disk, true, prove_ours)
+    }
+
+    fn take_checked(
+        paths: &HostPaths,
+        disk: &Disk,
+        writable: bool,
+        check: impl FnOnce(&File) -> Result<(), ClaimError>,
+    ) -> Result<Claim, ClaimError> {
         let dev = &disk.dev_path;
         let exclusive = std::fs::OpenOptions::new()
             .read(true)
+            .write(writable)
             .custom_flags(nix::fcntl::OFlag::O_EXCL.bits())
             .open(dev)
             .map_err(|source| ClaimError::Busy {
@@ -66,13 +98,7 @@ impl Claim {
                 source,
             })?;
         check_identity(paths, disk, &exclusive)?;
-        let ins = inspect::inspect_file(&exclusive, dev, opts)?;
-        if !ins.is_blank() {
-            return Err(ClaimError::NotBlank {
-                disk: disk.name.clone(),
-                reason: ins.reason(),
-            });
-        }
+        check(&exclusive)?;
         let keep = File::open(dev).map_err(|source| ClaimError::Busy {
             disk: disk.name.clone(),
             source,
@@ -105,6 +131,11 @@ impl Claim {
     /// which names this device whatever happens to its kernel name.
     pub fn tool_path(&self) -> PathBuf {
         PathBuf::from(format!("/proc/self/fd/{}", self.keep.as_raw_fd()))
+    }
+
+    /// The exclusive fd (writable when taken with `take_owned`), until `release_exclusive`.
+    pub fn exclusive_file(&self) -> Option<&File> {
+        self.exclusive.as_ref()
     }
 
     /// Gives up the exclusive open right before a tool that claims the device itself (mkfs

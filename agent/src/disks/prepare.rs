@@ -374,6 +374,99 @@ mod tests {
         assert_eq!(unescape("/mnt/x\\"), "/mnt/x\\");
     }
 
+    /// A member of the array owned.json records, as a regular file carrying our md superblock.
+    fn recorded_raid_member(dir: &Path) -> (OwnedStore, Disk) {
+        let dev = dir.join("loop9");
+        let mut img = vec![0u8; 8 << 20];
+        img[4096..4100].copy_from_slice(&0xa92b_4efc_u32.to_le_bytes());
+        img[4096 + 16..4096 + 32].copy_from_slice(&[0x5a; 16]);
+        img[4096 + 32..4096 + 47].copy_from_slice(b"host:nodekeeper");
+        std::fs::write(&dev, &img).unwrap();
+        let Ok(OnDisk::MdMember { array_uuid, .. }) = marker::read_marker(&dev) else {
+            panic!("fixture is not an md member");
+        };
+        let mut store = OwnedStore::load(&dir.join("state")).unwrap();
+        store.owned.disks.insert(
+            RAID_KEY.into(),
+            OwnedDisk {
+                name: "md127".into(),
+                by_id: None,
+                serial: String::new(),
+                size_bytes: 0,
+                mode: PrepareMode::Raid0,
+                fs_type: Some(FsType::Ext4),
+                label: Some(marker::label_for(RAID_KEY)),
+                uuid: None,
+                mount_path: None,
+                md_uuid: Some(array_uuid),
+                members: vec!["loop9".into()],
+                prepared: true,
+            },
+        );
+        let disk = Disk {
+            name: "loop9".into(),
+            dev_path: dev,
+            size_bytes: 8 << 20,
+            ..Disk::default()
+        };
+        (store, disk)
+    }
+
+    #[test]
+    fn switching_raid0_to_filesystem_or_block_refuses_the_members_naming_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        for mode in [PrepareMode::Filesystem, PrepareMode::Block] {
+            let (mut store, disk) = recorded_raid_member(dir.path());
+            let cfg = DisksConfig {
+                mode,
+                cross_check: false,
+                discovery_dir: dir.path().join("mnt"),
+                host_mount_namespace: false,
+                ..DisksConfig::default()
+            };
+            let host = HostAccess::new(&HostPaths::under(dir.path()), &cfg);
+            let before = std::fs::read(&disk.dev_path).unwrap();
+            let decided = vec![(disk.clone(), Decision::HasData("has md signature".into()))];
+            let report = prepare(&cfg, &host, &mut store, decided);
+            assert!(report.prepared.is_empty(), "{report:#?}");
+            let (key, error) = &report.errors[0];
+            assert_eq!(key, "loop9");
+            assert!(error.contains("disks.mode"), "{error}");
+            assert!(error.contains(RAID_KEY), "{error}");
+            assert!(report.disks[0].action.starts_with("failed"), "{report:#?}");
+            assert_eq!(std::fs::read(&disk.dev_path).unwrap(), before);
+            assert!(
+                store.owned.disks.contains_key(RAID_KEY),
+                "the record is kept"
+            );
+        }
+    }
+
+    #[test]
+    fn a_raid_record_without_members_never_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, disk) = recorded_raid_member(dir.path());
+        store.owned.disks.get_mut(RAID_KEY).unwrap().members.clear();
+        let cfg = DisksConfig {
+            mode: PrepareMode::Raid0,
+            cross_check: false,
+            discovery_dir: dir.path().join("mnt"),
+            host_mount_namespace: false,
+            ..DisksConfig::default()
+        };
+        let host = HostAccess::new(&HostPaths::under(dir.path()), &cfg);
+        let decided = vec![(disk, Decision::HasData("has md signature".into()))];
+        let report = prepare(&cfg, &host, &mut store, decided);
+        assert!(report.prepared.is_empty(), "{report:#?}");
+        assert!(
+            report
+                .errors
+                .iter()
+                .any(|(k, e)| k == RAID_KEY && e.contains("no members")),
+            "{report:#?}"
+        );
+    }
+
     #[test]
     fn mkfs_never_discards_and_never_forces() {
         let (tool, args) = mkfs_args(FsType::Xfs, "nk-1", "u", &[], Path::new("/dev/x"));
@@ -693,12 +786,12 @@ fn prepare_one(
     let disk = &c.disk;
     match &c.decision {
         Decision::Ours => {
-            let rec = store
-                .owned
-                .disks
-                .get(&c.key)
-                .cloned()
-                .expect("ours is recorded");
+            // `Ours` without a record of its own: a member of our raid0 array while
+            // `disks.mode` says filesystem or block (a config change). Its data lives in the
+            // array: refused, never panicked on, never re-formatted.
+            let Some(rec) = store.owned.disks.get(&c.key).cloned() else {
+                return Err(mode_switch_refused(cfg.mode, &c.key, PrepareMode::Raid0));
+            };
             let mut entry = prepared_entry(host, disk, &c.key, &rec, false);
             if rec.mode == PrepareMode::Block {
                 report.prepared.push(entry);
@@ -781,6 +874,20 @@ fn prepare_one(
         }
         _ => Ok("untouched".into()),
     }
+}
+
+/// `disks.mode` changed while a disk still holds what the old mode made: never re-purposed
+/// silently (its data would go), reported with the way out.
+fn mode_switch_refused(now: PrepareMode, key: &str, recorded: PrepareMode) -> PrepareError {
+    let holder = match recorded {
+        PrepareMode::Raid0 => format!("is a member of the agent's raid0 array {RAID_KEY}"),
+        other => format!("holds the agent's {other:?} preparation"),
+    };
+    PrepareError::Refused(format!(
+        "disks.mode is {now:?} but {key} {holder} (recorded in owned.json); left untouched: \
+         set disks.mode back to {recorded:?}, or release its PV and run `nodekeeper disks wipe` \
+         on it to re-purpose it"
+    ))
 }
 
 fn format_and_mount(
@@ -868,6 +975,17 @@ fn prepare_raid0(
     classified: &[Classified],
     report: &mut PrepareReport,
 ) {
+    // Disks the agent prepared in filesystem or block mode stay as they are (not added to
+    // the array): reported, so the switch does not silently unpublish them.
+    for c in classified {
+        if let Some(rec) = store.owned.disks.get(&c.key)
+            && c.decision == Decision::Ours
+            && rec.mode != PrepareMode::Raid0
+        {
+            let e = mode_switch_refused(PrepareMode::Raid0, &c.key, rec.mode);
+            report.errors.push((c.key.clone(), e.to_string()));
+        }
+    }
     let result = raid0_inner(cfg, host, store, classified, report);
     let action = match &result {
         Ok(a) => a.clone(),
@@ -905,6 +1023,12 @@ fn raid0_inner(
     report: &mut PrepareReport,
 ) -> Result<String, PrepareError> {
     if let Some(rec) = store.owned.disks.get(RAID_KEY).cloned() {
+        if rec.members.is_empty() {
+            return Err(PrepareError::Raid(format!(
+                "{RAID_KEY} is recorded in owned.json with no members; not assembling or \
+                 creating anything (needs an operator: see docs/disks.md)"
+            )));
+        }
         let members: Vec<&Classified> = classified
             .iter()
             .filter(|c| rec.members.contains(&c.key))

@@ -22,7 +22,17 @@ pub struct ControllerConfig {
     pub other_node: String,
     /// The length of one second of a pod's grace period (tests scale it down).
     pub grace_second: Duration,
+    /// From a write to the disruption controller's next PDB status update; `None` stops the
+    /// controller (status is then only what tests write).
+    pub pdb_lag: Option<Duration>,
+    /// How long an entry of `status.disruptedPods` keeps its pod out of the healthy count when
+    /// the pod is not deleted (the controller's `DeletionTimeout`, 2 minutes).
+    pub disrupted_pod_timeout: Duration,
 }
+
+/// Default disruption-controller lag: long enough that a client acting on a PDB's status races
+/// a stale one, short enough that drains in tests are not slowed much.
+pub const DEFAULT_PDB_LAG: Duration = Duration::from_millis(100);
 
 impl Default for ControllerConfig {
     fn default() -> Self {
@@ -31,6 +41,8 @@ impl Default for ControllerConfig {
             ready_delay: Duration::from_millis(500),
             other_node: "node-other".into(),
             grace_second: Duration::from_secs(1),
+            pdb_lag: Some(DEFAULT_PDB_LAG),
+            disrupted_pod_timeout: Duration::from_secs(120),
         }
     }
 }

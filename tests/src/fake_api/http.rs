@@ -38,7 +38,13 @@ fn json_response(code: u16, body: &Value) -> Response {
 }
 
 fn error_response(e: &ApiError) -> Response {
-    json_response(e.code, &e.status())
+    let mut r = json_response(e.code, &e.status());
+    if let Some(s) = e.retry_after
+        && let Ok(v) = header::HeaderValue::from_str(&s.to_string())
+    {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    r
 }
 
 fn percent_decode(s: &str) -> String {
@@ -280,7 +286,7 @@ fn route(store: &Arc<Store>, call: &Call) -> Response {
             warnings = validate_fields(store, &q, "Eviction", faults::unknown_eviction_fields(&b))?;
             let ns = t.ns.unwrap_or_default();
             store
-                .mutate(|st| pdb::evict(st, ns, name, &b))
+                .mutate(|st| pdb::evict(st, ns, name, &b, q.get("dryRun").map(String::as_str)))
                 .map(|o| (201, o))
         }),
         ("PUT", Some(name), Some("status") | None) => parse_body(body)

@@ -64,6 +64,8 @@ pub struct PodSeed {
     pub annotations: Vec<(String, String)>,
     pub host_network: bool,
     pub finalizers: Vec<String>,
+    /// `status.phase` when not Running (Pending, Succeeded, Failed).
+    pub phase: Option<String>,
 }
 
 impl PodSeed {
@@ -83,7 +85,14 @@ impl PodSeed {
             annotations: Vec::new(),
             host_network: false,
             finalizers: Vec::new(),
+            phase: None,
         }
+    }
+    /// `status.phase` other than Running (the eviction handler skips budgets for Pending,
+    /// Succeeded and Failed pods).
+    pub fn phase(mut self, phase: &str) -> Self {
+        self.phase = Some(phase.into());
+        self
     }
     pub fn namespace(mut self, ns: &str) -> Self {
         self.namespace = ns.into();
@@ -205,6 +214,21 @@ impl FakeApiBuilder {
         self.config.grace_second = d;
         self
     }
+    /// How long after a write the disruption controller updates PDB status (default 100 ms).
+    pub fn pdb_lag(mut self, d: Duration) -> Self {
+        self.config.pdb_lag = Some(d);
+        self
+    }
+    /// No disruption controller: PDB status is what `set_pdb_status` / `sync_pdbs` write.
+    pub fn pdb_controller_paused(mut self) -> Self {
+        self.config.pdb_lag = None;
+        self
+    }
+    /// The disruption controller's `DeletionTimeout` for `disruptedPods` entries (default 120 s).
+    pub fn disrupted_pod_timeout(mut self, d: Duration) -> Self {
+        self.config.disrupted_pod_timeout = d;
+        self
+    }
 
     pub fn start(self) -> FakeApi {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -214,6 +238,7 @@ impl FakeApiBuilder {
             .build()
             .expect("fake API runtime");
         let store = Store::new(rt.handle().clone(), self.config, self.validation);
+        store.spawn_disruption_controller();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("local addr");
@@ -404,7 +429,11 @@ impl FakeApi {
         }
         let ip = format!("10.244.0.{}", self.store.lock().seq % 250 + 2);
         let pod = json!({"metadata": meta, "spec": spec, "status": {"podIP": ip}});
-        self.create(Res::Pods, controllers::with_readiness(pod, seed.ready))
+        let mut pod = controllers::with_readiness(pod, seed.ready);
+        if let Some(phase) = &seed.phase {
+            pod["status"]["phase"] = json!(phase);
+        }
+        self.create(Res::Pods, pod)
     }
 
     /// A ReplicaSet selecting `selector` (matchLabels) with a template carrying `template_labels`.
@@ -446,7 +475,8 @@ impl FakeApi {
     }
 
     /// A policy/v1 PodDisruptionBudget; seed the pods first, so the audit's first sample is the
-    /// real starting point.
+    /// real starting point. Its status is computed at once (a seeded PDB is one the disruption
+    /// controller has already observed) unless the controller is paused.
     pub fn add_pdb(
         &self,
         ns: &str,
@@ -472,6 +502,9 @@ impl FakeApi {
             Res::PodDisruptionBudgets,
             json!({"metadata": {"name": name, "namespace": ns}, "spec": spec}),
         );
+        if self.store.config.pdb_lag.is_some() {
+            self.store.sync_pdbs();
+        }
         self.get(Res::PodDisruptionBudgets, ns, name)
             .expect("just created")
     }
@@ -526,6 +559,32 @@ impl FakeApi {
                 "ports": ports,
             }),
         )
+    }
+
+    /// Runs the disruption controller once now (also when paused).
+    pub fn sync_pdbs(&self) {
+        self.store.sync_pdbs();
+    }
+
+    /// Writes a PDB's `status` as given (a paused controller keeps it), as kubernetes' eviction
+    /// tests seed a fake clientset.
+    pub fn set_pdb_status(&self, ns: &str, name: &str, status: Value) {
+        self.edit(Res::PodDisruptionBudgets, ns, name, |pdb| {
+            pdb["status"] = status
+        });
+    }
+
+    /// Changes an object in place, as an outside writer would (one MODIFIED event; a `spec`
+    /// change bumps `generation`).
+    pub fn edit(&self, res: Res, ns: &str, name: &str, f: impl FnOnce(&mut Value)) {
+        self.store.mutate(|st| {
+            let mut obj = st
+                .get(res, ns, name)
+                .cloned()
+                .unwrap_or_else(|| panic!("{res:?} {ns}/{name} exists"));
+            f(&mut obj);
+            st.replace(res, obj);
+        });
     }
 
     /// Flips a pod's Ready condition (as the kubelet would).

@@ -21,6 +21,9 @@ pub struct ApiError {
     pub reason: &'static str,
     pub message: String,
     pub details: Option<Value>,
+    /// Seconds for a `Retry-After` header (the API server sets it from
+    /// `details.retryAfterSeconds`).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -30,6 +33,7 @@ impl ApiError {
             reason,
             message: message.into(),
             details: None,
+            retry_after: None,
         }
     }
 
@@ -88,9 +92,12 @@ impl ApiError {
             "metadata": {},
             "status": "Failure",
             "message": self.message,
-            "reason": self.reason,
             "code": self.code,
         });
+        // A Status returned as an object (eviction.go's multi-PDB 500) has no reason.
+        if !self.reason.is_empty() {
+            s["reason"] = json!(self.reason);
+        }
         if let Some(d) = &self.details {
             s["details"] = d.clone();
         }
@@ -374,7 +381,7 @@ impl Store {
             let mut st = self.lock();
             f(&mut st);
             controllers::release_finalized(&mut st);
-            pdb::reconcile(&mut st);
+            pdb::audit(&mut st);
             (std::mem::take(&mut st.followups), st.rv)
         };
         self.changed.send_replace(rv);
@@ -392,6 +399,48 @@ impl Store {
                 });
             });
         }
+    }
+}
+
+// === impl Store: the disruption controller ===
+
+impl Store {
+    /// Runs the disruption controller once now (PDB `status` from the current pods) and wakes
+    /// watchers. Returns the resourceVersion after its writes and its next forced recheck.
+    pub fn sync_pdbs(self: &Arc<Self>) -> (u64, Option<SystemTime>) {
+        let mut recheck = None;
+        let timeout = self.config.disrupted_pod_timeout;
+        self.apply(&mut |st: &mut State| recheck = pdb::sync_status(st, timeout));
+        (self.lock().rv, recheck)
+    }
+
+    /// Starts the disruption controller as a background task: `pdb_lag` after a write it
+    /// recomputes every PDB's status from what it then sees (several writes within the lag are
+    /// seen at once, like an informer that is behind). With `pdb_lag: None` it never runs: tests
+    /// set the status by hand, as kubernetes' eviction tests do with a fake clientset.
+    pub fn spawn_disruption_controller(self: &Arc<Self>) {
+        let Some(lag) = self.config.pdb_lag else {
+            return;
+        };
+        let store = Arc::clone(self);
+        self.handle.spawn(async move {
+            let mut changes = store.subscribe();
+            let mut seen = store.lock().rv;
+            let mut recheck: Option<SystemTime> = None;
+            loop {
+                let until_recheck = recheck
+                    .map(|t| t.duration_since(SystemTime::now()).unwrap_or_default())
+                    .unwrap_or(Duration::from_secs(3600));
+                let changed = changes.wait_for(|rv| *rv > seen);
+                // A change, or a disruptedPods deadline to look at again; an error: the store
+                // is gone.
+                if let Ok(Err(_)) = tokio::time::timeout(until_recheck, changed).await {
+                    return;
+                }
+                tokio::time::sleep(lag).await;
+                (seen, recheck) = store.sync_pdbs();
+            }
+        });
     }
 }
 

@@ -45,6 +45,10 @@ struct Scripted {
     mode: Arc<AtomicU8>,
     /// Drop this many of the next datagrams without answering.
     drop_next: Arc<AtomicU32>,
+    /// Answer every query this many milliseconds late (a slow upstream, not a failing one).
+    delay_ms: Arc<AtomicU32>,
+    /// The last byte of the address in A answers (192.0.2.x), to tell answers apart.
+    address: Arc<AtomicU8>,
     log: Arc<Mutex<Vec<Received>>>,
     stop: Arc<AtomicBool>,
 }
@@ -59,12 +63,16 @@ impl Scripted {
             addr,
             mode: Arc::new(AtomicU8::new(Mode::Answer as u8)),
             drop_next: Arc::default(),
+            delay_ms: Arc::default(),
+            address: Arc::new(AtomicU8::new(66)),
             log: Arc::default(),
             stop: Arc::default(),
         };
-        let (mode, drop_next, log, stop) = (
+        let (mode, drop_next, delay_ms, address, log, stop) = (
             s.mode.clone(),
             s.drop_next.clone(),
+            s.delay_ms.clone(),
+            s.address.clone(),
             s.log.clone(),
             s.stop.clone(),
         );
@@ -83,8 +91,25 @@ impl Scripted {
                 {
                     continue;
                 }
-                let answer = respond(q, &name, mode.load(Ordering::SeqCst));
-                let _ = sock.send_to(&answer, peer);
+                let answer = respond(
+                    q,
+                    &name,
+                    mode.load(Ordering::SeqCst),
+                    address.load(Ordering::SeqCst),
+                );
+                match delay_ms.load(Ordering::SeqCst) {
+                    0 => {
+                        let _ = sock.send_to(&answer, peer);
+                    }
+                    // Late, from a thread of its own: the other queries are not held up.
+                    ms => {
+                        let late = sock.try_clone().expect("clone the upstream socket");
+                        std::thread::spawn(move || {
+                            std::thread::sleep(Duration::from_millis(u64::from(ms)));
+                            let _ = late.send_to(&answer, peer);
+                        });
+                    }
+                }
             }
         });
         s
@@ -154,7 +179,7 @@ fn client_cookie(q: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
-fn respond(q: &[u8], name: &str, mode: u8) -> Vec<u8> {
+fn respond(q: &[u8], name: &str, mode: u8, address: u8) -> Vec<u8> {
     let (ad_asked, cd) = (q[3] & 0x20 != 0, q[3] & 0x10 != 0);
     let opt = query_opt(q);
     let do_bit = opt.is_some_and(|(rdata, _)| q[rdata - 5] & 0x80 != 0);
@@ -185,7 +210,7 @@ fn respond(q: &[u8], name: &str, mode: u8) -> Vec<u8> {
             .unwrap_or(300);
         r.extend_from_slice(&[0xC0, 12, 0, 1, 0, 1]);
         r.extend_from_slice(&ttl.to_be_bytes());
-        r.extend_from_slice(&[0, 4, 192, 0, 2, 66]);
+        r.extend_from_slice(&[0, 4, 192, 0, 2, address]);
     }
     if opt.is_some() {
         // Our OPT; a cookie-aware server echoes the client cookie with a server cookie.
@@ -356,4 +381,52 @@ fn servfail_and_refused_serve_stale_and_the_next_asker_gets_it_at_once_as_root()
     check(&dig(listen, &["never.test", "A"]), "SERVFAIL", &agent);
     up.set_mode(Mode::Refused);
     check(&dig(listen, &["never2.test", "A"]), "REFUSED", &agent);
+}
+
+#[test]
+fn a_slow_upstream_gets_the_client_stale_data_after_the_client_timer_and_the_refresh_lands_as_root()
+{
+    if !tools() {
+        return;
+    }
+    let _netns = Netns::enter_fresh("dns-edges");
+    let up = Scripted::start();
+    // Timer 300 ms; the upstream will take 1.2 s, within the 3 s dns.timeout (slow, not failed).
+    let (listen, agent) = cache(
+        &up,
+        "maxTtl: 30s\nserveStale: true\nstaleTtl: 30s\nprefetch: false\n\
+         staleAnswerClientTimeout: 300ms",
+        "timeout: 3s",
+    );
+    // TTL 2 (the name's first label): warm, then let it expire.
+    let name = "2.slow.test";
+    let warm = dig(listen, &[name, "A"]);
+    check(&warm, "NOERROR", &agent);
+    assert_eq!(warm.data("A"), vec!["192.0.2.66"]);
+    std::thread::sleep(Duration::from_millis(2500));
+
+    up.address.store(77, Ordering::SeqCst);
+    up.delay_ms.store(1200, Ordering::SeqCst);
+    let stale = dig(listen, &[name, "A"]);
+    check(&stale, "NOERROR", &agent);
+    assert_eq!(
+        stale.data("A"),
+        vec!["192.0.2.66"],
+        "the stale answer, not the slow refresh: {}",
+        stale.raw
+    );
+    assert_eq!(stale.answer[0].ttl, 30, "staleTtl: {}", stale.raw);
+    // Sent, and retransmitted while slow (the RTO is far below 1.2 s).
+    assert!(up.queries_for(name).len() >= 2, "the refresh was sent");
+
+    // The refresh was not abandoned with the client: once the upstream answers, the new
+    // address is in the cache (TTL 2), served without another upstream query.
+    up.delay_ms.store(0, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(1600));
+    let sent = up.queries_for(name).len();
+    let fresh = dig(listen, &[name, "A"]);
+    check(&fresh, "NOERROR", &agent);
+    assert_eq!(fresh.data("A"), vec!["192.0.2.77"], "{}", fresh.raw);
+    assert!(fresh.answer[0].ttl <= 2, "{}", fresh.raw);
+    assert_eq!(up.queries_for(name).len(), sent, "from the cache");
 }

@@ -181,6 +181,9 @@ impl DnsServer {
             Lookup::Stale(e) if self.config.cache.serve_stale && e.recently_failed(now) => {
                 Outcome::Kept(e)
             }
+            Lookup::Stale(e) if self.config.cache.serve_stale => {
+                self.fetch_within_client_timer(&key, query, &q, e).await
+            }
             _ => self.fetch(&key, query, &q).await,
         };
         let now = Instant::now();
@@ -205,6 +208,28 @@ impl DnsServer {
         };
         self.finish(query, &q, proto, rc, out);
         true
+    }
+
+    /// RFC 8767 client-response timer: a client whose name has a stale entry waits for the
+    /// refresh at most `staleAnswerClientTimeout`, then gets the stale entry. The refresh runs
+    /// in a task of its own (only on this path: a stale entry in hand), so it goes on after the
+    /// client is answered and fills the cache for the askers after it.
+    async fn fetch_within_client_timer(
+        self: &Arc<Self>,
+        key: &[u8],
+        query: &[u8],
+        q: &Query,
+        stale: Arc<Entry>,
+    ) -> Outcome {
+        let this = self.clone();
+        let (key, query, q) = (key.to_vec(), query.to_vec(), q.clone());
+        let refresh = tokio::spawn(async move { this.fetch(&key, &query, &q).await });
+        let timer = self.config.cache.stale_answer_client_timeout.get();
+        match tokio::time::timeout(timer, refresh).await {
+            Ok(Ok(outcome)) => outcome,
+            // The refresh is slower than the timer (it goes on), or its task died.
+            Ok(Err(_)) | Err(_) => Outcome::Kept(stale),
+        }
     }
 
     /// Truncates a UDP answer the client cannot take, and counts the request.
@@ -726,6 +751,13 @@ mod tests {
     }
 
     fn server(delay: Duration) -> (Arc<DnsServer>, Arc<FakeUpstream>) {
+        server_with(delay, |_| {})
+    }
+
+    fn server_with(
+        delay: Duration,
+        configure: impl FnOnce(&mut DnsConfig),
+    ) -> (Arc<DnsServer>, Arc<FakeUpstream>) {
         let up = Arc::new(FakeUpstream {
             calls: AtomicU32::new(0),
             delay,
@@ -737,6 +769,7 @@ mod tests {
         let metrics = DnsMetrics::register(&mut registry);
         let mut config = DnsConfig::default();
         config.cache.max_ttl = ConfigDuration(Duration::from_secs(30));
+        configure(&mut config);
         (DnsServer::new(config, up.clone(), metrics), up)
     }
 
@@ -1237,5 +1270,57 @@ mod tests {
         let info = wire::scan_response(&out).unwrap();
         assert_eq!(info.end, out.len(), "nothing after the last record");
         assert!(!out.ends_with(&[0xde, 0xad, 0xbe, 0xef]));
+    }
+
+    #[tokio::test]
+    async fn a_slow_refresh_answers_stale_after_the_client_timer_and_still_fills_the_cache() {
+        // The upstream takes 400 ms (slow, not failing); the client timer is 100 ms.
+        let (s, up) = server_with(Duration::from_millis(400), |c| {
+            c.cache.stale_answer_client_timeout = ConfigDuration(Duration::from_millis(100));
+        });
+        let mut out = Vec::new();
+        let q = query(1, "1.slow.test", 1, None);
+        s.answer(&q, Protocol::Udp, &mut out).await;
+        assert_eq!(ttl_of(&out), 1);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        s.answer(&query(2, "1.slow.test", 1, None), Protocol::Udp, &mut out)
+            .await;
+        assert_eq!(rcode_of(&out), rcode::NOERROR);
+        assert_eq!(
+            ttl_of(&out),
+            30,
+            "stale (staleTtl), not the refresh's TTL 1"
+        );
+        assert_eq!(s.metrics.stale_served.get(), 1);
+        assert_eq!(up.calls.load(Ordering::SeqCst), 2, "the refresh was sent");
+        // The refresh was not dropped with the client: it lands in the cache.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let mut key = Vec::new();
+        wire::parse_query(&q).unwrap().key_into(&q, &mut key);
+        assert!(
+            matches!(s.cache.lookup(&key, Instant::now()), Lookup::Fresh(_)),
+            "refreshed in the background"
+        );
+        s.answer(&query(3, "1.slow.test", 1, None), Protocol::Udp, &mut out)
+            .await;
+        assert_eq!(ttl_of(&out), 1, "the refreshed answer");
+        assert_eq!(up.calls.load(Ordering::SeqCst), 2, "from the cache");
+    }
+
+    #[tokio::test]
+    async fn a_client_timer_of_zero_answers_stale_at_once_and_misses_still_wait() {
+        let (s, up) = server_with(Duration::from_millis(300), |c| {
+            c.cache.stale_answer_client_timeout = ConfigDuration(Duration::ZERO);
+        });
+        let mut out = Vec::new();
+        // Nothing stale to give: a miss waits for the upstream, whatever the timer.
+        s.answer(&query(1, "1.zero.test", 1, None), Protocol::Udp, &mut out)
+            .await;
+        assert_eq!((rcode_of(&out), ttl_of(&out)), (rcode::NOERROR, 1));
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        s.answer(&query(2, "1.zero.test", 1, None), Protocol::Udp, &mut out)
+            .await;
+        assert_eq!(ttl_of(&out), 30, "stale at once");
+        assert_eq!(up.calls.load(Ordering::SeqCst), 2);
     }
 }

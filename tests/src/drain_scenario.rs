@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::fake_api::{FakeApi, PdbLimit, PodSeed};
+use crate::fake_api::{FakeApi, FakeApiBuilder, PdbLimit, PodSeed};
 
 pub const NODE: &str = "node-a";
 pub const DEPLOYMENTS: usize = 6;
@@ -23,11 +23,16 @@ pub struct Scenario {
 
 /// Seeds the rotation scenario. `replace`/`ready` are the ReplicaSet controller's delays.
 pub fn rotation(replace: Duration, ready: Duration) -> Scenario {
-    let api = FakeApi::builder()
-        .replace_delay(replace)
-        .ready_delay(ready)
-        .other_node("node-other")
-        .start();
+    rotation_on(
+        FakeApi::builder().replace_delay(replace).ready_delay(ready),
+        None,
+    )
+}
+
+/// The rotation scenario on a fake configured by `builder` (lags, grace-second scale, field
+/// validation); every pod gets `terminationGracePeriodSeconds: grace` when given.
+pub fn rotation_on(builder: FakeApiBuilder, grace: Option<i64>) -> Scenario {
+    let api = builder.other_node("node-other").start();
     api.add_node(NODE, &[("pool", "trino")]);
     api.add_node("node-other", &[]);
     for d in 0..DEPLOYMENTS {
@@ -52,6 +57,9 @@ pub fn rotation(replace: Duration, ready: Duration) -> Scenario {
             }
             if name == LEADER {
                 seed = seed.label("nodekeeper.io/role", "leader");
+            }
+            if let Some(g) = grace {
+                seed = seed.grace_period(g);
             }
             api.add_pod(seed);
         }

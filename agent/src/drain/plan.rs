@@ -124,8 +124,11 @@ pub fn plan(pods: &[Pod], opts: &PlanOptions) -> Plan {
             .as_ref()
             .and_then(|o| o.iter().find(|r| r.controller == Some(true)));
         // As kubectl: only an apps/v1 DaemonSet's pods stay (a custom resource that happens to
-        // be called DaemonSet does not make its pods node-bound).
-        if controller.is_some_and(|c| c.kind == "DaemonSet" && c.api_version == "apps/v1") {
+        // be called DaemonSet does not make its pods node-bound), and only while they run: a
+        // finished one is removed like any finished pod (kubectl's "DS-managed terminated pod").
+        if controller.is_some_and(|c| c.kind == "DaemonSet" && c.api_version == "apps/v1")
+            && !is_finished(pod)
+        {
             out.skipped.push((ns, name, "daemonset".into()));
             continue;
         }
@@ -235,6 +238,10 @@ mod tests {
         }
         fn priority(mut self, p: i32) -> Self {
             self.0.spec.as_mut().unwrap().priority = Some(p);
+            self
+        }
+        fn phase(mut self, phase: &str) -> Self {
+            self.0.status.get_or_insert_with(Default::default).phase = Some(phase.into());
             self
         }
         fn empty_dir(mut self) -> Self {
@@ -363,5 +370,126 @@ mod tests {
         let mut refused: Vec<_> = p.refused.iter().map(|(k, _)| k.as_str()).collect();
         refused.sort();
         assert_eq!(refused, ["ns/lonely", "ns/scratch"]);
+    }
+
+    /// What the plan does with one pod.
+    #[derive(Debug, PartialEq)]
+    enum Outcome {
+        Evict,
+        Stay,
+        Refuse,
+    }
+
+    fn outcome(p: &Plan, name: &str) -> Outcome {
+        if p.refused.iter().any(|(k, _)| k == &format!("ns/{name}")) {
+            Outcome::Refuse
+        } else if p.evict.iter().any(|e| e.name == name) {
+            Outcome::Evict
+        } else {
+            assert!(
+                p.skipped.iter().any(|(_, n, _)| n == name),
+                "{name} unplanned"
+            );
+            Outcome::Stay
+        }
+    }
+
+    /// kubectl `pkg/cmd/drain/drain_test.go` `TestDrain`, the filter cases, ported by
+    /// description: kubectl's `--force` is `evict_unreplicated`, `--delete-emptydir-data` is
+    /// `delete_emptydir_data`. One deliberate difference: nodekeeper always behaves as
+    /// `--ignore-daemonsets` (a running DaemonSet pod stays; kubectl without the flag refuses
+    /// the drain), so "DS-managed pod" expects Stay where kubectl is fatal. "fail to list pods"
+    /// is not a filter case (drain_wire covers API errors).
+    #[test]
+    fn kubectl_test_drain_filter_cases() {
+        use Outcome::*;
+        let rc = || P::new("bar").owner_in("v1", "ReplicationController");
+        let ds = || P::new("bar").owner("DaemonSet");
+        let job = || P::new("bar").owner_in("v1", "Job");
+        let naked = || P::new("bar").unowned();
+        // (description, pod, --force, --delete-emptydir-data, expected)
+        let cases: Vec<(&str, P, bool, bool, Outcome)> = vec![
+            ("RC-managed pod", rc(), false, false, Evict),
+            ("DS-managed pod", ds(), false, false, Stay),
+            (
+                "DS-managed terminated pod",
+                ds().phase("Succeeded"),
+                false,
+                false,
+                Evict,
+            ),
+            ("orphaned DS-managed pod", naked(), false, false, Refuse),
+            (
+                "orphaned DS-managed pod with --force",
+                naked(),
+                true,
+                false,
+                Evict,
+            ),
+            (
+                "DS-managed pod with --ignore-daemonsets",
+                ds(),
+                false,
+                false,
+                Stay,
+            ),
+            (
+                "DS-managed pod with emptyDir with --ignore-daemonsets",
+                ds().empty_dir(),
+                false,
+                false,
+                Stay,
+            ),
+            (
+                "Job-managed pod with local storage",
+                job().empty_dir(),
+                true,
+                true,
+                Evict,
+            ),
+            (
+                "Job-managed terminated pod",
+                job().empty_dir().phase("Succeeded"),
+                false,
+                false,
+                Evict,
+            ),
+            ("RS-managed pod", P::new("bar"), false, false, Evict),
+            ("naked pod", naked(), false, false, Refuse),
+            ("naked pod with --force", naked(), true, false, Evict),
+            (
+                "pod with EmptyDir",
+                naked().empty_dir(),
+                true,
+                false,
+                Refuse,
+            ),
+            (
+                "terminated pod with emptyDir",
+                naked().empty_dir().phase("Failed"),
+                false,
+                false,
+                Evict,
+            ),
+            (
+                "pod with EmptyDir and --delete-emptydir-data",
+                naked().empty_dir(),
+                true,
+                true,
+                Evict,
+            ),
+        ];
+        for (description, pod, force, emptydir, want) in cases {
+            let o = PlanOptions {
+                evict_unreplicated: force,
+                delete_emptydir_data: emptydir,
+                ..opts()
+            };
+            let p = plan(&[pod.0], &o);
+            assert_eq!(outcome(&p, "bar"), want, "{description}: {p:?}");
+        }
+        // "empty node": nothing to do, nothing refused.
+        let p = plan(&[], &opts());
+        assert!(p.evict.is_empty() && p.skipped.is_empty() && p.refused.is_empty());
     }
 }

@@ -371,6 +371,40 @@ fn dry_run_of(body: &Value, query_dry_run: Option<&str>) -> Result<bool, ApiErro
     Ok(all.iter().any(|d| d == "All"))
 }
 
+/// `getLatestPod` in `addConditionAndDeletePod`: the eviction's own precondition check, with its
+/// own messages (the delete that follows would word them differently).
+fn eviction_preconditions(pod: &Value, opts: &Value) -> Result<(), ApiError> {
+    let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+    let conflict = |why: String| {
+        let mut e = ApiError::new(
+            409,
+            "Conflict",
+            format!("Operation cannot be fulfilled on Pod \"{name}\": {why}"),
+        );
+        e.details = Some(json!({"name": name, "kind": "Pod"}));
+        e
+    };
+    let pre = &opts["preconditions"];
+    let (uid, rv) = (&pod["metadata"]["uid"], &pod["metadata"]["resourceVersion"]);
+    if let Some(want) = pre["uid"].as_str().filter(|u| !u.is_empty())
+        && uid != want
+    {
+        return Err(conflict(format!(
+            "the UID in the precondition ({want}) does not match the UID in record ({}). The object might have been deleted and then recreated",
+            uid.as_str().unwrap_or_default()
+        )));
+    }
+    if let Some(want) = pre["resourceVersion"].as_str().filter(|r| !r.is_empty())
+        && rv != want
+    {
+        return Err(conflict(format!(
+            "the ResourceVersion in the precondition ({want}) does not match the ResourceVersion in record ({}). The object might have been modified",
+            rv.as_str().unwrap_or_default()
+        )));
+    }
+    Ok(())
+}
+
 /// `addConditionAndDeletePod`: checks the preconditions, marks the pod `DisruptionTarget`
 /// (reason `EvictionByEvictionAPI`) and deletes it with the Eviction's `deleteOptions`.
 fn condition_and_delete(
@@ -385,7 +419,7 @@ fn condition_and_delete(
         .get(Res::Pods, ns, name)
         .cloned()
         .ok_or_else(|| ApiError::not_found(Res::Pods, name))?;
-    controllers::check_preconditions(Res::Pods, &pod, opts)?;
+    eviction_preconditions(&pod, opts)?;
     if dry_run {
         return Ok(success);
     }

@@ -118,7 +118,10 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
     // A state file we cannot read degrades its own capability, never the agent (issue #15):
     // DNS and metrics keep serving, health and the log say why, nothing is applied without it.
     let sysctl_store = if config.sysctl.enabled {
-        match OriginalsStore::load(Some(config.state_dir.join("sysctl/originals.json"))) {
+        match OriginalsStore::load(
+            Some(config.state_dir.join("sysctl/originals.json")),
+            crate::sysctl::apply::Owner::Daemon,
+        ) {
             Ok(store) => Some(store),
             Err(e) => {
                 tracing::error!(error = %e, "sysctl off until its state file is repaired or removed; the rest of the agent serves");

@@ -242,8 +242,18 @@ enum SysctlAction {
     Plan(SysctlArgs),
     /// Validate and apply the profiles once, all-or-nothing.
     Apply(SysctlArgs),
-    /// Restore every key the agent changed to its recorded original value.
-    Revert(SysctlArgs),
+    /// Restore the keys `sysctl apply` changed to their recorded original values.
+    Revert(RevertArgs),
+}
+
+#[derive(Args)]
+struct RevertArgs {
+    #[command(flatten)]
+    sysctl: SysctlArgs,
+    /// Also restore the keys the daemon applied (run it with the daemon stopped for good: a
+    /// running daemon holds the journal and this is refused).
+    #[arg(long)]
+    all: bool,
 }
 
 #[derive(Args)]
@@ -372,7 +382,12 @@ fn main() -> ExitCode {
             let (args, run): (SysctlArgs, SysctlCommand) = match action {
                 SysctlAction::Plan(a) => (a, |c, t| nodekeeper::sysctl::plan_report(&c.sysctl, t)),
                 SysctlAction::Apply(a) => (a, |c, t| nodekeeper::sysctl::apply_once(&c.sysctl, t)),
-                SysctlAction::Revert(a) => (a, |_, t| nodekeeper::sysctl::revert_all(t)),
+                SysctlAction::Revert(RevertArgs { sysctl, all: false }) => (sysctl, |_, t| {
+                    nodekeeper::sysctl::revert_once(t, nodekeeper::sysctl::apply::Scope::Own)
+                }),
+                SysctlAction::Revert(RevertArgs { sysctl, all: true }) => (sysctl, |_, t| {
+                    nodekeeper::sysctl::revert_once(t, nodekeeper::sysctl::apply::Scope::All)
+                }),
             };
             let config = match load(args.config.config.as_deref(), args.config.overrides) {
                 Ok(c) => c,

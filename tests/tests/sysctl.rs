@@ -1099,7 +1099,6 @@ fn adversary_the_daemon_erases_an_original_the_cli_recorded() {
 }
 
 #[test]
-#[ignore = "adversary finding: a daemon started after a `sysctl apply` treats the CLI's journal entry as its own removed key and drops it (no owner per key)"]
 fn adversary_a_daemon_started_after_a_cli_apply_keeps_the_cli_original() {
     let fake = FakeProc::new(BASE_KEYS);
     let dir = tempfile::tempdir().unwrap();
@@ -1143,6 +1142,32 @@ fn adversary_a_daemon_started_after_a_cli_apply_keeps_the_cli_original() {
         "7",
         "the daemon did not revert the CLI's key"
     );
+    // With the daemon stopped, `sysctl revert` restores the CLI's key and leaves the daemon's;
+    // `--all` restores those too.
+    let revert = |extra: &[&str]| {
+        Command::new(agent_bin())
+            .args(["sysctl", "revert", "--config"])
+            .arg(&file)
+            .args(extra)
+            .arg("--host-proc")
+            .arg(fake.proc())
+            .arg("--state-dir")
+            .arg(&state)
+            .output()
+            .unwrap()
+    };
+    let o = revert(&[]);
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(
+        out(&o).contains("1 key(s) the daemon applied left"),
+        "{}",
+        out(&o)
+    );
+    assert_eq!(fake.get("vm.swappiness"), "60");
+    assert_eq!(fake.get("net.core.somaxconn"), "8192");
+    let o = revert(&["--all"]);
+    assert!(o.status.success(), "{}", out(&o));
+    assert_eq!(fake.get("net.core.somaxconn"), "4096");
 }
 
 /// Stops the daemon (dropping it) but keeps its temp dir for inspection.
@@ -1187,7 +1212,6 @@ fn adversary_netns_revert_after_two_applies_leaves_a_dependant_changed() {
 }
 
 #[test]
-#[ignore = "adversary finding: the per-namespace journal is keyed by an inode the kernel reuses: a new namespace inherits a dead one's originals"]
 fn adversary_netns_a_new_namespace_inherits_a_dead_ones_journal() {
     if !require_root() || !require_tool("ip") {
         return;
@@ -1211,19 +1235,28 @@ fn adversary_netns_a_new_namespace_inherits_a_dead_ones_journal() {
     );
     assert!(o.status.success(), "{}", out(&o));
     drop(old);
-    // A new pod's namespace: the kernel hands out freed namespace inodes again.
+    // A new pod's namespace: the kernel hands out freed namespace inodes again (freed
+    // asynchronously, so it may take a few namespaces).
     let mut new = None;
+    let mut spares = Vec::new();
     for i in 0..50 {
         let ns = Netns::new(&format!("adv-new{i}"));
         if identity(&ns) == dead {
             new = Some(ns);
             break;
         }
+        spares.push(ns);
     }
-    let Some(new) = new else {
-        eprintln!("the kernel did not reuse the inode in 50 tries");
-        return;
-    };
+    let new = new.unwrap_or_else(|| {
+        // Not reused in 50 tries: give the dead namespace's journal the new one's name, which is
+        // exactly what a reuse leaves on disk.
+        let new = spares.pop().expect("one namespace made");
+        let name = |(dev, ino): (u64, u64)| state.join(format!("sysctl/netns/{dev}-{ino}.json"));
+        std::fs::rename(name(dead), name(identity(&new))).unwrap();
+        eprintln!("the kernel did not reuse the inode in 50 tries: reuse simulated by renaming");
+        new
+    });
+    drop(spares);
     ns_write(&new, "net.core.somaxconn", "1000");
     let o = cli_in(
         &new.path(),
@@ -1232,6 +1265,11 @@ fn adversary_netns_a_new_namespace_inherits_a_dead_ones_journal() {
         &state,
     );
     assert!(o.status.success(), "{}", out(&o));
+    assert!(
+        out(&o).contains("discarded the record of a dead network namespace"),
+        "{}",
+        out(&o)
+    );
     let o = cli_in(&new.path(), "revert", "sysctl: {}\n", &state);
     assert!(o.status.success(), "{}", out(&o));
     assert_eq!(

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::dependants;
+use super::netns::NetnsIdentity;
 use super::profile::{Desired, SysctlValue};
 
 /// Larger than any sysctl value; bounds a read of a misconfigured path (e.g. a device node).
@@ -207,6 +208,24 @@ impl SysctlFs {
     }
 }
 
+/// Who changed a key (and so who may put it back): the daemon reverts only its own entries
+/// when they leave its profiles, a CLI `revert` only the CLI's unless `--all`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Owner {
+    Daemon,
+    Cli,
+}
+
+/// Which entries a revert restores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Only the entries of the store's holder.
+    Own,
+    /// Every entry, whoever recorded it (`nodekeeper sysctl revert --all`).
+    All,
+}
+
 /// Original values of keys we changed, as they were before our first write.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Originals {
@@ -215,10 +234,18 @@ pub struct Originals {
     /// Dotted key -> the original values of the paths the kernel changes along with it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub dependants: BTreeMap<String, BTreeMap<String, String>>,
+    /// Dotted key -> who last applied it. A journal written before owners existed has none:
+    /// [`OriginalsStore::load`] counts such entries as the CLI's (see docs/sysctl.md).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub owners: BTreeMap<String, Owner>,
     /// The network namespace (`net:[inode]`) the CLI recorded these originals in: replaying
     /// them from another namespace would write that one and leave this one changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<String>,
+    /// A `--netns` journal: the namespace it belongs to, beyond the inode in its file name
+    /// (which the kernel reuses once the namespace is gone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_identity: Option<NetnsIdentity>,
 }
 
 impl Originals {
@@ -238,6 +265,12 @@ impl Originals {
     fn forget(&mut self, key: &str) {
         self.keys.remove(key);
         self.dependants.remove(key);
+        self.owners.remove(key);
+    }
+
+    /// Who owns `key`'s entry; an entry without an owner (older journal) is the CLI's.
+    pub fn owner(&self, key: &str) -> Owner {
+        self.owners.get(key).copied().unwrap_or(Owner::Cli)
     }
 }
 
@@ -250,6 +283,8 @@ impl Originals {
 pub struct OriginalsStore {
     path: Option<PathBuf>,
     pub originals: Originals,
+    /// Who holds the journal: the owner of every entry it records or adopts.
+    pub holder: Owner,
     _lock: Option<nix::fcntl::Flock<std::fs::File>>,
 }
 
@@ -300,22 +335,66 @@ impl OriginalsStore {
         }
     }
 
-    pub fn load(path: Option<PathBuf>) -> Result<Self, ApplyError> {
-        Self::load_with(path, true)
+    /// Loads (and locks) the journal at `path` for `holder`. Entries without an owner (a journal
+    /// from before owners existed) become the CLI's: the daemon then never reverts or forgets
+    /// them unless it applies that key itself, and `nodekeeper sysctl revert` still restores them.
+    /// Binds a `--netns` journal to the namespace `current` it is used in. A journal recorded in
+    /// another namespace (a dead one whose inode this one reuses) is discarded: its file is
+    /// deleted and its originals, never applied here, are returned for the log. A journal with
+    /// originals but no identity (an older nodekeeper) is refused where this kernel could tell:
+    /// it cannot be told apart from a dead namespace's.
+    pub fn bind_to_netns_identity(
+        &mut self,
+        current: &NetnsIdentity,
+    ) -> Result<Option<Originals>, ApplyError> {
+        let path = self.path.clone().unwrap_or_default();
+        let stale = match &self.originals.netns_identity {
+            Some(recorded) => recorded != current,
+            None if self.originals.keys.is_empty() || current.cookie.is_none() => false,
+            None => {
+                return Err(ApplyError::State {
+                    path,
+                    error: "recorded without a namespace cookie (by an older nodekeeper): it cannot be told apart from a dead namespace that had this inode; if nodekeeper changed this namespace, restore its keys by hand from the file, then delete the file".into(),
+                });
+            }
+        };
+        let discarded = if stale {
+            let dead = std::mem::take(&mut self.originals);
+            if self.path.is_some() {
+                std::fs::remove_file(&path).map_err(|e| ApplyError::State {
+                    path: path.clone(),
+                    error: format!("discarding a dead namespace's record: {e}"),
+                })?;
+            }
+            tracing::warn!(journal = %path.display(), dead = ?dead.netns_identity, current = ?current, keys = ?dead.keys, "discarded the sysctl record of a dead network namespace that had this one's inode: its originals are never applied here");
+            Some(dead)
+        } else {
+            None
+        };
+        self.originals.netns_identity = Some(current.clone());
+        Ok(discarded)
     }
 
-    /// Unit tests: a second view of a journal another store holds.
+    pub fn load(path: Option<PathBuf>, holder: Owner) -> Result<Self, ApplyError> {
+        Self::load_with(path, holder, true)
+    }
+
+    /// Unit tests: a second view of a journal another store holds (as the daemon).
     #[cfg(test)]
     pub fn load_unlocked(path: Option<PathBuf>) -> Result<Self, ApplyError> {
-        Self::load_with(path, false)
+        Self::load_with(path, Owner::Daemon, false)
     }
 
-    fn load_with(path: Option<PathBuf>, take_lock: bool) -> Result<Self, ApplyError> {
+    fn load_with(
+        path: Option<PathBuf>,
+        holder: Owner,
+        take_lock: bool,
+    ) -> Result<Self, ApplyError> {
         let lock = match &path {
             Some(p) if take_lock => Some(lock(p)?),
             _ => None,
         };
-        let originals = match &path {
+        let mut originals: Originals = match &path {
             Some(p) if p.exists() => {
                 let text = std::fs::read_to_string(p).map_err(|e| ApplyError::State {
                     path: p.clone(),
@@ -328,9 +407,22 @@ impl OriginalsStore {
             }
             _ => Originals::default(),
         };
+        let unowned: Vec<String> = originals
+            .keys
+            .keys()
+            .filter(|k| !originals.owners.contains_key(*k))
+            .cloned()
+            .collect();
+        if !unowned.is_empty() {
+            tracing::warn!(keys = ?unowned, "sysctl journal entries without an owner (written by an older nodekeeper) count as the CLI's: the daemon will not revert them; `nodekeeper sysctl revert` does");
+            for key in unowned {
+                originals.owners.insert(key, Owner::Cli);
+            }
+        }
         Ok(Self {
             path,
             originals,
+            holder,
             _lock: lock,
         })
     }
@@ -375,6 +467,8 @@ struct Change<'a> {
     dependants_before: BTreeMap<String, String>,
     /// Its original was first recorded by this apply (so a good rollback forgets it again).
     newly_recorded: bool,
+    /// Who owned its entry before this apply adopted it (a good rollback gives it back).
+    previous_owner: Option<Owner>,
 }
 
 /// Applies every desired key or none. Keys already at their value are not written.
@@ -397,6 +491,7 @@ pub fn apply(
                 desired: d,
                 dependants_before: fs.snapshot(&dependants::dependants(fs, &d.key)),
                 newly_recorded: !store.originals.keys.contains_key(&d.key),
+                previous_owner: store.originals.owners.get(&d.key).copied(),
                 old: current,
             });
         }
@@ -427,6 +522,9 @@ pub fn apply(
             .keys
             .entry(d.key.clone())
             .or_insert_with(|| (d.path.clone(), old));
+        // Whoever writes a key now holds it at a value, so it is the one to put it back; the
+        // original stays the first one recorded.
+        store.originals.owners.insert(d.key.clone(), store.holder);
         if !deps.is_empty() {
             store
                 .originals
@@ -458,11 +556,22 @@ pub fn apply(
             i
         };
         let (rolled_back, unrestored) = rollback(fs, &changes[..landed]);
-        // Keys never written, or restored and read back, lose the original this apply recorded;
-        // a key whose restore failed keeps it, so `revert` can still put it back.
-        for c in changes.iter().filter(|c| c.newly_recorded) {
-            if !unrestored.iter().any(|(k, _)| *k == c.desired.key) {
-                store.originals.forget(&c.desired.key);
+        // Keys never written, or restored and read back, lose the original this apply recorded
+        // and go back to their previous owner; a key whose restore failed keeps both, so
+        // `revert` can still put it back.
+        for c in &changes {
+            let key = &c.desired.key;
+            if unrestored.iter().any(|(k, _)| k == key) {
+                continue;
+            }
+            match c.previous_owner {
+                _ if c.newly_recorded => store.originals.forget(key),
+                Some(owner) => {
+                    store.originals.owners.insert(key.clone(), owner);
+                }
+                None => {
+                    store.originals.owners.remove(key);
+                }
             }
         }
         let persisted = store.persist();
@@ -544,33 +653,39 @@ pub struct RevertReport {
     pub restored: Vec<String>,
     /// (key, why): still changed, original still recorded.
     pub failed: Vec<(String, String)>,
+    /// Entries of another owner, left alone (out of the revert's scope).
+    pub others: usize,
 }
 
-/// Restores the original (and dependants) of every recorded key not in `keep` and not in `hold`,
-/// forgetting each one only once it reads back. Never stops at a failure: every key is tried.
-/// Dependants that are themselves kept keys are left alone.
+/// Restores the original (and dependants) of every recorded key in `scope` not in `keep` and
+/// not in `hold`, forgetting each one only once it reads back. Never stops at a failure: every
+/// key is tried. Dependants that are themselves kept keys, or keys of another owner left
+/// alone, are not touched.
 pub fn revert(
     fs: &SysctlFs,
     store: &mut OriginalsStore,
     keep: &BTreeSet<String>,
     hold: &BTreeSet<String>,
+    scope: Scope,
 ) -> Result<RevertReport, ApplyError> {
     let mut report = RevertReport::default();
-    let kept_paths: BTreeSet<String> = store
-        .originals
+    let originals = &store.originals;
+    let in_scope = |key: &str| scope == Scope::All || originals.owner(key) == store.holder;
+    let kept_paths: BTreeSet<String> = originals
         .keys
         .iter()
-        .filter(|(k, _)| keep.contains(*k))
+        .filter(|(k, _)| keep.contains(*k) || !in_scope(k))
         .map(|(_, (p, _))| p.clone())
         .chain(keep.iter().map(|k| super::profile::key_path(k).1))
         .collect();
-    let targets: Vec<_> = store
-        .originals
+    let targets: Vec<_> = originals
         .keys
         .iter()
+        .filter(|(k, _)| in_scope(k))
         .filter(|(k, _)| !keep.contains(*k) && !hold.contains(*k))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    report.others = originals.keys.keys().filter(|k| !in_scope(k)).count();
     for (key, (path, original)) in targets {
         let deps = store
             .originals
@@ -610,6 +725,28 @@ mod tests {
         (dir, fs)
     }
 
+    /// What `nodekeeper sysctl revert --all` does: every entry, nothing kept or held.
+    fn revert_everything(
+        fs: &SysctlFs,
+        store: &mut OriginalsStore,
+    ) -> Result<RevertReport, ApplyError> {
+        revert(fs, store, &BTreeSet::new(), &BTreeSet::new(), Scope::All)
+    }
+
+    /// The journal's path in `dir` and a store on it (the daemon's).
+    fn journal_in(dir: &tempfile::TempDir) -> (PathBuf, OriginalsStore) {
+        let state = dir.path().join("state/originals.json");
+        let store = OriginalsStore::load_unlocked(Some(state.clone())).unwrap();
+        (state, store)
+    }
+
+    /// The journal as it is on disk now.
+    fn on_disk(state: &Path) -> Originals {
+        OriginalsStore::load_unlocked(Some(state.to_path_buf()))
+            .unwrap()
+            .originals
+    }
+
     fn want(key: &str, value: &str) -> Desired {
         let (key, path) = super::super::profile::key_path(key);
         Desired {
@@ -624,8 +761,7 @@ mod tests {
     #[test]
     fn applies_records_originals_and_reverts() {
         let (dir, fs) = tree(&[("net/core/somaxconn", "4096\n"), ("vm/swappiness", "60\n")]);
-        let state = dir.path().join("state/originals.json");
-        let mut store = OriginalsStore::load_unlocked(Some(state.clone())).unwrap();
+        let (state, mut store) = journal_in(&dir);
         let r = apply(
             &fs,
             &[
@@ -645,18 +781,10 @@ mod tests {
         let mut store = OriginalsStore::load_unlocked(Some(state.clone())).unwrap();
         apply(&fs, &[want("net.core.somaxconn", "16384")], &mut store).unwrap();
         assert_eq!(store.originals.keys["net.core.somaxconn"].1, "4096");
-        let restored = revert(&fs, &mut store, &BTreeSet::new(), &BTreeSet::new())
-            .unwrap()
-            .restored;
+        let restored = revert_everything(&fs, &mut store).unwrap().restored;
         assert_eq!(restored, vec!["net.core.somaxconn".to_string()]);
         assert_eq!(fs.read("net/core/somaxconn").unwrap(), "4096");
-        assert!(
-            OriginalsStore::load_unlocked(Some(state))
-                .unwrap()
-                .originals
-                .keys
-                .is_empty()
-        );
+        assert!(on_disk(&state).keys.is_empty());
     }
 
     #[test]
@@ -675,8 +803,7 @@ mod tests {
     #[test]
     fn a_rollback_that_fails_keeps_the_original_recorded_and_names_the_key() {
         let (dir, fs) = tree(&[("net/core/somaxconn", "4096\n"), ("vm/zz", "0\n")]);
-        let state = dir.path().join("state/originals.json");
-        let mut store = OriginalsStore::load_unlocked(Some(state.clone())).unwrap();
+        let (state, mut store) = journal_in(&dir);
         // somaxconn takes the apply's write but refuses the rollback's; vm.zz refuses at once.
         fail_after(&fs, "net/core/somaxconn", 1);
         fail_after(&fs, "vm/zz", 0);
@@ -696,35 +823,28 @@ mod tests {
             "{text}"
         );
         assert_eq!(fs.read("net/core/somaxconn").unwrap(), "8192");
-        let on_disk = OriginalsStore::load_unlocked(Some(state.clone())).unwrap();
+        let reloaded = OriginalsStore::load_unlocked(Some(state.clone())).unwrap();
         assert_eq!(
-            on_disk.originals.keys["net.core.somaxconn"].1, "4096",
+            reloaded.originals.keys["net.core.somaxconn"].1, "4096",
             "the original of a key still changed stays in the journal"
         );
         assert!(
-            !on_disk.originals.keys.contains_key("vm.zz"),
+            !reloaded.originals.keys.contains_key("vm.zz"),
             "a key never written is not recorded"
         );
         // Once the key can be written again, revert puts it back and only then forgets it.
         fs.faults.lock().unwrap().clear();
-        let mut store = on_disk;
-        let r = revert(&fs, &mut store, &BTreeSet::new(), &BTreeSet::new()).unwrap();
+        let mut store = reloaded;
+        let r = revert_everything(&fs, &mut store).unwrap();
         assert_eq!(r.restored, ["net.core.somaxconn"]);
         assert_eq!(fs.read("net/core/somaxconn").unwrap(), "4096");
-        assert!(
-            OriginalsStore::load_unlocked(Some(state))
-                .unwrap()
-                .originals
-                .keys
-                .is_empty()
-        );
+        assert!(on_disk(&state).keys.is_empty());
     }
 
     #[test]
     fn a_restore_the_kernel_does_not_keep_is_a_failure_not_a_forgotten_original() {
         let (dir, fs) = tree(&[("net/core/somaxconn", "4096\n"), ("vm/swappiness", "60\n")]);
-        let state = dir.path().join("state/originals.json");
-        let mut store = OriginalsStore::load_unlocked(Some(state.clone())).unwrap();
+        let (state, mut store) = journal_in(&dir);
         apply(
             &fs,
             &[
@@ -738,7 +858,7 @@ mod tests {
         let file = dir.path().join("sys/net/core/somaxconn");
         std::fs::remove_file(&file).unwrap();
         std::os::unix::fs::symlink("/dev/null", &file).unwrap();
-        let r = revert(&fs, &mut store, &BTreeSet::new(), &BTreeSet::new()).unwrap();
+        let r = revert_everything(&fs, &mut store).unwrap();
         assert_eq!(
             r.restored,
             ["vm.swappiness"],
@@ -747,9 +867,8 @@ mod tests {
         assert_eq!(r.failed.len(), 1);
         assert_eq!(r.failed[0].0, "net.core.somaxconn");
         assert!(r.failed[0].1.contains("kernel kept"), "{:?}", r.failed);
-        let on_disk = OriginalsStore::load_unlocked(Some(state)).unwrap();
         assert_eq!(
-            on_disk.originals.keys.keys().collect::<Vec<_>>(),
+            on_disk(&state).keys.keys().collect::<Vec<_>>(),
             ["net.core.somaxconn"]
         );
     }
@@ -763,8 +882,7 @@ mod tests {
             ("net/ipv4/conf/lo/forwarding", "1\n"),
             ("vm/zz", "0\n"),
         ]);
-        let state = dir.path().join("state/originals.json");
-        let mut store = OriginalsStore::load_unlocked(Some(state.clone())).unwrap();
+        let (state, mut store) = journal_in(&dir);
         apply(&fs, &[want("net.ipv4.ip_forward", "1")], &mut store).unwrap();
         let recorded = &store.originals.dependants["net.ipv4.ip_forward"];
         assert_eq!(recorded["net/ipv4/conf/lo/forwarding"], "1");
@@ -776,27 +894,166 @@ mod tests {
         ] {
             fs.write(p, "0").unwrap();
         }
-        let r = revert(&fs, &mut store, &BTreeSet::new(), &BTreeSet::new()).unwrap();
+        let r = revert_everything(&fs, &mut store).unwrap();
         assert_eq!(r.restored, ["net.ipv4.ip_forward"]);
         assert_eq!(fs.read("net/ipv4/conf/lo/forwarding").unwrap(), "1");
         assert_eq!(fs.read("net/ipv4/conf/all/accept_redirects").unwrap(), "1");
-        assert!(
-            OriginalsStore::load_unlocked(Some(state))
-                .unwrap()
-                .originals
-                .dependants
-                .is_empty()
+        assert!(on_disk(&state).dependants.is_empty());
+    }
+
+    #[test]
+    fn each_holder_reverts_only_its_own_entries_and_all_reverts_every_one() {
+        let (dir, fs) = tree(&[("net/core/somaxconn", "4096\n"), ("vm/swappiness", "60\n")]);
+        let (state, mut daemon) = journal_in(&dir);
+        apply(&fs, &[want("net.core.somaxconn", "8192")], &mut daemon).unwrap();
+        let mut cli = OriginalsStore::load_unlocked(Some(state.clone())).unwrap();
+        cli.holder = Owner::Cli;
+        apply(&fs, &[want("vm.swappiness", "7")], &mut cli).unwrap();
+        assert_eq!(on_disk(&state).owner("vm.swappiness"), Owner::Cli);
+        // The daemon, restarted, no longer wants somaxconn: it restores its own key only.
+        let (_, mut daemon) = journal_in(&dir);
+        let none = BTreeSet::new();
+        let r = revert(&fs, &mut daemon, &none, &none, Scope::Own).unwrap();
+        assert_eq!(
+            (r.restored, r.others),
+            (vec!["net.core.somaxconn".into()], 1)
         );
+        assert_eq!(
+            fs.read("vm/swappiness").unwrap(),
+            "7",
+            "the CLI's key is left"
+        );
+        assert_eq!(
+            on_disk(&state).keys["vm.swappiness"].1,
+            "60",
+            "and recorded"
+        );
+        // `revert --all` from the daemon's side (or the CLI's) takes everything.
+        let r = revert(&fs, &mut daemon, &none, &none, Scope::All).unwrap();
+        assert_eq!(r.restored, ["vm.swappiness"]);
+        assert_eq!(fs.read("vm/swappiness").unwrap(), "60");
+        assert_eq!(on_disk(&state), Originals::default());
+    }
+
+    #[test]
+    fn a_key_applied_over_another_owners_entry_is_adopted_and_a_rollback_gives_it_back() {
+        let (dir, fs) = tree(&[("vm/swappiness", "60\n"), ("vm/zz", "0\n")]);
+        let (state, mut cli) = journal_in(&dir);
+        cli.holder = Owner::Cli;
+        apply(&fs, &[want("vm.swappiness", "7")], &mut cli).unwrap();
+        drop(cli);
+        let (_, mut daemon) = journal_in(&dir);
+        // An attempt that fails on a later key rolls swappiness back to the CLI's 7: the CLI
+        // still owns it.
+        fail_after(&fs, "vm/zz", 0);
+        apply(
+            &fs,
+            &[want("vm.swappiness", "10"), want("vm.zz", "1")],
+            &mut daemon,
+        )
+        .unwrap_err();
+        assert_eq!(fs.read("vm/swappiness").unwrap(), "7");
+        assert_eq!(on_disk(&state).owner("vm.swappiness"), Owner::Cli);
+        // Applied for good: the daemon holds it now, with the first original.
+        apply(&fs, &[want("vm.swappiness", "10")], &mut daemon).unwrap();
+        let journal = on_disk(&state);
+        assert_eq!(journal.owner("vm.swappiness"), Owner::Daemon);
+        assert_eq!(journal.keys["vm.swappiness"].1, "60", "first original wins");
+    }
+
+    #[test]
+    fn entries_of_a_journal_without_owners_count_as_the_clis() {
+        let (dir, fs) = tree(&[("vm/swappiness", "7\n")]);
+        let state = dir.path().join("state/originals.json");
+        std::fs::create_dir_all(state.parent().unwrap()).unwrap();
+        std::fs::write(
+            &state,
+            r#"{"keys": {"vm.swappiness": ["vm/swappiness", "60"]}}"#,
+        )
+        .unwrap();
+        let mut daemon = OriginalsStore::load(Some(state.clone()), Owner::Daemon).unwrap();
+        assert_eq!(daemon.originals.owners["vm.swappiness"], Owner::Cli);
+        let none = BTreeSet::new();
+        let r = revert(&fs, &mut daemon, &none, &none, Scope::Own).unwrap();
+        assert_eq!((r.restored.len(), r.others), (0, 1));
+        assert_eq!(fs.read("vm/swappiness").unwrap(), "7");
+        assert_eq!(on_disk(&state).keys["vm.swappiness"].1, "60");
+    }
+
+    #[test]
+    fn a_namespace_journal_recorded_in_a_dead_namespace_is_discarded_never_used() {
+        let (dir, fs) = tree(&[("net/core/somaxconn", "4096\n")]);
+        let id = |boot: &str, cookie: Option<u64>| NetnsIdentity {
+            boot_id: boot.into(),
+            cookie,
+        };
+        let (state, mut store) = journal_in(&dir);
+        assert!(
+            store
+                .bind_to_netns_identity(&id("b1", Some(7)))
+                .unwrap()
+                .is_none()
+        );
+        apply(&fs, &[want("net.core.somaxconn", "8192")], &mut store).unwrap();
+        // The same namespace again: its record is used.
+        let (_, mut store) = journal_in(&dir);
+        assert!(
+            store
+                .bind_to_netns_identity(&id("b1", Some(7)))
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(store.originals.keys["net.core.somaxconn"].1, "4096");
+        // Another namespace with the same inode (another cookie, or another boot): discarded.
+        for other in [id("b1", Some(8)), id("b2", Some(7)), id("b2", None)] {
+            let (_, mut store) = journal_in(&dir);
+            let dead = store.bind_to_netns_identity(&other).unwrap().unwrap();
+            assert_eq!(dead.keys["net.core.somaxconn"].1, "4096");
+            assert!(store.originals.keys.is_empty(), "nothing of it is kept");
+            assert!(!state.exists(), "its file is deleted");
+            assert_eq!(
+                revert_everything(&fs, &mut store).unwrap().restored.len(),
+                0
+            );
+            assert_eq!(
+                fs.read("net/core/somaxconn").unwrap(),
+                "8192",
+                "never applied"
+            );
+            // Put the dead record back for the next case.
+            let (_, mut again) = journal_in(&dir);
+            again.originals = dead;
+            again.persist().unwrap();
+        }
+        // A record without an identity (older nodekeeper): refused where the kernel has cookies,
+        // used where it has none (the inode is all there is).
+        let (_, mut legacy) = journal_in(&dir);
+        legacy.originals.netns_identity = None;
+        legacy.persist().unwrap();
+        let (_, mut store) = journal_in(&dir);
+        let e = store
+            .bind_to_netns_identity(&id("b1", Some(7)))
+            .unwrap_err();
+        assert!(e.to_string().contains("without a namespace cookie"), "{e}");
+        assert!(state.exists(), "kept for the operator");
+        let (_, mut store) = journal_in(&dir);
+        assert!(
+            store
+                .bind_to_netns_identity(&id("b1", None))
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(store.originals.keys.len(), 1);
     }
 
     #[test]
     fn a_second_holder_of_the_journal_is_refused_until_the_first_is_gone() {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state/originals.json");
-        let first = OriginalsStore::load(Some(state.clone())).unwrap();
-        let e = OriginalsStore::load(Some(state.clone())).unwrap_err();
+        let first = OriginalsStore::load(Some(state.clone()), Owner::Cli).unwrap();
+        let e = OriginalsStore::load(Some(state.clone()), Owner::Cli).unwrap_err();
         assert!(e.to_string().contains("held by another nodekeeper"), "{e}");
         drop(first);
-        OriginalsStore::load(Some(state)).unwrap();
+        OriginalsStore::load(Some(state), Owner::Cli).unwrap();
     }
 }

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::ConfigDuration;
 use crate::pb::{self, HealthState};
 use crate::runtime::Health;
-use apply::{ApplyError, OriginalsStore, SysctlFs};
+use apply::{ApplyError, OriginalsStore, Owner, Scope, SysctlFs};
 use profile::{Desired, Profile};
 use validate::{Policy, Rejection};
 
@@ -154,7 +154,7 @@ pub enum SysctlError {
     #[error(transparent)]
     Netns(#[from] netns::NetnsError),
     /// `revert --netns` for a namespace nodekeeper holds no record of.
-    #[error("no sysctl record for network namespace {netns} ({id}) in {}: nodekeeper applied nothing there, or its record is gone; nothing was changed", journal.display())]
+    #[error("no sysctl record for network namespace {netns} ({id}) in {}: nodekeeper applied nothing there, or its record is gone (a record of a dead namespace that had this inode is discarded); nothing was changed", journal.display())]
     NoRecord {
         netns: String,
         id: String,
@@ -456,8 +456,9 @@ impl Reconciler {
             .cloned()
             .collect();
         // Keys that left: restore each one on its own; a key that fails is quarantined, and
-        // nothing stops the apply below.
-        let reverted = apply::revert(&self.fs, &mut self.store, &keep, &hold)?;
+        // nothing stops the apply below. Only the daemon's own entries: a key a `sysctl apply`
+        // recorded is the CLI's to revert.
+        let reverted = apply::revert(&self.fs, &mut self.store, &keep, &hold, Scope::Own)?;
         for key in &reverted.restored {
             tracing::info!(
                 key,
@@ -769,7 +770,9 @@ mod tests {
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(p, v).unwrap();
         }
-        let store = OriginalsStore::load(Some(dir.path().join("state/originals.json"))).unwrap();
+        let store =
+            OriginalsStore::load(Some(dir.path().join("state/originals.json")), Owner::Daemon)
+                .unwrap();
         let r = Reconciler::new(
             SysctlFs::new(dir.path()),
             store,
@@ -919,13 +922,21 @@ impl Target {
     }
 }
 
+/// The `--netns` namespace a one-shot command works in.
+struct InNetns {
+    /// As given on the command line.
+    path: PathBuf,
+    /// `net:[inode]`.
+    id: String,
+    /// Read inside the namespace: what its journal must have been recorded in.
+    identity: netns::NetnsIdentity,
+}
+
 /// Runs `f` with the target's sysctl tree and journal path, inside the target namespace (opened
 /// once, entered through that fd, identity checked) when there is one.
 fn in_target<T: Send + 'static>(
     target: &Target,
-    f: impl FnOnce(SysctlFs, PathBuf, Option<(PathBuf, String)>) -> Result<T, SysctlError>
-    + Send
-    + 'static,
+    f: impl FnOnce(SysctlFs, PathBuf, Option<InNetns>) -> Result<T, SysctlError> + Send + 'static,
 ) -> Result<T, SysctlError> {
     let fs = SysctlFs::new(&target.proc_root);
     match &target.netns {
@@ -933,10 +944,39 @@ fn in_target<T: Send + 'static>(
         Some(path) => {
             let ns = netns::NetnsHandle::open(path)?;
             let journal = target.netns_journal(&ns);
-            let named = (path.clone(), ns.id());
-            ns.run(move || f(fs, journal, Some(named)))?
+            let (path, id) = (path.clone(), ns.id());
+            ns.run(move || {
+                let identity = netns::current_identity()?;
+                f(fs, journal, Some(InNetns { path, id, identity }))
+            })?
         }
     }
+}
+
+/// Loads the target's journal for the CLI: the host's bound to the namespace the command runs
+/// in, a namespace's bound to that namespace's lifetime identity (a dead namespace's record is
+/// discarded: returned for the command's output).
+fn load_cli_journal(
+    journal: PathBuf,
+    ns: Option<&InNetns>,
+) -> Result<(OriginalsStore, Option<apply::Originals>), SysctlError> {
+    let mut store = OriginalsStore::load(Some(journal), Owner::Cli)?;
+    let discarded = match ns {
+        None => {
+            bind_host_journal(&mut store)?;
+            None
+        }
+        Some(ns) => store.bind_to_netns_identity(&ns.identity)?,
+    };
+    Ok((store, discarded))
+}
+
+/// The output line for a discarded record of a dead namespace.
+fn discarded_line(dead: &apply::Originals) -> String {
+    format!(
+        "discarded the record of a dead network namespace that had this inode ({} key(s), never applied here)\n",
+        dead.keys.len()
+    )
 }
 
 fn refuse_global_keys_in_netns(
@@ -968,10 +1008,7 @@ fn refuse_global_keys_in_netns(
 /// The host journal belongs to the namespace the CLI runs in (`ip netns exec A nodekeeper ...`
 /// records A's): a later command from another namespace is refused instead of replaying A's
 /// originals there.
-fn bind_host_journal(store: &mut OriginalsStore, host: bool) -> Result<(), SysctlError> {
-    if !host {
-        return Ok(());
-    }
+fn bind_host_journal(store: &mut OriginalsStore) -> Result<(), SysctlError> {
     match std::fs::read_link("/proc/thread-self/ns/net") {
         Ok(id) => Ok(store.bind_to_netns(&id.to_string_lossy())?),
         Err(_) => Ok(()),
@@ -1010,10 +1047,9 @@ pub fn apply_once(config: &SysctlConfig, target: &Target) -> Result<String, Sysc
     in_target(target, move |fs, journal, ns| {
         let desired = plan(&config, &config.node_labels, &fs)?;
         refuse_global_keys_in_netns(&fs, ns.is_some(), &desired)?;
-        let mut store = OriginalsStore::load(Some(journal))?;
-        bind_host_journal(&mut store, ns.is_none())?;
+        let (mut store, discarded) = load_cli_journal(journal, ns.as_ref())?;
         let report = apply::apply(&fs, &desired, &mut store)?;
-        let mut out = String::new();
+        let mut out = discarded.as_ref().map(discarded_line).unwrap_or_default();
         for (key, old, new) in &report.changed {
             out.push_str(&format!("{key}: {old} -> {new}\n"));
         }
@@ -1026,23 +1062,28 @@ pub fn apply_once(config: &SysctlConfig, target: &Target) -> Result<String, Sysc
     })
 }
 
-/// Restores every original recorded for the target (the host, or the `--netns` namespace from
-/// its own journal). A namespace without a record is an error; a key that cannot be restored
-/// is named in the error and stays recorded.
-pub fn revert_all(target: &Target) -> Result<String, SysctlError> {
+/// Restores the originals recorded for the target (the host, or the `--netns` namespace from
+/// its own journal): the CLI's entries, or every entry with [`Scope::All`] (the daemon's too,
+/// for when it is stopped for good). A namespace without a record (or only a dead namespace's)
+/// is an error; a key that cannot be restored is named in the error and stays recorded.
+pub fn revert_once(target: &Target, scope: Scope) -> Result<String, SysctlError> {
     in_target(target, move |fs, journal, ns| {
-        if let Some((path, id)) = &ns
+        let no_record = |ns: &InNetns, journal: PathBuf| SysctlError::NoRecord {
+            netns: ns.path.display().to_string(),
+            id: ns.id.clone(),
+            journal,
+        };
+        if let Some(ns) = &ns
             && !journal.exists()
         {
-            return Err(SysctlError::NoRecord {
-                netns: path.display().to_string(),
-                id: id.clone(),
-                journal,
-            });
+            return Err(no_record(ns, journal));
         }
-        let mut store = OriginalsStore::load(Some(journal.clone()))?;
-        bind_host_journal(&mut store, ns.is_none())?;
-        let report = apply::revert(&fs, &mut store, &BTreeSet::new(), &BTreeSet::new())?;
+        let (mut store, discarded) = load_cli_journal(journal.clone(), ns.as_ref())?;
+        if let (Some(ns), Some(_)) = (&ns, &discarded) {
+            return Err(no_record(ns, journal));
+        }
+        let none = BTreeSet::new();
+        let report = apply::revert(&fs, &mut store, &none, &none, scope)?;
         if ns.is_some() && store.originals.keys.is_empty() {
             // Nothing left to restore in a namespace that dies with its pod: drop the record.
             let _ = std::fs::remove_file(&journal);
@@ -1058,10 +1099,17 @@ pub fn revert_all(target: &Target) -> Result<String, SysctlError> {
             }
             return Err(ApplyError::Revert(lines).into());
         }
-        Ok(format!(
+        let mut out = format!(
             "{} key(s) restored: {}\n",
             report.restored.len(),
             report.restored.join(", ")
-        ))
+        );
+        if report.others > 0 {
+            out.push_str(&format!(
+                "{} key(s) the daemon applied left as they are (it reverts them when they leave its profiles; `revert --all` restores them too)\n",
+                report.others
+            ));
+        }
+        Ok(out)
     })
 }

@@ -9,9 +9,15 @@
 //! through that open fd, never the path again (a PID reused meanwhile could name another
 //! namespace, even the host's), and the thread checks after setns that it is in the namespace
 //! it opened before running anything. The host's own namespace is refused.
+//!
+//! Lifetime: an inode is an identity only while the namespace lives; the kernel hands a freed
+//! one to the next namespace. What outlives it in a journal is [`NetnsIdentity`]: the boot and
+//! the namespace's cookie (`SO_NETNS_COOKIE`, Linux 5.14), which the kernel never reuses.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
@@ -26,6 +32,9 @@ pub enum NetnsError {
     /// The file names the namespace this process runs in: the host's, not a pod's.
     #[error("{} is the host's own network namespace ({id}); refusing to treat it as another one (omit --netns to work on the host)", path.display())]
     IsHost { path: PathBuf, id: String },
+    /// The boot id or the namespace cookie could not be read.
+    #[error("cannot tell which network namespace this is: {0}")]
+    Identity(String),
     /// The namespace is not the one expected (a PID reused), or changed under the thread.
     #[error("network namespace {} is {found}, expected {expected}; refusing to touch it", path.display())]
     Changed {
@@ -138,6 +147,88 @@ impl NetnsHandle {
     }
 }
 
+// === namespace lifetime identity ===
+
+/// What tells one network namespace from every other this node had, dead ones included: its
+/// inode does not (reused once the namespace is gone). `cookie` is `None` on kernels before
+/// 5.14, where only a reboot (a new `boot_id`) tells a reused inode apart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NetnsIdentity {
+    /// `/proc/sys/kernel/random/boot_id`: cookies and inodes start over at every boot.
+    pub boot_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<u64>,
+}
+
+/// The identity of the calling thread's network namespace (call it inside the namespace).
+pub fn current_identity() -> Result<NetnsIdentity, NetnsError> {
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map_err(|e| NetnsError::Identity(format!("reading the boot id: {e}")))?
+        .trim()
+        .to_string();
+    Ok(NetnsIdentity {
+        boot_id,
+        cookie: cookie::current()
+            .map_err(|e| NetnsError::Identity(format!("SO_NETNS_COOKIE: {e}")))?,
+    })
+}
+
+mod cookie {
+    //! `getsockopt(SO_NETNS_COOKIE)` on a socket created in the calling thread's namespace.
+    //!
+    //! Neither nix, rustix nor socket2 name this option yet, and the agent forbids `unsafe`: the
+    //! option is declared with nix's public `sockopt_impl!`, nix's own way to add an option it
+    //! does not list. The `unsafe` getsockopt call is nix's (`GetStruct<u64>`: an 8-byte buffer,
+    //! the returned length asserted); this module only supplies the level and the number.
+    use nix::errno::Errno;
+    use nix::libc; // the macro's expansion calls `libc::getsockopt`
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, getsockopt, socket};
+    use nix::{getsockopt_impl, sockopt_impl}; // and these by their bare names
+
+    /// `SO_NETNS_COOKIE` from include/uapi/asm-generic/socket.h (not yet in libc 0.2). Other
+    /// values only on alpha, mips, parisc and sparc, where the cookie is not read.
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+
+    sockopt_impl!(
+        /// The cookie of the socket's network namespace.
+        NetnsCookie,
+        GetOnly,
+        libc::SOL_SOCKET,
+        SO_NETNS_COOKIE,
+        u64
+    );
+
+    /// The calling thread's namespace cookie; `None` where the kernel (< 5.14) or the
+    /// architecture does not offer it.
+    pub fn current() -> Result<Option<u64>, Errno> {
+        if !cfg!(any(
+            target_arch = "x86_64",
+            target_arch = "x86",
+            target_arch = "aarch64",
+            target_arch = "arm",
+            target_arch = "riscv64",
+            target_arch = "powerpc64",
+            target_arch = "s390x",
+            target_arch = "loongarch64"
+        )) {
+            return Ok(None);
+        }
+        // A socket belongs to the namespace of the thread that creates it.
+        let socket = socket(
+            AddressFamily::Unix,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        match getsockopt(&socket, NetnsCookie) {
+            Ok(cookie) => Ok(Some(cookie)),
+            Err(Errno::ENOPROTOOPT) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// Opens `path` and runs `f` inside it (see [`NetnsHandle`]).
 pub fn in_netns<T, F>(path: &Path, f: F) -> Result<T, NetnsError>
 where
@@ -196,6 +287,28 @@ mod tests {
         assert!(!is_namespaced_on("net.core.optmem_max", "garbage"));
         assert!(!is_namespaced_on("net.core.rmem_max", "6.18.0"));
         assert!(is_namespaced_on("net.core.somaxconn", "4.19.0"));
+    }
+
+    #[test]
+    fn the_identity_is_stable_in_one_namespace_and_differs_in_another_as_root() {
+        let here = current_identity().unwrap();
+        assert_eq!(here, current_identity().unwrap(), "stable");
+        assert_eq!(here.boot_id.len(), 36, "{here:?}");
+        let cookie = here.cookie.expect("SO_NETNS_COOKIE (Linux >= 5.14)");
+        // A thread that unshares gets a new namespace, and a new cookie; the boot is the same.
+        let other = std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .map(|()| current_identity().unwrap())
+        })
+        .join()
+        .unwrap();
+        let Ok(other) = other else {
+            eprintln!("skipped: unshare(CLONE_NEWNET) needs CAP_SYS_ADMIN");
+            return;
+        };
+        assert_eq!(other.boot_id, here.boot_id);
+        assert_ne!(other.cookie, Some(cookie), "{other:?} vs {here:?}");
+        assert!(other.cookie.is_some());
     }
 
     #[test]

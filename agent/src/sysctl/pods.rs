@@ -165,7 +165,7 @@ impl PodTuner {
                 if !rejections.is_empty() {
                     return Err(SysctlError::Rejected(rejections));
                 }
-                let mut store = OriginalsStore::load(None)?;
+                let mut store = OriginalsStore::load(None, apply::Owner::Daemon)?;
                 Ok(apply::apply(&fs, &desired, &mut store)?.changed.len())
             }))
             .map_err(SysctlError::from)

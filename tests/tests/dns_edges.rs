@@ -198,7 +198,8 @@ fn respond(q: &[u8], name: &str, mode: u8, address: u8) -> Vec<u8> {
     }
     let ad = rcode == 0 && name.starts_with("signed") && (ad_asked || do_bit);
     r[3] = 0x80 | if ad { 0x20 } else { 0 } | if cd { 0x10 } else { 0 } | rcode;
-    let answers = u16::from(rcode == 0);
+    let (poison, looped) = (name.starts_with("poison"), name.starts_with("loop"));
+    let answers = u16::from(rcode == 0) * if poison || looped { 2 } else { 1 };
     r[6..8].copy_from_slice(&answers.to_be_bytes());
     r[8..10].copy_from_slice(&[0, 0]);
     r[10..12].copy_from_slice(&u16::from(opt.is_some()).to_be_bytes());
@@ -208,9 +209,29 @@ fn respond(q: &[u8], name: &str, mode: u8, address: u8) -> Vec<u8> {
             .next()
             .and_then(|l| l.parse().ok())
             .unwrap_or(300);
-        r.extend_from_slice(&[0xC0, 12, 0, 1, 0, 1]);
-        r.extend_from_slice(&ttl.to_be_bytes());
-        r.extend_from_slice(&[0, 4, 192, 0, 2, address]);
+        if looped {
+            // name CNAME x.loop.test, x.loop.test CNAME name.
+            let target = b"\x01x\x04loop\x04test\x00";
+            r.extend_from_slice(&[0xC0, 12, 0, 5, 0, 1]);
+            r.extend_from_slice(&ttl.to_be_bytes());
+            r.extend_from_slice(&(target.len() as u16).to_be_bytes());
+            let x = r.len();
+            r.extend_from_slice(target);
+            r.extend_from_slice(&[0xC0, x as u8, 0, 5, 0, 1]);
+            r.extend_from_slice(&ttl.to_be_bytes());
+            r.extend_from_slice(&[0, 2, 0xC0, 12]);
+        } else {
+            r.extend_from_slice(&[0xC0, 12, 0, 1, 0, 1]);
+            r.extend_from_slice(&ttl.to_be_bytes());
+            r.extend_from_slice(&[0, 4, 192, 0, 2, address]);
+        }
+        if poison {
+            // A record for a name nobody asked about.
+            r.extend_from_slice(b"\x06victim\x04test\x00");
+            r.extend_from_slice(&[0, 1, 0, 1]);
+            r.extend_from_slice(&ttl.to_be_bytes());
+            r.extend_from_slice(&[0, 4, 192, 0, 2, 6]);
+        }
     }
     if opt.is_some() {
         // Our OPT; a cookie-aware server echoes the client cookie with a server cookie.
@@ -429,4 +450,47 @@ fn a_slow_upstream_gets_the_client_stale_data_after_the_client_timer_and_the_ref
     assert_eq!(fresh.data("A"), vec!["192.0.2.77"], "{}", fresh.raw);
     assert!(fresh.answer[0].ttl <= 2, "{}", fresh.raw);
     assert_eq!(up.queries_for(name).len(), sent, "from the cache");
+}
+
+// === scrubbing ===
+
+#[test]
+fn records_for_unrelated_owners_are_not_served_and_cname_loops_are_not_cached_as_root() {
+    if !tools() {
+        return;
+    }
+    let _netns = Netns::enter_fresh("dns-edges");
+    let up = Scripted::start();
+    let (listen, agent) = cache(&up, "", "");
+    for _ in 0..2 {
+        let o = dig(listen, &["poison.test", "A"]);
+        check(&o, "NOERROR", &agent);
+        assert_eq!(o.data("A"), vec!["192.0.2.66"], "{}", o.raw);
+        assert!(
+            !o.raw.contains("victim"),
+            "unrelated owner served: {}",
+            o.raw
+        );
+    }
+    assert_eq!(
+        up.queries_for("poison.test").len(),
+        1,
+        "scrubbed, then cached"
+    );
+
+    for _ in 0..2 {
+        let o = dig(listen, &["loop.test", "A"]);
+        check(&o, "NOERROR", &agent);
+        assert_eq!(
+            o.data("CNAME"),
+            vec!["x.loop.test.", "loop.test."],
+            "{}",
+            o.raw
+        );
+    }
+    assert_eq!(
+        up.queries_for("loop.test").len(),
+        2,
+        "a CNAME loop is passed on, never cached"
+    );
 }

@@ -235,6 +235,9 @@ const REASONS: &[&str] = &[
     "tcp message cut short",
     "longer than 4096 bytes",
     "upstream response",
+    super::scrub::UNPARSABLE,
+    super::scrub::CNAME_LOOP,
+    super::scrub::OUT_OF_CHAIN,
 ];
 
 pub fn qtype_name(t: u16) -> &'static str {

@@ -13,6 +13,7 @@ pub mod kube_dns;
 pub mod metrics;
 pub mod node;
 pub mod resolv_conf;
+pub mod scrub;
 pub mod server;
 pub mod udp_batch;
 pub mod upstream;

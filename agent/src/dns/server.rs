@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::cache::{Cache, Entry, Lookup};
 use super::config::DnsConfig;
 use super::metrics::DnsMetrics;
+use super::scrub::{self, Verdict};
 use super::udp_batch::{BATCH, Batch};
 use super::wire::{self, Query, Reject, rcode};
 
@@ -321,15 +322,28 @@ impl DnsServer {
                 return failed();
             }
         };
-        // Scanned twice: once as received (for the OPT and the extended rcode), once as stored.
-        let Some((rcode, mut bytes, info)) = wire::scan_response(&raw).ok().and_then(|info| {
-            let bytes = wire::for_cache(&raw, &info);
+        // Scanned twice: once as received (for the OPT and the extended rcode), once as stored
+        // (scrubbed: only the question's answer chain is kept).
+        let scanned = wire::scan_response(&raw).ok().and_then(|info| {
+            let (bytes, verdict) = scrub::scrub(wire::for_cache(&raw, &info));
             let stored = wire::scan_response(&bytes).ok()?;
-            Some((info.rcode, bytes, stored))
-        }) else {
+            Some((info.rcode, bytes, stored, verdict))
+        });
+        let Some((rcode, mut bytes, info, verdict)) = scanned else {
             self.metrics.malformed("upstream response");
             return failed();
         };
+        match verdict {
+            Verdict::Clean => {}
+            Verdict::Dropped(n) => {
+                tracing::debug!(name = %qname, dropped = n, "records outside the answer chain");
+                self.metrics.malformed(scrub::OUT_OF_CHAIN);
+            }
+            Verdict::Uncacheable(why) => {
+                tracing::debug!(name = %qname, why, "upstream answer passed on, not cached");
+                self.metrics.malformed(why);
+            }
+        }
         // RFC 8767: SERVFAIL and REFUSED are failures too; a servable entry wins over them
         // and is never replaced by them.
         if matches!(rcode, rcode::SERVFAIL | rcode::REFUSED)
@@ -366,7 +380,8 @@ impl DnsServer {
                 wire::effective_ttl(t).min(ttl)
             });
         }
-        let (cacheable, ttl) = (ttl.is_some(), ttl.unwrap_or(0));
+        let cacheable = ttl.is_some() && !matches!(verdict, Verdict::Uncacheable(_));
+        let ttl = ttl.unwrap_or(0);
         let now = Instant::now();
         let stale_window = if c.serve_stale && rcode != rcode::SERVFAIL {
             c.max_stale.get()
@@ -739,6 +754,9 @@ mod tests {
                     r.extend_from_slice(&[0xcc; 8]);
                     r.extend_from_slice(&[0x5e; 8]);
                 }
+                if qname.starts_with("poison") || qname.starts_with("loop") {
+                    return Ok(chain_answer(q, qname));
+                }
                 if qname.starts_with("junk") {
                     r.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
                 }
@@ -748,6 +766,37 @@ mod tests {
         fn any_healthy(&self) -> bool {
             self.up.load(Ordering::SeqCst)
         }
+    }
+
+    /// "poison" names: their A record plus one for `victim.test.` (an unrelated owner);
+    /// "loop" names: a CNAME to `x.loop.test.` and one from there back to the name.
+    fn chain_answer(q: &[u8], qname: &str) -> Vec<u8> {
+        use hickory_proto::op::Message;
+        use hickory_proto::rr::rdata::{A, CNAME};
+        use hickory_proto::rr::{Name, RData, Record};
+        let mut m = Message::from_vec(q).unwrap();
+        m.metadata.message_type = hickory_proto::op::MessageType::Response;
+        m.edns = None;
+        let name = |s: &str| Name::from_ascii(s).unwrap();
+        let a = |owner: &str| Record::from_rdata(name(owner), 60, RData::A(A::new(192, 0, 2, 1)));
+        let fqdn = format!("{qname}.");
+        if qname.starts_with("poison") {
+            m.add_answer(a(&fqdn));
+            m.add_answer(a("victim.test."));
+        } else {
+            let x = "x.loop.test.";
+            m.add_answer(Record::from_rdata(
+                name(&fqdn),
+                60,
+                RData::CNAME(CNAME(name(x))),
+            ));
+            m.add_answer(Record::from_rdata(
+                name(x),
+                60,
+                RData::CNAME(CNAME(name(&fqdn))),
+            ));
+        }
+        m.to_vec().unwrap()
     }
 
     fn server(delay: Duration) -> (Arc<DnsServer>, Arc<FakeUpstream>) {
@@ -1322,5 +1371,35 @@ mod tests {
             .await;
         assert_eq!(ttl_of(&out), 30, "stale at once");
         assert_eq!(up.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn records_outside_the_chain_are_not_served_and_cname_loops_are_not_cached() {
+        use hickory_proto::op::Message;
+        let (s, up) = server(Duration::ZERO);
+        let mut out = Vec::new();
+        for id in [1, 2] {
+            s.answer(&query(id, "poison.test", 1, None), Protocol::Udp, &mut out)
+                .await;
+            let owners: Vec<String> = Message::from_vec(&out)
+                .unwrap()
+                .answers
+                .iter()
+                .map(|r| r.name.to_string())
+                .collect();
+            assert_eq!(owners, vec!["poison.test."], "query {id}");
+        }
+        assert_eq!(
+            up.calls.load(Ordering::SeqCst),
+            1,
+            "the scrubbed answer is cached"
+        );
+        for id in [3, 4] {
+            s.answer(&query(id, "loop.test", 1, None), Protocol::Udp, &mut out)
+                .await;
+            assert_eq!(rcode_of(&out), rcode::NOERROR, "passed to its asker");
+        }
+        assert_eq!(up.calls.load(Ordering::SeqCst), 3, "a loop is never cached");
+        assert!(s.metrics.dropped_total() >= 3, "counted");
     }
 }

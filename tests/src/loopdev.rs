@@ -52,6 +52,30 @@ impl LoopDevice {
         }
     }
 
+    /// Attaches an existing backing file at exactly `/dev/<name>` (a free loop the test itself
+    /// just detached): how a kernel name gets re-bound to another disk (EC2 stop/start, loops
+    /// re-attached in another order).
+    pub fn attach_as(backing: &Path, name: &str) -> LoopDevice {
+        let path = PathBuf::from("/dev").join(name);
+        let out = Command::new("losetup")
+            .arg(&path)
+            .arg(backing)
+            .output()
+            .expect("run losetup");
+        assert!(
+            out.status.success(),
+            "losetup {} {}: {}",
+            path.display(),
+            backing.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        LoopDevice {
+            path,
+            name: name.to_string(),
+            backing: backing.to_path_buf(),
+        }
+    }
+
     /// The device's size in bytes, as the kernel sees it.
     pub fn size(&self) -> u64 {
         std::fs::read_to_string(format!("/sys/block/{}/size", self.name))

@@ -11,6 +11,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use nodekeeper::disks::prepare::{HostAccess, Reclaimed, prepare_once, reclaim};
+use nodekeeper::disks::{DisksConfig, PrepareMode};
+use nodekeeper::host::HostPaths;
 use nodekeeper_tests::loopdev::LoopDevice;
 use nodekeeper_tests::{agent_bin, require_root, require_tool};
 use serde_json::Value;
@@ -517,4 +520,213 @@ fn root_a_symlinked_mount_point_is_refused_and_the_disk_is_not_formatted() {
         std::fs::read(target.join("precious")).unwrap(),
         b"theirs".to_vec()
     );
+}
+
+// === reclaim under the same guards as formatting ===
+
+/// The library's view of this machine, with `/dev` replaced by `dev` when given (a temp dir
+/// whose `loopN` links to the loop and whose `disk/by-id/nk-test-loopN` links to `../../loopN`:
+/// loops have no by-id links of their own).
+fn host_for(
+    a: &Attack,
+    name: &str,
+    dev: Option<&Path>,
+    mode: PrepareMode,
+) -> (DisksConfig, HostAccess) {
+    let cfg = DisksConfig {
+        devices: vec![name.to_string()],
+        model_patterns: Vec::new(),
+        min_size_bytes: MIB,
+        discovery_dir: a.dir.path().join("mnt"),
+        host_mount_namespace: false,
+        mode,
+        ..DisksConfig::default()
+    };
+    let mut paths = HostPaths::default();
+    if let Some(dev) = dev {
+        paths.dev = dev.to_path_buf();
+    }
+    let host = HostAccess::new(&paths, &cfg);
+    (cfg, host)
+}
+
+fn fake_dev_with_by_id(a: &Attack, loop_dev: &LoopDevice) -> PathBuf {
+    let dev = a.dir.path().join("dev");
+    std::fs::create_dir_all(dev.join("disk/by-id")).unwrap();
+    std::os::unix::fs::symlink(&loop_dev.path, dev.join(&loop_dev.name)).unwrap();
+    std::os::unix::fs::symlink(
+        format!("../../{}", loop_dev.name),
+        dev.join(format!("disk/by-id/nk-test-{}", loop_dev.name)),
+    )
+    .unwrap();
+    dev
+}
+
+/// The action `disks prepare` reports for the loop named `name`.
+fn action_of(report: &Value, name: &str) -> String {
+    report["disks"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["name"] == name))
+        .and_then(|d| d["action"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// MiB blocks of the device holding any non-zero byte.
+fn nonzero_mib(dev: &LoopDevice) -> usize {
+    use std::io::Read;
+    sh(&format!("blockdev --flushbufs {}", dev.path.display()));
+    let mut f = std::fs::File::open(&dev.path).unwrap();
+    let mut buf = vec![0u8; MIB as usize];
+    let mut count = 0;
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            return count;
+        }
+        count += usize::from(buf[..n].iter().any(|&b| b != 0));
+    }
+}
+
+#[test]
+fn root_a_reclaim_recorded_under_a_kernel_name_now_bound_to_another_disk_never_wipes_it() {
+    if !can_run() {
+        return;
+    }
+    let a = Attack::new();
+    let ours = a.attach();
+    let name = ours.name.clone();
+    let report = a.prepare(&ours, "");
+    assert_eq!(action_of(&report, &ours.name), "formatted", "{report:#}");
+    let theirs = a.dir.path().join("theirs.img");
+    std::fs::File::create(&theirs)
+        .unwrap()
+        .set_len(LOOP_BYTES)
+        .unwrap();
+    sh(&format!("mkfs.ext4 -q -F {}", theirs.display()));
+    write_at(&theirs, 200 * MIB, b"their data, far from both ends");
+    // The loops come back in another order: the name the record holds is someone else's disk
+    // (detached and re-attached back to back, so no other test's `losetup --find` takes it).
+    sh(&format!(
+        "umount {}",
+        a.dir.path().join("mnt").join(&name).display()
+    ));
+    drop(ours);
+    let victim = LoopDevice::attach_as(&theirs, &name);
+    let before = sha256(&victim);
+    let (cfg, host) = host_for(&a, &name, None, PrepareMode::Filesystem);
+    let out = reclaim(&cfg, &host, &a.dir.path().join("state"), &name).expect("reclaim");
+    assert!(
+        matches!(&out, Reclaimed::NotOurs(why) if why.contains("marker")),
+        "{out:?}"
+    );
+    assert_eq!(sha256(&victim), before, "the other disk was wiped");
+}
+
+#[test]
+fn root_a_reclaim_of_an_owned_disk_that_now_holds_foreign_data_is_dropped() {
+    if !can_run() {
+        return;
+    }
+    let a = Attack::new();
+    let dev = a.attach();
+    let report = a.prepare(&dev, "");
+    assert_eq!(action_of(&report, &dev.name), "formatted", "{report:#}");
+    sh(&format!(
+        "umount {}",
+        a.dir.path().join("mnt").join(&dev.name).display()
+    ));
+    // Someone's md member superblock (1.0, at the end) while the agent was down.
+    let mut sb = vec![0u8; 256];
+    sb[..4].copy_from_slice(&0xa92b_4efc_u32.to_le_bytes());
+    sb[4..8].copy_from_slice(&1u32.to_le_bytes());
+    sb[16..32].copy_from_slice(&[0x42; 16]);
+    let off = ((LOOP_BYTES / 512 - 16) & !7) * 512;
+    use std::os::unix::fs::FileExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&dev.path)
+        .unwrap()
+        .write_all_at(&sb, off)
+        .unwrap();
+    let before = sha256(&dev);
+    let (cfg, host) = host_for(&a, &dev.name, None, PrepareMode::Filesystem);
+    let out = reclaim(&cfg, &host, &a.dir.path().join("state"), &dev.name).expect("reclaim");
+    assert!(
+        matches!(&out, Reclaimed::NotOurs(why) if why.contains("md")),
+        "{out:?}"
+    );
+    assert_eq!(sha256(&dev), before, "a disk holding data was wiped");
+}
+
+#[test]
+fn root_block_mode_reclaim_zeroes_every_byte_and_never_a_mounted_or_unidentified_disk() {
+    if !can_run() {
+        return;
+    }
+    let a = Attack::new();
+    let dev = a.attach();
+    let state = a.dir.path().join("state");
+    // Without a by-id identity, block mode is published but never wiped by kernel name.
+    let (cfg, host) = host_for(&a, &dev.name, None, PrepareMode::Block);
+    let report = prepare_once(&cfg, &host.paths, &state).expect("prepare");
+    assert_eq!(report.prepared.len(), 1, "{report:?}");
+    sh(&format!(
+        "dd if=/dev/urandom of={} bs=1M count=8 seek=100 conv=notrunc status=none",
+        dev.path.display()
+    ));
+    let before = sha256(&dev);
+    let out = reclaim(&cfg, &host, &state, &dev.name).expect("reclaim");
+    assert!(
+        matches!(&out, Reclaimed::NotOurs(why) if why.contains("by-id")),
+        "{out:?}"
+    );
+    assert_eq!(sha256(&dev), before);
+
+    // With one: the tenant's data is zeroed, all of it.
+    std::fs::remove_dir_all(&state).unwrap();
+    sh(&format!(
+        "dd if=/dev/zero of={} bs=1M count=8 seek=100 conv=notrunc status=none",
+        dev.path.display()
+    ));
+    let fake_dev = fake_dev_with_by_id(&a, &dev);
+    let (cfg, host) = host_for(&a, &dev.name, Some(&fake_dev), PrepareMode::Block);
+    let report = prepare_once(&cfg, &host.paths, &state).expect("prepare");
+    let key = format!("nk-test-{}", dev.name);
+    assert_eq!(report.prepared[0].key, key, "{report:?}");
+    sh(&format!(
+        "dd if=/dev/urandom of={} bs=1M count={} conv=notrunc status=none",
+        dev.path.display(),
+        LOOP_BYTES / MIB
+    ));
+    assert_eq!(nonzero_mib(&dev), (LOOP_BYTES / MIB) as usize);
+    let started = std::time::Instant::now();
+    let out = reclaim(&cfg, &host, &state, &key).expect("reclaim");
+    eprintln!(
+        "block reclaim of {} MiB: {:?}",
+        LOOP_BYTES / MIB,
+        started.elapsed()
+    );
+    assert_eq!(out, Reclaimed::Wiped);
+    assert_eq!(nonzero_mib(&dev), 0, "the previous tenant's data survived");
+
+    // A tenant's filesystem, mounted on the host: not ours to wipe now.
+    sh(&format!("mkfs.ext4 -q -F {}", dev.path.display()));
+    let m = a.dir.path().join("tenant-mount");
+    std::fs::create_dir_all(&m).unwrap();
+    sh(&format!("mount {} {}", dev.path.display(), m.display()));
+    std::fs::write(m.join("f"), b"in use").unwrap();
+    sh(&format!(
+        "umount {0} && mount -o ro {1} {0}",
+        m.display(),
+        dev.path.display()
+    ));
+    let before = sha256(&dev);
+    let out = reclaim(&cfg, &host, &state, &key).expect("reclaim");
+    assert!(
+        matches!(&out, Reclaimed::NotOurs(why) if why.contains("mounted")),
+        "{out:?}"
+    );
+    assert_eq!(sha256(&dev), before, "a mounted disk was wiped");
+    sh(&format!("umount {}", m.display()));
 }

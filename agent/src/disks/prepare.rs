@@ -861,7 +861,12 @@ fn prepare_one(
             // Recorded before mkfs: a crash mid-mkfs leaves a record whose marker decides.
             store.owned.disks.insert(c.key.clone(), rec.clone());
             store.persist()?;
-            format_claimed_and_mount(cfg, host, &mut claim, &disk.name, &c.key, &label, &uuid)?;
+            let opts = FormatOptions {
+                fs: cfg.fs_type,
+                mkfs_options: cfg.mkfs_options.clone(),
+                mount_options: cfg.mount_options.clone(),
+            };
+            format_claimed_and_mount(&opts, host, &mut claim, &disk.name, &c.key, &label, &uuid)?;
             drop(claim);
             rec.prepared = true;
             store.owned.disks.insert(c.key.clone(), rec.clone());
@@ -910,8 +915,16 @@ fn format_and_mount(
 
 /// mkfs through the claim's `/proc/self/fd/N` (never a name that could be re-bound), then
 /// mount. The exclusive open is released right before mkfs, which claims the device itself.
+/// What mkfs and mount need: the filesystem (the config's for a new disk, the record's for a
+/// reclaim) and the operator's options.
+struct FormatOptions {
+    fs: FsType,
+    mkfs_options: Vec<String>,
+    mount_options: Vec<String>,
+}
+
 fn format_claimed_and_mount(
-    cfg: &DisksConfig,
+    cfg: &FormatOptions,
     host: &HostAccess,
     claim: &mut Claim,
     name: &str,
@@ -922,8 +935,8 @@ fn format_claimed_and_mount(
     let dev = claim.tool_path();
     let mount_dev = host.tool_dev(name);
     let dir = host.tool_mount_path(key);
-    let (tool, args) = mkfs_args(cfg.fs_type, label, uuid, &cfg.mkfs_options, &dev);
-    let (fs, opts) = (cfg.fs_type, cfg.mount_options.clone());
+    let (tool, args) = mkfs_args(cfg.fs, label, uuid, &cfg.mkfs_options, &dev);
+    let (fs, opts) = (cfg.fs, cfg.mount_options.clone());
     claim.release_exclusive();
     host.run(move || {
         // Checked before mkfs too: a disk formatted but never mounted is a disk we wrote
@@ -1550,126 +1563,289 @@ pub async fn run(
 
 // === reclaim ===
 
-/// Zeroes `bytes` at the start and the end of `dev`: signatures, superblocks, GPT backup.
-fn zero_edges(dev: &Path, size: u64, bytes: u64) -> Result<(), PrepareError> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(dev)
-        .map_err(io_err(dev))?;
-    let edge = bytes.min(size);
-    let zeros = vec![0u8; 1 << 20];
-    let write_zeros = |f: &mut std::fs::File, mut left: u64| -> Result<(), PrepareError> {
-        while left > 0 {
-            let n = left.min(zeros.len() as u64) as usize;
-            f.write_all(&zeros[..n]).map_err(io_err(dev))?;
-            left -= n as u64;
-        }
-        Ok(())
-    };
-    write_zeros(&mut f, edge)?;
-    if size > edge {
-        f.seek(SeekFrom::Start(size - edge)).map_err(io_err(dev))?;
-        write_zeros(&mut f, edge)?;
+/// What a reclaim did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reclaimed {
+    /// Wiped per `disks.wipeMode` and still ours (filesystem modes: a new UUID recorded).
+    Wiped,
+    /// The disk is no longer provably ours (gone, re-bound, foreign, in use): nothing was
+    /// written; the owed wipe is dropped and reported, never executed.
+    NotOurs(String),
+}
+
+/// Where a recorded disk is now, by its key only: the by-id name when it had one (kernel
+/// names move across reboots and EC2 stop/start), else the kernel name it was keyed by, which
+/// the on-disk proof must then back. Never the record's kernel name as a fallback.
+fn locate(disks: &[Disk], key: &str, rec: &OwnedDisk) -> Result<Disk, String> {
+    let found = disks.iter().find(|d| marker::disk_key(d) == key);
+    match (found, &rec.by_id) {
+        (Some(d), _) => Ok(d.clone()),
+        (None, Some(by_id)) => Err(format!("{by_id} no longer resolves to a disk")),
+        (None, None) => Err(format!("no disk is keyed {key} now (it had no by-id link)")),
+    }
+}
+
+/// Zeroes `[off, off + len)` through `f`: the kernel's write-zeroes (`fallocate` ZERO_RANGE
+/// on a block device = BLKZEROOUT: the device guarantees zeroes, fast on NVMe/loop), else a
+/// plain overwrite (regular files, devices without write-zeroes).
+fn zero_range(f: &std::fs::File, dev: &Path, off: u64, len: u64) -> Result<(), PrepareError> {
+    use nix::fcntl::{FallocateFlags, fallocate};
+    if len == 0 {
+        return Ok(());
+    }
+    let is_block = f
+        .metadata()
+        .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+        .unwrap_or(false);
+    if is_block
+        && fallocate(
+            f,
+            FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            off as i64,
+            len as i64,
+        )
+        .is_ok()
+    {
+        return f.sync_all().map_err(io_err(dev));
+    }
+    use std::os::unix::fs::FileExt;
+    let zeros = vec![0u8; 4 << 20];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        f.write_all_at(&zeros[..n], off + done)
+            .map_err(io_err(dev))?;
+        done += n as u64;
     }
     f.sync_all().map_err(io_err(dev))
 }
 
-/// Wipes a disk we own so the next tenant of its PV sees nothing of the last one, and keeps it
-/// ours: filesystem and raid0 modes are unmounted, wiped per `disks.wipeMode` (`quick`: a new
-/// filesystem; `discard`: blkdiscard, else zeroes, then a new filesystem; `zero`: the first and
-/// last `zeroMib` MiB zeroed, then a new filesystem), given our label and a new UUID, and mounted
-/// again; block mode is discarded or zeroed. The new UUID is recorded, so the disk stays `Ours`.
+/// Zeroes `bytes` at the start and the end of the device: signatures, superblocks, GPT backup.
+fn zero_edges(f: &std::fs::File, dev: &Path, size: u64, bytes: u64) -> Result<(), PrepareError> {
+    let edge = bytes.min(size);
+    zero_range(f, dev, 0, edge)?;
+    if size > edge {
+        zero_range(f, dev, size - edge, edge)?;
+    }
+    Ok(())
+}
+
+/// Wipes a disk we own so the next tenant of its PV sees nothing of the last one, under the
+/// same guards as formatting (#14): found by its key only (by-id; never a recorded kernel
+/// name), proven ours on disk (the one rule of `classify`: marker equal to the record, no
+/// partitions, no foreign holders, exactly one signature; block mode: see
+/// `block_ownership_refused`), claimed `O_EXCL` and proven again through the fd, then erased
+/// through the fd and, in filesystem modes, given a new filesystem through `/proc/self/fd/N`.
+/// Filesystem and raid0 modes: the first and last MiB (`quick`, `discard` then
+/// `blkdiscard`) or `zeroMib` MiB (`zero`) are zeroed, then our label and a new UUID (recorded
+/// before mkfs). Block mode: the whole device is zeroed (the tenant owned every byte).
 pub fn reclaim(
     cfg: &DisksConfig,
     host: &HostAccess,
     state_dir: &Path,
     key: &str,
-) -> Result<(), PrepareError> {
+) -> Result<Reclaimed, PrepareError> {
     let mut store = OwnedStore::load(state_dir)?;
-    let mut rec = store.owned.disks.get(key).cloned().ok_or_else(|| {
-        PrepareError::Refused(format!(
-            "refusing to wipe {key}: it is not recorded as ours"
-        ))
-    })?;
-    let name = if key == RAID_KEY {
-        let member = rec.members.first().cloned().unwrap_or_default();
-        let member_name = store
-            .owned
-            .disks
-            .get(&member)
-            .map(|m| m.name.clone())
-            .unwrap_or(member);
-        md_device(host, &member_name)?
-    } else {
-        // Kernel names move across reboots; the by-id link says where the disk is now.
-        rec.by_id
-            .as_ref()
-            .and_then(|b| {
-                std::fs::read_link(host.paths.dev.join(b.trim_start_matches("/dev/"))).ok()
-            })
-            .and_then(|t| t.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .unwrap_or_else(|| rec.name.clone())
+    let Some(mut rec) = store.owned.disks.get(key).cloned() else {
+        return Ok(Reclaimed::NotOurs(format!("{key} is not recorded as ours")));
     };
-    let dev = host.tool_dev(&name);
-    let size = host.size_of(&name);
+    let scan =
+        super::discover::scan(&host.paths).map_err(|e| PrepareError::Discover(e.to_string()))?;
+    // The device to wipe and the disk whose ownership proves it.
+    let disk = if key == RAID_KEY {
+        match raid_device(host, &scan, &store, &rec) {
+            Ok(d) => d,
+            Err(why) => return Ok(Reclaimed::NotOurs(why)),
+        }
+    } else {
+        let disk = match locate(&scan.disks, key, &rec) {
+            Ok(d) => d,
+            Err(why) => return Ok(Reclaimed::NotOurs(why)),
+        };
+        let refused = if rec.mode == PrepareMode::Block {
+            block_ownership_refused(&disk, &rec)
+        } else {
+            let c = classify(
+                vec![(disk.clone(), Decision::HasData("reclaim".into()))],
+                &store,
+            );
+            match c.first().map(|c| &c.decision) {
+                Some(Decision::Ours) => None,
+                Some(Decision::HasData(r)) | Some(Decision::InUse(r)) if r != "reclaim" => {
+                    Some(r.clone())
+                }
+                _ => Some("its marker does not match the record".into()),
+            }
+        };
+        if let Some(why) = refused {
+            return Ok(Reclaimed::NotOurs(format!("{} ({key}): {why}", disk.name)));
+        }
+        disk
+    };
+    let name = disk.name.clone();
+    let ours_at = host.tool_mount_path(key);
+    let mounts = host.mounts_of(&name);
+    if let Some(other) = mounts.iter().find(|m| **m != ours_at) {
+        return Ok(Reclaimed::NotOurs(format!(
+            "{name} ({key}) is mounted at {} (not the agent's mount point)",
+            other.display()
+        )));
+    }
+    if rec.mode == PrepareMode::Block {
+        let mut claim = match Claim::take_owned(&host.paths, &disk, |_| Ok(())) {
+            Ok(c) => c,
+            Err(super::claim::ClaimError::Identity { what, .. }) => {
+                return Ok(Reclaimed::NotOurs(format!("{name} ({key}): {what}")));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let dev = disk.dev_path.clone();
+        if let Some(f) = claim.exclusive_file() {
+            zero_range(f, &dev, 0, disk.size_bytes)?;
+        }
+        claim.release_exclusive();
+        tracing::info!(disk = key, device = %name, "block disk zeroed for its next tenant");
+        return Ok(Reclaimed::Wiped);
+    }
+    let fs = rec.fs_type.unwrap_or(cfg.fs_type);
+    if !mounts.is_empty() {
+        let (dir, dev) = (ours_at.clone(), host.tool_dev(&name));
+        host.run(move || {
+            run_tool("umount", &[dir.display().to_string()], &dev, MOUNT_TIMEOUT).map(|_| ())
+        })?;
+    }
+    // Proven again through the claimed fd: the marker we recorded, and nothing else.
+    let (want_label, want_uuid, kind) = (rec.label.clone(), rec.uuid.clone(), fs_name(fs));
+    let prove = |f: &std::fs::File| -> Result<(), super::claim::ClaimError> {
+        let not_ours = |reason: String| super::claim::ClaimError::NotOurs {
+            disk: name.clone(),
+            reason,
+        };
+        let mut head = vec![0u8; 8192];
+        use std::os::unix::fs::FileExt;
+        f.read_exact_at(&mut head, 0)
+            .map_err(|e| not_ours(format!("read: {e}")))?;
+        match marker::parse_marker(&head) {
+            OnDisk::Filesystem { label, uuid, .. }
+                if Some(&label) == want_label.as_ref() && Some(&uuid) == want_uuid.as_ref() => {}
+            other => return Err(not_ours(format!("marker {other:?}"))),
+        }
+        let ins =
+            inspect::inspect_file(f, &disk.dev_path, inspect::Options { cross_check: false })?;
+        if ins.signatures.len() == 1 && ins.signatures[0].kind == kind {
+            Ok(())
+        } else {
+            Err(not_ours(ins.reason()))
+        }
+    };
+    let mut claim = match Claim::take_owned(&host.paths, &disk, prove) {
+        Ok(c) => c,
+        Err(
+            e @ (super::claim::ClaimError::NotOurs { .. }
+            | super::claim::ClaimError::Identity { .. }),
+        ) => return Ok(Reclaimed::NotOurs(e.to_string())),
+        Err(e) => return Err(e.into()),
+    };
     let zero_bytes = if cfg.wipe_mode == WipeMode::Zero {
         cfg.zero_mib << 20
     } else {
         WIPE_EDGE_BYTES
     };
-    let discard = cfg.wipe_mode == WipeMode::Discard;
-    let erase = move |dev: &Path| -> Result<(), PrepareError> {
-        let discarded = discard
-            && run_tool(
+    if let Some(f) = claim.exclusive_file() {
+        zero_edges(f, &disk.dev_path, disk.size_bytes, zero_bytes)?;
+    }
+    let label = rec.label.clone().unwrap_or_else(|| marker::label_for(key));
+    let uuid = marker::new_uuid().map_err(io_err(Path::new("/dev/urandom")))?;
+    // Recorded before mkfs: a crash mid-mkfs leaves a blank disk, reported lost, re-prepared.
+    rec.uuid = Some(uuid.clone());
+    rec.label = Some(label.clone());
+    store.owned.disks.insert(key.to_string(), rec);
+    store.persist()?;
+    if cfg.wipe_mode == WipeMode::Discard {
+        // blkdiscard claims the device itself; through the fd, never the name.
+        claim.release_exclusive();
+        let dev = claim.tool_path();
+        let _ = host.run(move || {
+            run_tool(
                 "blkdiscard",
                 &[dev.display().to_string()],
-                dev,
+                &dev,
                 WIPE_TIMEOUT,
             )
-            .is_ok();
-        if !discarded {
-            zero_edges(dev, size, zero_bytes)?;
-        }
-        Ok(())
-    };
-    match rec.mode {
-        PrepareMode::Block => {
-            host.run(move || erase(&dev))?;
-        }
-        PrepareMode::Filesystem | PrepareMode::Raid0 => {
-            let fs = rec.fs_type.unwrap_or(cfg.fs_type);
-            let label = rec.label.clone().unwrap_or_else(|| marker::label_for(key));
-            let uuid = marker::new_uuid().map_err(io_err(Path::new("/dev/urandom")))?;
-            let dir = host.tool_mount_path(key);
-            let mounted = !host.mounts_of(&name).is_empty();
-            let (tool, args) = mkfs_args(fs, &label, &uuid, &cfg.mkfs_options, &dev);
-            let opts = cfg.mount_options.clone();
-            let quick = cfg.wipe_mode == WipeMode::Quick;
-            host.run(move || {
-                if mounted {
-                    run_tool("umount", &[dir.display().to_string()], &dev, MOUNT_TIMEOUT)?;
-                }
-                // mkfs refuses a device with a signature unless forced: clear ours first.
-                run_tool(
-                    "wipefs",
-                    &["-a".into(), dev.display().to_string()],
-                    &dev,
-                    WIPE_TIMEOUT,
-                )?;
-                if !quick {
-                    erase(&dev)?;
-                }
-                run_tool(&tool, &args, &dev, MKFS_TIMEOUT)?;
-                mount(&dev, &dir, fs, &opts)
-            })?;
-            rec.uuid = Some(uuid);
-            rec.label = Some(label);
-            store.owned.disks.insert(key.to_string(), rec);
-            store.persist()?;
-        }
+        });
     }
+    let opts = FormatOptions {
+        fs,
+        mkfs_options: cfg.mkfs_options.clone(),
+        mount_options: cfg.mount_options.clone(),
+    };
+    format_claimed_and_mount(&opts, host, &mut claim, &name, key, &label, &uuid)?;
+    drop(claim);
     tracing::info!(disk = key, device = %name, mode = ?cfg.wipe_mode, "disk wiped for its next tenant");
-    Ok(())
+    Ok(Reclaimed::Wiped)
+}
+
+/// Block mode has no marker on the disk (the tenant owns every byte), so a block disk is
+/// ours to wipe only by a recorded by-id identity (#14): the record has a by-id link, the disk
+/// found under it has the recorded serial and size, and nothing uses it (no partitions,
+/// holders or mounts). A block disk recorded without a by-id link (loop, some virtio disks)
+/// is never wiped by the agent.
+fn block_ownership_refused(disk: &Disk, rec: &OwnedDisk) -> Option<String> {
+    if rec.by_id.is_none() || disk.by_id != rec.by_id {
+        return Some(
+            "block mode: no recorded by-id identity to prove the disk is the one published \
+             (never wiped by kernel name)"
+                .into(),
+        );
+    }
+    if disk.serial != rec.serial || disk.size_bytes != rec.size_bytes {
+        return Some(format!(
+            "block mode: serial/size {:?}/{} differ from the record {:?}/{}",
+            disk.serial, disk.size_bytes, rec.serial, rec.size_bytes
+        ));
+    }
+    if !disk.partitions.is_empty() {
+        return Some(format!("has partitions {}", disk.partitions.join(", ")));
+    }
+    if !disk.holders.is_empty() {
+        return Some(format!("held by {}", disk.holders.join(", ")));
+    }
+    if let Some(m) = disk.mounts.first() {
+        return Some(format!("mounted at {m}"));
+    }
+    None
+}
+
+/// The array's md device, found through its members' keys (never a member key used as a
+/// kernel name), as a `Disk` for the claim; every member must still be ours.
+fn raid_device(
+    host: &HostAccess,
+    scan: &super::discover::Scan,
+    store: &OwnedStore,
+    rec: &OwnedDisk,
+) -> Result<Disk, String> {
+    let mut members = Vec::new();
+    for m in &rec.members {
+        let d = scan
+            .disks
+            .iter()
+            .find(|d| marker::disk_key(d) == *m)
+            .ok_or_else(|| format!("raid0 member {m} is gone"))?;
+        members.push((d.clone(), Decision::HasData("reclaim".into())));
+    }
+    let classified = classify(members, store);
+    if let Some(c) = classified.iter().find(|c| c.decision != Decision::Ours) {
+        return Err(format!("raid0 member {} is no longer ours", c.key));
+    }
+    let first = classified
+        .first()
+        .ok_or_else(|| format!("{RAID_KEY} is recorded with no members"))?;
+    let md = md_device(host, &first.disk.name).map_err(|e| e.to_string())?;
+    scan.virtual_devices
+        .iter()
+        .find(|d| d.name == md)
+        .cloned()
+        .ok_or_else(|| format!("{md} is not in sysfs"))
 }
 
 impl DisksStatus {

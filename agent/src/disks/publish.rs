@@ -343,7 +343,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::DisksConfig;
-use super::prepare::{HostAccess, SharedDisksStatus};
+use super::prepare::{HostAccess, Reclaimed, SharedDisksStatus};
 use crate::host::HostPaths;
 use crate::kube::API_CALL_TIMEOUT;
 
@@ -481,13 +481,16 @@ impl Publisher {
             }
             *lost_seen = lost_total;
         }
-        // Owed wipes first: nothing is published over old data.
+        // Owed wipes first: nothing is published over old data. One that fails stays owed and
+        // the pass goes on (its disk is not published meanwhile); one whose disk is no longer
+        // provably ours is dropped and reported, never executed (#14).
         for key in published.wipe_pending.clone() {
-            self.wipe(&key).await?;
-            published.wipe_pending.remove(&key);
-            published
-                .persist(&self.state_dir)
-                .map_err(|e| e.to_string())?;
+            if self.wipe(&key, warned).await.is_some() {
+                published.wipe_pending.remove(&key);
+                published
+                    .persist(&self.state_dir)
+                    .map_err(|e| e.to_string())?;
+            }
         }
         let lp = kube::api::ListParams::default()
             .labels(&format!("{LABEL_NODE}={}", label_value(&self.node)));
@@ -512,14 +515,21 @@ impl Publisher {
                     published
                         .persist(&self.state_dir)
                         .map_err(|e| e.to_string())?;
-                    self.wipe(&disk).await?;
+                    let Some(wiped) = self.wipe(&disk, warned).await else {
+                        continue; // still owed: retried next pass, the other PVs go on
+                    };
+                    // Wiped, or dropped because the disk is no longer provably ours: either
+                    // way this Released PV is done. A dropped disk keeps its `pvs` entry, so it
+                    // is never published again without a wipe.
                     call(
                         "DELETE persistentvolume",
                         self.api().delete(&name, &DeleteParams::default()),
                     )
                     .await?;
                     published.wipe_pending.remove(&disk);
-                    published.pvs.remove(&disk);
+                    if wiped {
+                        published.pvs.remove(&disk);
+                    }
                     published
                         .persist(&self.state_dir)
                         .map_err(|e| e.to_string())?;
@@ -549,7 +559,7 @@ impl Publisher {
             }
         }
         for disk in &prepared {
-            if have.contains(&disk.id) {
+            if have.contains(&disk.id) || published.wipe_pending.contains(&disk.id) {
                 continue;
             }
             if published.pvs.contains_key(&disk.id) {
@@ -559,8 +569,16 @@ impl Publisher {
                 published
                     .persist(&self.state_dir)
                     .map_err(|e| e.to_string())?;
-                self.wipe(&disk.id).await?;
-                published.wipe_pending.remove(&disk.id);
+                let wiped = self.wipe(&disk.id, warned).await;
+                if wiped.is_some() {
+                    published.wipe_pending.remove(&disk.id);
+                    published
+                        .persist(&self.state_dir)
+                        .map_err(|e| e.to_string())?;
+                }
+                if wiped != Some(true) {
+                    continue;
+                }
                 tracing::warn!(disk = %disk.id, "its PV vanished without being released: wiped before republishing");
             }
             let pv = build_pv(&self.node, &node_uid, &self.cfg.storage_class_name, disk);
@@ -584,20 +602,49 @@ impl Publisher {
         Ok(())
     }
 
-    /// Wipes a disk per `disks.wipeMode`, holding the disk lock.
-    async fn wipe(&self, key: &str) -> Result<(), String> {
-        let _guard = self.disk_ops.lock().await;
-        let (cfg, paths, state_dir, key) = (
+    /// Wipes a disk per `disks.wipeMode`, holding the disk lock: `Some(true)` wiped,
+    /// `Some(false)` dropped (the disk is no longer provably ours: nothing written; a
+    /// `LocalDiskWipeRefused` Warning Event on the Node, once per disk and reason), `None`
+    /// failed (logged, the wipe stays owed and is retried next pass).
+    async fn wipe(&self, key: &str, warned: &mut HashSet<String>) -> Option<bool> {
+        let guard = self.disk_ops.lock().await;
+        let (cfg, paths, state_dir, owned_key) = (
             self.cfg.clone(),
             self.paths.clone(),
             self.state_dir.clone(),
             key.to_string(),
         );
-        tokio::task::spawn_blocking(move || {
+        let result = tokio::task::spawn_blocking(move || {
             let host = HostAccess::new(&paths, &cfg);
-            super::prepare::reclaim(&cfg, &host, &state_dir, &key).map_err(|e| e.to_string())
+            super::prepare::reclaim(&cfg, &host, &state_dir, &owned_key).map_err(|e| e.to_string())
         })
         .await
-        .map_err(|e| format!("wipe task failed: {e}"))?
+        .unwrap_or_else(|e| Err(format!("wipe task failed: {e}")));
+        drop(guard);
+        match result {
+            Ok(Reclaimed::Wiped) => Some(true),
+            Ok(Reclaimed::NotOurs(why)) => {
+                tracing::warn!(
+                    disk = key,
+                    why,
+                    "owed wipe dropped: the disk is no longer provably ours; nothing written"
+                );
+                if warned.insert(format!("wipe-refused {key}: {why}")) {
+                    crate::kube::node_event(
+                        &self.client,
+                        &self.node,
+                        "LocalDiskWipeRefused",
+                        "Warning",
+                        &format!("disk {key} was not wiped and is not published again: {why}"),
+                    )
+                    .await;
+                }
+                Some(false)
+            }
+            Err(e) => {
+                tracing::warn!(disk = key, error = %e, "wiping the disk failed; retried next pass, not published meanwhile");
+                None
+            }
+        }
     }
 }

@@ -87,7 +87,13 @@ fn walk(dir: &Path, out: &mut Vec<(PathBuf, String)>) {
 }
 
 fn run_cli(action: &str, config: &str, fake: &FakeProc, extra: &[&str]) -> Output {
-    let file = fake.dir.path().join("config.yaml");
+    cli_at(&fake.state(), fake, action, config, extra)
+}
+
+/// `nodekeeper sysctl <action>` on the fake /proc with `state` as its state dir (shared with a
+/// daemon), `config` written beside it.
+fn cli_at(state: &Path, fake: &FakeProc, action: &str, config: &str, extra: &[&str]) -> Output {
+    let file = state.with_extension("yaml");
     std::fs::write(&file, config).unwrap();
     Command::new(agent_bin())
         .args(["sysctl", action, "--config"])
@@ -95,7 +101,7 @@ fn run_cli(action: &str, config: &str, fake: &FakeProc, extra: &[&str]) -> Outpu
         .arg("--host-proc")
         .arg(fake.proc())
         .arg("--state-dir")
-        .arg(fake.state())
+        .arg(state)
         .args(extra)
         .output()
         .unwrap()
@@ -527,6 +533,23 @@ impl Drop for Netns {
     }
 }
 
+/// The host's values of some keys, to show a namespace test left the host alone.
+struct HostValues(Vec<(&'static str, String)>);
+
+impl HostValues {
+    /// [`HOST_KEYS`], the keys the namespace tests write.
+    fn now() -> Self {
+        Self::of(&HOST_KEYS)
+    }
+    fn of(keys: &[&'static str]) -> Self {
+        HostValues(keys.iter().map(|k| (*k, host(k))).collect())
+    }
+    fn assert_unchanged(&self) {
+        let keys: Vec<&'static str> = self.0.iter().map(|(k, _)| *k).collect();
+        assert_eq!(self.0, Self::of(&keys).0, "host values unchanged");
+    }
+}
+
 fn host(key: &str) -> String {
     std::fs::read_to_string(format!("/proc/sys/{}", key.replace('.', "/")))
         .unwrap()
@@ -561,7 +584,7 @@ fn namespaced_keys_are_applied_inside_a_real_netns_and_the_host_is_untouched() {
     if !require_root() || !require_tool("ip") {
         return;
     }
-    let host_before: Vec<String> = NS_KEYS.iter().map(|k| host(k)).collect();
+    let host_before = HostValues::of(&NS_KEYS);
     let pod_a = Netns::new("sysctl-a");
     let pod_b = Netns::new("sysctl-b");
     let b_before = pod_b.read("net.core.somaxconn");
@@ -577,8 +600,7 @@ fn namespaced_keys_are_applied_inside_a_real_netns_and_the_host_is_untouched() {
         b_before,
         "only the selected netns changed"
     );
-    let host_after: Vec<String> = NS_KEYS.iter().map(|k| host(k)).collect();
-    assert_eq!(host_before, host_after, "host values unchanged");
+    host_before.assert_unchanged();
 }
 
 #[test]
@@ -586,7 +608,7 @@ fn a_real_kernel_rejection_inside_a_netns_rolls_back_and_global_keys_are_refused
     if !require_root() || !require_tool("ip") {
         return;
     }
-    let host_before: Vec<String> = NS_KEYS.iter().map(|k| host(k)).collect();
+    let host_before = HostValues::of(&NS_KEYS);
     let ns = Netns::new("sysctl-rb");
     let before = ns.read("net.core.somaxconn");
     // tcp_syn_retries is capped at 127 by the kernel (EINVAL); somaxconn sorts first and is written first.
@@ -617,8 +639,7 @@ fn a_real_kernel_rejection_inside_a_netns_rolls_back_and_global_keys_are_refused
         "{}",
         out(&o)
     );
-    let host_after: Vec<String> = NS_KEYS.iter().map(|k| host(k)).collect();
-    assert_eq!(host_before, host_after, "host values unchanged");
+    host_before.assert_unchanged();
 }
 
 #[test]
@@ -762,7 +783,7 @@ fn netns_a_failed_apply_of_ip_forward_puts_every_forwarding_key_back() {
     if !require_root() || !require_tool("ip") {
         return;
     }
-    let host_before: Vec<String> = HOST_KEYS.iter().map(|k| host(k)).collect();
+    let host_before = HostValues::now();
     let ns = Netns::new("sysctl-fwd");
     // An interface forwarding while the namespace does not: ip_forward=1 then 0 would clear it.
     ns_write(&ns, "net.ipv4.conf.lo.forwarding", "1");
@@ -782,8 +803,7 @@ fn netns_a_failed_apply_of_ip_forward_puts_every_forwarding_key_back() {
         out(&o)
     );
     assert_eq!(forwarding(&ns), before, "every conf.*.forwarding is back");
-    let host_after: Vec<String> = HOST_KEYS.iter().map(|k| host(k)).collect();
-    assert_eq!(host_before, host_after, "host values unchanged");
+    host_before.assert_unchanged();
 }
 
 #[test]
@@ -791,7 +811,7 @@ fn netns_revert_restores_that_namespace_from_its_own_journal_and_never_the_host(
     if !require_root() || !require_tool("ip") {
         return;
     }
-    let host_before: Vec<String> = HOST_KEYS.iter().map(|k| host(k)).collect();
+    let host_before = HostValues::now();
     let ns = Netns::new("sysctl-rv");
     let other = Netns::new("sysctl-rv-other");
     ns_write(&ns, "net.ipv4.conf.lo.forwarding", "1");
@@ -837,8 +857,7 @@ fn netns_revert_restores_that_namespace_from_its_own_journal_and_never_the_host(
     // Its record is spent: a second revert says so instead of claiming success.
     let o = cli_in(&ns.path(), "revert", config, &state);
     assert_eq!(o.status.code(), Some(1), "{}", out(&o));
-    let host_after: Vec<String> = HOST_KEYS.iter().map(|k| host(k)).collect();
-    assert_eq!(host_before, host_after, "host values unchanged");
+    host_before.assert_unchanged();
 }
 
 #[test]
@@ -846,7 +865,7 @@ fn netns_the_hosts_own_namespace_is_refused_and_optmem_max_is_per_namespace() {
     if !require_root() || !require_tool("ip") {
         return;
     }
-    let host_before: Vec<String> = HOST_KEYS.iter().map(|k| host(k)).collect();
+    let host_before = HostValues::now();
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let config = "sysctl:\n  profiles:\n    - name: pod\n      sysctls:\n        net.core.somaxconn: 777\n        net.core.optmem_max: 65536\n";
@@ -874,8 +893,7 @@ fn netns_the_hosts_own_namespace_is_refused_and_optmem_max_is_per_namespace() {
     } else {
         assert_eq!(o.status.code(), Some(64), "global before 6.9: {}", out(&o));
     }
-    let host_after: Vec<String> = HOST_KEYS.iter().map(|k| host(k)).collect();
-    assert_eq!(host_before, host_after, "host values unchanged");
+    host_before.assert_unchanged();
 }
 
 #[test]
@@ -1055,19 +1073,7 @@ fn adversary_the_daemon_erases_an_original_the_cli_recorded() {
     let agent = daemon(&fake, DAEMON);
     fake.wait_value("net.core.somaxconn", "8192");
     let state = agent.dir.path().join("state");
-    let cli = |action: &str, config: &str| {
-        let file = agent.dir.path().join("cli.yaml");
-        std::fs::write(&file, config).unwrap();
-        Command::new(agent_bin())
-            .args(["sysctl", action, "--config"])
-            .arg(&file)
-            .arg("--host-proc")
-            .arg(fake.proc())
-            .arg("--state-dir")
-            .arg(&state)
-            .output()
-            .unwrap()
-    };
+    let cli = |action: &str, config: &str| cli_at(&state, &fake, action, config, &[]);
     let o = cli(
         "apply",
         "sysctl:\n  profiles:\n    - name: op\n      sysctls:\n        vm.swappiness: 7\n",
@@ -1103,22 +1109,14 @@ fn adversary_a_daemon_started_after_a_cli_apply_keeps_the_cli_original() {
     let fake = FakeProc::new(BASE_KEYS);
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let file = dir.path().join("cli.yaml");
-    std::fs::write(
-        &file,
-        "sysctl:\n  profiles:\n    - name: op\n      sysctls:\n        vm.swappiness: 7\n",
-    )
-    .unwrap();
+    let cli =
+        |action: &str, config: &str, extra: &[&str]| cli_at(&state, &fake, action, config, extra);
     // The daemon is stopped: the CLI records vm.swappiness's original (60) in the journal.
-    let o = Command::new(agent_bin())
-        .args(["sysctl", "apply", "--config"])
-        .arg(&file)
-        .arg("--host-proc")
-        .arg(fake.proc())
-        .arg("--state-dir")
-        .arg(&state)
-        .output()
-        .unwrap();
+    let o = cli(
+        "apply",
+        "sysctl:\n  profiles:\n    - name: op\n      sysctls:\n        vm.swappiness: 7\n",
+        &[],
+    );
     assert!(o.status.success(), "{}", out(&o));
     // The daemon starts on the same state dir, applies and rewrites the journal on drift.
     let agent = Agent::builder()
@@ -1144,19 +1142,7 @@ fn adversary_a_daemon_started_after_a_cli_apply_keeps_the_cli_original() {
     );
     // With the daemon stopped, `sysctl revert` restores the CLI's key and leaves the daemon's;
     // `--all` restores those too.
-    let revert = |extra: &[&str]| {
-        Command::new(agent_bin())
-            .args(["sysctl", "revert", "--config"])
-            .arg(&file)
-            .args(extra)
-            .arg("--host-proc")
-            .arg(fake.proc())
-            .arg("--state-dir")
-            .arg(&state)
-            .output()
-            .unwrap()
-    };
-    let o = revert(&[]);
+    let o = cli("revert", "sysctl: {}\n", &[]);
     assert!(o.status.success(), "{}", out(&o));
     assert!(
         out(&o).contains("1 key(s) the daemon applied left"),
@@ -1165,7 +1151,7 @@ fn adversary_a_daemon_started_after_a_cli_apply_keeps_the_cli_original() {
     );
     assert_eq!(fake.get("vm.swappiness"), "60");
     assert_eq!(fake.get("net.core.somaxconn"), "8192");
-    let o = revert(&["--all"]);
+    let o = cli("revert", "sysctl: {}\n", &["--all"]);
     assert!(o.status.success(), "{}", out(&o));
     assert_eq!(fake.get("net.core.somaxconn"), "4096");
 }
@@ -1181,7 +1167,7 @@ fn adversary_netns_revert_after_two_applies_leaves_a_dependant_changed() {
     if !require_root() || !require_tool("ip") {
         return;
     }
-    let host_before: Vec<String> = HOST_KEYS.iter().map(|k| host(k)).collect();
+    let host_before = HostValues::now();
     let ns = Netns::new("adv-dep");
     let before = forwarding(&ns);
     let dir = tempfile::tempdir().unwrap();
@@ -1207,8 +1193,7 @@ fn adversary_netns_revert_after_two_applies_leaves_a_dependant_changed() {
         before,
         "every key back to its exact original"
     );
-    let host_after: Vec<String> = HOST_KEYS.iter().map(|k| host(k)).collect();
-    assert_eq!(host_before, host_after, "host values unchanged");
+    host_before.assert_unchanged();
 }
 
 #[test]
@@ -1216,7 +1201,7 @@ fn adversary_netns_a_new_namespace_inherits_a_dead_ones_journal() {
     if !require_root() || !require_tool("ip") {
         return;
     }
-    let host_before: Vec<String> = HOST_KEYS.iter().map(|k| host(k)).collect();
+    let host_before = HostValues::now();
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let identity = |ns: &Netns| {
@@ -1277,8 +1262,7 @@ fn adversary_netns_a_new_namespace_inherits_a_dead_ones_journal() {
         "1000",
         "the new namespace's own original, not the dead one's"
     );
-    let host_after: Vec<String> = HOST_KEYS.iter().map(|k| host(k)).collect();
-    assert_eq!(host_before, host_after, "host values unchanged");
+    host_before.assert_unchanged();
 }
 
 #[test]
@@ -1328,7 +1312,7 @@ fn adversary_netns_a_refused_vector_write_leaves_the_key_half_changed() {
     if !require_root() || !require_tool("ip") {
         return;
     }
-    let host_before: Vec<String> = HOST_KEYS.iter().map(|k| host(k)).collect();
+    let host_before = HostValues::now();
     let ns = Netns::new("adv-vec");
     let before = ns.read("net.ipv4.tcp_rmem");
     let dir = tempfile::tempdir().unwrap();
@@ -1349,8 +1333,7 @@ fn adversary_netns_a_refused_vector_write_leaves_the_key_half_changed() {
         "a failed apply leaves nothing changed, or revert puts it back: {}",
         out(&o)
     );
-    let host_after: Vec<String> = HOST_KEYS.iter().map(|k| host(k)).collect();
-    assert_eq!(host_before, host_after, "host values unchanged");
+    host_before.assert_unchanged();
 }
 
 #[test]
@@ -1358,7 +1341,7 @@ fn adversary_netns_exec_journal_is_replayed_into_another_namespace() {
     if !require_root() || !require_tool("ip") {
         return;
     }
-    let host_before: Vec<String> = HOST_KEYS.iter().map(|k| host(k)).collect();
+    let host_before = HostValues::now();
     let (a, b) = (Netns::new("adv-exec-a"), Netns::new("adv-exec-b"));
     ns_write(&b, "net.core.somaxconn", "1000");
     let a_before = a.read("net.core.somaxconn");
@@ -1397,8 +1380,7 @@ fn adversary_netns_exec_journal_is_replayed_into_another_namespace() {
         "A can still be restored: {}",
         out(&o)
     );
-    let host_after: Vec<String> = HOST_KEYS.iter().map(|k| host(k)).collect();
-    assert_eq!(host_before, host_after, "host values unchanged");
+    host_before.assert_unchanged();
 }
 
 /// Issue #15, finding 5: a corrupt `sysctl/originals.json` used to stop the whole agent, DNS

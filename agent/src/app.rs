@@ -424,6 +424,7 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
                 drain,
                 disks: disks_status,
                 dns: dns_handle,
+                node: node_watch.clone(),
             };
             let service = NodeAgentService::new(
                 identity,

@@ -34,6 +34,9 @@ pub const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(15);
 /// Concurrent WatchMetrics streams: a handful of autoscalers and orchestrators per node is normal,
 /// hundreds means a leak in a client.
 pub const DEFAULT_MAX_WATCH_STREAMS: usize = 64;
+/// Server reflection on by default so grpcurl works against a local agent with no proto files;
+/// the shipped manifests turn it off (it maps the attack surface for anyone who can connect).
+pub const DEFAULT_API_REFLECTION: bool = true;
 /// Where the agent keeps state that must survive restarts (sysctl originals, disk markers).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/nodekeeper";
 /// Time given to capabilities to stop after SIGTERM before the process exits anyway: the DNS
@@ -140,6 +143,8 @@ pub struct ApiConfig {
     pub listen: ListenAddr,
     pub min_watch_interval: ConfigDuration,
     pub max_watch_streams: usize,
+    /// Serve grpc.reflection (v1 and v1alpha).
+    pub reflection: bool,
     /// Who may call what: TLS, client certificates, bearer token (see `api::auth`).
     pub auth: crate::api::auth::AuthConfig,
 }
@@ -151,6 +156,7 @@ impl Default for ApiConfig {
             listen: ListenAddr::parse_default(DEFAULT_API_LISTEN),
             min_watch_interval: ConfigDuration(DEFAULT_MIN_WATCH_INTERVAL),
             max_watch_streams: DEFAULT_MAX_WATCH_STREAMS,
+            reflection: DEFAULT_API_REFLECTION,
             auth: Default::default(),
         }
     }

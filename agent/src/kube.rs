@@ -64,6 +64,8 @@ pub struct NodeInfo {
     pub labels: std::collections::BTreeMap<String, String>,
     pub annotations: std::collections::BTreeMap<String, String>,
     pub uid: String,
+    /// `spec.unschedulable`: GetNode answers from here, not with a GET per call.
+    pub unschedulable: bool,
 }
 
 /// Watches only this node (field selector `metadata.name=`), never the whole node list, and
@@ -92,6 +94,7 @@ pub fn watch_node(
                             labels: node.metadata.labels.unwrap_or_default(),
                             annotations: node.metadata.annotations.unwrap_or_default(),
                             uid: node.metadata.uid.unwrap_or_default(),
+                            unschedulable: node.spec.and_then(|s| s.unschedulable).unwrap_or(false),
                         };
                         tx.send_if_modified(|cur| {
                             let changed = cur.as_ref() != Some(&info);

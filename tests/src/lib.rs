@@ -236,6 +236,9 @@ pub struct AgentBuilder {
     state_dir: Option<PathBuf>,
     /// Wait for `/healthz` rather than `/readyz` (an agent expected to start degraded).
     live_only: bool,
+    /// Keep the agent's own default for `api.auth.openReadOnly` (closed) instead of opening
+    /// reads; see `start`.
+    default_read_auth: bool,
 }
 
 /// The bearer token of agents started `.with_token()`.
@@ -261,6 +264,7 @@ impl Agent {
             token: false,
             state_dir: None,
             live_only: false,
+            default_read_auth: false,
         }
     }
 
@@ -306,6 +310,13 @@ impl AgentBuilder {
         self
     }
 
+    /// Keeps the agent's default read authorization (reads need a credential) even when the
+    /// config does not mention `openReadOnly`.
+    pub fn default_read_auth(mut self) -> Self {
+        self.default_read_auth = true;
+        self
+    }
+
     pub fn with_token(mut self) -> Self {
         self.token = true;
         self
@@ -317,11 +328,30 @@ impl AgentBuilder {
         self
     }
 
+    /// The config file: the test's YAML, with reads opened (`api.auth.openReadOnly: true`)
+    /// unless the test set `openReadOnly` itself or asked for `default_read_auth`. The tests
+    /// of every other area read metrics and node state anonymously, as agents did before
+    /// issue #19 closed reads by default; tests/tests/auth.rs tests the closed default.
+    fn config_text(&self) -> String {
+        if self.default_read_auth || self.config_yaml.contains("openReadOnly") {
+            return self.config_yaml.clone();
+        }
+        match nodekeeper::config::Config::from_yaml(&self.config_yaml) {
+            Ok(mut c) => {
+                c.api.auth.open_read_only = true;
+                c.to_yaml()
+            }
+            // A config the agent will refuse: pass it on untouched so the agent names the
+            // problem.
+            Err(_) => self.config_yaml.clone(),
+        }
+    }
+
     /// Starts the agent and waits until /readyz answers 200.
     pub fn start(self) -> Agent {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("config.yaml");
-        std::fs::write(&config, &self.config_yaml).expect("write config");
+        std::fs::write(&config, self.config_text()).expect("write config");
         let metrics = loopback(free_port());
         let api = loopback(free_port());
         let mut cmd = Command::new(agent_bin());

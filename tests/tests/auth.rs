@@ -600,3 +600,334 @@ fn python_grpcio_drives_a_full_drain_over_mtls() {
     assert_eq!(left, nodekeeper_tests::drain_scenario::expected_remaining());
     assert!(cluster.api.pdb_violations().is_empty());
 }
+
+// === authorization: roles, principals, rate limits (issue #19) ===
+
+const READ_TOKEN: &str = "nk-read-token-0b7e41";
+
+/// A connected agent with the control token, the read token and `extra` lines under `api.auth`,
+/// keeping the agent's own default for reads (closed).
+fn two_token_agent(cluster: &Cluster, secrets: &Path, extra: &str) -> Agent {
+    let control = write_token(secrets, TOKEN);
+    let read = secrets.join("read-token");
+    std::fs::write(&read, READ_TOKEN).unwrap();
+    Agent::builder()
+        .config(&format!(
+            "metrics:\n  enabled: false\napi:\n  auth:\n    tokenFile: {}\n    readTokenFile: {}\n{extra}",
+            control.display(),
+            read.display()
+        ))
+        .default_read_auth()
+        .connected(&cluster.kubeconfig, NODE)
+        .start()
+}
+
+fn drain_request(id: &str, requester: &str) -> pb::DrainRequest {
+    pb::DrainRequest {
+        id: id.into(),
+        reason: "auth test".into(),
+        requester: requester.into(),
+        ..Default::default()
+    }
+}
+
+/// The messages of the Events recorded on the fake API with `reason`.
+fn event_messages(cluster: &Cluster, reason: &str) -> Vec<String> {
+    cluster
+        .api
+        .events()
+        .iter()
+        .filter(|e| e["reason"] == reason)
+        .map(|e| {
+            e["message"]
+                .as_str()
+                .or(e["note"].as_str())
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn anonymous_get_metrics_is_refused_by_default_and_health_stays_open() {
+    use nodekeeper::keda_pb::external_scaler_client::ExternalScalerClient;
+    let secrets = tempfile::tempdir().unwrap();
+    let read = secrets.path().join("read-token");
+    std::fs::write(&read, READ_TOKEN).unwrap();
+    let agent = Agent::builder()
+        .config(&format!(
+            "api:\n  auth:\n    readTokenFile: {}\n",
+            read.display()
+        ))
+        .default_read_auth()
+        .start();
+    let mut c = plain_client(&agent).await;
+    let metrics = || pb::GetMetricsRequest {
+        exclude_pods: true,
+        ..Default::default()
+    };
+    let refused = within(c.get_metrics(metrics())).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    let refused = within(c.get_node(pb::GetNodeRequest {})).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    within(c.get_metrics(with_bearer(tonic::Request::new(metrics()), READ_TOKEN)))
+        .await
+        .expect("GetMetrics with the read token");
+
+    // KEDA's scaler is closed too unless opened.
+    let mut keda = ExternalScalerClient::connect(agent.grpc_url())
+        .await
+        .unwrap();
+    let refused = within(keda.get_metric_spec(nodekeeper::keda_pb::ScaledObjectRef::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+
+    // Health needs nothing.
+    let channel = Endpoint::from_shared(agent.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    within(health.check(tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    }))
+    .await
+    .expect("health is anonymous");
+
+    // openKeda opens only KEDA's scaler.
+    let agent = Agent::builder()
+        .config("api:\n  auth:\n    openKeda: true\n")
+        .default_read_auth()
+        .start();
+    let mut keda = ExternalScalerClient::connect(agent.grpc_url())
+        .await
+        .unwrap();
+    let answer =
+        within(keda.get_metric_spec(nodekeeper::keda_pb::ScaledObjectRef::default())).await;
+    assert!(
+        !matches!(&answer, Err(e) if matches!(e.code(), Code::Unauthenticated | Code::PermissionDenied)),
+        "KEDA refused with openKeda: {answer:?}"
+    );
+    let mut c = plain_client(&agent).await;
+    let refused = within(c.get_metrics(metrics())).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+}
+
+#[tokio::test]
+async fn a_read_credential_cannot_drain_or_cordon() {
+    let cluster = cluster();
+    let secrets = tempfile::tempdir().unwrap();
+    let agent = two_token_agent(&cluster, secrets.path(), "");
+    let mut c = plain_client(&agent).await;
+
+    within(c.get_node(with_bearer(
+        tonic::Request::new(pb::GetNodeRequest {}),
+        READ_TOKEN,
+    )))
+    .await
+    .expect("GetNode with the read token");
+    let denied = within(c.drain(with_bearer(
+        tonic::Request::new(drain_request("d-read", "patch-orchestrator")),
+        READ_TOKEN,
+    )))
+    .await
+    .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert!(denied.message().contains("token:read"), "{denied:?}");
+    let denied = within(c.cordon(with_bearer(cordon_request(), READ_TOKEN)))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert!(!cluster.unschedulable(), "a read token cordoned the node");
+    assert!(
+        cluster.api.node(NODE).unwrap()["metadata"]["annotations"]["nodekeeper.io/drain"].is_null(),
+        "a read token started a drain"
+    );
+    assert!(event_messages(&cluster, "DrainStarted").is_empty());
+
+    // The control token may.
+    within(c.cordon(with_bearer(cordon_request(), TOKEN)))
+        .await
+        .expect("Cordon with the control token");
+    assert!(cluster.unschedulable());
+    let log = agent.proc.log_text();
+    assert!(log.contains("role_lacks_rpc"), "refusal not logged:\n{log}");
+    assert!(!log.contains(READ_TOKEN), "the read token was logged");
+}
+
+#[tokio::test]
+async fn a_client_certificate_can_call_only_what_its_role_allows() {
+    if !require_tool("openssl") {
+        return;
+    }
+    let pki = make_pki();
+    let cluster = cluster();
+    let agent = Agent::builder()
+        .config(&format!(
+            "metrics:\n  enabled: false\napi:\n  auth:\n    tls:\n      certFile: {}\n      keyFile: {}\n      clientCaFile: {}\n    clientRoles:\n      {CLIENT_NAME}: [cordon]\n      intruder: [read]\n",
+            pki.path("server.crt").display(),
+            pki.path("server.key").display(),
+            pki.path("ca.crt").display(),
+        ))
+        .default_read_auth()
+        .connected(&cluster.kubeconfig, NODE)
+        .start();
+
+    // `orchestrator` has role cordon: it cordons, it may not drain.
+    let mut orchestrator = within(tls_client(&agent, &pki, Some("client")))
+        .await
+        .expect("connect with the client certificate");
+    within(orchestrator.cordon(cordon_request()))
+        .await
+        .expect("Cordon with role cordon");
+    assert!(cluster.unschedulable());
+    let denied = within(orchestrator.drain(drain_request("d-cordon-role", "x")))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert!(denied.message().contains("cert:orchestrator"), "{denied:?}");
+    let denied = within(orchestrator.cancel_drain(pb::CancelDrainRequest { id: String::new() }))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+
+    // `intruder` has role read: it reads, it may not uncordon.
+    let mut intruder = within(tls_client(&agent, &pki, Some("intruder")))
+        .await
+        .expect("connect with the intruder certificate");
+    within(intruder.get_node(pb::GetNodeRequest {}))
+        .await
+        .expect("GetNode with role read");
+    let denied = within(intruder.uncordon(pb::UncordonRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert!(cluster.unschedulable(), "role read uncordoned the node");
+
+    // No certificate and no token: reads are closed.
+    let mut anonymous = within(tls_client(&agent, &pki, None)).await.unwrap();
+    let refused = within(anonymous.get_node(pb::GetNodeRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+}
+
+#[tokio::test]
+async fn the_authenticated_principal_is_recorded_in_events_annotation_and_audit_log() {
+    if !require_tool("openssl") {
+        return;
+    }
+    let pki = make_pki();
+    let cluster = cluster();
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = write_token(secrets.path(), TOKEN);
+    let agent = mtls_agent(&cluster, &pki, &token_file);
+    let mut orchestrator = within(tls_client(&agent, &pki, Some("client")))
+        .await
+        .expect("connect with the client certificate");
+
+    within(orchestrator.cordon(cordon_request()))
+        .await
+        .expect("Cordon");
+    let cordoned = event_messages(&cluster, "Cordoned");
+    assert!(
+        cordoned.iter().any(|m| m.contains("cert:orchestrator")),
+        "{cordoned:?}"
+    );
+
+    // The caller claims to be someone else in `requester`: the record names the certificate.
+    let mut stream = within(orchestrator.drain(drain_request("d-principal", "not-me")))
+        .await
+        .expect("Drain")
+        .into_inner();
+    let mut last = None;
+    while let Some(e) = within(stream.message()).await.expect("stream") {
+        last = Some(e);
+    }
+    let last = last.expect("drain events");
+    let Some(pb::drain_event::Event::Completed(status)) = last.event else {
+        panic!("drain did not complete: {last:?}");
+    };
+    assert_eq!(status.principal, "cert:orchestrator");
+    assert_eq!(status.requester, "not-me");
+    let started = event_messages(&cluster, "DrainStarted");
+    assert!(
+        started
+            .iter()
+            .any(|m| m.contains("started by cert:orchestrator") && m.contains("not-me")),
+        "{started:?}"
+    );
+    let annotation =
+        cluster.api.node(NODE).unwrap()["metadata"]["annotations"]["nodekeeper.io/drain"]
+            .as_str()
+            .expect("drain annotation")
+            .to_string();
+    let persisted: serde_json::Value = serde_json::from_str(&annotation).unwrap();
+    assert_eq!(persisted["principal"], "cert:orchestrator", "{annotation}");
+
+    // The token holder is named as the token, not as anyone it claims to be.
+    let mut anonymous = within(tls_client(&agent, &pki, None)).await.unwrap();
+    within(anonymous.uncordon(with_bearer(
+        tonic::Request::new(pb::UncordonRequest {}),
+        TOKEN,
+    )))
+    .await
+    .expect("Uncordon with the token");
+    let uncordoned = event_messages(&cluster, "Uncordoned");
+    assert!(
+        uncordoned.iter().any(|m| m.contains("token:control")),
+        "{uncordoned:?}"
+    );
+
+    // One audit line per mutating call, naming the principal.
+    let log = agent.proc.log_text();
+    let audit: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("gRPC mutating call authorized"))
+        .collect();
+    assert_eq!(audit.len(), 3, "{audit:#?}");
+    for (line, who, method) in [
+        (audit[0], "cert:orchestrator", "/Cordon"),
+        (audit[1], "cert:orchestrator", "/Drain"),
+        (audit[2], "token:control", "/Uncordon"),
+    ] {
+        assert!(line.contains(who) && line.contains(method), "{line}");
+    }
+}
+
+#[tokio::test]
+async fn mutating_calls_are_rate_limited_per_principal() {
+    let cluster = cluster();
+    let secrets = tempfile::tempdir().unwrap();
+    let agent = two_token_agent(
+        &cluster,
+        secrets.path(),
+        "    rateLimit: {burst: 2, perMinute: 1}\n",
+    );
+    let mut c = plain_client(&agent).await;
+    for _ in 0..2 {
+        within(c.cordon(with_bearer(cordon_request(), TOKEN)))
+            .await
+            .expect("Cordon within the burst");
+    }
+    let limited = within(c.uncordon(with_bearer(
+        tonic::Request::new(pb::UncordonRequest {}),
+        TOKEN,
+    )))
+    .await
+    .unwrap_err();
+    assert_eq!(limited.code(), Code::ResourceExhausted, "{limited:?}");
+    assert!(limited.message().contains("token:control"), "{limited:?}");
+    assert!(cluster.unschedulable(), "a limited Uncordon went through");
+    // Reads are not limited.
+    for _ in 0..5 {
+        within(c.get_node(with_bearer(
+            tonic::Request::new(pb::GetNodeRequest {}),
+            READ_TOKEN,
+        )))
+        .await
+        .expect("GetNode is not rate-limited");
+    }
+}

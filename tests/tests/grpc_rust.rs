@@ -118,3 +118,123 @@ async fn negative_watch_interval_is_invalid_argument() {
     .await
     .expect("test timed out");
 }
+
+/// Lists services over reflection v1: `Ok(names)`, or the status of the refused stream.
+async fn reflection_services(agent: &Agent) -> Result<Vec<String>, tonic::Status> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let channel = tonic::transport::Endpoint::from_shared(agent.grpc_url())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut c = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = c
+        .server_reflection_info(tokio_stream_once(req))
+        .await?
+        .into_inner();
+    let answer = stream.message().await?.expect("one answer");
+    match answer.message_response {
+        Some(MessageResponse::ListServicesResponse(l)) => {
+            Ok(l.service.into_iter().map(|s| s.name).collect())
+        }
+        other => panic!("unexpected reflection answer {other:?}"),
+    }
+}
+
+fn tokio_stream_once<T: Send + 'static>(item: T) -> impl futures::Stream<Item = T> + Send {
+    futures::stream::iter([item])
+}
+
+#[tokio::test]
+async fn reflection_is_on_by_default_and_off_when_configured() {
+    let agent = Agent::builder().start();
+    let services = tokio::time::timeout(TEST_TIMEOUT, reflection_services(&agent))
+        .await
+        .unwrap()
+        .expect("reflection on by default");
+    assert!(
+        services.iter().any(|s| s == "nodekeeper.v1.NodeAgent"),
+        "{services:?}"
+    );
+
+    let agent = Agent::builder()
+        .config("api:\n  reflection: false\n")
+        .start();
+    let refused = tokio::time::timeout(TEST_TIMEOUT, reflection_services(&agent))
+        .await
+        .unwrap()
+        .expect_err("reflection answered with api.reflection: false");
+    assert_eq!(refused.code(), Code::Unimplemented, "{refused:?}");
+    // The API itself is unaffected.
+    client(&agent)
+        .await
+        .get_node(pb::GetNodeRequest {})
+        .await
+        .expect("GetNode without reflection");
+}
+
+#[tokio::test]
+async fn get_node_answers_from_the_node_watch_without_an_api_get_per_call() {
+    use nodekeeper_tests::fake_api::FakeApi;
+    let api = FakeApi::start();
+    api.add_node("node-a", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let agent = Agent::builder()
+        .config("metrics:\n  enabled: false\n")
+        .connected(&kubeconfig, "node-a")
+        .start();
+    let mut c = client(&agent).await;
+    let node_gets = || {
+        api.requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path == "/api/v1/nodes/node-a")
+            .count()
+    };
+    // The first answer may come before the watch's first event; after it, none may GET.
+    let deadline = std::time::Instant::now() + TEST_TIMEOUT;
+    let mut node = c
+        .get_node(pb::GetNodeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!node.unschedulable);
+    let before = node_gets();
+    for _ in 0..100 {
+        node = c
+            .get_node(pb::GetNodeRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+    }
+    assert!(!node.unschedulable);
+    let gets = node_gets() - before;
+    assert!(gets <= 1, "{gets} node GETs for 100 GetNode calls");
+
+    // The watch follows the Node: a cordon made elsewhere (kubectl) shows up without a GET.
+    api.set_node_unschedulable("node-a", true);
+    loop {
+        if c.get_node(pb::GetNodeRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .unschedulable
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "GetNode never saw the cordon"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(node_gets() - before <= 1, "GetNode fell back to GETs");
+}

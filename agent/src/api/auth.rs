@@ -1,13 +1,16 @@
 //! Authentication of gRPC callers: server TLS, client certificates (mTLS) and bearer tokens.
 //!
 //! Owns the `api.auth` config section, the server's TLS setup and one tower layer that sees every
-//! call's method path before any service does. Mutating RPCs (Cordon, Uncordon, Drain,
-//! CancelDrain) and every method not known to be read-only need a verified client certificate or
-//! the bearer token from `tokenFile`; read-only ones are open when `openReadOnly` is true. With
-//! neither credential configured, mutating RPCs are refused: the API is never open by default.
+//! call's method path before any service does. The layer authenticates the caller into a
+//! [`Principal`] (the control token, the read token, or a verified certificate name with its
+//! roles), authorizes it against the RPC's rule (`authz`), rate-limits and audit-logs mutating
+//! calls, and hands the principal to the handler in the request's extensions. Only health is
+//! anonymous by default; reads are opened by `openReadOnly`, KEDA's scaler by `openKeda`. With
+//! no credential configured, everything else is refused: the API is never open by default.
 //!
 //! Must never log, echo or keep in an error a token, neither the configured one nor a caller's.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -20,11 +23,18 @@ use tonic::codegen::http;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
+pub use super::authz::{Principal, RateLimitConfig, Role, Rule};
+use super::authz::{RateLimiter, rule_for};
+
 // === config ===
 
-/// Read-only RPCs answer without credentials by default: they expose node state an orchestrator
-/// or autoscaler polls often, and nothing in them changes the node.
-pub const DEFAULT_OPEN_READ_ONLY: bool = true;
+/// Read-only RPCs need the read (or a stronger) credential by default: they name every pod on
+/// the node, its labels and its connection peers, which is more than anyone on the network
+/// should learn (issue #19).
+pub const DEFAULT_OPEN_READ_ONLY: bool = false;
+/// KEDA's scaler needs a credential by default too; open it when KEDA calls the agent directly
+/// without TLS client certificates.
+pub const DEFAULT_OPEN_KEDA: bool = false;
 /// A TLS handshake that has not finished by then is dropped, so idle half-open connections
 /// cannot pile up; a real client on a node-local network finishes in milliseconds.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,26 +44,43 @@ const MAX_TOKEN_BYTES: u64 = 4096;
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct AuthConfig {
-    /// A file holding one bearer token (a mounted Secret key). Re-read when it changes.
+    /// A file holding the control bearer token (role `control`; a mounted Secret key). Re-read
+    /// when it changes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
+    /// A file holding the read bearer token (role `read`). Re-read when it changes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_token_file: Option<PathBuf>,
     /// Server TLS, and client certificate verification when `clientCaFile` is set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
-    /// When non-empty, a client certificate's subject CN or one of its DNS SANs must be listed.
+    /// Client certificate names (subject CN or DNS SAN) with role `control`. When this and
+    /// `clientRoles` are both empty, every verified certificate has role `control`.
     pub allowed_client_names: Vec<String>,
-    /// GetNode, GetMetrics, WatchMetrics, GetDrain, KEDA's ExternalScaler, health and reflection
-    /// need no credentials.
+    /// Client certificate names (subject CN or DNS SAN) and their roles (`read`, `cordon`,
+    /// `drain`, `control`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub client_roles: BTreeMap<String, Vec<Role>>,
+    /// GetNode, GetMetrics, WatchMetrics, GetDrain, KEDA's ExternalScaler and reflection need no
+    /// credentials. Health never does.
     pub open_read_only: bool,
+    /// KEDA's ExternalScaler needs no credentials.
+    pub open_keda: bool,
+    /// Mutating calls per principal.
+    pub rate_limit: RateLimitConfig,
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
         Self {
             token_file: None,
+            read_token_file: None,
             tls: None,
             allowed_client_names: Vec::new(),
+            client_roles: BTreeMap::new(),
             open_read_only: DEFAULT_OPEN_READ_ONLY,
+            open_keda: DEFAULT_OPEN_KEDA,
+            rate_limit: RateLimitConfig::default(),
         }
     }
 }
@@ -86,6 +113,9 @@ impl AuthConfig {
         if let Some(p) = &self.token_file {
             absolute("tokenFile", p);
         }
+        if let Some(p) = &self.read_token_file {
+            absolute("readTokenFile", p);
+        }
         if let Some(tls) = &self.tls {
             absolute("tls.certFile", &tls.cert_file);
             absolute("tls.keyFile", &tls.key_file);
@@ -108,6 +138,40 @@ impl AuthConfig {
                 ));
             }
         }
+        if !self.client_roles.is_empty() && self.client_ca_file().is_none() {
+            out.push((
+                "api.auth.clientRoles".into(),
+                "needs api.auth.tls.clientCaFile: without it no client certificate is verified"
+                    .into(),
+            ));
+        }
+        for (name, roles) in &self.client_roles {
+            if name.trim().is_empty() {
+                out.push((
+                    "api.auth.clientRoles".into(),
+                    "a client name must not be empty".into(),
+                ));
+            }
+            if roles.is_empty() {
+                out.push((
+                    format!("api.auth.clientRoles.{name}"),
+                    "lists no role (read, cordon, drain, control)".into(),
+                ));
+            }
+            if self.allowed_client_names.contains(name) {
+                out.push((
+                    format!("api.auth.clientRoles.{name}"),
+                    "is also in allowedClientNames (role control); list it in one place".into(),
+                ));
+            }
+        }
+        if self.token_file.is_some() && self.token_file == self.read_token_file {
+            out.push((
+                "api.auth.readTokenFile".into(),
+                "is the same file as tokenFile: the read token would carry control".into(),
+            ));
+        }
+        out.extend(self.rate_limit.problems());
         out
     }
 
@@ -127,9 +191,13 @@ pub enum AuthError {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// The token file is empty or too large to hold a token.
-    #[error("api.auth.tokenFile: {} {problem}", path.display())]
-    BadToken { path: PathBuf, problem: String },
+    /// A token file is empty or too large to hold a token.
+    #[error("{field}: {} {problem}", path.display())]
+    BadToken {
+        field: &'static str,
+        path: PathBuf,
+        problem: String,
+    },
     /// The certificate, key or CA did not make a usable TLS server config.
     #[error("api.auth.tls: {0}")]
     Tls(#[from] tonic::transport::Error),
@@ -187,40 +255,49 @@ impl ServerAuth {
                 Some(tls)
             }
         };
-        let token = match &config.token_file {
-            None => None,
-            Some(path) => {
-                let t = TokenFile::new(path.clone());
-                t.current().map_err(|e| match e {
-                    TokenError::Read(source) => AuthError::Read {
-                        field: "api.auth.tokenFile",
-                        path: path.clone(),
-                        source,
-                    },
-                    TokenError::Bad(problem) => AuthError::BadToken {
-                        path: path.clone(),
-                        problem: problem.into(),
-                    },
-                })?;
-                Some(t)
-            }
-        };
-        if token.is_some() && tls.is_none() {
+        let token = load_token("api.auth.tokenFile", config.token_file.as_deref())?;
+        let read_token = load_token("api.auth.readTokenFile", config.read_token_file.as_deref())?;
+        if (token.is_some() || read_token.is_some()) && tls.is_none() {
             tracing::warn!(
-                "api.auth.tokenFile is set without api.auth.tls: bearer tokens travel in clear text"
+                "api.auth.tokenFile or readTokenFile is set without api.auth.tls: bearer tokens travel in clear text"
             );
         }
         let auth = Authenticator {
             token,
+            read_token,
             client_certs: config.client_ca_file().is_some(),
             allowed_client_names: config.allowed_client_names.clone(),
+            client_roles: config.client_roles.clone(),
             open_read_only: config.open_read_only,
+            open_keda: config.open_keda,
+            limiter: RateLimiter::new(&config.rate_limit),
         };
         Ok(Self {
             tls,
             layer: AuthLayer(Arc::new(auth)),
         })
     }
+}
+
+/// Reads a configured token file once, so a missing or empty one fails the start.
+fn load_token(field: &'static str, path: Option<&Path>) -> Result<Option<TokenFile>, AuthError> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let t = TokenFile::new(path.to_path_buf());
+    t.current().map_err(|e| match e {
+        TokenError::Read(source) => AuthError::Read {
+            field,
+            path: path.to_path_buf(),
+            source,
+        },
+        TokenError::Bad(problem) => AuthError::BadToken {
+            field,
+            path: path.to_path_buf(),
+            problem: problem.into(),
+        },
+    })?;
+    Ok(Some(t))
 }
 
 // === impl TokenFile ===
@@ -285,40 +362,6 @@ impl TokenFile {
 
 // === impl Authenticator ===
 
-/// Methods that change nothing; everything else (the four control RPCs, and any method added
-/// later and not listed here) needs credentials.
-const READ_ONLY_METHODS: &[&str] = &[
-    "/nodekeeper.v1.NodeAgent/GetNode",
-    "/nodekeeper.v1.NodeAgent/GetMetrics",
-    "/nodekeeper.v1.NodeAgent/WatchMetrics",
-    "/nodekeeper.v1.NodeAgent/GetDrain",
-];
-/// Whole services that change nothing. Matched as `/package.Service/` prefixes (the trailing
-/// slash keeps `/externalscaler.ExternalScalerAdmin/...` from matching).
-const READ_ONLY_SERVICES: &[&str] = &[
-    // KEDA's scaler only reads the connection census; KEDA calls it without credentials.
-    "/externalscaler.ExternalScaler/",
-    "/grpc.health.v1.Health/",
-    "/grpc.reflection.v1.ServerReflection/",
-    "/grpc.reflection.v1alpha.ServerReflection/",
-];
-
-/// True when `path` (`/package.Service/Method`) changes nothing on the node.
-pub fn is_read_only(path: &str) -> bool {
-    READ_ONLY_METHODS.contains(&path) || READ_ONLY_SERVICES.iter().any(|s| path.starts_with(s))
-}
-
-/// Who made an accepted call.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Caller {
-    /// A read-only call with `openReadOnly`.
-    Anonymous,
-    /// The holder of the bearer token.
-    Token,
-    /// A verified client certificate, named by the name that matched (or its CN).
-    Certificate(String),
-}
-
 /// A refused call: the gRPC status, and a low-cardinality label for the log.
 #[derive(Debug)]
 struct Refusal {
@@ -336,23 +379,69 @@ impl Refusal {
 }
 
 struct Authenticator {
+    /// The control token (role `control`).
     token: Option<TokenFile>,
+    /// The read token (role `read`).
+    read_token: Option<TokenFile>,
     client_certs: bool,
     allowed_client_names: Vec<String>,
+    client_roles: BTreeMap<String, Vec<Role>>,
     open_read_only: bool,
+    open_keda: bool,
+    limiter: RateLimiter,
 }
 
 impl Authenticator {
-    fn check<B>(&self, req: &http::Request<B>) -> Result<Caller, Refusal> {
+    /// Authenticates and authorizes one call: its principal and the rule it was judged by.
+    fn check<B>(&self, req: &http::Request<B>) -> Result<(Principal, Rule), Refusal> {
         let path = req.uri().path();
-        if self.open_read_only && is_read_only(path) {
-            return Ok(Caller::Anonymous);
+        let rule = rule_for(path);
+        if self.is_open(rule) {
+            return Ok((Principal::anonymous(), rule));
         }
-        if self.token.is_none() && !self.client_certs {
+        let principal = self.authenticate(req, path)?;
+        if !principal.may(rule) {
+            return Err(Refusal {
+                status: Status::permission_denied(format!(
+                    "{} (roles: {}) may not call {path}: it needs role {}",
+                    principal.name,
+                    principal.role_names().join(", "),
+                    rule.roles()
+                )),
+                reason: "role_lacks_rpc",
+            });
+        }
+        if rule.is_mutating()
+            && let Err(wait) = self.limiter.take(&principal.name)
+        {
+            return Err(Refusal {
+                status: Status::resource_exhausted(format!(
+                    "{} made too many mutating calls (api.auth.rateLimit); retry in {}s",
+                    principal.name,
+                    wait.as_secs().max(1)
+                )),
+                reason: "rate_limited",
+            });
+        }
+        Ok((principal, rule))
+    }
+
+    /// Calls anyone may make under this config.
+    fn is_open(&self, rule: Rule) -> bool {
+        match rule {
+            Rule::Anonymous => true,
+            Rule::Read | Rule::Reflection => self.open_read_only,
+            Rule::Keda => self.open_read_only || self.open_keda,
+            Rule::Cordon | Rule::Drain | Rule::Control => false,
+        }
+    }
+
+    fn authenticate<B>(&self, req: &http::Request<B>, path: &str) -> Result<Principal, Refusal> {
+        if self.token.is_none() && self.read_token.is_none() && !self.client_certs {
             return Err(Refusal::unauthenticated(
                 "not_configured",
                 format!(
-                    "authentication is not configured on this agent, so {path} is refused: set api.auth.tokenFile or api.auth.tls.clientCaFile"
+                    "authentication is not configured on this agent, so {path} is refused: set api.auth.tokenFile, readTokenFile or tls.clientCaFile"
                 ),
             ));
         }
@@ -374,20 +463,23 @@ impl Authenticator {
     }
 
     fn accepted_credentials(&self) -> &'static str {
-        match (self.token.is_some(), self.client_certs) {
+        match (
+            self.token.is_some() || self.read_token.is_some(),
+            self.client_certs,
+        ) {
             (true, true) => "a client certificate or an `authorization: Bearer <token>` header",
             (true, false) => "an `authorization: Bearer <token>` header",
             _ => "a client certificate",
         }
     }
 
-    fn check_token(&self, header: &http::HeaderValue) -> Result<Caller, Refusal> {
-        let Some(file) = &self.token else {
+    fn check_token(&self, header: &http::HeaderValue) -> Result<Principal, Refusal> {
+        if self.token.is_none() && self.read_token.is_none() {
             return Err(Refusal::unauthenticated(
                 "token_not_configured",
-                "bearer tokens are not accepted by this agent (api.auth.tokenFile is not set); use a client certificate".into(),
+                "bearer tokens are not accepted by this agent (api.auth.tokenFile and readTokenFile are not set); use a client certificate".into(),
             ));
-        };
+        }
         let presented = header
             .as_bytes()
             .strip_prefix(b"Bearer ")
@@ -399,22 +491,13 @@ impl Authenticator {
                     "the authorization header is not `Bearer <token>`".into(),
                 )
             })?;
-        let expected = file.current().map_err(|e| {
-            let problem = match &e {
-                TokenError::Read(e) => e.to_string(),
-                TokenError::Bad(p) => p.to_string(),
-            };
-            tracing::warn!(path = %file.path.display(), %problem, "cannot read api.auth.tokenFile; refusing bearer tokens");
-            Refusal::unauthenticated(
-                "token_unavailable",
-                "the agent cannot read its token file; bearer tokens are refused until it can"
-                    .into(),
-            )
-        })?;
-        // Constant time in the token's content, so response timing does not reveal how many
-        // leading bytes matched; only a length mismatch returns early, and length is not secret.
-        if bool::from(presented.ct_eq(&expected)) {
-            Ok(Caller::Token)
+        // Both tokens are always compared, so timing does not tell which one exists.
+        let control = matches_token(self.token.as_ref(), presented)?;
+        let read = matches_token(self.read_token.as_ref(), presented)?;
+        if control {
+            Ok(Principal::control_token())
+        } else if read {
+            Ok(Principal::read_token())
         } else {
             Err(Refusal::unauthenticated(
                 "bad_token",
@@ -426,30 +509,55 @@ impl Authenticator {
     fn check_certificate(
         &self,
         leaf: &tonic::transport::CertificateDer<'_>,
-    ) -> Result<Caller, Refusal> {
+    ) -> Result<Principal, Refusal> {
         // rustls verified the chain against clientCaFile during the handshake; only the name
         // is left to check.
         let names = certificate_names(leaf).map_err(|e| Refusal {
             status: Status::permission_denied(format!("cannot read the client certificate: {e}")),
             reason: "bad_certificate",
         })?;
-        let first = names.first().cloned().unwrap_or_default();
-        if self.allowed_client_names.is_empty() {
-            return Ok(Caller::Certificate(first));
+        if self.allowed_client_names.is_empty() && self.client_roles.is_empty() {
+            let first = names.first().cloned().unwrap_or_default();
+            return Ok(Principal::certificate(&first, vec![Role::Control]));
         }
-        match names
-            .iter()
-            .find(|n| self.allowed_client_names.iter().any(|a| a == *n))
-        {
-            Some(n) => Ok(Caller::Certificate(n.clone())),
-            None => Err(Refusal {
-                status: Status::permission_denied(format!(
-                    "client certificate {names:?} is not in api.auth.allowedClientNames"
-                )),
-                reason: "name_not_allowed",
-            }),
+        // The first of the certificate's names that is listed decides; a name in
+        // allowedClientNames has role control.
+        for n in &names {
+            if self.allowed_client_names.iter().any(|a| a == n) {
+                return Ok(Principal::certificate(n, vec![Role::Control]));
+            }
+            if let Some(roles) = self.client_roles.get(n) {
+                return Ok(Principal::certificate(n, roles.clone()));
+            }
         }
+        Err(Refusal {
+            status: Status::permission_denied(format!(
+                "client certificate {names:?} is not in api.auth.allowedClientNames or clientRoles"
+            )),
+            reason: "name_not_allowed",
+        })
     }
+}
+
+/// Whether `presented` is the token in `file`, in constant time in the token's content, so
+/// response timing does not reveal how many leading bytes matched; only a length mismatch
+/// returns early, and length is not secret.
+fn matches_token(file: Option<&TokenFile>, presented: &[u8]) -> Result<bool, Refusal> {
+    let Some(file) = file else {
+        return Ok(false);
+    };
+    let expected = file.current().map_err(|e| {
+        let problem = match &e {
+            TokenError::Read(e) => e.to_string(),
+            TokenError::Bad(p) => p.to_string(),
+        };
+        tracing::warn!(path = %file.path.display(), %problem, "cannot read a token file; refusing bearer tokens");
+        Refusal::unauthenticated(
+            "token_unavailable",
+            "the agent cannot read its token file; bearer tokens are refused until it can".into(),
+        )
+    })?;
+    Ok(bool::from(presented.ct_eq(&expected)))
 }
 
 /// The subject CNs, then the DNS SANs, of a DER certificate.
@@ -511,26 +619,26 @@ where
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         use futures::future::Either;
+        let peer = peer_addr(&req);
         match self.auth.check(&req) {
-            Ok(caller) => {
-                if caller != Caller::Anonymous {
-                    tracing::debug!(
+            Ok((principal, rule)) => {
+                if rule.is_mutating() {
+                    // The audit line: one per accepted mutating call, naming the verified
+                    // principal (never the caller-asserted `requester`).
+                    tracing::info!(
+                        target: "nodekeeper::audit",
                         method = req.uri().path(),
-                        ?caller,
-                        "gRPC call authenticated"
+                        principal = %principal.name,
+                        peer = ?peer,
+                        "gRPC mutating call authorized"
                     );
                 }
-                req.extensions_mut().insert(caller);
+                req.extensions_mut().insert(principal);
                 Either::Right(self.inner.call(req))
             }
             Err(refusal) => {
-                let peer = req
-                    .extensions()
-                    .get::<TlsConnectInfo<TcpConnectInfo>>()
-                    .map(|i| i.get_ref())
-                    .or_else(|| req.extensions().get::<TcpConnectInfo>())
-                    .and_then(|i| i.remote_addr());
                 tracing::warn!(
+                    target: "nodekeeper::audit",
                     method = req.uri().path(),
                     peer = ?peer,
                     reason = refusal.reason,
@@ -543,51 +651,17 @@ where
     }
 }
 
+fn peer_addr<B>(req: &http::Request<B>) -> Option<std::net::SocketAddr> {
+    req.extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .map(|i| i.get_ref())
+        .or_else(|| req.extensions().get::<TcpConnectInfo>())
+        .and_then(|i| i.remote_addr())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn control_rpcs_and_unknown_methods_are_not_read_only() {
-        for m in ["Cordon", "Uncordon", "Drain", "CancelDrain", "Reboot"] {
-            assert!(
-                !is_read_only(&format!("/nodekeeper.v1.NodeAgent/{m}")),
-                "{m}"
-            );
-        }
-        // Prefix guards: a GetMetrics elsewhere, or a service whose name merely starts like a
-        // read-only one, is not read-only.
-        for path in [
-            "/other.v1.Scaler/GetMetrics",
-            "/externalscaler.ExternalScalerAdmin/GetMetrics",
-            "/nodekeeper.v1.NodeAgentAdmin/GetMetrics",
-            "/nodekeeper.v1.NodeAgent/GetMetricsAndReboot",
-        ] {
-            assert!(!is_read_only(path), "{path}");
-        }
-        for m in [
-            "IsActive",
-            "StreamIsActive",
-            "GetMetricSpec",
-            "GetMetrics",
-            "StreamMetricSpec",
-        ] {
-            assert!(
-                is_read_only(&format!("/externalscaler.ExternalScaler/{m}")),
-                "{m}"
-            );
-        }
-        for m in ["GetNode", "GetMetrics", "WatchMetrics", "GetDrain"] {
-            assert!(
-                is_read_only(&format!("/nodekeeper.v1.NodeAgent/{m}")),
-                "{m}"
-            );
-        }
-        assert!(is_read_only("/grpc.health.v1.Health/Check"));
-        assert!(is_read_only(
-            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
-        ));
-    }
 
     fn request(path: &str, auth: Option<&str>) -> http::Request<()> {
         let mut b = http::Request::builder().uri(format!("http://x{path}"));
@@ -597,35 +671,132 @@ mod tests {
         b.body(()).unwrap()
     }
 
-    fn with_token(dir: &Path, token: &str) -> Authenticator {
-        let path = dir.join("token");
-        std::fs::write(&path, format!("{token}\n")).unwrap();
+    fn authenticator() -> Authenticator {
         Authenticator {
-            token: Some(TokenFile::new(path)),
+            token: None,
+            read_token: None,
             client_certs: false,
             allowed_client_names: vec![],
-            open_read_only: true,
+            client_roles: BTreeMap::new(),
+            open_read_only: false,
+            open_keda: false,
+            limiter: RateLimiter::new(&RateLimitConfig::default()),
         }
     }
 
+    fn token_file(dir: &Path, name: &str, token: &str) -> TokenFile {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("{token}\n")).unwrap();
+        TokenFile::new(path)
+    }
+
+    fn with_token(dir: &Path, token: &str) -> Authenticator {
+        Authenticator {
+            token: Some(token_file(dir, "token", token)),
+            ..authenticator()
+        }
+    }
+
+    fn name(r: Result<(Principal, Rule), Refusal>) -> String {
+        r.unwrap().0.name
+    }
+
     #[test]
-    fn nothing_configured_refuses_control_calls_and_opens_reads() {
-        let a = Authenticator {
-            token: None,
-            client_certs: false,
-            allowed_client_names: vec![],
-            open_read_only: true,
-        };
+    fn nothing_configured_refuses_everything_but_health() {
+        let a = authenticator();
+        for m in ["Cordon", "GetNode", "GetMetrics"] {
+            let r = a
+                .check(&request(&format!("/nodekeeper.v1.NodeAgent/{m}"), None))
+                .unwrap_err();
+            assert_eq!(r.status.code(), tonic::Code::Unauthenticated, "{m}");
+            assert!(r.status.message().contains("not configured"), "{r:?}");
+        }
         let r = a
-            .check(&request("/nodekeeper.v1.NodeAgent/Cordon", None))
+            .check(&request("/externalscaler.ExternalScaler/GetMetrics", None))
             .unwrap_err();
         assert_eq!(r.status.code(), tonic::Code::Unauthenticated);
-        assert!(r.status.message().contains("not configured"), "{r:?}");
         assert_eq!(
-            a.check(&request("/nodekeeper.v1.NodeAgent/GetNode", None))
-                .unwrap(),
-            Caller::Anonymous
+            name(a.check(&request("/grpc.health.v1.Health/Check", None))),
+            "anonymous"
         );
+    }
+
+    #[test]
+    fn open_read_only_and_open_keda_open_only_their_calls() {
+        let mut a = authenticator();
+        a.open_keda = true;
+        assert!(
+            a.check(&request("/externalscaler.ExternalScaler/IsActive", None))
+                .is_ok()
+        );
+        assert!(
+            a.check(&request("/nodekeeper.v1.NodeAgent/GetMetrics", None))
+                .is_err()
+        );
+        a.open_read_only = true;
+        for p in [
+            "/nodekeeper.v1.NodeAgent/GetMetrics",
+            "/nodekeeper.v1.NodeAgent/GetDrain",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        ] {
+            assert_eq!(name(a.check(&request(p, None))), "anonymous", "{p}");
+        }
+        assert!(
+            a.check(&request("/nodekeeper.v1.NodeAgent/Drain", None))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn read_token_reads_and_cannot_change_the_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Authenticator {
+            read_token: Some(token_file(dir.path(), "read", "reader-1")),
+            ..with_token(dir.path(), "controller-1")
+        };
+        let get = "/nodekeeper.v1.NodeAgent/GetNode";
+        assert_eq!(
+            name(a.check(&request(get, Some("Bearer reader-1")))),
+            "token:read"
+        );
+        for m in ["Cordon", "Uncordon", "Drain", "CancelDrain", "Reboot"] {
+            let r = a
+                .check(&request(
+                    &format!("/nodekeeper.v1.NodeAgent/{m}"),
+                    Some("Bearer reader-1"),
+                ))
+                .unwrap_err();
+            assert_eq!(r.status.code(), tonic::Code::PermissionDenied, "{m}");
+            assert!(r.status.message().contains("token:read"), "{r:?}");
+        }
+        assert_eq!(
+            name(a.check(&request(
+                "/nodekeeper.v1.NodeAgent/Drain",
+                Some("Bearer controller-1")
+            ))),
+            "token:control"
+        );
+    }
+
+    #[test]
+    fn mutating_calls_are_rate_limited_per_principal() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Authenticator {
+            limiter: RateLimiter::new(&RateLimitConfig {
+                burst: 2,
+                per_minute: 1,
+            }),
+            ..with_token(dir.path(), "t")
+        };
+        let cordon = "/nodekeeper.v1.NodeAgent/Cordon";
+        let get = "/nodekeeper.v1.NodeAgent/GetNode";
+        a.check(&request(cordon, Some("Bearer t"))).unwrap();
+        a.check(&request(cordon, Some("Bearer t"))).unwrap();
+        let r = a.check(&request(cordon, Some("Bearer t"))).unwrap_err();
+        assert_eq!(r.status.code(), tonic::Code::ResourceExhausted);
+        assert!(r.status.message().contains("token:control"), "{r:?}");
+        // Reads are not counted.
+        a.check(&request(get, Some("Bearer t"))).unwrap();
     }
 
     #[test]
@@ -634,9 +805,8 @@ mod tests {
         let a = with_token(dir.path(), "s3cret-one");
         let cordon = "/nodekeeper.v1.NodeAgent/Cordon";
         assert_eq!(
-            a.check(&request(cordon, Some("Bearer s3cret-one")))
-                .unwrap(),
-            Caller::Token
+            name(a.check(&request(cordon, Some("Bearer s3cret-one")))),
+            "token:control"
         );
         for bad in [
             "Bearer s3cret-two",
@@ -680,17 +850,26 @@ mod tests {
     fn parses_from_the_config_file_and_names_bad_fields() {
         use crate::config::Config;
         let c = Config::from_yaml(
-            "api:\n  auth:\n    tokenFile: /t\n    tls:\n      certFile: /c\n      keyFile: /k\n      clientCaFile: /ca\n    allowedClientNames: [orchestrator]\n    openReadOnly: false\n",
+            "api:\n  auth:\n    tokenFile: /t\n    tls:\n      certFile: /c\n      keyFile: /k\n      clientCaFile: /ca\n    allowedClientNames: [orchestrator]\n    clientRoles:\n      dashboard: [read]\n      rotator: [drain, cordon]\n    readTokenFile: /r\n    openReadOnly: true\n    openKeda: true\n    rateLimit: {burst: 5, perMinute: 10}\n",
         )
         .unwrap();
         let a = &c.api.auth;
         assert_eq!(a.token_file.as_deref(), Some(Path::new("/t")));
         assert_eq!(a.client_ca_file(), Some(Path::new("/ca")));
         assert_eq!(a.allowed_client_names, ["orchestrator"]);
-        assert!(!a.open_read_only);
+        assert_eq!(a.client_roles["rotator"], [Role::Drain, Role::Cordon]);
+        assert_eq!(a.read_token_file.as_deref(), Some(Path::new("/r")));
+        assert!(a.open_read_only && a.open_keda);
+        assert_eq!(a.rate_limit.burst, 5);
         c.validate().unwrap();
         assert_eq!(Config::from_yaml(&c.to_yaml()).unwrap(), c);
-        assert!(Config::default().api.auth.open_read_only);
+        // Reads and KEDA are closed unless opened.
+        assert!(!Config::default().api.auth.open_read_only);
+        assert!(!Config::default().api.auth.open_keda);
+
+        let e = Config::from_yaml("api:\n  auth:\n    clientRoles:\n      dashboard: [admin]\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("api.auth.clientRoles"), "{e}");
 
         let e = Config::from_yaml("api:\n  auth:\n    tokenfile: /t\n").unwrap_err();
         assert!(e.to_string().starts_with("api.auth"), "{e}");
@@ -703,7 +882,17 @@ mod tests {
     fn config_problems_name_fields() {
         let c = AuthConfig {
             token_file: Some("token".into()),
+            read_token_file: Some("token".into()),
             allowed_client_names: vec!["orchestrator".into(), " ".into()],
+            client_roles: [
+                ("orchestrator".to_string(), vec![Role::Read]),
+                ("dashboard".to_string(), vec![]),
+            ]
+            .into(),
+            rate_limit: RateLimitConfig {
+                burst: 0,
+                per_minute: 1,
+            },
             ..Default::default()
         };
         let fields: Vec<_> = c.problems().into_iter().map(|(f, _)| f).collect();
@@ -711,8 +900,14 @@ mod tests {
             fields,
             [
                 "api.auth.tokenFile",
+                "api.auth.readTokenFile",
                 "api.auth.allowedClientNames",
-                "api.auth.allowedClientNames[1]"
+                "api.auth.allowedClientNames[1]",
+                "api.auth.clientRoles",
+                "api.auth.clientRoles.dashboard",
+                "api.auth.clientRoles.orchestrator",
+                "api.auth.readTokenFile",
+                "api.auth.rateLimit.burst",
             ]
         );
         assert!(AuthConfig::default().problems().is_empty());

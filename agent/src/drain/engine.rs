@@ -99,6 +99,9 @@ pub struct DrainParams {
     pub id: String,
     pub reason: String,
     pub requester: String,
+    /// Who was authenticated to start it (`cert:<name>`, `token:control`, `agent:imds`); the
+    /// `requester` above is only what the caller asserted.
+    pub principal: String,
     pub started: SystemTime,
     pub deadline: SystemTime,
     pub grace_period_seconds: Option<i64>,
@@ -109,11 +112,18 @@ pub struct DrainParams {
 }
 
 impl DrainParams {
+    /// The same parameters, started by `principal`.
+    pub fn by(mut self, principal: &str) -> Self {
+        self.principal = principal.to_string();
+        self
+    }
+
     fn persisted(&self, phase: DrainPhase, done: Vec<String>, error: String) -> Persisted {
         Persisted {
             id: self.id.clone(),
             reason: self.reason.clone(),
             requester: self.requester.clone(),
+            principal: self.principal.clone(),
             started: state::unix(self.started),
             deadline: state::unix(self.deadline),
             phase: state::phase_name(phase),
@@ -132,6 +142,7 @@ impl DrainParams {
             id: p.id.clone(),
             reason: p.reason.clone(),
             requester: p.requester.clone(),
+            principal: p.principal.clone(),
             started: state::from_unix(p.started),
             deadline: state::from_unix(p.deadline),
             grace_period_seconds: p.grace_period_seconds,
@@ -210,18 +221,19 @@ impl DrainController {
         Ok(node.spec.and_then(|s| s.unschedulable).unwrap_or(false))
     }
 
-    pub async fn cordon(&self, reason: &str) -> Result<(), DrainError> {
+    /// Cordons for `principal` (the authenticated caller), named in the Event.
+    pub async fn cordon(&self, reason: &str, principal: &str) -> Result<(), DrainError> {
         self.set_unschedulable(true).await?;
         self.event(
             "Cordoned",
             "Normal",
-            &format!("cordoned by nodekeeper: {reason}"),
+            &format!("cordoned by nodekeeper for {principal}: {reason}"),
         )
         .await;
         Ok(())
     }
 
-    pub async fn uncordon(&self) -> Result<(), DrainError> {
+    pub async fn uncordon(&self, principal: &str) -> Result<(), DrainError> {
         if let Some(run) = self.current().filter(|r| !r.finished()) {
             return Err(DrainError::Conflict(format!(
                 "drain {:?} is running; cancel it before uncordoning",
@@ -229,8 +241,12 @@ impl DrainController {
             )));
         }
         self.set_unschedulable(false).await?;
-        self.event("Uncordoned", "Normal", "uncordoned by nodekeeper")
-            .await;
+        self.event(
+            "Uncordoned",
+            "Normal",
+            &format!("uncordoned by nodekeeper for {principal}"),
+        )
+        .await;
         Ok(())
     }
 
@@ -329,6 +345,7 @@ impl DrainController {
             id: req.id.clone(),
             reason: req.reason.clone(),
             requester: req.requester.clone(),
+            principal: String::new(),
             started,
             deadline: started + timeout,
             grace_period_seconds: req.grace_period_seconds,
@@ -372,6 +389,7 @@ impl DrainController {
             phase: DrainPhase::Pending as i32,
             reason: params.reason.clone(),
             requester: params.requester.clone(),
+            principal: params.principal.clone(),
             started_at: Some(params.started.into()),
             deadline: Some(params.deadline.into()),
             ..Default::default()
@@ -483,8 +501,9 @@ impl DrainController {
             reason,
             kind,
             &format!(
-                "drain {} {result}{}",
+                "drain {} (started by {}) {result}{}",
                 params.id,
+                params.principal,
                 if error.is_empty() {
                     String::new()
                 } else {
@@ -559,8 +578,8 @@ impl DrainController {
             "DrainStarted",
             "Normal",
             &format!(
-                "drain {} started by {:?}: {}",
-                params.id, params.requester, params.reason
+                "drain {} started by {} (requester {:?}): {}",
+                params.id, params.principal, params.requester, params.reason
             ),
         )
         .await;
@@ -914,6 +933,7 @@ fn plan_status(params: &DrainParams, phase: DrainPhase, plan: &plan::Plan) -> pb
         phase: phase as i32,
         reason: params.reason.clone(),
         requester: params.requester.clone(),
+        principal: params.principal.clone(),
         started_at: Some(params.started.into()),
         deadline: Some(params.deadline.into()),
         plan: plan.evict.iter().map(PlannedPod::to_pb).collect(),

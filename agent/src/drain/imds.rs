@@ -404,6 +404,7 @@ fn start(
     };
     let result = controller
         .params(&req)
+        .map(|p| p.by("agent:imds"))
         .and_then(|p| controller.start(p, Default::default()));
     match result {
         Ok(run) if run.id == notice.id && !is_terminal(run.status().phase()) => {

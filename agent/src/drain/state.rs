@@ -13,6 +13,9 @@ pub struct Persisted {
     pub id: String,
     pub reason: String,
     pub requester: String,
+    /// The authenticated principal that started it (empty in annotations older than #19).
+    #[serde(default)]
+    pub principal: String,
     /// Unix seconds.
     pub started: u64,
     pub deadline: u64,
@@ -74,6 +77,7 @@ impl Persisted {
             phase: self.phase() as i32,
             reason: self.reason.clone(),
             requester: self.requester.clone(),
+            principal: self.principal.clone(),
             started_at: Some(from_unix(self.started).into()),
             deadline: Some(from_unix(self.deadline).into()),
             error: self.error.clone(),
@@ -92,6 +96,7 @@ mod tests {
             id: "rot-1".into(),
             reason: "ami".into(),
             requester: "orchestrator".into(),
+            principal: "cert:orchestrator".into(),
             started: 100,
             deadline: 200,
             phase: phase_name(DrainPhase::Evicting),

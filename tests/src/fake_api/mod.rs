@@ -693,6 +693,15 @@ impl FakeApi {
         });
     }
 
+    /// Sets `spec.unschedulable` as a cordon by another client (kubectl) would.
+    pub fn set_node_unschedulable(&self, name: &str, on: bool) {
+        self.store.mutate(|st| {
+            let mut node = st.get(Res::Nodes, "", name).cloned().expect("node exists");
+            node["spec"]["unschedulable"] = json!(on);
+            st.replace(Res::Nodes, node);
+        });
+    }
+
     /// Any object by resource, namespace (`""` for cluster-scoped) and name.
     pub fn get(&self, res: Res, ns: &str, name: &str) -> Option<Value> {
         self.store.lock().get(res, ns, name).cloned()

@@ -470,69 +470,112 @@ pub fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, ServerError> {
 /// Batches drained before the socket task yields to the others on its worker.
 const BATCHES_PER_TURN: usize = 8;
 
+/// Hand-over: once the socket takes no new datagrams, it is read until nothing has come for
+/// this long (datagrams the kernel steered to it just before still land in its queue).
+const DRAIN_QUIET: Duration = Duration::from_millis(50);
+/// Hand-over: the drain never takes longer than this, whatever keeps arriving.
+const DRAIN_MAX: Duration = Duration::from_secs(1);
+/// Hand-over: how often the drained socket checks whether its last misses were answered.
+const MISSES_POLL: Duration = Duration::from_millis(10);
+
 /// Serves one UDP socket until `token` is cancelled: a batch of queries per system call, hits
-/// answered in place and sent back as a batch, misses handed to a task each.
+/// answered in place and sent back as a batch, misses handed to a task each. On cancellation it
+/// hands over without losing a query (issue #22): it stops taking new datagrams (the kernel
+/// steers them to the other sockets of the SO_REUSEPORT group, a successor's), answers what is
+/// already queued, and waits for its misses' answers before the socket closes.
 pub async fn serve_udp(server: Arc<DnsServer>, socket: UdpSocket, token: CancellationToken) {
     let socket = Arc::new(socket);
-    let fd = socket.as_raw_fd();
     let ipv6 = socket.local_addr().is_ok_and(|a| a.is_ipv6());
     let mut batch = Batch::new();
     let mut key = Vec::with_capacity(64);
     loop {
         tokio::select! {
-            _ = token.cancelled() => return,
+            _ = token.cancelled() => break,
             r = socket.readable() => if let Err(e) = r {
                 tracing::debug!(error = %e, "udp readable");
                 continue;
             },
         }
-        let mut busy = true;
-        for _ in 0..BATCHES_PER_TURN {
-            let n = match socket.try_io(Interest::READABLE, || batch.recv(fd, ipv6)) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    busy = false;
-                    break;
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "udp recv");
-                    busy = false;
-                    break;
-                }
-            };
-            for i in 0..n {
-                let peer = batch.peer(i);
-                let Some((query, out)) = batch.slot(i) else {
-                    server.metrics.dropped("longer than 4096 bytes");
-                    continue;
-                };
-                match server.answer_fast(query, Protocol::Udp, &mut key, out) {
-                    Some(true) => batch.reply(i),
-                    Some(false) => {}
-                    None => {
-                        let Some(peer) = peer else { continue };
-                        let (server, socket, query) =
-                            (server.clone(), socket.clone(), query.to_vec());
-                        tokio::spawn(async move {
-                            let mut out = Vec::with_capacity(512);
-                            if server.answer(&query, Protocol::Udp, &mut out).await {
-                                let _ = socket.send_to(&out, peer).await;
-                            }
-                        });
-                    }
-                }
-            }
-            send_answers(&socket, &mut batch).await;
-            if n < BATCH {
-                busy = false;
-                break;
-            }
-        }
-        if busy {
+        if serve_ready(&server, &socket, &mut batch, &mut key, ipv6).await {
             // A socket that never runs dry must not starve the miss tasks sharing its worker.
             tokio::task::yield_now().await;
         }
     }
+    if let Err(e) = stop_receiving(&socket).await {
+        tracing::warn!(error = %e, "dns udp socket could not leave its reuseport group; closing");
+        return;
+    }
+    let draining = Instant::now();
+    while draining.elapsed() < DRAIN_MAX {
+        match tokio::time::timeout(DRAIN_QUIET, socket.readable()).await {
+            Ok(Ok(())) => {
+                serve_ready(&server, &socket, &mut batch, &mut key, ipv6).await;
+            }
+            _ => break,
+        }
+    }
+    // Each miss task holds the socket to send its answer: wait for them (within the upstream
+    // budget), so the socket is not closed under an answer still to come.
+    let misses_done = Instant::now() + server.config.timeout.get() + DRAIN_QUIET;
+    while Arc::strong_count(&socket) > 1 && Instant::now() < misses_done {
+        tokio::time::sleep(MISSES_POLL).await;
+    }
+}
+
+/// Takes the socket out of its SO_REUSEPORT group's choice for new datagrams without closing
+/// it: a connected UDP socket only takes datagrams from its peer (here: itself, so none), and
+/// the kernel's reuseport selection skips connected sockets. What is already queued stays
+/// readable, and answers still go to each client's own address (sendmsg with an address).
+async fn stop_receiving(socket: &UdpSocket) -> std::io::Result<()> {
+    socket.connect(socket.local_addr()?).await
+}
+
+/// Reads and answers what the socket holds, up to `BATCHES_PER_TURN` batches; true when it
+/// did not run dry.
+async fn serve_ready(
+    server: &Arc<DnsServer>,
+    socket: &Arc<UdpSocket>,
+    batch: &mut Batch,
+    key: &mut Vec<u8>,
+    ipv6: bool,
+) -> bool {
+    let fd = socket.as_raw_fd();
+    for _ in 0..BATCHES_PER_TURN {
+        let n = match socket.try_io(Interest::READABLE, || batch.recv(fd, ipv6)) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(e) => {
+                tracing::debug!(error = %e, "udp recv");
+                return false;
+            }
+        };
+        for i in 0..n {
+            let peer = batch.peer(i);
+            let Some((query, out)) = batch.slot(i) else {
+                server.metrics.dropped("longer than 4096 bytes");
+                continue;
+            };
+            match server.answer_fast(query, Protocol::Udp, key, out) {
+                Some(true) => batch.reply(i),
+                Some(false) => {}
+                None => {
+                    let Some(peer) = peer else { continue };
+                    let (server, socket, query) = (server.clone(), socket.clone(), query.to_vec());
+                    tokio::spawn(async move {
+                        let mut out = Vec::with_capacity(512);
+                        if server.answer(&query, Protocol::Udp, &mut out).await {
+                            let _ = socket.send_to(&out, peer).await;
+                        }
+                    });
+                }
+            }
+        }
+        send_answers(socket, batch).await;
+        if n < BATCH {
+            return false;
+        }
+    }
+    true
 }
 
 /// Sends a batch's answers, waiting while the socket buffer is full; an answer the kernel

@@ -8,7 +8,7 @@
 //! when the test fails; mounts live under a temp discovery dir.
 
 use std::io::{Read, Seek, SeekFrom};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -566,4 +566,120 @@ fn raid0_in_a_kernel_vm() {
         "raid0 check failed in the VM:\n{text}"
     );
     assert!(text.contains("RAID0 OK"), "{text}");
+}
+
+/// Undoes what a test did outside `Loop` (a partition mount, a `losetup -P` loop), even when
+/// it fails.
+struct Cleanup(Vec<String>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for cmd in self.0.iter().rev() {
+            let _ = Command::new("sh").args(["-c", cmd]).status();
+        }
+    }
+}
+
+#[test]
+fn wipe_refuses_a_disk_with_a_mounted_partition_and_while_the_disks_lock_is_held_root() {
+    if !can_run() || !require_tool("sfdisk") || !require_tool("flock") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(LOOP_BYTES)
+        .unwrap();
+    let dev_path = sh(&format!("losetup --find --show -P {}", img.display()))
+        .trim()
+        .to_string();
+    let mut cleanup = Cleanup(vec![format!("losetup -d {dev_path}")]);
+    let name = dev_path.trim_start_matches("/dev/").to_string();
+    // sfdisk's re-read does not always reach a loop: partx adds what the kernel missed.
+    sh(&format!(
+        "printf ',64M\\n' | sfdisk -q {dev_path} && (partx -a {dev_path} 2>/dev/null || true)"
+    ));
+    let part = format!("{name}p1");
+    wait_for(Duration::from_secs(10), "the partition in sysfs", || {
+        Path::new(&format!("/sys/block/{name}/{part}"))
+            .exists()
+            .then_some(())
+    });
+    sh(&format!("mkfs.ext4 -q /dev/{part}"));
+    let m = dir.path().join("m");
+    std::fs::create_dir(&m).unwrap();
+    // Read-only: the mount itself never writes, so any change is the wipe's.
+    sh(&format!("mount -o ro,noload /dev/{part} {}", m.display()));
+    cleanup.0.push(format!("umount -l {}", m.display()));
+
+    let dev = dir.path().join("dev");
+    std::fs::create_dir_all(dev.join("disk/by-id")).unwrap();
+    std::os::unix::fs::symlink(&dev_path, dev.join(&name)).unwrap();
+    let by_id = format!("/dev/disk/by-id/nk-test-{name}");
+    std::os::unix::fs::symlink(
+        format!("../../{name}"),
+        dev.join(format!("disk/by-id/nk-test-{name}")),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("config.yaml"),
+        format!("disks:\n  allowWipe: [{by_id}]\n  hostMountNamespace: false\n"),
+    )
+    .unwrap();
+    let state = dir.path().join("state");
+    let wipe = || {
+        let out = Command::new(agent_bin())
+            .args(["disks", "wipe", &by_id, "--confirm", &by_id, "--host-dev"])
+            .arg(&dev)
+            .arg("--config")
+            .arg(dir.path().join("config.yaml"))
+            .arg("--state-dir")
+            .arg(&state)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let sha = || {
+        sh(&format!(
+            "blockdev --flushbufs {dev_path} && sha256sum {dev_path}"
+        ))
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+    };
+    let before = sha();
+    let (code, err) = wipe();
+    assert_eq!(code, Some(64), "{err}");
+    assert!(
+        err.contains(&format!("partition {part} is mounted")),
+        "{err}"
+    );
+    sh(&format!("umount {}", m.display()));
+    assert_eq!(sha(), before, "a disk with a mounted partition was written");
+
+    // The daemon's pass (or another CLI) holds the disks lock: refused, nothing written.
+    std::fs::create_dir_all(state.join("disks")).unwrap();
+    let lock = state.join("disks/lock");
+    // Held the way the daemon holds it: an exclusive flock on the same file.
+    let held = nix::fcntl::Flock::lock(
+        std::fs::File::create(&lock).unwrap(),
+        nix::fcntl::FlockArg::LockExclusive,
+    )
+    .map_err(|(_, e)| e)
+    .unwrap();
+    let (code, err) = wipe();
+    drop(held);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("holds") && err.contains("disks/lock"), "{err}");
+    assert_eq!(sha(), before, "wiped while the lock was held");
+
+    // Neither in use nor locked: the operator's wipe goes through.
+    let (code, err) = wipe();
+    assert_eq!(code, Some(0), "{err}");
+    assert_ne!(sha(), before);
 }

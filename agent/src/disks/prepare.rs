@@ -10,6 +10,7 @@
 //! the operator's `--confirm` of a by-id path listed in `disks.allowWipe`.
 
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, RwLock};
@@ -312,6 +313,20 @@ impl HostAccess {
                 (d == dev).then(|| PathBuf::from(unescape(point)))
             })
             .collect()
+    }
+
+    /// The kernel's partitions of disk `name` (`loop7p1`), read fresh from sysfs.
+    fn partitions(&self, name: &str) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.paths.sys(&format!("block/{name}")))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.path().join("partition").exists())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
     }
 
     /// Devices stacked on `name` (`md127`), read fresh from sysfs.
@@ -1296,7 +1311,24 @@ pub fn wipe(
             paths.sys("block").display()
         )));
     }
+    let _lock = lock_disks(state_dir, false)?;
     let host = HostAccess::new(paths, cfg);
+    // A mounted or held partition is as much in use as the disk (#14).
+    for part in host.partitions(&name) {
+        if let Some(m) = host.mounts_of(&part).first() {
+            return Err(PrepareError::Refused(format!(
+                "refusing to wipe {by_id} ({name}): its partition {part} is mounted at {}; unmount it first",
+                m.display()
+            )));
+        }
+        let holders = host.holders(&format!("{name}/{part}"));
+        if !holders.is_empty() {
+            return Err(PrepareError::Refused(format!(
+                "refusing to wipe {by_id} ({name}): its partition {part} is held by {} (stop the array / volume first)",
+                holders.join(", ")
+            )));
+        }
+    }
     let mounts = host.mounts_of(&name);
     if !mounts.is_empty() {
         return Err(PrepareError::Refused(format!(
@@ -1320,8 +1352,11 @@ pub fn wipe(
             &dev,
             WIPE_TIMEOUT,
         )?;
+        // O_EXCL: the kernel refuses while the disk or a partition is mounted or held, even
+        // if that happened after the checks above.
         let mut f = std::fs::OpenOptions::new()
             .write(true)
+            .custom_flags(nix::fcntl::OFlag::O_EXCL.bits())
             .open(&dev)
             .map_err(io_err(&dev))?;
         let zeros = vec![0u8; WIPE_EDGE_BYTES as usize];
@@ -1344,6 +1379,47 @@ pub fn wipe(
     ))
 }
 
+// === the cross-process lock ===
+
+/// An exclusive `flock` on `<stateDir>/disks/lock`: the daemon's passes and reclaims and the
+/// CLI's `disks prepare` / `disks wipe` never act on disks at the same time (#14). Released
+/// when dropped (or when the process dies: the kernel drops flocks with the fd).
+#[derive(Debug)]
+pub struct DisksLock(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);
+
+/// Takes the disks lock: waits for it when `wait`, else refuses at once (`disks wipe`: an
+/// operator is told, not made to wait behind a multi-minute mkfs).
+pub fn lock_disks(state_dir: &Path, wait: bool) -> Result<DisksLock, PrepareError> {
+    use nix::fcntl::{Flock, FlockArg};
+    let path = state_dir.join("disks/lock");
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    let arg = if wait {
+        FlockArg::LockExclusive
+    } else {
+        FlockArg::LockExclusiveNonblock
+    };
+    match Flock::lock(file, arg) {
+        Ok(lock) => Ok(DisksLock(lock)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(PrepareError::Refused(format!(
+            "refusing: another nodekeeper (the daemon's disks pass or another `disks` command) \
+             holds {}; try again when it is done",
+            path.display()
+        ))),
+        Err((_, e)) => Err(PrepareError::Io {
+            path,
+            error: e.to_string(),
+        }),
+    }
+}
+
 // === survey: discovery + inspection ===
 
 /// Discovers and decides every disk (`report::list`: selection, in-use rules, inspection).
@@ -1359,6 +1435,7 @@ pub fn prepare_once(
     paths: &HostPaths,
     state_dir: &Path,
 ) -> Result<PrepareReport, PrepareError> {
+    let _lock = lock_disks(state_dir, true)?;
     let mut store = OwnedStore::load(state_dir)?;
     let decided = survey(cfg, paths)?;
     let host = HostAccess::new(paths, cfg);
@@ -1498,7 +1575,8 @@ pub async fn run(
         disk_ops,
     } = task;
     let host = HostAccess::new(&paths, &cfg);
-    let mut store = OwnedStore::load(&state_dir)?;
+    // Fails the task early when the state dir is unreadable; reloaded every pass below.
+    OwnedStore::load(&state_dir)?;
     let mut interval = tokio::time::interval(cfg.interval.get());
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -1506,19 +1584,20 @@ pub async fn run(
             _ = token.cancelled() => return Ok(()),
             _ = interval.tick() => {}
         }
-        let (c, p, h) = (cfg.clone(), paths.clone(), host.clone());
+        let (c, p, h, sd) = (cfg.clone(), paths.clone(), host.clone(), state_dir.clone());
         // The PV publisher wipes disks under the same lock: a pass never sees a half-wiped disk.
         let _ops = disk_ops.lock().await;
         let pass = tokio::task::spawn_blocking(move || {
-            let result = survey(&c, &p).map(|decided| prepare(&c, &h, &mut store, decided));
-            (store, result)
+            // The CLI's `disks prepare`/`wipe` take the same flock. owned.json is read fresh
+            // under it: one owner of ownership state, the file (a reclaim's new UUID, a
+            // `disks wipe`'s removal are never overwritten by a stale in-memory copy).
+            let _lock = lock_disks(&sd, true)?;
+            let mut store = OwnedStore::load(&sd)?;
+            survey(&c, &p).map(|decided| prepare(&c, &h, &mut store, decided))
         })
         .await;
         let result = match pass {
-            Ok((s, r)) => {
-                store = s;
-                r
-            }
+            Ok(r) => r,
             Err(e) => return Err(format!("disks pass panicked: {e}").into()),
         };
         let mut st = status.write().expect("not poisoned");
@@ -1645,6 +1724,7 @@ pub fn reclaim(
     state_dir: &Path,
     key: &str,
 ) -> Result<Reclaimed, PrepareError> {
+    let _lock = lock_disks(state_dir, true)?;
     let mut store = OwnedStore::load(state_dir)?;
     let Some(mut rec) = store.owned.disks.get(key).cloned() else {
         return Ok(Reclaimed::NotOurs(format!("{key} is not recorded as ours")));

@@ -39,6 +39,96 @@ pub enum AppError {
     DnsUpstream(#[from] crate::dns::upstream::UpstreamError),
 }
 
+/// The health entry that is STARTING until the API server first answered (connected mode).
+pub const KUBERNETES: &str = "kubernetes";
+
+/// Sets the DNS cluster group's servers from `service`'s ClusterIP, asking until the API server
+/// answers (jittered backoff): the first answer decides; a Service that is missing, headless or
+/// the cache's own address leaves cluster zones failing, with a log line saying why.
+async fn learn_cluster_upstream(
+    client: kube::Client,
+    service: String,
+    own_ips: Vec<std::net::IpAddr>,
+    forwarder: Arc<crate::dns::upstream::Forwarder>,
+    token: tokio_util::sync::CancellationToken,
+    answered: impl FnOnce(),
+) {
+    let mut wait = LEARN_FIRST_WAIT;
+    loop {
+        let asked = tokio::select! {
+            _ = token.cancelled() => return,
+            r = crate::kube::service_cluster_ip(&client, &service) => r,
+        };
+        match asked {
+            Ok(Some(ip)) if own_ips.contains(&ip) => tracing::error!(
+                %service, %ip,
+                "the cluster upstream Service's ClusterIP is one the cache holds itself (transparent mode): it would query itself; cluster zones will fail until dns.upstreams.clusterService names a second Service"
+            ),
+            Ok(Some(ip)) => {
+                tracing::info!(%service, %ip, "dns cluster upstream from its Service");
+                forwarder.set_cluster_servers(vec![std::net::SocketAddr::new(ip, 53)]);
+            }
+            Ok(None) => tracing::warn!(
+                %service,
+                "dns cluster upstream Service not found (or headless); cluster zones will fail"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, ?wait, "dns cluster upstream Service unreadable; cluster zones fail until it is read; retrying");
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                wait = (wait * 2).min(LEARN_MAX_WAIT);
+                continue;
+            }
+        }
+        answered();
+        return;
+    }
+}
+
+/// The health entry that is STARTING until the DNS upstreams held in the API (the cluster
+/// Service, the kube-dns ConfigMap) were read once: the cache serves by config before that, but
+/// the pod is not Ready while cluster zones would still SERVFAIL.
+pub const DNS_UPSTREAMS: &str = "dns-upstreams";
+
+/// A health entry that turns SERVING once `n` one-time reads are done (none: never created).
+#[derive(Debug, Clone)]
+struct ReadOnceLatch {
+    health: Health,
+    name: &'static str,
+    pending: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl ReadOnceLatch {
+    fn new(health: &Health, name: &'static str, n: usize) -> Self {
+        if n > 0 {
+            health.set(name, HealthState::Starting, "waiting for the API server");
+        }
+        Self {
+            health: health.clone(),
+            name,
+            pending: Arc::new(std::sync::atomic::AtomicUsize::new(n)),
+        }
+    }
+
+    /// One read done; call once per read.
+    fn done(&self) {
+        if self
+            .pending
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
+            == 1
+        {
+            self.health.set(self.name, HealthState::Serving, "");
+        }
+    }
+}
+
+/// First retry of an unanswered Service lookup; doubles up to [`LEARN_MAX_WAIT`]: cluster
+/// zones fail meanwhile, so ask again soon, but a down API server is not hammered.
+const LEARN_FIRST_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+const LEARN_MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Exports each capability's health as `nodekeeper_capability_state{capability,state} 1`.
 #[derive(Debug)]
 struct HealthCollector(Health);
@@ -72,6 +162,21 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
     let mut supervisor = Supervisor::new(health.clone());
     let node_name = crate::kube::node_name(&config)?;
     let kube = crate::kube::connect(config.kubernetes.mode).await?;
+    if let Some(client) = kube.clone() {
+        // Not ready until the API server has answered once; nothing else waits for it.
+        let h = health.clone();
+        supervisor.spawn(KUBERNETES, move |token| async move {
+            if let Some(version) = crate::kube::first_answer(&client, &token).await {
+                h.set(
+                    KUBERNETES,
+                    HealthState::Serving,
+                    format!("API server {version}"),
+                );
+                token.cancelled().await;
+            }
+            Ok(())
+        });
+    }
 
     let mut registry = Registry::with_prefix("nodekeeper");
     registry.register(
@@ -223,63 +328,52 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
     };
 
     let dns_handle = if config.dns.enabled {
-        let mut dns_config = config.dns.clone();
-        let mut kube_dns_data = None;
-        if let Some(client) = &kube {
-            if dns_config.upstreams.cluster.servers.is_empty() {
-                let svc = dns_config.upstreams.cluster_service.clone();
-                match crate::kube::service_cluster_ip(client, &svc).await {
-                    Ok(Some(ip)) if dns_config.cluster_ips.contains(&ip) => tracing::error!(
-                        service = %svc, %ip,
-                        "the cluster upstream Service's ClusterIP is one the cache holds itself (transparent mode): it would query itself; cluster zones will fail until dns.upstreams.clusterService names a second Service"
-                    ),
-                    Ok(Some(ip)) => {
-                        tracing::info!(service = %svc, %ip, "dns cluster upstream from its Service");
-                        dns_config.upstreams.cluster.servers = vec![ip.to_string()];
-                    }
-                    Ok(None) => {
-                        tracing::warn!(service = %svc, "dns cluster upstream Service not found (or headless); cluster zones will fail")
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "dns cluster upstream Service unreadable; cluster zones will fail")
-                    }
-                }
-            }
-            if !dns_config.upstreams.kube_dns_config_map.is_empty() {
-                kube_dns_data =
-                    crate::kube::config_map_data(client, &dns_config.upstreams.kube_dns_config_map)
-                        .await
-                        .unwrap_or_else(|e| {
-                            tracing::warn!(error = %e, "kube-dns ConfigMap unreadable; its stub domains are not applied");
-                            None
-                        });
-            }
-        }
+        let dns_config = config.dns.clone();
         let forwarder =
             crate::dns::upstream::Forwarder::new(&dns_config, &config.host_paths, &mut registry)?;
-        if let Some(data) = &kube_dns_data
-            && let Err(e) = forwarder.apply_kube_dns(data)
-        {
-            // Someone else's object in kube-system must not stop the agent: forward by our own
-            // config until it is fixed (the watch applies the fix).
-            tracing::warn!(error = %e, "kube-dns ConfigMap refused; forwarding by dns.upstreams alone");
-        }
-        if let Some(client) = &kube
-            && !dns_config.upstreams.kube_dns_config_map.is_empty()
-        {
-            // Read once above so the first answers already follow it; watched from here on.
-            let fwd = forwarder.clone();
-            tokio::spawn(crate::dns::kube_dns::watch(
-                client.clone(),
-                dns_config.upstreams.kube_dns_config_map.clone(),
-                Some(kube_dns_data.unwrap_or_default()),
-                move |data| {
-                    if let Err(e) = fwd.apply_kube_dns(data) {
-                        tracing::warn!(error = %e, "kube-dns ConfigMap change refused; the previous forwarding stays");
-                    }
-                },
-                supervisor.token().child_token(),
-            ));
+        // What the API says about upstreams is learnt in the background: the listeners must not
+        // wait for an API server that may be down (issue #15). Until it answers, cluster zones
+        // SERVFAIL (no cluster servers) and forwarding follows dns.upstreams alone.
+        if let Some(client) = &kube {
+            let ask_service = dns_config.upstreams.cluster.servers.is_empty();
+            let watch_config_map = !dns_config.upstreams.kube_dns_config_map.is_empty();
+            let latch = ReadOnceLatch::new(
+                &health,
+                DNS_UPSTREAMS,
+                usize::from(ask_service) + usize::from(watch_config_map),
+            );
+            if ask_service {
+                let latch = latch.clone();
+                tokio::spawn(learn_cluster_upstream(
+                    client.clone(),
+                    dns_config.upstreams.cluster_service.clone(),
+                    dns_config.cluster_ips.clone(),
+                    forwarder.clone(),
+                    supervisor.token().child_token(),
+                    move || latch.done(),
+                ));
+            }
+            if watch_config_map {
+                // The watch's first list applies the ConfigMap; every change after it too.
+                let fwd = forwarder.clone();
+                let first = std::sync::atomic::AtomicBool::new(true);
+                tokio::spawn(crate::dns::kube_dns::watch(
+                    client.clone(),
+                    dns_config.upstreams.kube_dns_config_map.clone(),
+                    None,
+                    move |data| {
+                        if let Err(e) = fwd.apply_kube_dns(data) {
+                            // Someone else's object in kube-system must not stop the agent:
+                            // the previous forwarding stays until it is fixed.
+                            tracing::warn!(error = %e, "kube-dns ConfigMap change refused; the previous forwarding stays");
+                        }
+                        if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                            latch.done();
+                        }
+                    },
+                    supervisor.token().child_token(),
+                ));
+            }
         }
         let metrics = crate::dns::metrics::DnsMetrics::register(&mut registry);
         let server =

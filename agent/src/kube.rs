@@ -42,6 +42,44 @@ pub async fn connect(mode: KubernetesMode) -> Result<Option<kube::Client>, KubeE
     }
 }
 
+/// First wait after an API server that did not answer; doubles up to [`FIRST_ANSWER_MAX_WAIT`].
+const FIRST_ANSWER_FIRST_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+/// Thousands of agents restarting against a recovering API server each ask at most this often.
+const FIRST_ANSWER_MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Asks the API server for `/version` until it answers (with jittered backoff; each try bounded
+/// by [`API_CALL_TIMEOUT`]) and returns its git version, or `None` when `token` is cancelled.
+/// Readiness waits for this; the listeners never do (issue #15).
+pub async fn first_answer(
+    client: &kube::Client,
+    token: &tokio_util::sync::CancellationToken,
+) -> Option<String> {
+    let mut wait = FIRST_ANSWER_FIRST_WAIT;
+    loop {
+        let attempt = tokio::time::timeout(API_CALL_TIMEOUT, client.apiserver_version());
+        let error = tokio::select! {
+            _ = token.cancelled() => return None,
+            r = attempt => match r {
+                Ok(Ok(info)) => return Some(info.git_version),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {API_CALL_TIMEOUT:?}"),
+            },
+        };
+        tracing::warn!(%error, ?wait, "the API server did not answer; retrying");
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|t| t.subsec_nanos())
+            .unwrap_or(0);
+        // Jitter in [wait/2, wait): agents restarted together do not ask in step.
+        let jittered = wait.mul_f64(0.5 + f64::from(nanos % 1000) / 2000.0);
+        tokio::select! {
+            _ = token.cancelled() => return None,
+            _ = tokio::time::sleep(jittered) => {}
+        }
+        wait = (wait * 2).min(FIRST_ANSWER_MAX_WAIT);
+    }
+}
+
 /// Config's `nodeName` (flags and `NODE_NAME` land there), else the host name, lowercased as
 /// the kubelet does by default.
 pub fn node_name(config: &Config) -> Result<String, KubeError> {

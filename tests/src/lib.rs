@@ -13,6 +13,7 @@ pub mod fake_api;
 pub mod fake_imds;
 pub mod kustomize;
 pub mod loopdev;
+pub mod memcg;
 pub mod netns_pods;
 
 use std::io::{Read, Write};
@@ -239,6 +240,8 @@ pub struct AgentBuilder {
     /// Keep the agent's own default for `api.auth.openReadOnly` (closed) instead of opening
     /// reads; see `start`.
     default_read_auth: bool,
+    /// Start the agent inside this cgroup (its `cgroup.procs`), before it allocates anything.
+    cgroup_procs: Option<PathBuf>,
 }
 
 /// The bearer token of agents started `.with_token()`.
@@ -265,6 +268,7 @@ impl Agent {
             state_dir: None,
             live_only: false,
             default_read_auth: false,
+            cgroup_procs: None,
         }
     }
 
@@ -317,6 +321,13 @@ impl AgentBuilder {
         self
     }
 
+    /// Runs the agent inside `group` from its first instruction (a shell joins the group, then
+    /// execs the agent: same PID), so all its memory is charged there.
+    pub fn in_cgroup(mut self, group: &memcg::MemoryCgroup) -> Self {
+        self.cgroup_procs = Some(group.procs_file());
+        self
+    }
+
     pub fn with_token(mut self) -> Self {
         self.token = true;
         self
@@ -354,7 +365,16 @@ impl AgentBuilder {
         std::fs::write(&config, self.config_text()).expect("write config");
         let metrics = loopback(free_port());
         let api = loopback(free_port());
-        let mut cmd = Command::new(agent_bin());
+        let mut cmd = match &self.cgroup_procs {
+            None => Command::new(agent_bin()),
+            Some(procs) => {
+                let mut sh = Command::new("sh");
+                sh.args(["-c", r#"echo $$ > "$0" && exec "$@""#])
+                    .arg(procs)
+                    .arg(agent_bin());
+                sh
+            }
+        };
         cmd.arg("run").arg("--config").arg(&config);
         match &self.kubeconfig {
             None => {

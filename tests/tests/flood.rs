@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use nodekeeper_tests::memcg::{DAEMONSET_MEMORY_LIMIT, MemoryCgroup};
 use nodekeeper_tests::{Agent, wait_for};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -53,6 +54,19 @@ async fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
     )
 }
 
+/// The agent's memory cgroup after a flood: never OOM-killed; its peak printed (the figures in
+/// docs/configuration.md, "Listener bounds").
+fn assert_not_oom_killed(group: &MemoryCgroup, flood: &str) {
+    let peak = group.peak_bytes();
+    println!(
+        "{flood}: cgroup memory peak {:.1} MiB of the {} MiB limit",
+        peak as f64 / f64::from(1 << 20),
+        DAEMONSET_MEMORY_LIMIT >> 20
+    );
+    assert_eq!(group.oom_kills(), 0, "{flood}: the agent was OOM-killed");
+    assert!(peak < DAEMONSET_MEMORY_LIMIT, "{flood}: peak {peak} bytes");
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -62,7 +76,10 @@ fn runtime() -> tokio::runtime::Runtime {
 
 #[test]
 fn half_open_http_requests_neither_kill_the_agent_nor_lock_out_a_scraper() {
-    let mut agent = Agent::builder().start();
+    let Some(group) = MemoryCgroup::require("flood-http", DAEMONSET_MEMORY_LIMIT) else {
+        return;
+    };
+    let mut agent = Agent::builder().in_cgroup(&group).start();
     let pid = agent.proc.pid();
     let to = agent.metrics;
     let before = rss_kib(pid);
@@ -135,6 +152,7 @@ fn half_open_http_requests_neither_kill_the_agent_nor_lock_out_a_scraper() {
     );
     let after = rss_kib(pid);
     eprintln!("http flood: RSS {after} KiB after the flood closed");
+    assert_not_oom_killed(&group, "http half-open flood");
 }
 
 // === listeners: SO_REUSEPORT only on DNS (issue #15 item 4) ===
@@ -225,7 +243,10 @@ fn idle_grpc_connections_neither_kill_the_agent_nor_lock_out_a_client() {
     if !nodekeeper_tests::require_tool("curl") {
         return;
     }
-    let mut agent = Agent::builder().start();
+    let Some(group) = MemoryCgroup::require("flood-grpc", DAEMONSET_MEMORY_LIMIT) else {
+        return;
+    };
+    let mut agent = Agent::builder().in_cgroup(&group).start();
     let pid = agent.proc.pid();
     let to = agent.api;
     let before = rss_kib(pid);
@@ -285,12 +306,16 @@ fn idle_grpc_connections_neither_kill_the_agent_nor_lock_out_a_client() {
         assert!(at_cap < before + 64 * 1024, "RSS {before} -> {at_cap} KiB");
     });
     assert!(agent.proc.alive(), "{}", agent.proc.log_text());
+    assert_not_oom_killed(&group, "grpc idle connections");
 }
 
 #[test]
 fn one_client_cannot_hold_every_stream_slot() {
     use nodekeeper::keda_pb::{self, external_scaler_client::ExternalScalerClient};
-    let mut agent = Agent::builder().start();
+    let Some(group) = MemoryCgroup::require("flood-streams", DAEMONSET_MEMORY_LIMIT) else {
+        return;
+    };
+    let mut agent = Agent::builder().in_cgroup(&group).start();
     let pid = agent.proc.pid();
     let before = rss_kib(pid);
     runtime().block_on(async {
@@ -347,6 +372,7 @@ fn one_client_cannot_hold_every_stream_slot() {
         assert!(ok, "a closed stream's slot never came back");
     });
     assert!(agent.proc.alive(), "{}", agent.proc.log_text());
+    assert_not_oom_killed(&group, "keda streams");
 }
 
 // === DNS over TCP ===
@@ -405,7 +431,11 @@ fn dns_tcp_clients_that_never_read_neither_pin_every_slot_nor_lock_out_a_client_
         default: Some(zone.addr),
         ..Default::default()
     };
+    let Some(group) = MemoryCgroup::require("flood-dns-tcp", DAEMONSET_MEMORY_LIMIT) else {
+        return;
+    };
     let mut agent = Agent::builder()
+        .in_cgroup(&group)
         .config(&agent_dns_config(listen, &up, "", ""))
         .start();
     // A legitimate TCP client on an address of its own; big.example.test is ~700 bytes.
@@ -504,4 +534,118 @@ fn dns_tcp_clients_that_never_read_neither_pin_every_slot_nor_lock_out_a_client_
         drop(many);
     });
     assert!(agent.proc.alive(), "the agent survived the DNS TCP flood");
+    assert_not_oom_killed(&group, "dns tcp never-reading clients");
+}
+
+// === faults at start ===
+
+/// Issue #15, finding 5: with the API server unreachable the listeners came up ~20 s late (two
+/// 10 s GETs before the bind). Now nothing waits for the API but readiness: the fake API server
+/// holds every request unanswered, and /metrics, gRPC health and DNS answer while the agent's
+/// API client has not had a single answer; readiness says "kubernetes: STARTING" until the API
+/// answers, then the cluster upstream learnt from the kube-dns Service is used.
+#[test]
+fn listeners_serve_while_the_api_server_hangs_and_readiness_waits_for_its_first_answer() {
+    use nodekeeper_tests::dns_peers::{
+        Unbound, Upstreams, agent_dns_config, dig, example_zone, free_dns_addr,
+    };
+    use nodekeeper_tests::fake_api::{FakeApi, Fault, FaultKind};
+    use nodekeeper_tests::{require_tool, sample};
+    if !(require_tool("curl") && require_tool("dig") && require_tool("unbound")) {
+        return;
+    }
+    let api = FakeApi::start();
+    api.add_node("node-a", &[]);
+    api.add_service("kube-system", "kube-dns", Some("10.96.0.10"));
+    api.inject(Fault::on("", "/", FaultKind::Hold).always());
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let zone = Unbound::serving(&[example_zone()]);
+    let listen = free_dns_addr();
+    let up = Upstreams {
+        default: Some(zone.addr),
+        ..Default::default()
+    };
+    // No cluster servers in config: the agent asks the API for the kube-dns Service.
+    let agent = Agent::builder()
+        .config(&agent_dns_config(listen, &up, "", ""))
+        .connected(&kubeconfig, "node-a")
+        .live_only()
+        .start();
+    // Served while the API client is provably still waiting for its first answer.
+    let metrics = agent.metrics_text();
+    let (grpc_status, grpc_body) = health_check_from("127.0.0.1", agent.api);
+    let answer = wait_for(Duration::from_secs(10), "the DNS cache bound", || {
+        let a = dig(listen, &["a.example.test", "A"]);
+        (a.status() != "(no answer)").then_some(a)
+    });
+    let (ready_status, ready_body) = nodekeeper_tests::http_get(agent.metrics, "/readyz").unwrap();
+    // Ordering, not a stopwatch: every listener answered before the agent gave up on any API
+    // call (each is bounded by 10 s; the old start gave up on the Service GET, then bound).
+    let log = agent.proc.log_text();
+    for gave_up in ["timed out", "did not answer", "unreadable"] {
+        assert!(
+            !log.contains(gave_up),
+            "the listeners answered only after an API call was abandoned:\n{log}"
+        );
+    }
+    assert!(
+        api.held_total() >= 1,
+        "the agent never asked the API server"
+    );
+    assert!(
+        api.requests().is_empty(),
+        "the API server answered something: {:?}",
+        api.requests()
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "nodekeeper_capability_state",
+            &[("capability", "kubernetes"), ("state", "starting")]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(grpc_status, "200", "gRPC health answered");
+    assert!(
+        grpc_body.ends_with(&[0x08, 0x02]),
+        "overall NOT_SERVING while the API is silent: {grpc_body:?}"
+    );
+    assert_eq!(answer.status(), "NOERROR", "DNS served: {}", answer.raw);
+    assert_eq!(ready_status, 503, "{ready_body}");
+    assert!(ready_body.contains("kubernetes"), "{ready_body}");
+
+    // The API answers: ready, and the cluster upstream comes from the Service.
+    api.release_held();
+    wait_for(
+        Duration::from_secs(20),
+        "ready once the API answered",
+        || {
+            matches!(
+                nodekeeper_tests::http_get(agent.metrics, "/readyz"),
+                Ok((200, _))
+            )
+            .then_some(())
+        },
+    );
+    wait_for(
+        Duration::from_secs(20),
+        "the cluster upstream from the kube-dns Service",
+        || {
+            let text = agent.metrics_text();
+            sample(
+                &text,
+                "nodekeeper_dns_upstream_healthy",
+                &[("upstream", "10.96.0.10:53")],
+            )
+            .map(|_| ())
+        },
+    );
+    let (_, body) = health_check_from("127.0.0.1", agent.api);
+    assert!(
+        body.ends_with(&[0x08, 0x01]),
+        "overall SERVING once ready: {body:?}"
+    );
 }

@@ -396,7 +396,18 @@ pub struct Forwarder {
     routes: RwLock<Arc<Routes>>,
     /// Every server object in use, by address, so a rebuild keeps health and connections.
     servers: Mutex<HashMap<SocketAddr, Arc<Server>>>,
+    /// What was learnt from the API after the start (issue #15: no API call before the
+    /// listeners bind): the cluster group's servers from its Service and the kube-dns
+    /// ConfigMap last applied. A rebuild starts from config plus these.
+    learnt: Mutex<Learnt>,
     metrics: Metrics,
+}
+
+/// See [`Forwarder::learnt`].
+#[derive(Debug, Default)]
+struct Learnt {
+    cluster_servers: Option<Vec<SocketAddr>>,
+    kube_dns: KubeDnsConfig,
 }
 
 impl Forwarder {
@@ -450,9 +461,10 @@ impl Forwarder {
                 default: 0,
             })),
             servers: Mutex::new(HashMap::new()),
+            learnt: Mutex::new(Learnt::default()),
             metrics: Metrics::register(registry),
         });
-        fwd.rebuild(&KubeDnsConfig::default());
+        fwd.rebuild();
         Ok(fwd)
     }
 
@@ -617,13 +629,21 @@ impl Forwarder {
             }
             UpstreamError::KubeDns { field, problem }
         })?;
-        self.rebuild(&parsed);
         tracing::info!(
             stub_domains = parsed.stub_domains.len(),
             upstream_nameservers = parsed.upstream_nameservers.len(),
             "applied the kube-dns ConfigMap"
         );
+        self.learnt.lock().expect("learnt lock").kube_dns = parsed;
+        self.rebuild();
         Ok(())
+    }
+
+    /// The cluster group's servers, learnt from its Service once the API answered (config's
+    /// `upstreams.cluster.servers` was empty). Until then cluster zones answer SERVFAIL.
+    pub fn set_cluster_servers(&self, servers: Vec<SocketAddr>) {
+        self.learnt.lock().expect("learnt lock").cluster_servers = Some(servers);
+        self.rebuild();
     }
 
     /// Probes unhealthy servers every `upstreams.probeInterval` until `token` is cancelled: a
@@ -687,8 +707,10 @@ impl Forwarder {
 
     /// Builds the routes from the config plus `kube` (the ConfigMap's part), reusing server
     /// objects by address and forgetting servers no group lists any more.
-    fn rebuild(&self, kube: &KubeDnsConfig) {
+    fn rebuild(&self) {
         let u = &self.base;
+        let learnt = self.learnt.lock().expect("learnt lock");
+        let kube = &learnt.kube_dns;
         let mut known = self.servers.lock().expect("servers lock");
         let mut used = HashSet::new();
         let mut server = |addr: SocketAddr| {
@@ -725,7 +747,10 @@ impl Forwarder {
             groups.push(Arc::new(Group {
                 name: CLUSTER_GROUP.into(),
                 protocol: u.cluster.protocol_or(UpstreamProtocol::Tcp),
-                servers: parse(&u.cluster.servers)
+                servers: learnt
+                    .cluster_servers
+                    .clone()
+                    .unwrap_or_else(|| parse(&u.cluster.servers))
                     .into_iter()
                     .map(&mut server)
                     .collect(),
@@ -1082,6 +1107,42 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("unreadable"), "{e}");
+    }
+
+    #[test]
+    fn cluster_servers_learnt_after_the_start_survive_a_kube_dns_change() {
+        let mut c = config();
+        c.upstreams.cluster.servers.clear();
+        let f = forwarder(&c);
+        let cluster = |f: &Forwarder| -> Vec<String> {
+            f.status()
+                .into_iter()
+                .filter(|s| s.group == "cluster")
+                .map(|s| s.address.to_string())
+                .collect()
+        };
+        assert!(
+            cluster(&f).is_empty(),
+            "no cluster server before the API answered"
+        );
+        f.set_cluster_servers(vec!["10.96.0.10:53".parse().unwrap()]);
+        assert_eq!(cluster(&f), vec!["10.96.0.10:53"]);
+        // A ConfigMap applied afterwards rebuilds the groups: the learnt servers stay.
+        let data: BTreeMap<String, String> = [(
+            "upstreamNameservers".to_string(),
+            r#"["8.8.8.8"]"#.to_string(),
+        )]
+        .into();
+        f.apply_kube_dns(&data).unwrap();
+        assert_eq!(cluster(&f), vec!["10.96.0.10:53"]);
+        // And the ConfigMap stays when the servers are learnt again.
+        f.set_cluster_servers(vec!["10.96.0.11:53".parse().unwrap()]);
+        assert_eq!(cluster(&f), vec!["10.96.0.11:53"]);
+        assert!(
+            f.status()
+                .iter()
+                .any(|s| s.group == "default" && s.address.to_string() == "8.8.8.8:53")
+        );
     }
 
     #[test]

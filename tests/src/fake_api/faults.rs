@@ -149,6 +149,9 @@ pub enum FaultKind {
     DropWatchAfter(Duration),
     /// 410 `Expired` "too old resource version", as after etcd compaction.
     Expired,
+    /// No answer at all until `FakeApi::release_held` (an API server that accepts connections
+    /// and hangs); then the request is served normally. `FakeApi::held_total` counts them.
+    Hold,
 }
 
 /// One injected fault: requests whose method and path match get `kind`, `times` times.
@@ -270,6 +273,6 @@ pub fn error_of(kind: &FaultKind) -> Option<(ApiError, Option<u32>)> {
             ApiError::new(410, "Expired", "too old resource version: 1 (2)"),
             None,
         ),
-        FaultKind::Delay(_) | FaultKind::DropWatchAfter(_) => return None,
+        FaultKind::Delay(_) | FaultKind::DropWatchAfter(_) | FaultKind::Hold => return None,
     })
 }

@@ -104,6 +104,13 @@ async fn handle(AxState(store): AxState<Arc<Store>>, req: Request) -> Response {
             tokio::time::sleep(*d).await;
             None
         }
+        Some(FaultKind::Hold) => {
+            store
+                .held_total
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = store.released.subscribe().wait_for(|r| *r).await;
+            None
+        }
         Some(FaultKind::DropWatchAfter(d)) => {
             drop_watch_after = Some(*d);
             None

@@ -754,6 +754,18 @@ impl FakeApi {
             .push(fault);
     }
 
+    /// Lets every request held by a `Hold` fault (and any later one) be served.
+    pub fn release_held(&self) {
+        self.store.released.send_replace(true);
+    }
+
+    /// How many requests a `Hold` fault has held so far.
+    pub fn held_total(&self) -> usize {
+        self.store
+            .held_total
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Removes every injected fault not yet used up.
     pub fn clear_faults(&self) {
         self.store

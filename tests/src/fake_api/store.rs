@@ -337,6 +337,10 @@ pub struct Store {
     pub validation: FieldValidation,
     /// Injected faults, consumed in order of arrival.
     pub faults: Mutex<Vec<Fault>>,
+    /// Requests a `Hold` fault ever held (answered or not).
+    pub held_total: std::sync::atomic::AtomicUsize,
+    /// `true` once held requests may go on.
+    pub released: tokio::sync::watch::Sender<bool>,
 }
 
 impl Store {
@@ -352,6 +356,8 @@ impl Store {
             config,
             validation,
             faults: Mutex::new(Vec::new()),
+            held_total: std::sync::atomic::AtomicUsize::new(0),
+            released: tokio::sync::watch::channel(false).0,
         })
     }
 

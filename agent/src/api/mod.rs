@@ -287,7 +287,17 @@ impl node_agent_server::NodeAgent for NodeAgentService {
             tx.send(Ok(event)).await.ok();
             return Ok(Response::new(ReceiverStream::new(rx)));
         }
-        let run = controller.start(params, Default::default())?;
+        let (params, done) = match controller.claim(params).await? {
+            crate::drain::engine::Claim::Drive { params, done } => (params, done),
+            // The other agent process on this node drives it (a rollout overlap): follow the
+            // Node's record until it ends, then send its final event.
+            crate::drain::engine::Claim::Follow(p) | crate::drain::engine::Claim::Ended(p) => {
+                let shutdown = self.shutdown.clone();
+                tokio::spawn(follow(controller, p, tx, shutdown));
+                return Ok(Response::new(ReceiverStream::new(rx)));
+            }
+        };
+        let run = controller.start(params, done)?;
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let (history, mut live) = run.attach();
@@ -336,8 +346,8 @@ impl node_agent_server::NodeAgent for NodeAgentService {
         &self,
         _req: Request<pb::GetDrainRequest>,
     ) -> Result<Response<pb::DrainStatus>, Status> {
-        match self.drain()?.current() {
-            Some(run) => Ok(Response::new(run.status())),
+        match self.drain()?.status().await? {
+            Some(status) => Ok(Response::new(status)),
             None => Err(Status::not_found("no drain has run on this node")),
         }
     }
@@ -346,7 +356,9 @@ impl node_agent_server::NodeAgent for NodeAgentService {
         &self,
         req: Request<pb::CancelDrainRequest>,
     ) -> Result<Response<pb::DrainStatus>, Status> {
-        Ok(Response::new(self.drain()?.cancel(&req.get_ref().id)?))
+        Ok(Response::new(
+            self.drain()?.cancel(&req.get_ref().id).await?,
+        ))
     }
 
     type WatchMetricsStream = ReceiverStream<Result<pb::MetricsSnapshot, Status>>;
@@ -697,4 +709,57 @@ pub async fn serve(
         .await;
     mirror.abort();
     Ok(result?)
+}
+
+/// How often a follower re-reads the Node's drain record.
+const FOLLOW_POLL: Duration = Duration::from_millis(500);
+
+/// Streams a drain driven by the other agent process on this node, from the Node's record: the
+/// final event once it ends. If this process adopts it meanwhile, its own events take over.
+async fn follow(
+    controller: Arc<crate::drain::engine::DrainController>,
+    record: crate::drain::state::Persisted,
+    tx: tokio::sync::mpsc::Sender<Result<pb::DrainEvent, Status>>,
+    shutdown: CancellationToken,
+) {
+    let id = record.id.clone();
+    let mut last = record;
+    loop {
+        if crate::drain::is_terminal(last.phase()) {
+            let event = pb::DrainEvent {
+                at: Some(SystemTime::now().into()),
+                drain_id: id.clone(),
+                event: Some(final_event(last.status_header())),
+            };
+            let _ = tx.send(Ok(event)).await;
+            return;
+        }
+        if let Some(run) = controller.current().filter(|r| r.id == id) {
+            // Adopted here: replay and follow this process's own events.
+            let (history, mut live) = run.attach();
+            for e in history {
+                let end = crate::drain::is_final_event(&e);
+                if tx.send(Ok(e)).await.is_err() || end {
+                    return;
+                }
+            }
+            while let Ok(e) = live.recv().await {
+                let end = crate::drain::is_final_event(&e);
+                if tx.send(Ok(e)).await.is_err() || end {
+                    return;
+                }
+            }
+            return;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tx.closed() => return,
+            _ = tokio::time::sleep(FOLLOW_POLL) => {}
+        }
+        match controller.recorded(&id).await {
+            Ok(Some(p)) => last = p,
+            Ok(None) => return,
+            Err(e) => tracing::warn!(error = %e, "following a drain: could not read the node"),
+        }
+    }
 }

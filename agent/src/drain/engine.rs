@@ -18,11 +18,29 @@ use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
 
 use super::lock;
+use super::owner::{self, Standing};
 use super::plan::{self, Class, PlanOptions, PlannedPod};
 use super::state::{self, Persisted};
 use super::{DrainConfig, DrainError, DrainMetrics, DrainRun, STATE_ANNOTATION, is_terminal};
 use crate::kube::API_CALL_TIMEOUT;
 use crate::pb::{self, DrainPhase, drain_event::Event as Ev};
+
+/// Attempts of a compare-and-swap write of the state annotation before giving up (each lost
+/// race re-reads the Node: kubelet status updates also move its resourceVersion).
+const CAS_ATTEMPTS: u32 = 10;
+
+/// What a Drain request meets on the Node (owner.rs has the rule).
+pub enum Claim {
+    /// This process drives it: start it (or re-attach to it) with these parameters.
+    Drive {
+        params: DrainParams,
+        done: HashSet<String>,
+    },
+    /// Another live agent process on this node drives this drain: follow the annotation.
+    Follow(Persisted),
+    /// The drain with this id ended before this process knew of it.
+    Ended(Persisted),
+}
 
 /// How often the done list is persisted while evicting (always at phase changes and the end).
 const PROGRESS_PERSIST_INTERVAL: Duration = Duration::from_secs(5);
@@ -134,6 +152,9 @@ impl DrainParams {
             evict_unreplicated: self.evict_unreplicated,
             leader_selector: self.leader_selector.clone(),
             error,
+            driver: String::new(),
+            heartbeat: 0,
+            cancel_requested: false,
         }
     }
 
@@ -182,6 +203,8 @@ pub struct DrainController {
     /// names a budget that stopped blocking.
     blockers: Mutex<BTreeMap<String, String>>,
     shutdown: CancellationToken,
+    /// This process, as named in the state annotation's `driver`.
+    instance: String,
 }
 
 impl DrainController {
@@ -205,6 +228,7 @@ impl DrainController {
             blocked_events: Mutex::new(HashSet::new()),
             blockers: Mutex::new(BTreeMap::new()),
             shutdown,
+            instance: owner::instance_id(),
         })
     }
 
@@ -238,6 +262,21 @@ impl DrainController {
             return Err(DrainError::Conflict(format!(
                 "drain {:?} is running; cancel it before uncordoning",
                 run.id
+            )));
+        }
+        // The Node is the truth: a drain driven by the other agent process on this node (or
+        // waiting to be adopted) forbids it too.
+        if let (Some(p), _) = self.read_state().await?
+            && !is_terminal(p.phase())
+        {
+            return Err(DrainError::Conflict(format!(
+                "drain {:?} is running (driven by {}); cancel it before uncordoning",
+                p.id,
+                if p.driver.is_empty() {
+                    "an earlier agent"
+                } else {
+                    &p.driver
+                }
             )));
         }
         self.set_unschedulable(false).await?;
@@ -274,18 +313,232 @@ impl DrainController {
         error: &str,
     ) -> Result<(), DrainError> {
         let _guard = self.persist.lock().await;
-        let value = params
-            .persisted(phase, done.to_vec(), error.to_string())
-            .to_json();
-        let patch =
-            serde_json::json!({ "metadata": { "annotations": { STATE_ANNOTATION: value } } });
-        call("PATCH node annotation", || async {
-            self.nodes()
-                .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-        })
-        .await?;
+        let mut record = params.persisted(phase, done.to_vec(), error.to_string());
+        record.driver = self.instance.clone();
+        record.heartbeat = state::unix(SystemTime::now());
+        let cancel = self
+            .cas(|cur| {
+                // Another live process drives the recorded drain (it adopted ours, or drives
+                // its own): this process must not write over it.
+                if let Some(c) = cur
+                    && !is_terminal(c.phase())
+                    && matches!(
+                        owner::standing(
+                            c,
+                            &self.instance,
+                            Self::now(),
+                            self.config.owner_lease.get()
+                        ),
+                        Standing::Live(_)
+                    )
+                {
+                    return Err(DrainError::Conflict(format!(
+                        "drain {:?} is now driven by {}",
+                        c.id, c.driver
+                    )));
+                }
+                let mut new = record.clone();
+                new.cancel_requested = cur.is_some_and(|c| c.id == new.id && c.cancel_requested);
+                let cancel = new.cancel_requested;
+                Ok((Some(new), cancel))
+            })
+            .await?;
+        if cancel
+            && !is_terminal(phase)
+            && let Some(run) = self.current().filter(|r| r.id == params.id)
+        {
+            tracing::info!(id = %params.id, "cancel requested through the node (from the other agent process)");
+            run.cancel.cancel();
+        }
         Ok(())
+    }
+
+    // === the Node annotation as the single source of truth ===
+
+    /// The drain recorded on the Node (if readable) and the Node's resourceVersion.
+    async fn read_state(&self) -> Result<(Option<Persisted>, String), DrainError> {
+        let node = call("GET node", || async { self.nodes().get(&self.node).await }).await?;
+        let rv = node.metadata.resource_version.clone().unwrap_or_default();
+        let record = node
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(STATE_ANNOTATION))
+            .and_then(|t| match Persisted::from_json(t) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::warn!(error = %e, "ignoring an unreadable drain state annotation");
+                    None
+                }
+            });
+        Ok((record, rv))
+    }
+
+    /// Compare-and-swap on the state annotation: `decide` sees the current record and returns
+    /// the one to write (or `None` to write nothing) and a result; the PATCH carries the Node's
+    /// resourceVersion as a precondition, so a write that raced another one is decided again.
+    async fn cas<T>(
+        &self,
+        mut decide: impl FnMut(Option<&Persisted>) -> Result<(Option<Persisted>, T), DrainError>,
+    ) -> Result<T, DrainError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let (cur, rv) = self.read_state().await?;
+            let (new, out) = decide(cur.as_ref())?;
+            let Some(new) = new else {
+                return Ok(out);
+            };
+            let patch = serde_json::json!({ "metadata": {
+                "resourceVersion": rv,
+                "annotations": { STATE_ANNOTATION: new.to_json() } } });
+            let wrote = call("PATCH node annotation", || async {
+                self.nodes()
+                    .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+            })
+            .await;
+            match wrote {
+                Ok(_) => return Ok(out),
+                Err(DrainError::Api(kube::Error::Api(s))) if s.code == 409 => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(DrainError::Conflict(
+            "the node's drain state kept changing while being written".into(),
+        ))
+    }
+
+    fn now() -> u64 {
+        state::unix(SystemTime::now())
+    }
+
+    /// Decides, against the Node, what a Drain request with `params` does in this process.
+    pub async fn claim(&self, params: DrainParams) -> Result<Claim, DrainError> {
+        let lease = self.config.owner_lease.get();
+        let have = |id: &str| self.current().is_some_and(|r| r.id == id);
+        let me = self.instance.clone();
+        self.cas(|cur| {
+            let fresh = || {
+                let mut p = params.persisted(DrainPhase::Pending, Vec::new(), String::new());
+                p.driver = me.clone();
+                p.heartbeat = Self::now();
+                p
+            };
+            let drive = |params: DrainParams, done: HashSet<String>| Claim::Drive { params, done };
+            let Some(c) = cur else {
+                return Ok((Some(fresh()), drive(params.clone(), HashSet::new())));
+            };
+            let same = c.id == params.id;
+            if is_terminal(c.phase()) {
+                return Ok(match (same, have(&c.id)) {
+                    (true, true) => (None, drive(params.clone(), HashSet::new())),
+                    (true, false) => (None, Claim::Ended(c.clone())),
+                    (false, _) => (Some(fresh()), drive(params.clone(), HashSet::new())),
+                });
+            }
+            match (owner::standing(c, &me, Self::now(), lease), same) {
+                (Standing::Mine, true) => Ok((None, drive(params.clone(), HashSet::new()))),
+                (Standing::Live(_), true) => Ok((None, Claim::Follow(c.clone()))),
+                (Standing::Free, true) => {
+                    // Adopt it: the recorded parameters and progress win over the request's.
+                    let mut adopted = c.clone();
+                    adopted.driver = me.clone();
+                    adopted.heartbeat = Self::now();
+                    let done = c.done.iter().cloned().collect();
+                    Ok((Some(adopted), drive(DrainParams::from_persisted(c), done)))
+                }
+                (standing, false) => Err(DrainError::Conflict(format!(
+                    "drain {:?} is running{}; a second drain ({:?}) is refused",
+                    c.id,
+                    match standing {
+                        Standing::Live(d) => format!(" (driven by {d})"),
+                        Standing::Mine => String::new(),
+                        Standing::Free => " (its agent is gone; it is being adopted)".into(),
+                    },
+                    params.id
+                ))),
+            }
+        })
+        .await
+    }
+
+    /// The drain's status as the Node records it, unless this process drives it (its own
+    /// status is fresher). For GetDrain and GetNode on either agent process.
+    pub async fn status(&self) -> Result<Option<pb::DrainStatus>, DrainError> {
+        let local = self.current();
+        if let Some(run) = local.as_ref().filter(|r| !r.finished()) {
+            return Ok(Some(run.status()));
+        }
+        match self.read_state().await? {
+            (Some(p), _) if local.as_ref().is_none_or(|r| r.id != p.id) => {
+                Ok(Some(p.status_header()))
+            }
+            _ => Ok(local.map(|r| r.status())),
+        }
+    }
+
+    /// The recorded drain with `id` (any, when empty), read from the Node: a follower's view.
+    pub async fn recorded(&self, id: &str) -> Result<Option<Persisted>, DrainError> {
+        Ok(self
+            .read_state()
+            .await?
+            .0
+            .filter(|p| id.is_empty() || p.id == id))
+    }
+
+    /// Renews this process's claim every third of the owner lease; returns when the claim is
+    /// lost (another process adopted the drain). Also carries a CancelDrain that reached the
+    /// other process (`save` cancels the run).
+    async fn hold(&self, run: &DrainRun, params: &DrainParams, done: Arc<Mutex<HashSet<String>>>) {
+        let every = self.config.owner_lease.get() / 3;
+        loop {
+            tokio::time::sleep(every).await;
+            let list: Vec<String> = done.lock().expect("not poisoned").iter().cloned().collect();
+            match self.save(params, run.status().phase(), &list, "").await {
+                Ok(()) => {}
+                Err(DrainError::Conflict(m)) => {
+                    tracing::warn!(id = %params.id, "{m}; this process stops driving it");
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e, "could not renew the drain's claim"),
+            }
+        }
+    }
+
+    /// On shutdown: hands the drain over at once (heartbeat 0) instead of after the lease.
+    async fn release(&self, params: &DrainParams) {
+        let me = self.instance.clone();
+        let released = self.cas(|cur| match cur {
+            Some(c) if c.driver == me && c.id == params.id => {
+                let mut r = c.clone();
+                r.heartbeat = 0;
+                Ok((Some(r), ()))
+            }
+            _ => Ok((None, ())),
+        });
+        if tokio::time::timeout(API_CALL_TIMEOUT, released)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "could not release the drain on shutdown; the next agent adopts it after the lease"
+            );
+        }
+    }
+
+    /// CancelDrain landing on a process that does not drive the drain: recorded on the Node,
+    /// where the driver picks it up within a third of the owner lease.
+    async fn request_cancel(&self, id: &str) -> Result<pb::DrainStatus, DrainError> {
+        let out = self
+            .cas(|cur| match cur {
+                Some(c) if (id.is_empty() || c.id == id) && !is_terminal(c.phase()) => {
+                    let mut r = c.clone();
+                    r.cancel_requested = true;
+                    Ok((Some(r.clone()), Some(r.status_header())))
+                }
+                _ => Ok((None, None)),
+            })
+            .await?;
+        out.ok_or_else(|| DrainError::NotFound(format!("no running drain with id {id:?}")))
     }
 
     /// Persists the done list at most every `PROGRESS_PERSIST_INTERVAL` while evicting: the
@@ -403,34 +656,27 @@ impl DrainController {
         Ok(run)
     }
 
-    pub fn cancel(&self, id: &str) -> Result<pb::DrainStatus, DrainError> {
+    pub async fn cancel(&self, id: &str) -> Result<pb::DrainStatus, DrainError> {
         match self.current() {
-            Some(run) if run.id == id || id.is_empty() => {
+            Some(run) if (run.id == id || id.is_empty()) && !run.finished() => {
                 run.cancel.cancel();
                 Ok(run.status())
             }
-            _ => Err(DrainError::NotFound(format!("no drain with id {id:?}"))),
+            // Not driven here: the other agent process on this node may drive it.
+            _ => match self.request_cancel(id).await {
+                Err(DrainError::NotFound(m)) => match self.current() {
+                    Some(run) if run.id == id || id.is_empty() => Ok(run.status()),
+                    _ => Err(DrainError::NotFound(m)),
+                },
+                r => r,
+            },
         }
     }
 
     /// At start: resumes a drain persisted on the Node by an earlier incarnation of the agent.
     pub async fn resume(self: &Arc<Self>) -> Result<Option<Arc<DrainRun>>, DrainError> {
-        let node = call("GET node", || async { self.nodes().get(&self.node).await }).await?;
-        let Some(text) = node
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(STATE_ANNOTATION))
-            .cloned()
-        else {
+        let Some(persisted) = self.read_state().await?.0 else {
             return Ok(None);
-        };
-        let persisted = match Persisted::from_json(&text) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, "ignoring an unreadable drain state annotation");
-                return Ok(None);
-            }
         };
         if is_terminal(persisted.phase()) {
             // Remember the last drain so GetDrain and re-attaching orchestrators see its end.
@@ -438,10 +684,50 @@ impl DrainController {
             *self.current.lock().expect("not poisoned") = Some(run.clone());
             return Ok(Some(run));
         }
-        tracing::info!(id = %persisted.id, done = persisted.done.len(), "resuming a drain persisted on the node");
-        let params = DrainParams::from_persisted(&persisted);
-        let done: HashSet<String> = persisted.done.iter().cloned().collect();
-        self.start(params, done).map(Some)
+        match self.claim(DrainParams::from_persisted(&persisted)).await? {
+            Claim::Drive { params, done } => {
+                tracing::info!(id = %params.id, done = done.len(), "resuming a drain persisted on the node");
+                self.start(params, done).map(Some)
+            }
+            Claim::Follow(p) => {
+                // The other agent process on this node (a rollout's old pod) drives it: adopt
+                // it only once that process lets go (released on shutdown, or lease expired).
+                tracing::info!(id = %p.id, driver = %p.driver, "a drain is driven by another agent process on this node; standing by to adopt it");
+                let me = self.clone();
+                tokio::spawn(async move { me.stand_by(p.id).await });
+                Ok(None)
+            }
+            Claim::Ended(_) => Ok(None),
+        }
+    }
+
+    /// Polls the Node until the drain `id` ends or its driver lets go, then adopts it.
+    async fn stand_by(self: Arc<Self>, id: String) {
+        let every = self.config.owner_lease.get() / 3;
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let Ok(Some(p)) = self.recorded(&id).await else {
+                continue;
+            };
+            if is_terminal(p.phase()) {
+                return;
+            }
+            match self.claim(DrainParams::from_persisted(&p)).await {
+                Ok(Claim::Drive { params, done }) => {
+                    tracing::info!(id = %params.id, done = done.len(), "adopted the drain from the agent process that let it go");
+                    if let Err(e) = self.start(params, done) {
+                        tracing::warn!(error = %e, "could not start the adopted drain");
+                    }
+                    return;
+                }
+                Ok(Claim::Follow(_)) => {}
+                Ok(Claim::Ended(_)) => return,
+                Err(e) => tracing::warn!(error = %e, "could not read the drain's owner"),
+            }
+        }
     }
 
     async fn run(self: Arc<Self>, run: Arc<DrainRun>, params: DrainParams, done: HashSet<String>) {
@@ -457,9 +743,18 @@ impl DrainController {
             r = self.drive(&run, &params, done.clone(), slot.clone()) => r,
             _ = tokio::time::sleep(remaining) => Err(Outcome::TimedOut),
             _ = run.cancel.cancelled() => Err(Outcome::Cancelled),
+            // Another agent process adopted the drain (this one stalled past the owner lease):
+            // it drives from here; stop without recording an end.
+            _ = self.hold(&run, &params, done.clone()) => {
+                run.emit(Ev::Failed(run.update(|s| {
+                    s.error = "another agent process on this node took over the drain; re-attach".into();
+                })));
+                return;
+            }
             // Agent shutdown: stop without recording an end, so the next agent resumes (and
             // takes its own slot back: the Lease keeps this node as holder until it expires).
             _ = self.shutdown.cancelled() => {
+                self.release(&params).await;
                 let held = slot.lock().expect("not poisoned").take();
                 if let Some(guard) = held {
                     guard.abandon().await;

@@ -9,6 +9,7 @@
 pub mod engine;
 pub mod imds;
 pub mod lock;
+pub mod owner;
 pub mod plan;
 pub mod state;
 
@@ -57,6 +58,9 @@ pub struct DrainConfig {
     pub fleet_lock: lock::FleetLockConfig,
     /// Drain on EC2 spot interruption and scheduled-maintenance notices (IMDSv2); off by default.
     pub imds: imds::ImdsConfig,
+    /// How long a drain's driver keeps its claim on the Node without renewing it (renewed every
+    /// third); another agent process on the node adopts the drain after that (owner.rs).
+    pub owner_lease: ConfigDuration,
 }
 
 impl Default for DrainConfig {
@@ -71,6 +75,7 @@ impl Default for DrainConfig {
             leader_selector: plan::DEFAULT_LEADER_SELECTOR.to_string(),
             fleet_lock: lock::FleetLockConfig::default(),
             imds: imds::ImdsConfig::default(),
+            owner_lease: ConfigDuration(owner::DEFAULT_OWNER_LEASE),
         }
     }
 }
@@ -107,6 +112,14 @@ impl DrainConfig {
             out.push((
                 "drain.deletionPoll".into(),
                 format!("{} is below 100ms", self.deletion_poll),
+            ));
+        }
+        if self.owner_lease.get() < Duration::from_secs(3)
+            || self.owner_lease.get() > Duration::from_secs(600)
+        {
+            out.push((
+                "drain.ownerLease".into(),
+                format!("{} is out of range (3s..=10m)", self.owner_lease),
             ));
         }
         if let Err(e) = plan::parse_leader_selector(&self.leader_selector) {

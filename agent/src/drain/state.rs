@@ -30,6 +30,17 @@ pub struct Persisted {
     pub leader_selector: String,
     #[serde(default)]
     pub error: String,
+    /// The agent process driving this drain (`owner::instance_id`); empty in records written
+    /// before drains had a single driver (adoptable at once).
+    #[serde(default)]
+    pub driver: String,
+    /// Unix seconds of the driver's last renewal; 0 = released (adoptable at once).
+    #[serde(default)]
+    pub heartbeat: u64,
+    /// Set by a CancelDrain that reached an agent process not driving the drain; the driver
+    /// cancels when it sees it.
+    #[serde(default)]
+    pub cancel_requested: bool,
 }
 
 pub fn unix(t: SystemTime) -> u64 {
@@ -107,6 +118,9 @@ mod tests {
             evict_unreplicated: false,
             leader_selector: "a=b".into(),
             error: String::new(),
+            driver: "nodekeeper-x#1".into(),
+            heartbeat: 150,
+            cancel_requested: false,
         };
         assert_eq!(p.phase, "evicting");
         assert_eq!(Persisted::from_json(&p.to_json()).unwrap(), p);

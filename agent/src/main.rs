@@ -162,6 +162,31 @@ struct AgentArgs {
     /// File holding a bearer token, sent as `authorization: Bearer <token>`.
     #[arg(long, env = "NODEKEEPER_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// PEM CA bundle to verify the agent's certificate with (a private CA); implies TLS.
+    #[arg(long, env = "NODEKEEPER_CACERT")]
+    cacert: Option<PathBuf>,
+    /// PEM client certificate for mTLS (with --key); implies TLS.
+    #[arg(long, env = "NODEKEEPER_CERT", requires = "key")]
+    cert: Option<PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, env = "NODEKEEPER_KEY", requires = "cert")]
+    key: Option<PathBuf>,
+    /// Name to verify the agent's certificate against instead of the dialled host; implies TLS.
+    #[arg(long, env = "NODEKEEPER_SERVER_NAME")]
+    server_name: Option<String>,
+}
+
+impl AgentArgs {
+    async fn connect(&self) -> Result<client::Client, ClientError> {
+        let options = client::ConnectOptions {
+            token_file: self.token_file.clone(),
+            cacert: self.cacert.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            server_name: self.server_name.clone(),
+        };
+        client::Client::connect_with(&self.addr, &options).await
+    }
 }
 
 #[derive(Args)]
@@ -459,13 +484,13 @@ fn main() -> ExitCode {
             }
         }
         Command::Cordon { agent, reason } => operator(async move {
-            let mut c = client::Client::connect(&agent.addr, agent.token_file.as_deref()).await?;
+            let mut c = agent.connect().await?;
             let node = c.cordon(&reason).await?;
             println!("node {} cordoned", node.node_name);
             Ok(())
         }),
         Command::Uncordon { agent } => operator(async move {
-            let mut c = client::Client::connect(&agent.addr, agent.token_file.as_deref()).await?;
+            let mut c = agent.connect().await?;
             let node = c.uncordon().await?;
             println!("node {} uncordoned", node.node_name);
             Ok(())
@@ -473,7 +498,7 @@ fn main() -> ExitCode {
         Command::Dns {
             action: DnsAction::Status { agent },
         } => operator(async move {
-            let mut c = client::Client::connect(&agent.addr, agent.token_file.as_deref()).await?;
+            let mut c = agent.connect().await?;
             let node = c.get_node().await?;
             match &node.dns {
                 Some(s) => {
@@ -487,7 +512,7 @@ fn main() -> ExitCode {
             }
         }),
         Command::GetDrain { agent, json } => operator(async move {
-            let mut c = client::Client::connect(&agent.addr, agent.token_file.as_deref()).await?;
+            let mut c = agent.connect().await?;
             let status = c.get_drain().await?;
             if json {
                 println!("{}", client::status_json(&status));
@@ -617,6 +642,7 @@ fn operator(f: impl std::future::Future<Output = Result<(), ClientError>>) -> Ex
             ExitCode::from(match e {
                 ClientError::BadAddress { .. }
                 | ClientError::Token { .. }
+                | ClientError::Tls { .. }
                 | ClientError::Invalid(_) => EX_CLI_USAGE,
                 ClientError::Unreachable { .. } => EX_UNAVAILABLE,
                 ClientError::Refused { .. }
@@ -629,7 +655,7 @@ fn operator(f: impl std::future::Future<Output = Result<(), ClientError>>) -> Ex
 }
 
 async fn drain(a: DrainArgs) -> Result<(), ClientError> {
-    let mut c = client::Client::connect(&a.agent.addr, a.agent.token_file.as_deref()).await?;
+    let mut c = a.agent.connect().await?;
     let req = nodekeeper::pb::DrainRequest {
         id: a.id,
         reason: a.reason,

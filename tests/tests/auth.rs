@@ -931,3 +931,123 @@ async fn mutating_calls_are_rate_limited_per_principal() {
         .expect("GetNode is not rate-limited");
     }
 }
+
+// === the CLI over mTLS with a private CA (issue #19) ===
+
+/// Runs the nodekeeper CLI to completion (at most `secs`): (exit code, stdout, stderr).
+fn run_cli(args: &[&str], secs: u64) -> (Option<i32>, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, err) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let mut child = Command::new(nodekeeper_tests::agent_bin())
+        .args(args)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn nodekeeper");
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("nodekeeper {args:?} did not exit within {secs}s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (
+        status.code(),
+        std::fs::read_to_string(&out).unwrap(),
+        std::fs::read_to_string(&err).unwrap(),
+    )
+}
+
+#[test]
+fn the_cli_drains_over_mtls_with_a_private_ca() {
+    if !require_tool("openssl") {
+        return;
+    }
+    let pki = make_pki();
+    let s = nodekeeper_tests::drain_scenario::rotation(
+        Duration::from_millis(200),
+        Duration::from_millis(500),
+    );
+    let cluster = Cluster {
+        api: s.api,
+        kubeconfig: s.kubeconfig.clone(),
+        _dir: s.dir,
+    };
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = write_token(secrets.path(), TOKEN);
+    let agent = mtls_agent(&cluster, &pki, &token_file);
+    let addr = agent.api.to_string();
+    let (ca, cert, key) = (
+        pki.path("ca.crt").display().to_string(),
+        pki.path("client.crt").display().to_string(),
+        pki.path("client.key").display().to_string(),
+    );
+
+    // Public roots do not know the private CA: the handshake fails, exit 69.
+    let (code, _, stderr) = run_cli(&["cordon", &addr, "--cert", &cert, "--key", &key], 30);
+    assert_eq!(code, Some(69), "{stderr}");
+    // The agent's certificate does not name wrong.example.
+    let (code, _, stderr) = run_cli(
+        &[
+            "cordon",
+            &addr,
+            "--cacert",
+            &ca,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--server-name",
+            "wrong.example",
+        ],
+        30,
+    );
+    assert_eq!(code, Some(69), "{stderr}");
+    // --cert without --key is a usage error.
+    let (code, _, stderr) = run_cli(&["cordon", &addr, "--cacert", &ca, "--cert", &cert], 30);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(!cluster.unschedulable(), "a refused CLI call cordoned");
+
+    let (code, stdout, stderr) = run_cli(
+        &[
+            "drain",
+            &addr,
+            "--cacert",
+            &ca,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--server-name",
+            "localhost",
+            "--id",
+            "cli-mtls",
+            "--requester",
+            "someone-else",
+            "--evict-unreplicated",
+            "--timeout",
+            "2m",
+            "--json",
+        ],
+        180,
+    );
+    assert_eq!(code, Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let mut left = cluster.api.pods_on(NODE);
+    left.sort();
+    assert_eq!(left, nodekeeper_tests::drain_scenario::expected_remaining());
+    let annotation =
+        cluster.api.node(NODE).unwrap()["metadata"]["annotations"]["nodekeeper.io/drain"]
+            .as_str()
+            .expect("drain annotation")
+            .to_string();
+    assert!(
+        annotation.contains("\"principal\":\"cert:orchestrator\""),
+        "{annotation}"
+    );
+}

@@ -17,7 +17,7 @@ use tonic::codegen::http as http_uri;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::pb::{self, DrainPhase, drain_event::Event, node_agent_client::NodeAgentClient};
 
@@ -41,6 +41,9 @@ pub enum ClientError {
     /// The token file could not be read or does not hold a usable token.
     #[error("token file {}: {why}", path.display())]
     Token { path: PathBuf, why: String },
+    /// A TLS option (`--cacert`, `--cert`, `--key`, `--server-name`) is unusable.
+    #[error("{flag}: {why}")]
+    Tls { flag: &'static str, why: String },
     /// Nothing answered at the address (refused, unresolvable, TLS failure, connect timeout),
     /// or the connection broke mid-stream.
     #[error("agent at {addr} is unreachable: {detail}")]
@@ -68,6 +71,7 @@ impl ClientError {
         match self {
             Self::BadAddress { .. } => "bad_address",
             Self::Token { .. } => "token",
+            Self::Tls { .. } => "tls",
             Self::Unreachable { .. } => "unreachable",
             Self::Invalid(_) => "invalid",
             Self::Refused { .. } => "refused",
@@ -141,6 +145,68 @@ pub fn endpoint(addr: &str) -> Result<Endpoint, ClientError> {
     Ok(ep)
 }
 
+/// How to reach and authenticate to an agent, from the CLI's flags.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// A bearer token file, sent as `authorization: Bearer <token>`.
+    pub token_file: Option<PathBuf>,
+    /// PEM CA bundle the agent's certificate must chain to, instead of the public roots (a
+    /// private CA, as cert-manager issues).
+    pub cacert: Option<PathBuf>,
+    /// PEM client certificate (mTLS), with `key`.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// The name to verify the agent's certificate against, when it differs from the address
+    /// dialled (e.g. a node-name SAN while dialling the node IP).
+    pub server_name: Option<String>,
+}
+
+impl ConnectOptions {
+    fn wants_tls(&self) -> bool {
+        self.cacert.is_some() || self.cert.is_some() || self.server_name.is_some()
+    }
+
+    /// The client TLS config these options describe.
+    fn tls(&self) -> Result<ClientTlsConfig, ClientError> {
+        let read = |flag: &'static str, path: &Path| {
+            std::fs::read(path).map_err(|e| ClientError::Tls {
+                flag,
+                why: format!("cannot read {}: {e}", path.display()),
+            })
+        };
+        let mut tls = ClientTlsConfig::new();
+        tls = match &self.cacert {
+            Some(ca) => tls.ca_certificate(Certificate::from_pem(read("--cacert", ca)?)),
+            None => tls.with_enabled_roots(),
+        };
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                tls = tls.identity(Identity::from_pem(
+                    read("--cert", cert)?,
+                    read("--key", key)?,
+                ));
+            }
+            (Some(_), None) => {
+                return Err(ClientError::Tls {
+                    flag: "--cert",
+                    why: "needs --key".into(),
+                });
+            }
+            (None, Some(_)) => {
+                return Err(ClientError::Tls {
+                    flag: "--key",
+                    why: "needs --cert".into(),
+                });
+            }
+            (None, None) => {}
+        }
+        if let Some(name) = &self.server_name {
+            tls = tls.domain_name(name.clone());
+        }
+        Ok(tls)
+    }
+}
+
 /// Adds `authorization: Bearer <token>` to every call when a token is configured.
 #[derive(Clone)]
 pub struct Auth(Option<AsciiMetadataValue>);
@@ -180,8 +246,38 @@ pub struct Client {
 impl Client {
     /// Connects eagerly, so an unreachable agent is reported as such before any request.
     pub async fn connect(addr: &str, token_file: Option<&Path>) -> Result<Self, ClientError> {
-        let auth = Auth(token_file.map(read_token).transpose()?);
-        let ep = endpoint(addr)?;
+        let options = ConnectOptions {
+            token_file: token_file.map(Path::to_path_buf),
+            ..Default::default()
+        };
+        Self::connect_with(addr, &options).await
+    }
+
+    /// Connects with TLS options: any of `--cacert`, `--cert`, `--server-name` makes a
+    /// `host:port` address TLS (an `http://` URL with them is a usage error).
+    pub async fn connect_with(addr: &str, options: &ConnectOptions) -> Result<Self, ClientError> {
+        let auth = Auth(options.token_file.as_deref().map(read_token).transpose()?);
+        let ep = if options.wants_tls() || options.key.is_some() {
+            if addr.starts_with("http://") {
+                return Err(ClientError::BadAddress {
+                    addr: addr.to_string(),
+                    why: "http:// with TLS options; use host:port or https://".into(),
+                });
+            }
+            let https = if addr.contains("://") {
+                addr.to_string()
+            } else {
+                format!("https://{addr}")
+            };
+            endpoint(&https)?
+                .tls_config(options.tls()?)
+                .map_err(|e| ClientError::Tls {
+                    flag: "--cacert",
+                    why: e.to_string(),
+                })?
+        } else {
+            endpoint(addr)?
+        };
         let unreachable = |detail: String| ClientError::Unreachable {
             addr: addr.to_string(),
             detail,

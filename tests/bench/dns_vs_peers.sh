@@ -25,6 +25,8 @@
 #   BENCH_MISS_QUERIES  queries in the misses pass (default 100000)
 #   BENCH_LATENCY_QPS   offered load of the latency runs (default 20000), BENCH_LATENCY_SECONDS (5)
 #   BENCH_LATENCY_RUNS  latency runs per cache and phase, the median reported (default 3)
+#   BENCH_FIXED_QPS     offered loads of the CPU-per-query runs (default "10000 50000")
+#   BENCH_FIXED_SECONDS length of each CPU-per-query run (default 10)
 #   BENCH_PEERS         caches to run (default "nodekeeper unbound dnsmasq dnsdist kresd")
 #   BENCH_NO_BUILD=1    skip `cargo build --release` and use $NODEKEEPER_BIN
 #   NODEKEEPER_BIN      agent binary (required with BENCH_NO_BUILD=1)
@@ -49,6 +51,8 @@ MISS_QUERIES=${BENCH_MISS_QUERIES:-100000}
 LAT_QPS=${BENCH_LATENCY_QPS:-20000}
 LAT_SECONDS=${BENCH_LATENCY_SECONDS:-5}
 LAT_RUNS=${BENCH_LATENCY_RUNS:-3}
+read -r -a FIXED_QPS <<<"${BENCH_FIXED_QPS:-10000 50000}"
+FIXED_SECONDS=${BENCH_FIXED_SECONDS:-10}
 read -r -a CACHES <<<"${BENCH_PEERS:-nodekeeper unbound dnsmasq dnsdist kresd}"
 ZONE=bench.example.com
 # dnsperf: 10 client sockets, 200 queries outstanding, 2 s timeout (a query later is lost).
@@ -401,6 +405,28 @@ for c in "${CACHES[@]}"; do
         fi
         log "$c $phase: ${R[$c,$phase,qps]} QPS, ${R[$c,$phase,cpu]} CPU s, ${R[$c,$phase,qpcpu]} q/CPU-s, lost ${R[$c,$phase,lost]}, mean ${R[$c,$phase,mean]} ms, p99 ${R[$c,$phase,p99]} ms"
     done
+    # CPU per query at fixed offered loads (what a node pays: a node-local cache is rarely
+    # saturated): hits (the warmed names) and misses (never-seen names), each load in turn.
+    for qps in "${FIXED_QPS[@]}"; do
+        for kind in hits misses; do
+            perf "$c" "$ip" "$port" "$WORK/hits.txt" "$WORK/$c.warm" -n 1 "${PERF_ARGS[@]}"
+            file="$WORK/hits.txt"
+            if [[ $kind == misses ]]; then
+                file="$WORK/$c.fixed$qps.txt"
+                gen_misses "$c-f$qps" $((qps * FIXED_SECONDS)) "$file"
+            fi
+            out="$WORK/$c.fixed$qps.$kind.out"
+            t0=$(cpu_ticks "$c")
+            perf "$c" "$ip" "$port" "$file" "$out" -l "$FIXED_SECONDS" -Q "$qps" "${PERF_ARGS[@]}"
+            t1=$(cpu_ticks "$c")
+            k="fixed$qps$kind"
+            R[$c,$k,done]=$(field "$out" "Queries completed")
+            R[$c,$k,lost]=$(field "$out" "Queries lost")
+            R[$c,$k,us]=$(awk -v n="${R[$c,$k,done]}" -v a="$t0" -v b="$t1" -v hz="$CLK_TCK" \
+                'BEGIN { if (n == 0 || b == a) print "n/a"; else printf "%.2f", (b - a) / hz * 1e6 / n }')
+            log "$c $kind at $qps QPS: ${R[$c,$k,us]} CPU us per query, ${R[$c,$k,done]} completed, lost ${R[$c,$k,lost]}"
+        done
+    done
     kill -0 "${PID[$c]}" 2>/dev/null || die "$c died during the run"
     R[$c,rss]=$(awk -v k="$(status_kib "$c" VmHWM)" 'BEGIN { printf "%.1f", k / 1024 }')
     VERSION[$c]=$(version_of "$c") 2>/dev/null || true
@@ -453,11 +479,47 @@ table() {
     echo
 }
 
+# fixed_table: CPU microseconds per completed query at each fixed offered load (lower is better).
+fixed_table() {
+    local c qps kind head="| cache |" rule="|---|" row
+    for qps in "${FIXED_QPS[@]}"; do
+        for kind in hits misses; do
+            head+=" $kind at $qps QPS, CPU us/query | lost |"
+            rule+="---:|---:|"
+        done
+    done
+    echo "**CPU per query at fixed offered loads (${FIXED_SECONDS} s each; lower is better)**"
+    echo
+    echo "$head"
+    echo "$rule"
+    for c in "${CACHES[@]}"; do
+        row="| $c |"
+        for qps in "${FIXED_QPS[@]}"; do
+            for kind in hits misses; do
+                row+=" ${R[$c,fixed$qps$kind,us]} | ${R[$c,fixed$qps$kind,lost]} |"
+            done
+        done
+        echo "$row"
+    done
+    if [[ " ${CACHES[*]} " == *" nodekeeper "* && ${#CACHES[@]} -gt 1 ]]; then
+        row="| ratio nodekeeper / best peer |"
+        for qps in "${FIXED_QPS[@]}"; do
+            for kind in hits misses; do
+                read -r v vc < <(best "fixed$qps$kind" us lower)
+                row+=" $(ratio "${R[nodekeeper,fixed$qps$kind,us]}" "$v") ($vc) | |"
+            done
+        done
+        echo "$row"
+    fi
+    echo
+}
+
 REPORT=$WORK/report.md
 {
     table hits "All cache hits ($NAMES warmed names, ${SECONDS_HITS} s)"
     table mixed "Mixed: 90% hits, 10% misses ($MIXED_QUERIES queries, one pass)"
     table misses "All misses ($MISS_QUERIES never-seen names, one pass; latency not measured)"
+    fixed_table
     echo "Throughput: closed loop, dnsperf \`${PERF_ARGS[*]}\`; queries per CPU-second = completed queries / the cache's utime+stime (/proc/PID/stat) over the run."
     echo "Latency: ${LAT_RUNS} separate runs at a fixed ${LAT_QPS} QPS for ${LAT_SECONDS} s each (the same offered load for every cache), from dnsperf -v's per-query latencies: the median over the runs of each run's mean and nearest-rank p99; peak RSS is VmHWM at the end."
     echo "Machine: $CPUS CPUs ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), kernel $(uname -r); $PINNING."

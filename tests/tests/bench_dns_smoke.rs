@@ -39,6 +39,8 @@ fn dns_benchmark_script_runs_and_reports_every_cache_as_root() {
         .env("BENCH_LATENCY_QPS", "1000")
         .env("BENCH_LATENCY_SECONDS", "1")
         .env("BENCH_LATENCY_RUNS", "2")
+        .env("BENCH_FIXED_QPS", "500")
+        .env("BENCH_FIXED_SECONDS", "1")
         .env("BENCH_NO_BUILD", "1")
         .env("NODEKEEPER_BIN", agent_bin())
         .output()
@@ -61,6 +63,7 @@ fn dns_benchmark_script_runs_and_reports_every_cache_as_root() {
         "**All cache hits",
         "**Mixed: 90% hits, 10% misses",
         "**All misses",
+        "**CPU per query at fixed offered loads",
     ] {
         assert!(stdout.contains(title), "{title}:\n{stdout}");
     }
@@ -69,8 +72,25 @@ fn dns_benchmark_script_runs_and_reports_every_cache_as_root() {
             .lines()
             .filter(|l| l.starts_with(&format!("| {cache} |")))
             .collect();
-        assert_eq!(rows.len(), 3, "{cache} in every table:\n{stdout}");
-        for row in rows {
+        assert_eq!(rows.len(), 4, "{cache} in every table:\n{stdout}");
+        // The fixed-load table: CPU us per query (n/a below one tick) and lost, hits and misses.
+        let fixed: Vec<&str> = rows[3]
+            .trim_matches('|')
+            .split('|')
+            .map(str::trim)
+            .collect();
+        assert_eq!(fixed.len(), 5, "{}", rows[3]);
+        for i in [1, 3] {
+            assert!(
+                fixed[i].parse::<f64>().is_ok() || fixed[i] == "n/a",
+                "{}",
+                rows[3]
+            );
+        }
+        for i in [2, 4] {
+            assert!(fixed[i].parse::<u64>().is_ok(), "lost in {}", rows[3]);
+        }
+        for row in &rows[..3] {
             let cells: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
             assert_eq!(cells.len(), 8, "{row}");
             // QPS, CPU, lost and RSS are always numbers; q/CPU-s may be n/a below one tick.
@@ -92,7 +112,7 @@ fn dns_benchmark_script_runs_and_reports_every_cache_as_root() {
             .lines()
             .filter(|l| l.starts_with("| ratio nodekeeper / best peer |"))
             .count(),
-        3,
+        4,
         "{stdout}"
     );
     assert!(stdout.contains("Peers: nodekeeper "), "{stdout}");

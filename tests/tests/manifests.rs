@@ -855,3 +855,71 @@ fn both_containers_share_the_hosts_xtables_lock() {
     let volume = volumes.iter().find(|v| v["name"] == run["name"]).unwrap();
     assert_eq!(volume["emptyDir"]["medium"], "Memory", "a tmpfs");
 }
+
+/// Issue #19: the guard never gets a ServiceAccount token; the agent gets one through a
+/// projected volume mounted in its container only.
+#[test]
+fn only_the_agent_container_gets_a_service_account_token() {
+    if !have_tools(&[]) {
+        return;
+    }
+    let base = base();
+    let spec = base.pod_spec();
+    assert_eq!(
+        spec["automountServiceAccountToken"], false,
+        "the token would be mounted in every container"
+    );
+    let token_dir = "/var/run/secrets/kubernetes.io/serviceaccount";
+    let (mount, volume) = base.mount(token_dir);
+    assert_eq!(mount["readOnly"], true);
+    let sources = array(volume, "/projected/sources");
+    assert!(
+        sources
+            .iter()
+            .any(|s| s["serviceAccountToken"]["path"] == "token"),
+        "{sources:?}"
+    );
+    assert!(
+        sources
+            .iter()
+            .any(|s| s["configMap"]["name"] == "kube-root-ca.crt"),
+        "the API server's CA: {sources:?}"
+    );
+    assert!(
+        sources
+            .iter()
+            .any(|s| s["downwardAPI"]["items"][0]["path"] == "namespace"),
+        "{sources:?}"
+    );
+    for c in array(spec, "/containers")
+        .iter()
+        .filter(|c| c["name"] != "nodekeeper")
+    {
+        let mounts = c["volumeMounts"].as_array().cloned().unwrap_or_default();
+        assert!(
+            !mounts.iter().any(|m| m["name"] == mount["name"]),
+            "{} mounts the token",
+            c["name"]
+        );
+    }
+}
+
+/// Issue #19: the shipped config serves no reflection and opens reads on purpose (for the
+/// aggregator), never by relying on the agent's default, which is closed.
+#[test]
+fn the_shipped_config_turns_reflection_off_and_opens_reads_explicitly() {
+    if !have_tools(&[]) {
+        return;
+    }
+    let base = base();
+    let text = base.config_yaml();
+    let config = nodekeeper::config::Config::from_yaml(text).expect("the shipped config parses");
+    assert!(!config.api.reflection, "{text}");
+    assert!(config.api.auth.open_read_only, "{text}");
+    assert!(
+        !nodekeeper::config::Config::default()
+            .api
+            .auth
+            .open_read_only
+    );
+}

@@ -473,8 +473,14 @@ const BATCHES_PER_TURN: usize = 8;
 /// Hand-over: once the socket takes no new datagrams, it is read until nothing has come for
 /// this long (datagrams the kernel steered to it just before still land in its queue).
 const DRAIN_QUIET: Duration = Duration::from_millis(50);
-/// Hand-over: the drain never takes longer than this, whatever keeps arriving.
-const DRAIN_MAX: Duration = Duration::from_secs(1);
+/// Hand-over: the drain never takes longer than this, whatever keeps arriving. With
+/// `MISSES_WAIT_MAX` it keeps the whole hand-over within 1 s, so the successor probe and the
+/// teardown still fit the 2 s the config check (`dns.lameDuck` + 2 s <= `shutdownTimeout`)
+/// allows after the lame duck.
+const DRAIN_MAX: Duration = Duration::from_millis(300);
+/// Hand-over: the longest wait for the misses still in flight to be answered; a miss slower
+/// than this at shutdown loses its answer (its client retries and the successor answers).
+const MISSES_WAIT_MAX: Duration = Duration::from_millis(700);
 /// Hand-over: how often the drained socket checks whether its last misses were answered.
 const MISSES_POLL: Duration = Duration::from_millis(10);
 
@@ -514,9 +520,9 @@ pub async fn serve_udp(server: Arc<DnsServer>, socket: UdpSocket, token: Cancell
             _ => break,
         }
     }
-    // Each miss task holds the socket to send its answer: wait for them (within the upstream
-    // budget), so the socket is not closed under an answer still to come.
-    let misses_done = Instant::now() + server.config.timeout.get() + DRAIN_QUIET;
+    // Each miss task holds the socket to send its answer: wait for them (bounded), so the
+    // socket is not closed under an answer still to come.
+    let misses_done = Instant::now() + server.config.timeout.get().min(MISSES_WAIT_MAX);
     while Arc::strong_count(&socket) > 1 && Instant::now() < misses_done {
         tokio::time::sleep(MISSES_POLL).await;
     }

@@ -184,6 +184,28 @@ fn a_released_pv_is_wiped_then_published_again_as_root() {
         second["spec"]["claimRef"].is_null(),
         "the new PV is Available: {second}"
     );
+    // The reclaim's new UUID is what the disks task sees on its next passes (one owner of
+    // ownership state, #14): the disk stays ours, so its PV is not deleted as "disk gone".
+    std::thread::sleep(Duration::from_secs(4));
+    let third = s
+        .api
+        .pv(&s.pv_name())
+        .expect("the PV survives later passes");
+    assert_eq!(third["metadata"]["uid"], second["metadata"]["uid"]);
+    let owned: Value = serde_json::from_str(
+        &std::fs::read_to_string(s.dir.path().join("state/disks/owned.json")).unwrap(),
+    )
+    .unwrap();
+    let on_disk = std::process::Command::new("blkid")
+        .args(["-p", "-s", "UUID", "-o", "value"])
+        .arg(&s.disk.path)
+        .output()
+        .unwrap();
+    assert_eq!(
+        owned["disks"][&s.disk.name]["uuid"],
+        String::from_utf8_lossy(&on_disk.stdout).trim(),
+        "owned.json lost the reclaim's UUID"
+    );
 }
 
 #[test]

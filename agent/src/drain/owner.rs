@@ -79,6 +79,7 @@ mod tests {
             id: "d".into(),
             reason: String::new(),
             requester: String::new(),
+            principal: String::new(),
             started: 0,
             deadline: 0,
             phase: "evicting".into(),

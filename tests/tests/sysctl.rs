@@ -1451,3 +1451,202 @@ fn a_corrupt_originals_journal_degrades_only_sysctl_and_dns_keeps_serving_as_roo
     );
     assert!(agent.proc.alive());
 }
+
+#[test]
+#[ignore = "adversary finding: net.ipv6.conf.all.ignore_routes_with_linkdown propagates to every interface but is not a dependant; revert clears conf.lo's own 1"]
+fn adversary_netns_ipv6_all_ignore_routes_with_linkdown_revert_leaves_interfaces_changed() {
+    if !require_root() || !require_tool("ip") {
+        return;
+    }
+    let host_keys = [
+        "net.ipv6.conf.all.ignore_routes_with_linkdown",
+        "net.ipv6.conf.default.ignore_routes_with_linkdown",
+        "net.ipv6.conf.lo.ignore_routes_with_linkdown",
+    ];
+    let host_before = HostValues::of(&host_keys);
+    let ns = Netns::new("sysctl-linkdown");
+    // An interface set on its own; the kernel overwrites it on every write of conf.all
+    // (addrconf_fixup_linkdown, like forwarding).
+    ns_write(&ns, "net.ipv6.conf.lo.ignore_routes_with_linkdown", "1");
+    let before: Vec<String> = host_keys.iter().map(|k| ns.read(k)).collect();
+    assert_eq!(before, ["0", "0", "1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let config = "sysctl:\n  profiles:\n    - name: pod\n      sysctls:\n        net.ipv6.conf.all.ignore_routes_with_linkdown: 1\n";
+    let o = cli_in(&ns.path(), "apply", config, &state);
+    assert!(o.status.success(), "{}", out(&o));
+    let o = cli_in(&ns.path(), "revert", config, &state);
+    let after: Vec<String> = host_keys.iter().map(|k| ns.read(k)).collect();
+    host_before.assert_unchanged();
+    assert_eq!(
+        after,
+        before,
+        "revert reported success but the kernel's side effect on conf.lo stays: {}",
+        out(&o)
+    );
+}
+
+#[test]
+#[ignore = "adversary finding: run inside another netns, --netns naming the host's namespace (/proc/<host pid>/ns/net) is accepted; only /proc/self/ns/net is compared"]
+fn adversary_netns_the_hosts_namespace_is_accepted_when_the_cli_runs_in_another_namespace() {
+    if !require_root() || !require_tool("ip") {
+        return;
+    }
+    let host_before = HostValues::of(&["net.core.somaxconn"]);
+    let ns = Netns::new("sysctl-hostns");
+    // A process in the host's namespace (this test's own): its ns file is the host's namespace.
+    let host_ns = format!("/proc/{}/ns/net", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.yaml");
+    let want: i64 = host("net.core.somaxconn").parse::<i64>().unwrap() + 1;
+    std::fs::write(
+        &file,
+        format!("sysctl:\n  profiles:\n    - name: p\n      sysctls:\n        net.core.somaxconn: {want}\n"),
+    )
+    .unwrap();
+    // `plan` only (it writes nothing): an `apply` here would write the host's somaxconn.
+    let o = Command::new("ip")
+        .args(["netns", "exec", &ns.0])
+        .arg(agent_bin())
+        .args(["sysctl", "plan", "--config"])
+        .arg(&file)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(["--netns", &host_ns])
+        .output()
+        .unwrap();
+    host_before.assert_unchanged();
+    assert!(
+        !o.status.success()
+            && String::from_utf8_lossy(&o.stderr).contains("host's own network namespace"),
+        "the host's namespace is refused as a --netns target wherever the CLI runs: {}",
+        out(&o)
+    );
+}
+
+#[test]
+#[ignore = "adversary finding: security-weakening values (vm.mmap_min_addr 0, fs.protected_hardlinks 0, vm.unprivileged_userfaultfd 1) are planned, not refused"]
+fn adversary_security_weakening_values_are_not_refused() {
+    // Read-only: `plan` against the real /proc.
+    let cases = [
+        // NULL-pointer dereferences in the kernel become exploitable.
+        "vm.mmap_min_addr: 0",
+        // Hard-link and symlink races on world-writable dirs (CVE class the knobs exist for).
+        "fs.protected_hardlinks: 0",
+        // Every user may use userfaultfd (a standard kernel-exploit primitive).
+        "vm.unprivileged_userfaultfd: 1",
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let mut accepted = Vec::new();
+    for line in cases {
+        let file = dir.path().join("c.yaml");
+        std::fs::write(
+            &file,
+            format!("sysctl:\n  profiles:\n    - name: p\n      sysctls:\n        {line}\n"),
+        )
+        .unwrap();
+        let o = Command::new(agent_bin())
+            .args(["sysctl", "plan", "--config"])
+            .arg(&file)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .output()
+            .unwrap();
+        if o.status.code() != Some(64) {
+            accepted.push(format!("{line}: {}", out(&o)));
+        }
+    }
+    assert!(accepted.is_empty(), "not refused:\n{}", accepted.join("\n"));
+}
+
+#[test]
+#[ignore = "adversary finding: fs.nr_open lowered below the highest fd a process holds is not refused (expand_files then fails with EMFILE node-wide)"]
+fn adversary_nr_open_below_current_fd_use_is_not_refused() {
+    // Read-only: `plan` against the real /proc. This process holds fds up to ~300 while the
+    // plan runs; fs.nr_open 64 (the kernel's minimum) caps every fd table below that.
+    let held: Vec<std::fs::File> = (0..300)
+        .map(|_| std::fs::File::open("/dev/null").unwrap())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.yaml");
+    std::fs::write(
+        &file,
+        "sysctl:\n  profiles:\n    - name: p\n      sysctls:\n        fs.nr_open: 64\n",
+    )
+    .unwrap();
+    let o = Command::new(agent_bin())
+        .args(["sysctl", "plan", "--config"])
+        .arg(&file)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .output()
+        .unwrap();
+    drop(held);
+    assert_eq!(
+        o.status.code(),
+        Some(64),
+        "a limit below current use is refused: {}",
+        out(&o)
+    );
+}
+
+#[test]
+#[ignore = "adversary finding: a use check that starts refusing one key (fs.file-max after the use grew) rejects the whole set every interval; drift on every other key is no longer corrected"]
+fn adversary_a_limit_refused_after_use_grew_stops_drift_correction_of_the_rest() {
+    let fake = FakeProc::new(BASE_KEYS);
+    fake.set("fs.file-nr", "100\t0\t1000000");
+    let agent = daemon(&fake, &format!("{DAEMON}        fs.file-max: 10000\n"));
+    fake.wait_value("fs.file-max", "10000");
+    fake.wait_value("net.core.somaxconn", "8192");
+    // The node gets busy (9000 handles: 10000 is now below 2x the use), and something puts
+    // fs.file-max back up: refusing to lower it again is right, for that key.
+    fake.set("fs.file-nr", "9000\t0\t1000000");
+    fake.set("fs.file-max", "1000000");
+    // Drift on another key must still be corrected.
+    fake.set("net.core.somaxconn", "128");
+    wait_for(
+        Duration::from_secs(6),
+        "somaxconn drift corrected while fs.file-max is refused",
+        || (fake.get("net.core.somaxconn") == "8192").then_some(()),
+    );
+    drop(agent);
+}
+
+#[test]
+#[ignore = "adversary finding: one key whose read/write blocks (a sysctl waiting on rtnl or a hung modprobe; a FIFO here) wedges the whole reconciler and /healthz: no other key is reconciled again"]
+fn adversary_a_key_that_blocks_wedges_drift_correction_and_health() {
+    let fake = FakeProc::new(BASE_KEYS);
+    fake.set("vm.zz_slow", "0");
+    let agent = daemon(&fake, &format!("{DAEMON}        vm.zz_slow: 1\n"));
+    fake.wait_value("vm.zz_slow", "1");
+    fake.wait_value("net.core.somaxconn", "8192");
+    // The key starts blocking: opening it waits forever, like a write spinning on a held lock.
+    std::fs::remove_file(fake.file("vm.zz_slow")).unwrap();
+    let ok = Command::new("mkfifo")
+        .arg(fake.file("vm.zz_slow"))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mkfifo");
+    fake.set("net.core.somaxconn", "128");
+    let corrected = (0..120).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        fake.get("net.core.somaxconn") == "8192"
+    });
+    let health = nodekeeper_tests::http_get(agent.metrics, "/healthz");
+    // Unblock the daemon's open (a writer/reader on the FIFO) before the agent is dropped.
+    let fifo = fake.file("vm.zz_slow");
+    let _ = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo);
+    drop(agent);
+    assert!(
+        matches!(health, Ok((200, _))),
+        "the agent stays live while one sysctl key blocks: {health:?}"
+    );
+    assert!(
+        corrected,
+        "drift on somaxconn is corrected while vm.zz_slow blocks"
+    );
+}

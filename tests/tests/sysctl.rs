@@ -1383,6 +1383,73 @@ fn adversary_netns_exec_journal_is_replayed_into_another_namespace() {
     host_before.assert_unchanged();
 }
 
+#[test]
+fn adversary_netns_exec_journal_is_replayed_into_a_namespace_that_reuses_the_inode() {
+    if !require_root() || !require_tool("ip") {
+        return;
+    }
+    let host_before = HostValues::now();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let file = dir.path().join("c.yaml");
+    std::fs::write(
+        &file,
+        "sysctl:\n  profiles:\n    - name: p\n      sysctls:\n        net.core.somaxconn: 12345\n",
+    )
+    .unwrap();
+    let exec = |ns: &Netns, action: &str| {
+        Command::new("ip")
+            .args(["netns", "exec", &ns.0])
+            .arg(agent_bin())
+            .args(["sysctl", action, "--config"])
+            .arg(&file)
+            .arg("--state-dir")
+            .arg(&state)
+            .output()
+            .unwrap()
+    };
+    let inode = |ns: &Netns| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(ns.path()).unwrap().ino()
+    };
+    // `ip netns exec A nodekeeper sysctl apply`, then A dies without a revert.
+    let a = Netns::new("adv-exec-dead");
+    let dead = inode(&a);
+    let o = exec(&a, "apply");
+    assert!(o.status.success(), "{}", out(&o));
+    drop(a);
+    let mut spares = Vec::new();
+    let b = loop {
+        let ns = Netns::new(&format!("adv-exec-new{}", spares.len()));
+        if inode(&ns) == dead {
+            break ns;
+        }
+        if spares.len() == 50 {
+            // Not reused in 50 tries: point the journal at this namespace's inode, which is
+            // exactly what a reuse makes of it.
+            let journal = state.join("sysctl/originals.json");
+            let text = std::fs::read_to_string(&journal).unwrap();
+            let moved = text.replace(&format!("net:[{dead}]"), &format!("net:[{}]", inode(&ns)));
+            assert_ne!(text, moved, "{text}");
+            std::fs::write(&journal, moved).unwrap();
+            eprintln!("the kernel did not reuse the inode in 50 tries: reuse simulated");
+            break ns;
+        }
+        spares.push(ns);
+    };
+    drop(spares);
+    ns_write(&b, "net.core.somaxconn", "1000");
+    let o = exec(&b, "revert");
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(out(&o).contains("is gone"), "{}", out(&o));
+    assert_eq!(
+        b.read("net.core.somaxconn"),
+        "1000",
+        "a dead namespace's originals are not replayed in the one reusing its inode"
+    );
+    host_before.assert_unchanged();
+}
+
 /// Issue #15, finding 5: a corrupt `sysctl/originals.json` used to stop the whole agent, DNS
 /// included. Now only the sysctl capability is degraded (health names the file and the error);
 /// DNS answers, /metrics serves, /healthz stays 200 (kubelet must not restart the agent in a

@@ -316,28 +316,43 @@ fn lock(journal: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, ApplyError> 
 }
 
 impl OriginalsStore {
-    /// Binds a journal with originals to the namespace `current` it was written in; refuses
-    /// (nothing written) when this command runs in another one.
-    pub fn bind_to_netns(&mut self, current: &str) -> Result<(), ApplyError> {
-        match &self.originals.netns {
-            Some(owner) if owner != current && !self.originals.keys.is_empty() => {
-                Err(ApplyError::State {
-                    path: self.path.clone().unwrap_or_default(),
-                    error: format!(
-                        "its originals were recorded in network namespace {owner}, this command runs in {current}: run it there (or from the host with --netns)"
-                    ),
-                })
+    /// Binds a journal with originals to the namespace `current` (`net:[inode]`, lifetime
+    /// `identity`) it was written in; refuses (nothing written) when this command runs in another
+    /// one, or in a namespace that reuses the inode of the dead one it was written in (same boot,
+    /// another cookie). Across a reboot the inode alone decides (the host's namespace is new
+    /// after every boot and its journal must stay usable) and the identity is refreshed.
+    pub fn bind_to_netns(
+        &mut self,
+        current: &str,
+        identity: &NetnsIdentity,
+    ) -> Result<(), ApplyError> {
+        let recorded = !self.originals.keys.is_empty();
+        let refuse = |error: String| ApplyError::State {
+            path: self.path.clone().unwrap_or_default(),
+            error,
+        };
+        match (&self.originals.netns, &self.originals.netns_identity) {
+            (Some(owner), _) if recorded && owner != current => Err(refuse(format!(
+                "its originals were recorded in network namespace {owner}, this command runs in {current}: run it there (or from the host with --netns)"
+            ))),
+            (Some(_), Some(then))
+                if recorded
+                    && then.boot_id == identity.boot_id
+                    && then.cookie != identity.cookie =>
+            {
+                Err(refuse(format!(
+                    "its originals were recorded in a network namespace that is gone (cookie {:?}); {current} reuses its inode (cookie {:?}): refusing to replay them here",
+                    then.cookie, identity.cookie
+                )))
             }
             _ => {
                 self.originals.netns = Some(current.to_string());
+                self.originals.netns_identity = Some(identity.clone());
                 Ok(())
             }
         }
     }
 
-    /// Loads (and locks) the journal at `path` for `holder`. Entries without an owner (a journal
-    /// from before owners existed) become the CLI's: the daemon then never reverts or forgets
-    /// them unless it applies that key itself, and `nodekeeper sysctl revert` still restores them.
     /// Binds a `--netns` journal to the namespace `current` it is used in. A journal recorded in
     /// another namespace (a dead one whose inode this one reuses) is discarded: its file is
     /// deleted and its originals, never applied here, are returned for the log. A journal with
@@ -375,6 +390,9 @@ impl OriginalsStore {
         Ok(discarded)
     }
 
+    /// Loads (and locks) the journal at `path` for `holder`. Entries without an owner (a journal
+    /// from before owners existed) become the CLI's: the daemon then never reverts or forgets
+    /// them unless it applies that key itself, and `nodekeeper sysctl revert` still restores them.
     pub fn load(path: Option<PathBuf>, holder: Owner) -> Result<Self, ApplyError> {
         Self::load_with(path, holder, true)
     }
@@ -1044,6 +1062,31 @@ mod tests {
                 .is_none()
         );
         assert_eq!(store.originals.keys.len(), 1);
+    }
+
+    #[test]
+    fn the_host_journal_is_refused_in_a_namespace_that_reuses_a_dead_ones_inode() {
+        let (dir, fs) = tree(&[("net/core/somaxconn", "4096\n")]);
+        let id = |boot: &str, cookie: u64| NetnsIdentity {
+            boot_id: boot.into(),
+            cookie: Some(cookie),
+        };
+        let (_, mut store) = journal_in(&dir);
+        store.bind_to_netns("net:[9]", &id("b1", 7)).unwrap();
+        apply(&fs, &[want("net.core.somaxconn", "8192")], &mut store).unwrap();
+        let e = store.bind_to_netns("net:[8]", &id("b1", 7)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("recorded in network namespace net:[9]"),
+            "{e}"
+        );
+        let e = store.bind_to_netns("net:[9]", &id("b1", 8)).unwrap_err();
+        assert!(e.to_string().contains("is gone"), "{e}");
+        store.bind_to_netns("net:[9]", &id("b1", 7)).unwrap();
+        // After a reboot the inode decides, and the identity is the new boot's.
+        store.bind_to_netns("net:[9]", &id("b2", 1)).unwrap();
+        assert_eq!(store.originals.netns_identity, Some(id("b2", 1)));
+        assert_eq!(store.originals.keys["net.core.somaxconn"].1, "4096");
     }
 
     #[test]

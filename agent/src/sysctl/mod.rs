@@ -1006,11 +1006,14 @@ fn refuse_global_keys_in_netns(
 }
 
 /// The host journal belongs to the namespace the CLI runs in (`ip netns exec A nodekeeper ...`
-/// records A's): a later command from another namespace is refused instead of replaying A's
-/// originals there.
+/// records A's inode and cookie): a later command from another namespace, or from a new one that
+/// reuses A's inode, is refused instead of replaying A's originals there.
 fn bind_host_journal(store: &mut OriginalsStore) -> Result<(), SysctlError> {
     match std::fs::read_link("/proc/thread-self/ns/net") {
-        Ok(id) => Ok(store.bind_to_netns(&id.to_string_lossy())?),
+        Ok(id) => {
+            let identity = netns::current_identity()?;
+            Ok(store.bind_to_netns(&id.to_string_lossy(), &identity)?)
+        }
         Err(_) => Ok(()),
     }
 }

@@ -223,6 +223,10 @@ struct DrainArgs {
     /// Print the plan without cordoning or evicting.
     #[arg(long)]
     dry_run: bool,
+    /// Do not wait for pods Terminating for longer than this (kubectl's
+    /// --skip-wait-for-delete-timeout), e.g. `2m`.
+    #[arg(long, value_name = "DURATION")]
+    skip_wait_for_delete_timeout: Option<nodekeeper::config::ConfigDuration>,
     /// One JSON object per DrainEvent on stdout (proto3 JSON mapping), no progress bar.
     #[arg(long)]
     json: bool,
@@ -669,6 +673,9 @@ async fn drain(a: DrainArgs) -> Result<(), ClientError> {
         evict_unreplicated: a.evict_unreplicated,
         leader_selector: a.leader_selector.unwrap_or_default(),
         dry_run: a.dry_run,
+        skip_wait_for_delete_timeout: a
+            .skip_wait_for_delete_timeout
+            .and_then(|t| prost_types::Duration::try_from(t.get()).ok()),
     };
     if a.json {
         let status = c

@@ -127,6 +127,8 @@ pub struct DrainParams {
     pub delete_emptydir_data: bool,
     pub evict_unreplicated: bool,
     pub leader_selector: String,
+    /// kubectl's --skip-wait-for-delete-timeout.
+    pub skip_wait_for_delete: Option<Duration>,
 }
 
 impl DrainParams {
@@ -155,6 +157,7 @@ impl DrainParams {
             driver: String::new(),
             heartbeat: 0,
             cancel_requested: false,
+            skip_wait_for_delete_seconds: self.skip_wait_for_delete.map(|d| d.as_secs()),
         }
     }
 
@@ -171,6 +174,7 @@ impl DrainParams {
             delete_emptydir_data: p.delete_emptydir_data,
             evict_unreplicated: p.evict_unreplicated,
             leader_selector: p.leader_selector.clone(),
+            skip_wait_for_delete: p.skip_wait_for_delete_seconds.map(Duration::from_secs),
         }
     }
 
@@ -180,6 +184,7 @@ impl DrainParams {
             evict_unreplicated: self.evict_unreplicated,
             leader_selector: plan::parse_leader_selector(&self.leader_selector)
                 .map_err(DrainError::Invalid)?,
+            skip_wait_for_delete: self.skip_wait_for_delete,
         })
     }
 }
@@ -205,6 +210,8 @@ pub struct DrainController {
     shutdown: CancellationToken,
     /// This process, as named in the state annotation's `driver`.
     instance: String,
+    /// The running drain's skip-wait-for-delete timeout (read by the gone check).
+    skip_wait: Mutex<Option<Duration>>,
 }
 
 impl DrainController {
@@ -229,6 +236,7 @@ impl DrainController {
             blockers: Mutex::new(BTreeMap::new()),
             shutdown,
             instance: owner::instance_id(),
+            skip_wait: Mutex::new(None),
         })
     }
 
@@ -593,6 +601,13 @@ impl DrainController {
             req.leader_selector.clone()
         };
         plan::parse_leader_selector(&leader_selector).map_err(DrainError::Invalid)?;
+        let skip_wait_for_delete = match &req.skip_wait_for_delete_timeout {
+            None => None,
+            Some(d) => Some(Duration::try_from(*d).map_err(|_| {
+                DrainError::Invalid("skip_wait_for_delete_timeout: must not be negative".into())
+            })?)
+            .filter(|d| !d.is_zero()),
+        };
         let started = SystemTime::now();
         Ok(DrainParams {
             id: req.id.clone(),
@@ -610,6 +625,7 @@ impl DrainController {
             delete_emptydir_data: req.delete_emptydir_data,
             evict_unreplicated: req.evict_unreplicated,
             leader_selector,
+            skip_wait_for_delete,
         })
     }
 
@@ -651,6 +667,7 @@ impl DrainController {
         self.blocked_events.lock().expect("not poisoned").clear();
         self.blockers.lock().expect("not poisoned").clear();
         *self.last_progress_save.lock().expect("not poisoned") = None;
+        *self.skip_wait.lock().expect("not poisoned") = params.skip_wait_for_delete;
         let (me, r) = (self.clone(), run.clone());
         tokio::spawn(async move { me.run(r, params, done).await });
         Ok(run)
@@ -1184,8 +1201,18 @@ impl DrainController {
     async fn gone_per_api(&self, api: &Api<Pod>, pod: &PlannedPod) -> Result<bool, DrainError> {
         Ok(match call("GET pod", || api.get_opt(&pod.name)).await? {
             None => true,
-            Some(p) => p.metadata.uid.as_deref() != Some(pod.uid.as_str()),
+            Some(p) => {
+                p.metadata.uid.as_deref() != Some(pod.uid.as_str())
+                    // kubectl's --skip-wait-for-delete-timeout: Terminating for too long (a
+                    // finalizer that never goes) counts as done, as kubectl's waitForDelete.
+                    || plan::terminating_longer_than(&p, self.skip_wait_for_delete())
+            }
         })
+    }
+
+    /// The running drain's --skip-wait-for-delete-timeout.
+    fn skip_wait_for_delete(&self) -> Option<Duration> {
+        *self.skip_wait.lock().expect("not poisoned")
     }
 }
 

@@ -93,6 +93,7 @@ mod tests {
             driver: driver.into(),
             heartbeat,
             cancel_requested: false,
+            skip_wait_for_delete_seconds: None,
         }
     }
 

@@ -81,6 +81,18 @@ pub struct PlanOptions {
     pub delete_emptydir_data: bool,
     pub evict_unreplicated: bool,
     pub leader_selector: Selector,
+    /// kubectl's --skip-wait-for-delete-timeout: pods Terminating longer than this are left.
+    pub skip_wait_for_delete: Option<std::time::Duration>,
+}
+
+/// True when `pod` has been Terminating for longer than `after` (kubectl's
+/// `skipDeletedFilter`: such a pod is neither evicted nor waited for).
+pub fn terminating_longer_than(pod: &Pod, after: Option<std::time::Duration>) -> bool {
+    let (Some(after), Some(since)) = (after, pod.metadata.deletion_timestamp.as_ref()) else {
+        return false;
+    };
+    let since: std::time::SystemTime = since.0.into();
+    !after.is_zero() && since.elapsed().is_ok_and(|age| age > after)
 }
 
 /// Parses the leader selector in Kubernetes' string syntax (`a=b`, `a!=b`, `a in (x,y)`,
@@ -112,6 +124,10 @@ pub fn plan(pods: &[Pod], opts: &PlanOptions) -> Plan {
             m.name.clone().unwrap_or_default(),
         );
         let key = format!("{ns}/{name}");
+        if terminating_longer_than(pod, opts.skip_wait_for_delete) {
+            out.skipped.push((ns, name, "terminating-too-long".into()));
+            continue;
+        }
         if m.annotations
             .as_ref()
             .is_some_and(|a| a.contains_key(MIRROR_ANNOTATION))
@@ -259,6 +275,7 @@ mod tests {
             delete_emptydir_data: false,
             evict_unreplicated: false,
             leader_selector: parse_leader_selector(DEFAULT_LEADER_SELECTOR).unwrap(),
+            skip_wait_for_delete: None,
         }
     }
 

@@ -41,6 +41,10 @@ pub struct Persisted {
     /// cancels when it sees it.
     #[serde(default)]
     pub cancel_requested: bool,
+    /// Seconds after which a Terminating pod is no longer waited for (kubectl's
+    /// --skip-wait-for-delete-timeout); absent = always wait.
+    #[serde(default)]
+    pub skip_wait_for_delete_seconds: Option<u64>,
 }
 
 pub fn unix(t: SystemTime) -> u64 {
@@ -121,6 +125,7 @@ mod tests {
             driver: "nodekeeper-x#1".into(),
             heartbeat: 150,
             cancel_requested: false,
+            skip_wait_for_delete_seconds: Some(60),
         };
         assert_eq!(p.phase, "evicting");
         assert_eq!(Persisted::from_json(&p.to_json()).unwrap(), p);

@@ -232,6 +232,20 @@ fn route(store: &Arc<Store>, call: &Call) -> Response {
     if let Some(doc) = discovery {
         return json_response(200, &doc);
     }
+    if segs.as_slice() == ["fake", "audit"] {
+        // Not a Kubernetes path: the PDB audit, for the runnable fake's users (bin/fake-apiserver).
+        let st = store.lock();
+        let violations: Vec<Value> = st
+            .audit
+            .iter()
+            .filter(|a| a.healthy < a.desired_healthy)
+            .map(|a| json!({"pdb": a.pdb, "healthy": a.healthy, "desiredHealthy": a.desired_healthy}))
+            .collect();
+        return json_response(
+            200,
+            &json!({"samples": st.audit.len(), "violations": violations}),
+        );
+    }
     let target = match segs.as_slice() {
         ["api", v, rest @ ..] => parse_target("", v, rest),
         ["apis", g, v, rest @ ..] => parse_target(g, v, rest),

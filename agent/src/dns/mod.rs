@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod node;
 pub mod resolv_conf;
 pub mod server;
+pub mod strangers;
 pub mod udp_batch;
 pub mod upstream;
 pub mod wire;

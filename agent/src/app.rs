@@ -375,6 +375,14 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
                 ));
             }
         }
+        // Strangers in the SO_REUSEPORT group (issue #15): checked as often as the wiring.
+        tokio::spawn(crate::dns::strangers::watch(
+            config.host_paths.proc.clone(),
+            dns_config.listen_addrs(),
+            crate::dns::strangers::StrangerMetrics::register(&mut registry),
+            dns_config.node.check_interval.get(),
+            supervisor.token().child_token(),
+        ));
         let metrics = crate::dns::metrics::DnsMetrics::register(&mut registry);
         let server =
             crate::dns::server::DnsServer::new(dns_config.clone(), forwarder.clone(), metrics);

@@ -599,7 +599,7 @@ fn main() -> ExitCode {
                 eprintln!("nodekeeper: {e:#}");
                 return ExitCode::from(EX_USAGE);
             }
-            match nodekeeper::dns::node::cli::guard(&config.dns, &guard) {
+            match nodekeeper::dns::node::cli::guard(&config, &guard) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, kind = e.kind(), "dns guard failed");

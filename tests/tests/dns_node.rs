@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use nodekeeper_tests::fake_api::FakeApi;
 use nodekeeper_tests::netns_pods::Netns;
 use nodekeeper_tests::{Proc, agent_bin, require_root, require_tool, wait_for, workspace_root};
 use serde_json::Value;
@@ -800,7 +801,13 @@ fn rules_of_ours(ns: &Netns, fw: Fw) -> usize {
 /// The guard as the DaemonSet runs it: its root filesystem read-only, modelled by a read-only
 /// tmpfs over /run in a private mount namespace (where iptables-legacy creates its lock). The
 /// agent binary is exec'd, so the Proc's pid is the guard's (for `nsenter -m`).
-fn guard_with_read_only_run(ns: &Netns, dir: &Path, cfg: &Path, metrics: &str) -> Proc {
+fn guard_with_read_only_run(
+    ns: &Netns,
+    dir: &Path,
+    cfg: &Path,
+    metrics: &str,
+    kubeconfig: Option<&Path>,
+) -> Proc {
     let mut cmd = ns.command("unshare");
     cmd.args([
         "--mount",
@@ -821,8 +828,31 @@ fn guard_with_read_only_run(ns: &Netns, dir: &Path, cfg: &Path, metrics: &str) -
         "--guard-metrics-listen",
         metrics,
     ])
-    .env("NODEKEEPER_LOG", "info,nodekeeper=debug");
+    .env("NODEKEEPER_LOG", "info,nodekeeper=debug")
+    .env_remove("KUBECONFIG");
+    if let Some(kubeconfig) = kubeconfig {
+        cmd.env("KUBECONFIG", kubeconfig)
+            .env("NODE_NAME", GUARD_NODE);
+    }
     Proc::spawn("guard", cmd, dir)
+}
+
+/// The node the guard's Events name in the read-only-root tests.
+const GUARD_NODE: &str = "node-guard";
+
+/// The reasons of the guard's Events about `GUARD_NODE`, sorted (the API lists by name, and
+/// generated names are random; the tests see the order by waiting for each in turn).
+fn guard_event_reasons(api: &FakeApi) -> Vec<String> {
+    let mut reasons: Vec<String> = api
+        .events()
+        .iter()
+        .filter(|e| {
+            e["involvedObject"]["kind"] == "Node" && e["involvedObject"]["name"] == GUARD_NODE
+        })
+        .map(|e| e["reason"].as_str().unwrap_or_default().to_string())
+        .collect();
+    reasons.sort();
+    reasons
 }
 
 /// One sample of the guard's /metrics, scraped from inside `ns`.
@@ -870,7 +900,16 @@ fn guard_fails_open_with_a_read_only_root(fw: Fw) {
         (ask(&ns).as_deref() == Some("10.0.0.2")).then_some(())
     });
     let metrics = "127.0.0.1:19749";
-    let guard = guard_with_read_only_run(&ns, dir.path(), &cfg, metrics);
+    // The API server lives in the node's namespace (its thread is started from inside it), so
+    // the guard reaches it on loopback there; the test reads its Events in-process.
+    let api = {
+        let _in_ns = ns.enter();
+        FakeApi::start()
+    };
+    api.add_node(GUARD_NODE, &[]);
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let guard = guard_with_read_only_run(&ns, dir.path(), &cfg, metrics, Some(&kubeconfig));
     wait_for(Duration::from_secs(10), "the guard's metrics", || {
         guard_metric(&ns, metrics, "nodekeeper_dns_guard_failopen_pending")
     });
@@ -912,6 +951,10 @@ fn guard_fails_open_with_a_read_only_root(fw: Fw) {
             None,
             "the node is black-holed while the rules stay"
         );
+        // One Warning Event for the episode, however many retries failed.
+        wait_for(Duration::from_secs(10), "the pending Event", || {
+            (guard_event_reasons(&api) == ["DNSFailOpenPending"]).then_some(())
+        });
         // The fault goes away (an operator fixes the mount): the next retry removes them.
         ok(Command::new("nsenter")
             .args(["-t", &guard.pid().to_string(), "-m"])
@@ -941,6 +984,26 @@ fn guard_fails_open_with_a_read_only_root(fw: Fw) {
         guard_metric(&ns, metrics, "nodekeeper_dns_guard_failopen_pending"),
         Some(0.0)
     );
+    let expected: &[&str] = match fw {
+        Fw::Legacy => &["DNSFailOpenPending", "DNSFailedOpen"],
+        Fw::Nftables => &["DNSFailedOpen"],
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while guard_event_reasons(&api) != expected && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        guard_event_reasons(&api),
+        expected,
+        "the guard's Events ({fw:?}):\n{}",
+        guard.log_text()
+    );
+    let warning = api
+        .events()
+        .into_iter()
+        .find(|e| e["reason"] == "DNSFailedOpen")
+        .unwrap();
+    assert_eq!(warning["type"], "Warning", "{warning}");
 }
 
 #[test]

@@ -649,3 +649,84 @@ fn listeners_serve_while_the_api_server_hangs_and_readiness_waits_for_its_first_
         "overall SERVING once ready: {body:?}"
     );
 }
+
+// === strangers in the DNS SO_REUSEPORT group ===
+
+/// Issue #15, finding 4: DNS keeps SO_REUSEPORT (the hand-over needs it), so a root process can
+/// join the cache's group and answer a share of pods' queries. The agent reports it: a python
+/// process binds the cache's address and port with SO_REUSEPORT in the test's namespace, and
+/// `nodekeeper_dns_foreign_sockets` goes to 1, equal to what `ss -uapn` shows for that port
+/// (sockets not owned by nodekeeper), and back to 0 when it leaves.
+#[test]
+fn a_stranger_joining_the_dns_reuseport_group_is_reported_as_root() {
+    use nodekeeper_tests::dns_peers::{
+        Unbound, Upstreams, agent_dns_config, example_zone, free_dns_addr,
+    };
+    use nodekeeper_tests::netns_pods::Netns;
+    use nodekeeper_tests::{Proc, python, require_root, require_tool, sample};
+    if !(require_root() && require_tool("ip") && require_tool("unbound") && require_tool("ss")) {
+        return;
+    }
+    let _netns = Netns::enter_fresh("dns-stranger");
+    let zone = Unbound::serving(&[example_zone()]);
+    let listen = free_dns_addr();
+    let up = Upstreams {
+        default: Some(zone.addr),
+        ..Default::default()
+    };
+    let config = agent_dns_config(listen, &up, "", "")
+        .replace("rules: none}", "rules: none, checkInterval: 1s}");
+    let agent = Agent::builder().config(&config).start();
+    let foreign = || sample(&agent.metrics_text(), "nodekeeper_dns_foreign_sockets", &[]);
+    wait_for(
+        Duration::from_secs(10),
+        "the check ran: no stranger",
+        || (foreign() == Some(0.0)).then_some(()),
+    );
+    // What ss sees on the cache's UDP address: sockets whose process is not nodekeeper.
+    let ss_strangers = || {
+        let out = std::process::Command::new("ss")
+            .args(["-uapnH"])
+            .output()
+            .expect("ss");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.split_whitespace().nth(3) == Some(listen.to_string().as_str()))
+            .filter(|l| !l.contains("\"nodekeeper\""))
+            .count() as f64
+    };
+    assert_eq!(ss_strangers(), 0.0);
+
+    let dir = tempfile::tempdir().unwrap();
+    let script = format!(
+        "import socket, time\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n\
+         s.bind(('{}', {}))\n\
+         print('bound', flush=True)\n\
+         time.sleep(120)\n",
+        listen.ip(),
+        listen.port()
+    );
+    let mut cmd = std::process::Command::new(python());
+    cmd.args(["-c", &script]);
+    let stranger = Proc::spawn("stranger", cmd, dir.path());
+    wait_for(Duration::from_secs(10), "the stranger bound", || {
+        stranger.log_text().contains("bound").then_some(())
+    });
+    wait_for(Duration::from_secs(15), "the stranger reported", || {
+        (foreign() == Some(1.0)).then_some(())
+    });
+    assert_eq!(ss_strangers(), 1.0, "the differential: ss agrees");
+    wait_for(Duration::from_secs(5), "the warning naming it", || {
+        agent
+            .proc
+            .log_text()
+            .contains(&format!("pid {}", stranger.pid()))
+            .then_some(())
+    });
+    drop(stranger);
+    wait_for(Duration::from_secs(15), "the stranger gone", || {
+        (foreign() == Some(0.0)).then_some(())
+    });
+}

@@ -856,6 +856,70 @@ fn both_containers_share_the_hosts_xtables_lock() {
     assert_eq!(volume["emptyDir"]["medium"], "Memory", "a tmpfs");
 }
 
+/// Issue #15: while the agent is dead only the guard knows the node's DNS is still black-holed,
+/// so its own /metrics (`--guard-metrics-listen`) must be served on a declared port that the
+/// headless Service exposes for scraping (the alert NodekeeperDnsGuardFailOpenPending reads it).
+#[test]
+fn the_dns_guard_serves_its_metrics_on_a_port_the_service_exposes() {
+    if !have_tools(&[]) {
+        return;
+    }
+    let base = base();
+    let guard = array(base.pod_spec(), "/containers")
+        .iter()
+        .find(|c| c["name"] == "dns-guard")
+        .expect("a dns-guard container");
+    let args: Vec<&str> = array(guard, "/args")
+        .iter()
+        .map(|a| a.as_str().expect("string arg"))
+        .collect();
+    let listen = args
+        .iter()
+        .position(|a| *a == "--guard-metrics-listen")
+        .and_then(|i| args.get(i + 1))
+        .unwrap_or_else(|| panic!("dns-guard args without --guard-metrics-listen: {args:?}"));
+    let listen: std::net::SocketAddr = listen.parse().expect("an ip:port");
+    let port = array(guard, "/ports")
+        .iter()
+        .find(|p| p["name"] == "guard-metrics")
+        .expect("a guard-metrics containerPort");
+    assert_eq!(port["containerPort"], json!(listen.port()));
+    let agent_ports: Vec<&Value> = array(base.container(), "/ports")
+        .iter()
+        .map(|p| &p["containerPort"])
+        .collect();
+    assert!(
+        !agent_ports.contains(&&json!(listen.port())),
+        "the guard's port is not one of the agent's (hostNetwork: both bind on the node)"
+    );
+    // Its Events name the node.
+    let node_name = array(guard, "/env")
+        .iter()
+        .find(|e| e["name"] == "NODE_NAME")
+        .expect("dns-guard: NODE_NAME env for its Events");
+    assert_eq!(
+        node_name["valueFrom"]["fieldRef"]["fieldPath"],
+        "spec.nodeName"
+    );
+    let svc = base.object("Service", "nodekeeper");
+    let svc_port = array(svc, "/spec/ports")
+        .iter()
+        .find(|p| p["name"] == "guard-metrics")
+        .expect("the Service exposes guard-metrics");
+    assert_eq!(
+        (
+            &svc_port["port"],
+            &svc_port["targetPort"],
+            &svc_port["appProtocol"]
+        ),
+        (
+            &json!(listen.port()),
+            &json!("guard-metrics"),
+            &json!("http")
+        )
+    );
+}
+
 /// Issue #19: the guard never gets a ServiceAccount token; the agent gets one through a
 /// projected volume mounted in its container only.
 #[test]

@@ -15,6 +15,7 @@ pub mod node;
 pub mod resolv_conf;
 pub mod scrub;
 pub mod server;
+pub mod strangers;
 pub mod udp_batch;
 pub mod upstream;
 pub mod wire;

@@ -121,3 +121,30 @@ fn build_script_generates_the_api_with_protoc_unavailable() {
         "{stdout}"
     );
 }
+
+/// test-all's commands in order: the lines of the script that start with `cargo `.
+fn test_all_cargo_commands() -> Vec<String> {
+    let path = workspace_root().join("tests/scripts/test-all");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("cargo "))
+        .map(String::from)
+        .collect()
+}
+
+/// On a fresh cargo home (a newcomer who ran dev-run first: only the Linux crates downloaded),
+/// `cargo deny --offline` failed in `cargo metadata` on crates for other targets (found in a
+/// fresh Debian 12 chroot, docs/benchmarks.md). test-all must fetch every locked crate first.
+#[test]
+fn test_all_fetches_every_locked_crate_before_the_offline_deny_check() {
+    let commands = test_all_cargo_commands();
+    let position = |prefix: &str| commands.iter().position(|c| c.starts_with(prefix));
+    let deny = position("cargo deny --offline").expect("test-all runs cargo deny --offline");
+    let fetch = position("cargo fetch --locked");
+    assert!(
+        fetch.is_some_and(|f| f < deny),
+        "test-all must run `cargo fetch --locked` before `cargo deny --offline`: {commands:#?}"
+    );
+}

@@ -1525,7 +1525,6 @@ fn adversary_netns_the_hosts_namespace_is_accepted_when_the_cli_runs_in_another_
 }
 
 #[test]
-#[ignore = "adversary finding: security-weakening values (vm.mmap_min_addr 0, fs.protected_hardlinks 0, vm.unprivileged_userfaultfd 1) are planned, not refused"]
 fn adversary_security_weakening_values_are_not_refused() {
     // Read-only: `plan` against the real /proc.
     let cases = [
@@ -1535,6 +1534,11 @@ fn adversary_security_weakening_values_are_not_refused() {
         "fs.protected_hardlinks: 0",
         // Every user may use userfaultfd (a standard kernel-exploit primitive).
         "vm.unprivileged_userfaultfd: 1",
+        "fs.protected_symlinks: 0",
+        // Every user reads the kernel log.
+        "kernel.dmesg_restrict: 0",
+        // Real-time tasks may starve the node.
+        "kernel.sched_rt_runtime_us: -1",
     ];
     let dir = tempfile::tempdir().unwrap();
     let mut accepted = Vec::new();

@@ -1564,7 +1564,6 @@ fn adversary_security_weakening_values_are_not_refused() {
 }
 
 #[test]
-#[ignore = "adversary finding: fs.nr_open lowered below the highest fd a process holds is not refused (expand_files then fails with EMFILE node-wide)"]
 fn adversary_nr_open_below_current_fd_use_is_not_refused() {
     // Read-only: `plan` against the real /proc. This process holds fds up to ~300 while the
     // plan runs; fs.nr_open 64 (the kernel's minimum) caps every fd table below that.

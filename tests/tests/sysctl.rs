@@ -1453,7 +1453,6 @@ fn a_corrupt_originals_journal_degrades_only_sysctl_and_dns_keeps_serving_as_roo
 }
 
 #[test]
-#[ignore = "adversary finding: net.ipv6.conf.all.ignore_routes_with_linkdown propagates to every interface but is not a dependant; revert clears conf.lo's own 1"]
 fn adversary_netns_ipv6_all_ignore_routes_with_linkdown_revert_leaves_interfaces_changed() {
     if !require_root() || !require_tool("ip") {
         return;

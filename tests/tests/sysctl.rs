@@ -1486,7 +1486,6 @@ fn adversary_netns_ipv6_all_ignore_routes_with_linkdown_revert_leaves_interfaces
 }
 
 #[test]
-#[ignore = "adversary finding: run inside another netns, --netns naming the host's namespace (/proc/<host pid>/ns/net) is accepted; only /proc/self/ns/net is compared"]
 fn adversary_netns_the_hosts_namespace_is_accepted_when_the_cli_runs_in_another_namespace() {
     if !require_root() || !require_tool("ip") {
         return;

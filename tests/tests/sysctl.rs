@@ -1592,7 +1592,6 @@ fn adversary_nr_open_below_current_fd_use_is_not_refused() {
 }
 
 #[test]
-#[ignore = "adversary finding: a use check that starts refusing one key (fs.file-max after the use grew) rejects the whole set every interval; drift on every other key is no longer corrected"]
 fn adversary_a_limit_refused_after_use_grew_stops_drift_correction_of_the_rest() {
     let fake = FakeProc::new(BASE_KEYS);
     fake.set("fs.file-nr", "100\t0\t1000000");

@@ -15,6 +15,8 @@ use super::apply::SysctlFs;
 ///   all configuration parameters to their default state").
 /// - `net.ipv6.conf.all.forwarding`, `net.ipv6.conf.all.disable_ipv6`: "changing this value is
 ///   the same as changing conf/default and all per-interface settings to the same value".
+/// - `net.ipv6.conf.all.ignore_routes_with_linkdown`: the text is silent, but addrconf.c
+///   (`addrconf_fixup_linkdown`) copies it to `default` and every interface like forwarding.
 /// - `net.ipv4.conf.default.X`: copied to every interface that never had X set explicitly.
 ///
 /// Other `conf.all.*` keys are combined with the per-interface value (OR / max) when read and
@@ -30,6 +32,10 @@ pub fn dependants(fs: &SysctlFs, key: &str) -> Vec<String> {
         }
         "net.ipv6.conf.all.forwarding" => per_interface(fs, "ipv6", "forwarding", true),
         "net.ipv6.conf.all.disable_ipv6" => per_interface(fs, "ipv6", "disable_ipv6", true),
+        // addrconf_fixup_linkdown: a write of `all` is copied to `default` and every interface.
+        "net.ipv6.conf.all.ignore_routes_with_linkdown" => {
+            per_interface(fs, "ipv6", "ignore_routes_with_linkdown", true)
+        }
         _ => match key.strip_prefix("net.ipv4.conf.default.") {
             Some(leaf) if !leaf.contains('.') => per_interface(fs, "ipv4", leaf, false)
                 .into_iter()
@@ -53,6 +59,7 @@ pub fn propagates(key: &str) -> bool {
             | "net.ipv4.conf.all.forwarding"
             | "net.ipv6.conf.all.forwarding"
             | "net.ipv6.conf.all.disable_ipv6"
+            | "net.ipv6.conf.all.ignore_routes_with_linkdown"
     ) || key.starts_with("net.ipv4.conf.default.")
 }
 

@@ -3,7 +3,7 @@
 //! away from it (`min_free_kbytes`, strict overcommit). Each is lifted by naming the key in
 //! `sysctl.allowDangerous`.
 //!
-//! Reads procfs (`loadavg`, `meminfo`, `sys/fs/file-nr`, `PID/maps`); never writes. A check that
+//! Reads procfs (`loadavg`, `meminfo`, `sys/fs/file-nr`, `PID/maps`, `PID/status`); never writes. A check that
 //! cannot read the use it needs refuses the value rather than guess.
 
 use super::apply::SysctlFs;
@@ -80,6 +80,38 @@ impl Use<'_> {
         } else {
             Err(format!("no readable PID/maps under {}", dir.display()))
         }
+    }
+
+    /// The largest fd table any process has now (`FDSize` in `/proc/PID/status`): the kernel
+    /// never lets a table grow to `fs.nr_open` or past it, so a process that needed this many
+    /// slots gets EMFILE on its next open beyond a lower limit.
+    fn largest_fd_table(&self) -> Result<i64, String> {
+        let dir = self.fs.proc_file("");
+        let entries =
+            std::fs::read_dir(&dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+        let mut largest: Option<i64> = None;
+        for e in entries.flatten() {
+            if !e
+                .file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+            {
+                continue;
+            }
+            // Processes exit while we scan: a vanished one simply does not count.
+            let Ok(text) = std::fs::read_to_string(e.path().join("status")) else {
+                continue;
+            };
+            let size = text
+                .lines()
+                .find_map(|l| l.strip_prefix("FDSize:"))
+                .and_then(|v| v.trim().parse::<i64>().ok());
+            if let Some(size) = size {
+                largest = Some(largest.map_or(size, |l| l.max(size)));
+            }
+        }
+        largest.ok_or_else(|| format!("no readable FDSize in PID/status under {}", dir.display()))
     }
 }
 
@@ -189,6 +221,10 @@ pub fn check(desired: &[Desired], policy: &Policy, fs: &SysctlFs) -> Vec<Rejecti
                 floor("tasks (threads)", node.tasks())
             }
             "fs.file-max" if lowered(d, want) => floor("file handles", node.open_files()),
+            "fs.nr_open" if lowered(d, want) => floor(
+                "fd table slots of the largest process",
+                node.largest_fd_table(),
+            ),
             "vm.max_map_count" if lowered(d, want) => floor(
                 "memory maps of the largest process",
                 node.largest_map_count(),
@@ -384,6 +420,23 @@ mod tests {
             problems(&fs, &[want("vm.max_map_count", "599")])[0].contains("the 300 memory maps")
         );
         assert!(problems(&fs, &[want("vm.max_map_count", "600")]).is_empty());
+    }
+
+    #[test]
+    fn nr_open_is_checked_against_the_largest_fd_table() {
+        let (_d, fs) = node(&[
+            ("sys/fs/nr_open", "1048576\n"),
+            ("42/status", "Name:\tbusy\nFDSize:\t512\nGroups:\n"),
+            ("43/status", "Name:\tidle\nFDSize:\t64\n"),
+        ]);
+        assert!(
+            problems(&fs, &[want("fs.nr_open", "1023")])[0]
+                .contains("the 512 fd table slots of the largest process")
+        );
+        assert!(problems(&fs, &[want("fs.nr_open", "1024")]).is_empty());
+        // No readable status: refused rather than guessed.
+        let (_d, empty) = node(&[("sys/fs/nr_open", "1048576\n")]);
+        assert!(problems(&empty, &[want("fs.nr_open", "64")])[0].contains("no readable FDSize"));
     }
 }
 

@@ -423,11 +423,20 @@ impl Reconciler {
         let interval = config.interval.get();
         let (desired, rejections) = plan_with_rejections(config, labels, &self.fs)?;
         // A key this daemon applied (or holds in quarantine) whose file vanished since (its
-        // interface was removed) is quarantined like a refused write, not a reason to stop
-        // reconciling the rest of a set that was valid; anything else rejects the set.
+        // interface was removed), or that a use check now refuses (the node got busier), is
+        // quarantined like a refused write, not a reason to stop reconciling the rest of a set
+        // that was valid; anything else rejects the set.
+        let use_refused: BTreeSet<String> = if rejections.is_empty() {
+            BTreeSet::new()
+        } else {
+            limits::check(&desired, &config.policy(), &self.fs)
+                .into_iter()
+                .map(|r| r.key)
+                .collect()
+        };
         let (vanished, rejected): (Vec<Rejection>, Vec<Rejection>) =
             rejections.into_iter().partition(|r| {
-                r.problem == validate::NO_SUCH_KEY
+                (r.problem == validate::NO_SUCH_KEY || use_refused.contains(&r.key))
                     && (self.applied.iter().any(|d| d.key == r.key)
                         || self.quarantine.entries().contains_key(&r.key))
             });

@@ -29,7 +29,7 @@ pub enum NetnsError {
     Enter { path: PathBuf, error: String },
     #[error("the thread working in network namespace {} panicked", path.display())]
     Panicked { path: PathBuf },
-    /// The file names the namespace this process runs in: the host's, not a pod's.
+    /// The file names the host's namespace (init's, PID 1) or the one this process runs in.
     #[error("{} is the host's own network namespace ({id}); refusing to treat it as another one (omit --netns to work on the host)", path.display())]
     IsHost { path: PathBuf, id: String },
     /// The boot id or the namespace cookie could not be read.
@@ -53,6 +53,35 @@ pub struct NetnsHandle {
     ino: u64,
 }
 
+/// The init process's namespace file: the host's network namespace.
+const HOST_NETNS: &str = "/proc/1/ns/net";
+
+/// The host's namespace: init's; where /proc/1 is not readable to us (some sandboxes hide
+/// it even from root), the namespace of our topmost readable ancestor, the closest process to
+/// init we can see.
+fn host_identity() -> Option<(u64, u64)> {
+    if let Ok(id) = identity(Path::new(HOST_NETNS)) {
+        return Some(id);
+    }
+    let parent = |pid: &str| -> Option<String> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let ppid = status.lines().find_map(|l| l.strip_prefix("PPid:"))?.trim();
+        (ppid != "0").then(|| ppid.to_string())
+    };
+    let mut pid = "self".to_string();
+    let mut found = identity(Path::new("/proc/self/ns/net")).ok();
+    // Bounded: a racing exit could make the walk odd; the tree is never this deep.
+    for _ in 0..64 {
+        let Some(up) = parent(&pid) else { break };
+        match identity(Path::new(&format!("/proc/{up}/ns/net"))) {
+            Ok(id) => found = Some(id),
+            Err(_) => break,
+        }
+        pid = up;
+    }
+    found
+}
+
 /// (device, inode) of a namespace file.
 fn identity(path: &Path) -> std::io::Result<(u64, u64)> {
     let m = std::fs::metadata(path)?;
@@ -74,7 +103,13 @@ impl NetnsHandle {
             dev: m.dev(),
             ino: m.ino(),
         };
-        if identity(Path::new("/proc/self/ns/net")).ok() == Some((handle.dev, handle.ino)) {
+        // The host's namespace is init's (PID 1), wherever this process runs: the CLI may
+        // itself run inside another namespace (`ip netns exec`, `kubectl exec`), so comparing
+        // with /proc/self only would accept `/proc/<host pid>/ns/net`. Our own namespace is
+        // refused too.
+        let own = identity(Path::new("/proc/self/ns/net")).ok();
+        let target = (handle.dev, handle.ino);
+        if host_identity() == Some(target) || own == Some(target) {
             return Err(NetnsError::IsHost {
                 path: path.to_path_buf(),
                 id: handle.id(),
@@ -315,6 +350,11 @@ mod tests {
     fn the_hosts_own_namespace_is_refused() {
         let e = NetnsHandle::open(Path::new("/proc/self/ns/net")).unwrap_err();
         assert!(matches!(e, NetnsError::IsHost { .. }), "{e}");
+        // Init's namespace by its own path, too (the CLI may run in another namespace).
+        if std::fs::metadata(HOST_NETNS).is_ok() {
+            let e = NetnsHandle::open(Path::new(HOST_NETNS)).unwrap_err();
+            assert!(matches!(e, NetnsError::IsHost { .. }), "{e}");
+        }
         assert!(
             e.to_string().contains("host's own network namespace"),
             "{e}"

@@ -58,6 +58,36 @@ pub const DENIED_VALUES: &[DeniedValue] = &[
         |v| v == 3,
         "3 cannot be undone until reboot",
     ),
+    (
+        "vm.mmap_min_addr",
+        |v| v < 4096,
+        "below 4096 lets a process map page zero, so kernel NULL-pointer bugs become exploitable",
+    ),
+    (
+        "fs.protected_hardlinks",
+        |v| v == 0,
+        "0 reopens hard-link races on world-writable directories",
+    ),
+    (
+        "fs.protected_symlinks",
+        |v| v == 0,
+        "0 reopens symlink races on world-writable sticky directories",
+    ),
+    (
+        "vm.unprivileged_userfaultfd",
+        |v| v != 0,
+        "lets every user use userfaultfd, a standard kernel-exploit primitive",
+    ),
+    (
+        "kernel.dmesg_restrict",
+        |v| v == 0,
+        "0 lets every user read the kernel log (kernel addresses, other tenants' messages)",
+    ),
+    (
+        "kernel.sched_rt_runtime_us",
+        |v| v == -1,
+        "-1 lets real-time tasks take every CPU cycle and starve the node's own daemons",
+    ),
 ];
 
 /// Ranges for keys whose limits are known; others are checked for shape only. Vector keys check
@@ -313,6 +343,13 @@ mod tests {
             ("fs.suid_dumpable", "2", "0"),
             ("kernel.perf_event_paranoid", "-1", "2"),
             ("kernel.yama.ptrace_scope", "3", "1"),
+            ("vm.mmap_min_addr", "0", "4096"),
+            ("vm.mmap_min_addr", "4095", "65536"),
+            ("fs.protected_hardlinks", "0", "1"),
+            ("fs.protected_symlinks", "0", "1"),
+            ("vm.unprivileged_userfaultfd", "1", "0"),
+            ("kernel.dmesg_restrict", "0", "1"),
+            ("kernel.sched_rt_runtime_us", "-1", "950000"),
         ] {
             assert!(
                 p.value_refusal(key, bad)

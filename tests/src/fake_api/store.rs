@@ -429,9 +429,11 @@ impl Store {
             return;
         };
         let store = Arc::clone(self);
+        // Read where we are now, not when the task first runs: on a busy machine a test's first
+        // writes can land before that, and the controller would wait for a change already made.
+        let mut changes = store.subscribe();
+        let mut seen = store.lock().rv;
         self.handle.spawn(async move {
-            let mut changes = store.subscribe();
-            let mut seen = store.lock().rv;
             let mut recheck: Option<SystemTime> = None;
             loop {
                 let until_recheck = recheck

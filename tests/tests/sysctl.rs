@@ -1680,7 +1680,6 @@ fn adversary_a_limit_refused_after_use_grew_stops_drift_correction_of_the_rest()
 }
 
 #[test]
-#[ignore = "adversary finding: one key whose read/write blocks (a sysctl waiting on rtnl or a hung modprobe; a FIFO here) wedges the whole reconciler and /healthz: no other key is reconciled again"]
 fn adversary_a_key_that_blocks_wedges_drift_correction_and_health() {
     let fake = FakeProc::new(BASE_KEYS);
     fake.set("vm.zz_slow", "0");

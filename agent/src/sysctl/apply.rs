@@ -10,6 +10,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +21,11 @@ use super::profile::{Desired, SysctlValue};
 
 /// Larger than any sysctl value; bounds a read of a misconfigured path (e.g. a device node).
 const MAX_VALUE_BYTES: u64 = 64 * 1024;
+
+/// Longest wait for one read or write of a key file. A sysctl answers in microseconds; one that
+/// blocks (a write waiting on rtnl, a handler stuck in a hung modprobe) must cost the pass at
+/// most this, not the whole reconciler: the key is then quarantined and the pass goes on.
+pub const KEY_IO_DEADLINE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -109,6 +116,9 @@ pub struct SysctlFs {
     /// Unit tests: path -> how many more writes succeed before each write fails with EIO.
     #[cfg(test)]
     pub faults: std::sync::Arc<std::sync::Mutex<BTreeMap<String, usize>>>,
+    /// Key files with a read or write still outstanding past its deadline: the next call on
+    /// such a key fails at once, so a stuck key holds one thread, never a growing pile.
+    stuck: Arc<Mutex<BTreeSet<PathBuf>>>,
 }
 
 impl SysctlFs {
@@ -117,6 +127,61 @@ impl SysctlFs {
             root: proc_root.join("sys"),
             #[cfg(test)]
             faults: Default::default(),
+            stuck: Default::default(),
+        }
+    }
+
+    /// Runs `io` on the key file `file` on its own thread and waits at most `KEY_IO_DEADLINE`.
+    /// Every read and write of a key goes through here: a file whose open, read or write
+    /// blocks fails with `TimedOut` (and the caller quarantines the key) instead of blocking the
+    /// pass; the thread is left to finish whenever the kernel lets it.
+    fn with_deadline<T: Send + 'static>(
+        &self,
+        file: PathBuf,
+        io: impl FnOnce(&Path) -> std::io::Result<T> + Send + 'static,
+    ) -> std::io::Result<T> {
+        let still_stuck = || {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "an earlier read or write of this key has not returned after {}s",
+                    KEY_IO_DEADLINE.as_secs()
+                ),
+            )
+        };
+        if !self
+            .stuck
+            .lock()
+            .expect("not poisoned")
+            .insert(file.clone())
+        {
+            return Err(still_stuck());
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let stuck = Arc::clone(&self.stuck);
+        let key = file.clone();
+        let spawned = std::thread::Builder::new()
+            .name("sysctl-key-io".into())
+            .spawn(move || {
+                let result = io(&file);
+                // Released before the answer is sent: a caller that got it may call again.
+                stuck.lock().expect("not poisoned").remove(&file);
+                let _ = tx.send(result);
+            });
+        if let Err(e) = spawned {
+            // The closure (and its release of the key) never ran.
+            self.stuck.lock().expect("not poisoned").remove(&key);
+            return Err(e);
+        }
+        match rx.recv_timeout(KEY_IO_DEADLINE) {
+            Ok(result) => result,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("blocked for more than {}s", KEY_IO_DEADLINE.as_secs()),
+            )),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                Err(std::io::Error::other("the key's I/O thread died"))
+            }
         }
     }
 
@@ -132,10 +197,13 @@ impl SysctlFs {
 
     /// The key's current value, whitespace-normalised; None when the key does not exist.
     pub fn read(&self, path: &str) -> std::io::Result<String> {
-        let mut text = String::new();
-        std::fs::File::open(self.root.join(path))?
-            .take(MAX_VALUE_BYTES)
-            .read_to_string(&mut text)?;
+        let text = self.with_deadline(self.root.join(path), |file| {
+            let mut text = String::new();
+            std::fs::File::open(file)?
+                .take(MAX_VALUE_BYTES)
+                .read_to_string(&mut text)?;
+            Ok(text)
+        })?;
         Ok(SysctlValue::normalise(&text))
     }
 
@@ -152,11 +220,14 @@ impl SysctlFs {
             *left -= 1;
         }
         // One write(2) of the whole value: the kernel parses a sysctl per write call.
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .truncate(true)
-            .open(self.root.join(path))?;
-        f.write_all(format!("{value}\n").as_bytes())
+        let line = format!("{value}\n");
+        self.with_deadline(self.root.join(path), move |file| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(file)?
+                .write_all(line.as_bytes())
+        })
     }
 
     /// Writes `value` and reads it back; Err says what went wrong.
@@ -803,6 +874,48 @@ mod tests {
         assert_eq!(restored, vec!["net.core.somaxconn".to_string()]);
         assert_eq!(fs.read("net/core/somaxconn").unwrap(), "4096");
         assert!(on_disk(&state).keys.is_empty());
+    }
+
+    #[test]
+    fn a_key_that_blocks_times_out_and_holds_one_thread_not_a_pile() {
+        let (dir, fs) = tree(&[("vm/ok", "1")]);
+        let fifo = dir.path().join("sys/vm/stuck");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.unwrap().success(), "mkfifo");
+        let first = fs.read("vm/stuck").unwrap_err();
+        assert_eq!(first.kind(), std::io::ErrorKind::TimedOut, "{first}");
+        assert!(
+            first.to_string().contains("blocked for more than"),
+            "{first}"
+        );
+        // The first open is still waiting: the next read and write are refused, not queued.
+        let again = fs.read("vm/stuck").unwrap_err();
+        assert!(again.to_string().contains("has not returned"), "{again}");
+        let write = fs.write("vm/stuck", "2").unwrap_err();
+        assert!(write.to_string().contains("has not returned"), "{write}");
+        assert_eq!(fs.read("vm/ok").unwrap(), "1", "other keys still answer");
+        // Release the stuck open (a writer that closes at once: EOF); the key is usable again.
+        drop(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&fifo)
+                .unwrap(),
+        );
+        std::fs::remove_file(&fifo).unwrap();
+        std::fs::write(&fifo, "3").unwrap();
+        let back = (0..200).find_map(|_| match fs.read("vm/stuck") {
+            Ok(v) => Some(v),
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(10));
+                None
+            }
+        });
+        assert_eq!(
+            back.as_deref(),
+            Some("3"),
+            "released once the stuck call returned"
+        );
     }
 
     #[test]

@@ -663,7 +663,15 @@ pub async fn run(
                 .unwrap_or_default(),
             None => config.node_labels.clone(),
         };
-        let outcome = reconciler.reconcile(&config, &labels);
+        // The pass reads and writes files (each bounded by `apply::KEY_IO_DEADLINE`, so a pass
+        // still takes seconds when keys block): on the blocking pool, never on an async worker,
+        // where it would stall every task queued there (/healthz, DNS, the census) with it.
+        let (back, outcome, config, labels) = tokio::task::spawn_blocking(move || {
+            let outcome = reconciler.reconcile(&config, &labels);
+            (reconciler, outcome, config, labels)
+        })
+        .await?;
+        reconciler = back;
         let events = reconciler.take_events();
         if let Some(n) = &node {
             for (reason, kind, message) in &events {
@@ -703,9 +711,18 @@ pub async fn run(
                 health.set(CAPABILITY, HealthState::Degraded, e.to_string());
             }
         }
-        if let Some(p) = &pods {
-            reconciler.reconcile_pods(&config, &labels, &p.store.state(), &p.host);
-        }
+        let (reconciler_back, config) = match &pods {
+            Some(p) => {
+                let (state, host) = (p.store.state(), p.host.clone());
+                tokio::task::spawn_blocking(move || {
+                    reconciler.reconcile_pods(&config, &labels, &state, &host);
+                    (reconciler, config)
+                })
+                .await?
+            }
+            None => (reconciler, config),
+        };
+        reconciler = reconciler_back;
         let interval = config.interval.get();
         last_config = Some(config);
         let pods_changed = async {

@@ -163,3 +163,20 @@ pub fn request(id: &str) -> nodekeeper::pb::DrainRequest {
         ..Default::default()
     }
 }
+
+/// Every event of a Drain stream (sent with the test token) until the stream ends.
+pub async fn drain_all(
+    client: &mut nodekeeper::pb::node_agent_client::NodeAgentClient<tonic::transport::Channel>,
+    req: nodekeeper::pb::DrainRequest,
+) -> Vec<nodekeeper::pb::DrainEvent> {
+    let mut stream = client
+        .drain(crate::bearer(req))
+        .await
+        .expect("Drain accepted")
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(e) = stream.message().await.expect("stream ok") {
+        events.push(e);
+    }
+    events
+}

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use nodekeeper::pb::{self, DrainPhase, drain_event::Event, node_agent_client::NodeAgentClient};
-use nodekeeper_tests::drain_scenario::{self, NODE, Scenario, request};
+use nodekeeper_tests::drain_scenario::{self, NODE, Scenario, drain_all, request};
 use nodekeeper_tests::fake_api::{FakeApi, PodSeed};
 use nodekeeper_tests::{Agent, bearer, wait_for};
 use tonic::transport::Channel;
@@ -33,23 +33,6 @@ async fn client(agent: &Agent) -> NodeAgentClient<Channel> {
     NodeAgentClient::connect(agent.grpc_url())
         .await
         .expect("connect")
-}
-
-/// Every event until the stream ends.
-async fn drain_all(
-    client: &mut NodeAgentClient<Channel>,
-    req: pb::DrainRequest,
-) -> Vec<pb::DrainEvent> {
-    let mut stream = client
-        .drain(bearer(req))
-        .await
-        .expect("Drain accepted")
-        .into_inner();
-    let mut events = Vec::new();
-    while let Some(e) = stream.message().await.expect("stream ok") {
-        events.push(e);
-    }
-    events
 }
 
 /// Index of each pod's first Evicting and its Deleted event.

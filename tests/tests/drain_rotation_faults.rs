@@ -9,11 +9,10 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
-use nodekeeper::pb::{self, drain_event::Event, node_agent_client::NodeAgentClient};
-use nodekeeper_tests::drain_scenario::{self, NODE, request};
+use nodekeeper::pb::{drain_event::Event, node_agent_client::NodeAgentClient};
+use nodekeeper_tests::Agent;
+use nodekeeper_tests::drain_scenario::{self, NODE, drain_all, request};
 use nodekeeper_tests::fake_api::{FakeApi, Fault, FaultKind};
-use nodekeeper_tests::{Agent, bearer};
-use tonic::transport::Channel;
 
 const FAST: &str = "metrics:\n  enabled: false\ndrain:\n  retryInitial: 100ms\n  retryMax: 500ms\n  deletionPoll: 200ms\n  concurrency: 8\n";
 
@@ -21,22 +20,6 @@ async fn within<T>(secs: u64, f: impl Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(secs), f)
         .await
         .expect("test step timed out")
-}
-
-async fn drain_all(
-    client: &mut NodeAgentClient<Channel>,
-    req: pb::DrainRequest,
-) -> Vec<pb::DrainEvent> {
-    let mut stream = client
-        .drain(bearer(req))
-        .await
-        .expect("Drain accepted")
-        .into_inner();
-    let mut events = Vec::new();
-    while let Some(e) = stream.message().await.expect("stream ok") {
-        events.push(e);
-    }
-    events
 }
 
 /// `n` times the same fault on `method path`, for plain requests or watches only.

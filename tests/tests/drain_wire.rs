@@ -7,7 +7,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use nodekeeper::pb::{self, drain_event::Event, node_agent_client::NodeAgentClient};
-use nodekeeper_tests::drain_scenario::{NODE, Scenario, request};
+use nodekeeper_tests::drain_scenario::{NODE, Scenario, drain_all, request};
 use nodekeeper_tests::fake_api::{FakeApi, Fault, FaultKind, PodSeed};
 use nodekeeper_tests::{Agent, bearer};
 use serde_json::{Value, json};
@@ -44,22 +44,6 @@ async fn client(agent: &Agent) -> NodeAgentClient<Channel> {
     NodeAgentClient::connect(agent.grpc_url())
         .await
         .expect("connect")
-}
-
-async fn drain_all(
-    client: &mut NodeAgentClient<Channel>,
-    req: pb::DrainRequest,
-) -> Vec<pb::DrainEvent> {
-    let mut stream = client
-        .drain(bearer(req))
-        .await
-        .expect("Drain accepted")
-        .into_inner();
-    let mut events = Vec::new();
-    while let Some(e) = stream.message().await.expect("stream ok") {
-        events.push(e);
-    }
-    events
 }
 
 fn uid(api: &FakeApi, ns: &str, name: &str) -> String {

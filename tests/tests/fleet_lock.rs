@@ -102,16 +102,7 @@ async fn client(agent: &Agent) -> NodeAgentClient<Channel> {
 
 /// Every event of a drain until its stream ends.
 async fn drain_all(mut client: NodeAgentClient<Channel>, id: &str) -> Vec<pb::DrainEvent> {
-    let mut stream = client
-        .drain(nodekeeper_tests::bearer(request(id)))
-        .await
-        .expect("Drain accepted")
-        .into_inner();
-    let mut events = Vec::new();
-    while let Some(e) = stream.message().await.expect("stream ok") {
-        events.push(e);
-    }
-    events
+    nodekeeper_tests::drain_scenario::drain_all(&mut client, request(id)).await
 }
 
 fn at(e: &pb::DrainEvent) -> SystemTime {

@@ -101,15 +101,7 @@ pub fn find(proc: &Path, ours: &[SocketAddr]) -> std::io::Result<Vec<Stranger>> 
         };
         let mut comm = None;
         for fd in fds.flatten() {
-            let Ok(target) = std::fs::read_link(fd.path()) else {
-                continue;
-            };
-            let Some(inode) = target
-                .to_str()
-                .and_then(|t| t.strip_prefix("socket:["))
-                .and_then(|t| t.strip_suffix(']'))
-                .and_then(|t| t.parse::<u64>().ok())
-            else {
+            let Some(inode) = crate::metrics::connections::socket_inode(&fd.path()) else {
                 continue;
             };
             let Some(&(addr, protocol)) = wanted.get(&inode) else {

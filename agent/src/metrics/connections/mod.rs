@@ -410,18 +410,24 @@ pub fn socket_inodes(proc_root: &Path, pids: &[u32]) -> HashSet<u64> {
             continue;
         };
         for fd in fds.flatten() {
-            if let Ok(target) = std::fs::read_link(fd.path())
-                && let Some(inode) = target
-                    .to_str()
-                    .and_then(|t| t.strip_prefix("socket:["))
-                    .and_then(|t| t.strip_suffix(']'))
-                    .and_then(|t| t.parse().ok())
-            {
+            if let Some(inode) = socket_inode(&fd.path()) {
                 out.insert(inode);
             }
         }
     }
     out
+}
+
+/// The socket inode an fd link (`<proc>/PID/fd/N -> socket:[N]`) points at; None for any
+/// other file or a link gone since.
+pub fn socket_inode(fd_link: &Path) -> Option<u64> {
+    std::fs::read_link(fd_link)
+        .ok()?
+        .to_str()?
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]

@@ -380,6 +380,7 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
             config.host_paths.proc.clone(),
             dns_config.listen_addrs(),
             crate::dns::strangers::StrangerMetrics::register(&mut registry),
+            kube.clone().map(|client| (client, node_name.clone())),
             dns_config.node.check_interval.get(),
             supervisor.token().child_token(),
         ));

@@ -668,6 +668,18 @@ fn a_stranger_joining_the_dns_reuseport_group_is_reported_as_root() {
         return;
     }
     let _netns = Netns::enter_fresh("dns-stranger");
+    let api = nodekeeper_tests::fake_api::FakeApi::start();
+    api.add_node("node-a", &[]);
+    api.add_service("kube-system", "kube-dns", Some("10.96.0.10"));
+    let api_dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api_dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let stranger_events = || {
+        api.events()
+            .into_iter()
+            .filter(|e| e["reason"] == "DNSForeignSocket")
+            .collect::<Vec<_>>()
+    };
     let zone = Unbound::serving(&[example_zone()]);
     let listen = free_dns_addr();
     let up = Upstreams {
@@ -676,7 +688,10 @@ fn a_stranger_joining_the_dns_reuseport_group_is_reported_as_root() {
     };
     let config = agent_dns_config(listen, &up, "", "")
         .replace("rules: none}", "rules: none, checkInterval: 1s}");
-    let agent = Agent::builder().config(&config).start();
+    let agent = Agent::builder()
+        .config(&config)
+        .connected(&kubeconfig, "node-a")
+        .start();
     let foreign = || sample(&agent.metrics_text(), "nodekeeper_dns_foreign_sockets", &[]);
     wait_for(
         Duration::from_secs(10),
@@ -696,6 +711,7 @@ fn a_stranger_joining_the_dns_reuseport_group_is_reported_as_root() {
             .count() as f64
     };
     assert_eq!(ss_strangers(), 0.0);
+    assert!(stranger_events().is_empty(), "no stranger, no Event");
 
     let dir = tempfile::tempdir().unwrap();
     let script = format!(
@@ -725,6 +741,26 @@ fn a_stranger_joining_the_dns_reuseport_group_is_reported_as_root() {
             .contains(&format!("pid {}", stranger.pid()))
             .then_some(())
     });
+    // One Warning Event on the Node naming the process, for the operator who never reads logs.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while stranger_events().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let Some(event) = stranger_events().into_iter().next() else {
+        panic!(
+            "no DNSForeignSocket Event; events: {:?}\nagent log:\n{}",
+            api.events(),
+            agent.proc.log_text()
+        );
+    };
+    assert_eq!(event["type"], "Warning", "{event}");
+    assert_eq!(event["involvedObject"]["name"], "node-a", "{event}");
+    let message = event["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&format!("pid {}", stranger.pid()))
+            && message.contains(&listen.to_string()),
+        "the Event names the stranger and the address: {event}"
+    );
     drop(stranger);
     wait_for(Duration::from_secs(15), "the stranger gone", || {
         (foreign() == Some(0.0)).then_some(())

@@ -145,12 +145,17 @@ impl StrangerMetrics {
     }
 }
 
-/// Checks every `interval` until `token`; logs a warning whenever the set of strangers changes
-/// to a non-empty one.
+/// Reason of the Warning Event recorded on the Node when a stranger joins the DNS group.
+pub const REASON_FOREIGN_SOCKET: &str = "DNSForeignSocket";
+
+/// Checks every `interval` until `token`; whenever the set of strangers changes to a non-empty
+/// one, logs a warning and, with `events` (the API client and this Node's name), records a
+/// `DNSForeignSocket` Warning Event: an operator looking at the Node sees who takes its queries.
 pub async fn watch(
     proc: std::path::PathBuf,
     ours: Vec<SocketAddr>,
     metrics: StrangerMetrics,
+    events: Option<(kube::Client, String)>,
     interval: Duration,
     token: CancellationToken,
 ) {
@@ -179,6 +184,14 @@ pub async fn watch(
                 .map(|s| format!("{} {} pid {} ({})", s.protocol, s.addr, s.pid, s.comm))
                 .collect();
             tracing::warn!(strangers = ?who, "dns: another process is bound to the cache's address and port (SO_REUSEPORT): it receives a share of pods' queries");
+            if let Some((client, node)) = &events {
+                let message = format!(
+                    "another process is bound to the DNS cache's address and port and receives a share of pods' queries: {}",
+                    who.join(", ")
+                );
+                crate::kube::node_event(client, node, REASON_FOREIGN_SOCKET, "Warning", &message)
+                    .await;
+            }
         }
         last = strangers;
     }

@@ -44,7 +44,48 @@ pub fn agent_bin() -> PathBuf {
         "{} is missing: run `cargo build -p nodekeeper` first (or set NODEKEEPER_BIN)",
         bin.display()
     );
+    // `cargo test -p nodekeeper-tests` does not rebuild another package's binary: a test would
+    // silently run yesterday's agent (docs/decisions.md 14). Refuse a binary older than its sources.
+    let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
+    let root = workspace_root();
+    let sources = [
+        root.join("agent"),
+        root.join("proto"),
+        root.join("Cargo.lock"),
+    ];
+    if let (Some(built), Some((newest, path))) = (built, newest_source(&sources)) {
+        assert!(
+            newest <= built,
+            "{} is older than {}: run `cargo build -p nodekeeper` first (or set NODEKEEPER_BIN)",
+            bin.display(),
+            path.display()
+        );
+    }
     bin
+}
+
+/// The most recently modified file under `paths` (files or directories; `target` skipped).
+fn newest_source(paths: &[PathBuf]) -> Option<(std::time::SystemTime, PathBuf)> {
+    let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
+    let mut stack: Vec<PathBuf> = paths.to_vec();
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if meta.is_dir() {
+            if p.file_name().is_some_and(|n| n == "target") {
+                continue;
+            }
+            if let Ok(entries) = std::fs::read_dir(&p) {
+                stack.extend(entries.flatten().map(|e| e.path()));
+            }
+        } else if let Ok(modified) = meta.modified()
+            && newest.as_ref().is_none_or(|(t, _)| modified > *t)
+        {
+            newest = Some((modified, p));
+        }
+    }
+    newest
 }
 
 /// True when `tool` is on PATH. Missing: skip (false) locally, panic in CI.
@@ -509,4 +550,35 @@ pub fn require_python_modules(modules: &[&str]) -> bool {
         eprintln!("SKIP: Python modules {modules:?} are not installed");
     }
     ok
+}
+
+#[cfg(test)]
+mod agent_bin_tests {
+    use super::newest_source;
+
+    #[test]
+    fn the_newest_source_is_found_and_target_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("src/old.rs");
+        let new = dir.path().join("src/deep/new.rs");
+        let built = dir.path().join("target/debug/nodekeeper");
+        for p in [&old, &new, &built] {
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, "x").unwrap();
+        }
+        let t = |secs| std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        let set = |p: &std::path::Path, secs| {
+            std::fs::File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(t(secs))
+                .unwrap()
+        };
+        set(&old, 1_000);
+        set(&new, 2_000);
+        set(&built, 3_000);
+        let (when, path) = newest_source(&[dir.path().to_path_buf()]).unwrap();
+        assert_eq!((when, path), (t(2_000), new));
+    }
 }

@@ -14,8 +14,9 @@ use std::process::{Command, Stdio};
 use nodekeeper::disks::prepare::{HostAccess, Reclaimed, prepare_once, reclaim};
 use nodekeeper::disks::{DisksConfig, PrepareMode};
 use nodekeeper::host::HostPaths;
+use nodekeeper_tests::fake_api::FakeApi;
 use nodekeeper_tests::loopdev::LoopDevice;
-use nodekeeper_tests::{agent_bin, require_root, require_tool};
+use nodekeeper_tests::{Agent, agent_bin, require_root, require_tool, wait_for};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -729,4 +730,142 @@ fn root_block_mode_reclaim_zeroes_every_byte_and_never_a_mounted_or_unidentified
     );
     assert_eq!(sha256(&dev), before, "a mounted disk was wiped");
     sh(&format!("umount {}", m.display()));
+}
+
+// === one disk failing never stops the others ===
+
+/// A 4 MiB tmpfs under the test's temp dir: a sparse backing file on it reads as zeros (a blank
+/// candidate), but the loop driver's writes past 4 MiB fail with ENOSPC, so mkfs on the loop
+/// gets a real I/O error ("Input/output error while writing out and closing file system").
+/// Unmounted (lazily) on drop, after the loops on it are detached.
+struct SmallTmpfs(PathBuf);
+
+impl SmallTmpfs {
+    fn mount(at: &Path) -> SmallTmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        sh(&format!(
+            "mount -t tmpfs -o size=4m nk-test-full {}",
+            at.display()
+        ));
+        SmallTmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn loop_number(dev: &LoopDevice) -> u32 {
+    dev.name.trim_start_matches("loop").parse().unwrap_or(0)
+}
+
+const NODE: &str = "node-a";
+
+#[test]
+fn root_one_disk_failing_with_io_errors_never_stops_the_other_from_being_prepared_and_published() {
+    if !can_run() {
+        return;
+    }
+    let a = Attack::new();
+    let full = SmallTmpfs::mount(&a.dir.path().join("full"));
+    let failing_img = full.0.join("failing.img");
+    let mut failing = LoopDevice::attach(&failing_img, LOOP_BYTES);
+    let mut healthy = a.attach();
+    // The failing disk goes first in the pass (disks are prepared in kernel-name order), so a
+    // failure that stopped the pass would leave the healthy one unprepared.
+    if loop_number(&failing) > loop_number(&healthy) {
+        let (first, second) = (healthy.name.clone(), failing.name.clone());
+        drop(failing);
+        drop(healthy);
+        failing = LoopDevice::attach_as(&failing_img, &first);
+        healthy = LoopDevice::attach_as(&a.disk, &second);
+    }
+    let blank = sha256(&healthy);
+    assert_eq!(sha256(&failing), blank, "both start blank");
+    let api = FakeApi::start();
+    api.add_node(NODE, &[]);
+    let kubeconfig = a.dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let mnt = a.dir.path().join("mnt");
+    let config = format!(
+        "metrics:\n  enabled: false\ndisks:\n  enabled: true\n  interval: 1s\n  devices: [{}, {}]\n  modelPatterns: []\n  minSizeBytes: 1048576\n  discoveryDir: {}\n  hostMountNamespace: false\n",
+        failing.name,
+        healthy.name,
+        mnt.display()
+    );
+    let agent = Agent::builder()
+        .config(&config)
+        .connected(&kubeconfig, NODE)
+        .state_dir(&a.dir.path().join("state"))
+        .start();
+    let pv_of = |d: &LoopDevice| format!("nk-{NODE}-{}", d.name);
+    wait_for(
+        std::time::Duration::from_secs(60),
+        "the healthy disk's PV",
+        || api.pv(&pv_of(&healthy)),
+    );
+    let event = wait_for(
+        std::time::Duration::from_secs(30),
+        "a LocalDiskPrepareFailed Event for the failing disk",
+        || {
+            api.events()
+                .into_iter()
+                .find(|e| e["reason"] == "LocalDiskPrepareFailed")
+        },
+    );
+    let message = event["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&failing.name) && message.contains("tool_failed"),
+        "{event:#}"
+    );
+    assert_eq!(event["type"], "Warning", "{event:#}");
+    let metrics = agent.metrics_text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("nodekeeper_disks_errors_total{reason=\"tool_failed\"} ")),
+        "{metrics}"
+    );
+    // The failed disk holds what mkfs managed to write before the I/O errors: later passes
+    // call it has-data and never write it again (its bytes are stable), and never publish it.
+    let after_failure = sha256(&failing);
+    assert_ne!(after_failure, blank, "mkfs wrote part of it before failing");
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    assert_eq!(
+        sha256(&failing),
+        after_failure,
+        "the failed disk was written again"
+    );
+    assert!(
+        api.pv(&pv_of(&failing)).is_none(),
+        "the failed disk was published"
+    );
+    assert_eq!(
+        api.events()
+            .iter()
+            .filter(|e| e["reason"] == "LocalDiskPrepareFailed")
+            .count(),
+        1,
+        "one Event per disk and reason"
+    );
+    // The healthy disk carries exactly our filesystem: the label and UUID owned.json records.
+    let owned: Value = serde_json::from_str(
+        &std::fs::read_to_string(a.dir.path().join("state/disks/owned.json")).unwrap(),
+    )
+    .unwrap();
+    let rec = &owned["disks"][&healthy.name];
+    assert_eq!(rec["prepared"], true, "{owned:#}");
+    let on_disk = sh(&format!(
+        "blkid -p -s LABEL -s UUID -o export {}",
+        healthy.path.display()
+    ));
+    assert!(
+        on_disk.contains(&format!("LABEL={}", rec["label"].as_str().unwrap()))
+            && on_disk.contains(&format!("UUID={}", rec["uuid"].as_str().unwrap())),
+        "{on_disk} vs {rec:#}"
+    );
+    assert_ne!(sha256(&healthy), blank, "the healthy disk was formatted");
+    drop(agent);
 }

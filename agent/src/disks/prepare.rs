@@ -42,7 +42,8 @@ pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MDADM_TIMEOUT: Duration = Duration::from_secs(120);
 /// wipefs erases a few signature bytes; zeroing 2 MiB per MiB-setting is fast even on HDDs.
 pub const WIPE_TIMEOUT: Duration = Duration::from_secs(120);
-/// Lost-disk reports kept for the publisher's Events; older ones are dropped (bounded).
+/// Lost-disk (and failed-disk) reports kept for the publisher's Events; older ones are dropped
+/// (bounded).
 const MAX_LOST_REPORTS: usize = 64;
 /// The RAID0 array's state key and mount directory name.
 pub const RAID_KEY: &str = "md-nodekeeper";
@@ -165,6 +166,18 @@ pub struct LostDisk {
     pub message: String,
 }
 
+/// A disk (or the array) this pass could not prepare: the pass went on with the others; the
+/// publisher turns each into a `LocalDiskPrepareFailed` Warning Event on the Node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskFailure {
+    pub key: String,
+    pub name: String,
+    /// `PrepareError::reason`: the `reason` label of `nodekeeper_disks_errors_total`.
+    pub reason: &'static str,
+    pub message: String,
+}
+
 /// One disk's outcome, for `disks prepare` output and logs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -186,6 +199,21 @@ pub struct PrepareReport {
     pub lost: Vec<LostDisk>,
     /// (disk key, error) for disks that could not be prepared this pass.
     pub errors: Vec<(String, String)>,
+    /// The same failures with their reason label, for metrics and Events.
+    pub failures: Vec<DiskFailure>,
+}
+
+impl PrepareReport {
+    /// Records a disk that could not be prepared; the pass goes on with the others.
+    fn fail(&mut self, key: &str, name: &str, e: &PrepareError) {
+        self.errors.push((key.to_string(), e.to_string()));
+        self.failures.push(DiskFailure {
+            key: key.to_string(),
+            name: name.to_string(),
+            reason: e.reason(),
+            message: e.to_string(),
+        });
+    }
 }
 
 impl PrepareReport {
@@ -757,8 +785,8 @@ pub fn prepare(
             let action = match prepare_one(cfg, host, store, c, &mut report) {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::error!(disk = %c.disk.name, error = %e, "preparing the disk failed");
-                    report.errors.push((c.key.clone(), e.to_string()));
+                    tracing::error!(disk = %c.disk.name, error = %e, "preparing the disk failed; the pass goes on with the other disks");
+                    report.fail(&c.key, &c.disk.name, &e);
                     format!("failed: {}", e.reason())
                 }
             };
@@ -1011,7 +1039,7 @@ fn prepare_raid0(
             && rec.mode != PrepareMode::Raid0
         {
             let e = mode_switch_refused(PrepareMode::Raid0, &c.key, rec.mode);
-            report.errors.push((c.key.clone(), e.to_string()));
+            report.fail(&c.key, &c.disk.name, &e);
         }
     }
     let result = raid0_inner(cfg, host, store, classified, report);
@@ -1019,7 +1047,7 @@ fn prepare_raid0(
         Ok(a) => a.clone(),
         Err(e) => {
             tracing::error!(error = %e, "raid0 preparation failed");
-            report.errors.push((RAID_KEY.into(), e.to_string()));
+            report.fail(RAID_KEY, RAID_KEY, e);
             format!("failed: {}", e.reason())
         }
     };
@@ -1524,8 +1552,8 @@ impl DisksMetrics {
             }
         }
         self.lost.inc_by(report.lost.len() as u64);
-        for _ in &report.errors {
-            self.errors.get_or_create(&vec![("reason", "disk")]).inc();
+        for f in &report.failures {
+            self.errors.get_or_create(&vec![("reason", f.reason)]).inc();
         }
     }
 }
@@ -1544,6 +1572,10 @@ pub struct DisksStatus {
     pub lost: Vec<LostDisk>,
     /// Lost reports ever made: the publisher emits Events for entries past the count it saw.
     pub lost_total: u64,
+    /// Recent disks that could not be prepared (bounded), oldest first, for Events.
+    pub failures: Vec<DiskFailure>,
+    /// Failure reports ever made (as `lost_total`).
+    pub failures_total: u64,
     pub error: String,
 }
 
@@ -1609,6 +1641,10 @@ pub async fn run(
                 st.lost.extend(report.lost.iter().cloned());
                 let excess = st.lost.len().saturating_sub(MAX_LOST_REPORTS);
                 st.lost.drain(..excess);
+                st.failures_total += report.failures.len() as u64;
+                st.failures.extend(report.failures.iter().cloned());
+                let excess = st.failures.len().saturating_sub(MAX_LOST_REPORTS);
+                st.failures.drain(..excess);
                 st.error = report
                     .errors
                     .iter()

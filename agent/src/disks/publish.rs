@@ -422,6 +422,7 @@ impl Publisher {
         let mut published = Published::load(&self.state_dir)?;
         let mut warned: HashSet<String> = HashSet::new();
         let mut lost_seen = 0u64;
+        let mut failures_seen = 0u64;
         tokio::select! {
             _ = token.cancelled() => return Ok(()),
             r = self.node_info.wait_for(Option::is_some) => { r?; }
@@ -433,7 +434,8 @@ impl Publisher {
                 _ = token.cancelled() => return Ok(()),
                 _ = tick.tick() => {}
             }
-            if let Err(e) = self.pass(&mut published, &mut warned, &mut lost_seen).await {
+            let seen = (&mut lost_seen, &mut failures_seen);
+            if let Err(e) = self.pass(&mut published, &mut warned, seen).await {
                 tracing::warn!(error = %e, "publishing local PVs failed; retrying next pass");
             }
         }
@@ -443,7 +445,7 @@ impl Publisher {
         &self,
         published: &mut Published,
         warned: &mut HashSet<String>,
-        lost_seen: &mut u64,
+        (lost_seen, failures_seen): (&mut u64, &mut u64),
     ) -> Result<(), String> {
         let node_uid = self
             .node_info
@@ -451,7 +453,7 @@ impl Publisher {
             .as_ref()
             .map(|i| i.uid.clone())
             .unwrap_or_default();
-        let (prepared, lost, lost_total, passes) = {
+        let (prepared, lost, lost_total, passes, failures, failures_total) = {
             let st = self.status.read().expect("not poisoned");
             (
                 st.prepared
@@ -461,6 +463,8 @@ impl Publisher {
                 st.lost.clone(),
                 st.lost_total,
                 st.passes,
+                st.failures.clone(),
+                st.failures_total,
             )
         };
         if passes == 0 {
@@ -480,6 +484,28 @@ impl Publisher {
                 .await;
             }
             *lost_seen = lost_total;
+        }
+        // A disk that could not be prepared is reported, once per disk and reason (a disk
+        // failing the same way every pass is one Event, not one per interval); the other
+        // disks were prepared and are published below.
+        if failures_total > *failures_seen {
+            let new = (failures_total - *failures_seen) as usize;
+            for f in failures.iter().rev().take(new).rev() {
+                if warned.insert(format!("prepare-failed {} {}", f.key, f.reason)) {
+                    crate::kube::node_event(
+                        &self.client,
+                        &self.node,
+                        "LocalDiskPrepareFailed",
+                        "Warning",
+                        &format!(
+                            "disk {} ({}) could not be prepared ({}): {}; it is not published, the node's other disks are",
+                            f.key, f.name, f.reason, f.message
+                        ),
+                    )
+                    .await;
+                }
+            }
+            *failures_seen = failures_total;
         }
         // Owed wipes first: nothing is published over old data. One that fails stays owed and
         // the pass goes on (its disk is not published meanwhile); one whose disk is no longer

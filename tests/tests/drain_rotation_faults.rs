@@ -1,7 +1,8 @@
 //! The 60-pod rotation drain (tests/src/drain_scenario.rs) against a fake API server that
 //! behaves like a busy, real one (issue #16): PDB status written by a lagging disruption
 //! controller, pods that take their grace period to go, and injected faults on every kind of
-//! call (429 with Retry-After, 503, 504, dropped watches, 410 Gone). The fake's own audit, taken
+//! call (429 with Retry-After, 503, 504, an API server restart mid-drain whose watch resumes drop
+//! and then meet 410 Gone). The fake's own audit, taken
 //! from the pods after every write, must show no budget ever below its minimum, and the drain
 //! must complete with every pod but the DaemonSet and mirror pods gone.
 
@@ -12,7 +13,7 @@ use std::time::Duration;
 use nodekeeper::pb::{drain_event::Event, node_agent_client::NodeAgentClient};
 use nodekeeper_tests::Agent;
 use nodekeeper_tests::drain_scenario::{self, NODE, drain_all, request};
-use nodekeeper_tests::fake_api::{FakeApi, Fault, FaultKind};
+use nodekeeper_tests::fake_api::{FakeApi, Fault, FaultKind, RecordedRequest};
 
 const FAST: &str = "metrics:\n  enabled: false\ndrain:\n  retryInitial: 100ms\n  retryMax: 500ms\n  deletionPoll: 200ms\n  concurrency: 8\n";
 
@@ -36,6 +37,59 @@ fn statuses(api: &FakeApi, method: &str, path: &str, watch: bool) -> Vec<u16> {
         })
         .map(|r| r.status)
         .collect()
+}
+
+/// The `resourceVersion` parameter of a raw query.
+fn resource_version(query: &str) -> Option<&str> {
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("resourceVersion="))
+}
+
+/// Pods admitted for eviction when the fake restarts the pod watches: by then evictions are
+/// paced by the budgets, so the whole watch recovery falls inside the drain.
+const ADMITTED_BEFORE_RESTART: usize = 12;
+
+/// Waits until the drain is well under way (`ADMITTED_BEFORE_RESTART` pods admitted for
+/// eviction, one of node-a's pods still Terminating), then restarts the fake's pod watches as an
+/// API server restart does: the agent's watch, opened at its start and good for the watcher's
+/// 290 s, ends; the next two resumes drop after 300 ms, the third meets a 410 "too old resource
+/// version", and the watcher's relist LIST meets a 503. Returns how many pods were on node-a.
+///
+/// Faults armed at the test's start never reached the pod watch: they match new requests only,
+/// and the agent's one watch outlived the drain.
+async fn restart_pod_watches_mid_drain(api: &FakeApi) -> usize {
+    loop {
+        let admitted = api
+            .requests()
+            .iter()
+            .filter(|r| r.method == "POST" && r.path.ends_with("/eviction") && r.status == 201)
+            .count();
+        let terminating = api.pods().iter().any(|p| {
+            p["spec"]["nodeName"] == NODE && p["metadata"]["deletionTimestamp"].is_string()
+        });
+        if admitted >= ADMITTED_BEFORE_RESTART && terminating {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let on_node = api.pods_on(NODE).len();
+    inject(
+        api,
+        "GET",
+        "/api/v1/pods",
+        true,
+        FaultKind::DropWatchAfter(Duration::from_millis(300)),
+        2,
+    );
+    inject(api, "GET", "/api/v1/pods", true, FaultKind::Expired, 1);
+    api.inject(
+        Fault::on("GET", "/api/v1/pods", FaultKind::Unavailable)
+            .watch(false)
+            .query("limit="),
+    );
+    api.end_watches("/api/v1/pods");
+    on_node
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -114,20 +168,16 @@ async fn the_60_pod_rotation_through_faults_breaks_no_budget_and_leaves_no_pod()
         1,
     );
     inject(api, "PATCH", "/api/v1/nodes/node-a", false, throttle(), 1);
-    // The pod LIST and the node's pod watch: a 503 on the LIST, watches that drop after a
-    // second, and one 410 Gone on a watch resuming from an old resourceVersion.
+    // The drain's own pod LIST.
     inject(api, "GET", "/api/v1/pods", false, FaultKind::Unavailable, 1);
-    inject(
-        api,
-        "GET",
-        "/api/v1/pods",
-        true,
-        FaultKind::DropWatchAfter(Duration::from_secs(1)),
-        3,
-    );
-    inject(api, "GET", "/api/v1/pods", true, FaultKind::Expired, 1);
 
-    let events = within(170, drain_all(&mut c, request("rot-faults"))).await;
+    let (events, on_node_at_restart) = within(170, async {
+        tokio::join!(
+            drain_all(&mut c, request("rot-faults")),
+            restart_pod_watches_mid_drain(api)
+        )
+    })
+    .await;
     let last = events.last().expect("events");
     let Some(Event::Completed(status)) = &last.event else {
         panic!("drain did not complete: {last:?}")
@@ -183,11 +233,66 @@ async fn the_60_pod_rotation_through_faults_breaks_no_budget_and_leaves_no_pod()
             "PATCH node: no {code} in {patches:?}"
         );
     }
-    // Not asserted: whether the pod watch reached the armed 410. On merged main the watcher's
-    // reconnects after the drops can all fall after the drain's end (open in #16);
-    // no test asserts the agent through a 410 on its pod watch until that is fixed.
-    let watch = statuses(api, "GET", "/api/v1/pods", true);
-    eprintln!("pod watch statuses: {watch:?}");
+    // The agent's pod watch went through the restart: two resumes dropped, the third met the
+    // 410, and the watcher relisted (its first LIST 503ed) and watched again, all before the
+    // drain's last eviction.
+    assert!(
+        on_node_at_restart > drain_scenario::expected_remaining().len(),
+        "the restart came after the drain"
+    );
+    let log = api.requests();
+    let is_pod_watch =
+        |r: &RecordedRequest| r.path == "/api/v1/pods" && r.query.contains("watch=true");
+    let is_relist = |r: &RecordedRequest| {
+        r.path == "/api/v1/pods" && !r.query.contains("watch=true") && r.query.contains("limit=")
+    };
+    let expired = log
+        .iter()
+        .position(|r| is_pod_watch(r) && r.watch_error == Some(410))
+        .expect("no pod watch met the 410");
+    let resumes: Vec<&RecordedRequest> =
+        log[..=expired].iter().filter(|r| is_pod_watch(r)).collect();
+    assert_eq!(
+        resumes.len(),
+        4,
+        "the first watch and three resumes: {resumes:?}"
+    );
+    for r in &resumes[1..] {
+        let rv = resource_version(&r.query);
+        assert!(
+            rv.is_some_and(|v| v != "0"),
+            "a resume from the last seen version: {}",
+            r.query
+        );
+    }
+    let after: Vec<&RecordedRequest> = log[expired + 1..]
+        .iter()
+        .filter(|r| is_pod_watch(r) || is_relist(r))
+        .collect();
+    let relisted: Vec<(bool, u16)> = after
+        .iter()
+        .take(3)
+        .map(|r| (is_relist(r), r.status))
+        .collect();
+    assert_eq!(
+        relisted,
+        [(true, 503), (true, 200), (false, 200)],
+        "after the 410: LIST (503), LIST, watch: {after:?}"
+    );
+    let relist_at = expired
+        + 1
+        + log[expired + 1..]
+            .iter()
+            .position(|r| is_relist(r) && r.status == 200)
+            .expect("relist");
+    let last_eviction = log
+        .iter()
+        .rposition(|r| r.method == "POST" && r.path.ends_with("/eviction") && r.status == 201)
+        .expect("evictions");
+    assert!(
+        relist_at < last_eviction,
+        "the relist came after the drain's last eviction"
+    );
 
     // Each pod was admitted for eviction exactly once (a fault answers before the store).
     let mut admitted: HashMap<String, usize> = HashMap::new();

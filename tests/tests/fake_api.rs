@@ -13,8 +13,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, EvictParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use nodekeeper_tests::fake_api::{
-    Budget, FakeApi, FieldSelector, FieldValidation, LabelSelector, PdbLimit, PodSeed, Res,
-    UnhealthyPolicy, json_patch, merge_patch, scaled,
+    Budget, FakeApi, Fault, FaultKind, FieldSelector, FieldValidation, LabelSelector, PdbLimit,
+    PodSeed, Res, UnhealthyPolicy, json_patch, merge_patch, scaled,
 };
 use nodekeeper_tests::{http_get, require_tool, wait_for};
 use serde_json::{Value, json};
@@ -492,6 +492,98 @@ async fn kube_watcher_on_one_node_sees_its_label_change() {
         watch.query
     );
     assert!(watch.query.contains("resourceVersion="), "{}", watch.query);
+}
+
+/// Node names a watcher applies during its (re)list until `InitDone`, each error as `error: ..`.
+async fn until_init_done(
+    stream: &mut futures::stream::BoxStream<'static, watcher::Result<watcher::Event<Node>>>,
+) -> Vec<String> {
+    use futures::StreamExt;
+    let mut seen = Vec::new();
+    loop {
+        match stream.next().await.expect("stream open") {
+            Ok(watcher::Event::InitApply(n)) => seen.push(n.metadata.name.unwrap_or_default()),
+            Ok(watcher::Event::InitDone) => break seen,
+            Ok(_) => {}
+            Err(err) => seen.push(format!("error: {err}")),
+        }
+    }
+}
+
+/// An API server restart ends open watches (only those named); a resume from a version the
+/// server no longer has is answered as a real one does, 200 and an `ERROR` 410 event, on which
+/// kube-rs's watcher relists (an HTTP 410 would only make it retry the same version).
+#[tokio::test(flavor = "multi_thread")]
+async fn kube_watcher_relists_after_a_restart_resumes_into_410() {
+    use futures::StreamExt;
+    let e = basic();
+    let nodes: Api<Node> = Api::all(e.client().await);
+    let cfg = watcher::Config::default().fields("metadata.name=node-a");
+    let mut stream = watcher(nodes, cfg).boxed();
+    assert_eq!(
+        within("initial list", until_init_done(&mut stream)).await,
+        ["node-a"]
+    );
+    let next_apply = async |stream: &mut futures::stream::BoxStream<'static, _>| loop {
+        if let Ok(watcher::Event::Apply(_)) = stream.next().await.expect("stream open") {
+            break;
+        }
+    };
+    // A change arrives once the watch is open.
+    e.api.label_node("node-a", "step", Some("1"));
+    within("first change", next_apply(&mut stream)).await;
+
+    // Ending the pod watches leaves the node watch open: the change arrives on it.
+    e.api.end_watches("/api/v1/pods");
+    e.api.label_node("node-a", "step", Some("2"));
+    within("change on the same watch", next_apply(&mut stream)).await;
+    let watches = |e: &Env| -> Vec<_> {
+        e.api
+            .requests()
+            .into_iter()
+            .filter(|r| r.query.contains("watch=true"))
+            .collect()
+    };
+    assert_eq!(watches(&e).len(), 1, "the node watch was ended");
+
+    // A restart of the node watches, whose resume meets a too-old version: relist.
+    e.api
+        .inject(Fault::on("GET", "/api/v1/nodes", FaultKind::Expired).watch(true));
+    e.api.end_watches("/api/v1/nodes");
+    let relisted = within("relist after 410", until_init_done(&mut stream)).await;
+    assert!(
+        relisted
+            .first()
+            .is_some_and(|s| s.contains("410") || s.contains("too old")),
+        "the 410 reached the watcher as an error first: {relisted:?}"
+    );
+    assert_eq!(&relisted[1..], ["node-a"]);
+
+    let log = e.api.requests();
+    let expired = log
+        .iter()
+        .position(|r| r.watch_error == Some(410))
+        .expect("a watch answered with an ERROR 410 event");
+    assert_eq!(
+        log[expired].status, 200,
+        "a watch's 410 is an event, not a status"
+    );
+    let rv = log[expired]
+        .query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("resourceVersion="));
+    assert!(
+        rv.is_some_and(|v| v != "0"),
+        "the 410 answered a resume: {}",
+        log[expired].query
+    );
+    assert!(
+        log[expired + 1..].iter().any(|r| r.path == "/api/v1/nodes"
+            && !r.query.contains("watch=true")
+            && r.status == 200),
+        "no LIST after the 410: {:?}",
+        &log[expired..]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

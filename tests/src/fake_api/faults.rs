@@ -147,7 +147,8 @@ pub enum FaultKind {
     Delay(Duration),
     /// A watch stream ends after this long (as when an apiserver restarts).
     DropWatchAfter(Duration),
-    /// 410 `Expired` "too old resource version", as after etcd compaction.
+    /// 410 `Expired` "too old resource version", as after etcd compaction. A plain request gets
+    /// an HTTP 410; a watch gets 200 and one `ERROR` event carrying it, as on a real server.
     Expired,
     /// No answer at all until `FakeApi::release_held` (an API server that accepts connections
     /// and hangs); then the request is served normally. `FakeApi::held_total` counts them.
@@ -226,6 +227,11 @@ pub fn take(
     Some(f.kind.clone())
 }
 
+/// 410 `Expired`, as after etcd compaction (on a watch: the body of its `ERROR` event).
+pub fn expired() -> ApiError {
+    ApiError::new(410, "Expired", "too old resource version: 1 (2)")
+}
+
 /// The error a status fault answers with, and its Retry-After seconds, if any.
 pub fn error_of(kind: &FaultKind) -> Option<(ApiError, Option<u32>)> {
     Some(match kind {
@@ -269,10 +275,7 @@ pub fn error_of(kind: &FaultKind) -> Option<(ApiError, Option<u32>)> {
             reason,
             message,
         } => (ApiError::new(*code, reason, message.clone()), None),
-        FaultKind::Expired => (
-            ApiError::new(410, "Expired", "too old resource version: 1 (2)"),
-            None,
-        ),
+        FaultKind::Expired => (expired(), None),
         FaultKind::Delay(_) | FaultKind::DropWatchAfter(_) | FaultKind::Hold => return None,
     })
 }

@@ -115,6 +115,10 @@ async fn handle(AxState(store): AxState<Arc<Store>>, req: Request) -> Response {
             drop_watch_after = Some(*d);
             None
         }
+        // A real API server answers a watch from a too-old resourceVersion with 200 and one
+        // ERROR event (the watch cache's errWatcher), never with an HTTP 410: clients relist on
+        // the event, while an HTTP error at watch start only makes them retry the same version.
+        Some(FaultKind::Expired) if is_watch => Some(expired_watch()),
         Some(kind) => faults::error_of(kind).map(|(e, retry_after)| {
             let mut r = error_response(&e);
             if let Some(s) = retry_after
@@ -139,12 +143,14 @@ async fn handle(AxState(store): AxState<Arc<Store>>, req: Request) -> Response {
             },
         )
     });
+    let watch_error = (is_watch && fault == Some(FaultKind::Expired)).then_some(410);
     store.lock().requests.push(RecordedRequest {
         method: method.to_string(),
         path,
         query,
         status: resp.status().as_u16(),
         body: String::from_utf8_lossy(&body).into_owned(),
+        watch_error,
     });
     resp
 }
@@ -270,7 +276,7 @@ fn route(store: &Arc<Store>, call: &Call) -> Response {
     let mut warnings: Vec<String> = Vec::new();
     let result = match (method.as_str(), t.name, t.sub) {
         ("GET", None, None) if matches!(q.get("watch").map(String::as_str), Some("true" | "1")) => {
-            return watch(store, &t, &q, call.drop_watch_after);
+            return watch(store, &t, &q, call.path, call.drop_watch_after);
         }
         ("GET", None, None) => list(&store.lock(), &t, &q).map(|(items, rv)| {
             if table::wants_table(accept) {
@@ -543,6 +549,19 @@ fn delete(
     Ok(st.remove(t.res, ns, name).unwrap_or(cur))
 }
 
+/// A watch stream holding only an `ERROR` event with the 410 `Expired` Status, then its end.
+fn expired_watch() -> Response {
+    let status = faults::expired().status();
+    let mut line =
+        serde_json::to_vec(&json!({"type": "ERROR", "object": status})).unwrap_or_default();
+    line.push(b'\n');
+    Response::builder()
+        .status(200)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(line))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
 /// One open watch.
 struct Cursor {
     store: Arc<Store>,
@@ -556,6 +575,9 @@ struct Cursor {
     deadline: Instant,
     bookmarks: bool,
     rx: tokio::sync::watch::Receiver<u64>,
+    /// The request path, matched against `FakeApi::end_watches`.
+    path: String,
+    ends: tokio::sync::broadcast::Receiver<String>,
 }
 
 impl Cursor {
@@ -602,8 +624,26 @@ impl Cursor {
             "metadata": {"resourceVersion": self.last_rv.to_string(), "annotations": annotations}}})
     }
 
+    /// Whether `FakeApi::end_watches` named this watch (a lagging receiver ends too: it may
+    /// have missed its name).
+    fn ended(&mut self) -> bool {
+        use tokio::sync::broadcast::error::TryRecvError;
+        loop {
+            match self.ends.try_recv() {
+                Ok(p) if self.path.contains(&p) => return true,
+                Ok(_) => {}
+                Err(TryRecvError::Empty | TryRecvError::Closed) => return false,
+                Err(TryRecvError::Lagged(_)) => return true,
+            }
+        }
+    }
+
     async fn next_line(mut self) -> Option<(Result<Bytes, Infallible>, Self)> {
         loop {
+            // Ended as by an API server restart: queued events are lost with the connection.
+            if self.ended() {
+                return None;
+            }
             if let Some(ev) = self.queue.pop_front() {
                 let mut line = serde_json::to_vec(&ev).unwrap_or_default();
                 line.push(b'\n');
@@ -624,6 +664,13 @@ impl Cursor {
                         return None;
                     }
                 }
+                end = self.ends.recv() => {
+                    use tokio::sync::broadcast::error::RecvError;
+                    match end {
+                        Ok(p) if !self.path.contains(&p) => {}
+                        Ok(_) | Err(RecvError::Lagged(_) | RecvError::Closed) => return None,
+                    }
+                }
                 _ = tokio::time::sleep_until(wake) => {
                     if self.bookmarks && Instant::now() < self.deadline {
                         let b = self.bookmark(json!({}));
@@ -639,6 +686,7 @@ fn watch(
     store: &Arc<Store>,
     t: &Target,
     q: &HashMap<String, String>,
+    path: &str,
     drop_after: Option<Duration>,
 ) -> Response {
     let (labels, fields) = match selectors(t.res, q) {
@@ -666,6 +714,8 @@ fn watch(
                 .min(Duration::from_secs(timeout)),
         bookmarks: q.get("allowWatchBookmarks").is_some_and(|v| v == "true"),
         rx: store.subscribe(),
+        path: path.to_string(),
+        ends: store.watch_ends.subscribe(),
     };
     {
         let st = store.lock();

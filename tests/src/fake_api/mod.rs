@@ -754,6 +754,13 @@ impl FakeApi {
             .push(fault);
     }
 
+    /// Ends every open watch whose path contains `path`, as an API server restart does: the
+    /// clients resume from their last resourceVersion (arm `FaultKind::Expired` first to have
+    /// that resume answered "too old resource version").
+    pub fn end_watches(&self, path: &str) {
+        let _ = self.store.watch_ends.send(path.to_string());
+    }
+
     /// Lets every request held by a `Hold` fault (and any later one) be served.
     pub fn release_held(&self) {
         self.store.released.send_replace(true);

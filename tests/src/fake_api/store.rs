@@ -114,6 +114,9 @@ pub struct RecordedRequest {
     pub status: u16,
     /// The request body as sent (lossy UTF-8), empty for none.
     pub body: String,
+    /// A watch answered 200 whose stream carried an `ERROR` event: that event's code (410 for
+    /// an injected `Expired`, as a real API server answers a too-old resourceVersion).
+    pub watch_error: Option<u16>,
 }
 
 /// A PodDisruptionBudget's health at one moment.
@@ -341,6 +344,8 @@ pub struct Store {
     pub held_total: std::sync::atomic::AtomicUsize,
     /// `true` once held requests may go on.
     pub released: tokio::sync::watch::Sender<bool>,
+    /// Path substrings whose open watches must end now (`FakeApi::end_watches`).
+    pub watch_ends: tokio::sync::broadcast::Sender<String>,
 }
 
 impl Store {
@@ -358,6 +363,7 @@ impl Store {
             faults: Mutex::new(Vec::new()),
             held_total: std::sync::atomic::AtomicUsize::new(0),
             released: tokio::sync::watch::channel(false).0,
+            watch_ends: tokio::sync::broadcast::channel(16).0,
         })
     }
 

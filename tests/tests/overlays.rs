@@ -342,3 +342,42 @@ fn eks_keeps_the_agent_off_fargate_and_gke_on_linux() {
     );
     assert!(gke.pod_spec().get("affinity").is_none());
 }
+
+/// Issue #19: the disks capability these overlays enable opens raw block devices (behind the
+/// device cgroup of any unprivileged container) and mounts in the host's mount namespace, so
+/// the agent is privileged here, and only here; the API would refuse the base's
+/// allowPrivilegeEscalation: false next to privileged. The guard stays as in the base.
+#[test]
+fn overlays_with_disks_make_only_the_agent_privileged() {
+    if !have_tools(&[]) {
+        return;
+    }
+    for overlay in OVERLAYS {
+        let r = rendered(overlay);
+        let effective = effective_config(&r);
+        assert_eq!(effective["disks"]["enabled"], true, "{overlay}");
+        let sc = &r.container()["securityContext"];
+        assert_eq!(sc["privileged"], true, "{overlay}: {sc}");
+        assert!(
+            sc.get("allowPrivilegeEscalation").is_none(),
+            "{overlay}: the API refuses privileged with allowPrivilegeEscalation: {sc}"
+        );
+        assert!(
+            sc.get("capabilities").is_none(),
+            "{overlay}: privileged grants every capability; a list would mislead: {sc}"
+        );
+        assert_eq!(sc["readOnlyRootFilesystem"], true, "{overlay}");
+        let guard = r.pod_spec()["containers"]
+            .as_array()
+            .expect("containers")
+            .iter()
+            .find(|c| c["name"] == "dns-guard")
+            .expect("dns-guard");
+        assert_eq!(guard["securityContext"]["privileged"], false, "{overlay}");
+        assert_eq!(
+            guard["securityContext"]["capabilities"]["drop"],
+            json!(["ALL"]),
+            "{overlay}"
+        );
+    }
+}

@@ -174,6 +174,13 @@ struct AgentArgs {
     /// Name to verify the agent's certificate against instead of the dialled host; implies TLS.
     #[arg(long, env = "NODEKEEPER_SERVER_NAME")]
     server_name: Option<String>,
+    /// The node this command is meant for: the agent refuses (exit 1) if it serves another
+    /// node. Default: the node the agent reports (GetNode) just before the call.
+    #[arg(long, value_name = "NAME")]
+    node: Option<String>,
+    /// The node's metadata.uid (with --node): refused if the node was re-created.
+    #[arg(long, value_name = "UID", requires = "node")]
+    node_uid: Option<String>,
 }
 
 impl AgentArgs {
@@ -185,7 +192,11 @@ impl AgentArgs {
             key: self.key.clone(),
             server_name: self.server_name.clone(),
         };
-        client::Client::connect_with(&self.addr, &options).await
+        let mut c = client::Client::connect_with(&self.addr, &options).await?;
+        if let Some(node) = &self.node {
+            c.expect_node(node, self.node_uid.as_deref().unwrap_or_default());
+        }
+        Ok(c)
     }
 }
 
@@ -676,6 +687,9 @@ async fn drain(a: DrainArgs) -> Result<(), ClientError> {
         skip_wait_for_delete_timeout: a
             .skip_wait_for_delete_timeout
             .and_then(|t| prost_types::Duration::try_from(t.get()).ok()),
+        // Filled in by the client: --node, else the node the agent reports.
+        node_name: String::new(),
+        node_uid: String::new(),
     };
     if a.json {
         let status = c

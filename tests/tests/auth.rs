@@ -65,6 +65,7 @@ fn write_token(dir: &Path, token: &str) -> PathBuf {
 fn cordon_request() -> tonic::Request<pb::CordonRequest> {
     tonic::Request::new(pb::CordonRequest {
         reason: "auth test".into(),
+        ..Default::default()
     })
 }
 
@@ -136,14 +137,14 @@ async fn bearer_token_guards_cordon_and_rotation_needs_no_restart() {
     std::fs::write(&new, "rotated-token\n").unwrap();
     std::fs::rename(&new, &token_file).unwrap();
     let old = within(c.uncordon(with_bearer(
-        tonic::Request::new(pb::UncordonRequest {}),
+        tonic::Request::new(pb::UncordonRequest::default()),
         TOKEN,
     )))
     .await
     .unwrap_err();
     assert_eq!(old.code(), Code::Unauthenticated, "{old:?}");
     within(c.uncordon(with_bearer(
-        tonic::Request::new(pb::UncordonRequest {}),
+        tonic::Request::new(pb::UncordonRequest::default()),
         "rotated-token",
     )))
     .await
@@ -429,7 +430,7 @@ async fn mtls_client_certificates_are_checked_for_ca_and_name() {
         .into_inner();
     assert!(node.unschedulable);
     assert!(cluster.unschedulable());
-    within(orchestrator.uncordon(pb::UncordonRequest {}))
+    within(orchestrator.uncordon(pb::UncordonRequest::default()))
         .await
         .expect("Uncordon with the allowed client certificate");
     assert!(!cluster.unschedulable());
@@ -788,7 +789,7 @@ async fn a_client_certificate_can_call_only_what_its_role_allows() {
         .unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
     assert!(denied.message().contains("cert:orchestrator"), "{denied:?}");
-    let denied = within(orchestrator.cancel_drain(pb::CancelDrainRequest { id: String::new() }))
+    let denied = within(orchestrator.cancel_drain(pb::CancelDrainRequest::default()))
         .await
         .unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
@@ -800,7 +801,7 @@ async fn a_client_certificate_can_call_only_what_its_role_allows() {
     within(intruder.get_node(pb::GetNodeRequest {}))
         .await
         .expect("GetNode with role read");
-    let denied = within(intruder.uncordon(pb::UncordonRequest {}))
+    let denied = within(intruder.uncordon(pb::UncordonRequest::default()))
         .await
         .unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
@@ -870,7 +871,7 @@ async fn the_authenticated_principal_is_recorded_in_events_annotation_and_audit_
     // The token holder is named as the token, not as anyone it claims to be.
     let mut anonymous = within(tls_client(&agent, &pki, None)).await.unwrap();
     within(anonymous.uncordon(with_bearer(
-        tonic::Request::new(pb::UncordonRequest {}),
+        tonic::Request::new(pb::UncordonRequest::default()),
         TOKEN,
     )))
     .await
@@ -913,7 +914,7 @@ async fn mutating_calls_are_rate_limited_per_principal() {
             .expect("Cordon within the burst");
     }
     let limited = within(c.uncordon(with_bearer(
-        tonic::Request::new(pb::UncordonRequest {}),
+        tonic::Request::new(pb::UncordonRequest::default()),
         TOKEN,
     )))
     .await

@@ -245,7 +245,7 @@ async fn a_second_id_is_refused_the_same_id_reattaches_and_uncordon_waits() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
-    let refused = within(10, c.uncordon(bearer(pb::UncordonRequest {})))
+    let refused = within(10, c.uncordon(bearer(pb::UncordonRequest::default())))
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
@@ -269,7 +269,7 @@ async fn a_second_id_is_refused_the_same_id_reattaches_and_uncordon_waits() {
         (status.id.as_str(), status.phase()),
         ("one", DrainPhase::Completed)
     );
-    let node = within(10, c.uncordon(bearer(pb::UncordonRequest {})))
+    let node = within(10, c.uncordon(bearer(pb::UncordonRequest::default())))
         .await
         .unwrap()
         .into_inner();
@@ -353,6 +353,7 @@ async fn cordon_and_cancel() {
         10,
         c.cordon(bearer(pb::CordonRequest {
             reason: "kernel CVE".into(),
+            ..Default::default()
         })),
     )
     .await
@@ -368,6 +369,7 @@ async fn cordon_and_cancel() {
         10,
         c.cancel_drain(bearer(pb::CancelDrainRequest {
             id: "to-cancel".into(),
+            ..Default::default()
         })),
     )
     .await
@@ -388,7 +390,10 @@ async fn cordon_and_cancel() {
     });
     let unknown = within(
         10,
-        c.cancel_drain(bearer(pb::CancelDrainRequest { id: "nope".into() })),
+        c.cancel_drain(bearer(pb::CancelDrainRequest {
+            id: "nope".into(),
+            ..Default::default()
+        })),
     )
     .await
     .unwrap_err();

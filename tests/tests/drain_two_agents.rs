@@ -100,7 +100,7 @@ async fn the_agent_not_driving_refuses_a_second_drain_and_uncordon_follows_and_f
     );
     assert!(refused.message().contains("\"rot\""), "{refused:?}");
     let refused = b
-        .uncordon(bearer(pb::UncordonRequest {}))
+        .uncordon(bearer(pb::UncordonRequest::default()))
         .await
         .expect_err("uncordon refused while the other process drains");
     assert_eq!(
@@ -129,9 +129,12 @@ async fn the_agent_not_driving_refuses_a_second_drain_and_uncordon_follows_and_f
     assert_eq!(record(&s.api)["driver"].as_str().unwrap(), driver);
 
     // CancelDrain landing on the new process reaches the driver through the Node.
-    b.cancel_drain(bearer(pb::CancelDrainRequest { id: "rot".into() }))
-        .await
-        .expect("cancel accepted");
+    b.cancel_drain(bearer(pb::CancelDrainRequest {
+        id: "rot".into(),
+        ..Default::default()
+    }))
+    .await
+    .expect("cancel accepted");
     let events_a = within(30, rest(&mut stream_a)).await;
     assert!(
         matches!(
@@ -151,7 +154,7 @@ async fn the_agent_not_driving_refuses_a_second_drain_and_uncordon_follows_and_f
     );
     assert_eq!(record(&s.api)["phase"], "cancelled");
     // Now either process may uncordon.
-    b.uncordon(bearer(pb::UncordonRequest {}))
+    b.uncordon(bearer(pb::UncordonRequest::default()))
         .await
         .expect("uncordon after the cancel");
     assert!(s.api.node(NODE).unwrap()["spec"]["unschedulable"].is_null());

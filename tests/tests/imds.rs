@@ -270,6 +270,7 @@ async fn a_notice_during_another_drain_starts_its_own_once_that_one_ends() {
         10,
         c.cancel_drain(nodekeeper_tests::bearer(pb::CancelDrainRequest {
             id: "manual".into(),
+            ..Default::default()
         })),
     )
     .await

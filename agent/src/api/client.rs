@@ -241,6 +241,9 @@ pub type AgentClient = NodeAgentClient<InterceptedService<Channel, Auth>>;
 pub struct Client {
     inner: AgentClient,
     addr: String,
+    /// The node mutating calls are bound to (`--node`, `--node-uid`); when unset, GetNode's
+    /// answer just before the call.
+    expected_node: Option<(String, String)>,
 }
 
 impl Client {
@@ -290,6 +293,7 @@ impl Client {
         Ok(Self {
             inner: NodeAgentClient::with_interceptor(channel, auth),
             addr: addr.to_string(),
+            expected_node: None,
         })
     }
 
@@ -307,17 +311,41 @@ impl Client {
         }
     }
 
+    /// Binds every mutating call to this node (and uid, when not empty): the agent refuses it
+    /// if it serves another node.
+    pub fn expect_node(&mut self, name: &str, uid: &str) {
+        self.expected_node = Some((name.to_string(), uid.to_string()));
+    }
+
+    /// The node name and uid a mutating call carries: the expected node, else the one the
+    /// agent reports right now (so a drain started and re-attached by the CLI stays on it).
+    async fn target(&mut self) -> Result<(String, String), ClientError> {
+        if let Some(t) = &self.expected_node {
+            return Ok(t.clone());
+        }
+        let node = self.get_node().await?;
+        Ok((node.node_name, node.node_uid))
+    }
+
     pub async fn cordon(&mut self, reason: &str) -> Result<pb::NodeStatus, ClientError> {
+        let (node_name, node_uid) = self.target().await?;
         let mut c = self.inner.clone();
         let req = pb::CordonRequest {
             reason: reason.to_string(),
+            node_name,
+            node_uid,
         };
         self.unary(c.cordon(req)).await
     }
 
     pub async fn uncordon(&mut self) -> Result<pb::NodeStatus, ClientError> {
+        let (node_name, node_uid) = self.target().await?;
         let mut c = self.inner.clone();
-        self.unary(c.uncordon(pb::UncordonRequest {})).await
+        let req = pb::UncordonRequest {
+            node_name,
+            node_uid,
+        };
+        self.unary(c.uncordon(req)).await
     }
 
     pub async fn get_node(&mut self) -> Result<pb::NodeStatus, ClientError> {
@@ -335,9 +363,12 @@ impl Client {
     /// unless it holds pods a real drain would refuse).
     pub async fn drain(
         &mut self,
-        req: pb::DrainRequest,
+        mut req: pb::DrainRequest,
         mut on_event: impl FnMut(&pb::DrainEvent),
     ) -> Result<pb::DrainStatus, ClientError> {
+        if req.node_name.is_empty() && req.node_uid.is_empty() {
+            (req.node_name, req.node_uid) = self.target().await?;
+        }
         let wait = req
             .timeout
             .and_then(|d| Duration::try_from(d).ok())

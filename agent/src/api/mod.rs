@@ -153,6 +153,34 @@ impl NodeAgentService {
         }
     }
 
+    /// This Node's metadata.uid: from the node watch, else (before its first event) a GET.
+    async fn node_uid(&self) -> Result<String, Status> {
+        if let Some(info) = self.node.as_ref().and_then(|n| n.borrow().clone()) {
+            return Ok(info.uid);
+        }
+        Ok(self.drain()?.node_uid().await?)
+    }
+
+    /// Refuses a node-bound request meant for another node (an orchestrator re-attaching to an
+    /// address that a new instance reused): FAILED_PRECONDITION, before anything is touched.
+    async fn check_target(&self, node_name: &str, node_uid: &str) -> Result<(), Status> {
+        let mine = &self.identity.node_name;
+        if !node_name.is_empty() && node_name != mine {
+            return Err(Status::failed_precondition(format!(
+                "node_name: this agent serves node {mine:?}, not {node_name:?}; refused (the address may now belong to another node)"
+            )));
+        }
+        if !node_uid.is_empty() {
+            let uid = self.node_uid().await?;
+            if uid != node_uid {
+                return Err(Status::failed_precondition(format!(
+                    "node_uid: node {mine:?} has uid {uid:?}, not {node_uid:?}; refused (the node was re-created)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// NodeStatus; `unschedulable` as given (just set by Cordon/Uncordon, which the watch may
     /// not have seen yet) or as the node watch last saw it.
     async fn node_status(&self, unschedulable: Option<bool>) -> Result<pb::NodeStatus, Status> {
@@ -188,6 +216,12 @@ impl NodeAgentService {
                 .map(|d| d.read().expect("not poisoned").to_pb())
                 .unwrap_or_default(),
             dns: self.dns.as_ref().map(|d| d.status()),
+            node_uid: self
+                .node
+                .as_ref()
+                .and_then(|n| n.borrow().clone())
+                .map(|i| i.uid)
+                .unwrap_or_default(),
             drain: self
                 .drain
                 .as_ref()
@@ -252,6 +286,8 @@ impl node_agent_server::NodeAgent for NodeAgentService {
         req: Request<pb::CordonRequest>,
     ) -> Result<Response<pb::NodeStatus>, Status> {
         let principal = principal_name(&req);
+        self.check_target(&req.get_ref().node_name, &req.get_ref().node_uid)
+            .await?;
         self.drain()?
             .cordon(&req.get_ref().reason, &principal)
             .await?;
@@ -262,6 +298,8 @@ impl node_agent_server::NodeAgent for NodeAgentService {
         &self,
         req: Request<pb::UncordonRequest>,
     ) -> Result<Response<pb::NodeStatus>, Status> {
+        self.check_target(&req.get_ref().node_name, &req.get_ref().node_uid)
+            .await?;
         self.drain()?.uncordon(&principal_name(&req)).await?;
         Ok(Response::new(self.node_status(Some(false)).await?))
     }
@@ -275,6 +313,7 @@ impl node_agent_server::NodeAgent for NodeAgentService {
         let controller = self.drain()?.clone();
         let principal = principal_name(&req);
         let req = req.into_inner();
+        self.check_target(&req.node_name, &req.node_uid).await?;
         let params = controller.params(&req)?.by(&principal);
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         if req.dry_run {
@@ -356,6 +395,8 @@ impl node_agent_server::NodeAgent for NodeAgentService {
         &self,
         req: Request<pb::CancelDrainRequest>,
     ) -> Result<Response<pb::DrainStatus>, Status> {
+        self.check_target(&req.get_ref().node_name, &req.get_ref().node_uid)
+            .await?;
         Ok(Response::new(
             self.drain()?.cancel(&req.get_ref().id).await?,
         ))

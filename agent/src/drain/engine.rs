@@ -253,6 +253,13 @@ impl DrainController {
         Ok(node.spec.and_then(|s| s.unschedulable).unwrap_or(false))
     }
 
+    /// This Node's metadata.uid, read from the API (node-bound requests before the node watch
+    /// has seen the Node).
+    pub async fn node_uid(&self) -> Result<String, DrainError> {
+        let node = call("GET node", || async { self.nodes().get(&self.node).await }).await?;
+        Ok(node.metadata.uid.unwrap_or_default())
+    }
+
     /// Cordons for `principal` (the authenticated caller), named in the Event.
     pub async fn cordon(&self, reason: &str, principal: &str) -> Result<(), DrainError> {
         self.set_unschedulable(true).await?;

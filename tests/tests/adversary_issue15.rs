@@ -595,7 +595,16 @@ fn adversary_fat_unfinished_http_heads_oom_kill_the_dns_guard_as_root() {
             .enable_all()
             .build()
             .unwrap();
-        rt.block_on(fat_heads(metrics, 512, 400 * 1024))
+        // Up to three waves: on a loaded machine one wave can arrive slower than the guard's
+        // 5 s head timeout frees it.
+        let mut sent = 0;
+        for _ in 0..3 {
+            sent = rt.block_on(fat_heads(metrics, 512, 400 * 1024));
+            if group.oom_kills() > 0 {
+                break;
+            }
+        }
+        sent
     };
     let peak = group.peak_bytes();
     eprintln!(

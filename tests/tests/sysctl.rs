@@ -1156,6 +1156,110 @@ fn adversary_a_daemon_started_after_a_cli_apply_keeps_the_cli_original() {
     assert_eq!(fake.get("net.core.somaxconn"), "4096");
 }
 
+/// docs/install.md's uninstall, as written there (issue #13): its sysctl revert, run after its
+/// step that stops the DaemonSet's agent, restores every key the agent applied. The doc's own
+/// command line is run, with the node debug pod's `/host` (the node's /) mapped onto a fake node
+/// whose /proc is the fake procfs and whose /var/lib/nodekeeper is the agent's state dir (the
+/// DaemonSet's `state` hostPath). Run while the agent lives, the same command is refused: the
+/// order the doc gave before.
+#[test]
+fn install_md_uninstall_reverts_every_key_the_agent_applied_once_the_daemonset_is_gone() {
+    let root = nodekeeper_tests::workspace_root();
+    let doc = std::fs::read_to_string(root.join("docs/install.md")).unwrap();
+    let uninstall = doc
+        .split("\n## Uninstall\n")
+        .nth(1)
+        .expect("docs/install.md has an Uninstall section")
+        .split("\n## ")
+        .next()
+        .unwrap();
+    // Shell lines, comments dropped, backslash continuations joined.
+    let script = uninstall
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("the Uninstall section has a sh block");
+    let commands: Vec<String> = script
+        .replace("\\\n", " ")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect();
+    let position = |what: &str| {
+        commands
+            .iter()
+            .position(|c| c.contains(what))
+            .unwrap_or_else(|| panic!("no `{what}` in the uninstall commands: {commands:#?}"))
+    };
+    assert!(
+        position("delete daemonset nodekeeper") < position("nodekeeper sysctl revert"),
+        "the revert must come after the DaemonSet is deleted: {commands:#?}"
+    );
+    assert!(
+        position("nodekeeper sysctl revert") < position("delete -k"),
+        "the revert needs the namespace (its debug pods) and comes before `delete -k`: {commands:#?}"
+    );
+    let daemonset = std::fs::read_to_string(root.join("manifests/base/daemonset.yaml")).unwrap();
+    assert!(
+        daemonset.contains(
+            "- name: state\n          hostPath:\n            path: /var/lib/nodekeeper\n"
+        ),
+        "the fake node below keeps the agent's state where the DaemonSet does"
+    );
+
+    let fake = FakeProc::new(BASE_KEYS);
+    let node = fake.dir.path();
+    let state = node.join("var/lib/nodekeeper");
+    let revert = &commands[position("nodekeeper sysctl revert")];
+    let doc_args: Vec<String> = revert
+        .split_whitespace()
+        .skip_while(|w| *w != "/usr/bin/nodekeeper")
+        .skip(1)
+        .map(|w| match w.strip_prefix("/host/") {
+            Some(on_node) => node.join(on_node).display().to_string(),
+            None => w.to_string(),
+        })
+        .collect();
+    assert_eq!(
+        doc_args.get(..2),
+        Some(&["sysctl".to_string(), "revert".to_string()][..]),
+        "{revert}"
+    );
+    let run_doc_revert = || Command::new(agent_bin()).args(&doc_args).output().unwrap();
+
+    // The DaemonSet's agent applies its profile on the node.
+    let agent = Agent::builder()
+        .config(&format!("metrics:\n  enabled: false\n{DAEMON}"))
+        .arg("--host-proc")
+        .arg(fake.proc().display().to_string())
+        .state_dir(&state)
+        .start();
+    fake.wait_value("net.core.somaxconn", "8192");
+    let o = run_doc_revert();
+    assert!(
+        !o.status.success() && out(&o).contains("held by another nodekeeper"),
+        "the agent holds the journal while it runs: {}",
+        out(&o)
+    );
+    assert_eq!(fake.get("net.core.somaxconn"), "8192");
+
+    // Step 2: the DaemonSet is deleted, the agent stops (and leaves the values as tuned).
+    let _dir = agent_stop(agent);
+    assert_eq!(fake.get("net.core.somaxconn"), "8192");
+    // Step 3: the doc's revert.
+    let o = run_doc_revert();
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(out(&o).contains("net.core.somaxconn"), "{}", out(&o));
+    for (key, original) in BASE_KEYS {
+        assert_eq!(
+            fake.get(key),
+            original.split_whitespace().collect::<Vec<_>>().join(" "),
+            "{key} back to its original"
+        );
+    }
+}
+
 /// Stops the daemon (dropping it) but keeps its temp dir for inspection.
 fn agent_stop(agent: nodekeeper_tests::Agent) -> tempfile::TempDir {
     let nodekeeper_tests::Agent { dir, .. } = agent;

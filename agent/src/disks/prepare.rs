@@ -1480,6 +1480,7 @@ pub struct DisksMetrics {
     prepared: Counter,
     lost: Counter,
     errors: Family<Vec<(&'static str, &'static str)>, Counter>,
+    wipes_refused: Family<Vec<(&'static str, &'static str)>, Counter>,
 }
 
 impl DisksMetrics {
@@ -1515,7 +1516,19 @@ impl DisksMetrics {
             "Failed preparation passes or disks, by reason",
             m.errors.clone(),
         );
+        registry.register(
+            "disks_wipes_refused",
+            "Owed wipes dropped (nothing written) because the disk is no longer provably ours, by reason",
+            m.wipes_refused.clone(),
+        );
         m
+    }
+
+    /// Counts an owed wipe that was dropped (the PV publisher's reclaim).
+    pub fn wipe_refused(&self, refused: &WipeRefused) {
+        self.wipes_refused
+            .get_or_create(&vec![("reason", refused.reason)])
+            .inc();
     }
 
     fn observe(&self, host: &HostAccess, report: &PrepareReport) {
@@ -1685,18 +1698,48 @@ pub enum Reclaimed {
     Wiped,
     /// The disk is no longer provably ours (gone, re-bound, foreign, in use): nothing was
     /// written; the owed wipe is dropped and reported, never executed.
-    NotOurs(String),
+    NotOurs(WipeRefused),
+}
+
+/// Why an owed wipe was dropped (nothing was written).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WipeRefused {
+    /// Low-cardinality label of `nodekeeper_disks_wipes_refused_total`: `not_recorded` (no
+    /// ownership record), `gone` (no disk under its key), `identity` (not provably the disk
+    /// recorded: by-id, serial, size, a re-bound name), `in_use` (mounted elsewhere,
+    /// partitioned, held), `not_ours` (the marker or the single-signature rule fails).
+    pub reason: &'static str,
+    /// What an operator reads (log, Event).
+    pub why: String,
+}
+
+impl WipeRefused {
+    fn new(reason: &'static str, why: impl Into<String>) -> Self {
+        Self {
+            reason,
+            why: why.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for WipeRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
 }
 
 /// Where a recorded disk is now, by its key only: the by-id name when it had one (kernel
 /// names move across reboots and EC2 stop/start), else the kernel name it was keyed by, which
 /// the on-disk proof must then back. Never the record's kernel name as a fallback.
-fn locate(disks: &[Disk], key: &str, rec: &OwnedDisk) -> Result<Disk, String> {
+fn locate(disks: &[Disk], key: &str, rec: &OwnedDisk) -> Result<Disk, WipeRefused> {
     let found = disks.iter().find(|d| marker::disk_key(d) == key);
+    let gone = |why: String| WipeRefused::new("gone", why);
     match (found, &rec.by_id) {
         (Some(d), _) => Ok(d.clone()),
-        (None, Some(by_id)) => Err(format!("{by_id} no longer resolves to a disk")),
-        (None, None) => Err(format!("no disk is keyed {key} now (it had no by-id link)")),
+        (None, Some(by_id)) => Err(gone(format!("{by_id} no longer resolves to a disk"))),
+        (None, None) => Err(gone(format!(
+            "no disk is keyed {key} now (it had no by-id link)"
+        ))),
     }
 }
 
@@ -1763,7 +1806,10 @@ pub fn reclaim(
     let _lock = lock_disks(state_dir, true)?;
     let mut store = OwnedStore::load(state_dir)?;
     let Some(mut rec) = store.owned.disks.get(key).cloned() else {
-        return Ok(Reclaimed::NotOurs(format!("{key} is not recorded as ours")));
+        return Ok(Reclaimed::NotOurs(WipeRefused::new(
+            "not_recorded",
+            format!("{key} is not recorded as ours"),
+        )));
     };
     let scan =
         super::discover::scan(&host.paths).map_err(|e| PrepareError::Discover(e.to_string()))?;
@@ -1787,14 +1833,19 @@ pub fn reclaim(
             );
             match c.first().map(|c| &c.decision) {
                 Some(Decision::Ours) => None,
-                Some(Decision::HasData(r)) | Some(Decision::InUse(r)) if r != "reclaim" => {
-                    Some(r.clone())
+                Some(Decision::InUse(r)) => Some(WipeRefused::new("in_use", r.clone())),
+                Some(Decision::HasData(r)) if r != "reclaim" => {
+                    Some(WipeRefused::new("not_ours", r.clone()))
                 }
-                _ => Some("its marker does not match the record".into()),
+                _ => Some(WipeRefused::new(
+                    "not_ours",
+                    "its marker does not match the record",
+                )),
             }
         };
-        if let Some(why) = refused {
-            return Ok(Reclaimed::NotOurs(format!("{} ({key}): {why}", disk.name)));
+        if let Some(r) = refused {
+            let why = format!("{} ({key}): {}", disk.name, r.why);
+            return Ok(Reclaimed::NotOurs(WipeRefused { why, ..r }));
         }
         disk
     };
@@ -1802,16 +1853,22 @@ pub fn reclaim(
     let ours_at = host.tool_mount_path(key);
     let mounts = host.mounts_of(&name);
     if let Some(other) = mounts.iter().find(|m| **m != ours_at) {
-        return Ok(Reclaimed::NotOurs(format!(
-            "{name} ({key}) is mounted at {} (not the agent's mount point)",
-            other.display()
+        return Ok(Reclaimed::NotOurs(WipeRefused::new(
+            "in_use",
+            format!(
+                "{name} ({key}) is mounted at {} (not the agent's mount point)",
+                other.display()
+            ),
         )));
     }
     if rec.mode == PrepareMode::Block {
         let mut claim = match Claim::take_owned(&host.paths, &disk, |_| Ok(())) {
             Ok(c) => c,
             Err(super::claim::ClaimError::Identity { what, .. }) => {
-                return Ok(Reclaimed::NotOurs(format!("{name} ({key}): {what}")));
+                return Ok(Reclaimed::NotOurs(WipeRefused::new(
+                    "identity",
+                    format!("{name} ({key}): {what}"),
+                )));
             }
             Err(e) => return Err(e.into()),
         };
@@ -1856,10 +1913,18 @@ pub fn reclaim(
     };
     let mut claim = match Claim::take_owned(&host.paths, &disk, prove) {
         Ok(c) => c,
-        Err(
-            e @ (super::claim::ClaimError::NotOurs { .. }
-            | super::claim::ClaimError::Identity { .. }),
-        ) => return Ok(Reclaimed::NotOurs(e.to_string())),
+        Err(e @ super::claim::ClaimError::NotOurs { .. }) => {
+            return Ok(Reclaimed::NotOurs(WipeRefused::new(
+                "not_ours",
+                e.to_string(),
+            )));
+        }
+        Err(e @ super::claim::ClaimError::Identity { .. }) => {
+            return Ok(Reclaimed::NotOurs(WipeRefused::new(
+                "identity",
+                e.to_string(),
+            )));
+        }
         Err(e) => return Err(e.into()),
     };
     let zero_bytes = if cfg.wipe_mode == WipeMode::Zero {
@@ -1906,28 +1971,32 @@ pub fn reclaim(
 /// found under it has the recorded serial and size, and nothing uses it (no partitions,
 /// holders or mounts). A block disk recorded without a by-id link (loop, some virtio disks)
 /// is never wiped by the agent.
-fn block_ownership_refused(disk: &Disk, rec: &OwnedDisk) -> Option<String> {
+fn block_ownership_refused(disk: &Disk, rec: &OwnedDisk) -> Option<WipeRefused> {
     if rec.by_id.is_none() || disk.by_id != rec.by_id {
-        return Some(
+        return Some(WipeRefused::new(
+            "identity",
             "block mode: no recorded by-id identity to prove the disk is the one published \
-             (never wiped by kernel name)"
-                .into(),
-        );
-    }
-    if disk.serial != rec.serial || disk.size_bytes != rec.size_bytes {
-        return Some(format!(
-            "block mode: serial/size {:?}/{} differ from the record {:?}/{}",
-            disk.serial, disk.size_bytes, rec.serial, rec.size_bytes
+             (never wiped by kernel name)",
         ));
     }
+    if disk.serial != rec.serial || disk.size_bytes != rec.size_bytes {
+        return Some(WipeRefused::new(
+            "identity",
+            format!(
+                "block mode: serial/size {:?}/{} differ from the record {:?}/{}",
+                disk.serial, disk.size_bytes, rec.serial, rec.size_bytes
+            ),
+        ));
+    }
+    let in_use = |why: String| Some(WipeRefused::new("in_use", why));
     if !disk.partitions.is_empty() {
-        return Some(format!("has partitions {}", disk.partitions.join(", ")));
+        return in_use(format!("has partitions {}", disk.partitions.join(", ")));
     }
     if !disk.holders.is_empty() {
-        return Some(format!("held by {}", disk.holders.join(", ")));
+        return in_use(format!("held by {}", disk.holders.join(", ")));
     }
     if let Some(m) = disk.mounts.first() {
-        return Some(format!("mounted at {m}"));
+        return in_use(format!("mounted at {m}"));
     }
     None
 }
@@ -1939,29 +2008,36 @@ fn raid_device(
     scan: &super::discover::Scan,
     store: &OwnedStore,
     rec: &OwnedDisk,
-) -> Result<Disk, String> {
+) -> Result<Disk, WipeRefused> {
     let mut members = Vec::new();
     for m in &rec.members {
         let d = scan
             .disks
             .iter()
             .find(|d| marker::disk_key(d) == *m)
-            .ok_or_else(|| format!("raid0 member {m} is gone"))?;
+            .ok_or_else(|| WipeRefused::new("gone", format!("raid0 member {m} is gone")))?;
         members.push((d.clone(), Decision::HasData("reclaim".into())));
     }
     let classified = classify(members, store);
     if let Some(c) = classified.iter().find(|c| c.decision != Decision::Ours) {
-        return Err(format!("raid0 member {} is no longer ours", c.key));
+        return Err(WipeRefused::new(
+            "not_ours",
+            format!("raid0 member {} is no longer ours", c.key),
+        ));
     }
-    let first = classified
-        .first()
-        .ok_or_else(|| format!("{RAID_KEY} is recorded with no members"))?;
-    let md = md_device(host, &first.disk.name).map_err(|e| e.to_string())?;
+    let first = classified.first().ok_or_else(|| {
+        WipeRefused::new(
+            "not_recorded",
+            format!("{RAID_KEY} is recorded with no members"),
+        )
+    })?;
+    let gone = |why: String| WipeRefused::new("gone", why);
+    let md = md_device(host, &first.disk.name).map_err(|e| gone(e.to_string()))?;
     scan.virtual_devices
         .iter()
         .find(|d| d.name == md)
         .cloned()
-        .ok_or_else(|| format!("{md} is not in sysfs"))
+        .ok_or_else(|| gone(format!("{md} is not in sysfs")))
 }
 
 impl DisksStatus {

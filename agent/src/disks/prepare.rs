@@ -510,6 +510,79 @@ mod tests {
         );
     }
 
+    /// raid0 create (#14): every member is claimed and inspected again through its fd before
+    /// anything is recorded or mdadm runs. A member written between the survey (both blank)
+    /// and the create stops it: no record, no mdadm, not a byte written to either member.
+    #[test]
+    fn raid0_claims_every_member_before_recording_or_creating() {
+        let dir = tempfile::tempdir().unwrap();
+        let member = |name: &str| {
+            let dev = dir.path().join(name);
+            std::fs::write(&dev, vec![0u8; 8 << 20]).unwrap();
+            Disk {
+                name: name.into(),
+                dev_path: dev,
+                size_bytes: 8 << 20,
+                ..Disk::default()
+            }
+        };
+        let (a, b) = (member("loop21"), member("loop22"));
+        // After the survey: someone's ext4 superblock magic on the second member.
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&b.dev_path)
+                .unwrap();
+            f.write_all_at(&0xEF53u16.to_le_bytes(), 1080).unwrap();
+        }
+        let before = (
+            std::fs::read(&a.dev_path).unwrap(),
+            std::fs::read(&b.dev_path).unwrap(),
+        );
+        let cfg = DisksConfig {
+            mode: PrepareMode::Raid0,
+            cross_check: false,
+            discovery_dir: dir.path().join("mnt"),
+            host_mount_namespace: false,
+            ..DisksConfig::default()
+        };
+        let host = HostAccess::new(&HostPaths::under(dir.path()), &cfg);
+        let state = dir.path().join("state");
+        let mut store = OwnedStore::load(&state).unwrap();
+        let decided = vec![
+            (a.clone(), Decision::Candidate),
+            (b.clone(), Decision::Candidate),
+        ];
+        let report = prepare(&cfg, &host, &mut store, decided);
+        assert!(report.prepared.is_empty(), "{report:#?}");
+        assert!(
+            report.errors.iter().any(|(k, e)| k == RAID_KEY
+                && e.contains("loop22")
+                && e.contains("no longer blank when claimed")),
+            "{report:#?}"
+        );
+        assert_eq!(report.failures[0].reason, "claim");
+        assert!(
+            !store.owned.disks.contains_key(RAID_KEY),
+            "recorded before the claims"
+        );
+        assert!(
+            !OwnedStore::load(&state)
+                .unwrap()
+                .owned
+                .disks
+                .contains_key(RAID_KEY)
+        );
+        assert_eq!(
+            (
+                std::fs::read(&a.dev_path).unwrap(),
+                std::fs::read(&b.dev_path).unwrap()
+            ),
+            before
+        );
+    }
+
     #[test]
     fn mkfs_never_discards_and_never_forces() {
         let (tool, args) = mkfs_args(FsType::Xfs, "nk-1", "u", &[], Path::new("/dev/x"));
@@ -1127,6 +1200,10 @@ fn raid0_inner(
     if candidates.is_empty() {
         return Ok("nothing-to-do".into());
     }
+    // Every member held exclusively, checked to be the disk discovery saw and inspected again
+    // through the fd before anything is recorded or written (#14): one member that is no
+    // longer blank (or busy, or re-bound) stops the create, nothing written.
+    let mut claims = claim_members(cfg, host, &candidates)?;
     let label = marker::label_for(RAID_KEY);
     let uuid = marker::new_uuid().map_err(io_err(Path::new("/dev/urandom")))?;
     let mut rec = OwnedDisk {
@@ -1145,10 +1222,13 @@ fn raid0_inner(
     };
     store.owned.disks.insert(RAID_KEY.into(), rec.clone());
     store.persist()?;
-    let devs: Vec<PathBuf> = candidates
-        .iter()
-        .map(|c| host.tool_dev(&c.disk.name))
-        .collect();
+    // mdadm gets each member as `/proc/self/fd/N` of the claim's plain fd (never a name that
+    // could be re-bound), and the exclusive opens are released right before it runs: mdadm
+    // and the md driver claim the members exclusively themselves (EBUSY otherwise).
+    let devs: Vec<PathBuf> = claims.iter().map(Claim::tool_path).collect();
+    for c in &mut claims {
+        c.release_exclusive();
+    }
     let mut args = vec![
         "--create".to_string(),
         format!("/dev/md/{}", marker::MD_NAME),
@@ -1170,6 +1250,9 @@ fn raid0_inner(
         )
     })?;
     let first = &candidates[0].disk;
+    // The array holds exactly the devices we claimed (the plain fds kept every name bound).
+    let md = md_device(host, &first.name)?;
+    check_array_members(host, &md, &claims)?;
     let md_uuid = match marker::read_marker(&first.dev_path) {
         Ok(OnDisk::MdMember { array_uuid, .. }) => array_uuid,
         other => {
@@ -1182,7 +1265,8 @@ fn raid0_inner(
     rec.md_uuid = Some(md_uuid.clone());
     store.owned.disks.insert(RAID_KEY.into(), rec.clone());
     store.persist()?;
-    let md = md_device(host, &first.name)?;
+    // The array exists and the md driver holds its members: the claims have done their job.
+    drop(claims);
     format_and_mount(cfg, host, &md, RAID_KEY, &label, &uuid)?;
     rec.name = md.clone();
     rec.size_bytes = host.size_of(&md);
@@ -1194,6 +1278,42 @@ fn raid0_inner(
         .prepared
         .push(raid_entry(host, &rec, &md, &candidates, true));
     Ok("created".into())
+}
+
+/// Claims every raid0 member (`Claim::take`: `O_EXCL`, identity, re-inspection through the
+/// fd), all before the create; the first refusal is the pass's raid0 error.
+fn claim_members(
+    cfg: &DisksConfig,
+    host: &HostAccess,
+    members: &[&Classified],
+) -> Result<Vec<Claim>, PrepareError> {
+    let opts = inspect::Options {
+        cross_check: cfg.cross_check,
+    };
+    members
+        .iter()
+        .map(|c| Claim::take(&host.paths, &c.disk, opts).map_err(PrepareError::from))
+        .collect()
+}
+
+/// The md device's members (`<sys>/block/<md>/slaves/*/dev`) are exactly the claimed devices.
+fn check_array_members(host: &HostAccess, md: &str, claims: &[Claim]) -> Result<(), PrepareError> {
+    let dir = host.paths.sys(&format!("block/{md}/slaves"));
+    let mut slaves: Vec<String> = std::fs::read_dir(&dir)
+        .map_err(io_err(&dir))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read_to_string(e.path().join("dev")).ok())
+        .map(|s| s.trim().to_string())
+        .collect();
+    let mut claimed: Vec<String> = claims.iter().filter_map(Claim::device_number).collect();
+    slaves.sort();
+    claimed.sort();
+    if slaves != claimed {
+        return Err(PrepareError::Raid(format!(
+            "after mdadm --create, {md} holds {slaves:?}, not the claimed members {claimed:?}"
+        )));
+    }
+    Ok(())
 }
 
 /// The md device stacked on a member (`md127`).

@@ -290,7 +290,7 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
             cfg: config.disks.clone(),
             paths: config.host_paths.clone(),
             state_dir: config.state_dir.clone(),
-            metrics,
+            metrics: metrics.clone(),
             status: status.clone(),
             disk_ops: disk_ops.clone(),
         };
@@ -310,6 +310,7 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
                 state_dir: config.state_dir.clone(),
                 status: status.clone(),
                 disk_ops,
+                metrics,
             };
             let h = health.clone();
             supervisor.spawn("disks-publisher", move |token| async move {

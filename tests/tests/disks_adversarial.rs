@@ -618,7 +618,7 @@ fn root_a_reclaim_recorded_under_a_kernel_name_now_bound_to_another_disk_never_w
     let (cfg, host) = host_for(&a, &name, None, PrepareMode::Filesystem);
     let out = reclaim(&cfg, &host, &a.dir.path().join("state"), &name).expect("reclaim");
     assert!(
-        matches!(&out, Reclaimed::NotOurs(why) if why.contains("marker")),
+        matches!(&out, Reclaimed::NotOurs(r) if r.why.contains("marker") && r.reason == "not_ours"),
         "{out:?}"
     );
     assert_eq!(sha256(&victim), before, "the other disk was wiped");
@@ -654,7 +654,7 @@ fn root_a_reclaim_of_an_owned_disk_that_now_holds_foreign_data_is_dropped() {
     let (cfg, host) = host_for(&a, &dev.name, None, PrepareMode::Filesystem);
     let out = reclaim(&cfg, &host, &a.dir.path().join("state"), &dev.name).expect("reclaim");
     assert!(
-        matches!(&out, Reclaimed::NotOurs(why) if why.contains("md")),
+        matches!(&out, Reclaimed::NotOurs(r) if r.why.contains("md") && r.reason == "not_ours"),
         "{out:?}"
     );
     assert_eq!(sha256(&dev), before, "a disk holding data was wiped");
@@ -679,7 +679,7 @@ fn root_block_mode_reclaim_zeroes_every_byte_and_never_a_mounted_or_unidentified
     let before = sha256(&dev);
     let out = reclaim(&cfg, &host, &state, &dev.name).expect("reclaim");
     assert!(
-        matches!(&out, Reclaimed::NotOurs(why) if why.contains("by-id")),
+        matches!(&out, Reclaimed::NotOurs(r) if r.why.contains("by-id") && r.reason == "identity"),
         "{out:?}"
     );
     assert_eq!(sha256(&dev), before);
@@ -725,7 +725,7 @@ fn root_block_mode_reclaim_zeroes_every_byte_and_never_a_mounted_or_unidentified
     let before = sha256(&dev);
     let out = reclaim(&cfg, &host, &state, &key).expect("reclaim");
     assert!(
-        matches!(&out, Reclaimed::NotOurs(why) if why.contains("mounted")),
+        matches!(&out, Reclaimed::NotOurs(r) if r.why.contains("mounted") && r.reason == "in_use"),
         "{out:?}"
     );
     assert_eq!(sha256(&dev), before, "a mounted disk was wiped");

@@ -62,8 +62,13 @@ impl Scene {
     }
 
     fn agent(&self) -> Agent {
+        self.agent_with("")
+    }
+
+    /// The agent with `extra` lines appended to the `disks:` section.
+    fn agent_with(&self, extra: &str) -> Agent {
         Agent::builder()
-            .config(&self.config())
+            .config(&format!("{}{extra}", self.config()))
             .connected(&self.kubeconfig, NODE)
             .state_dir(&self.dir.path().join("state"))
             .start()
@@ -296,5 +301,99 @@ fn pvs_of_an_earlier_incarnation_or_a_vanished_disk_are_deleted_if_free_and_flag
             .iter()
             .any(|w| w.contains("nk-gone-bound") && w.contains("is gone")),
         "{warnings:?}"
+    );
+}
+
+/// sha256 of every byte of the loop (its page cache dropped first).
+fn sha256(dev: &LoopDevice) -> String {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "blockdev --flushbufs {0} && sha256sum {0}",
+            dev.path.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Block mode on a loop (no by-id link, so no identity that can prove the disk is the one
+/// published): the Released PV's owed wipe is dropped, not executed; counted in
+/// `nodekeeper_disks_wipes_refused_total{reason="identity"}` (promtool-clean), reported once
+/// as a `LocalDiskWipeRefused` Event; the PV is deleted and never published again over the
+/// tenant's bytes, which stay as they were.
+#[test]
+fn a_dropped_wipe_is_counted_by_reason_reported_and_never_executed_as_root() {
+    if !can_run() || !require_tool("promtool") {
+        return;
+    }
+    let s = Scene::new();
+    let agent = s.agent_with("  mode: block\n");
+    let first = s.wait_pv("block PV published", |pv| {
+        pv["spec"]["volumeMode"] == "Block"
+    });
+    let status = std::process::Command::new("dd")
+        .args([
+            "if=/dev/urandom",
+            "bs=1M",
+            "count=4",
+            "seek=8",
+            "conv=notrunc",
+            "status=none",
+        ])
+        .arg(format!("of={}", s.disk.path.display()))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let before = sha256(&s.disk);
+    s.api
+        .set_pv_phase(&s.pv_name(), "Released", Some(("shop", "data-0")));
+    let event = wait_for(Duration::from_secs(20), "LocalDiskWipeRefused", || {
+        s.api
+            .events()
+            .into_iter()
+            .find(|e| e["reason"] == "LocalDiskWipeRefused")
+    });
+    let message = event["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&s.disk.name) && message.contains("(identity)"),
+        "{event:#}"
+    );
+    wait_for(Duration::from_secs(20), "the Released PV deleted", || {
+        s.api
+            .pv(&s.pv_name())
+            .is_none_or(|pv| pv["metadata"]["uid"] != first["metadata"]["uid"])
+            .then_some(())
+    });
+    let text = wait_for(Duration::from_secs(10), "the refusal counted", || {
+        let text = agent.metrics_text();
+        text.lines()
+            .any(|l| l.starts_with("nodekeeper_disks_wipes_refused_total{reason=\"identity\"} "))
+            .then_some(text)
+    });
+    assert!(
+        !text.contains("nodekeeper_disks_wipes_refused_total{reason=\"not_ours\"}"),
+        "{text}"
+    );
+    nodekeeper_tests::assert_promtool_clean(&text);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        s.api.pv(&s.pv_name()).is_none(),
+        "published again without a wipe"
+    );
+    assert_eq!(sha256(&s.disk), before, "the dropped wipe wrote the disk");
+    assert_eq!(
+        s.api
+            .events()
+            .iter()
+            .filter(|e| e["reason"] == "LocalDiskWipeRefused")
+            .count(),
+        1,
+        "one Event per disk and reason"
     );
 }

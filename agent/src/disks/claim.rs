@@ -133,6 +133,16 @@ impl Claim {
         PathBuf::from(format!("/proc/self/fd/{}", self.keep.as_raw_fd()))
     }
 
+    /// `major:minor` of the claimed device (as sysfs writes it), from the plain fd.
+    pub fn device_number(&self) -> Option<String> {
+        let rdev = self.keep.metadata().ok()?.rdev();
+        Some(format!(
+            "{}:{}",
+            nix::sys::stat::major(rdev),
+            nix::sys::stat::minor(rdev)
+        ))
+    }
+
     /// The exclusive fd (writable when taken with `take_owned`), until `release_exclusive`.
     pub fn exclusive_file(&self) -> Option<&File> {
         self.exclusive.as_ref()

@@ -510,6 +510,79 @@ mod tests {
         );
     }
 
+    /// raid0 create (#14): every member is claimed and inspected again through its fd before
+    /// anything is recorded or mdadm runs. A member written between the survey (both blank)
+    /// and the create stops it: no record, no mdadm, not a byte written to either member.
+    #[test]
+    fn raid0_claims_every_member_before_recording_or_creating() {
+        let dir = tempfile::tempdir().unwrap();
+        let member = |name: &str| {
+            let dev = dir.path().join(name);
+            std::fs::write(&dev, vec![0u8; 8 << 20]).unwrap();
+            Disk {
+                name: name.into(),
+                dev_path: dev,
+                size_bytes: 8 << 20,
+                ..Disk::default()
+            }
+        };
+        let (a, b) = (member("loop21"), member("loop22"));
+        // After the survey: someone's ext4 superblock magic on the second member.
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&b.dev_path)
+                .unwrap();
+            f.write_all_at(&0xEF53u16.to_le_bytes(), 1080).unwrap();
+        }
+        let before = (
+            std::fs::read(&a.dev_path).unwrap(),
+            std::fs::read(&b.dev_path).unwrap(),
+        );
+        let cfg = DisksConfig {
+            mode: PrepareMode::Raid0,
+            cross_check: false,
+            discovery_dir: dir.path().join("mnt"),
+            host_mount_namespace: false,
+            ..DisksConfig::default()
+        };
+        let host = HostAccess::new(&HostPaths::under(dir.path()), &cfg);
+        let state = dir.path().join("state");
+        let mut store = OwnedStore::load(&state).unwrap();
+        let decided = vec![
+            (a.clone(), Decision::Candidate),
+            (b.clone(), Decision::Candidate),
+        ];
+        let report = prepare(&cfg, &host, &mut store, decided);
+        assert!(report.prepared.is_empty(), "{report:#?}");
+        assert!(
+            report.errors.iter().any(|(k, e)| k == RAID_KEY
+                && e.contains("loop22")
+                && e.contains("no longer blank when claimed")),
+            "{report:#?}"
+        );
+        assert_eq!(report.failures[0].reason, "claim");
+        assert!(
+            !store.owned.disks.contains_key(RAID_KEY),
+            "recorded before the claims"
+        );
+        assert!(
+            !OwnedStore::load(&state)
+                .unwrap()
+                .owned
+                .disks
+                .contains_key(RAID_KEY)
+        );
+        assert_eq!(
+            (
+                std::fs::read(&a.dev_path).unwrap(),
+                std::fs::read(&b.dev_path).unwrap()
+            ),
+            before
+        );
+    }
+
     #[test]
     fn mkfs_never_discards_and_never_forces() {
         let (tool, args) = mkfs_args(FsType::Xfs, "nk-1", "u", &[], Path::new("/dev/x"));
@@ -1127,6 +1200,10 @@ fn raid0_inner(
     if candidates.is_empty() {
         return Ok("nothing-to-do".into());
     }
+    // Every member held exclusively, checked to be the disk discovery saw and inspected again
+    // through the fd before anything is recorded or written (#14): one member that is no
+    // longer blank (or busy, or re-bound) stops the create, nothing written.
+    let mut claims = claim_members(cfg, host, &candidates)?;
     let label = marker::label_for(RAID_KEY);
     let uuid = marker::new_uuid().map_err(io_err(Path::new("/dev/urandom")))?;
     let mut rec = OwnedDisk {
@@ -1145,10 +1222,13 @@ fn raid0_inner(
     };
     store.owned.disks.insert(RAID_KEY.into(), rec.clone());
     store.persist()?;
-    let devs: Vec<PathBuf> = candidates
-        .iter()
-        .map(|c| host.tool_dev(&c.disk.name))
-        .collect();
+    // mdadm gets each member as `/proc/self/fd/N` of the claim's plain fd (never a name that
+    // could be re-bound), and the exclusive opens are released right before it runs: mdadm
+    // and the md driver claim the members exclusively themselves (EBUSY otherwise).
+    let devs: Vec<PathBuf> = claims.iter().map(Claim::tool_path).collect();
+    for c in &mut claims {
+        c.release_exclusive();
+    }
     let mut args = vec![
         "--create".to_string(),
         format!("/dev/md/{}", marker::MD_NAME),
@@ -1170,6 +1250,9 @@ fn raid0_inner(
         )
     })?;
     let first = &candidates[0].disk;
+    // The array holds exactly the devices we claimed (the plain fds kept every name bound).
+    let md = md_device(host, &first.name)?;
+    check_array_members(host, &md, &claims)?;
     let md_uuid = match marker::read_marker(&first.dev_path) {
         Ok(OnDisk::MdMember { array_uuid, .. }) => array_uuid,
         other => {
@@ -1182,7 +1265,8 @@ fn raid0_inner(
     rec.md_uuid = Some(md_uuid.clone());
     store.owned.disks.insert(RAID_KEY.into(), rec.clone());
     store.persist()?;
-    let md = md_device(host, &first.name)?;
+    // The array exists and the md driver holds its members: the claims have done their job.
+    drop(claims);
     format_and_mount(cfg, host, &md, RAID_KEY, &label, &uuid)?;
     rec.name = md.clone();
     rec.size_bytes = host.size_of(&md);
@@ -1194,6 +1278,42 @@ fn raid0_inner(
         .prepared
         .push(raid_entry(host, &rec, &md, &candidates, true));
     Ok("created".into())
+}
+
+/// Claims every raid0 member (`Claim::take`: `O_EXCL`, identity, re-inspection through the
+/// fd), all before the create; the first refusal is the pass's raid0 error.
+fn claim_members(
+    cfg: &DisksConfig,
+    host: &HostAccess,
+    members: &[&Classified],
+) -> Result<Vec<Claim>, PrepareError> {
+    let opts = inspect::Options {
+        cross_check: cfg.cross_check,
+    };
+    members
+        .iter()
+        .map(|c| Claim::take(&host.paths, &c.disk, opts).map_err(PrepareError::from))
+        .collect()
+}
+
+/// The md device's members (`<sys>/block/<md>/slaves/*/dev`) are exactly the claimed devices.
+fn check_array_members(host: &HostAccess, md: &str, claims: &[Claim]) -> Result<(), PrepareError> {
+    let dir = host.paths.sys(&format!("block/{md}/slaves"));
+    let mut slaves: Vec<String> = std::fs::read_dir(&dir)
+        .map_err(io_err(&dir))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read_to_string(e.path().join("dev")).ok())
+        .map(|s| s.trim().to_string())
+        .collect();
+    let mut claimed: Vec<String> = claims.iter().filter_map(Claim::device_number).collect();
+    slaves.sort();
+    claimed.sort();
+    if slaves != claimed {
+        return Err(PrepareError::Raid(format!(
+            "after mdadm --create, {md} holds {slaves:?}, not the claimed members {claimed:?}"
+        )));
+    }
+    Ok(())
 }
 
 /// The md device stacked on a member (`md127`).
@@ -1480,6 +1600,7 @@ pub struct DisksMetrics {
     prepared: Counter,
     lost: Counter,
     errors: Family<Vec<(&'static str, &'static str)>, Counter>,
+    wipes_refused: Family<Vec<(&'static str, &'static str)>, Counter>,
 }
 
 impl DisksMetrics {
@@ -1515,7 +1636,19 @@ impl DisksMetrics {
             "Failed preparation passes or disks, by reason",
             m.errors.clone(),
         );
+        registry.register(
+            "disks_wipes_refused",
+            "Owed wipes dropped (nothing written) because the disk is no longer provably ours, by reason",
+            m.wipes_refused.clone(),
+        );
         m
+    }
+
+    /// Counts an owed wipe that was dropped (the PV publisher's reclaim).
+    pub fn wipe_refused(&self, refused: &WipeRefused) {
+        self.wipes_refused
+            .get_or_create(&vec![("reason", refused.reason)])
+            .inc();
     }
 
     fn observe(&self, host: &HostAccess, report: &PrepareReport) {
@@ -1685,18 +1818,48 @@ pub enum Reclaimed {
     Wiped,
     /// The disk is no longer provably ours (gone, re-bound, foreign, in use): nothing was
     /// written; the owed wipe is dropped and reported, never executed.
-    NotOurs(String),
+    NotOurs(WipeRefused),
+}
+
+/// Why an owed wipe was dropped (nothing was written).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WipeRefused {
+    /// Low-cardinality label of `nodekeeper_disks_wipes_refused_total`: `not_recorded` (no
+    /// ownership record), `gone` (no disk under its key), `identity` (not provably the disk
+    /// recorded: by-id, serial, size, a re-bound name), `in_use` (mounted elsewhere,
+    /// partitioned, held), `not_ours` (the marker or the single-signature rule fails).
+    pub reason: &'static str,
+    /// What an operator reads (log, Event).
+    pub why: String,
+}
+
+impl WipeRefused {
+    fn new(reason: &'static str, why: impl Into<String>) -> Self {
+        Self {
+            reason,
+            why: why.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for WipeRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
 }
 
 /// Where a recorded disk is now, by its key only: the by-id name when it had one (kernel
 /// names move across reboots and EC2 stop/start), else the kernel name it was keyed by, which
 /// the on-disk proof must then back. Never the record's kernel name as a fallback.
-fn locate(disks: &[Disk], key: &str, rec: &OwnedDisk) -> Result<Disk, String> {
+fn locate(disks: &[Disk], key: &str, rec: &OwnedDisk) -> Result<Disk, WipeRefused> {
     let found = disks.iter().find(|d| marker::disk_key(d) == key);
+    let gone = |why: String| WipeRefused::new("gone", why);
     match (found, &rec.by_id) {
         (Some(d), _) => Ok(d.clone()),
-        (None, Some(by_id)) => Err(format!("{by_id} no longer resolves to a disk")),
-        (None, None) => Err(format!("no disk is keyed {key} now (it had no by-id link)")),
+        (None, Some(by_id)) => Err(gone(format!("{by_id} no longer resolves to a disk"))),
+        (None, None) => Err(gone(format!(
+            "no disk is keyed {key} now (it had no by-id link)"
+        ))),
     }
 }
 
@@ -1763,7 +1926,10 @@ pub fn reclaim(
     let _lock = lock_disks(state_dir, true)?;
     let mut store = OwnedStore::load(state_dir)?;
     let Some(mut rec) = store.owned.disks.get(key).cloned() else {
-        return Ok(Reclaimed::NotOurs(format!("{key} is not recorded as ours")));
+        return Ok(Reclaimed::NotOurs(WipeRefused::new(
+            "not_recorded",
+            format!("{key} is not recorded as ours"),
+        )));
     };
     let scan =
         super::discover::scan(&host.paths).map_err(|e| PrepareError::Discover(e.to_string()))?;
@@ -1787,14 +1953,19 @@ pub fn reclaim(
             );
             match c.first().map(|c| &c.decision) {
                 Some(Decision::Ours) => None,
-                Some(Decision::HasData(r)) | Some(Decision::InUse(r)) if r != "reclaim" => {
-                    Some(r.clone())
+                Some(Decision::InUse(r)) => Some(WipeRefused::new("in_use", r.clone())),
+                Some(Decision::HasData(r)) if r != "reclaim" => {
+                    Some(WipeRefused::new("not_ours", r.clone()))
                 }
-                _ => Some("its marker does not match the record".into()),
+                _ => Some(WipeRefused::new(
+                    "not_ours",
+                    "its marker does not match the record",
+                )),
             }
         };
-        if let Some(why) = refused {
-            return Ok(Reclaimed::NotOurs(format!("{} ({key}): {why}", disk.name)));
+        if let Some(r) = refused {
+            let why = format!("{} ({key}): {}", disk.name, r.why);
+            return Ok(Reclaimed::NotOurs(WipeRefused { why, ..r }));
         }
         disk
     };
@@ -1802,16 +1973,22 @@ pub fn reclaim(
     let ours_at = host.tool_mount_path(key);
     let mounts = host.mounts_of(&name);
     if let Some(other) = mounts.iter().find(|m| **m != ours_at) {
-        return Ok(Reclaimed::NotOurs(format!(
-            "{name} ({key}) is mounted at {} (not the agent's mount point)",
-            other.display()
+        return Ok(Reclaimed::NotOurs(WipeRefused::new(
+            "in_use",
+            format!(
+                "{name} ({key}) is mounted at {} (not the agent's mount point)",
+                other.display()
+            ),
         )));
     }
     if rec.mode == PrepareMode::Block {
         let mut claim = match Claim::take_owned(&host.paths, &disk, |_| Ok(())) {
             Ok(c) => c,
             Err(super::claim::ClaimError::Identity { what, .. }) => {
-                return Ok(Reclaimed::NotOurs(format!("{name} ({key}): {what}")));
+                return Ok(Reclaimed::NotOurs(WipeRefused::new(
+                    "identity",
+                    format!("{name} ({key}): {what}"),
+                )));
             }
             Err(e) => return Err(e.into()),
         };
@@ -1856,10 +2033,18 @@ pub fn reclaim(
     };
     let mut claim = match Claim::take_owned(&host.paths, &disk, prove) {
         Ok(c) => c,
-        Err(
-            e @ (super::claim::ClaimError::NotOurs { .. }
-            | super::claim::ClaimError::Identity { .. }),
-        ) => return Ok(Reclaimed::NotOurs(e.to_string())),
+        Err(e @ super::claim::ClaimError::NotOurs { .. }) => {
+            return Ok(Reclaimed::NotOurs(WipeRefused::new(
+                "not_ours",
+                e.to_string(),
+            )));
+        }
+        Err(e @ super::claim::ClaimError::Identity { .. }) => {
+            return Ok(Reclaimed::NotOurs(WipeRefused::new(
+                "identity",
+                e.to_string(),
+            )));
+        }
         Err(e) => return Err(e.into()),
     };
     let zero_bytes = if cfg.wipe_mode == WipeMode::Zero {
@@ -1906,28 +2091,32 @@ pub fn reclaim(
 /// found under it has the recorded serial and size, and nothing uses it (no partitions,
 /// holders or mounts). A block disk recorded without a by-id link (loop, some virtio disks)
 /// is never wiped by the agent.
-fn block_ownership_refused(disk: &Disk, rec: &OwnedDisk) -> Option<String> {
+fn block_ownership_refused(disk: &Disk, rec: &OwnedDisk) -> Option<WipeRefused> {
     if rec.by_id.is_none() || disk.by_id != rec.by_id {
-        return Some(
+        return Some(WipeRefused::new(
+            "identity",
             "block mode: no recorded by-id identity to prove the disk is the one published \
-             (never wiped by kernel name)"
-                .into(),
-        );
-    }
-    if disk.serial != rec.serial || disk.size_bytes != rec.size_bytes {
-        return Some(format!(
-            "block mode: serial/size {:?}/{} differ from the record {:?}/{}",
-            disk.serial, disk.size_bytes, rec.serial, rec.size_bytes
+             (never wiped by kernel name)",
         ));
     }
+    if disk.serial != rec.serial || disk.size_bytes != rec.size_bytes {
+        return Some(WipeRefused::new(
+            "identity",
+            format!(
+                "block mode: serial/size {:?}/{} differ from the record {:?}/{}",
+                disk.serial, disk.size_bytes, rec.serial, rec.size_bytes
+            ),
+        ));
+    }
+    let in_use = |why: String| Some(WipeRefused::new("in_use", why));
     if !disk.partitions.is_empty() {
-        return Some(format!("has partitions {}", disk.partitions.join(", ")));
+        return in_use(format!("has partitions {}", disk.partitions.join(", ")));
     }
     if !disk.holders.is_empty() {
-        return Some(format!("held by {}", disk.holders.join(", ")));
+        return in_use(format!("held by {}", disk.holders.join(", ")));
     }
     if let Some(m) = disk.mounts.first() {
-        return Some(format!("mounted at {m}"));
+        return in_use(format!("mounted at {m}"));
     }
     None
 }
@@ -1939,29 +2128,36 @@ fn raid_device(
     scan: &super::discover::Scan,
     store: &OwnedStore,
     rec: &OwnedDisk,
-) -> Result<Disk, String> {
+) -> Result<Disk, WipeRefused> {
     let mut members = Vec::new();
     for m in &rec.members {
         let d = scan
             .disks
             .iter()
             .find(|d| marker::disk_key(d) == *m)
-            .ok_or_else(|| format!("raid0 member {m} is gone"))?;
+            .ok_or_else(|| WipeRefused::new("gone", format!("raid0 member {m} is gone")))?;
         members.push((d.clone(), Decision::HasData("reclaim".into())));
     }
     let classified = classify(members, store);
     if let Some(c) = classified.iter().find(|c| c.decision != Decision::Ours) {
-        return Err(format!("raid0 member {} is no longer ours", c.key));
+        return Err(WipeRefused::new(
+            "not_ours",
+            format!("raid0 member {} is no longer ours", c.key),
+        ));
     }
-    let first = classified
-        .first()
-        .ok_or_else(|| format!("{RAID_KEY} is recorded with no members"))?;
-    let md = md_device(host, &first.disk.name).map_err(|e| e.to_string())?;
+    let first = classified.first().ok_or_else(|| {
+        WipeRefused::new(
+            "not_recorded",
+            format!("{RAID_KEY} is recorded with no members"),
+        )
+    })?;
+    let gone = |why: String| WipeRefused::new("gone", why);
+    let md = md_device(host, &first.disk.name).map_err(|e| gone(e.to_string()))?;
     scan.virtual_devices
         .iter()
         .find(|d| d.name == md)
         .cloned()
-        .ok_or_else(|| format!("{md} is not in sysfs"))
+        .ok_or_else(|| gone(format!("{md} is not in sysfs")))
 }
 
 impl DisksStatus {

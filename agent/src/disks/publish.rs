@@ -399,6 +399,8 @@ pub struct Publisher {
     pub status: SharedDisksStatus,
     /// Held while a disk is formatted or wiped, so the prepare pass and a reclaim never race.
     pub disk_ops: Arc<tokio::sync::Mutex<()>>,
+    /// The disks capability's metrics (dropped wipes are counted here).
+    pub metrics: super::prepare::DisksMetrics,
 }
 
 async fn call<T>(
@@ -649,19 +651,24 @@ impl Publisher {
         drop(guard);
         match result {
             Ok(Reclaimed::Wiped) => Some(true),
-            Ok(Reclaimed::NotOurs(why)) => {
+            Ok(Reclaimed::NotOurs(refused)) => {
+                self.metrics.wipe_refused(&refused);
+                let (reason, why) = (refused.reason, refused.why);
                 tracing::warn!(
+                    reason,
                     disk = key,
                     why,
                     "owed wipe dropped: the disk is no longer provably ours; nothing written"
                 );
-                if warned.insert(format!("wipe-refused {key}: {why}")) {
+                if warned.insert(format!("wipe-refused {key}: {reason}")) {
                     crate::kube::node_event(
                         &self.client,
                         &self.node,
                         "LocalDiskWipeRefused",
                         "Warning",
-                        &format!("disk {key} was not wiped and is not published again: {why}"),
+                        &format!(
+                            "disk {key} was not wiped and is not published again ({reason}): {why}"
+                        ),
                     )
                     .await;
                 }

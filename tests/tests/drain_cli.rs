@@ -6,7 +6,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use nodekeeper_tests::drain_scenario::{self, NODE};
-use nodekeeper_tests::{Agent, agent_bin, free_port};
+use nodekeeper_tests::{Agent, AgentBuilder, agent_bin, free_port};
 
 /// Fast retries so scenarios take seconds, not minutes (as in tests/drain.rs).
 const FAST: &str = "metrics:\n  enabled: false\ndrain:\n  retryInitial: 100ms\n  retryMax: 500ms\n  deletionPoll: 200ms\n  concurrency: 8\n";
@@ -16,11 +16,21 @@ const TOKEN: &str = "operator-token";
 
 /// An agent connected as node-a that accepts `TOKEN`, and the token file the CLI sends.
 fn agent(kubeconfig: &std::path::Path) -> (Agent, String) {
+    agent_with(kubeconfig, Agent::builder(), "")
+}
+
+/// As `agent`, from a builder that already carries env (e.g. `POD_NAME`), with more `drain:`
+/// settings (indented lines).
+fn agent_with(
+    kubeconfig: &std::path::Path,
+    builder: AgentBuilder,
+    drain_extra: &str,
+) -> (Agent, String) {
     let token = kubeconfig.with_file_name("token");
     std::fs::write(&token, format!("{TOKEN}\n")).expect("write token");
-    let agent = Agent::builder()
+    let agent = builder
         .config(&format!(
-            "{FAST}api:\n  auth:\n    tokenFile: {}\n",
+            "{FAST}{drain_extra}api:\n  auth:\n    tokenFile: {}\n",
             token.display()
         ))
         .connected(kubeconfig, NODE)
@@ -321,4 +331,88 @@ fn a_stream_broken_by_an_agent_restart_exits_75_asking_to_reattach() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(75), "{stderr}");
     assert!(stderr.contains("re-attach"), "{stderr}");
+}
+
+/// The drain's driver on the Node record (`nodekeeper.io/drain`), once the drain is evicting.
+fn evicting_driver(api: &nodekeeper_tests::fake_api::FakeApi) -> Option<String> {
+    let record: serde_json::Value = serde_json::from_str(
+        api.node(NODE)?["metadata"]["annotations"]["nodekeeper.io/drain"].as_str()?,
+    )
+    .ok()?;
+    (record["phase"] == "evicting")
+        .then(|| record["driver"].as_str().unwrap_or_default().to_string())
+}
+
+/// A short owner lease, so a stalled driver loses its drain in seconds.
+const LEASE: &str = "  ownerLease: 3s\n";
+
+/// A driver that stalls past the owner lease (SIGSTOP) loses the drain to the other agent
+/// process on the node (a rollout's new pod). The drain goes on there, so the CLI following the
+/// old process must say "re-attach" (75), not "failed" (1), and the drain must stay running on
+/// the Node (the old process records no end); the old process then stands by and adopts the
+/// drain back when the new one stalls in turn.
+#[test]
+fn a_driver_that_loses_the_drain_to_the_other_process_exits_75_asking_to_reattach() {
+    let stuck = drain_scenario::unsatisfiable();
+    let (api, kubeconfig) = (&stuck.api, stuck.kubeconfig.clone());
+    let (old, token) = agent_with(
+        &kubeconfig,
+        Agent::builder().env("POD_NAME", "nodekeeper-old"),
+        LEASE,
+    );
+    let addr = old.api.to_string();
+    let out = std::thread::scope(|scope| {
+        let follower = scope.spawn(|| {
+            cli(
+                &[
+                    "drain",
+                    &addr,
+                    "--id",
+                    "stalled",
+                    "--timeout",
+                    "120s",
+                    "--token-file",
+                    &token,
+                ],
+                90,
+            )
+        });
+        nodekeeper_tests::wait_for(Duration::from_secs(30), "the old process driving", || {
+            evicting_driver(api)
+                .filter(|d| d.contains("nodekeeper-old"))
+                .map(|_| ())
+        });
+        let (new, _) = agent_with(
+            &kubeconfig,
+            Agent::builder().env("POD_NAME", "nodekeeper-new"),
+            LEASE,
+        );
+        old.proc.signal("STOP");
+        nodekeeper_tests::wait_for(Duration::from_secs(30), "the new process adopting", || {
+            evicting_driver(api)
+                .filter(|d| d.contains("nodekeeper-new"))
+                .map(|_| ())
+        });
+        old.proc.signal("CONT");
+        let out = follower.join().expect("cli thread");
+        // The old process now stands by: when the new one stalls in turn, it adopts back.
+        new.proc.signal("STOP");
+        nodekeeper_tests::wait_for(
+            Duration::from_secs(30),
+            "the old process adopting back",
+            || {
+                evicting_driver(api)
+                    .filter(|d| d.contains("nodekeeper-old"))
+                    .map(|_| ())
+            },
+        );
+        new.proc.signal("CONT");
+        out
+    });
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{stderr}");
+    assert!(
+        stderr.contains("took over") && stderr.contains("re-attach"),
+        "{stderr}"
+    );
 }

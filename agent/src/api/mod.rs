@@ -350,6 +350,10 @@ impl node_agent_server::NodeAgent for NodeAgentService {
             if ended || run.finished() && run.attach().0.iter().any(crate::drain::is_final_event) {
                 return;
             }
+            if run.is_handed_over() {
+                let _ = tx.send(Err(run.handed_over_status())).await;
+                return;
+            }
             if run.finished() {
                 // A drain resumed only as a record (it ended before this agent started).
                 let status = run.status();
@@ -363,8 +367,8 @@ impl node_agent_server::NodeAgent for NodeAgentService {
             }
             loop {
                 tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tx.closed() => return,
+                    // Events emitted before a hand-over reach the client before its error.
+                    biased;
                     e = live.recv() => match e {
                         Ok(e) => {
                             let last = crate::drain::is_final_event(&e);
@@ -375,6 +379,12 @@ impl node_agent_server::NodeAgent for NodeAgentService {
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                     },
+                    _ = run.handed_over() => {
+                        let _ = tx.send(Err(run.handed_over_status())).await;
+                        return;
+                    }
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
                 }
             }
         });
@@ -775,7 +785,11 @@ async fn follow(
             let _ = tx.send(Ok(event)).await;
             return;
         }
-        if let Some(run) = controller.current().filter(|r| r.id == id) {
+        // A run handed over to the other process is not "adopted here": its events stopped.
+        if let Some(run) = controller
+            .current()
+            .filter(|r| r.id == id && !r.is_handed_over())
+        {
             // Adopted here: replay and follow this process's own events.
             let (history, mut live) = run.attach();
             for e in history {
@@ -784,13 +798,22 @@ async fn follow(
                     return;
                 }
             }
-            while let Ok(e) = live.recv().await {
-                let end = crate::drain::is_final_event(&e);
-                if tx.send(Ok(e)).await.is_err() || end {
-                    return;
+            loop {
+                tokio::select! {
+                    biased;
+                    e = live.recv() => {
+                        let Ok(e) = e else { return };
+                        let end = crate::drain::is_final_event(&e);
+                        if tx.send(Ok(e)).await.is_err() || end {
+                            return;
+                        }
+                    }
+                    _ = run.handed_over() => {
+                        let _ = tx.send(Err(run.handed_over_status())).await;
+                        return;
+                    }
                 }
             }
-            return;
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,

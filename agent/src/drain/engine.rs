@@ -770,9 +770,9 @@ impl DrainController {
             // Another agent process adopted the drain (this one stalled past the owner lease):
             // it drives from here; stop without recording an end.
             _ = self.hold(&run, &params, done.clone()) => {
-                run.emit(Ev::Failed(run.update(|s| {
-                    s.error = "another agent process on this node took over the drain; re-attach".into();
-                })));
+                run.hand_over("another agent process on this node took over the drain");
+                // Stand by as a follower does, to adopt it back if that process lets go.
+                tokio::spawn(self.clone().stand_by(params.id.clone()));
                 return;
             }
             // Agent shutdown: stop without recording an end, so the next agent resumes (and

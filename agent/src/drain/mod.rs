@@ -227,6 +227,9 @@ pub struct DrainRun {
     history: Mutex<Vec<pb::DrainEvent>>,
     tx: broadcast::Sender<pb::DrainEvent>,
     pub cancel: CancellationToken,
+    /// Cancelled when another agent process on the node took this drain over: the drain goes
+    /// on there, so this run's streams end with an error asking to re-attach, not a final event.
+    handed_over: CancellationToken,
 }
 
 impl DrainRun {
@@ -238,7 +241,34 @@ impl DrainRun {
             history: Mutex::new(Vec::new()),
             tx,
             cancel: CancellationToken::new(),
+            handed_over: CancellationToken::new(),
         })
+    }
+
+    /// Records that another agent process drives this drain from now on (`why` in
+    /// `status.error`) and ends every stream attached here with `ABORTED`.
+    pub fn hand_over(&self, why: &str) {
+        self.update(|s| s.error = why.to_string());
+        self.handed_over.cancel();
+    }
+
+    pub fn is_handed_over(&self) -> bool {
+        self.handed_over.is_cancelled()
+    }
+
+    /// Resolves once `hand_over` was called.
+    pub async fn handed_over(&self) {
+        self.handed_over.cancelled().await;
+    }
+
+    /// What a stream attached to a handed-over run ends with: not a final event (the drain has
+    /// not ended), an error that tells the client to re-attach with the same id.
+    pub fn handed_over_status(&self) -> tonic::Status {
+        tonic::Status::aborted(format!(
+            "drain {}: {}; re-attach with the same id",
+            self.id,
+            self.status().error
+        ))
     }
 
     pub fn status(&self) -> pb::DrainStatus {

@@ -1,6 +1,7 @@
 //! bench_drain: the patching-rotation scenario (`drain_scenario::rotation`) drained by
 //! `kubectl drain` and by nodekeeper against the fake Kubernetes API, in the same run with the
-//! same controller delays. Reports, per tool, the median over the runs of: wall time until
+//! same controller delays, on the fake's harder settings (issue #16): PDB status written by a
+//! lagging disruption controller and pods that take their grace period to go. Reports, per tool, the median over the runs of: wall time until
 //! node-a holds only its DaemonSet and mirror pods, API requests by verb, and PodDisruptionBudget
 //! minimum violations (must be 0 for both); plus the ratio nodekeeper / kubectl. No figure is
 //! ever asserted.
@@ -23,6 +24,9 @@
 //!   BENCH_RUNS       runs per tool, median reported (default 3)
 //!   BENCH_REPLACE_MS ReplicaSet controller: delay before an evicted pod is replaced (default 200)
 //!   BENCH_READY_MS   delay before a replacement becomes Ready (default 1000)
+//!   BENCH_PDB_LAG_MS disruption controller: delay before PDB status follows a change (default 300)
+//!   BENCH_GRACE_S    every pod's terminationGracePeriodSeconds (default 5)
+//!   BENCH_GRACE_SECOND_MS how long one grace-period second lasts in the fake (default 100)
 //!   NODEKEEPER_BIN   agent binary (default: the workspace's debug build)
 
 use std::path::Path;
@@ -30,7 +34,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use nodekeeper_tests::drain_scenario::{self, NODE, Scenario};
-use nodekeeper_tests::fake_api::RecordedRequest;
+use nodekeeper_tests::fake_api::{FakeApi, RecordedRequest};
 use nodekeeper_tests::{Agent, agent_bin, workspace_root};
 
 const DEFAULT_RUNS: usize = 3;
@@ -38,6 +42,13 @@ const DEFAULT_RUNS: usize = 3;
 const DEFAULT_REPLACE_MS: u64 = 200;
 /// Scheduling, image present, a readiness probe passing on its first try: about a second.
 const DEFAULT_READY_MS: u64 = 1000;
+/// A disruption controller a little behind, as on a busy control plane (the value the 60-pod
+/// fault test uses): evictions that race it are caught by the fake's audit.
+const DEFAULT_PDB_LAG_MS: u64 = 300;
+/// Pods that take a grace period to go, so both tools' waiting paths run.
+const DEFAULT_GRACE_S: u64 = 5;
+/// One grace second scaled down to 100 ms: a 5 s grace period lasts 0.5 s.
+const DEFAULT_GRACE_SECOND_MS: u64 = 100;
 /// Both tools get this deadline; the bench gives up on a run a minute after it.
 const DRAIN_TIMEOUT: &str = "10m";
 const RUN_LIMIT: Duration = Duration::from_secs(11 * 60);
@@ -114,6 +125,29 @@ fn env_num(name: &str, default: u64) -> Result<u64, String> {
     }
 }
 
+/// The fake API's settings for one run.
+#[derive(Debug, Clone, Copy)]
+struct Fake {
+    replace: Duration,
+    ready: Duration,
+    pdb_lag: Duration,
+    grace_s: i64,
+    grace_second: Duration,
+}
+
+impl Fake {
+    fn scenario(&self) -> Scenario {
+        drain_scenario::rotation_on(
+            FakeApi::builder()
+                .replace_delay(self.replace)
+                .ready_delay(self.ready)
+                .pdb_lag(self.pdb_lag)
+                .grace_second(self.grace_second),
+            Some(self.grace_s),
+        )
+    }
+}
+
 fn is_empty(s: &Scenario) -> bool {
     let mut left = s.api.pods_on(NODE);
     left.sort();
@@ -172,8 +206,8 @@ fn tally(s: &Scenario, from: usize, to: usize, seconds: f64) -> Run {
     run
 }
 
-fn kubectl_run(replace: Duration, ready: Duration) -> Result<Run, String> {
-    let s = drain_scenario::rotation(replace, ready);
+fn kubectl_run(fake: Fake) -> Result<Run, String> {
+    let s = fake.scenario();
     let mut cmd = Command::new("kubectl");
     cmd.args([
         "drain",
@@ -193,8 +227,8 @@ fn kubectl_run(replace: Duration, ready: Duration) -> Result<Run, String> {
     Ok(tally(&s, from, to, seconds))
 }
 
-fn nodekeeper_run(replace: Duration, ready: Duration) -> Result<Run, String> {
-    let s = drain_scenario::rotation(replace, ready);
+fn nodekeeper_run(fake: Fake) -> Result<Run, String> {
+    let s = fake.scenario();
     let token = s.dir.path().join("token");
     std::fs::write(&token, "bench-token\n").map_err(|e| e.to_string())?;
     let from = s.api.requests().len();
@@ -317,6 +351,15 @@ fn machine() -> String {
     format!("{cpus} CPUs, kernel {}", kernel.trim())
 }
 
+/// The 1-minute load average: how busy the shared machine was (the bench never pins or waits
+/// for an idle machine, so the report says how loaded it was).
+fn load_1min() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
 fn write_docs(section: &str) -> Result<(), String> {
     let path = workspace_root().join("docs/benchmarks.md");
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -360,13 +403,28 @@ fn run(write: bool) -> Result<(), String> {
     let runs = env_num("BENCH_RUNS", DEFAULT_RUNS as u64)? as usize;
     let replace_ms = env_num("BENCH_REPLACE_MS", DEFAULT_REPLACE_MS)?;
     let ready_ms = env_num("BENCH_READY_MS", DEFAULT_READY_MS)?;
-    if write && (replace_ms, ready_ms) != (DEFAULT_REPLACE_MS, DEFAULT_READY_MS) {
-        return Err("--write-docs needs the default BENCH_REPLACE_MS and BENCH_READY_MS".into());
-    }
-    let (replace, ready) = (
-        Duration::from_millis(replace_ms),
-        Duration::from_millis(ready_ms),
+    let pdb_lag_ms = env_num("BENCH_PDB_LAG_MS", DEFAULT_PDB_LAG_MS)?;
+    let grace_s = env_num("BENCH_GRACE_S", DEFAULT_GRACE_S)?;
+    let grace_second_ms = env_num("BENCH_GRACE_SECOND_MS", DEFAULT_GRACE_SECOND_MS)?;
+    let settings = (replace_ms, ready_ms, pdb_lag_ms, grace_s, grace_second_ms);
+    let defaults = (
+        DEFAULT_REPLACE_MS,
+        DEFAULT_READY_MS,
+        DEFAULT_PDB_LAG_MS,
+        DEFAULT_GRACE_S,
+        DEFAULT_GRACE_SECOND_MS,
     );
+    if write && settings != defaults {
+        return Err("--write-docs needs the default BENCH_* delays".into());
+    }
+    let fake = Fake {
+        replace: Duration::from_millis(replace_ms),
+        ready: Duration::from_millis(ready_ms),
+        pdb_lag: Duration::from_millis(pdb_lag_ms),
+        grace_s: grace_s as i64,
+        grace_second: Duration::from_millis(grace_second_ms),
+    };
+    let load_before = load_1min();
     let (mut k, mut n) = (Vec::new(), Vec::new());
     for i in 1..=runs {
         // Alternate which tool goes first, so a drift of the machine's load hits both alike.
@@ -374,12 +432,12 @@ fn run(write: bool) -> Result<(), String> {
         for tool in order {
             if tool == 0 {
                 eprintln!("bench_drain: run {i}/{runs}: kubectl drain");
-                let r = kubectl_run(replace, ready)?;
+                let r = kubectl_run(fake)?;
                 eprintln!("bench_drain:   {r:?}");
                 k.push(r);
             } else {
                 eprintln!("bench_drain: run {i}/{runs}: nodekeeper drain");
-                let r = nodekeeper_run(replace, ready)?;
+                let r = nodekeeper_run(fake)?;
                 eprintln!("bench_drain:   {r:?}");
                 n.push(r);
             }
@@ -388,16 +446,20 @@ fn run(write: bool) -> Result<(), String> {
     let startup = median(n.iter().map(|r| r.startup as f64).collect());
     let mut section = format!("<!-- generated by: {CMD} -->\n\n");
     section.push_str(&format!(
-        "**Rotation scenario drained by kubectl and by nodekeeper** (median of {runs} runs each; replace {replace_ms} ms, ready {ready_ms} ms)\n\n"
+        "**Rotation scenario drained by kubectl and by nodekeeper** (median of {runs} runs each; \
+         replace {replace_ms} ms, ready {ready_ms} ms, PDB status lag {pdb_lag_ms} ms, grace \
+         period {grace_s} s of {grace_second_ms} ms each)\n\n"
     ));
     section.push_str(&table(&k, &n));
     section.push_str(&format!(
         "\nnodekeeper's requests are counted from the agent's own start-up ({startup:.0} of them \
-         before it was ready), so they include the LIST and WATCH of its pod watch, a GET \
-         confirming each pod's deletion, its state-annotation PATCH on the Node after each pod \
-         and its Event POSTs; kubectl's include its discovery and its GET polling for \
-         deletions. \"other\": discovery, Event POSTs, PUT, DELETE. PDB violations: audit \
-         samples below a budget's minimum, worst run.\n"
+         before it was ready), so they include the LIST and WATCH of its pod watch, the GET that \
+         proves each evicted pod gone (a 404 or another UID; the watch only says when to look), \
+         its state-annotation PATCHes on the Node (at phase changes, at most every 5 s while \
+         evicting, and the owner heartbeat) and its Event POSTs (one DrainBlocked per budget); \
+         kubectl's include its discovery and its GET polling for deletions. \"other\": \
+         discovery, Event POSTs, PUT, DELETE. PDB violations: audit samples below a budget's \
+         minimum, worst run.\n"
     ));
     section.push_str(&format!(
         "Peers: {} ({}); {} (default drain config, metrics off, `{}`).\n",
@@ -410,8 +472,9 @@ fn run(write: bool) -> Result<(), String> {
             .unwrap_or_else(|_| agent_bin().display().to_string()),
     ));
     section.push_str(&format!(
-        "Machine: {}. Date: {}.\n\n",
+        "Machine: {}; 1-minute load average {load_before} at the start, {} at the end. Date: {}.\n\n",
         machine(),
+        load_1min(),
         jiff::Timestamp::now().strftime("%Y-%m-%d %H:%M UTC")
     ));
     print!("{section}");

@@ -482,3 +482,94 @@ fn bad_flags_exit_64_naming_the_flag() {
         assert!(stderr.contains(want), "{args:?}: {stderr}");
     }
 }
+
+/// The EndpointSlice requests `api` has seen: (LISTs, WATCHes).
+fn slice_requests(api: &FakeApi) -> (usize, usize) {
+    let reqs: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| {
+            r.method == "GET"
+                && r.path == "/apis/discovery.k8s.io/v1/namespaces/nodekeeper-system/endpointslices"
+        })
+        .collect();
+    let watches = reqs
+        .iter()
+        .filter(|r| r.query.contains("watch=true"))
+        .count();
+    (reqs.len() - watches, watches)
+}
+
+#[test]
+fn endpoint_slices_are_watched_not_listed_per_fan_out_and_a_new_agent_is_seen_without_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = FakeApi::start();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    // Agents that never answer: GetFleet still lists every expected one, which is all this
+    // test needs to see what discovery found.
+    let seed = |i: usize| {
+        let port = free_port();
+        api.add_endpoint_slice(
+            AGENTS_NS,
+            "nodekeeper",
+            &[("grpc", port)],
+            &[EndpointSeed::new("127.0.0.1")
+                .node(NODES[i])
+                .pod(&format!("nodekeeper-{}", NODES[i]))],
+        );
+        format!("127.0.0.1:{port}")
+    };
+    let mut first: Vec<String> = (0..2).map(seed).collect();
+    first.sort();
+    let kubeconfig_env = kubeconfig.display().to_string();
+    let agg = Aggregator::start(
+        dir.path(),
+        "aggregate-service",
+        &[
+            "--service",
+            "nodekeeper-system/nodekeeper",
+            "--deadline",
+            "200ms",
+            "--refresh",
+            "50ms",
+        ],
+        &[("KUBECONFIG", &kubeconfig_env)],
+    );
+    // Five fan-outs (each past --refresh): the slices come from the watch's store.
+    for _ in 0..5 {
+        let fleet = agg.fleet();
+        let mut got: Vec<&str> = fleet.agents.iter().map(|a| a.address.as_str()).collect();
+        got.sort();
+        assert_eq!(got, first, "{fleet:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (lists, watches) = slice_requests(&api);
+    assert_eq!(
+        lists, 1,
+        "one LIST for the watch's first sync, none per fan-out"
+    );
+    assert!(watches >= 1, "no EndpointSlice watch: {:?}", api.requests());
+
+    // A new node's agent appears without a restart.
+    let third = seed(2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let fleet = agg.fleet();
+        if fleet.agents.iter().any(|a| a.address == third) {
+            assert_eq!(fleet.expected, 3, "{fleet:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{third} never discovered: {fleet:?}\n{}",
+            agg.proc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        slice_requests(&api).0,
+        1,
+        "the new slice came from the watch"
+    );
+}

@@ -105,6 +105,11 @@ pub struct AggregateMetrics {
 }
 
 impl AggregateMetrics {
+    /// The counter the EndpointSlice watch adds its errors to.
+    pub fn discovery_errors(&self) -> Counter {
+        self.discovery_errors.clone()
+    }
+
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self {
             agents: Family::default(),
@@ -141,7 +146,8 @@ impl AggregateMetrics {
         );
         registry.register(
             "aggregate_discovery_errors",
-            "EndpointSlice lists that failed (the previous agent list was used)",
+            "EndpointSlice watch errors, and fan-outs before the watch had synced (the last \
+             agent list was used)",
             m.discovery_errors.clone(),
         );
         m
@@ -500,6 +506,10 @@ impl Fleet {
                     });
                     census.push(AgentCensus {
                         name,
+                        node: agents
+                            .last()
+                            .map(|a| a.node_name.clone())
+                            .unwrap_or_default(),
                         state: AgentState::Answered {
                             pods: Arc::new(snap.connections.clone()),
                             at: c.at,
@@ -529,6 +539,10 @@ impl Fleet {
                     });
                     census.push(AgentCensus {
                         name,
+                        node: agents
+                            .last()
+                            .map(|a| a.node_name.clone())
+                            .unwrap_or_default(),
                         state: AgentState::Missing {
                             error,
                             last_known: o
@@ -573,7 +587,10 @@ impl Fleet {
                 missing: unknown as u32,
                 agents,
             },
-            census: Arc::new(FleetCensus { agents: census }),
+            census: Arc::new(FleetCensus {
+                agents: census,
+                placement: None,
+            }),
         }
     }
 }

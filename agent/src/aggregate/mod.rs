@@ -11,6 +11,7 @@
 
 pub mod discovery;
 pub mod fanout;
+pub mod pods;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,6 +29,7 @@ use crate::pb::{self, HealthState, aggregator_server};
 use crate::runtime::{Health, Supervisor};
 use discovery::{Discovery, ServiceWatch};
 use fanout::{AggregateMetrics, FanoutConfig, Fleet};
+use pods::PodWatch;
 
 /// KEDA's default pollingInterval is 30 s; a deadline far below it keeps one slow node from
 /// delaying every ScaledObject, and a healthy agent answers from its cache in milliseconds.
@@ -195,11 +197,13 @@ pub async fn run(args: AggregateArgs) -> Result<(), AggregateError> {
     }
     let mut registry = prometheus_client::registry::Registry::with_prefix("nodekeeper");
     let metrics = AggregateMetrics::register(&mut registry);
+    let mut pods = None;
     let discovery = match &args.service {
         Some(svc) => {
             let client = crate::kube::connect(KubernetesMode::Required)
                 .await?
                 .expect("Required mode returns a client or an error");
+            pods = Some(PodWatch::start(client.clone(), metrics.discovery_errors()));
             Discovery::Service(ServiceWatch::start(
                 client,
                 &svc.namespace,
@@ -222,7 +226,7 @@ pub async fn run(args: AggregateArgs) -> Result<(), AggregateError> {
 
     let health = Health::default();
     let mut supervisor = Supervisor::new(health.clone());
-    let fleet = Arc::new(Fleet::new(
+    let mut fleet = Fleet::new(
         discovery,
         FanoutConfig {
             deadline,
@@ -231,7 +235,11 @@ pub async fn run(args: AggregateArgs) -> Result<(), AggregateError> {
             max_concurrency: args.max_concurrency,
         },
         metrics,
-    ));
+    );
+    if let Some(pods) = pods {
+        fleet = fleet.with_pod_watch(pods);
+    }
+    let fleet = Arc::new(fleet);
 
     // Bind before spawning: a port in use is a start failure.
     let grpc_listener = crate::api::bind(args.listen).await?;

@@ -370,4 +370,100 @@ mod tests {
         );
         assert!(!e.message().contains("agent-5"), "{e:?}");
     }
+
+    fn query(extra: &[(&str, &str)]) -> Query {
+        let mut meta: std::collections::HashMap<String, String> = [
+            ("metric", "established"),
+            ("target", "5"),
+            ("podSelector", "app=web"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for (k, v) in extra {
+            meta.insert(k.to_string(), v.to_string());
+        }
+        Query::parse(&crate::keda_pb::ScaledObjectRef {
+            name: "web".into(),
+            namespace: "shop".into(),
+            scaler_metadata: meta,
+        })
+        .unwrap()
+    }
+
+    fn placed(pods: &[(&str, &str, &str, &str)]) -> Option<Arc<PodPlacement>> {
+        let pods: Vec<Pod> = pods
+            .iter()
+            .map(|(ns, app, node, phase)| {
+                serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": format!("{app}-{node}"), "namespace": ns,
+                                 "labels": {"app": app}},
+                    "spec": {"nodeName": node, "containers": []},
+                    "status": {"phase": phase},
+                }))
+                .unwrap()
+            })
+            .collect();
+        Some(Arc::new(PodPlacement::from_pods(&pods)))
+    }
+
+    #[test]
+    fn with_a_placement_only_agents_hosting_selected_pods_matter() {
+        let now = Instant::now();
+        let mut f = fleet(now);
+        // node-b (missing) hosts only api pods and a finished web pod; web pods run on a and c.
+        f.placement = placed(&[
+            ("shop", "web", "node-a", "Running"),
+            ("shop", "web", "node-c", "Pending"),
+            ("shop", "api", "node-b", "Running"),
+            ("shop", "web", "node-b", "Succeeded"),
+            ("other", "web", "node-b", "Running"),
+        ]);
+        assert_eq!(counted(f.select(&query(&[]))), vec![3, 1, 1]);
+        let e = f.select(&query(&[("podSelector", "app=api")])).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+        assert!(
+            e.message()
+                .contains("only 0 of 1 expected node agents counted (on nodes hosting")
+                && e.message().contains("node-b"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_node_hosting_selected_pods_without_an_agent_is_missing() {
+        let now = Instant::now();
+        let mut f = fleet(now);
+        f.placement = placed(&[
+            ("shop", "web", "node-a", "Running"),
+            ("shop", "web", "node-z", "Running"),
+        ]);
+        let e = f.select(&query(&[])).unwrap_err();
+        assert!(
+            e.message().contains("only 1 of 2")
+                && e.message().contains(
+                    "node node-z: hosts selected pods but no node agent is expected there"
+                ),
+            "{e:?}"
+        );
+        assert_eq!(
+            counted(f.select(&query(&[("minCoverage", "50")]))),
+            vec![3, 1, 1]
+        );
+    }
+
+    #[test]
+    fn a_selector_the_placement_does_not_match_is_not_found_whoever_is_missing() {
+        let now = Instant::now();
+        let mut f = fleet(now);
+        f.placement = placed(&[("shop", "web", "node-a", "Running")]);
+        let e = f
+            .select(&query(&[("podSelector", "app=nothing")]))
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+        // Without a placement (not synced yet) every expected agent matters.
+        f.placement = None;
+        let e = f.select(&query(&[])).unwrap_err();
+        assert!(e.message().contains("only 3 of 4"), "{e:?}");
+    }
 }

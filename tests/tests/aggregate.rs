@@ -20,7 +20,7 @@ use census_pods::{
 };
 use futures::StreamExt as _;
 use nodekeeper::pb::{self, aggregator_client::AggregatorClient};
-use nodekeeper_tests::fake_api::{EndpointSeed, FakeApi};
+use nodekeeper_tests::fake_api::{EndpointSeed, FakeApi, PodSeed};
 use nodekeeper_tests::{
     Agent, Proc, agent_bin, free_port, http_get, loopback, require_python_modules, require_root,
     sample,
@@ -481,4 +481,248 @@ fn bad_flags_exit_64_naming_the_flag() {
         assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
         assert!(stderr.contains(want), "{args:?}: {stderr}");
     }
+}
+
+/// The EndpointSlice requests `api` has seen: (LISTs, WATCHes).
+fn slice_requests(api: &FakeApi) -> (usize, usize) {
+    let reqs: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| {
+            r.method == "GET"
+                && r.path == "/apis/discovery.k8s.io/v1/namespaces/nodekeeper-system/endpointslices"
+        })
+        .collect();
+    let watches = reqs
+        .iter()
+        .filter(|r| r.query.contains("watch=true"))
+        .count();
+    (reqs.len() - watches, watches)
+}
+
+#[test]
+fn endpoint_slices_are_watched_not_listed_per_fan_out_and_a_new_agent_is_seen_without_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = FakeApi::start();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    // Agents that never answer: GetFleet still lists every expected one, which is all this
+    // test needs to see what discovery found.
+    let seed = |i: usize| {
+        let port = free_port();
+        api.add_endpoint_slice(
+            AGENTS_NS,
+            "nodekeeper",
+            &[("grpc", port)],
+            &[EndpointSeed::new("127.0.0.1")
+                .node(NODES[i])
+                .pod(&format!("nodekeeper-{}", NODES[i]))],
+        );
+        format!("127.0.0.1:{port}")
+    };
+    let mut first: Vec<String> = (0..2).map(seed).collect();
+    first.sort();
+    let kubeconfig_env = kubeconfig.display().to_string();
+    let agg = Aggregator::start(
+        dir.path(),
+        "aggregate-service",
+        &[
+            "--service",
+            "nodekeeper-system/nodekeeper",
+            "--deadline",
+            "200ms",
+            "--refresh",
+            "50ms",
+        ],
+        &[("KUBECONFIG", &kubeconfig_env)],
+    );
+    // Five fan-outs (each past --refresh): the slices come from the watch's store.
+    for _ in 0..5 {
+        let fleet = agg.fleet();
+        let mut got: Vec<&str> = fleet.agents.iter().map(|a| a.address.as_str()).collect();
+        got.sort();
+        assert_eq!(got, first, "{fleet:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (lists, watches) = slice_requests(&api);
+    assert_eq!(
+        lists, 1,
+        "one LIST for the watch's first sync, none per fan-out"
+    );
+    assert!(watches >= 1, "no EndpointSlice watch: {:?}", api.requests());
+
+    // A new node's agent appears without a restart.
+    let third = seed(2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let fleet = agg.fleet();
+        if fleet.agents.iter().any(|a| a.address == third) {
+            assert_eq!(fleet.expected, 3, "{fleet:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{third} never discovered: {fleet:?}\n{}",
+            agg.proc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        slice_requests(&api).0,
+        1,
+        "the new slice came from the watch"
+    );
+}
+
+#[test]
+fn only_agents_on_nodes_hosting_selected_pods_decide_coverage_from_the_pod_watch_as_root() {
+    if !require_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let api = FakeApi::start();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    // node-a hosts the web pods (pool 4 + 6) and an api pod; node-b only an api pod.
+    let mut pods = Vec::new();
+    let mut agents = Vec::new();
+    for node in &NODES[..2] {
+        api.add_node(node, &[]);
+        let cgroup = dir.path().join(format!("cgroup-{node}"));
+        if *node == "node-a" {
+            pods.extend(start_pods(&api, &cgroup, dir.path(), node));
+        } else {
+            pods.push(census_pods::start(
+                &api,
+                &cgroup,
+                dir.path(),
+                node,
+                "shop",
+                "api-1-node-b",
+                &[("app", "api")],
+                2,
+                0,
+            ));
+        }
+        let agent = Agent::builder()
+            .connected(&kubeconfig, node)
+            .arg("--host-cgroup")
+            .arg(cgroup.display().to_string())
+            .start();
+        agents.push(agent);
+    }
+    wait_for_pool(&agents[0].api.to_string(), 10.0);
+    let addresses: Vec<String> = agents.iter().map(|a| a.api.to_string()).collect();
+    for (i, node) in NODES[..2].iter().enumerate() {
+        let port = addresses[i].rsplit_once(':').unwrap().1.parse().unwrap();
+        api.add_endpoint_slice(
+            AGENTS_NS,
+            "nodekeeper",
+            &[("grpc", port)],
+            &[EndpointSeed::new("127.0.0.1")
+                .node(node)
+                .pod(&format!("nodekeeper-{node}"))],
+        );
+    }
+    let kubeconfig_env = kubeconfig.display().to_string();
+    let agg = Aggregator::start(
+        dir.path(),
+        "aggregate-service",
+        &[
+            "--service",
+            "nodekeeper-system/nodekeeper",
+            "--deadline",
+            "1s",
+            "--refresh",
+            "100ms",
+        ],
+        &[("KUBECONFIG", &kubeconfig_env)],
+    );
+    wait_for_pool(&agg.grpc.to_string(), 10.0);
+    let api_query = |agg: &Aggregator| {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(get_metrics(
+            &agg.grpc.to_string(),
+            scaled_object(
+                "shop",
+                &[
+                    ("metric", "established"),
+                    ("target", "5"),
+                    ("podSelector", "app=api"),
+                ],
+            ),
+        ))
+    };
+
+    // node-b's agent stops: node-b hosts no web pod, so the web pool is still exact...
+    let mut stopped = agents.remove(1);
+    stopped.proc.signal("TERM");
+    assert!(stopped.proc.wait_exit(Duration::from_secs(5)).success());
+    std::thread::sleep(Duration::from_millis(300)); // past --refresh
+    assert_eq!(
+        pool_value(agg.grpc, &[]).map_err(|e| format!("{e:?}")),
+        Ok(10.0),
+        "node-b hosts no web pod: its outage changes nothing"
+    );
+    assert_eq!(agg.fleet().missing + agg.fleet().stale, 1);
+    // ...while a query over the api pods, one of them on node-b, is an error naming it.
+    let e = api_query(&agg).unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        e.message().contains(&addresses[1]) && e.message().contains("only 1 of 2"),
+        "{e:?}"
+    );
+    // A selector matching no pod is NOT_FOUND, whoever is missing.
+    let e = pool_value(agg.grpc, &[("podSelector", "app=nothing")]).unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    // A web pod scheduled onto node-b (known from the pod watch, no restart): node-b matters
+    // now, and the web pool is an error instead of 10 without node-b's share.
+    api.add_pod(
+        PodSeed::new("web-3-node-b")
+            .namespace("shop")
+            .node("node-b")
+            .label("app", "web"),
+    );
+    // And one on node-c, where no agent is expected at all.
+    api.add_pod(
+        PodSeed::new("web-4-node-c")
+            .namespace("shop")
+            .node("node-c")
+            .label("app", "web"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match pool_value(agg.grpc, &[]) {
+            Err(e) if e.code() == Code::Unavailable => {
+                let m = e.message();
+                assert!(m.contains(&addresses[1]), "{e:?}");
+                assert!(
+                    m.contains("node node-c: hosts selected pods but no node agent is expected"),
+                    "{e:?}"
+                );
+                assert!(m.contains("only 1 of 3"), "{e:?}");
+                break;
+            }
+            other => assert!(
+                Instant::now() < deadline,
+                "the pod watch never made node-b and node-c matter: {other:?}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The aggregator's pod watch: cluster-wide, one LIST to sync.
+    let pod_lists = api
+        .requests()
+        .iter()
+        .filter(|r| {
+            r.method == "GET"
+                && r.path == "/api/v1/pods"
+                && !r.query.contains("watch=true")
+                // The agents watch their own node's pods.
+                && !r.query.contains("fieldSelector")
+        })
+        .count();
+    assert_eq!(pod_lists, 1, "{:?}", api.requests());
+    drop(pods);
 }

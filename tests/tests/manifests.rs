@@ -195,7 +195,9 @@ fn rendered_base_has_each_object_labelled_in_the_namespace() {
     );
     let mut want = vec![
         ("ClusterRole", "nodekeeper"),
+        ("ClusterRole", "nodekeeper-aggregator"),
         ("ClusterRoleBinding", "nodekeeper"),
+        ("ClusterRoleBinding", "nodekeeper-aggregator"),
         ("ConfigMap", config_map),
         ("DaemonSet", "nodekeeper"),
         ("Deployment", "nodekeeper-aggregator"),
@@ -763,7 +765,7 @@ fn aggregator_replicas_survive_one_disruption_on_different_nodes() {
 }
 
 #[test]
-fn aggregator_role_lists_only_endpointslices_in_its_namespace() {
+fn aggregator_reads_only_endpointslices_in_its_namespace_and_pods() {
     if !have_tools(&[]) {
         return;
     }
@@ -790,6 +792,21 @@ fn aggregator_role_lists_only_endpointslices_in_its_namespace() {
     );
     assert_eq!(
         binding["subjects"],
+        json!([{ "kind": "ServiceAccount", "name": "nodekeeper-aggregator", "namespace": NAMESPACE }])
+    );
+    // Cluster-wide: pods, read only (which nodes host a query's pods).
+    let cluster_role = base.object("ClusterRole", "nodekeeper-aggregator");
+    assert_eq!(
+        cluster_role["rules"],
+        json!([{ "apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"] }])
+    );
+    let cluster_binding = base.object("ClusterRoleBinding", "nodekeeper-aggregator");
+    assert_eq!(
+        cluster_binding["roleRef"],
+        json!({ "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "nodekeeper-aggregator" })
+    );
+    assert_eq!(
+        cluster_binding["subjects"],
         json!([{ "kind": "ServiceAccount", "name": "nodekeeper-aggregator", "namespace": NAMESPACE }])
     );
     // The agents' ClusterRole does not grant the aggregator anything.

@@ -2,17 +2,24 @@
 //! agents' headless Service, read from its `discovery.k8s.io/v1` EndpointSlices
 //! (`--service NAMESPACE/NAME`, port `--port-name`).
 //!
-//! Owns the EndpointSlice LIST (label `kubernetes.io/service-name=NAME`, one namespace, under a
-//! named timeout) and turning slices into targets: every endpoint, ready or not (an agent is
+//! Owns the EndpointSlice watch (label `kubernetes.io/service-name=NAME`, one namespace, a
+//! kube-runtime reflector: one LIST to sync, then WATCH events, so a fan-out reads a local
+//! store instead of listing, and a new node's agent is called from the next fan-out on) and
+//! turning slices into targets: every endpoint, ready or not (an agent is
 //! NotReady when any capability is degraded, e.g. its DNS upstreams, yet its census still
 //! answers; the aggregator judges an agent by its answer), one target per pod even when a
 //! dual-stack Service lists it in an IPv4 and an IPv6 slice. The targets are the *expected*
 //! agents: one that does not answer lowers the fleet's coverage. Never watches or lists
 //! anything else.
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 
+use futures::StreamExt as _;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::reflector::Store;
+use kube::runtime::{WatchStreamExt as _, reflector, watcher};
+use prometheus_client::metrics::counter::Counter;
 
 use crate::kube::API_CALL_TIMEOUT;
 
@@ -29,26 +36,24 @@ pub struct Target {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
-    /// The EndpointSlice LIST failed.
-    #[error("listing EndpointSlices of service {namespace}/{name}: {source}")]
-    List {
-        namespace: String,
-        name: String,
-        source: kube::Error,
-    },
-    /// The LIST did not answer within `API_CALL_TIMEOUT`.
+    /// The watch has not synced its first LIST within `API_CALL_TIMEOUT` (the API server is
+    /// unreachable or refuses; the watch keeps retrying with backoff).
     #[error(
-        "listing EndpointSlices of service {namespace}/{name} timed out after {API_CALL_TIMEOUT:?}"
+        "the EndpointSlices of service {namespace}/{name} are not synced after {API_CALL_TIMEOUT:?} \
+         (see the log's endpointslice watch errors)"
     )]
-    Timeout { namespace: String, name: String },
+    NotSynced { namespace: String, name: String },
+    /// The watch task ended (only at shutdown).
+    #[error("the EndpointSlice watch of service {namespace}/{name} stopped")]
+    Stopped { namespace: String, name: String },
 }
 
 impl DiscoveryError {
     /// Low-cardinality label for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            Self::List { .. } => "list",
-            Self::Timeout { .. } => "timeout",
+            Self::NotSynced { .. } => "not_synced",
+            Self::Stopped { .. } => "stopped",
         }
     }
 }
@@ -56,12 +61,73 @@ impl DiscoveryError {
 /// Where targets come from.
 pub enum Discovery {
     Static(Vec<Target>),
-    Service {
+    Service(ServiceWatch),
+}
+
+/// The agents' Service's EndpointSlices, kept by a reflector.
+pub struct ServiceWatch {
+    store: Store<EndpointSlice>,
+    namespace: String,
+    name: String,
+    port_name: String,
+}
+
+impl ServiceWatch {
+    /// Starts watching the slices of Service `namespace/name` (the task lives as long as the
+    /// runtime). Each watch error is logged and counted in `errors`; the store keeps the last
+    /// synced slices meanwhile, and the watcher re-lists with backoff after a desync.
+    pub fn start(
         client: kube::Client,
-        namespace: String,
-        name: String,
-        port_name: String,
-    },
+        namespace: &str,
+        name: &str,
+        port_name: &str,
+        errors: Counter,
+    ) -> Self {
+        let api: kube::Api<EndpointSlice> = kube::Api::namespaced(client, namespace);
+        let config =
+            watcher::Config::default().labels(&format!("kubernetes.io/service-name={name}"));
+        let (store, writer) = reflector::store();
+        let service = format!("{namespace}/{name}");
+        tokio::spawn(async move {
+            let stream = watcher(api, config)
+                .default_backoff()
+                .modify(|s| s.metadata.managed_fields = None)
+                .reflect(writer);
+            let mut stream = std::pin::pin!(stream);
+            while let Some(event) = stream.next().await {
+                if let Err(e) = event {
+                    errors.inc();
+                    tracing::warn!(error = %e, %service, "endpointslice watch error; keeping the last agents, retrying with backoff");
+                }
+            }
+        });
+        Self {
+            store,
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            port_name: port_name.to_string(),
+        }
+    }
+
+    /// The targets in the store, once it has synced (waits up to `API_CALL_TIMEOUT` for that).
+    async fn targets(&self) -> Result<Vec<Target>, DiscoveryError> {
+        match tokio::time::timeout(API_CALL_TIMEOUT, self.store.wait_until_ready()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                return Err(DiscoveryError::Stopped {
+                    namespace: self.namespace.clone(),
+                    name: self.name.clone(),
+                });
+            }
+            Err(_) => {
+                return Err(DiscoveryError::NotSynced {
+                    namespace: self.namespace.clone(),
+                    name: self.name.clone(),
+                });
+            }
+        }
+        Ok(targets_from_slices(&self.store.state(), &self.port_name))
+    }
 }
 
 impl Discovery {
@@ -85,29 +151,7 @@ impl Discovery {
     pub async fn targets(&self) -> Result<Vec<Target>, DiscoveryError> {
         match self {
             Self::Static(t) => Ok(t.clone()),
-            Self::Service {
-                client,
-                namespace,
-                name,
-                port_name,
-            } => {
-                let api: kube::Api<EndpointSlice> =
-                    kube::Api::namespaced(client.clone(), namespace);
-                let params = kube::api::ListParams::default()
-                    .labels(&format!("kubernetes.io/service-name={name}"));
-                let list = tokio::time::timeout(API_CALL_TIMEOUT, api.list(&params))
-                    .await
-                    .map_err(|_| DiscoveryError::Timeout {
-                        namespace: namespace.clone(),
-                        name: name.clone(),
-                    })?
-                    .map_err(|source| DiscoveryError::List {
-                        namespace: namespace.clone(),
-                        name: name.clone(),
-                        source,
-                    })?;
-                Ok(targets_from_slices(&list.items, port_name))
-            }
+            Self::Service(watch) => watch.targets().await,
         }
     }
 }
@@ -115,9 +159,10 @@ impl Discovery {
 /// Every endpoint of `slices` (ready or not: the Service sets `publishNotReadyAddresses`) on the
 /// port named `port_name`, one per pod (or per address when an endpoint names no pod). IPv4 slices win over IPv6 ones for a dual-stack pod; FQDN slices
 /// are skipped (the agents are pods, always addressed by IP).
-pub fn targets_from_slices(slices: &[EndpointSlice], port_name: &str) -> Vec<Target> {
+pub fn targets_from_slices<S: Borrow<EndpointSlice>>(slices: &[S], port_name: &str) -> Vec<Target> {
     let mut slices: Vec<&EndpointSlice> = slices
         .iter()
+        .map(Borrow::borrow)
         .filter(|s| matches!(s.address_type.as_str(), "IPv4" | "IPv6"))
         .collect();
     // "IPv4" < "IPv6": the IPv4 slice claims each pod first.

@@ -31,6 +31,7 @@ use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::Channel;
 
 use crate::aggregate::discovery::{Discovery, Target};
+use crate::aggregate::pods::PodWatch;
 use crate::api::client::{endpoint, read_token};
 use crate::keda::coverage::{AgentCensus, AgentState, FleetCensus};
 use crate::keda::service::CENSUS_SOURCE;
@@ -105,6 +106,11 @@ pub struct AggregateMetrics {
 }
 
 impl AggregateMetrics {
+    /// The counter the EndpointSlice watch adds its errors to.
+    pub fn discovery_errors(&self) -> Counter {
+        self.discovery_errors.clone()
+    }
+
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self {
             agents: Family::default(),
@@ -141,7 +147,8 @@ impl AggregateMetrics {
         );
         registry.register(
             "aggregate_discovery_errors",
-            "EndpointSlice lists that failed (the previous agent list was used)",
+            "Errors of the EndpointSlice and pod watches, and fan-outs before the EndpointSlice \
+             watch had synced (the last agents and pods known were used)",
             m.discovery_errors.clone(),
         );
         m
@@ -212,6 +219,8 @@ struct AgentOutcome {
 /// The cached fleet view; `get` fans out when the cache is older than `refresh`.
 pub struct Fleet {
     discovery: Discovery,
+    /// Where pods run (with `--service`), so only the agents hosting a query's pods decide it.
+    pods: Option<PodWatch>,
     config: FanoutConfig,
     metrics: AggregateMetrics,
     token: BearerToken,
@@ -224,6 +233,7 @@ impl Fleet {
     pub fn new(discovery: Discovery, config: FanoutConfig, metrics: AggregateMetrics) -> Self {
         Self {
             discovery,
+            pods: None,
             config,
             metrics,
             token: BearerToken::default(),
@@ -235,6 +245,12 @@ impl Fleet {
                 missing: BTreeSet::new(),
             }),
         }
+    }
+
+    /// Coverage follows the pods: each query needs only the agents on nodes hosting its pods.
+    pub fn with_pod_watch(mut self, pods: PodWatch) -> Self {
+        self.pods = Some(pods);
+        self
     }
 
     /// A fan-out result at most `refresh` old.
@@ -500,6 +516,10 @@ impl Fleet {
                     });
                     census.push(AgentCensus {
                         name,
+                        node: agents
+                            .last()
+                            .map(|a| a.node_name.clone())
+                            .unwrap_or_default(),
                         state: AgentState::Answered {
                             pods: Arc::new(snap.connections.clone()),
                             at: c.at,
@@ -529,6 +549,10 @@ impl Fleet {
                     });
                     census.push(AgentCensus {
                         name,
+                        node: agents
+                            .last()
+                            .map(|a| a.node_name.clone())
+                            .unwrap_or_default(),
                         state: AgentState::Missing {
                             error,
                             last_known: o
@@ -573,7 +597,10 @@ impl Fleet {
                 missing: unknown as u32,
                 agents,
             },
-            census: Arc::new(FleetCensus { agents: census }),
+            census: Arc::new(FleetCensus {
+                agents: census,
+                placement: self.pods.as_ref().and_then(PodWatch::placement),
+            }),
         }
     }
 }

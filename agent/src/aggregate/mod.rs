@@ -11,6 +11,7 @@
 
 pub mod discovery;
 pub mod fanout;
+pub mod pods;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,8 +27,9 @@ use crate::keda::service::{Census, PodSource, ScalerService};
 use crate::keda_pb::external_scaler_server::ExternalScalerServer;
 use crate::pb::{self, HealthState, aggregator_server};
 use crate::runtime::{Health, Supervisor};
-use discovery::Discovery;
+use discovery::{Discovery, ServiceWatch};
 use fanout::{AggregateMetrics, FanoutConfig, Fleet};
+use pods::PodWatch;
 
 /// KEDA's default pollingInterval is 30 s; a deadline far below it keeps one slow node from
 /// delaying every ScaledObject, and a healthy agent answers from its cache in milliseconds.
@@ -72,7 +74,7 @@ pub struct AggregateArgs {
     )]
     pub agents: Vec<String>,
     /// The agents' headless Service as NAMESPACE/NAME: its EndpointSlices' endpoints, ready or
-    /// not, are the expected agents (listed again at every fan-out).
+    /// not, are the expected agents (followed by a watch).
     #[arg(long, env = "NODEKEEPER_AGGREGATE_SERVICE", value_parser = parse_service)]
     pub service: Option<ServiceRef>,
     /// The Service port (by name) the agents serve gRPC on.
@@ -193,17 +195,22 @@ pub async fn run(args: AggregateArgs) -> Result<(), AggregateError> {
         crate::api::client::read_token(path)
             .map_err(|e| AggregateError::Usage(format!("--token-file: {e}")))?;
     }
+    let mut registry = prometheus_client::registry::Registry::with_prefix("nodekeeper");
+    let metrics = AggregateMetrics::register(&mut registry);
+    let mut pods = None;
     let discovery = match &args.service {
         Some(svc) => {
             let client = crate::kube::connect(KubernetesMode::Required)
                 .await?
                 .expect("Required mode returns a client or an error");
-            Discovery::Service {
+            pods = Some(PodWatch::start(client.clone(), metrics.discovery_errors()));
+            Discovery::Service(ServiceWatch::start(
                 client,
-                namespace: svc.namespace.clone(),
-                name: svc.name.clone(),
-                port_name: args.port_name.clone(),
-            }
+                &svc.namespace,
+                &svc.name,
+                &args.port_name,
+                metrics.discovery_errors(),
+            ))
         }
         None => {
             let d = Discovery::fixed(&args.agents);
@@ -219,9 +226,7 @@ pub async fn run(args: AggregateArgs) -> Result<(), AggregateError> {
 
     let health = Health::default();
     let mut supervisor = Supervisor::new(health.clone());
-    let mut registry = prometheus_client::registry::Registry::with_prefix("nodekeeper");
-    let metrics = AggregateMetrics::register(&mut registry);
-    let fleet = Arc::new(Fleet::new(
+    let mut fleet = Fleet::new(
         discovery,
         FanoutConfig {
             deadline,
@@ -230,7 +235,11 @@ pub async fn run(args: AggregateArgs) -> Result<(), AggregateError> {
             max_concurrency: args.max_concurrency,
         },
         metrics,
-    ));
+    );
+    if let Some(pods) = pods {
+        fleet = fleet.with_pod_watch(pods);
+    }
+    let fleet = Arc::new(fleet);
 
     // Bind before spawning: a port in use is a start failure.
     let grpc_listener = crate::api::bind(args.listen).await?;

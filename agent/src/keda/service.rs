@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::keda::coverage::FleetCensus;
-use crate::keda::query::{CoveragePolicy, Evaluation, Query, evaluate};
+use crate::keda::query::{Evaluation, Query, evaluate};
 use crate::keda_pb::{self as kpb, external_scaler_server::ExternalScaler};
 use crate::metrics::SnapshotCache;
 use crate::pb;
@@ -59,13 +59,13 @@ impl Census {
         Self(CensusInner::Fleet(fleet))
     }
 
-    /// The pods a query with `policy` sums, or UNAVAILABLE when too little of the fleet is
-    /// behind them. A single node's census is always complete.
-    pub fn select(&self, policy: &CoveragePolicy) -> Result<Vec<&[pb::PodConnections]>, Status> {
+    /// The pods query `q` sums, or UNAVAILABLE when too little of the fleet is behind them
+    /// (keda::coverage). A single node's census is always complete.
+    pub fn select(&self, q: &Query) -> Result<Vec<&[pb::PodConnections]>, Status> {
         match &self.0 {
             CensusInner::Snapshot(s) => Ok(vec![&s.connections]),
             CensusInner::Pods(p) => Ok(vec![p]),
-            CensusInner::Fleet(f) => f.select(policy),
+            CensusInner::Fleet(f) => f.select(q),
         }
     }
 }
@@ -138,7 +138,7 @@ impl ScalerService {
     async fn evaluate(&self, q: &Query) -> Result<Evaluation, Status> {
         let census = self.source.census().await?;
         let e = census
-            .select(&q.coverage)?
+            .select(q)?
             .into_iter()
             .map(|pods| evaluate(q, pods))
             .fold(Evaluation::default(), |sum, e| sum + e);
@@ -551,7 +551,7 @@ mod tests {
         assert_eq!(
             census_of(ok)
                 .unwrap()
-                .select(&CoveragePolicy::default())
+                .select(&Query::parse(&scaled_object(&[])).unwrap())
                 .unwrap()[0]
                 .len(),
             1

@@ -436,14 +436,21 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
                     wait = (wait * 2).min(drain_config.retry_max.get());
                 }
                 h.set(crate::drain::CAPABILITY, HealthState::Serving, "");
-                if drain_config.imds.enabled {
-                    // EC2 spot and maintenance notices start drains (after resume, so a notice's
-                    // drain persisted before a restart is re-attached, not started again).
-                    let timeout = drain_config.default_timeout.get();
-                    crate::drain::imds::run(c, drain_config.imds, timeout, token).await;
-                } else {
-                    token.cancelled().await;
-                }
+                // A rotation in progress carries on: the node's return after its reboot.
+                let maintenance = c.maintenance();
+                let returning = maintenance.run(h.clone(), token.clone());
+                let notices = async move {
+                    if drain_config.imds.enabled {
+                        // EC2 spot and maintenance notices start drains (after resume, so a
+                        // notice's drain persisted before a restart is re-attached).
+                        let timeout = drain_config.default_timeout.get();
+                        crate::drain::imds::run(c, drain_config.imds, timeout, token.clone())
+                            .await;
+                    } else {
+                        token.cancelled().await;
+                    }
+                };
+                tokio::join!(returning, notices);
                 Ok(())
             });
             Some(controller)

@@ -238,6 +238,17 @@ struct DrainArgs {
     /// --skip-wait-for-delete-timeout), e.g. `2m`.
     #[arg(long, value_name = "DURATION")]
     skip_wait_for_delete_timeout: Option<nodekeeper::config::ConfigDuration>,
+    /// A patch-and-reboot rotation: after the drain the node keeps its fleet-lock slot until
+    /// it is back from its reboot, then the agent uncordons it (docs/operations.md).
+    #[arg(long)]
+    await_reboot: bool,
+    /// With --await-reboot: leave the node cordoned after its return.
+    #[arg(long, requires = "await_reboot")]
+    keep_cordoned: bool,
+    /// With --await-reboot: how long the node has to come back before MaintenanceOverdue
+    /// Events (default: the agent's drain.maintenance.returnTimeout).
+    #[arg(long, value_name = "DURATION", requires = "await_reboot")]
+    return_timeout: Option<nodekeeper::config::ConfigDuration>,
     /// One JSON object per DrainEvent on stdout (proto3 JSON mapping), no progress bar.
     #[arg(long)]
     json: bool,
@@ -690,6 +701,11 @@ async fn drain(a: DrainArgs) -> Result<(), ClientError> {
         // Filled in by the client: --node, else the node the agent reports.
         node_name: String::new(),
         node_uid: String::new(),
+        await_reboot: a.await_reboot,
+        keep_cordoned: a.keep_cordoned,
+        return_timeout: a
+            .return_timeout
+            .and_then(|t| prost_types::Duration::try_from(t.get()).ok()),
     };
     if a.json {
         let status = c

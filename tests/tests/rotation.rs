@@ -1,6 +1,8 @@
 //! The OS-patching rotation (issue #20) against the fake API server: node-bound requests (a
-//! call meant for another node is refused before anything is touched). Every step runs under a
-//! timeout.
+//! call meant for another node is refused before anything is touched), and the rotation itself:
+//! the fleet-lock slot held from cordon to the node's return after its "reboot" (an agent
+//! restart with a new boot ID), and kept by a node that never comes back. Every step runs under
+//! a timeout.
 
 use std::future::Future;
 use std::path::Path;
@@ -9,8 +11,9 @@ use std::time::Duration;
 
 use nodekeeper::pb::{self, node_agent_client::NodeAgentClient};
 use nodekeeper_tests::drain_scenario::request;
-use nodekeeper_tests::fake_api::FakeApi;
-use nodekeeper_tests::{Agent, TEST_TOKEN, agent_bin, bearer};
+use nodekeeper_tests::fake_api::{FakeApi, PdbLimit, PodSeed, Res};
+use nodekeeper_tests::{Agent, TEST_TOKEN, agent_bin, bearer, wait_for};
+use serde_json::Value;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -173,4 +176,340 @@ async fn a_drain_sent_to_the_wrong_node_is_refused_and_nothing_is_touched() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_ne!(api.node("node-a").unwrap()["spec"]["unschedulable"], true);
+}
+
+// === the rotation: slot held from cordon to return, across the "reboot" ===
+
+/// Pods per rotated node, behind a budget that lets one go at a time.
+const PODS: usize = 3;
+const LOCK_NS: &str = "nodekeeper-system";
+const SLOT: &str = "nodekeeper-drain-slot-0";
+
+/// One slot, a lease shorter than a reboot (so only the return-by mark keeps the slot), the
+/// boot ID read from a file the test changes to "reboot" the node.
+fn rotation_config(boot_id: &Path, return_timeout: &str) -> String {
+    format!(
+        "{CONFIG}  fleetLock:\n    enabled: true\n    slots: 1\n    leaseDuration: 2s\n  maintenance:\n    bootIdPath: {}\n    returnTimeout: {return_timeout}\n",
+        boot_id.display()
+    )
+}
+
+struct Fleet {
+    api: FakeApi,
+    dir: tempfile::TempDir,
+    kubeconfig: std::path::PathBuf,
+}
+
+impl Fleet {
+    /// `nodes`, each running `PODS` ReplicaSet pods behind a minAvailable PODS-1 budget;
+    /// replacements land on node-other and become Ready 500 ms later. Every node boots "boot-1".
+    fn new(nodes: &[&str]) -> Fleet {
+        let api = FakeApi::builder()
+            .replace_delay(Duration::from_millis(100))
+            .ready_delay(Duration::from_millis(500))
+            .other_node("node-other")
+            .start();
+        api.add_node("node-other", &[]);
+        let dir = tempfile::tempdir().expect("tempdir");
+        for node in nodes {
+            api.add_node(node, &[]);
+            let app = format!("app-{node}");
+            api.add_replicaset(
+                "apps",
+                &app,
+                &[("app", &app)],
+                PODS as i64,
+                &[("app", &app)],
+            );
+            for i in 0..PODS {
+                api.add_pod(
+                    PodSeed::new(&format!("{app}-{i}"))
+                        .namespace("apps")
+                        .node(node)
+                        .label("app", &app)
+                        .replicaset(&app),
+                );
+            }
+            api.add_pdb(
+                "apps",
+                &format!("{app}-pdb"),
+                &[("app", &app)],
+                PdbLimit::MinAvailable(PODS as i64 - 1),
+                None,
+            );
+            std::fs::write(dir.path().join(format!("{node}.boot_id")), "boot-1\n")
+                .expect("write boot id");
+        }
+        let kubeconfig = dir.path().join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig);
+        Fleet {
+            api,
+            dir,
+            kubeconfig,
+        }
+    }
+
+    fn boot_id_path(&self, node: &str) -> std::path::PathBuf {
+        self.dir.path().join(format!("{node}.boot_id"))
+    }
+
+    fn agent(&self, node: &str, return_timeout: &str) -> Agent {
+        Agent::builder()
+            .config(&rotation_config(&self.boot_id_path(node), return_timeout))
+            .with_token()
+            .connected(&self.kubeconfig, node)
+            .start()
+    }
+
+    /// The "reboot": the node's agent dies with the node, the node comes back with a new boot
+    /// ID, and a new agent starts on it.
+    fn reboot(&self, agent: Agent, node: &str, return_timeout: &str) -> Agent {
+        kill(agent);
+        std::fs::write(self.boot_id_path(node), "boot-2\n").expect("write boot id");
+        self.agent(node, return_timeout)
+    }
+
+    /// The node's maintenance record, parsed.
+    fn maintenance(&self, node: &str) -> Value {
+        self.api.node(node).expect("node")["metadata"]["annotations"]["nodekeeper.io/maintenance"]
+            .as_str()
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or(Value::Null)
+    }
+
+    fn holder(&self) -> Option<String> {
+        self.api
+            .get(Res::Leases, LOCK_NS, SLOT)
+            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
+            .filter(|h| !h.is_empty())
+    }
+
+    fn events(&self, node: &str, reason: &str) -> Vec<String> {
+        self.api
+            .events()
+            .into_iter()
+            .filter(|e| e["reason"] == reason && e["involvedObject"]["name"] == node)
+            .map(|e| e["message"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    /// (node, cordoned?) for every cordon and uncordon PATCH the API server accepted, in order.
+    fn cordon_log(&self) -> Vec<(String, bool)> {
+        self.api
+            .requests()
+            .into_iter()
+            .filter(|r| r.method == "PATCH" && r.status < 300 && r.body.contains("unschedulable"))
+            .filter_map(|r| {
+                let node = r.path.rsplit('/').next()?.to_string();
+                Some((node, r.body.contains("\"unschedulable\":true")))
+            })
+            .collect()
+    }
+}
+
+fn kill(agent: Agent) {
+    let mut agent = agent;
+    agent.proc.signal("KILL");
+    agent.proc.wait_exit(Duration::from_secs(5));
+}
+
+fn rotation_request(id: &str, node: &str) -> pb::DrainRequest {
+    let mut r = request(id);
+    r.node_name = node.into();
+    r.await_reboot = true;
+    r
+}
+
+fn last_event(events: &[pb::DrainEvent]) -> Option<&pb::drain_event::Event> {
+    events.last().and_then(|e| e.event.as_ref())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_three_node_rotation_with_one_slot_never_has_two_nodes_cordoned_across_the_reboots() {
+    const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
+    let fleet = Fleet::new(&NODES);
+    let mut agents: Vec<Option<Agent>> =
+        NODES.iter().map(|n| Some(fleet.agent(n, "10m"))).collect();
+
+    // Rotation options without a rotation are a usage error naming the field.
+    let mut c = client(agents[0].as_ref().unwrap()).await;
+    let mut bad = request("bad");
+    bad.keep_cordoned = true;
+    let e = within(10, c.drain(bearer(bad))).await.expect_err("refused");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("keep_cordoned:"), "{e}");
+
+    // The orchestrator asks all three at once; the fleet lock paces them.
+    let mut drains = Vec::new();
+    for (i, node) in NODES.iter().enumerate() {
+        let mut c = client(agents[i].as_ref().unwrap()).await;
+        let req = rotation_request(&format!("rot-{node}"), node);
+        drains.push(tokio::spawn(async move {
+            nodekeeper_tests::drain_scenario::drain_all(&mut c, req).await
+        }));
+    }
+
+    // The patching step: each node that awaits its reboot is "rebooted" (agent killed, new
+    // boot ID, new agent), until every node is done.
+    let mut rebooted = [false; 3];
+    within(150, async {
+        loop {
+            let mut all_done = true;
+            for (i, node) in NODES.iter().enumerate() {
+                let m = fleet.maintenance(node);
+                match m["state"].as_str() {
+                    // As an orchestrator: reboot once the drain's stream said `completed`.
+                    Some("awaiting-reboot") if !rebooted[i] && drains[i].is_finished() => {
+                        assert_eq!(m["bootId"], "boot-1", "{m}");
+                        assert_eq!(
+                            fleet.holder().as_deref(),
+                            Some(*node),
+                            "{node} awaits its reboot without the slot"
+                        );
+                        let old = agents[i].take().unwrap();
+                        agents[i] = Some(tokio::task::block_in_place(|| {
+                            fleet.reboot(old, node, "10m")
+                        }));
+                        rebooted[i] = true;
+                        all_done = false;
+                    }
+                    Some("done") => {}
+                    _ => all_done = false,
+                }
+            }
+            if all_done {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    for d in drains {
+        let events = within(30, d).await.expect("drain task");
+        assert!(
+            matches!(
+                last_event(&events),
+                Some(pb::drain_event::Event::Completed(_))
+            ),
+            "{:?}",
+            events.last()
+        );
+    }
+    assert_eq!(rebooted, [true; 3]);
+
+    // From the API server's log: never two nodes cordoned at once, each cordoned once and
+    // uncordoned once (after its reboot, by the new agent).
+    let log = fleet.cordon_log();
+    let mut cordoned: Vec<String> = Vec::new();
+    for (node, on) in &log {
+        if *on {
+            assert!(
+                cordoned.iter().all(|n| n == node),
+                "{node} cordoned while {cordoned:?} still was; log: {log:?}"
+            );
+            cordoned.push(node.clone());
+        } else {
+            cordoned.retain(|n| n != node);
+        }
+    }
+    assert!(
+        cordoned.is_empty(),
+        "left cordoned: {cordoned:?}; log: {log:?}"
+    );
+    for node in NODES {
+        let ons = log.iter().filter(|(n, on)| n == node && *on).count();
+        let offs = log.iter().filter(|(n, on)| n == node && !*on).count();
+        assert_eq!((ons, offs), (1, 1), "{node}: {log:?}");
+        let m = fleet.maintenance(node);
+        assert_eq!(m["state"], "done", "{m}");
+        assert_eq!(
+            m["bootId"], "boot-1",
+            "the boot ID recorded when drained: {m}"
+        );
+        assert_eq!(fleet.events(node, "Rebooted").len(), 1, "{node}");
+        // Recorded right after the state.
+        wait_for(Duration::from_secs(5), "MaintenanceDone Event", || {
+            (fleet.events(node, "MaintenanceDone").len() == 1).then_some(())
+        });
+    }
+    // Released after the last node's return.
+    wait_for(Duration::from_secs(5), "slot released", || {
+        fleet.holder().is_none().then_some(())
+    });
+    let lease = fleet.api.get(Res::Leases, LOCK_NS, SLOT).unwrap();
+    assert!(
+        lease["metadata"]["annotations"]["nodekeeper.io/return-by"].is_null(),
+        "{lease}"
+    );
+    // The timeline, for the closing note.
+    eprintln!("cordon log: {log:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_that_never_comes_back_keeps_its_slot_and_raises_an_event() {
+    let fleet = Fleet::new(&["node-a", "node-b"]);
+    let a = fleet.agent("node-a", "2s");
+    let b = fleet.agent("node-b", "2s");
+    let events = within(
+        60,
+        nodekeeper_tests::drain_scenario::drain_all(
+            &mut client(&a).await,
+            rotation_request("rot-a", "node-a"),
+        ),
+    )
+    .await;
+    assert!(
+        matches!(
+            last_event(&events),
+            Some(pb::drain_event::Event::Completed(_))
+        ),
+        "{:?}",
+        events.last()
+    );
+    assert_eq!(fleet.maintenance("node-a")["state"], "awaiting-reboot");
+    // node-a goes down for its reboot and never comes back.
+    kill(a);
+
+    let mut cb = client(&b).await;
+    let drain_b = tokio::spawn({
+        let mut cb = cb.clone();
+        async move {
+            nodekeeper_tests::drain_scenario::drain_all(
+                &mut cb,
+                rotation_request("rot-b", "node-b"),
+            )
+            .await
+        }
+    });
+    // node-b waits and raises the Event on node-a once node-a is past its return-by time.
+    let overdue = tokio::task::block_in_place(|| {
+        wait_for(
+            Duration::from_secs(20),
+            "MaintenanceOverdue on node-a",
+            || {
+                let e = fleet.events("node-a", "MaintenanceOverdue");
+                (!e.is_empty()).then_some(e)
+            },
+        )
+    });
+    assert!(overdue[0].contains("node-b waits"), "{overdue:?}");
+    // Well past the 2 s lease: node-a still holds the slot, node-b is untouched and pending.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(fleet.holder().as_deref(), Some("node-a"));
+    let status = within(10, cb.get_drain(bearer(pb::GetDrainRequest {})))
+        .await
+        .expect("GetDrain")
+        .into_inner();
+    assert_eq!(status.phase(), pb::DrainPhase::Pending, "{status:?}");
+    assert_ne!(
+        fleet.api.node("node-b").unwrap()["spec"]["unschedulable"],
+        true
+    );
+    assert_eq!(
+        fleet.events("node-a", "MaintenanceOverdue").len(),
+        1,
+        "one Event per wait"
+    );
+    drain_b.abort();
+    drop(b);
 }

@@ -18,6 +18,7 @@ use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
 
 use super::lock;
+use super::maintenance::{Maintenance, Rotation};
 use super::owner::{self, Standing};
 use super::plan::{self, Class, PlanOptions, PlannedPod};
 use super::state::{self, Persisted};
@@ -129,6 +130,8 @@ pub struct DrainParams {
     pub leader_selector: String,
     /// kubectl's --skip-wait-for-delete-timeout.
     pub skip_wait_for_delete: Option<Duration>,
+    /// A patch-and-reboot rotation: hold the slot after the drain until the node is back.
+    pub rotation: Option<Rotation>,
 }
 
 impl DrainParams {
@@ -158,6 +161,7 @@ impl DrainParams {
             heartbeat: 0,
             cancel_requested: false,
             skip_wait_for_delete_seconds: self.skip_wait_for_delete.map(|d| d.as_secs()),
+            rotation: self.rotation,
         }
     }
 
@@ -175,6 +179,7 @@ impl DrainParams {
             evict_unreplicated: p.evict_unreplicated,
             leader_selector: p.leader_selector.clone(),
             skip_wait_for_delete: p.skip_wait_for_delete_seconds.map(Duration::from_secs),
+            rotation: p.rotation,
         }
     }
 
@@ -212,6 +217,8 @@ pub struct DrainController {
     instance: String,
     /// The running drain's skip-wait-for-delete timeout (read by the gone check).
     skip_wait: Mutex<Option<Duration>>,
+    /// The rotation's state on the Node and the slot kept across the reboot.
+    maintenance: Arc<Maintenance>,
 }
 
 impl DrainController {
@@ -223,7 +230,14 @@ impl DrainController {
         pods: PodWatch,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
+        let maintenance = Arc::new(Maintenance::new(
+            client.clone(),
+            node.clone(),
+            config.maintenance.clone(),
+            config.fleet_lock.enabled.then(|| config.fleet_lock.clone()),
+        ));
         Arc::new(Self {
+            maintenance,
             client,
             node,
             config,
@@ -242,6 +256,11 @@ impl DrainController {
 
     fn nodes(&self) -> Api<Node> {
         Api::all(self.client.clone())
+    }
+
+    /// The node's rotation state (maintenance.rs), run for the agent's lifetime by app.rs.
+    pub fn maintenance(&self) -> Arc<Maintenance> {
+        self.maintenance.clone()
     }
 
     pub fn current(&self) -> Option<Arc<DrainRun>> {
@@ -615,8 +634,37 @@ impl DrainController {
             })?)
             .filter(|d| !d.is_zero()),
         };
+        let rotation = if req.await_reboot {
+            let return_timeout = match &req.return_timeout {
+                None => self.maintenance.default_return_timeout(),
+                Some(d) => Duration::try_from(*d).map_err(|_| {
+                    DrainError::Invalid("return_timeout: must not be negative".into())
+                })?,
+            };
+            if return_timeout < Duration::from_secs(1) {
+                return Err(DrainError::Invalid(format!(
+                    "return_timeout: {return_timeout:?} is below 1s"
+                )));
+            }
+            Some(Rotation {
+                uncordon: !req.keep_cordoned,
+                return_timeout_seconds: return_timeout.as_secs(),
+            })
+        } else if req.keep_cordoned || req.return_timeout.is_some() {
+            let field = if req.keep_cordoned {
+                "keep_cordoned"
+            } else {
+                "return_timeout"
+            };
+            return Err(DrainError::Invalid(format!(
+                "{field}: only applies with await_reboot: true"
+            )));
+        } else {
+            None
+        };
         let started = SystemTime::now();
         Ok(DrainParams {
+            rotation,
             id: req.id.clone(),
             reason: req.reason.clone(),
             requester: req.requester.clone(),
@@ -840,6 +888,23 @@ impl DrainController {
             .observe(started.elapsed().as_secs_f64());
         self.metrics.remaining.set(0);
         tracing::info!(id = %params.id, result, error, "drain ended");
+        // A rotation keeps its slot from here until the node is back from its reboot; the
+        // boot ID is recorded before the stream says `completed`, so an orchestrator that
+        // reboots at once never reboots a node whose return nobody will notice.
+        if let Some(rotation) = params.rotation {
+            let held = slot.lock().expect("not poisoned").take();
+            if phase == DrainPhase::Completed {
+                if let Err(e) = self.maintenance.drained(&params.id, rotation, held).await {
+                    tracing::error!(error = %e, "could not record the node as drained for its reboot");
+                    self.maintenance
+                        .failed(&params.id, rotation, &e.to_string())
+                        .await;
+                }
+            } else {
+                self.maintenance.failed(&params.id, rotation, &error).await;
+                *slot.lock().expect("not poisoned") = held;
+            }
+        }
         run.emit(match phase {
             DrainPhase::Completed => Ev::Completed(status),
             DrainPhase::TimedOut => Ev::TimedOut(status),
@@ -880,6 +945,9 @@ impl DrainController {
             .await
             .map_err(|e| Outcome::Failed(e.to_string()))?;
             *slot.lock().expect("not poisoned") = Some(guard);
+        }
+        if let Some(rotation) = params.rotation {
+            self.maintenance.draining(&params.id, rotation).await;
         }
         run.update(|s| s.phase = DrainPhase::Cordoning as i32);
         let done_now = || {

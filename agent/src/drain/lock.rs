@@ -8,6 +8,14 @@
 //! other gets a 409 and tries the next slot). The holder renews every `leaseDuration / 3` and
 //! clears `holderIdentity` when its drain ends.
 //!
+//! A rotation (issue #20) keeps its slot from cordon to the node's return after its reboot: the
+//! holder marks the Lease with `nodekeeper.io/return-by` (unix seconds) when its drain completes,
+//! and such a Lease stays held while its holder is set, renewed or not (nobody renews during the
+//! reboot). The agent that starts after the reboot takes it back (`reclaim`, the holder identity
+//! is the node, not the process) and clears it once the node is back. A holder past its
+//! return-by keeps the slot; a node waiting for it records a `MaintenanceOverdue` Event on the
+//! holder's Node, once per wait.
+//!
 //! Never takes a slot whose holder renewed within its lease duration, never deletes a Lease, and
 //! never touches Leases outside its own names. Expiry compares the holder's `renewTime` with this
 //! node's clock, so clocks must agree to well within the lease duration (NTP does that).
@@ -37,6 +45,8 @@ pub const DEFAULT_NAME_PREFIX: &str = "nodekeeper-drain-slot-";
 const WAIT_INITIAL: Duration = Duration::from_millis(500);
 /// A 409 on release/renew means our read was stale: re-read and retry this many times.
 const CONFLICT_RETRIES: u32 = 3;
+/// On a slot Lease: the holder's node is being rebooted and should be back by then (unix s).
+pub const RETURN_BY_ANNOTATION: &str = "nodekeeper.io/return-by";
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
@@ -168,12 +178,33 @@ fn now() -> MicroTime {
 pub struct Held {
     pub slot: String,
     pub holder: String,
+    /// The holder is being rebooted and is past its return-by time.
+    pub overdue: bool,
 }
 
-/// The holder of a Lease, when it is held by someone and has not expired.
+fn unix_now() -> u64 {
+    k8s_openapi::jiff::Timestamp::now().as_second().max(0) as u64
+}
+
+/// The return-by time of a slot held across its node's reboot.
+pub fn return_by(lease: &Lease) -> Option<u64> {
+    lease
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(RETURN_BY_ANNOTATION)?
+        .parse()
+        .ok()
+}
+
+/// The holder of a Lease, when it is held by someone and has not expired (or is held across its
+/// node's reboot, which never expires).
 fn live_holder(lease: &Lease) -> Option<String> {
     let spec = lease.spec.as_ref()?;
     let holder = spec.holder_identity.clone().filter(|h| !h.is_empty())?;
+    if return_by(lease).is_some() {
+        return Some(holder);
+    }
     let last = spec.renew_time.as_ref().or(spec.acquire_time.as_ref())?;
     let duration = i64::from(spec.lease_duration_seconds.unwrap_or(0).max(0));
     let expires = last.0.as_second().saturating_add(duration);
@@ -204,14 +235,19 @@ fn held_by(previous: Option<&LeaseSpec>, identity: &str, duration: Duration) -> 
     }
 }
 
-/// Tries slot `name` once: `Ok(Ok(lease))` when taken, `Ok(Err(holder))` when someone else holds
+/// Tries slot `name` once: `Ok(Ok(lease))` when taken, `Ok(Err(held))` when someone else holds
 /// it (or won a race for it just now).
 async fn try_slot(
     api: &Api<Lease>,
     cfg: &FleetLockConfig,
     name: &str,
     identity: &str,
-) -> Result<Result<Lease, String>, LockError> {
+) -> Result<Result<Lease, Held>, LockError> {
+    let racing = || Held {
+        slot: name.to_string(),
+        holder: "(a racing agent)".to_string(),
+        overdue: false,
+    };
     // Two rounds: a 409 on create means another agent created it between our GET and POST.
     for _ in 0..2 {
         match call("GET lease", api.get_opt(name)).await? {
@@ -232,7 +268,13 @@ async fn try_slot(
             }
             Some(lease) => {
                 match live_holder(&lease) {
-                    Some(h) if h != identity => return Ok(Err(h)),
+                    Some(h) if h != identity => {
+                        return Ok(Err(Held {
+                            slot: name.to_string(),
+                            holder: h,
+                            overdue: return_by(&lease).is_some_and(|t| t < unix_now()),
+                        }));
+                    }
                     _ => {}
                 }
                 let mut next = lease.clone();
@@ -249,13 +291,13 @@ async fn try_slot(
                 .await
                 {
                     Ok(l) => Ok(Ok(l)),
-                    Err(e) if is_conflict(&e) => Ok(Err("(a racing agent)".to_string())),
+                    Err(e) if is_conflict(&e) => Ok(Err(racing())),
                     Err(e) => Err(e),
                 };
             }
         }
     }
-    Ok(Err("(a racing agent)".to_string()))
+    Ok(Err(racing()))
 }
 
 /// Takes a free slot, waiting (with jittered backoff) while all are held. `on_wait` is called
@@ -271,6 +313,7 @@ pub async fn acquire(
     let cap = (cfg.lease_duration.get() / 3).max(WAIT_INITIAL);
     let mut wait = WAIT_INITIAL;
     let mut reported: Option<Vec<Held>> = None;
+    let mut overdue_reported = std::collections::HashSet::new();
     loop {
         let mut holders = Vec::new();
         for i in 0..cfg.slots {
@@ -285,7 +328,23 @@ pub async fn acquire(
                         cfg.lease_duration.get(),
                     ));
                 }
-                Err(holder) => holders.push(Held { slot: name, holder }),
+                Err(held) => {
+                    if held.overdue && overdue_reported.insert(held.holder.clone()) {
+                        tracing::warn!(slot = %held.slot, holder = %held.holder, "fleet lock: the holder did not come back from its reboot in time; it keeps the slot");
+                        crate::kube::node_event(
+                            client,
+                            &held.holder,
+                            "MaintenanceOverdue",
+                            "Warning",
+                            &format!(
+                                "{} is past its return-by time after a reboot and still holds the fleet-lock slot {}; {identity} waits for it (clear the Lease's holderIdentity to free it)",
+                                held.holder, held.slot
+                            ),
+                        )
+                        .await;
+                    }
+                    holders.push(held)
+                }
             }
         }
         if reported.as_ref() != Some(&holders) {
@@ -355,6 +414,12 @@ impl SlotGuard {
     /// The slot's Lease name.
     pub fn slot(&self) -> &str {
         &self.name
+    }
+
+    /// Marks the slot as held across this node's reboot: it stays held, renewed or not, until
+    /// `release` (by the agent that starts after the reboot).
+    pub async fn hold_for_return(&self, return_by: u64) -> Result<(), LockError> {
+        annotate(&self.api, &self.name, &self.identity, Some(return_by)).await
     }
 
     /// Stops renewing and clears `holderIdentity`, so a waiting node takes the slot at once.
@@ -428,6 +493,81 @@ async fn renew_loop(
     }
 }
 
+/// The slot this node (`identity`) still holds, taken back and renewed from now on: after an
+/// agent restart or the node's reboot. `None` when it holds none.
+pub async fn reclaim(
+    client: &Client,
+    cfg: &FleetLockConfig,
+    identity: &str,
+) -> Result<Option<SlotGuard>, LockError> {
+    let api: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
+    for i in 0..cfg.slots {
+        let name = cfg.slot_name(i);
+        if renew(&api, &name, identity, cfg.lease_duration.get()).await? {
+            tracing::info!(slot = %name, "fleet lock: took this node's slot back");
+            return Ok(Some(SlotGuard::start(
+                api,
+                name,
+                identity.to_string(),
+                cfg.lease_duration.get(),
+            )));
+        }
+    }
+    Ok(None)
+}
+
+/// Sets (or removes) the return-by mark on a slot this node holds.
+async fn annotate(
+    api: &Api<Lease>,
+    name: &str,
+    identity: &str,
+    return_by: Option<u64>,
+) -> Result<(), LockError> {
+    for _ in 0..CONFLICT_RETRIES {
+        let Some(lease) = call("GET lease", api.get_opt(name)).await? else {
+            return Ok(());
+        };
+        if lease
+            .spec
+            .as_ref()
+            .and_then(|s| s.holder_identity.as_deref())
+            != Some(identity)
+        {
+            return Ok(());
+        }
+        let mut next = lease.clone();
+        set_return_by(&mut next, return_by);
+        match call(
+            "PUT lease",
+            api.replace(name, &PostParams::default(), &next),
+        )
+        .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) if is_conflict(&e) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(LockError::Timeout(format!(
+        "marking {name}: {CONFLICT_RETRIES} conflicts in a row"
+    )))
+}
+
+fn set_return_by(lease: &mut Lease, return_by: Option<u64>) {
+    let annotations = lease
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default);
+    match return_by {
+        Some(t) => {
+            annotations.insert(RETURN_BY_ANNOTATION.to_string(), t.to_string());
+        }
+        None => {
+            annotations.remove(RETURN_BY_ANNOTATION);
+        }
+    }
+}
+
 /// One renewal: `Ok(false)` when another node holds the slot now.
 async fn renew(
     api: &Api<Lease>,
@@ -475,6 +615,7 @@ async fn clear(api: &Api<Lease>, name: &str, identity: &str) -> Result<(), LockE
             return Ok(());
         }
         let mut next = lease.clone();
+        set_return_by(&mut next, None);
         next.spec = Some(LeaseSpec {
             holder_identity: None,
             renew_time: Some(now()),
@@ -520,6 +661,20 @@ mod tests {
         assert_eq!(live_holder(&lease(Some("a"), 31, 30)), None);
         assert_eq!(live_holder(&lease(None, 0, 30)), None);
         assert_eq!(live_holder(&lease(Some(""), 0, 30)), None);
+    }
+
+    #[test]
+    fn a_slot_held_across_a_reboot_never_expires_while_its_holder_is_set() {
+        let mut l = lease(Some("node-a"), 3600, 30);
+        assert_eq!(live_holder(&l), None);
+        // Renewed an hour ago with a 30 s lease, return-by long past: still held.
+        set_return_by(&mut l, Some(1000));
+        assert_eq!(return_by(&l), Some(1000));
+        assert_eq!(live_holder(&l), Some("node-a".into()));
+        l.spec.as_mut().unwrap().holder_identity = None;
+        assert_eq!(live_holder(&l), None, "released: free");
+        set_return_by(&mut l, None);
+        assert_eq!(return_by(&l), None);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 pub mod engine;
 pub mod imds;
 pub mod lock;
+pub mod maintenance;
 pub mod owner;
 pub mod plan;
 pub mod state;
@@ -61,6 +62,8 @@ pub struct DrainConfig {
     /// How long a drain's driver keeps its claim on the Node without renewing it (renewed every
     /// third); another agent process on the node adopts the drain after that (owner.rs).
     pub owner_lease: ConfigDuration,
+    /// The patch-and-reboot rotation's return (maintenance.rs).
+    pub maintenance: maintenance::MaintenanceConfig,
 }
 
 impl Default for DrainConfig {
@@ -76,6 +79,7 @@ impl Default for DrainConfig {
             fleet_lock: lock::FleetLockConfig::default(),
             imds: imds::ImdsConfig::default(),
             owner_lease: ConfigDuration(owner::DEFAULT_OWNER_LEASE),
+            maintenance: maintenance::MaintenanceConfig::default(),
         }
     }
 }
@@ -127,6 +131,7 @@ impl DrainConfig {
         }
         out.extend(self.fleet_lock.problems());
         out.extend(self.imds.problems());
+        out.extend(self.maintenance.problems());
         out
     }
 }

@@ -94,6 +94,7 @@ mod tests {
             heartbeat,
             cancel_requested: false,
             skip_wait_for_delete_seconds: None,
+            rotation: None,
         }
     }
 

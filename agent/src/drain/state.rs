@@ -45,6 +45,9 @@ pub struct Persisted {
     /// --skip-wait-for-delete-timeout); absent = always wait.
     #[serde(default)]
     pub skip_wait_for_delete_seconds: Option<u64>,
+    /// A patch-and-reboot rotation (issue #20): what happens after the drain completes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<super::maintenance::Rotation>,
 }
 
 pub fn unix(t: SystemTime) -> u64 {
@@ -126,6 +129,10 @@ mod tests {
             heartbeat: 150,
             cancel_requested: false,
             skip_wait_for_delete_seconds: Some(60),
+            rotation: Some(crate::drain::maintenance::Rotation {
+                uncordon: true,
+                return_timeout_seconds: 600,
+            }),
         };
         assert_eq!(p.phase, "evicting");
         assert_eq!(Persisted::from_json(&p.to_json()).unwrap(), p);

@@ -114,6 +114,9 @@ pub struct RecordedRequest {
     pub status: u16,
     /// The request body as sent (lossy UTF-8), empty for none.
     pub body: String,
+    /// Who made it (section 13): `fake-admin`, `system:serviceaccount:NS:NAME`, or empty for an
+    /// unknown token.
+    pub user: String,
 }
 
 /// A PodDisruptionBudget's health at one moment.
@@ -341,6 +344,11 @@ pub struct Store {
     pub held_total: std::sync::atomic::AtomicUsize,
     /// `true` once held requests may go on.
     pub released: tokio::sync::watch::Sender<bool>,
+    /// The ServiceAccount RBAC requests are authorized with; `None`: the shipped manifests'
+    /// (loaded on the first ServiceAccount request).
+    pub rbac: Mutex<Option<Arc<super::rbac::Rbac>>>,
+    /// The admission policies ServiceAccount writes go through; `None`: the shipped ones.
+    pub admission: Mutex<Option<Arc<super::admission::Admission>>>,
 }
 
 impl Store {
@@ -358,6 +366,8 @@ impl Store {
             faults: Mutex::new(Vec::new()),
             held_total: std::sync::atomic::AtomicUsize::new(0),
             released: tokio::sync::watch::channel(false).0,
+            rbac: Mutex::new(None),
+            admission: Mutex::new(None),
         })
     }
 

@@ -461,7 +461,12 @@ fn authorize(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone()
-        .unwrap_or_else(Rbac::shipped);
+        .unwrap_or_else(|| match who {
+            Identity::ServiceAccount {
+                namespace, name, ..
+            } => Rbac::shipped_for(namespace, name),
+            Identity::Admin => Rbac::shipped(),
+        });
     if rules.allows(who, &attrs) {
         return Ok(());
     }

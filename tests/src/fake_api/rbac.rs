@@ -16,7 +16,8 @@
 //! name, which for list/watch comes from a `metadata.name=` field selector (that is how
 //! `resourceNames` authorizes a single-object watch). Discovery paths need authentication only.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde_json::Value;
 
@@ -222,15 +223,17 @@ impl Rbac {
 
     /// The agent's RBAC from `kubectl kustomize manifests/base`, rendered once per process.
     pub fn shipped() -> Arc<Rbac> {
-        static SHIPPED: OnceLock<Arc<Rbac>> = OnceLock::new();
-        SHIPPED
-            .get_or_init(|| {
-                Arc::new(Rbac::from_objects(
-                    shipped_objects(),
-                    AGENT_NAMESPACE,
-                    AGENT_SERVICE_ACCOUNT,
-                ))
-            })
+        Rbac::shipped_for(AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT)
+    }
+
+    /// The RBAC `manifests/base` grants ServiceAccount `namespace/name` (the agent's, the
+    /// aggregator's; none for any other).
+    pub fn shipped_for(namespace: &str, name: &str) -> Arc<Rbac> {
+        static SHIPPED: Mutex<BTreeMap<(String, String), Arc<Rbac>>> = Mutex::new(BTreeMap::new());
+        let mut cache = SHIPPED.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .entry((namespace.to_string(), name.to_string()))
+            .or_insert_with(|| Arc::new(Rbac::from_objects(shipped_objects(), namespace, name)))
             .clone()
     }
 

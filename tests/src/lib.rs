@@ -375,6 +375,8 @@ impl AgentBuilder {
     }
 
     /// Runs connected to the API server in `kubeconfig` (e.g. the fake API), as node `node`.
+    /// A fake API's admin kubeconfig is turned into the agent's own identity (its
+    /// ServiceAccount bound to `node`), so the fake enforces the shipped RBAC on it.
     pub fn connected(mut self, kubeconfig: &Path, node: &str) -> Self {
         self.kubeconfig = Some((kubeconfig.to_path_buf(), node.to_string()));
         self
@@ -422,9 +424,9 @@ impl AgentBuilder {
                 cmd.arg("--standalone").env_remove("KUBECONFIG");
             }
             Some((kubeconfig, node)) => {
-                cmd.env("KUBECONFIG", kubeconfig)
-                    .arg("--node-name")
-                    .arg(node);
+                let as_agent = dir.path().join("kubeconfig");
+                fake_api::agent_kubeconfig(kubeconfig, node, &as_agent);
+                cmd.env("KUBECONFIG", as_agent).arg("--node-name").arg(node);
             }
         }
         if self.token {

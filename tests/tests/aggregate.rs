@@ -172,7 +172,24 @@ fn aggregator_counts_not_ready_agents_and_errors_instead_of_a_partial_sum_as_roo
         &[&["--agents", &addresses.join(",")][..], &common].concat(),
         &[],
     );
-    let kubeconfig_env = kubeconfig.display().to_string();
+    // The aggregator as its own ServiceAccount, under the shipped Role (EndpointSlices only).
+    let aggregator_kubeconfig = dir.path().join("kubeconfig-aggregator");
+    api.write_kubeconfig(&aggregator_kubeconfig);
+    let text = std::fs::read_to_string(&aggregator_kubeconfig)
+        .unwrap()
+        .replace(
+            "token: fake-token\n",
+            &format!(
+                "token: {}\n",
+                nodekeeper_tests::fake_api::rbac::service_account_token(
+                    "nodekeeper-system",
+                    "nodekeeper-aggregator",
+                    "node-agg"
+                )
+            ),
+        );
+    std::fs::write(&aggregator_kubeconfig, text).unwrap();
+    let kubeconfig_env = aggregator_kubeconfig.display().to_string();
     let discovered = Aggregator::start(
         dir.path(),
         "aggregate-service",
@@ -193,6 +210,21 @@ fn aggregator_counts_not_ready_agents_and_errors_instead_of_a_partial_sum_as_roo
         let c = by_address(&fleet, &addresses[2]);
         assert!(c.answered, "{name}: {c:?}");
         assert_eq!(c.ready, name == "static", "{name}: {c:?}");
+    }
+    // Issue #19: discovery ran as the aggregator's ServiceAccount, and its Role sufficed.
+    let by_aggregator: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.user == "system:serviceaccount:nodekeeper-system:nodekeeper-aggregator")
+        .collect();
+    assert!(
+        by_aggregator
+            .iter()
+            .any(|r| r.path.contains("endpointslices")),
+        "{by_aggregator:?}"
+    );
+    for r in &by_aggregator {
+        assert!(r.status != 401 && r.status != 403, "refused: {r:?}");
     }
 
     // node-b's agent goes away; its slice stays until Kubernetes notices, as in a real outage.

@@ -54,6 +54,15 @@ fn pod_metrics_carry_names_from_the_pod_watch() {
         .filter(|r| r.path == "/api/v1/pods")
         .collect();
     assert!(!pod_queries.is_empty(), "the agent watched pods");
+    // Issue #19: every request the agent made was as its ServiceAccount, under the shipped RBAC
+    // (docs/fake-api-server.md section 13), and none was refused.
+    for r in api.requests() {
+        assert_eq!(
+            r.user, "system:serviceaccount:nodekeeper-system:nodekeeper",
+            "{r:?}"
+        );
+        assert!(r.status != 401 && r.status != 403, "refused: {r:?}");
+    }
     for r in &pod_queries {
         assert!(
             r.query.contains("spec.nodeName%3Dnode-a") || r.query.contains("spec.nodeName=node-a"),

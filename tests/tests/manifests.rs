@@ -212,14 +212,23 @@ fn rendered_base_has_each_object_labelled_in_the_namespace() {
         ("ServiceAccount", "nodekeeper"),
         ("ServiceAccount", "nodekeeper-aggregator"),
         ("StorageClass", "nodekeeper-local"),
+        ("ValidatingAdmissionPolicy", "nodekeeper-own-node"),
+        ("ValidatingAdmissionPolicyBinding", "nodekeeper-own-node"),
     ];
     want.sort();
     assert_eq!(kinds, want);
     for o in &base.objects {
         let kind = str_at(o, "/kind");
+        // kustomize's schema does not know the admission policy kinds are cluster-scoped and
+        // sets a namespace on them, which the API server clears on create.
         let namespaced = !matches!(
             kind,
-            "Namespace" | "ClusterRole" | "ClusterRoleBinding" | "StorageClass"
+            "Namespace"
+                | "ClusterRole"
+                | "ClusterRoleBinding"
+                | "StorageClass"
+                | "ValidatingAdmissionPolicy"
+                | "ValidatingAdmissionPolicyBinding"
         );
         if namespaced {
             assert_eq!(o["metadata"]["namespace"], NAMESPACE, "{kind} namespace");

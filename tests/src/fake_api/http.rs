@@ -15,10 +15,12 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
+use super::admission::{self, Admission};
 use super::controllers::{self, check_preconditions};
 use super::faults::{self, FaultKind, FieldValidation};
 use super::patch::{PatchType, json_patch, merge_patch};
 use super::pdb;
+use super::rbac::{self, Identity, Rbac};
 use super::resources::{self, Res};
 use super::selectors::{FieldSelector, LabelSelector};
 use super::store::{ApiError, BOOKMARK_EVERY, Change, RecordedRequest, State, Store};
@@ -151,6 +153,9 @@ async fn handle(AxState(store): AxState<Arc<Store>>, req: Request) -> Response {
         status: resp.status().as_u16(),
         body: String::from_utf8_lossy(&body).into_owned(),
         watch_error,
+        user: authenticate(&headers)
+            .map(|who| who.user())
+            .unwrap_or_default(),
     });
     resp
 }
@@ -194,6 +199,35 @@ struct Target<'a> {
     ns: Option<&'a str>,
     name: Option<&'a str>,
     sub: Option<&'a str>,
+    /// Who writes, and the policies the write must pass (section 14); None: not checked.
+    admit: Option<(&'a Identity, &'a Admission)>,
+}
+
+impl Target<'_> {
+    /// Runs the admission policies on a write of `name` (object after, old object before).
+    fn admit(
+        &self,
+        operation: &str,
+        name: &str,
+        object: Option<&Value>,
+        old_object: Option<&Value>,
+    ) -> Result<(), ApiError> {
+        let Some((who, policies)) = self.admit else {
+            return Ok(());
+        };
+        let info = self.res.info();
+        policies.admit(&admission::Request {
+            who,
+            operation,
+            api_group: info.group,
+            resource: info.plural,
+            subresource: self.sub,
+            namespace: self.ns,
+            name,
+            object,
+            old_object,
+        })
+    }
 }
 
 fn parse_target<'a>(group: &str, version: &str, segs: &[&'a str]) -> Option<Target<'a>> {
@@ -219,7 +253,13 @@ fn parse_target<'a>(group: &str, version: &str, segs: &[&'a str]) -> Option<Targ
         Some("eviction") => res == Res::Pods,
         _ => false,
     };
-    (ok_scope && ok_sub).then_some(Target { res, ns, name, sub })
+    (ok_scope && ok_sub).then_some(Target {
+        res,
+        ns,
+        name,
+        sub,
+        admit: None,
+    })
 }
 
 fn route(store: &Arc<Store>, call: &Call) -> Response {
@@ -235,6 +275,28 @@ fn route(store: &Arc<Store>, call: &Call) -> Response {
         ["apis", g, v] => resources::resource_list(g, v),
         _ => None,
     };
+    let mut who = Identity::Admin;
+    if segs.as_slice() != ["fake", "audit"] {
+        who = match authenticate(headers) {
+            Ok(who) => who,
+            Err(e) => return error_response(&e),
+        };
+        if discovery.is_none()
+            && let Err(e) = authorize(store, &who, method.as_str(), &segs, query)
+        {
+            return error_response(&e);
+        }
+    }
+    // Admission (section 14) for ServiceAccount writes only: the admin needs no policy loaded.
+    let policies: Option<Arc<Admission>> =
+        (who != Identity::Admin && method != Method::GET).then(|| {
+            store
+                .admission
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .unwrap_or_else(Admission::shipped)
+        });
     if let Some(doc) = discovery {
         return json_response(200, &doc);
     }
@@ -257,13 +319,14 @@ fn route(store: &Arc<Store>, call: &Call) -> Response {
         ["apis", g, v, rest @ ..] => parse_target(g, v, rest),
         _ => None,
     };
-    let Some(t) = target else {
+    let Some(mut t) = target else {
         return error_response(&ApiError::new(
             404,
             "NotFound",
             "the server could not find the requested resource",
         ));
     };
+    t.admit = policies.as_deref().map(|p| (&who, p));
     let q = parse_query(query);
     let accept = headers
         .get(header::ACCEPT)
@@ -311,6 +374,7 @@ fn route(store: &Arc<Store>, call: &Call) -> Response {
         }
         ("POST", Some(name), Some("eviction")) => parse_body(body).and_then(|b| {
             warnings = validate_fields(store, &q, "Eviction", faults::unknown_eviction_fields(&b))?;
+            t.admit("CREATE", name, Some(&b), None)?;
             let ns = t.ns.unwrap_or_default();
             store
                 .mutate(|st| pdb::evict(st, ns, name, &b, q.get("dryRun").map(String::as_str)))
@@ -359,6 +423,66 @@ fn route(store: &Arc<Store>, call: &Call) -> Response {
         }
     }
     resp
+}
+
+/// The identity of the request (section 13): no Authorization header is the admin (kubectl
+/// sends no token over plain HTTP); a header with an unknown token is a 401.
+fn authenticate(headers: &HeaderMap) -> Result<Identity, ApiError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Ok(Identity::Admin);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|t| Identity::from_token(t.trim()))
+        .ok_or_else(|| ApiError::new(401, "Unauthorized", "Unauthorized"))
+}
+
+/// RBAC (section 13): a ServiceAccount may do only what its bound roles grant. Paths that are
+/// not resource paths are left to routing (404).
+fn authorize(
+    store: &Store,
+    who: &Identity,
+    method: &str,
+    segs: &[&str],
+    query: &str,
+) -> Result<(), ApiError> {
+    if *who == Identity::Admin {
+        return Ok(());
+    }
+    let (group, rest) = match segs {
+        ["api", _, rest @ ..] => ("", rest),
+        ["apis", g, _, rest @ ..] => (*g, rest),
+        _ => return Ok(()),
+    };
+    let q = parse_query(query);
+    let watch = matches!(q.get("watch").map(String::as_str), Some("true" | "1"));
+    let fields = q.get("fieldSelector").map(String::as_str);
+    let Some(attrs) = rbac::attributes(method, group, rest, fields, watch) else {
+        return Ok(());
+    };
+    let rules = store
+        .rbac
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .unwrap_or_else(|| match who {
+            Identity::ServiceAccount {
+                namespace, name, ..
+            } => Rbac::shipped_for(namespace, name),
+            Identity::Admin => Rbac::shipped(),
+        });
+    if rules.allows(who, &attrs) {
+        return Ok(());
+    }
+    let mut e = ApiError::new(403, "Forbidden", attrs.forbidden_message(&who.user()));
+    e.details = Some(json!({
+        "name": attrs.name.clone().unwrap_or_default(),
+        "group": attrs.api_group,
+        "kind": attrs.resource,
+    }));
+    Err(e)
 }
 
 fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
@@ -420,6 +544,11 @@ fn create(st: &mut State, t: &Target, mut obj: Value) -> Result<Value, ApiError>
         m.remove("resourceVersion");
         m.remove("uid");
     }
+    let name = obj["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    t.admit("CREATE", &name, Some(&obj), None)?;
     st.create(t.res, obj)
 }
 
@@ -482,6 +611,7 @@ fn update(st: &mut State, t: &Target, name: &str, mut obj: Value) -> Result<Valu
     }
     keep_identity(&cur, &mut obj);
     let out = split_status(t, &cur, obj);
+    t.admit("UPDATE", name, Some(&out), Some(&cur))?;
     Ok(st.replace(t.res, out))
 }
 
@@ -530,6 +660,7 @@ fn patch(
     }
     keep_identity(&cur, &mut new);
     let out = split_status(t, &cur, new);
+    t.admit("UPDATE", name, Some(&out), Some(&cur))?;
     Ok(st.replace(t.res, out))
 }
 
@@ -546,6 +677,7 @@ fn delete(
     }
     let cur = get(st, t, name)?;
     check_preconditions(t.res, &cur, opts)?;
+    t.admit("DELETE", name, None, Some(&cur))?;
     Ok(st.remove(t.res, ns, name).unwrap_or(cur))
 }
 

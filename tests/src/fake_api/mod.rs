@@ -13,11 +13,14 @@
 //! api.write_kubeconfig(std::path::Path::new("/tmp/kubeconfig"));
 //! ```
 
+pub mod admission;
+pub mod cel;
 mod controllers;
 mod faults;
 mod http;
 mod patch;
 mod pdb;
+pub mod rbac;
 mod resources;
 mod selectors;
 mod store;
@@ -341,6 +344,27 @@ impl FakeApi {
             self.url()
         );
         std::fs::write(path, text).expect("write kubeconfig");
+    }
+
+    /// A kubeconfig for this fake as the agent on `node`: its ServiceAccount
+    /// (`nodekeeper-system/nodekeeper`) with the node claim, subject to the shipped RBAC.
+    pub fn write_agent_kubeconfig(&self, path: &Path, node: &str) {
+        self.write_kubeconfig(path);
+        agent_kubeconfig(path, node, path);
+    }
+
+    /// Authorizes ServiceAccount requests with `rbac` instead of the shipped manifests' rules.
+    pub fn set_rbac(&self, rbac: rbac::Rbac) {
+        *self.store.rbac.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(rbac));
+    }
+
+    /// Admits ServiceAccount writes with `admission` instead of the shipped policies.
+    pub fn set_admission(&self, admission: admission::Admission) {
+        *self
+            .store
+            .admission
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(admission));
     }
 
     fn create(&self, res: Res, obj: Value) -> Value {
@@ -810,4 +834,18 @@ impl Drop for FakeApi {
             let _ = t.join();
         }
     }
+}
+
+/// Copies the kubeconfig at `from` to `to` with the fake's admin token replaced by the agent's
+/// ServiceAccount token for `node` (section 13); any other kubeconfig is copied unchanged.
+pub fn agent_kubeconfig(from: &Path, node: &str, to: &Path) {
+    let text = std::fs::read_to_string(from)
+        .unwrap_or_else(|e| panic!("read kubeconfig {}: {e}", from.display()));
+    let token =
+        rbac::service_account_token(rbac::AGENT_NAMESPACE, rbac::AGENT_SERVICE_ACCOUNT, node);
+    let text = text.replace(
+        &format!("token: {}\n", rbac::ADMIN_TOKEN),
+        &format!("token: {token}\n"),
+    );
+    std::fs::write(to, text).unwrap_or_else(|e| panic!("write kubeconfig {}: {e}", to.display()));
 }

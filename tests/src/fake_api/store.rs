@@ -117,6 +117,9 @@ pub struct RecordedRequest {
     /// A watch answered 200 whose stream carried an `ERROR` event: that event's code (410 for
     /// an injected `Expired`, as a real API server answers a too-old resourceVersion).
     pub watch_error: Option<u16>,
+    /// Who made it (section 13): `fake-admin`, `system:serviceaccount:NS:NAME`, or empty for an
+    /// unknown token.
+    pub user: String,
 }
 
 /// A PodDisruptionBudget's health at one moment.
@@ -346,6 +349,11 @@ pub struct Store {
     pub released: tokio::sync::watch::Sender<bool>,
     /// Path substrings whose open watches must end now (`FakeApi::end_watches`).
     pub watch_ends: tokio::sync::broadcast::Sender<String>,
+    /// The ServiceAccount RBAC requests are authorized with; `None`: the shipped manifests'
+    /// (loaded on the first ServiceAccount request).
+    pub rbac: Mutex<Option<Arc<super::rbac::Rbac>>>,
+    /// The admission policies ServiceAccount writes go through; `None`: the shipped ones.
+    pub admission: Mutex<Option<Arc<super::admission::Admission>>>,
 }
 
 impl Store {
@@ -364,6 +372,8 @@ impl Store {
             held_total: std::sync::atomic::AtomicUsize::new(0),
             released: tokio::sync::watch::channel(false).0,
             watch_ends: tokio::sync::broadcast::channel(16).0,
+            rbac: Mutex::new(None),
+            admission: Mutex::new(None),
         })
     }
 

@@ -397,3 +397,40 @@ fn a_dropped_wipe_is_counted_by_reason_reported_and_never_executed_as_root() {
         "one Event per disk and reason"
     );
 }
+
+/// The publisher follows this node's PVs with a label-selected watch into a reflector store
+/// (#14): the watch's first sync is the only LIST; the passes after it (interval 1 s) cost none,
+/// and every PV list or watch names this node's label.
+#[test]
+fn passes_after_the_first_sync_cost_no_list_as_root() {
+    if !can_run() {
+        return;
+    }
+    let s = Scene::new();
+    let _agent = s.agent();
+    s.wait_pv("PV published", |_| true);
+    std::thread::sleep(Duration::from_secs(6));
+    let reqs = s.api.requests();
+    let pv_gets: Vec<_> = reqs
+        .iter()
+        .filter(|r| r.method == "GET" && r.path == "/api/v1/persistentvolumes")
+        .collect();
+    let lists = pv_gets
+        .iter()
+        .filter(|r| !r.query.contains("watch=true") && !r.query.contains("watch=1"))
+        .count();
+    assert_eq!(
+        lists, 1,
+        "one LIST (the watch's first sync), not one per pass: {pv_gets:#?}"
+    );
+    assert!(
+        pv_gets.len() > lists,
+        "the PVs are followed by a watch: {pv_gets:#?}"
+    );
+    assert!(
+        pv_gets
+            .iter()
+            .all(|r| r.query.contains("labelSelector=nodekeeper.io") && r.query.contains(NODE)),
+        "every PV request is narrowed to this node's label: {pv_gets:#?}"
+    );
+}

@@ -347,6 +347,36 @@ use super::prepare::{HostAccess, Reclaimed, SharedDisksStatus};
 use crate::host::HostPaths;
 use crate::kube::API_CALL_TIMEOUT;
 
+/// This node's PVs as the watch last saw them.
+type PvStore = kube::runtime::reflector::Store<PersistentVolume>;
+
+/// A pass's view of this node's PVs: the watch's store and the UIDs this agent deleted.
+struct PvView<'a> {
+    store: &'a PvStore,
+    deleted: &'a mut HashSet<String>,
+}
+
+impl PvView<'_> {
+    /// The PVs the watch shows, minus those this agent deleted; forgets a deleted UID once
+    /// the watch no longer shows it (the set stays as small as the watch's lag).
+    fn current(&mut self) -> Vec<PersistentVolume> {
+        let all: Vec<PersistentVolume> = self.store.state().iter().map(|p| (**p).clone()).collect();
+        let shown: HashSet<&str> = all
+            .iter()
+            .filter_map(|p| p.metadata.uid.as_deref())
+            .collect();
+        self.deleted.retain(|uid| shown.contains(uid.as_str()));
+        all.into_iter()
+            .filter(|p| {
+                p.metadata
+                    .uid
+                    .as_ref()
+                    .is_none_or(|u| !self.deleted.contains(u))
+            })
+            .collect()
+    }
+}
+
 /// What the publisher has done, kept in `<stateDir>/disks/published.json` (atomic replace):
 /// which disks had a PV, and which disks must be wiped before they are published again.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -419,6 +449,37 @@ impl Publisher {
         kube::Api::all(self.client.clone())
     }
 
+    /// Follows this node's PVs (label `nodekeeper.io/node=<node>`) with a watch into a
+    /// reflector store: one LIST when the watch starts (and again only when the API server
+    /// expires its resourceVersion), never one per pass (#14). Cancelled with `token`.
+    fn watch_pvs(&self, token: CancellationToken) -> PvStore {
+        use futures::StreamExt;
+        use kube::runtime::{WatchStreamExt, reflector, watcher};
+        let (reader, writer) = reflector::store();
+        let config =
+            watcher::Config::default().labels(&format!("{LABEL_NODE}={}", label_value(&self.node)));
+        let api = self.api();
+        tokio::spawn(async move {
+            let stream = watcher(api, config)
+                .default_backoff()
+                .modify(|pv| pv.metadata.managed_fields = None)
+                .reflect(writer)
+                .touched_objects();
+            let mut stream = std::pin::pin!(stream);
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    next = stream.next() => match next {
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => tracing::warn!(error = %e, "PV watch error; retrying with backoff"),
+                        None => break,
+                    },
+                }
+            }
+        });
+        reader
+    }
+
     /// Publishes and reclaims until cancelled, every `disks.interval`.
     pub async fn run(mut self, token: CancellationToken) -> Result<(), crate::runtime::TaskError> {
         let mut published = Published::load(&self.state_dir)?;
@@ -429,6 +490,18 @@ impl Publisher {
             _ = token.cancelled() => return Ok(()),
             r = self.node_info.wait_for(Option::is_some) => { r?; }
         }
+        let pvs = self.watch_pvs(token.child_token());
+        // The first pass needs the store synced: deciding on an empty store would republish
+        // (and wipe) every disk whose PV it has not seen yet.
+        tokio::select! {
+            _ = token.cancelled() => return Ok(()),
+            r = pvs.wait_until_ready() => {
+                if let Err(e) = r {
+                    return Err(format!("PV watch ended before its first sync: {e}").into());
+                }
+            }
+        }
+        let mut deleted = HashSet::new();
         let mut tick = tokio::time::interval(self.cfg.interval.get());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -437,7 +510,11 @@ impl Publisher {
                 _ = tick.tick() => {}
             }
             let seen = (&mut lost_seen, &mut failures_seen);
-            if let Err(e) = self.pass(&mut published, &mut warned, seen).await {
+            let view = PvView {
+                store: &pvs,
+                deleted: &mut deleted,
+            };
+            if let Err(e) = self.pass(&mut published, &mut warned, seen, view).await {
                 tracing::warn!(error = %e, "publishing local PVs failed; retrying next pass");
             }
         }
@@ -448,6 +525,7 @@ impl Publisher {
         published: &mut Published,
         warned: &mut HashSet<String>,
         (lost_seen, failures_seen): (&mut u64, &mut u64),
+        mut view: PvView<'_>,
     ) -> Result<(), String> {
         let node_uid = self
             .node_info
@@ -520,11 +598,9 @@ impl Publisher {
                     .map_err(|e| e.to_string())?;
             }
         }
-        let lp = kube::api::ListParams::default()
-            .labels(&format!("{LABEL_NODE}={}", label_value(&self.node)));
-        let pvs = call("LIST persistentvolumes", self.api().list(&lp))
-            .await?
-            .items;
+        // The watch's view, minus the PVs this agent already deleted that the watch has not
+        // caught up with (handled once, never again: a Released PV's disk is wiped once).
+        let pvs = view.current();
         let mut have: HashSet<String> = HashSet::new();
         for pv in &pvs {
             let name = pv.metadata.name.clone().unwrap_or_default();
@@ -549,11 +625,7 @@ impl Publisher {
                     // Wiped, or dropped because the disk is no longer provably ours: either
                     // way this Released PV is done. A dropped disk keeps its `pvs` entry, so it
                     // is never published again without a wipe.
-                    call(
-                        "DELETE persistentvolume",
-                        self.api().delete(&name, &DeleteParams::default()),
-                    )
-                    .await?;
+                    self.delete_pv(pv, view.deleted).await?;
                     published.wipe_pending.remove(&disk);
                     if wiped {
                         published.pvs.remove(&disk);
@@ -564,11 +636,7 @@ impl Publisher {
                     tracing::info!(pv = %name, disk, "released PV reclaimed: disk wiped, PV to be recreated");
                 }
                 PvAction::Delete { why } => {
-                    call(
-                        "DELETE persistentvolume",
-                        self.api().delete(&name, &DeleteParams::default()),
-                    )
-                    .await?;
+                    self.delete_pv(pv, view.deleted).await?;
                     tracing::info!(pv = %name, why, "deleted an available PV");
                 }
                 PvAction::Warn { why } => {
@@ -590,9 +658,18 @@ impl Publisher {
             if have.contains(&disk.id) || published.wipe_pending.contains(&disk.id) {
                 continue;
             }
+            let pv_name = build_pv(&self.node, &node_uid, &self.cfg.storage_class_name, disk)
+                .metadata
+                .name
+                .unwrap_or_default();
+            if published.pvs.contains_key(&disk.id) && self.exists(&pv_name).await? {
+                // The watch has not caught up with a PV this agent just created: it is there.
+                continue;
+            }
             if published.pvs.contains_key(&disk.id) {
                 // It had a PV that is gone without being Released (deleted by hand): whatever a
-                // pod wrote is still there, so wipe before publishing again.
+                // pod wrote is still there, so wipe before publishing again. (Confirmed with a
+                // GET of that one PV above: a wipe is never decided on a stale watch.)
                 published.wipe_pending.insert(disk.id.clone());
                 published
                     .persist(&self.state_dir)
@@ -628,6 +705,39 @@ impl Publisher {
                 .map_err(|e| e.to_string())?;
         }
         Ok(())
+    }
+
+    /// Deletes one of this node's PVs (gone already counts as done) and remembers its UID, so a
+    /// watch that has not caught up yet never makes the agent act on it twice.
+    async fn delete_pv(
+        &self,
+        pv: &PersistentVolume,
+        deleted: &mut HashSet<String>,
+    ) -> Result<(), String> {
+        let name = pv.metadata.name.clone().unwrap_or_default();
+        match tokio::time::timeout(
+            API_CALL_TIMEOUT,
+            self.api().delete(&name, &DeleteParams::default()),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(kube::Error::Api(s))) if s.code == 404 => {}
+            Ok(Err(e)) => return Err(format!("DELETE persistentvolume {name}: {e}")),
+            Err(_) => return Err(format!("DELETE persistentvolume {name}: timed out")),
+        }
+        if let Some(uid) = &pv.metadata.uid {
+            deleted.insert(uid.clone());
+        }
+        Ok(())
+    }
+
+    /// Whether the PV exists now: one GET of one object, only before a wipe decided because a
+    /// PV is missing from the watch's view (a stale view must never trigger a wipe).
+    async fn exists(&self, name: &str) -> Result<bool, String> {
+        call("GET persistentvolume", self.api().get_opt(name))
+            .await
+            .map(|pv| pv.is_some())
     }
 
     /// Wipes a disk per `disks.wipeMode`, holding the disk lock: `Some(true)` wiped,

@@ -335,6 +335,12 @@ async fn a_403_eviction_fails_the_drain_at_once_naming_the_cause() {
         status.error
     );
     assert_eq!(statuses(&s.api, "POST", "/eviction"), [403], "not retried");
+    // No fallback: kubectl's --disable-eviction would DELETE a pod it may not evict, which
+    // skips every budget. The pod stays, and the node stays cordoned after the failure.
+    let deletes = statuses(&s.api, "DELETE", "/pods/");
+    assert!(deletes.is_empty(), "a pod was deleted: {deletes:?}");
+    assert_eq!(web_left(&s.api), ["web-0"]);
+    assert_eq!(s.api.node(NODE).unwrap()["spec"]["unschedulable"], true);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -473,4 +479,7 @@ async fn a_pod_held_by_a_finalizer_is_never_counted_as_gone() {
         "a Terminating pod was reported deleted"
     );
     assert_eq!(web_left(&s.api), ["web-0"]);
+    // Not forced away either: no DELETE (with or without gracePeriodSeconds=0) on any pod.
+    let deletes = statuses(&s.api, "DELETE", "/pods/");
+    assert!(deletes.is_empty(), "a pod was deleted: {deletes:?}");
 }

@@ -1243,7 +1243,10 @@ impl DrainController {
         };
         let mut poll = tokio::time::interval(self.config.deletion_poll.get());
         poll.tick().await;
-        let mut check = true;
+        // The first look is a GET unless the watch still shows the pod: a pod just evicted sits
+        // out its grace period, and that GET would only ever say "still there" (one wasted GET
+        // per pod). An empty or unsynced store (after a restart) shows nothing, so it GETs.
+        let mut check = self.pods.is_none() || absent_from_watch();
         loop {
             if check {
                 match self.gone_per_api(api, pod).await {

@@ -137,7 +137,7 @@ impl AggregateMetrics {
         );
         registry.register(
             "aggregate_agent_failures",
-            "Node agents without an answer in a fan-out, by reason (timeout, unavailable, census, error)",
+            "Node agents without an answer in a fan-out, by reason (timeout, unavailable, census, pins, error)",
             m.failures.clone(),
         );
         registry.register(

@@ -273,7 +273,10 @@ impl node_agent_server::NodeAgent for NodeAgentService {
         &self,
         req: Request<pb::GetMetricsRequest>,
     ) -> Result<Response<pb::MetricsSnapshot>, Status> {
-        let snap = self.snapshots()?.get().await;
+        let snap = self
+            .snapshots()?
+            .get_pinned(&req.get_ref().pinned_remotes)
+            .await;
         Ok(Response::new(strip(
             &snap,
             req.get_ref().exclude_pods,

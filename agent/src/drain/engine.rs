@@ -132,6 +132,8 @@ pub struct DrainParams {
     pub skip_wait_for_delete: Option<Duration>,
     /// A patch-and-reboot rotation: hold the slot after the drain until the node is back.
     pub rotation: Option<Rotation>,
+    /// Never wait for a fleet-lock slot (a spot interruption: two minutes, no queueing).
+    pub bypass_fleet_lock: bool,
 }
 
 impl DrainParams {
@@ -162,6 +164,7 @@ impl DrainParams {
             cancel_requested: false,
             skip_wait_for_delete_seconds: self.skip_wait_for_delete.map(|d| d.as_secs()),
             rotation: self.rotation,
+            bypass_fleet_lock: self.bypass_fleet_lock,
         }
     }
 
@@ -180,6 +183,7 @@ impl DrainParams {
             leader_selector: p.leader_selector.clone(),
             skip_wait_for_delete: p.skip_wait_for_delete_seconds.map(Duration::from_secs),
             rotation: p.rotation,
+            bypass_fleet_lock: p.bypass_fleet_lock,
         }
     }
 
@@ -668,6 +672,7 @@ impl DrainController {
         let started = SystemTime::now();
         Ok(DrainParams {
             rotation,
+            bypass_fleet_lock: false,
             id: req.id.clone(),
             reason: req.reason.clone(),
             requester: req.requester.clone(),
@@ -930,7 +935,7 @@ impl DrainController {
         slot: SlotCell,
     ) -> Result<(), Outcome> {
         let fail = |e: DrainError| Outcome::Failed(e.to_string());
-        if self.config.fleet_lock.enabled {
+        if self.config.fleet_lock.enabled && !params.bypass_fleet_lock {
             // Recorded before waiting, so an agent restarted while waiting for a slot resumes
             // the same drain instead of forgetting it.
             let done_before: Vec<String> =

@@ -313,7 +313,6 @@ fn our_rule_count(ns: &nodekeeper_tests::netns_pods::Netns, prog: &str) -> usize
 /// nothing, reads back the nft variant, logs "failed open, verified" and counts it, while all
 /// 28 legacy NOTRACK rules stay and the node's DNS is black-holed.
 #[test]
-#[ignore = "adversary finding: rules installed with iptables-legacy stay after the guard logs 'failed open, verified' once iptables-nft holds a table"]
 fn adversary_guard_claims_failed_open_while_legacy_rules_remain_as_root() {
     use nodekeeper_tests::netns_pods::Netns;
     use nodekeeper_tests::{Proc, agent_bin, require_root, require_tool};

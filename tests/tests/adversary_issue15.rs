@@ -313,7 +313,6 @@ fn our_rule_count(ns: &nodekeeper_tests::netns_pods::Netns, prog: &str) -> usize
 /// nothing, reads back the nft variant, logs "failed open, verified" and counts it, while all
 /// 28 legacy NOTRACK rules stay and the node's DNS is black-holed.
 #[test]
-#[ignore = "adversary finding: rules installed with iptables-legacy stay after the guard logs 'failed open, verified' once iptables-nft holds a table"]
 fn adversary_guard_claims_failed_open_while_legacy_rules_remain_as_root() {
     use nodekeeper_tests::netns_pods::Netns;
     use nodekeeper_tests::{Proc, agent_bin, require_root, require_tool};
@@ -527,7 +526,6 @@ async fn fat_heads(to: SocketAddr, connections: usize, head_bytes: usize) -> usi
 /// in a 48 MiB memory limit. Fat unfinished heads OOM-kill the guard; a dead guard cannot fail
 /// open when the cache dies afterwards (docs/dns.md, "Limits"). No credentials needed.
 #[test]
-#[ignore = "adversary finding: fat unfinished HTTP heads on the guard's metrics port OOM-kill the dns-guard in its 48 MiB limit"]
 fn adversary_fat_unfinished_http_heads_oom_kill_the_dns_guard_as_root() {
     use nodekeeper_tests::memcg::MemoryCgroup;
     use nodekeeper_tests::netns_pods::Netns;
@@ -620,7 +618,6 @@ fn adversary_fat_unfinished_http_heads_oom_kill_the_dns_guard_as_root() {
 /// must be non-zero") instead of refusing the flag by name; the sidecar then crash-loops and
 /// nothing guards the node. Bad input must be a clear error naming the field.
 #[test]
-#[ignore = "adversary finding: dns-guard --interval 0s panics (tokio interval) instead of refusing the flag by name"]
 fn adversary_guard_interval_zero_panics_instead_of_naming_the_flag_as_root() {
     use nodekeeper_tests::netns_pods::Netns;
     use nodekeeper_tests::{agent_bin, require_root};
@@ -635,24 +632,33 @@ fn adversary_guard_interval_zero_panics_instead_of_naming_the_flag_as_root() {
         "dns:\n  listenIps: [\"169.254.20.10\"]\n  node:\n    manageInterface: false\n    rules: none\n",
     )
     .unwrap();
-    let out = ns
-        .command("timeout")
-        .args(["10"])
-        .arg(agent_bin())
-        .args(["dns-guard", "--config"])
-        .arg(&cfg)
-        .args(["--interval", "0s"])
-        .env_remove("KUBECONFIG")
-        .output()
-        .expect("run the guard");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !stderr.contains("panicked"),
-        "the guard panicked:\n{stderr}"
-    );
-    assert!(
-        !out.status.success() && out.status.code() != Some(124) && stderr.contains("interval"),
-        "want a refusal naming --interval, got {}:\n{stderr}",
-        out.status
-    );
+    // Each hostile value is refused by the name of its flag, with EX_USAGE (64), as the
+    // agent's config validation does.
+    for (flag, value) in [
+        ("--interval", "0s"),
+        ("--probe-timeout", "0ms"),
+        ("--failures", "0"),
+        ("--interval", "2h"),
+    ] {
+        let out = ns
+            .command("timeout")
+            .args(["10"])
+            .arg(agent_bin())
+            .args(["dns-guard", "--config"])
+            .arg(&cfg)
+            .args([flag, value])
+            .env_remove("KUBECONFIG")
+            .output()
+            .expect("run the guard");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !stderr.contains("panicked"),
+            "the guard panicked on {flag} {value}:\n{stderr}"
+        );
+        assert!(
+            out.status.code() == Some(64) && stderr.contains(flag),
+            "want a refusal (64) naming {flag} for {value}, got {}:\n{stderr}",
+            out.status
+        );
+    }
 }

@@ -84,7 +84,6 @@ fn p4_tools() -> bool {
 /// `prctl(PR_SET_NAME, "nodekeeper")` (or be a binary named nodekeeper) and join the group
 /// unreported.
 #[test]
-#[ignore = "adversary finding: a stranger that names itself nodekeeper (prctl PR_SET_NAME) joins the DNS reuseport group unreported"]
 fn adversary_a_stranger_named_nodekeeper_is_not_reported_as_root() {
     if !p4_tools() {
         return;
@@ -107,7 +106,6 @@ fn adversary_a_stranger_named_nodekeeper_is_not_reported_as_root() {
 /// queue, stays in the group and receives pods' queries, and the stranger can take it back
 /// whenever it likes.
 #[test]
-#[ignore = "adversary finding: a reuseport DNS socket parked in a unix socket's queue (SCM_RIGHTS) is in the group but never reported"]
 fn adversary_a_stranger_socket_parked_in_flight_is_not_reported_as_root() {
     if !p4_tools() {
         return;
@@ -131,7 +129,6 @@ fn adversary_a_stranger_socket_parked_in_flight_is_not_reported_as_root() {
 /// unshares its fd table (`unshare(CLONE_FILES)`) holds sockets no `/proc/<pid>/fd` shows
 /// (they are in `/proc/<pid>/task/<tid>/fd`).
 #[test]
-#[ignore = "adversary finding: a reuseport DNS socket held by a thread with its own fd table (unshare CLONE_FILES) is never reported"]
 fn adversary_a_stranger_socket_in_a_threads_private_fd_table_is_not_reported_as_root() {
     if !p4_tools() {
         return;
@@ -159,7 +156,6 @@ fn adversary_a_stranger_socket_in_a_threads_private_fd_table_is_not_reported_as_
 /// sends all of it but the last byte makes the agent hold 4 MiB x 64 x connections: it is
 /// OOM-killed in the DaemonSet's 256 MiB memory cgroup. No credentials needed.
 #[test]
-#[ignore = "adversary finding: unfinished 4 MiB health-check messages on 64 streams x 4 connections OOM-kill the agent in 256 MiB"]
 fn adversary_unfinished_grpc_health_messages_oom_kill_the_agent() {
     use futures::StreamExt as _;
     use http_body::Frame;
@@ -428,7 +424,6 @@ fn adversary_guard_claims_failed_open_while_legacy_rules_remain_as_root() {
 /// liveness probe restarts it forever, and DNS/metrics never serve. A regular corrupt file
 /// degrades sysctl only (sysctl::a_corrupt_originals_journal_degrades_only_sysctl_...).
 #[test]
-#[ignore = "adversary finding: a FIFO at state/sysctl/originals.json hangs the agent's start before any listener binds"]
 fn adversary_a_fifo_as_the_sysctl_journal_keeps_every_listener_down() {
     use nodekeeper_tests::{Proc, agent_bin, free_port, http_get, loopback};
     let dir = tempfile::tempdir().unwrap();

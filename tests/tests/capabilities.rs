@@ -326,7 +326,7 @@ fn the_shipped_capabilities_serve_dns_on_a_read_only_root_as_root() {
     assert!(!log.contains("capability failed"), "{log}");
 }
 
-/// Without NET_BIND_SERVICE the cache cannot listen on port 53, and says so.
+/// Without NET_BIND_SERVICE the cache cannot listen on port 53, says so, and installs no rule.
 #[test]
 fn net_bind_service_is_needed_for_the_dns_port_as_root() {
     if !can_run(&["iptables"]) {
@@ -343,6 +343,13 @@ fn net_bind_service_is_needed_for_the_dns_port_as_root() {
             .contains("cannot listen on udp 169.254.20.10:53: Permission denied")
             .then_some(())
     });
+    // Never steered at a cache that is not listening (issue #19, b19).
+    let rules = output(&mut ns.command("iptables-save"));
+    assert!(
+        !String::from_utf8_lossy(&rules.stdout).contains("nodekeeper-dns"),
+        "rules installed for an unbound cache: {}",
+        agent.log_text()
+    );
 }
 
 /// Without NET_ADMIN no rule can be read or written (nf_tables here); with the set they are.

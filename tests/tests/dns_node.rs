@@ -1036,3 +1036,122 @@ fn guard_on_nftables_with_a_read_only_root_fails_open_as_root() {
     }
     guard_fails_open_with_a_read_only_root(Fw::Nftables);
 }
+
+// === never steer pods at a cache that is not bound (issue #19, b19) ===
+
+/// `/readyz` of an agent inside `ns`: (ready, body).
+fn readyz(ns: &Netns, addr: &str) -> (bool, String) {
+    let out = output(ns.command("curl").args([
+        "-s",
+        "-w",
+        "\n%{http_code}",
+        "--max-time",
+        "2",
+        &format!("http://{addr}/readyz"),
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    (text.trim_end().ends_with("200"), text)
+}
+
+/// The cache's address is held by a plain UDP socket (no SO_REUSEPORT): the agent cannot
+/// listen. Its rules must never steer the node's DNS there: kube-dns keeps answering through
+/// the ClusterIP, no rule of ours is installed (stale ones of a crashed run are removed), and
+/// readiness is false (dns DEGRADED, whose detail and the log name the address and the cause. Once the address is
+/// free, the agent's retry binds, installs the rules and the cache answers.
+#[test]
+fn unbindable_cache_address_leaves_pods_on_kube_dns_then_binds_on_retry_as_root() {
+    if !can_run(&["ip", "iptables-save", "dnsmasq", "dig", "curl"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new("dns-unbound");
+    like_a_node(&ns, &["10.0.0.54/32"]);
+    let _kube_dns = dnsmasq(&ns, dir.path(), "kube-dns", "10.0.0.53", "10.0.0.1");
+    let _upstream = dnsmasq(&ns, dir.path(), "upstream", "10.0.0.54", "10.0.0.2");
+    wait_for(Duration::from_secs(10), "kube-dns through the DNAT", || {
+        (ask(&ns).as_deref() == Some("10.0.0.1")).then_some(())
+    });
+    let cfg = write_config(
+        dir.path(),
+        "agent.yaml",
+        "shutdownTimeout: 10s
+dns:
+  enabled: true
+  listenIps: [\"169.254.20.10\"]
+  clusterIps: [\"10.96.0.10\"]
+  lameDuck: 0s
+  node: {manageInterface: false, rules: iptables, checkInterval: 1s}
+  upstreams:
+    clusterZones: []
+    default: {servers: [\"10.0.0.54\"]}
+",
+    );
+    // A crashed earlier run left its rules: they must go too, or the ClusterIP is a black hole.
+    let _ = wiring(&ns, "setup", &cfg);
+    assert_eq!(ours(&ns, "iptables").len(), 28);
+    let mut squat = ns.command(&nodekeeper_tests::python());
+    squat.args([
+        "-c",
+        "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('10.96.0.10',53))\nprint('bound',flush=True)\ntime.sleep(600)",
+    ]);
+    let mut squatter = Proc::spawn("squatter", squat, dir.path());
+    wait_for(Duration::from_secs(10), "the squatter bound", || {
+        squatter.log_text().contains("bound").then_some(())
+    });
+
+    let mut cmd = ns.command(agent_bin().to_str().unwrap());
+    cmd.args(["run", "--standalone", "--config"])
+        .arg(&cfg)
+        .args([
+            "--metrics-listen",
+            "127.0.0.1:19750",
+            "--api-listen",
+            "127.0.0.1:19751",
+            "--state-dir",
+        ])
+        .arg(dir.path().join("state"));
+    let agent = Proc::spawn("agent", cmd, dir.path());
+    let body = wait_for(Duration::from_secs(20), "readyz: dns degraded", || {
+        let (ready, body) = readyz(&ns, "127.0.0.1:19750");
+        (!ready && body.contains("dns: HEALTH_STATE_DEGRADED")).then_some(body)
+    });
+    let log = wait_for(Duration::from_secs(10), "the bind error logged", || {
+        let log = agent.log_text();
+        log.contains("dns cache cannot listen").then_some(log)
+    });
+    assert!(
+        log.contains("10.96.0.10:53")
+            && log.contains("Address already in use")
+            && log.contains("node wiring removed"),
+        "the error must name the address and the cause (readyz: {body}): {log}"
+    );
+    assert!(
+        ours(&ns, "iptables").is_empty(),
+        "rules installed while the cache is not bound: {}",
+        agent.log_text()
+    );
+    // Across a few retries: never steered, kube-dns answers every time.
+    for _ in 0..3 {
+        assert_eq!(
+            ask(&ns).as_deref(),
+            Some("10.0.0.1"),
+            "{}",
+            agent.log_text()
+        );
+        assert!(ours(&ns, "iptables").is_empty());
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert!(!readyz(&ns, "127.0.0.1:19750").0);
+
+    squatter.signal("KILL");
+    squatter.wait_exit(Duration::from_secs(5));
+    wait_for(
+        Duration::from_secs(40),
+        "the agent bound on retry, answering on the ClusterIP",
+        || (ask(&ns).as_deref() == Some("10.0.0.2")).then_some(()),
+    );
+    assert_eq!(ours(&ns, "iptables").len(), 28, "{}", agent.log_text());
+    wait_for(Duration::from_secs(10), "ready once bound", || {
+        readyz(&ns, "127.0.0.1:19750").0.then_some(())
+    });
+}

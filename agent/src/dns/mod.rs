@@ -2,7 +2,9 @@
 //! kube-dns ClusterIP), with the node wiring (dummy interface, NOTRACK/ACCEPT rules) that makes
 //! pods reach it, and fail-open behaviour when it stops. See docs/dns.md.
 //!
-//! Lifecycle: wire the node -> bind every listener (SO_REUSEPORT) -> serve, re-checking the
+//! Lifecycle: bring up the addresses -> bind every listener (SO_REUSEPORT; on failure the
+//! rules stay out, so pods keep kube-dns, and binding is retried with backoff) -> install the
+//! rules that steer pods here -> serve, re-checking the
 //! wiring and upstream health every `node.checkInterval` -> on shutdown keep answering for
 //! `lameDuck` while reporting not ready, close the listeners, and tear the wiring down unless
 //! a successor already answers on the same addresses (rolling update with maxSurge).
@@ -38,8 +40,12 @@ pub const CAPABILITY: &str = "dns";
 
 /// Brings the node's traffic to the cache and takes it away (`node::NodeWiring`).
 pub trait Wiring: Send + Sync + 'static {
+    /// What the listeners bind to (interface and addresses), without steering any traffic.
+    fn prepare(&self) -> BoxFuture<'_, Result<(), String>>;
     /// Idempotent; removes stale rules of earlier runs first.
     fn setup(&self) -> BoxFuture<'_, Result<(), String>>;
+    /// Stops steering traffic at the cache (rules out, ClusterIPs off); returns what it removed.
+    fn fail_open(&self) -> BoxFuture<'_, Result<u32, String>>;
     /// Repairs what went missing; returns how many things it restored.
     fn check(&self) -> BoxFuture<'_, Result<u32, String>>;
     fn teardown(&self) -> BoxFuture<'_, Result<(), String>>;
@@ -56,6 +62,16 @@ pub enum DnsError {
     Server(#[from] server::ServerError),
     #[error("node wiring: {0}")]
     Wiring(String),
+}
+
+/// First wait before binding the listeners again after a failure; doubles up to the max.
+const BIND_RETRY_FIRST: Duration = Duration::from_secs(1);
+const BIND_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// The listeners, bound before anything is steered at them.
+struct BoundSockets {
+    udp: Vec<tokio::net::UdpSocket>,
+    tcp: Vec<tokio::net::TcpListener>,
 }
 
 /// The running cache as the API sees it.
@@ -122,21 +138,23 @@ impl DnsCapability {
     }
 
     pub async fn run(self, health: Health, token: CancellationToken) -> Result<(), DnsError> {
+        let Some(sockets) = self.bind_until_bound(&health, &token).await? else {
+            return Ok(());
+        };
+        // Rules go in only now: steering pods at an address nobody answers is a black hole.
         if let Some(w) = &self.wiring {
             w.setup().await.map_err(DnsError::Wiring)?;
         }
         let serving = CancellationToken::new();
         let mut loops = tokio::task::JoinSet::new();
-        for addr in &self.handle.listen {
-            for _ in 0..self.config.udp_sockets {
-                let socket = server::bind_udp(*addr)?;
-                loops.spawn(server::serve_udp(
-                    self.handle.server.clone(),
-                    socket,
-                    serving.clone(),
-                ));
-            }
-            let listener = server::bind_tcp(*addr)?;
+        for socket in sockets.udp {
+            loops.spawn(server::serve_udp(
+                self.handle.server.clone(),
+                socket,
+                serving.clone(),
+            ));
+        }
+        for listener in sockets.tcp {
             loops.spawn(server::serve_tcp(
                 self.handle.server.clone(),
                 listener,
@@ -154,6 +172,72 @@ impl DnsCapability {
         }
         self.shut_down(&health, serving, loops).await;
         Ok(())
+    }
+
+    /// Binds every listener, all or none. While that fails (port 53 refused without
+    /// CAP_NET_BIND_SERVICE, the address held by a socket without SO_REUSEPORT, the address
+    /// not assigned) the node is not steered here and the capability reports the cause;
+    /// binding is retried with backoff. `None`: cancelled before binding.
+    async fn bind_until_bound(
+        &self,
+        health: &Health,
+        token: &CancellationToken,
+    ) -> Result<Option<BoundSockets>, DnsError> {
+        let mut wait = BIND_RETRY_FIRST;
+        loop {
+            if let Some(w) = &self.wiring {
+                w.prepare().await.map_err(DnsError::Wiring)?;
+            }
+            let error = match self.bind_all() {
+                Ok(sockets) => return Ok(Some(sockets)),
+                Err(e) => e,
+            };
+            let wiring = self.stop_steering().await;
+            tracing::error!(error = %error, wiring = %wiring, retry_in = ?wait, "dns cache cannot listen; pods are not steered to it");
+            health.set(
+                CAPABILITY,
+                HealthState::Degraded,
+                format!("{error}; {wiring}; retrying in {wait:?}"),
+            );
+            tokio::select! {
+                _ = token.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(BIND_RETRY_MAX);
+        }
+    }
+
+    /// Every listener bound, or the first error (what was bound is dropped again).
+    fn bind_all(&self) -> Result<BoundSockets, server::ServerError> {
+        let mut sockets = BoundSockets {
+            udp: Vec::new(),
+            tcp: Vec::new(),
+        };
+        for addr in &self.handle.listen {
+            for _ in 0..self.config.udp_sockets {
+                sockets.udp.push(server::bind_udp(*addr)?);
+            }
+            sockets.tcp.push(server::bind_tcp(*addr)?);
+        }
+        Ok(sockets)
+    }
+
+    /// Takes the rules out while the cache cannot listen, unless something (a predecessor
+    /// still in its lame duck) answers on the cache address: that traffic is served. Returns
+    /// what happened, for the health detail.
+    async fn stop_steering(&self) -> String {
+        let Some(w) = &self.wiring else {
+            return "no node wiring managed".into();
+        };
+        if let Some(addr) = self.handle.listen.first()
+            && answers(*addr).await
+        {
+            return format!("{addr} answers (a predecessor): its node wiring stays");
+        }
+        match w.fail_open().await {
+            Ok(_) => "node wiring removed: pods' DNS goes to kube-dns".into(),
+            Err(e) => format!("removing the node wiring failed: {e}"),
+        }
     }
 
     async fn check(&self, health: &Health) {

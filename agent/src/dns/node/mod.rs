@@ -252,6 +252,17 @@ impl NodeWiring {
         Ok(())
     }
 
+    /// The dummy interface with every listen address (when `manageInterface`), and no rules:
+    /// what the cache's listeners bind to before anything is steered at them.
+    pub async fn prepare(&self) -> Result<(), WiringError> {
+        if self.manage_interface {
+            iface::Netlink::connect(&self.interface)?
+                .ensure(&self.ips)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Re-checks the interface, its addresses and the rules; restores anything missing and
     /// removes anything stale. Returns how many things it fixed (also counted in
     /// `dns_wiring_repairs_total{what}`).
@@ -403,6 +414,14 @@ impl NodeWiring {
 
 /// The DNS capability drives the wiring through this trait (errors as text, as it logs them).
 impl crate::dns::Wiring for NodeWiring {
+    fn prepare(&self) -> futures::future::BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move { NodeWiring::prepare(self).await.map_err(|e| e.to_string()) })
+    }
+
+    fn fail_open(&self) -> futures::future::BoxFuture<'_, Result<u32, String>> {
+        Box::pin(async move { NodeWiring::fail_open(self).await.map_err(|e| e.to_string()) })
+    }
+
     fn setup(&self) -> futures::future::BoxFuture<'_, Result<(), String>> {
         Box::pin(async move { NodeWiring::setup(self).await.map_err(|e| e.to_string()) })
     }

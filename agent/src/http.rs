@@ -70,6 +70,36 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// A kept-alive connection is closed (gracefully, between requests) after this: Prometheus
 /// reconnects every minute at worst; an idle hoarder cannot keep a slot forever.
 pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
+/// hyper's read buffer per connection holds the request head; its default grows to ~408 KiB
+/// before a head is refused, so 512 connections sending fat unfinished heads cost ~200 MiB.
+/// A scrape's or probe's head is under 1 KiB: a larger one is refused (431) and closed.
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+
+/// The caps one HTTP server applies (see the module doc).
+#[derive(Debug, Clone, Copy)]
+pub struct HttpBounds {
+    pub max_connections: usize,
+    pub max_connections_per_peer: usize,
+    /// hyper's `max_buf_size` (at least 8 KiB): the largest request head it buffers.
+    pub max_head_bytes: usize,
+}
+
+impl HttpBounds {
+    /// The agent's metrics and health endpoint: worst case 512 x (16 + ~18) KiB, ~17 MiB.
+    pub const AGENT: Self = Self {
+        max_connections: MAX_CONNECTIONS,
+        max_connections_per_peer: MAX_CONNECTIONS_PER_PEER,
+        max_head_bytes: MAX_HEAD_BYTES,
+    };
+    /// The dns-guard's `/metrics` (48 MiB memory limit; one or two Prometheus replicas scrape
+    /// it, no probe): worst case 64 x (16 + ~18) KiB, ~2 MiB.
+    pub const GUARD: Self = Self {
+        max_connections: 64,
+        max_connections_per_peer: 8,
+        max_head_bytes: MAX_HEAD_BYTES,
+    };
+}
+
 /// On shutdown, in-flight requests get this long to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -85,17 +115,19 @@ pub async fn serve(
     state: AdminState,
     token: CancellationToken,
 ) -> Result<(), HttpError> {
-    serve_bounded(listener, router(state), token).await
+    serve_bounded(listener, router(state), HttpBounds::AGENT, token).await
 }
 
-/// Serves `app` over HTTP/1 with the module's bounds until `token`; then in-flight requests
-/// get [`DRAIN_TIMEOUT`].
+/// Serves `app` over HTTP/1 with `bounds` and the module's timeouts until `token`; then
+/// in-flight requests get [`DRAIN_TIMEOUT`].
 pub async fn serve_bounded(
     listener: tokio::net::TcpListener,
     app: Router,
+    bounds: HttpBounds,
     token: CancellationToken,
 ) -> Result<(), HttpError> {
-    let peers = crate::bounds::PeerCaps::new(MAX_CONNECTIONS_PER_PEER, MAX_CONNECTIONS);
+    let peers =
+        crate::bounds::PeerCaps::new(bounds.max_connections_per_peer, bounds.max_connections);
     let mut conns = tokio::task::JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -123,6 +155,7 @@ pub async fn serve_bounded(
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(bounds.max_head_bytes.max(8192))
                 .keep_alive(true)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             let mut conn = std::pin::pin!(conn);
@@ -155,7 +188,7 @@ pub async fn serve_registry(
             async move { encode(&registry, &headers) }
         }),
     );
-    serve_bounded(listener, app, token).await
+    serve_bounded(listener, app, HttpBounds::GUARD, token).await
 }
 
 /// OpenMetrics when the scraper asks for it (Prometheus does), the classic text format otherwise.

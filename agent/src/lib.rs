@@ -17,6 +17,7 @@ pub mod listen;
 pub mod metrics;
 pub mod pod_cgroups;
 pub mod runtime;
+pub mod state_file;
 pub mod sysctl;
 
 /// Types generated from `proto/nodekeeper/v1/agent.proto`.

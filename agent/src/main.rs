@@ -617,6 +617,10 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return config_exit(&e),
             };
+            let problems = guard.problems();
+            if !problems.is_empty() {
+                return config_exit(&ConfigError::Invalid(problems));
+            }
             if let Err(e) = init_logging(cli.log_format, &cli.log_level) {
                 eprintln!("nodekeeper: {e:#}");
                 return ExitCode::from(EX_USAGE);

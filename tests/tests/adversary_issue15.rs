@@ -84,7 +84,6 @@ fn p4_tools() -> bool {
 /// `prctl(PR_SET_NAME, "nodekeeper")` (or be a binary named nodekeeper) and join the group
 /// unreported.
 #[test]
-#[ignore = "adversary finding: a stranger that names itself nodekeeper (prctl PR_SET_NAME) joins the DNS reuseport group unreported"]
 fn adversary_a_stranger_named_nodekeeper_is_not_reported_as_root() {
     if !p4_tools() {
         return;
@@ -107,7 +106,6 @@ fn adversary_a_stranger_named_nodekeeper_is_not_reported_as_root() {
 /// queue, stays in the group and receives pods' queries, and the stranger can take it back
 /// whenever it likes.
 #[test]
-#[ignore = "adversary finding: a reuseport DNS socket parked in a unix socket's queue (SCM_RIGHTS) is in the group but never reported"]
 fn adversary_a_stranger_socket_parked_in_flight_is_not_reported_as_root() {
     if !p4_tools() {
         return;
@@ -131,7 +129,6 @@ fn adversary_a_stranger_socket_parked_in_flight_is_not_reported_as_root() {
 /// unshares its fd table (`unshare(CLONE_FILES)`) holds sockets no `/proc/<pid>/fd` shows
 /// (they are in `/proc/<pid>/task/<tid>/fd`).
 #[test]
-#[ignore = "adversary finding: a reuseport DNS socket held by a thread with its own fd table (unshare CLONE_FILES) is never reported"]
 fn adversary_a_stranger_socket_in_a_threads_private_fd_table_is_not_reported_as_root() {
     if !p4_tools() {
         return;
@@ -159,7 +156,6 @@ fn adversary_a_stranger_socket_in_a_threads_private_fd_table_is_not_reported_as_
 /// sends all of it but the last byte makes the agent hold 4 MiB x 64 x connections: it is
 /// OOM-killed in the DaemonSet's 256 MiB memory cgroup. No credentials needed.
 #[test]
-#[ignore = "adversary finding: unfinished 4 MiB health-check messages on 64 streams x 4 connections OOM-kill the agent in 256 MiB"]
 fn adversary_unfinished_grpc_health_messages_oom_kill_the_agent() {
     use futures::StreamExt as _;
     use http_body::Frame;
@@ -313,7 +309,6 @@ fn our_rule_count(ns: &nodekeeper_tests::netns_pods::Netns, prog: &str) -> usize
 /// nothing, reads back the nft variant, logs "failed open, verified" and counts it, while all
 /// 28 legacy NOTRACK rules stay and the node's DNS is black-holed.
 #[test]
-#[ignore = "adversary finding: rules installed with iptables-legacy stay after the guard logs 'failed open, verified' once iptables-nft holds a table"]
 fn adversary_guard_claims_failed_open_while_legacy_rules_remain_as_root() {
     use nodekeeper_tests::netns_pods::Netns;
     use nodekeeper_tests::{Proc, agent_bin, require_root, require_tool};
@@ -429,7 +424,6 @@ fn adversary_guard_claims_failed_open_while_legacy_rules_remain_as_root() {
 /// liveness probe restarts it forever, and DNS/metrics never serve. A regular corrupt file
 /// degrades sysctl only (sysctl::a_corrupt_originals_journal_degrades_only_sysctl_...).
 #[test]
-#[ignore = "adversary finding: a FIFO at state/sysctl/originals.json hangs the agent's start before any listener binds"]
 fn adversary_a_fifo_as_the_sysctl_journal_keeps_every_listener_down() {
     use nodekeeper_tests::{Proc, agent_bin, free_port, http_get, loopback};
     let dir = tempfile::tempdir().unwrap();
@@ -527,7 +521,6 @@ async fn fat_heads(to: SocketAddr, connections: usize, head_bytes: usize) -> usi
 /// in a 48 MiB memory limit. Fat unfinished heads OOM-kill the guard; a dead guard cannot fail
 /// open when the cache dies afterwards (docs/dns.md, "Limits"). No credentials needed.
 #[test]
-#[ignore = "adversary finding: fat unfinished HTTP heads on the guard's metrics port OOM-kill the dns-guard in its 48 MiB limit"]
 fn adversary_fat_unfinished_http_heads_oom_kill_the_dns_guard_as_root() {
     use nodekeeper_tests::memcg::MemoryCgroup;
     use nodekeeper_tests::netns_pods::Netns;
@@ -620,7 +613,6 @@ fn adversary_fat_unfinished_http_heads_oom_kill_the_dns_guard_as_root() {
 /// must be non-zero") instead of refusing the flag by name; the sidecar then crash-loops and
 /// nothing guards the node. Bad input must be a clear error naming the field.
 #[test]
-#[ignore = "adversary finding: dns-guard --interval 0s panics (tokio interval) instead of refusing the flag by name"]
 fn adversary_guard_interval_zero_panics_instead_of_naming_the_flag_as_root() {
     use nodekeeper_tests::netns_pods::Netns;
     use nodekeeper_tests::{agent_bin, require_root};
@@ -635,24 +627,33 @@ fn adversary_guard_interval_zero_panics_instead_of_naming_the_flag_as_root() {
         "dns:\n  listenIps: [\"169.254.20.10\"]\n  node:\n    manageInterface: false\n    rules: none\n",
     )
     .unwrap();
-    let out = ns
-        .command("timeout")
-        .args(["10"])
-        .arg(agent_bin())
-        .args(["dns-guard", "--config"])
-        .arg(&cfg)
-        .args(["--interval", "0s"])
-        .env_remove("KUBECONFIG")
-        .output()
-        .expect("run the guard");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !stderr.contains("panicked"),
-        "the guard panicked:\n{stderr}"
-    );
-    assert!(
-        !out.status.success() && out.status.code() != Some(124) && stderr.contains("interval"),
-        "want a refusal naming --interval, got {}:\n{stderr}",
-        out.status
-    );
+    // Each hostile value is refused by the name of its flag, with EX_USAGE (64), as the
+    // agent's config validation does.
+    for (flag, value) in [
+        ("--interval", "0s"),
+        ("--probe-timeout", "0ms"),
+        ("--failures", "0"),
+        ("--interval", "2h"),
+    ] {
+        let out = ns
+            .command("timeout")
+            .args(["10"])
+            .arg(agent_bin())
+            .args(["dns-guard", "--config"])
+            .arg(&cfg)
+            .args([flag, value])
+            .env_remove("KUBECONFIG")
+            .output()
+            .expect("run the guard");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !stderr.contains("panicked"),
+            "the guard panicked on {flag} {value}:\n{stderr}"
+        );
+        assert!(
+            out.status.code() == Some(64) && stderr.contains(flag),
+            "want a refusal (64) naming {flag} for {value}, got {}:\n{stderr}",
+            out.status
+        );
+    }
 }

@@ -758,3 +758,79 @@ fn only_agents_on_nodes_hosting_selected_pods_decide_coverage_from_the_pod_watch
     assert_eq!(pod_lists, 1, "{:?}", api.requests());
     drop(pods);
 }
+
+#[test]
+fn a_remote_beyond_top_remotes_named_by_a_query_is_counted_exactly_as_root() {
+    if !require_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let api = FakeApi::start();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let node = NODES[0];
+    api.add_node(node, &[]);
+    let cgroup = dir.path().join("cgroup");
+    let pods = start_pods(&api, &cgroup, dir.path(), node);
+    // topRemotes 1: web-1's 3 connections waiting on port 8081 (outbound 127.0.0.1:8081,
+    // inbound *:8081) rank below its 4 to the database, so they fold into `other`/`*:other`
+    // unless a query pins them.
+    let agent = Agent::builder()
+        .connected(&kubeconfig, node)
+        .config("metrics:\n  connections:\n    topRemotes: 1\n")
+        .arg("--host-cgroup")
+        .arg(cgroup.display().to_string())
+        .start();
+    let agg = Aggregator::start(
+        dir.path(),
+        "aggregate",
+        &[
+            "--agents",
+            &agent.api.to_string(),
+            "--deadline",
+            "5s",
+            "--refresh",
+            "100ms",
+        ],
+        &[],
+    );
+    let value = |addr: SocketAddr, remote: &str| {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(get_metrics(
+            &addr.to_string(),
+            scaled_object(
+                "shop",
+                &[
+                    ("metric", "established"),
+                    ("target", "5"),
+                    ("podSelector", "app=web"),
+                    ("remote", remote),
+                ],
+            ),
+        ))
+        .map(|m| m.metric_values[0].metric_value_float)
+        .map_err(|e| format!("{e:?}"))
+    };
+    // Wait until the pod watch has named the pods (the web pool is 4 + 6).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while value(agent.api, census_pods::POOL_REMOTE) != Ok(10.0) {
+        assert!(Instant::now() < deadline, "the agent never named its pods");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Through the aggregator (the pin travels in GetMetricsRequest.pinned_remotes), then on the
+    // agent itself: 3 connections stay 3, the first time they are asked for and after.
+    for round in 0..2 {
+        assert_eq!(
+            value(agg.grpc, "*:8081"),
+            Ok(3.0),
+            "aggregator, round {round}"
+        );
+        assert_eq!(
+            value(agent.api, "127.0.0.1:8081"),
+            Ok(3.0),
+            "agent, round {round}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(pods);
+}

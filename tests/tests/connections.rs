@@ -58,6 +58,7 @@ fn get_metrics(agent: &Agent) -> pb::MetricsSnapshot {
             c.get_metrics(pb::GetMetricsRequest {
                 exclude_pods: true,
                 exclude_connections: false,
+                ..Default::default()
             })
             .await
             .expect("GetMetrics")
@@ -288,6 +289,7 @@ fn outbound_pools_time_wait_udp_and_idle_split_are_exact_per_pod_as_root() {
         c.get_metrics(pb::GetMetricsRequest {
             exclude_pods: true,
             exclude_connections: true,
+            ..Default::default()
         })
         .await
         .unwrap()

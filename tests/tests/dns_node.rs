@@ -972,6 +972,13 @@ fn guard_fails_open_with_a_read_only_root(fw: Fw) {
             "kube-dns after {took:?} > {window:?}\n{}",
             guard.log_text()
         );
+        // Reading back every iptables variant never instantiates a legacy table (listing one
+        // would create it).
+        assert_eq!(
+            ok(ns.command("cat").arg("/proc/net/ip_tables_names")),
+            "",
+            "the guard's read-back created legacy tables"
+        );
     }
     assert_eq!(rules_of_ours(&ns, fw), 0, "{}", guard.log_text());
     wait_for(Duration::from_secs(5), "the verified fail-open log", || {

@@ -388,6 +388,8 @@ async fn cordon_and_cancel() {
             .contains("\"cancelled\"")
             .then_some(())
     });
+    // Cancelling backs the drain out, not the cordon: uncordoning is the caller's call.
+    assert_eq!(s.api.node(NODE).unwrap()["spec"]["unschedulable"], true);
     let unknown = within(
         10,
         c.cancel_drain(bearer(pb::CancelDrainRequest {

@@ -415,4 +415,6 @@ fn a_driver_that_loses_the_drain_to_the_other_process_exits_75_asking_to_reattac
         stderr.contains("took over") && stderr.contains("re-attach"),
         "{stderr}"
     );
+    // Losing the drain is no reason to uncordon: the node stays cordoned.
+    assert_eq!(api.node(NODE).unwrap()["spec"]["unschedulable"], true);
 }

@@ -294,6 +294,10 @@ async fn the_60_pod_rotation_through_faults_breaks_no_budget_and_leaves_no_pod()
         "the relist came after the drain's last eviction"
     );
 
+    // Evictions only: a drain whose evictions fail must not fall back to deleting pods.
+    let deletes = statuses(api, "DELETE", "/pods/", false);
+    assert!(deletes.is_empty(), "pods were deleted: {deletes:?}");
+
     // Each pod was admitted for eviction exactly once (a fault answers before the store).
     let mut admitted: HashMap<String, usize> = HashMap::new();
     for r in api.requests() {

@@ -127,6 +127,44 @@ fn web_pods(api: &FakeApi, n: usize, grace: i64) {
     }
 }
 
+/// A drain of pods that take their grace period to go sends one GET per pod, the proof, when
+/// its pod watch is synced: not a first GET right after the eviction, while the pod is
+/// certainly still Terminating. (A `deletionPoll` far beyond the grace period, so no poll tick
+/// adds a GET.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_synced_watch_spares_the_get_while_a_pod_is_still_terminating() {
+    let api = FakeApi::builder()
+        .grace_second(Duration::from_millis(100))
+        .start();
+    web_pods(&api, 4, 5);
+    let s = scenario(api);
+    let agent = Agent::builder()
+        .config(&FAST.replace("deletionPoll: 200ms", "deletionPoll: 60s"))
+        .with_token()
+        .connected(&s.kubeconfig, NODE)
+        .start();
+    // Synced: kube-runtime opens the watch only after its LIST filled the store.
+    nodekeeper_tests::wait_for(Duration::from_secs(30), "the agent's pod watch", || {
+        s.api
+            .requests()
+            .iter()
+            .any(|r| r.path == "/api/v1/pods" && r.query.contains("watch=true"))
+            .then_some(())
+    });
+    let mut c = client(&agent).await;
+    let events = within(60, drain_all(&mut c, request("one-get"))).await;
+    assert!(
+        matches!(events.last().unwrap().event, Some(Event::Completed(_))),
+        "{:?}",
+        events.last()
+    );
+    assert!(web_left(&s.api).is_empty());
+    for i in 0..4 {
+        let gets = statuses(&s.api, "GET", &format!("/namespaces/default/pods/web-{i}"));
+        assert_eq!(gets, [404], "web-{i}: one GET, the one that proves it gone");
+    }
+}
+
 /// The planned pods still present on the node (terminating or not).
 fn web_left(api: &FakeApi) -> Vec<String> {
     let mut left: Vec<String> = api
@@ -335,6 +373,12 @@ async fn a_403_eviction_fails_the_drain_at_once_naming_the_cause() {
         status.error
     );
     assert_eq!(statuses(&s.api, "POST", "/eviction"), [403], "not retried");
+    // No fallback: kubectl's --disable-eviction would DELETE a pod it may not evict, which
+    // skips every budget. The pod stays, and the node stays cordoned after the failure.
+    let deletes = statuses(&s.api, "DELETE", "/pods/");
+    assert!(deletes.is_empty(), "a pod was deleted: {deletes:?}");
+    assert_eq!(web_left(&s.api), ["web-0"]);
+    assert_eq!(s.api.node(NODE).unwrap()["spec"]["unschedulable"], true);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -473,4 +517,7 @@ async fn a_pod_held_by_a_finalizer_is_never_counted_as_gone() {
         "a Terminating pod was reported deleted"
     );
     assert_eq!(web_left(&s.api), ["web-0"]);
+    // Not forced away either: no DELETE (with or without gracePeriodSeconds=0) on any pod.
+    let deletes = statuses(&s.api, "DELETE", "/pods/");
+    assert!(deletes.is_empty(), "a pod was deleted: {deletes:?}");
 }

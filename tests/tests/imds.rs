@@ -31,6 +31,11 @@ struct Setup {
 /// node-a with two ReplicaSet pods (no budget: a drain takes about a second), a fake IMDS, and
 /// the agent polling it every 200 ms.
 fn setup(default_timeout: &str) -> Setup {
+    setup_with(default_timeout, "2h", "")
+}
+
+/// `extra`: more `drain:` settings (YAML indented by two spaces).
+fn setup_with(default_timeout: &str, lead_time: &str, extra: &str) -> Setup {
     let api = FakeApi::builder().other_node("node-other").start();
     api.add_node(NODE, &[]);
     api.add_node("node-other", &[]);
@@ -50,7 +55,8 @@ fn setup(default_timeout: &str) -> Setup {
     let imds = FakeImds::start();
     let config = format!(
         "metrics:\n  enabled: false\ndrain:\n  retryInitial: 100ms\n  retryMax: 500ms\n  deletionPoll: 200ms\n  \
-         defaultTimeout: {default_timeout}\n  imds:\n    enabled: true\n    endpoint: {}\n    interval: 200ms\n",
+         defaultTimeout: {default_timeout}\n  imds:\n    enabled: true\n    endpoint: {}\n    interval: 200ms\n    \
+         maintenanceLeadTime: {lead_time}\n{extra}",
         imds.url()
     );
     let agent = Agent::builder()
@@ -183,7 +189,8 @@ async fn no_notice_no_drain_then_a_spot_notice_drains_once_by_its_deadline() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn scheduled_maintenance_drains_within_the_default_timeout_and_canceled_events_do_not() {
-    let s = setup("10m");
+    // A lead time of three days less 3 s: the event below is drained 3 s after it is seen.
+    let s = setup_with("10m", "259197s", "");
     let mut c = client(&s.agent).await;
     let not_before = |secs_from_now: i64| {
         jiff::Timestamp::from_second(unix(SystemTime::now()) + secs_from_now)
@@ -212,6 +219,14 @@ async fn scheduled_maintenance_drains_within_the_default_timeout_and_canceled_ev
         "active",
     );
     let requested = unix(SystemTime::now());
+    // Not at once: for the first second (five polls) nothing drains.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        get_drain(&mut c).await,
+        None,
+        "drained before the lead time"
+    );
+    assert_ne!(s.api.node(NODE).unwrap()["spec"]["unschedulable"], true);
     let status = within(20, wait_phase(&mut c, DrainPhase::Completed)).await;
     assert_eq!(status.id, "imds-instance-event-0d59937288b749b32");
     assert_eq!(status.requester, "imds");
@@ -219,12 +234,17 @@ async fn scheduled_maintenance_drains_within_the_default_timeout_and_canceled_ev
     let deadline = status.deadline.unwrap().seconds;
     let started = status.started_at.unwrap().seconds;
     assert_eq!(deadline - started, 600, "deadline = start + defaultTimeout");
-    assert!((started - requested).abs() <= 2);
+    // Started at NotBefore - lead time (3 s after it was posted), not at once.
+    assert!(
+        (2..=5).contains(&(started - requested)),
+        "started {}s after the notice",
+        started - requested
+    );
     assert_token_on_every_get(&s.imds);
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_notice_during_another_drain_starts_its_own_once_that_one_ends() {
+async fn a_maintenance_notice_during_another_drain_starts_its_own_once_that_one_ends() {
     let s = setup("1h");
     // A pod no budget will ever let go: the orchestrator's drain keeps running.
     s.api.add_pod(
@@ -251,9 +271,17 @@ async fn a_notice_during_another_drain_starts_its_own_once_that_one_ends() {
         .unwrap();
     within(20, wait_phase(&mut c, DrainPhase::Evicting)).await;
 
-    let at = unix(SystemTime::now()) + 120;
-    let time = jiff::Timestamp::from_second(at).unwrap().to_string();
-    s.imds.post_spot("terminate", &time);
+    // A scheduled event inside its lead time (a spot notice would preempt: the test below).
+    let not_before = jiff::Timestamp::from_second(unix(SystemTime::now()) + 3600)
+        .unwrap()
+        .strftime("%d %b %Y %H:%M:%S GMT")
+        .to_string();
+    s.imds.post_event(
+        "system-reboot",
+        "instance-event-late",
+        &not_before,
+        "active",
+    );
     let polls = s.imds.requests().len();
     wait_for(
         Duration::from_secs(10),
@@ -275,7 +303,7 @@ async fn a_notice_during_another_drain_starts_its_own_once_that_one_ends() {
     )
     .await
     .unwrap();
-    let id = format!("imds-spot-{time}");
+    let id = "imds-instance-event-late".to_string();
     let status = within(20, async {
         loop {
             if let Some(st) = get_drain(&mut c).await
@@ -288,4 +316,88 @@ async fn a_notice_during_another_drain_starts_its_own_once_that_one_ends() {
     })
     .await;
     assert_eq!(status.requester, "imds");
+}
+
+/// Seeds the only fleet-lock slot as held by a live `holder` (another node's rotation).
+async fn seed_live_slot(kubeconfig: &std::path::Path, holder: &str) {
+    use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig).expect("read kubeconfig");
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .expect("kube config");
+    let api: kube::Api<Lease> = kube::Api::namespaced(
+        kube::Client::try_from(cfg).expect("client"),
+        "nodekeeper-system",
+    );
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+        k8s_openapi::jiff::Timestamp::now(),
+    );
+    let lease = Lease {
+        metadata: kube::api::ObjectMeta {
+            name: Some("nodekeeper-drain-slot-0".into()),
+            namespace: Some("nodekeeper-system".into()),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(holder.into()),
+            lease_duration_seconds: Some(3600),
+            acquire_time: Some(now.clone()),
+            renew_time: Some(now),
+            ..Default::default()
+        }),
+    };
+    api.create(&Default::default(), &lease)
+        .await
+        .expect("create slot lease");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spot_notice_skips_the_fleet_lock_and_preempts_a_waiting_rotation_drain() {
+    let s = setup_with(
+        "10m",
+        "2h",
+        "  fleetLock:\n    enabled: true\n    slots: 1\n    leaseDuration: 2s\n",
+    );
+    seed_live_slot(&s._dir.path().join("kubeconfig"), "node-live").await;
+    let mut c = client(&s.agent).await;
+    // The orchestrator's rotation drain queues behind node-live.
+    let mut rotation = nodekeeper_tests::drain_scenario::request("rot-a");
+    rotation.await_reboot = true;
+    let rot = tokio::spawn({
+        let mut c = c.clone();
+        async move { nodekeeper_tests::drain_scenario::drain_all(&mut c, rotation).await }
+    });
+    let pending = within(20, wait_phase(&mut c, DrainPhase::Pending)).await;
+    assert_eq!(pending.id, "rot-a");
+
+    // Terminate in two minutes: the spot drain cancels the rotation and runs without a slot.
+    let time = jiff::Timestamp::from_second(unix(SystemTime::now()) + 120)
+        .unwrap()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    s.imds.post_spot("terminate", &time);
+    let status = within(30, wait_phase(&mut c, DrainPhase::Completed)).await;
+    assert_eq!(status.id, format!("imds-spot-{time}"));
+    let events = within(10, rot).await.expect("rotation drain task");
+    assert!(
+        matches!(
+            events.last().and_then(|e| e.event.as_ref()),
+            Some(pb::drain_event::Event::Cancelled(_))
+        ),
+        "the rotation drain was preempted: {:?}",
+        events.last()
+    );
+    let lease = s
+        .api
+        .get(
+            nodekeeper_tests::fake_api::Res::Leases,
+            "nodekeeper-system",
+            "nodekeeper-drain-slot-0",
+        )
+        .expect("slot lease");
+    assert_eq!(
+        lease["spec"]["holderIdentity"], "node-live",
+        "the spot drain neither waited for nor took the slot: {lease}"
+    );
+    assert_eq!(s.api.node(NODE).unwrap()["spec"]["unschedulable"], true);
 }

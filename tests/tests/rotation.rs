@@ -204,6 +204,10 @@ impl Fleet {
     /// `nodes`, each running `PODS` ReplicaSet pods behind a minAvailable PODS-1 budget;
     /// replacements land on node-other and become Ready 500 ms later. Every node boots "boot-1".
     fn new(nodes: &[&str]) -> Fleet {
+        Fleet::with_pods(nodes, PODS)
+    }
+
+    fn with_pods(nodes: &[&str], pods: usize) -> Fleet {
         let api = FakeApi::builder()
             .replace_delay(Duration::from_millis(100))
             .ready_delay(Duration::from_millis(500))
@@ -218,10 +222,10 @@ impl Fleet {
                 "apps",
                 &app,
                 &[("app", &app)],
-                PODS as i64,
+                pods as i64,
                 &[("app", &app)],
             );
-            for i in 0..PODS {
+            for i in 0..pods {
                 api.add_pod(
                     PodSeed::new(&format!("{app}-{i}"))
                         .namespace("apps")
@@ -234,7 +238,7 @@ impl Fleet {
                 "apps",
                 &format!("{app}-pdb"),
                 &[("app", &app)],
-                PdbLimit::MinAvailable(PODS as i64 - 1),
+                PdbLimit::MinAvailable(pods as i64 - 1),
                 None,
             );
             std::fs::write(dir.path().join(format!("{node}.boot_id")), "boot-1\n")
@@ -512,4 +516,113 @@ async fn a_node_that_never_comes_back_keeps_its_slot_and_raises_an_event() {
     );
     drain_b.abort();
     drop(b);
+}
+
+/// Eviction POSTs the API server saw (accepted or not).
+fn eviction_posts(api: &FakeApi) -> usize {
+    api.requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/eviction"))
+        .count()
+}
+
+/// Rewrites the slot Lease as if `holder` had taken it (a renewal of ours failed for longer than
+/// the lease), or frees it (`None`).
+async fn set_slot_holder(kubeconfig: &Path, holder: Option<&str>) {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig).expect("read kubeconfig");
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .expect("kube config");
+    let api: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(kube::Client::try_from(cfg).expect("client"), LOCK_NS);
+    for _ in 0..10 {
+        let mut lease = api.get(SLOT).await.expect("slot lease");
+        let spec = lease.spec.get_or_insert_with(Default::default);
+        spec.holder_identity = holder.map(str::to_string);
+        spec.lease_duration_seconds = Some(3600);
+        spec.renew_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+            k8s_openapi::jiff::Timestamp::now(),
+        ));
+        if api.replace(SLOT, &Default::default(), &lease).await.is_ok() {
+            return;
+        }
+    }
+    panic!("could not rewrite the slot lease");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_lost_mid_drain_pauses_evictions_until_a_slot_is_held_again() {
+    let fleet = Fleet::with_pods(&["node-a"], 8);
+    let a = fleet.agent("node-a", "10m");
+    let mut c = client(&a).await;
+    let mut req = request("rot-a");
+    req.node_name = "node-a".into();
+    let mut stream = within(10, c.drain(bearer(req)))
+        .await
+        .expect("Drain accepted")
+        .into_inner();
+    let mut events = Vec::new();
+    let mut stolen = false;
+    let mut paused_at = None;
+    while let Some(e) = within(60, stream.message()).await.expect("stream") {
+        match &e.event {
+            // The first pod is gone: node-thief takes the slot (as after our renewals failed).
+            Some(pb::drain_event::Event::Deleted(_)) if !stolen => {
+                set_slot_holder(&fleet.kubeconfig, Some("node-thief")).await;
+                stolen = true;
+            }
+            Some(pb::drain_event::Event::Waiting(w))
+                if w.holders.contains("lost mid-drain") && paused_at.is_none() =>
+            {
+                // Paused: for 2 s (three renewal periods) no eviction is posted at all.
+                let posts = eviction_posts(&fleet.api);
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                assert_eq!(
+                    eviction_posts(&fleet.api),
+                    posts,
+                    "evicted while the slot was lost"
+                );
+                let status = within(10, c.get_drain(bearer(pb::GetDrainRequest {})))
+                    .await
+                    .expect("GetDrain")
+                    .into_inner();
+                assert_eq!(status.phase(), pb::DrainPhase::Evicting, "{status:?}");
+                assert!(status.done.len() < 8, "{status:?}");
+                paused_at = Some(posts);
+                set_slot_holder(&fleet.kubeconfig, None).await;
+            }
+            _ => {}
+        }
+        events.push(e);
+    }
+    assert!(
+        paused_at.is_some(),
+        "the lost slot was never reported: {events:?}"
+    );
+    assert!(
+        matches!(
+            last_event(&events),
+            Some(pb::drain_event::Event::Completed(_))
+        ),
+        "{:?}",
+        events.last()
+    );
+    let waits: Vec<String> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(pb::drain_event::Event::Waiting(w)) => Some(w.holders.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        waits.iter().any(|w| w.contains("node-thief")),
+        "the wait named the new holder: {waits:?}"
+    );
+    assert!(
+        eviction_posts(&fleet.api) > paused_at.unwrap(),
+        "evictions resumed once the slot was free"
+    );
+    wait_for(Duration::from_secs(5), "slot released", || {
+        fleet.holder().is_none().then_some(())
+    });
 }

@@ -35,6 +35,7 @@ use crate::aggregate::pods::PodWatch;
 use crate::api::client::{endpoint, read_token};
 use crate::keda::coverage::{AgentCensus, AgentState, FleetCensus};
 use crate::keda::service::CENSUS_SOURCE;
+use crate::metrics::connections::pins::PinnedRemotes;
 use crate::pb::{self, node_agent_client::NodeAgentClient};
 
 type AgentClient =
@@ -136,7 +137,7 @@ impl AggregateMetrics {
         );
         registry.register(
             "aggregate_agent_failures",
-            "Node agents without an answer in a fan-out, by reason (timeout, unavailable, census, error)",
+            "Node agents without an answer in a fan-out, by reason (timeout, unavailable, census, pins, error)",
             m.failures.clone(),
         );
         registry.register(
@@ -167,6 +168,8 @@ pub struct FanoutResult {
 
 struct Cached {
     at: Instant,
+    /// The pins generation its calls were made with.
+    pins: u64,
     result: Arc<FanoutResult>,
 }
 
@@ -190,6 +193,8 @@ type InFlight = Shared<BoxFuture<'static, Arc<CallResult>>>;
 struct LastCensus {
     at: Instant,
     snapshot: Arc<pb::MetricsSnapshot>,
+    /// The pins generation the call asked with: it may fold remotes pinned later.
+    pins: u64,
     /// The call's duration.
     latency: Duration,
     /// Some fan-out has answered with it; an unserved one is a late answer for the next.
@@ -200,7 +205,8 @@ struct LastCensus {
 /// agent leaves the targets.
 #[derive(Default)]
 struct AgentSlot {
-    in_flight: Option<InFlight>,
+    /// The call and the pins generation it asked with.
+    in_flight: Option<(u64, InFlight)>,
     last: Option<LastCensus>,
 }
 
@@ -225,6 +231,8 @@ pub struct Fleet {
     metrics: AggregateMetrics,
     token: BearerToken,
     slots: Slots,
+    /// Remotes KEDA queries name, sent to every agent so they are never folded into `other`.
+    pins: PinnedRemotes,
     /// Held across a fan-out so concurrent callers wait for one instead of starting their own.
     state: tokio::sync::Mutex<State>,
 }
@@ -238,6 +246,7 @@ impl Fleet {
             metrics,
             token: BearerToken::default(),
             slots: Arc::default(),
+            pins: PinnedRemotes::default(),
             state: tokio::sync::Mutex::new(State {
                 cached: None,
                 clients: HashMap::new(),
@@ -255,21 +264,41 @@ impl Fleet {
 
     /// A fan-out result at most `refresh` old.
     pub async fn get(&self) -> Arc<FanoutResult> {
+        self.get_pinned(&[] as &[&str]).await
+    }
+
+    /// `get`, with `remotes` pinned on every agent: a fan-out made before one of them was
+    /// pinned is not used (its censuses may have folded it into `other`).
+    pub async fn get_pinned<S: AsRef<str>>(&self, remotes: &[S]) -> Arc<FanoutResult> {
+        let wanted = if remotes.is_empty() {
+            0
+        } else {
+            self.pins.pin(remotes)
+        };
         let mut state = self.state.lock().await;
         if let Some(c) = &state.cached
             && c.at.elapsed() < self.config.refresh
+            && c.pins >= wanted
         {
             return c.result.clone();
         }
-        let result = Arc::new(self.fan_out(&mut state).await);
+        let (pinned, generation) = self.pins.current();
+        let pinned: Arc<Vec<String>> = Arc::new(pinned.into_iter().collect());
+        let result = Arc::new(self.fan_out(&mut state, &pinned, generation).await);
         state.cached = Some(Cached {
             at: Instant::now(),
+            pins: generation,
             result: result.clone(),
         });
         result
     }
 
-    async fn fan_out(&self, state: &mut State) -> FanoutResult {
+    async fn fan_out(
+        &self,
+        state: &mut State,
+        pinned: &Arc<Vec<String>>,
+        pins: u64,
+    ) -> FanoutResult {
         let started = Instant::now();
         let targets = match self.discovery.targets().await {
             Ok(t) => {
@@ -310,7 +339,7 @@ impl Fleet {
             calls.push((t.clone(), client));
         }
         let outcomes: Vec<AgentOutcome> = futures::stream::iter(calls)
-            .map(|(t, client)| self.agent_census(t, client))
+            .map(|(t, client)| self.agent_census(t, client, pinned, pins))
             .buffer_unordered(self.config.max_concurrency.max(1))
             .collect()
             .await;
@@ -337,6 +366,8 @@ impl Fleet {
         &self,
         target: Target,
         client: Result<AgentClient, String>,
+        pinned: &Arc<Vec<String>>,
+        pins: u64,
     ) -> AgentOutcome {
         let client = match client {
             Ok(c) => c,
@@ -355,13 +386,14 @@ impl Fleet {
             let slot = slots.entry(target.address.clone()).or_default();
             if let Some(last) = slot.last.as_mut()
                 && !last.served
+                && last.pins >= pins
                 && last.at.elapsed() <= LATE_ANSWER_MAX_AGE
             {
                 last.served = true;
                 let late = last.clone();
                 // Start the next census now, so the fan-out after this one finds it done.
                 if slot.in_flight.is_none() {
-                    slot.in_flight = Some(self.spawn_call(&target, client));
+                    slot.in_flight = Some((pins, self.spawn_call(&target, client, pinned, pins)));
                 }
                 return AgentOutcome {
                     target,
@@ -371,13 +403,28 @@ impl Fleet {
                 };
             }
             slot.in_flight
-                .get_or_insert_with(|| self.spawn_call(&target, client))
+                .get_or_insert_with(|| (pins, self.spawn_call(&target, client, pinned, pins)))
                 .clone()
         };
+        let (call_pins, waiting) = waiting;
         let started = Instant::now();
         let deadline = self.config.deadline;
         match tokio::time::timeout(deadline, waiting).await {
             Ok(result) => match result.as_ref() {
+                // Asked before a remote this fan-out needs was pinned: it may sit in `other`.
+                // The next fan-out's call asks with it; until then the agent is not counted
+                // (no last census either: it is as old as the pin).
+                Ok(_) if call_pins < pins => AgentOutcome {
+                    target,
+                    latency: started.elapsed(),
+                    result: Err((
+                        "pins",
+                        "the census was asked for before a remote a query names was pinned; \
+                         the next fan-out asks with it"
+                            .into(),
+                    )),
+                    last: None,
+                },
                 Ok(snapshot) => {
                     let mut slots = self.slots.lock().expect("not poisoned");
                     let served = slots.get_mut(&target.address).and_then(|s| {
@@ -390,6 +437,7 @@ impl Fleet {
                     let census = served.unwrap_or_else(|| LastCensus {
                         at: Instant::now(),
                         snapshot: snapshot.clone(),
+                        pins: call_pins,
                         latency: started.elapsed(),
                         served: true,
                     });
@@ -438,14 +486,21 @@ impl Fleet {
 
     /// Starts the agent's call on its own task: it runs to the end (or `CALL_LIMIT`) whoever
     /// still waits, and stores a census in the agent's slot.
-    fn spawn_call(&self, target: &Target, client: AgentClient) -> InFlight {
+    fn spawn_call(
+        &self,
+        target: &Target,
+        client: AgentClient,
+        pinned: &Arc<Vec<String>>,
+        pins: u64,
+    ) -> InFlight {
         let slots = self.slots.clone();
+        let pinned = pinned.clone();
         let address = target.address.clone();
         let deadline = self.config.deadline;
         let late_answers = self.metrics.late_answers.clone();
         let task = tokio::spawn(async move {
             let started = Instant::now();
-            let result = call(client).await;
+            let result = call(client, pinned.to_vec()).await;
             let latency = started.elapsed();
             let mut slots = slots.lock().expect("not poisoned");
             // Gone from the targets meanwhile: nobody will ask again.
@@ -465,6 +520,7 @@ impl Fleet {
                     slot.last = Some(LastCensus {
                         at: Instant::now(),
                         snapshot: snapshot.clone(),
+                        pins,
                         latency,
                         served: false,
                     });
@@ -607,10 +663,11 @@ impl Fleet {
 
 /// One GetMetrics call, bounded by `CALL_LIMIT`; a census the agent reports as failed is an
 /// error (as unknown as no answer).
-async fn call(mut client: AgentClient) -> CallResult {
+async fn call(mut client: AgentClient, pinned_remotes: Vec<String>) -> CallResult {
     let req = pb::GetMetricsRequest {
         exclude_pods: true,
         exclude_connections: false,
+        pinned_remotes,
     };
     let mut request = tonic::Request::new(req);
     // The agent sees the limit too (grpc-timeout) and can stop early.

@@ -23,7 +23,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
 use crate::config::{ConfigDuration, KubernetesMode};
-use crate::keda::service::{Census, PodSource, ScalerService};
+use crate::keda::query::Query;
+use crate::keda::service::{Census, PodSource, ScalerService, query_pins};
 use crate::keda_pb::external_scaler_server::ExternalScalerServer;
 use crate::pb::{self, HealthState, aggregator_server};
 use crate::runtime::{Health, Supervisor};
@@ -150,8 +151,11 @@ impl AggregateError {
 pub struct FleetSource(pub Arc<Fleet>);
 
 impl PodSource for FleetSource {
-    fn census(&self) -> BoxFuture<'_, Result<Census, Status>> {
-        Box::pin(async move { Ok(Census::from_fleet(self.0.get().await.census.clone())) })
+    fn census<'a>(&'a self, q: &'a Query) -> BoxFuture<'a, Result<Census, Status>> {
+        Box::pin(async move {
+            let fleet = self.0.get_pinned(&query_pins(q)).await;
+            Ok(Census::from_fleet(fleet.census.clone()))
+        })
     }
 }
 

@@ -651,7 +651,7 @@ where
     }
 }
 
-fn peer_addr<B>(req: &http::Request<B>) -> Option<std::net::SocketAddr> {
+pub(crate) fn peer_addr<B>(req: &http::Request<B>) -> Option<std::net::SocketAddr> {
     req.extensions()
         .get::<TlsConnectInfo<TcpConnectInfo>>()
         .map(|i| i.get_ref())

@@ -25,6 +25,7 @@ use tonic_health::server::{HealthReporter, HealthService};
 
 pub mod auth;
 pub mod authz;
+pub mod inflight;
 
 use crate::config::{ApiConfig, DEFAULT_WATCH_INTERVAL};
 use crate::keda::service::{AGENT_STREAM_POLL, ScalerService, SnapshotSource};
@@ -273,7 +274,10 @@ impl node_agent_server::NodeAgent for NodeAgentService {
         &self,
         req: Request<pb::GetMetricsRequest>,
     ) -> Result<Response<pb::MetricsSnapshot>, Status> {
-        let snap = self.snapshots()?.get().await;
+        let snap = self
+            .snapshots()?
+            .get_pinned(&req.get_ref().pinned_remotes)
+            .await;
         Ok(Response::new(strip(
             &snap,
             req.get_ref().exclude_pods,
@@ -554,6 +558,20 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 64;
 /// that vanished stops holding its slot and streams within 40 s.
 pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest request message decoded (tonic's default is 4 MiB, buffered before the handler
+/// runs: issue #15 OOM-killed the agent with unfinished 4 MiB health checks). Every request of
+/// NodeAgent, KEDA and reflection is a few hundred bytes (names, a reason, a few selectors).
+pub const MAX_REQUEST_MESSAGE: usize = 16 * 1024;
+/// A health check names one service: a few dozen bytes.
+pub const MAX_HEALTH_MESSAGE: usize = 1024;
+/// HTTP/2 receive windows: how much request data a stream, and a whole connection, may send
+/// before the agent has consumed it (hyper's default is 1 MiB each). Requests are tiny, so a
+/// small window costs nothing; responses are governed by the client's windows.
+pub const HTTP2_STREAM_WINDOW: u32 = 64 * 1024;
+pub const HTTP2_CONNECTION_WINDOW: u32 = 128 * 1024;
+/// Request headers per stream (hyper's default, made explicit): a bearer token and gRPC's own
+/// headers fit in a few KiB.
+pub const HTTP2_MAX_HEADER_LIST: u32 = 16 * 1024;
 
 /// An accepted connection holding its place in the connection caps until it closes.
 struct CappedConn {
@@ -684,7 +702,8 @@ pub(crate) fn health_service(
     let service = HealthServer::new(ShutdownAwareHealth {
         inner: HealthService::from_health_reporter(reporter.clone()),
         shutdown: token.clone(),
-    });
+    })
+    .max_decoding_message_size(MAX_HEALTH_MESSAGE);
     let mirror = tokio::spawn(mirror_health(health, reporter, token.clone()));
     (service, mirror)
 }
@@ -722,7 +741,10 @@ pub async fn serve(
 ) -> Result<(), ApiError> {
     // Off in the shipped manifests: reflection maps the API for anyone who can connect.
     let (reflection_v1, reflection_v1alpha) = if service.reflection {
-        (Some(reflection_v1()?), Some(reflection_v1alpha()?))
+        (
+            Some(reflection_v1()?.max_decoding_message_size(MAX_REQUEST_MESSAGE)),
+            Some(reflection_v1alpha()?.max_decoding_message_size(MAX_REQUEST_MESSAGE)),
+        )
     } else {
         (None, None)
     };
@@ -737,6 +759,7 @@ pub async fn serve(
             )
             .with_stream_budget(service.streams.clone()),
         )
+        .max_decoding_message_size(MAX_REQUEST_MESSAGE)
     });
     let (health_service, mirror) = health_service(health, &token);
     let mut server = tonic::transport::Server::builder();
@@ -747,8 +770,19 @@ pub async fn serve(
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
-        .layer(auth.layer)
-        .add_service(node_agent_server::NodeAgentServer::new(service))
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+        .http2_adaptive_window(Some(false))
+        .http2_max_header_list_size(HTTP2_MAX_HEADER_LIST)
+        // In-flight cap outermost: a refused request costs no auth work.
+        .layer(tower_layer::Stack::new(
+            auth.layer,
+            inflight::InFlightLayer::default(),
+        ))
+        .add_service(
+            node_agent_server::NodeAgentServer::new(service)
+                .max_decoding_message_size(MAX_REQUEST_MESSAGE),
+        )
         .add_optional_service(scaler)
         .add_service(health_service)
         .add_optional_service(reflection_v1)

@@ -82,7 +82,7 @@ impl OwnedStore {
             error: e,
         };
         let owned = if path.exists() {
-            let text = std::fs::read_to_string(&path).map_err(|e| err(e.to_string()))?;
+            let text = crate::state_file::read_to_string(&path).map_err(|e| err(e.to_string()))?;
             serde_json::from_str(&text).map_err(|e| err(e.to_string()))?
         } else {
             Owned::default()

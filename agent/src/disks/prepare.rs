@@ -1543,12 +1543,7 @@ pub fn lock_disks(state_dir: &Path, wait: bool) -> Result<DisksLock, PrepareErro
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     }
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(io_err(&path))?;
+    let file = crate::state_file::open_lock(&path).map_err(io_err(&path))?;
     let arg = if wait {
         FlockArg::LockExclusive
     } else {

@@ -395,7 +395,7 @@ impl Published {
     }
 
     pub fn load(state_dir: &Path) -> std::io::Result<Self> {
-        match std::fs::read_to_string(Self::path(state_dir)) {
+        match crate::state_file::read_to_string(&Self::path(state_dir)) {
             Ok(text) => serde_json::from_str(&text).map_err(std::io::Error::other),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
             Err(e) => Err(e),

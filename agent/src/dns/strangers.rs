@@ -2,9 +2,13 @@
 //! SO_REUSEPORT for the rolling hand-over, so any root process on the host network can bind
 //! the same address and port and receive a share of pods' queries. This check lists every UDP
 //! socket and TCP listener bound exactly to one of the cache's addresses (`/proc/self/net/{udp,
-//! udp6,tcp,tcp6}`, the agent's own network namespace), finds each one's process through
-//! `<proc>/<pid>/fd` (socket inodes) and reports the ones whose process is not nodekeeper (the
-//! agent or its successor): a gauge and a warning log naming them. It only reads.
+//! udp6,tcp,tcp6}`, the agent's own network namespace) and identifies ours by what we hold,
+//! never by a name a process can choose: a socket is ours when its inode is in this process's
+//! fd table, or in the fd table of a process whose executable is the same file as ours (the
+//! hand-over successor; same device and inode). Every other socket is a stranger, whether its
+//! holder is found (any thread's fd table: `<pid>/task/<tid>/fd`, as a thread may unshare its
+//! table) or not (a socket parked in a unix socket's queue, SCM_RIGHTS: "owner unknown").
+//! A gauge, a warning log and an Event name them. It only reads.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -15,18 +19,36 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-/// The process name (`comm`) of the agent and of its successor during a hand-over.
-const OUR_COMM: &str = "nodekeeper";
 /// TCP state LISTEN in /proc/net/tcp.
 const TCP_LISTEN: &str = "0A";
 
-/// A socket bound to one of our addresses whose process is not nodekeeper.
+/// A socket bound to one of our addresses that neither this process nor a process running our
+/// executable holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stranger {
     pub addr: SocketAddr,
     pub protocol: &'static str,
-    pub pid: u32,
+    /// A process holding it, None when no process's fd table does (held in flight).
+    pub pid: Option<u32>,
+    /// That process's name as it calls itself (informative only: anyone can choose it).
     pub comm: String,
+}
+
+impl std::fmt::Display for Stranger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.pid {
+            Some(pid) => write!(
+                f,
+                "{} {} pid {} ({})",
+                self.protocol, self.addr, pid, self.comm
+            ),
+            None => write!(
+                f,
+                "{} {} owner unknown (held by no process's fd table: in flight over a unix socket?)",
+                self.protocol, self.addr
+            ),
+        }
+    }
 }
 
 /// Parses `/proc/net/{udp,tcp}[6]`: each socket's local address, state and inode.
@@ -63,11 +85,10 @@ pub fn parse_proc_net(text: &str) -> Vec<(SocketAddr, String, u64)> {
         .collect()
 }
 
-/// The strangers among the sockets bound exactly to `ours`, read through `proc` (the host's
-/// /proc: the agent runs with hostPID). Sockets whose process cannot be found (closed since)
-/// are skipped.
-pub fn find(proc: &Path, ours: &[SocketAddr]) -> std::io::Result<Vec<Stranger>> {
-    let mut wanted: HashMap<u64, (SocketAddr, &'static str)> = HashMap::new();
+/// Sockets bound exactly to one of `ours` (UDP, and TCP listeners), by inode, from `proc`'s
+/// `self/net` files.
+fn group_members(proc: &Path, ours: &[SocketAddr]) -> HashMap<u64, (SocketAddr, &'static str)> {
+    let mut members = HashMap::new();
     for (file, protocol) in [
         ("udp", "udp"),
         ("udp6", "udp"),
@@ -80,14 +101,48 @@ pub fn find(proc: &Path, ours: &[SocketAddr]) -> std::io::Result<Vec<Stranger>> 
         };
         for (addr, state, inode) in parse_proc_net(&text) {
             if ours.contains(&addr) && (protocol == "udp" || state == TCP_LISTEN) {
-                wanted.insert(inode, (addr, protocol));
+                members.insert(inode, (addr, protocol));
             }
         }
     }
-    let mut strangers = Vec::new();
-    if wanted.is_empty() {
-        return Ok(strangers);
+    members
+}
+
+/// Socket inodes in the fd table at `fd_dir` (`<pid>/fd` or `<pid>/task/<tid>/fd`).
+fn held_in(fd_dir: &Path) -> impl Iterator<Item = u64> {
+    std::fs::read_dir(fd_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|fd| crate::metrics::connections::socket_inode(&fd.path()))
+}
+
+/// The executable of `<proc>/<pid>` as (device, inode): the file itself, whatever its name.
+fn exe_identity(proc_pid: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(proc_pid.join("exe")).ok()?;
+    Some((m.dev(), m.ino()))
+}
+
+/// The strangers among the sockets bound exactly to `ours`, read through `proc` (the host's
+/// /proc: the agent runs with hostPID).
+pub fn find(proc: &Path, ours: &[SocketAddr]) -> std::io::Result<Vec<Stranger>> {
+    let members = group_members(proc, ours);
+    if members.is_empty() {
+        return Ok(Vec::new());
     }
+    let me = proc.join("self");
+    let mine: std::collections::HashSet<u64> = held_in(&me.join("fd")).collect();
+    let our_exe = exe_identity(&me);
+    let mut unaccounted: HashMap<u64, (SocketAddr, &'static str)> = members
+        .into_iter()
+        .filter(|(inode, _)| !mine.contains(inode))
+        .collect();
+    if unaccounted.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Every holder of each remaining socket, in any thread's fd table.
+    let mut holders: HashMap<u64, Vec<u32>> = HashMap::new();
     for entry in std::fs::read_dir(proc)?.flatten() {
         let Some(pid) = entry
             .file_name()
@@ -96,30 +151,51 @@ pub fn find(proc: &Path, ours: &[SocketAddr]) -> std::io::Result<Vec<Stranger>> 
         else {
             continue;
         };
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
-            continue;
-        };
-        let mut comm = None;
-        for fd in fds.flatten() {
-            let Some(inode) = crate::metrics::connections::socket_inode(&fd.path()) else {
-                continue;
-            };
-            let Some(&(addr, protocol)) = wanted.get(&inode) else {
-                continue;
-            };
-            let comm = comm.get_or_insert_with(|| {
-                std::fs::read_to_string(entry.path().join("comm"))
-                    .map(|c| c.trim().to_string())
-                    .unwrap_or_default()
-            });
-            if comm != OUR_COMM {
-                strangers.push(Stranger {
+        let mut tables = vec![entry.path().join("fd")];
+        if let Ok(tasks) = std::fs::read_dir(entry.path().join("task")) {
+            tables.extend(tasks.flatten().map(|t| t.path().join("fd")));
+        }
+        for table in tables {
+            for inode in held_in(&table) {
+                if unaccounted.contains_key(&inode) {
+                    let pids = holders.entry(inode).or_default();
+                    if !pids.contains(&pid) {
+                        pids.push(pid);
+                    }
+                }
+            }
+        }
+    }
+    // Our successor (or predecessor) runs the same executable file: its sockets are ours.
+    let ours_exe =
+        |pid: u32| our_exe.is_some() && exe_identity(&proc.join(pid.to_string())) == our_exe;
+    unaccounted.retain(|inode, _| {
+        !holders
+            .get(inode)
+            .is_some_and(|pids| pids.iter().any(|&p| ours_exe(p)))
+    });
+    // A socket we closed since the first read is no longer in the group: not a stranger.
+    let still = group_members(proc, ours);
+    unaccounted.retain(|inode, _| still.contains_key(inode));
+    let mut strangers = Vec::new();
+    for (inode, (addr, protocol)) in unaccounted {
+        match holders.get(&inode) {
+            Some(pids) => strangers.extend(pids.iter().map(|&pid| {
+                Stranger {
                     addr,
                     protocol,
-                    pid,
-                    comm: comm.clone(),
-                });
-            }
+                    pid: Some(pid),
+                    comm: std::fs::read_to_string(proc.join(pid.to_string()).join("comm"))
+                        .map(|c| c.trim().to_string())
+                        .unwrap_or_default(),
+                }
+            })),
+            None => strangers.push(Stranger {
+                addr,
+                protocol,
+                pid: None,
+                comm: String::new(),
+            }),
         }
     }
     strangers.sort_by_key(|s| (s.addr, s.protocol, s.pid));
@@ -179,10 +255,7 @@ pub async fn watch(
         };
         metrics.foreign.set(strangers.len() as i64);
         if strangers != last && !strangers.is_empty() {
-            let who: Vec<String> = strangers
-                .iter()
-                .map(|s| format!("{} {} pid {} ({})", s.protocol, s.addr, s.pid, s.comm))
-                .collect();
+            let who: Vec<String> = strangers.iter().map(ToString::to_string).collect();
             tracing::warn!(strangers = ?who, "dns: another process is bound to the cache's address and port (SO_REUSEPORT): it receives a share of pods' queries");
             if let Some((client, node)) = &events {
                 let message = format!(

@@ -132,6 +132,8 @@ pub struct DrainParams {
     pub skip_wait_for_delete: Option<Duration>,
     /// A patch-and-reboot rotation: hold the slot after the drain until the node is back.
     pub rotation: Option<Rotation>,
+    /// Never wait for a fleet-lock slot (a spot interruption: two minutes, no queueing).
+    pub bypass_fleet_lock: bool,
 }
 
 impl DrainParams {
@@ -162,6 +164,7 @@ impl DrainParams {
             cancel_requested: false,
             skip_wait_for_delete_seconds: self.skip_wait_for_delete.map(|d| d.as_secs()),
             rotation: self.rotation,
+            bypass_fleet_lock: self.bypass_fleet_lock,
         }
     }
 
@@ -180,6 +183,7 @@ impl DrainParams {
             leader_selector: p.leader_selector.clone(),
             skip_wait_for_delete: p.skip_wait_for_delete_seconds.map(Duration::from_secs),
             rotation: p.rotation,
+            bypass_fleet_lock: p.bypass_fleet_lock,
         }
     }
 
@@ -219,6 +223,8 @@ pub struct DrainController {
     skip_wait: Mutex<Option<Duration>>,
     /// The rotation's state on the Node and the slot kept across the reboot.
     maintenance: Arc<Maintenance>,
+    /// True while the drain's fleet-lock slot is lost: no eviction is posted until it is back.
+    paused: tokio::sync::watch::Sender<bool>,
 }
 
 impl DrainController {
@@ -237,6 +243,7 @@ impl DrainController {
             config.fleet_lock.enabled.then(|| config.fleet_lock.clone()),
         ));
         Arc::new(Self {
+            paused: tokio::sync::watch::channel(false).0,
             maintenance,
             client,
             node,
@@ -665,6 +672,7 @@ impl DrainController {
         let started = SystemTime::now();
         Ok(DrainParams {
             rotation,
+            bypass_fleet_lock: false,
             id: req.id.clone(),
             reason: req.reason.clone(),
             requester: req.requester.clone(),
@@ -723,6 +731,7 @@ impl DrainController {
         self.blockers.lock().expect("not poisoned").clear();
         *self.last_progress_save.lock().expect("not poisoned") = None;
         *self.skip_wait.lock().expect("not poisoned") = params.skip_wait_for_delete;
+        self.paused.send_replace(false);
         let (me, r) = (self.clone(), run.clone());
         tokio::spawn(async move { me.run(r, params, done).await });
         Ok(run)
@@ -926,7 +935,7 @@ impl DrainController {
         slot: SlotCell,
     ) -> Result<(), Outcome> {
         let fail = |e: DrainError| Outcome::Failed(e.to_string());
-        if self.config.fleet_lock.enabled {
+        if self.config.fleet_lock.enabled && !params.bypass_fleet_lock {
             // Recorded before waiting, so an agent restarted while waiting for a slot resumes
             // the same drain instead of forgetting it.
             let done_before: Vec<String> =
@@ -1006,6 +1015,70 @@ impl DrainController {
                 .collect()
         };
         self.metrics.remaining.set(todo.len() as i64);
+        // Evictions run while the slot is watched: a lost slot pauses them (keep_slot).
+        tokio::select! {
+            r = self.evict_all(run, params, done, todo) => r,
+            r = self.keep_slot(run, &slot) => r,
+        }
+    }
+
+    /// Watches the drain's slot: when another node took it (renewals failed past the lease),
+    /// evictions pause (none is posted; the stream says why) until a slot is held again.
+    /// Returns only on a lock error.
+    async fn keep_slot(&self, run: &DrainRun, slot: &SlotCell) -> Result<(), Outcome> {
+        let cfg = &self.config.fleet_lock;
+        let lock_name = format!("{}/{}*", cfg.namespace, cfg.name_prefix);
+        loop {
+            let watched = slot
+                .lock()
+                .expect("not poisoned")
+                .as_ref()
+                .map(|g| (g.lost(), g.slot().to_string()));
+            let Some((mut lost, name)) = watched else {
+                return std::future::pending().await;
+            };
+            let _ = lost.wait_for(|l| *l).await;
+            self.paused.send_replace(true);
+            tracing::warn!(slot = %name, "fleet lock: slot lost mid-drain; evictions paused");
+            run.emit(Ev::Waiting(pb::Waiting {
+                lock: lock_name.clone(),
+                holders: format!(
+                    "{name} lost mid-drain (renewals failed past the lease); evictions paused"
+                ),
+            }));
+            let old = slot.lock().expect("not poisoned").take();
+            if let Some(g) = old {
+                // Another node holds it now: stop renewing, never clear its holder.
+                g.abandon().await;
+            }
+            let guard = lock::acquire(&self.client, cfg, &self.node, &self.shutdown, |held| {
+                run.emit(Ev::Waiting(pb::Waiting {
+                    lock: lock_name.clone(),
+                    holders: lock::describe(held),
+                }))
+            })
+            .await
+            .map_err(|e| Outcome::Failed(e.to_string()))?;
+            tracing::info!(slot = %guard.slot(), "fleet lock: slot held again; evictions resume");
+            *slot.lock().expect("not poisoned") = Some(guard);
+            self.paused.send_replace(false);
+        }
+    }
+
+    /// Waits while the drain's slot is lost.
+    async fn unpaused(&self) {
+        let mut rx = self.paused.subscribe();
+        let _ = rx.wait_for(|p| !*p).await;
+    }
+
+    async fn evict_all(
+        &self,
+        run: &Arc<DrainRun>,
+        params: &DrainParams,
+        done: Arc<Mutex<HashSet<String>>>,
+        todo: Vec<PlannedPod>,
+    ) -> Result<(), Outcome> {
+        let fail = |e: DrainError| Outcome::Failed(e.to_string());
         // Classes strictly in order: leaders only once every other pod is gone.
         for class in [Class::NotReady, Class::Regular, Class::Leader] {
             let batch: Vec<PlannedPod> =
@@ -1049,6 +1122,8 @@ impl DrainController {
         let mut attempt = 0u32;
         run.emit(Ev::Evicting(pod.pod_ref()));
         loop {
+            // The fleet-lock slot was lost: no eviction until it is held again.
+            self.unpaused().await;
             attempt += 1;
             let post = api.create_subresource::<_, serde_json::Value>(
                 "eviction",
@@ -1243,7 +1318,10 @@ impl DrainController {
         };
         let mut poll = tokio::time::interval(self.config.deletion_poll.get());
         poll.tick().await;
-        let mut check = true;
+        // The first look is a GET unless the watch still shows the pod: a pod just evicted sits
+        // out its grace period, and that GET would only ever say "still there" (one wasted GET
+        // per pod). An empty or unsynced store (after a restart) shows nothing, so it GETs.
+        let mut check = self.pods.is_none() || absent_from_watch();
         loop {
             if check {
                 match self.gone_per_api(api, pod).await {

@@ -9,8 +9,12 @@
 //! seen again re-attaches to its drain instead of starting another, and the poller never starts
 //! the same id twice.
 //!
+//! A scheduled-maintenance event is drained from `NotBefore - maintenanceLeadTime`, not when it
+//! is first seen. A spot notice skips the fleet lock and cancels a running drain that is not a
+//! spot drain (issue #20): the instance is gone in two minutes.
+//!
 //! Never talks to anything but the configured endpoint, always with the IMDSv2 session token,
-//! never acts on completed or canceled maintenance events, never cancels or replaces a drain
+//! never acts on completed or canceled maintenance events; only a spot notice cancels a drain
 //! someone else started.
 
 use std::collections::HashSet;
@@ -25,7 +29,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::engine::DrainController;
+use super::engine::{DrainController, DrainParams};
 use super::{DrainError, is_terminal};
 use crate::config::ConfigDuration;
 use crate::pb;
@@ -47,6 +51,11 @@ pub const SPOT_MARGIN: Duration = Duration::from_secs(15);
 pub const MAINTENANCE_MARGIN: Duration = Duration::from_secs(600);
 /// However late the notice, the drain gets at least this long (evictions are still worth it).
 pub const MIN_WINDOW: Duration = Duration::from_secs(10);
+/// A scheduled event is drained for this long before its `NotBefore` (issue #20: not at once,
+/// weeks ahead, leaving the node cordoned): two hours cover a default one-hour drain.
+pub const DEFAULT_MAINTENANCE_LEAD_TIME: Duration = Duration::from_secs(2 * 3600);
+/// How long a spot notice waits for the drain it preempts to stop.
+const PREEMPT_WAIT: Duration = Duration::from_secs(5);
 /// IMDS documents are small; anything bigger is not IMDS.
 const MAX_BODY: usize = 64 * 1024;
 
@@ -59,6 +68,8 @@ pub struct ImdsConfig {
     pub endpoint: String,
     /// How often both notices are polled.
     pub interval: ConfigDuration,
+    /// A scheduled-maintenance event's drain starts this long before its `NotBefore`.
+    pub maintenance_lead_time: ConfigDuration,
 }
 
 impl Default for ImdsConfig {
@@ -67,6 +78,7 @@ impl Default for ImdsConfig {
             enabled: false,
             endpoint: DEFAULT_ENDPOINT.to_string(),
             interval: ConfigDuration(DEFAULT_INTERVAL),
+            maintenance_lead_time: ConfigDuration(DEFAULT_MAINTENANCE_LEAD_TIME),
         }
     }
 }
@@ -92,6 +104,14 @@ impl ImdsConfig {
             out.push((
                 "drain.imds.interval".into(),
                 format!("{} is out of range (100ms..=5m)", self.interval),
+            ));
+        }
+        // At least the margin plus some evictions: a drain started later gets only MIN_WINDOW.
+        let lead = self.maintenance_lead_time.get();
+        if lead < Duration::from_secs(15 * 60) || lead > Duration::from_secs(30 * 86400) {
+            out.push((
+                "drain.imds.maintenanceLeadTime".into(),
+                format!("{} is out of range (15m..=30d)", self.maintenance_lead_time),
             ));
         }
         out
@@ -136,6 +156,19 @@ pub struct Notice {
     /// When the disruption may begin (spot `time`, maintenance `NotBefore`).
     pub at: SystemTime,
     pub margin: Duration,
+    /// A scheduled-maintenance event (drained from `at - lead time`), not a spot notice (at once).
+    pub scheduled: bool,
+}
+
+impl Notice {
+    /// When its drain may start: a spot notice at once, a scheduled event `lead` before `at`.
+    pub fn drain_from(&self, lead: Duration) -> SystemTime {
+        if self.scheduled {
+            self.at.checked_sub(lead).unwrap_or(SystemTime::UNIX_EPOCH)
+        } else {
+            SystemTime::UNIX_EPOCH
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -173,6 +206,7 @@ pub fn parse_spot(body: &str) -> Result<Notice, String> {
         reason: format!("EC2 spot interruption: {} at {}", a.action, a.time),
         at: timestamp_to_system(t),
         margin: SPOT_MARGIN,
+        scheduled: false,
     })
 }
 
@@ -206,6 +240,7 @@ pub fn parse_scheduled(body: &str) -> Result<Vec<Notice>, String> {
             ),
             at: timestamp_to_system(at.timestamp()),
             margin: MAINTENANCE_MARGIN,
+            scheduled: true,
         });
     }
     Ok(out)
@@ -342,6 +377,9 @@ pub async fn run(
     let mut handled: HashSet<String> = HashSet::new();
     let mut deferred: HashSet<String> = HashSet::new();
     let mut failing = false;
+    // Scheduled events seen before their lead time, logged once each.
+    let mut scheduled: HashSet<String> = HashSet::new();
+    let lead = config.maintenance_lead_time.get();
     tracing::info!(endpoint = %config.endpoint, interval = %config.interval, "polling IMDS for spot and maintenance notices");
     loop {
         tokio::select! {
@@ -369,10 +407,17 @@ pub async fn run(
             if handled.contains(&notice.id) {
                 continue;
             }
+            let from = notice.drain_from(lead);
+            if SystemTime::now() < from {
+                if scheduled.insert(notice.id.clone()) {
+                    tracing::info!(id = %notice.id, reason = %notice.reason, drain_from = ?from, "EC2 notice: scheduled; draining at its lead time (drain.imds.maintenanceLeadTime)");
+                }
+                continue;
+            }
             // A notice that arrives while another drain runs is retried every poll until that
             // drain ends (then its own drain starts), rather than dropped.
             let first_try = !deferred.contains(&notice.id);
-            if start(&controller, &notice, default_timeout, first_try) {
+            if start(&controller, &notice, default_timeout, first_try).await {
                 handled.insert(notice.id.clone());
             } else {
                 deferred.insert(notice.id.clone());
@@ -381,8 +426,10 @@ pub async fn run(
     }
 }
 
-/// Starts the notice's drain; false when another drain runs (try again next poll).
-fn start(
+/// Starts the notice's drain; false when another drain runs (try again next poll). A spot
+/// notice skips the fleet lock and preempts (cancels) a running drain that is not a spot drain:
+/// the instance is gone in two minutes whatever the rotation had planned.
+async fn start(
     controller: &Arc<DrainController>,
     notice: &Notice,
     default_timeout: Duration,
@@ -402,10 +449,33 @@ fn start(
         delete_emptydir_data: true,
         ..Default::default()
     };
-    let result = controller
-        .params(&req)
-        .map(|p| p.by("agent:imds"))
-        .and_then(|p| controller.start(p, Default::default()));
+    let spot = !notice.scheduled;
+    let params = match controller.params(&req) {
+        Ok(p) => DrainParams {
+            bypass_fleet_lock: spot,
+            ..p.by("agent:imds")
+        },
+        Err(e) => {
+            tracing::error!(id = %notice.id, error = %e, "EC2 notice: could not start a drain");
+            return true;
+        }
+    };
+    let mut result = controller.start(params.clone(), Default::default());
+    if spot
+        && matches!(result, Err(DrainError::Conflict(_)))
+        && let Some(running) = controller.current().filter(|r| !r.finished())
+        && !running.id.starts_with("imds-spot-")
+    {
+        tracing::warn!(id = %notice.id, preempted = %running.id, "EC2 spot interruption: cancelling the running drain to drain for the interruption");
+        let _ = controller.cancel(&running.id).await;
+        let ended = async {
+            while !running.finished() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let _ = tokio::time::timeout(PREEMPT_WAIT, ended).await;
+        result = controller.start(params, Default::default());
+    }
     match result {
         Ok(run) if run.id == notice.id && !is_terminal(run.status().phase()) => {
             tracing::warn!(id = %notice.id, reason = %notice.reason, deadline = ?until, "EC2 notice: draining");
@@ -473,6 +543,7 @@ mod tests {
             reason: String::new(),
             at: now + Duration::from_secs(in_s),
             margin,
+            scheduled: margin == MAINTENANCE_MARGIN,
         };
         // A spot notice two minutes out: 105 s.
         assert_eq!(
@@ -483,6 +554,15 @@ mod tests {
         assert_eq!(
             deadline(&notice(3 * 86400, MAINTENANCE_MARGIN), now, hour),
             now + hour
+        );
+        // Drained from two hours before a scheduled event; a spot notice at once.
+        assert_eq!(
+            notice(3 * 86400, MAINTENANCE_MARGIN).drain_from(2 * hour),
+            now + Duration::from_secs(3 * 86400) - 2 * hour
+        );
+        assert_eq!(
+            notice(120, SPOT_MARGIN).drain_from(2 * hour),
+            SystemTime::UNIX_EPOCH
         );
         // Seen late: still a minimal window.
         assert_eq!(
@@ -498,8 +578,16 @@ mod tests {
             enabled: true,
             endpoint: "https://169.254.169.254/latest".into(),
             interval: ConfigDuration(Duration::from_millis(10)),
+            maintenance_lead_time: ConfigDuration(Duration::from_secs(31 * 86400)),
         };
         let fields: Vec<String> = bad.problems().into_iter().map(|(f, _)| f).collect();
-        assert_eq!(fields, ["drain.imds.endpoint", "drain.imds.interval"]);
+        assert_eq!(
+            fields,
+            [
+                "drain.imds.endpoint",
+                "drain.imds.interval",
+                "drain.imds.maintenanceLeadTime"
+            ]
+        );
     }
 }

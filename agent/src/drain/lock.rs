@@ -386,6 +386,8 @@ pub struct SlotGuard {
     api: Api<Lease>,
     name: String,
     identity: String,
+    /// Turns true when a renewal finds another holder: the slot is gone.
+    lost: tokio::sync::watch::Receiver<bool>,
     stop: CancellationToken,
     renewer: Option<tokio::task::JoinHandle<()>>,
     done: bool,
@@ -394,17 +396,20 @@ pub struct SlotGuard {
 impl SlotGuard {
     fn start(api: Api<Lease>, name: String, identity: String, duration: Duration) -> Self {
         let stop = CancellationToken::new();
+        let (lost_tx, lost) = tokio::sync::watch::channel(false);
         let renewer = tokio::spawn(renew_loop(
             api.clone(),
             name.clone(),
             identity.clone(),
             duration,
             stop.clone(),
+            lost_tx,
         ));
         Self {
             api,
             name,
             identity,
+            lost,
             stop,
             renewer: Some(renewer),
             done: false,
@@ -414,6 +419,12 @@ impl SlotGuard {
     /// The slot's Lease name.
     pub fn slot(&self) -> &str {
         &self.name
+    }
+
+    /// Turns true when another node took the slot (renewals failed for longer than the lease
+    /// duration); it never turns back.
+    pub fn lost(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.lost.clone()
     }
 
     /// Marks the slot as held across this node's reboot: it stays held, renewed or not, until
@@ -474,6 +485,7 @@ async fn renew_loop(
     identity: String,
     duration: Duration,
     stop: CancellationToken,
+    lost: tokio::sync::watch::Sender<bool>,
 ) {
     let every = duration / 3;
     loop {
@@ -484,7 +496,9 @@ async fn renew_loop(
         match renew(&api, &name, &identity, duration).await {
             Ok(true) => tracing::debug!(slot = %name, "fleet lock: renewed"),
             Ok(false) => {
-                tracing::error!(slot = %name, "fleet lock: the slot was taken over (renewals failed for longer than the lease duration); another node may drain concurrently")
+                tracing::error!(slot = %name, "fleet lock: the slot was taken over (renewals failed for longer than the lease duration); evictions pause until a slot is held again");
+                let _ = lost.send(true);
+                return;
             }
             Err(e) => {
                 tracing::warn!(slot = %name, error = %e, "fleet lock: renewal failed; retrying")

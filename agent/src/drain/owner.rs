@@ -95,6 +95,7 @@ mod tests {
             cancel_requested: false,
             skip_wait_for_delete_seconds: None,
             rotation: None,
+            bypass_fleet_lock: false,
         }
     }
 

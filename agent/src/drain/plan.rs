@@ -364,6 +364,60 @@ mod tests {
         assert_eq!(p.skipped.len(), 1);
     }
 
+    /// The promise "a drain never evicts DaemonSet or mirror pods", attacked with everything
+    /// that puts other pods first or lets them through: not Ready, a leader label, emptyDir, no
+    /// Ready condition at all, the highest priority, Terminating, and every option allowing
+    /// evictions (a leader selector matching every pod). A finished DaemonSet pod is the one
+    /// exception, as in kubectl.
+    #[test]
+    fn daemonset_and_mirror_pods_stay_whatever_else_they_are() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let terminating = |p: P| {
+            let mut pod = p.0;
+            pod.metadata.deletion_timestamp = Some(Time(Default::default()));
+            pod
+        };
+        let no_status = |p: P| {
+            let mut pod = p.0;
+            pod.status = None;
+            pod
+        };
+        let pods = vec![
+            P::new("ds-sick").owner("DaemonSet").ready(false).0,
+            P::new("ds-leader").owner("DaemonSet").leader().0,
+            P::new("ds-scratch").owner("DaemonSet").empty_dir().0,
+            P::new("ds-urgent").owner("DaemonSet").priority(i32::MAX).0,
+            no_status(P::new("ds-new").owner("DaemonSet")),
+            terminating(P::new("ds-going").owner("DaemonSet")),
+            P::new("static-sick").mirror().ready(false).0,
+            P::new("static-leader").mirror().leader().unowned().0,
+            P::new("static-node-owned")
+                .mirror()
+                .owner_in("v1", "Node")
+                .0,
+            P::new("static-scratch").mirror().empty_dir().0,
+            terminating(P::new("static-going").mirror()),
+            P::new("static-done").mirror().phase("Succeeded").0,
+            P::new("ds-done").owner("DaemonSet").phase("Failed").0,
+        ];
+        let everything = PlanOptions {
+            delete_emptydir_data: true,
+            evict_unreplicated: true,
+            leader_selector: parse_leader_selector("!no-such-label").unwrap(),
+            skip_wait_for_delete: None,
+        };
+        for opts in [opts(), everything] {
+            let p = plan(&pods, &opts);
+            let evicted: Vec<_> = p.evict.iter().map(|e| e.name.as_str()).collect();
+            assert_eq!(evicted, ["ds-done"], "only the finished DaemonSet pod goes");
+            assert!(p.refused.is_empty(), "{:?}", p.refused);
+            for pod in &pods[..pods.len() - 1] {
+                let name = pod.metadata.name.as_deref().unwrap();
+                assert_eq!(outcome(&p, name), Outcome::Stay, "{name}");
+            }
+        }
+    }
+
     #[test]
     fn terminating_pods_still_count_for_emptydir_and_unreplicated_but_finished_ones_do_not() {
         use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;

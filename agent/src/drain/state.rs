@@ -48,6 +48,9 @@ pub struct Persisted {
     /// A patch-and-reboot rotation (issue #20): what happens after the drain completes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotation: Option<super::maintenance::Rotation>,
+    /// A spot interruption's drain: it never waits for a fleet-lock slot (issue #20).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bypass_fleet_lock: bool,
 }
 
 pub fn unix(t: SystemTime) -> u64 {
@@ -133,6 +136,7 @@ mod tests {
                 uncordon: true,
                 return_timeout_seconds: 600,
             }),
+            bypass_fleet_lock: false,
         };
         assert_eq!(p.phase, "evicting");
         assert_eq!(Persisted::from_json(&p.to_json()).unwrap(), p);

@@ -73,16 +73,23 @@ impl Census {
 /// Where the scaler reads pods from. An `Err` is returned to KEDA as is (UNAVAILABLE when the
 /// census cannot be had right now).
 pub trait PodSource: Send + Sync + 'static {
-    fn census(&self) -> BoxFuture<'_, Result<Census, Status>>;
+    /// The census `q` is answered from; a source that folds remotes beyond its top N keeps
+    /// `q.remote` apart from now on (pins.rs).
+    fn census<'a>(&'a self, q: &'a Query) -> BoxFuture<'a, Result<Census, Status>>;
 }
 
 /// The node agent's source: its snapshot cache (at most `metrics.maxSnapshotAge` old).
 pub struct SnapshotSource(pub Arc<SnapshotCache>);
 
 impl PodSource for SnapshotSource {
-    fn census(&self) -> BoxFuture<'_, Result<Census, Status>> {
-        Box::pin(async move { census_of(self.0.get().await) })
+    fn census<'a>(&'a self, q: &'a Query) -> BoxFuture<'a, Result<Census, Status>> {
+        Box::pin(async move { census_of(self.0.get_pinned(&query_pins(q)).await) })
     }
+}
+
+/// The remotes `q` needs kept apart from `other` in the census.
+pub fn query_pins(q: &Query) -> Vec<String> {
+    q.remote.iter().map(ToString::to_string).collect()
 }
 
 /// A snapshot's census, or UNAVAILABLE when the snapshot says the census failed: no value is
@@ -136,7 +143,7 @@ impl ScalerService {
     }
 
     async fn evaluate(&self, q: &Query) -> Result<Evaluation, Status> {
-        let census = self.source.census().await?;
+        let census = self.source.census(q).await?;
         let e = census
             .select(q)?
             .into_iter()
@@ -332,7 +339,7 @@ mod tests {
     }
 
     impl PodSource for Arc<FakeSource> {
-        fn census(&self) -> BoxFuture<'_, Result<Census, Status>> {
+        fn census<'a>(&'a self, _q: &'a Query) -> BoxFuture<'a, Result<Census, Status>> {
             let pods = self.0.lock().unwrap().clone();
             Box::pin(async move {
                 pods.map(|p| Census::from_pods(Arc::new(p)))

@@ -100,6 +100,11 @@ impl ResourceCollector {
         self
     }
 
+    /// The census's pinned remotes; `None` when metrics.connections is disabled.
+    pub fn pins(&self) -> Option<&Arc<connections::pins::PinnedRemotes>> {
+        self.connections.as_ref().map(|c| c.pins())
+    }
+
     pub fn collect(&self) -> (pb::MetricsSnapshot, Vec<CollectError>) {
         let mut errors = Vec::new();
         fn ok<T>(errors: &mut Vec<CollectError>, r: Result<T, CollectError>) -> Option<T> {
@@ -197,6 +202,8 @@ pub struct SnapshotCache {
     refresh: tokio::sync::Mutex<Option<(Instant, Arc<pb::MetricsSnapshot>)>>,
     /// Read synchronously by the Prometheus encoder.
     latest: RwLock<Option<Arc<pb::MetricsSnapshot>>>,
+    /// The pins generation the cached snapshot was collected with (pins.rs).
+    cached_pins: std::sync::atomic::AtomicU64,
     metrics: CollectMetrics,
     logged_sources: std::sync::Mutex<std::collections::HashSet<&'static str>>,
 }
@@ -208,6 +215,7 @@ impl SnapshotCache {
             max_age,
             refresh: tokio::sync::Mutex::new(None),
             latest: RwLock::new(None),
+            cached_pins: Default::default(),
             metrics,
             logged_sources: Default::default(),
         }
@@ -217,8 +225,21 @@ impl SnapshotCache {
     /// up (a gRPC deadline) leaves it running and its snapshot cached for the next caller,
     /// instead of dropping a census that already cost its CPU time and starting over.
     pub async fn get(self: &Arc<Self>) -> Arc<pb::MetricsSnapshot> {
+        self.get_pinned(&[] as &[&str]).await
+    }
+
+    /// `get`, with `remotes` pinned (kept as their own pool beyond topRemotes) in the snapshot:
+    /// a cached snapshot collected before one of them was pinned is not used.
+    pub async fn get_pinned<S: AsRef<str>>(
+        self: &Arc<Self>,
+        remotes: &[S],
+    ) -> Arc<pb::MetricsSnapshot> {
+        let wanted = match self.collector.pins() {
+            Some(p) if !remotes.is_empty() => p.pin(remotes),
+            _ => 0,
+        };
         let this = self.clone();
-        match tokio::spawn(async move { this.get_attached().await }).await {
+        match tokio::spawn(async move { this.get_attached(wanted).await }).await {
             Ok(snap) => snap,
             Err(e) => {
                 tracing::error!(error = %e, "snapshot task failed");
@@ -227,10 +248,11 @@ impl SnapshotCache {
         }
     }
 
-    async fn get_attached(&self) -> Arc<pb::MetricsSnapshot> {
+    async fn get_attached(&self, pins: u64) -> Arc<pb::MetricsSnapshot> {
         let mut slot = self.refresh.lock().await;
         if let Some((at, snap)) = slot.as_ref()
             && at.elapsed() <= self.max_age
+            && self.cached_pins.load(std::sync::atomic::Ordering::Acquire) >= pins
         {
             return snap.clone();
         }
@@ -254,6 +276,8 @@ impl SnapshotCache {
         slot: &mut Option<(Instant, Arc<pb::MetricsSnapshot>)>,
     ) -> Arc<pb::MetricsSnapshot> {
         let collector = self.collector.clone();
+        // Read before collecting: a pin added meanwhile may be missing from this snapshot.
+        let pins = collector.pins().map_or(0, |p| p.generation());
         let started = Instant::now();
         let (snap, errors) = match tokio::task::spawn_blocking(move || collector.collect()).await {
             Ok(r) => r,
@@ -282,6 +306,8 @@ impl SnapshotCache {
         }
         let snap = Arc::new(snap);
         *slot = Some((Instant::now(), snap.clone()));
+        self.cached_pins
+            .store(pins, std::sync::atomic::Ordering::Release);
         *self.latest.write().expect("not poisoned") = Some(snap.clone());
         snap
     }

@@ -369,12 +369,7 @@ fn lock(journal: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, ApplyError> 
     if let Some(dir) = lock_path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
     }
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| err(e.to_string()))?;
+    let file = crate::state_file::open_lock(&lock_path).map_err(|e| err(e.to_string()))?;
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
         |(_, errno)| {
             err(if errno == nix::errno::Errno::EWOULDBLOCK {
@@ -485,7 +480,7 @@ impl OriginalsStore {
         };
         let mut originals: Originals = match &path {
             Some(p) if p.exists() => {
-                let text = std::fs::read_to_string(p).map_err(|e| ApplyError::State {
+                let text = crate::state_file::read_to_string(p).map_err(|e| ApplyError::State {
                     path: p.clone(),
                     error: e.to_string(),
                 })?;

@@ -12,7 +12,7 @@
 //!   for deletions included).
 //! - nodekeeper: an agent connected as node-a with the default drain config (only metrics off,
 //!   and a bearer token because mutating RPCs need a credential), already running as it is on a
-//!   real node; the drain is `nodekeeper drain ADDR --evict-unreplicated --delete-emptydir-data
+//!   real node (its pod watch has listed before the drain starts); the drain is `nodekeeper drain ADDR --evict-unreplicated --delete-emptydir-data
 //!   --timeout 10m --json`. Wall time runs from the CLI's start. Requests counted: everything the
 //!   agent sent from its own start-up (the LIST+WATCH of its node and pods, which replace polling)
 //!   until the CLI exits, including its state-annotation PATCHes and Event POSTs.
@@ -239,6 +239,20 @@ fn nodekeeper_run(fake: Fake) -> Result<Run, String> {
         ))
         .connected(&s.kubeconfig, NODE)
         .start();
+    // Already running as on a real node: its pod watch has listed (kube-runtime opens the
+    // watch only after its LIST filled the store).
+    let synced = Instant::now();
+    while !s
+        .api
+        .requests()
+        .iter()
+        .any(|r| r.path == "/api/v1/pods" && r.query.contains("watch=true"))
+    {
+        if synced.elapsed() > Duration::from_secs(60) {
+            return Err("the agent's pod watch did not open within 60 s".into());
+        }
+        std::thread::sleep(POLL);
+    }
     let drain_from = s.api.requests().len();
     let mut cmd = Command::new(agent_bin());
     cmd.args([
@@ -453,7 +467,7 @@ fn run(write: bool) -> Result<(), String> {
     section.push_str(&table(&k, &n));
     section.push_str(&format!(
         "\nnodekeeper's requests are counted from the agent's own start-up ({startup:.0} of them \
-         before it was ready), so they include the LIST and WATCH of its pod watch, the GET that \
+         before the drain started), so they include the LIST and WATCH of its pod watch, the GET that \
          proves each evicted pod gone (a 404 or another UID; the watch only says when to look), \
          its state-annotation PATCHes on the Node (at phase changes, at most every 5 s while \
          evicting, and the owner heartbeat) and its Event POSTs (one DrainBlocked per budget); \

@@ -47,6 +47,47 @@ pub struct GuardArgs {
     pub guard_metrics_listen: Option<std::net::SocketAddr>,
 }
 
+/// The longest `--interval`, `--probe-timeout` and `--grace`: a guard that waits longer is not
+/// guarding (the fail-open window is documented in seconds).
+const MAX_GUARD_DURATION: Duration = Duration::from_secs(3600);
+
+impl GuardArgs {
+    /// Flag values the guard cannot run with, each naming its flag: a zero interval or probe
+    /// timeout (tokio's interval panics on zero; a zero timeout fails every probe and opens a
+    /// healthy node), zero failures, or a duration over an hour.
+    pub fn problems(&self) -> Vec<crate::config::FieldError> {
+        let mut out = Vec::new();
+        let mut bad = |field: &str, problem: String| {
+            out.push(crate::config::FieldError {
+                field: field.to_string(),
+                problem,
+            })
+        };
+        for (flag, value, zero_ok) in [
+            ("--interval", Some(self.interval), false),
+            ("--probe-timeout", Some(self.probe_timeout), false),
+            ("--grace", self.grace, true),
+        ] {
+            let Some(value) = value else { continue };
+            if value.get().is_zero() && !zero_ok {
+                bad(flag, "must be greater than zero".to_string());
+            } else if value.get() > MAX_GUARD_DURATION {
+                bad(
+                    flag,
+                    format!(
+                        "{value} is longer than {}",
+                        ConfigDuration(MAX_GUARD_DURATION)
+                    ),
+                );
+            }
+        }
+        if self.failures == 0 {
+            bad("--failures", "must be at least 1".to_string());
+        }
+        out
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime, WiringError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -112,7 +153,7 @@ pub fn guard(config: &crate::config::Config, args: &GuardArgs) -> Result<(), Wir
     let settings = GuardSettings {
         target,
         interval: args.interval.get(),
-        failures: args.failures.max(1),
+        failures: args.failures,
         probe_timeout: args.probe_timeout.get(),
         grace: args
             .grace

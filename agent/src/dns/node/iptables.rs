@@ -160,14 +160,45 @@ fn parse_rule(table: Table, chain: &str, tokens: &[&str]) -> Option<Rule> {
     })
 }
 
-/// Reads our rules of one family (`iptables` or `ip6tables` program name).
-pub async fn list(program: &str) -> Result<Vec<Present>, ExecError> {
+/// Reads our rules of one family (`iptables` or `ip6tables` program name). A legacy variant
+/// reads only the tables that exist in this network namespace: `*-save -t` of a legacy table
+/// that does not exist creates it (and one that does not exist holds nothing of ours).
+pub async fn list(program: &str, legacy: bool) -> Result<Vec<Present>, ExecError> {
     let save = format!("{program}-save");
+    let existing = if legacy {
+        Some(legacy_tables(program.starts_with("ip6"))?)
+    } else {
+        None
+    };
     let mut out = Vec::new();
     for t in ["raw", "filter"] {
+        if existing
+            .as_ref()
+            .is_some_and(|names| !names.lines().any(|l| l.trim() == t))
+        {
+            continue;
+        }
         out.extend(parse_save(&exec::run(&save, &["-t", t], None).await?));
     }
     Ok(out)
+}
+
+/// The legacy tables of one family instantiated here (procfs: reading it loads nothing); empty
+/// when the file is absent (the x_tables modules are not loaded, so no legacy table exists).
+fn legacy_tables(v6: bool) -> Result<String, ExecError> {
+    let path = if v6 {
+        "/proc/net/ip6_tables_names"
+    } else {
+        "/proc/net/ip_tables_names"
+    };
+    match std::fs::read_to_string(path) {
+        Ok(names) => Ok(names),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(source) => Err(ExecError::Io {
+            command: format!("read {path}"),
+            source,
+        }),
+    }
 }
 
 /// The `*-restore --noflush` batch that deletes `delete` and inserts `add`; None when empty.
@@ -234,8 +265,12 @@ fn family_absent(e: &ExecError) -> bool {
 
 /// Lists one family's rules of ours; None when the family cannot hold rules (see
 /// [`family_absent`]) and none are wanted in it.
-async fn list_family(program: &str, wanted: bool) -> Result<Option<Vec<Present>>, ExecError> {
-    match list(program).await {
+async fn list_family(
+    program: &str,
+    legacy: bool,
+    wanted: bool,
+) -> Result<Option<Vec<Present>>, ExecError> {
+    match list(program, legacy).await {
         Ok(p) => Ok(Some(p)),
         Err(e) if !wanted && family_absent(&e) => {
             tracing::debug!(error = %e, "{program}: skipped (no address of this family)");
@@ -259,7 +294,7 @@ pub async fn reconcile_all(
             .filter(|r| r.ip.is_ipv4() == v4)
             .copied()
             .collect();
-        let Some(present) = list_family(program, !want.is_empty()).await? else {
+        let Some(present) = list_family(program, variant.legacy, !want.is_empty()).await? else {
             continue;
         };
         let c = apply(program, &present, &want).await?;
@@ -273,7 +308,7 @@ pub async fn reconcile_all(
 pub async fn count_ours(variant: &IptablesVariant) -> Result<u32, ExecError> {
     let mut n = 0;
     for program in [&variant.v4, &variant.v6] {
-        n += list_family(program, false)
+        n += list_family(program, variant.legacy, false)
             .await?
             .map_or(0, |p| p.len() as u32);
     }

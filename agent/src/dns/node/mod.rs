@@ -181,26 +181,40 @@ impl NodeWiring {
         }
     }
 
-    /// Removes rules of ours left in the backend we are not using (a crashed run under another
-    /// config); a backend that is not installed is skipped. Best effort: logged, not failed.
-    async fn remove_from_other_backends(&self) -> u32 {
+    /// Removes rules of ours from every place other than the backend in use: our nftables
+    /// table, and every installed iptables variant (legacy and nf_tables) but the one in use.
+    /// A place whose tool is not installed is skipped. Every place is tried; the count removed
+    /// and the first failure are returned (setup logs it, fail-open and teardown fail on it).
+    async fn remove_elsewhere(&self) -> (u32, Option<WiringError>) {
         let chosen = self.backend().await.ok();
         let mut removed = 0;
+        let mut first_error = None;
         if !matches!(chosen, Some(Backend::Nftables)) && rules::nft_tables().await.is_some() {
             match nftables::remove().await {
                 Ok(n) => removed += n,
-                Err(e) => tracing::warn!(error = %e, "dns wiring: removing our nftables table"),
+                Err(source) => {
+                    first_error.get_or_insert(WiringError::Rules {
+                        backend: "nftables",
+                        source,
+                    });
+                }
             }
         }
-        if !matches!(chosen, Some(Backend::Iptables(_)))
-            && let Some(v) = rules::iptables_variant().await
-        {
+        for v in rules::iptables_variants().await {
+            if matches!(chosen, Some(Backend::Iptables(c)) if *c == v) {
+                continue;
+            }
             match iptables::reconcile_all(&v, &[]).await {
                 Ok(c) => removed += c.removed,
-                Err(e) => tracing::warn!(error = %e, "dns wiring: removing our iptables rules"),
+                Err(source) => {
+                    first_error.get_or_insert(WiringError::Rules {
+                        backend: "iptables",
+                        source,
+                    });
+                }
             }
         }
-        removed
+        (removed, first_error)
     }
 
     /// Idempotent. Removes stale rules of ours (from a crashed earlier run: rules in the
@@ -210,7 +224,11 @@ impl NodeWiring {
     /// restart never opens a window without NOTRACK.
     pub async fn setup(&self) -> Result<(), WiringError> {
         let backend = self.backend().await?.name();
-        let other = self.remove_from_other_backends().await;
+        let (other, failed) = self.remove_elsewhere().await;
+        if let Some(e) = failed {
+            // Stale rules elsewhere do not stop the cache: the next setup tries again.
+            tracing::warn!(error = %e, "dns wiring: removing rules of ours outside the backend in use");
+        }
         let iface = if self.manage_interface {
             Some(
                 iface::Netlink::connect(&self.interface)?
@@ -312,17 +330,15 @@ impl NodeWiring {
         Ok(())
     }
 
-    /// Rules of ours in the backend in use and in every other backend installed.
+    /// Rules of ours in the backend in use and in every other backend installed (each iptables
+    /// variant, our nftables table).
     async fn rules_left(&self) -> Result<u32, WiringError> {
         let err = |backend: &'static str| move |source| WiringError::Rules { backend, source };
-        let mut variants: Vec<rules::IptablesVariant> = Vec::new();
-        if let Ok(Backend::Iptables(v)) = self.backend().await {
-            variants.push(v.clone());
-        }
-        if let Some(v) = rules::iptables_variant().await
-            && !variants.contains(&v)
+        let mut variants = rules::iptables_variants().await;
+        if let Ok(Backend::Iptables(v)) = self.backend().await
+            && !variants.contains(v)
         {
-            variants.push(v);
+            variants.push(v.clone());
         }
         let mut n = 0;
         for v in &variants {
@@ -341,14 +357,21 @@ impl NodeWiring {
         Ok(n)
     }
 
+    /// Removes our rules from the backend in use and from every other place they can be; all
+    /// places are tried even when one fails (each rule gone is one less black hole), then the
+    /// first failure is returned.
     async fn remove_rules(&self) -> Result<u32, WiringError> {
         let mine = match self.reconcile_rules(&[]).await {
-            Ok(c) => c.removed,
+            Ok(c) => Ok(c.removed),
             // No tool at all: nothing of ours can be installed either.
-            Err(WiringError::NoBackend) => 0,
-            Err(e) => return Err(e),
+            Err(WiringError::NoBackend) => Ok(0),
+            Err(e) => Err(e),
         };
-        Ok(mine + self.remove_from_other_backends().await)
+        let (elsewhere, failed) = self.remove_elsewhere().await;
+        match (mine, failed) {
+            (Err(e), _) | (Ok(_), Some(e)) => Err(e),
+            (Ok(n), None) => Ok(n + elsewhere),
+        }
     }
 
     /// Runs `check` every `interval` until `cancel`; failures are logged and retried.

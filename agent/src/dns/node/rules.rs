@@ -130,19 +130,32 @@ pub(crate) fn diff<'a>(
 // === backend choice ===
 
 /// The iptables binaries of one variant: `iptables`, `iptables-legacy` or `iptables-nft`
-/// (and the matching `ip6tables*`).
+/// (and the matching `ip6tables*`), and whether they drive the legacy (x_tables) kernel API.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IptablesVariant {
     pub v4: String,
     pub v6: String,
+    /// Legacy tables are read only when `/proc/net/ip{,6}_tables_names` lists them: listing a
+    /// legacy table that does not exist would create it.
+    pub legacy: bool,
 }
 
 impl IptablesVariant {
-    fn new(suffix: &str) -> Self {
+    fn new(suffix: &str, legacy: bool) -> Self {
         Self {
             v4: format!("iptables{suffix}"),
             v6: format!("ip6tables{suffix}"),
+            legacy,
         }
+    }
+
+    /// The variant `iptables{suffix}` when it runs: legacy unless `-V` says `nf_tables`
+    /// (iptables before 1.8 prints no mode and is legacy).
+    async fn installed(suffix: &str) -> Option<Self> {
+        let version = exec::run(&format!("iptables{suffix}"), &["-V"], None)
+            .await
+            .ok()?;
+        Some(Self::new(suffix, !version.contains("nf_tables")))
     }
 }
 
@@ -178,12 +191,12 @@ const LEGACY_TABLES: &str = "/proc/net/ip_tables_names";
 /// else nft (the Kubernetes iptables-wrapper's reasoning, without its side effects). Otherwise
 /// plain `iptables` (the image's alternative). None when no iptables is installed.
 pub async fn iptables_variant() -> Option<IptablesVariant> {
-    let legacy = exec::works("iptables-legacy", &["-V"]).await;
-    let nft = exec::works("iptables-nft", &["-V"]).await;
-    if legacy && nft {
+    let legacy = IptablesVariant::installed("-legacy").await;
+    let nft = IptablesVariant::installed("-nft").await;
+    if let (Some(legacy), Some(nft)) = (legacy, nft) {
         let legacy_tables = std::fs::read_to_string(LEGACY_TABLES).unwrap_or_default();
         if legacy_tables.trim().is_empty() {
-            return Some(IptablesVariant::new("-nft"));
+            return Some(nft);
         }
         let hinted = |save: Result<String, exec::ExecError>| {
             save.map(|s| KUBELET_HINTS.iter().any(|h| s.contains(h)))
@@ -195,16 +208,29 @@ pub async fn iptables_variant() -> Option<IptablesVariant> {
         let nft_hint = nft_listing.contains("table ip mangle")
             && hinted(exec::run("iptables-nft-save", &["-t", "mangle"], None).await);
         let nft_has_tables = nft_listing.lines().any(|l| l.starts_with("table ip "));
-        let suffix = if nft_hint || (!legacy_hint && nft_has_tables) {
-            "-nft"
+        return Some(if nft_hint || (!legacy_hint && nft_has_tables) {
+            nft
         } else {
-            "-legacy"
-        };
-        return Some(IptablesVariant::new(suffix));
+            legacy
+        });
     }
-    exec::works("iptables", &["-V"])
-        .await
-        .then(|| IptablesVariant::new(""))
+    IptablesVariant::installed("").await
+}
+
+/// Every iptables variant installed, one per kernel API (legacy, nf_tables): where rules of
+/// ours can be, whatever [`iptables_variant`] picks today. Removing and reading back all of
+/// them is what makes a fail-open true on a node where both are in use (a legacy kube-proxy
+/// and an nft CNI): the detection can change between the agent's setup and the guard's turn.
+pub async fn iptables_variants() -> Vec<IptablesVariant> {
+    let mut out: Vec<IptablesVariant> = Vec::new();
+    for suffix in ["-legacy", "-nft", ""] {
+        if let Some(v) = IptablesVariant::installed(suffix).await
+            && !out.iter().any(|o| o.legacy == v.legacy)
+        {
+            out.push(v);
+        }
+    }
+    out
 }
 
 /// True when `nft` runs and can list the ruleset; Some(tables listing) then.
@@ -224,7 +250,7 @@ pub async fn resolve(configured: RulesBackend) -> Option<Backend> {
         RulesBackend::Iptables => Some(Backend::Iptables(
             iptables_variant()
                 .await
-                .unwrap_or_else(|| IptablesVariant::new("")),
+                .unwrap_or_else(|| IptablesVariant::new("", false)),
         )),
         RulesBackend::Auto => {
             let tables = nft_tables().await;

@@ -4,9 +4,11 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::{ConnectionsConfig, read_namespaces, socket_inodes, summarize};
+use super::pins::PinnedRemotes;
+use super::{ConnectionsConfig, read_namespaces, socket_inodes, summarize_pinned};
 use crate::host::HostPaths;
 use crate::kube::PodMeta;
 use crate::metrics::CollectError;
@@ -17,6 +19,8 @@ use crate::pod_cgroups::{self, PodNetns};
 pub struct ConnectionCollector {
     host: HostPaths,
     config: ConnectionsConfig,
+    /// Remotes KEDA queries name: kept as their own pool beyond topRemotes.
+    pins: Arc<PinnedRemotes>,
     /// The fallback to procfs is logged once, not every collection.
     logged_fallback: AtomicBool,
 }
@@ -26,8 +30,14 @@ impl ConnectionCollector {
         Self {
             host,
             config,
+            pins: Arc::default(),
             logged_fallback: AtomicBool::new(false),
         }
+    }
+
+    /// The pinned remotes every collection keeps apart.
+    pub fn pins(&self) -> &Arc<PinnedRemotes> {
+        &self.pins
     }
 
     /// One `PodConnections` per pod cgroup, sorted by UID. Blocking: spawns the census thread.
@@ -68,6 +78,7 @@ impl ConnectionCollector {
             };
             plan.push((cg, target));
         }
+        let (pinned, _) = self.pins.current();
         let readings = read_namespaces(&paths, self.config.source);
         let mut out = Vec::with_capacity(plan.len());
         for (cg, target) in plan {
@@ -77,7 +88,7 @@ impl ConnectionCollector {
                         self.log_fallback(r);
                         pb::PodConnections {
                             netns: id,
-                            ..summarize(r, None, &self.config)
+                            ..summarize_pinned(r, None, &self.config, &pinned)
                         }
                     }
                     Err(e) => error_entry(id, e.to_string()),
@@ -89,7 +100,7 @@ impl ConnectionCollector {
                             netns: id,
                             host_network: true,
                             udp_sockets: host_udp_sockets(&owned),
-                            ..summarize(r, Some(&owned), &self.config)
+                            ..summarize_pinned(r, Some(&owned), &self.config, &pinned)
                         }
                     }
                     Err(e) => pb::PodConnections {

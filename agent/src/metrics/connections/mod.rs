@@ -7,6 +7,7 @@
 //! refuses it, by parsing `/proc/thread-self/net/tcp*`. Reads only.
 
 pub mod collector;
+pub mod pins;
 pub mod procfs;
 pub mod sock_diag;
 mod summary;
@@ -19,7 +20,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use collector::ConnectionCollector;
-pub use summary::summarize;
+pub use summary::{summarize, summarize_pinned};
 
 use crate::config::ConfigDuration;
 

@@ -1,7 +1,7 @@
 //! Turns one namespace's sockets into a pod's `pb::PodConnections`: counts by state, pools by
 //! remote (top N + "other"), listeners, ephemeral ports, retransmits, RTT. Pure: no I/O.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 
 use super::{ConnectionsConfig, NetnsReading, TcpState};
@@ -67,6 +67,17 @@ pub fn summarize(
     reading: &NetnsReading,
     owned: Option<&HashSet<u64>>,
     config: &ConnectionsConfig,
+) -> pb::PodConnections {
+    summarize_pinned(reading, owned, config, &BTreeSet::new())
+}
+
+/// `summarize`, keeping every pool whose remote is in `pinned` (`ip:port`, `*:PORT`) on its own
+/// whatever its rank: the remotes KEDA queries name (pins.rs).
+pub fn summarize_pinned(
+    reading: &NetnsReading,
+    owned: Option<&HashSet<u64>>,
+    config: &ConnectionsConfig,
+    pinned: &BTreeSet<String>,
 ) -> pb::PodConnections {
     let idle_ms = u32::try_from(config.idle_after.get().as_millis()).unwrap_or(u32::MAX);
     let sockets: Vec<_> = reading
@@ -152,7 +163,7 @@ pub fn summarize(
             PoolKey::Inbound(_) => (pool.established, true),
             PoolKey::Outbound(_) => (1, false),
         };
-        if i < config.top_remotes {
+        if i < config.top_remotes || (!pinned.is_empty() && pinned.contains(&key.label())) {
             out_pools.push(pool.into_pb(key.label(), remotes));
         } else if inbound {
             other_in.absorb(&pool);
@@ -375,6 +386,50 @@ mod tests {
         assert_eq!(
             pools,
             vec![("10.9.9.9:443", 4, 1), ("other", 1, 1), ("*:other", 5, 5)]
+        );
+    }
+
+    #[test]
+    fn pinned_remotes_keep_their_own_pool_beyond_top_n() {
+        let mut s = vec![sock(TcpState::Listen, "10.0.0.2:5432", "0.0.0.0:0")];
+        for i in 0..3 {
+            s.push(sock(
+                TcpState::Established,
+                "10.0.0.2:5432",
+                &format!("10.0.1.{i}:4000"),
+            ));
+        }
+        for i in 0..4 {
+            s.push(sock(
+                TcpState::Established,
+                &format!("10.0.0.2:{}", 40000 + i),
+                "10.9.9.9:443",
+            ));
+        }
+        s.push(sock(
+            TcpState::Established,
+            "10.0.0.2:41000",
+            "10.9.9.8:443",
+        ));
+        let config = ConnectionsConfig {
+            top_remotes: 1,
+            ..Default::default()
+        };
+        let pinned: BTreeSet<String> = ["10.9.9.8:443", "*:5432", "10.7.7.7:1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let p = summarize_pinned(&reading(s), None, &config, &pinned);
+        let pools: Vec<(&str, u64)> = p
+            .pools
+            .iter()
+            .map(|p| (p.remote.as_str(), p.established))
+            .collect();
+        // Nothing is left to fold: no `other` pools; a pinned remote without connections has
+        // no pool (a query reads 0 for it, which is then the truth).
+        assert_eq!(
+            pools,
+            vec![("10.9.9.9:443", 4), ("*:5432", 3), ("10.9.9.8:443", 1)]
         );
     }
 

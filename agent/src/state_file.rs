@@ -1,0 +1,103 @@
+//! Opening the agent's own state files (the sysctl journal and its lock, disks' owned.json,
+//! published.json and lock) so that a broken or hostile state dir can never block the agent
+//! (issue #15): every open is O_NONBLOCK (a FIFO, which would block `open` or `read` until a
+//! writer comes, returns at once) and anything but a regular file is refused with an error
+//! naming what it is. The caller turns the error into its capability's degraded health; the
+//! agent serves.
+
+use std::fs::File;
+use std::io::Read as _;
+use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
+use std::path::Path;
+
+/// State files are small JSON records; anything larger is not ours.
+pub const MAX_STATE_FILE_BYTES: u64 = 16 << 20;
+
+/// The whole text of the state file at `path`; NotFound when there is none.
+pub fn read_to_string(path: &Path) -> std::io::Result<String> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)?;
+    regular(file, path).and_then(|f| {
+        let mut text = String::new();
+        f.take(MAX_STATE_FILE_BYTES + 1).read_to_string(&mut text)?;
+        if text.len() as u64 > MAX_STATE_FILE_BYTES {
+            return Err(std::io::Error::other(format!(
+                "larger than {MAX_STATE_FILE_BYTES} bytes: not a nodekeeper state file"
+            )));
+        }
+        Ok(text)
+    })
+}
+
+/// A lock file at `path`, created when missing, opened for writing (for `flock`).
+pub fn open_lock(path: &Path) -> std::io::Result<File> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)?;
+    regular(file, path)
+}
+
+/// `file` when it is a regular file; else an error saying what it is instead.
+fn regular(file: File, path: &Path) -> std::io::Result<File> {
+    let kind = file.metadata()?.file_type();
+    if kind.is_file() {
+        return Ok(file);
+    }
+    let what = if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_dir() {
+        "a directory"
+    } else {
+        "not a file"
+    };
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!(
+            "{} is {what}, not a regular file: refused (a state file must be a plain file)",
+            path.display()
+        ),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fifo_is_refused_at_once_for_reading_and_locking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("originals.json");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // Without O_NONBLOCK both would block forever (no writer / no reader ever comes).
+        let e = read_to_string(&fifo).unwrap_err();
+        assert!(e.to_string().contains("a FIFO"), "{e}");
+        assert!(e.to_string().contains("originals.json"), "{e}");
+        assert!(open_lock(&fifo).is_err());
+        let d = dir.path().join("sub");
+        std::fs::create_dir(&d).unwrap();
+        assert!(read_to_string(&d).is_err());
+    }
+
+    #[test]
+    fn a_regular_file_is_read_and_a_missing_one_is_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("s.json");
+        std::fs::write(&f, "{}").unwrap();
+        assert_eq!(read_to_string(&f).unwrap(), "{}");
+        assert!(open_lock(&f).is_ok());
+        let missing = read_to_string(&dir.path().join("none")).unwrap_err();
+        assert_eq!(missing.kind(), std::io::ErrorKind::NotFound);
+        assert!(open_lock(&dir.path().join("new.lock")).is_ok(), "created");
+    }
+}

@@ -434,3 +434,85 @@ fn passes_after_the_first_sync_cost_no_list_as_root() {
         "every PV request is narrowed to this node's label: {pv_gets:#?}"
     );
 }
+
+/// Adversary (#14): a second PV of this node naming the disk of a Bound PV (left over, or made
+/// by hand) goes Released: the agent wipes the disk the Bound PV's tenant still has data on.
+/// Nothing checks that the disk is not covered by another, Bound PV before the wipe.
+#[test]
+#[ignore = "adversary finding: a Released duplicate PV annotated with a Bound PV's disk wipes the tenant's data"]
+fn adversary_a_released_duplicate_pv_wipes_the_disk_of_a_bound_pv_as_root() {
+    if !can_run() {
+        return;
+    }
+    let s = Scene::new();
+    let _agent = s.agent();
+    s.wait_pv("PV published", |_| true);
+    write_file(&s.mount());
+    s.api
+        .set_pv_phase(&s.pv_name(), "Bound", Some(("shop", "data-0")));
+    std::thread::sleep(Duration::from_secs(2));
+    let node_uid = s.api.node(NODE).unwrap()["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    s.api
+        .add_pv(foreign_pv("nk-dup", &node_uid, &s.disk.name, false));
+    s.api
+        .set_pv_phase("nk-dup", "Released", Some(("old", "claim-0")));
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        s.api.pv(&s.pv_name()).unwrap()["status"]["phase"],
+        "Bound",
+        "the tenant's PV is still Bound"
+    );
+    assert!(
+        s.mount().join("tenant-data").exists(),
+        "the disk of a Bound PV was wiped because another PV naming it was Released"
+    );
+}
+
+/// Adversary (#14): an owed wipe (its first attempt failed: the filesystem was busy) is executed
+/// on a later pass without looking at the PV again. Meanwhile the admin made the Released PV
+/// Available again and a new claim bound it and wrote data: the owed wipe destroys that data.
+#[test]
+#[ignore = "adversary finding: an owed wipe runs after its PV was bound again, destroying the new tenant's data"]
+fn adversary_an_owed_wipe_runs_after_its_pv_was_bound_again_as_root() {
+    if !can_run() {
+        return;
+    }
+    let s = Scene::new();
+    let _agent = s.agent();
+    s.wait_pv("PV published", |_| true);
+    write_file(&s.mount());
+    s.api
+        .set_pv_phase(&s.pv_name(), "Bound", Some(("shop", "data-0")));
+    std::thread::sleep(Duration::from_secs(2));
+    // A process still has a file open on the disk: the reclaim's umount fails (EBUSY), the
+    // wipe stays owed.
+    let busy = std::fs::File::open(s.mount().join("tenant-data")).unwrap();
+    s.api
+        .set_pv_phase(&s.pv_name(), "Released", Some(("shop", "data-0")));
+    let published = s.dir.path().join("state/disks/published.json");
+    wait_for(Duration::from_secs(20), "the wipe owed", || {
+        std::fs::read_to_string(&published)
+            .ok()
+            .filter(|t| t.contains("wipePending") && t.contains(&format!("\"{}\"", s.disk.name)))
+            .and_then(|t| {
+                let v: Value = serde_json::from_str(&t).ok()?;
+                (!v["wipePending"].as_array()?.is_empty()).then_some(())
+            })
+    });
+    assert!(s.mount().join("tenant-data").exists(), "nothing wiped yet");
+    // The admin recovers the PV (claimRef cleared, bound to a new claim); the new tenant writes.
+    s.api
+        .set_pv_phase(&s.pv_name(), "Bound", Some(("shop", "data-1")));
+    std::thread::sleep(Duration::from_secs(2));
+    std::fs::write(s.mount().join("new-tenant"), b"the new tenant's data").unwrap();
+    drop(busy);
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(s.api.pv(&s.pv_name()).unwrap()["status"]["phase"], "Bound");
+    assert!(
+        s.mount().join("new-tenant").exists(),
+        "the disk of a Bound PV was wiped by a wipe owed from its earlier Released phase"
+    );
+}

@@ -148,3 +148,51 @@ fn test_all_fetches_every_locked_crate_before_the_offline_deny_check() {
         "test-all must run `cargo fetch --locked` before `cargo deny --offline`: {commands:#?}"
     );
 }
+
+/// A sudo user's run of test-all (found in the fresh Debian 12 chroot, docs/benchmarks.md): a
+/// non-root Debian user's PATH has no sbin directories, and the re-exec under sudo kept that PATH,
+/// so the root run could not find root's tools (losetup, unbound, ...). test-all is run as
+/// `nobody` with a `sudo` on PATH that prints the PATH it was handed and stops.
+#[test]
+fn test_all_under_sudo_keeps_roots_sbin_directories_on_path() {
+    if !nodekeeper_tests::require_root() || !nodekeeper_tests::require_tool("setpriv") {
+        return;
+    }
+    let bin = tempfile::tempdir().unwrap();
+    let sudo = bin.path().join("sudo");
+    std::fs::write(
+        &sudo,
+        "#!/bin/sh\nfor a; do case $a in PATH=*) echo \"$a\";; esac; done\n",
+    )
+    .unwrap();
+    Command::new("chmod")
+        .args(["-R", "a+rx"])
+        .arg(bin.path())
+        .status()
+        .unwrap();
+    let user_path = format!("{}:/usr/local/bin:/usr/bin:/bin", bin.path().display());
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(workspace_root().join("tests/scripts/test-all"))
+        .env_clear()
+        .env("PATH", &user_path)
+        .env("HOME", "/nonexistent")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let kept = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("PATH="))
+        .unwrap_or_else(|| panic!("test-all did not re-exec under sudo: {out:?}"));
+    let dirs: Vec<&str> = kept.split(':').collect();
+    for dir in ["/usr/local/sbin", "/usr/sbin", "/sbin"] {
+        assert!(
+            dirs.contains(&dir),
+            "{dir} missing from the PATH kept for root: {kept}"
+        );
+    }
+    assert!(
+        dirs.contains(&bin.path().to_str().unwrap()),
+        "the user's own PATH (its cargo) is kept: {kept}"
+    );
+}

@@ -981,7 +981,7 @@ impl Publisher {
                 &self.node,
                 "LocalDiskWipeRefused",
                 "Warning",
-                &format!("disk {key} was not wiped and is not published again ({reason}): {why}"),
+                &format!("disk {key} was not wiped ({reason}): {why}; no new PV is published for it without a wipe"),
             )
             .await;
         }

@@ -439,13 +439,12 @@ fn passes_after_the_first_sync_cost_no_list_as_root() {
 /// by hand) goes Released: the agent wipes the disk the Bound PV's tenant still has data on.
 /// Nothing checks that the disk is not covered by another, Bound PV before the wipe.
 #[test]
-#[ignore = "adversary finding: a Released duplicate PV annotated with a Bound PV's disk wipes the tenant's data"]
 fn adversary_a_released_duplicate_pv_wipes_the_disk_of_a_bound_pv_as_root() {
     if !can_run() {
         return;
     }
     let s = Scene::new();
-    let _agent = s.agent();
+    let agent = s.agent();
     s.wait_pv("PV published", |_| true);
     write_file(&s.mount());
     s.api
@@ -469,19 +468,43 @@ fn adversary_a_released_duplicate_pv_wipes_the_disk_of_a_bound_pv_as_root() {
         s.mount().join("tenant-data").exists(),
         "the disk of a Bound PV was wiped because another PV naming it was Released"
     );
+    assert_wipe_refused(&s, &agent, "another_pv");
+}
+
+/// The refused wipe is reported: a `LocalDiskWipeRefused` Event naming the disk and `reason`,
+/// and `nodekeeper_disks_wipes_refused_total{reason}` counted.
+fn assert_wipe_refused(s: &Scene, agent: &Agent, reason: &str) {
+    let event = wait_for(Duration::from_secs(10), "LocalDiskWipeRefused", || {
+        s.api
+            .events()
+            .into_iter()
+            .find(|e| e["reason"] == "LocalDiskWipeRefused")
+    });
+    let message = event["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&s.disk.name) && message.contains(&format!("({reason})")),
+        "{event:#}"
+    );
+    let series = format!("nodekeeper_disks_wipes_refused_total{{reason=\"{reason}\"}} ");
+    wait_for(Duration::from_secs(10), "the refusal counted", || {
+        agent
+            .metrics_text()
+            .lines()
+            .any(|l| l.starts_with(&series))
+            .then_some(())
+    });
 }
 
 /// Adversary (#14): an owed wipe (its first attempt failed: the filesystem was busy) is executed
 /// on a later pass without looking at the PV again. Meanwhile the admin made the Released PV
 /// Available again and a new claim bound it and wrote data: the owed wipe destroys that data.
 #[test]
-#[ignore = "adversary finding: an owed wipe runs after its PV was bound again, destroying the new tenant's data"]
 fn adversary_an_owed_wipe_runs_after_its_pv_was_bound_again_as_root() {
     if !can_run() {
         return;
     }
     let s = Scene::new();
-    let _agent = s.agent();
+    let agent = s.agent();
     s.wait_pv("PV published", |_| true);
     write_file(&s.mount());
     s.api
@@ -514,5 +537,14 @@ fn adversary_an_owed_wipe_runs_after_its_pv_was_bound_again_as_root() {
     assert!(
         s.mount().join("new-tenant").exists(),
         "the disk of a Bound PV was wiped by a wipe owed from its earlier Released phase"
+    );
+    assert_wipe_refused(&s, &agent, "rebound");
+    let published: Value =
+        serde_json::from_str(&std::fs::read_to_string(&published).unwrap()).unwrap();
+    assert!(
+        published["wipePending"]
+            .as_array()
+            .is_none_or(|a| a.is_empty()),
+        "the refused wipe is dropped, not owed for ever: {published:#}"
     );
 }

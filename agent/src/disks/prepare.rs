@@ -1822,7 +1822,8 @@ pub struct WipeRefused {
     /// Low-cardinality label of `nodekeeper_disks_wipes_refused_total`: `not_recorded` (no
     /// ownership record), `gone` (no disk under its key), `identity` (not provably the disk
     /// recorded: by-id, serial, size, a re-bound name), `in_use` (mounted elsewhere,
-    /// partitioned, held), `not_ours` (the marker or the single-signature rule fails).
+    /// partitioned, held), `not_ours` (the marker or the single-signature rule fails); the
+    /// publisher adds `rebound` and `another_pv` (`publish::wipe_allowed`).
     pub reason: &'static str,
     /// What an operator reads (log, Event).
     pub why: String,

@@ -198,6 +198,61 @@ pub fn classify(pv: &PersistentVolume, node_uid: &str, prepared: &[PublishedDisk
     PvAction::Keep
 }
 
+/// `nodekeeper_disks_wipes_refused_total` reason: the PV whose release decided the wipe is
+/// no longer Released (the admin made it Available again and a claim bound it).
+pub const REFUSED_REBOUND: &str = "rebound";
+/// `nodekeeper_disks_wipes_refused_total` reason: another PV of this node names the same disk
+/// and is not Released (a duplicate, or a PV recreated by hand): its tenant's data is there.
+pub const REFUSED_ANOTHER_PV: &str = "another_pv";
+
+fn phase_of(pv: &PersistentVolume) -> &str {
+    pv.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .unwrap_or_default()
+}
+
+/// The API-side rule every wipe passes right before it runs (#14), on a fresh LIST of this
+/// node's PVs (never the watch's cache): the PV whose release decided the wipe (`released_uid`,
+/// none when the wipe was decided because the disk's PV vanished) is still Released or gone,
+/// and no other PV naming `disk` is anything but Released.
+pub fn wipe_allowed(
+    disk: &str,
+    released_uid: Option<&str>,
+    fresh: &[PersistentVolume],
+) -> Result<(), super::prepare::WipeRefused> {
+    let names_disk = |pv: &&PersistentVolume| {
+        pv.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_DISK))
+            .is_some_and(|d| d == disk)
+    };
+    let refused = |reason, why: String| super::prepare::WipeRefused { reason, why };
+    for pv in fresh.iter().filter(names_disk) {
+        let name = pv.metadata.name.as_deref().unwrap_or_default();
+        let phase = phase_of(pv);
+        if phase == "Released" {
+            continue;
+        }
+        let is_released_one = released_uid.is_some() && pv.metadata.uid.as_deref() == released_uid;
+        return Err(if is_released_one {
+            refused(
+                REFUSED_REBOUND,
+                format!(
+                    "PV {name} is no longer Released (phase {phase:?}): it may hold a new tenant's data"
+                ),
+            )
+        } else {
+            refused(
+                REFUSED_ANOTHER_PV,
+                format!("PV {name} also names disk {disk} and is not Released (phase {phase:?})"),
+            )
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,6 +385,77 @@ mod tests {
             PvAction::Warn { .. }
         ));
     }
+
+    fn pv_of(name: &str, uid: &str, disk_id: &str, phase: &str) -> PersistentVolume {
+        let mut pv = with_phase(build_pv("node-a", "uid-1", "c", &disk(disk_id)), phase);
+        pv.metadata.name = Some(name.into());
+        pv.metadata.uid = Some(uid.into());
+        pv
+    }
+
+    fn reason(r: Result<(), super::super::prepare::WipeRefused>) -> Option<&'static str> {
+        r.err().map(|e| e.reason)
+    }
+
+    #[test]
+    fn a_wipe_needs_its_pv_still_released_or_gone() {
+        let released = pv_of("a", "u1", "nvme-x", "Released");
+        assert_eq!(
+            reason(wipe_allowed("nvme-x", Some("u1"), &[released])),
+            None
+        );
+        assert_eq!(
+            reason(wipe_allowed("nvme-x", Some("u1"), &[])),
+            None,
+            "gone"
+        );
+        for phase in ["Bound", "Available", "Pending", ""] {
+            let again = pv_of("a", "u1", "nvme-x", phase);
+            assert_eq!(
+                reason(wipe_allowed("nvme-x", Some("u1"), &[again])),
+                Some(REFUSED_REBOUND),
+                "{phase}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_wipe_is_refused_while_another_pv_names_the_disk() {
+        let released = pv_of("a", "u1", "nvme-x", "Released");
+        let bound = pv_of("b", "u2", "nvme-x", "Bound");
+        let other_disk = pv_of("c", "u3", "nvme-y", "Bound");
+        let released_dup = pv_of("d", "u4", "nvme-x", "Released");
+        assert_eq!(
+            reason(wipe_allowed(
+                "nvme-x",
+                Some("u1"),
+                &[released.clone(), bound.clone()]
+            )),
+            Some(REFUSED_ANOTHER_PV)
+        );
+        assert_eq!(
+            reason(wipe_allowed("nvme-x", None, std::slice::from_ref(&bound))),
+            Some(REFUSED_ANOTHER_PV),
+            "a vanished PV's wipe, but the disk was published again by hand"
+        );
+        // Released duplicates and other disks' PVs hold no tenant of this disk.
+        assert_eq!(
+            reason(wipe_allowed(
+                "nvme-x",
+                Some("u1"),
+                &[released, other_disk, released_dup]
+            )),
+            None
+        );
+        assert_eq!(
+            reason(wipe_allowed(
+                "nvme-x",
+                None,
+                &[pv_of("e", "u5", "nvme-x", "Available")]
+            )),
+            Some(REFUSED_ANOTHER_PV)
+        );
+    }
 }
 
 // === the publisher loop (connected mode) ===
@@ -387,6 +513,10 @@ pub struct Published {
     /// Disks whose wipe is owed (recorded before wiping, cleared after): a wipe that fails or is
     /// interrupted is retried, never recorded as done.
     pub wipe_pending: BTreeSet<String>,
+    /// Owed wipe -> UID of the Released PV that decided it (absent: its PV vanished). Checked
+    /// against the API server right before the wipe runs: a PV bound again is never wiped (#14).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub wipe_released_pv: BTreeMap<String, String>,
 }
 
 impl Published {
@@ -400,6 +530,23 @@ impl Published {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
             Err(e) => Err(e),
         }
+    }
+
+    /// Records a wipe as owed, with the UID of the Released PV that decided it.
+    fn owe_wipe(&mut self, disk: &str, released_uid: Option<&str>) {
+        self.wipe_pending.insert(disk.to_string());
+        match released_uid {
+            Some(uid) => self
+                .wipe_released_pv
+                .insert(disk.to_string(), uid.to_string()),
+            None => self.wipe_released_pv.remove(disk),
+        };
+    }
+
+    /// A wipe done or dropped: no longer owed.
+    fn settle_wipe(&mut self, disk: &str) {
+        self.wipe_pending.remove(disk);
+        self.wipe_released_pv.remove(disk);
     }
 
     pub fn persist(&self, state_dir: &Path) -> std::io::Result<()> {
@@ -591,8 +738,13 @@ impl Publisher {
         // the pass goes on (its disk is not published meanwhile); one whose disk is no longer
         // provably ours is dropped and reported, never executed (#14).
         for key in published.wipe_pending.clone() {
-            if self.wipe(&key, warned).await.is_some() {
-                published.wipe_pending.remove(&key);
+            let released_uid = published.wipe_released_pv.get(&key).cloned();
+            if self
+                .wipe(&key, released_uid.as_deref(), warned)
+                .await
+                .is_some()
+            {
+                published.settle_wipe(&key);
                 published
                     .persist(&self.state_dir)
                     .map_err(|e| e.to_string())?;
@@ -615,19 +767,24 @@ impl Publisher {
                     );
                 }
                 PvAction::Reclaim { disk } => {
-                    published.wipe_pending.insert(disk.clone());
+                    let uid = pv.metadata.uid.as_deref();
+                    published.owe_wipe(&disk, uid);
                     published
                         .persist(&self.state_dir)
                         .map_err(|e| e.to_string())?;
-                    let Some(wiped) = self.wipe(&disk, warned).await else {
+                    let Some(outcome) = self.wipe(&disk, uid, warned).await else {
                         continue; // still owed: retried next pass, the other PVs go on
                     };
+                    published.settle_wipe(&disk);
                     // Wiped, or dropped because the disk is no longer provably ours: either
-                    // way this Released PV is done. A dropped disk keeps its `pvs` entry, so it
-                    // is never published again without a wipe.
-                    self.delete_pv(pv, view.deleted).await?;
-                    published.wipe_pending.remove(&disk);
-                    if wiped {
+                    // way this Released PV is done, unless the API server says it is not
+                    // Released any more (the watch lags): a PV bound again is never deleted.
+                    // A dropped disk keeps its `pvs` entry, so it is never published again
+                    // without a wipe.
+                    if outcome != WipeOutcome::Refused(REFUSED_REBOUND) {
+                        self.delete_pv(pv, view.deleted).await?;
+                    }
+                    if outcome == WipeOutcome::Wiped {
                         published.pvs.remove(&disk);
                     }
                     published
@@ -670,18 +827,18 @@ impl Publisher {
                 // It had a PV that is gone without being Released (deleted by hand): whatever a
                 // pod wrote is still there, so wipe before publishing again. (Confirmed with a
                 // GET of that one PV above: a wipe is never decided on a stale watch.)
-                published.wipe_pending.insert(disk.id.clone());
+                published.owe_wipe(&disk.id, None);
                 published
                     .persist(&self.state_dir)
                     .map_err(|e| e.to_string())?;
-                let wiped = self.wipe(&disk.id, warned).await;
+                let wiped = self.wipe(&disk.id, None, warned).await;
                 if wiped.is_some() {
-                    published.wipe_pending.remove(&disk.id);
+                    published.settle_wipe(&disk.id);
                     published
                         .persist(&self.state_dir)
                         .map_err(|e| e.to_string())?;
                 }
-                if wiped != Some(true) {
+                if wiped != Some(WipeOutcome::Wiped) {
                     continue;
                 }
                 tracing::warn!(disk = %disk.id, "its PV vanished without being released: wiped before republishing");
@@ -715,14 +872,18 @@ impl Publisher {
         deleted: &mut HashSet<String>,
     ) -> Result<(), String> {
         let name = pv.metadata.name.clone().unwrap_or_default();
-        match tokio::time::timeout(
-            API_CALL_TIMEOUT,
-            self.api().delete(&name, &DeleteParams::default()),
-        )
-        .await
-        {
+        // Only the PV that was decided on: one recreated under the same name is left alone.
+        let params = DeleteParams {
+            preconditions: pv.metadata.uid.clone().map(|uid| kube::api::Preconditions {
+                uid: Some(uid),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match tokio::time::timeout(API_CALL_TIMEOUT, self.api().delete(&name, &params)).await {
             Ok(Ok(_)) => {}
-            Ok(Err(kube::Error::Api(s))) if s.code == 404 => {}
+            // Gone already, or replaced by another PV of that name (UID precondition failed).
+            Ok(Err(kube::Error::Api(s))) if s.code == 404 || s.code == 409 => {}
             Ok(Err(e)) => return Err(format!("DELETE persistentvolume {name}: {e}")),
             Err(_) => return Err(format!("DELETE persistentvolume {name}: timed out")),
         }
@@ -740,12 +901,42 @@ impl Publisher {
             .map(|pv| pv.is_some())
     }
 
-    /// Wipes a disk per `disks.wipeMode`, holding the disk lock: `Some(true)` wiped,
-    /// `Some(false)` dropped (the disk is no longer provably ours: nothing written; a
-    /// `LocalDiskWipeRefused` Warning Event on the Node, once per disk and reason), `None`
-    /// failed (logged, the wipe stays owed and is retried next pass).
-    async fn wipe(&self, key: &str, warned: &mut HashSet<String>) -> Option<bool> {
+    /// A fresh LIST of this node's PVs from the API server (not the watch's cache), for the
+    /// check right before a wipe.
+    async fn list_fresh(&self) -> Result<Vec<PersistentVolume>, String> {
+        let params = kube::api::ListParams::default()
+            .labels(&format!("{LABEL_NODE}={}", label_value(&self.node)));
+        call("LIST persistentvolumes", self.api().list(&params))
+            .await
+            .map(|l| l.items)
+    }
+
+    /// Wipes a disk per `disks.wipeMode`, holding the disk lock: `Some(Wiped)`,
+    /// `Some(Refused(reason))` dropped (a fresh LIST shows the PV that decided the wipe
+    /// (`released_uid`) bound again, or another PV naming the disk not Released; or the disk is
+    /// no longer provably ours: nothing written; a `LocalDiskWipeRefused` Warning Event on the
+    /// Node, once per disk and reason), `None` failed (logged, the wipe stays owed and is
+    /// retried next pass).
+    async fn wipe(
+        &self,
+        key: &str,
+        released_uid: Option<&str>,
+        warned: &mut HashSet<String>,
+    ) -> Option<WipeOutcome> {
         let guard = self.disk_ops.lock().await;
+        // Asked under the disk lock, right before the wipe: the window for a rebind between
+        // this answer and the erase is one API round trip, not a pass interval.
+        let fresh = match self.list_fresh().await {
+            Ok(pvs) => pvs,
+            Err(e) => {
+                tracing::warn!(disk = key, error = %e, "cannot confirm the PVs before wiping; retried next pass, not published meanwhile");
+                return None;
+            }
+        };
+        if let Err(refused) = wipe_allowed(key, released_uid, &fresh) {
+            drop(guard);
+            return Some(self.refuse(key, refused, warned).await);
+        }
         let (cfg, paths, state_dir, owned_key) = (
             self.cfg.clone(),
             self.paths.clone(),
@@ -760,34 +951,48 @@ impl Publisher {
         .unwrap_or_else(|e| Err(format!("wipe task failed: {e}")));
         drop(guard);
         match result {
-            Ok(Reclaimed::Wiped) => Some(true),
-            Ok(Reclaimed::NotOurs(refused)) => {
-                self.metrics.wipe_refused(&refused);
-                let (reason, why) = (refused.reason, refused.why);
-                tracing::warn!(
-                    reason,
-                    disk = key,
-                    why,
-                    "owed wipe dropped: the disk is no longer provably ours; nothing written"
-                );
-                if warned.insert(format!("wipe-refused {key}: {reason}")) {
-                    crate::kube::node_event(
-                        &self.client,
-                        &self.node,
-                        "LocalDiskWipeRefused",
-                        "Warning",
-                        &format!(
-                            "disk {key} was not wiped and is not published again ({reason}): {why}"
-                        ),
-                    )
-                    .await;
-                }
-                Some(false)
-            }
+            Ok(Reclaimed::Wiped) => Some(WipeOutcome::Wiped),
+            Ok(Reclaimed::NotOurs(refused)) => Some(self.refuse(key, refused, warned).await),
             Err(e) => {
                 tracing::warn!(disk = key, error = %e, "wiping the disk failed; retried next pass, not published meanwhile");
                 None
             }
         }
     }
+
+    /// Reports a dropped wipe: counted by reason, logged, one Event per disk and reason.
+    async fn refuse(
+        &self,
+        key: &str,
+        refused: super::prepare::WipeRefused,
+        warned: &mut HashSet<String>,
+    ) -> WipeOutcome {
+        self.metrics.wipe_refused(&refused);
+        let (reason, why) = (refused.reason, refused.why);
+        tracing::warn!(
+            reason,
+            disk = key,
+            why,
+            "wipe dropped: the disk or its PV is no longer provably free to erase; nothing written"
+        );
+        if warned.insert(format!("wipe-refused {key}: {reason}")) {
+            crate::kube::node_event(
+                &self.client,
+                &self.node,
+                "LocalDiskWipeRefused",
+                "Warning",
+                &format!("disk {key} was not wiped ({reason}): {why}; no new PV is published for it without a wipe"),
+            )
+            .await;
+        }
+        WipeOutcome::Refused(reason)
+    }
+}
+
+/// What became of a wipe that ran to a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WipeOutcome {
+    Wiped,
+    /// Dropped, nothing written; the `nodekeeper_disks_wipes_refused_total` reason.
+    Refused(&'static str),
 }

@@ -108,15 +108,6 @@ fn group_members(proc: &Path, ours: &[SocketAddr]) -> HashMap<u64, (SocketAddr, 
     members
 }
 
-/// Socket inodes in the fd table at `fd_dir` (`<pid>/fd` or `<pid>/task/<tid>/fd`).
-fn held_in(fd_dir: &Path) -> impl Iterator<Item = u64> {
-    std::fs::read_dir(fd_dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|fd| crate::metrics::connections::socket_inode(&fd.path()))
-}
-
 /// The executable of `<proc>/<pid>` as (device, inode): the file itself, whatever its name.
 fn exe_identity(proc_pid: &Path) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt as _;
@@ -132,7 +123,8 @@ pub fn find(proc: &Path, ours: &[SocketAddr]) -> std::io::Result<Vec<Stranger>> 
         return Ok(Vec::new());
     }
     let me = proc.join("self");
-    let mine: std::collections::HashSet<u64> = held_in(&me.join("fd")).collect();
+    let mine: std::collections::HashSet<u64> =
+        crate::metrics::connections::socket_inodes_in(&me.join("fd")).collect();
     let our_exe = exe_identity(&me);
     let mut unaccounted: HashMap<u64, (SocketAddr, &'static str)> = members
         .into_iter()
@@ -156,7 +148,7 @@ pub fn find(proc: &Path, ours: &[SocketAddr]) -> std::io::Result<Vec<Stranger>> 
             tables.extend(tasks.flatten().map(|t| t.path().join("fd")));
         }
         for table in tables {
-            for inode in held_in(&table) {
+            for inode in crate::metrics::connections::socket_inodes_in(&table) {
                 if unaccounted.contains_key(&inode) {
                     let pids = holders.entry(inode).or_default();
                     if !pids.contains(&pid) {

@@ -405,18 +405,19 @@ pub fn report_json(
 /// Socket inodes held open by `pids` (`<proc>/PID/fd/* -> socket:[N]`): attributes sockets of
 /// the host namespace to a hostNetwork pod.
 pub fn socket_inodes(proc_root: &Path, pids: &[u32]) -> HashSet<u64> {
-    let mut out = HashSet::new();
-    for pid in pids {
-        let Ok(fds) = std::fs::read_dir(proc_root.join(format!("{pid}/fd"))) else {
-            continue;
-        };
-        for fd in fds.flatten() {
-            if let Some(inode) = socket_inode(&fd.path()) {
-                out.insert(inode);
-            }
-        }
-    }
-    out
+    pids.iter()
+        .flat_map(|pid| socket_inodes_in(&proc_root.join(format!("{pid}/fd"))))
+        .collect()
+}
+
+/// Socket inodes in the fd table at `fd_dir` (`<pid>/fd` or `<pid>/task/<tid>/fd`); an
+/// unreadable table (the process exited) holds none.
+pub fn socket_inodes_in(fd_dir: &Path) -> impl Iterator<Item = u64> + use<> {
+    std::fs::read_dir(fd_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|fd| socket_inode(&fd.path()))
 }
 
 /// The socket inode an fd link (`<proc>/PID/fd/N -> socket:[N]`) points at; None for any

@@ -1,7 +1,8 @@
 //! Authentication of gRPC callers: server TLS, client certificates (mTLS) and bearer tokens.
 //!
-//! Owns the `api.auth` config section, the server's TLS setup and one tower layer that sees every
-//! call's method path before any service does. The layer authenticates the caller into a
+//! Owns the `api.auth` config section (the TLS files themselves are loaded and re-read on change
+//! by `server_tls`) and one tower layer that sees every call's method path before any service
+//! does. The layer authenticates the caller into a
 //! [`Principal`] (the control token, the read token, or a verified certificate name with its
 //! roles), authorizes it against the RPC's rule (`authz`), rate-limits and audit-logs mutating
 //! calls, and hands the principal to the handler in the request's extensions. Only health is

@@ -504,6 +504,14 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
         });
     }
 
+    // Read before spawning: a wrong certificate or token path is a start failure.
+    let auth = match &api_listener {
+        Some(_) => Some(
+            api::auth::ServerAuth::load(&config.api.auth, &mut registry)
+                .map_err(api::ApiError::from)?,
+        ),
+        None => None,
+    };
     let admin = AdminState {
         registry: Arc::new(registry),
         snapshots: snapshots.clone(),
@@ -516,9 +524,7 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
         Ok(())
     });
 
-    if let Some(listener) = api_listener {
-        // Read before spawning: a wrong certificate or token path is a start failure.
-        let auth = api::auth::ServerAuth::load(&config.api.auth).map_err(api::ApiError::from)?;
+    if let (Some(listener), Some(auth)) = (api_listener, auth) {
         let identity = AgentIdentity {
             node_name: node_name.clone(),
             version: VERSION.to_string(),

@@ -15,6 +15,7 @@ pub mod kustomize;
 pub mod loopdev;
 pub mod memcg;
 pub mod netns_pods;
+pub mod pki;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

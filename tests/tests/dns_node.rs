@@ -837,23 +837,8 @@ fn guard_with_read_only_run(
     Proc::spawn("guard", cmd, dir)
 }
 
-/// The node the guard's Events name in the read-only-root tests.
+/// The node name the read-only-root tests give the guard (NODE_NAME): it must not use it.
 const GUARD_NODE: &str = "node-guard";
-
-/// The reasons of the guard's Events about `GUARD_NODE`, sorted (the API lists by name, and
-/// generated names are random; the tests see the order by waiting for each in turn).
-fn guard_event_reasons(api: &FakeApi) -> Vec<String> {
-    let mut reasons: Vec<String> = api
-        .events()
-        .iter()
-        .filter(|e| {
-            e["involvedObject"]["kind"] == "Node" && e["involvedObject"]["name"] == GUARD_NODE
-        })
-        .map(|e| e["reason"].as_str().unwrap_or_default().to_string())
-        .collect();
-    reasons.sort();
-    reasons
-}
 
 /// One sample of the guard's /metrics, scraped from inside `ns`.
 fn guard_metric(ns: &Netns, addr: &str, name: &str) -> Option<f64> {
@@ -901,7 +886,7 @@ fn guard_fails_open_with_a_read_only_root(fw: Fw) {
     });
     let metrics = "127.0.0.1:19749";
     // The API server lives in the node's namespace (its thread is started from inside it), so
-    // the guard reaches it on loopback there; the test reads its Events in-process.
+    // the guard could reach it on loopback there; the test reads its request log in-process.
     let api = {
         let _in_ns = ns.enter();
         FakeApi::start()
@@ -951,10 +936,6 @@ fn guard_fails_open_with_a_read_only_root(fw: Fw) {
             None,
             "the node is black-holed while the rules stay"
         );
-        // One Warning Event for the episode, however many retries failed.
-        wait_for(Duration::from_secs(10), "the pending Event", || {
-            (guard_event_reasons(&api) == ["DNSFailOpenPending"]).then_some(())
-        });
         // The fault goes away (an operator fixes the mount): the next retry removes them.
         ok(Command::new("nsenter")
             .args(["-t", &guard.pid().to_string(), "-m"])
@@ -991,26 +972,18 @@ fn guard_fails_open_with_a_read_only_root(fw: Fw) {
         guard_metric(&ns, metrics, "nodekeeper_dns_guard_failopen_pending"),
         Some(0.0)
     );
-    let expected: &[&str] = match fw {
-        Fw::Legacy => &["DNSFailOpenPending", "DNSFailedOpen"],
-        Fw::Nftables => &["DNSFailedOpen"],
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while guard_event_reasons(&api) != expected && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(
-        guard_event_reasons(&api),
-        expected,
-        "the guard's Events ({fw:?}):\n{}",
-        guard.log_text()
+    // Issue #19 (#19-d): the guard never calls the API server, even with a kubeconfig and
+    // NODE_NAME at hand: it holds no credential in the manifests and reports through its
+    // metrics and log only.
+    let calls: Vec<String> = api
+        .requests()
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert!(
+        calls.is_empty(),
+        "the guard called the API server: {calls:?}"
     );
-    let warning = api
-        .events()
-        .into_iter()
-        .find(|e| e["reason"] == "DNSFailedOpen")
-        .unwrap();
-    assert_eq!(warning["type"], "Warning", "{warning}");
 }
 
 #[test]

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::OnceLock;
 
 use nodekeeper_tests::kustomize::{
@@ -914,14 +915,11 @@ fn the_dns_guard_serves_its_metrics_on_a_port_the_service_exposes() {
         !agent_ports.contains(&&json!(listen.port())),
         "the guard's port is not one of the agent's (hostNetwork: both bind on the node)"
     );
-    // Its Events name the node.
-    let node_name = array(guard, "/env")
-        .iter()
-        .find(|e| e["name"] == "NODE_NAME")
-        .expect("dns-guard: NODE_NAME env for its Events");
-    assert_eq!(
-        node_name["valueFrom"]["fieldRef"]["fieldPath"],
-        "spec.nodeName"
+    // Its metrics and log are all it reports (#19-d): no Events, so no node name, no token.
+    assert!(
+        guard.get("env").is_none(),
+        "dns-guard env: {}",
+        guard["env"]
     );
     let svc = base.object("Service", "nodekeeper");
     let svc_port = array(svc, "/spec/ports")
@@ -990,10 +988,12 @@ fn only_the_agent_container_gets_a_service_account_token() {
     }
 }
 
-/// Issue #19: the shipped config serves no reflection and opens reads on purpose (for the
-/// aggregator), never by relying on the agent's default, which is closed.
+/// Issue #19: the shipped config serves no reflection and keeps reads closed: the agents
+/// answer census calls only to the read token, which the aggregator (and nothing else in the
+/// base) mounts from the same Secret and sends (`--token-file`). The agent's own default is
+/// closed too.
 #[test]
-fn the_shipped_config_turns_reflection_off_and_opens_reads_explicitly() {
+fn the_shipped_config_closes_reads_and_only_the_aggregator_holds_the_read_token() {
     if !have_tools(&[]) {
         return;
     }
@@ -1001,7 +1001,62 @@ fn the_shipped_config_turns_reflection_off_and_opens_reads_explicitly() {
     let text = base.config_yaml();
     let config = nodekeeper::config::Config::from_yaml(text).expect("the shipped config parses");
     assert!(!config.api.reflection, "{text}");
-    assert!(config.api.auth.open_read_only, "{text}");
+    assert!(!config.api.auth.open_read_only, "{text}");
+    assert!(!config.api.auth.open_keda, "{text}");
+    let token_file = config
+        .api
+        .auth
+        .read_token_file
+        .as_deref()
+        .expect("api.auth.readTokenFile is set");
+    let (token_dir, key) = (
+        token_file.parent().unwrap().to_str().unwrap(),
+        token_file.file_name().unwrap().to_str().unwrap(),
+    );
+    // The Secret volume holding the key, as one pod spec mounts it in one container.
+    let secret_behind = |spec: &Value, container: &Value| -> String {
+        let mount = array(container, "/volumeMounts")
+            .iter()
+            .find(|m| m["mountPath"] == token_dir)
+            .unwrap_or_else(|| panic!("{} mounts nothing at {token_dir}", container["name"]));
+        assert_eq!(mount["readOnly"], true);
+        let volume = array(spec, "/volumes")
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .expect("the mounted volume");
+        let items = array(volume, "/secret/items");
+        assert!(
+            items.iter().any(|i| i["path"] == key),
+            "{key} is not in {volume:?}"
+        );
+        str_at(volume, "/secret/secretName").to_string()
+    };
+    let agent_secret = secret_behind(base.pod_spec(), base.container());
+    let deploy = base.object("Deployment", "nodekeeper-aggregator");
+    let agg_spec = get(deploy, "/spec/template/spec");
+    let aggregator = &array(agg_spec, "/containers")[0];
+    assert_eq!(secret_behind(agg_spec, aggregator), agent_secret);
+    let args: Vec<&str> = array(aggregator, "/args")
+        .iter()
+        .map(|a| a.as_str().expect("string arg"))
+        .collect();
+    let i = args
+        .iter()
+        .position(|a| *a == "--token-file")
+        .unwrap_or_else(|| panic!("the aggregator sends no token: {args:?}"));
+    assert_eq!(Path::new(args[i + 1]), token_file);
+    // Not the guard: it never calls the agent's API.
+    for c in array(base.pod_spec(), "/containers")
+        .iter()
+        .filter(|c| c["name"] != "nodekeeper")
+    {
+        let mounts = c["volumeMounts"].as_array().cloned().unwrap_or_default();
+        assert!(
+            !mounts.iter().any(|m| m["mountPath"] == token_dir),
+            "{} mounts the read token",
+            c["name"]
+        );
+    }
     assert!(
         !nodekeeper::config::Config::default()
             .api

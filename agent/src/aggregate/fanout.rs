@@ -30,6 +30,7 @@ use prometheus_client::registry::{Registry, Unit};
 use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::Channel;
 
+use crate::aggregate::agent_tls::{AgentTls, Reload};
 use crate::aggregate::discovery::{Discovery, Target};
 use crate::aggregate::pods::PodWatch;
 use crate::api::client::{endpoint, read_token};
@@ -104,6 +105,12 @@ pub struct AggregateMetrics {
     failures: Family<ReasonLabel, Counter>,
     late_answers: Counter,
     discovery_errors: Counter,
+    tls_reloads: Family<ResultLabel, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
 }
 
 impl AggregateMetrics {
@@ -122,6 +129,7 @@ impl AggregateMetrics {
             failures: Family::default(),
             late_answers: Counter::default(),
             discovery_errors: Counter::default(),
+            tls_reloads: Family::default(),
         };
         registry.register(
             "aggregate_agents",
@@ -151,6 +159,12 @@ impl AggregateMetrics {
             "Errors of the EndpointSlice and pod watches, and fan-outs before the EndpointSlice \
              watch had synced (the last agents and pods known were used)",
             m.discovery_errors.clone(),
+        );
+        registry.register(
+            "aggregate_tls_reloads",
+            "Changed TLS files for the agents (--cacert, --cert, --key) read again, by result: \
+             loaded (new connections use them) or refused (the previous ones stay in use)",
+            m.tls_reloads.clone(),
         );
         m
     }
@@ -230,6 +244,8 @@ pub struct Fleet {
     config: FanoutConfig,
     metrics: AggregateMetrics,
     token: BearerToken,
+    /// TLS to the agents (`--cacert`, `--cert`, ...); plaintext when absent.
+    tls: Option<AgentTls>,
     slots: Slots,
     /// Remotes KEDA queries name, sent to every agent so they are never folded into `other`.
     pins: PinnedRemotes,
@@ -245,6 +261,7 @@ impl Fleet {
             config,
             metrics,
             token: BearerToken::default(),
+            tls: None,
             slots: Arc::default(),
             pins: PinnedRemotes::default(),
             state: tokio::sync::Mutex::new(State {
@@ -259,6 +276,12 @@ impl Fleet {
     /// Coverage follows the pods: each query needs only the agents on nodes hosting its pods.
     pub fn with_pod_watch(mut self, pods: PodWatch) -> Self {
         self.pods = Some(pods);
+        self
+    }
+
+    /// Dials the agents over TLS with `tls`.
+    pub fn with_tls(mut self, tls: AgentTls) -> Self {
+        self.tls = Some(tls);
         self
     }
 
@@ -319,6 +342,24 @@ impl Fleet {
                 }
             }
         }
+        if let Some(tls) = &self.tls {
+            let reload = tls.refresh();
+            if reload != Reload::Unchanged {
+                let result = if reload == Reload::Loaded {
+                    "loaded"
+                } else {
+                    "refused"
+                };
+                self.metrics
+                    .tls_reloads
+                    .get_or_create(&ResultLabel { result })
+                    .inc();
+            }
+            if reload == Reload::Loaded {
+                // New channels take the new files; calls in flight finish on the old ones.
+                state.clients.clear();
+            }
+        }
         // Channels, calls and last censuses of agents that left are dropped; new channels
         // connect lazily on first use.
         state
@@ -351,9 +392,12 @@ impl Fleet {
     }
 
     fn client(&self, address: &str) -> Result<AgentClient, String> {
-        let ep = endpoint(address)
-            .map_err(|e| e.to_string())?
-            .connect_timeout(self.config.deadline);
+        let ep = match &self.tls {
+            Some(tls) => tls.endpoint(address),
+            None => endpoint(address),
+        }
+        .map_err(|e| e.to_string())?
+        .connect_timeout(self.config.deadline);
         Ok(NodeAgentClient::with_interceptor(
             ep.connect_lazy(),
             self.token.clone(),

@@ -9,6 +9,7 @@
 //! with OK, exit 0). `discovery` decides whom to call, `fanout` calls them. Never reads the host
 //! and never writes to the Kubernetes API.
 
+pub mod agent_tls;
 pub mod discovery;
 pub mod fanout;
 pub mod pods;
@@ -91,6 +92,19 @@ pub struct AggregateArgs {
     /// File holding a bearer token sent to the agents (needed when their openReadOnly is false).
     #[arg(long, env = "NODEKEEPER_AGGREGATE_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// PEM CA bundle the agents' certificates must chain to; dials the agents over TLS.
+    #[arg(long, env = "NODEKEEPER_AGGREGATE_CACERT")]
+    pub cacert: Option<PathBuf>,
+    /// PEM client certificate presented to the agents (mTLS), with --key.
+    #[arg(long, env = "NODEKEEPER_AGGREGATE_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, env = "NODEKEEPER_AGGREGATE_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// The name verified in the agents' certificates (they are dialled by IP), e.g.
+    /// nodekeeper.nodekeeper-system.svc.
+    #[arg(long, env = "NODEKEEPER_AGGREGATE_SERVER_NAME")]
+    pub server_name: Option<String>,
     /// Agents waited for at once.
     #[arg(long, env = "NODEKEEPER_AGGREGATE_MAX_CONCURRENCY", default_value_t = DEFAULT_MAX_CONCURRENCY)]
     pub max_concurrency: usize,
@@ -199,6 +213,18 @@ pub async fn run(args: AggregateArgs) -> Result<(), AggregateError> {
         crate::api::client::read_token(path)
             .map_err(|e| AggregateError::Usage(format!("--token-file: {e}")))?;
     }
+    let tls = if args.cacert.is_some() || args.cert.is_some() || args.server_name.is_some() {
+        let options = crate::api::client::ConnectOptions {
+            token_file: None,
+            cacert: args.cacert.clone(),
+            cert: args.cert.clone(),
+            key: args.key.clone(),
+            server_name: args.server_name.clone(),
+        };
+        Some(agent_tls::AgentTls::load(options).map_err(|e| AggregateError::Usage(e.to_string()))?)
+    } else {
+        None
+    };
     let mut registry = prometheus_client::registry::Registry::with_prefix("nodekeeper");
     let metrics = AggregateMetrics::register(&mut registry);
     let mut pods = None;
@@ -220,8 +246,11 @@ pub async fn run(args: AggregateArgs) -> Result<(), AggregateError> {
             let d = Discovery::fixed(&args.agents);
             if let Discovery::Static(t) = &d {
                 for t in t {
-                    crate::api::client::endpoint(&t.address)
-                        .map_err(|e| AggregateError::Usage(format!("--agents: {e}")))?;
+                    match &tls {
+                        Some(tls) => tls.endpoint(&t.address).map(drop),
+                        None => crate::api::client::endpoint(&t.address).map(drop),
+                    }
+                    .map_err(|e| AggregateError::Usage(format!("--agents: {e}")))?;
                 }
             }
             d
@@ -240,6 +269,9 @@ pub async fn run(args: AggregateArgs) -> Result<(), AggregateError> {
         },
         metrics,
     );
+    if let Some(tls) = tls {
+        fleet = fleet.with_tls(tls);
+    }
     if let Some(pods) = pods {
         fleet = fleet.with_pod_watch(pods);
     }

@@ -1,7 +1,8 @@
 //! Authentication of gRPC callers: server TLS, client certificates (mTLS) and bearer tokens.
 //!
-//! Owns the `api.auth` config section, the server's TLS setup and one tower layer that sees every
-//! call's method path before any service does. The layer authenticates the caller into a
+//! Owns the `api.auth` config section (the TLS files themselves are loaded and re-read on change
+//! by `server_tls`) and one tower layer that sees every call's method path before any service
+//! does. The layer authenticates the caller into a
 //! [`Principal`] (the control token, the read token, or a verified certificate name with its
 //! roles), authorizes it against the RPC's rule (`authz`), rate-limits and audit-logs mutating
 //! calls, and hands the principal to the handler in the request's extensions. Only health is
@@ -16,15 +17,16 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
+use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq as _;
 use tonic::Status;
 use tonic::codegen::http;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 pub use super::authz::{Principal, RateLimitConfig, Role, Rule};
 use super::authz::{RateLimiter, rule_for};
+use super::server_tls::{ReloadingServerTls, TlsFileError, TlsMetrics};
 
 // === config ===
 
@@ -198,9 +200,10 @@ pub enum AuthError {
         path: PathBuf,
         problem: String,
     },
-    /// The certificate, key or CA did not make a usable TLS server config.
-    #[error("api.auth.tls: {0}")]
-    Tls(#[from] tonic::transport::Error),
+    /// The certificate, key or CA did not make a usable TLS server config (the error names
+    /// the field and file).
+    #[error(transparent)]
+    Tls(#[from] TlsFileError),
 }
 
 impl AuthError {
@@ -218,42 +221,21 @@ impl AuthError {
 
 /// What `api::serve` needs: the TLS server config (when configured) and the auth layer.
 pub struct ServerAuth {
-    pub tls: Option<ServerTlsConfig>,
+    /// Re-read when its files change (`server_tls`).
+    pub tls: Option<Arc<ReloadingServerTls>>,
     pub layer: AuthLayer,
 }
 
 impl ServerAuth {
-    /// Reads every configured file now, so a wrong path or key fails the agent's start.
-    pub fn load(config: &AuthConfig) -> Result<Self, AuthError> {
-        let read = |field: &'static str, path: &Path| {
-            std::fs::read(path).map_err(|source| AuthError::Read {
-                field,
-                path: path.to_path_buf(),
-                source,
-            })
-        };
+    /// Reads every configured file now, so a wrong path or key fails the agent's start. The TLS
+    /// metrics go on `registry`.
+    pub fn load(config: &AuthConfig, registry: &mut Registry) -> Result<Self, AuthError> {
         let tls = match &config.tls {
             None => None,
-            Some(t) => {
-                let identity = Identity::from_pem(
-                    read("api.auth.tls.certFile", &t.cert_file)?,
-                    read("api.auth.tls.keyFile", &t.key_file)?,
-                );
-                let mut tls = ServerTlsConfig::new()
-                    .identity(identity)
-                    .timeout(TLS_HANDSHAKE_TIMEOUT);
-                if let Some(ca) = &t.client_ca_file {
-                    tls = tls
-                        .client_ca_root(Certificate::from_pem(read(
-                            "api.auth.tls.clientCaFile",
-                            ca,
-                        )?))
-                        .client_auth_optional(true);
-                }
-                // Builds the rustls config once so a bad PEM fails here, not on first connect.
-                tonic::transport::Server::builder().tls_config(tls.clone())?;
-                Some(tls)
-            }
+            Some(t) => Some(Arc::new(ReloadingServerTls::load(
+                t,
+                TlsMetrics::register(registry),
+            )?)),
         };
         let token = load_token("api.auth.tokenFile", config.token_file.as_deref())?;
         let read_token = load_token("api.auth.readTokenFile", config.read_token_file.as_deref())?;
@@ -314,11 +296,27 @@ struct TokenFile {
     cached: Mutex<Option<(FileStamp, Arc<[u8]>)>>,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct FileStamp {
+/// What tells a changed file from the same one: a Secret update swaps in a new inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileStamp {
+    dev: u64,
     ino: u64,
     len: u64,
     modified: Option<SystemTime>,
+}
+
+impl FileStamp {
+    /// The stamp of the file `path` names (symlinks followed, as kubelet's are).
+    pub(crate) fn of(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::metadata(path)?;
+        Ok(Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        })
+    }
 }
 
 impl TokenFile {
@@ -332,13 +330,7 @@ impl TokenFile {
     /// The current token. One `stat` per call, a read only when the file changed; called only
     /// for calls that need credentials, which are rare (an orchestrator's control calls).
     fn current(&self) -> Result<Arc<[u8]>, TokenError> {
-        use std::os::unix::fs::MetadataExt as _;
-        let meta = std::fs::metadata(&self.path).map_err(TokenError::Read)?;
-        let stamp = FileStamp {
-            ino: meta.ino(),
-            len: meta.len(),
-            modified: meta.modified().ok(),
-        };
+        let stamp = FileStamp::of(&self.path).map_err(TokenError::Read)?;
         let mut cached = self.cached.lock().expect("not poisoned");
         if let Some((s, token)) = cached.as_ref()
             && *s == stamp

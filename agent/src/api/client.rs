@@ -167,7 +167,7 @@ impl ConnectOptions {
     }
 
     /// The client TLS config these options describe.
-    fn tls(&self) -> Result<ClientTlsConfig, ClientError> {
+    pub fn tls(&self) -> Result<ClientTlsConfig, ClientError> {
         let read = |flag: &'static str, path: &Path| {
             std::fs::read(path).map_err(|e| ClientError::Tls {
                 flag,
@@ -417,7 +417,7 @@ impl Client {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut src = e.source();
     while let Some(s) = src {

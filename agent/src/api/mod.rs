@@ -26,6 +26,7 @@ use tonic_health::server::{HealthReporter, HealthService};
 pub mod auth;
 pub mod authz;
 pub mod inflight;
+pub mod server_tls;
 
 use crate::config::{ApiConfig, DEFAULT_WATCH_INTERVAL};
 use crate::keda::service::{AGENT_STREAM_POLL, ScalerService, SnapshotSource};
@@ -635,12 +636,20 @@ impl tokio::io::AsyncWrite for CappedConn {
 
 /// Accepts on `listener` until `token`. A connection over a cap is closed at once (never
 /// queued ahead of a legitimate one); one that sends nothing within [`FIRST_BYTES_TIMEOUT`] is
-/// closed; the rest go to tonic, each holding its slot until it closes.
-fn capped_incoming(
+/// closed; the rest pass `handshake` (TLS, or nothing) in their own task and go to tonic, each
+/// holding its slot until it closes.
+fn capped_incoming<C, H, F>(
     listener: tokio::net::TcpListener,
     token: CancellationToken,
-) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<CappedConn>> {
+    handshake: H,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<C>>
+where
+    C: Send + 'static,
+    H: Fn(CappedConn) -> F + Send + Sync + 'static,
+    F: std::future::Future<Output = Option<C>> + Send + 'static,
+{
     let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let handshake = Arc::new(handshake);
     let caps = crate::bounds::PeerCaps::new(MAX_CONNECTIONS_PER_PEER, MAX_CONNECTIONS);
     tokio::spawn(async move {
         loop {
@@ -662,18 +671,19 @@ fn capped_incoming(
             };
             let _ = stream.set_nodelay(true);
             let tx = tx.clone();
+            let handshake = handshake.clone();
             tokio::spawn(async move {
                 let mut first = [0u8; 1];
                 if let Ok(Ok(n)) =
                     tokio::time::timeout(FIRST_BYTES_TIMEOUT, stream.peek(&mut first)).await
                     && n > 0
+                    && let Some(conn) = handshake(CappedConn {
+                        inner: stream,
+                        _slot: slot,
+                    })
+                    .await
                 {
-                    let _ = tx
-                        .send(Ok(CappedConn {
-                            inner: stream,
-                            _slot: slot,
-                        }))
-                        .await;
+                    let _ = tx.send(Ok(conn)).await;
                 }
             });
         }
@@ -761,12 +771,8 @@ pub async fn serve(
         )
         .max_decoding_message_size(MAX_REQUEST_MESSAGE)
     });
-    let (health_service, mirror) = health_service(health, &token);
-    let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = auth.tls {
-        server = server.tls_config(tls)?;
-    }
-    let result = server
+    let (health_service, mirror) = health_service(health.clone(), &token);
+    let router = tonic::transport::Server::builder()
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
@@ -786,14 +792,58 @@ pub async fn serve(
         .add_optional_service(scaler)
         .add_service(health_service)
         .add_optional_service(reflection_v1)
-        .add_optional_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(
-            capped_incoming(listener, token.clone()),
-            token.cancelled_owned(),
-        )
-        .await;
+        .add_optional_service(reflection_v1alpha);
+    let result = match auth.tls {
+        None => {
+            let plain = |conn| std::future::ready(Some(conn));
+            router
+                .serve_with_incoming_shutdown(
+                    capped_incoming(listener, token.clone(), plain),
+                    token.cancelled_owned(),
+                )
+                .await
+        }
+        Some(tls) => {
+            let watch = tokio::spawn(watch_tls_files(tls.clone(), health, token.clone()));
+            let handshake = move |conn| {
+                let tls = tls.clone();
+                async move { tls.accept(conn).await }
+            };
+            let result = router
+                .serve_with_incoming_shutdown(
+                    capped_incoming(listener, token.clone(), handshake),
+                    token.cancelled_owned(),
+                )
+                .await;
+            watch.abort();
+            result
+        }
+    };
     mirror.abort();
     Ok(result?)
+}
+
+/// Re-checks the TLS files every `server_tls::CHECK_INTERVAL` (connections check them too) and
+/// keeps the api capability's health detail naming a refused rotation. The capability stays
+/// SERVING: the previous certificate still serves every call, and failing readiness on every
+/// node at once for one bad Secret would take the whole fleet's agents out of rotation.
+async fn watch_tls_files(
+    tls: Arc<server_tls::ReloadingServerTls>,
+    health: Health,
+    token: CancellationToken,
+) {
+    loop {
+        tls.refresh();
+        let detail = match tls.refusal() {
+            Some(why) => format!("TLS files refused, serving the previous certificate: {why}"),
+            None => String::new(),
+        };
+        health.set("api", HealthState::Serving, detail);
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tokio::time::sleep(server_tls::CHECK_INTERVAL) => {}
+        }
+    }
 }
 
 /// How often a follower re-reads the Node's drain record.

@@ -145,8 +145,8 @@ pub fn wiring(op: WiringOp, dns: &DnsConfig) -> Result<String, WiringError> {
     })
 }
 
-/// The guard sidecar: runs until SIGTERM/SIGINT plus its grace period. Connected to the API
-/// (config's `kubernetes.mode`, node name from `nodeName`/NODE_NAME) it raises Events too.
+/// The guard sidecar: runs until SIGTERM/SIGINT plus its grace period. Never connects to the
+/// Kubernetes API, whatever `kubernetes.mode` says.
 pub fn guard(config: &crate::config::Config, args: &GuardArgs) -> Result<(), WiringError> {
     let dns = &config.dns;
     let target = *dns.listen_addrs().first().ok_or(WiringError::NoAddress)?;
@@ -167,25 +167,8 @@ pub fn guard(config: &crate::config::Config, args: &GuardArgs) -> Result<(), Wir
     let registry = std::sync::Arc::new(registry);
     runtime()?.block_on(async {
         let cancel = on_signal()?;
-        // No API call here: building the client reads files only; Events are sent later.
-        let events = match (
-            crate::kube::connect(config.kubernetes.mode).await,
-            &config.node_name,
-        ) {
-            (Ok(Some(client)), Some(node)) => Some(guard::GuardEvents {
-                client,
-                node: node.clone(),
-            }),
-            (Ok(Some(_)), None) => {
-                tracing::warn!("dns guard: no node name (NODE_NAME): no Events, metrics and logs only");
-                None
-            }
-            (Ok(None), _) => None,
-            (Err(e), _) => {
-                tracing::warn!(error = %e, "dns guard: no API client: no Events, metrics and logs only");
-                None
-            }
-        };
+        // No API client at all: the guard holds no credential and reports through its
+        // metrics and log only (docs/decisions.md #19-d).
         if let Some(addr) = args.guard_metrics_listen {
             // Bound in its own task: waiting for a predecessor's port must not delay guarding.
             let (registry, token) = (registry.clone(), cancel.clone());
@@ -206,7 +189,7 @@ pub fn guard(config: &crate::config::Config, args: &GuardArgs) -> Result<(), Wir
                 }
             });
         }
-        guard::run(&w, &settings, &metrics, events.as_ref(), cancel).await;
+        guard::run(&w, &settings, &metrics, cancel).await;
         Ok(())
     })
 }

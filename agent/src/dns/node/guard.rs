@@ -13,10 +13,10 @@
 //! [`NodeWiring::fail_open`] read the rules and addresses back and found nothing of ours. A
 //! failed attempt is logged as an error, counted, raises `dns_guard_failopen_pending` and is
 //! retried with backoff ([`RETRY_BACKOFF_MAX`]) until it succeeds or the cache answers again.
-//! Connected to the API (in-cluster or KUBECONFIG, node name known) it also raises a core/v1
-//! Warning Event on the Node once per episode: [`REASON_PENDING`] at the first failed attempt,
-//! [`REASON_FAILED_OPEN`] when failing open is verified, [`REASON_GAVE_UP`] when it exits with
-//! the wiring still in place. Events are best effort and never delay a retry.
+//!
+//! It never talks to the Kubernetes API (docs/decisions.md `#19-d`): it holds no credential,
+//! so node root gains nothing by taking it over. What it does is reported by its metrics
+//! (served on its own port, alerted on) and its log, never by Events.
 
 use std::hash::{BuildHasher, RandomState};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -50,32 +50,6 @@ pub const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(8);
 /// After SIGTERM, a failing fail-open is retried this long before the guard gives up and exits
 /// (inside the pod's 30 s termination grace, after the agent's lame duck).
 pub const TERMINATING_RETRY_FOR: Duration = Duration::from_secs(15);
-
-/// Event reason: the cache is silent and removing its wiring failed; retried (DNS black-holed).
-pub const REASON_PENDING: &str = "DNSFailOpenPending";
-/// Event reason: the cache is silent; its wiring was removed and read back gone.
-pub const REASON_FAILED_OPEN: &str = "DNSFailedOpen";
-/// Event reason: the guard is terminating and could not remove the wiring.
-pub const REASON_GAVE_UP: &str = "DNSFailOpenFailed";
-/// How long a terminating guard waits for its last Event: inside the pod's grace period.
-const LAST_EVENT_WAIT: Duration = Duration::from_secs(2);
-
-/// Where the guard raises Events about its node.
-#[derive(Clone)]
-pub struct GuardEvents {
-    pub client: kube::Client,
-    pub node: String,
-}
-
-impl GuardEvents {
-    /// Records a Warning Event in the background (failures are logged by `node_event`).
-    fn raise(&self, reason: &'static str, message: String) -> tokio::task::JoinHandle<()> {
-        let (client, node) = (self.client.clone(), self.node.clone());
-        tokio::spawn(async move {
-            crate::kube::node_event(&client, &node, reason, "Warning", &message).await;
-        })
-    }
-}
 
 /// The guard's own metrics (served on `dns-guard --metrics-listen`).
 #[derive(Debug, Clone, Default)]
@@ -185,14 +159,13 @@ pub async fn run(
     wiring: &NodeWiring,
     s: &GuardSettings,
     metrics: &GuardMetrics,
-    events: Option<&GuardEvents>,
     shutdown: CancellationToken,
 ) {
     tracing::info!(target = %s.target, interval = ?s.interval, failures = s.failures, probe_timeout = ?s.probe_timeout, "dns guard: watching the cache");
     let mut tick = tokio::time::interval(s.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut silent = 0u32;
-    let mut opener = FailOpen::new(wiring, metrics, events, s.interval);
+    let mut opener = FailOpen::new(wiring, metrics, s.interval);
     let mut deadline: Option<Instant> = None;
     loop {
         tokio::select! {
@@ -246,13 +219,6 @@ pub async fn run(
                 tried_for = ?TERMINATING_RETRY_FOR,
                 "dns guard: exiting without having failed open; the node's DNS stays black-holed until the agent runs again"
             );
-            if let Some(events) = events {
-                let last = events.raise(
-                    REASON_GAVE_UP,
-                    format!("The DNS cache does not answer and the terminating dns-guard could not remove its wiring in {TERMINATING_RETRY_FOR:?}: pods on this node get no DNS until the agent runs again."),
-                );
-                let _ = tokio::time::timeout(LAST_EVENT_WAIT, last).await;
-            }
             return;
         }
         opener.wait_until_due().await;
@@ -273,9 +239,6 @@ pub async fn run(
 struct FailOpen<'a> {
     wiring: &'a NodeWiring,
     metrics: &'a GuardMetrics,
-    events: Option<&'a GuardEvents>,
-    /// This episode's failure was reported by an Event (one per episode, not per retry).
-    pending_reported: bool,
     /// Verified open (nothing of ours left at the last attempt).
     open: bool,
     base: Duration,
@@ -284,17 +247,10 @@ struct FailOpen<'a> {
 }
 
 impl<'a> FailOpen<'a> {
-    fn new(
-        wiring: &'a NodeWiring,
-        metrics: &'a GuardMetrics,
-        events: Option<&'a GuardEvents>,
-        base: Duration,
-    ) -> Self {
+    fn new(wiring: &'a NodeWiring, metrics: &'a GuardMetrics, base: Duration) -> Self {
         Self {
             wiring,
             metrics,
-            events,
-            pending_reported: false,
             open: false,
             base,
             backoff: base,
@@ -305,7 +261,6 @@ impl<'a> FailOpen<'a> {
     /// The cache answers: nothing is black-holed; forget the failed attempts.
     fn cache_answers(&mut self) {
         self.open = false;
-        self.pending_reported = false;
         self.retry_now();
         self.metrics.pending.set(0);
     }
@@ -337,14 +292,7 @@ impl<'a> FailOpen<'a> {
                         removed,
                         "dns guard: the cache does not answer; failed open, verified (read back: no rule or ClusterIP of ours left; queries go to kube-dns)"
                     );
-                    if let Some(events) = self.events {
-                        events.raise(
-                            REASON_FAILED_OPEN,
-                            format!("The DNS cache did not answer {silent} probes: its wiring was removed ({removed} rules/addresses) and read back gone; pods' queries go to kube-dns directly."),
-                        );
-                    }
                 }
-                self.pending_reported = false;
                 self.open = true;
                 self.metrics.pending.set(0);
                 self.retry_now();
@@ -361,15 +309,6 @@ impl<'a> FailOpen<'a> {
                     retry_in = ?self.backoff,
                     "dns guard: failing open failed; the node's DNS stays black-holed until a retry succeeds"
                 );
-                if let Some(events) = self.events
-                    && !self.pending_reported
-                {
-                    self.pending_reported = true;
-                    events.raise(
-                        REASON_PENDING,
-                        format!("The DNS cache does not answer and removing its wiring failed ({}: {e}); retrying with backoff. Pods on this node get no DNS until it succeeds.", e.kind()),
-                    );
-                }
                 self.next_try = Some(Instant::now() + self.backoff);
                 self.backoff = (self.backoff * 2).min(RETRY_BACKOFF_MAX);
                 false

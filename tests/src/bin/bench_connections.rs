@@ -14,6 +14,12 @@
 //!   turn, a netlink inet_diag dump with tcp_info) then `summarize` of each reading, in this
 //!   process; CPU time from getrusage(RUSAGE_SELF) (the census thread included).
 //! - procfs: the same with `SourcePreference::Procfs` (/proc/thread-self/net/tcp{,6}).
+//! - one pass (issue #18): `nodekeeper_tests::bpf_census`, a BPF program that walks the node's
+//!   shared TCP hash tables once and tags each socket with its namespace (plus one walk inside
+//!   each namespace that has a table of its own), then the same small per-namespace files and
+//!   `summarize`; CPU time from getrusage(RUSAGE_SELF) (in-kernel BPF time is the reading
+//!   thread's system time). Loaded and verified once before the runs (load time reported
+//!   apart). When BPF is not allowed the row is the sock_diag fallback, labelled so.
 //! - ss loop: `ip netns exec NAME ss -tan` for each namespace in turn, output read in full; CPU
 //!   time from getrusage(RUSAGE_CHILDREN) (ip, which execs ss).
 //!
@@ -47,8 +53,9 @@ use std::time::{Duration, Instant};
 use nix::sys::resource::{Resource, UsageWho, getrlimit, getrusage, setrlimit};
 use nix::sys::signal::{SigSet, Signal};
 use nodekeeper::metrics::connections::{
-    ConnectionsConfig, SourcePreference, read_namespaces, summarize,
+    CensusError, ConnectionsConfig, NetnsReading, SourcePreference, read_namespaces, summarize,
 };
+use nodekeeper_tests::bpf_census::{OnePass, OnePassError, census_with_fallback};
 use nodekeeper_tests::workspace_root;
 
 const DEFAULT_NAMESPACES: usize = 100;
@@ -60,6 +67,9 @@ const START: &str = "<!-- connections-bench:start -->";
 const END: &str = "<!-- connections-bench:end -->";
 const CMD: &str = "cargo run --release -p nodekeeper-tests --bin bench_connections -- --write-docs";
 const NS_PREFIX: &str = "nkbench-";
+/// Census, procfs parser, one pass, ss loop.
+const READERS: usize = 4;
+const ONE_PASS_ROW: &str = "one-pass BPF census (one walk of the node's tables)";
 
 /// Namespaces created so far, deleted by `cleanup` (Drop, panic or a signal).
 static NAMESPACES: Mutex<Vec<String>> = Mutex::new(Vec::new());
@@ -253,13 +263,43 @@ fn cpu_seconds(who: UsageWho) -> f64 {
 }
 
 fn census(paths: &[PathBuf], pref: SourcePreference) -> Result<Sample, String> {
+    timed_census(paths, &format!("{pref:?}"), |p| read_namespaces(p, pref))
+}
+
+/// The one-pass census, or the sock_diag fallback when BPF could not be loaded.
+fn one_pass_census(
+    paths: &[PathBuf],
+    one_pass: &mut Result<OnePass, OnePassError>,
+) -> Result<Sample, String> {
+    let (loaded, load_error) = match one_pass {
+        Ok(o) => (Some(o), None),
+        Err(e) => (None, Some(&*e)),
+    };
+    let mut fell_back = None;
+    let sample = timed_census(paths, "one pass", |p| {
+        let (readings, why) = census_with_fallback(loaded, load_error, p);
+        fell_back = why;
+        readings
+    })?;
+    match fell_back {
+        // Loaded but a walk failed (ring buffer full, ...): not a one-pass figure.
+        Some(why) if one_pass.is_ok() => Err(format!("one-pass census failed: {why}")),
+        _ => Ok(sample),
+    }
+}
+
+fn timed_census(
+    paths: &[PathBuf],
+    name: &str,
+    read: impl FnOnce(&[PathBuf]) -> Vec<Result<NetnsReading, CensusError>>,
+) -> Result<Sample, String> {
     let config = ConnectionsConfig::default();
     let cpu0 = cpu_seconds(UsageWho::RUSAGE_SELF);
     let t0 = Instant::now();
-    let readings = read_namespaces(paths, pref);
+    let readings = read(paths);
     let mut established = 0;
     for r in &readings {
-        let r = r.as_ref().map_err(|e| format!("{pref:?}: {e}"))?;
+        let r = r.as_ref().map_err(|e| format!("{name}: {e}"))?;
         established += summarize(r, None, &config).established;
     }
     let wall = t0.elapsed().as_secs_f64();
@@ -506,19 +546,30 @@ fn run(args: &Args) -> Result<(), String> {
         .collect();
     let names: Vec<String> = world.holders.iter().map(|h| h.ns.clone()).collect();
 
+    // The one-pass program: loaded and verified once, as an agent would at start.
+    let t = Instant::now();
+    let mut one_pass = OnePass::load(sockets as usize * 2 + 65_536);
+    let load_ms = t.elapsed().as_secs_f64() * 1e3;
+    match &one_pass {
+        Ok(_) => eprintln!("bench_connections: one-pass BPF census loaded in {load_ms:.1} ms"),
+        Err(e) => eprintln!("bench_connections: {e}; its row is the sock_diag fallback"),
+    }
+
     // One warm-up of each (page cache for ip and ss, the kernel's socket tables).
     census(&paths, SourcePreference::SockDiag)?;
     census(&paths, SourcePreference::Procfs)?;
+    one_pass_census(&paths, &mut one_pass)?;
     ss_loop(&names)?;
 
     let (busy0, total0) = machine_jiffies();
-    let mut samples: [Vec<Sample>; 3] = Default::default();
+    let mut samples: [Vec<Sample>; READERS] = Default::default();
     for run in 0..args.runs {
-        for k in 0..3 {
-            let which = (run + k) % 3;
+        for k in 0..READERS {
+            let which = (run + k) % READERS;
             let s = match which {
                 0 => census(&paths, SourcePreference::SockDiag)?,
                 1 => census(&paths, SourcePreference::Procfs)?,
+                2 => one_pass_census(&paths, &mut one_pass)?,
                 _ => ss_loop(&names)?,
             };
             if s.established != sockets {
@@ -540,10 +591,16 @@ fn run(args: &Args) -> Result<(), String> {
         wall: median(s.iter().map(|x| x.wall).collect()),
         cpu: median(s.iter().map(|x| x.cpu).collect()),
     };
+    let one_pass_name = if one_pass.is_ok() {
+        ONE_PASS_ROW
+    } else {
+        "one-pass BPF census UNAVAILABLE: sock_diag fallback"
+    };
     let rows = [
         row("nodekeeper census (sock_diag)", &samples[0]),
         row("nodekeeper /proc/net/tcp parser", &samples[1]),
-        row("`ip netns exec NS ss -tan` loop", &samples[2]),
+        row(one_pass_name, &samples[2]),
+        row("`ip netns exec NS ss -tan` loop", &samples[3]),
     ];
     let profile = if cfg!(debug_assertions) {
         "debug build"
@@ -564,6 +621,12 @@ fn run(args: &Args) -> Result<(), String> {
         args.runs
     ));
     section.push_str(&table(&rows, sockets));
+    match &one_pass {
+        Ok(_) => section.push_str(&format!(
+            "\nThe one-pass program was loaded and verified once before the runs, in {load_ms:.1} ms (not in the rows).\n"
+        )),
+        Err(e) => section.push_str(&format!("\nOne pass: {e}.\n")),
+    }
     section.push_str(&format!(
         "\nEvery reader found all {sockets} established sockets in every run. The census and the parser include \
          `summarize` (pools, listeners, ephemeral ports) of every namespace; their CPU time is this \

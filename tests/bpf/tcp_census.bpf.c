@@ -163,6 +163,10 @@ struct census_socket {
 	__u8 local[16];   /* IPv4: first 4 bytes */
 	__u8 remote[16];
 };
+/* The layout tests/src/bpf_census.rs decodes (inode is 8-aligned: 4 bytes of padding before). */
+_Static_assert(__builtin_offsetof(struct census_socket, inode) == 32, "census_socket.inode");
+_Static_assert(__builtin_offsetof(struct census_socket, local) == 40, "census_socket.local");
+_Static_assert(sizeof(struct census_socket) == 72, "census_socket size");
 
 enum {
 	STAT_SOCKETS,     /* sockets emitted */

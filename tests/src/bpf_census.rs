@@ -41,7 +41,9 @@ pub static OBJECT: &[u8] = include_bytes_aligned!("../bpf/tcp_census.bpf.o");
 pub const OBJECT_PATH: &str = "tests/bpf/tcp_census.bpf.o";
 
 const PROGRAM: &str = "census_walk";
-/// Size of `struct census_socket` in tcp_census.bpf.c.
+/// Size of `struct census_socket` in tcp_census.bpf.c (layout pinned there by static asserts:
+/// netns 0, family 4, state 5, ports 6 and 8, queues 12 and 16, retransmits 20, srtt 24,
+/// inode 32, local 40, remote 56).
 const RECORD: usize = 72;
 /// Ring buffer record header (aya/kernel: 8 bytes).
 const RECORD_HEADER: usize = 8;
@@ -88,6 +90,18 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> OnePassError {
     OnePassError::Unavailable(format!("{what}: {e}"))
 }
 
+/// An error with its causes ("failed to create map: bpf_map_create failed: Operation not
+/// permitted"): the cause is what tells an operator which permission is missing.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
+}
+
 impl OnePass {
     /// Loads and verifies the program; sizes the ring buffer for `max_sockets` records.
     pub fn load(max_sockets: usize) -> Result<Self, OnePassError> {
@@ -98,7 +112,7 @@ impl OnePass {
             .btf(Some(&btf))
             .map_max_entries("EVENTS", size)
             .load(OBJECT)
-            .map_err(|e| unavailable("loading tcp_census.bpf.o", e))?;
+            .map_err(|e| unavailable("loading tcp_census.bpf.o", chain(&e)))?;
         let program: &mut Iter = ebpf
             .program_mut(PROGRAM)
             .ok_or_else(|| unavailable("tcp_census.bpf.o", "no census_walk program"))?
@@ -106,7 +120,7 @@ impl OnePass {
             .map_err(|e| unavailable("census_walk", e))?;
         program
             .load("bpf_map", &btf)
-            .map_err(|e| unavailable("verifying census_walk", e))?;
+            .map_err(|e| unavailable("verifying census_walk", chain(&e)))?;
         let events = ebpf
             .take_map("EVENTS")
             .ok_or_else(|| unavailable("tcp_census.bpf.o", "no EVENTS map"))?;
@@ -326,7 +340,7 @@ pub fn decode(b: &[u8]) -> Option<(u64, Socket)> {
     let local_port = u16_at(6);
     let remote_port = u16::from_be(u16_at(8));
     let (rqueue, wqueue, retransmits, srtt8) = (u32_at(12), u32_at(16), u32_at(20), u32_at(24));
-    let inode = u64::from_le_bytes(b[28..36].try_into().ok()?);
+    let inode = u64::from_le_bytes(b[32..40].try_into().ok()?);
     let addr = |o: usize| -> Option<IpAddr> {
         match family {
             AF_INET => Some(IpAddr::V4(Ipv4Addr::new(
@@ -346,8 +360,8 @@ pub fn decode(b: &[u8]) -> Option<(u64, Socket)> {
         netns,
         Socket {
             state,
-            local: SocketAddr::new(addr(36)?, local_port),
-            remote: SocketAddr::new(addr(52)?, remote_port),
+            local: SocketAddr::new(addr(40)?, local_port),
+            remote: SocketAddr::new(addr(56)?, remote_port),
             rqueue,
             wqueue,
             inode,
@@ -371,9 +385,9 @@ mod tests {
         b[8..10].copy_from_slice(&54321u16.to_be_bytes());
         b[12..16].copy_from_slice(&7u32.to_le_bytes());
         b[24..28].copy_from_slice(&(1000u32 << 3).to_le_bytes());
-        b[28..36].copy_from_slice(&99u64.to_le_bytes());
-        b[36..40].copy_from_slice(&[10, 0, 0, 1]);
-        b[52..56].copy_from_slice(&[10, 0, 0, 2]);
+        b[32..40].copy_from_slice(&99u64.to_le_bytes());
+        b[40..44].copy_from_slice(&[10, 0, 0, 1]);
+        b[56..60].copy_from_slice(&[10, 0, 0, 2]);
         b
     }
 
@@ -406,8 +420,8 @@ mod tests {
     #[test]
     fn ipv6_addresses_take_all_sixteen_bytes() {
         let mut b = record(AF_INET6, 1);
-        b[36..52].copy_from_slice(&Ipv6Addr::LOCALHOST.octets());
-        b[52..68].copy_from_slice(&"fd00::2".parse::<Ipv6Addr>().unwrap().octets());
+        b[40..56].copy_from_slice(&Ipv6Addr::LOCALHOST.octets());
+        b[56..72].copy_from_slice(&"fd00::2".parse::<Ipv6Addr>().unwrap().octets());
         let (_, s) = decode(&b).unwrap();
         assert_eq!(s.local, "[::1]:8080".parse().unwrap());
         assert_eq!(s.remote, "[fd00::2]:54321".parse().unwrap());

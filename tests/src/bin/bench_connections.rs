@@ -35,11 +35,13 @@
 //! `net.ipv4.tcp_child_ehash_entries` is N (the host's setting is never changed), so they are
 //! created with a TCP established hash table of their own.
 //!
-//! Usage: bench_connections [--namespaces N] [--pairs P] [--runs R] [--child-ehash N] [--write-docs]
+//! Usage: bench_connections [--namespaces N] [--pairs P] [--runs R] [--child-ehash N] [--skip-procfs] [--write-docs]
 //!   --namespaces N  network namespaces (default 100)
 //!   --pairs P       loopback client/server pairs per namespace (default 500: 1,000 sockets)
 //!   --runs R        runs, median reported (default 5)
 //!   --child-ehash N per-namespace established hash tables of N buckets (default: shared table)
+//!   --skip-procfs   leave out the /proc/net/tcp parser (the slowest reader; not in issue #18's
+//!                   comparison)
 //!   --write-docs    replace the section between the connections-bench markers in
 //!                   docs/benchmarks.md (only with the default sizes)
 
@@ -448,6 +450,7 @@ struct Args {
     pairs: usize,
     runs: usize,
     child_ehash: Option<usize>,
+    skip_procfs: bool,
     write: bool,
 }
 
@@ -457,6 +460,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         pairs: DEFAULT_PAIRS,
         runs: DEFAULT_RUNS,
         child_ehash: None,
+        skip_procfs: false,
         write: false,
     };
     let mut it = args.iter();
@@ -473,15 +477,17 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
             "--runs" => a.runs = num("--runs")?,
             "--child-ehash" => a.child_ehash = Some(num("--child-ehash")?),
             "--write-docs" => a.write = true,
+            "--skip-procfs" => a.skip_procfs = true,
             other => return Err(format!("unknown argument {other:?} (see --help)")),
         }
     }
     if a.write
         && ((a.namespaces, a.pairs) != (DEFAULT_NAMESPACES, DEFAULT_PAIRS)
-            || a.child_ehash.is_some())
+            || a.child_ehash.is_some()
+            || a.skip_procfs)
     {
         return Err(
-            "--write-docs needs the default --namespaces and --pairs, without --child-ehash".into(),
+            "--write-docs needs the default --namespaces and --pairs, without --child-ehash or --skip-procfs".into(),
         );
     }
     Ok(a)
@@ -501,7 +507,7 @@ fn main() -> ExitCode {
     }
     if args.iter().any(|a| a == "-h" || a == "--help") {
         println!(
-            "usage: bench_connections [--namespaces N] [--pairs P] [--runs R] [--child-ehash N] [--write-docs]; see the module doc in tests/src/bin/bench_connections.rs"
+            "usage: bench_connections [--namespaces N] [--pairs P] [--runs R] [--child-ehash N] [--skip-procfs] [--write-docs]; see the module doc in tests/src/bin/bench_connections.rs"
         );
         return ExitCode::SUCCESS;
     }
@@ -557,7 +563,9 @@ fn run(args: &Args) -> Result<(), String> {
 
     // One warm-up of each (page cache for ip and ss, the kernel's socket tables).
     census(&paths, SourcePreference::SockDiag)?;
-    census(&paths, SourcePreference::Procfs)?;
+    if !args.skip_procfs {
+        census(&paths, SourcePreference::Procfs)?;
+    }
     one_pass_census(&paths, &mut one_pass)?;
     ss_loop(&names)?;
 
@@ -566,6 +574,9 @@ fn run(args: &Args) -> Result<(), String> {
     for run in 0..args.runs {
         for k in 0..READERS {
             let which = (run + k) % READERS;
+            if which == 1 && args.skip_procfs {
+                continue;
+            }
             let s = match which {
                 0 => census(&paths, SourcePreference::SockDiag)?,
                 1 => census(&paths, SourcePreference::Procfs)?,
@@ -596,12 +607,15 @@ fn run(args: &Args) -> Result<(), String> {
     } else {
         "one-pass BPF census UNAVAILABLE: sock_diag fallback"
     };
-    let rows = [
+    let mut rows = vec![
         row("nodekeeper census (sock_diag)", &samples[0]),
         row("nodekeeper /proc/net/tcp parser", &samples[1]),
         row(one_pass_name, &samples[2]),
         row("`ip netns exec NS ss -tan` loop", &samples[3]),
     ];
+    if args.skip_procfs {
+        rows.remove(1);
+    }
     let profile = if cfg!(debug_assertions) {
         "debug build"
     } else {

@@ -1,4 +1,4 @@
-// SPDX-License-Identifier: GPL-2.0
+// SPDX-License-Identifier: GPL-2.0-only OR BSD-2-Clause
 /*
  * One pass over every TCP socket of a node's shared established/listening hash tables
  * (issue #18, bench_connections' one-pass census).
@@ -353,4 +353,5 @@ int census_walk(struct bpf_iter__bpf_map *ctx)
 	return 0;
 }
 
-char LICENSE[] SEC("license") = "GPL";
+/* GPL-compatible for the kernel (bpf_probe_read_kernel is GPL-only); BSD-2-Clause for this repository. */
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -254,14 +254,17 @@ fn setup(namespaces: usize, pairs: usize, child_ehash: Option<usize>) -> Result<
 struct Sample {
     wall: f64,
     cpu: f64,
+    /// The system (in-kernel) part of `cpu`: the same in a debug and a release build.
+    sys: f64,
     /// Sockets the reader found (established, from its own output).
     established: u64,
 }
 
-fn cpu_seconds(who: UsageWho) -> f64 {
+/// (user + system, system) CPU seconds.
+fn cpu_seconds(who: UsageWho) -> (f64, f64) {
     let u = getrusage(who).expect("getrusage");
     let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
-    t(u.user_time()) + t(u.system_time())
+    (t(u.user_time()) + t(u.system_time()), t(u.system_time()))
 }
 
 fn census(paths: &[PathBuf], pref: SourcePreference) -> Result<Sample, String> {
@@ -305,10 +308,11 @@ fn timed_census(
         established += summarize(r, None, &config).established;
     }
     let wall = t0.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(UsageWho::RUSAGE_SELF) - cpu0;
+    let cpu1 = cpu_seconds(UsageWho::RUSAGE_SELF);
     Ok(Sample {
         wall,
-        cpu,
+        cpu: cpu1.0 - cpu0.0,
+        sys: cpu1.1 - cpu0.1,
         established,
     })
 }
@@ -333,10 +337,11 @@ fn ss_loop(names: &[String]) -> Result<Sample, String> {
             .count() as u64;
     }
     let wall = t0.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(UsageWho::RUSAGE_CHILDREN) - cpu0;
+    let cpu1 = cpu_seconds(UsageWho::RUSAGE_CHILDREN);
     Ok(Sample {
         wall,
-        cpu,
+        cpu: cpu1.0 - cpu0.0,
+        sys: cpu1.1 - cpu0.1,
         established,
     })
 }
@@ -375,17 +380,18 @@ struct Row {
     name: &'static str,
     wall: f64,
     cpu: f64,
+    sys: f64,
 }
 
 fn table(rows: &[Row], sockets: u64) -> String {
     let ss = rows.last().expect("ss row");
     let mut out = String::from(
-        "| reader | wall time, ms | CPU time, ms | CPU per 1k sockets, ms | wall time ratio (reader/ss loop) | CPU ratio (reader/ss loop) | ss loop / reader, wall |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        "| reader | wall time, ms | CPU time, ms | CPU per 1k sockets, ms | wall time ratio (reader/ss loop) | CPU ratio (reader/ss loop) | ss loop / reader, wall | in-kernel (system) CPU, ms | ss loop / reader, CPU |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         let per_k = r.cpu * 1e3 / (sockets as f64 / 1e3);
         out.push_str(&format!(
-            "| {} | {:.1} | {:.1} | {:.3} | {:.3} | {:.3} | {:.1}x |\n",
+            "| {} | {:.1} | {:.1} | {:.3} | {:.3} | {:.3} | {:.1}x | {:.1} | {:.1}x |\n",
             r.name,
             r.wall * 1e3,
             r.cpu * 1e3,
@@ -393,6 +399,8 @@ fn table(rows: &[Row], sockets: u64) -> String {
             r.wall / ss.wall,
             if ss.cpu > 0.0 { r.cpu / ss.cpu } else { 0.0 },
             ss.wall / r.wall,
+            r.sys * 1e3,
+            if r.cpu > 0.0 { ss.cpu / r.cpu } else { 0.0 },
         ));
     }
     out
@@ -601,6 +609,7 @@ fn run(args: &Args) -> Result<(), String> {
         name,
         wall: median(s.iter().map(|x| x.wall).collect()),
         cpu: median(s.iter().map(|x| x.cpu).collect()),
+        sys: median(s.iter().map(|x| x.sys).collect()),
     };
     let one_pass_name = if one_pass.is_ok() {
         ONE_PASS_ROW

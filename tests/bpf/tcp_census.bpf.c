@@ -138,6 +138,8 @@ struct bpf_iter__bpf_map {
 #define TCP_LISTEN 10
 #define TCP_TIME_WAIT 6
 #define TCP_NEW_SYN_RECV 12
+/* include/net/inet_hashtables.h: lhash2 chains end in nulls LISTENING_NULLS_BASE + bucket. */
+#define LISTENING_NULLS_BASE (1U << 29)
 
 /* Bucket heads copied per bpf_probe_read_kernel: most buckets are empty. */
 #define CHUNK 32
@@ -176,6 +178,7 @@ enum {
 	STAT_BUCKETS,     /* buckets walked (ehash + lhash2) */
 	STAT_WALKS,       /* completed walks */
 	STAT_WALKER_NETNS, /* namespace whose table was walked */
+	STAT_MOVED,       /* chains that ended in another bucket's nulls: a socket moved under us */
 	STAT_COUNT,
 };
 
@@ -270,6 +273,7 @@ struct walk {
 	__u32 stride;    /* bytes per bucket */
 	__u32 head_off;  /* offset of the hlist_nulls_head in a bucket */
 	__u32 chunk_base; /* first bucket of the current chunk */
+	__u32 nulls_base; /* a chain of bucket i ends in the nulls value nulls_base + i */
 	struct chunk_buf *buf;
 };
 
@@ -283,9 +287,17 @@ static long walk_bucket(__u64 i, struct walk *w)
 	off &= BUF_MASK;
 	struct hlist_nulls_node *node = *(struct hlist_nulls_node **)(w->buf->bytes + off);
 	for (int n = 0; n < MAX_CHAIN; n++) {
-		/* The end of a chain is a "nulls" marker: an odd value, not a pointer. */
-		if ((unsigned long)node & 1)
+		/*
+		 * The end of a chain is a "nulls" marker: an odd value, not a pointer, naming its
+		 * bucket. The walk is lockless (RCU): a socket that moved to another chain while we
+		 * followed it (rehash, reuse of its memory) leads to that chain's end; the kernel's
+		 * own lockless lookups restart then, this walk reports it so the reader can retry.
+		 */
+		if ((unsigned long)node & 1) {
+			if (((unsigned long)node >> 1) != w->nulls_base + w->chunk_base + i)
+				stat_add(STAT_MOVED, 1);
 			return 0;
+		}
 		node = emit(node);
 	}
 	if (!((unsigned long)node & 1))
@@ -308,19 +320,21 @@ static long walk_chunk(__u64 c, struct walk *w)
 		stat_add(STAT_FAULTS, 1);
 		return 1;
 	}
+	w->chunk_base = first;
 	bpf_loop(n, walk_bucket, w, 0);
 	return 0;
 }
 
 static __always_inline void walk_table(void *table, __u32 buckets, __u32 stride, __u32 head_off,
-					struct chunk_buf *buf)
+					__u32 nulls_base, struct chunk_buf *buf)
 {
 	if (!table || stride == 0 || stride > MAX_BUCKET_BYTES || head_off + 8 > stride) {
 		stat_add(STAT_FAULTS, 1);
 		return;
 	}
 	struct walk w = {
-		.table = table, .buckets = buckets, .stride = stride, .head_off = head_off, .buf = buf,
+		.table = table, .buckets = buckets, .stride = stride, .head_off = head_off,
+		.nulls_base = nulls_base, .buf = buf,
 	};
 	bpf_loop((buckets + CHUNK - 1) / CHUNK, walk_chunk, &w, 0);
 	stat_add(STAT_BUCKETS, buckets);
@@ -345,10 +359,11 @@ int census_walk(struct bpf_iter__bpf_map *ctx)
 	}
 	walk_table(BPF_CORE_READ(h, lhash2), BPF_CORE_READ(h, lhash2_mask) + 1,
 		   bpf_core_type_size(struct inet_listen_hashbucket),
-		   bpf_core_field_offset(struct inet_listen_hashbucket, nulls_head), buf);
+		   bpf_core_field_offset(struct inet_listen_hashbucket, nulls_head),
+		   LISTENING_NULLS_BASE, buf);
 	walk_table(BPF_CORE_READ(h, ehash), BPF_CORE_READ(h, ehash_mask) + 1,
 		   bpf_core_type_size(struct inet_ehash_bucket),
-		   bpf_core_field_offset(struct inet_ehash_bucket, chain), buf);
+		   bpf_core_field_offset(struct inet_ehash_bucket, chain), 0, buf);
 	stat_add(STAT_WALKS, 1);
 	return 0;
 }

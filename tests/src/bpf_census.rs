@@ -59,7 +59,10 @@ const STAT_FAULTS: u32 = 3;
 const STAT_BUCKETS: u32 = 4;
 const STAT_WALKS: u32 = 5;
 const STAT_WALKER_NETNS: u32 = 6;
-const STAT_COUNT: u32 = 7;
+const STAT_MOVED: u32 = 7;
+const STAT_COUNT: u32 = 8;
+/// Walks tried when sockets move between chains under the lockless walk.
+const WALK_ATTEMPTS: usize = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OnePassError {
@@ -182,15 +185,16 @@ impl OnePass {
         }
         let stats = self.stats()?;
         let get = |i| stats.get(&i, 0).unwrap_or(0);
-        let (dropped, truncated, faults, walks) = (
+        let (dropped, truncated, faults, walks, moved) = (
             get(STAT_DROPPED),
             get(STAT_TRUNCATED),
             get(STAT_FAULTS),
             get(STAT_WALKS),
+            get(STAT_MOVED),
         );
-        if walks != 1 || dropped > 0 || truncated > 0 || faults > 0 {
+        if walks != 1 || dropped > 0 || truncated > 0 || faults > 0 || moved > 0 {
             return Err(OnePassError::Incomplete(format!(
-                "walks {walks}, sockets dropped (ring buffer full) {dropped}, chains truncated {truncated}, unreadable {faults}"
+                "walks {walks}, sockets dropped (ring buffer full) {dropped}, chains truncated {truncated}, unreadable {faults}, chains left for another bucket (sockets moved during the walk) {moved}"
             )));
         }
         Ok(WalkStats {
@@ -198,6 +202,22 @@ impl OnePass {
             buckets: get(STAT_BUCKETS),
             walker_netns: get(STAT_WALKER_NETNS),
         })
+    }
+
+    /// `walk`, again (from empty lists) when sockets moved under it, up to WALK_ATTEMPTS times.
+    fn walk_retrying(
+        &mut self,
+        out: &mut HashMap<u64, Vec<Socket>>,
+    ) -> Result<WalkStats, OnePassError> {
+        let mut last = None;
+        for _ in 0..WALK_ATTEMPTS {
+            out.values_mut().for_each(Vec::clear);
+            match self.walk(out) {
+                Ok(stats) => return Ok(stats),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("at least one attempt"))
     }
 
     /// The census of every namespace in `paths` (`/proc/PID/ns/net`), in their order: one walk
@@ -239,7 +259,7 @@ impl OnePass {
             .iter()
             .filter_map(|i| i.as_ref().ok().map(|i| (*i, Vec::new())))
             .collect();
-        self.walk(&mut by_netns)?;
+        self.walk_retrying(&mut by_netns)?;
         let mut out = Vec::with_capacity(paths.len());
         for (path, inode) in paths.iter().zip(inodes) {
             let reading = inode.and_then(|inode| {
@@ -248,10 +268,11 @@ impl OnePass {
                 if has_own_table() {
                     // Its sockets are not in the shared table: walk its own (small) one here.
                     let mut own = HashMap::from([(inode, Vec::new())]);
-                    self.walk(&mut own).map_err(|e| CensusError::Procfs {
-                        path: "BPF walk of the namespace's own TCP table".into(),
-                        error: e.to_string(),
-                    })?;
+                    self.walk_retrying(&mut own)
+                        .map_err(|e| CensusError::Procfs {
+                            path: "BPF walk of the namespace's own TCP table".into(),
+                            error: e.to_string(),
+                        })?;
                     sockets = own.remove(&inode).unwrap_or_default();
                 }
                 Ok(small_files(sockets))

@@ -11,7 +11,7 @@ closes. Any failure prints "error: ..." and exits 1 before "ready".
 SPEC keys (all optional):
   rlimit      int: raise RLIMIT_NOFILE to this many descriptors (beyond the hard limit only with
               CAP_SYS_RESOURCE; otherwise up to the hard limit).
-  serve       [{addr, port, backlog}]: listeners that accept everything, hold the connections,
+  serve       [{addr, port, backlog}]: listeners (IPv6 when addr has a colon) that accept everything, hold the connections,
               echo what they receive and close a connection when its peer closes.
   listen      [{addr, port, backlog}]: listeners that never accept: their accept queue fills up.
   connect     [{addr, port, count, active, src, src_port}]: `count` established connections to
@@ -61,11 +61,15 @@ def main():
             # No CAP_SYS_RESOURCE (a container): the hard limit is as far as we can go.
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(n, hard), hard))
 
+    def family(addr):
+        # serve/listen/connect: an IPv6 address ("::1") gets an IPv6 socket.
+        return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
     keep = []  # every socket we must hold open
     sel = selectors.DefaultSelector()
     servers = []
     for s in spec.get("serve", []):
-        ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        ls = socket.socket(family(s["addr"]), socket.SOCK_STREAM)
         ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         ls.bind((s["addr"], s["port"]))
         ls.listen(s.get("backlog", 4096))
@@ -74,7 +78,7 @@ def main():
         servers.append(ls)
         keep.append(ls)
     for s in spec.get("listen", []):
-        ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        ls = socket.socket(family(s["addr"]), socket.SOCK_STREAM)
         ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         ls.bind((s["addr"], s["port"]))
         ls.listen(s["backlog"])
@@ -94,7 +98,7 @@ def main():
     active = []
     for c in spec.get("connect", []):
         for i in range(c["count"]):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s = socket.socket(family(c["addr"]), socket.SOCK_STREAM)
             if "src" in c or "src_port" in c:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind((c.get("src", "0.0.0.0"), c.get("src_port", 0)))

@@ -14,6 +14,12 @@
 //!   turn, a netlink inet_diag dump with tcp_info) then `summarize` of each reading, in this
 //!   process; CPU time from getrusage(RUSAGE_SELF) (the census thread included).
 //! - procfs: the same with `SourcePreference::Procfs` (/proc/thread-self/net/tcp{,6}).
+//! - one pass (issue #18): `nodekeeper_tests::bpf_census`, a BPF program that walks the node's
+//!   shared TCP hash tables once and tags each socket with its namespace (plus one walk inside
+//!   each namespace that has a table of its own), then the same small per-namespace files and
+//!   `summarize`; CPU time from getrusage(RUSAGE_SELF) (in-kernel BPF time is the reading
+//!   thread's system time). Loaded and verified once before the runs (load time reported
+//!   apart). When BPF is not allowed the row is the sock_diag fallback, labelled so.
 //! - ss loop: `ip netns exec NAME ss -tan` for each namespace in turn, output read in full; CPU
 //!   time from getrusage(RUSAGE_CHILDREN) (ip, which execs ss).
 //!
@@ -29,11 +35,13 @@
 //! `net.ipv4.tcp_child_ehash_entries` is N (the host's setting is never changed), so they are
 //! created with a TCP established hash table of their own.
 //!
-//! Usage: bench_connections [--namespaces N] [--pairs P] [--runs R] [--child-ehash N] [--write-docs]
+//! Usage: bench_connections [--namespaces N] [--pairs P] [--runs R] [--child-ehash N] [--skip-procfs] [--write-docs]
 //!   --namespaces N  network namespaces (default 100)
 //!   --pairs P       loopback client/server pairs per namespace (default 500: 1,000 sockets)
 //!   --runs R        runs, median reported (default 5)
 //!   --child-ehash N per-namespace established hash tables of N buckets (default: shared table)
+//!   --skip-procfs   leave out the /proc/net/tcp parser (the slowest reader; not in issue #18's
+//!                   comparison)
 //!   --write-docs    replace the section between the connections-bench markers in
 //!                   docs/benchmarks.md (only with the default sizes)
 
@@ -47,8 +55,9 @@ use std::time::{Duration, Instant};
 use nix::sys::resource::{Resource, UsageWho, getrlimit, getrusage, setrlimit};
 use nix::sys::signal::{SigSet, Signal};
 use nodekeeper::metrics::connections::{
-    ConnectionsConfig, SourcePreference, read_namespaces, summarize,
+    CensusError, ConnectionsConfig, NetnsReading, SourcePreference, read_namespaces, summarize,
 };
+use nodekeeper_tests::bpf_census::{OnePass, OnePassError, census_with_fallback};
 use nodekeeper_tests::workspace_root;
 
 const DEFAULT_NAMESPACES: usize = 100;
@@ -60,6 +69,9 @@ const START: &str = "<!-- connections-bench:start -->";
 const END: &str = "<!-- connections-bench:end -->";
 const CMD: &str = "cargo run --release -p nodekeeper-tests --bin bench_connections -- --write-docs";
 const NS_PREFIX: &str = "nkbench-";
+/// Census, procfs parser, one pass, ss loop.
+const READERS: usize = 4;
+const ONE_PASS_ROW: &str = "one-pass BPF census (one walk of the node's tables)";
 
 /// Namespaces created so far, deleted by `cleanup` (Drop, panic or a signal).
 static NAMESPACES: Mutex<Vec<String>> = Mutex::new(Vec::new());
@@ -242,31 +254,65 @@ fn setup(namespaces: usize, pairs: usize, child_ehash: Option<usize>) -> Result<
 struct Sample {
     wall: f64,
     cpu: f64,
+    /// The system (in-kernel) part of `cpu`: the same in a debug and a release build.
+    sys: f64,
     /// Sockets the reader found (established, from its own output).
     established: u64,
 }
 
-fn cpu_seconds(who: UsageWho) -> f64 {
+/// (user + system, system) CPU seconds.
+fn cpu_seconds(who: UsageWho) -> (f64, f64) {
     let u = getrusage(who).expect("getrusage");
     let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
-    t(u.user_time()) + t(u.system_time())
+    (t(u.user_time()) + t(u.system_time()), t(u.system_time()))
 }
 
 fn census(paths: &[PathBuf], pref: SourcePreference) -> Result<Sample, String> {
+    timed_census(paths, &format!("{pref:?}"), |p| read_namespaces(p, pref))
+}
+
+/// The one-pass census, or the sock_diag fallback when BPF could not be loaded.
+fn one_pass_census(
+    paths: &[PathBuf],
+    one_pass: &mut Result<OnePass, OnePassError>,
+) -> Result<Sample, String> {
+    let (loaded, load_error) = match one_pass {
+        Ok(o) => (Some(o), None),
+        Err(e) => (None, Some(&*e)),
+    };
+    let mut fell_back = None;
+    let sample = timed_census(paths, "one pass", |p| {
+        let (readings, why) = census_with_fallback(loaded, load_error, p);
+        fell_back = why;
+        readings
+    })?;
+    match fell_back {
+        // Loaded but a walk failed (ring buffer full, ...): not a one-pass figure.
+        Some(why) if one_pass.is_ok() => Err(format!("one-pass census failed: {why}")),
+        _ => Ok(sample),
+    }
+}
+
+fn timed_census(
+    paths: &[PathBuf],
+    name: &str,
+    read: impl FnOnce(&[PathBuf]) -> Vec<Result<NetnsReading, CensusError>>,
+) -> Result<Sample, String> {
     let config = ConnectionsConfig::default();
     let cpu0 = cpu_seconds(UsageWho::RUSAGE_SELF);
     let t0 = Instant::now();
-    let readings = read_namespaces(paths, pref);
+    let readings = read(paths);
     let mut established = 0;
     for r in &readings {
-        let r = r.as_ref().map_err(|e| format!("{pref:?}: {e}"))?;
+        let r = r.as_ref().map_err(|e| format!("{name}: {e}"))?;
         established += summarize(r, None, &config).established;
     }
     let wall = t0.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(UsageWho::RUSAGE_SELF) - cpu0;
+    let cpu1 = cpu_seconds(UsageWho::RUSAGE_SELF);
     Ok(Sample {
         wall,
-        cpu,
+        cpu: cpu1.0 - cpu0.0,
+        sys: cpu1.1 - cpu0.1,
         established,
     })
 }
@@ -291,10 +337,11 @@ fn ss_loop(names: &[String]) -> Result<Sample, String> {
             .count() as u64;
     }
     let wall = t0.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(UsageWho::RUSAGE_CHILDREN) - cpu0;
+    let cpu1 = cpu_seconds(UsageWho::RUSAGE_CHILDREN);
     Ok(Sample {
         wall,
-        cpu,
+        cpu: cpu1.0 - cpu0.0,
+        sys: cpu1.1 - cpu0.1,
         established,
     })
 }
@@ -333,17 +380,18 @@ struct Row {
     name: &'static str,
     wall: f64,
     cpu: f64,
+    sys: f64,
 }
 
 fn table(rows: &[Row], sockets: u64) -> String {
     let ss = rows.last().expect("ss row");
     let mut out = String::from(
-        "| reader | wall time, ms | CPU time, ms | CPU per 1k sockets, ms | wall time ratio (reader/ss loop) | CPU ratio (reader/ss loop) | ss loop / reader, wall |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        "| reader | wall time, ms | CPU time, ms | CPU per 1k sockets, ms | wall time ratio (reader/ss loop) | CPU ratio (reader/ss loop) | ss loop / reader, wall | in-kernel (system) CPU, ms | ss loop / reader, CPU |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         let per_k = r.cpu * 1e3 / (sockets as f64 / 1e3);
         out.push_str(&format!(
-            "| {} | {:.1} | {:.1} | {:.3} | {:.3} | {:.3} | {:.1}x |\n",
+            "| {} | {:.1} | {:.1} | {:.3} | {:.3} | {:.3} | {:.1}x | {:.1} | {:.1}x |\n",
             r.name,
             r.wall * 1e3,
             r.cpu * 1e3,
@@ -351,6 +399,8 @@ fn table(rows: &[Row], sockets: u64) -> String {
             r.wall / ss.wall,
             if ss.cpu > 0.0 { r.cpu / ss.cpu } else { 0.0 },
             ss.wall / r.wall,
+            r.sys * 1e3,
+            if r.cpu > 0.0 { ss.cpu / r.cpu } else { 0.0 },
         ));
     }
     out
@@ -408,6 +458,7 @@ struct Args {
     pairs: usize,
     runs: usize,
     child_ehash: Option<usize>,
+    skip_procfs: bool,
     write: bool,
 }
 
@@ -417,6 +468,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         pairs: DEFAULT_PAIRS,
         runs: DEFAULT_RUNS,
         child_ehash: None,
+        skip_procfs: false,
         write: false,
     };
     let mut it = args.iter();
@@ -433,15 +485,17 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
             "--runs" => a.runs = num("--runs")?,
             "--child-ehash" => a.child_ehash = Some(num("--child-ehash")?),
             "--write-docs" => a.write = true,
+            "--skip-procfs" => a.skip_procfs = true,
             other => return Err(format!("unknown argument {other:?} (see --help)")),
         }
     }
     if a.write
         && ((a.namespaces, a.pairs) != (DEFAULT_NAMESPACES, DEFAULT_PAIRS)
-            || a.child_ehash.is_some())
+            || a.child_ehash.is_some()
+            || a.skip_procfs)
     {
         return Err(
-            "--write-docs needs the default --namespaces and --pairs, without --child-ehash".into(),
+            "--write-docs needs the default --namespaces and --pairs, without --child-ehash or --skip-procfs".into(),
         );
     }
     Ok(a)
@@ -461,7 +515,7 @@ fn main() -> ExitCode {
     }
     if args.iter().any(|a| a == "-h" || a == "--help") {
         println!(
-            "usage: bench_connections [--namespaces N] [--pairs P] [--runs R] [--child-ehash N] [--write-docs]; see the module doc in tests/src/bin/bench_connections.rs"
+            "usage: bench_connections [--namespaces N] [--pairs P] [--runs R] [--child-ehash N] [--skip-procfs] [--write-docs]; see the module doc in tests/src/bin/bench_connections.rs"
         );
         return ExitCode::SUCCESS;
     }
@@ -506,19 +560,35 @@ fn run(args: &Args) -> Result<(), String> {
         .collect();
     let names: Vec<String> = world.holders.iter().map(|h| h.ns.clone()).collect();
 
+    // The one-pass program: loaded and verified once, as an agent would at start.
+    let t = Instant::now();
+    let mut one_pass = OnePass::load(sockets as usize * 2 + 65_536);
+    let load_ms = t.elapsed().as_secs_f64() * 1e3;
+    match &one_pass {
+        Ok(_) => eprintln!("bench_connections: one-pass BPF census loaded in {load_ms:.1} ms"),
+        Err(e) => eprintln!("bench_connections: {e}; its row is the sock_diag fallback"),
+    }
+
     // One warm-up of each (page cache for ip and ss, the kernel's socket tables).
     census(&paths, SourcePreference::SockDiag)?;
-    census(&paths, SourcePreference::Procfs)?;
+    if !args.skip_procfs {
+        census(&paths, SourcePreference::Procfs)?;
+    }
+    one_pass_census(&paths, &mut one_pass)?;
     ss_loop(&names)?;
 
     let (busy0, total0) = machine_jiffies();
-    let mut samples: [Vec<Sample>; 3] = Default::default();
+    let mut samples: [Vec<Sample>; READERS] = Default::default();
     for run in 0..args.runs {
-        for k in 0..3 {
-            let which = (run + k) % 3;
+        for k in 0..READERS {
+            let which = (run + k) % READERS;
+            if which == 1 && args.skip_procfs {
+                continue;
+            }
             let s = match which {
                 0 => census(&paths, SourcePreference::SockDiag)?,
                 1 => census(&paths, SourcePreference::Procfs)?,
+                2 => one_pass_census(&paths, &mut one_pass)?,
                 _ => ss_loop(&names)?,
             };
             if s.established != sockets {
@@ -539,12 +609,22 @@ fn run(args: &Args) -> Result<(), String> {
         name,
         wall: median(s.iter().map(|x| x.wall).collect()),
         cpu: median(s.iter().map(|x| x.cpu).collect()),
+        sys: median(s.iter().map(|x| x.sys).collect()),
     };
-    let rows = [
+    let one_pass_name = if one_pass.is_ok() {
+        ONE_PASS_ROW
+    } else {
+        "one-pass BPF census UNAVAILABLE: sock_diag fallback"
+    };
+    let mut rows = vec![
         row("nodekeeper census (sock_diag)", &samples[0]),
         row("nodekeeper /proc/net/tcp parser", &samples[1]),
-        row("`ip netns exec NS ss -tan` loop", &samples[2]),
+        row(one_pass_name, &samples[2]),
+        row("`ip netns exec NS ss -tan` loop", &samples[3]),
     ];
+    if args.skip_procfs {
+        rows.remove(1);
+    }
     let profile = if cfg!(debug_assertions) {
         "debug build"
     } else {
@@ -564,6 +644,12 @@ fn run(args: &Args) -> Result<(), String> {
         args.runs
     ));
     section.push_str(&table(&rows, sockets));
+    match &one_pass {
+        Ok(_) => section.push_str(&format!(
+            "\nThe one-pass program was loaded and verified once before the runs, in {load_ms:.1} ms (not in the rows).\n"
+        )),
+        Err(e) => section.push_str(&format!("\nOne pass: {e}.\n")),
+    }
     section.push_str(&format!(
         "\nEvery reader found all {sockets} established sockets in every run. The census and the parser include \
          `summarize` (pools, listeners, ephemeral ports) of every namespace; their CPU time is this \

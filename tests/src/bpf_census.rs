@@ -1,0 +1,450 @@
+//! The one-pass TCP census (issue #18): one BPF program walks the node's shared TCP hash
+//! tables once and tags every socket with its network namespace, instead of one sock_diag dump
+//! (one walk of the same tables) per pod namespace. Measured against the per-namespace census
+//! and the `ss` loop by `bench_connections`; not adopted by the agent (docs/connections.md
+//! "Cost and bounds" says why).
+//!
+//! The BPF side is tests/bpf/tcp_census.bpf.c, compiled by tests/bpf/build.sh into the
+//! committed tests/bpf/tcp_census.bpf.o (so building the workspace needs no clang) and loaded
+//! with aya (pure Rust: no libbpf or libelf to build or link). Its types are relocated against
+//! the running kernel's BTF (CO-RE).
+//!
+//! [`OnePass::read_namespaces`] returns the same `NetnsReading`s as the agent's
+//! `read_namespaces`: TCP sockets from the walk; UDP count, listen counters and the ephemeral
+//! range read per namespace as the agent does (setns into each, small /proc files). A namespace
+//! created with `net.ipv4.tcp_child_ehash_entries` has a table of its own, walked from inside it.
+//! What the walk does not read: idleness (`tcp_info` last data times are in jiffies, whose rate
+//! a BPF object loaded by aya cannot learn), so every connection counts as active, as with the
+//! procfs fallback.
+//!
+//! When BPF is not allowed (no CAP_BPF/CAP_PERFMON, seccomp, no BTF, kernel older than 5.17 for
+//! `bpf_loop`), [`OnePass::load`] fails with the reason and the caller falls back to the
+//! per-namespace sock_diag census ([`census_with_fallback`]).
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, MapData, RingBuf};
+use aya::programs::Iter;
+use aya::{Btf, Ebpf, EbpfLoader, include_bytes_aligned};
+use nodekeeper::metrics::connections::{
+    CensusError, NetnsReading, Socket, Source, SourcePreference, TcpState, procfs, read_namespaces,
+    sock_diag,
+};
+
+/// The committed object (tests/bpf/build.sh's output for tcp_census.bpf.c).
+pub static OBJECT: &[u8] = include_bytes_aligned!("../bpf/tcp_census.bpf.o");
+/// Where the committed object and its source live, for the test that they match.
+pub const OBJECT_PATH: &str = "tests/bpf/tcp_census.bpf.o";
+
+const PROGRAM: &str = "census_walk";
+/// Size of `struct census_socket` in tcp_census.bpf.c (layout pinned there by static asserts:
+/// netns 0, family 4, state 5, ports 6 and 8, queues 12 and 16, retransmits 20, srtt 24,
+/// inode 32, local 40, remote 56).
+const RECORD: usize = 72;
+/// Ring buffer record header (aya/kernel: 8 bytes).
+const RECORD_HEADER: usize = 8;
+const TCP_NEW_SYN_RECV: u8 = 12;
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+// Indices of the STATS array (enum in tcp_census.bpf.c).
+const STAT_SOCKETS: u32 = 0;
+const STAT_DROPPED: u32 = 1;
+const STAT_TRUNCATED: u32 = 2;
+const STAT_FAULTS: u32 = 3;
+const STAT_BUCKETS: u32 = 4;
+const STAT_WALKS: u32 = 5;
+const STAT_WALKER_NETNS: u32 = 6;
+const STAT_MOVED: u32 = 7;
+const STAT_COUNT: u32 = 8;
+/// Walks tried when sockets move between chains under the lockless walk.
+const WALK_ATTEMPTS: usize = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OnePassError {
+    #[error("BPF one-pass census unavailable: {0}")]
+    Unavailable(String),
+    #[error("one-pass walk incomplete: {0}")]
+    Incomplete(String),
+    #[error(transparent)]
+    Census(#[from] CensusError),
+}
+
+/// What one walk of a table saw (the STATS array).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WalkStats {
+    pub sockets: u64,
+    pub buckets: u64,
+    /// Namespace inode of the table's walker (the reading thread's namespace).
+    pub walker_netns: u64,
+}
+
+/// The loaded program, its ring buffer and counters; one walk at a time.
+pub struct OnePass {
+    ebpf: Ebpf,
+    events: RingBuf<MapData>,
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> OnePassError {
+    OnePassError::Unavailable(format!("{what}: {e}"))
+}
+
+/// An error with its causes ("failed to create map: bpf_map_create failed: Operation not
+/// permitted"): the cause is what tells an operator which permission is missing.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
+}
+
+impl OnePass {
+    /// Loads and verifies the program; sizes the ring buffer for `max_sockets` records.
+    pub fn load(max_sockets: usize) -> Result<Self, OnePassError> {
+        let btf = Btf::from_sys_fs().map_err(|e| unavailable("kernel BTF", e))?;
+        let bytes = (max_sockets.max(1024) * (RECORD + RECORD_HEADER)).next_power_of_two();
+        let size = u32::try_from(bytes).map_err(|_| unavailable("ring buffer", "too large"))?;
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
+            .map_max_entries("EVENTS", size)
+            .load(OBJECT)
+            .map_err(|e| unavailable("loading tcp_census.bpf.o", chain(&e)))?;
+        let program: &mut Iter = ebpf
+            .program_mut(PROGRAM)
+            .ok_or_else(|| unavailable("tcp_census.bpf.o", "no census_walk program"))?
+            .try_into()
+            .map_err(|e| unavailable("census_walk", e))?;
+        program
+            .load("bpf_map", &btf)
+            .map_err(|e| unavailable("verifying census_walk", chain(&e)))?;
+        let events = ebpf
+            .take_map("EVENTS")
+            .ok_or_else(|| unavailable("tcp_census.bpf.o", "no EVENTS map"))?;
+        let events = RingBuf::try_from(events).map_err(|e| unavailable("EVENTS", e))?;
+        Ok(Self { ebpf, events })
+    }
+
+    fn stats(&self) -> Result<Array<&MapData, u64>, OnePassError> {
+        let map = self
+            .ebpf
+            .map("STATS")
+            .ok_or_else(|| unavailable("tcp_census.bpf.o", "no STATS map"))?;
+        Array::try_from(map).map_err(|e| unavailable("STATS", e))
+    }
+
+    /// Walks the table of the calling thread's network namespace once and adds every socket
+    /// to `out` by namespace inode (sockets of namespaces not in `out` are dropped).
+    pub fn walk(&mut self, out: &mut HashMap<u64, Vec<Socket>>) -> Result<WalkStats, OnePassError> {
+        {
+            let mut stats: Array<&mut MapData, u64> = Array::try_from(
+                self.ebpf
+                    .map_mut("STATS")
+                    .ok_or_else(|| unavailable("tcp_census.bpf.o", "no STATS map"))?,
+            )
+            .map_err(|e| unavailable("STATS", e))?;
+            for i in 0..STAT_COUNT {
+                stats
+                    .set(i, 0, 0)
+                    .map_err(|e| unavailable("resetting STATS", e))?;
+            }
+        }
+        let program: &mut Iter = self
+            .ebpf
+            .program_mut(PROGRAM)
+            .ok_or_else(|| unavailable("tcp_census.bpf.o", "no census_walk program"))?
+            .try_into()
+            .map_err(|e| unavailable("census_walk", e))?;
+        let link = program
+            .attach()
+            .map_err(|e| unavailable("attaching census_walk", e))?;
+        let link = program
+            .take_link(link)
+            .map_err(|e| unavailable("census_walk link", e))?;
+        let mut iterator = link
+            .into_file()
+            .map_err(|e| unavailable("creating the iterator", e))?;
+        // Reading runs the program (the walk happens in its last call); it prints nothing.
+        let mut sink = Vec::new();
+        iterator
+            .read_to_end(&mut sink)
+            .map_err(|e| unavailable("reading the iterator", e))?;
+        drop(iterator);
+        while let Some(item) = self.events.next() {
+            if let Some((netns, socket)) = decode(&item)
+                && let Some(sockets) = out.get_mut(&netns)
+            {
+                sockets.push(socket);
+            }
+        }
+        let stats = self.stats()?;
+        let get = |i| stats.get(&i, 0).unwrap_or(0);
+        let (dropped, truncated, faults, walks, moved) = (
+            get(STAT_DROPPED),
+            get(STAT_TRUNCATED),
+            get(STAT_FAULTS),
+            get(STAT_WALKS),
+            get(STAT_MOVED),
+        );
+        if walks != 1 || dropped > 0 || truncated > 0 || faults > 0 || moved > 0 {
+            return Err(OnePassError::Incomplete(format!(
+                "walks {walks}, sockets dropped (ring buffer full) {dropped}, chains truncated {truncated}, unreadable {faults}, chains left for another bucket (sockets moved during the walk) {moved}"
+            )));
+        }
+        Ok(WalkStats {
+            sockets: get(STAT_SOCKETS),
+            buckets: get(STAT_BUCKETS),
+            walker_netns: get(STAT_WALKER_NETNS),
+        })
+    }
+
+    /// `walk`, again (from empty lists) when sockets moved under it, up to WALK_ATTEMPTS times.
+    fn walk_retrying(
+        &mut self,
+        out: &mut HashMap<u64, Vec<Socket>>,
+    ) -> Result<WalkStats, OnePassError> {
+        let mut last = None;
+        for _ in 0..WALK_ATTEMPTS {
+            out.values_mut().for_each(Vec::clear);
+            match self.walk(out) {
+                Ok(stats) => return Ok(stats),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("at least one attempt"))
+    }
+
+    /// The census of every namespace in `paths` (`/proc/PID/ns/net`), in their order: one walk
+    /// of the shared table from the calling thread's namespace (the agent's: the host's), one
+    /// walk inside each namespace that has a table of its own, and the small per-namespace
+    /// files read as the agent reads them. Runs on a dedicated thread (setns).
+    pub fn read_namespaces(
+        &mut self,
+        paths: &[PathBuf],
+    ) -> Result<Vec<Result<NetnsReading, CensusError>>, OnePassError> {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| self.read_namespaces_here(paths))
+                .join()
+                .unwrap_or_else(|_| {
+                    Err(OnePassError::Incomplete(
+                        "the census thread panicked".into(),
+                    ))
+                })
+        })
+    }
+
+    fn read_namespaces_here(
+        &mut self,
+        paths: &[PathBuf],
+    ) -> Result<Vec<Result<NetnsReading, CensusError>>, OnePassError> {
+        let inodes: Vec<Result<u64, CensusError>> = paths
+            .iter()
+            .map(|p| {
+                std::fs::metadata(p)
+                    .map(|m| m.ino())
+                    .map_err(|e| CensusError::Enter {
+                        path: p.clone(),
+                        error: e.to_string(),
+                    })
+            })
+            .collect();
+        let mut by_netns: HashMap<u64, Vec<Socket>> = inodes
+            .iter()
+            .filter_map(|i| i.as_ref().ok().map(|i| (*i, Vec::new())))
+            .collect();
+        self.walk_retrying(&mut by_netns)?;
+        let mut out = Vec::with_capacity(paths.len());
+        for (path, inode) in paths.iter().zip(inodes) {
+            let reading = inode.and_then(|inode| {
+                enter(path)?;
+                let mut sockets = std::mem::take(by_netns.get_mut(&inode).expect("listed above"));
+                if has_own_table() {
+                    // Its sockets are not in the shared table: walk its own (small) one here.
+                    let mut own = HashMap::from([(inode, Vec::new())]);
+                    self.walk_retrying(&mut own)
+                        .map_err(|e| CensusError::Procfs {
+                            path: "BPF walk of the namespace's own TCP table".into(),
+                            error: e.to_string(),
+                        })?;
+                    sockets = own.remove(&inode).unwrap_or_default();
+                }
+                Ok(small_files(sockets))
+            });
+            out.push(reading);
+        }
+        Ok(out)
+    }
+}
+
+/// The census of `paths` by one pass when BPF is allowed, else by today's per-namespace
+/// sock_diag dumps; the second value says why the fallback was taken.
+pub fn census_with_fallback(
+    one_pass: Option<&mut OnePass>,
+    load_error: Option<&OnePassError>,
+    paths: &[PathBuf],
+) -> (Vec<Result<NetnsReading, CensusError>>, Option<String>) {
+    match one_pass.map(|o| o.read_namespaces(paths)) {
+        Some(Ok(readings)) => (readings, None),
+        Some(Err(e)) => (
+            read_namespaces(paths, SourcePreference::SockDiag),
+            Some(e.to_string()),
+        ),
+        None => (
+            read_namespaces(paths, SourcePreference::SockDiag),
+            Some(load_error.map_or_else(|| "not loaded".into(), ToString::to_string)),
+        ),
+    }
+}
+
+fn enter(path: &Path) -> Result<(), CensusError> {
+    let err = |error: String| CensusError::Enter {
+        path: path.to_path_buf(),
+        error,
+    };
+    let ns = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| err(e.to_string()))
+}
+
+/// `net.ipv4.tcp_ehash_entries` of the current namespace is negative when it shares the
+/// node's table (Linux 6.1+; absent before: always shared).
+fn has_own_table() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_ehash_entries")
+        .ok()
+        .and_then(|t| t.trim().parse::<i64>().ok())
+        .is_some_and(|n| n > 0)
+}
+
+/// UDP count, listen counters and ephemeral range of the current namespace, read as the
+/// agent's per-namespace reader reads them.
+fn small_files(sockets: Vec<Socket>) -> NetnsReading {
+    let read = |name: &str| std::fs::read_to_string(format!("{}/{name}", procfs::NET_DIR));
+    let udp_sockets = match (read("sockstat"), read("sockstat6")) {
+        (Ok(v4), Ok(v6)) => sock_diag::parse_sockstat(&v4, &v6),
+        (Ok(v4), Err(_)) => sock_diag::parse_sockstat(&v4, "TCP6: inuse 0\nUDP6: inuse 0\n"),
+        _ => None,
+    }
+    .map_or(0, |(_, udp)| udp);
+    NetnsReading {
+        // Read from the kernel's socket structs, like sock_diag (not from procfs text).
+        source: Source::SockDiag,
+        sockets,
+        udp_sockets,
+        listen_counters: read("netstat")
+            .ok()
+            .and_then(|t| procfs::listen_counters(&t)),
+        port_range: std::fs::read_to_string(procfs::PORT_RANGE)
+            .ok()
+            .and_then(|t| procfs::port_range(&t)),
+        fallback_reason: None,
+    }
+}
+
+/// One `struct census_socket` (tcp_census.bpf.c) -> (namespace inode, socket).
+pub fn decode(b: &[u8]) -> Option<(u64, Socket)> {
+    if b.len() < RECORD {
+        return None;
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+    let netns = u64::from(u32_at(0));
+    let family = b[4];
+    let kernel_state = b[5];
+    // from_kernel maps request sockets (TCP_NEW_SYN_RECV) to SYN_RECV, as sock_diag and ss.
+    let state = TcpState::from_kernel(kernel_state)?;
+    let local_port = u16_at(6);
+    let remote_port = u16::from_be(u16_at(8));
+    let (rqueue, wqueue, retransmits, srtt8) = (u32_at(12), u32_at(16), u32_at(20), u32_at(24));
+    let inode = u64::from_le_bytes(b[32..40].try_into().ok()?);
+    let addr = |o: usize| -> Option<IpAddr> {
+        match family {
+            AF_INET => Some(IpAddr::V4(Ipv4Addr::new(
+                b[o],
+                b[o + 1],
+                b[o + 2],
+                b[o + 3],
+            ))),
+            AF_INET6 => Some(IpAddr::V6(Ipv6Addr::from(
+                <[u8; 16]>::try_from(&b[o..o + 16]).ok()?,
+            ))),
+            _ => None,
+        }
+    };
+    let full = kernel_state != TCP_NEW_SYN_RECV && state != TcpState::TimeWait;
+    Some((
+        netns,
+        Socket {
+            state,
+            local: SocketAddr::new(addr(40)?, local_port),
+            remote: SocketAddr::new(addr(56)?, remote_port),
+            rqueue,
+            wqueue,
+            inode,
+            retransmits,
+            rtt_us: (full && state != TcpState::Listen).then_some(srtt8 >> 3),
+            last_data_ms: None,
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(family: u8, state: u8) -> Vec<u8> {
+        let mut b = vec![0u8; RECORD];
+        b[0..4].copy_from_slice(&4026532000u32.to_le_bytes());
+        b[4] = family;
+        b[5] = state;
+        b[6..8].copy_from_slice(&8080u16.to_le_bytes());
+        b[8..10].copy_from_slice(&54321u16.to_be_bytes());
+        b[12..16].copy_from_slice(&7u32.to_le_bytes());
+        b[24..28].copy_from_slice(&(1000u32 << 3).to_le_bytes());
+        b[32..40].copy_from_slice(&99u64.to_le_bytes());
+        b[40..44].copy_from_slice(&[10, 0, 0, 1]);
+        b[56..60].copy_from_slice(&[10, 0, 0, 2]);
+        b
+    }
+
+    #[test]
+    fn decodes_an_ipv4_established_socket_with_ports_in_their_byte_orders() {
+        let (netns, s) = decode(&record(AF_INET, 1)).unwrap();
+        assert_eq!(netns, 4026532000);
+        assert_eq!(s.state, TcpState::Established);
+        assert_eq!(s.local, "10.0.0.1:8080".parse().unwrap());
+        assert_eq!(s.remote, "10.0.0.2:54321".parse().unwrap());
+        assert_eq!((s.rqueue, s.inode, s.rtt_us), (7, 99, Some(1000)));
+    }
+
+    #[test]
+    fn request_sockets_are_syn_recv_and_time_wait_has_no_rtt() {
+        assert_eq!(
+            decode(&record(AF_INET, TCP_NEW_SYN_RECV)).unwrap().1.state,
+            TcpState::SynRecv
+        );
+        assert_eq!(decode(&record(AF_INET, 6)).unwrap().1.rtt_us, None);
+    }
+
+    #[test]
+    fn short_records_unknown_families_and_states_are_refused() {
+        assert!(decode(&record(AF_INET, 1)[..RECORD - 1]).is_none());
+        assert!(decode(&record(1, 1)).is_none());
+        assert!(decode(&record(AF_INET, 99)).is_none());
+    }
+
+    #[test]
+    fn ipv6_addresses_take_all_sixteen_bytes() {
+        let mut b = record(AF_INET6, 1);
+        b[40..56].copy_from_slice(&Ipv6Addr::LOCALHOST.octets());
+        b[56..72].copy_from_slice(&"fd00::2".parse::<Ipv6Addr>().unwrap().octets());
+        let (_, s) = decode(&b).unwrap();
+        assert_eq!(s.local, "[::1]:8080".parse().unwrap());
+        assert_eq!(s.remote, "[fd00::2]:54321".parse().unwrap());
+    }
+}

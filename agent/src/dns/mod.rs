@@ -18,6 +18,7 @@ pub mod resolv_conf;
 pub mod scrub;
 pub mod server;
 pub mod strangers;
+pub mod tcp_handover;
 pub mod udp_batch;
 pub mod upstream;
 pub mod wire;

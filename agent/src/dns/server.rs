@@ -679,30 +679,72 @@ const TCP_CONNECTIONS: usize = 1024;
 /// Connections served at once per client address, so one host cannot take every slot.
 const TCP_CONNECTIONS_PER_CLIENT: usize = 64;
 
+/// Hand-over: once new connections go to the successor, the listener is accepted from until
+/// nothing has come for this long (connections the kernel queued on it just before).
+const TCP_ACCEPT_QUIET: Duration = Duration::from_millis(50);
+/// Hand-over: the accept drain never takes longer than this.
+const TCP_ACCEPT_MAX: Duration = Duration::from_millis(300);
+/// Hand-over: a connection's next query must come within this of the previous one; then it is
+/// closed (its answers written first). RFC 7766 clients retry on a new connection.
+const TCP_HANDOVER_IDLE: Duration = Duration::from_millis(100);
+/// Hand-over: connections read no query after this (answers still written), and the listener
+/// waits at most this for them; with the accept drain the whole TCP hand-over stays within the
+/// 1 s the UDP one takes (see `DRAIN_MAX`).
+const TCP_HANDOVER_MAX: Duration = Duration::from_millis(600);
+
 /// Accepts TCP connections until `token` is cancelled; each is served until idle or closed.
 /// A connection over its client's share or over the total is closed as soon as it is accepted.
+/// On cancellation it hands over without resetting a connection (issue #22): new connections
+/// are steered to the successor's listener (`tcp_handover`), those the kernel already queued
+/// here are accepted and served, and the accepted ones are served until their client goes
+/// quiet, before the listener closes.
 pub async fn serve_tcp(server: Arc<DnsServer>, listener: TcpListener, token: CancellationToken) {
+    // A steering program a predecessor left on the group must not pick the listeners.
+    if let Err(e) = super::tcp_handover::select(&listener, None) {
+        tracing::debug!(error = %e, "dns tcp: reset the reuseport selection");
+    }
     let caps = crate::bounds::PeerCaps::new(TCP_CONNECTIONS_PER_CLIENT, TCP_CONNECTIONS);
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = token.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(error = %e, "tcp accept");
-                    continue;
-                }
-            },
-        };
+    let connections = Arc::new(());
+    let serve = |stream, peer: SocketAddr| {
         let Some(slot) = caps.take(peer.ip()) else {
             tracing::debug!(%peer, "dns tcp connection over its cap: closed");
-            continue;
+            return;
         };
-        let (server, token) = (server.clone(), token.clone());
+        let (server, token, held) = (server.clone(), token.clone(), connections.clone());
         tokio::spawn(async move {
-            let _slot = slot;
+            let _slot = (slot, held);
             serve_tcp_connection(server, stream, token).await;
         });
+    };
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => serve(stream, peer),
+                Err(e) => tracing::debug!(error = %e, "tcp accept"),
+            },
+        }
+    }
+    let handover = Instant::now();
+    match listener.local_addr() {
+        Ok(addr) => match super::tcp_handover::steer_to_successor(&listener, addr) {
+            Ok(true) => tracing::debug!(%addr, "dns tcp: new connections go to the successor"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(%addr, error = %e, "dns tcp: cannot steer to the successor"),
+        },
+        Err(e) => tracing::debug!(error = %e, "dns tcp: listener address"),
+    }
+    while handover.elapsed() < TCP_ACCEPT_MAX {
+        match tokio::time::timeout(TCP_ACCEPT_QUIET, listener.accept()).await {
+            Ok(Ok((stream, peer))) => serve(stream, peer),
+            Ok(Err(e)) => tracing::debug!(error = %e, "tcp accept"),
+            Err(_) => break,
+        }
+    }
+    drop(listener);
+    let done = handover + TCP_ACCEPT_MAX + TCP_HANDOVER_MAX;
+    while Arc::strong_count(&connections) > 1 && Instant::now() < done {
+        tokio::time::sleep(MISSES_POLL).await;
     }
 }
 
@@ -713,8 +755,9 @@ const TCP_PIPELINE: usize = 64;
 /// Serves one connection (RFC 7766 6.2.1.1): pipelined queries are answered concurrently and
 /// each answer is written when ready, so a miss does not hold up the hits queued behind it
 /// (answers carry the client's ID; clients match them, not their order). Ends after
-/// `TCP_IDLE` without a query, on EOF, on a message that is not a query, or on `token`; answers
-/// already being worked on are still written.
+/// `TCP_IDLE` without a query, on EOF, on a message that is not a query; once `token` is
+/// cancelled (hand-over), after `TCP_HANDOVER_IDLE` without a query or `TCP_HANDOVER_MAX` in
+/// all. Answers already being worked on are still written.
 async fn serve_tcp_connection(
     server: Arc<DnsServer>,
     stream: tokio::net::TcpStream,
@@ -727,15 +770,33 @@ async fn serve_tcp_connection(
     let mut buf = Vec::new();
     let mut key = Vec::with_capacity(64);
     let mut out = Vec::with_capacity(4096);
+    // When the hand-over began, as this connection first saw it.
+    let mut handover: Option<Instant> = None;
     loop {
+        if handover.is_none() && token.is_cancelled() {
+            handover = Some(Instant::now());
+        }
+        // How long to wait for the next query: idle, or in the hand-over the client's next
+        // query comes at once or not at all (a half-read length is lost only with the
+        // connection it belonged to).
+        let give_up = async {
+            tokio::select! {
+                _ = tokio::time::sleep(TCP_IDLE) => {}
+                _ = token.cancelled() => {
+                    let since = handover.map_or(Duration::ZERO, |t| t.elapsed());
+                    let left = TCP_HANDOVER_MAX.saturating_sub(since);
+                    tokio::time::sleep(TCP_HANDOVER_IDLE.min(left)).await;
+                }
+            }
+        };
         let mut len = [0u8; 2];
         let read = tokio::select! {
-            _ = token.cancelled() => break,
             // The writer gave up (the client does not read): hang up now, not when idle.
             _ = answers.closed() => break,
-            r = tokio::time::timeout(TCP_IDLE, reader.read_exact(&mut len)) => r,
+            _ = give_up => break,
+            r = reader.read_exact(&mut len) => r,
         };
-        if !matches!(read, Ok(Ok(_))) {
+        if read.is_err() {
             break;
         }
         let n = usize::from(u16::from_be_bytes(len));

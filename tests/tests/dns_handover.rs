@@ -256,3 +256,127 @@ dns:
     assert_eq!(lost, 0, "{lost} of {sent} queries lost\n{report}");
     drop(old);
 }
+
+/// One TCP client (RFC 7766) until stopped: connects, asks three questions in turn on the
+/// connection (a miss, then two hits), closes, and again. Counts connections and failures: a
+/// connection refused or reset, or closed before its third answer.
+fn tcp_client(
+    server: SocketAddr,
+    client: u16,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    failures: Arc<std::sync::Mutex<Vec<String>>>,
+) -> std::thread::JoinHandle<()> {
+    use std::io::{Read, Write};
+    std::thread::spawn(move || {
+        let mut i: u32 = 0;
+        while !stop.load(Ordering::SeqCst) {
+            i += 1;
+            let attempt = || -> std::io::Result<()> {
+                let mut conn =
+                    std::net::TcpStream::connect_timeout(&server, Duration::from_secs(2))?;
+                conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+                for (n, name) in [
+                    format!("t{client}x{i}.handover.test"),
+                    "hot.handover.test".into(),
+                    "hot2.handover.test".into(),
+                ]
+                .iter()
+                .enumerate()
+                {
+                    let id = (i as u16).wrapping_mul(3).wrapping_add(n as u16);
+                    let q = query(id, name);
+                    let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+                    framed.extend_from_slice(&q);
+                    conn.write_all(&framed)?;
+                    let mut len = [0u8; 2];
+                    conn.read_exact(&mut len)?;
+                    let mut answer = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                    conn.read_exact(&mut answer)?;
+                    if answer.get(0..2) != Some(&id.to_be_bytes()[..]) {
+                        return Err(std::io::Error::other("answer with another ID"));
+                    }
+                }
+                Ok(())
+            };
+            match attempt() {
+                Ok(()) => {
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+                Err(e) => failures
+                    .lock()
+                    .unwrap()
+                    .push(format!("client {client} #{i}: {e}")),
+            }
+        }
+    })
+}
+
+/// Issue #22, TCP: connections through three hand-overs (A -> B -> C -> D), eight clients
+/// each opening connection after connection and asking three questions on each. Before the
+/// fix the old listener's accept queue was reset when it closed, and accepted connections
+/// were closed at the end of the lame duck before their next question was read.
+#[test]
+fn tcp_connections_survive_repeated_handovers_as_root() {
+    if !require_root() || !require_tool("ip") {
+        return;
+    }
+    let _netns = Netns::enter_fresh("dns-ho3");
+    let upstream = SocketAddr::from(([127, 0, 0, 62], free_port()));
+    slow_upstream(upstream, Duration::from_millis(20));
+    let cache = SocketAddr::from(([127, 0, 0, 61], free_port()));
+    let config = format!(
+        "shutdownTimeout: 10s
+dns:
+  enabled: true
+  listenIps: [{}]
+  port: {}
+  lameDuck: 1s
+  node: {{manageInterface: false, rules: none}}
+  upstreams:
+    clusterZones: []
+    default: {{servers: [\"{upstream}\"]}}
+",
+        cache.ip(),
+        cache.port()
+    );
+    let mut old = Agent::builder().config(&config).start();
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let clients: Vec<_> = (0..8)
+        .map(|c| tcp_client(cache, c, stop.clone(), done.clone(), failures.clone()))
+        .collect();
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_secs(1));
+        let new = Agent::builder().config(&config).start();
+        std::thread::sleep(Duration::from_millis(500));
+        old.proc.signal("TERM");
+        assert!(old.proc.wait_exit(Duration::from_secs(15)).success());
+        assert!(
+            old.proc.log_text().contains("a successor answers"),
+            "{}",
+            old.proc.log_text()
+        );
+        old = new;
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let (done, failures) = (
+        done.load(Ordering::SeqCst),
+        failures.lock().unwrap().clone(),
+    );
+    eprintln!("{done} connections completed, {} failed", failures.len());
+    assert!(done > 500, "steady load: {done} connections completed");
+    assert!(
+        failures.is_empty(),
+        "{} of {} connections failed: {:?}",
+        failures.len(),
+        done + failures.len() as u64,
+        &failures[..failures.len().min(10)]
+    );
+    drop(old);
+}

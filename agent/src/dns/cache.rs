@@ -5,8 +5,10 @@
 //!
 //! A hit copies the stored bytes and patches them (wire::adopt, TTLs decremented by the time
 //! since insertion): no message is decoded or re-encoded.
+//!
+//! A key is hashed once per query (`Cache::hash`): the same hash picks the shard, finds the
+//! slot in the shard's index and the fetch in the server's in-flight table.
 
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -82,15 +84,15 @@ impl Entry {
     }
 
     /// What holding this entry under a key of `key_len` bytes costs the heap: the response,
-    /// the TTL offsets, the `Arc<Entry>` itself, the key (stored twice: in the index and in the
-    /// slot), and the entry's share of the index and slot tables at their worst load, each
-    /// allocation counted as the chunk the allocator hands out. Measured against a counting
-    /// allocator in tests/tests/dns_cache_memory.rs.
+    /// the TTL offsets, the `Arc<Entry>` itself, the key (stored once, in the slot: the index
+    /// holds slot numbers), and the entry's share of the index and slot tables at their worst
+    /// load, each allocation counted as the chunk the allocator hands out. Measured against a
+    /// counting allocator in tests/tests/dns_cache_memory.rs.
     fn cost(&self, key_len: usize) -> u64 {
         heap(self.bytes.len())
             + heap(self.ttl_offsets.len() * 2)
             + heap(ARC_ENTRY)
-            + 2 * heap(key_len)
+            + heap(key_len)
             + INDEX_PER_ENTRY
             + SLOT_PER_ENTRY
     }
@@ -108,12 +110,10 @@ fn heap(n: usize) -> u64 {
 
 /// An `Arc<Entry>` allocation: two reference counts and the entry.
 const ARC_ENTRY: usize = 2 * std::mem::size_of::<usize>() + std::mem::size_of::<Entry>();
-/// The index's share per entry: a hash table bucket (boxed key + slot number) and its control
-/// byte, at the lowest load the table reaches under churn (7/32: when its deleted slots run out
+/// The index's share per entry: a hash table bucket (a slot number) and its control byte, at the lowest load the table reaches under churn (7/32: when its deleted slots run out
 /// while it is more than half full it doubles, so a table of n entries can hold 32n/7 buckets;
 /// measured: charging 7/16 left the heap 5% over maxBytes after 100,000 inserts).
-const INDEX_PER_ENTRY: u64 =
-    ((std::mem::size_of::<(Box<[u8]>, usize)>() + 1) * 32).div_ceil(7) as u64;
+const INDEX_PER_ENTRY: u64 = ((std::mem::size_of::<usize>() + 1) * 32).div_ceil(7) as u64;
 /// The slot vector's share per entry: one slot, twice over right after the vector doubled.
 const SLOT_PER_ENTRY: u64 = 2 * std::mem::size_of::<Option<Slot>>() as u64;
 
@@ -128,13 +128,16 @@ pub enum Lookup {
 
 struct Slot {
     key: Box<[u8]>,
+    /// `Cache::hash(key)`, kept so the index can grow without hashing keys again.
+    hash: u64,
     entry: Arc<Entry>,
     referenced: AtomicBool,
 }
 
 #[derive(Default)]
 struct Shard {
-    index: HashMap<Box<[u8]>, usize, foldhash::fast::RandomState>,
+    /// Slot numbers by their key's hash; the key itself lives once, in the slot.
+    index: hashbrown::HashTable<usize>,
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
     hand: usize,
@@ -142,9 +145,19 @@ struct Shard {
 }
 
 impl Shard {
+    /// The slot holding `key`.
+    fn find(&self, key: &[u8], hash: u64) -> Option<usize> {
+        let slots = &self.slots;
+        self.index
+            .find(hash, |&i| slots[i].as_ref().is_some_and(|s| &*s.key == key))
+            .copied()
+    }
+
     fn remove_slot(&mut self, i: usize) -> Option<Slot> {
         let slot = self.slots[i].take()?;
-        self.index.remove(&slot.key);
+        if let Ok(found) = self.index.find_entry(slot.hash, |&j| j == i) {
+            found.remove();
+        }
         self.bytes -= slot.entry.cost(slot.key.len());
         self.free.push(i);
         Some(slot)
@@ -212,17 +225,35 @@ impl Cache {
         }
     }
 
-    fn shard_index(&self, key: &[u8]) -> usize {
-        (self.hasher.hash_one(key) as usize) % self.shards.len()
+    /// The key's hash, computed once per query and passed to `lookup_hashed`,
+    /// `insert_hashed` and the server's in-flight table.
+    pub fn hash(&self, key: &[u8]) -> u64 {
+        #[cfg(test)]
+        super::counting::HASHES.with(|n| n.set(n.get() + 1));
+        self.hasher.hash_one(key)
     }
 
-    fn shard(&self, key: &[u8]) -> &RwLock<Shard> {
-        &self.shards[self.shard_index(key)]
+    /// The shard from bits the index does not use for its buckets (their low bits) nor its
+    /// control bytes (the top 7), so a shard's keys still spread over its whole table.
+    fn shard_of(&self, hash: u64) -> usize {
+        ((hash >> 32) as usize) % self.shards.len()
+    }
+
+    #[cfg(test)]
+    fn shard_index(&self, key: &[u8]) -> usize {
+        self.shard_of(self.hash(key))
     }
 
     pub fn lookup(&self, key: &[u8], now: Instant) -> Lookup {
-        let shard = self.shard(key).read().expect("not poisoned");
-        let Some(&i) = shard.index.get(key) else {
+        self.lookup_hashed(key, self.hash(key), now)
+    }
+
+    /// `lookup` with the key's hash already known (`Cache::hash`).
+    pub fn lookup_hashed(&self, key: &[u8], hash: u64, now: Instant) -> Lookup {
+        let shard = self.shards[self.shard_of(hash)]
+            .read()
+            .expect("not poisoned");
+        let Some(i) = shard.find(key, hash) else {
             return Lookup::Miss;
         };
         let Some(slot) = &shard.slots[i] else {
@@ -244,8 +275,13 @@ impl Cache {
     /// Stores `entry` under `key`, replacing an older one, evicting until within bounds.
     /// An entry larger than a shard's byte budget is not stored.
     pub fn insert(&self, key: &[u8], entry: Arc<Entry>) {
+        self.insert_hashed(key, self.hash(key), entry);
+    }
+
+    /// `insert` with the key's hash already known (`Cache::hash`).
+    pub fn insert_hashed(&self, key: &[u8], hash: u64, entry: Arc<Entry>) {
         let cost = entry.cost(key.len());
-        let i = self.shard_index(key);
+        let i = self.shard_of(hash);
         let (max_entries, max_bytes) = (self.max_entries[i], self.max_bytes[i]);
         if cost > max_bytes {
             return;
@@ -253,7 +289,7 @@ impl Cache {
         let mut shard = self.shards[i].write().expect("not poisoned");
         let (entries_before, bytes_before) = (shard.index.len(), shard.bytes);
         let mut evicted = 0u64;
-        if let Some(&i) = shard.index.get(key) {
+        if let Some(i) = shard.find(key, hash) {
             shard.remove_slot(i);
         }
         while shard.index.len() >= max_entries || shard.bytes + cost > max_bytes {
@@ -264,6 +300,7 @@ impl Cache {
         }
         let slot = Slot {
             key: key.into(),
+            hash,
             entry,
             // New entries start unreferenced: a name asked once is the first to go.
             referenced: AtomicBool::new(false),
@@ -278,7 +315,10 @@ impl Cache {
                 shard.slots.len() - 1
             }
         };
-        shard.index.insert(key.into(), slot_index);
+        let Shard { index, slots, .. } = &mut *shard;
+        index.insert_unique(hash, slot_index, |&j| {
+            slots[j].as_ref().map_or(0, |s| s.hash)
+        });
         shard.bytes += cost;
         let (entries_after, bytes_after) = (shard.index.len(), shard.bytes);
         drop(shard);

@@ -5,7 +5,6 @@
 //! A UDP cache hit is answered on the socket's own task without spawning; everything that has
 //! to wait for an upstream runs in its own task, so one slow upstream never stalls a socket.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -79,6 +78,30 @@ const FAILURE_RECHECK: Duration = Duration::from_secs(30);
 /// error when the leader went away without one.
 type PendingFetch = Shared<oneshot::Receiver<Outcome>>;
 
+/// A fetch in `DnsServer::in_flight`: its key, the key's hash (`Cache::hash`), its result.
+type InFlightFetch = (Box<[u8]>, u64, PendingFetch);
+
+/// A query the cache could not answer alone, as `answer_fast` left it: parsed once, its key
+/// (in the caller's buffer) hashed once; the miss path works from these, never parsing or
+/// hashing the query again.
+#[derive(Clone)]
+pub(crate) struct Miss {
+    q: Query,
+    hash: u64,
+    /// The expired entry still inside its stale window that the lookup found, if any.
+    stale: Option<Arc<Entry>>,
+}
+
+/// What the cache alone made of a query.
+pub(crate) enum Fast {
+    /// The answer is in `out`.
+    Answered,
+    /// Dropped (not a query at all).
+    Dropped,
+    /// Needs the upstream.
+    Miss(Miss),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("cannot listen on {proto} {addr}: {source}")]
@@ -93,7 +116,8 @@ pub struct DnsServer {
     config: DnsConfig,
     cache: Cache,
     upstream: Arc<dyn Upstream>,
-    in_flight: Mutex<HashMap<Box<[u8]>, PendingFetch>>,
+    /// Fetches under way, by their key's hash: later askers wait on them (coalescing).
+    in_flight: Mutex<hashbrown::HashTable<InFlightFetch>>,
     fetch_slots: Semaphore,
     pub metrics: DnsMetrics,
 }
@@ -106,7 +130,7 @@ impl DnsServer {
             fetch_slots: Semaphore::new(config.max_in_flight),
             cache,
             upstream,
-            in_flight: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(hashbrown::HashTable::new()),
             metrics,
             config,
         })
@@ -120,20 +144,20 @@ impl DnsServer {
         self.upstream.any_healthy()
     }
 
-    /// Answers from the cache alone when it can: `Some(true)` when `out` holds the answer,
-    /// `Some(false)` when the query must be dropped, `None` when it needs an upstream.
+    /// Answers from the cache alone when it can. On a miss `key` holds the query's cache key
+    /// and the returned `Miss` its parse and hash, for `answer_miss`.
     fn answer_fast(
         self: &Arc<Self>,
         query: &[u8],
         proto: Protocol,
         key: &mut Vec<u8>,
         out: &mut Vec<u8>,
-    ) -> Option<bool> {
+    ) -> Fast {
         let q = match wire::parse_query(query) {
             Ok(q) => q,
             Err(Reject::Drop(why)) => {
                 self.metrics.dropped(why);
-                return Some(false);
+                return Fast::Dropped;
             }
             Err(Reject::Respond {
                 rcode,
@@ -143,7 +167,7 @@ impl DnsServer {
                 self.metrics.malformed(why);
                 wire::reject_response(query, question, rcode, out);
                 self.metrics.request(proto, 0, rcode);
-                return Some(true);
+                return Fast::Answered;
             }
         };
         if q.qclass != CLASS_IN {
@@ -152,40 +176,61 @@ impl DnsServer {
             // never wait on an upstream.
             wire::empty_response(query, Some(&q), rcode::REFUSED, false, out);
             self.metrics.request(proto, q.qtype, rcode::REFUSED);
-            return Some(true);
+            return Fast::Answered;
         }
         q.key_into(query, key);
+        let hash = self.cache.hash(key);
         let now = Instant::now();
-        match self.cache.lookup(key, now) {
+        let stale = match self.cache.lookup_hashed(key, hash, now) {
             Lookup::Fresh(entry) => {
                 self.metrics.cache_hits.inc();
                 entry.answer(query, &q, now, None, out);
-                self.maybe_prefetch(&entry, key, query, &q, now);
+                self.maybe_prefetch(&entry, key, hash, query, &q, now);
                 self.finish(query, &q, proto, entry.rcode, out);
-                Some(true)
+                return Fast::Answered;
             }
-            Lookup::Stale(_) | Lookup::Miss => None,
+            Lookup::Stale(e) => Some(e),
+            Lookup::Miss => None,
+        };
+        Fast::Miss(Miss { q, hash, stale })
+    }
+
+    /// The whole path for one query (`answer_fast`, then `answer_miss`): true when `out` holds
+    /// the answer, false when the query is dropped.
+    #[cfg(test)]
+    async fn answer(self: &Arc<Self>, query: &[u8], proto: Protocol, out: &mut Vec<u8>) -> bool {
+        let mut key = Vec::with_capacity(64);
+        match self.answer_fast(query, proto, &mut key, out) {
+            Fast::Answered => true,
+            Fast::Dropped => false,
+            Fast::Miss(miss) => {
+                self.answer_miss(query, &key, miss, proto, out).await;
+                true
+            }
         }
     }
 
-    /// The full path: cache, then a coalesced upstream fetch, then stale, then SERVFAIL.
-    async fn answer(self: &Arc<Self>, query: &[u8], proto: Protocol, out: &mut Vec<u8>) -> bool {
-        let mut key = Vec::with_capacity(64);
-        if let Some(done) = self.answer_fast(query, proto, &mut key, out) {
-            return done;
-        }
-        let q = wire::parse_query(query).expect("parsed by answer_fast");
+    /// The miss path, from what `answer_fast` found: a coalesced upstream fetch, then stale,
+    /// then SERVFAIL. `key` is the query's cache key.
+    async fn answer_miss(
+        self: &Arc<Self>,
+        query: &[u8],
+        key: &[u8],
+        miss: Miss,
+        proto: Protocol,
+        out: &mut Vec<u8>,
+    ) {
+        let Miss { q, hash, stale } = miss;
         self.metrics.cache_misses.inc();
         let now = Instant::now();
-        let outcome = match self.cache.lookup(&key, now) {
+        let outcome = match stale {
             // The upstream failed for this name moments ago: stale at once (failure recheck).
-            Lookup::Stale(e) if self.config.cache.serve_stale && e.recently_failed(now) => {
-                Outcome::Kept(e)
+            Some(e) if self.config.cache.serve_stale && e.recently_failed(now) => Outcome::Kept(e),
+            Some(e) if self.config.cache.serve_stale => {
+                self.fetch_within_client_timer(key, hash, query, &q, e)
+                    .await
             }
-            Lookup::Stale(e) if self.config.cache.serve_stale => {
-                self.fetch_within_client_timer(&key, query, &q, e).await
-            }
-            _ => self.fetch(&key, query, &q).await,
+            _ => self.fetch(key, hash, query, &q).await,
         };
         let now = Instant::now();
         let rc = match outcome {
@@ -208,7 +253,6 @@ impl DnsServer {
             }
         };
         self.finish(query, &q, proto, rc, out);
-        true
     }
 
     /// RFC 8767 client-response timer: a client whose name has a stale entry waits for the
@@ -218,13 +262,14 @@ impl DnsServer {
     async fn fetch_within_client_timer(
         self: &Arc<Self>,
         key: &[u8],
+        hash: u64,
         query: &[u8],
         q: &Query,
         stale: Arc<Entry>,
     ) -> Outcome {
         let this = self.clone();
-        let (key, query, q) = (key.to_vec(), query.to_vec(), q.clone());
-        let refresh = tokio::spawn(async move { this.fetch(&key, &query, &q).await });
+        let (key, query, q) = (key.to_vec(), query.to_vec(), *q);
+        let refresh = tokio::spawn(async move { this.fetch(&key, hash, &query, &q).await });
         let timer = self.config.cache.stale_answer_client_timeout.get();
         match tokio::time::timeout(timer, refresh).await {
             Ok(Ok(outcome)) => outcome,
@@ -246,6 +291,7 @@ impl DnsServer {
         self: &Arc<Self>,
         entry: &Arc<Entry>,
         key: &[u8],
+        hash: u64,
         query: &[u8],
         q: &Query,
         now: Instant,
@@ -263,9 +309,9 @@ impl DnsServer {
         }
         self.metrics.prefetches.inc();
         let this = self.clone();
-        let (key, query, q) = (key.to_vec(), query.to_vec(), q.clone());
+        let (key, query, q) = (key.to_vec(), query.to_vec(), *q);
         tokio::spawn(async move {
-            this.fetch(&key, &query, &q).await;
+            this.fetch(&key, hash, &query, &q).await;
         });
     }
 
@@ -274,16 +320,19 @@ impl DnsServer {
     /// (a UDP miss's, a prefetch's, a TCP connection's), so no task of its own is spawned for
     /// the fetch; if the leader is dropped anyway (runtime shutdown), waiters see the channel
     /// closed and fail (stale or SERVFAIL), and the next query starts a new fetch.
-    async fn fetch(self: &Arc<Self>, key: &[u8], query: &[u8], q: &Query) -> Outcome {
+    async fn fetch(self: &Arc<Self>, key: &[u8], hash: u64, query: &[u8], q: &Query) -> Outcome {
         let leader = {
             let mut map = self.in_flight.lock().expect("not poisoned");
-            if let Some(f) = map.get(key) {
-                self.metrics.coalesced.inc();
-                Err(f.clone())
-            } else {
-                let (tx, rx) = oneshot::channel();
-                map.insert(key.into(), rx.shared());
-                Ok(tx)
+            match map.entry(hash, |(k, _, _)| **k == *key, |(_, h, _)| *h) {
+                hashbrown::hash_table::Entry::Occupied(f) => {
+                    self.metrics.coalesced.inc();
+                    Err(f.get().2.clone())
+                }
+                hashbrown::hash_table::Entry::Vacant(v) => {
+                    let (tx, rx) = oneshot::channel();
+                    v.insert((key.into(), hash, rx.shared()));
+                    Ok(tx)
+                }
             }
         };
         let tx = match leader {
@@ -292,9 +341,9 @@ impl DnsServer {
         };
         let mut entry = InFlight {
             server: self,
-            key: Some(key),
+            key: Some((key, hash)),
         };
-        let outcome = self.fetch_upstream(key, query, q).await;
+        let outcome = self.fetch_upstream(key, hash, query, q).await;
         // Cached (when cacheable) before the key leaves the map: a query arriving in between
         // finds one or the other.
         entry.remove();
@@ -302,11 +351,13 @@ impl DnsServer {
         outcome
     }
 
-    async fn fetch_upstream(&self, key: &[u8], query: &[u8], q: &Query) -> Outcome {
+    async fn fetch_upstream(&self, key: &[u8], hash: u64, query: &[u8], q: &Query) -> Outcome {
         let Ok(_slot) = self.fetch_slots.try_acquire() else {
             self.metrics.overloaded.inc();
             // Our own overload says nothing about the upstream: no failure mark.
-            return self.keep(key, false).map_or(Outcome::Failed, Outcome::Kept);
+            return self
+                .keep(key, hash, false)
+                .map_or(Outcome::Failed, Outcome::Kept);
         };
         self.metrics.in_flight.inc();
         let qname = q.qname(query);
@@ -314,7 +365,10 @@ impl DnsServer {
         wire::upstream_query(query, q, &mut ours);
         let result = self.upstream.forward(&ours, &qname).await;
         self.metrics.in_flight.dec();
-        let failed = || self.keep(key, true).map_or(Outcome::Failed, Outcome::Kept);
+        let failed = || {
+            self.keep(key, hash, true)
+                .map_or(Outcome::Failed, Outcome::Kept)
+        };
         let raw = match result {
             Ok(b) => b,
             Err(e) => {
@@ -347,7 +401,7 @@ impl DnsServer {
         // RFC 8767: SERVFAIL and REFUSED are failures too; a servable entry wins over them
         // and is never replaced by them.
         if matches!(rcode, rcode::SERVFAIL | rcode::REFUSED)
-            && let Some(kept) = self.keep(key, true)
+            && let Some(kept) = self.keep(key, hash, true)
         {
             return Outcome::Kept(kept);
         }
@@ -401,7 +455,7 @@ impl DnsServer {
         });
         if cacheable {
             // Stored unless too large for the cache; the answer to this query either way.
-            self.cache.insert(key, entry.clone());
+            self.cache.insert_hashed(key, hash, entry.clone());
         }
         Outcome::Answer(entry)
     }
@@ -409,9 +463,9 @@ impl DnsServer {
     /// The entry that answers instead when a fetch failed: a fresh one (a failed prefetch
     /// keeps it) or, with serve-stale, a stale one, then marked as failed (`mark`) so the next
     /// askers get it at once.
-    fn keep(&self, key: &[u8], mark: bool) -> Option<Arc<Entry>> {
+    fn keep(&self, key: &[u8], hash: u64, mark: bool) -> Option<Arc<Entry>> {
         let now = Instant::now();
-        match self.cache.lookup(key, now) {
+        match self.cache.lookup_hashed(key, hash, now) {
             Lookup::Fresh(e) => Some(e),
             Lookup::Stale(e) if self.config.cache.serve_stale => {
                 if mark {
@@ -424,20 +478,19 @@ impl DnsServer {
     }
 }
 
-/// A leader's key in `in_flight`, removed when it is done or dropped.
+/// A leader's key (and its hash) in `in_flight`, removed when it is done or dropped.
 struct InFlight<'a> {
     server: &'a DnsServer,
-    key: Option<&'a [u8]>,
+    key: Option<(&'a [u8], u64)>,
 }
 
 impl InFlight<'_> {
     fn remove(&mut self) {
-        if let Some(key) = self.key.take() {
-            self.server
-                .in_flight
-                .lock()
-                .expect("not poisoned")
-                .remove(key);
+        if let Some((key, hash)) = self.key.take() {
+            let mut map = self.server.in_flight.lock().expect("not poisoned");
+            if let Ok(found) = map.find_entry(hash, |(k, _, _)| **k == *key) {
+                let _ = found.remove();
+            }
         }
     }
 }
@@ -562,16 +615,19 @@ async fn serve_ready(
                 continue;
             };
             match server.answer_fast(query, Protocol::Udp, key, out) {
-                Some(true) => batch.reply(i),
-                Some(false) => {}
-                None => {
+                Fast::Answered => batch.reply(i),
+                Fast::Dropped => {}
+                Fast::Miss(miss) => {
                     let Some(peer) = peer else { continue };
-                    let (server, socket, query) = (server.clone(), socket.clone(), query.to_vec());
+                    let (server, socket) = (server.clone(), socket.clone());
+                    let (query, key) = query_and_key(query, key);
                     tokio::spawn(async move {
                         let mut out = Vec::with_capacity(512);
-                        if server.answer(&query, Protocol::Udp, &mut out).await {
-                            let _ = socket.send_to(&out, peer).await;
-                        }
+                        let (query, key) = query.split_at(key);
+                        server
+                            .answer_miss(query, key, miss, Protocol::Udp, &mut out)
+                            .await;
+                        let _ = socket.send_to(&out, peer).await;
                     });
                 }
             }
@@ -582,6 +638,15 @@ async fn serve_ready(
         }
     }
     true
+}
+
+/// A miss task's one allocation: the query and its cache key in one buffer, and where the key
+/// starts (split it back with `split_at`).
+fn query_and_key(query: &[u8], key: &[u8]) -> (Vec<u8>, usize) {
+    let mut both = Vec::with_capacity(query.len() + key.len());
+    both.extend_from_slice(query);
+    both.extend_from_slice(key);
+    (both, query.len())
 }
 
 /// Sends a batch's answers, waiting while the socket buffer is full; an answer the kernel
@@ -614,30 +679,72 @@ const TCP_CONNECTIONS: usize = 1024;
 /// Connections served at once per client address, so one host cannot take every slot.
 const TCP_CONNECTIONS_PER_CLIENT: usize = 64;
 
+/// Hand-over: once new connections go to the successor, the listener is accepted from until
+/// nothing has come for this long (connections the kernel queued on it just before).
+const TCP_ACCEPT_QUIET: Duration = Duration::from_millis(50);
+/// Hand-over: the accept drain never takes longer than this.
+const TCP_ACCEPT_MAX: Duration = Duration::from_millis(300);
+/// Hand-over: a connection's next query must come within this of the previous one; then it is
+/// closed (its answers written first). RFC 7766 clients retry on a new connection.
+const TCP_HANDOVER_IDLE: Duration = Duration::from_millis(100);
+/// Hand-over: connections read no query after this (answers still written), and the listener
+/// waits at most this for them; with the accept drain the whole TCP hand-over stays within the
+/// 1 s the UDP one takes (see `DRAIN_MAX`).
+const TCP_HANDOVER_MAX: Duration = Duration::from_millis(600);
+
 /// Accepts TCP connections until `token` is cancelled; each is served until idle or closed.
 /// A connection over its client's share or over the total is closed as soon as it is accepted.
+/// On cancellation it hands over without resetting a connection (issue #22): new connections
+/// are steered to the successor's listener (`tcp_handover`), those the kernel already queued
+/// here are accepted and served, and the accepted ones are served until their client goes
+/// quiet, before the listener closes.
 pub async fn serve_tcp(server: Arc<DnsServer>, listener: TcpListener, token: CancellationToken) {
+    // A steering program a predecessor left on the group must not pick the listeners.
+    if let Err(e) = super::tcp_handover::select(&listener, None) {
+        tracing::debug!(error = %e, "dns tcp: reset the reuseport selection");
+    }
     let caps = crate::bounds::PeerCaps::new(TCP_CONNECTIONS_PER_CLIENT, TCP_CONNECTIONS);
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = token.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(error = %e, "tcp accept");
-                    continue;
-                }
-            },
-        };
+    let connections = Arc::new(());
+    let serve = |stream, peer: SocketAddr| {
         let Some(slot) = caps.take(peer.ip()) else {
             tracing::debug!(%peer, "dns tcp connection over its cap: closed");
-            continue;
+            return;
         };
-        let (server, token) = (server.clone(), token.clone());
+        let (server, token, held) = (server.clone(), token.clone(), connections.clone());
         tokio::spawn(async move {
-            let _slot = slot;
+            let _slot = (slot, held);
             serve_tcp_connection(server, stream, token).await;
         });
+    };
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => serve(stream, peer),
+                Err(e) => tracing::debug!(error = %e, "tcp accept"),
+            },
+        }
+    }
+    let handover = Instant::now();
+    match listener.local_addr() {
+        Ok(addr) => match super::tcp_handover::steer_to_successor(&listener, addr) {
+            Ok(true) => tracing::debug!(%addr, "dns tcp: new connections go to the successor"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(%addr, error = %e, "dns tcp: cannot steer to the successor"),
+        },
+        Err(e) => tracing::debug!(error = %e, "dns tcp: listener address"),
+    }
+    while handover.elapsed() < TCP_ACCEPT_MAX {
+        match tokio::time::timeout(TCP_ACCEPT_QUIET, listener.accept()).await {
+            Ok(Ok((stream, peer))) => serve(stream, peer),
+            Ok(Err(e)) => tracing::debug!(error = %e, "tcp accept"),
+            Err(_) => break,
+        }
+    }
+    drop(listener);
+    let done = handover + TCP_ACCEPT_MAX + TCP_HANDOVER_MAX;
+    while Arc::strong_count(&connections) > 1 && Instant::now() < done {
+        tokio::time::sleep(MISSES_POLL).await;
     }
 }
 
@@ -648,8 +755,9 @@ const TCP_PIPELINE: usize = 64;
 /// Serves one connection (RFC 7766 6.2.1.1): pipelined queries are answered concurrently and
 /// each answer is written when ready, so a miss does not hold up the hits queued behind it
 /// (answers carry the client's ID; clients match them, not their order). Ends after
-/// `TCP_IDLE` without a query, on EOF, on a message that is not a query, or on `token`; answers
-/// already being worked on are still written.
+/// `TCP_IDLE` without a query, on EOF, on a message that is not a query; once `token` is
+/// cancelled (hand-over), after `TCP_HANDOVER_IDLE` without a query or `TCP_HANDOVER_MAX` in
+/// all. Answers already being worked on are still written.
 async fn serve_tcp_connection(
     server: Arc<DnsServer>,
     stream: tokio::net::TcpStream,
@@ -662,15 +770,33 @@ async fn serve_tcp_connection(
     let mut buf = Vec::new();
     let mut key = Vec::with_capacity(64);
     let mut out = Vec::with_capacity(4096);
+    // When the hand-over began, as this connection first saw it.
+    let mut handover: Option<Instant> = None;
     loop {
+        if handover.is_none() && token.is_cancelled() {
+            handover = Some(Instant::now());
+        }
+        // How long to wait for the next query: idle, or in the hand-over the client's next
+        // query comes at once or not at all (a half-read length is lost only with the
+        // connection it belonged to).
+        let give_up = async {
+            tokio::select! {
+                _ = tokio::time::sleep(TCP_IDLE) => {}
+                _ = token.cancelled() => {
+                    let since = handover.map_or(Duration::ZERO, |t| t.elapsed());
+                    let left = TCP_HANDOVER_MAX.saturating_sub(since);
+                    tokio::time::sleep(TCP_HANDOVER_IDLE.min(left)).await;
+                }
+            }
+        };
         let mut len = [0u8; 2];
         let read = tokio::select! {
-            _ = token.cancelled() => break,
             // The writer gave up (the client does not read): hang up now, not when idle.
             _ = answers.closed() => break,
-            r = tokio::time::timeout(TCP_IDLE, reader.read_exact(&mut len)) => r,
+            _ = give_up => break,
+            r = reader.read_exact(&mut len) => r,
         };
-        if !matches!(read, Ok(Ok(_))) {
+        if read.is_err() {
             break;
         }
         let n = usize::from(u16::from_be_bytes(len));
@@ -683,7 +809,7 @@ async fn serve_tcp_connection(
             break;
         }
         match server.answer_fast(&buf, Protocol::Tcp, &mut key, &mut out) {
-            Some(true) => {
+            Fast::Answered => {
                 // Our answers come from messages that were framed: they always fit.
                 if let Some(framed) = wire::tcp_frame(&out)
                     && answers.send(framed).await.is_err()
@@ -692,18 +818,21 @@ async fn serve_tcp_connection(
                 }
             }
             // Nothing sensible to say to a peer sending non-queries: hang up.
-            Some(false) => break,
-            None => {
+            Fast::Dropped => break,
+            Fast::Miss(miss) => {
                 let Ok(slot) = slots.clone().acquire_owned().await else {
                     break;
                 };
-                let (server, answers, query) = (server.clone(), answers.clone(), buf.clone());
+                let (server, answers) = (server.clone(), answers.clone());
+                let (query, key) = query_and_key(&buf, &key);
                 tokio::spawn(async move {
                     let _slot = slot;
                     let mut out = Vec::with_capacity(512);
-                    if server.answer(&query, Protocol::Tcp, &mut out).await
-                        && let Some(framed) = wire::tcp_frame(&out)
-                    {
+                    let (query, key) = query.split_at(key);
+                    server
+                        .answer_miss(query, key, miss, Protocol::Tcp, &mut out)
+                        .await;
+                    if let Some(framed) = wire::tcp_frame(&out) {
                         let _ = answers.send(framed).await;
                     }
                 });
@@ -895,6 +1024,42 @@ mod tests {
             "second answer from the cache"
         );
         assert_eq!(s.metrics.cache_hits.get(), 1);
+    }
+
+    /// Issue #22 performance: a miss is parsed and its key hashed once, however many tables
+    /// (cache lookup, in-flight map, cache insert) it meets; a hit likewise.
+    #[tokio::test]
+    async fn a_miss_is_parsed_once_and_its_key_hashed_once() {
+        use crate::dns::counting::{HASHES, PARSES};
+        let (s, up) = server(Duration::ZERO);
+        let counts = || (PARSES.with(|n| n.get()), HASHES.with(|n| n.get()));
+        let mut out = Vec::new();
+        let mut work = |q: Vec<u8>| {
+            let before = counts();
+            let s = s.clone();
+            let mut out = std::mem::take(&mut out);
+            async move {
+                assert!(s.answer(&q, Protocol::Udp, &mut out).await);
+                let after = counts();
+                (after.0 - before.0, after.1 - before.1)
+            }
+        };
+        assert_eq!(
+            work(query(1, "once.test", 1, None)).await,
+            (1, 1),
+            "a miss: (parses, hashes)"
+        );
+        assert_eq!(up.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            work(query(2, "once.test", 1, None)).await,
+            (1, 1),
+            "a hit: (parses, hashes)"
+        );
+        assert_eq!(
+            up.calls.load(Ordering::SeqCst),
+            1,
+            "the second one was a hit"
+        );
     }
 
     #[tokio::test]
@@ -1318,7 +1483,7 @@ mod tests {
         let q = query(2, "20.pf.test", 1, None);
         wire::parse_query(&q).unwrap().key_into(&q, &mut key);
         let p = wire::parse_query(&q).unwrap();
-        s.fetch(&key, &q, &p).await;
+        s.fetch(&key, s.cache.hash(&key), &q, &p).await;
         s.answer(&q, Protocol::Udp, &mut out).await;
         assert_eq!(
             rcode_of(&out),

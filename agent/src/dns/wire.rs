@@ -62,7 +62,7 @@ pub struct Edns {
 }
 
 /// A parsed client query. Offsets index the buffer it was parsed from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Query {
     pub id: u16,
     pub recursion_desired: bool,
@@ -234,6 +234,8 @@ fn record(b: &[u8], i: usize) -> Result<RecordHeader, &'static str> {
 
 /// Parses a client query. Only standard queries with exactly one question are served.
 pub fn parse_query(b: &[u8]) -> Result<Query, Reject> {
+    #[cfg(test)]
+    super::counting::PARSES.with(|n| n.set(n.get() + 1));
     if b.len() < HEADER_LEN {
         return Err(Reject::Drop("shorter than a DNS header"));
     }
@@ -590,6 +592,8 @@ pub(crate) mod tests {
     /// SOA in authority when `soa` = (ttl, minimum).
     pub fn response(q: &[u8], rcode: u16, answer_ttls: &[u32], soa: Option<(u32, u32)>) -> Vec<u8> {
         let parsed = parse_query(q).unwrap();
+        // This parse is the test upstream's, not the server's: uncounted.
+        crate::dns::counting::PARSES.with(|n| n.set(n.get() - 1));
         let mut b = q[..parsed.question_end].to_vec();
         b[2] |= 0x80;
         b[3] = 0x80 | rcode as u8;

@@ -7,6 +7,102 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// How long a filesystem may outlive its last mount in this namespace before a test gives up.
+/// A process that entered a new mount namespace while the mount existed (`ip netns exec`,
+/// `unshare -m`: the other suites on this shared machine) holds a private copy of it (this
+/// host's mounts do not propagate), and with it the superblock: the device stays claimed, a
+/// remount with other flags and every `O_EXCL` open fail with EBUSY until that process exits.
+/// Those processes are test helpers that live seconds; a minute bounds the wait.
+pub const RELEASE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Unmounts every mount of `dev` in this mount namespace, then waits (at most
+/// [`RELEASE_DEADLINE`]) until the kernel has let go of the device: an `O_RDONLY|O_EXCL` open
+/// succeeds, as it must before the agent can claim the disk or a loop can be re-attached.
+/// Only EBUSY is waited on; any other error, or the deadline, panics naming the processes whose
+/// mount namespaces still hold the device.
+pub fn unmount_and_release(dev: &Path) {
+    for target in mount_points(dev) {
+        let out = Command::new("umount")
+            .arg(&target)
+            .output()
+            .expect("run umount");
+        assert!(
+            out.status.success(),
+            "umount {target}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    wait_released(dev);
+}
+
+/// Waits until `dev` can be opened exclusively (see [`unmount_and_release`]).
+pub fn wait_released(dev: &Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let deadline = Instant::now() + RELEASE_DEADLINE;
+    loop {
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::fcntl::OFlag::O_EXCL.bits())
+            .open(dev)
+        {
+            Ok(_) => return,
+            Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "{} still claimed {RELEASE_DEADLINE:?} after its last mount here was \
+                     removed; mount namespaces still holding it: {:?}",
+                    dev.display(),
+                    holders_elsewhere(dev)
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("open {} O_EXCL: {e}", dev.display()),
+        }
+    }
+}
+
+/// Mount points of `dev` in this mount namespace (`findmnt -S`).
+fn mount_points(dev: &Path) -> Vec<String> {
+    let out = Command::new("findmnt")
+        .args(["-rn", "-o", "TARGET", "-S"])
+        .arg(dev)
+        .output()
+        .expect("run findmnt");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// `pid: mount point` of every process whose mount table still shows `dev` (by major:minor).
+fn holders_elsewhere(dev: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(rdev) = std::fs::metadata(dev).map(|m| m.rdev()) else {
+        return Vec::new();
+    };
+    let id = format!(
+        "{}:{}",
+        nix::sys::stat::major(rdev),
+        nix::sys::stat::minor(rdev)
+    );
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(table) = std::fs::read_to_string(entry.path().join("mountinfo")) else {
+            continue;
+        };
+        for line in table.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            if fields.get(2) == Some(&id.as_str()) {
+                let pid = entry.file_name().to_string_lossy().into_owned();
+                let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+                found.push(format!("{pid} ({}): {}", comm.trim(), fields[4]));
+            }
+        }
+    }
+    found
+}
 
 /// A loop device attached to a backing file; detached on drop.
 pub struct LoopDevice {
@@ -74,6 +170,12 @@ impl LoopDevice {
             name: name.to_string(),
             backing: backing.to_path_buf(),
         }
+    }
+
+    /// Unmounts the device everywhere in this namespace and waits until the kernel released it
+    /// ([`unmount_and_release`]).
+    pub fn unmount_and_release(&self) {
+        unmount_and_release(&self.path);
     }
 
     /// The device's size in bytes, as the kernel sees it.

@@ -366,10 +366,7 @@ impl Attack {
             Some(1),
             "{report:#}"
         );
-        sh(&format!(
-            "for m in $(findmnt -rn -o TARGET -S {}); do umount \"$m\"; done",
-            dev.path.display()
-        ));
+        dev.unmount_and_release();
     }
 
     /// The second pass must not call the disk ours: not published, not mounted, not one byte
@@ -607,11 +604,9 @@ fn root_a_reclaim_recorded_under_a_kernel_name_now_bound_to_another_disk_never_w
     sh(&format!("mkfs.ext4 -q -F {}", theirs.display()));
     write_at(&theirs, 200 * MIB, b"their data, far from both ends");
     // The loops come back in another order: the name the record holds is someone else's disk
-    // (detached and re-attached back to back, so no other test's `losetup --find` takes it).
-    sh(&format!(
-        "umount {}",
-        a.dir.path().join("mnt").join(&name).display()
-    ));
+    // (detached and re-attached back to back, so no other test's `losetup --find` takes it;
+    // released first, or the detach is deferred and the name stays bound).
+    ours.unmount_and_release();
     drop(ours);
     let victim = LoopDevice::attach_as(&theirs, &name);
     let before = sha256(&victim);
@@ -633,10 +628,7 @@ fn root_a_reclaim_of_an_owned_disk_that_now_holds_foreign_data_is_dropped() {
     let dev = a.attach();
     let report = a.prepare(&dev, "");
     assert_eq!(action_of(&report, &dev.name), "formatted", "{report:#}");
-    sh(&format!(
-        "umount {}",
-        a.dir.path().join("mnt").join(&dev.name).display()
-    ));
+    dev.unmount_and_release();
     // Someone's md member superblock (1.0, at the end) while the agent was down.
     let mut sb = vec![0u8; 256];
     sb[..4].copy_from_slice(&0xa92b_4efc_u32.to_le_bytes());
@@ -711,17 +703,26 @@ fn root_block_mode_reclaim_zeroes_every_byte_and_never_a_mounted_or_unidentified
     assert_eq!(out, Reclaimed::Wiped);
     assert_eq!(nonzero_mib(&dev), 0, "the previous tenant's data survived");
 
-    // A tenant's filesystem, mounted on the host: not ours to wipe now.
-    sh(&format!("mkfs.ext4 -q -F {}", dev.path.display()));
-    let m = a.dir.path().join("tenant-mount");
-    std::fs::create_dir_all(&m).unwrap();
-    sh(&format!("mount {} {}", dev.path.display(), m.display()));
-    std::fs::write(m.join("f"), b"in use").unwrap();
+    // A tenant's filesystem, mounted on the host: not ours to wipe now. Its file is put in by
+    // mkfs (`-d`) and it is mounted once, read-only (nothing the mount does changes a byte):
+    // no write-then-remount, which fails with EBUSY whenever another suite's `ip netns exec`
+    // copied the rw mount into its own namespace meanwhile (the superblock outlives our umount).
+    let files = a.dir.path().join("tenant-files");
+    std::fs::create_dir_all(&files).unwrap();
+    std::fs::write(files.join("f"), b"in use").unwrap();
     sh(&format!(
-        "umount {0} && mount -o ro {1} {0}",
-        m.display(),
+        "mkfs.ext4 -q -F -d {} {}",
+        files.display(),
         dev.path.display()
     ));
+    let m = a.dir.path().join("tenant-mount");
+    std::fs::create_dir_all(&m).unwrap();
+    sh(&format!(
+        "mount -o ro,noload {} {}",
+        dev.path.display(),
+        m.display()
+    ));
+    assert_eq!(std::fs::read(m.join("f")).unwrap(), b"in use".to_vec());
     let before = sha256(&dev);
     let out = reclaim(&cfg, &host, &state, &key).expect("reclaim");
     assert!(
@@ -729,7 +730,7 @@ fn root_block_mode_reclaim_zeroes_every_byte_and_never_a_mounted_or_unidentified
         "{out:?}"
     );
     assert_eq!(sha256(&dev), before, "a mounted disk was wiped");
-    sh(&format!("umount {}", m.display()));
+    dev.unmount_and_release();
 }
 
 // === one disk failing never stops the others ===

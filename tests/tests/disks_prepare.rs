@@ -90,10 +90,10 @@ impl Loop {
             .collect()
     }
 
+    /// Unmounts it here and waits until the kernel released it (a mount namespace copied by
+    /// another suite's `ip netns exec` can hold it a moment longer: `unmount_and_release`).
     fn umount(&self) {
-        for m in self.mount_points() {
-            sh(&format!("umount {m}"));
-        }
+        nodekeeper_tests::loopdev::unmount_and_release(Path::new(&self.dev));
     }
 }
 
@@ -660,6 +660,7 @@ fn wipe_refuses_a_disk_with_a_mounted_partition_and_while_the_disks_lock_is_held
         "{err}"
     );
     sh(&format!("umount {}", m.display()));
+    nodekeeper_tests::loopdev::wait_released(Path::new(&dev_path));
     assert_eq!(sha(), before, "a disk with a mounted partition was written");
 
     // The daemon's pass (or another CLI) holds the disks lock: refused, nothing written.

@@ -5,6 +5,8 @@
 //! unreachable (EX_UNAVAILABLE), 75 the stream ended without a result, e.g. the agent restarted:
 //! re-run the same command to re-attach (EX_TEMPFAIL).
 
+mod heap_trim;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -809,6 +811,7 @@ fn run(config: Config, config_file: Option<PathBuf>) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("building the tokio runtime")?;
+    heap_trim::spawn();
     runtime.block_on(nodekeeper::app::run(config, config_file))?;
     Ok(())
 }

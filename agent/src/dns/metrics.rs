@@ -102,6 +102,7 @@ pub struct DnsMetrics {
     pub overloaded: Counter,
     pub truncated: Counter,
     pub in_flight: Gauge,
+    pub pending_queries: Gauge,
     malformed: Family<Labels, Counter>,
     cache: Arc<OnceLock<Arc<CacheCounters>>>,
 }
@@ -118,6 +119,7 @@ impl DnsMetrics {
             overloaded: Counter::default(),
             truncated: Counter::default(),
             in_flight: Gauge::default(),
+            pending_queries: Gauge::default(),
             malformed: Family::default(),
             cache: Arc::default(),
         };
@@ -154,7 +156,7 @@ impl DnsMetrics {
         );
         r.register(
             "overloaded",
-            "Misses answered SERVFAIL at once because dns.maxInFlight upstream queries were pending",
+            "Misses answered SERVFAIL at once because dns.maxInFlight upstream queries, or 4 x dns.maxInFlight waiting UDP misses, were pending",
             m.overloaded.clone(),
         );
         r.register(
@@ -163,6 +165,11 @@ impl DnsMetrics {
             m.truncated.clone(),
         );
         r.register("in_flight", "Upstream queries pending", m.in_flight.clone());
+        r.register(
+            "pending_queries",
+            "UDP misses waiting for an upstream answer (their own fetch or a coalesced one); at most 4 x dns.maxInFlight",
+            m.pending_queries.clone(),
+        );
         r.register(
             "malformed_requests",
             "Requests that were not plain queries, by reason and whether they were answered or dropped",

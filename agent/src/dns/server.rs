@@ -119,7 +119,28 @@ pub struct DnsServer {
     /// Fetches under way, by their key's hash: later askers wait on them (coalescing).
     in_flight: Mutex<hashbrown::HashTable<InFlightFetch>>,
     fetch_slots: Semaphore,
+    /// UDP misses waiting in a task of their own (for an upstream fetch, their own or a
+    /// coalesced one): `WAITERS_PER_FETCH` per `maxInFlight` slot. A flood of one name with a
+    /// silent upstream would otherwise park a task per query for the whole `dns.timeout`
+    /// (issue #15: ~1 KiB each, 40k queries a second).
+    waiting_slots: Arc<Semaphore>,
     pub metrics: DnsMetrics,
+}
+
+/// UDP misses that may wait at once per `maxInFlight` upstream slot: room for coalesced
+/// askers of the names being fetched (a popular name's expiry), not for a flood's backlog.
+pub const WAITERS_PER_FETCH: usize = 4;
+
+/// A UDP miss's place among `waiting_slots`, counted in `nodekeeper_dns_pending_queries`.
+struct Waiting {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
 }
 
 impl DnsServer {
@@ -128,6 +149,9 @@ impl DnsServer {
         metrics.watch_cache(cache.counters.clone());
         Arc::new(Self {
             fetch_slots: Semaphore::new(config.max_in_flight),
+            waiting_slots: Arc::new(Semaphore::new(
+                config.max_in_flight.saturating_mul(WAITERS_PER_FETCH),
+            )),
             cache,
             upstream,
             in_flight: Mutex::new(hashbrown::HashTable::new()),
@@ -208,6 +232,25 @@ impl DnsServer {
                 true
             }
         }
+    }
+
+    /// A place for one more UDP miss to wait, or None when `WAITERS_PER_FETCH` x
+    /// `maxInFlight` are waiting already.
+    fn wait_slot(&self) -> Option<Waiting> {
+        let permit = self.waiting_slots.clone().try_acquire_owned().ok()?;
+        self.metrics.pending_queries.inc();
+        Some(Waiting {
+            _permit: permit,
+            gauge: self.metrics.pending_queries.clone(),
+        })
+    }
+
+    /// The answer to a miss that found no place to wait: SERVFAIL at once (a stale entry would
+    /// need the upstream's failure to be served; overload is ours, not the upstream's).
+    fn overloaded(&self, query: &[u8], q: &Query, proto: Protocol, out: &mut Vec<u8>) {
+        self.metrics.overloaded.inc();
+        wire::empty_response(query, Some(q), rcode::SERVFAIL, false, out);
+        self.finish(query, q, proto, rcode::SERVFAIL, out);
     }
 
     /// The miss path, from what `answer_fast` found: a coalesced upstream fetch, then stale,
@@ -619,9 +662,15 @@ async fn serve_ready(
                 Fast::Dropped => {}
                 Fast::Miss(miss) => {
                     let Some(peer) = peer else { continue };
+                    let Some(waiting) = server.wait_slot() else {
+                        server.overloaded(query, &miss.q, Protocol::Udp, out);
+                        batch.reply(i);
+                        continue;
+                    };
                     let (server, socket) = (server.clone(), socket.clone());
                     let (query, key) = query_and_key(query, key);
                     tokio::spawn(async move {
+                        let _waiting = waiting;
                         let mut out = Vec::with_capacity(512);
                         let (query, key) = query.split_at(key);
                         server

@@ -311,3 +311,96 @@ async fn adversary_a_failed_drain_after_a_rotation_is_uncordoned_by_the_reboot()
         cordon_log(&api)
     );
 }
+
+/// Successful eviction POSTs (201) in the fake's request log.
+fn admitted(api: &FakeApi) -> usize {
+    api.requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/eviction") && r.status == 201)
+        .count()
+}
+
+/// Attack: the driving agent process stalls past the owner lease (SIGSTOP: a CPU-starved or
+/// frozen container), the node's other agent process adopts the drain, and the drain is then
+/// cancelled through it. When the stalled process wakes up (SIGCONT) it finds a terminal record,
+/// which its renewal does not treat as "taken over": it writes itself back as the driver of the
+/// cancelled drain and keeps evicting pods. Two processes drove the drain, and a cancelled drain
+/// went on evicting (P4).
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "adversary finding: a stalled driver that wakes after the other process adopted and cancelled the drain resurrects it and keeps evicting"]
+async fn adversary_a_stalled_driver_resurrects_a_drain_cancelled_after_its_adoption() {
+    let (api, _dir, kubeconfig) = cluster();
+    for i in 0..6 {
+        api.add_pod(web(&format!("web-{i}")).grace_period(2));
+    }
+    let config = "metrics:\n  enabled: false\ndrain:\n  retryInitial: 100ms\n  retryMax: 500ms\n  deletionPoll: 200ms\n  concurrency: 1\n  ownerLease: 3s\n";
+    let start = |pod: &str| {
+        Agent::builder()
+            .config(config)
+            .with_token()
+            .env("POD_NAME", pod)
+            .connected(&kubeconfig, NODE)
+            .start()
+    };
+    let old = start("nk-old");
+    let mut a = NodeAgentClient::connect(old.grpc_url()).await.unwrap();
+    let _stream_a = a
+        .drain(nodekeeper_tests::bearer(request("stall", 120)))
+        .await
+        .expect("drain accepted")
+        .into_inner();
+    within(20, async {
+        while admitted(&api) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // The rollout's new process starts while the old one drives: it stands by to adopt.
+    let new = start("nk-new");
+    let mut b = NodeAgentClient::connect(new.grpc_url()).await.unwrap();
+    old.proc.signal("STOP");
+    let driver = |api: &FakeApi| -> String {
+        api.node(NODE)
+            .and_then(|n| {
+                n["metadata"]["annotations"]["nodekeeper.io/drain"]
+                    .as_str()
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok())
+                    .and_then(|v| v["driver"].as_str().map(str::to_string))
+            })
+            .unwrap_or_default()
+    };
+    within(30, async {
+        while !driver(&api).starts_with("nk-new#") {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    // Cancelled through the process that now drives it.
+    b.cancel_drain(nodekeeper_tests::bearer(
+        nodekeeper::pb::CancelDrainRequest {
+            id: "stall".into(),
+            ..Default::default()
+        },
+    ))
+    .await
+    .expect("cancel");
+    within(20, async {
+        while recorded_phase(&api).as_deref() != Some("cancelled") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // Let an in-flight eviction of the new process land before counting.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let at_cancel = admitted(&api);
+    old.proc.signal("CONT");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let phase = recorded_phase(&api);
+    let after = admitted(&api);
+    assert!(
+        after == at_cancel && phase.as_deref() == Some("cancelled"),
+        "after the cancel: {} more pods evicted, recorded phase {phase:?}, driver {}",
+        after - at_cancel,
+        driver(&api)
+    );
+}

@@ -404,3 +404,85 @@ async fn adversary_a_stalled_driver_resurrects_a_drain_cancelled_after_its_adopt
         driver(&api)
     );
 }
+
+/// Attack: one renewal of the driver's claim hangs (an HTTP request the API server never
+/// answers: the agent's call gives up only after its 10 s timeout). The claim expires after the
+/// owner lease, the node's other agent process adopts the drain and drives it, while the first
+/// process, which never learned it lost the claim, goes on evicting until its renewal finally
+/// fails. Two processes drive the node's drain at once (P4): evictions are not fenced by the
+/// claim's lease.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "adversary finding: a hung claim renewal lets the other agent adopt while the first keeps evicting: two drivers at once"]
+async fn adversary_a_hung_claim_renewal_gives_two_drivers_at_once() {
+    let (api, _dir, kubeconfig) = cluster();
+    for i in 0..16 {
+        api.add_pod(web(&format!("web-{i:02}")).grace_period(1));
+    }
+    let config = "metrics:\n  enabled: false\ndrain:\n  retryInitial: 100ms\n  retryMax: 500ms\n  deletionPoll: 200ms\n  concurrency: 2\n  ownerLease: 3s\n";
+    let start = |pod: &str| {
+        Agent::builder()
+            .config(config)
+            .with_token()
+            .env("POD_NAME", pod)
+            .connected(&kubeconfig, NODE)
+            .start()
+    };
+    let old = start("nk-old");
+    let mut a = NodeAgentClient::connect(old.grpc_url()).await.unwrap();
+    let mut stream_a = a
+        .drain(nodekeeper_tests::bearer(request("hung", 120)))
+        .await
+        .expect("drain accepted")
+        .into_inner();
+    // Every event the old process streams, with when it arrived.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(e)) = stream_a.message().await {
+            log.lock().unwrap().push((std::time::Instant::now(), e));
+        }
+    });
+    within(20, async {
+        while admitted(&api) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let _new = start("nk-new");
+    // The old process's next write of the Node (its claim renewal) gets no answer.
+    api.inject(Fault::on("PATCH", &format!("/api/v1/nodes/{NODE}"), FaultKind::Hold).times(1));
+    let driver = |api: &FakeApi| -> String {
+        api.node(NODE)
+            .and_then(|n| {
+                n["metadata"]["annotations"]["nodekeeper.io/drain"]
+                    .as_str()
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok())
+                    .and_then(|v| v["driver"].as_str().map(str::to_string))
+            })
+            .unwrap_or_default()
+    };
+    within(30, async {
+        while !driver(&api).starts_with("nk-new#") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let adopted = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    api.release_held();
+    reader.abort();
+    let late: Vec<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(at, _)| *at > adopted + Duration::from_millis(500))
+        .filter_map(|(_, e)| match &e.event {
+            Some(Event::Evicting(p)) => Some(p.name.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        late.is_empty(),
+        "the old process went on evicting {late:?} after the new one adopted the drain"
+    );
+}

@@ -105,7 +105,6 @@ fn unix_now() -> u64 {
 /// whose routes are not installed yet during startup, a proxy in front of it that lost the
 /// route). A 404 from the eviction POST is not a GET of the pod: nothing proves it gone.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: an eviction answered 404 counts the pod as gone without a GET; the drain completes while it runs"]
 async fn adversary_eviction_404_is_taken_as_gone_while_the_pod_runs() {
     let (api, _dir, kubeconfig) = cluster();
     api.add_pod(web("web-0"));

@@ -1149,9 +1149,37 @@ impl DrainController {
                     tracing::info!(pod = %pod.key(), message = %s.message, "eviction conflicted and the pod still exists; retrying");
                     jitter(backoff)
                 }
+                Ok(Err(kube::Error::Api(s)))
+                    if s.code == 404 && !self.gone_per_api(&api, pod).await.unwrap_or(false) =>
+                {
+                    // A 404 from the eviction POST is not proof (#16-g): a proxy or an API server
+                    // still installing its routes answers 404 for a pod that runs. Only a GET of
+                    // the pod (404, or another UID) proves it gone; until then, evict it again.
+                    self.count_retry("error");
+                    tracing::warn!(pod = %pod.key(), message = %s.message, "eviction answered 404 but the pod still exists; retrying");
+                    jitter(backoff)
+                }
                 Ok(Err(kube::Error::Api(s))) if s.code == 404 || s.code == 409 => {
-                    // Gone already (404), or the name now belongs to another UID (a 409 from the
-                    // UID precondition, confirmed by the GET above).
+                    // Gone already (404 confirmed by the GET above), or the name now belongs to
+                    // another UID (a 409 from the UID precondition, confirmed by the GET above).
+                    self.metrics
+                        .evictions
+                        .get_or_create(&vec![("result", "already_gone")])
+                        .inc();
+                    self.unblock(run, pod);
+                    run.emit(Ev::Deleted(pod.pod_ref()));
+                    return Ok(());
+                }
+                Ok(Err(kube::Error::Api(s)))
+                    if s.code == 429
+                        && is_budget_refusal(&s)
+                        && attempt > 1
+                        && self.gone_per_api(&api, pod).await.unwrap_or(false) =>
+                {
+                    // The budget refuses the old UID's eviction although that pod is gone (a
+                    // same-name replacement now counts against the budget): retrying would wait
+                    // for the deadline. From the second refusal on, one GET settles it.
+                    tracing::info!(pod = %pod.key(), "budget refusal for a pod that is gone; counted as gone");
                     self.metrics
                         .evictions
                         .get_or_create(&vec![("result", "already_gone")])

@@ -137,7 +137,6 @@ async fn adversary_eviction_404_is_taken_as_gone_while_the_pod_runs() {
 /// `operator: Exists`, which the scheduler places on a cordoned node; or one created with
 /// `spec.nodeName` set). The drain lists once, so it reports completed while that pod runs.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: pods that land on the node after the drain's single LIST are never evicted; completed while they run"]
 async fn adversary_pod_arriving_after_the_plan_is_left_running_at_completed() {
     let (api, _dir, kubeconfig) = cluster();
     // Terminating for 3 s once evicted: the window in which the late pod arrives.
@@ -171,7 +170,6 @@ async fn adversary_pod_arriving_after_the_plan_is_left_running_at_completed() {
 /// the drain completes while it runs. The LIST after a restart already leaves out pods that are
 /// gone, so `done` can only ever hide a live one.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: a resumed drain trusts the annotation's done list; a live pod named there is never evicted and the drain completes"]
 async fn adversary_resume_trusts_a_done_list_naming_a_live_pod() {
     let (api, _dir, kubeconfig) = cluster();
     let pod = api.add_pod(web("web-0"));

@@ -980,45 +980,67 @@ impl DrainController {
         )
         .await;
 
-        let plan = plan::plan(
-            &self.list_pods().await.map_err(fail)?,
-            &params.plan_options().map_err(fail)?,
-        );
-        let status = run.update(|s| {
-            let planned = plan_status(params, DrainPhase::Evicting, &plan);
-            s.phase = DrainPhase::Evicting as i32;
-            s.plan = planned.plan;
-            s.skipped = planned.skipped;
-        });
-        run.emit(Ev::Planned(status));
-        if !plan.refused.is_empty() {
-            let list: Vec<String> = plan
-                .refused
-                .iter()
-                .map(|(p, why)| format!("{p} {why}"))
-                .collect();
-            return Err(Outcome::Failed(format!(
-                "cannot drain: {}",
-                list.join("; ")
-            )));
-        }
-        self.save(params, DrainPhase::Evicting, &done_now(), "")
-            .await
-            .map_err(fail)?;
-
-        let todo: Vec<PlannedPod> = {
-            let d = done.lock().expect("not poisoned");
-            plan.evict
-                .iter()
-                .filter(|p| !d.contains(&p.uid))
-                .cloned()
-                .collect()
-        };
-        self.metrics.remaining.set(todo.len() as i64);
-        // Evictions run while the slot is watched: a lost slot pauses them (keep_slot).
-        tokio::select! {
-            r = self.evict_all(run, params, done, todo) => r,
-            r = self.keep_slot(run, &slot) => r,
+        let opts = params.plan_options().map_err(fail)?;
+        // Rounds (#16-h, #16-i): every round plans from a fresh LIST of the node's pods and
+        // evicts every evictable pod in it, the ones in the annotation's `done` list included
+        // (a UID that is listed exists: `done` is no proof). The drain completes only when a
+        // LIST taken after the last eviction shows none; pods that landed meanwhile are evicted
+        // in the next round, until none are left or the deadline.
+        let mut round = 1u32;
+        loop {
+            let plan = plan::plan(&self.list_pods().await.map_err(fail)?, &opts);
+            if round == 1 {
+                let status = run.update(|s| {
+                    let planned = plan_status(params, DrainPhase::Evicting, &plan);
+                    s.phase = DrainPhase::Evicting as i32;
+                    s.plan = planned.plan;
+                    s.skipped = planned.skipped;
+                });
+                run.emit(Ev::Planned(status));
+            }
+            if !plan.refused.is_empty() {
+                let list: Vec<String> = plan
+                    .refused
+                    .iter()
+                    .map(|(p, why)| format!("{p} {why}"))
+                    .collect();
+                return Err(Outcome::Failed(format!(
+                    "cannot drain: {}",
+                    list.join("; ")
+                )));
+            }
+            if round == 1 {
+                self.save(params, DrainPhase::Evicting, &done_now(), "")
+                    .await
+                    .map_err(fail)?;
+            }
+            let todo = plan.evict;
+            if todo.is_empty() {
+                return Ok(());
+            }
+            if round > 1 {
+                tracing::info!(id = %params.id, round, pods = todo.len(), "pods on the node after the last eviction; evicting them too");
+                run.update(|s| {
+                    for p in &todo {
+                        let key = p.to_pb();
+                        if !s.plan.iter().any(|q| q.uid == key.uid) {
+                            s.plan.push(key);
+                        }
+                    }
+                });
+            }
+            if round > 2 {
+                // A pod that keeps coming back (a controller re-creating it here): do not spin
+                // on the API; the deadline ends this.
+                tokio::time::sleep(self.config.retry_initial.get()).await;
+            }
+            self.metrics.remaining.set(todo.len() as i64);
+            // Evictions run while the slot is watched: a lost slot pauses them (keep_slot).
+            tokio::select! {
+                r = self.evict_all(run, params, done.clone(), todo) => r?,
+                r = self.keep_slot(run, &slot) => r?,
+            }
+            round += 1;
         }
     }
 

@@ -980,45 +980,67 @@ impl DrainController {
         )
         .await;
 
-        let plan = plan::plan(
-            &self.list_pods().await.map_err(fail)?,
-            &params.plan_options().map_err(fail)?,
-        );
-        let status = run.update(|s| {
-            let planned = plan_status(params, DrainPhase::Evicting, &plan);
-            s.phase = DrainPhase::Evicting as i32;
-            s.plan = planned.plan;
-            s.skipped = planned.skipped;
-        });
-        run.emit(Ev::Planned(status));
-        if !plan.refused.is_empty() {
-            let list: Vec<String> = plan
-                .refused
-                .iter()
-                .map(|(p, why)| format!("{p} {why}"))
-                .collect();
-            return Err(Outcome::Failed(format!(
-                "cannot drain: {}",
-                list.join("; ")
-            )));
-        }
-        self.save(params, DrainPhase::Evicting, &done_now(), "")
-            .await
-            .map_err(fail)?;
-
-        let todo: Vec<PlannedPod> = {
-            let d = done.lock().expect("not poisoned");
-            plan.evict
-                .iter()
-                .filter(|p| !d.contains(&p.uid))
-                .cloned()
-                .collect()
-        };
-        self.metrics.remaining.set(todo.len() as i64);
-        // Evictions run while the slot is watched: a lost slot pauses them (keep_slot).
-        tokio::select! {
-            r = self.evict_all(run, params, done, todo) => r,
-            r = self.keep_slot(run, &slot) => r,
+        let opts = params.plan_options().map_err(fail)?;
+        // Rounds (#16-h, #16-i): every round plans from a fresh LIST of the node's pods and
+        // evicts every evictable pod in it, the ones in the annotation's `done` list included
+        // (a UID that is listed exists: `done` is no proof). The drain completes only when a
+        // LIST taken after the last eviction shows none; pods that landed meanwhile are evicted
+        // in the next round, until none are left or the deadline.
+        let mut round = 1u32;
+        loop {
+            let plan = plan::plan(&self.list_pods().await.map_err(fail)?, &opts);
+            if round == 1 {
+                let status = run.update(|s| {
+                    let planned = plan_status(params, DrainPhase::Evicting, &plan);
+                    s.phase = DrainPhase::Evicting as i32;
+                    s.plan = planned.plan;
+                    s.skipped = planned.skipped;
+                });
+                run.emit(Ev::Planned(status));
+            }
+            if !plan.refused.is_empty() {
+                let list: Vec<String> = plan
+                    .refused
+                    .iter()
+                    .map(|(p, why)| format!("{p} {why}"))
+                    .collect();
+                return Err(Outcome::Failed(format!(
+                    "cannot drain: {}",
+                    list.join("; ")
+                )));
+            }
+            if round == 1 {
+                self.save(params, DrainPhase::Evicting, &done_now(), "")
+                    .await
+                    .map_err(fail)?;
+            }
+            let todo = plan.evict;
+            if todo.is_empty() {
+                return Ok(());
+            }
+            if round > 1 {
+                tracing::info!(id = %params.id, round, pods = todo.len(), "pods on the node after the last eviction; evicting them too");
+                run.update(|s| {
+                    for p in &todo {
+                        let key = p.to_pb();
+                        if !s.plan.iter().any(|q| q.uid == key.uid) {
+                            s.plan.push(key);
+                        }
+                    }
+                });
+            }
+            if round > 2 {
+                // A pod that keeps coming back (a controller re-creating it here): do not spin
+                // on the API; the deadline ends this.
+                tokio::time::sleep(self.config.retry_initial.get()).await;
+            }
+            self.metrics.remaining.set(todo.len() as i64);
+            // Evictions run while the slot is watched: a lost slot pauses them (keep_slot).
+            tokio::select! {
+                r = self.evict_all(run, params, done.clone(), todo) => r?,
+                r = self.keep_slot(run, &slot) => r?,
+            }
+            round += 1;
         }
     }
 
@@ -1149,9 +1171,37 @@ impl DrainController {
                     tracing::info!(pod = %pod.key(), message = %s.message, "eviction conflicted and the pod still exists; retrying");
                     jitter(backoff)
                 }
+                Ok(Err(kube::Error::Api(s)))
+                    if s.code == 404 && !self.gone_per_api(&api, pod).await.unwrap_or(false) =>
+                {
+                    // A 404 from the eviction POST is not proof (#16-g): a proxy or an API server
+                    // still installing its routes answers 404 for a pod that runs. Only a GET of
+                    // the pod (404, or another UID) proves it gone; until then, evict it again.
+                    self.count_retry("error");
+                    tracing::warn!(pod = %pod.key(), message = %s.message, "eviction answered 404 but the pod still exists; retrying");
+                    jitter(backoff)
+                }
                 Ok(Err(kube::Error::Api(s))) if s.code == 404 || s.code == 409 => {
-                    // Gone already (404), or the name now belongs to another UID (a 409 from the
-                    // UID precondition, confirmed by the GET above).
+                    // Gone already (404 confirmed by the GET above), or the name now belongs to
+                    // another UID (a 409 from the UID precondition, confirmed by the GET above).
+                    self.metrics
+                        .evictions
+                        .get_or_create(&vec![("result", "already_gone")])
+                        .inc();
+                    self.unblock(run, pod);
+                    run.emit(Ev::Deleted(pod.pod_ref()));
+                    return Ok(());
+                }
+                Ok(Err(kube::Error::Api(s)))
+                    if s.code == 429
+                        && is_budget_refusal(&s)
+                        && attempt > 1
+                        && self.gone_per_api(&api, pod).await.unwrap_or(false) =>
+                {
+                    // The budget refuses the old UID's eviction although that pod is gone (a
+                    // same-name replacement now counts against the budget): retrying would wait
+                    // for the deadline. From the second refusal on, one GET settles it.
+                    tracing::info!(pod = %pod.key(), "budget refusal for a pod that is gone; counted as gone");
                     self.metrics
                         .evictions
                         .get_or_create(&vec![("result", "already_gone")])

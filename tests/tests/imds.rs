@@ -401,3 +401,179 @@ async fn a_spot_notice_skips_the_fleet_lock_and_preempts_a_waiting_rotation_drai
     );
     assert_eq!(s.api.node(NODE).unwrap()["spec"]["unschedulable"], true);
 }
+
+/// The drain record on node-a.
+fn drain_record(api: &FakeApi) -> serde_json::Value {
+    let node = api.node(NODE).expect("node");
+    serde_json::from_str(
+        node["metadata"]["annotations"]["nodekeeper.io/drain"]
+            .as_str()
+            .expect("drain annotation"),
+    )
+    .expect("json")
+}
+
+/// Issue #16/#20: a notice's drain claims the Node exactly as a gRPC Drain does. Two agent
+/// processes of node-a (a rollout's overlap) poll the same IMDS: one drives the spot drain, the
+/// other follows the Node's record (no second driver, no `DrainFailed`); an orchestrator's Drain
+/// on either is refused naming the notice's drain, its requester and its driver; the driver
+/// SIGKILLed mid-drain and its container restarted, the drain goes on under one driver and
+/// completes, the pinned pod admitted once.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_imds_drain_claims_the_node_like_a_grpc_drain_on_both_agent_processes() {
+    let api = FakeApi::builder().other_node("node-other").start();
+    api.add_node(NODE, &[]);
+    api.add_node("node-other", &[]);
+    api.add_replicaset(
+        "db",
+        "pinned-rs",
+        &[("app", "pinned")],
+        1,
+        &[("app", "pinned")],
+    );
+    api.add_pod(
+        PodSeed::new("pinned-0")
+            .namespace("db")
+            .node(NODE)
+            .label("app", "pinned")
+            .replicaset("pinned-rs"),
+    );
+    // Never lets the pod go until the test relaxes it: the notice's drain keeps running.
+    api.add_pdb(
+        "db",
+        "pinned-pdb",
+        &[("app", "pinned")],
+        nodekeeper_tests::fake_api::PdbLimit::MinAvailable(1),
+        None,
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let imds = FakeImds::start();
+    let config = format!(
+        "metrics:\n  enabled: false\ndrain:\n  retryInitial: 100ms\n  retryMax: 500ms\n  deletionPoll: 200ms\n  \
+         ownerLease: 3s\n  imds:\n    enabled: true\n    endpoint: {}\n    interval: 200ms\n",
+        imds.url()
+    );
+    let agent = |pod: &str| {
+        Agent::builder()
+            .config(&config)
+            .with_token()
+            .env("POD_NAME", pod)
+            .connected(&kubeconfig, NODE)
+            .start()
+    };
+    let mut procs = vec![
+        (String::from("nodekeeper-old"), agent("nodekeeper-old")),
+        (String::from("nodekeeper-new"), agent("nodekeeper-new")),
+    ];
+
+    let time = jiff::Timestamp::from_second(unix(SystemTime::now()) + 120)
+        .unwrap()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    let id = format!("imds-spot-{time}");
+    imds.post_spot("terminate", &time);
+    wait_for(
+        Duration::from_secs(20),
+        "the notice's drain evicting",
+        || {
+            let n = api.node(NODE)?;
+            let rec = n["metadata"]["annotations"]["nodekeeper.io/drain"].as_str()?;
+            rec.contains("\"phase\":\"evicting\"").then_some(())
+        },
+    );
+    // Both processes have polled the notice many times since.
+    let polls = imds.requests().len();
+    wait_for(
+        Duration::from_secs(10),
+        "both pollers seeing the notice",
+        || (imds.requests().len() >= polls + 20).then_some(()),
+    );
+    let rec = drain_record(&api);
+    assert_eq!(rec["id"], id.as_str());
+    assert_eq!(rec["requester"], "imds");
+    assert_eq!(rec["principal"], "agent:imds");
+    let driver = rec["driver"].as_str().unwrap().to_string();
+    let driver_pod = driver.split('#').next().unwrap().to_string();
+    assert!(
+        procs.iter().any(|(pod, _)| *pod == driver_pod),
+        "driver {driver}"
+    );
+    let failed: Vec<_> = api
+        .events()
+        .into_iter()
+        .filter(|e| e["reason"] == "DrainFailed")
+        .collect();
+    assert!(failed.is_empty(), "a second driver: {failed:?}");
+
+    // The orchestrator's rotation drain, on either process: refused, naming the owner.
+    for (pod, a) in &procs {
+        let mut c = client(a).await;
+        let refused = within(
+            10,
+            c.drain(nodekeeper_tests::bearer(
+                nodekeeper_tests::drain_scenario::request("rot"),
+            )),
+        )
+        .await
+        .expect_err("refused while the notice's drain runs");
+        assert_eq!(
+            refused.code(),
+            tonic::Code::FailedPrecondition,
+            "{pod}: {refused:?}"
+        );
+        for part in [
+            format!("{id:?}"),
+            "requester \"imds\"".to_string(),
+            format!("driven by {driver}"),
+            "\"rot\"".to_string(),
+        ] {
+            assert!(
+                refused.message().contains(&part),
+                "{pod}: {part} not in {refused:?}"
+            );
+        }
+        // GetDrain on either answers with the notice's drain.
+        let st = get_drain(&mut c).await.expect("a drain");
+        assert_eq!(st.id, id);
+        assert_eq!(st.requester, "imds");
+    }
+
+    // The driver dies mid-drain (SIGKILL) and its container restarts: one driver goes on.
+    let at = procs.iter().position(|(p, _)| *p == driver_pod).unwrap();
+    let (pod, mut killed) = procs.remove(at);
+    killed.proc.signal("KILL");
+    killed.proc.wait_exit(Duration::from_secs(10));
+    procs.push((pod.clone(), agent(&pod)));
+    wait_for(Duration::from_secs(20), "a new driver", || {
+        let d = drain_record(&api)["driver"].as_str()?.to_string();
+        (d != driver).then_some(d)
+    });
+    // The budget lets go: the drain completes.
+    api.edit(
+        nodekeeper_tests::fake_api::Res::PodDisruptionBudgets,
+        "db",
+        "pinned-pdb",
+        |pdb| pdb["spec"]["minAvailable"] = serde_json::json!(0),
+    );
+    wait_for(
+        Duration::from_secs(30),
+        "the notice's drain completed",
+        || (drain_record(&api)["phase"] == "completed").then_some(()),
+    );
+    assert_eq!(drain_record(&api)["id"], id.as_str());
+    let admitted = api
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/pinned-0/eviction") && r.status == 201)
+        .count();
+    assert_eq!(admitted, 1);
+    let failed: Vec<_> = api
+        .events()
+        .into_iter()
+        .filter(|e| e["reason"] == "DrainFailed")
+        .collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(api.pods_on(NODE).is_empty(), "{:?}", api.pods_on(NODE));
+}

@@ -487,13 +487,16 @@ impl DrainController {
                     let done = c.done.iter().cloned().collect();
                     Ok((Some(adopted), drive(DrainParams::from_persisted(c), done)))
                 }
+                // The refusal names the drain, who asked for it and who drives it, so an
+                // orchestrator refused by an IMDS notice's drain knows why (issue #16/#20).
                 (standing, false) => Err(DrainError::Conflict(format!(
-                    "drain {:?} is running{}; a second drain ({:?}) is refused",
+                    "drain {:?} (requester {:?}) is running, {}; a second drain ({:?}) is refused",
                     c.id,
+                    c.requester,
                     match standing {
-                        Standing::Live(d) => format!(" (driven by {d})"),
-                        Standing::Mine => String::new(),
-                        Standing::Free => " (its agent is gone; it is being adopted)".into(),
+                        Standing::Live(d) => format!("driven by {d}"),
+                        Standing::Mine => format!("driven by {me}"),
+                        Standing::Free => "its agent is gone and it is being adopted".into(),
                     },
                     params.id
                 ))),
@@ -783,7 +786,7 @@ impl DrainController {
     }
 
     /// Polls the Node until the drain `id` ends or its driver lets go, then adopts it.
-    async fn stand_by(self: Arc<Self>, id: String) {
+    pub async fn stand_by(self: Arc<Self>, id: String) {
         let every = self.config.owner_lease.get() / 3;
         loop {
             tokio::select! {

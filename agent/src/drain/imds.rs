@@ -9,6 +9,10 @@
 //! seen again re-attaches to its drain instead of starting another, and the poller never starts
 //! the same id twice.
 //!
+//! A notice's drain is claimed on the Node (`DrainController::claim`) before it starts, exactly
+//! as a gRPC Drain is: during a rollout both agent processes of the node poll the same notices,
+//! and only the one the Node names drives it; the other stands by to adopt it.
+//!
 //! A scheduled-maintenance event is drained from `NotBefore - maintenanceLeadTime`, not when it
 //! is first seen. A spot notice skips the fleet lock and cancels a running drain that is not a
 //! spot drain (issue #20): the instance is gone in two minutes.
@@ -29,7 +33,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::engine::{DrainController, DrainParams};
+use super::engine::{Claim, DrainController, DrainParams};
 use super::{DrainError, is_terminal};
 use crate::config::ConfigDuration;
 use crate::pb;
@@ -460,22 +464,43 @@ async fn start(
             return true;
         }
     };
-    let mut result = controller.start(params.clone(), Default::default());
+    // Claimed on the Node first, exactly as a gRPC Drain is: the record names the driver, so
+    // the node's other agent process (which polls the same notices during a rollout) follows
+    // it instead of driving a second copy, and a resume knows who owns it.
+    let mut claimed = controller.claim(params.clone()).await;
     if spot
-        && matches!(result, Err(DrainError::Conflict(_)))
-        && let Some(running) = controller.current().filter(|r| !r.finished())
+        && matches!(claimed, Err(DrainError::Conflict(_)))
+        && let Some(running) = controller
+            .current()
+            .filter(|r| !r.finished() && r.id != notice.id)
         && !running.id.starts_with("imds-spot-")
     {
         tracing::warn!(id = %notice.id, preempted = %running.id, "EC2 spot interruption: cancelling the running drain to drain for the interruption");
         let _ = controller.cancel(&running.id).await;
+        // Its end is on the Node once its final event is out (engine::run saves, then emits).
         let ended = async {
-            while !running.finished() {
+            while !running.attach().0.iter().any(super::is_final_event) {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         };
         let _ = tokio::time::timeout(PREEMPT_WAIT, ended).await;
-        result = controller.start(params, Default::default());
+        claimed = controller.claim(params).await;
     }
+    // A running drain driven by the other agent process is preempted by that process's own
+    // poller (it sees the same notice); this one retries next poll.
+    let result = match claimed {
+        Ok(Claim::Drive { params, done }) => controller.start(params, done),
+        Ok(Claim::Follow(p)) => {
+            tracing::info!(id = %p.id, driver = %p.driver, "EC2 notice: its drain is driven by the other agent process on this node; standing by to adopt it if that process goes");
+            tokio::spawn(controller.clone().stand_by(p.id));
+            return true;
+        }
+        Ok(Claim::Ended(p)) => {
+            tracing::info!(id = %p.id, "EC2 notice: its drain already ran");
+            return true;
+        }
+        Err(e) => Err(e),
+    };
     match result {
         Ok(run) if run.id == notice.id && !is_terminal(run.status().phase()) => {
             tracing::warn!(id = %notice.id, reason = %notice.reason, deadline = ?until, "EC2 notice: draining");

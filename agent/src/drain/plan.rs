@@ -16,7 +16,7 @@ use crate::pb;
 pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 pub const DEFAULT_LEADER_SELECTOR: &str = "nodekeeper.io/role=leader";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Class {
     NotReady,
     Regular,
@@ -117,6 +117,7 @@ fn is_finished(pod: &Pod) -> bool {
 
 pub fn plan(pods: &[Pod], opts: &PlanOptions) -> Plan {
     let mut out = Plan::default();
+    let mut evict: Vec<(PlannedPod, String)> = Vec::new();
     for pod in pods {
         let m = &pod.metadata;
         let (ns, name) = (
@@ -176,23 +177,55 @@ pub fn plan(pods: &[Pod], opts: &PlanOptions) -> Plan {
         } else {
             Class::Regular
         };
-        out.evict.push(PlannedPod {
-            namespace: ns,
-            name,
-            uid: m.uid.clone().unwrap_or_default(),
-            class,
-            priority: pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0),
-        });
+        // The workload a budget usually covers: its controller (an unowned pod is its own).
+        let workload = match controller {
+            Some(c) => format!("{ns}/{}/{}", c.kind, c.name),
+            None => format!("{ns}/{name}"),
+        };
+        evict.push((
+            PlannedPod {
+                namespace: ns,
+                name,
+                uid: m.uid.clone().unwrap_or_default(),
+                class,
+                priority: pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0),
+            },
+            workload,
+        ));
     }
-    out.evict.sort_by(|a, b| {
-        (a.class, a.priority, &a.namespace, &a.name).cmp(&(
+    out.evict = interleave_workloads(evict);
+    out
+}
+
+/// Class, then priority, then round-robin across workloads: the first pod of each workload,
+/// then the second of each, and so on (by name within a workload). With a few evictions in
+/// flight, a name order would fill every slot with one workload's pods, all but its budget's
+/// allowance refused and backing off while the other budgets sit idle (bench_drain showed the
+/// budgets worked one after another: docs/benchmarks.md); interleaved, every budget is pressed
+/// at once, as `kubectl drain` does by evicting everything in parallel.
+fn interleave_workloads(mut evict: Vec<(PlannedPod, String)>) -> Vec<PlannedPod> {
+    evict.sort_by(|(a, wa), (b, wb)| {
+        (a.class, a.priority, wa, &a.namespace, &a.name).cmp(&(
             b.class,
             b.priority,
+            wb,
             &b.namespace,
             &b.name,
         ))
     });
-    out
+    let mut seen: HashMap<(Class, i32, String), usize> = HashMap::new();
+    let mut ranked: Vec<(usize, PlannedPod, String)> = evict
+        .into_iter()
+        .map(|(p, w)| {
+            let n = seen.entry((p.class, p.priority, w.clone())).or_default();
+            *n += 1;
+            (*n, p, w)
+        })
+        .collect();
+    ranked.sort_by(|(ra, a, wa), (rb, b, wb)| {
+        (a.class, a.priority, ra, wa).cmp(&(b.class, b.priority, rb, wb))
+    });
+    ranked.into_iter().map(|(_, p, _)| p).collect()
 }
 
 #[cfg(test)]
@@ -217,11 +250,14 @@ mod tests {
         fn owner(self, kind: &str) -> Self {
             self.owner_in("apps/v1", kind)
         }
-        fn owner_in(mut self, api_version: &str, kind: &str) -> Self {
+        fn owner_in(self, api_version: &str, kind: &str) -> Self {
+            self.owned_by(api_version, kind, "o")
+        }
+        fn owned_by(mut self, api_version: &str, kind: &str, name: &str) -> Self {
             self.0.metadata.owner_references = Some(vec![OwnerReference {
                 api_version: api_version.into(),
                 kind: kind.into(),
-                name: "o".into(),
+                name: name.into(),
                 controller: Some(true),
                 ..Default::default()
             }]);
@@ -299,6 +335,42 @@ mod tests {
             .collect();
         assert_eq!(skipped, ["ds:daemonset", "static:mirror"]);
         assert!(plan.refused.is_empty());
+    }
+
+    /// bench_drain's finding (docs/benchmarks.md): in name order, the 8 evictions in flight were
+    /// all one workload's pods, one budget worked at a time.
+    #[test]
+    fn workloads_interleave_within_a_class_and_priority_so_every_budget_is_pressed_at_once() {
+        let rs = |name: &str, owner: &str| P::new(name).owned_by("apps/v1", "ReplicaSet", owner);
+        let pods = vec![
+            rs("a-0", "a").0,
+            rs("a-1", "a").0,
+            rs("a-2", "a").0,
+            rs("b-0", "b").0,
+            rs("b-1", "b").0,
+            rs("c-0", "c").0,
+            P::new("lonely").unowned().0,
+            rs("a-sick", "a").ready(false).0,
+            rs("b-urgent", "b").priority(5).0,
+        ];
+        let plan = plan(
+            &pods,
+            &PlanOptions {
+                evict_unreplicated: true,
+                ..opts()
+            },
+        );
+        let order: Vec<_> = plan.evict.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            order,
+            [
+                "a-sick", // not Ready first
+                "a-0", "b-0", "c-0", "lonely", // then one of each workload
+                "a-1", "b-1",      // the second of each
+                "a-2",      // the third
+                "b-urgent", // higher priority after lower, as before
+            ]
+        );
     }
 
     #[test]

@@ -154,9 +154,9 @@ fn is_empty(s: &Scenario) -> bool {
     left == drain_scenario::expected_remaining()
 }
 
-/// Spawns `cmd`, polls until node-a is empty and the process has exited; the wall time to empty
-/// and the index of the last request sent before the exit.
-fn measure(s: &Scenario, mut cmd: Command, log: &Path) -> Result<(f64, usize), String> {
+/// Spawns `cmd`, polls until node-a is empty and the process has exited; the wall time to empty,
+/// the index of the last request sent before the exit, and when the process started.
+fn measure(s: &Scenario, mut cmd: Command, log: &Path) -> Result<(f64, usize, Instant), String> {
     let f = std::fs::File::create(log).map_err(|e| e.to_string())?;
     cmd.stdout(f.try_clone().map_err(|e| e.to_string())?)
         .stderr(f)
@@ -183,7 +183,7 @@ fn measure(s: &Scenario, mut cmd: Command, log: &Path) -> Result<(f64, usize), S
                     s.api.pods_on(NODE)
                 ));
             };
-            return Ok((t.as_secs_f64(), end));
+            return Ok((t.as_secs_f64(), end, start));
         }
         if start.elapsed() > RUN_LIMIT {
             let _ = child.kill();
@@ -192,6 +192,42 @@ fn measure(s: &Scenario, mut cmd: Command, log: &Path) -> Result<(f64, usize), S
         }
         std::thread::sleep(POLL);
     }
+}
+
+/// From the request log: per budget (the scenario's `dN` apps, one budget each), when its first
+/// and last eviction was admitted and how many were refused, in seconds from the tool's start.
+/// Shows whether a tool works the budgets in parallel or one after another.
+fn budget_timeline(requests: &[RecordedRequest], start: Instant) -> String {
+    use std::collections::BTreeMap;
+    // app -> (first admitted, last admitted, admitted, refused)
+    let mut by_app: BTreeMap<String, (f64, f64, usize, usize)> = BTreeMap::new();
+    for r in requests.iter().filter(|r| r.path.ends_with("/eviction")) {
+        let pod = r.path.rsplit('/').nth(1).unwrap_or_default();
+        let Some((app, _)) = pod.rsplit_once('-') else {
+            continue;
+        };
+        let t = r.at.saturating_duration_since(start).as_secs_f64();
+        let e = by_app
+            .entry(app.to_string())
+            .or_insert((f64::MAX, 0.0, 0, 0));
+        if r.status == 429 {
+            e.3 += 1;
+        } else if r.status < 300 {
+            e.0 = e.0.min(t);
+            e.1 = e.1.max(t);
+            e.2 += 1;
+        }
+    }
+    let mut out = String::from(
+        "bench_drain:   budget | first admitted s | last admitted s | admitted | 429\n",
+    );
+    for (app, (first, last, admitted, refused)) in by_app.iter().filter(|(a, _)| a.starts_with('d'))
+    {
+        out.push_str(&format!(
+            "bench_drain:   {app} | {first:.1} | {last:.1} | {admitted} | {refused}\n"
+        ));
+    }
+    out
 }
 
 fn tally(s: &Scenario, from: usize, to: usize, seconds: f64) -> Run {
@@ -222,8 +258,9 @@ fn kubectl_run(fake: Fake) -> Result<Run, String> {
     // A fresh HOME: no discovery cache from an earlier run, nothing written to the real one.
     .env("HOME", s.dir.path());
     let from = s.api.requests().len();
-    let (seconds, to) = measure(&s, cmd, &s.dir.path().join("kubectl.log"))
+    let (seconds, to, start) = measure(&s, cmd, &s.dir.path().join("kubectl.log"))
         .map_err(|e| format!("kubectl drain: {e}"))?;
+    eprint!("{}", budget_timeline(&s.api.requests()[from..to], start));
     Ok(tally(&s, from, to, seconds))
 }
 
@@ -268,12 +305,16 @@ fn nodekeeper_run(fake: Fake) -> Result<Run, String> {
         "--token-file",
     ])
     .arg(&token);
-    let (seconds, to) = measure(&s, cmd, &s.dir.path().join("cli.log")).map_err(|e| {
+    let (seconds, to, start) = measure(&s, cmd, &s.dir.path().join("cli.log")).map_err(|e| {
         format!(
             "nodekeeper drain: {e}\nagent log:\n{}",
             agent.proc.log_text()
         )
     })?;
+    eprint!(
+        "{}",
+        budget_timeline(&s.api.requests()[drain_from..to], start)
+    );
     let mut run = tally(&s, from, to, seconds);
     run.startup = drain_from - from;
     Ok(run)

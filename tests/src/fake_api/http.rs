@@ -156,6 +156,7 @@ async fn handle(AxState(store): AxState<Arc<Store>>, req: Request) -> Response {
         user: authenticate(&headers)
             .map(|who| who.user())
             .unwrap_or_default(),
+        at: std::time::Instant::now(),
     });
     resp
 }

@@ -120,6 +120,8 @@ pub struct RecordedRequest {
     /// Who made it (section 13): `fake-admin`, `system:serviceaccount:NS:NAME`, or empty for an
     /// unknown token.
     pub user: String,
+    /// When the answer was ready (timelines in bench_drain).
+    pub at: std::time::Instant,
 }
 
 /// A PodDisruptionBudget's health at one moment.

@@ -114,7 +114,14 @@ struct sock {
 	__u32 sk_ack_backlog;
 	__u32 sk_max_ack_backlog;
 };
+struct inet_connection_sock {
+	struct {
+		__u32 lrcvtime;
+	} icsk_ack;
+};
 struct tcp_sock {
+	struct inet_connection_sock inet_conn;
+	__u32 lsndtime;
 	__u32 copied_seq;
 	__u32 write_seq;
 	__u32 rcv_nxt;
@@ -161,11 +168,13 @@ struct census_socket {
 	__u32 wqueue;     /* listeners: accept queue limit; others: bytes not yet acknowledged */
 	__u32 retransmits;
 	__u32 srtt_us8;   /* tcp_sock.srtt_us (RTT << 3); 0 for TIME_WAIT and request sockets */
+	__u32 idle_jiffies; /* since data was last sent or received, whichever is later (tcp_info) */
 	__u64 inode;      /* 0 for TIME_WAIT and request sockets */
 	__u8 local[16];   /* IPv4: first 4 bytes */
 	__u8 remote[16];
 };
 /* The layout tests/src/bpf_census.rs decodes (inode is 8-aligned: 4 bytes of padding before). */
+_Static_assert(__builtin_offsetof(struct census_socket, idle_jiffies) == 28, "census_socket.idle");
 _Static_assert(__builtin_offsetof(struct census_socket, inode) == 32, "census_socket.inode");
 _Static_assert(__builtin_offsetof(struct census_socket, local) == 40, "census_socket.local");
 _Static_assert(sizeof(struct census_socket) == 72, "census_socket size");
@@ -179,6 +188,8 @@ enum {
 	STAT_WALKS,       /* completed walks */
 	STAT_WALKER_NETNS, /* namespace whose table was walked */
 	STAT_MOVED,       /* chains that ended in another bucket's nulls: a socket moved under us */
+	STAT_JIFFIES,     /* jiffies and CLOCK_MONOTONIC ns at the walk's start: the reader */
+	STAT_KTIME_NS,    /* learns the kernel's HZ from two walks (idle times are in jiffies) */
 	STAT_COUNT,
 };
 
@@ -260,6 +271,11 @@ static __always_inline struct hlist_nulls_node *emit(struct hlist_nulls_node *no
 			out->wqueue = BPF_CORE_READ(tp, write_seq) - BPF_CORE_READ(tp, snd_una);
 			out->retransmits = BPF_CORE_READ(tp, total_retrans);
 			out->srtt_us8 = BPF_CORE_READ(tp, srtt_us);
+			/* As tcp_get_info(): 32-bit jiffies deltas, wrapping like the kernel's. */
+			__u32 now = bpf_jiffies64();
+			__u32 sent = now - BPF_CORE_READ(tp, lsndtime);
+			__u32 recv = now - BPF_CORE_READ(tp, inet_conn.icsk_ack.lrcvtime);
+			out->idle_jiffies = sent < recv ? sent : recv;
 		}
 	}
 	bpf_ringbuf_submit(out, 0);
@@ -353,6 +369,8 @@ int census_walk(struct bpf_iter__bpf_map *ctx)
 	struct net *net = BPF_CORE_READ(task, nsproxy, net_ns);
 	struct inet_hashinfo *h = BPF_CORE_READ(net, ipv4.tcp_death_row.hashinfo);
 	stat_set(STAT_WALKER_NETNS, BPF_CORE_READ(net, ns.inum));
+	stat_set(STAT_JIFFIES, bpf_jiffies64());
+	stat_set(STAT_KTIME_NS, bpf_ktime_get_ns());
 	if (!h) {
 		stat_add(STAT_FAULTS, 1);
 		return 0;

@@ -101,7 +101,7 @@ def main():
             s = socket.socket(family(c["addr"]), socket.SOCK_STREAM)
             if "src" in c or "src_port" in c:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind((c.get("src", "0.0.0.0"), c.get("src_port", 0)))
+                s.bind((c.get("src", "::" if ":" in c["addr"] else "0.0.0.0"), c.get("src_port", 0)))
             s.settimeout(10)
             try:
                 s.connect((c["addr"], c["port"]))

@@ -13,9 +13,9 @@
 //! `read_namespaces`: TCP sockets from the walk; UDP count, listen counters and the ephemeral
 //! range read per namespace as the agent does (setns into each, small /proc files). A namespace
 //! created with `net.ipv4.tcp_child_ehash_entries` has a table of its own, walked from inside it.
-//! What the walk does not read: idleness (`tcp_info` last data times are in jiffies, whose rate
-//! a BPF object loaded by aya cannot learn), so every connection counts as active, as with the
-//! procfs fallback.
+//! Idleness: `tcp_info`'s last-data times are jiffies; the program emits them as jiffies and
+//! the loader learns the kernel's HZ from two walks 200 ms apart (aya cannot resolve
+//! `CONFIG_HZ` as a `__kconfig` extern).
 //!
 //! When BPF is not allowed (no CAP_BPF/CAP_PERFMON, seccomp, no BTF, kernel older than 5.17 for
 //! `bpf_loop`), [`OnePass::load`] fails with the reason and the caller falls back to the
@@ -43,7 +43,7 @@ pub const OBJECT_PATH: &str = "tests/bpf/tcp_census.bpf.o";
 const PROGRAM: &str = "census_walk";
 /// Size of `struct census_socket` in tcp_census.bpf.c (layout pinned there by static asserts:
 /// netns 0, family 4, state 5, ports 6 and 8, queues 12 and 16, retransmits 20, srtt 24,
-/// inode 32, local 40, remote 56).
+/// idle jiffies 28, inode 32, local 40, remote 56).
 const RECORD: usize = 72;
 /// Ring buffer record header (aya/kernel: 8 bytes).
 const RECORD_HEADER: usize = 8;
@@ -60,7 +60,13 @@ const STAT_BUCKETS: u32 = 4;
 const STAT_WALKS: u32 = 5;
 const STAT_WALKER_NETNS: u32 = 6;
 const STAT_MOVED: u32 = 7;
-const STAT_COUNT: u32 = 8;
+const STAT_JIFFIES: u32 = 8;
+const STAT_KTIME_NS: u32 = 9;
+const STAT_COUNT: u32 = 10;
+/// The kernel's possible CONFIG_HZ values.
+const HZ_CHOICES: [u64; 4] = [100, 250, 300, 1000];
+/// Between the two calibration walks that tell HZ.
+const HZ_CALIBRATION: std::time::Duration = std::time::Duration::from_millis(200);
 /// Walks tried when sockets move between chains under the lockless walk.
 const WALK_ATTEMPTS: usize = 3;
 
@@ -81,12 +87,17 @@ pub struct WalkStats {
     pub buckets: u64,
     /// Namespace inode of the table's walker (the reading thread's namespace).
     pub walker_netns: u64,
+    /// jiffies and CLOCK_MONOTONIC nanoseconds when the walk started.
+    pub jiffies: u64,
+    pub ktime_ns: u64,
 }
 
 /// The loaded program, its ring buffer and counters; one walk at a time.
 pub struct OnePass {
     ebpf: Ebpf,
     events: RingBuf<MapData>,
+    /// The kernel's jiffies per second.
+    hz: u64,
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> OnePassError {
@@ -128,7 +139,32 @@ impl OnePass {
             .take_map("EVENTS")
             .ok_or_else(|| unavailable("tcp_census.bpf.o", "no EVENTS map"))?;
         let events = RingBuf::try_from(events).map_err(|e| unavailable("EVENTS", e))?;
-        Ok(Self { ebpf, events })
+        let mut one_pass = Self {
+            ebpf,
+            events,
+            hz: 0,
+        };
+        one_pass.hz = one_pass.learn_hz()?;
+        Ok(one_pass)
+    }
+
+    /// jiffies per second, from two walks (that keep no socket) HZ_CALIBRATION apart.
+    fn learn_hz(&mut self) -> Result<u64, OnePassError> {
+        let first = self.walk_retrying(&mut HashMap::new())?;
+        std::thread::sleep(HZ_CALIBRATION);
+        let second = self.walk_retrying(&mut HashMap::new())?;
+        let ns = second.ktime_ns.saturating_sub(first.ktime_ns);
+        let jiffies = second.jiffies.saturating_sub(first.jiffies);
+        hz_from(jiffies, ns).ok_or_else(|| {
+            unavailable(
+                "the kernel's HZ",
+                format!("{jiffies} jiffies in {ns} ns match none of {HZ_CHOICES:?}"),
+            )
+        })
+    }
+
+    pub fn hz(&self) -> u64 {
+        self.hz
     }
 
     fn stats(&self) -> Result<Array<&MapData, u64>, OnePassError> {
@@ -177,7 +213,7 @@ impl OnePass {
             .map_err(|e| unavailable("reading the iterator", e))?;
         drop(iterator);
         while let Some(item) = self.events.next() {
-            if let Some((netns, socket)) = decode(&item)
+            if let Some((netns, socket)) = decode(&item, self.hz)
                 && let Some(sockets) = out.get_mut(&netns)
             {
                 sockets.push(socket);
@@ -201,6 +237,8 @@ impl OnePass {
             sockets: get(STAT_SOCKETS),
             buckets: get(STAT_BUCKETS),
             walker_netns: get(STAT_WALKER_NETNS),
+            jiffies: get(STAT_JIFFIES),
+            ktime_ns: get(STAT_KTIME_NS),
         })
     }
 
@@ -346,8 +384,20 @@ fn small_files(sockets: Vec<Socket>) -> NetnsReading {
     }
 }
 
-/// One `struct census_socket` (tcp_census.bpf.c) -> (namespace inode, socket).
-pub fn decode(b: &[u8]) -> Option<(u64, Socket)> {
+/// The HZ_CHOICES value within 10% of `jiffies` per `ns`, if any.
+pub fn hz_from(jiffies: u64, ns: u64) -> Option<u64> {
+    if ns == 0 {
+        return None;
+    }
+    let measured = jiffies as f64 * 1e9 / ns as f64;
+    HZ_CHOICES
+        .into_iter()
+        .find(|hz| (measured - *hz as f64).abs() <= *hz as f64 * 0.1)
+}
+
+/// One `struct census_socket` (tcp_census.bpf.c) -> (namespace inode, socket); `hz` converts
+/// its idle time (jiffies) to milliseconds.
+pub fn decode(b: &[u8], hz: u64) -> Option<(u64, Socket)> {
     if b.len() < RECORD {
         return None;
     }
@@ -361,6 +411,7 @@ pub fn decode(b: &[u8]) -> Option<(u64, Socket)> {
     let local_port = u16_at(6);
     let remote_port = u16::from_be(u16_at(8));
     let (rqueue, wqueue, retransmits, srtt8) = (u32_at(12), u32_at(16), u32_at(20), u32_at(24));
+    let idle_jiffies = u64::from(u32_at(28));
     let inode = u64::from_le_bytes(b[32..40].try_into().ok()?);
     let addr = |o: usize| -> Option<IpAddr> {
         match family {
@@ -388,7 +439,9 @@ pub fn decode(b: &[u8]) -> Option<(u64, Socket)> {
             inode,
             retransmits,
             rtt_us: (full && state != TcpState::Listen).then_some(srtt8 >> 3),
-            last_data_ms: None,
+            // As tcp_info's last_data_sent/recv (jiffies_to_msecs), the later of the two.
+            last_data_ms: (full && state != TcpState::Listen && hz > 0)
+                .then(|| u32::try_from(idle_jiffies * 1000 / hz).unwrap_or(u32::MAX)),
         },
     ))
 }
@@ -406,6 +459,7 @@ mod tests {
         b[8..10].copy_from_slice(&54321u16.to_be_bytes());
         b[12..16].copy_from_slice(&7u32.to_le_bytes());
         b[24..28].copy_from_slice(&(1000u32 << 3).to_le_bytes());
+        b[28..32].copy_from_slice(&500u32.to_le_bytes());
         b[32..40].copy_from_slice(&99u64.to_le_bytes());
         b[40..44].copy_from_slice(&[10, 0, 0, 1]);
         b[56..60].copy_from_slice(&[10, 0, 0, 2]);
@@ -414,28 +468,43 @@ mod tests {
 
     #[test]
     fn decodes_an_ipv4_established_socket_with_ports_in_their_byte_orders() {
-        let (netns, s) = decode(&record(AF_INET, 1)).unwrap();
+        let (netns, s) = decode(&record(AF_INET, 1), 250).unwrap();
         assert_eq!(netns, 4026532000);
         assert_eq!(s.state, TcpState::Established);
         assert_eq!(s.local, "10.0.0.1:8080".parse().unwrap());
         assert_eq!(s.remote, "10.0.0.2:54321".parse().unwrap());
         assert_eq!((s.rqueue, s.inode, s.rtt_us), (7, 99, Some(1000)));
+        // 500 jiffies at HZ 250: two seconds without data.
+        assert_eq!(s.last_data_ms, Some(2000));
+    }
+
+    #[test]
+    fn hz_is_the_nearest_kernel_value_within_ten_percent() {
+        assert_eq!(hz_from(50, 200_000_000), Some(250));
+        assert_eq!(hz_from(201, 200_000_000), Some(1000));
+        assert_eq!(hz_from(61, 200_000_000), Some(300));
+        assert_eq!(hz_from(40, 200_000_000), None);
+        assert_eq!(hz_from(50, 0), None);
     }
 
     #[test]
     fn request_sockets_are_syn_recv_and_time_wait_has_no_rtt() {
         assert_eq!(
-            decode(&record(AF_INET, TCP_NEW_SYN_RECV)).unwrap().1.state,
+            decode(&record(AF_INET, TCP_NEW_SYN_RECV), 250)
+                .unwrap()
+                .1
+                .state,
             TcpState::SynRecv
         );
-        assert_eq!(decode(&record(AF_INET, 6)).unwrap().1.rtt_us, None);
+        let time_wait = decode(&record(AF_INET, 6), 250).unwrap().1;
+        assert_eq!((time_wait.rtt_us, time_wait.last_data_ms), (None, None));
     }
 
     #[test]
     fn short_records_unknown_families_and_states_are_refused() {
-        assert!(decode(&record(AF_INET, 1)[..RECORD - 1]).is_none());
-        assert!(decode(&record(1, 1)).is_none());
-        assert!(decode(&record(AF_INET, 99)).is_none());
+        assert!(decode(&record(AF_INET, 1)[..RECORD - 1], 250).is_none());
+        assert!(decode(&record(1, 1), 250).is_none());
+        assert!(decode(&record(AF_INET, 99), 250).is_none());
     }
 
     #[test]
@@ -443,7 +512,7 @@ mod tests {
         let mut b = record(AF_INET6, 1);
         b[40..56].copy_from_slice(&Ipv6Addr::LOCALHOST.octets());
         b[56..72].copy_from_slice(&"fd00::2".parse::<Ipv6Addr>().unwrap().octets());
-        let (_, s) = decode(&b).unwrap();
+        let (_, s) = decode(&b, 250).unwrap();
         assert_eq!(s.local, "[::1]:8080".parse().unwrap());
         assert_eq!(s.remote, "[fd00::2]:54321".parse().unwrap());
     }

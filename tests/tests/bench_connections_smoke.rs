@@ -9,7 +9,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use nodekeeper::metrics::connections::{NetnsReading, SourcePreference, TcpState, read_namespaces};
+use nodekeeper::config::ConfigDuration;
+use nodekeeper::metrics::connections::{
+    ConnectionsConfig, NetnsReading, SourcePreference, TcpState, read_namespaces, summarize,
+};
 use nodekeeper_tests::bpf_census::{OnePass, OnePassError, census_with_fallback};
 use nodekeeper_tests::netns_pods::{Holder, Netns, link};
 use nodekeeper_tests::{require_root, require_tool, workspace_root};
@@ -117,6 +120,19 @@ fn socket_set(r: &NetnsReading) -> Vec<(String, String, String)> {
         .collect();
     v.sort();
     v
+}
+
+/// (remote, established, active, idle) of each pool, idle after 1 s.
+fn pools(r: &NetnsReading) -> Vec<(String, u64, u64, u64)> {
+    let config = ConnectionsConfig {
+        idle_after: ConfigDuration(std::time::Duration::from_secs(1)),
+        ..ConnectionsConfig::default()
+    };
+    summarize(r, None, &config)
+        .pools
+        .iter()
+        .map(|p| (p.remote.clone(), p.established, p.active, p.idle))
+        .collect()
 }
 
 fn state_counts(r: &NetnsReading) -> BTreeMap<String, u64> {
@@ -228,6 +244,8 @@ fn one_pass_bpf_census_equals_sock_diag_and_ss_socket_for_socket_as_root() {
     let own = OwnTableNetns::new(&parent);
     let mut own_holder = loopback_pairs(&own.path(), 20);
 
+    // Silent connections become idle (idleAfter 1 s) while active ones tick every 100 ms.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
     let paths = vec![srv.path(), pod.path(), own.path()];
     let mut one_pass = OnePass::load(65_536).expect("the one-pass census loads as root");
     let bpf = one_pass.read_namespaces(&paths).expect("one-pass census");
@@ -254,7 +272,13 @@ fn one_pass_bpf_census_equals_sock_diag_and_ss_socket_for_socket_as_root() {
         assert_eq!(socket_set(b), socket_set(d), "{:?}", paths[i]);
         assert_eq!(listener_queues(b), listener_queues(d), "{:?}", paths[i]);
         assert_eq!(b.udp_sockets, d.udp_sockets, "{:?}", paths[i]);
+        assert_eq!(pools(b), pools(d), "{:?}: pools (active/idle)", paths[i]);
     }
+    let pod_pools = pools(bpf[1].as_ref().unwrap());
+    assert!(
+        pod_pools.contains(&(format!("{srv_ip}:5432"), 37, 10, 27)),
+        "37 to :5432, 10 active, 27 idle: {pod_pools:?}"
+    );
     let (b_srv, b_pod) = (bpf[0].as_ref().unwrap(), bpf[1].as_ref().unwrap());
     assert_eq!(state_counts(b_srv), srv.ss().tcp_states(), "srv vs ss");
     assert_eq!(state_counts(b_pod), pod.ss().tcp_states(), "pod vs ss");

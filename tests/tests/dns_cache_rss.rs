@@ -1,8 +1,9 @@
 //! `dns.cache.maxBytes` bounds the running agent's memory (issue #22): the agent, in a memory
 //! cgroup of its own, caches many distinct names from an upstream that answers every query, and
 //! the cgroup's peak (`memory.peak`: everything the agent ever had charged, sampled by the
-//! kernel, not by the test's timing) stays within `maxBytes` plus the documented fixed base
-//! above the idle agent. Inside a network namespace of the test's own, on its loopback.
+//! kernel, not by the test's timing) stays within the documented bound above the idle agent:
+//! `maxBytes` times the allocator's fragmentation factor, plus a fixed base. Inside a network
+//! namespace of the test's own, on its loopback.
 //!
 //! The defaults here fill an 8 MiB cache three times over in about a minute of a debug build.
 //! The issue's measurement (1,000,000 distinct names at the default maxBytes) is the same test
@@ -17,10 +18,14 @@ use nodekeeper_tests::memcg::{DAEMONSET_MEMORY_LIMIT, MemoryCgroup};
 use nodekeeper_tests::netns_pods::Netns;
 use nodekeeper_tests::{Agent, free_port, require_root, require_tool, sample, wait_for};
 
-/// What the agent may hold above its idle self besides the cache's `maxBytes`: glibc's arena
-/// slack and fragmentation under churn, the in-flight queries (`maxInFlight`), socket buffers
-/// and tokio's tasks (docs/dns.md, memory model). Measured: see docs/benchmarks.md.
-const FIXED_BASE: u64 = 24 << 20;
+/// What the agent may hold above its idle self besides the cache: the in-flight queries
+/// (`maxInFlight`), socket buffers and tokio's tasks (docs/dns.md, memory model).
+const FIXED_BASE: u64 = 8 << 20;
+/// The heap a churning cache really takes from the system per byte it holds (`maxBytes`
+/// bounds the live heap, checked by tests/tests/dns_cache_memory.rs): glibc cannot give back
+/// the holes evicted entries leave between live ones. Measured 1.69 (1M names, 64 MiB) and
+/// 1.85 (60,000 names, 8 MiB, where the base weighs more): docs/benchmarks.md.
+const FRAGMENTATION: (u64, u64) = (7, 4);
 
 /// Answers every query with its question and one A record (TTL 300) at once, from a thread.
 fn answering_upstream(addr: SocketAddr) {
@@ -150,9 +155,10 @@ fn peak_memory_after_many_distinct_names_stays_within_max_bytes_and_the_base_as_
         "the names were cached: {entries} entries, {counted} bytes"
     );
     assert!(counted <= max_bytes as f64, "{counted} > maxBytes");
+    let bound = idle + max_bytes * FRAGMENTATION.0 / FRAGMENTATION.1 + FIXED_BASE;
     assert!(
-        peak <= idle + max_bytes + FIXED_BASE,
-        "peak {peak} > idle {idle} + maxBytes {max_bytes} + base {FIXED_BASE}"
+        peak <= bound,
+        "peak {peak} > idle {idle} + maxBytes {max_bytes} x 7/4 + base {FIXED_BASE} = {bound}"
     );
     drop(agent);
 }

@@ -71,7 +71,7 @@ impl Drop for PeerSlot {
 }
 
 /// The one budget for server-streaming RPCs that live as long as the client wants
-/// (`WatchMetrics`, KEDA's `StreamIsActive` and `StreamMetricSpec`): `api.maxWatchStreams` in
+/// (`WatchMetrics`, KEDA's `StreamIsActive` and `StreamMetricSpec`, grpc.health.v1 `Watch`): `api.maxWatchStreams` in
 /// all, at most half of it per client address, so one client cannot hold them all.
 #[derive(Debug, Clone)]
 pub struct StreamBudget(Arc<PeerCaps>);
@@ -87,7 +87,7 @@ impl StreamBudget {
         let ip = peer.unwrap_or(IpAddr::from([0, 0, 0, 0]));
         self.0.take(ip).ok_or_else(|| {
             tonic::Status::resource_exhausted(format!(
-                "streaming RPC budget exhausted (api.maxWatchStreams: {} in all, {} per client address, shared by WatchMetrics, StreamIsActive and StreamMetricSpec)",
+                "streaming RPC budget exhausted (api.maxWatchStreams: {} in all, {} per client address, shared by WatchMetrics, StreamIsActive, StreamMetricSpec and Health/Watch)",
                 self.0.total(),
                 self.0.per_peer()
             ))

@@ -8,7 +8,8 @@ use std::time::Duration;
 use nodekeeper_tests::{Agent, wait_for};
 
 /// A UDP socket bound to the cache's address and port with SO_REUSEPORT by python `script_tail`
-/// (which gets `s`, the bound socket, and must print `bound` and keep the socket alive); returns
+/// (which gets `bound()`, making that socket, and `ADDR`, the cache's (ip, port), and must print
+/// `bound` and keep the socket alive); returns
 /// whether `nodekeeper_dns_foreign_sockets` reached 1 within 15 s, and what `ss` showed.
 fn stranger_is_reported(name: &str, script_tail: &str) -> (bool, String) {
     use nodekeeper_tests::dns_peers::{
@@ -41,7 +42,10 @@ fn stranger_is_reported(name: &str, script_tail: &str) -> (bool, String) {
          \x20   s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n\
          \x20   s.bind(('{}', {}))\n\
          \x20   return s\n\
+         ADDR = ('{}', {})\n\
          {script_tail}\n",
+        listen.ip(),
+        listen.port(),
         listen.ip(),
         listen.port()
     );
@@ -656,4 +660,27 @@ fn adversary_guard_interval_zero_panics_instead_of_naming_the_flag_as_root() {
             out.status
         );
     }
+}
+
+/// Issue #15, 2c: a dual-stack IPv6 socket bound to `::ffff:<cache address>` on the DNS port
+/// (SO_REUSEPORT) sits in the kernel's tables for the cache's IPv4 address, but /proc/net/udp6
+/// lists it as an IPv6 address: the check compared it as one and never reported it.
+#[test]
+fn a_v4_mapped_ipv6_stranger_on_the_cache_address_is_reported_as_root() {
+    if !p4_tools() {
+        return;
+    }
+    let (reported, ss) = stranger_is_reported(
+        "adv-mapped",
+        "s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n\
+         s.bind(('::ffff:' + ADDR[0], ADDR[1]))\n\
+         print('bound', flush=True)\n\
+         time.sleep(120)",
+    );
+    assert!(
+        reported,
+        "a v4-mapped dual-stack socket on the cache's address was never reported; ss:\n{ss}"
+    );
 }

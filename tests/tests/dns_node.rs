@@ -1128,3 +1128,99 @@ dns:
         readyz(&ns, "127.0.0.1:19750").0.then_some(())
     });
 }
+
+/// `probe.test` over TCP through the kube-dns ClusterIP: the answer's address, or None.
+fn ask_tcp(ns: &Netns) -> Option<String> {
+    let out = output(ns.command("dig").args([
+        "+short",
+        "+tcp",
+        "+time=1",
+        "+tries=1",
+        "@10.96.0.10",
+        "probe.test",
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .next()
+        .filter(|l| l.parse::<std::net::Ipv4Addr>().is_ok())
+        .map(str::to_string)
+}
+
+/// Issue #15, 2e: a listener that dies after the first bind (here the kernel destroys the
+/// cache's TCP listeners, `ss -K`, and accept fails with EINVAL) left the rules steering pods'
+/// TCP queries at a port nobody accepted on, for ever. Now the cache notices the listener's end,
+/// closes the others and binds all of them again (or, when that fails, removes its rules): TCP
+/// queries through the ClusterIP are answered again.
+#[test]
+fn a_dns_listener_that_dies_is_bound_again_and_tcp_through_the_cluster_ip_answers_as_root() {
+    if !can_run(&["ip", "iptables-save", "dnsmasq", "dig", "ss"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new("dns-listener-dies");
+    like_a_node(&ns, &["10.0.0.54/32"]);
+    let _kube_dns = dnsmasq(&ns, dir.path(), "kube-dns", "10.0.0.53", "10.0.0.1");
+    let _upstream = dnsmasq(&ns, dir.path(), "upstream", "10.0.0.54", "10.0.0.2");
+    let cfg = write_config(
+        dir.path(),
+        "agent.yaml",
+        "shutdownTimeout: 10s
+dns:
+  enabled: true
+  listenIps: [\"169.254.20.10\"]
+  clusterIps: [\"10.96.0.10\"]
+  lameDuck: 0s
+  node: {manageInterface: false, rules: iptables, checkInterval: 1s}
+  upstreams:
+    clusterZones: []
+    default: {servers: [\"10.0.0.54\"]}
+",
+    );
+    let mut cmd = ns.command(agent_bin().to_str().unwrap());
+    cmd.args(["run", "--standalone", "--config"])
+        .arg(&cfg)
+        .args([
+            "--metrics-listen",
+            "127.0.0.1:19750",
+            "--api-listen",
+            "127.0.0.1:19751",
+            "--state-dir",
+        ])
+        .arg(dir.path().join("state"));
+    let agent = Proc::spawn("agent", cmd, dir.path());
+    wait_for(
+        Duration::from_secs(20),
+        "the cache answers TCP on the ClusterIP",
+        || (ask_tcp(&ns).as_deref() == Some("10.0.0.2")).then_some(()),
+    );
+    // The kernel destroys the cache's TCP listeners (never kube-dns's on 10.0.0.53).
+    for addr in ["10.96.0.10:53", "169.254.20.10:53"] {
+        ok(ns.command("ss").args(["-K", "-tln", "src", addr]));
+    }
+    let answer = wait_for(
+        Duration::from_secs(30),
+        "TCP through the ClusterIP answered again",
+        || ask_tcp(&ns),
+    );
+    assert!(
+        agent.log_text().contains("a dns listener died"),
+        "the death is logged: {}",
+        agent.log_text()
+    );
+    assert!(
+        answer == "10.0.0.2" || answer == "10.0.0.1",
+        "answered by the cache or kube-dns: {answer}"
+    );
+    assert_eq!(
+        ask(&ns).as_deref(),
+        Some("10.0.0.2"),
+        "UDP through the rebound cache: {}",
+        agent.log_text()
+    );
+    let listening = ok(ns.command("ss").args(["-tlnH", "src", "10.96.0.10:53"]));
+    assert!(
+        listening.contains("LISTEN"),
+        "the TCP listener is bound again: {listening:?}\n{}",
+        agent.log_text()
+    );
+}

@@ -310,7 +310,7 @@ pub async fn run(args: AggregateArgs) -> Result<(), AggregateError> {
         );
         let scaler =
             ScalerService::new(Arc::new(FleetSource(fleet.clone())), refresh, token.clone());
-        let (health_service, mirror) = crate::api::health_service(h.clone(), &token);
+        let (health_service, mirror) = crate::api::health_service(h.clone(), &token, None);
         h.set(CAPABILITY, HealthState::Serving, "");
         let result = tonic::transport::Server::builder()
             .add_service(ExternalScalerServer::new(scaler))

@@ -3,7 +3,8 @@
 //! and being decoded. Over the cap (in all, or for one client address) it is answered
 //! RESOURCE_EXHAUSTED at once, so a client that starts thousands of requests and never finishes
 //! their bodies cannot make the agent hold them all. Long-lived response streams are not
-//! counted here (their handler returned); they have their own budget (`bounds::StreamBudget`).
+//! counted here (their handler returned); they have their own budget (`bounds::StreamBudget`:
+//! WatchMetrics, KEDA's streams and grpc.health.v1 Watch).
 
 use std::future::Future;
 use std::pin::Pin;

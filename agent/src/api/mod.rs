@@ -482,9 +482,12 @@ fn serving_status(state: HealthState) -> ServingStatus {
 /// grpc.health.v1 whose Watch streams end with status OK at shutdown, like WatchMetrics.
 /// tonic-health's never end on their own, so one open Watch held the graceful shutdown until the
 /// runtime's deadline, and its client saw UNAVAILABLE instead of a clean end.
+/// Watch streams live as long as their client wants, like WatchMetrics: they take a slot of the
+/// same budget (issue #15), when the server has one.
 pub(crate) struct ShutdownAwareHealth {
     inner: HealthService,
     shutdown: CancellationToken,
+    streams: Option<crate::bounds::StreamBudget>,
 }
 
 type HealthWatchStream =
@@ -506,9 +509,18 @@ impl HealthApi for ShutdownAwareHealth {
         req: Request<HealthCheckRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         use futures::StreamExt as _;
+        let slot = match &self.streams {
+            Some(budget) => Some(budget.take(req.remote_addr().map(|a| a.ip()))?),
+            None => None,
+        };
         let stream = self.inner.watch(req).await?.into_inner();
         let until = self.shutdown.clone().cancelled_owned();
-        Ok(Response::new(Box::pin(stream.take_until(until))))
+        // The slot lives in the stream, so it comes back when the stream is dropped.
+        let stream = stream.take_until(until).map(move |item| {
+            let _held = &slot;
+            item
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 
@@ -699,11 +711,12 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ApiError>
 }
 
 /// grpc.health.v1 mirroring `health` until `token` is cancelled (then "" is NOT_SERVING and
-/// open Watch streams end with OK). Shared by the agent and the aggregator; abort the returned
-/// task once the server stopped.
+/// open Watch streams end with OK), its Watch streams counted in `streams` when given. Shared
+/// by the agent and the aggregator; abort the returned task once the server stopped.
 pub(crate) fn health_service(
     health: Health,
     token: &CancellationToken,
+    streams: Option<crate::bounds::StreamBudget>,
 ) -> (
     HealthServer<ShutdownAwareHealth>,
     tokio::task::JoinHandle<()>,
@@ -712,6 +725,7 @@ pub(crate) fn health_service(
     let service = HealthServer::new(ShutdownAwareHealth {
         inner: HealthService::from_health_reporter(reporter.clone()),
         shutdown: token.clone(),
+        streams,
     })
     .max_decoding_message_size(MAX_HEALTH_MESSAGE);
     let mirror = tokio::spawn(mirror_health(health, reporter, token.clone()));
@@ -771,7 +785,8 @@ pub async fn serve(
         )
         .max_decoding_message_size(MAX_REQUEST_MESSAGE)
     });
-    let (health_service, mirror) = health_service(health.clone(), &token);
+    let (health_service, mirror) =
+        health_service(health.clone(), &token, Some(service.streams.clone()));
     let router = tonic::transport::Server::builder()
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))

@@ -153,9 +153,26 @@ impl DnsCapability {
     }
 
     pub async fn run(self, health: Health, token: CancellationToken) -> Result<(), DnsError> {
-        let Some(sockets) = self.bind_until_bound(&health, &token).await? else {
-            return Ok(());
-        };
+        loop {
+            let Some(sockets) = self.bind_until_bound(&health, &token).await? else {
+                return Ok(());
+            };
+            if self.serve(sockets, &health, &token).await? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Steers the node at `sockets` and serves them until `token` is cancelled (true, after the
+    /// shutdown), or until one listener dies (false): a dead listener's port is a black hole
+    /// for the pods steered at it, so the others stop too and the caller binds every listener
+    /// again; where that fails, the rules go (issue #15, 2e).
+    async fn serve(
+        &self,
+        sockets: BoundSockets,
+        health: &Health,
+        token: &CancellationToken,
+    ) -> Result<bool, DnsError> {
         // Rules go in only now: steering pods at an address nobody answers is a black hole.
         if let Some(w) = &self.wiring {
             w.setup().await.map_err(DnsError::Wiring)?;
@@ -179,14 +196,32 @@ impl DnsCapability {
         tracing::info!(listen = ?self.handle.listen, "dns cache serving");
         let mut tick = tokio::time::interval(self.config.node.check_interval.get());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
+        let died = loop {
             tokio::select! {
-                _ = token.cancelled() => break,
-                _ = tick.tick() => self.check(&health).await,
+                _ = token.cancelled() => break None,
+                _ = tick.tick() => self.check(health).await,
+                Some(ended) = loops.join_next() => break Some(ended),
             }
-        }
-        self.shut_down(&health, serving, loops).await;
-        Ok(())
+        };
+        let Some(ended) = died else {
+            self.shut_down(health, serving, loops).await;
+            return Ok(true);
+        };
+        let why = match ended {
+            Ok(()) => "its socket failed".to_string(),
+            Err(e) => format!("its task ended: {e}"),
+        };
+        tracing::error!(why = %why, "a dns listener died; binding every listener again");
+        health.set(
+            CAPABILITY,
+            HealthState::Degraded,
+            format!("a listener died ({why}); binding again"),
+        );
+        // Every socket closed before binding again; if the new bind fails, `bind_until_bound`
+        // removes the rules (nobody answers then) and retries with backoff.
+        serving.cancel();
+        while loops.join_next().await.is_some() {}
+        Ok(false)
     }
 
     /// Binds every listener, all or none. While that fails (port 53 refused without

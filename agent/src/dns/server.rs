@@ -741,7 +741,32 @@ const TCP_HANDOVER_IDLE: Duration = Duration::from_millis(100);
 /// 1 s the UDP one takes (see `DRAIN_MAX`).
 const TCP_HANDOVER_MAX: Duration = Duration::from_millis(600);
 
+/// Pause after a transient accept error (EMFILE...), so it is not retried in a busy loop.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+
+/// Accept errors that say nothing about the listener (a connection reset before it was
+/// accepted, out of fds or memory): the next accept may work.
+fn accept_error_is_transient(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    matches!(
+        e.raw_os_error().map(Errno::from_raw),
+        Some(
+            Errno::ECONNABORTED
+                | Errno::ECONNRESET
+                | Errno::EMFILE
+                | Errno::ENFILE
+                | Errno::ENOBUFS
+                | Errno::ENOMEM
+                | Errno::EINTR
+                | Errno::EAGAIN
+                | Errno::EPROTO
+                | Errno::EPERM
+        )
+    ) || e.raw_os_error().is_none()
+}
+
 /// Accepts TCP connections until `token` is cancelled; each is served until idle or closed.
+/// Returns early when the listener fails for good (see `accept_error_is_transient`).
 /// A connection over its client's share or over the total is closed as soon as it is accepted.
 /// On cancellation it hands over without resetting a connection (issue #22): new connections
 /// are steered to the successor's listener (`tcp_handover`), those the kernel already queued
@@ -770,7 +795,17 @@ pub async fn serve_tcp(server: Arc<DnsServer>, listener: TcpListener, token: Can
             _ = token.cancelled() => break,
             r = listener.accept() => match r {
                 Ok((stream, peer)) => serve(stream, peer),
-                Err(e) => tracing::debug!(error = %e, "tcp accept"),
+                Err(e) if accept_error_is_transient(&e) => {
+                    tracing::debug!(error = %e, "tcp accept");
+                    // Out of fds or memory: give the connections a moment to end.
+                    tokio::time::sleep(ACCEPT_RETRY).await;
+                }
+                // The listener itself is gone (destroyed with `ss -K`, EINVAL; a bad fd):
+                // ending lets the cache stop steering pods at a port nobody accepts on.
+                Err(e) => {
+                    tracing::error!(error = %e, "dns tcp listener failed; it stops");
+                    return;
+                }
             },
         }
     }

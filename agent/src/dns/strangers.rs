@@ -11,7 +11,7 @@
 //! A gauge, a warning log and an Event name them. It only reads.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -51,36 +51,17 @@ impl std::fmt::Display for Stranger {
     }
 }
 
-/// Parses `/proc/net/{udp,tcp}[6]`: each socket's local address, state and inode.
+/// Parses `/proc/net/{udp,tcp}[6]`: each socket's local address, state and inode. Addresses as
+/// the connection metrics read them: a v4-mapped IPv6 address (`::ffff:a.b.c.d`, a dual-stack
+/// socket) is the IPv4 address, since it takes that address's traffic (issue #15).
 pub fn parse_proc_net(text: &str) -> Vec<(SocketAddr, String, u64)> {
     text.lines()
         .skip(1)
         .filter_map(|line| {
             let f: Vec<&str> = line.split_whitespace().collect();
-            let (ip_hex, port_hex) = f.get(1)?.split_once(':')?;
-            let port = u16::from_str_radix(port_hex, 16).ok()?;
-            // The kernel prints each 32-bit word of the network-order address as a native
-            // integer, so native byte order turns it back.
-            let word = |i: usize| -> Option<[u8; 4]> {
-                Some(
-                    u32::from_str_radix(ip_hex.get(i * 8..i * 8 + 8)?, 16)
-                        .ok()?
-                        .to_ne_bytes(),
-                )
-            };
-            let ip = match ip_hex.len() {
-                8 => IpAddr::V4(Ipv4Addr::from(word(0)?)),
-                32 => {
-                    let mut b = [0u8; 16];
-                    for i in 0..4 {
-                        b[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
-                    }
-                    IpAddr::V6(Ipv6Addr::from(b))
-                }
-                _ => return None,
-            };
+            let addr = crate::metrics::connections::procfs::parse_addr(f.get(1)?)?;
             let inode = f.get(9)?.parse().ok()?;
-            Some((SocketAddr::new(ip, port), f.get(3)?.to_string(), inode))
+            Some((addr, f.get(3)?.to_string(), inode))
         })
         .collect()
 }
@@ -265,6 +246,43 @@ pub async fn watch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
+
+    /// Issue #15, 2c: a dual-stack IPv6 socket bound to `::ffff:<cache address>` on the DNS
+    /// port is in the kernel's tables for that IPv4 address: it is a member like any other.
+    #[test]
+    fn a_v4_mapped_ipv6_socket_on_our_address_is_a_group_member() {
+        let dir = tempfile::tempdir().unwrap();
+        let net = dir.path().join("self/net");
+        std::fs::create_dir_all(&net).unwrap();
+        let header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n";
+        // 127.0.15.1 as each /proc word prints it (native order of the network-order bytes).
+        let v4 = format!("{:08X}", u32::from_ne_bytes([127, 0, 15, 1]));
+        let mapped = format!(
+            "{:08X}{:08X}{:08X}{v4}",
+            0,
+            0,
+            u32::from_ne_bytes([0, 0, 0xff, 0xff])
+        );
+        std::fs::write(
+            net.join("udp"),
+            format!("{header}   1: {v4}:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1001 2 0000000000000000 0\n"),
+        )
+        .unwrap();
+        std::fs::write(
+            net.join("udp6"),
+            format!("{header}   2: {mapped}:0035 00000000000000000000000000000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1002 2 0000000000000000 0\n"),
+        )
+        .unwrap();
+        let ours: SocketAddr = "127.0.15.1:53".parse().unwrap();
+        let members = group_members(dir.path(), &[ours]);
+        assert_eq!(members.get(&1001), Some(&(ours, "udp")));
+        assert_eq!(
+            members.get(&1002),
+            Some(&(ours, "udp")),
+            "the v4-mapped socket: {members:?}"
+        );
+    }
 
     #[test]
     fn proc_net_lines_give_address_state_and_inode() {

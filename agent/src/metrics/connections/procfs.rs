@@ -61,8 +61,9 @@ fn parse_tcp_line(line: &str) -> Option<Option<Socket>> {
 }
 
 /// `0100007F:1F90` (IPv4) or 32 hex digits (IPv6): each 32-bit word printed as the native-endian
-/// integer holding the network-order bytes; the port in host order.
-fn parse_addr(s: &str) -> Option<SocketAddr> {
+/// integer holding the network-order bytes; the port in host order. A v4-mapped IPv6 address is
+/// returned as the IPv4 address (also what `dns::strangers` matches against the cache's).
+pub fn parse_addr(s: &str) -> Option<SocketAddr> {
     let (ip, port) = s.split_once(':')?;
     let port = u16::from_str_radix(port, 16).ok()?;
     let word = |i: usize| -> Option<[u8; 4]> {

@@ -626,3 +626,144 @@ async fn a_slot_lost_mid_drain_pauses_evictions_until_a_slot_is_held_again() {
         fleet.holder().is_none().then_some(())
     });
 }
+
+// === metrics (issue #20) ===
+
+/// A metric's value in `agent`'s /metrics (0 when absent), the text checked by promtool.
+fn metric(agent: &Agent, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = agent.metrics_text();
+    nodekeeper_tests::sample(&text, name, labels).unwrap_or(0.0)
+}
+
+fn maintenance_state(agent: &Agent) -> String {
+    let text = agent.metrics_text();
+    let on: Vec<&str> = nodekeeper::drain::MAINTENANCE_STATES
+        .into_iter()
+        .filter(|s| {
+            nodekeeper_tests::sample(&text, "nodekeeper_maintenance_state", &[("state", s)])
+                == Some(1.0)
+        })
+        .collect();
+    assert_eq!(on.len(), 1, "one-hot: {on:?}\n{text}");
+    on[0].to_string()
+}
+
+/// The rotation's metrics, each from its own node's agent: node-b rotates first (slot held,
+/// cordoned, `awaiting-reboot`), node-a's rotation waits for the slot (a wait counted, not
+/// cordoned), node-b's return frees it, node-a drains (the wait observed, slot held, cordoned
+/// seconds rising); a human uncordoning node-a drops its cordon gauge to 0. Every exposition
+/// passes `promtool check metrics`.
+#[tokio::test(flavor = "multi_thread")]
+async fn rotation_metrics_report_cordon_time_state_slot_waits_and_holds() {
+    let fleet = Fleet::new(&["node-a", "node-b"]);
+    let a = fleet.agent("node-a", "10m");
+    let b = fleet.agent("node-b", "10m");
+    const CORDONED: &str = "nodekeeper_node_cordoned_by_nodekeeper_seconds";
+    const HELD: &str = "nodekeeper_fleet_lock_slot_held";
+    const WAITS: &str = "nodekeeper_fleet_lock_waits_total";
+    for agent in [&a, &b] {
+        nodekeeper_tests::assert_promtool_clean(&agent.metrics_text());
+        assert_eq!(maintenance_state(agent), "none");
+        assert_eq!(metric(agent, CORDONED, &[]), 0.0);
+        assert_eq!(metric(agent, HELD, &[]), 0.0);
+        assert_eq!(metric(agent, WAITS, &[]), 0.0);
+    }
+
+    let mut cb = client(&b).await;
+    let events = within(60, async {
+        nodekeeper_tests::drain_scenario::drain_all(
+            &mut cb,
+            rotation_request("rot-node-b", "node-b"),
+        )
+        .await
+    })
+    .await;
+    assert!(
+        matches!(
+            last_event(&events),
+            Some(pb::drain_event::Event::Completed(_))
+        ),
+        "{:?}",
+        last_event(&events)
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "node-b awaiting its reboot",
+        || (maintenance_state(&b) == "awaiting-reboot").then_some(()),
+    );
+    assert_eq!(metric(&b, HELD, &[]), 1.0);
+    assert_eq!(metric(&b, WAITS, &[]), 0.0, "the slot was free");
+    wait_for(
+        Duration::from_secs(10),
+        "node-b's cordon time rising",
+        || (metric(&b, CORDONED, &[]) >= 1.0).then_some(()),
+    );
+    nodekeeper_tests::assert_promtool_clean(&b.metrics_text());
+
+    // node-a's rotation queues behind node-b's reboot.
+    let mut ca = client(&a).await;
+    let rot_a = tokio::spawn(async move {
+        nodekeeper_tests::drain_scenario::drain_all(
+            &mut ca,
+            rotation_request("rot-node-a", "node-a"),
+        )
+        .await
+    });
+    wait_for(
+        Duration::from_secs(10),
+        "node-a waiting for the slot",
+        || (metric(&a, WAITS, &[]) == 1.0).then_some(()),
+    );
+    assert_eq!(metric(&a, HELD, &[]), 0.0);
+    assert_eq!(metric(&a, CORDONED, &[]), 0.0, "cordoned while waiting");
+    assert_eq!(maintenance_state(&a), "none");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // node-b "reboots" and returns: done, uncordoned, slot released.
+    let b = fleet.reboot(b, "node-b", "10m");
+    wait_for(Duration::from_secs(30), "node-b done", || {
+        (maintenance_state(&b) == "done").then_some(())
+    });
+    assert_eq!(metric(&b, CORDONED, &[]), 0.0);
+    wait_for(Duration::from_secs(10), "node-b's slot let go", || {
+        (metric(&b, HELD, &[]) == 0.0).then_some(())
+    });
+    nodekeeper_tests::assert_promtool_clean(&b.metrics_text());
+
+    // node-a takes the slot, having waited over a second.
+    let events = within(60, rot_a).await.expect("node-a's drain");
+    assert!(
+        matches!(
+            last_event(&events),
+            Some(pb::drain_event::Event::Completed(_))
+        ),
+        "{:?}",
+        last_event(&events)
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "node-a awaiting its reboot",
+        || (maintenance_state(&a) == "awaiting-reboot").then_some(()),
+    );
+    assert_eq!(metric(&a, HELD, &[]), 1.0);
+    assert_eq!(metric(&a, WAITS, &[]), 1.0);
+    assert_eq!(
+        metric(&a, "nodekeeper_fleet_lock_wait_seconds_count", &[]),
+        1.0
+    );
+    assert!(metric(&a, "nodekeeper_fleet_lock_wait_seconds_sum", &[]) >= 1.0);
+    wait_for(
+        Duration::from_secs(10),
+        "node-a's cordon time rising",
+        || (metric(&a, CORDONED, &[]) >= 1.0).then_some(()),
+    );
+    nodekeeper_tests::assert_promtool_clean(&a.metrics_text());
+
+    // Someone else uncordons node-a: it is no longer cordoned by nodekeeper.
+    fleet.api.set_node_unschedulable("node-a", false);
+    wait_for(
+        Duration::from_secs(10),
+        "node-a's cordon gauge at 0",
+        || (metric(&a, CORDONED, &[]) == 0.0).then_some(()),
+    );
+}

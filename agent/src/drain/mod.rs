@@ -12,7 +12,9 @@ pub mod lock;
 pub mod maintenance;
 pub mod owner;
 pub mod plan;
+pub mod rotate;
 pub mod state;
+pub mod status;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};

@@ -420,6 +420,10 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
                 pod_watch.clone(),
                 supervisor.token(),
             );
+            if let Some(node) = &node_watch {
+                registry
+                    .register_collector(Box::new(crate::drain::NodeStateCollector(node.clone())));
+            }
             let (c, h) = (controller.clone(), health.clone());
             let drain_config = config.drain.clone();
             supervisor.spawn(crate::drain::CAPABILITY, move |token| async move {

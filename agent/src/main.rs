@@ -123,8 +123,266 @@ enum Command {
         #[command(subcommand)]
         action: DnsAction,
     },
+    /// Walk nodes through the patch-and-reboot rotation from the orchestrator's side: drain
+    /// each (await_reboot) through its agent, then wait until it is back from its reboot and
+    /// done. Resumable: run it again with the same --id after a crash.
+    Rotate(RotateArgs),
+    /// The patch-and-reboot rotation across the fleet, read from the API server.
+    Maintenance {
+        #[command(subcommand)]
+        action: MaintenanceAction,
+    },
     /// Print the version and the git revision it was built from.
     Version,
+}
+
+#[derive(Args)]
+struct RotateArgs {
+    /// Nodes, rotated in this order (or --selector, by name).
+    nodes: Vec<String>,
+    /// Label selector of the nodes to rotate, e.g. `pool=trino`.
+    #[arg(long, short = 'l')]
+    selector: Option<String>,
+    /// Names this rotation: each node's drain id is ID/NODE; the same --id resumes.
+    #[arg(long)]
+    id: String,
+    /// Kubeconfig file (default: $KUBECONFIG, ~/.kube/config, or the in-cluster account).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// A node's agent address (default: the node's InternalIP and --port).
+    #[arg(long = "agent", value_name = "NODE=ADDR")]
+    agents: Vec<String>,
+    /// The agents' gRPC port.
+    #[arg(long, default_value_t = 9741)]
+    port: u16,
+    /// File holding a bearer token for the agents.
+    #[arg(long, env = "NODEKEEPER_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Recorded on each drain and in the nodes' Events.
+    #[arg(long, default_value = "patch rotation")]
+    reason: String,
+    /// Each drain's deadline (the agent's default when absent).
+    #[arg(long)]
+    timeout: Option<ConfigDuration>,
+    /// How long to wait for each node's return after its drain.
+    #[arg(long, default_value = "30m")]
+    return_wait: ConfigDuration,
+    /// Leave each node cordoned after its return.
+    #[arg(long)]
+    keep_cordoned: bool,
+    /// Evict pods without a controller.
+    #[arg(long)]
+    evict_unreplicated: bool,
+    /// Evict pods with emptyDir volumes.
+    #[arg(long)]
+    delete_emptydir_data: bool,
+    /// How often a node's state is read while waiting for its return.
+    #[arg(long, default_value = "2s")]
+    poll: ConfigDuration,
+}
+
+/// `rotate`: 0 every node done; 1 a drain or rotation failed or a node did not come back;
+/// 64 usage or an unusable kubeconfig; 69 the API server or an agent unreachable; 75 a drain's
+/// stream broke (run the same command again to resume).
+fn rotate(a: RotateArgs) -> ExitCode {
+    use nodekeeper::drain::rotate::{RotateError, RotateOptions};
+    let mut agents = Vec::new();
+    for spec in &a.agents {
+        match spec.split_once('=') {
+            Some((n, addr)) if !n.is_empty() && !addr.is_empty() => {
+                agents.push((n.to_string(), addr.to_string()))
+            }
+            _ => {
+                eprintln!("nodekeeper: --agent {spec:?}: expected NODE=ADDR");
+                return ExitCode::from(EX_USAGE);
+            }
+        }
+    }
+    if a.nodes.is_empty() == a.selector.is_none() {
+        eprintln!("nodekeeper: rotate: name the nodes or give --selector (one of them)");
+        return ExitCode::from(EX_USAGE);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("nodekeeper: building the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let kube = match operator_kube_client(a.kubeconfig.as_deref()).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("nodekeeper: {e:#}");
+                return ExitCode::from(EX_USAGE);
+            }
+        };
+        let nodes = match &a.selector {
+            None => a.nodes.clone(),
+            Some(sel) => {
+                let api: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(kube.clone());
+                match api
+                    .list(&kube::api::ListParams::default().labels(sel))
+                    .await
+                {
+                    Ok(l) => {
+                        let mut n: Vec<String> = l
+                            .items
+                            .into_iter()
+                            .filter_map(|n| n.metadata.name)
+                            .collect();
+                        n.sort();
+                        n
+                    }
+                    Err(e) => {
+                        eprintln!("nodekeeper: listing nodes: {e}");
+                        return ExitCode::from(EX_UNAVAILABLE);
+                    }
+                }
+            }
+        };
+        let opts = RotateOptions {
+            id_prefix: a.id,
+            agents,
+            port: a.port,
+            connect: client::ConnectOptions {
+                token_file: a.token_file,
+                ..Default::default()
+            },
+            reason: a.reason,
+            drain_timeout: a.timeout.map(|d| d.get()),
+            keep_cordoned: a.keep_cordoned,
+            return_wait: a.return_wait.get(),
+            evict_unreplicated: a.evict_unreplicated,
+            delete_emptydir_data: a.delete_emptydir_data,
+            poll: a.poll.get(),
+        };
+        let r = nodekeeper::drain::rotate::rotate(&kube, &nodes, &opts, |line| println!("{line}"))
+            .await;
+        match r {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("nodekeeper: {e}");
+                ExitCode::from(match &e {
+                    RotateError::Drain {
+                        source: ClientError::Incomplete(_),
+                        ..
+                    } => EX_TEMPFAIL,
+                    RotateError::Drain {
+                        source: ClientError::Unreachable { .. },
+                        ..
+                    }
+                    | RotateError::Api(_)
+                    | RotateError::Timeout(_) => EX_UNAVAILABLE,
+                    RotateError::Drain {
+                        source:
+                            ClientError::BadAddress { .. }
+                            | ClientError::Token { .. }
+                            | ClientError::Tls { .. }
+                            | ClientError::Invalid(_),
+                        ..
+                    } => EX_USAGE,
+                    _ => 1,
+                })
+            }
+        }
+    })
+}
+
+#[derive(Subcommand)]
+enum MaintenanceAction {
+    /// Each node's rotation state (since, boot ID, return-by), whether nodekeeper cordoned it
+    /// and since when, its drain, and the fleet-lock slot it holds. Reads only.
+    Status(MaintenanceStatusArgs),
+}
+
+#[derive(Args)]
+struct MaintenanceStatusArgs {
+    /// Nodes to show (default: every node, or those matching --selector).
+    nodes: Vec<String>,
+    /// Label selector of the nodes to show, e.g. `pool=trino`.
+    #[arg(long, short = 'l')]
+    selector: Option<String>,
+    /// Kubeconfig file (default: $KUBECONFIG, ~/.kube/config, or the in-cluster account).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// The agents' `drain.fleetLock.namespace`.
+    #[arg(long, default_value = nodekeeper::drain::lock::DEFAULT_NAMESPACE)]
+    lock_namespace: String,
+    /// The agents' `drain.fleetLock.namePrefix`.
+    #[arg(long, default_value = nodekeeper::drain::lock::DEFAULT_NAME_PREFIX)]
+    lock_prefix: String,
+    /// Print a JSON array, one object per node.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A client for the operator's own credentials: `--kubeconfig`, else kube's usual inference.
+async fn operator_kube_client(path: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match path {
+        Some(p) => {
+            let kc = kube::config::Kubeconfig::read_from(p)
+                .with_context(|| format!("--kubeconfig {}", p.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .with_context(|| format!("--kubeconfig {}", p.display()))?
+        }
+        None => kube::Config::infer().await.context("no kubeconfig")?,
+    };
+    kube::Client::try_from(config).context("kubernetes client")
+}
+
+/// `maintenance status`: exit 0, 1 for a node that does not exist, 64 for an unusable
+/// kubeconfig, 69 when the API server fails.
+fn maintenance_status(a: MaintenanceStatusArgs) -> ExitCode {
+    use nodekeeper::drain::status::{self, LockLocation, StatusError};
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("nodekeeper: building the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let client = match operator_kube_client(a.kubeconfig.as_deref()).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("nodekeeper: {e:#}");
+                return ExitCode::from(EX_USAGE);
+            }
+        };
+        let at = LockLocation {
+            namespace: a.lock_namespace,
+            name_prefix: a.lock_prefix,
+        };
+        match status::fleet(&client, &a.nodes, a.selector.as_deref(), &at).await {
+            Ok(nodes) if a.json => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&nodes).expect("serializes")
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(nodes) => {
+                print!("{}", status::table(&nodes));
+                ExitCode::SUCCESS
+            }
+            Err(e @ StatusError::NoSuchNode(_)) => {
+                eprintln!("nodekeeper: {e}");
+                ExitCode::FAILURE
+            }
+            Err(e) => {
+                eprintln!("nodekeeper: {e}");
+                ExitCode::from(EX_UNAVAILABLE)
+            }
+        }
+    })
 }
 
 #[derive(Subcommand)]
@@ -539,6 +797,10 @@ fn main() -> ExitCode {
                 }),
             }
         }),
+        Command::Maintenance {
+            action: MaintenanceAction::Status(args),
+        } => maintenance_status(args),
+        Command::Rotate(args) => rotate(args),
         Command::GetDrain { agent, json } => operator(async move {
             let mut c = agent.connect().await?;
             let status = c.get_drain().await?;

@@ -626,3 +626,343 @@ async fn a_slot_lost_mid_drain_pauses_evictions_until_a_slot_is_held_again() {
         fleet.holder().is_none().then_some(())
     });
 }
+
+// === metrics (issue #20) ===
+
+/// A metric's value in `agent`'s /metrics (0 when absent), the text checked by promtool.
+fn metric(agent: &Agent, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = agent.metrics_text();
+    nodekeeper_tests::sample(&text, name, labels).unwrap_or(0.0)
+}
+
+fn maintenance_state(agent: &Agent) -> String {
+    let text = agent.metrics_text();
+    let on: Vec<&str> = nodekeeper::drain::MAINTENANCE_STATES
+        .into_iter()
+        .filter(|s| {
+            nodekeeper_tests::sample(&text, "nodekeeper_maintenance_state", &[("state", s)])
+                == Some(1.0)
+        })
+        .collect();
+    assert_eq!(on.len(), 1, "one-hot: {on:?}\n{text}");
+    on[0].to_string()
+}
+
+/// The rotation's metrics, each from its own node's agent: node-b rotates first (slot held,
+/// cordoned, `awaiting-reboot`), node-a's rotation waits for the slot (a wait counted, not
+/// cordoned), node-b's return frees it, node-a drains (the wait observed, slot held, cordoned
+/// seconds rising); a human uncordoning node-a drops its cordon gauge to 0. Every exposition
+/// passes `promtool check metrics`.
+#[tokio::test(flavor = "multi_thread")]
+async fn rotation_metrics_report_cordon_time_state_slot_waits_and_holds() {
+    let fleet = Fleet::new(&["node-a", "node-b"]);
+    let a = fleet.agent("node-a", "10m");
+    let b = fleet.agent("node-b", "10m");
+    const CORDONED: &str = "nodekeeper_node_cordoned_by_nodekeeper_seconds";
+    const HELD: &str = "nodekeeper_fleet_lock_slot_held";
+    const WAITS: &str = "nodekeeper_fleet_lock_waits_total";
+    for agent in [&a, &b] {
+        nodekeeper_tests::assert_promtool_clean(&agent.metrics_text());
+        assert_eq!(maintenance_state(agent), "none");
+        assert_eq!(metric(agent, CORDONED, &[]), 0.0);
+        assert_eq!(metric(agent, HELD, &[]), 0.0);
+        assert_eq!(metric(agent, WAITS, &[]), 0.0);
+    }
+
+    let mut cb = client(&b).await;
+    let events = within(60, async {
+        nodekeeper_tests::drain_scenario::drain_all(
+            &mut cb,
+            rotation_request("rot-node-b", "node-b"),
+        )
+        .await
+    })
+    .await;
+    assert!(
+        matches!(
+            last_event(&events),
+            Some(pb::drain_event::Event::Completed(_))
+        ),
+        "{:?}",
+        last_event(&events)
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "node-b awaiting its reboot",
+        || (maintenance_state(&b) == "awaiting-reboot").then_some(()),
+    );
+    assert_eq!(metric(&b, HELD, &[]), 1.0);
+    assert_eq!(metric(&b, WAITS, &[]), 0.0, "the slot was free");
+    wait_for(
+        Duration::from_secs(10),
+        "node-b's cordon time rising",
+        || (metric(&b, CORDONED, &[]) >= 1.0).then_some(()),
+    );
+    nodekeeper_tests::assert_promtool_clean(&b.metrics_text());
+
+    // node-a's rotation queues behind node-b's reboot.
+    let mut ca = client(&a).await;
+    let rot_a = tokio::spawn(async move {
+        nodekeeper_tests::drain_scenario::drain_all(
+            &mut ca,
+            rotation_request("rot-node-a", "node-a"),
+        )
+        .await
+    });
+    wait_for(
+        Duration::from_secs(10),
+        "node-a waiting for the slot",
+        || (metric(&a, WAITS, &[]) == 1.0).then_some(()),
+    );
+    assert_eq!(metric(&a, HELD, &[]), 0.0);
+    assert_eq!(metric(&a, CORDONED, &[]), 0.0, "cordoned while waiting");
+    assert_eq!(maintenance_state(&a), "none");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // node-b "reboots" and returns: done, uncordoned, slot released.
+    let b = fleet.reboot(b, "node-b", "10m");
+    wait_for(Duration::from_secs(30), "node-b done", || {
+        (maintenance_state(&b) == "done").then_some(())
+    });
+    assert_eq!(metric(&b, CORDONED, &[]), 0.0);
+    wait_for(Duration::from_secs(10), "node-b's slot let go", || {
+        (metric(&b, HELD, &[]) == 0.0).then_some(())
+    });
+    nodekeeper_tests::assert_promtool_clean(&b.metrics_text());
+
+    // node-a takes the slot, having waited over a second.
+    let events = within(60, rot_a).await.expect("node-a's drain");
+    assert!(
+        matches!(
+            last_event(&events),
+            Some(pb::drain_event::Event::Completed(_))
+        ),
+        "{:?}",
+        last_event(&events)
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "node-a awaiting its reboot",
+        || (maintenance_state(&a) == "awaiting-reboot").then_some(()),
+    );
+    assert_eq!(metric(&a, HELD, &[]), 1.0);
+    assert_eq!(metric(&a, WAITS, &[]), 1.0);
+    assert_eq!(
+        metric(&a, "nodekeeper_fleet_lock_wait_seconds_count", &[]),
+        1.0
+    );
+    assert!(metric(&a, "nodekeeper_fleet_lock_wait_seconds_sum", &[]) >= 1.0);
+    wait_for(
+        Duration::from_secs(10),
+        "node-a's cordon time rising",
+        || (metric(&a, CORDONED, &[]) >= 1.0).then_some(()),
+    );
+    nodekeeper_tests::assert_promtool_clean(&a.metrics_text());
+
+    // Someone else uncordons node-a: it is no longer cordoned by nodekeeper.
+    fleet.api.set_node_unschedulable("node-a", false);
+    wait_for(
+        Duration::from_secs(10),
+        "node-a's cordon gauge at 0",
+        || (metric(&a, CORDONED, &[]) == 0.0).then_some(()),
+    );
+}
+
+// === `nodekeeper maintenance status` (issue #20) ===
+
+/// Runs `nodekeeper maintenance status ARGS --kubeconfig K`: (exit code, stdout, stderr).
+fn maintenance_status_cli(fleet: &Fleet, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(agent_bin())
+        .args(["maintenance", "status"])
+        .args(args)
+        .arg("--kubeconfig")
+        .arg(&fleet.kubeconfig)
+        .output()
+        .expect("run nodekeeper maintenance status");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The fleet view from the Nodes' annotations and the slot Leases: node-b awaiting its reboot
+/// (state, since, boot ID, return-by, slot holder, cordoned by nodekeeper since), node-a
+/// cordoned by a human (not by nodekeeper, no state, no slot); a node that does not exist exits
+/// 1 naming it.
+#[tokio::test(flavor = "multi_thread")]
+async fn maintenance_status_shows_each_nodes_state_cordon_and_slot_from_the_api() {
+    let fleet = Fleet::new(&["node-a", "node-b"]);
+    let b = fleet.agent("node-b", "10m");
+    let mut cb = client(&b).await;
+    let events = within(60, async {
+        nodekeeper_tests::drain_scenario::drain_all(
+            &mut cb,
+            rotation_request("rot-node-b", "node-b"),
+        )
+        .await
+    })
+    .await;
+    assert!(
+        matches!(
+            last_event(&events),
+            Some(pb::drain_event::Event::Completed(_))
+        ),
+        "{:?}",
+        last_event(&events)
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "node-b awaiting its reboot",
+        || (fleet.maintenance("node-b")["state"] == "awaiting-reboot").then_some(()),
+    );
+    fleet.api.set_node_unschedulable("node-a", true);
+    let record = fleet.maintenance("node-b");
+    let (code, stdout, stderr) = maintenance_status_cli(&fleet, &["--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let nodes: Vec<Value> = serde_json::from_str(&stdout).expect("a JSON array");
+    let names: Vec<&str> = nodes.iter().map(|n| n["node"].as_str().unwrap()).collect();
+    assert_eq!(names, ["node-a", "node-b", "node-other"]);
+    let a = &nodes[0];
+    assert_eq!(a["cordoned"], true);
+    assert!(a["cordonedByNodekeeperSince"].is_null(), "{a}");
+    assert!(a["state"].is_null(), "{a}");
+    assert!(a["slot"].is_null(), "{a}");
+    let b_row = &nodes[1];
+    assert_eq!(b_row["cordoned"], true);
+    assert!(
+        b_row["cordonedByNodekeeperSince"].as_u64().unwrap() > 0,
+        "{b_row}"
+    );
+    assert_eq!(b_row["state"], "awaiting-reboot");
+    assert_eq!(b_row["since"], record["since"]);
+    assert_eq!(b_row["drainId"], "rot-node-b");
+    assert_eq!(b_row["bootId"], "boot-1");
+    assert_eq!(b_row["returnBy"], record["returnBy"]);
+    assert_eq!(b_row["slot"], SLOT);
+    assert!(
+        b_row["drain"]
+            .as_str()
+            .unwrap()
+            .starts_with("rot-node-b completed"),
+        "{b_row}"
+    );
+
+    // The table, for one node.
+    let (code, stdout, stderr) = maintenance_status_cli(&fleet, &["node-b"]);
+    assert_eq!(code, 0, "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines[0].starts_with("NODE") && lines[0].contains("RETURN BY"),
+        "{stdout}"
+    );
+    for part in ["node-b", "yes", "awaiting-reboot", "boot-1", SLOT] {
+        assert!(lines[1].contains(part), "{part} missing: {stdout}");
+    }
+
+    let (code, _, stderr) = maintenance_status_cli(&fleet, &["node-zz"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("node \"node-zz\" not found"), "{stderr}");
+}
+
+// === `nodekeeper rotate` (issue #20) ===
+
+/// `nodekeeper rotate node-a --id patch-1` driving node-a's agent, spawned.
+fn rotate_cli(fleet: &Fleet, agent_addr: &str, token: &Path) -> std::process::Child {
+    Command::new(agent_bin())
+        .args(["rotate", "node-a", "--id", "patch-1", "--poll", "200ms"])
+        .args(["--return-wait", "60s", "--agent"])
+        .arg(format!("node-a={agent_addr}"))
+        .arg("--token-file")
+        .arg(token)
+        .arg("--kubeconfig")
+        .arg(&fleet.kubeconfig)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn nodekeeper rotate")
+}
+
+/// The orchestrator's `rotate` SIGKILLed mid-drain; a second `rotate` with the same id
+/// re-attaches to the node's drain, waits through the reboot (agent restart, new boot ID) and
+/// the return, and exits 0; a third finds the node done and skips it. node-a is cordoned once
+/// and uncordoned once in the fake's PATCH log.
+#[tokio::test(flavor = "multi_thread")]
+async fn rotate_killed_mid_drain_resumes_and_cordons_and_uncordons_exactly_once() {
+    // Six pods, one at a time through their budget: the drain takes a few seconds.
+    let fleet = Fleet::with_pods(&["node-a"], 6);
+    let a = fleet.agent("node-a", "10m");
+    let token = fleet.dir.path().join("token");
+    std::fs::write(&token, TEST_TOKEN).expect("write token");
+
+    let mut first = rotate_cli(&fleet, &a.api.to_string(), &token);
+    wait_for(
+        Duration::from_secs(30),
+        "node-a's rotation evicting",
+        || {
+            fleet
+                .api
+                .requests()
+                .iter()
+                .any(|r| r.path.ends_with("/eviction") && r.status == 201)
+                .then_some(())
+        },
+    );
+    first.kill().expect("SIGKILL rotate");
+    let _ = first.wait();
+    assert_ne!(
+        fleet.maintenance("node-a")["state"],
+        "awaiting-reboot",
+        "killed too late: the drain was over"
+    );
+
+    let second = rotate_cli(&fleet, &a.api.to_string(), &token);
+    wait_for(
+        Duration::from_secs(60),
+        "node-a awaiting its reboot",
+        || (fleet.maintenance("node-a")["state"] == "awaiting-reboot").then_some(()),
+    );
+    // The patching tool reboots the node.
+    let _a = fleet.reboot(a, "node-a", "10m");
+    let out = tokio::task::spawn_blocking(move || second.wait_with_output())
+        .await
+        .expect("join")
+        .expect("rotate output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}\n{stdout}\n{stderr}", out.status);
+    assert!(stdout.contains("node-a: draining through"), "{stdout}");
+    assert!(stdout.contains("[1/1] node-a: done"), "{stdout}");
+    assert_eq!(fleet.maintenance("node-a")["state"], "done");
+    assert_eq!(fleet.maintenance("node-a")["drainId"], "patch-1/node-a");
+    assert_eq!(
+        fleet.cordon_log(),
+        [("node-a".to_string(), true), ("node-a".to_string(), false)],
+        "cordoned and uncordoned exactly once"
+    );
+    // Each pod was admitted for eviction once across both rotate runs.
+    let admitted = fleet
+        .api
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/eviction") && r.status == 201)
+        .count();
+    assert_eq!(admitted, 6);
+
+    // Run again: nothing left to do.
+    let out = tokio::task::spawn_blocking({
+        let third = rotate_cli(&fleet, "127.0.0.1:1", &token);
+        move || third.wait_with_output()
+    })
+    .await
+    .expect("join")
+    .expect("rotate output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("done already (rotation patch-1/node-a); skipped"),
+        "{stdout}"
+    );
+    assert_eq!(fleet.cordon_log().len(), 2);
+}

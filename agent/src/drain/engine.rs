@@ -241,6 +241,7 @@ impl DrainController {
             node.clone(),
             config.maintenance.clone(),
             config.fleet_lock.enabled.then(|| config.fleet_lock.clone()),
+            metrics.lock.clone(),
         ));
         Arc::new(Self {
             paused: tokio::sync::watch::channel(false).0,
@@ -330,8 +331,25 @@ impl DrainController {
         Ok(())
     }
 
+    /// Cordons (with `nodekeeper.io/cordoned-at`, in the same PATCH) or uncordons (removing it).
+    /// A node this agent already cordoned keeps its time: a resumed drain does not reset it.
     async fn set_unschedulable(&self, on: bool) -> Result<(), DrainError> {
-        let patch = serde_json::json!({ "spec": { "unschedulable": if on { serde_json::json!(true) } else { serde_json::Value::Null } } });
+        if on {
+            let node = call("GET node", || async { self.nodes().get(&self.node).await }).await?;
+            let cordoned = node.spec.and_then(|s| s.unschedulable).unwrap_or(false);
+            let ours = node
+                .metadata
+                .annotations
+                .is_some_and(|a| a.contains_key(super::CORDONED_AT_ANNOTATION));
+            if cordoned && ours {
+                return Ok(());
+            }
+        }
+        let at = on.then(|| state::unix(SystemTime::now()).to_string());
+        let patch = serde_json::json!({
+            "metadata": { "annotations": { super::CORDONED_AT_ANNOTATION: at } },
+            "spec": { "unschedulable": if on { serde_json::json!(true) } else { serde_json::Value::Null } },
+        });
         call("PATCH node", || async {
             self.nodes()
                 .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch))
@@ -948,12 +966,19 @@ impl DrainController {
                 .map_err(fail)?;
             let cfg = &self.config.fleet_lock;
             let lock_name = format!("{}/{}*", cfg.namespace, cfg.name_prefix);
-            let guard = lock::acquire(&self.client, cfg, &self.node, &self.shutdown, |held| {
-                run.emit(Ev::Waiting(pb::Waiting {
-                    lock: lock_name.clone(),
-                    holders: lock::describe(held),
-                }))
-            })
+            let guard = lock::acquire(
+                &self.client,
+                cfg,
+                &self.node,
+                &self.shutdown,
+                &self.metrics.lock,
+                |held| {
+                    run.emit(Ev::Waiting(pb::Waiting {
+                        lock: lock_name.clone(),
+                        holders: lock::describe(held),
+                    }))
+                },
+            )
             .await
             .map_err(|e| Outcome::Failed(e.to_string()))?;
             *slot.lock().expect("not poisoned") = Some(guard);
@@ -1076,12 +1101,19 @@ impl DrainController {
                 // Another node holds it now: stop renewing, never clear its holder.
                 g.abandon().await;
             }
-            let guard = lock::acquire(&self.client, cfg, &self.node, &self.shutdown, |held| {
-                run.emit(Ev::Waiting(pb::Waiting {
-                    lock: lock_name.clone(),
-                    holders: lock::describe(held),
-                }))
-            })
+            let guard = lock::acquire(
+                &self.client,
+                cfg,
+                &self.node,
+                &self.shutdown,
+                &self.metrics.lock,
+                |held| {
+                    run.emit(Ev::Waiting(pb::Waiting {
+                        lock: lock_name.clone(),
+                        holders: lock::describe(held),
+                    }))
+                },
+            )
             .await
             .map_err(|e| Outcome::Failed(e.to_string()))?;
             tracing::info!(slot = %guard.slot(), "fleet lock: slot held again; evictions resume");

@@ -26,6 +26,10 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::PostParams;
 use kube::{Api, Client};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -300,6 +304,47 @@ async fn try_slot(
     Ok(Err(racing()))
 }
 
+// === metrics ===
+
+/// The fleet lock as this node sees it (issue #20): how often and how long it waited for a slot,
+/// and whether it holds one now (from cordon to return, across the reboot).
+#[derive(Debug, Clone)]
+pub struct LockMetrics {
+    pub waits: Counter,
+    pub wait_seconds: Histogram,
+    pub held: Gauge,
+}
+
+impl LockMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            waits: Counter::default(),
+            // From an instant slot to a rotation's worth of other nodes ahead.
+            wait_seconds: Histogram::new([
+                0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0,
+            ]),
+            held: Gauge::default(),
+        };
+        registry.register(
+            "fleet_lock_waits",
+            "Fleet-lock slot requests that found every slot held and had to wait",
+            m.waits.clone(),
+        );
+        registry.register_with_unit(
+            "fleet_lock_wait",
+            "Time from asking for a fleet-lock slot to holding one (every request)",
+            Unit::Seconds,
+            m.wait_seconds.clone(),
+        );
+        registry.register(
+            "fleet_lock_slot_held",
+            "1 while this node holds a fleet-lock slot (a rotation: from cordon until it is back)",
+            m.held.clone(),
+        );
+        m
+    }
+}
+
 /// Takes a free slot, waiting (with jittered backoff) while all are held. `on_wait` is called
 /// with the current holders whenever they differ from the last report (first wait included).
 pub async fn acquire(
@@ -307,8 +352,10 @@ pub async fn acquire(
     cfg: &FleetLockConfig,
     identity: &str,
     token: &CancellationToken,
+    metrics: &LockMetrics,
     mut on_wait: impl FnMut(&[Held]),
 ) -> Result<SlotGuard, LockError> {
+    let asked = std::time::Instant::now();
     let api: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
     let cap = (cfg.lease_duration.get() / 3).max(WAIT_INITIAL);
     let mut wait = WAIT_INITIAL;
@@ -321,11 +368,13 @@ pub async fn acquire(
             match try_slot(&api, cfg, &name, identity).await? {
                 Ok(lease) => {
                     tracing::info!(slot = %name, transitions = ?lease.spec.as_ref().and_then(|s| s.lease_transitions), "fleet lock: slot taken");
+                    metrics.wait_seconds.observe(asked.elapsed().as_secs_f64());
                     return Ok(SlotGuard::start(
                         api,
                         name,
                         identity.to_string(),
                         cfg.lease_duration.get(),
+                        metrics.held.clone(),
                     ));
                 }
                 Err(held) => {
@@ -346,6 +395,9 @@ pub async fn acquire(
                     holders.push(held)
                 }
             }
+        }
+        if reported.is_none() {
+            metrics.waits.inc();
         }
         if reported.as_ref() != Some(&holders) {
             tracing::info!(holders = %describe(&holders), "fleet lock: every slot is held; waiting");
@@ -391,10 +443,19 @@ pub struct SlotGuard {
     stop: CancellationToken,
     renewer: Option<tokio::task::JoinHandle<()>>,
     done: bool,
+    /// `nodekeeper_fleet_lock_slot_held`: up while this guard holds its slot.
+    held: Gauge,
 }
 
 impl SlotGuard {
-    fn start(api: Api<Lease>, name: String, identity: String, duration: Duration) -> Self {
+    fn start(
+        api: Api<Lease>,
+        name: String,
+        identity: String,
+        duration: Duration,
+        held: Gauge,
+    ) -> Self {
+        held.inc();
         let stop = CancellationToken::new();
         let (lost_tx, lost) = tokio::sync::watch::channel(false);
         let renewer = tokio::spawn(renew_loop(
@@ -413,6 +474,15 @@ impl SlotGuard {
             stop,
             renewer: Some(renewer),
             done: false,
+            held,
+        }
+    }
+
+    /// Released, abandoned or dropped: this guard no longer counts as held.
+    fn finish(&mut self) {
+        if !self.done {
+            self.done = true;
+            self.held.dec();
         }
     }
 
@@ -435,7 +505,7 @@ impl SlotGuard {
 
     /// Stops renewing and clears `holderIdentity`, so a waiting node takes the slot at once.
     pub async fn release(mut self) {
-        self.done = true;
+        self.finish();
         self.stop_renewing().await;
         if let Err(e) = clear(&self.api, &self.name, &self.identity).await {
             tracing::warn!(slot = %self.name, error = %e, "fleet lock: could not release the slot; it frees when the lease expires");
@@ -447,7 +517,7 @@ impl SlotGuard {
     /// Stops renewing but keeps the holder (agent shutdown mid-drain): the restarted agent takes
     /// its own slot back, and if it never comes back the slot frees when the lease expires.
     pub async fn abandon(mut self) {
-        self.done = true;
+        self.finish();
         self.stop_renewing().await;
     }
 
@@ -466,6 +536,7 @@ impl Drop for SlotGuard {
         if self.done {
             return;
         }
+        self.finish();
         self.stop.cancel();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let (api, name, identity) =
@@ -513,6 +584,7 @@ pub async fn reclaim(
     client: &Client,
     cfg: &FleetLockConfig,
     identity: &str,
+    metrics: &LockMetrics,
 ) -> Result<Option<SlotGuard>, LockError> {
     let api: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
     for i in 0..cfg.slots {
@@ -524,6 +596,7 @@ pub async fn reclaim(
                 name,
                 identity.to_string(),
                 cfg.lease_duration.get(),
+                metrics.held.clone(),
             )));
         }
     }

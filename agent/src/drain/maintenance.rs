@@ -165,6 +165,7 @@ pub struct Maintenance {
     node: String,
     config: MaintenanceConfig,
     lock: Option<FleetLockConfig>,
+    lock_metrics: lock::LockMetrics,
     /// The slot held from `drained` until `done` (or until this process stops).
     slot: Mutex<Option<SlotGuard>>,
 }
@@ -175,12 +176,14 @@ impl Maintenance {
         node: String,
         config: MaintenanceConfig,
         lock: Option<FleetLockConfig>,
+        lock_metrics: lock::LockMetrics,
     ) -> Self {
         Self {
             client,
             node,
             config,
             lock,
+            lock_metrics,
             slot: Mutex::new(None),
         }
     }
@@ -385,7 +388,10 @@ impl Maintenance {
             }
         }
         if record.uncordon {
-            let patch = serde_json::json!({ "spec": { "unschedulable": null } });
+            let patch = serde_json::json!({
+                "metadata": { "annotations": { super::CORDONED_AT_ANNOTATION: null } },
+                "spec": { "unschedulable": null },
+            });
             call(
                 "PATCH node",
                 self.nodes()
@@ -426,7 +432,7 @@ impl Maintenance {
         if self.slot.lock().expect("not poisoned").is_some() {
             return;
         }
-        match lock::reclaim(&self.client, cfg, &self.node).await {
+        match lock::reclaim(&self.client, cfg, &self.node, &self.lock_metrics).await {
             Ok(Some(guard)) => {
                 if let Some(t) = return_by
                     && let Err(e) = guard.hold_for_return(t).await

@@ -12,7 +12,9 @@ pub mod lock;
 pub mod maintenance;
 pub mod owner;
 pub mod plan;
+pub mod rotate;
 pub mod state;
+pub mod status;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -41,6 +43,10 @@ pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(10);
 pub const DEFAULT_DELETION_POLL: Duration = Duration::from_secs(5);
 /// The Node annotation holding the drain's state (JSON).
 pub const STATE_ANNOTATION: &str = "nodekeeper.io/drain";
+/// Unix seconds at which nodekeeper cordoned the node (set with the cordon, removed with the
+/// uncordon): `nodekeeper_node_cordoned_by_nodekeeper_seconds` counts from it, across agent
+/// restarts and reboots, and a node cordoned by someone else counts 0.
+pub const CORDONED_AT_ANNOTATION: &str = "nodekeeper.io/cordoned-at";
 pub const CAPABILITY: &str = "drain";
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -179,6 +185,7 @@ pub struct DrainMetrics {
     pub evictions: Family<Vec<(&'static str, &'static str)>, Counter>,
     pub retries: Family<Vec<(&'static str, &'static str)>, Counter>,
     pub remaining: Gauge,
+    pub lock: lock::LockMetrics,
 }
 
 impl DrainMetrics {
@@ -191,6 +198,7 @@ impl DrainMetrics {
             evictions: Family::default(),
             retries: Family::default(),
             remaining: Gauge::default(),
+            lock: lock::LockMetrics::register(registry),
         };
         registry.register(
             "drains",
@@ -219,6 +227,82 @@ impl DrainMetrics {
             m.remaining.clone(),
         );
         m
+    }
+}
+
+// === the node's cordon and maintenance state, read from the node watch at scrape time ===
+
+/// Exports `nodekeeper_node_cordoned_by_nodekeeper_seconds` and
+/// `nodekeeper_maintenance_state{state}` from the Node as the agent's node watch last saw it:
+/// no API call per scrape, and the values survive agent restarts (they live on the Node).
+#[derive(Debug)]
+pub struct NodeStateCollector(pub tokio::sync::watch::Receiver<Option<crate::kube::NodeInfo>>);
+
+/// Every value of `maintenance_state`'s label; `none` when the Node has no record.
+pub const MAINTENANCE_STATES: [&str; 8] = [
+    "none",
+    "draining",
+    "drained",
+    "awaiting-reboot",
+    "rebooted",
+    "returning",
+    "done",
+    "failed",
+];
+
+impl NodeStateCollector {
+    /// Seconds since nodekeeper cordoned the node; 0 when it is schedulable or someone else
+    /// cordoned it.
+    fn cordoned_seconds(info: &crate::kube::NodeInfo, now: u64) -> f64 {
+        let at = info
+            .annotations
+            .get(CORDONED_AT_ANNOTATION)
+            .and_then(|t| t.parse::<u64>().ok());
+        match at {
+            Some(at) if info.unschedulable => now.saturating_sub(at) as f64,
+            _ => 0.0,
+        }
+    }
+
+    fn maintenance_state(info: &crate::kube::NodeInfo) -> &'static str {
+        info.annotations
+            .get(maintenance::ANNOTATION)
+            .and_then(|t| serde_json::from_str::<maintenance::Record>(t).ok())
+            .map_or("none", |r| r.state.as_str())
+    }
+}
+
+impl prometheus_client::collector::Collector for NodeStateCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let info = self.0.borrow().clone();
+        let now = state::unix(SystemTime::now());
+        let seconds = info
+            .as_ref()
+            .map_or(0.0, |i| Self::cordoned_seconds(i, now));
+        let gauge = prometheus_client::metrics::gauge::ConstGauge::new(seconds);
+        let metric = encoder.encode_descriptor(
+            "node_cordoned_by_nodekeeper",
+            "Seconds since nodekeeper cordoned this node (0: schedulable, or cordoned by someone else)",
+            Some(&Unit::Seconds),
+            gauge.metric_type(),
+        )?;
+        gauge.encode(metric)?;
+        let current = info.as_ref().map_or("none", Self::maintenance_state);
+        let mut metric = encoder.encode_descriptor(
+            "maintenance_state",
+            "1 for the node's patch-and-reboot rotation state (nodekeeper.io/maintenance), 0 for the others",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for s in MAINTENANCE_STATES {
+            let v: i64 = (s == current).into();
+            metric.encode_family(&[("state", s)])?.encode_gauge(&v)?;
+        }
+        Ok(())
     }
 }
 

@@ -324,7 +324,6 @@ fn admitted(api: &FakeApi) -> usize {
 /// cancelled drain and keeps evicting pods. Two processes drove the drain, and a cancelled drain
 /// went on evicting (P4).
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: a stalled driver that wakes after the other process adopted and cancelled the drain resurrects it and keeps evicting"]
 async fn adversary_a_stalled_driver_resurrects_a_drain_cancelled_after_its_adoption() {
     let (api, _dir, kubeconfig) = cluster();
     for i in 0..6 {
@@ -409,7 +408,6 @@ async fn adversary_a_stalled_driver_resurrects_a_drain_cancelled_after_its_adopt
 /// fails. Two processes drive the node's drain at once (P4): evictions are not fenced by the
 /// claim's lease.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: a hung claim renewal lets the other agent adopt while the first keeps evicting: two drivers at once"]
 async fn adversary_a_hung_claim_renewal_gives_two_drivers_at_once() {
     let (api, _dir, kubeconfig) = cluster();
     for i in 0..16 {

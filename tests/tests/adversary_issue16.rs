@@ -242,7 +242,6 @@ fn cordon_log(api: &FakeApi) -> Vec<bool> {
 /// the node reboots, the agent finishes the first rotation's return and uncordons: after a
 /// failed drain, on its own (P4). The maintenance record of a superseded rotation still rules.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: after a rotation completes, a later drain that fails is undone by the reboot: the agent uncordons on its own"]
 async fn adversary_a_failed_drain_after_a_rotation_is_uncordoned_by_the_reboot() {
     let (api, dir, kubeconfig) = cluster();
     api.add_pod(web("web-0"));

@@ -206,7 +206,6 @@ async fn adversary_resume_trusts_a_done_list_naming_a_live_pod() {
 /// the record naming the field; instead `SystemTime + Duration` overflows and the drain
 /// capability panics, so the agent never becomes ready (and cannot be asked to cancel or drain).
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: a drain annotation with deadline u64::MAX panics the drain capability at start; the agent never becomes ready"]
 async fn adversary_out_of_range_deadline_in_the_annotation_panics_the_agent() {
     let (api, _dir, kubeconfig) = cluster();
     api.add_pod(web("web-0"));

@@ -451,6 +451,16 @@ impl DrainController {
 
     /// The drain recorded on the Node (if readable) and the Node's resourceVersion.
     async fn read_state(&self) -> Result<(Option<Persisted>, String), DrainError> {
+        let (record, rv) = self.read_record().await?;
+        let record = record.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "ignoring an unreadable drain state annotation");
+            None
+        });
+        Ok((record, rv))
+    }
+
+    /// The drain recorded on the Node, or why the record is unreadable or corrupt (#16-j).
+    async fn read_record(&self) -> Result<(Result<Option<Persisted>, String>, String), DrainError> {
         let node = call("GET node", || async { self.nodes().get(&self.node).await }).await?;
         let rv = node.metadata.resource_version.clone().unwrap_or_default();
         let record = node
@@ -458,13 +468,8 @@ impl DrainController {
             .annotations
             .as_ref()
             .and_then(|a| a.get(STATE_ANNOTATION))
-            .and_then(|t| match Persisted::from_json(t) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    tracing::warn!(error = %e, "ignoring an unreadable drain state annotation");
-                    None
-                }
-            });
+            .map(|t| Persisted::from_json(t))
+            .transpose();
         Ok((record, rv))
     }
 
@@ -553,6 +558,23 @@ impl DrainController {
             }
         })
         .await
+    }
+
+    /// Claims a drain this agent starts on its own (an EC2 notice) and starts it: every driver
+    /// holds the claim on the Node before its first write (#16-k). Another live driver is a
+    /// conflict; a drain with this id that already ended is returned as it ended.
+    pub async fn claim_and_start(
+        self: &Arc<Self>,
+        params: DrainParams,
+    ) -> Result<Arc<DrainRun>, DrainError> {
+        match self.claim(params).await? {
+            Claim::Drive { params, done } => self.start(params, done),
+            Claim::Follow(p) => Err(DrainError::Conflict(format!(
+                "drain {:?} is driven by {}",
+                p.id, p.driver
+            ))),
+            Claim::Ended(p) => Ok(DrainRun::new(p.status_header())),
+        }
     }
 
     /// The drain's status as the Node records it, unless this process drives it (its own
@@ -702,9 +724,11 @@ impl DrainController {
                     DrainError::Invalid("return_timeout: must not be negative".into())
                 })?,
             };
-            if return_timeout < Duration::from_secs(1) {
+            if return_timeout < Duration::from_secs(1)
+                || return_timeout.as_secs() > state::MAX_RETURN_TIMEOUT_SECONDS
+            {
                 return Err(DrainError::Invalid(format!(
-                    "return_timeout: {return_timeout:?} is below 1s"
+                    "return_timeout: {return_timeout:?} is out of range [1s, 7d]"
                 )));
             }
             Some(Rotation {
@@ -811,8 +835,21 @@ impl DrainController {
 
     /// At start: resumes a drain persisted on the Node by an earlier incarnation of the agent.
     pub async fn resume(self: &Arc<Self>) -> Result<Option<Arc<DrainRun>>, DrainError> {
-        let Some(persisted) = self.read_state().await?.0 else {
-            return Ok(None);
+        let persisted = match self.read_record().await?.0 {
+            Ok(Some(p)) => p,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                // #16-j: a corrupt or hostile record is not resumed and never panics the agent;
+                // the node stays as it is (cordoned or not) and a person is told why.
+                tracing::error!(error = %e, "not resuming the drain recorded on the node");
+                self.event(
+                    "DrainStateCorrupt",
+                    "Warning",
+                    &format!("not resuming the drain recorded on the node: {e}; the node is left as it is"),
+                )
+                .await;
+                return Ok(None);
+            }
         };
         if is_terminal(persisted.phase()) {
             // Remember the last drain so GetDrain and re-attaching orchestrators see its end.

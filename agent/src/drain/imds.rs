@@ -460,7 +460,7 @@ async fn start(
             return true;
         }
     };
-    let mut result = controller.start(params.clone(), Default::default());
+    let mut result = controller.claim_and_start(params.clone()).await;
     if spot
         && matches!(result, Err(DrainError::Conflict(_)))
         && let Some(running) = controller.current().filter(|r| !r.finished())
@@ -474,7 +474,7 @@ async fn start(
             }
         };
         let _ = tokio::time::timeout(PREEMPT_WAIT, ended).await;
-        result = controller.start(params, Default::default());
+        result = controller.claim_and_start(params).await;
     }
     match result {
         Ok(run) if run.id == notice.id && !is_terminal(run.status().phase()) => {

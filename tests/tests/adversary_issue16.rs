@@ -206,7 +206,6 @@ async fn adversary_resume_trusts_a_done_list_naming_a_live_pod() {
 /// the record naming the field; instead `SystemTime + Duration` overflows and the drain
 /// capability panics, so the agent never becomes ready (and cannot be asked to cancel or drain).
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: a drain annotation with deadline u64::MAX panics the drain capability at start; the agent never becomes ready"]
 async fn adversary_out_of_range_deadline_in_the_annotation_panics_the_agent() {
     let (api, _dir, kubeconfig) = cluster();
     api.add_pod(web("web-0"));
@@ -242,7 +241,6 @@ fn cordon_log(api: &FakeApi) -> Vec<bool> {
 /// the node reboots, the agent finishes the first rotation's return and uncordons: after a
 /// failed drain, on its own (P4). The maintenance record of a superseded rotation still rules.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: after a rotation completes, a later drain that fails is undone by the reboot: the agent uncordons on its own"]
 async fn adversary_a_failed_drain_after_a_rotation_is_uncordoned_by_the_reboot() {
     let (api, dir, kubeconfig) = cluster();
     api.add_pod(web("web-0"));
@@ -324,7 +322,6 @@ fn admitted(api: &FakeApi) -> usize {
 /// cancelled drain and keeps evicting pods. Two processes drove the drain, and a cancelled drain
 /// went on evicting (P4).
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: a stalled driver that wakes after the other process adopted and cancelled the drain resurrects it and keeps evicting"]
 async fn adversary_a_stalled_driver_resurrects_a_drain_cancelled_after_its_adoption() {
     let (api, _dir, kubeconfig) = cluster();
     for i in 0..6 {
@@ -409,7 +406,6 @@ async fn adversary_a_stalled_driver_resurrects_a_drain_cancelled_after_its_adopt
 /// fails. Two processes drive the node's drain at once (P4): evictions are not fenced by the
 /// claim's lease.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: a hung claim renewal lets the other agent adopt while the first keeps evicting: two drivers at once"]
 async fn adversary_a_hung_claim_renewal_gives_two_drivers_at_once() {
     let (api, _dir, kubeconfig) = cluster();
     for i in 0..16 {

@@ -225,6 +225,10 @@ pub struct DrainController {
     maintenance: Arc<Maintenance>,
     /// True while the drain's fleet-lock slot is lost: no eviction is posted until it is back.
     paused: tokio::sync::watch::Sender<bool>,
+    /// The fence (#16-k): evictions are posted only while `Instant::now()` is before this, the
+    /// moment the last confirmed claim write was sent plus the owner lease minus a safety margin.
+    /// `None`: no confirmed claim (before the first write, or after losing it).
+    claim_until: tokio::sync::watch::Sender<Option<Instant>>,
 }
 
 impl DrainController {
@@ -245,6 +249,7 @@ impl DrainController {
         ));
         Arc::new(Self {
             paused: tokio::sync::watch::channel(false).0,
+            claim_until: tokio::sync::watch::channel(None).0,
             maintenance,
             client,
             node,
@@ -371,37 +376,57 @@ impl DrainController {
         done: &[String],
         error: &str,
     ) -> Result<(), DrainError> {
-        let _guard = self.persist.lock().await;
+        // Taken with the heartbeat, before any wait: the fence then ends no later than the
+        // lease the other agent process reads from this write.
+        let sent = Instant::now();
         let mut record = params.persisted(phase, done.to_vec(), error.to_string());
         record.driver = self.instance.clone();
         record.heartbeat = state::unix(SystemTime::now());
+        let _guard = self.persist.lock().await;
         let cancel = self
             .cas(|cur| {
-                // Another live process drives the recorded drain (it adopted ours, or drives
-                // its own): this process must not write over it.
-                if let Some(c) = cur
-                    && !is_terminal(c.phase())
-                    && matches!(
-                        owner::standing(
-                            c,
-                            &self.instance,
-                            Self::now(),
-                            self.config.owner_lease.get()
-                        ),
-                        Standing::Live(_)
-                    )
-                {
+                // A claim write (#16-k): only over this drain's record, still unfinished and
+                // still naming this process as its driver. Anything else (another process
+                // adopted it, it was cancelled or completed meanwhile) means the claim is lost:
+                // this process must not write over it.
+                let Some(c) = cur else {
+                    return Err(DrainError::Conflict(format!(
+                        "drain {:?} is no longer recorded on the node",
+                        record.id
+                    )));
+                };
+                if c.id != record.id {
+                    return Err(DrainError::Conflict(format!(
+                        "the node now records drain {:?}, not {:?}",
+                        c.id, record.id
+                    )));
+                }
+                if c.driver != self.instance {
                     return Err(DrainError::Conflict(format!(
                         "drain {:?} is now driven by {}",
                         c.id, c.driver
                     )));
                 }
+                if is_terminal(c.phase()) {
+                    return Err(DrainError::Conflict(format!(
+                        "drain {:?} already ended ({})",
+                        c.id, c.phase
+                    )));
+                }
                 let mut new = record.clone();
-                new.cancel_requested = cur.is_some_and(|c| c.id == new.id && c.cancel_requested);
+                new.cancel_requested = c.cancel_requested;
                 let cancel = new.cancel_requested;
                 Ok((Some(new), cancel))
             })
-            .await?;
+            .await
+            .inspect_err(|e| {
+                if matches!(e, DrainError::Conflict(_)) {
+                    self.claim_until.send_replace(None);
+                }
+            })?;
+        if !is_terminal(phase) {
+            self.confirm_claim(sent);
+        }
         if cancel
             && !is_terminal(phase)
             && let Some(run) = self.current().filter(|r| r.id == params.id)
@@ -412,10 +437,48 @@ impl DrainController {
         Ok(())
     }
 
+    /// A claim write sent at `sent` succeeded: evictions may go on until `sent` + lease - margin.
+    fn confirm_claim(&self, sent: Instant) {
+        let lease = self.config.owner_lease.get();
+        let until = sent + lease.saturating_sub(owner::fence_margin(lease));
+        self.claim_until.send_modify(|u| {
+            if u.is_none_or(|cur| cur < until) {
+                *u = Some(until);
+            }
+        });
+    }
+
+    /// Waits until this process holds a confirmed claim (#16-k) and returns how long it lasts.
+    /// A renewal that failed, hung or lost the claim leaves the fence past: no eviction starts.
+    async fn fenced(&self) -> Duration {
+        let mut rx = self.claim_until.subscribe();
+        loop {
+            let until = *rx.borrow_and_update();
+            if let Some(left) = until.and_then(|u| u.checked_duration_since(Instant::now()))
+                && !left.is_zero()
+            {
+                return left;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     // === the Node annotation as the single source of truth ===
 
     /// The drain recorded on the Node (if readable) and the Node's resourceVersion.
     async fn read_state(&self) -> Result<(Option<Persisted>, String), DrainError> {
+        let (record, rv) = self.read_record().await?;
+        let record = record.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "ignoring an unreadable drain state annotation");
+            None
+        });
+        Ok((record, rv))
+    }
+
+    /// The drain recorded on the Node, or why the record is unreadable or corrupt (#16-j).
+    async fn read_record(&self) -> Result<(Result<Option<Persisted>, String>, String), DrainError> {
         let node = call("GET node", || async { self.nodes().get(&self.node).await }).await?;
         let rv = node.metadata.resource_version.clone().unwrap_or_default();
         let record = node
@@ -423,13 +486,8 @@ impl DrainController {
             .annotations
             .as_ref()
             .and_then(|a| a.get(STATE_ANNOTATION))
-            .and_then(|t| match Persisted::from_json(t) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    tracing::warn!(error = %e, "ignoring an unreadable drain state annotation");
-                    None
-                }
-            });
+            .map(|t| Persisted::from_json(t))
+            .transpose();
         Ok((record, rv))
     }
 
@@ -523,6 +581,23 @@ impl DrainController {
         .await
     }
 
+    /// Claims a drain this agent starts on its own (an EC2 notice) and starts it: every driver
+    /// holds the claim on the Node before its first write (#16-k). Another live driver is a
+    /// conflict; a drain with this id that already ended is returned as it ended.
+    pub async fn claim_and_start(
+        self: &Arc<Self>,
+        params: DrainParams,
+    ) -> Result<Arc<DrainRun>, DrainError> {
+        match self.claim(params).await? {
+            Claim::Drive { params, done } => self.start(params, done),
+            Claim::Follow(p) => Err(DrainError::Conflict(format!(
+                "drain {:?} is driven by {}",
+                p.id, p.driver
+            ))),
+            Claim::Ended(p) => Ok(DrainRun::new(p.status_header())),
+        }
+    }
+
     /// The drain's status as the Node records it, unless this process drives it (its own
     /// status is fresher). For GetDrain and GetNode on either agent process.
     pub async fn status(&self) -> Result<Option<pb::DrainStatus>, DrainError> {
@@ -569,8 +644,9 @@ impl DrainController {
     /// On shutdown: hands the drain over at once (heartbeat 0) instead of after the lease.
     async fn release(&self, params: &DrainParams) {
         let me = self.instance.clone();
+        self.claim_until.send_replace(None);
         let released = self.cas(|cur| match cur {
-            Some(c) if c.driver == me && c.id == params.id => {
+            Some(c) if c.driver == me && c.id == params.id && !is_terminal(c.phase()) => {
                 let mut r = c.clone();
                 r.heartbeat = 0;
                 Ok((Some(r), ()))
@@ -669,9 +745,11 @@ impl DrainController {
                     DrainError::Invalid("return_timeout: must not be negative".into())
                 })?,
             };
-            if return_timeout < Duration::from_secs(1) {
+            if return_timeout < Duration::from_secs(1)
+                || return_timeout.as_secs() > state::MAX_RETURN_TIMEOUT_SECONDS
+            {
                 return Err(DrainError::Invalid(format!(
-                    "return_timeout: {return_timeout:?} is below 1s"
+                    "return_timeout: {return_timeout:?} is out of range [1s, 7d]"
                 )));
             }
             Some(Rotation {
@@ -753,6 +831,7 @@ impl DrainController {
         *self.last_progress_save.lock().expect("not poisoned") = None;
         *self.skip_wait.lock().expect("not poisoned") = params.skip_wait_for_delete;
         self.paused.send_replace(false);
+        self.claim_until.send_replace(None);
         let (me, r) = (self.clone(), run.clone());
         tokio::spawn(async move { me.run(r, params, done).await });
         Ok(run)
@@ -777,8 +856,21 @@ impl DrainController {
 
     /// At start: resumes a drain persisted on the Node by an earlier incarnation of the agent.
     pub async fn resume(self: &Arc<Self>) -> Result<Option<Arc<DrainRun>>, DrainError> {
-        let Some(persisted) = self.read_state().await?.0 else {
-            return Ok(None);
+        let persisted = match self.read_record().await?.0 {
+            Ok(Some(p)) => p,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                // #16-j: a corrupt or hostile record is not resumed and never panics the agent;
+                // the node stays as it is (cordoned or not) and a person is told why.
+                tracing::error!(error = %e, "not resuming the drain recorded on the node");
+                self.event(
+                    "DrainStateCorrupt",
+                    "Warning",
+                    &format!("not resuming the drain recorded on the node: {e}; the node is left as it is"),
+                )
+                .await;
+                return Ok(None);
+            }
         };
         if is_terminal(persisted.phase()) {
             // Remember the last drain so GetDrain and re-attaching orchestrators see its end.
@@ -887,8 +979,17 @@ impl DrainController {
             s.phase = phase as i32;
             s.error = error.clone();
         });
-        if let Err(e) = self.save(&params, phase, &done_list, &error).await {
-            tracing::error!(error = %e, "could not persist the drain's end on the node");
+        match self.save(&params, phase, &done_list, &error).await {
+            Ok(()) => {}
+            Err(DrainError::Conflict(m)) => {
+                // The claim is lost (adopted, cancelled or ended through the other process):
+                // that record rules; this process records nothing and stands by.
+                tracing::warn!(id = %params.id, "{m}; this process stops driving it");
+                run.hand_over("another agent process on this node took over the drain");
+                tokio::spawn(self.clone().stand_by(params.id.clone()));
+                return;
+            }
+            Err(e) => tracing::error!(error = %e, "could not persist the drain's end on the node"),
         }
         let (reason, kind) = match phase {
             DrainPhase::Completed => ("DrainCompleted", "Normal"),
@@ -1177,10 +1278,13 @@ impl DrainController {
         let post_params = PostParams::default();
         let mut backoff = self.config.retry_initial.get();
         let mut attempt = 0u32;
+        self.fenced().await;
         run.emit(Ev::Evicting(pod.pod_ref()));
         loop {
             // The fleet-lock slot was lost: no eviction until it is held again.
             self.unpaused().await;
+            // No eviction without a confirmed claim; none outlives it on this side either.
+            let claim_left = self.fenced().await;
             attempt += 1;
             let post = api.create_subresource::<_, serde_json::Value>(
                 "eviction",
@@ -1188,7 +1292,7 @@ impl DrainController {
                 &post_params,
                 &body,
             );
-            let outcome = tokio::time::timeout(API_CALL_TIMEOUT, post).await;
+            let outcome = tokio::time::timeout(API_CALL_TIMEOUT.min(claim_left), post).await;
             let wait = match outcome {
                 Ok(Ok(_)) => {
                     self.metrics

@@ -264,7 +264,7 @@ impl Maintenance {
         slot: Option<SlotGuard>,
     ) -> Result<(), MaintenanceError> {
         let boot_id = self.boot_id()?;
-        let return_by = now() + rotation.return_timeout_seconds;
+        let return_by = now().saturating_add(rotation.return_timeout_seconds);
         let mut record = Record {
             state: State::Drained,
             drain_id: drain_id.to_string(),
@@ -345,6 +345,24 @@ impl Maintenance {
         let Some(mut record) = self.read().await? else {
             return Ok(());
         };
+        if !matches!(record.state, State::Draining | State::Done | State::Failed)
+            && let Some(why) = self.superseded(&record).await?
+        {
+            // #16-l: a later drain (plain or rotation, failed or running) rules the node now.
+            // This rotation's return must not uncordon: the node stays as that drain left it.
+            tracing::warn!(drain = %record.drain_id, "{why}");
+            record.state = State::Failed;
+            record.since = now();
+            record.error = why.clone();
+            self.write(&record).await?;
+            self.event(
+                "MaintenanceSuperseded",
+                "Warning",
+                &format!("{why}; the node is not uncordoned by nodekeeper"),
+            )
+            .await;
+            return Ok(());
+        }
         match record.state {
             State::Draining | State::Done | State::Failed => return Ok(()),
             State::Drained | State::AwaitingReboot => {
@@ -464,6 +482,35 @@ impl Maintenance {
             ),
         )
         .await;
+    }
+
+    /// Why this rotation's record no longer rules the node, if so: the drain recorded on the
+    /// Node (`nodekeeper.io/drain`, always the latest one) is another drain, or did not
+    /// complete, or is missing or unreadable (no proof it completed).
+    async fn superseded(&self, record: &Record) -> Result<Option<String>, MaintenanceError> {
+        let node = call("GET node", self.nodes().get(&self.node)).await?;
+        let latest = node
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(super::STATE_ANNOTATION))
+            .map(|t| super::state::Persisted::from_json(t));
+        let rotation = &record.drain_id;
+        Ok(match latest {
+            None => Some(format!(
+                "rotation {rotation}: no drain is recorded on the node any more"
+            )),
+            Some(Err(e)) => Some(format!("rotation {rotation}: {e}")),
+            Some(Ok(p)) if p.id != *rotation => Some(format!(
+                "rotation {rotation} was superseded by drain {:?} ({})",
+                p.id, p.phase
+            )),
+            Some(Ok(p)) if p.phase() != crate::pb::DrainPhase::Completed => Some(format!(
+                "rotation {rotation}: its drain is recorded as {}",
+                p.phase
+            )),
+            Some(Ok(_)) => None,
+        })
     }
 
     async fn node_ready(&self) -> Result<bool, MaintenanceError> {

@@ -23,6 +23,13 @@ use super::state::Persisted;
 /// takes over a dead one's drain within seconds.
 pub const DEFAULT_OWNER_LEASE: Duration = Duration::from_secs(15);
 
+/// How long before its claim's lease ends a driver stops posting evictions (the fence, #16-k):
+/// a third of the lease, the renewal period, so one late renewal pauses evictions before the
+/// other agent process may adopt the drain.
+pub fn fence_margin(lease: Duration) -> Duration {
+    lease / 3
+}
+
 /// Where this process stands towards a recorded drain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Standing {

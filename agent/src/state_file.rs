@@ -3,7 +3,9 @@
 //! (issue #15): every open is O_NONBLOCK (a FIFO, which would block `open` or `read` until a
 //! writer comes, returns at once) and anything but a regular file is refused with an error
 //! naming what it is. The caller turns the error into its capability's degraded health; the
-//! agent serves.
+//! agent serves. Credentials read at run time (bearer tokens, TLS certificates, keys and CAs,
+//! swapped by kubelet under a running agent) go through `read_capped` for the same reason: a
+//! FIFO in their place froze every worker thread (issue #19 adversary).
 
 use std::fs::File;
 use std::io::Read as _;
@@ -29,6 +31,25 @@ pub fn read_to_string(path: &Path) -> std::io::Result<String> {
         }
         Ok(text)
     })
+}
+
+/// At most `max_bytes` of the regular file at `path` (O_NONBLOCK open: a FIFO or device is
+/// refused at once, never waited on); InvalidData when it is larger or not a regular file.
+pub fn read_capped(path: &Path, max_bytes: u64) -> std::io::Result<Vec<u8>> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)?;
+    let file = regular(file, path)?;
+    let mut bytes = Vec::new();
+    file.take(max_bytes + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} is larger than {max_bytes} bytes", path.display()),
+        ));
+    }
+    Ok(bytes)
 }
 
 /// A lock file at `path`, created when missing, opened for writing (for `flock`).
@@ -64,7 +85,7 @@ fn regular(file: File, path: &Path) -> std::io::Result<File> {
     Err(std::io::Error::new(
         std::io::ErrorKind::InvalidData,
         format!(
-            "{} is {what}, not a regular file: refused (a state file must be a plain file)",
+            "{} is {what}, not a regular file: refused (state and credential files must be plain files)",
             path.display()
         ),
     ))
@@ -73,6 +94,23 @@ fn regular(file: File, path: &Path) -> std::io::Result<File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_capped_refuses_a_fifo_at_once_and_a_file_over_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("tls.crt");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let err = read_capped(&fifo, 1024).unwrap_err();
+        assert!(err.to_string().contains("a FIFO"), "{err}");
+        let big = dir.path().join("token");
+        std::fs::write(&big, vec![b'a'; 1025]).unwrap();
+        assert_eq!(
+            read_capped(&big, 1024).unwrap_err().kind(),
+            std::io::ErrorKind::InvalidData
+        );
+        std::fs::write(&big, b"secret").unwrap();
+        assert_eq!(read_capped(&big, 1024).unwrap(), b"secret");
+    }
 
     #[test]
     fn a_fifo_is_refused_at_once_for_reading_and_locking() {

@@ -340,7 +340,9 @@ impl TokenFile {
         if stamp.len > MAX_TOKEN_BYTES {
             return Err(TokenError::Bad("is larger than a token (4 KiB)"));
         }
-        let raw = std::fs::read(&self.path).map_err(TokenError::Read)?;
+        // Never a plain read: a FIFO swapped in would block this thread with the lock held.
+        let raw = crate::state_file::read_capped(&self.path, MAX_TOKEN_BYTES)
+            .map_err(TokenError::Read)?;
         let token = raw.trim_ascii();
         if token.is_empty() {
             return Err(TokenError::Bad("is empty"));

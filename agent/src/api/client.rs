@@ -169,7 +169,7 @@ impl ConnectOptions {
     /// The client TLS config these options describe.
     pub fn tls(&self) -> Result<ClientTlsConfig, ClientError> {
         let read = |flag: &'static str, path: &Path| {
-            std::fs::read(path).map_err(|e| ClientError::Tls {
+            crate::state_file::read_capped(path, 1 << 20).map_err(|e| ClientError::Tls {
                 flag,
                 why: format!("cannot read {}: {e}", path.display()),
             })
@@ -226,7 +226,8 @@ pub fn read_token(path: &Path) -> Result<AsciiMetadataValue, ClientError> {
         path: path.to_path_buf(),
         why,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let raw = crate::state_file::read_capped(path, 4096).map_err(|e| err(e.to_string()))?;
+    let text = String::from_utf8(raw).map_err(|_| err("is not UTF-8".into()))?;
     let token = text.trim();
     if token.is_empty() {
         return Err(err("is empty".into()));

@@ -231,8 +231,12 @@ fn stamps(files: &TlsConfig) -> Stamps {
     ]
 }
 
+/// PEM files larger than this are not a certificate chain, key or CA bundle of ours.
+const MAX_PEM_BYTES: u64 = 1 << 20;
+
+/// Never a plain read: a FIFO swapped in would block the thread with the TLS state held.
 fn read(field: &'static str, path: &Path) -> Result<Vec<u8>, TlsFileError> {
-    std::fs::read(path).map_err(|source| TlsFileError::Read {
+    crate::state_file::read_capped(path, MAX_PEM_BYTES).map_err(|source| TlsFileError::Read {
         field,
         path: path.to_path_buf(),
         source,

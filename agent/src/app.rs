@@ -311,6 +311,7 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
                 status: status.clone(),
                 disk_ops,
                 metrics,
+                health: health.clone(),
             };
             let h = health.clone();
             supervisor.spawn("disks-publisher", move |token| async move {

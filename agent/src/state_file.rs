@@ -17,10 +17,26 @@ pub const MAX_STATE_FILE_BYTES: u64 = 16 << 20;
 
 /// The whole text of the state file at `path`; NotFound when there is none.
 pub fn read_to_string(path: &Path) -> std::io::Result<String> {
+    read(path, nix::fcntl::OFlag::O_NONBLOCK)
+}
+
+/// As [`read_to_string`], and a symlink in the file's own place is refused, never read through
+/// (what it points at is not a record the agent wrote): disks' `owned.json` and
+/// `published.json` (#14-c). `O_NOFOLLOW` concerns the last component only, so a symlinked
+/// state dir still works.
+pub fn read_to_string_no_symlink(path: &Path) -> std::io::Result<String> {
+    read(
+        path,
+        nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_NOFOLLOW,
+    )
+}
+
+fn read(path: &Path, flags: nix::fcntl::OFlag) -> std::io::Result<String> {
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
-        .open(path)?;
+        .custom_flags(flags.bits())
+        .open(path)
+        .map_err(|e| refuse_symlink(e, path))?;
     regular(file, path).and_then(|f| {
         let mut text = String::new();
         f.take(MAX_STATE_FILE_BYTES + 1).read_to_string(&mut text)?;
@@ -61,6 +77,35 @@ pub fn open_lock(path: &Path) -> std::io::Result<File> {
         .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
         .open(path)?;
     regular(file, path)
+}
+
+/// ELOOP from an `O_NOFOLLOW` open, said plainly.
+fn refuse_symlink(e: std::io::Error, path: &Path) -> std::io::Error {
+    if e.raw_os_error() != Some(nix::libc::ELOOP) {
+        return e;
+    }
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!(
+            "{} is a symbolic link, not a regular file: refused (a state file must be a plain file)",
+            path.display()
+        ),
+    )
+}
+
+/// Creates `path` for an atomic replace (written, fsynced, renamed by the caller): whatever
+/// is there (a temp file from a crash, a planted symlink) is removed first and the file is
+/// created `O_EXCL`, which never follows a symlink, so the agent never writes through one.
+pub fn create_fresh(path: &Path) -> std::io::Result<File> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
 }
 
 /// `file` when it is a regular file; else an error saying what it is instead.
@@ -125,6 +170,31 @@ mod tests {
         let d = dir.path().join("sub");
         std::fs::create_dir(&d).unwrap();
         assert!(read_to_string(&d).is_err());
+    }
+
+    #[test]
+    fn a_symlink_in_a_state_files_place_is_refused_and_never_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("someone-elses");
+        std::fs::write(&target, "{}").unwrap();
+        let link = dir.path().join("owned.json");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = read_to_string_no_symlink(&link).unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        // A symlinked state dir is fine.
+        let dir_link = dir.path().join("state");
+        std::os::unix::fs::symlink(dir.path(), &dir_link).unwrap();
+        assert_eq!(
+            read_to_string_no_symlink(&dir_link.join("someone-elses")).unwrap(),
+            "{}"
+        );
+        assert!(e.to_string().contains("owned.json"), "{e}");
+        let tmp = dir.path().join("owned.tmp");
+        std::os::unix::fs::symlink(&target, &tmp).unwrap();
+        use std::io::Write as _;
+        create_fresh(&tmp).unwrap().write_all(b"ours").unwrap();
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "{}");
+        assert_eq!(std::fs::read_to_string(&tmp).unwrap(), "ours");
     }
 
     #[test]

@@ -870,3 +870,120 @@ fn root_one_disk_failing_with_io_errors_never_stops_the_other_from_being_prepare
     assert_ne!(sha256(&healthy), blank, "the healthy disk was formatted");
     drop(agent);
 }
+
+// === kill -9 mid-mkfs ===
+
+/// A `mkfs.ext4` first on PATH that records its pid and then, `partial`: writes 1 MiB of what
+/// a dying mke2fs leaves (bitmaps, inode tables past the first MiB; no superblock yet), or
+/// `finished`: runs the real mkfs to the end; then says it is ready and waits to be killed
+/// with the agent (a container kill takes both).
+fn dying_mkfs(dir: &Path, mode: &str) -> PathBuf {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let real = sh("command -v mkfs.ext4").trim().to_string();
+    let script = format!(
+        r#"#!/bin/sh
+for last; do :; done
+echo $$ > {pid}
+if [ "{mode}" = partial ]; then
+  dd if=/dev/urandom of="$last" bs=64K count=16 seek=32 conv=notrunc status=none
+else
+  {real} "$@"
+fi
+blockdev --flushbufs "$last"
+touch {ready}
+exec sleep 600
+"#,
+        pid = dir.join("mkfs.pid").display(),
+        ready = dir.join("mkfs.ready").display(),
+    );
+    let p = bin.join("mkfs.ext4");
+    std::fs::write(&p, script).unwrap();
+    sh(&format!("chmod +x {}", p.display()));
+    bin
+}
+
+/// `disks prepare` killed (-9, with its mkfs) mid-format, then run again: what the disk holds
+/// and the record it left.
+fn killed_mid_mkfs(a: &Attack, dev: &LoopDevice, mode: &str) -> Value {
+    let bin = dying_mkfs(a.dir.path(), mode);
+    let mut agent = Command::new(agent_bin())
+        .args(["disks", "prepare", "--json", "--config"])
+        .arg(a.config(dev, ""))
+        .arg("--state-dir")
+        .arg(a.dir.path().join("state"))
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                bin.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run nodekeeper");
+    let ready = a.dir.path().join("mkfs.ready");
+    wait_for(std::time::Duration::from_secs(60), "mkfs running", || {
+        ready.exists().then_some(())
+    });
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    let pid = std::fs::read_to_string(a.dir.path().join("mkfs.pid")).unwrap();
+    sh(&format!("kill -9 {}", pid.trim()));
+    let owned = std::fs::read_to_string(a.dir.path().join("state/disks/owned.json")).unwrap();
+    let owned: Value = serde_json::from_str(&owned).unwrap();
+    assert_eq!(
+        owned["disks"][&dev.name]["prepared"], false,
+        "recorded before mkfs, not finished: {owned:#}"
+    );
+    owned
+}
+
+/// Killed after mkfs wrote part of its metadata: the restarted agent finds data it cannot
+/// prove is ours (no marker) and leaves the disk alone, byte for byte, unpublished, with its
+/// record kept (`prepared: false`) for an operator (`disks wipe`).
+#[test]
+fn root_a_disk_whose_mkfs_was_killed_half_way_is_left_alone() {
+    if !can_run() {
+        return;
+    }
+    let a = Attack::new();
+    let dev = a.attach();
+    killed_mid_mkfs(&a, &dev, "partial");
+    a.assert_untouched(&dev, "", "has data");
+    let owned: Value = serde_json::from_str(
+        &std::fs::read_to_string(a.dir.path().join("state/disks/owned.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(owned["disks"][&dev.name]["prepared"], false, "{owned:#}");
+}
+
+/// Killed after its mkfs finished but before the agent recorded it and mounted: the disk
+/// carries our marker and nothing else, so the restarted agent finishes the job (mounted,
+/// recorded `prepared: true`), with the filesystem mkfs made (same UUID), never a second mkfs.
+#[test]
+fn root_a_disk_whose_agent_was_killed_after_mkfs_is_finished_not_reformatted() {
+    if !can_run() {
+        return;
+    }
+    let a = Attack::new();
+    let dev = a.attach();
+    let owned = killed_mid_mkfs(&a, &dev, "finished");
+    let uuid = owned["disks"][&dev.name]["uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let report = a.prepare(&dev, "");
+    assert_eq!(action_of(&report, &dev.name), "mounted", "{report:#}");
+    assert_eq!(
+        sh(&format!("blkid -p -s UUID -o value {}", dev.path.display())).trim(),
+        uuid
+    );
+    let owned: Value = serde_json::from_str(
+        &std::fs::read_to_string(a.dir.path().join("state/disks/owned.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(owned["disks"][&dev.name]["prepared"], true, "{owned:#}");
+}

@@ -548,3 +548,442 @@ fn adversary_an_owed_wipe_runs_after_its_pv_was_bound_again_as_root() {
         "the refused wipe is dropped, not owed for ever: {published:#}"
     );
 }
+
+// === state files that cannot be trusted (#14) ===
+
+fn readyz(agent: &Agent) -> String {
+    nodekeeper_tests::http_get(agent.metrics, "/readyz")
+        .map(|(_, body)| body)
+        .unwrap_or_default()
+}
+
+/// Replaces `path` atomically with `bytes` (a temp file renamed over it, so a symlink in its
+/// place is replaced, not written through): how an operator restores a state file.
+fn restore(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("restore");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// What a crash, a full disk or a hand edit leaves in a state file's place, and a symlink to a
+/// well-formed copy (not a record the agent wrote).
+fn spoil(path: &Path, good: &[u8], how: &str) {
+    let _ = std::fs::remove_file(path);
+    match how {
+        "empty" => std::fs::write(path, b"").unwrap(),
+        "truncated" => std::fs::write(path, &good[..good.len() / 2]).unwrap(),
+        "garbage" => std::fs::write(path, b"\x00\xffnot json at all{{").unwrap(),
+        "symlink" => {
+            let copy = path.with_extension("copy");
+            std::fs::write(&copy, good).unwrap();
+            std::os::unix::fs::symlink(&copy, path).unwrap();
+        }
+        _ => unreachable!("{how}"),
+    }
+}
+
+fn wait_series(agent: &Agent, series: &str) {
+    wait_for(Duration::from_secs(20), series, || {
+        agent
+            .metrics_text()
+            .lines()
+            .any(|l| l.starts_with(series))
+            .then_some(())
+    });
+}
+
+/// owned.json spoiled four ways while the agent runs: each one makes the disks capability
+/// DEGRADED (`nodekeeper_disks_state_unreadable{file="owned.json"} 1`, one
+/// `LocalDiskStateUnreadable` Event), the agent keeps serving (/metrics, the other
+/// capabilities ready), and it recovers once the file is restored. While it is spoiled a
+/// Released PV is neither wiped nor deleted, the spoiled bytes are never replaced; once
+/// restored, the held-back wipe runs and the disk is published again.
+#[test]
+fn an_untrusted_owned_json_stops_every_wipe_and_publish_until_it_is_fixed_as_root() {
+    if !can_run() {
+        return;
+    }
+    let s = Scene::new();
+    let agent = s.agent();
+    let first = s.wait_pv("PV published", |_| true);
+    write_file(&s.mount());
+    s.api
+        .set_pv_phase(&s.pv_name(), "Bound", Some(("shop", "data-0")));
+    let owned = s.dir.path().join("state/disks/owned.json");
+    let good = std::fs::read(&owned).unwrap();
+    for how in ["empty", "truncated", "garbage", "symlink"] {
+        spoil(&owned, &good, how);
+        let body = wait_for(Duration::from_secs(20), "disks DEGRADED", || {
+            let body = readyz(&agent);
+            body.contains("disks: HEALTH_STATE_DEGRADED")
+                .then_some(body)
+        });
+        assert!(
+            body.trim_start_matches("not ready: ")
+                .split("; ")
+                .all(|c| c.trim().starts_with("disks")),
+            "{how}: only the disks capabilities are not ready: {body}"
+        );
+        wait_series(
+            &agent,
+            "nodekeeper_disks_state_unreadable{file=\"owned.json\"} 1",
+        );
+        restore(&owned, &good);
+        wait_for(Duration::from_secs(20), "disks SERVING again", || {
+            (!readyz(&agent).contains("disks")).then_some(())
+        });
+        wait_series(
+            &agent,
+            "nodekeeper_disks_state_unreadable{file=\"owned.json\"} 0",
+        );
+    }
+    let event = wait_for(Duration::from_secs(20), "LocalDiskStateUnreadable", || {
+        s.api
+            .events()
+            .into_iter()
+            .find(|e| e["reason"] == "LocalDiskStateUnreadable")
+    });
+    assert!(
+        event["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("owned.json"),
+        "{event:#}"
+    );
+
+    // Spoiled, and the tenant's PV is Released: nothing is wiped, nothing deleted.
+    spoil(&owned, &good, "truncated");
+    let spoiled = std::fs::read(&owned).unwrap();
+    wait_for(Duration::from_secs(20), "publisher DEGRADED", || {
+        readyz(&agent)
+            .contains("disks-publisher: HEALTH_STATE_DEGRADED")
+            .then_some(())
+    });
+    s.api
+        .set_pv_phase(&s.pv_name(), "Released", Some(("shop", "data-0")));
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        s.mount().join("tenant-data").exists(),
+        "wiped while owned.json could not be trusted"
+    );
+    assert_eq!(
+        s.api.pv(&s.pv_name()).unwrap()["metadata"]["uid"],
+        first["metadata"]["uid"],
+        "the Released PV was deleted while owned.json could not be trusted"
+    );
+    assert_eq!(
+        std::fs::read(&owned).unwrap(),
+        spoiled,
+        "the spoiled file was replaced"
+    );
+    restore(&owned, &good);
+    let uid = first["metadata"]["uid"].clone();
+    s.wait_pv("PV recreated", |pv| pv["metadata"]["uid"] != uid);
+    assert!(
+        !s.mount().join("tenant-data").exists(),
+        "the held-back wipe never ran"
+    );
+}
+
+/// published.json (which disks owe a wipe before they are published again) truncated while
+/// the agent was down, and the tenant's PV deleted by hand meanwhile: read as empty, the disk
+/// would be published again over the tenant's file. The publisher stays DEGRADED
+/// (`nodekeeper_disks_state_unreadable{file="published.json"} 1`, a `LocalDiskStateUnreadable`
+/// Event), publishes nothing and leaves the file as it is; restored, it wipes, then publishes.
+#[test]
+fn an_untrusted_published_json_never_publishes_over_old_data_and_recovers_as_root() {
+    if !can_run() {
+        return;
+    }
+    let s = Scene::new();
+    {
+        let _agent = s.agent();
+        s.wait_pv("PV published", |_| true);
+        write_file(&s.mount());
+    }
+    s.api.delete_pv(&s.pv_name());
+    let published = s.dir.path().join("state/disks/published.json");
+    let good = std::fs::read(&published).unwrap();
+    for how in ["garbage", "symlink", "empty", "truncated"] {
+        spoil(&published, &good, how);
+        let agent = Agent::builder()
+            .config(&s.config())
+            .connected(&s.kubeconfig, NODE)
+            .state_dir(&s.dir.path().join("state"))
+            .live_only()
+            .start();
+        wait_for(Duration::from_secs(20), "publisher DEGRADED", || {
+            readyz(&agent)
+                .contains("disks-publisher: HEALTH_STATE_DEGRADED")
+                .then_some(())
+        });
+        wait_series(
+            &agent,
+            "nodekeeper_disks_state_unreadable{file=\"published.json\"} 1",
+        );
+        std::thread::sleep(Duration::from_secs(3));
+        assert!(s.api.pv(&s.pv_name()).is_none(), "{how}: published again");
+        assert!(
+            s.mount().join("tenant-data").exists(),
+            "{how}: wiped on an untrusted record"
+        );
+        if how == "truncated" {
+            let spoiled = std::fs::read(&published).unwrap();
+            assert_eq!(spoiled, &good[..good.len() / 2], "the file was replaced");
+            restore(&published, &good);
+            s.wait_pv("PV recreated", |_| true);
+            assert!(
+                !s.mount().join("tenant-data").exists(),
+                "published again over the old tenant's data"
+            );
+            wait_for(Duration::from_secs(20), "publisher SERVING", || {
+                (!readyz(&agent).contains("disks-publisher")).then_some(())
+            });
+        }
+    }
+    let events: Vec<Value> = s
+        .api
+        .events()
+        .into_iter()
+        .filter(|e| e["reason"] == "LocalDiskStateUnreadable")
+        .collect();
+    assert!(
+        events.iter().any(|e| e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("published.json"))),
+        "{events:#?}"
+    );
+}
+
+// === PV names that collide (#14) ===
+
+/// Two disks whose ids differ only where a PV name cannot (`nk-test-A_1`, `nk-test-a-1`: the
+/// same `nk-node-a-nk-test-a-1` once DNS-safe), block mode (by-id identity, so a wipe would
+/// zero the whole device). The second disk's create gets 409: it is reported
+/// (`LocalDiskPVNameCollision` Event naming both, `nodekeeper_disks_pv_name_collisions 1`,
+/// publisher DEGRADED) and never recorded as published. Then the PV (the first disk's) is
+/// deleted by hand: the first disk is wiped before anything is published again, and the
+/// second disk, whose PV never existed, is never wiped because of it.
+#[test]
+fn colliding_pv_names_are_reported_and_never_wipe_the_other_disk_as_root() {
+    if !can_run() {
+        return;
+    }
+    let s = Scene::new();
+    let second = LoopDevice::attach(&s.dir.path().join("second.img"), LOOP_BYTES);
+    // Loops have no by-id links: a temp /dev whose by-id names collide once DNS-safe.
+    let dev = s.dir.path().join("dev");
+    std::fs::create_dir_all(dev.join("disk/by-id")).unwrap();
+    for (l, id) in [(&s.disk, "nk-test-A_1"), (&second, "nk-test-a-1")] {
+        std::os::unix::fs::symlink(&l.path, dev.join(&l.name)).unwrap();
+        std::os::unix::fs::symlink(
+            format!("../../{}", l.name),
+            dev.join(format!("disk/by-id/{id}")),
+        )
+        .unwrap();
+    }
+    let config = format!(
+        "metrics:\n  enabled: false\nhostPaths:\n  dev: {}\ndisks:\n  enabled: true\n  interval: 1s\n  mode: block\n  devices: [{}, {}]\n  minSizeBytes: 1048576\n  discoveryDir: {}\n  hostMountNamespace: false\n",
+        dev.display(),
+        s.disk.name,
+        second.name,
+        s.mnt().display()
+    );
+    let agent = Agent::builder()
+        .config(&config)
+        .connected(&s.kubeconfig, NODE)
+        .state_dir(&s.dir.path().join("state"))
+        .live_only()
+        .start();
+    let name = format!("nk-{NODE}-nk-test-a-1");
+    let first = wait_for(Duration::from_secs(20), "the PV", || s.api.pv(&name));
+    let owner = first["metadata"]["annotations"]["nodekeeper.io/disk"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (owner_dev, other_dev, other) = if owner == "nk-test-A_1" {
+        (&s.disk, &second, "nk-test-a-1")
+    } else {
+        (&second, &s.disk, "nk-test-A_1")
+    };
+    let event = wait_for(Duration::from_secs(20), "LocalDiskPVNameCollision", || {
+        s.api
+            .events()
+            .into_iter()
+            .find(|e| e["reason"] == "LocalDiskPVNameCollision")
+    });
+    let message = event["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(other) && message.contains(&owner) && message.contains(&name),
+        "{event:#}"
+    );
+    wait_series(&agent, "nodekeeper_disks_pv_name_collisions 1");
+    wait_for(Duration::from_secs(20), "publisher DEGRADED", || {
+        readyz(&agent)
+            .contains("disks-publisher: HEALTH_STATE_DEGRADED")
+            .then_some(())
+    });
+    let published: Value = serde_json::from_str(
+        &std::fs::read_to_string(s.dir.path().join("state/disks/published.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        published["pvs"].get(other).is_none(),
+        "the colliding disk is recorded as published: {published:#}"
+    );
+
+    // Both disks carry bytes a wipe would zero; the owner's PV is deleted by hand.
+    for d in [owner_dev, other_dev] {
+        let status = std::process::Command::new("dd")
+            .args([
+                "if=/dev/urandom",
+                "bs=1M",
+                "count=4",
+                "seek=8",
+                "conv=notrunc",
+                "status=none",
+            ])
+            .arg(format!("of={}", d.path.display()))
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let other_before = sha256(other_dev);
+    s.api.delete_pv(&name);
+    let uid = first["metadata"]["uid"].clone();
+    wait_for(Duration::from_secs(30), "a PV published again", || {
+        s.api.pv(&name).filter(|pv| pv["metadata"]["uid"] != uid)
+    });
+    wait_for(Duration::from_secs(20), "the owner wiped", || {
+        (nonzero_mib(owner_dev) == 0).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        sha256(other_dev),
+        other_before,
+        "the disk whose id collides was wiped for the other disk's PV"
+    );
+    assert_eq!(s.api.pvs().len(), 1, "{:#?}", s.api.pvs());
+}
+
+/// MiB blocks of the device holding any non-zero byte.
+fn nonzero_mib(dev: &LoopDevice) -> usize {
+    use std::io::Read;
+    let _ = std::process::Command::new("blockdev")
+        .arg("--flushbufs")
+        .arg(&dev.path)
+        .status();
+    let mut f = std::fs::File::open(&dev.path).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut count = 0;
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            return count;
+        }
+        count += usize::from(buf[..n].iter().any(|&b| b != 0));
+    }
+}
+
+// === kill -9 mid-reclaim (#14) ===
+
+/// The agent killed (-9, with its mkfs) in the middle of reclaiming a Released PV's disk: the
+/// first and last MiB zeroed (our marker gone with them), mkfs started, the tenant's file
+/// still in the middle of the disk. The restarted agent cannot prove the disk is ours any more
+/// (no marker; the rest is data), so it leaves it alone as documented: the owed wipe is dropped
+/// and reported (`LocalDiskWipeRefused`, `not_ours`), not one byte written, the Released PV
+/// deleted and no PV ever published for the half-wiped disk (nothing published twice).
+#[test]
+fn an_agent_killed_mid_reclaim_never_publishes_the_half_wiped_disk_as_root() {
+    if !can_run() {
+        return;
+    }
+    let s = Scene::new();
+    let bin = s.dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let real = String::from_utf8(
+        std::process::Command::new("sh")
+            .args(["-c", "command -v mkfs.ext4"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let (armed, pid, ready) = (
+        s.dir.path().join("armed"),
+        s.dir.path().join("mkfs.pid"),
+        s.dir.path().join("mkfs.ready"),
+    );
+    // Once armed, mkfs (the reclaim's) records its pid, says so and waits to be killed.
+    std::fs::write(
+        bin.join("mkfs.ext4"),
+        format!(
+            "#!/bin/sh\nif [ -e {armed} ]; then echo $$ > {pid}; touch {ready}; exec sleep 600; fi\nexec {real} \"$@\"\n",
+            armed = armed.display(),
+            pid = pid.display(),
+            ready = ready.display(),
+            real = real.trim()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        bin.join("mkfs.ext4"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let agent = Agent::builder()
+        .config(&s.config())
+        .connected(&s.kubeconfig, NODE)
+        .state_dir(&s.dir.path().join("state"))
+        .env("PATH", path)
+        .start();
+    s.wait_pv("PV published", |_| true);
+    std::fs::write(s.mount().join("tenant-data"), vec![0x5a; 4 << 20]).unwrap();
+    s.api
+        .set_pv_phase(&s.pv_name(), "Bound", Some(("shop", "data-0")));
+    std::thread::sleep(Duration::from_secs(2));
+    std::fs::write(&armed, b"").unwrap();
+    s.api
+        .set_pv_phase(&s.pv_name(), "Released", Some(("shop", "data-0")));
+    wait_for(Duration::from_secs(30), "the reclaim's mkfs", || {
+        ready.exists().then_some(())
+    });
+    agent.proc.signal("KILL");
+    drop(agent);
+    let mkfs = std::fs::read_to_string(&pid).unwrap();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-9", mkfs.trim()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(s.dir.path().join("state/disks/published.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        state["wipePending"],
+        json!([s.disk.name]),
+        "the wipe is owed across the kill: {state:#}"
+    );
+    let before = sha256(&s.disk);
+
+    let agent = s.agent();
+    assert_wipe_refused(&s, &agent, "not_ours");
+    wait_for(Duration::from_secs(20), "the Released PV deleted", || {
+        s.api.pv(&s.pv_name()).is_none().then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        s.api.pvs().is_empty(),
+        "published again: {:#?}",
+        s.api.pvs()
+    );
+    assert_eq!(sha256(&s.disk), before, "the half-wiped disk was written");
+}

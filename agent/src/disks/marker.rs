@@ -81,11 +81,13 @@ impl OwnedStore {
             path: path.clone(),
             error: e,
         };
-        let owned = if path.exists() {
-            let text = crate::state_file::read_to_string(&path).map_err(|e| err(e.to_string()))?;
-            serde_json::from_str(&text).map_err(|e| err(e.to_string()))?
-        } else {
-            Owned::default()
+        // Missing: nothing prepared yet. Anything else that is not a whole, well-formed record
+        // (empty, truncated, garbage, a symlink, a FIFO) is an error: the caller refuses to
+        // act, and the file is left as it is for an operator (never replaced by an empty one).
+        let owned = match crate::state_file::read_to_string_no_symlink(&path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| err(e.to_string()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Owned::default(),
+            Err(e) => return Err(err(e.to_string())),
         };
         Ok(Self { path, owned })
     }
@@ -100,7 +102,7 @@ impl OwnedStore {
             std::fs::create_dir_all(dir).map_err(err)?;
         }
         let tmp = self.path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(err)?;
+        let mut f = crate::state_file::create_fresh(&tmp).map_err(err)?;
         f.write_all(
             serde_json::to_string_pretty(&self.owned)
                 .expect("serializes")

@@ -908,6 +908,15 @@ fn prepare_one(
             let Some(rec) = store.owned.disks.get(&c.key).cloned() else {
                 return Err(mode_switch_refused(cfg.mode, &c.key, PrepareMode::Raid0));
             };
+            if !rec.prepared {
+                // Our mkfs finished but the agent died before recording it (kill -9, node
+                // crash): the disk proved itself ours, so the record is finished too, and a
+                // later loss of the disk is reported as lost.
+                let mut done = rec.clone();
+                done.prepared = true;
+                store.owned.disks.insert(c.key.clone(), done);
+                store.persist()?;
+            }
             let mut entry = prepared_entry(host, disk, &c.key, &rec, false);
             if rec.mode == PrepareMode::Block {
                 report.prepared.push(entry);
@@ -1596,6 +1605,8 @@ pub struct DisksMetrics {
     lost: Counter,
     errors: Family<Vec<(&'static str, &'static str)>, Counter>,
     wipes_refused: Family<Vec<(&'static str, &'static str)>, Counter>,
+    state_unreadable: Family<Vec<(&'static str, &'static str)>, Gauge>,
+    pv_name_collisions: Gauge,
 }
 
 impl DisksMetrics {
@@ -1636,7 +1647,29 @@ impl DisksMetrics {
             "Owed wipes dropped (nothing written) because the disk is no longer provably ours, by reason",
             m.wipes_refused.clone(),
         );
+        registry.register(
+            "disks_state_unreadable",
+            "1 while a disks state file (owned.json, published.json) cannot be trusted: no disk is formatted, published or wiped",
+            m.state_unreadable.clone(),
+        );
+        registry.register(
+            "disks_pv_name_collisions",
+            "Prepared disks not published because their PV name is taken by another disk's PV (ids equal once made DNS-safe)",
+            m.pv_name_collisions.clone(),
+        );
         m
+    }
+
+    /// Whether the state file `file` (`owned.json`, `published.json`) can be trusted now.
+    pub fn state_unreadable(&self, file: &'static str, unreadable: bool) {
+        self.state_unreadable
+            .get_or_create(&vec![("file", file)])
+            .set(i64::from(unreadable));
+    }
+
+    /// Disks left unpublished by a PV name collision on the publisher's last pass.
+    pub fn pv_name_collisions(&self, disks: usize) {
+        self.pv_name_collisions.set(disks as i64);
     }
 
     /// Counts an owed wipe that was dropped (the PV publisher's reclaim).
@@ -1705,7 +1738,14 @@ pub struct DisksStatus {
     /// Failure reports ever made (as `lost_total`).
     pub failures_total: u64,
     pub error: String,
+    /// owned.json could not be trusted on the last pass (the error): nothing is formatted,
+    /// published, deleted or wiped until a pass reads it again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_error: Option<String>,
 }
+
+/// The `file` label of `nodekeeper_disks_state_unreadable` for `<stateDir>/disks/owned.json`.
+pub const OWNED_FILE: &str = "owned.json";
 
 pub type SharedDisksStatus = Arc<RwLock<DisksStatus>>;
 
@@ -1735,8 +1775,9 @@ pub async fn run(
         disk_ops,
     } = task;
     let host = HostAccess::new(&paths, &cfg);
-    // Fails the task early when the state dir is unreadable; reloaded every pass below.
-    OwnedStore::load(&state_dir)?;
+    // owned.json is read every pass: one that cannot be trusted (empty, truncated, garbage, a
+    // symlink) fails that pass only (nothing formatted, health DEGRADED, reported), and the
+    // first pass after it is fixed recovers; the task never ends over it.
     let mut interval = tokio::time::interval(cfg.interval.get());
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -1764,6 +1805,8 @@ pub async fn run(
         st.passes += 1;
         match result {
             Ok(report) => {
+                st.state_error = None;
+                metrics.state_unreadable(OWNED_FILE, false);
                 metrics.observe(&host, &report);
                 st.lost_total += report.lost.len() as u64;
                 st.lost.extend(report.lost.iter().cloned());
@@ -1792,6 +1835,12 @@ pub async fn run(
                 st.prepared = report.prepared;
             }
             Err(e) => {
+                if matches!(e, PrepareError::State(_)) {
+                    // The publisher reads this: no PV is published, deleted or wiped while the
+                    // ownership record cannot be trusted; it raises the Event.
+                    st.state_error = Some(e.to_string());
+                    metrics.state_unreadable(OWNED_FILE, true);
+                }
                 tracing::error!(error = %e, "disks pass failed");
                 metrics
                     .errors

@@ -198,6 +198,15 @@ pub fn classify(pv: &PersistentVolume, node_uid: &str, prepared: &[PublishedDisk
     PvAction::Keep
 }
 
+/// The disk a PV names (`nodekeeper.io/disk`).
+fn disk_of(pv: &PersistentVolume) -> Option<String> {
+    pv.metadata
+        .annotations
+        .as_ref()?
+        .get(ANNOTATION_DISK)
+        .cloned()
+}
+
 /// `nodekeeper_disks_wipes_refused_total` reason: the PV whose release decided the wipe is
 /// no longer Released (the admin made it Available again and a claim bound it).
 pub const REFUSED_REBOUND: &str = "rebound";
@@ -460,7 +469,7 @@ mod tests {
 
 // === the publisher loop (connected mode) ===
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -469,9 +478,16 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::DisksConfig;
-use super::prepare::{HostAccess, Reclaimed, SharedDisksStatus};
+use super::prepare::{HostAccess, OWNED_FILE, Reclaimed, SharedDisksStatus};
 use crate::host::HostPaths;
 use crate::kube::API_CALL_TIMEOUT;
+use crate::pb::HealthState;
+use crate::runtime::Health;
+
+/// The publisher's health entry.
+pub const HEALTH_NAME: &str = "disks-publisher";
+/// The `file` label of `nodekeeper_disks_state_unreadable` for `<stateDir>/disks/published.json`.
+pub const PUBLISHED_FILE: &str = "published.json";
 
 /// This node's PVs as the watch last saw them.
 type PvStore = kube::runtime::reflector::Store<PersistentVolume>;
@@ -525,7 +541,7 @@ impl Published {
     }
 
     pub fn load(state_dir: &Path) -> std::io::Result<Self> {
-        match crate::state_file::read_to_string(&Self::path(state_dir)) {
+        match crate::state_file::read_to_string_no_symlink(&Self::path(state_dir)) {
             Ok(text) => serde_json::from_str(&text).map_err(std::io::Error::other),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
             Err(e) => Err(e),
@@ -554,7 +570,7 @@ impl Published {
         let path = Self::path(state_dir);
         std::fs::create_dir_all(path.parent().expect("has a parent"))?;
         let tmp = path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = crate::state_file::create_fresh(&tmp)?;
         f.write_all(
             serde_json::to_string_pretty(self)
                 .expect("serializes")
@@ -578,6 +594,9 @@ pub struct Publisher {
     pub disk_ops: Arc<tokio::sync::Mutex<()>>,
     /// The disks capability's metrics (dropped wipes are counted here).
     pub metrics: super::prepare::DisksMetrics,
+    /// The publisher's own entry ([`HEALTH_NAME`]): DEGRADED while a state file cannot be
+    /// trusted or a disk is left unpublished by a PV name collision.
+    pub health: Health,
 }
 
 async fn call<T>(
@@ -629,8 +648,26 @@ impl Publisher {
 
     /// Publishes and reclaims until cancelled, every `disks.interval`.
     pub async fn run(mut self, token: CancellationToken) -> Result<(), crate::runtime::TaskError> {
-        let mut published = Published::load(&self.state_dir)?;
         let mut warned: HashSet<String> = HashSet::new();
+        // published.json says which disks must be wiped before they are published again: one
+        // that cannot be trusted is never replaced by an empty record (that would publish over
+        // a tenant's data). Nothing is done until it reads; it is retried every interval and
+        // left as it is for an operator.
+        let mut published = loop {
+            match Published::load(&self.state_dir) {
+                Ok(p) => break p,
+                Err(e) => {
+                    let error = format!("{}: {e}", Published::path(&self.state_dir).display());
+                    self.state_unreadable(PUBLISHED_FILE, &error, &mut warned)
+                        .await;
+                }
+            }
+            tokio::select! {
+                _ = token.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(self.cfg.interval.get()) => {}
+            }
+        };
+        self.metrics.state_unreadable(PUBLISHED_FILE, false);
         let mut lost_seen = 0u64;
         let mut failures_seen = 0u64;
         tokio::select! {
@@ -661,8 +698,12 @@ impl Publisher {
                 store: &pvs,
                 deleted: &mut deleted,
             };
-            if let Err(e) = self.pass(&mut published, &mut warned, seen, view).await {
-                tracing::warn!(error = %e, "publishing local PVs failed; retrying next pass");
+            match self.pass(&mut published, &mut warned, seen, view).await {
+                Ok(None) => self.health.set(HEALTH_NAME, HealthState::Serving, ""),
+                Ok(Some(problem)) => self.health.set(HEALTH_NAME, HealthState::Degraded, problem),
+                Err(e) => {
+                    tracing::warn!(error = %e, "publishing local PVs failed; retrying next pass")
+                }
             }
         }
     }
@@ -673,14 +714,14 @@ impl Publisher {
         warned: &mut HashSet<String>,
         (lost_seen, failures_seen): (&mut u64, &mut u64),
         mut view: PvView<'_>,
-    ) -> Result<(), String> {
+    ) -> Result<Option<String>, String> {
         let node_uid = self
             .node_info
             .borrow()
             .as_ref()
             .map(|i| i.uid.clone())
             .unwrap_or_default();
-        let (prepared, lost, lost_total, passes, failures, failures_total) = {
+        let (prepared, lost, lost_total, passes, failures, failures_total, state_error) = {
             let st = self.status.read().expect("not poisoned");
             (
                 st.prepared
@@ -692,10 +733,18 @@ impl Publisher {
                 st.passes,
                 st.failures.clone(),
                 st.failures_total,
+                st.state_error.clone(),
             )
         };
         if passes == 0 {
-            return Ok(()); // Nothing surveyed yet: deleting PVs of "gone" disks now would be wrong.
+            return Ok(None); // Nothing surveyed yet: deleting PVs of "gone" disks now would be wrong.
+        }
+        // owned.json cannot be trusted: the disks task's view of what is ours is stale or empty,
+        // and every wipe needs it. Nothing is published, deleted or wiped until it reads again.
+        if let Some(error) = state_error {
+            return Ok(Some(
+                self.state_unreadable(OWNED_FILE, &error, warned).await,
+            ));
         }
         // A lost disk (blank after EC2 stop/start) is reported, not hidden.
         if lost_total > *lost_seen {
@@ -753,6 +802,13 @@ impl Publisher {
         // The watch's view, minus the PVs this agent already deleted that the watch has not
         // caught up with (handled once, never again: a Released PV's disk is wiped once).
         let pvs = view.current();
+        // PV name -> the disk it names: a prepared disk whose name another disk's PV holds is
+        // a collision (ids equal once DNS-safe), never "published".
+        let holders: HashMap<String, String> = pvs
+            .iter()
+            .filter_map(|pv| Some((pv.metadata.name.clone()?, disk_of(pv)?)))
+            .collect();
+        let mut collisions: Vec<String> = Vec::new();
         let mut have: HashSet<String> = HashSet::new();
         for pv in &pvs {
             let name = pv.metadata.name.clone().unwrap_or_default();
@@ -819,14 +875,20 @@ impl Publisher {
                 .metadata
                 .name
                 .unwrap_or_default();
-            if published.pvs.contains_key(&disk.id) && self.exists(&pv_name).await? {
-                // The watch has not caught up with a PV this agent just created: it is there.
-                continue;
-            }
             if published.pvs.contains_key(&disk.id) {
-                // It had a PV that is gone without being Released (deleted by hand): whatever a
-                // pod wrote is still there, so wipe before publishing again. (Confirmed with a
-                // GET of that one PV above: a wipe is never decided on a stale watch.)
+                // It had a PV. The watch does not show one naming it: ask the API server for
+                // that one name (a wipe is never decided on a stale watch).
+                let holder = match holders.get(&pv_name) {
+                    Some(d) => Some(d.clone()),
+                    None => self.disk_named_by(&pv_name).await?,
+                };
+                if holder.as_deref() == Some(disk.id.as_str()) {
+                    // The watch has not caught up with a PV this agent just created: it is there.
+                    continue;
+                }
+                // Gone without being Released (deleted by hand), or its name now held by
+                // another disk's PV (a collision, #14): whatever a pod wrote is still there, so
+                // wipe before publishing again.
                 published.owe_wipe(&disk.id, None);
                 published
                     .persist(&self.state_dir)
@@ -843,6 +905,15 @@ impl Publisher {
                 }
                 tracing::warn!(disk = %disk.id, "its PV vanished without being released: wiped before republishing");
             }
+            // Its name held by another disk's PV: never published (nor recorded as published).
+            if let Some(other) = holders.get(&pv_name).filter(|d| **d != disk.id) {
+                let other = other.clone();
+                collisions.push(
+                    self.name_collision(published, disk, &pv_name, &other, warned)
+                        .await?,
+                );
+                continue;
+            }
             let pv = build_pv(&self.node, &node_uid, &self.cfg.storage_class_name, disk);
             let name = pv.metadata.name.clone().unwrap_or_default();
             match tokio::time::timeout(
@@ -852,7 +923,20 @@ impl Publisher {
             .await
             {
                 Ok(Ok(_)) => tracing::info!(pv = %name, disk = %disk.id, "local PV published"),
-                Ok(Err(kube::Error::Api(s))) if s.code == 409 => {}
+                Ok(Err(kube::Error::Api(s))) if s.code == 409 => {
+                    // Taken: by our own PV the watch has not shown yet, or by another disk's.
+                    match self.disk_named_by(&name).await? {
+                        Some(d) if d == disk.id => {}
+                        Some(other) => {
+                            collisions.push(
+                                self.name_collision(published, disk, &name, &other, warned)
+                                    .await?,
+                            );
+                            continue;
+                        }
+                        None => continue, // gone again (or not ours to read): next pass
+                    }
+                }
                 Ok(Err(e)) => return Err(format!("POST persistentvolume {name}: {e}")),
                 Err(_) => return Err(format!("POST persistentvolume {name}: timed out")),
             }
@@ -861,7 +945,78 @@ impl Publisher {
                 .persist(&self.state_dir)
                 .map_err(|e| e.to_string())?;
         }
-        Ok(())
+        self.metrics.pv_name_collisions(collisions.len());
+        Ok((!collisions.is_empty()).then(|| collisions.join("; ")))
+    }
+
+    /// Reports a state file that cannot be trusted (metric, health detail, log and one Event
+    /// per file and error); returns the health detail.
+    async fn state_unreadable(
+        &self,
+        file: &'static str,
+        error: &str,
+        warned: &mut HashSet<String>,
+    ) -> String {
+        self.metrics.state_unreadable(file, true);
+        let detail = format!(
+            "{file} cannot be trusted ({error}): no local PV is published, deleted or wiped \
+             until it is fixed; the file is left as it is"
+        );
+        self.health
+            .set(HEALTH_NAME, HealthState::Degraded, detail.clone());
+        if warned.insert(format!("state {file} {error}")) {
+            tracing::error!(
+                file,
+                error,
+                "disks state file cannot be trusted; publishing and reclaim paused"
+            );
+            crate::kube::node_event(
+                &self.client,
+                &self.node,
+                "LocalDiskStateUnreadable",
+                "Warning",
+                &detail,
+            )
+            .await;
+        }
+        detail
+    }
+
+    /// A prepared disk whose PV name is held by `other`'s PV (their ids are equal once made
+    /// DNS-safe): not published, and not recorded as published, so no wipe is ever owed for
+    /// it because of `other`'s PV (a hand-deleted PV names `other`, never this disk). Reported
+    /// once per disk (Event, log); counted per pass; returns the health detail.
+    async fn name_collision(
+        &self,
+        published: &mut Published,
+        disk: &PublishedDisk,
+        pv_name: &str,
+        other: &str,
+        warned: &mut HashSet<String>,
+    ) -> Result<String, String> {
+        // Reached with a `pvs` entry only right after the disk was wiped (its own PV gone).
+        if published.pvs.remove(&disk.id).is_some() {
+            published
+                .persist(&self.state_dir)
+                .map_err(|e| e.to_string())?;
+        }
+        let detail = format!(
+            "disk {} is not published: PV name {pv_name} is held by the PV of disk {other} \
+             (their ids are equal once made DNS-safe); exclude one of them (disks.exclude)",
+            disk.id
+        );
+        if warned.insert(format!("collision {} {other}", disk.id)) {
+            tracing::error!(disk = %disk.id, other, pv = pv_name, "PV name collision: disk not published");
+            crate::kube::node_event(
+                &self.client,
+                &self.node,
+                "LocalDiskPVNameCollision",
+                "Warning",
+                &detail,
+            )
+            .await;
+        }
+        Ok(detail)
     }
 
     /// Deletes one of this node's PVs (gone already counts as done) and remembers its UID, so a
@@ -893,12 +1048,13 @@ impl Publisher {
         Ok(())
     }
 
-    /// Whether the PV exists now: one GET of one object, only before a wipe decided because a
-    /// PV is missing from the watch's view (a stale view must never trigger a wipe).
-    async fn exists(&self, name: &str) -> Result<bool, String> {
+    /// The disk the PV `name` names now (None: no such PV): one GET of one object, only before
+    /// a wipe decided because a PV is missing from the watch's view (a stale view must never
+    /// trigger a wipe).
+    async fn disk_named_by(&self, name: &str) -> Result<Option<String>, String> {
         call("GET persistentvolume", self.api().get_opt(name))
             .await
-            .map(|pv| pv.is_some())
+            .map(|pv| pv.as_ref().and_then(disk_of))
     }
 
     /// A fresh LIST of this node's PVs from the API server (not the watch's cache), for the

@@ -197,9 +197,27 @@ pub struct Proc {
     pub log: PathBuf,
 }
 
+/// Raises this test process's soft limit on open files to its hard limit, once; the agents and
+/// peers it spawns inherit it. A fresh Debian login (and so `sudo` from it) has a soft limit of
+/// 1,024, below what the flood tests open (2,000 connections from one host): without this they
+/// failed with EMFILE for a non-root user running test-all, while a root shell with 20,000 passed.
+pub fn raise_open_files_limit() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+            && soft < hard
+            && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+        {
+            eprintln!("raising RLIMIT_NOFILE from {soft} to {hard}: {e}");
+        }
+    });
+}
+
 impl Proc {
     /// Spawns `cmd` with stdout+stderr to a log file in `dir`.
     pub fn spawn(name: &str, mut cmd: Command, dir: &Path) -> Proc {
+        raise_open_files_limit();
         let log = dir.join(format!("{name}.log"));
         let f = std::fs::File::create(&log).expect("create log");
         cmd.stdout(f.try_clone().expect("clone log"))

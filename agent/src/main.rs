@@ -202,15 +202,9 @@ fn rotate(a: RotateArgs) -> ExitCode {
         eprintln!("nodekeeper: rotate: name the nodes or give --selector (one of them)");
         return ExitCode::from(EX_USAGE);
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match operator_runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("nodekeeper: building the tokio runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async move {
         let kube = match operator_kube_client(a.kubeconfig.as_deref()).await {
@@ -339,15 +333,9 @@ async fn operator_kube_client(path: Option<&std::path::Path>) -> anyhow::Result<
 /// kubeconfig, 69 when the API server fails.
 fn maintenance_status(a: MaintenanceStatusArgs) -> ExitCode {
     use nodekeeper::drain::status::{self, LockLocation, StatusError};
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match operator_runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("nodekeeper: building the tokio runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async move {
         let client = match operator_kube_client(a.kubeconfig.as_deref()).await {
@@ -917,17 +905,23 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs an operator command on a small runtime and maps its error to the exit code.
-fn operator(f: impl std::future::Future<Output = Result<(), ClientError>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+/// The small single-threaded runtime an operator command runs on; FAILURE (said) if it cannot
+/// be built.
+fn operator_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
+        .map_err(|e| {
             eprintln!("nodekeeper: building the tokio runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+            ExitCode::FAILURE
+        })
+}
+
+/// Runs an operator command on a small runtime and maps its error to the exit code.
+fn operator(f: impl std::future::Future<Output = Result<(), ClientError>>) -> ExitCode {
+    let runtime = match operator_runtime() {
+        Ok(r) => r,
+        Err(code) => return code,
     };
     match runtime.block_on(f) {
         Ok(()) => ExitCode::SUCCESS,

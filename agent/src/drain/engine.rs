@@ -581,23 +581,6 @@ impl DrainController {
         .await
     }
 
-    /// Claims a drain this agent starts on its own (an EC2 notice) and starts it: every driver
-    /// holds the claim on the Node before its first write (#16-k). Another live driver is a
-    /// conflict; a drain with this id that already ended is returned as it ended.
-    pub async fn claim_and_start(
-        self: &Arc<Self>,
-        params: DrainParams,
-    ) -> Result<Arc<DrainRun>, DrainError> {
-        match self.claim(params).await? {
-            Claim::Drive { params, done } => self.start(params, done),
-            Claim::Follow(p) => Err(DrainError::Conflict(format!(
-                "drain {:?} is driven by {}",
-                p.id, p.driver
-            ))),
-            Claim::Ended(p) => Ok(DrainRun::new(p.status_header())),
-        }
-    }
-
     /// The drain's status as the Node records it, unless this process drives it (its own
     /// status is fresher). For GetDrain and GetNode on either agent process.
     pub async fn status(&self) -> Result<Option<pb::DrainStatus>, DrainError> {

@@ -333,3 +333,83 @@ fn adversary_a_selected_pod_whose_census_failed_is_left_out_of_the_sum() {
         got.map(|r| r.into_inner().metric_values)
     );
 }
+
+// === the agent's pod watch ===
+
+/// An agent names its pods (namespace, labels) from its own pod watch; a pod its watch has not
+/// seen is in the census by UID only, so no selector matches it. With the agent's watch dropped
+/// and every retry refused (503), a new web pod with 5 connections on node-a is left out: the
+/// aggregator's own (working) pod watch knows the pod is on node-a, node-a's agent answered, and
+/// KEDA gets 10 instead of 15 (or an error), as does the agent's own scaler.
+#[test]
+#[ignore = "adversary finding: a pod the agent's (failing) pod watch has not named is left out of every sum, no error"]
+fn adversary_a_pod_the_agents_stale_watch_has_not_named_is_left_out_as_root() {
+    if !require_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let api = FakeApi::start();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    api.add_node("node-a", &[]);
+    let cgroup = dir.path().join("cgroup-node-a");
+    let mut pods = start_pods(&api, &cgroup, dir.path(), "node-a");
+    let agent = Agent::builder()
+        .connected(&kubeconfig, "node-a")
+        .arg("--host-cgroup")
+        .arg(cgroup.display().to_string())
+        .start();
+    wait_for_pool(&agent.api.to_string(), 10.0);
+    api.add_endpoint_slice(
+        "nodekeeper-system",
+        "nodekeeper",
+        &[("grpc", agent.api.port())],
+        &[EndpointSeed::new("127.0.0.1")
+            .node("node-a")
+            .pod("nodekeeper-node-a")],
+    );
+    let kubeconfig_env = kubeconfig.display().to_string();
+    let agg = Aggregator::start(
+        dir.path(),
+        "aggregate",
+        &[
+            "--service",
+            "nodekeeper-system/nodekeeper",
+            "--deadline",
+            "2s",
+            "--refresh",
+            "100ms",
+        ],
+        &[("KUBECONFIG", &kubeconfig_env)],
+    );
+    wait_for_pool(&agg.grpc.to_string(), 10.0);
+    // Only the agent's watch (field selector spec.nodeName) fails; the aggregator's
+    // cluster-wide one keeps working.
+    api.inject(
+        Fault::on("GET", "/api/v1/pods", FaultKind::Unavailable)
+            .query("fieldSelector")
+            .always(),
+    );
+    api.end_watches("/api/v1/pods");
+    std::thread::sleep(Duration::from_millis(500));
+    pods.push(census_pods::start(
+        &api,
+        &cgroup,
+        dir.path(),
+        "node-a",
+        "shop",
+        "web-3-node-a",
+        &[("app", "web")],
+        5,
+        0,
+    ));
+    std::thread::sleep(Duration::from_secs(2));
+    for (who, addr) in [("aggregator", agg.grpc), ("agent", agent.api)] {
+        let got = web_value(addr, &[("remote", census_pods::POOL_REMOTE)]);
+        assert!(
+            got == Ok(15.0) || got.as_ref().is_err_and(|e| e.contains("Unavailable")),
+            "{who}: web-3 runs on node-a with 5 connections; want 15 or UNAVAILABLE, got {got:?}"
+        );
+    }
+    drop(pods);
+}

@@ -410,3 +410,72 @@ async fn adversary_a_503_on_the_reclaim_after_the_reboot_keeps_the_slot_held_for
     drain_b.abort();
     drop((a, b));
 }
+
+/// P2 "uncordoned exactly once": both agent processes of a node (a `maxSurge: 1` rollout under
+/// way when the node reboots: the kubelet restarts the old pod and the new one) run the return;
+/// nothing decides which one does. With the Node not Ready yet when they start (the usual case
+/// right after a boot), both wait in `returning`, and once it is Ready both uncordon.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "adversary finding: both agent processes of a rebooted node run the return; the node is uncordoned twice"]
+async fn adversary_two_agent_processes_both_run_the_return_and_uncordon_twice() {
+    let fleet = Fleet::new(&["node-a"]);
+    let pod_agent = |pod: &str| {
+        Agent::builder()
+            .config(&rotation_config(&fleet.boot_id_path("node-a")))
+            .with_token()
+            .env("POD_NAME", pod)
+            .connected(&fleet.kubeconfig, "node-a")
+            .start()
+    };
+    let a = pod_agent("nodekeeper-old");
+    let events = within(
+        60,
+        drain_all(&mut client(&a).await, rotation_request("rot-a", "node-a")),
+    )
+    .await;
+    assert!(completed(&events), "{:?}", events.last());
+    kill(a);
+    let set_ready = |ready: &str| {
+        fleet.api.edit(Res::Nodes, "", "node-a", |n| {
+            n["status"]["conditions"] = serde_json::json!([{"type": "Ready", "status": ready}]);
+        })
+    };
+    // Back from the reboot, the kubelet not Ready yet; both pods' agents start.
+    set_ready("False");
+    std::fs::write(fleet.boot_id_path("node-a"), "boot-2\n").expect("boot id");
+    let old = tokio::task::block_in_place(|| pod_agent("nodekeeper-old"));
+    let new = tokio::task::block_in_place(|| pod_agent("nodekeeper-new"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(fleet.maintenance("node-a")["state"], "returning");
+    set_ready("True");
+    tokio::task::block_in_place(|| {
+        wait_for(Duration::from_secs(30), "rotation done", || {
+            (fleet.maintenance("node-a")["state"] == "done").then_some(())
+        })
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let uncordons: Vec<String> = fleet
+        .api
+        .requests()
+        .into_iter()
+        .filter(|r| {
+            r.method == "PATCH"
+                && r.status < 300
+                && r.path.ends_with("/nodes/node-a")
+                && r.body.contains("\"unschedulable\":null")
+        })
+        .map(|r| r.body)
+        .collect();
+    let done_events = fleet
+        .api
+        .events()
+        .into_iter()
+        .filter(|e| e["reason"] == "MaintenanceDone" && e["involvedObject"]["name"] == "node-a")
+        .count();
+    assert_eq!(
+        (uncordons.len(), done_events),
+        (1, 1),
+        "uncordon PATCHes of node-a and its MaintenanceDone Events: {uncordons:?}"
+    );
+    drop((old, new));
+}

@@ -479,3 +479,32 @@ async fn adversary_two_agent_processes_both_run_the_return_and_uncordon_twice() 
     );
     drop((old, new));
 }
+
+/// P4 "no future times": a `nodekeeper.io/cordoned-at` in the future (a hand edit, or a node
+/// clock far ahead when it cordoned) is shown as "cordoned by nodekeeper since 2100-01-01"
+/// (the gauge clamps it to 0, the fleet view does not).
+#[test]
+#[ignore = "adversary finding: maintenance status shows a future cordoned-at as BY NODEKEEPER SINCE 2100-01-01"]
+fn adversary_maintenance_status_shows_a_future_cordon_time() {
+    let fleet = Fleet::new(&["node-a"]);
+    fleet.api.edit(Res::Nodes, "", "node-a", |n| {
+        n["spec"]["unschedulable"] = Value::Bool(true);
+        n["metadata"]["annotations"] =
+            serde_json::json!({ "nodekeeper.io/cordoned-at": "4102444800" });
+    });
+    let out = std::process::Command::new(nodekeeper_tests::agent_bin())
+        .args(["maintenance", "status", "--kubeconfig"])
+        .arg(&fleet.kubeconfig)
+        .output()
+        .expect("run nodekeeper maintenance status");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !stdout.contains("2100-01-01"),
+        "a cordon time in the future shown as is:\n{stdout}"
+    );
+}

@@ -508,3 +508,43 @@ fn adversary_maintenance_status_shows_a_future_cordon_time() {
         "a cordon time in the future shown as is:\n{stdout}"
     );
 }
+
+/// P1: a node whose rotation drained it but whose reboot never came (the patching step failed)
+/// is rotated again under a new id (the orchestrator starts over). The agent's maintenance keeps
+/// one slot guard; recording the second rotation as drained replaces the first rotation's
+/// guard, whose Drop clears the holder: the slot is free while node-a is cordoned and awaiting
+/// its reboot, and node-b drains.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "adversary finding: a second rotation of a node awaiting its reboot frees its slot (the replaced guard's Drop clears it); a second node drains"]
+async fn adversary_a_second_rotation_of_a_node_awaiting_its_reboot_frees_the_slot() {
+    let fleet = Fleet::new(&["node-a", "node-b"]);
+    let a = fleet.agent("node-a");
+    let b = fleet.agent("node-b");
+    let mut ca = client(&a).await;
+    let events = within(
+        60,
+        drain_all(&mut ca, rotation_request("patch-1/node-a", "node-a")),
+    )
+    .await;
+    assert!(completed(&events), "{:?}", events.last());
+    // The reboot did not happen; the orchestrator starts over with a new id.
+    let events = within(
+        60,
+        drain_all(&mut ca, rotation_request("patch-2/node-a", "node-a")),
+    )
+    .await;
+    assert!(completed(&events), "{:?}", events.last());
+    assert_eq!(fleet.maintenance("node-a")["state"], "awaiting-reboot");
+    let mut cb = client(&b).await;
+    let drain_b =
+        tokio::spawn(async move { drain_all(&mut cb, rotation_request("rot-b", "node-b")).await });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let lease = fleet.api.get(Res::Leases, LOCK_NS, SLOT).unwrap();
+    assert!(
+        !fleet.cordoned("node-b"),
+        "node-b cordoned while node-a (cordoned) awaits its reboot; slot {lease}"
+    );
+    assert_eq!(fleet.holder().as_deref(), Some("node-a"), "{lease}");
+    drain_b.abort();
+    drop((a, b));
+}

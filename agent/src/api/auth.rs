@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
@@ -289,34 +289,66 @@ enum TokenError {
     Bad(&'static str),
 }
 
-/// The bearer token file, re-read when its identity or modification time changes, so a rotated
+/// The bearer token file, re-read when its identity, metadata or content changes, so a rotated
 /// Secret (kubelet swaps a symlink to a new file) takes effect without a restart.
 struct TokenFile {
     path: PathBuf,
     cached: Mutex<Option<(FileStamp, Arc<[u8]>)>>,
 }
 
-/// What tells a changed file from the same one: a Secret update swaps in a new inode.
+/// Files at most this large are hashed for their stamp; a larger one is no credential of ours
+/// (its reader refuses it), so its metadata is enough.
+const STAMP_MAX_BYTES: u64 = 1 << 20;
+
+/// What tells a changed file from the same one. A Secret update swaps in a new inode, but an
+/// in-place rewrite of the same length within one timestamp tick (ext4 and tmpfs stamp times
+/// from a coarse clock), or with its mtime put back (`touch -d`), keeps every metadata field
+/// except perhaps ctime: so the stamp also carries a hash of the content (decision #19-e,
+/// amended by #19-h).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct FileStamp {
     dev: u64,
     ino: u64,
     len: u64,
-    modified: Option<SystemTime>,
+    mtime_ns: i128,
+    ctime_ns: i128,
+    /// A keyed 64-bit hash of the bytes (the key is random per process, so nobody can aim a
+    /// rewrite at a colliding hash); `None` for a file over [`STAMP_MAX_BYTES`].
+    content: Option<u64>,
 }
 
 impl FileStamp {
-    /// The stamp of the file `path` names (symlinks followed, as kubelet's are).
+    /// The stamp of the file `path` names (symlinks followed, as kubelet's are). Reads the file
+    /// (capped, never blocking on a FIFO): one small read per check, nothing beside a TLS
+    /// handshake or a token comparison.
     pub(crate) fn of(path: &Path) -> std::io::Result<Self> {
         use std::os::unix::fs::MetadataExt as _;
         let meta = std::fs::metadata(path)?;
+        let content = if meta.len() <= STAMP_MAX_BYTES {
+            let bytes = crate::state_file::read_capped(path, STAMP_MAX_BYTES)?;
+            Some(content_hash(&bytes))
+        } else {
+            None
+        };
+        let ns = |secs: i64, nanos: i64| i128::from(secs) * 1_000_000_000 + i128::from(nanos);
         Ok(Self {
             dev: meta.dev(),
             ino: meta.ino(),
             len: meta.len(),
-            modified: meta.modified().ok(),
+            mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
+            ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
+            content,
         })
     }
+}
+
+/// foldhash's quality hasher with a per-process random seed: fast on a few KiB, and a
+/// collision cannot be chosen without the seed (a cryptographic hash buys nothing here: whoever
+/// can write the file can write any content).
+fn content_hash(bytes: &[u8]) -> u64 {
+    use std::hash::BuildHasher as _;
+    static SEED: std::sync::OnceLock<foldhash::quality::RandomState> = std::sync::OnceLock::new();
+    SEED.get_or_init(Default::default).hash_one(bytes)
 }
 
 impl TokenFile {
@@ -825,6 +857,52 @@ mod tests {
                 .is_err()
         );
         assert!(a.check(&request(cordon, Some("Bearer s3cret-two"))).is_ok());
+    }
+
+    /// Decision #19-e's edge: an in-place rewrite with the same length and the old mtime put
+    /// back (as `touch -d` or a restoring copy does) keeps inode, size and mtime.
+    #[test]
+    fn a_same_length_rewrite_with_the_old_mtime_is_picked_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = with_token(dir.path(), "token-AAAA");
+        let cordon = "/nodekeeper.v1.NodeAgent/Cordon";
+        assert!(a.check(&request(cordon, Some("Bearer token-AAAA"))).is_ok());
+        let path = dir.path().join("token");
+        let before = FileStamp::of(&path).unwrap();
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        // Same inode (no rename), same length, mtime restored with utimensat.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(false)
+            .open(&path)
+            .and_then(|mut f| {
+                use std::io::Write as _;
+                f.write_all(b"token-BBBB")?;
+                f.set_modified(mtime)
+            })
+            .unwrap();
+        let after = FileStamp::of(&path).unwrap();
+        assert_eq!(
+            (after.ino, after.len, after.mtime_ns),
+            (before.ino, before.len, before.mtime_ns),
+            "the rewrite must keep what the old stamp compared"
+        );
+        // ctime changed too here, but a coarse clock can give both writes the same ctime: the
+        // content alone must tell them apart.
+        let same_tick = FileStamp {
+            ctime_ns: before.ctime_ns,
+            ..after
+        };
+        assert_ne!(
+            same_tick, before,
+            "the content hash does not tell the files apart"
+        );
+        assert!(
+            a.check(&request(cordon, Some("Bearer token-AAAA")))
+                .is_err(),
+            "the replaced token is still accepted"
+        );
+        assert!(a.check(&request(cordon, Some("Bearer token-BBBB"))).is_ok());
     }
 
     #[test]

@@ -182,6 +182,35 @@ impl AuthConfig {
     }
 }
 
+/// What the fields of an [`AuthConfig`] are called where the operator sets them (the agent's
+/// config keys, or the aggregator's flags), so errors, logs and refusals name what to change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthFields {
+    /// "agent" or "aggregator", in refusals ("not configured on this agent").
+    pub server: &'static str,
+    pub token_file: &'static str,
+    pub read_token_file: &'static str,
+    pub cert_file: &'static str,
+    pub key_file: &'static str,
+    pub client_ca_file: &'static str,
+    /// Where certificate names get their roles.
+    pub client_names: &'static str,
+    /// What to set when nothing is configured.
+    pub configure: &'static str,
+}
+
+/// The agent's `api.auth` keys.
+pub const AGENT_FIELDS: AuthFields = AuthFields {
+    server: "agent",
+    token_file: "api.auth.tokenFile",
+    read_token_file: "api.auth.readTokenFile",
+    cert_file: "api.auth.tls.certFile",
+    key_file: "api.auth.tls.keyFile",
+    client_ca_file: "api.auth.tls.clientCaFile",
+    client_names: "api.auth.allowedClientNames or clientRoles",
+    configure: "set api.auth.tokenFile, readTokenFile or tls.clientCaFile",
+};
+
 // === errors ===
 
 #[derive(Debug, thiserror::Error)]
@@ -230,18 +259,31 @@ impl ServerAuth {
     /// Reads every configured file now, so a wrong path or key fails the agent's start. The TLS
     /// metrics go on `registry`.
     pub fn load(config: &AuthConfig, registry: &mut Registry) -> Result<Self, AuthError> {
+        Self::load_as(config, registry, AGENT_FIELDS)
+    }
+
+    /// [`ServerAuth::load`] for a server whose settings go by the names in `fields` (the
+    /// aggregator's flags).
+    pub fn load_as(
+        config: &AuthConfig,
+        registry: &mut Registry,
+        fields: AuthFields,
+    ) -> Result<Self, AuthError> {
         let tls = match &config.tls {
             None => None,
             Some(t) => Some(Arc::new(ReloadingServerTls::load(
                 t,
                 TlsMetrics::register(registry),
+                fields,
             )?)),
         };
-        let token = load_token("api.auth.tokenFile", config.token_file.as_deref())?;
-        let read_token = load_token("api.auth.readTokenFile", config.read_token_file.as_deref())?;
+        let token = load_token(fields.token_file, config.token_file.as_deref())?;
+        let read_token = load_token(fields.read_token_file, config.read_token_file.as_deref())?;
         if (token.is_some() || read_token.is_some()) && tls.is_none() {
             tracing::warn!(
-                "api.auth.tokenFile or readTokenFile is set without api.auth.tls: bearer tokens travel in clear text"
+                token_file = fields.token_file,
+                read_token_file = fields.read_token_file,
+                "a bearer token file is set without server TLS: bearer tokens travel in clear text"
             );
         }
         let auth = Authenticator {
@@ -253,6 +295,7 @@ impl ServerAuth {
             open_read_only: config.open_read_only,
             open_keda: config.open_keda,
             limiter: RateLimiter::new(&config.rate_limit),
+            fields,
         };
         Ok(Self {
             tls,
@@ -415,6 +458,7 @@ struct Authenticator {
     open_read_only: bool,
     open_keda: bool,
     limiter: RateLimiter,
+    fields: AuthFields,
 }
 
 impl Authenticator {
@@ -467,7 +511,8 @@ impl Authenticator {
             return Err(Refusal::unauthenticated(
                 "not_configured",
                 format!(
-                    "authentication is not configured on this agent, so {path} is refused: set api.auth.tokenFile, readTokenFile or tls.clientCaFile"
+                    "authentication is not configured on this {}, so {path} is refused: {}",
+                    self.fields.server, self.fields.configure
                 ),
             ));
         }
@@ -503,7 +548,10 @@ impl Authenticator {
         if self.token.is_none() && self.read_token.is_none() {
             return Err(Refusal::unauthenticated(
                 "token_not_configured",
-                "bearer tokens are not accepted by this agent (api.auth.tokenFile and readTokenFile are not set); use a client certificate".into(),
+                format!(
+                    "bearer tokens are not accepted by this {} (no token file is set); use a client certificate",
+                    self.fields.server
+                ),
             ));
         }
         let presented = header
@@ -558,7 +606,8 @@ impl Authenticator {
         }
         Err(Refusal {
             status: Status::permission_denied(format!(
-                "client certificate {names:?} is not in api.auth.allowedClientNames or clientRoles"
+                "client certificate {names:?} is not in {}",
+                self.fields.client_names
             )),
             reason: "name_not_allowed",
         })
@@ -707,6 +756,7 @@ mod tests {
             open_read_only: false,
             open_keda: false,
             limiter: RateLimiter::new(&RateLimitConfig::default()),
+            fields: AGENT_FIELDS,
         }
     }
 

@@ -7,7 +7,9 @@
 //! tlsClientCert, tlsClientKey), gets the fleet's sums; a caller without a certificate, with
 //! the right name from another CA, or with a certificate whose name is not listed is refused.
 //! The bearer token reads GetFleet. The aggregator's certificate, rotated through a Secret
-//! volume updated as kubelet does it, is served to new connections without a restart.
+//! volume updated as kubelet does it, is served to new connections without a restart; a pair
+//! that does not go together is refused and the working one kept; a token rewritten in place
+//! with the same length and its old mtime is re-read.
 
 #[path = "support/census_pods.rs"]
 mod census_pods;
@@ -425,4 +427,46 @@ fn keda_reaches_the_aggregator_over_mtls_and_callers_without_its_credential_are_
     assert_eq!(agg.metric("nodekeeper_api_tls_files_refused"), Some(0.0));
     let e = keda_get_metrics(&rt, agg.grpc, &pki, no_cert).unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "after the rotation: {e:?}");
+
+    // A rotation to a pair that does not go together is refused, naming the flag; the
+    // working certificate stays served.
+    let mut mismatched = server_files(&pki, "aggregator");
+    mismatched[2] = ("tls.key", pki.pem("aggregator-next.key"));
+    volume.update(&mismatched);
+    let deadline = Instant::now() + WAIT;
+    while agg.metric("nodekeeper_api_tls_files_refused") != Some(1.0) {
+        let _ = served_subject(agg.grpc);
+        assert!(Instant::now() < deadline, "{}", agg.proc.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(served_subject(agg.grpc).contains("nodekeeper aggregator two"));
+    assert!(agg.proc.log_text().contains("--listen-key"));
+    keda_get_metrics(&rt, agg.grpc, &pki, keda).expect("KEDA through the refused rotation");
+
+    // The token rewritten in place with one of the same length and its mtime put back
+    // (utimensat): inode, size and mtime unchanged, the content not. The new token reads; the
+    // old one no longer does (decision #19-h).
+    let mtime = std::fs::metadata(&token).unwrap().modified().unwrap();
+    let next = TOKEN.replace("0123", "9876");
+    assert_eq!(next.len(), TOKEN.len());
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&token)
+            .unwrap();
+        f.write_all(next.as_bytes()).unwrap();
+        f.set_modified(mtime).unwrap();
+    }
+    assert_eq!(
+        std::fs::metadata(&token).unwrap().modified().unwrap(),
+        mtime
+    );
+    let e = get_fleet(&rt, agg.grpc, &pki, no_cert, Some(TOKEN)).unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::Unauthenticated,
+        "the old token still reads: {e:?}"
+    );
+    get_fleet(&rt, agg.grpc, &pki, no_cert, Some(&next)).expect("the rewritten token");
 }

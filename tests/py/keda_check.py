@@ -18,6 +18,11 @@ For an error case, GetMetricSpec, GetMetrics and IsActive (or only the ones list
 must fail with that code and a message containing `message`. Prints {"ok": true, "cases": N} on success; exits 1 naming the
 case otherwise.
 
+With --cacert (and --cert/--key) the channel is TLS as KEDA's trigger authentication sets it
+up (caCert, tlsClientCert, tlsClientKey: a CA to verify the scaler and a client certificate);
+--server-name is the name verified in the scaler's certificate (KEDA verifies the host of
+scalerAddress).
+
 Needs grpcio and grpcio-tools.
 """
 
@@ -135,6 +140,10 @@ def main():
     p.add_argument("--cases", required=True, help="JSON file with the cases")
     p.add_argument("--proto", default=DEFAULT_PROTO, help="KEDA's externalscaler.proto")
     p.add_argument("--timeout", type=float, default=20.0, help="per-call deadline, seconds")
+    p.add_argument("--cacert", help="PEM CA the scaler's certificate must chain to (TLS)")
+    p.add_argument("--cert", help="PEM client certificate (mTLS, with --key)")
+    p.add_argument("--key", help="PEM private key of --cert")
+    p.add_argument("--server-name", help="the name verified in the scaler's certificate")
     a = p.parse_args()
     try:
         with open(a.cases) as f:
@@ -142,7 +151,22 @@ def main():
         check(cases, "no cases")
         with tempfile.TemporaryDirectory() as out:
             pb2, pb2_grpc = generate_stubs(a.proto, out)
-            channel = grpc.insecure_channel(a.addr, options=[("grpc.enable_http_proxy", 0)])
+            options = [("grpc.enable_http_proxy", 0)]
+            if a.cacert:
+                def read(path):
+                    with open(path, "rb") as f:
+                        return f.read()
+
+                creds = grpc.ssl_channel_credentials(
+                    root_certificates=read(a.cacert),
+                    private_key=read(a.key) if a.key else None,
+                    certificate_chain=read(a.cert) if a.cert else None,
+                )
+                if a.server_name:
+                    options.append(("grpc.ssl_target_name_override", a.server_name))
+                channel = grpc.secure_channel(a.addr, creds, options=options)
+            else:
+                channel = grpc.insecure_channel(a.addr, options=options)
             grpc.channel_ready_future(channel).result(timeout=a.timeout)
             stub = pb2_grpc.ExternalScalerStub(channel)
             for case in cases:

@@ -8,7 +8,9 @@
 //! worker on that mutex until none is left, and the agent serves nothing, health included.
 //!
 //! The third asks the aggregator, with no credential, for what it collected from agents whose
-//! reads are closed to all but the read token: the aggregator's own API has no auth layer.
+//! reads are closed to all but the read token: the aggregator's own API had no auth layer. Fixed:
+//! it now runs the agents' auth layer and refuses callers without a credential by default
+//! (tests/tests/aggregate_auth.rs covers the configured credentials).
 
 use std::future::Future;
 use std::path::Path;
@@ -160,7 +162,6 @@ async fn adversary_token_file_swapped_for_a_fifo_leaves_the_agent_serving_nothin
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "adversary finding: the aggregator re-serves the agents' read-token census (GetFleet) to callers with no credential"]
 async fn adversary_aggregator_serves_the_census_it_read_with_the_read_token_to_anyone() {
     use nodekeeper::pb::aggregator_client::AggregatorClient;
     use nodekeeper_tests::{Proc, agent_bin, free_port, loopback};

@@ -1065,6 +1065,126 @@ fn the_shipped_config_closes_reads_and_only_the_aggregator_holds_the_read_token(
     );
 }
 
+/// Issue #19: the shipped aggregator's own API serves TLS with a client CA and a token, never
+/// anonymously: its args, run with `--check-config` against real files laid out as the
+/// mounted Secret volumes (a CA, the serving certificate, the token), read every file and
+/// report no open API; the files come from the Secrets the Deployment mounts.
+#[test]
+fn the_shipped_aggregator_serves_tls_with_a_client_ca_and_no_anonymous_api() {
+    if !have_tools(&["openssl"]) {
+        return;
+    }
+    let base = base();
+    let deploy = base.object("Deployment", "nodekeeper-aggregator");
+    let spec = get(deploy, "/spec/template/spec");
+    let container = &array(spec, "/containers")[0];
+    let args: Vec<&str> = array(container, "/args")
+        .iter()
+        .map(|a| a.as_str().expect("string arg"))
+        .collect();
+    assert!(!args.contains(&"--allow-anonymous"), "{args:?}");
+    let env = container["env"].as_array().cloned().unwrap_or_default();
+    assert!(
+        !env.iter()
+            .any(|e| e["name"] == "NODEKEEPER_AGGREGATE_ALLOW_ANONYMOUS"),
+        "{env:?}"
+    );
+    let after = |flag: &str| {
+        let i = args
+            .iter()
+            .position(|a| *a == flag)
+            .unwrap_or_else(|| panic!("no {flag} in {args:?}"));
+        args[i + 1]
+    };
+    assert_eq!(after("--listen-client-names"), "keda-operator");
+    // Each file is a key of a Secret mounted read-only.
+    let secret_of = |file: &str| -> String {
+        let path = Path::new(file);
+        let mount = array(container, "/volumeMounts")
+            .iter()
+            .find(|m| path.parent() == Some(Path::new(m["mountPath"].as_str().unwrap())))
+            .unwrap_or_else(|| panic!("nothing mounted at {file}"));
+        assert_eq!(mount["readOnly"], true, "{mount:?}");
+        let volume = array(spec, "/volumes")
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .expect("the mounted volume");
+        let key = path.file_name().unwrap().to_str().unwrap();
+        assert!(
+            array(volume, "/secret/items")
+                .iter()
+                .any(|i| i["path"] == key),
+            "{key} not in {volume:?}"
+        );
+        str_at(volume, "/secret/secretName").to_string()
+    };
+    for flag in ["--listen-cert", "--listen-key", "--listen-client-ca"] {
+        assert_eq!(
+            secret_of(after(flag)),
+            "nodekeeper-aggregator-tls",
+            "{flag}"
+        );
+    }
+    assert_eq!(
+        secret_of(after("--listen-token-file")),
+        "nodekeeper-read-token"
+    );
+
+    // The same args against files where the Secrets would put them.
+    let pki = nodekeeper_tests::pki::Pki::new();
+    pki.ca("ca").server(
+        "aggregator",
+        "ca",
+        "nodekeeper aggregator",
+        "DNS:nodekeeper-aggregator.nodekeeper-system.svc",
+    );
+    let root = tempfile::tempdir().unwrap();
+    let mounted = |file: &str| {
+        root.path()
+            .join(file.strip_prefix('/').expect("an absolute path"))
+    };
+    for (flag, from) in [
+        ("--listen-cert", "aggregator.crt"),
+        ("--listen-key", "aggregator.key"),
+        ("--listen-client-ca", "ca.crt"),
+    ] {
+        let to = mounted(after(flag));
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(pki.path(from), to).unwrap();
+    }
+    let token = mounted(after("--listen-token-file"));
+    std::fs::create_dir_all(token.parent().unwrap()).unwrap();
+    std::fs::write(&token, "0123456789abcdef").unwrap();
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| {
+            if a.starts_with('/') {
+                mounted(a).display().to_string()
+            } else {
+                a.replace("$(POD_NAMESPACE)", NAMESPACE)
+            }
+        })
+        .collect();
+    let out = std::process::Command::new(nodekeeper_tests::agent_bin())
+        .args(&args)
+        .arg("--check-config")
+        .env_remove("KUBECONFIG")
+        .output()
+        .expect("run nodekeeper aggregate --check-config");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("allowAnonymous: false"), "{stdout}");
+    assert!(
+        stdout.contains("clientNames: [\"keda-operator\"]"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("WARNING"), "{stdout}");
+}
+
 // === least privilege (issue #19) ===
 
 /// Each container's added Linux capabilities, on top of `drop: [ALL]`. The base enables

@@ -10,6 +10,7 @@
 //! and never writes to the Kubernetes API.
 
 pub mod agent_tls;
+pub mod api_auth;
 pub mod discovery;
 pub mod fanout;
 pub mod pods;
@@ -20,7 +21,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
 use crate::config::{ConfigDuration, KubernetesMode};
@@ -108,6 +108,52 @@ pub struct AggregateArgs {
     /// Agents waited for at once.
     #[arg(long, env = "NODEKEEPER_AGGREGATE_MAX_CONCURRENCY", default_value_t = DEFAULT_MAX_CONCURRENCY)]
     pub max_concurrency: usize,
+    /// PEM certificate chain the aggregator's own API (--listen) serves TLS with, with
+    /// --listen-key; re-read when it changes.
+    #[arg(
+        long,
+        env = "NODEKEEPER_AGGREGATE_LISTEN_CERT",
+        requires = "listen_key"
+    )]
+    pub listen_cert: Option<PathBuf>,
+    /// PEM private key of --listen-cert.
+    #[arg(
+        long,
+        env = "NODEKEEPER_AGGREGATE_LISTEN_KEY",
+        requires = "listen_cert"
+    )]
+    pub listen_key: Option<PathBuf>,
+    /// PEM CA bundle the callers' client certificates (KEDA's) must chain to (mTLS); needs
+    /// --listen-cert. Re-read when it changes.
+    #[arg(
+        long,
+        env = "NODEKEEPER_AGGREGATE_LISTEN_CLIENT_CA",
+        requires = "listen_cert"
+    )]
+    pub listen_client_ca: Option<PathBuf>,
+    /// Client certificate names (subject CN or DNS SAN) accepted, e.g. keda-operator; none:
+    /// every certificate of --listen-client-ca.
+    #[arg(
+        long,
+        env = "NODEKEEPER_AGGREGATE_LISTEN_CLIENT_NAMES",
+        value_delimiter = ',',
+        requires = "listen_client_ca"
+    )]
+    pub listen_client_names: Vec<String>,
+    /// File holding a bearer token callers of the aggregator's API may present (GetFleet from
+    /// the CLI or grpcurl; KEDA cannot send one). Re-read when it changes.
+    #[arg(long, env = "NODEKEEPER_AGGREGATE_LISTEN_TOKEN_FILE")]
+    pub listen_token_file: Option<PathBuf>,
+    /// Serve GetFleet, KEDA's scaler and reflection to callers without any credential.
+    #[arg(
+        long,
+        env = "NODEKEEPER_AGGREGATE_ALLOW_ANONYMOUS",
+        conflicts_with_all = ["listen_client_ca", "listen_token_file"]
+    )]
+    pub allow_anonymous: bool,
+    /// Check the flags and read every file, print the API's authentication, and exit.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 /// `--service NAMESPACE/NAME`.
@@ -225,7 +271,31 @@ pub async fn run(args: AggregateArgs) -> Result<(), AggregateError> {
     } else {
         None
     };
+    if let Some(problem) = api_auth::problems(&args).into_iter().next() {
+        return Err(AggregateError::Usage(problem));
+    }
     let mut registry = prometheus_client::registry::Registry::with_prefix("nodekeeper");
+    // The API's own credentials: read now, so a bad file fails the start naming its flag.
+    let server_auth = crate::api::auth::ServerAuth::load_as(
+        &api_auth::auth_config(&args),
+        &mut registry,
+        api_auth::AGGREGATOR_FIELDS,
+    )
+    .map_err(|e| AggregateError::Usage(e.to_string()))?;
+    if args.check_config {
+        print!("{}", api_auth::describe(&args));
+        return Ok(());
+    }
+    let anonymous = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+    registry.register(
+        "aggregate_api_anonymous",
+        "1 when the aggregator's API answers callers without a credential (--allow-anonymous)",
+        anonymous.clone(),
+    );
+    anonymous.set(i64::from(args.allow_anonymous));
+    if let Some(warning) = api_auth::open_warning(&args) {
+        tracing::warn!(allow_anonymous = args.allow_anonymous, "{warning}");
+    }
     let metrics = AggregateMetrics::register(&mut registry);
     let mut pods = None;
     let discovery = match &args.service {
@@ -287,6 +357,10 @@ pub async fn run(args: AggregateArgs) -> Result<(), AggregateError> {
         service = ?args.service.as_ref().map(|s| format!("{}/{}", s.namespace, s.name)),
         ?deadline,
         ?refresh,
+        api_tls = args.listen_cert.is_some(),
+        api_client_ca = args.listen_client_ca.is_some(),
+        api_token = args.listen_token_file.is_some(),
+        allow_anonymous = args.allow_anonymous,
         "nodekeeper aggregator starting"
     );
 
@@ -312,19 +386,20 @@ pub async fn run(args: AggregateArgs) -> Result<(), AggregateError> {
             ScalerService::new(Arc::new(FleetSource(fleet.clone())), refresh, token.clone());
         let (health_service, mirror) = crate::api::health_service(h.clone(), &token, None);
         h.set(CAPABILITY, HealthState::Serving, "");
-        let result = tonic::transport::Server::builder()
+        // Every call passes the agent's auth layer (credentials by default, health anonymous)
+        // and connection caps; TLS files are re-read on change as on the agents.
+        let router = tonic::transport::Server::builder()
+            .layer(crate::api::api_layers(server_auth.layer))
             .add_service(ExternalScalerServer::new(scaler))
             .add_service(aggregator_server::AggregatorServer::new(AggregatorService(
                 fleet,
             )))
             .add_service(health_service)
             .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(grpc_listener),
-                token.cancelled_owned(),
-            )
-            .await;
+            .add_service(reflection_v1alpha);
+        let result =
+            crate::api::serve_router(router, grpc_listener, server_auth.tls, h, CAPABILITY, token)
+                .await;
         mirror.abort();
         result.map_err(crate::api::ApiError::from)?;
         Ok(())
@@ -387,6 +462,94 @@ mod tests {
             let e = parse(&["--service", bad]).unwrap_err();
             assert!(e.contains("is not NAMESPACE/NAME"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn the_api_needs_a_credential_unless_anonymous_is_asked_for() {
+        let agents = ["--agents", "a:1"];
+        let a = parse(&agents).unwrap();
+        assert!(!a.allow_anonymous && !api_auth::has_credential(&a));
+        let c = api_auth::auth_config(&a);
+        assert!(!c.open_read_only && !c.open_keda, "{c:?}");
+        let w = api_auth::open_warning(&a).expect("no credential is warned about");
+        assert!(
+            w.contains("refuse every caller") && w.contains("--allow-anonymous"),
+            "{w}"
+        );
+
+        let a = parse(&[&agents[..], &["--allow-anonymous"]].concat()).unwrap();
+        let c = api_auth::auth_config(&a);
+        assert!(c.open_read_only && c.open_keda, "{c:?}");
+        assert!(
+            api_auth::describe(&a).contains("allowAnonymous: true\n# WARNING: --allow-anonymous")
+        );
+
+        let a = parse(
+            &[
+                &agents[..],
+                &[
+                    "--listen-cert",
+                    "/tls/tls.crt",
+                    "--listen-key",
+                    "/tls/tls.key",
+                    "--listen-client-ca",
+                    "/tls/ca.crt",
+                    "--listen-client-names",
+                    "keda-operator,ops",
+                    "--listen-token-file",
+                    "/t/token",
+                ],
+            ]
+            .concat(),
+        )
+        .unwrap();
+        let c = api_auth::auth_config(&a);
+        assert_eq!(
+            c.tls.as_ref().and_then(|t| t.client_ca_file.as_deref()),
+            Some(std::path::Path::new("/tls/ca.crt"))
+        );
+        assert_eq!(
+            c.client_roles["keda-operator"],
+            [crate::api::authz::Role::Read]
+        );
+        assert_eq!(
+            c.read_token_file.as_deref(),
+            Some(std::path::Path::new("/t/token"))
+        );
+        assert_eq!(c.token_file, None, "the aggregator serves no mutating call");
+        assert!(api_auth::open_warning(&a).is_none());
+        assert!(!api_auth::describe(&a).contains("WARNING"));
+
+        // Anonymous beside a credential is a contradiction; a CA needs the server certificate.
+        for bad in [
+            &["--allow-anonymous", "--listen-token-file", "/t"][..],
+            &["--listen-client-ca", "/ca"][..],
+            &["--listen-cert", "/c"][..],
+            &["--listen-client-names", "keda"][..],
+        ] {
+            assert!(parse(&[&agents[..], bad].concat()).is_err(), "{bad:?}");
+        }
+        let a = parse(
+            &[
+                &agents[..],
+                &[
+                    "--listen-cert",
+                    "/c",
+                    "--listen-key",
+                    "/k",
+                    "--listen-client-ca",
+                    "/ca",
+                    "--listen-client-names",
+                    "a,,b",
+                ],
+            ]
+            .concat(),
+        )
+        .unwrap();
+        assert_eq!(
+            api_auth::problems(&a),
+            ["--listen-client-names: entry 1 is empty"]
+        );
     }
 
     #[test]

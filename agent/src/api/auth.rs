@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
@@ -182,6 +182,35 @@ impl AuthConfig {
     }
 }
 
+/// What the fields of an [`AuthConfig`] are called where the operator sets them (the agent's
+/// config keys, or the aggregator's flags), so errors, logs and refusals name what to change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthFields {
+    /// "agent" or "aggregator", in refusals ("not configured on this agent").
+    pub server: &'static str,
+    pub token_file: &'static str,
+    pub read_token_file: &'static str,
+    pub cert_file: &'static str,
+    pub key_file: &'static str,
+    pub client_ca_file: &'static str,
+    /// Where certificate names get their roles.
+    pub client_names: &'static str,
+    /// What to set when nothing is configured.
+    pub configure: &'static str,
+}
+
+/// The agent's `api.auth` keys.
+pub const AGENT_FIELDS: AuthFields = AuthFields {
+    server: "agent",
+    token_file: "api.auth.tokenFile",
+    read_token_file: "api.auth.readTokenFile",
+    cert_file: "api.auth.tls.certFile",
+    key_file: "api.auth.tls.keyFile",
+    client_ca_file: "api.auth.tls.clientCaFile",
+    client_names: "api.auth.allowedClientNames or clientRoles",
+    configure: "set api.auth.tokenFile, readTokenFile or tls.clientCaFile",
+};
+
 // === errors ===
 
 #[derive(Debug, thiserror::Error)]
@@ -230,18 +259,31 @@ impl ServerAuth {
     /// Reads every configured file now, so a wrong path or key fails the agent's start. The TLS
     /// metrics go on `registry`.
     pub fn load(config: &AuthConfig, registry: &mut Registry) -> Result<Self, AuthError> {
+        Self::load_as(config, registry, AGENT_FIELDS)
+    }
+
+    /// [`ServerAuth::load`] for a server whose settings go by the names in `fields` (the
+    /// aggregator's flags).
+    pub fn load_as(
+        config: &AuthConfig,
+        registry: &mut Registry,
+        fields: AuthFields,
+    ) -> Result<Self, AuthError> {
         let tls = match &config.tls {
             None => None,
             Some(t) => Some(Arc::new(ReloadingServerTls::load(
                 t,
                 TlsMetrics::register(registry),
+                fields,
             )?)),
         };
-        let token = load_token("api.auth.tokenFile", config.token_file.as_deref())?;
-        let read_token = load_token("api.auth.readTokenFile", config.read_token_file.as_deref())?;
+        let token = load_token(fields.token_file, config.token_file.as_deref())?;
+        let read_token = load_token(fields.read_token_file, config.read_token_file.as_deref())?;
         if (token.is_some() || read_token.is_some()) && tls.is_none() {
             tracing::warn!(
-                "api.auth.tokenFile or readTokenFile is set without api.auth.tls: bearer tokens travel in clear text"
+                token_file = fields.token_file,
+                read_token_file = fields.read_token_file,
+                "a bearer token file is set without server TLS: bearer tokens travel in clear text"
             );
         }
         let auth = Authenticator {
@@ -253,6 +295,7 @@ impl ServerAuth {
             open_read_only: config.open_read_only,
             open_keda: config.open_keda,
             limiter: RateLimiter::new(&config.rate_limit),
+            fields,
         };
         Ok(Self {
             tls,
@@ -289,34 +332,66 @@ enum TokenError {
     Bad(&'static str),
 }
 
-/// The bearer token file, re-read when its identity or modification time changes, so a rotated
+/// The bearer token file, re-read when its identity, metadata or content changes, so a rotated
 /// Secret (kubelet swaps a symlink to a new file) takes effect without a restart.
 struct TokenFile {
     path: PathBuf,
     cached: Mutex<Option<(FileStamp, Arc<[u8]>)>>,
 }
 
-/// What tells a changed file from the same one: a Secret update swaps in a new inode.
+/// Files at most this large are hashed for their stamp; a larger one is no credential of ours
+/// (its reader refuses it), so its metadata is enough.
+const STAMP_MAX_BYTES: u64 = 1 << 20;
+
+/// What tells a changed file from the same one. A Secret update swaps in a new inode, but an
+/// in-place rewrite of the same length within one timestamp tick (ext4 and tmpfs stamp times
+/// from a coarse clock), or with its mtime put back (`touch -d`), keeps every metadata field
+/// except perhaps ctime: so the stamp also carries a hash of the content (decision #19-e,
+/// amended by #19-h).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct FileStamp {
     dev: u64,
     ino: u64,
     len: u64,
-    modified: Option<SystemTime>,
+    mtime_ns: i128,
+    ctime_ns: i128,
+    /// A keyed 64-bit hash of the bytes (the key is random per process, so nobody can aim a
+    /// rewrite at a colliding hash); `None` for a file over [`STAMP_MAX_BYTES`].
+    content: Option<u64>,
 }
 
 impl FileStamp {
-    /// The stamp of the file `path` names (symlinks followed, as kubelet's are).
+    /// The stamp of the file `path` names (symlinks followed, as kubelet's are). Reads the file
+    /// (capped, never blocking on a FIFO): one small read per check, nothing beside a TLS
+    /// handshake or a token comparison.
     pub(crate) fn of(path: &Path) -> std::io::Result<Self> {
         use std::os::unix::fs::MetadataExt as _;
         let meta = std::fs::metadata(path)?;
+        let content = if meta.len() <= STAMP_MAX_BYTES {
+            let bytes = crate::state_file::read_capped(path, STAMP_MAX_BYTES)?;
+            Some(content_hash(&bytes))
+        } else {
+            None
+        };
+        let ns = |secs: i64, nanos: i64| i128::from(secs) * 1_000_000_000 + i128::from(nanos);
         Ok(Self {
             dev: meta.dev(),
             ino: meta.ino(),
             len: meta.len(),
-            modified: meta.modified().ok(),
+            mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
+            ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
+            content,
         })
     }
+}
+
+/// foldhash's quality hasher with a per-process random seed: fast on a few KiB, and a
+/// collision cannot be chosen without the seed (a cryptographic hash buys nothing here: whoever
+/// can write the file can write any content).
+fn content_hash(bytes: &[u8]) -> u64 {
+    use std::hash::BuildHasher as _;
+    static SEED: std::sync::OnceLock<foldhash::quality::RandomState> = std::sync::OnceLock::new();
+    SEED.get_or_init(Default::default).hash_one(bytes)
 }
 
 impl TokenFile {
@@ -383,6 +458,7 @@ struct Authenticator {
     open_read_only: bool,
     open_keda: bool,
     limiter: RateLimiter,
+    fields: AuthFields,
 }
 
 impl Authenticator {
@@ -435,7 +511,8 @@ impl Authenticator {
             return Err(Refusal::unauthenticated(
                 "not_configured",
                 format!(
-                    "authentication is not configured on this agent, so {path} is refused: set api.auth.tokenFile, readTokenFile or tls.clientCaFile"
+                    "authentication is not configured on this {}, so {path} is refused: {}",
+                    self.fields.server, self.fields.configure
                 ),
             ));
         }
@@ -471,7 +548,10 @@ impl Authenticator {
         if self.token.is_none() && self.read_token.is_none() {
             return Err(Refusal::unauthenticated(
                 "token_not_configured",
-                "bearer tokens are not accepted by this agent (api.auth.tokenFile and readTokenFile are not set); use a client certificate".into(),
+                format!(
+                    "bearer tokens are not accepted by this {} (no token file is set); use a client certificate",
+                    self.fields.server
+                ),
             ));
         }
         let presented = header
@@ -526,7 +606,8 @@ impl Authenticator {
         }
         Err(Refusal {
             status: Status::permission_denied(format!(
-                "client certificate {names:?} is not in api.auth.allowedClientNames or clientRoles"
+                "client certificate {names:?} is not in {}",
+                self.fields.client_names
             )),
             reason: "name_not_allowed",
         })
@@ -675,6 +756,7 @@ mod tests {
             open_read_only: false,
             open_keda: false,
             limiter: RateLimiter::new(&RateLimitConfig::default()),
+            fields: AGENT_FIELDS,
         }
     }
 
@@ -825,6 +907,52 @@ mod tests {
                 .is_err()
         );
         assert!(a.check(&request(cordon, Some("Bearer s3cret-two"))).is_ok());
+    }
+
+    /// Decision #19-e's edge: an in-place rewrite with the same length and the old mtime put
+    /// back (as `touch -d` or a restoring copy does) keeps inode, size and mtime.
+    #[test]
+    fn a_same_length_rewrite_with_the_old_mtime_is_picked_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = with_token(dir.path(), "token-AAAA");
+        let cordon = "/nodekeeper.v1.NodeAgent/Cordon";
+        assert!(a.check(&request(cordon, Some("Bearer token-AAAA"))).is_ok());
+        let path = dir.path().join("token");
+        let before = FileStamp::of(&path).unwrap();
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        // Same inode (no rename), same length, mtime restored with utimensat.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(false)
+            .open(&path)
+            .and_then(|mut f| {
+                use std::io::Write as _;
+                f.write_all(b"token-BBBB")?;
+                f.set_modified(mtime)
+            })
+            .unwrap();
+        let after = FileStamp::of(&path).unwrap();
+        assert_eq!(
+            (after.ino, after.len, after.mtime_ns),
+            (before.ino, before.len, before.mtime_ns),
+            "the rewrite must keep what the old stamp compared"
+        );
+        // ctime changed too here, but a coarse clock can give both writes the same ctime: the
+        // content alone must tell them apart.
+        let same_tick = FileStamp {
+            ctime_ns: before.ctime_ns,
+            ..after
+        };
+        assert_ne!(
+            same_tick, before,
+            "the content hash does not tell the files apart"
+        );
+        assert!(
+            a.check(&request(cordon, Some("Bearer token-AAAA")))
+                .is_err(),
+            "the replaced token is still accepted"
+        );
+        assert!(a.check(&request(cordon, Some("Bearer token-BBBB"))).is_ok());
     }
 
     #[test]

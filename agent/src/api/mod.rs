@@ -795,11 +795,7 @@ pub async fn serve(
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
         .http2_adaptive_window(Some(false))
         .http2_max_header_list_size(HTTP2_MAX_HEADER_LIST)
-        // In-flight cap outermost: a refused request costs no auth work.
-        .layer(tower_layer::Stack::new(
-            auth.layer,
-            inflight::InFlightLayer::default(),
-        ))
+        .layer(api_layers(auth.layer))
         .add_service(
             node_agent_server::NodeAgentServer::new(service)
                 .max_decoding_message_size(MAX_REQUEST_MESSAGE),
@@ -808,7 +804,36 @@ pub async fn serve(
         .add_service(health_service)
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha);
-    let result = match auth.tls {
+    let result = serve_router(router, listener, auth.tls, health, "api", token).await;
+    mirror.abort();
+    Ok(result?)
+}
+
+/// The layers every gRPC server of this crate runs its calls through (the agent's and the
+/// aggregator's): the in-flight cap outermost (a refused request costs no auth work), then
+/// authentication and authorization.
+pub(crate) type ApiLayers = tower_layer::Stack<
+    tower_layer::Stack<auth::AuthLayer, inflight::InFlightLayer>,
+    tower_layer::Identity,
+>;
+
+pub(crate) fn api_layers(
+    auth: auth::AuthLayer,
+) -> tower_layer::Stack<auth::AuthLayer, inflight::InFlightLayer> {
+    tower_layer::Stack::new(auth, inflight::InFlightLayer::default())
+}
+
+/// Serves `router` on `listener` until `token`: connections capped per peer and in all, over
+/// `tls` when given (re-read on change, refusals in `capability`'s health detail).
+pub(crate) async fn serve_router(
+    router: tonic::transport::server::Router<ApiLayers>,
+    listener: tokio::net::TcpListener,
+    tls: Option<Arc<server_tls::ReloadingServerTls>>,
+    health: Health,
+    capability: &'static str,
+    token: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    match tls {
         None => {
             let plain = |conn| std::future::ready(Some(conn));
             router
@@ -819,7 +844,12 @@ pub async fn serve(
                 .await
         }
         Some(tls) => {
-            let watch = tokio::spawn(watch_tls_files(tls.clone(), health, token.clone()));
+            let watch = tokio::spawn(watch_tls_files(
+                tls.clone(),
+                health,
+                capability,
+                token.clone(),
+            ));
             let handshake = move |conn| {
                 let tls = tls.clone();
                 async move { tls.accept(conn).await }
@@ -833,18 +863,17 @@ pub async fn serve(
             watch.abort();
             result
         }
-    };
-    mirror.abort();
-    Ok(result?)
+    }
 }
 
 /// Re-checks the TLS files every `server_tls::CHECK_INTERVAL` (connections check them too) and
-/// keeps the api capability's health detail naming a refused rotation. The capability stays
+/// keeps `capability`'s health detail naming a refused rotation. The capability stays
 /// SERVING: the previous certificate still serves every call, and failing readiness on every
 /// node at once for one bad Secret would take the whole fleet's agents out of rotation.
 async fn watch_tls_files(
     tls: Arc<server_tls::ReloadingServerTls>,
     health: Health,
+    capability: &'static str,
     token: CancellationToken,
 ) {
     loop {
@@ -853,7 +882,7 @@ async fn watch_tls_files(
             Some(why) => format!("TLS files refused, serving the previous certificate: {why}"),
             None => String::new(),
         };
-        health.set("api", HealthState::Serving, detail);
+        health.set(capability, HealthState::Serving, detail);
         tokio::select! {
             _ = token.cancelled() => return,
             _ = tokio::time::sleep(server_tls::CHECK_INTERVAL) => {}

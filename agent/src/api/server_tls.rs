@@ -31,7 +31,7 @@ use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{RootCertStore, ServerConfig};
 use tokio_rustls::server::TlsStream;
 
-use super::auth::{FileStamp, TLS_HANDSHAKE_TIMEOUT, TlsConfig};
+use super::auth::{AuthFields, FileStamp, TLS_HANDSHAKE_TIMEOUT, TlsConfig};
 
 /// How often the files are checked without any connection arriving, so a refused rotation
 /// shows in the metric and health within seconds even on an idle agent. kubelet itself takes up
@@ -68,10 +68,6 @@ impl TlsFileError {
         }
     }
 }
-
-const CERT_FIELD: &str = "api.auth.tls.certFile";
-const KEY_FIELD: &str = "api.auth.tls.keyFile";
-const CA_FIELD: &str = "api.auth.tls.clientCaFile";
 
 // === metrics ===
 
@@ -128,18 +124,25 @@ struct State {
 /// The server's TLS config, rebuilt from its files when they change.
 pub struct ReloadingServerTls {
     files: TlsConfig,
+    /// What the files are called in errors (the agent's keys or the aggregator's flags).
+    fields: AuthFields,
     state: Mutex<State>,
     metrics: TlsMetrics,
 }
 
 impl ReloadingServerTls {
     /// Reads the files now: at start a bad file is an error (the agent does not start).
-    pub fn load(files: &TlsConfig, metrics: TlsMetrics) -> Result<Self, TlsFileError> {
+    pub fn load(
+        files: &TlsConfig,
+        metrics: TlsMetrics,
+        fields: AuthFields,
+    ) -> Result<Self, TlsFileError> {
         let stamps = stamps(files);
-        let (config, not_after) = build(files)?;
+        let (config, not_after) = build(files, fields)?;
         metrics.not_after.set(not_after);
         Ok(Self {
             files: files.clone(),
+            fields,
             state: Mutex::new(State {
                 config: Arc::new(config),
                 loaded: stamps,
@@ -157,7 +160,7 @@ impl ReloadingServerTls {
         if now == state.loaded || state.refused.as_ref().is_some_and(|(s, _)| *s == now) {
             return state.config.clone();
         }
-        match build(&self.files) {
+        match build(&self.files, self.fields) {
             Ok((config, not_after)) => {
                 tracing::info!(
                     cert = %self.files.cert_file.display(),
@@ -267,22 +270,24 @@ fn certificates(
 }
 
 /// The server config the files describe, and the leaf's notAfter (Unix seconds).
-fn build(files: &TlsConfig) -> Result<(ServerConfig, i64), TlsFileError> {
-    let certs = certificates(CERT_FIELD, &files.cert_file)?;
+fn build(files: &TlsConfig, fields: AuthFields) -> Result<(ServerConfig, i64), TlsFileError> {
+    let (cert_field, key_field, ca_field) =
+        (fields.cert_file, fields.key_file, fields.client_ca_file);
+    let certs = certificates(cert_field, &files.cert_file)?;
     let not_after = x509_parser::parse_x509_certificate(&certs[0])
         .map(|(_, c)| c.validity().not_after.timestamp())
         .map_err(|e| {
             invalid(
-                CERT_FIELD,
+                cert_field,
                 &files.cert_file,
                 format!("first certificate: {e}"),
             )
         })?;
-    let key_pem = read(KEY_FIELD, &files.key_file)?;
+    let key_pem = read(key_field, &files.key_file)?;
     // The parse error is not echoed: it could quote the file.
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| {
         invalid(
-            KEY_FIELD,
+            key_field,
             &files.key_file,
             "holds no PEM private key (PKCS#8, PKCS#1 or SEC1)",
         )
@@ -292,22 +297,22 @@ fn build(files: &TlsConfig) -> Result<(ServerConfig, i64), TlsFileError> {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = RootCertStore::empty();
-            for cert in certificates(CA_FIELD, ca)? {
+            for cert in certificates(ca_field, ca)? {
                 roots
                     .add(cert)
-                    .map_err(|e| invalid(CA_FIELD, ca, format!("is not a usable CA: {e}")))?;
+                    .map_err(|e| invalid(ca_field, ca, format!("is not a usable CA: {e}")))?;
             }
             // Optional: token-only clients still connect; the auth layer decides per call.
             let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
                 .allow_unauthenticated()
                 .build()
-                .map_err(|e| invalid(CA_FIELD, ca, format!("is not a usable CA: {e}")))?;
+                .map_err(|e| invalid(ca_field, ca, format!("is not a usable CA: {e}")))?;
             builder.with_client_cert_verifier(verifier)
         }
     };
     let mut config = builder.with_single_cert(certs, key).map_err(|e| {
         invalid(
-            KEY_FIELD,
+            key_field,
             &files.key_file,
             format!(
                 "does not go with the certificate in {}: {e}",
@@ -322,6 +327,7 @@ fn build(files: &TlsConfig) -> Result<(ServerConfig, i64), TlsFileError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::auth::AGENT_FIELDS;
 
     /// A self-signed EC certificate and key by `openssl`, in `dir` as NAME.crt / NAME.key.
     fn self_signed(dir: &Path, name: &str) -> bool {
@@ -375,6 +381,7 @@ mod tests {
         let tls = ReloadingServerTls::load(
             &files(d, "tls.crt", "tls.key"),
             TlsMetrics::register(&mut registry),
+            AGENT_FIELDS,
         )
         .unwrap();
         let first = tls.refresh();
@@ -388,7 +395,7 @@ mod tests {
         assert!(Arc::ptr_eq(&first, &tls.refresh()));
         let why = tls.refusal().expect("refused");
         assert!(
-            why.starts_with(KEY_FIELD) && why.contains("tls.key"),
+            why.starts_with(AGENT_FIELDS.key_file) && why.contains("tls.key"),
             "{why}"
         );
         assert_eq!(tls.metrics.refused.get(), 1);
@@ -399,7 +406,7 @@ mod tests {
         assert!(Arc::ptr_eq(&first, &tls.refresh()));
         let why = tls.refusal().expect("refused");
         assert!(
-            why.starts_with(CERT_FIELD) && why.contains("tls.crt"),
+            why.starts_with(AGENT_FIELDS.cert_file) && why.contains("tls.crt"),
             "{why}"
         );
 
@@ -424,21 +431,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         std::fs::write(d.join("tls.crt"), "garbage").unwrap();
-        let e = ReloadingServerTls::load(&files(d, "tls.crt", "tls.key"), TlsMetrics::default())
-            .err()
-            .expect("garbage accepted");
-        assert_eq!(e.field(), CERT_FIELD, "{e}");
-        let e =
-            ReloadingServerTls::load(&files(d, "missing.crt", "tls.key"), TlsMetrics::default())
-                .err()
-                .expect("a missing file accepted");
+        let e = ReloadingServerTls::load(
+            &files(d, "tls.crt", "tls.key"),
+            TlsMetrics::default(),
+            AGENT_FIELDS,
+        )
+        .err()
+        .expect("garbage accepted");
+        assert_eq!(e.field(), AGENT_FIELDS.cert_file, "{e}");
+        let e = ReloadingServerTls::load(
+            &files(d, "missing.crt", "tls.key"),
+            TlsMetrics::default(),
+            AGENT_FIELDS,
+        )
+        .err()
+        .expect("a missing file accepted");
         assert!(
             matches!(
                 e,
-                TlsFileError::Read {
-                    field: CERT_FIELD,
-                    ..
-                }
+                TlsFileError::Read { field, .. } if field == AGENT_FIELDS.cert_file
             ),
             "{e}"
         );

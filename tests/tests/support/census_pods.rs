@@ -129,6 +129,11 @@ pub async fn get_metrics(
 
 /// Runs keda_check.py with `cases` against `addr`; panics with its output on failure.
 pub fn run_keda_check(addr: &str, cases: &Value, dir: &Path) {
+    run_keda_check_with(addr, cases, dir, &[]);
+}
+
+/// [`run_keda_check`] with more keda_check.py arguments (its TLS options).
+pub fn run_keda_check_with(addr: &str, cases: &Value, dir: &Path, extra: &[std::ffi::OsString]) {
     let file = dir.join("keda-cases.json");
     std::fs::write(&file, serde_json::to_vec_pretty(cases).unwrap()).unwrap();
     let mut cmd = std::process::Command::new(python());
@@ -137,6 +142,7 @@ pub fn run_keda_check(addr: &str, cases: &Value, dir: &Path) {
         .arg(addr)
         .arg("--cases")
         .arg(&file)
+        .args(extra)
         .env("PYTHONDONTWRITEBYTECODE", "1");
     let mut proc = Proc::spawn("keda_check", cmd, dir);
     let status = proc.wait_exit(Duration::from_secs(120));

@@ -5,7 +5,6 @@
 //! under `NODEKEEPER_REQUIRE_TOOLS=1` (set by `.ci/run`) a missing tool fails the test, so CI can
 //! never pass by skipping.
 
-pub mod bpf_census;
 pub mod cgroup;
 pub mod drain_scenario;
 

@@ -598,6 +598,120 @@ fn every_kubelet_cgroup_layout_leads_to_the_pod_namespace_as_root() {
     }
 }
 
+// === bpf() refused: the agent falls back and says why ===
+
+/// Refuses `bpf(2)` with EPERM in the calling process and what it execs: what a seccomp
+/// profile does to the agent. Runs between fork and exec (no allocation, no panic).
+#[cfg(target_arch = "x86_64")]
+fn deny_bpf() -> std::io::Result<()> {
+    const LD_W_ABS: u16 = 0x20;
+    const JEQ_K: u16 = 0x15;
+    const RET_K: u16 = 0x06;
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    const RET_ERRNO: u32 = 0x0005_0000;
+    const RET_ALLOW: u32 = 0x7fff_0000;
+    let f = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let filter = [
+        f(LD_W_ABS, 0, 0, 4), // seccomp_data.arch
+        f(JEQ_K, 0, 3, AUDIT_ARCH_X86_64),
+        f(LD_W_ABS, 0, 0, 0), // seccomp_data.nr
+        f(JEQ_K, 0, 1, libc::SYS_bpf as u32),
+        f(RET_K, 0, 0, RET_ERRNO | libc::EPERM as u32),
+        f(RET_K, 0, 0, RET_ALLOW),
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr() as *mut _,
+    };
+    // SAFETY: prctl with a filter that outlives the call.
+    let ok = unsafe {
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+            && libc::prctl(libc::PR_SET_SECCOMP, 2, &prog as *const libc::sock_fprog) == 0
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn without_bpf_the_agent_counts_with_sock_diag_and_says_why_in_metrics_and_log_as_root() {
+    if !can_run() {
+        return;
+    }
+    let srv = Netns::new("srv");
+    let (a, srv_ip, holders) = pod_a(&srv, 0);
+    let tree = KubeletTree::new(Layout::SystemdV2);
+    tree.add_pod("burstable", UID_A, &[holders[1].pid()]);
+    let refused = Agent::builder()
+        .config(&config(&tree, ""))
+        .pre_exec(deny_bpf)
+        .start();
+    let allowed = Agent::builder().config(&config(&tree, "")).start();
+    std::thread::sleep(SETTLE);
+    check_pod_a_harness(&a.ss(), &srv_ip);
+    for (agent, reader) in [(&refused, "sock_diag"), (&allowed, "bpf")] {
+        // Two collections: the fallback is counted per collection, logged once.
+        for _ in 0..2 {
+            let p = pod(&get_metrics(agent), UID_A);
+            assert_eq!(
+                (p.error.as_str(), p.source.as_str()),
+                ("", reader),
+                "{p:#?}"
+            );
+            assert_eq!(
+                states(&p),
+                map(&[("established", 42), ("time_wait", 4)]),
+                "{reader}: {p:#?}"
+            );
+        }
+        let text = agent.metrics_text();
+        let gauge = |s: &str| {
+            sample(
+                &text,
+                "nodekeeper_connections_census_source",
+                &[("source", s)],
+            )
+        };
+        assert_eq!(gauge(reader), Some(1.0), "{text}");
+        assert_eq!(
+            gauge(if reader == "bpf" { "sock_diag" } else { "bpf" }),
+            Some(0.0)
+        );
+        let fallbacks = sample(
+            &text,
+            "nodekeeper_connections_census_fallbacks_total",
+            &[("reason", "bpf_unavailable")],
+        );
+        if reader == "bpf" {
+            assert_eq!(fallbacks, Some(0.0), "{text}");
+        } else {
+            assert!(fallbacks.is_some_and(|n| n >= 2.0), "{text}");
+        }
+    }
+    let log = refused.proc.log_text();
+    let lines: Vec<_> = log
+        .lines()
+        .filter(|l| l.contains("connection census fallback"))
+        .collect();
+    assert_eq!(lines.len(), 1, "logged once: {log}");
+    assert!(
+        lines[0].contains("bpf_unavailable") && lines[0].contains("Operation not permitted"),
+        "the reason, with the kernel's answer: {}",
+        lines[0]
+    );
+    assert!(
+        !allowed
+            .proc
+            .log_text()
+            .contains("connection census fallback"),
+        "{}",
+        allowed.proc.log_text()
+    );
+}
+
 // === CLI and readers: bpf vs sock_diag vs procfs ===
 
 fn cli(paths: &[std::path::PathBuf], source: &str) -> Vec<Value> {

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::Duration;
 
+use nodekeeper::metrics::connections::census::Fallback;
 use nodekeeper::metrics::connections::{Census, NetnsReading, Source, SourcePreference, TcpState};
 use nodekeeper::pb::{self, node_agent_client::NodeAgentClient};
 use nodekeeper_tests::cgroup::{KubeletTree, Layout};
@@ -33,9 +34,45 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 /// The pod namespaces' own ephemeral range, unlike the host's, so the census must read theirs.
 const POD_PORT_RANGE: (u16, u16) = (40000, 49999);
 
-/// The agent's two exact readers (`metrics.connections.source`, the name GetMetrics reports):
-/// every comparison with `ss` runs through both, so they agree socket for socket.
-const READERS: [(&str, &str); 2] = [("bpf", "bpf"), ("sockDiag", "sock_diag")];
+/// How a test's agent reads sockets: `metrics.connections.source`, whether `bpf(2)` is refused
+/// (as a runtime's seccomp profile would), and the reader GetMetrics then reports.
+#[derive(Debug, Clone, Copy)]
+struct Reader {
+    config: &'static str,
+    deny_bpf: bool,
+    reported: &'static str,
+}
+
+/// The agent's two exact readers: the one-pass BPF census, and the per-namespace sock_diag
+/// census that `auto` falls back to when bpf() is refused. Every comparison with `ss` runs
+/// through both, so the default reader and its fallback agree socket for socket.
+#[cfg(target_arch = "x86_64")]
+const READERS: [Reader; 2] = [
+    Reader {
+        config: "bpf",
+        deny_bpf: false,
+        reported: "bpf",
+    },
+    Reader {
+        config: "auto",
+        deny_bpf: true,
+        reported: "sock_diag",
+    },
+];
+/// No seccomp filter for this architecture here: the fallback's reader is configured instead.
+#[cfg(not(target_arch = "x86_64"))]
+const READERS: [Reader; 2] = [
+    Reader {
+        config: "bpf",
+        deny_bpf: false,
+        reported: "bpf",
+    },
+    Reader {
+        config: "sockDiag",
+        deny_bpf: false,
+        reported: "sock_diag",
+    },
+];
 
 fn can_run() -> bool {
     require_root() && require_tool("ip") && require_tool("ss")
@@ -49,9 +86,15 @@ fn config(tree: &KubeletTree, extra: &str) -> String {
     )
 }
 
-/// `config` reading sockets with `source` (a READERS name).
-fn config_reading(tree: &KubeletTree, source: &str) -> String {
-    config(tree, &format!("    source: {source}\n"))
+/// An agent on `tree` reading sockets as `reader` says.
+fn agent_reading(tree: &KubeletTree, reader: Reader) -> Agent {
+    let builder =
+        Agent::builder().config(&config(tree, &format!("    source: {}\n", reader.config)));
+    if reader.deny_bpf {
+        #[cfg(target_arch = "x86_64")]
+        return builder.pre_exec(deny_bpf).start();
+    }
+    builder.start()
 }
 
 /// GetMetrics (connections included, pods excluded) from a blocking test.
@@ -232,14 +275,12 @@ fn outbound_pools_time_wait_udp_and_idle_split_are_exact_per_pod_as_root() {
     if !can_run() {
         return;
     }
-    for (source, reported) in READERS {
+    for reader in READERS {
         let srv = Netns::new("srv");
         let (a, srv_ip, holders) = pod_a(&srv, 0);
         let tree = KubeletTree::new(Layout::SystemdV2);
         tree.add_pod("burstable", UID_A, &[holders[1].pid()]);
-        let agent = Agent::builder()
-            .config(&config_reading(&tree, source))
-            .start();
+        let agent = agent_reading(&tree, reader);
         std::thread::sleep(SETTLE);
 
         let ss = a.ss();
@@ -247,7 +288,7 @@ fn outbound_pools_time_wait_udp_and_idle_split_are_exact_per_pod_as_root() {
         let snap = get_metrics(&agent);
         let p = pod(&snap, UID_A);
         assert_eq!(p.error, "", "{p:#?}");
-        assert_eq!(p.source, reported);
+        assert_eq!(p.source, reader.reported, "{reader:?}");
         assert!(!p.host_network);
         assert_eq!(p.netns, a.id());
         assert_eq!(
@@ -317,20 +358,18 @@ fn full_accept_queues_backlogs_and_listen_overflows_are_exact_as_root() {
     if !can_run() {
         return;
     }
-    for (source, reported) in READERS {
+    for reader in READERS {
         let srv = Netns::new("srv");
         let (b, holders) = pod_b(&srv, 1);
         let tree = KubeletTree::new(Layout::CgroupfsV2);
         tree.add_pod("guaranteed", UID_B, &[holders[0].pid()]);
-        let agent = Agent::builder()
-            .config(&config_reading(&tree, source))
-            .start();
+        let agent = agent_reading(&tree, reader);
         std::thread::sleep(SETTLE);
         check_pod_b_harness(&b);
 
         let p = pod(&get_metrics(&agent), UID_B);
         assert_eq!(p.error, "", "{p:#?}");
-        assert_eq!(p.source, reported);
+        assert_eq!(p.source, reader.reported, "{reader:?}");
         assert_eq!(
             states(&p),
             map(&[("established", 12), ("listen", 3)]),
@@ -391,7 +430,7 @@ fn host_network_pod_counts_only_the_sockets_its_processes_hold_as_root() {
     if !can_run() {
         return;
     }
-    for (source, reported) in READERS {
+    for reader in READERS {
         // The test's own namespace is the host's: loopback only, a free high port.
         let port = free_port();
         let holder = Holder::start(
@@ -404,15 +443,13 @@ fn host_network_pod_counts_only_the_sockets_its_processes_hold_as_root() {
         );
         let tree = KubeletTree::new(Layout::CgroupfsV1Pids);
         tree.add_pod("besteffort", UID_C, &[holder.pid()]);
-        let agent = Agent::builder()
-            .config(&config_reading(&tree, source))
-            .start();
+        let agent = agent_reading(&tree, reader);
         // Other sockets of the host namespace that the pod does not hold: must not be counted.
         let _noise = std::net::TcpStream::connect(agent.metrics).unwrap();
 
         let p = pod(&get_metrics(&agent), UID_C);
         assert_eq!(p.error, "", "{p:#?}");
-        assert_eq!(p.source, reported);
+        assert_eq!(p.source, reader.reported, "{reader:?}");
         assert!(p.host_network, "{p:#?}");
         let host_ns = std::fs::read_link("/proc/self/ns/net").unwrap();
         assert_eq!(p.netns, host_ns.to_string_lossy());
@@ -894,6 +931,88 @@ fn the_one_pass_and_sock_diag_agree_socket_for_socket_as_root() {
     }
     assert_eq!(bpf[0]["pools"][0]["idle"], 27, "{:#}", bpf[0]);
     assert_eq!(bpf[1]["listeners"][0]["backlog"], 4, "{:#}", bpf[1]);
+}
+
+/// A node with more sockets than the ring buffer holds: the walk reports it full, the census
+/// reloads the program with a ring twice as large and counts everything; never a smaller count
+/// and no fallback.
+#[test]
+fn a_ring_buffer_too_small_for_the_node_grows_and_the_census_stays_exact_as_root() {
+    if !can_run() {
+        return;
+    }
+    let pod = Netns::new("ring");
+    let _holder = Holder::start(
+        Some(&pod),
+        &json!({"serve": [{"addr": "127.0.0.1", "port": 7100, "backlog": 1024}],
+                "connect": [{"addr": "127.0.0.1", "port": 7100, "count": 1000}]}),
+    );
+    assert_eq!(pod.ss().tcp_states()["established"], 2000);
+    let paths = vec![pod.path()];
+    // 1024 asked: a 128 KiB ring, 1638 sockets, fewer than this namespace alone holds.
+    let census = Census::new(SourcePreference::Auto).with_loader(
+        nodekeeper::metrics::connections::bpf::OnePass::load_sized,
+        1024,
+    );
+    let run = census.read(&paths);
+    assert_eq!(
+        run.source,
+        Some(Source::Bpf),
+        "{:?}",
+        run.readings[0].as_ref().map(|r| &r.fallback_reason)
+    );
+    let capacity = census.ring_capacity().expect("loaded");
+    assert!(capacity >= 2 * 1638, "grown: {capacity}");
+    let diag = Census::new(SourcePreference::SockDiag).read(&paths);
+    let (o, d) = (
+        run.readings[0].as_ref().unwrap(),
+        diag.readings[0].as_ref().unwrap(),
+    );
+    assert_eq!(o.fallback_reason, None);
+    assert_eq!(socket_keys(o), socket_keys(d));
+    assert_eq!(o.sockets.len(), 2001);
+    for reason in Fallback::ALL {
+        assert_eq!(census.metrics().fallbacks(reason), 0, "{reason:?}");
+    }
+}
+
+/// hostNetwork pods put the host's namespace in every census. Its sockets are the shared
+/// table's, which the one pass has just walked from the host: one walk of the node per
+/// collection, never a second one from inside the host namespace (the host's
+/// `tcp_ehash_entries` is positive, like a namespace with a table of its own).
+#[test]
+fn the_host_namespace_costs_no_second_walk_of_the_node_as_root() {
+    if !can_run() {
+        return;
+    }
+    let pod = Netns::new("walks");
+    let _holder = Holder::start(
+        Some(&pod),
+        &json!({"serve": [{"addr": "127.0.0.1", "port": 7200}]}),
+    );
+    let host_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host_port = host_listener.local_addr().unwrap().port();
+    let paths = vec![std::path::PathBuf::from("/proc/self/ns/net"), pod.path()];
+    let census = Census::new(SourcePreference::Bpf);
+    // The first read loads the program (its calibration walks count too).
+    assert_eq!(census.read(&paths).source, Some(Source::Bpf));
+    let before = census.walks().expect("loaded");
+    let run = census.read(&paths);
+    assert_eq!(
+        census.walks().expect("loaded") - before,
+        1,
+        "one walk of the node for the host and the pod"
+    );
+    let listens = |r: &Result<NetnsReading, _>, port: u16| {
+        r.as_ref().is_ok_and(|r: &NetnsReading| {
+            r.sockets
+                .iter()
+                .any(|s| s.state == TcpState::Listen && s.local.port() == port)
+        })
+    };
+    assert!(listens(&run.readings[0], host_port), "the host's listener");
+    assert!(!listens(&run.readings[0], 7200), "not the pod's");
+    assert!(listens(&run.readings[1], 7200), "the pod's listener");
 }
 
 // === cardinality and /metrics ===

@@ -106,6 +106,8 @@ pub struct OnePass {
     hz: u64,
     /// Sockets the ring buffer was sized for (at least; it is a power of two in bytes).
     capacity: usize,
+    /// Complete walks so far.
+    walks: u64,
 }
 
 impl std::fmt::Debug for OnePass {
@@ -168,6 +170,7 @@ impl OnePass {
             events,
             hz: 0,
             capacity: bytes / (RECORD + RECORD_HEADER),
+            walks: 0,
         };
         one_pass.hz = match hz {
             Some(hz) => hz,
@@ -198,6 +201,11 @@ impl OnePass {
     /// Sockets one walk can emit before the ring buffer is full.
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// Complete walks of a TCP table since the load (its calibration included).
+    pub fn walks(&self) -> u64 {
+        self.walks
     }
 
     fn stats(&self) -> Result<Array<&MapData, u64>, OnePassError> {
@@ -272,13 +280,15 @@ impl OnePass {
                 "walks {walks}, sockets dropped (ring buffer full) {dropped}, chains truncated {truncated}, unreadable {faults}, chains left for another bucket (sockets moved during the walk) {moved}"
             )));
         }
-        Ok(WalkStats {
+        let done = WalkStats {
             sockets: get(STAT_SOCKETS),
             buckets: get(STAT_BUCKETS),
             walker_netns: get(STAT_WALKER_NETNS),
             jiffies: get(STAT_JIFFIES),
             ktime_ns: get(STAT_KTIME_NS),
-        })
+        };
+        self.walks += 1;
+        Ok(done)
     }
 
     /// `walk`, again (from empty lists) when sockets moved under it, up to WALK_ATTEMPTS times.
@@ -338,13 +348,15 @@ impl OnePass {
             .iter()
             .filter_map(|i| i.as_ref().ok().map(|i| (*i, Vec::new())))
             .collect();
-        self.walk_retrying(&mut by_netns)?;
+        let shared = self.walk_retrying(&mut by_netns)?;
         let mut out = Vec::with_capacity(paths.len());
         for (path, inode) in paths.iter().zip(inodes) {
             let reading = inode.and_then(|inode| {
                 enter(path)?;
                 let mut sockets = std::mem::take(by_netns.get_mut(&inode).expect("listed above"));
-                if has_own_table() {
+                // The walker's own namespace (the host's, for hostNetwork pods) was just walked:
+                // its tcp_ehash_entries is positive too, but a second walk would be the node's.
+                if inode != shared.walker_netns && has_own_table() {
                     // Its sockets are not in the shared table: walk its own (small) one here.
                     let mut own = HashMap::from([(inode, Vec::new())]);
                     self.walk_retrying(&mut own)

@@ -177,6 +177,15 @@ impl Census {
         }
     }
 
+    /// Complete walks of a TCP table by the loaded program (load calibration included);
+    /// `None` before a load or when refused.
+    pub fn walks(&self) -> Option<u64> {
+        match &*self.bpf.lock().unwrap_or_else(|e| e.into_inner()) {
+            BpfState::Loaded(o) => Some(o.walks()),
+            _ => None,
+        }
+    }
+
     /// The census of `paths` (`/proc/PID/ns/net`, `/run/netns/NAME`), in their order. Blocking.
     pub fn read(&self, paths: &[PathBuf]) -> CensusRun {
         if paths.is_empty() {
@@ -246,9 +255,16 @@ impl Census {
     ) -> Result<Vec<Result<NetnsReading, CensusError>>, (Fallback, String)> {
         let mut state = self.bpf.lock().unwrap_or_else(|e| e.into_inner());
         if matches!(*state, BpfState::NotTried) {
-            *state = match (self.load)(self.initial_ring, None) {
-                Ok(o) => BpfState::Loaded(Box::new(o)),
-                Err(e) => BpfState::Unavailable(e.to_string()),
+            // Loading walks the node twice (to learn HZ): the first ring must hold the node.
+            let mut ring = self.initial_ring;
+            *state = loop {
+                match (self.load)(ring, None) {
+                    Ok(o) => break BpfState::Loaded(Box::new(o)),
+                    Err(OnePassError::RingFull { capacity, .. }) if capacity < MAX_RING_SOCKETS => {
+                        ring = (capacity * 2).min(MAX_RING_SOCKETS);
+                    }
+                    Err(e) => break BpfState::Unavailable(e.to_string()),
+                }
             };
         }
         let one_pass = match &mut *state {

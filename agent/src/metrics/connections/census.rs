@@ -21,7 +21,8 @@ use super::{CensusError, NetnsReading, Source, SourcePreference, read_namespaces
 /// First ring buffer: 64k sockets (8 MiB). Most nodes never need more.
 pub const INITIAL_RING_SOCKETS: usize = 1 << 16;
 /// Largest ring buffer (512k sockets, 64 MiB of the agent's memory limit): a node with more
-/// TCP sockets is counted per namespace (reason `bpf_incomplete`).
+/// TCP sockets is counted per namespace (reason `bpf_incomplete`; `bpf_unavailable`, for good,
+/// when it already had more when the program was first loaded).
 pub const MAX_RING_SOCKETS: usize = 1 << 19;
 
 /// Why a collection was not read by the preferred reader (a metric label).

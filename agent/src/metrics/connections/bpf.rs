@@ -18,8 +18,9 @@
 //! `CONFIG_HZ` as a `__kconfig` extern).
 //!
 //! When BPF is not allowed (no CAP_BPF/CAP_PERFMON, seccomp, no BTF, kernel older than 5.17 for
-//! `bpf_loop`), [`OnePass::load`] fails with the reason and the caller falls back to the
-//! per-namespace sock_diag census ([`census_with_fallback`]).
+//! `bpf_loop`), [`OnePass::load`] fails with the reason and the agent's reader
+//! ([`super::census::Census`]) falls back to the per-namespace sock_diag census, logging and
+//! counting why (the benchmark uses [`census_with_fallback`]).
 
 use std::collections::HashMap;
 use std::io::Read;

@@ -208,6 +208,9 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
         if let Some((store, _)) = &pod_watch {
             collector = collector.with_pod_store(store.clone());
         }
+        if let Some(census) = collector.census_metrics() {
+            census.register(&mut registry);
+        }
         let cache = Arc::new(SnapshotCache::new(
             collector,
             config.metrics.max_snapshot_age.get(),

@@ -92,7 +92,8 @@ enum Command {
         /// A network namespace file: /run/netns/NAME, /proc/PID/ns/net.
         #[arg(long = "netns", value_name = "PATH", required = true)]
         netns: Vec<PathBuf>,
-        /// How to read sockets: auto (sock_diag, else /proc/net/tcp), sock-diag or procfs.
+        /// How to read sockets: auto (the BPF one pass, else sock_diag, else /proc/net/tcp),
+        /// bpf, sock-diag or procfs.
         #[arg(long, value_enum, default_value = "auto")]
         source: CensusSource,
         /// Connections without data for this long count as idle.
@@ -397,6 +398,7 @@ enum DnsAction {
 #[derive(Clone, Copy, ValueEnum)]
 enum CensusSource {
     Auto,
+    Bpf,
     SockDiag,
     Procfs,
 }
@@ -733,6 +735,7 @@ fn main() -> ExitCode {
             let config = connections::ConnectionsConfig {
                 source: match source {
                     CensusSource::Auto => SourcePreference::Auto,
+                    CensusSource::Bpf => SourcePreference::Bpf,
                     CensusSource::SockDiag => SourcePreference::SockDiag,
                     CensusSource::Procfs => SourcePreference::Procfs,
                 },
@@ -744,7 +747,9 @@ fn main() -> ExitCode {
                 eprintln!("error: {field}: {problem}");
                 return ExitCode::from(2);
             }
-            let readings = connections::read_namespaces(&netns, config.source);
+            let readings = connections::Census::new(config.source)
+                .read(&netns)
+                .readings;
             let report: Vec<_> = netns
                 .iter()
                 .zip(&readings)

@@ -5,7 +5,6 @@
 //! under `NODEKEEPER_REQUIRE_TOOLS=1` (set by `.ci/run`) a missing tool fails the test, so CI can
 //! never pass by skipping.
 
-pub mod bpf_census;
 pub mod cgroup;
 pub mod drain_scenario;
 
@@ -303,6 +302,8 @@ pub struct AgentBuilder {
     default_read_auth: bool,
     /// Start the agent inside this cgroup (its `cgroup.procs`), before it allocates anything.
     cgroup_procs: Option<PathBuf>,
+    /// Runs in the child between fork and exec (e.g. a seccomp filter the agent inherits).
+    pre_exec: Option<fn() -> std::io::Result<()>>,
 }
 
 /// The bearer token of agents started `.with_token()`.
@@ -330,6 +331,7 @@ impl Agent {
             live_only: false,
             default_read_auth: false,
             cgroup_procs: None,
+            pre_exec: None,
         }
     }
 
@@ -422,6 +424,13 @@ impl AgentBuilder {
     }
 
     /// Starts the agent and waits until /readyz answers 200.
+    /// `hook` runs in the agent's process before it execs: async-signal-safe calls only
+    /// (a seccomp filter, as a container runtime's profile).
+    pub fn pre_exec(mut self, hook: fn() -> std::io::Result<()>) -> Self {
+        self.pre_exec = Some(hook);
+        self
+    }
+
     pub fn start(self) -> Agent {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("config.yaml");
@@ -468,6 +477,12 @@ impl AgentBuilder {
             .env("NODEKEEPER_LOG", "info,nodekeeper=debug");
         for (k, v) in &self.envs {
             cmd.env(k, v);
+        }
+        if let Some(hook) = self.pre_exec {
+            // SAFETY: the hook is documented to make async-signal-safe calls only.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, hook);
+            }
         }
         let mut proc = Proc::spawn("nodekeeper", cmd, dir.path());
         let deadline = Instant::now() + Duration::from_secs(20);

@@ -10,10 +10,10 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use nodekeeper::config::ConfigDuration;
+use nodekeeper::metrics::connections::bpf::{OnePass, OnePassError, census_with_fallback};
 use nodekeeper::metrics::connections::{
     ConnectionsConfig, NetnsReading, SourcePreference, TcpState, read_namespaces, summarize,
 };
-use nodekeeper_tests::bpf_census::{OnePass, OnePassError, census_with_fallback};
 use nodekeeper_tests::netns_pods::{Holder, Netns, link};
 use nodekeeper_tests::{require_root, require_tool, workspace_root};
 use serde_json::json;
@@ -352,9 +352,7 @@ fn without_bpf_the_one_pass_census_says_why_and_falls_back_to_sock_diag_as_root(
     let paths = vec![pod.path()];
     let (load_error, readings, reason) = std::thread::spawn(move || {
         deny_bpf_in_this_thread();
-        let err = OnePass::load(1024)
-            .err()
-            .expect("bpf() refused: the load must fail");
+        let err = OnePass::load(1024).expect_err("bpf() refused: the load must fail");
         let (readings, reason) = census_with_fallback(None, Some(&err), &paths);
         (err, readings, reason)
     })
@@ -378,16 +376,16 @@ fn the_committed_bpf_object_is_the_build_script_output_of_its_source() {
     }
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("tcp_census.bpf.o");
-    let status = Command::new(workspace_root().join("tests/bpf/build.sh"))
+    let status = Command::new(workspace_root().join("agent/bpf/build.sh"))
         .arg(&out)
         .status()
-        .expect("tests/bpf/build.sh");
-    assert!(status.success(), "tests/bpf/build.sh: {status}");
+        .expect("agent/bpf/build.sh");
+    assert!(status.success(), "agent/bpf/build.sh: {status}");
     let built = std::fs::read(&out).unwrap();
     assert!(
-        built == nodekeeper_tests::bpf_census::OBJECT,
-        "tests/bpf/tcp_census.bpf.o is not what tests/bpf/build.sh makes of tcp_census.bpf.c \
-         (run tests/bpf/build.sh and commit the object; same clang as CI's Debian 12: {})",
+        built == nodekeeper::metrics::connections::bpf::OBJECT,
+        "agent/bpf/tcp_census.bpf.o is not what agent/bpf/build.sh makes of tcp_census.bpf.c \
+         (run agent/bpf/build.sh and commit the object; same clang as CI's Debian 12: {})",
         String::from_utf8_lossy(
             &Command::new("clang")
                 .arg("--version")

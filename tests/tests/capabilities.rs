@@ -29,7 +29,10 @@ const NEEDED_BY: [(&str, &str); 5] = [
     ("NET_ADMIN", "dns wiring: iptables/nftables rules"),
     ("NET_BIND_SERVICE", "the DNS cache's port 53"),
     ("NET_RAW", "dns wiring on a legacy-iptables node"),
-    ("SYS_ADMIN", "setns into a pod's network namespace"),
+    (
+        "SYS_ADMIN",
+        "setns into a pod's network namespace; also what lets the one-pass census load its BPF program",
+    ),
     ("SYS_PTRACE", "opening another process's /proc/PID/ns/net"),
 ];
 
@@ -447,4 +450,61 @@ fn sys_admin_and_sys_ptrace_are_needed_for_the_pod_census_as_root() {
             "without {cap}: {refused}"
         );
     }
+}
+
+/// The one-pass census (`metrics.connections.source` auto or bpf) loads a BPF tracing program
+/// that reads kernel memory. The kernel allows that with CAP_BPF + CAP_PERFMON or with
+/// CAP_SYS_ADMIN (bpf_capable(), perfmon_capable()), which the census already holds for setns:
+/// the shipped set runs it and adds nothing for it (docs/decisions.md #18-e). Without
+/// SYS_ADMIN the load is refused; BPF + PERFMON instead load it (the census then stops at setns).
+#[test]
+fn the_shipped_capabilities_run_the_one_pass_census_as_root() {
+    if !can_run(&[]) {
+        return;
+    }
+    let caps = shipped_capabilities();
+    let pod = Netns::new("caps-bpf");
+    let holder = Holder::start(
+        Some(&pod),
+        &json!({"serve": [{"addr": "127.0.0.1", "port": 5556}]}),
+    );
+    let netns = format!("/proc/{}/ns/net", holder.pid());
+    let census = |caps: &BTreeSet<String>, source: &str| -> (bool, Value) {
+        let out = output(host_agent_with(caps).args([
+            "connections",
+            "--source",
+            source,
+            "--netns",
+            &netns,
+        ]));
+        let v: Value =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+        (out.status.success(), v[0].clone())
+    };
+    for source in ["bpf", "auto"] {
+        let (success, counted) = census(&caps, source);
+        assert!(success, "{source}: {counted}");
+        assert_eq!(counted["source"], "bpf", "{source}: {counted}");
+        assert_eq!(counted["fallback_reason"], Value::Null, "{counted}");
+        assert_eq!(counted["listeners"][0]["port"], 5556, "{counted}");
+    }
+    let no_admin = without(&caps, "sys_admin");
+    let (success, refused) = census(&no_admin, "bpf");
+    assert!(!success, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("BPF one-pass census unavailable")
+                && e.contains("Operation not permitted")),
+        "without sys_admin the program is refused: {refused}"
+    );
+    let mut narrow = no_admin;
+    narrow.extend(["bpf".to_string(), "perfmon".to_string()]);
+    let (_, loaded) = census(&narrow, "bpf");
+    assert!(
+        loaded["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot enter network namespace")),
+        "bpf + perfmon load the program; setns still needs sys_admin: {loaded}"
+    );
 }

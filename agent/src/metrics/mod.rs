@@ -100,6 +100,12 @@ impl ResourceCollector {
         self
     }
 
+    /// The census reader's metrics (source, fallbacks); `None` when metrics.connections is
+    /// disabled.
+    pub fn census_metrics(&self) -> Option<&connections::CensusMetrics> {
+        self.connections.as_ref().map(|c| c.census().metrics())
+    }
+
     /// The census's pinned remotes; `None` when metrics.connections is disabled.
     pub fn pins(&self) -> Option<&Arc<connections::pins::PinnedRemotes>> {
         self.connections.as_ref().map(|c| c.pins())

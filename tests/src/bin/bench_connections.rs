@@ -14,7 +14,7 @@
 //!   turn, a netlink inet_diag dump with tcp_info) then `summarize` of each reading, in this
 //!   process; CPU time from getrusage(RUSAGE_SELF) (the census thread included).
 //! - procfs: the same with `SourcePreference::Procfs` (/proc/thread-self/net/tcp{,6}).
-//! - one pass (issue #18): `nodekeeper_tests::bpf_census`, a BPF program that walks the node's
+//! - one pass (issue #18): `nodekeeper::metrics::connections::bpf`, a BPF program that walks the node's
 //!   shared TCP hash tables once and tags each socket with its namespace (plus one walk inside
 //!   each namespace that has a table of its own), then the same small per-namespace files and
 //!   `summarize`; CPU time from getrusage(RUSAGE_SELF) (in-kernel BPF time is the reading
@@ -54,10 +54,10 @@ use std::time::{Duration, Instant};
 
 use nix::sys::resource::{Resource, UsageWho, getrlimit, getrusage, setrlimit};
 use nix::sys::signal::{SigSet, Signal};
+use nodekeeper::metrics::connections::bpf::{OnePass, OnePassError, census_with_fallback};
 use nodekeeper::metrics::connections::{
     CensusError, ConnectionsConfig, NetnsReading, SourcePreference, read_namespaces, summarize,
 };
-use nodekeeper_tests::bpf_census::{OnePass, OnePassError, census_with_fallback};
 use nodekeeper_tests::workspace_root;
 
 const DEFAULT_NAMESPACES: usize = 100;

@@ -5,10 +5,10 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::census::Census;
 use super::pins::PinnedRemotes;
-use super::{ConnectionsConfig, read_namespaces, socket_inodes, summarize_pinned};
+use super::{ConnectionsConfig, socket_inodes, summarize_pinned};
 use crate::host::HostPaths;
 use crate::kube::PodMeta;
 use crate::metrics::CollectError;
@@ -21,18 +21,24 @@ pub struct ConnectionCollector {
     config: ConnectionsConfig,
     /// Remotes KEDA queries name: kept as their own pool beyond topRemotes.
     pins: Arc<PinnedRemotes>,
-    /// The fallback to procfs is logged once, not every collection.
-    logged_fallback: AtomicBool,
+    /// The reader (BPF one pass, sock_diag, procfs), kept between collections; logs and counts
+    /// its fallbacks.
+    census: Census,
 }
 
 impl ConnectionCollector {
     pub fn new(host: HostPaths, config: ConnectionsConfig) -> Self {
         Self {
+            census: Census::new(config.source),
             host,
             config,
             pins: Arc::default(),
-            logged_fallback: AtomicBool::new(false),
         }
+    }
+
+    /// The reader, for its metrics.
+    pub fn census(&self) -> &Census {
+        &self.census
     }
 
     /// The pinned remotes every collection keeps apart.
@@ -79,18 +85,15 @@ impl ConnectionCollector {
             plan.push((cg, target));
         }
         let (pinned, _) = self.pins.current();
-        let readings = read_namespaces(&paths, self.config.source);
+        let readings = self.census.read(&paths).readings;
         let mut out = Vec::with_capacity(plan.len());
         for (cg, target) in plan {
             let mut pod = match target {
                 Target::Pod { index, id } => match &readings[index] {
-                    Ok(r) => {
-                        self.log_fallback(r);
-                        pb::PodConnections {
-                            netns: id,
-                            ..summarize_pinned(r, None, &self.config, &pinned)
-                        }
-                    }
+                    Ok(r) => pb::PodConnections {
+                        netns: id,
+                        ..summarize_pinned(r, None, &self.config, &pinned)
+                    },
                     Err(e) => error_entry(id, e.to_string()),
                 },
                 Target::Host { index, id, pids } => match &readings[index] {
@@ -126,14 +129,6 @@ impl ConnectionCollector {
             out.push(pod);
         }
         Ok(out)
-    }
-
-    fn log_fallback(&self, r: &super::NetnsReading) {
-        if let Some(why) = &r.fallback_reason
-            && !self.logged_fallback.swap(true, Ordering::Relaxed)
-        {
-            tracing::warn!(reason = %why, "sock_diag unavailable; counting sockets from /proc/net/tcp (no idle/backlog/RTT)");
-        }
     }
 }
 

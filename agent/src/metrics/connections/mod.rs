@@ -2,10 +2,14 @@
 //! states, connection pools by remote, listeners' accept queues, ephemeral ports, retransmits
 //! and RTT (`pb::PodConnections`), for /metrics, GetMetrics and KEDA.
 //!
-//! Namespaces are entered with `setns` on one dedicated OS thread per census (never a tokio
-//! worker); each is read through netlink `sock_diag` (what `ss` uses) or, when the kernel
-//! refuses it, by parsing `/proc/thread-self/net/tcp*`. Reads only.
+//! TCP sockets are read by one BPF walk of the node's shared tables ([`bpf`], the default when
+//! bpf() is allowed), else per namespace: namespaces are entered with `setns` on one dedicated
+//! OS thread per census (never a tokio worker) and each is read through netlink `sock_diag`
+//! (what `ss` uses) or, when the kernel refuses it, by parsing `/proc/thread-self/net/tcp*`.
+//! [`census::Census`] picks the reader and reports its fallbacks. Reads only.
 
+pub mod bpf;
+pub mod census;
 pub mod collector;
 pub mod pins;
 pub mod procfs;
@@ -19,6 +23,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use census::{Census, CensusMetrics};
 pub use collector::ConnectionCollector;
 pub use summary::{summarize, summarize_pinned};
 
@@ -30,9 +35,12 @@ use crate::config::ConfigDuration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum SourcePreference {
-    /// sock_diag, falling back to procfs when the kernel refuses it (reported per pod).
+    /// The BPF one pass when bpf() is allowed, else per-namespace sock_diag, else procfs; every
+    /// fallback is logged once with its reason and counted (docs/connections.md).
     #[default]
     Auto,
+    /// The BPF one pass only: a node where it cannot run reports census errors, not another count.
+    Bpf,
     SockDiag,
     Procfs,
 }
@@ -169,13 +177,18 @@ pub struct Socket {
 /// How a namespace's sockets were read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
+    /// The one-pass BPF walk (same fields as sock_diag: queues, backlog, RTT, idle).
+    Bpf,
     SockDiag,
     Procfs,
 }
 
 impl Source {
+    pub const ALL: [Source; 3] = [Source::Bpf, Source::SockDiag, Source::Procfs];
+
     pub fn name(self) -> &'static str {
         match self {
+            Self::Bpf => "bpf",
             Self::SockDiag => "sock_diag",
             Self::Procfs => "procfs",
         }
@@ -191,7 +204,7 @@ pub struct NetnsReading {
     /// TcpExt ListenOverflows, ListenDrops; `None` when netstat was unreadable.
     pub listen_counters: Option<(u64, u64)>,
     pub port_range: Option<(u16, u16)>,
-    /// Why sock_diag was not used although preferred (Auto mode fell back).
+    /// Why the preferred reader (the BPF one pass, then sock_diag) was not used (Auto fell back).
     pub fallback_reason: Option<String>,
 }
 
@@ -205,10 +218,14 @@ pub enum CensusError {
     SockDiag(#[from] sock_diag::SockDiagError),
     #[error("cannot read {path}: {error}")]
     Procfs { path: String, error: String },
+    /// metrics.connections.source is bpf and the one pass could not count this collection.
+    #[error("{0}")]
+    Bpf(String),
 }
 
 /// Reads every namespace in `paths` (`/proc/PID/ns/net`, `/run/netns/NAME`) in turn, on one
 /// dedicated thread that `setns`es into each; results are in the order of `paths`.
+/// `pref` Bpf is read as Auto here: the one pass lives in [`Census`].
 pub fn read_namespaces(
     paths: &[PathBuf],
     pref: SourcePreference,
@@ -293,7 +310,7 @@ impl Reader {
                 (self.open_diag)()?.dump_tcp(&mut self.buf, &mut sockets, in_use)?;
                 Source::SockDiag
             }
-            SourcePreference::Auto => {
+            SourcePreference::Auto | SourcePreference::Bpf => {
                 let tried = match &self.sock_diag_unavailable {
                     Some(why) => Err(why.clone()),
                     None => (self.open_diag)()

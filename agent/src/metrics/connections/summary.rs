@@ -97,7 +97,8 @@ pub fn summarize_pinned(
                 address: s.local.to_string(),
                 port: u32::from(s.local.port()),
                 accept_queue: u64::from(s.rqueue),
-                backlog: if reading.source == super::Source::SockDiag {
+                // sock_diag and the BPF walk read the backlog; /proc/net/tcp has none.
+                backlog: if reading.source != super::Source::Procfs {
                     u64::from(s.wqueue)
                 } else {
                     0

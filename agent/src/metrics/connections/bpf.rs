@@ -1,25 +1,26 @@
 //! The one-pass TCP census (issue #18): one BPF program walks the node's shared TCP hash
 //! tables once and tags every socket with its network namespace, instead of one sock_diag dump
-//! (one walk of the same tables) per pod namespace. Measured against the per-namespace census
-//! and the `ss` loop by `bench_connections`; not adopted by the agent (docs/connections.md
-//! "Cost and bounds" says why).
+//! (one walk of the same tables) per pod namespace. The agent's default reader when bpf() is
+//! allowed (`metrics.connections.source: auto | bpf`); measured against the per-namespace
+//! census and the `ss` loop by `bench_connections` (docs/benchmarks.md).
 //!
-//! The BPF side is tests/bpf/tcp_census.bpf.c, compiled by tests/bpf/build.sh into the
-//! committed tests/bpf/tcp_census.bpf.o (so building the workspace needs no clang) and loaded
-//! with aya (pure Rust: no libbpf or libelf to build or link). Its types are relocated against
-//! the running kernel's BTF (CO-RE).
+//! The BPF side is agent/bpf/tcp_census.bpf.c, compiled by agent/bpf/build.sh into the
+//! committed agent/bpf/tcp_census.bpf.o (so building the agent needs only Rust: no clang) and
+//! loaded with aya (pure Rust: no libbpf or libelf to build or link). Its types are relocated
+//! against the running kernel's BTF (CO-RE).
 //!
-//! [`OnePass::read_namespaces`] returns the same `NetnsReading`s as the agent's
-//! `read_namespaces`: TCP sockets from the walk; UDP count, listen counters and the ephemeral
-//! range read per namespace as the agent does (setns into each, small /proc files). A namespace
+//! [`OnePass::read_namespaces`] returns the same `NetnsReading`s as [`super::read_namespaces`]:
+//! TCP sockets from the walk; UDP count, listen counters and the ephemeral range read per
+//! namespace as the per-namespace reader does (setns into each, small /proc files). A namespace
 //! created with `net.ipv4.tcp_child_ehash_entries` has a table of its own, walked from inside it.
 //! Idleness: `tcp_info`'s last-data times are jiffies; the program emits them as jiffies and
 //! the loader learns the kernel's HZ from two walks 200 ms apart (aya cannot resolve
 //! `CONFIG_HZ` as a `__kconfig` extern).
 //!
 //! When BPF is not allowed (no CAP_BPF/CAP_PERFMON, seccomp, no BTF, kernel older than 5.17 for
-//! `bpf_loop`), [`OnePass::load`] fails with the reason and the caller falls back to the
-//! per-namespace sock_diag census ([`census_with_fallback`]).
+//! `bpf_loop`), [`OnePass::load`] fails with the reason and the agent's reader
+//! ([`super::census::Census`]) falls back to the per-namespace sock_diag census, logging and
+//! counting why (the benchmark uses [`census_with_fallback`]).
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -27,18 +28,19 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, MapData, RingBuf};
-use aya::programs::Iter;
-use aya::{Btf, Ebpf, EbpfLoader, include_bytes_aligned};
-use nodekeeper::metrics::connections::{
+use super::{
     CensusError, NetnsReading, Socket, Source, SourcePreference, TcpState, procfs, read_namespaces,
     sock_diag,
 };
+use aya::maps::{Array, MapData, RingBuf};
+use aya::programs::Iter;
+use aya::{Btf, Ebpf, EbpfLoader, include_bytes_aligned};
 
-/// The committed object (tests/bpf/build.sh's output for tcp_census.bpf.c).
-pub static OBJECT: &[u8] = include_bytes_aligned!("../bpf/tcp_census.bpf.o");
-/// Where the committed object and its source live, for the test that they match.
-pub const OBJECT_PATH: &str = "tests/bpf/tcp_census.bpf.o";
+/// The committed object (agent/bpf/build.sh's output for tcp_census.bpf.c).
+pub static OBJECT: &[u8] = include_bytes_aligned!("../../../bpf/tcp_census.bpf.o");
+/// Where the committed object and its source live (from the workspace root), for the test
+/// that they match.
+pub const OBJECT_PATH: &str = "agent/bpf/tcp_census.bpf.o";
 
 const PROGRAM: &str = "census_walk";
 /// Size of `struct census_socket` in tcp_census.bpf.c (layout pinned there by static asserts:
@@ -76,6 +78,11 @@ pub enum OnePassError {
     Unavailable(String),
     #[error("one-pass walk incomplete: {0}")]
     Incomplete(String),
+    /// The ring buffer could not hold every socket of the node: a larger one may.
+    #[error(
+        "one-pass walk incomplete: ring buffer full for {capacity} sockets ({dropped} not emitted)"
+    )]
+    RingFull { capacity: usize, dropped: u64 },
     #[error(transparent)]
     Census(#[from] CensusError),
 }
@@ -98,6 +105,19 @@ pub struct OnePass {
     events: RingBuf<MapData>,
     /// The kernel's jiffies per second.
     hz: u64,
+    /// Sockets the ring buffer was sized for (at least; it is a power of two in bytes).
+    capacity: usize,
+    /// Complete walks so far.
+    walks: u64,
+}
+
+impl std::fmt::Debug for OnePass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OnePass")
+            .field("hz", &self.hz)
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
+    }
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> OnePassError {
@@ -117,8 +137,15 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 impl OnePass {
-    /// Loads and verifies the program; sizes the ring buffer for `max_sockets` records.
+    /// Loads and verifies the program; sizes the ring buffer for `max_sockets` records and
+    /// learns the kernel's HZ.
     pub fn load(max_sockets: usize) -> Result<Self, OnePassError> {
+        Self::load_sized(max_sockets, None)
+    }
+
+    /// `load`, reusing an `hz` learnt by an earlier load (a reload with a larger ring buffer
+    /// skips the 200 ms calibration).
+    pub fn load_sized(max_sockets: usize, hz: Option<u64>) -> Result<Self, OnePassError> {
         let btf = Btf::from_sys_fs().map_err(|e| unavailable("kernel BTF", e))?;
         let bytes = (max_sockets.max(1024) * (RECORD + RECORD_HEADER)).next_power_of_two();
         let size = u32::try_from(bytes).map_err(|_| unavailable("ring buffer", "too large"))?;
@@ -143,8 +170,13 @@ impl OnePass {
             ebpf,
             events,
             hz: 0,
+            capacity: bytes / (RECORD + RECORD_HEADER),
+            walks: 0,
         };
-        one_pass.hz = one_pass.learn_hz()?;
+        one_pass.hz = match hz {
+            Some(hz) => hz,
+            None => one_pass.learn_hz()?,
+        };
         Ok(one_pass)
     }
 
@@ -165,6 +197,16 @@ impl OnePass {
 
     pub fn hz(&self) -> u64 {
         self.hz
+    }
+
+    /// Sockets one walk can emit before the ring buffer is full.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Complete walks of a TCP table since the load (its calibration included).
+    pub fn walks(&self) -> u64 {
+        self.walks
     }
 
     fn stats(&self) -> Result<Array<&MapData, u64>, OnePassError> {
@@ -228,18 +270,26 @@ impl OnePass {
             get(STAT_WALKS),
             get(STAT_MOVED),
         );
+        if dropped > 0 && walks == 1 && truncated == 0 && faults == 0 && moved == 0 {
+            return Err(OnePassError::RingFull {
+                capacity: self.capacity,
+                dropped,
+            });
+        }
         if walks != 1 || dropped > 0 || truncated > 0 || faults > 0 || moved > 0 {
             return Err(OnePassError::Incomplete(format!(
                 "walks {walks}, sockets dropped (ring buffer full) {dropped}, chains truncated {truncated}, unreadable {faults}, chains left for another bucket (sockets moved during the walk) {moved}"
             )));
         }
-        Ok(WalkStats {
+        let done = WalkStats {
             sockets: get(STAT_SOCKETS),
             buckets: get(STAT_BUCKETS),
             walker_netns: get(STAT_WALKER_NETNS),
             jiffies: get(STAT_JIFFIES),
             ktime_ns: get(STAT_KTIME_NS),
-        })
+        };
+        self.walks += 1;
+        Ok(done)
     }
 
     /// `walk`, again (from empty lists) when sockets moved under it, up to WALK_ATTEMPTS times.
@@ -252,6 +302,8 @@ impl OnePass {
             out.values_mut().for_each(Vec::clear);
             match self.walk(out) {
                 Ok(stats) => return Ok(stats),
+                // The same ring buffer would fill again.
+                Err(e @ OnePassError::RingFull { .. }) => return Err(e),
                 Err(e) => last = Some(e),
             }
         }
@@ -297,13 +349,15 @@ impl OnePass {
             .iter()
             .filter_map(|i| i.as_ref().ok().map(|i| (*i, Vec::new())))
             .collect();
-        self.walk_retrying(&mut by_netns)?;
+        let shared = self.walk_retrying(&mut by_netns)?;
         let mut out = Vec::with_capacity(paths.len());
         for (path, inode) in paths.iter().zip(inodes) {
             let reading = inode.and_then(|inode| {
                 enter(path)?;
                 let mut sockets = std::mem::take(by_netns.get_mut(&inode).expect("listed above"));
-                if has_own_table() {
+                // The walker's own namespace (the host's, for hostNetwork pods) was just walked:
+                // its tcp_ehash_entries is positive too, but a second walk would be the node's.
+                if inode != shared.walker_netns && has_own_table() {
                     // Its sockets are not in the shared table: walk its own (small) one here.
                     let mut own = HashMap::from([(inode, Vec::new())]);
                     self.walk_retrying(&mut own)
@@ -370,8 +424,7 @@ fn small_files(sockets: Vec<Socket>) -> NetnsReading {
     }
     .map_or(0, |(_, udp)| udp);
     NetnsReading {
-        // Read from the kernel's socket structs, like sock_diag (not from procfs text).
-        source: Source::SockDiag,
+        source: Source::Bpf,
         sockets,
         udp_sockets,
         listen_counters: read("netstat")

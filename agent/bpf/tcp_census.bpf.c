@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0-only OR BSD-2-Clause
 /*
  * One pass over every TCP socket of a node's shared established/listening hash tables
- * (issue #18, bench_connections' one-pass census).
+ * (issue #18: the agent's one-pass connection census, metrics.connections.source bpf).
  *
  * Why not SEC("iter/tcp"): the kernel's tcp iterator yields only the sockets of the network
  * namespace the iterator was created in (seq_sk_match() in net/ipv4/tcp_ipv4.c compares
@@ -21,7 +21,7 @@
  *
  * Types are declared here with only the fields used, relocated against the running kernel's
  * BTF (CO-RE), so the committed object does not depend on the build machine's kernel.
- * Build: tests/bpf/build.sh (clang -target bpf); the object is committed next to this file.
+ * Build: agent/bpf/build.sh (clang -target bpf); the object is committed next to this file.
  */
 
 #include <linux/types.h>
@@ -156,7 +156,7 @@ struct bpf_iter__bpf_map {
 /* Sockets followed per bucket chain; a longer chain is counted in STAT_TRUNCATED. */
 #define MAX_CHAIN 64
 
-/* One socket, as the reader in tests/src/bpf_census.rs decodes it (little endian, 72 bytes). */
+/* One socket, as the reader in agent/src/metrics/connections/bpf.rs decodes it (little endian, 72 bytes). */
 struct census_socket {
 	__u32 netns;      /* net->ns.inum: st_ino of /proc/PID/ns/net */
 	__u8 family;      /* AF_INET / AF_INET6 */
@@ -173,7 +173,7 @@ struct census_socket {
 	__u8 local[16];   /* IPv4: first 4 bytes */
 	__u8 remote[16];
 };
-/* The layout tests/src/bpf_census.rs decodes (inode is 8-aligned: 4 bytes of padding before). */
+/* The layout agent/src/metrics/connections/bpf.rs decodes (inode is 8-aligned: 4 bytes of padding before). */
 _Static_assert(__builtin_offsetof(struct census_socket, idle_jiffies) == 28, "census_socket.idle");
 _Static_assert(__builtin_offsetof(struct census_socket, inode) == 32, "census_socket.inode");
 _Static_assert(__builtin_offsetof(struct census_socket, local) == 40, "census_socket.local");

@@ -167,7 +167,7 @@ pub struct FleetSource(pub Arc<Fleet>);
 impl PodSource for FleetSource {
     fn census<'a>(&'a self, q: &'a Query) -> BoxFuture<'a, Result<Census, Status>> {
         Box::pin(async move {
-            let fleet = self.0.get_pinned(&query_pins(q)).await;
+            let fleet = self.0.get_pinned(&query_pins(q)).await?;
             Ok(Census::from_fleet(fleet.census.clone()))
         })
     }

@@ -500,8 +500,9 @@ impl Fleet {
                         at: Instant::now(),
                         snapshot: snapshot.clone(),
                         pins: call_pins,
-                        // At least this fan-out's pins were in the call (call_pins >= pins).
-                        pinned: pinned.clone(),
+                        // The call's own pins are not known here (its slot is gone): no
+                        // remote counts as pinned in it for lastKnownFor.
+                        pinned: Arc::default(),
                         latency: started.elapsed(),
                         served: true,
                     });

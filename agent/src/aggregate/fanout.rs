@@ -120,7 +120,9 @@ impl AggregateMetrics {
         self.discovery_errors.clone()
     }
 
-    pub fn register(registry: &mut Registry) -> Self {
+    /// `pod_watch`: the aggregator watches pods (`--service`); only then is
+    /// `aggregate_pod_view_current` exported.
+    pub fn register(registry: &mut Registry, pod_watch: bool) -> Self {
         let m = Self {
             agents: Family::default(),
             // Loopback answers in a millisecond; a fan-out lasts at most a few deadlines.
@@ -133,13 +135,14 @@ impl AggregateMetrics {
             tls_reloads: Family::default(),
             pod_view_current: Gauge::default(),
         };
-        registry.register(
-            "aggregate_pod_view_current",
-            "1 when the aggregator's pod watch has synced and is not failing; 0 otherwise, and \
-             then every KEDA query is UNAVAILABLE (pod placement not current). Absent without \
-             --service",
-            m.pod_view_current.clone(),
-        );
+        if pod_watch {
+            registry.register(
+                "aggregate_pod_view_current",
+                "1 when the aggregator's pod watch has synced and is not failing; 0 otherwise, \
+                 and then every KEDA query is UNAVAILABLE (pod placement not current)",
+                m.pod_view_current.clone(),
+            );
+        }
         registry.register(
             "aggregate_agents",
             "Expected node agents in the last fan-out: answered, stale (no answer, a last census \

@@ -226,7 +226,7 @@ pub async fn run(args: AggregateArgs) -> Result<(), AggregateError> {
         None
     };
     let mut registry = prometheus_client::registry::Registry::with_prefix("nodekeeper");
-    let metrics = AggregateMetrics::register(&mut registry);
+    let metrics = AggregateMetrics::register(&mut registry, args.service.is_some());
     let mut pods = None;
     let discovery = match &args.service {
         Some(svc) => {

@@ -29,6 +29,7 @@ use nodekeeper_tests::{Agent, Proc, agent_bin, free_port, http_get, loopback, re
 struct Aggregator {
     _proc: Proc,
     grpc: SocketAddr,
+    metrics: SocketAddr,
 }
 
 impl Aggregator {
@@ -56,7 +57,19 @@ impl Aggregator {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Aggregator { _proc: proc, grpc }
+        Aggregator {
+            _proc: proc,
+            grpc,
+            metrics,
+        }
+    }
+
+    /// The line of /metrics that starts with `series` (name and labels).
+    fn metric(&self, series: &str) -> Option<String> {
+        let (_, body) = http_get(self.metrics, "/metrics").expect("/metrics");
+        body.lines()
+            .find(|l| l.starts_with(series))
+            .map(str::to_string)
     }
 }
 
@@ -199,6 +212,11 @@ fn adversary_a_stale_pod_watch_hides_a_node_hosting_selected_pods_as_root() {
         got.as_ref().is_err_and(|e| e.contains("Unavailable")),
         "node-c hosts a selected pod and nobody counted it: KEDA must get UNAVAILABLE (or the \
          aggregator must refuse to answer from a pod watch it cannot refresh), got {got:?}"
+    );
+    assert_eq!(
+        agg.metric("nodekeeper_aggregate_pod_view_current ")
+            .as_deref(),
+        Some("nodekeeper_aggregate_pod_view_current 0")
     );
     drop(pods);
 }
@@ -471,6 +489,11 @@ fn adversary_two_agents_on_one_node_are_summed_twice_as_root() {
     assert!(
         got == Ok(10.0) || got.is_err(),
         "node-a's web pool is 10 whichever of its two agents answers; got {got:?}"
+    );
+    assert_eq!(
+        agg.metric("nodekeeper_aggregate_agents{state=\"duplicate\"}")
+            .as_deref(),
+        Some("nodekeeper_aggregate_agents{state=\"duplicate\"} 1")
     );
     drop(pods);
 }

@@ -194,9 +194,15 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
         .clone()
         .map(|client| crate::kube::watch_node(client, node_name.clone(), supervisor.token()));
     // One watch of this node's pods, shared by every capability that needs pod identities.
-    let pod_watch = kube
-        .clone()
-        .map(|client| crate::kube::watch_pods(client, node_name.clone(), supervisor.token()));
+    let pod_view = crate::kube::WatchHealth::default();
+    let pod_watch = kube.clone().map(|client| {
+        crate::kube::watch_pods(
+            client,
+            node_name.clone(),
+            supervisor.token(),
+            pod_view.clone(),
+        )
+    });
 
     let snapshots = if config.metrics.enabled {
         let collect_metrics = CollectMetrics::register(&mut registry);
@@ -206,7 +212,7 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
             &config.metrics,
         );
         if let Some((store, _)) = &pod_watch {
-            collector = collector.with_pod_store(store.clone());
+            collector = collector.with_pod_store(store.clone(), pod_view.clone());
         }
         if let Some(census) = collector.census_metrics() {
             census.register(&mut registry);

@@ -194,13 +194,96 @@ pub const API_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 /// This node's pods as last seen by the watch: a kube-runtime reflector store.
 pub type PodStore = kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Pod>;
 
+/// How long a watch error keeps the watch "failing" without another one. kube's watcher
+/// retries with backoff capped at 30 s and reports each failed retry, so a watch still failing
+/// errs again well within this; but a re-watch that succeeds yields no event until a pod
+/// changes, so on a quiet node only the end of errors says the watch is back (resumed from its
+/// resourceVersion, missing nothing). 90 s: three capped retries plus a slow API call.
+pub const WATCH_FAILING_GRACE: std::time::Duration = std::time::Duration::from_secs(90);
+
+/// Whether a watch is current: the time of its last successful list/watch event and, while it
+/// is failing, the error since then. A quiet watch sends nothing, so staleness is judged by
+/// errors (kube's watcher reports each failed re-list/re-watch), not by silence.
+#[derive(Debug, Clone, Default)]
+pub struct WatchHealth(std::sync::Arc<std::sync::Mutex<Recorded>>);
+
+#[derive(Debug, Clone, Default)]
+struct Recorded {
+    last_ok: Option<std::time::SystemTime>,
+    /// When the current failure began, when its last error came, and that error.
+    failing: Option<(std::time::SystemTime, std::time::SystemTime, String)>,
+}
+
+/// A watch's state as `WatchHealth::state` judges it now.
+#[derive(Debug, Clone, Default)]
+pub struct WatchHealthState {
+    pub last_ok: Option<std::time::SystemTime>,
+    /// When the current failure began, and its last error; `None` once no error came for
+    /// `WATCH_FAILING_GRACE`.
+    pub failing: Option<(std::time::SystemTime, String)>,
+}
+
+impl WatchHealth {
+    pub fn record_ok(&self) {
+        let mut s = self.0.lock().expect("not poisoned");
+        s.last_ok = Some(std::time::SystemTime::now());
+        s.failing = None;
+    }
+
+    pub fn record_error(&self, error: &dyn std::fmt::Display) {
+        let now = std::time::SystemTime::now();
+        let mut s = self.0.lock().expect("not poisoned");
+        let since = s.failing.as_ref().map_or(now, |(t, _, _)| *t);
+        s.failing = Some((since, now, error.to_string()));
+    }
+
+    pub fn state(&self) -> WatchHealthState {
+        self.state_at(std::time::SystemTime::now())
+    }
+
+    fn state_at(&self, now: std::time::SystemTime) -> WatchHealthState {
+        let s = self.0.lock().expect("not poisoned");
+        WatchHealthState {
+            last_ok: s.last_ok,
+            failing: s.failing.as_ref().and_then(|(since, last, e)| {
+                let quiet = now.duration_since(*last).unwrap_or_default();
+                (quiet < WATCH_FAILING_GRACE).then(|| (*since, e.clone()))
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod watch_health_tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn failing_until_an_event_or_a_grace_without_errors() {
+        let h = WatchHealth::default();
+        assert!(h.state().failing.is_none());
+        h.record_error(&"503");
+        h.record_error(&"503 again");
+        let (since, e) = h.state().failing.expect("failing");
+        assert_eq!(e, "503 again");
+        assert!(since <= SystemTime::now());
+        // A re-watch that succeeded sends nothing: errors stopping ends the failure.
+        let later = SystemTime::now() + WATCH_FAILING_GRACE + Duration::from_secs(1);
+        assert!(h.state_at(later).failing.is_none());
+        h.record_ok();
+        assert!(h.state().failing.is_none() && h.state().last_ok.is_some());
+    }
+}
+
 /// Watches only the pods scheduled to this node (`spec.nodeName=` field selector) into a store,
 /// with managedFields and status stripped (they are most of a pod's size and unused here).
-/// The returned counter increases on every change, so consumers can wait for one.
+/// The returned counter increases on every event, so consumers can wait for one; `health`
+/// records whether the watch is current.
 pub fn watch_pods(
     client: kube::Client,
     node_name: String,
     token: tokio_util::sync::CancellationToken,
+    health: WatchHealth,
 ) -> (PodStore, tokio::sync::watch::Receiver<u64>) {
     use futures::StreamExt;
     use kube::runtime::{WatchStreamExt, reflector, watcher};
@@ -216,15 +299,22 @@ pub fn watch_pods(
                 pod.metadata.managed_fields = None;
                 pod.status = None;
             })
-            .reflect(writer)
-            .touched_objects();
+            .reflect(writer);
         let mut stream = std::pin::pin!(stream);
         loop {
             tokio::select! {
                 _ = token.cancelled() => break,
                 next = stream.next() => match next {
-                    Some(Ok(_)) => { tx.send_modify(|v| *v += 1); }
-                    Some(Err(e)) => tracing::warn!(error = %e, "pod watch error; retrying with backoff"),
+                    // Every event, Init/InitDone of a re-list included: an empty re-list is
+                    // still a successful one.
+                    Some(Ok(_)) => {
+                        health.record_ok();
+                        tx.send_modify(|v| *v += 1);
+                    }
+                    Some(Err(e)) => {
+                        health.record_error(&e);
+                        tracing::warn!(error = %e, "pod watch error; retrying with backoff")
+                    }
                     None => break,
                 },
             }

@@ -1,6 +1,6 @@
 //! Adversary findings against issue #18's promises (autoscaling signals): KEDA never gets a
 //! silently smaller number, and the values it gets are exact. Each test is a scenario that
-//! breaks the promise today; they are `#[ignore]`d until fixed (run with `--ignored`).
+//! broke the promise; each now passes (docs/connections.md, safety case).
 //!
 //! Real agents count real pods in network namespaces (tests/support/census_pods.rs) and the
 //! aggregator runs as `nodekeeper aggregate` against the fake API server.
@@ -29,6 +29,7 @@ use nodekeeper_tests::{Agent, Proc, agent_bin, free_port, http_get, loopback, re
 struct Aggregator {
     _proc: Proc,
     grpc: SocketAddr,
+    metrics: SocketAddr,
 }
 
 impl Aggregator {
@@ -56,7 +57,19 @@ impl Aggregator {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Aggregator { _proc: proc, grpc }
+        Aggregator {
+            _proc: proc,
+            grpc,
+            metrics,
+        }
+    }
+
+    /// The line of /metrics that starts with `series` (name and labels).
+    fn metric(&self, series: &str) -> Option<String> {
+        let (_, body) = http_get(self.metrics, "/metrics").expect("/metrics");
+        body.lines()
+            .find(|l| l.starts_with(series))
+            .map(str::to_string)
     }
 }
 
@@ -83,7 +96,6 @@ fn web_value(addr: SocketAddr, extra: &[(&str, &str)]) -> Result<f64, String> {
 /// silently not pinned, so beyond `topRemotes` it stays folded into `*:other` and the query
 /// reads 0 (the workload scales in) instead of its 3 connections or an error.
 #[test]
-#[ignore = "adversary finding: past 256 pinned remotes a query's remote is folded into other and reads 0, no error"]
 fn adversary_the_257th_remote_named_by_queries_is_folded_and_reads_0_as_root() {
     if !require_root() {
         return;
@@ -114,11 +126,19 @@ fn adversary_the_257th_remote_named_by_queries_is_folded_and_reads_0_as_root() {
             "{remote}"
         );
     }
-    // The 257th: a real pool of 3 connections beyond topRemotes.
-    assert_eq!(
-        web_value(agent.api, &[("remote", "*:8081")]),
-        Ok(3.0),
-        "the 257th remote a query names must be counted exactly (or refused), never folded to 0"
+    // The 257th: a real pool of 3 connections beyond topRemotes. Refusing it (RESOURCE_EXHAUSTED
+    // naming the remote and the limit) is an answer KEDA cannot mistake for a value; evicting a
+    // pin every query still asks for could make that query's census fold its remote instead.
+    let got = web_value(agent.api, &[("remote", "*:8081")]);
+    assert!(
+        got == Ok(3.0)
+            || got
+                .as_ref()
+                .is_err_and(|e| e.starts_with("ResourceExhausted")
+                    && e.contains("*:8081")
+                    && e.contains("256 remotes")),
+        "the 257th remote a query names must be counted exactly (or refused), never folded to \
+         0; got {got:?}"
     );
     drop(pods);
 }
@@ -131,7 +151,6 @@ fn adversary_the_257th_remote_named_by_queries_is_folded_and_reads_0_as_root() {
 /// node-a's 10 as the whole sum instead of UNAVAILABLE naming node-c (what it gets with a
 /// working watch: tests/aggregate.rs `only_agents_on_nodes_hosting_selected_pods_*`).
 #[test]
-#[ignore = "adversary finding: a stale pod watch (dropped, 503 on retry) hides a node hosting selected pods: smaller sum, no error"]
 fn adversary_a_stale_pod_watch_hides_a_node_hosting_selected_pods_as_root() {
     if !require_root() {
         return;
@@ -194,6 +213,11 @@ fn adversary_a_stale_pod_watch_hides_a_node_hosting_selected_pods_as_root() {
         "node-c hosts a selected pod and nobody counted it: KEDA must get UNAVAILABLE (or the \
          aggregator must refuse to answer from a pod watch it cannot refresh), got {got:?}"
     );
+    assert_eq!(
+        agg.metric("nodekeeper_aggregate_pod_view_current ")
+            .as_deref(),
+        Some("nodekeeper_aggregate_pod_view_current 0")
+    );
     drop(pods);
 }
 
@@ -204,7 +228,6 @@ fn adversary_a_stale_pod_watch_hides_a_node_hosting_selected_pods_as_root() {
 /// remote. Two nodes with 3 connections each to `*:8081`; node-b's agent stops after a GetFleet
 /// made its last census without the pin; KEDA gets 3 instead of 6 (or an error).
 #[test]
-#[ignore = "adversary finding: lastKnownFor counts a last census made before the remote was pinned (folded: 0), smaller sum"]
 fn adversary_last_known_census_from_before_a_pin_counts_the_remote_as_0_as_root() {
     if !require_root() {
         return;
@@ -279,7 +302,6 @@ fn web_pod(name: &str, established: u64, error: &str) -> pb::PodConnections {
 /// warn log: a silently smaller number, the thing coverage exists to prevent (node-b hosts a
 /// selected pod and its value is unknown).
 #[test]
-#[ignore = "adversary finding: a selected pod whose census failed is left out of the sum; KEDA gets a smaller number, no error"]
 fn adversary_a_selected_pod_whose_census_failed_is_left_out_of_the_sum() {
     let now = Instant::now();
     let fleet = FleetCensus {
@@ -342,7 +364,6 @@ fn adversary_a_selected_pod_whose_census_failed_is_left_out_of_the_sum() {
 /// aggregator's own (working) pod watch knows the pod is on node-a, node-a's agent answered, and
 /// KEDA gets 10 instead of 15 (or an error), as does the agent's own scaler.
 #[test]
-#[ignore = "adversary finding: a pod the agent's (failing) pod watch has not named is left out of every sum, no error"]
 fn adversary_a_pod_the_agents_stale_watch_has_not_named_is_left_out_as_root() {
     if !require_root() {
         return;
@@ -422,7 +443,6 @@ fn adversary_a_pod_the_agents_stale_watch_has_not_named_is_left_out_as_root() {
 /// census and KEDA gets the node's pods twice (20 instead of 10: a larger number that scales
 /// the workload out).
 #[test]
-#[ignore = "adversary finding: two agents on one node (new pod, new address) are both summed: twice the value"]
 fn adversary_two_agents_on_one_node_are_summed_twice_as_root() {
     if !require_root() {
         return;
@@ -470,6 +490,11 @@ fn adversary_two_agents_on_one_node_are_summed_twice_as_root() {
         got == Ok(10.0) || got.is_err(),
         "node-a's web pool is 10 whichever of its two agents answers; got {got:?}"
     );
+    assert_eq!(
+        agg.metric("nodekeeper_aggregate_agents{state=\"duplicate\"}")
+            .as_deref(),
+        Some("nodekeeper_aggregate_agents{state=\"duplicate\"} 1")
+    );
     drop(pods);
 }
 
@@ -481,7 +506,6 @@ fn adversary_two_agents_on_one_node_are_summed_twice_as_root() {
 /// the adv18 probe got `Ok(0.0)` for it and `Ok(10.0)` for `127.0.0.1:5432`). It must be
 /// normalised like the census, or refused naming `remote`.
 #[test]
-#[ignore = "adversary finding: remote given as an IPv4-mapped IPv6 address is accepted and reads 0 (the census names it as IPv4)"]
 fn adversary_an_ipv4_mapped_remote_is_accepted_and_reads_0() {
     use nodekeeper::keda::query::evaluate;
     let pod = pb::PodConnections {
@@ -524,7 +548,6 @@ fn adversary_an_ipv4_mapped_remote_is_accepted_and_reads_0() {
 /// selector matches them; the aggregator counts node-b as answered and KEDA gets node-a's 10
 /// as the whole sum instead of 20 (or UNAVAILABLE).
 #[test]
-#[ignore = "adversary finding: an agent whose pod watch has not synced answers a census no selector matches: smaller sum, no error"]
 fn adversary_a_restarted_agent_answers_before_its_pod_watch_synced_as_root() {
     if !require_root() {
         return;
@@ -580,7 +603,6 @@ fn adversary_a_restarted_agent_answers_before_its_pod_watch_synced_as_root() {
 /// agent is expected is not known either: KEDA gets node-a's 10 instead of UNAVAILABLE naming
 /// node-c (what the synced watch answers).
 #[test]
-#[ignore = "adversary finding: before the aggregator's pod watch synced, a node hosting selected pods without an agent is silently left out"]
 fn adversary_before_the_pod_watch_synced_a_node_without_agent_is_left_out_as_root() {
     if !require_root() {
         return;

@@ -455,7 +455,7 @@ fn sys_admin_and_sys_ptrace_are_needed_for_the_pod_census_as_root() {
 /// The one-pass census (`metrics.connections.source` auto or bpf) loads a BPF tracing program
 /// that reads kernel memory. The kernel allows that with CAP_BPF + CAP_PERFMON or with
 /// CAP_SYS_ADMIN (bpf_capable(), perfmon_capable()), which the census already holds for setns:
-/// the shipped set runs it and adds nothing for it (docs/decisions.md #18-e). Without
+/// the shipped set runs it and adds nothing for it (docs/decisions.md #18-i). Without
 /// SYS_ADMIN the load is refused; BPF + PERFMON instead load it (the census then stops at setns).
 #[test]
 fn the_shipped_capabilities_run_the_one_pass_census_as_root() {

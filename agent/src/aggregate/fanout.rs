@@ -34,9 +34,9 @@ use crate::aggregate::agent_tls::{AgentTls, Reload};
 use crate::aggregate::discovery::{Discovery, Target};
 use crate::aggregate::pods::PodWatch;
 use crate::api::client::{endpoint, read_token};
-use crate::keda::coverage::{AgentCensus, AgentState, FleetCensus};
-use crate::keda::service::CENSUS_SOURCE;
-use crate::metrics::connections::pins::PinnedRemotes;
+use crate::keda::coverage::{AgentCensus, AgentState, FleetCensus, LastKnown};
+use crate::keda::service::{CENSUS_SOURCE, pod_view_not_current};
+use crate::metrics::connections::pins::{PinnedRemotes, PinsFull};
 use crate::pb::{self, node_agent_client::NodeAgentClient};
 
 type AgentClient =
@@ -106,6 +106,7 @@ pub struct AggregateMetrics {
     late_answers: Counter,
     discovery_errors: Counter,
     tls_reloads: Family<ResultLabel, Counter>,
+    pod_view_current: Gauge,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -119,7 +120,9 @@ impl AggregateMetrics {
         self.discovery_errors.clone()
     }
 
-    pub fn register(registry: &mut Registry) -> Self {
+    /// `pod_watch`: the aggregator watches pods (`--service`); only then is
+    /// `aggregate_pod_view_current` exported.
+    pub fn register(registry: &mut Registry, pod_watch: bool) -> Self {
         let m = Self {
             agents: Family::default(),
             // Loopback answers in a millisecond; a fan-out lasts at most a few deadlines.
@@ -130,11 +133,21 @@ impl AggregateMetrics {
             late_answers: Counter::default(),
             discovery_errors: Counter::default(),
             tls_reloads: Family::default(),
+            pod_view_current: Gauge::default(),
         };
+        if pod_watch {
+            registry.register(
+                "aggregate_pod_view_current",
+                "1 when the aggregator's pod watch has synced and is not failing; 0 otherwise, \
+                 and then every KEDA query is UNAVAILABLE (pod placement not current)",
+                m.pod_view_current.clone(),
+            );
+        }
         registry.register(
             "aggregate_agents",
             "Expected node agents in the last fan-out: answered, stale (no answer, a last census \
-             held) or missing (nothing known)",
+             held), missing (nothing known) or duplicate (another agent on the same node is \
+             counted instead)",
             m.agents.clone(),
         );
         registry.register_with_unit(
@@ -145,7 +158,7 @@ impl AggregateMetrics {
         );
         registry.register(
             "aggregate_agent_failures",
-            "Node agents without an answer in a fan-out, by reason (timeout, unavailable, census, pins, error)",
+            "Node agents without an answer in a fan-out, by reason (timeout, unavailable, census, pins, pod_view, error)",
             m.failures.clone(),
         );
         registry.register(
@@ -209,6 +222,8 @@ struct LastCensus {
     snapshot: Arc<pb::MetricsSnapshot>,
     /// The pins generation the call asked with: it may fold remotes pinned later.
     pins: u64,
+    /// The remotes pinned in that call (lastKnownFor counts it only for these).
+    pinned: Arc<Vec<String>>,
     /// The call's duration.
     latency: Duration,
     /// Some fan-out has answered with it; an unserved one is a late answer for the next.
@@ -287,23 +302,29 @@ impl Fleet {
 
     /// A fan-out result at most `refresh` old.
     pub async fn get(&self) -> Arc<FanoutResult> {
-        self.get_pinned(&[] as &[&str]).await
+        self.get_pinned(&[] as &[&str])
+            .await
+            .expect("no remote to pin cannot exceed the limit")
     }
 
     /// `get`, with `remotes` pinned on every agent: a fan-out made before one of them was
-    /// pinned is not used (its censuses may have folded it into `other`).
-    pub async fn get_pinned<S: AsRef<str>>(&self, remotes: &[S]) -> Arc<FanoutResult> {
+    /// pinned is not used (its censuses may have folded it into `other`). Refused when the
+    /// pins are full (pins.rs).
+    pub async fn get_pinned<S: AsRef<str>>(
+        &self,
+        remotes: &[S],
+    ) -> Result<Arc<FanoutResult>, PinsFull> {
         let wanted = if remotes.is_empty() {
             0
         } else {
-            self.pins.pin(remotes)
+            self.pins.pin(remotes)?
         };
         let mut state = self.state.lock().await;
         if let Some(c) = &state.cached
             && c.at.elapsed() < self.config.refresh
             && c.pins >= wanted
         {
-            return c.result.clone();
+            return Ok(c.result.clone());
         }
         let (pinned, generation) = self.pins.current();
         let pinned: Arc<Vec<String>> = Arc::new(pinned.into_iter().collect());
@@ -313,7 +334,7 @@ impl Fleet {
             pins: generation,
             result: result.clone(),
         });
-        result
+        Ok(result)
     }
 
     async fn fan_out(
@@ -482,6 +503,9 @@ impl Fleet {
                         at: Instant::now(),
                         snapshot: snapshot.clone(),
                         pins: call_pins,
+                        // The call's own pins are not known here (its slot is gone): no
+                        // remote counts as pinned in it for lastKnownFor.
+                        pinned: Arc::default(),
                         latency: started.elapsed(),
                         served: true,
                     });
@@ -565,6 +589,7 @@ impl Fleet {
                         at: Instant::now(),
                         snapshot: snapshot.clone(),
                         pins,
+                        pinned: pinned.clone(),
                         latency,
                         served: false,
                     });
@@ -613,6 +638,7 @@ impl Fleet {
                         pods: snap.connections.len() as u32,
                         ready: t.ready,
                         census_age: age(c.at),
+                        superseded_by: String::new(),
                     });
                     census.push(AgentCensus {
                         name,
@@ -637,15 +663,21 @@ impl Fleet {
                         unknown += 1;
                     }
                     missing.insert(name.clone());
+                    // Without a node in discovery (`--agents`), the node its last census named.
+                    let node_name = match &o.last {
+                        Some(l) if t.node_name.is_empty() => l.snapshot.node_name.clone(),
+                        _ => t.node_name,
+                    };
                     agents.push(pb::FleetAgent {
                         address: t.address,
-                        node_name: t.node_name,
+                        node_name,
                         answered: false,
                         error: error.clone(),
                         latency,
                         pods: 0,
                         ready: t.ready,
                         census_age: o.last.as_ref().and_then(|l| age(l.at)),
+                        superseded_by: String::new(),
                     });
                     census.push(AgentCensus {
                         name,
@@ -655,19 +687,47 @@ impl Fleet {
                             .unwrap_or_default(),
                         state: AgentState::Missing {
                             error,
-                            last_known: o
-                                .last
-                                .map(|l| (l.at, Arc::new(l.snapshot.connections.clone()))),
+                            last_known: o.last.map(|l| LastKnown {
+                                at: l.at,
+                                pods: Arc::new(l.snapshot.connections.clone()),
+                                pinned: l.pinned,
+                            }),
                         },
                     });
                 }
             }
         }
-        let answered = agents.iter().filter(|a| a.answered).count();
+        let duplicates = supersede_duplicates(&mut agents, &mut census);
+        if duplicates > 0 {
+            // Recount without the superseded agents: their node is covered by another.
+            missing.clear();
+            (stale, unknown) = (0, 0);
+            for c in &census {
+                if let AgentState::Missing { last_known, .. } = &c.state {
+                    missing.insert(c.name.clone());
+                    if last_known.is_some() {
+                        stale += 1;
+                    } else {
+                        unknown += 1;
+                    }
+                }
+            }
+        }
+        let answered = census
+            .iter()
+            .filter(|c| matches!(c.state, AgentState::Answered { .. }))
+            .count();
+        let placement = self.pods.as_ref().map(PodWatch::placement);
+        if let Some(p) = &placement {
+            self.metrics
+                .pod_view_current
+                .set(i64::from(p.not_current_reason().is_none()));
+        }
         for (label, n) in [
             ("answered", answered),
             ("stale", stale),
             ("missing", unknown),
+            ("duplicate", duplicates),
         ] {
             self.metrics
                 .agents
@@ -691,18 +751,74 @@ impl Fleet {
         FanoutResult {
             status: pb::FleetStatus {
                 collected_at: Some(SystemTime::now().into()),
-                expected: agents.len() as u32,
+                expected: census.len() as u32,
                 answered: answered as u32,
                 stale: stale as u32,
                 missing: unknown as u32,
+                duplicates: duplicates as u32,
                 agents,
             },
             census: Arc::new(FleetCensus {
                 agents: census,
-                placement: self.pods.as_ref().and_then(PodWatch::placement),
+                placement,
             }),
         }
     }
+}
+
+/// Keeps one census per node: two agents on one node (a rollout's old and new pod, an
+/// EndpointSlice still listing the old one) count the same pods, and summing both would double
+/// them. The newest census wins (an answer over a missing agent's last census); the others are
+/// marked `superseded_by` in the status and left out of `census`. Returns how many were.
+fn supersede_duplicates(agents: &mut [pb::FleetAgent], census: &mut Vec<AgentCensus>) -> usize {
+    // Higher is better: answered now, then the newest census held.
+    let rank = |c: &AgentCensus| match &c.state {
+        AgentState::Answered { at, .. } => (2, Some(*at)),
+        AgentState::Missing {
+            last_known: Some(lk),
+            ..
+        } => (1, Some(lk.at)),
+        AgentState::Missing { .. } => (0, None),
+    };
+    let mut best: HashMap<&str, usize> = HashMap::new();
+    for (i, c) in census.iter().enumerate() {
+        if c.node.is_empty() {
+            continue;
+        }
+        best.entry(c.node.as_str())
+            .and_modify(|b| {
+                if rank(c) > rank(&census[*b]) {
+                    *b = i;
+                }
+            })
+            .or_insert(i);
+    }
+    let keep: Vec<bool> = census
+        .iter()
+        .enumerate()
+        .map(|(i, c)| c.node.is_empty() || best[c.node.as_str()] == i)
+        .collect();
+    let mut superseded = 0;
+    for (i, c) in census.iter().enumerate() {
+        if !keep[i] {
+            let winner = best[c.node.as_str()];
+            agents[i].superseded_by = agents[winner].address.clone();
+            superseded += 1;
+            // Per fan-out, so debug; the status and aggregate_agents{state="duplicate"} show it.
+            tracing::debug!(
+                agent = %c.name,
+                counted = %census[winner].name,
+                node = %c.node,
+                "two node agents answer for one node; only the newest census is counted"
+            );
+        }
+    }
+    let mut i = 0;
+    census.retain(|_| {
+        i += 1;
+        keep[i - 1]
+    });
+    superseded
 }
 
 /// One GetMetrics call, bounded by `CALL_LIMIT`; a census the agent reports as failed is an
@@ -730,6 +846,11 @@ async fn call(mut client: AgentClient, pinned_remotes: Vec<String>) -> CallResul
                     "census",
                     format!("the connection census failed on node {}", snap.node_name),
                 ));
+            }
+            // Pods its pod view has not named match no selector: the census is incomplete for
+            // every query (an unsynced or failing pod watch).
+            if let Some(why) = pod_view_not_current(&snap) {
+                return Err(("pod_view", format!("node {}: {why}", snap.node_name)));
             }
             Ok(Arc::new(snap))
         }
@@ -759,4 +880,77 @@ fn status_text(s: &tonic::Status) -> String {
         source = e.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(address: &str, node: &str, state: AgentState) -> (pb::FleetAgent, AgentCensus) {
+        (
+            pb::FleetAgent {
+                address: address.into(),
+                node_name: node.into(),
+                ..Default::default()
+            },
+            AgentCensus {
+                name: address.into(),
+                node: node.into(),
+                state,
+            },
+        )
+    }
+
+    fn answered(at: Instant) -> AgentState {
+        AgentState::Answered {
+            pods: Arc::default(),
+            at,
+        }
+    }
+
+    fn missing() -> AgentState {
+        AgentState::Missing {
+            error: "connection refused".into(),
+            last_known: None,
+        }
+    }
+
+    #[test]
+    fn one_census_per_node_the_newest_answer_wins() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_millis(5);
+        let (mut agents, mut census): (Vec<_>, Vec<_>) = [
+            agent("10.0.0.1:9741", "node-a", answered(t0)),
+            agent("10.0.0.2:9741", "node-a", answered(later)),
+            agent("10.0.0.3:9741", "node-b", answered(t0)),
+            agent("10.0.0.4:9741", "node-b", missing()),
+            agent("10.0.0.5:9741", "", answered(t0)),
+            agent("10.0.0.6:9741", "", missing()),
+        ]
+        .into_iter()
+        .unzip();
+        assert_eq!(supersede_duplicates(&mut agents, &mut census), 2);
+        let kept: Vec<&str> = census.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            kept,
+            [
+                "10.0.0.2:9741",
+                "10.0.0.3:9741",
+                "10.0.0.5:9741",
+                "10.0.0.6:9741"
+            ]
+        );
+        let superseded: Vec<(&str, &str)> = agents
+            .iter()
+            .filter(|a| !a.superseded_by.is_empty())
+            .map(|a| (a.address.as_str(), a.superseded_by.as_str()))
+            .collect();
+        assert_eq!(
+            superseded,
+            [
+                ("10.0.0.1:9741", "10.0.0.2:9741"),
+                ("10.0.0.4:9741", "10.0.0.3:9741")
+            ]
+        );
+    }
 }

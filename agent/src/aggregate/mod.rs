@@ -213,7 +213,7 @@ pub struct FleetSource(pub Arc<Fleet>);
 impl PodSource for FleetSource {
     fn census<'a>(&'a self, q: &'a Query) -> BoxFuture<'a, Result<Census, Status>> {
         Box::pin(async move {
-            let fleet = self.0.get_pinned(&query_pins(q)).await;
+            let fleet = self.0.get_pinned(&query_pins(q)).await?;
             Ok(Census::from_fleet(fleet.census.clone()))
         })
     }
@@ -296,7 +296,7 @@ pub async fn run(args: AggregateArgs) -> Result<(), AggregateError> {
     if let Some(warning) = api_auth::open_warning(&args) {
         tracing::warn!(allow_anonymous = args.allow_anonymous, "{warning}");
     }
-    let metrics = AggregateMetrics::register(&mut registry);
+    let metrics = AggregateMetrics::register(&mut registry, args.service.is_some());
     let mut pods = None;
     let discovery = match &args.service {
         Some(svc) => {

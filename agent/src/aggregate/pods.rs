@@ -5,8 +5,8 @@
 //! agent is expected) must. Owns one cluster-wide pod watch (a kube-runtime reflector: one LIST
 //! to sync, then WATCH events), each pod stripped to what placement needs (namespace, name,
 //! labels, `spec.nodeName`, `status.phase`), and turning the store into a `PodPlacement` at
-//! each fan-out. Until the watch has synced there is no placement and every expected agent
-//! matters (never fewer than with a placement).
+//! each fan-out. Until the watch has synced, and while it is failing, the placement is not
+//! current and every query is UNAVAILABLE (docs/decisions.md #18-e).
 
 use futures::{FutureExt as _, StreamExt as _};
 use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
@@ -14,20 +14,27 @@ use kube::runtime::reflector::Store;
 use kube::runtime::{WatchStreamExt as _, reflector, watcher};
 use prometheus_client::metrics::counter::Counter;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use crate::keda::coverage::PodPlacement;
+use crate::kube::WatchHealth;
 
-/// The cluster's pods as the watch last saw them.
+/// The cluster's pods as the watch last saw them, and whether the watch is current.
 pub struct PodWatch {
     store: Store<Pod>,
+    health: WatchHealth,
+    started: SystemTime,
 }
 
 impl PodWatch {
     /// Starts the watch (the task lives as long as the runtime). Each watch error is logged and
-    /// counted in `errors`; the store keeps the last synced pods meanwhile.
+    /// counted in `errors`, and makes the placement not current until the next successful
+    /// event (kube's watcher re-lists or re-watches with backoff).
     pub fn start(client: kube::Client, errors: Counter) -> Self {
         let api: kube::Api<Pod> = kube::Api::all(client);
         let (store, writer) = reflector::store();
+        let health = WatchHealth::default();
+        let recorder = health.clone();
         tokio::spawn(async move {
             let stream = watcher(api, watcher::Config::default())
                 .default_backoff()
@@ -35,21 +42,51 @@ impl PodWatch {
                 .reflect(writer);
             let mut stream = std::pin::pin!(stream);
             while let Some(event) = stream.next().await {
-                if let Err(e) = event {
-                    errors.inc();
-                    tracing::warn!(error = %e, "pod watch error; keeping the last pods, retrying with backoff");
+                match event {
+                    Ok(_) => recorder.record_ok(),
+                    Err(e) => {
+                        recorder.record_error(&e);
+                        errors.inc();
+                        tracing::warn!(error = %e, "pod watch error; KEDA queries are UNAVAILABLE until it recovers (retrying with backoff)");
+                    }
                 }
             }
         });
-        Self { store }
+        Self {
+            store,
+            health,
+            started: SystemTime::now(),
+        }
     }
 
-    /// The placement of every pod, or `None` before the first sync.
-    pub fn placement(&self) -> Option<Arc<PodPlacement>> {
-        self.store.wait_until_ready().now_or_never()?.ok()?;
-        Some(Arc::new(PodPlacement::from_pods(
+    /// The placement of every pod; not current (every query UNAVAILABLE) before the first
+    /// sync and while the watch is failing: a pod scheduled meanwhile on a node without an
+    /// agent (or an agent that has not named it) would otherwise be silently left out.
+    pub fn placement(&self) -> Arc<PodPlacement> {
+        let since = |t: SystemTime| {
+            let secs = t.elapsed().unwrap_or_default().as_secs_f64();
+            format!("{secs:.0}s")
+        };
+        if self.store.wait_until_ready().now_or_never().is_none() {
+            return Arc::new(PodPlacement::not_current(format!(
+                "the aggregator's pod watch has not synced yet (started {} ago)",
+                since(self.started)
+            )));
+        }
+        let health = self.health.state();
+        if let Some((failing_since, error)) = health.failing {
+            return Arc::new(PodPlacement::not_current(format!(
+                "the aggregator's pod watch has been failing for {} ({error}); last successful \
+                 event {}",
+                since(failing_since),
+                health
+                    .last_ok
+                    .map_or("never".to_string(), |t| format!("{} ago", since(t)))
+            )));
+        }
+        Arc::new(PodPlacement::from_pods(
             self.store.state().iter().map(|p| p.as_ref()),
-        )))
+        ))
     }
 }
 

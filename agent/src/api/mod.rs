@@ -278,7 +278,7 @@ impl node_agent_server::NodeAgent for NodeAgentService {
         let snap = self
             .snapshots()?
             .get_pinned(&req.get_ref().pinned_remotes)
-            .await;
+            .await?;
         Ok(Response::new(strip(
             &snap,
             req.get_ref().exclude_pods,

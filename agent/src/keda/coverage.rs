@@ -11,7 +11,7 @@
 //! no pod is NOT_FOUND whoever answered. Never fetches anything: the aggregator's fan-out
 //! builds the census.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,14 +36,32 @@ pub struct AgentCensus {
     pub state: AgentState,
 }
 
-/// A pod's labels and the node it runs on.
-type PlacedPod = (HashMap<String, String>, String);
+/// One scheduled pod as placement needs it.
+#[derive(Debug, Clone)]
+struct PlacedPod {
+    uid: String,
+    name: String,
+    labels: HashMap<String, String>,
+    node: String,
+    /// Running and not terminating: it has its network namespace, so its node's census must
+    /// name it.
+    running: bool,
+}
 
-/// Where the cluster's pods run, by namespace: each pod's labels and node. Built from the
-/// aggregator's pod watch at each fan-out.
+/// A selected pod its node's census must name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ExpectedPod {
+    pub uid: String,
+    pub name: String,
+}
+
+/// Where the cluster's pods run, by namespace: each pod's identity, labels and node. Built from
+/// the aggregator's pod watch at each fan-out; `not_current` when that watch has not synced or
+/// is failing, and then no query can be answered from it.
 #[derive(Debug, Clone, Default)]
 pub struct PodPlacement {
     by_namespace: HashMap<String, Vec<PlacedPod>>,
+    not_current: Option<String>,
 }
 
 impl PodPlacement {
@@ -66,20 +84,54 @@ impl PodPlacement {
                 .as_ref()
                 .map(|l| l.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
                 .unwrap_or_default();
-            by_namespace.entry(ns).or_default().push((labels, node));
+            by_namespace.entry(ns).or_default().push(PlacedPod {
+                uid: pod.metadata.uid.clone().unwrap_or_default(),
+                name: pod.metadata.name.clone().unwrap_or_default(),
+                labels,
+                node,
+                // A terminating pod may be gone from its node's census before the API says so.
+                running: phase == Some("Running") && pod.metadata.deletion_timestamp.is_none(),
+            });
         }
-        Self { by_namespace }
+        Self {
+            by_namespace,
+            not_current: None,
+        }
     }
 
-    /// The nodes hosting a pod `q` selects.
-    pub fn nodes_hosting(&self, q: &Query) -> BTreeSet<String> {
-        self.by_namespace
+    /// A placement that cannot be trusted (`why`): every query answered from it is UNAVAILABLE.
+    pub fn not_current(why: String) -> Self {
+        Self {
+            by_namespace: HashMap::new(),
+            not_current: Some(why),
+        }
+    }
+
+    /// Why this placement is not current, if it is not.
+    pub fn not_current_reason(&self) -> Option<&str> {
+        self.not_current.as_deref()
+    }
+
+    /// The nodes hosting a pod `q` selects, each with the selected Running pods its census
+    /// must name (a Pending pod may have no network namespace yet).
+    pub fn selected_by_node(&self, q: &Query) -> BTreeMap<String, Vec<ExpectedPod>> {
+        let mut out: BTreeMap<String, Vec<ExpectedPod>> = BTreeMap::new();
+        for p in self
+            .by_namespace
             .get(&q.namespace)
             .into_iter()
             .flatten()
-            .filter(|(labels, _)| q.selector.matches(labels))
-            .map(|(_, node)| node.clone())
-            .collect()
+            .filter(|p| q.selector.matches(&p.labels))
+        {
+            let expected = out.entry(p.node.clone()).or_default();
+            if p.running {
+                expected.push(ExpectedPod {
+                    uid: p.uid.clone(),
+                    name: p.name.clone(),
+                });
+            }
+        }
+        out
     }
 }
 
@@ -93,36 +145,80 @@ pub enum AgentState {
     /// No census this time (`error` says why); the last census it sent, if any.
     Missing {
         error: String,
-        last_known: Option<(Instant, Arc<Vec<pb::PodConnections>>)>,
+        last_known: Option<LastKnown>,
     },
+}
+
+/// A missing agent's last census.
+#[derive(Debug, Clone)]
+pub struct LastKnown {
+    pub at: Instant,
+    pub pods: Arc<Vec<pb::PodConnections>>,
+    /// The remotes pinned when it was asked for: any other remote beyond topRemotes may be
+    /// folded into `other` in it.
+    pub pinned: Arc<Vec<String>>,
 }
 
 /// Every expected agent of one fan-out.
 #[derive(Debug, Clone, Default)]
 pub struct FleetCensus {
     pub agents: Vec<AgentCensus>,
-    /// Where pods run (the aggregator's pod watch, once synced); `None`: unknown, and every
-    /// expected agent matters to every query.
+    /// Where pods run (the aggregator's pod watch); `None`: no pod watch (`--agents`), and
+    /// every expected agent matters to every query.
     pub placement: Option<Arc<PodPlacement>>,
 }
 
 /// A missing agent (or a node hosting selected pods without any agent) as an error names it.
 struct Missing<'a> {
     name: &'a str,
-    error: &'a str,
+    error: std::borrow::Cow<'a, str>,
     last_age: Option<Duration>,
 }
 
+/// Why an agent's census cannot stand for its node in query `q`: a selected pod whose census
+/// failed, or a selected pod the placement puts on the node that the census does not name (by
+/// UID, else namespace/name) with labels the selector matches.
+fn incomplete(q: &Query, pods: &[pb::PodConnections], expected: &[ExpectedPod]) -> Option<String> {
+    let selected =
+        |p: &pb::PodConnections| p.namespace == q.namespace && q.selector.matches(&p.labels);
+    let failed = |p: &pb::PodConnections| !p.error.is_empty() && p.deletion_timestamp.is_none();
+    if let Some(p) = pods.iter().find(|p| selected(p) && failed(p)) {
+        return Some(format!(
+            "the census of selected pod {}/{} failed ({}): its value is unknown",
+            p.namespace, p.name, p.error
+        ));
+    }
+    let named = |e: &ExpectedPod| {
+        pods.iter()
+            .any(|p| selected(p) && ((!e.uid.is_empty() && p.uid == e.uid) || p.name == e.name))
+    };
+    expected.iter().find(|e| !named(e)).map(|e| {
+        format!(
+            "its census does not name selected pod {}/{} (the agent's pod view has not seen it \
+             yet, or names it with other labels)",
+            q.namespace, e.name
+        )
+    })
+}
+
 impl FleetCensus {
-    /// The pods query `q` may sum, one slice per counted agent, or: NOT_FOUND when the pod
-    /// placement knows no pod `q` selects; UNAVAILABLE when fewer than `q.coverage.min_percent`
-    /// of the agents that matter can be counted (an agent that did not answer counts through its
-    /// last census only when `lastKnownFor` allows its age). The agents that matter are those
-    /// on nodes hosting a selected pod, plus agents whose node is unknown; without a placement,
+    /// The pods query `q` may sum, one slice per counted agent, or: UNAVAILABLE when the pod
+    /// placement is not current; NOT_FOUND when the placement knows no pod `q` selects;
+    /// UNAVAILABLE when fewer than `q.coverage.min_percent` of the agents that matter can be
+    /// counted (an agent that did not answer counts through its last census only when
+    /// `lastKnownFor` allows its age and the census was asked with `q.remote` pinned; an agent
+    /// whose census is incomplete for `q` does not count). The agents that matter are those on
+    /// nodes hosting a selected pod, plus agents whose node is unknown; without a placement,
     /// every expected agent.
     pub fn select(&self, q: &Query) -> Result<Vec<&[pb::PodConnections]>, Status> {
-        let nodes = self.placement.as_ref().map(|p| p.nodes_hosting(q));
-        if nodes.as_ref().is_some_and(BTreeSet::is_empty) {
+        if let Some(why) = self.placement.as_ref().and_then(|p| p.not_current_reason()) {
+            return Err(Status::unavailable(format!(
+                "pod placement not current: {why}; the nodes hosting the selected pods are \
+                 unknown, and a sum without some of them would scale the workload in"
+            )));
+        }
+        let selected = self.placement.as_ref().map(|p| p.selected_by_node(q));
+        if selected.as_ref().is_some_and(BTreeMap::is_empty) {
             return Err(Status::not_found(format!(
                 "no pod in namespace {} matches podSelector {:?} (the aggregator's pod watch \
                  knows none)",
@@ -130,15 +226,16 @@ impl FleetCensus {
                 q.selector.to_string()
             )));
         }
-        self.select_at(&q.coverage, nodes.as_ref(), Instant::now())
+        self.select_at(q, selected.as_ref(), Instant::now())
     }
 
     fn select_at(
         &self,
-        policy: &CoveragePolicy,
-        nodes: Option<&BTreeSet<String>>,
+        q: &Query,
+        selected: Option<&BTreeMap<String, Vec<ExpectedPod>>>,
         now: Instant,
     ) -> Result<Vec<&[pb::PodConnections]>, Status> {
+        let policy: &CoveragePolicy = &q.coverage;
         if self.agents.is_empty() {
             return Err(Status::unavailable(
                 "no node agent is expected (empty --agents, or the agents' Service has no \
@@ -146,52 +243,91 @@ impl FleetCensus {
             ));
         }
         let matters =
-            |a: &AgentCensus| a.node.is_empty() || nodes.is_none_or(|n| n.contains(&a.node));
+            |a: &AgentCensus| a.node.is_empty() || selected.is_none_or(|n| n.contains_key(&a.node));
+        let expected_on = |a: &AgentCensus| -> &[ExpectedPod] {
+            selected
+                .and_then(|n| n.get(&a.node))
+                .map_or(&[], Vec::as_slice)
+        };
         let mut counted = Vec::with_capacity(self.agents.len());
         let mut counted_that_matter = 0usize;
         let mut missing = Vec::new();
         // Nodes hosting selected pods where no agent is expected: their pods cannot be counted.
-        let without_agent: Vec<String> = nodes
+        let without_agent: Vec<String> = selected
             .into_iter()
-            .flatten()
+            .flat_map(BTreeMap::keys)
             .filter(|n| !self.agents.iter().any(|a| &a.node == *n))
             .map(|n| format!("node {n}"))
             .collect();
         for name in &without_agent {
             missing.push(Missing {
                 name,
-                error: "hosts selected pods but no node agent is expected there",
+                error: "hosts selected pods but no node agent is expected there".into(),
                 last_age: None,
             });
         }
         for a in &self.agents {
             match &a.state {
                 AgentState::Answered { pods, .. } => {
-                    counted.push(pods.as_slice());
-                    counted_that_matter += usize::from(matters(a));
+                    match incomplete(q, pods, expected_on(a)) {
+                        // Incomplete where it matters: its node's share is unknown.
+                        Some(why) if matters(a) => missing.push(Missing {
+                            name: &a.name,
+                            error: why.into(),
+                            last_age: None,
+                        }),
+                        _ => {
+                            counted.push(pods.as_slice());
+                            counted_that_matter += usize::from(matters(a));
+                        }
+                    }
                 }
                 // Down on a node without a selected pod: it had nothing to add.
                 AgentState::Missing { .. } if !matters(a) => {}
                 AgentState::Missing { error, last_known } => {
-                    let usable = match (last_known, policy.last_known_for) {
-                        (Some((at, pods)), Some(max))
-                            if now.saturating_duration_since(*at) <= max =>
-                        {
-                            Some(pods)
-                        }
-                        _ => None,
+                    let young = |lk: &&LastKnown| {
+                        policy
+                            .last_known_for
+                            .is_some_and(|max| now.saturating_duration_since(lk.at) <= max)
                     };
-                    match usable {
-                        Some(pods) => {
-                            counted.push(pods.as_slice());
-                            counted_that_matter += 1;
-                        }
+                    // A census asked before q's remote was pinned may hold it in `other`.
+                    let pinned = |lk: &&LastKnown| {
+                        q.remote
+                            .as_ref()
+                            .is_none_or(|r| lk.pinned.iter().any(|p| *p == r.to_string()))
+                    };
+                    let last_age = last_known
+                        .as_ref()
+                        .map(|lk| now.saturating_duration_since(lk.at));
+                    match last_known.as_ref().filter(young) {
+                        Some(lk) if !pinned(&lk) => missing.push(Missing {
+                            name: &a.name,
+                            error: format!(
+                                "{error}; its last census was asked for before remote {} was \
+                                 pinned (it may be folded into other)",
+                                q.remote
+                                    .as_ref()
+                                    .map(ToString::to_string)
+                                    .unwrap_or_default()
+                            )
+                            .into(),
+                            last_age,
+                        }),
+                        Some(lk) => match incomplete(q, &lk.pods, expected_on(a)) {
+                            Some(why) => missing.push(Missing {
+                                name: &a.name,
+                                error: format!("{error}; last census: {why}").into(),
+                                last_age,
+                            }),
+                            None => {
+                                counted.push(lk.pods.as_slice());
+                                counted_that_matter += 1;
+                            }
+                        },
                         None => missing.push(Missing {
                             name: &a.name,
-                            error,
-                            last_age: last_known
-                                .as_ref()
-                                .map(|(at, _)| now.saturating_duration_since(*at)),
+                            error: error.as_str().into(),
+                            last_age,
                         }),
                     }
                 }
@@ -213,7 +349,7 @@ impl FleetCensus {
         if missing.len() > NAMED_IN_ERROR {
             named.push(format!("and {} more", missing.len() - NAMED_IN_ERROR));
         }
-        let which = if nodes.is_some() {
+        let which = if selected.is_some() {
             " (on nodes hosting the selected pods)"
         } else {
             ""
@@ -240,14 +376,27 @@ mod tests {
         Arc::new(vec![pb::PodConnections::default(); n])
     }
 
+    fn web(name: &str, uid: &str) -> pb::PodConnections {
+        pb::PodConnections {
+            uid: uid.into(),
+            namespace: "shop".into(),
+            name: name.into(),
+            labels: HashMap::from([("app".to_string(), "web".to_string())]),
+            ..Default::default()
+        }
+    }
+
+    /// node-a's census names web-node-a (placed()'s name for the web pod on node-a).
     fn fleet(now: Instant) -> FleetCensus {
+        let mut node_a = vec![web("web-node-a", "")];
+        node_a.extend(pods(2).iter().cloned());
         FleetCensus {
             agents: vec![
                 AgentCensus {
                     node: "node-a".into(),
                     name: "10.0.0.1:9741 (node-a)".into(),
                     state: AgentState::Answered {
-                        pods: pods(3),
+                        pods: Arc::new(node_a),
                         at: now,
                     },
                 },
@@ -256,7 +405,11 @@ mod tests {
                     name: "10.0.0.2:9741 (node-b)".into(),
                     state: AgentState::Missing {
                         error: "connection refused".into(),
-                        last_known: Some((now - Duration::from_secs(40), pods(2))),
+                        last_known: Some(LastKnown {
+                            at: now - Duration::from_secs(40),
+                            pods: pods(2),
+                            pinned: Arc::default(),
+                        }),
                     },
                 },
                 AgentCensus {
@@ -298,7 +451,7 @@ mod tests {
     fn one_missing_agent_is_an_error_naming_it_by_default() {
         let now = Instant::now();
         let e = fleet(now)
-            .select_at(&CoveragePolicy::default(), None, now)
+            .select_at(&with(CoveragePolicy::default()), None, now)
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unavailable);
         let m = e.message();
@@ -317,10 +470,10 @@ mod tests {
         let now = Instant::now();
         let f = fleet(now);
         assert_eq!(
-            counted(f.select_at(&policy(75.0, None), None, now)),
+            counted(f.select_at(&with(policy(75.0, None)), None, now)),
             vec![3, 1, 1]
         );
-        assert!(f.select_at(&policy(75.1, None), None, now).is_err());
+        assert!(f.select_at(&with(policy(75.1, None)), None, now).is_err());
     }
 
     #[test]
@@ -328,11 +481,11 @@ mod tests {
         let now = Instant::now();
         let f = fleet(now);
         assert_eq!(
-            counted(f.select_at(&policy(100.0, Some(40)), None, now)),
+            counted(f.select_at(&with(policy(100.0, Some(40))), None, now)),
             vec![3, 2, 1, 1]
         );
         let e = f
-            .select_at(&policy(100.0, Some(39)), None, now)
+            .select_at(&with(policy(100.0, Some(39))), None, now)
             .unwrap_err();
         assert!(e.message().contains("node-b"), "{e:?}");
     }
@@ -340,7 +493,7 @@ mod tests {
     #[test]
     fn no_expected_agent_is_unavailable_not_zero() {
         let e = FleetCensus::default()
-            .select_at(&policy(1.0, Some(3600)), None, Instant::now())
+            .select_at(&with(policy(1.0, Some(3600))), None, Instant::now())
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unavailable);
     }
@@ -362,13 +515,19 @@ mod tests {
             agents,
             placement: None,
         }
-        .select_at(&CoveragePolicy::default(), None, now)
+        .select_at(&with(CoveragePolicy::default()), None, now)
         .unwrap_err();
         assert!(
             e.message().contains("agent-4: timeout; and 3 more"),
             "{e:?}"
         );
         assert!(!e.message().contains("agent-5"), "{e:?}");
+    }
+
+    fn with(coverage: CoveragePolicy) -> Query {
+        let mut q = query(&[]);
+        q.coverage = coverage;
+        q
     }
 
     fn query(extra: &[(&str, &str)]) -> Query {
@@ -465,5 +624,153 @@ mod tests {
         f.placement = None;
         let e = f.select(&query(&[])).unwrap_err();
         assert!(e.message().contains("only 3 of 4"), "{e:?}");
+    }
+
+    #[test]
+    fn a_placement_that_is_not_current_makes_every_query_unavailable() {
+        let mut f = fleet(Instant::now());
+        f.placement = Some(Arc::new(PodPlacement::not_current(
+            "the aggregator's pod watch has not synced yet (started 3s ago)".into(),
+        )));
+        for q in [
+            query(&[]),
+            query(&[("minCoverage", "1"), ("lastKnownFor", "600")]),
+        ] {
+            let e = f.select(&q).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::Unavailable);
+            assert!(
+                e.message()
+                    .starts_with("pod placement not current: the aggregator's pod watch"),
+                "{e:?}"
+            );
+        }
+    }
+
+    fn placed_uid(pods: &[(&str, &str, &str)]) -> Option<Arc<PodPlacement>> {
+        let pods: Vec<Pod> = pods
+            .iter()
+            .map(|(name, uid, node)| {
+                serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": name, "uid": uid, "namespace": "shop",
+                                 "labels": {"app": "web"}},
+                    "spec": {"nodeName": node, "containers": []},
+                    "status": {"phase": "Running"},
+                }))
+                .unwrap()
+            })
+            .collect();
+        Some(Arc::new(PodPlacement::from_pods(&pods)))
+    }
+
+    fn one_agent(pods: Vec<pb::PodConnections>) -> FleetCensus {
+        FleetCensus {
+            agents: vec![AgentCensus {
+                node: "node-a".into(),
+                name: "10.0.0.1:9741 (node-a)".into(),
+                state: AgentState::Answered {
+                    pods: Arc::new(pods),
+                    at: Instant::now(),
+                },
+            }],
+            placement: None,
+        }
+    }
+
+    #[test]
+    fn a_census_must_name_every_running_selected_pod_its_node_hosts() {
+        // Named by UID (what the census keys pods on), else by name...
+        let mut f = one_agent(vec![web("web-1", "uid-1"), web("other-name", "uid-2")]);
+        f.placement = placed_uid(&[("web-1", "uid-1", "node-a"), ("web-2", "uid-2", "node-a")]);
+        assert_eq!(counted(f.select(&query(&[]))), vec![2]);
+        // ...a pod the census holds by UID only (its pod view has not named it) is not named...
+        let mut unnamed = web("", "uid-2");
+        unnamed.namespace.clear();
+        unnamed.labels.clear();
+        let mut f = one_agent(vec![web("web-1", "uid-1"), unnamed]);
+        f.placement = placed_uid(&[("web-1", "uid-1", "node-a"), ("web-2", "uid-2", "node-a")]);
+        let e = f.select(&query(&[])).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+        assert!(
+            e.message().contains(
+                "10.0.0.1:9741 (node-a): its census does not name selected pod shop/web-2"
+            ),
+            "{e:?}"
+        );
+        // ...nor is one it has never seen; minCoverage still decides whether that is enough.
+        let mut f = one_agent(vec![web("web-1", "uid-1")]);
+        f.placement = placed_uid(&[("web-1", "uid-1", "node-a"), ("web-2", "uid-2", "node-a")]);
+        assert!(f.select(&query(&[])).is_err());
+        // A Pending pod may have no network namespace yet: not required.
+        let mut f = one_agent(vec![web("web-1", "uid-1")]);
+        let pending: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-2", "uid": "uid-2", "namespace": "shop",
+                         "labels": {"app": "web"}},
+            "spec": {"nodeName": "node-a", "containers": []},
+            "status": {"phase": "Pending"},
+        }))
+        .unwrap();
+        let mut pods: Vec<Pod> = vec![pending];
+        pods.push(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "web-1", "uid": "uid-1", "namespace": "shop",
+                             "labels": {"app": "web"}},
+                "spec": {"nodeName": "node-a", "containers": []},
+                "status": {"phase": "Running"},
+            }))
+            .unwrap(),
+        );
+        f.placement = Some(Arc::new(PodPlacement::from_pods(&pods)));
+        assert_eq!(counted(f.select(&query(&[]))), vec![1]);
+    }
+
+    #[test]
+    fn a_selected_pod_whose_census_failed_makes_its_agent_missing() {
+        let mut failed = web("web-2", "uid-2");
+        failed.error = "cannot enter /proc/42/ns/net".into();
+        let f = one_agent(vec![web("web-1", "uid-1"), failed]);
+        let e = f.select(&query(&[])).unwrap_err();
+        assert!(
+            e.message()
+                .contains("the census of selected pod shop/web-2 failed (cannot enter"),
+            "{e:?}"
+        );
+        // A failed pod the query does not select changes nothing.
+        assert_eq!(
+            counted(f.select(&query(&[("podSelector", "app=api")]))),
+            vec![2]
+        );
+    }
+
+    #[test]
+    fn a_last_census_asked_before_the_remote_was_pinned_is_not_used() {
+        let now = Instant::now();
+        let last = |pinned: &[&str]| FleetCensus {
+            agents: vec![AgentCensus {
+                node: "node-b".into(),
+                name: "10.0.0.2:9741 (node-b)".into(),
+                state: AgentState::Missing {
+                    error: "connection refused".into(),
+                    last_known: Some(LastKnown {
+                        at: now,
+                        pods: pods(1),
+                        pinned: Arc::new(pinned.iter().map(ToString::to_string).collect()),
+                    }),
+                },
+            }],
+            placement: None,
+        };
+        let q = query(&[("remote", "*:8081"), ("lastKnownFor", "600")]);
+        let e = last(&[]).select(&q).unwrap_err();
+        assert!(
+            e.message()
+                .contains("asked for before remote *:8081 was pinned"),
+            "{e:?}"
+        );
+        assert_eq!(counted(last(&["*:8081"]).select(&q)), vec![1]);
+        // A query without a remote needs no pin.
+        assert_eq!(
+            counted(last(&[]).select(&query(&[("lastKnownFor", "600")]))),
+            vec![1]
+        );
     }
 }

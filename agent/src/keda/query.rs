@@ -480,9 +480,18 @@ fn parse_remote(s: &str) -> Result<Remote, String> {
             _ => Err(format!("{s:?}: {port:?} is not a port number (1-65535)")),
         };
     }
-    s.parse::<SocketAddr>().map(Remote::Addr).map_err(|_| {
+    let addr = s.parse::<SocketAddr>().map_err(|_| {
         format!("{s:?} is not IP:PORT ([IPv6]:PORT) or *:PORT for inbound connections")
-    })
+    })?;
+    // The census names a dual-stack socket's IPv4-mapped peer by its IPv4 address
+    // (sock_diag.rs), so `[::ffff:a.b.c.d]:p` is the pool `a.b.c.d:p`.
+    Ok(Remote::Addr(match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        SocketAddr::V4(_) => addr,
+    }))
 }
 
 /// A namespace name: an RFC 1123 label.
@@ -534,7 +543,7 @@ impl std::ops::Add for Evaluation {
 }
 
 /// The query's value: the metric summed over the pods it selects. Pods whose census failed are
-/// skipped and counted in `failed`. Pure: the agent and the aggregator both call it.
+/// skipped and counted in `failed` (unless terminating: see the body). Pure: the agent and the aggregator both call it.
 pub fn evaluate(q: &Query, pods: &[pb::PodConnections]) -> Evaluation {
     let mut out = Evaluation::default();
     for pod in pods {
@@ -542,7 +551,11 @@ pub fn evaluate(q: &Query, pods: &[pb::PodConnections]) -> Evaluation {
             continue;
         }
         if !pod.error.is_empty() {
-            out.failed += 1;
+            // A terminating pod that cannot be counted (its last process gone, its namespace
+            // with it) holds nothing it will keep: left out, not unknown (decisions #18-f).
+            if pod.deletion_timestamp.is_none() {
+                out.failed += 1;
+            }
             continue;
         }
         out.matched += 1;
@@ -1026,6 +1039,16 @@ mod tests {
             ("remote", "[fd00:0::1]:443"),
         ]);
         assert_eq!(q.remote.unwrap().to_string(), "[fd00::1]:443");
+        // An IPv4-mapped peer is named by its IPv4 address in the census (sock_diag.rs).
+        for mapped in ["[::ffff:127.0.0.1]:5432", "[::FFFF:7f00:1]:5432"] {
+            let q = query(&[
+                ("metric", "established"),
+                ("target", "1"),
+                ("podSelector", "app=web"),
+                ("remote", mapped),
+            ]);
+            assert_eq!(q.remote.unwrap().to_string(), "127.0.0.1:5432", "{mapped}");
+        }
     }
 
     #[test]

@@ -83,7 +83,7 @@ pub struct SnapshotSource(pub Arc<SnapshotCache>);
 
 impl PodSource for SnapshotSource {
     fn census<'a>(&'a self, q: &'a Query) -> BoxFuture<'a, Result<Census, Status>> {
-        Box::pin(async move { census_of(self.0.get_pinned(&query_pins(q)).await) })
+        Box::pin(async move { census_of(self.0.get_pinned(&query_pins(q)).await?) })
     }
 }
 
@@ -102,7 +102,35 @@ pub fn census_of(snap: Arc<pb::MetricsSnapshot>) -> Result<Census, Status> {
             snap.node_name
         )));
     }
+    if let Some(why) = pod_view_not_current(&snap) {
+        return Err(Status::unavailable(format!(
+            "node {}: {why}: a pod it has not named matches no selector, and a sum without it \
+             would scale the workload in",
+            snap.node_name
+        )));
+    }
     Ok(Census::from_snapshot(snap))
+}
+
+/// Why a snapshot's pods may be unnamed: its pod watch had not synced, or was failing, when
+/// it was collected. `None` when current (or standalone: no pod watch, nothing to name pods).
+pub fn pod_view_not_current(snap: &pb::MetricsSnapshot) -> Option<String> {
+    let view = snap.pod_view.as_ref()?;
+    if !view.synced {
+        return Some("the agent's pod watch has not synced yet".into());
+    }
+    if !view.error.is_empty() {
+        let since = view
+            .failing_since
+            .and_then(|t| std::time::SystemTime::try_from(t).ok())
+            .and_then(|t| t.elapsed().ok())
+            .map_or(String::new(), |d| format!(" for {:.0}s", d.as_secs_f64()));
+        return Some(format!(
+            "the agent's pod watch is failing{since} ({}): pod placement not current",
+            view.error
+        ));
+    }
+    None
 }
 
 // === impl ScalerService ===
@@ -149,22 +177,27 @@ impl ScalerService {
             .into_iter()
             .map(|pods| evaluate(q, pods))
             .fold(Evaluation::default(), |sum, e| sum + e);
+        // A selected pod whose census failed has an unknown value: the sum without it is a
+        // smaller number, which would scale the workload in (adversary #18 finding 4).
+        if e.failed > 0 {
+            return Err(Status::unavailable(format!(
+                "{} of {} pods selected in namespace {} had a failed connection census: their \
+                 value is unknown, and a sum without them would scale the workload in (see the \
+                 pods' `error` in GetMetrics)",
+                e.failed,
+                e.failed + e.matched,
+                q.namespace
+            )));
+        }
         // No selected pod is no value, not a zero: a typo in the selector or namespace would
         // otherwise scale the workload to its minimum.
         if e.matched == 0 {
-            return Err(if e.failed == 0 {
-                Status::not_found(format!(
-                    "no pod in namespace {} matches podSelector {:?} (a pod is known once the \
-                     agent's pod watch has it; a standalone agent knows none)",
-                    q.namespace,
-                    q.selector.to_string()
-                ))
-            } else {
-                Status::unavailable(format!(
-                    "all {} pods selected in namespace {} had a failed connection census",
-                    e.failed, q.namespace
-                ))
-            });
+            return Err(Status::not_found(format!(
+                "no pod in namespace {} matches podSelector {:?} (a pod is known once the \
+                 agent's pod watch has it; a standalone agent knows none)",
+                q.namespace,
+                q.selector.to_string()
+            )));
         }
         tracing::debug!(
             metric = %q.metric_name,
@@ -173,13 +206,6 @@ impl ScalerService {
             failed = e.failed,
             "scaler query evaluated"
         );
-        if e.failed > 0 {
-            tracing::warn!(
-                metric = %q.metric_name,
-                failed = e.failed,
-                "pods selected by a scaler query had a failed connection census; their value is left out"
-            );
-        }
         Ok(e)
     }
 
@@ -538,6 +564,43 @@ mod tests {
         })
         .await
         .unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_from_a_pod_view_not_synced_or_failing_is_unavailable() {
+        let snap = |view: Option<pb::PodView>| {
+            Arc::new(pb::MetricsSnapshot {
+                node_name: "node-a".into(),
+                connections: vec![web_pod(1)],
+                pod_view: view,
+                ..Default::default()
+            })
+        };
+        let e = census_of(snap(Some(pb::PodView::default()))).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+        assert!(
+            e.message()
+                .contains("node node-a: the agent's pod watch has not synced yet"),
+            "{e:?}"
+        );
+        let failing = pb::PodView {
+            synced: true,
+            error: "503 Service Unavailable".into(),
+            failing_since: Some(std::time::SystemTime::now().into()),
+            ..Default::default()
+        };
+        let e = census_of(snap(Some(failing))).unwrap_err();
+        assert!(
+            e.message().contains("pod watch is failing for 0s (503"),
+            "{e:?}"
+        );
+        // Synced and current, or standalone (no pod watch): answered.
+        let current = pb::PodView {
+            synced: true,
+            ..Default::default()
+        };
+        assert!(census_of(snap(Some(current))).is_ok());
+        assert!(census_of(snap(None)).is_ok());
     }
 
     #[test]

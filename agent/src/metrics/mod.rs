@@ -69,6 +69,8 @@ pub struct ResourceCollector {
     page_size: u64,
     /// This node's pods from the API, to name pod UIDs; `None` in standalone mode.
     pod_store: Option<crate::kube::PodStore>,
+    /// Whether that pod watch is current (reported in each snapshot's `pod_view`).
+    pod_view: crate::kube::WatchHealth,
     /// The per-pod socket census; `None` when metrics.connections is disabled.
     connections: Option<connections::ConnectionCollector>,
 }
@@ -90,13 +92,19 @@ impl ResourceCollector {
             clock_ticks: node::clock_ticks(),
             page_size,
             pod_store: None,
+            pod_view: Default::default(),
             connections,
         }
     }
 
     /// Names pods (namespace, name) from this node's pod watch.
-    pub fn with_pod_store(mut self, store: crate::kube::PodStore) -> Self {
+    pub fn with_pod_store(
+        mut self,
+        store: crate::kube::PodStore,
+        health: crate::kube::WatchHealth,
+    ) -> Self {
         self.pod_store = Some(store);
+        self.pod_view = health;
         self
     }
 
@@ -104,6 +112,25 @@ impl ResourceCollector {
     /// disabled.
     pub fn census_metrics(&self) -> Option<&connections::CensusMetrics> {
         self.connections.as_ref().map(|c| c.census().metrics())
+    }
+
+    /// The pod watch's state, read before the census so a pod view that turns current during
+    /// the collection is not claimed for it.
+    fn pod_view(&self) -> Option<pb::PodView> {
+        let store = self.pod_store.as_ref()?;
+        let synced =
+            futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok());
+        let h = self.pod_view.state();
+        Some(pb::PodView {
+            synced,
+            last_event: h.last_ok.map(Into::into),
+            error: h
+                .failing
+                .as_ref()
+                .map(|(_, e)| e.clone())
+                .unwrap_or_default(),
+            failing_since: h.failing.map(|(t, _)| t.into()),
+        })
     }
 
     /// The census's pinned remotes; `None` when metrics.connections is disabled.
@@ -116,6 +143,7 @@ impl ResourceCollector {
         fn ok<T>(errors: &mut Vec<CollectError>, r: Result<T, CollectError>) -> Option<T> {
             r.map_err(|e| errors.push(e)).ok()
         }
+        let pod_view = self.pod_view();
         let e = &mut errors;
         let h = &self.host;
         let node = pb::NodeResources {
@@ -160,6 +188,7 @@ impl ResourceCollector {
             pods,
             unavailable,
             connections,
+            pod_view,
         };
         (snapshot, errors)
     }
@@ -231,19 +260,25 @@ impl SnapshotCache {
     /// up (a gRPC deadline) leaves it running and its snapshot cached for the next caller,
     /// instead of dropping a census that already cost its CPU time and starting over.
     pub async fn get(self: &Arc<Self>) -> Arc<pb::MetricsSnapshot> {
-        self.get_pinned(&[] as &[&str]).await
+        self.get_at_least(0).await
     }
 
     /// `get`, with `remotes` pinned (kept as their own pool beyond topRemotes) in the snapshot:
-    /// a cached snapshot collected before one of them was pinned is not used.
+    /// a cached snapshot collected before one of them was pinned is not used. Refused when the
+    /// pins are full (pins.rs): the value would not be exact.
     pub async fn get_pinned<S: AsRef<str>>(
         self: &Arc<Self>,
         remotes: &[S],
-    ) -> Arc<pb::MetricsSnapshot> {
+    ) -> Result<Arc<pb::MetricsSnapshot>, connections::pins::PinsFull> {
         let wanted = match self.collector.pins() {
-            Some(p) if !remotes.is_empty() => p.pin(remotes),
+            Some(p) if !remotes.is_empty() => p.pin(remotes)?,
             _ => 0,
         };
+        Ok(self.get_at_least(wanted).await)
+    }
+
+    /// A snapshot at most `max_age` old, collected with at least pins generation `wanted`.
+    async fn get_at_least(self: &Arc<Self>, wanted: u64) -> Arc<pb::MetricsSnapshot> {
         let this = self.clone();
         match tokio::spawn(async move { this.get_attached(wanted).await }).await {
             Ok(snap) => snap,

@@ -384,6 +384,12 @@ fn adversary_tcp_clients_pipelining_a_large_answer_stay_within_the_memory_bound_
     drop(clients);
     let bound = idle + max_bytes * 7 / 4 + (8 << 20);
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    eprintln!(
+        "memory.peak {:.1} MiB, idle {:.1} MiB, bound {:.1} MiB",
+        mib(peak),
+        mib(idle),
+        mib(bound)
+    );
     assert!(
         peak <= bound,
         "memory.peak {:.1} MiB > idle {:.1} MiB + 7/4 x maxBytes + 8 MiB = {:.1} MiB \

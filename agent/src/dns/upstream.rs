@@ -52,6 +52,10 @@ const MIN_RTO: Duration = Duration::from_millis(100);
 /// timer, RFC 6298 5.5, per query: names that never answer do not slow other names' tries).
 const MAX_BACKOFF: u32 = 4;
 
+/// How long past `dns.timeout` a query waits for its tries to end on their own timers (each
+/// ends by the deadline; this only bounds one that would not).
+const DEADLINE_GRACE: Duration = Duration::from_millis(50);
+
 /// Group names as status and logs show them.
 pub const CLUSTER_GROUP: &str = "cluster";
 pub const DEFAULT_GROUP: &str = "default";
@@ -544,9 +548,11 @@ impl Forwarder {
             .filter(|s| !any_healthy || s.is_healthy())
             .collect();
         let udp = group.protocol == UpstreamProtocol::Udp;
-        // Ruled out for this query (answered with an error, or unreachable), and asked at all.
+        // Ruled out for this query (answered with an error, or unreachable), asked at all, and
+        // left without an answer past a retransmission timer.
         let mut out = vec![false; servers.len()];
         let mut asked = vec![false; servers.len()];
+        let mut overdue = vec![false; servers.len()];
         let mut next = 0;
         let mut sent = 0u32;
         let mut last: Option<String> = None;
@@ -554,48 +560,45 @@ impl Forwarder {
         // Every try stays pending until the query ends (answer or deadline): a retransmission
         // adds a try, it never throws one away, so a late answer to an earlier try (a slow
         // upstream, not a failed one) is taken (issue #22 finding 2; unbound does the same).
+        // Each try ends by `deadline` on its own timer, so the loop ends when they have.
         let mut tries = FuturesUnordered::new();
         let prepared = &prepared;
         let mut send_now = true;
         let mut retransmit_at = deadline;
-        loop {
+        let mut latest: Option<usize> = None;
+        let answered = loop {
             let now = Instant::now();
-            let Some(left) = deadline
-                .checked_duration_since(now)
-                .filter(|d| !d.is_zero())
-            else {
-                break;
-            };
-            if send_now {
+            let left = deadline.saturating_duration_since(now);
+            if send_now && !left.is_zero() {
                 send_now = false;
                 let pick = (0..servers.len())
                     .map(|j| (next + j) % servers.len())
                     .find(|&k| !out[k]);
-                match pick {
-                    Some(k) => {
-                        next = k + 1;
-                        let server: &Server = servers[k];
-                        let not_yet_asked = asked.iter().filter(|a| !**a).count() as u32;
-                        asked[k] = true;
-                        server.queries.fetch_add(1, Ordering::Relaxed);
-                        let protocol = group.protocol;
-                        tries.push(async move {
-                            (k, self.attempt(server, protocol, prepared, deadline).await)
-                        });
-                        retransmit_at = if udp {
-                            now + retransmit_after(server.rto(), sent, left, not_yet_asked)
-                        } else {
-                            deadline
-                        };
-                        sent += 1;
-                    }
-                    // Every server answered with an error or is unreachable: what a try still
-                    // pending would bring is no better (RFC 8767: the caller may serve stale).
-                    None => break,
-                }
+                // Every server answered with an error or is unreachable: what a try still
+                // pending would bring is no better (RFC 8767: the caller may serve stale).
+                let Some(k) = pick else { break None };
+                next = k + 1;
+                let server: &Server = servers[k];
+                let not_yet_asked = asked.iter().filter(|a| !**a).count() as u32;
+                asked[k] = true;
+                latest = Some(k);
+                server.queries.fetch_add(1, Ordering::Relaxed);
+                let protocol = group.protocol;
+                tries.push(
+                    async move { (k, self.attempt(server, protocol, prepared, deadline).await) },
+                );
+                retransmit_at = if udp {
+                    now + retransmit_after(server.rto(), sent, left, not_yet_asked)
+                } else {
+                    deadline
+                };
+                sent += 1;
+            }
+            if tries.is_empty() {
+                break None;
             }
             tokio::select! {
-                done = tries.next(), if !tries.is_empty() => {
+                done = tries.next() => {
                     let Some((k, result)) = done else { continue };
                     let server = servers[k];
                     match result {
@@ -605,9 +608,12 @@ impl Forwarder {
                                 msg::RCODE_REFUSED => "refused",
                                 _ => {
                                     server.reachable();
-                                    return Ok(answer);
+                                    break Some((k, answer));
                                 }
                             };
+                            if out[k] {
+                                continue;
+                            }
                             let e = format!(
                                 "upstream {} answered {}",
                                 server.addr,
@@ -625,8 +631,10 @@ impl Forwarder {
                             out[k] = true;
                             send_now = true;
                         }
-                        // Only at the deadline: the loop ends below.
+                        // At the deadline: counted once per query below (`silent`).
                         Err(UpstreamError::Timeout { .. }) => {}
+                        // A server already ruled out is counted once per query.
+                        Err(_) if out[k] => {}
                         Err(e) => {
                             let text = e.to_string();
                             server.failed(
@@ -643,13 +651,26 @@ impl Forwarder {
                         }
                     }
                 }
-                _ = tokio::time::sleep_until(retransmit_at.into()) => send_now = true,
+                _ = tokio::time::sleep_until(retransmit_at.into()), if !left.is_zero() => {
+                    if let Some(k) = latest {
+                        overdue[k] = true;
+                    }
+                    send_now = true;
+                }
+                // Each try ends by the deadline on its own; this only guards against one that
+                // would not.
+                _ = tokio::time::sleep_until((deadline + DEADLINE_GRACE).into()) => break None,
             }
-        }
+        };
         drop(tries);
-        // Asked, and neither answered nor ruled out: silent for this name.
+        // Asked, neither answered nor ruled out, and left past a retransmission timer (or to
+        // the deadline): silent for this name.
         for (k, server) in servers.iter().enumerate() {
-            if asked[k] && !out[k] {
+            let silent = match &answered {
+                Some((by, _)) => *by != k && overdue[k],
+                None => asked[k],
+            };
+            if silent && !out[k] {
                 let e = UpstreamError::Timeout {
                     server: server.addr,
                 }
@@ -657,6 +678,9 @@ impl Forwarder {
                 server.silent(&self.metrics, qname, e.clone(), self.unhealthy_after);
                 last.get_or_insert(e);
             }
+        }
+        if let Some((_, answer)) = answered {
+            return Ok(answer);
         }
         if let Some(answer) = error_answer {
             return Ok(answer);

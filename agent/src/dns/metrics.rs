@@ -250,6 +250,7 @@ const REASONS: &[&str] = &[
     "tcp message cut short",
     "longer than 4096 bytes",
     "upstream response",
+    "upstream response truncated",
     super::scrub::UNPARSABLE,
     super::scrub::CNAME_LOOP,
     super::scrub::OUT_OF_CHAIN,

@@ -410,9 +410,10 @@ pub fn scan_response(b: &[u8]) -> Result<ResponseInfo, &'static str> {
 }
 
 /// True when a stored response (`for_cache`) holds nothing but answers of the question's type
-/// (A/AAAA, of the right size) owned by the question name itself (the owner is a compression pointer to the question, as
-/// every upstream writes it) and nothing in authority or additional: nothing to scrub, no
-/// chain to follow. Checked without decoding, so the common miss skips the full parse.
+/// (A/AAAA, of the right size) owned by the question name itself (the owner is a compression
+/// pointer to the question, as every upstream writes it) and nothing in authority or
+/// additional: nothing to scrub, no chain to follow. Checked without decoding, so the common
+/// miss skips the full parse.
 pub fn owned_by_question(b: &[u8]) -> bool {
     let count = |i| u16_at(b, i).unwrap_or(u16::MAX);
     if count(4) != 1 || count(8) != 0 || count(10) != 0 {

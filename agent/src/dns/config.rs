@@ -33,6 +33,10 @@ pub struct DnsConfig {
     pub timeout: ConfigDuration,
     /// Queries waiting for an upstream at once; more are answered SERVFAIL at once.
     pub max_in_flight: usize,
+    /// The part of `maxInFlight` one upstream group (the default, the cluster zones, one stub
+    /// domain) may hold; more misses of that group are refused at once (stale or SERVFAIL).
+    /// 0: half of `maxInFlight` (at least 1), so a dead group leaves the others room.
+    pub max_in_flight_per_group: usize,
     /// On SIGTERM: keep answering (reporting not-ready) this long before tearing down.
     pub lame_duck: ConfigDuration,
     /// Randomise the case of upstream query names (DNS 0x20) against spoofing.
@@ -52,6 +56,7 @@ impl Default for DnsConfig {
             cache: CacheConfig::default(),
             timeout: ConfigDuration(Duration::from_secs(2)),
             max_in_flight: 2048,
+            max_in_flight_per_group: 0,
             lame_duck: ConfigDuration(Duration::from_secs(5)),
             randomize_case: false,
         }
@@ -59,6 +64,15 @@ impl Default for DnsConfig {
 }
 
 impl DnsConfig {
+    /// Upstream queries one group may have pending: `maxInFlightPerGroup`, or half of
+    /// `maxInFlight` (at least 1) when unset.
+    pub fn group_in_flight_share(&self) -> usize {
+        match self.max_in_flight_per_group {
+            0 => (self.max_in_flight / 2).max(1),
+            n => n,
+        }
+    }
+
     /// Every address the cache listens on: link-local ones, then the ClusterIPs.
     pub fn listen_addrs(&self) -> Vec<SocketAddr> {
         self.listen_ips
@@ -257,6 +271,15 @@ impl DnsConfig {
         if self.max_in_flight == 0 {
             bad("maxInFlight", "must be at least 1".into());
         }
+        if self.max_in_flight_per_group > self.max_in_flight {
+            bad(
+                "maxInFlightPerGroup",
+                format!(
+                    "{} is more than maxInFlight ({}); 0 means half of it",
+                    self.max_in_flight_per_group, self.max_in_flight
+                ),
+            );
+        }
         let t = self.timeout.get();
         if t < Duration::from_millis(50) || t > Duration::from_secs(30) {
             bad("timeout", format!("{t:?} is out of range (50ms..=30s)"));
@@ -395,6 +418,20 @@ mod tests {
                 "dns.upstreams.default.servers[1]"
             ]
         );
+    }
+
+    #[test]
+    fn the_group_share_is_half_of_max_in_flight_by_default_and_never_more_than_it() {
+        let mut c = DnsConfig::default();
+        assert_eq!(c.group_in_flight_share(), 1024);
+        c.max_in_flight = 1;
+        assert_eq!(c.group_in_flight_share(), 1, "at least one");
+        c.max_in_flight_per_group = 2;
+        let fields: Vec<String> = c.problems().into_iter().map(|(f, _)| f).collect();
+        assert_eq!(fields, vec!["dns.maxInFlightPerGroup"]);
+        c.max_in_flight = 8;
+        assert!(c.problems().is_empty());
+        assert_eq!(c.group_in_flight_share(), 2);
     }
 
     #[test]

@@ -100,6 +100,8 @@ pub struct DnsMetrics {
     pub prefetches: Counter,
     pub coalesced: Counter,
     pub overloaded: Counter,
+    /// Misses refused because their upstream group held its share of `maxInFlight`.
+    pub group_overloaded: Family<Vec<(&'static str, String)>, Counter>,
     pub truncated: Counter,
     pub in_flight: Gauge,
     pub pending_queries: Gauge,
@@ -117,6 +119,7 @@ impl DnsMetrics {
             prefetches: Counter::default(),
             coalesced: Counter::default(),
             overloaded: Counter::default(),
+            group_overloaded: Family::default(),
             truncated: Counter::default(),
             in_flight: Gauge::default(),
             pending_queries: Gauge::default(),
@@ -158,6 +161,11 @@ impl DnsMetrics {
             "overloaded",
             "Misses answered SERVFAIL at once because dns.maxInFlight upstream queries, or 4 x dns.maxInFlight waiting UDP misses, were pending",
             m.overloaded.clone(),
+        );
+        r.register(
+            "group_overloaded",
+            "Misses refused at once (stale or SERVFAIL) because their upstream group (default, cluster, a stub domain) held its share of dns.maxInFlight (dns.maxInFlightPerGroup), by group",
+            m.group_overloaded.clone(),
         );
         r.register(
             "truncated",
@@ -242,6 +250,7 @@ const REASONS: &[&str] = &[
     "tcp message cut short",
     "longer than 4096 bytes",
     "upstream response",
+    "upstream response truncated",
     super::scrub::UNPARSABLE,
     super::scrub::CNAME_LOOP,
     super::scrub::OUT_OF_CHAIN,

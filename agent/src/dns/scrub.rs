@@ -10,9 +10,12 @@
 //!
 //! The rules (as unbound's scrubber, for a forwarder):
 //! - **answer**: a record is kept when its owner is the question name or a CNAME target
-//!   reached from it (in any order); a DNAME is kept when its owner is an ancestor of such a
-//!   name (the CNAME synthesized from it carries the chain on). A CNAME pointing back into the
-//!   chain is a loop: the answer is passed to its asker but never cached.
+//!   reached from it (in any order) and its type is the question's, CNAME, or an RRSIG (a DO
+//!   client's signatures); ANY keeps every type of those owners. A DNAME is kept when its
+//!   owner is an ancestor of such a name (the CNAME synthesized from it carries the chain on).
+//!   Any other type is dropped (unbound's "removing irrelevant RRset", issue #22 finding 8: an
+//!   A record in an AAAA answer). A CNAME pointing back into the chain is a loop: the answer
+//!   is passed to its asker but never cached.
 //! - **authority**: SOA and NS records whose owner is an ancestor of (or equal to) a chain name
 //!   name the zones of the answer; a record is kept when its owner is one of those zones or
 //!   below one (DS, and the NSEC/NSEC3/RRSIG proofs of a DO client).
@@ -55,7 +58,8 @@ pub fn scrub(stored: Vec<u8>) -> (Vec<u8>, Verdict) {
     let Some(question) = msg.queries.first() else {
         return (stored, Verdict::Uncacheable(UNPARSABLE));
     };
-    let (keep_answers, chain, looped) = answer_chain(question.name(), &msg.answers);
+    let (keep_answers, chain, looped) =
+        answer_chain(question.name(), question.query_type(), &msg.answers);
     let zones: Vec<Name> = msg
         .authorities
         .iter()
@@ -104,7 +108,14 @@ pub fn scrub(stored: Vec<u8>) -> (Vec<u8>, Verdict) {
 /// Which answer records belong to the chain from `qname`, the chain's names, and whether a
 /// CNAME points back into it. Records may come in any order, so this runs to a fixed point
 /// (a chain is short: each round adds at least one record).
-fn answer_chain(qname: &Name, answers: &[Record]) -> (Vec<bool>, Vec<Name>, bool) {
+fn answer_chain(
+    qname: &Name,
+    qtype: RecordType,
+    answers: &[Record],
+) -> (Vec<bool>, Vec<Name>, bool) {
+    let wanted = |t: RecordType| {
+        t == qtype || qtype == RecordType::ANY || matches!(t, RecordType::CNAME | RecordType::RRSIG)
+    };
     let mut keep = vec![false; answers.len()];
     let mut chain = vec![qname.clone()];
     let mut looped = false;
@@ -118,7 +129,7 @@ fn answer_chain(qname: &Name, answers: &[Record]) -> (Vec<bool>, Vec<Name>, bool
             let owner = chain.iter().position(|c| *c == r.name);
             let dname_above =
                 r.record_type() == RecordType::DNAME && chain.iter().any(|c| r.name.zone_of(c));
-            if owner.is_none() && !dname_above {
+            if !dname_above && (owner.is_none() || !wanted(r.record_type())) {
                 continue;
             }
             keep[i] = true;
@@ -334,5 +345,51 @@ mod tests {
         );
         let (_, verdict) = scrub(raw);
         assert_eq!(verdict, Verdict::Uncacheable(UNPARSABLE));
+    }
+
+    #[test]
+    fn answer_records_of_another_type_than_the_question_are_dropped() {
+        let mut m = Message::from_vec(&response(
+            "www.example.test.",
+            &[
+                cname("www.example.test.", "edge.cdn.test."),
+                a("edge.cdn.test.", 1),
+                Record::from_rdata(
+                    name("edge.cdn.test."),
+                    300,
+                    RData::AAAA(hickory_proto::rr::rdata::AAAA::new(
+                        0x2001, 0xdb8, 0, 0, 0, 0, 0, 1,
+                    )),
+                ),
+            ],
+            &[],
+            &[],
+        ))
+        .unwrap();
+        m.queries[0].set_query_type(RecordType::AAAA);
+        let raw = m.to_vec().unwrap();
+        let (bytes, verdict) = scrub(raw);
+        assert_eq!(
+            verdict,
+            Verdict::Dropped(1),
+            "the A record of an AAAA answer"
+        );
+        let kept: Vec<RecordType> = Message::from_vec(&bytes)
+            .unwrap()
+            .answers
+            .iter()
+            .map(Record::record_type)
+            .collect();
+        assert_eq!(kept, vec![RecordType::CNAME, RecordType::AAAA]);
+        // The fast path takes only the question's own type.
+        let a_only = response("www.example.test.", &[a("www.example.test.", 1)], &[], &[]);
+        let mut m = Message::from_vec(&a_only).unwrap();
+        m.queries[0].set_query_type(RecordType::AAAA);
+        let a_for_aaaa = m.to_vec().unwrap();
+        assert!(!wire::owned_by_question(&a_for_aaaa));
+        assert_eq!(scrub(a_for_aaaa).1, Verdict::Dropped(1));
+        // ANY keeps every type of the question's owner.
+        m.queries[0].set_query_type(RecordType::ANY);
+        assert_eq!(scrub(m.to_vec().unwrap()).1, Verdict::Clean);
     }
 }

@@ -37,6 +37,10 @@ pub trait Upstream: Send + Sync + 'static {
     ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send + 'a>>;
     /// False when no upstream server is usable.
     fn any_healthy(&self) -> bool;
+    /// The upstream group that owns `qname`: each group has its own share of `maxInFlight`.
+    fn group_of(&self, _qname: &str) -> String {
+        "default".into()
+    }
 }
 
 /// The Internet class; everything else is refused locally.
@@ -68,6 +72,21 @@ enum Outcome {
     Kept(Arc<Entry>),
     Failed,
 }
+
+impl Outcome {
+    /// About the bytes of the answer it gives (the stored response plus room for the client's
+    /// OPT), before it is written: what a TCP connection reserves of its queue for it.
+    fn answer_len(&self) -> usize {
+        match self {
+            Self::Answer(e) | Self::Kept(e) => e.bytes.len() + ANSWER_SLACK,
+            Self::Failed => ANSWER_SLACK,
+        }
+    }
+}
+
+/// What an answer may add to its stored response: the echoed question's case is the same
+/// length, the client's OPT record (11 bytes, options never echoed) and slack.
+const ANSWER_SLACK: usize = 64;
 
 /// RFC 8767 5 "failure recheck": after a failed refresh, a stale entry is served at once for
 /// this long before the upstream is asked again (the RFC suggests 30 s), so an outage costs each
@@ -119,6 +138,11 @@ pub struct DnsServer {
     /// Fetches under way, by their key's hash: later askers wait on them (coalescing).
     in_flight: Mutex<hashbrown::HashTable<InFlightFetch>>,
     fetch_slots: Semaphore,
+    /// Upstream queries pending per upstream group, each at most `group_share`: a dead stub
+    /// domain's misses hold their slots for the whole `dns.timeout`, and must not take the
+    /// slots of every other group (issue #22 finding 7).
+    group_in_flight: Mutex<std::collections::HashMap<String, usize>>,
+    group_share: usize,
     /// UDP misses waiting in a task of their own (for an upstream fetch, their own or a
     /// coalesced one): `WAITERS_PER_FETCH` per `maxInFlight` slot. A flood of one name with a
     /// silent upstream would otherwise park a task per query for the whole `dns.timeout`
@@ -149,6 +173,8 @@ impl DnsServer {
         metrics.watch_cache(cache.counters.clone());
         Arc::new(Self {
             fetch_slots: Semaphore::new(config.max_in_flight),
+            group_in_flight: Mutex::default(),
+            group_share: config.group_in_flight_share(),
             waiting_slots: Arc::new(Semaphore::new(
                 config.max_in_flight.saturating_mul(WAITERS_PER_FETCH),
             )),
@@ -263,10 +289,18 @@ impl DnsServer {
         proto: Protocol,
         out: &mut Vec<u8>,
     ) {
+        let q = miss.q;
+        let outcome = self.miss_outcome(query, key, miss).await;
+        self.render(query, &q, outcome, proto, out);
+    }
+
+    /// What answers a miss (`answer_miss` without writing the answer): a coalesced upstream
+    /// fetch, or a stale entry.
+    async fn miss_outcome(self: &Arc<Self>, query: &[u8], key: &[u8], miss: Miss) -> Outcome {
         let Miss { q, hash, stale } = miss;
         self.metrics.cache_misses.inc();
         let now = Instant::now();
-        let outcome = match stale {
+        match stale {
             // The upstream failed for this name moments ago: stale at once (failure recheck).
             Some(e) if self.config.cache.serve_stale && e.recently_failed(now) => Outcome::Kept(e),
             Some(e) if self.config.cache.serve_stale => {
@@ -274,11 +308,22 @@ impl DnsServer {
                     .await
             }
             _ => self.fetch(key, hash, query, &q).await,
-        };
+        }
+    }
+
+    /// Writes the answer `outcome` gives `query` into `out` (stale TTLs, or SERVFAIL).
+    fn render(
+        &self,
+        query: &[u8],
+        q: &Query,
+        outcome: Outcome,
+        proto: Protocol,
+        out: &mut Vec<u8>,
+    ) {
         let now = Instant::now();
         let rc = match outcome {
             Outcome::Answer(entry) => {
-                entry.answer(query, &q, now, None, out);
+                entry.answer(query, q, now, None, out);
                 entry.rcode
             }
             Outcome::Kept(entry) => {
@@ -287,15 +332,15 @@ impl DnsServer {
                     self.metrics.stale_served.inc();
                 }
                 let stale_ttl = self.config.cache.stale_ttl.get().as_secs() as u32;
-                entry.answer(query, &q, now, stale.then_some(stale_ttl), out);
+                entry.answer(query, q, now, stale.then_some(stale_ttl), out);
                 entry.rcode
             }
             Outcome::Failed => {
-                wire::empty_response(query, Some(&q), rcode::SERVFAIL, false, out);
+                wire::empty_response(query, Some(q), rcode::SERVFAIL, false, out);
                 rcode::SERVFAIL
             }
         };
-        self.finish(query, &q, proto, rc, out);
+        self.finish(query, q, proto, rc, out);
     }
 
     /// RFC 8767 client-response timer: a client whose name has a stale entry waits for the
@@ -402,8 +447,13 @@ impl DnsServer {
                 .keep(key, hash, false)
                 .map_or(Outcome::Failed, Outcome::Kept);
         };
-        self.metrics.in_flight.inc();
         let qname = q.qname(query);
+        let Some(_group_slot) = self.group_slot(&qname) else {
+            return self
+                .keep(key, hash, false)
+                .map_or(Outcome::Failed, Outcome::Kept);
+        };
+        self.metrics.in_flight.inc();
         let mut ours = Vec::with_capacity(q.question_end + 11);
         wire::upstream_query(query, q, &mut ours);
         let result = self.upstream.forward(&ours, &qname).await;
@@ -430,6 +480,19 @@ impl DnsServer {
             self.metrics.malformed("upstream response");
             return failed();
         };
+        // RFC 2181 9: a truncated answer is incomplete; the forwarder retries a UDP one over
+        // TCP, so one still truncated here (over TCP) is a failure, never cached or served.
+        if info.truncated {
+            tracing::debug!(name = %qname, "upstream answer truncated over TCP");
+            self.metrics.malformed("upstream response truncated");
+            return failed();
+        }
+        // Our scanner took its structure but a record does not decode (an A record of 3
+        // bytes): garbage, not an answer to pass on (issue #22).
+        if verdict == Verdict::Uncacheable(scrub::UNPARSABLE) {
+            self.metrics.malformed(scrub::UNPARSABLE);
+            return failed();
+        }
         match verdict {
             Verdict::Clean => {}
             Verdict::Dropped(n) => {
@@ -464,8 +527,14 @@ impl DnsServer {
                         .map_or(ttl, |neg| ttl.min(negative_cap(neg))),
                 )
             }
-            // RFC 2308: without an SOA a negative answer is not cached.
-            rcode::NOERROR | rcode::NXDOMAIN => info.negative_ttl.map(negative_cap),
+            // RFC 2308: without an SOA a negative answer is not cached. A CNAME chain ending in
+            // NXDOMAIN lives no longer than its shortest CNAME either (RFC 2308 5).
+            rcode::NOERROR | rcode::NXDOMAIN => info.negative_ttl.map(|neg| {
+                let chain = info.min_answer_ttl.filter(|_| info.answers > 0);
+                chain.map_or(negative_cap(neg), |t| {
+                    negative_cap(neg).min(wire::effective_ttl(t).clamp(min_ttl, max_ttl))
+                })
+            }),
             rcode::SERVFAIL => Some(secs(c.servfail_ttl.get()).min(5)),
             _ => None,
         };
@@ -503,6 +572,28 @@ impl DnsServer {
         Outcome::Answer(entry)
     }
 
+    /// A place among the pending upstream queries of `qname`'s group, or None (counted) when
+    /// the group holds its share already.
+    fn group_slot(&self, qname: &str) -> Option<GroupSlot<'_>> {
+        let group = self.upstream.group_of(qname);
+        let mut held = self.group_in_flight.lock().expect("not poisoned");
+        let n = held.entry(group.clone()).or_default();
+        if *n >= self.group_share {
+            drop(held);
+            self.metrics.overloaded.inc();
+            self.metrics
+                .group_overloaded
+                .get_or_create(&vec![("group", group)])
+                .inc();
+            return None;
+        }
+        *n += 1;
+        Some(GroupSlot {
+            server: self,
+            group,
+        })
+    }
+
     /// The entry that answers instead when a fetch failed: a fresh one (a failed prefetch
     /// keeps it) or, with serve-stale, a stale one, then marked as failed (`mark`) so the next
     /// askers get it at once.
@@ -517,6 +608,24 @@ impl DnsServer {
                 Some(e)
             }
             _ => None,
+        }
+    }
+}
+
+/// One pending upstream query of a group, given back when dropped.
+struct GroupSlot<'a> {
+    server: &'a DnsServer,
+    group: String,
+}
+
+impl Drop for GroupSlot<'_> {
+    fn drop(&mut self) {
+        let mut held = self.server.group_in_flight.lock().expect("not poisoned");
+        if let Some(n) = held.get_mut(&self.group) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.group);
+            }
         }
     }
 }
@@ -736,10 +845,13 @@ const TCP_ACCEPT_MAX: Duration = Duration::from_millis(300);
 /// Hand-over: a connection's next query must come within this of the previous one; then it is
 /// closed (its answers written first). RFC 7766 clients retry on a new connection.
 const TCP_HANDOVER_IDLE: Duration = Duration::from_millis(100);
-/// Hand-over: connections read no query after this (answers still written), and the listener
-/// waits at most this for them; with the accept drain the whole TCP hand-over stays within the
-/// 1 s the UDP one takes (see `DRAIN_MAX`).
+/// Hand-over: connections read no query after this (answers still written); with the accept
+/// drain, reading ends within the 1 s the UDP hand-over takes (see `DRAIN_MAX`). The listener
+/// then waits up to `dns.timeout` more for the answers still owed (a miss read last).
 const TCP_HANDOVER_MAX: Duration = Duration::from_millis(600);
+
+/// Hand-over: beyond `dns.timeout`, for a miss's answer to be written once it is known.
+const TCP_ANSWER_MARGIN: Duration = Duration::from_millis(100);
 
 /// Pause after a transient accept error (EMFILE...), so it is not retried in a busy loop.
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
@@ -771,7 +883,8 @@ fn accept_error_is_transient(e: &std::io::Error) -> bool {
 /// On cancellation it hands over without resetting a connection (issue #22): new connections
 /// are steered to the successor's listener (`tcp_handover`), those the kernel already queued
 /// here are accepted and served, and the accepted ones are served until their client goes
-/// quiet, before the listener closes.
+/// quiet and every query read is answered (up to `dns.timeout` after the last read), before
+/// the listener's task ends.
 pub async fn serve_tcp(server: Arc<DnsServer>, listener: TcpListener, token: CancellationToken) {
     // A steering program a predecessor left on the group must not pick the listeners.
     if let Err(e) = super::tcp_handover::select(&listener, None) {
@@ -826,7 +939,15 @@ pub async fn serve_tcp(server: Arc<DnsServer>, listener: TcpListener, token: Can
         }
     }
     drop(listener);
-    let done = handover + TCP_ACCEPT_MAX + TCP_HANDOVER_MAX;
+    // Every connection reads its last query by `TCP_ACCEPT_MAX + TCP_HANDOVER_MAX`; the answer
+    // to a miss read then comes within `dns.timeout` (the upstream's deadline): the
+    // connections still owing one are waited for that long (issue #22 finding 5), the others
+    // are gone by then.
+    let done = handover
+        + TCP_ACCEPT_MAX
+        + TCP_HANDOVER_MAX
+        + server.config.timeout.get()
+        + TCP_ANSWER_MARGIN;
     while Arc::strong_count(&connections) > 1 && Instant::now() < done {
         tokio::time::sleep(MISSES_POLL).await;
     }
@@ -835,25 +956,88 @@ pub async fn serve_tcp(server: Arc<DnsServer>, listener: TcpListener, token: Can
 /// Queries of one TCP connection answered at once; a client pipelining more waits for a slot
 /// (the kernel's socket buffer then holds its further queries).
 const TCP_PIPELINE: usize = 64;
+/// Answer bytes one TCP connection may hold queued (written by us, not yet taken by the
+/// kernel); past this it reads no further query until its client reads (issue #22 finding 4:
+/// 60 connections pipelining a cached 59 KB answer held 64 copies each). An answer larger than
+/// this still goes, alone. 32 KiB is hundreds of ordinary answers, so pipelining clients that
+/// read never wait on it.
+const TCP_QUEUED_BYTES: usize = 32 * 1024;
+/// The kernel send buffer asked for each accepted connection (Linux doubles it): a client that
+/// never reads pins this much kernel memory, charged to our memory cgroup, instead of the up
+/// to 4 MiB send-buffer autotuning grows to; a 64 KiB answer still fits in one go.
+const TCP_SNDBUF: usize = 32 * 1024;
+/// `out` buffers larger than this are not kept between queries of a connection (a 64 KiB
+/// answer once would otherwise stay with an idle connection).
+const TCP_KEEP_BUFFER: usize = 4096;
+
+/// One framed answer queued on a connection, holding its share of `TCP_QUEUED_BYTES` until
+/// the writer has handed it to the kernel.
+struct Queued {
+    framed: Vec<u8>,
+    _held: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// The answers of one TCP connection on their way to its writer: a byte budget
+/// (`TCP_QUEUED_BYTES`) taken before an answer is written, given back once it is sent.
+#[derive(Clone)]
+struct AnswerQueue {
+    tx: mpsc::Sender<Queued>,
+    budget: Arc<Semaphore>,
+}
+
+impl AnswerQueue {
+    /// Waits until the connection's budget has room for `len` bytes (all of it for an answer
+    /// larger than the budget); None once the writer gave up.
+    async fn reserve(&self, len: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let n = len.clamp(1, TCP_QUEUED_BYTES) as u32;
+        tokio::select! {
+            held = self.budget.clone().acquire_many_owned(n) => held.ok(),
+            _ = self.tx.closed() => None,
+        }
+    }
+
+    /// Frames and queues `out` under `held`; false once the writer gave up.
+    async fn send(&self, out: &[u8], held: tokio::sync::OwnedSemaphorePermit) -> bool {
+        // Our answers come from messages that were framed: they always fit.
+        let Some(framed) = wire::tcp_frame(out) else {
+            return true;
+        };
+        self.tx
+            .send(Queued {
+                framed,
+                _held: held,
+            })
+            .await
+            .is_ok()
+    }
+}
 
 /// Serves one connection (RFC 7766 6.2.1.1): pipelined queries are answered concurrently and
 /// each answer is written when ready, so a miss does not hold up the hits queued behind it
-/// (answers carry the client's ID; clients match them, not their order). Ends after
-/// `TCP_IDLE` without a query, on EOF, on a message that is not a query; once `token` is
-/// cancelled (hand-over), after `TCP_HANDOVER_IDLE` without a query or `TCP_HANDOVER_MAX` in
-/// all. Answers already being worked on are still written.
+/// (answers carry the client's ID; clients match them, not their order). No query is read
+/// while the connection's answers not yet sent take `TCP_QUEUED_BYTES` (a client that does not
+/// read stops being read). Ends after `TCP_IDLE` without a query, on EOF, on a message that is
+/// not a query; once `token` is cancelled (hand-over), after `TCP_HANDOVER_IDLE` without a
+/// query or `TCP_HANDOVER_MAX` in all. Answers already being worked on are still written.
 async fn serve_tcp_connection(
     server: Arc<DnsServer>,
     stream: tokio::net::TcpStream,
     token: CancellationToken,
 ) {
+    if let Err(e) = socket2::SockRef::from(&stream).set_send_buffer_size(TCP_SNDBUF) {
+        tracing::debug!(error = %e, "dns tcp: SO_SNDBUF");
+    }
     let (mut reader, writer) = stream.into_split();
-    let (answers, pending) = mpsc::channel::<Vec<u8>>(TCP_PIPELINE);
+    let (tx, pending) = mpsc::channel::<Queued>(TCP_PIPELINE);
+    let answers = AnswerQueue {
+        tx,
+        budget: Arc::new(Semaphore::new(TCP_QUEUED_BYTES)),
+    };
     let writing = tokio::spawn(write_answers(writer, pending));
     let slots = Arc::new(Semaphore::new(TCP_PIPELINE));
     let mut buf = Vec::new();
     let mut key = Vec::with_capacity(64);
-    let mut out = Vec::with_capacity(4096);
+    let mut out = Vec::with_capacity(TCP_KEEP_BUFFER);
     // When the hand-over began, as this connection first saw it.
     let mut handover: Option<Instant> = None;
     loop {
@@ -876,7 +1060,7 @@ async fn serve_tcp_connection(
         let mut len = [0u8; 2];
         let read = tokio::select! {
             // The writer gave up (the client does not read): hang up now, not when idle.
-            _ = answers.closed() => break,
+            _ = answers.tx.closed() => break,
             _ = give_up => break,
             r = reader.read_exact(&mut len) => r,
         };
@@ -894,11 +1078,15 @@ async fn serve_tcp_connection(
         }
         match server.answer_fast(&buf, Protocol::Tcp, &mut key, &mut out) {
             Fast::Answered => {
-                // Our answers come from messages that were framed: they always fit.
-                if let Some(framed) = wire::tcp_frame(&out)
-                    && answers.send(framed).await.is_err()
-                {
+                // Waiting here for room is what stops reading a client that does not read.
+                let Some(held) = answers.reserve(out.len() + 2).await else {
                     break;
+                };
+                if !answers.send(&out, held).await {
+                    break;
+                }
+                if out.capacity() > TCP_KEEP_BUFFER {
+                    out = Vec::with_capacity(TCP_KEEP_BUFFER);
                 }
             }
             // Nothing sensible to say to a peer sending non-queries: hang up.
@@ -911,14 +1099,18 @@ async fn serve_tcp_connection(
                 let (query, key) = query_and_key(&buf, &key);
                 tokio::spawn(async move {
                     let _slot = slot;
-                    let mut out = Vec::with_capacity(512);
                     let (query, key) = query.split_at(key);
-                    server
-                        .answer_miss(query, key, miss, Protocol::Tcp, &mut out)
-                        .await;
-                    if let Some(framed) = wire::tcp_frame(&out) {
-                        let _ = answers.send(framed).await;
-                    }
+                    let q = miss.q;
+                    let outcome = server.miss_outcome(query, key, miss).await;
+                    // Room first, then the answer's bytes: a miss waiting for its client to
+                    // read holds only its entry (shared with the cache and its coalesced
+                    // askers), not a copy of the answer.
+                    let Some(held) = answers.reserve(outcome.answer_len() + 2).await else {
+                        return;
+                    };
+                    let mut out = Vec::with_capacity(512);
+                    server.render(query, &q, outcome, Protocol::Tcp, &mut out);
+                    answers.send(&out, held).await;
                 });
             }
         }
@@ -931,14 +1123,16 @@ async fn serve_tcp_connection(
 /// Writes answers as they come, flushing when none is queued (a burst goes out in few segments).
 async fn write_answers(
     writer: tokio::net::tcp::OwnedWriteHalf,
-    mut pending: mpsc::Receiver<Vec<u8>>,
+    mut pending: mpsc::Receiver<Queued>,
 ) {
     let mut writer = tokio::io::BufWriter::new(writer);
     let written = |r: Result<std::io::Result<()>, _>| matches!(r, Ok(Ok(())));
     while let Some(answer) = pending.recv().await {
-        if !written(tokio::time::timeout(TCP_WRITE_TIMEOUT, writer.write_all(&answer)).await) {
+        if !written(tokio::time::timeout(TCP_WRITE_TIMEOUT, writer.write_all(&answer.framed)).await)
+        {
             return;
         }
+        drop(answer);
         if pending.is_empty()
             && !written(tokio::time::timeout(TCP_WRITE_TIMEOUT, writer.flush()).await)
         {
@@ -993,6 +1187,9 @@ mod tests {
                 }
                 if qname.starts_with("bogus") && !cd {
                     return Ok(response(q, rcode::SERVFAIL, &[], None));
+                }
+                if qname.starts_with("cnamenx") {
+                    return Ok(response(q, rcode::NXDOMAIN, &[2], Some((900, 60))));
                 }
                 if qname.starts_with("cnamenodata") {
                     return Ok(response(q, 0, &[300], Some((900, 7))));
@@ -1604,6 +1801,22 @@ mod tests {
         wire::parse_query(&q).unwrap().key_into(&q, &mut key);
         match s.cache.lookup(&key, Instant::now()) {
             Lookup::Fresh(e) => assert_eq!(e.ttl, 7),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cname_chain_to_nxdomain_lives_no_longer_than_its_cnames() {
+        let (s, _) = server(Duration::ZERO);
+        let mut out = Vec::new();
+        let q = query(1, "cnamenx.test", 1, None);
+        s.answer(&q, Protocol::Udp, &mut out).await;
+        assert_eq!(wire::scan_response(&out).unwrap().rcode, rcode::NXDOMAIN);
+        assert_eq!(ttl_of(&out), 2, "the chain's TTL, not the negative 60");
+        let mut key = Vec::new();
+        wire::parse_query(&q).unwrap().key_into(&q, &mut key);
+        match s.cache.lookup(&key, Instant::now()) {
+            Lookup::Fresh(e) => assert_eq!(e.ttl, 2, "issue #22 finding 1"),
             other => panic!("{other:?}"),
         }
     }

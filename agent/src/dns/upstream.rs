@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use hickory_proto::rr::RecordType;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -46,8 +48,13 @@ const INITIAL_RTO: Duration = Duration::from_millis(300);
 /// Never retransmit sooner: a loaded upstream's answers vary by tens of milliseconds, and a
 /// too-eager retransmission doubles its load (unbound's infra-cache-min-rtt is 50 ms).
 const MIN_RTO: Duration = Duration::from_millis(100);
-/// Doublings of the RTO after consecutive timeouts (a server that stopped answering).
+/// Doublings of one query's retransmission timer (each retry of that query doubles its own
+/// timer, RFC 6298 5.5, per query: names that never answer do not slow other names' tries).
 const MAX_BACKOFF: u32 = 4;
+
+/// How long past `dns.timeout` a query waits for its tries to end on their own timers (each
+/// ends by the deadline; this only bounds one that would not).
+const DEADLINE_GRACE: Duration = Duration::from_millis(50);
 
 /// Group names as status and logs show them.
 pub const CLUSTER_GROUP: &str = "cluster";
@@ -211,24 +218,26 @@ struct Server {
     reconnects: Counter,
     healthy_gauge: Gauge,
     rtt: Mutex<RttEstimate>,
+    /// Distinct names whose queries got no answer from this server since its last answer
+    /// (the health rule: `unhealthyAfter` of them in a row mark it down; one name retried
+    /// many times counts once).
+    silent_names: Mutex<Vec<String>>,
 }
 
 /// Smoothed round-trip time of one server (RFC 6298, as unbound's infra cache keeps per
-/// server), from which each UDP attempt's retransmission timeout comes.
+/// server), from which each UDP try's retransmission timer starts. Only answers feed it: a
+/// name that never answers (a dead domain behind the server) says nothing about the server's
+/// round trip, so timeouts never raise it (issue #22 finding 3); the back-off is the query's.
 #[derive(Debug, Clone, Copy, Default)]
 struct RttEstimate {
     srtt: Option<Duration>,
     rttvar: Duration,
-    /// Timeouts since the last answer: each doubles the RTO.
-    backoff: u32,
 }
 
 impl RttEstimate {
     fn rto(&self) -> Duration {
-        let base = self
-            .srtt
-            .map_or(INITIAL_RTO, |s| (s + 4 * self.rttvar).max(MIN_RTO));
-        base * 2u32.pow(self.backoff.min(MAX_BACKOFF))
+        self.srtt
+            .map_or(INITIAL_RTO, |s| (s + 4 * self.rttvar).max(MIN_RTO))
     }
 
     fn sample(&mut self, rtt: Duration) {
@@ -243,12 +252,19 @@ impl RttEstimate {
                 self.srtt = Some(s * 7 / 8 + rtt / 8);
             }
         }
-        self.backoff = 0;
     }
+}
 
-    fn timed_out(&mut self) {
-        self.backoff = (self.backoff + 1).min(MAX_BACKOFF);
-    }
+/// How long one query waits after its try number `tries_before` (0 for the first) before it
+/// adds another: the server's RTO doubled per earlier try of this query (capped), never more
+/// than the budget left shared with the servers not yet asked.
+fn retransmit_after(
+    rto: Duration,
+    tries_before: u32,
+    left: Duration,
+    not_yet_asked: u32,
+) -> Duration {
+    (rto * 2u32.pow(tries_before.min(MAX_BACKOFF))).min(left / not_yet_asked.max(1))
 }
 
 impl Server {
@@ -291,6 +307,7 @@ impl Server {
             healthy_gauge,
             label,
             rtt: Mutex::default(),
+            silent_names: Mutex::default(),
         }
     }
 
@@ -306,6 +323,7 @@ impl Server {
     fn reachable(&self) {
         if self.consecutive.load(Ordering::Relaxed) != 0 {
             self.consecutive.store(0, Ordering::Relaxed);
+            self.silent_names.lock().expect("silent names lock").clear();
         }
         if !self.healthy.load(Ordering::Relaxed) && !self.healthy.swap(true, Ordering::Relaxed) {
             self.healthy_gauge.set(1);
@@ -329,6 +347,35 @@ impl Server {
             return;
         }
         let n = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
+        self.judge(n, after);
+    }
+
+    /// A query for `qname` ended without any answer from this server (every try of it timed
+    /// out). Counts towards `unhealthy_after` only when no other query timed out for the same
+    /// name since the server last answered.
+    fn silent(&self, m: &Metrics, qname: &str, error: String, after: u32) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        m.failures
+            .get_or_create(&ReasonLabels {
+                upstream: self.label.clone(),
+                reason: "timeout",
+            })
+            .inc();
+        *self.last_error.lock().expect("last_error lock") = Some(error);
+        let name = qname.trim_end_matches('.').to_ascii_lowercase();
+        let mut names = self.silent_names.lock().expect("silent names lock");
+        if names.contains(&name) {
+            return;
+        }
+        if names.len() < after as usize {
+            names.push(name);
+        }
+        drop(names);
+        let n = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
+        self.judge(n, after);
+    }
+
+    fn judge(&self, n: u32, after: u32) {
         if n >= after && self.healthy.swap(false, Ordering::Relaxed) {
             self.healthy_gauge.set(0);
             tracing::warn!(upstream = %self.addr, failures = n, "upstream server marked unhealthy; probing it until it answers");
@@ -471,14 +518,16 @@ impl Forwarder {
     /// Forwards one client query (wire bytes, any ID) to the group owning `qname` and returns
     /// the upstream's answer bytes unchanged (its ID and question case are upstream's; the
     /// caller restores its client's). The whole exchange stays within `dns.timeout`: servers
-    /// are tried in order, healthy ones only while any is healthy, each UDP attempt waiting its
-    /// server's retransmission timeout (smoothed RTT, 300 ms before the first sample, doubled
-    /// per timeout) but never more than its share of the time left, so the servers not yet
-    /// tried still get a turn; after a timeout the query is sent again to the next server (or
-    /// the same one, when it is alone) with a new ID. A socket error, rejected answer, SERVFAIL
-    /// or REFUSED rules a server out for this query. When every server failed but one answered
-    /// SERVFAIL/REFUSED, that answer is returned (Ok): the caller decides between it and a
-    /// stale entry by its RCODE.
+    /// are tried in order, healthy ones only while any is healthy. Over UDP, when a try has no
+    /// answer after its server's retransmission timeout (smoothed RTT, 300 ms before the first
+    /// sample; doubled per earlier try of this query, never more than the time left shared
+    /// with the servers not yet tried) the query is sent again to the next server (or the same
+    /// one, when it is alone) with a new ID; every earlier try stays pending, so whichever
+    /// valid answer comes first, before the deadline, is taken (a slow server is not a failed
+    /// one). A socket error, rejected answer, SERVFAIL or REFUSED rules a server out for this
+    /// query; a server asked and silent until the deadline has failed this name (`silent`).
+    /// When every server failed but one answered SERVFAIL/REFUSED, that answer is returned
+    /// (Ok): the caller decides between it and a stale entry by its RCODE.
     pub async fn forward(&self, query: &[u8], qname: &str) -> Result<Vec<u8>, UpstreamError> {
         let deadline = Instant::now() + self.timeout;
         let routes = self.routes();
@@ -498,78 +547,140 @@ impl Forwarder {
             .iter()
             .filter(|s| !any_healthy || s.is_healthy())
             .collect();
-        // Ruled out for this query (answered with an error, or unreachable), and asked at all.
+        let udp = group.protocol == UpstreamProtocol::Udp;
+        // Ruled out for this query (answered with an error, or unreachable), asked at all, and
+        // left without an answer past a retransmission timer.
         let mut out = vec![false; servers.len()];
         let mut asked = vec![false; servers.len()];
+        let mut overdue = vec![false; servers.len()];
         let mut next = 0;
+        let mut sent = 0u32;
         let mut last: Option<String> = None;
         let mut error_answer: Option<Vec<u8>> = None;
-        loop {
+        // Every try stays pending until the query ends (answer or deadline): a retransmission
+        // adds a try, it never throws one away, so a late answer to an earlier try (a slow
+        // upstream, not a failed one) is taken (issue #22 finding 2; unbound does the same).
+        // Each try ends by `deadline` on its own timer, so the loop ends when they have.
+        let mut tries = FuturesUnordered::new();
+        let prepared = &prepared;
+        let mut send_now = true;
+        let mut retransmit_at = deadline;
+        let mut latest: Option<usize> = None;
+        let answered = loop {
             let now = Instant::now();
-            let Some(left) = deadline
-                .checked_duration_since(now)
-                .filter(|d| !d.is_zero())
-            else {
-                break;
-            };
-            let Some(k) = (0..servers.len())
-                .map(|j| (next + j) % servers.len())
-                .find(|&k| !out[k])
-            else {
-                break;
-            };
-            next = k + 1;
-            let server = servers[k];
-            let not_yet_asked = asked.iter().filter(|a| !**a).count().max(1) as u32;
-            asked[k] = true;
-            let wait = server.rto().min(left / not_yet_asked);
-            server.queries.fetch_add(1, Ordering::Relaxed);
-            match self
-                .attempt(server, group.protocol, &prepared, wait, deadline)
-                .await
-            {
-                Ok(answer) => {
-                    let reason = match msg::rcode(&answer) {
-                        msg::RCODE_SERVFAIL => "servfail",
-                        msg::RCODE_REFUSED => "refused",
-                        _ => {
-                            server.reachable();
-                            return Ok(answer);
-                        }
-                    };
-                    let e = format!(
-                        "upstream {} answered {}",
-                        server.addr,
-                        reason.to_uppercase()
-                    );
-                    server.failed(
-                        &self.metrics,
-                        reason,
-                        e.clone(),
-                        false,
-                        self.unhealthy_after,
-                    );
-                    last = Some(e);
-                    error_answer.get_or_insert(answer);
-                    out[k] = true;
-                }
-                Err(e) => {
-                    let text = e.to_string();
-                    server.failed(
-                        &self.metrics,
-                        e.reason(),
-                        text.clone(),
-                        true,
-                        self.unhealthy_after,
-                    );
-                    tracing::debug!(group = %group.name, error = %text, "upstream attempt failed");
-                    last = Some(text);
-                    // A timeout over UDP is retransmitted; anything else rules the server out.
-                    let retransmit = matches!(e, UpstreamError::Timeout { .. })
-                        && group.protocol == UpstreamProtocol::Udp;
-                    out[k] |= !retransmit;
-                }
+            let left = deadline.saturating_duration_since(now);
+            if send_now && !left.is_zero() {
+                send_now = false;
+                let pick = (0..servers.len())
+                    .map(|j| (next + j) % servers.len())
+                    .find(|&k| !out[k]);
+                // Every server answered with an error or is unreachable: what a try still
+                // pending would bring is no better (RFC 8767: the caller may serve stale).
+                let Some(k) = pick else { break None };
+                next = k + 1;
+                let server: &Server = servers[k];
+                let not_yet_asked = asked.iter().filter(|a| !**a).count() as u32;
+                asked[k] = true;
+                latest = Some(k);
+                server.queries.fetch_add(1, Ordering::Relaxed);
+                let protocol = group.protocol;
+                tries.push(
+                    async move { (k, self.attempt(server, protocol, prepared, deadline).await) },
+                );
+                retransmit_at = if udp {
+                    now + retransmit_after(server.rto(), sent, left, not_yet_asked)
+                } else {
+                    deadline
+                };
+                sent += 1;
             }
+            if tries.is_empty() {
+                break None;
+            }
+            tokio::select! {
+                done = tries.next() => {
+                    let Some((k, result)) = done else { continue };
+                    let server = servers[k];
+                    match result {
+                        Ok(answer) => {
+                            let reason = match msg::rcode(&answer) {
+                                msg::RCODE_SERVFAIL => "servfail",
+                                msg::RCODE_REFUSED => "refused",
+                                _ => {
+                                    server.reachable();
+                                    break Some((k, answer));
+                                }
+                            };
+                            if out[k] {
+                                continue;
+                            }
+                            let e = format!(
+                                "upstream {} answered {}",
+                                server.addr,
+                                reason.to_uppercase()
+                            );
+                            server.failed(
+                                &self.metrics,
+                                reason,
+                                e.clone(),
+                                false,
+                                self.unhealthy_after,
+                            );
+                            last = Some(e);
+                            error_answer.get_or_insert(answer);
+                            out[k] = true;
+                            send_now = true;
+                        }
+                        // At the deadline: counted once per query below (`silent`).
+                        Err(UpstreamError::Timeout { .. }) => {}
+                        // A server already ruled out is counted once per query.
+                        Err(_) if out[k] => {}
+                        Err(e) => {
+                            let text = e.to_string();
+                            server.failed(
+                                &self.metrics,
+                                e.reason(),
+                                text.clone(),
+                                true,
+                                self.unhealthy_after,
+                            );
+                            tracing::debug!(group = %group.name, error = %text, "upstream attempt failed");
+                            last = Some(text);
+                            out[k] = true;
+                            send_now = true;
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(retransmit_at.into()), if !left.is_zero() => {
+                    if let Some(k) = latest {
+                        overdue[k] = true;
+                    }
+                    send_now = true;
+                }
+                // Each try ends by the deadline on its own; this only guards against one that
+                // would not.
+                _ = tokio::time::sleep_until((deadline + DEADLINE_GRACE).into()) => break None,
+            }
+        };
+        drop(tries);
+        // Asked, neither answered nor ruled out, and left past a retransmission timer (or to
+        // the deadline): silent for this name.
+        for (k, server) in servers.iter().enumerate() {
+            let silent = match &answered {
+                Some((by, _)) => *by != k && overdue[k],
+                None => asked[k],
+            };
+            if silent && !out[k] {
+                let e = UpstreamError::Timeout {
+                    server: server.addr,
+                }
+                .to_string();
+                server.silent(&self.metrics, qname, e.clone(), self.unhealthy_after);
+                last.get_or_insert(e);
+            }
+        }
+        if let Some((_, answer)) = answered {
+            return Ok(answer);
         }
         if let Some(answer) = error_answer {
             return Ok(answer);
@@ -684,7 +795,7 @@ impl Forwarder {
             Arc::new(msg::Prepared::new(&query, false).expect("probe queries are well-formed"));
         let deadline = Instant::now() + self.timeout;
         match self
-            .attempt(server, group.protocol, &prepared, self.timeout, deadline)
+            .attempt(server, group.protocol, &prepared, deadline)
             .await
         {
             Ok(_) => server.reachable(),
@@ -794,20 +905,20 @@ impl Forwarder {
 
     // --- one attempt at one server ---
 
-    /// One attempt: UDP waiting `wait` (and TCP when the answer is truncated) or TCP, either
-    /// until `deadline`. Returns a validated answer, whatever its RCODE.
+    /// One try: UDP (and TCP when the answer is truncated) or TCP, until `deadline`. Returns a
+    /// validated answer, whatever its RCODE.
     async fn attempt(
         &self,
         server: &Server,
         protocol: UpstreamProtocol,
         p: &Arc<msg::Prepared>,
-        wait: Duration,
         deadline: Instant,
     ) -> Result<Vec<u8>, UpstreamError> {
         if protocol == UpstreamProtocol::Tcp {
             return self.tcp_attempt(server, p, deadline).await;
         }
         let started = Instant::now();
+        let wait = deadline.saturating_duration_since(started);
         let answer = match server.udp.exchange(p, wait).await {
             Ok(answer) => answer,
             Err(udp::UdpError::Io(source)) => {
@@ -817,7 +928,6 @@ impl Forwarder {
                 });
             }
             Err(udp::UdpError::Timeout { rejected: None }) => {
-                server.rtt.lock().expect("rtt lock").timed_out();
                 return Err(UpstreamError::Timeout {
                     server: server.addr,
                 });
@@ -898,6 +1008,14 @@ impl Forwarder {
             });
         }
         server.latency_tcp.observe(started.elapsed().as_secs_f64());
+        // RFC 2181 9: a truncated answer is incomplete. Over TCP there is nothing larger to
+        // ask with: this server failed this query (never cached, never served).
+        if msg::truncated(&answer) {
+            return Err(UpstreamError::Malformed {
+                server: server.addr,
+                why: "answer truncated (TC) over TCP".into(),
+            });
+        }
         Ok(answer)
     }
 }
@@ -919,6 +1037,10 @@ impl super::server::Upstream for Forwarder {
 
     fn any_healthy(&self) -> bool {
         Forwarder::any_healthy(self)
+    }
+
+    fn group_of(&self, qname: &str) -> String {
+        Forwarder::group_of(self, qname)
     }
 }
 
@@ -1195,17 +1317,11 @@ mod tests {
     }
 
     #[test]
-    fn retransmission_timeout_follows_the_smoothed_rtt_and_backs_off() {
+    fn retransmission_timeout_follows_the_smoothed_rtt_and_backs_off_per_query() {
         let mut rtt = RttEstimate::default();
         assert_eq!(rtt.rto(), INITIAL_RTO, "no sample yet");
-        rtt.timed_out();
-        assert_eq!(rtt.rto(), INITIAL_RTO * 2);
         rtt.sample(Duration::from_millis(1));
-        assert_eq!(
-            rtt.rto(),
-            MIN_RTO,
-            "a fast server: the floor, backoff reset"
-        );
+        assert_eq!(rtt.rto(), MIN_RTO, "a fast server: the floor");
         for _ in 0..50 {
             rtt.sample(Duration::from_millis(200));
         }
@@ -1214,10 +1330,36 @@ mod tests {
             rto >= Duration::from_millis(200) && rto < Duration::from_millis(300),
             "{rto:?}"
         );
+        let long = Duration::from_secs(3600);
+        assert_eq!(retransmit_after(rto, 0, long, 1), rto);
+        assert_eq!(retransmit_after(rto, 1, long, 1), rto * 2);
+        assert_eq!(retransmit_after(rto, 10, long, 1), rto * 16, "capped");
+        assert_eq!(
+            retransmit_after(rto, 10, Duration::from_millis(90), 3),
+            Duration::from_millis(30),
+            "never past the budget left, shared with the servers not yet asked"
+        );
+    }
+
+    #[test]
+    fn only_distinct_silent_names_mark_a_server_down_and_an_answer_resets_them() {
+        let m = Metrics::register(&mut Registry::default());
+        let s = Server::new("10.0.0.1:53".parse().unwrap(), &m);
         for _ in 0..10 {
-            rtt.timed_out();
+            s.silent(&m, "dead.example", "timeout".into(), 3);
         }
-        assert_eq!(rtt.rto(), rto * 16, "backoff is capped");
+        assert!(s.is_healthy(), "one name retried counts once");
+        s.silent(&m, "Dead2.example.", "timeout".into(), 3);
+        s.reachable();
+        s.silent(&m, "dead3.example", "timeout".into(), 3);
+        s.silent(&m, "dead4.example", "timeout".into(), 3);
+        assert!(
+            s.is_healthy(),
+            "an answer in between starts the count again"
+        );
+        s.silent(&m, "dead.example", "timeout".into(), 3);
+        assert!(!s.is_healthy(), "three distinct names in a row");
+        assert_eq!(s.consecutive.load(Ordering::Relaxed), 3);
     }
 
     #[tokio::test]

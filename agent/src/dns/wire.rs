@@ -409,10 +409,11 @@ pub fn scan_response(b: &[u8]) -> Result<ResponseInfo, &'static str> {
     Ok(info)
 }
 
-/// True when a stored response (`for_cache`) holds nothing but A/AAAA answers of the right size
-/// owned by the question name itself (the owner is a compression pointer to the question, as
-/// every upstream writes it) and nothing in authority or additional: nothing to scrub, no
-/// chain to follow. Checked without decoding, so the common miss skips the full parse.
+/// True when a stored response (`for_cache`) holds nothing but answers of the question's type
+/// (A/AAAA, of the right size) owned by the question name itself (the owner is a compression
+/// pointer to the question, as every upstream writes it) and nothing in authority or
+/// additional: nothing to scrub, no chain to follow. Checked without decoding, so the common
+/// miss skips the full parse.
 pub fn owned_by_question(b: &[u8]) -> bool {
     let count = |i| u16_at(b, i).unwrap_or(u16::MAX);
     if count(4) != 1 || count(8) != 0 || count(10) != 0 {
@@ -421,6 +422,7 @@ pub fn owned_by_question(b: &[u8]) -> bool {
     let Ok(question_end) = skip_name(b, HEADER_LEN).map(|i| i + 4) else {
         return false;
     };
+    let qtype = u16_at(b, question_end - 4).unwrap_or(0);
     let mut i = question_end;
     for _ in 0..count(6) {
         if b.get(i..i + 2) != Some(&[0xC0, HEADER_LEN as u8][..]) {
@@ -428,7 +430,7 @@ pub fn owned_by_question(b: &[u8]) -> bool {
         }
         let Ok(rr) = record(b, i) else { return false };
         let size = rr.end - rr.rdata;
-        if !matches!((rr.rtype, size), (1, 4) | (28, 16)) {
+        if rr.rtype != qtype || !matches!((rr.rtype, size), (1, 4) | (28, 16)) {
             return false;
         }
         i = rr.end;

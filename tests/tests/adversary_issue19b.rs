@@ -394,7 +394,8 @@ fn signed_dated(pki: &Pki, name: &str, issuer: &str, subj: &str, ext: &str, from
     );
 }
 
-const CLIENT_EXT: &str = "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n";
+const CLIENT_EXT: &str =
+    "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n";
 
 /// The shipped shape: TLS from a Secret volume, KEDA's CA and name, and the read token.
 fn server_files(pki: &Pki, name: &str) -> Vec<(&'static str, Vec<u8>)> {
@@ -537,7 +538,12 @@ impl node_agent_server::NodeAgent for FakeAgent {
 }
 
 /// One pod of a census: `established` connections to the pool's remote.
-fn census_pod(ns: &str, name: &str, labels: &[(&str, &str)], established: u64) -> pb::PodConnections {
+fn census_pod(
+    ns: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+    established: u64,
+) -> pb::PodConnections {
     pb::PodConnections {
         uid: format!("uid-{ns}-{name}"),
         namespace: ns.into(),
@@ -626,17 +632,29 @@ fn anonymous_callers_reach_health_only_and_nothing_open_leaks_the_census() {
     let fleet = get_fleet(&rt, agg.grpc, &pki, as_keda("keda"), &[]).expect("KEDA reads");
     assert_eq!(fleet.answered, 1, "{fleet:?}");
 
-    let secret = |s: &str| [SECRET_NS, SECRET_POD, SECRET_NODE].iter().any(|x| s.contains(x));
+    let secret = |s: &str| {
+        [SECRET_NS, SECRET_POD, SECRET_NODE]
+            .iter()
+            .any(|x| s.contains(x))
+    };
     let mut refusals = Vec::new();
     rt.block_on(async {
-        let ch = channel(agg.grpc, &pki, NO_CERT).await.expect("TLS without a certificate");
+        let ch = channel(agg.grpc, &pki, NO_CERT)
+            .await
+            .expect("TLS without a certificate");
         let mut agg_c = AggregatorClient::new(ch.clone());
         let mut keda = ExternalScalerClient::new(ch.clone());
         let mut node = NodeAgentClient::new(ch.clone());
         let calls: Vec<(&str, Result<(), Status>)> = vec![
-            ("GetFleet", agg_c.get_fleet(pb::GetFleetRequest {}).await.map(drop)),
+            (
+                "GetFleet",
+                agg_c.get_fleet(pb::GetFleetRequest {}).await.map(drop),
+            ),
             ("IsActive", keda.is_active(pool_ref()).await.map(drop)),
-            ("GetMetricSpec", keda.get_metric_spec(pool_ref()).await.map(drop)),
+            (
+                "GetMetricSpec",
+                keda.get_metric_spec(pool_ref()).await.map(drop),
+            ),
             (
                 "GetMetrics",
                 keda.get_metrics(keda_pb::GetMetricsRequest {
@@ -646,7 +664,10 @@ fn anonymous_callers_reach_health_only_and_nothing_open_leaks_the_census() {
                 .await
                 .map(drop),
             ),
-            ("StreamIsActive", keda.stream_is_active(pool_ref()).await.map(drop)),
+            (
+                "StreamIsActive",
+                keda.stream_is_active(pool_ref()).await.map(drop),
+            ),
             (
                 "StreamMetricSpec",
                 keda.stream_metric_spec(pool_ref()).await.map(drop),
@@ -654,7 +675,9 @@ fn anonymous_callers_reach_health_only_and_nothing_open_leaks_the_census() {
             // Not served by the aggregator: still judged before routing.
             (
                 "NodeAgent/GetMetrics",
-                node.get_metrics(pb::GetMetricsRequest::default()).await.map(drop),
+                node.get_metrics(pb::GetMetricsRequest::default())
+                    .await
+                    .map(drop),
             ),
             ("reflection v1", reflection_v1(ch.clone()).await),
             ("reflection v1alpha", reflection_v1alpha(ch.clone()).await),
@@ -704,9 +727,9 @@ fn anonymous_callers_reach_health_only_and_nothing_open_leaks_the_census() {
 }
 
 async fn reflection_v1(ch: Channel) -> Result<(), Status> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
     let req = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
@@ -719,9 +742,9 @@ async fn reflection_v1(ch: Channel) -> Result<(), Status> {
 }
 
 async fn reflection_v1alpha(ch: Channel) -> Result<(), Status> {
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
     use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
     let req = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
@@ -782,14 +805,22 @@ fn near_miss_tokens_and_header_tricks_are_refused() {
         let h: Vec<&str> = headers.iter().map(String::as_str).collect();
         let e = fleet(&h).expect_err(what);
         assert_eq!(e.code(), Code::Unauthenticated, "{what}: {e:?}");
-        assert!(!e.message().contains(TOKEN), "{what} echoes the token: {e:?}");
+        assert!(
+            !e.message().contains(TOKEN),
+            "{what} echoes the token: {e:?}"
+        );
     }
     // The token in any other header is no credential.
     let e = rt
         .block_on(async {
             let mut c = AggregatorClient::new(channel(agg.grpc, &pki, Via::Plaintext).await?);
             let mut req = tonic::Request::new(pb::GetFleetRequest {});
-            for h in ["x-api-key", "token", "proxy-authorization", "x-forwarded-authorization"] {
+            for h in [
+                "x-api-key",
+                "token",
+                "proxy-authorization",
+                "x-forwarded-authorization",
+            ] {
                 req.metadata_mut().insert(h, bearer(TOKEN).parse().unwrap());
             }
             c.get_fleet(req).await
@@ -908,14 +939,21 @@ fn a_spoiled_token_file_never_hangs_never_opens_and_a_good_one_reads_again() {
             health_check(&rt, agg.grpc, &pki, NO_CERT, "").expect(what),
             SERVING
         );
-        assert!(matches!(http_get(agg.metrics, "/healthz"), Ok((200, _))), "{what}");
+        assert!(
+            matches!(http_get(agg.metrics, "/healthz"), Ok((200, _))),
+            "{what}"
+        );
         // A good token (a new one) swapped in: read at once, no restart.
         let next = format!("{TOKEN}-{i}");
         write_token_file(&token, &next);
         get_fleet(&rt, agg.grpc, &pki, NO_CERT, &[&bearer(&next)])
             .unwrap_or_else(|e| panic!("after {what}, the new token: {e:?}"));
         let e = get_fleet(&rt, agg.grpc, &pki, NO_CERT, &[&bearer(TOKEN)]).unwrap_err();
-        assert_eq!(e.code(), Code::Unauthenticated, "after {what}, the old token: {e:?}");
+        assert_eq!(
+            e.code(),
+            Code::Unauthenticated,
+            "after {what}, the old token: {e:?}"
+        );
         write_token_file(&token, TOKEN);
     }
     assert!(agg.proc.alive());
@@ -981,7 +1019,13 @@ fn forged_expired_and_misnamed_client_certificates_are_refused() {
     let pki = base_pki();
     let ext = |extra: &str| format!("{CLIENT_EXT}{extra}");
     // Accepted: the documented names.
-    signed(&pki, "san-only", "ca", "/CN=intruder", &ext("subjectAltName=DNS:keda-operator\n"));
+    signed(
+        &pki,
+        "san-only",
+        "ca",
+        "/CN=intruder",
+        &ext("subjectAltName=DNS:keda-operator\n"),
+    );
     signed(
         &pki,
         "no-eku",
@@ -990,24 +1034,66 @@ fn forged_expired_and_misnamed_client_certificates_are_refused() {
         "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n",
     );
     // PERMISSION_DENIED: the CA's, but not the listed name.
-    signed(&pki, "org", "ca", "/O=keda-operator/OU=keda-operator/CN=intruder", CLIENT_EXT);
+    signed(
+        &pki,
+        "org",
+        "ca",
+        "/O=keda-operator/OU=keda-operator/CN=intruder",
+        CLIENT_EXT,
+    );
     signed(
         &pki,
         "uri-san",
         "ca",
         "/CN=intruder",
-        &ext("subjectAltName=URI:spiffe://cluster/ns/keda/sa/keda-operator,URI:keda-operator,email:keda-operator@x\n"),
+        &ext(
+            "subjectAltName=URI:spiffe://cluster/ns/keda/sa/keda-operator,URI:keda-operator,email:keda-operator@x\n",
+        ),
     );
     signed(&pki, "upper", "ca", "/CN=KEDA-OPERATOR", CLIENT_EXT);
     signed(&pki, "dot", "ca", "/CN=keda-operator.", CLIENT_EXT);
     signed(&pki, "longer", "ca", "/CN=keda-operator-2", CLIENT_EXT);
     signed(&pki, "prefixed", "ca", "/CN=xkeda-operator", CLIENT_EXT);
-    signed(&pki, "dns-longer", "ca", "/CN=intruder", &ext("subjectAltName=DNS:keda-operator.evil.example\n"));
+    signed(
+        &pki,
+        "dns-longer",
+        "ca",
+        "/CN=intruder",
+        &ext("subjectAltName=DNS:keda-operator.evil.example\n"),
+    );
     // Handshake: not the CA's, not valid now, not for client auth, not a leaf, not by a CA.
-    signed(&pki, "other-cn", "other-ca", "/CN=keda-operator", CLIENT_EXT);
-    signed(&pki, "other-san", "other-ca", "/CN=intruder", &ext("subjectAltName=DNS:keda-operator\n"));
-    signed_dated(&pki, "expired", "ca", "/CN=keda-operator", CLIENT_EXT, "20200101000000Z", "20200201000000Z");
-    signed_dated(&pki, "future", "ca", "/CN=keda-operator", CLIENT_EXT, "20990101000000Z", "20991231000000Z");
+    signed(
+        &pki,
+        "other-cn",
+        "other-ca",
+        "/CN=keda-operator",
+        CLIENT_EXT,
+    );
+    signed(
+        &pki,
+        "other-san",
+        "other-ca",
+        "/CN=intruder",
+        &ext("subjectAltName=DNS:keda-operator\n"),
+    );
+    signed_dated(
+        &pki,
+        "expired",
+        "ca",
+        "/CN=keda-operator",
+        CLIENT_EXT,
+        "20200101000000Z",
+        "20200201000000Z",
+    );
+    signed_dated(
+        &pki,
+        "future",
+        "ca",
+        "/CN=keda-operator",
+        CLIENT_EXT,
+        "20990101000000Z",
+        "20991231000000Z",
+    );
     signed(
         &pki,
         "server-eku",
@@ -1039,10 +1125,22 @@ fn forged_expired_and_misnamed_client_certificates_are_refused() {
             wrong.push(format!("{who}: should read, got {e:?}"));
         }
     }
-    for who in ["intruder", "org", "uri-san", "upper", "dot", "longer", "prefixed", "dns-longer"] {
+    for who in [
+        "intruder",
+        "org",
+        "uri-san",
+        "upper",
+        "dot",
+        "longer",
+        "prefixed",
+        "dns-longer",
+    ] {
         match fleet(who) {
             Err(e) if e.code() == Code::PermissionDenied => {
-                assert!(e.message().contains("--listen-client-names"), "{who}: {e:?}");
+                assert!(
+                    e.message().contains("--listen-client-names"),
+                    "{who}: {e:?}"
+                );
             }
             other => wrong.push(format!("{who}: should be PERMISSION_DENIED, got {other:?}")),
         }
@@ -1092,7 +1190,14 @@ fn a_wrong_token_beside_a_good_certificate_is_refused() {
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
 
     let certs_only = start_aggregator(dir.path(), &mtls_args(&volume, None, &nobody), &[]);
-    let e = get_fleet(&rt, certs_only.grpc, &pki, as_keda("keda"), &[&bearer(TOKEN)]).unwrap_err();
+    let e = get_fleet(
+        &rt,
+        certs_only.grpc,
+        &pki,
+        as_keda("keda"),
+        &[&bearer(TOKEN)],
+    )
+    .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     assert!(e.message().contains("client certificate"), "{e:?}");
 }
@@ -1135,7 +1240,11 @@ fn anonymous_never_combines_with_a_credential_and_check_config_says_what_is_open
         ),
         (
             "flag + CA flag",
-            all(&[tls.clone(), os(&[&"--allow-anonymous", &"--listen-client-ca", &ca])].concat()),
+            all(&[
+                tls.clone(),
+                os(&[&"--allow-anonymous", &"--listen-client-ca", &ca]),
+            ]
+            .concat()),
             vec![],
         ),
         (
@@ -1164,8 +1273,16 @@ fn anonymous_never_combines_with_a_credential_and_check_config_says_what_is_open
                 a.push("--check-config".into());
             }
             let o = run_to_exit(&a, envs);
-            assert!(!o.status.success(), "{what} (check-config {check}) started: {}", text(&o));
-            assert!(text(&o).contains("--allow-anonymous"), "{what}: {}", text(&o));
+            assert!(
+                !o.status.success(),
+                "{what} (check-config {check}) started: {}",
+                text(&o)
+            );
+            assert!(
+                text(&o).contains("--allow-anonymous"),
+                "{what}: {}",
+                text(&o)
+            );
         }
     }
 
@@ -1187,21 +1304,35 @@ fn anonymous_never_combines_with_a_credential_and_check_config_says_what_is_open
     );
     let e = get_fleet(&rt, closed.grpc, &pki, Via::Plaintext, &[]).unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
-    assert_eq!(closed.metric("nodekeeper_aggregate_api_anonymous"), Some(0.0));
+    assert_eq!(
+        closed.metric("nodekeeper_aggregate_api_anonymous"),
+        Some(0.0)
+    );
 
     // TLS but no credential: closed to all, and --check-config warns.
     let o = run_to_exit(&all(&[tls.clone(), os(&[&"--check-config"])].concat()), &[]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("# WARNING: no credential"), "{}", text(&o));
+    assert!(
+        text(&o).contains("# WARNING: no credential"),
+        "{}",
+        text(&o)
+    );
     // TLS and anonymous: open to all, and --check-config warns.
     let o = run_to_exit(
         &all(&[tls.clone(), os(&[&"--allow-anonymous", &"--check-config"])].concat()),
         &[],
     );
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("# WARNING: --allow-anonymous"), "{}", text(&o));
+    assert!(
+        text(&o).contains("# WARNING: --allow-anonymous"),
+        "{}",
+        text(&o)
+    );
     // A token without TLS: said to travel in clear text.
-    let o = run_to_exit(&all(&os(&[&"--listen-token-file", &token, &"--check-config"])), &[]);
+    let o = run_to_exit(
+        &all(&os(&[&"--listen-token-file", &token, &"--check-config"])),
+        &[],
+    );
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("clear text"), "{}", text(&o));
 
@@ -1209,18 +1340,35 @@ fn anonymous_never_combines_with_a_credential_and_check_config_says_what_is_open
     let empty = dir.path().join("empty");
     std::fs::write(&empty, "\n").unwrap();
     let bad: Vec<(&str, Vec<OsString>)> = vec![
-        ("--listen-token-file", all(&os(&[&"--listen-token-file", &empty]))),
+        (
+            "--listen-token-file",
+            all(&os(&[&"--listen-token-file", &empty])),
+        ),
         (
             "--listen-client-ca",
             all(&[tls.clone(), os(&[&"--listen-client-ca", &empty])].concat()),
         ),
         (
             "--listen-key",
-            all(&os(&[&"--listen-cert", &cert, &"--listen-key", &pki.path("keda.key")])),
+            all(&os(&[
+                &"--listen-cert",
+                &cert,
+                &"--listen-key",
+                &pki.path("keda.key"),
+            ])),
         ),
         (
             "--listen-client-names",
-            all(&[tls.clone(), os(&[&"--listen-client-ca", &ca, &"--listen-client-names", &"keda-operator,"])].concat()),
+            all(&[
+                tls.clone(),
+                os(&[
+                    &"--listen-client-ca",
+                    &ca,
+                    &"--listen-client-names",
+                    &"keda-operator,",
+                ]),
+            ]
+            .concat()),
         ),
     ];
     for (flag, args) in &bad {
@@ -1307,7 +1455,8 @@ fn slowloris_tls_handshakes_are_closed_and_never_block_other_callers() {
             use std::io::Write as _;
             let mut s = std::net::TcpStream::connect(agg.grpc).expect("connect");
             // A TLS handshake record header announcing 512 bytes, then two of them.
-            s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00]).unwrap();
+            s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00])
+                .unwrap();
             s
         })
         .collect();
@@ -1455,27 +1604,30 @@ fn adversary_anonymous_connections_cannot_lock_keda_out() {
         }
         held
     });
-    eprintln!("{} anonymous connections refused a call and stay open", held.len());
-    assert!(held.len() >= 200, "the flood did not take the slots: {}", held.len());
+    eprintln!(
+        "{} anonymous connections refused a call and stay open",
+        held.len()
+    );
+    assert!(
+        held.len() >= 200,
+        "the flood did not take the slots: {}",
+        held.len()
+    );
     // KEDA, from its own address, with a valid certificate: polled past every server timeout.
     let deadline = Instant::now() + WAIT;
-    let mut last = None;
     loop {
         let r = rt.block_on(async {
-            let ch = channel_from(agg.grpc, &pki, as_keda("keda"), Some([127, 0, 0, 1].into()))
-                .await?;
+            let ch =
+                channel_from(agg.grpc, &pki, as_keda("keda"), Some([127, 0, 0, 1].into())).await?;
             AggregatorClient::new(ch)
                 .get_fleet(pb::GetFleetRequest {})
                 .await
                 .map(drop)
         });
-        match r {
-            Ok(()) => break,
-            Err(e) => last = Some(e),
-        }
+        let Err(e) = r else { break };
         assert!(
             Instant::now() < deadline,
-            "KEDA locked out for {WAIT:?} by {} anonymous connections: {last:?}",
+            "KEDA locked out for {WAIT:?} by {} anonymous connections: {e:?}",
             held.len()
         );
         std::thread::sleep(Duration::from_millis(500));
@@ -1600,8 +1752,18 @@ fn adversary_a_rogue_agent_cannot_count_another_nodes_pods() {
     for node in ["node-a", "node-b"] {
         api.add_node(node, &[]);
     }
-    api.add_pod(PodSeed::new("web-1").namespace("shop").node("node-a").label("app", "web"));
-    api.add_pod(PodSeed::new("api-1").namespace("shop").node("node-b").label("app", "api"));
+    api.add_pod(
+        PodSeed::new("web-1")
+            .namespace("shop")
+            .node("node-a")
+            .label("app", "web"),
+    );
+    api.add_pod(
+        PodSeed::new("api-1")
+            .namespace("shop")
+            .node("node-b")
+            .label("app", "api"),
+    );
     let honest = start_fake_agent(
         &rt,
         "node-a",
@@ -1646,7 +1808,11 @@ fn adversary_a_rogue_agent_cannot_count_another_nodes_pods() {
         {
             break f.clone();
         }
-        assert!(Instant::now() < deadline, "never ready: {r:?}\n{}", agg.proc.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "never ready: {r:?}\n{}",
+            agg.proc.log_text()
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     let value = keda_pool_value(&rt, agg.grpc, &pki, Via::Plaintext).expect("the pool");
@@ -1701,4 +1867,64 @@ fn adversary_the_shipped_aggregator_reads_agents_over_tls_with_its_own_credentia
          its own API's token: {shared} ({:?})",
         shipped_arg("--token-file")
     );
+}
+
+/// Attack: the client CA rotated away from under KEDA's certificate (a compromised CA replaced
+/// by a new one). Held: new connections are verified against the new CA at once (the old CA's
+/// certificate fails the handshake, the new CA's is accepted, no restart); a connection opened
+/// before keeps its session, as documented ("KEDA keeps an open connection (and its session)
+/// until it reconnects").
+#[test]
+fn a_rotated_client_ca_refuses_the_old_cas_certificates_on_new_connections() {
+    if !require_tool("openssl") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let pki = base_pki();
+    pki.client("keda-new-ca", "other-ca", KEDA);
+    let mut volume = SecretVolume::new(&server_files(&pki, "aggregator"));
+    let nobody = loopback(free_port()).to_string();
+    let agg = start_aggregator(dir.path(), &mtls_args(&volume, None, &nobody), &[]);
+    let kept = rt.block_on(async {
+        let ch = channel(agg.grpc, &pki, as_keda("keda"))
+            .await
+            .expect("KEDA connects");
+        let mut c = AggregatorClient::new(ch);
+        c.get_fleet(pb::GetFleetRequest {})
+            .await
+            .expect("KEDA reads");
+        c
+    });
+    assert!(handshake_refused(&get_fleet(
+        &rt,
+        agg.grpc,
+        &pki,
+        as_keda("keda-new-ca"),
+        &[]
+    )));
+
+    // The Secret now carries the new CA (the serving certificate unchanged).
+    let mut files = server_files(&pki, "aggregator");
+    files[0] = ("ca.crt", pki.pem("other-ca.crt"));
+    volume.update(&files);
+    let deadline = Instant::now() + WAIT;
+    while get_fleet(&rt, agg.grpc, &pki, as_keda("keda-new-ca"), &[]).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the new CA was never used: {}",
+            agg.proc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = get_fleet(&rt, agg.grpc, &pki, as_keda("keda"), &[]);
+    assert!(
+        handshake_refused(&r),
+        "the old CA's certificate on a new connection: {r:?}"
+    );
+    assert_eq!(agg.metric("nodekeeper_api_tls_files_refused"), Some(0.0));
+    // Documented: the connection opened before keeps its session.
+    let mut kept = kept;
+    rt.block_on(kept.get_fleet(pb::GetFleetRequest {}))
+        .expect("the open connection keeps its session (documented)");
 }

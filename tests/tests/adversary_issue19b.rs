@@ -1559,8 +1559,9 @@ fn adversary_anonymous_health_watch_streams_are_bounded_on_the_aggregator() {
     // The agents' bound from one address: half of api.maxWatchStreams (64).
     assert!(
         open.len() <= 32 && refused > 0,
-        "{} anonymous health Watch streams held open from one address ({} requested, none \
-         refused: {refused}); the aggregator's RSS went {rss_before} KiB -> {rss_after} KiB",
+        "{} anonymous health Watch streams held open from one address ({} requested; {refused} \
+         refused by the in-flight cap during the burst, none by a stream budget); the \
+         aggregator's RSS went {rss_before} KiB -> {rss_after} KiB",
         open.len(),
         CONNECTIONS * PER_CONNECTION
     );

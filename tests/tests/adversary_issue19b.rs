@@ -464,10 +464,11 @@ const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Ser
 
 // === a fake node agent (honest or rogue) ===
 
-/// A node agent that answers GetMetrics with a fixed census; every other RPC is UNIMPLEMENTED.
+/// A node agent that answers GetMetrics with the census in `snapshot` (changed by the test at
+/// will); every other RPC is UNIMPLEMENTED.
 #[derive(Clone)]
 struct FakeAgent {
-    snapshot: pb::MetricsSnapshot,
+    snapshot: Arc<std::sync::Mutex<pb::MetricsSnapshot>>,
 }
 
 type BoxStream<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send>>;
@@ -485,7 +486,7 @@ impl node_agent_server::NodeAgent for FakeAgent {
         &self,
         _: tonic::Request<pb::GetMetricsRequest>,
     ) -> Result<tonic::Response<pb::MetricsSnapshot>, Status> {
-        let mut s = self.snapshot.clone();
+        let mut s = self.snapshot.lock().expect("not poisoned").clone();
         s.collected_at = Some(SystemTime::now().into());
         Ok(tonic::Response::new(s))
     }
@@ -572,13 +573,20 @@ fn start_fake_agent(
     node_name: &str,
     pods: Vec<pb::PodConnections>,
 ) -> SocketAddr {
-    let agent = FakeAgent {
-        snapshot: pb::MetricsSnapshot {
-            node_name: node_name.into(),
-            connections: pods,
-            ..Default::default()
-        },
+    let snapshot = pb::MetricsSnapshot {
+        node_name: node_name.into(),
+        connections: pods,
+        ..Default::default()
     };
+    start_shared_fake_agent(rt, Arc::new(std::sync::Mutex::new(snapshot)))
+}
+
+/// Serves `FakeAgent` answering with whatever `snapshot` holds at each call.
+fn start_shared_fake_agent(
+    rt: &tokio::runtime::Runtime,
+    snapshot: Arc<std::sync::Mutex<pb::MetricsSnapshot>>,
+) -> SocketAddr {
+    let agent = FakeAgent { snapshot };
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .expect("bind the fake agent");
@@ -921,14 +929,9 @@ fn a_spoiled_token_file_never_hangs_never_opens_and_a_good_one_reads_again() {
     let spoils: Vec<&str> = BAD_TOKEN_FILES.iter().copied().chain(["removed"]).collect();
     for (i, what) in spoils.iter().enumerate() {
         spoil_token_file(&token, what);
-        let started = Instant::now();
+        // A hang would be DEADLINE_EXCEEDED after WAIT.
         let e = get_fleet(&rt, agg.grpc, &pki, NO_CERT, &[&bearer(TOKEN)]).unwrap_err();
         assert_eq!(e.code(), Code::Unauthenticated, "{what}: {e:?}");
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "{what}: the refusal took {:?}",
-            started.elapsed()
-        );
         // Nothing in the bad file is a token: not its bytes, not an empty string.
         for guess in ["", "aaaa", "a"] {
             let e = get_fleet(&rt, agg.grpc, &pki, NO_CERT, &[&bearer(guess)]).unwrap_err();
@@ -1204,6 +1207,9 @@ fn a_wrong_token_beside_a_good_certificate_is_refused() {
 
 // === attacks: flags, environment and --check-config ===
 
+/// What is tried, the args, the environment.
+type Combo<'a> = (&'a str, Vec<OsString>, Vec<(&'a str, &'a str)>);
+
 /// Attack: `--allow-anonymous` beside a credential, by flag and by environment, and
 /// `--check-config` with flags that leave the API open, closed or half-configured. Held: every
 /// combination of anonymous and a credential is refused at start; an explicit `false` in the
@@ -1232,7 +1238,7 @@ fn anonymous_never_combines_with_a_credential_and_check_config_says_what_is_open
     let ca_s = ca.display().to_string();
 
     // Anonymous beside a credential: never starts, whichever way it is said.
-    let combos: Vec<(&str, Vec<OsString>, Vec<(&str, &str)>)> = vec![
+    let combos: Vec<Combo> = vec![
         (
             "flag + token flag",
             all(&os(&[&"--allow-anonymous", &"--listen-token-file", &token])),
@@ -1460,7 +1466,7 @@ fn slowloris_tls_handshakes_are_closed_and_never_block_other_callers() {
             s
         })
         .collect();
-    let started = Instant::now();
+    // Served one handshake after another, KEDA would wait 16 x 10 s, past WAIT.
     rt.block_on(async {
         let ch = channel_from(agg.grpc, &pki, as_keda("keda"), Some([127, 0, 0, 2].into()))
             .await
@@ -1470,11 +1476,6 @@ fn slowloris_tls_handshakes_are_closed_and_never_block_other_callers() {
             .await
             .expect("KEDA reads while handshakes stall");
     });
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "KEDA waited {:?} behind the stalled handshakes",
-        started.elapsed()
-    );
     for (i, s) in stalled.iter_mut().enumerate() {
         use std::io::Read as _;
         s.set_read_timeout(Some(WAIT)).unwrap();
@@ -1507,7 +1508,7 @@ fn adversary_anonymous_health_watch_streams_are_bounded_on_the_aggregator() {
     let rss_before = agg.rss_kib();
     const CONNECTIONS: usize = 8;
     const PER_CONNECTION: usize = 100;
-    let (open, refused, other) = rt.block_on(async {
+    let (open, refused, other, why) = rt.block_on(async {
         let mut tasks = Vec::new();
         for _ in 0..CONNECTIONS {
             let ch = Endpoint::from_shared(format!("http://{}", agg.grpc))
@@ -1538,16 +1539,20 @@ fn adversary_anonymous_health_watch_streams_are_bounded_on_the_aggregator() {
             }
         }
         let (mut open, mut refused, mut other) = (Vec::new(), 0usize, Vec::new());
+        let mut why = None;
         for t in tasks {
             match tokio::time::timeout(WAIT, t).await {
                 Ok(Ok(Ok(s))) => open.push(s),
-                Ok(Ok(Err(e))) if e.code() == Code::ResourceExhausted => refused += 1,
+                Ok(Ok(Err(e))) if e.code() == Code::ResourceExhausted => {
+                    refused += 1;
+                    why.get_or_insert(e.message().to_string());
+                }
                 Ok(Ok(Err(e))) => other.push(format!("{e:?}")),
                 Ok(Err(e)) => other.push(format!("task: {e}")),
                 Err(_) => other.push("no first message".into()),
             }
         }
-        (open, refused, other)
+        (open, refused, other, why)
     });
     let rss_after = agg.rss_kib();
     eprintln!(
@@ -1560,8 +1565,8 @@ fn adversary_anonymous_health_watch_streams_are_bounded_on_the_aggregator() {
     assert!(
         open.len() <= 32 && refused > 0,
         "{} anonymous health Watch streams held open from one address ({} requested; {refused} \
-         refused by the in-flight cap during the burst, none by a stream budget); the \
-         aggregator's RSS went {rss_before} KiB -> {rss_after} KiB",
+         refused during the burst: {why:?}); the aggregator's RSS went {rss_before} KiB -> \
+         {rss_after} KiB",
         open.len(),
         CONNECTIONS * PER_CONNECTION
     );
@@ -1928,4 +1933,69 @@ fn a_rotated_client_ca_refuses_the_old_cas_certificates_on_new_connections() {
     let mut kept = kept;
     rt.block_on(kept.get_fleet(pb::GetFleetRequest {}))
         .expect("the open connection keeps its session (documented)");
+}
+
+// === attacks: a revoked credential's open stream ===
+
+/// Attack: open KEDA's StreamIsActive with the bearer token, then rotate the token away (the
+/// Secret updated: the old token is refused on every new call) and let the census change.
+/// Broke: the stream opened with the revoked token keeps delivering the census' answers, for
+/// as long as its holder keeps it open; the credential is checked only when a call starts.
+#[test]
+#[ignore = "adversary finding: a KEDA stream opened with a token keeps answering after the token is rotated away"]
+fn adversary_a_stream_opened_with_a_revoked_token_stops_answering() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let pki = Pki::new();
+    let census = Arc::new(std::sync::Mutex::new(pb::MetricsSnapshot {
+        node_name: "node-a".into(),
+        connections: vec![census_pod("shop", "web-1", &[("app", "web")], 4)],
+        ..Default::default()
+    }));
+    let agent = start_shared_fake_agent(&rt, census.clone());
+    let token = dir.path().join("token");
+    write_token_file(&token, TOKEN);
+    let agg = start_aggregator(
+        dir.path(),
+        &os(&[
+            &"--agents",
+            &agent.to_string(),
+            &"--listen-token-file",
+            &token,
+        ]),
+        &[],
+    );
+    let mut stream = rt.block_on(async {
+        let mut c = ExternalScalerClient::new(
+            channel(agg.grpc, &pki, Via::Plaintext)
+                .await
+                .expect("connect"),
+        );
+        let mut s = c
+            .stream_is_active(with_auth(pool_ref(), &[&bearer(TOKEN)]))
+            .await
+            .expect("the token opens the stream")
+            .into_inner();
+        let first = tokio::time::timeout(WAIT, s.message())
+            .await
+            .expect("a first answer")
+            .expect("an answer")
+            .expect("one message");
+        assert!(first.result, "4 connections: active");
+        s
+    });
+    // The token is rotated away: refused on every new call from now on.
+    write_token_file(&token, &format!("{TOKEN}-next"));
+    let e = get_fleet(&rt, agg.grpc, &pki, Via::Plaintext, &[&bearer(TOKEN)]).unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    // The census changes (the pool drains): does the revoked stream still learn it?
+    census.lock().unwrap().connections = vec![census_pod("shop", "web-1", &[("app", "web")], 0)];
+    let next = rt.block_on(async { tokio::time::timeout(WAIT, stream.message()).await });
+    // Ended, refused, or silent: nothing more reaches the revoked holder.
+    if let Ok(Ok(Some(answer))) = next {
+        panic!(
+            "the stream opened with the revoked token answered again: {answer:?} (the census \
+             changed after the token was rotated away)"
+        );
+    }
 }

@@ -469,6 +469,8 @@ const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Ser
 #[derive(Clone)]
 struct FakeAgent {
     snapshot: Arc<std::sync::Mutex<pb::MetricsSnapshot>>,
+    /// Every `authorization` header a caller sent it.
+    seen: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 type BoxStream<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send>>;
@@ -484,8 +486,12 @@ impl node_agent_server::NodeAgent for FakeAgent {
 
     async fn get_metrics(
         &self,
-        _: tonic::Request<pb::GetMetricsRequest>,
+        req: tonic::Request<pb::GetMetricsRequest>,
     ) -> Result<tonic::Response<pb::MetricsSnapshot>, Status> {
+        if let Some(a) = req.metadata().get("authorization") {
+            let a = a.to_str().unwrap_or_default().to_string();
+            self.seen.lock().expect("not poisoned").push(a);
+        }
         let mut s = self.snapshot.lock().expect("not poisoned").clone();
         s.collected_at = Some(SystemTime::now().into());
         Ok(tonic::Response::new(s))
@@ -586,7 +592,16 @@ fn start_shared_fake_agent(
     rt: &tokio::runtime::Runtime,
     snapshot: Arc<std::sync::Mutex<pb::MetricsSnapshot>>,
 ) -> SocketAddr {
-    let agent = FakeAgent { snapshot };
+    start_recording_fake_agent(rt, snapshot, Arc::default())
+}
+
+/// [`start_shared_fake_agent`], recording the `authorization` headers it is sent in `seen`.
+fn start_recording_fake_agent(
+    rt: &tokio::runtime::Runtime,
+    snapshot: Arc<std::sync::Mutex<pb::MetricsSnapshot>>,
+    seen: Arc<std::sync::Mutex<Vec<String>>>,
+) -> SocketAddr {
+    let agent = FakeAgent { snapshot, seen };
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .expect("bind the fake agent");
@@ -1998,4 +2013,98 @@ fn adversary_a_stream_opened_with_a_revoked_token_stops_answering() {
              changed after the token was rotated away)"
         );
     }
+}
+
+/// The aggregator Deployment's container args, as shipped (manifests/base/aggregator.yaml).
+fn shipped_args() -> Vec<String> {
+    let yaml = std::fs::read_to_string(
+        nodekeeper_tests::workspace_root().join("manifests/base/aggregator.yaml"),
+    )
+    .expect("read aggregator.yaml");
+    let mut lines = yaml
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| *l != "args:")
+        .skip(1)
+        .filter(|l| !l.starts_with('#'));
+    let mut args = Vec::new();
+    while let Some(a) = lines.next().and_then(|l| l.strip_prefix("- ")) {
+        args.push(a.to_string());
+    }
+    assert_eq!(
+        args.first().map(String::as_str),
+        Some("aggregate"),
+        "{args:?}"
+    );
+    args
+}
+
+/// Attack: be an agent endpoint (a pod that joined the agents' Service, or anyone on the path
+/// of a fan-out) and use what the aggregator sends. The aggregator runs with the shipped
+/// Deployment's args (its Secrets laid out as files; the rogue endpoint as its only agent).
+/// Broke: the aggregator dials the endpoint in plaintext and hands it the read token, and the
+/// same token reads the aggregator's GetFleet: one fan-out gives an endpoint the fleet's census
+/// and every agent's reads.
+#[test]
+#[ignore = "adversary finding: with the shipped args a rogue agent endpoint receives a token that reads the aggregator's GetFleet"]
+fn adversary_a_rogue_endpoint_gets_no_credential_for_the_aggregator() {
+    if !require_tool("openssl") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let pki = base_pki();
+    pki.client("aggregator-client", "ca", "nodekeeper-aggregator");
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let rogue = start_recording_fake_agent(&rt, Arc::default(), seen.clone());
+    // The shipped args, with the rogue endpoint for the Service and files for the Secrets.
+    let root = tempfile::tempdir().unwrap();
+    let shipped = shipped_args();
+    let mut args: Vec<OsString> = Vec::new();
+    let mut i = 1;
+    while i < shipped.len() {
+        let (flag, value) = (shipped[i].as_str(), shipped.get(i + 1).map(String::as_str));
+        match (flag, value) {
+            ("--service", Some(_)) => args.extend(os(&[&"--agents", &rogue.to_string()])),
+            ("--port-name", Some(_)) => {}
+            (flag, Some(path)) if path.starts_with('/') => {
+                let file = root.path().join(path.trim_start_matches('/'));
+                std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+                let content = match flag {
+                    "--token-file" | "--listen-token-file" => format!("{TOKEN}\n").into_bytes(),
+                    "--listen-cert" => pki.pem("aggregator.crt"),
+                    "--listen-key" => pki.pem("aggregator.key"),
+                    "--listen-client-ca" | "--cacert" => pki.pem("ca.crt"),
+                    "--cert" => pki.pem("aggregator-client.crt"),
+                    "--key" => pki.pem("aggregator-client.key"),
+                    other => panic!("a shipped file flag this test does not know: {other}"),
+                };
+                std::fs::write(&file, content).unwrap();
+                args.extend(os(&[&flag, &file]));
+            }
+            (flag, Some(v)) if !v.starts_with("--") => args.extend(os(&[&flag, &v])),
+            (flag, _) => {
+                args.push(flag.into());
+                i += 1;
+                continue;
+            }
+        }
+        i += 2;
+    }
+    let agg = start_aggregator(dir.path(), &args, &[]);
+    // KEDA asks; the aggregator fans out to its agents: the rogue endpoint.
+    let _ = get_fleet(&rt, agg.grpc, &pki, as_keda("keda"), &[]).expect("KEDA reads");
+    let captured = seen.lock().unwrap().clone();
+    let mut opened = Vec::new();
+    for header in &captured {
+        if let Ok(f) = get_fleet(&rt, agg.grpc, &pki, NO_CERT, &[header]) {
+            opened.push(format!("{} agents", f.expected));
+        }
+    }
+    assert!(
+        opened.is_empty(),
+        "the rogue endpoint was sent {} authorization header(s) in clear text, and with them \
+         read the aggregator's GetFleet ({opened:?}); shipped args: {shipped:?}",
+        captured.len()
+    );
 }

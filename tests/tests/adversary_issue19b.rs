@@ -655,6 +655,10 @@ fn anonymous_callers_reach_health_only_and_nothing_open_leaks_the_census() {
     let fleet = get_fleet(&rt, agg.grpc, &pki, as_keda("keda"), &[]).expect("KEDA reads");
     assert_eq!(fleet.answered, 1, "{fleet:?}");
 
+    let fanouts = agg.metric("nodekeeper_aggregate_fanout_duration_seconds_count");
+    assert!(fanouts >= Some(1.0), "{fanouts:?}");
+    // Past --refresh (100ms): a call that got through would have to fan out again.
+    std::thread::sleep(Duration::from_millis(300));
     let secret = |s: &str| {
         [SECRET_NS, SECRET_POD, SECRET_NODE]
             .iter()
@@ -746,6 +750,12 @@ fn anonymous_callers_reach_health_only_and_nothing_open_leaks_the_census() {
         assert_eq!(status, 200, "{path}");
         assert!(!secret(&body), "{path} leaks the census:\n{body}");
     }
+    // None of it cost a fan-out: only authenticated calls make the aggregator call the agents.
+    assert_eq!(
+        agg.metric("nodekeeper_aggregate_fanout_duration_seconds_count"),
+        fanouts,
+        "an anonymous call made the aggregator fan out"
+    );
     eprintln!("refusals seen:\n{}", refusals.join("\n"));
 }
 
@@ -1403,6 +1413,17 @@ fn anonymous_never_combines_with_a_credential_and_check_config_says_what_is_open
             assert!(text(&o).contains(flag), "{flag}: {}", text(&o));
         }
     }
+    // An empty client-name list from the environment is refused, not read as "any name".
+    let o = run_to_exit(
+        &all(&[
+            tls.clone(),
+            os(&[&"--listen-client-ca", &ca, &"--check-config"]),
+        ]
+        .concat()),
+        &[("NODEKEEPER_AGGREGATE_LISTEN_CLIENT_NAMES", "")],
+    );
+    assert_eq!(o.status.code(), Some(64), "{}", text(&o));
+    assert!(text(&o).contains("--listen-client-names"), "{}", text(&o));
 }
 
 // === attacks: floods without a credential ===

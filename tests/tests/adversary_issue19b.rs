@@ -10,6 +10,19 @@
 //! One test per attack. An attack that held is a plain test; one that broke the promise is kept
 //! `#[ignore = "adversary finding: ..."]` and fails when run with `--ignored`. The product code is
 //! not changed here.
+//!
+//! Held (plain tests): anonymous reach is health only and nothing open carries the census;
+//! near-miss tokens and header tricks; a wrong token beside a good certificate; forged,
+//! expired, not-yet-valid, server-only, CA-as-leaf, leaf-signed and misnamed certificates;
+//! spoiled token files (no hang, no opening, recovery); anonymous beside a credential and
+//! `--check-config`; a connection flood (fd bound); slowloris handshakes; certificate swaps
+//! racing handshakes; a rotated client CA.
+//!
+//! Broke (ignored): a bad token rotation drops the working token; anonymous health Watch
+//! streams are unbounded; anonymous connections lock KEDA out; a rogue agent's census is
+//! counted whatever node it claims; the shipped aggregator reads agents in clear text with the
+//! token that also opens its own API (and a rogue endpoint is handed it); a stream opened with
+//! a rotated-away token keeps answering.
 
 #[path = "support/census_pods.rs"]
 mod census_pods;

@@ -6,6 +6,7 @@
 //! namespaces (network for sysctl in pods, mount for disk preparation) on a dedicated thread.
 
 pub mod exec;
+pub mod mountinfo;
 
 use std::path::{Path, PathBuf};
 

@@ -28,6 +28,7 @@ use super::marker::{self, OnDisk, OwnedDisk, OwnedStore};
 use super::publish::PublishedDisk;
 use super::{Decision, Disk, DisksConfig, FsType, PrepareMode, WipeMode};
 use crate::host::exec::{self, Exec, ExecError};
+use crate::host::mountinfo;
 use crate::host::{HostPaths, Namespace, NamespaceError, in_namespace};
 use crate::pb::HealthState;
 use crate::runtime::Health;
@@ -311,13 +312,14 @@ impl HostAccess {
         }
     }
 
-    /// The mountinfo of the namespace the tools mount in.
-    fn mountinfo(&self) -> String {
+    /// The mounts of the namespace the tools mount in: the host's (PID 1 under the HostPaths
+    /// proc root) when they enter it, else the agent's own, where they then run.
+    fn mounts(&self) -> Vec<mountinfo::Mount> {
         let path = match self.mount_ns {
             Some(_) => self.paths.proc("1/mountinfo"),
             None => PathBuf::from("/proc/self/mountinfo"),
         };
-        std::fs::read_to_string(path).unwrap_or_default()
+        mountinfo::read(&path)
     }
 
     /// `major:minor` of a block device, from sysfs.
@@ -332,14 +334,10 @@ impl HostAccess {
         let Some(dev) = self.dev_number(name) else {
             return Vec::new();
         };
-        self.mountinfo()
-            .lines()
-            .filter_map(|l| {
-                let mut f = l.split(' ');
-                let d = f.nth(2)?;
-                let point = f.nth(1)?;
-                (d == dev).then(|| PathBuf::from(unescape(point)))
-            })
+        self.mounts()
+            .into_iter()
+            .filter(|m| m.dev == dev)
+            .map(|m| PathBuf::from(m.mount_point))
             .collect()
     }
 
@@ -380,42 +378,9 @@ impl HostAccess {
     }
 }
 
-/// mountinfo escapes space, tab, newline and backslash as `\ooo` octal.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = b[i] == b'\\'
-            && i + 4 <= b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c));
-        match octal
-            .then(|| u8::from_str_radix(&s[i + 1..i + 4], 8).ok())
-            .flatten()
-        {
-            Some(v) => {
-                out.push(v);
-                i += 4;
-            }
-            None => {
-                out.push(b[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mountinfo_paths_are_unescaped() {
-        assert_eq!(unescape("/mnt/a\\040b"), "/mnt/a b");
-        assert_eq!(unescape("/mnt/plain"), "/mnt/plain");
-        assert_eq!(unescape("/mnt/x\\"), "/mnt/x\\");
-    }
 
     /// A member of the array owned.json records, as a regular file carrying our md superblock.
     fn recorded_raid_member(dir: &Path) -> (OwnedStore, Disk) {

@@ -5,6 +5,9 @@
 //! This module never writes anything; `in_namespace` runs a closure inside one of the host's
 //! namespaces (network for sysctl in pods, mount for disk preparation) on a dedicated thread.
 
+pub mod exec;
+pub mod mountinfo;
+
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};

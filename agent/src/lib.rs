@@ -17,6 +17,7 @@ pub mod listen;
 pub mod metrics;
 pub mod pod_cgroups;
 pub mod runtime;
+pub mod selector;
 pub mod state_file;
 pub mod sysctl;
 

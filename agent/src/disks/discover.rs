@@ -52,15 +52,8 @@ impl DiscoverError {
     }
 }
 
-/// One mount from the host's mountinfo.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Mount {
-    /// `major:minor` of the mounted device (0:N for btrfs and other virtual-dev filesystems).
-    pub dev: String,
-    pub mount_point: String,
-    /// The mount source (`/dev/nvme1n1p1`), as the kernel shows it.
-    pub source: String,
-}
+/// One mount from the host's mountinfo (`host::mountinfo`).
+pub use crate::host::mountinfo::Mount;
 
 /// Everything one scan found: the disks and the virtual devices skipped as never-disks.
 #[derive(Debug, Clone, Default)]
@@ -275,55 +268,10 @@ fn holder_mounts(block: &Path, holders: &[String], mounts: &[Mount]) -> Vec<(Str
     out
 }
 
-/// The host's mounts: PID 1's mountinfo (the host's mount namespace when the agent runs with
-/// hostPID), falling back to our own when PID 1's is unreadable. Unreadable both: no mounts
-/// are known, and the caller still never writes a device without inspecting it.
+/// The host's mounts (`host::mountinfo::read_host`: PID 1's, else our own). Unreadable both:
+/// no mounts are known, and the caller still never writes a device without inspecting it.
 pub fn read_mountinfo(host: &HostPaths) -> Vec<Mount> {
-    let text = std::fs::read_to_string(host.proc("1/mountinfo"))
-        .or_else(|_| std::fs::read_to_string(host.proc("self/mountinfo")))
-        .unwrap_or_default();
-    parse_mountinfo(&text)
-}
-
-/// Parses mountinfo lines: `36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw`.
-pub fn parse_mountinfo(text: &str) -> Vec<Mount> {
-    text.lines()
-        .filter_map(|line| {
-            let (pre, post) = line.split_once(" - ")?;
-            let mut f = pre.split(' ');
-            let dev = f.nth(2)?.to_string();
-            let mount_point = unescape_octal(f.nth(1)?);
-            let source = unescape_octal(post.split(' ').nth(1).unwrap_or(""));
-            Some(Mount {
-                dev,
-                mount_point,
-                source,
-            })
-        })
-        .collect()
-}
-
-/// Undoes the kernel's `\040`-style octal escapes in mountinfo fields.
-fn unescape_octal(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') as u32 * 64
-                + (b[i + 2] - b'0') as u32 * 8
-                + (b[i + 3] - b'0') as u32;
-            out.push(v as u8);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    crate::host::mountinfo::read_host(host)
 }
 
 fn read_trimmed(p: &Path) -> Option<String> {
@@ -511,19 +459,6 @@ mod tests {
         assert!(!glob("loop?", "loop17"));
         assert!(!glob("nvme*", "sda"));
         assert!(glob("*", ""));
-    }
-
-    #[test]
-    fn mountinfo_parses_escapes_and_sources() {
-        let m = parse_mountinfo(
-            "22 1 259:2 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p2 rw\n\
-             40 22 0:45 / /mnt/with\\040space rw - btrfs /dev/loop3 rw\n",
-        );
-        assert_eq!(m.len(), 2);
-        assert_eq!(m[0].dev, "259:2");
-        assert_eq!(m[0].mount_point, "/");
-        assert_eq!(m[1].mount_point, "/mnt/with space");
-        assert_eq!(m[1].source, "/dev/loop3");
     }
 
     #[test]

@@ -15,11 +15,12 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
+
+use crate::host::exec::Exec;
 
 /// How much of each end of the device is read. 1 MiB covers every signature probed here: the
 /// GPT backup header (last LBA), the md 0.90/1.0 superblocks (last 64/8 KiB), ZFS labels L2/L3
@@ -874,9 +875,7 @@ fn tool(name: &'static str) -> Option<&'static Tool> {
             .chain(SBIN_DIRS.iter().map(PathBuf::from))
             .map(|d| d.join(name))
             .find(|p| p.is_file())?;
-        let mut cmd = Command::new(&path);
-        cmd.arg("--version");
-        let out = run_with_timeout(cmd, VERSION_TIMEOUT).ok()?;
+        let out = run_with_timeout(Exec::new(&path, VERSION_TIMEOUT).arg("--version")).ok()?;
         if out.status != 0 {
             return None;
         }
@@ -895,61 +894,30 @@ fn tool(name: &'static str) -> Option<&'static Tool> {
 }
 
 fn run_tool(tool: &Tool, path: &Path, args: &[&str]) -> Result<ToolOutput, InspectError> {
-    let mut cmd = Command::new(&tool.path);
-    cmd.args(args).arg(path);
+    let cmd = Exec::new(&tool.path, CROSS_CHECK_TIMEOUT)
+        .args(args)
+        .arg(path);
     let name = if tool.version.starts_with("blkid") {
         "blkid"
     } else {
         "wipefs"
     };
-    run_with_timeout(cmd, CROSS_CHECK_TIMEOUT).map_err(|problem| InspectError::Tool {
+    run_with_timeout(cmd).map_err(|problem| InspectError::Tool {
         tool: name,
         path: path.to_path_buf(),
         problem,
     })
 }
 
-/// Runs a command with a deadline; killed and reaped when it passes.
-fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Result<ToolOutput, String> {
-    use std::io::Read;
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .env("LC_ALL", "C")
-        .spawn()
-        .map_err(|e| format!("cannot run: {e}"))?;
-    // The outputs are small (a few lines); read them on threads so a chatty tool never blocks
-    // on a full pipe while we wait for it.
-    let mut so = child.stdout.take().expect("piped stdout");
-    let mut se = child.stderr.take().expect("piped stderr");
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = so.read_to_string(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = se.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(s)) => break s,
-            Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("timed out after {timeout:?}"));
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(2)),
-            Err(e) => return Err(format!("waiting: {e}")),
-        }
-    };
+/// Runs a tool through `host::exec` (deadline, process-group kill, output cap) in the C locale,
+/// so its output parses the same on every host. Any exit status is an answer here (blkid
+/// exits 2 for "nothing found").
+fn run_with_timeout(cmd: Exec) -> Result<ToolOutput, String> {
+    let out = cmd.env("LC_ALL", "C").run().map_err(|e| e.to_string())?;
     Ok(ToolOutput {
-        status: status.code().unwrap_or(-1),
-        stdout: t_out.join().unwrap_or_default(),
-        stderr: t_err.join().unwrap_or_default(),
+        status: out.status.code().unwrap_or(-1),
+        stdout: out.stdout,
+        stderr: out.stderr,
     })
 }
 

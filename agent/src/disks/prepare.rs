@@ -9,12 +9,11 @@
 //! marker proves it ours; re-create a filesystem or array that carries our marker; wipe without
 //! the operator's `--confirm` of a by-id path listed in `disks.allowWipe`.
 
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -28,6 +27,8 @@ use super::inspect;
 use super::marker::{self, OnDisk, OwnedDisk, OwnedStore};
 use super::publish::PublishedDisk;
 use super::{Decision, Disk, DisksConfig, FsType, PrepareMode, WipeMode};
+use crate::host::exec::{self, Exec, ExecError};
+use crate::host::mountinfo;
 use crate::host::{HostPaths, Namespace, NamespaceError, in_namespace};
 use crate::pb::HealthState;
 use crate::runtime::Health;
@@ -311,13 +312,14 @@ impl HostAccess {
         }
     }
 
-    /// The mountinfo of the namespace the tools mount in.
-    fn mountinfo(&self) -> String {
+    /// The mounts of the namespace the tools mount in: the host's (PID 1 under the HostPaths
+    /// proc root) when they enter it, else the agent's own, where they then run.
+    fn mounts(&self) -> Vec<mountinfo::Mount> {
         let path = match self.mount_ns {
             Some(_) => self.paths.proc("1/mountinfo"),
             None => PathBuf::from("/proc/self/mountinfo"),
         };
-        std::fs::read_to_string(path).unwrap_or_default()
+        mountinfo::read(&path)
     }
 
     /// `major:minor` of a block device, from sysfs.
@@ -332,14 +334,10 @@ impl HostAccess {
         let Some(dev) = self.dev_number(name) else {
             return Vec::new();
         };
-        self.mountinfo()
-            .lines()
-            .filter_map(|l| {
-                let mut f = l.split(' ');
-                let d = f.nth(2)?;
-                let point = f.nth(1)?;
-                (d == dev).then(|| PathBuf::from(unescape(point)))
-            })
+        self.mounts()
+            .into_iter()
+            .filter(|m| m.dev == dev)
+            .map(|m| PathBuf::from(m.mount_point))
             .collect()
     }
 
@@ -380,42 +378,9 @@ impl HostAccess {
     }
 }
 
-/// mountinfo escapes space, tab, newline and backslash as `\ooo` octal.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = b[i] == b'\\'
-            && i + 4 <= b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c));
-        match octal
-            .then(|| u8::from_str_radix(&s[i + 1..i + 4], 8).ok())
-            .flatten()
-        {
-            Some(v) => {
-                out.push(v);
-                i += 4;
-            }
-            None => {
-                out.push(b[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mountinfo_paths_are_unescaped() {
-        assert_eq!(unescape("/mnt/a\\040b"), "/mnt/a b");
-        assert_eq!(unescape("/mnt/plain"), "/mnt/plain");
-        assert_eq!(unescape("/mnt/x\\"), "/mnt/x\\");
-    }
 
     /// A member of the array owned.json records, as a regular file carrying our md superblock.
     fn recorded_raid_member(dir: &Path) -> (OwnedStore, Disk) {
@@ -602,72 +567,34 @@ mod tests {
     }
 }
 
-/// Runs a host tool with no stdin (so it can never wait on a prompt) under `timeout`;
-/// returns its stdout.
+/// Runs a host tool (through `host::exec`: no stdin, so it can never wait on a prompt; killed
+/// with its process group after `timeout`); returns its stdout.
 pub fn run_tool(
     program: &str,
     args: &[String],
     target: &Path,
     timeout: Duration,
 ) -> Result<String, PrepareError> {
+    tracing::debug!(tool = program, ?args, "running");
     let fail = |error: String| PrepareError::Tool {
         tool: program.to_string(),
         target: target.display().to_string(),
         error,
     };
-    tracing::debug!(tool = program, ?args, "running");
-    let mut child = Command::new(program)
+    Exec::new(program, timeout)
         .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| fail(format!("cannot start: {e}")))?;
-    let drain = |r: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            if let Some(mut r) = r {
-                let _ = r.read_to_string(&mut s);
-            }
-            s
+        .run()
+        .and_then(exec::Output::success)
+        .map_err(|e| match e {
+            ExecError::Timeout { .. } => PrepareError::Timeout {
+                tool: program.to_string(),
+                target: target.display().to_string(),
+                after: timeout,
+            },
+            ExecError::Failed { status, stderr, .. } => fail(format!("{status}: {stderr}")),
+            ExecError::NotFound { .. } => fail(format!("cannot start: {e}")),
+            ExecError::Io { source, .. } => fail(source.to_string()),
         })
-    };
-    let out = drain(
-        child
-            .stdout
-            .take()
-            .map(|r| Box::new(r) as Box<dyn Read + Send>),
-    );
-    let err = drain(
-        child
-            .stderr
-            .take()
-            .map(|r| Box::new(r) as Box<dyn Read + Send>),
-    );
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(PrepareError::Timeout {
-                    tool: program.to_string(),
-                    target: target.display().to_string(),
-                    after: timeout,
-                });
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => return Err(fail(e.to_string())),
-        }
-    };
-    let stdout = out.join().unwrap_or_default();
-    let stderr = err.join().unwrap_or_default();
-    if status.success() {
-        Ok(stdout)
-    } else {
-        Err(fail(format!("{status}: {}", stderr.trim())))
-    }
 }
 
 fn strings(v: &[&str]) -> Vec<String> {

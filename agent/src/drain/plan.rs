@@ -10,8 +10,8 @@ use std::collections::HashMap;
 
 use k8s_openapi::api::core::v1::Pod;
 
-use crate::keda::selector::Selector;
 use crate::pb;
+use crate::selector::Selector;
 
 pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 pub const DEFAULT_LEADER_SELECTOR: &str = "nodekeeper.io/role=leader";

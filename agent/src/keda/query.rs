@@ -11,9 +11,9 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::keda::selector::Selector;
 use crate::keda_pb::ScaledObjectRef;
 use crate::pb;
+use crate::selector::Selector;
 
 /// Keys KEDA itself puts in `scalerMetadata` (the trigger's connection settings; KEDA passes the
 /// whole trigger metadata through). Accepted and ignored, as are their `*FromEnv` forms.

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use procfs_core::{FromBufRead, FromRead};
 
 use super::CollectError;
-use crate::host::HostPaths;
+use crate::host::{HostPaths, mountinfo};
 use crate::pb;
 
 fn open(path: PathBuf, source: &'static str) -> Result<BufReader<std::fs::File>, CollectError> {
@@ -237,17 +237,13 @@ fn mounts(host: &HostPaths) -> Result<Vec<MountEntry>, CollectError> {
         .filter_map(|l| {
             let mut f = l.split_whitespace();
             let (dev, mnt, fstype) = (f.next()?, f.next()?, f.next()?);
-            Some((unescape_mount(mnt), dev.to_string(), fstype.to_string()))
+            Some((
+                mountinfo::unescape(mnt),
+                dev.to_string(),
+                fstype.to_string(),
+            ))
         })
         .collect())
-}
-
-/// /proc/*/mounts escapes space, tab, newline and backslash as octal.
-fn unescape_mount(s: &str) -> String {
-    s.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
 }
 
 /// The mount that holds `path`: the last-mounted entry with the longest matching prefix.
@@ -420,6 +416,6 @@ mod tests {
             mount_of(&table, Path::new("/variable")).unwrap().1,
             "/dev/vda"
         );
-        assert_eq!(unescape_mount("/mnt/a\\040b"), "/mnt/a b");
+        assert_eq!(mountinfo::unescape("/mnt/a\\040b"), "/mnt/a b");
     }
 }

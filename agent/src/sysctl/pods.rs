@@ -57,7 +57,7 @@ fn annotation_profile(pod: &Pod) -> Option<Result<Profile, String>> {
         name,
         priority: i32::MIN,
         node_selector: None,
-        pod_selector: Some(profile::LabelSelector::default()),
+        pod_selector: Some(crate::selector::LabelSelector::default()),
         sysctls,
     }))
 }

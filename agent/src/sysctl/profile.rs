@@ -8,6 +8,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::selector::LabelSelector;
+
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Profile {
@@ -24,68 +26,6 @@ pub struct Profile {
     pub pod_selector: Option<LabelSelector>,
     /// Key (`net.core.somaxconn` or `net/core/somaxconn`) -> value.
     pub sysctls: BTreeMap<String, SysctlValue>,
-}
-
-/// A Kubernetes-style label selector: all `matchLabels` and all `matchExpressions` must hold.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct LabelSelector {
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub match_labels: BTreeMap<String, String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub match_expressions: Vec<LabelExpression>,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct LabelExpression {
-    pub key: String,
-    pub operator: LabelOperator,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub values: Vec<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-pub enum LabelOperator {
-    In,
-    NotIn,
-    Exists,
-    DoesNotExist,
-}
-
-impl LabelSelector {
-    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.match_labels
-            .iter()
-            .all(|(k, v)| labels.get(k) == Some(v))
-            && self.match_expressions.iter().all(|e| {
-                let value = labels.get(&e.key);
-                match e.operator {
-                    LabelOperator::In => value.is_some_and(|v| e.values.contains(v)),
-                    LabelOperator::NotIn => value.is_none_or(|v| !e.values.contains(v)),
-                    LabelOperator::Exists => value.is_some(),
-                    LabelOperator::DoesNotExist => value.is_none(),
-                }
-            })
-    }
-
-    /// Problems with the selector itself (In/NotIn need values, Exists must have none).
-    pub fn problems(&self) -> Vec<String> {
-        self.match_expressions
-            .iter()
-            .filter_map(|e| match (e.operator, e.values.is_empty()) {
-                (LabelOperator::In | LabelOperator::NotIn, true) => Some(format!(
-                    "matchExpressions key {:?}: operator {:?} needs values",
-                    e.key, e.operator
-                )),
-                (LabelOperator::Exists | LabelOperator::DoesNotExist, false) => Some(format!(
-                    "matchExpressions key {:?}: operator {:?} takes no values",
-                    e.key, e.operator
-                )),
-                _ => None,
-            })
-            .collect()
-    }
 }
 
 /// A sysctl value as written in YAML: a string, a number, or a list of numbers (for vector keys
@@ -269,31 +209,6 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), SysctlValue(v.to_string())))
                 .collect(),
         }
-    }
-
-    #[test]
-    fn selector_operators() {
-        let l = labels(&[("pool", "trino"), ("zone", "a")]);
-        let sel = |op, values: &[&str]| LabelSelector {
-            match_labels: BTreeMap::new(),
-            match_expressions: vec![LabelExpression {
-                key: "pool".into(),
-                operator: op,
-                values: values.iter().map(|s| s.to_string()).collect(),
-            }],
-        };
-        assert!(sel(LabelOperator::In, &["trino", "hbase"]).matches(&l));
-        assert!(!sel(LabelOperator::NotIn, &["trino"]).matches(&l));
-        assert!(sel(LabelOperator::Exists, &[]).matches(&l));
-        assert!(!sel(LabelOperator::DoesNotExist, &[]).matches(&l));
-        assert!(sel(LabelOperator::NotIn, &["x"]).matches(&labels(&[])));
-        let ml = LabelSelector {
-            match_labels: labels(&[("zone", "b")]),
-            match_expressions: vec![],
-        };
-        assert!(!ml.matches(&l));
-        assert_eq!(sel(LabelOperator::In, &[]).problems().len(), 1);
-        assert_eq!(sel(LabelOperator::Exists, &["x"]).problems().len(), 1);
     }
 
     #[test]

@@ -1,12 +1,38 @@
-//! Kubernetes label selectors in their string form (`app=web,tier in (a,b),!canary`), as
-//! `kubectl get -l` and the API server's `labelSelector` parameter take them.
+//! Kubernetes label selectors, the one implementation every capability uses: the string form
+//! (`app=web,tier in (a,b),!canary`, as `kubectl get -l` takes it: KEDA's `podSelector`, drain's
+//! `leader_selector`) and the object form (`matchLabels` + `matchExpressions`, as in a
+//! `metav1.LabelSelector`: sysctl's `nodeSelector` / `podSelector`). Both become the same
+//! [`Requirement`]s and are matched by one function.
 //!
-//! Owns parsing and matching only. Semantics follow the API server: terms are ANDed, `!=` and
-//! `notin` also match objects without the key, `key` requires it and `!key` forbids it. Never
-//! treats an empty selector as "everything": the caller decides whether that is allowed.
+//! Owns parsing, validation and matching only. Semantics follow the API server: terms are ANDed,
+//! `!=` and `notin` also match objects without the key, `key` requires it and `!key` forbids it.
+//! The string form never treats an empty selector as "everything" (the caller decides whether
+//! that is allowed); an empty object form selects everything, as in Kubernetes.
+//!
+//! Why not `kube::core::Selector`: it matches and prints but does not parse the string form.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A set of labels a selector can be matched against (pods and nodes carry a `BTreeMap`, the
+/// KEDA census a `HashMap`).
+pub trait Labels {
+    fn label(&self, key: &str) -> Option<&str>;
+}
+
+impl Labels for HashMap<String, String> {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.get(key).map(String::as_str)
+    }
+}
+
+impl Labels for BTreeMap<String, String> {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.get(key).map(String::as_str)
+    }
+}
 
 /// One requirement of a selector.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -57,15 +83,96 @@ impl Selector {
     }
 
     /// True when every requirement holds for `labels`.
-    pub fn matches(&self, labels: &HashMap<String, String>) -> bool {
-        self.requirements.iter().all(|r| match r {
-            Requirement::Equals(k, v) => labels.get(k) == Some(v),
-            Requirement::NotEquals(k, v) => labels.get(k) != Some(v),
-            Requirement::In(k, vs) => labels.get(k).is_some_and(|v| vs.contains(v)),
-            Requirement::NotIn(k, vs) => labels.get(k).is_none_or(|v| !vs.contains(v)),
-            Requirement::Exists(k) => labels.contains_key(k),
-            Requirement::DoesNotExist(k) => !labels.contains_key(k),
-        })
+    pub fn matches(&self, labels: &impl Labels) -> bool {
+        self.requirements.iter().all(|r| r.holds(labels))
+    }
+}
+
+impl Requirement {
+    /// The one matching rule, for both forms.
+    pub fn holds(&self, labels: &impl Labels) -> bool {
+        match self {
+            Requirement::Equals(k, v) => labels.label(k) == Some(v.as_str()),
+            Requirement::NotEquals(k, v) => labels.label(k) != Some(v.as_str()),
+            Requirement::In(k, vs) => labels.label(k).is_some_and(|v| vs.contains(v)),
+            Requirement::NotIn(k, vs) => labels.label(k).is_none_or(|v| !vs.contains(v)),
+            Requirement::Exists(k) => labels.label(k).is_some(),
+            Requirement::DoesNotExist(k) => labels.label(k).is_none(),
+        }
+    }
+}
+
+// === the object form ===
+
+/// A `metav1.LabelSelector`: all `matchLabels` and all `matchExpressions` must hold; an empty one
+/// selects everything.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LabelSelector {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub match_labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub match_expressions: Vec<LabelExpression>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LabelExpression {
+    pub key: String,
+    pub operator: LabelOperator,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum LabelOperator {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+impl LabelSelector {
+    /// The requirements this object stands for, in the string form's terms.
+    pub fn requirements(&self) -> impl Iterator<Item = Requirement> + '_ {
+        let labels = self
+            .match_labels
+            .iter()
+            .map(|(k, v)| Requirement::Equals(k.clone(), v.clone()));
+        let expressions = self.match_expressions.iter().map(|e| {
+            let key = e.key.clone();
+            let values = || e.values.iter().cloned().collect();
+            match e.operator {
+                LabelOperator::In => Requirement::In(key, values()),
+                LabelOperator::NotIn => Requirement::NotIn(key, values()),
+                LabelOperator::Exists => Requirement::Exists(key),
+                LabelOperator::DoesNotExist => Requirement::DoesNotExist(key),
+            }
+        });
+        labels.chain(expressions)
+    }
+
+    pub fn matches(&self, labels: &impl Labels) -> bool {
+        self.requirements().all(|r| r.holds(labels))
+    }
+
+    /// Problems with the selector itself (In/NotIn need values, Exists must have none); the
+    /// caller prefixes the config field.
+    pub fn problems(&self) -> Vec<String> {
+        self.match_expressions
+            .iter()
+            .filter_map(|e| match (e.operator, e.values.is_empty()) {
+                (LabelOperator::In | LabelOperator::NotIn, true) => Some(format!(
+                    "matchExpressions key {:?}: operator {:?} needs values",
+                    e.key, e.operator
+                )),
+                (LabelOperator::Exists | LabelOperator::DoesNotExist, false) => Some(format!(
+                    "matchExpressions key {:?}: operator {:?} takes no values",
+                    e.key, e.operator
+                )),
+                _ => None,
+            })
+            .collect()
     }
 }
 
@@ -302,5 +409,77 @@ mod tests {
             let e = Selector::parse(s).expect_err(s);
             assert!(e.contains(want), "{s:?}: {e}");
         }
+    }
+
+    fn btree(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn object(op: LabelOperator, values: &[&str]) -> LabelSelector {
+        LabelSelector {
+            match_labels: BTreeMap::new(),
+            match_expressions: vec![LabelExpression {
+                key: "pool".into(),
+                operator: op,
+                values: values.iter().map(|s| s.to_string()).collect(),
+            }],
+        }
+    }
+
+    #[test]
+    fn object_form_operators() {
+        let l = btree(&[("pool", "trino"), ("zone", "a")]);
+        assert!(object(LabelOperator::In, &["trino", "hbase"]).matches(&l));
+        assert!(!object(LabelOperator::In, &["hbase"]).matches(&l));
+        assert!(!object(LabelOperator::NotIn, &["trino"]).matches(&l));
+        assert!(object(LabelOperator::Exists, &[]).matches(&l));
+        assert!(!object(LabelOperator::DoesNotExist, &[]).matches(&l));
+        assert!(object(LabelOperator::NotIn, &["x"]).matches(&btree(&[])));
+        assert!(!object(LabelOperator::In, &["trino"]).matches(&btree(&[])));
+        let ml = LabelSelector {
+            match_labels: btree(&[("zone", "b")]),
+            match_expressions: vec![],
+        };
+        assert!(!ml.matches(&l));
+        assert!(ml.matches(&btree(&[("zone", "b")])));
+        assert!(
+            LabelSelector::default().matches(&btree(&[])),
+            "{{}} selects all"
+        );
+        assert_eq!(object(LabelOperator::In, &[]).problems().len(), 1);
+        assert_eq!(object(LabelOperator::Exists, &["x"]).problems().len(), 1);
+        assert!(object(LabelOperator::In, &["x"]).problems().is_empty());
+    }
+
+    #[test]
+    fn both_forms_select_alike() {
+        let yaml = "matchLabels: {zone: a}\nmatchExpressions:\n- {key: pool, operator: NotIn, values: [x, y]}\n- {key: canary, operator: DoesNotExist}\n";
+        let object: LabelSelector = serde_saphyr::from_str(yaml).unwrap();
+        let string = Selector::parse("zone=a,pool notin (x,y),!canary").unwrap();
+        for l in [
+            btree(&[("zone", "a")]),
+            btree(&[("zone", "a"), ("pool", "x")]),
+            btree(&[("zone", "a"), ("pool", "z")]),
+            btree(&[("zone", "a"), ("canary", "")]),
+            btree(&[("zone", "b")]),
+        ] {
+            let hashed: HashMap<_, _> = l.clone().into_iter().collect();
+            assert_eq!(object.matches(&l), string.matches(&l), "{l:?}");
+            assert_eq!(string.matches(&hashed), string.matches(&l), "{l:?}");
+        }
+    }
+
+    #[test]
+    fn object_form_refuses_unknown_fields_and_operators() {
+        assert!(serde_saphyr::from_str::<LabelSelector>("matchLabel: {a: b}").is_err());
+        assert!(
+            serde_saphyr::from_str::<LabelSelector>(
+                "matchExpressions: [{key: a, operator: Equals, values: [b]}]"
+            )
+            .is_err()
+        );
     }
 }

@@ -911,6 +911,29 @@ mod tests {
     }
 
     #[test]
+    fn a_mark_carries_the_node_uid_and_unmarking_removes_both() {
+        let mut l = lease(Some("node-a"), 0, 30);
+        set_mark(
+            &mut l,
+            Some(&Mark {
+                return_by: 1000,
+                node_uid: "uid-1".into(),
+            }),
+        );
+        let a = l.metadata.annotations.clone().unwrap();
+        assert_eq!(
+            a.get(RETURN_BY_ANNOTATION).map(String::as_str),
+            Some("1000")
+        );
+        assert_eq!(
+            a.get(HOLDER_UID_ANNOTATION).map(String::as_str),
+            Some("uid-1")
+        );
+        set_mark(&mut l, None);
+        assert!(l.metadata.annotations.unwrap().is_empty());
+    }
+
+    #[test]
     fn taking_over_counts_a_transition_and_keeping_does_not() {
         let old = lease(Some("dead"), 100, 30).spec.unwrap();
         let taken = held_by(Some(&old), "me", Duration::from_secs(15));

@@ -756,6 +756,76 @@ impl Maintenance {
 mod tests {
     use super::*;
 
+    fn node(annotations: &[(&str, &str)], unschedulable: bool) -> Node {
+        let mut n = Node::default();
+        n.metadata.annotations = Some(
+            annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        n.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+            unschedulable: Some(unschedulable),
+            ..Default::default()
+        });
+        n
+    }
+
+    #[test]
+    fn only_a_node_cordoned_with_cordoned_at_counts_as_cordoned_by_nodekeeper() {
+        let at = (super::super::CORDONED_AT_ANNOTATION, "1000");
+        assert!(cordoned_by_nodekeeper(&node(&[at], true)));
+        assert!(!cordoned_by_nodekeeper(&node(&[], true)), "kubectl cordon");
+        assert!(
+            !cordoned_by_nodekeeper(&node(&[at], false)),
+            "uncordoned since"
+        );
+    }
+
+    #[test]
+    fn the_latest_drain_decides_whether_a_rotation_still_rules() {
+        let record = Record {
+            state: State::Returning,
+            drain_id: "rot-a".into(),
+            boot_id: "b1".into(),
+            since: 10,
+            return_by: 20,
+            uncordon: true,
+            error: String::new(),
+        };
+        let drain = |id: &str, phase: &str| {
+            let json = serde_json::json!({
+                "id": id, "reason": "", "requester": "", "started": 1, "deadline": 2,
+                "phase": phase, "done": [], "concurrency": 1, "deleteEmptydirData": false,
+                "evictUnreplicated": false, "leaderSelector": "",
+            })
+            .to_string();
+            super::super::state::Persisted::from_json(&json).expect("a drain record");
+            json
+        };
+        let with = |t: String| node(&[(super::super::STATE_ANNOTATION, t.as_str())], true);
+        assert_eq!(
+            latest_drain(&with(drain("rot-a", "completed")), &record),
+            Latest::Completed
+        );
+        assert_eq!(
+            latest_drain(&with(drain("rot-a", "evicting")), &record),
+            Latest::Running
+        );
+        assert!(matches!(
+            latest_drain(&with(drain("later", "evicting")), &record),
+            Latest::Superseded(_)
+        ));
+        assert!(matches!(
+            latest_drain(&with(drain("rot-a", "failed")), &record),
+            Latest::Superseded(_)
+        ));
+        assert!(matches!(
+            latest_drain(&node(&[], true), &record),
+            Latest::Superseded(_)
+        ));
+    }
+
     #[test]
     fn the_record_names_its_states_in_kebab_case_and_round_trips() {
         let r = Record {

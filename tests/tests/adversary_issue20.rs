@@ -681,3 +681,41 @@ async fn adversary_maintenance_status_shows_an_expired_slot_as_held() {
         "an expired, unmarked slot Lease shown as held: {a}"
     );
 }
+
+/// Follow-up of the findings above (#20-g): the agent dies between recording `done` and
+/// releasing the slot (simulated: the Lease put back as held by node-a, marked). A marked slot
+/// never expires, so without a cleanup it would be held forever; the agent that starts next
+/// sees its rotation `done`, no drain running, and frees it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_still_marked_after_done_is_freed_when_the_agent_restarts() {
+    let fleet = Fleet::new(&["node-a"]);
+    let a = fleet.agent("node-a");
+    let events = within(
+        60,
+        drain_all(&mut client(&a).await, rotation_request("rot-a", "node-a")),
+    )
+    .await;
+    assert!(completed(&events), "{:?}", events.last());
+    let a = tokio::task::block_in_place(|| fleet.reboot(a, "node-a"));
+    tokio::task::block_in_place(|| {
+        wait_for(Duration::from_secs(30), "rotation done, slot free", || {
+            (fleet.maintenance("node-a")["state"] == "done" && fleet.holder().is_none())
+                .then_some(())
+        })
+    });
+    kill(a);
+    fleet.api.edit(Res::Leases, LOCK_NS, SLOT, |l| {
+        l["spec"]["holderIdentity"] = Value::String("node-a".into());
+        l["metadata"]["annotations"] =
+            serde_json::json!({ "nodekeeper.io/return-by": "1796654800" });
+    });
+    assert_eq!(fleet.holder().as_deref(), Some("node-a"));
+    let a = tokio::task::block_in_place(|| fleet.agent("node-a"));
+    tokio::task::block_in_place(|| {
+        wait_for(Duration::from_secs(15), "the stale slot freed", || {
+            fleet.holder().is_none().then_some(())
+        })
+    });
+    assert!(!fleet.cordoned("node-a"));
+    drop(a);
+}

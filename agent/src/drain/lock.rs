@@ -679,19 +679,29 @@ pub async fn reclaim(
     Ok(None)
 }
 
-/// Frees the slots still held, marked, for an earlier Node of this name (`identity`): a Node
-/// object with another UID than the one recorded with the mark is a replacement (a new instance
-/// registered under the old name), and the node that was rebooting will never come back (#20-i).
-/// Returns the slots freed.
-pub async fn free_replaced(
+/// Which marked slots of this node `free_marked` frees.
+#[derive(Debug, Clone, Copy)]
+pub enum Stale<'a> {
+    /// Marked for an earlier Node of this name: the mark records another UID than this one (a
+    /// replacement instance registered under the old name; the node that was rebooting will
+    /// never come back, #20-i).
+    ReplacedNode(&'a str),
+    /// Every marked slot: the caller knows no return is pending (its rotation is `done` and no
+    /// drain runs; the agent died between recording `done` and releasing).
+    Any,
+}
+
+/// Frees the slots still held, marked across a reboot, by this node (`identity`) that `stale`
+/// says no return will ever release. Returns the slots freed.
+pub async fn free_marked(
     client: &Client,
     cfg: &FleetLockConfig,
     identity: &str,
-    node_uid: &str,
+    stale: Stale<'_>,
 ) -> Result<Vec<String>, LockError> {
     let api: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
     let mut freed = Vec::new();
-    if node_uid.is_empty() {
+    if matches!(stale, Stale::ReplacedNode("")) {
         return Ok(freed);
     }
     for i in 0..cfg.slots {
@@ -709,10 +719,11 @@ pub async fn free_replaced(
             .as_ref()
             .and_then(|a| a.get(HOLDER_UID_ANNOTATION))
             .filter(|u| !u.is_empty());
-        if holder == Some(identity)
-            && return_by(&lease).is_some()
-            && marked_uid.is_some_and(|u| u != node_uid)
-        {
+        let is_stale = match stale {
+            Stale::ReplacedNode(uid) => marked_uid.is_some_and(|u| u != uid),
+            Stale::Any => true,
+        };
+        if holder == Some(identity) && return_by(&lease).is_some() && is_stale {
             let mut next = lease.clone();
             set_return_by(&mut next, None);
             next.spec = Some(LeaseSpec {

@@ -549,6 +549,8 @@ impl Maintenance {
                     let held = self.slot.lock().expect("not poisoned").take();
                     if let Some(guard) = held {
                         guard.abandon().await;
+                    } else if record.state == State::Done {
+                        self.free_slot_after_done(&node).await?;
                     }
                     return Ok(());
                 }
@@ -718,7 +720,14 @@ impl Maintenance {
             return Ok(());
         };
         let uid = node.metadata.uid.clone().unwrap_or_default();
-        for slot in lock::free_replaced(&self.client, cfg, &self.node, &uid).await? {
+        for slot in lock::free_marked(
+            &self.client,
+            cfg,
+            &self.node,
+            lock::Stale::ReplacedNode(&uid),
+        )
+        .await?
+        {
             tracing::warn!(%slot, "fleet lock: freed a slot held across a reboot by an earlier node of this name (the node was replaced)");
             self.event(
                 "MaintenanceSlotFreed",
@@ -729,6 +738,31 @@ impl Maintenance {
                 ),
             )
             .await;
+        }
+        Ok(())
+    }
+
+    /// The rotation is `done` yet this node may still hold its slot marked: the agent died
+    /// between recording `done` and releasing (a marked slot never expires). Freed at start,
+    /// unless a drain runs on the node now (it may hold the same slot, same holder identity).
+    async fn free_slot_after_done(&self, node: &Node) -> Result<(), MaintenanceError> {
+        let Some(cfg) = &self.lock else {
+            return Ok(());
+        };
+        let running = node
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(super::STATE_ANNOTATION))
+            .is_some_and(|t| {
+                super::state::Persisted::from_json(t)
+                    .map_or(true, |p| !super::is_terminal(p.phase()))
+            });
+        if running {
+            return Ok(());
+        }
+        for slot in lock::free_marked(&self.client, cfg, &self.node, lock::Stale::Any).await? {
+            tracing::warn!(%slot, "fleet lock: released a slot still held after this node's rotation was done (the agent stopped before releasing it)");
         }
         Ok(())
     }

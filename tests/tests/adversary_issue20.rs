@@ -157,7 +157,6 @@ fn completed(events: &[pb::DrainEvent]) -> bool {
 /// now counts as cordoned by nodekeeper) and the return after the reboot uncordons it: the
 /// operator's cordon is gone.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: the rotation's return uncordons a node an operator had cordoned before the drain"]
 async fn adversary_rotation_return_uncordons_a_node_an_operator_cordoned() {
     let fleet = Fleet::new(&["node-a"]);
     // The operator's cordon (kubectl cordon: spec.unschedulable only).
@@ -191,7 +190,6 @@ async fn adversary_rotation_return_uncordons_a_node_an_operator_cordoned() {
 /// are harmless while nobody waits) leaves the slot unmarked. The node then reboots, the 2 s
 /// lease expires, and node-b takes the slot and cordons while node-a is still down.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: a failed return-by mark (one 503) lets the slot expire while the node reboots; a second node drains"]
 async fn adversary_a_503_on_the_return_by_mark_frees_the_slot_during_the_reboot() {
     let fleet = Fleet::new(&["node-a", "node-b"]);
     let a = fleet.agent("node-a");
@@ -243,7 +241,6 @@ async fn adversary_a_503_on_the_return_by_mark_frees_the_slot_during_the_reboot(
 /// free while node-a is drained, cordoned and told `completed` (so its orchestrator reboots it).
 /// node-b then drains at once: two nodes out with `slots: 1`.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: a failure recording `drained` releases the slot yet the stream says completed; a second node drains"]
 async fn adversary_a_failed_drained_record_releases_the_slot_of_a_completed_rotation() {
     let fleet = Fleet::new(&["node-a", "node-b"]);
     let a = fleet.agent("node-a");
@@ -282,7 +279,6 @@ async fn adversary_a_failed_drained_record_releases_the_slot_of_a_completed_rota
 /// new UID, schedulable, no annotations) and a new agent starts on it. Nothing ever releases
 /// the slot marked for node-a, so node-b's rotation stays `PENDING` forever.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: a node replaced under the same name keeps the rotation's slot forever; the rotation stalls"]
 async fn adversary_a_replaced_node_keeps_the_slot_forever() {
     let fleet = Fleet::new(&["node-a", "node-b"]);
     let a = fleet.agent("node-a");
@@ -294,12 +290,16 @@ async fn adversary_a_replaced_node_keeps_the_slot_forever() {
     .await;
     assert!(completed(&events), "{:?}", events.last());
     kill(a);
-    // The replacement instance registers as node-a: a fresh Node object.
-    fleet.api.edit(Res::Nodes, "", "node-a", |n| {
-        n["metadata"]["uid"] = Value::String("replacement-uid".into());
-        n["metadata"]["annotations"] = serde_json::json!({});
-        n["spec"]["unschedulable"] = Value::Null;
-    });
+    // The replacement instance registers as node-a: a fresh Node object (the old one deleted;
+    // the fake's `edit` keeps metadata.uid, so editing it would not make another UID).
+    let old_uid = fleet.api.node("node-a").unwrap()["metadata"]["uid"].clone();
+    fleet.api.delete_node("node-a");
+    fleet.api.add_node("node-a", &[]);
+    assert_ne!(
+        fleet.api.node("node-a").unwrap()["metadata"]["uid"],
+        old_uid,
+        "the replacement Node has another UID"
+    );
     std::fs::write(fleet.boot_id_path("node-a"), "boot-new-instance\n").expect("boot id");
     let a = fleet.agent("node-a");
     let mut cb = client(&b).await;
@@ -329,7 +329,6 @@ async fn adversary_a_replaced_node_keeps_the_slot_forever() {
 /// the record's u64 accepts) as 1969-12-31T23:59:59Z: `t as i64` wraps to -1, a time before
 /// the epoch for a value in the far future.
 #[test]
-#[ignore = "adversary finding: maintenance status renders since/returnBy = u64::MAX as 1969-12-31T23:59:59Z"]
 fn adversary_maintenance_status_renders_a_huge_since_as_1969() {
     let fleet = Fleet::new(&["node-a"]);
     let record = format!(
@@ -363,7 +362,6 @@ fn adversary_maintenance_status_renders_a_huge_since_as_1969() {
 /// held across the reboot and so never expires. Every later node waits forever for node-a,
 /// which is back and schedulable.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: one 503 while reclaiming the slot after the reboot leaves the marked slot held forever"]
 async fn adversary_a_503_on_the_reclaim_after_the_reboot_keeps_the_slot_held_forever() {
     let fleet = Fleet::new(&["node-a", "node-b"]);
     let a = fleet.agent("node-a");
@@ -416,7 +414,6 @@ async fn adversary_a_503_on_the_reclaim_after_the_reboot_keeps_the_slot_held_for
 /// nothing decides which one does. With the Node not Ready yet when they start (the usual case
 /// right after a boot), both wait in `returning`, and once it is Ready both uncordon.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: both agent processes of a rebooted node run the return; the node is uncordoned twice"]
 async fn adversary_two_agent_processes_both_run_the_return_and_uncordon_twice() {
     let fleet = Fleet::new(&["node-a"]);
     let pod_agent = |pod: &str| {
@@ -484,7 +481,6 @@ async fn adversary_two_agent_processes_both_run_the_return_and_uncordon_twice() 
 /// clock far ahead when it cordoned) is shown as "cordoned by nodekeeper since 2100-01-01"
 /// (the gauge clamps it to 0, the fleet view does not).
 #[test]
-#[ignore = "adversary finding: maintenance status shows a future cordoned-at as BY NODEKEEPER SINCE 2100-01-01"]
 fn adversary_maintenance_status_shows_a_future_cordon_time() {
     let fleet = Fleet::new(&["node-a"]);
     fleet.api.edit(Res::Nodes, "", "node-a", |n| {
@@ -515,7 +511,6 @@ fn adversary_maintenance_status_shows_a_future_cordon_time() {
 /// guard, whose Drop clears the holder: the slot is free while node-a is cordoned and awaiting
 /// its reboot, and node-b drains.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: a second rotation of a node awaiting its reboot frees its slot (the replaced guard's Drop clears it); a second node drains"]
 async fn adversary_a_second_rotation_of_a_node_awaiting_its_reboot_frees_the_slot() {
     let fleet = Fleet::new(&["node-a", "node-b"]);
     let a = fleet.agent("node-a");
@@ -555,7 +550,6 @@ async fn adversary_a_second_rotation_of_a_node_awaiting_its_reboot_frees_the_slo
 /// path) and is held up by a budget. Then the Node turns Ready: the return uncordons the node
 /// in the middle of that drain, and records `done`.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: the return uncordons a node while a later drain is running on it (superseded only checked at start)"]
 async fn adversary_the_return_uncordons_in_the_middle_of_a_later_drain() {
     let fleet = Fleet::new(&["node-a"]);
     let a = fleet.agent("node-a");
@@ -632,7 +626,6 @@ async fn adversary_the_return_uncordons_in_the_middle_of_a_later_drain() {
 /// node-a took the slot for a plain drain and died an hour ago: its Lease (2 s, no return-by
 /// mark) is free for any node to take, yet `maintenance status` says node-a holds it.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: maintenance status shows an expired (free) slot Lease as held by its last holder"]
 async fn adversary_maintenance_status_shows_an_expired_slot_as_held() {
     let fleet = Fleet::new(&["node-a"]);
     let kc = kube::config::Kubeconfig::read_from(&fleet.kubeconfig).expect("read kubeconfig");
@@ -687,4 +680,42 @@ async fn adversary_maintenance_status_shows_an_expired_slot_as_held() {
         a["slot"].is_null(),
         "an expired, unmarked slot Lease shown as held: {a}"
     );
+}
+
+/// Follow-up of the findings above (#20-g): the agent dies between recording `done` and
+/// releasing the slot (simulated: the Lease put back as held by node-a, marked). A marked slot
+/// never expires, so without a cleanup it would be held forever; the agent that starts next
+/// sees its rotation `done`, no drain running, and frees it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_still_marked_after_done_is_freed_when_the_agent_restarts() {
+    let fleet = Fleet::new(&["node-a"]);
+    let a = fleet.agent("node-a");
+    let events = within(
+        60,
+        drain_all(&mut client(&a).await, rotation_request("rot-a", "node-a")),
+    )
+    .await;
+    assert!(completed(&events), "{:?}", events.last());
+    let a = tokio::task::block_in_place(|| fleet.reboot(a, "node-a"));
+    tokio::task::block_in_place(|| {
+        wait_for(Duration::from_secs(30), "rotation done, slot free", || {
+            (fleet.maintenance("node-a")["state"] == "done" && fleet.holder().is_none())
+                .then_some(())
+        })
+    });
+    kill(a);
+    fleet.api.edit(Res::Leases, LOCK_NS, SLOT, |l| {
+        l["spec"]["holderIdentity"] = Value::String("node-a".into());
+        l["metadata"]["annotations"] =
+            serde_json::json!({ "nodekeeper.io/return-by": "1796654800" });
+    });
+    assert_eq!(fleet.holder().as_deref(), Some("node-a"));
+    let a = tokio::task::block_in_place(|| fleet.agent("node-a"));
+    tokio::task::block_in_place(|| {
+        wait_for(Duration::from_secs(15), "the stale slot freed", || {
+            fleet.holder().is_none().then_some(())
+        })
+    });
+    assert!(!fleet.cordoned("node-a"));
+    drop(a);
 }

@@ -337,16 +337,16 @@ impl DrainController {
     }
 
     /// Cordons (with `nodekeeper.io/cordoned-at`, in the same PATCH) or uncordons (removing it).
-    /// A node this agent already cordoned keeps its time: a resumed drain does not reset it.
+    /// A node already cordoned is left as it is: one this agent cordoned keeps its time (a
+    /// resumed drain does not reset it), one cordoned by someone else gets no cordoned-at.
     async fn set_unschedulable(&self, on: bool) -> Result<(), DrainError> {
         if on {
             let node = call("GET node", || async { self.nodes().get(&self.node).await }).await?;
+            // Already cordoned: by this agent (a resumed drain keeps its time) or by someone
+            // else (kubectl cordon), whose cordon stays theirs: no cordoned-at is written, so
+            // nodekeeper never uncordons it after a rotation (#20-f).
             let cordoned = node.spec.and_then(|s| s.unschedulable).unwrap_or(false);
-            let ours = node
-                .metadata
-                .annotations
-                .is_some_and(|a| a.contains_key(super::CORDONED_AT_ANNOTATION));
-            if cordoned && ours {
+            if cordoned {
                 return Ok(());
             }
         }
@@ -940,7 +940,7 @@ impl DrainController {
             }
         };
         let done_list: Vec<String> = done.lock().expect("not poisoned").iter().cloned().collect();
-        let (phase, error, result) = match outcome {
+        let (mut phase, mut error, mut result) = match outcome {
             Ok(()) => (DrainPhase::Completed, String::new(), "completed"),
             Err(Outcome::TimedOut) => {
                 let blocker = run.status().error;
@@ -956,6 +956,23 @@ impl DrainController {
             }
             Err(Outcome::Failed(e)) => (DrainPhase::Failed, e, "failed"),
         };
+        // A completed rotation records the node as drained (its boot ID) before the drain's end
+        // is saved: when that fails, the drain ends as failed, never as a completed rotation
+        // nobody would see return from its reboot (#20-h).
+        let mut drained = None;
+        if let Some(rotation) = params.rotation
+            && phase == DrainPhase::Completed
+        {
+            match self.maintenance.drained(&params.id, rotation).await {
+                Ok(d) => drained = Some(d),
+                Err(e) => {
+                    tracing::error!(error = %e, "could not record the node as drained for its reboot; the rotation fails");
+                    phase = DrainPhase::Failed;
+                    error = format!("could not record the node as drained for its reboot: {e}");
+                    result = "failed";
+                }
+            }
+        }
         // `done` stays the namespace/name list built while evicting (the UIDs are for the
         // annotation only).
         let status = run.update(|s| {
@@ -1006,17 +1023,12 @@ impl DrainController {
         // boot ID is recorded before the stream says `completed`, so an orchestrator that
         // reboots at once never reboots a node whose return nobody will notice.
         if let Some(rotation) = params.rotation {
-            let held = slot.lock().expect("not poisoned").take();
-            if phase == DrainPhase::Completed {
-                if let Err(e) = self.maintenance.drained(&params.id, rotation, held).await {
-                    tracing::error!(error = %e, "could not record the node as drained for its reboot");
-                    self.maintenance
-                        .failed(&params.id, rotation, &e.to_string())
-                        .await;
+            match drained {
+                Some(d) => {
+                    let held = slot.lock().expect("not poisoned").take();
+                    self.maintenance.awaiting_reboot(d, held).await;
                 }
-            } else {
-                self.maintenance.failed(&params.id, rotation, &error).await;
-                *slot.lock().expect("not poisoned") = held;
+                None => self.maintenance.failed(&params.id, rotation, &error).await,
             }
         }
         run.emit(match phase {

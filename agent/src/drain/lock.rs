@@ -16,6 +16,10 @@
 //! return-by keeps the slot; a node waiting for it records a `MaintenanceOverdue` Event on the
 //! holder's Node, once per wait.
 //!
+//! Only `release` frees a slot: a dropped guard only stops renewing (the holder identity is the
+//! node, so another guard of the same node may hold the same slot). Failed renewals, marks and
+//! releases are retried.
+//!
 //! Never takes a slot whose holder renewed within its lease duration, never deletes a Lease, and
 //! never touches Leases outside its own names. Expiry compares the holder's `renewTime` with this
 //! node's clock, so clocks must agree to well within the lease duration (NTP does that).
@@ -51,6 +55,19 @@ const WAIT_INITIAL: Duration = Duration::from_millis(500);
 const CONFLICT_RETRIES: u32 = 3;
 /// On a slot Lease: the holder's node is being rebooted and should be back by then (unix s).
 pub const RETURN_BY_ANNOTATION: &str = "nodekeeper.io/return-by";
+/// On a slot Lease marked with a return-by: the holder Node's metadata.uid when it was marked.
+/// A Node of the same name with another UID is a replacement: it frees the slot (#20-i).
+pub const HOLDER_UID_ANNOTATION: &str = "nodekeeper.io/holder-uid";
+/// A failed renewal (or return-by mark) is retried after this fraction of the renewal period:
+/// a mark that did not land must land before the node goes down for its reboot.
+const RETRY_DIVISOR: u32 = 4;
+/// The shortest wait between two renewal attempts.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+/// Release retries back off up to this: a marked slot that is never cleared is held forever.
+const RELEASE_RETRY_MAX: Duration = Duration::from_secs(10);
+/// How long a release keeps retrying before it gives up (and says so: a marked slot then stays
+/// held until a person clears it, an unmarked one frees when its lease expires).
+const RELEASE_RETRY_FOR: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
@@ -203,7 +220,7 @@ pub fn return_by(lease: &Lease) -> Option<u64> {
 
 /// The holder of a Lease, when it is held by someone and has not expired (or is held across its
 /// node's reboot, which never expires).
-fn live_holder(lease: &Lease) -> Option<String> {
+pub fn live_holder(lease: &Lease) -> Option<String> {
     let spec = lease.spec.as_ref()?;
     let holder = spec.holder_identity.clone().filter(|h| !h.is_empty())?;
     if return_by(lease).is_some() {
@@ -363,8 +380,24 @@ pub async fn acquire(
     let mut overdue_reported = std::collections::HashSet::new();
     loop {
         let mut holders = Vec::new();
+        // A slot this node holds already (a second rotation of a node awaiting its reboot) is
+        // reused: a node never holds two slots (#20-g).
+        let mut order: Vec<String> = Vec::new();
         for i in 0..cfg.slots {
             let name = cfg.slot_name(i);
+            // One slot: nothing to order (and no extra read).
+            let ours = cfg.slots > 1
+                && call("GET lease", api.get_opt(&name))
+                    .await?
+                    .and_then(|l| l.spec?.holder_identity)
+                    .is_some_and(|h| h == identity);
+            if ours {
+                order.insert(0, name);
+            } else {
+                order.push(name);
+            }
+        }
+        for name in order {
             match try_slot(&api, cfg, &name, identity).await? {
                 Ok(lease) => {
                     tracing::info!(slot = %name, transitions = ?lease.spec.as_ref().and_then(|s| s.lease_transitions), "fleet lock: slot taken");
@@ -445,6 +478,17 @@ pub struct SlotGuard {
     done: bool,
     /// `nodekeeper_fleet_lock_slot_held`: up while this guard holds its slot.
     held: Gauge,
+    /// The return-by mark every renewal writes (held across the reboot), once set.
+    mark: std::sync::Arc<std::sync::Mutex<Option<Mark>>>,
+}
+
+/// The mark of a slot held across its node's reboot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mark {
+    /// Unix seconds by which the node should be back.
+    pub return_by: u64,
+    /// The holder Node's metadata.uid (empty: unknown).
+    pub node_uid: String,
 }
 
 impl SlotGuard {
@@ -458,6 +502,7 @@ impl SlotGuard {
         held.inc();
         let stop = CancellationToken::new();
         let (lost_tx, lost) = tokio::sync::watch::channel(false);
+        let mark = std::sync::Arc::new(std::sync::Mutex::new(None));
         let renewer = tokio::spawn(renew_loop(
             api.clone(),
             name.clone(),
@@ -465,6 +510,7 @@ impl SlotGuard {
             duration,
             stop.clone(),
             lost_tx,
+            mark.clone(),
         ));
         Self {
             api,
@@ -475,6 +521,7 @@ impl SlotGuard {
             renewer: Some(renewer),
             done: false,
             held,
+            mark,
         }
     }
 
@@ -498,19 +545,46 @@ impl SlotGuard {
     }
 
     /// Marks the slot as held across this node's reboot: it stays held, renewed or not, until
-    /// `release` (by the agent that starts after the reboot).
-    pub async fn hold_for_return(&self, return_by: u64) -> Result<(), LockError> {
-        annotate(&self.api, &self.name, &self.identity, Some(return_by)).await
+    /// `release` (by the agent that starts after the reboot). The mark is written now and by
+    /// every renewal after, so an error here is retried by the renewals (every
+    /// `leaseDuration / 12` while they fail) rather than lost (#20-g); the error is returned
+    /// for the log.
+    pub async fn hold_for_return(&self, mark: Mark) -> Result<(), LockError> {
+        *self.mark.lock().expect("not poisoned") = Some(mark.clone());
+        annotate(&self.api, &self.name, &self.identity, Some(&mark)).await
+    }
+
+    /// Removes the return-by mark (a superseded rotation): the slot is then an ordinary drain
+    /// slot, held while someone renews it. Retried on conflicts; errors are returned.
+    pub async fn unmark(&self) -> Result<(), LockError> {
+        *self.mark.lock().expect("not poisoned") = None;
+        annotate(&self.api, &self.name, &self.identity, None).await
     }
 
     /// Stops renewing and clears `holderIdentity`, so a waiting node takes the slot at once.
+    /// A failed clear is retried with backoff (up to ten minutes): a marked slot never expires,
+    /// so giving up at the first error would keep it held forever.
     pub async fn release(mut self) {
         self.finish();
         self.stop_renewing().await;
-        if let Err(e) = clear(&self.api, &self.name, &self.identity).await {
-            tracing::warn!(slot = %self.name, error = %e, "fleet lock: could not release the slot; it frees when the lease expires");
-        } else {
-            tracing::info!(slot = %self.name, "fleet lock: slot released");
+        let started = std::time::Instant::now();
+        let mut wait = WAIT_INITIAL;
+        loop {
+            match clear(&self.api, &self.name, &self.identity).await {
+                Ok(()) => {
+                    tracing::info!(slot = %self.name, "fleet lock: slot released");
+                    return;
+                }
+                Err(e) if started.elapsed() < RELEASE_RETRY_FOR => {
+                    tracing::warn!(slot = %self.name, error = %e, ?wait, "fleet lock: could not release the slot; retrying");
+                }
+                Err(e) => {
+                    tracing::error!(slot = %self.name, error = %e, "fleet lock: could not release the slot; giving up (an unmarked slot frees when its lease expires, a marked one needs its holderIdentity cleared by hand)");
+                    return;
+                }
+            }
+            tokio::time::sleep(jitter(wait)).await;
+            wait = (wait * 2).min(RELEASE_RETRY_MAX);
         }
     }
 
@@ -530,23 +604,17 @@ impl SlotGuard {
 }
 
 impl Drop for SlotGuard {
-    /// Best effort: a guard dropped without `release` stops renewing and clears its holder from
-    /// a background task, when a runtime is still there to run it.
+    /// A guard dropped without `release` only stops renewing, as `abandon` does: never an
+    /// implicit release (#20-g). Its holder stays; an unmarked slot frees when its lease
+    /// expires, a marked one stays held for the node's return. The holder identity is the
+    /// node, so another guard of this node may hold the same slot: clearing it here would free
+    /// that one's slot too.
     fn drop(&mut self) {
         if self.done {
             return;
         }
         self.finish();
         self.stop.cancel();
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let (api, name, identity) =
-                (self.api.clone(), self.name.clone(), self.identity.clone());
-            rt.spawn(async move {
-                if let Err(e) = clear(&api, &name, &identity).await {
-                    tracing::warn!(slot = %name, error = %e, "fleet lock: could not release a dropped slot");
-                }
-            });
-        }
     }
 }
 
@@ -557,22 +625,30 @@ async fn renew_loop(
     duration: Duration,
     stop: CancellationToken,
     lost: tokio::sync::watch::Sender<bool>,
+    mark: std::sync::Arc<std::sync::Mutex<Option<Mark>>>,
 ) {
     let every = duration / 3;
+    let retry = (every / RETRY_DIVISOR).max(RETRY_MIN);
+    let mut next = every;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(next) => {}
         }
-        match renew(&api, &name, &identity, duration).await {
-            Ok(true) => tracing::debug!(slot = %name, "fleet lock: renewed"),
+        let want = mark.lock().expect("not poisoned").clone();
+        match renew(&api, &name, &identity, duration, want.as_ref()).await {
+            Ok(true) => {
+                tracing::debug!(slot = %name, "fleet lock: renewed");
+                next = every;
+            }
             Ok(false) => {
                 tracing::error!(slot = %name, "fleet lock: the slot was taken over (renewals failed for longer than the lease duration); evictions pause until a slot is held again");
                 let _ = lost.send(true);
                 return;
             }
             Err(e) => {
-                tracing::warn!(slot = %name, error = %e, "fleet lock: renewal failed; retrying")
+                tracing::warn!(slot = %name, error = %e, ?retry, "fleet lock: renewal failed; retrying");
+                next = retry;
             }
         }
     }
@@ -589,7 +665,7 @@ pub async fn reclaim(
     let api: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
     for i in 0..cfg.slots {
         let name = cfg.slot_name(i);
-        if renew(&api, &name, identity, cfg.lease_duration.get()).await? {
+        if renew(&api, &name, identity, cfg.lease_duration.get(), None).await? {
             tracing::info!(slot = %name, "fleet lock: took this node's slot back");
             return Ok(Some(SlotGuard::start(
                 api,
@@ -603,12 +679,76 @@ pub async fn reclaim(
     Ok(None)
 }
 
+/// Which marked slots of this node `free_marked` frees.
+#[derive(Debug, Clone, Copy)]
+pub enum Stale<'a> {
+    /// Marked for an earlier Node of this name: the mark records another UID than this one (a
+    /// replacement instance registered under the old name; the node that was rebooting will
+    /// never come back, #20-i).
+    ReplacedNode(&'a str),
+    /// Every marked slot: the caller knows no return is pending (its rotation is `done` and no
+    /// drain runs; the agent died between recording `done` and releasing).
+    Any,
+}
+
+/// Frees the slots still held, marked across a reboot, by this node (`identity`) that `stale`
+/// says no return will ever release. Returns the slots freed.
+pub async fn free_marked(
+    client: &Client,
+    cfg: &FleetLockConfig,
+    identity: &str,
+    stale: Stale<'_>,
+) -> Result<Vec<String>, LockError> {
+    let api: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
+    let mut freed = Vec::new();
+    if matches!(stale, Stale::ReplacedNode("")) {
+        return Ok(freed);
+    }
+    for i in 0..cfg.slots {
+        let name = cfg.slot_name(i);
+        let Some(lease) = call("GET lease", api.get_opt(&name)).await? else {
+            continue;
+        };
+        let holder = lease
+            .spec
+            .as_ref()
+            .and_then(|s| s.holder_identity.as_deref());
+        let marked_uid = lease
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(HOLDER_UID_ANNOTATION))
+            .filter(|u| !u.is_empty());
+        let is_stale = match stale {
+            Stale::ReplacedNode(uid) => marked_uid.is_some_and(|u| u != uid),
+            Stale::Any => true,
+        };
+        if holder == Some(identity) && return_by(&lease).is_some() && is_stale {
+            let mut next = lease.clone();
+            set_return_by(&mut next, None);
+            next.spec = Some(LeaseSpec {
+                holder_identity: None,
+                renew_time: Some(now()),
+                ..lease.spec.clone().unwrap_or_default()
+            });
+            // Guarded by the resourceVersion read: a 409 means it changed; the caller retries.
+            call(
+                "PUT lease",
+                api.replace(&name, &PostParams::default(), &next),
+            )
+            .await?;
+            freed.push(name);
+        }
+    }
+    Ok(freed)
+}
+
 /// Sets (or removes) the return-by mark on a slot this node holds.
 async fn annotate(
     api: &Api<Lease>,
     name: &str,
     identity: &str,
-    return_by: Option<u64>,
+    mark: Option<&Mark>,
 ) -> Result<(), LockError> {
     for _ in 0..CONFLICT_RETRIES {
         let Some(lease) = call("GET lease", api.get_opt(name)).await? else {
@@ -623,7 +763,7 @@ async fn annotate(
             return Ok(());
         }
         let mut next = lease.clone();
-        set_return_by(&mut next, return_by);
+        set_mark(&mut next, mark);
         match call(
             "PUT lease",
             api.replace(name, &PostParams::default(), &next),
@@ -651,16 +791,30 @@ fn set_return_by(lease: &mut Lease, return_by: Option<u64>) {
         }
         None => {
             annotations.remove(RETURN_BY_ANNOTATION);
+            annotations.remove(HOLDER_UID_ANNOTATION);
         }
     }
 }
 
-/// One renewal: `Ok(false)` when another node holds the slot now.
+fn set_mark(lease: &mut Lease, mark: Option<&Mark>) {
+    set_return_by(lease, mark.map(|m| m.return_by));
+    if let Some(m) = mark.filter(|m| !m.node_uid.is_empty()) {
+        lease
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(HOLDER_UID_ANNOTATION.to_string(), m.node_uid.clone());
+    }
+}
+
+/// One renewal: `Ok(false)` when another node holds the slot now. With `mark`, the renewal
+/// (re)writes the return-by mark too.
 async fn renew(
     api: &Api<Lease>,
     name: &str,
     identity: &str,
     duration: Duration,
+    mark: Option<&Mark>,
 ) -> Result<bool, LockError> {
     for _ in 0..CONFLICT_RETRIES {
         let Some(lease) = call("GET lease", api.get_opt(name)).await? else {
@@ -675,6 +829,9 @@ async fn renew(
         }
         let mut next = lease.clone();
         next.spec = Some(held_by(lease.spec.as_ref(), identity, duration));
+        if mark.is_some() {
+            set_mark(&mut next, mark);
+        }
         match call(
             "PUT lease",
             api.replace(name, &PostParams::default(), &next),
@@ -762,6 +919,29 @@ mod tests {
         assert_eq!(live_holder(&l), None, "released: free");
         set_return_by(&mut l, None);
         assert_eq!(return_by(&l), None);
+    }
+
+    #[test]
+    fn a_mark_carries_the_node_uid_and_unmarking_removes_both() {
+        let mut l = lease(Some("node-a"), 0, 30);
+        set_mark(
+            &mut l,
+            Some(&Mark {
+                return_by: 1000,
+                node_uid: "uid-1".into(),
+            }),
+        );
+        let a = l.metadata.annotations.clone().unwrap();
+        assert_eq!(
+            a.get(RETURN_BY_ANNOTATION).map(String::as_str),
+            Some("1000")
+        );
+        assert_eq!(
+            a.get(HOLDER_UID_ANNOTATION).map(String::as_str),
+            Some("uid-1")
+        );
+        set_mark(&mut l, None);
+        assert!(l.metadata.annotations.unwrap().is_empty());
     }
 
     #[test]

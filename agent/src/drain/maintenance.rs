@@ -13,7 +13,10 @@
 //!
 //! An agent restart without a reboot (same boot ID) changes nothing: the node still awaits its
 //! reboot and the new agent keeps renewing the slot. Never uncordons a node it did not drain for a
-//! rotation; never releases a slot before the node is back.
+//! rotation, nor one nodekeeper did not cordon; never releases a slot before the node is back
+//! (a replaced node, another Node UID under the same name, frees it). Every step of the return
+//! is a write guarded by the resourceVersion of the read it was decided on, so the two agent
+//! processes of a node never both take it.
 
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -38,6 +41,10 @@ pub const DEFAULT_BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
 pub const DEFAULT_RETURN_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// How often the return checks the Node's Ready condition and the agent's readiness.
 const RETURN_POLL: Duration = Duration::from_secs(1);
+/// A record write is tried this many times: a 503 must not end a rotation.
+const WRITE_ATTEMPTS: u32 = 4;
+/// First wait between write attempts (doubles): 200 ms + 400 ms + 800 ms, under two seconds.
+const WRITE_RETRY: Duration = Duration::from_millis(200);
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
@@ -142,6 +149,9 @@ pub enum MaintenanceError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// Taking back, marking or freeing the fleet-lock slot failed (retried by the caller).
+    #[error("maintenance: {0}")]
+    Lock(#[from] lock::LockError),
 }
 
 async fn call<T>(
@@ -154,8 +164,96 @@ async fn call<T>(
     }
 }
 
+fn is_conflict(e: &MaintenanceError) -> bool {
+    matches!(e, MaintenanceError::Api(kube::Error::Api(s)) if s.code == 409)
+}
+
 fn now() -> u64 {
     unix(SystemTime::now())
+}
+
+/// The maintenance record on a Node, if any (an unreadable one is logged and treated as none).
+fn record_of(node: &Node) -> Option<Record> {
+    node.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION))
+        .and_then(|t| match serde_json::from_str(t) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring an unreadable {ANNOTATION} annotation");
+                None
+            }
+        })
+}
+
+/// Whether nodekeeper cordoned this node (`nodekeeper.io/cordoned-at` on a cordoned Node): only
+/// such a node is uncordoned by the return (#20-f).
+fn cordoned_by_nodekeeper(node: &Node) -> bool {
+    let cordoned = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.unschedulable)
+        .unwrap_or(false);
+    cordoned
+        && node
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(super::CORDONED_AT_ANNOTATION))
+}
+
+fn node_ready(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// What the latest drain recorded on the Node (`nodekeeper.io/drain`) says of a rotation.
+#[derive(Debug, PartialEq)]
+enum Latest {
+    /// It is this rotation's drain, completed: the rotation rules the node.
+    Completed,
+    /// It is this rotation's drain, still being driven (recorded `drained` just before the
+    /// drain's own end is saved): the drain engine writes what comes next.
+    Running,
+    /// Another drain, or this one not completed, or none: the rotation no longer rules.
+    Superseded(String),
+}
+
+fn latest_drain(node: &Node, record: &Record) -> Latest {
+    let latest = node
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(super::STATE_ANNOTATION))
+        .map(|t| super::state::Persisted::from_json(t));
+    let rotation = &record.drain_id;
+    match latest {
+        None => Latest::Superseded(format!(
+            "rotation {rotation}: no drain is recorded on the node any more"
+        )),
+        Some(Err(e)) => Latest::Superseded(format!("rotation {rotation}: {e}")),
+        Some(Ok(p)) if p.id != *rotation => Latest::Superseded(format!(
+            "rotation {rotation} was superseded by drain {:?} ({})",
+            p.id, p.phase
+        )),
+        Some(Ok(p)) if p.phase() == crate::pb::DrainPhase::Completed => Latest::Completed,
+        Some(Ok(p)) if !super::is_terminal(p.phase()) => Latest::Running,
+        Some(Ok(p)) => Latest::Superseded(format!(
+            "rotation {rotation}: its drain is recorded as {}",
+            p.phase
+        )),
+    }
+}
+
+/// A rotation's drain completed and its `drained` record is written: what `awaiting_reboot`
+/// needs next.
+#[derive(Debug)]
+pub struct Drained {
+    record: Record,
+    node_uid: String,
 }
 
 /// The node's maintenance: its record on the Node and the fleet-lock slot kept across the
@@ -208,31 +306,78 @@ impl Maintenance {
     /// The record on the Node, if any (an unreadable one is logged and treated as none).
     pub async fn read(&self) -> Result<Option<Record>, MaintenanceError> {
         let node = call("GET node", self.nodes().get(&self.node)).await?;
-        Ok(node
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(ANNOTATION))
-            .and_then(|t| match serde_json::from_str(t) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    tracing::warn!(error = %e, "ignoring an unreadable {ANNOTATION} annotation");
-                    None
-                }
-            }))
+        Ok(record_of(&node))
     }
 
-    async fn write(&self, record: &Record) -> Result<(), MaintenanceError> {
+    /// Writes the record (a merge PATCH), retried on errors up to WRITE_ATTEMPTS times.
+    async fn write(&self, record: &Record) -> Result<Node, MaintenanceError> {
         let json = serde_json::to_string(record).expect("serializes");
         let patch = serde_json::json!({ "metadata": { "annotations": { ANNOTATION: json } } });
-        call(
+        let mut wait = WRITE_RETRY;
+        let mut attempt = 1;
+        loop {
+            match call(
+                "PATCH node",
+                self.nodes()
+                    .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch)),
+            )
+            .await
+            {
+                Ok(node) => {
+                    tracing::info!(state = record.state.as_str(), drain = %record.drain_id, "maintenance state");
+                    return Ok(node);
+                }
+                Err(e) if attempt < WRITE_ATTEMPTS => {
+                    tracing::warn!(error = %e, attempt, "could not record the maintenance state; retrying");
+                }
+                Err(e) => return Err(e),
+            }
+            tokio::time::sleep(wait).await;
+            wait *= 2;
+            attempt += 1;
+        }
+    }
+
+    /// Writes the record over the Node as read (`seen`): a merge PATCH carrying `seen`'s
+    /// resourceVersion, so of two agent processes of this node taking the same step exactly
+    /// one succeeds, and a drain started since `seen` was read makes it fail (#20-j).
+    /// With `uncordon`, the same PATCH uncordons. `Ok(false)` on a conflict: read again.
+    async fn write_over(
+        &self,
+        seen: &Node,
+        record: &Record,
+        uncordon: bool,
+    ) -> Result<bool, MaintenanceError> {
+        let json = serde_json::to_string(record).expect("serializes");
+        let mut patch = serde_json::json!({ "metadata": {
+            "resourceVersion": seen.metadata.resource_version.clone().unwrap_or_default(),
+            "annotations": { ANNOTATION: json },
+        } });
+        if uncordon {
+            patch["metadata"]["annotations"][super::CORDONED_AT_ANNOTATION] =
+                serde_json::Value::Null;
+            patch["spec"] = serde_json::json!({ "unschedulable": null });
+        }
+        match call(
             "PATCH node",
             self.nodes()
                 .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch)),
         )
-        .await?;
-        tracing::info!(state = record.state.as_str(), drain = %record.drain_id, "maintenance state");
-        Ok(())
+        .await
+        {
+            Ok(_) => {
+                tracing::info!(state = record.state.as_str(), drain = %record.drain_id, uncordon, "maintenance state");
+                Ok(true)
+            }
+            Err(e) if is_conflict(&e) => {
+                tracing::debug!(
+                    state = record.state.as_str(),
+                    "maintenance: the node changed since it was read; reading it again"
+                );
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn event(&self, reason: &str, kind: &str, message: &str) {
@@ -255,45 +400,83 @@ impl Maintenance {
         }
     }
 
-    /// The rotation drain completed: record the boot ID, keep the slot (marked held across the
-    /// reboot) and wait for the reboot. The caller hands over the slot it drained with.
+    /// The rotation drain completed (its end not saved yet): reads the boot ID and records the
+    /// node as `drained`. An error here (an unreadable boot ID, a PATCH failing every retry)
+    /// means the rotation cannot go on: the caller ends the drain as failed, never as
+    /// completed (#20-h), since no return would follow the reboot.
     pub async fn drained(
         &self,
         drain_id: &str,
         rotation: Rotation,
-        slot: Option<SlotGuard>,
-    ) -> Result<(), MaintenanceError> {
+    ) -> Result<Drained, MaintenanceError> {
         let boot_id = self.boot_id()?;
-        let return_by = now().saturating_add(rotation.return_timeout_seconds);
-        let mut record = Record {
+        let record = Record {
             state: State::Drained,
             drain_id: drain_id.to_string(),
             boot_id,
             since: now(),
-            return_by,
+            return_by: now().saturating_add(rotation.return_timeout_seconds),
             uncordon: rotation.uncordon,
             error: String::new(),
         };
-        self.write(&record).await?;
+        let node = self.write(&record).await?;
+        Ok(Drained {
+            record,
+            node_uid: node.metadata.uid.unwrap_or_default(),
+        })
+    }
+
+    /// The drain's completion is saved: keep the slot (marked held across the reboot) and wait
+    /// for the reboot. The caller hands over the slot it drained with.
+    pub async fn awaiting_reboot(&self, drained: Drained, slot: Option<SlotGuard>) {
+        let Drained {
+            mut record,
+            node_uid,
+        } = drained;
         if let Some(guard) = slot {
-            if let Err(e) = guard.hold_for_return(return_by).await {
-                tracing::warn!(error = %e, "could not mark the fleet-lock slot as held across the reboot; it frees if renewals stop");
-            }
-            *self.slot.lock().expect("not poisoned") = Some(guard);
+            self.hold_slot(
+                guard,
+                lock::Mark {
+                    return_by: record.return_by,
+                    node_uid,
+                },
+            )
+            .await;
         }
         record.state = State::AwaitingReboot;
         record.since = now();
-        self.write(&record).await?;
+        // `drained` already says what the return needs: a failure here is only logged.
+        if let Err(e) = self.write(&record).await {
+            tracing::warn!(error = %e, "could not record the node as awaiting its reboot (it stays `drained`, which the return handles the same)");
+        }
         self.event(
             "AwaitingReboot",
             "Normal",
             &format!(
-                "drain {drain_id} completed; the node keeps its fleet-lock slot until it is back from its reboot (boot ID {})",
-                record.boot_id
+                "drain {} completed; the node keeps its fleet-lock slot until it is back from its reboot (boot ID {})",
+                record.drain_id, record.boot_id
             ),
         )
         .await;
-        Ok(())
+    }
+
+    /// Keeps `guard` (marked) as this node's slot until the return. A guard kept before (an
+    /// earlier rotation of this node that has not rebooted yet) stops renewing: the same slot
+    /// is renewed by the new guard (acquire reuses a slot the node holds); another slot is
+    /// released, a node never keeps two (#20-g).
+    async fn hold_slot(&self, guard: SlotGuard, mark: lock::Mark) {
+        if let Err(e) = guard.hold_for_return(mark).await {
+            tracing::warn!(error = %e, "could not mark the fleet-lock slot as held across the reboot yet; every renewal retries it");
+        }
+        let name = guard.slot().to_string();
+        let old = self.slot.lock().expect("not poisoned").replace(guard);
+        if let Some(old) = old {
+            if old.slot() == name {
+                old.abandon().await;
+            } else {
+                old.release().await;
+            }
+        }
     }
 
     /// The rotation drain ended without completing: the node stays cordoned, the state says so.
@@ -337,133 +520,251 @@ impl Maintenance {
         }
     }
 
+    /// One pass over the rotation, from a fresh read of the Node at every step. Each step is
+    /// a write over the Node as read (`write_over`): when the other agent process of this node
+    /// took the step first, or a drain started meanwhile, the write conflicts and the step is
+    /// decided again from a new read.
     async fn step(
         &self,
         health: &Health,
         token: &CancellationToken,
     ) -> Result<(), MaintenanceError> {
-        let Some(mut record) = self.read().await? else {
-            return Ok(());
-        };
-        if !matches!(record.state, State::Draining | State::Done | State::Failed)
-            && let Some(why) = self.superseded(&record).await?
-        {
-            // #16-l: a later drain (plain or rotation, failed or running) rules the node now.
-            // This rotation's return must not uncordon: the node stays as that drain left it.
-            tracing::warn!(drain = %record.drain_id, "{why}");
-            record.state = State::Failed;
-            record.since = now();
-            record.error = why.clone();
-            self.write(&record).await?;
-            self.event(
-                "MaintenanceSuperseded",
-                "Warning",
-                &format!("{why}; the node is not uncordoned by nodekeeper"),
-            )
-            .await;
-            return Ok(());
-        }
-        match record.state {
-            State::Draining | State::Done | State::Failed => return Ok(()),
-            State::Drained | State::AwaitingReboot => {
-                let boot_id = self.boot_id()?;
-                if boot_id == record.boot_id {
-                    // Restarted, not rebooted: keep holding the slot and wait for the reboot.
-                    self.reclaim_slot(Some(record.return_by)).await;
-                    self.watch_overdue(&record, token).await;
+        let mut replaced_checked = false;
+        // Set once this process holds the slot back (or found none to take): not asked again.
+        let mut reclaimed = false;
+        loop {
+            let node = call("GET node", self.nodes().get(&self.node)).await?;
+            if !replaced_checked {
+                self.free_replaced_slot(&node).await?;
+                replaced_checked = true;
+            }
+            let Some(mut record) = record_of(&node) else {
+                return Ok(());
+            };
+            match record.state {
+                State::Draining => return Ok(()),
+                State::Done | State::Failed => {
+                    // The other process of this node finished (or gave up) the return: it
+                    // released the slot; this one only stops renewing it.
+                    let held = self.slot.lock().expect("not poisoned").take();
+                    if let Some(guard) = held {
+                        guard.abandon().await;
+                    } else if record.state == State::Done {
+                        self.free_slot_after_done(&node).await?;
+                    }
                     return Ok(());
                 }
-                record.state = State::Rebooted;
-                record.since = now();
-                self.write(&record).await?;
-                self.event(
-                    "Rebooted",
-                    "Normal",
-                    &format!(
-                        "back from the reboot of rotation {} (boot ID {} -> {boot_id})",
-                        record.drain_id, record.boot_id
-                    ),
-                )
-                .await;
+                _ => {}
             }
-            State::Rebooted | State::Returning => {}
-        }
-        // Rebooted: take the slot back first, so it is renewed while the node returns.
-        self.reclaim_slot(None).await;
-        record.state = State::Returning;
-        record.since = now();
-        self.write(&record).await?;
-        loop {
-            let node_ready = self.node_ready().await?;
-            let agent_ready = health.ready();
-            if node_ready && agent_ready.is_ok() {
-                break;
-            }
-            tracing::debug!(node_ready, agent = ?agent_ready, "maintenance: waiting for the node to be ready");
-            tokio::select! {
-                _ = token.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(RETURN_POLL) => {}
-            }
-        }
-        if record.uncordon {
-            let patch = serde_json::json!({
-                "metadata": { "annotations": { super::CORDONED_AT_ANNOTATION: null } },
-                "spec": { "unschedulable": null },
-            });
-            call(
-                "PATCH node",
-                self.nodes()
-                    .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch)),
-            )
-            .await?;
-        }
-        record.state = State::Done;
-        record.since = now();
-        self.write(&record).await?;
-        self.event(
-            "MaintenanceDone",
-            "Normal",
-            &format!(
-                "rotation {} done: the node is Ready{}; fleet-lock slot released",
-                record.drain_id,
-                if record.uncordon {
-                    " and uncordoned"
-                } else {
-                    " (kept cordoned as requested)"
+            match latest_drain(&node, &record) {
+                Latest::Completed => {}
+                Latest::Running => return Ok(()),
+                Latest::Superseded(why) => {
+                    // #16-l: a later drain (plain or rotation, failed or running) rules the
+                    // node now. This rotation's return must not uncordon: the node stays as
+                    // that drain left it.
+                    tracing::warn!(drain = %record.drain_id, "{why}");
+                    record.state = State::Failed;
+                    record.since = now();
+                    record.error = why.clone();
+                    if !self.write_over(&node, &record, false).await? {
+                        continue;
+                    }
+                    self.event(
+                        "MaintenanceSuperseded",
+                        "Warning",
+                        &format!("{why}; the node is not uncordoned by nodekeeper"),
+                    )
+                    .await;
+                    self.let_go_of_slot().await?;
+                    return Ok(());
                 }
+            }
+            match record.state {
+                State::Drained | State::AwaitingReboot => {
+                    let boot_id = self.boot_id()?;
+                    if boot_id == record.boot_id {
+                        // Restarted, not rebooted: keep holding the slot and wait for the reboot.
+                        self.reclaim_slot(Some(lock::Mark {
+                            return_by: record.return_by,
+                            node_uid: node.metadata.uid.clone().unwrap_or_default(),
+                        }))
+                        .await?;
+                        self.watch_overdue(&record, token).await;
+                        return Ok(());
+                    }
+                    record.state = State::Rebooted;
+                    record.since = now();
+                    if !self.write_over(&node, &record, false).await? {
+                        continue;
+                    }
+                    self.event(
+                        "Rebooted",
+                        "Normal",
+                        &format!(
+                            "back from the reboot of rotation {} (boot ID {} -> {boot_id})",
+                            record.drain_id, record.boot_id
+                        ),
+                    )
+                    .await;
+                }
+                State::Rebooted => {
+                    // Take the slot back first, so it is renewed while the node returns. An
+                    // error is retried (the step fails): never go on without the slot (#20-g).
+                    if !reclaimed {
+                        self.reclaim_slot(None).await?;
+                        reclaimed = true;
+                    }
+                    record.state = State::Returning;
+                    record.since = now();
+                    self.write_over(&node, &record, false).await?;
+                }
+                State::Returning => {
+                    if !reclaimed {
+                        self.reclaim_slot(None).await?;
+                        reclaimed = true;
+                    }
+                    let agent_ready = health.ready();
+                    if !(node_ready(&node) && agent_ready.is_ok()) {
+                        tracing::debug!(node_ready = node_ready(&node), agent = ?agent_ready, "maintenance: waiting for the node to be ready");
+                        tokio::select! {
+                            _ = token.cancelled() => return Ok(()),
+                            _ = tokio::time::sleep(RETURN_POLL) => {}
+                        }
+                        continue;
+                    }
+                    // Only a node nodekeeper cordoned is uncordoned: one an operator had
+                    // cordoned before the drain stays cordoned (#20-f). The decision, the
+                    // latest-drain check above and the write are all over the same read.
+                    let ours = cordoned_by_nodekeeper(&node);
+                    let uncordon = record.uncordon && ours;
+                    record.state = State::Done;
+                    record.since = now();
+                    if !self.write_over(&node, &record, uncordon).await? {
+                        continue;
+                    }
+                    self.event(
+                        "MaintenanceDone",
+                        "Normal",
+                        &format!(
+                            "rotation {} done: the node is Ready{}; fleet-lock slot released",
+                            record.drain_id,
+                            if uncordon {
+                                " and uncordoned"
+                            } else if !record.uncordon {
+                                " (kept cordoned as requested)"
+                            } else {
+                                " (left cordoned: it was not cordoned by nodekeeper)"
+                            }
+                        ),
+                    )
+                    .await;
+                    let held = self.slot.lock().expect("not poisoned").take();
+                    if let Some(guard) = held {
+                        guard.release().await;
+                    }
+                    return Ok(());
+                }
+                State::Draining | State::Done | State::Failed => return Ok(()),
+            }
+        }
+    }
+
+    /// Takes this node's slot back (after a restart or the reboot), marked with `mark` while
+    /// the reboot is still to come. Errors are returned (the step is retried).
+    async fn reclaim_slot(&self, mark: Option<lock::Mark>) -> Result<(), MaintenanceError> {
+        let Some(cfg) = &self.lock else {
+            return Ok(());
+        };
+        if self.slot.lock().expect("not poisoned").is_some() {
+            return Ok(());
+        }
+        match lock::reclaim(&self.client, cfg, &self.node, &self.lock_metrics).await? {
+            Some(guard) => {
+                if let Some(m) = mark
+                    && let Err(e) = guard.hold_for_return(m).await
+                {
+                    tracing::warn!(error = %e, "could not mark the slot as held across the reboot yet; every renewal retries it");
+                }
+                *self.slot.lock().expect("not poisoned") = Some(guard);
+            }
+            None => tracing::warn!(
+                "maintenance: this node holds no fleet-lock slot any more (freed by hand?); going on without one"
             ),
-        )
-        .await;
-        let held = self.slot.lock().expect("not poisoned").take();
-        if let Some(guard) = held {
-            guard.release().await;
         }
         Ok(())
     }
 
-    /// Takes this node's slot back (after a restart or the reboot), marked with `return_by`
-    /// while the reboot is still to come.
-    async fn reclaim_slot(&self, return_by: Option<u64>) {
-        let Some(cfg) = &self.lock else {
-            return;
-        };
-        if self.slot.lock().expect("not poisoned").is_some() {
-            return;
+    /// A superseded rotation lets go of its slot: the return-by mark is removed and this
+    /// process stops renewing. A later drain of this node that holds the slot (same holder
+    /// identity) keeps renewing it; otherwise it frees when the lease expires.
+    async fn let_go_of_slot(&self) -> Result<(), MaintenanceError> {
+        if self.lock.is_none() {
+            return Ok(());
         }
-        match lock::reclaim(&self.client, cfg, &self.node, &self.lock_metrics).await {
-            Ok(Some(guard)) => {
-                if let Some(t) = return_by
-                    && let Err(e) = guard.hold_for_return(t).await
-                {
-                    tracing::warn!(error = %e, "could not mark the slot as held across the reboot");
-                }
-                *self.slot.lock().expect("not poisoned") = Some(guard);
+        self.reclaim_slot(None).await?;
+        let held = self.slot.lock().expect("not poisoned").take();
+        if let Some(guard) = held {
+            if let Err(e) = guard.unmark().await {
+                tracing::warn!(error = %e, "could not remove the return-by mark of a superseded rotation's slot");
             }
-            Ok(None) => tracing::warn!(
-                "maintenance: this node holds no fleet-lock slot any more (freed by hand?); going on without one"
-            ),
-            Err(e) => tracing::warn!(error = %e, "maintenance: could not take the slot back"),
+            guard.abandon().await;
         }
+        Ok(())
+    }
+
+    /// Frees a slot still held (marked) for an earlier Node of this name: this Node has another
+    /// UID, so it is a replacement and the node that was rebooting will never come back (#20-i).
+    async fn free_replaced_slot(&self, node: &Node) -> Result<(), MaintenanceError> {
+        let Some(cfg) = &self.lock else {
+            return Ok(());
+        };
+        let uid = node.metadata.uid.clone().unwrap_or_default();
+        for slot in lock::free_marked(
+            &self.client,
+            cfg,
+            &self.node,
+            lock::Stale::ReplacedNode(&uid),
+        )
+        .await?
+        {
+            tracing::warn!(%slot, "fleet lock: freed a slot held across a reboot by an earlier node of this name (the node was replaced)");
+            self.event(
+                "MaintenanceSlotFreed",
+                "Warning",
+                &format!(
+                    "fleet-lock slot {slot} was held for the return of an earlier node named {} (another UID); this node replaced it, so the slot is freed",
+                    self.node
+                ),
+            )
+            .await;
+        }
+        Ok(())
+    }
+
+    /// The rotation is `done` yet this node may still hold its slot marked: the agent died
+    /// between recording `done` and releasing (a marked slot never expires). Freed at start,
+    /// unless a drain runs on the node now (it may hold the same slot, same holder identity).
+    async fn free_slot_after_done(&self, node: &Node) -> Result<(), MaintenanceError> {
+        let Some(cfg) = &self.lock else {
+            return Ok(());
+        };
+        let running = node
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(super::STATE_ANNOTATION))
+            .is_some_and(|t| {
+                super::state::Persisted::from_json(t)
+                    .map_or(true, |p| !super::is_terminal(p.phase()))
+            });
+        if running {
+            return Ok(());
+        }
+        for slot in lock::free_marked(&self.client, cfg, &self.node, lock::Stale::Any).await? {
+            tracing::warn!(%slot, "fleet lock: released a slot still held after this node's rotation was done (the agent stopped before releasing it)");
+        }
+        Ok(())
     }
 
     /// Before the reboot: one `MaintenanceOverdue` Event once the return-by time has passed.
@@ -483,50 +784,81 @@ impl Maintenance {
         )
         .await;
     }
-
-    /// Why this rotation's record no longer rules the node, if so: the drain recorded on the
-    /// Node (`nodekeeper.io/drain`, always the latest one) is another drain, or did not
-    /// complete, or is missing or unreadable (no proof it completed).
-    async fn superseded(&self, record: &Record) -> Result<Option<String>, MaintenanceError> {
-        let node = call("GET node", self.nodes().get(&self.node)).await?;
-        let latest = node
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(super::STATE_ANNOTATION))
-            .map(|t| super::state::Persisted::from_json(t));
-        let rotation = &record.drain_id;
-        Ok(match latest {
-            None => Some(format!(
-                "rotation {rotation}: no drain is recorded on the node any more"
-            )),
-            Some(Err(e)) => Some(format!("rotation {rotation}: {e}")),
-            Some(Ok(p)) if p.id != *rotation => Some(format!(
-                "rotation {rotation} was superseded by drain {:?} ({})",
-                p.id, p.phase
-            )),
-            Some(Ok(p)) if p.phase() != crate::pb::DrainPhase::Completed => Some(format!(
-                "rotation {rotation}: its drain is recorded as {}",
-                p.phase
-            )),
-            Some(Ok(_)) => None,
-        })
-    }
-
-    async fn node_ready(&self) -> Result<bool, MaintenanceError> {
-        let node = call("GET node", self.nodes().get(&self.node)).await?;
-        Ok(node
-            .status
-            .and_then(|s| s.conditions)
-            .unwrap_or_default()
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True"))
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn node(annotations: &[(&str, &str)], unschedulable: bool) -> Node {
+        let mut n = Node::default();
+        n.metadata.annotations = Some(
+            annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        n.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+            unschedulable: Some(unschedulable),
+            ..Default::default()
+        });
+        n
+    }
+
+    #[test]
+    fn only_a_node_cordoned_with_cordoned_at_counts_as_cordoned_by_nodekeeper() {
+        let at = (super::super::CORDONED_AT_ANNOTATION, "1000");
+        assert!(cordoned_by_nodekeeper(&node(&[at], true)));
+        assert!(!cordoned_by_nodekeeper(&node(&[], true)), "kubectl cordon");
+        assert!(
+            !cordoned_by_nodekeeper(&node(&[at], false)),
+            "uncordoned since"
+        );
+    }
+
+    #[test]
+    fn the_latest_drain_decides_whether_a_rotation_still_rules() {
+        let record = Record {
+            state: State::Returning,
+            drain_id: "rot-a".into(),
+            boot_id: "b1".into(),
+            since: 10,
+            return_by: 20,
+            uncordon: true,
+            error: String::new(),
+        };
+        let drain = |id: &str, phase: &str| {
+            let json = serde_json::json!({
+                "id": id, "reason": "", "requester": "", "started": 1, "deadline": 2,
+                "phase": phase, "done": [], "concurrency": 1, "deleteEmptydirData": false,
+                "evictUnreplicated": false, "leaderSelector": "",
+            })
+            .to_string();
+            super::super::state::Persisted::from_json(&json).expect("a drain record");
+            json
+        };
+        let with = |t: String| node(&[(super::super::STATE_ANNOTATION, t.as_str())], true);
+        assert_eq!(
+            latest_drain(&with(drain("rot-a", "completed")), &record),
+            Latest::Completed
+        );
+        assert_eq!(
+            latest_drain(&with(drain("rot-a", "evicting")), &record),
+            Latest::Running
+        );
+        assert!(matches!(
+            latest_drain(&with(drain("later", "evicting")), &record),
+            Latest::Superseded(_)
+        ));
+        assert!(matches!(
+            latest_drain(&with(drain("rot-a", "failed")), &record),
+            Latest::Superseded(_)
+        ));
+        assert!(matches!(
+            latest_drain(&node(&[], true), &record),
+            Latest::Superseded(_)
+        ));
+    }
 
     #[test]
     fn the_record_names_its_states_in_kebab_case_and_round_trips() {

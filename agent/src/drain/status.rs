@@ -103,9 +103,9 @@ pub async fn fleet(
                 .into_iter()
                 .filter_map(|l| {
                     let name = l.metadata.name.clone()?;
-                    let holder = l.spec.as_ref()?.holder_identity.clone()?;
-                    (name.starts_with(&at.name_prefix) && !holder.is_empty())
-                        .then_some((holder, name))
+                    // An expired, unmarked Lease is free for any node to take: not held (#20-k).
+                    let holder = lock::live_holder(&l)?;
+                    name.starts_with(&at.name_prefix).then_some((holder, name))
                 })
                 .collect(),
             Err(StatusError::Api(kube::Error::Api(s))) if s.code == 404 => BTreeMap::new(),
@@ -166,12 +166,39 @@ fn of(node: &Node, slots: &BTreeMap<String, String>) -> NodeMaintenance {
     }
 }
 
+/// The earliest time shown as a date (2000-01-01T00:00:00Z): anything earlier is a bad value.
+const EARLIEST_PLAUSIBLE: u64 = 946_684_800;
+/// How far in the future a recorded time may be before it is shown as invalid rather than as a
+/// date: the longest return-by a rotation can set (7 days) plus a day of clock skew.
+const FUTURE_SLACK_SECS: u64 = super::state::MAX_RETURN_TIMEOUT_SECONDS + 24 * 3600;
+
+/// A unix time for the table: a date within [2000-01-01, now + 8 days], `invalid (<raw>)`
+/// otherwise (a hand edit, a hostile value, a clock far off), never a wrapped or future date.
 fn when(t: Option<u64>) -> String {
+    let now = k8s_openapi::jiff::Timestamp::now().as_second().max(0) as u64;
+    when_at(t, now)
+}
+
+fn when_at(t: Option<u64>, now: u64) -> String {
     match t.filter(|t| *t > 0) {
-        Some(t) => k8s_openapi::jiff::Timestamp::from_second(t as i64)
-            .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
-            .unwrap_or_else(|_| t.to_string()),
+        Some(t) if (EARLIEST_PLAUSIBLE..=now.saturating_add(FUTURE_SLACK_SECS)).contains(&t) => {
+            i64::try_from(t)
+                .ok()
+                .and_then(|s| k8s_openapi::jiff::Timestamp::from_second(s).ok())
+                .map(|d| d.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+                .unwrap_or_else(|| format!("invalid ({t})"))
+        }
+        Some(t) => format!("invalid ({t})"),
         None => "-".into(),
+    }
+}
+
+/// A cordon time after now is flagged: nodekeeper cannot have cordoned in the future.
+fn cordon_when(t: Option<u64>) -> String {
+    let now = k8s_openapi::jiff::Timestamp::now().as_second().max(0) as u64;
+    match t {
+        Some(t) if t > now => format!("invalid (future: {t})"),
+        _ => when_at(t, now),
     }
 }
 
@@ -203,7 +230,7 @@ pub fn table(nodes: &[NodeMaintenance]) -> String {
         rows.push([
             n.node.clone(),
             if n.cordoned { "yes" } else { "no" }.into(),
-            when(n.cordoned_by_nodekeeper_since),
+            cordon_when(n.cordoned_by_nodekeeper_since),
             n.state.clone().unwrap_or_else(|| "-".into()),
             when(n.since),
             dash(&n.boot_id),
@@ -227,4 +254,29 @@ pub fn table(nodes: &[NodeMaintenance]) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_outside_the_plausible_range_render_as_invalid() {
+        let now = 1_800_000_000;
+        assert_eq!(
+            when_at(Some(u64::MAX), now),
+            format!("invalid ({})", u64::MAX)
+        );
+        assert_eq!(when_at(Some(5), now), "invalid (5)");
+        // A return-by a week ahead is a date; nine days ahead is not.
+        assert_eq!(when_at(Some(now + 7 * 86400), now), "2027-01-22T08:00:00Z");
+        assert_eq!(
+            when_at(Some(now + 9 * 86400), now),
+            format!("invalid ({})", now + 9 * 86400)
+        );
+        assert_eq!(when_at(Some(946_684_800), now), "2000-01-01T00:00:00Z");
+        assert_eq!(when_at(None, now), "-");
+        assert_eq!(when_at(Some(0), now), "-");
+        assert!(cordon_when(Some(4_102_444_800)).starts_with("invalid (future"));
+    }
 }

@@ -662,6 +662,12 @@ impl FakeApi {
     }
 
     /// Deletes a ConfigMap (a DELETED watch event).
+    /// Deletes a Node for good (a replaced instance's old Node object); `add_node` with the same
+    /// name then makes a new Node (another UID), as a replacement instance registering would.
+    pub fn delete_node(&self, name: &str) {
+        self.store.mutate(|st| st.remove(Res::Nodes, "", name));
+    }
+
     pub fn delete_config_map(&self, ns: &str, name: &str) {
         self.store.mutate(|st| st.remove(Res::ConfigMaps, ns, name));
     }

@@ -445,8 +445,30 @@ async fn a_three_node_rotation_with_one_slot_never_has_two_nodes_cordoned_across
         lease["metadata"]["annotations"]["nodekeeper.io/return-by"].is_null(),
         "{lease}"
     );
-    // The timeline, for the closing note.
+    // The timeline, for the closing note: every cordon, uncordon, eviction and slot write
+    // the API server accepted, in seconds from the first request.
     eprintln!("cordon log: {log:?}");
+    let requests = fleet.api.requests();
+    let start = requests.first().map(|r| r.at).unwrap();
+    for r in requests.iter().filter(|r| r.status < 300) {
+        let what = if r.method == "PATCH" && r.body.contains("\"unschedulable\":true") {
+            "cordon"
+        } else if r.method == "PATCH" && r.body.contains("\"unschedulable\":false") {
+            "uncordon"
+        } else if r.method == "POST" && r.path.ends_with("/eviction") {
+            "evict"
+        } else if r.method != "GET" && r.path.contains("/leases/") {
+            "slot write"
+        } else {
+            continue;
+        };
+        eprintln!(
+            "timeline +{:>6.2}s {what:<10} {} ({})",
+            r.at.duration_since(start).as_secs_f64(),
+            r.path,
+            r.user
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    // Read at run time, not with env!(): a build script compiled in one checkout and copied with
+    // its target/ to another would otherwise compile the first checkout's protos.
+    let proto_root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../proto");
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     let protos = [
         proto_root.join("nodekeeper/v1/agent.proto"),

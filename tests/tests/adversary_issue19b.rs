@@ -945,9 +945,11 @@ fn write_token_file(path: &Path, token: &str) {
 
 /// Attack: the token file turned into each bad thing (emptied, whitespace, over 4 KiB, over the
 /// 1 MiB stamp cap, FIFO, directory, symlink loop, /dev/zero, removed) under a running
-/// aggregator. Held: nothing hangs (a bearer call is answered UNAUTHENTICATED at once, health
-/// and KEDA's mTLS keep working, the same process), no bad file is ever taken as a token, and
-/// a good token swapped in afterwards reads without a restart.
+/// aggregator. Held: nothing hangs (a bearer call is answered at once, health and KEDA's mTLS
+/// keep working, the same process), no bad file is ever taken as a token, and a good token
+/// swapped in afterwards reads without a restart and revokes the old one. Since decision
+/// #19-i a bad file keeps the last good token (it used to refuse every bearer call: this test
+/// asserted that until the fix), so the working token still reads while the file is bad.
 #[test]
 fn a_spoiled_token_file_never_hangs_never_opens_and_a_good_one_reads_again() {
     if !(require_tool("openssl") && require_tool("mkfifo")) {
@@ -967,9 +969,9 @@ fn a_spoiled_token_file_never_hangs_never_opens_and_a_good_one_reads_again() {
     let spoils: Vec<&str> = BAD_TOKEN_FILES.iter().copied().chain(["removed"]).collect();
     for (i, what) in spoils.iter().enumerate() {
         spoil_token_file(&token, what);
-        // A hang would be DEADLINE_EXCEEDED after WAIT.
-        let e = get_fleet(&rt, agg.grpc, &pki, NO_CERT, &[&bearer(TOKEN)]).unwrap_err();
-        assert_eq!(e.code(), Code::Unauthenticated, "{what}: {e:?}");
+        // A hang would be DEADLINE_EXCEEDED after WAIT; the last good token is kept (#19-i).
+        get_fleet(&rt, agg.grpc, &pki, NO_CERT, &[&bearer(TOKEN)])
+            .unwrap_or_else(|e| panic!("{what}: the kept token: {e:?}"));
         // Nothing in the bad file is a token: not its bytes, not an empty string.
         for guess in ["", "aaaa", "a"] {
             let e = get_fleet(&rt, agg.grpc, &pki, NO_CERT, &[&bearer(guess)]).unwrap_err();
@@ -996,6 +998,7 @@ fn a_spoiled_token_file_never_hangs_never_opens_and_a_good_one_reads_again() {
             "after {what}, the old token: {e:?}"
         );
         write_token_file(&token, TOKEN);
+        get_fleet(&rt, agg.grpc, &pki, NO_CERT, &[&bearer(TOKEN)]).expect("restored");
     }
     assert!(agg.proc.alive());
     assert_eq!(agg.proc.pid(), pid);
@@ -1008,7 +1011,6 @@ fn a_spoiled_token_file_never_hangs_never_opens_and_a_good_one_reads_again() {
 /// situation. Fail-closed may be the intended design for tokens (an emptied Secret as a
 /// revocation): then the docs should say so and the promise be narrowed.
 #[test]
-#[ignore = "adversary finding: a bad token-file rotation (empty, over 4 KiB, FIFO, dir, symlink loop) drops the working token instead of keeping it"]
 fn adversary_a_bad_token_rotation_keeps_the_working_token() {
     if !require_tool("mkfifo") {
         return;
@@ -1547,7 +1549,6 @@ fn slowloris_tls_handshakes_are_closed_and_never_block_other_callers() {
 /// per-connection stream cap (its router sets neither max_concurrent_streams nor the agents'
 /// HTTP/2 limits), so every anonymous Watch stays open and its memory grows with them.
 #[test]
-#[ignore = "adversary finding: anonymous grpc.health Watch streams on the aggregator are unbounded (no stream budget, no HTTP/2 stream cap)"]
 fn adversary_anonymous_health_watch_streams_are_bounded_on_the_aggregator() {
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -1991,7 +1992,6 @@ fn a_rotated_client_ca_refuses_the_old_cas_certificates_on_new_connections() {
 /// Broke: the stream opened with the revoked token keeps delivering the census' answers, for
 /// as long as its holder keeps it open; the credential is checked only when a call starts.
 #[test]
-#[ignore = "adversary finding: a KEDA stream opened with a token keeps answering after the token is rotated away"]
 fn adversary_a_stream_opened_with_a_revoked_token_stops_answering() {
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -382,13 +382,17 @@ pub async fn run(args: AggregateArgs) -> Result<(), AggregateError> {
             crate::api::reflection_v1()?,
             crate::api::reflection_v1alpha()?,
         );
+        // The agents' one budget for long-lived streams (KEDA's and anonymous health Watch
+        // alike), half of it per address, and their HTTP/2 stream cap per connection.
+        let streams = crate::bounds::StreamBudget::new(crate::config::DEFAULT_MAX_WATCH_STREAMS);
         let scaler =
-            ScalerService::new(Arc::new(FleetSource(fleet.clone())), refresh, token.clone());
-        let (health_service, mirror) = crate::api::health_service(h.clone(), &token, None);
+            ScalerService::new(Arc::new(FleetSource(fleet.clone())), refresh, token.clone())
+                .with_stream_budget(streams.clone());
+        let (health_service, mirror) = crate::api::health_service(h.clone(), &token, Some(streams));
         h.set(CAPABILITY, HealthState::Serving, "");
         // Every call passes the agent's auth layer (credentials by default, health anonymous)
         // and connection caps; TLS files are re-read on change as on the agents.
-        let router = tonic::transport::Server::builder()
+        let router = crate::api::server_builder()
             .layer(crate::api::api_layers(server_auth.layer))
             .add_service(ExternalScalerServer::new(scaler))
             .add_service(aggregator_server::AggregatorServer::new(AggregatorService(

@@ -787,14 +787,7 @@ pub async fn serve(
     });
     let (health_service, mirror) =
         health_service(health.clone(), &token, Some(service.streams.clone()));
-    let router = tonic::transport::Server::builder()
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
-        .initial_stream_window_size(HTTP2_STREAM_WINDOW)
-        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
-        .http2_adaptive_window(Some(false))
-        .http2_max_header_list_size(HTTP2_MAX_HEADER_LIST)
+    let router = server_builder()
         .layer(api_layers(auth.layer))
         .add_service(
             node_agent_server::NodeAgentServer::new(service)
@@ -807,6 +800,19 @@ pub async fn serve(
     let result = serve_router(router, listener, auth.tls, health, "api", token).await;
     mirror.abort();
     Ok(result?)
+}
+
+/// The HTTP/2 limits every gRPC server of this crate runs with (the agent's and the
+/// aggregator's): streams per connection, keepalive, flow-control windows, header list size.
+pub(crate) fn server_builder() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+        .http2_adaptive_window(Some(false))
+        .http2_max_header_list_size(HTTP2_MAX_HEADER_LIST)
 }
 
 /// The layers every gRPC server of this crate runs its calls through (the agent's and the

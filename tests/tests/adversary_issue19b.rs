@@ -1910,7 +1910,6 @@ fn shipped_arg(flag: &str) -> Option<String> {
 /// cleartext because "the base cannot assume an issuer"; since #19-g the Deployment needs the
 /// CA Secret nodekeeper-aggregator-tls anyway.
 #[test]
-#[ignore = "adversary finding: the shipped aggregator sends the read token to agents in plaintext, and the same token opens its own API"]
 fn adversary_the_shipped_aggregator_reads_agents_over_tls_with_its_own_credential() {
     let dialled_with_tls = shipped_arg("--cacert").is_some();
     let own_certificate = shipped_arg("--cert").is_some();
@@ -2080,7 +2079,6 @@ fn shipped_args() -> Vec<String> {
 /// same token reads the aggregator's GetFleet: one fan-out gives an endpoint the fleet's census
 /// and every agent's reads.
 #[test]
-#[ignore = "adversary finding: with the shipped args a rogue agent endpoint receives a token that reads the aggregator's GetFleet"]
 fn adversary_a_rogue_endpoint_gets_no_credential_for_the_aggregator() {
     if !require_tool("openssl") {
         return;

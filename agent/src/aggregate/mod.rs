@@ -407,6 +407,7 @@ pub async fn run(args: AggregateArgs) -> Result<(), AggregateError> {
         h.set(CAPABILITY, HealthState::Serving, "");
         // Every call passes the agent's auth layer (credentials by default, health anonymous)
         // and connection caps; TLS files are re-read on change as on the agents.
+        let admissions = server_auth.layer.admissions();
         let router = crate::api::server_builder()
             .layer(crate::api::api_layers(server_auth.layer))
             .add_service(ExternalScalerServer::new(scaler))
@@ -416,9 +417,16 @@ pub async fn run(args: AggregateArgs) -> Result<(), AggregateError> {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
-        let result =
-            crate::api::serve_router(router, grpc_listener, server_auth.tls, h, CAPABILITY, token)
-                .await;
+        let result = crate::api::serve_router(
+            router,
+            grpc_listener,
+            server_auth.tls,
+            admissions,
+            h,
+            CAPABILITY,
+            token,
+        )
+        .await;
         mirror.abort();
         result.map_err(crate::api::ApiError::from)?;
         Ok(())

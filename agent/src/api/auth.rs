@@ -304,7 +304,7 @@ impl ServerAuth {
         };
         Ok(Self {
             tls,
-            layer: AuthLayer(Arc::new(auth)),
+            layer: AuthLayer(Arc::new(auth), Admissions::default()),
         })
     }
 }
@@ -794,7 +794,72 @@ fn certificate_names(der: &[u8]) -> Result<Vec<String>, String> {
 
 /// Tower layer for `tonic::transport::Server::layer`: checks each call before routing.
 #[derive(Clone)]
-pub struct AuthLayer(Arc<Authenticator>);
+pub struct AuthLayer(Arc<Authenticator>, Admissions);
+
+impl AuthLayer {
+    /// Where this layer records the connections that made an admitted call.
+    pub(crate) fn admissions(&self) -> Admissions {
+        self.1.clone()
+    }
+}
+
+// === impl Admissions ===
+
+/// The connections waiting for their first admitted call (a TLS connection without a client
+/// certificate, issue #19), by peer address: the auth layer marks them, the connection reads
+/// the mark.
+#[derive(Clone, Default)]
+pub(crate) struct Admissions(
+    Arc<Mutex<std::collections::HashMap<std::net::SocketAddr, Arc<std::sync::atomic::AtomicBool>>>>,
+);
+
+/// One connection's mark in [`Admissions`]; removed when it drops.
+pub(crate) struct Admission {
+    admissions: Admissions,
+    peer: std::net::SocketAddr,
+    admitted: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Admissions {
+    /// Starts watching the connection from `peer`.
+    pub(crate) fn watch(&self, peer: std::net::SocketAddr) -> Admission {
+        let admitted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        self.0
+            .lock()
+            .expect("not poisoned")
+            .insert(peer, admitted.clone());
+        Admission {
+            admissions: self.clone(),
+            peer,
+            admitted,
+        }
+    }
+
+    /// Marks the connection from `peer` (if watched) as having made an admitted call.
+    fn admit(&self, peer: std::net::SocketAddr) {
+        if let Some(a) = self.0.lock().expect("not poisoned").remove(&peer) {
+            a.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+impl Admission {
+    pub(crate) fn is_admitted(&self) -> bool {
+        self.admitted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let mut map = self.admissions.0.lock().expect("not poisoned");
+        if map
+            .get(&self.peer)
+            .is_some_and(|a| Arc::ptr_eq(a, &self.admitted))
+        {
+            map.remove(&self.peer);
+        }
+    }
+}
 
 impl<S> tower_layer::Layer<S> for AuthLayer {
     type Service = AuthService<S>;
@@ -803,6 +868,7 @@ impl<S> tower_layer::Layer<S> for AuthLayer {
         AuthService {
             inner,
             auth: self.0.clone(),
+            admissions: self.1.clone(),
         }
     }
 }
@@ -811,6 +877,7 @@ impl<S> tower_layer::Layer<S> for AuthLayer {
 pub struct AuthService<S> {
     inner: S,
     auth: Arc<Authenticator>,
+    admissions: Admissions,
 }
 
 impl<S, B> tonic::codegen::Service<http::Request<B>> for AuthService<S>
@@ -837,6 +904,12 @@ where
         let peer = peer_addr(&req);
         match self.auth.check(&req) {
             Ok((principal, rule, lease)) => {
+                // A call beyond health keeps an uncertified connection open (issue #19).
+                if rule != Rule::Anonymous
+                    && let Some(peer) = peer
+                {
+                    self.admissions.admit(peer);
+                }
                 if rule.is_mutating() {
                     // The audit line: one per accepted mutating call, naming the verified
                     // principal (never the caller-asserted `requester`).

@@ -18,11 +18,13 @@
 //! `--check-config`; a connection flood (fd bound); slowloris handshakes; certificate swaps
 //! racing handshakes; a rotated client CA.
 //!
-//! Broke (ignored): a bad token rotation drops the working token; anonymous health Watch
-//! streams are unbounded; anonymous connections lock KEDA out; a rogue agent's census is
-//! counted whatever node it claims; the shipped aggregator reads agents in clear text with the
-//! token that also opens its own API (and a rogue endpoint is handed it); a stream opened with
-//! a rotated-away token keeps answering.
+//! Broke and fixed by decision #19-i (now plain tests): a bad token rotation dropped the
+//! working token; anonymous health Watch streams were unbounded; anonymous connections locked
+//! KEDA out; the shipped aggregator read agents in clear text with the token that also opened
+//! its own API (and a rogue endpoint was handed it); a stream opened with a rotated-away token
+//! kept answering.
+//!
+//! Broke (still ignored): a rogue agent's census is counted whatever node it claims.
 
 #[path = "support/census_pods.rs"]
 mod census_pods;

@@ -186,6 +186,8 @@ async fn adversary_aggregator_serves_the_census_it_read_with_the_read_token_to_a
         .arg(loopback(free_port()).to_string())
         .arg("--token-file")
         .arg(&token)
+        // The agent serves plaintext here (decision #19-i: a plaintext token needs the flag).
+        .arg("--allow-plaintext-token")
         .env_remove("KUBECONFIG");
     let _aggregator = Proc::spawn("aggregate", cmd, dir.path());
 

@@ -1125,10 +1125,20 @@ fn the_shipped_aggregator_serves_tls_with_a_client_ca_and_no_anonymous_api() {
             "{flag}"
         );
     }
+    // Its own token, never the agents' read token (decision #19-i: it used to be the same).
     assert_eq!(
         secret_of(after("--listen-token-file")),
-        "nodekeeper-read-token"
+        "nodekeeper-aggregator-token"
     );
+    assert_eq!(secret_of(after("--token-file")), "nodekeeper-read-token");
+    // The agents are read over TLS with its own client certificate.
+    for flag in ["--cacert", "--cert", "--key"] {
+        assert_eq!(
+            secret_of(after(flag)),
+            "nodekeeper-aggregator-client-tls",
+            "{flag}"
+        );
+    }
 
     // The same args against files where the Secrets would put them.
     let pki = nodekeeper_tests::pki::Pki::new();
@@ -1138,6 +1148,7 @@ fn the_shipped_aggregator_serves_tls_with_a_client_ca_and_no_anonymous_api() {
         "nodekeeper aggregator",
         "DNS:nodekeeper-aggregator.nodekeeper-system.svc",
     );
+    pki.client("aggregator-client", "ca", "nodekeeper-aggregator");
     let root = tempfile::tempdir().unwrap();
     let mounted = |file: &str| {
         root.path()
@@ -1147,14 +1158,19 @@ fn the_shipped_aggregator_serves_tls_with_a_client_ca_and_no_anonymous_api() {
         ("--listen-cert", "aggregator.crt"),
         ("--listen-key", "aggregator.key"),
         ("--listen-client-ca", "ca.crt"),
+        ("--cacert", "ca.crt"),
+        ("--cert", "aggregator-client.crt"),
+        ("--key", "aggregator-client.key"),
     ] {
         let to = mounted(after(flag));
         std::fs::create_dir_all(to.parent().unwrap()).unwrap();
         std::fs::copy(pki.path(from), to).unwrap();
     }
-    let token = mounted(after("--listen-token-file"));
-    std::fs::create_dir_all(token.parent().unwrap()).unwrap();
-    std::fs::write(&token, "0123456789abcdef").unwrap();
+    for flag in ["--listen-token-file", "--token-file"] {
+        let token = mounted(after(flag));
+        std::fs::create_dir_all(token.parent().unwrap()).unwrap();
+        std::fs::write(&token, format!("0123456789abcdef-{flag}")).unwrap();
+    }
     let args: Vec<String> = args
         .iter()
         .map(|a| {

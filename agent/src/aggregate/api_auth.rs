@@ -75,6 +75,33 @@ pub fn problems(args: &AggregateArgs) -> Vec<String> {
     out
 }
 
+/// Whether the agents are dialled over TLS (`--cacert`, `--cert` or `--server-name`).
+pub fn agents_over_tls(args: &AggregateArgs) -> bool {
+    args.cacert.is_some() || args.cert.is_some() || args.server_name.is_some()
+}
+
+/// The refusal of a bearer token sent to the agents in clear text without
+/// `--allow-plaintext-token` (decision #19-i), naming the flags.
+pub fn plaintext_token_problem(args: &AggregateArgs) -> Option<String> {
+    (args.token_file.is_some() && !agents_over_tls(args) && !args.allow_plaintext_token).then(
+        || {
+            "--token-file: the token would be sent to the agents in clear text (no --cacert): dial \
+         them over TLS with --cacert (and --server-name, --cert/--key), or accept the exposure \
+         with --allow-plaintext-token"
+                .to_string()
+        },
+    )
+}
+
+/// The warning for a bearer token sent to the agents in clear text by `--allow-plaintext-token`.
+pub fn plaintext_token_warning(args: &AggregateArgs) -> Option<String> {
+    (args.token_file.is_some() && !agents_over_tls(args) && args.allow_plaintext_token).then(|| {
+        "--allow-plaintext-token: --token-file's token is sent to every agent endpoint in clear \
+         text; anyone on the path of a fan-out, or any endpoint of the agents' Service, reads it"
+            .to_string()
+    })
+}
+
 /// The warning for an API without credentials, or `None` when it has one.
 pub fn open_warning(args: &AggregateArgs) -> Option<String> {
     if args.allow_anonymous {
@@ -102,6 +129,12 @@ pub fn describe(args: &AggregateArgs) -> String {
             format!("{:?}", p.display().to_string())
         })
     };
+    let _ = writeln!(out, "agents:");
+    let _ = writeln!(out, "  tls: {}", agents_over_tls(args));
+    let _ = writeln!(out, "  cacert: {}", path(&args.cacert));
+    let _ = writeln!(out, "  clientCert: {}", path(&args.cert));
+    let _ = writeln!(out, "  tokenFile: {}", path(&args.token_file));
+    let _ = writeln!(out, "  allowPlaintextToken: {}", args.allow_plaintext_token);
     let _ = writeln!(out, "listen: {:?}", args.listen.to_string());
     let _ = writeln!(out, "auth:");
     let _ = writeln!(out, "  tlsCert: {}", path(&args.listen_cert));
@@ -116,6 +149,9 @@ pub fn describe(args: &AggregateArgs) -> String {
     let _ = writeln!(out, "  tokenFile: {}", path(&args.listen_token_file));
     let _ = writeln!(out, "  allowAnonymous: {}", args.allow_anonymous);
     if let Some(w) = open_warning(args) {
+        let _ = writeln!(out, "# WARNING: {w}");
+    }
+    if let Some(w) = plaintext_token_warning(args) {
         let _ = writeln!(out, "# WARNING: {w}");
     }
     out

@@ -90,8 +90,17 @@ pub struct AggregateArgs {
     #[arg(long, env = "NODEKEEPER_AGGREGATE_REFRESH", default_value = "5s")]
     pub refresh: ConfigDuration,
     /// File holding a bearer token sent to the agents (needed when their openReadOnly is false).
+    /// Sent only over TLS (--cacert) unless --allow-plaintext-token.
     #[arg(long, env = "NODEKEEPER_AGGREGATE_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// Send --token-file's token to agents dialled without TLS: anyone on the path of a fan-out
+    /// (or any endpoint of the agents' Service) reads it. For test clusters only.
+    #[arg(
+        long,
+        env = "NODEKEEPER_AGGREGATE_ALLOW_PLAINTEXT_TOKEN",
+        requires = "token_file"
+    )]
+    pub allow_plaintext_token: bool,
     /// PEM CA bundle the agents' certificates must chain to; dials the agents over TLS.
     #[arg(long, env = "NODEKEEPER_AGGREGATE_CACERT")]
     pub cacert: Option<PathBuf>,
@@ -271,6 +280,12 @@ pub async fn run(args: AggregateArgs) -> Result<(), AggregateError> {
     } else {
         None
     };
+    if let Some(problem) = api_auth::plaintext_token_problem(&args) {
+        return Err(AggregateError::Usage(problem));
+    }
+    if let Some(warning) = api_auth::plaintext_token_warning(&args) {
+        tracing::warn!(allow_plaintext_token = true, "{warning}");
+    }
     if let Some(problem) = api_auth::problems(&args).into_iter().next() {
         return Err(AggregateError::Usage(problem));
     }
@@ -382,13 +397,18 @@ pub async fn run(args: AggregateArgs) -> Result<(), AggregateError> {
             crate::api::reflection_v1()?,
             crate::api::reflection_v1alpha()?,
         );
+        // The agents' one budget for long-lived streams (KEDA's and anonymous health Watch
+        // alike), half of it per address, and their HTTP/2 stream cap per connection.
+        let streams = crate::bounds::StreamBudget::new(crate::config::DEFAULT_MAX_WATCH_STREAMS);
         let scaler =
-            ScalerService::new(Arc::new(FleetSource(fleet.clone())), refresh, token.clone());
-        let (health_service, mirror) = crate::api::health_service(h.clone(), &token, None);
+            ScalerService::new(Arc::new(FleetSource(fleet.clone())), refresh, token.clone())
+                .with_stream_budget(streams.clone());
+        let (health_service, mirror) = crate::api::health_service(h.clone(), &token, Some(streams));
         h.set(CAPABILITY, HealthState::Serving, "");
         // Every call passes the agent's auth layer (credentials by default, health anonymous)
         // and connection caps; TLS files are re-read on change as on the agents.
-        let router = tonic::transport::Server::builder()
+        let admissions = server_auth.layer.admissions();
+        let router = crate::api::server_builder()
             .layer(crate::api::api_layers(server_auth.layer))
             .add_service(ExternalScalerServer::new(scaler))
             .add_service(aggregator_server::AggregatorServer::new(AggregatorService(
@@ -397,9 +417,16 @@ pub async fn run(args: AggregateArgs) -> Result<(), AggregateError> {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
-        let result =
-            crate::api::serve_router(router, grpc_listener, server_auth.tls, h, CAPABILITY, token)
-                .await;
+        let result = crate::api::serve_router(
+            router,
+            grpc_listener,
+            server_auth.tls,
+            admissions,
+            h,
+            CAPABILITY,
+            token,
+        )
+        .await;
         mirror.abort();
         result.map_err(crate::api::ApiError::from)?;
         Ok(())
@@ -550,6 +577,36 @@ mod tests {
             api_auth::problems(&a),
             ["--listen-client-names: entry 1 is empty"]
         );
+    }
+
+    /// Decision #19-i: the agents' token goes out in clear text only when asked for.
+    #[test]
+    fn a_token_to_the_agents_needs_tls_or_the_plaintext_flag() {
+        let plain = parse(&["--agents", "a:1", "--token-file", "/t"]).unwrap();
+        let p = api_auth::plaintext_token_problem(&plain).expect("refused");
+        assert!(
+            p.starts_with("--token-file") && p.contains("--allow-plaintext-token"),
+            "{p}"
+        );
+        let tls = parse(&["--agents", "a:1", "--token-file", "/t", "--cacert", "/ca"]).unwrap();
+        assert_eq!(api_auth::plaintext_token_problem(&tls), None);
+        assert!(api_auth::describe(&tls).contains("agents:\n  tls: true\n"));
+        let allowed = parse(&[
+            "--agents",
+            "a:1",
+            "--token-file",
+            "/t",
+            "--allow-plaintext-token",
+        ])
+        .unwrap();
+        assert_eq!(api_auth::plaintext_token_problem(&allowed), None);
+        let d = api_auth::describe(&allowed);
+        assert!(
+            d.contains("allowPlaintextToken: true")
+                && d.contains("# WARNING: --allow-plaintext-token"),
+            "{d}"
+        );
+        assert!(parse(&["--agents", "a:1", "--allow-plaintext-token"]).is_err());
     }
 
     #[test]

@@ -277,8 +277,13 @@ impl ServerAuth {
                 fields,
             )?)),
         };
-        let token = load_token(fields.token_file, config.token_file.as_deref())?;
-        let read_token = load_token(fields.read_token_file, config.read_token_file.as_deref())?;
+        let refused = TokenMetrics::register(registry);
+        let token = load_token(fields.token_file, config.token_file.as_deref(), &refused)?;
+        let read_token = load_token(
+            fields.read_token_file,
+            config.read_token_file.as_deref(),
+            &refused,
+        )?;
         if (token.is_some() || read_token.is_some()) && tls.is_none() {
             tracing::warn!(
                 token_file = fields.token_file,
@@ -299,17 +304,21 @@ impl ServerAuth {
         };
         Ok(Self {
             tls,
-            layer: AuthLayer(Arc::new(auth)),
+            layer: AuthLayer(Arc::new(auth), Admissions::default()),
         })
     }
 }
 
 /// Reads a configured token file once, so a missing or empty one fails the start.
-fn load_token(field: &'static str, path: Option<&Path>) -> Result<Option<TokenFile>, AuthError> {
+fn load_token(
+    field: &'static str,
+    path: Option<&Path>,
+    metrics: &TokenMetrics,
+) -> Result<Option<Arc<TokenFile>>, AuthError> {
     let Some(path) = path else {
         return Ok(None);
     };
-    let t = TokenFile::new(path.to_path_buf());
+    let t = TokenFile::new(path.to_path_buf(), field, metrics.clone());
     t.current().map_err(|e| match e {
         TokenError::Read(source) => AuthError::Read {
             field,
@@ -322,7 +331,30 @@ fn load_token(field: &'static str, path: Option<&Path>) -> Result<Option<TokenFi
             problem: problem.into(),
         },
     })?;
-    Ok(Some(t))
+    Ok(Some(Arc::new(t)))
+}
+
+/// Token file versions refused after the start (decision #19-i), by the setting that names
+/// the file.
+#[derive(Clone, Default)]
+struct TokenMetrics {
+    refused: prometheus_client::metrics::family::Family<
+        Vec<(&'static str, &'static str)>,
+        prometheus_client::metrics::counter::Counter,
+    >,
+}
+
+impl TokenMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "api_token_files_refused",
+            "Changed bearer token files that could not be read as a token (missing, empty, too \
+             large, not a regular file), by setting; the last good token stays in use",
+            m.refused.clone(),
+        );
+        m
+    }
 }
 
 // === impl TokenFile ===
@@ -332,11 +364,63 @@ enum TokenError {
     Bad(&'static str),
 }
 
+impl TokenError {
+    fn problem(&self) -> String {
+        match self {
+            Self::Read(e) => e.to_string(),
+            Self::Bad(p) => p.to_string(),
+        }
+    }
+}
+
 /// The bearer token file, re-read when its identity, metadata or content changes, so a rotated
-/// Secret (kubelet swaps a symlink to a new file) takes effect without a restart.
+/// Secret (kubelet swaps a symlink to a new file) takes effect without a restart. A changed
+/// file that cannot be read as a token (emptied, removed, too large, a FIFO or a directory)
+/// is refused and the last good token kept, as for the TLS files (decision #19-i): revoking a
+/// token means writing a new one.
 struct TokenFile {
     path: PathBuf,
-    cached: Mutex<Option<(FileStamp, Arc<[u8]>)>>,
+    /// The setting that names the file, in warnings and the refusal metric.
+    field: &'static str,
+    state: Mutex<TokenState>,
+    metrics: TokenMetrics,
+}
+
+#[derive(Default)]
+struct TokenState {
+    /// The last good token and the stamp of the file it was read from.
+    good: Option<(FileStamp, Arc<[u8]>)>,
+    /// Bumped each time the good token changes: a stream opened under generation `n` ends once
+    /// it is no longer `n` (decision #19-i).
+    generation: u64,
+    /// The refusal last counted (file stamp, problem), so one bad file counts and warns once.
+    refused: Option<(Option<FileStamp>, String)>,
+}
+
+/// A bearer token an accepted call presented, as of its generation: [`TokenLease::valid`]
+/// while the file still holds that token.
+#[derive(Clone)]
+pub(crate) struct TokenLease {
+    file: Arc<TokenFile>,
+    generation: u64,
+}
+
+impl std::fmt::Debug for TokenLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenLease")
+            .field("field", &self.file.field)
+            .field("generation", &self.generation)
+            .finish()
+    }
+}
+
+impl TokenLease {
+    /// Whether the token is still the file's (one `stat` and a small read when it changed).
+    pub(crate) fn valid(&self) -> bool {
+        self.file
+            .current()
+            .is_ok_and(|(_, generation)| generation == self.generation)
+    }
 }
 
 /// Files at most this large are hashed for their stamp; a larger one is no credential of ours
@@ -395,23 +479,62 @@ fn content_hash(bytes: &[u8]) -> u64 {
 }
 
 impl TokenFile {
-    fn new(path: PathBuf) -> Self {
+    fn new(path: PathBuf, field: &'static str, metrics: TokenMetrics) -> Self {
         Self {
             path,
-            cached: Mutex::new(None),
+            field,
+            state: Mutex::new(TokenState::default()),
+            metrics,
         }
     }
 
-    /// The current token. One `stat` per call, a read only when the file changed; called only
-    /// for calls that need credentials, which are rare (an orchestrator's control calls).
-    fn current(&self) -> Result<Arc<[u8]>, TokenError> {
-        let stamp = FileStamp::of(&self.path).map_err(TokenError::Read)?;
-        let mut cached = self.cached.lock().expect("not poisoned");
-        if let Some((s, token)) = cached.as_ref()
-            && *s == stamp
+    /// The current token and its generation. One `stat` (and a small hash) per call, a read
+    /// only when the file changed; a changed file that is no token keeps the last good one
+    /// (counted and warned about once per file version). An error only before any good token.
+    fn current(&self) -> Result<(Arc<[u8]>, u64), TokenError> {
+        let stamp = FileStamp::of(&self.path).map_err(TokenError::Read);
+        let seen = stamp.as_ref().ok().copied();
+        let mut state = self.state.lock().expect("not poisoned");
+        if let (Ok(s), Some((good, token))) = (&stamp, &state.good)
+            && s == good
         {
-            return Ok(token.clone());
+            return Ok((token.clone(), state.generation));
         }
+        match stamp.and_then(|s| self.read(s).map(|t| (s, t))) {
+            Ok((stamp, token)) => {
+                if state.good.as_ref().is_none_or(|(_, old)| *old != token) {
+                    state.generation += 1;
+                }
+                state.good = Some((stamp, token.clone()));
+                state.refused = None;
+                tracing::debug!(path = %self.path.display(), "bearer token (re)loaded");
+                Ok((token, state.generation))
+            }
+            Err(e) => {
+                let Some((_, token)) = state.good.clone() else {
+                    return Err(e);
+                };
+                let key = (seen, e.problem());
+                if state.refused.as_ref() != Some(&key) {
+                    self.metrics
+                        .refused
+                        .get_or_create(&vec![("field", self.field)])
+                        .inc();
+                    tracing::warn!(
+                        field = self.field,
+                        path = %self.path.display(),
+                        problem = %key.1,
+                        "the token file cannot be read as a token; refused, the last good token stays in use (revoke a token by writing a new one)"
+                    );
+                    state.refused = Some(key);
+                }
+                Ok((token, state.generation))
+            }
+        }
+    }
+
+    /// The token in the file `stamp` describes.
+    fn read(&self, stamp: FileStamp) -> Result<Arc<[u8]>, TokenError> {
         if stamp.len > MAX_TOKEN_BYTES {
             return Err(TokenError::Bad("is larger than a token (4 KiB)"));
         }
@@ -422,10 +545,7 @@ impl TokenFile {
         if token.is_empty() {
             return Err(TokenError::Bad("is empty"));
         }
-        let token: Arc<[u8]> = token.into();
-        *cached = Some((stamp, token.clone()));
-        tracing::debug!(path = %self.path.display(), "bearer token (re)loaded");
-        Ok(token)
+        Ok(token.into())
     }
 }
 
@@ -449,9 +569,9 @@ impl Refusal {
 
 struct Authenticator {
     /// The control token (role `control`).
-    token: Option<TokenFile>,
+    token: Option<Arc<TokenFile>>,
     /// The read token (role `read`).
-    read_token: Option<TokenFile>,
+    read_token: Option<Arc<TokenFile>>,
     client_certs: bool,
     allowed_client_names: Vec<String>,
     client_roles: BTreeMap<String, Vec<Role>>,
@@ -462,14 +582,18 @@ struct Authenticator {
 }
 
 impl Authenticator {
-    /// Authenticates and authorizes one call: its principal and the rule it was judged by.
-    fn check<B>(&self, req: &http::Request<B>) -> Result<(Principal, Rule), Refusal> {
+    /// Authenticates and authorizes one call: its principal, the rule it was judged by and,
+    /// for a bearer token, the lease its response streams end with.
+    fn check<B>(
+        &self,
+        req: &http::Request<B>,
+    ) -> Result<(Principal, Rule, Option<TokenLease>), Refusal> {
         let path = req.uri().path();
         let rule = rule_for(path);
         if self.is_open(rule) {
-            return Ok((Principal::anonymous(), rule));
+            return Ok((Principal::anonymous(), rule, None));
         }
-        let principal = self.authenticate(req, path)?;
+        let (principal, lease) = self.authenticate(req, path)?;
         if !principal.may(rule) {
             return Err(Refusal {
                 status: Status::permission_denied(format!(
@@ -493,7 +617,7 @@ impl Authenticator {
                 reason: "rate_limited",
             });
         }
-        Ok((principal, rule))
+        Ok((principal, rule, lease))
     }
 
     /// Calls anyone may make under this config.
@@ -506,7 +630,11 @@ impl Authenticator {
         }
     }
 
-    fn authenticate<B>(&self, req: &http::Request<B>, path: &str) -> Result<Principal, Refusal> {
+    fn authenticate<B>(
+        &self,
+        req: &http::Request<B>,
+        path: &str,
+    ) -> Result<(Principal, Option<TokenLease>), Refusal> {
         if self.token.is_none() && self.read_token.is_none() && !self.client_certs {
             return Err(Refusal::unauthenticated(
                 "not_configured",
@@ -525,7 +653,7 @@ impl Authenticator {
             .get::<TlsConnectInfo<TcpConnectInfo>>()
             .and_then(|i| i.peer_certs());
         match certs.as_deref().and_then(|c| c.first()) {
-            Some(leaf) if self.client_certs => self.check_certificate(leaf),
+            Some(leaf) if self.client_certs => Ok((self.check_certificate(leaf)?, None)),
             _ => Err(Refusal::unauthenticated(
                 "no_credentials",
                 format!("{path} needs credentials: {}", self.accepted_credentials()),
@@ -544,7 +672,10 @@ impl Authenticator {
         }
     }
 
-    fn check_token(&self, header: &http::HeaderValue) -> Result<Principal, Refusal> {
+    fn check_token(
+        &self,
+        header: &http::HeaderValue,
+    ) -> Result<(Principal, Option<TokenLease>), Refusal> {
         if self.token.is_none() && self.read_token.is_none() {
             return Err(Refusal::unauthenticated(
                 "token_not_configured",
@@ -568,10 +699,10 @@ impl Authenticator {
         // Both tokens are always compared, so timing does not tell which one exists.
         let control = matches_token(self.token.as_ref(), presented)?;
         let read = matches_token(self.read_token.as_ref(), presented)?;
-        if control {
-            Ok(Principal::control_token())
-        } else if read {
-            Ok(Principal::read_token())
+        if let Some(lease) = control {
+            Ok((Principal::control_token(), Some(lease)))
+        } else if let Some(lease) = read {
+            Ok((Principal::read_token(), Some(lease)))
         } else {
             Err(Refusal::unauthenticated(
                 "bad_token",
@@ -614,25 +745,30 @@ impl Authenticator {
     }
 }
 
-/// Whether `presented` is the token in `file`, in constant time in the token's content, so
-/// response timing does not reveal how many leading bytes matched; only a length mismatch
-/// returns early, and length is not secret.
-fn matches_token(file: Option<&TokenFile>, presented: &[u8]) -> Result<bool, Refusal> {
+/// Whether `presented` is the token in `file` (its lease when it is), in constant time in the
+/// token's content, so response timing does not reveal how many leading bytes matched; only a
+/// length mismatch returns early, and length is not secret.
+fn matches_token(
+    file: Option<&Arc<TokenFile>>,
+    presented: &[u8],
+) -> Result<Option<TokenLease>, Refusal> {
     let Some(file) = file else {
-        return Ok(false);
+        return Ok(None);
     };
-    let expected = file.current().map_err(|e| {
-        let problem = match &e {
-            TokenError::Read(e) => e.to_string(),
-            TokenError::Bad(p) => p.to_string(),
-        };
-        tracing::warn!(path = %file.path.display(), %problem, "cannot read a token file; refusing bearer tokens");
+    let (expected, generation) = file.current().map_err(|e| {
+        tracing::warn!(field = file.field, path = %file.path.display(), problem = %e.problem(), "cannot read a token file; refusing bearer tokens");
         Refusal::unauthenticated(
             "token_unavailable",
-            "the agent cannot read its token file; bearer tokens are refused until it can".into(),
+            format!(
+                "this server cannot read its token file ({}); bearer tokens are refused until it can",
+                file.field
+            ),
         )
     })?;
-    Ok(bool::from(presented.ct_eq(&expected)))
+    Ok(bool::from(presented.ct_eq(&expected)).then(|| TokenLease {
+        file: file.clone(),
+        generation,
+    }))
 }
 
 /// The subject CNs, then the DNS SANs, of a DER certificate.
@@ -658,7 +794,72 @@ fn certificate_names(der: &[u8]) -> Result<Vec<String>, String> {
 
 /// Tower layer for `tonic::transport::Server::layer`: checks each call before routing.
 #[derive(Clone)]
-pub struct AuthLayer(Arc<Authenticator>);
+pub struct AuthLayer(Arc<Authenticator>, Admissions);
+
+impl AuthLayer {
+    /// Where this layer records the connections that made an admitted call.
+    pub(crate) fn admissions(&self) -> Admissions {
+        self.1.clone()
+    }
+}
+
+// === impl Admissions ===
+
+/// The connections waiting for their first admitted call (a TLS connection without a client
+/// certificate, issue #19), by peer address: the auth layer marks them, the connection reads
+/// the mark.
+#[derive(Clone, Default)]
+pub(crate) struct Admissions(
+    Arc<Mutex<std::collections::HashMap<std::net::SocketAddr, Arc<std::sync::atomic::AtomicBool>>>>,
+);
+
+/// One connection's mark in [`Admissions`]; removed when it drops.
+pub(crate) struct Admission {
+    admissions: Admissions,
+    peer: std::net::SocketAddr,
+    admitted: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Admissions {
+    /// Starts watching the connection from `peer`.
+    pub(crate) fn watch(&self, peer: std::net::SocketAddr) -> Admission {
+        let admitted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        self.0
+            .lock()
+            .expect("not poisoned")
+            .insert(peer, admitted.clone());
+        Admission {
+            admissions: self.clone(),
+            peer,
+            admitted,
+        }
+    }
+
+    /// Marks the connection from `peer` (if watched) as having made an admitted call.
+    fn admit(&self, peer: std::net::SocketAddr) {
+        if let Some(a) = self.0.lock().expect("not poisoned").remove(&peer) {
+            a.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+impl Admission {
+    pub(crate) fn is_admitted(&self) -> bool {
+        self.admitted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let mut map = self.admissions.0.lock().expect("not poisoned");
+        if map
+            .get(&self.peer)
+            .is_some_and(|a| Arc::ptr_eq(a, &self.admitted))
+        {
+            map.remove(&self.peer);
+        }
+    }
+}
 
 impl<S> tower_layer::Layer<S> for AuthLayer {
     type Service = AuthService<S>;
@@ -667,6 +868,7 @@ impl<S> tower_layer::Layer<S> for AuthLayer {
         AuthService {
             inner,
             auth: self.0.clone(),
+            admissions: self.1.clone(),
         }
     }
 }
@@ -675,17 +877,22 @@ impl<S> tower_layer::Layer<S> for AuthLayer {
 pub struct AuthService<S> {
     inner: S,
     auth: Arc<Authenticator>,
+    admissions: Admissions,
 }
 
 impl<S, B> tonic::codegen::Service<http::Request<B>> for AuthService<S>
 where
     S: tonic::codegen::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
     type Future = futures::future::Either<
         futures::future::Ready<Result<Self::Response, Self::Error>>,
-        S::Future,
+        futures::future::Either<
+            S::Future,
+            futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>,
+        >,
     >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -696,7 +903,13 @@ where
         use futures::future::Either;
         let peer = peer_addr(&req);
         match self.auth.check(&req) {
-            Ok((principal, rule)) => {
+            Ok((principal, rule, lease)) => {
+                // A call beyond health keeps an uncertified connection open (issue #19).
+                if rule != Rule::Anonymous
+                    && let Some(peer) = peer
+                {
+                    self.admissions.admit(peer);
+                }
                 if rule.is_mutating() {
                     // The audit line: one per accepted mutating call, naming the verified
                     // principal (never the caller-asserted `requester`).
@@ -709,7 +922,17 @@ where
                     );
                 }
                 req.extensions_mut().insert(principal);
-                Either::Right(self.inner.call(req))
+                let response = self.inner.call(req);
+                match lease {
+                    None => Either::Right(Either::Left(response)),
+                    // A bearer token's response ends UNAUTHENTICATED once the token is rotated
+                    // away, however long its stream lives (decision #19-i).
+                    Some(lease) => Either::Right(Either::Right(Box::pin(async move {
+                        let response = response.await?;
+                        Ok(response
+                            .map(|body| tonic::body::Body::new(RevocableBody::new(body, lease))))
+                    }))),
+                }
             }
             Err(refusal) => {
                 tracing::warn!(
@@ -723,6 +946,63 @@ where
                 Either::Left(futures::future::ready(Ok(refusal.status.into_http())))
             }
         }
+    }
+}
+
+/// A response body that ends with UNAUTHENTICATED instead of its next message once the token
+/// its call was accepted with is no longer the file's (checked at each message).
+struct RevocableBody {
+    inner: tonic::body::Body,
+    lease: TokenLease,
+    ended: bool,
+}
+
+impl RevocableBody {
+    fn new(inner: tonic::body::Body, lease: TokenLease) -> Self {
+        Self {
+            inner,
+            lease,
+            ended: false,
+        }
+    }
+}
+
+impl http_body::Body for RevocableBody {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        let frame = std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_frame(cx));
+        match frame {
+            Some(Ok(f)) if f.is_data() && !this.lease.valid() => {
+                this.ended = true;
+                let status = Status::unauthenticated(
+                    "the bearer token this stream was opened with has been rotated away",
+                );
+                tracing::info!(
+                    target: "nodekeeper::audit",
+                    "a response stream opened with a rotated-away bearer token ended"
+                );
+                let mut trailers = http::HeaderMap::new();
+                Poll::Ready(Some(
+                    status
+                        .add_header(&mut trailers)
+                        .map(|()| http_body::Frame::trailers(trailers)),
+                ))
+            }
+            other => Poll::Ready(other),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
     }
 }
 
@@ -760,10 +1040,12 @@ mod tests {
         }
     }
 
-    fn token_file(dir: &Path, name: &str, token: &str) -> TokenFile {
+    fn token_file(dir: &Path, name: &str, token: &str) -> Arc<TokenFile> {
         let path = dir.join(name);
         std::fs::write(&path, format!("{token}\n")).unwrap();
-        TokenFile::new(path)
+        let file = TokenFile::new(path, "api.auth.tokenFile", TokenMetrics::default());
+        file.current().ok().expect("a good token at the start");
+        Arc::new(file)
     }
 
     fn with_token(dir: &Path, token: &str) -> Authenticator {
@@ -773,7 +1055,7 @@ mod tests {
         }
     }
 
-    fn name(r: Result<(Principal, Rule), Refusal>) -> String {
+    fn name(r: Result<(Principal, Rule, Option<TokenLease>), Refusal>) -> String {
         r.unwrap().0.name
     }
 
@@ -906,6 +1188,46 @@ mod tests {
             a.check(&request(cordon, Some("Bearer s3cret-one")))
                 .is_err()
         );
+        assert!(a.check(&request(cordon, Some("Bearer s3cret-two"))).is_ok());
+    }
+
+    /// Decision #19-i: a changed file that is no token keeps the last good token, counted once
+    /// per file version; a new token revokes the old one and every lease taken under it.
+    #[test]
+    fn a_bad_token_file_keeps_the_last_good_token_and_a_new_one_revokes_leases() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = with_token(dir.path(), "s3cret-one");
+        let cordon = "/nodekeeper.v1.NodeAgent/Cordon";
+        let (_, _, lease) = a
+            .check(&request(cordon, Some("Bearer s3cret-one")))
+            .unwrap();
+        let lease = lease.expect("a token call has a lease");
+        assert!(lease.valid());
+        let path = dir.path().join("token");
+        let refused = || {
+            let file = a.token.as_ref().unwrap();
+            file.metrics
+                .refused
+                .get_or_create(&vec![("field", "api.auth.tokenFile")])
+                .get()
+        };
+        for bad in [&b""[..], b" \n", &[b'a'; 5000]] {
+            std::fs::write(dir.path().join("new"), bad).unwrap();
+            std::fs::rename(dir.path().join("new"), &path).unwrap();
+            for _ in 0..2 {
+                assert!(a.check(&request(cordon, Some("Bearer s3cret-one"))).is_ok());
+            }
+            assert!(lease.valid(), "a refused file keeps the lease");
+        }
+        std::fs::remove_file(&path).unwrap();
+        assert!(a.check(&request(cordon, Some("Bearer s3cret-one"))).is_ok());
+        assert_eq!(refused(), 4, "each bad version counted once");
+        std::fs::write(&path, "s3cret-two").unwrap();
+        assert!(
+            a.check(&request(cordon, Some("Bearer s3cret-one")))
+                .is_err()
+        );
+        assert!(!lease.valid(), "the rotated-away token's lease ended");
         assert!(a.check(&request(cordon, Some("Bearer s3cret-two"))).is_ok());
     }
 

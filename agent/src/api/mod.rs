@@ -561,6 +561,13 @@ async fn mirror_health(
 pub const MAX_CONNECTIONS: usize = 256;
 /// Connections from one source address (over either cap: closed at once).
 pub const MAX_CONNECTIONS_PER_PEER: usize = 16;
+/// TLS connections that presented no verified client certificate, at once: half the slots, so
+/// a flood without credentials never takes the places of certified callers (KEDA; issue #19).
+pub const MAX_UNCERTIFIED_CONNECTIONS: usize = MAX_CONNECTIONS / 2;
+/// A TLS connection without a verified client certificate is closed unless it makes an
+/// admitted call (a credential, or a call the config opens; health does not count) within
+/// this: a real caller calls at once, an idle one only holds a place.
+pub const UNADMITTED_TIMEOUT: Duration = Duration::from_secs(10);
 /// A new connection must send its first bytes (the HTTP/2 preface or a TLS hello) within this,
 /// or it is closed: a client connects to talk.
 pub const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
@@ -590,6 +597,40 @@ pub const HTTP2_MAX_HEADER_LIST: u32 = 16 * 1024;
 struct CappedConn {
     inner: tokio::net::TcpStream,
     _slot: crate::bounds::PeerSlot,
+    /// Set for a TLS connection without a verified client certificate until its first
+    /// admitted call; its read fails once the deadline passes before that.
+    uncertified: Option<Uncertified>,
+}
+
+/// An uncertified connection's place in [`MAX_UNCERTIFIED_CONNECTIONS`] and its deadline.
+struct Uncertified {
+    _slot: crate::bounds::PeerSlot,
+    admitted: auth::Admission,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl CappedConn {
+    /// Counts this connection (no verified client certificate) against `caps` and starts its
+    /// [`UNADMITTED_TIMEOUT`]; false when the uncertified places are all taken (close it).
+    fn uncertified(
+        &mut self,
+        caps: &Arc<crate::bounds::PeerCaps>,
+        admissions: &auth::Admissions,
+    ) -> bool {
+        let Ok(peer) = self.inner.peer_addr() else {
+            return false;
+        };
+        let Some(slot) = caps.take(peer.ip()) else {
+            tracing::debug!(%peer, "grpc: no place for a connection without a client certificate; closed");
+            return false;
+        };
+        self.uncertified = Some(Uncertified {
+            _slot: slot,
+            admitted: admissions.watch(peer),
+            deadline: Box::pin(tokio::time::sleep(UNADMITTED_TIMEOUT)),
+        });
+        true
+    }
 }
 
 impl tonic::transport::server::Connected for CappedConn {
@@ -606,7 +647,19 @@ impl tokio::io::AsyncRead for CappedConn {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        if let Some(u) = &mut this.uncertified {
+            if u.admitted.is_admitted() {
+                // Admitted: it no longer counts as uncertified, and stays.
+                this.uncertified = None;
+            } else if u.deadline.as_mut().poll(cx).is_ready() {
+                tracing::debug!(
+                    "grpc: a connection without a client certificate made no admitted call; closed"
+                );
+                return std::task::Poll::Ready(Err(std::io::ErrorKind::TimedOut.into()));
+            }
+        }
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
     }
 }
 
@@ -692,6 +745,7 @@ where
                     && let Some(conn) = handshake(CappedConn {
                         inner: stream,
                         _slot: slot,
+                        uncertified: None,
                     })
                     .await
                 {
@@ -787,14 +841,8 @@ pub async fn serve(
     });
     let (health_service, mirror) =
         health_service(health.clone(), &token, Some(service.streams.clone()));
-    let router = tonic::transport::Server::builder()
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
-        .initial_stream_window_size(HTTP2_STREAM_WINDOW)
-        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
-        .http2_adaptive_window(Some(false))
-        .http2_max_header_list_size(HTTP2_MAX_HEADER_LIST)
+    let admissions = auth.layer.admissions();
+    let router = server_builder()
         .layer(api_layers(auth.layer))
         .add_service(
             node_agent_server::NodeAgentServer::new(service)
@@ -804,9 +852,22 @@ pub async fn serve(
         .add_service(health_service)
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha);
-    let result = serve_router(router, listener, auth.tls, health, "api", token).await;
+    let result = serve_router(router, listener, auth.tls, admissions, health, "api", token).await;
     mirror.abort();
     Ok(result?)
+}
+
+/// The HTTP/2 limits every gRPC server of this crate runs with (the agent's and the
+/// aggregator's): streams per connection, keepalive, flow-control windows, header list size.
+pub(crate) fn server_builder() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+        .http2_adaptive_window(Some(false))
+        .http2_max_header_list_size(HTTP2_MAX_HEADER_LIST)
 }
 
 /// The layers every gRPC server of this crate runs its calls through (the agent's and the
@@ -829,6 +890,7 @@ pub(crate) async fn serve_router(
     router: tonic::transport::server::Router<ApiLayers>,
     listener: tokio::net::TcpListener,
     tls: Option<Arc<server_tls::ReloadingServerTls>>,
+    admissions: auth::Admissions,
     health: Health,
     capability: &'static str,
     token: CancellationToken,
@@ -850,9 +912,25 @@ pub(crate) async fn serve_router(
                 capability,
                 token.clone(),
             ));
-            let handshake = move |conn| {
-                let tls = tls.clone();
-                async move { tls.accept(conn).await }
+            // A connection without a verified client certificate takes an uncertified place
+            // too, and keeps it only by making an admitted call in time (issue #19).
+            let uncertified =
+                crate::bounds::PeerCaps::new(MAX_CONNECTIONS_PER_PEER, MAX_UNCERTIFIED_CONNECTIONS);
+            let handshake = move |conn: CappedConn| {
+                let (tls, uncertified, admissions) =
+                    (tls.clone(), uncertified.clone(), admissions.clone());
+                async move {
+                    let mut stream = tls.accept(conn).await?;
+                    let certified = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .is_some_and(|c| !c.is_empty());
+                    if !certified && !stream.get_mut().0.uncertified(&uncertified, &admissions) {
+                        return None;
+                    }
+                    Some(stream)
+                }
             };
             let result = router
                 .serve_with_incoming_shutdown(

@@ -16,11 +16,11 @@
 //! expired, not-yet-valid, server-only, CA-as-leaf, leaf-signed and misnamed certificates;
 //! spoiled token files (no hang, no opening, recovery); anonymous beside a credential and
 //! `--check-config`; a connection flood (fd bound); slowloris handshakes; certificate swaps
-//! racing handshakes; a rotated client CA.
+//! racing handshakes; a rotated client CA; a rogue agent's census counted whatever node it
+//! claims (broke, fixed by decisions #19-j).
 //!
 //! Broke (ignored): a bad token rotation drops the working token; anonymous health Watch
-//! streams are unbounded; anonymous connections lock KEDA out; a rogue agent's census is
-//! counted whatever node it claims; the shipped aggregator reads agents in clear text with the
+//! streams are unbounded; anonymous connections lock KEDA out; the shipped aggregator reads agents in clear text with the
 //! token that also opens its own API (and a rogue endpoint is handed it); a stream opened with
 //! a rotated-away token keeps answering.
 

@@ -16,15 +16,14 @@
 //! expired, not-yet-valid, server-only, CA-as-leaf, leaf-signed and misnamed certificates;
 //! spoiled token files (no hang, no opening, recovery); anonymous beside a credential and
 //! `--check-config`; a connection flood (fd bound); slowloris handshakes; certificate swaps
-//! racing handshakes; a rotated client CA.
+//! racing handshakes; a rotated client CA; a rogue agent's census counted whatever node it
+//! claims (broke, fixed by decisions #19-j).
 //!
 //! Broke and fixed by decision #19-i (now plain tests): a bad token rotation dropped the
 //! working token; anonymous health Watch streams were unbounded; anonymous connections locked
 //! KEDA out; the shipped aggregator read agents in clear text with the token that also opened
 //! its own API (and a rogue endpoint was handed it); a stream opened with a rotated-away token
 //! kept answering.
-//!
-//! Broke (still ignored): a rogue agent's census is counted whatever node it claims.
 
 #[path = "support/census_pods.rs"]
 mod census_pods;
@@ -1796,12 +1795,13 @@ fn certificate_swaps_racing_handshakes_never_fail_a_caller_or_open_the_api() {
 /// an agent on a compromised node) reports, besides its node's own pods, a pod the pod watch
 /// places on another node and a pod that exists nowhere, both labelled as the web pool, and
 /// names itself after the other node. The honest agent on node-a reports web-1's 4 connections.
-/// Broke: the aggregator sums whatever each agent reports (selecting by the agent-reported
-/// namespace and labels), never checking a pod against the node the EndpointSlice and pod watch
-/// put it on, and takes the agent's self-reported node name over its EndpointSlice's: KEDA is
-/// handed 4 + 50 + 100 instead of 4 and scales the workload out on invented load.
+/// Was broken: the aggregator summed whatever each agent reported (selecting by the
+/// agent-reported namespace and labels) and took the agent's self-reported node name over its
+/// EndpointSlice's: KEDA was handed 4 + 50 + 100 instead of 4. Fixed (#19-j): an agent's node
+/// is its EndpointSlice's, and a pod counts only if the pod watch places it on that node, with
+/// the pod watch's namespace and labels; the others are refused, listed in GetFleet and
+/// counted in nodekeeper_aggregate_foreign_pods_total.
 #[test]
-#[ignore = "adversary finding: the aggregator counts pods an agent reports for other nodes (or that do not exist) and trusts its claimed node name"]
 fn adversary_a_rogue_agent_cannot_count_another_nodes_pods() {
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -1885,6 +1885,37 @@ fn adversary_a_rogue_agent_cannot_count_another_nodes_pods() {
         value == 4.0 && rogue_node.as_deref() == Some("node-b"),
         "KEDA got {value} for the web pool (web-1 on node-a has 4 connections); the rogue agent \
          of node-b is listed as node {rogue_node:?}"
+    );
+    let refused = &fleet
+        .agents
+        .iter()
+        .find(|a| a.address == rogue.to_string())
+        .expect("the rogue agent")
+        .refused_pods;
+    assert!(
+        refused.len() == 2
+            && refused
+                .iter()
+                .any(|r| r.starts_with("shop/web-1 ") && r.contains("node-a"))
+            && refused.iter().any(|r| r.starts_with("shop/web-ghost ")),
+        "GetFleet lists the rogue agent's refused pods: {refused:?}"
+    );
+    let (_, body) = http_get(agg.metrics, "/metrics").expect("GET /metrics");
+    for reason in ["other_node", "unknown"] {
+        assert_eq!(
+            sample(
+                &body,
+                "nodekeeper_aggregate_foreign_pods_total",
+                &[("reason", reason)]
+            ),
+            Some(1.0),
+            "{reason}:\n{body}"
+        );
+    }
+    let log = agg.proc.log_text();
+    assert!(
+        log.contains("web-ghost") && log.contains(&rogue.to_string()),
+        "a warning names the agent and the pod:\n{log}"
     );
 }
 

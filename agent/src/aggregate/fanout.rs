@@ -34,7 +34,9 @@ use crate::aggregate::agent_tls::{AgentTls, Reload};
 use crate::aggregate::discovery::{Discovery, Target};
 use crate::aggregate::pods::PodWatch;
 use crate::api::client::{endpoint, read_token};
-use crate::keda::coverage::{AgentCensus, AgentState, FleetCensus, LastKnown};
+use crate::keda::coverage::{
+    AgentCensus, AgentState, FleetCensus, ForeignPod, LastKnown, PodPlacement,
+};
 use crate::keda::service::{CENSUS_SOURCE, pod_view_not_current};
 use crate::metrics::connections::pins::{PinnedRemotes, PinsFull};
 use crate::pb::{self, node_agent_client::NodeAgentClient};
@@ -107,6 +109,7 @@ pub struct AggregateMetrics {
     discovery_errors: Counter,
     tls_reloads: Family<ResultLabel, Counter>,
     pod_view_current: Gauge,
+    foreign_pods: Family<ReasonLabel, Counter>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -134,6 +137,7 @@ impl AggregateMetrics {
             discovery_errors: Counter::default(),
             tls_reloads: Family::default(),
             pod_view_current: Gauge::default(),
+            foreign_pods: Family::default(),
         };
         if pod_watch {
             registry.register(
@@ -141,6 +145,13 @@ impl AggregateMetrics {
                 "1 when the aggregator's pod watch has synced and is not failing; 0 otherwise, \
                  and then every KEDA query is UNAVAILABLE (pod placement not current)",
                 m.pod_view_current.clone(),
+            );
+            registry.register(
+                "aggregate_foreign_pods",
+                "Pods an agent reported that the aggregator does not count, each counted when an \
+                 agent starts reporting it, by reason: other_node (the pod watch places it on \
+                 another node than the agent's EndpointSlice names) or unknown (no such pod)",
+                m.foreign_pods.clone(),
             );
         }
         registry.register(
@@ -207,6 +218,9 @@ struct State {
     targets: Option<Vec<Target>>,
     /// Addresses not answered in the last fan-out, so the warning is logged when the set changes.
     missing: BTreeSet<String>,
+    /// Per agent address, the pods of its census refused in the last fan-out, so each is
+    /// logged and counted once when it appears.
+    foreign: HashMap<String, BTreeSet<ForeignPod>>,
 }
 
 /// A call's result: the snapshot, or (reason label, message).
@@ -284,6 +298,7 @@ impl Fleet {
                 clients: HashMap::new(),
                 targets: None,
                 missing: BTreeSet::new(),
+                foreign: HashMap::new(),
             }),
         }
     }
@@ -410,6 +425,33 @@ impl Fleet {
             .duration
             .observe(started.elapsed().as_secs_f64());
         result
+    }
+
+    /// Counts and logs each pod an agent starts reporting that is refused (`foreign`: this
+    /// fan-out's refusals by agent address), and keeps them for the next fan-out.
+    fn note_foreign(&self, state: &mut State, foreign: HashMap<String, BTreeSet<ForeignPod>>) {
+        for (address, refused) in &foreign {
+            let before = state.foreign.get(address);
+            for pod in refused
+                .iter()
+                .filter(|p| before.is_none_or(|b| !b.contains(p)))
+            {
+                self.metrics
+                    .foreign_pods
+                    .get_or_create(&ReasonLabel {
+                        reason: pod.reason.label(),
+                    })
+                    .inc();
+                tracing::warn!(
+                    agent = %address,
+                    pod = %format!("{}/{}", pod.namespace, pod.name),
+                    uid = %pod.uid,
+                    reason = pod.reason.label(),
+                    "a node agent reports a pod its node does not host: not counted ({pod})"
+                );
+            }
+        }
+        state.foreign = foreign;
     }
 
     fn client(&self, address: &str) -> Result<AgentClient, String> {
@@ -607,6 +649,16 @@ impl Fleet {
 
     fn summarize(&self, state: &mut State, mut outcomes: Vec<AgentOutcome>) -> FanoutResult {
         outcomes.sort_by(|a, b| a.target.cmp(&b.target));
+        let placement = self.pods.as_ref().map(PodWatch::placement);
+        // With discovery through the Service an agent's node is its EndpointSlice's nodeName,
+        // never what its census claims; a static list (`--agents`) has only the claim.
+        let from_service = matches!(self.discovery, Discovery::Service(_));
+        // Pods are checked against a current pod view only (otherwise every query is
+        // UNAVAILABLE anyway).
+        let verifier = placement
+            .as_deref()
+            .filter(|p| p.not_current_reason().is_none());
+        let mut foreign: HashMap<String, BTreeSet<ForeignPod>> = HashMap::new();
         let now = Instant::now();
         let age =
             |at: Instant| prost_types::Duration::try_from(now.saturating_duration_since(at)).ok();
@@ -625,21 +677,25 @@ impl Fleet {
             match o.result {
                 Ok(c) => {
                     let snap = &c.snapshot;
+                    let node_name = if from_service || snap.node_name.is_empty() {
+                        t.node_name
+                    } else {
+                        snap.node_name.clone()
+                    };
+                    let (pods, refused) = counted_pods(verifier, &node_name, &snap.connections);
                     agents.push(pb::FleetAgent {
-                        address: t.address,
-                        node_name: if snap.node_name.is_empty() {
-                            t.node_name
-                        } else {
-                            snap.node_name.clone()
-                        },
+                        address: t.address.clone(),
+                        node_name,
                         answered: true,
                         error: String::new(),
                         latency,
-                        pods: snap.connections.len() as u32,
+                        pods: pods.len() as u32,
                         ready: t.ready,
                         census_age: age(c.at),
                         superseded_by: String::new(),
+                        refused_pods: refused.iter().map(ToString::to_string).collect(),
                     });
+                    foreign.insert(t.address, refused.into_iter().collect());
                     census.push(AgentCensus {
                         name,
                         node: agents
@@ -647,7 +703,7 @@ impl Fleet {
                             .map(|a| a.node_name.clone())
                             .unwrap_or_default(),
                         state: AgentState::Answered {
-                            pods: Arc::new(snap.connections.clone()),
+                            pods: Arc::new(pods),
                             at: c.at,
                         },
                     });
@@ -665,20 +721,33 @@ impl Fleet {
                     missing.insert(name.clone());
                     // Without a node in discovery (`--agents`), the node its last census named.
                     let node_name = match &o.last {
-                        Some(l) if t.node_name.is_empty() => l.snapshot.node_name.clone(),
+                        Some(l) if !from_service && t.node_name.is_empty() => {
+                            l.snapshot.node_name.clone()
+                        }
                         _ => t.node_name,
                     };
+                    let last_known = o.last.map(|l| {
+                        let (pods, refused) =
+                            counted_pods(verifier, &node_name, &l.snapshot.connections);
+                        (l, pods, refused)
+                    });
+                    let refused = last_known
+                        .as_ref()
+                        .map(|(_, _, r)| r.clone())
+                        .unwrap_or_default();
                     agents.push(pb::FleetAgent {
-                        address: t.address,
+                        address: t.address.clone(),
                         node_name,
                         answered: false,
                         error: error.clone(),
                         latency,
                         pods: 0,
                         ready: t.ready,
-                        census_age: o.last.as_ref().and_then(|l| age(l.at)),
+                        census_age: last_known.as_ref().and_then(|(l, _, _)| age(l.at)),
                         superseded_by: String::new(),
+                        refused_pods: refused.iter().map(ToString::to_string).collect(),
                     });
+                    foreign.insert(t.address, refused.into_iter().collect());
                     census.push(AgentCensus {
                         name,
                         node: agents
@@ -687,9 +756,9 @@ impl Fleet {
                             .unwrap_or_default(),
                         state: AgentState::Missing {
                             error,
-                            last_known: o.last.map(|l| LastKnown {
+                            last_known: last_known.map(|(l, pods, _)| LastKnown {
                                 at: l.at,
-                                pods: Arc::new(l.snapshot.connections.clone()),
+                                pods: Arc::new(pods),
                                 pinned: l.pinned,
                             }),
                         },
@@ -717,7 +786,10 @@ impl Fleet {
             .iter()
             .filter(|c| matches!(c.state, AgentState::Answered { .. }))
             .count();
-        let placement = self.pods.as_ref().map(PodWatch::placement);
+        // Without a current pod view nothing was checked: the refusals known stay as they were.
+        if verifier.is_some() {
+            self.note_foreign(state, foreign);
+        }
         if let Some(p) = &placement {
             self.metrics
                 .pod_view_current
@@ -763,6 +835,20 @@ impl Fleet {
                 placement,
             }),
         }
+    }
+}
+
+/// The pods of an agent's census to count, and those refused: with a current pod view
+/// (`verifier`), only the pods it places on `node` (PodPlacement::verify); without one (`--agents`,
+/// or a pod view not current, when no query is answered) every pod as reported.
+fn counted_pods(
+    verifier: Option<&PodPlacement>,
+    node: &str,
+    pods: &[pb::PodConnections],
+) -> (Vec<pb::PodConnections>, Vec<ForeignPod>) {
+    match verifier {
+        Some(v) => v.verify(node, pods),
+        None => (pods.to_vec(), Vec::new()),
     }
 }
 

@@ -61,7 +61,66 @@ pub struct ExpectedPod {
 #[derive(Debug, Clone, Default)]
 pub struct PodPlacement {
     by_namespace: HashMap<String, Vec<PlacedPod>>,
+    /// Every pod with a node (finished ones too), for `verify`.
+    known: Vec<KnownPod>,
+    /// Indexes into `known`.
+    by_uid: HashMap<String, usize>,
+    by_name: HashMap<(String, String), usize>,
     not_current: Option<String>,
+}
+
+/// A pod the API places on a node, as `verify` needs it.
+#[derive(Debug, Clone)]
+struct KnownPod {
+    uid: String,
+    namespace: String,
+    name: String,
+    labels: HashMap<String, String>,
+    node: String,
+}
+
+/// Why `PodPlacement::verify` refused a pod an agent reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Refusal {
+    /// The pod watch places it on another node (or on none yet).
+    OtherNode,
+    /// The pod watch knows no such pod (by UID, nor by namespace/name).
+    Unknown,
+}
+
+impl Refusal {
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::OtherNode => "other_node",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+/// A pod of an agent's census that is not counted.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ForeignPod {
+    pub reason: Refusal,
+    /// As the agent reported them.
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    /// Where the pod watch places it (OtherNode; empty: not scheduled).
+    pub placed_on: String,
+}
+
+impl std::fmt::Display for ForeignPod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{} (uid {:?}): ", self.namespace, self.name, self.uid)?;
+        match self.reason {
+            Refusal::OtherNode if self.placed_on.is_empty() => {
+                f.write_str("the API has not scheduled it on any node")
+            }
+            Refusal::OtherNode => write!(f, "the API places it on node {}", self.placed_on),
+            Refusal::Unknown => f.write_str("the API knows no such pod"),
+        }
+    }
 }
 
 impl PodPlacement {
@@ -69,21 +128,36 @@ impl PodPlacement {
     /// (Succeeded, Failed) have none, so their node's agent is not needed for them.
     pub fn from_pods<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Self {
         let mut by_namespace: HashMap<String, Vec<_>> = HashMap::new();
+        let (mut known, mut by_uid, mut by_name) = (Vec::new(), HashMap::new(), HashMap::new());
         for pod in pods {
             let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
             let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+            let labels: HashMap<String, String> = pod
+                .metadata
+                .labels
+                .as_ref()
+                .map(|l| l.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                .unwrap_or_default();
+            if let (Some(ns), Some(name)) = (&pod.metadata.namespace, &pod.metadata.name) {
+                let uid = pod.metadata.uid.clone().unwrap_or_default();
+                if !uid.is_empty() {
+                    by_uid.insert(uid.clone(), known.len());
+                }
+                by_name.insert((ns.clone(), name.clone()), known.len());
+                known.push(KnownPod {
+                    uid,
+                    namespace: ns.clone(),
+                    name: name.clone(),
+                    labels: labels.clone(),
+                    node: node.clone().unwrap_or_default(),
+                });
+            }
             let (Some(node), Some(ns)) = (node, pod.metadata.namespace.clone()) else {
                 continue;
             };
             if matches!(phase, Some("Succeeded" | "Failed")) {
                 continue;
             }
-            let labels = pod
-                .metadata
-                .labels
-                .as_ref()
-                .map(|l| l.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-                .unwrap_or_default();
             by_namespace.entry(ns).or_default().push(PlacedPod {
                 uid: pod.metadata.uid.clone().unwrap_or_default(),
                 name: pod.metadata.name.clone().unwrap_or_default(),
@@ -95,15 +169,67 @@ impl PodPlacement {
         }
         Self {
             by_namespace,
+            known,
+            by_uid,
+            by_name,
             not_current: None,
         }
+    }
+
+    /// The pods of `pods` (one agent's census) that the API places on `node`, the agent's node
+    /// from its EndpointSlice, each with the namespace, name, UID and labels of the pod watch
+    /// (a census cannot move a pod into a selection); and those refused. A pod is found by UID,
+    /// else (no UID, or one the watch does not know) by namespace/name. A rogue or confused
+    /// agent can then only misreport the pods of its own node. Call only on a current
+    /// placement: a not-current one knows no pod and refuses every one.
+    pub fn verify(
+        &self,
+        node: &str,
+        pods: &[pb::PodConnections],
+    ) -> (Vec<pb::PodConnections>, Vec<ForeignPod>) {
+        let mut kept = Vec::with_capacity(pods.len());
+        let mut refused = Vec::new();
+        for p in pods {
+            let found = self
+                .by_uid
+                .get(&p.uid)
+                .filter(|_| !p.uid.is_empty())
+                .or_else(|| {
+                    self.by_name
+                        .get(&(p.namespace.clone(), p.name.clone()))
+                        .filter(|_| !p.namespace.is_empty() && !p.name.is_empty())
+                })
+                .map(|&i| &self.known[i]);
+            let foreign = |reason, placed_on: &str| ForeignPod {
+                reason,
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                uid: p.uid.clone(),
+                placed_on: placed_on.to_string(),
+            };
+            match found {
+                None => refused.push(foreign(Refusal::Unknown, "")),
+                Some(k) if node.is_empty() || k.node != node => {
+                    refused.push(foreign(Refusal::OtherNode, &k.node))
+                }
+                Some(k) => {
+                    let mut p = p.clone();
+                    p.uid.clone_from(&k.uid);
+                    p.namespace.clone_from(&k.namespace);
+                    p.name.clone_from(&k.name);
+                    p.labels.clone_from(&k.labels);
+                    kept.push(p);
+                }
+            }
+        }
+        (kept, refused)
     }
 
     /// A placement that cannot be trusted (`why`): every query answered from it is UNAVAILABLE.
     pub fn not_current(why: String) -> Self {
         Self {
-            by_namespace: HashMap::new(),
             not_current: Some(why),
+            ..Self::default()
         }
     }
 
@@ -772,5 +898,59 @@ mod tests {
             counted(last(&[]).select(&query(&[("lastKnownFor", "600")]))),
             vec![1]
         );
+    }
+
+    #[test]
+    fn verify_counts_only_pods_the_api_places_on_the_agents_node() {
+        let placement = placed_uid(&[("web-1", "u1", "node-a"), ("web-2", "u2", "node-b")]);
+        let placement = placement.unwrap();
+        let mut relabelled = web("web-1", "u1");
+        // The census cannot move a pod into (or out of) a selection.
+        relabelled.namespace = "elsewhere".into();
+        relabelled.labels = HashMap::from([("app".to_string(), "api".to_string())]);
+        let census = vec![
+            relabelled,
+            web("web-2", "u2"),
+            web("web-ghost", "u9"),
+            // No UID: found by namespace/name.
+            web("web-1", ""),
+            // A UID the view does not know, a name it does: namespace/name.
+            web("web-2", "stale"),
+        ];
+        let (kept, refused) = placement.verify("node-a", &census);
+        let kept: Vec<(&str, &str, &str, Option<&String>)> = kept
+            .iter()
+            .map(|p| {
+                (
+                    p.namespace.as_str(),
+                    p.name.as_str(),
+                    p.uid.as_str(),
+                    p.labels.get("app"),
+                )
+            })
+            .collect();
+        let web = "web".to_string();
+        assert_eq!(
+            kept,
+            [
+                ("shop", "web-1", "u1", Some(&web)),
+                ("shop", "web-1", "u1", Some(&web))
+            ]
+        );
+        let refused: Vec<(Refusal, &str, &str)> = refused
+            .iter()
+            .map(|r| (r.reason, r.name.as_str(), r.placed_on.as_str()))
+            .collect();
+        assert_eq!(
+            refused,
+            [
+                (Refusal::OtherNode, "web-2", "node-b"),
+                (Refusal::Unknown, "web-ghost", ""),
+                (Refusal::OtherNode, "web-2", "node-b"),
+            ]
+        );
+        // An agent whose node is unknown counts nothing.
+        let (kept, refused) = placement.verify("", &census[..1]);
+        assert!(kept.is_empty() && refused.len() == 1);
     }
 }

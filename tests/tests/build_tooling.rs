@@ -72,6 +72,8 @@ fn build_script_generates_the_api_with_protoc_unavailable() {
     let o = Command::new(agent_build_script())
         .env_clear()
         .env("OUT_DIR", out.path())
+        // Cargo sets it for every build script; the script reads it at run time.
+        .env("CARGO_MANIFEST_DIR", workspace_root().join("agent"))
         .env("PATH", empty_path.path())
         .env("PROTOC", "/bin/false")
         .env("NODEKEEPER_REVISION", "test")

@@ -384,12 +384,20 @@ fn the_daemon_reverts_keys_that_leave_every_profile_on_config_change_and_relabel
     fake.wait_value("vm.swappiness", "5");
     std::fs::write(&config, format!("metrics:\n  enabled: false\n{DAEMON}")).unwrap();
     fake.wait_value("vm.swappiness", "60");
-    let m = agent.metrics_text();
-    assert_eq!(
-        sample(&m, "nodekeeper_sysctl_reverts_total", &[]),
-        Some(2.0),
-        "{m}"
-    );
+    // The counter is bumped after the write lands: poll it rather than read it once (a busy
+    // machine showed the value restored and the counter still at 1).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let m = agent.metrics_text();
+        if sample(&m, "nodekeeper_sysctl_reverts_total", &[]) == Some(2.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reverts_total never 2: {m}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 #[test]

@@ -1,0 +1,312 @@
+//! Adversary tests for issue #20, second round (after the 11 findings of adversary_issue20.rs
+//! were fixed): attacks around the fixes (cordoned-at as the proof of nodekeeper's cordon, the
+//! return that stops at a running drain, the slot mark kept across the return). Broke:
+//! `#[ignore = "adversary finding: ..."]`; held: a plain passing test. Same harness as
+//! adversary_issue20.rs (copied): the fake API server, one agent per node, a boot-ID file per
+//! node that the test changes to "reboot" it, a 2 s slot lease.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nodekeeper::pb::{self, node_agent_client::NodeAgentClient};
+use nodekeeper_tests::drain_scenario::{drain_all, request};
+use nodekeeper_tests::fake_api::{FakeApi, PdbLimit, PodSeed, Res};
+use nodekeeper_tests::{Agent, wait_for};
+use serde_json::Value;
+use tonic::transport::Channel;
+
+const LOCK_NS: &str = "nodekeeper-system";
+const SLOT: &str = "nodekeeper-drain-slot-0";
+const PODS: usize = 3;
+
+async fn within<T>(secs: u64, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), f)
+        .await
+        .expect("test step timed out")
+}
+
+fn rotation_config(boot_id: &Path) -> String {
+    format!(
+        "metrics:\n  enabled: false\ndrain:\n  retryInitial: 100ms\n  retryMax: 500ms\n  deletionPoll: 200ms\n  fleetLock:\n    enabled: true\n    slots: 1\n    leaseDuration: 2s\n  maintenance:\n    bootIdPath: {}\n    returnTimeout: 10m\n",
+        boot_id.display()
+    )
+}
+
+struct Fleet {
+    api: FakeApi,
+    dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+}
+
+impl Fleet {
+    /// `nodes`, each with PODS ReplicaSet pods behind a minAvailable PODS-1 budget; every node
+    /// boots "boot-1".
+    fn new(nodes: &[&str]) -> Fleet {
+        let api = FakeApi::builder()
+            .replace_delay(Duration::from_millis(100))
+            .ready_delay(Duration::from_millis(500))
+            .other_node("node-other")
+            .start();
+        api.add_node("node-other", &[]);
+        let dir = tempfile::tempdir().expect("tempdir");
+        for node in nodes {
+            api.add_node(node, &[]);
+            let app = format!("app-{node}");
+            api.add_replicaset(
+                "apps",
+                &app,
+                &[("app", &app)],
+                PODS as i64,
+                &[("app", &app)],
+            );
+            for i in 0..PODS {
+                api.add_pod(
+                    PodSeed::new(&format!("{app}-{i}"))
+                        .namespace("apps")
+                        .node(node)
+                        .label("app", &app)
+                        .replicaset(&app),
+                );
+            }
+            api.add_pdb(
+                "apps",
+                &format!("{app}-pdb"),
+                &[("app", &app)],
+                PdbLimit::MinAvailable(PODS as i64 - 1),
+                None,
+            );
+            std::fs::write(dir.path().join(format!("{node}.boot_id")), "boot-1\n")
+                .expect("write boot id");
+        }
+        let kubeconfig = dir.path().join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig);
+        Fleet {
+            api,
+            dir,
+            kubeconfig,
+        }
+    }
+
+    fn boot_id_path(&self, node: &str) -> PathBuf {
+        self.dir.path().join(format!("{node}.boot_id"))
+    }
+
+    fn agent(&self, node: &str) -> Agent {
+        Agent::builder()
+            .config(&rotation_config(&self.boot_id_path(node)))
+            .with_token()
+            .connected(&self.kubeconfig, node)
+            .start()
+    }
+
+    /// The "reboot": the agent dies with the node; the node comes back with a new boot ID and a
+    /// new agent.
+    fn reboot(&self, agent: Agent, node: &str) -> Agent {
+        kill(agent);
+        std::fs::write(self.boot_id_path(node), "boot-2\n").expect("write boot id");
+        self.agent(node)
+    }
+
+    fn maintenance(&self, node: &str) -> Value {
+        self.api.node(node).expect("node")["metadata"]["annotations"]["nodekeeper.io/maintenance"]
+            .as_str()
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or(Value::Null)
+    }
+
+    fn cordoned(&self, node: &str) -> bool {
+        self.api.node(node).expect("node")["spec"]["unschedulable"] == true
+    }
+
+    fn holder(&self) -> Option<String> {
+        self.api
+            .get(Res::Leases, LOCK_NS, SLOT)
+            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
+            .filter(|h| !h.is_empty())
+    }
+}
+
+fn kill(agent: Agent) {
+    let mut agent = agent;
+    agent.proc.signal("KILL");
+    agent.proc.wait_exit(Duration::from_secs(5));
+}
+
+async fn client(agent: &Agent) -> NodeAgentClient<Channel> {
+    NodeAgentClient::connect(agent.grpc_url())
+        .await
+        .expect("connect")
+}
+
+fn rotation_request(id: &str, node: &str) -> pb::DrainRequest {
+    let mut r = request(id);
+    r.node_name = node.into();
+    r.await_reboot = true;
+    r
+}
+
+fn completed(events: &[pb::DrainEvent]) -> bool {
+    matches!(
+        events.last().and_then(|e| e.event.as_ref()),
+        Some(pb::drain_event::Event::Completed(_))
+    )
+}
+
+/// `f` until it gives a value or `timeout` passes (then `None`): for asserting with context.
+fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn set_ready(fleet: &Fleet, node: &str, ready: &str) {
+    fleet.api.edit(Res::Nodes, "", node, |n| {
+        n["status"]["conditions"] = serde_json::json!([{"type": "Ready", "status": ready}]);
+    });
+}
+
+/// Attack (#20-f, around the fix): `nodekeeper.io/cordoned-at` is the only proof that a cordon
+/// is nodekeeper's, and `kubectl uncordon` does not remove it. node-a is drained by a rotation
+/// and awaits its reboot; the operator uncordons it by hand, then cordons it again (kubectl
+/// cordon: spec.unschedulable only, say for a hardware check). That cordon is the operator's;
+/// the return after the reboot must leave it. It finds the stale cordoned-at and uncordons.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "adversary finding: a stale cordoned-at left by kubectl uncordon makes the return uncordon an operator's later cordon"]
+async fn adversary_the_return_uncordons_an_operator_cordon_made_after_a_kubectl_uncordon() {
+    let fleet = Fleet::new(&["node-a"]);
+    let a = fleet.agent("node-a");
+    let events = within(
+        60,
+        drain_all(&mut client(&a).await, rotation_request("rot-a", "node-a")),
+    )
+    .await;
+    assert!(completed(&events), "{:?}", events.last());
+    tokio::task::block_in_place(|| {
+        wait_for(Duration::from_secs(10), "awaiting-reboot", || {
+            (fleet.maintenance("node-a")["state"] == "awaiting-reboot").then_some(())
+        })
+    });
+    // kubectl uncordon, then kubectl cordon: neither touches annotations.
+    fleet.api.edit(Res::Nodes, "", "node-a", |n| {
+        n["spec"]["unschedulable"] = Value::Bool(false);
+    });
+    fleet.api.edit(Res::Nodes, "", "node-a", |n| {
+        n["spec"]["unschedulable"] = Value::Bool(true);
+    });
+    let a = tokio::task::block_in_place(|| fleet.reboot(a, "node-a"));
+    tokio::task::block_in_place(|| {
+        wait_for(Duration::from_secs(30), "rotation done", || {
+            (fleet.maintenance("node-a")["state"] == "done").then_some(())
+        })
+    });
+    assert!(
+        fleet.cordoned("node-a"),
+        "the return uncordoned node-a, cordoned by an operator after they had uncordoned it: {}",
+        fleet.api.node("node-a").unwrap()["metadata"]["annotations"]
+    );
+    drop(a);
+}
+
+/// Attack ("a later drain supersedes the return", "status shows only what is true now"): the
+/// return, on finding a drain running on the node, returns from its step (`Running => return
+/// Ok`). node-a is back from its reboot, `returning` (Node not Ready yet), when an
+/// orchestrator's plain drain runs on it and completes; then the Node turns Ready. Held: the
+/// record does not stay `returning` (the rotation is recorded as superseded).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_finished_during_returning_ends_the_returning_record() {
+    let fleet = Fleet::new(&["node-a"]);
+    let a = fleet.agent("node-a");
+    let events = within(
+        60,
+        drain_all(&mut client(&a).await, rotation_request("rot-a", "node-a")),
+    )
+    .await;
+    assert!(completed(&events), "{:?}", events.last());
+    kill(a);
+    set_ready(&fleet, "node-a", "False");
+    std::fs::write(fleet.boot_id_path("node-a"), "boot-2\n").expect("boot id");
+    let a = tokio::task::block_in_place(|| fleet.agent("node-a"));
+    tokio::task::block_in_place(|| {
+        wait_for(Duration::from_secs(20), "returning", || {
+            (fleet.maintenance("node-a")["state"] == "returning").then_some(())
+        })
+    });
+    let mut later = request("later");
+    later.node_name = "node-a".into();
+    let events = within(60, drain_all(&mut client(&a).await, later)).await;
+    assert!(completed(&events), "{:?}", events.last());
+    set_ready(&fleet, "node-a", "True");
+    // The return re-reads the Node every poll; give it well over that to notice.
+    let settled = tokio::task::block_in_place(|| {
+        poll(Duration::from_secs(15), || {
+            (fleet.maintenance("node-a")["state"] != "returning").then_some(())
+        })
+    });
+    assert!(
+        settled.is_some(),
+        "node-a's rotation still says `returning` 15 s after drain `later` completed on it \
+         and the Node turned Ready: {} (drain {})",
+        fleet.maintenance("node-a"),
+        fleet.api.node("node-a").unwrap()["metadata"]["annotations"]["nodekeeper.io/drain"]
+    );
+    drop(a);
+}
+
+/// Attack (slot held from cordon to return, across restarts): node-a is back from its reboot
+/// and `returning` (Node not Ready), its slot taken back unmarked-in-memory (`reclaim(None)`),
+/// when its agent is killed -9 and stays down far past the 2 s lease. node-b's rotation must
+/// keep waiting: node-a is still cordoned. Held: the renewals of the reclaimed guard never
+/// remove the Lease's return-by mark, so the slot does not expire.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kill_during_returning_keeps_the_slot_past_its_lease() {
+    let fleet = Fleet::new(&["node-a", "node-b"]);
+    let a = fleet.agent("node-a");
+    let b = fleet.agent("node-b");
+    let events = within(
+        60,
+        drain_all(&mut client(&a).await, rotation_request("rot-a", "node-a")),
+    )
+    .await;
+    assert!(completed(&events), "{:?}", events.last());
+    kill(a);
+    set_ready(&fleet, "node-a", "False");
+    std::fs::write(fleet.boot_id_path("node-a"), "boot-2\n").expect("boot id");
+    let a = tokio::task::block_in_place(|| fleet.agent("node-a"));
+    tokio::task::block_in_place(|| {
+        wait_for(Duration::from_secs(20), "returning", || {
+            (fleet.maintenance("node-a")["state"] == "returning").then_some(())
+        })
+    });
+    // Let a few renewals of the reclaimed guard land, then kill it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    kill(a);
+    let mut cb = client(&b).await;
+    let drain_b =
+        tokio::spawn(async move { drain_all(&mut cb, rotation_request("rot-b", "node-b")).await });
+    // Observation window: three lease durations; node-b must stay uncordoned throughout.
+    let deadline = std::time::Instant::now() + Duration::from_secs(6);
+    while std::time::Instant::now() < deadline {
+        assert!(
+            !fleet.cordoned("node-b"),
+            "node-b cordoned while node-a (cordoned, returning, agent down) holds the slot: {}",
+            fleet.api.get(Res::Leases, LOCK_NS, SLOT).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(fleet.holder().as_deref(), Some("node-a"));
+    // node-a's agent comes back, the Node turns Ready: the return finishes and node-b goes.
+    let a = tokio::task::block_in_place(|| fleet.agent("node-a"));
+    set_ready(&fleet, "node-a", "True");
+    let events = within(60, drain_b).await.expect("drain task");
+    assert!(completed(&events), "{:?}", events.last());
+    assert!(!fleet.cordoned("node-a"));
+    drop((a, b));
+}

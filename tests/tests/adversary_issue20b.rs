@@ -27,8 +27,12 @@ async fn within<T>(secs: u64, f: impl Future<Output = T>) -> T {
 }
 
 fn rotation_config(boot_id: &Path) -> String {
+    rotation_config_slots(boot_id, 1)
+}
+
+fn rotation_config_slots(boot_id: &Path, slots: u32) -> String {
     format!(
-        "metrics:\n  enabled: false\ndrain:\n  retryInitial: 100ms\n  retryMax: 500ms\n  deletionPoll: 200ms\n  fleetLock:\n    enabled: true\n    slots: 1\n    leaseDuration: 2s\n  maintenance:\n    bootIdPath: {}\n    returnTimeout: 10m\n",
+        "metrics:\n  enabled: false\ndrain:\n  retryInitial: 100ms\n  retryMax: 500ms\n  deletionPoll: 200ms\n  fleetLock:\n    enabled: true\n    slots: {slots}\n    leaseDuration: 2s\n  maintenance:\n    bootIdPath: {}\n    returnTimeout: 10m\n",
         boot_id.display()
     )
 }
@@ -257,6 +261,15 @@ async fn a_drain_finished_during_returning_ends_the_returning_record() {
         fleet.maintenance("node-a"),
         fleet.api.node("node-a").unwrap()["metadata"]["annotations"]["nodekeeper.io/drain"]
     );
+    assert_eq!(
+        fleet.maintenance("node-a")["state"],
+        "failed",
+        "the later drain superseded the rotation"
+    );
+    assert!(
+        fleet.cordoned("node-a"),
+        "the return uncordoned node-a after drain `later` superseded it"
+    );
     drop(a);
 }
 
@@ -309,4 +322,106 @@ async fn a_kill_during_returning_keeps_the_slot_past_its_lease() {
     assert!(completed(&events), "{:?}", events.last());
     assert!(!fleet.cordoned("node-a"));
     drop((a, b));
+}
+
+/// A slot Lease held by `holder`, marked as held across its reboot (never expires): another
+/// node of the fleet, out for its own rotation.
+async fn hold_slot_for(fleet: &Fleet, slot: &str, holder: &str) {
+    let kc = kube::config::Kubeconfig::read_from(&fleet.kubeconfig).expect("read kubeconfig");
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .expect("kube config");
+    let api: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(kube::Client::try_from(cfg).expect("client"), LOCK_NS);
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+        k8s_openapi::jiff::Timestamp::now(),
+    );
+    let lease = k8s_openapi::api::coordination::v1::Lease {
+        metadata: kube::api::ObjectMeta {
+            name: Some(slot.into()),
+            namespace: Some(LOCK_NS.into()),
+            annotations: Some(
+                [(
+                    "nodekeeper.io/return-by".to_string(),
+                    "4102444800".to_string(),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        },
+        spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
+            holder_identity: Some(holder.into()),
+            lease_duration_seconds: Some(2),
+            acquire_time: Some(now.clone()),
+            renew_time: Some(now),
+            ..Default::default()
+        }),
+    };
+    api.create(&Default::default(), &lease)
+        .await
+        .expect("create lease");
+}
+
+fn slot_holder(fleet: &Fleet, slot: &str) -> Option<String> {
+    fleet
+        .api
+        .get(Res::Leases, LOCK_NS, slot)
+        .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
+        .filter(|h| !h.is_empty())
+}
+
+/// Attack ("never leave a slot held forever", config rollout mid-rotation): with `slots: 2`
+/// node-a's rotation takes `slot-1` (slot-0 is node-z's, out for its own reboot) and awaits its
+/// reboot. Meanwhile the operator lowers `slots` to 1 (a config rollout restarts the agents).
+/// The agent that starts after the reboot looks only at slots `0..1`: it does not find slot-1,
+/// goes on "without one", completes the return and never releases slot-1, which is marked and
+/// so never expires. slot-1 stays held by node-a forever, with node-a back in service.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "adversary finding: lowering drain.fleetLock.slots during a rotation leaves its marked slot held forever after the return"]
+async fn adversary_lowering_slots_mid_rotation_leaves_the_slot_held_forever() {
+    let fleet = Fleet::new(&["node-a"]);
+    hold_slot_for(&fleet, "nodekeeper-drain-slot-0", "node-z").await;
+    let agent = |slots: u32| {
+        Agent::builder()
+            .config(&rotation_config_slots(&fleet.boot_id_path("node-a"), slots))
+            .with_token()
+            .connected(&fleet.kubeconfig, "node-a")
+            .start()
+    };
+    let a = agent(2);
+    let events = within(
+        60,
+        drain_all(&mut client(&a).await, rotation_request("rot-a", "node-a")),
+    )
+    .await;
+    assert!(completed(&events), "{:?}", events.last());
+    assert_eq!(
+        slot_holder(&fleet, "nodekeeper-drain-slot-1").as_deref(),
+        Some("node-a")
+    );
+    kill(a);
+    std::fs::write(fleet.boot_id_path("node-a"), "boot-2\n").expect("boot id");
+    let a = tokio::task::block_in_place(|| agent(1));
+    tokio::task::block_in_place(|| {
+        wait_for(Duration::from_secs(30), "rotation done", || {
+            (fleet.maintenance("node-a")["state"] == "done").then_some(())
+        })
+    });
+    assert!(!fleet.cordoned("node-a"), "node-a is back in service");
+    let freed = tokio::task::block_in_place(|| {
+        poll(Duration::from_secs(10), || {
+            slot_holder(&fleet, "nodekeeper-drain-slot-1")
+                .is_none()
+                .then_some(())
+        })
+    });
+    assert!(
+        freed.is_some(),
+        "node-a is back and uncordoned, yet still holds slot-1 (marked: it never expires): {}",
+        fleet
+            .api
+            .get(Res::Leases, LOCK_NS, "nodekeeper-drain-slot-1")
+            .unwrap()
+    );
+    drop(a);
 }

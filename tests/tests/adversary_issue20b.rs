@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use nodekeeper::pb::{self, node_agent_client::NodeAgentClient};
 use nodekeeper_tests::drain_scenario::{drain_all, request};
-use nodekeeper_tests::fake_api::{FakeApi, PdbLimit, PodSeed, Res};
+use nodekeeper_tests::fake_api::{FakeApi, Fault, FaultKind, PdbLimit, PodSeed, Res};
 use nodekeeper_tests::{Agent, wait_for};
 use serde_json::Value;
 use tonic::transport::Channel;
@@ -424,4 +424,86 @@ async fn adversary_lowering_slots_mid_rotation_leaves_the_slot_held_forever() {
             .unwrap()
     );
     drop(a);
+}
+
+/// node-a's rotation drained; node-a's agent is down for the reboot (killed, boot ID changed).
+async fn node_a_rebooting(fleet: &Fleet) {
+    let a = fleet.agent("node-a");
+    let events = within(
+        60,
+        drain_all(&mut client(&a).await, rotation_request("rot-a", "node-a")),
+    )
+    .await;
+    assert!(completed(&events), "{:?}", events.last());
+    tokio::task::block_in_place(|| {
+        wait_for(Duration::from_secs(10), "awaiting-reboot", || {
+            (fleet.maintenance("node-a")["state"] == "awaiting-reboot").then_some(())
+        })
+    });
+    kill(a);
+    std::fs::write(fleet.boot_id_path("node-a"), "boot-2\n").expect("boot id");
+}
+
+/// node-b must stay uncordoned for `secs` (an observation window of several 2 s leases).
+async fn node_b_stays_uncordoned(fleet: &Fleet, secs: u64, why: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        assert!(
+            !fleet.cordoned("node-b"),
+            "node-b cordoned while node-a is still cordoned ({why}); slot {}",
+            fleet.api.get(Res::Leases, LOCK_NS, SLOT).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Attack (slot Lease edited by hand, huge values): while node-a is down for its reboot, a person
+/// extends its return-by on the slot Lease (the overdue Event tells them the Lease is where the
+/// slot lives) with a value that does not parse as u64 unix seconds: a date, or a number past
+/// u64. `return_by` then reads "no mark" and the slot is an ordinary 2 s lease that nobody
+/// renews: node-b takes it and cordons while node-a is still cordoned, out for its reboot.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "adversary finding: a return-by mark that does not parse (a date, a huge number) counts as no mark: the slot expires during the reboot"]
+async fn adversary_an_unparsable_return_by_frees_the_slot_during_the_reboot() {
+    let fleet = Fleet::new(&["node-a", "node-b"]);
+    let b = fleet.agent("node-b");
+    node_a_rebooting(&fleet).await;
+    fleet.api.edit(Res::Leases, LOCK_NS, SLOT, |l| {
+        l["metadata"]["annotations"]["nodekeeper.io/return-by"] =
+            Value::String("99999999999999999999".into());
+    });
+    let mut cb = client(&b).await;
+    let drain_b =
+        tokio::spawn(async move { drain_all(&mut cb, rotation_request("rot-b", "node-b")).await });
+    node_b_stays_uncordoned(&fleet, 6, "return-by edited to a huge value").await;
+    assert_eq!(fleet.holder().as_deref(), Some("node-a"));
+    drain_b.abort();
+    drop(b);
+}
+
+/// Attack (409 storm on the return PATCH): node-a is back from its reboot and every Node PATCH
+/// answers 409 for a while (the guarded return writes and the drain engine's). The slot must
+/// stay node-a's throughout (node-b waits, never cordons) and, once the storm ends, the return
+/// finishes and frees it: node-b's rotation then completes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_409_storm_on_the_return_patch_neither_frees_nor_keeps_the_slot() {
+    let fleet = Fleet::new(&["node-a", "node-b"]);
+    let b = fleet.agent("node-b");
+    node_a_rebooting(&fleet).await;
+    fleet
+        .api
+        .inject(Fault::on("PATCH", "/api/v1/nodes/node-a", FaultKind::Conflict).always());
+    let a = tokio::task::block_in_place(|| fleet.agent("node-a"));
+    let mut cb = client(&b).await;
+    let drain_b =
+        tokio::spawn(async move { drain_all(&mut cb, rotation_request("rot-b", "node-b")).await });
+    node_b_stays_uncordoned(&fleet, 6, "node-a's return PATCHes all conflict").await;
+    assert!(fleet.cordoned("node-a"));
+    assert_eq!(fleet.holder().as_deref(), Some("node-a"));
+    fleet.api.clear_faults();
+    let events = within(90, drain_b).await.expect("drain task");
+    assert!(completed(&events), "{:?}", events.last());
+    assert_eq!(fleet.maintenance("node-a")["state"], "done");
+    assert!(!fleet.cordoned("node-a"));
+    drop((a, b));
 }

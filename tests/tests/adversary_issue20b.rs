@@ -507,3 +507,75 @@ async fn a_409_storm_on_the_return_patch_neither_frees_nor_keeps_the_slot() {
     assert!(!fleet.cordoned("node-a"));
     drop((a, b));
 }
+
+/// Attack (`slots: 2` with three nodes): all three nodes start a rotation at once. At most two
+/// may ever be cordoned: the third waits while the first two await their reboots (well past the
+/// 2 s lease, nobody renewing), and goes once one of them is back. Held.
+#[tokio::test(flavor = "multi_thread")]
+async fn slots_2_with_three_nodes_never_cordons_three() {
+    let nodes = ["node-a", "node-b", "node-c"];
+    let fleet = Fleet::new(&nodes);
+    let agent = |node: &str| {
+        Agent::builder()
+            .config(&rotation_config_slots(&fleet.boot_id_path(node), 2))
+            .with_token()
+            .connected(&fleet.kubeconfig, node)
+            .start()
+    };
+    let mut agents: Vec<Option<Agent>> = nodes.iter().map(|n| Some(agent(n))).collect();
+    let mut drains = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let mut c = client(agents[i].as_ref().unwrap()).await;
+        let req = rotation_request(&format!("rot-{node}"), node);
+        drains.push(Some(tokio::spawn(
+            async move { drain_all(&mut c, req).await },
+        )));
+    }
+    let cordoned = |fleet: &Fleet| nodes.iter().filter(|n| fleet.cordoned(n)).count();
+    // Two rotations complete (their nodes await the reboot); watch the count all along.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut done = Vec::new();
+    while done.len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "two rotations done");
+        assert!(cordoned(&fleet) <= 2, "three nodes cordoned with slots: 2");
+        for (i, d) in drains.iter_mut().enumerate() {
+            if d.as_ref().is_some_and(|d| d.is_finished()) {
+                let events = d.take().unwrap().await.expect("drain task");
+                assert!(completed(&events), "{:?}", events.last());
+                done.push(i);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Both down for their reboots; the third keeps waiting well past the lease.
+    for &i in &done {
+        kill(agents[i].take().unwrap());
+    }
+    let waiting = (0..3).find(|i| !done.contains(i)).unwrap();
+    let window = std::time::Instant::now() + Duration::from_secs(6);
+    while std::time::Instant::now() < window {
+        assert!(
+            !fleet.cordoned(nodes[waiting]),
+            "{} cordoned while {} and {} await their reboots with slots: 2",
+            nodes[waiting],
+            nodes[done[0]],
+            nodes[done[1]]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The first one is back: the third goes, still never three cordoned.
+    let back = done[0];
+    std::fs::write(fleet.boot_id_path(nodes[back]), "boot-2\n").expect("boot id");
+    agents[back] = Some(agent(nodes[back]));
+    let third = drains[waiting].take().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !third.is_finished() {
+        assert!(std::time::Instant::now() < deadline, "third rotation done");
+        assert!(cordoned(&fleet) <= 2, "three nodes cordoned with slots: 2");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let events = third.await.expect("drain task");
+    assert!(completed(&events), "{:?}", events.last());
+    assert_eq!(fleet.maintenance(nodes[back])["state"], "done");
+    drop(agents);
+}

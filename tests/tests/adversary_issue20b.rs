@@ -579,3 +579,48 @@ async fn slots_2_with_three_nodes_never_cordons_three() {
     assert_eq!(fleet.maintenance(nodes[back])["state"], "done");
     drop(agents);
 }
+
+/// Attack (Node deleted and recreated, "a replaced node frees its slot"): node-a is back from its
+/// reboot and `returning` (Node not Ready) when its Node object is deleted and registered again
+/// (a new UID, no annotations, schedulable: the kubelet re-registering after the cloud's node
+/// controller removed it). The replacement check runs only when the return starts; the return
+/// then reads no record and stops, while the slot it took back stays in memory and is renewed
+/// for the agent's lifetime: held long after the node is back in service.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "adversary finding: a Node recreated while `returning` leaves the reclaimed slot renewed for the agent's lifetime"]
+async fn adversary_a_node_recreated_while_returning_keeps_the_slot_for_the_agents_lifetime() {
+    let fleet = Fleet::new(&["node-a"]);
+    let a = fleet.agent("node-a");
+    let events = within(
+        60,
+        drain_all(&mut client(&a).await, rotation_request("rot-a", "node-a")),
+    )
+    .await;
+    assert!(completed(&events), "{:?}", events.last());
+    kill(a);
+    set_ready(&fleet, "node-a", "False");
+    std::fs::write(fleet.boot_id_path("node-a"), "boot-2\n").expect("boot id");
+    let a = tokio::task::block_in_place(|| fleet.agent("node-a"));
+    tokio::task::block_in_place(|| {
+        wait_for(Duration::from_secs(20), "returning", || {
+            (fleet.maintenance("node-a")["state"] == "returning").then_some(())
+        })
+    });
+    let old_uid = fleet.api.node("node-a").unwrap()["metadata"]["uid"].clone();
+    fleet.api.delete_node("node-a");
+    fleet.api.add_node("node-a", &[]);
+    let new_uid = fleet.api.node("node-a").unwrap()["metadata"]["uid"].clone();
+    assert_ne!(old_uid, new_uid, "a new Node object");
+    assert!(!fleet.cordoned("node-a"));
+    let freed = tokio::task::block_in_place(|| {
+        poll(Duration::from_secs(15), || {
+            fleet.holder().is_none().then_some(())
+        })
+    });
+    assert!(
+        freed.is_some(),
+        "node-a (a new, schedulable Node) still holds the slot 15 s after it was re-registered: {}",
+        fleet.api.get(Res::Leases, LOCK_NS, SLOT).unwrap()
+    );
+    drop(a);
+}

@@ -719,3 +719,47 @@ async fn adversary_a_slot_taken_after_a_hand_cleared_holder_inherits_the_old_mar
     );
     drop(b);
 }
+
+/// Attack ("the slot is held from cordon to return, across agent restarts"): node-b's rotation
+/// is mid-drain (cordoned, a budget holds one pod) when its agent dies and takes longer than the
+/// lease to come back (a crash loop's back-off, an image pull after a rollout: the default lease
+/// is 30 s). The rotation's slot is unmarked until `awaiting-reboot`, so it expires like a plain
+/// drain's (docs/operations.md says so for plain drains): node-c's rotation takes it and cordons
+/// while node-b is still cordoned, two nodes out with `slots: 1`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "adversary finding: a rotation's slot expires while its agent is down mid-drain past the lease; another node cordons"]
+async fn adversary_an_agent_down_mid_rotation_drain_past_the_lease_frees_the_slot() {
+    let fleet = Fleet::new(&["node-b", "node-c"]);
+    pin(&fleet, "node-b");
+    let b = fleet.agent("node-b");
+    let c = fleet.agent("node-c");
+    let mut cb = client(&b).await;
+    let drain_b =
+        tokio::spawn(async move { drain_all(&mut cb, rotation_request("rot-b", "node-b")).await });
+    tokio::task::block_in_place(|| {
+        wait_for(Duration::from_secs(30), "node-b evicting", || {
+            fleet
+                .api
+                .requests()
+                .iter()
+                .any(|r| r.path.ends_with("/pinned-node-b-0/eviction") && r.status == 429)
+                .then_some(())
+        })
+    });
+    drain_b.abort();
+    kill(b);
+    let mut cc = client(&c).await;
+    let drain_c =
+        tokio::spawn(async move { drain_all(&mut cc, rotation_request("rot-c", "node-c")).await });
+    let deadline = std::time::Instant::now() + Duration::from_secs(6);
+    while std::time::Instant::now() < deadline {
+        assert!(
+            !(fleet.cordoned("node-b") && fleet.cordoned("node-c")),
+            "node-b (mid-rotation, agent down) and node-c both cordoned with slots: 1; slot {}",
+            fleet.api.get(Res::Leases, LOCK_NS, SLOT).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drain_c.abort();
+    drop(c);
+}

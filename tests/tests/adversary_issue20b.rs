@@ -763,3 +763,39 @@ async fn adversary_an_agent_down_mid_rotation_drain_past_the_lease_frees_the_slo
     drain_c.abort();
     drop(c);
 }
+
+/// Attack (operator uncordon during `awaiting-reboot`): the operator puts node-a back in service
+/// by hand before its reboot. The slot stays node-a's (node-b waits: the reboot is still to
+/// come), and after the reboot the return records `done`, leaves node-a schedulable and frees
+/// the slot: node-b's rotation completes. Held.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_uncordon_while_awaiting_reboot_keeps_the_slot_until_the_return() {
+    let fleet = Fleet::new(&["node-a", "node-b"]);
+    let b = fleet.agent("node-b");
+    let a = fleet.agent("node-a");
+    let events = within(
+        60,
+        drain_all(&mut client(&a).await, rotation_request("rot-a", "node-a")),
+    )
+    .await;
+    assert!(completed(&events), "{:?}", events.last());
+    fleet.api.edit(Res::Nodes, "", "node-a", |n| {
+        n["spec"]["unschedulable"] = Value::Bool(false);
+    });
+    let mut cb = client(&b).await;
+    let drain_b =
+        tokio::spawn(async move { drain_all(&mut cb, rotation_request("rot-b", "node-b")).await });
+    node_b_stays_uncordoned(
+        &fleet,
+        4,
+        "node-a uncordoned by hand, its reboot still to come",
+    )
+    .await;
+    assert_eq!(fleet.holder().as_deref(), Some("node-a"));
+    let a = tokio::task::block_in_place(|| fleet.reboot(a, "node-a"));
+    let events = within(60, drain_b).await.expect("drain task");
+    assert!(completed(&events), "{:?}", events.last());
+    assert_eq!(fleet.maintenance("node-a")["state"], "done");
+    assert!(!fleet.cordoned("node-a"));
+    drop((a, b));
+}

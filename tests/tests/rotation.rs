@@ -453,7 +453,7 @@ async fn a_three_node_rotation_with_one_slot_never_has_two_nodes_cordoned_across
     for r in requests.iter().filter(|r| r.status < 300) {
         let what = if r.method == "PATCH" && r.body.contains("\"unschedulable\":true") {
             "cordon"
-        } else if r.method == "PATCH" && r.body.contains("\"unschedulable\":false") {
+        } else if r.method == "PATCH" && r.body.contains("unschedulable") {
             "uncordon"
         } else if r.method == "POST" && r.path.ends_with("/eviction") {
             "evict"

@@ -1,0 +1,333 @@
+//! Second adversary round against issue #18's promises (autoscaling signals): KEDA never gets
+//! a silently smaller number, and the values it gets are exact. Attacks around the fixes of
+//! tests/adversary_issue18.rs. A test marked `#[ignore = "adversary finding: ..."]` broke the
+//! promise (run it with `--ignored` to see it fail); a plain test is an attack that held.
+//!
+//! These attacks drive the aggregator's coverage path as `summarize` does: a `PodPlacement`
+//! built from the pod watch's objects, each agent's census checked by `PodPlacement::verify`
+//! against its EndpointSlice node, then `FleetCensus` behind a `ScalerService`, asked as KEDA
+//! asks (GetMetrics).
+
+#[path = "support/census_pods.rs"]
+mod census_pods;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use census_pods::scaled_object;
+use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::Pod;
+use nodekeeper::keda::coverage::{AgentCensus, AgentState, FleetCensus, PodPlacement};
+use nodekeeper::keda::query::{Query, evaluate};
+use nodekeeper::keda::service::{Census, PodSource, ScalerService};
+use nodekeeper::keda_pb::{self, external_scaler_server::ExternalScaler as _};
+use nodekeeper::pb;
+use serde_json::json;
+
+/// A fixed fleet census, as the aggregator's fan-out hands it to the scaler.
+struct FixedFleet(Arc<FleetCensus>);
+
+impl PodSource for FixedFleet {
+    fn census<'a>(&'a self, _q: &'a Query) -> BoxFuture<'a, Result<Census, tonic::Status>> {
+        Box::pin(async move { Ok(Census::from_fleet(self.0.clone())) })
+    }
+}
+
+/// A pod as the aggregator's pod watch stores it (stripped: name, namespace, uid, labels,
+/// node, phase, deletionTimestamp).
+fn api_pod(name: &str, uid: &str, app: &str, node: &str, phase: &str, terminating: bool) -> Pod {
+    let mut v = json!({
+        "metadata": {"name": name, "namespace": "shop", "uid": uid, "labels": {"app": app}},
+        "spec": {"nodeName": node, "containers": []},
+        "status": {"phase": phase},
+    });
+    if terminating {
+        v["metadata"]["deletionTimestamp"] = json!("2026-12-07T16:00:00Z");
+    }
+    serde_json::from_value(v).expect("a Pod")
+}
+
+/// One pod of an agent's census as the agent names it from its own pod view.
+fn census_pod(name: &str, uid: &str, app: &str, established: u64) -> pb::PodConnections {
+    pb::PodConnections {
+        uid: uid.into(),
+        namespace: "shop".into(),
+        name: name.into(),
+        labels: HashMap::from([("app".to_string(), app.to_string())]),
+        established,
+        tcp_states: HashMap::from([("established".to_string(), established)]),
+        ..Default::default()
+    }
+}
+
+/// The fleet the aggregator's `summarize` builds: each agent `(node, census)` answered now,
+/// its census verified against `placement` for its EndpointSlice node.
+fn fleet(placement: PodPlacement, agents: Vec<(&str, Vec<pb::PodConnections>)>) -> FleetCensus {
+    let now = Instant::now();
+    let agents = agents
+        .into_iter()
+        .enumerate()
+        .map(|(i, (node, pods))| {
+            let (kept, _refused) = placement.verify(node, &pods);
+            AgentCensus {
+                name: format!("10.0.0.{}:9741 ({node})", i + 1),
+                node: node.into(),
+                state: AgentState::Answered {
+                    pods: Arc::new(kept),
+                    at: now,
+                },
+            }
+        })
+        .collect();
+    FleetCensus {
+        agents,
+        placement: Some(Arc::new(placement)),
+    }
+}
+
+/// `established` summed over the `app=web` pods of `shop`, as KEDA asks the aggregator.
+fn web_value(fleet: FleetCensus, extra: &[(&str, &str)]) -> Result<f64, tonic::Status> {
+    let scaler = ScalerService::new(
+        Arc::new(FixedFleet(Arc::new(fleet))),
+        Duration::from_secs(5),
+        tokio_util::sync::CancellationToken::new(),
+    );
+    let mut pairs = vec![
+        ("metric", "established"),
+        ("target", "5"),
+        ("podSelector", "app=web"),
+    ];
+    pairs.extend_from_slice(extra);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(
+        scaler.get_metrics(tonic::Request::new(keda_pb::GetMetricsRequest {
+            scaled_object_ref: Some(scaled_object("shop", &pairs)),
+            metric_name: String::new(),
+        })),
+    )
+    .map(|r| r.into_inner().metric_values[0].metric_value_float)
+}
+
+fn is_unavailable(got: &Result<f64, tonic::Status>) -> bool {
+    got.as_ref()
+        .is_err_and(|s| s.code() == tonic::Code::Unavailable)
+}
+
+// === a pod deleted and recreated with the same name (a StatefulSet's web-1) ===
+
+/// StatefulSet pod shop/web-1 on node-a is deleted and recreated on node-a with a new UID
+/// (uid-new, Running, 20 connections). node-a's agent's pod view lags: its census still names
+/// the predecessor (uid-old, terminating, its last process gone: `error` set) and not uid-new
+/// (its cgroup not listed yet, or listed by UID only and named after the predecessor's name).
+/// The aggregator's watch knows only uid-new. `PodPlacement::verify` finds uid-old by
+/// namespace/name, rewrites it to uid-new and keeps it; `incomplete` accepts it as naming
+/// web-1 (by UID after the rewrite, and by name anyway); `evaluate` skips it as a terminating
+/// pod whose census failed. node-a adds 0: KEDA gets node-b's 10 instead of 30 or UNAVAILABLE.
+#[test]
+#[ignore = "adversary finding: a recreated same-name pod is stood for by its dead predecessor's census entry (by-name fallback in verify/incomplete); node reads 0"]
+fn adversary18b_a_recreated_pod_is_stood_for_by_its_terminating_predecessor() {
+    let placement = PodPlacement::from_pods(&[
+        api_pod("web-1", "uid-new", "web", "node-a", "Running", false),
+        api_pod("web-2", "uid-2", "web", "node-b", "Running", false),
+    ]);
+    let mut predecessor = census_pod("web-1", "uid-old", "web", 0);
+    predecessor.deletion_timestamp = Some(prost_types::Timestamp::default());
+    predecessor.error = "no live process in the pod's cgroup (starting or stopping)".into();
+    let f = fleet(
+        placement,
+        vec![
+            ("node-a", vec![predecessor]),
+            ("node-b", vec![census_pod("web-2", "uid-2", "web", 10)]),
+        ],
+    );
+    let got = web_value(f, &[]);
+    assert!(
+        is_unavailable(&got),
+        "node-a's census does not name uid-new (the running web-1): KEDA must get UNAVAILABLE, \
+         not node-b's 10 as the sum; got {got:?}"
+    );
+}
+
+/// The same, with the predecessor still counted (its netns not torn down yet: 3 lingering
+/// connections): the census stands for the new web-1 with the old pod's 3, and KEDA gets
+/// 13 instead of 30 (or UNAVAILABLE).
+#[test]
+#[ignore = "adversary finding: a recreated same-name pod's value is its predecessor's (old UID accepted by name)"]
+fn adversary18b_a_recreated_pod_is_counted_with_its_predecessors_connections() {
+    let placement = PodPlacement::from_pods(&[
+        api_pod("web-1", "uid-new", "web", "node-a", "Running", false),
+        api_pod("web-2", "uid-2", "web", "node-b", "Running", false),
+    ]);
+    let f = fleet(
+        placement,
+        vec![
+            ("node-a", vec![census_pod("web-1", "uid-old", "web", 3)]),
+            ("node-b", vec![census_pod("web-2", "uid-2", "web", 10)]),
+        ],
+    );
+    let got = web_value(f, &[]);
+    assert!(
+        is_unavailable(&got),
+        "node-a's census names uid-old, a pod the API no longer has, not uid-new: KEDA must \
+         get UNAVAILABLE, not 13; got {got:?}"
+    );
+}
+
+// === a pod rescheduled to another node with the same name ===
+
+/// web-1 moves from node-a to node-b (same name, new UID). node-a's agent still reports the
+/// old web-1 with 7 connections; node-b's agent has not named the new one yet. The old entry
+/// must be refused (the API places web-1 on node-b) and node-b's census is incomplete:
+/// UNAVAILABLE, not 7.
+#[test]
+fn adversary18b_a_pod_moved_to_another_node_is_not_counted_where_it_was() {
+    let placement = PodPlacement::from_pods(&[api_pod(
+        "web-1", "uid-new", "web", "node-b", "Running", false,
+    )]);
+    let (kept, refused) = placement.verify("node-a", &[census_pod("web-1", "uid-old", "web", 7)]);
+    assert!(kept.is_empty(), "{kept:?}");
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    let f = fleet(
+        placement,
+        vec![
+            ("node-a", vec![census_pod("web-1", "uid-old", "web", 7)]),
+            ("node-b", vec![]),
+        ],
+    );
+    let got = web_value(f, &[]);
+    assert!(is_unavailable(&got), "got {got:?}");
+}
+
+// === labels changed on a running pod ===
+
+/// web-2 is relabelled app=web -> app=batch (and api-1 app=api -> app=web); node-a's agent
+/// still names both with their old labels. The aggregator's watch labels win both ways: the
+/// value is api-1's 4 plus web-1's 5, never web-2's 100.
+#[test]
+fn adversary18b_stale_labels_in_a_census_do_not_move_pods_in_or_out_of_a_selection() {
+    let placement = PodPlacement::from_pods(&[
+        api_pod("web-1", "uid-1", "web", "node-a", "Running", false),
+        api_pod("web-2", "uid-2", "batch", "node-a", "Running", false),
+        api_pod("api-1", "uid-3", "web", "node-a", "Running", false),
+    ]);
+    let f = fleet(
+        placement,
+        vec![(
+            "node-a",
+            vec![
+                census_pod("web-1", "uid-1", "web", 5),
+                census_pod("web-2", "uid-2", "web", 100),
+                census_pod("api-1", "uid-3", "api", 4),
+            ],
+        )],
+    );
+    assert_eq!(web_value(f, &[]).map_err(|s| s.to_string()), Ok(9.0));
+}
+
+// === Pending and terminating pods on a node without an answering agent ===
+
+/// A Pending web pod on node-c (no agent there) and a terminating-but-Running one on node-d
+/// (agent down): both nodes host selected pods whose values are unknown; UNAVAILABLE naming
+/// them, not node-a's 5.
+#[test]
+fn adversary18b_pending_and_terminating_selected_pods_keep_their_nodes_expected() {
+    for (pod, node) in [
+        (
+            api_pod("web-9", "uid-9", "web", "node-c", "Pending", false),
+            "node-c",
+        ),
+        (
+            api_pod("web-9", "uid-9", "web", "node-d", "Running", true),
+            "node-d",
+        ),
+    ] {
+        let placement = PodPlacement::from_pods(&[
+            api_pod("web-1", "uid-1", "web", "node-a", "Running", false),
+            pod,
+        ]);
+        let mut f = fleet(
+            placement,
+            vec![("node-a", vec![census_pod("web-1", "uid-1", "web", 5)])],
+        );
+        if node == "node-d" {
+            f.agents.push(AgentCensus {
+                name: "10.0.0.4:9741 (node-d)".into(),
+                node: "node-d".into(),
+                state: AgentState::Missing {
+                    error: "Unavailable: connection refused".into(),
+                    last_known: None,
+                },
+            });
+        }
+        let got = web_value(f, &[]);
+        assert!(
+            got.as_ref()
+                .is_err_and(|s| s.code() == tonic::Code::Unavailable && s.message().contains(node)),
+            "{node}: got {got:?}"
+        );
+    }
+}
+
+// === IPv6 remotes with a zone ===
+
+/// A link-local pool `[fe80::1%2]:5432` (scope id 2, as `ip -6 addr` shows for eth0) parses as
+/// a SocketAddrV6 with that scope, and its display keeps `%2`; the census names peers without
+/// a scope (`[fe80::1]:5432`: BPF and sock_diag read no scope id), so the query never matches
+/// its 3 connections and reads 0 (the agent pins `[fe80::1%2]:5432`, which no socket matches
+/// either). It must be normalised like the census, or refused naming `remote`.
+#[test]
+#[ignore = "adversary finding: a remote with an IPv6 scope id ([fe80::1%2]:5432) is accepted and reads 0"]
+fn adversary18b_an_ipv6_remote_with_a_scope_id_is_accepted_and_reads_0() {
+    let mut pod = census_pod("web-1", "uid-1", "web", 3);
+    pod.pools = vec![pb::ConnectionPool {
+        remote: "[fe80::1]:5432".into(),
+        established: 3,
+        active: 3,
+        remotes: 1,
+        ..Default::default()
+    }];
+    let r = scaled_object(
+        "shop",
+        &[
+            ("metric", "established"),
+            ("target", "5"),
+            ("podSelector", "app=web"),
+            ("remote", "[fe80::1%2]:5432"),
+        ],
+    );
+    match Query::parse(&r) {
+        Err(e) => assert!(e.to_string().contains("remote"), "{e}"),
+        Ok(q) => assert_eq!(
+            evaluate(&q, std::slice::from_ref(&pod)).value,
+            3.0,
+            "the pool to [fe80::1]:5432 is the pool to [fe80::1%2]:5432 (query remote {:?})",
+            q.remote.map(|r| r.to_string())
+        ),
+    }
+}
+
+/// A named zone (`%eth0`) and a bracketless IPv6 are refused naming `remote`.
+#[test]
+fn adversary18b_ipv6_remotes_with_a_named_zone_or_no_brackets_are_refused() {
+    for remote in [
+        "[fe80::1%eth0]:5432",
+        "fe80::1:5432",
+        "[fd00::1]",
+        "fd00::1",
+    ] {
+        let r = scaled_object(
+            "shop",
+            &[
+                ("metric", "established"),
+                ("target", "5"),
+                ("podSelector", "app=web"),
+                ("remote", remote),
+            ],
+        );
+        match Query::parse(&r) {
+            Err(e) => assert!(e.to_string().contains("remote"), "{remote}: {e}"),
+            Ok(q) => panic!("{remote} accepted as {:?}", q.remote.map(|r| r.to_string())),
+        }
+    }
+}

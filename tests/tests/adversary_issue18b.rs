@@ -331,3 +331,257 @@ fn adversary18b_ipv6_remotes_with_a_named_zone_or_no_brackets_are_refused() {
         }
     }
 }
+
+// === a watch 410 and a slow relist ===
+
+/// A node agent that answers GetMetrics with a fixed census (as tests/adversary_issue19b.rs).
+struct FakeAgent {
+    snapshot: pb::MetricsSnapshot,
+}
+
+type BoxStream<T> = std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::node_agent_server::NodeAgent for FakeAgent {
+    async fn get_node(
+        &self,
+        _: tonic::Request<pb::GetNodeRequest>,
+    ) -> Result<tonic::Response<pb::NodeStatus>, tonic::Status> {
+        Err(tonic::Status::unimplemented("fake agent"))
+    }
+
+    async fn get_metrics(
+        &self,
+        _: tonic::Request<pb::GetMetricsRequest>,
+    ) -> Result<tonic::Response<pb::MetricsSnapshot>, tonic::Status> {
+        let mut s = self.snapshot.clone();
+        s.collected_at = Some(std::time::SystemTime::now().into());
+        Ok(tonic::Response::new(s))
+    }
+
+    type WatchMetricsStream = BoxStream<pb::MetricsSnapshot>;
+
+    async fn watch_metrics(
+        &self,
+        _: tonic::Request<pb::WatchMetricsRequest>,
+    ) -> Result<tonic::Response<Self::WatchMetricsStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("fake agent"))
+    }
+
+    async fn cordon(
+        &self,
+        _: tonic::Request<pb::CordonRequest>,
+    ) -> Result<tonic::Response<pb::NodeStatus>, tonic::Status> {
+        Err(tonic::Status::unimplemented("fake agent"))
+    }
+
+    async fn uncordon(
+        &self,
+        _: tonic::Request<pb::UncordonRequest>,
+    ) -> Result<tonic::Response<pb::NodeStatus>, tonic::Status> {
+        Err(tonic::Status::unimplemented("fake agent"))
+    }
+
+    type DrainStream = BoxStream<pb::DrainEvent>;
+
+    async fn drain(
+        &self,
+        _: tonic::Request<pb::DrainRequest>,
+    ) -> Result<tonic::Response<Self::DrainStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("fake agent"))
+    }
+
+    async fn get_drain(
+        &self,
+        _: tonic::Request<pb::GetDrainRequest>,
+    ) -> Result<tonic::Response<pb::DrainStatus>, tonic::Status> {
+        Err(tonic::Status::unimplemented("fake agent"))
+    }
+
+    async fn cancel_drain(
+        &self,
+        _: tonic::Request<pb::CancelDrainRequest>,
+    ) -> Result<tonic::Response<pb::DrainStatus>, tonic::Status> {
+        Err(tonic::Status::unimplemented("fake agent"))
+    }
+}
+
+/// Serves a `FakeAgent` claiming `node` with `pods` on a free loopback port of `rt`.
+fn start_fake_agent(
+    rt: &tokio::runtime::Runtime,
+    node: &str,
+    pods: Vec<pb::PodConnections>,
+) -> std::net::SocketAddr {
+    let agent = FakeAgent {
+        snapshot: pb::MetricsSnapshot {
+            node_name: node.into(),
+            connections: pods,
+            ..Default::default()
+        },
+    };
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind the fake agent");
+    let addr = listener.local_addr().unwrap();
+    let incoming = futures::stream::unfold(listener, |l| async move {
+        let next = l.accept().await.map(|(s, _)| s);
+        Some((next, l))
+    });
+    rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::node_agent_server::NodeAgentServer::new(agent))
+            .serve_with_incoming(incoming),
+    );
+    addr
+}
+
+/// A running `nodekeeper aggregate` (as tests/adversary_issue18.rs).
+struct Aggregator {
+    proc: nodekeeper_tests::Proc,
+    grpc: std::net::SocketAddr,
+    metrics: std::net::SocketAddr,
+}
+
+fn start_aggregator(dir: &std::path::Path, kubeconfig: &std::path::Path) -> Aggregator {
+    use nodekeeper_tests::{agent_bin, free_port, http_get, loopback};
+    let (grpc, metrics) = (loopback(free_port()), loopback(free_port()));
+    let mut cmd = std::process::Command::new(agent_bin());
+    cmd.arg("aggregate")
+        .arg("--listen")
+        .arg(grpc.to_string())
+        .arg("--metrics-listen")
+        .arg(metrics.to_string())
+        .arg("--allow-anonymous")
+        .args([
+            "--service",
+            "nodekeeper-system/nodekeeper",
+            "--deadline",
+            "2s",
+            "--refresh",
+            "100ms",
+        ])
+        .env("KUBECONFIG", kubeconfig)
+        .env("NODEKEEPER_LOG", "info,nodekeeper=debug,kube_runtime=debug");
+    let mut proc = nodekeeper_tests::Proc::spawn("aggregate", cmd, dir);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !matches!(http_get(metrics, "/readyz"), Ok((200, _))) {
+        assert!(
+            proc.alive() && Instant::now() < deadline,
+            "aggregator did not become ready; log:\n{}",
+            proc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Aggregator {
+        proc,
+        grpc,
+        metrics,
+    }
+}
+
+/// KEDA's GetMetrics for `established` over the `app=web` pods of `shop`, against `addr`.
+fn keda_web_value(rt: &tokio::runtime::Runtime, addr: std::net::SocketAddr) -> Result<f64, String> {
+    rt.block_on(census_pods::get_metrics(
+        &addr.to_string(),
+        scaled_object(
+            "shop",
+            &[
+                ("metric", "established"),
+                ("target", "5"),
+                ("podSelector", "app=web"),
+            ],
+        ),
+    ))
+    .map(|m| m.metric_values[0].metric_value_float)
+    .map_err(|e| format!("{:?}: {}", e.code(), e.message()))
+}
+
+/// The aggregator's pod watch gets `410 Expired` (etcd compacted past its resourceVersion, a
+/// routine event) and its relist LIST hangs (a loaded API server answering slowly). kube's
+/// watcher emits `Init` *before* it sends the LIST, and pods.rs records any Ok event as the
+/// watch being healthy again: the placement is "current" while the store still holds the
+/// state from before the 410 for as long as the LIST takes (kube's client read timeout is
+/// minutes). A web pod scheduled meanwhile on node-c (no agent there) is unknown and KEDA gets
+/// node-a's 10 as the whole sum, instead of UNAVAILABLE naming node-c (what it gets with the
+/// watch working, and with the watch failing: adversary_issue18.rs).
+#[test]
+#[ignore = "adversary finding: after a watch 410 the pod view reads current while the relist LIST is pending; a pod scheduled meanwhile is left out"]
+fn adversary18b_a_pod_watch_relisting_after_410_reads_current_while_stale() {
+    use nodekeeper_tests::fake_api::{EndpointSeed, FakeApi, Fault, FaultKind, PodSeed};
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let api = FakeApi::start();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    for node in ["node-a", "node-c"] {
+        api.add_node(node, &[]);
+    }
+    api.add_pod(
+        PodSeed::new("web-1")
+            .namespace("shop")
+            .node("node-a")
+            .label("app", "web"),
+    );
+    let agent = start_fake_agent(&rt, "node-a", vec![census_pod("web-1", "", "web", 10)]);
+    api.add_endpoint_slice(
+        "nodekeeper-system",
+        "nodekeeper",
+        &[("grpc", agent.port())],
+        &[EndpointSeed::new("127.0.0.1")
+            .node("node-a")
+            .pod("nodekeeper-node-a")],
+    );
+    let agg = start_aggregator(dir.path(), &kubeconfig);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while keda_web_value(&rt, agg.grpc) != Ok(10.0) {
+        assert!(
+            Instant::now() < deadline,
+            "the aggregator never answered 10: {:?}\n{}",
+            keda_web_value(&rt, agg.grpc),
+            agg.proc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The next pod watch gets 410; every pod LIST after it hangs.
+    api.inject(Fault::on("GET", "/api/v1/pods", FaultKind::Expired).watch(true));
+    api.inject(
+        Fault::on("GET", "/api/v1/pods", FaultKind::Hold)
+            .watch(false)
+            .always(),
+    );
+    api.end_watches("/api/v1/pods");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while api.held_total() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the aggregator did not relist; log:\n{}",
+            agg.proc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A web pod is scheduled on node-c, which has no agent.
+    api.add_pod(
+        PodSeed::new("web-3")
+            .namespace("shop")
+            .node("node-c")
+            .label("app", "web"),
+    );
+    // Past the fan-out cache (--refresh 100ms).
+    std::thread::sleep(Duration::from_millis(300));
+    let got = keda_web_value(&rt, agg.grpc);
+    let pod_view = nodekeeper_tests::http_get(agg.metrics, "/metrics")
+        .map(|(_, b)| {
+            b.lines()
+                .filter(|l| l.starts_with("nodekeeper_aggregate_pod_view_current"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_default();
+    api.clear_faults();
+    api.release_held();
+    assert!(
+        got.as_ref().is_err_and(|e| e.starts_with("Unavailable")),
+        "the pod view is not current (its relist has not answered) and node-c hosts a selected \
+         pod nobody counted: KEDA must get UNAVAILABLE, got {got:?} ({pod_view})"
+    );
+}

@@ -481,16 +481,24 @@ fn start_aggregator(dir: &std::path::Path, kubeconfig: &std::path::Path) -> Aggr
 
 /// KEDA's GetMetrics for `established` over the `app=web` pods of `shop`, against `addr`.
 fn keda_web_value(rt: &tokio::runtime::Runtime, addr: std::net::SocketAddr) -> Result<f64, String> {
+    keda_value(rt, addr, &[])
+}
+
+/// [`keda_web_value`] with more scaler metadata.
+fn keda_value(
+    rt: &tokio::runtime::Runtime,
+    addr: std::net::SocketAddr,
+    extra: &[(&str, &str)],
+) -> Result<f64, String> {
+    let mut pairs = vec![
+        ("metric", "established"),
+        ("target", "5"),
+        ("podSelector", "app=web"),
+    ];
+    pairs.extend_from_slice(extra);
     rt.block_on(census_pods::get_metrics(
         &addr.to_string(),
-        scaled_object(
-            "shop",
-            &[
-                ("metric", "established"),
-                ("target", "5"),
-                ("podSelector", "app=web"),
-            ],
-        ),
+        scaled_object("shop", &pairs),
     ))
     .map(|m| m.metric_values[0].metric_value_float)
     .map_err(|e| format!("{:?}: {}", e.code(), e.message()))
@@ -584,4 +592,119 @@ fn adversary18b_a_pod_watch_relisting_after_410_reads_current_while_stale() {
         "the pod view is not current (its relist has not answered) and node-c hosts a selected \
          pod nobody counted: KEDA must get UNAVAILABLE, got {got:?} ({pod_view})"
     );
+}
+
+/// The node agent's own pod watch (field selector spec.nodeName) gets `410 Expired` and its
+/// relist LIST hangs: kube's watcher emits `Init` before the LIST, kube.rs `watch_pods` records
+/// it as healthy, and the census's `pod_view` says synced and not failing. A web pod started
+/// meanwhile on node-a with 5 connections is in the census by UID only (its pod view has not
+/// seen it), so no selector matches it: the agent's own scaler answers 10 instead of 15 or
+/// UNAVAILABLE (the aggregator, whose own watch works, refuses: node-a's census does not name
+/// web-3). The same as adversary_issue18.rs's stale-watch finding, through the one event the
+/// fix counts as recovery.
+#[test]
+#[ignore = "adversary finding: after its pod watch's 410 the agent's pod view reads current while the relist hangs; its own scaler leaves a new pod out"]
+fn adversary18b_an_agents_pod_watch_relisting_after_410_reads_current_while_stale_as_root() {
+    use nodekeeper_tests::fake_api::{EndpointSeed, FakeApi, Fault, FaultKind};
+    if !nodekeeper_tests::require_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let api = FakeApi::start();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    api.add_node("node-a", &[]);
+    let cgroup = dir.path().join("cgroup-node-a");
+    let mut pods = census_pods::start_pods(&api, &cgroup, dir.path(), "node-a");
+    let agent = nodekeeper_tests::Agent::builder()
+        .connected(&kubeconfig, "node-a")
+        .arg("--host-cgroup")
+        .arg(cgroup.display().to_string())
+        .start();
+    census_pods::wait_for_pool(&agent.api.to_string(), 10.0);
+    api.add_endpoint_slice(
+        "nodekeeper-system",
+        "nodekeeper",
+        &[("grpc", agent.api.port())],
+        &[EndpointSeed::new("127.0.0.1")
+            .node("node-a")
+            .pod("nodekeeper-node-a")],
+    );
+    let agg = start_aggregator(dir.path(), &kubeconfig);
+    census_pods::wait_for_pool(&agg.grpc.to_string(), 10.0);
+    // Only the agent's watch (field selector spec.nodeName): 410, then every LIST hangs.
+    api.inject(
+        Fault::on("GET", "/api/v1/pods", FaultKind::Expired)
+            .query("fieldSelector")
+            .watch(true),
+    );
+    api.inject(
+        Fault::on("GET", "/api/v1/pods", FaultKind::Hold)
+            .query("fieldSelector")
+            .watch(false)
+            .always(),
+    );
+    api.end_watches("/api/v1/pods");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while api.held_total() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not relist; log:\n{}",
+            agent.proc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    pods.push(census_pods::start(
+        &api,
+        &cgroup,
+        dir.path(),
+        "node-a",
+        "shop",
+        "web-3-node-a",
+        &[("app", "web")],
+        5,
+        0,
+    ));
+    // The agent's census lists web-3's cgroup (by UID) once its snapshot is refreshed.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let snap = rt.block_on(async {
+            let mut c = nodekeeper::pb::node_agent_client::NodeAgentClient::connect(format!(
+                "http://{}",
+                agent.api
+            ))
+            .await
+            .expect("connect");
+            c.get_metrics(pb::GetMetricsRequest {
+                exclude_pods: true,
+                exclude_connections: false,
+                pinned_remotes: vec![],
+            })
+            .await
+            .expect("GetMetrics")
+            .into_inner()
+        });
+        if snap.connections.len() >= 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "web-3 never in the census: {:?}",
+            snap.connections
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let remote = [("remote", census_pods::POOL_REMOTE)];
+    let got_agg = keda_value(&rt, agg.grpc, &remote);
+    let got_agent = keda_value(&rt, agent.api, &remote);
+    api.clear_faults();
+    api.release_held();
+    for (who, got) in [("aggregator", got_agg), ("agent", got_agent)] {
+        assert!(
+            got == Ok(15.0) || got.as_ref().is_err_and(|e| e.starts_with("Unavailable")),
+            "{who}: web-3 runs on node-a with 5 connections; want 15 or UNAVAILABLE, got {got:?}"
+        );
+    }
+    drop(pods);
 }

@@ -708,3 +708,91 @@ fn adversary18b_an_agents_pod_watch_relisting_after_410_reads_current_while_stal
     }
     drop(pods);
 }
+
+// === lastKnownFor against a placement that moved on ===
+
+/// node-b's agent is down; `lastKnownFor: 60` lets its last census (web-2: 10) count. Since
+/// that census, web-4 was scheduled on node-b and runs: the last census cannot name it, so it
+/// cannot stand for node-b. UNAVAILABLE naming node-b, not 15.
+#[test]
+fn adversary18b_a_last_census_older_than_a_pod_scheduled_since_does_not_count() {
+    use nodekeeper::keda::coverage::LastKnown;
+    let placement = PodPlacement::from_pods(&[
+        api_pod("web-1", "uid-1", "web", "node-a", "Running", false),
+        api_pod("web-2", "uid-2", "web", "node-b", "Running", false),
+        api_pod("web-4", "uid-4", "web", "node-b", "Running", false),
+    ]);
+    let (last, _) = placement.verify("node-b", &[census_pod("web-2", "uid-2", "web", 10)]);
+    let mut f = fleet(
+        placement,
+        vec![("node-a", vec![census_pod("web-1", "uid-1", "web", 5)])],
+    );
+    f.agents.push(AgentCensus {
+        name: "10.0.0.2:9741 (node-b)".into(),
+        node: "node-b".into(),
+        state: AgentState::Missing {
+            error: "Unavailable: connection refused".into(),
+            last_known: Some(LastKnown {
+                at: Instant::now() - Duration::from_secs(5),
+                pods: Arc::new(last),
+                pinned: Arc::default(),
+            }),
+        },
+    });
+    let got = web_value(f, &[("lastKnownFor", "60")]);
+    assert!(
+        got.as_ref()
+            .is_err_and(|s| s.code() == tonic::Code::Unavailable
+                && s.message().contains("node-b")
+                && s.message().contains("web-4")),
+        "got {got:?}"
+    );
+}
+
+// === a census larger than the gRPC message limit ===
+
+/// A node with many pods and large labels sends a census over tonic's 4 MiB decoding limit
+/// (here 6 MB: 2000 pods with 3 KB of labels each). The aggregator cannot decode it: node-a
+/// must be missing (UNAVAILABLE naming it), never counted as an empty census.
+#[test]
+fn adversary18b_a_census_over_the_grpc_message_limit_is_unavailable_not_0() {
+    use nodekeeper_tests::fake_api::{EndpointSeed, FakeApi, PodSeed};
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let api = FakeApi::start();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    api.add_node("node-a", &[]);
+    api.add_pod(
+        PodSeed::new("web-1")
+            .namespace("shop")
+            .node("node-a")
+            .label("app", "web"),
+    );
+    let mut census = vec![census_pod("web-1", "", "web", 10)];
+    for i in 0..2000 {
+        let mut p = census_pod(&format!("batch-{i}"), &format!("uid-b{i}"), "batch", 1);
+        p.labels.insert("blob".into(), "x".repeat(3000));
+        census.push(p);
+    }
+    let agent = start_fake_agent(&rt, "node-a", census);
+    api.add_endpoint_slice(
+        "nodekeeper-system",
+        "nodekeeper",
+        &[("grpc", agent.port())],
+        &[EndpointSeed::new("127.0.0.1")
+            .node("node-a")
+            .pod("nodekeeper-node-a")],
+    );
+    let agg = start_aggregator(dir.path(), &kubeconfig);
+    let got = keda_web_value(&rt, agg.grpc);
+    eprintln!("census over the limit: {got:?}");
+    assert!(
+        got == Ok(10.0)
+            || got
+                .as_ref()
+                .is_err_and(|e| e.starts_with("Unavailable") && e.contains("node-a")),
+        "want node-a's 10 or UNAVAILABLE naming node-a, got {got:?}\n{}",
+        agg.proc.log_text()
+    );
+}

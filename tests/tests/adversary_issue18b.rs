@@ -125,7 +125,6 @@ fn is_unavailable(got: &Result<f64, tonic::Status>) -> bool {
 /// web-1 (by UID after the rewrite, and by name anyway); `evaluate` skips it as a terminating
 /// pod whose census failed. node-a adds 0: KEDA gets node-b's 10 instead of 30 or UNAVAILABLE.
 #[test]
-#[ignore = "adversary finding: a recreated same-name pod is stood for by its dead predecessor's census entry (by-name fallback in verify/incomplete); node reads 0"]
 fn adversary18b_a_recreated_pod_is_stood_for_by_its_terminating_predecessor() {
     let placement = PodPlacement::from_pods(&[
         api_pod("web-1", "uid-new", "web", "node-a", "Running", false),
@@ -153,7 +152,6 @@ fn adversary18b_a_recreated_pod_is_stood_for_by_its_terminating_predecessor() {
 /// connections): the census stands for the new web-1 with the old pod's 3, and KEDA gets
 /// 13 instead of 30 (or UNAVAILABLE).
 #[test]
-#[ignore = "adversary finding: a recreated same-name pod's value is its predecessor's (old UID accepted by name)"]
 fn adversary18b_a_recreated_pod_is_counted_with_its_predecessors_connections() {
     let placement = PodPlacement::from_pods(&[
         api_pod("web-1", "uid-new", "web", "node-a", "Running", false),
@@ -277,7 +275,6 @@ fn adversary18b_pending_and_terminating_selected_pods_keep_their_nodes_expected(
 /// its 3 connections and reads 0 (the agent pins `[fe80::1%2]:5432`, which no socket matches
 /// either). It must be normalised like the census, or refused naming `remote`.
 #[test]
-#[ignore = "adversary finding: a remote with an IPv6 scope id ([fe80::1%2]:5432) is accepted and reads 0"]
 fn adversary18b_an_ipv6_remote_with_a_scope_id_is_accepted_and_reads_0() {
     let mut pod = census_pod("web-1", "uid-1", "web", 3);
     pod.pools = vec![pb::ConnectionPool {

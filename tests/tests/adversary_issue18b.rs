@@ -510,7 +510,6 @@ fn keda_value(
 /// node-a's 10 as the whole sum, instead of UNAVAILABLE naming node-c (what it gets with the
 /// watch working, and with the watch failing: adversary_issue18.rs).
 #[test]
-#[ignore = "adversary finding: after a watch 410 the pod view reads current while the relist LIST is pending; a pod scheduled meanwhile is left out"]
 fn adversary18b_a_pod_watch_relisting_after_410_reads_current_while_stale() {
     use nodekeeper_tests::fake_api::{Fault, FaultKind};
     let (got, pod_view) = pod_scheduled_while_the_aggregators_watch_is_stuck(|api| {
@@ -637,7 +636,6 @@ fn pod_scheduled_while_the_aggregators_watch_is_stuck(
 /// web-3). The same as adversary_issue18.rs's stale-watch finding, through the one event the
 /// fix counts as recovery.
 #[test]
-#[ignore = "adversary finding: after its pod watch's 410 the agent's pod view reads current while the relist hangs; its own scaler leaves a new pod out"]
 fn adversary18b_an_agents_pod_watch_relisting_after_410_reads_current_while_stale_as_root() {
     use nodekeeper_tests::fake_api::{EndpointSeed, FakeApi, Fault, FaultKind};
     if !nodekeeper_tests::require_root() {

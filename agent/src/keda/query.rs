@@ -485,13 +485,13 @@ fn parse_remote(s: &str) -> Result<Remote, String> {
     })?;
     // The census names peers without a scope id (BPF and sock_diag read none), so a
     // `[fe80::1%2]:p` would match no pool and read 0: refused rather than silently 0.
-    if let SocketAddr::V6(v6) = addr {
-        if v6.scope_id() != 0 {
-            return Err(format!(
-                "{s:?}: an IPv6 scope id (%{}) is not supported; the census names peers without one",
-                v6.scope_id()
-            ));
-        }
+    if let SocketAddr::V6(v6) = addr
+        && v6.scope_id() != 0
+    {
+        return Err(format!(
+            "{s:?}: an IPv6 scope id (%{}) is not supported; the census names peers without one",
+            v6.scope_id()
+        ));
     }
     // The census names a dual-stack socket's IPv4-mapped peer by its IPv4 address
     // (sock_diag.rs), so `[::ffff:a.b.c.d]:p` is the pool `a.b.c.d:p`.

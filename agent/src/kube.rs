@@ -212,6 +212,9 @@ struct Recorded {
     last_ok: Option<std::time::SystemTime>,
     /// When the current failure began, when its last error came, and that error.
     failing: Option<(std::time::SystemTime, std::time::SystemTime, String)>,
+    /// Since when the watcher is re-listing (`Init` seen, `InitDone` not yet): the store
+    /// misses whatever changed since the watch broke until the list completes.
+    relisting: Option<std::time::SystemTime>,
 }
 
 /// A watch's state as `WatchHealth::state` judges it now.
@@ -219,15 +222,37 @@ struct Recorded {
 pub struct WatchHealthState {
     pub last_ok: Option<std::time::SystemTime>,
     /// When the current failure began, and its last error; `None` once no error came for
-    /// `WATCH_FAILING_GRACE`.
+    /// `WATCH_FAILING_GRACE`. A re-list under way (kube's watcher sent `Init`, not yet
+    /// `InitDone`) is failing too, however long it takes: the view is not current before it
+    /// completes.
     pub failing: Option<(std::time::SystemTime, String)>,
 }
 
 impl WatchHealth {
+    /// Records one event of kube's watcher: `Init` starts a re-list (not current, even though
+    /// it follows an error: the LIST may hang or be slow), `InitDone` ends it, any other
+    /// event is a successful one.
+    pub fn record_event<K>(&self, event: &kube::runtime::watcher::Event<K>) {
+        use kube::runtime::watcher::Event;
+        match event {
+            Event::Init => {
+                let mut s = self.0.lock().expect("not poisoned");
+                let now = std::time::SystemTime::now();
+                s.relisting.get_or_insert(now);
+                s.last_ok = Some(now);
+            }
+            Event::InitApply(_) => {
+                self.0.lock().expect("not poisoned").last_ok = Some(std::time::SystemTime::now())
+            }
+            Event::InitDone | Event::Apply(_) | Event::Delete(_) => self.record_ok(),
+        }
+    }
+
     pub fn record_ok(&self) {
         let mut s = self.0.lock().expect("not poisoned");
         s.last_ok = Some(std::time::SystemTime::now());
         s.failing = None;
+        s.relisting = None;
     }
 
     pub fn record_error(&self, error: &dyn std::fmt::Display) {
@@ -243,12 +268,29 @@ impl WatchHealth {
 
     fn state_at(&self, now: std::time::SystemTime) -> WatchHealthState {
         let s = self.0.lock().expect("not poisoned");
+        let failing = s.failing.as_ref().and_then(|(since, last, e)| {
+            let quiet = now.duration_since(*last).unwrap_or_default();
+            (quiet < WATCH_FAILING_GRACE).then(|| (*since, e.clone()))
+        });
+        let relisting = s.relisting.map(|since| {
+            let secs = now.duration_since(since).unwrap_or_default().as_secs_f64();
+            let why = match &s.failing {
+                Some((_, _, e)) => format!(
+                    "re-listing for {secs:.0}s after a watch error ({e}); not current until the \
+                     list completes"
+                ),
+                None => format!("re-listing for {secs:.0}s; not current until the list completes"),
+            };
+            (
+                s.failing
+                    .as_ref()
+                    .map_or(since, |(t, _, _)| (*t).min(since)),
+                why,
+            )
+        });
         WatchHealthState {
             last_ok: s.last_ok,
-            failing: s.failing.as_ref().and_then(|(since, last, e)| {
-                let quiet = now.duration_since(*last).unwrap_or_default();
-                (quiet < WATCH_FAILING_GRACE).then(|| (*since, e.clone()))
-            }),
+            failing: relisting.or(failing),
         }
     }
 }
@@ -272,6 +314,27 @@ mod watch_health_tests {
         assert!(h.state_at(later).failing.is_none());
         h.record_ok();
         assert!(h.state().failing.is_none() && h.state().last_ok.is_some());
+    }
+
+    #[test]
+    fn a_relist_is_not_current_until_init_done() {
+        use kube::runtime::watcher::Event;
+        let h = WatchHealth::default();
+        h.record_error(&"410 Gone");
+        h.record_event::<()>(&Event::Init);
+        let (_, e) = h.state().failing.expect("re-listing after 410");
+        assert!(e.contains("re-listing") && e.contains("410 Gone"), "{e}");
+        h.record_event(&Event::InitApply(()));
+        // However long the LIST takes: no grace ends a re-list.
+        let later = SystemTime::now() + WATCH_FAILING_GRACE + Duration::from_secs(1);
+        assert!(h.state_at(later).failing.is_some());
+        h.record_event::<()>(&Event::InitDone);
+        assert!(h.state().failing.is_none());
+        // A re-list without a preceding error (a clean restart) is not current either.
+        h.record_event::<()>(&Event::Init);
+        assert!(h.state().failing.is_some());
+        h.record_event::<()>(&Event::InitDone);
+        assert!(h.state().failing.is_none());
     }
 }
 
@@ -305,10 +368,10 @@ pub fn watch_pods(
             tokio::select! {
                 _ = token.cancelled() => break,
                 next = stream.next() => match next {
-                    // Every event, Init/InitDone of a re-list included: an empty re-list is
-                    // still a successful one.
-                    Some(Ok(_)) => {
-                        health.record_ok();
+                    // A re-list (`Init`) is not current until its `InitDone`; an empty
+                    // re-list is still a successful one once done.
+                    Some(Ok(event)) => {
+                        health.record_event(&event);
                         tx.send_modify(|v| *v += 1);
                     }
                     Some(Err(e)) => {

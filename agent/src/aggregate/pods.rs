@@ -5,8 +5,9 @@
 //! agent is expected) must. Owns one cluster-wide pod watch (a kube-runtime reflector: one LIST
 //! to sync, then WATCH events), each pod stripped to what placement needs (namespace, name,
 //! labels, `spec.nodeName`, `status.phase`), and turning the store into a `PodPlacement` at
-//! each fan-out. Until the watch has synced, and while it is failing, the placement is not
-//! current and every query is UNAVAILABLE (docs/decisions.md #18-e).
+//! each fan-out. Until the watch has synced, while it re-lists (`Init` to `InitDone`) and while
+//! it is failing, the placement is not current and every query is UNAVAILABLE
+//! (docs/decisions.md #18-e, #18b-a).
 
 use futures::{FutureExt as _, StreamExt as _};
 use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
@@ -43,7 +44,9 @@ impl PodWatch {
             let mut stream = std::pin::pin!(stream);
             while let Some(event) = stream.next().await {
                 match event {
-                    Ok(_) => recorder.record_ok(),
+                    // A re-list (`Init`, after a 410 or a restart) is current only at its
+                    // `InitDone`.
+                    Ok(event) => recorder.record_event(&event),
                     Err(e) => {
                         recorder.record_error(&e);
                         errors.inc();

@@ -178,8 +178,9 @@ impl PodPlacement {
 
     /// The pods of `pods` (one agent's census) that the API places on `node`, the agent's node
     /// from its EndpointSlice, each with the namespace, name, UID and labels of the pod watch
-    /// (a census cannot move a pod into a selection); and those refused. A pod is found by UID,
-    /// else (no UID, or one the watch does not know) by namespace/name. A rogue or confused
+    /// (a census cannot move a pod into a selection); and those refused. An entry with a UID is
+    /// found by that UID only (a UID the watch does not know is refused, even if its
+    /// namespace/name is a recreated pod's); an entry without a UID by namespace/name. A rogue or confused
     /// agent can then only misreport the pods of its own node. Call only on a current
     /// placement: a not-current one knows no pod and refuses every one.
     pub fn verify(
@@ -190,16 +191,16 @@ impl PodPlacement {
         let mut kept = Vec::with_capacity(pods.len());
         let mut refused = Vec::new();
         for p in pods {
-            let found = self
-                .by_uid
-                .get(&p.uid)
-                .filter(|_| !p.uid.is_empty())
-                .or_else(|| {
-                    self.by_name
-                        .get(&(p.namespace.clone(), p.name.clone()))
-                        .filter(|_| !p.namespace.is_empty() && !p.name.is_empty())
-                })
-                .map(|&i| &self.known[i]);
+            // An entry with a UID is that pod only: by namespace/name it could be a recreated
+            // pod's dead predecessor standing for (and counted as) its successor.
+            let found = if p.uid.is_empty() {
+                self.by_name
+                    .get(&(p.namespace.clone(), p.name.clone()))
+                    .filter(|_| !p.namespace.is_empty() && !p.name.is_empty())
+            } else {
+                self.by_uid.get(&p.uid)
+            }
+            .map(|&i| &self.known[i]);
             let foreign = |reason, placed_on: &str| ForeignPod {
                 reason,
                 namespace: p.namespace.clone(),
@@ -302,8 +303,8 @@ struct Missing<'a> {
 }
 
 /// Why an agent's census cannot stand for its node in query `q`: a selected pod whose census
-/// failed, or a selected pod the placement puts on the node that the census does not name (by
-/// UID, else namespace/name) with labels the selector matches.
+/// failed, or a selected pod the placement puts on the node that the census does not name (an
+/// entry with a UID by that UID only, one without by namespace/name) with labels the selector matches.
 fn incomplete(q: &Query, pods: &[pb::PodConnections], expected: &[ExpectedPod]) -> Option<String> {
     let selected =
         |p: &pb::PodConnections| p.namespace == q.namespace && q.selector.matches(&p.labels);
@@ -314,10 +315,15 @@ fn incomplete(q: &Query, pods: &[pb::PodConnections], expected: &[ExpectedPod]) 
             p.namespace, p.name, p.error
         ));
     }
-    let named = |e: &ExpectedPod| {
-        pods.iter()
-            .any(|p| selected(p) && ((!e.uid.is_empty() && p.uid == e.uid) || p.name == e.name))
+    // An entry with a UID names only that pod, never a same-name successor.
+    let names = |p: &pb::PodConnections, e: &ExpectedPod| {
+        if p.uid.is_empty() || e.uid.is_empty() {
+            p.name == e.name
+        } else {
+            p.uid == e.uid
+        }
     };
+    let named = |e: &ExpectedPod| pods.iter().any(|p| selected(p) && names(p, e));
     expected.iter().find(|e| !named(e)).map(|e| {
         format!(
             "its census does not name selected pod {}/{} (the agent's pod view has not seen it \
@@ -914,8 +920,9 @@ mod tests {
             web("web-ghost", "u9"),
             // No UID: found by namespace/name.
             web("web-1", ""),
-            // A UID the view does not know, a name it does: namespace/name.
-            web("web-2", "stale"),
+            // A UID the view does not know, a name it does (a recreated pod's dead
+            // predecessor): unknown, never counted as its same-name successor.
+            web("web-1", "stale"),
         ];
         let (kept, refused) = placement.verify("node-a", &census);
         let kept: Vec<(&str, &str, &str, Option<&String>)> = kept
@@ -946,7 +953,7 @@ mod tests {
             [
                 (Refusal::OtherNode, "web-2", "node-b"),
                 (Refusal::Unknown, "web-ghost", ""),
-                (Refusal::OtherNode, "web-2", "node-b"),
+                (Refusal::Unknown, "web-1", ""),
             ]
         );
         // An agent whose node is unknown counts nothing.

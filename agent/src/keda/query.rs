@@ -483,6 +483,16 @@ fn parse_remote(s: &str) -> Result<Remote, String> {
     let addr = s.parse::<SocketAddr>().map_err(|_| {
         format!("{s:?} is not IP:PORT ([IPv6]:PORT) or *:PORT for inbound connections")
     })?;
+    // The census names peers without a scope id (BPF and sock_diag read none), so a
+    // `[fe80::1%2]:p` would match no pool and read 0: refused rather than silently 0.
+    if let SocketAddr::V6(v6) = addr
+        && v6.scope_id() != 0
+    {
+        return Err(format!(
+            "{s:?}: an IPv6 scope id (%{}) is not supported; the census names peers without one",
+            v6.scope_id()
+        ));
+    }
     // The census names a dual-stack socket's IPv4-mapped peer by its IPv4 address
     // (sock_diag.rs), so `[::ffff:a.b.c.d]:p` is the pool `a.b.c.d:p`.
     Ok(Remote::Addr(match addr {

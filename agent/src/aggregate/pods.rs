@@ -7,7 +7,7 @@
 //! labels, `spec.nodeName`, `status.phase`), and turning the store into a `PodPlacement` at
 //! each fan-out. Until the watch has synced, while it re-lists (`Init` to `InitDone`) and while
 //! it is failing, the placement is not current and every query is UNAVAILABLE
-//! (docs/decisions.md #18-e, #18b-a).
+//! (docs/decisions.md #18-e, #18-j).
 
 use futures::{FutureExt as _, StreamExt as _};
 use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};

@@ -1812,29 +1812,43 @@ fn adversary_a_rogue_agent_cannot_count_another_nodes_pods() {
     for node in ["node-a", "node-b"] {
         api.add_node(node, &[]);
     }
-    api.add_pod(
-        PodSeed::new("web-1")
-            .namespace("shop")
-            .node("node-a")
-            .label("app", "web"),
+    // The censuses carry the API's UIDs, as real agents read them from the kubelet's cgroups
+    // (a census entry with a UID matches only that UID, decision #18-j).
+    let uid_of = |pod: serde_json::Value| pod["metadata"]["uid"].as_str().unwrap().to_string();
+    let web_1 = uid_of(
+        api.add_pod(
+            PodSeed::new("web-1")
+                .namespace("shop")
+                .node("node-a")
+                .label("app", "web"),
+        ),
     );
-    api.add_pod(
-        PodSeed::new("api-1")
-            .namespace("shop")
-            .node("node-b")
-            .label("app", "api"),
+    let api_1 = uid_of(
+        api.add_pod(
+            PodSeed::new("api-1")
+                .namespace("shop")
+                .node("node-b")
+                .label("app", "api"),
+        ),
     );
+    let with_uid = |mut pod: pb::PodConnections, uid: &str| {
+        pod.uid = uid.to_string();
+        pod
+    };
     let honest = start_fake_agent(
         &rt,
         "node-a",
-        vec![census_pod("shop", "web-1", &[("app", "web")], 4)],
+        vec![with_uid(
+            census_pod("shop", "web-1", &[("app", "web")], 4),
+            &web_1,
+        )],
     );
     let rogue = start_fake_agent(
         &rt,
         "node-a",
         vec![
-            census_pod("shop", "api-1", &[("app", "api")], 1),
-            census_pod("shop", "web-1", &[("app", "web")], 50),
+            with_uid(census_pod("shop", "api-1", &[("app", "api")], 1), &api_1),
+            with_uid(census_pod("shop", "web-1", &[("app", "web")], 50), &web_1),
             census_pod("shop", "web-ghost", &[("app", "web")], 100),
         ],
     );

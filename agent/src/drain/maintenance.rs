@@ -203,6 +203,24 @@ fn cordoned_by_nodekeeper(node: &Node) -> bool {
             .is_some_and(|a| a.contains_key(super::CORDONED_AT_ANNOTATION))
 }
 
+/// The cordoned-at of a Node that is schedulable: a cordon of nodekeeper's that someone else
+/// undid (nodekeeper's own uncordon removes the annotation in the same PATCH).
+fn undone_cordon(node: &Node) -> Option<String> {
+    let cordoned = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.unschedulable)
+        .unwrap_or(false);
+    if cordoned {
+        return None;
+    }
+    node.metadata
+        .annotations
+        .as_ref()?
+        .get(super::CORDONED_AT_ANNOTATION)
+        .cloned()
+}
+
 fn node_ready(node: &Node) -> bool {
     node.status
         .as_ref()
@@ -266,6 +284,9 @@ pub struct Maintenance {
     lock_metrics: lock::LockMetrics,
     /// The slot held from `drained` until `done` (or until this process stops).
     slot: Mutex<Option<SlotGuard>>,
+    /// The Node's metadata.uid when the return first read it: another UID later is a Node
+    /// deleted and registered again (#20-o).
+    node_uid: Mutex<Option<String>>,
 }
 
 impl Maintenance {
@@ -283,6 +304,7 @@ impl Maintenance {
             lock,
             lock_metrics,
             slot: Mutex::new(None),
+            node_uid: Mutex::new(None),
         }
     }
 
@@ -384,8 +406,9 @@ impl Maintenance {
         crate::kube::node_event(&self.client, &self.node, reason, kind, message).await;
     }
 
-    /// A rotation drain starts.
-    pub async fn draining(&self, drain_id: &str, rotation: Rotation) {
+    /// A rotation drain starts. Returns the Node's metadata.uid when the record was written
+    /// (empty when it could not be), for the mark on the rotation's slot.
+    pub async fn draining(&self, drain_id: &str, rotation: Rotation) -> String {
         let record = Record {
             state: State::Draining,
             drain_id: drain_id.to_string(),
@@ -395,8 +418,12 @@ impl Maintenance {
             uncordon: rotation.uncordon,
             error: String::new(),
         };
-        if let Err(e) = self.write(&record).await {
-            tracing::warn!(error = %e, "could not record the maintenance state");
+        match self.write(&record).await {
+            Ok(node) => node.metadata.uid.unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not record the maintenance state");
+                String::new()
+            }
         }
     }
 
@@ -497,8 +524,17 @@ impl Maintenance {
 
     /// At agent start, for the agent's lifetime: carries a rotation on from where the Node's
     /// record says it is (the node's return after its reboot, or keeping the slot while the
-    /// reboot has not happened yet). Retries API failures; returns at shutdown, keeping the slot.
+    /// reboot has not happened yet), and forgets nodekeeper's cordons that someone else undid.
+    /// Retries API failures; returns at shutdown, keeping the slot.
     pub async fn run(&self, health: Health, token: CancellationToken) {
+        tokio::join!(
+            self.carry_on(health, token.clone()),
+            self.forget_undone_cordons(&token)
+        );
+    }
+
+    /// The rotation part of `run`.
+    async fn carry_on(&self, health: Health, token: CancellationToken) {
         let mut wait = RETURN_POLL;
         loop {
             match self.step(&health, &token).await {
@@ -534,6 +570,25 @@ impl Maintenance {
         let mut reclaimed = false;
         loop {
             let node = call("GET node", self.nodes().get(&self.node)).await?;
+            let uid = node.metadata.uid.clone().unwrap_or_default();
+            let recreated = {
+                let mut seen = self.node_uid.lock().expect("not poisoned");
+                let recreated = seen.as_ref().is_some_and(|s| *s != uid);
+                *seen = Some(uid);
+                recreated
+            };
+            if recreated {
+                // The Node was deleted and registered again while the return ran (#20-o): the
+                // node this slot was held for is gone, and the new one is in service. The slot
+                // this process took back is released; marked ones of the old UID are freed.
+                let held = self.slot.lock().expect("not poisoned").take();
+                if let Some(guard) = held {
+                    tracing::warn!(slot = %guard.slot(), "fleet lock: the Node was registered again (another UID) during the return; releasing the slot held for the earlier one");
+                    guard.release().await;
+                }
+                replaced_checked = false;
+                reclaimed = false;
+            }
             if !replaced_checked {
                 self.free_replaced_slot(&node).await?;
                 replaced_checked = true;
@@ -542,7 +597,6 @@ impl Maintenance {
                 return Ok(());
             };
             match record.state {
-                State::Draining => return Ok(()),
                 State::Done | State::Failed => {
                     // The other process of this node finished (or gave up) the return: it
                     // released the slot; this one only stops renewing it.
@@ -556,7 +610,11 @@ impl Maintenance {
                 }
                 _ => {}
             }
+            // `draining` with its drain ended (not running, not completed: the agent stopped
+            // between saving the drain's end and recording `failed`) is superseded below: its
+            // slot, marked from the claim (#20-q), is let go of.
             match latest_drain(&node, &record) {
+                Latest::Completed if record.state == State::Draining => return Ok(()),
                 Latest::Completed => {}
                 Latest::Running => return Ok(()),
                 Latest::Superseded(why) => {
@@ -767,6 +825,80 @@ impl Maintenance {
         Ok(())
     }
 
+    /// For the agent's lifetime, from a watch of this Node (every event, not a poll: a `kubectl
+    /// uncordon` followed at once by a `kubectl cordon` shows only in the event between them):
+    /// a Node seen schedulable while it carries `nodekeeper.io/cordoned-at` was uncordoned by
+    /// someone else, so that annotation no longer proves the cordon in place is nodekeeper's;
+    /// it is removed, and a later cordon by anyone else is never uncordoned by a return
+    /// (#20-l). An uncordon and re-cordon made while no agent runs (during the reboot) is not
+    /// seen: the annotation still reads as nodekeeper's (docs/decisions.md #20-l).
+    async fn forget_undone_cordons(&self, token: &CancellationToken) {
+        use futures::StreamExt;
+        use kube::runtime::{WatchStreamExt, watcher};
+        let config = watcher::Config::default().fields(&format!("metadata.name={}", self.node));
+        let stream = watcher(self.nodes(), config)
+            .default_backoff()
+            .applied_objects();
+        let mut stream = std::pin::pin!(stream);
+        loop {
+            let node = tokio::select! {
+                _ = token.cancelled() => return,
+                next = stream.next() => match next {
+                    Some(Ok(node)) => node,
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "maintenance: node watch error (retried with backoff)");
+                        continue;
+                    }
+                    None => return,
+                },
+            };
+            let Some(at) = undone_cordon(&node) else {
+                continue;
+            };
+            if let Err(e) = self.forget_cordon(&at).await {
+                tracing::warn!(error = %e, "could not remove the cordoned-at of a cordon someone else undid; a return may take a later cordon for nodekeeper's");
+            }
+        }
+    }
+
+    /// Removes `nodekeeper.io/cordoned-at` while it still reads `at` (a new cordon by
+    /// nodekeeper writes a new time: that one stays). Guarded by the resourceVersion read.
+    async fn forget_cordon(&self, at: &str) -> Result<(), MaintenanceError> {
+        for _ in 0..WRITE_ATTEMPTS {
+            let node = call("GET node", self.nodes().get(&self.node)).await?;
+            let current = node
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(super::CORDONED_AT_ANNOTATION));
+            if current.map(String::as_str) != Some(at) {
+                return Ok(());
+            }
+            let patch = serde_json::json!({ "metadata": {
+                "resourceVersion": node.metadata.resource_version.clone().unwrap_or_default(),
+                "annotations": { super::CORDONED_AT_ANNOTATION: null },
+            } });
+            match call(
+                "PATCH node",
+                self.nodes()
+                    .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch)),
+            )
+            .await
+            {
+                Ok(_) => {
+                    tracing::info!(
+                        cordoned_at = at,
+                        "the node was uncordoned by someone else; nodekeeper's cordon is forgotten (a later cordon is not nodekeeper's to undo)"
+                    );
+                    return Ok(());
+                }
+                Err(e) if is_conflict(&e) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// Before the reboot: one `MaintenanceOverdue` Event once the return-by time has passed.
     async fn watch_overdue(&self, record: &Record, token: &CancellationToken) {
         let left = record.return_by.saturating_sub(now());
@@ -814,6 +946,14 @@ mod tests {
             !cordoned_by_nodekeeper(&node(&[at], false)),
             "uncordoned since"
         );
+    }
+
+    #[test]
+    fn a_schedulable_node_with_cordoned_at_is_an_undone_cordon() {
+        let at = (super::super::CORDONED_AT_ANNOTATION, "1000");
+        assert_eq!(undone_cordon(&node(&[at], false)), Some("1000".into()));
+        assert_eq!(undone_cordon(&node(&[at], true)), None, "still cordoned");
+        assert_eq!(undone_cordon(&node(&[], false)), None);
     }
 
     #[test]

@@ -972,6 +972,32 @@ mod tests {
     }
 
     #[test]
+    fn a_return_by_that_does_not_parse_still_holds_the_slot() {
+        for bad in ["99999999999999999999", "2026-12-07T18:00:00Z", ""] {
+            let mut l = lease(Some("node-a"), 3600, 30);
+            l.metadata.annotations = Some(
+                [(RETURN_BY_ANNOTATION.to_string(), bad.to_string())]
+                    .into_iter()
+                    .collect(),
+            );
+            assert_eq!(return_by(&l), None, "{bad:?}");
+            assert!(marked(&l), "{bad:?}");
+            assert_eq!(live_holder(&l), Some("node-a".into()), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn slot_names_are_the_prefix_and_a_canonical_number() {
+        let cfg = FleetLockConfig::default();
+        assert_eq!(slot_index(&cfg, "nodekeeper-drain-slot-0"), Some(0));
+        assert_eq!(slot_index(&cfg, "nodekeeper-drain-slot-17"), Some(17));
+        assert_eq!(slot_index(&cfg, "nodekeeper-drain-slot-01"), None);
+        assert_eq!(slot_index(&cfg, "nodekeeper-drain-slot-+1"), None);
+        assert_eq!(slot_index(&cfg, "nodekeeper-drain-slot-"), None);
+        assert_eq!(slot_index(&cfg, "other-lease"), None);
+    }
+
+    #[test]
     fn a_mark_carries_the_node_uid_and_unmarking_removes_both() {
         let mut l = lease(Some("node-a"), 0, 30);
         set_mark(

@@ -45,6 +45,9 @@ const RETURN_POLL: Duration = Duration::from_secs(1);
 const WRITE_ATTEMPTS: u32 = 4;
 /// First wait between write attempts (doubles): 200 ms + 400 ms + 800 ms, under two seconds.
 const WRITE_RETRY: Duration = Duration::from_millis(200);
+/// The replay of the Node's changes since it was drained (an uncordon nobody saw, #20-l): one
+/// Node's changes over a reboot are a few dozen events; past this, the annotation is trusted.
+const REPLAY_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
@@ -136,6 +139,10 @@ pub struct Record {
     pub uncordon: bool,
     #[serde(default)]
     pub error: String,
+    /// The Node's resourceVersion when it was recorded `drained`: the return replays the
+    /// Node's changes since then for an uncordon no agent saw (#20-l). Empty: not known.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node_version: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -272,6 +279,7 @@ fn latest_drain(node: &Node, record: &Record) -> Latest {
 pub struct Drained {
     record: Record,
     node_uid: String,
+    node_version: String,
 }
 
 /// The node's maintenance: its record on the Node and the fleet-lock slot kept across the
@@ -417,6 +425,7 @@ impl Maintenance {
             return_by: 0,
             uncordon: rotation.uncordon,
             error: String::new(),
+            node_version: String::new(),
         };
         match self.write(&record).await {
             Ok(node) => node.metadata.uid.unwrap_or_default(),
@@ -445,11 +454,13 @@ impl Maintenance {
             return_by: now().saturating_add(rotation.return_timeout_seconds),
             uncordon: rotation.uncordon,
             error: String::new(),
+            node_version: String::new(),
         };
         let node = self.write(&record).await?;
         Ok(Drained {
             record,
             node_uid: node.metadata.uid.unwrap_or_default(),
+            node_version: node.metadata.resource_version.unwrap_or_default(),
         })
     }
 
@@ -459,6 +470,7 @@ impl Maintenance {
         let Drained {
             mut record,
             node_uid,
+            node_version,
         } = drained;
         if let Some(guard) = slot {
             self.hold_slot(
@@ -472,6 +484,7 @@ impl Maintenance {
         }
         record.state = State::AwaitingReboot;
         record.since = now();
+        record.node_version = node_version;
         // `drained` already says what the return needs: a failure here is only logged.
         if let Err(e) = self.write(&record).await {
             tracing::warn!(error = %e, "could not record the node as awaiting its reboot (it stays `drained`, which the return handles the same)");
@@ -516,6 +529,7 @@ impl Maintenance {
             return_by: 0,
             uncordon: rotation.uncordon,
             error: error.to_string(),
+            node_version: String::new(),
         };
         if let Err(e) = self.write(&record).await {
             tracing::warn!(error = %e, "could not record the maintenance state");
@@ -568,6 +582,8 @@ impl Maintenance {
         let mut replaced_checked = false;
         // Set once this process holds the slot back (or found none to take): not asked again.
         let mut reclaimed = false;
+        // Whether the Node's changes since it was drained show it schedulable (replayed once).
+        let mut undone: Option<bool> = None;
         loop {
             let node = call("GET node", self.nodes().get(&self.node)).await?;
             let uid = node.metadata.uid.clone().unwrap_or_default();
@@ -692,9 +708,14 @@ impl Maintenance {
                         continue;
                     }
                     // Only a node nodekeeper cordoned is uncordoned: one an operator had
-                    // cordoned before the drain stays cordoned (#20-f). The decision, the
-                    // latest-drain check above and the write are all over the same read.
-                    let ours = cordoned_by_nodekeeper(&node);
+                    // cordoned before the drain stays cordoned (#20-f), and so does one
+                    // uncordoned and cordoned again since by someone else while no agent
+                    // watched (#20-l; replayed once). The decision, the latest-drain check
+                    // above and the write are all over the same read.
+                    if undone.is_none() && cordoned_by_nodekeeper(&node) {
+                        undone = Some(self.uncordoned_since(&record.node_version, &node).await);
+                    }
+                    let ours = cordoned_by_nodekeeper(&node) && undone != Some(true);
                     let uncordon = record.uncordon && ours;
                     record.state = State::Done;
                     record.since = now();
@@ -861,6 +882,91 @@ impl Maintenance {
         }
     }
 
+    /// Whether the Node's changes from resourceVersion `from` up to `now` (as read) show it
+    /// schedulable: someone uncordoned it after it was drained, while no agent watched (the
+    /// reboot), and the cordon in place is not nodekeeper's (#20-l). Replayed with a watch from
+    /// `from`; when that history is gone (410 after etcd compaction, minutes on a default API
+    /// server), unreadable or too slow, the answer is `false` and `cordoned-at` is trusted as
+    /// before (logged).
+    async fn uncordoned_since(&self, from: &str, now: &Node) -> bool {
+        use futures::StreamExt;
+        use kube::api::WatchParams;
+        use kube::core::WatchEvent;
+        let (Ok(start), Some(Ok(target))) = (
+            from.parse::<u64>(),
+            now.metadata
+                .resource_version
+                .as_deref()
+                .map(str::parse::<u64>),
+        ) else {
+            tracing::debug!(from, "maintenance: no Node version to replay changes from");
+            return false;
+        };
+        if start >= target {
+            return false;
+        }
+        let version = |n: &Node| {
+            n.metadata
+                .resource_version
+                .as_deref()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let wp = WatchParams::default()
+            .fields(&format!("metadata.name={}", self.node))
+            .timeout(REPLAY_TIMEOUT.as_secs() as u32);
+        let replay = async {
+            let stream = match self.nodes().watch(&wp, from).await {
+                Ok(s) => s,
+                Err(e) => return Err(e.to_string()),
+            };
+            let mut stream = std::pin::pin!(stream);
+            while let Some(ev) = stream.next().await {
+                match ev.map_err(|e| e.to_string())? {
+                    WatchEvent::Added(n) | WatchEvent::Modified(n) => {
+                        let cordoned = n.spec.as_ref().and_then(|s| s.unschedulable) == Some(true);
+                        if !cordoned {
+                            return Ok(true);
+                        }
+                        if version(&n) >= target {
+                            return Ok(false);
+                        }
+                    }
+                    WatchEvent::Deleted(_) => return Ok(false),
+                    WatchEvent::Bookmark(b) => {
+                        let at = b.metadata.resource_version.parse::<u64>().unwrap_or(0);
+                        if at >= target {
+                            return Ok(false);
+                        }
+                    }
+                    WatchEvent::Error(s) => return Err(format!("{} ({})", s.message, s.code)),
+                }
+            }
+            Err("the watch ended before the Node's current version".to_string())
+        };
+        match tokio::time::timeout(REPLAY_TIMEOUT, replay).await {
+            Ok(Ok(true)) => {
+                tracing::info!(
+                    from,
+                    "the node was uncordoned by someone else since it was drained; its cordon now is not nodekeeper's"
+                );
+                true
+            }
+            Ok(Ok(false)) => false,
+            Ok(Err(e)) => {
+                tracing::warn!(from, error = %e, "could not replay the Node's changes since it was drained; trusting nodekeeper.io/cordoned-at");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(
+                    from,
+                    "replaying the Node's changes since it was drained took too long; trusting nodekeeper.io/cordoned-at"
+                );
+                false
+            }
+        }
+    }
+
     /// Removes `nodekeeper.io/cordoned-at` while it still reads `at` (a new cordon by
     /// nodekeeper writes a new time: that one stays). Guarded by the resourceVersion read.
     async fn forget_cordon(&self, at: &str) -> Result<(), MaintenanceError> {
@@ -966,6 +1072,7 @@ mod tests {
             return_by: 20,
             uncordon: true,
             error: String::new(),
+            node_version: String::new(),
         };
         let drain = |id: &str, phase: &str| {
             let json = serde_json::json!({
@@ -1010,6 +1117,7 @@ mod tests {
             return_by: 20,
             uncordon: true,
             error: String::new(),
+            node_version: String::new(),
         };
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.contains("\"state\":\"awaiting-reboot\""), "{json}");

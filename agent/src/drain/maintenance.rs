@@ -851,8 +851,8 @@ impl Maintenance {
     /// a Node seen schedulable while it carries `nodekeeper.io/cordoned-at` was uncordoned by
     /// someone else, so that annotation no longer proves the cordon in place is nodekeeper's;
     /// it is removed, and a later cordon by anyone else is never uncordoned by a return
-    /// (#20-l). An uncordon and re-cordon made while no agent runs (during the reboot) is not
-    /// seen: the annotation still reads as nodekeeper's (docs/decisions.md #20-l).
+    /// (#20-l). An uncordon and re-cordon made while no agent runs (during the reboot) is
+    /// looked for by the return itself (`uncordoned_since`, docs/decisions.md #20-l).
     async fn forget_undone_cordons(&self, token: &CancellationToken) {
         use futures::StreamExt;
         use kube::runtime::{WatchStreamExt, watcher};

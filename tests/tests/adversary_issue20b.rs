@@ -183,7 +183,6 @@ fn set_ready(fleet: &Fleet, node: &str, ready: &str) {
 /// cordon: spec.unschedulable only, say for a hardware check). That cordon is the operator's;
 /// the return after the reboot must leave it. It finds the stale cordoned-at and uncordons.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: a stale cordoned-at left by kubectl uncordon makes the return uncordon an operator's later cordon"]
 async fn adversary_the_return_uncordons_an_operator_cordon_made_after_a_kubectl_uncordon() {
     let fleet = Fleet::new(&["node-a"]);
     let a = fleet.agent("node-a");
@@ -387,7 +386,6 @@ fn slot_holder(fleet: &Fleet, slot: &str) -> Option<String> {
 /// goes on "without one", completes the return and never releases slot-1, which is marked and
 /// so never expires. slot-1 stays held by node-a forever, with node-a back in service.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: lowering drain.fleetLock.slots during a rotation leaves its marked slot held forever after the return"]
 async fn adversary_lowering_slots_mid_rotation_leaves_the_slot_held_forever() {
     let fleet = Fleet::new(&["node-a"]);
     hold_slot_for(&fleet, "nodekeeper-drain-slot-0", "node-z").await;
@@ -473,7 +471,6 @@ async fn node_b_stays_uncordoned(fleet: &Fleet, secs: u64, why: &str) {
 /// u64. `return_by` then reads "no mark" and the slot is an ordinary 2 s lease that nobody
 /// renews: node-b takes it and cordons while node-a is still cordoned, out for its reboot.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: a return-by mark that does not parse (a date, a huge number) counts as no mark: the slot expires during the reboot"]
 async fn adversary_an_unparsable_return_by_frees_the_slot_during_the_reboot() {
     let fleet = Fleet::new(&["node-a", "node-b"]);
     let b = fleet.agent("node-b");
@@ -597,7 +594,6 @@ async fn slots_2_with_three_nodes_never_cordons_three() {
 /// then reads no record and stops, while the slot it took back stays in memory and is renewed
 /// for the agent's lifetime: held long after the node is back in service.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: a Node recreated while `returning` leaves the reclaimed slot renewed for the agent's lifetime"]
 async fn adversary_a_node_recreated_while_returning_keeps_the_slot_for_the_agents_lifetime() {
     let fleet = Fleet::new(&["node-a"]);
     let a = fleet.agent("node-a");
@@ -667,7 +663,6 @@ fn pin(fleet: &Fleet, node: &str) {
 /// waiting node-c that polls then takes it and cordons (two nodes with `slots: 1`); here the
 /// free itself is asserted, which does not depend on who wins that race.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: a slot taken over after a hand-cleared holder keeps the old return-by/holder-uid marks; the new holder's restart frees it mid-drain"]
 async fn adversary_a_slot_taken_after_a_hand_cleared_holder_inherits_the_old_mark() {
     let fleet = Fleet::new(&["node-b"]);
     create_slot(
@@ -727,7 +722,6 @@ async fn adversary_a_slot_taken_after_a_hand_cleared_holder_inherits_the_old_mar
 /// drain's (docs/operations.md says so for plain drains): node-c's rotation takes it and cordons
 /// while node-b is still cordoned, two nodes out with `slots: 1`.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: a rotation's slot expires while its agent is down mid-drain past the lease; another node cordons"]
 async fn adversary_an_agent_down_mid_rotation_drain_past_the_lease_frees_the_slot() {
     let fleet = Fleet::new(&["node-b", "node-c"]);
     pin(&fleet, "node-b");

@@ -602,7 +602,7 @@ fn drain_lock_role_grants_only_leases_in_the_agent_namespace() {
         json!([{
             "apiGroups": ["coordination.k8s.io"],
             "resources": ["leases"],
-            "verbs": ["get", "create", "update"],
+            "verbs": ["get", "list", "create", "update"],
         }])
     );
     let binding = base.object("RoleBinding", "nodekeeper-drain-lock");

@@ -1079,8 +1079,10 @@ impl DrainController {
             .map_err(|e| Outcome::Failed(e.to_string()))?;
             *slot.lock().expect("not poisoned") = Some(guard);
         }
+        let mut node_uid = String::new();
         if let Some(rotation) = params.rotation {
-            self.maintenance.draining(&params.id, rotation).await;
+            node_uid = self.maintenance.draining(&params.id, rotation).await;
+            self.mark_rotation_slot(params, &slot, &node_uid).await;
         }
         run.update(|s| s.phase = DrainPhase::Cordoning as i32);
         let done_now = || {
@@ -1162,7 +1164,7 @@ impl DrainController {
             // Evictions run while the slot is watched: a lost slot pauses them (keep_slot).
             tokio::select! {
                 r = self.evict_all(run, params, done.clone(), todo) => r?,
-                r = self.keep_slot(run, &slot) => r?,
+                r = self.keep_slot(run, params, &slot, &node_uid) => r?,
             }
             round += 1;
         }
@@ -1171,7 +1173,13 @@ impl DrainController {
     /// Watches the drain's slot: when another node took it (renewals failed past the lease),
     /// evictions pause (none is posted; the stream says why) until a slot is held again.
     /// Returns only on a lock error.
-    async fn keep_slot(&self, run: &DrainRun, slot: &SlotCell) -> Result<(), Outcome> {
+    async fn keep_slot(
+        &self,
+        run: &DrainRun,
+        params: &DrainParams,
+        slot: &SlotCell,
+        node_uid: &str,
+    ) -> Result<(), Outcome> {
         let cfg = &self.config.fleet_lock;
         let lock_name = format!("{}/{}*", cfg.namespace, cfg.name_prefix);
         loop {
@@ -1214,8 +1222,34 @@ impl DrainController {
             .map_err(|e| Outcome::Failed(e.to_string()))?;
             tracing::info!(slot = %guard.slot(), "fleet lock: slot held again; evictions resume");
             *slot.lock().expect("not poisoned") = Some(guard);
+            if params.rotation.is_some() {
+                self.mark_rotation_slot(params, slot, node_uid).await;
+            }
             self.paused.send_replace(false);
         }
+    }
+
+    /// A rotation's slot is marked held across a reboot from its claim, not only from
+    /// `awaiting-reboot`: an agent down mid-drain for longer than the lease must not let a
+    /// second node cordon (#20-q). The return-by is the drain's deadline plus the rotation's
+    /// return timeout (`drained` moves it to now plus the return timeout). A drain that ends
+    /// without completing releases the slot (marks and all); the restarted agent of one that
+    /// never ends lets go of it (maintenance: `draining` with an ended drain).
+    async fn mark_rotation_slot(&self, params: &DrainParams, slot: &SlotCell, node_uid: &str) {
+        let Some(rotation) = params.rotation else {
+            return;
+        };
+        let Some(guard) = slot.lock().expect("not poisoned").take() else {
+            return;
+        };
+        let mark = lock::Mark {
+            return_by: state::unix(params.deadline).saturating_add(rotation.return_timeout_seconds),
+            node_uid: node_uid.to_string(),
+        };
+        if let Err(e) = guard.hold_for_return(mark).await {
+            tracing::warn!(slot = %guard.slot(), error = %e, "could not mark the rotation's slot as held yet; every renewal retries it");
+        }
+        *slot.lock().expect("not poisoned") = Some(guard);
     }
 
     /// Waits while the drain's slot is lost.

@@ -9,9 +9,10 @@
 //! clears `holderIdentity` when its drain ends.
 //!
 //! A rotation (issue #20) keeps its slot from cordon to the node's return after its reboot: the
-//! holder marks the Lease with `nodekeeper.io/return-by` (unix seconds) when its drain completes,
+//! holder marks the Lease with `nodekeeper.io/return-by` (unix seconds) from the claim (#20-q),
 //! and such a Lease stays held while its holder is set, renewed or not (nobody renews during the
-//! reboot). The agent that starts after the reboot takes it back (`reclaim`, the holder identity
+//! reboot), whether its value parses or not (#20-n). A take from another holder drops that
+//! holder's marks (#20-p). The agent that starts after the reboot takes it back (`reclaim`, the holder identity
 //! is the node, not the process) and clears it once the node is back. A holder past its
 //! return-by keeps the slot; a node waiting for it records a `MaintenanceOverdue` Event on the
 //! holder's Node, once per wait.
@@ -21,14 +22,15 @@
 //! releases are retried.
 //!
 //! Never takes a slot whose holder renewed within its lease duration, never deletes a Lease, and
-//! never touches Leases outside its own names. Expiry compares the holder's `renewTime` with this
+//! never writes Leases outside its own names (it lists the namespace's Leases to find this
+//! node's slot among all of them, one above a lowered `slots` included, #20-m). Expiry compares the holder's `renewTime` with this
 //! node's clock, so clocks must agree to well within the lease duration (NTP does that).
 
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use kube::api::PostParams;
+use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -218,12 +220,23 @@ pub fn return_by(lease: &Lease) -> Option<u64> {
         .ok()
 }
 
+/// Whether a slot Lease carries a return-by mark, readable or not. A mark that does not parse
+/// (edited by hand: a date, a number past u64) still marks the slot as held across a reboot:
+/// reading it as "no mark" would let the slot expire while its node is down (#20-n).
+pub fn marked(lease: &Lease) -> bool {
+    lease
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(RETURN_BY_ANNOTATION))
+}
+
 /// The holder of a Lease, when it is held by someone and has not expired (or is held across its
 /// node's reboot, which never expires).
 pub fn live_holder(lease: &Lease) -> Option<String> {
     let spec = lease.spec.as_ref()?;
     let holder = spec.holder_identity.clone().filter(|h| !h.is_empty())?;
-    if return_by(lease).is_some() {
+    if marked(lease) {
         return Some(holder);
     }
     let last = spec.renew_time.as_ref().or(spec.acquire_time.as_ref())?;
@@ -290,6 +303,9 @@ async fn try_slot(
             Some(lease) => {
                 match live_holder(&lease) {
                     Some(h) if h != identity => {
+                        if marked(&lease) && return_by(&lease).is_none() {
+                            tracing::warn!(slot = %name, holder = %h, "fleet lock: the slot's return-by mark does not parse; it counts as held until its holder releases it (or a person clears holderIdentity)");
+                        }
                         return Ok(Err(Held {
                             slot: name.to_string(),
                             holder: h,
@@ -299,6 +315,16 @@ async fn try_slot(
                     _ => {}
                 }
                 let mut next = lease.clone();
+                let ours = lease
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.holder_identity.as_deref())
+                    == Some(identity);
+                if !ours {
+                    // A fresh take: the marks of an earlier holder (a hand-cleared holder keeps
+                    // its return-by and holder-uid) are not this node's (#20-p).
+                    set_return_by(&mut next, None);
+                }
                 next.spec = Some(held_by(
                     lease.spec.as_ref(),
                     identity,
@@ -654,6 +680,32 @@ async fn renew_loop(
     }
 }
 
+/// The slot Leases that may hold this node's slot: `0..slots` of the current config and every
+/// other `{namePrefix}{i}` Lease that exists, in slot order. A slot taken while `slots` was
+/// higher (lowered by a config rollout mid-rotation) must still be found, or its mark keeps it
+/// held forever (#20-m). Without RBAC to list Leases (an older Role), only `0..slots`.
+async fn slot_names(api: &Api<Lease>, cfg: &FleetLockConfig) -> Result<Vec<String>, LockError> {
+    let mut slots: std::collections::BTreeSet<u32> = (0..cfg.slots).collect();
+    match call("LIST leases", api.list(&ListParams::default())).await {
+        Ok(list) => slots.extend(
+            list.items
+                .iter()
+                .filter_map(|l| slot_index(cfg, l.metadata.name.as_deref()?)),
+        ),
+        Err(LockError::Api(kube::Error::Api(s))) if s.code == 403 => {
+            tracing::warn!(namespace = %cfg.namespace, "fleet lock: cannot list the slot Leases (RBAC: the Role lacks `list` on leases); only slots below drain.fleetLock.slots are searched for this node's slot");
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(slots.into_iter().map(|i| cfg.slot_name(i)).collect())
+}
+
+/// The slot number of Lease `name`, when it is one of this config's slot names.
+fn slot_index(cfg: &FleetLockConfig, name: &str) -> Option<u32> {
+    let i: u32 = name.strip_prefix(cfg.name_prefix.as_str())?.parse().ok()?;
+    (cfg.slot_name(i) == name).then_some(i)
+}
+
 /// The slot this node (`identity`) still holds, taken back and renewed from now on: after an
 /// agent restart or the node's reboot. `None` when it holds none.
 pub async fn reclaim(
@@ -663,8 +715,7 @@ pub async fn reclaim(
     metrics: &LockMetrics,
 ) -> Result<Option<SlotGuard>, LockError> {
     let api: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
-    for i in 0..cfg.slots {
-        let name = cfg.slot_name(i);
+    for name in slot_names(&api, cfg).await? {
         if renew(&api, &name, identity, cfg.lease_duration.get(), None).await? {
             tracing::info!(slot = %name, "fleet lock: took this node's slot back");
             return Ok(Some(SlotGuard::start(
@@ -704,8 +755,7 @@ pub async fn free_marked(
     if matches!(stale, Stale::ReplacedNode("")) {
         return Ok(freed);
     }
-    for i in 0..cfg.slots {
-        let name = cfg.slot_name(i);
+    for name in slot_names(&api, cfg).await? {
         let Some(lease) = call("GET lease", api.get_opt(&name)).await? else {
             continue;
         };
@@ -723,7 +773,7 @@ pub async fn free_marked(
             Stale::ReplacedNode(uid) => marked_uid.is_some_and(|u| u != uid),
             Stale::Any => true,
         };
-        if holder == Some(identity) && return_by(&lease).is_some() && is_stale {
+        if holder == Some(identity) && marked(&lease) && is_stale {
             let mut next = lease.clone();
             set_return_by(&mut next, None);
             next.spec = Some(LeaseSpec {
@@ -919,6 +969,32 @@ mod tests {
         assert_eq!(live_holder(&l), None, "released: free");
         set_return_by(&mut l, None);
         assert_eq!(return_by(&l), None);
+    }
+
+    #[test]
+    fn a_return_by_that_does_not_parse_still_holds_the_slot() {
+        for bad in ["99999999999999999999", "2026-12-07T18:00:00Z", ""] {
+            let mut l = lease(Some("node-a"), 3600, 30);
+            l.metadata.annotations = Some(
+                [(RETURN_BY_ANNOTATION.to_string(), bad.to_string())]
+                    .into_iter()
+                    .collect(),
+            );
+            assert_eq!(return_by(&l), None, "{bad:?}");
+            assert!(marked(&l), "{bad:?}");
+            assert_eq!(live_holder(&l), Some("node-a".into()), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn slot_names_are_the_prefix_and_a_canonical_number() {
+        let cfg = FleetLockConfig::default();
+        assert_eq!(slot_index(&cfg, "nodekeeper-drain-slot-0"), Some(0));
+        assert_eq!(slot_index(&cfg, "nodekeeper-drain-slot-17"), Some(17));
+        assert_eq!(slot_index(&cfg, "nodekeeper-drain-slot-01"), None);
+        assert_eq!(slot_index(&cfg, "nodekeeper-drain-slot-+1"), None);
+        assert_eq!(slot_index(&cfg, "nodekeeper-drain-slot-"), None);
+        assert_eq!(slot_index(&cfg, "other-lease"), None);
     }
 
     #[test]

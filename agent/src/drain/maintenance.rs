@@ -45,6 +45,9 @@ const RETURN_POLL: Duration = Duration::from_secs(1);
 const WRITE_ATTEMPTS: u32 = 4;
 /// First wait between write attempts (doubles): 200 ms + 400 ms + 800 ms, under two seconds.
 const WRITE_RETRY: Duration = Duration::from_millis(200);
+/// The replay of the Node's changes since it was drained (an uncordon nobody saw, #20-l): one
+/// Node's changes over a reboot are a few dozen events; past this, the annotation is trusted.
+const REPLAY_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
@@ -136,6 +139,10 @@ pub struct Record {
     pub uncordon: bool,
     #[serde(default)]
     pub error: String,
+    /// The Node's resourceVersion when it was recorded `drained`: the return replays the
+    /// Node's changes since then for an uncordon no agent saw (#20-l). Empty: not known.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node_version: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +210,24 @@ fn cordoned_by_nodekeeper(node: &Node) -> bool {
             .is_some_and(|a| a.contains_key(super::CORDONED_AT_ANNOTATION))
 }
 
+/// The cordoned-at of a Node that is schedulable: a cordon of nodekeeper's that someone else
+/// undid (nodekeeper's own uncordon removes the annotation in the same PATCH).
+fn undone_cordon(node: &Node) -> Option<String> {
+    let cordoned = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.unschedulable)
+        .unwrap_or(false);
+    if cordoned {
+        return None;
+    }
+    node.metadata
+        .annotations
+        .as_ref()?
+        .get(super::CORDONED_AT_ANNOTATION)
+        .cloned()
+}
+
 fn node_ready(node: &Node) -> bool {
     node.status
         .as_ref()
@@ -254,6 +279,7 @@ fn latest_drain(node: &Node, record: &Record) -> Latest {
 pub struct Drained {
     record: Record,
     node_uid: String,
+    node_version: String,
 }
 
 /// The node's maintenance: its record on the Node and the fleet-lock slot kept across the
@@ -266,6 +292,9 @@ pub struct Maintenance {
     lock_metrics: lock::LockMetrics,
     /// The slot held from `drained` until `done` (or until this process stops).
     slot: Mutex<Option<SlotGuard>>,
+    /// The Node's metadata.uid when the return first read it: another UID later is a Node
+    /// deleted and registered again (#20-o).
+    node_uid: Mutex<Option<String>>,
 }
 
 impl Maintenance {
@@ -283,6 +312,7 @@ impl Maintenance {
             lock,
             lock_metrics,
             slot: Mutex::new(None),
+            node_uid: Mutex::new(None),
         }
     }
 
@@ -384,8 +414,9 @@ impl Maintenance {
         crate::kube::node_event(&self.client, &self.node, reason, kind, message).await;
     }
 
-    /// A rotation drain starts.
-    pub async fn draining(&self, drain_id: &str, rotation: Rotation) {
+    /// A rotation drain starts. Returns the Node's metadata.uid when the record was written
+    /// (empty when it could not be), for the mark on the rotation's slot.
+    pub async fn draining(&self, drain_id: &str, rotation: Rotation) -> String {
         let record = Record {
             state: State::Draining,
             drain_id: drain_id.to_string(),
@@ -394,9 +425,14 @@ impl Maintenance {
             return_by: 0,
             uncordon: rotation.uncordon,
             error: String::new(),
+            node_version: String::new(),
         };
-        if let Err(e) = self.write(&record).await {
-            tracing::warn!(error = %e, "could not record the maintenance state");
+        match self.write(&record).await {
+            Ok(node) => node.metadata.uid.unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not record the maintenance state");
+                String::new()
+            }
         }
     }
 
@@ -418,11 +454,13 @@ impl Maintenance {
             return_by: now().saturating_add(rotation.return_timeout_seconds),
             uncordon: rotation.uncordon,
             error: String::new(),
+            node_version: String::new(),
         };
         let node = self.write(&record).await?;
         Ok(Drained {
             record,
             node_uid: node.metadata.uid.unwrap_or_default(),
+            node_version: node.metadata.resource_version.unwrap_or_default(),
         })
     }
 
@@ -432,6 +470,7 @@ impl Maintenance {
         let Drained {
             mut record,
             node_uid,
+            node_version,
         } = drained;
         if let Some(guard) = slot {
             self.hold_slot(
@@ -445,6 +484,7 @@ impl Maintenance {
         }
         record.state = State::AwaitingReboot;
         record.since = now();
+        record.node_version = node_version;
         // `drained` already says what the return needs: a failure here is only logged.
         if let Err(e) = self.write(&record).await {
             tracing::warn!(error = %e, "could not record the node as awaiting its reboot (it stays `drained`, which the return handles the same)");
@@ -489,6 +529,7 @@ impl Maintenance {
             return_by: 0,
             uncordon: rotation.uncordon,
             error: error.to_string(),
+            node_version: String::new(),
         };
         if let Err(e) = self.write(&record).await {
             tracing::warn!(error = %e, "could not record the maintenance state");
@@ -497,8 +538,17 @@ impl Maintenance {
 
     /// At agent start, for the agent's lifetime: carries a rotation on from where the Node's
     /// record says it is (the node's return after its reboot, or keeping the slot while the
-    /// reboot has not happened yet). Retries API failures; returns at shutdown, keeping the slot.
+    /// reboot has not happened yet), and forgets nodekeeper's cordons that someone else undid.
+    /// Retries API failures; returns at shutdown, keeping the slot.
     pub async fn run(&self, health: Health, token: CancellationToken) {
+        tokio::join!(
+            self.carry_on(health, token.clone()),
+            self.forget_undone_cordons(&token)
+        );
+    }
+
+    /// The rotation part of `run`.
+    async fn carry_on(&self, health: Health, token: CancellationToken) {
         let mut wait = RETURN_POLL;
         loop {
             match self.step(&health, &token).await {
@@ -532,8 +582,29 @@ impl Maintenance {
         let mut replaced_checked = false;
         // Set once this process holds the slot back (or found none to take): not asked again.
         let mut reclaimed = false;
+        // Whether the Node's changes since it was drained show it schedulable (replayed once).
+        let mut undone: Option<bool> = None;
         loop {
             let node = call("GET node", self.nodes().get(&self.node)).await?;
+            let uid = node.metadata.uid.clone().unwrap_or_default();
+            let recreated = {
+                let mut seen = self.node_uid.lock().expect("not poisoned");
+                let recreated = seen.as_ref().is_some_and(|s| *s != uid);
+                *seen = Some(uid);
+                recreated
+            };
+            if recreated {
+                // The Node was deleted and registered again while the return ran (#20-o): the
+                // node this slot was held for is gone, and the new one is in service. The slot
+                // this process took back is released; marked ones of the old UID are freed.
+                let held = self.slot.lock().expect("not poisoned").take();
+                if let Some(guard) = held {
+                    tracing::warn!(slot = %guard.slot(), "fleet lock: the Node was registered again (another UID) during the return; releasing the slot held for the earlier one");
+                    guard.release().await;
+                }
+                replaced_checked = false;
+                reclaimed = false;
+            }
             if !replaced_checked {
                 self.free_replaced_slot(&node).await?;
                 replaced_checked = true;
@@ -542,7 +613,6 @@ impl Maintenance {
                 return Ok(());
             };
             match record.state {
-                State::Draining => return Ok(()),
                 State::Done | State::Failed => {
                     // The other process of this node finished (or gave up) the return: it
                     // released the slot; this one only stops renewing it.
@@ -556,7 +626,11 @@ impl Maintenance {
                 }
                 _ => {}
             }
+            // `draining` with its drain ended (not running, not completed: the agent stopped
+            // between saving the drain's end and recording `failed`) is superseded below: its
+            // slot, marked from the claim (#20-q), is let go of.
             match latest_drain(&node, &record) {
+                Latest::Completed if record.state == State::Draining => return Ok(()),
                 Latest::Completed => {}
                 Latest::Running => return Ok(()),
                 Latest::Superseded(why) => {
@@ -634,9 +708,14 @@ impl Maintenance {
                         continue;
                     }
                     // Only a node nodekeeper cordoned is uncordoned: one an operator had
-                    // cordoned before the drain stays cordoned (#20-f). The decision, the
-                    // latest-drain check above and the write are all over the same read.
-                    let ours = cordoned_by_nodekeeper(&node);
+                    // cordoned before the drain stays cordoned (#20-f), and so does one
+                    // uncordoned and cordoned again since by someone else while no agent
+                    // watched (#20-l; replayed once). The decision, the latest-drain check
+                    // above and the write are all over the same read.
+                    if undone.is_none() && cordoned_by_nodekeeper(&node) {
+                        undone = Some(self.uncordoned_since(&record.node_version, &node).await);
+                    }
+                    let ours = cordoned_by_nodekeeper(&node) && undone != Some(true);
                     let uncordon = record.uncordon && ours;
                     record.state = State::Done;
                     record.since = now();
@@ -767,6 +846,165 @@ impl Maintenance {
         Ok(())
     }
 
+    /// For the agent's lifetime, from a watch of this Node (every event, not a poll: a `kubectl
+    /// uncordon` followed at once by a `kubectl cordon` shows only in the event between them):
+    /// a Node seen schedulable while it carries `nodekeeper.io/cordoned-at` was uncordoned by
+    /// someone else, so that annotation no longer proves the cordon in place is nodekeeper's;
+    /// it is removed, and a later cordon by anyone else is never uncordoned by a return
+    /// (#20-l). An uncordon and re-cordon made while no agent runs (during the reboot) is
+    /// looked for by the return itself (`uncordoned_since`, docs/decisions.md #20-l).
+    async fn forget_undone_cordons(&self, token: &CancellationToken) {
+        use futures::StreamExt;
+        use kube::runtime::{WatchStreamExt, watcher};
+        let config = watcher::Config::default().fields(&format!("metadata.name={}", self.node));
+        let stream = watcher(self.nodes(), config)
+            .default_backoff()
+            .applied_objects();
+        let mut stream = std::pin::pin!(stream);
+        loop {
+            let node = tokio::select! {
+                _ = token.cancelled() => return,
+                next = stream.next() => match next {
+                    Some(Ok(node)) => node,
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "maintenance: node watch error (retried with backoff)");
+                        continue;
+                    }
+                    None => return,
+                },
+            };
+            let Some(at) = undone_cordon(&node) else {
+                continue;
+            };
+            if let Err(e) = self.forget_cordon(&at).await {
+                tracing::warn!(error = %e, "could not remove the cordoned-at of a cordon someone else undid; a return may take a later cordon for nodekeeper's");
+            }
+        }
+    }
+
+    /// Whether the Node's changes from resourceVersion `from` up to `now` (as read) show it
+    /// schedulable: someone uncordoned it after it was drained, while no agent watched (the
+    /// reboot), and the cordon in place is not nodekeeper's (#20-l). Replayed with a watch from
+    /// `from`; when that history is gone (410 after etcd compaction, minutes on a default API
+    /// server), unreadable or too slow, the answer is `false` and `cordoned-at` is trusted as
+    /// before (logged).
+    async fn uncordoned_since(&self, from: &str, now: &Node) -> bool {
+        use futures::StreamExt;
+        use kube::api::WatchParams;
+        use kube::core::WatchEvent;
+        let (Ok(start), Some(Ok(target))) = (
+            from.parse::<u64>(),
+            now.metadata
+                .resource_version
+                .as_deref()
+                .map(str::parse::<u64>),
+        ) else {
+            tracing::debug!(from, "maintenance: no Node version to replay changes from");
+            return false;
+        };
+        if start >= target {
+            return false;
+        }
+        let version = |n: &Node| {
+            n.metadata
+                .resource_version
+                .as_deref()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let wp = WatchParams::default()
+            .fields(&format!("metadata.name={}", self.node))
+            .timeout(REPLAY_TIMEOUT.as_secs() as u32);
+        let replay = async {
+            let stream = match self.nodes().watch(&wp, from).await {
+                Ok(s) => s,
+                Err(e) => return Err(e.to_string()),
+            };
+            let mut stream = std::pin::pin!(stream);
+            while let Some(ev) = stream.next().await {
+                match ev.map_err(|e| e.to_string())? {
+                    WatchEvent::Added(n) | WatchEvent::Modified(n) => {
+                        let cordoned = n.spec.as_ref().and_then(|s| s.unschedulable) == Some(true);
+                        if !cordoned {
+                            return Ok(true);
+                        }
+                        if version(&n) >= target {
+                            return Ok(false);
+                        }
+                    }
+                    WatchEvent::Deleted(_) => return Ok(false),
+                    WatchEvent::Bookmark(b) => {
+                        let at = b.metadata.resource_version.parse::<u64>().unwrap_or(0);
+                        if at >= target {
+                            return Ok(false);
+                        }
+                    }
+                    WatchEvent::Error(s) => return Err(format!("{} ({})", s.message, s.code)),
+                }
+            }
+            Err("the watch ended before the Node's current version".to_string())
+        };
+        match tokio::time::timeout(REPLAY_TIMEOUT, replay).await {
+            Ok(Ok(true)) => {
+                tracing::info!(
+                    from,
+                    "the node was uncordoned by someone else since it was drained; its cordon now is not nodekeeper's"
+                );
+                true
+            }
+            Ok(Ok(false)) => false,
+            Ok(Err(e)) => {
+                tracing::warn!(from, error = %e, "could not replay the Node's changes since it was drained; trusting nodekeeper.io/cordoned-at");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(
+                    from,
+                    "replaying the Node's changes since it was drained took too long; trusting nodekeeper.io/cordoned-at"
+                );
+                false
+            }
+        }
+    }
+
+    /// Removes `nodekeeper.io/cordoned-at` while it still reads `at` (a new cordon by
+    /// nodekeeper writes a new time: that one stays). Guarded by the resourceVersion read.
+    async fn forget_cordon(&self, at: &str) -> Result<(), MaintenanceError> {
+        for _ in 0..WRITE_ATTEMPTS {
+            let node = call("GET node", self.nodes().get(&self.node)).await?;
+            let current = node
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(super::CORDONED_AT_ANNOTATION));
+            if current.map(String::as_str) != Some(at) {
+                return Ok(());
+            }
+            let patch = serde_json::json!({ "metadata": {
+                "resourceVersion": node.metadata.resource_version.clone().unwrap_or_default(),
+                "annotations": { super::CORDONED_AT_ANNOTATION: null },
+            } });
+            match call(
+                "PATCH node",
+                self.nodes()
+                    .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch)),
+            )
+            .await
+            {
+                Ok(_) => {
+                    tracing::info!(
+                        cordoned_at = at,
+                        "the node was uncordoned by someone else; nodekeeper's cordon is forgotten (a later cordon is not nodekeeper's to undo)"
+                    );
+                    return Ok(());
+                }
+                Err(e) if is_conflict(&e) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// Before the reboot: one `MaintenanceOverdue` Event once the return-by time has passed.
     async fn watch_overdue(&self, record: &Record, token: &CancellationToken) {
         let left = record.return_by.saturating_sub(now());
@@ -817,6 +1055,14 @@ mod tests {
     }
 
     #[test]
+    fn a_schedulable_node_with_cordoned_at_is_an_undone_cordon() {
+        let at = (super::super::CORDONED_AT_ANNOTATION, "1000");
+        assert_eq!(undone_cordon(&node(&[at], false)), Some("1000".into()));
+        assert_eq!(undone_cordon(&node(&[at], true)), None, "still cordoned");
+        assert_eq!(undone_cordon(&node(&[], false)), None);
+    }
+
+    #[test]
     fn the_latest_drain_decides_whether_a_rotation_still_rules() {
         let record = Record {
             state: State::Returning,
@@ -826,6 +1072,7 @@ mod tests {
             return_by: 20,
             uncordon: true,
             error: String::new(),
+            node_version: String::new(),
         };
         let drain = |id: &str, phase: &str| {
             let json = serde_json::json!({
@@ -870,6 +1117,7 @@ mod tests {
             return_by: 20,
             uncordon: true,
             error: String::new(),
+            node_version: String::new(),
         };
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.contains("\"state\":\"awaiting-reboot\""), "{json}");

@@ -358,8 +358,24 @@ pub const POD_WATCH_TIMEOUT_SECS: u32 = 120;
 /// error, and the hung re-watch fails only at the client's read timeout. Use one per watch:
 /// `health` belongs to the one watch this client serves.
 pub fn track_watches(client: kube::Client, health: WatchHealth) -> kube::Client {
+    track_watches_within(client, health, WATCH_ANSWER_TIMEOUT)
+}
+
+/// [`track_watches`] with the cut at `timeout` (tests).
+fn track_watches_within(
+    client: kube::Client,
+    health: WatchHealth,
+    timeout: std::time::Duration,
+) -> kube::Client {
     let ns = client.default_namespace().to_string();
-    kube::Client::new(WatchAnswers { client, health }, ns)
+    kube::Client::new(
+        WatchAnswers {
+            client,
+            health,
+            timeout,
+        },
+        ns,
+    )
 }
 
 /// The service [`track_watches`] builds its client on.
@@ -367,6 +383,8 @@ pub fn track_watches(client: kube::Client, health: WatchHealth) -> kube::Client 
 struct WatchAnswers {
     client: kube::Client,
     health: WatchHealth,
+    /// [`WATCH_ANSWER_TIMEOUT`] but in tests.
+    timeout: std::time::Duration,
 }
 
 impl tower_service::Service<http::Request<kube::client::Body>> for WatchAnswers {
@@ -385,6 +403,7 @@ impl tower_service::Service<http::Request<kube::client::Body>> for WatchAnswers 
     fn call(&mut self, req: http::Request<kube::client::Body>) -> Self::Future {
         let client = self.client.clone();
         let health = self.health.clone();
+        let timeout = self.timeout;
         let is_watch = req
             .uri()
             .query()
@@ -394,7 +413,7 @@ impl tower_service::Service<http::Request<kube::client::Body>> for WatchAnswers 
                 return client.send(req).await;
             }
             let _unanswered = health.watch_sent();
-            let answer = tokio::time::timeout(WATCH_ANSWER_TIMEOUT, client.send(req)).await;
+            let answer = tokio::time::timeout(timeout, client.send(req)).await;
             // Errors are recorded before the guard clears: no instant reads current between.
             match answer {
                 Ok(Ok(resp)) if !resp.status().is_success() => {
@@ -408,8 +427,7 @@ impl tower_service::Service<http::Request<kube::client::Body>> for WatchAnswers 
                 }
                 Err(_) => {
                     let e = kube::Error::Service(
-                        format!("a watch request had no answer within {WATCH_ANSWER_TIMEOUT:?}")
-                            .into(),
+                        format!("a watch request had no answer within {timeout:?}").into(),
                     );
                     health.record_error(&e);
                     Err(e)
@@ -515,12 +533,13 @@ mod track_watches_tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn an_unanswered_watch_is_not_current_after_the_grace_then_fails() {
         let health = WatchHealth::default();
-        let client = track_watches(
+        let client = track_watches_within(
             kube::Client::new(Api { watch_status: None }, "default"),
             health.clone(),
+            Duration::from_millis(300),
         );
         // Other calls are not tracked.
         client.send(get("/api/v1/pods?limit=500")).await.unwrap();
@@ -543,8 +562,8 @@ mod track_watches_tests {
             .failing
             .expect("unanswered past the grace");
         assert!(why.contains("has not been answered"), "{why}");
-        // At the answer timeout the request fails and the error is recorded.
-        let err = watch.await.unwrap().expect_err("cut at WATCH_ANSWER_TIMEOUT");
+        // At the answer timeout (300 ms here) the request fails and the error is recorded.
+        let err = watch.await.unwrap().expect_err("cut at the answer timeout");
         assert!(err.to_string().contains("no answer within"), "{err}");
         let (_, why) = health.state().failing.expect("failing after the cut");
         assert!(why.contains("no answer within"), "{why}");

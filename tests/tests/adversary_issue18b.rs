@@ -638,45 +638,45 @@ impl AggregatorScene {
     fn start() -> Self {
         use nodekeeper_tests::fake_api::{EndpointSeed, FakeApi, PodSeed};
         let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let api = FakeApi::start();
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
-    for node in ["node-a", "node-c"] {
-        api.add_node(node, &[]);
-    }
-    api.add_pod(
-        PodSeed::new("web-1")
-            .namespace("shop")
-            .node("node-a")
-            .label("app", "web"),
-    );
-    let agent = start_fake_agent(&rt, "node-a", vec![census_pod("web-1", "", "web", 10)]);
-    api.add_endpoint_slice(
-        "nodekeeper-system",
-        "nodekeeper",
-        &[("grpc", agent.port())],
-        &[EndpointSeed::new("127.0.0.1")
-            .node("node-a")
-            .pod("nodekeeper-node-a")],
-    );
-    let agg = start_aggregator(dir.path(), &kubeconfig);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while keda_web_value(&rt, agg.grpc) != Ok(10.0) {
-        assert!(
-            Instant::now() < deadline,
-            "the aggregator never answered 10: {:?}\n{}",
-            keda_web_value(&rt, agg.grpc),
-            agg.proc.log_text()
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let api = FakeApi::start();
+        let kubeconfig = dir.path().join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig);
+        for node in ["node-a", "node-c"] {
+            api.add_node(node, &[]);
+        }
+        api.add_pod(
+            PodSeed::new("web-1")
+                .namespace("shop")
+                .node("node-a")
+                .label("app", "web"),
         );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Self {
-        agg,
-        api,
-        rt,
-        _dir: dir,
-    }
+        let agent = start_fake_agent(&rt, "node-a", vec![census_pod("web-1", "", "web", 10)]);
+        api.add_endpoint_slice(
+            "nodekeeper-system",
+            "nodekeeper",
+            &[("grpc", agent.port())],
+            &[EndpointSeed::new("127.0.0.1")
+                .node("node-a")
+                .pod("nodekeeper-node-a")],
+        );
+        let agg = start_aggregator(dir.path(), &kubeconfig);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while keda_web_value(&rt, agg.grpc) != Ok(10.0) {
+            assert!(
+                Instant::now() < deadline,
+                "the aggregator never answered 10: {:?}\n{}",
+                keda_web_value(&rt, agg.grpc),
+                agg.proc.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self {
+            agg,
+            api,
+            rt,
+            _dir: dir,
+        }
     }
 }
 

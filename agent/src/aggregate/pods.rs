@@ -34,7 +34,8 @@ impl PodWatch {
     pub fn start(client: kube::Client, errors: Counter) -> Self {
         let health = WatchHealth::default();
         // A re-watch that hangs unanswered is not current after a short grace (#18-k).
-        let api: kube::Api<Pod> = kube::Api::all(crate::kube::track_watches(client, health.clone()));
+        let api: kube::Api<Pod> =
+            kube::Api::all(crate::kube::track_watches(client, health.clone()));
         let (store, writer) = reflector::store();
         let recorder = health.clone();
         let config = watcher::Config::default().timeout(crate::kube::POD_WATCH_TIMEOUT_SECS);

@@ -215,6 +215,10 @@ struct Recorded {
     /// Since when the watcher is re-listing (`Init` seen, `InitDone` not yet): the store
     /// misses whatever changed since the watch broke until the list completes.
     relisting: Option<std::time::SystemTime>,
+    /// Since when a watch request has been sent and not answered (no response headers yet):
+    /// set and cleared by [`track_watches`]'s client. Not current once it lasts longer than
+    /// [`WATCH_ANSWER_GRACE`]: the view misses every change since the last watch ended.
+    watch_unanswered: Option<std::time::SystemTime>,
 }
 
 /// A watch's state as `WatchHealth::state` judges it now.
@@ -224,7 +228,8 @@ pub struct WatchHealthState {
     /// When the current failure began, and its last error; `None` once no error came for
     /// `WATCH_FAILING_GRACE`. A re-list under way (kube's watcher sent `Init`, not yet
     /// `InitDone`) is failing too, however long it takes: the view is not current before it
-    /// completes.
+    /// completes. So is a watch request unanswered for longer than [`WATCH_ANSWER_GRACE`]
+    /// (recorded by [`track_watches`]).
     pub failing: Option<(std::time::SystemTime, String)>,
 }
 
@@ -262,6 +267,13 @@ impl WatchHealth {
         s.failing = Some((since, now, error.to_string()));
     }
 
+    /// A watch request was sent (by [`track_watches`]'s client); unanswered until the guard
+    /// is dropped (its response headers came, it failed, or it was cancelled).
+    fn watch_sent(&self) -> WatchAnswerPending {
+        self.0.lock().expect("not poisoned").watch_unanswered = Some(std::time::SystemTime::now());
+        WatchAnswerPending(self.clone())
+    }
+
     pub fn state(&self) -> WatchHealthState {
         self.state_at(std::time::SystemTime::now())
     }
@@ -288,10 +300,140 @@ impl WatchHealth {
                 why,
             )
         });
+        let unanswered = s.watch_unanswered.and_then(|sent| {
+            let waited = now.duration_since(sent).unwrap_or_default();
+            (waited > WATCH_ANSWER_GRACE).then(|| {
+                (
+                    sent,
+                    format!(
+                        "a watch request sent {:.1}s ago has not been answered; the view misses \
+                         every change since the watch ended",
+                        waited.as_secs_f64()
+                    ),
+                )
+            })
+        });
         WatchHealthState {
             last_ok: s.last_ok,
-            failing: relisting.or(failing),
+            failing: relisting.or(unanswered).or(failing),
         }
+    }
+}
+
+/// Clears [`Recorded::watch_unanswered`] on drop.
+struct WatchAnswerPending(WatchHealth);
+
+impl Drop for WatchAnswerPending {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.0.0.lock() {
+            s.watch_unanswered = None;
+        }
+    }
+}
+
+/// How long a watch request may go unanswered (no response headers) before the view it feeds
+/// is not current. A routine re-watch (after the API server's `timeoutSeconds`, a restart, a
+/// proxy's idle cut) is answered in milliseconds, even by a loaded API server serving it from
+/// its watch cache; 2 s keeps those restarts from flapping KEDA queries to UNAVAILABLE, while a
+/// hung re-watch is noticed within seconds instead of at the client's read timeout (minutes).
+pub const WATCH_ANSWER_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A watch request unanswered this long is cancelled and fails (kube's watcher records the
+/// error and re-watches from the same resourceVersion with backoff): a hung API server or proxy
+/// must not hold a watch for kube's client read timeout (minutes). As [`API_CALL_TIMEOUT`]: the
+/// response headers of a watch come as fast as those of any call.
+pub const WATCH_ANSWER_TIMEOUT: std::time::Duration = API_CALL_TIMEOUT;
+
+/// Server-side `timeoutSeconds` of the pod watches: the API server ends each watch after this
+/// and kube's watcher re-watches from its resourceVersion (missing nothing), and kube's watcher
+/// treats a watch silent for this plus 5 s as dead. A watch that was answered and then went
+/// silent (a proxy that stopped forwarding) is recycled within ~2 minutes instead of kube's
+/// default 290 s; one re-watch per node every 2 minutes is served from the API server's watch
+/// cache (client-go's reflectors re-watch every 5-10 minutes).
+pub const POD_WATCH_TIMEOUT_SECS: u32 = 120;
+
+/// `client` with every watch request (`watch=true`) recorded in `health` (sent and not yet
+/// answered: [`WATCH_ANSWER_GRACE`]) and cut at [`WATCH_ANSWER_TIMEOUT`] without an answer.
+/// kube's watcher itself records nothing while a watch request hangs: a watch ending is not an
+/// error, and the hung re-watch fails only at the client's read timeout. Use one per watch:
+/// `health` belongs to the one watch this client serves.
+pub fn track_watches(client: kube::Client, health: WatchHealth) -> kube::Client {
+    track_watches_within(client, health, WATCH_ANSWER_TIMEOUT)
+}
+
+/// [`track_watches`] with the cut at `timeout` (tests).
+fn track_watches_within(
+    client: kube::Client,
+    health: WatchHealth,
+    timeout: std::time::Duration,
+) -> kube::Client {
+    let ns = client.default_namespace().to_string();
+    kube::Client::new(
+        WatchAnswers {
+            client,
+            health,
+            timeout,
+        },
+        ns,
+    )
+}
+
+/// The service [`track_watches`] builds its client on.
+#[derive(Clone)]
+struct WatchAnswers {
+    client: kube::Client,
+    health: WatchHealth,
+    /// [`WATCH_ANSWER_TIMEOUT`] but in tests.
+    timeout: std::time::Duration,
+}
+
+impl tower_service::Service<http::Request<kube::client::Body>> for WatchAnswers {
+    type Response = http::Response<kube::client::Body>;
+    type Error = kube::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, kube::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), kube::Error>> {
+        // `client` buffers requests itself (kube::Client::send waits for its readiness).
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<kube::client::Body>) -> Self::Future {
+        let client = self.client.clone();
+        let health = self.health.clone();
+        let timeout = self.timeout;
+        let is_watch = req
+            .uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
+        Box::pin(async move {
+            if !is_watch {
+                return client.send(req).await;
+            }
+            let _unanswered = health.watch_sent();
+            let answer = tokio::time::timeout(timeout, client.send(req)).await;
+            // Errors are recorded before the guard clears: no instant reads current between.
+            match answer {
+                Ok(Ok(resp)) if !resp.status().is_success() => {
+                    health.record_error(&format!("a watch request was answered {}", resp.status()));
+                    Ok(resp)
+                }
+                Ok(Ok(resp)) => Ok(resp),
+                Ok(Err(e)) => {
+                    health.record_error(&e);
+                    Err(e)
+                }
+                Err(_) => {
+                    let e = kube::Error::Service(
+                        format!("a watch request had no answer within {timeout:?}").into(),
+                    );
+                    health.record_error(&e);
+                    Err(e)
+                }
+            }
+        })
     }
 }
 
@@ -338,6 +480,128 @@ mod watch_health_tests {
     }
 }
 
+#[cfg(test)]
+mod track_watches_tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    /// An API server that never answers watch requests (holds them until dropped) and answers
+    /// anything else 200 at once, or answers watches `watch_status` at once when set.
+    #[derive(Clone)]
+    struct Api {
+        watch_status: Option<u16>,
+    }
+
+    impl tower_service::Service<http::Request<kube::client::Body>> for Api {
+        type Response = http::Response<kube::client::Body>;
+        type Error = kube::Error;
+        type Future = futures::future::BoxFuture<'static, Result<Self::Response, kube::Error>>;
+
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), kube::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, req: http::Request<kube::client::Body>) -> Self::Future {
+            let watch = req.uri().query().is_some_and(|q| q.contains("watch=true"));
+            let status = self.watch_status;
+            Box::pin(async move {
+                match (watch, status) {
+                    (true, None) => futures::future::pending().await,
+                    (true, Some(code)) => Ok(http::Response::builder()
+                        .status(code)
+                        .body(kube::client::Body::empty())
+                        .unwrap()),
+                    (false, _) => Ok(http::Response::new(kube::client::Body::empty())),
+                }
+            })
+        }
+    }
+
+    fn get(path: &str) -> http::Request<kube::client::Body> {
+        http::Request::get(path)
+            .body(kube::client::Body::empty())
+            .unwrap()
+    }
+
+    /// Polls `send` until `health` records the request as sent (the client buffers it).
+    async fn until_unanswered(health: &WatchHealth) {
+        while health.0.lock().unwrap().watch_unanswered.is_none() {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_watch_is_not_current_after_the_grace_then_fails() {
+        let health = WatchHealth::default();
+        let client = track_watches_within(
+            kube::Client::new(Api { watch_status: None }, "default"),
+            health.clone(),
+            Duration::from_millis(300),
+        );
+        // Other calls are not tracked.
+        client.send(get("/api/v1/pods?limit=500")).await.unwrap();
+        assert!(health.0.lock().unwrap().watch_unanswered.is_none());
+
+        let watch = tokio::spawn({
+            let client = client.clone();
+            async move {
+                client
+                    .send(get("/api/v1/pods?watch=true&resourceVersion=7"))
+                    .await
+            }
+        });
+        until_unanswered(&health).await;
+        let now = SystemTime::now();
+        // Within the grace: current (a routine re-watch does not flap).
+        assert!(health.state_at(now).failing.is_none());
+        let (_, why) = health
+            .state_at(now + WATCH_ANSWER_GRACE + Duration::from_millis(100))
+            .failing
+            .expect("unanswered past the grace");
+        assert!(why.contains("has not been answered"), "{why}");
+        // At the answer timeout (300 ms here) the request fails and the error is recorded.
+        let err = watch.await.unwrap().expect_err("cut at the answer timeout");
+        assert!(err.to_string().contains("no answer within"), "{err}");
+        let (_, why) = health.state().failing.expect("failing after the cut");
+        assert!(why.contains("no answer within"), "{why}");
+        assert!(health.0.lock().unwrap().watch_unanswered.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_answered_watch_clears_unless_refused() {
+        let health = WatchHealth::default();
+        let client = track_watches(
+            kube::Client::new(
+                Api {
+                    watch_status: Some(200),
+                },
+                "default",
+            ),
+            health.clone(),
+        );
+        client.send(get("/api/v1/pods?watch=true")).await.unwrap();
+        let later = SystemTime::now() + WATCH_ANSWER_GRACE * 2;
+        assert!(health.state_at(later).failing.is_none());
+
+        let health = WatchHealth::default();
+        let client = track_watches(
+            kube::Client::new(
+                Api {
+                    watch_status: Some(503),
+                },
+                "default",
+            ),
+            health.clone(),
+        );
+        client.send(get("/api/v1/pods?watch=true")).await.unwrap();
+        let (_, why) = health.state().failing.expect("a refused watch is failing");
+        assert!(why.contains("503"), "{why}");
+    }
+}
+
 /// Watches only the pods scheduled to this node (`spec.nodeName=` field selector) into a store,
 /// with managedFields and status stripped (they are most of a pod's size and unused here).
 /// The returned counter increases on every event, so consumers can wait for one; `health`
@@ -353,8 +617,11 @@ pub fn watch_pods(
 
     let (reader, writer) = reflector::store();
     let (tx, rx) = tokio::sync::watch::channel(0u64);
-    let api: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::all(client);
-    let config = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
+    let api: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::all(track_watches(client, health.clone()));
+    let config = watcher::Config::default()
+        .fields(&format!("spec.nodeName={node_name}"))
+        .timeout(POD_WATCH_TIMEOUT_SECS);
     tokio::spawn(async move {
         let stream = watcher(api, config)
             .default_backoff()

@@ -22,6 +22,7 @@ use nodekeeper::keda::coverage::{AgentCensus, AgentState, FleetCensus, PodPlacem
 use nodekeeper::keda::query::{Query, evaluate};
 use nodekeeper::keda::service::{Census, PodSource, ScalerService};
 use nodekeeper::keda_pb::{self, external_scaler_server::ExternalScaler as _};
+use nodekeeper::kube::{WATCH_ANSWER_GRACE, WATCH_ANSWER_TIMEOUT};
 use nodekeeper::pb;
 use serde_json::json;
 
@@ -531,11 +532,12 @@ fn adversary18b_a_pod_watch_relisting_after_410_reads_current_while_stale() {
 /// The aggregator's pod watch ends (an API server restart, a proxy's idle timeout: routine)
 /// and its re-watch is accepted but never answered (an API server or a proxy in front of it
 /// that hangs). A watch ending is not an error, and a hung request errs only at kube's client
-/// read timeout (minutes): pods.rs records no error, so the placement reads current while it
-/// misses every change. A web pod scheduled meanwhile on node-c (no agent there) is unknown and
-/// KEDA gets node-a's 10 as the whole sum instead of UNAVAILABLE naming node-c.
+/// read timeout (minutes): pods.rs recorded no error, so the placement read current while it
+/// missed every change, and with a web pod scheduled meanwhile on node-c (no agent there) KEDA
+/// got node-a's 10 as the whole sum. Fixed (#18-k): a watch request unanswered for longer than
+/// `WATCH_ANSWER_GRACE` makes the view not current, so KEDA gets UNAVAILABLE naming node-c
+/// (well before `WATCH_ANSWER_TIMEOUT` cuts the request: the helper's poll ends sooner).
 #[test]
-#[ignore = "adversary finding: a hung re-watch records no error; the pod view reads current while missing every change (KEDA gets a partial sum)"]
 fn adversary18b_a_hung_pod_rewatch_reads_current_while_stale() {
     use nodekeeper_tests::fake_api::{Fault, FaultKind};
     let (got, pod_view) = pod_scheduled_while_the_aggregators_watch_is_stuck(|api| {
@@ -552,48 +554,145 @@ fn adversary18b_a_hung_pod_rewatch_reads_current_while_stale() {
     );
 }
 
+/// A routine end of the aggregator's pod watch (the API server's `timeoutSeconds`, a restart)
+/// with a prompt re-watch must not flap KEDA to UNAVAILABLE: every query from the watch's end
+/// until twice `WATCH_ANSWER_GRACE` after the re-watch was answered gets node-a's 10. Then a
+/// web pod scheduled on node-c (no agent) makes it UNAVAILABLE: the re-watch really resumed.
+#[test]
+fn a_routine_pod_rewatch_does_not_flap_keda_to_unavailable() {
+    use nodekeeper_tests::fake_api::PodSeed;
+    let scene = AggregatorScene::start();
+    let (rt, api, agg) = (&scene.rt, &scene.api, &scene.agg);
+    let pod_watches = || {
+        api.requests()
+            .iter()
+            .filter(|r| r.path == "/api/v1/pods" && r.query.contains("watch=true"))
+            .count()
+    };
+    let before = pod_watches();
+    api.end_watches("/api/v1/pods");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut rewatched = None;
+    loop {
+        let got = keda_web_value(rt, agg.grpc);
+        assert_eq!(
+            got,
+            Ok(10.0),
+            "a routine re-watch flapped KEDA (re-watch answered: {rewatched:?}); log:\n{}",
+            agg.proc.log_text()
+        );
+        if rewatched.is_none() && pod_watches() > before {
+            rewatched = Some(Instant::now());
+        }
+        if rewatched.is_some_and(|t| t.elapsed() > WATCH_ANSWER_GRACE * 2) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the aggregator never re-watched pods; log:\n{}",
+            agg.proc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    api.add_pod(
+        PodSeed::new("web-3")
+            .namespace("shop")
+            .node("node-c")
+            .label("app", "web"),
+    );
+    let got = keda_until_not_10(rt, agg.grpc, Duration::from_secs(20));
+    assert!(
+        got.as_ref()
+            .is_err_and(|e| e.starts_with("Unavailable") && e.contains("node-c")),
+        "the resumed watch delivers web-3 on node-c (no agent): want UNAVAILABLE naming \
+         node-c, got {got:?}"
+    );
+}
+
+/// Asks KEDA until its answer is no longer node-a's 10 or `within` passed; the last answer.
+fn keda_until_not_10(
+    rt: &tokio::runtime::Runtime,
+    addr: std::net::SocketAddr,
+    within: Duration,
+) -> Result<f64, String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = keda_web_value(rt, addr);
+        if got != Ok(10.0) || Instant::now() >= deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A fake API with nodes node-a and node-c and web-1 (app=web, shop) on node-a, node-a's fake
+/// agent answering web-1 with 10, and an aggregator watching pods that KEDA has got 10 from.
+struct AggregatorScene {
+    agg: Aggregator,
+    api: nodekeeper_tests::fake_api::FakeApi,
+    rt: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+}
+
+impl AggregatorScene {
+    fn start() -> Self {
+        use nodekeeper_tests::fake_api::{EndpointSeed, FakeApi, PodSeed};
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let api = FakeApi::start();
+        let kubeconfig = dir.path().join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig);
+        for node in ["node-a", "node-c"] {
+            api.add_node(node, &[]);
+        }
+        api.add_pod(
+            PodSeed::new("web-1")
+                .namespace("shop")
+                .node("node-a")
+                .label("app", "web"),
+        );
+        let agent = start_fake_agent(&rt, "node-a", vec![census_pod("web-1", "", "web", 10)]);
+        api.add_endpoint_slice(
+            "nodekeeper-system",
+            "nodekeeper",
+            &[("grpc", agent.port())],
+            &[EndpointSeed::new("127.0.0.1")
+                .node("node-a")
+                .pod("nodekeeper-node-a")],
+        );
+        let agg = start_aggregator(dir.path(), &kubeconfig);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while keda_web_value(&rt, agg.grpc) != Ok(10.0) {
+            assert!(
+                Instant::now() < deadline,
+                "the aggregator never answered 10: {:?}\n{}",
+                keda_web_value(&rt, agg.grpc),
+                agg.proc.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self {
+            agg,
+            api,
+            rt,
+            _dir: dir,
+        }
+    }
+}
+
 /// node-a's (fake) agent answers web-1 with 10; the aggregator watches pods; `faults` are
 /// injected and the pod watches ended; once a pods request is held, web-3 is scheduled on
-/// node-c (no agent). Returns KEDA's answer and the pod_view_current metric.
+/// node-c (no agent). Returns KEDA's answer once it is no longer 10 (or, if it still is,
+/// `WATCH_ANSWER_GRACE` plus 2 s after the hold, which is less than `WATCH_ANSWER_TIMEOUT`:
+/// only a view judged not current, not a cut request, can change it) and the pod_view_current
+/// metric.
 fn pod_scheduled_while_the_aggregators_watch_is_stuck(
     faults: impl FnOnce(&nodekeeper_tests::fake_api::FakeApi),
 ) -> (Result<f64, String>, String) {
-    use nodekeeper_tests::fake_api::{EndpointSeed, FakeApi, PodSeed};
-    let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let api = FakeApi::start();
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
-    for node in ["node-a", "node-c"] {
-        api.add_node(node, &[]);
-    }
-    api.add_pod(
-        PodSeed::new("web-1")
-            .namespace("shop")
-            .node("node-a")
-            .label("app", "web"),
-    );
-    let agent = start_fake_agent(&rt, "node-a", vec![census_pod("web-1", "", "web", 10)]);
-    api.add_endpoint_slice(
-        "nodekeeper-system",
-        "nodekeeper",
-        &[("grpc", agent.port())],
-        &[EndpointSeed::new("127.0.0.1")
-            .node("node-a")
-            .pod("nodekeeper-node-a")],
-    );
-    let agg = start_aggregator(dir.path(), &kubeconfig);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while keda_web_value(&rt, agg.grpc) != Ok(10.0) {
-        assert!(
-            Instant::now() < deadline,
-            "the aggregator never answered 10: {:?}\n{}",
-            keda_web_value(&rt, agg.grpc),
-            agg.proc.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    faults(&api);
+    use nodekeeper_tests::fake_api::PodSeed;
+    let scene = AggregatorScene::start();
+    let (rt, api, agg) = (&scene.rt, &scene.api, &scene.agg);
+    faults(api);
     api.end_watches("/api/v1/pods");
     let deadline = Instant::now() + Duration::from_secs(20);
     while api.held_total() == 0 {
@@ -611,9 +710,9 @@ fn pod_scheduled_while_the_aggregators_watch_is_stuck(
             .node("node-c")
             .label("app", "web"),
     );
-    // Past the fan-out cache (--refresh 100ms).
-    std::thread::sleep(Duration::from_millis(300));
-    let got = keda_web_value(&rt, agg.grpc);
+    let within = WATCH_ANSWER_GRACE + Duration::from_secs(2);
+    assert!(within < WATCH_ANSWER_TIMEOUT);
+    let got = keda_until_not_10(rt, agg.grpc, within);
     let pod_view = nodekeeper_tests::http_get(agg.metrics, "/metrics")
         .map(|(_, b)| {
             b.lines()
@@ -637,10 +736,54 @@ fn pod_scheduled_while_the_aggregators_watch_is_stuck(
 /// fix counts as recovery.
 #[test]
 fn adversary18b_an_agents_pod_watch_relisting_after_410_reads_current_while_stale_as_root() {
-    use nodekeeper_tests::fake_api::{EndpointSeed, FakeApi, Fault, FaultKind};
+    use nodekeeper_tests::fake_api::{Fault, FaultKind};
     if !nodekeeper_tests::require_root() {
         return;
     }
+    // Only the agent's watch (field selector spec.nodeName): 410, then every LIST hangs.
+    a_pod_started_while_the_agents_watch_is_stuck(|api| {
+        api.inject(
+            Fault::on("GET", "/api/v1/pods", FaultKind::Expired)
+                .query("fieldSelector")
+                .watch(true),
+        );
+        api.inject(
+            Fault::on("GET", "/api/v1/pods", FaultKind::Hold)
+                .query("fieldSelector")
+                .watch(false)
+                .always(),
+        );
+    });
+}
+
+/// The node agent's own pod watch ends and its re-watch is accepted but never answered (#18-k,
+/// as `adversary18b_a_hung_pod_rewatch_reads_current_while_stale` for the aggregator): the
+/// agent's pod view is not current once the re-watch is unanswered past `WATCH_ANSWER_GRACE`,
+/// so web-3, started meanwhile, makes its scaler and the aggregator answer UNAVAILABLE, not 10.
+#[test]
+fn an_agents_hung_pod_rewatch_is_not_current_as_root() {
+    use nodekeeper_tests::fake_api::{Fault, FaultKind};
+    if !nodekeeper_tests::require_root() {
+        return;
+    }
+    a_pod_started_while_the_agents_watch_is_stuck(|api| {
+        api.inject(
+            Fault::on("GET", "/api/v1/pods", FaultKind::Hold)
+                .query("fieldSelector")
+                .watch(true)
+                .always(),
+        );
+    });
+}
+
+/// node-a's real agent (web-1, web-2: 10 connections to the pool) and an aggregator; `faults`
+/// are injected and the pod watches ended; once the agent's pods request is held, web-3 starts
+/// on node-a with 5 connections. Both the agent's scaler and the aggregator must answer 15 or
+/// UNAVAILABLE once web-3 is in the agent's census.
+fn a_pod_started_while_the_agents_watch_is_stuck(
+    faults: impl FnOnce(&nodekeeper_tests::fake_api::FakeApi),
+) {
+    use nodekeeper_tests::fake_api::{EndpointSeed, FakeApi};
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let api = FakeApi::start();
@@ -665,28 +808,18 @@ fn adversary18b_an_agents_pod_watch_relisting_after_410_reads_current_while_stal
     );
     let agg = start_aggregator(dir.path(), &kubeconfig);
     census_pods::wait_for_pool(&agg.grpc.to_string(), 10.0);
-    // Only the agent's watch (field selector spec.nodeName): 410, then every LIST hangs.
-    api.inject(
-        Fault::on("GET", "/api/v1/pods", FaultKind::Expired)
-            .query("fieldSelector")
-            .watch(true),
-    );
-    api.inject(
-        Fault::on("GET", "/api/v1/pods", FaultKind::Hold)
-            .query("fieldSelector")
-            .watch(false)
-            .always(),
-    );
+    faults(&api);
     api.end_watches("/api/v1/pods");
     let deadline = Instant::now() + Duration::from_secs(20);
     while api.held_total() == 0 {
         assert!(
             Instant::now() < deadline,
-            "the agent did not relist; log:\n{}",
+            "the agent's pods request was not held; log:\n{}",
             agent.proc.log_text()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    let held_at = Instant::now();
     pods.push(census_pods::start(
         &api,
         &cgroup,
@@ -698,7 +831,10 @@ fn adversary18b_an_agents_pod_watch_relisting_after_410_reads_current_while_stal
         5,
         0,
     ));
-    // The agent's census lists web-3's cgroup (by UID) once its snapshot is refreshed.
+    // The agent's census lists web-3's cgroup (by UID) once its snapshot is refreshed; and its
+    // pod view says not current (at once for a re-list, after WATCH_ANSWER_GRACE for a hung
+    // re-watch), or that never came within the grace plus 2 s (less than the 10 s cut of an
+    // unanswered watch request, which would make it not current by another path).
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let snap = rt.block_on(async {
@@ -717,7 +853,10 @@ fn adversary18b_an_agents_pod_watch_relisting_after_410_reads_current_while_stal
             .expect("GetMetrics")
             .into_inner()
         });
-        if snap.connections.len() >= 3 {
+        let not_current = snap.pod_view.as_ref().is_some_and(|v| !v.error.is_empty());
+        if snap.connections.len() >= 3
+            && (not_current || held_at.elapsed() > WATCH_ANSWER_GRACE + Duration::from_secs(2))
+        {
             break;
         }
         assert!(

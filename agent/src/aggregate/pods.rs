@@ -5,9 +5,9 @@
 //! agent is expected) must. Owns one cluster-wide pod watch (a kube-runtime reflector: one LIST
 //! to sync, then WATCH events), each pod stripped to what placement needs (namespace, name,
 //! labels, `spec.nodeName`, `status.phase`), and turning the store into a `PodPlacement` at
-//! each fan-out. Until the watch has synced, while it re-lists (`Init` to `InitDone`) and while
-//! it is failing, the placement is not current and every query is UNAVAILABLE
-//! (docs/decisions.md #18-e, #18-j).
+//! each fan-out. Until the watch has synced, while it re-lists (`Init` to `InitDone`), while a
+//! re-watch goes unanswered past a short grace and while it is failing, the placement is not
+//! current and every query is UNAVAILABLE (docs/decisions.md #18-e, #18-j, #18-k).
 
 use futures::{FutureExt as _, StreamExt as _};
 use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
@@ -32,12 +32,15 @@ impl PodWatch {
     /// counted in `errors`, and makes the placement not current until the next successful
     /// event (kube's watcher re-lists or re-watches with backoff).
     pub fn start(client: kube::Client, errors: Counter) -> Self {
-        let api: kube::Api<Pod> = kube::Api::all(client);
-        let (store, writer) = reflector::store();
         let health = WatchHealth::default();
+        // A re-watch that hangs unanswered is not current after a short grace (#18-k).
+        let api: kube::Api<Pod> =
+            kube::Api::all(crate::kube::track_watches(client, health.clone()));
+        let (store, writer) = reflector::store();
         let recorder = health.clone();
+        let config = watcher::Config::default().timeout(crate::kube::POD_WATCH_TIMEOUT_SECS);
         tokio::spawn(async move {
-            let stream = watcher(api, watcher::Config::default())
+            let stream = watcher(api, config)
                 .default_backoff()
                 .modify(strip)
                 .reflect(writer);

@@ -8,7 +8,7 @@ use super::CliError;
 use crate::config::ConfigDuration;
 use crate::metrics::connections::{self, SourcePreference};
 
-/// `--source`: how to read sockets.
+// `--source`: how to read sockets (no doc comment: clap would read it).
 #[derive(Clone, Copy, ValueEnum)]
 pub enum CensusSource {
     Auto,

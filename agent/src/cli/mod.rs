@@ -210,7 +210,7 @@ const AGENT_MAX_BLOCKING_THREADS: usize = 8;
 
 /// Builds the runtime of `kind`; the one place the CLI builds one.
 pub fn runtime(kind: RuntimeKind) -> std::io::Result<tokio::runtime::Runtime> {
-    let built = match kind {
+    match kind {
         RuntimeKind::OneShot => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build(),
@@ -225,8 +225,7 @@ pub fn runtime(kind: RuntimeKind) -> std::io::Result<tokio::runtime::Runtime> {
                 .enable_all()
                 .build()
         }
-    };
-    built
+    }
 }
 
 // === CliError ===
@@ -377,7 +376,9 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Runs `f` on a one-shot runtime.
-pub fn block_on<T>(f: impl std::future::Future<Output = Result<T, CliError>>) -> Result<T, CliError> {
+pub fn block_on<T>(
+    f: impl std::future::Future<Output = Result<T, CliError>>,
+) -> Result<T, CliError> {
     runtime(RuntimeKind::OneShot)
         .map_err(CliError::Runtime)?
         .block_on(f)
@@ -465,8 +466,14 @@ mod tests {
 
     #[test]
     fn a_bad_log_level_is_a_usage_error_naming_the_flag() {
-        let e = Logging::new(LogFormat::Text, "nodekeeper=loud").init().unwrap_err();
+        let e = Logging::new(LogFormat::Text, "nodekeeper=loud")
+            .init()
+            .unwrap_err();
         assert_eq!(e.exit_code(), EX_USAGE);
-        assert!(e.to_string().starts_with("--log-level \"nodekeeper=loud\": "), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("--log-level \"nodekeeper=loud\": "),
+            "{e}"
+        );
     }
 }

@@ -58,6 +58,8 @@ impl AgentArgs {
 
 /// Runs an operator command's calls on a one-shot runtime; its [`ClientError`] becomes the
 /// exit code (see the `cli` module doc).
-pub fn call(f: impl std::future::Future<Output = Result<(), ClientError>>) -> Result<(), super::CliError> {
+pub fn call(
+    f: impl std::future::Future<Output = Result<(), ClientError>>,
+) -> Result<(), super::CliError> {
     super::block_on(async { Ok(f.await?) })
 }

@@ -49,9 +49,10 @@ pub fn run(action: SysctlAction, logging: &Logging) -> Result<(), CliError> {
     let (args, op) = match action {
         SysctlAction::Plan(a) => (a, Op::Plan),
         SysctlAction::Apply(a) => (a, Op::Apply),
-        SysctlAction::Revert(RevertArgs { sysctl, all }) => {
-            (sysctl, Op::Revert(if all { Scope::All } else { Scope::Own }))
-        }
+        SysctlAction::Revert(RevertArgs { sysctl, all }) => (
+            sysctl,
+            Op::Revert(if all { Scope::All } else { Scope::Own }),
+        ),
     };
     let config = args.config.load_and_log(logging)?;
     let target = Target::new(&config, args.netns);

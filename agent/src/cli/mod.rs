@@ -208,7 +208,8 @@ pub enum RuntimeKind {
 /// work is a handful of short calls at a time.
 const AGENT_MAX_BLOCKING_THREADS: usize = 8;
 
-/// Builds the runtime of `kind`; the one place the CLI builds one.
+/// Builds the runtime of `kind`: every runtime of the commands in `cli/` (`aggregate` and
+/// `dns-wiring`/`dns-guard` still build theirs in their modules).
 pub fn runtime(kind: RuntimeKind) -> std::io::Result<tokio::runtime::Runtime> {
     match kind {
         RuntimeKind::OneShot => tokio::runtime::Builder::new_current_thread()

@@ -233,7 +233,7 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
     // DNS and metrics keep serving, health and the log say why, nothing is applied without it.
     let sysctl_store = if config.sysctl.enabled {
         match OriginalsStore::load(
-            Some(config.state_dir.join("sysctl/originals.json")),
+            Some(crate::sysctl::Target::new(&config, None).host_journal()),
             crate::sysctl::apply::Owner::Daemon,
         ) {
             Ok(store) => Some(store),

@@ -5,6 +5,7 @@ pub mod aggregate;
 pub mod api;
 pub mod app;
 pub mod bounds;
+pub mod cli;
 pub mod config;
 pub mod disks;
 pub mod dns;

@@ -936,6 +936,16 @@ pub struct Target {
 }
 
 impl Target {
+    /// Where `config` keeps sysctl state: its host procfs, `<stateDir>/sysctl`; in `netns`
+    /// when given. The daemon's journal is this target's [`Target::host_journal`] too.
+    pub fn new(config: &crate::config::Config, netns: Option<PathBuf>) -> Self {
+        Self {
+            proc_root: config.host_paths.proc.clone(),
+            state_dir: config.state_dir.join("sysctl"),
+            netns,
+        }
+    }
+
     pub fn host_journal(&self) -> PathBuf {
         self.state_dir.join("originals.json")
     }

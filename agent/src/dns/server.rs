@@ -752,14 +752,16 @@ async fn serve_ready(
 ) -> bool {
     let fd = socket.as_raw_fd();
     for _ in 0..BATCHES_PER_TURN {
-        let n = match socket.try_io(Interest::READABLE, || batch.recv(fd, ipv6)) {
+        let n = match recv_batch(socket, batch, fd, ipv6) {
             Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
             Err(e) => {
                 tracing::debug!(error = %e, "udp recv");
                 return false;
             }
         };
+        if n == 0 {
+            return false;
+        }
         for i in 0..n {
             let peer = batch.peer(i);
             let Some((query, out)) = batch.slot(i) else {
@@ -796,6 +798,37 @@ async fn serve_ready(
         }
     }
     true
+}
+
+/// Receives a batch; 0 when nothing was queued. A batch that came back short (fewer than
+/// `BATCH` datagrams) emptied the queue, so the socket's read readiness is cleared with it:
+/// otherwise the next turn would find the socket "ready" and pay an empty `recvmmsg` to learn
+/// it is not. At a moderate load every datagram wakes the loop alone, and that empty read was
+/// a third of a cache hit's system calls (issue #22, decision #22-j). tokio clears readiness
+/// only when the closure says `WouldBlock`, and then only if no new readiness event came
+/// since the read began (it compares the driver's ticks): a datagram queued after the short
+/// read raises a new edge-triggered event, so none is left unread.
+fn recv_batch(
+    socket: &UdpSocket,
+    batch: &mut Batch,
+    fd: std::os::fd::RawFd,
+    ipv6: bool,
+) -> std::io::Result<usize> {
+    let mut got = 0;
+    let r = socket.try_io(Interest::READABLE, || {
+        got = batch.recv(fd, ipv6)?;
+        if got < BATCH {
+            Err(std::io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(())
+        }
+    });
+    match r {
+        Ok(()) => Ok(got),
+        // Short or empty: readiness cleared; what came is served.
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(got),
+        Err(e) => Err(e),
+    }
 }
 
 /// A miss task's one allocation: the query and its cache key in one buffer, and where the key

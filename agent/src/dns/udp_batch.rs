@@ -9,6 +9,8 @@
 //! request), so each worker thread keeps its own, used only inside one synchronous call. The
 //! receive headers are kept per address family: the kernel leaves the last sender's address
 //! length in them, which is the right buffer size only for the same family.
+//!
+//! `recv_answers` does the same for the forwarder's connected upstream sockets.
 
 use std::cell::RefCell;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -172,6 +174,50 @@ impl Batch {
     }
 }
 
+// === upstream answers ===
+
+/// Upstream answers taken per system call by `recv_answers`.
+pub const ANSWERS: usize = 4;
+/// Largest UDP datagram.
+const MAX_ANSWER: usize = 65_535;
+
+thread_local! {
+    /// `recv_answers`' buffers: every reader on this worker thread shares them, each only
+    /// inside one synchronous call (a reader's own 64 KiB buffer cost as much per socket).
+    static ANSWER_BUFS: RefCell<(Box<[u8]>, MultiHeaders<()>)> = RefCell::new((
+        vec![0; ANSWERS * MAX_ANSWER].into_boxed_slice(),
+        MultiHeaders::preallocate(ANSWERS, None),
+    ));
+}
+
+/// Receives up to `ANSWERS` datagrams from a connected socket without blocking and hands each
+/// to `each` (which must not call this again); `WouldBlock` when none is queued. Returns how
+/// many came: fewer than `ANSWERS` means the queue was empty after them, which spares the
+/// empty read that would otherwise be needed to learn it.
+pub fn recv_answers(fd: RawFd, mut each: impl FnMut(&[u8])) -> io::Result<usize> {
+    ANSWER_BUFS.with_borrow_mut(|(bufs, headers)| {
+        let mut lens = [0usize; ANSWERS];
+        let mut n = 0;
+        {
+            let mut chunks = bufs.chunks_mut(MAX_ANSWER);
+            let mut iovs: [[IoSliceMut; 1]; ANSWERS] = std::array::from_fn(|_| {
+                [IoSliceMut::new(
+                    chunks.next().expect("ANSWERS chunks of MAX_ANSWER"),
+                )]
+            });
+            let got = recvmmsg(fd, headers, &mut iovs, MsgFlags::MSG_DONTWAIT, None)?;
+            for (i, m) in got.enumerate() {
+                lens[i] = m.bytes;
+                n = i + 1;
+            }
+        }
+        for (i, &len) in lens[..n].iter().enumerate() {
+            each(&bufs[i * MAX_ANSWER..i * MAX_ANSWER + len]);
+        }
+        Ok(n)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,5 +256,40 @@ mod tests {
             let e = b.recv(server.as_raw_fd(), ip == "::1").unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
         }
+    }
+
+    #[test]
+    fn answers_are_taken_several_per_call_until_the_queue_is_empty() {
+        let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.connect(server.local_addr().unwrap()).unwrap();
+        let to = client.local_addr().unwrap();
+        let big = vec![9u8; 20_000];
+        for k in 0..ANSWERS + 1 {
+            let d = if k == 1 {
+                big.clone()
+            } else {
+                vec![k as u8; 10]
+            };
+            server.send_to(&d, to).unwrap();
+        }
+        let mut seen = Vec::new();
+        let fd = client.as_raw_fd();
+        assert_eq!(
+            recv_answers(fd, |a| seen.push(a.to_vec())).unwrap(),
+            ANSWERS
+        );
+        assert_eq!(
+            recv_answers(fd, |a| seen.push(a.to_vec())).unwrap(),
+            1,
+            "short: the queue is empty"
+        );
+        assert_eq!(seen.len(), ANSWERS + 1);
+        assert_eq!(seen[1], big);
+        for (k, a) in seen.iter().enumerate().filter(|(k, _)| *k != 1) {
+            assert_eq!(a, &vec![k as u8; 10]);
+        }
+        let e = recv_answers(fd, |_| panic!("nothing queued")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
     }
 }

@@ -566,6 +566,13 @@ impl Forwarder {
         let mut send_now = true;
         let mut retransmit_at = deadline;
         let mut latest: Option<usize> = None;
+        // One timer for both the retransmission and the guard past the deadline (a timer per
+        // purpose was one more timer-wheel entry per miss; issue #22, #22-j): it is set to the
+        // retransmission while time is left, then to the deadline plus its grace.
+        let grace_end = deadline + DEADLINE_GRACE;
+        let timer = tokio::time::sleep_until(retransmit_at.into());
+        tokio::pin!(timer);
+        let mut timer_at = Some(retransmit_at);
         let answered = loop {
             let now = Instant::now();
             let left = deadline.saturating_duration_since(now);
@@ -596,6 +603,15 @@ impl Forwarder {
             }
             if tries.is_empty() {
                 break None;
+            }
+            let wake_at = if left.is_zero() {
+                grace_end
+            } else {
+                retransmit_at
+            };
+            if timer_at != Some(wake_at) {
+                timer_at = Some(wake_at);
+                timer.as_mut().reset(wake_at.into());
             }
             tokio::select! {
                 done = tries.next() => {
@@ -651,15 +667,19 @@ impl Forwarder {
                         }
                     }
                 }
-                _ = tokio::time::sleep_until(retransmit_at.into()), if !left.is_zero() => {
+                // Each try ends by the deadline on its own; the grace only guards against one
+                // that would not.
+                _ = timer.as_mut() => {
+                    if timer_at == Some(grace_end) {
+                        break None;
+                    }
                     if let Some(k) = latest {
                         overdue[k] = true;
                     }
                     send_now = true;
+                    // Fired: the next turn sets it again (a new retransmission, or the grace).
+                    timer_at = None;
                 }
-                // Each try ends by the deadline on its own; this only guards against one that
-                // would not.
-                _ = tokio::time::sleep_until((deadline + DEADLINE_GRACE).into()) => break None,
             }
         };
         drop(tries);

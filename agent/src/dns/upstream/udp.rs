@@ -12,21 +12,22 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{Notify, oneshot};
 
 use super::msg::{self, Prepared, Rejected};
+use crate::dns::udp_batch::{ANSWERS, recv_answers};
 
 /// Sockets per server in use at once.
 pub const SOCKETS: usize = 4;
 /// Queries one socket carries before it is replaced by one on a new random port.
 pub const ROTATE_AFTER: u32 = 256;
-/// Largest answer accepted over UDP: what EDNS(0) lets a client ask for.
-const MAX_ANSWER: usize = 65_535;
 
 /// Why one UDP exchange failed.
 #[derive(Debug)]
@@ -250,54 +251,70 @@ impl Drop for Registered<'_> {
 
 /// Receives datagrams and hands each valid answer to its query until the socket is retired
 /// with nothing pending, or breaks (every pending query then fails with the error).
+///
+/// Several datagrams per `recvmmsg`; one that comes back short emptied the queue, and the
+/// read readiness is cleared with it (the closure says `WouldBlock`; tokio keeps the readiness
+/// if a new event came since the read began), so an answer costs no empty read (issue #22,
+/// #22-j).
 async fn read_loop(sock: Arc<Sock>, on_rejected: OnRejected) {
-    let mut buf = vec![0u8; MAX_ANSWER];
+    let fd = sock.socket.as_raw_fd();
     loop {
         if sock.done() {
             return;
         }
-        let n = tokio::select! {
-            r = sock.socket.recv(&mut buf) => match r {
-                Ok(n) => n,
-                Err(e) => {
-                    // ECONNREFUSED (port unreachable) and the like concern every query sent to
-                    // this server from this socket: fail them now rather than at their timeout.
-                    sock.broken.store(true, Ordering::Relaxed);
-                    let waiters: Vec<_> = sock.pending.lock().expect("pending lock").drain().collect();
-                    for (_, mut w) in waiters {
-                        if let Some(tx) = w.tx.take() {
-                            let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
-                        }
-                    }
-                    return;
+        // READABLE and ERROR, as tokio's `recv`: an ICMP port unreachable raises only
+        // EPOLLERR. A short batch says `WouldBlock`: `async_io` clears the readiness and waits
+        // for the next datagram without an empty read; a full one returns to check `done`.
+        let r = tokio::select! {
+            r = sock.socket.async_io(Interest::READABLE | Interest::ERROR, || {
+                let got = recv_answers(fd, |answer| hand_over(&sock, answer, &on_rejected))?;
+                if got < ANSWERS {
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(())
                 }
-            },
+            }) => r,
             _ = sock.wake.notified() => continue,
         };
-        let answer = &buf[..n];
-        if n < msg::HEADER_LEN {
-            on_rejected(Rejected::Short);
-            continue;
-        }
-        let mut pending = sock.pending.lock().expect("pending lock");
-        let Some(w) = pending.get_mut(&msg::id(answer)) else {
-            drop(pending);
-            *sock.last_wrong_id.lock().expect("wrong id lock") = Some(std::time::Instant::now());
-            on_rejected(Rejected::Id);
-            continue;
-        };
-        match w.query.validate(answer, msg::id(answer)) {
-            Ok(()) => {
+        if let Err(e) = r {
+            // ECONNREFUSED (port unreachable) and the like concern every query sent to this
+            // server from this socket: fail them now rather than at their timeout.
+            sock.broken.store(true, Ordering::Relaxed);
+            let waiters: Vec<_> = sock.pending.lock().expect("pending lock").drain().collect();
+            for (_, mut w) in waiters {
                 if let Some(tx) = w.tx.take() {
-                    // An exact-size copy: the answer may live long in the cache.
-                    let _ = tx.send(Ok(answer.to_vec()));
+                    let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
                 }
             }
-            Err(why) => {
-                w.rejected = Some(why);
-                drop(pending);
-                on_rejected(why);
+            return;
+        }
+    }
+}
+
+/// Hands one datagram to the query pending under its ID, if it is that query's valid answer.
+fn hand_over(sock: &Sock, answer: &[u8], on_rejected: &OnRejected) {
+    if answer.len() < msg::HEADER_LEN {
+        on_rejected(Rejected::Short);
+        return;
+    }
+    let mut pending = sock.pending.lock().expect("pending lock");
+    let Some(w) = pending.get_mut(&msg::id(answer)) else {
+        drop(pending);
+        *sock.last_wrong_id.lock().expect("wrong id lock") = Some(std::time::Instant::now());
+        on_rejected(Rejected::Id);
+        return;
+    };
+    match w.query.validate(answer, msg::id(answer)) {
+        Ok(()) => {
+            if let Some(tx) = w.tx.take() {
+                // An exact-size copy: the answer may live long in the cache.
+                let _ = tx.send(Ok(answer.to_vec()));
             }
+        }
+        Err(why) => {
+            w.rejected = Some(why);
+            drop(pending);
+            on_rejected(why);
         }
     }
 }

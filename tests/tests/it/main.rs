@@ -1,7 +1,7 @@
 //! The integration tests of nodekeeper, in one test binary (issue #21): one module per area,
 //! each once its own `tests/tests/<area>.rs` binary. 64 binaries each linked the whole dependency
 //! graph (~55 MB each, ~3.5 GB per build) and cost a link each; this one links once
-//! (docs/testing.md has the measurements).
+//! (docs/benchmarks.md, "Integration tests: one binary").
 //!
 //! Run one area with `cargo test -p nodekeeper-tests --test it <area>::` (e.g. `dns_node::`).
 //! A filter is a substring: `auth::` also matches `aggregate_auth::`; add `--skip aggregate_auth`
@@ -11,9 +11,8 @@
 //! one file always did). What that changes: the process is shared, so nothing here sets
 //! environment variables, the working directory, the umask or signal dispositions; names of
 //! host-wide things (network namespaces, cgroups) carry the process id *and* a per-test tag or
-//! counter; and the few tests that must not overlap take a lock from [`serial`] instead of
-//! relying on the file boundary. `dns_cache_memory`'s counting allocator is the binary's global
-//! allocator and counts per thread, so other tests' allocations do not enter its measurement.
+//! counter. `dns_cache_memory`'s counting allocator is the binary's global allocator and counts
+//! per thread, so other tests' allocations do not enter its measurement.
 
 mod support {
     pub mod census_pods;

@@ -407,7 +407,7 @@ impl AgentBuilder {
     /// The config file: the test's YAML, with reads opened (`api.auth.openReadOnly: true`)
     /// unless the test set `openReadOnly` itself or asked for `default_read_auth`. The tests
     /// of every other area read metrics and node state anonymously, as agents did before
-    /// issue #19 closed reads by default; tests/tests/auth.rs tests the closed default.
+    /// issue #19 closed reads by default; tests/tests/it/auth.rs tests the closed default.
     fn config_text(&self) -> String {
         if self.default_read_auth || self.config_yaml.contains("openReadOnly") {
             return self.config_yaml.clone();

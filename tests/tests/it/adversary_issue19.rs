@@ -10,7 +10,7 @@
 //! The third asks the aggregator, with no credential, for what it collected from agents whose
 //! reads are closed to all but the read token: the aggregator's own API had no auth layer. Fixed:
 //! it now runs the agents' auth layer and refuses callers without a credential by default
-//! (tests/tests/aggregate_auth.rs covers the configured credentials).
+//! (tests/tests/it/aggregate_auth.rs covers the configured credentials).
 
 use std::future::Future;
 use std::path::Path;

@@ -22,7 +22,7 @@ use nodekeeper_tests::{Agent, free_port, require_root, require_tool, sample, wai
 /// (`maxInFlight`), socket buffers and tokio's tasks (docs/dns.md, memory model).
 const FIXED_BASE: u64 = 8 << 20;
 /// The heap a churning cache really takes from the system per byte it holds (`maxBytes`
-/// bounds the live heap, checked by tests/tests/dns_cache_memory.rs): glibc cannot give back
+/// bounds the live heap, checked by tests/tests/it/dns_cache_memory.rs): glibc cannot give back
 /// the holes evicted entries leave between live ones. Measured 1.69 (1M names, 64 MiB) and
 /// 1.85 (60,000 names, 8 MiB, where the base weighs more): docs/benchmarks.md.
 const FRAGMENTATION: (u64, u64) = (7, 4);

@@ -5,8 +5,7 @@
 //! Real agents count real pods in network namespaces (tests/support/census_pods.rs) and the
 //! aggregator runs as `nodekeeper aggregate` against the fake API server.
 
-#[path = "support/census_pods.rs"]
-mod census_pods;
+use crate::support::census_pods;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

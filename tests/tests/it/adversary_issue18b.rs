@@ -8,8 +8,7 @@
 //! against its EndpointSlice node, then `FleetCensus` behind a `ScalerService`, asked as KEDA
 //! asks (GetMetrics).
 
-#[path = "support/census_pods.rs"]
-mod census_pods;
+use crate::support::census_pods;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -11,8 +11,7 @@
 //! that does not go together is refused and the working one kept; a token rewritten in place
 //! with the same length and its old mtime is re-read.
 
-#[path = "support/census_pods.rs"]
-mod census_pods;
+use crate::support::census_pods;
 
 use std::ffi::OsString;
 use std::net::SocketAddr;

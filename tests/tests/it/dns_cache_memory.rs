@@ -2,17 +2,35 @@
 //! allocator measures the heap a cache really holds (each allocation counted as the glibc chunk
 //! it takes: 8-byte header, 16-byte aligned, 32 bytes at least) and the cache's own count must
 //! be at least that, and not wildly more. No root, no namespace: nothing leaves this process.
+//!
+//! The allocator is the whole test binary's (every integration test is in it), so it counts
+//! per thread: a measurement sees only what its own test's thread allocated and freed, never
+//! the tests running beside it. The cache is synchronous: its work happens on the caller's
+//! thread.
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use nodekeeper::dns::cache::{Cache, Entry};
 use nodekeeper::dns::wire;
 
-/// Live heap bytes, as chunks.
-static LIVE: AtomicI64 = AtomicI64::new(0);
+thread_local! {
+    /// Live heap bytes of this thread (allocated minus freed by it), as chunks. `const` and
+    /// without a destructor: reading it never allocates, so the allocator may use it.
+    static LIVE: Cell<i64> = const { Cell::new(0) };
+}
+
+fn count(bytes: i64) {
+    // `try_with`: never panic inside the allocator, even while a thread is being torn down.
+    let _ = LIVE.try_with(|live| live.set(live.get() + bytes));
+}
+
+/// This thread's live heap bytes, as chunks.
+fn live() -> i64 {
+    LIVE.with(Cell::get)
+}
 
 fn chunk(size: usize) -> i64 {
     ((size + 8).div_ceil(16) * 16).max(32) as i64
@@ -23,19 +41,19 @@ struct Counting;
 // SAFETY: every call is passed unchanged to the system allocator; the wrapper only counts.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(chunk(layout.size()), Ordering::Relaxed);
+        count(chunk(layout.size()));
         // SAFETY: same layout contract as our caller's.
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(chunk(layout.size()), Ordering::Relaxed);
+        count(-chunk(layout.size()));
         // SAFETY: `ptr` came from `alloc`/`realloc` above with this layout.
         unsafe { System.dealloc(ptr, layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(chunk(new_size) - chunk(layout.size()), Ordering::Relaxed);
+        count(chunk(new_size) - chunk(layout.size()));
         // SAFETY: as for `dealloc`, and `new_size` is our caller's.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -98,13 +116,13 @@ fn the_byte_count_covers_every_allocation_an_entry_takes() {
                 + chunk(2 * size_of::<usize>() + size_of::<Entry>())
         })
         .sum();
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = live();
     let cache = Cache::new(1_000_000, 1 << 40);
     for (key, e) in &made {
         cache.insert(key, e.clone());
     }
     // The entries' own allocations were made above; the cache now owns them as well.
-    let real = LIVE.load(Ordering::Relaxed) - before + entries_heap;
+    let real = live() - before + entries_heap;
     let charged = cache.bytes() as i64;
     eprintln!(
         "{N} entries: really {} bytes each, charged {} ({:.2}x)",
@@ -127,13 +145,13 @@ fn the_byte_count_covers_every_allocation_an_entry_takes() {
 fn a_full_cache_holds_no_more_heap_than_max_bytes() {
     const MAX_BYTES: u64 = 4 << 20;
     let now = Instant::now();
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = live();
     let cache = Cache::new(1_000_000, MAX_BYTES);
     for i in 0..100_000 {
         let (key, r) = answer(i);
         cache.insert(&key, entry(r, now));
     }
-    let real = LIVE.load(Ordering::Relaxed) - before;
+    let real = live() - before;
     eprintln!(
         "maxBytes {MAX_BYTES}: {} entries, counted {} bytes, heap {real} bytes",
         cache.len(),
@@ -144,4 +162,31 @@ fn a_full_cache_holds_no_more_heap_than_max_bytes() {
         real <= MAX_BYTES as i64,
         "heap {real} bytes over maxBytes {MAX_BYTES}"
     );
+}
+
+/// The counter is per thread: a megabyte held by another thread (another test, in the one test
+/// binary) is not in this thread's measurement, and one held here is.
+#[test]
+fn the_counter_sees_only_this_threads_allocations() {
+    let before = live();
+    let (allocated, other_holds) = std::sync::mpsc::channel::<()>();
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let other = std::thread::spawn(move || {
+        let block = vec![1u8; 1 << 20];
+        allocated.send(()).unwrap();
+        let _ = held.recv();
+        drop(block);
+    });
+    other_holds
+        .recv()
+        .expect("the other thread holds its megabyte");
+    let mine = vec![1u8; 1 << 20];
+    let here = live() - before;
+    drop(release);
+    other.join().unwrap();
+    assert!(
+        (1 << 20..2 << 20).contains(&here),
+        "this thread's 1 MiB counted once, the other thread's not: {here} bytes"
+    );
+    drop(mine);
 }

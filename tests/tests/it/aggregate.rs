@@ -7,8 +7,7 @@
 //! deadline is an error once, then its late census answers the next calls. SIGTERM ends an open
 //! stream with OK. Without agents, KEDA gets UNAVAILABLE, not zero.
 
-#[path = "support/census_pods.rs"]
-mod census_pods;
+use crate::support::census_pods;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -43,7 +42,7 @@ impl Aggregator {
         let (grpc, metrics) = (loopback(free_port()), loopback(free_port()));
         let mut cmd = Command::new(agent_bin());
         // These tests are about the fan-out: its API is opened explicitly (issue #19; the
-        // credentials are tests/tests/aggregate_auth.rs's).
+        // credentials are tests/tests/it/aggregate_auth.rs's).
         cmd.arg("aggregate")
             .arg("--listen")
             .arg(grpc.to_string())

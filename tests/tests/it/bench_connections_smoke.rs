@@ -29,11 +29,61 @@ fn bench_namespaces() -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Deletes the `nkbench-PID-*` namespaces whose PID is no longer running: left by a benchmark or
+/// a test process that was killed (SIGKILL skips every cleanup). Never one of a live process:
+/// every test of this binary shares one PID, and a benchmark may be running beside it.
+fn sweep_dead_bench_namespaces() {
+    for name in bench_namespaces() {
+        let Some(pid) = name
+            .strip_prefix("nkbench-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &name])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+#[test]
+fn namespaces_of_dead_benchmark_runs_are_swept_and_live_ones_kept_as_root() {
+    if !require_root() || !require_tool("ip") {
+        return;
+    }
+    let mut gone = Command::new("true").spawn().expect("spawn true");
+    let dead_pid = gone.id();
+    gone.wait().unwrap();
+    let dead = format!("nkbench-{dead_pid}-0");
+    let live = format!("nkbench-{}-sweeptest", std::process::id());
+    for name in [&dead, &live] {
+        let ok = Command::new("ip")
+            .args(["netns", "add", name])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "ip netns add {name}");
+    }
+    sweep_dead_bench_namespaces();
+    let left = bench_namespaces();
+    let _ = Command::new("ip").args(["netns", "del", &live]).status();
+    let _ = Command::new("ip").args(["netns", "del", &dead]).status();
+    assert!(
+        !left.contains(&dead),
+        "{dead} (pid {dead_pid} is dead) was kept"
+    );
+    assert!(left.contains(&live), "{live} (this process) was swept");
+}
+
 #[test]
 fn connections_benchmark_runs_small_and_reports_every_reader_as_root() {
     if !require_root() || !require_tool("ip") || !require_tool("ss") {
         return;
     }
+    sweep_dead_bench_namespaces();
     let docs = workspace_root().join("docs/benchmarks.md");
     let docs_before = std::fs::read(&docs).ok();
     let child = Command::new(env!("CARGO_BIN_EXE_bench_connections"))
@@ -161,6 +211,7 @@ struct OwnTableNetns(String);
 
 impl OwnTableNetns {
     fn new(parent: &Netns) -> Self {
+        sweep_dead_bench_namespaces();
         let name = format!("nkbench-{}-owntable", std::process::id());
         let status = Command::new("nsenter")
             .arg(format!("--net={}", parent.path().display()))

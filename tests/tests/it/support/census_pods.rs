@@ -11,7 +11,7 @@
 //! Also the KEDA side shared by tests/keda.rs and tests/aggregate.rs: the cases
 //! tests/py/keda_check.py runs over the pods of `start_pods`, and a Rust scaler client.
 
-#![allow(dead_code)] // each test binary uses its own part
+#![allow(dead_code)] // shared by several modules, none of which uses every part
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -4,8 +4,7 @@
 //! (tests/py/keda_check.py) asking ScaledObject-shaped questions. Also: a census that failed is
 //! UNAVAILABLE (never a zero), the service is absent without metrics, and needs no credentials.
 
-#[path = "support/census_pods.rs"]
-mod census_pods;
+use crate::support::census_pods;
 
 use std::path::{Path, PathBuf};
 

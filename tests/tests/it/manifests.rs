@@ -1204,7 +1204,7 @@ fn the_shipped_aggregator_serves_tls_with_a_client_ca_and_no_anonymous_api() {
 // === least privilege (issue #19) ===
 
 /// Each container's added Linux capabilities, on top of `drop: [ALL]`. The base enables
-/// metrics, the DNS cache and drain (sysctl and disks are off); tests/tests/capabilities.rs
+/// metrics, the DNS cache and drain (sysctl and disks are off); tests/tests/it/capabilities.rs
 /// runs those paths with exactly the agent's set and shows each capability is needed.
 const CONTAINER_CAPABILITIES: [(&str, &[&str]); 2] = [
     (

@@ -25,8 +25,7 @@
 //! its own API (and a rogue endpoint was handed it); a stream opened with a rotated-away token
 //! kept answering.
 
-#[path = "support/census_pods.rs"]
-mod census_pods;
+use crate::support::census_pods;
 
 use std::ffi::{OsStr, OsString};
 use std::net::{IpAddr, SocketAddr};

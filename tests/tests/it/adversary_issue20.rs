@@ -1,6 +1,6 @@
 //! Adversary tests for issue #20 (the OS-patching rotation): each one is an attack that broke a
 //! promise of docs/operations.md's rotation and fleet-lock sections, kept `#[ignore]` until the
-//! code is fixed. Same harness as tests/tests/rotation.rs: the fake API server, agents started
+//! code is fixed. Same harness as tests/tests/it/rotation.rs: the fake API server, agents started
 //! per node, a boot-ID file per node that the test changes to "reboot" it, a 2 s slot lease (far
 //! shorter than a reboot).
 

@@ -591,3 +591,91 @@ fn adversary18c_a_silent_aggregator_pod_watch_drops_a_new_pod_from_the_sum() {
          pod watch is silent: KEDA must get 54 or UNAVAILABLE, not 4; got {got:?}"
     );
 }
+
+// === minCoverage and agents without a node ===
+
+/// `minCoverage: 60`: web-1 runs on node-a (agent down), web-2 on node-b (10 connections,
+/// answered): 1 of the 2 nodes hosting selected pods is counted, 50% < 60%, UNAVAILABLE. A third
+/// endpoint of the agents' Service has no `nodeName` (a hand-made Endpoints mirror, a slice
+/// written by another controller): its agent matters to every query and answers, but every
+/// pod of its census is refused (no node to place them on), so it adds nothing. It must not
+/// raise the coverage either: counting it makes 2 of 3 (66.7% >= 60%) and KEDA gets node-b's
+/// 10 alone.
+#[test]
+#[ignore = "adversary finding: an answering agent without a node (counts no pod) still raises minCoverage: 2 of 3 >= 60% and KEDA gets 10 while only 1 of 2 nodes hosting the pods is counted"]
+fn adversary18c_an_agent_without_a_node_does_not_raise_min_coverage() {
+    let placement = PodPlacement::from_pods(&[
+        api_pod("web-1", "uid-1", "node-a", "Running"),
+        api_pod("web-2", "uid-2", "node-b", "Running"),
+    ]);
+    let mut f = fleet(
+        placement,
+        vec![
+            ("node-b", vec![census_pod("web-2", "uid-2", 10)]),
+            ("", vec![census_pod("web-1", "uid-1", 40)]),
+        ],
+    );
+    f.agents.push(AgentCensus {
+        name: "10.0.0.9:9741 (node-a)".into(),
+        node: "node-a".into(),
+        state: AgentState::Missing {
+            error: "Unavailable: connection refused".into(),
+            last_known: None,
+        },
+    });
+    let scaler = ScalerService::new(
+        Arc::new(FixedFleet(Arc::new(f))),
+        Duration::from_secs(5),
+        tokio_util::sync::CancellationToken::new(),
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let got = rt
+        .block_on(
+            scaler.get_metrics(tonic::Request::new(keda_pb::GetMetricsRequest {
+                scaled_object_ref: Some(scaled_object(
+                    "shop",
+                    &[
+                        ("metric", "established"),
+                        ("target", "5"),
+                        ("podSelector", "app=web"),
+                        ("minCoverage", "60"),
+                    ],
+                )),
+                metric_name: String::new(),
+            })),
+        )
+        .map(|r| r.into_inner().metric_values[0].metric_value_float);
+    assert!(
+        is_unavailable(&got),
+        "1 of the 2 nodes hosting selected pods is counted (50% < minCoverage 60%): KEDA must \
+         get UNAVAILABLE, not node-b's 10; got {got:?}"
+    );
+}
+
+// === a census larger than the gRPC message limit ===
+
+/// node-b's agent answers a census of 5 MiB (one pod's label value of 5 MiB: huge metadata),
+/// above tonic's 4 MiB decoding limit on the aggregator's client. The aggregator cannot read
+/// it: node-b is missing and KEDA gets UNAVAILABLE naming it, never node-a's 10 alone.
+#[test]
+fn adversary18c_a_census_above_the_message_limit_is_an_error_not_a_smaller_sum() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (a, _) = start_fake_agent(&rt, "node-a", vec![census_pod("web-1", "uid-1", 10)]);
+    let mut huge = census_pod("web-2", "uid-2", 20);
+    huge.labels.insert("blob".to_string(), "x".repeat(5 << 20));
+    let (b, _) = start_fake_agent(&rt, "node-b", vec![huge]);
+    let agents = format!("{a},{b}");
+    let agg = start_aggregator(dir.path(), &["--agents", &agents], None);
+    let fleet = until(&agg, "node-a answered and node-b is known missing", || {
+        get_fleet(&rt, agg.grpc)
+            .ok()
+            .filter(|f| f.answered + f.missing + f.stale == 2 && f.answered >= 1)
+    });
+    let got = keda_web_value(&rt, agg.grpc);
+    assert!(
+        is_unavailable(&got) && got.as_ref().unwrap_err().message().contains(&b.to_string()),
+        "node-b's census cannot be read: KEDA must get UNAVAILABLE naming {b}, not 10; got \
+         {got:?}; fleet {fleet:?}"
+    );
+}

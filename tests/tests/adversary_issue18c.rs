@@ -793,3 +793,26 @@ fn adversary18c_a_silent_agent_pod_watch_leaves_a_new_pod_out_of_the_agents_sum_
          10 or UNAVAILABLE, not 4; got {got:?}"
     );
 }
+
+/// The aggregator's side of the silent agent watch above: node-a's census has web-2 by UID only
+/// (no namespace, name or labels: the agent's view never heard of it). The aggregator's own
+/// (working) pod watch places uid-2 on node-a, so `verify` names it from the API and it is
+/// counted: 4 + 6 = 10 through the aggregator.
+#[test]
+fn adversary18c_a_pod_the_agent_left_unnamed_is_named_by_the_aggregators_view() {
+    let placement = PodPlacement::from_pods(&[
+        api_pod("web-1", "uid-1", "node-a", "Running"),
+        api_pod("web-2", "uid-2", "node-a", "Running"),
+    ]);
+    let unnamed = pb::PodConnections {
+        namespace: String::new(),
+        name: String::new(),
+        labels: HashMap::new(),
+        ..census_pod("", "uid-2", 6)
+    };
+    let got = web_value(fleet(
+        placement,
+        vec![("node-a", vec![census_pod("web-1", "uid-1", 4), unnamed])],
+    ));
+    assert_eq!(got.map_err(|s| s.to_string()), Ok(10.0));
+}

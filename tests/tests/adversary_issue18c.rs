@@ -816,3 +816,53 @@ fn adversary18c_a_pod_the_agent_left_unnamed_is_named_by_the_aggregators_view() 
     ));
     assert_eq!(got.map_err(|s| s.to_string()), Ok(10.0));
 }
+
+// === remotes no connection can have ===
+
+/// `remote` values no established TCP connection can have as its peer: the unspecified
+/// address (`0.0.0.0:5432`, `[::]:5432`: a user meaning "port 5432 on any address"), port 0,
+/// broadcast and multicast. No pool of the census ever has that key, so the query can only
+/// read 0 and scale the workload in; like the scope id (decision #18-k's round, adversary
+/// #18b), they must be refused naming `remote`. The pod has 3 connections to 10.0.0.5:5432.
+#[test]
+#[ignore = "adversary finding: remote 0.0.0.0:5432, [::]:5432, 10.0.0.5:0, broadcast and multicast are accepted and read 0 (no connection can have such a peer)"]
+fn adversary18c_a_remote_no_connection_can_have_is_refused_not_read_as_0() {
+    let mut pod = census_pod("web-1", "uid-1", 3);
+    pod.pools = vec![pb::ConnectionPool {
+        remote: "10.0.0.5:5432".into(),
+        established: 3,
+        active: 3,
+        remotes: 1,
+        ..Default::default()
+    }];
+    let mut accepted = Vec::new();
+    for remote in [
+        "0.0.0.0:5432",
+        "[::]:5432",
+        "10.0.0.5:0",
+        "255.255.255.255:5432",
+        "224.0.0.1:5432",
+        "[ff02::1]:5432",
+    ] {
+        let r = scaled_object(
+            "shop",
+            &[
+                ("metric", "established"),
+                ("target", "5"),
+                ("podSelector", "app=web"),
+                ("remote", remote),
+            ],
+        );
+        match Query::parse(&r) {
+            Err(e) => assert!(e.to_string().contains("remote"), "{remote}: {e}"),
+            Ok(q) => accepted.push(format!(
+                "{remote} reads {}",
+                nodekeeper::keda::query::evaluate(&q, std::slice::from_ref(&pod)).value
+            )),
+        }
+    }
+    assert!(
+        accepted.is_empty(),
+        "accepted, each reading 0 whatever the pods do: {accepted:?}"
+    );
+}

@@ -21,8 +21,7 @@
 //! Held (plain): a Pending pod that serves is counted; a pod the agent left unnamed is named by
 //! the aggregator's view; a census above the message limit is UNAVAILABLE naming its agent.
 
-#[path = "support/census_pods.rs"]
-mod census_pods;
+use crate::support::census_pods;
 
 use std::collections::HashMap;
 use std::ffi::OsString;

@@ -502,11 +502,30 @@ fn slot_held_by(fleet: &Fleet, node: &str) -> bool {
 /// Attack (a 503 on the fleet lock, "failures of the API server (503 ...) never ..."): one 503
 /// on the slot Lease's GET when node-a's rotation asks for its slot (nobody holds it). The
 /// Drain stream must still end `completed`: a single transient error is retried everywhere
-/// else in a drain (#16: "one transient error does not fail a drain").
+/// else in a drain (#16: "one transient error does not fail a drain"). `lock::acquire` returns
+/// the first API error of `try_slot`, and `drive` ends the drain `failed` with it.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_503_on_the_slot_lease_when_a_rotation_asks_for_it_does_not_fail_the_drain() {
+#[ignore = "adversary finding: one 503 on the slot Lease GET when a rotation asks for its slot fails the drain"]
+async fn adversary_a_503_on_the_slot_lease_when_a_rotation_asks_for_it_fails_the_drain() {
     let fleet = Fleet::new(&["node-a"]);
     let a = fleet.agent("node-a");
+    // After the agent's start-up look at the slot Leases (the replaced-node check), so the 503
+    // lands on the drain's own request for its slot.
+    let lease_path = format!("/namespaces/{LOCK_NS}/leases/{SLOT}");
+    tokio::task::block_in_place(|| {
+        wait_for(
+            Duration::from_secs(20),
+            "the start-up read of the slot",
+            || {
+                fleet
+                    .api
+                    .requests()
+                    .iter()
+                    .any(|r| r.method == "GET" && r.path.ends_with(&lease_path))
+                    .then_some(())
+            },
+        )
+    });
     fleet.api.inject(Fault::on(
         "GET",
         &format!("/namespaces/{LOCK_NS}/leases/{SLOT}"),
@@ -571,6 +590,7 @@ fn drain_phase(fleet: &Fleet, node: &str) -> String {
 /// the same moment, read the drain still running and left it to the engine. The rotation is
 /// `failed` and its slot stays marked, held by node-a, for ever.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "adversary finding: a rotation drain resumed past its deadline ends before re-taking its slot: the slot marked at claim is never released"]
 async fn adversary_a_rotation_drain_resumed_past_its_deadline_keeps_its_marked_slot() {
     let fleet = Fleet::new(&["node-a"]);
     node_a_killed_mid_rotation_drain(&fleet, 15).await;
@@ -606,6 +626,7 @@ async fn adversary_a_rotation_drain_resumed_past_its_deadline_keeps_its_marked_s
 /// read of it, a few). If that ends the resumed drain before it holds its slot again, the
 /// slot marked at claim is released by nobody.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "adversary finding: a 503 on the slot Lease fails a resumed rotation drain before it re-takes its slot: the slot marked at claim is never released"]
 async fn adversary_a_503_on_the_slot_when_a_rotation_drain_resumes_keeps_its_marked_slot() {
     let fleet = Fleet::new(&["node-a"]);
     node_a_killed_mid_rotation_drain(&fleet, 120).await;

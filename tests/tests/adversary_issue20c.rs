@@ -667,3 +667,60 @@ async fn adversary_a_503_on_the_slot_when_a_rotation_drain_resumes_keeps_its_mar
     }
     drop(a);
 }
+
+/// Attack (a second rotate with another id, "a later drain supersedes the return"): node-a is
+/// back from its reboot and `returning` (Node not Ready) when an orchestrator's new rotation
+/// `rot-2` (another id: a second `nodekeeper rotate` run) reaches it. The new rotation takes
+/// the slot node-a already holds and supersedes the return: once the Node is Ready, node-a is
+/// not uncordoned and the slot is not released (node-b still waits): it awaits the reboot of
+/// `rot-2`; after that reboot the return of `rot-2` uncordons node-a and frees the slot, and
+/// node-b's rotation completes. Held.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_rotation_while_returning_keeps_the_slot_until_its_own_return() {
+    let fleet = Fleet::new(&["node-a", "node-b"]);
+    let b = fleet.agent("node-b");
+    let a = node_a_returning(&fleet).await;
+    let mut cb = client(&b).await;
+    let drain_b =
+        tokio::spawn(async move { drain_all(&mut cb, rotation_request("rot-b", "node-b")).await });
+    let events = within(
+        60,
+        drain_all(&mut client(&a).await, rotation_request("rot-2", "node-a")),
+    )
+    .await;
+    assert!(completed(&events), "{:?}", events.last());
+    set_ready(&fleet, "node-a", "True");
+    node_b_stays_uncordoned(
+        &fleet,
+        5,
+        "node-a drained again by rot-2, its reboot to come",
+    )
+    .await;
+    assert_eq!(fleet.maintenance("node-a")["drainId"], "rot-2");
+    assert_eq!(fleet.maintenance("node-a")["state"], "awaiting-reboot");
+    assert_eq!(fleet.maintenance("node-a")["bootId"], "boot-2");
+    assert!(fleet.cordoned("node-a"));
+    assert!(slot_held_by(&fleet, "node-a"), "{}", slot_lease(&fleet));
+    // rot-2's reboot: node-a returns, then node-b goes.
+    kill(a);
+    std::fs::write(fleet.boot_id_path("node-a"), "boot-3\n").expect("boot id");
+    let a = tokio::task::block_in_place(|| fleet.agent("node-a"));
+    let events = within(60, drain_b).await.expect("drain task");
+    assert!(completed(&events), "{:?}", events.last());
+    assert_eq!(fleet.maintenance("node-a")["state"], "done");
+    assert!(!fleet.cordoned("node-a"));
+    drop((a, b));
+}
+
+/// node-b must stay uncordoned for `secs` (an observation window of several 2 s leases).
+async fn node_b_stays_uncordoned(fleet: &Fleet, secs: u64, why: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        assert!(
+            !fleet.cordoned("node-b"),
+            "node-b cordoned while node-a is still cordoned ({why}); slot {}",
+            slot_lease(fleet)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -724,3 +724,111 @@ async fn node_b_stays_uncordoned(fleet: &Fleet, secs: u64, why: &str) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Attack (kill -9 at a step boundary: between the claim and its mark): node-a's rotation waits
+/// for the slot (node-z holds it); node-z lets go, node-a takes the slot and its next write
+/// (the `draining` record, before the mark and the cordon) hangs; node-a's agent is killed
+/// there. node-a is not cordoned, so its unmarked slot may expire: node-b's rotation asks for
+/// it, and node-a's agent comes back and resumes its rotation drain, asking too. Whichever
+/// wins drains and awaits its reboot; the other waits uncordoned. Never two cordoned. Held.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kill_between_the_claim_and_its_mark_never_cordons_two() {
+    let fleet = Fleet::new(&["node-a", "node-b"]);
+    create_slot(&fleet, "node-z").await;
+    let a = fleet.agent("node-a");
+    let b = fleet.agent("node-b");
+    let mut ca = client(&a).await;
+    let drain_a = tokio::spawn(async move {
+        let _ = ca
+            .drain(nodekeeper_tests::bearer(rotation_request(
+                "rot-a", "node-a",
+            )))
+            .await;
+    });
+    let pending = |fleet: &Fleet| drain_phase(fleet, "node-a") == "pending";
+    tokio::task::block_in_place(|| {
+        wait_for(Duration::from_secs(20), "node-a pending", || {
+            pending(&fleet).then_some(())
+        })
+    });
+    fleet
+        .api
+        .inject(Fault::on("PATCH", "/api/v1/nodes/node-a", FaultKind::Hold).times(1));
+    fleet.api.edit(Res::Leases, LOCK_NS, SLOT, |l| {
+        l["spec"].as_object_mut().unwrap().remove("holderIdentity");
+        l["metadata"]["annotations"] = serde_json::json!({});
+    });
+    tokio::task::block_in_place(|| {
+        wait_for(
+            Duration::from_secs(20),
+            "node-a's write after its claim held",
+            || (fleet.api.held_total() >= 1).then_some(()),
+        )
+    });
+    assert_eq!(fleet.holder().as_deref(), Some("node-a"));
+    drain_a.abort();
+    kill(a);
+    assert!(!fleet.cordoned("node-a"));
+    let both = |fleet: &Fleet| fleet.cordoned("node-a") && fleet.cordoned("node-b");
+    let mut cb = client(&b).await;
+    let drain_b =
+        tokio::spawn(async move { drain_all(&mut cb, rotation_request("rot-b", "node-b")).await });
+    let a = tokio::task::block_in_place(|| fleet.agent("node-a"));
+    // Whichever of the two rotations takes the expired slot (node-b's, or node-a's resumed
+    // one) drains and awaits its reboot; the other waits. Never both cordoned.
+    let window = std::time::Instant::now() + Duration::from_secs(25);
+    while std::time::Instant::now() < window {
+        assert!(
+            !both(&fleet),
+            "node-a and node-b both cordoned: {}",
+            slot_lease(&fleet)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let holder = fleet.holder().expect("a holder");
+    assert!(
+        fleet.cordoned(&holder),
+        "{holder} holds the slot: {}",
+        slot_lease(&fleet)
+    );
+    assert_eq!(fleet.maintenance(&holder)["state"], "awaiting-reboot");
+    drain_b.abort();
+    drop((a, b));
+}
+
+/// Slot 0 held by `holder`, marked as held across its reboot (never expires).
+async fn create_slot(fleet: &Fleet, holder: &str) {
+    let kc = kube::config::Kubeconfig::read_from(&fleet.kubeconfig).expect("read kubeconfig");
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .expect("kube config");
+    let api: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(kube::Client::try_from(cfg).expect("client"), LOCK_NS);
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+        k8s_openapi::jiff::Timestamp::now(),
+    );
+    let lease = k8s_openapi::api::coordination::v1::Lease {
+        metadata: kube::api::ObjectMeta {
+            name: Some(SLOT.into()),
+            namespace: Some(LOCK_NS.into()),
+            annotations: Some(
+                [(
+                    "nodekeeper.io/return-by".to_string(),
+                    "4102444800".to_string(),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        },
+        spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
+            holder_identity: Some(holder.to_string()),
+            lease_duration_seconds: Some(2),
+            acquire_time: Some(now.clone()),
+            renew_time: Some(now),
+            ..Default::default()
+        }),
+    };
+    api.create(&Default::default(), &lease)
+        .await
+        .expect("create lease");
+}

@@ -399,6 +399,7 @@ async fn adversary_a_reboot_before_the_drains_end_is_saved_waits_for_a_second_re
 /// rotation still waits, for as long as node-a's agent runs (only a restart's
 /// `free_slot_after_done` would free it). 11 minutes.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "adversary finding: a slot Lease outage longer than the release's 10 min of retries at `done` leaves the marked slot held until the agent restarts"]
 async fn adversary_a_ten_minute_outage_at_the_release_keeps_the_slot_held_forever() {
     let fleet = Fleet::new(&["node-a", "node-b"]);
     let b = fleet.agent("node-b");

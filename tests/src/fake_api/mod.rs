@@ -18,6 +18,7 @@ pub mod cel;
 mod controllers;
 mod faults;
 mod http;
+pub mod managed;
 mod patch;
 mod pdb;
 pub mod rbac;

@@ -47,11 +47,19 @@ impl Fleet {
     /// `nodes`, each with PODS ReplicaSet pods behind a minAvailable PODS-1 budget; every node
     /// boots "boot-1".
     fn new(nodes: &[&str]) -> Fleet {
-        let api = FakeApi::builder()
+        Fleet::on(nodes, true)
+    }
+
+    /// As `new`, on a server that keeps `managedFields` or not.
+    fn on(nodes: &[&str], managed_fields: bool) -> Fleet {
+        let mut builder = FakeApi::builder()
             .replace_delay(Duration::from_millis(100))
             .ready_delay(Duration::from_millis(500))
-            .other_node("node-other")
-            .start();
+            .other_node("node-other");
+        if !managed_fields {
+            builder = builder.without_managed_fields();
+        }
+        let api = builder.start();
         api.add_node("node-other", &[]);
         let dir = tempfile::tempdir().expect("tempdir");
         for node in nodes {
@@ -295,6 +303,41 @@ async fn the_return_keeps_an_operator_cordon_made_while_no_agent_ran_after_compa
         "the return uncordoned node-a, cordoned by an operator (kubectl) while no agent ran: \
          managedFields {}",
         node["metadata"]["managedFields"]
+    );
+    drop(a);
+}
+
+/// Fallback of #20-l: on a server that keeps no managedFields, the cordon's owner is unknown and
+/// the return goes by `cordoned-at` and the replay as before: a rotation with no one else's
+/// cordon still ends uncordoned.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_managed_fields_the_return_still_uncordons_its_own_cordon() {
+    let fleet = Fleet::on(&["node-a"], false);
+    let a = fleet.agent("node-a");
+    let events = within(
+        60,
+        drain_all(&mut client(&a).await, rotation_request("rot-a", "node-a")),
+    )
+    .await;
+    assert!(completed(&events), "{:?}", events.last());
+    tokio::task::block_in_place(|| {
+        wait_for(Duration::from_secs(10), "awaiting-reboot", || {
+            (fleet.maintenance("node-a")["state"] == "awaiting-reboot").then_some(())
+        })
+    });
+    assert!(
+        fleet.api.node("node-a").unwrap()["metadata"]["managedFields"].is_null(),
+        "this server keeps no managedFields"
+    );
+    let a = tokio::task::block_in_place(|| fleet.reboot(a, "node-a"));
+    tokio::task::block_in_place(|| {
+        wait_for(Duration::from_secs(30), "rotation done", || {
+            (fleet.maintenance("node-a")["state"] == "done").then_some(())
+        })
+    });
+    assert!(
+        !fleet.cordoned("node-a"),
+        "the return left node-a cordoned though nodekeeper cordoned it and no one else touched it"
     );
     drop(a);
 }

@@ -349,7 +349,7 @@ fn route(store: &Arc<Store>, call: &Call) -> Response {
     };
     t.admit = policies.as_deref().map(|p| (&who, p));
     let q = parse_query(query);
-    if t.res == Res::Nodes {
+    if t.res == Res::Nodes && store.config.managed_fields {
         let ua = headers
             .get(header::USER_AGENT)
             .and_then(|v| v.to_str().ok());

@@ -207,6 +207,13 @@ impl FakeApiBuilder {
         self
     }
 
+    /// A server that keeps no `managedFields` (an old one, or behind a proxy stripping them):
+    /// Node writes record none and drop what a patch sent.
+    pub fn without_managed_fields(mut self) -> Self {
+        self.config.managed_fields = false;
+        self
+    }
+
     /// How unknown body fields are answered when a request does not say (default Strict;
     /// a real server defaults to Warn).
     pub fn field_validation(mut self, mode: FieldValidation) -> Self {

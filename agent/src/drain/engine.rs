@@ -13,7 +13,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::policy::v1::Eviction;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{DeleteOptions, ObjectMeta, Preconditions};
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::api::{ListParams, Patch, PostParams};
 use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
 
@@ -357,7 +357,11 @@ impl DrainController {
         });
         call("PATCH node", || async {
             self.nodes()
-                .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch))
+                .patch(
+                    &self.node,
+                    &super::node_patch_params(),
+                    &Patch::Merge(&patch),
+                )
                 .await
         })
         .await?;
@@ -509,7 +513,11 @@ impl DrainController {
                 "annotations": { STATE_ANNOTATION: new.to_json() } } });
             let wrote = call("PATCH node annotation", || async {
                 self.nodes()
-                    .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch))
+                    .patch(
+                        &self.node,
+                        &super::node_patch_params(),
+                        &Patch::Merge(&patch),
+                    )
                     .await
             })
             .await;

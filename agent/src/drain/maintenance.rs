@@ -23,7 +23,7 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::Node;
-use kube::api::{Patch, PatchParams};
+use kube::api::Patch;
 use kube::{Api, Client};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -210,6 +210,25 @@ fn cordoned_by_nodekeeper(node: &Node) -> bool {
             .is_some_and(|a| a.contains_key(super::CORDONED_AT_ANNOTATION))
 }
 
+/// Whether `spec.unschedulable` is nodekeeper's per the API server's field ownership
+/// (`metadata.managedFields`): every write records its manager as the owner of the fields it
+/// changed, a write of the same value keeps the owner and a removal drops it, so after a
+/// `kubectl uncordon` + `kubectl cordon` the owner is kubectl's manager whatever happened
+/// while no agent watched (#20-l). `None` when the Node carries no managedFields (a server
+/// that does not keep them, or strips them): unknown. A field with no owner is not nodekeeper's.
+fn unschedulable_owned_by_nodekeeper(node: &Node) -> Option<bool> {
+    let entries = node.metadata.managed_fields.as_ref()?;
+    if entries.is_empty() {
+        return None;
+    }
+    let owns = |fields: &serde_json::Value| !fields["f:spec"]["f:unschedulable"].is_null();
+    Some(entries.iter().any(|e| {
+        e.manager.as_deref() == Some(super::FIELD_MANAGER)
+            && e.subresource.as_deref().unwrap_or_default().is_empty()
+            && e.fields_v1.as_ref().is_some_and(|f| owns(&f.0))
+    }))
+}
+
 /// The cordoned-at of a Node that is schedulable: a cordon of nodekeeper's that someone else
 /// undid (nodekeeper's own uncordon removes the annotation in the same PATCH).
 fn undone_cordon(node: &Node) -> Option<String> {
@@ -348,8 +367,11 @@ impl Maintenance {
         loop {
             match call(
                 "PATCH node",
-                self.nodes()
-                    .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch)),
+                self.nodes().patch(
+                    &self.node,
+                    &super::node_patch_params(),
+                    &Patch::Merge(&patch),
+                ),
             )
             .await
             {
@@ -390,8 +412,11 @@ impl Maintenance {
         }
         match call(
             "PATCH node",
-            self.nodes()
-                .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch)),
+            self.nodes().patch(
+                &self.node,
+                &super::node_patch_params(),
+                &Patch::Merge(&patch),
+            ),
         )
         .await
         {
@@ -584,6 +609,7 @@ impl Maintenance {
         let mut reclaimed = false;
         // Whether the Node's changes since it was drained show it schedulable (replayed once).
         let mut undone: Option<bool> = None;
+        let mut warned_fields = false;
         loop {
             let node = call("GET node", self.nodes().get(&self.node)).await?;
             let uid = node.metadata.uid.clone().unwrap_or_default();
@@ -712,10 +738,33 @@ impl Maintenance {
                     // uncordoned and cordoned again since by someone else while no agent
                     // watched (#20-l; replayed once). The decision, the latest-drain check
                     // above and the write are all over the same read.
-                    if undone.is_none() && cordoned_by_nodekeeper(&node) {
-                        undone = Some(self.uncordoned_since(&record.node_version, &node).await);
+                    // The proof is the owner of spec.unschedulable (managedFields): it
+                    // survives any etcd compaction. The replay stays as a further check, and
+                    // is the only one on a server without managedFields (then its failure
+                    // trusts cordoned-at, with a warning).
+                    let owner = unschedulable_owned_by_nodekeeper(&node);
+                    if owner.is_none() && cordoned_by_nodekeeper(&node) && !warned_fields {
+                        warned_fields = true;
+                        tracing::warn!(
+                            "the Node carries no managedFields; whether its cordon is still nodekeeper's rests on nodekeeper.io/cordoned-at and a replay of its changes"
+                        );
                     }
-                    let ours = cordoned_by_nodekeeper(&node) && undone != Some(true);
+                    if owner == Some(false) && cordoned_by_nodekeeper(&node) && !warned_fields {
+                        warned_fields = true;
+                        tracing::info!(
+                            field_manager = super::FIELD_MANAGER,
+                            "spec.unschedulable is owned by another field manager: the cordon in place is not nodekeeper's; leaving the node cordoned"
+                        );
+                    }
+                    if undone.is_none() && cordoned_by_nodekeeper(&node) && owner != Some(false) {
+                        undone = Some(
+                            self.uncordoned_since(&record.node_version, &node, owner.is_none())
+                                .await,
+                        );
+                    }
+                    let ours = cordoned_by_nodekeeper(&node)
+                        && owner != Some(false)
+                        && undone != Some(true);
                     let uncordon = record.uncordon && ours;
                     record.state = State::Done;
                     record.since = now();
@@ -886,9 +935,10 @@ impl Maintenance {
     /// schedulable: someone uncordoned it after it was drained, while no agent watched (the
     /// reboot), and the cordon in place is not nodekeeper's (#20-l). Replayed with a watch from
     /// `from`; when that history is gone (410 after etcd compaction, minutes on a default API
-    /// server), unreadable or too slow, the answer is `false` and `cordoned-at` is trusted as
-    /// before (logged).
-    async fn uncordoned_since(&self, from: &str, now: &Node) -> bool {
+    /// server), unreadable or too slow, the answer is `false`: the owner of `spec.unschedulable`
+    /// (managedFields) decides, or, when the Node has none (`only_check`), `cordoned-at` is
+    /// trusted as before (a warning).
+    async fn uncordoned_since(&self, from: &str, now: &Node, only_check: bool) -> bool {
         use futures::StreamExt;
         use kube::api::WatchParams;
         use kube::core::WatchEvent;
@@ -953,14 +1003,19 @@ impl Maintenance {
                 true
             }
             Ok(Ok(false)) => false,
-            Ok(Err(e)) => {
+            Ok(Err(e)) if only_check => {
                 tracing::warn!(from, error = %e, "could not replay the Node's changes since it was drained; trusting nodekeeper.io/cordoned-at");
+                false
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(from, error = %e, "could not replay the Node's changes since it was drained; managedFields say the cordon is nodekeeper's");
                 false
             }
             Err(_) => {
                 tracing::warn!(
                     from,
-                    "replaying the Node's changes since it was drained took too long; trusting nodekeeper.io/cordoned-at"
+                    only_check,
+                    "replaying the Node's changes since it was drained took too long"
                 );
                 false
             }
@@ -986,8 +1041,11 @@ impl Maintenance {
             } });
             match call(
                 "PATCH node",
-                self.nodes()
-                    .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch)),
+                self.nodes().patch(
+                    &self.node,
+                    &super::node_patch_params(),
+                    &Patch::Merge(&patch),
+                ),
             )
             .await
             {
@@ -1041,6 +1099,53 @@ mod tests {
             ..Default::default()
         });
         n
+    }
+
+    fn owned_by(entries: &[(&str, &str, serde_json::Value)]) -> Node {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
+        let mut n = node(&[], true);
+        n.metadata.managed_fields = Some(
+            entries
+                .iter()
+                .map(|(manager, sub, fields)| ManagedFieldsEntry {
+                    manager: Some(manager.to_string()),
+                    operation: Some("Update".into()),
+                    subresource: (!sub.is_empty()).then(|| sub.to_string()),
+                    fields_v1: Some(FieldsV1(fields.clone())),
+                    ..Default::default()
+                })
+                .collect(),
+        );
+        n
+    }
+
+    #[test]
+    fn drain_the_cordon_is_nodekeepers_only_while_its_field_manager_owns_spec_unschedulable() {
+        let cordon = serde_json::json!({"f:spec": {"f:unschedulable": {}}});
+        let labels = serde_json::json!({"f:metadata": {"f:labels": {"f:a": {}}}});
+        assert_eq!(unschedulable_owned_by_nodekeeper(&node(&[], true)), None);
+        assert_eq!(unschedulable_owned_by_nodekeeper(&owned_by(&[])), None);
+        assert_eq!(
+            unschedulable_owned_by_nodekeeper(&owned_by(&[("nodekeeper", "", cordon.clone())])),
+            Some(true)
+        );
+        assert_eq!(
+            unschedulable_owned_by_nodekeeper(&owned_by(&[
+                ("nodekeeper", "", labels.clone()),
+                ("kubectl", "", cordon.clone())
+            ])),
+            Some(false),
+            "kubectl cordon after kubectl uncordon"
+        );
+        assert_eq!(
+            unschedulable_owned_by_nodekeeper(&owned_by(&[("nodekeeper", "", labels)])),
+            Some(false),
+            "no owner"
+        );
+        assert_eq!(
+            unschedulable_owned_by_nodekeeper(&owned_by(&[("nodekeeper", "status", cordon)])),
+            Some(false)
+        );
     }
 
     #[test]

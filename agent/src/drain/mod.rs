@@ -47,6 +47,19 @@ pub const STATE_ANNOTATION: &str = "nodekeeper.io/drain";
 /// uncordon): `nodekeeper_node_cordoned_by_nodekeeper_seconds` counts from it, across agent
 /// restarts and reboots, and a node cordoned by someone else counts 0.
 pub const CORDONED_AT_ANNOTATION: &str = "nodekeeper.io/cordoned-at";
+/// The field manager of every Node write of the drain capability (`fieldManager`): the API
+/// server records it in `metadata.managedFields` as the owner of the fields it set, so the
+/// return knows whether the cordon in place (`spec.unschedulable`) is still nodekeeper's
+/// (docs/decisions.md #20-l).
+pub const FIELD_MANAGER: &str = "nodekeeper";
+
+/// Patch parameters of the drain capability's Node writes: field manager `FIELD_MANAGER`.
+pub fn node_patch_params() -> kube::api::PatchParams {
+    kube::api::PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_string()),
+        ..Default::default()
+    }
+}
 pub const CAPABILITY: &str = "drain";
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]

@@ -28,6 +28,9 @@ pub struct ControllerConfig {
     /// How long an entry of `status.disruptedPods` keeps its pod out of the healthy count when
     /// the pod is not deleted (the controller's `DeletionTimeout`, 2 minutes).
     pub disrupted_pod_timeout: Duration,
+    /// Whether Node writes record `metadata.managedFields` (docs/fake-api-server.md section
+    /// 4); `false` is a server that keeps none (or a proxy stripping them).
+    pub managed_fields: bool,
 }
 
 /// Default disruption-controller lag: long enough that a client acting on a PDB's status races
@@ -43,6 +46,7 @@ impl Default for ControllerConfig {
             grace_second: Duration::from_secs(1),
             pdb_lag: Some(DEFAULT_PDB_LAG),
             disrupted_pod_timeout: Duration::from_secs(120),
+            managed_fields: true,
         }
     }
 }

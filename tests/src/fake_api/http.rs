@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use super::admission::{self, Admission};
 use super::controllers::{self, check_preconditions};
 use super::faults::{self, FaultKind, FieldValidation};
+use super::managed;
 use super::patch::{PatchType, json_patch, merge_patch};
 use super::pdb;
 use super::rbac::{self, Identity, Rbac};
@@ -202,9 +203,27 @@ struct Target<'a> {
     sub: Option<&'a str>,
     /// Who writes, and the policies the write must pass (section 14); None: not checked.
     admit: Option<(&'a Identity, &'a Admission)>,
+    /// The field manager of a write whose field ownership is recorded (Nodes only, see
+    /// `managed`); None: `metadata.managedFields` is left as it is.
+    manager: Option<String>,
 }
 
 impl Target<'_> {
+    /// Records the field ownership of a write of `new` over `old` (None: a create), when this
+    /// target tracks it (`manager`).
+    fn track(&self, old: Option<&Value>, new: &mut Value, operation: &str) {
+        if let Some(manager) = &self.manager {
+            managed::track(
+                old,
+                new,
+                manager,
+                operation,
+                self.sub,
+                &super::store::now_rfc3339(),
+            );
+        }
+    }
+
     /// Runs the admission policies on a write of `name` (object after, old object before).
     fn admit(
         &self,
@@ -260,6 +279,7 @@ fn parse_target<'a>(group: &str, version: &str, segs: &[&'a str]) -> Option<Targ
         name,
         sub,
         admit: None,
+        manager: None,
     })
 }
 
@@ -329,6 +349,15 @@ fn route(store: &Arc<Store>, call: &Call) -> Response {
     };
     t.admit = policies.as_deref().map(|p| (&who, p));
     let q = parse_query(query);
+    if t.res == Res::Nodes && store.config.managed_fields {
+        let ua = headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok());
+        t.manager = Some(managed::manager_of(
+            q.get("fieldManager").map(String::as_str),
+            ua,
+        ));
+    }
     let accept = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -550,6 +579,10 @@ fn create(st: &mut State, t: &Target, mut obj: Value) -> Result<Value, ApiError>
         .unwrap_or_default()
         .to_string();
     t.admit("CREATE", &name, Some(&obj), None)?;
+    if let Some(m) = obj["metadata"].as_object_mut() {
+        m.remove("managedFields");
+    }
+    t.track(None, &mut obj, "Update");
     st.create(t.res, obj)
 }
 
@@ -611,7 +644,21 @@ fn update(st: &mut State, t: &Target, name: &str, mut obj: Value) -> Result<Valu
         return Err(ApiError::stale(t.res, name));
     }
     keep_identity(&cur, &mut obj);
-    let out = split_status(t, &cur, obj);
+    // A PUT without managedFields keeps the live ones; with some, they replace them (as a
+    // real server honours them).
+    if obj["metadata"]["managedFields"]
+        .as_array()
+        .is_none_or(Vec::is_empty)
+    {
+        obj["metadata"]["managedFields"] = cur["metadata"]["managedFields"].clone();
+    }
+    let mut out = split_status(t, &cur, obj);
+    t.track(Some(&cur), &mut out, "Update");
+    if out["metadata"]["managedFields"].is_null()
+        && let Some(m) = out["metadata"].as_object_mut()
+    {
+        m.remove("managedFields");
+    }
     t.admit("UPDATE", name, Some(&out), Some(&cur))?;
     Ok(st.replace(t.res, out))
 }
@@ -655,12 +702,20 @@ fn patch(
             return Err(ApiError::stale(t.res, name));
         }
         merge_patch(&mut new, &p);
-        if let Some(m) = new["metadata"].as_object_mut() {
+        if t.manager.is_none()
+            && let Some(m) = new["metadata"].as_object_mut()
+        {
             m.remove("managedFields");
         }
     }
     keep_identity(&cur, &mut new);
-    let out = split_status(t, &cur, new);
+    let mut out = split_status(t, &cur, new);
+    let operation = if pt == PatchType::Apply {
+        "Apply"
+    } else {
+        "Update"
+    };
+    t.track(Some(&cur), &mut out, operation);
     t.admit("UPDATE", name, Some(&out), Some(&cur))?;
     Ok(st.replace(t.res, out))
 }

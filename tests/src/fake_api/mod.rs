@@ -18,6 +18,7 @@ pub mod cel;
 mod controllers;
 mod faults;
 mod http;
+pub mod managed;
 mod patch;
 mod pdb;
 pub mod rbac;
@@ -203,6 +204,13 @@ impl FakeApiBuilder {
     /// Node replacement pods land on (default `node-other`).
     pub fn other_node(mut self, node: &str) -> Self {
         self.config.other_node = node.into();
+        self
+    }
+
+    /// A server that keeps no `managedFields` (an old one, or behind a proxy stripping them):
+    /// Node writes record none and drop what a patch sent.
+    pub fn without_managed_fields(mut self) -> Self {
+        self.config.managed_fields = false;
         self
     }
 

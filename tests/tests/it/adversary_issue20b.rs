@@ -47,11 +47,19 @@ impl Fleet {
     /// `nodes`, each with PODS ReplicaSet pods behind a minAvailable PODS-1 budget; every node
     /// boots "boot-1".
     fn new(nodes: &[&str]) -> Fleet {
-        let api = FakeApi::builder()
+        Fleet::on(nodes, true)
+    }
+
+    /// As `new`, on a server that keeps `managedFields` or not.
+    fn on(nodes: &[&str], managed_fields: bool) -> Fleet {
+        let mut builder = FakeApi::builder()
             .replace_delay(Duration::from_millis(100))
             .ready_delay(Duration::from_millis(500))
-            .other_node("node-other")
-            .start();
+            .other_node("node-other");
+        if !managed_fields {
+            builder = builder.without_managed_fields();
+        }
+        let api = builder.start();
         api.add_node("node-other", &[]);
         let dir = tempfile::tempdir().expect("tempdir");
         for node in nodes {
@@ -108,6 +116,12 @@ impl Fleet {
     /// new agent.
     fn reboot(&self, agent: Agent, node: &str) -> Agent {
         kill(agent);
+        std::fs::write(self.boot_id_path(node), "boot-2\n").expect("write boot id");
+        self.agent(node)
+    }
+
+    /// The node comes back from a reboot during which its agent was already stopped.
+    fn reboot_stopped(&self, node: &str) -> Agent {
         std::fs::write(self.boot_id_path(node), "boot-2\n").expect("write boot id");
         self.agent(node)
     }
@@ -214,6 +228,116 @@ async fn adversary_the_return_uncordons_an_operator_cordon_made_after_a_kubectl_
         fleet.cordoned("node-a"),
         "the return uncordoned node-a, cordoned by an operator after they had uncordoned it: {}",
         fleet.api.node("node-a").unwrap()["metadata"]["annotations"]
+    );
+    drop(a);
+}
+
+/// Attack (#20-l, the gap after compaction): the return's replay of the Node's changes since
+/// `drained` cannot help once etcd has compacted that history (410 Gone, about 5 minutes on a
+/// default API server: most real reboots). node-a is drained by a rotation and awaits its
+/// reboot; its agent is down (the reboot) when the operator runs `kubectl uncordon` then
+/// `kubectl cordon` (the fields kubectl writes, under kubectl's own field manager: the fake
+/// records managedFields as a real server does). Every replay watch gets 410. Held: the owner
+/// of spec.unschedulable is kubectl, not nodekeeper, so the return leaves the node cordoned.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_return_keeps_an_operator_cordon_made_while_no_agent_ran_after_compaction() {
+    let fleet = Fleet::new(&["node-a"]);
+    let a = fleet.agent("node-a");
+    let events = within(
+        60,
+        drain_all(&mut client(&a).await, rotation_request("rot-a", "node-a")),
+    )
+    .await;
+    assert!(completed(&events), "{:?}", events.last());
+    tokio::task::block_in_place(|| {
+        wait_for(Duration::from_secs(10), "awaiting-reboot", || {
+            (fleet.maintenance("node-a")["state"] == "awaiting-reboot").then_some(())
+        })
+    });
+    kill(a);
+    // The replay (a watch from the drained version, timeoutSeconds=10) finds its history
+    // compacted; the agent's long-lived Node watch (timeoutSeconds=290) is left alone.
+    fleet.api.inject(
+        Fault::on("GET", "/api/v1/nodes", FaultKind::Expired)
+            .watch(true)
+            .query("timeoutSeconds=10")
+            .always(),
+    );
+    let kc = kube::config::Kubeconfig::read_from(&fleet.kubeconfig).expect("kubeconfig");
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .expect("kube config");
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> =
+        kube::Api::all(kube::Client::try_from(cfg).expect("client"));
+    let kubectl = kube::api::PatchParams {
+        field_manager: Some("kubectl".into()),
+        ..Default::default()
+    };
+    for unschedulable in [Value::Null, Value::Bool(true)] {
+        let patch = serde_json::json!({"spec": {"unschedulable": unschedulable}});
+        nodes
+            .patch("node-a", &kubectl, &kube::api::Patch::Strategic(&patch))
+            .await
+            .expect("kubectl uncordon / cordon");
+    }
+    let a = tokio::task::block_in_place(|| fleet.reboot_stopped("node-a"));
+    tokio::task::block_in_place(|| {
+        wait_for(Duration::from_secs(30), "rotation done", || {
+            (fleet.maintenance("node-a")["state"] == "done").then_some(())
+        })
+    });
+    // Any replay (the managedFields already decide, so there may be none) found no history.
+    let replays: Vec<_> = fleet
+        .api
+        .requests()
+        .into_iter()
+        .filter(|r| r.query.contains("timeoutSeconds=10") && r.query.contains("watch=true"))
+        .collect();
+    assert!(
+        replays.iter().all(|r| r.watch_error == Some(410)),
+        "the return's replay was not answered 410: {replays:?}"
+    );
+    let node = fleet.api.node("node-a").unwrap();
+    assert!(
+        fleet.cordoned("node-a"),
+        "the return uncordoned node-a, cordoned by an operator (kubectl) while no agent ran: \
+         managedFields {}",
+        node["metadata"]["managedFields"]
+    );
+    drop(a);
+}
+
+/// Fallback of #20-l: on a server that keeps no managedFields, the cordon's owner is unknown and
+/// the return goes by `cordoned-at` and the replay as before: a rotation with no one else's
+/// cordon still ends uncordoned.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_managed_fields_the_return_still_uncordons_its_own_cordon() {
+    let fleet = Fleet::on(&["node-a"], false);
+    let a = fleet.agent("node-a");
+    let events = within(
+        60,
+        drain_all(&mut client(&a).await, rotation_request("rot-a", "node-a")),
+    )
+    .await;
+    assert!(completed(&events), "{:?}", events.last());
+    tokio::task::block_in_place(|| {
+        wait_for(Duration::from_secs(10), "awaiting-reboot", || {
+            (fleet.maintenance("node-a")["state"] == "awaiting-reboot").then_some(())
+        })
+    });
+    assert!(
+        fleet.api.node("node-a").unwrap()["metadata"]["managedFields"].is_null(),
+        "this server keeps no managedFields"
+    );
+    let a = tokio::task::block_in_place(|| fleet.reboot(a, "node-a"));
+    tokio::task::block_in_place(|| {
+        wait_for(Duration::from_secs(30), "rotation done", || {
+            (fleet.maintenance("node-a")["state"] == "done").then_some(())
+        })
+    });
+    assert!(
+        !fleet.cordoned("node-a"),
+        "the return left node-a cordoned though nodekeeper cordoned it and no one else touched it"
     );
     drop(a);
 }

@@ -14,7 +14,7 @@ use kube::api::{Api, EvictParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use nodekeeper_tests::fake_api::{
     Budget, FakeApi, Fault, FaultKind, FieldSelector, FieldValidation, LabelSelector, PdbLimit,
-    PodSeed, Res, UnhealthyPolicy, json_patch, merge_patch, scaled,
+    PodSeed, Res, UnhealthyPolicy, json_patch, managed, merge_patch, scaled,
 };
 use nodekeeper_tests::{http_get, require_tool, wait_for};
 use serde_json::{Value, json};
@@ -202,6 +202,70 @@ fn kubectl_cordon_sets_unschedulable() {
     let r = e.kubectl(&["uncordon", "node-a"], Duration::from_secs(30));
     assert!(r.ok, "uncordon failed: {}", r.stderr);
     assert!(e.api.node("node-a").unwrap()["spec"]["unschedulable"].is_null());
+}
+
+/// managedFields as a real server keeps them for Updates (docs/fake-api-server.md): the owner
+/// of spec.unschedulable is the manager that last changed it (fieldManager, else the
+/// User-Agent's prefix), a write of the same value keeps it, a removal drops it. Driven by the
+/// real kubectl: its cordon and uncordon PATCHes carry its own manager.
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_cordon_takes_spec_unschedulable_from_a_field_manager() {
+    if !require_tool("kubectl") {
+        return;
+    }
+    let e = basic();
+    let owners = |e: &Env| {
+        managed::owners(
+            &e.api.node("node-a").unwrap(),
+            &["f:spec", "f:unschedulable"],
+        )
+    };
+    let nodes: Api<Node> = Api::all(e.client().await);
+    let cordon = json!({"spec": {"unschedulable": true}});
+    let nk = PatchParams {
+        field_manager: Some("nodekeeper".into()),
+        ..Default::default()
+    };
+    nodes
+        .patch("node-a", &nk, &Patch::Merge(&cordon))
+        .await
+        .expect("cordon");
+    assert_eq!(owners(&e), ["nodekeeper"]);
+    // kubectl cordon of a cordoned node writes nothing new: the owner stays.
+    let r =
+        tokio::task::block_in_place(|| e.kubectl(&["cordon", "node-a"], Duration::from_secs(30)));
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(owners(&e), ["nodekeeper"]);
+    let r =
+        tokio::task::block_in_place(|| e.kubectl(&["uncordon", "node-a"], Duration::from_secs(30)));
+    assert!(r.ok, "{}", r.stderr);
+    assert!(
+        owners(&e).is_empty(),
+        "{}",
+        e.api.node("node-a").unwrap()["metadata"]
+    );
+    let r =
+        tokio::task::block_in_place(|| e.kubectl(&["cordon", "node-a"], Duration::from_secs(30)));
+    assert!(r.ok, "{}", r.stderr);
+    let by = owners(&e);
+    assert_eq!(by.len(), 1, "{by:?}");
+    assert!(
+        by[0].starts_with("kubectl"),
+        "kubectl cordon's manager: {by:?}"
+    );
+    let patch = e
+        .api
+        .requests()
+        .into_iter()
+        .rfind(|r| r.method == "PATCH")
+        .expect("cordon PATCHes the node");
+    eprintln!("kubectl cordon: manager {by:?}, query {:?}", patch.query);
+    // The same value again through the agent's manager: still kubectl's.
+    nodes
+        .patch("node-a", &nk, &Patch::Merge(&cordon))
+        .await
+        .expect("cordon again");
+    assert_eq!(owners(&e), by);
 }
 
 /// node-a runs: web (3 replicas, 2 here, PDB minAvailable 2), api (2 replicas, both here, PDB

@@ -87,7 +87,7 @@ impl Entry {
     /// the TTL offsets, the `Arc<Entry>` itself, the key (stored once, in the slot: the index
     /// holds slot numbers), and the entry's share of the index and slot tables at their worst
     /// load, each allocation counted as the chunk the allocator hands out. Measured against a
-    /// counting allocator in tests/tests/dns_cache_memory.rs.
+    /// counting allocator in tests/tests/it/dns_cache_memory.rs.
     fn cost(&self, key_len: usize) -> u64 {
         heap(self.bytes.len())
             + heap(self.ttl_offsets.len() * 2)

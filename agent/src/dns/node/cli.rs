@@ -1,6 +1,6 @@
 //! The one-shot wiring commands (`nodekeeper dns-wiring setup|check|teardown|hold`) and the
 //! guard sidecar's entry point (`nodekeeper dns-guard`). They build a small runtime, a
-//! [`NodeWiring`] from the config's `dns:` section, and run; main only parses and maps errors.
+//! [`NodeWiring`] from the config's `dns:` section, and run; `nodekeeper::cli::dns` parses and maps errors.
 
 use std::time::Duration;
 

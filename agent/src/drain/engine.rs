@@ -57,7 +57,7 @@ const RETRY_AFTER_MAX: Duration = Duration::from_secs(30);
 /// True for answers a busy or restarting API server gives that are worth asking again:
 /// 429 (API Priority and Fairness), 500 without a known permanent cause, 503, 504, and
 /// transport failures.
-fn transient(e: &kube::Error) -> bool {
+pub(super) fn transient(e: &kube::Error) -> bool {
     match e {
         kube::Error::Api(s) => matches!(s.code, 429 | 500 | 502 | 503 | 504),
         kube::Error::HyperError(_) | kube::Error::Service(_) => true,
@@ -225,6 +225,9 @@ pub struct DrainController {
     maintenance: Arc<Maintenance>,
     /// True while the drain's fleet-lock slot is lost: no eviction is posted until it is back.
     paused: tokio::sync::watch::Sender<bool>,
+    /// Held (read) by every eviction POST in flight: a pause takes it (write) before it says
+    /// "paused", so no eviction reaches the API server after the stream said so.
+    posting: tokio::sync::RwLock<()>,
     /// The fence (#16-k): evictions are posted only while `Instant::now()` is before this, the
     /// moment the last confirmed claim write was sent plus the owner lease minus a safety margin.
     /// `None`: no confirmed claim (before the first write, or after losing it).
@@ -249,6 +252,7 @@ impl DrainController {
         ));
         Arc::new(Self {
             paused: tokio::sync::watch::channel(false).0,
+            posting: tokio::sync::RwLock::new(()),
             claim_until: tokio::sync::watch::channel(None).0,
             maintenance,
             client,
@@ -1201,6 +1205,9 @@ impl DrainController {
             };
             let _ = lost.wait_for(|l| *l).await;
             self.paused.send_replace(true);
+            // Posts already sent finish (each bounded by the API call timeout); every later one
+            // sees the pause (tokio's RwLock queues new readers behind this writer).
+            drop(self.posting.write().await);
             tracing::warn!(slot = %name, "fleet lock: slot lost mid-drain; evictions paused");
             run.emit(Ev::Waiting(pb::Waiting {
                 lock: lock_name.clone(),
@@ -1322,6 +1329,10 @@ impl DrainController {
             self.unpaused().await;
             // No eviction without a confirmed claim; none outlives it on this side either.
             let claim_left = self.fenced().await;
+            let posting = self.posting.read().await;
+            if *self.paused.borrow() {
+                continue;
+            }
             attempt += 1;
             let post = api.create_subresource::<_, serde_json::Value>(
                 "eviction",
@@ -1330,6 +1341,7 @@ impl DrainController {
                 &body,
             );
             let outcome = tokio::time::timeout(API_CALL_TIMEOUT.min(claim_left), post).await;
+            drop(posting);
             let wait = match outcome {
                 Ok(Ok(_)) => {
                     self.metrics

@@ -188,6 +188,16 @@ async fn call<T>(
     }
 }
 
+/// A failure a busy or restarting API server gives, worth asking again (engine's rule, plus
+/// this module's own call timeout).
+fn retryable(e: &LockError) -> bool {
+    match e {
+        LockError::Api(e) => super::engine::transient(e),
+        LockError::Timeout(_) => true,
+        LockError::Cancelled => false,
+    }
+}
+
 fn is_conflict(e: &LockError) -> bool {
     matches!(e, LockError::Api(kube::Error::Api(s)) if s.code == 409)
 }
@@ -406,25 +416,46 @@ pub async fn acquire(
     let mut overdue_reported = std::collections::HashSet::new();
     loop {
         let mut holders = Vec::new();
+        // A transient API failure in this round (503, 429, a timeout): asked again after the
+        // wait, never the end of the drain (adversary #20c).
+        let mut failed: Option<LockError> = None;
         // A slot this node holds already (a second rotation of a node awaiting its reboot) is
         // reused: a node never holds two slots (#20-g).
         let mut order: Vec<String> = Vec::new();
         for i in 0..cfg.slots {
             let name = cfg.slot_name(i);
             // One slot: nothing to order (and no extra read).
-            let ours = cfg.slots > 1
-                && call("GET lease", api.get_opt(&name))
-                    .await?
-                    .and_then(|l| l.spec?.holder_identity)
-                    .is_some_and(|h| h == identity);
+            let ours = if cfg.slots > 1 {
+                match call("GET lease", api.get_opt(&name)).await {
+                    Ok(lease) => lease
+                        .and_then(|l| l.spec?.holder_identity)
+                        .is_some_and(|h| h == identity),
+                    Err(e) if retryable(&e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            } else {
+                false
+            };
             if ours {
                 order.insert(0, name);
             } else {
                 order.push(name);
             }
         }
+        let order = if failed.is_some() { Vec::new() } else { order };
         for name in order {
-            match try_slot(&api, cfg, &name, identity).await? {
+            let attempt = match try_slot(&api, cfg, &name, identity).await {
+                Ok(attempt) => attempt,
+                Err(e) if retryable(&e) => {
+                    failed = Some(e);
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            match attempt {
                 Ok(lease) => {
                     tracing::info!(slot = %name, transitions = ?lease.spec.as_ref().and_then(|s| s.lease_transitions), "fleet lock: slot taken");
                     metrics.wait_seconds.observe(asked.elapsed().as_secs_f64());
@@ -455,13 +486,18 @@ pub async fn acquire(
                 }
             }
         }
-        if reported.is_none() {
-            metrics.waits.inc();
-        }
-        if reported.as_ref() != Some(&holders) {
-            tracing::info!(holders = %describe(&holders), "fleet lock: every slot is held; waiting");
-            on_wait(&holders);
-            reported = Some(holders);
+        if let Some(e) = failed {
+            // The round saw only some slots: nothing to report to the waiting caller.
+            tracing::warn!(error = %e, "fleet lock: the API failed while asking for a slot; asking again");
+        } else {
+            if reported.is_none() {
+                metrics.waits.inc();
+            }
+            if reported.as_ref() != Some(&holders) {
+                tracing::info!(holders = %describe(&holders), "fleet lock: every slot is held; waiting");
+                on_wait(&holders);
+                reported = Some(holders);
+            }
         }
         tokio::select! {
             _ = token.cancelled() => return Err(LockError::Cancelled),

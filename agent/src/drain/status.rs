@@ -158,7 +158,12 @@ fn of(node: &Node, slots: &BTreeMap<String, String>) -> NodeMaintenance {
             .as_ref()
             .map(|r| r.boot_id.clone())
             .unwrap_or_default(),
-        return_by: record.as_ref().map_or(0, |r| r.return_by),
+        // A done rotation's return-by is the deadline of a reboot it already came back from
+        // (adversary #20c); a failed one may still hold its marked slot, so it keeps showing it.
+        return_by: record
+            .as_ref()
+            .filter(|r| r.state != maintenance::State::Done)
+            .map_or(0, |r| r.return_by),
         error: record.map(|r| r.error).unwrap_or_default(),
         drain,
         slot: slots.get(&name).cloned(),

@@ -470,7 +470,6 @@ fn status_of(fleet: &Fleet, node: &str) -> (Value, String) {
 /// with no return pending shown with a deadline to return by (and, once that time passes, as
 /// if it were late).
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: maintenance status shows the return-by of a reboot the node already came back from (state done)"]
 async fn adversary_maintenance_status_shows_a_return_by_for_a_node_that_is_done() {
     let fleet = Fleet::new(&["node-a"]);
     let a = node_a_returning(&fleet).await;
@@ -506,7 +505,6 @@ fn slot_held_by(fleet: &Fleet, node: &str) -> bool {
 /// else in a drain (#16: "one transient error does not fail a drain"). `lock::acquire` returns
 /// the first API error of `try_slot`, and `drive` ends the drain `failed` with it.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: one 503 on the slot Lease GET when a rotation asks for its slot fails the drain"]
 async fn adversary_a_503_on_the_slot_lease_when_a_rotation_asks_for_it_fails_the_drain() {
     let fleet = Fleet::new(&["node-a"]);
     let a = fleet.agent("node-a");

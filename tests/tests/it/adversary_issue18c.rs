@@ -857,7 +857,6 @@ fn adversary18c_a_pod_the_agent_left_unnamed_is_named_by_the_aggregators_view() 
 /// read 0 and scale the workload in; like the scope id (decision #18-k's round, adversary
 /// #18b), they must be refused naming `remote`. The pod has 3 connections to 10.0.0.5:5432.
 #[test]
-#[ignore = "adversary finding: remote 0.0.0.0:5432, [::]:5432, 10.0.0.5:0, broadcast and multicast are accepted and read 0 (no connection can have such a peer)"]
 fn adversary18c_a_remote_no_connection_can_have_is_refused_not_read_as_0() {
     let mut pod = census_pod("web-1", "uid-1", 3);
     pod.pools = vec![pb::ConnectionPool {

@@ -848,7 +848,16 @@ fn counted_pods(
 ) -> (Vec<pb::PodConnections>, Vec<ForeignPod>) {
     match verifier {
         Some(v) => v.verify(node, pods),
-        None => (pods.to_vec(), Vec::new()),
+        // One UID counted once per census even unverified (adversary #18c).
+        None => {
+            let mut seen = std::collections::HashSet::new();
+            let kept = pods
+                .iter()
+                .filter(|p| p.uid.is_empty() || seen.insert(p.uid.as_str()))
+                .cloned()
+                .collect();
+            (kept, Vec::new())
+        }
     }
 }
 

@@ -197,7 +197,6 @@ fn adversary18c_a_pending_pod_that_already_serves_is_counted() {
 /// entries and `evaluate` sums both: KEDA gets 10. Not smaller (the direction that scales in),
 /// but not exact either, and it takes only a buggy or rogue agent on the pod's own node.
 #[test]
-#[ignore = "adversary finding: a census naming one pod (one UID) twice is counted twice: KEDA gets 10, not 5"]
 fn adversary18c_a_pod_named_twice_in_a_census_is_counted_once() {
     let placement = PodPlacement::from_pods(&[api_pod("web-1", "uid-1", "node-a", "Running")]);
     let got = web_value(fleet(
@@ -634,7 +633,6 @@ fn answers_for(
 /// raise the coverage either: counting it makes 2 of 3 (66.7% >= 60%) and KEDA gets node-b's
 /// 10 alone.
 #[test]
-#[ignore = "adversary finding: an answering agent without a node (counts no pod) still raises minCoverage: 2 of 3 >= 60% and KEDA gets 10 while only 1 of 2 nodes hosting the pods is counted"]
 fn adversary18c_an_agent_without_a_node_does_not_raise_min_coverage() {
     let placement = PodPlacement::from_pods(&[
         api_pod("web-1", "uid-1", "node-a", "Running"),

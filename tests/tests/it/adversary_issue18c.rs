@@ -418,7 +418,6 @@ fn start_fake_agent(
 /// listed twice; without a pod view the aggregator cannot tell which is right and must fail
 /// the query (or sum both), not drop one.
 #[test]
-#[ignore = "adversary finding: with --agents, two agents claiming one node name: one census is silently dropped (KEDA gets 10 or 20, not 30)"]
 fn adversary18c_static_agents_claiming_one_node_name_are_not_silently_deduplicated() {
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();

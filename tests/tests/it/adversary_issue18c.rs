@@ -13,9 +13,10 @@
 //! against its EndpointSlice node, `FleetCensus` behind a `ScalerService`, asked as KEDA asks);
 //! the others run `nodekeeper aggregate` against fake agents (and the fake API server).
 //!
-//! Broke (ignored): a pod an agent names that the aggregator's lagging or silent (answered, then
-//! black-holed) pod watch does not know is dropped; the agent's own silent pod watch leaves a
-//! new pod unnamed and out of its sum; two `--agents` claiming one node name, one dropped; an
+//! Broke, still open (ignored): a pod an agent names that the aggregator's lagging or silent
+//! (answered, then black-holed) pod watch does not know is dropped; the agent's own silent pod
+//! watch leaves a new pod unnamed and out of its sum.
+//! Broke, fixed since (plain now): two `--agents` claiming one node name, one dropped; an
 //! answering agent without a node raises `minCoverage`; a pod named twice counted twice;
 //! `remote` values no connection can have read 0.
 //! Held (plain): a Pending pod that serves is counted; a pod the agent left unnamed is named by

@@ -766,15 +766,46 @@ impl Fleet {
                 }
             }
         }
-        let duplicates = supersede_duplicates(&mut agents, &mut census);
-        if duplicates > 0 {
+        // A static list has only each census's claim of its node: two answers claiming one
+        // node that name different pods are two machines (a cloned hostname, a copied
+        // NODE_NAME), not one node listed twice. Which one is that node is unknown, so neither
+        // is counted and neither is dropped as a duplicate (adversary #18c).
+        let conflicted = if from_service {
+            BTreeSet::new()
+        } else {
+            conflicting_claims(&census)
+        };
+        for &i in &conflicted {
+            let node = census[i].node.clone();
+            let others: Vec<&str> = conflicted
+                .iter()
+                .filter(|&&j| j != i && census[j].node == node)
+                .map(|&j| agents[j].address.as_str())
+                .collect();
+            let error = format!(
+                "claims node {node} like {} but its census names other pods: two machines \
+                 claim one node name, and which one is node {node} is unknown",
+                others.join(", ")
+            );
+            agents[i].error.clone_from(&error);
+            census[i].state = AgentState::Missing {
+                error,
+                last_known: None,
+            };
+        }
+        let conflicted_names: BTreeSet<String> =
+            conflicted.iter().map(|&i| census[i].name.clone()).collect();
+        let duplicates = supersede_duplicates(&mut agents, &mut census, &conflicted);
+        if duplicates > 0 || !conflicted.is_empty() {
             // Recount without the superseded agents: their node is covered by another.
             missing.clear();
             (stale, unknown) = (0, 0);
             for c in &census {
                 if let AgentState::Missing { last_known, .. } = &c.state {
                     missing.insert(c.name.clone());
-                    if last_known.is_some() {
+                    if conflicted_names.contains(&c.name) {
+                        // It answered; its census is not counted.
+                    } else if last_known.is_some() {
                         stale += 1;
                     } else {
                         unknown += 1;
@@ -785,7 +816,8 @@ impl Fleet {
         let answered = census
             .iter()
             .filter(|c| matches!(c.state, AgentState::Answered { .. }))
-            .count();
+            .count()
+            + conflicted.len();
         // Without a current pod view nothing was checked: the refusals known stay as they were.
         if verifier.is_some() {
             self.note_foreign(state, foreign);
@@ -848,15 +880,56 @@ fn counted_pods(
 ) -> (Vec<pb::PodConnections>, Vec<ForeignPod>) {
     match verifier {
         Some(v) => v.verify(node, pods),
-        None => (pods.to_vec(), Vec::new()),
+        // One UID counted once per census even unverified (adversary #18c).
+        None => {
+            let mut seen = std::collections::HashSet::new();
+            let kept = pods
+                .iter()
+                .filter(|p| p.uid.is_empty() || seen.insert(p.uid.as_str()))
+                .cloned()
+                .collect();
+            (kept, Vec::new())
+        }
     }
+}
+
+/// The answered censuses (indices) that claim one node with others naming different pods
+/// (by UID, else namespace/name).
+fn conflicting_claims(census: &[AgentCensus]) -> BTreeSet<usize> {
+    let mut by_node: HashMap<&str, Vec<(usize, BTreeSet<String>)>> = HashMap::new();
+    for (i, c) in census.iter().enumerate() {
+        if let AgentState::Answered { pods, .. } = &c.state
+            && !c.node.is_empty()
+        {
+            let names = pods
+                .iter()
+                .map(|p| {
+                    if p.uid.is_empty() {
+                        format!("{}/{}", p.namespace, p.name)
+                    } else {
+                        p.uid.clone()
+                    }
+                })
+                .collect();
+            by_node.entry(c.node.as_str()).or_default().push((i, names));
+        }
+    }
+    by_node
+        .into_values()
+        .filter(|g| g.iter().any(|(_, names)| *names != g[0].1))
+        .flat_map(|g| g.into_iter().map(|(i, _)| i))
+        .collect()
 }
 
 /// Keeps one census per node: two agents on one node (a rollout's old and new pod, an
 /// EndpointSlice still listing the old one) count the same pods, and summing both would double
 /// them. The newest census wins (an answer over a missing agent's last census); the others are
 /// marked `superseded_by` in the status and left out of `census`. Returns how many were.
-fn supersede_duplicates(agents: &mut [pb::FleetAgent], census: &mut Vec<AgentCensus>) -> usize {
+fn supersede_duplicates(
+    agents: &mut [pb::FleetAgent],
+    census: &mut Vec<AgentCensus>,
+    conflicted: &BTreeSet<usize>,
+) -> usize {
     // Higher is better: answered now, then the newest census held.
     let rank = |c: &AgentCensus| match &c.state {
         AgentState::Answered { at, .. } => (2, Some(*at)),
@@ -868,7 +941,7 @@ fn supersede_duplicates(agents: &mut [pb::FleetAgent], census: &mut Vec<AgentCen
     };
     let mut best: HashMap<&str, usize> = HashMap::new();
     for (i, c) in census.iter().enumerate() {
-        if c.node.is_empty() {
+        if c.node.is_empty() || conflicted.contains(&i) {
             continue;
         }
         best.entry(c.node.as_str())
@@ -882,7 +955,7 @@ fn supersede_duplicates(agents: &mut [pb::FleetAgent], census: &mut Vec<AgentCen
     let keep: Vec<bool> = census
         .iter()
         .enumerate()
-        .map(|(i, c)| c.node.is_empty() || best[c.node.as_str()] == i)
+        .map(|(i, c)| c.node.is_empty() || conflicted.contains(&i) || best[c.node.as_str()] == i)
         .collect();
     let mut superseded = 0;
     for (i, c) in census.iter().enumerate() {
@@ -1015,7 +1088,10 @@ mod tests {
         ]
         .into_iter()
         .unzip();
-        assert_eq!(supersede_duplicates(&mut agents, &mut census), 2);
+        assert_eq!(
+            supersede_duplicates(&mut agents, &mut census, &BTreeSet::new()),
+            2
+        );
         let kept: Vec<&str> = census.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(
             kept,

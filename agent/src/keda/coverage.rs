@@ -188,8 +188,9 @@ impl PodPlacement {
         node: &str,
         pods: &[pb::PodConnections],
     ) -> (Vec<pb::PodConnections>, Vec<ForeignPod>) {
-        let mut kept = Vec::with_capacity(pods.len());
+        let mut kept: Vec<pb::PodConnections> = Vec::with_capacity(pods.len());
         let mut refused = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for p in pods {
             // An entry with a UID is that pod only: by namespace/name it could be a recreated
             // pod's dead predecessor standing for (and counted as) its successor.
@@ -213,6 +214,9 @@ impl PodPlacement {
                 Some(k) if node.is_empty() || k.node != node => {
                     refused.push(foreign(Refusal::OtherNode, &k.node))
                 }
+                // One pod is counted once per census: a second entry for its UID (a buggy
+                // agent reading its cgroup twice, a rogue one) is dropped (adversary #18c).
+                Some(k) if !k.uid.is_empty() && !seen.insert(k.uid.clone()) => {}
                 Some(k) => {
                     let mut p = p.clone();
                     p.uid.clone_from(&k.uid);
@@ -374,8 +378,12 @@ impl FleetCensus {
                  endpoints): no census to sum",
             ));
         }
-        let matters =
-            |a: &AgentCensus| a.node.is_empty() || selected.is_none_or(|n| n.contains_key(&a.node));
+        // With a placement, an agent without a node counts no pod (`verify` refuses them all)
+        // and matters to no query: it must not raise the coverage (adversary #18c). Without
+        // one (`--agents`) every expected agent matters.
+        let matters = |a: &AgentCensus| {
+            selected.is_none_or(|n| !a.node.is_empty() && n.contains_key(&a.node))
+        };
         let expected_on = |a: &AgentCensus| -> &[ExpectedPod] {
             selected
                 .and_then(|n| n.get(&a.node))
@@ -937,13 +945,8 @@ mod tests {
             })
             .collect();
         let web = "web".to_string();
-        assert_eq!(
-            kept,
-            [
-                ("shop", "web-1", "u1", Some(&web)),
-                ("shop", "web-1", "u1", Some(&web))
-            ]
-        );
+        // web-1 is named twice (by UID, then by name): counted once (adversary #18c).
+        assert_eq!(kept, [("shop", "web-1", "u1", Some(&web))]);
         let refused: Vec<(Refusal, &str, &str)> = refused
             .iter()
             .map(|r| (r.reason, r.name.as_str(), r.placed_on.as_str()))

@@ -495,13 +495,34 @@ fn parse_remote(s: &str) -> Result<Remote, String> {
     }
     // The census names a dual-stack socket's IPv4-mapped peer by its IPv4 address
     // (sock_diag.rs), so `[::ffff:a.b.c.d]:p` is the pool `a.b.c.d:p`.
-    Ok(Remote::Addr(match addr {
+    let addr = match addr {
         SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
             Some(v4) => SocketAddr::new(v4.into(), v6.port()),
             None => addr,
         },
         SocketAddr::V4(_) => addr,
-    }))
+    };
+    // No established TCP connection has such a peer, so no pool would ever match and the
+    // query could only read 0 (adversary #18c): refused naming the field instead.
+    if addr.port() == 0 {
+        return Err(format!("{s:?}: port 0 is not a port number (1-65535)"));
+    }
+    let ip = addr.ip();
+    let why = if ip.is_unspecified() {
+        Some("the unspecified address (it means \"any\" when listening; no peer has it)")
+    } else if ip.is_multicast() {
+        Some("a multicast address (TCP has no multicast peers)")
+    } else if matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast()) {
+        Some("the broadcast address (TCP has no broadcast peers)")
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        return Err(format!(
+            "{s:?}: {why}; name a pod's peer IP:PORT, or *:PORT for inbound connections"
+        ));
+    }
+    Ok(Remote::Addr(addr))
 }
 
 /// A namespace name: an RFC 1123 label.

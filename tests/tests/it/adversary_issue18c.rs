@@ -13,9 +13,10 @@
 //! against its EndpointSlice node, `FleetCensus` behind a `ScalerService`, asked as KEDA asks);
 //! the others run `nodekeeper aggregate` against fake agents (and the fake API server).
 //!
-//! Broke (ignored): a pod an agent names that the aggregator's lagging or silent (answered, then
-//! black-holed) pod watch does not know is dropped; the agent's own silent pod watch leaves a
-//! new pod unnamed and out of its sum; two `--agents` claiming one node name, one dropped; an
+//! Broke, still open (ignored): a pod an agent names that the aggregator's lagging or silent
+//! (answered, then black-holed) pod watch does not know is dropped; the agent's own silent pod
+//! watch leaves a new pod unnamed and out of its sum.
+//! Broke, fixed since (plain now): two `--agents` claiming one node name, one dropped; an
 //! answering agent without a node raises `minCoverage`; a pod named twice counted twice;
 //! `remote` values no connection can have read 0.
 //! Held (plain): a Pending pod that serves is counted; a pod the agent left unnamed is named by
@@ -197,7 +198,6 @@ fn adversary18c_a_pending_pod_that_already_serves_is_counted() {
 /// entries and `evaluate` sums both: KEDA gets 10. Not smaller (the direction that scales in),
 /// but not exact either, and it takes only a buggy or rogue agent on the pod's own node.
 #[test]
-#[ignore = "adversary finding: a census naming one pod (one UID) twice is counted twice: KEDA gets 10, not 5"]
 fn adversary18c_a_pod_named_twice_in_a_census_is_counted_once() {
     let placement = PodPlacement::from_pods(&[api_pod("web-1", "uid-1", "node-a", "Running")]);
     let got = web_value(fleet(
@@ -419,7 +419,6 @@ fn start_fake_agent(
 /// listed twice; without a pod view the aggregator cannot tell which is right and must fail
 /// the query (or sum both), not drop one.
 #[test]
-#[ignore = "adversary finding: with --agents, two agents claiming one node name: one census is silently dropped (KEDA gets 10 or 20, not 30)"]
 fn adversary18c_static_agents_claiming_one_node_name_are_not_silently_deduplicated() {
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -634,7 +633,6 @@ fn answers_for(
 /// raise the coverage either: counting it makes 2 of 3 (66.7% >= 60%) and KEDA gets node-b's
 /// 10 alone.
 #[test]
-#[ignore = "adversary finding: an answering agent without a node (counts no pod) still raises minCoverage: 2 of 3 >= 60% and KEDA gets 10 while only 1 of 2 nodes hosting the pods is counted"]
 fn adversary18c_an_agent_without_a_node_does_not_raise_min_coverage() {
     let placement = PodPlacement::from_pods(&[
         api_pod("web-1", "uid-1", "node-a", "Running"),
@@ -857,7 +855,6 @@ fn adversary18c_a_pod_the_agent_left_unnamed_is_named_by_the_aggregators_view() 
 /// read 0 and scale the workload in; like the scope id (decision #18-k's round, adversary
 /// #18b), they must be refused naming `remote`. The pod has 3 connections to 10.0.0.5:5432.
 #[test]
-#[ignore = "adversary finding: remote 0.0.0.0:5432, [::]:5432, 10.0.0.5:0, broadcast and multicast are accepted and read 0 (no connection can have such a peer)"]
 fn adversary18c_a_remote_no_connection_can_have_is_refused_not_read_as_0() {
     let mut pod = census_pod("web-1", "uid-1", 3);
     pod.pools = vec![pb::ConnectionPool {

@@ -401,6 +401,11 @@ fn without_bpf_the_one_pass_census_says_why_and_falls_back_to_sock_diag_as_root(
                 "connect": [{"addr": "127.0.0.1", "port": 6001, "count": 5}]}),
     );
     let paths = vec![pod.path()];
+    // aya probes the kernel's BPF features once per process and keeps the answer: probed first
+    // from the thread below, bpf() refused, every later load in this (shared, one-binary) test
+    // process would get maps created without the features the object needs and fail with EINVAL.
+    // Probe them here, where bpf() works; the thread's load still fails at its first bpf().
+    drop(OnePass::load(65_536).expect("the one-pass census loads as root"));
     let (load_error, readings, reason) = std::thread::spawn(move || {
         deny_bpf_in_this_thread();
         let err = OnePass::load(1024).expect_err("bpf() refused: the load must fail");

@@ -883,3 +883,77 @@ fn adversary18d_an_ipv4_mapped_peer_is_one_pool_through_every_reader_as_root() {
          get 4 or UNAVAILABLE through every reader; got {wrong:?}"
     );
 }
+
+// === lastKnownFor across an aggregator restart (end to end, fake agents) ===
+
+/// `established` over `app=web` in `shop` with `lastKnownFor: 3600`, as KEDA asks `addr`.
+fn keda_last_known(
+    rt: &tokio::runtime::Runtime,
+    addr: std::net::SocketAddr,
+) -> Result<f64, Status> {
+    rt.block_on(async {
+        let mut c = keda_pb::external_scaler_client::ExternalScalerClient::connect(format!(
+            "http://{addr}"
+        ))
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+        let req = keda_pb::GetMetricsRequest {
+            scaled_object_ref: Some(scaled_object(
+                "shop",
+                &[
+                    ("metric", "established"),
+                    ("target", "5"),
+                    ("podSelector", "app=web"),
+                    ("lastKnownFor", "3600"),
+                ],
+            )),
+            metric_name: String::new(),
+        };
+        tokio::time::timeout(WAIT, c.get_metrics(req))
+            .await
+            .map_err(|_| Status::deadline_exceeded("GetMetrics"))?
+            .map(|r| r.into_inner().metric_values[0].metric_value_float)
+    })
+}
+
+/// node-b's agent answered (web-2: 6), then its census fails. The aggregator that saw it counts
+/// its last census under `lastKnownFor` (4 + 6 = 10). An aggregator restarted meanwhile (a
+/// rollout, an OOM kill) has never seen node-b's census: it must not answer 4 (node-a alone),
+/// but UNAVAILABLE until node-b answers. Held: last censuses live in memory only.
+#[test]
+fn adversary18d_last_known_for_does_not_survive_an_aggregator_restart_as_a_smaller_sum() {
+    use crate::adversary_issue18c::{start_aggregator, start_fake_agent, until};
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (a, _) = start_fake_agent(&rt, "node-a", vec![census_pod("shop", "web-1", "uid-1", 4)]);
+    let (b, b_snapshot) =
+        start_fake_agent(&rt, "node-b", vec![census_pod("shop", "web-2", "uid-2", 6)]);
+    let agents = format!("{a},{b}");
+    let first = start_aggregator(dir.path(), &["--agents", &agents], None);
+    until(&first, "KEDA gets 10", || {
+        keda_last_known(&rt, first.grpc).ok().filter(|v| *v == 10.0)
+    });
+    b_snapshot.lock().unwrap().unavailable = vec!["connections".into()];
+    // The first aggregator now counts node-b through its last census (the policy at work).
+    until(&first, "node-b missing, counted by its last census", || {
+        crate::adversary_issue18c::get_fleet(&rt, first.grpc)
+            .ok()
+            .filter(|f| f.stale == 1)
+            .and_then(|_| keda_last_known(&rt, first.grpc).ok())
+            .filter(|v| *v == 10.0)
+    });
+    drop(first);
+    let second = start_aggregator(dir.path(), &["--agents", &agents], None);
+    let fleet = until(&second, "a fan-out with node-b's census failing", || {
+        crate::adversary_issue18c::get_fleet(&rt, second.grpc)
+            .ok()
+            .filter(|f| f.answered == 1 && f.missing + f.stale == 1)
+    });
+    let got = keda_last_known(&rt, second.grpc);
+    assert_eq!(
+        code(&got),
+        Some(tonic::Code::Unavailable),
+        "the restarted aggregator has no census of node-b: KEDA must get UNAVAILABLE, not 4; got \
+         {got:?}; fleet {fleet:?}"
+    );
+}

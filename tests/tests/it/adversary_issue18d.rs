@@ -957,3 +957,84 @@ fn adversary18d_last_known_for_does_not_survive_an_aggregator_restart_as_a_small
          {got:?}; fleet {fleet:?}"
     );
 }
+
+// === pins full under a burst of distinct remotes (end to end, fake agent) ===
+
+/// `established` to `remote` over `app=web` in `shop`, as KEDA asks `addr`.
+fn keda_remote(
+    rt: &tokio::runtime::Runtime,
+    addr: std::net::SocketAddr,
+    remote: &str,
+) -> Result<f64, Status> {
+    rt.block_on(async {
+        let mut c = keda_pb::external_scaler_client::ExternalScalerClient::connect(format!(
+            "http://{addr}"
+        ))
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+        let req = keda_pb::GetMetricsRequest {
+            scaled_object_ref: Some(scaled_object(
+                "shop",
+                &[
+                    ("metric", "established"),
+                    ("target", "5"),
+                    ("podSelector", "app=web"),
+                    ("remote", remote),
+                ],
+            )),
+            metric_name: String::new(),
+        };
+        tokio::time::timeout(WAIT, c.get_metrics(req))
+            .await
+            .map_err(|_| Status::deadline_exceeded("GetMetrics"))?
+            .map(|r| r.into_inner().metric_values[0].metric_value_float)
+    })
+}
+
+/// A burst of ScaledObjects naming 256 distinct remotes within a minute fills the aggregator's
+/// pins (256, none idle for 2 minutes). The next new remote cannot be pinned: its pool may be
+/// folded into `other`, so it must be refused (RESOURCE_EXHAUSTED naming the remote), never
+/// read as a folded 0; the database pool pinned first keeps its exact value (7).
+#[test]
+fn adversary18d_a_burst_of_distinct_remotes_is_refused_not_read_as_zero() {
+    use crate::adversary_issue18c::{start_aggregator, start_fake_agent, until};
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let db = "10.0.0.5:5432";
+    let web = pb::PodConnections {
+        pools: vec![pb::ConnectionPool {
+            remote: db.into(),
+            established: 7,
+            ..Default::default()
+        }],
+        ..census_pod("shop", "web-1", "uid-1", 7)
+    };
+    let (a, _) = start_fake_agent(&rt, "node-a", vec![web]);
+    let agg = start_aggregator(dir.path(), &["--agents", &a.to_string()], None);
+    until(&agg, "KEDA gets the db pool's 7", || {
+        keda_remote(&rt, agg.grpc, db).ok().filter(|v| *v == 7.0)
+    });
+    let mut refused = None;
+    for i in 0..300u32 {
+        let remote = format!("10.1.{}.{}:80", i / 200, i % 200 + 1);
+        match keda_remote(&rt, agg.grpc, &remote) {
+            Ok(v) => assert!(
+                i < 255 && v == 0.0,
+                "remote #{i} {remote}: no pod holds a connection to it, and only 255 more fit \
+                 beside the db pool; got {v}"
+            ),
+            Err(s) => {
+                refused = Some((i, remote, s));
+                break;
+            }
+        }
+    }
+    let (i, remote, status) = refused.expect("the 257th remote is refused");
+    assert_eq!(i, 255, "255 fit beside the db pool: {status:?}");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains(&remote), "{status:?}");
+    assert_eq!(
+        keda_remote(&rt, agg.grpc, db).map_err(|s| s.to_string()),
+        Ok(7.0)
+    );
+}

@@ -1038,3 +1038,93 @@ fn adversary18d_a_burst_of_distinct_remotes_is_refused_not_read_as_zero() {
         Ok(7.0)
     );
 }
+
+// === an agent pod replaced on the same node mid-fan-out (end to end) ===
+
+/// A rollout replaces node-a's agent: the EndpointSlices list the old pod and the new one (two
+/// slices, two ports) for a while. The old agent's census names web-1 (4) and web-2 (6); the new
+/// one's pod view is synced but behind and names web-1 only. One census per node counts (the
+/// newest): whichever it is, KEDA must get 10 or UNAVAILABLE, never 4; and 10 once the new
+/// agent names web-2 too.
+#[test]
+fn adversary18d_an_agent_replaced_on_its_node_never_yields_a_smaller_sum() {
+    use crate::adversary_issue18c::{start_aggregator, start_fake_agent, until};
+    use nodekeeper_tests::fake_api::EndpointSeed;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let api = FakeApi::start();
+    api.add_node("node-a", &[]);
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let uid_of = |pod: serde_json::Value| pod["metadata"]["uid"].as_str().unwrap().to_string();
+    let web = |name: &str| {
+        PodSeed::new(name)
+            .namespace("shop")
+            .node("node-a")
+            .label("app", "web")
+    };
+    let (u1, u2) = (
+        uid_of(api.add_pod(web("web-1"))),
+        uid_of(api.add_pod(web("web-2"))),
+    );
+    let both = vec![
+        census_pod("shop", "web-1", &u1, 4),
+        census_pod("shop", "web-2", &u2, 6),
+    ];
+    let (old, _) = start_fake_agent(&rt, "node-a", both.clone());
+    let (new, new_snapshot) =
+        start_fake_agent(&rt, "node-a", vec![census_pod("shop", "web-1", &u1, 4)]);
+    for (addr, pod) in [(old, "nodekeeper-old"), (new, "nodekeeper-new")] {
+        api.add_endpoint_slice(
+            "nodekeeper-system",
+            "nodekeeper",
+            &[("grpc", addr.port())],
+            &[EndpointSeed::new("127.0.0.1").node("node-a").pod(pod)],
+        );
+    }
+    let agg = start_aggregator(
+        dir.path(),
+        &["--service", "nodekeeper-system/nodekeeper"],
+        Some(&kubeconfig),
+    );
+    until(
+        &agg,
+        "both agents of node-a answer, one superseding the other",
+        || {
+            crate::adversary_issue18c::get_fleet(&rt, agg.grpc)
+                .ok()
+                .filter(|f| f.agents.len() == 2 && f.duplicates == 1 && f.answered == 1)
+        },
+    );
+    let web_value = |rt: &tokio::runtime::Runtime| {
+        rt.block_on(census_pods::get_metrics(
+            &agg.grpc.to_string(),
+            scaled_object(
+                "shop",
+                &[
+                    ("metric", "established"),
+                    ("target", "5"),
+                    ("podSelector", "app=web"),
+                ],
+            ),
+        ))
+        .map(|r| r.metric_values[0].metric_value_float)
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut wrong = Vec::new();
+    while Instant::now() < deadline {
+        let got = web_value(&rt);
+        if !(matches!(got, Ok(v) if v == 10.0) || code(&got) == Some(tonic::Code::Unavailable)) {
+            wrong.push(format!("{got:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        wrong.is_empty(),
+        "web-1 (4) and web-2 (6) run on node-a: KEDA must get 10 or UNAVAILABLE; got {wrong:?}"
+    );
+    new_snapshot.lock().unwrap().connections = both;
+    until(&agg, "KEDA gets 10 once the new agent names web-2", || {
+        web_value(&rt).ok().filter(|v| *v == 10.0)
+    });
+}

@@ -13,6 +13,13 @@
 //! processes and sockets) and ask its own KEDA scaler; the others drive the aggregator's coverage
 //! path as its fan-out builds it (`PodPlacement::verify` against each agent's EndpointSlice node,
 //! `FleetCensus` behind a `ScalerService`, asked as KEDA asks).
+//!
+//! Broke (ignored): the one-pass BPF reader keeps IPv4-mapped peers (`remote` reads 0 for a
+//! dual-stack client); a pod process in a private netns listed first stands for the pod; the
+//! agent's own scaler sums without a selected pod its census lacks (a cgroup not found, a
+//! static pod); a hostNetwork pod's queued connections and TIME_WAIT sockets read 0.
+//! Held (plain): same names in two namespaces, minCoverage bounds, an agent in two slices with
+//! different nodes, an agent replaced on its node, lastKnownFor after a restart, pins full.
 
 use crate::support::census_pods;
 

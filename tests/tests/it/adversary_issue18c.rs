@@ -218,14 +218,14 @@ fn adversary18c_a_pod_named_twice_in_a_census_is_counted_once() {
 
 // === end to end: `nodekeeper aggregate` and fake agents ===
 
-struct Aggregator {
-    proc: Proc,
-    grpc: SocketAddr,
+pub(crate) struct Aggregator {
+    pub(crate) proc: Proc,
+    pub(crate) grpc: SocketAddr,
 }
 
 /// Starts `nodekeeper aggregate ARGS --allow-anonymous` on free loopback ports and waits for
 /// /readyz.
-fn start_aggregator(dir: &Path, args: &[&str], kubeconfig: Option<&Path>) -> Aggregator {
+pub(crate) fn start_aggregator(dir: &Path, args: &[&str], kubeconfig: Option<&Path>) -> Aggregator {
     let (grpc, metrics) = (loopback(free_port()), loopback(free_port()));
     let mut cmd = Command::new(agent_bin());
     cmd.arg("aggregate")
@@ -259,7 +259,10 @@ fn start_aggregator(dir: &Path, args: &[&str], kubeconfig: Option<&Path>) -> Agg
     Aggregator { proc, grpc }
 }
 
-fn get_fleet(rt: &tokio::runtime::Runtime, addr: SocketAddr) -> Result<pb::FleetStatus, Status> {
+pub(crate) fn get_fleet(
+    rt: &tokio::runtime::Runtime,
+    addr: SocketAddr,
+) -> Result<pb::FleetStatus, Status> {
     rt.block_on(async {
         let mut c = AggregatorClient::connect(format!("http://{addr}"))
             .await
@@ -289,7 +292,7 @@ fn keda_web_value(rt: &tokio::runtime::Runtime, addr: SocketAddr) -> Result<f64,
 }
 
 /// Polls `f` until it returns `Some`, failing after `WAIT` with `what` and the aggregator's log.
-fn until<T>(agg: &Aggregator, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+pub(crate) fn until<T>(agg: &Aggregator, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + WAIT;
     loop {
         if let Some(v) = f() {
@@ -380,7 +383,7 @@ impl node_agent_server::NodeAgent for FakeAgent {
 
 /// Serves a `FakeAgent` claiming `node_name` with `pods` on a free loopback port of `rt`; the
 /// returned snapshot can be changed at will.
-fn start_fake_agent(
+pub(crate) fn start_fake_agent(
     rt: &tokio::runtime::Runtime,
     node_name: &str,
     pods: Vec<pb::PodConnections>,

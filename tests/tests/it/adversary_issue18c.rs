@@ -13,12 +13,12 @@
 //! against its EndpointSlice node, `FleetCensus` behind a `ScalerService`, asked as KEDA asks);
 //! the others run `nodekeeper aggregate` against fake agents (and the fake API server).
 //!
-//! Broke, still open (ignored): a pod an agent names that the aggregator's lagging or silent
-//! (answered, then black-holed) pod watch does not know is dropped; the agent's own silent pod
-//! watch leaves a new pod unnamed and out of its sum.
 //! Broke, fixed since (plain now): two `--agents` claiming one node name, one dropped; an
 //! answering agent without a node raises `minCoverage`; a pod named twice counted twice;
-//! `remote` values no connection can have read 0.
+//! `remote` values no connection can have read 0; a pod an agent names that the aggregator's
+//! lagging or silent (answered, then black-holed) pod watch does not know was dropped, and the
+//! agent's own silent pod watch left a new pod unnamed and out of its sum (both UNAVAILABLE
+//! naming the pod now, decision #18-l).
 //! Held (plain): a Pending pod that serves is counted; a pod the agent left unnamed is named by
 //! the aggregator's view; a census above the message limit is UNAVAILABLE naming its agent.
 
@@ -157,7 +157,6 @@ fn is_unavailable(got: &Result<f64, Status>) -> bool {
 /// know proves the aggregator's view is behind, and must make the query UNAVAILABLE (or be
 /// counted), not vanish.
 #[test]
-#[ignore = "adversary finding: a selected pod an agent names but the aggregator's (lagging) pod view does not know is dropped: KEDA gets 5, not 55 or UNAVAILABLE"]
 fn adversary18c_a_new_pod_the_aggregators_view_has_not_seen_is_dropped_silently() {
     let placement = PodPlacement::from_pods(&[api_pod("web-1", "uid-1", "node-a", "Running")]);
     let census = vec![
@@ -508,7 +507,6 @@ impl FreezingProxy {
 /// node-a with 50 connections and node-a's agent names it: the aggregator refuses it as
 /// unknown and KEDA gets web-1's 4 (no error) for up to two minutes after a scale-out.
 #[test]
-#[ignore = "adversary finding: a silent (black-holed) aggregator pod watch reads as current for ~125 s; a new pod the agent names is dropped: KEDA gets 4, not 54 or UNAVAILABLE"]
 fn adversary18c_a_silent_aggregator_pod_watch_drops_a_new_pod_from_the_sum() {
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -735,7 +733,6 @@ fn pool_value(rt: &tokio::runtime::Runtime, addr: &str, selector: &str) -> Resul
 /// web-2 matches no selector unnamed, and KEDA asking the agent gets web-1's 4, not 10 or
 /// UNAVAILABLE.
 #[test]
-#[ignore = "adversary finding: a silent (black-holed) agent pod watch reads as current; a new pod's census entry stays unnamed and KEDA gets 4, not 10 or UNAVAILABLE"]
 fn adversary18c_a_silent_agent_pod_watch_leaves_a_new_pod_out_of_the_agents_sum_as_root() {
     if !nodekeeper_tests::require_root() {
         return;

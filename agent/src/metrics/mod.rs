@@ -173,9 +173,14 @@ impl ResourceCollector {
             .as_ref()
             .map(crate::kube::pod_meta)
             .unwrap_or_default();
-        // A deleted pod's cgroup outlives its API object for a moment: named as deleted.
+        // A deleted pod's cgroup outlives its API object for a moment: marked deleted (no
+        // longer a member of any selection, as the aggregator, which cannot place it, refuses
+        // it), not left unnamed, which would read as a pod view behind (decision #18-l).
         for (uid, m) in self.deleted_pods.metas() {
-            meta.entry(uid).or_insert(m);
+            meta.entry(uid).or_insert(crate::kube::PodMeta {
+                deletion_timestamp: m.deletion_timestamp,
+                ..Default::default()
+            });
         }
         for p in &mut pods {
             if let Some(m) = meta.get(&p.uid) {

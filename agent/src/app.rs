@@ -195,12 +195,14 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
         .map(|client| crate::kube::watch_node(client, node_name.clone(), supervisor.token()));
     // One watch of this node's pods, shared by every capability that needs pod identities.
     let pod_view = crate::kube::WatchHealth::default();
+    let deleted_pods = crate::kube::DeletedPods::default();
     let pod_watch = kube.clone().map(|client| {
         crate::kube::watch_pods(
             client,
             node_name.clone(),
             supervisor.token(),
             pod_view.clone(),
+            deleted_pods.clone(),
         )
     });
 
@@ -212,7 +214,8 @@ pub async fn run(config: Config, config_file: Option<std::path::PathBuf>) -> Res
             &config.metrics,
         );
         if let Some((store, _)) = &pod_watch {
-            collector = collector.with_pod_store(store.clone(), pod_view.clone());
+            collector =
+                collector.with_pod_store(store.clone(), pod_view.clone(), deleted_pods.clone());
         }
         if let Some(census) = collector.census_metrics() {
             census.register(&mut registry);

@@ -605,12 +605,13 @@ mod track_watches_tests {
 /// Watches only the pods scheduled to this node (`spec.nodeName=` field selector) into a store,
 /// with managedFields and status stripped (they are most of a pod's size and unused here).
 /// The returned counter increases on every event, so consumers can wait for one; `health`
-/// records whether the watch is current.
+/// records whether the watch is current, `deleted` the pods it saw deleted.
 pub fn watch_pods(
     client: kube::Client,
     node_name: String,
     token: tokio_util::sync::CancellationToken,
     health: WatchHealth,
+    deleted: DeletedPods,
 ) -> (PodStore, tokio::sync::watch::Receiver<u64>) {
     use futures::StreamExt;
     use kube::runtime::{WatchStreamExt, reflector, watcher};
@@ -639,6 +640,7 @@ pub fn watch_pods(
                     // re-list is still a successful one once done.
                     Some(Ok(event)) => {
                         health.record_event(&event);
+                        deleted.observe(&event);
                         tx.send_modify(|v| *v += 1);
                     }
                     Some(Err(e)) => {
@@ -663,32 +665,36 @@ pub struct PodMeta {
     pub deletion_timestamp: Option<prost_types::Timestamp>,
 }
 
-/// UID -> metadata for every pod in the store.
+/// UID -> metadata for every pod in the store; a static pod's mirror also under the UID its
+/// cgroup has (its `kubernetes.io/config.mirror` annotation).
 pub fn pod_meta(store: &PodStore) -> std::collections::HashMap<String, PodMeta> {
     store
         .state()
         .iter()
-        .filter_map(|p| {
-            let m = &p.metadata;
-            let meta = PodMeta {
-                namespace: m.namespace.clone().unwrap_or_default(),
-                name: m.name.clone()?,
-                labels: m
-                    .labels
-                    .as_ref()
-                    .map(|l| l.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-                    .unwrap_or_default(),
-                deletion_timestamp: m
-                    .deletion_timestamp
-                    .as_ref()
-                    .map(|t| prost_types::Timestamp {
-                        seconds: t.0.as_second(),
-                        nanos: t.0.subsec_nanosecond(),
-                    }),
-            };
-            Some((m.uid.clone()?, meta))
-        })
+        .filter_map(|p| Some((pod_uids(p), pod_meta_of(p)?)))
+        .flat_map(|(uids, meta)| uids.into_iter().map(move |uid| (uid, meta.clone())))
         .collect()
+}
+
+/// One pod's metadata; `None` without a name.
+fn pod_meta_of(p: &k8s_openapi::api::core::v1::Pod) -> Option<PodMeta> {
+    let m = &p.metadata;
+    Some(PodMeta {
+        namespace: m.namespace.clone().unwrap_or_default(),
+        name: m.name.clone()?,
+        labels: m
+            .labels
+            .as_ref()
+            .map(|l| l.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default(),
+        deletion_timestamp: m
+            .deletion_timestamp
+            .as_ref()
+            .map(|t| prost_types::Timestamp {
+                seconds: t.0.as_second(),
+                nanos: t.0.subsec_nanosecond(),
+            }),
+    })
 }
 
 /// A Service's ClusterIP (`namespace/name`); `None` when the Service does not exist or is
@@ -774,5 +780,195 @@ pub async fn node_event(
         Ok(Ok(_)) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, reason, "could not record a Kubernetes Event"),
         Err(_) => tracing::warn!(reason, "recording a Kubernetes Event timed out"),
+    }
+}
+
+/// The annotation a static pod's mirror pod carries: the static pod's UID, which the kubelet
+/// (and so the pod's cgroup) uses instead of the mirror pod's API UID.
+pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
+/// How long a pod the watch saw deleted is remembered: a deleted pod's cgroup (and so its
+/// census entry) outlives its API object until the kubelet cleans it up (seconds; minutes
+/// when a process is slow to die), and meanwhile its entry must read as deleted, not as a pod
+/// the view is behind on (decision #18-l). Ten minutes is far past any cleanup seen.
+pub const DELETED_POD_MEMORY: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// At most this many deleted pods are remembered (the oldest are forgotten first): bounds the
+/// memory of a cluster-wide watch during a mass deletion.
+const DELETED_POD_LIMIT: usize = 20_000;
+
+/// The pods a pod watch saw deleted in the last [`DELETED_POD_MEMORY`]: by a `Delete` event,
+/// or gone from a re-list. Fed every event of the watch (`observe`); cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct DeletedPods(std::sync::Arc<std::sync::Mutex<DeletedInner>>);
+
+#[derive(Debug, Default)]
+struct DeletedInner {
+    /// UIDs (and mirror UIDs) of the pods the watch has now.
+    live: std::collections::HashSet<String>,
+    /// During a re-list: the UIDs it has listed so far.
+    relisting: Option<std::collections::HashSet<String>>,
+    /// UID -> when the watch saw it deleted, and its metadata when the event carried it.
+    deleted: std::collections::HashMap<String, (std::time::SystemTime, Option<PodMeta>)>,
+}
+
+/// A pod's UID and, for a static pod's mirror, the UID its cgroup has.
+fn pod_uids(pod: &k8s_openapi::api::core::v1::Pod) -> Vec<String> {
+    let m = &pod.metadata;
+    let mirror = m
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(MIRROR_ANNOTATION))
+        .filter(|v| !v.is_empty())
+        .cloned();
+    m.uid.clone().into_iter().chain(mirror).collect()
+}
+
+impl DeletedPods {
+    /// Records one event of the pod watch.
+    pub fn observe(&self, event: &kube::runtime::watcher::Event<k8s_openapi::api::core::v1::Pod>) {
+        use kube::runtime::watcher::Event;
+        let now = std::time::SystemTime::now();
+        let mut s = self.0.lock().expect("not poisoned");
+        match event {
+            Event::Apply(pod) => {
+                for uid in pod_uids(pod) {
+                    s.deleted.remove(&uid);
+                    s.live.insert(uid);
+                }
+            }
+            Event::Delete(pod) => {
+                let mut meta = pod_meta_of(pod);
+                if let Some(m) = &mut meta {
+                    m.deletion_timestamp.get_or_insert_with(|| now.into());
+                }
+                for uid in pod_uids(pod) {
+                    s.live.remove(&uid);
+                    s.deleted.insert(uid, (now, meta.clone()));
+                }
+            }
+            Event::Init => s.relisting = Some(Default::default()),
+            Event::InitApply(pod) => {
+                let uids = pod_uids(pod);
+                for uid in &uids {
+                    s.deleted.remove(uid);
+                }
+                s.relisting
+                    .get_or_insert_with(Default::default)
+                    .extend(uids);
+            }
+            Event::InitDone => {
+                let listed = s.relisting.take().unwrap_or_default();
+                let gone: Vec<String> = s.live.difference(&listed).cloned().collect();
+                for uid in gone {
+                    s.deleted.insert(uid, (now, None));
+                }
+                s.live = listed;
+            }
+        }
+        let horizon = now.checked_sub(DELETED_POD_MEMORY);
+        s.deleted
+            .retain(|_, (at, _)| horizon.is_none_or(|h| *at >= h));
+        if s.deleted.len() > DELETED_POD_LIMIT {
+            let mut by_age: Vec<(std::time::SystemTime, String)> = s
+                .deleted
+                .iter()
+                .map(|(u, (at, _))| (*at, u.clone()))
+                .collect();
+            by_age.sort();
+            let excess = s.deleted.len() - DELETED_POD_LIMIT;
+            for (_, uid) in by_age.into_iter().take(excess) {
+                s.deleted.remove(&uid);
+            }
+        }
+    }
+
+    /// Whether the watch saw the pod with this UID deleted (within [`DELETED_POD_MEMORY`]).
+    pub fn contains(&self, uid: &str) -> bool {
+        self.get(uid).is_some()
+    }
+
+    /// A deleted pod: its metadata (with `deletion_timestamp` set) when its `Delete` event
+    /// carried it, else `None` inside.
+    pub fn get(&self, uid: &str) -> Option<Option<PodMeta>> {
+        let s = self.0.lock().expect("not poisoned");
+        let (at, meta) = s.deleted.get(uid)?;
+        let fresh = at.elapsed().map_or(true, |age| age <= DELETED_POD_MEMORY);
+        fresh.then(|| meta.clone())
+    }
+
+    /// Every pod remembered as deleted, by UID, with its metadata as its `Delete` event had it
+    /// (else only `deletion_timestamp`, the time the watch saw it gone).
+    pub fn metas(&self) -> Vec<(String, PodMeta)> {
+        let s = self.0.lock().expect("not poisoned");
+        s.deleted
+            .iter()
+            .filter(|(_, (at, _))| at.elapsed().map_or(true, |a| a <= DELETED_POD_MEMORY))
+            .map(|(uid, (at, meta))| {
+                let meta = meta.clone().unwrap_or_else(|| PodMeta {
+                    deletion_timestamp: Some((*at).into()),
+                    ..PodMeta::default()
+                });
+                (uid.clone(), meta)
+            })
+            .collect()
+    }
+
+    /// Every UID remembered as deleted.
+    pub fn uids(&self) -> std::collections::HashSet<String> {
+        let s = self.0.lock().expect("not poisoned");
+        s.deleted
+            .iter()
+            .filter(|(_, (at, _))| at.elapsed().map_or(true, |a| a <= DELETED_POD_MEMORY))
+            .map(|(u, _)| u.clone())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod deleted_pods_tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::runtime::watcher::Event;
+
+    fn pod(uid: &str, mirror: Option<&str>) -> Pod {
+        let mut p: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("p-{uid}"), "namespace": "shop", "uid": uid,
+                         "labels": {"app": "web"}},
+        }))
+        .unwrap();
+        if let Some(m) = mirror {
+            p.metadata.annotations = Some([(MIRROR_ANNOTATION.to_string(), m.to_string())].into());
+        }
+        p
+    }
+
+    #[test]
+    fn a_deleted_pod_is_remembered_with_its_metadata_and_a_recreated_uid_is_not() {
+        let d = DeletedPods::default();
+        d.observe(&Event::Apply(pod("u1", Some("hash-1"))));
+        assert!(!d.contains("u1"));
+        d.observe(&Event::Delete(pod("u1", Some("hash-1"))));
+        let meta = d.get("u1").expect("deleted").expect("with its metadata");
+        assert_eq!(meta.name, "p-u1");
+        assert!(meta.deletion_timestamp.is_some());
+        // The static pod's own UID (its cgroup's) too.
+        assert!(d.contains("hash-1"));
+        d.observe(&Event::Apply(pod("hash-1", None)));
+        assert!(!d.contains("hash-1"));
+    }
+
+    #[test]
+    fn a_pod_gone_from_a_relist_is_deleted() {
+        let d = DeletedPods::default();
+        d.observe(&Event::Apply(pod("u1", None)));
+        d.observe(&Event::Apply(pod("u2", None)));
+        d.observe(&Event::Init);
+        d.observe(&Event::InitApply(pod("u2", None)));
+        assert!(!d.contains("u1"), "not before the re-list is done");
+        d.observe(&Event::InitDone);
+        assert_eq!(d.get("u1"), Some(None));
+        assert!(!d.contains("u2"));
+        assert_eq!(d.uids(), ["u1".to_string()].into());
     }
 }

@@ -35,7 +35,7 @@ use crate::aggregate::discovery::{Discovery, Target};
 use crate::aggregate::pods::PodWatch;
 use crate::api::client::{endpoint, read_token};
 use crate::keda::coverage::{
-    AgentCensus, AgentState, FleetCensus, ForeignPod, LastKnown, PodPlacement,
+    AgentCensus, AgentState, FleetCensus, ForeignPod, LastKnown, PodPlacement, is_view_behind,
 };
 use crate::keda::service::{CENSUS_SOURCE, pod_view_not_current};
 use crate::metrics::connections::pins::{PinnedRemotes, PinsFull};
@@ -689,7 +689,7 @@ impl Fleet {
                         answered: true,
                         error: String::new(),
                         latency,
-                        pods: pods.len() as u32,
+                        pods: pods.iter().filter(|p| !is_view_behind(p)).count() as u32,
                         ready: t.ready,
                         census_age: age(c.at),
                         superseded_by: String::new(),

@@ -7,7 +7,9 @@
 //! labels, `spec.nodeName`, `status.phase`), and turning the store into a `PodPlacement` at
 //! each fan-out. Until the watch has synced, while it re-lists (`Init` to `InitDone`), while a
 //! re-watch goes unanswered past a short grace and while it is failing, the placement is not
-//! current and every query is UNAVAILABLE (docs/decisions.md #18-e, #18-j, #18-k).
+//! current and every query is UNAVAILABLE (docs/decisions.md #18-e, #18-j, #18-k). Also
+//! remembers the pods it saw deleted, so a deleted pod an agent still reports is not taken for
+//! one the view is behind on (#18-l).
 
 use futures::{FutureExt as _, StreamExt as _};
 use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
@@ -24,6 +26,9 @@ use crate::kube::WatchHealth;
 pub struct PodWatch {
     store: Store<Pod>,
     health: WatchHealth,
+    /// The pods it saw deleted lately: a census entry for one is not a pod the view is behind
+    /// on (decision #18-l).
+    deleted: crate::kube::DeletedPods,
     started: SystemTime,
 }
 
@@ -38,6 +43,8 @@ impl PodWatch {
             kube::Api::all(crate::kube::track_watches(client, health.clone()));
         let (store, writer) = reflector::store();
         let recorder = health.clone();
+        let deleted = crate::kube::DeletedPods::default();
+        let tombstones = deleted.clone();
         let config = watcher::Config::default().timeout(crate::kube::POD_WATCH_TIMEOUT_SECS);
         tokio::spawn(async move {
             let stream = watcher(api, config)
@@ -49,7 +56,10 @@ impl PodWatch {
                 match event {
                     // A re-list (`Init`, after a 410 or a restart) is current only at its
                     // `InitDone`.
-                    Ok(event) => recorder.record_event(&event),
+                    Ok(event) => {
+                        recorder.record_event(&event);
+                        tombstones.observe(&event);
+                    }
                     Err(e) => {
                         recorder.record_error(&e);
                         errors.inc();
@@ -61,6 +71,7 @@ impl PodWatch {
         Self {
             store,
             health,
+            deleted,
             started: SystemTime::now(),
         }
     }
@@ -90,9 +101,10 @@ impl PodWatch {
                     .map_or("never".to_string(), |t| format!("{} ago", since(t)))
             )));
         }
-        Arc::new(PodPlacement::from_pods(
-            self.store.state().iter().map(|p| p.as_ref()),
-        ))
+        Arc::new(
+            PodPlacement::from_pods(self.store.state().iter().map(|p| p.as_ref()))
+                .with_deleted(self.deleted.uids()),
+        )
     }
 }
 
@@ -101,7 +113,15 @@ impl PodWatch {
 fn strip(pod: &mut Pod) {
     let m = &mut pod.metadata;
     m.managed_fields = None;
-    m.annotations = None;
+    // Only a static pod's mirror annotation: its cgroup (and census entry) has that UID.
+    m.annotations = m
+        .annotations
+        .take()
+        .and_then(|a| {
+            a.into_iter()
+                .find(|(k, _)| k == crate::kube::MIRROR_ANNOTATION)
+        })
+        .map(|kv| [kv].into());
     m.owner_references = None;
     let node_name = pod.spec.as_ref().and_then(|s| s.node_name.clone());
     pod.spec = Some(PodSpec {

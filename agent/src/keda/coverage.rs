@@ -66,7 +66,26 @@ pub struct PodPlacement {
     /// Indexes into `known`.
     by_uid: HashMap<String, usize>,
     by_name: HashMap<(String, String), usize>,
+    /// UIDs the pod watch saw deleted lately (`kube::DeletedPods`).
+    deleted: std::collections::HashSet<String>,
     not_current: Option<String>,
+}
+
+/// The `source` of the entry `PodPlacement::verify` keeps in a census for a pod the pod view
+/// does not know (and did not see deleted): it stands for an unknown value, never for a number
+/// (decision #18-l).
+pub const VIEW_BEHIND: &str = "unknown: pod view behind";
+
+/// Whether `p` is `verify`'s stand-in for a pod the pod view does not know.
+pub fn is_view_behind(p: &pb::PodConnections) -> bool {
+    p.source == VIEW_BEHIND
+}
+
+/// Whether query `q` may select the pod `verify` could not name: its labels as the agent
+/// reported them match, or are unknown (the agent could not name it either).
+fn may_select(q: &Query, p: &pb::PodConnections) -> bool {
+    is_view_behind(p)
+        && (p.namespace.is_empty() || (p.namespace == q.namespace && q.selector.matches(&p.labels)))
 }
 
 /// A pod the API places on a node, as `verify` needs it.
@@ -84,8 +103,12 @@ struct KnownPod {
 pub enum Refusal {
     /// The pod watch places it on another node (or on none yet).
     OtherNode,
-    /// The pod watch knows no such pod (by UID, nor by namespace/name).
+    /// The pod watch knows no such pod (by UID, nor by namespace/name), nor saw it deleted:
+    /// the watch may be behind (`verify` keeps a `VIEW_BEHIND` stand-in for it).
     Unknown,
+    /// The pod watch saw it deleted, or the agent reports it terminating: not counted, and not
+    /// a sign that the view is behind.
+    Deleted,
 }
 
 impl Refusal {
@@ -94,6 +117,7 @@ impl Refusal {
         match self {
             Self::OtherNode => "other_node",
             Self::Unknown => "unknown",
+            Self::Deleted => "deleted",
         }
     }
 }
@@ -118,7 +142,11 @@ impl std::fmt::Display for ForeignPod {
                 f.write_str("the API has not scheduled it on any node")
             }
             Refusal::OtherNode => write!(f, "the API places it on node {}", self.placed_on),
-            Refusal::Unknown => f.write_str("the API knows no such pod"),
+            Refusal::Unknown => f.write_str(
+                "the API knows no such pod (pod view behind, or a rogue agent): queries that may \
+                 select it are UNAVAILABLE",
+            ),
+            Refusal::Deleted => f.write_str("deleted (terminating) in the API"),
         }
     }
 }
@@ -142,6 +170,16 @@ impl PodPlacement {
                 let uid = pod.metadata.uid.clone().unwrap_or_default();
                 if !uid.is_empty() {
                     by_uid.insert(uid.clone(), known.len());
+                }
+                // A static pod's cgroup has the UID of its mirror's annotation.
+                if let Some(mirror) = pod
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(crate::kube::MIRROR_ANNOTATION))
+                    .filter(|m| !m.is_empty())
+                {
+                    by_uid.insert(mirror.clone(), known.len());
                 }
                 by_name.insert((ns.clone(), name.clone()), known.len());
                 known.push(KnownPod {
@@ -172,8 +210,16 @@ impl PodPlacement {
             known,
             by_uid,
             by_name,
+            deleted: Default::default(),
             not_current: None,
         }
+    }
+
+    /// The UIDs the pod watch saw deleted lately: `verify` refuses them as deleted instead of
+    /// standing them in as unknown.
+    pub fn with_deleted(mut self, uids: std::collections::HashSet<String>) -> Self {
+        self.deleted = uids;
+        self
     }
 
     /// The pods of `pods` (one agent's census) that the API places on `node`, the agent's node
@@ -181,8 +227,11 @@ impl PodPlacement {
     /// (a census cannot move a pod into a selection); and those refused. An entry with a UID is
     /// found by that UID only (a UID the watch does not know is refused, even if its
     /// namespace/name is a recreated pod's); an entry without a UID by namespace/name. A rogue or confused
-    /// agent can then only misreport the pods of its own node. Call only on a current
-    /// placement: a not-current one knows no pod and refuses every one.
+    /// agent can then only misreport the pods of its own node. A pod the watch does not know
+    /// (nor saw deleted, nor the agent reports terminating) is refused AND kept as a `VIEW_BEHIND`
+    /// stand-in with no value and an `error`, the agent's namespace and labels: it is never
+    /// added to a sum, and a query that may select it is UNAVAILABLE naming it (decision
+    /// #18-l). Call only on a current placement: a not-current one knows no pod.
     pub fn verify(
         &self,
         node: &str,
@@ -210,7 +259,23 @@ impl PodPlacement {
                 placed_on: placed_on.to_string(),
             };
             match found {
-                None => refused.push(foreign(Refusal::Unknown, "")),
+                None if p.deletion_timestamp.is_some() || self.deleted.contains(&p.uid) => {
+                    refused.push(foreign(Refusal::Deleted, ""))
+                }
+                None => {
+                    refused.push(foreign(Refusal::Unknown, ""));
+                    kept.push(pb::PodConnections {
+                        uid: p.uid.clone(),
+                        namespace: p.namespace.clone(),
+                        name: p.name.clone(),
+                        labels: p.labels.clone(),
+                        error: "the aggregator's pod view does not know this pod (pod view \
+                                behind): its value is unknown"
+                            .into(),
+                        source: VIEW_BEHIND.into(),
+                        ..Default::default()
+                    });
+                }
                 Some(k) if node.is_empty() || k.node != node => {
                     refused.push(foreign(Refusal::OtherNode, &k.node))
                 }
@@ -312,6 +377,19 @@ struct Missing<'a> {
 fn incomplete(q: &Query, pods: &[pb::PodConnections], expected: &[ExpectedPod]) -> Option<String> {
     let selected =
         |p: &pb::PodConnections| p.namespace == q.namespace && q.selector.matches(&p.labels);
+    if let Some(p) = pods.iter().find(|p| may_select(q, p)) {
+        let labels = if p.namespace.is_empty() {
+            "its labels are unknown"
+        } else {
+            "its labels match"
+        };
+        return Some(format!(
+            "its census names pod {}/{} (uid {:?}) that the aggregator's pod view does not know \
+             ({labels}): pod view behind (a pod created since the watch's last event, or a \
+             silent watch), its value is unknown",
+            p.namespace, p.name, p.uid
+        ));
+    }
     let failed = |p: &pb::PodConnections| !p.error.is_empty() && p.deletion_timestamp.is_none();
     if let Some(p) = pods.iter().find(|p| selected(p) && failed(p)) {
         return Some(format!(
@@ -354,7 +432,8 @@ impl FleetCensus {
             )));
         }
         let selected = self.placement.as_ref().map(|p| p.selected_by_node(q));
-        if selected.as_ref().is_some_and(BTreeMap::is_empty) {
+        let unknown_selected = self.agents.iter().any(|a| names_unknown(q, a));
+        if selected.as_ref().is_some_and(BTreeMap::is_empty) && !unknown_selected {
             return Err(Status::not_found(format!(
                 "no pod in namespace {} matches podSelector {:?} (the aggregator's pod watch \
                  knows none)",
@@ -381,8 +460,11 @@ impl FleetCensus {
         // With a placement, an agent without a node counts no pod (`verify` refuses them all)
         // and matters to no query: it must not raise the coverage (adversary #18c). Without
         // one (`--agents`) every expected agent matters.
+        // An agent naming a pod q may select that the pod view does not know matters wherever
+        // it runs: that pod may be the only selected one on its node (decision #18-l).
         let matters = |a: &AgentCensus| {
             selected.is_none_or(|n| !a.node.is_empty() && n.contains_key(&a.node))
+                || names_unknown(q, a)
         };
         let expected_on = |a: &AgentCensus| -> &[ExpectedPod] {
             selected
@@ -502,6 +584,20 @@ impl FleetCensus {
             named.join("; ")
         )))
     }
+}
+
+/// Whether `a`'s census (its last one when it did not answer) names a pod `q` may select that
+/// the pod view does not know.
+fn names_unknown(q: &Query, a: &AgentCensus) -> bool {
+    let pods = match &a.state {
+        AgentState::Answered { pods, .. } => pods,
+        AgentState::Missing {
+            last_known: Some(lk),
+            ..
+        } => &lk.pods,
+        AgentState::Missing { .. } => return false,
+    };
+    pods.iter().any(|p| may_select(q, p))
 }
 
 fn secs(d: Duration) -> String {
@@ -933,8 +1029,16 @@ mod tests {
             web("web-1", "stale"),
         ];
         let (kept, refused) = placement.verify("node-a", &census);
+        // The pods the view does not know stand in as unknown values (decision #18-l).
+        let behind: Vec<&str> = kept
+            .iter()
+            .filter(|p| is_view_behind(p))
+            .map(|p| p.uid.as_str())
+            .collect();
+        assert_eq!(behind, ["u9", "stale"]);
         let kept: Vec<(&str, &str, &str, Option<&String>)> = kept
             .iter()
+            .filter(|p| !is_view_behind(p))
             .map(|p| {
                 (
                     p.namespace.as_str(),
@@ -962,5 +1066,93 @@ mod tests {
         // An agent whose node is unknown counts nothing.
         let (kept, refused) = placement.verify("", &census[..1]);
         assert!(kept.is_empty() && refused.len() == 1);
+    }
+
+    #[test]
+    fn a_pod_the_view_does_not_know_is_never_summed_and_makes_queries_that_may_select_it_unavailable()
+     {
+        let placement = placed_uid(&[("web-1", "uid-1", "node-a")]).unwrap();
+        let fleet = |census: Vec<pb::PodConnections>, placement: &PodPlacement| {
+            let (kept, _) = placement.verify("node-a", &census);
+            let mut f = one_agent(kept);
+            f.placement = Some(Arc::new(placement.clone()));
+            f
+        };
+        let mut new = web("web-3", "uid-3");
+        new.established = 50;
+        // Reported with the selected labels: UNAVAILABLE naming it...
+        let f = fleet(vec![web("web-1", "uid-1"), new.clone()], &placement);
+        let e = f.select(&query(&[])).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+        assert!(
+            e.message().contains(
+                "its census names pod shop/web-3 (uid \"uid-3\") that the aggregator's pod view \
+                 does not know (its labels match): pod view behind"
+            ),
+            "{e:?}"
+        );
+        // ...minCoverage still decides (the agent is not counted, its stand-in adds nothing)...
+        let two = placed_uid(&[("web-1", "uid-1", "node-a"), ("web-2", "uid-2", "node-c")]);
+        let (kept, _) = two
+            .as_ref()
+            .unwrap()
+            .verify("node-a", &[web("web-1", "uid-1"), new.clone()]);
+        let mut f = one_agent(kept);
+        f.agents.push(AgentCensus {
+            node: "node-c".into(),
+            name: "10.0.0.3:9741 (node-c)".into(),
+            state: AgentState::Answered {
+                pods: Arc::new(vec![web("web-2", "uid-2")]),
+                at: Instant::now(),
+            },
+        });
+        f.placement = two;
+        assert!(f.select(&query(&[])).is_err());
+        assert_eq!(counted(f.select(&query(&[("minCoverage", "50")]))), vec![1]);
+        // ...a query it cannot select is answered...
+        let mut api = web("api-1", "uid-4");
+        api.labels = HashMap::from([("app".to_string(), "api".to_string())]);
+        let f = fleet(vec![web("web-1", "uid-1"), api], &placement);
+        assert_eq!(counted(f.select(&query(&[]))), vec![2]);
+        // ...labels unknown (the agent could not name it either): any query may select it...
+        let mut unnamed = web("", "uid-5");
+        unnamed.namespace.clear();
+        unnamed.labels.clear();
+        let f = fleet(vec![web("web-1", "uid-1"), unnamed.clone()], &placement);
+        let e = f.select(&query(&[])).unwrap_err();
+        assert!(e.message().contains("(its labels are unknown)"), "{e:?}");
+        // ...even on a node hosting no pod the view selects (a scale-out onto a new node).
+        let e = fleet(
+            vec![new.clone()],
+            &placed_uid(&[("web-1", "uid-1", "node-b")]).unwrap(),
+        )
+        .select(&query(&[]))
+        .unwrap_err();
+        assert!(e.message().contains("shop/web-3"), "{e:?}");
+        // A pod the watch saw deleted, or the agent reports terminating: left out, no error.
+        let placement = (*placement)
+            .clone()
+            .with_deleted(["uid-5".to_string()].into());
+        let f = fleet(vec![web("web-1", "uid-1"), unnamed], &placement);
+        assert_eq!(counted(f.select(&query(&[]))), vec![1]);
+        new.deletion_timestamp = Some(prost_types::Timestamp::default());
+        let (kept, refused) = placement.verify("node-a", &[new]);
+        assert!(kept.is_empty());
+        assert_eq!(refused[0].reason, Refusal::Deleted);
+    }
+
+    #[test]
+    fn a_static_pod_is_known_by_its_mirrors_annotation() {
+        let mirror: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "etcd-node-a", "uid": "api-uid", "namespace": "kube-system",
+                         "annotations": {crate::kube::MIRROR_ANNOTATION: "hash-uid"}},
+            "spec": {"nodeName": "node-a", "containers": []},
+            "status": {"phase": "Running"},
+        }))
+        .unwrap();
+        let placement = PodPlacement::from_pods(&[mirror]);
+        let (kept, refused) = placement.verify("node-a", &[web("", "hash-uid")]);
+        assert!(refused.is_empty(), "{refused:?}");
+        assert_eq!(kept[0].name, "etcd-node-a");
     }
 }

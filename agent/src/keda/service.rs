@@ -109,7 +109,30 @@ pub fn census_of(snap: Arc<pb::MetricsSnapshot>) -> Result<Census, Status> {
             snap.node_name
         )));
     }
+    if let Some(why) = unnamed_pod(&snap) {
+        return Err(Status::unavailable(format!(
+            "node {}: {why}: its labels are unknown, so any query may select it, and a sum \
+             without it would scale the workload in",
+            snap.node_name
+        )));
+    }
     Ok(Census::from_snapshot(snap))
+}
+
+/// A census entry the agent's current pod view cannot name (decision #18-l): a pod whose cgroup
+/// exists but whose API object the view has not delivered (its watch behind, or silent), nor
+/// seen deleted. `None` when every entry is named, or standalone (no pod view names any).
+pub fn unnamed_pod(snap: &pb::MetricsSnapshot) -> Option<String> {
+    snap.pod_view.as_ref()?;
+    let p = snap
+        .connections
+        .iter()
+        .find(|p| p.namespace.is_empty() && p.deletion_timestamp.is_none())?;
+    Some(format!(
+        "the census has pod uid {:?} that the agent's pod view does not know (pod view behind: \
+         a pod created since the watch's last event, or a silent watch)",
+        p.uid
+    ))
 }
 
 /// Why a snapshot's pods may be unnamed: its pod watch had not synced, or was failing, when
@@ -626,5 +649,45 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    #[test]
+    fn a_census_entry_the_current_pod_view_cannot_name_is_unavailable_unless_deleted() {
+        let snap = |unnamed: pb::PodConnections, view: Option<pb::PodView>| {
+            Arc::new(pb::MetricsSnapshot {
+                node_name: "node-a".into(),
+                connections: vec![web_pod(1), unnamed],
+                pod_view: view,
+                ..Default::default()
+            })
+        };
+        let current = || {
+            Some(pb::PodView {
+                synced: true,
+                ..Default::default()
+            })
+        };
+        let unnamed = pb::PodConnections {
+            uid: "uid-2".into(),
+            established: 6,
+            ..Default::default()
+        };
+        let e = census_of(snap(unnamed.clone(), current())).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+        assert!(
+            e.message().contains(
+                "node node-a: the census has pod uid \"uid-2\" that the agent's pod view does \
+                 not know (pod view behind"
+            ),
+            "{e:?}"
+        );
+        // One the view saw deleted is named as deleted: left out, as a terminating pod.
+        let deleted = pb::PodConnections {
+            deletion_timestamp: Some(std::time::SystemTime::now().into()),
+            ..unnamed.clone()
+        };
+        assert!(census_of(snap(deleted, current())).is_ok());
+        // Standalone: no pod view names any pod.
+        assert!(census_of(snap(unnamed, None)).is_ok());
     }
 }

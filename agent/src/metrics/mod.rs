@@ -71,6 +71,9 @@ pub struct ResourceCollector {
     pod_store: Option<crate::kube::PodStore>,
     /// Whether that pod watch is current (reported in each snapshot's `pod_view`).
     pod_view: crate::kube::WatchHealth,
+    /// The pods that watch saw deleted: a census entry for one is named as deleted, not left
+    /// unnamed (decision #18-l).
+    deleted_pods: crate::kube::DeletedPods,
     /// The per-pod socket census; `None` when metrics.connections is disabled.
     connections: Option<connections::ConnectionCollector>,
 }
@@ -93,6 +96,7 @@ impl ResourceCollector {
             page_size,
             pod_store: None,
             pod_view: Default::default(),
+            deleted_pods: Default::default(),
             connections,
         }
     }
@@ -102,9 +106,11 @@ impl ResourceCollector {
         mut self,
         store: crate::kube::PodStore,
         health: crate::kube::WatchHealth,
+        deleted: crate::kube::DeletedPods,
     ) -> Self {
         self.pod_store = Some(store);
         self.pod_view = health;
+        self.deleted_pods = deleted;
         self
     }
 
@@ -162,11 +168,20 @@ impl ResourceCollector {
         } else {
             Vec::new()
         };
-        let meta = self
+        let mut meta = self
             .pod_store
             .as_ref()
             .map(crate::kube::pod_meta)
             .unwrap_or_default();
+        // A deleted pod's cgroup outlives its API object for a moment: marked deleted (no
+        // longer a member of any selection, as the aggregator, which cannot place it, refuses
+        // it), not left unnamed, which would read as a pod view behind (decision #18-l).
+        for (uid, m) in self.deleted_pods.metas() {
+            meta.entry(uid).or_insert(crate::kube::PodMeta {
+                deletion_timestamp: m.deletion_timestamp,
+                ..Default::default()
+            });
+        }
         for p in &mut pods {
             if let Some(m) = meta.get(&p.uid) {
                 p.namespace.clone_from(&m.namespace);

@@ -676,6 +676,12 @@ impl FakeApi {
         self.store.mutate(|st| st.remove(Res::Nodes, "", name));
     }
 
+    /// Removes a pod at once (a DELETED watch event), as a force deletion (`--grace-period=0
+    /// --force`) does while its containers may still run on the node.
+    pub fn force_delete_pod(&self, ns: &str, name: &str) {
+        self.store.mutate(|st| st.remove(Res::Pods, ns, name));
+    }
+
     pub fn delete_config_map(&self, ns: &str, name: &str) {
         self.store.mutate(|st| st.remove(Res::ConfigMaps, ns, name));
     }

@@ -13,12 +13,13 @@
 //! against its EndpointSlice node, `FleetCensus` behind a `ScalerService`, asked as KEDA asks);
 //! the others run `nodekeeper aggregate` against fake agents (and the fake API server).
 //!
-//! Broke, still open (ignored): a pod an agent names that the aggregator's lagging or silent
-//! (answered, then black-holed) pod watch does not know is dropped; the agent's own silent pod
-//! watch leaves a new pod unnamed and out of its sum.
 //! Broke, fixed since (plain now): two `--agents` claiming one node name, one dropped; an
 //! answering agent without a node raises `minCoverage`; a pod named twice counted twice;
-//! `remote` values no connection can have read 0.
+//! `remote` values no connection can have read 0; a pod an agent names that the aggregator's
+//! lagging or silent (answered, then black-holed) pod watch does not know was dropped, and the
+//! agent's own silent pod watch left a new pod unnamed and out of its sum (both UNAVAILABLE
+//! naming the pod now, decision #18-l). Decision #18-l's other side (plain): a pod the API
+//! deleted that an agent still reports is left out, not UNAVAILABLE.
 //! Held (plain): a Pending pod that serves is counted; a pod the agent left unnamed is named by
 //! the aggregator's view; a census above the message limit is UNAVAILABLE naming its agent.
 
@@ -157,7 +158,6 @@ fn is_unavailable(got: &Result<f64, Status>) -> bool {
 /// know proves the aggregator's view is behind, and must make the query UNAVAILABLE (or be
 /// counted), not vanish.
 #[test]
-#[ignore = "adversary finding: a selected pod an agent names but the aggregator's (lagging) pod view does not know is dropped: KEDA gets 5, not 55 or UNAVAILABLE"]
 fn adversary18c_a_new_pod_the_aggregators_view_has_not_seen_is_dropped_silently() {
     let placement = PodPlacement::from_pods(&[api_pod("web-1", "uid-1", "node-a", "Running")]);
     let census = vec![
@@ -511,7 +511,6 @@ impl FreezingProxy {
 /// node-a with 50 connections and node-a's agent names it: the aggregator refuses it as
 /// unknown and KEDA gets web-1's 4 (no error) for up to two minutes after a scale-out.
 #[test]
-#[ignore = "adversary finding: a silent (black-holed) aggregator pod watch reads as current for ~125 s; a new pod the agent names is dropped: KEDA gets 4, not 54 or UNAVAILABLE"]
 fn adversary18c_a_silent_aggregator_pod_watch_drops_a_new_pod_from_the_sum() {
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -601,6 +600,75 @@ fn adversary18c_a_silent_aggregator_pod_watch_drops_a_new_pod_from_the_sum() {
         "web-2 (50 connections) runs on node-a and node-a's agent names it; the aggregator's \
          pod watch is silent: KEDA must get 54 or UNAVAILABLE, never less; got {wrong:?}"
     );
+}
+
+/// Decision #18-l's other side: web-2 is force-deleted in the API while node-a's agent still
+/// names it (its own view lags, its cgroup outlives the object for a moment). The aggregator's
+/// pod watch saw the deletion, so web-2 is not a pod its view is behind on: left out (4), never
+/// UNAVAILABLE (which every scale-in would otherwise flap KEDA to), never added (54).
+#[test]
+fn adversary18c_a_pod_the_aggregator_saw_deleted_is_left_out_not_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let api = FakeApi::start();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    api.add_node("node-a", &[]);
+    let uid_of = |pod: serde_json::Value| pod["metadata"]["uid"].as_str().unwrap().to_string();
+    let web = |name: &str| {
+        PodSeed::new(name)
+            .namespace("shop")
+            .node("node-a")
+            .label("app", "web")
+    };
+    let web_1 = uid_of(api.add_pod(web("web-1")));
+    let web_2 = uid_of(api.add_pod(web("web-2")));
+    let (agent, _snapshot) = start_fake_agent(
+        &rt,
+        "node-a",
+        vec![
+            census_pod("web-1", &web_1, 4),
+            census_pod("web-2", &web_2, 50),
+        ],
+    );
+    api.add_endpoint_slice(
+        "nodekeeper-system",
+        "nodekeeper",
+        &[("grpc", agent.port())],
+        &[EndpointSeed::new("127.0.0.1")
+            .node("node-a")
+            .pod("nodekeeper-node-a")],
+    );
+    let agg = start_aggregator(
+        dir.path(),
+        &["--service", "nodekeeper-system/nodekeeper"],
+        Some(&kubeconfig),
+    );
+    until(&agg, "KEDA gets web-1's 4 and web-2's 50", || {
+        keda_web_value(&rt, agg.grpc).ok().filter(|v| *v == 54.0)
+    });
+    api.force_delete_pod("shop", "web-2");
+    let deleted = |f: &pb::FleetStatus| {
+        f.agents.iter().any(|a| {
+            a.refused_pods
+                .iter()
+                .any(|r| r.starts_with("shop/web-2 ") && r.contains("deleted"))
+        })
+    };
+    until(&agg, "the aggregator refuses web-2 as deleted", || {
+        get_fleet(&rt, agg.grpc).ok().filter(deleted)
+    });
+    let end = Instant::now() + silence_window();
+    while Instant::now() < end {
+        let got = keda_web_value(&rt, agg.grpc).map_err(|s| s.to_string());
+        assert_eq!(
+            got,
+            Ok(4.0),
+            "web-2 was deleted in the API (the aggregator's watch saw it) but node-a's agent \
+             still names it: KEDA gets web-1's 4"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// How long the silent-watch attacks keep asking: past `WATCH_ANSWER_GRACE` by a second.
@@ -738,7 +806,6 @@ fn pool_value(rt: &tokio::runtime::Runtime, addr: &str, selector: &str) -> Resul
 /// web-2 matches no selector unnamed, and KEDA asking the agent gets web-1's 4, not 10 or
 /// UNAVAILABLE.
 #[test]
-#[ignore = "adversary finding: a silent (black-holed) agent pod watch reads as current; a new pod's census entry stays unnamed and KEDA gets 4, not 10 or UNAVAILABLE"]
 fn adversary18c_a_silent_agent_pod_watch_leaves_a_new_pod_out_of_the_agents_sum_as_root() {
     if !nodekeeper_tests::require_root() {
         return;
@@ -825,6 +892,67 @@ fn adversary18c_a_silent_agent_pod_watch_leaves_a_new_pod_out_of_the_agents_sum_
         "web-1 (4) and web-2 (6) run on node-a; the agent's pod watch is silent: KEDA must get \
          10 or UNAVAILABLE, never less; got {wrong:?}"
     );
+}
+
+/// Decision #18-l on the agent: web-2 is force-deleted in the API while its processes (and
+/// cgroup, and 6 connections) are still on the node. The agent's pod watch saw the deletion, so
+/// the census names web-2 as deleted (terminating) instead of leaving it unnamed: KEDA asking
+/// the agent gets web-1's 4, not UNAVAILABLE (every scale-in would flap) and not 10.
+#[test]
+fn adversary18c_a_pod_the_agent_saw_deleted_is_left_out_not_unavailable_as_root() {
+    if !nodekeeper_tests::require_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let api = FakeApi::start();
+    api.add_node("node-a", &[]);
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let cgroup = dir.path().join("cgroup");
+    let pod = |name: &str, pool: u32| {
+        census_pods::start(
+            &api,
+            &cgroup,
+            dir.path(),
+            "node-a",
+            "shop",
+            name,
+            &[("app", "web")],
+            pool,
+            0,
+        )
+    };
+    let _web_1 = pod("web-1", 4);
+    let _web_2 = pod("web-2", 6);
+    let agent = nodekeeper_tests::Agent::builder()
+        .connected(&kubeconfig, "node-a")
+        .arg("--host-cgroup")
+        .arg(cgroup.display().to_string())
+        .start();
+    let addr = agent.api.to_string();
+    census_pods::wait_for_pool(&addr, 10.0);
+    api.force_delete_pod("shop", "web-2");
+    let deadline = Instant::now() + WAIT;
+    while !matches!(pool_value(&rt, &addr, "app=web"), Ok(v) if v == 4.0) {
+        assert!(
+            Instant::now() < deadline,
+            "web-2's deletion never left it out: {:?}",
+            pool_value(&rt, &addr, "app=web")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Past the agent's snapshot age: every census since names web-2 as deleted.
+    let end = Instant::now() + silence_window();
+    while Instant::now() < end {
+        let got = pool_value(&rt, &addr, "app=web").map_err(|s| s.to_string());
+        assert_eq!(
+            got,
+            Ok(4.0),
+            "web-2 was deleted in the API (the agent's watch saw it); its processes still run"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// The aggregator's side of the silent agent watch above: node-a's census has web-2 by UID only

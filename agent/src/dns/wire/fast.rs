@@ -235,7 +235,7 @@ fn record(b: &[u8], i: usize) -> Result<RecordHeader, &'static str> {
 /// Parses a client query. Only standard queries with exactly one question are served.
 pub fn parse_query(b: &[u8]) -> Result<Query, Reject> {
     #[cfg(test)]
-    super::counting::PARSES.with(|n| n.set(n.get() + 1));
+    crate::dns::counting::PARSES.with(|n| n.set(n.get() + 1));
     if b.len() < HEADER_LEN {
         return Err(Reject::Drop("shorter than a DNS header"));
     }

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use super::config::{DnsConfig, UpstreamProtocol, UpstreamsConfig, parse_server};
 use super::kube_dns::{KubeDnsConfig, normalize_zone};
 use super::resolv_conf::{self, ResolvConf};
-use super::wire::outgoing;
+use super::wire::{self, outgoing};
 use crate::host::HostPaths;
 
 /// Latency buckets: a node-local kube-dns answers in well under a millisecond, a remote
@@ -619,9 +619,9 @@ impl Forwarder {
                     let server = servers[k];
                     match result {
                         Ok(answer) => {
-                            let reason = match outgoing::rcode(&answer) {
-                                outgoing::RCODE_SERVFAIL => "servfail",
-                                outgoing::RCODE_REFUSED => "refused",
+                            let reason = match wire::header_rcode(&answer) {
+                                wire::rcode::SERVFAIL => "servfail",
+                                wire::rcode::REFUSED => "refused",
                                 _ => {
                                     server.reachable();
                                     break Some((k, answer));
@@ -810,7 +810,7 @@ impl Forwarder {
     }
 
     async fn probe(&self, group: &Group, server: &Arc<Server>) {
-        let query = outgoing::probe_query(&group.probe.0, group.probe.1);
+        let query = wire::build::probe_query(&group.probe.0, group.probe.1);
         let prepared = Arc::new(
             outgoing::Prepared::new(&query, false).expect("probe queries are well-formed"),
         );
@@ -965,7 +965,7 @@ impl Forwarder {
         let rtt = started.elapsed();
         server.latency_udp.observe(rtt.as_secs_f64());
         server.rtt.lock().expect("rtt lock").sample(rtt);
-        if outgoing::truncated(&answer) {
+        if wire::truncated(&answer) {
             return self.tcp_attempt(server, p, deadline).await;
         }
         Ok(answer)
@@ -1031,7 +1031,7 @@ impl Forwarder {
         server.latency_tcp.observe(started.elapsed().as_secs_f64());
         // RFC 2181 9: a truncated answer is incomplete. Over TCP there is nothing larger to
         // ask with: this server failed this query (never cached, never served).
-        if outgoing::truncated(&answer) {
+        if wire::truncated(&answer) {
             return Err(UpstreamError::Malformed {
                 server: server.addr,
                 why: "answer truncated (TC) over TCP".into(),
@@ -1388,7 +1388,7 @@ mod tests {
         let mut c = DnsConfig::default();
         c.upstreams.default.servers = vec!["10.0.0.1".into()];
         let f = forwarder(&c);
-        let q = outgoing::probe_query("kubernetes.default.svc.cluster.local", RecordType::A);
+        let q = wire::build::probe_query("kubernetes.default.svc.cluster.local", RecordType::A);
         let e = f
             .forward(&q, "kubernetes.default.svc.cluster.local")
             .await

@@ -5,8 +5,10 @@
 //! decoding agrees with: an accepted query has hickory's ID, flags, question and EDNS; every
 //! rejection names something hickory also sees (a response, another opcode, a zone transfer,
 //! an EDNS version, a count, a compressed or undecodable question, a second or misplaced OPT).
-//! Responses: `scan_response` against hickory on generated answers (rcode with its OPT bits,
-//! TC, counts, TTLs) and their mutations.
+//! The messages built by hand from a query's own bytes (`upstream_query`, `empty_response`,
+//! `reject_response`) must decode in hickory as what they promise. Responses: `scan_response`
+//! against hickory on generated answers (rcode with its OPT bits, TC, counts, TTLs) and their
+//! mutations.
 
 use hickory_proto::op::{Header, Message, MessageType, OpCode, Query as HQuery};
 use hickory_proto::rr::rdata::{A, CNAME, SOA};
@@ -328,6 +330,7 @@ fn check_query(b: &[u8]) -> Result<&'static str, String> {
             if matches!(q.qtype, TYPE_AXFR | TYPE_IXFR) {
                 return Err("accepted a zone transfer".into());
             }
+            check_built(b, &q, hq.name())?;
             let Some(opts) = opts else {
                 // Our parser walks the additional records' structure, never their data.
                 return Ok("accepted; hickory cannot decode an additional record");
@@ -364,6 +367,18 @@ fn check_query(b: &[u8]) -> Result<&'static str, String> {
             why,
             question,
         }) => {
+            let mut out = Vec::new();
+            super::reject_response(b, question, rc, &mut out);
+            let r = Message::from_vec(&out).map_err(|e| format!("our {why} answer: {e}"))?;
+            let echoed = usize::from(question.is_some());
+            if (
+                r.metadata.id,
+                u16::from(r.metadata.response_code),
+                r.queries.len(),
+            ) != (m.id, rc, echoed)
+            {
+                return Err(format!("our {why} answer reads as {r:?}"));
+            }
             if let Some(end) = question {
                 let Some((hq, true)) = &first_question else {
                     return Err(format!(
@@ -405,6 +420,54 @@ fn check_query(b: &[u8]) -> Result<&'static str, String> {
             }
         }
     }
+}
+
+/// The messages built by hand from an accepted query's bytes (the query to an upstream, an
+/// error answer) read in hickory as what they promise.
+fn check_built(b: &[u8], q: &super::Query, qname: &Name) -> Result<(), String> {
+    let same_question = |m: &Message| {
+        m.queries.len() == 1
+            && m.queries[0].name() == qname
+            && wire_name(m.queries[0].name()) == b[HEADER_LEN..q.qname_end]
+            && u16::from(m.queries[0].query_type()) == q.qtype
+            && u16::from(m.queries[0].query_class()) == q.qclass
+    };
+    let mut up = Vec::new();
+    super::upstream_query(b, q, &mut up);
+    let m = Message::from_vec(&up).map_err(|e| format!("our upstream query: {e}"))?;
+    let edns = m.edns.as_ref().map(|e| {
+        let no_options = e.options().as_ref().is_empty();
+        (
+            e.max_payload(),
+            e.flags().dnssec_ok,
+            e.version(),
+            no_options,
+        )
+    });
+    let want = q
+        .edns
+        .map(|e| (super::OUR_UDP_PAYLOAD, e.dnssec_ok, 0, true));
+    let flags = (m.metadata.recursion_desired, m.metadata.authentic_data);
+    if !same_question(&m)
+        || m.metadata.message_type != MessageType::Query
+        || flags != (true, true)
+        || m.metadata.checking_disabled != q.checking_disabled
+        || edns != want
+    {
+        return Err(format!("our upstream query reads as {m:?}"));
+    }
+    let mut out = Vec::new();
+    super::empty_response(b, Some(q), rcode::SERVFAIL, true, &mut out);
+    let m = Message::from_vec(&out).map_err(|e| format!("our SERVFAIL: {e}"))?;
+    let meta = &m.metadata;
+    if !same_question(&m)
+        || (meta.id, meta.message_type, meta.truncation) != (q.id, MessageType::Response, true)
+        || u16::from(meta.response_code) != rcode::SERVFAIL
+        || m.edns.is_some() != q.edns.is_some()
+    {
+        return Err(format!("our SERVFAIL reads as {m:?}"));
+    }
+    Ok(())
 }
 
 #[test]

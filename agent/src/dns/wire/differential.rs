@@ -470,32 +470,48 @@ fn check_built(b: &[u8], q: &super::Query, qname: &Name) -> Result<(), String> {
     Ok(())
 }
 
-#[test]
-fn the_fast_query_parser_agrees_with_hickory() {
-    let mut rng = Rng(0x5EED_0021);
+/// Runs `check` on `CASES` messages from `generate` (`mutated` percent of them mutated), from
+/// `seed`; panics with the case and its bytes on the first disagreement, and unless every verdict
+/// in `must_reach` came up often (or the comparison proves little).
+fn differential(
+    seed: u64,
+    generate: fn(&mut Rng) -> Vec<u8>,
+    mutated: usize,
+    check: fn(&[u8]) -> Result<&'static str, String>,
+    must_reach: &[&str],
+) {
+    let mut rng = Rng(seed);
     let mut outcomes = std::collections::BTreeMap::<&str, usize>::new();
     for case in 0..CASES {
-        let mut b = generate_query(&mut rng);
-        if rng.percent(33) {
+        let mut b = generate(&mut rng);
+        if rng.percent(mutated) {
             mutate(&mut rng, &mut b);
         }
-        match check_query(&b) {
+        match check(&b) {
             Ok(what) => *outcomes.entry(what).or_default() += 1,
             Err(e) => panic!("case {case}: {e}\nbytes: {b:02x?}"),
         }
     }
-    // The generator must reach each verdict, or the comparison proves little.
-    for what in [
-        "accepted without EDNS",
-        "accepted with EDNS",
-        "rejected, and hickory sees why",
-        "dropped a response",
-    ] {
-        assert!(
-            outcomes.get(what).copied().unwrap_or(0) > 100,
-            "{what}: {outcomes:?}"
-        );
+    for what in must_reach {
+        let n = outcomes.get(what).copied().unwrap_or(0);
+        assert!(n > 100, "{what}: {outcomes:?}");
     }
+}
+
+#[test]
+fn the_fast_query_parser_agrees_with_hickory() {
+    differential(
+        0x5EED_0021,
+        generate_query,
+        33,
+        check_query,
+        &[
+            "accepted without EDNS",
+            "accepted with EDNS",
+            "rejected, and hickory sees why",
+            "dropped a response",
+        ],
+    );
 }
 
 /// An upstream's answer, encoded by hickory: A/CNAME answers with TTLs (some with the top bit
@@ -597,22 +613,11 @@ fn check_response(b: &[u8]) -> Result<&'static str, String> {
 
 #[test]
 fn the_response_scanner_agrees_with_hickory() {
-    let mut rng = Rng(0x5EED_2121);
-    let mut outcomes = std::collections::BTreeMap::<&str, usize>::new();
-    for case in 0..CASES {
-        let mut b = generate_response(&mut rng);
-        if rng.percent(50) {
-            mutate(&mut rng, &mut b);
-        }
-        match check_response(&b) {
-            Ok(what) => *outcomes.entry(what).or_default() += 1,
-            Err(e) => panic!("case {case}: {e}\nbytes: {b:02x?}"),
-        }
-    }
-    for what in ["both read", "both refuse"] {
-        assert!(
-            outcomes.get(what).copied().unwrap_or(0) > 100,
-            "{what}: {outcomes:?}"
-        );
-    }
+    differential(
+        0x5EED_2121,
+        generate_response,
+        50,
+        check_response,
+        &["both read", "both refuse"],
+    );
 }

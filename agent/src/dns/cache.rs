@@ -353,7 +353,7 @@ fn adjust(counter: &AtomicU64, before: u64, after: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dns::wire::tests::{query, response};
+    use crate::dns::wire::fast::tests::{query, response};
 
     fn entry(ttl: u32, now: Instant) -> Entry {
         let q = query(1, "a.test", 1, None);

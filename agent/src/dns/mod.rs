@@ -356,11 +356,11 @@ pub async fn answers(addr: SocketAddr) -> bool {
         return false;
     };
     let id = (std::process::id() as u16) ^ 0x5a5a;
-    let mut q = Vec::with_capacity(32);
-    q.extend_from_slice(&id.to_be_bytes());
-    // RD, one question: ". IN NS".
-    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 1]);
-    if socket.send_to(&q, addr).await.is_err() {
+    if socket
+        .send_to(&wire::build::self_check_query(id), addr)
+        .await
+        .is_err()
+    {
         return false;
     }
     let mut buf = [0u8; 1500];
@@ -368,7 +368,7 @@ pub async fn answers(addr: SocketAddr) -> bool {
     while let Ok(Ok((n, from))) =
         tokio::time::timeout_at(deadline, socket.recv_from(&mut buf)).await
     {
-        if from == addr && n >= 2 && buf[0..2] == id.to_be_bytes() {
+        if from == addr && wire::answers_id(&buf[..n], id) {
             return true;
         }
     }

@@ -1179,7 +1179,7 @@ async fn write_answers(
 mod tests {
     use super::*;
     use crate::config::ConfigDuration;
-    use crate::dns::wire::tests::{query, response};
+    use crate::dns::wire::fast::tests::{query, response};
     use std::sync::atomic::AtomicU32;
 
     /// Answers A queries with one record (TTL from the name's first label when numeric), NXDOMAIN

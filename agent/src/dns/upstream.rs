@@ -8,7 +8,6 @@
 //! rewrites the ID and question case of what this returns for its client. Never sends a query
 //! to a loopback resolver from the host's resolv.conf (it would come back to us).
 
-mod msg;
 mod tcp;
 mod udp;
 
@@ -34,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use super::config::{DnsConfig, UpstreamProtocol, UpstreamsConfig, parse_server};
 use super::kube_dns::{KubeDnsConfig, normalize_zone};
 use super::resolv_conf::{self, ResolvConf};
+use super::wire::{self, outgoing};
 use crate::host::HostPaths;
 
 /// Latency buckets: a node-local kube-dns answers in well under a millisecond, a remote
@@ -284,7 +284,7 @@ impl Server {
         let healthy_gauge = m.healthy.get_or_create(&server).clone();
         healthy_gauge.set(1);
         let (rejected, upstream) = (m.rejected.clone(), label.clone());
-        let on_rejected: udp::OnRejected = Arc::new(move |why: msg::Rejected| {
+        let on_rejected: udp::OnRejected = Arc::new(move |why: outgoing::Rejected| {
             rejected
                 .get_or_create(&ReasonLabels {
                     upstream: upstream.clone(),
@@ -538,7 +538,7 @@ impl Forwarder {
             });
         }
         let prepared = Arc::new(
-            msg::Prepared::new(query, self.randomize_case)
+            outgoing::Prepared::new(query, self.randomize_case)
                 .map_err(|why| UpstreamError::BadQuery { why })?,
         );
         let any_healthy = group.servers.iter().any(|s| s.is_healthy());
@@ -619,9 +619,9 @@ impl Forwarder {
                     let server = servers[k];
                     match result {
                         Ok(answer) => {
-                            let reason = match msg::rcode(&answer) {
-                                msg::RCODE_SERVFAIL => "servfail",
-                                msg::RCODE_REFUSED => "refused",
+                            let reason = match wire::header_rcode(&answer) {
+                                wire::rcode::SERVFAIL => "servfail",
+                                wire::rcode::REFUSED => "refused",
                                 _ => {
                                     server.reachable();
                                     break Some((k, answer));
@@ -810,9 +810,10 @@ impl Forwarder {
     }
 
     async fn probe(&self, group: &Group, server: &Arc<Server>) {
-        let query = msg::probe_query(&group.probe.0, group.probe.1);
-        let prepared =
-            Arc::new(msg::Prepared::new(&query, false).expect("probe queries are well-formed"));
+        let query = wire::build::probe_query(&group.probe.0, group.probe.1);
+        let prepared = Arc::new(
+            outgoing::Prepared::new(&query, false).expect("probe queries are well-formed"),
+        );
         let deadline = Instant::now() + self.timeout;
         match self
             .attempt(server, group.protocol, &prepared, deadline)
@@ -931,7 +932,7 @@ impl Forwarder {
         &self,
         server: &Server,
         protocol: UpstreamProtocol,
-        p: &Arc<msg::Prepared>,
+        p: &Arc<outgoing::Prepared>,
         deadline: Instant,
     ) -> Result<Vec<u8>, UpstreamError> {
         if protocol == UpstreamProtocol::Tcp {
@@ -964,7 +965,7 @@ impl Forwarder {
         let rtt = started.elapsed();
         server.latency_udp.observe(rtt.as_secs_f64());
         server.rtt.lock().expect("rtt lock").sample(rtt);
-        if msg::truncated(&answer) {
+        if wire::truncated(&answer) {
             return self.tcp_attempt(server, p, deadline).await;
         }
         Ok(answer)
@@ -973,7 +974,7 @@ impl Forwarder {
     async fn tcp_attempt(
         &self,
         server: &Server,
-        p: &msg::Prepared,
+        p: &outgoing::Prepared,
         deadline: Instant,
     ) -> Result<Vec<u8>, UpstreamError> {
         let timeout = deadline.saturating_duration_since(Instant::now());
@@ -1030,7 +1031,7 @@ impl Forwarder {
         server.latency_tcp.observe(started.elapsed().as_secs_f64());
         // RFC 2181 9: a truncated answer is incomplete. Over TCP there is nothing larger to
         // ask with: this server failed this query (never cached, never served).
-        if msg::truncated(&answer) {
+        if wire::truncated(&answer) {
             return Err(UpstreamError::Malformed {
                 server: server.addr,
                 why: "answer truncated (TC) over TCP".into(),
@@ -1387,7 +1388,7 @@ mod tests {
         let mut c = DnsConfig::default();
         c.upstreams.default.servers = vec!["10.0.0.1".into()];
         let f = forwarder(&c);
-        let q = msg::probe_query("kubernetes.default.svc.cluster.local", RecordType::A);
+        let q = wire::build::probe_query("kubernetes.default.svc.cluster.local", RecordType::A);
         let e = f
             .forward(&q, "kubernetes.default.svc.cluster.local")
             .await

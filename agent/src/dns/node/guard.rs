@@ -29,6 +29,8 @@ use tokio::net::UdpSocket;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::dns::wire;
+
 use super::NodeWiring;
 
 /// Defaults of the `dns-guard` flags: together the fail-open window is
@@ -104,31 +106,6 @@ pub enum ProbeError {
     Io(#[from] std::io::Error),
 }
 
-/// A query for `name` class CH type TXT with id `id`, no recursion desired.
-pub fn query(id: u16, name: &str) -> Vec<u8> {
-    let mut q = Vec::with_capacity(32 + name.len());
-    q.extend_from_slice(&id.to_be_bytes());
-    q.extend_from_slice(&[0x00, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0]);
-    for label in name
-        .trim_end_matches('.')
-        .split('.')
-        .filter(|l| !l.is_empty())
-    {
-        let l = &label.as_bytes()[..label.len().min(63)];
-        q.push(l.len() as u8);
-        q.extend_from_slice(l);
-    }
-    q.push(0);
-    q.extend_from_slice(&16u16.to_be_bytes()); // TXT
-    q.extend_from_slice(&3u16.to_be_bytes()); // CH
-    q
-}
-
-/// True when `msg` is a response (QR set) to query `id`.
-pub fn is_answer(msg: &[u8], id: u16) -> bool {
-    msg.len() >= 12 && msg[..2] == id.to_be_bytes() && msg[2] & 0x80 != 0
-}
-
 /// Sends one query to `target` and waits up to `timeout` for the matching response.
 pub async fn probe(target: SocketAddr, timeout: Duration, name: &str) -> Result<(), ProbeError> {
     let bind: SocketAddr = if target.is_ipv4() {
@@ -140,11 +117,11 @@ pub async fn probe(target: SocketAddr, timeout: Duration, name: &str) -> Result<
     let work = async {
         let sock = UdpSocket::bind(bind).await?;
         sock.connect(target).await?;
-        sock.send(&query(id, name)).await?;
+        sock.send(&wire::build::guard_query(id, name)).await?;
         let mut buf = [0u8; 512];
         loop {
             let n = sock.recv(&mut buf).await?;
-            if is_answer(&buf[..n], id) {
+            if wire::answers_id(&buf[..n], id) {
                 return Ok(());
             }
         }
@@ -322,15 +299,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn query_is_well_formed() {
-        let q = query(0xabcd, "id.server.");
-        assert_eq!(&q[..4], &[0xab, 0xcd, 0, 0]);
-        assert_eq!(&q[12..], b"\x02id\x06server\x00\x00\x10\x00\x03");
-        assert!(!is_answer(&q, 0xabcd));
+    fn only_a_response_with_our_id_is_an_answer() {
+        let q = wire::build::guard_query(0xabcd, "id.server.");
+        assert!(!wire::answers_id(&q, 0xabcd));
         let mut a = q.clone();
         a[2] |= 0x80;
-        assert!(is_answer(&a, 0xabcd));
-        assert!(!is_answer(&a, 0xabce));
+        assert!(wire::answers_id(&a, 0xabcd));
+        assert!(!wire::answers_id(&a, 0xabce));
+        assert!(!wire::answers_id(&a[..11], 0xabcd));
     }
 
     #[tokio::test]

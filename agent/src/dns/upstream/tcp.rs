@@ -20,7 +20,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::msg;
+use crate::dns::wire;
 
 /// A connection with nothing in flight this long is closed: CoreDNS closes idle clients after
 /// 10 s by default and unbound after `tcp-idle-timeout` (30 s), so we reconnect rarely and never
@@ -151,8 +151,8 @@ impl Conn {
         };
         // Forget the ID however this ends (answer, timeout dropping this future, close).
         let _guard = PendingGuard { conn: self, id };
-        msg::set_id(query, id);
-        let frame = crate::dns::wire::tcp_frame(query).ok_or_else(|| {
+        wire::set_id(query, id);
+        let frame = wire::tcp_frame(query).ok_or_else(|| {
             TcpError::Io(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "query longer than 65535",
@@ -241,7 +241,7 @@ async fn read_loop(mut r: OwnedReadHalf, conn: Arc<Conn>, addr: SocketAddr) {
             Ok(Ok(_)) => {}
         }
         let n = u16::from_be_bytes(len) as usize;
-        if n < msg::HEADER_LEN {
+        if n < wire::HEADER_LEN {
             break "answer shorter than a header";
         }
         let mut buf = vec![0u8; n];
@@ -252,7 +252,7 @@ async fn read_loop(mut r: OwnedReadHalf, conn: Arc<Conn>, addr: SocketAddr) {
         if body.is_err() {
             break "read error";
         }
-        let id = msg::id(&buf);
+        let id = wire::id(&buf);
         let waiter = conn.pending.lock().expect("pending lock").remove(&id);
         match waiter {
             Some(tx) => {

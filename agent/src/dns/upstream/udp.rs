@@ -6,7 +6,7 @@
 //! on it. A retired socket stays open until its last query is answered or given up.
 //!
 //! One reader task per socket validates every datagram against the query pending under its ID
-//! (`msg::Prepared::validate`: QR, opcode, question) and hands the answer over; anything else
+//! (`wire::outgoing::Prepared::validate`: QR, opcode, question) and hands the answer over; anything else
 //! is counted as rejected and the query keeps waiting for the real answer until its timeout.
 
 use std::collections::HashMap;
@@ -21,8 +21,11 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{Notify, oneshot};
 
-use super::msg::{self, Prepared, Rejected};
 use crate::dns::udp_batch::{ANSWERS, recv_answers};
+use crate::dns::wire::{
+    self,
+    outgoing::{Prepared, Rejected},
+};
 
 /// Sockets per server in use at once.
 pub const SOCKETS: usize = 4;
@@ -81,7 +84,7 @@ impl UdpClient {
         // Forget the ID however this ends (answer, timeout, the caller dropping this future).
         let guard = Registered { sock: &sock, id };
         let mut query = p.bytes.clone();
-        msg::set_id(&mut query, id);
+        wire::set_id(&mut query, id);
         sock.socket.send(&query).await.map_err(UdpError::Io)?;
         let since = std::time::Instant::now();
         match tokio::time::timeout(timeout, rx).await {
@@ -293,18 +296,18 @@ async fn read_loop(sock: Arc<Sock>, on_rejected: OnRejected) {
 
 /// Hands one datagram to the query pending under its ID, if it is that query's valid answer.
 fn hand_over(sock: &Sock, answer: &[u8], on_rejected: &OnRejected) {
-    if answer.len() < msg::HEADER_LEN {
+    if answer.len() < wire::HEADER_LEN {
         on_rejected(Rejected::Short);
         return;
     }
     let mut pending = sock.pending.lock().expect("pending lock");
-    let Some(w) = pending.get_mut(&msg::id(answer)) else {
+    let Some(w) = pending.get_mut(&wire::id(answer)) else {
         drop(pending);
         *sock.last_wrong_id.lock().expect("wrong id lock") = Some(std::time::Instant::now());
         on_rejected(Rejected::Id);
         return;
     };
-    match w.query.validate(answer, msg::id(answer)) {
+    match w.query.validate(answer, wire::id(answer)) {
         Ok(()) => {
             if let Some(tx) = w.tx.take() {
                 // An exact-size copy: the answer may live long in the cache.
@@ -362,7 +365,7 @@ mod tests {
     }
 
     fn prepared(name: &str) -> Arc<Prepared> {
-        Arc::new(Prepared::new(&msg::probe_query(name, RecordType::A), false).unwrap())
+        Arc::new(Prepared::new(&wire::build::probe_query(name, RecordType::A), false).unwrap())
     }
 
     fn counting() -> (OnRejected, Arc<AtomicU32>) {
@@ -387,7 +390,7 @@ mod tests {
         for i in 0..queries {
             let p = prepared(&format!("n{i}.test"));
             let answer = client.exchange(&p, Duration::from_secs(2)).await.unwrap();
-            assert!(p.validate(&answer, msg::id(&answer)).is_ok());
+            assert!(p.validate(&answer, wire::id(&answer)).is_ok());
             if i % ROTATE_AFTER as usize == 0 {
                 let slots = client.slots.lock().unwrap();
                 for s in slots.iter().flatten() {
@@ -465,7 +468,7 @@ mod tests {
                 tokio::spawn(async move {
                     let p = prepared(&format!("c{i}.test"));
                     let answer = client.exchange(&p, Duration::from_secs(2)).await.unwrap();
-                    p.validate(&answer, msg::id(&answer))
+                    p.validate(&answer, wire::id(&answer))
                 })
             })
             .collect();

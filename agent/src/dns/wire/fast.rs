@@ -1,4 +1,5 @@
-//! The DNS wire format, as much as a caching forwarder needs and no more: parse a client query
+//! The hand-written hot path of the wire format, as much as a caching forwarder needs and no
+//! more (constants, header accessors and the name walker are `wire`'s): parse a client query
 //! (header, one question, EDNS OPT), scan an upstream response (record TTL offsets, minimum
 //! TTL, SOA negative TTL), patch a cached response for a client (ID, RD, question case, TTLs
 //! decremented in place) and build error/truncated responses. No allocation on the hit path.
@@ -7,51 +8,11 @@
 //! query's question may not contain one, and skipping a name stops at the first pointer), so
 //! pointer loops cannot occur. Anything malformed is an error value, never a panic.
 
-pub const HEADER_LEN: usize = 12;
-/// Longest name on the wire (RFC 1035 2.3.4).
-pub const MAX_NAME: usize = 255;
-/// What a client without EDNS can receive over UDP.
-pub const MIN_UDP_PAYLOAD: usize = 512;
-/// The payload size we advertise in our own OPT records (DNS flag day 2020).
-pub const OUR_UDP_PAYLOAD: u16 = 1232;
-/// The largest UDP answer we send, whatever the client advertises: beyond it, TC and the
-/// client retries over TCP (a 64 KiB datagram is fragmented, and fragments get lost/spoofed).
-pub const MAX_UDP_ANSWER: usize = 4096;
-
-// Header flag bits (RFC 1035 4.1.1, RFC 4035 3.2): byte 2 and byte 3 of the message.
-const FLAG2_AA: u8 = 0x04;
-const FLAG2_RD: u8 = 0x01;
-const FLAG3_AD: u8 = 0x20;
-const FLAG3_CD: u8 = 0x10;
-
-pub const TYPE_SOA: u16 = 6;
-pub const TYPE_OPT: u16 = 41;
-pub const TYPE_IXFR: u16 = 251;
-pub const TYPE_AXFR: u16 = 252;
-
-pub mod rcode {
-    pub const NOERROR: u16 = 0;
-    pub const FORMERR: u16 = 1;
-    pub const SERVFAIL: u16 = 2;
-    pub const NXDOMAIN: u16 = 3;
-    pub const NOTIMP: u16 = 4;
-    pub const REFUSED: u16 = 5;
-    /// Extended (needs OPT): unsupported EDNS version.
-    pub const BADVERS: u16 = 16;
-
-    pub fn name(rcode: u16) -> &'static str {
-        match rcode {
-            NOERROR => "NOERROR",
-            FORMERR => "FORMERR",
-            SERVFAIL => "SERVFAIL",
-            NXDOMAIN => "NXDOMAIN",
-            NOTIMP => "NOTIMP",
-            REFUSED => "REFUSED",
-            BADVERS => "BADVERS",
-            _ => "OTHER",
-        }
-    }
-}
+use super::{
+    FLAG2_AA, FLAG2_OPCODE, FLAG2_QR, FLAG2_RD, FLAG2_TC, FLAG3_AD, FLAG3_CD, FLAG3_RA,
+    FLAG3_RCODE, HEADER_LEN, MAX_UDP_ANSWER, MIN_UDP_PAYLOAD, OUR_UDP_PAYLOAD, Pointers, TYPE_A,
+    TYPE_AAAA, TYPE_AXFR, TYPE_IXFR, TYPE_OPT, TYPE_SOA, name_end, rcode, u16_at, u32_at,
+};
 
 /// EDNS(0) as the client sent it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,61 +107,6 @@ pub enum Reject {
     },
 }
 
-fn u16_at(b: &[u8], i: usize) -> Option<u16> {
-    Some(u16::from_be_bytes([*b.get(i)?, *b.get(i + 1)?]))
-}
-
-fn u32_at(b: &[u8], i: usize) -> Option<u32> {
-    Some(u32::from_be_bytes([
-        *b.get(i)?,
-        *b.get(i + 1)?,
-        *b.get(i + 2)?,
-        *b.get(i + 3)?,
-    ]))
-}
-
-/// Reads an uncompressed name starting at `i`; returns the offset after it.
-fn uncompressed_name_end(b: &[u8], mut i: usize) -> Result<usize, &'static str> {
-    let start = i;
-    loop {
-        let len = *b.get(i).ok_or("name runs past the end")?;
-        if len & 0xC0 != 0 {
-            return Err("compressed or extended label in the question");
-        }
-        i += 1 + usize::from(len);
-        if i - start > MAX_NAME {
-            return Err("name longer than 255 bytes");
-        }
-        if len == 0 {
-            return Ok(i);
-        }
-    }
-}
-
-/// Skips a possibly compressed name at `i` without following pointers.
-fn skip_name(b: &[u8], mut i: usize) -> Result<usize, &'static str> {
-    let start = i;
-    loop {
-        let len = *b.get(i).ok_or("name runs past the end")?;
-        match len & 0xC0 {
-            0x00 => {
-                i += 1 + usize::from(len);
-                if i - start > MAX_NAME {
-                    return Err("name longer than 255 bytes");
-                }
-                if len == 0 {
-                    return Ok(i);
-                }
-            }
-            0xC0 => {
-                b.get(i + 1).ok_or("pointer runs past the end")?;
-                return Ok(i + 2);
-            }
-            _ => return Err("extended label type"),
-        }
-    }
-}
-
 /// A resource record's fixed part.
 struct RecordHeader {
     rtype: u16,
@@ -212,12 +118,12 @@ struct RecordHeader {
 }
 
 fn record(b: &[u8], i: usize) -> Result<RecordHeader, &'static str> {
-    let name_end = skip_name(b, i)?;
-    let rtype = u16_at(b, name_end).ok_or("record header runs past the end")?;
-    let class = u16_at(b, name_end + 2).ok_or("record header runs past the end")?;
-    let ttl = u32_at(b, name_end + 4).ok_or("record header runs past the end")?;
-    let rdlen = usize::from(u16_at(b, name_end + 8).ok_or("record header runs past the end")?);
-    let rdata = name_end + 10;
+    let owner_end = name_end(b, i, Pointers::End)?;
+    let rtype = u16_at(b, owner_end).ok_or("record header runs past the end")?;
+    let class = u16_at(b, owner_end + 2).ok_or("record header runs past the end")?;
+    let ttl = u32_at(b, owner_end + 4).ok_or("record header runs past the end")?;
+    let rdlen = usize::from(u16_at(b, owner_end + 8).ok_or("record header runs past the end")?);
+    let rdata = owner_end + 10;
     let end = rdata + rdlen;
     if end > b.len() {
         return Err("record data runs past the end");
@@ -225,7 +131,7 @@ fn record(b: &[u8], i: usize) -> Result<RecordHeader, &'static str> {
     Ok(RecordHeader {
         rtype,
         class,
-        ttl_offset: name_end + 4,
+        ttl_offset: owner_end + 4,
         ttl,
         rdata,
         end,
@@ -235,18 +141,17 @@ fn record(b: &[u8], i: usize) -> Result<RecordHeader, &'static str> {
 /// Parses a client query. Only standard queries with exactly one question are served.
 pub fn parse_query(b: &[u8]) -> Result<Query, Reject> {
     #[cfg(test)]
-    super::counting::PARSES.with(|n| n.set(n.get() + 1));
+    crate::dns::counting::PARSES.with(|n| n.set(n.get() + 1));
     if b.len() < HEADER_LEN {
         return Err(Reject::Drop("shorter than a DNS header"));
     }
-    let flags = u16_at(b, 2).unwrap_or_default();
-    if flags & 0x8000 != 0 {
+    if super::is_response(b) {
         return Err(Reject::Drop("a response, not a query"));
     }
     let count = |i| u16_at(b, i).unwrap_or_default();
     // The question, when there is exactly one and it is well formed: error answers echo it.
     let question = (count(4) == 1)
-        .then(|| uncompressed_name_end(b, HEADER_LEN).ok())
+        .then(|| name_end(b, HEADER_LEN, Pointers::Refuse).ok())
         .flatten()
         .filter(|end| end + 4 <= b.len())
         .map(|end| end + 4);
@@ -256,8 +161,7 @@ pub fn parse_query(b: &[u8]) -> Result<Query, Reject> {
         question,
     };
     let formerr = |why: &'static str| respond(rcode::FORMERR, why);
-    let opcode = (flags >> 11) & 0xF;
-    if opcode != 0 {
+    if super::opcode(b) != 0 {
         return Err(respond(rcode::NOTIMP, "opcode other than QUERY"));
     }
     if count(4) != 1 {
@@ -266,7 +170,7 @@ pub fn parse_query(b: &[u8]) -> Result<Query, Reject> {
     if count(6) != 0 || count(8) != 0 {
         return Err(formerr("a query with answer or authority records"));
     }
-    let qname_end = uncompressed_name_end(b, HEADER_LEN).map_err(formerr)?;
+    let qname_end = name_end(b, HEADER_LEN, Pointers::Refuse).map_err(formerr)?;
     let qtype = u16_at(b, qname_end).ok_or(formerr("question runs past the end"))?;
     let qclass = u16_at(b, qname_end + 2).ok_or(formerr("question runs past the end"))?;
     let question_end = qname_end + 4;
@@ -291,7 +195,7 @@ pub fn parse_query(b: &[u8]) -> Result<Query, Reject> {
     }
     let query = Query {
         id: u16_at(b, 0).unwrap_or_default(),
-        recursion_desired: flags & 0x0100 != 0,
+        recursion_desired: b[2] & FLAG2_RD != 0,
         qname_end,
         question_end,
         qtype,
@@ -351,22 +255,21 @@ pub fn scan_response(b: &[u8]) -> Result<ResponseInfo, &'static str> {
     if b.len() < HEADER_LEN {
         return Err("shorter than a DNS header");
     }
-    let flags = u16_at(b, 2).unwrap_or_default();
-    if flags & 0x8000 == 0 {
+    if !super::is_response(b) {
         return Err("not a response (QR unset)");
     }
     let count = |i| u16_at(b, i).unwrap_or_default();
     let (qd, an, ns, ar) = (count(4), count(6), count(8), count(10));
     let mut i = HEADER_LEN;
     for _ in 0..qd {
-        i = skip_name(b, i)? + 4;
+        i = name_end(b, i, Pointers::End)? + 4;
         if i > b.len() {
             return Err("question runs past the end");
         }
     }
     let mut info = ResponseInfo {
-        rcode: flags & 0xF,
-        truncated: flags & 0x0200 != 0,
+        rcode: super::header_rcode(b),
+        truncated: super::truncated(b),
         answers: an,
         ttl_offsets: Vec::with_capacity(usize::from(an) + usize::from(ns) + usize::from(ar)),
         min_answer_ttl: None,
@@ -419,7 +322,7 @@ pub fn owned_by_question(b: &[u8]) -> bool {
     if count(4) != 1 || count(8) != 0 || count(10) != 0 {
         return false;
     }
-    let Ok(question_end) = skip_name(b, HEADER_LEN).map(|i| i + 4) else {
+    let Ok(question_end) = name_end(b, HEADER_LEN, Pointers::End).map(|i| i + 4) else {
         return false;
     };
     let qtype = u16_at(b, question_end - 4).unwrap_or(0);
@@ -430,7 +333,7 @@ pub fn owned_by_question(b: &[u8]) -> bool {
         }
         let Ok(rr) = record(b, i) else { return false };
         let size = rr.end - rr.rdata;
-        if rr.rtype != qtype || !matches!((rr.rtype, size), (1, 4) | (28, 16)) {
+        if rr.rtype != qtype || !matches!((rr.rtype, size), (TYPE_A, 4) | (TYPE_AAAA, 16)) {
             return false;
         }
         i = rr.end;
@@ -543,13 +446,14 @@ pub fn empty_response(
 ) {
     out.clear();
     let id = u16_at(query, 0).unwrap_or_default();
-    let rd = query.get(2).map_or(0, |f| f & 0x01);
+    let rd = query.get(2).map_or(0, |f| f & FLAG2_RD);
     out.extend_from_slice(&id.to_be_bytes());
-    let opcode_bits = query.get(2).map_or(0, |f| f & 0x78);
-    out.push(0x80 | opcode_bits | (u8::from(truncated) << 1) | rd);
+    let opcode_bits = query.get(2).map_or(0, |f| f & FLAG2_OPCODE);
+    let tc = if truncated { FLAG2_TC } else { 0 };
+    out.push(FLAG2_QR | opcode_bits | tc | rd);
     // RA, CD copied from the query (RFC 4035 3.2.2), rcode.
     let cd = query.get(3).map_or(0, |f| f & FLAG3_CD);
-    out.push(0x80 | cd | (rcode & 0xF) as u8);
+    out.push(FLAG3_RA | cd | (rcode as u8 & FLAG3_RCODE));
     let qd = u16::from(q.is_some());
     let ar = u16::from(q.is_some_and(|q| q.edns.is_some()) || rcode > 0xF);
     for c in [qd, 0, 0, ar] {

@@ -5,42 +5,13 @@
 //! Never rewrites anything but the ID and the question name's letter case of the query the
 //! cache built (`wire::upstream_query`: its own header and OPT, never a client's options).
 
-/// Header length (RFC 1035 4.1.1).
-pub const HEADER_LEN: usize = 12;
+use super::{HEADER_LEN, Pointers, id, is_response, name_end, opcode, set_id, u16_at};
+
 /// Compression pointers followed before a name is called a loop.
 const MAX_POINTERS: usize = 32;
 
-pub const RCODE_SERVFAIL: u8 = 2;
-pub const RCODE_REFUSED: u8 = 5;
-
-pub fn id(msg: &[u8]) -> u16 {
-    u16::from_be_bytes([msg[0], msg[1]])
-}
-
-pub fn set_id(msg: &mut [u8], id: u16) {
-    msg[..2].copy_from_slice(&id.to_be_bytes());
-}
-
-pub fn is_response(msg: &[u8]) -> bool {
-    msg[2] & 0x80 != 0
-}
-
-pub fn opcode(msg: &[u8]) -> u8 {
-    (msg[2] >> 3) & 0x0f
-}
-
-pub fn truncated(msg: &[u8]) -> bool {
-    msg[2] & 0x02 != 0
-}
-
-/// The header's 4-bit RCODE (the OPT record's extension bits are not needed to tell
-/// SERVFAIL and REFUSED).
-pub fn rcode(msg: &[u8]) -> u8 {
-    msg[3] & 0x0f
-}
-
 fn qdcount(msg: &[u8]) -> u16 {
-    u16::from_be_bytes([msg[4], msg[5]])
+    u16_at(msg, 4).unwrap_or_default()
 }
 
 /// A query ready to send: its bytes (with the ID and name case chosen for this upstream query)
@@ -68,7 +39,7 @@ impl Prepared {
         if qdcount(query) != 1 {
             return Err("QDCOUNT is not 1");
         }
-        let end = uncompressed_name_end(query, HEADER_LEN)?;
+        let end = name_end(query, HEADER_LEN, Pointers::Refuse)?;
         if end + 4 > query.len() {
             return Err("question is truncated");
         }
@@ -162,24 +133,6 @@ impl Rejected {
     }
 }
 
-/// The end of an uncompressed name starting at `at` (a query's question never needs a pointer).
-fn uncompressed_name_end(msg: &[u8], mut at: usize) -> Result<usize, &'static str> {
-    let start = at;
-    loop {
-        let len = *msg.get(at).ok_or("question name is truncated")? as usize;
-        if len == 0 {
-            return Ok(at + 1);
-        }
-        if len & 0xc0 != 0 {
-            return Err("question name is compressed or uses an unknown label type");
-        }
-        at += 1 + len;
-        if at - start > 255 {
-            return Err("question name is longer than 255 bytes");
-        }
-    }
-}
-
 /// Compares the (possibly compressed) name at `at` with the uncompressed wire name `want`;
 /// returns whether it matched and where the name ends at `at`. None: truncated or a loop.
 fn name_matches(msg: &[u8], mut at: usize, want: &[u8], case_exact: bool) -> Option<(bool, usize)> {
@@ -247,22 +200,6 @@ fn randomize_name_case(name: &mut [u8]) {
         }
         i += 1 + len;
     }
-}
-
-/// A recursion-desired query for `name` (dotted, no trailing dot; "" for the root) and `qtype`,
-/// built with hickory-proto: the health probes' `. NS` and `<zone> SOA`.
-pub fn probe_query(name: &str, qtype: hickory_proto::rr::RecordType) -> Vec<u8> {
-    use hickory_proto::op::{Message, Query};
-    use hickory_proto::rr::Name;
-    let name = if name.is_empty() {
-        Name::root()
-    } else {
-        Name::from_ascii(format!("{name}.")).unwrap_or_else(|_| Name::root())
-    };
-    let mut m = Message::query();
-    m.metadata.recursion_desired = true;
-    m.add_query(Query::query(name, qtype));
-    m.to_vec().expect("a one-question query always encodes")
 }
 
 #[cfg(test)]
@@ -375,14 +312,5 @@ mod tests {
         let mut r = query("a.b.", RecordType::A);
         r[2] |= 0x80;
         assert!(Prepared::new(&r, false).is_err());
-    }
-
-    #[test]
-    fn probe_queries_decode() {
-        let m = Message::from_vec(&probe_query("", RecordType::NS)).unwrap();
-        assert_eq!(m.queries[0].name(), &Name::root());
-        let m = Message::from_vec(&probe_query("cluster.local", RecordType::SOA)).unwrap();
-        assert_eq!(m.queries[0].query_type(), RecordType::SOA);
-        assert_eq!(m.queries[0].name().to_ascii(), "cluster.local.");
     }
 }

@@ -542,7 +542,7 @@ pub fn udp_exchange(server: SocketAddr, msg: &[u8], wait: Duration) -> Option<Ve
     s.set_read_timeout(Some(wait)).expect("timeout");
     s.send_to(msg, server).expect("send");
     let mut buf = vec![0u8; 65535];
-    match s.recv_from(&mut buf) {
+    match crate::uninterrupted(|| s.recv_from(&mut buf)) {
         Ok((n, _)) => Some(buf[..n].to_vec()),
         Err(_) => None,
     }

@@ -175,6 +175,19 @@ pub fn http_get_with(
 }
 
 /// Polls `f` every 50 ms until it returns Some or `timeout` passes.
+/// Runs a socket call again when a signal interrupted it. A read with a receive timeout
+/// (SO_RCVTIMEO) is never restarted by the kernel (signal(7)), and in the one test binary other
+/// tests' children send SIGCHLD to tokio's reaper, which can land on any thread: without this an
+/// interrupted `recv_from` reads as "no answer".
+pub fn uninterrupted<T>(mut call: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    loop {
+        match call() {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
 pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     loop {

@@ -160,7 +160,8 @@ fn each_test_runs_in_a_namespace_of_its_own_as_root() {
             .unwrap();
         // A connected UDP socket reports the port unreachable as ECONNREFUSED on recv.
         let _ = s.send(b"from the host");
-        let reply = s.recv(&mut [0u8; 64]).map_err(|e| e.kind());
+        let reply =
+            nodekeeper_tests::uninterrupted(|| s.recv(&mut [0u8; 64])).map_err(|e| e.kind());
         (current_netns(), reply)
     });
 
@@ -187,8 +188,7 @@ fn each_test_runs_in_a_namespace_of_its_own_as_root() {
         .join()
         .map(|ns| assert_eq!(ns, here, "a thread started inside is inside"))
         .unwrap();
-        let (n, _) = server
-            .recv_from(&mut buf)
+        let (n, _) = nodekeeper_tests::uninterrupted(|| server.recv_from(&mut buf))
             .expect("the inside datagram arrives");
         assert_eq!(&buf[..n], b"from inside");
 
@@ -199,7 +199,7 @@ fn each_test_runs_in_a_namespace_of_its_own_as_root() {
             host_thread_ns, host,
             "the host thread stayed in the host namespace"
         );
-        let got = server.recv_from(&mut buf);
+        let got = nodekeeper_tests::uninterrupted(|| server.recv_from(&mut buf));
         assert!(
             got.is_err(),
             "a datagram from the host namespace reached the namespace: {:?}",

@@ -87,7 +87,7 @@ fn steady_client(
             sent.fetch_add(1, Ordering::SeqCst);
             let mut buf = [0u8; 512];
             let answered = loop {
-                match socket.recv_from(&mut buf) {
+                match nodekeeper_tests::uninterrupted(|| socket.recv_from(&mut buf)) {
                     Ok((n, _)) if n >= 2 && buf[0..2] == i.to_be_bytes() => break true,
                     Ok(_) => continue,
                     Err(_) => break false,

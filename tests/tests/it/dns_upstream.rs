@@ -85,7 +85,7 @@ fn wait_answering(server: SocketAddr, proc: &Proc) {
     let mut buf = [0u8; 512];
     loop {
         let _ = sock.send_to(&q, server);
-        if sock.recv_from(&mut buf).is_ok() {
+        if nodekeeper_tests::uninterrupted(|| sock.recv_from(&mut buf)).is_ok() {
             return;
         }
         assert!(

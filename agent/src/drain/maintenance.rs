@@ -180,7 +180,7 @@ fn now() -> u64 {
 }
 
 /// The maintenance record on a Node, if any (an unreadable one is logged and treated as none).
-fn record_of(node: &Node) -> Option<Record> {
+pub(super) fn record_of(node: &Node) -> Option<Record> {
     node.metadata
         .annotations
         .as_ref()

@@ -341,7 +341,6 @@ async fn adversary_a_node_recreated_mid_rotation_drain_keeps_the_slot_held_forev
 /// records `drained` with the new boot ID: the node then waits for a second reboot that nobody
 /// will do, cordoned, holding its slot.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: a reboot between `drained` and the drain's saved end re-runs the drain and awaits a second reboot, cordoned, slot held"]
 async fn adversary_a_reboot_before_the_drains_end_is_saved_waits_for_a_second_reboot() {
     let fleet = Fleet::new(&["node-a"]);
     let a = fleet.agent("node-a");

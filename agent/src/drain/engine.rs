@@ -978,6 +978,9 @@ impl DrainController {
     }
 
     async fn run(self: Arc<Self>, run: Arc<DrainRun>, params: DrainParams, done: HashSet<String>) {
+        // However the run ends (released, handed over, its guard dropped), the sweep looks
+        // for a slot left marked for this node (#20-s).
+        let _recheck = RecheckSlots(self.maintenance.clone());
         let started = Instant::now();
         let done = Arc::new(Mutex::new(done));
         let remaining = params
@@ -1686,6 +1689,15 @@ pub fn eviction(pod: &PlannedPod, grace_period_seconds: Option<i64>) -> Eviction
             }),
             ..Default::default()
         }),
+    }
+}
+
+/// Wakes the maintenance sweep of marked slots when dropped (a drain run ended).
+struct RecheckSlots(Arc<Maintenance>);
+
+impl Drop for RecheckSlots {
+    fn drop(&mut self) {
+        self.0.recheck_slots();
     }
 }
 

@@ -231,7 +231,6 @@ async fn node_a_returning(fleet: &Fleet) -> Agent {
 /// and only stops renewing its guard. Nobody released the slot: it is marked, so it never
 /// expires. node-b's rotation waits for as long as node-a's agent runs.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: a `done` PATCH committed but unanswered (timeout) is read back as the other process's return: the slot is abandoned, marked, never released"]
 async fn adversary_a_done_patch_committed_but_unanswered_keeps_the_slot_held_forever() {
     let fleet = Fleet::new(&["node-a", "node-b"]);
     let b = fleet.agent("node-b");
@@ -286,7 +285,6 @@ async fn adversary_a_done_patch_committed_but_unanswered_keeps_the_slot_held_for
 /// replaced-node check runs only at agent start. node-a is back in service and no rotation
 /// runs on it, yet node-b's rotation waits for as long as node-a's agent runs.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: a Node recreated mid-rotation-drain stops the drain but drops its marked slot unreleased: held until the agent restarts"]
 async fn adversary_a_node_recreated_mid_rotation_drain_keeps_the_slot_held_forever() {
     let fleet = Fleet::new(&["node-a", "node-b"]);
     pin(&fleet, "node-a");
@@ -588,7 +586,6 @@ fn drain_phase(fleet: &Fleet, node: &str) -> String {
 /// the same moment, read the drain still running and left it to the engine. The rotation is
 /// `failed` and its slot stays marked, held by node-a, for ever.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: a rotation drain resumed past its deadline ends before re-taking its slot: the slot marked at claim is never released"]
 async fn adversary_a_rotation_drain_resumed_past_its_deadline_keeps_its_marked_slot() {
     let fleet = Fleet::new(&["node-a"]);
     node_a_killed_mid_rotation_drain(&fleet, 15).await;
@@ -624,7 +621,6 @@ async fn adversary_a_rotation_drain_resumed_past_its_deadline_keeps_its_marked_s
 /// read of it, a few). If that ends the resumed drain before it holds its slot again, the
 /// slot marked at claim is released by nobody.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: a 503 on the slot Lease fails a resumed rotation drain before it re-takes its slot: the slot marked at claim is never released"]
 async fn adversary_a_503_on_the_slot_when_a_rotation_drain_resumes_keeps_its_marked_slot() {
     let fleet = Fleet::new(&["node-a"]);
     node_a_killed_mid_rotation_drain(&fleet, 120).await;

@@ -1095,6 +1095,24 @@ mod tests {
     }
 
     #[test]
+    fn a_slot_counts_as_renewed_within_its_lease_duration_marked_or_not() {
+        assert!(renewed_within_lease(&lease(Some("a"), 1, 30)));
+        assert!(!renewed_within_lease(&lease(Some("a"), 31, 30)));
+        let mut l = lease(Some("a"), 31, 30);
+        set_return_by(&mut l, Some(1000));
+        assert!(!renewed_within_lease(&l), "a mark is no renewal");
+        assert_eq!(marked_uid(&l), None);
+        set_mark(
+            &mut l,
+            Some(&Mark {
+                return_by: 1000,
+                node_uid: "uid-1".into(),
+            }),
+        );
+        assert_eq!(marked_uid(&l), Some("uid-1"));
+    }
+
+    #[test]
     fn a_return_by_that_does_not_parse_still_holds_the_slot() {
         for bad in ["99999999999999999999", "2026-12-07T18:00:00Z", ""] {
             let mut l = lease(Some("node-a"), 3600, 30);

@@ -1359,6 +1359,65 @@ mod tests {
     }
 
     #[test]
+    fn drain_a_rotation_is_over_for_the_sweep_only_with_no_drain_running_and_no_return_to_come() {
+        let rec = |state: State| {
+            serde_json::to_string(&Record {
+                state,
+                drain_id: "rot-a".into(),
+                boot_id: "b1".into(),
+                since: 10,
+                return_by: 20,
+                uncordon: true,
+                error: String::new(),
+                node_version: String::new(),
+            })
+            .unwrap()
+        };
+        let drain = |phase: &str| {
+            serde_json::json!({
+                "id": "rot-a", "reason": "", "requester": "", "started": 1, "deadline": 2,
+                "phase": phase, "done": [], "concurrency": 1, "deleteEmptydirData": false,
+                "evictUnreplicated": false, "leaderSelector": "",
+            })
+            .to_string()
+        };
+        let with = |m: Option<State>, d: Option<&str>| {
+            let (m, d) = (m.map(rec), d.map(drain));
+            let mut a: Vec<(&str, &str)> = Vec::new();
+            if let Some(m) = &m {
+                a.push((ANNOTATION, m.as_str()));
+            }
+            if let Some(d) = &d {
+                a.push((super::super::STATE_ANNOTATION, d.as_str()));
+            }
+            rotation_over(&node(&a, false))
+        };
+        assert!(with(None, None).is_some(), "no rotation");
+        assert!(with(Some(State::Done), Some("completed")).is_some());
+        assert!(with(Some(State::Failed), Some("timed_out")).is_some());
+        assert!(with(Some(State::Draining), Some("timed_out")).is_some());
+        assert!(with(Some(State::Draining), Some("evicting")).is_none());
+        assert!(
+            with(Some(State::Done), Some("pending")).is_none(),
+            "a new drain"
+        );
+        assert!(with(None, Some("evicting")).is_none(), "a plain drain");
+        for s in [
+            State::Drained,
+            State::AwaitingReboot,
+            State::Rebooted,
+            State::Returning,
+        ] {
+            assert!(with(Some(s), Some("completed")).is_none(), "{s:?}");
+        }
+        let corrupt = node(&[(super::super::STATE_ANNOTATION, "{")], false);
+        assert!(
+            rotation_over(&corrupt).is_none(),
+            "an unreadable drain may run"
+        );
+    }
+
+    #[test]
     fn the_record_names_its_states_in_kebab_case_and_round_trips() {
         let r = Record {
             state: State::AwaitingReboot,

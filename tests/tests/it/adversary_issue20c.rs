@@ -396,7 +396,6 @@ async fn adversary_a_reboot_before_the_drains_end_is_saved_waits_for_a_second_re
 /// rotation still waits, for as long as node-a's agent runs (only a restart's
 /// `free_slot_after_done` would free it). 11 minutes.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: a slot Lease outage longer than the release's 10 min of retries at `done` leaves the marked slot held until the agent restarts"]
 async fn adversary_a_ten_minute_outage_at_the_release_keeps_the_slot_held_forever() {
     let fleet = Fleet::new(&["node-a", "node-b"]);
     let b = fleet.agent("node-b");
@@ -732,19 +731,31 @@ async fn a_kill_between_the_claim_and_its_mark_never_cordons_two() {
     let a = fleet.agent("node-a");
     let b = fleet.agent("node-b");
     let mut ca = client(&a).await;
+    // node-a waits for the slot once its drain says so (a `waiting` event): its claim and its
+    // `pending` write are done, so the next PATCH of node-a is the one after its take of the
+    // slot (waiting only for the recorded `pending` could hold the second of those instead).
+    let (waiting_tx, waiting) = tokio::sync::oneshot::channel();
     let drain_a = tokio::spawn(async move {
-        let _ = ca
+        let mut stream = ca
             .drain(nodekeeper_tests::bearer(rotation_request(
                 "rot-a", "node-a",
             )))
-            .await;
+            .await
+            .expect("drain")
+            .into_inner();
+        let mut waiting_tx = Some(waiting_tx);
+        while let Ok(Some(ev)) = stream.message().await {
+            if matches!(ev.event, Some(pb::drain_event::Event::Waiting(_)))
+                && let Some(tx) = waiting_tx.take()
+            {
+                let _ = tx.send(());
+            }
+        }
     });
-    let pending = |fleet: &Fleet| drain_phase(fleet, "node-a") == "pending";
-    tokio::task::block_in_place(|| {
-        wait_for(Duration::from_secs(20), "node-a pending", || {
-            pending(&fleet).then_some(())
-        })
-    });
+    within(20, waiting)
+        .await
+        .expect("node-a waits for the slot");
+    assert_eq!(drain_phase(&fleet, "node-a"), "pending");
     fleet
         .api
         .inject(Fault::on("PATCH", "/api/v1/nodes/node-a", FaultKind::Hold).times(1));

@@ -17,9 +17,11 @@
 //! return-by keeps the slot; a node waiting for it records a `MaintenanceOverdue` Event on the
 //! holder's Node, once per wait.
 //!
-//! Only `release` frees a slot: a dropped guard only stops renewing (the holder identity is the
-//! node, so another guard of the same node may hold the same slot). Failed renewals, marks and
-//! releases are retried.
+//! Only `release` frees a slot a guard holds: a dropped guard only stops renewing (the holder
+//! identity is the node, so another guard of the same node may hold the same slot). Failed
+//! renewals, marks and releases are retried. A marked slot no guard renews any more is freed
+//! by the maintenance sweep once the node's rotation is over (`marked_slots`, `free_as_read`,
+//! #20-s).
 //!
 //! Never takes a slot whose holder renewed within its lease duration, never deletes a Lease, and
 //! never writes Leases outside its own names (it lists the namespace's Leases to find this

@@ -14,7 +14,8 @@
 //! An agent restart without a reboot (same boot ID) changes nothing: the node still awaits its
 //! reboot and the new agent keeps renewing the slot. Never uncordons a node it did not drain for a
 //! rotation, nor one nodekeeper did not cordon; never releases a slot before the node is back
-//! (a replaced node, another Node UID under the same name, frees it). Every step of the return
+//! (a replaced node, another Node UID under the same name, frees it), and never leaves one marked
+//! after the rotation is over: a sweep frees it for the agent's lifetime (#20-s). Every step of the return
 //! is a write guarded by the resourceVersion of the read it was decided on, so the two agent
 //! processes of a node never both take it.
 

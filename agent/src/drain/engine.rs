@@ -867,6 +867,7 @@ impl DrainController {
                 return Ok(None);
             }
         };
+        let persisted = self.drained_before_reboot(persisted).await?;
         if is_terminal(persisted.phase()) {
             // Remember the last drain so GetDrain and re-attaching orchestrators see its end.
             let run = DrainRun::new(persisted.status_header());
@@ -888,6 +889,63 @@ impl DrainController {
             }
             Claim::Ended(_) => Ok(None),
         }
+    }
+
+    /// A rotation drain recorded as running whose rotation is recorded `drained` (or
+    /// `awaiting-reboot`) with another boot ID than this one: the drain completed and the node
+    /// went down between the `drained` write and the save of the drain's end (a kill, a power
+    /// loss, a reboot racing the stream), then rebooted. That reboot is the rotation's: the
+    /// drain's end is recorded as completed now (never re-run: it would record `drained` with
+    /// this boot ID and wait for a second reboot nobody will do), and the return goes on
+    /// (#20-r). Returns the drain's record as it is now (ended or as it was).
+    async fn drained_before_reboot(&self, persisted: Persisted) -> Result<Persisted, DrainError> {
+        if persisted.rotation.is_none() || is_terminal(persisted.phase()) {
+            return Ok(persisted);
+        }
+        let node = call("GET node", || async { self.nodes().get(&self.node).await }).await?;
+        let Some(record) = super::maintenance::record_of(&node) else {
+            return Ok(persisted);
+        };
+        let Ok(boot_id) = self.maintenance.boot_id() else {
+            return Ok(persisted);
+        };
+        let drained = matches!(
+            record.state,
+            super::maintenance::State::Drained | super::maintenance::State::AwaitingReboot
+        );
+        if !drained
+            || record.drain_id != persisted.id
+            || record.boot_id.is_empty()
+            || record.boot_id == boot_id
+        {
+            return Ok(persisted);
+        }
+        let completed = state::phase_name(DrainPhase::Completed);
+        let ended = self
+            .cas(|cur| match cur {
+                Some(c) if c.id == persisted.id && !is_terminal(c.phase()) => {
+                    let mut r = c.clone();
+                    r.phase = completed.clone();
+                    r.heartbeat = 0;
+                    Ok((Some(r.clone()), Some(r)))
+                }
+                _ => Ok((None, cur.cloned())),
+            })
+            .await?;
+        let Some(ended) = ended else {
+            return Ok(persisted);
+        };
+        tracing::warn!(id = %persisted.id, boot_id = %record.boot_id, now = %boot_id, "the rotation's drain completed and the node rebooted before its end was saved; recorded as completed");
+        self.event(
+            "DrainCompleted",
+            "Normal",
+            &format!(
+                "drain {} completed (its end recorded after the node's reboot: boot ID {} -> {boot_id})",
+                persisted.id, record.boot_id
+            ),
+        )
+        .await;
+        Ok(ended)
     }
 
     /// Polls the Node until the drain `id` ends or its driver lets go, then adopts it.
@@ -920,6 +978,9 @@ impl DrainController {
     }
 
     async fn run(self: Arc<Self>, run: Arc<DrainRun>, params: DrainParams, done: HashSet<String>) {
+        // However the run ends (released, handed over, its guard dropped), the sweep looks
+        // for a slot left marked for this node (#20-s).
+        let _recheck = RecheckSlots(self.maintenance.clone());
         let started = Instant::now();
         let done = Arc::new(Mutex::new(done));
         let remaining = params
@@ -1628,6 +1689,15 @@ pub fn eviction(pod: &PlannedPod, grace_period_seconds: Option<i64>) -> Eviction
             }),
             ..Default::default()
         }),
+    }
+}
+
+/// Wakes the maintenance sweep of marked slots when dropped (a drain run ended).
+struct RecheckSlots(Arc<Maintenance>);
+
+impl Drop for RecheckSlots {
+    fn drop(&mut self) {
+        self.0.recheck_slots();
     }
 }
 

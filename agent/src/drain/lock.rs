@@ -17,9 +17,11 @@
 //! return-by keeps the slot; a node waiting for it records a `MaintenanceOverdue` Event on the
 //! holder's Node, once per wait.
 //!
-//! Only `release` frees a slot: a dropped guard only stops renewing (the holder identity is the
-//! node, so another guard of the same node may hold the same slot). Failed renewals, marks and
-//! releases are retried.
+//! Only `release` frees a slot a guard holds: a dropped guard only stops renewing (the holder
+//! identity is the node, so another guard of the same node may hold the same slot). Failed
+//! renewals, marks and releases are retried. A marked slot no guard renews any more is freed
+//! by the maintenance sweep once the node's rotation is over (`marked_slots`, `free_as_read`,
+//! #20-s).
 //!
 //! Never takes a slot whose holder renewed within its lease duration, never deletes a Lease, and
 //! never writes Leases outside its own names (it lists the namespace's Leases to find this
@@ -641,7 +643,7 @@ impl SlotGuard {
                     tracing::warn!(slot = %self.name, error = %e, ?wait, "fleet lock: could not release the slot; retrying");
                 }
                 Err(e) => {
-                    tracing::error!(slot = %self.name, error = %e, "fleet lock: could not release the slot; giving up (an unmarked slot frees when its lease expires, a marked one needs its holderIdentity cleared by hand)");
+                    tracing::error!(slot = %self.name, error = %e, "fleet lock: could not release the slot; this release gives up (an unmarked slot frees when its lease expires, a marked one is freed by the agent's sweep once the API answers, #20-s)");
                     return;
                 }
             }
@@ -829,6 +831,93 @@ pub async fn free_marked(
     Ok(freed)
 }
 
+/// Whether the Lease's holder renewed it within its lease duration: a live guard renews every
+/// third of it, so a slot renewed this recently may belong to a drain or return that runs now
+/// (in this process, the other agent process of the node, or one that just took it).
+pub fn renewed_within_lease(lease: &Lease) -> bool {
+    let Some(spec) = lease.spec.as_ref() else {
+        return false;
+    };
+    let Some(last) = spec.renew_time.as_ref().or(spec.acquire_time.as_ref()) else {
+        return false;
+    };
+    let duration = i64::from(spec.lease_duration_seconds.unwrap_or(0).max(0));
+    last.0.as_second().saturating_add(duration) >= k8s_openapi::jiff::Timestamp::now().as_second()
+}
+
+/// The holder Node's UID recorded with a Lease's mark (#20-i), when there is one.
+pub fn marked_uid(lease: &Lease) -> Option<&str> {
+    lease
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(HOLDER_UID_ANNOTATION)
+        .map(String::as_str)
+        .filter(|u| !u.is_empty())
+}
+
+/// The slot Leases held by this node (`identity`) and marked across a reboot, as read now,
+/// among every slot Lease (#20-m): one LIST, or a GET of each slot below `slots` when the
+/// Role does not allow listing.
+pub async fn marked_slots(
+    client: &Client,
+    cfg: &FleetLockConfig,
+    identity: &str,
+) -> Result<Vec<Lease>, LockError> {
+    let api: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
+    let ours = |l: &Lease| {
+        l.metadata
+            .name
+            .as_deref()
+            .is_some_and(|n| slot_index(cfg, n).is_some())
+            && l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(identity)
+            && marked(l)
+    };
+    match call("LIST leases", api.list(&ListParams::default())).await {
+        Ok(list) => Ok(list.items.into_iter().filter(ours).collect()),
+        Err(LockError::Api(kube::Error::Api(s))) if s.code == 403 => {
+            let mut out = Vec::new();
+            for i in 0..cfg.slots {
+                if let Some(l) = call("GET lease", api.get_opt(&cfg.slot_name(i))).await?
+                    && ours(&l)
+                {
+                    out.push(l);
+                }
+            }
+            Ok(out)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Frees a slot Lease as read (`lease`): clears the holder and the marks with a PUT guarded by
+/// the resourceVersion read, so a slot renewed or taken since is left alone (`Ok(false)`).
+pub async fn free_as_read(
+    client: &Client,
+    cfg: &FleetLockConfig,
+    lease: &Lease,
+) -> Result<bool, LockError> {
+    let api: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
+    let name = lease.metadata.name.clone().unwrap_or_default();
+    let mut next = lease.clone();
+    set_return_by(&mut next, None);
+    next.spec = Some(LeaseSpec {
+        holder_identity: None,
+        renew_time: Some(now()),
+        ..lease.spec.clone().unwrap_or_default()
+    });
+    match call(
+        "PUT lease",
+        api.replace(&name, &PostParams::default(), &next),
+    )
+    .await
+    {
+        Ok(_) => Ok(true),
+        Err(e) if is_conflict(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Sets (or removes) the return-by mark on a slot this node holds.
 async fn annotate(
     api: &Api<Lease>,
@@ -1005,6 +1094,24 @@ mod tests {
         assert_eq!(live_holder(&l), None, "released: free");
         set_return_by(&mut l, None);
         assert_eq!(return_by(&l), None);
+    }
+
+    #[test]
+    fn a_slot_counts_as_renewed_within_its_lease_duration_marked_or_not() {
+        assert!(renewed_within_lease(&lease(Some("a"), 1, 30)));
+        assert!(!renewed_within_lease(&lease(Some("a"), 31, 30)));
+        let mut l = lease(Some("a"), 31, 30);
+        set_return_by(&mut l, Some(1000));
+        assert!(!renewed_within_lease(&l), "a mark is no renewal");
+        assert_eq!(marked_uid(&l), None);
+        set_mark(
+            &mut l,
+            Some(&Mark {
+                return_by: 1000,
+                node_uid: "uid-1".into(),
+            }),
+        );
+        assert_eq!(marked_uid(&l), Some("uid-1"));
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //! An agent restart without a reboot (same boot ID) changes nothing: the node still awaits its
 //! reboot and the new agent keeps renewing the slot. Never uncordons a node it did not drain for a
 //! rotation, nor one nodekeeper did not cordon; never releases a slot before the node is back
-//! (a replaced node, another Node UID under the same name, frees it). Every step of the return
+//! (a replaced node, another Node UID under the same name, frees it), and never leaves one marked
+//! after the rotation is over: a sweep frees it for the agent's lifetime (#20-s). Every step of the return
 //! is a write guarded by the resourceVersion of the read it was decided on, so the two agent
 //! processes of a node never both take it.
 
@@ -48,6 +49,12 @@ const WRITE_RETRY: Duration = Duration::from_millis(200);
 /// The replay of the Node's changes since it was drained (an uncordon nobody saw, #20-l): one
 /// Node's changes over a reboot are a few dozen events; past this, the annotation is trusted.
 const REPLAY_TIMEOUT: Duration = Duration::from_secs(10);
+/// While no slot Lease is marked for this node, how often the sweep looks anyway (besides the
+/// end of every drain and return): one LIST of the slot Leases, cheap at any fleet size.
+const SWEEP_IDLE: Duration = Duration::from_secs(300);
+/// The sweep's back-off on API errors stops growing here: once the API answers again, a slot
+/// left marked is freed within this (plus a lease duration), not after a long back-off.
+const SWEEP_RETRY_MAX: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
@@ -180,7 +187,7 @@ fn now() -> u64 {
 }
 
 /// The maintenance record on a Node, if any (an unreadable one is logged and treated as none).
-fn record_of(node: &Node) -> Option<Record> {
+pub(super) fn record_of(node: &Node) -> Option<Record> {
     node.metadata
         .annotations
         .as_ref()
@@ -314,6 +321,52 @@ pub struct Maintenance {
     /// The Node's metadata.uid when the return first read it: another UID later is a Node
     /// deleted and registered again (#20-o).
     node_uid: Mutex<Option<String>>,
+    /// Wakes the sweep of marked slots left behind (`sweep_slots`): a drain or return ended.
+    recheck: tokio::sync::Notify,
+}
+
+/// What one pass of `sweep_slots` found.
+#[derive(Debug, PartialEq)]
+enum Sweep {
+    /// No slot Lease is held marked by this node (any left were freed).
+    Clean,
+    /// A marked slot of this node remains: its rotation is not over, or it was renewed within
+    /// its lease (a guard may run), or it changed under the free: looked at again shortly.
+    Pending,
+}
+
+/// Whether the Node records a drain that has not ended (or a record that does not read: a
+/// drain may run).
+fn drain_running(node: &Node) -> bool {
+    node.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(super::STATE_ANNOTATION))
+        .is_some_and(|t| {
+            super::state::Persisted::from_json(t).map_or(true, |p| !super::is_terminal(p.phase()))
+        })
+}
+
+/// Why a rotation is over as the Node says (no drain running and no return to come), so a
+/// slot still marked for this node is nobody's to release but the sweep's; `None` while a
+/// drain runs or the rotation is between `drained` and `done`.
+fn rotation_over(node: &Node) -> Option<String> {
+    if drain_running(node) {
+        return None;
+    }
+    match record_of(node) {
+        None => Some("no rotation is recorded on the node".to_string()),
+        Some(r) => match r.state {
+            State::Done | State::Failed => {
+                Some(format!("rotation {} is {}", r.drain_id, r.state.as_str()))
+            }
+            State::Draining => Some(format!(
+                "rotation {}'s drain ended without completing",
+                r.drain_id
+            )),
+            State::Drained | State::AwaitingReboot | State::Rebooted | State::Returning => None,
+        },
+    }
 }
 
 impl Maintenance {
@@ -332,6 +385,7 @@ impl Maintenance {
             lock_metrics,
             slot: Mutex::new(None),
             node_uid: Mutex::new(None),
+            recheck: tokio::sync::Notify::new(),
         }
     }
 
@@ -568,15 +622,108 @@ impl Maintenance {
     pub async fn run(&self, health: Health, token: CancellationToken) {
         tokio::join!(
             self.carry_on(health, token.clone()),
-            self.forget_undone_cordons(&token)
+            self.forget_undone_cordons(&token),
+            self.sweep_slots(&token)
         );
+    }
+
+    /// A drain or a return ended (or let go of its slot): the sweep looks for a slot left
+    /// marked for this node now.
+    pub fn recheck_slots(&self) {
+        self.recheck.notify_one();
+    }
+
+    /// For the agent's lifetime: the release of a rotation's slot is an obligation, not a
+    /// one-shot step (#20-s). Whenever a slot Lease is held marked by this node while the Node
+    /// says its rotation is over (`rotation_over`: done, failed, its drain ended, no rotation,
+    /// or the Node registered again under another UID than the mark's) and the Lease was not
+    /// renewed within its lease duration (no guard of a drain or return renews it), it is
+    /// freed (a resourceVersion-guarded PUT: a slot renewed or taken meanwhile is left alone).
+    /// Looked at from the start, after every drain and return, every lease duration while a
+    /// marked slot of this node exists, and every `SWEEP_IDLE` otherwise; API errors are
+    /// retried with back-off (up to `SWEEP_RETRY_MAX`) for as long as the agent runs.
+    async fn sweep_slots(&self, token: &CancellationToken) {
+        let Some(cfg) = &self.lock else {
+            return;
+        };
+        let period = cfg.lease_duration.get().max(Duration::from_secs(1));
+        let mut retry = RETURN_POLL;
+        loop {
+            let wait = match self.sweep(cfg).await {
+                Ok(Sweep::Clean) => {
+                    retry = RETURN_POLL;
+                    SWEEP_IDLE
+                }
+                Ok(Sweep::Pending) => {
+                    retry = RETURN_POLL;
+                    period
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, ?retry, "fleet lock: could not look for a slot left marked for this node; retrying");
+                    let w = retry;
+                    retry = (retry * 2).min(SWEEP_RETRY_MAX);
+                    w
+                }
+            };
+            tokio::select! {
+                _ = token.cancelled() => return,
+                _ = self.recheck.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// One pass of `sweep_slots`.
+    async fn sweep(&self, cfg: &FleetLockConfig) -> Result<Sweep, MaintenanceError> {
+        let mine = lock::marked_slots(&self.client, cfg, &self.node).await?;
+        if mine.is_empty() {
+            return Ok(Sweep::Clean);
+        }
+        if self.slot.lock().expect("not poisoned").is_some() {
+            // This process holds it for the node's return.
+            return Ok(Sweep::Pending);
+        }
+        // The Node is read before the Leases are written: a drain that starts after this read
+        // renews the slot first (acquire), which the guarded PUT below sees as a change.
+        let node = call("GET node", self.nodes().get(&self.node)).await?;
+        let uid = node.metadata.uid.clone().unwrap_or_default();
+        let over = rotation_over(&node);
+        let mut left = false;
+        for lease in &mine {
+            let name = lease.metadata.name.clone().unwrap_or_default();
+            let replaced = lock::marked_uid(lease).is_some_and(|u| !uid.is_empty() && u != uid);
+            let why = match (&over, replaced) {
+                (Some(why), _) => why.clone(),
+                (None, true) if !drain_running(&node) => {
+                    "the Node was registered again (another UID than the mark's)".to_string()
+                }
+                _ => {
+                    left = true;
+                    continue;
+                }
+            };
+            if lock::renewed_within_lease(lease) {
+                left = true;
+                continue;
+            }
+            if lock::free_as_read(&self.client, cfg, lease).await? {
+                tracing::warn!(slot = %name, reason = %why, "fleet lock: released a slot still held marked for this node after its rotation was over");
+            } else {
+                left = true;
+            }
+        }
+        Ok(if left { Sweep::Pending } else { Sweep::Clean })
     }
 
     /// The rotation part of `run`.
     async fn carry_on(&self, health: Health, token: CancellationToken) {
         let mut wait = RETURN_POLL;
         loop {
-            match self.step(&health, &token).await {
+            let stepped = self.step(&health, &token).await;
+            // Whatever the step did with the slot (released, let go of, abandoned), the sweep
+            // looks for one left marked (#20-s).
+            self.recheck_slots();
+            match stepped {
                 Ok(()) => break,
                 Err(e) => tracing::warn!(error = %e, ?wait, "maintenance: retrying"),
             }
@@ -1210,6 +1357,65 @@ mod tests {
             latest_drain(&node(&[], true), &record),
             Latest::Superseded(_)
         ));
+    }
+
+    #[test]
+    fn drain_a_rotation_is_over_for_the_sweep_only_with_no_drain_running_and_no_return_to_come() {
+        let rec = |state: State| {
+            serde_json::to_string(&Record {
+                state,
+                drain_id: "rot-a".into(),
+                boot_id: "b1".into(),
+                since: 10,
+                return_by: 20,
+                uncordon: true,
+                error: String::new(),
+                node_version: String::new(),
+            })
+            .unwrap()
+        };
+        let drain = |phase: &str| {
+            serde_json::json!({
+                "id": "rot-a", "reason": "", "requester": "", "started": 1, "deadline": 2,
+                "phase": phase, "done": [], "concurrency": 1, "deleteEmptydirData": false,
+                "evictUnreplicated": false, "leaderSelector": "",
+            })
+            .to_string()
+        };
+        let with = |m: Option<State>, d: Option<&str>| {
+            let (m, d) = (m.map(rec), d.map(drain));
+            let mut a: Vec<(&str, &str)> = Vec::new();
+            if let Some(m) = &m {
+                a.push((ANNOTATION, m.as_str()));
+            }
+            if let Some(d) = &d {
+                a.push((super::super::STATE_ANNOTATION, d.as_str()));
+            }
+            rotation_over(&node(&a, false))
+        };
+        assert!(with(None, None).is_some(), "no rotation");
+        assert!(with(Some(State::Done), Some("completed")).is_some());
+        assert!(with(Some(State::Failed), Some("timed_out")).is_some());
+        assert!(with(Some(State::Draining), Some("timed_out")).is_some());
+        assert!(with(Some(State::Draining), Some("evicting")).is_none());
+        assert!(
+            with(Some(State::Done), Some("pending")).is_none(),
+            "a new drain"
+        );
+        assert!(with(None, Some("evicting")).is_none(), "a plain drain");
+        for s in [
+            State::Drained,
+            State::AwaitingReboot,
+            State::Rebooted,
+            State::Returning,
+        ] {
+            assert!(with(Some(s), Some("completed")).is_none(), "{s:?}");
+        }
+        let corrupt = node(&[(super::super::STATE_ANNOTATION, "{")], false);
+        assert!(
+            rotation_over(&corrupt).is_none(),
+            "an unreadable drain may run"
+        );
     }
 
     #[test]

@@ -231,7 +231,6 @@ async fn node_a_returning(fleet: &Fleet) -> Agent {
 /// and only stops renewing its guard. Nobody released the slot: it is marked, so it never
 /// expires. node-b's rotation waits for as long as node-a's agent runs.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: a `done` PATCH committed but unanswered (timeout) is read back as the other process's return: the slot is abandoned, marked, never released"]
 async fn adversary_a_done_patch_committed_but_unanswered_keeps_the_slot_held_forever() {
     let fleet = Fleet::new(&["node-a", "node-b"]);
     let b = fleet.agent("node-b");
@@ -286,7 +285,6 @@ async fn adversary_a_done_patch_committed_but_unanswered_keeps_the_slot_held_for
 /// replaced-node check runs only at agent start. node-a is back in service and no rotation
 /// runs on it, yet node-b's rotation waits for as long as node-a's agent runs.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: a Node recreated mid-rotation-drain stops the drain but drops its marked slot unreleased: held until the agent restarts"]
 async fn adversary_a_node_recreated_mid_rotation_drain_keeps_the_slot_held_forever() {
     let fleet = Fleet::new(&["node-a", "node-b"]);
     pin(&fleet, "node-a");
@@ -341,7 +339,6 @@ async fn adversary_a_node_recreated_mid_rotation_drain_keeps_the_slot_held_forev
 /// records `drained` with the new boot ID: the node then waits for a second reboot that nobody
 /// will do, cordoned, holding its slot.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: a reboot between `drained` and the drain's saved end re-runs the drain and awaits a second reboot, cordoned, slot held"]
 async fn adversary_a_reboot_before_the_drains_end_is_saved_waits_for_a_second_reboot() {
     let fleet = Fleet::new(&["node-a"]);
     let a = fleet.agent("node-a");
@@ -387,7 +384,17 @@ async fn adversary_a_reboot_before_the_drains_end_is_saved_waits_for_a_second_re
         slot_lease(&fleet)
     );
     assert!(!fleet.cordoned("node-a"));
-    assert_eq!(fleet.holder(), None);
+    // The release follows the `done` write (and its Event): polled, not read at once.
+    let released = tokio::task::block_in_place(|| {
+        poll(Duration::from_secs(10), || {
+            fleet.holder().is_none().then_some(())
+        })
+    });
+    assert!(
+        released.is_some(),
+        "slot still held: {}",
+        slot_lease(&fleet)
+    );
     drop(a);
 }
 
@@ -399,7 +406,6 @@ async fn adversary_a_reboot_before_the_drains_end_is_saved_waits_for_a_second_re
 /// rotation still waits, for as long as node-a's agent runs (only a restart's
 /// `free_slot_after_done` would free it). 11 minutes.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: a slot Lease outage longer than the release's 10 min of retries at `done` leaves the marked slot held until the agent restarts"]
 async fn adversary_a_ten_minute_outage_at_the_release_keeps_the_slot_held_forever() {
     let fleet = Fleet::new(&["node-a", "node-b"]);
     let b = fleet.agent("node-b");
@@ -589,7 +595,6 @@ fn drain_phase(fleet: &Fleet, node: &str) -> String {
 /// the same moment, read the drain still running and left it to the engine. The rotation is
 /// `failed` and its slot stays marked, held by node-a, for ever.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: a rotation drain resumed past its deadline ends before re-taking its slot: the slot marked at claim is never released"]
 async fn adversary_a_rotation_drain_resumed_past_its_deadline_keeps_its_marked_slot() {
     let fleet = Fleet::new(&["node-a"]);
     node_a_killed_mid_rotation_drain(&fleet, 15).await;
@@ -625,7 +630,6 @@ async fn adversary_a_rotation_drain_resumed_past_its_deadline_keeps_its_marked_s
 /// read of it, a few). If that ends the resumed drain before it holds its slot again, the
 /// slot marked at claim is released by nobody.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "adversary finding: a 503 on the slot Lease fails a resumed rotation drain before it re-takes its slot: the slot marked at claim is never released"]
 async fn adversary_a_503_on_the_slot_when_a_rotation_drain_resumes_keeps_its_marked_slot() {
     let fleet = Fleet::new(&["node-a"]);
     node_a_killed_mid_rotation_drain(&fleet, 120).await;
@@ -737,19 +741,31 @@ async fn a_kill_between_the_claim_and_its_mark_never_cordons_two() {
     let a = fleet.agent("node-a");
     let b = fleet.agent("node-b");
     let mut ca = client(&a).await;
+    // node-a waits for the slot once its drain says so (a `waiting` event): its claim and its
+    // `pending` write are done, so the next PATCH of node-a is the one after its take of the
+    // slot (waiting only for the recorded `pending` could hold the second of those instead).
+    let (waiting_tx, waiting) = tokio::sync::oneshot::channel();
     let drain_a = tokio::spawn(async move {
-        let _ = ca
+        let mut stream = ca
             .drain(nodekeeper_tests::bearer(rotation_request(
                 "rot-a", "node-a",
             )))
-            .await;
+            .await
+            .expect("drain")
+            .into_inner();
+        let mut waiting_tx = Some(waiting_tx);
+        while let Ok(Some(ev)) = stream.message().await {
+            if matches!(ev.event, Some(pb::drain_event::Event::Waiting(_)))
+                && let Some(tx) = waiting_tx.take()
+            {
+                let _ = tx.send(());
+            }
+        }
     });
-    let pending = |fleet: &Fleet| drain_phase(fleet, "node-a") == "pending";
-    tokio::task::block_in_place(|| {
-        wait_for(Duration::from_secs(20), "node-a pending", || {
-            pending(&fleet).then_some(())
-        })
-    });
+    within(20, waiting)
+        .await
+        .expect("node-a waits for the slot");
+    assert_eq!(drain_phase(&fleet, "node-a"), "pending");
     fleet
         .api
         .inject(Fault::on("PATCH", "/api/v1/nodes/node-a", FaultKind::Hold).times(1));

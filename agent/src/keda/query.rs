@@ -494,12 +494,11 @@ fn parse_remote(s: &str) -> Result<Remote, String> {
         ));
     }
     // The census names a dual-stack socket's IPv4-mapped peer by its IPv4 address
-    // (sock_diag.rs), so `[::ffff:a.b.c.d]:p` is the pool `a.b.c.d:p`.
+    // (`metrics::connections::ip_from_v6`), so `[::ffff:a.b.c.d]:p` is the pool `a.b.c.d:p`.
     let addr = match addr {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => addr,
-        },
+        SocketAddr::V6(v6) => {
+            SocketAddr::new(crate::metrics::connections::ip_from_v6(*v6.ip()), v6.port())
+        }
         SocketAddr::V4(_) => addr,
     };
     // No established TCP connection has such a peer, so no pool would ever match and the

@@ -825,7 +825,6 @@ time.sleep(3600)
 /// BPF reader (the default) keeps `[::ffff:127.0.0.1]:5432`, so a JVM pod's pool to its
 /// database reads 0 through the default reader, with no error.
 #[test]
-#[ignore = "adversary finding: the one-pass BPF reader does not normalise IPv4-mapped peers: KEDA's remote query over a dual-stack client reads 0 (sock_diag reads 4)"]
 fn adversary18d_an_ipv4_mapped_peer_is_one_pool_through_every_reader_as_root() {
     if !nodekeeper_tests::require_root() {
         return;

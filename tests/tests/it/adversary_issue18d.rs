@@ -667,7 +667,6 @@ fn adversary18d_the_agents_scaler_sums_without_a_selected_pod_its_census_lacks_a
 /// shares the pod's namespace, so it counts the helper's empty namespace: KEDA gets 0 for the
 /// pool, with no error, while web-1 holds 4 connections.
 #[test]
-#[ignore = "adversary finding: a pod process in a private netns listed first in the pod's cgroup is taken as the pod's namespace: KEDA gets 0, not 4 or UNAVAILABLE"]
 fn adversary18d_a_pod_process_in_a_private_netns_hides_the_pods_connections_as_root() {
     if !nodekeeper_tests::require_root() {
         return;

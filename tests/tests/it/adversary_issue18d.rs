@@ -481,7 +481,6 @@ fn first_answer(
 /// and KEDA scales the overloaded server in. (docs/connections.md names only TIME_WAIT and
 /// request sockets as not attributable.)
 #[test]
-#[ignore = "adversary finding: a hostNetwork pod's connections waiting in its accept queue have no inode and are left out: KEDA gets established 0 for *:PORT, not 5 or UNAVAILABLE"]
 fn adversary18d_a_host_network_pods_queued_connections_are_not_counted_as_root() {
     if !nodekeeper_tests::require_root() {
         return;
@@ -551,7 +550,6 @@ fn adversary18d_a_host_network_pods_queued_connections_are_not_counted_as_root()
 /// "Limits"). KEDA's `time_wait` metric over such a pod is then a silent 0, not an error: the
 /// limit is not carried into the scaler (no refusal, no flag checked).
 #[test]
-#[ignore = "adversary finding: time_wait over a hostNetwork pod reads a silent 0 (TIME_WAIT has no owner): KEDA gets 0, not 3 or UNAVAILABLE"]
 fn adversary18d_time_wait_of_a_host_network_pod_reads_a_silent_zero_as_root() {
     if !nodekeeper_tests::require_root() {
         return;

@@ -14,10 +14,11 @@
 //! path as its fan-out builds it (`PodPlacement::verify` against each agent's EndpointSlice node,
 //! `FleetCensus` behind a `ScalerService`, asked as KEDA asks).
 //!
-//! Broke (ignored): the one-pass BPF reader keeps IPv4-mapped peers (`remote` reads 0 for a
-//! dual-stack client); a pod process in a private netns listed first stands for the pod; the
-//! agent's own scaler sums without a selected pod its census lacks (a cgroup not found, a
-//! static pod); a hostNetwork pod's queued connections and TIME_WAIT sockets read 0.
+//! Broke, fixed since (un-ignored): the one-pass BPF reader kept IPv4-mapped peers (`remote`
+//! read 0 for a dual-stack client); a pod process in a private netns listed first stood for the
+//! pod (decision #18-m); a hostNetwork pod's queued connections and TIME_WAIT sockets read 0
+//! (decision #18-n). Broke (ignored): the agent's own scaler sums without a selected pod its
+//! census lacks (a cgroup not found, a static pod).
 //! Held (plain): same names in two namespaces, minCoverage bounds, an agent in two slices with
 //! different nodes, an agent replaced on its node, lastKnownFor after a restart, pins full.
 

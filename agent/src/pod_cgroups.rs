@@ -95,7 +95,7 @@ pub fn pod_uid(dir: &str) -> Option<String> {
 }
 
 /// PIDs in the pod's cgroup and its container sub-cgroups (the sandbox's pause process first
-/// in kubelet layouts, but any member shares the pod's network namespace).
+/// in kubelet layouts; a member may still sit in a namespace of its own: [`classify_netns`]).
 pub fn pids(dir: &Path) -> Vec<u32> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -111,14 +111,16 @@ pub fn pids(dir: &Path) -> Vec<u32> {
 }
 
 /// The pod's network namespace as `<proc>/<pid>/ns/net`, with its identity (the link target,
-/// `net:[inode]`). `None` when no live process is found, or when the namespace is the host's
+/// `net:[inode]`). `None` when no live process is found, when its processes are in several
+/// namespaces, or when the namespace is the host's
 /// (hostNetwork pods): callers must never treat the host namespace as a pod's. "The host's" is
 /// PID 1's namespace and also our own (the agent runs with hostNetwork), so an unreadable PID 1
 /// cannot make the host's namespace look like a pod's.
 pub fn netns(host: &HostPaths, cg: &PodCgroup) -> Option<(PathBuf, String)> {
     match classify_netns(host, &pids(&cg.dir)) {
         PodNetns::Own { path, id } => Some((path, id)),
-        PodNetns::Host { .. } | PodNetns::NoProcess => None,
+        // Several: no one namespace is the pod's to tune (decision #18-m).
+        PodNetns::Host { .. } | PodNetns::Several { .. } | PodNetns::NoProcess => None,
     }
 }
 
@@ -129,12 +131,20 @@ pub enum PodNetns {
     Own { path: PathBuf, id: String },
     /// The host's namespace (hostNetwork).
     Host { id: String },
+    /// Processes in more than one namespace (a sandboxed helper's `unshare -n`, bubblewrap):
+    /// every distinct namespace of its own, in the order first seen (decision #18-m), and
+    /// `host` when some process is in the host's namespace too.
+    Several {
+        own: Vec<(PathBuf, String)>,
+        host: Option<String>,
+    },
     /// No live process whose namespace could be read, or the host's namespace is unknown.
     NoProcess,
 }
 
-/// Classifies the namespace of the first of `pids` that can be read. Only the pause process's
-/// or any container's: they all share the pod's namespace.
+/// Classifies the namespaces of every readable one of `pids` (one `readlink` each: a pod's
+/// PIDs are few). Not "the first PID": a process may sit in a private namespace of its own,
+/// listed before the pod's (decision #18-m), so each distinct namespace is reported once.
 pub fn classify_netns(host: &HostPaths, pids: &[u32]) -> PodNetns {
     let host_ns: Vec<PathBuf> = [host.proc("1/ns/net"), PathBuf::from("/proc/self/ns/net")]
         .iter()
@@ -144,18 +154,29 @@ pub fn classify_netns(host: &HostPaths, pids: &[u32]) -> PodNetns {
         // Without knowing the host's namespace no pod namespace can be told apart from it.
         return PodNetns::NoProcess;
     }
-    pids.iter()
-        .find_map(|pid| {
-            let path = host.proc(&format!("{pid}/ns/net"));
-            let id = std::fs::read_link(&path).ok()?;
-            let name = id.to_string_lossy().into_owned();
-            Some(if host_ns.contains(&id) {
-                PodNetns::Host { id: name }
-            } else {
-                PodNetns::Own { path, id: name }
-            })
-        })
-        .unwrap_or(PodNetns::NoProcess)
+    let mut own: Vec<(PathBuf, String)> = Vec::new();
+    let mut in_host = None;
+    for pid in pids {
+        let path = host.proc(&format!("{pid}/ns/net"));
+        let Ok(id) = std::fs::read_link(&path) else {
+            continue;
+        };
+        let name = id.to_string_lossy().into_owned();
+        if host_ns.contains(&id) {
+            in_host.get_or_insert(name);
+        } else if !own.iter().any(|(_, n)| *n == name) {
+            own.push((path, name));
+        }
+    }
+    match (own.len(), in_host) {
+        (0, None) => PodNetns::NoProcess,
+        (0, Some(id)) => PodNetns::Host { id },
+        (1, None) => {
+            let (path, id) = own.remove(0);
+            PodNetns::Own { path, id }
+        }
+        (_, host) => PodNetns::Several { own, host },
+    }
 }
 
 #[cfg(test)]
@@ -217,6 +238,53 @@ mod tests {
         ));
         assert_eq!(classify_netns(&host, &[]), PodNetns::NoProcess);
         assert_eq!(classify_netns(&host, &[u32::MAX]), PodNetns::NoProcess);
+    }
+
+    #[test]
+    fn every_namespace_of_the_pods_processes_is_reported_once_not_the_first_pids() {
+        let root = tempfile::tempdir().unwrap();
+        let host = HostPaths {
+            proc: root.path().to_path_buf(),
+            ..HostPaths::default()
+        };
+        let link = |pid: u32, target: &str| {
+            let dir = root.path().join(format!("{pid}/ns"));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::os::unix::fs::symlink(target, dir.join("net")).unwrap();
+        };
+        link(1, "net:[1]");
+        link(10, "net:[20]"); // a sandboxed helper, listed first
+        link(11, "net:[30]"); // the pod's pause process
+        link(12, "net:[30]");
+        link(13, "net:[1]"); // a process in the host's namespace
+        let own = |pid: u32, id: &str| (root.path().join(format!("{pid}/ns/net")), id.to_string());
+        assert_eq!(
+            classify_netns(&host, &[11, 12]),
+            PodNetns::Own {
+                path: own(11, "net:[30]").0,
+                id: "net:[30]".into()
+            }
+        );
+        assert_eq!(
+            classify_netns(&host, &[10, 11, 12, u32::MAX]),
+            PodNetns::Several {
+                own: vec![own(10, "net:[20]"), own(11, "net:[30]")],
+                host: None
+            }
+        );
+        assert_eq!(
+            classify_netns(&host, &[13, 11]),
+            PodNetns::Several {
+                own: vec![own(11, "net:[30]")],
+                host: Some("net:[1]".into())
+            }
+        );
+        assert_eq!(
+            classify_netns(&host, &[13]),
+            PodNetns::Host {
+                id: "net:[1]".into()
+            }
+        );
     }
 
     #[test]

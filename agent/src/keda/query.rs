@@ -494,12 +494,11 @@ fn parse_remote(s: &str) -> Result<Remote, String> {
         ));
     }
     // The census names a dual-stack socket's IPv4-mapped peer by its IPv4 address
-    // (sock_diag.rs), so `[::ffff:a.b.c.d]:p` is the pool `a.b.c.d:p`.
+    // (`metrics::connections::ip_from_v6`), so `[::ffff:a.b.c.d]:p` is the pool `a.b.c.d:p`.
     let addr = match addr {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => addr,
-        },
+        SocketAddr::V6(v6) => {
+            SocketAddr::new(crate::metrics::connections::ip_from_v6(*v6.ip()), v6.port())
+        }
         SocketAddr::V4(_) => addr,
     };
     // No established TCP connection has such a peer, so no pool would ever match and the
@@ -558,6 +557,9 @@ pub struct Evaluation {
     pub matched: usize,
     /// Matching pods whose census failed (`error` set): skipped, their value unknown.
     pub failed: usize,
+    /// Matching pods the metric cannot be attributed to (`time_wait` of a hostNetwork pod:
+    /// TIME_WAIT sockets have no owner, decision #18-n): skipped, their value unknown.
+    pub unattributable: usize,
 }
 
 /// Two disjoint sets of pods together (the aggregator sums agent by agent).
@@ -569,6 +571,7 @@ impl std::ops::Add for Evaluation {
             value: self.value + other.value,
             matched: self.matched + other.matched,
             failed: self.failed + other.failed,
+            unattributable: self.unattributable + other.unattributable,
         }
     }
 }
@@ -587,6 +590,12 @@ pub fn evaluate(q: &Query, pods: &[pb::PodConnections]) -> Evaluation {
             if pod.deletion_timestamp.is_none() {
                 out.failed += 1;
             }
+            continue;
+        }
+        if q.metric == Metric::TimeWait && pod.host_network {
+            // Its TIME_WAIT sockets are among the host's, owned by no process: a count would
+            // be 0 or someone else's (decision #18-n).
+            out.unattributable += 1;
             continue;
         }
         out.matched += 1;
@@ -857,6 +866,29 @@ mod tests {
             value(&[("metric", "ephemeral_ports"), ("target", "1"), sel]).value,
             51.0
         );
+    }
+
+    #[test]
+    fn time_wait_of_a_host_network_pod_is_unattributable_not_zero() {
+        let mut host = pod("shop", "gw-1", WEB).time_wait(0).listener(80, 5).done();
+        host.host_network = true;
+        let own = pod("shop", "web-1", WEB).time_wait(2).done();
+        let pods = [host, own];
+        let q = query(&[
+            ("metric", "time_wait"),
+            ("target", "1"),
+            ("podSelector", "app=web"),
+        ]);
+        let e = evaluate(&q, &pods);
+        assert_eq!((e.value, e.matched, e.unattributable), (2.0, 1, 1));
+        // Other metrics of a hostNetwork pod are attributed (its sockets and queued children).
+        let q = query(&[
+            ("metric", "accept_queue"),
+            ("target", "1"),
+            ("podSelector", "app=web"),
+        ]);
+        let e = evaluate(&q, &pods);
+        assert_eq!((e.value, e.matched, e.unattributable), (5.0, 2, 0));
     }
 
     #[test]

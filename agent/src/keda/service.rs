@@ -212,6 +212,16 @@ impl ScalerService {
                 q.namespace
             )));
         }
+        // A metric the census cannot attribute to a selected pod is no value, not a zero.
+        if e.unattributable > 0 {
+            return Err(Status::unavailable(format!(
+                "{} of {} pods selected in namespace {} use the host's network (hostNetwork):                  their {} cannot be attributed (TIME_WAIT sockets belong to no process;                  docs/connections.md, decision #18-n)",
+                e.unattributable,
+                e.unattributable + e.failed + e.matched,
+                q.namespace,
+                q.metric.name()
+            )));
+        }
         // No selected pod is no value, not a zero: a typo in the selector or namespace would
         // otherwise scale the workload to its minimum.
         if e.matched == 0 {

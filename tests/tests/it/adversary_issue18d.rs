@@ -14,10 +14,11 @@
 //! path as its fan-out builds it (`PodPlacement::verify` against each agent's EndpointSlice node,
 //! `FleetCensus` behind a `ScalerService`, asked as KEDA asks).
 //!
-//! Broke (ignored): the one-pass BPF reader keeps IPv4-mapped peers (`remote` reads 0 for a
-//! dual-stack client); a pod process in a private netns listed first stands for the pod; the
-//! agent's own scaler sums without a selected pod its census lacks (a cgroup not found, a
-//! static pod); a hostNetwork pod's queued connections and TIME_WAIT sockets read 0.
+//! Broke, fixed since (un-ignored): the one-pass BPF reader kept IPv4-mapped peers (`remote`
+//! read 0 for a dual-stack client); a pod process in a private netns listed first stood for the
+//! pod (decision #18-m); a hostNetwork pod's queued connections and TIME_WAIT sockets read 0
+//! (decision #18-n). Broke (ignored): the agent's own scaler sums without a selected pod its
+//! census lacks (a cgroup not found, a static pod).
 //! Held (plain): same names in two namespaces, minCoverage bounds, an agent in two slices with
 //! different nodes, an agent replaced on its node, lastKnownFor after a restart, pins full.
 
@@ -481,7 +482,6 @@ fn first_answer(
 /// and KEDA scales the overloaded server in. (docs/connections.md names only TIME_WAIT and
 /// request sockets as not attributable.)
 #[test]
-#[ignore = "adversary finding: a hostNetwork pod's connections waiting in its accept queue have no inode and are left out: KEDA gets established 0 for *:PORT, not 5 or UNAVAILABLE"]
 fn adversary18d_a_host_network_pods_queued_connections_are_not_counted_as_root() {
     if !nodekeeper_tests::require_root() {
         return;
@@ -551,7 +551,6 @@ fn adversary18d_a_host_network_pods_queued_connections_are_not_counted_as_root()
 /// "Limits"). KEDA's `time_wait` metric over such a pod is then a silent 0, not an error: the
 /// limit is not carried into the scaler (no refusal, no flag checked).
 #[test]
-#[ignore = "adversary finding: time_wait over a hostNetwork pod reads a silent 0 (TIME_WAIT has no owner): KEDA gets 0, not 3 or UNAVAILABLE"]
 fn adversary18d_time_wait_of_a_host_network_pod_reads_a_silent_zero_as_root() {
     if !nodekeeper_tests::require_root() {
         return;
@@ -667,7 +666,6 @@ fn adversary18d_the_agents_scaler_sums_without_a_selected_pod_its_census_lacks_a
 /// shares the pod's namespace, so it counts the helper's empty namespace: KEDA gets 0 for the
 /// pool, with no error, while web-1 holds 4 connections.
 #[test]
-#[ignore = "adversary finding: a pod process in a private netns listed first in the pod's cgroup is taken as the pod's namespace: KEDA gets 0, not 4 or UNAVAILABLE"]
 fn adversary18d_a_pod_process_in_a_private_netns_hides_the_pods_connections_as_root() {
     if !nodekeeper_tests::require_root() {
         return;
@@ -825,7 +823,6 @@ time.sleep(3600)
 /// BPF reader (the default) keeps `[::ffff:127.0.0.1]:5432`, so a JVM pod's pool to its
 /// database reads 0 through the default reader, with no error.
 #[test]
-#[ignore = "adversary finding: the one-pass BPF reader does not normalise IPv4-mapped peers: KEDA's remote query over a dual-stack client reads 0 (sock_diag reads 4)"]
 fn adversary18d_an_ipv4_mapped_peer_is_one_pool_through_every_reader_as_root() {
     if !nodekeeper_tests::require_root() {
         return;

@@ -474,7 +474,8 @@ pub fn decode(b: &[u8], hz: u64) -> Option<(u64, Socket)> {
                 b[o + 2],
                 b[o + 3],
             ))),
-            AF_INET6 => Some(IpAddr::V6(Ipv6Addr::from(
+            // ::ffff:a.b.c.d is the IPv4 peer, as sock_diag and procfs name it (#18-h).
+            AF_INET6 => Some(super::ip_from_v6(Ipv6Addr::from(
                 <[u8; 16]>::try_from(&b[o..o + 16]).ok()?,
             ))),
             _ => None,
@@ -568,5 +569,15 @@ mod tests {
         let (_, s) = decode(&b, 250).unwrap();
         assert_eq!(s.local, "[::1]:8080".parse().unwrap());
         assert_eq!(s.remote, "[fd00::2]:54321".parse().unwrap());
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_are_the_ipv4_peer_as_in_every_reader() {
+        let mut b = record(AF_INET6, 1);
+        b[40..56].copy_from_slice(&"::ffff:10.0.3.1".parse::<Ipv6Addr>().unwrap().octets());
+        b[56..72].copy_from_slice(&"::ffff:10.0.3.7".parse::<Ipv6Addr>().unwrap().octets());
+        let (_, s) = decode(&b, 250).unwrap();
+        assert_eq!(s.local, "10.0.3.1:8080".parse().unwrap());
+        assert_eq!(s.remote, "10.0.3.7:54321".parse().unwrap());
     }
 }

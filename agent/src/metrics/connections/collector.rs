@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use super::census::Census;
 use super::pins::PinnedRemotes;
-use super::{ConnectionsConfig, socket_inodes, summarize_pinned};
+use super::{
+    CensusError, ConnectionsConfig, NetnsReading, Source, socket_inodes, summarize_pinned,
+};
 use crate::host::HostPaths;
 use crate::kube::PodMeta;
 use crate::metrics::CollectError;
@@ -80,6 +82,37 @@ impl ConnectionCollector {
                     });
                     Target::Host { index: i, id, pids }
                 }
+                PodNetns::Several { own, host: None } => {
+                    // Every namespace the pod's processes are in, each read once (decision
+                    // #18-m): a socket lives in exactly one, so their union counts it once.
+                    let mut indices = Vec::with_capacity(own.len());
+                    let mut ids = Vec::with_capacity(own.len());
+                    for (path, id) in own {
+                        indices.push(*by_id.entry(id.clone()).or_insert_with(|| {
+                            paths.push(path);
+                            paths.len() - 1
+                        }));
+                        ids.push(id);
+                    }
+                    Target::Union {
+                        indices,
+                        id: ids.join(","),
+                    }
+                }
+                PodNetns::Several {
+                    own,
+                    host: Some(host),
+                } => {
+                    let ids: Vec<_> = own.into_iter().map(|(_, id)| id).collect();
+                    Target::Refused {
+                        id: format!("{host},{}", ids.join(",")),
+                        why: format!(
+                            "the pod's processes are in the host's network namespace and in {}                              of their own ({}): not counted (decision #18-m)",
+                            ids.len(),
+                            ids.join(", ")
+                        ),
+                    }
+                }
                 PodNetns::NoProcess => Target::Missing,
             };
             plan.push((cg, target));
@@ -111,6 +144,14 @@ impl ConnectionCollector {
                         ..error_entry(id, e.to_string())
                     },
                 },
+                Target::Union { indices, id } => match union(&readings, &indices) {
+                    Ok(r) => pb::PodConnections {
+                        netns: id,
+                        ..summarize_pinned(&r, None, &self.config, &pinned)
+                    },
+                    Err(e) => error_entry(id, e),
+                },
+                Target::Refused { id, why } => error_entry(id, why),
                 Target::Missing => error_entry(
                     String::new(),
                     "no live process in the pod's cgroup (starting or stopping)".into(),
@@ -142,7 +183,51 @@ enum Target {
         id: String,
         pids: Vec<u32>,
     },
+    /// Processes in several namespaces of their own: all of them (indices into the readings).
+    Union {
+        indices: Vec<usize>,
+        id: String,
+    },
+    /// Processes in the host's namespace and in their own: an error entry naming why.
+    Refused {
+        id: String,
+        why: String,
+    },
     Missing,
+}
+
+/// The readings at `indices` as one: every socket of each (a socket lives in exactly one
+/// namespace), UDP sockets and listen counters summed, the port range kept only where every
+/// namespace has the same one. Any namespace unread is the pod's error (never a smaller census).
+fn union(
+    readings: &[Result<NetnsReading, CensusError>],
+    indices: &[usize],
+) -> Result<NetnsReading, String> {
+    let mut parts = indices.iter().map(|&i| readings[i].as_ref());
+    let first = parts
+        .next()
+        .ok_or_else(|| "no namespace".to_string())?
+        .map_err(ToString::to_string)?;
+    let mut out = first.clone();
+    for part in parts {
+        let r = part.map_err(ToString::to_string)?;
+        out.sockets.extend(r.sockets.iter().cloned());
+        out.udp_sockets += r.udp_sockets;
+        out.listen_counters = out
+            .listen_counters
+            .zip(r.listen_counters)
+            .map(|((o, d), (o2, d2))| (o + o2, d + d2));
+        if out.port_range != r.port_range {
+            out.port_range = None;
+        }
+        if r.source == Source::Procfs {
+            out.source = Source::Procfs;
+        }
+        if out.fallback_reason.is_none() {
+            out.fallback_reason.clone_from(&r.fallback_reason);
+        }
+    }
+    Ok(out)
 }
 
 /// UDP sockets of the host namespace whose inode the pod holds. `/proc/self/net` is the main

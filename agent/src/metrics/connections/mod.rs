@@ -17,7 +17,7 @@ pub mod sock_diag;
 mod summary;
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -102,6 +102,13 @@ impl ConnectionsConfig {
 }
 
 // === sockets ===
+
+/// An IPv6 address as every reader names it: a dual-stack socket talking IPv4 shows its peer as
+/// `::ffff:a.b.c.d`, reported as the IPv4 address `a.b.c.d` (decision #18-h), so a pool is one
+/// pool whichever reader counted it. The one place this rule lives (sock_diag, procfs, BPF).
+pub fn ip_from_v6(v6: Ipv6Addr) -> IpAddr {
+    v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+}
 
 /// Kernel TCP states (include/net/tcp_states.h), named as `ss` prints them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -80,8 +80,7 @@ pub fn parse_addr(s: &str) -> Option<SocketAddr> {
             for i in 0..4 {
                 b[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
             }
-            let v6 = Ipv6Addr::from(b);
-            v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+            super::ip_from_v6(Ipv6Addr::from(b))
         }
         _ => return None,
     };

@@ -298,9 +298,8 @@ fn ipv4(b: &[u8]) -> IpAddr {
 fn ipv6(b: &[u8]) -> IpAddr {
     let mut a = [0u8; 16];
     a.copy_from_slice(b);
-    let v6 = Ipv6Addr::from(a);
     // Dual-stack sockets talking IPv4 show as ::ffff:a.b.c.d; report them as the IPv4 peer.
-    v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+    super::ip_from_v6(Ipv6Addr::from(a))
 }
 
 #[cfg(test)]

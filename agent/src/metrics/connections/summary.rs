@@ -71,6 +71,33 @@ pub fn summarize(
     summarize_pinned(reading, owned, config, &BTreeSet::new())
 }
 
+/// The sockets of a hostNetwork pod in the host's namespace (decision #18-n): those whose inode
+/// one of its processes holds, and the children of its listeners that no process holds yet (in
+/// the accept queue, established or half-open; request sockets): inode 0, not TIME_WAIT, on a
+/// local address one of its listeners binds. TIME_WAIT sockets have no owner and are not
+/// attributed (the scaler refuses `time_wait` over a hostNetwork pod).
+fn owned_sockets<'a>(reading: &'a NetnsReading, owned: &HashSet<u64>) -> Vec<&'a super::Socket> {
+    let held = |s: &super::Socket| s.inode != 0 && owned.contains(&s.inode);
+    let listeners: Vec<SocketAddr> = reading
+        .sockets
+        .iter()
+        .filter(|s| s.state == TcpState::Listen && held(s))
+        .map(|s| s.local)
+        .collect();
+    let queued = |s: &super::Socket| {
+        s.inode == 0
+            && !matches!(s.state, TcpState::TimeWait | TcpState::Listen)
+            && listeners.iter().any(|l| {
+                l.port() == s.local.port() && (l.ip().is_unspecified() || l.ip() == s.local.ip())
+            })
+    };
+    reading
+        .sockets
+        .iter()
+        .filter(|s| held(s) || queued(s))
+        .collect()
+}
+
 /// `summarize`, keeping every pool whose remote is in `pinned` (`ip:port`, `*:PORT`) on its own
 /// whatever its rank: the remotes KEDA queries name (pins.rs).
 pub fn summarize_pinned(
@@ -80,11 +107,10 @@ pub fn summarize_pinned(
     pinned: &BTreeSet<String>,
 ) -> pb::PodConnections {
     let idle_ms = u32::try_from(config.idle_after.get().as_millis()).unwrap_or(u32::MAX);
-    let sockets: Vec<_> = reading
-        .sockets
-        .iter()
-        .filter(|s| owned.is_none_or(|o| s.inode != 0 && o.contains(&s.inode)))
-        .collect();
+    let sockets: Vec<_> = match owned {
+        None => reading.sockets.iter().collect(),
+        Some(o) => owned_sockets(reading, o),
+    };
 
     let mut states: BTreeMap<TcpState, u64> = BTreeMap::new();
     let mut listening_ports = HashSet::new();
@@ -450,6 +476,38 @@ mod tests {
         assert_eq!(p.established, 1);
         assert_eq!(p.tcp_states.len(), 1);
         assert_eq!(p.udp_sockets, 0, "host UDP sockets are not the pod's");
+    }
+
+    #[test]
+    fn a_host_network_pods_accept_queue_children_are_its_own_but_not_time_wait() {
+        let mut listener = sock(TcpState::Listen, "0.0.0.0:8080", "0.0.0.0:0");
+        listener.inode = 7;
+        let child = |state, local: &str| {
+            let mut s = sock(state, local, "10.0.0.9:50000");
+            s.inode = 0;
+            s
+        };
+        let mut other_listener = sock(TcpState::Listen, "127.0.0.1:9090", "0.0.0.0:0");
+        other_listener.inode = 8;
+        let owned = HashSet::from([7]);
+        let p = summarize(
+            &reading(vec![
+                listener,
+                child(TcpState::Established, "10.0.0.2:8080"),
+                child(TcpState::Established, "127.0.0.1:8080"),
+                child(TcpState::SynRecv, "10.0.0.2:8080"),
+                // Not attributable: TIME_WAIT, another process's listener's queue.
+                child(TcpState::TimeWait, "10.0.0.2:8080"),
+                other_listener,
+                child(TcpState::Established, "127.0.0.1:9090"),
+            ]),
+            Some(&owned),
+            &ConnectionsConfig::default(),
+        );
+        assert_eq!(p.established, 2);
+        assert_eq!(p.tcp_states.get("syn_recv"), Some(&1));
+        assert_eq!(p.tcp_states.get("time_wait"), None);
+        assert_eq!(p.listeners.len(), 1);
     }
 
     #[test]

@@ -362,3 +362,95 @@ fn adversary18e_a_forged_mirror_annotation_renames_the_victims_cgroup_in_the_age
         "the victim's cgroup was named as the forger in {renamed}/40 views"
     );
 }
+
+// === hostNetwork pods: a listener shared with SO_REUSEPORT ===
+
+/// The socket inode of `fd` (as /proc/net/tcp lists it).
+fn inode_of(fd: &impl std::os::fd::AsRawFd) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .expect("fd")
+        .ino()
+}
+
+/// Two hostNetwork pods (two ingress replicas running as the same user) share port P with
+/// SO_REUSEPORT: each has its own listener, the kernel spreads 6 new connections over the two
+/// accept queues, and neither has accepted them yet. Each child sits in exactly one queue, so
+/// the two pods' `established` (decision #18-n: a hostNetwork pod owns its listeners' queued
+/// children) must add up to 6, each pod's being its own listener's queue. The children are
+/// matched to a listener by port only: each pod claims all 6, and a query over both reads 12.
+/// Real sockets in this process's (the host's) network namespace, read from /proc/net/tcp as
+/// the procfs reader does; no root needed.
+#[test]
+#[ignore = "adversary finding: two hostNetwork pods sharing a port with SO_REUSEPORT each claim every queued child of that port (matched by port, not by listener): 6 connections read as 12"]
+fn adversary18e_hostnetwork_pods_sharing_a_port_with_so_reuseport_each_claim_every_queued_child() {
+    use nodekeeper::metrics::connections::{
+        ConnectionsConfig, NetnsReading, Source, procfs, summarize,
+    };
+    // tokio's TcpSocket sets SO_REUSEPORT (no new crate); its listener needs a runtime entered.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _entered = rt.enter();
+    let listener = |port: u16| {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.set_reuseport(true).unwrap();
+        s.bind(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+            .unwrap();
+        s.listen(64).unwrap()
+    };
+    let a = listener(0);
+    let port = a.local_addr().unwrap().port();
+    let b = listener(port);
+    let clients: Vec<std::net::TcpStream> = (0..6)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    let reading = || {
+        let mut sockets = Vec::new();
+        procfs::parse_tcp(
+            &std::fs::read_to_string("/proc/net/tcp").unwrap(),
+            &mut sockets,
+        );
+        NetnsReading {
+            source: Source::Procfs,
+            sockets,
+            udp_sockets: 0,
+            listen_counters: None,
+            port_range: None,
+            fallback_reason: None,
+        }
+    };
+    // The handshakes complete in the kernel; wait until both queues hold all 6 between them.
+    let queues = |r: &NetnsReading| -> u64 {
+        r.sockets
+            .iter()
+            .filter(|s| s.local.port() == port && [inode_of(&a), inode_of(&b)].contains(&s.inode))
+            .map(|s| u64::from(s.rqueue))
+            .sum()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let r = loop {
+        let r = reading();
+        if queues(&r) == 6 || Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        queues(&r),
+        6,
+        "the two accept queues hold the 6 connections"
+    );
+    let config = ConnectionsConfig::default();
+    let pod_a = summarize(&r, Some(&HashSet::from([inode_of(&a)])), &config);
+    let pod_b = summarize(&r, Some(&HashSet::from([inode_of(&b)])), &config);
+    assert_eq!(
+        pod_a.established + pod_b.established,
+        6,
+        "pod a {} + pod b {}: each queued child is in one queue",
+        pod_a.established,
+        pod_b.established
+    );
+    drop(clients);
+}

@@ -16,7 +16,9 @@
 //! the 20,000-pod memory; an aggregator restarted (no memory) while an agent still reports a
 //! just-deleted pod. Broke: a `kubernetes.io/config.mirror` annotation forged on an ordinary pod
 //! (creating a pod with it is allowed; only updates that add it are refused) takes over another
-//! pod's census entry, in the aggregator and in the agent's pod view.
+//! pod's census entry, in the aggregator and in the agent's pod view; two hostNetwork pods
+//! sharing a port with SO_REUSEPORT each claim every queued child of that port (decision #18-n
+//! matches children to listeners by port).
 
 use crate::support::census_pods::scaled_object;
 

@@ -386,3 +386,45 @@ async fn the_sweep_racing_the_next_rotations_claim_frees_nothing() {
     drain_b.abort();
     drop((a, b));
 }
+
+/// Attack (a sweep during an API outage, then recovery, "the slot is always released
+/// afterwards"): node-a's rotation failed and left its slot marked and unrenewed; node-a's
+/// agent starts while every request on the slot Leases answers 503 for 25 s (long enough for
+/// the sweep's back-off to reach its 10 s ceiling). Once the API answers again, the sweep frees
+/// the slot within its back-off and a lease duration: node-b's rotation, asked after the
+/// outage, completes within 30 s. Held.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sweep_frees_a_left_slot_after_an_api_outage_ends() {
+    let fleet = Fleet::new(&["node-a", "node-b"], 2);
+    fleet.record_rotation("node-a", "failed");
+    fleet.create_marked_slot("node-a", -60).await;
+    fleet.api.inject(
+        Fault::on(
+            "",
+            "/namespaces/nodekeeper-system/leases",
+            FaultKind::Unavailable,
+        )
+        .always(),
+    );
+    let a = tokio::task::block_in_place(|| fleet.agent("node-a"));
+    let b = tokio::task::block_in_place(|| fleet.agent("node-b"));
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    assert_eq!(
+        fleet.holder().as_deref(),
+        Some("node-a"),
+        "nothing freed yet"
+    );
+    fleet.api.clear_faults();
+    let mut cb = client(&b).await;
+    let drain_b =
+        tokio::spawn(async move { drain_all(&mut cb, rotation_request("rot-b", "node-b")).await });
+    let done_b = tokio::time::timeout(Duration::from_secs(30), drain_b).await;
+    assert!(
+        done_b.is_ok(),
+        "the API answers again, yet node-b's rotation still waits 30 s later: {}",
+        fleet.slot_lease()
+    );
+    let events = done_b.unwrap().expect("drain task");
+    assert!(completed(&events), "{:?}", events.last());
+    drop((a, b));
+}

@@ -428,3 +428,59 @@ async fn the_sweep_frees_a_left_slot_after_an_api_outage_ends() {
     assert!(completed(&events), "{:?}", events.last());
     drop((a, b));
 }
+
+/// Attack (the boot-ID file unreadable after the reboot, "a reboot is recognised exactly once;
+/// uncordoned only by nodekeeper's return"): node-a's rotation drained (boot-1) and the node
+/// rebooted, but the new agent cannot read its boot-ID file (a hostPath not mounted yet, a
+/// permission change). The return must neither take the reboot for granted nor give the slot
+/// up: node-a stays cordoned, its slot held, no `done`; node-b's rotation waits. Once the file
+/// reads (boot-2) the return goes on: `done`, uncordoned, node-b gets the slot. Held.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreadable_boot_id_after_the_reboot_keeps_the_slot_until_it_reads() {
+    let fleet = Fleet::new(&["node-a", "node-b"], 2);
+    let boot_a = fleet.dir.path().join("node-a.boot_id");
+    let a = tokio::task::block_in_place(|| fleet.agent("node-a"));
+    let b = tokio::task::block_in_place(|| fleet.agent("node-b"));
+    let events = tokio::time::timeout(
+        Duration::from_secs(60),
+        drain_all(&mut client(&a).await, rotation_request("rot-a", "node-a")),
+    )
+    .await
+    .expect("node-a's rotation drain");
+    assert!(completed(&events), "{:?}", events.last());
+    let mut a = a;
+    a.proc.signal("KILL");
+    a.proc.wait_exit(Duration::from_secs(5));
+    std::fs::remove_file(&boot_a).expect("remove boot id");
+    let a = tokio::task::block_in_place(|| fleet.agent("node-a"));
+    let mut cb = client(&b).await;
+    let drain_b =
+        tokio::spawn(async move { drain_all(&mut cb, rotation_request("rot-b", "node-b")).await });
+    // Several 2 s leases and sweep periods.
+    never_both_cordoned(&fleet, 10, "node-a's boot ID unreadable after its reboot").await;
+    assert!(fleet.cordoned("node-a"));
+    assert_eq!(
+        fleet.holder().as_deref(),
+        Some("node-a"),
+        "{}",
+        fleet.slot_lease()
+    );
+    let state = |fleet: &Fleet| {
+        fleet.api.node("node-a").expect("node")["metadata"]["annotations"]
+            ["nodekeeper.io/maintenance"]
+            .as_str()
+            .and_then(|s| serde_json::from_str::<Value>(s).ok())
+            .map(|m| m["state"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    };
+    assert_ne!(state(&fleet), "done");
+    std::fs::write(&boot_a, "boot-2\n").expect("boot id");
+    let events = tokio::time::timeout(Duration::from_secs(60), drain_b)
+        .await
+        .expect("node-b's rotation after node-a's return")
+        .expect("drain task");
+    assert!(completed(&events), "{:?}", events.last());
+    assert_eq!(state(&fleet), "done");
+    assert!(!fleet.cordoned("node-a"));
+    drop((a, b));
+}

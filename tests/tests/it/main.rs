@@ -30,6 +30,7 @@ mod adversary_issue19b;
 mod adversary_issue20;
 mod adversary_issue20b;
 mod adversary_issue20c;
+mod adversary_issue20d;
 mod adversary_issue22;
 mod aggregate;
 mod aggregate_auth;

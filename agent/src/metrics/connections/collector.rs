@@ -169,8 +169,37 @@ impl ConnectionCollector {
             }
             out.push(pod);
         }
+        out.extend(missing_cgroups(meta, &cgroups));
+        out.sort_by(|a, b| a.uid.cmp(&b.uid));
         Ok(out)
     }
+}
+
+/// An error entry for each pod of the view that must have a cgroup here (Running, not
+/// terminating) and has none under any of its UIDs: its value is unknown, so a query selecting
+/// it is UNAVAILABLE, never a sum without it (decision #18-o). Once per pod, named by its own UID.
+fn missing_cgroups(
+    meta: &HashMap<String, PodMeta>,
+    cgroups: &[pod_cgroups::PodCgroup],
+) -> Vec<pb::PodConnections> {
+    let found: std::collections::HashSet<&str> = cgroups.iter().map(|c| c.uid.as_str()).collect();
+    meta.iter()
+        // A static pod is in the view under two UIDs: one entry, under its own.
+        .filter(|(uid, m)| m.uids.first() == Some(*uid) && m.must_have_cgroup())
+        .filter(|(_, m)| !m.uids.iter().any(|u| found.contains(u.as_str())))
+        .map(|(uid, m)| pb::PodConnections {
+            uid: uid.clone(),
+            namespace: m.namespace.clone(),
+            name: m.name.clone(),
+            labels: m.labels.clone(),
+            ..error_entry(
+                String::new(),
+                "Running on this node per the pod view, but no cgroup of the pod found (a \
+                 cgroup layout the agent does not read, or one not created yet)"
+                    .into(),
+            )
+        })
+        .collect()
 }
 
 enum Target {

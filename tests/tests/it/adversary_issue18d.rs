@@ -6,7 +6,7 @@
 //! fixes of tests/tests/it/adversary_issue18.rs, adversary_issue18b.rs and adversary_issue18c.rs.
 //!
 //! A test marked `#[ignore = "adversary finding: ..."]` broke the promise (run it with
-//! `--ignored` to see it fail); a plain test is an attack that held. The product code is not
+//! `--ignored` to see it fail); a plain test is an attack that held (none is ignored now). The product code is not
 //! changed here.
 //!
 //! The `_as_root` attacks run a connected agent (fake API server, fake kubelet cgroup tree, real
@@ -17,8 +17,8 @@
 //! Broke, fixed since (un-ignored): the one-pass BPF reader kept IPv4-mapped peers (`remote`
 //! read 0 for a dual-stack client); a pod process in a private netns listed first stood for the
 //! pod (decision #18-m); a hostNetwork pod's queued connections and TIME_WAIT sockets read 0
-//! (decision #18-n). Broke (ignored): the agent's own scaler sums without a selected pod its
-//! census lacks (a cgroup not found, a static pod).
+//! (decision #18-n); the agent's own scaler summed without a selected pod its census lacks (a
+//! cgroup not found, a static pod; decisions #18-l, #18-o).
 //! Held (plain): same names in two namespaces, minCoverage bounds, an agent in two slices with
 //! different nodes, an agent replaced on its node, lastKnownFor after a restart, pins full.
 

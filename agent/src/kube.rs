@@ -603,7 +603,8 @@ mod track_watches_tests {
 }
 
 /// Watches only the pods scheduled to this node (`spec.nodeName=` field selector) into a store,
-/// with managedFields and status (but its phase) stripped (they are most of a pod's size and unused here).
+/// with managedFields and status but its phase stripped (they are most of a pod's size and
+/// unused here; the phase says whether the pod must have a cgroup).
 /// The returned counter increases on every event, so consumers can wait for one; `health`
 /// records whether the watch is current, `deleted` the pods it saw deleted.
 pub fn watch_pods(

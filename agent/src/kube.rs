@@ -603,7 +603,8 @@ mod track_watches_tests {
 }
 
 /// Watches only the pods scheduled to this node (`spec.nodeName=` field selector) into a store,
-/// with managedFields and status stripped (they are most of a pod's size and unused here).
+/// with managedFields and status but its phase stripped (they are most of a pod's size and
+/// unused here; the phase says whether the pod must have a cgroup).
 /// The returned counter increases on every event, so consumers can wait for one; `health`
 /// records whether the watch is current, `deleted` the pods it saw deleted.
 pub fn watch_pods(
@@ -628,7 +629,12 @@ pub fn watch_pods(
             .default_backoff()
             .modify(|pod| {
                 pod.metadata.managed_fields = None;
-                pod.status = None;
+                // Only the phase: whether the pod should have a cgroup (ConnectionCollector).
+                let phase = pod.status.take().and_then(|s| s.phase);
+                pod.status = phase.map(|phase| k8s_openapi::api::core::v1::PodStatus {
+                    phase: Some(phase),
+                    ..Default::default()
+                });
             })
             .reflect(writer);
         let mut stream = std::pin::pin!(stream);
@@ -663,6 +669,22 @@ pub struct PodMeta {
     pub labels: std::collections::HashMap<String, String>,
     /// Set once the pod is being deleted (terminating).
     pub deletion_timestamp: Option<prost_types::Timestamp>,
+    /// `status.phase` (Pending, Running, Succeeded, Failed); `None` when the API has none yet.
+    pub phase: Option<String>,
+    /// Every UID the pod's cgroup may carry: its own, then a static pod's mirror annotation.
+    pub uids: Vec<String>,
+}
+
+impl PodMeta {
+    /// Running and not terminating: its containers have started, so its cgroup (and network
+    /// namespace) exists and this node's census must name it, as the aggregator's placement
+    /// requires (`PodPlacement`'s `running`). A Pending pod may have none yet; a finished one
+    /// (Succeeded, Failed) has none any more.
+    pub fn must_have_cgroup(&self) -> bool {
+        self.phase.as_deref() == Some("Running")
+            && self.deletion_timestamp.is_none()
+            && !self.name.is_empty()
+    }
 }
 
 /// UID -> metadata for every pod in the store; a static pod's mirror also under the UID its
@@ -694,6 +716,8 @@ fn pod_meta_of(p: &k8s_openapi::api::core::v1::Pod) -> Option<PodMeta> {
                 seconds: t.0.as_second(),
                 nanos: t.0.subsec_nanosecond(),
             }),
+        phase: p.status.as_ref().and_then(|s| s.phase.clone()),
+        uids: pod_uids(p),
     })
 }
 

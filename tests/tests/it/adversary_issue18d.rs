@@ -6,7 +6,7 @@
 //! fixes of tests/tests/it/adversary_issue18.rs, adversary_issue18b.rs and adversary_issue18c.rs.
 //!
 //! A test marked `#[ignore = "adversary finding: ..."]` broke the promise (run it with
-//! `--ignored` to see it fail); a plain test is an attack that held. The product code is not
+//! `--ignored` to see it fail); a plain test is an attack that held (none is ignored now). The product code is not
 //! changed here.
 //!
 //! The `_as_root` attacks run a connected agent (fake API server, fake kubelet cgroup tree, real
@@ -17,8 +17,8 @@
 //! Broke, fixed since (un-ignored): the one-pass BPF reader kept IPv4-mapped peers (`remote`
 //! read 0 for a dual-stack client); a pod process in a private netns listed first stood for the
 //! pod (decision #18-m); a hostNetwork pod's queued connections and TIME_WAIT sockets read 0
-//! (decision #18-n). Broke (ignored): the agent's own scaler sums without a selected pod its
-//! census lacks (a cgroup not found, a static pod).
+//! (decision #18-n); the agent's own scaler summed without a selected pod its census lacks (a
+//! cgroup not found, a static pod; decisions #18-l, #18-o).
 //! Held (plain): same names in two namespaces, minCoverage bounds, an agent in two slices with
 //! different nodes, an agent replaced on its node, lastKnownFor after a restart, pins full.
 
@@ -602,7 +602,6 @@ fn adversary18d_time_wait_of_a_host_network_pod_reads_a_silent_zero_as_root() {
 /// ("its census does not name selected pod shop/web-2"); the agent's own scaler must too. It
 /// answers web-1's 4 instead.
 #[test]
-#[ignore = "adversary finding: the agent's own scaler does not check its census names every selected pod of its pod view: a Running pod without a found cgroup is left out, KEDA gets 4 not UNAVAILABLE"]
 fn adversary18d_the_agents_scaler_sums_without_a_selected_pod_its_census_lacks_as_root() {
     if !nodekeeper_tests::require_root() {
         return;
@@ -732,7 +731,6 @@ const STATIC_POD_HASH: &str = "6f1c2a9b8e7d4c3b2a1f0e9d8c7b6a59";
 /// selected pod of its pod view, answers web-1's 4. (The aggregator refuses the same census:
 /// "its census does not name selected pod shop/web-s", for as long as the static pod runs.)
 #[test]
-#[ignore = "adversary finding: a static pod's census (cgroup UID = manifest hash) is never named from its mirror pod: the agent's scaler gets 4, not 10 or UNAVAILABLE"]
 fn adversary18d_a_static_pods_connections_are_left_out_by_the_agents_scaler_as_root() {
     if !nodekeeper_tests::require_root() {
         return;

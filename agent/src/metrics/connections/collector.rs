@@ -169,8 +169,37 @@ impl ConnectionCollector {
             }
             out.push(pod);
         }
+        out.extend(missing_cgroups(meta, &cgroups));
+        out.sort_by(|a, b| a.uid.cmp(&b.uid));
         Ok(out)
     }
+}
+
+/// An error entry for each pod of the view that must have a cgroup here (Running, not
+/// terminating) and has none under any of its UIDs: its value is unknown, so a query selecting
+/// it is UNAVAILABLE, never a sum without it (decision #18-o). Once per pod, named by its own UID.
+fn missing_cgroups(
+    meta: &HashMap<String, PodMeta>,
+    cgroups: &[pod_cgroups::PodCgroup],
+) -> Vec<pb::PodConnections> {
+    let found: std::collections::HashSet<&str> = cgroups.iter().map(|c| c.uid.as_str()).collect();
+    meta.iter()
+        // A static pod is in the view under two UIDs: one entry, under its own.
+        .filter(|(uid, m)| m.uids.first() == Some(*uid) && m.must_have_cgroup())
+        .filter(|(_, m)| !m.uids.iter().any(|u| found.contains(u.as_str())))
+        .map(|(uid, m)| pb::PodConnections {
+            uid: uid.clone(),
+            namespace: m.namespace.clone(),
+            name: m.name.clone(),
+            labels: m.labels.clone(),
+            ..error_entry(
+                String::new(),
+                "Running on this node per the pod view, but no cgroup of the pod found (a \
+                 cgroup layout the agent does not read, or one not created yet)"
+                    .into(),
+            )
+        })
+        .collect()
 }
 
 enum Target {
@@ -249,5 +278,65 @@ fn error_entry(netns: String, error: String) -> pb::PodConnections {
         netns,
         error,
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(name: &str, phase: &str, uids: &[&str]) -> PodMeta {
+        PodMeta {
+            namespace: "shop".into(),
+            name: name.into(),
+            labels: HashMap::from([("app".into(), "web".into())]),
+            phase: Some(phase.into()),
+            uids: uids.iter().map(ToString::to_string).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn cgroup(uid: &str) -> pod_cgroups::PodCgroup {
+        pod_cgroups::PodCgroup {
+            uid: uid.into(),
+            qos: "besteffort",
+            dir: PathBuf::new(),
+        }
+    }
+
+    /// As `kube::pod_meta` keys the view: every pod under each of its UIDs.
+    fn view(pods: &[PodMeta]) -> HashMap<String, PodMeta> {
+        pods.iter()
+            .flat_map(|m| m.uids.iter().map(move |u| (u.clone(), m.clone())))
+            .collect()
+    }
+
+    #[test]
+    fn only_a_running_pod_without_a_cgroup_under_any_of_its_uids_is_an_error_entry() {
+        let mut terminating = meta("web-5", "Running", &["u5"]);
+        terminating.deletion_timestamp = Some(prost_types::Timestamp::default());
+        let v = view(&[
+            meta("web-1", "Running", &["u1"]),
+            meta("web-2", "Running", &["u2"]),
+            // A static pod: its cgroup has the mirror annotation's UID.
+            meta("web-s", "Running", &["api-uid", "hash"]),
+            meta("job-1", "Succeeded", &["u3"]),
+            meta("web-4", "Pending", &["u4"]),
+            terminating,
+        ]);
+        let got = missing_cgroups(&v, &[cgroup("u1"), cgroup("hash")]);
+        assert_eq!(got.len(), 1, "{got:?}");
+        let p = &got[0];
+        assert_eq!((p.uid.as_str(), p.name.as_str()), ("u2", "web-2"));
+        assert_eq!(p.labels.get("app").map(String::as_str), Some("web"));
+        assert!(p.error.contains("no cgroup"), "{}", p.error);
+
+        // A static pod without its cgroup: one entry, under its own UID.
+        let got = missing_cgroups(&v, &[cgroup("u1"), cgroup("u2")]);
+        let names: Vec<_> = got
+            .iter()
+            .map(|p| (p.uid.as_str(), p.name.as_str()))
+            .collect();
+        assert_eq!(names, [("api-uid", "web-s")]);
     }
 }

@@ -804,6 +804,17 @@ pub(crate) mod tests {
         assert_eq!(&stored[10..12], &[0, 0]);
         assert_eq!(stored[2] & 0x04, 0, "AA cleared");
         assert_eq!(again.ttl_offsets.len(), 1);
+        assert_eq!(
+            into_cache(r.clone(), &info),
+            stored,
+            "in place: the same bytes"
+        );
+        // Without an OPT: only the trailing bytes and AA go.
+        let mut plain = response(&q, 0, &[300], None);
+        plain[2] |= 0x04;
+        plain.extend_from_slice(&[9, 9]);
+        let info = scan_response(&plain).unwrap();
+        assert_eq!(into_cache(plain.clone(), &info), for_cache(&plain, &info));
     }
 
     #[test]

@@ -280,7 +280,9 @@ impl DnsServer {
     }
 
     /// The miss path, from what `answer_fast` found: a coalesced upstream fetch, then stale,
-    /// then SERVFAIL. `key` is the query's cache key.
+    /// then SERVFAIL. `key` is the query's cache key. (A UDP miss task does the same with
+    /// `send_miss_answer`.)
+    #[cfg(test)]
     async fn answer_miss(
         self: &Arc<Self>,
         query: &[u8],
@@ -303,9 +305,10 @@ impl DnsServer {
         match stale {
             // The upstream failed for this name moments ago: stale at once (failure recheck).
             Some(e) if self.config.cache.serve_stale && e.recently_failed(now) => Outcome::Kept(e),
+            // Boxed: this rarer path's timer and join handle would otherwise enlarge every
+            // miss task past 1 KiB (#22-k).
             Some(e) if self.config.cache.serve_stale => {
-                self.fetch_within_client_timer(key, hash, query, &q, e)
-                    .await
+                Box::pin(self.fetch_within_client_timer(key, hash, query, &q, e)).await
             }
             _ => self.fetch(key, hash, query, &q).await,
         }
@@ -472,7 +475,8 @@ impl DnsServer {
         // Scanned twice: once as received (for the OPT and the extended rcode), once as stored
         // (scrubbed: only the question's answer chain is kept).
         let scanned = wire::scan_response(&raw).ok().and_then(|info| {
-            let (bytes, verdict) = scrub::scrub(wire::for_cache(&raw, &info));
+            // The answer's one copy (made by the upstream reader) becomes the entry's.
+            let (bytes, verdict) = scrub::scrub(wire::into_cache(raw, &info));
             let stored = wire::scan_response(&bytes).ok()?;
             Some((info.rcode, bytes, stored, verdict))
         });
@@ -577,7 +581,12 @@ impl DnsServer {
     fn group_slot(&self, qname: &str) -> Option<GroupSlot<'_>> {
         let group = self.upstream.group_of(qname);
         let mut held = self.group_in_flight.lock().expect("not poisoned");
-        let n = held.entry(group.clone()).or_default();
+        // Entries stay at 0 (one per group ever routed to; groups are configured): the group's
+        // name is not copied again for every miss (#22-k).
+        let n = match held.get_mut(&group) {
+            Some(n) => n,
+            None => held.entry(group.clone()).or_default(),
+        };
         if *n >= self.group_share {
             drop(held);
             self.metrics.overloaded.inc();
@@ -623,9 +632,6 @@ impl Drop for GroupSlot<'_> {
         let mut held = self.server.group_in_flight.lock().expect("not poisoned");
         if let Some(n) = held.get_mut(&self.group) {
             *n -= 1;
-            if *n == 0 {
-                held.remove(&self.group);
-            }
         }
     }
 }
@@ -780,15 +786,18 @@ async fn serve_ready(
                     };
                     let (server, socket) = (server.clone(), socket.clone());
                     let (query, key) = query_and_key(query, key);
-                    tokio::spawn(async move {
+                    let fut = async move {
                         let _waiting = waiting;
-                        let mut out = Vec::with_capacity(512);
                         let (query, key) = query.split_at(key);
-                        server
-                            .answer_miss(query, key, miss, Protocol::Udp, &mut out)
-                            .await;
-                        let _ = socket.send_to(&out, peer).await;
-                    });
+                        let q = miss.q;
+                        let outcome = server.miss_outcome(query, key, miss).await;
+                        if let Some(out) =
+                            send_miss_answer(&server, &socket, peer, query, &q, outcome)
+                        {
+                            let _ = socket.send_to(&out, peer).await;
+                        }
+                    };
+                    tokio::spawn(fut);
                 }
             }
         }
@@ -798,6 +807,39 @@ async fn serve_ready(
         }
     }
     true
+}
+
+thread_local! {
+    /// The buffer UDP miss answers are written in and sent from (`send_miss_answer`): one per
+    /// worker thread instead of one per miss (#22-k).
+    static MISS_OUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `MISS_OUT` is given back to the allocator after an answer longer than this (a rare large
+/// one), so a worker thread does not hold up to 64 KiB for ever.
+const MISS_OUT_KEEP: usize = 4096;
+
+/// Writes a UDP miss's answer in the thread's buffer and sends it at once; when the socket's
+/// buffer is full, returns a copy to send once it has room.
+fn send_miss_answer(
+    server: &DnsServer,
+    socket: &UdpSocket,
+    peer: SocketAddr,
+    query: &[u8],
+    q: &Query,
+    outcome: Outcome,
+) -> Option<Vec<u8>> {
+    MISS_OUT.with_borrow_mut(|out| {
+        server.render(query, q, outcome, Protocol::Udp, out);
+        let later = match socket.try_send_to(out, peer) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Some(out.clone()),
+            Ok(_) | Err(_) => None,
+        };
+        if out.capacity() > MISS_OUT_KEEP {
+            *out = Vec::new();
+        }
+        later
+    })
 }
 
 /// Receives a batch; 0 when nothing was queued. A batch that came back short (fewer than

@@ -550,9 +550,10 @@ impl Forwarder {
         let udp = group.protocol == UpstreamProtocol::Udp;
         // Ruled out for this query (answered with an error, or unreachable), asked at all, and
         // left without an answer past a retransmission timer.
-        let mut out = vec![false; servers.len()];
-        let mut asked = vec![false; servers.len()];
-        let mut overdue = vec![false; servers.len()];
+        // One allocation for the three (#22-k).
+        let mut flags = vec![false; 3 * servers.len()];
+        let (out, rest) = flags.split_at_mut(servers.len());
+        let (asked, overdue) = rest.split_at_mut(servers.len());
         let mut next = 0;
         let mut sent = 0u32;
         let mut last: Option<String> = None;

@@ -20,11 +20,53 @@ thread_local! {
     /// Live heap bytes of this thread (allocated minus freed by it), as chunks. `const` and
     /// without a destructor: reading it never allocates, so the allocator may use it.
     static LIVE: Cell<i64> = const { Cell::new(0) };
+    /// Allocations made by this thread (`alloc` and `realloc` calls), their requested bytes,
+    /// and how many asked for `LARGE` bytes or more (`dns_miss_allocations`).
+    static MADE: Cell<Made> = const { Cell::new(Made { count: 0, bytes: 0, large: 0 }) };
+}
+
+/// The size from which glibc's allocator leaves its per-thread cache and fast bins (1,032
+/// bytes: tcache's largest); rounded to 1 KiB. Such allocations interleaved with small frees
+/// are what `_int_malloc`, `unlink_chunk` and `malloc_consolidate` cost (issue #22).
+pub const LARGE: usize = 1024;
+
+/// What this thread allocated so far (see `made`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Made {
+    pub count: u64,
+    pub bytes: u64,
+    pub large: u64,
+}
+
+impl std::ops::Sub for Made {
+    type Output = Made;
+    fn sub(self, o: Made) -> Made {
+        Made {
+            count: self.count - o.count,
+            bytes: self.bytes - o.bytes,
+            large: self.large - o.large,
+        }
+    }
+}
+
+/// This thread's allocations so far (never allocates).
+pub fn made() -> Made {
+    MADE.with(Cell::get)
 }
 
 fn count(bytes: i64) {
     // `try_with`: never panic inside the allocator, even while a thread is being torn down.
     let _ = LIVE.try_with(|live| live.set(live.get() + bytes));
+}
+
+fn count_made(size: usize) {
+    let _ = MADE.try_with(|m| {
+        let mut v = m.get();
+        v.count += 1;
+        v.bytes += size as u64;
+        v.large += u64::from(size >= LARGE);
+        m.set(v);
+    });
 }
 
 /// This thread's live heap bytes, as chunks.
@@ -42,6 +84,7 @@ struct Counting;
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         count(chunk(layout.size()));
+        count_made(layout.size());
         // SAFETY: same layout contract as our caller's.
         unsafe { System.alloc(layout) }
     }
@@ -54,6 +97,7 @@ unsafe impl GlobalAlloc for Counting {
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         count(chunk(new_size) - chunk(layout.size()));
+        count_made(new_size);
         // SAFETY: as for `dealloc`, and `new_size` is our caller's.
         unsafe { System.realloc(ptr, layout, new_size) }
     }

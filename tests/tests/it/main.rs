@@ -57,6 +57,7 @@ mod dns_differential;
 mod dns_edges;
 mod dns_handover;
 mod dns_kube_dns;
+mod dns_miss_allocations;
 mod dns_node;
 mod dns_upstream;
 mod drain;

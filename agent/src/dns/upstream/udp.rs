@@ -32,6 +32,31 @@ pub const SOCKETS: usize = 4;
 /// Queries one socket carries before it is replaced by one on a new random port.
 pub const ROTATE_AFTER: u32 = 256;
 
+thread_local! {
+    /// `send_with_id`'s buffer: a query given its ID here, inside one synchronous send, instead
+    /// of in a copy of its own per exchange (#22-k).
+    static WITH_ID: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Sends `query` with the ID `id` (what `UdpSocket::send` does, the copy made in a buffer of
+/// the thread's, never held across an await).
+async fn send_with_id(socket: &UdpSocket, query: &[u8], id: u16) -> io::Result<()> {
+    loop {
+        socket.writable().await?;
+        let sent = WITH_ID.with_borrow_mut(|buf| {
+            buf.clear();
+            buf.extend_from_slice(query);
+            wire::set_id(buf, id);
+            socket.try_send(buf)
+        });
+        match sent {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Why one UDP exchange failed.
 #[derive(Debug)]
 pub enum UdpError {
@@ -83,9 +108,9 @@ impl UdpClient {
         let id = sock.register(p.clone(), tx);
         // Forget the ID however this ends (answer, timeout, the caller dropping this future).
         let guard = Registered { sock: &sock, id };
-        let mut query = p.bytes.clone();
-        wire::set_id(&mut query, id);
-        sock.socket.send(&query).await.map_err(UdpError::Io)?;
+        send_with_id(&sock.socket, &p.bytes, id)
+            .await
+            .map_err(UdpError::Io)?;
         let since = std::time::Instant::now();
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(answer)) => answer.map_err(UdpError::Io),

@@ -360,6 +360,22 @@ pub fn for_cache(b: &[u8], info: &ResponseInfo) -> Vec<u8> {
     out
 }
 
+/// `for_cache` on the received answer itself, without a copy: the one allocation the
+/// upstream reader made for it becomes the cache entry's (issue #22, #22-k).
+pub fn into_cache(mut b: Vec<u8>, info: &ResponseInfo) -> Vec<u8> {
+    match &info.opt {
+        Some(opt) => {
+            b.copy_within(opt.end..info.end, opt.start);
+            b.truncate(info.end - (opt.end - opt.start));
+            let ar = u16_at(&b, 10).unwrap_or(1).saturating_sub(1);
+            b[10..12].copy_from_slice(&ar.to_be_bytes());
+        }
+        None => b.truncate(info.end),
+    }
+    b[2] &= !FLAG2_AA;
+    b
+}
+
 /// Our query to an upstream for a client's `q`: its own header (RD, AD to learn whether the
 /// upstream validated, the client's CD, which is in the cache key), the client's question, and
 /// our own OPT when the client used EDNS (our payload size, the client's DO, no options): a
@@ -788,6 +804,17 @@ pub(crate) mod tests {
         assert_eq!(&stored[10..12], &[0, 0]);
         assert_eq!(stored[2] & 0x04, 0, "AA cleared");
         assert_eq!(again.ttl_offsets.len(), 1);
+        assert_eq!(
+            into_cache(r.clone(), &info),
+            stored,
+            "in place: the same bytes"
+        );
+        // Without an OPT: only the trailing bytes and AA go.
+        let mut plain = response(&q, 0, &[300], None);
+        plain[2] |= 0x04;
+        plain.extend_from_slice(&[9, 9]);
+        let info = scan_response(&plain).unwrap();
+        assert_eq!(into_cache(plain.clone(), &info), for_cache(&plain, &info));
     }
 
     #[test]

@@ -689,12 +689,65 @@ impl PodMeta {
 
 /// UID -> metadata for every pod in the store; a static pod's mirror also under the UID its
 /// cgroup has (its `kubernetes.io/config.mirror` annotation).
+/// A pod's own UID always wins over an alias; an alias two pods claim names neither
+/// (decision #18-p); the result does not depend on the store's order.
 pub fn pod_meta(store: &PodStore) -> std::collections::HashMap<String, PodMeta> {
-    store
-        .state()
+    let pods = store.state();
+    let aliases = mirror_aliases(pods.iter().map(|p| p.as_ref()));
+    let mut out = std::collections::HashMap::new();
+    for p in &pods {
+        let Some(meta) = pod_meta_of(p) else { continue };
+        if let Some(alias) = mirror_alias(p).filter(|a| aliases.contains(*a)) {
+            out.insert(alias.to_string(), meta.clone());
+        }
+        if let Some(uid) = p.metadata.uid.clone().filter(|u| !u.is_empty()) {
+            out.insert(uid, meta);
+        }
+    }
+    out
+}
+
+/// The `kubernetes.io/config.mirror` alias a pod may be known by: only a real mirror pod's, one
+/// the kubelet created (an ownerReference of kind `Node` naming the pod's `spec.nodeName`).
+/// A user can forge the annotation on an ordinary pod; a forged alias is ignored.
+pub fn mirror_alias(pod: &k8s_openapi::api::core::v1::Pod) -> Option<&str> {
+    let m = &pod.metadata;
+    let node = pod.spec.as_ref()?.node_name.as_deref()?;
+    let owned_by_node = m
+        .owner_references
+        .as_ref()?
         .iter()
-        .filter_map(|p| Some((pod_uids(p), pod_meta_of(p)?)))
-        .flat_map(|(uids, meta)| uids.into_iter().map(move |uid| (uid, meta.clone())))
+        .any(|o| o.kind == "Node" && o.name == node);
+    if !owned_by_node {
+        return None;
+    }
+    m.annotations
+        .as_ref()?
+        .get(MIRROR_ANNOTATION)
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+}
+
+/// The aliases ([`mirror_alias`]) of `pods` that may be honoured: claimed by exactly one pod
+/// and no pod's own UID. Two pods claiming one alias (a real mirror and a forged one with a
+/// forged Node ownerReference) make it ambiguous: it names neither, so that census entry is
+/// unknown (UNAVAILABLE if selectable, decision #18-l), never counted as the wrong pod.
+pub fn mirror_aliases<'a>(
+    pods: impl IntoIterator<Item = &'a k8s_openapi::api::core::v1::Pod> + Clone,
+) -> std::collections::HashSet<String> {
+    let own: std::collections::HashSet<&str> = pods
+        .clone()
+        .into_iter()
+        .filter_map(|p| p.metadata.uid.as_deref())
+        .collect();
+    let mut claims: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for alias in pods.into_iter().filter_map(mirror_alias) {
+        *claims.entry(alias).or_default() += 1;
+    }
+    claims
+        .into_iter()
+        .filter(|(a, n)| *n == 1 && !own.contains(a))
+        .map(|(a, _)| a.to_string())
         .collect()
 }
 
@@ -838,14 +891,8 @@ struct DeletedInner {
 
 /// A pod's UID and, for a static pod's mirror, the UID its cgroup has.
 fn pod_uids(pod: &k8s_openapi::api::core::v1::Pod) -> Vec<String> {
-    let m = &pod.metadata;
-    let mirror = m
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(MIRROR_ANNOTATION))
-        .filter(|v| !v.is_empty())
-        .cloned();
-    m.uid.clone().into_iter().chain(mirror).collect()
+    let mirror = mirror_alias(pod).map(str::to_string);
+    pod.metadata.uid.clone().into_iter().chain(mirror).collect()
 }
 
 impl DeletedPods {
@@ -963,7 +1010,23 @@ mod deleted_pods_tests {
         .unwrap();
         if let Some(m) = mirror {
             p.metadata.annotations = Some([(MIRROR_ANNOTATION.to_string(), m.to_string())].into());
+            p = with_node_owner(p, "node-a");
         }
+        p
+    }
+
+    /// `p` as the kubelet's mirror pod on `node`: scheduled there, owned by the Node.
+    fn with_node_owner(mut p: Pod, node: &str) -> Pod {
+        p.spec.get_or_insert_with(Default::default).node_name = Some(node.into());
+        p.metadata.owner_references = Some(vec![
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                api_version: "v1".into(),
+                kind: "Node".into(),
+                name: node.into(),
+                uid: format!("node-uid-{node}"),
+                ..Default::default()
+            },
+        ]);
         p
     }
 

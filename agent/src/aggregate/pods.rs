@@ -122,7 +122,16 @@ fn strip(pod: &mut Pod) {
                 .find(|(k, _)| k == crate::kube::MIRROR_ANNOTATION)
         })
         .map(|kv| [kv].into());
-    m.owner_references = None;
+    // Only a Node owner: it tells a real mirror pod from a forged annotation (decision #18-p).
+    m.owner_references = m
+        .owner_references
+        .take()
+        .map(|o| {
+            o.into_iter()
+                .filter(|r| r.kind == "Node")
+                .collect::<Vec<_>>()
+        })
+        .filter(|o| !o.is_empty());
     let node_name = pod.spec.as_ref().and_then(|s| s.node_name.clone());
     pod.spec = Some(PodSpec {
         node_name,

@@ -157,6 +157,11 @@ impl PodPlacement {
     pub fn from_pods<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Self {
         let mut by_namespace: HashMap<String, Vec<_>> = HashMap::new();
         let (mut known, mut by_uid, mut by_name) = (Vec::new(), HashMap::new(), HashMap::new());
+        let pods: Vec<&Pod> = pods.into_iter().collect();
+        // A pod's own UID wins over any alias; an alias is a real mirror's and unambiguous
+        // (decision #18-p), whatever the listing order.
+        let aliases = crate::kube::mirror_aliases(pods.iter().copied());
+        let mut aliased = Vec::new();
         for pod in pods {
             let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
             let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
@@ -172,14 +177,10 @@ impl PodPlacement {
                     by_uid.insert(uid.clone(), known.len());
                 }
                 // A static pod's cgroup has the UID of its mirror's annotation.
-                if let Some(mirror) = pod
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(crate::kube::MIRROR_ANNOTATION))
-                    .filter(|m| !m.is_empty())
+                if let Some(mirror) =
+                    crate::kube::mirror_alias(pod).filter(|a| aliases.contains(*a))
                 {
-                    by_uid.insert(mirror.clone(), known.len());
+                    aliased.push((mirror.to_string(), known.len()));
                 }
                 by_name.insert((ns.clone(), name.clone()), known.len());
                 known.push(KnownPod {
@@ -205,6 +206,7 @@ impl PodPlacement {
                 running: phase == Some("Running") && pod.metadata.deletion_timestamp.is_none(),
             });
         }
+        by_uid.extend(aliased);
         Self {
             by_namespace,
             known,
@@ -1145,7 +1147,9 @@ mod tests {
     fn a_static_pod_is_known_by_its_mirrors_annotation() {
         let mirror: Pod = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "etcd-node-a", "uid": "api-uid", "namespace": "kube-system",
-                         "annotations": {crate::kube::MIRROR_ANNOTATION: "hash-uid"}},
+                         "annotations": {crate::kube::MIRROR_ANNOTATION: "hash-uid"},
+                         "ownerReferences": [{"apiVersion": "v1", "kind": "Node",
+                                              "name": "node-a", "uid": "node-uid"}]},
             "spec": {"nodeName": "node-a", "containers": []},
             "status": {"phase": "Running"},
         }))

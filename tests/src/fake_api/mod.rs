@@ -430,6 +430,11 @@ impl FakeApi {
         if seed.mirror {
             meta["annotations"] = json!({"kubernetes.io/config.mirror": "fake-mirror-hash",
                                          "kubernetes.io/config.source": "file"});
+            // The kubelet makes its Node the mirror pod's owner.
+            if let Some(node) = &seed.node {
+                meta["ownerReferences"] = json!([{"apiVersion": "v1", "kind": "Node",
+                    "name": node, "uid": format!("node-uid-{node}"), "controller": true}]);
+            }
         }
         for (k, v) in &seed.annotations {
             if !meta["annotations"].is_object() {

@@ -16,7 +16,7 @@
 //! the 20,000-pod memory; an aggregator restarted (no memory) while an agent still reports a
 //! just-deleted pod. Broke: a `kubernetes.io/config.mirror` annotation forged on an ordinary pod
 //! (creating a pod with it is allowed; only updates that add it are refused) takes over another
-//! pod's census entry, in the aggregator and in the agent's pod view; two hostNetwork pods
+//! pod's census entry, in the aggregator and in the agent's pod view (fixed, decision #18-p); two hostNetwork pods
 //! sharing a port with SO_REUSEPORT each claim every queued child of that port (decision #18-n
 //! matches children to listeners by port).
 
@@ -301,32 +301,109 @@ fn adversary18e_an_aggregator_restarted_without_deletion_memory_never_gets_a_wro
 /// entry is renamed as the forger (`evil` reads 5, its own entry dropped as a duplicate) and
 /// `shop` is UNAVAILABLE for as long as the forged pod exists: any pod creator can deny another
 /// namespace's autoscaling and read its connections in their own query.
+/// Fixed (decision #18-p): a pod's own UID wins over any alias, and an alias is honoured only
+/// for a real mirror pod (a `Node` ownerReference naming its node); also with a forged Node
+/// ownerReference, both orders: exact values.
 #[test]
-#[ignore = "adversary finding: a config.mirror annotation forged on an ordinary pod overwrites the victim's UID in the aggregator's placement: the forger's query gets the victim's 5 instead of its own 40 (victim's query UNAVAILABLE)"]
 fn adversary18e_a_forged_mirror_annotation_takes_over_another_pods_census_entry() {
     let victim = api_pod("shop", "web-1", "victim-uid", "node-a");
-    let forger = api_pod_with(
-        "evil",
-        "web-1",
-        "forger-uid",
-        "node-a",
-        json!({MIRROR_ANNOTATION: "victim-uid"}),
-    );
     let census = vec![
         census_pod("shop", "web-1", "victim-uid", 5),
         census_pod("evil", "web-1", "forger-uid", 40),
     ];
+    for (forged, forger) in [
+        (
+            "annotation",
+            forged_pod("evil", "web-1", "forger-uid", "victim-uid", false),
+        ),
+        (
+            "annotation and Node owner",
+            forged_pod("evil", "web-1", "forger-uid", "victim-uid", true),
+        ),
+    ] {
+        for (order, pods) in [
+            ("victim first", [&victim, &forger]),
+            ("forger first", [&forger, &victim]),
+        ] {
+            let f = fleet(
+                PodPlacement::from_pods(pods),
+                vec![("node-a", census.clone())],
+            );
+            let what = format!("forged {forged}, {order}");
+            assert_eq!(web_value(&f, "shop").ok(), Some(5.0), "shop, {what}");
+            assert_eq!(web_value(&f, "evil").ok(), Some(40.0), "evil, {what}");
+        }
+    }
+}
+
+/// `uid` in `ns/name` on node-a claiming `alias` (`kubernetes.io/config.mirror`), with a Node
+/// ownerReference (as the kubelet sets on a real mirror pod, or forged) when `node_owner`.
+fn forged_pod(ns: &str, name: &str, uid: &str, alias: &str, node_owner: bool) -> Pod {
+    let mut p = api_pod_with(ns, name, uid, "node-a", json!({MIRROR_ANNOTATION: alias}));
+    if node_owner {
+        p.metadata.owner_references = Some(vec![
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                api_version: "v1".into(),
+                kind: "Node".into(),
+                name: "node-a".into(),
+                uid: "node-a-uid".into(),
+                controller: Some(true),
+                ..Default::default()
+            },
+        ]);
+    }
+    p
+}
+
+/// A real static pod's mirror `shop/web-s` (alias `hash-uid`, its cgroup's UID) and a pod
+/// forging both the annotation and the Node ownerReference with the same alias: the alias is
+/// ambiguous and names neither (decision #18-p), so `shop`'s query is UNAVAILABLE (its static
+/// pod's census entry is unknown), never the forger's pod counted in `shop` or the static
+/// pod's 6 in `evil`; both orders.
+#[test]
+fn adversary18e_an_alias_two_pods_claim_names_neither() {
+    let real = forged_pod("shop", "web-s", "api-uid", "hash-uid", true);
+    let forger = forged_pod("evil", "web-s", "forger-uid", "hash-uid", true);
+    let census = vec![
+        census_pod("shop", "web-s", "hash-uid", 6),
+        census_pod("evil", "web-s", "forger-uid", 40),
+    ];
     for (order, pods) in [
-        ("victim first", [&victim, &forger]),
-        ("forger first", [&forger, &victim]),
+        ("real first", [&real, &forger]),
+        ("forger first", [&forger, &real]),
     ] {
         let f = fleet(
             PodPlacement::from_pods(pods),
             vec![("node-a", census.clone())],
         );
-        exact_or_unavailable(&web_value(&f, "shop"), 5.0, &format!("shop, {order}"));
+        assert_eq!(
+            code(&web_value(&f, "shop")),
+            Some(tonic::Code::Unavailable),
+            "shop, {order}"
+        );
         exact_or_unavailable(&web_value(&f, "evil"), 40.0, &format!("evil, {order}"));
+        let (store, mut writer) = kube::runtime::reflector::store::<Pod>();
+        writer.apply_watcher_event(&Event::Init);
+        for p in pods {
+            writer.apply_watcher_event(&Event::InitApply(p.clone()));
+        }
+        writer.apply_watcher_event(&Event::InitDone);
+        let meta = nodekeeper::kube::pod_meta(&store);
+        assert!(
+            !meta.contains_key("hash-uid"),
+            "{order}: {:?}",
+            meta.get("hash-uid")
+        );
+        assert_eq!(meta["forger-uid"].namespace, "evil");
+        assert_eq!(meta["api-uid"].namespace, "shop");
     }
+    // Alone, the real mirror's alias names it.
+    let meta = nodekeeper::kube::pod_meta(&{
+        let (store, mut writer) = kube::runtime::reflector::store::<Pod>();
+        writer.apply_watcher_event(&Event::Apply(real.clone()));
+        store
+    });
+    assert_eq!(meta["hash-uid"].name, "web-s");
 }
 
 /// The same forged annotation in the agent's own pod view (`kube::pod_meta`, the names its
@@ -335,19 +412,14 @@ fn adversary18e_a_forged_mirror_annotation_takes_over_another_pods_census_entry(
 /// hash order: over 40 fresh stores the forger wins some, renaming the victim's census entry
 /// `evil/web-1` (the agent's scaler then leaves it out of `shop`'s sum, a silently smaller
 /// number, and adds it to `evil`'s).
+///
+/// Fixed (decision #18-p): own UID first, order-independent; also with a forged Node owner.
 #[test]
-#[ignore = "adversary finding: a config.mirror annotation forged on an ordinary pod renames the victim's cgroup in the agent's pod view (kube::pod_meta, last listed wins): the victim's census entry is counted in the forger's namespace"]
 fn adversary18e_a_forged_mirror_annotation_renames_the_victims_cgroup_in_the_agents_view() {
     let victim = api_pod("shop", "web-1", "victim-uid", "node-a");
-    let forger = api_pod_with(
-        "evil",
-        "web-1",
-        "forger-uid",
-        "node-a",
-        json!({MIRROR_ANNOTATION: "victim-uid"}),
-    );
     let mut renamed = 0;
-    for _ in 0..40 {
+    for i in 0..40 {
+        let forger = forged_pod("evil", "web-1", "forger-uid", "victim-uid", i % 2 == 0);
         let (store, mut writer) = kube::runtime::reflector::store::<Pod>();
         writer.apply_watcher_event(&Event::Init);
         writer.apply_watcher_event(&Event::InitApply(victim.clone()));

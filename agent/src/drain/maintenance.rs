@@ -23,6 +23,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::Patch;
 use kube::{Api, Client};
@@ -323,7 +324,13 @@ pub struct Maintenance {
     node_uid: Mutex<Option<String>>,
     /// Wakes the sweep of marked slots left behind (`sweep_slots`): a drain or return ended.
     recheck: tokio::sync::Notify,
+    /// Per slot Lease, what the sweep last saw of it (holder, renewTime, resourceVersion) and
+    /// when it first saw that, on this process's monotonic clock (#20-t).
+    seen: Mutex<std::collections::HashMap<String, (Observed, std::time::Instant)>>,
 }
+
+/// A slot Lease's holder, renewTime and resourceVersion as the sweep read them (#20-t).
+type Observed = (Option<String>, Option<String>, Option<String>);
 
 /// What one pass of `sweep_slots` found.
 #[derive(Debug, PartialEq)]
@@ -386,6 +393,7 @@ impl Maintenance {
             slot: Mutex::new(None),
             node_uid: Mutex::new(None),
             recheck: tokio::sync::Notify::new(),
+            seen: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -702,7 +710,7 @@ impl Maintenance {
                     continue;
                 }
             };
-            if lock::renewed_within_lease(lease) {
+            if self.renewed_lately(&name, lease) {
                 left = true;
                 continue;
             }
@@ -713,6 +721,37 @@ impl Maintenance {
             }
         }
         Ok(if left { Sweep::Pending } else { Sweep::Clean })
+    }
+
+    /// Whether a slot Lease may still be renewed by a live guard (#20-t): judged as client-go's
+    /// leader election does, by observation on this process's monotonic clock. The Lease counts
+    /// as not renewed once its (holder, renewTime, resourceVersion) has been seen unchanged for
+    /// its lease duration, or when its renewTime is already past by more than that (a renewTime
+    /// in the future, written by a clock running ahead, never holds it longer).
+    fn renewed_lately(&self, name: &str, lease: &Lease) -> bool {
+        let spec = lease.spec.clone().unwrap_or_default();
+        let observed: Observed = (
+            spec.holder_identity.clone(),
+            spec.renew_time
+                .as_ref()
+                .or(spec.acquire_time.as_ref())
+                .map(|t| t.0.to_string()),
+            lease.metadata.resource_version.clone(),
+        );
+        let duration = Duration::from_secs(
+            u64::try_from(spec.lease_duration_seconds.unwrap_or(0)).unwrap_or(0),
+        );
+        let now = std::time::Instant::now();
+        let mut seen = self.seen.lock().expect("not poisoned");
+        let since = match seen.get(name) {
+            Some((o, at)) if *o == observed => *at,
+            _ => {
+                seen.insert(name.to_string(), (observed, now));
+                now
+            }
+        };
+        let unchanged_for_lease = now.duration_since(since) >= duration;
+        lock::renewed_within_lease(lease) && !unchanged_for_lease
     }
 
     /// The rotation part of `run`.
@@ -990,55 +1029,23 @@ impl Maintenance {
 
     /// Frees a slot still held (marked) for an earlier Node of this name: this Node has another
     /// UID, so it is a replacement and the node that was rebooting will never come back (#20-i).
-    async fn free_replaced_slot(&self, node: &Node) -> Result<(), MaintenanceError> {
-        let Some(cfg) = &self.lock else {
-            return Ok(());
-        };
-        let uid = node.metadata.uid.clone().unwrap_or_default();
-        for slot in lock::free_marked(
-            &self.client,
-            cfg,
-            &self.node,
-            lock::Stale::ReplacedNode(&uid),
-        )
-        .await?
-        {
-            tracing::warn!(%slot, "fleet lock: freed a slot held across a reboot by an earlier node of this name (the node was replaced)");
-            self.event(
-                "MaintenanceSlotFreed",
-                "Warning",
-                &format!(
-                    "fleet-lock slot {slot} was held for the return of an earlier node named {} (another UID); this node replaced it, so the slot is freed",
-                    self.node
-                ),
-            )
-            .await;
-        }
+    /// The sweep's path (#20-t): Leases read first, then the Node, then a PUT guarded by the
+    /// Lease's resourceVersion, and only a slot not renewed within its lease: the sweep task is
+    /// woken to do it.
+    async fn free_replaced_slot(&self, _node: &Node) -> Result<(), MaintenanceError> {
+        // One path for freeing a left slot: the sweep task does it (no second sweep racing it).
+        self.recheck_slots();
         Ok(())
     }
 
     /// The rotation is `done` yet this node may still hold its slot marked: the agent died
-    /// between recording `done` and releasing (a marked slot never expires). Freed at start,
-    /// unless a drain runs on the node now (it may hold the same slot, same holder identity).
-    async fn free_slot_after_done(&self, node: &Node) -> Result<(), MaintenanceError> {
-        let Some(cfg) = &self.lock else {
-            return Ok(());
-        };
-        let running = node
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(super::STATE_ANNOTATION))
-            .is_some_and(|t| {
-                super::state::Persisted::from_json(t)
-                    .map_or(true, |p| !super::is_terminal(p.phase()))
-            });
-        if running {
-            return Ok(());
-        }
-        for slot in lock::free_marked(&self.client, cfg, &self.node, lock::Stale::Any).await? {
-            tracing::warn!(%slot, "fleet lock: released a slot still held after this node's rotation was done (the agent stopped before releasing it)");
-        }
+    /// between recording `done` and releasing (a marked slot never expires). Freed by the
+    /// sweep's path (#20-t): it reads the Leases before the Node, so a rotation that claims the
+    /// slot meanwhile shows as a running drain or as a changed resourceVersion (409), never
+    /// loses its slot.
+    async fn free_slot_after_done(&self, _node: &Node) -> Result<(), MaintenanceError> {
+        // One path for freeing a left slot: the sweep task does it (no second sweep racing it).
+        self.recheck_slots();
         Ok(())
     }
 

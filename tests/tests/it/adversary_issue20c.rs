@@ -514,7 +514,7 @@ fn slot_held_by(fleet: &Fleet, node: &str) -> bool {
 async fn adversary_a_503_on_the_slot_lease_when_a_rotation_asks_for_it_fails_the_drain() {
     let fleet = Fleet::new(&["node-a"]);
     let a = fleet.agent("node-a");
-    // After the agent's start-up look at the slot Leases (the replaced-node check), so the 503
+    // After the agent's start-up look at the slot Leases (the sweep's LIST since #20-t), so the 503
     // lands on the drain's own request for its slot.
     let lease_path = format!("/namespaces/{LOCK_NS}/leases/{SLOT}");
     tokio::task::block_in_place(|| {
@@ -526,7 +526,11 @@ async fn adversary_a_503_on_the_slot_lease_when_a_rotation_asks_for_it_fails_the
                     .api
                     .requests()
                     .iter()
-                    .any(|r| r.method == "GET" && r.path.ends_with(&lease_path))
+                    .any(|r| {
+                        r.method == "GET"
+                            && (r.path.ends_with(&lease_path)
+                                || r.path.ends_with(&format!("/namespaces/{LOCK_NS}/leases")))
+                    })
                     .then_some(())
             },
         )

@@ -1884,9 +1884,12 @@ fn adversary_a_rogue_agent_cannot_count_another_nodes_pods() {
     let deadline = Instant::now() + WAIT;
     let fleet = loop {
         let r = get_fleet(&rt, agg.grpc, &pki, Via::Plaintext, &[]);
+        // A ghost pod with the query's labels makes the query UNAVAILABLE (#18-l): wait for the
+        // answer that names it (the pod watch synced), never a sum.
         if let Ok(f) = &r
             && f.answered == 2
-            && keda_pool_value(&rt, agg.grpc, &pki, Via::Plaintext).is_ok()
+            && keda_pool_value(&rt, agg.grpc, &pki, Via::Plaintext)
+                .is_err_and(|s| s.message().contains("web-ghost"))
         {
             break f.clone();
         }
@@ -1897,7 +1900,14 @@ fn adversary_a_rogue_agent_cannot_count_another_nodes_pods() {
         );
         std::thread::sleep(Duration::from_millis(100));
     };
-    let value = keda_pool_value(&rt, agg.grpc, &pki, Via::Plaintext).expect("the pool");
+    // The rogue agent cannot add anything: web-1 is the API's pod on node-a, web-ghost is
+    // unknown; since #18-l an unknown pod with the selected labels makes the query UNAVAILABLE
+    // (the safe side: KEDA keeps its replicas or applies its fallback), never a larger sum.
+    let answer = keda_pool_value(&rt, agg.grpc, &pki, Via::Plaintext);
+    let value = match &answer {
+        Err(s) if s.code() == tonic::Code::Unavailable && s.message().contains("web-ghost") => 4.0,
+        other => panic!("KEDA got {other:?}, not UNAVAILABLE naming web-ghost"),
+    };
     let rogue_node = fleet
         .agents
         .iter()

@@ -768,69 +768,6 @@ pub async fn reclaim(
     Ok(None)
 }
 
-/// Which marked slots of this node `free_marked` frees.
-#[derive(Debug, Clone, Copy)]
-pub enum Stale<'a> {
-    /// Marked for an earlier Node of this name: the mark records another UID than this one (a
-    /// replacement instance registered under the old name; the node that was rebooting will
-    /// never come back, #20-i).
-    ReplacedNode(&'a str),
-    /// Every marked slot: the caller knows no return is pending (its rotation is `done` and no
-    /// drain runs; the agent died between recording `done` and releasing).
-    Any,
-}
-
-/// Frees the slots still held, marked across a reboot, by this node (`identity`) that `stale`
-/// says no return will ever release. Returns the slots freed.
-pub async fn free_marked(
-    client: &Client,
-    cfg: &FleetLockConfig,
-    identity: &str,
-    stale: Stale<'_>,
-) -> Result<Vec<String>, LockError> {
-    let api: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
-    let mut freed = Vec::new();
-    if matches!(stale, Stale::ReplacedNode("")) {
-        return Ok(freed);
-    }
-    for name in slot_names(&api, cfg).await? {
-        let Some(lease) = call("GET lease", api.get_opt(&name)).await? else {
-            continue;
-        };
-        let holder = lease
-            .spec
-            .as_ref()
-            .and_then(|s| s.holder_identity.as_deref());
-        let marked_uid = lease
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(HOLDER_UID_ANNOTATION))
-            .filter(|u| !u.is_empty());
-        let is_stale = match stale {
-            Stale::ReplacedNode(uid) => marked_uid.is_some_and(|u| u != uid),
-            Stale::Any => true,
-        };
-        if holder == Some(identity) && marked(&lease) && is_stale {
-            let mut next = lease.clone();
-            set_return_by(&mut next, None);
-            next.spec = Some(LeaseSpec {
-                holder_identity: None,
-                renew_time: Some(now()),
-                ..lease.spec.clone().unwrap_or_default()
-            });
-            // Guarded by the resourceVersion read: a 409 means it changed; the caller retries.
-            call(
-                "PUT lease",
-                api.replace(&name, &PostParams::default(), &next),
-            )
-            .await?;
-            freed.push(name);
-        }
-    }
-    Ok(freed)
-}
-
 /// Whether the Lease's holder renewed it within its lease duration: a live guard renews every
 /// third of it, so a slot renewed this recently may belong to a drain or return that runs now
 /// (in this process, the other agent process of the node, or one that just took it).

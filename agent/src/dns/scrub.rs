@@ -46,7 +46,7 @@ pub const CNAME_LOOP: &str = "upstream CNAME loop";
 /// Label for answers that lost records to scrubbing.
 pub const OUT_OF_CHAIN: &str = "upstream records outside the answer chain";
 
-/// Scrubs a response as the cache stores it (`wire::for_cache`): returns the bytes to store
+/// Scrubs a response as the cache stores it (`wire::into_cache`): returns the bytes to store
 /// (the same ones when clean) and what was done.
 pub fn scrub(stored: Vec<u8>) -> (Vec<u8>, Verdict) {
     if wire::owned_by_question(&stored) {

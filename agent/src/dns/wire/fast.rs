@@ -344,7 +344,9 @@ pub fn owned_by_question(b: &[u8]) -> bool {
 /// The response as a cache stores it: without the upstream's OPT record (EDNS is per hop: its
 /// options, cookies included, are the upstream's conversation with us, and each client gets an
 /// OPT built for it), without trailing bytes, and with AA cleared (an answer from a cache is
-/// never authoritative). The result must be scanned again for its offsets.
+/// never authoritative). The result must be scanned again for its offsets. The miss path uses
+/// [`into_cache`], which does the same in place; this copy stays as its reference in the tests.
+#[cfg(test)]
 pub fn for_cache(b: &[u8], info: &ResponseInfo) -> Vec<u8> {
     let mut out = Vec::with_capacity(info.end);
     match &info.opt {

@@ -319,6 +319,36 @@ pub struct AgentBuilder {
     pre_exec: Option<fn() -> std::io::Result<()>>,
 }
 
+/// How long a started process may take to answer 200 on its probe. Generous: a liveness wait,
+/// not a performance claim (the 2-core CI machine runs ~20 tests at once); a process that dies is
+/// reported at once.
+pub const READY_WAIT: Duration = Duration::from_secs(60);
+
+/// Polls `probe` on `metrics` until it answers 200; panics naming `what`, whether it exited or
+/// timed out, and its log.
+pub fn wait_ready(proc: &mut Proc, metrics: SocketAddr, probe: &str, what: &str) {
+    let started = Instant::now();
+    loop {
+        if let Ok((200, _)) = http_get(metrics, probe) {
+            return;
+        }
+        if !proc.alive() {
+            panic!(
+                "{what} exited before {probe} answered 200; log:\n{}",
+                proc.log_text()
+            );
+        }
+        if started.elapsed() > READY_WAIT {
+            panic!(
+                "{what} did not answer 200 on {probe} within {:?}; log:\n{}",
+                READY_WAIT,
+                proc.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The bearer token of agents started `.with_token()`.
 pub const TEST_TOKEN: &str = "nodekeeper-test-token-7f3a9c";
 
@@ -498,21 +528,12 @@ impl AgentBuilder {
             }
         }
         let mut proc = Proc::spawn("nodekeeper", cmd, dir.path());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let probe = if self.live_only {
-                "/healthz"
-            } else {
-                "/readyz"
-            };
-            if let Ok((200, _)) = http_get(metrics, probe) {
-                break;
-            }
-            if !proc.alive() || Instant::now() > deadline {
-                panic!("agent did not become ready; log:\n{}", proc.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let probe = if self.live_only {
+            "/healthz"
+        } else {
+            "/readyz"
+        };
+        wait_ready(&mut proc, metrics, probe, "the agent");
         Agent {
             proc,
             metrics,

@@ -49,15 +49,7 @@ impl Aggregator {
             cmd.env(k, v);
         }
         let mut proc = Proc::spawn(name, cmd, dir);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !matches!(http_get(metrics, "/readyz"), Ok((200, _))) {
-            assert!(
-                proc.alive() && Instant::now() < deadline,
-                "aggregator did not become ready; log:\n{}",
-                proc.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        nodekeeper_tests::wait_ready(&mut proc, metrics, "/readyz", "the aggregator");
         Aggregator {
             _proc: proc,
             grpc,

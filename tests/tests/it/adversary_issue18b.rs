@@ -444,7 +444,7 @@ struct Aggregator {
 }
 
 fn start_aggregator(dir: &std::path::Path, kubeconfig: &std::path::Path) -> Aggregator {
-    use nodekeeper_tests::{agent_bin, free_port, http_get, loopback};
+    use nodekeeper_tests::{agent_bin, free_port, loopback};
     let (grpc, metrics) = (loopback(free_port()), loopback(free_port()));
     let mut cmd = std::process::Command::new(agent_bin());
     cmd.arg("aggregate")
@@ -464,15 +464,7 @@ fn start_aggregator(dir: &std::path::Path, kubeconfig: &std::path::Path) -> Aggr
         .env("KUBECONFIG", kubeconfig)
         .env("NODEKEEPER_LOG", "info,nodekeeper=debug,kube_runtime=debug");
     let mut proc = nodekeeper_tests::Proc::spawn("aggregate", cmd, dir);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !matches!(http_get(metrics, "/readyz"), Ok((200, _))) {
-        assert!(
-            proc.alive() && Instant::now() < deadline,
-            "aggregator did not become ready; log:\n{}",
-            proc.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    nodekeeper_tests::wait_ready(&mut proc, metrics, "/readyz", "the aggregator");
     Aggregator {
         proc,
         grpc,

@@ -47,7 +47,7 @@ use nodekeeper::keda_pb::{
 };
 use nodekeeper::pb::{self, aggregator_client::AggregatorClient, node_agent_server};
 use nodekeeper_tests::fake_api::{EndpointSeed, FakeApi, PodSeed};
-use nodekeeper_tests::{Proc, agent_bin, free_port, http_get, loopback};
+use nodekeeper_tests::{Proc, agent_bin, free_port, loopback};
 use serde_json::json;
 use tonic::Status;
 
@@ -247,15 +247,7 @@ pub(crate) fn start_aggregator(dir: &Path, args: &[&str], kubeconfig: Option<&Pa
         cmd.env("KUBECONFIG", k);
     }
     let mut proc = Proc::spawn("aggregate", cmd, dir);
-    let deadline = Instant::now() + WAIT;
-    while !matches!(http_get(metrics, "/readyz"), Ok((200, _))) {
-        assert!(
-            proc.alive() && Instant::now() < deadline,
-            "the aggregator did not become ready; log:\n{}",
-            proc.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    nodekeeper_tests::wait_ready(&mut proc, metrics, "/readyz", "the aggregator");
     Aggregator { proc, grpc }
 }
 

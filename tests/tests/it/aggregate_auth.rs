@@ -58,15 +58,7 @@ fn start_aggregator(dir: &Path, args: &[OsString]) -> Aggregator {
         .env_remove("KUBECONFIG")
         .env("NODEKEEPER_LOG", "info,nodekeeper=debug");
     let mut proc = Proc::spawn("aggregate", cmd, dir);
-    let deadline = Instant::now() + WAIT;
-    while !matches!(http_get(metrics, "/readyz"), Ok((200, _))) {
-        assert!(
-            proc.alive() && Instant::now() < deadline,
-            "the aggregator did not become ready; log:\n{}",
-            proc.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    nodekeeper_tests::wait_ready(&mut proc, metrics, "/readyz", "the aggregator");
     Aggregator {
         proc,
         grpc,

@@ -47,16 +47,8 @@ fn pki() -> Pki {
 }
 
 fn wait_ready(proc: &mut Proc, metrics: std::net::SocketAddr) {
-    let deadline = Instant::now() + WAIT;
-    while !matches!(http_get(metrics, "/readyz"), Ok((200, _))) {
-        assert!(
-            proc.alive() && Instant::now() < deadline,
-            "{} did not become ready; log:\n{}",
-            proc.name,
-            proc.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let name = proc.name.clone();
+    nodekeeper_tests::wait_ready(proc, metrics, "/readyz", &name);
 }
 
 /// A standalone agent with reads closed, TLS, and role read for the aggregator's name only,

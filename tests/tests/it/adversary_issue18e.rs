@@ -617,7 +617,9 @@ fn adversary18e_hostnetwork_pods_sharing_a_port_with_every_child_accepted_are_ex
             .map(|_| {
                 shared
                     .rt
-                    .block_on(tokio::time::timeout(Duration::from_secs(10), l.accept()))
+                    .block_on(async {
+                        tokio::time::timeout(Duration::from_secs(10), l.accept()).await
+                    })
                     .expect("a queued connection")
                     .unwrap()
                     .0

@@ -560,6 +560,12 @@ pub struct Evaluation {
     /// Matching pods the metric cannot be attributed to (`time_wait` of a hostNetwork pod:
     /// TIME_WAIT sockets have no owner, decision #18-n): skipped, their value unknown.
     pub unattributable: usize,
+    /// Matching hostNetwork pods whose value for this query lacks queued connections of a port
+    /// they share with another process's listener (`unattributed_queues`, decision #18-q):
+    /// skipped, their value unknown.
+    pub unattributed_queued: usize,
+    /// The most listeners sharing one such port (for the error's reason).
+    pub shared_listeners: u32,
 }
 
 /// Two disjoint sets of pods together (the aggregator sums agent by agent).
@@ -572,6 +578,8 @@ impl std::ops::Add for Evaluation {
             matched: self.matched + other.matched,
             failed: self.failed + other.failed,
             unattributable: self.unattributable + other.unattributable,
+            unattributed_queued: self.unattributed_queued + other.unattributed_queued,
+            shared_listeners: self.shared_listeners.max(other.shared_listeners),
         }
     }
 }
@@ -598,10 +606,36 @@ pub fn evaluate(q: &Query, pods: &[pb::PodConnections]) -> Evaluation {
             out.unattributable += 1;
             continue;
         }
+        if let Some(listeners) = shared_queue(q, pod) {
+            // Queued connections counted to nobody: the pod's value lacks some of them
+            // (decision #18-q).
+            out.unattributed_queued += 1;
+            out.shared_listeners = out.shared_listeners.max(listeners);
+            continue;
+        }
         out.matched += 1;
         out.value += pod_value(q, pod);
     }
     out
+}
+
+/// The most listeners sharing a port whose unattributed queued connections `q`'s value over
+/// `pod` would lack, or None when the value is exact. Queued children are inbound connections
+/// to the shared port: outbound pools and listeners' accept queues (each listener's own) do not
+/// hold them; the rest (established, the port's inbound pool, ephemeral ports in use,
+/// open_after_deletion) may.
+fn shared_queue(q: &Query, pod: &pb::PodConnections) -> Option<u32> {
+    let port = match (q.metric, &q.remote) {
+        (Metric::AcceptQueue | Metric::TimeWait, _) => return None,
+        (Metric::PoolUtilization, None) | (_, Some(Remote::Addr(_))) => return None,
+        (_, Some(Remote::Inbound(p))) => Some(u32::from(*p)),
+        (Metric::Established | Metric::OpenAfterDeletion | Metric::EphemeralPorts, None) => None,
+    };
+    pod.unattributed_queues
+        .iter()
+        .filter(|u| u.queued > 0 && port.is_none_or(|p| u.port == p))
+        .map(|u| u.listeners)
+        .max()
 }
 
 fn pod_value(q: &Query, pod: &pb::PodConnections) -> f64 {
@@ -889,6 +923,79 @@ mod tests {
         ]);
         let e = evaluate(&q, &pods);
         assert_eq!((e.value, e.matched, e.unattributable), (5.0, 2, 0));
+    }
+
+    #[test]
+    fn a_host_network_pods_shared_port_queue_is_unattributable_where_it_counts() {
+        // gw-1 shares port 80 (3 listeners) with queued connections counted to nobody; it
+        // has 4 accepted on 80, 2 outbound to 10.0.0.5:5432 and 5 in its own accept queue.
+        let mut host = pod("shop", "gw-1", WEB)
+            .pool("*:80", 4)
+            .pool("10.0.0.5:5432", 2)
+            .listener(80, 5)
+            .done();
+        host.host_network = true;
+        host.unattributed_queues.push(pb::UnattributedQueue {
+            port: 80,
+            listeners: 3,
+            queued: 6,
+        });
+        let pods = [
+            host.clone(),
+            pod("shop", "web-1", WEB).pool("*:80", 1).done(),
+        ];
+        let eval = |extra: &[(&str, &str)]| {
+            let mut pairs = vec![("target", "1"), ("podSelector", "app=web")];
+            pairs.extend_from_slice(extra);
+            let e = evaluate(&query(&pairs), &pods);
+            (
+                e.value,
+                e.matched,
+                e.unattributed_queued,
+                e.shared_listeners,
+            )
+        };
+        for unknown in [
+            vec![("metric", "established")],
+            vec![("metric", "established"), ("remote", "*:80")],
+            vec![
+                ("metric", "pool_utilization"),
+                ("remote", "*:80"),
+                ("poolSize", "4"),
+            ],
+            vec![("metric", "ephemeral_ports")],
+            vec![("metric", "open_after_deletion")],
+        ] {
+            assert_eq!(eval(&unknown).2, 1, "{unknown:?}");
+            assert_eq!(eval(&unknown).3, 3, "{unknown:?}");
+            assert_eq!(eval(&unknown).1, 1, "{unknown:?}: only web-1 is summed");
+        }
+        // Exact: outbound pools, another inbound port, each listener's own accept queue.
+        assert_eq!(
+            eval(&[("metric", "established"), ("remote", "10.0.0.5:5432")]),
+            (2.0, 2, 0, 0)
+        );
+        assert_eq!(
+            eval(&[("metric", "pool_utilization"), ("poolSize", "2")]),
+            (100.0, 2, 0, 0)
+        );
+        assert_eq!(
+            eval(&[("metric", "established"), ("remote", "*:81")]),
+            (0.0, 2, 0, 0)
+        );
+        assert_eq!(eval(&[("metric", "accept_queue")]), (5.0, 2, 0, 0));
+        // No queued connections left: exact again.
+        host.unattributed_queues.clear();
+        let pods = [host];
+        let e = evaluate(
+            &query(&[
+                ("metric", "established"),
+                ("target", "1"),
+                ("podSelector", "app=web"),
+            ]),
+            &pods,
+        );
+        assert_eq!((e.value, e.matched, e.unattributed_queued), (6.0, 1, 0));
     }
 
     #[test]

@@ -215,10 +215,28 @@ impl ScalerService {
         // A metric the census cannot attribute to a selected pod is no value, not a zero.
         if e.unattributable > 0 {
             return Err(Status::unavailable(format!(
-                "{} of {} pods selected in namespace {} use the host's network (hostNetwork):                  their {} cannot be attributed (TIME_WAIT sockets belong to no process;                  docs/connections.md, decision #18-n)",
+                "{} of {} pods selected in namespace {} use the host's network (hostNetwork): \
+                 their {} cannot be attributed (TIME_WAIT sockets belong to no process; \
+                 docs/connections.md, decision #18-n)",
                 e.unattributable,
-                e.unattributable + e.failed + e.matched,
+                e.unattributable + e.unattributed_queued + e.failed + e.matched,
                 q.namespace,
+                q.metric.name()
+            )));
+        }
+        // Connections queued on a port several listeners share are nobody's: a sum without
+        // them would be smaller than the truth, one with them counted twice (decision #18-q).
+        if e.unattributed_queued > 0 {
+            return Err(Status::unavailable(format!(
+                "{} of {} pods selected in namespace {} use the host's network (hostNetwork) and \
+                 listen on a port with other processes (SO_REUSEPORT or an overlapping wildcard): \
+                 queued connections of a port shared by {} listeners cannot be attributed, so \
+                 their {} is unknown until those connections are accepted (docs/connections.md, \
+                 decision #18-q)",
+                e.unattributed_queued,
+                e.unattributed_queued + e.unattributable + e.failed + e.matched,
+                q.namespace,
+                e.shared_listeners,
                 q.metric.name()
             )));
         }

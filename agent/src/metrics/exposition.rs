@@ -12,6 +12,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Unit;
 
 use super::SnapshotCache;
+use super::connections::OTHER_INBOUND;
 use crate::pb;
 
 type Labels = Vec<(&'static str, String)>;
@@ -472,6 +473,11 @@ fn connection_families(pods: &[pb::PodConnections], out: &mut Vec<Family<'static
         "Established connections still open while the pod is terminating",
         None,
     );
+    let mut unattributed = Family::gauge(
+        "pod_tcp_unattributed_queued",
+        "hostNetwork pods: connections queued on a port the pod shares with another process's listener, counted to nobody; the pod's socket states, its inbound pools, ephemeral ports, retransmits, RTT and open-after-deletion series are left out while any are (decision #18-q)",
+        None,
+    );
     let mut failed = Family::gauge(
         "pod_connections_census_failed",
         "1 when the pod's sockets could not be counted (see the agent's log or GetMetrics)",
@@ -482,10 +488,22 @@ fn connection_families(pods: &[pb::PodConnections], out: &mut Vec<Family<'static
             failed.add(pod(p), 1.0);
             continue;
         }
-        for (state, n) in &p.tcp_states {
+        // Queued connections counted to nobody: every series that would lack them is left
+        // out rather than exported smaller (decision #18-q); the rest is exact.
+        let exact = p.unattributed_queues.is_empty();
+        for q in &p.unattributed_queues {
+            unattributed.add(with(p, &[("port", q.port.to_string())]), q.queued as f64);
+        }
+        let shared_pool = |remote: &str| {
+            remote == OTHER_INBOUND
+                || p.unattributed_queues
+                    .iter()
+                    .any(|q| remote.strip_prefix("*:") == Some(q.port.to_string().as_str()))
+        };
+        for (state, n) in p.tcp_states.iter().filter(|_| exact) {
             states.add(with(p, &[("state", state.clone())]), *n as f64);
         }
-        for x in &p.pools {
+        for x in p.pools.iter().filter(|x| exact || !shared_pool(&x.remote)) {
             for (activity, n) in [("active", x.active), ("idle", x.idle)] {
                 pools.add(
                     with(
@@ -507,17 +525,20 @@ fn connection_families(pods: &[pb::PodConnections], out: &mut Vec<Family<'static
         }
         overflows.add(pod(p), p.listen_overflows as f64);
         drops.add(pod(p), p.listen_drops as f64);
-        ephemeral.add(pod(p), p.ephemeral_ports_in_use as f64);
         if p.ephemeral_port_high >= p.ephemeral_port_low && p.ephemeral_port_high > 0 {
             range.add(
                 pod(p),
                 f64::from(p.ephemeral_port_high - p.ephemeral_port_low + 1),
             );
         }
+        udp.add(pod(p), p.udp_sockets as f64);
+        if !exact {
+            continue;
+        }
+        ephemeral.add(pod(p), p.ephemeral_ports_in_use as f64);
         retrans.add(pod(p), p.retransmits as f64);
         rtt.add(with(p, &[("stat", "mean".into())]), p.rtt_mean_seconds);
         rtt.add(with(p, &[("stat", "max".into())]), p.rtt_max_seconds);
-        udp.add(pod(p), p.udp_sockets as f64);
         if p.deletion_timestamp.is_some() {
             after_deletion.add(pod(p), p.open_after_deletion as f64);
         }
@@ -536,6 +557,7 @@ fn connection_families(pods: &[pb::PodConnections], out: &mut Vec<Family<'static
         rtt,
         udp,
         after_deletion,
+        unattributed,
         failed,
     ]);
 }
@@ -691,6 +713,87 @@ mod tests {
         );
         assert!(
             text.contains("nodekeeper_pod_connections_census_failed{uid=\"u2\""),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_pod_with_unattributed_queued_connections_exports_no_series_they_would_shrink() {
+        let pod = |uid: &str, unattributed: Vec<pb::UnattributedQueue>| pb::PodConnections {
+            uid: uid.into(),
+            namespace: "ingress".into(),
+            name: uid.into(),
+            host_network: true,
+            established: 5,
+            tcp_states: [("established".to_string(), 5u64)].into(),
+            pools: ["*:443", "*:other", "10.0.0.5:5432"]
+                .iter()
+                .map(|r| pb::ConnectionPool {
+                    remote: r.to_string(),
+                    established: 1,
+                    active: 1,
+                    remotes: 1,
+                    ..Default::default()
+                })
+                .collect(),
+            listeners: vec![pb::Listener {
+                address: "0.0.0.0:443".into(),
+                port: 443,
+                accept_queue: 6,
+                backlog: 128,
+            }],
+            ephemeral_ports_in_use: 3,
+            unattributed_queues: unattributed,
+            ..Default::default()
+        };
+        let snap = pb::MetricsSnapshot {
+            connections: vec![
+                pod(
+                    "shared",
+                    vec![pb::UnattributedQueue {
+                        port: 443,
+                        listeners: 2,
+                        queued: 6,
+                    }],
+                ),
+                pod("alone", vec![]),
+            ],
+            ..Default::default()
+        };
+        let mut registry = prometheus_client::registry::Registry::with_prefix("nodekeeper");
+        registry.register_collector(Box::new(StaticSnapshot(snap)));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let series = |uid: &str| -> Vec<&str> {
+            text.lines()
+                .filter(|l| l.contains(&format!("uid=\"{uid}\"")))
+                .map(|l| l.split('{').next().unwrap())
+                .collect()
+        };
+        let shared = series("shared");
+        for gone in [
+            "nodekeeper_pod_tcp_sockets",
+            "nodekeeper_pod_ephemeral_ports_in_use",
+            "nodekeeper_pod_tcp_retransmitted_segments",
+            "nodekeeper_pod_tcp_rtt_seconds",
+        ] {
+            assert!(!shared.contains(&gone), "{gone}\n{text}");
+            assert!(series("alone").contains(&gone), "{gone}\n{text}");
+        }
+        assert!(
+            text.contains("nodekeeper_pod_tcp_unattributed_queued{uid=\"shared\",namespace=\"ingress\",pod=\"shared\",port=\"443\"} 6"),
+            "{text}"
+        );
+        assert!(!series("alone").contains(&"nodekeeper_pod_tcp_unattributed_queued"));
+        // Outbound pools and the listener's own queue stay; inbound pools go.
+        let pools: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("nodekeeper_pod_tcp_pool_connections{uid=\"shared\""))
+            .collect();
+        assert_eq!(pools.len(), 2, "10.0.0.5:5432 active/idle\n{text}");
+        assert!(pools.iter().all(|l| l.contains("10.0.0.5:5432")), "{text}");
+        assert!(
+            text.contains("nodekeeper_pod_tcp_listen_queue{uid=\"shared\""),
             "{text}"
         );
     }

@@ -18,7 +18,8 @@
 //! (creating a pod with it is allowed; only updates that add it are refused) takes over another
 //! pod's census entry, in the aggregator and in the agent's pod view (fixed, decision #18-p); two hostNetwork pods
 //! sharing a port with SO_REUSEPORT each claim every queued child of that port (decision #18-n
-//! matches children to listeners by port).
+//! matched children to listeners by port; fixed, decision #18-q: such children are nobody's and
+//! the query is UNAVAILABLE).
 
 use crate::support::census_pods::scaled_object;
 
@@ -447,40 +448,64 @@ fn inode_of(fd: &impl std::os::fd::AsRawFd) -> u64 {
         .ino()
 }
 
-/// Two hostNetwork pods (two ingress replicas running as the same user) share port P with
-/// SO_REUSEPORT: each has its own listener, the kernel spreads 6 new connections over the two
-/// accept queues, and neither has accepted them yet. Each child sits in exactly one queue, so
-/// the two pods' `established` (decision #18-n: a hostNetwork pod owns its listeners' queued
-/// children) must add up to 6, each pod's being its own listener's queue. The children are
-/// matched to a listener by port only: each pod claims all 6, and a query over both reads 12.
-/// Real sockets in this process's (the host's) network namespace, read from /proc/net/tcp as
-/// the procfs reader does; no root needed.
-#[test]
-#[ignore = "adversary finding: two hostNetwork pods sharing a port with SO_REUSEPORT each claim every queued child of that port (matched by port, not by listener): 6 connections read as 12"]
-fn adversary18e_hostnetwork_pods_sharing_a_port_with_so_reuseport_each_claim_every_queued_child() {
-    use nodekeeper::metrics::connections::{
-        ConnectionsConfig, NetnsReading, Source, procfs, summarize,
-    };
-    // tokio's TcpSocket sets SO_REUSEPORT (no new crate); its listener needs a runtime entered.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let _entered = rt.enter();
-    let listener = |port: u16| {
-        let s = tokio::net::TcpSocket::new_v4().unwrap();
-        s.set_reuseport(true).unwrap();
-        s.bind(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+/// Two SO_REUSEPORT listeners on `127.0.0.1:P` (two hostNetwork ingress replicas running as
+/// the same user) in this process's (the host's) network namespace, 6 clients connected and
+/// none accepted; read from /proc/net/tcp as the procfs reader does (no root needed).
+struct ReusePort {
+    rt: tokio::runtime::Runtime,
+    a: tokio::net::TcpListener,
+    b: tokio::net::TcpListener,
+    port: u16,
+    _clients: Vec<std::net::TcpStream>,
+}
+
+impl ReusePort {
+    fn new() -> Self {
+        // tokio's TcpSocket sets SO_REUSEPORT (no new crate); its listener needs a runtime.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
             .unwrap();
-        s.listen(64).unwrap()
-    };
-    let a = listener(0);
-    let port = a.local_addr().unwrap().port();
-    let b = listener(port);
-    let clients: Vec<std::net::TcpStream> = (0..6)
-        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
-        .collect();
-    let reading = || {
+        let (a, b, port) = {
+            let _entered = rt.enter();
+            let listener = |port: u16| {
+                let s = tokio::net::TcpSocket::new_v4().unwrap();
+                s.set_reuseport(true).unwrap();
+                s.bind(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+                    .unwrap();
+                s.listen(64).unwrap()
+            };
+            let a = listener(0);
+            let port = a.local_addr().unwrap().port();
+            let b = listener(port);
+            (a, b, port)
+        };
+        let _clients = (0..6)
+            .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+            .collect();
+        let this = ReusePort {
+            rt,
+            a,
+            b,
+            port,
+            _clients,
+        };
+        // The handshakes complete in the kernel; wait until both queues hold all 6 between them.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while {
+            let (qa, qb) = this.queues();
+            qa + qb != 6
+        } && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (qa, qb) = this.queues();
+        assert_eq!(qa + qb, 6, "the two accept queues hold the 6 connections");
+        this
+    }
+
+    fn reading(&self) -> nodekeeper::metrics::connections::NetnsReading {
+        use nodekeeper::metrics::connections::{NetnsReading, Source, procfs};
         let mut sockets = Vec::new();
         procfs::parse_tcp(
             &std::fs::read_to_string("/proc/net/tcp").unwrap(),
@@ -494,37 +519,125 @@ fn adversary18e_hostnetwork_pods_sharing_a_port_with_so_reuseport_each_claim_eve
             port_range: None,
             fallback_reason: None,
         }
-    };
-    // The handshakes complete in the kernel; wait until both queues hold all 6 between them.
-    let queues = |r: &NetnsReading| -> u64 {
-        r.sockets
+    }
+
+    /// Each listener's accept queue.
+    fn queues(&self) -> (u64, u64) {
+        let r = self.reading();
+        let queue = |inode| {
+            r.sockets
+                .iter()
+                .filter(|s| s.local.port() == self.port && s.inode == inode)
+                .map(|s| u64::from(s.rqueue))
+                .sum()
+        };
+        (queue(inode_of(&self.a)), queue(inode_of(&self.b)))
+    }
+
+    /// Each pod's census entry (`app=web` in `shop`, uid `a`/`b`): pod a holds listener a and
+    /// `held_a`, pod b listener b and `held_b`.
+    fn census(&self, held_a: &[u64], held_b: &[u64]) -> Vec<pb::PodConnections> {
+        use nodekeeper::metrics::connections::{ConnectionsConfig, summarize};
+        let r = self.reading();
+        let config = ConnectionsConfig::default();
+        [
+            ("a", inode_of(&self.a), held_a),
+            ("b", inode_of(&self.b), held_b),
+        ]
+        .into_iter()
+        .map(|(uid, listener, held)| {
+            let owned: HashSet<u64> = held.iter().copied().chain([listener]).collect();
+            pb::PodConnections {
+                host_network: true,
+                ..census_pod_from(summarize(&r, Some(&owned), &config), uid)
+            }
+        })
+        .collect()
+    }
+
+    /// `established` over both pods as KEDA asks the aggregator.
+    fn value(&self, census: Vec<pb::PodConnections>) -> Result<f64, Status> {
+        let pods = [
+            api_pod("shop", "web-a", "a", "node-a"),
+            api_pod("shop", "web-b", "b", "node-a"),
+        ];
+        let f = fleet(PodPlacement::from_pods(&pods), vec![("node-a", census)]);
+        web_value(&f, "shop")
+    }
+}
+
+fn census_pod_from(summary: pb::PodConnections, uid: &str) -> pb::PodConnections {
+    pb::PodConnections {
+        uid: uid.into(),
+        namespace: "shop".into(),
+        name: format!("web-{uid}"),
+        labels: HashMap::from([("app".to_string(), "web".to_string())]),
+        ..summary
+    }
+}
+
+/// Two hostNetwork pods share port P with SO_REUSEPORT: each has its own listener, the kernel
+/// spreads 6 new connections over the two accept queues, and neither has accepted them yet.
+/// Each child sits in exactly one queue, which /proc does not show. Was broken: children were
+/// matched to a listener by port only, each pod claimed all 6 and a query over both read 12.
+/// Now (decision #18-q) the queued children of a shared port are nobody's and each pod says so
+/// (`unattributed_queues`): KEDA gets UNAVAILABLE naming the limit, never 12, 0 or 6 to each.
+#[test]
+fn adversary18e_hostnetwork_pods_sharing_a_port_with_so_reuseport_each_claim_every_queued_child() {
+    let shared = ReusePort::new();
+    let census = shared.census(&[], &[]);
+    for pod in &census {
+        assert_eq!(pod.established, 0, "{}: none accepted", pod.name);
+        let queues: Vec<(u32, u32, u64)> = pod
+            .unattributed_queues
             .iter()
-            .filter(|s| s.local.port() == port && [inode_of(&a), inode_of(&b)].contains(&s.inode))
-            .map(|s| u64::from(s.rqueue))
-            .sum()
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let r = loop {
-        let r = reading();
-        if queues(&r) == 6 || Instant::now() > deadline {
-            break r;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert_eq!(
-        queues(&r),
-        6,
-        "the two accept queues hold the 6 connections"
+            .map(|q| (q.port, q.listeners, q.queued))
+            .collect();
+        assert_eq!(queues, vec![(u32::from(shared.port), 2, 6)], "{}", pod.name);
+    }
+    let got = shared.value(census);
+    exact_or_unavailable(&got, 6.0, "6 queued over two shared listeners");
+    let status = got.expect_err("the split of the queue is not visible: no value is exact");
+    assert!(
+        status
+            .message()
+            .contains("queued connections of a port shared by 2 listeners cannot be attributed"),
+        "{status:?}"
     );
-    let config = ConnectionsConfig::default();
-    let pod_a = summarize(&r, Some(&HashSet::from([inode_of(&a)])), &config);
-    let pod_b = summarize(&r, Some(&HashSet::from([inode_of(&b)])), &config);
+}
+
+/// The same two listeners once every connection is accepted: each child is held by one pod's
+/// process, nothing is queued, and the value is exact (6, each pod its own).
+#[test]
+fn adversary18e_hostnetwork_pods_sharing_a_port_with_every_child_accepted_are_exact() {
+    let shared = ReusePort::new();
+    let (qa, qb) = shared.queues();
+    let accept = |l: &tokio::net::TcpListener, n: u64| -> Vec<tokio::net::TcpStream> {
+        (0..n)
+            .map(|_| {
+                shared
+                    .rt
+                    .block_on(async {
+                        tokio::time::timeout(Duration::from_secs(10), l.accept()).await
+                    })
+                    .expect("a queued connection")
+                    .unwrap()
+                    .0
+            })
+            .collect()
+    };
+    let (from_a, from_b) = (accept(&shared.a, qa), accept(&shared.b, qb));
+    let inodes = |s: &[tokio::net::TcpStream]| s.iter().map(inode_of).collect::<Vec<_>>();
+    let census = shared.census(&inodes(&from_a), &inodes(&from_b));
+    let established: Vec<u64> = census.iter().map(|p| p.established).collect();
     assert_eq!(
-        pod_a.established + pod_b.established,
-        6,
-        "pod a {} + pod b {}: each queued child is in one queue",
-        pod_a.established,
-        pod_b.established
+        established,
+        vec![qa, qb],
+        "each pod its own accepted connections"
     );
-    drop(clients);
+    assert!(
+        census.iter().all(|p| p.unattributed_queues.is_empty()),
+        "{census:?}"
+    );
+    assert_eq!(shared.value(census).unwrap(), 6.0);
 }

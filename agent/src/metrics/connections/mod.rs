@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 pub use census::{Census, CensusMetrics};
 pub use collector::ConnectionCollector;
-pub use summary::{summarize, summarize_pinned};
+pub use summary::{OTHER_INBOUND, summarize, summarize_pinned};
 
 use crate::config::ConfigDuration;
 

@@ -76,26 +76,67 @@ pub fn summarize(
 /// the accept queue, established or half-open; request sockets): inode 0, not TIME_WAIT, on a
 /// local address one of its listeners binds. TIME_WAIT sockets have no owner and are not
 /// attributed (the scaler refuses `time_wait` over a hostNetwork pod).
-fn owned_sockets<'a>(reading: &'a NetnsReading, owned: &HashSet<u64>) -> Vec<&'a super::Socket> {
+///
+/// A queued child that another process's listener could hold as well (SO_REUSEPORT on the same
+/// address, or a wildcard beside a specific address: `overlaps`) is counted to nobody: which
+/// queue the kernel put it in is not visible (decision #18-q). Those are returned per port.
+fn owned_sockets<'a>(
+    reading: &'a NetnsReading,
+    owned: &HashSet<u64>,
+) -> (Vec<&'a super::Socket>, Vec<pb::UnattributedQueue>) {
     let held = |s: &super::Socket| s.inode != 0 && owned.contains(&s.inode);
-    let listeners: Vec<SocketAddr> = reading
+    // Every listener of the namespace, and whether it is the pod's (a listener without an
+    // inode is nobody's: another owner).
+    let listeners: Vec<(SocketAddr, bool)> = reading
         .sockets
         .iter()
-        .filter(|s| s.state == TcpState::Listen && held(s))
-        .map(|s| s.local)
+        .filter(|s| s.state == TcpState::Listen)
+        .map(|s| (s.local, held(s)))
         .collect();
-    let queued = |s: &super::Socket| {
-        s.inode == 0
-            && !matches!(s.state, TcpState::TimeWait | TcpState::Listen)
-            && listeners.iter().any(|l| {
-                l.port() == s.local.port() && (l.ip().is_unspecified() || l.ip() == s.local.ip())
-            })
-    };
-    reading
-        .sockets
-        .iter()
-        .filter(|s| held(s) || queued(s))
-        .collect()
+    let mut unattributed: BTreeMap<u16, pb::UnattributedQueue> = BTreeMap::new();
+    let mut out = Vec::new();
+    for s in &reading.sockets {
+        if held(s) {
+            out.push(s);
+            continue;
+        }
+        if s.inode != 0 || matches!(s.state, TcpState::TimeWait | TcpState::Listen) {
+            continue;
+        }
+        let (mut mine, mut others) = (0u32, 0u32);
+        for (l, is_mine) in &listeners {
+            if overlaps(l, &s.local) {
+                if *is_mine {
+                    mine += 1;
+                } else {
+                    others += 1;
+                }
+            }
+        }
+        match (mine, others) {
+            (0, _) => {}
+            (_, 0) => out.push(s),
+            _ => {
+                let port = s.local.port();
+                let q = unattributed
+                    .entry(port)
+                    .or_insert_with(|| pb::UnattributedQueue {
+                        port: u32::from(port),
+                        ..Default::default()
+                    });
+                q.listeners = q.listeners.max(mine + others);
+                q.queued += 1;
+            }
+        }
+    }
+    (out, unattributed.into_values().collect())
+}
+
+/// Whether listener `l` may hold a child whose local address is `local`: same port, and the
+/// listener's address or a wildcard (the kernel prefers a specific address over a wildcard only
+/// when no device binding intervenes, which /proc does not show: both count).
+fn overlaps(l: &SocketAddr, local: &SocketAddr) -> bool {
+    l.port() == local.port() && (l.ip().is_unspecified() || l.ip() == local.ip())
 }
 
 /// `summarize`, keeping every pool whose remote is in `pinned` (`ip:port`, `*:PORT`) on its own
@@ -107,8 +148,8 @@ pub fn summarize_pinned(
     pinned: &BTreeSet<String>,
 ) -> pb::PodConnections {
     let idle_ms = u32::try_from(config.idle_after.get().as_millis()).unwrap_or(u32::MAX);
-    let sockets: Vec<_> = match owned {
-        None => reading.sockets.iter().collect(),
+    let (sockets, unattributed_queues): (Vec<_>, _) = match owned {
+        None => (reading.sockets.iter().collect(), Vec::new()),
         Some(o) => owned_sockets(reading, o),
     };
 
@@ -231,6 +272,7 @@ pub fn summarize_pinned(
         } else {
             reading.udp_sockets
         },
+        unattributed_queues,
         ..Default::default()
     }
 }
@@ -508,6 +550,79 @@ mod tests {
         assert_eq!(p.tcp_states.get("syn_recv"), Some(&1));
         assert_eq!(p.tcp_states.get("time_wait"), None);
         assert_eq!(p.listeners.len(), 1);
+    }
+
+    #[test]
+    fn queued_children_of_a_port_shared_with_another_listener_are_nobodys() {
+        // Pods a (listener inode 7) and b (8) share 127.0.0.1:8080 with SO_REUSEPORT; a host
+        // process (9) listens on 0.0.0.0:9090 beside pod a's 127.0.0.1:9090.
+        let listener = |local: &str, inode| {
+            let mut s = sock(TcpState::Listen, local, "0.0.0.0:0");
+            s.inode = inode;
+            s
+        };
+        let child = |state, local: &str, inode| {
+            let mut s = sock(state, local, "10.0.0.9:50000");
+            s.inode = inode;
+            s
+        };
+        let mut s = vec![
+            listener("127.0.0.1:8080", 7),
+            listener("127.0.0.1:8080", 8),
+            listener("127.0.0.1:9090", 7),
+            listener("0.0.0.0:9090", 9),
+        ];
+        s.extend((0..6).map(|_| child(TcpState::Established, "127.0.0.1:8080", 0)));
+        s.push(child(TcpState::SynRecv, "127.0.0.1:8080", 0));
+        // Accepted: held by one pod's process, exact.
+        s.push(child(TcpState::Established, "127.0.0.1:8080", 70));
+        s.push(child(TcpState::Established, "127.0.0.1:8080", 80));
+        // The wildcard overlaps 127.0.0.1:9090 but not 10.0.0.2:9090 (the host's alone).
+        s.push(child(TcpState::Established, "127.0.0.1:9090", 0));
+        s.push(child(TcpState::Established, "10.0.0.2:9090", 0));
+        let r = reading(s);
+        let config = ConnectionsConfig::default();
+        let a = summarize(&r, Some(&HashSet::from([7, 70])), &config);
+        let b = summarize(&r, Some(&HashSet::from([8, 80])), &config);
+        let queues = |p: &pb::PodConnections| -> Vec<(u32, u32, u64)> {
+            p.unattributed_queues
+                .iter()
+                .map(|q| (q.port, q.listeners, q.queued))
+                .collect()
+        };
+        assert_eq!((a.established, b.established), (1, 1), "only the accepted");
+        assert_eq!(a.tcp_states.get("syn_recv"), None);
+        assert_eq!(queues(&a), vec![(8080, 2, 7), (9090, 2, 1)]);
+        assert_eq!(queues(&b), vec![(8080, 2, 7)]);
+        // The host process's summary is not a pod's: nothing is filtered, nothing flagged.
+        assert!(summarize(&r, None, &config).unattributed_queues.is_empty());
+    }
+
+    #[test]
+    fn a_shared_port_without_queued_children_stays_exact() {
+        let mut s = Vec::new();
+        for (inode, accepted) in [(7, 70), (8, 80)] {
+            let mut l = sock(TcpState::Listen, "0.0.0.0:8080", "0.0.0.0:0");
+            l.inode = inode;
+            s.push(l);
+            for _ in 0..3 {
+                let mut c = sock(TcpState::Established, "10.0.0.2:8080", "10.0.0.9:5000");
+                c.inode = accepted;
+                s.push(c);
+            }
+        }
+        // A TIME_WAIT child has no owner: never counted, never a reason to refuse.
+        let mut tw = sock(TcpState::TimeWait, "10.0.0.2:8080", "10.0.0.9:5001");
+        tw.inode = 0;
+        s.push(tw);
+        let r = reading(s);
+        let p = summarize(
+            &r,
+            Some(&HashSet::from([7, 70])),
+            &ConnectionsConfig::default(),
+        );
+        assert_eq!(p.established, 3);
+        assert!(p.unattributed_queues.is_empty(), "{p:?}");
     }
 
     #[test]

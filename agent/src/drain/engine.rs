@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -15,6 +15,10 @@ use k8s_openapi::api::policy::v1::Eviction;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{DeleteOptions, ObjectMeta, Preconditions};
 use kube::api::{ListParams, Patch, PostParams};
 use kube::{Api, Client};
+// The engine's clock is tokio's: the same monotonic clock in production, and the virtual one
+// of paused-time unit tests (engine_tests.rs), so the fence and the progress-save interval
+// move with the back-offs they are tested against.
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::lock;
@@ -1801,3 +1805,7 @@ pub fn classes(plan: &pb::DrainStatus) -> BTreeMap<String, String> {
         .map(|p| (format!("{}/{}", p.namespace, p.name), p.class.clone()))
         .collect()
 }
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod engine_tests;

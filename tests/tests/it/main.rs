@@ -16,6 +16,7 @@
 
 mod support {
     pub mod census_pods;
+    pub mod rotation;
 }
 
 mod adversary_issue15;

@@ -5,82 +5,29 @@
 //! Real agents count real pods in network namespaces (tests/support/census_pods.rs) and the
 //! aggregator runs as `nodekeeper aggregate` against the fake API server.
 
+use crate::support::aggregate::{Aggregator, FixedFleet, status_text, web_query};
 use crate::support::census_pods;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use census_pods::{get_metrics, scaled_object, start_pods, wait_for_pool};
-use futures::future::BoxFuture;
 use nodekeeper::keda::coverage::{AgentCensus, AgentState, FleetCensus};
 use nodekeeper::keda::query::Query;
-use nodekeeper::keda::service::{Census, PodSource, ScalerService};
+use nodekeeper::keda::service::ScalerService;
 use nodekeeper::keda_pb::{self, external_scaler_server::ExternalScaler as _};
 use nodekeeper::pb;
 use nodekeeper_tests::fake_api::{EndpointSeed, FakeApi, Fault, FaultKind, PodSeed};
-use nodekeeper_tests::{Agent, Proc, agent_bin, free_port, http_get, loopback, require_root};
-
-/// A running `nodekeeper aggregate` on free loopback ports (as tests/aggregate.rs).
-struct Aggregator {
-    _proc: Proc,
-    grpc: SocketAddr,
-    metrics: SocketAddr,
-}
-
-impl Aggregator {
-    fn start(dir: &Path, name: &str, args: &[&str], envs: &[(&str, &str)]) -> Aggregator {
-        let (grpc, metrics) = (loopback(free_port()), loopback(free_port()));
-        let mut cmd = Command::new(agent_bin());
-        // The fan-out is under attack here, not the API's credentials (issue #19's tests).
-        cmd.arg("aggregate")
-            .arg("--listen")
-            .arg(grpc.to_string())
-            .arg("--metrics-listen")
-            .arg(metrics.to_string())
-            .arg("--allow-anonymous")
-            .args(args)
-            .env_remove("KUBECONFIG")
-            .env("NODEKEEPER_LOG", "info,nodekeeper=debug");
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
-        let mut proc = Proc::spawn(name, cmd, dir);
-        nodekeeper_tests::wait_ready(&mut proc, metrics, "/readyz", "the aggregator");
-        Aggregator {
-            _proc: proc,
-            grpc,
-            metrics,
-        }
-    }
-
-    /// The line of /metrics that starts with `series` (name and labels).
-    fn metric(&self, series: &str) -> Option<String> {
-        let (_, body) = http_get(self.metrics, "/metrics").expect("/metrics");
-        body.lines()
-            .find(|l| l.starts_with(series))
-            .map(str::to_string)
-    }
-}
+use nodekeeper_tests::{Agent, require_root};
 
 /// `established` summed over the `app=web` pods of namespace `shop`, optionally to `remote`.
 fn web_value(addr: SocketAddr, extra: &[(&str, &str)]) -> Result<f64, String> {
-    let mut pairs = vec![
-        ("metric", "established"),
-        ("target", "5"),
-        ("podSelector", "app=web"),
-    ];
-    pairs.extend_from_slice(extra);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(get_metrics(
-        &addr.to_string(),
-        scaled_object("shop", &pairs),
-    ))
-    .map(|m| m.metric_values[0].metric_value_float)
-    .map_err(|e| format!("{:?}: {}", e.code(), e.message()))
+    rt.block_on(get_metrics(&addr.to_string(), web_query("shop", extra)))
+        .map(|m| m.metric_values[0].metric_value_float)
+        .map_err(status_text)
 }
 
 // === pins: the 257th remote ===
@@ -207,7 +154,7 @@ fn adversary_a_stale_pod_watch_hides_a_node_hosting_selected_pods_as_root() {
          aggregator must refuse to answer from a pod watch it cannot refresh), got {got:?}"
     );
     assert_eq!(
-        agg.metric("nodekeeper_aggregate_pod_view_current ")
+        agg.metric_line("nodekeeper_aggregate_pod_view_current ")
             .as_deref(),
         Some("nodekeeper_aggregate_pod_view_current 0")
     );
@@ -268,15 +215,6 @@ fn adversary_last_known_census_from_before_a_pin_counts_the_remote_as_0_as_root(
 }
 
 // === a pod whose census failed ===
-
-/// A fixed fleet census, as the aggregator's fan-out hands it to the scaler.
-struct FixedFleet(Arc<FleetCensus>);
-
-impl PodSource for FixedFleet {
-    fn census<'a>(&'a self, _q: &'a Query) -> BoxFuture<'a, Result<Census, tonic::Status>> {
-        Box::pin(async move { Ok(Census::from_fleet(self.0.clone())) })
-    }
-}
 
 fn web_pod(name: &str, established: u64, error: &str) -> pb::PodConnections {
     pb::PodConnections {
@@ -484,7 +422,7 @@ fn adversary_two_agents_on_one_node_are_summed_twice_as_root() {
         "node-a's web pool is 10 whichever of its two agents answers; got {got:?}"
     );
     assert_eq!(
-        agg.metric("nodekeeper_aggregate_agents{state=\"duplicate\"}")
+        agg.metric_line("nodekeeper_aggregate_agents{state=\"duplicate\"}")
             .as_deref(),
         Some("nodekeeper_aggregate_agents{state=\"duplicate\"} 1")
     );

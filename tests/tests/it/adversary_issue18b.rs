@@ -8,6 +8,10 @@
 //! against its EndpointSlice node, then `FleetCensus` behind a `ScalerService`, asked as KEDA
 //! asks (GetMetrics).
 
+use crate::support::aggregate::{
+    self, Aggregator, ApiPod, fleet, is_unavailable, scaler_value, start_fake_agent, status_text,
+    web_query,
+};
 use crate::support::census_pods;
 
 use std::collections::HashMap;
@@ -15,103 +19,31 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use census_pods::scaled_object;
-use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::Pod;
 use nodekeeper::keda::coverage::{AgentCensus, AgentState, FleetCensus, PodPlacement};
 use nodekeeper::keda::query::{Query, evaluate};
-use nodekeeper::keda::service::{Census, PodSource, ScalerService};
-use nodekeeper::keda_pb::{self, external_scaler_server::ExternalScaler as _};
 use nodekeeper::kube::{WATCH_ANSWER_GRACE, WATCH_ANSWER_TIMEOUT};
 use nodekeeper::pb;
-use serde_json::json;
 
-/// A fixed fleet census, as the aggregator's fan-out hands it to the scaler.
-struct FixedFleet(Arc<FleetCensus>);
-
-impl PodSource for FixedFleet {
-    fn census<'a>(&'a self, _q: &'a Query) -> BoxFuture<'a, Result<Census, tonic::Status>> {
-        Box::pin(async move { Ok(Census::from_fleet(self.0.clone())) })
-    }
-}
-
-/// A pod as the aggregator's pod watch stores it (stripped: name, namespace, uid, labels,
-/// node, phase, deletionTimestamp).
+/// A pod as the aggregator's pod watch stores it, in `shop`.
 fn api_pod(name: &str, uid: &str, app: &str, node: &str, phase: &str, terminating: bool) -> Pod {
-    let mut v = json!({
-        "metadata": {"name": name, "namespace": "shop", "uid": uid, "labels": {"app": app}},
-        "spec": {"nodeName": node, "containers": []},
-        "status": {"phase": phase},
-    });
-    if terminating {
-        v["metadata"]["deletionTimestamp"] = json!("2026-12-07T16:00:00Z");
-    }
-    serde_json::from_value(v).expect("a Pod")
+    let pod = ApiPod::new("shop", name, uid, node).app(app).phase(phase);
+    if terminating { pod.terminating() } else { pod }.pod()
 }
 
-/// One pod of an agent's census as the agent names it from its own pod view.
+/// One pod of an agent's census in `shop`, labelled `app=<app>`, as the agent names it from its
+/// own pod view (no census source named).
 fn census_pod(name: &str, uid: &str, app: &str, established: u64) -> pb::PodConnections {
     pb::PodConnections {
-        uid: uid.into(),
-        namespace: "shop".into(),
-        name: name.into(),
         labels: HashMap::from([("app".to_string(), app.to_string())]),
-        established,
-        tcp_states: HashMap::from([("established".to_string(), established)]),
-        ..Default::default()
-    }
-}
-
-/// The fleet the aggregator's `summarize` builds: each agent `(node, census)` answered now,
-/// its census verified against `placement` for its EndpointSlice node.
-fn fleet(placement: PodPlacement, agents: Vec<(&str, Vec<pb::PodConnections>)>) -> FleetCensus {
-    let now = Instant::now();
-    let agents = agents
-        .into_iter()
-        .enumerate()
-        .map(|(i, (node, pods))| {
-            let (kept, _refused) = placement.verify(node, &pods);
-            AgentCensus {
-                name: format!("10.0.0.{}:9741 ({node})", i + 1),
-                node: node.into(),
-                state: AgentState::Answered {
-                    pods: Arc::new(kept),
-                    at: now,
-                },
-            }
-        })
-        .collect();
-    FleetCensus {
-        agents,
-        placement: Some(Arc::new(placement)),
+        source: String::new(),
+        ..aggregate::census_pod("shop", name, uid, established)
     }
 }
 
 /// `established` summed over the `app=web` pods of `shop`, as KEDA asks the aggregator.
 fn web_value(fleet: FleetCensus, extra: &[(&str, &str)]) -> Result<f64, tonic::Status> {
-    let scaler = ScalerService::new(
-        Arc::new(FixedFleet(Arc::new(fleet))),
-        Duration::from_secs(5),
-        tokio_util::sync::CancellationToken::new(),
-    );
-    let mut pairs = vec![
-        ("metric", "established"),
-        ("target", "5"),
-        ("podSelector", "app=web"),
-    ];
-    pairs.extend_from_slice(extra);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(
-        scaler.get_metrics(tonic::Request::new(keda_pb::GetMetricsRequest {
-            scaled_object_ref: Some(scaled_object("shop", &pairs)),
-            metric_name: String::new(),
-        })),
-    )
-    .map(|r| r.into_inner().metric_values[0].metric_value_float)
-}
-
-fn is_unavailable(got: &Result<f64, tonic::Status>) -> bool {
-    got.as_ref()
-        .is_err_and(|s| s.code() == tonic::Code::Unavailable)
+    scaler_value(Arc::new(fleet), web_query("shop", extra))
 }
 
 // === a pod deleted and recreated with the same name (a StatefulSet's web-1) ===
@@ -335,141 +267,15 @@ fn adversary18b_ipv6_remotes_with_a_named_zone_or_no_brackets_are_refused() {
 
 // === a watch 410 and a slow relist ===
 
-/// A node agent that answers GetMetrics with a fixed census (as tests/adversary_issue19b.rs).
-struct FakeAgent {
-    snapshot: pb::MetricsSnapshot,
-}
-
-type BoxStream<T> = std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, tonic::Status>> + Send>>;
-
-#[tonic::async_trait]
-impl pb::node_agent_server::NodeAgent for FakeAgent {
-    async fn get_node(
-        &self,
-        _: tonic::Request<pb::GetNodeRequest>,
-    ) -> Result<tonic::Response<pb::NodeStatus>, tonic::Status> {
-        Err(tonic::Status::unimplemented("fake agent"))
-    }
-
-    async fn get_metrics(
-        &self,
-        _: tonic::Request<pb::GetMetricsRequest>,
-    ) -> Result<tonic::Response<pb::MetricsSnapshot>, tonic::Status> {
-        let mut s = self.snapshot.clone();
-        s.collected_at = Some(std::time::SystemTime::now().into());
-        Ok(tonic::Response::new(s))
-    }
-
-    type WatchMetricsStream = BoxStream<pb::MetricsSnapshot>;
-
-    async fn watch_metrics(
-        &self,
-        _: tonic::Request<pb::WatchMetricsRequest>,
-    ) -> Result<tonic::Response<Self::WatchMetricsStream>, tonic::Status> {
-        Err(tonic::Status::unimplemented("fake agent"))
-    }
-
-    async fn cordon(
-        &self,
-        _: tonic::Request<pb::CordonRequest>,
-    ) -> Result<tonic::Response<pb::NodeStatus>, tonic::Status> {
-        Err(tonic::Status::unimplemented("fake agent"))
-    }
-
-    async fn uncordon(
-        &self,
-        _: tonic::Request<pb::UncordonRequest>,
-    ) -> Result<tonic::Response<pb::NodeStatus>, tonic::Status> {
-        Err(tonic::Status::unimplemented("fake agent"))
-    }
-
-    type DrainStream = BoxStream<pb::DrainEvent>;
-
-    async fn drain(
-        &self,
-        _: tonic::Request<pb::DrainRequest>,
-    ) -> Result<tonic::Response<Self::DrainStream>, tonic::Status> {
-        Err(tonic::Status::unimplemented("fake agent"))
-    }
-
-    async fn get_drain(
-        &self,
-        _: tonic::Request<pb::GetDrainRequest>,
-    ) -> Result<tonic::Response<pb::DrainStatus>, tonic::Status> {
-        Err(tonic::Status::unimplemented("fake agent"))
-    }
-
-    async fn cancel_drain(
-        &self,
-        _: tonic::Request<pb::CancelDrainRequest>,
-    ) -> Result<tonic::Response<pb::DrainStatus>, tonic::Status> {
-        Err(tonic::Status::unimplemented("fake agent"))
-    }
-}
-
-/// Serves a `FakeAgent` claiming `node` with `pods` on a free loopback port of `rt`.
-fn start_fake_agent(
-    rt: &tokio::runtime::Runtime,
-    node: &str,
-    pods: Vec<pb::PodConnections>,
-) -> std::net::SocketAddr {
-    let agent = FakeAgent {
-        snapshot: pb::MetricsSnapshot {
-            node_name: node.into(),
-            connections: pods,
-            ..Default::default()
-        },
-    };
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind the fake agent");
-    let addr = listener.local_addr().unwrap();
-    let incoming = futures::stream::unfold(listener, |l| async move {
-        let next = l.accept().await.map(|(s, _)| s);
-        Some((next, l))
-    });
-    rt.spawn(
-        tonic::transport::Server::builder()
-            .add_service(pb::node_agent_server::NodeAgentServer::new(agent))
-            .serve_with_incoming(incoming),
-    );
-    addr
-}
-
-/// A running `nodekeeper aggregate` (as tests/adversary_issue18.rs).
-struct Aggregator {
-    proc: nodekeeper_tests::Proc,
-    grpc: std::net::SocketAddr,
-    metrics: std::net::SocketAddr,
-}
-
+/// `nodekeeper aggregate` over the Service's agents of the cluster of `kubeconfig`.
 fn start_aggregator(dir: &std::path::Path, kubeconfig: &std::path::Path) -> Aggregator {
-    use nodekeeper_tests::{agent_bin, free_port, loopback};
-    let (grpc, metrics) = (loopback(free_port()), loopback(free_port()));
-    let mut cmd = std::process::Command::new(agent_bin());
-    cmd.arg("aggregate")
-        .arg("--listen")
-        .arg(grpc.to_string())
-        .arg("--metrics-listen")
-        .arg(metrics.to_string())
-        .arg("--allow-anonymous")
-        .args([
-            "--service",
-            "nodekeeper-system/nodekeeper",
-            "--deadline",
-            "2s",
-            "--refresh",
-            "100ms",
-        ])
-        .env("KUBECONFIG", kubeconfig)
-        .env("NODEKEEPER_LOG", "info,nodekeeper=debug,kube_runtime=debug");
-    let mut proc = nodekeeper_tests::Proc::spawn("aggregate", cmd, dir);
-    nodekeeper_tests::wait_ready(&mut proc, metrics, "/readyz", "the aggregator");
-    Aggregator {
-        proc,
-        grpc,
-        metrics,
-    }
+    Aggregator::builder()
+        .allow_anonymous()
+        .args(["--service", "nodekeeper-system/nodekeeper"])
+        .args(["--deadline", "2s", "--refresh", "100ms"])
+        .kubeconfig(kubeconfig)
+        .log("info,nodekeeper=debug,kube_runtime=debug")
+        .start(dir)
 }
 
 /// KEDA's GetMetrics for `established` over the `app=web` pods of `shop`, against `addr`.
@@ -483,18 +289,12 @@ fn keda_value(
     addr: std::net::SocketAddr,
     extra: &[(&str, &str)],
 ) -> Result<f64, String> {
-    let mut pairs = vec![
-        ("metric", "established"),
-        ("target", "5"),
-        ("podSelector", "app=web"),
-    ];
-    pairs.extend_from_slice(extra);
     rt.block_on(census_pods::get_metrics(
         &addr.to_string(),
-        scaled_object("shop", &pairs),
+        web_query("shop", extra),
     ))
     .map(|m| m.metric_values[0].metric_value_float)
-    .map_err(|e| format!("{:?}: {}", e.code(), e.message()))
+    .map_err(status_text)
 }
 
 /// The aggregator's pod watch gets `410 Expired` (etcd compacted past its resourceVersion, a

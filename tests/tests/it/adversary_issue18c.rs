@@ -23,128 +23,44 @@
 //! Held (plain): a Pending pod that serves is counted; a pod the agent left unnamed is named by
 //! the aggregator's view; a census above the message limit is UNAVAILABLE naming its agent.
 
+use crate::support::aggregate::{
+    self, ApiPod, FixedFleet, WAIT, fleet, get_fleet_plaintext, is_unavailable, keda_value,
+    scaler_value, start_changeable_fake_agent, start_open_aggregator, until, web_query,
+};
 use crate::support::census_pods;
 
 use std::collections::HashMap;
-use std::ffi::OsString;
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
-use std::pin::Pin;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use census_pods::scaled_object;
-use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::Pod;
 use nodekeeper::keda::coverage::{AgentCensus, AgentState, FleetCensus, PodPlacement};
 use nodekeeper::keda::query::Query;
-use nodekeeper::keda::service::{Census, PodSource, ScalerService};
-use nodekeeper::keda_pb::{
-    self, external_scaler_client::ExternalScalerClient, external_scaler_server::ExternalScaler as _,
-};
-use nodekeeper::pb::{self, aggregator_client::AggregatorClient, node_agent_server};
+use nodekeeper::keda::service::ScalerService;
+use nodekeeper::keda_pb::{self, external_scaler_server::ExternalScaler as _};
+use nodekeeper::pb::{self};
 use nodekeeper_tests::fake_api::{EndpointSeed, FakeApi, PodSeed};
-use nodekeeper_tests::{Proc, agent_bin, free_port, loopback};
-use serde_json::json;
 use tonic::Status;
-
-/// Long enough for the aggregator to start, sync and fan out on a loaded 2-core machine.
-const WAIT: Duration = Duration::from_secs(30);
 
 // === the coverage path, as the aggregator's summarize builds it ===
 
-/// A fixed fleet census, as the aggregator's fan-out hands it to the scaler.
-struct FixedFleet(Arc<FleetCensus>);
-
-impl PodSource for FixedFleet {
-    fn census<'a>(&'a self, _q: &'a Query) -> BoxFuture<'a, Result<Census, Status>> {
-        Box::pin(async move { Ok(Census::from_fleet(self.0.clone())) })
-    }
-}
-
-/// A pod as the aggregator's pod watch stores it.
+/// An `app=web` pod of `shop` as the aggregator's pod watch stores it.
 fn api_pod(name: &str, uid: &str, node: &str, phase: &str) -> Pod {
-    serde_json::from_value(json!({
-        "metadata": {"name": name, "namespace": "shop", "uid": uid, "labels": {"app": "web"}},
-        "spec": {"nodeName": node, "containers": []},
-        "status": {"phase": phase},
-    }))
-    .expect("a Pod")
+    ApiPod::new("shop", name, uid, node).phase(phase).pod()
 }
 
-/// One `app=web` pod of an agent's census as the agent names it from its own pod view.
+/// One `app=web` pod of `shop` in an agent's census as the agent names it from its own pod view.
 fn census_pod(name: &str, uid: &str, established: u64) -> pb::PodConnections {
-    pb::PodConnections {
-        uid: uid.into(),
-        namespace: "shop".into(),
-        name: name.into(),
-        labels: HashMap::from([("app".to_string(), "web".to_string())]),
-        established,
-        tcp_states: HashMap::from([("established".to_string(), established)]),
-        source: "sock_diag".into(),
-        ..Default::default()
-    }
-}
-
-/// The fleet `summarize` builds: each agent `(node, census)` answered now, its census
-/// verified against `placement` for its EndpointSlice node.
-fn fleet(placement: PodPlacement, agents: Vec<(&str, Vec<pb::PodConnections>)>) -> FleetCensus {
-    let now = Instant::now();
-    let agents = agents
-        .into_iter()
-        .enumerate()
-        .map(|(i, (node, pods))| {
-            let (kept, _refused) = placement.verify(node, &pods);
-            AgentCensus {
-                name: format!("10.0.0.{}:9741 ({node})", i + 1),
-                node: node.into(),
-                state: AgentState::Answered {
-                    pods: Arc::new(kept),
-                    at: now,
-                },
-            }
-        })
-        .collect();
-    FleetCensus {
-        agents,
-        placement: Some(Arc::new(placement)),
-    }
+    aggregate::census_pod("shop", name, uid, established)
 }
 
 /// `established` summed over the `app=web` pods of `shop`, as KEDA asks the aggregator.
 fn web_value(fleet: FleetCensus) -> Result<f64, Status> {
-    let scaler = ScalerService::new(
-        Arc::new(FixedFleet(Arc::new(fleet))),
-        Duration::from_secs(5),
-        tokio_util::sync::CancellationToken::new(),
-    );
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(
-        scaler.get_metrics(tonic::Request::new(keda_pb::GetMetricsRequest {
-            scaled_object_ref: Some(web_ref()),
-            metric_name: String::new(),
-        })),
-    )
-    .map(|r| r.into_inner().metric_values[0].metric_value_float)
-}
-
-fn web_ref() -> keda_pb::ScaledObjectRef {
-    scaled_object(
-        "shop",
-        &[
-            ("metric", "established"),
-            ("target", "5"),
-            ("podSelector", "app=web"),
-        ],
-    )
-}
-
-fn is_unavailable(got: &Result<f64, Status>) -> bool {
-    got.as_ref()
-        .is_err_and(|s| s.code() == tonic::Code::Unavailable)
+    scaler_value(Arc::new(fleet), web_query("shop", &[]))
 }
 
 // === the aggregator's pod view behind an agent's ===
@@ -218,190 +134,9 @@ fn adversary18c_a_pod_named_twice_in_a_census_is_counted_once() {
 
 // === end to end: `nodekeeper aggregate` and fake agents ===
 
-pub(crate) struct Aggregator {
-    pub(crate) proc: Proc,
-    pub(crate) grpc: SocketAddr,
-}
-
-/// Starts `nodekeeper aggregate ARGS --allow-anonymous` on free loopback ports and waits for
-/// /readyz.
-pub(crate) fn start_aggregator(dir: &Path, args: &[&str], kubeconfig: Option<&Path>) -> Aggregator {
-    let (grpc, metrics) = (loopback(free_port()), loopback(free_port()));
-    let mut cmd = Command::new(agent_bin());
-    cmd.arg("aggregate")
-        .arg("--listen")
-        .arg(grpc.to_string())
-        .arg("--metrics-listen")
-        .arg(metrics.to_string())
-        .args([
-            "--refresh",
-            "100ms",
-            "--deadline",
-            "2s",
-            "--allow-anonymous",
-        ])
-        .args(args.iter().map(OsString::from))
-        .env_remove("KUBECONFIG")
-        .env("NODEKEEPER_LOG", "info,nodekeeper=debug");
-    if let Some(k) = kubeconfig {
-        cmd.env("KUBECONFIG", k);
-    }
-    let mut proc = Proc::spawn("aggregate", cmd, dir);
-    nodekeeper_tests::wait_ready(&mut proc, metrics, "/readyz", "the aggregator");
-    Aggregator { proc, grpc }
-}
-
-pub(crate) fn get_fleet(
-    rt: &tokio::runtime::Runtime,
-    addr: SocketAddr,
-) -> Result<pb::FleetStatus, Status> {
-    rt.block_on(async {
-        let mut c = AggregatorClient::connect(format!("http://{addr}"))
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        tokio::time::timeout(WAIT, c.get_fleet(pb::GetFleetRequest {}))
-            .await
-            .map_err(|_| Status::deadline_exceeded("GetFleet: no answer"))?
-            .map(tonic::Response::into_inner)
-    })
-}
-
 /// KEDA's GetMetrics of `established` over the `app=web` pods of `shop`.
 fn keda_web_value(rt: &tokio::runtime::Runtime, addr: SocketAddr) -> Result<f64, Status> {
-    rt.block_on(async {
-        let mut c = ExternalScalerClient::connect(format!("http://{addr}"))
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        let req = keda_pb::GetMetricsRequest {
-            scaled_object_ref: Some(web_ref()),
-            metric_name: String::new(),
-        };
-        tokio::time::timeout(WAIT, c.get_metrics(req))
-            .await
-            .map_err(|_| Status::deadline_exceeded("GetMetrics"))?
-            .map(|r| r.into_inner().metric_values[0].metric_value_float)
-    })
-}
-
-/// Polls `f` until it returns `Some`, failing after `WAIT` with `what` and the aggregator's log.
-pub(crate) fn until<T>(agg: &Aggregator, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within {WAIT:?}; log:\n{}",
-            agg.proc.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// A node agent that answers GetMetrics with whatever `snapshot` holds; every other RPC is
-/// UNIMPLEMENTED.
-#[derive(Clone)]
-struct FakeAgent {
-    snapshot: Arc<Mutex<pb::MetricsSnapshot>>,
-}
-
-type BoxStream<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl node_agent_server::NodeAgent for FakeAgent {
-    async fn get_node(
-        &self,
-        _: tonic::Request<pb::GetNodeRequest>,
-    ) -> Result<tonic::Response<pb::NodeStatus>, Status> {
-        Err(Status::unimplemented("fake agent"))
-    }
-
-    async fn get_metrics(
-        &self,
-        _: tonic::Request<pb::GetMetricsRequest>,
-    ) -> Result<tonic::Response<pb::MetricsSnapshot>, Status> {
-        let mut s = self.snapshot.lock().expect("not poisoned").clone();
-        s.collected_at = Some(SystemTime::now().into());
-        Ok(tonic::Response::new(s))
-    }
-
-    type WatchMetricsStream = BoxStream<pb::MetricsSnapshot>;
-
-    async fn watch_metrics(
-        &self,
-        _: tonic::Request<pb::WatchMetricsRequest>,
-    ) -> Result<tonic::Response<Self::WatchMetricsStream>, Status> {
-        Err(Status::unimplemented("fake agent"))
-    }
-
-    async fn cordon(
-        &self,
-        _: tonic::Request<pb::CordonRequest>,
-    ) -> Result<tonic::Response<pb::NodeStatus>, Status> {
-        Err(Status::unimplemented("fake agent"))
-    }
-
-    async fn uncordon(
-        &self,
-        _: tonic::Request<pb::UncordonRequest>,
-    ) -> Result<tonic::Response<pb::NodeStatus>, Status> {
-        Err(Status::unimplemented("fake agent"))
-    }
-
-    type DrainStream = BoxStream<pb::DrainEvent>;
-
-    async fn drain(
-        &self,
-        _: tonic::Request<pb::DrainRequest>,
-    ) -> Result<tonic::Response<Self::DrainStream>, Status> {
-        Err(Status::unimplemented("fake agent"))
-    }
-
-    async fn get_drain(
-        &self,
-        _: tonic::Request<pb::GetDrainRequest>,
-    ) -> Result<tonic::Response<pb::DrainStatus>, Status> {
-        Err(Status::unimplemented("fake agent"))
-    }
-
-    async fn cancel_drain(
-        &self,
-        _: tonic::Request<pb::CancelDrainRequest>,
-    ) -> Result<tonic::Response<pb::DrainStatus>, Status> {
-        Err(Status::unimplemented("fake agent"))
-    }
-}
-
-/// Serves a `FakeAgent` claiming `node_name` with `pods` on a free loopback port of `rt`; the
-/// returned snapshot can be changed at will.
-pub(crate) fn start_fake_agent(
-    rt: &tokio::runtime::Runtime,
-    node_name: &str,
-    pods: Vec<pb::PodConnections>,
-) -> (SocketAddr, Arc<Mutex<pb::MetricsSnapshot>>) {
-    let snapshot = Arc::new(Mutex::new(pb::MetricsSnapshot {
-        node_name: node_name.into(),
-        connections: pods,
-        ..Default::default()
-    }));
-    let agent = FakeAgent {
-        snapshot: snapshot.clone(),
-    };
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind the fake agent");
-    let addr = listener.local_addr().unwrap();
-    let incoming = futures::stream::unfold(listener, |l| async move {
-        let next = l.accept().await.map(|(s, _)| s);
-        Some((next, l))
-    });
-    rt.spawn(
-        tonic::transport::Server::builder()
-            .add_service(node_agent_server::NodeAgentServer::new(agent))
-            .serve_with_incoming(incoming),
-    );
-    (addr, snapshot)
+    keda_value(rt, addr, web_query("shop", &[]))
 }
 
 // === two agents claiming one node with a static agent list ===
@@ -417,12 +152,12 @@ pub(crate) fn start_fake_agent(
 fn adversary18c_static_agents_claiming_one_node_name_are_not_silently_deduplicated() {
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (a, _) = start_fake_agent(&rt, "node-a", vec![census_pod("web-1", "uid-1", 10)]);
-    let (b, _) = start_fake_agent(&rt, "node-a", vec![census_pod("web-2", "uid-2", 20)]);
+    let (a, _) = start_changeable_fake_agent(&rt, "node-a", vec![census_pod("web-1", "uid-1", 10)]);
+    let (b, _) = start_changeable_fake_agent(&rt, "node-a", vec![census_pod("web-2", "uid-2", 20)]);
     let agents = format!("{a},{b}");
-    let agg = start_aggregator(dir.path(), &["--agents", &agents], None);
+    let agg = start_open_aggregator(dir.path(), &["--agents", &agents], None);
     until(&agg, "both agents answered", || {
-        get_fleet(&rt, agg.grpc)
+        get_fleet_plaintext(&rt, agg.grpc)
             .ok()
             .filter(|f| f.answered + f.duplicates >= 2 && f.agents.iter().all(|a| a.answered))
     });
@@ -431,7 +166,7 @@ fn adversary18c_static_agents_claiming_one_node_name_are_not_silently_deduplicat
         matches!(got, Ok(v) if v == 30.0) || is_unavailable(&got),
         "web-1 (10) and web-2 (20) run on two machines whose agents both claim node-a: KEDA \
          must get 30 or UNAVAILABLE, not one machine's share; got {got:?}; fleet: {:?}",
-        get_fleet(&rt, agg.grpc)
+        get_fleet_plaintext(&rt, agg.grpc)
     );
 }
 
@@ -529,7 +264,7 @@ fn adversary18c_a_silent_aggregator_pod_watch_drops_a_new_pod_from_the_sum() {
         labels: HashMap::from([("app".to_string(), "probe".to_string())]),
         ..census_pod("probe-1", "", 0)
     };
-    let (agent, snapshot) = start_fake_agent(
+    let (agent, snapshot) = start_changeable_fake_agent(
         &rt,
         "node-a",
         vec![census_pod("web-1", &web_1, 4), probe.clone()],
@@ -542,7 +277,7 @@ fn adversary18c_a_silent_aggregator_pod_watch_drops_a_new_pod_from_the_sum() {
             .node("node-a")
             .pod("nodekeeper-node-a")],
     );
-    let agg = start_aggregator(
+    let agg = start_open_aggregator(
         dir.path(),
         &["--service", "nodekeeper-system/nodekeeper"],
         Some(&kubeconfig),
@@ -551,7 +286,7 @@ fn adversary18c_a_silent_aggregator_pod_watch_drops_a_new_pod_from_the_sum() {
         keda_web_value(&rt, agg.grpc).ok().filter(|v| *v == 4.0)
     });
     let refuses = |name: &str| {
-        get_fleet(&rt, agg.grpc).ok().is_some_and(|f| {
+        get_fleet_plaintext(&rt, agg.grpc).ok().is_some_and(|f| {
             f.agents.iter().any(|a| {
                 a.refused_pods
                     .iter()
@@ -615,7 +350,7 @@ fn adversary18c_a_pod_the_aggregator_saw_deleted_is_left_out_not_unavailable() {
     };
     let web_1 = uid_of(api.add_pod(web("web-1")));
     let web_2 = uid_of(api.add_pod(web("web-2")));
-    let (agent, _snapshot) = start_fake_agent(
+    let (agent, _snapshot) = start_changeable_fake_agent(
         &rt,
         "node-a",
         vec![
@@ -631,7 +366,7 @@ fn adversary18c_a_pod_the_aggregator_saw_deleted_is_left_out_not_unavailable() {
             .node("node-a")
             .pod("nodekeeper-node-a")],
     );
-    let agg = start_aggregator(
+    let agg = start_open_aggregator(
         dir.path(),
         &["--service", "nodekeeper-system/nodekeeper"],
         Some(&kubeconfig),
@@ -648,7 +383,7 @@ fn adversary18c_a_pod_the_aggregator_saw_deleted_is_left_out_not_unavailable() {
         })
     };
     until(&agg, "the aggregator refuses web-2 as deleted", || {
-        get_fleet(&rt, agg.grpc).ok().filter(deleted)
+        get_fleet_plaintext(&rt, agg.grpc).ok().filter(deleted)
     });
     let end = Instant::now() + silence_window();
     while Instant::now() < end {
@@ -754,14 +489,14 @@ fn adversary18c_an_agent_without_a_node_does_not_raise_min_coverage() {
 fn adversary18c_a_census_above_the_message_limit_is_an_error_not_a_smaller_sum() {
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (a, _) = start_fake_agent(&rt, "node-a", vec![census_pod("web-1", "uid-1", 10)]);
+    let (a, _) = start_changeable_fake_agent(&rt, "node-a", vec![census_pod("web-1", "uid-1", 10)]);
     let mut huge = census_pod("web-2", "uid-2", 20);
     huge.labels.insert("blob".to_string(), "x".repeat(5 << 20));
-    let (b, _) = start_fake_agent(&rt, "node-b", vec![huge]);
+    let (b, _) = start_changeable_fake_agent(&rt, "node-b", vec![huge]);
     let agents = format!("{a},{b}");
-    let agg = start_aggregator(dir.path(), &["--agents", &agents], None);
+    let agg = start_open_aggregator(dir.path(), &["--agents", &agents], None);
     let fleet = until(&agg, "node-a answered and node-b is known missing", || {
-        get_fleet(&rt, agg.grpc)
+        get_fleet_plaintext(&rt, agg.grpc)
             .ok()
             .filter(|f| f.answered + f.missing + f.stale == 2 && f.answered >= 1)
     });

@@ -22,6 +22,11 @@
 //! Held (plain): same names in two namespaces, minCoverage bounds, an agent in two slices with
 //! different nodes, an agent replaced on its node, lastKnownFor after a restart, pins full.
 
+// `Agent`: an agent as `summarize` leaves it (answered now, or missing without a last census).
+use crate::support::aggregate::{
+    FleetMember as Agent, WAIT, api_pod, census_pod, code, fleet_of as fleet, get_fleet_plaintext,
+    keda_value, scaler_value, start_changeable_fake_agent, start_open_aggregator, until, web_query,
+};
 use crate::support::census_pods;
 
 use std::collections::HashMap;
@@ -31,126 +36,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use census_pods::scaled_object;
-use futures::future::BoxFuture;
-use k8s_openapi::api::core::v1::Pod;
 use nodekeeper::aggregate::discovery::targets_from_slices;
-use nodekeeper::keda::coverage::{AgentCensus, AgentState, FleetCensus, PodPlacement};
+use nodekeeper::keda::coverage::{AgentCensus, FleetCensus, PodPlacement};
 use nodekeeper::keda::query::Query;
-use nodekeeper::keda::service::{Census, PodSource, ScalerService};
-use nodekeeper::keda_pb::{self, external_scaler_server::ExternalScaler as _};
 use nodekeeper::pb;
 use nodekeeper_tests::fake_api::{FakeApi, PodSeed};
 use nodekeeper_tests::{Proc, free_port, wait_for};
 use serde_json::json;
 use tonic::Status;
 
-/// Long enough for an agent to start, sync its pod watch and count on a loaded 2-core machine.
-const WAIT: Duration = Duration::from_secs(30);
-
 // === the coverage path, as the aggregator's summarize builds it ===
-
-/// A fixed fleet census, as the aggregator's fan-out hands it to the scaler.
-struct FixedFleet(Arc<FleetCensus>);
-
-impl PodSource for FixedFleet {
-    fn census<'a>(&'a self, _q: &'a Query) -> BoxFuture<'a, Result<Census, Status>> {
-        Box::pin(async move { Ok(Census::from_fleet(self.0.clone())) })
-    }
-}
-
-/// A pod as the aggregator's pod watch stores it: Running, label app=web.
-fn api_pod(ns: &str, name: &str, uid: &str, node: &str) -> Pod {
-    serde_json::from_value(json!({
-        "metadata": {"name": name, "namespace": ns, "uid": uid, "labels": {"app": "web"}},
-        "spec": {"nodeName": node, "containers": []},
-        "status": {"phase": "Running"},
-    }))
-    .expect("a Pod")
-}
-
-/// One `app=web` pod of an agent's census as the agent names it from its own pod view.
-fn census_pod(ns: &str, name: &str, uid: &str, established: u64) -> pb::PodConnections {
-    pb::PodConnections {
-        uid: uid.into(),
-        namespace: ns.into(),
-        name: name.into(),
-        labels: HashMap::from([("app".to_string(), "web".to_string())]),
-        established,
-        tcp_states: HashMap::from([("established".to_string(), established)]),
-        source: "sock_diag".into(),
-        ..Default::default()
-    }
-}
-
-/// An agent as `summarize` leaves it: answered now (its census verified against `placement` for
-/// its EndpointSlice node), or missing without a last census.
-enum Agent<'a> {
-    Answered(&'a str, Vec<pb::PodConnections>),
-    Missing(&'a str),
-}
-
-fn fleet(placement: PodPlacement, agents: Vec<Agent>) -> FleetCensus {
-    let now = Instant::now();
-    let agents = agents
-        .into_iter()
-        .enumerate()
-        .map(|(i, a)| match a {
-            Agent::Answered(node, pods) => {
-                let (kept, _refused) = placement.verify(node, &pods);
-                AgentCensus {
-                    name: format!("10.0.0.{}:9741 ({node})", i + 1),
-                    node: node.into(),
-                    state: AgentState::Answered {
-                        pods: Arc::new(kept),
-                        at: now,
-                    },
-                }
-            }
-            Agent::Missing(node) => AgentCensus {
-                name: format!("10.0.0.{}:9741 ({node})", i + 1),
-                node: node.into(),
-                state: AgentState::Missing {
-                    error: "connection refused".into(),
-                    last_known: None,
-                },
-            },
-        })
-        .collect();
-    FleetCensus {
-        agents,
-        placement: Some(Arc::new(placement)),
-    }
-}
 
 /// `established` summed over the `app=web` pods of `ns` (plus `extra` metadata), as KEDA asks
 /// the aggregator.
 fn web_value(fleet: &Arc<FleetCensus>, ns: &str, extra: &[(&str, &str)]) -> Result<f64, Status> {
-    let scaler = ScalerService::new(
-        Arc::new(FixedFleet(fleet.clone())),
-        Duration::from_secs(5),
-        tokio_util::sync::CancellationToken::new(),
-    );
-    let mut meta = vec![
-        ("metric", "established"),
-        ("target", "5"),
-        ("podSelector", "app=web"),
-    ];
-    meta.extend_from_slice(extra);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(
-        scaler.get_metrics(tonic::Request::new(keda_pb::GetMetricsRequest {
-            scaled_object_ref: Some(scaled_object(ns, &meta)),
-            metric_name: String::new(),
-        })),
-    )
-    .map(|r| r.into_inner().metric_values[0].metric_value_float)
-}
-
-fn code(got: &Result<f64, Status>) -> Option<tonic::Code> {
-    got.as_ref().err().map(Status::code)
+    scaler_value(fleet.clone(), web_query(ns, extra))
 }
 
 // === same names in two namespaces; namespace-scoped queries ===
@@ -893,29 +793,7 @@ fn keda_last_known(
     rt: &tokio::runtime::Runtime,
     addr: std::net::SocketAddr,
 ) -> Result<f64, Status> {
-    rt.block_on(async {
-        let mut c = keda_pb::external_scaler_client::ExternalScalerClient::connect(format!(
-            "http://{addr}"
-        ))
-        .await
-        .map_err(|e| Status::unavailable(e.to_string()))?;
-        let req = keda_pb::GetMetricsRequest {
-            scaled_object_ref: Some(scaled_object(
-                "shop",
-                &[
-                    ("metric", "established"),
-                    ("target", "5"),
-                    ("podSelector", "app=web"),
-                    ("lastKnownFor", "3600"),
-                ],
-            )),
-            metric_name: String::new(),
-        };
-        tokio::time::timeout(WAIT, c.get_metrics(req))
-            .await
-            .map_err(|_| Status::deadline_exceeded("GetMetrics"))?
-            .map(|r| r.into_inner().metric_values[0].metric_value_float)
-    })
+    keda_value(rt, addr, web_query("shop", &[("lastKnownFor", "3600")]))
 }
 
 /// node-b's agent answered (web-2: 6), then its census fails. The aggregator that saw it counts
@@ -924,30 +802,30 @@ fn keda_last_known(
 /// but UNAVAILABLE until node-b answers. Held: last censuses live in memory only.
 #[test]
 fn adversary18d_last_known_for_does_not_survive_an_aggregator_restart_as_a_smaller_sum() {
-    use crate::adversary_issue18c::{start_aggregator, start_fake_agent, until};
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (a, _) = start_fake_agent(&rt, "node-a", vec![census_pod("shop", "web-1", "uid-1", 4)]);
+    let (a, _) =
+        start_changeable_fake_agent(&rt, "node-a", vec![census_pod("shop", "web-1", "uid-1", 4)]);
     let (b, b_snapshot) =
-        start_fake_agent(&rt, "node-b", vec![census_pod("shop", "web-2", "uid-2", 6)]);
+        start_changeable_fake_agent(&rt, "node-b", vec![census_pod("shop", "web-2", "uid-2", 6)]);
     let agents = format!("{a},{b}");
-    let first = start_aggregator(dir.path(), &["--agents", &agents], None);
+    let first = start_open_aggregator(dir.path(), &["--agents", &agents], None);
     until(&first, "KEDA gets 10", || {
         keda_last_known(&rt, first.grpc).ok().filter(|v| *v == 10.0)
     });
     b_snapshot.lock().unwrap().unavailable = vec!["connections".into()];
     // The first aggregator now counts node-b through its last census (the policy at work).
     until(&first, "node-b missing, counted by its last census", || {
-        crate::adversary_issue18c::get_fleet(&rt, first.grpc)
+        get_fleet_plaintext(&rt, first.grpc)
             .ok()
             .filter(|f| f.stale == 1)
             .and_then(|_| keda_last_known(&rt, first.grpc).ok())
             .filter(|v| *v == 10.0)
     });
     drop(first);
-    let second = start_aggregator(dir.path(), &["--agents", &agents], None);
+    let second = start_open_aggregator(dir.path(), &["--agents", &agents], None);
     let fleet = until(&second, "a fan-out with node-b's census failing", || {
-        crate::adversary_issue18c::get_fleet(&rt, second.grpc)
+        get_fleet_plaintext(&rt, second.grpc)
             .ok()
             .filter(|f| f.answered == 1 && f.missing + f.stale == 1)
     });
@@ -968,29 +846,7 @@ fn keda_remote(
     addr: std::net::SocketAddr,
     remote: &str,
 ) -> Result<f64, Status> {
-    rt.block_on(async {
-        let mut c = keda_pb::external_scaler_client::ExternalScalerClient::connect(format!(
-            "http://{addr}"
-        ))
-        .await
-        .map_err(|e| Status::unavailable(e.to_string()))?;
-        let req = keda_pb::GetMetricsRequest {
-            scaled_object_ref: Some(scaled_object(
-                "shop",
-                &[
-                    ("metric", "established"),
-                    ("target", "5"),
-                    ("podSelector", "app=web"),
-                    ("remote", remote),
-                ],
-            )),
-            metric_name: String::new(),
-        };
-        tokio::time::timeout(WAIT, c.get_metrics(req))
-            .await
-            .map_err(|_| Status::deadline_exceeded("GetMetrics"))?
-            .map(|r| r.into_inner().metric_values[0].metric_value_float)
-    })
+    keda_value(rt, addr, web_query("shop", &[("remote", remote)]))
 }
 
 /// A burst of ScaledObjects naming 256 distinct remotes within a minute fills the aggregator's
@@ -999,7 +855,6 @@ fn keda_remote(
 /// read as a folded 0; the database pool pinned first keeps its exact value (7).
 #[test]
 fn adversary18d_a_burst_of_distinct_remotes_is_refused_not_read_as_zero() {
-    use crate::adversary_issue18c::{start_aggregator, start_fake_agent, until};
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let db = "10.0.0.5:5432";
@@ -1011,8 +866,8 @@ fn adversary18d_a_burst_of_distinct_remotes_is_refused_not_read_as_zero() {
         }],
         ..census_pod("shop", "web-1", "uid-1", 7)
     };
-    let (a, _) = start_fake_agent(&rt, "node-a", vec![web]);
-    let agg = start_aggregator(dir.path(), &["--agents", &a.to_string()], None);
+    let (a, _) = start_changeable_fake_agent(&rt, "node-a", vec![web]);
+    let agg = start_open_aggregator(dir.path(), &["--agents", &a.to_string()], None);
     until(&agg, "KEDA gets the db pool's 7", || {
         keda_remote(&rt, agg.grpc, db).ok().filter(|v| *v == 7.0)
     });
@@ -1050,7 +905,6 @@ fn adversary18d_a_burst_of_distinct_remotes_is_refused_not_read_as_zero() {
 /// agent names web-2 too.
 #[test]
 fn adversary18d_an_agent_replaced_on_its_node_never_yields_a_smaller_sum() {
-    use crate::adversary_issue18c::{start_aggregator, start_fake_agent, until};
     use nodekeeper_tests::fake_api::EndpointSeed;
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -1073,9 +927,9 @@ fn adversary18d_an_agent_replaced_on_its_node_never_yields_a_smaller_sum() {
         census_pod("shop", "web-1", &u1, 4),
         census_pod("shop", "web-2", &u2, 6),
     ];
-    let (old, _) = start_fake_agent(&rt, "node-a", both.clone());
+    let (old, _) = start_changeable_fake_agent(&rt, "node-a", both.clone());
     let (new, new_snapshot) =
-        start_fake_agent(&rt, "node-a", vec![census_pod("shop", "web-1", &u1, 4)]);
+        start_changeable_fake_agent(&rt, "node-a", vec![census_pod("shop", "web-1", &u1, 4)]);
     for (addr, pod) in [(old, "nodekeeper-old"), (new, "nodekeeper-new")] {
         api.add_endpoint_slice(
             "nodekeeper-system",
@@ -1084,7 +938,7 @@ fn adversary18d_an_agent_replaced_on_its_node_never_yields_a_smaller_sum() {
             &[EndpointSeed::new("127.0.0.1").node("node-a").pod(pod)],
         );
     }
-    let agg = start_aggregator(
+    let agg = start_open_aggregator(
         dir.path(),
         &["--service", "nodekeeper-system/nodekeeper"],
         Some(&kubeconfig),
@@ -1093,7 +947,7 @@ fn adversary18d_an_agent_replaced_on_its_node_never_yields_a_smaller_sum() {
         &agg,
         "both agents of node-a answer, one superseding the other",
         || {
-            crate::adversary_issue18c::get_fleet(&rt, agg.grpc)
+            get_fleet_plaintext(&rt, agg.grpc)
                 .ok()
                 .filter(|f| f.agents.len() == 2 && f.duplicates == 1 && f.answered == 1)
         },

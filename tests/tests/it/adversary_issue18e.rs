@@ -21,32 +21,19 @@
 //! matched children to listeners by port; fixed, decision #18-q: such children are nobody's and
 //! the query is UNAVAILABLE).
 
-use crate::support::census_pods::scaled_object;
+use crate::support::aggregate::{self, ApiPod, census_pod, code, scaler_value, web_query};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::watcher::Event;
-use nodekeeper::keda::coverage::{AgentCensus, AgentState, FleetCensus, PodPlacement};
-use nodekeeper::keda::query::Query;
-use nodekeeper::keda::service::{Census, PodSource, ScalerService};
-use nodekeeper::keda_pb::{self, external_scaler_server::ExternalScaler as _};
+use nodekeeper::keda::coverage::{FleetCensus, PodPlacement};
 use nodekeeper::kube::{DeletedPods, MIRROR_ANNOTATION};
 use nodekeeper::pb;
 use serde_json::json;
 use tonic::Status;
-
-/// A fixed fleet census, as the aggregator's fan-out hands it to the scaler.
-struct FixedFleet(Arc<FleetCensus>);
-
-impl PodSource for FixedFleet {
-    fn census<'a>(&'a self, _q: &'a Query) -> BoxFuture<'a, Result<Census, Status>> {
-        Box::pin(async move { Ok(Census::from_fleet(self.0.clone())) })
-    }
-}
 
 /// A Running `app=web` pod as the pod watch stores it, with `annotations`.
 fn api_pod_with(
@@ -56,31 +43,13 @@ fn api_pod_with(
     node: &str,
     annotations: serde_json::Value,
 ) -> Pod {
-    serde_json::from_value(json!({
-        "metadata": {"name": name, "namespace": ns, "uid": uid, "labels": {"app": "web"},
-                     "annotations": annotations},
-        "spec": {"nodeName": node, "containers": []},
-        "status": {"phase": "Running"},
-    }))
-    .expect("a Pod")
+    ApiPod::new(ns, name, uid, node)
+        .annotations(annotations)
+        .pod()
 }
 
 fn api_pod(ns: &str, name: &str, uid: &str, node: &str) -> Pod {
     api_pod_with(ns, name, uid, node, json!({}))
-}
-
-/// One `app=web` pod of an agent's census as the agent names it from its own pod view.
-fn census_pod(ns: &str, name: &str, uid: &str, established: u64) -> pb::PodConnections {
-    pb::PodConnections {
-        uid: uid.into(),
-        namespace: ns.into(),
-        name: name.into(),
-        labels: HashMap::from([("app".to_string(), "web".to_string())]),
-        established,
-        tcp_states: HashMap::from([("established".to_string(), established)]),
-        source: "sock_diag".into(),
-        ..Default::default()
-    }
 }
 
 /// A census entry for a pod the agent's own pod view saw deleted (decision #18-l): no
@@ -101,55 +70,12 @@ fn fleet(
     placement: PodPlacement,
     agents: Vec<(&str, Vec<pb::PodConnections>)>,
 ) -> Arc<FleetCensus> {
-    let now = Instant::now();
-    let agents = agents
-        .into_iter()
-        .enumerate()
-        .map(|(i, (node, pods))| {
-            let (kept, _refused) = placement.verify(node, &pods);
-            AgentCensus {
-                name: format!("10.0.0.{}:9741 ({node})", i + 1),
-                node: node.into(),
-                state: AgentState::Answered {
-                    pods: Arc::new(kept),
-                    at: now,
-                },
-            }
-        })
-        .collect();
-    Arc::new(FleetCensus {
-        agents,
-        placement: Some(Arc::new(placement)),
-    })
+    Arc::new(aggregate::fleet(placement, agents))
 }
 
 /// `established` summed over the `app=web` pods of `ns`, as KEDA asks the aggregator.
 fn web_value(fleet: &Arc<FleetCensus>, ns: &str) -> Result<f64, Status> {
-    let scaler = ScalerService::new(
-        Arc::new(FixedFleet(fleet.clone())),
-        Duration::from_secs(5),
-        tokio_util::sync::CancellationToken::new(),
-    );
-    let meta = [
-        ("metric", "established"),
-        ("target", "5"),
-        ("podSelector", "app=web"),
-    ];
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(
-        scaler.get_metrics(tonic::Request::new(keda_pb::GetMetricsRequest {
-            scaled_object_ref: Some(scaled_object(ns, &meta)),
-            metric_name: String::new(),
-        })),
-    )
-    .map(|r| r.into_inner().metric_values[0].metric_value_float)
-}
-
-fn code(got: &Result<f64, Status>) -> Option<tonic::Code> {
-    got.as_ref().err().map(Status::code)
+    scaler_value(fleet.clone(), web_query(ns, &[]))
 }
 
 /// A value KEDA may get for a query whose true value is `exact`: that value or UNAVAILABLE.

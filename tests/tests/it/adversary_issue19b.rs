@@ -25,100 +25,35 @@
 //! its own API (and a rogue endpoint was handed it); a stream opened with a rotated-away token
 //! kept answering.
 
+use crate::support::aggregate::{
+    AGGREGATOR_NAME, KEDA, SERVING, TOKEN, Via, WAIT, bearer, channel, channel_from, get_fleet,
+    health_check, keda_call, os, pool_query, served_subject, server_files, start_aggregator,
+    start_fake_agent, start_recording_fake_agent, start_shared_fake_agent, with_auth,
+};
 use crate::support::census_pods;
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::pin::Pin;
 use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use census_pods::{POOL_REMOTE, scaled_object};
+use census_pods::POOL_REMOTE;
 use nodekeeper::keda_pb::{self, external_scaler_client::ExternalScalerClient};
 use nodekeeper::pb::{
     self, aggregator_client::AggregatorClient, node_agent_client::NodeAgentClient,
-    node_agent_server,
 };
 use nodekeeper_tests::fake_api::{EndpointSeed, FakeApi, PodSeed};
 use nodekeeper_tests::pki::{Pki, SecretVolume};
 use nodekeeper_tests::{
-    Proc, agent_bin, free_port, http_get, loopback, raise_open_files_limit, require_tool, sample,
+    agent_bin, free_port, http_get, loopback, raise_open_files_limit, require_tool, sample,
 };
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
-/// The name KEDA verifies in the aggregator's certificate.
-const AGGREGATOR_NAME: &str = "nodekeeper-aggregator.nodekeeper-system.svc";
-/// KEDA's client certificate name, the one entry of --listen-client-names.
-const KEDA: &str = "keda-operator";
-const TOKEN: &str = "fleet-reader-0123456789abcdef";
-/// Every wait gives up after this (a loaded 2-core machine); past the aggregator's 10 s
-/// first-bytes and TLS handshake timeouts.
-const WAIT: Duration = Duration::from_secs(30);
-
 // === the aggregator under attack ===
-
-struct Aggregator {
-    proc: Proc,
-    grpc: SocketAddr,
-    metrics: SocketAddr,
-}
-
-fn os(args: &[&dyn AsRef<OsStr>]) -> Vec<OsString> {
-    args.iter().map(|a| a.as_ref().to_os_string()).collect()
-}
-
-/// Starts `nodekeeper aggregate ARGS` on free loopback ports and waits for /readyz.
-fn start_aggregator(dir: &Path, args: &[OsString], envs: &[(&str, &str)]) -> Aggregator {
-    let (grpc, metrics) = (loopback(free_port()), loopback(free_port()));
-    let mut cmd = Command::new(agent_bin());
-    cmd.arg("aggregate")
-        .arg("--listen")
-        .arg(grpc.to_string())
-        .arg("--metrics-listen")
-        .arg(metrics.to_string())
-        .args(["--refresh", "100ms", "--deadline", "2s"])
-        .args(args)
-        .env_remove("KUBECONFIG")
-        .env("NODEKEEPER_LOG", "info,nodekeeper=debug");
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    let mut proc = Proc::spawn("aggregate", cmd, dir);
-    nodekeeper_tests::wait_ready(&mut proc, metrics, "/readyz", "the aggregator");
-    Aggregator {
-        proc,
-        grpc,
-        metrics,
-    }
-}
-
-impl Aggregator {
-    fn metric(&self, name: &str) -> Option<f64> {
-        let (_, body) = http_get(self.metrics, "/metrics").expect("GET /metrics");
-        sample(&body, name, &[])
-    }
-
-    /// Open file descriptors of the aggregator process.
-    fn fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.proc.pid()))
-            .map(|d| d.count())
-            .unwrap_or(0)
-    }
-
-    /// Resident memory of the aggregator process, KiB.
-    fn rss_kib(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.proc.pid()))
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    }
-}
 
 /// `nodekeeper aggregate ARGS --check-config` (or any run that must exit by itself).
 fn run_to_exit(args: &[OsString], envs: &[(&str, &str)]) -> Output {
@@ -156,18 +91,6 @@ fn text(o: &Output) -> String {
 
 // === clients ===
 
-/// How a test client reaches the aggregator.
-#[derive(Clone, Copy)]
-enum Via<'a> {
-    Plaintext,
-    /// TLS verifying the aggregator against `ca`, presenting the client certificate `identity`
-    /// (`NAME.crt`, `NAME.key` in the Pki).
-    Tls {
-        ca: &'a str,
-        identity: Option<&'a str>,
-    },
-}
-
 const NO_CERT: Via<'static> = Via::Tls {
     ca: "ca",
     identity: None,
@@ -180,87 +103,9 @@ fn as_keda(name: &str) -> Via<'_> {
     }
 }
 
-async fn channel_from(
-    addr: SocketAddr,
-    pki: &Pki,
-    via: Via<'_>,
-    local: Option<IpAddr>,
-) -> Result<Channel, Status> {
-    let ep = match via {
-        Via::Plaintext => Endpoint::from_shared(format!("http://{addr}")).unwrap(),
-        Via::Tls { ca, identity } => {
-            let mut tls = ClientTlsConfig::new()
-                .ca_certificate(pki.certificate(ca))
-                .domain_name(AGGREGATOR_NAME);
-            if let Some(name) = identity {
-                tls = tls.identity(pki.identity(name));
-            }
-            Endpoint::from_shared(format!("https://{addr}"))
-                .unwrap()
-                .tls_config(tls)
-                .unwrap()
-        }
-    };
-    tokio::time::timeout(
-        WAIT,
-        ep.connect_timeout(Duration::from_secs(5))
-            .local_address(local)
-            .connect(),
-    )
-    .await
-    .map_err(|_| Status::deadline_exceeded("connect"))?
-    .map_err(|e| Status::unavailable(format!("connect: {e:?}")))
-}
-
-async fn channel(addr: SocketAddr, pki: &Pki, via: Via<'_>) -> Result<Channel, Status> {
-    channel_from(addr, pki, via, None).await
-}
-
-/// A request carrying each of `authorization` as an `authorization` header, in order.
-fn with_auth<T>(msg: T, authorization: &[&str]) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(msg);
-    for a in authorization {
-        req.metadata_mut()
-            .append("authorization", a.parse().expect("a valid header value"));
-    }
-    req
-}
-
-fn bearer(token: &str) -> String {
-    format!("Bearer {token}")
-}
-
-/// GetFleet through `via` with the `authorization` headers given.
-fn get_fleet(
-    rt: &tokio::runtime::Runtime,
-    addr: SocketAddr,
-    pki: &Pki,
-    via: Via<'_>,
-    authorization: &[&str],
-) -> Result<pb::FleetStatus, Status> {
-    rt.block_on(async {
-        let mut c = AggregatorClient::new(channel(addr, pki, via).await?);
-        tokio::time::timeout(
-            WAIT,
-            c.get_fleet(with_auth(pb::GetFleetRequest {}, authorization)),
-        )
-        .await
-        .map_err(|_| Status::deadline_exceeded("GetFleet: no answer (the aggregator hung)"))?
-        .map(tonic::Response::into_inner)
-    })
-}
-
 /// The web pool query KEDA would send.
 fn pool_ref() -> keda_pb::ScaledObjectRef {
-    scaled_object(
-        "shop",
-        &[
-            ("metric", "established"),
-            ("target", "5"),
-            ("podSelector", "app=web"),
-            ("remote", POOL_REMOTE),
-        ],
-    )
+    pool_query(&[])
 }
 
 /// KEDA's GetMetrics of the web pool: its value.
@@ -270,17 +115,7 @@ fn keda_pool_value(
     pki: &Pki,
     via: Via<'_>,
 ) -> Result<f64, Status> {
-    rt.block_on(async {
-        let mut c = ExternalScalerClient::new(channel(addr, pki, via).await?);
-        let req = keda_pb::GetMetricsRequest {
-            scaled_object_ref: Some(pool_ref()),
-            metric_name: String::new(),
-        };
-        tokio::time::timeout(WAIT, c.get_metrics(req))
-            .await
-            .map_err(|_| Status::deadline_exceeded("GetMetrics"))?
-            .map(|r| r.into_inner().metric_values[0].metric_value_float)
-    })
+    keda_call(rt, addr, pki, via, pool_ref()).map(|r| r.metric_values[0].metric_value_float)
 }
 
 /// A refusal in the TLS handshake (the certificate never authenticated anything), as tonic
@@ -402,15 +237,6 @@ fn signed_dated(pki: &Pki, name: &str, issuer: &str, subj: &str, ext: &str, from
 const CLIENT_EXT: &str =
     "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n";
 
-/// The shipped shape: TLS from a Secret volume, KEDA's CA and name, and the read token.
-fn server_files(pki: &Pki, name: &str) -> Vec<(&'static str, Vec<u8>)> {
-    vec![
-        ("ca.crt", pki.pem("ca.crt")),
-        ("tls.crt", pki.pem(&format!("{name}.crt"))),
-        ("tls.key", pki.pem(&format!("{name}.key"))),
-    ]
-}
-
 fn base_pki() -> Pki {
     let pki = Pki::new();
     let san = format!("DNS:{AGGREGATOR_NAME}");
@@ -443,111 +269,7 @@ fn mtls_args(volume: &SecretVolume, token: Option<&Path>, agents: &str) -> Vec<O
     a
 }
 
-fn health_check(
-    rt: &tokio::runtime::Runtime,
-    addr: SocketAddr,
-    pki: &Pki,
-    via: Via<'_>,
-    service: &str,
-) -> Result<i32, Status> {
-    rt.block_on(async {
-        let mut c =
-            tonic_health::pb::health_client::HealthClient::new(channel(addr, pki, via).await?);
-        tokio::time::timeout(
-            WAIT,
-            c.check(tonic_health::pb::HealthCheckRequest {
-                service: service.into(),
-            }),
-        )
-        .await
-        .map_err(|_| Status::deadline_exceeded("health"))?
-        .map(|r| r.into_inner().status)
-    })
-}
-
-const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
-
-// === a fake node agent (honest or rogue) ===
-
-/// A node agent that answers GetMetrics with the census in `snapshot` (changed by the test at
-/// will); every other RPC is UNIMPLEMENTED.
-#[derive(Clone)]
-struct FakeAgent {
-    snapshot: Arc<std::sync::Mutex<pb::MetricsSnapshot>>,
-    /// Every `authorization` header a caller sent it.
-    seen: Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-type BoxStream<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl node_agent_server::NodeAgent for FakeAgent {
-    async fn get_node(
-        &self,
-        _: tonic::Request<pb::GetNodeRequest>,
-    ) -> Result<tonic::Response<pb::NodeStatus>, Status> {
-        Err(Status::unimplemented("fake agent"))
-    }
-
-    async fn get_metrics(
-        &self,
-        req: tonic::Request<pb::GetMetricsRequest>,
-    ) -> Result<tonic::Response<pb::MetricsSnapshot>, Status> {
-        if let Some(a) = req.metadata().get("authorization") {
-            let a = a.to_str().unwrap_or_default().to_string();
-            self.seen.lock().expect("not poisoned").push(a);
-        }
-        let mut s = self.snapshot.lock().expect("not poisoned").clone();
-        s.collected_at = Some(SystemTime::now().into());
-        Ok(tonic::Response::new(s))
-    }
-
-    type WatchMetricsStream = BoxStream<pb::MetricsSnapshot>;
-
-    async fn watch_metrics(
-        &self,
-        _: tonic::Request<pb::WatchMetricsRequest>,
-    ) -> Result<tonic::Response<Self::WatchMetricsStream>, Status> {
-        Err(Status::unimplemented("fake agent"))
-    }
-
-    async fn cordon(
-        &self,
-        _: tonic::Request<pb::CordonRequest>,
-    ) -> Result<tonic::Response<pb::NodeStatus>, Status> {
-        Err(Status::unimplemented("fake agent"))
-    }
-
-    async fn uncordon(
-        &self,
-        _: tonic::Request<pb::UncordonRequest>,
-    ) -> Result<tonic::Response<pb::NodeStatus>, Status> {
-        Err(Status::unimplemented("fake agent"))
-    }
-
-    type DrainStream = BoxStream<pb::DrainEvent>;
-
-    async fn drain(
-        &self,
-        _: tonic::Request<pb::DrainRequest>,
-    ) -> Result<tonic::Response<Self::DrainStream>, Status> {
-        Err(Status::unimplemented("fake agent"))
-    }
-
-    async fn get_drain(
-        &self,
-        _: tonic::Request<pb::GetDrainRequest>,
-    ) -> Result<tonic::Response<pb::DrainStatus>, Status> {
-        Err(Status::unimplemented("fake agent"))
-    }
-
-    async fn cancel_drain(
-        &self,
-        _: tonic::Request<pb::CancelDrainRequest>,
-    ) -> Result<tonic::Response<pb::DrainStatus>, Status> {
-        Err(Status::unimplemented("fake agent"))
-    }
-}
+// === census pods for the fake agents (`crate::support::aggregate::FakeAgent`) ===
 
 /// One pod of a census: `established` connections to the pool's remote.
 fn census_pod(
@@ -576,51 +298,6 @@ fn census_pod(
         source: "sock_diag".into(),
         ..Default::default()
     }
-}
-
-/// Serves `FakeAgent` claiming `node_name` with `pods` on a free loopback port of `rt`.
-fn start_fake_agent(
-    rt: &tokio::runtime::Runtime,
-    node_name: &str,
-    pods: Vec<pb::PodConnections>,
-) -> SocketAddr {
-    let snapshot = pb::MetricsSnapshot {
-        node_name: node_name.into(),
-        connections: pods,
-        ..Default::default()
-    };
-    start_shared_fake_agent(rt, Arc::new(std::sync::Mutex::new(snapshot)))
-}
-
-/// Serves `FakeAgent` answering with whatever `snapshot` holds at each call.
-fn start_shared_fake_agent(
-    rt: &tokio::runtime::Runtime,
-    snapshot: Arc<std::sync::Mutex<pb::MetricsSnapshot>>,
-) -> SocketAddr {
-    start_recording_fake_agent(rt, snapshot, Arc::default())
-}
-
-/// [`start_shared_fake_agent`], recording the `authorization` headers it is sent in `seen`.
-fn start_recording_fake_agent(
-    rt: &tokio::runtime::Runtime,
-    snapshot: Arc<std::sync::Mutex<pb::MetricsSnapshot>>,
-    seen: Arc<std::sync::Mutex<Vec<String>>>,
-) -> SocketAddr {
-    let agent = FakeAgent { snapshot, seen };
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind the fake agent");
-    let addr = listener.local_addr().unwrap();
-    let incoming = futures::stream::unfold(listener, |l| async move {
-        let next = l.accept().await.map(|(s, _)| s);
-        Some((next, l))
-    });
-    rt.spawn(
-        tonic::transport::Server::builder()
-            .add_service(node_agent_server::NodeAgentServer::new(agent))
-            .serve_with_incoming(incoming),
-    );
-    addr
 }
 
 // === attacks: what an anonymous caller reaches ===
@@ -1695,22 +1372,6 @@ fn adversary_anonymous_connections_cannot_lock_keda_out() {
 }
 
 // === attacks: rotation races ===
-
-/// The PEM subject `openssl s_client` is served on a new connection.
-fn served_subject(addr: SocketAddr) -> String {
-    let out = Command::new("timeout")
-        .args(["10", "openssl", "s_client", "-connect"])
-        .arg(addr.to_string())
-        .args(["-servername", AGGREGATOR_NAME, "-alpn", "h2"])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("run openssl s_client");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find(|l| l.starts_with("subject="))
-        .unwrap_or_default()
-        .to_string()
-}
 
 /// Attack: the serving certificate's Secret swapped back and forth as fast as the filesystem
 /// allows while KEDA and a token caller open new connections (each handshake racing a swap, the

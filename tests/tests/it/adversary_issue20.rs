@@ -1,156 +1,19 @@
 //! Adversary tests for issue #20 (the OS-patching rotation): each one is an attack that broke a
 //! promise of docs/operations.md's rotation and fleet-lock sections, kept `#[ignore]` until the
-//! code is fixed. Same harness as tests/tests/it/rotation.rs: the fake API server, agents started
-//! per node, a boot-ID file per node that the test changes to "reboot" it, a 2 s slot lease (far
-//! shorter than a reboot).
+//! code is fixed. The harness is rotation.rs's, shared as `crate::support::rotation`: the fake API
+//! server, agents started per node, a boot-ID file per node that the test changes to "reboot"
+//! it, a 2 s slot lease (far shorter than a reboot).
 
-use std::future::Future;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nodekeeper::pb::{self, node_agent_client::NodeAgentClient};
 use nodekeeper_tests::drain_scenario::{drain_all, request};
-use nodekeeper_tests::fake_api::{FakeApi, Fault, FaultKind, PdbLimit, PodSeed, Res};
-use nodekeeper_tests::{Agent, wait_for};
+use nodekeeper_tests::fake_api::{Fault, FaultKind, PdbLimit, PodSeed, Res};
+use nodekeeper_tests::wait_for;
 use serde_json::Value;
-use tonic::transport::Channel;
 
-const LOCK_NS: &str = "nodekeeper-system";
-const SLOT: &str = "nodekeeper-drain-slot-0";
-const PODS: usize = 3;
-
-async fn within<T>(secs: u64, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(secs), f)
-        .await
-        .expect("test step timed out")
-}
-
-fn rotation_config(boot_id: &Path) -> String {
-    format!(
-        "metrics:\n  enabled: false\ndrain:\n  retryInitial: 100ms\n  retryMax: 500ms\n  deletionPoll: 200ms\n  fleetLock:\n    enabled: true\n    slots: 1\n    leaseDuration: 2s\n  maintenance:\n    bootIdPath: {}\n    returnTimeout: 10m\n",
-        boot_id.display()
-    )
-}
-
-struct Fleet {
-    api: FakeApi,
-    dir: tempfile::TempDir,
-    kubeconfig: PathBuf,
-}
-
-impl Fleet {
-    /// `nodes`, each with PODS ReplicaSet pods behind a minAvailable PODS-1 budget; every node
-    /// boots "boot-1".
-    fn new(nodes: &[&str]) -> Fleet {
-        let api = FakeApi::builder()
-            .replace_delay(Duration::from_millis(100))
-            .ready_delay(Duration::from_millis(500))
-            .other_node("node-other")
-            .start();
-        api.add_node("node-other", &[]);
-        let dir = tempfile::tempdir().expect("tempdir");
-        for node in nodes {
-            api.add_node(node, &[]);
-            let app = format!("app-{node}");
-            api.add_replicaset(
-                "apps",
-                &app,
-                &[("app", &app)],
-                PODS as i64,
-                &[("app", &app)],
-            );
-            for i in 0..PODS {
-                api.add_pod(
-                    PodSeed::new(&format!("{app}-{i}"))
-                        .namespace("apps")
-                        .node(node)
-                        .label("app", &app)
-                        .replicaset(&app),
-                );
-            }
-            api.add_pdb(
-                "apps",
-                &format!("{app}-pdb"),
-                &[("app", &app)],
-                PdbLimit::MinAvailable(PODS as i64 - 1),
-                None,
-            );
-            std::fs::write(dir.path().join(format!("{node}.boot_id")), "boot-1\n")
-                .expect("write boot id");
-        }
-        let kubeconfig = dir.path().join("kubeconfig");
-        api.write_kubeconfig(&kubeconfig);
-        Fleet {
-            api,
-            dir,
-            kubeconfig,
-        }
-    }
-
-    fn boot_id_path(&self, node: &str) -> PathBuf {
-        self.dir.path().join(format!("{node}.boot_id"))
-    }
-
-    fn agent(&self, node: &str) -> Agent {
-        Agent::builder()
-            .config(&rotation_config(&self.boot_id_path(node)))
-            .with_token()
-            .connected(&self.kubeconfig, node)
-            .start()
-    }
-
-    /// The "reboot": the agent dies with the node; the node comes back with a new boot ID and a
-    /// new agent.
-    fn reboot(&self, agent: Agent, node: &str) -> Agent {
-        kill(agent);
-        std::fs::write(self.boot_id_path(node), "boot-2\n").expect("write boot id");
-        self.agent(node)
-    }
-
-    fn maintenance(&self, node: &str) -> Value {
-        self.api.node(node).expect("node")["metadata"]["annotations"]["nodekeeper.io/maintenance"]
-            .as_str()
-            .and_then(|s| serde_json::from_str(s).ok())
-            .unwrap_or(Value::Null)
-    }
-
-    fn cordoned(&self, node: &str) -> bool {
-        self.api.node(node).expect("node")["spec"]["unschedulable"] == true
-    }
-
-    fn holder(&self) -> Option<String> {
-        self.api
-            .get(Res::Leases, LOCK_NS, SLOT)
-            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
-            .filter(|h| !h.is_empty())
-    }
-}
-
-fn kill(agent: Agent) {
-    let mut agent = agent;
-    agent.proc.signal("KILL");
-    agent.proc.wait_exit(Duration::from_secs(5));
-}
-
-async fn client(agent: &Agent) -> NodeAgentClient<Channel> {
-    NodeAgentClient::connect(agent.grpc_url())
-        .await
-        .expect("connect")
-}
-
-fn rotation_request(id: &str, node: &str) -> pb::DrainRequest {
-    let mut r = request(id);
-    r.node_name = node.into();
-    r.await_reboot = true;
-    r
-}
-
-fn completed(events: &[pb::DrainEvent]) -> bool {
-    matches!(
-        events.last().and_then(|e| e.event.as_ref()),
-        Some(pb::drain_event::Event::Completed(_))
-    )
-}
+use crate::support::rotation::{
+    AgentOpts, Fleet, LOCK_NS, SLOT, client, completed, kill, rotation_request, within,
+};
 
 /// P2: an operator cordoned node-a by hand (no `nodekeeper.io/cordoned-at`) before the
 /// rotation reached it. The rotation's drain "cordons" it again (writing cordoned-at, so the node
@@ -417,11 +280,9 @@ async fn adversary_a_503_on_the_reclaim_after_the_reboot_keeps_the_slot_held_for
 async fn adversary_two_agent_processes_both_run_the_return_and_uncordon_twice() {
     let fleet = Fleet::new(&["node-a"]);
     let pod_agent = |pod: &str| {
-        Agent::builder()
-            .config(&rotation_config(&fleet.boot_id_path("node-a")))
-            .with_token()
+        fleet
+            .agent_builder("node-a", AgentOpts::default())
             .env("POD_NAME", pod)
-            .connected(&fleet.kubeconfig, "node-a")
             .start()
     };
     let a = pod_agent("nodekeeper-old");

@@ -2,194 +2,20 @@
 //! were fixed): attacks around the fixes (cordoned-at as the proof of nodekeeper's cordon, the
 //! return that stops at a running drain, the slot mark kept across the return). Broke:
 //! `#[ignore = "adversary finding: ..."]`; held: a plain passing test. Same harness as
-//! adversary_issue20.rs (copied): the fake API server, one agent per node, a boot-ID file per
+//! adversary_issue20.rs (`crate::support::rotation`): the fake API server, one agent per node, a boot-ID file per
 //! node that the test changes to "reboot" it, a 2 s slot lease.
 
-use std::future::Future;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nodekeeper::pb::{self, node_agent_client::NodeAgentClient};
 use nodekeeper_tests::drain_scenario::{drain_all, request};
-use nodekeeper_tests::fake_api::{FakeApi, Fault, FaultKind, PdbLimit, PodSeed, Res};
+use nodekeeper_tests::fake_api::{Fault, FaultKind, Res};
 use nodekeeper_tests::{Agent, wait_for};
 use serde_json::Value;
-use tonic::transport::Channel;
 
-const LOCK_NS: &str = "nodekeeper-system";
-const SLOT: &str = "nodekeeper-drain-slot-0";
-const PODS: usize = 3;
-
-async fn within<T>(secs: u64, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(secs), f)
-        .await
-        .expect("test step timed out")
-}
-
-fn rotation_config(boot_id: &Path) -> String {
-    rotation_config_slots(boot_id, 1)
-}
-
-fn rotation_config_slots(boot_id: &Path, slots: u32) -> String {
-    format!(
-        "metrics:\n  enabled: false\ndrain:\n  retryInitial: 100ms\n  retryMax: 500ms\n  deletionPoll: 200ms\n  fleetLock:\n    enabled: true\n    slots: {slots}\n    leaseDuration: 2s\n  maintenance:\n    bootIdPath: {}\n    returnTimeout: 10m\n",
-        boot_id.display()
-    )
-}
-
-struct Fleet {
-    api: FakeApi,
-    dir: tempfile::TempDir,
-    kubeconfig: PathBuf,
-}
-
-impl Fleet {
-    /// `nodes`, each with PODS ReplicaSet pods behind a minAvailable PODS-1 budget; every node
-    /// boots "boot-1".
-    fn new(nodes: &[&str]) -> Fleet {
-        Fleet::on(nodes, true)
-    }
-
-    /// As `new`, on a server that keeps `managedFields` or not.
-    fn on(nodes: &[&str], managed_fields: bool) -> Fleet {
-        let mut builder = FakeApi::builder()
-            .replace_delay(Duration::from_millis(100))
-            .ready_delay(Duration::from_millis(500))
-            .other_node("node-other");
-        if !managed_fields {
-            builder = builder.without_managed_fields();
-        }
-        let api = builder.start();
-        api.add_node("node-other", &[]);
-        let dir = tempfile::tempdir().expect("tempdir");
-        for node in nodes {
-            api.add_node(node, &[]);
-            let app = format!("app-{node}");
-            api.add_replicaset(
-                "apps",
-                &app,
-                &[("app", &app)],
-                PODS as i64,
-                &[("app", &app)],
-            );
-            for i in 0..PODS {
-                api.add_pod(
-                    PodSeed::new(&format!("{app}-{i}"))
-                        .namespace("apps")
-                        .node(node)
-                        .label("app", &app)
-                        .replicaset(&app),
-                );
-            }
-            api.add_pdb(
-                "apps",
-                &format!("{app}-pdb"),
-                &[("app", &app)],
-                PdbLimit::MinAvailable(PODS as i64 - 1),
-                None,
-            );
-            std::fs::write(dir.path().join(format!("{node}.boot_id")), "boot-1\n")
-                .expect("write boot id");
-        }
-        let kubeconfig = dir.path().join("kubeconfig");
-        api.write_kubeconfig(&kubeconfig);
-        Fleet {
-            api,
-            dir,
-            kubeconfig,
-        }
-    }
-
-    fn boot_id_path(&self, node: &str) -> PathBuf {
-        self.dir.path().join(format!("{node}.boot_id"))
-    }
-
-    fn agent(&self, node: &str) -> Agent {
-        Agent::builder()
-            .config(&rotation_config(&self.boot_id_path(node)))
-            .with_token()
-            .connected(&self.kubeconfig, node)
-            .start()
-    }
-
-    /// The "reboot": the agent dies with the node; the node comes back with a new boot ID and a
-    /// new agent.
-    fn reboot(&self, agent: Agent, node: &str) -> Agent {
-        kill(agent);
-        std::fs::write(self.boot_id_path(node), "boot-2\n").expect("write boot id");
-        self.agent(node)
-    }
-
-    /// The node comes back from a reboot during which its agent was already stopped.
-    fn reboot_stopped(&self, node: &str) -> Agent {
-        std::fs::write(self.boot_id_path(node), "boot-2\n").expect("write boot id");
-        self.agent(node)
-    }
-
-    fn maintenance(&self, node: &str) -> Value {
-        self.api.node(node).expect("node")["metadata"]["annotations"]["nodekeeper.io/maintenance"]
-            .as_str()
-            .and_then(|s| serde_json::from_str(s).ok())
-            .unwrap_or(Value::Null)
-    }
-
-    fn cordoned(&self, node: &str) -> bool {
-        self.api.node(node).expect("node")["spec"]["unschedulable"] == true
-    }
-
-    fn holder(&self) -> Option<String> {
-        self.api
-            .get(Res::Leases, LOCK_NS, SLOT)
-            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
-            .filter(|h| !h.is_empty())
-    }
-}
-
-fn kill(agent: Agent) {
-    let mut agent = agent;
-    agent.proc.signal("KILL");
-    agent.proc.wait_exit(Duration::from_secs(5));
-}
-
-async fn client(agent: &Agent) -> NodeAgentClient<Channel> {
-    NodeAgentClient::connect(agent.grpc_url())
-        .await
-        .expect("connect")
-}
-
-fn rotation_request(id: &str, node: &str) -> pb::DrainRequest {
-    let mut r = request(id);
-    r.node_name = node.into();
-    r.await_reboot = true;
-    r
-}
-
-fn completed(events: &[pb::DrainEvent]) -> bool {
-    matches!(
-        events.last().and_then(|e| e.event.as_ref()),
-        Some(pb::drain_event::Event::Completed(_))
-    )
-}
-
-/// `f` until it gives a value or `timeout` passes (then `None`): for asserting with context.
-fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if std::time::Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn set_ready(fleet: &Fleet, node: &str, ready: &str) {
-    fleet.api.edit(Res::Nodes, "", node, |n| {
-        n["status"]["conditions"] = serde_json::json!([{"type": "Ready", "status": ready}]);
-    });
-}
+use crate::support::rotation::{
+    AgentOpts, Fleet, LOCK_NS, SLOT, client, completed, kill, node_b_stays_uncordoned, poll,
+    rotation_request, within,
+};
 
 /// Attack (#20-f, around the fix): `nodekeeper.io/cordoned-at` is the only proof that a cordon
 /// is nodekeeper's, and `kubectl uncordon` does not remove it. node-a is drained by a rotation
@@ -312,7 +138,7 @@ async fn the_return_keeps_an_operator_cordon_made_while_no_agent_ran_after_compa
 /// cordon still ends uncordoned.
 #[tokio::test(flavor = "multi_thread")]
 async fn without_managed_fields_the_return_still_uncordons_its_own_cordon() {
-    let fleet = Fleet::on(&["node-a"], false);
+    let fleet = Fleet::builder().without_managed_fields().start(&["node-a"]);
     let a = fleet.agent("node-a");
     let events = within(
         60,
@@ -358,7 +184,7 @@ async fn a_drain_finished_during_returning_ends_the_returning_record() {
     .await;
     assert!(completed(&events), "{:?}", events.last());
     kill(a);
-    set_ready(&fleet, "node-a", "False");
+    fleet.set_ready("node-a", "False");
     std::fs::write(fleet.boot_id_path("node-a"), "boot-2\n").expect("boot id");
     let a = tokio::task::block_in_place(|| fleet.agent("node-a"));
     tokio::task::block_in_place(|| {
@@ -370,7 +196,7 @@ async fn a_drain_finished_during_returning_ends_the_returning_record() {
     later.node_name = "node-a".into();
     let events = within(60, drain_all(&mut client(&a).await, later)).await;
     assert!(completed(&events), "{:?}", events.last());
-    set_ready(&fleet, "node-a", "True");
+    fleet.set_ready("node-a", "True");
     // The return re-reads the Node every poll; give it well over that to notice.
     let settled = tokio::task::block_in_place(|| {
         poll(Duration::from_secs(15), || {
@@ -413,7 +239,7 @@ async fn a_kill_during_returning_keeps_the_slot_past_its_lease() {
     .await;
     assert!(completed(&events), "{:?}", events.last());
     kill(a);
-    set_ready(&fleet, "node-a", "False");
+    fleet.set_ready("node-a", "False");
     std::fs::write(fleet.boot_id_path("node-a"), "boot-2\n").expect("boot id");
     let a = tokio::task::block_in_place(|| fleet.agent("node-a"));
     tokio::task::block_in_place(|| {
@@ -440,67 +266,11 @@ async fn a_kill_during_returning_keeps_the_slot_past_its_lease() {
     assert_eq!(fleet.holder().as_deref(), Some("node-a"));
     // node-a's agent comes back, the Node turns Ready: the return finishes and node-b goes.
     let a = tokio::task::block_in_place(|| fleet.agent("node-a"));
-    set_ready(&fleet, "node-a", "True");
+    fleet.set_ready("node-a", "True");
     let events = within(60, drain_b).await.expect("drain task");
     assert!(completed(&events), "{:?}", events.last());
     assert!(!fleet.cordoned("node-a"));
     drop((a, b));
-}
-
-/// A slot Lease held by `holder`, marked as held across its reboot (never expires): another
-/// node of the fleet, out for its own rotation.
-async fn hold_slot_for(fleet: &Fleet, slot: &str, holder: &str) {
-    create_slot(
-        fleet,
-        slot,
-        holder,
-        &[("nodekeeper.io/return-by", "4102444800")],
-    )
-    .await
-}
-
-/// A slot Lease as given (holder `""`: none), renewed now.
-async fn create_slot(fleet: &Fleet, slot: &str, holder: &str, annotations: &[(&str, &str)]) {
-    let kc = kube::config::Kubeconfig::read_from(&fleet.kubeconfig).expect("read kubeconfig");
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-        .await
-        .expect("kube config");
-    let api: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
-        kube::Api::namespaced(kube::Client::try_from(cfg).expect("client"), LOCK_NS);
-    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
-        k8s_openapi::jiff::Timestamp::now(),
-    );
-    let lease = k8s_openapi::api::coordination::v1::Lease {
-        metadata: kube::api::ObjectMeta {
-            name: Some(slot.into()),
-            namespace: Some(LOCK_NS.into()),
-            annotations: Some(
-                annotations
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            ),
-            ..Default::default()
-        },
-        spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
-            holder_identity: Some(holder.to_string()).filter(|h| !h.is_empty()),
-            lease_duration_seconds: Some(2),
-            acquire_time: Some(now.clone()),
-            renew_time: Some(now),
-            ..Default::default()
-        }),
-    };
-    api.create(&Default::default(), &lease)
-        .await
-        .expect("create lease");
-}
-
-fn slot_holder(fleet: &Fleet, slot: &str) -> Option<String> {
-    fleet
-        .api
-        .get(Res::Leases, LOCK_NS, slot)
-        .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
-        .filter(|h| !h.is_empty())
 }
 
 /// Attack ("never leave a slot held forever", config rollout mid-rotation): with `slots: 2`
@@ -512,14 +282,10 @@ fn slot_holder(fleet: &Fleet, slot: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn adversary_lowering_slots_mid_rotation_leaves_the_slot_held_forever() {
     let fleet = Fleet::new(&["node-a"]);
-    hold_slot_for(&fleet, "nodekeeper-drain-slot-0", "node-z").await;
-    let agent = |slots: u32| {
-        Agent::builder()
-            .config(&rotation_config_slots(&fleet.boot_id_path("node-a"), slots))
-            .with_token()
-            .connected(&fleet.kubeconfig, "node-a")
-            .start()
-    };
+    fleet
+        .hold_slot_for("nodekeeper-drain-slot-0", "node-z")
+        .await;
+    let agent = |slots: u32| fleet.agent_with("node-a", AgentOpts::default().slots(slots));
     let a = agent(2);
     let events = within(
         60,
@@ -528,7 +294,7 @@ async fn adversary_lowering_slots_mid_rotation_leaves_the_slot_held_forever() {
     .await;
     assert!(completed(&events), "{:?}", events.last());
     assert_eq!(
-        slot_holder(&fleet, "nodekeeper-drain-slot-1").as_deref(),
+        fleet.slot_holder("nodekeeper-drain-slot-1").as_deref(),
         Some("node-a")
     );
     kill(a);
@@ -542,7 +308,8 @@ async fn adversary_lowering_slots_mid_rotation_leaves_the_slot_held_forever() {
     assert!(!fleet.cordoned("node-a"), "node-a is back in service");
     let freed = tokio::task::block_in_place(|| {
         poll(Duration::from_secs(10), || {
-            slot_holder(&fleet, "nodekeeper-drain-slot-1")
+            fleet
+                .slot_holder("nodekeeper-drain-slot-1")
                 .is_none()
                 .then_some(())
         })
@@ -574,19 +341,6 @@ async fn node_a_rebooting(fleet: &Fleet) {
     });
     kill(a);
     std::fs::write(fleet.boot_id_path("node-a"), "boot-2\n").expect("boot id");
-}
-
-/// node-b must stay uncordoned for `secs` (an observation window of several 2 s leases).
-async fn node_b_stays_uncordoned(fleet: &Fleet, secs: u64, why: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
-    while std::time::Instant::now() < deadline {
-        assert!(
-            !fleet.cordoned("node-b"),
-            "node-b cordoned while node-a is still cordoned ({why}); slot {}",
-            fleet.api.get(Res::Leases, LOCK_NS, SLOT).unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Attack (slot Lease edited by hand, huge values): while node-a is down for its reboot, a person
@@ -646,13 +400,7 @@ async fn a_409_storm_on_the_return_patch_neither_frees_nor_keeps_the_slot() {
 async fn slots_2_with_three_nodes_never_cordons_three() {
     let nodes = ["node-a", "node-b", "node-c"];
     let fleet = Fleet::new(&nodes);
-    let agent = |node: &str| {
-        Agent::builder()
-            .config(&rotation_config_slots(&fleet.boot_id_path(node), 2))
-            .with_token()
-            .connected(&fleet.kubeconfig, node)
-            .start()
-    };
+    let agent = |node: &str| fleet.agent_with(node, AgentOpts::default().slots(2));
     let mut agents: Vec<Option<Agent>> = nodes.iter().map(|n| Some(agent(n))).collect();
     let mut drains = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
@@ -728,7 +476,7 @@ async fn adversary_a_node_recreated_while_returning_keeps_the_slot_for_the_agent
     .await;
     assert!(completed(&events), "{:?}", events.last());
     kill(a);
-    set_ready(&fleet, "node-a", "False");
+    fleet.set_ready("node-a", "False");
     std::fs::write(fleet.boot_id_path("node-a"), "boot-2\n").expect("boot id");
     let a = tokio::task::block_in_place(|| fleet.agent("node-a"));
     tokio::task::block_in_place(|| {
@@ -755,28 +503,6 @@ async fn adversary_a_node_recreated_while_returning_keeps_the_slot_for_the_agent
     drop(a);
 }
 
-/// Pins node `node` with a pod its budget keeps (minAvailable 1 of 1): a drain stays EVICTING.
-fn pin(fleet: &Fleet, node: &str) {
-    let app = format!("pinned-{node}");
-    fleet
-        .api
-        .add_replicaset("apps", &app, &[("app", &app)], 1, &[("app", &app)]);
-    fleet.api.add_pod(
-        PodSeed::new(&format!("{app}-0"))
-            .namespace("apps")
-            .node(node)
-            .label("app", &app)
-            .replicaset(&app),
-    );
-    fleet.api.add_pdb(
-        "apps",
-        &format!("{app}-pdb"),
-        &[("app", &app)],
-        PdbLimit::MinAvailable(1),
-        None,
-    );
-}
-
 /// Attack (slot Lease edited by hand, as the MaintenanceOverdue Event says: "clear the Lease's
 /// holderIdentity to free it"): node-a never came back; the operator clears the holder and
 /// leaves the annotations. node-b takes the slot, and the take keeps node-a's return-by and
@@ -789,34 +515,25 @@ fn pin(fleet: &Fleet, node: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn adversary_a_slot_taken_after_a_hand_cleared_holder_inherits_the_old_mark() {
     let fleet = Fleet::new(&["node-b"]);
-    create_slot(
-        &fleet,
-        SLOT,
-        "",
-        &[
-            ("nodekeeper.io/return-by", "1796000000"),
-            (
-                "nodekeeper.io/holder-uid",
-                "uid-of-node-a-that-never-came-back",
-            ),
-        ],
-    )
-    .await;
-    pin(&fleet, "node-b");
+    fleet
+        .create_slot(
+            SLOT,
+            "",
+            &[
+                ("nodekeeper.io/return-by", "1796000000"),
+                (
+                    "nodekeeper.io/holder-uid",
+                    "uid-of-node-a-that-never-came-back",
+                ),
+            ],
+        )
+        .await;
+    fleet.pin("node-b");
     let b = fleet.agent("node-b");
     let mut cb = client(&b).await;
     let drain_b =
         tokio::spawn(async move { drain_all(&mut cb, rotation_request("rot-b", "node-b")).await });
-    tokio::task::block_in_place(|| {
-        wait_for(Duration::from_secs(30), "node-b evicting", || {
-            fleet
-                .api
-                .requests()
-                .iter()
-                .any(|r| r.path.ends_with("/pinned-node-b-0/eviction") && r.status == 429)
-                .then_some(())
-        })
-    });
+    tokio::task::block_in_place(|| fleet.wait_evicting("node-b"));
     let transitions = |fleet: &Fleet| {
         fleet.api.get(Res::Leases, LOCK_NS, SLOT).unwrap()["spec"]["leaseTransitions"].clone()
     };
@@ -848,22 +565,13 @@ async fn adversary_a_slot_taken_after_a_hand_cleared_holder_inherits_the_old_mar
 #[tokio::test(flavor = "multi_thread")]
 async fn adversary_an_agent_down_mid_rotation_drain_past_the_lease_frees_the_slot() {
     let fleet = Fleet::new(&["node-b", "node-c"]);
-    pin(&fleet, "node-b");
+    fleet.pin("node-b");
     let b = fleet.agent("node-b");
     let c = fleet.agent("node-c");
     let mut cb = client(&b).await;
     let drain_b =
         tokio::spawn(async move { drain_all(&mut cb, rotation_request("rot-b", "node-b")).await });
-    tokio::task::block_in_place(|| {
-        wait_for(Duration::from_secs(30), "node-b evicting", || {
-            fleet
-                .api
-                .requests()
-                .iter()
-                .any(|r| r.path.ends_with("/pinned-node-b-0/eviction") && r.status == 429)
-                .then_some(())
-        })
-    });
+    tokio::task::block_in_place(|| fleet.wait_evicting("node-b"));
     drain_b.abort();
     kill(b);
     let mut cc = client(&c).await;

@@ -2,202 +2,21 @@
 //! adversary_issue20b.rs were fixed): attacks around the newest fixes (the slot marked at claim,
 //! the Node recreated while returning, the guarded `done` write, a restart finding the drain
 //! still running). Broke: `#[ignore = "adversary finding: ..."]`; held: a plain passing test.
-//! Same harness as adversary_issue20b.rs (copied): the fake API server, one agent per node, a
+//! Same harness as adversary_issue20b.rs (`crate::support::rotation`): the fake API server, one agent per node, a
 //! boot-ID file per node that the test changes to "reboot" it, a 2 s slot lease.
 
-use std::future::Future;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nodekeeper::pb::{self, node_agent_client::NodeAgentClient};
-use nodekeeper_tests::drain_scenario::{drain_all, request};
-use nodekeeper_tests::fake_api::{FakeApi, Fault, FaultKind, PdbLimit, PodSeed, Res};
+use nodekeeper::pb;
+use nodekeeper_tests::drain_scenario::drain_all;
+use nodekeeper_tests::fake_api::{Fault, FaultKind, Res};
 use nodekeeper_tests::{Agent, wait_for};
 use serde_json::Value;
-use tonic::transport::Channel;
 
-const LOCK_NS: &str = "nodekeeper-system";
-const SLOT: &str = "nodekeeper-drain-slot-0";
-const PODS: usize = 3;
-
-async fn within<T>(secs: u64, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(secs), f)
-        .await
-        .expect("test step timed out")
-}
-
-fn rotation_config(boot_id: &Path) -> String {
-    rotation_config_slots(boot_id, 1)
-}
-
-fn rotation_config_slots(boot_id: &Path, slots: u32) -> String {
-    format!(
-        "metrics:\n  enabled: false\ndrain:\n  retryInitial: 100ms\n  retryMax: 500ms\n  deletionPoll: 200ms\n  fleetLock:\n    enabled: true\n    slots: {slots}\n    leaseDuration: 2s\n  maintenance:\n    bootIdPath: {}\n    returnTimeout: 10m\n",
-        boot_id.display()
-    )
-}
-
-struct Fleet {
-    api: FakeApi,
-    dir: tempfile::TempDir,
-    kubeconfig: PathBuf,
-}
-
-impl Fleet {
-    /// `nodes`, each with PODS ReplicaSet pods behind a minAvailable PODS-1 budget; every node
-    /// boots "boot-1".
-    fn new(nodes: &[&str]) -> Fleet {
-        let api = FakeApi::builder()
-            .replace_delay(Duration::from_millis(100))
-            .ready_delay(Duration::from_millis(500))
-            .other_node("node-other")
-            .start();
-        api.add_node("node-other", &[]);
-        let dir = tempfile::tempdir().expect("tempdir");
-        for node in nodes {
-            api.add_node(node, &[]);
-            let app = format!("app-{node}");
-            api.add_replicaset(
-                "apps",
-                &app,
-                &[("app", &app)],
-                PODS as i64,
-                &[("app", &app)],
-            );
-            for i in 0..PODS {
-                api.add_pod(
-                    PodSeed::new(&format!("{app}-{i}"))
-                        .namespace("apps")
-                        .node(node)
-                        .label("app", &app)
-                        .replicaset(&app),
-                );
-            }
-            api.add_pdb(
-                "apps",
-                &format!("{app}-pdb"),
-                &[("app", &app)],
-                PdbLimit::MinAvailable(PODS as i64 - 1),
-                None,
-            );
-            std::fs::write(dir.path().join(format!("{node}.boot_id")), "boot-1\n")
-                .expect("write boot id");
-        }
-        let kubeconfig = dir.path().join("kubeconfig");
-        api.write_kubeconfig(&kubeconfig);
-        Fleet {
-            api,
-            dir,
-            kubeconfig,
-        }
-    }
-
-    fn boot_id_path(&self, node: &str) -> PathBuf {
-        self.dir.path().join(format!("{node}.boot_id"))
-    }
-
-    fn agent(&self, node: &str) -> Agent {
-        Agent::builder()
-            .config(&rotation_config(&self.boot_id_path(node)))
-            .with_token()
-            .connected(&self.kubeconfig, node)
-            .start()
-    }
-
-    fn maintenance(&self, node: &str) -> Value {
-        self.api.node(node).expect("node")["metadata"]["annotations"]["nodekeeper.io/maintenance"]
-            .as_str()
-            .and_then(|s| serde_json::from_str(s).ok())
-            .unwrap_or(Value::Null)
-    }
-
-    fn cordoned(&self, node: &str) -> bool {
-        self.api.node(node).expect("node")["spec"]["unschedulable"] == true
-    }
-
-    fn holder(&self) -> Option<String> {
-        self.api
-            .get(Res::Leases, LOCK_NS, SLOT)
-            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
-            .filter(|h| !h.is_empty())
-    }
-}
-
-fn kill(agent: Agent) {
-    let mut agent = agent;
-    agent.proc.signal("KILL");
-    agent.proc.wait_exit(Duration::from_secs(5));
-}
-
-async fn client(agent: &Agent) -> NodeAgentClient<Channel> {
-    NodeAgentClient::connect(agent.grpc_url())
-        .await
-        .expect("connect")
-}
-
-fn rotation_request(id: &str, node: &str) -> pb::DrainRequest {
-    let mut r = request(id);
-    r.node_name = node.into();
-    r.await_reboot = true;
-    r
-}
-
-fn completed(events: &[pb::DrainEvent]) -> bool {
-    matches!(
-        events.last().and_then(|e| e.event.as_ref()),
-        Some(pb::drain_event::Event::Completed(_))
-    )
-}
-
-/// `f` until it gives a value or `timeout` passes (then `None`): for asserting with context.
-fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if std::time::Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn set_ready(fleet: &Fleet, node: &str, ready: &str) {
-    fleet.api.edit(Res::Nodes, "", node, |n| {
-        n["status"]["conditions"] = serde_json::json!([{"type": "Ready", "status": ready}]);
-    });
-}
-
-/// Pins node `node` with a pod its budget keeps (minAvailable 1 of 1): a drain stays EVICTING.
-fn pin(fleet: &Fleet, node: &str) {
-    let app = format!("pinned-{node}");
-    fleet
-        .api
-        .add_replicaset("apps", &app, &[("app", &app)], 1, &[("app", &app)]);
-    fleet.api.add_pod(
-        PodSeed::new(&format!("{app}-0"))
-            .namespace("apps")
-            .node(node)
-            .label("app", &app)
-            .replicaset(&app),
-    );
-    fleet.api.add_pdb(
-        "apps",
-        &format!("{app}-pdb"),
-        &[("app", &app)],
-        PdbLimit::MinAvailable(1),
-        None,
-    );
-}
-
-/// The slot Lease, for failure messages.
-fn slot_lease(fleet: &Fleet) -> Value {
-    fleet
-        .api
-        .get(Res::Leases, LOCK_NS, SLOT)
-        .unwrap_or(Value::Null)
-}
+use crate::support::rotation::{
+    Fleet, LOCK_NS, SLOT, client, completed, kill, node_b_stays_uncordoned, poll, rotation_request,
+    within,
+};
 
 /// node-a's rotation drained, then node-a rebooted with its Node not Ready yet: the new agent
 /// has taken the slot back and waits in `returning`.
@@ -210,7 +29,7 @@ async fn node_a_returning(fleet: &Fleet) -> Agent {
     .await;
     assert!(completed(&events), "{:?}", events.last());
     kill(a);
-    set_ready(fleet, "node-a", "False");
+    fleet.set_ready("node-a", "False");
     std::fs::write(fleet.boot_id_path("node-a"), "boot-2\n").expect("boot id");
     let a = tokio::task::block_in_place(|| fleet.agent("node-a"));
     tokio::task::block_in_place(|| {
@@ -240,7 +59,7 @@ async fn adversary_a_done_patch_committed_but_unanswered_keeps_the_slot_held_for
     fleet
         .api
         .inject(Fault::on("PATCH", "/api/v1/nodes/node-a", FaultKind::Hold).times(1));
-    set_ready(&fleet, "node-a", "True");
+    fleet.set_ready("node-a", "True");
     tokio::task::block_in_place(|| {
         wait_for(Duration::from_secs(20), "the done PATCH held", || {
             (fleet.api.held_total() >= 1).then_some(())
@@ -270,7 +89,7 @@ async fn adversary_a_done_patch_committed_but_unanswered_keeps_the_slot_held_for
         done_b.is_ok(),
         "node-a is done and uncordoned, yet node-b's rotation still waits 30 s later: the slot \
          stays node-a's: {}",
-        slot_lease(&fleet)
+        fleet.slot_lease()
     );
     let events = done_b.unwrap().expect("drain task");
     assert!(completed(&events), "{:?}", events.last());
@@ -287,22 +106,13 @@ async fn adversary_a_done_patch_committed_but_unanswered_keeps_the_slot_held_for
 #[tokio::test(flavor = "multi_thread")]
 async fn adversary_a_node_recreated_mid_rotation_drain_keeps_the_slot_held_forever() {
     let fleet = Fleet::new(&["node-a", "node-b"]);
-    pin(&fleet, "node-a");
+    fleet.pin("node-a");
     let a = fleet.agent("node-a");
     let b = fleet.agent("node-b");
     let mut ca = client(&a).await;
     let drain_a =
         tokio::spawn(async move { drain_all(&mut ca, rotation_request("rot-a", "node-a")).await });
-    tokio::task::block_in_place(|| {
-        wait_for(Duration::from_secs(30), "node-a evicting", || {
-            fleet
-                .api
-                .requests()
-                .iter()
-                .any(|r| r.path.ends_with("/pinned-node-a-0/eviction") && r.status == 429)
-                .then_some(())
-        })
-    });
+    tokio::task::block_in_place(|| fleet.wait_evicting("node-a"));
     assert_eq!(fleet.holder().as_deref(), Some("node-a"));
     let old_uid = fleet.api.node("node-a").unwrap()["metadata"]["uid"].clone();
     fleet.api.delete_node("node-a");
@@ -321,7 +131,7 @@ async fn adversary_a_node_recreated_mid_rotation_drain_keeps_the_slot_held_forev
         done_b.is_ok(),
         "node-a was replaced (new UID, schedulable, no drain) mid-rotation, yet node-b's rotation \
          still waits 40 s later: the slot stays node-a's: {} (node-a drain annotation: {})",
-        slot_lease(&fleet),
+        fleet.slot_lease(),
         fleet.api.node("node-a").unwrap()["metadata"]["annotations"]["nodekeeper.io/drain"]
     );
     let events = done_b.unwrap().expect("drain task");
@@ -381,7 +191,7 @@ async fn adversary_a_reboot_before_the_drains_end_is_saved_waits_for_a_second_re
         fleet.maintenance("node-a"),
         fleet.api.node("node-a").unwrap()["metadata"]["annotations"]["nodekeeper.io/drain"],
         fleet.cordoned("node-a"),
-        slot_lease(&fleet)
+        fleet.slot_lease()
     );
     assert!(!fleet.cordoned("node-a"));
     // The release follows the `done` write (and its Event): polled, not read at once.
@@ -393,7 +203,7 @@ async fn adversary_a_reboot_before_the_drains_end_is_saved_waits_for_a_second_re
     assert!(
         released.is_some(),
         "slot still held: {}",
-        slot_lease(&fleet)
+        fleet.slot_lease()
     );
     drop(a);
 }
@@ -419,7 +229,7 @@ async fn adversary_a_ten_minute_outage_at_the_release_keeps_the_slot_held_foreve
         )
         .always(),
     );
-    set_ready(&fleet, "node-a", "True");
+    fleet.set_ready("node-a", "True");
     tokio::task::block_in_place(|| {
         wait_for(Duration::from_secs(20), "rotation done", || {
             (fleet.maintenance("node-a")["state"] == "done").then_some(())
@@ -437,7 +247,7 @@ async fn adversary_a_ten_minute_outage_at_the_release_keeps_the_slot_held_foreve
         done_b.is_ok(),
         "node-a is done and uncordoned and the API answers again, yet node-b's rotation still \
          waits 30 s later: the slot stays node-a's: {}",
-        slot_lease(&fleet)
+        fleet.slot_lease()
     );
     let events = done_b.unwrap().expect("drain task");
     assert!(completed(&events), "{:?}", events.last());
@@ -479,7 +289,7 @@ fn status_of(fleet: &Fleet, node: &str) -> (Value, String) {
 async fn adversary_maintenance_status_shows_a_return_by_for_a_node_that_is_done() {
     let fleet = Fleet::new(&["node-a"]);
     let a = node_a_returning(&fleet).await;
-    set_ready(&fleet, "node-a", "True");
+    fleet.set_ready("node-a", "True");
     tokio::task::block_in_place(|| {
         wait_for(Duration::from_secs(20), "rotation done", || {
             (fleet.maintenance("node-a")["state"] == "done").then_some(())
@@ -556,7 +366,7 @@ async fn adversary_a_503_on_the_slot_lease_when_a_rotation_asks_for_it_fails_the
 /// node-a's rotation mid-drain (cordoned, its slot marked at claim, a budget holding a pod),
 /// its agent then killed -9.
 async fn node_a_killed_mid_rotation_drain(fleet: &Fleet, timeout_secs: i64) {
-    pin(fleet, "node-a");
+    fleet.pin("node-a");
     let a = fleet.agent("node-a");
     let mut ca = client(&a).await;
     let mut req = rotation_request("rot-a", "node-a");
@@ -567,16 +377,7 @@ async fn node_a_killed_mid_rotation_drain(fleet: &Fleet, timeout_secs: i64) {
     let drain_a = tokio::spawn(async move {
         let _ = ca.drain(nodekeeper_tests::bearer(req)).await;
     });
-    tokio::task::block_in_place(|| {
-        wait_for(Duration::from_secs(30), "node-a evicting", || {
-            fleet
-                .api
-                .requests()
-                .iter()
-                .any(|r| r.path.ends_with("/pinned-node-a-0/eviction") && r.status == 429)
-                .then_some(())
-        })
-    });
+    tokio::task::block_in_place(|| fleet.wait_evicting("node-a"));
     assert!(fleet.cordoned("node-a"));
     assert!(slot_held_by(fleet, "node-a"));
     drain_a.abort();
@@ -624,7 +425,7 @@ async fn adversary_a_rotation_drain_resumed_past_its_deadline_keeps_its_marked_s
         "node-a's rotation drain ended ({}; rotation {}) yet its slot is still held 15 s later: {}",
         drain_phase(&fleet, "node-a"),
         fleet.maintenance("node-a"),
-        slot_lease(&fleet)
+        fleet.slot_lease()
     );
     drop(a);
 }
@@ -669,7 +470,7 @@ async fn adversary_a_503_on_the_slot_when_a_rotation_drain_resumes_keeps_its_mar
              15 s later: {}",
             drain_phase(&fleet, "node-a"),
             fleet.maintenance("node-a"),
-            slot_lease(&fleet)
+            fleet.slot_lease()
         );
     }
     drop(a);
@@ -696,7 +497,7 @@ async fn a_second_rotation_while_returning_keeps_the_slot_until_its_own_return()
     )
     .await;
     assert!(completed(&events), "{:?}", events.last());
-    set_ready(&fleet, "node-a", "True");
+    fleet.set_ready("node-a", "True");
     node_b_stays_uncordoned(
         &fleet,
         5,
@@ -707,7 +508,7 @@ async fn a_second_rotation_while_returning_keeps_the_slot_until_its_own_return()
     assert_eq!(fleet.maintenance("node-a")["state"], "awaiting-reboot");
     assert_eq!(fleet.maintenance("node-a")["bootId"], "boot-2");
     assert!(fleet.cordoned("node-a"));
-    assert!(slot_held_by(&fleet, "node-a"), "{}", slot_lease(&fleet));
+    assert!(slot_held_by(&fleet, "node-a"), "{}", fleet.slot_lease());
     // rot-2's reboot: node-a returns, then node-b goes.
     kill(a);
     std::fs::write(fleet.boot_id_path("node-a"), "boot-3\n").expect("boot id");
@@ -719,19 +520,6 @@ async fn a_second_rotation_while_returning_keeps_the_slot_until_its_own_return()
     drop((a, b));
 }
 
-/// node-b must stay uncordoned for `secs` (an observation window of several 2 s leases).
-async fn node_b_stays_uncordoned(fleet: &Fleet, secs: u64, why: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
-    while std::time::Instant::now() < deadline {
-        assert!(
-            !fleet.cordoned("node-b"),
-            "node-b cordoned while node-a is still cordoned ({why}); slot {}",
-            slot_lease(fleet)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// Attack (kill -9 at a step boundary: between the claim and its mark): node-a's rotation waits
 /// for the slot (node-z holds it); node-z lets go, node-a takes the slot and its next write
 /// (the `draining` record, before the mark and the cordon) hangs; node-a's agent is killed
@@ -741,7 +529,7 @@ async fn node_b_stays_uncordoned(fleet: &Fleet, secs: u64, why: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_kill_between_the_claim_and_its_mark_never_cordons_two() {
     let fleet = Fleet::new(&["node-a", "node-b"]);
-    create_slot(&fleet, "node-z").await;
+    fleet.hold_slot_for(SLOT, "node-z").await;
     let a = fleet.agent("node-a");
     let b = fleet.agent("node-b");
     let mut ca = client(&a).await;
@@ -800,7 +588,7 @@ async fn a_kill_between_the_claim_and_its_mark_never_cordons_two() {
         assert!(
             !both(&fleet),
             "node-a and node-b both cordoned: {}",
-            slot_lease(&fleet)
+            fleet.slot_lease()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -808,46 +596,9 @@ async fn a_kill_between_the_claim_and_its_mark_never_cordons_two() {
     assert!(
         fleet.cordoned(&holder),
         "{holder} holds the slot: {}",
-        slot_lease(&fleet)
+        fleet.slot_lease()
     );
     assert_eq!(fleet.maintenance(&holder)["state"], "awaiting-reboot");
     drain_b.abort();
     drop((a, b));
-}
-
-/// Slot 0 held by `holder`, marked as held across its reboot (never expires).
-async fn create_slot(fleet: &Fleet, holder: &str) {
-    let kc = kube::config::Kubeconfig::read_from(&fleet.kubeconfig).expect("read kubeconfig");
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-        .await
-        .expect("kube config");
-    let api: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
-        kube::Api::namespaced(kube::Client::try_from(cfg).expect("client"), LOCK_NS);
-    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
-        k8s_openapi::jiff::Timestamp::now(),
-    );
-    let lease = k8s_openapi::api::coordination::v1::Lease {
-        metadata: kube::api::ObjectMeta {
-            name: Some(SLOT.into()),
-            namespace: Some(LOCK_NS.into()),
-            annotations: Some(
-                [(
-                    "nodekeeper.io/return-by".to_string(),
-                    "4102444800".to_string(),
-                )]
-                .into(),
-            ),
-            ..Default::default()
-        },
-        spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
-            holder_identity: Some(holder.to_string()),
-            lease_duration_seconds: Some(2),
-            acquire_time: Some(now.clone()),
-            renew_time: Some(now),
-            ..Default::default()
-        }),
-    };
-    api.create(&Default::default(), &lease)
-        .await
-        .expect("create lease");
 }

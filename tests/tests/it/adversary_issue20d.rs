@@ -1,251 +1,25 @@
 //! Adversary tests for issue #20, fourth round: attacks on the newest code, the sweep of slots
 //! left marked after a rotation (#20-s, `Maintenance::sweep_slots`) and the other frees of a
 //! marked slot at agent start. Broke: `#[ignore = "adversary finding: ..."]`; held: a plain
-//! passing test. Harness copied from adversary_issue20c.rs (the fake API server, one agent per
-//! node, a boot-ID file per node), with the slot's lease duration a parameter.
+//! passing test. Harness: `crate::support::rotation` (the fake API server, one agent per node, a
+//! boot-ID file per node), with the slot's lease duration set per test.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use nodekeeper::pb::{self, node_agent_client::NodeAgentClient};
-use nodekeeper_tests::drain_scenario::{drain_all, request};
-use nodekeeper_tests::fake_api::{FakeApi, Fault, FaultKind, PdbLimit, PodSeed, Res};
-use nodekeeper_tests::{Agent, wait_for};
+use nodekeeper_tests::drain_scenario::drain_all;
+use nodekeeper_tests::fake_api::{Fault, FaultKind};
+use nodekeeper_tests::wait_for;
 use serde_json::Value;
-use tonic::transport::Channel;
 
-const LOCK_NS: &str = "nodekeeper-system";
-const SLOT: &str = "nodekeeper-drain-slot-0";
+use crate::support::rotation::{Fleet, client, completed, never_both_cordoned, rotation_request};
+
 const SLOT_PATH: &str = "/leases/nodekeeper-drain-slot-0";
-const PODS: usize = 3;
-
-struct Fleet {
-    api: FakeApi,
-    dir: tempfile::TempDir,
-    kubeconfig: PathBuf,
-    /// The slot Lease's duration in the agents' config, in seconds.
-    lease_secs: u64,
-}
-
-impl Fleet {
-    /// `nodes`, each with PODS ReplicaSet pods behind a minAvailable PODS-1 budget; every node
-    /// boots "boot-1"; one slot of `lease_secs`.
-    fn new(nodes: &[&str], lease_secs: u64) -> Fleet {
-        let api = FakeApi::builder()
-            .replace_delay(Duration::from_millis(100))
-            .ready_delay(Duration::from_millis(500))
-            .other_node("node-other")
-            .start();
-        api.add_node("node-other", &[]);
-        let dir = tempfile::tempdir().expect("tempdir");
-        for node in nodes {
-            api.add_node(node, &[]);
-            let app = format!("app-{node}");
-            api.add_replicaset(
-                "apps",
-                &app,
-                &[("app", &app)],
-                PODS as i64,
-                &[("app", &app)],
-            );
-            for i in 0..PODS {
-                api.add_pod(
-                    PodSeed::new(&format!("{app}-{i}"))
-                        .namespace("apps")
-                        .node(node)
-                        .label("app", &app)
-                        .replicaset(&app),
-                );
-            }
-            api.add_pdb(
-                "apps",
-                &format!("{app}-pdb"),
-                &[("app", &app)],
-                PdbLimit::MinAvailable(PODS as i64 - 1),
-                None,
-            );
-            std::fs::write(dir.path().join(format!("{node}.boot_id")), "boot-1\n")
-                .expect("write boot id");
-        }
-        let kubeconfig = dir.path().join("kubeconfig");
-        api.write_kubeconfig(&kubeconfig);
-        Fleet {
-            api,
-            dir,
-            kubeconfig,
-            lease_secs,
-        }
-    }
-
-    fn agent(&self, node: &str) -> Agent {
-        let config = format!(
-            "metrics:\n  enabled: false\ndrain:\n  retryInitial: 100ms\n  retryMax: 500ms\n  deletionPoll: 200ms\n  fleetLock:\n    enabled: true\n    slots: 1\n    leaseDuration: {}s\n  maintenance:\n    bootIdPath: {}\n    returnTimeout: 10m\n",
-            self.lease_secs,
-            self.dir.path().join(format!("{node}.boot_id")).display()
-        );
-        Agent::builder()
-            .config(&config)
-            .with_token()
-            .connected(&self.kubeconfig, node)
-            .start()
-    }
-
-    fn cordoned(&self, node: &str) -> bool {
-        self.api.node(node).expect("node")["spec"]["unschedulable"] == true
-    }
-
-    fn holder(&self) -> Option<String> {
-        self.api
-            .get(Res::Leases, LOCK_NS, SLOT)
-            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
-            .filter(|h| !h.is_empty())
-    }
-
-    fn slot_lease(&self) -> Value {
-        self.api
-            .get(Res::Leases, LOCK_NS, SLOT)
-            .unwrap_or(Value::Null)
-    }
-
-    /// Records node `node`'s last rotation `rot-1` as `state` (ended: no drain record).
-    fn record_rotation(&self, node: &str, state: &str) {
-        let since = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let record = serde_json::json!({
-            "state": state, "drainId": "rot-1", "bootId": "boot-0", "since": since,
-            "returnBy": 0, "uncordon": true, "error": "",
-        });
-        self.api.edit(Res::Nodes, "", node, |n| {
-            n["metadata"]["annotations"]["nodekeeper.io/maintenance"] =
-                Value::String(record.to_string());
-        });
-    }
-
-    /// Slot 0 held by `holder`, marked for its return (a return-by and the holder Node's UID,
-    /// as the claim marks it), last renewed at now + `renewed_offset_secs` (the holder's clock).
-    async fn create_marked_slot(&self, holder: &str, renewed_offset_secs: i64) {
-        let uid = self.api.node(holder).expect("node")["metadata"]["uid"]
-            .as_str()
-            .expect("uid")
-            .to_string();
-        let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig).expect("read kubeconfig");
-        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-            .await
-            .expect("kube config");
-        let api: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
-            kube::Api::namespaced(kube::Client::try_from(cfg).expect("client"), LOCK_NS);
-        let renewed = k8s_openapi::jiff::Timestamp::now()
-            .checked_add(k8s_openapi::jiff::SignedDuration::from_secs(
-                renewed_offset_secs,
-            ))
-            .expect("timestamp");
-        let at = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(renewed);
-        let return_by = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-            + 600;
-        let lease = k8s_openapi::api::coordination::v1::Lease {
-            metadata: kube::api::ObjectMeta {
-                name: Some(SLOT.into()),
-                namespace: Some(LOCK_NS.into()),
-                annotations: Some(
-                    [
-                        ("nodekeeper.io/return-by".to_string(), return_by.to_string()),
-                        ("nodekeeper.io/holder-uid".to_string(), uid),
-                    ]
-                    .into(),
-                ),
-                ..Default::default()
-            },
-            spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
-                holder_identity: Some(holder.to_string()),
-                lease_duration_seconds: Some(self.lease_secs as i32),
-                acquire_time: Some(at.clone()),
-                renew_time: Some(at),
-                ..Default::default()
-            }),
-        };
-        api.create(&Default::default(), &lease)
-            .await
-            .expect("create lease");
-    }
-}
-
-async fn client(agent: &Agent) -> NodeAgentClient<Channel> {
-    NodeAgentClient::connect(agent.grpc_url())
-        .await
-        .expect("connect")
-}
-
-fn rotation_request(id: &str, node: &str) -> pb::DrainRequest {
-    let mut r = request(id);
-    r.node_name = node.into();
-    r.await_reboot = true;
-    r
-}
-
-fn completed(events: &[pb::DrainEvent]) -> bool {
-    matches!(
-        events.last().and_then(|e| e.event.as_ref()),
-        Some(pb::drain_event::Event::Completed(_))
-    )
-}
-
-/// Pins node `node` with a pod its budget keeps (minAvailable 1 of 1): a drain stays EVICTING.
-fn pin(fleet: &Fleet, node: &str) {
-    let app = format!("pinned-{node}");
-    fleet
-        .api
-        .add_replicaset("apps", &app, &[("app", &app)], 1, &[("app", &app)]);
-    fleet.api.add_pod(
-        PodSeed::new(&format!("{app}-0"))
-            .namespace("apps")
-            .node(node)
-            .label("app", &app)
-            .replicaset(&app),
-    );
-    fleet.api.add_pdb(
-        "apps",
-        &format!("{app}-pdb"),
-        &[("app", &app)],
-        PdbLimit::MinAvailable(1),
-        None,
-    );
-}
-
-/// Waits for node-a's drain to evict in vain (its pinned pod refused with 429).
-fn wait_node_a_evicting(fleet: &Fleet) {
-    wait_for(Duration::from_secs(30), "node-a evicting", || {
-        fleet
-            .api
-            .requests()
-            .iter()
-            .any(|r| r.path.ends_with("/pinned-node-a-0/eviction") && r.status == 429)
-            .then_some(())
-    });
-}
-
-/// node-a and node-b must never both be cordoned for `secs` (one slot).
-async fn never_both_cordoned(fleet: &Fleet, secs: u64, why: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
-    while std::time::Instant::now() < deadline {
-        assert!(
-            !(fleet.cordoned("node-a") && fleet.cordoned("node-b")),
-            "node-a and node-b both cordoned with one slot ({why}); slot {}",
-            fleet.slot_lease()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// node-a's rotation failed and left its slot marked (its release gave up, or the agent died
 /// before it); the slot was last renewed `renewed_offset_secs` from now. node-b's rotation must
 /// get the slot once the sweep frees it (one lease duration, 2 s, after the last renewal).
 async fn a_left_slot_renewed_at(renewed_offset_secs: i64) {
-    let fleet = Fleet::new(&["node-a", "node-b"], 2);
+    let fleet = Fleet::builder().lease_secs(2).start(&["node-a", "node-b"]);
     fleet.record_rotation("node-a", "failed");
     fleet
         .create_marked_slot("node-a", renewed_offset_secs)
@@ -303,8 +77,8 @@ async fn adversary_a_slot_renewed_by_a_clock_running_ahead_is_held_until_that_ti
 /// duration is the default's 30 s so the sweep (#20-s, which checks the renewal) stays out.
 #[tokio::test(flavor = "multi_thread")]
 async fn adversary_the_free_after_done_at_start_frees_the_next_rotations_slot() {
-    let fleet = Fleet::new(&["node-a", "node-b"], 30);
-    pin(&fleet, "node-a");
+    let fleet = Fleet::builder().lease_secs(30).start(&["node-a", "node-b"]);
+    fleet.pin("node-a");
     fleet.record_rotation("node-a", "done");
     fleet.create_marked_slot("node-a", 0).await;
     // node-a's agent's first read of the slot Leases at start (#20-t: the free at start is the
@@ -333,7 +107,7 @@ async fn adversary_the_free_after_done_at_start_frees_the_next_rotations_slot() 
         })
     });
     fleet.api.release_held();
-    tokio::task::block_in_place(|| wait_node_a_evicting(&fleet));
+    tokio::task::block_in_place(|| fleet.wait_evicting("node-a"));
     assert!(fleet.cordoned("node-a"));
     let b = tokio::task::block_in_place(|| fleet.agent("node-b"));
     let mut cb = client(&b).await;
@@ -354,8 +128,8 @@ async fn adversary_the_free_after_done_at_start_frees_the_next_rotations_slot() 
 /// slot stays rot-2's and node-b waits. Held.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_sweep_racing_the_next_rotations_claim_frees_nothing() {
-    let fleet = Fleet::new(&["node-a", "node-b"], 2);
-    pin(&fleet, "node-a");
+    let fleet = Fleet::builder().lease_secs(2).start(&["node-a", "node-b"]);
+    fleet.pin("node-a");
     fleet.record_rotation("node-a", "failed");
     fleet.create_marked_slot("node-a", -60).await;
     fleet
@@ -378,7 +152,7 @@ async fn the_sweep_racing_the_next_rotations_claim_frees_nothing() {
         })
     });
     fleet.api.release_held();
-    tokio::task::block_in_place(|| wait_node_a_evicting(&fleet));
+    tokio::task::block_in_place(|| fleet.wait_evicting("node-a"));
     let mut cb = client(&b).await;
     let drain_b =
         tokio::spawn(async move { drain_all(&mut cb, rotation_request("rot-b", "node-b")).await });
@@ -398,7 +172,7 @@ async fn the_sweep_racing_the_next_rotations_claim_frees_nothing() {
 /// outage, completes within 30 s. Held.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_sweep_frees_a_left_slot_after_an_api_outage_ends() {
-    let fleet = Fleet::new(&["node-a", "node-b"], 2);
+    let fleet = Fleet::builder().lease_secs(2).start(&["node-a", "node-b"]);
     fleet.record_rotation("node-a", "failed");
     fleet.create_marked_slot("node-a", -60).await;
     fleet.api.inject(
@@ -440,7 +214,7 @@ async fn the_sweep_frees_a_left_slot_after_an_api_outage_ends() {
 /// reads (boot-2) the return goes on: `done`, uncordoned, node-b gets the slot. Held.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unreadable_boot_id_after_the_reboot_keeps_the_slot_until_it_reads() {
-    let fleet = Fleet::new(&["node-a", "node-b"], 2);
+    let fleet = Fleet::builder().lease_secs(2).start(&["node-a", "node-b"]);
     let boot_a = fleet.dir.path().join("node-a.boot_id");
     let a = tokio::task::block_in_place(|| fleet.agent("node-a"));
     let b = tokio::task::block_in_place(|| fleet.agent("node-b"));

@@ -7,10 +7,10 @@
 //! deadline is an error once, then its late census answers the next calls. SIGTERM ends an open
 //! stream with OK. Without agents, KEDA gets UNAVAILABLE, not zero.
 
+use crate::support::aggregate::{Aggregator, pool_query};
 use crate::support::census_pods;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -18,72 +18,15 @@ use census_pods::{
     CALL_TIMEOUT, cases, get_metrics, run_keda_check, scaled_object, start_pods, wait_for_pool,
 };
 use futures::StreamExt as _;
-use nodekeeper::pb::{self, aggregator_client::AggregatorClient};
+use nodekeeper::pb::{self};
 use nodekeeper_tests::fake_api::{EndpointSeed, FakeApi, PodSeed};
 use nodekeeper_tests::{
-    Agent, Proc, agent_bin, free_port, http_get, loopback, require_python_modules, require_root,
-    sample,
+    Agent, agent_bin, free_port, loopback, require_python_modules, require_root, sample,
 };
 use tonic::Code;
 
 const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
 const AGENTS_NS: &str = "nodekeeper-system";
-
-/// A running aggregator on free loopback ports.
-struct Aggregator {
-    proc: Proc,
-    grpc: SocketAddr,
-    metrics: SocketAddr,
-}
-
-impl Aggregator {
-    /// Starts `nodekeeper aggregate` with `args` and waits until /readyz is 200.
-    fn start(dir: &Path, name: &str, args: &[&str], envs: &[(&str, &str)]) -> Aggregator {
-        let (grpc, metrics) = (loopback(free_port()), loopback(free_port()));
-        let mut cmd = Command::new(agent_bin());
-        // These tests are about the fan-out: its API is opened explicitly (issue #19; the
-        // credentials are tests/tests/it/aggregate_auth.rs's).
-        cmd.arg("aggregate")
-            .arg("--listen")
-            .arg(grpc.to_string())
-            .arg("--metrics-listen")
-            .arg(metrics.to_string())
-            .arg("--allow-anonymous")
-            .args(args)
-            .env_remove("KUBECONFIG")
-            .env("NODEKEEPER_LOG", "info,nodekeeper=debug");
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
-        let mut proc = Proc::spawn(name, cmd, dir);
-        nodekeeper_tests::wait_ready(&mut proc, metrics, "/readyz", "the aggregator");
-        Aggregator {
-            proc,
-            grpc,
-            metrics,
-        }
-    }
-
-    fn fleet(&self) -> pb::FleetStatus {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async {
-            let mut c = AggregatorClient::connect(format!("http://{}", self.grpc))
-                .await
-                .unwrap();
-            tokio::time::timeout(CALL_TIMEOUT, c.get_fleet(pb::GetFleetRequest {}))
-                .await
-                .expect("GetFleet in time")
-                .unwrap()
-                .into_inner()
-        })
-    }
-
-    fn metrics_text(&self) -> String {
-        let (status, body) = http_get(self.metrics, "/metrics").unwrap();
-        assert_eq!(status, 200, "{body}");
-        body
-    }
-}
 
 /// The agent answering at `address`, by node, as GetFleet reports it.
 fn by_address<'a>(fleet: &'a pb::FleetStatus, address: &str) -> &'a pb::FleetAgent {
@@ -94,18 +37,7 @@ fn by_address<'a>(fleet: &'a pb::FleetStatus, address: &str) -> &'a pb::FleetAge
         .unwrap_or_else(|| panic!("{address} not in {fleet:?}"))
 }
 
-/// A GetMetrics of the web pool to the database (4 + 6 per node).
-fn pool_query(extra: &[(&str, &str)]) -> nodekeeper::keda_pb::ScaledObjectRef {
-    let mut pairs = vec![
-        ("metric", "established"),
-        ("target", "5"),
-        ("podSelector", "app=web"),
-        ("remote", census_pods::POOL_REMOTE),
-    ];
-    pairs.extend_from_slice(extra);
-    scaled_object("shop", &pairs)
-}
-
+/// The web pool's value (its connections to the database, 4 + 6 per node), plaintext.
 fn pool_value(addr: SocketAddr, extra: &[(&str, &str)]) -> Result<f64, tonic::Status> {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(get_metrics(&addr.to_string(), pool_query(extra)))

@@ -11,130 +11,24 @@
 //! that does not go together is refused and the working one kept; a token rewritten in place
 //! with the same length and its old mtime is re-read.
 
+use crate::support::aggregate::{
+    AGGREGATOR_NAME, KEDA, SERVING, TOKEN, Via, WAIT, bearer, get_fleet, health_check, keda_call,
+    os, pool_query, served_subject, server_files, start_aggregator,
+};
 use crate::support::census_pods;
 
-use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use census_pods::{cases, run_keda_check_with, scaled_object, start_pods, wait_for_pool};
-use nodekeeper::keda_pb::{self, external_scaler_client::ExternalScalerClient};
-use nodekeeper::pb::{self, aggregator_client::AggregatorClient};
+use census_pods::{cases, run_keda_check_with, start_pods, wait_for_pool};
+use nodekeeper::keda_pb::{self};
 use nodekeeper_tests::fake_api::FakeApi;
 use nodekeeper_tests::pki::{Pki, SecretVolume};
 use nodekeeper_tests::{
-    Agent, Proc, agent_bin, free_port, http_get, loopback, require_python_modules, require_root,
-    require_tool, sample,
+    Agent, agent_bin, free_port, loopback, require_python_modules, require_root, require_tool,
 };
 use tonic::Code;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
-
-/// The name KEDA verifies: the host of the ScaledObject's scalerAddress.
-const AGGREGATOR_NAME: &str = "nodekeeper-aggregator.nodekeeper-system.svc";
-/// KEDA's client certificate CN, listed in --listen-client-names.
-const KEDA: &str = "keda-operator";
-const TOKEN: &str = "fleet-reader-0123456789abcdef";
-/// Every wait gives up after this: generous on a loaded 2-core machine.
-const WAIT: Duration = Duration::from_secs(30);
-
-struct Aggregator {
-    proc: Proc,
-    grpc: SocketAddr,
-    metrics: SocketAddr,
-}
-
-fn start_aggregator(dir: &Path, args: &[OsString]) -> Aggregator {
-    let (grpc, metrics) = (loopback(free_port()), loopback(free_port()));
-    let mut cmd = Command::new(agent_bin());
-    cmd.arg("aggregate")
-        .arg("--listen")
-        .arg(grpc.to_string())
-        .arg("--metrics-listen")
-        .arg(metrics.to_string())
-        .args(["--refresh", "100ms", "--deadline", "2s"])
-        .args(args)
-        .env_remove("KUBECONFIG")
-        .env("NODEKEEPER_LOG", "info,nodekeeper=debug");
-    let mut proc = Proc::spawn("aggregate", cmd, dir);
-    nodekeeper_tests::wait_ready(&mut proc, metrics, "/readyz", "the aggregator");
-    Aggregator {
-        proc,
-        grpc,
-        metrics,
-    }
-}
-
-impl Aggregator {
-    fn metric(&self, name: &str) -> Option<f64> {
-        let (_, body) = http_get(self.metrics, "/metrics").expect("GET /metrics");
-        sample(&body, name, &[])
-    }
-}
-
-fn os(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Vec<OsString> {
-    args.iter().map(|a| a.as_ref().to_os_string()).collect()
-}
-
-/// How a test client reaches the aggregator.
-#[derive(Clone, Copy)]
-enum Via<'a> {
-    Plaintext,
-    /// TLS verifying the aggregator against `ca`, with the client certificate `identity`.
-    Tls {
-        ca: &'a str,
-        identity: Option<&'a str>,
-    },
-}
-
-async fn channel(addr: SocketAddr, pki: &Pki, via: Via<'_>) -> Result<Channel, tonic::Status> {
-    let ep = match via {
-        Via::Plaintext => Endpoint::from_shared(format!("http://{addr}")).unwrap(),
-        Via::Tls { ca, identity } => {
-            let mut tls = ClientTlsConfig::new()
-                .ca_certificate(pki.certificate(ca))
-                .domain_name(AGGREGATOR_NAME);
-            if let Some(name) = identity {
-                tls = tls.identity(pki.identity(name));
-            }
-            Endpoint::from_shared(format!("https://{addr}"))
-                .unwrap()
-                .tls_config(tls)
-                .unwrap()
-        }
-    };
-    ep.connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| tonic::Status::unavailable(format!("connect: {e:?}")))
-}
-
-fn with_token<T>(msg: T, token: Option<&str>) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(msg);
-    if let Some(t) = token {
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {t}").parse().unwrap());
-    }
-    req
-}
-
-/// GetFleet through `via`, with `token` as a bearer token.
-fn get_fleet(
-    rt: &tokio::runtime::Runtime,
-    addr: SocketAddr,
-    pki: &Pki,
-    via: Via<'_>,
-    token: Option<&str>,
-) -> Result<pb::FleetStatus, tonic::Status> {
-    rt.block_on(async {
-        let mut c = AggregatorClient::new(channel(addr, pki, via).await?);
-        tokio::time::timeout(WAIT, c.get_fleet(with_token(pb::GetFleetRequest {}, token)))
-            .await
-            .map_err(|_| tonic::Status::deadline_exceeded("GetFleet"))?
-            .map(tonic::Response::into_inner)
-    })
-}
 
 /// KEDA's GetMetrics of the web pool through `via`.
 fn keda_get_metrics(
@@ -143,44 +37,7 @@ fn keda_get_metrics(
     pki: &Pki,
     via: Via<'_>,
 ) -> Result<keda_pb::GetMetricsResponse, tonic::Status> {
-    rt.block_on(async {
-        let mut c = ExternalScalerClient::new(channel(addr, pki, via).await?);
-        let r = scaled_object(
-            "shop",
-            &[
-                ("metric", "established"),
-                ("target", "5"),
-                ("podSelector", "app=web"),
-                ("remote", census_pods::POOL_REMOTE),
-            ],
-        );
-        let req = keda_pb::GetMetricsRequest {
-            scaled_object_ref: Some(r),
-            metric_name: String::new(),
-        };
-        tokio::time::timeout(WAIT, c.get_metrics(req))
-            .await
-            .map_err(|_| tonic::Status::deadline_exceeded("GetMetrics"))?
-            .map(tonic::Response::into_inner)
-    })
-}
-
-fn health(rt: &tokio::runtime::Runtime, addr: SocketAddr) -> i32 {
-    rt.block_on(async {
-        let ch = Endpoint::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .expect("connect for health");
-        let mut c = tonic_health::pb::health_client::HealthClient::new(ch);
-        c.check(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .expect("an anonymous health check is answered")
-        .into_inner()
-        .status
-    })
+    keda_call(rt, addr, pki, via, pool_query(&[]))
 }
 
 #[test]
@@ -191,8 +48,8 @@ fn the_aggregators_api_refuses_callers_without_credentials_unless_anonymous_is_a
     let nobody = loopback(free_port()).to_string();
 
     // Default: no credential configured, so nobody is answered but health.
-    let closed = start_aggregator(dir.path(), &os(&[&"--agents", &nobody]));
-    let e = get_fleet(&rt, closed.grpc, &pki, Via::Plaintext, None).unwrap_err();
+    let closed = start_aggregator(dir.path(), &os(&[&"--agents", &nobody]), &[]);
+    let e = get_fleet(&rt, closed.grpc, &pki, Via::Plaintext, &[]).unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     assert!(
         e.message().contains("not configured on this aggregator")
@@ -203,8 +60,9 @@ fn the_aggregators_api_refuses_callers_without_credentials_unless_anonymous_is_a
     let e = keda_get_metrics(&rt, closed.grpc, &pki, Via::Plaintext).unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     assert_eq!(
-        health(&rt, closed.grpc),
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        health_check(&rt, closed.grpc, &pki, Via::Plaintext, "")
+            .expect("an anonymous health check is answered"),
+        SERVING
     );
     assert_eq!(
         closed.metric("nodekeeper_aggregate_api_anonymous"),
@@ -220,8 +78,9 @@ fn the_aggregators_api_refuses_callers_without_credentials_unless_anonymous_is_a
     let open = start_aggregator(
         dir.path(),
         &os(&[&"--agents", &nobody, &"--allow-anonymous"]),
+        &[],
     );
-    let fleet = get_fleet(&rt, open.grpc, &pki, Via::Plaintext, None).expect("opened");
+    let fleet = get_fleet(&rt, open.grpc, &pki, Via::Plaintext, &[]).expect("opened");
     assert_eq!(fleet.expected, 1, "{fleet:?}");
     assert_eq!(open.metric("nodekeeper_aggregate_api_anonymous"), Some(1.0));
     let log = open.proc.log_text();
@@ -243,30 +102,6 @@ fn the_aggregators_api_refuses_callers_without_credentials_unless_anonymous_is_a
         stdout.contains("allowAnonymous: true") && stdout.contains("# WARNING: --allow-anonymous"),
         "{stdout}"
     );
-}
-
-/// The PEM subject `openssl s_client` is served on a new connection.
-fn served_subject(addr: SocketAddr) -> String {
-    let out = Command::new("timeout")
-        .args(["10", "openssl", "s_client", "-connect"])
-        .arg(addr.to_string())
-        .args(["-servername", AGGREGATOR_NAME, "-alpn", "h2"])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("run openssl s_client");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find(|l| l.starts_with("subject="))
-        .unwrap_or_default()
-        .to_string()
-}
-
-fn server_files(pki: &Pki, name: &str) -> Vec<(&'static str, Vec<u8>)> {
-    vec![
-        ("ca.crt", pki.pem("ca.crt")),
-        ("tls.crt", pki.pem(&format!("{name}.crt"))),
-        ("tls.key", pki.pem(&format!("{name}.key"))),
-    ]
 }
 
 #[test]
@@ -321,6 +156,7 @@ fn keda_reaches_the_aggregator_over_mtls_and_callers_without_its_credential_are_
             &"--listen-token-file",
             &token,
         ]),
+        &[],
     );
     let keda = Via::Tls {
         ca: "ca",
@@ -339,7 +175,7 @@ fn keda_reaches_the_aggregator_over_mtls_and_callers_without_its_credential_are_
             ca: "ca",
             identity: None,
         },
-        Some(TOKEN),
+        &[&bearer(TOKEN)],
     )
     .expect("GetFleet with the token");
     assert_eq!((fleet.expected, fleet.answered), (1, 1), "{fleet:?}");
@@ -350,11 +186,18 @@ fn keda_reaches_the_aggregator_over_mtls_and_callers_without_its_credential_are_
         ca: "ca",
         identity: None,
     };
-    let e = get_fleet(&rt, agg.grpc, &pki, no_cert, None).unwrap_err();
+    let e = get_fleet(&rt, agg.grpc, &pki, no_cert, &[]).unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     let e = keda_get_metrics(&rt, agg.grpc, &pki, no_cert).unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
-    let e = get_fleet(&rt, agg.grpc, &pki, no_cert, Some("fleet-reader-guess")).unwrap_err();
+    let e = get_fleet(
+        &rt,
+        agg.grpc,
+        &pki,
+        no_cert,
+        &[&bearer("fleet-reader-guess")],
+    )
+    .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     let e = keda_get_metrics(&rt, agg.grpc, &pki, Via::Plaintext).unwrap_err();
     assert!(
@@ -453,11 +296,11 @@ fn keda_reaches_the_aggregator_over_mtls_and_callers_without_its_credential_are_
         std::fs::metadata(&token).unwrap().modified().unwrap(),
         mtime
     );
-    let e = get_fleet(&rt, agg.grpc, &pki, no_cert, Some(TOKEN)).unwrap_err();
+    let e = get_fleet(&rt, agg.grpc, &pki, no_cert, &[&bearer(TOKEN)]).unwrap_err();
     assert_eq!(
         e.code(),
         Code::Unauthenticated,
         "the old token still reads: {e:?}"
     );
-    get_fleet(&rt, agg.grpc, &pki, no_cert, Some(&next)).expect("the rewritten token");
+    get_fleet(&rt, agg.grpc, &pki, no_cert, &[&bearer(&next)]).expect("the rewritten token");
 }

@@ -8,6 +8,8 @@
 //! previous certificate stays in use; a good one is used by the next fan-out, without a
 //! restart.
 
+use crate::support::aggregate::{Aggregator, secret_files};
+
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -17,9 +19,7 @@ use nodekeeper::pb::{
 };
 use nodekeeper_tests::netns_pods::{Netns, link};
 use nodekeeper_tests::pki::{Pki, SecretVolume};
-use nodekeeper_tests::{
-    Proc, agent_bin, free_port, http_get, loopback, require_root, require_tool, sample,
-};
+use nodekeeper_tests::{Proc, agent_bin, free_port, loopback, require_root, require_tool, sample};
 use tonic::Code;
 use tonic::transport::{ClientTlsConfig, Endpoint};
 
@@ -87,21 +87,12 @@ fn start_agent(dir: &Path, pki: &Pki, port: u16) -> Proc {
     proc
 }
 
-struct Aggregator {
-    proc: Proc,
-    grpc: std::net::SocketAddr,
-    metrics: std::net::SocketAddr,
-}
-
+/// The aggregator reading `agent` with the client credential in `creds`, checking the agent's
+/// name `AGENT_NAME`; its own API opened (its credentials are aggregate_auth.rs's).
 fn start_aggregator(dir: &Path, agent: &str, creds: &SecretVolume) -> Aggregator {
-    let (grpc, metrics) = (loopback(free_port()), loopback(free_port()));
-    let mut cmd = Command::new(agent_bin());
-    cmd.arg("aggregate")
-        .args(["--agents", agent, "--refresh", "100ms", "--deadline", "2s"])
-        .arg("--listen")
-        .arg(grpc.to_string())
-        .arg("--metrics-listen")
-        .arg(metrics.to_string())
+    Aggregator::builder()
+        .args(["--agents", agent])
+        .fast()
         .arg("--cacert")
         .arg(creds.path("ca.crt"))
         .arg("--cert")
@@ -109,19 +100,11 @@ fn start_aggregator(dir: &Path, agent: &str, creds: &SecretVolume) -> Aggregator
         .arg("--key")
         .arg(creds.path("tls.key"))
         .args(["--server-name", AGENT_NAME])
-        // This test is about the aggregator's TLS to the agents; its own API's credentials are
-        // aggregate_auth.rs's.
-        .arg("--allow-anonymous")
-        .env_remove("KUBECONFIG")
-        .env("NODEKEEPER_LOG", "info,nodekeeper=debug");
-    let mut proc = Proc::spawn("aggregate", cmd, dir);
-    wait_ready(&mut proc, metrics);
-    Aggregator {
-        proc,
-        grpc,
-        metrics,
-    }
+        .allow_anonymous()
+        .start(dir)
 }
+
+// === impl Aggregator: the one agent as its fan-out sees it ===
 
 impl Aggregator {
     /// The one agent as the next fan-out sees it.
@@ -163,22 +146,13 @@ impl Aggregator {
     }
 
     fn tls_reloads(&self, result: &str) -> f64 {
-        let (_, body) = http_get(self.metrics, "/metrics").expect("GET /metrics");
         sample(
-            &body,
+            &self.metrics_text(),
             "nodekeeper_aggregate_tls_reloads_total",
             &[("result", result)],
         )
         .unwrap_or(0.0)
     }
-}
-
-fn creds(pki: &Pki, cert: &str, key: &str) -> Vec<(&'static str, Vec<u8>)> {
-    vec![
-        ("ca.crt", pki.pem("ca.crt")),
-        ("tls.crt", pki.pem(&format!("{cert}.crt"))),
-        ("tls.key", pki.pem(&format!("{key}.key"))),
-    ]
 }
 
 /// A census call (GetMetrics) made from inside `pod`, with the client certificate `identity`
@@ -244,7 +218,7 @@ fn only_the_aggregator_reads_agents_over_tls_and_other_pods_are_refused_as_root(
     let port = free_port();
     let mut agent = start_agent(dir.path(), &pki, port);
     let address = format!("{node_ip}:{port}");
-    let mut volume = SecretVolume::new(&creds(&pki, "aggregator", "aggregator"));
+    let mut volume = SecretVolume::new(&secret_files(&pki, "aggregator", "aggregator"));
     let agg = start_aggregator(dir.path(), &address, &volume);
     let rt = tokio::runtime::Runtime::new().unwrap();
 
@@ -269,7 +243,7 @@ fn only_the_aggregator_reads_agents_over_tls_and_other_pods_are_refused_as_root(
         .expect("the aggregator's certificate from another namespace");
 
     // A bad pair in the aggregator's Secret: refused, the previous certificate stays in use.
-    volume.update(&creds(&pki, "aggregator", "intruder"));
+    volume.update(&secret_files(&pki, "aggregator", "intruder"));
     agg.wait_agent(&rt, "the bad pair refused", |_| {
         agg.tls_reloads("refused") >= 1.0
     });
@@ -281,12 +255,12 @@ fn only_the_aggregator_reads_agents_over_tls_and_other_pods_are_refused_as_root(
 
     // A certificate whose name has no role on the agents is loaded and used by new
     // connections: the agent refuses it (so the rotation took effect without a restart).
-    volume.update(&creds(&pki, "intruder", "intruder"));
+    volume.update(&secret_files(&pki, "intruder", "intruder"));
     let a = agg.wait_agent(&rt, "the intruder certificate in use", |a| !a.answered);
     assert!(a.error.contains("intruder"), "{a:?}");
 
     // The next good certificate: answered again.
-    volume.update(&creds(&pki, "aggregator-next", "aggregator-next"));
+    volume.update(&secret_files(&pki, "aggregator-next", "aggregator-next"));
     agg.wait_agent(&rt, "the next certificate in use", |a| a.answered);
     assert_eq!(agg.tls_reloads("loaded"), 2.0);
     assert!(agent.alive(), "the agent exited: {}", agent.log_text());

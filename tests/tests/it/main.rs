@@ -15,7 +15,9 @@
 //! per thread, so other tests' allocations do not enter its measurement.
 
 mod support {
+    pub mod aggregate;
     pub mod census_pods;
+    pub mod rotation;
 }
 
 mod adversary_issue15;

@@ -2,28 +2,22 @@
 //! call meant for another node is refused before anything is touched), and the rotation itself:
 //! the fleet-lock slot held from cordon to the node's return after its "reboot" (an agent
 //! restart with a new boot ID), and kept by a node that never comes back. Every step runs under
-//! a timeout.
+//! a timeout. The fleet harness is `crate::support::rotation`, shared with the adversary rounds.
 
-use std::future::Future;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use nodekeeper::pb::{self, node_agent_client::NodeAgentClient};
+use nodekeeper::pb;
 use nodekeeper_tests::drain_scenario::request;
-use nodekeeper_tests::fake_api::{FakeApi, PdbLimit, PodSeed, Res};
+use nodekeeper_tests::fake_api::{FakeApi, Res};
 use nodekeeper_tests::{Agent, TEST_TOKEN, agent_bin, bearer, wait_for};
 use serde_json::Value;
 use tonic::Code;
-use tonic::transport::Channel;
 
-const CONFIG: &str = "metrics:\n  enabled: false\ndrain:\n  retryInitial: 100ms\n  retryMax: 500ms\n  deletionPoll: 200ms\n";
-
-async fn within<T>(secs: u64, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(secs), f)
-        .await
-        .expect("test step timed out")
-}
+use crate::support::rotation::{
+    AgentOpts, CONFIG, Fleet, LOCK_NS, SLOT, client, kill, last_event, rotation_request, within,
+};
 
 fn agent(kubeconfig: &Path, node: &str) -> Agent {
     Agent::builder()
@@ -31,12 +25,6 @@ fn agent(kubeconfig: &Path, node: &str) -> Agent {
         .with_token()
         .connected(kubeconfig, node)
         .start()
-}
-
-async fn client(agent: &Agent) -> NodeAgentClient<Channel> {
-    NodeAgentClient::connect(agent.grpc_url())
-        .await
-        .expect("connect")
 }
 
 /// Writes to Nodes and evictions the fake API server saw.
@@ -180,160 +168,11 @@ async fn a_drain_sent_to_the_wrong_node_is_refused_and_nothing_is_touched() {
 
 // === the rotation: slot held from cordon to return, across the "reboot" ===
 
-/// Pods per rotated node, behind a budget that lets one go at a time.
-const PODS: usize = 3;
-const LOCK_NS: &str = "nodekeeper-system";
-const SLOT: &str = "nodekeeper-drain-slot-0";
-
-/// One slot, a lease shorter than a reboot (so only the return-by mark keeps the slot), the
-/// boot ID read from a file the test changes to "reboot" the node.
-fn rotation_config(boot_id: &Path, return_timeout: &str) -> String {
-    format!(
-        "{CONFIG}  fleetLock:\n    enabled: true\n    slots: 1\n    leaseDuration: 2s\n  maintenance:\n    bootIdPath: {}\n    returnTimeout: {return_timeout}\n",
-        boot_id.display()
-    )
-}
-
-struct Fleet {
-    api: FakeApi,
-    dir: tempfile::TempDir,
-    kubeconfig: std::path::PathBuf,
-}
-
-impl Fleet {
-    /// `nodes`, each running `PODS` ReplicaSet pods behind a minAvailable PODS-1 budget;
-    /// replacements land on node-other and become Ready 500 ms later. Every node boots "boot-1".
-    fn new(nodes: &[&str]) -> Fleet {
-        Fleet::with_pods(nodes, PODS)
-    }
-
-    fn with_pods(nodes: &[&str], pods: usize) -> Fleet {
-        let api = FakeApi::builder()
-            .replace_delay(Duration::from_millis(100))
-            .ready_delay(Duration::from_millis(500))
-            .other_node("node-other")
-            .start();
-        api.add_node("node-other", &[]);
-        let dir = tempfile::tempdir().expect("tempdir");
-        for node in nodes {
-            api.add_node(node, &[]);
-            let app = format!("app-{node}");
-            api.add_replicaset(
-                "apps",
-                &app,
-                &[("app", &app)],
-                pods as i64,
-                &[("app", &app)],
-            );
-            for i in 0..pods {
-                api.add_pod(
-                    PodSeed::new(&format!("{app}-{i}"))
-                        .namespace("apps")
-                        .node(node)
-                        .label("app", &app)
-                        .replicaset(&app),
-                );
-            }
-            api.add_pdb(
-                "apps",
-                &format!("{app}-pdb"),
-                &[("app", &app)],
-                PdbLimit::MinAvailable(pods as i64 - 1),
-                None,
-            );
-            std::fs::write(dir.path().join(format!("{node}.boot_id")), "boot-1\n")
-                .expect("write boot id");
-        }
-        let kubeconfig = dir.path().join("kubeconfig");
-        api.write_kubeconfig(&kubeconfig);
-        Fleet {
-            api,
-            dir,
-            kubeconfig,
-        }
-    }
-
-    fn boot_id_path(&self, node: &str) -> std::path::PathBuf {
-        self.dir.path().join(format!("{node}.boot_id"))
-    }
-
-    fn agent(&self, node: &str, return_timeout: &str) -> Agent {
-        Agent::builder()
-            .config(&rotation_config(&self.boot_id_path(node), return_timeout))
-            .with_token()
-            .connected(&self.kubeconfig, node)
-            .start()
-    }
-
-    /// The "reboot": the node's agent dies with the node, the node comes back with a new boot
-    /// ID, and a new agent starts on it.
-    fn reboot(&self, agent: Agent, node: &str, return_timeout: &str) -> Agent {
-        kill(agent);
-        std::fs::write(self.boot_id_path(node), "boot-2\n").expect("write boot id");
-        self.agent(node, return_timeout)
-    }
-
-    /// The node's maintenance record, parsed.
-    fn maintenance(&self, node: &str) -> Value {
-        self.api.node(node).expect("node")["metadata"]["annotations"]["nodekeeper.io/maintenance"]
-            .as_str()
-            .and_then(|s| serde_json::from_str(s).ok())
-            .unwrap_or(Value::Null)
-    }
-
-    fn holder(&self) -> Option<String> {
-        self.api
-            .get(Res::Leases, LOCK_NS, SLOT)
-            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
-            .filter(|h| !h.is_empty())
-    }
-
-    fn events(&self, node: &str, reason: &str) -> Vec<String> {
-        self.api
-            .events()
-            .into_iter()
-            .filter(|e| e["reason"] == reason && e["involvedObject"]["name"] == node)
-            .map(|e| e["message"].as_str().unwrap_or_default().to_string())
-            .collect()
-    }
-
-    /// (node, cordoned?) for every cordon and uncordon PATCH the API server accepted, in order.
-    fn cordon_log(&self) -> Vec<(String, bool)> {
-        self.api
-            .requests()
-            .into_iter()
-            .filter(|r| r.method == "PATCH" && r.status < 300 && r.body.contains("unschedulable"))
-            .filter_map(|r| {
-                let node = r.path.rsplit('/').next()?.to_string();
-                Some((node, r.body.contains("\"unschedulable\":true")))
-            })
-            .collect()
-    }
-}
-
-fn kill(agent: Agent) {
-    let mut agent = agent;
-    agent.proc.signal("KILL");
-    agent.proc.wait_exit(Duration::from_secs(5));
-}
-
-fn rotation_request(id: &str, node: &str) -> pb::DrainRequest {
-    let mut r = request(id);
-    r.node_name = node.into();
-    r.await_reboot = true;
-    r
-}
-
-fn last_event(events: &[pb::DrainEvent]) -> Option<&pb::drain_event::Event> {
-    events.last().and_then(|e| e.event.as_ref())
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_three_node_rotation_with_one_slot_never_has_two_nodes_cordoned_across_the_reboots() {
     const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
     let fleet = Fleet::new(&NODES);
-    let mut agents: Vec<Option<Agent>> =
-        NODES.iter().map(|n| Some(fleet.agent(n, "10m"))).collect();
+    let mut agents: Vec<Option<Agent>> = NODES.iter().map(|n| Some(fleet.agent(n))).collect();
 
     // Rotation options without a rotation are a usage error naming the field.
     let mut c = client(agents[0].as_ref().unwrap()).await;
@@ -371,9 +210,7 @@ async fn a_three_node_rotation_with_one_slot_never_has_two_nodes_cordoned_across
                             "{node} awaits its reboot without the slot"
                         );
                         let old = agents[i].take().unwrap();
-                        agents[i] = Some(tokio::task::block_in_place(|| {
-                            fleet.reboot(old, node, "10m")
-                        }));
+                        agents[i] = Some(tokio::task::block_in_place(|| fleet.reboot(old, node)));
                         rebooted[i] = true;
                         all_done = false;
                     }
@@ -474,8 +311,8 @@ async fn a_three_node_rotation_with_one_slot_never_has_two_nodes_cordoned_across
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_that_never_comes_back_keeps_its_slot_and_raises_an_event() {
     let fleet = Fleet::new(&["node-a", "node-b"]);
-    let a = fleet.agent("node-a", "2s");
-    let b = fleet.agent("node-b", "2s");
+    let a = fleet.agent_with("node-a", AgentOpts::default().return_timeout("2s"));
+    let b = fleet.agent_with("node-b", AgentOpts::default().return_timeout("2s"));
     let events = within(
         60,
         nodekeeper_tests::drain_scenario::drain_all(
@@ -574,8 +411,8 @@ async fn set_slot_holder(kubeconfig: &Path, holder: Option<&str>) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slot_lost_mid_drain_pauses_evictions_until_a_slot_is_held_again() {
-    let fleet = Fleet::with_pods(&["node-a"], 8);
-    let a = fleet.agent("node-a", "10m");
+    let fleet = Fleet::builder().pods(8).start(&["node-a"]);
+    let a = fleet.agent("node-a");
     let mut c = client(&a).await;
     let mut req = request("rot-a");
     req.node_name = "node-a".into();
@@ -678,8 +515,8 @@ fn maintenance_state(agent: &Agent) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn rotation_metrics_report_cordon_time_state_slot_waits_and_holds() {
     let fleet = Fleet::new(&["node-a", "node-b"]);
-    let a = fleet.agent("node-a", "10m");
-    let b = fleet.agent("node-b", "10m");
+    let a = fleet.agent("node-a");
+    let b = fleet.agent("node-b");
     const CORDONED: &str = "nodekeeper_node_cordoned_by_nodekeeper_seconds";
     const HELD: &str = "nodekeeper_fleet_lock_slot_held";
     const WAITS: &str = "nodekeeper_fleet_lock_waits_total";
@@ -742,7 +579,7 @@ async fn rotation_metrics_report_cordon_time_state_slot_waits_and_holds() {
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // node-b "reboots" and returns: done, uncordoned, slot released.
-    let b = fleet.reboot(b, "node-b", "10m");
+    let b = fleet.reboot(b, "node-b");
     wait_for(Duration::from_secs(30), "node-b done", || {
         (maintenance_state(&b) == "done").then_some(())
     });
@@ -815,7 +652,7 @@ fn maintenance_status_cli(fleet: &Fleet, args: &[&str]) -> (i32, String, String)
 #[tokio::test(flavor = "multi_thread")]
 async fn maintenance_status_shows_each_nodes_state_cordon_and_slot_from_the_api() {
     let fleet = Fleet::new(&["node-a", "node-b"]);
-    let b = fleet.agent("node-b", "10m");
+    let b = fleet.agent("node-b");
     let mut cb = client(&b).await;
     let events = within(60, async {
         nodekeeper_tests::drain_scenario::drain_all(
@@ -913,8 +750,8 @@ fn rotate_cli(fleet: &Fleet, agent_addr: &str, token: &Path) -> std::process::Ch
 #[tokio::test(flavor = "multi_thread")]
 async fn rotate_killed_mid_drain_resumes_and_cordons_and_uncordons_exactly_once() {
     // Six pods, one at a time through their budget: the drain takes a few seconds.
-    let fleet = Fleet::with_pods(&["node-a"], 6);
-    let a = fleet.agent("node-a", "10m");
+    let fleet = Fleet::builder().pods(6).start(&["node-a"]);
+    let a = fleet.agent("node-a");
     let token = fleet.dir.path().join("token");
     std::fs::write(&token, TEST_TOKEN).expect("write token");
 
@@ -946,7 +783,7 @@ async fn rotate_killed_mid_drain_resumes_and_cordons_and_uncordons_exactly_once(
         || (fleet.maintenance("node-a")["state"] == "awaiting-reboot").then_some(()),
     );
     // The patching tool reboots the node.
-    let _a = fleet.reboot(a, "node-a", "10m");
+    let _a = fleet.reboot(a, "node-a");
     let out = tokio::task::spawn_blocking(move || second.wait_with_output())
         .await
         .expect("join")

@@ -30,7 +30,9 @@ pub async fn connect(mode: KubernetesMode) -> Result<Option<kube::Client>, KubeE
         // an eviction's 429 (a PodDisruptionBudget) at once to report it and back off itself, and
         // watchers have their own backoff.
         config.default_retry = false;
-        kube::Client::try_from(config).map_err(|e| e.to_string())
+        kube::Client::try_from(config)
+            .map(retry_after_headers)
+            .map_err(|e| e.to_string())
     };
     match (attempt.await, mode) {
         (Ok(client), _) => Ok(Some(client)),
@@ -351,6 +353,141 @@ pub const WATCH_ANSWER_TIMEOUT: std::time::Duration = API_CALL_TIMEOUT;
 /// default 290 s; one re-watch per node every 2 minutes is served from the API server's watch
 /// cache (client-go's reflectors re-watch every 5-10 minutes).
 pub const POD_WATCH_TIMEOUT_SECS: u32 = 120;
+
+/// Largest error body [`retry_after_headers`] reads to carry a `Retry-After` into it; an API
+/// server's Status is a few hundred bytes, a proxy's error page a few KiB.
+const ERROR_BODY_MAX: usize = 64 * 1024;
+
+/// `client` whose 429 and 503 answers carry their `Retry-After` header (delay-seconds) into the
+/// Status kube reads as `details.retryAfterSeconds`. kube's client turns an error answer into an
+/// `Error::Api` from the body alone and drops the headers, so a proxy or load balancer in front
+/// of the API server that answers 429 in plain text with only the header would be retried at the
+/// caller's own back-off. A Status that already names a delay keeps it; an HTTP-date
+/// `Retry-After` is not read (API servers and the proxies seen send seconds).
+pub fn retry_after_headers(client: kube::Client) -> kube::Client {
+    let ns = client.default_namespace().to_string();
+    kube::Client::new(RetryAfterHeaders { client }, ns)
+}
+
+/// The service [`retry_after_headers`] builds its client on.
+#[derive(Clone)]
+struct RetryAfterHeaders {
+    client: kube::Client,
+}
+
+impl tower_service::Service<http::Request<kube::client::Body>> for RetryAfterHeaders {
+    type Response = http::Response<kube::client::Body>;
+    type Error = kube::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, kube::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), kube::Error>> {
+        // `client` buffers requests itself (kube::Client::send waits for its readiness).
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<kube::client::Body>) -> Self::Future {
+        let client = self.client.clone();
+        Box::pin(async move {
+            let resp = client.send(req).await?;
+            let code = resp.status().as_u16();
+            let delay = resp
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u32>().ok())
+                .filter(|s| *s > 0);
+            let Some(delay) = delay.filter(|_| matches!(code, 429 | 503)) else {
+                return Ok(resp);
+            };
+            let (mut parts, body) = resp.into_parts();
+            let bytes = http_body_util::BodyExt::collect(http_body_util::Limited::new(
+                body,
+                ERROR_BODY_MAX,
+            ))
+            .await
+            .map(|c| c.to_bytes().to_vec())
+            .unwrap_or_default();
+            let status = status_with_retry_after(&bytes, code, delay);
+            parts.headers.remove(http::header::CONTENT_LENGTH);
+            parts.headers.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            Ok(http::Response::from_parts(
+                parts,
+                kube::client::Body::from(status),
+            ))
+        })
+    }
+}
+
+/// `body` (an error answer with HTTP status `code`) as a Status JSON whose
+/// `details.retryAfterSeconds` is `delay` unless it already names one. A body that is not a
+/// Status becomes one, its text the message (as kube itself would report it).
+fn status_with_retry_after(body: &[u8], code: u16, delay: u32) -> Vec<u8> {
+    let mut status = match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(v) if v.get("kind").and_then(|k| k.as_str()) == Some("Status") => v,
+        _ => serde_json::json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "status": "Failure",
+            "message": String::from_utf8_lossy(body).trim(),
+            "reason": if code == 429 { "TooManyRequests" } else { "ServiceUnavailable" },
+            "code": code,
+        }),
+    };
+    let named = status
+        .pointer("/details/retryAfterSeconds")
+        .and_then(|v| v.as_u64())
+        .is_some_and(|s| s > 0);
+    if !named {
+        if !status.get("details").is_some_and(|d| d.is_object()) {
+            status["details"] = serde_json::json!({});
+        }
+        status["details"]["retryAfterSeconds"] = serde_json::json!(delay);
+    }
+    serde_json::to_vec(&status).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod retry_after_tests {
+    use super::status_with_retry_after;
+    use serde_json::Value;
+
+    fn parsed(b: &[u8]) -> Value {
+        serde_json::from_slice(b).expect("json")
+    }
+
+    #[test]
+    fn a_plain_text_answer_becomes_a_status_naming_the_delay() {
+        let s = parsed(&status_with_retry_after(b"Too Many Requests\n", 429, 7));
+        assert_eq!(s["kind"], "Status");
+        assert_eq!(s["code"], 429);
+        assert_eq!(s["reason"], "TooManyRequests");
+        assert_eq!(s["message"], "Too Many Requests");
+        assert_eq!(s["details"]["retryAfterSeconds"], 7);
+    }
+
+    #[test]
+    fn a_status_without_a_delay_gets_the_headers_and_keeps_the_rest() {
+        let body = br#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"Cannot evict pod","reason":"TooManyRequests","details":{"causes":[{"reason":"DisruptionBudget","message":"web-pdb"}]},"code":429}"#;
+        let s = parsed(&status_with_retry_after(body, 429, 10));
+        assert_eq!(s["message"], "Cannot evict pod");
+        assert_eq!(s["details"]["causes"][0]["reason"], "DisruptionBudget");
+        assert_eq!(s["details"]["retryAfterSeconds"], 10);
+    }
+
+    #[test]
+    fn a_status_naming_its_own_delay_keeps_it() {
+        let body =
+            br#"{"kind":"Status","status":"Failure","code":429,"details":{"retryAfterSeconds":3}}"#;
+        let s = parsed(&status_with_retry_after(body, 429, 10));
+        assert_eq!(s["details"]["retryAfterSeconds"], 3);
+    }
+}
 
 /// `client` with every watch request (`watch=true`) recorded in `health` (sent and not yet
 /// answered: [`WATCH_ANSWER_GRACE`]) and cut at [`WATCH_ANSWER_TIMEOUT`] without an answer.

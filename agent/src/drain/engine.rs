@@ -1466,7 +1466,10 @@ impl DrainController {
                 Ok(Err(kube::Error::Api(s))) if s.code == 429 && is_budget_refusal(&s) => {
                     let budget = budget_name(&s);
                     self.count_retry("pdb");
-                    let wait = jitter(backoff);
+                    // The server's Retry-After when it gives one (today's API servers give it on
+                    // APF throttling, not on budget refusals; a proxy or a future server may).
+                    let wait = retry_after(&kube::Error::Api(s.clone()))
+                        .unwrap_or_else(|| jitter(backoff));
                     self.blocked(run, pod, &budget, &s.message, attempt, wait, "DrainBlocked")
                         .await;
                     wait

@@ -560,6 +560,9 @@ pub struct Evaluation {
     /// Matching pods the metric cannot be attributed to (`time_wait` of a hostNetwork pod:
     /// TIME_WAIT sockets have no owner, decision #18-n): skipped, their value unknown.
     pub unattributable: usize,
+    /// Matching pods whose `accept_queue` on the query's `port` is not in the census: the pod
+    /// has more listeners than `topListeners` and none kept is on that port (decision #18-r).
+    pub beyond_top_listeners: usize,
 }
 
 /// Two disjoint sets of pods together (the aggregator sums agent by agent).
@@ -572,6 +575,7 @@ impl std::ops::Add for Evaluation {
             matched: self.matched + other.matched,
             failed: self.failed + other.failed,
             unattributable: self.unattributable + other.unattributable,
+            beyond_top_listeners: self.beyond_top_listeners + other.beyond_top_listeners,
         }
     }
 }
@@ -598,6 +602,10 @@ pub fn evaluate(q: &Query, pods: &[pb::PodConnections]) -> Evaluation {
             out.unattributable += 1;
             continue;
         }
+        if q.metric == Metric::AcceptQueue && port_beyond_top_listeners(q, pod) {
+            out.beyond_top_listeners += 1;
+            continue;
+        }
         out.matched += 1;
         out.value += pod_value(q, pod);
     }
@@ -622,6 +630,12 @@ fn pod_value(q: &Query, pod: &pb::PodConnections) -> f64 {
             let size = q.pool_size.unwrap_or(1).max(1) as f64;
             100.0 * established / size
         }
+        // Over every listener: the census's total when its list was cut (decision #18-r). On a
+        // port: the list keeps every listener of a port it names (`port_beyond_top_listeners`
+        // refuses the others).
+        Metric::AcceptQueue if q.port.is_none() && listeners_cut(pod) => {
+            pod.accept_queue_total as f64
+        }
         Metric::AcceptQueue => pod
             .listeners
             .iter()
@@ -632,6 +646,20 @@ fn pod_value(q: &Query, pod: &pb::PodConnections) -> f64 {
         Metric::OpenAfterDeletion => pod.open_after_deletion as f64,
         Metric::EphemeralPorts => pod.ephemeral_ports_in_use as f64,
     }
+}
+
+/// The census's listener list was cut to `topListeners` (an agent before #18-r sends no
+/// `listeners_total`: its list is read as whole, as it did).
+fn listeners_cut(pod: &pb::PodConnections) -> bool {
+    pod.listeners_total > pod.listeners.len() as u64
+}
+
+/// The query names a port no listener of the cut list is on: its listener, if any, is among
+/// those cut, its queue unknown.
+fn port_beyond_top_listeners(q: &Query, pod: &pb::PodConnections) -> bool {
+    q.port.is_some_and(|p| {
+        listeners_cut(pod) && !pod.listeners.iter().any(|l| l.port == u32::from(p))
+    })
 }
 
 fn pool_established(pod: &pb::PodConnections, want: impl Fn(&str) -> bool) -> f64 {

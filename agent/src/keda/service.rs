@@ -222,6 +222,18 @@ impl ScalerService {
                 q.metric.name()
             )));
         }
+        // A port whose listener the census did not keep: its queue is unknown, not a zero.
+        if e.beyond_top_listeners > 0 {
+            return Err(Status::unavailable(format!(
+                "{} of {} pods selected in namespace {} have more listening sockets than \
+                 metrics.connections.topListeners and none kept is on port {}: its accept queue \
+                 is not in the census (raise topListeners; decision #18-r)",
+                e.beyond_top_listeners,
+                e.beyond_top_listeners + e.unattributable + e.failed + e.matched,
+                q.namespace,
+                q.port.map_or_else(String::new, |p| p.to_string())
+            )));
+        }
         // No selected pod is no value, not a zero: a typo in the selector or namespace would
         // otherwise scale the workload to its minimum.
         if e.matched == 0 {

@@ -152,7 +152,6 @@ time.sleep(3600)
 /// for the port whose listener was cut (ties sort by port, so the highest goes), with no error.
 /// Unlike `remote`, a `port` is not pinned.
 #[test]
-#[ignore = "adversary finding: accept_queue sums only the topListeners (10) largest queues: 11 listeners x 1 queued read 10, the 11th port reads 0"]
 fn adversary18f_accept_queue_beyond_top_listeners_reads_smaller_as_root() {
     if !nodekeeper_tests::require_root() {
         return;
@@ -228,7 +227,6 @@ time.sleep(3600)
 /// (which docs/connections.md promises "never counts clients") counts the 5 clients, 10 instead
 /// of 5 (the pod's own 5 client sockets to 127.0.0.1:8080 are its one real outbound pool).
 #[test]
-#[ignore = "adversary finding: a closed listener's accepted connections become outbound pools: *:8080 reads 0 (5), pool_utilization counts the clients (10 for 5)"]
 fn adversary18f_inbound_connections_after_the_listener_closes_are_read_as_outbound_as_root() {
     if !nodekeeper_tests::require_root() {
         return;
@@ -316,7 +314,6 @@ time.sleep(3600)
 /// address) are counted as 3 inbound connections to `*:7000` (which has none), and the pool
 /// `127.0.0.1:5432` reads 0 (it has 3).
 #[test]
-#[ignore = "adversary finding: inbound vs outbound is decided by local port only: 3 connections to 127.0.0.1:5432 from source port 7000 read 0 there and 3 on *:7000 (0)"]
 fn adversary18f_an_outbound_connection_from_a_listening_port_is_counted_inbound_as_root() {
     if !nodekeeper_tests::require_root() {
         return;
@@ -440,7 +437,6 @@ fn adversary18f_an_ipv6_remote_in_any_spelling_reads_the_pool_as_root() {
 /// connections are web-1's and web-2's, and `app=web` sums 8 for 4 connections ("counted once
 /// each" is the promise).
 #[test]
-#[ignore = "adversary finding: two selected pods with a process in one netns each report the whole netns: 4 connections read 8"]
 fn adversary18f_two_selected_pods_in_one_netns_count_its_connections_twice_as_root() {
     if !nodekeeper_tests::require_root() {
         return;

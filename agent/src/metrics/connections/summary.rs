@@ -2,9 +2,9 @@
 //! remote (top N + "other"), listeners, ephemeral ports, retransmits, RTT. Pure: no I/O.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
-use super::{ConnectionsConfig, NetnsReading, TcpState};
+use super::{ConnectionsConfig, NetnsReading, Socket, TcpState};
 use crate::pb;
 
 #[derive(Default)]
@@ -98,6 +98,37 @@ fn owned_sockets<'a>(reading: &'a NetnsReading, owned: &HashSet<u64>) -> Vec<&'a
         .collect()
 }
 
+/// A connection's identity from one census to the next: its socket inode, or its 4-tuple
+/// (local, remote) when it has none (a child still in its listener's accept queue). One
+/// namespace's identities only: 4-tuples repeat across namespaces (decision #18-r).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConnId {
+    Inode(u64),
+    Tuple(SocketAddr, SocketAddr),
+}
+
+impl ConnId {
+    pub fn of(s: &Socket) -> Self {
+        if s.inode == 0 {
+            Self::Tuple(s.local, s.remote)
+        } else {
+            Self::Inode(s.inode)
+        }
+    }
+}
+
+/// Whether a listener bound to `listener` accepts connections whose local address is `local`
+/// (the port already matched): the same address, or a wildcard one. `0.0.0.0` accepts every
+/// IPv4 address; `::` every address, IPv4 too (a dual-stack socket's IPv4 children read as
+/// IPv4: `ip_from_v6`). An IPv4-mapped listener address already reads as IPv4.
+fn accepts_on(listener: IpAddr, local: IpAddr) -> bool {
+    match listener {
+        IpAddr::V6(l) if l.is_unspecified() => true,
+        IpAddr::V4(l) if l.is_unspecified() => local.is_ipv4(),
+        l => l == local,
+    }
+}
+
 /// `summarize`, keeping every pool whose remote is in `pinned` (`ip:port`, `*:PORT`) on its own
 /// whatever its rank: the remotes KEDA queries name (pins.rs).
 pub fn summarize_pinned(
@@ -106,6 +137,21 @@ pub fn summarize_pinned(
     config: &ConnectionsConfig,
     pinned: &BTreeSet<String>,
 ) -> pb::PodConnections {
+    summarize_remembering(reading, owned, config, pinned, &HashSet::new()).0
+}
+
+/// `summarize_pinned`, where an established connection is inbound when a listener of the pod
+/// accepts on its local address and port, or when `inbound` (the identities of connections an
+/// earlier census of this namespace counted inbound) holds it: a connection once inbound stays
+/// inbound after its listener closed (a drain; decision #18-r). Also returns the identities of
+/// the connections counted inbound now, for the next census.
+pub fn summarize_remembering(
+    reading: &NetnsReading,
+    owned: Option<&HashSet<u64>>,
+    config: &ConnectionsConfig,
+    pinned: &BTreeSet<String>,
+    inbound: &HashSet<ConnId>,
+) -> (pb::PodConnections, HashSet<ConnId>) {
     let idle_ms = u32::try_from(config.idle_after.get().as_millis()).unwrap_or(u32::MAX);
     let sockets: Vec<_> = match owned {
         None => reading.sockets.iter().collect(),
@@ -113,12 +159,18 @@ pub fn summarize_pinned(
     };
 
     let mut states: BTreeMap<TcpState, u64> = BTreeMap::new();
-    let mut listening_ports = HashSet::new();
+    // Listening addresses by port: inbound is "a listener accepts on the local address and
+    // port", not the port alone (an outbound connection may leave from a port the pod listens
+    // on at another address).
+    let mut listening: HashMap<u16, Vec<IpAddr>> = HashMap::new();
     let mut listeners = Vec::new();
     for s in &sockets {
         *states.entry(s.state).or_default() += 1;
         if s.state == TcpState::Listen {
-            listening_ports.insert(s.local.port());
+            listening
+                .entry(s.local.port())
+                .or_default()
+                .push(s.local.ip());
             listeners.push(pb::Listener {
                 address: s.local.to_string(),
                 port: u32::from(s.local.port()),
@@ -138,11 +190,27 @@ pub fn summarize_pinned(
             .then(a.port.cmp(&b.port))
             .then(a.address.cmp(&b.address))
     });
-    listeners.truncate(config.top_listeners);
+    // The figures over every listener, before the list is cut to topListeners. The cut keeps
+    // every listener of each port it keeps, so a port's queue in the list is its whole queue
+    // (decision #18-r).
+    let listeners_total = listeners.len() as u64;
+    let accept_queue_total: u64 = listeners.iter().map(|l| l.accept_queue).sum();
+    if listeners.len() > config.top_listeners {
+        let kept: HashSet<u32> = listeners[..config.top_listeners]
+            .iter()
+            .map(|l| l.port)
+            .collect();
+        let mut rank = 0;
+        listeners.retain(|l| {
+            rank += 1;
+            rank <= config.top_listeners || kept.contains(&l.port)
+        });
+    }
 
     let (low, high) = reading.port_range.unwrap_or((0, 0));
     let mut ephemeral = HashSet::new();
     let mut pools: HashMap<PoolKey, Pool> = HashMap::new();
+    let mut inbound_now = HashSet::new();
     let (mut retransmits, mut rtt_sum, mut rtt_count, mut rtt_max) = (0u64, 0u64, 0u64, 0u32);
     for s in &sockets {
         retransmits += u64::from(s.retransmits);
@@ -155,7 +223,14 @@ pub fn summarize_pinned(
         if s.state != TcpState::Established {
             continue;
         }
-        let key = if listening_ports.contains(&s.local.port()) {
+        let by_listener = listening
+            .get(&s.local.port())
+            .is_some_and(|ips| ips.iter().any(|&l| accepts_on(l, s.local.ip())));
+        let remembered = !inbound.is_empty()
+            && (inbound.contains(&ConnId::of(s))
+                || inbound.contains(&ConnId::Tuple(s.local, s.remote)));
+        let key = if by_listener || remembered {
+            inbound_now.insert(ConnId::of(s));
             PoolKey::Inbound(s.local.port())
         } else {
             PoolKey::Outbound(s.remote)
@@ -208,7 +283,7 @@ pub fn summarize_pinned(
     }
 
     let (listen_overflows, listen_drops) = reading.listen_counters.unwrap_or_default();
-    pb::PodConnections {
+    let pod = pb::PodConnections {
         source: reading.source.name().into(),
         established: states.get(&TcpState::Established).copied().unwrap_or(0),
         tcp_states: states
@@ -231,8 +306,11 @@ pub fn summarize_pinned(
         } else {
             reading.udp_sockets
         },
+        accept_queue_total,
+        listeners_total,
         ..Default::default()
-    }
+    };
+    (pod, inbound_now)
 }
 
 fn mean_seconds(sum_us: u64, count: u64) -> f64 {

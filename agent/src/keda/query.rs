@@ -880,6 +880,42 @@ mod tests {
     }
 
     #[test]
+    fn accept_queue_of_a_cut_listener_list_is_the_total_or_unavailable_by_port() {
+        // 12 listeners counted, 2 kept (8080 and 9090): 30 queued over all of them.
+        let mut cut = pod("shop", "gw-1", WEB)
+            .listener(8080, 7)
+            .listener(9090, 5)
+            .done();
+        cut.listeners_total = 12;
+        cut.accept_queue_total = 30;
+        let q = |extra: Option<(&str, &str)>| {
+            let mut m = vec![
+                ("metric", "accept_queue"),
+                ("target", "5"),
+                ("podSelector", "app=web"),
+            ];
+            m.extend(extra);
+            query(&m)
+        };
+        let e = evaluate(&q(None), std::slice::from_ref(&cut));
+        assert_eq!((e.value, e.matched), (30.0, 1), "every listener: the total");
+        let e = evaluate(&q(Some(("port", "9090"))), std::slice::from_ref(&cut));
+        assert_eq!((e.value, e.matched), (5.0, 1), "a kept port: its listeners");
+        let e = evaluate(&q(Some(("port", "9011"))), std::slice::from_ref(&cut));
+        assert_eq!(
+            (e.value, e.matched, e.beyond_top_listeners),
+            (0.0, 0, 1),
+            "a port not kept: unknown, never 0"
+        );
+        // A whole list (or an agent before #18-r: no listeners_total): the list's sum, and a
+        // port without a listener is 0.
+        let whole = pod("shop", "gw-2", WEB).listener(8080, 7).done();
+        let e = evaluate(&q(Some(("port", "9011"))), std::slice::from_ref(&whole));
+        assert_eq!((e.value, e.matched, e.beyond_top_listeners), (0.0, 1, 0));
+        assert_eq!(evaluate(&q(None), &[whole]).value, 7.0);
+    }
+
+    #[test]
     fn time_wait_open_after_deletion_and_ephemeral_ports() {
         let sel = ("podSelector", "app=web");
         assert_eq!(

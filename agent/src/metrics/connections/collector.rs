@@ -408,6 +408,66 @@ mod tests {
     }
 
     #[test]
+    fn a_namespace_of_its_own_shared_by_pods_is_none_of_theirs() {
+        let (a, b, c, d, e) = (
+            cgroup("ua"),
+            cgroup("ub"),
+            cgroup("uc"),
+            cgroup("ud"),
+            cgroup("ue"),
+        );
+        let pod = |id: &str| Target::Pod {
+            index: 0,
+            id: id.into(),
+        };
+        let plan = vec![
+            (&a, pod("net:[1]")),
+            // b's processes are in 1 and in 2: sharing 1 with a.
+            (
+                &b,
+                Target::Union {
+                    indices: vec![0, 1],
+                    id: "net:[1],net:[2]".into(),
+                },
+            ),
+            (&c, pod("net:[3]")),
+            // hostNetwork pods share the host's namespace by design (#18-n).
+            (
+                &d,
+                Target::Host {
+                    index: 2,
+                    id: "net:[0]".into(),
+                    pids: vec![],
+                },
+            ),
+            (
+                &e,
+                Target::Host {
+                    index: 2,
+                    id: "net:[0]".into(),
+                    pids: vec![],
+                },
+            ),
+        ];
+        let shared = shared_namespaces(&plan);
+        let mut got: Vec<_> = shared.iter().collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                (
+                    &"ua".to_string(),
+                    &("net:[1]".to_string(), vec!["ub".to_string()])
+                ),
+                (
+                    &"ub".to_string(),
+                    &("net:[1]".to_string(), vec!["ua".to_string()])
+                ),
+            ]
+        );
+    }
+
+    #[test]
     fn only_a_running_pod_without_a_cgroup_under_any_of_its_uids_is_an_error_entry() {
         let mut terminating = meta("web-5", "Running", &["u5"]);
         terminating.deletion_timestamp = Some(prost_types::Timestamp::default());

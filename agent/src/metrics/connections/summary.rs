@@ -557,6 +557,126 @@ mod tests {
     }
 
     #[test]
+    fn the_listener_list_keeps_every_listener_of_a_kept_port_and_the_totals() {
+        // Port 9001 on two addresses (queues 5 and 1), 9002..9004 with 3, 2, 0. Top 2: 9001's
+        // first and 9002; 9001's second stays too, 9003 and 9004 are cut.
+        let l = |local: &str, q| {
+            let mut s = sock(TcpState::Listen, local, "0.0.0.0:0");
+            s.rqueue = q;
+            s
+        };
+        let config = ConnectionsConfig {
+            top_listeners: 2,
+            ..Default::default()
+        };
+        let p = summarize(
+            &reading(vec![
+                l("127.0.0.1:9001", 5),
+                l("127.0.0.2:9001", 1),
+                l("127.0.0.1:9002", 3),
+                l("127.0.0.1:9003", 2),
+                l("127.0.0.1:9004", 0),
+            ]),
+            None,
+            &config,
+        );
+        let kept: Vec<_> = p.listeners.iter().map(|l| l.address.as_str()).collect();
+        assert_eq!(kept, ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.2:9001"]);
+        assert_eq!((p.listeners_total, p.accept_queue_total), (5, 11));
+    }
+
+    #[test]
+    fn inbound_is_a_listener_accepting_on_the_local_address_and_port() {
+        let s = vec![
+            sock(TcpState::Listen, "127.0.0.2:7000", "0.0.0.0:0"),
+            sock(TcpState::Listen, "0.0.0.0:8080", "0.0.0.0:0"),
+            sock(TcpState::Listen, "[::]:9090", "[::]:0"),
+            // Outbound from port 7000 on another address: the pool of its remote.
+            sock(TcpState::Established, "127.0.0.3:7000", "127.0.0.1:5432"),
+            // Inbound to the listener's own address.
+            sock(TcpState::Established, "127.0.0.2:7000", "127.0.0.9:40000"),
+            // 0.0.0.0 accepts IPv4 only; :: accepts both (IPv4 children read as IPv4).
+            sock(TcpState::Established, "10.0.0.2:8080", "10.0.0.9:40000"),
+            sock(TcpState::Established, "[fd00::2]:8080", "[fd00::9]:40000"),
+            sock(TcpState::Established, "10.0.0.2:9090", "10.0.0.9:40001"),
+            sock(TcpState::Established, "[fd00::2]:9090", "[fd00::9]:40001"),
+        ];
+        let p = summarize(&reading(s), None, &ConnectionsConfig::default());
+        let mut pools: Vec<_> = p
+            .pools
+            .iter()
+            .map(|x| (x.remote.as_str(), x.established))
+            .collect();
+        pools.sort();
+        assert_eq!(
+            pools,
+            [
+                ("*:7000", 1),
+                ("*:8080", 1),
+                ("*:9090", 2),
+                ("127.0.0.1:5432", 1),
+                ("[fd00::9]:40000", 1),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_connection_once_inbound_stays_inbound_after_its_listener_closed() {
+        let mut served = sock(TcpState::Established, "127.0.0.1:8080", "127.0.0.1:40000");
+        served.inode = 11;
+        let mut queued = sock(TcpState::Established, "127.0.0.1:8080", "127.0.0.1:40001");
+        queued.inode = 0;
+        let client = sock(TcpState::Established, "127.0.0.1:40002", "127.0.0.1:8080");
+        let config = ConnectionsConfig::default();
+        let none = BTreeSet::new();
+        let listener = sock(TcpState::Listen, "127.0.0.1:8080", "0.0.0.0:0");
+        let (p, known) = summarize_remembering(
+            &reading(vec![
+                listener,
+                served.clone(),
+                queued.clone(),
+                client.clone(),
+            ]),
+            None,
+            &config,
+            &none,
+            &HashSet::new(),
+        );
+        assert_eq!(p.pools.len(), 2, "{:?}", p.pools);
+        assert_eq!(
+            known,
+            HashSet::from([
+                ConnId::Inode(11),
+                ConnId::Tuple(queued.local, queued.remote)
+            ])
+        );
+
+        // The listener closed; the queued child was accepted since (it has an inode now): both
+        // stay inbound; the remembered set holds only what is still open.
+        queued.inode = 12;
+        let (p, known) =
+            summarize_remembering(&reading(vec![served, queued]), None, &config, &none, &known);
+        let pools: Vec<_> = p
+            .pools
+            .iter()
+            .map(|x| (x.remote.as_str(), x.established))
+            .collect();
+        assert_eq!(pools, [("*:8080", 2)]);
+        assert_eq!(known, HashSet::from([ConnId::Inode(11), ConnId::Inode(12)]));
+
+        // Not remembered and no listener: outbound (the documented limit).
+        let (p, known) = summarize_remembering(
+            &reading(vec![client]),
+            None,
+            &config,
+            &none,
+            &HashSet::new(),
+        );
+        assert_eq!(p.pools[0].remote, "127.0.0.1:8080");
+        assert!(known.is_empty());
+    }
+
+    #[test]
     fn a_host_network_pods_accept_queue_children_are_its_own_but_not_time_wait() {
         let mut listener = sock(TcpState::Listen, "0.0.0.0:8080", "0.0.0.0:0");
         listener.inode = 7;

@@ -195,18 +195,33 @@ impl ScalerService {
 
     async fn evaluate(&self, q: &Query) -> Result<Evaluation, Status> {
         let census = self.source.census(q).await?;
-        let e = census
-            .select(q)?
-            .into_iter()
+        let selected = census.select(q)?;
+        let e = selected
+            .iter()
             .map(|pods| evaluate(q, pods))
             .fold(Evaluation::default(), |sum, e| sum + e);
         // A selected pod whose census failed has an unknown value: the sum without it is a
         // smaller number, which would scale the workload in (adversary #18 finding 4).
         if e.failed > 0 {
+            // The first such pod's reason, so the answer says why (e.g. a shared namespace).
+            let first = selected
+                .iter()
+                .flat_map(|pods| pods.iter())
+                .find(|p| {
+                    p.namespace == q.namespace
+                        && q.selector.matches(&p.labels)
+                        && !p.error.is_empty()
+                        && p.deletion_timestamp.is_none()
+                })
+                .map(|p| {
+                    let name = if p.name.is_empty() { &p.uid } else { &p.name };
+                    format!("; {name}: {}", p.error)
+                })
+                .unwrap_or_default();
             return Err(Status::unavailable(format!(
                 "{} of {} pods selected in namespace {} had a failed connection census: their \
                  value is unknown, and a sum without them would scale the workload in (see the \
-                 pods' `error` in GetMetrics)",
+                 pods' `error` in GetMetrics){first}",
                 e.failed,
                 e.failed + e.matched,
                 q.namespace

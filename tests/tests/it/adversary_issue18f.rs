@@ -493,4 +493,11 @@ fn adversary18f_two_selected_pods_in_one_netns_count_its_connections_twice_as_ro
          opened none): KEDA must get 4 (or UNAVAILABLE); got {got:?}",
         census_pods::POOL_REMOTE
     );
+    // UNAVAILABLE names why (decision #18-r).
+    if let Err(s) = &got {
+        assert!(
+            s.message().contains("shared with pod shop/web-"),
+            "the answer must name the shared namespace: {s:?}"
+        );
+    }
 }

@@ -566,9 +566,23 @@ pub struct Evaluation {
     pub unattributed_queued: usize,
     /// The most listeners sharing one such port (for the error's reason).
     pub shared_listeners: u32,
+    /// Matching pods whose `accept_queue` on the query's `port` is not in the census: the pod
+    /// has more listeners than `topListeners` and none kept is on that port (decision #18-r).
+    pub beyond_top_listeners: usize,
 }
 
 /// Two disjoint sets of pods together (the aggregator sums agent by agent).
+impl Evaluation {
+    /// Every matching pod, whatever became of it (the "of N selected" in the scaler's errors).
+    pub fn selected(&self) -> usize {
+        self.matched
+            + self.failed
+            + self.unattributable
+            + self.unattributed_queued
+            + self.beyond_top_listeners
+    }
+}
+
 impl std::ops::Add for Evaluation {
     type Output = Evaluation;
 
@@ -580,6 +594,7 @@ impl std::ops::Add for Evaluation {
             unattributable: self.unattributable + other.unattributable,
             unattributed_queued: self.unattributed_queued + other.unattributed_queued,
             shared_listeners: self.shared_listeners.max(other.shared_listeners),
+            beyond_top_listeners: self.beyond_top_listeners + other.beyond_top_listeners,
         }
     }
 }
@@ -611,6 +626,10 @@ pub fn evaluate(q: &Query, pods: &[pb::PodConnections]) -> Evaluation {
             // (decision #18-q).
             out.unattributed_queued += 1;
             out.shared_listeners = out.shared_listeners.max(listeners);
+            continue;
+        }
+        if q.metric == Metric::AcceptQueue && port_beyond_top_listeners(q, pod) {
+            out.beyond_top_listeners += 1;
             continue;
         }
         out.matched += 1;
@@ -656,6 +675,12 @@ fn pod_value(q: &Query, pod: &pb::PodConnections) -> f64 {
             let size = q.pool_size.unwrap_or(1).max(1) as f64;
             100.0 * established / size
         }
+        // Over every listener: the census's total when its list was cut (decision #18-r). On a
+        // port: the list keeps every listener of a port it names (`port_beyond_top_listeners`
+        // refuses the others).
+        Metric::AcceptQueue if q.port.is_none() && listeners_cut(pod) => {
+            pod.accept_queue_total as f64
+        }
         Metric::AcceptQueue => pod
             .listeners
             .iter()
@@ -666,6 +691,20 @@ fn pod_value(q: &Query, pod: &pb::PodConnections) -> f64 {
         Metric::OpenAfterDeletion => pod.open_after_deletion as f64,
         Metric::EphemeralPorts => pod.ephemeral_ports_in_use as f64,
     }
+}
+
+/// The census's listener list was cut to `topListeners` (an agent before #18-r sends no
+/// `listeners_total`: its list is read as whole, as it did).
+fn listeners_cut(pod: &pb::PodConnections) -> bool {
+    pod.listeners_total > pod.listeners.len() as u64
+}
+
+/// The query names a port no listener of the cut list is on: its listener, if any, is among
+/// those cut, its queue unknown.
+fn port_beyond_top_listeners(q: &Query, pod: &pb::PodConnections) -> bool {
+    q.port.is_some_and(|p| {
+        listeners_cut(pod) && !pod.listeners.iter().any(|l| l.port == u32::from(p))
+    })
 }
 
 fn pool_established(pod: &pb::PodConnections, want: impl Fn(&str) -> bool) -> f64 {
@@ -883,6 +922,42 @@ mod tests {
             ("port", "8080"),
         ]);
         assert_eq!(port.value, 8.0);
+    }
+
+    #[test]
+    fn accept_queue_of_a_cut_listener_list_is_the_total_or_unavailable_by_port() {
+        // 12 listeners counted, 2 kept (8080 and 9090): 30 queued over all of them.
+        let mut cut = pod("shop", "gw-1", WEB)
+            .listener(8080, 7)
+            .listener(9090, 5)
+            .done();
+        cut.listeners_total = 12;
+        cut.accept_queue_total = 30;
+        let q = |extra: Option<(&str, &str)>| {
+            let mut m = vec![
+                ("metric", "accept_queue"),
+                ("target", "5"),
+                ("podSelector", "app=web"),
+            ];
+            m.extend(extra);
+            query(&m)
+        };
+        let e = evaluate(&q(None), std::slice::from_ref(&cut));
+        assert_eq!((e.value, e.matched), (30.0, 1), "every listener: the total");
+        let e = evaluate(&q(Some(("port", "9090"))), std::slice::from_ref(&cut));
+        assert_eq!((e.value, e.matched), (5.0, 1), "a kept port: its listeners");
+        let e = evaluate(&q(Some(("port", "9011"))), std::slice::from_ref(&cut));
+        assert_eq!(
+            (e.value, e.matched, e.beyond_top_listeners),
+            (0.0, 0, 1),
+            "a port not kept: unknown, never 0"
+        );
+        // A whole list (or an agent before #18-r: no listeners_total): the list's sum, and a
+        // port without a listener is 0.
+        let whole = pod("shop", "gw-2", WEB).listener(8080, 7).done();
+        let e = evaluate(&q(Some(("port", "9011"))), std::slice::from_ref(&whole));
+        assert_eq!((e.value, e.matched, e.beyond_top_listeners), (0.0, 1, 0));
+        assert_eq!(evaluate(&q(None), &[whole]).value, 7.0);
     }
 
     #[test]

@@ -195,20 +195,35 @@ impl ScalerService {
 
     async fn evaluate(&self, q: &Query) -> Result<Evaluation, Status> {
         let census = self.source.census(q).await?;
-        let e = census
-            .select(q)?
-            .into_iter()
+        let selected = census.select(q)?;
+        let e = selected
+            .iter()
             .map(|pods| evaluate(q, pods))
             .fold(Evaluation::default(), |sum, e| sum + e);
         // A selected pod whose census failed has an unknown value: the sum without it is a
         // smaller number, which would scale the workload in (adversary #18 finding 4).
         if e.failed > 0 {
+            // The first such pod's reason, so the answer says why (e.g. a shared namespace).
+            let first = selected
+                .iter()
+                .flat_map(|pods| pods.iter())
+                .find(|p| {
+                    p.namespace == q.namespace
+                        && q.selector.matches(&p.labels)
+                        && !p.error.is_empty()
+                        && p.deletion_timestamp.is_none()
+                })
+                .map(|p| {
+                    let name = if p.name.is_empty() { &p.uid } else { &p.name };
+                    format!("; {name}: {}", p.error)
+                })
+                .unwrap_or_default();
             return Err(Status::unavailable(format!(
                 "{} of {} pods selected in namespace {} had a failed connection census: their \
                  value is unknown, and a sum without them would scale the workload in (see the \
-                 pods' `error` in GetMetrics)",
+                 pods' `error` in GetMetrics){first}",
                 e.failed,
-                e.failed + e.matched,
+                e.selected(),
                 q.namespace
             )));
         }
@@ -219,7 +234,7 @@ impl ScalerService {
                  their {} cannot be attributed (TIME_WAIT sockets belong to no process; \
                  docs/connections.md, decision #18-n)",
                 e.unattributable,
-                e.unattributable + e.unattributed_queued + e.failed + e.matched,
+                e.selected(),
                 q.namespace,
                 q.metric.name()
             )));
@@ -234,10 +249,22 @@ impl ScalerService {
                  their {} is unknown until those connections are accepted (docs/connections.md, \
                  decision #18-q)",
                 e.unattributed_queued,
-                e.unattributed_queued + e.unattributable + e.failed + e.matched,
+                e.selected(),
                 q.namespace,
                 e.shared_listeners,
                 q.metric.name()
+            )));
+        }
+        // A port whose listener the census did not keep: its queue is unknown, not a zero.
+        if e.beyond_top_listeners > 0 {
+            return Err(Status::unavailable(format!(
+                "{} of {} pods selected in namespace {} have more listening sockets than \
+                 metrics.connections.topListeners and none kept is on port {}: its accept queue \
+                 is not in the census (raise topListeners; decision #18-r)",
+                e.beyond_top_listeners,
+                e.selected(),
+                q.namespace,
+                q.port.map_or_else(String::new, |p| p.to_string())
             )));
         }
         // No selected pod is no value, not a zero: a typo in the selector or namespace would

@@ -2,15 +2,14 @@
 //! namespace read once even when pods share it, hostNetwork pods narrowed to the sockets their
 //! processes hold. Names, labels and deletion timestamps come from the pod watch when connected.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::census::Census;
 use super::pins::PinnedRemotes;
-use super::{
-    CensusError, ConnectionsConfig, NetnsReading, Source, socket_inodes, summarize_pinned,
-};
+use super::summary::{ConnId, summarize_remembering};
+use super::{CensusError, ConnectionsConfig, NetnsReading, Source, socket_inodes};
 use crate::host::HostPaths;
 use crate::kube::PodMeta;
 use crate::metrics::CollectError;
@@ -26,7 +25,16 @@ pub struct ConnectionCollector {
     /// The reader (BPF one pass, sock_diag, procfs), kept between collections; logs and counts
     /// its fallbacks.
     census: Census,
+    /// Per namespace (its identity; a pod's union of several, their joined identities): the
+    /// connections the last census counted inbound, so that they stay inbound after their
+    /// listener closed (decision #18-r). Replaced each census: pruned to what is still open.
+    inbound: Mutex<HashMap<String, HashSet<ConnId>>>,
 }
+
+/// The inbound connections remembered per namespace at most (a few MB: an identity is a few
+/// dozen bytes). Beyond it the namespace's census is an error entry: which connections are
+/// inbound is then unknown, not guessed (decision #18-r).
+pub const MAX_REMEMBERED_INBOUND: usize = 1 << 16;
 
 impl ConnectionCollector {
     pub fn new(host: HostPaths, config: ConnectionsConfig) -> Self {
@@ -35,6 +43,7 @@ impl ConnectionCollector {
             host,
             config,
             pins: Arc::default(),
+            inbound: Mutex::default(),
         }
     }
 
@@ -117,26 +126,74 @@ impl ConnectionCollector {
             };
             plan.push((cg, target));
         }
+        let shared = shared_namespaces(&plan);
         let (pinned, _) = self.pins.current();
         let readings = self.census.read(&paths).readings;
+        let mut remembered = self
+            .inbound
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = std::mem::take(&mut *remembered);
+        let empty = HashSet::new();
+        // Summarises one namespace (or union) keyed `key`, remembering its inbound connections;
+        // an error entry when it has more than the cap.
+        let mut summarize = |key: &str, r: &NetnsReading, owned: Option<&HashSet<u64>>| {
+            let known = before.get(key).unwrap_or(&empty);
+            let (pod, now) = summarize_remembering(r, owned, &self.config, &pinned, known);
+            let slot = remembered.entry(key.to_string()).or_default();
+            slot.extend(now);
+            if slot.len() > MAX_REMEMBERED_INBOUND {
+                return Err(format!(
+                    "more than {MAX_REMEMBERED_INBOUND} inbound connections in network \
+                     namespace {key}: which of its connections are inbound is not remembered \
+                     beyond that (decision #18-r)"
+                ));
+            }
+            Ok(pod)
+        };
         let mut out = Vec::with_capacity(plan.len());
         for (cg, target) in plan {
             let mut pod = match target {
+                // Processes of several pods in one namespace: none of them owns its connections.
+                _ if shared.contains_key(&cg.uid) => {
+                    let (id, others) = &shared[&cg.uid];
+                    let names: Vec<String> = others
+                        .iter()
+                        .map(|uid| match meta.get(uid) {
+                            Some(m) if !m.name.is_empty() => format!("{}/{}", m.namespace, m.name),
+                            _ => format!("uid {uid}"),
+                        })
+                        .collect();
+                    error_entry(
+                        id.clone(),
+                        format!(
+                            "network namespace {id} shared with pod {}: its connections cannot \
+                             be attributed to one pod (decision #18-r)",
+                            names.join(", pod ")
+                        ),
+                    )
+                }
                 Target::Pod { index, id } => match &readings[index] {
-                    Ok(r) => pb::PodConnections {
-                        netns: id,
-                        ..summarize_pinned(r, None, &self.config, &pinned)
+                    Ok(r) => match summarize(&id, r, None) {
+                        Ok(p) => pb::PodConnections { netns: id, ..p },
+                        Err(e) => error_entry(id, e),
                     },
                     Err(e) => error_entry(id, e.to_string()),
                 },
                 Target::Host { index, id, pids } => match &readings[index] {
                     Ok(r) => {
                         let owned = socket_inodes(&self.host.proc, &pids);
-                        pb::PodConnections {
-                            netns: id,
-                            host_network: true,
-                            udp_sockets: host_udp_sockets(&owned),
-                            ..summarize_pinned(r, Some(&owned), &self.config, &pinned)
+                        match summarize(&id, r, Some(&owned)) {
+                            Ok(p) => pb::PodConnections {
+                                netns: id,
+                                host_network: true,
+                                udp_sockets: host_udp_sockets(&owned),
+                                ..p
+                            },
+                            Err(e) => pb::PodConnections {
+                                host_network: true,
+                                ..error_entry(id, e)
+                            },
                         }
                     }
                     Err(e) => pb::PodConnections {
@@ -144,13 +201,12 @@ impl ConnectionCollector {
                         ..error_entry(id, e.to_string())
                     },
                 },
-                Target::Union { indices, id } => match union(&readings, &indices) {
-                    Ok(r) => pb::PodConnections {
-                        netns: id,
-                        ..summarize_pinned(&r, None, &self.config, &pinned)
-                    },
-                    Err(e) => error_entry(id, e),
-                },
+                Target::Union { indices, id } => {
+                    match union(&readings, &indices).and_then(|r| summarize(&id, &r, None)) {
+                        Ok(p) => pb::PodConnections { netns: id, ..p },
+                        Err(e) => error_entry(id, e),
+                    }
+                }
                 Target::Refused { id, why } => error_entry(id, why),
                 Target::Missing => error_entry(
                     String::new(),
@@ -169,10 +225,50 @@ impl ConnectionCollector {
             }
             out.push(pod);
         }
+        // A namespace not read this time (an error) keeps what it remembered.
+        for (key, ids) in before {
+            remembered.entry(key).or_insert(ids);
+        }
+        drop(remembered);
         out.extend(missing_cgroups(meta, &cgroups));
         out.sort_by(|a, b| a.uid.cmp(&b.uid));
         Ok(out)
     }
+}
+
+/// The pods (by UID) that share a namespace of their own with another pod: the namespace's
+/// identity and the other pods' UIDs. A namespace other than the host's that processes of
+/// several pods are in has connections no one pod owns: counting it for each would count it
+/// twice, for one a guess (decision #18-r). The host's namespace has its own rule (#18-n).
+fn shared_namespaces(
+    plan: &[(&pod_cgroups::PodCgroup, Target)],
+) -> HashMap<String, (String, Vec<String>)> {
+    let mut pods_in: HashMap<&str, Vec<&str>> = HashMap::new();
+    for (cg, target) in plan {
+        let ids: Vec<&str> = match target {
+            Target::Pod { id, .. } => vec![id.as_str()],
+            Target::Union { id, .. } => id.split(',').collect(),
+            _ => Vec::new(),
+        };
+        for id in ids {
+            let uids = pods_in.entry(id).or_default();
+            if !uids.contains(&cg.uid.as_str()) {
+                uids.push(&cg.uid);
+            }
+        }
+    }
+    let mut out: HashMap<String, (String, Vec<String>)> = HashMap::new();
+    let mut ids: Vec<_> = pods_in.into_iter().filter(|(_, u)| u.len() > 1).collect();
+    ids.sort();
+    for (id, uids) in ids {
+        for uid in &uids {
+            out.entry((*uid).to_string()).or_insert_with(|| {
+                let others = uids.iter().filter(|u| *u != uid).map(|u| u.to_string());
+                (id.to_string(), others.collect())
+            });
+        }
+    }
+    out
 }
 
 /// An error entry for each pod of the view that must have a cgroup here (Running, not
@@ -309,6 +405,66 @@ mod tests {
         pods.iter()
             .flat_map(|m| m.uids.iter().map(move |u| (u.clone(), m.clone())))
             .collect()
+    }
+
+    #[test]
+    fn a_namespace_of_its_own_shared_by_pods_is_none_of_theirs() {
+        let (a, b, c, d, e) = (
+            cgroup("ua"),
+            cgroup("ub"),
+            cgroup("uc"),
+            cgroup("ud"),
+            cgroup("ue"),
+        );
+        let pod = |id: &str| Target::Pod {
+            index: 0,
+            id: id.into(),
+        };
+        let plan = vec![
+            (&a, pod("net:[1]")),
+            // b's processes are in 1 and in 2: sharing 1 with a.
+            (
+                &b,
+                Target::Union {
+                    indices: vec![0, 1],
+                    id: "net:[1],net:[2]".into(),
+                },
+            ),
+            (&c, pod("net:[3]")),
+            // hostNetwork pods share the host's namespace by design (#18-n).
+            (
+                &d,
+                Target::Host {
+                    index: 2,
+                    id: "net:[0]".into(),
+                    pids: vec![],
+                },
+            ),
+            (
+                &e,
+                Target::Host {
+                    index: 2,
+                    id: "net:[0]".into(),
+                    pids: vec![],
+                },
+            ),
+        ];
+        let shared = shared_namespaces(&plan);
+        let mut got: Vec<_> = shared.iter().collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                (
+                    &"ua".to_string(),
+                    &("net:[1]".to_string(), vec!["ub".to_string()])
+                ),
+                (
+                    &"ub".to_string(),
+                    &("net:[1]".to_string(), vec!["ua".to_string()])
+                ),
+            ]
+        );
     }
 
     #[test]

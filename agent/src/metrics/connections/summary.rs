@@ -2,9 +2,9 @@
 //! remote (top N + "other"), listeners, ephemeral ports, retransmits, RTT. Pure: no I/O.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
-use super::{ConnectionsConfig, NetnsReading, TcpState};
+use super::{ConnectionsConfig, NetnsReading, Socket, TcpState};
 use crate::pb;
 
 #[derive(Default)]
@@ -139,6 +139,37 @@ fn overlaps(l: &SocketAddr, local: &SocketAddr) -> bool {
     l.port() == local.port() && (l.ip().is_unspecified() || l.ip() == local.ip())
 }
 
+/// A connection's identity from one census to the next: its socket inode, or its 4-tuple
+/// (local, remote) when it has none (a child still in its listener's accept queue). One
+/// namespace's identities only: 4-tuples repeat across namespaces (decision #18-r).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConnId {
+    Inode(u64),
+    Tuple(SocketAddr, SocketAddr),
+}
+
+impl ConnId {
+    pub fn of(s: &Socket) -> Self {
+        if s.inode == 0 {
+            Self::Tuple(s.local, s.remote)
+        } else {
+            Self::Inode(s.inode)
+        }
+    }
+}
+
+/// Whether a listener bound to `listener` accepts connections whose local address is `local`
+/// (the port already matched): the same address, or a wildcard one. `0.0.0.0` accepts every
+/// IPv4 address; `::` every address, IPv4 too (a dual-stack socket's IPv4 children read as
+/// IPv4: `ip_from_v6`). An IPv4-mapped listener address already reads as IPv4.
+fn accepts_on(listener: IpAddr, local: IpAddr) -> bool {
+    match listener {
+        IpAddr::V6(l) if l.is_unspecified() => true,
+        IpAddr::V4(l) if l.is_unspecified() => local.is_ipv4(),
+        l => l == local,
+    }
+}
+
 /// `summarize`, keeping every pool whose remote is in `pinned` (`ip:port`, `*:PORT`) on its own
 /// whatever its rank: the remotes KEDA queries name (pins.rs).
 pub fn summarize_pinned(
@@ -147,6 +178,21 @@ pub fn summarize_pinned(
     config: &ConnectionsConfig,
     pinned: &BTreeSet<String>,
 ) -> pb::PodConnections {
+    summarize_remembering(reading, owned, config, pinned, &HashSet::new()).0
+}
+
+/// `summarize_pinned`, where an established connection is inbound when a listener of the pod
+/// accepts on its local address and port, or when `inbound` (the identities of connections an
+/// earlier census of this namespace counted inbound) holds it: a connection once inbound stays
+/// inbound after its listener closed (a drain; decision #18-r). Also returns the identities of
+/// the connections counted inbound now, for the next census.
+pub fn summarize_remembering(
+    reading: &NetnsReading,
+    owned: Option<&HashSet<u64>>,
+    config: &ConnectionsConfig,
+    pinned: &BTreeSet<String>,
+    inbound: &HashSet<ConnId>,
+) -> (pb::PodConnections, HashSet<ConnId>) {
     let idle_ms = u32::try_from(config.idle_after.get().as_millis()).unwrap_or(u32::MAX);
     let (sockets, unattributed_queues): (Vec<_>, _) = match owned {
         None => (reading.sockets.iter().collect(), Vec::new()),
@@ -154,12 +200,18 @@ pub fn summarize_pinned(
     };
 
     let mut states: BTreeMap<TcpState, u64> = BTreeMap::new();
-    let mut listening_ports = HashSet::new();
+    // Listening addresses by port: inbound is "a listener accepts on the local address and
+    // port", not the port alone (an outbound connection may leave from a port the pod listens
+    // on at another address).
+    let mut listening: HashMap<u16, Vec<IpAddr>> = HashMap::new();
     let mut listeners = Vec::new();
     for s in &sockets {
         *states.entry(s.state).or_default() += 1;
         if s.state == TcpState::Listen {
-            listening_ports.insert(s.local.port());
+            listening
+                .entry(s.local.port())
+                .or_default()
+                .push(s.local.ip());
             listeners.push(pb::Listener {
                 address: s.local.to_string(),
                 port: u32::from(s.local.port()),
@@ -179,11 +231,27 @@ pub fn summarize_pinned(
             .then(a.port.cmp(&b.port))
             .then(a.address.cmp(&b.address))
     });
-    listeners.truncate(config.top_listeners);
+    // The figures over every listener, before the list is cut to topListeners. The cut keeps
+    // every listener of each port it keeps, so a port's queue in the list is its whole queue
+    // (decision #18-r).
+    let listeners_total = listeners.len() as u64;
+    let accept_queue_total: u64 = listeners.iter().map(|l| l.accept_queue).sum();
+    if listeners.len() > config.top_listeners {
+        let kept: HashSet<u32> = listeners[..config.top_listeners]
+            .iter()
+            .map(|l| l.port)
+            .collect();
+        let mut rank = 0;
+        listeners.retain(|l| {
+            rank += 1;
+            rank <= config.top_listeners || kept.contains(&l.port)
+        });
+    }
 
     let (low, high) = reading.port_range.unwrap_or((0, 0));
     let mut ephemeral = HashSet::new();
     let mut pools: HashMap<PoolKey, Pool> = HashMap::new();
+    let mut inbound_now = HashSet::new();
     let (mut retransmits, mut rtt_sum, mut rtt_count, mut rtt_max) = (0u64, 0u64, 0u64, 0u32);
     for s in &sockets {
         retransmits += u64::from(s.retransmits);
@@ -196,7 +264,14 @@ pub fn summarize_pinned(
         if s.state != TcpState::Established {
             continue;
         }
-        let key = if listening_ports.contains(&s.local.port()) {
+        let by_listener = listening
+            .get(&s.local.port())
+            .is_some_and(|ips| ips.iter().any(|&l| accepts_on(l, s.local.ip())));
+        let remembered = !inbound.is_empty()
+            && (inbound.contains(&ConnId::of(s))
+                || inbound.contains(&ConnId::Tuple(s.local, s.remote)));
+        let key = if by_listener || remembered {
+            inbound_now.insert(ConnId::of(s));
             PoolKey::Inbound(s.local.port())
         } else {
             PoolKey::Outbound(s.remote)
@@ -249,7 +324,7 @@ pub fn summarize_pinned(
     }
 
     let (listen_overflows, listen_drops) = reading.listen_counters.unwrap_or_default();
-    pb::PodConnections {
+    let pod = pb::PodConnections {
         source: reading.source.name().into(),
         established: states.get(&TcpState::Established).copied().unwrap_or(0),
         tcp_states: states
@@ -273,8 +348,11 @@ pub fn summarize_pinned(
             reading.udp_sockets
         },
         unattributed_queues,
+        accept_queue_total,
+        listeners_total,
         ..Default::default()
-    }
+    };
+    (pod, inbound_now)
 }
 
 fn mean_seconds(sum_us: u64, count: u64) -> f64 {
@@ -518,6 +596,126 @@ mod tests {
         assert_eq!(p.established, 1);
         assert_eq!(p.tcp_states.len(), 1);
         assert_eq!(p.udp_sockets, 0, "host UDP sockets are not the pod's");
+    }
+
+    #[test]
+    fn the_listener_list_keeps_every_listener_of_a_kept_port_and_the_totals() {
+        // Port 9001 on two addresses (queues 5 and 1), 9002..9004 with 3, 2, 0. Top 2: 9001's
+        // first and 9002; 9001's second stays too, 9003 and 9004 are cut.
+        let l = |local: &str, q| {
+            let mut s = sock(TcpState::Listen, local, "0.0.0.0:0");
+            s.rqueue = q;
+            s
+        };
+        let config = ConnectionsConfig {
+            top_listeners: 2,
+            ..Default::default()
+        };
+        let p = summarize(
+            &reading(vec![
+                l("127.0.0.1:9001", 5),
+                l("127.0.0.2:9001", 1),
+                l("127.0.0.1:9002", 3),
+                l("127.0.0.1:9003", 2),
+                l("127.0.0.1:9004", 0),
+            ]),
+            None,
+            &config,
+        );
+        let kept: Vec<_> = p.listeners.iter().map(|l| l.address.as_str()).collect();
+        assert_eq!(kept, ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.2:9001"]);
+        assert_eq!((p.listeners_total, p.accept_queue_total), (5, 11));
+    }
+
+    #[test]
+    fn inbound_is_a_listener_accepting_on_the_local_address_and_port() {
+        let s = vec![
+            sock(TcpState::Listen, "127.0.0.2:7000", "0.0.0.0:0"),
+            sock(TcpState::Listen, "0.0.0.0:8080", "0.0.0.0:0"),
+            sock(TcpState::Listen, "[::]:9090", "[::]:0"),
+            // Outbound from port 7000 on another address: the pool of its remote.
+            sock(TcpState::Established, "127.0.0.3:7000", "127.0.0.1:5432"),
+            // Inbound to the listener's own address.
+            sock(TcpState::Established, "127.0.0.2:7000", "127.0.0.9:40000"),
+            // 0.0.0.0 accepts IPv4 only; :: accepts both (IPv4 children read as IPv4).
+            sock(TcpState::Established, "10.0.0.2:8080", "10.0.0.9:40000"),
+            sock(TcpState::Established, "[fd00::2]:8080", "[fd00::9]:40000"),
+            sock(TcpState::Established, "10.0.0.2:9090", "10.0.0.9:40001"),
+            sock(TcpState::Established, "[fd00::2]:9090", "[fd00::9]:40001"),
+        ];
+        let p = summarize(&reading(s), None, &ConnectionsConfig::default());
+        let mut pools: Vec<_> = p
+            .pools
+            .iter()
+            .map(|x| (x.remote.as_str(), x.established))
+            .collect();
+        pools.sort();
+        assert_eq!(
+            pools,
+            [
+                ("*:7000", 1),
+                ("*:8080", 1),
+                ("*:9090", 2),
+                ("127.0.0.1:5432", 1),
+                ("[fd00::9]:40000", 1),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_connection_once_inbound_stays_inbound_after_its_listener_closed() {
+        let mut served = sock(TcpState::Established, "127.0.0.1:8080", "127.0.0.1:40000");
+        served.inode = 11;
+        let mut queued = sock(TcpState::Established, "127.0.0.1:8080", "127.0.0.1:40001");
+        queued.inode = 0;
+        let client = sock(TcpState::Established, "127.0.0.1:40002", "127.0.0.1:8080");
+        let config = ConnectionsConfig::default();
+        let none = BTreeSet::new();
+        let listener = sock(TcpState::Listen, "127.0.0.1:8080", "0.0.0.0:0");
+        let (p, known) = summarize_remembering(
+            &reading(vec![
+                listener,
+                served.clone(),
+                queued.clone(),
+                client.clone(),
+            ]),
+            None,
+            &config,
+            &none,
+            &HashSet::new(),
+        );
+        assert_eq!(p.pools.len(), 2, "{:?}", p.pools);
+        assert_eq!(
+            known,
+            HashSet::from([
+                ConnId::Inode(11),
+                ConnId::Tuple(queued.local, queued.remote)
+            ])
+        );
+
+        // The listener closed; the queued child was accepted since (it has an inode now): both
+        // stay inbound; the remembered set holds only what is still open.
+        queued.inode = 12;
+        let (p, known) =
+            summarize_remembering(&reading(vec![served, queued]), None, &config, &none, &known);
+        let pools: Vec<_> = p
+            .pools
+            .iter()
+            .map(|x| (x.remote.as_str(), x.established))
+            .collect();
+        assert_eq!(pools, [("*:8080", 2)]);
+        assert_eq!(known, HashSet::from([ConnId::Inode(11), ConnId::Inode(12)]));
+
+        // Not remembered and no listener: outbound (the documented limit).
+        let (p, known) = summarize_remembering(
+            &reading(vec![client]),
+            None,
+            &config,
+            &none,
+            &HashSet::new(),
+        );
+        assert_eq!(p.pools[0].remote, "127.0.0.1:8080");
+        assert!(known.is_empty());
     }
 
     #[test]

@@ -365,20 +365,40 @@ const ERROR_BODY_MAX: usize = 64 * 1024;
 /// caller's own back-off. A Status that already names a delay keeps it; an HTTP-date
 /// `Retry-After` is not read (API servers and the proxies seen send seconds).
 pub fn retry_after_headers(client: kube::Client) -> kube::Client {
+    wrap_client(client, |client, req| {
+        Box::pin(carry_retry_after(client, req))
+    })
+}
+
+/// A request kube's client sends, and its answer.
+type ApiRequest = http::Request<kube::client::Body>;
+type ApiResponse = http::Response<kube::client::Body>;
+type ApiAnswer = futures::future::BoxFuture<'static, Result<ApiResponse, kube::Error>>;
+
+/// `client` with every request sent through `around(client, request)`: the one way this crate
+/// layers behaviour on its API client (`kube::Client` runs over any tower service).
+fn wrap_client<F>(client: kube::Client, around: F) -> kube::Client
+where
+    F: Fn(kube::Client, ApiRequest) -> ApiAnswer + Clone + Send + 'static,
+{
     let ns = client.default_namespace().to_string();
-    kube::Client::new(RetryAfterHeaders { client }, ns)
+    kube::Client::new(Around { client, around }, ns)
 }
 
-/// The service [`retry_after_headers`] builds its client on.
+/// The service [`wrap_client`] builds its client on.
 #[derive(Clone)]
-struct RetryAfterHeaders {
+struct Around<F> {
     client: kube::Client,
+    around: F,
 }
 
-impl tower_service::Service<http::Request<kube::client::Body>> for RetryAfterHeaders {
-    type Response = http::Response<kube::client::Body>;
+impl<F> tower_service::Service<ApiRequest> for Around<F>
+where
+    F: Fn(kube::Client, ApiRequest) -> ApiAnswer + Clone + Send + 'static,
+{
+    type Response = ApiResponse;
     type Error = kube::Error;
-    type Future = futures::future::BoxFuture<'static, Result<Self::Response, kube::Error>>;
+    type Future = ApiAnswer;
 
     fn poll_ready(
         &mut self,
@@ -388,40 +408,43 @@ impl tower_service::Service<http::Request<kube::client::Body>> for RetryAfterHea
         std::task::Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: http::Request<kube::client::Body>) -> Self::Future {
-        let client = self.client.clone();
-        Box::pin(async move {
-            let resp = client.send(req).await?;
-            let code = resp.status().as_u16();
-            let delay = resp
-                .headers()
-                .get(http::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u32>().ok())
-                .filter(|s| *s > 0);
-            let Some(delay) = delay.filter(|_| matches!(code, 429 | 503)) else {
-                return Ok(resp);
-            };
-            let (mut parts, body) = resp.into_parts();
-            let bytes = http_body_util::BodyExt::collect(http_body_util::Limited::new(
-                body,
-                ERROR_BODY_MAX,
-            ))
+    fn call(&mut self, req: ApiRequest) -> ApiAnswer {
+        (self.around)(self.client.clone(), req)
+    }
+}
+
+/// Sends `req`; a 429 or 503 with a `Retry-After` header comes back with the delay in its Status.
+async fn carry_retry_after(
+    client: kube::Client,
+    req: ApiRequest,
+) -> Result<ApiResponse, kube::Error> {
+    let resp = client.send(req).await?;
+    let code = resp.status().as_u16();
+    let delay = resp
+        .headers()
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .filter(|s| *s > 0);
+    let Some(delay) = delay.filter(|_| matches!(code, 429 | 503)) else {
+        return Ok(resp);
+    };
+    let (mut parts, body) = resp.into_parts();
+    let bytes =
+        http_body_util::BodyExt::collect(http_body_util::Limited::new(body, ERROR_BODY_MAX))
             .await
             .map(|c| c.to_bytes().to_vec())
             .unwrap_or_default();
-            let status = status_with_retry_after(&bytes, code, delay);
-            parts.headers.remove(http::header::CONTENT_LENGTH);
-            parts.headers.insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/json"),
-            );
-            Ok(http::Response::from_parts(
-                parts,
-                kube::client::Body::from(status),
-            ))
-        })
-    }
+    let status = status_with_retry_after(&bytes, code, delay);
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    parts.headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    Ok(http::Response::from_parts(
+        parts,
+        kube::client::Body::from(status),
+    ))
 }
 
 /// `body` (an error answer with HTTP status `code`) as a Status JSON whose
@@ -504,74 +527,48 @@ fn track_watches_within(
     health: WatchHealth,
     timeout: std::time::Duration,
 ) -> kube::Client {
-    let ns = client.default_namespace().to_string();
-    kube::Client::new(
-        WatchAnswers {
-            client,
-            health,
-            timeout,
-        },
-        ns,
-    )
+    wrap_client(client, move |client, req| {
+        watch_answer(client, health.clone(), timeout, req)
+    })
 }
 
-/// The service [`track_watches`] builds its client on.
-#[derive(Clone)]
-struct WatchAnswers {
+/// Sends `req`; a watch request is recorded in `health` until answered and cut at `timeout`.
+fn watch_answer(
     client: kube::Client,
     health: WatchHealth,
-    /// [`WATCH_ANSWER_TIMEOUT`] but in tests.
     timeout: std::time::Duration,
-}
-
-impl tower_service::Service<http::Request<kube::client::Body>> for WatchAnswers {
-    type Response = http::Response<kube::client::Body>;
-    type Error = kube::Error;
-    type Future = futures::future::BoxFuture<'static, Result<Self::Response, kube::Error>>;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), kube::Error>> {
-        // `client` buffers requests itself (kube::Client::send waits for its readiness).
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<kube::client::Body>) -> Self::Future {
-        let client = self.client.clone();
-        let health = self.health.clone();
-        let timeout = self.timeout;
-        let is_watch = req
-            .uri()
-            .query()
-            .is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
-        Box::pin(async move {
-            if !is_watch {
-                return client.send(req).await;
+    req: ApiRequest,
+) -> ApiAnswer {
+    let is_watch = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
+    Box::pin(async move {
+        if !is_watch {
+            return client.send(req).await;
+        }
+        let _unanswered = health.watch_sent();
+        let answer = tokio::time::timeout(timeout, client.send(req)).await;
+        // Errors are recorded before the guard clears: no instant reads current between.
+        match answer {
+            Ok(Ok(resp)) if !resp.status().is_success() => {
+                health.record_error(&format!("a watch request was answered {}", resp.status()));
+                Ok(resp)
             }
-            let _unanswered = health.watch_sent();
-            let answer = tokio::time::timeout(timeout, client.send(req)).await;
-            // Errors are recorded before the guard clears: no instant reads current between.
-            match answer {
-                Ok(Ok(resp)) if !resp.status().is_success() => {
-                    health.record_error(&format!("a watch request was answered {}", resp.status()));
-                    Ok(resp)
-                }
-                Ok(Ok(resp)) => Ok(resp),
-                Ok(Err(e)) => {
-                    health.record_error(&e);
-                    Err(e)
-                }
-                Err(_) => {
-                    let e = kube::Error::Service(
-                        format!("a watch request had no answer within {timeout:?}").into(),
-                    );
-                    health.record_error(&e);
-                    Err(e)
-                }
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => {
+                health.record_error(&e);
+                Err(e)
             }
-        })
-    }
+            Err(_) => {
+                let e = kube::Error::Service(
+                    format!("a watch request had no answer within {timeout:?}").into(),
+                );
+                health.record_error(&e);
+                Err(e)
+            }
+        }
+    })
 }
 
 #[cfg(test)]

@@ -15,13 +15,17 @@
 //! asks its own KEDA scaler as KEDA does. The aggregator evaluates the agents' censuses with the
 //! same `keda::query::evaluate`, so what breaks here breaks there too.
 
+use crate::support::aggregate::{self, ApiPod};
 use crate::support::census_pods;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use census_pods::scaled_object;
+use nodekeeper::keda::coverage::PodPlacement;
+use nodekeeper::pb;
 use nodekeeper_tests::fake_api::{FakeApi, PodSeed};
 use nodekeeper_tests::{Proc, wait_for};
 use tonic::Status;
@@ -810,16 +814,76 @@ fn adversary18g_a_netns_shared_with_a_refused_pod_is_counted_to_the_other_as_roo
         ("remote", census_pods::POOL_REMOTE),
     ];
 
+    let web = settled_answer(&rt, &addr, "web", &pool);
     // Harness: api-1 itself is refused (processes in the host's namespace and its own).
-    let refused = settled_answer(&rt, &addr, "api", &pool);
+    let refused = agent_value(&rt, &addr, "api", &pool);
     assert!(
         matches!(&refused, Err(s) if s.code() == tonic::Code::Unavailable),
         "harness: api-1 is UNAVAILABLE (#18-m); got {refused:?}"
     );
-    let web = settled_answer(&rt, &addr, "web", &pool);
     assert!(
         exact_or_unavailable(&web, 0.0),
         "web-1 holds no connection (its process only joined api-1's namespace; api-1 holds the \
          4): KEDA must get 0 for app=web (or UNAVAILABLE); got {web:?}"
+    );
+}
+
+// === the aggregator over an agent before #18-r beside a current one ===
+
+/// A listener of a census entry.
+fn listener(address: &str, port: u32, accept_queue: u64) -> pb::Listener {
+    pb::Listener {
+        address: address.into(),
+        port,
+        accept_queue,
+        backlog: 64,
+    }
+}
+
+/// The aggregator sums node-a's agent from before #18-r (no `accept_queue_total`, no
+/// `listeners_total`: its list of 9001 (2) and 9002 (3) read whole, as before) and node-b's
+/// current agent whose list was cut to 9001 (5) of 3 listeners holding 9 in all. Over every
+/// listener: 5 + 9 = 14 (never 5 + 5); on 9001: 2 + 5 = 7; on 9002, cut on node-b: UNAVAILABLE
+/// (never node-a's 3 alone).
+#[test]
+fn adversary18g_the_aggregator_sums_an_agent_before_18r_beside_a_cut_list_exactly() {
+    let placement = PodPlacement::from_pods(&[
+        ApiPod::new("shop", "web-1", "uid-1", "node-a").pod(),
+        ApiPod::new("shop", "web-2", "uid-2", "node-b").pod(),
+    ]);
+    let mut old = aggregate::census_pod("shop", "web-1", "uid-1", 0);
+    old.listeners = vec![
+        listener("127.0.0.1:9002", 9002, 3),
+        listener("127.0.0.1:9001", 9001, 2),
+    ];
+    let mut new = aggregate::census_pod("shop", "web-2", "uid-2", 0);
+    new.listeners = vec![listener("127.0.0.1:9001", 9001, 5)];
+    new.listeners_total = 3;
+    new.accept_queue_total = 9;
+    let fleet = Arc::new(aggregate::fleet(
+        placement,
+        vec![("node-a", vec![old]), ("node-b", vec![new])],
+    ));
+    let q = |port: Option<&str>| {
+        let mut extra = vec![("metric", "accept_queue")];
+        if let Some(p) = port {
+            extra.push(("port", p));
+        }
+        aggregate::scaler_value(fleet.clone(), aggregate::web_query("shop", &extra))
+    };
+    assert_eq!(
+        q(None).map_err(|s| s.to_string()),
+        Ok(14.0),
+        "every listener"
+    );
+    assert_eq!(
+        q(Some("9001")).map_err(|s| s.to_string()),
+        Ok(7.0),
+        "port 9001"
+    );
+    let cut = q(Some("9002"));
+    assert!(
+        aggregate::is_unavailable(&cut),
+        "port 9002 is among node-b's cut listeners: UNAVAILABLE, never node-a's 3; got {cut:?}"
     );
 }

@@ -28,6 +28,7 @@ mod adversary_issue18c;
 mod adversary_issue18d;
 mod adversary_issue18e;
 mod adversary_issue18f;
+mod adversary_issue18g;
 mod adversary_issue19;
 mod adversary_issue19b;
 mod adversary_issue20;

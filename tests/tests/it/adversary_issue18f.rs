@@ -76,7 +76,7 @@ fn connected_agent(api: &FakeApi, dir: &Path, cgroup: &Path) -> nodekeeper_tests
 }
 
 /// `metric` (with `extra`) over `app=<app>` in `shop`, asked of the agent's own scaler.
-fn agent_value(
+pub(crate) fn agent_value(
     rt: &tokio::runtime::Runtime,
     addr: &str,
     app: &str,

@@ -25,6 +25,7 @@
 //! asks its own KEDA scaler as KEDA does. The aggregator evaluates the agents' censuses with the
 //! same `keda::query::evaluate`, so what breaks here breaks there too.
 
+use crate::adversary_issue18f::agent_value;
 use crate::support::aggregate::{self, ApiPod};
 use crate::support::census_pods;
 
@@ -33,7 +34,6 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use census_pods::scaled_object;
 use nodekeeper::keda::coverage::PodPlacement;
 use nodekeeper::pb;
 use nodekeeper_tests::fake_api::{FakeApi, PodSeed};
@@ -100,20 +100,6 @@ fn connected_agent(
         .arg("--host-cgroup")
         .arg(cgroup.display().to_string())
         .start()
-}
-
-/// `metric` (with `extra`) over `app=<app>` in `shop`, asked of the agent's own scaler.
-fn agent_value(
-    rt: &tokio::runtime::Runtime,
-    addr: &str,
-    app: &str,
-    extra: &[(&str, &str)],
-) -> Result<f64, Status> {
-    let selector = format!("app={app}");
-    let mut meta = vec![("target", "5"), ("podSelector", selector.as_str())];
-    meta.extend_from_slice(extra);
-    rt.block_on(census_pods::get_metrics(addr, scaled_object("shop", &meta)))
-        .map(|r| r.metric_values[0].metric_value_float)
 }
 
 /// Waits until the agent's pod view has synced and its scaler names a pod of `app` (neither
